@@ -1,0 +1,215 @@
+"""Proxy configuration: defaults < YAML file < environment < command-line flags.
+
+Sections are dataclasses; each component owns its section and may add fields. A YAML file looks
+like::
+
+    proxy:
+      backend_url: http://127.0.0.1:8000
+      port: 8080
+    energy:
+      source: auto
+    economics:
+      usd_per_kwh: 0.12
+
+Environment variables: ``EDGE_PROXY_<SECTION>_<FIELD>`` (upper case), e.g.
+``EDGE_PROXY_PROXY_BACKEND_URL`` or ``EDGE_PROXY_ENERGY_SOURCE``. Unknown keys are errors, never
+silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message fit for a one-line CLI error."""
+
+
+@dataclass
+class ProxySettings:
+    backend_url: str = "http://127.0.0.1:8000"
+    backend_kind: str = "auto"                 # auto | openai | tgi
+    host: str = "127.0.0.1"
+    port: int = 8080
+    metrics_port: int | None = 9464            # None: /metrics served on the main port only
+    max_body_bytes: int = 4 * 1024 * 1024
+    connect_timeout_seconds: float = 5.0
+    upstream_timeout_seconds: float = 300.0    # no response headers / no bytes for this long -> 504
+    model_name: str | None = None              # label to use instead of what the backend reports
+    access_log: str | None = "-"               # "-" = stderr, a path, or None for off
+    log_content: bool = False                  # include prompt/completion text in the access log
+
+
+@dataclass
+class TracingSettings:
+    service_name: str = "edge-proxy"
+    otlp_endpoint: str | None = None           # also read from OTEL_EXPORTER_OTLP_ENDPOINT
+
+
+@dataclass
+class EnergySettings:
+    source: str = "auto"                       # auto | nvml | remote | replay | estimated | none
+    period_seconds: float = 0.1
+    gpu_uuids: list[str] = field(default_factory=list)
+    idle_watts: float | None = None            # None: learned from ticks with nothing in flight
+    prefill_weight: float = 1.0
+    attribution: str = "token-weighted"        # token-weighted | time-weighted
+    replay_path: str | None = None
+    remote_url: str | None = None
+    estimated_watts: float = 65.0
+    ring_size: int = 4096
+
+
+@dataclass
+class EconomicsSettings:
+    mode: str = "production"                   # production | paper
+    usd_per_kwh: float = 0.12
+    pue: float = 1.0
+    gpu_usd_per_hour: float = 0.0
+    api_usd_per_million_input_tokens: float = 0.15
+    api_usd_per_million_output_tokens: float = 0.60
+    api_cost_per_request_usd: float = 0.00125  # paper mode
+    adaptation_joules: float = 0.0
+    setup_usd: float = 0.0
+    window_seconds: float = 300.0
+    scores: dict[str, float] = field(default_factory=dict)        # model -> static quality score
+    reference_scores: dict[str, float] = field(default_factory=dict)
+    feedback_token: str | None = None
+    probes_path: str | None = None
+    probe_interval_seconds: float = 60.0
+
+
+@dataclass
+class ColdStartSettings:
+    hold: bool = False
+    spawn: str | None = None
+    idle_timeout_seconds: float | None = None
+    max_pending: int = 100
+    max_wait_seconds: float = 300.0
+    readiness_poll_seconds: float = 0.5
+    release_burst: int = 16
+    stop_grace_seconds: float = 30.0
+
+
+@dataclass
+class Settings:
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
+    energy: EnergySettings = field(default_factory=EnergySettings)
+    economics: EconomicsSettings = field(default_factory=EconomicsSettings)
+    coldstart: ColdStartSettings = field(default_factory=ColdStartSettings)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/env/CLI value to the field's declared type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(v, vt, where) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _apply(settings: Settings, section: str, key: str, value: Any, where: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Settings)}
+    if section not in sections:
+        raise ConfigError(f"{where}: unknown section {section!r} (known: {', '.join(sections)})")
+    obj = getattr(settings, section)
+    types_ = _section_types(type(obj))
+    if key not in types_:
+        raise ConfigError(f"{where}: unknown key {section}.{key} (known: {', '.join(types_)})")
+    setattr(obj, key, _coerce(value, types_[key], f"{where} {section}.{key}"))
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: Mapping[tuple[str, str], Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build Settings from defaults, then the YAML file, then ``EDGE_PROXY_*`` env, then overrides.
+
+    ``overrides`` maps (section, key) to a value; entries whose value is None are skipped (a CLI
+    flag that was not given).
+    """
+    settings = Settings()
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {path}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _apply(settings, str(section), str(key), value, str(path))
+    env = os.environ if environ is None else environ
+    for f in dataclasses.fields(Settings):
+        for key in _section_types(type(getattr(settings, f.name))):
+            name = f"EDGE_PROXY_{f.name}_{key}".upper()
+            if name in env:
+                _apply(settings, f.name, key, env[name], f"environment {name}")
+    if settings.tracing.otlp_endpoint is None and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        settings.tracing.otlp_endpoint = env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    for (section, key), value in (overrides or {}).items():
+        if value is not None:
+            _apply(settings, section, key, value, "command line")
+    return settings
+
+
+def settings_as_dict(settings: Settings) -> dict[str, Any]:
+    """Plain dict (for --print-config / --check-config output)."""
+    return dataclasses.asdict(settings)
