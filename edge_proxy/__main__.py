@@ -1,0 +1,3 @@
+from edge_proxy.cli import main
+
+raise SystemExit(main())
