@@ -76,7 +76,9 @@ class EconomicsSettings:
     api_usd_per_million_input_tokens: float = 0.15
     api_usd_per_million_output_tokens: float = 0.60
     api_cost_per_request_usd: float = 0.00125  # paper mode
-    adaptation_joules: float = 0.0
+    adaptation_joules: float = 0.0             # fine-tuning / adaptation energy (paper: C_train)
+    adaptation_kwh: float = 0.0                # same, in kWh (added to adaptation_joules)
+    adaptation_usd: float = 0.0                # adaptation cost paid in money (production)
     setup_usd: float = 0.0
     window_seconds: float = 300.0
     scores: dict[str, float] = field(default_factory=dict)        # model -> static quality score
@@ -84,6 +86,12 @@ class EconomicsSettings:
     feedback_token: str | None = None
     probes_path: str | None = None
     probe_interval_seconds: float = 60.0
+    probe_timeout_seconds: float = 30.0
+    quality_results_path: str | None = None    # JSON {model: {score, reference_score}}
+    model_gigabytes: dict[str, float] = field(default_factory=dict)  # model -> weight GB override
+    paper_model_sizes: dict[str, str] = field(default_factory=dict)  # paper mode: model -> "1B:INT4"
+    feedback_capacity: int = 10000             # recent requests remembered for feedback
+    info_poll_seconds: float = 30.0            # backend /info poll (weight bytes)
 
 
 @dataclass
