@@ -1,0 +1,8 @@
+"""The fast engine: our own batched decode loop over a preallocated KV cache with CUDA graphs.
+
+See :mod:`model_server.engines.fast.engine` for the constructor the server calls.
+"""
+from .engine import FastEngine
+from .runner import SUPPORTED_ARCHITECTURES, UnsupportedModel, check_supported
+
+__all__ = ["FastEngine", "UnsupportedModel", "SUPPORTED_ARCHITECTURES", "check_supported"]

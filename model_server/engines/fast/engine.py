@@ -1,0 +1,441 @@
+"""``FastEngine``: continuous batching over a fixed-slot KV cache, decode via CUDA graphs.
+
+Construction (what ``model-server serve --engine fast`` calls)::
+
+    FastEngine(model, eos_token_ids, max_batch=64, max_seq_len=2048, device=None, dtype=None,
+               use_cuda_graphs=None, max_prefill_tokens=8192)
+
+* ``model``: a loaded ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (any dtype; bitsandbytes 4-bit
+  linears work), already on its device. Other architectures raise :class:`UnsupportedModel` from the
+  constructor, so the caller can fall back to the transformers engine.
+* ``eos_token_ids``: ids that end a sequence (unless the request sets ``ignore_eos``); the EOS token
+  itself is delivered as the final event with ``finish_reason="eos_token"``.
+* ``max_batch``: KV slots = the most sequences decoded together; ``max_seq_len``: prompt + new tokens
+  per sequence (longer prompts get an ``error`` event; ``max_new_tokens`` is capped to fit, and such a
+  request ends with ``length``).
+* ``device``/``dtype``: default to the model's; a non-quantized model is cast to ``dtype`` if given.
+* ``use_cuda_graphs``: default on for CUDA. If capture fails, decode runs eagerly (see ``stats().extra``).
+
+Loop: one background thread owns every device operation. Between decode steps it applies
+cancellations (a cancelled request's slot is free for the very next step), admits waiting requests
+into free slots (batched prefill within ``max_prefill_tokens``), then runs one decode step for all live
+slots: graph replay, sampling on the device, ONE device-to-host copy of (token, logprob) per row, and
+one ``loop.call_soon_threadsafe`` per asyncio loop per step to hand the tokens to the consumers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from ..base import (Engine, EngineStats, FinishReason, GenerationRequest, RequestTiming,
+                    TokenEvent)
+from .runner import ModelRunner, UnsupportedModel  # noqa: F401 - re-exported
+from .sampling import SlotSampling, select_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    arrival_ns: int
+    max_new: int
+    length_capped: bool = False
+    slot: int = -1
+    prompt_len: int = 0
+    generated: int = 0
+    pos: int = 0                     # where the next input token's K/V is written
+    done: bool = False               # consumer side: final event sent / cancel requested
+    t_admit_ns: int = 0
+    t_first_ns: int = 0
+    batch_at_admission: int = 0
+    timing_extra: dict = field(default_factory=dict)
+
+
+class FastEngine(Engine):
+    name = "fast"
+
+    def __init__(self, model: torch.nn.Module, eos_token_ids: list[int] | tuple[int, ...] | int | None,
+                 max_batch: int = 64, max_seq_len: int = 2048, device: str | torch.device | None = None,
+                 dtype: torch.dtype | str | None = None, *, use_cuda_graphs: bool | None = None,
+                 max_prefill_tokens: int = 8192, batch_buckets: list[int] | None = None,
+                 length_buckets: list[int] | None = None) -> None:
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
+        if device is not None:
+            device = torch.device(device)
+            if not quantized and next(model.parameters()).device != device:
+                model = model.to(device)
+        if dtype is not None and not quantized and next(model.parameters()).dtype != dtype:
+            model = model.to(dtype)
+        model.eval()
+        if eos_token_ids is None:
+            eos: set[int] = set()
+        elif isinstance(eos_token_ids, int):
+            eos = {eos_token_ids}
+        else:
+            eos = {int(x) for x in eos_token_ids}
+        self.eos_ids = eos
+        self.max_batch = int(max_batch)
+        self.max_seq_len = int(max_seq_len)
+        self.max_prefill_tokens = max(int(max_prefill_tokens), self.max_seq_len)
+        self.runner = ModelRunner(model, self.max_batch, self.max_seq_len, use_cuda_graphs,
+                                  batch_buckets, length_buckets)
+        self.device = self.runner.device
+        self.sampling = SlotSampling.allocate(self.max_batch, self.device)
+        self._pos_host = torch.zeros(self.max_batch, dtype=torch.int64,
+                                     pin_memory=self.device.type == "cuda")
+        self._plen_dev = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._pending: deque[_Seq] = deque()
+        self._cancels: list[str] = []
+        self._seqs: dict[str, _Seq] = {}          # every known, unfinished request
+        self._slots: list[_Seq | None] = [None] * self.max_batch
+        self._n_sampling = 0
+        self._n_filter = 0
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._stopping = False
+        self._accepting = False
+        self._timings: dict[str, RequestTiming] = {}
+        # counters (written by the loop thread only; int reads are atomic)
+        self._steps = 0
+        self._prefill_tokens = 0
+        self._decode_tokens = 0
+        self._running = 0
+        self._decode_seconds = 0.0
+        self._prefill_seconds = 0.0
+
+    # ------------------------------------------------------------------ public API
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="fast-engine", daemon=True)
+        self._thread.start()
+        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
+        if self._start_error is not None:
+            raise RuntimeError(f"fast engine failed to start: {self._start_error}") from self._start_error
+        self._accepting = True
+
+    async def stop(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        self._accepting = False
+        if drain:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                with self._lock:
+                    busy = bool(self._seqs)
+                if not busy:
+                    break
+                await asyncio.sleep(0.01)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
+            self._thread = None
+        # anything left: tell its consumer
+        with self._lock:
+            left = list(self._seqs.values())
+            self._seqs.clear()
+            self._pending.clear()
+        for s in left:
+            self._send(s, [TokenEvent(None, finish_reason="cancelled")])
+
+    def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        arrival = request.arrival_ns or time.monotonic_ns()
+        n_prompt = len(request.prompt_ids)
+        seq = _Seq(req=request, loop=loop, queue=queue, arrival_ns=arrival,
+                   max_new=int(request.params.max_new_tokens))
+        error = None
+        if not self._accepting:
+            error = "engine is not running"
+        elif n_prompt == 0:
+            error = "empty prompt"
+        elif n_prompt >= self.max_seq_len:
+            error = f"prompt has {n_prompt} tokens; this engine holds at most {self.max_seq_len - 1}"
+        elif seq.max_new < 1:
+            error = "max_new_tokens must be at least 1"
+        if error is not None:
+            queue.put_nowait(TokenEvent(None, finish_reason="error", error=error))
+            seq.done = True
+            return self._stream(seq)
+        room = self.max_seq_len - n_prompt
+        if seq.max_new > room:
+            seq.max_new = room
+            seq.length_capped = True
+        with self._cv:
+            if request.request_id in self._seqs:
+                queue.put_nowait(TokenEvent(None, finish_reason="error",
+                                            error=f"duplicate request id {request.request_id}"))
+                seq.done = True
+                return self._stream(seq)
+            self._seqs[request.request_id] = seq
+            self._pending.append(seq)
+            self._cv.notify()
+        return self._stream(seq)
+
+    def cancel(self, request_id: str) -> None:
+        final = None
+        with self._cv:
+            seq = self._seqs.get(request_id)
+            if seq is None or seq.done:
+                return
+            seq.done = True
+            queued = False
+            if seq.slot < 0:
+                try:
+                    self._pending.remove(seq)
+                    queued = True
+                except ValueError:       # the loop thread is admitting it right now
+                    pass
+            if queued:
+                del self._seqs[request_id]
+                final = seq
+            else:
+                self._cancels.append(request_id)
+                self._cv.notify()
+        if final is not None:
+            self._send(final, [TokenEvent(None, finish_reason="cancelled")])
+
+    def stats(self) -> EngineStats:
+        r = self.runner
+        return EngineStats(
+            waiting_requests=len(self._pending),
+            running_requests=self._running,
+            max_batch_size=self.max_batch,
+            steps_total=self._steps,
+            prefill_tokens_total=self._prefill_tokens,
+            decode_tokens_total=self._decode_tokens,
+            extra={
+                "cuda_graphs": float(bool(r.graphs)),
+                "cuda_graphs_captured": float(len(r.graphs)),
+                "graph_capture_seconds": r.capture_seconds,
+                "kv_cache_bytes": float(r.cache.nbytes),
+                "free_slots": float(r.cache.n_free),
+                "decode_seconds_total": self._decode_seconds,
+                "prefill_seconds_total": self._prefill_seconds,
+            },
+        )
+
+    def timing(self, request_id: str) -> RequestTiming | None:
+        with self._lock:
+            return self._timings.pop(request_id, None)
+
+    @property
+    def graph_error(self) -> str | None:
+        return self.runner.graph_error
+
+    # ------------------------------------------------------------------ consumer side
+    async def _stream(self, seq: _Seq) -> AsyncIterator[TokenEvent]:
+        finished = False
+        try:
+            while True:
+                ev = await seq.queue.get()
+                if ev.finish_reason is not None:
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(seq.req.request_id)
+
+    @staticmethod
+    def _deliver(items: list[tuple[asyncio.Queue, list[TokenEvent]]]) -> None:
+        for q, evs in items:
+            for ev in evs:
+                q.put_nowait(ev)
+
+    def _send(self, seq: _Seq, events: list[TokenEvent]) -> None:
+        try:
+            seq.loop.call_soon_threadsafe(self._deliver, [(seq.queue, events)])
+        except RuntimeError:  # loop closed: consumer is gone
+            pass
+
+    def _flush(self, out: dict[asyncio.AbstractEventLoop, list]) -> None:
+        for loop, items in out.items():
+            try:
+                loop.call_soon_threadsafe(self._deliver, items)
+            except RuntimeError:
+                pass
+
+    # ------------------------------------------------------------------ loop thread
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self.runner.capture()
+        except BaseException as exc:  # noqa: BLE001
+            self._start_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._pending or self._cancels or self._running or self._stopping):
+                        self._cv.wait(0.5)
+                    if self._stopping:
+                        break
+                    cancels, self._cancels = self._cancels, []
+                try:
+                    out: dict = {}
+                    self._apply_cancels(cancels, out)
+                    self._admit(out)
+                    if self._running:
+                        self._decode_step(out)
+                    self._flush(out)
+                except Exception as exc:  # noqa: BLE001 - fail the live requests, keep serving
+                    log.exception("fast engine step failed")
+                    self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _release(self, seq: _Seq) -> None:
+        """Free the slot (loop thread only)."""
+        if seq.slot >= 0:
+            self._slots[seq.slot] = None
+            self._pos_host[seq.slot] = 0
+            self.runner.cache.give_back(seq.slot)
+            if seq.req.params.do_sample:
+                self._n_sampling -= 1
+                if seq.req.params.top_k > 0 or seq.req.params.top_p < 1.0:
+                    self._n_filter -= 1
+            seq.slot = -1
+            self._running -= 1
+
+    def _finish(self, seq: _Seq, reason: FinishReason) -> None:
+        now = time.monotonic_ns()
+        self._release(seq)
+        with self._lock:
+            self._seqs.pop(seq.req.request_id, None)
+            first = seq.t_first_ns or now
+            self._timings[seq.req.request_id] = RequestTiming(
+                queue_seconds=(seq.t_admit_ns - seq.arrival_ns) / 1e9 if seq.t_admit_ns else 0.0,
+                prefill_seconds=(first - seq.t_admit_ns) / 1e9 if seq.t_admit_ns else 0.0,
+                decode_seconds=(now - first) / 1e9,
+                batch_size_at_admission=seq.batch_at_admission,
+            )
+            if len(self._timings) > 10000:       # never grow without bound if nobody reads them
+                self._timings.pop(next(iter(self._timings)))
+
+    def _apply_cancels(self, ids: list[str], out: dict) -> None:
+        for rid in ids:
+            with self._lock:
+                seq = self._seqs.get(rid)
+            if seq is None or seq.slot < 0:
+                continue
+            self._finish(seq, "cancelled")
+            out.setdefault(seq.loop, []).append((seq.queue, [TokenEvent(None, finish_reason="cancelled")]))
+
+    def _fail_all(self, msg: str) -> None:
+        out: dict = {}
+        for seq in [s for s in self._slots if s is not None]:
+            self._finish(seq, "error")
+            out.setdefault(seq.loop, []).append((seq.queue, [TokenEvent(None, finish_reason="error", error=msg)]))
+        self._flush(out)
+
+    def _admit(self, out: dict) -> None:
+        cache = self.runner.cache
+        batch: list[_Seq] = []
+        with self._lock:
+            longest = 0
+            while self._pending and cache.n_free > len(batch):
+                nxt = self._pending[0]
+                n = len(nxt.req.prompt_ids)
+                if batch and max(longest, n) * (len(batch) + 1) > self.max_prefill_tokens:
+                    break
+                self._pending.popleft()
+                longest = max(longest, n)
+                batch.append(nxt)
+        if not batch:
+            return
+        t0 = time.monotonic_ns()
+        slots = []
+        for seq in batch:
+            seq.slot = cache.take()
+            seq.prompt_len = len(seq.req.prompt_ids)
+            seq.t_admit_ns = t0
+            self._slots[seq.slot] = seq
+            slots.append(seq.slot)
+            p = seq.req.params
+            if p.do_sample:
+                self._n_sampling += 1
+                if p.top_k > 0 or p.top_p < 1.0:
+                    self._n_filter += 1
+        self._running += len(batch)
+        for seq in batch:
+            seq.batch_at_admission = self._running
+        params = [s.req.params for s in batch]
+        self.sampling.set_rows(
+            slots, [p.do_sample for p in params], [float(p.temperature) for p in params],
+            [int(p.top_k) for p in params], [float(p.top_p) for p in params],
+            [p.seed if p.seed is not None else random.getrandbits(62) for p in params])
+        slot_idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self._plen_dev[slot_idx] = torch.tensor([s.prompt_len for s in batch], dtype=torch.int64,
+                                                device=self.device)
+        logits = self.runner.prefill(slots, [list(s.req.prompt_ids) for s in batch])
+        any_s = any(p.do_sample for p in params)
+        any_f = any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params)
+        tok, lp = select_tokens(logits, slot_idx, self.sampling, torch.zeros_like(slot_idx), any_s, any_f)
+        self.runner.in_ids[slot_idx] = tok
+        host = torch.stack([tok.to(torch.float64), lp.to(torch.float64)]).cpu().tolist()
+        t1 = time.monotonic_ns()
+        self._prefill_seconds += (t1 - t0) / 1e9
+        self._prefill_tokens += sum(s.prompt_len for s in batch)
+        for i, seq in enumerate(batch):
+            seq.t_first_ns = t1
+            seq.pos = seq.prompt_len
+            self._pos_host[seq.slot] = seq.pos
+            self._emit(seq, int(host[0][i]), float(host[1][i]), out)
+
+    def _emit(self, seq: _Seq, token: int, logprob: float, out: dict) -> None:
+        """Record one generated token for ``seq``; finish it on EOS / length (loop thread only)."""
+        seq.generated += 1
+        reason: FinishReason | None = None
+        if token in self.eos_ids and not seq.req.params.ignore_eos:
+            reason = "eos_token"
+        elif seq.generated >= seq.max_new:
+            reason = "length"
+        if seq.done:          # cancel requested meanwhile: drop the token, _apply_cancels frees it
+            return
+        out.setdefault(seq.loop, []).append((seq.queue, [TokenEvent(token, logprob, finish_reason=reason)]))
+        if reason is not None:
+            seq.done = True
+            self._finish(seq, reason)
+
+    def _decode_step(self, out: dict) -> None:
+        t0 = time.monotonic_ns()
+        live = [s for s in self._slots if s is not None]
+        b_needed = max(s.slot for s in live) + 1
+        len_needed = max(s.pos for s in live) + 1
+        r = self.runner
+        r.in_pos[:b_needed].copy_(self._pos_host[:b_needed], non_blocking=True)
+        logits = r.decode(b_needed, len_needed)
+        b = logits.shape[0]
+        counter = r.in_pos[:b] - self._plen_dev[:b] + 1
+        tok, lp = select_tokens(logits, slice(0, b), self.sampling, counter,
+                                self._n_sampling > 0, self._n_filter > 0)
+        r.in_ids[:b].copy_(tok)
+        host = torch.stack([tok.to(torch.float64), lp.to(torch.float64)]).cpu().tolist()
+        self._steps += 1
+        self._decode_tokens += len(live)
+        toks, lps = host[0], host[1]
+        for seq in live:
+            i = seq.slot
+            seq.pos += 1
+            self._pos_host[i] = seq.pos
+            self._emit(seq, int(toks[i]), lps[i], out)
+        self._decode_seconds += (time.monotonic_ns() - t0) / 1e9

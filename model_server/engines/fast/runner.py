@@ -1,0 +1,230 @@
+"""The model's forward pass, driven layer by layer over our static KV cache, plus decode CUDA graphs.
+
+We keep transformers' modules and weights (``LlamaForCausalLM``, ``Qwen2ForCausalLM``; bf16/fp16/fp32
+or bitsandbytes 4-bit linears) and call them ourselves, in the same order and dtypes as their
+``forward``: embed -> per layer [input_layernorm, q/k/v proj, rotary (cos/sin from the model's own
+rotary-embedding module, so llama3 rope scaling is honoured), write K/V at each row's position,
+attention, o_proj, residual, post_attention_layernorm, mlp, residual] -> norm -> lm_head.
+
+Decode attention folds the ``heads / kv_heads`` query heads that share a KV head into the query-length
+axis (``q: [b, kv_heads, group, head_dim]``), which is exactly grouped-query attention without copying
+K/V, and masks keys past each row's position. The step attends over a *length bucket* (smallest
+bucket covering the longest live row) so KV bytes read scale with the live context.
+
+On CUDA, one graph is captured per (batch bucket, length bucket); a decode step is then a few
+host-to-device copies plus one graph replay. Prefill is eager and batched (right-padded, causal).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+class UnsupportedModel(ValueError):
+    """The fast engine cannot drive this model; the server should use the transformers engine."""
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raise :class:`UnsupportedModel` unless the fast engine reproduces this model's forward exactly."""
+    name = type(model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModel(f"fast engine supports {', '.join(SUPPORTED_ARCHITECTURES)}, not {name}")
+    cfg = model.config
+    if getattr(cfg, "use_sliding_window", False):
+        raise UnsupportedModel("sliding-window attention is not supported by the fast engine")
+    types = getattr(cfg, "layer_types", None)
+    if types and any(t != "full_attention" for t in types):
+        raise UnsupportedModel("only full-attention layers are supported by the fast engine")
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) in ("dynamic", "longrope"):
+        raise UnsupportedModel("position-dependent rope (dynamic/longrope) is not supported")
+
+
+class ModelRunner:
+    """Owns the KV cache, the static decode inputs and the captured graphs for one model."""
+
+    def __init__(self, model: torch.nn.Module, max_batch: int, max_seq_len: int,
+                 use_cuda_graphs: bool | None = None, batch_buckets: list[int] | None = None,
+                 length_buckets: list[int] | None = None) -> None:
+        check_supported(model)
+        self.model = model
+        base = model.model
+        cfg = model.config
+        self.layers = list(base.layers)
+        self.embed = base.embed_tokens
+        self.norm = base.norm
+        self.lm_head = model.lm_head
+        attn0 = self.layers[0].self_attn
+        self.head_dim = int(attn0.head_dim)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(cfg.num_key_value_heads)
+        self.group = self.n_heads // self.n_kv
+        self.scaling = float(attn0.scaling)
+        self.dtype = self.embed.weight.dtype
+        self.device = self.embed.weight.device
+        self.vocab = int(self.lm_head.out_features if hasattr(self.lm_head, "out_features") else cfg.vocab_size)
+        self.max_batch = int(max_batch)
+        self.max_len = int(max_seq_len)
+        self.cache = StaticKVCache.allocate(len(self.layers), self.max_batch, self.n_kv, self.max_len,
+                                            self.head_dim, self.dtype, self.device)
+        # cos/sin for every position, computed once by the model's own rotary module (elementwise, so
+        # identical to what its forward computes per step).
+        pos = torch.arange(self.max_len, device=self.device)[None, :]
+        dummy = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = base.rotary_emb(dummy, pos)
+        self.cos = cos[0].to(self.dtype).contiguous()   # [max_len, head_dim]
+        self.sin = sin[0].to(self.dtype).contiguous()
+        # static decode inputs (graph inputs): token ids and write positions per slot
+        self.in_ids = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
+        self.in_pos = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
+        self.rows = torch.arange(self.max_batch, dtype=torch.int64, device=self.device)
+        self.key_idx = torch.arange(self.max_len, dtype=torch.int64, device=self.device)
+        self.batch_buckets = sorted(set(b for b in (batch_buckets or default_batch_buckets(self.max_batch))
+                                        if 0 < b <= self.max_batch) | {self.max_batch})
+        self.length_buckets = sorted(set(b for b in (length_buckets or default_length_buckets(self.max_len))
+                                         if 0 < b <= self.max_len) | {self.max_len})
+        if use_cuda_graphs is None:
+            use_cuda_graphs = self.device.type == "cuda"
+        self.use_graphs = bool(use_cuda_graphs) and self.device.type == "cuda"
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_error: str | None = None
+        self.capture_seconds = 0.0
+
+    # ------------------------------------------------------------------ decode
+    def _decode_forward(self, b: int, length: int) -> torch.Tensor:
+        """Logits ``[b, V]`` for one new token per row ``0..b-1`` (ids ``in_ids``, positions ``in_pos``)."""
+        ids = self.in_ids[:b]
+        pos = self.in_pos[:b]
+        rows = self.rows[:b]
+        h = self.embed(ids)[:, None, :]                                   # [b, 1, hidden]
+        cos = self.cos[pos][:, None, None, :]                             # [b, 1, 1, D]
+        sin = self.sin[pos][:, None, None, :]
+        mask = (self.key_idx[:length][None, :] <= pos[:, None])[:, None, None, :]  # [b,1,1,L]
+        kv, g, d = self.n_kv, self.group, self.head_dim
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = h
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(b, kv, g, d)
+            k = attn.k_proj(x).view(b, kv, 1, d)
+            v = attn.v_proj(x).view(b, kv, 1, d)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            kc = self.cache.k[li]
+            vc = self.cache.v[li]
+            kc[rows, :, pos] = k[:, :, 0]
+            vc[rows, :, pos] = v[:, :, 0]
+            o = F.scaled_dot_product_attention(q, kc[:b, :, :length], vc[:b, :, :length],
+                                               attn_mask=mask, scale=self.scaling)   # [b, kv, g, d]
+            o = attn.o_proj(o.reshape(b, 1, self.n_heads * d))
+            h = residual + o
+            residual = h
+            h = residual + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.norm(h)
+        return self.lm_head(h[:, 0, :])
+
+    def decode(self, b_needed: int, len_needed: int) -> torch.Tensor:
+        """Run one decode step over rows ``0..b_needed-1`` whose positions are all ``< len_needed``.
+
+        Returns logits ``[b, V]`` with ``b >= b_needed`` (the bucket); rows past ``b_needed`` are padding.
+        """
+        b = pick_bucket(self.batch_buckets, b_needed)
+        length = pick_bucket(self.length_buckets, len_needed)
+        entry = self.graphs.get((b, length))
+        if entry is not None:
+            entry[0].replay()
+            return entry[1]
+        return self._decode_forward(b, length)
+
+    def capture(self) -> None:
+        """Capture one decode graph per (batch bucket, length bucket), largest first, sharing one pool.
+
+        If capture fails (e.g. a kernel that cannot be captured), graphs stay off and decode runs
+        eagerly; the reason is kept in ``graph_error``.
+        """
+        if not self.use_graphs:
+            return
+        t0 = time.monotonic()
+        self.in_ids.zero_()
+        self.in_pos.zero_()
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        pool = None
+        try:
+            with torch.cuda.stream(stream):
+                for b in self.batch_buckets:          # eager warm-up of every shape (library handles,
+                    for length in self.length_buckets:  # algorithm choices) before any capture
+                        self._decode_forward(b, length)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+            pool = torch.cuda.graph_pool_handle()
+            for b in reversed(self.batch_buckets):
+                for length in reversed(self.length_buckets):
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool):
+                        out = self._decode_forward(b, length)
+                    self.graphs[(b, length)] = (g, out)
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
+            self.graphs.clear()
+            self.use_graphs = False
+            self.graph_error = f"{type(exc).__name__}: {exc}"
+            log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:  # noqa: BLE001
+                pass
+        self.capture_seconds = time.monotonic() - t0
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts (right-padded, causal) writing K/V into their slots; logits ``[n, V]`` of each
+        prompt's last position."""
+        n = len(prompts)
+        lens = [len(p) for p in prompts]
+        t = max(lens)
+        ids_host = torch.zeros(n, t, dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            ids_host[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        ids = ids_host.to(self.device, non_blocking=True)
+        slot_idx = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
+        last = torch.tensor([x - 1 for x in lens], dtype=torch.int64).to(self.device, non_blocking=True)
+        h = self.embed(ids)                                               # [n, t, hidden]
+        cos = self.cos[:t][None, None]                                    # [1, 1, t, D]
+        sin = self.sin[:t][None, None]
+        kv, d = self.n_kv, self.head_dim
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = h
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(n, t, self.n_heads, d).transpose(1, 2)
+            k = attn.k_proj(x).view(n, t, kv, d).transpose(1, 2)
+            v = attn.v_proj(x).view(n, t, kv, d).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            self.cache.k[li][slot_idx, :, :t] = k
+            self.cache.v[li][slot_idx, :, :t] = v
+            if self.group > 1:
+                k = k[:, :, None].expand(n, kv, self.group, t, d).reshape(n, self.n_heads, t, d)
+                v = v[:, :, None].expand(n, kv, self.group, t, d).reshape(n, self.n_heads, t, d)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+            o = attn.o_proj(o.transpose(1, 2).reshape(n, t, self.n_heads * d))
+            h = residual + o
+            residual = h
+            h = residual + layer.mlp(layer.post_attention_layernorm(h))
+        h_last = h[torch.arange(n, device=self.device), last]             # [n, hidden]
+        return self.lm_head(self.norm(h_last))

@@ -1,0 +1,102 @@
+"""Token selection on the GPU for a whole decode batch at once.
+
+Greedy is ``argmax`` (the first maximal index, as ``model.generate`` does). Sampling is inverse-CDF
+sampling with ONE uniform number per row, computed on the device as a pure function of the request's
+seed and its token index (:func:`seeded_uniform`), so a seeded request reproduces its output whatever
+other requests share the batch, and no host round trip or per-row generator launch is needed.
+Temperature, then top-k, then top-p (nucleus) are applied in that order, as transformers' warpers do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_P = 2147483647  # 2^31 - 1 (a Mersenne prime); every product below stays under 2^63
+
+
+def seeded_uniform(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """A deterministic uniform in (0, 1) per row from int64 ``seed`` (< 2^31) and ``counter`` (token index).
+
+    Nonlinear mixing modulo the prime p = 2^31-1 (squarings and a MINSTD multiply); all intermediate
+    products are below 2^62, so int64 arithmetic is exact on every device. Returns float64.
+    """
+    x = (seed * 69069 + counter * 362437 + 12345) % _P
+    x = (x * x + seed + 1) % _P
+    x = (x * 48271) % _P
+    x = (x * x + counter + 7) % _P
+    x = (x * 48271) % _P
+    return (x.to(torch.float64) + 0.5) / _P
+
+
+@dataclass
+class SlotSampling:
+    """Per-slot sampling parameters, resident on the device (index = slot)."""
+
+    do_sample: torch.Tensor    # bool [slots]
+    temperature: torch.Tensor  # float32 [slots]
+    top_k: torch.Tensor        # int64 [slots], 0 = off
+    top_p: torch.Tensor        # float32 [slots], 1.0 = off
+    seed: torch.Tensor         # int64 [slots]
+
+    @classmethod
+    def allocate(cls, slots: int, device: torch.device) -> "SlotSampling":
+        return cls(
+            do_sample=torch.zeros(slots, dtype=torch.bool, device=device),
+            temperature=torch.ones(slots, dtype=torch.float32, device=device),
+            top_k=torch.zeros(slots, dtype=torch.int64, device=device),
+            top_p=torch.ones(slots, dtype=torch.float32, device=device),
+            seed=torch.zeros(slots, dtype=torch.int64, device=device),
+        )
+
+    def set_rows(self, slots: list[int], do_sample: list[bool], temperature: list[float],
+                 top_k: list[int], top_p: list[float], seed: list[int]) -> None:
+        dev = self.seed.device
+        idx = torch.tensor(slots, dtype=torch.int64, device=dev)
+        self.do_sample[idx] = torch.tensor(do_sample, dtype=torch.bool, device=dev)
+        self.temperature[idx] = torch.tensor(temperature, dtype=torch.float32, device=dev)
+        self.top_k[idx] = torch.tensor(top_k, dtype=torch.int64, device=dev)
+        self.top_p[idx] = torch.tensor(top_p, dtype=torch.float32, device=dev)
+        self.seed[idx] = torch.tensor([s % (_P - 1) for s in seed], dtype=torch.int64, device=dev)
+
+
+def select_tokens(logits: torch.Tensor, rows: torch.Tensor | slice, params: SlotSampling,
+                  counter: torch.Tensor, any_sampling: bool, any_filter: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of ``logits`` ``[b, V]``; return ``(token_ids int64 [b], logprobs float32 [b])``.
+
+    ``rows`` selects the slots' parameters (a slice ``[:b]`` for decode, an index tensor for prefill);
+    ``counter`` is each row's token index (0 for the first generated token). ``any_sampling`` /
+    ``any_filter`` are host-side flags that let an all-greedy batch skip the sampling kernels, and a
+    batch without top-k/top-p skip the sort. The logprob is under the unmodified distribution
+    (log softmax of the raw logits), as TGI reports it.
+    """
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    tok = lf.argmax(dim=-1)
+    if any_sampling:
+        temp = params.temperature[rows].clamp_min(1e-5)
+        scaled = lf / temp[:, None]
+        u = seeded_uniform(params.seed[rows], counter).to(torch.float32)
+        vocab = lf.shape[-1]
+        if any_filter:
+            s_logits, s_idx = scaled.sort(dim=-1, descending=True)
+            k = params.top_k[rows]
+            k = torch.where(k > 0, k, torch.full_like(k, vocab))
+            ar = torch.arange(vocab, device=lf.device)
+            s_logits = s_logits.masked_fill(ar[None, :] >= k[:, None], float("-inf"))
+            probs = torch.softmax(s_logits, dim=-1)
+            before = probs.cumsum(dim=-1) - probs          # mass strictly before each token
+            keep = before < params.top_p[rows][:, None]
+            keep[:, 0] = True
+            probs = probs.masked_fill(~keep, 0.0)
+            cdf = probs.cumsum(dim=-1)
+            j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).clamp_(max=vocab - 1)
+            sampled = s_idx.gather(1, j).squeeze(1)
+        else:
+            cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+            j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).clamp_(max=vocab - 1)
+            sampled = j.squeeze(1)
+        tok = torch.where(params.do_sample[rows], sampled, tok)
+    logprob = lf.gather(1, tok[:, None]).squeeze(1) - lse
+    return tok, logprob
