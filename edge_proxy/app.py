@@ -1,0 +1,500 @@
+"""The proxy core: per-request timeline, forwarding, SSE pass-through, faults.
+
+Instrumented routes (generation): ``POST /v1/chat/completions``, ``/v1/completions`` (OpenAI),
+``/generate``, ``/generate_stream``, ``/`` (TGI). Metadata routes ``GET /v1/models``, ``/info``,
+``/health`` are forwarded and counted. Everything else passes through untouched.
+
+Observer calls per generation request (see ``edge_proxy.hooks``): ``on_request_start`` ->
+``on_tokens`` -> ``on_request_end`` -> ``await finalize`` (background, bounded) ->
+``on_request_final`` (other components first, then the core outputs: metrics, access log, span).
+A request rejected before forwarding (bad JSON, too large) only reaches the core outputs.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+
+from edge_proxy.config import Settings
+from edge_proxy.errors import Api, error_event, error_response
+from edge_proxy.headers import request_headers, response_headers
+from edge_proxy.coldstart.factory import cold_start_headers
+from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
+from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.sse import SSESplitter, event_data
+from edge_proxy.token_accounting import (
+    OpenAIStream, TGIStream, account_openai_body, account_tgi_body, apply_response_headers)
+from edge_proxy.tracing import Tracing
+
+log = logging.getLogger("edge_proxy")
+
+FINALIZE_TIMEOUT_SECONDS = 5.0
+CONTENT_LOG_MAX_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    api: Api
+    operation: str
+    stream: bool | None   # None: from the body's "stream" field
+
+
+GENERATION_ROUTES: dict[str, RouteSpec] = {
+    "/v1/chat/completions": RouteSpec("openai", "chat", None),
+    "/v1/completions": RouteSpec("openai", "text_completion", None),
+    "/generate": RouteSpec("tgi", "text_completion", False),
+    "/generate_stream": RouteSpec("tgi", "text_completion", True),
+    "/": RouteSpec("tgi", "text_completion", None),
+}
+METADATA_ROUTES = frozenset({"/v1/models", "/info", "/health"})
+
+
+@dataclass
+class BackendInfo:
+    """What the proxy knows about its backend (probed at startup, refreshed lazily)."""
+
+    url: str
+    kind: str = "unknown"              # model_server | tgi | openai | unknown
+    model: str | None = None           # served model id (bounded label)
+    models: set[str] = field(default_factory=set)
+    info: dict[str, Any] | None = None
+
+
+def _overrides(obs: object, name: str) -> bool:
+    return getattr(type(obs), name, None) is not getattr(BaseObserver, name)
+
+
+class _Forwarded(Exception):
+    """Internal: a response is ready to return (error paths)."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+
+class ProxyCore:
+    def __init__(self, settings: Settings, metrics: ProxyMetrics, tracing: Tracing | None,
+                 observers: list[RequestObserver], outputs: list[RequestObserver],
+                 backend: BackendInfo, gate_ref: Callable[[], BackendGate | None]) -> None:
+        self.settings = settings
+        self.ps = settings.proxy
+        self.metrics = metrics
+        self.tracing = tracing
+        self.observers = observers        # other components (mutable until startup)
+        self.outputs = outputs            # core outputs: metrics, access log, tracing
+        self.backend = backend
+        self._gate_ref = gate_ref
+        self.session: aiohttp.ClientSession | None = None
+        self.pending_finals: set[asyncio.Task[None]] = set()
+        self._failed_observers: set[int] = set()
+        self._freeze()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def _freeze(self) -> None:
+        obs = list(self.observers)
+        self._start_obs = [o for o in obs if _overrides(o, "on_request_start")]
+        self._token_obs = [o for o in obs if _overrides(o, "on_tokens")]
+        self._end_obs = [o for o in obs if _overrides(o, "on_request_end")]
+        self._finalize_obs = [o for o in obs if _overrides(o, "finalize")]
+        self._final_obs = [o for o in obs + list(self.outputs) if _overrides(o, "on_request_final")]
+        self._output_final = [o for o in self.outputs if _overrides(o, "on_request_final")]
+
+    async def on_startup(self, app: web.Application) -> None:
+        self._freeze()
+        ps = self.ps
+        timeout = aiohttp.ClientTimeout(total=None, connect=ps.connect_timeout_seconds,
+                                        sock_read=ps.upstream_timeout_seconds)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False)
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
+
+    async def on_cleanup(self, app: web.Application) -> None:
+        await self.drain()
+        if self.session is not None:
+            await self.session.close()
+
+    async def drain(self, timeout: float = FINALIZE_TIMEOUT_SECONDS + 1.0) -> None:
+        """Wait for pending finalize/final tasks (tests, shutdown)."""
+        if self.pending_finals:
+            await asyncio.wait(list(self.pending_finals), timeout=timeout)
+
+    # ---- observer dispatch (never raises into the proxy) ----------------------------------------
+    def _call(self, obs: object, name: str, *args: Any) -> None:
+        try:
+            getattr(obs, name)(*args)
+        except Exception:  # noqa: BLE001 - an observer must never break a request
+            if id(obs) not in self._failed_observers:
+                self._failed_observers.add(id(obs))
+                log.exception("observer %s.%s failed (logged once)", type(obs).__name__, name)
+
+    def _tokens(self, rec: RequestRecord, n: int, t_ns: int) -> None:
+        if rec.t_first_token_ns is None:
+            rec.t_first_token_ns = t_ns
+        rec.t_last_token_ns = t_ns
+        if n == 1:
+            rec.token_times_ns.append(t_ns)
+        else:
+            rec.token_times_ns.extend([t_ns] * n)
+        for o in self._token_obs:
+            self._call(o, "on_tokens", rec, n, t_ns)
+
+    def _end(self, rec: RequestRecord, started: bool) -> None:
+        self.metrics.in_flight.dec()
+        if not started:
+            for o in self._output_final:
+                self._call(o, "on_request_final", rec)
+            return
+        for o in self._end_obs:
+            self._call(o, "on_request_end", rec)
+        if self._finalize_obs:
+            task = asyncio.get_running_loop().create_task(self._finalize(rec))
+            self.pending_finals.add(task)
+            task.add_done_callback(self.pending_finals.discard)
+        else:
+            self._final(rec)
+
+    async def _finalize(self, rec: RequestRecord) -> None:
+        async def one(o: Any) -> None:
+            try:
+                await o.finalize(rec)
+            except Exception:  # noqa: BLE001
+                if id(o) not in self._failed_observers:
+                    self._failed_observers.add(id(o))
+                    log.exception("observer %s.finalize failed (logged once)", type(o).__name__)
+        try:
+            await asyncio.wait_for(asyncio.gather(*(one(o) for o in self._finalize_obs)),
+                                   FINALIZE_TIMEOUT_SECONDS)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            log.warning("finalize of request %s did not finish in time", rec.request_id)
+        self._final(rec)
+
+    def _final(self, rec: RequestRecord) -> None:
+        for o in self._final_obs:
+            self._call(o, "on_request_final", rec)
+
+    # ---- labels ----------------------------------------------------------------------------------
+    def model_label(self, requested: Any) -> str:
+        if self.ps.model_name:
+            return self.ps.model_name
+        if isinstance(requested, str) and requested in self.backend.models:
+            return requested
+        return self.backend.model or "unknown"
+
+    # ---- entry point -----------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic_ns()
+        path = request.path
+        if request.method == "POST":
+            spec = GENERATION_ROUTES.get(path)
+            if spec is not None:
+                return await self._generation(request, spec, t0)
+        if request.method == "GET" and path in METADATA_ROUTES:
+            return await self._passthrough(request, t0, route=path)
+        return await self._passthrough(request, t0, route=None)
+
+    # ---- generation requests ---------------------------------------------------------------------
+    async def _generation(self, request: web.Request, spec: RouteSpec, t0: int) -> web.StreamResponse:
+        rid = request.headers.get("x-request-id")
+        rec = RequestRecord(request_id=rid if rid and len(rid) <= 128 else uuid.uuid4().hex,
+                            route=request.path, api=spec.api, operation=spec.operation,
+                            model=self.model_label(None), t_received_ns=t0)
+        self.metrics.in_flight.inc()
+        started = False
+        try:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return self._reject(rec, 413, "too_large",
+                                    f"request body exceeds {self.ps.max_body_bytes} bytes")
+            try:
+                obj = json.loads(body)
+            except ValueError:
+                return self._reject(rec, 400, "bad_request", "request body is not valid JSON")
+            if not isinstance(obj, dict):
+                return self._reject(rec, 400, "bad_request", "request body must be a JSON object")
+            strip_usage = False
+            if spec.api == "openai":
+                rec.stream = obj.get("stream") is True
+                requested_model = obj.get("model")
+                mt = obj.get("max_completion_tokens", obj.get("max_tokens"))
+                if rec.stream:
+                    so = obj.get("stream_options")
+                    if not (isinstance(so, dict) and so.get("include_usage") is True):
+                        so = dict(so) if isinstance(so, dict) else {}
+                        so["include_usage"] = True
+                        obj["stream_options"] = so
+                        body = json.dumps(obj).encode()
+                        strip_usage = True
+            else:
+                rec.stream = spec.stream if spec.stream is not None else obj.get("stream") is True
+                params = obj.get("parameters")
+                mt = params.get("max_new_tokens") if isinstance(params, dict) else None
+                requested_model = obj.get("model")
+            rec.max_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
+            rec.model = self.model_label(requested_model)
+            if self.ps.log_content:
+                rec.extra["content"] = body[:CONTENT_LOG_MAX_CHARS].decode("utf-8", "replace")
+
+            started = True
+            for o in self._start_obs:
+                self._call(o, "on_request_start", rec)
+            if self.tracing is not None:
+                self.tracing.start(rec, requested_model if isinstance(requested_model, str) else None,
+                                   request.headers)
+            gate = self._gate_ref()
+            if gate is not None:
+                try:
+                    await gate.acquire(rec)
+                except GateRejected as exc:
+                    rec.outcome = "rejected"
+                    rec.error_type = exc.reason
+                    rec.status = 503
+                    return error_response(spec.api, 503, exc.reason, exc.message)
+            return await self._forward_generation(request, rec, spec, body, strip_usage)
+        except asyncio.CancelledError:
+            if rec.outcome is None:
+                rec.outcome = "cancelled"
+                rec.error_type = "client_disconnect"
+                rec.status = rec.status or 499
+            raise
+        finally:
+            if rec.outcome is None:
+                rec.outcome = "error"
+                rec.error_type = rec.error_type or "internal"
+            if rec.t_end_ns is None:
+                rec.t_end_ns = time.monotonic_ns()
+            self._end(rec, started)
+
+    def _reject(self, rec: RequestRecord, status: int, error_type: str, msg: str) -> web.Response:
+        rec.status = status
+        rec.outcome = "error"
+        rec.error_type = error_type
+        return error_response(rec.api, status, error_type, msg)  # type: ignore[arg-type]
+
+    def _upstream_failure(self, rec: RequestRecord, exc: BaseException) -> web.Response:
+        """Map a failure before response headers to 502/504 in the client's format."""
+        api: Api = rec.api  # type: ignore[assignment]
+        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+            rec.error_type = "timeout"
+            rec.status = 504
+            rec.outcome = "timeout"
+            return error_response(api, 504, "timeout",
+                                  f"backend did not answer within {self.ps.upstream_timeout_seconds:g} s")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            gate = self._gate_ref()
+            if gate is not None:
+                gate.notify_backend_failure()
+            rec.error_type = "connect"
+            msg = f"backend unreachable: {self.backend.url}"
+        else:
+            rec.error_type = "stream_broken"
+            msg = f"backend closed the connection: {type(exc).__name__}"
+        rec.status = 502
+        rec.outcome = "error"
+        return error_response(api, 502, rec.error_type, msg)
+
+    async def _forward_generation(self, request: web.Request, rec: RequestRecord, spec: RouteSpec,
+                                  body: bytes, strip_usage: bool) -> web.StreamResponse:
+        assert self.session is not None
+        headers = request_headers(request.headers, request.remote)
+        headers["Accept-Encoding"] = "identity"
+        if "Content-Type" not in headers:
+            headers["Content-Type"] = "application/json"
+        if self.tracing is not None:
+            carrier: dict[str, str] = {}
+            self.tracing.inject(rec, carrier)
+            headers.update(carrier)
+        url = self.backend.url + request.path_qs
+        gate = self._gate_ref()
+        for attempt in (0, 1):
+            rec.t_forwarded_ns = time.monotonic_ns()
+            try:
+                resp = await self.session.request("POST", url, data=body, headers=headers)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if gate is None or attempt or not isinstance(exc, aiohttp.ClientConnectorError):
+                    rec.t_end_ns = time.monotonic_ns()
+                    return self._upstream_failure(rec, exc)
+                resp = None
+            if gate is not None and not attempt and (resp is None or resp.status == 503):
+                # Hold mode (cold start): the backend refused the request (down, loading), so
+                # nothing ran there: hold it until the backend is ready, then send it once more.
+                if resp is not None:
+                    resp.release()
+                gate.notify_backend_failure()
+                try:
+                    await gate.acquire(rec)
+                except GateRejected as rej:
+                    rec.outcome, rec.error_type, rec.status = "rejected", rej.reason, 503
+                    rec.t_end_ns = time.monotonic_ns()
+                    return error_response(rec.api, 503, rej.reason, rej.message)  # type: ignore[arg-type]
+                continue
+            break
+        assert resp is not None
+        rec.t_backend_headers_ns = time.monotonic_ns()
+        complete = False
+        try:
+            apply_response_headers(rec, resp.headers)
+            ctype = resp.headers.get("Content-Type", "")
+            if resp.status == 200 and rec.stream and ctype.startswith("text/event-stream"):
+                out = await self._stream(request, rec, resp, strip_usage)
+            else:
+                out = await self._whole(rec, resp)
+            complete = True
+            return out
+        finally:
+            if complete:
+                resp.release()
+            else:
+                resp.close()   # client gone or error: drop the backend connection now
+
+    async def _whole(self, rec: RequestRecord, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Non-streaming (or error) response: read it, account tokens, answer in one piece."""
+        try:
+            data = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            rec.t_end_ns = time.monotonic_ns()
+            return self._upstream_failure(rec, exc)
+        t = time.monotonic_ns()
+        rec.status = resp.status
+        if resp.status == 200:
+            n_out: int | None = None
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                obj = None
+            if obj is not None:
+                n_out = account_openai_body(rec, obj) if rec.api == "openai" else account_tgi_body(rec, obj)
+            if n_out is None and "header_generated_tokens" in rec.extra:
+                n_out = int(rec.extra["header_generated_tokens"])  # type: ignore[arg-type]
+            if n_out is not None:
+                rec.output_tokens = n_out
+                rec.token_count_source = "backend"
+                if n_out:
+                    for o in self._token_obs:
+                        self._call(o, "on_tokens", rec, n_out, t)
+            rec.outcome = "ok"
+        else:
+            rec.outcome = "error"
+            rec.error_type = "upstream_status" if resp.status >= 500 else "bad_request"
+        out = web.Response(status=resp.status, headers=response_headers(resp.headers), body=data)
+        out.headers.update(cold_start_headers(rec))
+        rec.t_end_ns = time.monotonic_ns()
+        return out
+
+    async def _stream(self, request: web.Request, rec: RequestRecord, resp: aiohttp.ClientResponse,
+                      strip_usage: bool) -> web.StreamResponse:
+        rec.status = resp.status
+        out = web.StreamResponse(status=resp.status, headers=response_headers(resp.headers))
+        out.headers.update(cold_start_headers(rec))
+        await out.prepare(request)
+        sink = lambda n, t: self._tokens(rec, n, t)  # noqa: E731
+        acct: OpenAIStream | TGIStream = (OpenAIStream(rec, strip_usage, sink) if rec.api == "openai"
+                                          else TGIStream(rec, sink))
+        splitter = SSESplitter()
+        api: Api = rec.api  # type: ignore[assignment]
+        try:
+            try:
+                async for chunk in resp.content.iter_any():
+                    t = time.monotonic_ns()
+                    events = splitter.feed(chunk)
+                    if not events:
+                        continue
+                    if len(events) == 1:
+                        ev = events[0]
+                        kept = acct.event(ev, event_data(ev), t)
+                        if kept is not None:
+                            await out.write(kept)
+                    else:
+                        parts = []
+                        for ev in events:
+                            kept = acct.event(ev, event_data(ev), t)
+                            if kept is not None:
+                                parts.append(kept)
+                        if parts:
+                            await out.write(b"".join(parts))
+                if splitter.pending:
+                    await out.write(splitter.pending)
+                rec.outcome = "error" if acct.backend_error else "ok"
+                if acct.backend_error:
+                    rec.error_type = "upstream_status"
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                    aiohttp.ClientOSError) as exc:
+                rec.outcome = "error"
+                rec.error_type = "stream_broken"
+                await out.write(error_event(api, "stream_broken",
+                                            f"backend stream broke: {type(exc).__name__}"))
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                rec.outcome = "timeout"
+                rec.error_type = "timeout"
+                await out.write(error_event(api, "timeout",
+                                            f"backend sent nothing for {self.ps.upstream_timeout_seconds:g} s"))
+            await out.write_eof()
+        except ConnectionResetError:  # aiohttp.ClientConnectionResetError is one too
+            # Writing to a client that is gone (without handler cancellation).
+            rec.outcome = "cancelled"
+            rec.error_type = "client_disconnect"
+            rec.status = 499
+            raise asyncio.CancelledError() from None
+        finally:
+            acct.finish()
+            rec.t_end_ns = time.monotonic_ns()
+        return out
+
+    # ---- pass-through ----------------------------------------------------------------------------
+    async def _passthrough(self, request: web.Request, t0: int, route: str | None) -> web.StreamResponse:
+        """Forward any request as-is; stream the response back. ``route``: count it under that label."""
+        assert self.session is not None
+        status = 0
+        try:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                status = 413
+                return error_response("other", 413, "too_large",
+                                      f"request body exceeds {self.ps.max_body_bytes} bytes")
+            headers = request_headers(request.headers, request.remote)
+            try:
+                resp = await self.session.request(
+                    request.method, self.backend.url + request.path_qs, data=body or None,
+                    headers=headers, allow_redirects=False)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    gate = self._gate_ref()
+                    if gate is not None:
+                        gate.notify_backend_failure()
+                return error_response("other", status, "timeout" if status == 504 else "connect",
+                                      f"backend request failed: {type(exc).__name__}")
+            complete = False
+            try:
+                status = resp.status
+                out = web.StreamResponse(status=resp.status, reason=resp.reason,
+                                         headers=response_headers(resp.headers))
+                await out.prepare(request)
+                try:
+                    async for chunk in resp.content.iter_any():
+                        await out.write(chunk)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    return out   # connection to the client ends without a clean terminator
+                await out.write_eof()
+                complete = True
+                return out
+            finally:
+                if complete:
+                    resp.release()
+                else:
+                    resp.close()
+        finally:
+            if route is not None:
+                self.metrics.requests.labels(self.model_label(None), self.backend.kind, route, "false",
+                                             str(status), "ok" if 0 < status < 400 else "error").inc()
+                self.metrics.duration.labels(self.model_label(None), route, "false",
+                                             "ok" if 0 < status < 400 else "error").observe(
+                    (time.monotonic_ns() - t0) / 1e9)

@@ -1,0 +1,76 @@
+"""Learn the backend's kind and served model (``--backend-kind auto``) from ``/info`` and ``/v1/models``.
+
+- ``/info`` answering JSON with ``model_id``: TGI, or our model server when it also reports
+  ``engine``/``state``.
+- ``/v1/models`` answering ``{"data": [{"id": ...}]}``: an OpenAI-compatible server (vLLM, ...).
+The probe retries until the backend answers, then refreshes every minute. Failures are silent here:
+requests report them.
+"""
+from __future__ import annotations
+
+import asyncio
+import posixpath
+from typing import Any, TYPE_CHECKING
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from edge_proxy.app import BackendInfo, ProxyCore
+    from edge_proxy.metrics import ProxyMetrics
+
+RETRY_SECONDS = 1.0
+REFRESH_SECONDS = 60.0
+
+
+def _model_name(model_id: str) -> str:
+    # A local directory as model id: keep its last component (bounded, readable label).
+    return posixpath.basename(model_id.rstrip("/")) if model_id.startswith("/") else model_id
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        if resp.status != 200:
+            return None
+        try:
+            return await resp.json(content_type=None)
+        except ValueError:
+            return None
+
+
+async def probe_once(session: aiohttp.ClientSession, backend: "BackendInfo", configured_kind: str) -> bool:
+    """One probe; returns True when something was learned."""
+    learned = False
+    kind: str | None = None
+    try:
+        info = await _get_json(session, backend.url + "/info")
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        info = None
+    if isinstance(info, dict) and isinstance(info.get("model_id"), str):
+        backend.info = info
+        backend.model = _model_name(info["model_id"])
+        kind = "model_server" if ("engine" in info or "state" in info) else "tgi"
+        learned = True
+    try:
+        models = await _get_json(session, backend.url + "/v1/models")
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        models = None
+    if isinstance(models, dict) and isinstance(models.get("data"), list):
+        ids = [m.get("id") for m in models["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+        backend.models = set(ids[:64])
+        if ids and backend.model is None:
+            backend.model = ids[0]
+        kind = kind or "openai"
+        learned = True
+    if configured_kind == "auto" and kind is not None:
+        backend.kind = kind
+    return learned
+
+
+async def probe_loop(core: "ProxyCore", backend: "BackendInfo", configured_kind: str,
+                     metrics: "ProxyMetrics") -> None:
+    while core.session is None:
+        await asyncio.sleep(0.05)
+    while True:
+        ok = await probe_once(core.session, backend, configured_kind)
+        metrics.backend_kind = backend.kind
+        await asyncio.sleep(REFRESH_SECONDS if ok else RETRY_SECONDS)

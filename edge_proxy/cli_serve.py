@@ -1,0 +1,147 @@
+"""``edge-proxy serve``: run the proxy in front of one backend.
+
+Flags map to settings (``section.key``) through :data:`SERVE_FLAGS`; other components add rows for
+their own sections (one line each). Precedence: defaults < ``--config`` YAML < ``EDGE_PROXY_*``
+environment < flags < ``--set section.key=value``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from edge_proxy.config import ConfigError, Settings, load_settings, settings_as_dict
+
+
+@dataclass(frozen=True)
+class Flag:
+    flag: str
+    section: str
+    key: str
+    help: str
+    type: Callable[[str], Any] | None = str
+    choices: tuple[str, ...] | None = None
+    store_true: bool = False
+
+
+SERVE_FLAGS: list[Flag] = [
+    Flag("--backend", "proxy", "backend_url", "backend base URL (default http://127.0.0.1:8000)"),
+    Flag("--backend-kind", "proxy", "backend_kind", "backend API (default auto: probes /info and /v1/models)", choices=("auto", "openai", "tgi")),
+    Flag("--host", "proxy", "host", "address to listen on (default 127.0.0.1)"),
+    Flag("--port", "proxy", "port", "client-facing port (default 8080; 0 = any free port)", int),
+    Flag("--metrics-port", "proxy", "metrics_port", "Prometheus /metrics port (default 9464; 'none' = serve /metrics on --port)"),
+    Flag("--max-body-bytes", "proxy", "max_body_bytes", "largest request body accepted, else 413 (default 4 MiB)", int),
+    Flag("--connect-timeout", "proxy", "connect_timeout_seconds", "seconds to connect to the backend, else 502 (default 5)", float),
+    Flag("--upstream-timeout", "proxy", "upstream_timeout_seconds", "seconds without response headers or bytes from the backend, else 504 (default 300)", float),
+    Flag("--model-name", "proxy", "model_name", "model label for metrics (default: what the backend reports)"),
+    Flag("--access-log", "proxy", "access_log", "JSON access log: '-' stderr (default), a file path, or 'none'"),
+    Flag("--log-content", "proxy", "log_content", "include request bodies (prompts) in the access log (off by default)", None, store_true=True),
+    Flag("--otlp-endpoint", "tracing", "otlp_endpoint", "OTLP/HTTP traces endpoint (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset = tracing off)"),
+    Flag("--service-name", "tracing", "service_name", "OpenTelemetry service.name (default edge-proxy)"),
+    # Other components: add rows for your section here (e.g. energy, economics, coldstart flags).
+]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="run the proxy in front of a backend",
+        description="Run the instrumentation proxy in front of one backend (our model server, TGI, vLLM "
+                    "or any OpenAI-compatible server). Settings: defaults < --config YAML < EDGE_PROXY_<SECTION>_<KEY> "
+                    "environment < flags < --set.")
+    p.add_argument("--config", metavar="FILE", help="YAML settings file (sections proxy, tracing, energy, economics, coldstart)")
+    for f in SERVE_FLAGS:
+        dest = f"cfg__{f.section}__{f.key}"
+        if f.store_true:
+            p.add_argument(f.flag, dest=dest, action="store_const", const=True, default=None, help=f.help)
+        else:
+            p.add_argument(f.flag, dest=dest, default=None, choices=f.choices, help=f.help,
+                           metavar=None if f.choices else f.key.upper())
+    p.add_argument("--set", dest="set_", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set any setting, e.g. --set energy.period_seconds=0.05 (repeatable)")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate flags, config file and environment, print the settings as JSON, exit 0 without serving")
+    p.set_defaults(func=run)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[tuple[str, str], Any] = {}
+    for name, value in vars(args).items():
+        if name.startswith("cfg__") and value is not None:
+            _, section, key = name.split("__", 2)
+            overrides[(section, key)] = value
+    for item in args.set_:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        lhs, value = item.split("=", 1)
+        section, key = lhs.split(".", 1)
+        overrides[(section.strip(), key.strip())] = value
+    settings = load_settings(args.config, overrides)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    ps = settings.proxy
+    u = urlsplit(ps.backend_url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ConfigError(f"backend URL must be http(s)://HOST[:PORT], got {ps.backend_url!r}")
+    if ps.backend_kind not in ("auto", "openai", "tgi"):
+        raise ConfigError(f"proxy.backend_kind must be auto, openai or tgi, got {ps.backend_kind!r}")
+    for name, port in (("proxy.port", ps.port), ("proxy.metrics_port", ps.metrics_port)):
+        if port is not None and not 0 <= port <= 65535:
+            raise ConfigError(f"{name} must be 0..65535, got {port}")
+    if ps.metrics_port is not None and ps.metrics_port == ps.port and ps.port != 0:
+        raise ConfigError("proxy.metrics_port equals proxy.port; use 'none' to serve /metrics on the main port")
+    if ps.max_body_bytes <= 0:
+        raise ConfigError("proxy.max_body_bytes must be positive")
+    if ps.connect_timeout_seconds <= 0 or ps.upstream_timeout_seconds <= 0:
+        raise ConfigError("timeouts must be positive")
+    if settings.tracing.otlp_endpoint:
+        t = urlsplit(settings.tracing.otlp_endpoint)
+        if t.scheme not in ("http", "https") or not t.hostname:
+            raise ConfigError(f"tracing.otlp_endpoint must be an http(s) URL, got {settings.tracing.otlp_endpoint!r}")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if args.check_config:
+        # Build (not start) the runtime too, so component factories validate their sections.
+        from edge_proxy.server import build_proxy
+
+        runtime = build_proxy(settings)
+        if runtime.access_log is not None:
+            runtime.access_log.close()
+        print(json.dumps(settings_as_dict(settings), indent=2, default=str))
+        return 0
+    try:
+        import uvloop  # type: ignore[import-not-found]
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> int:
+    from edge_proxy.server import build_proxy
+
+    runtime = build_proxy(settings)
+    try:
+        await runtime.start()
+    except OSError as exc:
+        await runtime.stop()
+        raise ConfigError(f"cannot listen on {settings.proxy.host}:{settings.proxy.port}: {exc.strerror or exc}") from None
+    print(f"edge-proxy: listening on {runtime.url} -> {settings.proxy.backend_url} "
+          f"(metrics: {runtime.metrics_url})", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runtime.stop()
+    return 0

@@ -1,0 +1,214 @@
+"""Token counts and per-token times from what the backend sends (never by re-tokenising text).
+
+Sources, in order of preference (``RequestRecord.token_count_source``):
+
+- ``backend``: OpenAI ``usage`` (final usage chunk requested with ``stream_options.include_usage``,
+  or cumulative per-chunk usage when the backend sends it), TGI ``details.generated_tokens`` /
+  ``details.prefill`` / ``details.input_length``, one TGI stream event per token, the model
+  server's (and TGI's) ``x-prompt-tokens`` / ``x-generated-tokens`` response headers.
+- ``chunks``: an OpenAI stream without usage: one token per content chunk (labelled fallback).
+- ``none``: nothing known.
+
+A "content" chunk carries generated text (``delta.content``, ``delta.reasoning_content``,
+``delta.tool_calls`` or ``text``); a role-only first chunk is not a token.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Callable
+
+from edge_proxy.hooks import RequestRecord
+
+_USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
+
+TokenSink = Callable[[int, int], None]   # (n tokens, t_ns)
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def apply_response_headers(rec: RequestRecord, headers: Any) -> None:
+    """Harvest counts and queue time from backend headers (TGI and our model server set these)."""
+    v = headers.get("x-prompt-tokens")
+    if v is not None and rec.input_tokens is None:
+        try:
+            rec.input_tokens = int(v)
+        except ValueError:
+            pass
+    q = headers.get("x-queue-time")   # TGI: milliseconds
+    if q is not None:
+        try:
+            rec.backend_queue_seconds = float(q) / 1000.0
+        except ValueError:
+            pass
+    g = headers.get("x-generated-tokens")
+    if g is not None:
+        try:
+            rec.extra["header_generated_tokens"] = int(g)
+        except ValueError:
+            pass
+
+
+class OpenAIStream:
+    """Interprets OpenAI SSE chunks: counts tokens, reads usage, strips the usage we asked for."""
+
+    __slots__ = ("rec", "strip_usage", "counted", "usage_output", "sink", "backend_error")
+
+    def __init__(self, rec: RequestRecord, strip_usage: bool, sink: TokenSink) -> None:
+        self.rec = rec
+        self.strip_usage = strip_usage
+        self.counted = 0             # tokens reported to the sink so far
+        self.usage_output: int | None = None
+        self.sink = sink
+        self.backend_error = False
+
+    def event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
+        """Process one event; returns the bytes to forward (None: drop it)."""
+        if data is None or data == b"[DONE]" or not data.startswith(b"{"):
+            return raw
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return raw
+        if not isinstance(obj, dict):
+            return raw
+        if obj.get("error"):
+            self.backend_error = True
+            return raw
+        rec = self.rec
+        choices = obj.get("choices") or []
+        n = 0
+        for ch in choices:
+            if not isinstance(ch, dict):
+                continue
+            delta = ch.get("delta")
+            if isinstance(delta, dict):
+                if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+                    n += 1
+            elif ch.get("text"):
+                n += 1
+            fr = ch.get("finish_reason")
+            if fr:
+                rec.finish_reason = str(fr)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            pt = _int(usage.get("prompt_tokens"))
+            if pt is not None:
+                rec.input_tokens = pt
+            ct = _int(usage.get("completion_tokens"))
+            if ct is not None:
+                self.usage_output = ct if self.usage_output is None else max(ct, self.usage_output)
+                if choices:
+                    # Cumulative per-chunk usage (vLLM continuous_usage_stats): exact tokens per chunk.
+                    n = max(ct - self.counted, 0) if n else 0
+                elif ct > self.counted:
+                    # Final usage chunk says more tokens than chunks seen: account the rest now.
+                    n = ct - self.counted
+        if n:
+            self.counted += n
+            self.sink(n, t_ns)
+        if self.strip_usage:
+            if not choices and isinstance(usage, dict):
+                return None
+            if b'"usage"' in raw:
+                return _USAGE_NULL.sub(b"", raw)
+        return raw
+
+    def finish(self) -> None:
+        rec = self.rec
+        if self.usage_output is not None:
+            rec.output_tokens = self.usage_output
+            rec.token_count_source = "backend"
+        elif self.counted:
+            rec.output_tokens = self.counted
+            rec.token_count_source = "chunks"
+        else:
+            rec.output_tokens = 0 if not self.backend_error else None
+            rec.token_count_source = "chunks" if not self.backend_error else "none"
+
+
+class TGIStream:
+    """Interprets TGI ``/generate_stream`` events: one event per token, final ``details``."""
+
+    __slots__ = ("rec", "counted", "details_output", "sink", "backend_error")
+
+    def __init__(self, rec: RequestRecord, sink: TokenSink) -> None:
+        self.rec = rec
+        self.counted = 0
+        self.details_output: int | None = None
+        self.sink = sink
+        self.backend_error = False
+
+    def event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
+        if data is None or not data.startswith(b"{"):
+            return raw
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return raw
+        if not isinstance(obj, dict):
+            return raw
+        if obj.get("error"):
+            self.backend_error = True
+            return raw
+        if obj.get("token"):
+            self.counted += 1
+            self.sink(1, t_ns)
+        details = obj.get("details")
+        if isinstance(details, dict):
+            apply_tgi_details(self.rec, details)
+            gt = _int(details.get("generated_tokens"))
+            if gt is not None:
+                self.details_output = gt
+        return raw
+
+    def finish(self) -> None:
+        rec = self.rec
+        rec.output_tokens = self.details_output if self.details_output is not None else self.counted
+        rec.token_count_source = "backend" if (self.details_output is not None or self.counted) else "none"
+
+
+def apply_tgi_details(rec: RequestRecord, details: dict[str, Any]) -> None:
+    fr = details.get("finish_reason")
+    if fr:
+        rec.finish_reason = str(fr)
+    prefill = details.get("prefill")
+    if isinstance(prefill, list) and prefill:
+        rec.input_tokens = len(prefill)
+    il = _int(details.get("input_length"))
+    if il is not None:
+        rec.input_tokens = il
+
+
+def account_openai_body(rec: RequestRecord, obj: Any) -> int | None:
+    """Non-streaming OpenAI response: returns output tokens (or None) and fills the record."""
+    if not isinstance(obj, dict):
+        return None
+    for ch in obj.get("choices") or []:
+        if isinstance(ch, dict) and ch.get("finish_reason"):
+            rec.finish_reason = str(ch["finish_reason"])
+    metrics = obj.get("metrics")      # vLLM --enable-per-request-metrics
+    if isinstance(metrics, dict) and isinstance(metrics.get("queue_time_ms"), (int, float)):
+        rec.backend_queue_seconds = float(metrics["queue_time_ms"]) / 1000.0
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        pt = _int(usage.get("prompt_tokens"))
+        if pt is not None:
+            rec.input_tokens = pt
+        return _int(usage.get("completion_tokens"))
+    return None
+
+
+def account_tgi_body(rec: RequestRecord, obj: Any) -> int | None:
+    """Non-streaming TGI response (``/generate`` object, or ``/`` list of one)."""
+    if isinstance(obj, list) and obj:
+        obj = obj[0]
+    if not isinstance(obj, dict):
+        return None
+    details = obj.get("details")
+    if isinstance(details, dict):
+        apply_tgi_details(rec, details)
+        return _int(details.get("generated_tokens"))
+    return None
