@@ -44,6 +44,11 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--otlp-endpoint", "tracing", "otlp_endpoint", "OTLP/HTTP traces endpoint (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset = tracing off)"),
     Flag("--service-name", "tracing", "service_name", "OpenTelemetry service.name (default edge-proxy)"),
     # Other components: add rows for your section here (e.g. energy, economics, coldstart flags).
+    Flag("--spawn", "coldstart", "spawn", "command that starts the backend on the first request (local scale to zero; '{port}' = the --backend port); implies --hold"),
+    Flag("--hold", "coldstart", "hold", "hold requests while the backend is not ready (gateway mode) instead of answering 502", None, store_true=True),
+    Flag("--idle-timeout", "coldstart", "idle_timeout_seconds", "with --spawn: stop the backend after this many seconds without traffic (default: never)", float),
+    Flag("--max-pending", "coldstart", "max_pending", "most requests held during a cold start, then 503 (default 100)", int),
+    Flag("--max-wait", "coldstart", "max_wait_seconds", "longest a request is held, then 503 (default 300 s)", float),
 ]
 
 

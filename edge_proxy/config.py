@@ -101,9 +101,12 @@ class ColdStartSettings:
     idle_timeout_seconds: float | None = None
     max_pending: int = 100
     max_wait_seconds: float = 300.0
-    readiness_poll_seconds: float = 0.5
-    release_burst: int = 16
-    stop_grace_seconds: float = 30.0
+    readiness_poll_seconds: float = 0.1        # readiness poll while holding (adds up to this to a cold start)
+    release_burst: int = 16                    # held requests released at once when ready
+    release_interval_seconds: float = 0.05     # pause between release bursts
+    stop_grace_seconds: float = 30.0           # SIGTERM -> SIGKILL grace when stopping the backend
+    restart_backoff_seconds: float = 1.0       # first restart delay after a crash/failed start (doubles)
+    restart_backoff_max_seconds: float = 60.0
 
 
 @dataclass

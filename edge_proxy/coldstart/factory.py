@@ -1,0 +1,98 @@
+"""Assembly: build the cold-start gate from settings and hook it into the proxy's aiohttp app."""
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from edge_proxy.coldstart.gate import ColdStartGate
+from edge_proxy.coldstart.metrics import ColdStartMetrics
+from edge_proxy.coldstart.supervisor import SpawnError, build_argv
+from edge_proxy.config import ConfigError, Settings
+from edge_proxy.hooks import RequestRecord
+
+COLD_START_HEADER = "x-edge-cold-start"
+COLD_START_WAIT_HEADER = "x-edge-cold-start-wait-seconds"
+SNAPSHOT_PATH = "/edge/cold-starts"
+
+
+def validate(settings: Settings) -> None:
+    """One-line ConfigErrors for bad cold-start settings (called before anything starts)."""
+    cs = settings.coldstart
+    if cs.spawn is not None:
+        try:
+            build_argv(cs.spawn, "127.0.0.1", 0)
+        except SpawnError as exc:
+            raise ConfigError(f"--spawn: {exc}") from None
+    if cs.max_pending < 1:
+        raise ConfigError("coldstart.max_pending must be >= 1")
+    if cs.max_wait_seconds <= 0:
+        raise ConfigError("coldstart.max_wait_seconds must be > 0")
+    if cs.idle_timeout_seconds is not None and cs.idle_timeout_seconds <= 0:
+        raise ConfigError("coldstart.idle_timeout_seconds must be > 0")
+    if cs.idle_timeout_seconds is not None and cs.spawn is None:
+        raise ConfigError("--idle-timeout needs --spawn (the proxy can only stop a backend it started)")
+    if cs.readiness_poll_seconds <= 0 or cs.release_burst < 1 or cs.stop_grace_seconds < 0:
+        raise ConfigError("coldstart: readiness_poll_seconds > 0, release_burst >= 1, stop_grace_seconds >= 0")
+
+
+def create_coldstart(settings: Settings, registry: CollectorRegistry, tracer: Any = None,
+                     energy: Any = None) -> ColdStartGate | None:
+    """The gate when hold mode is on (``--hold`` or ``--spawn``), else None (a down backend is a
+    502 at once). ``tracer``: an OpenTelemetry tracer (or None: no cold-start spans); ``energy``:
+    the energy component (or None)."""
+    cs = settings.coldstart
+    validate(settings)
+    if not (cs.hold or cs.spawn):
+        return None
+    return ColdStartGate(
+        cs, settings.proxy.backend_url, ColdStartMetrics(registry), tracer=tracer, energy=energy,
+        idle_watts_configured=settings.energy.idle_watts,
+    )
+
+
+def attach_coldstart(runtime: Any) -> ColdStartGate | None:
+    """``build_proxy`` hook: create the gate from ``runtime.settings``, make it the runtime's gate
+    and an observer, tie it to the app's start/stop, and serve its JSON snapshot on the metrics
+    port (``GET /edge/cold-starts``). The energy component is looked up when a cold start ends
+    (``runtime.components["energy"]``), so the order of the factories does not matter."""
+    tracer = runtime.tracing.tracer if getattr(runtime, "tracing", None) is not None else None
+    gate = create_coldstart(runtime.settings, runtime.registry, tracer=tracer,
+                            energy=lambda: runtime.components.get("energy"))
+    if gate is None:
+        return None
+    runtime.gate = gate
+    runtime.observers.append(gate)
+    runtime.components["coldstart"] = gate
+    install(runtime.app, gate, snapshot_app=getattr(runtime, "metrics_app", None) or runtime.app)
+    return gate
+
+
+def install(app: web.Application, gate: ColdStartGate | None,
+            snapshot_app: web.Application | None = None) -> None:
+    """Start/stop the gate with the app (the backend process goes down with the proxy) and serve
+    ``GET /edge/cold-starts`` (JSON: pending, process, recent cold starts with phases and tax)."""
+    if gate is None:
+        return
+
+    async def _start(_app: web.Application) -> None:
+        await gate.start()
+
+    async def _stop(_app: web.Application) -> None:
+        await gate.close()
+
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+    async def _snapshot(_req: web.Request) -> web.Response:
+        return web.json_response(gate.snapshot())
+
+    (snapshot_app or app).router.add_get(SNAPSHOT_PATH, _snapshot)
+
+
+def cold_start_headers(rec: RequestRecord) -> dict[str, str]:
+    """Response headers for a request that waited for a cold start (empty otherwise)."""
+    if not rec.cold_start:
+        return {}
+    wait = rec.cold_start_wait_seconds or 0.0
+    return {COLD_START_HEADER: "true", COLD_START_WAIT_HEADER: f"{wait:.3f}"}

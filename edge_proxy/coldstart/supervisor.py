@@ -1,0 +1,223 @@
+"""Local scale-to-zero supervisor: start the backend process on demand, stop it gracefully, restart
+with backoff, and never leave an orphan.
+
+Orphan protection, in layers:
+
+1. The backend runs in its own process group (``start_new_session``); stopping signals the whole
+   group (SIGTERM, then SIGKILL after the grace period, then SIGKILL to any straggler in the group).
+2. The proxy stops it from its aiohttp ``on_cleanup`` (run on SIGTERM/SIGINT by ``web.run_app``).
+3. An ``atexit`` hook kills the group if the interpreter exits without cleanup.
+4. On Linux the child gets ``PR_SET_PDEATHSIG`` = SIGTERM, so even a SIGKILLed proxy takes its
+   backend down (the direct child only; wrap shell pipelines accordingly).
+
+The command is split with :func:`shlex.split` (no shell); ``{port}`` and ``{host}`` placeholders
+are filled from the backend URL. Use ``sh -c '...'`` explicitly when a shell is needed.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import ctypes
+import ctypes.util
+import logging
+import os
+import shlex
+import signal
+import sys
+import time
+from typing import Callable
+
+log = logging.getLogger("edge_proxy.coldstart")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class SpawnError(Exception):
+    """The backend command could not be started (not found, not executable, bad command)."""
+
+
+def build_argv(command: str, host: str, port: int) -> list[str]:
+    """Split ``command`` like a shell would (no expansion) and fill ``{port}``/``{host}``."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise SpawnError(f"cannot parse spawn command: {exc}") from None
+    if not argv:
+        raise SpawnError("spawn command is empty")
+    return [a.replace("{port}", str(port)).replace("{host}", host) for a in argv]
+
+
+def backoff_seconds(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
+    """Delay before the next start after ``failures`` consecutive failures:
+    ``0`` for none, else ``min(cap, base * 2**(failures-1))`` seconds."""
+    if failures <= 0:
+        return 0.0
+    return min(cap, base * 2 ** (failures - 1))
+
+
+class BackendSupervisor:
+    """Owns at most one backend process at a time. All methods run on the event loop."""
+
+    def __init__(
+        self,
+        command: str,
+        host: str,
+        port: int,
+        stop_grace_seconds: float = 30.0,
+        backoff_base_seconds: float = 1.0,
+        backoff_max_seconds: float = 60.0,
+        on_exit: Callable[[int | None, bool], None] | None = None,
+    ) -> None:
+        self.argv = build_argv(command, host, port)
+        self.stop_grace_seconds = stop_grace_seconds
+        self.backoff_base_seconds = backoff_base_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self.on_exit = on_exit                      # (returncode, expected) after every exit
+        self._proc: asyncio.subprocess.Process | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._lock = asyncio.Lock()
+        self.failures = 0                           # consecutive failed starts / crashes
+        self._last_failure_mono = 0.0
+        self.last_returncode: int | None = None
+        self.starts = 0
+        self._atexit_registered = False
+        self._prctl = None
+        if sys.platform.startswith("linux"):
+            try:
+                self._prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+            except (OSError, AttributeError):
+                self._prctl = None
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    def record_failure(self) -> None:
+        self.failures += 1
+        self._last_failure_mono = time.monotonic()
+
+    def record_success(self) -> None:
+        self.failures = 0
+
+    def backoff_remaining_seconds(self) -> float:
+        delay = backoff_seconds(self.failures, self.backoff_base_seconds, self.backoff_max_seconds)
+        return max(0.0, self._last_failure_mono + delay - time.monotonic())
+
+    # -- start / stop ------------------------------------------------------------------------
+    def _child_setup(self) -> None:   # runs in the child between fork and exec
+        if self._prctl is not None:
+            self._prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+    async def start(self) -> int:
+        """Start the backend (waiting out any backoff first); returns the monotonic ns just after
+        the process was created. Raises :class:`SpawnError` when it cannot be executed."""
+        async with self._lock:
+            if self.running:
+                raise RuntimeError("backend already running")
+            wait = self.backoff_remaining_seconds()
+            if wait > 0:
+                log.info("cold start: waiting %.1f s backoff before restarting the backend", wait)
+                await asyncio.sleep(wait)
+            ppid = os.getpid()
+
+            def setup() -> None:
+                self._child_setup()
+                if os.getppid() != ppid:   # parent died before prctl took effect
+                    os._exit(1)
+
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *self.argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=setup if self._prctl is not None else None,
+                )
+            except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+                self.record_failure()
+                raise SpawnError(f"cannot start backend {self.argv[0]!r}: {exc.strerror or exc}") from None
+            except OSError as exc:
+                self.record_failure()
+                raise SpawnError(f"cannot start backend {self.argv[0]!r}: {exc}") from None
+            t = time.monotonic_ns()
+            self._proc = proc
+            self._stopping = False
+            self.starts += 1
+            if not self._atexit_registered:
+                atexit.register(self._kill_sync)
+                self._atexit_registered = True
+            self._watch = asyncio.create_task(self._watch_exit(proc), name="coldstart-backend-watch")
+            log.info("cold start: started backend pid %d: %s", proc.pid, shlex.join(self.argv))
+            return t
+
+    async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
+        rc = await proc.wait()
+        expected = self._stopping
+        self.last_returncode = rc
+        self._signal_group(proc.pid, signal.SIGKILL)   # stragglers left in the group
+        if not expected:
+            log.warning("cold start: backend pid %d exited unexpectedly with code %s", proc.pid, rc)
+        if self.on_exit is not None:
+            try:
+                self.on_exit(rc, expected)
+            except Exception:  # never let a callback break the watcher
+                log.exception("cold start: on_exit callback failed")
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    async def stop(self, grace_seconds: float | None = None) -> int | None:
+        """SIGTERM the process group, SIGKILL after the grace period; returns the exit code."""
+        async with self._lock:
+            proc = self._proc
+            if proc is None:
+                return self.last_returncode
+            grace = self.stop_grace_seconds if grace_seconds is None else grace_seconds
+            self._stopping = True
+            if proc.returncode is None:
+                self._signal_group(proc.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=grace)
+                except asyncio.TimeoutError:
+                    log.warning("cold start: backend pid %d ignored SIGTERM for %.1f s; SIGKILL", proc.pid, grace)
+                    self._signal_group(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+            self._signal_group(proc.pid, signal.SIGKILL)
+            if self._watch is not None:
+                await asyncio.gather(self._watch, return_exceptions=True)
+            self._proc = None
+            self._watch = None
+            return proc.returncode
+
+    async def close(self) -> None:
+        await self.stop()
+        if self._atexit_registered:
+            atexit.unregister(self._kill_sync)
+            self._atexit_registered = False
+
+    def _kill_sync(self) -> None:
+        """atexit fallback: the loop is gone, so signal and poll synchronously."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        pid = proc.pid
+        self._signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + min(self.stop_grace_seconds, 5.0)
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done == pid:
+                break
+            time.sleep(0.05)
+        self._signal_group(pid, signal.SIGKILL)
