@@ -127,7 +127,8 @@ class EconomicsObserver(BaseObserver):
         self.paper = self.cfg.mode == "paper"
         self.clock_ns = clock_ns
         self.backend = settings.proxy.backend_url
-        self.proxy_url: str | None = None          # set by server.py once the port is bound
+        self.runtime: Any = None                  # edge_proxy.server.ProxyRuntime (factory sets it)
+        self._probe_ids: dict[str, str] = {}      # request ids of probes in flight -> model label
         self._busy = _BusyClock()
         self._window: dict[str, deque[_Sample]] = {}
         self._scores: dict[str, deque[tuple[int, float]]] = {}
@@ -183,6 +184,10 @@ class EconomicsObserver(BaseObserver):
 
     # ------------------------------------------------------------------ request hooks
     def on_request_start(self, rec: RequestRecord) -> None:
+        if rec.request_id in self._probe_ids:
+            # Our own quality probe: label it so it stays out of every user statistic.
+            rec.traffic = "probe"
+            self._probe_ids[rec.request_id] = rec.model
         rec.extra["economics.busy0"] = self._busy.start(self.clock_ns())
 
     def on_request_end(self, rec: RequestRecord) -> None:
@@ -487,8 +492,11 @@ class EconomicsObserver(BaseObserver):
                 await asyncio.sleep(delay)
 
     def _probe_target(self) -> str:
-        if self.proxy_url:
-            return self.proxy_url.rstrip("/")
+        rt = self.runtime
+        if rt is not None and getattr(rt, "port", None):
+            host = rt.settings.proxy.host
+            host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            return f"http://{host}:{rt.port}"
         host = self.settings.proxy.host
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
@@ -496,12 +504,13 @@ class EconomicsObserver(BaseObserver):
 
     async def run_probe(self, session: ClientSession, g: GoldenPrompt) -> bool | None:
         """Send one golden prompt through the proxy; record a 1/0 score. None on error."""
-        model = g.model or self.settings.proxy.model_name or str(
-            self.backend_info.get("model_id") or "default")
+        backend_model = getattr(getattr(self.runtime, "backend", None), "model", None)
+        model = g.model or backend_model or str(self.backend_info.get("model_id") or "default")
         body = {"model": model, "prompt": g.prompt, "max_tokens": g.max_tokens,
                 "temperature": 0.0}
-        headers = {PROBE_HEADER: "probe", "x-request-id": f"probe-{uuid.uuid4().hex}"}
-        label = self.settings.proxy.model_name or model
+        rid = f"probe-{uuid.uuid4().hex}"
+        headers = {PROBE_HEADER: "probe", "x-request-id": rid}
+        self._probe_ids[rid] = self.settings.proxy.model_name or model
         try:
             async with session.post(self._probe_target() + "/v1/completions", json=body,
                                     headers=headers) as resp:
@@ -509,11 +518,10 @@ class EconomicsObserver(BaseObserver):
                 if resp.status != 200:
                     raise RuntimeError(f"status {resp.status}")
             text = data["choices"][0]["text"]
-            if not self.settings.proxy.model_name and isinstance(data.get("model"), str):
-                label = data["model"] if data["model"] in self._served else label
         except Exception:
-            self.probes.labels(label, "error").inc()
+            self.probes.labels(self._probe_ids.pop(rid, model), "error").inc()
             return None
+        label = self._probe_ids.pop(rid, model)    # the label the proxy gave the request
         ok = g.check(text)
         self.probes.labels(label, "pass" if ok else "fail").inc()
         self.record_score(label, 1.0 if ok else 0.0, "probe")
@@ -608,7 +616,15 @@ class _EconomicsCollector(Collector):
         yield prices
 
 
-def create_economics(settings: Settings, registry: CollectorRegistry) -> EconomicsObserver:
-    """Factory for ``edge_proxy.server.build_proxy``: add the returned object to the observers,
-    call ``register_routes(app)`` and append ``on_startup``/``on_cleanup`` to the app."""
-    return EconomicsObserver(settings, registry)
+def create_economics(runtime: Any) -> EconomicsObserver:
+    """Factory called by ``edge_proxy.server.build_proxy``: creates the observer on the runtime's
+    registry, appends it to ``runtime.observers``, registers ``POST /edge/feedback`` and the
+    background tasks (backend /info poll, quality probes)."""
+    obs = EconomicsObserver(runtime.settings, runtime.registry)
+    obs.runtime = runtime
+    runtime.observers.append(obs)
+    runtime.components["economics"] = obs
+    obs.register_routes(runtime.app)
+    runtime.app.on_startup.append(obs.on_startup)
+    runtime.app.on_cleanup.append(obs.on_cleanup)
+    return obs

@@ -139,6 +139,8 @@ def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntim
     # Each factory gets the runtime; it appends observers to runtime.observers (order = order of
     # on_request_final calls), may set runtime.gate, and registers runtime.app.on_startup/on_cleanup.
     # e.g. edge_proxy.energy.factory.create_energy(runtime)
+    from edge_proxy.economics_live import create_economics
+    create_economics(runtime)
     attach_coldstart(runtime)      # hold mode / --spawn supervisor (None unless enabled)
     # ---------------------------------------------------------------------------------------------
 
