@@ -129,6 +129,7 @@ class EconomicsObserver(BaseObserver):
         self.backend = settings.proxy.backend_url
         self.runtime: Any = None                  # edge_proxy.server.ProxyRuntime (factory sets it)
         self._probe_ids: dict[str, str] = {}      # request ids of probes in flight -> model label
+        self._cold_ids: set[object] = set()
         self._busy = _BusyClock()
         self._window: dict[str, deque[_Sample]] = {}
         self._scores: dict[str, deque[tuple[int, float]]] = {}
@@ -196,7 +197,22 @@ class EconomicsObserver(BaseObserver):
             t = rec.t_end_ns if rec.t_end_ns is not None else self.clock_ns()
             rec.extra["economics.busy_share_seconds"] = self._busy.end(t, started)
 
+    def sync_cold_starts(self) -> None:
+        """Pick up finished cold starts from the cold-start gate's history (if the gate exists)."""
+        gate = None
+        if self.runtime is not None:
+            gate = getattr(self.runtime, "components", {}).get("coldstart")
+        for cs in list(getattr(gate, "history", ()) or ()):
+            try:
+                if getattr(cs, "outcome", None) != "ready" or cs.id in self._cold_ids:
+                    continue
+                joules, _src = cs.tax_joules
+                self.record_cold_start(None, joules, float(cs.seconds or 0.0), cold_start_id=cs.id)
+            except Exception:               # the gate's record shape changed: skip, never raise
+                log.debug("economics: could not read a cold start", exc_info=True)
+
     def on_request_final(self, rec: RequestRecord) -> None:
+        self.sync_cold_starts()
         if rec.traffic == "probe" or rec.outcome == "rejected":
             return
         model = rec.model
@@ -231,9 +247,18 @@ class EconomicsObserver(BaseObserver):
         self.recent.add(rec.request_id, model, joules)
 
     # ------------------------------------------------------------------ other inputs
-    def record_cold_start(self, model: str | None, joules: float | None, seconds: float) -> None:
-        """Called by the cold-start gate after each cold start. ``model`` None: the backend's
-        model (all models this proxy serves). ``joules`` None when no energy source covers it."""
+    def record_cold_start(self, model: str | None, joules: float | None, seconds: float,
+                          cold_start_id: object = None) -> None:
+        """Record one finished cold start. ``model`` None: the backend's model (all models this
+        proxy serves). ``joules`` None when no energy source covers it. ``cold_start_id``: the
+        gate's id, so a cold start pushed here and also seen in the gate's history counts once.
+
+        The cold-start gate (``runtime.components["coldstart"]``) may call this; economics also
+        picks up finished cold starts from the gate's ``history`` by itself."""
+        if cold_start_id is not None:
+            if cold_start_id in self._cold_ids:
+                return
+            self._cold_ids.add(cold_start_id)
         key = model or "*"
         self._cold.setdefault(key, deque(maxlen=100)).append(
             _ColdStart(self.clock_ns(), joules, max(0.0, seconds)))
@@ -266,6 +291,9 @@ class EconomicsObserver(BaseObserver):
             return self.settings.proxy.model_name
         if len(self._served) == 1:
             return next(iter(self._served))
+        served_by_backend = getattr(getattr(self.runtime, "backend", None), "model", None)
+        if served_by_backend:
+            return str(served_by_backend)
         mid = self.backend_info.get("model_id")
         return str(mid) if mid else "unknown"
 
@@ -554,6 +582,7 @@ class _EconomicsCollector(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         o = self.obs
+        o.sync_cold_starts()
         models = o.models()
         fams: list[tuple[str, str, Callable[[str], float]]] = [
             ("edge_proxy_break_even_requests", "N_break over the window: fixed cost / (API cost "
