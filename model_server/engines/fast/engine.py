@@ -1,6 +1,7 @@
 """``FastEngine``: continuous batching over a fixed-slot KV cache, decode via CUDA graphs.
 
-Construction (what ``model-server serve --engine fast`` calls)::
+Construction (``model-server serve --engine fast`` calls ``from_loaded(loaded, max_batch, max_total_tokens)``,
+which wraps this)::
 
     FastEngine(model, eos_token_ids, max_batch=64, max_seq_len=2048, device=None, dtype=None,
                use_cuda_graphs=None, max_prefill_tokens=8192)
@@ -439,3 +440,15 @@ class FastEngine(Engine):
             self._pos_host[i] = seq.pos
             self._emit(seq, int(toks[i]), lps[i], out)
         self._decode_seconds += (time.monotonic_ns() - t0) / 1e9
+
+
+def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwargs) -> FastEngine:
+    """Build a :class:`FastEngine` from ``model_server.loading.LoadedModel`` (what ``serve`` holds).
+
+    ``max_total_tokens`` (prompt + generated, per sequence) is capped at the model's context length.
+    Raises :class:`UnsupportedModel` for architectures the fast engine cannot drive.
+    """
+    ctx = int(getattr(loaded, "context_length", 0) or 0)
+    max_len = min(int(max_total_tokens), ctx) if ctx > 0 else int(max_total_tokens)
+    return FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len,
+                      **kwargs)
