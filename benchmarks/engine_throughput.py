@@ -300,7 +300,7 @@ def run_cells(kind: str, loaded, args, device: str, energy: Energy, bw: float | 
                     results.append({"engine": kind, "quant": quant, "prompt_len": plen, "concurrency": c,
                                     "skipped": "deadline"})
                     continue
-                n_req = max(args.min_requests, args.waves * c) if kind == "fast" else max(2, c)
+                n_req = max(args.min_requests, args.waves * c) if kind.startswith("fast") else max(2, c)
                 prompts = [[rng.randrange(5, vocab) for _ in range(plen)] for _ in range(n_req)]
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
