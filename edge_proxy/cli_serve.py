@@ -44,6 +44,13 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--otlp-endpoint", "tracing", "otlp_endpoint", "OTLP/HTTP traces endpoint (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset = tracing off)"),
     Flag("--service-name", "tracing", "service_name", "OpenTelemetry service.name (default edge-proxy)"),
     # Other components: add rows for your section here (e.g. energy, economics, coldstart flags).
+    Flag("--energy-source", "energy", "source", "energy source (default auto: nvml if NVML initialises, else estimated)", choices=("auto", "nvml", "remote", "replay", "estimated", "none")),
+    Flag("--energy-period", "energy", "period_seconds", "energy sampling period in seconds (default 0.1)", float),
+    Flag("--gpu-uuids", "energy", "gpu_uuids", "comma-separated GPU UUIDs to measure (default: all GPUs NVML sees)"),
+    Flag("--idle-watts", "energy", "idle_watts", "idle power P_idle in W (default: learned from ticks with nothing in flight)", float),
+    Flag("--attribution", "energy", "attribution", "how active energy is split (default token-weighted)", choices=("token-weighted", "time-weighted")),
+    Flag("--energy-replay", "energy", "replay_path", "trace file for --energy-source replay (from `edge-proxy record`)"),
+    Flag("--energy-remote", "energy", "remote_url", "model server URL for --energy-source remote (default: the backend URL)"),
     Flag("--spawn", "coldstart", "spawn", "command that starts the backend on the first request (local scale to zero; '{port}' = the --backend port); implies --hold"),
     Flag("--hold", "coldstart", "hold", "hold requests while the backend is not ready (gateway mode) instead of answering 502", None, store_true=True),
     Flag("--idle-timeout", "coldstart", "idle_timeout_seconds", "with --spawn: stop the backend after this many seconds without traffic (default: never)", float),

@@ -65,6 +65,7 @@ class EnergySettings:
     remote_url: str | None = None
     estimated_watts: float = 65.0
     ring_size: int = 4096
+    max_defer_seconds: float = 30.0            # longest a tick waits for a request's prompt-token count
 
 
 @dataclass

@@ -23,6 +23,7 @@ from edge_proxy.access_log import AccessLog, create_access_log
 from edge_proxy.app import BackendInfo, ProxyCore
 from edge_proxy.backend_probe import probe_loop
 from edge_proxy.coldstart.factory import attach_coldstart
+from edge_proxy.energy.factory import attach_energy
 from edge_proxy.config import Settings
 from edge_proxy.hooks import BackendGate, RequestObserver
 from edge_proxy.metrics import ProxyMetrics
@@ -139,6 +140,7 @@ def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntim
     # Each factory gets the runtime; it appends observers to runtime.observers (order = order of
     # on_request_final calls), may set runtime.gate, and registers runtime.app.on_startup/on_cleanup.
     # e.g. edge_proxy.energy.factory.create_energy(runtime)
+    attach_energy(runtime)         # energy sampler + ledger (observer first: others read rec.energy)
     from edge_proxy.economics_live import create_economics
     create_economics(runtime)
     attach_coldstart(runtime)      # hold mode / --spawn supervisor (None unless enabled)

@@ -1,0 +1,163 @@
+"""Pure formulas of the energy ledger: how one tick's measured energy is split.
+
+For a tick k covering [t0, t1) (dt = t1 - t0 seconds) with measured energy dE (J):
+
+    idle_k   = min(dE, P_idle * dt)                     if any request overlaps the tick
+             = dE                                       if none does (all idle)
+    active_k = dE - idle_k
+    active_i = active_k * w_i / sum_j w_j               (request i's share; w = weights below)
+    idle_i   = idle_k / dt * integral over i's time in the tick of 1 / c(t) dt
+                                                        (c(t) = requests in flight at t; so the
+                                                        idle energy of every instant is shared
+                                                        equally by the requests running then and
+                                                        time nobody ran stays unattributed)
+    full_i   = active_i + idle_i
+
+Weights (``token-weighted``): output tokens the request produced in [t0, t1), plus
+``prefill_weight * prompt_tokens`` in the tick holding its first token. A request whose token times
+are unknown (non-streaming: one response at the end) spreads its total weight
+``output_tokens + prefill_weight * prompt_tokens`` uniformly over its lifetime, so it gets
+``W * overlap / lifetime``. ``time-weighted``: w_i = overlap of the request with the tick. When
+all weights are zero while requests are in flight (queueing, prefill before the first token),
+the tick falls back to time overlap, then to an equal split, so nothing is ever left unassigned.
+
+Invariant: sum_i active_i + idle_k = dE, and sum_i idle_i <= idle_k; all values >= 0.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+TOKEN_WEIGHTED = "token-weighted"
+TIME_WEIGHTED = "time-weighted"
+METHODS = (TOKEN_WEIGHTED, TIME_WEIGHTED)
+
+
+@dataclass
+class ReqView:
+    """What the split needs to know about one request (times in monotonic ns)."""
+
+    rid: str
+    start_ns: int
+    end_ns: int | None
+    token_times_known: bool
+    first_token_ns: int | None = None
+    events: list[tuple[int, int]] | None = None      # (t_ns, n_tokens)
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+
+    def overlaps(self, t0: int, t1: int) -> bool:
+        return self.start_ns < t1 and (self.end_ns is None or self.end_ns >= t0)
+
+    def overlap_ns(self, t0: int, t1: int) -> int:
+        end = t1 if self.end_ns is None else min(self.end_ns, t1)
+        return max(0, end - max(self.start_ns, t0))
+
+
+class Deferred(Exception):
+    """The tick cannot be split yet: a weight it needs is still unknown."""
+
+
+def idle_share_joules(dE: float, idle_watts: float, dt_seconds: float) -> float:
+    """idle_k = min(dE, P_idle * dt), never negative (J)."""
+    return max(0.0, min(dE, idle_watts * dt_seconds))
+
+
+def request_weight(r: ReqView, t0: int, t1: int, method: str, prefill_weight: float, forced: bool) -> float | None:
+    """Weight of request r in tick [t0, t1). Raises Deferred when unknown and not forced; None
+    means "unknown, forced": the caller substitutes the mean weight of the others."""
+    if method == TIME_WEIGHTED:
+        return float(r.overlap_ns(t0, t1))
+    if r.token_times_known:
+        w = float(sum(n for t, n in (r.events or ()) if t0 <= t < t1))
+        if r.first_token_ns is not None and t0 <= r.first_token_ns < t1 and prefill_weight > 0:
+            if r.prompt_tokens is None:
+                if r.end_ns is None and not forced:
+                    raise Deferred(r.rid)
+            else:
+                w += prefill_weight * r.prompt_tokens
+        return w
+    # token times unknown: spread the request's whole weight over its lifetime
+    if r.end_ns is None:
+        if not forced:
+            raise Deferred(r.rid)
+        return None
+    out_tokens = r.output_tokens if r.output_tokens is not None else sum(n for _, n in (r.events or ()))
+    total = out_tokens + prefill_weight * (r.prompt_tokens or 0)
+    life = r.end_ns - r.start_ns
+    if life <= 0:
+        return float(total) if t0 <= r.start_ns < t1 or (r.start_ns == t1 == r.end_ns) else 0.0
+    return float(total) * r.overlap_ns(t0, t1) / life
+
+
+def split_weights(active: float, weights: dict[str, float]) -> dict[str, float]:
+    """active_i = active * w_i / sum w (J). Assumes sum w > 0."""
+    total = sum(weights.values())
+    return {rid: active * w / total for rid, w in weights.items()}
+
+
+def idle_time_shares(reqs: list[ReqView], t0: int, t1: int) -> dict[str, float]:
+    """Fraction of the tick's duration owned by each request for idle power:
+    (1/dt) * integral over [t0,t1) of [i in flight] / c(t) dt. Sums to the busy fraction (<= 1)."""
+    dt = t1 - t0
+    if dt <= 0 or not reqs:
+        return {r.rid: 0.0 for r in reqs}
+    spans = []
+    for r in reqs:
+        a = max(r.start_ns, t0)
+        b = t1 if r.end_ns is None else min(r.end_ns, t1)
+        spans.append((r.rid, a, max(a, b)))
+    bounds = sorted({t0, t1, *(a for _, a, _ in spans), *(b for _, _, b in spans)})
+    starts = sorted(a for _, a, b in spans if b > a)
+    ends = sorted(b for _, a, b in spans if b > a)
+    # cumulative integral of 1/c(t) at each bound
+    cum = [0.0]
+    for lo, hi in zip(bounds, bounds[1:]):
+        c = bisect.bisect_right(starts, lo) - bisect.bisect_right(ends, lo)
+        cum.append(cum[-1] + ((hi - lo) / c if c > 0 else 0.0))
+    out = {}
+    for rid, a, b in spans:
+        out[rid] = (cum[bisect.bisect_left(bounds, b)] - cum[bisect.bisect_left(bounds, a)]) / dt if b > a else 0.0
+    return out
+
+
+@dataclass
+class TickSplit:
+    """Result of splitting one tick: joules per request and the idle part."""
+
+    dE: float
+    idle: float                          # idle_k (J), includes what went into requests' full energy
+    active: dict[str, float]             # rid -> active J
+    idle_by_request: dict[str, float]    # rid -> idle J (part of full)
+    forced: bool = False
+
+    @property
+    def idle_unattributed(self) -> float:
+        return self.idle - sum(self.idle_by_request.values())
+
+
+def split_tick(t0: int, t1: int, dE: float, reqs: list[ReqView], idle_watts: float,
+               method: str = TOKEN_WEIGHTED, prefill_weight: float = 1.0, forced: bool = False) -> TickSplit:
+    """Split one tick's energy over the requests overlapping it (see the module docstring).
+    Raises Deferred when a needed weight is not known yet and ``forced`` is False."""
+    dE = max(0.0, dE)
+    inflight = [r for r in reqs if r.overlaps(t0, t1)]
+    if not inflight:
+        return TickSplit(dE, dE, {}, {}, forced)
+    dt_s = (t1 - t0) / 1e9
+    idle = idle_share_joules(dE, idle_watts, dt_s)
+    active = dE - idle
+    raw: dict[str, float | None] = {}
+    for r in inflight:
+        raw[r.rid] = request_weight(r, t0, t1, method, prefill_weight, forced)
+    known = [w for w in raw.values() if w is not None]
+    mean = (sum(known) / len(known)) if known and sum(known) > 0 else 1.0
+    weights = {rid: (mean if w is None else max(0.0, w)) for rid, w in raw.items()}
+    if sum(weights.values()) <= 0:
+        weights = {r.rid: float(r.overlap_ns(t0, t1)) for r in inflight}
+    if sum(weights.values()) <= 0:
+        weights = {r.rid: 1.0 for r in inflight}
+    shares = split_weights(active, weights)
+    time_share = idle_time_shares(inflight, t0, t1)
+    idle_by = {rid: idle * f for rid, f in time_share.items()}
+    return TickSplit(dE, idle, shares, idle_by, forced)

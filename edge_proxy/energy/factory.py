@@ -1,0 +1,162 @@
+"""Assembly of the energy component from settings: source -> sampler thread -> ledger -> observer,
+Prometheus collector, aiohttp start/stop hooks.
+
+``energy.source``: ``auto`` (nvml when NVML initialises, else estimated; logged at start-up),
+``nvml``, ``remote`` (``energy.remote_url``, default: the proxy's backend URL), ``replay``
+(``energy.replay_path``), ``estimated`` (``energy.estimated_watts`` per busy CPU core), ``none``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from edge_proxy.config import ConfigError, EnergySettings, Settings
+from edge_proxy.energy.apportion import METHODS
+from edge_proxy.energy.estimated_source import EstimatedReader
+from edge_proxy.energy.exporter import register_energy_metrics
+from edge_proxy.energy.ledger import Ledger
+from edge_proxy.energy.observer import EnergyObserver
+from edge_proxy.energy.readings import EnergyReader, ReaderError, Tick
+from edge_proxy.energy.sampler import Sampler
+
+log = logging.getLogger("edge_proxy.energy")
+
+SOURCES = ("auto", "nvml", "remote", "replay", "estimated", "none")
+
+
+def validate(es: EnergySettings) -> None:
+    if es.source not in SOURCES:
+        raise ConfigError(f"energy.source must be one of {', '.join(SOURCES)}, got {es.source!r}")
+    if not es.period_seconds > 0:
+        raise ConfigError(f"energy.period_seconds must be > 0, got {es.period_seconds}")
+    if es.attribution not in METHODS:
+        raise ConfigError(f"energy.attribution must be one of {', '.join(METHODS)}, got {es.attribution!r}")
+    if es.idle_watts is not None and es.idle_watts < 0:
+        raise ConfigError(f"energy.idle_watts must be >= 0, got {es.idle_watts}")
+    if es.prefill_weight < 0:
+        raise ConfigError(f"energy.prefill_weight must be >= 0, got {es.prefill_weight}")
+    if not es.estimated_watts > 0:
+        raise ConfigError(f"energy.estimated_watts must be > 0, got {es.estimated_watts}")
+    if es.ring_size < 2:
+        raise ConfigError(f"energy.ring_size must be >= 2, got {es.ring_size}")
+    if es.source == "replay" and not es.replay_path:
+        raise ConfigError("energy.source=replay needs energy.replay_path (a trace from `edge-proxy record`)")
+
+
+def make_reader(settings: Settings) -> tuple[EnergyReader, str]:
+    """The configured reader and a one-line note on how it was chosen. Raises ConfigError."""
+    es = settings.energy
+    uuids = list(es.gpu_uuids)
+    try:
+        if es.source == "auto":
+            from edge_proxy.energy.nvml_source import NvmlReader
+            try:
+                r: EnergyReader = NvmlReader(uuids or None)
+                return r, f"auto -> nvml ({len(r.gpu_uuids)} GPU(s): {', '.join(r.gpu_uuids)})"
+            except ReaderError as exc:
+                return EstimatedReader(es.estimated_watts), (
+                    f"auto -> estimated ({exc}; modelled as busy CPU seconds x {es.estimated_watts:g} W, "
+                    "labelled source=\"estimated\")")
+        if es.source == "nvml":
+            from edge_proxy.energy.nvml_source import NvmlReader
+            r = NvmlReader(uuids or None)
+            return r, f"nvml ({len(r.gpu_uuids)} GPU(s): {', '.join(r.gpu_uuids)})"
+        if es.source == "remote":
+            from edge_proxy.energy.remote_source import RemoteReader
+            url = es.remote_url or settings.proxy.backend_url
+            return RemoteReader(url, uuids or None, timeout_seconds=max(0.5, 5 * es.period_seconds)), \
+                f"remote (polling {url.rstrip('/')}/energy)"
+        if es.source == "replay":
+            from edge_proxy.energy.replay_source import ReplayReader
+            assert es.replay_path
+            return ReplayReader(es.replay_path, mode="realtime", loop=True, gpu_uuids=uuids or None), \
+                f"replay ({es.replay_path}, real time, looping)"
+        if es.source == "estimated":
+            return EstimatedReader(es.estimated_watts), \
+                f"estimated (busy CPU seconds x {es.estimated_watts:g} W; not a measurement)"
+    except ReaderError as exc:
+        raise ConfigError(f"energy source {es.source}: {exc}") from None
+    raise ConfigError(f"energy.source {es.source!r} is not supported")
+
+
+@dataclass
+class EnergyComponent:
+    """What the proxy holds: the running parts plus queries for other components (cold start)."""
+
+    source: str
+    note: str
+    sampler: Sampler
+    ledger: Ledger
+    observer: EnergyObserver
+
+    def start(self) -> None:
+        log.info("energy source: %s", self.note)
+        print(f"edge-proxy: energy source: {self.note}", file=sys.stderr, flush=True)
+        self.sampler.add_listener(self.ledger.add_tick)
+        self.sampler.start()
+
+    def stop(self) -> None:
+        self.sampler.stop()
+        self.ledger.flush()
+
+    async def on_startup(self, app: Any) -> None:
+        self.start()
+
+    async def on_cleanup(self, app: Any) -> None:
+        self.stop()
+
+    # queries used by the cold-start component (duck-typed there)
+    @property
+    def idle_watts(self) -> float | None:
+        w = self.ledger.idle_watts
+        return w if w > 0 else None
+
+    def ticks_between(self, a_ns: int, b_ns: int) -> list[Tick]:
+        return self.sampler.ticks_between(a_ns, b_ns)
+
+    def joules_between(self, a_ns: int, b_ns: int, min_coverage: float = 0.5) -> float | None:
+        """Measured joules in [a_ns, b_ns), edge ticks pro-rated by overlap; None when the ticks
+        cover less than ``min_coverage`` of the window."""
+        if b_ns <= a_ns:
+            return None
+        joules, covered = 0.0, 0
+        for t in self.ticks_between(a_ns, b_ns):
+            lo, hi = max(a_ns, t.t0_ns), min(b_ns, t.t1_ns)
+            if hi > lo and t.t1_ns > t.t0_ns:
+                joules += t.joules * (hi - lo) / (t.t1_ns - t.t0_ns)
+                covered += hi - lo
+        return joules if covered >= min_coverage * (b_ns - a_ns) else None
+
+
+def create_energy(settings: Settings, registry: CollectorRegistry) -> EnergyComponent | None:
+    """Build the energy component (not started). None when ``energy.source`` is ``none``."""
+    es = settings.energy
+    validate(es)
+    if es.source == "none":
+        return None
+    reader, note = make_reader(settings)
+    sampler = Sampler(reader, es.period_seconds, es.ring_size)
+    ledger = Ledger(idle_watts=es.idle_watts, prefill_weight=es.prefill_weight, method=es.attribution,
+                    max_defer_seconds=getattr(es, "max_defer_seconds", 30.0),
+                    max_pending_ticks=es.ring_size)
+    histogram = register_energy_metrics(registry, ledger, sampler)
+    observer = EnergyObserver(ledger, reader.source, es.period_seconds, histogram)
+    return EnergyComponent(reader.source, note, sampler, ledger, observer)
+
+
+def attach_energy(runtime: Any) -> EnergyComponent | None:
+    """``build_proxy`` hook: create the component, add its observer (first, so later components
+    see ``rec.energy``), start/stop the sampler with the app, expose it as
+    ``runtime.components["energy"]``."""
+    comp = create_energy(runtime.settings, runtime.registry)
+    if comp is None:
+        return None
+    runtime.observers.insert(0, comp.observer)
+    runtime.components["energy"] = comp
+    runtime.app.on_startup.append(comp.on_startup)
+    runtime.app.on_cleanup.append(comp.on_cleanup)
+    return comp

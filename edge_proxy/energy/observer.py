@@ -1,0 +1,71 @@
+"""The proxy-facing side of the ledger: a RequestObserver that feeds request events into the
+ledger and, in ``finalize``, waits (bounded) for the request's energy to turn final and fills
+``rec.energy``.
+
+A request held by the cold-start gate is in flight from the moment the proxy received it, so it
+carries a share of the ticks it was held through; the cold-start report gives the energy of the
+whole cold start separately.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client import Histogram
+
+from edge_proxy.energy.ledger import Ledger, RequestEnergy
+from edge_proxy.hooks import BaseObserver, EnergyAttribution, RequestRecord
+
+REQUEST_ENERGY_BUCKETS_JOULES = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
+                                 1000.0, 2500.0, 5000.0, 10000.0)
+
+
+def to_attribution(res: RequestEnergy | None, source: str, final: bool | None = None) -> EnergyAttribution:
+    if res is None:
+        return EnergyAttribution(0.0, 0.0, source, "token-weighted", True)
+    return EnergyAttribution(active_joules=max(0.0, res.active_joules), full_joules=max(0.0, res.full_joules),
+                             source=source, attribution=res.attribution,
+                             provisional=not (res.final if final is None else final))
+
+
+class EnergyObserver(BaseObserver):
+    def __init__(self, ledger: Ledger, source: str, period_seconds: float,
+                 histogram: Histogram | None = None, finalize_wait_seconds: float | None = None) -> None:
+        self.ledger = ledger
+        self.source = source
+        self.period_seconds = period_seconds
+        self.histogram = histogram
+        # the tick after the end closes within about one period; allow for settling and lag,
+        # but stay well inside the proxy's own 5 s finalize bound
+        self.finalize_wait_seconds = (finalize_wait_seconds if finalize_wait_seconds is not None
+                                      else min(4.0, max(1.0, 10 * period_seconds)))
+        self._poll = max(0.005, min(0.05, period_seconds / 4))
+
+    def on_request_start(self, rec: RequestRecord) -> None:
+        self.ledger.start(rec.request_id, rec.t_received_ns or time.monotonic_ns(), rec.model, rec.stream)
+        self.ledger.set_prompt_tokens(rec.request_id, rec.input_tokens)
+
+    def on_tokens(self, rec: RequestRecord, n: int, t_ns: int) -> None:
+        self.ledger.tokens(rec.request_id, n, t_ns, rec.input_tokens)
+
+    def on_request_end(self, rec: RequestRecord) -> None:
+        now = time.monotonic_ns()
+        self.ledger.set_model(rec.request_id, rec.model)
+        self.ledger.end(rec.request_id, rec.t_end_ns or now, prompt_tokens=rec.input_tokens,
+                        output_tokens=rec.output_tokens, now_ns=now)
+
+    def provisional(self, rec: RequestRecord) -> EnergyAttribution:
+        """Energy as known now (pending ticks split as if now, plus the untracked tail)."""
+        return to_attribution(self.ledger.estimate(rec.request_id, time.monotonic_ns()), self.source)
+
+    async def finalize(self, rec: RequestRecord) -> None:
+        deadline = time.monotonic() + self.finalize_wait_seconds
+        while not self.ledger.is_final(rec.request_id) and time.monotonic() < deadline:
+            await asyncio.sleep(self._poll)
+        final = self.ledger.is_final(rec.request_id)
+        res = self.ledger.release(rec.request_id) if final else self.ledger.estimate(rec.request_id, time.monotonic_ns())
+        if not final:
+            self.ledger.release(rec.request_id)     # the ledger forgets it once it turns final
+        rec.energy = to_attribution(res, self.source, final)
+        if self.histogram is not None and rec.traffic == "user":
+            self.histogram.labels(model=rec.model).observe(rec.energy.full_joules)

@@ -1,0 +1,69 @@
+"""Value types shared by the energy sources, the sampler and the ledger.
+
+All times are local ``time.monotonic_ns()`` values (nanoseconds). Energy counters are cumulative
+millijoules (NVML's unit); tick energies are joules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One read of every configured GPU's cumulative energy counter.
+
+    ``energy_mj`` maps GPU UUID to the counter (mJ since driver load, or the source's own origin).
+    A GPU missing from ``energy_mj`` failed to read this time. ``error`` set means the whole read
+    failed (the sampler logs it once and records a gap).
+    """
+
+    t_ns: int
+    energy_mj: dict[str, int] = field(default_factory=dict)
+    power_w: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Energy measured between two consecutive readings: [t0_ns, t1_ns).
+
+    ``joules`` is the sum over GPUs after clamping (a counter that went down contributes 0 J and
+    sets ``gap``). ``gap`` also marks a tick that spans failed reads.
+    """
+
+    t0_ns: int
+    t1_ns: int
+    joules: float
+    joules_by_gpu: dict[str, float]
+    gap: bool = False
+
+    @property
+    def dt_seconds(self) -> float:
+        return (self.t1_ns - self.t0_ns) / 1e9
+
+
+class ReaderError(Exception):
+    """A source could not be initialised (bad UUID, no NVML, unreadable trace)."""
+
+
+class EnergyReader(Protocol):
+    """What the sampler thread polls. ``read`` may block (it runs on the sampler thread only)."""
+
+    source: str
+    gpu_uuids: list[str]
+
+    def read(self) -> list[Reading]: ...
+
+    def close(self) -> None: ...
+
+
+def counter_delta_joules(prev_mj: int, cur_mj: int) -> tuple[float, bool]:
+    """Energy between two cumulative counter values.
+
+    Formula: ``dE = (cur_mj - prev_mj) / 1000`` joules. A counter that went down (driver reload,
+    reset or wrap) is clamped: ``dE = 0`` and the second value is ``True`` (a gap).
+    """
+    if cur_mj < prev_mj:
+        return 0.0, True
+    return (cur_mj - prev_mj) / 1000.0, False
