@@ -1,0 +1,113 @@
+"""``model-server`` command line: ``synth`` (offline model directories) and ``serve`` (HTTP server)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+QUANTIZATIONS = ("none", "fp16", "bf16", "nf4", "int8", "gptq")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="model-server",
+        description="A small transformers model server (TGI + OpenAI APIs) and an offline model builder.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    synth = sub.add_parser(
+        "synth", help="build a model directory with a public model's shape and random weights (offline)",
+        description="Build a model directory offline: the preset's real architecture and shape, random "
+                    "weights from the seed, a byte-level BPE tokenizer trained on local text, a chat "
+                    "template, generation_config.json, and \"edge_eval_synthetic\": true in config.json.")
+    synth.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
+    synth.add_argument("--preset", default="tiny", choices=("tiny", "llama-3.2-1b", "qwen2.5-0.5b"),
+                       help="model shape (default: tiny)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    serve = sub.add_parser(
+        "serve", help="serve a model over the TGI and OpenAI HTTP APIs",
+        description="Serve a local Hugging Face model directory (or a hub id where the network allows). "
+                    "The server listens at once; GET /health turns 200 when the model is ready.")
+    serve.add_argument("model", metavar="MODEL", help="local model directory or hub id")
+    serve.add_argument("--port", type=_port, default=8080, help="TCP port (default: 8080; 0 = any free)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="auto = cuda when available (default: auto)")
+    serve.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                       help="none = the checkpoint's dtype; nf4/int8 via bitsandbytes; gptq needs a "
+                            "pre-quantized checkpoint and gptqmodel+optimum (default: none)")
+    serve.add_argument("--max-batch", type=_positive_int, default=32,
+                       help="most requests decoded together (default: 32)")
+    serve.add_argument("--max-concurrent-requests", type=_positive_int, default=256,
+                       help="requests handled at once before answering 429 (default: 256)")
+    serve.add_argument("--engine", default="auto", choices=("auto", "fast", "transformers"),
+                       help="auto = fast on CUDA when available, else transformers (default: auto)")
+    serve.add_argument("--model-name", default=None,
+                       help="model name reported by the APIs (default: the MODEL argument's basename)")
+    serve.add_argument("--max-input-tokens", type=_positive_int, default=None,
+                       help="longest accepted prompt (default: the model's context minus 1)")
+    serve.add_argument("--max-total-tokens", type=_positive_int, default=None,
+                       help="longest prompt + completion (default: min(model context, 4096))")
+    serve.add_argument("--max-new-tokens-default", type=_positive_int, default=20,
+                       help="max_new_tokens when a TGI request gives none (default: 20)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds SIGTERM waits for in-flight requests (default: 30)")
+    serve.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "synth":
+        from model_server.synth import SynthError, synthesize
+
+        try:
+            out = synthesize(args.out_dir, args.preset, seed=args.seed,
+                             show_progress=not args.quiet and sys.stderr.isatty())
+        except SynthError as exc:
+            print(f"model-server synth: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"model-server synth: error: {exc.strerror or exc}: {exc.filename or args.out_dir}",
+                  file=sys.stderr)
+            return 2
+        print(out)
+        return 0
+    if args.command == "serve":
+        from model_server.server import ServeError, run_server
+
+        try:
+            return run_server(args)
+        except ServeError as exc:
+            print(f"model-server serve: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+    parser.print_help()
+    return 2

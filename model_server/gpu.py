@@ -1,0 +1,81 @@
+"""GPU identity and energy counters for the model server (NVML through nvidia-ml-py, imported lazily).
+
+CUDA device indices are not NVML indices (CUDA_VISIBLE_DEVICES, PCI ordering): devices are matched by
+UUID. Every function degrades to ``None``/empty when NVML or a GPU is missing.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+from typing import Any
+
+log = logging.getLogger("model_server.gpu")
+
+
+def _nvml():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # no library, no driver, no GPU
+        return None
+
+
+def normalize_uuid(raw: Any) -> str | None:
+    """torch reports ``uuid`` without NVML's ``GPU-`` prefix; NVML wants it."""
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if not text:
+        return None
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def describe_devices(device_type: str, indices: list[int] | None = None) -> list[dict[str, Any]]:
+    """``[{type, index, name, uuid}]`` for the devices a model lives on."""
+    if device_type != "cuda":
+        name = platform.processor() or platform.machine() or "cpu"
+        return [{"type": "cpu", "index": 0, "name": name, "uuid": None}]
+    import torch
+
+    out = []
+    for i in indices if indices is not None else range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        out.append({"type": "cuda", "index": i, "name": props.name,
+                    "uuid": normalize_uuid(getattr(props, "uuid", None))})
+    return out
+
+
+def energy_millijoules(uuids: list[str]) -> dict[str, int] | None:
+    """Cumulative energy counter (mJ since driver load) per GPU UUID, or None without NVML."""
+    if not uuids:
+        return None
+    nvml = _nvml()
+    if nvml is None:
+        return None
+    out: dict[str, int] = {}
+    try:
+        for uuid in uuids:
+            handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
+            out[uuid] = int(nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+    except Exception as exc:  # unsupported counter (pre-Volta), MIG, driver error
+        log.warning("NVML energy counter unavailable: %s", exc)
+        return None
+    return out
+
+
+def energy_delta_joules(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
+    """Sum over GPUs of (after - before) in joules; None when either read failed.
+
+    A counter that went backwards (driver reload) contributes 0 rather than a negative value.
+    """
+    if not before or not after:
+        return None
+    total_mj = 0
+    for uuid, start in before.items():
+        end = after.get(uuid)
+        if end is None:
+            return None
+        total_mj += max(0, end - start)
+    return total_mj / 1000.0

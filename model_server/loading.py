@@ -1,0 +1,250 @@
+"""Load a model + tokenizer through transformers 5 and describe it as loaded (weights, dtype, devices).
+
+Quantization choices:
+* ``none``: the checkpoint's own dtype (or its own pre-quantized format, e.g. a GPTQ checkpoint);
+* ``fp16`` / ``bf16``: cast on load;
+* ``nf4``: bitsandbytes 4-bit NF4 with double quantization (the paper's INT4 path);
+* ``int8``: bitsandbytes LLM.int8();
+* ``gptq``: a pre-quantized GPTQ checkpoint through gptqmodel + optimum (auto-gptq cannot import
+  with transformers 5; see docs/model_server.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("model_server.loading")
+
+
+class LoadError(Exception):
+    """A one-line, user-facing load failure."""
+
+
+@dataclass
+class LoadedModel:
+    """What an engine needs, plus what /info reports. Engines get this object."""
+
+    model: Any                       # a transformers PreTrainedModel (causal LM), eval mode
+    tokenizer: Any                   # a transformers tokenizer
+    model_id: str                    # the MODEL argument
+    device_type: str                 # "cpu" | "cuda"
+    dtype: str                       # compute dtype name, e.g. "bfloat16"
+    quantization: str                # none|fp16|bf16|nf4|int8|gptq
+    architecture: str                # e.g. "LlamaForCausalLM"
+    parameters: int                  # logical parameter count (unpacked)
+    weight_bytes: int                # bytes of parameters + persistent buffers as loaded
+    context_length: int              # max_position_embeddings (or tokenizer limit)
+    eos_token_ids: list[int] = field(default_factory=list)
+    synthetic: bool = False
+    devices: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def device(self):
+        return self.model.device
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise LoadError("--device cuda requested but torch sees no CUDA device")
+    return requested
+
+
+def _read_local_config(model_id: str) -> dict[str, Any] | None:
+    path = Path(model_id) / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LoadError(f"cannot read {path}: {exc}") from None
+    return None
+
+
+def check_model_argument(model_id: str) -> None:
+    """Fail fast (before listening) on a MODEL that can't possibly load."""
+    path = Path(model_id)
+    looks_local = model_id.startswith((".", "/", "~")) or path.exists() or model_id.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise LoadError(f"model directory not found: {model_id}")
+        if not (path / "config.json").is_file():
+            raise LoadError(f"{model_id} has no config.json (not a Hugging Face model directory)")
+
+
+def _bnb_compute_dtype(device_type: str):
+    import torch
+
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def _quantization_kwargs(quantization: str, device_type: str, config: dict[str, Any] | None) -> dict[str, Any]:
+    import torch
+
+    existing = (config or {}).get("quantization_config") or {}
+    method = str(existing.get("quant_method", "")).lower()
+    if quantization == "none":
+        return {"dtype": "auto"}
+    if quantization == "fp16":
+        return {"dtype": torch.float16}
+    if quantization == "bf16":
+        return {"dtype": torch.bfloat16}
+    if quantization in ("nf4", "int8"):
+        if method:
+            raise LoadError(f"the checkpoint is already quantized ({method}); serve it with --quantization none")
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as exc:
+            raise LoadError(f"--quantization {quantization} needs bitsandbytes ({exc})") from None
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "nf4":
+            compute = _bnb_compute_dtype(device_type)
+            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True)
+            return {"quantization_config": qc, "dtype": compute}
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True),
+                "dtype": torch.float16 if device_type == "cuda" else torch.bfloat16}
+    if quantization == "gptq":
+        if method != "gptq":
+            raise LoadError("--quantization gptq needs a pre-quantized GPTQ checkpoint "
+                            "(config.json quantization_config.quant_method == 'gptq')")
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+        missing = []
+        for mod in ("gptqmodel", "optimum"):
+            try:
+                __import__(mod)
+            except Exception:
+                missing.append(mod)
+        if missing:
+            raise LoadError(f"--quantization gptq needs {' and '.join(missing)} "
+                            "(pip install 'edge-eval[gptq]'; auto-gptq does not work with transformers 5)")
+        return {"dtype": torch.float16 if device_type == "cuda" else torch.float32}
+    raise LoadError(f"unknown quantization {quantization!r}")
+
+
+def _tensor_bytes(t) -> int:
+    return int(t.numel()) * int(t.element_size())
+
+
+def measure_weight_bytes(model) -> int:
+    """Bytes of every parameter and persistent buffer as stored, counted once per storage.
+
+    Quantized layers count what they really hold: bitsandbytes 4-bit packed uint8 data plus its
+    quantization state (absmax, nested absmax/code), int8 data plus scales, GPTQ qweight/qzeros/scales.
+    """
+    import torch
+
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def add(t) -> None:
+        nonlocal total
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        key = (t.data_ptr(), t.numel())
+        if key in seen:
+            return
+        seen.add(key)
+        total += _tensor_bytes(t)
+
+    def add_quant_state(qs) -> None:
+        if qs is None:
+            return
+        for attr in ("absmax", "code"):
+            add(getattr(qs, attr, None))
+        add_quant_state(getattr(qs, "state2", None))
+
+    for module in model.modules():
+        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        for p in module.parameters(recurse=False):
+            add(p)
+            add_quant_state(getattr(p, "quant_state", None))
+            add(getattr(p, "SCB", None))
+        for name, b in module.named_buffers(recurse=False):
+            if name not in non_persistent:
+                add(b)
+        add(getattr(module, "SCB", None))
+    return total
+
+
+def count_parameters(model, config: dict[str, Any] | None) -> int:
+    """Logical parameter count (what the unquantized model would have), tied weights counted once."""
+    import torch
+
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.for_model(**{k: v for k, v in model.config.to_dict().items()
+                                      if k != "quantization_config"})
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(cfg)
+        return int(sum(p.numel() for p in meta.parameters()))
+    except Exception:  # unusual architectures: fall back to counting what is loaded
+        return int(sum(p.numel() for p in model.parameters()))
+
+
+def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
+    """Load ``model_id`` (local dir or hub id) on ``device`` ("cpu"/"cuda") with ``quantization``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = _read_local_config(model_id)
+    kwargs = _quantization_kwargs(quantization, device, config)
+    t0 = time.monotonic()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+    except Exception as exc:
+        raise LoadError(f"cannot load tokenizer from {model_id}: {str(exc).splitlines()[0][:300]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, device_map=device, **kwargs)
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(f"cannot load model from {model_id}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+    model.eval()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    log.info("loaded %s in %.2f s", model_id, time.monotonic() - t0)
+
+    cfg = model.config
+    qcfg = getattr(cfg, "quantization_config", None)
+    if quantization == "none" and qcfg is not None:
+        qdict = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+        reported_q = str(qdict.get("quant_method", "none")).lower()
+        if reported_q == "bitsandbytes":
+            reported_q = "nf4" if qdict.get("load_in_4bit") else "int8"
+    else:
+        reported_q = quantization
+    if reported_q in ("nf4",):
+        dtype = str(getattr(getattr(model, "config", None), "dtype", model.dtype)).replace("torch.", "")
+    else:
+        dtype = str(model.dtype).replace("torch.", "")
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    ctx = int(getattr(cfg, "max_position_embeddings", 0) or 0) or int(min(tokenizer.model_max_length, 1 << 20))
+    indices = None
+    if device == "cuda":
+        indices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    from model_server.gpu import describe_devices
+
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, model_id=model_id, device_type=device, dtype=dtype,
+        quantization=reported_q, architecture=(cfg.architectures or [type(model).__name__])[0],
+        parameters=count_parameters(model, config), weight_bytes=measure_weight_bytes(model),
+        context_length=ctx, eos_token_ids=eos_ids,
+        synthetic=bool((config or {}).get("edge_eval_synthetic", False)),
+        devices=describe_devices(device, indices),
+    )

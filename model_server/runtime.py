@@ -1,0 +1,102 @@
+"""Server state shared by the routes: lifecycle state, the loaded model, the engine, limits, metrics."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from model_server import __version__ as VERSION
+from model_server.engines.base import Engine
+from model_server.generation import ApiError
+from model_server.loading import LoadedModel
+from model_server.metrics import ServerMetrics
+
+STATES = ("starting", "loading", "warming", "ready", "draining", "failed")
+
+
+@dataclass
+class Limits:
+    max_batch: int
+    max_concurrent_requests: int
+    max_input_tokens: int | None = None     # resolved once the model is loaded
+    max_total_tokens: int | None = None
+    max_new_tokens_default: int = 20
+
+
+@dataclass
+class Runtime:
+    model_id: str
+    served_name: str
+    engine_name: str                         # requested engine (auto|fast|transformers) until resolved
+    limits: Limits
+    state: str = "starting"
+    loaded: LoadedModel | None = None
+    engine: Engine | None = None
+    in_flight: int = 0
+    startup: dict[str, float | None] = field(default_factory=lambda: {
+        "process_start": None, "load_start": None, "load_end": None, "warmup_end": None, "ready": None})
+    load_energy_joules: float | None = None
+    error: str | None = None
+    metrics: ServerMetrics = field(init=False)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(lambda: self.engine.stats() if self.engine is not None else None)
+
+    # ------------------------------------------------------------------ helpers
+    def set_state(self, state: str) -> None:
+        assert state in STATES, state
+        self.state = state
+        if state == "ready":
+            self.startup["ready"] = time.time()
+        self.metrics.ready.set(1 if state == "ready" else 0)
+
+    def names(self) -> set[str]:
+        import os
+
+        names = {self.served_name, self.model_id, os.path.basename(self.model_id.rstrip("/"))}
+        return {n for n in names if n}
+
+    def check_ready(self) -> None:
+        """Raise a 503 ApiError unless the server can take a generate request now."""
+        if self.state != "ready" or self.engine is None or self.loaded is None:
+            why = {"draining": "server is shutting down"}.get(self.state, f"model is not ready ({self.state})")
+            raise ApiError(503, why, kind="unavailable")
+        if self.in_flight >= self.limits.max_concurrent_requests:
+            raise ApiError(429, f"too many concurrent requests (limit {self.limits.max_concurrent_requests})",
+                           kind="overloaded")
+
+    def info(self) -> dict[str, Any]:
+        lm = self.loaded
+        return {
+            "model_id": self.served_name,
+            "model_path": self.model_id,
+            "model_sha": None,
+            "model_dtype": lm.dtype if lm else None,
+            "model_device_type": lm.device_type if lm else None,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": self.limits.max_concurrent_requests,
+            "max_best_of": 1,
+            "max_stop_sequences": 16,
+            "max_input_tokens": self.limits.max_input_tokens,
+            "max_input_length": self.limits.max_input_tokens,
+            "max_total_tokens": self.limits.max_total_tokens,
+            "max_batch_size": self.limits.max_batch,
+            "version": VERSION,
+            "router": "edge-eval model-server",
+            "state": self.state,
+            "ready": self.state == "ready",
+            "error": self.error,
+            "architecture": lm.architecture if lm else None,
+            "parameters": lm.parameters if lm else None,
+            "weight_bytes": lm.weight_bytes if lm else None,
+            "quantization": lm.quantization if lm else None,
+            "dtype": lm.dtype if lm else None,
+            "engine": self.engine.name if self.engine is not None else None,
+            "devices": lm.devices if lm else [],
+            "synthetic": lm.synthetic if lm else None,
+            "context_length": lm.context_length if lm else None,
+            "startup": dict(self.startup),
+            "load_energy_joules": self.load_energy_joules,
+        }

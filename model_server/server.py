@@ -1,0 +1,296 @@
+"""``model-server serve``: the aiohttp app, startup (listen first, then load), and SIGTERM draining.
+
+Engine selection: ``--engine auto`` uses the fast engine on CUDA when ``model_server.engines.fast``
+imports (its ``from_loaded(loaded, max_batch=, max_total_tokens=)`` builds it), else transformers'
+continuous batching (``model_server.engines.transformers_engine``).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from model_server import api_openai, api_tgi
+from model_server.engines.base import Engine
+from model_server.runtime import Limits, Runtime
+
+log = logging.getLogger("model_server")
+
+DEFAULT_MAX_TOTAL_TOKENS = 4096
+
+
+class ServeError(Exception):
+    """A one-line, user-facing startup failure."""
+
+
+def process_start_epoch() -> float:
+    try:
+        import psutil
+
+        return float(psutil.Process(os.getpid()).create_time())
+    except Exception:
+        return time.time()
+
+
+def build_app(runtime: Runtime) -> web.Application:
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app["runtime"] = runtime
+
+    async def health(_r: web.Request) -> web.Response:
+        if runtime.state == "ready":
+            return web.json_response({"status": "ok", "state": runtime.state})
+        return web.json_response({"status": "unavailable", "state": runtime.state}, status=503)
+
+    async def info(_r: web.Request) -> web.Response:
+        return web.json_response(runtime.info())
+
+    async def metrics(_r: web.Request) -> web.Response:
+        body = generate_latest(runtime.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def tgi_generate(r: web.Request) -> web.StreamResponse:
+        return await api_tgi.handle(r, runtime, "generate")
+
+    async def tgi_stream(r: web.Request) -> web.StreamResponse:
+        return await api_tgi.handle(r, runtime, "stream")
+
+    async def tgi_root(r: web.Request) -> web.StreamResponse:
+        return await api_tgi.handle(r, runtime, "root")
+
+    async def completions(r: web.Request) -> web.StreamResponse:
+        return await api_openai.handle(r, runtime, chat=False)
+
+    async def chat(r: web.Request) -> web.StreamResponse:
+        return await api_openai.handle(r, runtime, chat=True)
+
+    async def models(r: web.Request) -> web.Response:
+        return await api_openai.models(r, runtime)
+
+    @web.middleware
+    async def never_500(request: web.Request, handler) -> web.StreamResponse:
+        """Unexpected exceptions become a JSON error in the route's API format, never a traceback page."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 405 or exc.status == 404:
+                msg = f"{request.method} {request.path}: {exc.reason}"
+                if request.path.startswith("/v1/"):
+                    return web.json_response({"error": {"message": msg, "type": "invalid_request_error",
+                                                        "param": None, "code": None}}, status=exc.status)
+                return web.json_response({"error": msg, "error_type": "validation"}, status=exc.status)
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as exc:  # a bug: log it, answer in the API's format
+            log.exception("internal error on %s %s", request.method, request.path)
+            msg = f"internal error: {type(exc).__name__}"
+            if request.path.startswith("/v1/"):
+                return web.json_response({"error": {"message": msg, "type": "server_error", "param": None,
+                                                    "code": None}}, status=500)
+            return web.json_response({"error": msg, "error_type": "generation"}, status=500)
+
+    app.middlewares.append(never_500)
+    app.router.add_get("/health", health)
+    app.router.add_get("/info", info)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/generate", tgi_generate)
+    app.router.add_post("/generate_stream", tgi_stream)
+    app.router.add_post("/", tgi_root)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+def resolve_engine_name(requested: str, device_type: str) -> str:
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        try:
+            import model_server.engines.fast  # noqa: F401
+
+            return "fast"
+        except Exception as exc:
+            log.info("fast engine not importable (%s); using transformers", exc)
+    return "transformers"
+
+
+def create_engine(name: str, loaded, max_batch: int, max_total_tokens: int) -> Engine:
+    if name == "fast":
+        try:
+            from model_server.engines import fast
+        except Exception as exc:
+            raise ServeError(f"--engine fast is not available: {exc}") from None
+        factory = getattr(fast, "from_loaded", None) or getattr(fast, "create_engine", None)
+        if factory is None:
+            raise ServeError("model_server.engines.fast has no from_loaded()")
+        try:
+            return factory(loaded, max_batch=max_batch, max_total_tokens=max_total_tokens)
+        except Exception as exc:
+            raise ServeError(f"the fast engine cannot serve this model: {exc}") from None
+    from model_server.engines.transformers_engine import TransformersEngine
+
+    return TransformersEngine(loaded, max_batch=max_batch, max_total_tokens=max_total_tokens)
+
+
+async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
+    """Load the model, start the engine, warm up; sets state as it goes. Raises ServeError."""
+    from model_server.gpu import energy_delta_joules, energy_millijoules
+    from model_server.loading import LoadError, load_model, resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except LoadError as exc:
+        raise ServeError(str(exc)) from None
+    runtime.set_state("loading")
+    uuids_before: list[str] = []
+    if device == "cuda":
+        from model_server.gpu import describe_devices
+
+        uuids_before = [d["uuid"] for d in describe_devices("cuda") if d.get("uuid")]
+    e0 = await asyncio.to_thread(energy_millijoules, uuids_before)
+    runtime.startup["load_start"] = time.time()
+    t0 = time.monotonic()
+    try:
+        loaded = await asyncio.to_thread(load_model, args.model, device, args.quantization)
+    except LoadError as exc:
+        raise ServeError(str(exc)) from None
+    runtime.startup["load_end"] = time.time()
+    e1 = await asyncio.to_thread(energy_millijoules, uuids_before)
+    runtime.load_energy_joules = energy_delta_joules(e0, e1)
+    runtime.metrics.load_seconds.set(time.monotonic() - t0)
+    if runtime.load_energy_joules is not None:
+        runtime.metrics.load_energy.set(runtime.load_energy_joules)
+    runtime.metrics.weight_bytes.set(loaded.weight_bytes)
+
+    lim = runtime.limits
+    ctx = loaded.context_length or DEFAULT_MAX_TOTAL_TOKENS
+    lim.max_total_tokens = min(args.max_total_tokens or min(ctx, DEFAULT_MAX_TOTAL_TOKENS), ctx)
+    lim.max_input_tokens = min(args.max_input_tokens or lim.max_total_tokens - 1, lim.max_total_tokens - 1)
+    runtime.loaded = loaded
+
+    engine_name = resolve_engine_name(args.engine, device)
+    engine = create_engine(engine_name, loaded, lim.max_batch, lim.max_total_tokens)
+    runtime.set_state("warming")
+    try:
+        await engine.start()
+        warm = getattr(engine, "warmup", None)
+        if warm is not None and not args.no_warmup:
+            ids = loaded.tokenizer("warm up", add_special_tokens=True)["input_ids"] or [0]
+            await warm(list(ids))
+    except Exception as exc:
+        raise ServeError(f"engine {engine_name} failed to start: {type(exc).__name__}: {exc}") from None
+    runtime.engine = engine
+    runtime.startup["warmup_end"] = time.time()
+    runtime.set_state("ready")
+    log.info("ready: %s (%s, %s, engine %s, %.1f MB of weights)", runtime.served_name, loaded.quantization,
+             loaded.dtype, engine.name, loaded.weight_bytes / 1e6)
+
+
+async def drain(runtime: Runtime, timeout_s: float) -> None:
+    """Refuse new work, let in-flight requests finish (bounded), stop the engine."""
+    runtime.set_state("draining")
+    deadline = time.monotonic() + timeout_s
+    while runtime.in_flight > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if runtime.engine is not None:
+        try:
+            await runtime.engine.stop(drain=True, timeout_s=max(0.1, deadline - time.monotonic()))
+        except Exception as exc:
+            log.warning("engine stop failed: %s", exc)
+
+
+async def serve_async(args: argparse.Namespace) -> int:
+    from model_server.energy_route import register_energy_routes
+
+    runtime = Runtime(model_id=args.model, served_name=args.model_name or args.model,
+                      engine_name=args.engine,
+                      limits=Limits(max_batch=args.max_batch,
+                                    max_concurrent_requests=args.max_concurrent_requests,
+                                    max_new_tokens_default=args.max_new_tokens_default))
+    runtime.startup["process_start"] = process_start_epoch()
+    app = build_app(runtime)
+    gpu_uuids: list[str] = []
+    if args.device in ("auto", "cuda"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                from model_server.gpu import describe_devices
+
+                gpu_uuids = [d["uuid"] for d in describe_devices("cuda") if d.get("uuid")]
+        except Exception:
+            gpu_uuids = []
+    register_energy_routes(app, gpu_uuids)
+
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ServeError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else args.port
+    log.info("listening on http://%s:%s (loading %s)", args.host, port, args.model)
+    print(f"model-server listening on http://{args.host}:{port}", file=sys.stderr, flush=True)
+
+    loop = asyncio.get_running_loop()
+    signals = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, runtime.stopping.set)
+            signals.append(sig)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+    rc = 0
+    load_task = asyncio.create_task(load_and_start(runtime, args))
+    stop_task = asyncio.create_task(runtime.stopping.wait())
+    done, _ = await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if load_task in done:
+        exc = load_task.exception()
+        if exc is not None:
+            runtime.set_state("failed")
+            runtime.error = str(exc)
+            print(f"model-server serve: error: {exc}", file=sys.stderr, flush=True)
+            rc = 1
+        else:
+            await stop_task
+    else:
+        load_task.cancel()
+        with_suppress = (asyncio.CancelledError, Exception)
+        try:
+            await load_task
+        except with_suppress:
+            pass
+    if rc == 0:
+        log.info("stopping: draining %d in-flight request(s)", runtime.in_flight)
+        await drain(runtime, args.drain_timeout)
+    for sig in signals:
+        loop.remove_signal_handler(sig)
+    await runner.cleanup()
+    return rc
+
+
+def run_server(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from model_server.loading import LoadError, check_model_argument
+
+    try:
+        check_model_argument(args.model)
+    except LoadError as exc:
+        raise ServeError(str(exc)) from None
+    try:
+        return asyncio.run(serve_async(args))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,122 @@
+"""Shared fixtures. ADD fixtures with small edits; never rewrite this file.
+
+Model server (issue 2):
+* ``tiny_model_dir`` (session): ``model-server synth DIR --preset tiny --seed 0``.
+* ``model_server`` (session): ``model-server serve tiny_model_dir --port <free> --device cpu``
+  running as a subprocess; yields a :class:`ModelServerProcess` (``.url``, ``.proc``, ``.port``).
+* ``start_model_server(model_dir, *args)``: a context manager for tests that need their own server.
+* helpers ``free_port()`` and ``wait_http_ok(url, timeout)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http_ok(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers 200; raise TimeoutError (or RuntimeError if ``proc`` died)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} was ok")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+                last = resp.status
+        except urllib.error.HTTPError as exc:
+            last = exc.code
+        except (urllib.error.URLError, ConnectionError, OSError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ok after {timeout:.0f} s (last: {last})")
+
+
+@dataclass
+class ModelServerProcess:
+    proc: subprocess.Popen
+    port: int
+    model_dir: str
+    log_path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def start_model_server(model_dir: str, *extra_args: str, ready_timeout: float = 120.0,
+                       wait_ready: bool = True) -> Iterator[ModelServerProcess]:
+    """Run ``model-server serve model_dir --device cpu`` on a free port; stop it (SIGTERM) afterwards."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="model_server_", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "model_server", "serve", str(model_dir), "--port", str(port),
+           "--host", "127.0.0.1", "--device", "cpu", *extra_args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = ModelServerProcess(proc=proc, port=port, model_dir=str(model_dir), log_path=log.name)
+    try:
+        if wait_ready:
+            try:
+                wait_http_ok(f"{server.url}/health", timeout=ready_timeout, proc=proc)
+            except (TimeoutError, RuntimeError) as exc:
+                raise RuntimeError(f"model server did not become ready: {exc}\n{server.log()[-3000:]}") from None
+        yield server
+    finally:
+        server.stop()
+        log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(log.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A ``model-server synth --preset tiny --seed 0`` directory, built once per session."""
+    out = tmp_path_factory.mktemp("tiny_model") / "tiny"
+    subprocess.run([sys.executable, "-m", "model_server", "synth", str(out), "--preset", "tiny",
+                    "--seed", "0", "--quiet"], check=True, capture_output=True, timeout=300)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def model_server(tiny_model_dir) -> Iterator[ModelServerProcess]:
+    """One tiny-model server for the whole session (CPU, transformers engine)."""
+    with start_model_server(tiny_model_dir, "--max-batch", "16") as server:
+        yield server
