@@ -233,7 +233,9 @@ class ColdStartGate(BaseObserver):
             self.current.held_max = max(self.current.held_max, len(self._waiters))
         self._ensure_driver()
         try:
-            done, _ = await asyncio.wait({w.fut}, timeout=self.s.max_wait_seconds)
+            # The driver rejects everything held when the cold start passes max wait (so counters
+            # and the 503s agree); this per-request limit is the safety net behind it.
+            done, _ = await asyncio.wait({w.fut}, timeout=self.s.max_wait_seconds + 1.0)
         except asyncio.CancelledError:
             self._remove(w)
             if not w.fut.done():
