@@ -79,10 +79,14 @@ def install(app: web.Application, gate: ColdStartGate | None,
     async def _start(_app: web.Application) -> None:
         await gate.start()
 
+    async def _shutdown(_app: web.Application) -> None:
+        await gate.shutdown()
+
     async def _stop(_app: web.Application) -> None:
         await gate.close()
 
     app.on_startup.append(_start)
+    app.on_shutdown.append(_shutdown)
     app.on_cleanup.append(_stop)
     async def _snapshot(_req: web.Request) -> web.Response:
         return web.json_response(gate.snapshot())

@@ -183,6 +183,15 @@ class ColdStartGate(BaseObserver):
         if self.supervisor is not None and self.s.idle_timeout_seconds:
             self._idle_task = asyncio.create_task(self._idle_loop(), name="coldstart-idle")
 
+    async def shutdown(self) -> None:
+        """Stop holding (app ``on_shutdown``, before the server waits for open handlers): held
+        requests get their 503 now, so the proxy's exit is not delayed by them."""
+        self._closing = True
+        if self._driver is not None and not self._driver.done():
+            self._driver.cancel()
+            await asyncio.gather(self._driver, return_exceptions=True)
+        self._reject_all("hold_timeout", "the proxy is shutting down")
+
     async def close(self) -> None:
         self._closing = True
         for t in (self._idle_task, self._driver):
