@@ -1,0 +1,190 @@
+"""The Grafana dashboard, tested for real: Debian's Prometheus (loading our recording rules,
+scrape_interval 1 s) scrapes a running proxy and the model server it spawned (tiny synthetic
+model, so the traffic includes a real cold start), some mixed traffic goes through the proxy,
+and every panel's PromQL, template variables substituted, returns data without error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from tests.conftest import free_port, wait_http_ok
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
+MODEL = "tiny"
+FEEDBACK_TOKEN = "dash-token"
+# Values substituted for the dashboard's template variables (as Grafana would).
+TEMPLATE = {"$__rate_interval": "15s", "${datasource}": "prometheus", "$model": ".*"}
+
+pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)")
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None,
+          timeout: float = 120.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _prom_query(prom: str, expr: str) -> dict[str, Any]:
+    url = f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())
+
+
+def _panels() -> list[dict[str, Any]]:
+    dash = json.loads((ROOT / "grafana" / "dashboards" / "edge-eval.json").read_text())
+    return [p for p in dash["panels"] if p.get("type") != "row"]
+
+
+def _substitute(expr: str) -> str:
+    for k, v in TEMPLATE.items():
+        expr = expr.replace(k, v)
+    assert "$" not in expr, f"unsubstituted template variable in {expr}"
+    return expr
+
+
+@pytest.fixture
+def stack(tiny_model_dir: str, tmp_path: Path) -> Iterator[dict[str, str]]:
+    backend_port, proxy_port, metrics_port, prom_port = (free_port() for _ in range(4))
+    probes = tmp_path / "golden.jsonl"
+    probes.write_text(json.dumps({"id": "any", "prompt": "Hello", "expected": ".", "checker": "regex",
+                                  "max_tokens": 4}) + "\n")
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "proxy": {"backend_url": f"http://127.0.0.1:{backend_port}", "port": proxy_port,
+                  "metrics_port": metrics_port, "model_name": MODEL, "access_log": None},
+        "energy": {"source": "estimated"},
+        # Prices where self-hosting wins per request (tiny requests on a CPU): N_break is finite.
+        "economics": {"gpu_usd_per_hour": 0.01, "setup_usd": 2.0,
+                      "api_usd_per_million_input_tokens": 30.0, "api_usd_per_million_output_tokens": 60.0, "scores": {MODEL: 0.6},
+                      "reference_scores": {MODEL: 0.62}, "feedback_token": FEEDBACK_TOKEN,
+                      "probes_path": str(probes), "probe_interval_seconds": 1.0},
+        "coldstart": {"spawn": f"{sys.executable} -m model_server serve {tiny_model_dir} "
+                               "--host 127.0.0.1 --port {port} --device cpu --max-batch 8"},
+    }))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(tmp_path / "proxy.log", "w")
+    proxy = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--config", str(cfg)],
+                             stdout=log, stderr=subprocess.STDOUT, env=env)
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
+    (prom_dir / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ROOT / "grafana" / "rules" / "edge-eval.rules.yml")],
+        "scrape_configs": [
+            {"job_name": "edge-proxy", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]},
+            {"job_name": "model-server", "static_configs": [{"targets": [f"127.0.0.1:{backend_port}"]}]},
+        ],
+    }))
+    prom_log = open(tmp_path / "prometheus.log", "w")
+    prom = subprocess.Popen([PROMETHEUS, f"--config.file={prom_dir / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={prom_dir / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"],
+                            stdout=prom_log, stderr=subprocess.STDOUT)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30, proc=proxy)
+        wait_http_ok(f"http://127.0.0.1:{prom_port}/-/ready", timeout=30, proc=prom)
+        yield {"proxy": f"http://127.0.0.1:{proxy_port}", "prom": f"http://127.0.0.1:{prom_port}",
+               "backend": f"http://127.0.0.1:{backend_port}", "log": str(tmp_path / "proxy.log")}
+    finally:
+        _stop(proxy)                # also stops the model server it spawned
+        _stop(prom)
+        log.close()
+        prom_log.close()
+
+
+def _traffic(proxy: str) -> None:
+    # The first request finds no backend: the proxy spawns the model server (a real cold start).
+    status, body = _post(proxy + "/v1/completions", {"model": MODEL, "prompt": "Hello there",
+                                                     "max_tokens": 4}, timeout=180)
+    assert status == 200, body
+    for i in range(6):
+        # Streaming chat (TTFT / ITL histograms), non-streaming completions, TGI generate.
+        status, body = _post(proxy + "/v1/chat/completions", {
+            "model": MODEL, "messages": [{"role": "user", "content": f"Tell me {i}"}],
+            "max_tokens": 6, "stream": True})
+        assert status == 200, body
+        status, body = _post(proxy + "/v1/completions", {"model": MODEL, "prompt": f"Count {i}",
+                                                         "max_tokens": 5},
+                             headers={"x-request-id": f"dash-{i}"})
+        assert status == 200, body
+        status, body = _post(proxy + "/generate", {"inputs": f"Say {i}",
+                                                   "parameters": {"max_new_tokens": 4}})
+        assert status == 200, body
+    status, _ = _post(proxy + "/edge/feedback", {"request_id": "dash-0", "score": 0.9},
+                      headers={"Authorization": f"Bearer {FEEDBACK_TOKEN}"})
+    assert status == 200
+
+
+def test_every_panel_query_returns_data(stack: dict[str, str]) -> None:
+    _traffic(stack["proxy"])
+    queries = [(p["title"], _substitute(t["expr"])) for p in _panels() for t in p["targets"]]
+    assert len(queries) >= 25
+    deadline = time.monotonic() + 45
+    missing: list[str] = []
+    while True:
+        missing, errors = [], []
+        for title, expr in queries:
+            out = _prom_query(stack["prom"], expr)
+            if out.get("status") != "success":
+                errors.append(f"{title}: {expr}: {out.get('error')}")
+            elif not out["data"]["result"]:
+                missing.append(f"{title}: {expr}")
+        assert not errors, "queries failed:\n" + "\n".join(errors)
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert not missing, "panels without data:\n" + "\n".join(missing) + "\n" + Path(stack["log"]).read_text()[-3000:]
+
+    # The five metrics carry real numbers (finite, positive), computed by the recording rules.
+    for expr in ("edge_eval:break_even_requests:ratio_rate5m", "edge_eval:intelligence_per_joule:ratio_rate5m",
+                 "edge_eval:system_density_tokens_per_second_per_gigabyte:rate5m",
+                 "edge_eval:cold_start_tax:ratio", "edge_eval:quantization_fidelity_percent:max"):
+        result = _prom_query(stack["prom"], f'{expr}{{model="{MODEL}"}}')["data"]["result"]
+        assert result, expr
+        value = float(result[0]["value"][1])
+        debug = {e: _prom_query(stack["prom"], e)["data"]["result"] for e in (
+            "edge_eval:requests:rate5m", "edge_eval:api_cost_usd:rate5m", "edge_eval:local_cost_usd:rate5m",
+            "edge_proxy_fixed_cost_usd", "edge_proxy_api_equivalent_cost_usd_total", "edge_proxy_hardware_cost_usd_total", "edge_proxy_energy_cost_usd_total")}
+        assert math.isfinite(value) and value > 0, (expr, value, debug)
+    q_ret = float(_prom_query(stack["prom"], "edge_eval:quantization_fidelity_percent:max")["data"]["result"][0]["value"][1])
+    assert q_ret == pytest.approx(0.6 / 0.62 * 100)
+
+    # The model template variable's query finds the model.
+    url = f"{stack['prom']}/api/v1/label/model/values?" + urllib.parse.urlencode(
+        {"match[]": "edge_proxy_economics_requests_total"})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert MODEL in json.loads(resp.read())["data"]
