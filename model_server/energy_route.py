@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -35,8 +35,10 @@ ENV_SWITCH = "MODEL_SERVER_ENERGY_SAMPLER"      # "off" disables the sampler
 class EnergyService:
     """Lazily started NVML sampler for the /energy route."""
 
-    def __init__(self, gpu_uuids: list[str] | None, period_seconds: float = 0.1, ring_size: int = 1200) -> None:
+    def __init__(self, gpu_uuids: list[str] | None, period_seconds: float = 0.1, ring_size: int = 1200,
+                 reader_factory: Callable[[list[str]], Any] | None = None) -> None:
         self.gpu_uuids = list(gpu_uuids or [])
+        self.reader_factory = reader_factory     # tests: a replay reader (CI has no NVML)
         self.period_seconds = period_seconds
         self.ring_size = ring_size
         self.sampler: Any = None
@@ -61,10 +63,10 @@ class EnergyService:
                 from edge_proxy.energy.nvml_source import NvmlReader
                 from edge_proxy.energy.sampler import Sampler
 
-                reader = NvmlReader(self.gpu_uuids)
+                reader = (self.reader_factory or NvmlReader)(self.gpu_uuids)
                 self.sampler = Sampler(reader, self.period_seconds, self.ring_size)
                 self.sampler.start()
-                self.source = "nvml"
+                self.source = "nvml" if self.reader_factory is None else reader.source
                 self.reason = "ok"
             except Exception as exc:  # noqa: BLE001 - /energy must never fail the server
                 self.reason = str(exc)
@@ -97,9 +99,12 @@ class EnergyService:
         return out
 
 
-def register_energy_routes(app: web.Application, gpu_uuids: list[str] | None = None) -> None:
-    """Add ``GET /energy`` to the model server's app (sampler stopped on app cleanup)."""
-    service = EnergyService(gpu_uuids)
+def register_energy_routes(app: web.Application, gpu_uuids: list[str] | None = None, *,
+                           reader_factory: Callable[[list[str]], Any] | None = None,
+                           period_seconds: float = 0.1) -> None:
+    """Add ``GET /energy`` to the model server's app (sampler stopped on app cleanup).
+    ``reader_factory`` replaces NVML (tests replay a trace); the answer then names that source."""
+    service = EnergyService(gpu_uuids, period_seconds, reader_factory=reader_factory)
     app["energy_service"] = service
 
     async def energy(request: web.Request) -> web.Response:
