@@ -38,9 +38,10 @@ class _EngineCollector:
         g = GaugeMetricFamily("model_server_engine_max_batch_size", "Most requests decoded together")
         g.add_metric([], stats.max_batch_size)
         yield g
-        c = CounterMetricFamily("model_server_engine_steps", "Engine loop steps")
-        c.add_metric([], stats.steps_total)
-        yield c
+        if stats.steps_total:  # engines that don't count steps (transformers) report 0: omit it
+            c = CounterMetricFamily("model_server_engine_steps", "Engine loop steps")
+            c.add_metric([], stats.steps_total)
+            yield c
         c = CounterMetricFamily("model_server_engine_prefill_tokens", "Prompt tokens prefilled by the engine")
         c.add_metric([], stats.prefill_tokens_total)
         yield c

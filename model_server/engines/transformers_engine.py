@@ -86,8 +86,11 @@ class TransformersEngine(Engine):
     def _cb_config(self, sampling: bool):
         try:
             from transformers.generation import ContinuousBatchingConfig
-        except ImportError:  # older transformers: settings travel on the GenerationConfig
-            return None
+        except ImportError:
+            try:
+                from transformers.generation.configuration_utils import ContinuousBatchingConfig
+            except ImportError:  # older transformers: settings travel on the GenerationConfig
+                return None
         kwargs: dict[str, Any] = {"page_size": self.page_size, "max_requests_per_batch": self.max_batch}
         if self.loaded.device_type == "cpu":
             blocks = math.ceil(self.max_batch * self.max_total_tokens / self.page_size)
@@ -246,7 +249,6 @@ class TransformersEngine(Engine):
         state.seen = len(tokens)
         with self._stats_lock:
             self._decode_tokens += len(new)
-            self._steps += 1 if new else 0
         if finished:
             if error or status > _FINISHED:
                 state.queue.put_nowait(TokenEvent(None, finish_reason="error", error=str(error or "failed")))
