@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from edge_proxy.config import ConfigError
 
@@ -25,8 +25,15 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors as one line (``PROG: error: MSG (see --help)``), exit status 2."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="edge-proxy",
         description="Serving-side instrumentation proxy for LLM inference: per-request timeline, "
                     "tokens, energy and cost, exported to Prometheus, OpenTelemetry and a JSON access log.")
