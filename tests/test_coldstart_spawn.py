@@ -5,6 +5,8 @@ request cold-starts a new process, and the proxy's exit takes the backend down."
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -126,5 +128,17 @@ def test_spawn_hold_idle_stop_and_restart(tiny_model_dir: Path) -> None:
         assert pid2 is not None and pid2 != pid1
         assert p.metric("edge_proxy_cold_starts_total", outcome="ready") == 2
         assert wait_until(lambda: len(p.snapshot()["cold_starts"]) == 2, 10)
-    # 5. Proxy shutdown stops the backend.
-    assert wait_until(lambda: not pid_alive(pid2), 15), "backend outlived the proxy"
+
+        # 5. A crash while in use: the supervisor restarts the backend (after its backoff).
+        os.kill(pid2, signal.SIGKILL)
+        assert wait_until(lambda: p.snapshot()["process"]["pid"] not in (None, pid2), 30)
+        pid3 = p.snapshot()["process"]["pid"]
+        assert p.metric("edge_proxy_backend_process_exits_total", outcome="crash") == 1
+        text, headers = _chat(client, 101)       # held if the restart is still loading, else warm
+        assert isinstance(text, str)
+        assert wait_until(lambda: len(p.snapshot()["cold_starts"]) == 3, 30)
+        assert p.snapshot()["cold_starts"][2]["reason"] == "restart"
+        assert p.snapshot()["cold_starts"][2]["outcome"] == "ready"
+    # 6. Proxy shutdown stops the backend.
+    for pid in (pid1, pid2, pid3):
+        assert wait_until(lambda: not pid_alive(pid), 15), "backend outlived the proxy"
