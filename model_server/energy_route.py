@@ -99,13 +99,16 @@ class EnergyService:
         return out
 
 
+ENERGY_SERVICE_KEY = web.AppKey("energy_service", EnergyService)
+
+
 def register_energy_routes(app: web.Application, gpu_uuids: list[str] | None = None, *,
                            reader_factory: Callable[[list[str]], Any] | None = None,
                            period_seconds: float = 0.1) -> None:
     """Add ``GET /energy`` to the model server's app (sampler stopped on app cleanup).
     ``reader_factory`` replaces NVML (tests replay a trace); the answer then names that source."""
     service = EnergyService(gpu_uuids, period_seconds, reader_factory=reader_factory)
-    app["energy_service"] = service
+    app[ENERGY_SERVICE_KEY] = service
 
     async def energy(request: web.Request) -> web.Response:
         try:
