@@ -385,6 +385,13 @@ class ProxyCore:
             rec.error_type = "upstream_status" if resp.status >= 500 else "bad_request"
         out = web.Response(status=resp.status, headers=response_headers(resp.headers), body=data)
         out.headers.update(cold_start_headers(rec))
+        for o in self.observers:   # optional extra headers (energy: x-edge-energy-joules, provisional)
+            extra = getattr(o, "response_headers", None)
+            if extra is not None:
+                try:
+                    out.headers.update(extra(rec))
+                except Exception:  # noqa: BLE001 - never fail a response for a header
+                    pass
         rec.t_end_ns = time.monotonic_ns()
         return out
 

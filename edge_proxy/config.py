@@ -66,6 +66,7 @@ class EnergySettings:
     estimated_watts: float = 65.0
     ring_size: int = 4096
     max_defer_seconds: float = 30.0            # longest a tick waits for a request's prompt-token count
+    response_header: bool = False              # add x-edge-energy-joules (provisional) to non-streaming responses
 
 
 @dataclass

@@ -42,7 +42,8 @@ async def test_proxy_with_replay_source_conserves_energy(model_server):
     settings = load_settings(None, {
         ("proxy", "backend_url"): model_server.url, ("proxy", "port"): 0, ("proxy", "metrics_port"): 0,
         ("proxy", "access_log"): "none", ("energy", "source"): "replay",
-        ("energy", "replay_path"): str(TRACE), ("energy", "period_seconds"): 0.05}, environ={})
+        ("energy", "replay_path"): str(TRACE), ("energy", "period_seconds"): 0.05,
+        ("energy", "response_header"): True}, environ={})
     runtime = build_proxy(settings)
     finals = Finals()
     runtime.observers.append(finals)
@@ -61,10 +62,13 @@ async def test_proxy_with_replay_source_conserves_energy(model_server):
                 n += sum(1 for c in chunk.choices if c.delta.content)
             return n
 
+        headers: list[str] = []
+
         async def completion(i: int) -> int:
-            r = await client.completions.create(model=model, prompt=f"count {i}", max_tokens=6,
-                                                extra_body={"ignore_eos": True})
-            return r.usage.completion_tokens
+            raw = await client.completions.with_raw_response.create(
+                model=model, prompt=f"count {i}", max_tokens=6, extra_body={"ignore_eos": True})
+            headers.append(raw.headers.get("x-edge-energy-joules"))
+            return raw.parse().usage.completion_tokens
 
         async def tgi_stream() -> int:
             return len([r async for r in tgi.generate_stream("tgi says", max_new_tokens=6)])
@@ -77,6 +81,7 @@ async def test_proxy_with_replay_source_conserves_energy(model_server):
         await asyncio.sleep(0.3)             # idle ticks between the rounds
         counts += await one_round()
         assert all(c > 0 for c in counts)
+        assert len(headers) == 4 and all(h is not None and float(h) >= 0 for h in headers)   # provisional J
         await runtime.drain()
         await client.close()
 

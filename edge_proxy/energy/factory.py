@@ -144,7 +144,8 @@ def create_energy(settings: Settings, registry: CollectorRegistry) -> EnergyComp
                     max_defer_seconds=getattr(es, "max_defer_seconds", 30.0),
                     max_pending_ticks=es.ring_size)
     histogram = register_energy_metrics(registry, ledger, sampler)
-    observer = EnergyObserver(ledger, reader.source, es.period_seconds, histogram)
+    observer = EnergyObserver(ledger, reader.source, es.period_seconds, histogram,
+                              response_header=getattr(es, "response_header", False))
     return EnergyComponent(reader.source, note, sampler, ledger, observer)
 
 

@@ -30,8 +30,10 @@ def to_attribution(res: RequestEnergy | None, source: str, final: bool | None = 
 
 class EnergyObserver(BaseObserver):
     def __init__(self, ledger: Ledger, source: str, period_seconds: float,
-                 histogram: Histogram | None = None, finalize_wait_seconds: float | None = None) -> None:
+                 histogram: Histogram | None = None, finalize_wait_seconds: float | None = None,
+                 response_header: bool = False) -> None:
         self.ledger = ledger
+        self.response_header = response_header
         self.source = source
         self.period_seconds = period_seconds
         self.histogram = histogram
@@ -57,6 +59,16 @@ class EnergyObserver(BaseObserver):
     def provisional(self, rec: RequestRecord) -> EnergyAttribution:
         """Energy as known now (pending ticks split as if now, plus the untracked tail)."""
         return to_attribution(self.ledger.estimate(rec.request_id, time.monotonic_ns()), self.source)
+
+    def response_headers(self, rec: RequestRecord) -> dict[str, str]:
+        """``x-edge-energy-joules``: the request's full joules as known when the response is sent
+        (always provisional: the ticks it overlaps have not all closed yet). Non-streaming only."""
+        if not self.response_header:
+            return {}
+        est = self.ledger.estimate(rec.request_id, time.monotonic_ns())
+        if est is None:
+            return {}
+        return {"x-edge-energy-joules": f"{max(0.0, est.full_joules):.3f}"}
 
     async def finalize(self, rec: RequestRecord) -> None:
         deadline = time.monotonic() + self.finalize_wait_seconds
