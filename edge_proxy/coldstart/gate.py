@@ -514,10 +514,7 @@ class ColdStartGate(BaseObserver):
                 continue
             log.info("cold start: no traffic for %g s; stopping the backend (scale to zero)",
                      self.s.idle_timeout_seconds)
-            self._ready = False
-            await sup.stop()
-            self.m.process_exits.labels(outcome="idle_stop").inc()
-            self.m.process_up.set(0)
+            await self.scale_to_zero()
 
     # ------------------------------------------------------------------ finalisation
     async def _finalize(self, cs: ColdStart) -> None:
@@ -607,6 +604,28 @@ class ColdStartGate(BaseObserver):
             span.end(end_time=monotonic_to_epoch_ns(end, pair))
         except Exception:
             log.exception("cold start: span export failed")
+
+    async def scale_to_zero(self) -> bool:
+        """Stop the supervised backend now if nothing is held or in flight (what the idle timer
+        does after ``idle_timeout``). Returns True when a process was stopped."""
+        sup = self.supervisor
+        if sup is None or not sup.running or self._waiters or self.in_flight > 0:
+            return False
+        if self._driver is not None and not self._driver.done():
+            return False
+        self._ready = False
+        await sup.stop()
+        self.m.process_exits.labels(outcome="idle_stop").inc()
+        self.m.process_up.set(0)
+        return True
+
+    def refresh_tax(self) -> dict[str, Any] | None:
+        """Recompute the tax of the last finished cold start from the requests seen so far."""
+        for cs in reversed(self.history):
+            if cs.outcome == "ready":
+                self._update_tax(cs)
+                return cs.to_dict()
+        return None
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able state: pending, ready, process, recent cold starts."""

@@ -1,0 +1,379 @@
+#!/usr/bin/env python
+"""Cold-start benchmark: real cold starts of the model server under the proxy's supervisor.
+
+For each variant (quantization), the proxy runs with ``--spawn`` (the model server starts on the
+first request, as in scale to zero). Each repetition:
+
+1. the backend is stopped (scale to zero), then ``--batch`` requests arrive at once; the first
+   spawns the server, all are held and released when it is ready;
+2. the cold start's phases come from the proxy (hold -> process -> listening -> model load start /
+   end from ``/info`` -> ready -> first token) and its energy from the proxy's energy source
+   (NVML on a GPU; ``estimated`` on CPU, labelled so), plus the server's own ``load_energy_joules``;
+3. warm: ``--warm-requests`` requests at concurrency ``--batch`` give the median request energy and
+   duration (proxy ledger, full attribution) and the batch's energy and time (for the paper's form);
+4. idle: the loaded model sits idle for ``--idle-seconds``; measured energy / time = idle watts.
+
+Reported per variant, side by side:
+
+* production C_tax (energy) = E_cold / median E_req; C_tax (time) = t_cold / median t_req;
+* paper-form C_tax = N * t_load / t_batch (the paper's E_load / E_req with power cancelled; t_load
+  = model load start -> ready as the server reports it, N = --batch concurrent requests);
+* keep-warm break-even idle time = E_cold / P_idle;
+* the paper's T4 figures for Llama 1B (vLLM, N = 100; research/paper.md section 5.5).
+
+Writes ``cold_start.json`` and ``cold_start.md`` under ``--out``. Runs on CPU with
+``--preset tiny`` (tens of seconds); the GPU run uses ``--preset llama-3.2-1b``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge_proxy.config import Settings  # noqa: E402
+from edge_proxy.coldstart.phases import MILESTONES, PHASE_LABELS  # noqa: E402
+from edge_proxy.economics import cold_start_tax, cold_start_time_ratio, keep_warm_break_even_seconds  # noqa: E402
+from edge_proxy.server import build_proxy  # noqa: E402
+
+# research/paper.md section 5.7 table: Llama 1B rows (T4, vLLM 0.6.3, N = 100), C_tax per task.
+PAPER_T4_LLAMA_1B = {
+    "fp16": {"rag": 141, "summ": 105, "chat": 280},
+    "nf4": {"rag": 150, "summ": 122, "chat": 291},   # the paper's INT4 (bitsandbytes NF4)
+}
+PAPER_NOTE = "paper (T4, vLLM, N=100): all 72 variants > 100; 1B mean 183, range 103-375"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _err(msg: str) -> int:
+    print(f"cold_start.py: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def synth_model(preset: str, model_dir: Path) -> None:
+    if (model_dir / "config.json").exists():
+        return
+    subprocess.run([sys.executable, "-m", "model_server", "synth", str(model_dir), "--preset", preset,
+                    "--seed", "0", "--quiet"], check=True)
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.median(xs) if xs else None
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) or math.isinf(x) else x
+
+
+async def _request(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int) -> dict[str, Any]:
+    body = {"model": "bench", "prompt": f"Request {i}: summarise the benefits of energy metrics.",
+            "max_tokens": max_tokens, "temperature": 0}
+    t0 = time.monotonic()
+    async with session.post(url + "/v1/completions", json=body) as r:
+        data = await r.json(content_type=None)
+        return {"status": r.status, "seconds": time.monotonic() - t0,
+                "cold_start": r.headers.get("x-edge-cold-start") == "true",
+                "wait_seconds": float(r.headers.get("x-edge-cold-start-wait-seconds", "nan")),
+                "output_tokens": (data.get("usage") or {}).get("completion_tokens") if isinstance(data, dict) else None,
+                "error": None if r.status == 200 else str(data)[:300]}
+
+
+async def run_variant(args: argparse.Namespace, model_dir: Path, quant: str, progress: Any, task: Any) -> dict[str, Any]:
+    st = Settings()
+    st.proxy.backend_url = f"http://127.0.0.1:{_free_port()}"
+    st.proxy.port = 0
+    st.proxy.metrics_port = None
+    st.proxy.access_log = None
+    st.proxy.model_name = "bench"
+    st.energy.source = args.energy_source
+    st.energy.period_seconds = 0.1
+    st.coldstart.spawn = (f"{shlex.quote(sys.executable)} -m model_server serve {shlex.quote(str(model_dir))} "
+                          f"--port {{port}} --device {args.device} --quantization {quant} --model-name bench "
+                          f"--max-batch {max(args.batch, 8)} --log-level warning")
+    st.coldstart.max_wait_seconds = args.max_wait
+    st.coldstart.max_pending = max(100, args.batch)
+    st.coldstart.release_burst = max(16, args.batch)
+    st.coldstart.stop_grace_seconds = 20
+    rt = build_proxy(st)
+    await rt.start()
+    gate = rt.gate
+    energy = rt.components.get("energy")
+    out: dict[str, Any] = {"variant": quant, "energy_source": getattr(energy, "source", "none"),
+                           "cold_starts": [], "warm": [], "idle": []}
+    timeout = aiohttp.ClientTimeout(total=args.max_wait + 120)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for rep in range(args.cold_starts):
+                await gate.scale_to_zero()
+                n_hist = len(gate.history)
+                results = await asyncio.gather(*[_request(session, rt.url, i, args.max_tokens)
+                                                 for i in range(args.batch)])
+                bad = [r for r in results if r["status"] != 200]
+                if bad:
+                    raise RuntimeError(f"{quant}: {len(bad)} held request(s) failed: {bad[0]['error']}")
+                await rt.drain()
+                for _ in range(100):
+                    if len(gate.history) > n_hist:
+                        break
+                    await asyncio.sleep(0.1)
+                cs = gate.history[-1]
+                progress.advance(task)
+
+                # warm batch: N requests at concurrency --batch
+                sem = asyncio.Semaphore(args.batch)
+
+                async def one(i: int) -> dict[str, Any]:
+                    async with sem:
+                        return await _request(session, rt.url, 1000 + i, args.max_tokens)
+
+                t0 = time.monotonic_ns()
+                warm = await asyncio.gather(*[one(i) for i in range(args.warm_requests)])
+                t1 = time.monotonic_ns()
+                await rt.drain()
+                await asyncio.sleep(0.3)          # let the tick after the batch close
+                e_batch = energy.joules_between(t0, t1) if energy is not None else None
+                out["warm"].append({"requests": len(warm), "ok": sum(r["status"] == 200 for r in warm),
+                                    "batch_seconds": (t1 - t0) / 1e9, "batch_joules": e_batch,
+                                    "output_tokens": sum(r["output_tokens"] or 0 for r in warm)})
+                progress.advance(task)
+
+                # idle with the model loaded
+                t0 = time.monotonic_ns()
+                await asyncio.sleep(args.idle_seconds)
+                t1 = time.monotonic_ns()
+                await asyncio.sleep(0.3)
+                e_idle = energy.joules_between(t0, t1) if energy is not None else None
+                out["idle"].append({"seconds": (t1 - t0) / 1e9, "joules": e_idle,
+                                    "watts": None if e_idle is None else e_idle / ((t1 - t0) / 1e9)})
+                rec = gate.refresh_tax() or cs.to_dict()
+                rec["client_first_request_seconds"] = max(r["seconds"] for r in results)
+                rec["held_requests_with_header"] = sum(r["cold_start"] for r in results)
+                rec["model_load_to_ready_seconds"] = _load_to_ready(rec)
+                out["cold_starts"].append(rec)
+                progress.advance(task)
+            info = await _get_json(session, st.proxy.backend_url + "/info")
+            out["backend_info"] = {k: info.get(k) for k in ("model_id", "quantization", "dtype", "engine",
+                                                            "weight_bytes", "parameters", "devices",
+                                                            "synthetic")} if info else None
+    finally:
+        await rt.stop()
+    return out
+
+
+def _load_to_ready(cs: dict[str, Any]) -> float | None:
+    b = cs.get("backend_startup_epoch_seconds") or {}
+    if b.get("load_start") is not None and b.get("ready") is not None:
+        return float(b["ready"]) - float(b["load_start"])
+    return None
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
+    try:
+        async with session.get(url) as r:
+            return await r.json(content_type=None) if r.status == 200 else None
+    except aiohttp.ClientError:
+        return None
+
+
+def summarise(v: dict[str, Any], batch: int) -> dict[str, Any]:
+    cs = v["cold_starts"]
+    idle_w = _median([i["watts"] for i in v["idle"] if i["watts"] is not None])
+    phases = {p: _median([c["phases_seconds"].get(p) for c in cs if c["phases_seconds"].get(p) is not None])
+              for p in PHASE_LABELS}
+    e_cold = _median([c["energy_joules"] for c in cs if c["energy_joules"] is not None])
+    load_j = _median([c["load_energy_joules"] for c in cs if c["load_energy_joules"] is not None])
+    e_req = _median([c["median_request_joules"] for c in cs if c.get("median_request_joules")])
+    t_req = _median([c["median_request_seconds"] for c in cs if c.get("median_request_seconds")])
+    t_cold = _median([c["seconds"] for c in cs if c["seconds"] is not None])
+    t_load = _median([c["model_load_to_ready_seconds"] for c in cs if c["model_load_to_ready_seconds"]])
+    t_batch = _median([w["batch_seconds"] / w["requests"] * batch for w in v["warm"]])   # per N=batch
+    e_batch_req = _median([w["batch_joules"] / w["requests"] for w in v["warm"] if w["batch_joules"]])
+    s: dict[str, Any] = {
+        "variant": v["variant"], "energy_source": v["energy_source"], "cold_starts": len(cs),
+        "phases_seconds": phases, "cold_start_seconds": t_cold, "cold_start_joules": e_cold,
+        "model_server_load_joules": load_j, "median_request_joules": e_req,
+        "median_request_seconds": t_req, "batch_amortised_request_joules": e_batch_req,
+        "idle_watts": idle_w, "model_load_to_ready_seconds": t_load,
+    }
+    s["c_tax_energy"] = _finite(cold_start_tax(e_cold, e_req)) if e_cold is not None and e_req else None
+    s["c_tax_energy_batch_amortised"] = (_finite(cold_start_tax(e_cold, e_batch_req))
+                                         if e_cold is not None and e_batch_req else None)
+    s["c_tax_time"] = _finite(cold_start_time_ratio(t_cold, t_req)) if t_cold and t_req else None
+    # the paper's form: N * t_load / t_batch (power cancels)
+    s["c_tax_paper_form"] = (_finite(batch * t_load / t_batch) if t_load and t_batch else None)
+    s["keep_warm_break_even_idle_seconds"] = (_finite(keep_warm_break_even_seconds(e_cold, idle_w))
+                                              if e_cold is not None and idle_w else None)
+    paper = PAPER_T4_LLAMA_1B.get(v["variant"])
+    s["paper_t4_llama_1b_c_tax"] = paper
+    s["paper_t4_llama_1b_c_tax_mean"] = round(statistics.mean(paper.values()), 1) if paper else None
+    return s
+
+
+def _fmt(x: Any, nd: int = 1) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = result["summary"]
+    lines = [f"# Cold start: {result['preset']} on {result['device_name']}", "",
+             f"Date {result['date']}; command `{result['command']}`; batch N = {result['batch']}, "
+             f"{result['max_tokens']} output tokens per request; energy source: "
+             f"{', '.join(sorted({r['energy_source'] for r in rows}))}. Medians over "
+             f"{result['cold_starts']} cold start(s) per variant; weights in the page cache (synthesised "
+             "just before), so disk reads are not in these numbers.", "",
+             "## Phases (seconds, from the proxy's view)", "",
+             "| variant | " + " | ".join(PHASE_LABELS) + " |",
+             "|---|" + "---|" * len(PHASE_LABELS)]
+    for r in rows:
+        lines.append(f"| {r['variant']} | " + " | ".join(_fmt(r["phases_seconds"].get(p), 2) for p in PHASE_LABELS) + " |")
+    lines += ["", "## Energy and tax", "",
+              "| variant | cold start s | cold start J | server load J | median req J | median req s | idle W | "
+              "C_tax energy | C_tax time | C_tax paper form (N t_load / t_batch) | keep-warm break-even idle s | "
+              "paper T4 Llama-1B C_tax (rag/summ/chat, mean) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["paper_t4_llama_1b_c_tax"]
+        ptxt = f"{p['rag']}/{p['summ']}/{p['chat']} ({r['paper_t4_llama_1b_c_tax_mean']})" if p else "n/a"
+        lines.append(
+            f"| {r['variant']} | {_fmt(r['cold_start_seconds'], 2)} | {_fmt(r['cold_start_joules'])} | "
+            f"{_fmt(r['model_server_load_joules'])} | {_fmt(r['median_request_joules'], 3)} | "
+            f"{_fmt(r['median_request_seconds'], 3)} | {_fmt(r['idle_watts'])} | {_fmt(r['c_tax_energy'])} | "
+            f"{_fmt(r['c_tax_time'])} | {_fmt(r['c_tax_paper_form'])} | "
+            f"{_fmt(r['keep_warm_break_even_idle_seconds'])} | {ptxt} |")
+    if len(rows) == 2 and all(r["c_tax_energy"] for r in rows):
+        a, b = rows
+        lines += ["", f"Ratio {b['variant']}/{a['variant']}: cold-start J "
+                      f"{_fmt((b['cold_start_joules'] or 0) / (a['cold_start_joules'] or math.nan), 2)}, "
+                      f"C_tax energy {_fmt(b['c_tax_energy'] / a['c_tax_energy'], 2)}, cold-start s "
+                      f"{_fmt((b['cold_start_seconds'] or 0) / (a['cold_start_seconds'] or math.nan), 2)}."]
+    lines += ["", "Definitions: docs/metrics.md, section Cold start. " + PAPER_NOTE + ". The paper's C_tax "
+              "counts only vLLM's constructor (no process start, no first token) and a batch-amortised "
+              "request, so it is closest to the paper-form column.", ""]
+    return "\n".join(lines)
+
+
+def _device_name(device: str) -> str:
+    if device != "cpu":
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+            return name.decode() if isinstance(name, bytes) else str(name)
+        except Exception:  # noqa: BLE001 - no NVML: CPU
+            pass
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description="Real cold starts of the model server under the proxy's --spawn supervisor: "
+                    "phases, energy, C_tax (energy, time, paper form) and keep-warm break-even idle time.")
+    ap.add_argument("--preset", default="tiny", choices=("tiny", "llama-3.2-1b", "qwen2.5-0.5b"),
+                    help="model shape to synthesise (default tiny: CPU smoke run)")
+    ap.add_argument("--model-dir", type=Path, help="reuse this synthesised model directory (default: a temp dir)")
+    ap.add_argument("--variants", default="fp16,nf4", help="comma-separated quantizations (default fp16,nf4)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="model server device")
+    ap.add_argument("--cold-starts", type=int, default=2, help="cold starts per variant (default 2)")
+    ap.add_argument("--batch", type=int, default=16, help="concurrent requests (held during the cold start; N)")
+    ap.add_argument("--warm-requests", type=int, default=64, help="warm requests after each cold start")
+    ap.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
+    ap.add_argument("--idle-seconds", type=float, default=5.0, help="idle measurement with the model loaded")
+    ap.add_argument("--max-wait", type=float, default=600.0, help="cold-start bound (s)")
+    ap.add_argument("--energy-source", default="auto", choices=("auto", "nvml", "estimated", "none"))
+    ap.add_argument("--out", type=Path, required=True, help="directory for cold_start.json and cold_start.md")
+    args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in ("none", "fp16", "bf16", "nf4", "int8")]
+    if bad or not variants:
+        return _err(f"--variants: unknown {', '.join(bad) or '(empty)'}; use none, fp16, bf16, nf4, int8")
+    if min(args.cold_starts, args.batch, args.warm_requests, args.max_tokens) < 1 or args.idle_seconds <= 0:
+        return _err("--cold-starts, --batch, --warm-requests, --max-tokens must be >= 1; --idle-seconds > 0")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _err(f"--out {args.out}: {exc.strerror or exc}")
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    tmp = None
+    model_dir = args.model_dir
+    if model_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="cold_start_")
+        model_dir = Path(tmp.name) / args.preset
+    console.print(f"synthesising {args.preset} into {model_dir} ...")
+    try:
+        synth_model(args.preset, model_dir)
+    except subprocess.CalledProcessError as exc:
+        return _err(f"model-server synth failed with exit code {exc.returncode}")
+    result: dict[str, Any] = {
+        "preset": args.preset, "device_name": _device_name(args.device), "batch": args.batch,
+        "max_tokens": args.max_tokens, "cold_starts": args.cold_starts,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python benchmarks/cold_start.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "paper_note": PAPER_NOTE, "variants": [],
+    }
+    try:
+        with Progress(console=console) as progress:
+            for quant in variants:
+                task = progress.add_task(f"{args.preset} {quant}", total=3 * args.cold_starts)
+                try:
+                    v = asyncio.run(run_variant(args, model_dir, quant, progress, task))
+                except RuntimeError as exc:
+                    console.print(f"[red]{quant}: {exc}[/red]")
+                    v = {"variant": quant, "error": str(exc)}
+                result["variants"].append(v)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    ok = [v for v in result["variants"] if "error" not in v]
+    result["summary"] = [summarise(v, args.batch) for v in ok]
+    (args.out / "cold_start.json").write_text(json.dumps(result, indent=2, default=str))
+    md = markdown(result)
+    (args.out / "cold_start.md").write_text(md)
+
+    table = Table(title=f"cold start, {args.preset}, {result['device_name']}")
+    for col in ("variant", "cold s", "cold J", "load J", "req J", "C_tax E", "C_tax t", "C_tax paper form",
+                "break-even idle s", "paper T4 1B mean"):
+        table.add_column(col)
+    for r in result["summary"]:
+        table.add_row(r["variant"], _fmt(r["cold_start_seconds"], 2), _fmt(r["cold_start_joules"]),
+                      _fmt(r["model_server_load_joules"]), _fmt(r["median_request_joules"], 3),
+                      _fmt(r["c_tax_energy"]), _fmt(r["c_tax_time"]), _fmt(r["c_tax_paper_form"]),
+                      _fmt(r["keep_warm_break_even_idle_seconds"]), _fmt(r["paper_t4_llama_1b_c_tax_mean"]))
+    Console(width=200).print(table)
+    print(f"wrote {args.out / 'cold_start.json'} and {args.out / 'cold_start.md'}")
+    return 0 if len(ok) == len(variants) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

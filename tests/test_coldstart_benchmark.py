@@ -1,0 +1,47 @@
+"""benchmarks/cold_start.py runs end to end on CPU with the tiny model (the GPU run is the same
+script with --preset llama-3.2-1b)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_cold_start_benchmark_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> None:
+    import cold_start  # benchmarks/cold_start.py
+
+    rc = cold_start.main(["--preset", "tiny", "--model-dir", str(tiny_model_dir), "--device", "cpu",
+                          "--variants", "none", "--cold-starts", "1", "--batch", "3",
+                          "--warm-requests", "3", "--max-tokens", "3", "--idle-seconds", "0.5",
+                          "--energy-source", "estimated", "--out", str(tmp_path)])
+    assert rc == 0
+    result = json.loads((tmp_path / "cold_start.json").read_text())
+    v = result["variants"][0]
+    cs = v["cold_starts"][0]
+    assert cs["outcome"] == "ready" and cs["held_requests_with_header"] == 3
+    offsets = [cs["milestones_seconds"][m] for m in
+               ("hold_start", "process_start", "listening", "load_start", "load_end", "ready", "first_token")]
+    assert None not in offsets and offsets == sorted(offsets)
+    s = result["summary"][0]
+    assert s["energy_source"] == "estimated"
+    for key in ("cold_start_joules", "median_request_joules", "c_tax_energy", "c_tax_time",
+                "c_tax_paper_form", "idle_watts", "keep_warm_break_even_idle_seconds"):
+        assert s[key] is not None and s[key] > 0, key
+    # the ratios are what their inputs say
+    assert s["c_tax_energy"] == pytest.approx(s["cold_start_joules"] / s["median_request_joules"])
+    assert s["keep_warm_break_even_idle_seconds"] == pytest.approx(s["cold_start_joules"] / s["idle_watts"])
+    md = (tmp_path / "cold_start.md").read_text()
+    assert "| none |" in md and "C_tax" in md
+
+
+def test_cold_start_benchmark_bad_args(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import cold_start
+
+    assert cold_start.main(["--variants", "int3", "--out", str(tmp_path)]) == 2
+    assert "unknown int3" in capsys.readouterr().err
