@@ -1,0 +1,56 @@
+"""``edge-proxy demo --quick`` as a user runs it: exits 0 by itself, prints the five metrics with
+their sources and the /metrics URLs, and leaves no process or listening port behind."""
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                out.append(f"{p.name}: {cmd}")
+    return out
+
+
+def test_demo_quick(tiny_model_dir: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_proxy", "demo", "--quick", "--model-dir", tiny_model_dir,
+         "--duration", "5", "--concurrency", "2", "--energy-source", "estimated"],
+        capture_output=True, text=True, timeout=240, env={"COLUMNS": "160", "PATH": "/usr/bin:/bin",
+                                                          "HOME": str(Path.home())})
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    for needle in ("N_break", "IPW", "ρ_sys", "C_tax", "Q_ret", "TTFT p50", "energy per request",
+                   "estimated", "configured", "measured"):
+        assert needle in text, (needle, text[-4000:])
+    # Q_ret is the configured paper scores: 0.752 / 0.742 x 100.
+    assert re.search(r"Q_ret.*101\.35", text), text[-4000:]
+    # N_break, IPW and C_tax carry numbers, not n/a.
+    for name in ("N_break", "IPW", "C_tax"):
+        row = next(line for line in text.splitlines() if name in line and "│" in line)
+        assert re.search(r"│\s+[\d,.]+\s+│", row), row
+    m = re.search(r"ok / (\d+) errors", text)
+    assert m and m.group(1) == "0", text[-4000:]
+    ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)", text)]
+    assert len(set(ports)) >= 3            # proxy, its /metrics, the model server
+    for port in set(ports):
+        assert not _listening(port), f"port {port} still listening after the demo"
+        assert not _processes_mentioning(f"--port {port}"), _processes_mentioning(f"--port {port}")
