@@ -56,6 +56,12 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--idle-timeout", "coldstart", "idle_timeout_seconds", "with --spawn: stop the backend after this many seconds without traffic (default: never)", float),
     Flag("--max-pending", "coldstart", "max_pending", "most requests held during a cold start, then 503 (default 100)", int),
     Flag("--max-wait", "coldstart", "max_wait_seconds", "longest a request is held, then 503 (default 300 s)", float),
+    Flag("--economics-mode", "economics", "mode", "economics definitions: production (default) or paper (the paper's constants)", choices=("production", "paper")),
+    Flag("--usd-per-kwh", "economics", "usd_per_kwh", "electricity price in USD/kWh (default 0.12)", float),
+    Flag("--pue", "economics", "pue", "power usage effectiveness applied to measured energy (default 1.0)", float),
+    Flag("--gpu-usd-per-hour", "economics", "gpu_usd_per_hour", "GPU rental price in USD/hour, charged by busy-time share (default 0)", float),
+    Flag("--probes", "economics", "probes_path", "JSONL file of golden prompts sent through the proxy as quality probes (default: off)"),
+    Flag("--feedback-token", "economics", "feedback_token", "bearer token for POST /edge/feedback (default: feedback off)"),
 ]
 
 
