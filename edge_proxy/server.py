@@ -108,6 +108,10 @@ def _metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], Awa
     return handler
 
 
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
 def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntime:
     """Create the proxy app, the metrics app, the registry and every component from settings.
 
@@ -147,6 +151,9 @@ def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntim
     # ---------------------------------------------------------------------------------------------
 
     (metrics_app or app).router.add_get("/metrics", _metrics_handler(registry))
+    # The proxy's own liveness (Docker HEALTHCHECK, Kubernetes probes): 200 whenever it serves,
+    # whatever the backend's state (a gateway must stay Ready while its backend is at zero).
+    (metrics_app or app).router.add_get("/healthz", _healthz)
     app.cleanup_ctx.append(_core_ctx(runtime))
     app.router.add_route("*", "/{tail:.*}", core.handle)
     return runtime
