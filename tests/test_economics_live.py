@@ -1,9 +1,9 @@
 """Live economics in a running proxy: cost counters from real token counts, probes kept out of
 user statistics, the feedback endpoint, and the five-metric gauges on /metrics.
 
-The backend is a small aiohttp OpenAI-compatible upstream in this file (it returns fixed usage
-counts, so the expected dollars are computed here from the price sheet, not by the code under
-test). The proxy is the real one (build_proxy) on a free port, driven over HTTP.
+The backend is the session's real model server (tiny synthetic model); the proxy is the real one
+(build_proxy, estimated energy source) on a free port, driven over HTTP. Expected dollars are
+computed here from the token counts the client received and the configured price sheet.
 """
 from __future__ import annotations
 
@@ -16,50 +16,13 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_proxy.config import load_settings
 from edge_proxy.server import build_proxy
 
-PROMPT_TOKENS = 7
-COMPLETION_TOKENS = 5
-ANSWER = " the answer is 42"
-WEIGHT_BYTES = 123_000_000
 P_IN, P_OUT = 3.0, 15.0          # USD per 1M tokens
 TOKEN = "s3cret"
-
-
-async def _upstream() -> tuple[web.AppRunner, str]:
-    async def completions(request: web.Request) -> web.Response:
-        body = await request.json()
-        return web.json_response({
-            "id": "cmpl-1", "object": "text_completion", "model": body.get("model", "tiny"),
-            "choices": [{"index": 0, "text": ANSWER, "finish_reason": "length"}],
-            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS,
-                      "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}})
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
-
-    async def info(request: web.Request) -> web.Response:
-        return web.json_response({"model_id": "tiny", "weight_bytes": WEIGHT_BYTES,
-                                  "state": "ready", "ready": True, "engine": "fake"})
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/info", info)
-    app.router.add_get("/health", health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -84,16 +47,17 @@ async def _wait_for(pred: Any, timeout: float = 10.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_proxy(tmp_path: Path) -> AsyncIterator[Any]:
-    runner, url = await _upstream()
+async def running_proxy(tmp_path: Path, url: str) -> AsyncIterator[Any]:
     probes = tmp_path / "golden.jsonl"
     probes.write_text(
-        json.dumps({"id": "pass", "prompt": "q1", "expected": "answer is 4\\d", "checker": "regex"})
-        + "\n" + json.dumps({"id": "fail", "prompt": "q2", "expected": "Paris", "checker": "contains"})
+        json.dumps({"id": "pass", "prompt": "q1", "expected": ".", "checker": "regex", "max_tokens": 3})
+        + "\n" + json.dumps({"id": "fail", "prompt": "q2", "expected": "\u2603never", "checker": "exact",
+                             "max_tokens": 3})
         + "\n")
     settings = load_settings(environ={}, overrides={
         ("proxy", "backend_url"): url, ("proxy", "port"): 0, ("proxy", "metrics_port"): "none",
-        ("proxy", "access_log"): "none",
+        ("proxy", "access_log"): "none", ("proxy", "model_name"): "tiny",
+        ("energy", "source"): "estimated",
         ("economics", "api_usd_per_million_input_tokens"): P_IN,
         ("economics", "api_usd_per_million_output_tokens"): P_OUT,
         ("economics", "gpu_usd_per_hour"): 2.0,
@@ -111,20 +75,19 @@ async def running_proxy(tmp_path: Path) -> AsyncIterator[Any]:
         yield rt
     finally:
         await rt.stop()
-        await runner.cleanup()
 
 
-def test_costs_probes_feedback_and_gauges(tmp_path: Path) -> None:
-    asyncio.run(_scenario(tmp_path))
+def test_costs_probes_feedback_and_gauges(tmp_path: Path, model_server: Any) -> None:
+    asyncio.run(_scenario(tmp_path, model_server.url))
 
 
-async def _scenario(tmp_path: Path) -> None:
-    async with running_proxy(tmp_path) as proxy:
-        m, n_user = await _drive(proxy)
-        _check(proxy, m, n_user)
+async def _scenario(tmp_path: Path, url: str) -> None:
+    async with running_proxy(tmp_path, url) as proxy:
+        m, usage = await _drive(proxy)
+        _check(proxy, m, usage)
 
 
-async def _drive(proxy: Any) -> tuple[dict, int]:
+async def _drive(proxy: Any) -> tuple[dict, dict[str, Any]]:
     econ = proxy.components["economics"]
     base = proxy.url
     n_user = 4
@@ -132,13 +95,18 @@ async def _drive(proxy: Any) -> tuple[dict, int]:
         # Two probes complete (one pass, one fail) before user traffic is counted.
         await _wait_for(lambda: sum(1 for k in _samples(proxy.metrics_text())
                                     if k[0] == "edge_proxy_quality_probes_total") >= 2)
+        usage = {"n": n_user, "input": 0, "output": 0}
         for i in range(n_user):
             async with s.post(base + "/v1/completions", headers={"x-request-id": f"user-{i}"},
-                              json={"model": "tiny", "prompt": "hi", "max_tokens": 5}) as r:
+                              json={"model": "tiny", "prompt": "hi there " * (i + 1), "max_tokens": 5}) as r:
                 assert r.status == 200
-                assert (await r.json())["choices"][0]["text"] == ANSWER
+                u = (await r.json())["usage"]
+                usage["input"] += u["prompt_tokens"]
+                usage["output"] += u["completion_tokens"]
         await proxy.drain()
-        await _wait_for(lambda: econ.backend_info.get("weight_bytes") == WEIGHT_BYTES)
+        async with s.get(proxy.settings.proxy.backend_url + "/info") as r:
+            usage["weight_bytes"] = (await r.json())["weight_bytes"]
+        await _wait_for(lambda: econ.backend_info.get("weight_bytes") == usage["weight_bytes"])
 
         # Feedback: token required, unknown ids refused, a known id accepted.
         fb = base + "/edge/feedback"
@@ -155,17 +123,18 @@ async def _drive(proxy: Any) -> tuple[dict, int]:
         async with s.get(base + "/metrics") as r:
             text = await r.text()
 
-    return _samples(text), n_user
+    return _samples(text), usage
 
 
-def _check(proxy: Any, m: dict, n_user: int) -> None:
+def _check(proxy: Any, m: dict, usage: dict[str, Any]) -> None:
+    n_user = usage["n"]
     # Probes went through the proxy (the core counted them) but not into economics.
     core_total = sum(v for (name, _), v in m.items() if name == "edge_proxy_requests_total")
     assert _get(m, "edge_proxy_economics_requests_total", model="tiny") == n_user
     assert core_total >= n_user + 2
-    assert _get(m, "edge_proxy_economics_tokens_total", model="tiny", type="input") == n_user * PROMPT_TOKENS
-    assert _get(m, "edge_proxy_economics_tokens_total", model="tiny", type="output") == n_user * COMPLETION_TOKENS
-    api = n_user * (PROMPT_TOKENS * P_IN + COMPLETION_TOKENS * P_OUT) / 1e6
+    assert _get(m, "edge_proxy_economics_tokens_total", model="tiny", type="input") == usage["input"]
+    assert _get(m, "edge_proxy_economics_tokens_total", model="tiny", type="output") == usage["output"]
+    api = (usage["input"] * P_IN + usage["output"] * P_OUT) / 1e6
     assert _get(m, "edge_proxy_api_equivalent_cost_usd_total", model="tiny") == pytest.approx(api)
     hw = _get(m, "edge_proxy_hardware_cost_usd_total", model="tiny")
     assert 0 < hw < n_user * 60 / 3600 * 2.0          # each request took well under a minute
@@ -175,7 +144,11 @@ def _check(proxy: Any, m: dict, n_user: int) -> None:
     assert _get(m, "edge_proxy_quality_score_sum", model="tiny", source="feedback") == pytest.approx(0.9)
     assert _get(m, "edge_proxy_quantization_fidelity_percent", model="tiny") == pytest.approx(87.5)
     assert _get(m, "edge_proxy_model_weight_bytes", model="tiny", backend=proxy.settings.proxy.backend_url,
-                source="measured") == WEIGHT_BYTES
+                source="measured") == usage["weight_bytes"]
+    # Energy (estimated source) priced at the default 0.12 USD/kWh, PUE 1.
+    joules = _get(m, "edge_proxy_economics_energy_joules_total", model="tiny")
+    assert joules > 0
+    assert _get(m, "edge_proxy_energy_cost_usd_total", model="tiny") == pytest.approx(joules / 3.6e6 * 0.12)
     # rho_sys: output tokens/s over the window divided by 0.123 GB: positive and finite.
     rho = _get(m, "edge_proxy_system_density_tokens_per_second_per_gigabyte", model="tiny")
     assert rho > 0 and math.isfinite(rho)
