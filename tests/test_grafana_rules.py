@@ -62,3 +62,10 @@ def test_dashboard_json_is_well_formed() -> None:
     assert prov["providers"][0]["options"]["path"]
     ds = yaml.safe_load((ROOT / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert ds["datasources"][0]["type"] == "prometheus"
+
+
+@needs_promtool
+def test_example_prometheus_config_is_valid() -> None:
+    out = subprocess.run([PROMTOOL, "check", "config", "prometheus.example.yml"], cwd=ROOT / "grafana",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
