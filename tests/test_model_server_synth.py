@@ -70,3 +70,21 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
     r = run("serve", "--help")
     assert r.returncode == 0 and "--quantization" in r.stdout
+
+
+def test_gptq_without_gptqmodel_is_a_clear_error(tiny_model_dir, tmp_path):
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("gptqmodel") is not None:
+        pytest.skip("gptqmodel is installed here")
+    ckpt = tmp_path / "gptq-like"
+    shutil.copytree(tiny_model_dir, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    r = subprocess.run([sys.executable, "-m", "model_server", "serve", str(ckpt), "--port", "0",
+                        "--device", "cpu", "--quantization", "gptq"], capture_output=True, text=True, timeout=90)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "gptqmodel" in errors[0] and "auto-gptq" in errors[0]
