@@ -4,6 +4,7 @@ succeed, phases are recorded in order (metrics, JSON, span), the idle stop happe
 request cold-starts a new process, and the proxy's exit takes the backend down."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import os
 import signal
@@ -129,16 +130,26 @@ def test_spawn_hold_idle_stop_and_restart(tiny_model_dir: Path) -> None:
         assert p.metric("edge_proxy_cold_starts_total", outcome="ready") == 2
         assert wait_until(lambda: len(p.snapshot()["cold_starts"]) == 2, 10)
 
-        # 5. A crash while in use: the supervisor restarts the backend (after its backoff).
-        os.kill(pid2, signal.SIGKILL)
-        assert wait_until(lambda: p.snapshot()["process"]["pid"] not in (None, pid2), 30)
+        # 5. A request that arrives while an idle stop is still draining the backend waits for
+        #    the stop, then cold-starts a new process.
+        stopping = asyncio.run_coroutine_threadsafe(p.gate.scale_to_zero(), p.loop)
+        text, headers = _chat(client, 101)
+        assert stopping.result(30) is True
+        assert headers.get("x-edge-cold-start") == "true"
         pid3 = p.snapshot()["process"]["pid"]
+        assert pid3 not in (None, pid2)
+        assert p.metric("edge_proxy_cold_starts_total", outcome="error") == 0
+
+        # 6. A crash while in use: the supervisor restarts the backend (after its backoff).
+        os.kill(pid3, signal.SIGKILL)
+        assert wait_until(lambda: p.snapshot()["process"]["pid"] not in (None, pid3), 30)
+        pid4 = p.snapshot()["process"]["pid"]
         assert p.metric("edge_proxy_backend_process_exits_total", outcome="crash") == 1
-        text, headers = _chat(client, 101)       # held if the restart is still loading, else warm
+        text, headers = _chat(client, 102)       # held if the restart is still loading, else warm
         assert isinstance(text, str)
-        assert wait_until(lambda: len(p.snapshot()["cold_starts"]) == 3, 30)
-        assert p.snapshot()["cold_starts"][2]["reason"] == "restart"
-        assert p.snapshot()["cold_starts"][2]["outcome"] == "ready"
-    # 6. Proxy shutdown stops the backend.
-    for pid in (pid1, pid2, pid3):
+        assert wait_until(lambda: len(p.snapshot()["cold_starts"]) == 4, 30)
+        assert p.snapshot()["cold_starts"][3]["reason"] == "restart"
+        assert p.snapshot()["cold_starts"][3]["outcome"] == "ready"
+    # 7. Proxy shutdown stops the backend.
+    for pid in (pid1, pid2, pid3, pid4):
         assert wait_until(lambda: not pid_alive(pid), 15), "backend outlived the proxy"

@@ -340,7 +340,8 @@ class ColdStartGate(BaseObserver):
         cs: ColdStart | None = None
         try:
             sup = self.supervisor
-            if sup is not None and not sup.running:
+            if sup is not None and (not sup.running or sup.stopping):
+                # (a backend still draining after an idle stop: start() waits for the stop to end)
                 cs = self._begin(reason, hold_start_ns)
                 try:
                     t = await sup.start()

@@ -95,6 +95,11 @@ class BackendSupervisor:
         return self._proc is not None and self._proc.returncode is None
 
     @property
+    def stopping(self) -> bool:
+        """A stop was requested for the current process (it may still be draining)."""
+        return self._proc is not None and self._stopping
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self.running and self._proc is not None else None
 
