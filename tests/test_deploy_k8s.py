@@ -554,6 +554,10 @@ def gateway_metrics(rendered: dict[str, list[dict]], tmp_path_factory: pytest.Te
             except OSError as exc:
                 status = str(exc)
             GATEWAY_PROBES[probe] = (get["path"], status)
+        # docs/kubernetes.md sends readers to the cold-start snapshot on the metrics port.
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/edge/cold-starts", timeout=5) as r:
+            GATEWAY_PROBES["cold-starts snapshot"] = ("/edge/cold-starts", r.status)
+            json.loads(r.read())
         return text
     finally:
         proc.terminate()
@@ -605,6 +609,6 @@ def test_dashboards_and_docs_name_only_real_series(rendered: dict[str, list[dict
 def test_gateway_probes_answer_while_the_backend_is_down(gateway_metrics: str) -> None:
     """The gateway's startup/readiness/liveness probes hit the proxy's own health route: 200 with
     the model server at zero replicas, or no request would ever reach it to be held."""
-    assert set(GATEWAY_PROBES) == {"startupProbe", "readinessProbe", "livenessProbe"}
+    assert set(GATEWAY_PROBES) == {"startupProbe", "readinessProbe", "livenessProbe", "cold-starts snapshot"}
     for probe, (path, status) in GATEWAY_PROBES.items():
         assert status == 200, f"{probe} GET {path} -> {status}"
