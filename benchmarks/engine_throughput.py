@@ -223,6 +223,30 @@ def greedy_identity(loaded, n_prompts: int, n_new: int, max_prompt: int, device:
             await eng.stop()
 
     fast = asyncio.run(run_fast())
+    # teacher-forced: is every fast-engine token an argmax of transformers' logits for the same prefix
+    # (one full forward over prompt + fast tokens), exactly or within the dtype's rounding?
+    tf = {"steps": 0, "fast_token_is_hf_argmax": 0, "within_2_rounding_steps": 0, "beyond": 0,
+          "largest_gap_beyond": 0.0}
+    eps = torch.finfo(model.dtype if model.dtype.is_floating_point else torch.bfloat16).eps
+    with torch.inference_mode():
+        for p, f in zip(prompts, fast):
+            if not f:
+                continue
+            ids = torch.tensor([p + f], device=model.device)
+            lg = model(ids).logits[0, len(p) - 1: len(p) - 1 + len(f)].float()
+            best = lg.max(dim=-1).values
+            chosen = lg.gather(1, torch.tensor(f, device=lg.device)[:, None]).squeeze(1)
+            gap = (best - chosen).tolist()
+            lim = (2 * eps * best.abs()).tolist()
+            for gp, lm in zip(gap, lim):
+                tf["steps"] += 1
+                if gp == 0:
+                    tf["fast_token_is_hf_argmax"] += 1
+                elif gp <= lm:
+                    tf["within_2_rounding_steps"] += 1
+                else:
+                    tf["beyond"] += 1
+                    tf["largest_gap_beyond"] = max(tf["largest_gap_beyond"], gp)
     mismatches = []
     for i, (r, f) in enumerate(zip(refs, fast)):
         if r != f:
@@ -237,16 +261,18 @@ def greedy_identity(loaded, n_prompts: int, n_new: int, max_prompt: int, device:
     return {"prompts": n_prompts, "new_tokens": n_new, "prompt_lens": [len(p) for p in prompts],
             "identical": n_prompts - len(mismatches), "mismatches": mismatches,
             "steps_total": len(all_gaps), "steps_with_near_tie_top2": near,
-            "hf_generate_seconds": round(hf_seconds, 2)}
+            "hf_generate_seconds": round(hf_seconds, 2), "teacher_forced": tf,
+            "dtype": str(model.dtype).replace("torch.", "")}
 
 
 # ---------------------------------------------------------------------------- engines
 def make_engine(kind: str, loaded, max_batch: int, max_total: int):
-    if kind in ("fast", "fast-eager"):
+    if kind.startswith("fast"):
         from model_server.engines.fast import from_loaded
 
         return from_loaded(loaded, max_batch=max_batch, max_total_tokens=max_total,
-                           use_cuda_graphs=None if kind == "fast" else False)
+                           use_cuda_graphs=False if kind == "fast-eager" else None,
+                           fuse=False if kind in ("fast-eager", "fast-nofuse") else None)
     from model_server.engines.transformers_engine import TransformersEngine
 
     return TransformersEngine(loaded, max_batch=max_batch, max_total_tokens=max_total)
@@ -294,13 +320,14 @@ def run_cells(kind: str, loaded, args, device: str, energy: Energy, bw: float | 
             for c in args.concurrency:
                 if kind == "transformers" and not _baseline_wanted(args, quant, plen, c):
                     continue
-                if kind == "fast-eager" and (plen != args.prompt_lens[0] or c not in args.eager_concurrency):
+                if kind in ("fast-eager", "fast-nofuse") and (plen != args.prompt_lens[0]
+                                                              or c not in args.eager_concurrency):
                     continue
                 if time.monotonic() - T0 > args.deadline_s:
                     results.append({"engine": kind, "quant": quant, "prompt_len": plen, "concurrency": c,
                                     "skipped": "deadline"})
                     continue
-                n_req = max(args.min_requests, args.waves * c) if kind.startswith("fast") else max(2, c)
+                n_req = max(args.min_requests, args.waves * c) if kind == "fast" else max(4 if kind.startswith("fast") else 2, c)
                 prompts = [[rng.randrange(5, vocab) for _ in range(plen)] for _ in range(n_req)]
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -385,7 +412,11 @@ async def memory_check(eng, args, vocab: int, device: str, rng: random.Random, q
         done += 1
 
     t0 = time.monotonic()
-    await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    half = len(prompts) // 2
+    await asyncio.gather(*(one(i) for i in range(half)))
+    sync(device)
+    mid = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) if device == "cuda" else (0, 0)
+    await asyncio.gather(*(one(i) for i in range(half, len(prompts))))
     wall = time.monotonic() - t0
     sync(device)
     after = (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()) if device == "cuda" else (0, 0)
@@ -394,6 +425,8 @@ async def memory_check(eng, args, vocab: int, device: str, rng: random.Random, q
            "wall_seconds": round(wall, 2), "allocated_before_bytes": before[0], "allocated_after_bytes": after[0],
            "reserved_before_bytes": before[1], "reserved_after_bytes": after[1],
            "allocated_growth_bytes": after[0] - before[0], "reserved_growth_bytes": after[1] - before[1],
+           "allocated_growth_second_half_bytes": after[0] - mid[0],
+           "reserved_growth_second_half_bytes": after[1] - mid[1],
            "running_after": st.running_requests, "free_slots_after": st.extra.get("free_slots")}
     log(f"memory check ({quant}): {json.dumps(res)}")
     return res
@@ -405,6 +438,8 @@ def markdown(report: dict) -> str:
              f"copy bandwidth: {report.get('copy_bandwidth_gb_per_s')} GB/s · command: `{report['command']}`", ""]
     for q in report["quants"]:
         lines.append(f"- {q['quant']}: weight bytes {q.get('weight_bytes')}, identity: {json.dumps(q.get('identity'))}")
+        if q.get("identity_fp32"):
+            lines.append(f"- fp32 (same weights upcast): identity: {json.dumps(q['identity_fp32'])}")
     lines += ["", "| engine | quant | prompt | conc | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
               "| J/token | peak alloc GB | BW limit tok/s | % of limit | rho_sys tok/s/GB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -442,8 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="directory for engine_throughput.json/.md")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--quants", default=None, help="comma list: bf16,nf4 (default: bf16,nf4 on CUDA, none on CPU)")
-    ap.add_argument("--engines", default="fast,fast-eager,transformers",
-                    help="fast (CUDA graphs), fast-eager (graphs off), transformers (its continuous batching)")
+    ap.add_argument("--engines", default="fast,fast-nofuse,fast-eager,transformers",
+                    help="fast (CUDA graphs + fused ops), fast-nofuse (graphs, no torch.compile), "
+                         "fast-eager (neither), transformers (its continuous batching)")
+    ap.add_argument("--fp32-identity", type=int, default=4,
+                    help="CUDA: also check greedy identity in fp32 on this many prompts (0: skip)")
     ap.add_argument("--prompt-lens", default=None, help="comma list (default 64,512; tiny: 16,64)")
     ap.add_argument("--concurrency", default=None, help="comma list (default 1,8,64,256; tiny: 1,4,16)")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (tiny: 16)")
@@ -534,6 +572,20 @@ def main(argv: list[str] | None = None) -> int:
                 q["identity"] = {"error": f"{type(exc).__name__}: {exc}"}
             log(f"{quant}: identity {json.dumps(q['identity'])}")
             free_memory(device)
+            if device == "cuda" and quant == "bf16" and args.fp32_identity > 0:
+                import dataclasses
+
+                try:
+                    m32 = copy.deepcopy(loaded.model).float()
+                    q["identity_fp32"] = greedy_identity(dataclasses.replace(loaded, model=m32), args.fp32_identity,
+                                                         min(32, args.identity_new_tokens), max(args.prompt_lens),
+                                                         device, args.seed + 1)
+                    del m32
+                except Exception as exc:
+                    traceback.print_exc()
+                    q["identity_fp32"] = {"error": f"{type(exc).__name__}: {exc}"}
+                log(f"fp32: identity {json.dumps(q['identity_fp32'])}")
+                free_memory(device)
         write()
         for kind in engines:   # fast first: transformers' batching may switch the attention implementation
             run_cells(kind, loaded, args, device, energy, bw, quant, report["results"], write)

@@ -56,6 +56,7 @@ class _Seq:
     prompt_len: int = 0
     generated: int = 0
     pos: int = 0                     # where the next input token's K/V is written
+    launched: int = 0                # tokens produced or in flight (prefill's counts)
     done: bool = False               # consumer side: final event sent / cancel requested
     t_admit_ns: int = 0
     t_first_ns: int = 0
@@ -70,7 +71,7 @@ class FastEngine(Engine):
                  max_batch: int = 64, max_seq_len: int = 2048, device: str | torch.device | None = None,
                  dtype: torch.dtype | str | None = None, *, use_cuda_graphs: bool | None = None,
                  max_prefill_tokens: int = 8192, batch_buckets: list[int] | None = None,
-                 length_buckets: list[int] | None = None) -> None:
+                 length_buckets: list[int] | None = None, fuse: bool | None = None) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
@@ -92,11 +93,15 @@ class FastEngine(Engine):
         self.max_seq_len = int(max_seq_len)
         self.max_prefill_tokens = max(int(max_prefill_tokens), self.max_seq_len)
         self.runner = ModelRunner(model, self.max_batch, self.max_seq_len, use_cuda_graphs,
-                                  batch_buckets, length_buckets)
+                                  batch_buckets, length_buckets, fuse)
         self.device = self.runner.device
         self.sampling = SlotSampling.allocate(self.max_batch, self.device)
-        self._pos_host = torch.zeros(self.max_batch, dtype=torch.int64,
-                                     pin_memory=self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        # double-buffered pinned staging (step k uses buffer k % 2): positions up, (token, logprob) down
+        self._pos_stage = [torch.zeros(self.max_batch, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._out_stage = [torch.zeros(self.max_batch, 2, dtype=torch.float64, pin_memory=pin) for _ in range(2)]
+        self._inflight: tuple | None = None   # (buffer index, event or None, b, [(seq, slot)])
+        self._step_parity = 0
         self._plen_dev = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -225,6 +230,7 @@ class FastEngine(Engine):
             extra={
                 "cuda_graphs": float(bool(r.graphs)),
                 "cuda_graphs_captured": float(len(r.graphs)),
+                "fused_ops": float(r.ops.fused),
                 "graph_capture_seconds": r.capture_seconds,
                 "kv_cache_bytes": float(r.cache.nbytes),
                 "free_slots": float(r.cache.n_free),
@@ -279,7 +285,7 @@ class FastEngine(Engine):
     def _run(self) -> None:
         try:
             with torch.inference_mode():
-                self.runner.capture()
+                self.runner.prepare()
         except BaseException as exc:  # noqa: BLE001
             self._start_error = exc
             self._ready.set()
@@ -288,7 +294,8 @@ class FastEngine(Engine):
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._pending or self._cancels or self._running or self._stopping):
+                    while not (self._pending or self._cancels or self._running or self._inflight
+                               or self._stopping):
                         self._cv.wait(0.5)
                     if self._stopping:
                         break
@@ -297,18 +304,20 @@ class FastEngine(Engine):
                     out: dict = {}
                     self._apply_cancels(cancels, out)
                     self._admit(out)
-                    if self._running:
-                        self._decode_step(out)
+                    launched = self._launch_step() if self._running else None
+                    if self._inflight is not None:
+                        self._collect_step(self._inflight, out)
+                    self._inflight = launched
                     self._flush(out)
                 except Exception as exc:  # noqa: BLE001 - fail the live requests, keep serving
                     log.exception("fast engine step failed")
+                    self._inflight = None
                     self._fail_all(f"{type(exc).__name__}: {exc}")
 
     def _release(self, seq: _Seq) -> None:
         """Free the slot (loop thread only)."""
         if seq.slot >= 0:
             self._slots[seq.slot] = None
-            self._pos_host[seq.slot] = 0
             self.runner.cache.give_back(seq.slot)
             if seq.req.params.do_sample:
                 self._n_sampling -= 1
@@ -399,7 +408,7 @@ class FastEngine(Engine):
         for i, seq in enumerate(batch):
             seq.t_first_ns = t1
             seq.pos = seq.prompt_len
-            self._pos_host[seq.slot] = seq.pos
+            seq.launched = 1
             self._emit(seq, int(host[0][i]), float(host[1][i]), out)
 
     def _emit(self, seq: _Seq, token: int, logprob: float, out: dict) -> None:
@@ -417,29 +426,65 @@ class FastEngine(Engine):
             seq.done = True
             self._finish(seq, reason)
 
-    def _decode_step(self, out: dict) -> None:
+    def _launch_step(self) -> tuple | None:
+        """Enqueue one decode step for every live row that still needs a token; do not wait for it.
+
+        The step's inputs are already on the device (``in_ids`` holds each row's last token, written by
+        the previous step's sampling or by prefill), so the next step is launched before this one's
+        tokens reach the host: the host-side bookkeeping of step k overlaps the device's step k+1. A
+        row that finishes (EOS) at step k has already been given step k+1; that extra token is dropped.
+        """
         t0 = time.monotonic_ns()
-        live = [s for s in self._slots if s is not None]
-        b_needed = max(s.slot for s in live) + 1
-        len_needed = max(s.pos for s in live) + 1
+        rows = []
+        for seq in self._slots:
+            if seq is None or seq.done or seq.launched >= seq.max_new:
+                continue
+            rows.append((seq, seq.slot))
+        if not rows:
+            return None
+        b_needed = max(slot for _, slot in rows) + 1
+        len_needed = max(seq.pos for seq, _ in rows) + 1
+        k = self._step_parity
+        self._step_parity ^= 1
+        stage = self._pos_stage[k]
+        stage[:b_needed].zero_()
+        for seq, slot in rows:
+            stage[slot] = seq.pos
+            seq.pos += 1
+            seq.launched += 1
         r = self.runner
-        r.in_pos[:b_needed].copy_(self._pos_host[:b_needed], non_blocking=True)
+        r.in_pos[:b_needed].copy_(stage[:b_needed], non_blocking=True)
+        if b_needed < r.max_batch:
+            r.in_pos[b_needed:].zero_()
         logits = r.decode(b_needed, len_needed)
         b = logits.shape[0]
         counter = r.in_pos[:b] - self._plen_dev[:b] + 1
         tok, lp = select_tokens(logits, slice(0, b), self.sampling, counter,
                                 self._n_sampling > 0, self._n_filter > 0)
         r.in_ids[:b].copy_(tok)
-        host = torch.stack([tok.to(torch.float64), lp.to(torch.float64)]).cpu().tolist()
+        out = self._out_stage[k]
+        out[:b].copy_(torch.stack([tok.to(torch.float64), lp.to(torch.float64)], dim=1), non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
         self._steps += 1
-        self._decode_tokens += len(live)
-        toks, lps = host[0], host[1]
-        for seq in live:
-            i = seq.slot
-            seq.pos += 1
-            self._pos_host[i] = seq.pos
-            self._emit(seq, int(toks[i]), lps[i], out)
         self._decode_seconds += (time.monotonic_ns() - t0) / 1e9
+        return (k, event, b, rows)
+
+    def _collect_step(self, inflight: tuple, out: dict) -> None:
+        """Wait for a launched step (the one device-to-host sync per step) and emit its tokens."""
+        k, event, b, rows = inflight
+        if event is not None:
+            event.synchronize()
+        host = self._out_stage[k][:b].tolist()
+        n = 0
+        for seq, slot in rows:
+            if seq.slot != slot or seq.done:    # finished, cancelled or slot reused meanwhile
+                continue
+            n += 1
+            self._emit(seq, int(host[slot][0]), host[slot][1], out)
+        self._decode_tokens += n
 
 
 def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwargs) -> FastEngine:

@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .fused import Ops
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, max_batch: int, max_seq_len: int,
                  use_cuda_graphs: bool | None = None, batch_buckets: list[int] | None = None,
-                 length_buckets: list[int] | None = None) -> None:
+                 length_buckets: list[int] | None = None, fuse: bool | None = None) -> None:
         check_supported(model)
         self.model = model
         base = model.model
@@ -103,6 +104,45 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_error: str | None = None
         self.capture_seconds = 0.0
+        self.fuse_requested = (self.device.type == "cuda") if fuse is None else bool(fuse)
+        self.ops = Ops(False)
+        self.silu_mlp = getattr(cfg, "hidden_act", "silu") == "silu" and all(
+            hasattr(layer.mlp, n) for layer in self.layers for n in ("gate_proj", "up_proj", "down_proj"))
+        self.norms = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in self.layers]
+
+    @staticmethod
+    def _eps(norm: torch.nn.Module) -> float:
+        return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def _mlp(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self.silu_mlp:
+            m = layer.mlp
+            return m.down_proj(self.ops.silu_mul(m.gate_proj(x), m.up_proj(x)))
+        return layer.mlp(x)
+
+    def _layers(self, h: torch.Tensor, attend) -> torch.Tensor:
+        """Run every decoder layer; ``attend(li, layer, x) -> o_proj output``. Returns the final-norm output.
+
+        Residual adds are fused with the following norm: ``h = h + o; x = norm(h)``, exactly HF's order.
+        """
+        ops = self.ops
+        ln0 = self.layers[0].input_layernorm
+        x = ops.rms_norm(h, ln0.weight, self._eps(ln0))
+        n = len(self.layers)
+        for li, layer in enumerate(self.layers):
+            o = attend(li, layer, x)
+            post = layer.post_attention_layernorm
+            h, x = ops.add_rms_norm(h, o, post.weight, self._eps(post))
+            m = self._mlp(layer, x)
+            nxt = self.layers[li + 1].input_layernorm if li + 1 < n else self.norm
+            h, x = ops.add_rms_norm(h, m, nxt.weight, self._eps(nxt))
+        return x
+
+    def prepare(self) -> None:
+        """Compile the fused elementwise ops (CUDA) and capture the decode graphs."""
+        if self.fuse_requested:
+            self.ops = Ops(True, self.device, self.dtype)
+        self.capture()
 
     # ------------------------------------------------------------------ decode
     def _decode_forward(self, b: int, length: int) -> torch.Tensor:
@@ -115,27 +155,23 @@ class ModelRunner:
         sin = self.sin[pos][:, None, None, :]
         mask = (self.key_idx[:length][None, :] <= pos[:, None])[:, None, None, :]  # [b,1,1,L]
         kv, g, d = self.n_kv, self.group, self.head_dim
-        for li, layer in enumerate(self.layers):
+
+        def attend(li: int, layer, x: torch.Tensor) -> torch.Tensor:
             attn = layer.self_attn
-            residual = h
-            x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(b, kv, g, d)
             k = attn.k_proj(x).view(b, kv, 1, d)
             v = attn.v_proj(x).view(b, kv, 1, d)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
+            q, k = self.ops.rope(q, k, cos, sin)
             kc = self.cache.k[li]
             vc = self.cache.v[li]
             kc[rows, :, pos] = k[:, :, 0]
             vc[rows, :, pos] = v[:, :, 0]
             o = F.scaled_dot_product_attention(q, kc[:b, :, :length], vc[:b, :, :length],
                                                attn_mask=mask, scale=self.scaling)   # [b, kv, g, d]
-            o = attn.o_proj(o.reshape(b, 1, self.n_heads * d))
-            h = residual + o
-            residual = h
-            h = residual + layer.mlp(layer.post_attention_layernorm(h))
-        h = self.norm(h)
-        return self.lm_head(h[:, 0, :])
+            return attn.o_proj(o.reshape(b, 1, self.n_heads * d))
+
+        x = self._layers(h, attend)
+        return self.lm_head(x[:, 0, :])
 
     def decode(self, b_needed: int, len_needed: int) -> torch.Tensor:
         """Run one decode step over rows ``0..b_needed-1`` whose positions are all ``< len_needed``.
@@ -207,24 +243,20 @@ class ModelRunner:
         cos = self.cos[:t][None, None]                                    # [1, 1, t, D]
         sin = self.sin[:t][None, None]
         kv, d = self.n_kv, self.head_dim
-        for li, layer in enumerate(self.layers):
+
+        def attend(li: int, layer, x: torch.Tensor) -> torch.Tensor:
             attn = layer.self_attn
-            residual = h
-            x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(n, t, self.n_heads, d).transpose(1, 2)
             k = attn.k_proj(x).view(n, t, kv, d).transpose(1, 2)
             v = attn.v_proj(x).view(n, t, kv, d).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
+            q, k = self.ops.rope(q, k, cos, sin)
             self.cache.k[li][slot_idx, :, :t] = k
             self.cache.v[li][slot_idx, :, :t] = v
             if self.group > 1:
                 k = k[:, :, None].expand(n, kv, self.group, t, d).reshape(n, self.n_heads, t, d)
                 v = v[:, :, None].expand(n, kv, self.group, t, d).reshape(n, self.n_heads, t, d)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
-            o = attn.o_proj(o.transpose(1, 2).reshape(n, t, self.n_heads * d))
-            h = residual + o
-            residual = h
-            h = residual + layer.mlp(layer.post_attention_layernorm(h))
-        h_last = h[torch.arange(n, device=self.device), last]             # [n, hidden]
-        return self.lm_head(self.norm(h_last))
+            return attn.o_proj(o.transpose(1, 2).reshape(n, t, self.n_heads * d))
+
+        x = self._layers(h, attend)                                       # final-normed
+        return self.lm_head(x[torch.arange(n, device=self.device), last])
