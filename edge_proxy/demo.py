@@ -81,6 +81,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="use this model directory instead of synthesizing one")
     p.add_argument("--cache-dir", default=None,
                    help="where synthesized models are cached (default ~/.cache/edge-eval)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write the final numbers to DIR/demo.json and DIR/demo.md")
     p.set_defaults(func=run)
     return p
 
@@ -234,10 +236,53 @@ def _fmt(v: float, digits: int = 3) -> str:
     return f"{v:,.{digits}f}".rstrip("0").rstrip(".") if abs(v) < 1000 else f"{v:,.0f}"
 
 
+class _Rows:
+    """Rows of the demo table: rendered with rich, or written as markdown / JSON (``--out``)."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self.rows: list[tuple[str, str, str, str] | None] = []      # None = section break
+
+    def add_row(self, metric: str, value: str, unit: str, source: str) -> None:
+        self.rows.append((metric, value, unit, source))
+
+    def add_section(self) -> None:
+        self.rows.append(None)
+
+    def rich(self) -> Any:
+        from rich.table import Table
+
+        t = Table(title=self.title, title_justify="left", expand=False)
+        t.add_column("metric")
+        t.add_column("value", justify="right")
+        t.add_column("unit")
+        t.add_column("source")
+        for r in self.rows:
+            if r is None:
+                t.add_section()
+            else:
+                t.add_row(*r)
+        return t
+
+    def markdown(self) -> str:
+        import re
+
+        lines = [f"**{self.title}**", "", "| metric | value | unit | source |", "|---|---|---|---|"]
+        for r in self.rows:
+            if r is not None:
+                cells = [re.sub(r"\[/?[a-z]+\]", "", c).strip().replace("|", "/") for c in r]
+                lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+
 def build_table(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientStats, model: str,
                 elapsed: float) -> Any:
-    from rich.table import Table
+    """The rich table of the five metrics, latency and energy (see :func:`build_rows`)."""
+    return build_rows(m, stats, model, elapsed).rich()
 
+
+def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientStats, model: str,
+               elapsed: float) -> _Rows:
     src_info = [lab.get("source", "?") for lab, v in m.get("edge_proxy_energy_source_info", []) if v]
     esrc = src_info[0] if src_info else "none"
     energy_word = {"nvml": "measured (NVML counter)", "remote": "measured (remote /energy)",
@@ -260,12 +305,8 @@ def build_table(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientS
     cold_j = _val(m, "edge_proxy_economics_cold_start_energy_joules_total", model=model)
     cold_s = _val(m, "edge_proxy_economics_cold_start_seconds_total", model=model)
 
-    t = Table(title=f"edge-eval live: model {model!r}, {elapsed:.0f} s, {stats.ok} ok / "
-                    f"{stats.errors} errors", title_justify="left", expand=False)
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    t.add_column("unit")
-    t.add_column("source")
+    t = _Rows(f"edge-eval live: model {model!r}, {elapsed:.0f} s, {stats.ok} ok / "
+              f"{stats.errors} errors")
     t.add_row("[bold]N_break[/bold] break-even", _fmt(_val(m, "edge_proxy_break_even_requests", model=model), 1),
               "requests", f"energy {e_kind}; prices + adaptation {PAPER_ADAPTATION_JOULES / 1e3:,.0f} kJ configured")
     t.add_row("  served so far / N_break",
@@ -308,7 +349,7 @@ def build_table(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientS
 
 
 async def _drive(base: str, metrics_url: str, model: str, duration: float, concurrency: int,
-                 max_tokens: int, console: Any) -> ClientStats:
+                 max_tokens: int, console: Any) -> tuple[ClientStats, dict[str, Any], float]:
     import aiohttp
     from rich.console import Group
     from rich.live import Live
@@ -358,14 +399,54 @@ async def _drive(base: str, metrics_url: str, model: str, duration: float, concu
         await asyncio.gather(*workers)
         await asyncio.sleep(1.0)          # the energy ledger closes the last ticks
         await scrape()
-        console.print(build_table(metrics, stats, model, time.perf_counter() - start))
+        elapsed = time.perf_counter() - start
+        console.print(build_table(metrics, stats, model, elapsed))
         console.print("[dim]configured: the paper's Llama-3.2-1B rag scores (INT4 0.752, FP16 0.742) "
                       "and LoRA fine-tune energy (92,122 J); a synthetic model's text has no quality "
                       "to measure. Prices: economics.* settings (docs/metrics.md).[/dim]")
-    return stats
+    return stats, metrics, elapsed
 
 
 # ---------------------------------------------------------------------------------------- main
+def _write_results(out: Path, args: argparse.Namespace, model: str, stats: ClientStats,
+                   metrics: dict[str, list[tuple[dict[str, str], float]]], elapsed: float,
+                   console: Any) -> None:
+    rows = build_rows(metrics, stats, model, elapsed)
+    keep = ("edge_proxy_break_even_requests", "edge_proxy_break_even_progress_ratio",
+            "edge_proxy_intelligence_per_joule", "edge_proxy_intelligence_per_watt",
+            "edge_proxy_system_density_tokens_per_second_per_gigabyte",
+            "edge_proxy_economics_cold_start_tax_ratio", "edge_proxy_economics_cold_start_time_ratio",
+            "edge_proxy_quantization_fidelity_percent", "edge_proxy_joules_per_request",
+            "edge_proxy_model_weight_bytes", "edge_proxy_economics_requests_total",
+            "edge_proxy_economics_tokens_total", "edge_proxy_economics_energy_joules_total",
+            "edge_proxy_energy_cost_usd_total", "edge_proxy_hardware_cost_usd_total",
+            "edge_proxy_api_equivalent_cost_usd_total", "edge_proxy_economics_cold_start_energy_joules_total",
+            "edge_proxy_economics_cold_start_seconds_total", "edge_proxy_keep_warm_break_even_idle_seconds",
+            "edge_proxy_energy_source_info", "edge_proxy_gpu_energy_joules_total",
+            "edge_proxy_idle_energy_joules_total")
+
+    def num(v: float) -> float | str:
+        return v if math.isfinite(v) else str(v)
+
+    data = {
+        "command": " ".join(sys.argv), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": model, "preset": args.preset, "device": args.device,
+        "quantization": args.quantization, "load_seconds": elapsed,
+        "client": {"ok": stats.ok, "errors": stats.errors, "output_tokens": stats.output_tokens,
+                   "cold_start_and_first_request_seconds": stats.cold_start_seconds,
+                   **{f"{name}_p{int(q * 100)}_seconds": num(_pct(vals, q))
+                      for name, vals in (("ttft", stats.ttft), ("itl", stats.itl), ("e2e", stats.e2e))
+                      for q in (0.5, 0.95)}},
+        "metrics": {k: [{"labels": lab, "value": num(v)} for lab, v in metrics.get(k, [])]
+                    for k in keep},
+        "table": [list(r) for r in rows.rows if r is not None],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.json").write_text(json.dumps(data, indent=2))
+    (out / "demo.md").write_text(rows.markdown())
+    console.print(f"results: {out / 'demo.json'}, {out / 'demo.md'}")
+
+
 def _kill_leftover_backend(port: int) -> None:
     """Safety net: a model server still listening on our backend port after the proxy exited
     (the proxy normally stops it). Identified by its command line; killed by pid."""
@@ -450,8 +531,10 @@ def run(args: argparse.Namespace) -> int:
                       "the proxy on the first request)")
         console.print(f"logs:         {work}")
         max_tokens = 16 if args.preset == "tiny" else 64
-        stats = asyncio.run(_drive(base, metrics_url, model, duration, args.concurrency, max_tokens,
-                                   console))
+        stats, metrics, elapsed = asyncio.run(_drive(base, metrics_url, model, duration,
+                                                     args.concurrency, max_tokens, console))
+        if args.out:
+            _write_results(Path(args.out), args, model, stats, metrics, elapsed, console)
         if stats.errors:
             console.print(f"[yellow]{stats.errors} requests failed[/yellow]")
         console.print(f"Prometheus: scrape {metrics_url} and load grafana/rules/edge-eval.rules.yml; "

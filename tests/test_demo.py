@@ -2,6 +2,7 @@
 their sources and the /metrics URLs, and leaves no process or listening port behind."""
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -29,10 +30,11 @@ def _processes_mentioning(text: str) -> list[str]:
     return out
 
 
-def test_demo_quick(tiny_model_dir: str) -> None:
+def test_demo_quick(tiny_model_dir: str, tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "edge_proxy", "demo", "--quick", "--model-dir", tiny_model_dir,
-         "--duration", "5", "--concurrency", "2", "--energy-source", "estimated"],
+         "--duration", "5", "--concurrency", "2", "--energy-source", "estimated",
+         "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=240, env={"COLUMNS": "160", "PATH": "/usr/bin:/bin",
                                                           "HOME": str(Path.home())})
     text = out.stdout + out.stderr
@@ -46,6 +48,15 @@ def test_demo_quick(tiny_model_dir: str) -> None:
     for name in ("N_break", "IPW", "C_tax"):
         row = next(line for line in text.splitlines() if name in line and "│" in line)
         assert re.search(r"│\s+[\d,.]+\s+│", row), row
+    # --out: the same numbers as JSON; the five metrics' gauges are finite and positive.
+    data = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert data["client"]["errors"] == 0 and data["client"]["ok"] >= 2
+    for name in ("edge_proxy_break_even_requests", "edge_proxy_intelligence_per_joule",
+                 "edge_proxy_system_density_tokens_per_second_per_gigabyte",
+                 "edge_proxy_economics_cold_start_tax_ratio", "edge_proxy_quantization_fidelity_percent"):
+        (sample,) = data["metrics"][name]
+        assert isinstance(sample["value"], float) and sample["value"] > 0, (name, sample)
+    assert "| Q_ret" in (tmp_path / "out" / "demo.md").read_text()
     m = re.search(r"ok / (\d+) errors", text)
     assert m and m.group(1) == "0", text[-4000:]
     ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)", text)]
