@@ -6,6 +6,7 @@ UUID. Every function degrades to ``None``/empty when NVML or a GPU is missing.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from typing import Any
 
@@ -79,3 +80,40 @@ def energy_delta_joules(before: dict[str, int] | None, after: dict[str, int] | N
             return None
         total_mj += max(0, end - start)
     return total_mj / 1000.0
+
+
+def visible_gpu_uuids() -> list[str]:
+    """UUIDs of the GPUs this process may use, from NVML alone (no torch import, so it is fast).
+
+    Honors ``CUDA_VISIBLE_DEVICES`` given as UUIDs (prefix match) or as indices (taken as NVML
+    indices: right with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` and on single-GPU hosts).
+    """
+    nvml = _nvml()
+    if nvml is None:
+        return []
+    try:
+        all_uuids = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            raw = nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))
+            all_uuids.append(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except Exception as exc:
+        log.warning("NVML device listing failed: %s", exc)
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return all_uuids
+    out: list[str] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if not entry:
+            continue
+        if entry.isdigit():
+            idx = int(entry)
+            if idx < len(all_uuids):
+                out.append(all_uuids[idx])
+            continue
+        if entry.startswith("-"):
+            break                       # CUDA stops at the first invalid entry
+        match = [u for u in all_uuids if u.startswith(entry if entry.startswith(("GPU-", "MIG-")) else f"GPU-{entry}")]
+        if len(match) == 1:
+            out.append(match[0])
+    return out

@@ -155,16 +155,16 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
     from model_server.gpu import energy_delta_joules, energy_millijoules
     from model_server.loading import LoadError, load_model, resolve_device
 
+    runtime.set_state("loading")
     try:
-        device = resolve_device(args.device)
+        device = await asyncio.to_thread(resolve_device, args.device)   # imports torch
     except LoadError as exc:
         raise ServeError(str(exc)) from None
-    runtime.set_state("loading")
     uuids_before: list[str] = []
     if device == "cuda":
-        from model_server.gpu import describe_devices
+        from model_server.gpu import visible_gpu_uuids
 
-        uuids_before = [d["uuid"] for d in describe_devices("cuda") if d.get("uuid")]
+        uuids_before = await asyncio.to_thread(visible_gpu_uuids)
     e0 = await asyncio.to_thread(energy_millijoules, uuids_before)
     runtime.startup["load_start"] = time.time()
     t0 = time.monotonic()
@@ -174,6 +174,11 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
         raise ServeError(str(exc)) from None
     runtime.startup["load_end"] = time.time()
     e1 = await asyncio.to_thread(energy_millijoules, uuids_before)
+    used = {d.get("uuid") for d in loaded.devices if d.get("uuid")}
+    if e0 and e1 and used and used <= set(e0):
+        # only the GPUs holding the model: other visible GPUs' idle draw is not load energy
+        e0 = {u: v for u, v in e0.items() if u in used}
+        e1 = {u: v for u, v in e1.items() if u in used}
     runtime.load_energy_joules = energy_delta_joules(e0, e1)
     runtime.metrics.load_seconds.set(time.monotonic() - t0)
     if runtime.load_energy_joules is not None:
@@ -229,15 +234,9 @@ async def serve_async(args: argparse.Namespace) -> int:
     app = build_app(runtime)
     gpu_uuids: list[str] = []
     if args.device in ("auto", "cuda"):
-        try:
-            import torch
+        from model_server.gpu import visible_gpu_uuids
 
-            if torch.cuda.is_available():
-                from model_server.gpu import describe_devices
-
-                gpu_uuids = [d["uuid"] for d in describe_devices("cuda") if d.get("uuid")]
-        except Exception:
-            gpu_uuids = []
+        gpu_uuids = await asyncio.to_thread(visible_gpu_uuids)   # NVML only: no torch before listening
     register_energy_routes(app, gpu_uuids)
 
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
