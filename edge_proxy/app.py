@@ -100,6 +100,7 @@ class ProxyCore:
         obs = list(self.observers)
         self._start_obs = [o for o in obs if _overrides(o, "on_request_start")]
         self._token_obs = [o for o in obs if _overrides(o, "on_tokens")]
+        self._token_calls = [o.on_tokens for o in self._token_obs]   # bound once (hot path)
         self._end_obs = [o for o in obs if _overrides(o, "on_request_end")]
         self._finalize_obs = [o for o in obs if _overrides(o, "finalize")]
         self._final_obs = [o for o in obs + list(self.outputs) if _overrides(o, "on_request_final")]
@@ -113,6 +114,7 @@ class ProxyCore:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False)
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),   # a proxy never keeps one client's cookies for another
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
 
     async def on_cleanup(self, app: web.Application) -> None:
@@ -130,9 +132,12 @@ class ProxyCore:
         try:
             getattr(obs, name)(*args)
         except Exception:  # noqa: BLE001 - an observer must never break a request
-            if id(obs) not in self._failed_observers:
-                self._failed_observers.add(id(obs))
-                log.exception("observer %s.%s failed (logged once)", type(obs).__name__, name)
+            self._log_failure(obs, name)
+
+    def _log_failure(self, obs: object, name: str) -> None:
+        if id(obs) not in self._failed_observers:
+            self._failed_observers.add(id(obs))
+            log.exception("observer %s.%s failed (logged once)", type(obs).__name__, name)
 
     def _tokens(self, rec: RequestRecord, n: int, t_ns: int) -> None:
         if rec.t_first_token_ns is None:
@@ -142,8 +147,11 @@ class ProxyCore:
             rec.token_times_ns.append(t_ns)
         else:
             rec.token_times_ns.extend([t_ns] * n)
-        for o in self._token_obs:
-            self._call(o, "on_tokens", rec, n, t_ns)
+        for f in self._token_calls:
+            try:
+                f(rec, n, t_ns)
+            except Exception:  # noqa: BLE001 - an observer must never break a request
+                self._log_failure(f.__self__, "on_tokens")
 
     def _end(self, rec: RequestRecord, started: bool) -> None:
         self.metrics.in_flight.dec()

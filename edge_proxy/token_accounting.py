@@ -21,6 +21,13 @@ from typing import Any, Callable
 from edge_proxy.hooks import RequestRecord
 
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
+# Fast path (no JSON parse) for the common OpenAI chunk: only content, no usage object, no finish
+# reason, no error. A JSON key can only be matched outside strings: inside a string every quote is
+# escaped, so ``"content"`` followed by ``:`` cannot occur there.
+_NEEDS_PARSE = re.compile(rb'"usage"\s*:\s*\{|"finish_reason"\s*:\s*"|"error"\s*:|"choices"\s*:\s*\[\s*\]')
+_CONTENT = re.compile(rb'"(?:content|text|reasoning_content)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[')
+_TGI_NEEDS_PARSE = re.compile(rb'"details"\s*:\s*\{|"error"\s*:')
+_TGI_TOKEN = re.compile(rb'"token"\s*:\s*\{')
 
 TokenSink = Callable[[int, int], None]   # (n tokens, t_ns)
 
@@ -67,6 +74,14 @@ class OpenAIStream:
     def event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
         """Process one event; returns the bytes to forward (None: drop it)."""
         if data is None or data == b"[DONE]" or not data.startswith(b"{"):
+            return raw
+        if _NEEDS_PARSE.search(data) is None:
+            n = len(_CONTENT.findall(data))
+            if n:
+                self.counted += n
+                self.sink(n, t_ns)
+            if self.strip_usage and b'"usage"' in raw:
+                return _USAGE_NULL.sub(b"", raw)
             return raw
         try:
             obj = json.loads(data)
@@ -143,6 +158,11 @@ class TGIStream:
 
     def event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
         if data is None or not data.startswith(b"{"):
+            return raw
+        if _TGI_NEEDS_PARSE.search(data) is None:
+            if _TGI_TOKEN.search(data) is not None:
+                self.counted += 1
+                self.sink(1, t_ns)
             return raw
         try:
             obj = json.loads(data)

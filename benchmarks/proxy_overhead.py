@@ -1,0 +1,369 @@
+"""Proxy overhead: direct vs through edge-proxy vs through nginx, in one run, side by side.
+
+A fast local upstream (aiohttp, its own process) answers OpenAI chat requests: streaming as SSE
+(first token after ``--first-token-ms``, then one event every ``--token-interval-ms``) or as one
+JSON body after the same total time. This script is the load generator (closed loop, ``C``
+concurrent clients, aiohttp). Targets, each a separate process on 127.0.0.1:
+
+- ``direct``: the upstream itself;
+- ``edge-proxy``: ``edge-proxy serve`` with its defaults (energy auto, economics, access log to a file);
+- ``edge-proxy core``: the same with ``--energy-source none`` (core instrumentation only) [--core-row];
+- ``nginx``: Debian nginx as a plain reverse proxy (1 worker, upstream keepalive, proxy_buffering off).
+
+For each (stream, concurrency) cell the targets run one after another (same cell back to back) for
+``--seconds`` each. Reported: TTFT (time to the first SSE data bytes) and end-to-end latency p50/p99,
+added latency = target percentile - direct percentile, throughput (completed requests/s) and its
+ratio to direct, and server CPU seconds per 1000 requests (from /proc).
+
+Usage: ``python benchmarks/proxy_overhead.py [--seconds 8] [--quick] [--json OUT.json]``
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NGINX = "/usr/sbin/nginx"
+
+
+# ---- the upstream (runs in its own process: `proxy_overhead.py --upstream PORT ...`) --------------
+def run_upstream(port: int, tokens: int, first_ms: float, interval_ms: float) -> None:
+    from aiohttp import web
+
+    piece = lambda i: (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'  # noqa: E731
+                       b'"choices":[{"index":0,"delta":{"content":" tok%d"},"finish_reason":null}]}\n\n' % i)
+    events = [piece(i) for i in range(tokens)]
+    final = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'
+             b'"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n')
+    usage = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[],'
+             b'"usage":{"prompt_tokens":8,"completion_tokens":%d,"total_tokens":%d}}\n\n' % (tokens, tokens + 8))
+    body = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "bench",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * tokens},
+                                    "finish_reason": "length"}],
+                       "usage": {"prompt_tokens": 8, "completion_tokens": tokens,
+                                 "total_tokens": tokens + 8}}).encode()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        req = await request.json()
+        if not req.get("stream"):
+            await asyncio.sleep((first_ms + interval_ms * (tokens - 1)) / 1000)
+            return web.Response(body=body, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-prompt-tokens": "8"})
+        await resp.prepare(request)
+        await asyncio.sleep(first_ms / 1000)
+        for i, ev in enumerate(events):
+            if i:
+                await asyncio.sleep(interval_ms / 1000)
+            await resp.write(ev)
+        await resp.write(final)
+        if (req.get("stream_options") or {}).get("include_usage"):
+            await resp.write(usage)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "bench", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", lambda r: web.Response(text="ok"))
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, backlog=1024)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ok(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    tck = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tck
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def child_pids(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            kids = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+            out += [int(k) for k in kids]
+    except OSError:
+        pass
+    return out
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/client_body;
+  proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fastcgi;
+  uwsgi_temp_path {prefix}/uwsgi;
+  scgi_temp_path {prefix}/scgi;
+  upstream backend {{ server 127.0.0.1:{up_port}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=1024;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_read_timeout 300s;
+    }}
+  }}
+}}
+"""
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    proc: subprocess.Popen | None = None
+
+
+@dataclass
+class Cell:
+    target: str
+    stream: bool
+    concurrency: int
+    ttft: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    @property
+    def rps(self) -> float:
+        return len(self.e2e) / self.seconds if self.seconds else 0.0
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
+
+
+# ---- load generator -------------------------------------------------------------------------------
+async def run_cell(url: str, stream: bool, conc: int, seconds: float, warmup: float, cell: Cell) -> None:
+    import aiohttp
+
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 32, "stream": stream}).encode()
+    headers = {"Content-Type": "application/json"}
+    t_start = time.monotonic()
+    t_measure = t_start + warmup
+    t_stop = t_measure + seconds
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as s:
+        async def worker() -> None:
+            while True:
+                t0 = time.monotonic()
+                if t0 >= t_stop:
+                    return
+                ttft = None
+                try:
+                    async with s.post(url, data=body, headers=headers) as r:
+                        if r.status != 200:
+                            raise RuntimeError(r.status)
+                        async for chunk in r.content.iter_any():
+                            if ttft is None and b"data" in chunk:
+                                ttft = time.monotonic() - t0
+                    t1 = time.monotonic()
+                except Exception:  # noqa: BLE001
+                    if t0 >= t_measure:
+                        cell.errors += 1
+                    continue
+                if t0 >= t_measure and t1 <= t_stop:
+                    cell.e2e.append(t1 - t0)
+                    if stream and ttft is not None:
+                        cell.ttft.append(ttft)
+        await asyncio.gather(*(worker() for _ in range(conc)))
+    cell.seconds = seconds
+
+
+def use_uvloop() -> str:
+    """The load generator uses uvloop when installed (same for every target)."""
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def main() -> int:
+    loop_name = use_uvloop()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per target and cell")
+    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens per response")
+    ap.add_argument("--first-token-ms", type=float, default=20.0)
+    ap.add_argument("--token-interval-ms", type=float, default=10.0)
+    ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--core-row", action="store_true", help="also run edge-proxy with --energy-source none")
+    ap.add_argument("--quick", action="store_true", help="1 s per cell, concurrency 1,4 (smoke test)")
+    ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.upstream:
+        # Default asyncio loop here: its timers have ns resolution (uvloop's are 1 ms), so the
+        # upstream's token pacing adds no jitter of its own.
+        asyncio.set_event_loop_policy(None)
+        run_upstream(args.upstream, args.tokens, args.first_token_ms, args.token_interval_ms)
+        return 0
+    if args.quick:
+        args.seconds, args.warmup, args.concurrency = 1.0, 0.3, "1,4"
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp(prefix="proxy-overhead-"))
+    try:
+        up_port = free_port()
+        up = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port), "--tokens", str(args.tokens),
+                               "--first-token-ms", str(args.first_token_ms),
+                               "--token-interval-ms", str(args.token_interval_ms)])
+        procs.append(up)
+        wait_ok(f"http://127.0.0.1:{up_port}/health", up)
+        targets = [Target("direct", f"http://127.0.0.1:{up_port}", up)]
+
+        def start_proxy(name: str, extra: list[str]) -> None:
+            port = free_port()
+            p = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--backend",
+                                  f"http://127.0.0.1:{up_port}", "--port", str(port), "--metrics-port", "none",
+                                  "--access-log", str(tmp / f"{name.replace(' ', '_')}.jsonl"), *extra],
+                                 cwd=ROOT, stderr=subprocess.DEVNULL)
+            procs.append(p)
+            wait_ok(f"http://127.0.0.1:{port}/health", p)
+            targets.append(Target(name, f"http://127.0.0.1:{port}", p))
+
+        start_proxy("edge-proxy", [])
+        if args.core_row:
+            start_proxy("edge-proxy core", ["--energy-source", "none"])
+        if not args.no_nginx:
+            if not Path(NGINX).exists():
+                print(f"nginx not found at {NGINX}; skipping it", file=sys.stderr)
+            else:
+                nport = free_port()
+                for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+                    (tmp / d).mkdir()
+                conf = tmp / "nginx.conf"
+                conf.write_text(NGINX_CONF.format(prefix=tmp, up_port=up_port, port=nport))
+                ng = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
+                                      stderr=subprocess.DEVNULL)
+                procs.append(ng)
+                wait_ok(f"http://127.0.0.1:{nport}/health", ng)
+                targets.append(Target("nginx", f"http://127.0.0.1:{nport}", ng))
+
+        cells: list[Cell] = []
+        try:
+            from rich.progress import Progress
+        except ImportError:  # pragma: no cover
+            Progress = None  # type: ignore[assignment]
+        plan = [(stream, c, t) for stream in (True, False) for c in levels for t in targets]
+        if Progress is not None:
+            with Progress(transient=True) as prog:
+                task = prog.add_task("measuring", total=len(plan))
+                for stream, c, t in plan:
+                    cells.append(measure(t, stream, c, args))
+                    prog.advance(task)
+        else:
+            for stream, c, t in plan:
+                cells.append(measure(t, stream, c, args))
+        report(cells, targets, args)
+        if args.json:
+            Path(args.json).write_text(json.dumps([c.__dict__ for c in cells]))
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(t: Target, stream: bool, c: int, args: argparse.Namespace) -> Cell:
+    cell = Cell(t.name, stream, c)
+    pids = child_pids(t.proc.pid) if t.proc is not None else []
+    cpu0 = cpu_seconds(pids)
+    asyncio.run(run_cell(t.url + "/v1/chat/completions", stream, c, args.seconds, args.warmup, cell))
+    cell.cpu_seconds = cpu_seconds(pids) - cpu0
+    return cell
+
+
+def report(cells: list[Cell], targets: list[Target], args: argparse.Namespace) -> None:
+    by = {(c.target, c.stream, c.concurrency): c for c in cells}
+    ms = lambda x: f"{x * 1000:.2f}"  # noqa: E731
+    print(f"\nload generator event loop: {use_uvloop()}")
+    print(f"upstream: {args.tokens} tokens, first token {args.first_token_ms:g} ms, then every "
+          f"{args.token_interval_ms:g} ms; {args.seconds:g} s per cell after {args.warmup:g} s warm-up\n")
+    print("| mode | conc | target | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | added TTFT p50/p99 ms "
+          "| added e2e p50/p99 ms | req/s | throughput vs direct | errors | CPU s/1k req (target process) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in cells:
+        d = by[("direct", c.stream, c.concurrency)]
+        mode = "stream" if c.stream else "non-stream"
+        if c.stream:
+            tt = f"{ms(pct(c.ttft, .5))} | {ms(pct(c.ttft, .99))}"
+            add_tt = ("-" if c.target == "direct" else
+                      f"{ms(pct(c.ttft, .5) - pct(d.ttft, .5))} / {ms(pct(c.ttft, .99) - pct(d.ttft, .99))}")
+        else:
+            tt, add_tt = "- | -", "-"
+        add_e2e = ("-" if c.target == "direct" else
+                   f"{ms(pct(c.e2e, .5) - pct(d.e2e, .5))} / {ms(pct(c.e2e, .99) - pct(d.e2e, .99))}")
+        ratio = f"{100 * c.rps / d.rps:.1f}%" if d.rps else "-"
+        cpu = f"{1000 * c.cpu_seconds / max(1, len(c.e2e)):.1f}" if c.target != "direct" else \
+            f"{1000 * c.cpu_seconds / max(1, len(c.e2e)):.1f} (upstream)"
+        print(f"| {mode} | {c.concurrency} | {c.target} | {tt} | {ms(pct(c.e2e, .5))} | {ms(pct(c.e2e, .99))} | "
+              f"{add_tt} | {add_e2e} | {c.rps:.1f} | {ratio} | {c.errors} | {cpu} |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
