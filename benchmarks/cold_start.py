@@ -46,7 +46,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_proxy.config import Settings  # noqa: E402
-from edge_proxy.coldstart.phases import MILESTONES, PHASE_LABELS  # noqa: E402
+from edge_proxy.coldstart.phases import PHASE_LABELS  # noqa: E402
 from edge_proxy.economics import cold_start_tax, cold_start_time_ratio, keep_warm_break_even_seconds  # noqa: E402
 from edge_proxy.server import build_proxy  # noqa: E402
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from edge_proxy.coldstart.phases import PHASE_LABELS
-
 # Cold starts of LLM servers run from about a second (tiny model, warm page cache) to minutes
 # (8B weights from network storage, compile, warm-up): buckets up to 600 s.
 COLD_START_BUCKETS_SECONDS: tuple[float, ...] = (
