@@ -329,6 +329,12 @@ class Ledger:
                                 {k: list(v) for k, v in t.by_model.items()}, self.idle_watts)
 
     @property
+    def newest_tick_end_ns(self) -> int | None:
+        """t1 of the newest tick received (None before the first)."""
+        with self._lock:
+            return self._newest_t1
+
+    @property
     def pending_ticks(self) -> int:
         with self._lock:
             return len(self._pending)
