@@ -142,9 +142,13 @@ def build_context(dest: Path) -> list[str]:
             neg = line.startswith("!")
             rules.append((neg, _pattern_regex(line[1:] if neg else line)))
     copied = []
-    for path in sorted(ROOT.rglob("*")):
-        if not path.is_file() or ".venv" in path.parts or ".git" in path.parts:
-            continue
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        # Never walk virtual environments or git internals (Docker would send them unless ignored;
+        # the .dockerignore here ignores everything not listed anyway).
+        dirnames[:] = [d for d in dirnames if d not in (".git", ".venv") and not d.startswith(".venv")]
+        paths += [Path(dirpath) / f for f in filenames]
+    for path in sorted(paths):
         rel = path.relative_to(ROOT).as_posix()
         parts = rel.split("/")
         prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]

@@ -612,3 +612,73 @@ def test_gateway_probes_answer_while_the_backend_is_down(gateway_metrics: str) -
     assert set(GATEWAY_PROBES) == {"startupProbe", "readinessProbe", "livenessProbe", "cold-starts snapshot"}
     for probe, (path, status) in GATEWAY_PROBES.items():
         assert status == 200, f"{probe} GET {path} -> {status}"
+
+
+def test_sidecar_pod_serves_a_request_end_to_end(rendered: dict[str, list[dict]], tiny_model_dir: str,
+                                                 tmp_path: Path) -> None:
+    """The sidecar pod's two command lines, run here: the model server with the manifest's flags
+    (tiny model, CPU, local ports), its probes' paths answer on the ready server, and the proxy with
+    the rendered ConfigMap in front of it serves a real OpenAI client request and prices it with
+    the price sheet."""
+    import openai
+
+    from tests.conftest import start_model_server
+
+    docs = rendered["sidecar"]
+    dep = one(docs, "Deployment", "edge-eval-model-server")
+    spec = pod_spec(dep)
+    (ms,) = [c for c in spec["containers"] if c["command"][0] == "model-server"]
+    (px,) = [c for c in spec["initContainers"] if c["command"][0] == "edge-proxy"]
+    # The manifest's model-server flags, minus what must differ here (model path, address, device).
+    extra, skip = [], {"--host", "--port", "--device"}
+    args = ms["args"][2:]                     # drop "serve MODEL"
+    i = 0
+    while i < len(args):
+        if args[i] in skip:
+            i += 2
+            continue
+        extra.append(args[i])
+        i += 1
+    with start_model_server(tiny_model_dir, *extra) as server:
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            with urllib.request.urlopen(server.url + ms[probe]["httpGet"]["path"], timeout=5) as r:
+                assert r.status == 200, probe
+        pargs = localize(px["args"], materialize(dep, spec, px, docs, tmp_path / "proxy"))
+        port, mport = free_port(), free_port()
+        for flag, value in {"--backend": server.url, "--port": str(port), "--metrics-port": str(mport),
+                            "--energy-source": "estimated"}.items():   # no GPU here: estimated for nvml
+            pargs[pargs.index(flag) + 1] = value
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY_")}
+        env.update(container_env(px))
+        proc = subprocess.Popen([EDGE_PROXY, *pargs, "--host", "127.0.0.1"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            from tests.conftest import wait_http_ok
+            wait_http_ok(f"http://127.0.0.1:{mport}/healthz", timeout=30, proc=proc)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            model = client.models.list().data[0].id
+            assert model == arg_value(ms["args"], "--model-name")
+            out = client.chat.completions.create(model=model, max_tokens=4,
+                                                 messages=[{"role": "user", "content": "hi"}])
+            assert out.usage is not None and out.usage.completion_tokens > 0
+            # The request is priced once its energy is final (bounded wait in the proxy).
+            deadline = time.monotonic() + 30
+            values: dict[str, float] = {}
+            while time.monotonic() < deadline:
+                with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+                values = {}
+                for name in ("edge_proxy_api_equivalent_cost_usd_total", "edge_proxy_hardware_cost_usd_total"):
+                    values[name] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                                       if line.startswith(name + "{") or line.startswith(name + " "))
+                if all(v > 0 for v in values.values()):
+                    break
+                time.sleep(0.2)
+            assert all(v > 0 for v in values.values()), values
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
