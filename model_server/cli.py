@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds SIGTERM waits for in-flight requests (default: 30)")
     serve.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--check-config", action="store_true",
+                       help="check the arguments and the model directory, print them as JSON, exit 0 "
+                            "without loading anything (CI checks Kubernetes manifests with it)")
     return parser
 
 
@@ -98,6 +101,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         print(out)
+        return 0
+    if args.command == "serve" and args.check_config:
+        import json
+
+        from model_server.loading import LoadError, check_model_argument
+
+        try:
+            check_model_argument(args.model)
+        except LoadError as exc:
+            print(f"model-server serve: error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps({k: v for k, v in vars(args).items() if k != "check_config"}, indent=2))
         return 0
     if args.command == "serve":
         from model_server.server import ServeError, run_server
