@@ -405,7 +405,16 @@ def container_env(c: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
 
 
-def test_every_container_command_is_accepted_by_our_clis(rendered: dict[str, list[dict]], tmp_path: Path) -> None:
+MODEL_SERVER = shutil.which("model-server", path=str(VENV_BIN)) or shutil.which("model-server")
+
+
+def model_server_check_config(argv: list[str]) -> tuple[int, str, str]:
+    proc = subprocess.run([MODEL_SERVER, *argv, "--check-config"], capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_every_container_command_is_accepted_by_our_clis(rendered: dict[str, list[dict]], tmp_path: Path,
+                                                         tiny_model_dir: str) -> None:
     from edge_proxy import config as proxy_config
     from model_server.cli import build_parser as model_server_parser
 
@@ -453,6 +462,18 @@ def test_every_container_command_is_accepted_by_our_clis(rendered: dict[str, lis
                 except SystemExit as exc:
                     pytest.fail(f"{where}: model-server rejects {' '.join(argv[1:])} (exit {exc.code})")
                 if ns.command == "serve":
+                    # The server's own dry run, with the model volume standing in as a directory
+                    # holding the tiny model under the manifest's model name.
+                    mapping = materialize(doc, spec, c, docs, tmp_path / f"{overlay}-{i}")
+                    for mount, local in mapping.items():
+                        if ns.model.startswith(mount.rstrip("/") + "/"):
+                            link = Path(local) / ns.model[len(mount.rstrip("/")) + 1:]
+                            link.parent.mkdir(parents=True, exist_ok=True)
+                            if not link.exists():
+                                link.symlink_to(tiny_model_dir, target_is_directory=True)
+                    rc, out, err = model_server_check_config(localize(argv[1:], mapping))
+                    assert rc == 0, f"{where}: model-server {' '.join(argv[1:])} --check-config failed: {err.strip()}"
+                    assert json.loads(out)["port"] == ns.port
                     assert ns.host == "0.0.0.0", f"{where}: model server must listen on 0.0.0.0"
                     port = container_port(c, "http-model")
                     assert ns.port == port, f"{where}: --port {ns.port} but containerPort {port}"
@@ -484,6 +505,8 @@ def test_cli_check_catches_a_bad_flag_and_a_bad_value(rendered: dict[str, list[d
     assert rc != 0
     with pytest.raises(SystemExit):
         model_server_parser().parse_args(["serve", "/m", "--quantization", "int3"])
+    rc, _, err = model_server_check_config(["serve", "/models/not-there", "--port", "8000"])
+    assert rc != 0 and "not found" in err
 
 
 # ------------------------------------------------------------------------------------ metric names
