@@ -274,12 +274,13 @@ async def serve_async(args: argparse.Namespace) -> int:
         else:
             await stop_task
     else:
-        load_task.cancel()
-        with_suppress = (asyncio.CancelledError, Exception)
-        try:
-            await load_task
-        except with_suppress:
-            pass
+        # stopped while loading: the load runs in a worker thread that can't be interrupted, and
+        # asyncio.run would wait for it; nothing is in flight, so leave at once
+        log.info("stopped while %s; exiting", runtime.state)
+        await runner.cleanup()
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
     if rc == 0:
         log.info("stopping: draining %d in-flight request(s)", runtime.in_flight)
         await drain(runtime, args.drain_timeout)

@@ -118,8 +118,44 @@ def corpus_files(max_bytes: int) -> list[str]:
     return chosen
 
 
-def train_tokenizer(vocab_size: int, max_bytes: int):
-    """Train a byte-level BPE tokenizer; returns a transformers fast tokenizer with a chat template."""
+def _filler_word(k: int) -> str:
+    """A short lowercase pseudo-word for filler token ``k`` (bijective base 26)."""
+    letters = []
+    k += 1
+    while k > 0:
+        k, r = divmod(k - 1, 26)
+        letters.append(chr(ord("a") + r))
+    return "".join(reversed(letters))
+
+
+def fill_vocab(tok, target: int):
+    """Extend a trained byte-level BPE to exactly ``target`` ids with unreachable filler tokens.
+
+    Filler ids are never produced by encoding (no merges lead to them) but decode to a space plus a
+    pseudo-word, so every id a random model can emit decodes to visible text (a stream of empty
+    chunks would look like no content to clients and proxies).
+    """
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    next_id = max(vocab.values()) + 1
+    k = 0
+    while next_id < target:
+        word = "\u0120" + _filler_word(k)          # "Ġ" is the byte-level form of a space
+        k += 1
+        if word in vocab:
+            continue
+        vocab[word] = next_id
+        next_id += 1
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def train_tokenizer(vocab_size: int, max_bytes: int, fill_to: int | None = None):
+    """Train a byte-level BPE tokenizer; returns a transformers fast tokenizer with a chat template.
+
+    ``fill_to``: extend the vocabulary to this many ids with filler tokens (see :func:`fill_vocab`).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -131,6 +167,8 @@ def train_tokenizer(vocab_size: int, max_bytes: int):
                                   special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train(corpus_files(max_bytes), trainer)
+    if fill_to is not None and fill_to > tok.get_vocab_size():
+        tok = fill_vocab(tok, fill_to)
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                  pad_token="<pad>", additional_special_tokens=SPECIAL_TOKENS[3:])
     hf.chat_template = CHAT_TEMPLATE
@@ -215,7 +253,9 @@ def synthesize(out_dir: str | os.PathLike, preset_name: str, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
 
-    tok = train_tokenizer(preset.tokenizer_vocab, max_bytes=600_000 if preset.match_vocab else 4_000_000)
+    fill_to = None if preset.match_vocab else int(preset.config["vocab_size"])
+    tok = train_tokenizer(preset.tokenizer_vocab, max_bytes=600_000 if preset.match_vocab else 4_000_000,
+                          fill_to=fill_to)
     vocab = len(tok)
     config = _config_for(preset, vocab)
     if vocab > config.vocab_size:
