@@ -88,16 +88,32 @@ def _finite(x: float | None) -> float | None:
 
 
 async def _request(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int) -> dict[str, Any]:
+    """One streaming completion (so the proxy sees the real first token), read to the end."""
     body = {"model": "bench", "prompt": f"Request {i}: summarise the benefits of energy metrics.",
-            "max_tokens": max_tokens, "temperature": 0}
+            "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     t0 = time.monotonic()
     async with session.post(url + "/v1/completions", json=body) as r:
-        data = await r.json(content_type=None)
-        return {"status": r.status, "seconds": time.monotonic() - t0,
+        out_tokens = None
+        error = None
+        if r.status != 200:
+            error = (await r.text())[:300]
+        else:
+            async for line in r.content:
+                if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                    continue
+                try:
+                    obj = json.loads(line[5:])
+                except ValueError:
+                    continue
+                if isinstance(obj, dict) and obj.get("error"):
+                    error = str(obj["error"])[:300]
+                if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                    out_tokens = obj["usage"].get("completion_tokens")
+        return {"status": r.status if error is None else 599, "seconds": time.monotonic() - t0,
                 "cold_start": r.headers.get("x-edge-cold-start") == "true",
                 "wait_seconds": float(r.headers.get("x-edge-cold-start-wait-seconds", "nan")),
-                "output_tokens": (data.get("usage") or {}).get("completion_tokens") if isinstance(data, dict) else None,
-                "error": None if r.status == 200 else str(data)[:300]}
+                "output_tokens": out_tokens, "error": error}
 
 
 async def run_variant(args: argparse.Namespace, model_dir: Path, quant: str, progress: Any, task: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ def test_cold_start_benchmark_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> N
     offsets = [cs["milestones_seconds"][m] for m in
                ("hold_start", "process_start", "listening", "load_start", "load_end", "ready", "first_token")]
     assert None not in offsets and offsets == sorted(offsets)
+    assert v["warm"][0]["ok"] == 3 and v["warm"][0]["output_tokens"] > 0   # streamed, usage read
     s = result["summary"][0]
     assert s["energy_source"] == "estimated"
     for key in ("cold_start_joules", "median_request_joules", "c_tax_energy", "c_tax_time",
