@@ -30,6 +30,7 @@ Formulas live in :mod:`edge_proxy.economics`; this module only collects inputs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -130,6 +131,7 @@ class EconomicsObserver(BaseObserver):
         self.runtime: Any = None                  # edge_proxy.server.ProxyRuntime (factory sets it)
         self._probe_ids: dict[str, str] = {}      # request ids of probes in flight -> model label
         self._cold_ids: set[object] = set()
+        self._info_wake: asyncio.Event | None = None   # set: poll /info now (weights unknown)
         self._busy = _BusyClock()
         self._window: dict[str, deque[_Sample]] = {}
         self._scores: dict[str, deque[tuple[int, float]]] = {}
@@ -245,6 +247,8 @@ class EconomicsObserver(BaseObserver):
                            rec.duration_seconds or 0.0))
         self._prune(win, now)
         self.recent.add(rec.request_id, model, joules)
+        if self._info_wake is not None and not self.backend_info.get("weight_bytes"):
+            self._info_wake.set()           # a request just succeeded: the backend is up
 
     # ------------------------------------------------------------------ other inputs
     def record_cold_start(self, model: str | None, joules: float | None, seconds: float,
@@ -486,6 +490,7 @@ class EconomicsObserver(BaseObserver):
 
     # ------------------------------------------------------------------ background tasks
     async def on_startup(self, app: web.Application) -> None:
+        self._info_wake = asyncio.Event()
         self._tasks.append(asyncio.create_task(self._poll_info()))
         if self.golden:
             self._tasks.append(asyncio.create_task(self._run_probes()))
@@ -501,23 +506,37 @@ class EconomicsObserver(BaseObserver):
         self._tasks.clear()
 
     async def _poll_info(self) -> None:
+        """Poll the backend's ``/info`` for ``weight_bytes``: quickly (1 s, doubling up to
+        ``info_poll_seconds``) while it is down or still loading, then every ``info_poll_seconds``."""
         url = self.backend.rstrip("/") + "/info"
+        retry = 1.0
         async with ClientSession(timeout=ClientTimeout(total=5)) as session:
             while True:
-                delay = self.cfg.info_poll_seconds
+                settled = False
                 try:
                     async with session.get(url) as resp:
                         if resp.status == 200:
                             data = await resp.json(content_type=None)
                             if isinstance(data, dict):
                                 self.backend_info = data
-                                if not data.get("weight_bytes"):
-                                    delay = min(delay, 2.0)
-                        else:
-                            delay = min(delay, 2.0)
+                                # Ours reports state; other backends (TGI) never report weights.
+                                settled = data.get("state") in (None, "ready") or bool(
+                                    data.get("weight_bytes"))
                 except Exception:           # backend down or not ours: try again later
-                    delay = min(delay, 2.0)
-                await asyncio.sleep(delay)
+                    pass
+                if settled:
+                    retry = 1.0
+                    delay = self.cfg.info_poll_seconds
+                else:
+                    delay = min(retry, self.cfg.info_poll_seconds)
+                    retry = min(retry * 2, self.cfg.info_poll_seconds)
+                wake = self._info_wake
+                if wake is None:
+                    await asyncio.sleep(delay)
+                else:
+                    wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(wake.wait(), timeout=delay)
 
     def _probe_target(self) -> str:
         rt = self.runtime
