@@ -43,7 +43,10 @@ from typing import Any
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# the spawned `python -m model_server` must import this checkout too, wherever we run from
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from edge_proxy.config import Settings  # noqa: E402
 from edge_proxy.coldstart.phases import PHASE_LABELS  # noqa: E402
