@@ -269,3 +269,48 @@ def test_record_writes_a_replayable_trace(tmp_path):
         pynvml.nvmlShutdown()
     except pynvml.NVMLError:
         assert nvml.returncode == 2 and nvml.stderr.strip().startswith("edge-proxy record: error: NVML")
+
+
+# ---- property: any counter sequence with resets and failed reads -----------------------------------
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(1, 300), st.integers(0, 90_000),
+                                st.sampled_from(["ok", "ok", "ok", "ok", "reset", "error", "gap"])),
+                      min_size=2, max_size=60))
+def test_sampler_totals_match_the_trace_for_any_resets_and_gaps(steps, tmp_path_factory):
+    """Per GPU: measured = sum of the non-negative deltas between successive good reads; ticks are
+    contiguous, never negative, and every reset or failed read leaves a gap mark."""
+    path = tmp_path_factory.mktemp("trace") / "t.jsonl"
+    t, counter, lines = 0.0, 5_000_000, []
+    for dt_ms, inc, kind in steps:
+        t += dt_ms / 1000.0 * (10 if kind == "gap" else 1)
+        counter += inc
+        if kind == "reset":
+            counter = inc // 7
+        if kind == "error":
+            lines.append({"t": round(t, 6), "error": "NVMLError_Unknown"})
+        else:
+            lines.append({"t": round(t, 6), "energy_millijoules": {"GPU-p": counter}})
+    if sum(1 for x in lines if "error" not in x) < 2:
+        lines.append({"t": round(t + 0.1, 6), "energy_millijoules": {"GPU-p": counter}})
+        lines.append({"t": round(t + 0.2, 6), "energy_millijoules": {"GPU-p": counter + 1}})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    expected, drops, errors = expected_from_trace(path)
+    reader = ReplayReader(path, mode="driven", loop=False, origin_ns=0)
+    sampler = Sampler(reader, 0.1)
+    ledger = Ledger(idle_watts=None)
+    sampler.add_listener(ledger.add_tick)
+    while not reader.exhausted:
+        sampler.step()
+    ticks = list(sampler.ticks)
+    assert sampler.snapshot()["energy_joules_by_gpu"]["GPU-p"] == pytest.approx(expected.get("GPU-p", 0.0))
+    assert all(a.t1_ns == b.t0_ns for a, b in zip(ticks, ticks[1:]))
+    assert all(tk.joules >= 0 for tk in ticks)
+    assert sampler.resets_total == drops and sampler.errors_total == errors
+    good = [i for i, x in enumerate(lines) if "error" not in x]
+    inner_errors = sum(1 for i, x in enumerate(lines) if "error" in x and good[0] < i < good[-1])
+    assert sum(1 for tk in ticks if tk.gap) >= min(1, drops + inner_errors)
+    ledger.flush()
+    assert ledger.snapshot().measured_joules == pytest.approx(sum(expected.values()))
