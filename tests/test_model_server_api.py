@@ -206,3 +206,13 @@ def test_concurrent_requests_all_complete(model_server, n):
     results = asyncio.run(go())
     assert all(status == 200 for status, _ in results)
     assert all(body["usage"]["completion_tokens"] == 8 for _, body in results)
+
+
+def test_sampling_requests_work_next_to_greedy(model_server):
+    r = requests.post(model_server.url + "/generate", timeout=60, json={
+        "inputs": "import os", "parameters": {"max_new_tokens": 6, "do_sample": True, "temperature": 0.7,
+                                             "top_k": 20, "top_p": 0.9, "details": True, "ignore_eos": True}})
+    assert r.status_code == 200 and r.json()["details"]["generated_tokens"] == 6
+    o = requests.post(model_server.url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 1.3, "ignore_eos": True})
+    assert o.status_code == 200 and o.json()["usage"]["completion_tokens"] == 4
