@@ -76,15 +76,35 @@ class Ops:
     @classmethod
     def _get_compiled(cls) -> dict[str, object]:
         if cls._compiled is None:
+            import torch._dynamo.config as dc
             import torch._inductor.config as ic
 
             if hasattr(ic, "emulate_precision_casts"):
                 ic.emulate_precision_casts = True
+            # each function sees a few shape families (decode/prefill, size-1 dims) per dtype
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dc, name):
+                    setattr(dc, name, max(int(getattr(dc, name)), 64))
             opts = dict(dynamic=True, fullgraph=True)
-            cls._compiled = {
-                "rms_norm": torch.compile(rms_norm, **opts),
-                "add_rms_norm": torch.compile(add_rms_norm, **opts),
-                "rope": torch.compile(rope, **opts),
-                "silu_mul": torch.compile(silu_mul, **opts),
-            }
+            cls._compiled = {name: _Fallback(torch.compile(fn, **opts), fn, name)
+                             for name, fn in (("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm),
+                                              ("rope", rope), ("silu_mul", silu_mul))}
         return cls._compiled
+
+
+class _Fallback:
+    """Call the compiled function; if compiling a new shape ever fails, use the eager one from then on."""
+
+    def __init__(self, compiled, eager, name: str) -> None:
+        self.compiled, self.eager, self.name = compiled, eager, name
+        self.failed = False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001
+                self.failed = True
+                log.warning("compiled %s failed (%s: %s); using eager from now on", self.name,
+                            type(exc).__name__, str(exc).splitlines()[0][:200])
+        return self.eager(*args)
