@@ -33,18 +33,42 @@ def normalize_uuid(raw: Any) -> str | None:
     return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
 
 
+def _nvml_uuid_for(props, nvml) -> str | None:
+    """NVML's UUID for a torch CUDA device: torch's uuid if NVML knows it, else a PCI bus match."""
+    candidate = normalize_uuid(getattr(props, "uuid", None))
+    if nvml is None:
+        return candidate
+    if candidate:
+        try:
+            nvml.nvmlDeviceGetHandleByUUID(candidate)
+            return candidate
+        except Exception:
+            pass
+    try:
+        want = (int(props.pci_domain_id), int(props.pci_bus_id), int(props.pci_device_id))
+        for i in range(nvml.nvmlDeviceGetCount()):
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            pci = nvml.nvmlDeviceGetPciInfo(h)
+            if (int(pci.domain), int(pci.bus), int(pci.device)) == want:
+                raw = nvml.nvmlDeviceGetUUID(h)
+                return raw.decode() if isinstance(raw, bytes) else str(raw)
+    except Exception:
+        pass
+    return candidate
+
+
 def describe_devices(device_type: str, indices: list[int] | None = None) -> list[dict[str, Any]]:
-    """``[{type, index, name, uuid}]`` for the devices a model lives on."""
+    """``[{type, index, name, uuid}]`` for the devices a model lives on (UUIDs as NVML spells them)."""
     if device_type != "cuda":
         name = platform.processor() or platform.machine() or "cpu"
         return [{"type": "cpu", "index": 0, "name": name, "uuid": None}]
     import torch
 
+    nvml = _nvml()
     out = []
     for i in indices if indices is not None else range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
-        out.append({"type": "cuda", "index": i, "name": props.name,
-                    "uuid": normalize_uuid(getattr(props, "uuid", None))})
+        out.append({"type": "cuda", "index": i, "name": props.name, "uuid": _nvml_uuid_for(props, nvml)})
     return out
 
 
