@@ -132,6 +132,7 @@ class EconomicsObserver(BaseObserver):
         self._probe_ids: dict[str, str] = {}      # request ids of probes in flight -> model label
         self._cold_ids: set[object] = set()
         self._info_wake: asyncio.Event | None = None   # set: poll /info now (weights unknown)
+        self._scrape_cache: dict[str, list[_Sample]] | None = None
         self._busy = _BusyClock()
         self._window: dict[str, deque[_Sample]] = {}
         self._scores: dict[str, deque[tuple[int, float]]] = {}
@@ -315,18 +316,33 @@ class EconomicsObserver(BaseObserver):
                 + self.cfg.adaptation_usd + self.cfg.setup_usd + cold)
 
     def _samples(self, model: str) -> list[_Sample]:
+        cache = self._scrape_cache
+        if cache is not None and model in cache:
+            return cache[model]
         win = self._window.get(model)
-        if not win:
-            return []
-        self._prune(win, self.clock_ns())
-        return list(win)
+        out: list[_Sample] = []
+        if win:
+            self._prune(win, self.clock_ns())
+            out = list(win)
+        if cache is not None:
+            cache[model] = out
+        return out
+
+    @contextlib.contextmanager
+    def scrape_snapshot(self) -> Any:
+        """Within the block, each model's window is copied once (one consistent scrape)."""
+        self._scrape_cache = {}
+        try:
+            yield
+        finally:
+            self._scrape_cache = None
 
     def break_even_requests(self, model: str) -> float:
         s = self._samples(model)
         if not s:
             return math.nan
-        local = statistics.fmean(x.local_cost_usd for x in s)
-        api = statistics.fmean(x.api_cost_usd for x in s)
+        local = _mean([x.local_cost_usd for x in s])
+        api = _mean([x.api_cost_usd for x in s])
         return eco.break_even_requests(self.fixed_cost_usd(model), api, local)
 
     def score(self, model: str) -> tuple[float, str]:
@@ -338,7 +354,7 @@ class EconomicsObserver(BaseObserver):
             while sc and sc[0][0] < horizon:
                 sc.popleft()
             if sc:
-                return statistics.fmean(v for _, v in sc), "measured"
+                return _mean([v for _, v in sc]), "measured"
         static = self.static_score(model)
         if static is not None:
             return static, "configured"
@@ -353,7 +369,7 @@ class EconomicsObserver(BaseObserver):
 
     def joules_per_request(self, model: str) -> float:
         j = [x.joules for x in self._samples(model) if x.joules is not None]
-        return statistics.fmean(j) if j else math.nan
+        return _mean(j) if j else math.nan
 
     def median_joules_per_request(self, model: str) -> float:
         j = [x.joules for x in self._samples(model) if x.joules is not None]
@@ -427,14 +443,14 @@ class EconomicsObserver(BaseObserver):
         e = self.median_joules_per_request(model)
         if not cs or math.isnan(e):
             return math.nan
-        return eco.cold_start_tax(statistics.fmean(cs), e)
+        return eco.cold_start_tax(_mean(cs), e)
 
     def cold_start_time_ratio(self, model: str) -> float:
         cs = self._cold_list(model)
         d = [x.duration_seconds for x in self._samples(model)]
         if not cs or not d:
             return math.nan
-        return eco.cold_start_time_ratio(statistics.fmean(c.seconds for c in cs),
+        return eco.cold_start_time_ratio(_mean([c.seconds for c in cs]),
                                          statistics.median(d))
 
     def quantization_fidelity(self, model: str) -> float:
@@ -585,6 +601,10 @@ class EconomicsObserver(BaseObserver):
                 await asyncio.sleep(self.cfg.probe_interval_seconds)
 
 
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"message": message, "code": status}}, status=status,
                              headers=headers)
@@ -600,6 +620,10 @@ class _EconomicsCollector(Collector):
         return []
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        with self.obs.scrape_snapshot():
+            return list(self._collect())
+
+    def _collect(self) -> Iterable[GaugeMetricFamily]:
         o = self.obs
         o.sync_cold_starts()
         models = o.models()
