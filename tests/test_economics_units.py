@@ -174,3 +174,18 @@ def test_api_cheaper_gives_infinite_break_even() -> None:
     m = _metrics(reg)
     assert math.isinf(m[("edge_proxy_break_even_requests", (("model", "m"),))])
     assert m[("edge_proxy_hardware_cost_usd_total", (("model", "m"),))] == pytest.approx(1.0)
+
+
+def test_overhead_benchmark_runs(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "economics_overhead.py"),
+                          "--requests", "300", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "economics_overhead.json").read_text())
+    assert [r["models"] for r in rows] == [1, 8]
+    assert all(r["economics_us_per_request"] > 0 and r["scrape_ms_median"] > 0 for r in rows)
+    assert "scrape ms" in out.stdout
