@@ -162,7 +162,7 @@ class EconomicsObserver(BaseObserver):
                                 "charged for the same requests (real tokens x API price sheet; "
                                 "paper mode: flat USD per request).", m, registry=registry)
         self.requests = Counter("edge_proxy_economics_requests", "User requests counted by "
-                                "economics (probes and rejected requests excluded).", m,
+                                "economics: outcome ok or cancelled, probes excluded.", m,
                                 registry=registry)
         self.tokens = Counter("edge_proxy_economics_tokens", "Tokens of user requests counted by "
                               "economics.", ("model", "type"), registry=registry)
@@ -216,7 +216,10 @@ class EconomicsObserver(BaseObserver):
 
     def on_request_final(self, rec: RequestRecord) -> None:
         self.sync_cold_starts()
-        if rec.traffic == "probe" or rec.outcome == "rejected":
+        # Only user requests the backend answered: ok, or cancelled by the client mid-answer
+        # (its tokens were produced and paid for). Failed and rejected requests are not
+        # business traffic; their energy still shows in the energy component's totals.
+        if rec.traffic == "probe" or rec.outcome not in ("ok", "cancelled"):
             return
         model = rec.model
         n_in = rec.input_tokens or 0

@@ -189,3 +189,21 @@ def test_overhead_benchmark_runs(tmp_path: Path) -> None:
     assert [r["models"] for r in rows] == [1, 8]
     assert all(r["economics_us_per_request"] > 0 and r["scrape_ms_median"] > 0 for r in rows)
     assert "scrape ms" in out.stdout
+
+
+def test_failed_requests_are_not_business_traffic() -> None:
+    settings = load_settings(environ={}, overrides={("economics", "mode"): "paper"})
+    clock, reg = FakeClock(), CollectorRegistry()
+    obs = EconomicsObserver(settings, reg, clock_ns=clock)
+    _request(obs, clock, "ok", seconds=0.1, joules=1.0)
+    for outcome in ("error", "rejected", "timeout"):
+        rec = RequestRecord(request_id=outcome, route="/v1/completions", api="openai", model="m",
+                            t_received_ns=clock())
+        obs.on_request_start(rec)
+        rec.t_end_ns, rec.outcome = clock(), outcome  # type: ignore[assignment]
+        obs.on_request_end(rec)
+        obs.on_request_final(rec)
+    m = _metrics(reg)
+    assert m[("edge_proxy_economics_requests_total", (("model", "m"),))] == 1
+    assert m[("edge_proxy_api_equivalent_cost_usd_total", (("model", "m"),))] == PAPER.api_cost_per_request_usd
+    assert obs._busy.n == 0          # every start was matched by an end
