@@ -134,3 +134,12 @@ def test_hold_without_backend_503_vs_plain_502() -> None:
         assert p.gate is None
         err = _complete(_openai(p.url))
         assert isinstance(err, openai.APIStatusError) and err.status_code == 502
+
+
+def test_client_that_gives_up_leaves_no_held_request() -> None:
+    with ProxyThread(_settings(hold=True, max_wait=30.0)) as p:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(p.url + "/v1/completions", json={"model": "m", "prompt": "hi"}, timeout=1.0)
+        assert wait_until(lambda: p.metric("edge_proxy_pending_requests") == 0, 10)
+        assert p.snapshot()["pending_requests"] == 0
+        assert p.metric("edge_proxy_cold_start_rejected_requests_total", reason="hold_timeout") == 0
