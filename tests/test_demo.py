@@ -64,3 +64,12 @@ def test_demo_quick(tiny_model_dir: str, tmp_path: Path) -> None:
     for port in set(ports):
         assert not _listening(port), f"port {port} still listening after the demo"
         assert not _processes_mentioning(f"--port {port}"), _processes_mentioning(f"--port {port}")
+
+
+def test_demo_bad_input_is_one_line_error(tmp_path: Path) -> None:
+    for args in (["--duration", "-1"], ["--model-dir", str(tmp_path / "nope")]):
+        out = subprocess.run([sys.executable, "-m", "edge_proxy", "demo", *args], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in out.stderr
