@@ -237,8 +237,9 @@ def use_uvloop() -> str:
 def main() -> int:
     loop_name = use_uvloop()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per target and cell")
-    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell")
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per target and cell (all rounds)")
+    ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each measurement")
+    ap.add_argument("--rounds", type=int, default=4, help="targets interleaved in this many rounds per cell")
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per response")
     ap.add_argument("--first-token-ms", type=float, default=20.0)
@@ -256,7 +257,7 @@ def main() -> int:
         run_upstream(args.upstream, args.tokens, args.first_token_ms, args.token_interval_ms)
         return 0
     if args.quick:
-        args.seconds, args.warmup, args.concurrency = 1.0, 0.3, "1,4"
+        args.seconds, args.warmup, args.concurrency, args.rounds = 1.0, 0.3, "1,4", 1
     levels = [int(c) for c in args.concurrency.split(",")]
 
     procs: list[subprocess.Popen] = []
@@ -303,16 +304,30 @@ def main() -> int:
             from rich.progress import Progress
         except ImportError:  # pragma: no cover
             Progress = None  # type: ignore[assignment]
-        plan = [(stream, c, t) for stream in (True, False) for c in levels for t in targets]
+        # Rounds: every target runs seconds/rounds per round, targets interleaved, so that load
+        # from other processes on the machine falls on all targets alike.
+        plan = [(stream, c, r, t) for stream in (True, False) for c in levels
+                for r in range(args.rounds) for t in targets]
+        merged: dict[tuple[str, bool, int], Cell] = {}
+
+        def one(stream: bool, c: int, t: Target) -> None:
+            part = measure(t, stream, c, args)
+            cell = merged.setdefault((t.name, stream, c), Cell(t.name, stream, c))
+            cell.ttft += part.ttft
+            cell.e2e += part.e2e
+            cell.errors += part.errors
+            cell.seconds += part.seconds
+            cell.cpu_seconds += part.cpu_seconds
         if Progress is not None:
             with Progress(transient=True) as prog:
                 task = prog.add_task("measuring", total=len(plan))
-                for stream, c, t in plan:
-                    cells.append(measure(t, stream, c, args))
+                for stream, c, _, t in plan:
+                    one(stream, c, t)
                     prog.advance(task)
         else:
-            for stream, c, t in plan:
-                cells.append(measure(t, stream, c, args))
+            for stream, c, _, t in plan:
+                one(stream, c, t)
+        cells = list(merged.values())
         report(cells, targets, args)
         if args.json:
             Path(args.json).write_text(json.dumps([c.__dict__ for c in cells]))
@@ -333,7 +348,8 @@ def measure(t: Target, stream: bool, c: int, args: argparse.Namespace) -> Cell:
     cell = Cell(t.name, stream, c)
     pids = child_pids(t.proc.pid) if t.proc is not None else []
     cpu0 = cpu_seconds(pids)
-    asyncio.run(run_cell(t.url + "/v1/chat/completions", stream, c, args.seconds, args.warmup, cell))
+    asyncio.run(run_cell(t.url + "/v1/chat/completions", stream, c, args.seconds / args.rounds,
+                         args.warmup, cell))
     cell.cpu_seconds = cpu_seconds(pids) - cpu0
     return cell
 
@@ -343,7 +359,8 @@ def report(cells: list[Cell], targets: list[Target], args: argparse.Namespace) -
     ms = lambda x: f"{x * 1000:.2f}"  # noqa: E731
     print(f"\nload generator event loop: {use_uvloop()}")
     print(f"upstream: {args.tokens} tokens, first token {args.first_token_ms:g} ms, then every "
-          f"{args.token_interval_ms:g} ms; {args.seconds:g} s per cell after {args.warmup:g} s warm-up\n")
+          f"{args.token_interval_ms:g} ms; {args.seconds:g} s per target and cell in {args.rounds} interleaved "
+          f"rounds, each after {args.warmup:g} s warm-up\n")
     print("| mode | conc | target | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | added TTFT p50/p99 ms "
           "| added e2e p50/p99 ms | req/s | throughput vs direct | errors | CPU s/1k req (target process) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

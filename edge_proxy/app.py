@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from edge_proxy.config import Settings
 from edge_proxy.errors import Api, error_event, error_response
@@ -93,6 +94,7 @@ class ProxyCore:
         self.session: aiohttp.ClientSession | None = None
         self.pending_finals: set[asyncio.Task[None]] = set()
         self._failed_observers: set[int] = set()
+        self._urls: dict[str, URL] = {}
         self._freeze()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -186,6 +188,15 @@ class ProxyCore:
     def _final(self, rec: RequestRecord) -> None:
         for o in self._final_obs:
             self._call(o, "on_request_final", rec)
+
+    def _url(self, path_qs: str) -> URL:
+        """Backend URL for a request path, built once per distinct path (bounded cache)."""
+        url = self._urls.get(path_qs)
+        if url is None:
+            url = URL(self.backend.url + path_qs, encoded=True)
+            if len(self._urls) < 256:
+                self._urls[path_qs] = url
+        return url
 
     # ---- labels ----------------------------------------------------------------------------------
     def model_label(self, requested: Any) -> str:
@@ -319,12 +330,13 @@ class ProxyCore:
             carrier: dict[str, str] = {}
             self.tracing.inject(rec, carrier)
             headers.update(carrier)
-        url = self.backend.url + request.path_qs
+        url = self._url(request.path_qs)
         gate = self._gate_ref()
         for attempt in (0, 1):
             rec.t_forwarded_ns = time.monotonic_ns()
             try:
-                resp = await self.session.request("POST", url, data=body, headers=headers)
+                resp = await self.session.request("POST", url, data=body, headers=headers,
+                                              allow_redirects=False)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 if gate is None or attempt or not isinstance(exc, aiohttp.ClientConnectorError):
                     rec.t_end_ns = time.monotonic_ns()
@@ -477,7 +489,7 @@ class ProxyCore:
             headers = request_headers(request.headers, request.remote)
             try:
                 resp = await self.session.request(
-                    request.method, self.backend.url + request.path_qs, data=body or None,
+                    request.method, URL(self.backend.url + request.path_qs, encoded=True), data=body or None,
                     headers=headers, allow_redirects=False)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
