@@ -262,3 +262,30 @@ def test_conservation_and_non_negativity(requests, ticks, idle, method, prefill,
     for i, r in enumerate(requests):
         if (r["start"] + r["duration"]) * MS < last_t1:
             assert results[f"r{i}"] is not None and results[f"r{i}"].final
+
+
+def test_held_request_carries_no_energy_until_forwarded():
+    fwd: dict[str, int | None] = {"t": None}
+    led = Ledger(idle_watts=10.0)
+    led.start("held", 0, "m", True, forwarded=lambda: fwd["t"])
+    for k in range(5):                                   # a cold start: 500 ms at 400 W
+        led.add_tick(tick(100 * k, 100 * (k + 1), 40.0))
+    assert led.result("held").full_joules == 0.0
+    assert led.snapshot().idle_joules == pytest.approx(200.0)
+    fwd["t"] = 500 * MS
+    led.tokens("held", 1, 550 * MS, prompt_tokens=2)
+    led.end("held", 560 * MS, 2, 1)
+    led.add_tick(tick(500, 600, 20.0))
+    r = led.result("held")
+    assert r.final and r.active_joules == pytest.approx(19.0)
+    assert r.full_joules == pytest.approx(19.0 + 1.0 * 0.6)
+
+
+def test_rejected_request_never_forwarded_gets_nothing():
+    led = Ledger(idle_watts=0.0)
+    led.start("rej", 0, "m", True, forwarded=lambda: None)
+    led.end("rej", 50 * MS)
+    led.add_tick(tick(0, 100, 10.0))
+    r = led.result("rej")
+    assert r.final and r.full_joules == 0.0
+    assert_conserved(led)

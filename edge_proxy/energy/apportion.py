@@ -150,6 +150,11 @@ def split_tick(t0: int, t1: int, dE: float, reqs: list[ReqView], idle_watts: flo
     raw: dict[str, float | None] = {}
     for r in inflight:
         raw[r.rid] = request_weight(r, t0, t1, method, prefill_weight, forced)
+    # a request that touches the tick only at an instant and has no weight in it was not really there
+    inflight = [r for r in inflight if r.overlap_ns(t0, t1) > 0 or raw[r.rid] is None or raw[r.rid] > 0]
+    if not inflight:
+        return TickSplit(dE, dE, {}, {}, forced)
+    raw = {r.rid: raw[r.rid] for r in inflight}
     known = [w for w in raw.values() if w is not None]
     mean = (sum(known) / len(known)) if known and sum(known) > 0 else 1.0
     weights = {rid: (mean if w is None else max(0.0, w)) for rid, w in raw.items()}

@@ -27,6 +27,7 @@ import statistics
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from edge_proxy.energy.apportion import (
     METHODS, TIME_WEIGHTED, TOKEN_WEIGHTED, Deferred, ReqView, TickSplit, split_tick)
@@ -48,6 +49,7 @@ class _Req:
     view: ReqView
     model: str
     attribution: str
+    forwarded: Callable[[], int | None] | None = None   # when the request left for the backend
     active: float = 0.0
     full: float = 0.0
     final: bool = False
@@ -117,11 +119,16 @@ class Ledger:
             self._idle_settled.append(p)
 
     # -- request events (event loop) -------------------------------------------------------
-    def start(self, rid: str, t_ns: int, model: str = "unknown", stream: bool = True) -> None:
+    def start(self, rid: str, t_ns: int, model: str = "unknown", stream: bool = True,
+              forwarded: Callable[[], int | None] | None = None) -> None:
+        """Open a request at ``t_ns``. ``forwarded`` (optional) tells when the request was sent to
+        the backend (None while a cold-start gate holds it): the request is in flight from then on,
+        so a held request carries no energy of the cold start it waits through."""
         with self._lock:
             token_known = stream and self.method == TOKEN_WEIGHTED
             attribution = TOKEN_WEIGHTED if token_known else TIME_WEIGHTED
-            self._active[rid] = _Req(ReqView(rid, t_ns, None, stream, events=[]), model, attribution)
+            self._active[rid] = _Req(ReqView(rid, t_ns, None, stream, events=[]), model, attribution,
+                                     forwarded)
 
     def tokens(self, rid: str, n: int, t_ns: int, prompt_tokens: int | None = None) -> None:
         with self._lock:
@@ -191,8 +198,25 @@ class Ledger:
             self._update_finality()
 
     # -- internals -------------------------------------------------------------------------
+    @staticmethod
+    def _in_flight_view(r: _Req) -> bool:
+        """Move the request's start to when it was forwarded; False while it is held (not sent yet)."""
+        if r.forwarded is None:
+            return True
+        fwd = r.forwarded()
+        v = r.view
+        if fwd is None:
+            if v.end_ns is None:
+                return False             # held by the gate: not in flight yet
+            v.start_ns = v.end_ns        # ended without being sent (rejected): no time in flight
+            return True
+        if fwd > v.start_ns:
+            v.start_ns = fwd if v.end_ns is None else min(fwd, v.end_ns)
+        return True
+
     def _overlapping(self, tick: Tick) -> list[_Req]:
-        return [r for r in self._active.values() if r.view.overlaps(tick.t0_ns, tick.t1_ns)]
+        return [r for r in self._active.values()
+                if self._in_flight_view(r) and r.view.overlaps(tick.t0_ns, tick.t1_ns)]
 
     def _split(self, tick: Tick, forced: bool) -> bool:
         reqs = self._overlapping(tick)

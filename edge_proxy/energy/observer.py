@@ -2,9 +2,9 @@
 ledger and, in ``finalize``, waits (bounded) for the request's energy to turn final and fills
 ``rec.energy``.
 
-A request held by the cold-start gate is in flight from the moment the proxy received it, so it
-carries a share of the ticks it was held through; the cold-start report gives the energy of the
-whole cold start separately.
+A request counts as in flight from the moment the proxy forwarded it to the backend
+(``rec.t_forwarded_ns``), so a request held by the cold-start gate carries none of the energy of the
+cold start it waited through (the cold-start report gives that energy).
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ class EnergyObserver(BaseObserver):
         self._poll = max(0.005, min(0.05, period_seconds / 4))
 
     def on_request_start(self, rec: RequestRecord) -> None:
-        self.ledger.start(rec.request_id, rec.t_received_ns or time.monotonic_ns(), rec.model, rec.stream)
+        self.ledger.start(rec.request_id, rec.t_received_ns or time.monotonic_ns(), rec.model, rec.stream,
+                          forwarded=lambda: rec.t_forwarded_ns)
         self.ledger.set_prompt_tokens(rec.request_id, rec.input_tokens)
 
     def on_tokens(self, rec: RequestRecord, n: int, t_ns: int) -> None:
