@@ -130,11 +130,13 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.check_config:
         # Build (not start) the runtime too, so component factories validate their sections.
+        import copy
+
         from edge_proxy.server import build_proxy
 
-        runtime = build_proxy(settings)
-        if runtime.access_log is not None:
-            runtime.access_log.close()
+        dry = copy.deepcopy(settings)
+        dry.proxy.access_log = None          # a dry run creates no files
+        build_proxy(dry)
         print(json.dumps(settings_as_dict(settings), indent=2, default=str))
         return 0
     try:

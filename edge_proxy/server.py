@@ -83,7 +83,7 @@ class ProxyRuntime:
             await runner.cleanup()
         self._runners.clear()
         if self.tracing is not None:
-            self.tracing.shutdown()
+            await asyncio.to_thread(self.tracing.shutdown)   # flushes spans; never blocks the loop
         if self.access_log is not None:
             self.access_log.close()
 

@@ -187,3 +187,49 @@ async def test_metadata_routes_forwarded():
         assert json.loads(await _get(px.url + "/info")) == direct
         text = (await _get(px.metrics_url)).decode()
         assert metric_value(text, "edge_proxy_requests_total", route="/info", status="200") == 1
+
+
+async def test_otlp_export_to_a_real_http_receiver(tmp_path):
+    """OTLP/HTTP export (as with OTEL_EXPORTER_OTLP_ENDPOINT) to a receiver on 127.0.0.1."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    bodies: list[bytes] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    from edge_proxy.config import load_settings
+    from edge_proxy.server import build_proxy
+
+    log = tmp_path / "access.jsonl"
+    async with InProcessUpstream() as up:
+        settings = load_settings(None, {("proxy", "backend_url"): up.url, ("proxy", "port"): 0,
+                                        ("proxy", "metrics_port"): 0, ("proxy", "access_log"): str(log),
+                                        ("proxy", "log_content"): True},
+                                 environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+        px = build_proxy(settings)
+        await px.start()
+        try:
+            body = {"model": "fake-model", "prompt": "visible words", "max_tokens": 2}
+            async with aiohttp.ClientSession() as s:
+                async with s.post(px.url + "/v1/completions", json=body) as r:
+                    assert r.status == 200
+            await px.drain()
+        finally:
+            await px.stop()          # flushes the batch span processor
+    await runner.cleanup()
+    req = ExportTraceServiceRequest()
+    req.ParseFromString(b"".join(bodies[:1]))
+    names = [sp.name for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
+    assert names == ["text_completion fake-model"]
+    line = json.loads(log.read_text().splitlines()[-1])
+    assert "visible words" in line["content"]          # --log-content on: the request body is logged
