@@ -54,6 +54,8 @@ def _sampling(runtime, body: dict[str, Any], *, max_key: str, default_max: int |
     max_tokens = get_int(body, max_key, default=None, lo=1)
     if max_key == "max_completion_tokens" and max_tokens is None:
         max_tokens = get_int(body, "max_tokens", default=None, lo=1)
+        if max_tokens is not None:
+            max_key = "max_tokens"
     temperature = get_float(body, "temperature", default=None, lo=0.0, hi=2.0)
     top_p = get_float(body, "top_p", default=None, lo=0.0, hi=1.0, lo_open=True)
     top_k = get_int(body, "top_k", default=None, lo=-1)
@@ -92,7 +94,8 @@ def _sampling(runtime, body: dict[str, Any], *, max_key: str, default_max: int |
     sp = SamplingParams(max_new_tokens=max_tokens or default_max or 16, do_sample=do_sample,
                         temperature=temperature, top_p=top_p if top_p is not None else 1.0,
                         top_k=top_k if top_k and top_k > 0 else 0, seed=seed, ignore_eos=ignore_eos)
-    return sp, stops, {"stream": stream, "include_usage": include_usage, "max_given": max_tokens is not None}
+    return sp, stops, {"stream": stream, "include_usage": include_usage, "max_given": max_tokens is not None,
+                       "max_key": max_key}
 
 
 def _fit_default_max(runtime, sp: SamplingParams, n_prompt: int, given: bool) -> SamplingParams:
@@ -180,7 +183,7 @@ async def handle(request: web.Request, runtime, chat: bool) -> web.StreamRespons
             sp, stops, opts = _sampling(runtime, body, max_key="max_tokens", default_max=16)
         sp = _fit_default_max(runtime, sp, len(prompt_ids), opts["max_given"])
         check_lengths(runtime, len(prompt_ids), sp.max_new_tokens,
-                      new_param="max_completion_tokens" if chat else "max_tokens",
+                      new_param=opts["max_key"],
                       prompt_param="messages" if chat else "prompt")
     except ApiError as err:
         runtime.metrics.requests.labels(API, "rejected" if err.status in (429, 503) else "invalid").inc()

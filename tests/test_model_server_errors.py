@@ -52,7 +52,7 @@ OPENAI_CASES = [
     ("chat image part", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content"),
     ("chat unknown model", "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ("chat too long", "/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "max_tokens": 2}, 400, "messages"),
-    ("chat max_tokens beyond context", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_completion_tokens"),
+    ("chat max_tokens beyond context", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
 ]
 
 

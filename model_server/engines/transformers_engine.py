@@ -229,7 +229,12 @@ class TransformersEngine(Engine):
             created = getattr(out, "created_time", None)
             if life and life[0] and life[0] > 0 and created:
                 state.queue_seconds = max(0.0, float(life[0]) - float(created))
-        new = tokens[state.seen:]
+        emitted = state.extra.setdefault("emitted", [])
+        if tokens[:len(emitted)] == emitted:
+            new = tokens[len(emitted):]          # cumulative outputs (transformers 5.2x)
+        else:
+            new = tokens                         # per-step outputs (guard for other versions)
+        emitted.extend(new)
         status = int(getattr(out, "status", 0))
         finished = out.is_finished() if hasattr(out, "is_finished") else status >= _FINISHED
         error = getattr(out, "error", None)
@@ -239,14 +244,15 @@ class TransformersEngine(Engine):
                 self._prefill_tokens += len(state.request.prompt_ids)
         for i, tok in enumerate(new):
             idx = state.seen + i
+            lp_list = logprobs[idx:idx + 1] if len(logprobs) > idx else logprobs[i:i + 1]
             last = finished and i == len(new) - 1 and not error
             reason = None
             if last:
                 reason = ("eos_token" if (tok in self.eos_ids and not state.request.params.ignore_eos)
                           else "length")
-            lp = float(logprobs[idx]) if idx < len(logprobs) else None
+            lp = float(lp_list[0]) if lp_list else None
             state.queue.put_nowait(TokenEvent(int(tok), logprob=lp, finish_reason=reason))
-        state.seen = len(tokens)
+        state.seen = len(emitted)
         with self._stats_lock:
             self._decode_tokens += len(new)
         if finished:
