@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -111,3 +113,46 @@ def test_still_serving_after_bad_inputs(model_server):
                       timeout=30)
     assert r.status_code == 200 and "generated_text" in r.json()
     assert model_server.proc.poll() is None
+
+
+def test_deeply_nested_json_is_400(model_server):
+    r = _post(model_server.url + "/generate", b"[" * 100000 + b"]" * 100000)
+    assert r.status_code == 400 and r.json()["error_type"] == "validation"
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False, width=32)
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8)
+_tgi_bodies = st.fixed_dictionaries({}, optional={
+    "inputs": _json_values | st.text(max_size=20), "stream": _json_values,
+    "parameters": st.fixed_dictionaries({}, optional={
+        k: _json_values for k in ("max_new_tokens", "temperature", "top_p", "top_k", "stop", "details",
+                                  "do_sample", "seed", "truncate", "best_of", "return_full_text")})})
+_openai_bodies = st.fixed_dictionaries({}, optional={
+    "prompt": _json_values, "messages": _json_values, "model": _json_values, "stream": _json_values,
+    "stream_options": _json_values, "stop": _json_values, "n": _json_values, "temperature": _json_values,
+    "top_p": _json_values, "logprobs": _json_values})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_tgi_bodies, route=st.sampled_from(["/generate", "/generate_stream", "/"]))
+def test_fuzz_tgi_never_5xx(model_server, body, route):
+    params = body.get("parameters")
+    if isinstance(params, dict) and isinstance(params.get("max_new_tokens"), int):
+        params["max_new_tokens"] = min(params["max_new_tokens"], 4)   # keep generation short
+    elif isinstance(params, dict):
+        params["max_new_tokens"] = 2
+    else:
+        body["parameters"] = {"max_new_tokens": 2}
+    r = requests.post(model_server.url + route, json=body, timeout=60)
+    assert r.status_code < 500, (r.status_code, r.text[:300])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_openai_bodies, route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+def test_fuzz_openai_never_5xx(model_server, body, route):
+    body["max_tokens"] = 2
+    r = requests.post(model_server.url + route, json=body, timeout=60)
+    assert r.status_code < 500, (r.status_code, r.text[:300])
