@@ -441,7 +441,8 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
                     if rec is None or rec.energy is None:
                         rows.append({"rid": rid, "error": "no record"})
                         continue
-                    e0, e1 = interp(series, rec.t_received_ns), interp(series, rec.t_end_ns)
+                    t_in = rec.t_forwarded_ns or rec.t_received_ns      # in flight from forwarding (the ledger's rule)
+                    e0, e1 = interp(series, t_in), interp(series, rec.t_end_ns)
                     ref = (e1 - e0) if e0 is not None and e1 is not None else None
                     rows.append({"rid": rid, "duration_s": rec.duration_seconds, "output_tokens": rec.output_tokens,
                                  "full_j": rec.energy.full_joules, "active_j": rec.energy.active_joules,
@@ -489,7 +490,7 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
             c4: dict[str, Any] = {"tokens": [tok4, 2 * tok4]}
             if r1 is not None and r2 is not None and r1.energy and r2.energy and r1.energy.full_joules > 0:
                 series = cumulative_series(list(sampler.readings), gpu_ids)
-                t_s = min(r1.t_received_ns, r2.t_received_ns)
+                t_s = min(r1.t_forwarded_ns or r1.t_received_ns, r2.t_forwarded_ns or r2.t_received_ns)
                 e_s, e_m, e_e = interp(series, t_s), interp(series, r1.t_end_ns), interp(series, r2.t_end_ns)
                 c4.update({"full_j": [r1.energy.full_joules, r2.energy.full_joules],
                            "active_j": [r1.energy.active_joules, r2.energy.active_joules],
@@ -643,6 +644,14 @@ def main() -> int:
     out: dict[str, Any] = {"preset": args.preset, "device": args.device, "source": args.source,
                            "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "checks": {}}
+    if args.source == "nvml":          # fail fast, before building and loading a model
+        from edge_proxy.energy.nvml_source import list_gpus
+        from edge_proxy.energy.readings import ReaderError
+        try:
+            list_gpus()
+        except ReaderError as exc:
+            print(f"energy_validation: error: --source nvml: {exc}", file=sys.stderr)
+            return 2
     work = tempfile.mkdtemp(prefix="energy_validation_")
     proc = None
     log_path = out_dir / "model_server.log"
