@@ -142,6 +142,10 @@ class ModelRunner:
         """Compile the fused elementwise ops (CUDA) and capture the decode graphs."""
         if self.fuse_requested:
             self.ops = Ops(True, self.device, self.dtype)
+            # compile every prefill shape family now (batch 1 / >1, one token / more), not on a request
+            for n, t in ((1, 1), (1, 3), (2, 1), (2, 3)):
+                if n <= self.max_batch and t < self.max_len:
+                    self.prefill(list(range(n)), [[0] * t for _ in range(n)])
         self.capture()
 
     # ------------------------------------------------------------------ decode
