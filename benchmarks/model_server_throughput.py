@@ -277,6 +277,33 @@ def sequential_generate(model_dir: Path, quantization: str, device: str, prompts
 
 
 # ----------------------------------------------------------------------------- report
+COLUMNS = ("quantization", "engine", "weights (GB)", "concurrency", "tokens/s", "x sequential", "TTFT p50 (ms)",
+           "TTFT p99 (ms)", "rho_sys (tokens/s/GB)", "paper rho_sys", "J/token")
+
+
+def table_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per sequential baseline (once per quantization) and per measured level."""
+    rows: list[tuple[str, ...]] = []
+    baseline_done: set[str] = set()
+    for v in report["variants"]:
+        q = v["quantization"]
+        seq = v.get("sequential")
+        gb = v.get("weight_bytes", 0) / 1e9
+        if seq and q not in baseline_done and gb > 0:
+            baseline_done.add(q)
+            rows.append((q, "model.generate", f"{gb:.4g}", "1 (sequential)", f"{seq['tokens_per_s']:.1f}", "1.00",
+                         f"{seq['ttft_p50_s'] * 1e3:.1f}", "", f"{seq['tokens_per_s'] / gb:.0f}",
+                         f"{PAPER_RHO_SYS:.0f}", ""))
+        for lvl in v.get("levels", []):
+            jt = f"{lvl['joules_per_token']:.4f}" if lvl.get("joules_per_token") is not None else "n/a"
+            rows.append((q, str(v.get("engine")), f"{gb:.4g}", str(lvl["concurrency"]), f"{lvl['tokens_per_s']:.1f}",
+                         f"{lvl['ratio_vs_sequential']:.2f}", f"{lvl['ttft_p50_s'] * 1e3:.1f}",
+                         f"{lvl['ttft_p99_s'] * 1e3:.1f}", f"{lvl['rho_sys']:.0f}", f"{PAPER_RHO_SYS:.0f}", jt))
+        if v.get("skipped"):
+            rows.append((q, str(v.get("engine")), "skipped", v["skipped"].replace("|", "/"), "", "", "", "", "", "", ""))
+    return rows
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
@@ -286,36 +313,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- device: {env['device_name']} ({env['device']}); torch {env['torch']}, transformers {env['transformers']}",
         f"- command: `{report['command']}`",
         f"- model: {report['preset']} (synthetic weights), prompts {report['prompt_tokens']} tokens, "
-        f"{report['new_tokens']} new tokens, greedy, ignore_eos",
-        f"- engine: {report['engine']}",
+        f"{report['new_tokens']} new tokens, greedy, ignore_eos; OpenAI streaming API, closed loop",
         "",
-        "| quantization | weights (GB) | concurrency | server tokens/s | x sequential | TTFT p50 (ms) | TTFT p99 (ms) "
-        "| rho_sys (tokens/s/GB) | paper rho_sys | J/token |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
     ]
-    for v in report["variants"]:
-        if v.get("skipped"):
-            lines.append(f"| {v['quantization']} | skipped: {v['skipped']} | | | | | | | | |")
-            continue
-        gb = v["weight_bytes"] / 1e9
-        seq = v.get("sequential")
-        if seq:
-            lines.append(f"| {v['quantization']} | {gb:.4g} | sequential generate | {seq['tokens_per_s']:.1f} | 1.00 "
-                         f"| {seq['ttft_p50_s'] * 1e3:.1f} | | {seq['tokens_per_s'] / gb:.0f} | {PAPER_RHO_SYS:.0f} | |")
-        for lvl in v.get("levels", []):
-            jt = f"{lvl['joules_per_token']:.4f}" if lvl.get("joules_per_token") is not None else "n/a"
-            ratio = f"{lvl['ratio_vs_sequential']:.2f}" if "ratio_vs_sequential" in lvl else "pending"
-            lines.append(
-                f"| {v['quantization']} | {gb:.4g} | {lvl['concurrency']} | {lvl['tokens_per_s']:.1f} "
-                f"| {ratio} | {lvl['ttft_p50_s'] * 1e3:.1f} | {lvl['ttft_p99_s'] * 1e3:.1f} "
-                f"| {lvl['rho_sys']:.0f} | {PAPER_RHO_SYS:.0f} | {jt} |")
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
     lines += ["", f"Target (issue 2): at concurrency 32, at least {TARGET_RATIO_AT_32:.0f}x sequential generate.",
               "rho_sys = output tokens/s / weight GB as loaded (measured from the tensors, `/info` weight_bytes); "
-              "the paper's 6,930 tokens/s/GB is Llama-3.2-1B INT4 on a T4 with vLLM (nominal size).", ""]
+              "the paper's 6,930 tokens/s/GB is Llama-3.2-1B INT4 on a T4 with vLLM (nominal size). "
+              "J/token: NVML energy counter over the whole level (idle draw included).", ""]
     for v in report["variants"]:
         if v.get("target_at_32") is not None:
-            lines.append(f"- {v['quantization']}: at concurrency 32, {v['target_at_32']:.2f}x sequential "
-                         f"({'meets' if v['target_at_32'] >= TARGET_RATIO_AT_32 else 'below'} the 8x target)")
+            lines.append(f"- {v['quantization']} / {v.get('engine')}: at concurrency 32, {v['target_at_32']:.2f}x "
+                         f"sequential ({'meets' if v['target_at_32'] >= TARGET_RATIO_AT_32 else 'below'} the 8x target)")
     return "\n".join(lines) + "\n"
 
 
@@ -326,24 +337,12 @@ def print_table(report: dict[str, Any]) -> None:
     except Exception:
         print(render_markdown(report))
         return
-    t = Table(title=f"model server throughput ({report['environment']['device_name']}, engine {report['engine']})")
-    for col in ("quant", "GB", "conc", "tok/s", "x seq", "TTFT p50 ms", "rho_sys", "paper", "J/tok"):
+    t = Table(title=f"model server throughput ({report['environment']['device_name']})")
+    for col in COLUMNS:
         t.add_column(col, justify="right")
-    for v in report["variants"]:
-        if v.get("skipped"):
-            t.add_row(v["quantization"], "skipped", v["skipped"][:80], "", "", "", "", "", "")
-            continue
-        gb = v["weight_bytes"] / 1e9
-        seq = v.get("sequential")
-        if seq:
-            t.add_row(v["quantization"], f"{gb:.4g}", "seq", f"{seq['tokens_per_s']:.1f}", "1.00",
-                      f"{seq['ttft_p50_s'] * 1e3:.1f}", f"{seq['tokens_per_s'] / gb:.0f}", f"{PAPER_RHO_SYS:.0f}", "")
-        for lvl in v.get("levels", []):
-            jt = f"{lvl['joules_per_token']:.4f}" if lvl.get("joules_per_token") is not None else "n/a"
-            t.add_row(v["quantization"], f"{gb:.4g}", str(lvl["concurrency"]), f"{lvl['tokens_per_s']:.1f}",
-                      f"{lvl.get('ratio_vs_sequential', float('nan')):.2f}", f"{lvl['ttft_p50_s'] * 1e3:.1f}", f"{lvl['rho_sys']:.0f}",
-                      f"{PAPER_RHO_SYS:.0f}", jt)
-    Console(width=150).print(t)
+    for row in table_rows(report):
+        t.add_row(*row)
+    Console(width=180).print(t)
 
 
 # ----------------------------------------------------------------------------- main
@@ -353,7 +352,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="llama-3.2-1b", choices=("tiny", "llama-3.2-1b", "qwen2.5-0.5b"))
     p.add_argument("--model-dir", default=None, help="serve this model directory instead of synthesizing")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", default="auto", choices=("auto", "fast", "transformers"))
+    p.add_argument("--engine", default="auto",
+                   help="comma list of auto,fast,transformers: each is served and measured in this run "
+                        "(e.g. transformers,fast for both side by side; default: auto)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quantizations", default="fp16,nf4,gptq",
                    help="comma list of fp16,bf16,nf4,int8,gptq,none (gptq: only when gptqmodel imports)")
@@ -373,6 +374,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise ValueError
     except ValueError:
         p.error(f"--concurrency must be a comma list of positive integers, got {args.concurrency!r}")
+    args.engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    if not args.engines or any(e not in ("auto", "fast", "transformers") for e in args.engines):
+        p.error(f"--engine must be a comma list of auto, fast, transformers; got {args.engine!r}")
     args.quants = [q.strip() for q in args.quantizations.split(",") if q.strip()]
     bad = [q for q in args.quants if q not in ("fp16", "bf16", "nf4", "int8", "gptq", "none")]
     if bad:
@@ -409,7 +413,7 @@ def _run(args, out: Path, work: Path, device: str, device_name: str, torch, tran
     report: dict[str, Any] = {
         "benchmark": "model_server_throughput", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "preset": args.preset if not args.model_dir else str(args.model_dir), "engine": args.engine,
+        "preset": args.preset if not args.model_dir else str(args.model_dir), "engines": args.engines,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "levels": args.levels,
         "paper_rho_sys_tokens_per_s_per_gb": PAPER_RHO_SYS,
         "environment": {"device": device, "device_name": device_name, "torch": torch.__version__,
@@ -423,8 +427,6 @@ def _run(args, out: Path, work: Path, device: str, device_name: str, torch, tran
         (out / "model_server_throughput.md").write_text(render_markdown(report))
 
     for quant in args.quants:
-        variant: dict[str, Any] = {"quantization": quant}
-        report["variants"].append(variant)
         serve_dir = model_dir
         if quant == "gptq":
             from transformers import AutoTokenizer
@@ -432,56 +434,58 @@ def _run(args, out: Path, work: Path, device: str, device_name: str, torch, tran
             tok = AutoTokenizer.from_pretrained(model_dir)
             gdir, why = maybe_make_gptq(model_dir, work, [tok.decode(p) for p in prompts[:32]])
             if gdir is None:
-                variant["skipped"] = why
+                report["variants"].append({"quantization": quant, "engine": "-", "skipped": why})
                 log(f"gptq skipped: {why}")
                 save()
                 continue
             serve_dir = gdir
-        log(f"[{quant}] starting server (engine {args.engine}, device {device})")
-        srv = Server(serve_dir, quant, args.engine, device, max(args.levels), max_total,
-                     out / f"server-{quant}.log")
-        try:
-            info = srv.wait_ready(args.ready_timeout)
-            variant.update(engine=info.get("engine"), weight_bytes=info["weight_bytes"], dtype=info.get("dtype"),
-                           server_startup=info.get("startup"), load_energy_joules=info.get("load_energy_joules"),
-                           devices=info.get("devices"))
-            uuids = [d["uuid"] for d in info.get("devices") or [] if d.get("uuid")]
-            asyncio.run(run_level(srv.url, info["model_id"], prompts, 2, 2, min(8, args.new_tokens)))  # warm-up
-            variant["levels"] = []
-            for c in args.levels:
-                n_req = max(4, int(round(args.requests_factor * c)))
-                e0 = _energy_mj(uuids)
-                lvl = asyncio.run(run_level(srv.url, info["model_id"], prompts, c, n_req, args.new_tokens))
-                e1 = _energy_mj(uuids)
-                if e0 and e1:
-                    joules = sum(max(0, e1[u] - e0[u]) for u in e0) / 1000.0
-                    lvl["energy_joules"] = joules
-                    lvl["joules_per_token"] = joules / lvl["completion_tokens"] if lvl["completion_tokens"] else None
-                lvl["rho_sys"] = lvl["tokens_per_s"] / (info["weight_bytes"] / 1e9)
-                variant["levels"].append(lvl)
-                log(f"[{quant}] c={c}: {lvl['tokens_per_s']:.1f} tokens/s, TTFT p50 {lvl['ttft_p50_s'] * 1e3:.1f} ms")
-                save()
-        except Exception as exc:
-            variant["skipped"] = f"server run failed: {type(exc).__name__}: {str(exc)[:300]}"
-            log(variant["skipped"])
-            srv.stop()
-            save()
-            continue
-        srv.stop()
         log(f"[{quant}] sequential model.generate baseline ({args.sequential_requests} requests)")
         try:
             seq = sequential_generate(serve_dir, quant, device, prompts, args.new_tokens, args.sequential_requests)
         except Exception as exc:
-            variant["sequential_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            variant["skipped"] = f"baseline failed: {variant['sequential_error']}"
+            why = f"baseline failed: {type(exc).__name__}: {str(exc)[:300]}"
+            report["variants"].append({"quantization": quant, "engine": "-", "skipped": why})
+            log(why)
             save()
             continue
-        variant["sequential"] = seq
-        for lvl in variant["levels"]:
-            lvl["ratio_vs_sequential"] = lvl["tokens_per_s"] / seq["tokens_per_s"]
-        at32 = [lvl for lvl in variant["levels"] if lvl["concurrency"] == 32]
-        variant["target_at_32"] = at32[0]["ratio_vs_sequential"] if at32 else None
-        save()
+        for engine in args.engines:
+            variant: dict[str, Any] = {"quantization": quant, "engine_requested": engine, "engine": engine,
+                                       "sequential": seq, "weight_bytes": seq["weight_bytes"], "levels": []}
+            report["variants"].append(variant)
+            log(f"[{quant}/{engine}] starting server (device {device})")
+            srv = Server(serve_dir, quant, engine, device, max(args.levels), max_total,
+                         out / f"server-{quant}-{engine}.log")
+            try:
+                info = srv.wait_ready(args.ready_timeout)
+                variant.update(engine=info.get("engine"), weight_bytes=info["weight_bytes"], dtype=info.get("dtype"),
+                               server_startup=info.get("startup"),
+                               load_energy_joules=info.get("load_energy_joules"), devices=info.get("devices"))
+                uuids = [d["uuid"] for d in info.get("devices") or [] if d.get("uuid")]
+                asyncio.run(run_level(srv.url, info["model_id"], prompts, 2, 2, min(8, args.new_tokens)))  # warm-up
+                for c in args.levels:
+                    n_req = max(4, int(round(args.requests_factor * c)))
+                    e0 = _energy_mj(uuids)
+                    lvl = asyncio.run(run_level(srv.url, info["model_id"], prompts, c, n_req, args.new_tokens))
+                    e1 = _energy_mj(uuids)
+                    if e0 and e1:
+                        joules = sum(max(0, e1[u] - e0[u]) for u in e0) / 1000.0
+                        lvl["energy_joules"] = joules
+                        lvl["joules_per_token"] = (joules / lvl["completion_tokens"]
+                                                   if lvl["completion_tokens"] else None)
+                    lvl["rho_sys"] = lvl["tokens_per_s"] / (info["weight_bytes"] / 1e9)
+                    lvl["ratio_vs_sequential"] = lvl["tokens_per_s"] / seq["tokens_per_s"]
+                    variant["levels"].append(lvl)
+                    log(f"[{quant}/{variant['engine']}] c={c}: {lvl['tokens_per_s']:.1f} tokens/s "
+                        f"({lvl['ratio_vs_sequential']:.2f}x sequential), TTFT p50 {lvl['ttft_p50_s'] * 1e3:.1f} ms")
+                    save()
+            except Exception as exc:
+                variant["skipped"] = f"server run failed: {type(exc).__name__}: {str(exc)[:300]}"
+                log(variant["skipped"])
+            finally:
+                srv.stop()
+            at32 = [lvl for lvl in variant["levels"] if lvl["concurrency"] == 32]
+            variant["target_at_32"] = at32[0]["ratio_vs_sequential"] if at32 else None
+            save()
 
     save()
     print_table(report)
