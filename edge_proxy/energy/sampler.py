@@ -3,6 +3,8 @@
 - Default period 100 ms (the NVML counter updates about every 100 ms; one read costs ~4 ms on an
   H100, so it is never read on the event loop).
 - Readings and ticks go into bounded rings (``collections.deque(maxlen=ring_size)``).
+- A read that sees no counter change (it landed before the counter's next ~100 ms update) closes
+  no tick; the next read that sees an update closes one tick over the whole time.
 - A counter that goes down (reset / driver reload / wrap) is clamped to 0 J and the tick is marked
   as a gap. A failed read is logged once (per distinct message), counted, and the next tick is
   marked as a gap; the cumulative counter makes the next good read cover the missed interval.
@@ -52,6 +54,7 @@ class Sampler:
         self.resets_total = 0
         self.lag_seconds = 0.0
         self.reads_total = 0
+        self.max_stale_periods = 5
 
     # -- listeners -------------------------------------------------------------------------
     def add_listener(self, fn: TickListener) -> None:
@@ -62,6 +65,22 @@ class Sampler:
         if key not in self._logged and len(self._logged) < 100:
             self._logged.add(key)
             log.warning(msg, *args)
+
+    def _stale(self, reading: Reading) -> bool:
+        """True when no counter changed since the last tick and that tick is recent.
+
+        The NVML counter updates about every 100 ms, the sampler's own period: a read can land just
+        before the next update and see the same value. Closing a 0 J tick there (and a double tick
+        next) would split energy over the wrong requests, so such a read closes no tick; the next
+        read that sees an update closes one tick over the whole time. After ``max_stale_periods``
+        periods without any update the tick is closed anyway (a counter that stopped)."""
+        if self._last_t_ns is None or not reading.energy_mj:
+            return False
+        for uuid, mj in reading.energy_mj.items():
+            prev = self._prev.get(uuid)
+            if prev is None or prev[1] != mj:
+                return False
+        return reading.t_ns - self._last_t_ns < self.max_stale_periods * self.period_seconds * 1e9
 
     def ingest(self, reading: Reading) -> Tick | None:
         """Turn one reading into a tick (None for the first reading or a failed one)."""
@@ -80,6 +99,8 @@ class Sampler:
             t = reading.t_ns
             if self._last_t_ns is not None and t <= self._last_t_ns:
                 return None     # duplicate or out-of-order stamp: nothing new
+            if self._stale(reading):
+                return None     # the counter has not updated since the last read: wait for news
             by_gpu: dict[str, float] = {}
             gap = self._pending_gap
             for uuid, mj in reading.energy_mj.items():
