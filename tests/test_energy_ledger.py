@@ -289,3 +289,13 @@ def test_rejected_request_never_forwarded_gets_nothing():
     r = led.result("rej")
     assert r.final and r.full_joules == 0.0
     assert_conserved(led)
+
+
+def test_ticks_while_requests_are_held_do_not_teach_idle():
+    led = Ledger(idle_watts=None, idle_settle_seconds=0.0)
+    led.add_tick(tick(0, 100, 7.5))                      # 75 W idle
+    led.start("held", 100 * MS, "m", True, forwarded=lambda: None)
+    for k in range(1, 6):                                # model loading at 300 W while the request waits
+        led.add_tick(tick(100 * k, 100 * (k + 1), 30.0))
+    assert led.idle_watts == pytest.approx(75.0)
+    assert_conserved(led)

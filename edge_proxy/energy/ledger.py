@@ -238,7 +238,10 @@ class Ledger:
         t.idle_joules += res.idle
         t.idle_unattributed_joules += res.idle_unattributed
         if not reqs:
-            self._learn_idle(tick)
+            held = any(r.view.start_ns < tick.t1_ns and r.view.end_ns is None and not self._in_flight_view(r)
+                       for r in self._active.values())
+            if not held:                 # a cold start (requests held) is not idle power
+                self._learn_idle(tick)
         else:
             self._last_busy_t1 = max(self._last_busy_t1 or tick.t1_ns, tick.t1_ns)
         for r in reqs:
