@@ -190,6 +190,7 @@ request_st = st.fixed_dictionaries({
     "tokens_per_event": st.integers(1, 4),
     "prompt": st.integers(0, 400),
     "prompt_when": st.sampled_from(["start", "end", "never"]),
+    "held_ms": st.one_of(st.none(), st.integers(0, 600), st.just(-1)),   # None: no gate; -1: never sent
 })
 
 tick_st = st.tuples(st.integers(40, 160), st.floats(0.0, 120.0, allow_nan=False),
@@ -224,12 +225,23 @@ def test_conservation_and_non_negativity(requests, ticks, idle, method, prefill,
         events.append((e, 2, "end", (rid, r)))
     events.sort(key=lambda x: (x[0], x[1]))
     seen: set[str] = set()
+    clock = {"now": -10**12}
+
+    def forwarded_fn(r: dict):
+        if r["held_ms"] is None:
+            return None
+        if r["held_ms"] < 0:
+            return lambda: None
+        t_fwd = (r["start"] + r["held_ms"]) * MS
+        return lambda: t_fwd if clock["now"] >= t_fwd else None
+
     for now, _, kind, payload in events:
+        clock["now"] = now
         if kind == "tick":
             led.add_tick(payload, now_ns=now)               # type: ignore[arg-type]
         elif kind == "start":
             rid, r = payload                                # type: ignore[misc]
-            led.start(rid, now, "m", r["stream"])
+            led.start(rid, now, "m", r["stream"], forwarded=forwarded_fn(r))
             if r["prompt_when"] == "start":
                 led.set_prompt_tokens(rid, r["prompt"])
             seen.add(rid)
