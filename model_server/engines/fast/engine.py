@@ -16,12 +16,22 @@ which wraps this)::
   request ends with ``length``).
 * ``device``/``dtype``: default to the model's; a non-quantized model is cast to ``dtype`` if given.
 * ``use_cuda_graphs``: default on for CUDA. If capture fails, decode runs eagerly (see ``stats().extra``).
+* ``fuse``: default on for CUDA: RMSNorm(+residual), rotary and SiLU*up each become one kernel through
+  ``torch.compile`` (compiled at ``start()``, ~10-40 s once per process; eager if compiling fails).
+  This sets two process-wide torch settings: inductor's ``emulate_precision_casts`` (round where eager
+  rounds) and a dynamo recompile limit of at least 64.
+* ``start()`` does the device work of warm-up (compile, one graph per batch bucket x length bucket); all
+  later device work happens on the engine's own thread.
 
 Loop: one background thread owns every device operation. Between decode steps it applies
-cancellations (a cancelled request's slot is free for the very next step), admits waiting requests
-into free slots (batched prefill within ``max_prefill_tokens``), then runs one decode step for all live
-slots: graph replay, sampling on the device, ONE device-to-host copy of (token, logprob) per row, and
-one ``loop.call_soon_threadsafe`` per asyncio loop per step to hand the tokens to the consumers.
+cancellations (``cancel()`` is immediate for a queued request; a running one's slot is freed at the next
+step boundary, i.e. within one decode step, and is free for the very next admission), admits waiting
+requests into free slots (lowest slot first; batched, right-padded prefill within ``max_prefill_tokens``),
+then launches one decode step for all live slots: graph replay, sampling on the device, ONE
+device-to-host copy of (token, logprob) per row. The step is launched *before* the previous step's tokens
+are read (inputs stay on the device), so host bookkeeping overlaps the device; a sequence that hits EOS
+has one extra step computed and dropped. Tokens go to the consumers with one
+``loop.call_soon_threadsafe`` per asyncio loop per step.
 """
 from __future__ import annotations
 

@@ -34,11 +34,6 @@ class UnsupportedModel(ValueError):
     """The fast engine cannot drive this model; the server should use the transformers engine."""
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
 def check_supported(model: torch.nn.Module) -> None:
     """Raise :class:`UnsupportedModel` unless the fast engine reproduces this model's forward exactly."""
     name = type(model).__name__
