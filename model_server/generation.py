@@ -76,8 +76,14 @@ async def run_generation(runtime: Any, api: str, prompt_ids: list[int], params: 
     metrics.prompt_tokens.inc(len(prompt_ids))
     runtime.in_flight += 1
     metrics.in_flight.inc()
-    events = engine.submit(request)
+    events = None
     try:
+        try:
+            events = engine.submit(request)
+        except Exception as exc:  # an engine bug must not leak the in-flight count or crash the handler
+            outcome.finish_reason = "error"
+            yield Step(None, "", None, False, "error", f"engine refused the request: {type(exc).__name__}: {exc}")
+            return
         async for ev in events:
             now = time.monotonic_ns()
             if ev.token_id is not None:
@@ -129,7 +135,7 @@ async def run_generation(runtime: Any, api: str, prompt_ids: list[int], params: 
         if outcome.finish_reason in (None, "cancelled") and status != "success":
             status = "cancelled"
         engine.cancel(rid)           # no-op when finished; frees the slot otherwise
-        aclose = getattr(events, "aclose", None)
+        aclose = getattr(events, "aclose", None) if events is not None else None
         if aclose is not None:
             try:
                 await aclose()
