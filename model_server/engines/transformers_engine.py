@@ -110,16 +110,34 @@ class TransformersEngine(Engine):
         )
         if sampling:
             # processors are only built for non-default values; requests override them per request
-            gc.temperature, gc.top_p, gc.top_k = 0.999, 0.999, 1 << 30
+            # (top_k = vocab size means "no top-k"; transformers 5.17 does not clamp larger values)
+            gc.temperature, gc.top_p, gc.top_k = 0.999, 0.999, self._vocab_size()
         if self._cb_config(sampling) is None:  # pre-ContinuousBatchingConfig transformers
             gc.num_blocks = max(16, math.ceil(self.max_batch * self.max_total_tokens / self.page_size))
             gc.block_size = self.page_size
             gc.max_batch_tokens = max(256, self.max_batch * 64)
         return gc
 
+    def _vocab_size(self) -> int:
+        out = getattr(getattr(self.model, "lm_head", None), "out_features", None)
+        if out:
+            return int(out)
+        cfg = self.model.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return int(cfg.vocab_size)
+
     def _manager(self, key: str):
         with self._manager_lock:
             mgr = self._managers.get(key)
+            if mgr is not None and hasattr(mgr, "is_running") and not mgr.is_running():
+                # its loop died (a fatal error fails every request it held): start a fresh one
+                log.warning("continuous batching manager %r stopped; starting a new one", key)
+                self._managers.pop(key, None)
+                try:
+                    mgr.stop(block=False)
+                except Exception:
+                    pass
+                mgr = None
             if mgr is not None:
                 return mgr
             sampling = key == "sample"
@@ -197,15 +215,16 @@ class TransformersEngine(Engine):
         self._active[request.request_id] = state
         self._max_seen_batch = max(self._max_seen_batch, len(self._active))
         try:
-            mgr = self._managers.get(key) or self._manager(key)
+            mgr = self._manager(key)
             p = request.params
             kwargs: dict[str, Any] = {"request_id": request.request_id,
                                       "max_new_tokens": p.max_new_tokens, "streaming": True}
             if p.ignore_eos:
                 kwargs["eos_token_id"] = -1
             if p.do_sample:
+                vocab = self._vocab_size()
                 kwargs.update(temperature=float(p.temperature), top_p=float(p.top_p),
-                              top_k=int(p.top_k) if p.top_k > 0 else 1 << 30)
+                              top_k=min(int(p.top_k), vocab) if p.top_k > 0 else vocab)
             if hasattr(mgr, "register_result_handler"):
                 mgr.register_result_handler(request.request_id, self._on_output)
             rid = mgr.add_request(list(request.prompt_ids), **_supported_kwargs(mgr.add_request, kwargs))
