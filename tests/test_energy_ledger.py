@@ -311,3 +311,35 @@ def test_ticks_while_requests_are_held_do_not_teach_idle():
         led.add_tick(tick(100 * k, 100 * (k + 1), 30.0))
     assert led.idle_watts == pytest.approx(75.0)
     assert_conserved(led)
+
+
+def test_prefill_weight_is_spread_over_the_window_before_the_first_token():
+    """16-request burst, one request admitted a few ms before the others: its first token lands in
+    a tick where the others are still in prefill. With the prefill window they share that tick."""
+    led = Ledger(idle_watts=0.0, prefill_weight=1.0, prefill_window_seconds=0.08)
+    led.start("early", 90 * MS, "m", True)
+    led.start("late", 91 * MS, "m", True)
+    led.tokens("early", 1, 97 * MS, prompt_tokens=20)      # prefill window [90, 97] ms: tick 0
+    led.add_tick(tick(0, 100, 10.0))
+    assert led.pending_ticks == 1                          # "late" may still have prefill in it
+    led.tokens("late", 1, 104 * MS, prompt_tokens=20)     # window [91, 104]: 9/13 in tick 0
+    led.add_tick(tick(100, 200, 0.0))
+    led.end("early", 150 * MS, 20, 1)
+    led.end("late", 150 * MS, 20, 1)
+    led.add_tick(tick(200, 300, 0.0))
+    e, l_ = led.result("early"), led.result("late")
+    w_early, w_late = 20 + 1, 20 * 9 / 13
+    assert e.active_joules == pytest.approx(10.0 * w_early / (w_early + w_late))
+    assert l_.active_joules == pytest.approx(10.0 * w_late / (w_early + w_late))
+    assert_conserved(led)
+
+
+def test_tick_waits_no_longer_than_the_window_for_a_first_token():
+    led = Ledger(idle_watts=0.0, prefill_window_seconds=0.08)
+    led.start("a", 0, "m", True)
+    led.tokens("a", 1, 10 * MS, prompt_tokens=1)
+    led.start("slow", 50 * MS, "m", True)                # queued: no first token for a long time
+    led.add_tick(tick(0, 100, 5.0))
+    led.add_tick(tick(100, 200, 5.0))                     # horizon - t1 = 100 ms >= 80 ms: tick 0 splits
+    assert led.snapshot().pending_joules == pytest.approx(5.0)
+    assert led.result("a").active_joules == pytest.approx(5.0)

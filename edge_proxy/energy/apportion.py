@@ -14,7 +14,9 @@ For a tick k covering [t0, t1) (dt = t1 - t0 seconds) with measured energy dE (J
     full_i   = active_i + idle_i
 
 Weights (``token-weighted``): output tokens the request produced in [t0, t1), plus
-``prefill_weight * prompt_tokens`` in the tick holding its first token. A request whose token times
+``prefill_weight * prompt_tokens`` spread over the prefill window before its first token,
+[max(forwarded, t_first - W), t_first] with W = 80 ms by default (all of it in the tick holding
+the first token when the window lies inside it). A request whose token times
 are unknown (non-streaming: one response at the end) spreads its total weight
 ``output_tokens + prefill_weight * prompt_tokens`` uniformly over its lifetime, so it gets
 ``W * overlap / lifetime``. ``time-weighted``: w_i = overlap of the request with the tick. When
@@ -63,19 +65,45 @@ def idle_share_joules(dE: float, idle_watts: float, dt_seconds: float) -> float:
     return max(0.0, min(dE, idle_watts * dt_seconds))
 
 
-def request_weight(r: ReqView, t0: int, t1: int, method: str, prefill_weight: float, forced: bool) -> float | None:
+def prefill_fraction(r: ReqView, t0: int, t1: int, window_ns: int, horizon_ns: int | None, forced: bool) -> float:
+    """Share of request r's prefill weight that falls in tick [t0, t1).
+
+    The prefill is taken to happen in the window [max(start, t_first - W), t_first] before the first
+    token (W = ``window_ns``; the start is when the request was forwarded): the fraction is the
+    window's overlap with the tick divided by its length (all of it in the tick holding t_first when
+    the window is empty). Before the first token is known the window may still reach back into this
+    tick while ``horizon - t1 < W`` (horizon: time up to which token events are complete): Deferred.
+    """
+    ft = r.first_token_ns
+    if ft is None:
+        if r.end_ns is not None or forced or (horizon_ns is not None and horizon_ns - t1 >= window_ns):
+            return 0.0
+        if r.start_ns >= t1:
+            return 0.0
+        raise Deferred(r.rid)
+    a = max(r.start_ns, ft - window_ns)
+    if ft <= a:
+        return 1.0 if t0 <= ft < t1 else 0.0
+    return max(0, min(ft, t1) - max(a, t0)) / (ft - a)
+
+
+def request_weight(r: ReqView, t0: int, t1: int, method: str, prefill_weight: float, forced: bool,
+                   prefill_window_ns: int = 80_000_000, horizon_ns: int | None = None) -> float | None:
     """Weight of request r in tick [t0, t1). Raises Deferred when unknown and not forced; None
     means "unknown, forced": the caller substitutes the mean weight of the others."""
     if method == TIME_WEIGHTED:
         return float(r.overlap_ns(t0, t1))
     if r.token_times_known:
         w = float(sum(n for t, n in (r.events or ()) if t0 <= t < t1))
-        if r.first_token_ns is not None and t0 <= r.first_token_ns < t1 and prefill_weight > 0:
+        if prefill_weight <= 0:
+            return w
+        frac = prefill_fraction(r, t0, t1, prefill_window_ns, horizon_ns, forced)
+        if frac > 0:
             if r.prompt_tokens is None:
                 if r.end_ns is None and not forced:
                     raise Deferred(r.rid)
             else:
-                w += prefill_weight * r.prompt_tokens
+                w += prefill_weight * r.prompt_tokens * frac
         return w
     # token times unknown: spread the request's whole weight over its lifetime
     if r.end_ns is None:
@@ -137,7 +165,8 @@ class TickSplit:
 
 
 def split_tick(t0: int, t1: int, dE: float, reqs: list[ReqView], idle_watts: float,
-               method: str = TOKEN_WEIGHTED, prefill_weight: float = 1.0, forced: bool = False) -> TickSplit:
+               method: str = TOKEN_WEIGHTED, prefill_weight: float = 1.0, forced: bool = False,
+               prefill_window_ns: int = 80_000_000, horizon_ns: int | None = None) -> TickSplit:
     """Split one tick's energy over the requests overlapping it (see the module docstring).
     Raises Deferred when a needed weight is not known yet and ``forced`` is False."""
     dE = max(0.0, dE)
@@ -149,7 +178,7 @@ def split_tick(t0: int, t1: int, dE: float, reqs: list[ReqView], idle_watts: flo
     active = dE - idle
     raw: dict[str, float | None] = {}
     for r in inflight:
-        raw[r.rid] = request_weight(r, t0, t1, method, prefill_weight, forced)
+        raw[r.rid] = request_weight(r, t0, t1, method, prefill_weight, forced, prefill_window_ns, horizon_ns)
     # a request that touches the tick only at an instant and has no weight in it was not really there
     inflight = [r for r in inflight if r.overlap_ns(t0, t1) > 0 or raw[r.rid] is None or raw[r.rid] > 0]
     if not inflight:

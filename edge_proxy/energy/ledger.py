@@ -76,7 +76,8 @@ class Ledger:
     def __init__(self, idle_watts: float | None = None, prefill_weight: float = 1.0,
                  method: str = TOKEN_WEIGHTED, max_defer_seconds: float = 30.0,
                  max_pending_ticks: int = 4096, max_done: int = 10_000,
-                 idle_window: int = 64, idle_settle_seconds: float = 1.0) -> None:
+                 idle_window: int = 64, idle_settle_seconds: float = 1.0,
+                 prefill_window_seconds: float = 0.08) -> None:
         if method not in METHODS:
             raise ValueError(f"attribution must be one of {', '.join(METHODS)}, got {method!r}")
         if idle_watts is not None and idle_watts < 0:
@@ -90,6 +91,7 @@ class Ledger:
         self.max_pending = max(1, max_pending_ticks)
         self.max_done = max_done
         self.idle_settle_ns = int(idle_settle_seconds * 1e9)
+        self.prefill_window_ns = int(prefill_window_seconds * 1e9)
         self._lock = threading.RLock()
         self._active: dict[str, _Req] = {}
         self._done: OrderedDict[str, _Req] = OrderedDict()
@@ -226,7 +228,8 @@ class Ledger:
             return False
         try:
             res: TickSplit = split_tick(tick.t0_ns, tick.t1_ns, tick.joules, [r.view for r in reqs],
-                                        self.idle_watts, self.method, self.prefill_weight, forced)
+                                        self.idle_watts, self.method, self.prefill_weight, forced,
+                                        self.prefill_window_ns, self._newest_t1)
         except Deferred:
             return False
         t = self.totals
@@ -332,7 +335,8 @@ class Ledger:
                 if r not in reqs:
                     continue
                 res = split_tick(tick.t0_ns, tick.t1_ns, tick.joules, [x.view for x in reqs],
-                                 self.idle_watts, self.method, self.prefill_weight, forced=True)
+                                 self.idle_watts, self.method, self.prefill_weight, True,
+                                 self.prefill_window_ns, self._newest_t1)
                 a = res.active.get(rid, 0.0)
                 active += a
                 full += a + res.idle_by_request.get(rid, 0.0)
