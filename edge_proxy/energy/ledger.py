@@ -6,9 +6,11 @@ known:
 
 - settled: a later tick has arrived (so late token events had one period to land), or every
   request overlapping it has ended;
-- weights known: a request whose first token falls in the tick needs its prompt-token count, and a
-  request with unknown token times (non-streaming) needs its end and totals. OpenAI streams report
-  usage last, so such ticks wait (deferred) until the request ends or its count is set.
+- weights known: a request whose prefill window (the 80 ms before its first token) overlaps the
+  tick needs its prompt-token count; a request still before its first token must be past the
+  window's reach; a request with unknown token times (non-streaming) needs its end and totals.
+  OpenAI streams report usage last, so such ticks wait (deferred) until the request ends or its
+  count is set.
 - a tick waits at most ``max_defer_seconds`` and the ledger holds at most ``max_pending_ticks``:
   past either bound the oldest tick is split with what is known (unknown prompt counts weigh 0,
   unknown non-streaming weights take the mean of the others), so memory stays bounded.
