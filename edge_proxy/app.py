@@ -400,6 +400,8 @@ class ProxyCore:
                     for o in self._token_obs:
                         self._call(o, "on_tokens", rec, n_out, t)
             rec.outcome = "ok"
+        elif resp.status < 400:
+            rec.outcome = "ok"          # e.g. a redirect: passed to the client, never followed
         else:
             rec.outcome = "error"
             rec.error_type = "upstream_status" if resp.status >= 500 else "bad_request"

@@ -3,7 +3,7 @@ APIs (with fault knobs), runnable in-process or as a subprocess (``python -m tes
 --port P``) so a test can kill it for real.
 
 Fault knobs (request header ``x-fake-fault``, forwarded by the proxy like any end-to-end header):
-``slow`` (no headers for 30 s), ``drop`` (close the socket after two tokens), ``no-usage`` (ignore
+``500`` (an OpenAI error body with status 500), ``slow`` (no headers for 30 s), ``drop`` (close the socket after two tokens), ``no-usage`` (ignore
 stream_options.include_usage), ``slow-tokens`` (50 ms between tokens, 200 tokens).
 """
 from __future__ import annotations
@@ -81,6 +81,9 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
     async def openai(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         fault = record(request, body)
+        if fault == "500":
+            return web.json_response({"error": {"message": "engine failed", "type": "server_error",
+                                                "param": None, "code": None}}, status=500)
         if fault == "slow":
             await asyncio.sleep(30)
         chat = request.path.endswith("chat/completions")

@@ -219,3 +219,12 @@ async def test_gate_rejection_503_and_failure_notice():
         # (gate.acquire again) and retried once; the retry fails too -> 502.
         assert status == 502 and gate.acquired == 2 and gate.failures >= 1
         await check_settled(px, "error", "connect")
+
+
+async def test_backend_error_status_passed_through_as_is():
+    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+        direct = await post(up.url + "/v1/chat/completions", dict(CHAT, stream=True), {"x-fake-fault": "500"})
+        proxied = await post(px.url + "/v1/chat/completions", dict(CHAT, stream=True), {"x-fake-fault": "500"})
+        assert proxied == direct and direct[0] == 500
+        await check_settled(px, "error", "upstream_status")
+        assert metric_value(px.metrics_text(), "edge_proxy_upstream_errors_total", type="upstream_status") == 1
