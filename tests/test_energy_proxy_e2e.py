@@ -119,3 +119,37 @@ async def test_proxy_with_replay_source_conserves_energy(model_server):
     tot = comp.ledger.snapshot()                   # after stop: everything split
     assert tot.pending_joules == pytest.approx(0.0, abs=1e-9)
     assert tot.active_joules + tot.idle_joules == pytest.approx(tot.measured_joules, rel=1e-9)
+
+
+async def test_remote_source_without_gpu_never_fails_a_request(model_server):
+    """`--energy-source remote` against a model server that has no GPU (its /energy says source
+    "none"): requests are served as usual and carry a provisional, zero attribution."""
+    settings = load_settings(None, {
+        ("proxy", "backend_url"): model_server.url, ("proxy", "port"): 0, ("proxy", "metrics_port"): None,
+        ("proxy", "access_log"): "none", ("energy", "source"): "remote"}, environ={})
+    runtime = build_proxy(settings)
+    finals = Finals()
+    runtime.observers.append(finals)
+    await runtime.start()
+    try:
+        client = openai.AsyncOpenAI(base_url=runtime.url + "/v1", api_key="x", max_retries=0)
+        model = (await client.models.list()).data[0].id
+        r = await client.completions.create(model=model, prompt="hi", max_tokens=3)
+        assert r.usage.completion_tokens >= 1
+        chunks = [c async for c in await client.completions.create(model=model, prompt="hi", max_tokens=3,
+                                                                    stream=True)]
+        assert chunks
+        await client.close()
+        await runtime.drain()
+        assert len(finals.records) == 2
+        for rec in finals.records:
+            assert rec.outcome == "ok" and rec.status == 200
+            assert rec.energy is not None and rec.energy.source == "remote" and rec.energy.provisional
+            assert rec.energy.full_joules == 0.0
+        async with aiohttp.ClientSession() as s:
+            async with s.get(runtime.metrics_url) as resp:
+                text = await resp.text()
+        assert total(text, "edge_proxy_energy_sampler_errors_total") >= 1
+        assert total(text, "edge_proxy_gpu_energy_joules_total") == 0.0
+    finally:
+        await runtime.stop()

@@ -71,9 +71,18 @@ class EnergyObserver(BaseObserver):
             return {}
         return {"x-edge-energy-joules": f"{max(0.0, est.full_joules):.3f}"}
 
+    def source_alive(self) -> bool:
+        """Ticks are arriving (the newest closed within max(1 s, 5 periods)); a dead or silent
+        source (remote server without a GPU, stopped counter) makes finalize not wait at all."""
+        newest = self.ledger.newest_tick_end_ns
+        if newest is None:
+            return False
+        return time.monotonic_ns() - newest < max(1.0, 5 * self.period_seconds) * 1e9
+
     async def finalize(self, rec: RequestRecord) -> None:
         deadline = time.monotonic() + self.finalize_wait_seconds
-        while not self.ledger.is_final(rec.request_id) and time.monotonic() < deadline:
+        while (not self.ledger.is_final(rec.request_id) and time.monotonic() < deadline
+               and self.source_alive()):
             await asyncio.sleep(self._poll)
         final = self.ledger.is_final(rec.request_id)
         res = self.ledger.release(rec.request_id) if final else self.ledger.estimate(rec.request_id, time.monotonic_ns())
