@@ -4,7 +4,8 @@ APIs (with fault knobs), runnable in-process or as a subprocess (``python -m tes
 
 Fault knobs (request header ``x-fake-fault``, forwarded by the proxy like any end-to-end header):
 ``500`` (an OpenAI error body with status 500), ``slow`` (no headers for 30 s), ``drop`` (close the socket after two tokens), ``no-usage`` (ignore
-stream_options.include_usage), ``slow-tokens`` (50 ms between tokens, 200 tokens).
+stream_options.include_usage), ``slow-tokens`` (50 ms between tokens, 200 tokens), ``hold-first`` (headers, then nothing until
+``state.release`` is set).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class UpstreamState:
     requests: list[dict[str, Any]] = field(default_factory=list)   # path, headers, body
     disconnects: int = 0
     finished_streams: int = 0
+    release: asyncio.Event | None = None    # fault "hold-first": first event waits for this
 
 
 def _prompt_of(body: dict[str, Any]) -> str:
@@ -60,6 +62,10 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "x-prompt-tokens": prompt_tokens.pop(id(request), "0")})
         await resp.prepare(request)
+        if fault == "hold-first":
+            await resp.write(b"")          # headers out now
+            assert state.release is not None
+            await state.release.wait()
         try:
             for i, ev in enumerate(events):
                 if fault == "drop" and i == 3:

@@ -233,3 +233,20 @@ async def test_otlp_export_to_a_real_http_receiver(tmp_path):
     assert names == ["text_completion fake-model"]
     line = json.loads(log.read_text().splitlines()[-1])
     assert "visible words" in line["content"]          # --log-content on: the request body is logged
+
+
+async def test_stream_headers_reach_client_before_first_token():
+    """The backend's headers are forwarded when they arrive, not held until the first event."""
+    import asyncio
+
+    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+        up.state.release = asyncio.Event()
+        async with aiohttp.ClientSession() as s:
+            # The upstream sends no event until released: getting the headers proves they were sent.
+            r = await asyncio.wait_for(s.post(px.url + "/generate_stream", json={"inputs": "q"},
+                                              headers={"x-fake-fault": "hold-first"}), timeout=10)
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            up.state.release.set()
+            first = await r.content.readline()
+            assert first.startswith(b"data:")
+            r.close()
