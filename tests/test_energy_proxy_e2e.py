@@ -43,7 +43,8 @@ async def test_proxy_with_replay_source_conserves_energy(model_server):
         ("proxy", "backend_url"): model_server.url, ("proxy", "port"): 0, ("proxy", "metrics_port"): 0,
         ("proxy", "access_log"): "none", ("energy", "source"): "replay",
         ("energy", "replay_path"): str(TRACE), ("energy", "period_seconds"): 0.05,
-        ("energy", "response_header"): True}, environ={})
+        ("energy", "response_header"): True,
+        ("energy", "idle_watts"): 50.0}, environ={})   # below the trace's idle draw: active > 0 whatever its phase
     runtime = build_proxy(settings)
     finals = Finals()
     runtime.observers.append(finals)
