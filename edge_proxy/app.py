@@ -29,6 +29,7 @@ from edge_proxy.headers import request_headers, response_headers
 from edge_proxy.coldstart.factory import cold_start_headers
 from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
 from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.relay import RawResponse, RelayPool, request_head
 from edge_proxy.sse import SSESplitter, event_data
 from edge_proxy.token_accounting import (
     OpenAIStream, TGIStream, account_openai_body, account_tgi_body, apply_response_headers)
@@ -38,6 +39,7 @@ log = logging.getLogger("edge_proxy")
 
 FINALIZE_TIMEOUT_SECONDS = 5.0
 CONTENT_LOG_MAX_CHARS = 4096
+RELAY_HIGH_WATER = 256 * 1024     # client write buffer above this: stop reading the backend
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class ProxyCore:
         self.backend = backend
         self._gate_ref = gate_ref
         self.session: aiohttp.ClientSession | None = None
+        self.relay: RelayPool | None = None     # lean streaming client (plain http backends)
+        self.relay_host = ""
         self.pending_finals: set[asyncio.Task[None]] = set()
         self._failed_observers: set[int] = set()
         self._urls: dict[str, URL] = {}
@@ -114,6 +118,11 @@ class ProxyCore:
         timeout = aiohttp.ClientTimeout(total=None, connect=ps.connect_timeout_seconds,
                                         sock_read=ps.upstream_timeout_seconds)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False)
+        u = URL(self.backend.url)
+        if ps.stream_relay == "raw" and u.scheme == "http" and u.host:
+            self.relay = RelayPool(u.host, u.port or 80, ps.connect_timeout_seconds,
+                                   ps.upstream_timeout_seconds)
+            self.relay_host = u.raw_authority
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),   # a proxy never keeps one client's cookies for another
@@ -123,6 +132,8 @@ class ProxyCore:
         await self.drain()
         if self.session is not None:
             await self.session.close()
+        if self.relay is not None:
+            self.relay.close()
 
     async def drain(self, timeout: float = FINALIZE_TIMEOUT_SECONDS + 1.0) -> None:
         """Wait for pending finalize/final tasks (tests, shutdown)."""
@@ -335,8 +346,7 @@ class ProxyCore:
         for attempt in (0, 1):
             rec.t_forwarded_ns = time.monotonic_ns()
             try:
-                resp = await self.session.request("POST", url, data=body, headers=headers,
-                                              allow_redirects=False)
+                resp = await self._send(request, url, body, headers, rec.stream)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 if gate is None or attempt or not isinstance(exc, aiohttp.ClientConnectorError):
                     rec.t_end_ns = time.monotonic_ns()
@@ -373,6 +383,17 @@ class ProxyCore:
                 resp.release()
             else:
                 resp.close()   # client gone or error: drop the backend connection now
+
+    async def _send(self, request: web.Request, url: URL, body: bytes, headers: Any,
+                    stream: bool) -> Any:
+        """Send the request to the backend: streaming requests over the lean relay (plain http),
+        everything else through aiohttp. Returns once the response headers arrived."""
+        if stream and self.relay is not None:
+            head = request_head("POST", request.path_qs, self.relay_host, headers, len(body))
+            return await self.relay.request(head, body)
+        assert self.session is not None
+        return await self.session.request("POST", url, data=body, headers=headers,
+                                          allow_redirects=False)
 
     async def _whole(self, rec: RequestRecord, resp: aiohttp.ClientResponse) -> web.StreamResponse:
         """Non-streaming (or error) response: read it, account tokens, answer in one piece."""
@@ -428,6 +449,8 @@ class ProxyCore:
                                           else TGIStream(rec, sink))
         splitter = SSESplitter()
         api: Api = rec.api  # type: ignore[assignment]
+        if isinstance(resp, RawResponse):
+            return await self._relay_stream(request, rec, resp, out, acct, splitter)
         try:
             try:
                 async for chunk in resp.content.iter_any():
@@ -467,6 +490,86 @@ class ProxyCore:
             await out.write_eof()
         except ConnectionResetError:  # aiohttp.ClientConnectionResetError is one too
             # Writing to a client that is gone (without handler cancellation).
+            rec.outcome = "cancelled"
+            rec.error_type = "client_disconnect"
+            rec.status = 499
+            raise asyncio.CancelledError() from None
+        finally:
+            acct.finish()
+            rec.t_end_ns = time.monotonic_ns()
+        return out
+
+    async def _relay_stream(self, request: web.Request, rec: RequestRecord, resp: RawResponse,
+                            out: web.StreamResponse, acct: Any, splitter: SSESplitter) -> web.StreamResponse:
+        """Streaming body over the lean relay: every backend chunk is framed, accounted and written
+        to the client inside the backend protocol's callback (no task switch per event)."""
+        api: Api = rec.api  # type: ignore[assignment]
+        tr = request.transport
+        state = {"client_gone": False, "paused": False}
+        loop = asyncio.get_running_loop()
+
+        def resume_when_drained() -> None:
+            if tr is None or tr.is_closing():
+                state["paused"] = False
+                return
+            if tr.get_write_buffer_size() > RELAY_HIGH_WATER // 4:
+                loop.call_later(0.005, resume_when_drained)
+                return
+            state["paused"] = False
+            resp.resume()
+
+        def on_data(chunk: bytes, t: int) -> None:
+            if state["client_gone"]:
+                return
+            events = splitter.feed(chunk)
+            if not events:
+                return
+            if len(events) == 1:
+                ev = events[0]
+                data = acct.event(ev, event_data(ev), t)
+                if data is None:
+                    return
+            else:
+                parts = []
+                for ev in events:
+                    kept = acct.event(ev, event_data(ev), t)
+                    if kept is not None:
+                        parts.append(kept)
+                if not parts:
+                    return
+                data = b"".join(parts)
+            if tr is None or tr.is_closing():
+                state["client_gone"] = True
+                resp.close()
+                return
+            tr.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if not state["paused"] and tr.get_write_buffer_size() > RELAY_HIGH_WATER:
+                state["paused"] = True
+                resp.pause()
+                loop.call_later(0.005, resume_when_drained)
+
+        try:
+            resp.attach(on_data)
+            result = await resp.wait_done()
+            if state["client_gone"]:
+                raise ConnectionResetError("client went away")
+            if splitter.pending:
+                await out.write(splitter.pending)
+            if result == "ok":
+                rec.outcome = "error" if acct.backend_error else "ok"
+                if acct.backend_error:
+                    rec.error_type = "upstream_status"
+            elif result == "timeout":
+                rec.outcome = "timeout"
+                rec.error_type = "timeout"
+                await out.write(error_event(api, "timeout",
+                                            f"backend sent nothing for {self.ps.upstream_timeout_seconds:g} s"))
+            else:
+                rec.outcome = "error"
+                rec.error_type = "stream_broken"
+                await out.write(error_event(api, "stream_broken", f"backend stream broke: {result}"))
+            await out.write_eof()
+        except ConnectionResetError:
             rec.outcome = "cancelled"
             rec.error_type = "client_disconnect"
             rec.status = 499

@@ -45,6 +45,7 @@ class ProxySettings:
     model_name: str | None = None              # label to use instead of what the backend reports
     access_log: str | None = "-"               # "-" = stderr, a path, or None for off
     log_content: bool = False                  # include prompt/completion text in the access log
+    stream_relay: str = "raw"                  # raw (lean relay for streams over http) | aiohttp
 
 
 @dataclass

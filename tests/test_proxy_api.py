@@ -81,8 +81,10 @@ async def test_stream_usage_stripped_unless_asked():
             assert rec.token_count_source == "backend"
 
 
-async def test_timeline_and_token_events_streaming():
-    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+@pytest.mark.parametrize("relay", ["raw", "aiohttp"])
+async def test_timeline_and_token_events_streaming(relay):
+    async with InProcessUpstream() as up, running_proxy(up.url, stream_relay=relay) as px:
+        assert (px.core.relay is not None) == (relay == "raw")
         body = {"model": "fake-model", "messages": [{"role": "user", "content": "x y z"}],
                 "max_tokens": 7, "stream": True}
         await _raw_events(px.url + "/v1/chat/completions", body)

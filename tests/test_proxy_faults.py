@@ -91,8 +91,10 @@ async def test_backend_killed_gives_502_in_client_format():
         assert metric_value(px.metrics_text(), "edge_proxy_upstream_errors_total", type="connect") == 3
 
 
-async def test_slow_backend_gives_504():
-    async with InProcessUpstream() as up, running_proxy(up.url, upstream_timeout_seconds=0.3) as px:
+@pytest.mark.parametrize("relay", ["raw", "aiohttp"])
+async def test_slow_backend_gives_504(relay):
+    async with InProcessUpstream() as up, running_proxy(up.url, upstream_timeout_seconds=0.3,
+                                                         stream_relay=relay) as px:
         status, body = await post(px.url + "/v1/completions", {"model": "m", "prompt": "x"},
                                   headers={"x-fake-fault": "slow"})
         assert status == 504 and json.loads(body)["error"]["type"] == "timeout"
@@ -102,8 +104,9 @@ async def test_slow_backend_gives_504():
         await check_settled(px, "timeout", "timeout")
 
 
-async def test_socket_closed_mid_stream_ends_with_error_event():
-    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+@pytest.mark.parametrize("relay", ["raw", "aiohttp"])
+async def test_socket_closed_mid_stream_ends_with_error_event(relay):
+    async with InProcessUpstream() as up, running_proxy(up.url, stream_relay=relay) as px:
         client = openai.AsyncOpenAI(base_url=px.url + "/v1", api_key="x", max_retries=0,
                                     default_headers={"x-fake-fault": "drop"})
         got = []
@@ -145,8 +148,9 @@ async def test_backend_process_killed_mid_stream():
         up.kill()
 
 
-async def test_client_disconnect_cancels_backend_request():
-    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+@pytest.mark.parametrize("relay", ["raw", "aiohttp"])
+async def test_client_disconnect_cancels_backend_request(relay):
+    async with InProcessUpstream() as up, running_proxy(up.url, stream_relay=relay) as px:
         async with aiohttp.ClientSession() as s:
             r = await s.post(px.url + "/v1/chat/completions", json=dict(CHAT, stream=True),
                              headers={"x-fake-fault": "slow-tokens"})
@@ -228,3 +232,16 @@ async def test_backend_error_status_passed_through_as_is():
         assert proxied == direct and direct[0] == 500
         await check_settled(px, "error", "upstream_status")
         assert metric_value(px.metrics_text(), "edge_proxy_upstream_errors_total", type="upstream_status") == 1
+
+
+@pytest.mark.parametrize("relay", ["raw", "aiohttp"])
+async def test_stream_stalls_after_headers_ends_with_timeout_event(relay):
+    async with InProcessUpstream() as up, running_proxy(up.url, upstream_timeout_seconds=0.3,
+                                                         stream_relay=relay) as px:
+        up.state.release = asyncio.Event()      # never set: headers, then silence
+        status, body = await post(px.url + "/generate_stream", {"inputs": "q"}, {"x-fake-fault": "hold-first"})
+        assert status == 200
+        last = json.loads(body.strip().split(b"\n\n")[-1][len(b"data:"):])
+        assert last["error_type"] == "upstream"
+        await check_settled(px, "timeout", "timeout")
+        up.state.release.set()

@@ -114,3 +114,34 @@ def test_tgi_events_and_crlf_framing():
 def test_event_data_multiline():
     assert event_data(b"event: x\ndata: a\ndata: b\n\n") == b"a\nb"
     assert event_data(b": comment\n\n") is None
+
+
+@given(st.lists(st.binary(min_size=1, max_size=30), max_size=8), st.lists(st.integers(1, 25), max_size=30),
+       st.booleans())
+@settings(max_examples=150, deadline=None)
+def test_relay_dechunks_any_split(payloads, cuts, with_ext):
+    """The lean relay's HTTP/1.1 response parser: head + chunked body split at arbitrary points."""
+    import asyncio
+
+    from edge_proxy.relay import _BackendProtocol
+
+    loop = asyncio.new_event_loop()
+    try:
+        proto = _BackendProtocol(loop)
+        got: list[bytes] = []
+        proto.sink = lambda data, t: got.append(data)
+        ext = b";x=1" if with_ext else b""
+        body = b"".join(b"%x%b\r\n%b\r\n" % (len(p), ext, p) for p in payloads) + b"0\r\n\r\n"
+        wire = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + body)
+        pos = 0
+        for cut in cuts + [len(wire)]:
+            if pos >= len(wire):
+                break
+            proto.data_received(wire[pos:pos + cut])
+            pos += cut
+        assert proto.status == 200 and proto.headers["Content-Type"] == "text/event-stream"
+        assert b"".join(got) == b"".join(payloads)
+        assert proto.done.done() and proto.done.result() == "ok" and proto.keep_alive
+    finally:
+        loop.close()
