@@ -40,6 +40,7 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--upstream-timeout", "proxy", "upstream_timeout_seconds", "seconds without response headers or bytes from the backend, else 504 (default 300)", float),
     Flag("--model-name", "proxy", "model_name", "model label for metrics (default: what the backend reports)"),
     Flag("--access-log", "proxy", "access_log", "JSON access log: '-' stderr (default), a file path, or 'none'"),
+    Flag("--stream-relay", "proxy", "stream_relay", "client for streamed responses: raw (lean relay, plain http backends; default) or aiohttp", choices=("raw", "aiohttp")),
     Flag("--log-content", "proxy", "log_content", "include request bodies (prompts) in the access log (off by default)", None, store_true=True),
     Flag("--otlp-endpoint", "tracing", "otlp_endpoint", "OTLP/HTTP traces endpoint (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset = tracing off)"),
     Flag("--service-name", "tracing", "service_name", "OpenTelemetry service.name (default edge-proxy)"),
@@ -110,6 +111,8 @@ def validate(settings: Settings) -> None:
     u = urlsplit(ps.backend_url)
     if u.scheme not in ("http", "https") or not u.hostname:
         raise ConfigError(f"backend URL must be http(s)://HOST[:PORT], got {ps.backend_url!r}")
+    if ps.stream_relay not in ("raw", "aiohttp"):
+        raise ConfigError(f"proxy.stream_relay must be raw or aiohttp, got {ps.stream_relay!r}")
     if ps.backend_kind not in ("auto", "openai", "tgi"):
         raise ConfigError(f"proxy.backend_kind must be auto, openai or tgi, got {ps.backend_kind!r}")
     for name, port in (("proxy.port", ps.port), ("proxy.metrics_port", ps.metrics_port)):
