@@ -96,6 +96,7 @@ class ProxyCore:
         self.session: aiohttp.ClientSession | None = None
         self.relay: RelayPool | None = None     # lean streaming client (plain http backends)
         self.relay_host = ""
+        self.relay_prefix = ""
         self.pending_finals: set[asyncio.Task[None]] = set()
         self._failed_observers: set[int] = set()
         self._urls: dict[str, URL] = {}
@@ -123,6 +124,7 @@ class ProxyCore:
             self.relay = RelayPool(u.host, u.port or 80, ps.connect_timeout_seconds,
                                    ps.upstream_timeout_seconds)
             self.relay_host = u.raw_authority
+            self.relay_prefix = u.raw_path.rstrip("/")     # backend URL with a path prefix
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),   # a proxy never keeps one client's cookies for another
@@ -367,7 +369,7 @@ class ProxyCore:
                 continue
             break
         assert resp is not None
-        rec.t_backend_headers_ns = time.monotonic_ns()
+        rec.t_backend_headers_ns = getattr(resp, "head_ns", 0) or time.monotonic_ns()
         complete = False
         try:
             apply_response_headers(rec, resp.headers)
@@ -386,10 +388,11 @@ class ProxyCore:
 
     async def _send(self, request: web.Request, url: URL, body: bytes, headers: Any,
                     stream: bool) -> Any:
-        """Send the request to the backend: streaming requests over the lean relay (plain http),
-        everything else through aiohttp. Returns once the response headers arrived."""
-        if stream and self.relay is not None:
-            head = request_head("POST", request.path_qs, self.relay_host, headers, len(body))
+        """Send a generation request to the backend over the lean relay (plain http backends),
+        else through aiohttp. Returns once the response headers arrived."""
+        if self.relay is not None:
+            head = request_head("POST", self.relay_prefix + request.path_qs, self.relay_host, headers,
+                                len(body))
             return await self.relay.request(head, body)
         assert self.session is not None
         return await self.session.request("POST", url, data=body, headers=headers,

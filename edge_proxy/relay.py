@@ -44,6 +44,7 @@ class _BackendProtocol(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.keep_alive = True
         self.last_ns = time.monotonic_ns()
+        self.head_ns = 0             # arrival of the response head (monotonic ns)
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -67,6 +68,7 @@ class _BackendProtocol(asyncio.Protocol):
                         raise ValueError("response head too large")
                     return
                 rest = bytes(self.head[end + 4:])
+                self.head_ns = self.last_ns
                 self._parse_head(bytes(self.head[:end]))
                 self.in_head = False
                 if not self.head_future.done():
@@ -200,6 +202,7 @@ class RawResponse:
         self.status = proto.status
         self.reason = proto.reason
         self.headers = proto.headers
+        self.head_ns = proto.head_ns     # when the head arrived (body bytes may share that read)
         self._released = False
 
     def attach(self, sink: Sink) -> None:
