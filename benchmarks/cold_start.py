@@ -349,7 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     if model_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="cold_start_")
         model_dir = Path(tmp.name) / args.preset
-    console.print(f"synthesising {args.preset} into {model_dir} ...")
+    cfg_path = Path(model_dir) / "config.json"
+    if cfg_path.exists():
+        # an existing directory: label the results with what it really is, not the --preset default
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as exc:
+            return _err(f"{cfg_path}: unreadable config ({exc})")
+        args.preset = str(cfg.get("edge_eval_preset") or cfg.get("_name_or_path") or Path(model_dir).name)
+        console.print(f"using {args.preset} from {model_dir}")
+    else:
+        console.print(f"synthesising {args.preset} into {model_dir} ...")
     try:
         synth_model(args.preset, model_dir)
     except subprocess.CalledProcessError as exc:
