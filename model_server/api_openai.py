@@ -228,12 +228,17 @@ async def _stream(request, runtime, chat: bool, rid: str, created: int, prompt_i
     obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = opts["include_usage"]
 
+    # the constant parts of every chunk are encoded once; per token only ``choices`` is (same bytes as
+    # dumping the whole object: keys in the same order, same separators)
+    head = dumps({"id": rid, "object": obj, "created": created, "model": runtime.served_name,
+                  "system_fingerprint": None})
+    prefix = f"data: {head[:-1]},\"choices\":"
+    null_tail = (',"usage":null}\n\n' if include_usage else "}\n\n").encode()
+
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> bytes:
-        data: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": runtime.served_name,
-                                "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            data["usage"] = usage
-        return f"data: {dumps(data)}\n\n".encode()
+        if usage is None:
+            return (prefix + dumps(choices)).encode() + null_tail
+        return f"{prefix}{dumps(choices)},\"usage\":{dumps(usage)}}}\n\n".encode()
 
     gen = run_generation(runtime, API, prompt_ids, sp, stops, outcome, arrival)
     async with contextlib.aclosing(gen):

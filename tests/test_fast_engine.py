@@ -83,8 +83,11 @@ def _engine(model, **kw):
     return FastEngine(model, [EOS], device="cpu", **kw)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_greedy_identical_to_generate(arch, llama, qwen2):
+@pytest.mark.parametrize("arch,bucketed", [("llama", False), ("qwen2", False), ("llama", True),
+                                           ("qwen2", True)])
+def test_greedy_identical_to_generate(arch, bucketed, llama, qwen2):
+    """``bucketed``: prompts padded to prefill buckets (what runs as CUDA graphs on a GPU), padding rows
+    writing into the scratch slot; run eagerly here, so the padding itself is what is tested."""
     model = llama if arch == "llama" else qwen2
     rng = random.Random(7)
     prompts = _prompts(rng, 9, 1, 30)
@@ -92,7 +95,8 @@ def test_greedy_identical_to_generate(arch, llama, qwen2):
     refs = [_reference(model, p, n) for p, n in zip(prompts, news)]
 
     async def main():
-        eng = _engine(model, max_prefill_tokens=64)   # 9 requests > 4 slots: queueing + split prefill
+        kw = dict(bucketed_prefill=True, prefill_graph_tokens=64) if bucketed else {}
+        eng = _engine(model, max_prefill_tokens=64, **kw)   # 9 requests > 4 slots: queueing + split prefill
         await eng.start()
         try:
             tasks = [_collect(eng, GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=n)),
@@ -108,6 +112,10 @@ def test_greedy_identical_to_generate(arch, llama, qwen2):
         assert reason == ("eos_token" if ref and ref[-1] == EOS and len(ref) <= n else "length")
     assert stats.running_requests == 0
     assert stats.decode_tokens_total + 9 == sum(len(r) for r in refs)
+    if bucketed:
+        assert stats.extra["prefill_calls_bucketed"] > 0
+    else:
+        assert stats.extra["prefill_calls_bucketed"] == 0 and stats.extra["prefill_calls_eager"] > 0
 
 
 def test_cancellations_keep_others_identical(llama):

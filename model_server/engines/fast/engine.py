@@ -26,7 +26,9 @@ which wraps this)::
 Loop: one background thread owns every device operation. Between decode steps it applies
 cancellations (``cancel()`` is immediate for a queued request; a running one's slot is freed at the next
 step boundary, i.e. within one decode step, and is free for the very next admission), admits waiting
-requests into free slots (lowest slot first; batched, right-padded prefill within ``max_prefill_tokens``),
+requests into free slots (lowest slot first; batched, right-padded prefill within ``max_prefill_tokens``, and within
+``step_prefill_tokens`` while other sequences are decoding, so an arrival stalls them by a bounded
+amount; short prefills replay a CUDA graph per prefill bucket, see ``runner``),
 then launches one decode step for all live slots: graph replay, sampling on the device, ONE
 device-to-host copy of (token, logprob) per row. The step is launched *before* the previous step's tokens
 are read (inputs stay on the device), so host bookkeeping overlaps the device; a sequence that hits EOS
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import threading
 import time
@@ -81,7 +84,9 @@ class FastEngine(Engine):
                  max_batch: int = 64, max_seq_len: int = 2048, device: str | torch.device | None = None,
                  dtype: torch.dtype | str | None = None, *, use_cuda_graphs: bool | None = None,
                  max_prefill_tokens: int = 8192, batch_buckets: list[int] | None = None,
-                 length_buckets: list[int] | None = None, fuse: bool | None = None) -> None:
+                 length_buckets: list[int] | None = None, fuse: bool | None = None,
+                 step_prefill_tokens: int = 2048, prefill_graph_tokens: int | None = None,
+                 bucketed_prefill: bool | None = None) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
@@ -102,8 +107,12 @@ class FastEngine(Engine):
         self.max_batch = int(max_batch)
         self.max_seq_len = int(max_seq_len)
         self.max_prefill_tokens = max(int(max_prefill_tokens), self.max_seq_len)
+        # padded prefill tokens admitted between two decode steps while sequences are decoding (at
+        # least one request is always admitted): bounds the stall an arrival adds to everyone's ITL
+        self.step_prefill_tokens = max(1, int(step_prefill_tokens))
         self.runner = ModelRunner(model, self.max_batch, self.max_seq_len, use_cuda_graphs,
-                                  batch_buckets, length_buckets, fuse)
+                                  batch_buckets, length_buckets, fuse, prefill_graph_tokens,
+                                  bucketed_prefill)
         self.device = self.runner.device
         self.sampling = SlotSampling.allocate(self.max_batch, self.device)
         pin = self.device.type == "cuda"
@@ -240,6 +249,9 @@ class FastEngine(Engine):
             extra={
                 "cuda_graphs": float(bool(r.graphs)),
                 "cuda_graphs_captured": float(len(r.graphs)),
+                "prefill_graphs_captured": float(len(r.prefill_graphs)),
+                "prefill_calls_bucketed": float(r.prefill_calls["bucketed"]),
+                "prefill_calls_eager": float(r.prefill_calls["eager"]),
                 "fused_ops": float(r.ops.fused),
                 "graph_capture_seconds": r.capture_seconds,
                 "kv_cache_bytes": float(r.cache.nbytes),
@@ -370,12 +382,13 @@ class FastEngine(Engine):
     def _admit(self, out: dict) -> None:
         cache = self.runner.cache
         batch: list[_Seq] = []
+        budget = self.step_prefill_tokens if self._running else self.max_prefill_tokens
         with self._lock:
             longest = 0
             while self._pending and cache.n_free > len(batch):
                 nxt = self._pending[0]
                 n = len(nxt.req.prompt_ids)
-                if batch and max(longest, n) * (len(batch) + 1) > self.max_prefill_tokens:
+                if batch and max(longest, n) * (len(batch) + 1) > budget:
                     break
                 self._pending.popleft()
                 longest = max(longest, n)
@@ -505,5 +518,8 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     """
     ctx = int(getattr(loaded, "context_length", 0) or 0)
     max_len = min(int(max_total_tokens), ctx) if ctx > 0 else int(max_total_tokens)
+    # A/B switch for benchmarks: MODEL_SERVER_FAST_PREFILL_GRAPHS=0 restores eager prefill
+    if os.environ.get("MODEL_SERVER_FAST_PREFILL_GRAPHS", "").strip() == "0":
+        kwargs.setdefault("bucketed_prefill", False)
     return FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len,
                       **kwargs)

@@ -61,20 +61,23 @@ class StaticKVCache:
     k: torch.Tensor
     v: torch.Tensor
     free: list[int]
+    scratch: int = 0                 # number of extra, never-allocated slots after the real ones
 
     @classmethod
     def allocate(cls, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> "StaticKVCache":
-        shape = (layers, slots, kv_heads, max_len, head_dim)
+                 dtype: torch.dtype, device: torch.device, scratch: int = 0) -> "StaticKVCache":
+        """``scratch`` extra slots (index ``slots`` ..) take the K/V writes of padding rows of bucketed
+        prefill; they are never handed out and never read by a decode step (which reads ``[:b]``)."""
+        shape = (layers, slots + scratch, kv_heads, max_len, head_dim)
         k = torch.zeros(shape, dtype=dtype, device=device)
         v = torch.zeros(shape, dtype=dtype, device=device)
         free = list(range(slots))
         heapq.heapify(free)
-        return cls(k=k, v=v, free=free)
+        return cls(k=k, v=v, free=free, scratch=scratch)
 
     @property
     def slots(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[1] - self.scratch
 
     @property
     def max_len(self) -> int:
