@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from typing import Any
 
@@ -21,6 +22,8 @@ from model_server.generation import ApiError, Outcome, new_request_id, run_gener
 from model_server.params import get_bool, get_float, get_int, get_stops
 
 API = "openai"
+# what json.dumps(str, ensure_ascii=False) uses for a string (C-accelerated where available)
+_encode_str = getattr(json.encoder, "c_encode_basestring", None) or json.encoder.py_encode_basestring
 _TYPES = {"validation": "invalid_request_error", "not_found": "invalid_request_error",
           "overloaded": "rate_limit_error", "unavailable": "service_unavailable", "generation": "server_error"}
 
@@ -234,6 +237,8 @@ async def _stream(request, runtime, chat: bool, rid: str, created: int, prompt_i
                   "system_fingerprint": None})
     prefix = f"data: {head[:-1]},\"choices\":"
     null_tail = (',"usage":null}\n\n' if include_usage else "}\n\n").encode()
+    token_tpl = ('[{"index":0,"delta":{"content":%s},"logprobs":null,"finish_reason":null}]' if chat else
+                 '[{"index":0,"text":%s,"logprobs":null,"finish_reason":null}]')
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> bytes:
         if usage is None:
@@ -243,6 +248,9 @@ async def _stream(request, runtime, chat: bool, rid: str, created: int, prompt_i
     gen = run_generation(runtime, API, prompt_ids, sp, stops, outcome, arrival)
     async with contextlib.aclosing(gen):
         await resp.prepare(request)
+        # chunks of tokens that were already waiting are joined into one write (one send), so a
+        # loop that falls behind catches up with fewer writes instead of one per token
+        buf: list[bytes] = []
         if chat:
             await resp.write(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "logprobs": None, "finish_reason": None}]))
@@ -250,21 +258,28 @@ async def _stream(request, runtime, chat: bool, rid: str, created: int, prompt_i
             if step.finish_reason in ("error", "cancelled"):
                 err = {"error": {"message": step.error or "generation was cancelled", "type": "server_error",
                                  "param": None, "code": None}}
-                await resp.write(f"data: {dumps(err)}\n\n".encode())
+                buf.append(f"data: {dumps(err)}\n\n".encode())
                 break
             finish = _finish(step.finish_reason) if step.finish_reason else None
-            if chat:
+            if finish is None:      # the common case, byte-identical to dumping the choice object
+                buf.append((prefix + token_tpl % _encode_str(step.text)).encode() + null_tail)
+            elif chat:
                 delta = {"content": step.text} if (step.text or finish is None) else {}
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": step.text, "logprobs": None, "finish_reason": finish}
-            await resp.write(chunk([choice]))
             if finish is not None:
+                buf.append(chunk([choice]))
                 if include_usage:
-                    await resp.write(chunk([], {"prompt_tokens": len(prompt_ids),
-                                                "completion_tokens": outcome.generated_tokens,
-                                                "total_tokens": len(prompt_ids) + outcome.generated_tokens}))
-                await resp.write(b"data: [DONE]\n\n")
+                    buf.append(chunk([], {"prompt_tokens": len(prompt_ids),
+                                          "completion_tokens": outcome.generated_tokens,
+                                          "total_tokens": len(prompt_ids) + outcome.generated_tokens}))
+                buf.append(b"data: [DONE]\n\n")
+            if not step.more or finish is not None:
+                await resp.write(b"".join(buf))
+                buf.clear()
+        if buf:
+            await resp.write(b"".join(buf))
     with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
         await resp.write_eof()
     return resp

@@ -157,10 +157,11 @@ async def _stream(request: web.Request, runtime, prompt_ids: list[int], sp: Samp
     async with contextlib.aclosing(gen):
         await resp.prepare(request)
         index = 0
+        buf: list[bytes] = []       # events of tokens already waiting go out in one write
         async for step in gen:
             if step.finish_reason in ("error", "cancelled"):
                 etype = "generation" if step.finish_reason == "error" else "incomplete_generation"
-                await resp.write(f"data:{dumps({'error': step.error or 'generation was cancelled', 'error_type': etype})}\n\n".encode())
+                buf.append(f"data:{dumps({'error': step.error or 'generation was cancelled', 'error_type': etype})}\n\n".encode())
                 break
             index += 1
             event: dict[str, Any] = {"index": index, "token": _token(step) if step.token_id is not None else
@@ -172,7 +173,12 @@ async def _stream(request: web.Request, runtime, prompt_ids: list[int], sp: Samp
                 event["details"] = {"finish_reason": _finish(step.finish_reason),
                                     "generated_tokens": outcome.generated_tokens, "seed": opts["seed"],
                                     "input_length": len(prompt_ids)}
-            await resp.write(f"data:{dumps(event)}\n\n".encode())
+            buf.append(f"data:{dumps(event)}\n\n".encode())
+            if not step.more or step.finish_reason is not None:
+                await resp.write(b"".join(buf))
+                buf.clear()
+        if buf:
+            await resp.write(b"".join(buf))
     with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
         await resp.write_eof()
     return resp

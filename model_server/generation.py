@@ -39,6 +39,7 @@ class Step:
     special: bool = False
     finish_reason: str | None = None          # length | eos_token | stop_sequence | cancelled | error
     error: str | None = None
+    more: bool = False                        # another token is already waiting: the writer may batch
 
 
 @dataclass
@@ -77,6 +78,7 @@ async def run_generation(runtime: Any, api: str, prompt_ids: list[int], params: 
     runtime.in_flight += 1
     metrics.in_flight.inc()
     events = None
+    pending = getattr(engine, "pending_events", None)
     try:
         try:
             events = engine.submit(request)
@@ -111,7 +113,8 @@ async def run_generation(runtime: Any, api: str, prompt_ids: list[int], params: 
                 if reason is not None:
                     outcome.finish_reason = reason
                     status = {"cancelled": "cancelled", "error": "error"}.get(reason, "success")
-                yield Step(ev.token_id, text, ev.logprob, ev.token_id in special_ids, reason, ev.error)
+                more = reason is None and pending is not None and pending(rid) > 0
+                yield Step(ev.token_id, text, ev.logprob, ev.token_id in special_ids, reason, ev.error, more)
                 if reason is not None:
                     return
             elif ev.finish_reason is not None:

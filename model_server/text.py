@@ -21,7 +21,6 @@ class IncrementalDetokenizer:
         # the Rust tokenizer's own decode skips transformers' Python wrapper (~4x less per call)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend_decode = getattr(backend, "decode", None)
-        self._backend_decode_batch = getattr(backend, "decode_batch", None)
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -38,17 +37,12 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; return the new text it completes (may be empty)."""
         self.ids.append(int(token_id))
+        # (not the tokenizer's decode_batch: it hands work to a thread pool, ~5x dearer per call here)
         prefix_text = self._prefix_text
-        if prefix_text is None and self._backend_decode_batch is not None:
-            # both windows in one call into the tokenizer (the per-token cost is mostly the call)
-            prefix_text, new_text = self._backend_decode_batch(
-                [self.ids[self.prefix_offset:self.read_offset], self.ids[self.prefix_offset:]],
-                skip_special_tokens=self.skip_special)
-        else:
-            if prefix_text is None:
-                prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-            new_text = self._decode(self.ids[self.prefix_offset:])
-        self._prefix_text = prefix_text      # unchanged until the offsets move
+        if prefix_text is None:
+            prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self._decode(self.ids[self.prefix_offset:])
+        self._prefix_text = prefix_text      # unchanged until the offsets move: decoded once, not per token
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             delta = new_text[len(prefix_text):]
             self.prefix_offset = self.read_offset

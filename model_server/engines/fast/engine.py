@@ -261,6 +261,13 @@ class FastEngine(Engine):
             },
         )
 
+    def pending_events(self, request_id: str) -> int:
+        """Events already delivered to ``request_id``'s stream and not yet read (a hint: 0 once it ended).
+
+        The HTTP layer uses it to write several tokens in one send when its consumer has fallen behind."""
+        seq = self._seqs.get(request_id)
+        return seq.queue.qsize() if seq is not None else 0
+
     def timing(self, request_id: str) -> RequestTiming | None:
         with self._lock:
             return self._timings.pop(request_id, None)
