@@ -79,6 +79,46 @@ def check_model_argument(model_id: str) -> None:
             raise LoadError(f"{model_id} has no config.json (not a Hugging Face model directory)")
 
 
+def _quant_method_name(value: Any) -> str:
+    """``quant_method`` as a plain lower-case name.
+
+    config.json holds a string, but ``model.config.quantization_config.to_dict()`` holds transformers'
+    ``QuantizationMethod`` enum, whose ``str()`` is ``"QuantizationMethod.GPTQ"``.
+    """
+    return str(getattr(value, "value", value) or "").lower()
+
+
+def _prepare_gptq() -> None:
+    """Make gptqmodel + optimum importable for a GPTQ checkpoint, or fail in one line.
+
+    gptqmodel sizes a CPU worker pool at import; on 2-core machines it needs GPTQMODEL_CPU_WORKERS.
+    """
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    missing = []
+    for mod in ("gptqmodel", "optimum"):
+        try:
+            __import__(mod)
+        except Exception:
+            missing.append(mod)
+    if missing:
+        raise LoadError(f"GPTQ checkpoints need {' and '.join(missing)} "
+                        "(pip install 'edge-eval[gptq]'; auto-gptq does not work with transformers 5)")
+
+
+def _settle_gptq_kernels(model, tokenizer) -> None:
+    """Run one token through the model so GPTQ kernels repack their weights now, not on the first request.
+
+    gptqmodel's CPU kernel (TorchAtenLinear) converts qweight to the int4pack layout and builds
+    ``scales_and_zeros`` on its first forward; doing it at load makes load time honest and lets
+    ``measure_weight_bytes`` see the layout the server actually holds.
+    """
+    import torch
+
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"][:1] or [0]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids], device=model.device))
+
+
 def _bnb_compute_dtype(device_type: str):
     import torch
 
@@ -91,7 +131,9 @@ def _quantization_kwargs(quantization: str, device_type: str, config: dict[str, 
     import torch
 
     existing = (config or {}).get("quantization_config") or {}
-    method = str(existing.get("quant_method", "")).lower()
+    method = _quant_method_name(existing.get("quant_method", ""))
+    if method == "gptq" and quantization in ("none", "gptq"):
+        _prepare_gptq()
     if quantization == "none":
         return {"dtype": "auto"}
     if quantization == "fp16":
@@ -118,16 +160,6 @@ def _quantization_kwargs(quantization: str, device_type: str, config: dict[str, 
         if method != "gptq":
             raise LoadError("--quantization gptq needs a pre-quantized GPTQ checkpoint "
                             "(config.json quantization_config.quant_method == 'gptq')")
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
-        missing = []
-        for mod in ("gptqmodel", "optimum"):
-            try:
-                __import__(mod)
-            except Exception:
-                missing.append(mod)
-        if missing:
-            raise LoadError(f"--quantization gptq needs {' and '.join(missing)} "
-                            "(pip install 'edge-eval[gptq]'; auto-gptq does not work with transformers 5)")
         return {"dtype": torch.float16 if device_type == "cuda" else torch.float32}
     raise LoadError(f"unknown quantization {quantization!r}")
 
@@ -174,6 +206,10 @@ def measure_weight_bytes(model) -> int:
             if name not in non_persistent:
                 add(b)
         add(getattr(module, "SCB", None))
+        if hasattr(module, "qweight"):
+            # GPTQ kernels keep derived tensors as plain attributes (gptqmodel CPU: scales_and_zeros, ret_idx)
+            for value in vars(module).values():
+                add(value)
     return total
 
 
@@ -213,15 +249,21 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
         raise LoadError(f"cannot load model from {model_id}: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
     model.eval()
+    cfg = model.config
+    qcfg = getattr(cfg, "quantization_config", None)
+    qdict = (qcfg if isinstance(qcfg, dict) else qcfg.to_dict()) if qcfg is not None else {}
+    if _quant_method_name(qdict.get("quant_method")) == "gptq":
+        try:
+            _settle_gptq_kernels(model, tokenizer)
+        except Exception as exc:
+            raise LoadError(f"GPTQ kernels failed on a first forward: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
     if device == "cuda":
         torch.cuda.synchronize()
     log.info("loaded %s in %.2f s", model_id, time.monotonic() - t0)
 
-    cfg = model.config
-    qcfg = getattr(cfg, "quantization_config", None)
     if quantization == "none" and qcfg is not None:
-        qdict = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
-        reported_q = str(qdict.get("quant_method", "none")).lower()
+        reported_q = _quant_method_name(qdict.get("quant_method")) or "none"
         if reported_q == "bitsandbytes":
             reported_q = "nf4" if qdict.get("load_in_4bit") else "int8"
     else:
