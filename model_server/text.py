@@ -77,10 +77,12 @@ class StopMatcher:
         if not self.stops:
             return delta, False
         self.pending += delta
+        # The stop that completes first wins (smallest end; on a tie the one that starts first), as it
+        # would if the text arrived one character at a time: the result does not depend on chunking.
         first = None
         for s in self.stops:
             i = self.pending.find(s)
-            if i >= 0 and (first is None or i < first[0]):
+            if i >= 0 and (first is None or (i + len(s), i) < (first[0] + len(first[1]), first[0])):
                 first = (i, s)
         if first is not None:
             out = self.pending[:first[0]]

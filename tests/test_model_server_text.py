@@ -11,9 +11,23 @@ ALPHABET = "ab\u00e9\u4e2d\U0001F600 \n"
 
 
 def _reference(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Text before the earliest stop occurrence (by position), and whether one occurred."""
-    hits = [text.find(s) for s in stops if s and text.find(s) >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
+    """Text before the stop occurrence that completes first (smallest end, then smallest start),
+    as a generator that checks after every character would stop; and whether one occurred."""
+    hits = [(text.find(s) + len(s), text.find(s)) for s in stops if s and text.find(s) >= 0]
+    return (text[:min(hits)[1]], True) if hits else (text, False)
+
+
+def test_stop_that_completes_first_wins_whatever_the_chunking():
+    # "a" completes at index 2, the longer stop that starts earlier only at index 3
+    for chunks in (["\U0001F600", "a", "\U0001F600"], ["\U0001F600a\U0001F600"]):
+        m = StopMatcher(["a", "\U0001F600a\U0001F600"])
+        out = ""
+        for c in chunks:
+            safe, stopped = m.push(c)
+            out += safe
+            if stopped:
+                break
+        assert (out, stopped, m.matched) == ("\U0001F600", True, "a")
 
 
 @settings(max_examples=300, deadline=None)
