@@ -239,6 +239,7 @@ class ProxyCore:
                             model=self.model_label(None), t_received_ns=t0)
         self.metrics.in_flight.inc()
         started = False
+        defer_end = False
         try:
             try:
                 body = await request.read()
@@ -289,7 +290,11 @@ class ProxyCore:
                     rec.error_type = exc.reason
                     rec.status = 503
                     return error_response(spec.api, 503, exc.reason, exc.message)
-            return await self._forward_generation(request, rec, spec, body, strip_usage)
+            out = await self._forward_generation(request, rec, spec, body, strip_usage)
+            # a whole (non-streamed) response is written after this returns: the end-of-request
+            # observer work runs after the write (next loop iteration), off the response's path
+            defer_end = not out.prepared
+            return out
         except asyncio.CancelledError:
             if rec.outcome is None:
                 rec.outcome = "cancelled"
@@ -302,7 +307,10 @@ class ProxyCore:
                 rec.error_type = rec.error_type or "internal"
             if rec.t_end_ns is None:
                 rec.t_end_ns = time.monotonic_ns()
-            self._end(rec, started)
+            if defer_end:
+                asyncio.get_running_loop().call_soon(self._end, rec, started)
+            else:
+                self._end(rec, started)
 
     def _reject(self, rec: RequestRecord, status: int, error_type: str, msg: str) -> web.Response:
         rec.status = status

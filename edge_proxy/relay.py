@@ -224,6 +224,8 @@ class RawResponse:
     async def wait_done(self) -> str:
         """ok | broken | timeout | error:...; timeout = no bytes for the configured time."""
         p = self._proto
+        if p.done.done():            # whole body already here (one read): no timer, no extra loop turn
+            return p.done.result()
         timeout = self._timeout
         while True:
             try:

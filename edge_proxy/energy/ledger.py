@@ -15,6 +15,10 @@ known:
   past either bound the oldest tick is split with what is known (unknown prompt counts weigh 0,
   unknown non-streaming weights take the mean of the others), so memory stays bounded.
 
+Cost: request events (``start``/``tokens``/``end``, event loop) are O(1); splitting and finality
+run when a tick arrives (sampler thread), off the event loop. ``end`` settles at once only when the
+tick after the end has already closed.
+
 A request's energy is *final* once it has ended, a tick closing after its end has arrived, and no
 pending tick overlaps it. Idle power: configured, or learned as the median power of recent ticks
 with nothing in flight (preferring ticks at least ``idle_settle_seconds`` after the last busy one,
@@ -173,7 +177,12 @@ class Ledger:
                 v.prompt_tokens = int(prompt_tokens)
             if output_tokens is not None:
                 v.output_tokens = int(output_tokens)
-            self._resolve(now_ns if now_ns is not None else (self._newest_t1 or t_ns))
+            # O(1) on the event loop: pending ticks are split and requests turn final when the next
+            # tick arrives (sampler thread), which is also when a request ending after the newest
+            # tick can turn final. Only when the tick after the end has already closed (the end was
+            # stamped before the newest tick arrived) is there something to settle now.
+            if self._newest_t1 is not None and v.end_ns < self._newest_t1:
+                self._resolve(now_ns if now_ns is not None else self._newest_t1)
 
     # -- ticks (sampler thread) ------------------------------------------------------------
     def add_tick(self, tick: Tick, now_ns: int | None = None) -> None:

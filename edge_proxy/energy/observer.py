@@ -42,6 +42,9 @@ class EnergyObserver(BaseObserver):
         self.finalize_wait_seconds = (finalize_wait_seconds if finalize_wait_seconds is not None
                                       else min(4.0, max(1.0, 10 * period_seconds)))
         self._poll = max(0.005, min(0.05, period_seconds / 4))
+        self._lag_seconds = min(0.01, period_seconds / 10)   # sampler read + ledger work after t1
+        self._spread_seconds = min(0.025, period_seconds / 4)
+        self._spread_i = 0
 
     def on_request_start(self, rec: RequestRecord) -> None:
         self.ledger.start(rec.request_id, rec.t_received_ns or time.monotonic_ns(), rec.model, rec.stream,
@@ -79,11 +82,30 @@ class EnergyObserver(BaseObserver):
             return False
         return time.monotonic_ns() - newest < max(1.0, 5 * self.period_seconds) * 1e9
 
+    def _wait_seconds(self, rec: RequestRecord, deadline: float) -> float:
+        """How long to sleep before checking finality again: until the tick that closes after the
+        request's end is due (newest tick end + whole periods, plus a little lag), else one poll.
+        One or two wake-ups per request instead of one every poll period."""
+        wait = self._poll
+        newest = self.ledger.newest_tick_end_ns
+        end = rec.t_end_ns
+        if newest is not None and end is not None and self.period_seconds > 0:
+            period_ns = int(self.period_seconds * 1e9)
+            due = newest + period_ns
+            if due <= end:
+                due += ((end - due) // period_ns + 1) * period_ns
+            # spread the wake-ups of requests that end together (a batch) over a few ms, so their
+            # end-of-request work (metrics, access log, economics) does not stall the loop at once
+            self._spread_i = (self._spread_i + 1) % 16
+            spread = self._spread_i * self._spread_seconds / 16
+            wait = max(wait, (due - time.monotonic_ns()) / 1e9 + self._lag_seconds + spread)
+        return max(0.0, min(wait, deadline - time.monotonic()))
+
     async def finalize(self, rec: RequestRecord) -> None:
         deadline = time.monotonic() + self.finalize_wait_seconds
         while (not self.ledger.is_final(rec.request_id) and time.monotonic() < deadline
                and self.source_alive()):
-            await asyncio.sleep(self._poll)
+            await asyncio.sleep(self._wait_seconds(rec, deadline))
         final = self.ledger.is_final(rec.request_id)
         res = self.ledger.release(rec.request_id) if final else self.ledger.estimate(rec.request_id, time.monotonic_ns())
         if not final:
