@@ -98,7 +98,9 @@ class EnergyObserver(BaseObserver):
             # end-of-request work (metrics, access log, economics) does not stall the loop at once
             self._spread_i = (self._spread_i + 1) % 16
             spread = self._spread_i * self._spread_seconds / 16
-            wait = max(wait, (due - time.monotonic_ns()) / 1e9 + self._lag_seconds + spread)
+            target = (due - time.monotonic_ns()) / 1e9 + self._lag_seconds + spread
+            if target > 0:           # else the tick is overdue (late read): poll
+                wait = target
         return max(0.0, min(wait, deadline - time.monotonic()))
 
     async def finalize(self, rec: RequestRecord) -> None:
