@@ -192,7 +192,15 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
     runtime.loaded = loaded
 
     engine_name = resolve_engine_name(args.engine, device)
-    engine = create_engine(engine_name, loaded, lim.max_batch, lim.max_total_tokens)
+    try:
+        engine = create_engine(engine_name, loaded, lim.max_batch, lim.max_total_tokens)
+    except ServeError as exc:
+        if args.engine != "auto" or engine_name != "fast":
+            raise
+        # auto: a model the fast engine cannot serve (another architecture) falls back to the baseline
+        log.warning("%s; falling back to the transformers engine", exc)
+        engine_name = "transformers"
+        engine = create_engine(engine_name, loaded, lim.max_batch, lim.max_total_tokens)
     runtime.set_state("warming")
     try:
         await engine.start()
