@@ -516,7 +516,10 @@ class ProxyCore:
         to the client inside the backend protocol's callback (no task switch per event)."""
         api: Api = rec.api  # type: ignore[assignment]
         tr = request.transport
-        state = {"client_gone": False, "paused": False}
+        # no closure here refers to itself (state["resume"] is dropped at the end): a request's
+        # objects are freed by reference counting, not left for the cyclic GC (whose full
+        # collections stalled the loop, docs/benchmarks.md Proxy overhead)
+        state: dict[str, Any] = {"client_gone": False, "paused": False}
         loop = asyncio.get_running_loop()
 
         def resume_when_drained() -> None:
@@ -524,7 +527,9 @@ class ProxyCore:
                 state["paused"] = False
                 return
             if tr.get_write_buffer_size() > RELAY_HIGH_WATER // 4:
-                loop.call_later(0.005, resume_when_drained)
+                again = state.get("resume")
+                if again is not None:
+                    loop.call_later(0.005, again)
                 return
             state["paused"] = False
             resp.resume()
@@ -559,6 +564,7 @@ class ProxyCore:
                 resp.pause()
                 loop.call_later(0.005, resume_when_drained)
 
+        state["resume"] = resume_when_drained
         try:
             resp.attach(on_data)
             result = await resp.wait_done()
@@ -586,6 +592,8 @@ class ProxyCore:
             rec.status = 499
             raise asyncio.CancelledError() from None
         finally:
+            state.pop("resume", None)
+            resp.detach()
             acct.finish()
             rec.t_end_ns = time.monotonic_ns()
         return out

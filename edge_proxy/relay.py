@@ -213,6 +213,10 @@ class RawResponse:
             sink(data, p.last_ns)
         p.sink = sink
 
+    def detach(self) -> None:
+        """Stop delivering to the sink (and drop it: it usually closes over this response)."""
+        self._proto.sink = None
+
     def pause(self) -> None:
         if self._proto.transport is not None:
             self._proto.transport.pause_reading()
@@ -251,6 +255,7 @@ class RawResponse:
             return
         self._released = True
         p = self._proto
+        p.sink = None            # the sink closes over this response: no reference cycle is left
         if p.done.done() and p.done.result() == "ok" and p.keep_alive and p.transport is not None \
                 and not p.transport.is_closing():
             self._pool.put(p)
@@ -259,6 +264,7 @@ class RawResponse:
 
     def close(self) -> None:
         self._released = True
+        self._proto.sink = None
         if self._proto.transport is not None:
             self._proto.transport.abort()
 
