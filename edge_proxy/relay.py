@@ -324,8 +324,11 @@ class RelayPool:
                 proto = fresh
             assert proto.transport is not None
             proto.transport.write(head + body)
+            # await the head future itself (a timer fails it on timeout): the task wakes in the
+            # loop turn the head arrives, not after the extra turns of wait_for + shield
+            timer = loop.call_later(self.read_timeout, _fail_head_on_timeout, proto.head_future)
             try:
-                await asyncio.wait_for(asyncio.shield(proto.head_future), self.read_timeout)
+                await proto.head_future
             except aiohttp.ServerDisconnectedError:
                 if reused and not proto.got_bytes and attempt == 0:
                     continue          # the kept-alive connection had gone stale: once more, fresh
@@ -333,8 +336,15 @@ class RelayPool:
             except BaseException:
                 proto.transport.abort()
                 raise
+            finally:
+                timer.cancel()
             return RawResponse(self, proto, self.read_timeout)
         raise aiohttp.ServerDisconnectedError()
+
+
+def _fail_head_on_timeout(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
 
 
 def request_head(method: str, path_qs: str, host_header: str, headers: CIMultiDict[str], body_len: int) -> bytes:
