@@ -199,6 +199,10 @@ class EconomicsObserver(BaseObserver):
         if isinstance(started, float):
             t = rec.t_end_ns if rec.t_end_ns is not None else self.clock_ns()
             rec.extra["economics.busy_share_seconds"] = self._busy.end(t, started)
+        if rec.traffic != "probe" and rec.outcome in ("ok", "cancelled"):
+            # Known for feedback from the moment the answer is out, not only once its energy is
+            # final (a tick later): a client may score a request right after reading it.
+            self.recent.add(rec.request_id, rec.model, None)
 
     def sync_cold_starts(self) -> None:
         """Pick up finished cold starts from the cold-start gate's history (if the gate exists)."""
