@@ -36,6 +36,15 @@ def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
+def _event_object(data: bytes) -> dict[str, Any] | None:
+    """The JSON object of one SSE data field, or None when it is not a JSON object."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def apply_response_headers(rec: RequestRecord, headers: Any) -> None:
     """Harvest counts and queue time from backend headers (TGI and our model server set these)."""
     v = headers.get("x-prompt-tokens")
@@ -83,11 +92,8 @@ class OpenAIStream:
             if self.strip_usage and b'"usage"' in raw:
                 return _USAGE_NULL.sub(b"", raw)
             return raw
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return raw
-        if not isinstance(obj, dict):
+        obj = _event_object(data)
+        if obj is None:
             return raw
         if obj.get("error"):
             self.backend_error = True
@@ -164,11 +170,8 @@ class TGIStream:
                 self.counted += 1
                 self.sink(1, t_ns)
             return raw
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return raw
-        if not isinstance(obj, dict):
+        obj = _event_object(data)
+        if obj is None:
             return raw
         if obj.get("error"):
             self.backend_error = True
