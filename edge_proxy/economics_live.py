@@ -140,6 +140,7 @@ class EconomicsObserver(BaseObserver):
         self._served: dict[str, int] = {}
         self._cold_cost_usd: dict[str, float] = {}
         self.recent = RecentRequests(self.cfg.feedback_capacity)
+        self._touched: set[str] = set()
         self.backend_info: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._results: dict[str, tuple[float, float | None]] = {}
@@ -184,6 +185,8 @@ class EconomicsObserver(BaseObserver):
         self.cold_cost = Counter("edge_proxy_cold_start_cost_usd", "Electricity cost of cold "
                                  "starts (part of the fixed cost in production mode).", m,
                                  registry=registry)
+        for model in sorted(set(self.cfg.scores) | set(self.cfg.reference_scores)):
+            self._touch(model)          # configured models: their series exist from the start
         registry.register(_EconomicsCollector(self))
 
     # ------------------------------------------------------------------ request hooks
@@ -193,6 +196,19 @@ class EconomicsObserver(BaseObserver):
             rec.traffic = "probe"
             self._probe_ids[rec.request_id] = rec.model
         rec.extra["economics.busy0"] = self._busy.start(self.clock_ns())
+        if rec.traffic != "probe":
+            self._touch(rec.model)
+
+    def _touch(self, model: str) -> None:
+        """Create the model's counter series at 0 as soon as the model is seen, so the first
+        increments (which land when a request's energy is final) show in rate() and increase()."""
+        if model in self._touched:
+            return
+        self._touched.add(model)
+        for c in (self.energy_cost, self.hardware_cost, self.api_cost, self.requests, self.energy):
+            c.labels(model)
+        self.tokens.labels(model, "input")
+        self.tokens.labels(model, "output")
 
     def on_request_end(self, rec: RequestRecord) -> None:
         started = rec.extra.get("economics.busy0")
@@ -200,6 +216,7 @@ class EconomicsObserver(BaseObserver):
             t = rec.t_end_ns if rec.t_end_ns is not None else self.clock_ns()
             rec.extra["economics.busy_share_seconds"] = self._busy.end(t, started)
         if rec.traffic != "probe" and rec.outcome in ("ok", "cancelled"):
+            self._touch(rec.model)
             # Known for feedback from the moment the answer is out, not only once its energy is
             # final (a tick later): a client may score a request right after reading it.
             self.recent.add(rec.request_id, rec.model, None)

@@ -149,6 +149,16 @@ def _traffic(proxy: str) -> None:
 
 
 def test_every_panel_query_returns_data(stack: dict[str, str]) -> None:
+    # Prometheus must have scraped the proxy before the traffic: a counter whose first sample
+    # already holds all of the traffic has rate() 0 (flat), and the ratio rules would be NaN.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        up = _prom_query(stack["prom"], 'up{job="edge-proxy"}').get("data", {}).get("result", [])
+        if up and up[0]["value"][1] == "1":
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("Prometheus never scraped the proxy")
     _traffic(stack["proxy"])
     queries = [(p["title"], _substitute(t["expr"])) for p in _panels() for t in p["targets"]]
     assert len(queries) >= 25
@@ -169,15 +179,22 @@ def test_every_panel_query_returns_data(stack: dict[str, str]) -> None:
     assert not missing, "panels without data:\n" + "\n".join(missing) + "\n" + Path(stack["log"]).read_text()[-3000:]
 
     # The five metrics carry real numbers (finite, positive), computed by the recording rules.
+    # Economics counts a request when its energy is final (the tick after its end), so the counters
+    # can still be at 0 a moment after the last response: poll until the rules see the requests.
+    deadline = time.monotonic() + 30
     for expr in ("edge_eval:break_even_requests:ratio_rate5m", "edge_eval:intelligence_per_joule:ratio_rate5m",
                  "edge_eval:system_density_tokens_per_second_per_gigabyte:rate5m",
                  "edge_eval:cold_start_tax:ratio", "edge_eval:quantization_fidelity_percent:max"):
-        result = _prom_query(stack["prom"], f'{expr}{{model="{MODEL}"}}')["data"]["result"]
-        assert result, expr
-        value = float(result[0]["value"][1])
+        while True:
+            result = _prom_query(stack["prom"], f'{expr}{{model="{MODEL}"}}')["data"]["result"]
+            value = float(result[0]["value"][1]) if result else math.nan
+            if (math.isfinite(value) and value > 0) or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
         debug = {e: _prom_query(stack["prom"], e)["data"]["result"] for e in (
             "edge_eval:requests:rate5m", "edge_eval:api_cost_usd:rate5m", "edge_eval:local_cost_usd:rate5m",
-            "edge_proxy_fixed_cost_usd", "edge_proxy_api_equivalent_cost_usd_total", "edge_proxy_hardware_cost_usd_total", "edge_proxy_energy_cost_usd_total")}
+            "edge_proxy_fixed_cost_usd", "edge_proxy_economics_requests_total", "edge_proxy_requests_total", "edge_proxy_energy_cost_usd_total")}
+        assert result, expr
         assert math.isfinite(value) and value > 0, (expr, value, debug)
     q_ret = float(_prom_query(stack["prom"], "edge_eval:quantization_fidelity_percent:max")["data"]["result"][0]["value"][1])
     assert q_ret == pytest.approx(0.6 / 0.62 * 100)
