@@ -32,11 +32,17 @@ def test_cold_start_benchmark_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> N
     s = result["summary"][0]
     assert s["energy_source"] == "estimated"
     for key in ("cold_start_joules", "median_request_joules", "c_tax_energy", "c_tax_time",
-                "c_tax_paper_form", "idle_watts", "keep_warm_break_even_idle_seconds"):
+                "c_tax_paper_form"):
         assert s[key] is not None and s[key] > 0, key
     # the ratios are what their inputs say
     assert s["c_tax_energy"] == pytest.approx(s["cold_start_joules"] / s["median_request_joules"])
-    assert s["keep_warm_break_even_idle_seconds"] == pytest.approx(s["cold_start_joules"] / s["idle_watts"])
+    # The estimated source models CPU time x watts: on a quiet machine an idle model server burns
+    # (almost) no CPU, so idle power can be 0 and the keep-warm break-even undefined.
+    assert s["idle_watts"] is not None and s["idle_watts"] >= 0
+    if s["idle_watts"] > 0:
+        assert s["keep_warm_break_even_idle_seconds"] == pytest.approx(s["cold_start_joules"] / s["idle_watts"])
+    else:
+        assert s["keep_warm_break_even_idle_seconds"] in (None, float("inf"))
     md = (tmp_path / "cold_start.md").read_text()
     assert "| none |" in md and "C_tax" in md
 

@@ -104,7 +104,8 @@ def test_backend_that_never_becomes_ready_times_out_and_is_killed() -> None:
         assert p.metric("edge_proxy_cold_start_rejected_requests_total", reason="hold_timeout") == 3
         assert wait_until(lambda: not pid_alive(pids[0]), 10), "backend process leaked"
         assert p.metric("edge_proxy_pending_requests") == 0
-        assert p.metric("edge_proxy_backend_process_up") == 0
+        # the supervisor notices the exit asynchronously
+        assert wait_until(lambda: p.metric("edge_proxy_backend_process_up") == 0, 10)
         snap = p.snapshot()
         tl = snap["cold_starts"][-1]["milestones_seconds"]
         assert tl["process_start"] is not None and tl["listening"] is not None and tl["ready"] is None
