@@ -42,6 +42,15 @@ CONTENT_LOG_MAX_CHARS = 4096
 RELAY_HIGH_WATER = 256 * 1024     # client write buffer above this: stop reading the backend
 
 
+def _done_with(resp: Any, complete: bool) -> None:
+    """Give a backend response back: a fully read one keeps its connection for reuse; otherwise
+    (client gone, error, timeout) the connection is dropped at once."""
+    if complete:
+        resp.release()
+    else:
+        resp.close()
+
+
 @dataclass(frozen=True)
 class RouteSpec:
     api: Api
@@ -389,10 +398,7 @@ class ProxyCore:
             complete = True
             return out
         finally:
-            if complete:
-                resp.release()
-            else:
-                resp.close()   # client gone or error: drop the backend connection now
+            _done_with(resp, complete)
 
     async def _send(self, request: web.Request, url: URL, body: bytes, headers: Any,
                     stream: bool) -> Any:
@@ -638,10 +644,7 @@ class ProxyCore:
                 complete = True
                 return out
             finally:
-                if complete:
-                    resp.release()
-                else:
-                    resp.close()
+                _done_with(resp, complete)
         finally:
             if route is not None:
                 self.metrics.requests.labels(self.model_label(None), self.backend.kind, route, "false",

@@ -196,7 +196,8 @@ class EconomicsObserver(BaseObserver):
             rec.traffic = "probe"
             self._probe_ids[rec.request_id] = rec.model
         rec.extra["economics.busy0"] = self._busy.start(self.clock_ns())
-        if rec.traffic != "probe":
+        if rec.traffic != "probe" and rec.model != "unknown":
+            # (during a cold start the model is not known yet: on_request_end touches it then)
             self._touch(rec.model)
 
     def _touch(self, model: str) -> None:
