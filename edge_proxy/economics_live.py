@@ -61,6 +61,7 @@ log = logging.getLogger("edge_proxy.economics")
 
 PROBE_HEADER = "x-edge-traffic"          # value "probe": the proxy labels the request traffic=probe
 _MAX_WINDOW_SAMPLES = 100_000
+INFO_MIN_INTERVAL_SECONDS = 1.0          # /info polls: at most one per second, whatever wakes them
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class EconomicsObserver(BaseObserver):
         self._probe_ids: dict[str, str] = {}      # request ids of probes in flight -> model label
         self._cold_ids: set[object] = set()
         self._info_wake: asyncio.Event | None = None   # set: poll /info now (weights unknown)
+        self._info_settled = False     # the last /info poll reached a backend that is up
         self._scrape_cache: dict[str, list[_Sample]] | None = None
         self._busy = _BusyClock()
         self._window: dict[str, deque[_Sample]] = {}
@@ -273,8 +275,10 @@ class EconomicsObserver(BaseObserver):
                            rec.duration_seconds or 0.0))
         self._prune(win, now)
         self.recent.add(rec.request_id, model, joules)
-        if self._info_wake is not None and not self.backend_info.get("weight_bytes"):
-            self._info_wake.set()           # a request just succeeded: the backend is up
+        if self._info_wake is not None and not self._info_settled:
+            # a request just succeeded: the backend is up again, poll /info now (the poller
+            # keeps at least INFO_MIN_INTERVAL_SECONDS between polls whatever the traffic)
+            self._info_wake.set()
 
     # ------------------------------------------------------------------ other inputs
     def record_cold_start(self, model: str | None, joules: float | None, seconds: float,
@@ -548,12 +552,17 @@ class EconomicsObserver(BaseObserver):
 
     async def _poll_info(self) -> None:
         """Poll the backend's ``/info`` for ``weight_bytes``: quickly (1 s, doubling up to
-        ``info_poll_seconds``) while it is down or still loading, then every ``info_poll_seconds``."""
+        ``info_poll_seconds``) while it is down or still loading, then every ``info_poll_seconds``.
+
+        A backend that answers but has no ``/info`` of ours (vLLM: 404) or reports no weights
+        (TGI) is settled: it is polled at the slow interval, and successful requests do not wake
+        the poller (they would otherwise cost one ``/info`` request per proxied request)."""
         url = self.backend.rstrip("/") + "/info"
         retry = 1.0
         async with ClientSession(timeout=ClientTimeout(total=5)) as session:
             while True:
                 settled = False
+                t_poll = time.monotonic()
                 try:
                     async with session.get(url) as resp:
                         if resp.status == 200:
@@ -563,8 +572,13 @@ class EconomicsObserver(BaseObserver):
                                 # Ours reports state; other backends (TGI) never report weights.
                                 settled = data.get("state") in (None, "ready") or bool(
                                     data.get("weight_bytes"))
+                            else:
+                                settled = True
+                        else:     # up, without an /info of ours; 502-504: a gateway says down
+                            settled = resp.status not in (502, 503, 504)
                 except Exception:           # backend down or not ours: try again later
                     pass
+                self._info_settled = settled
                 if settled:
                     retry = 1.0
                     delay = self.cfg.info_poll_seconds
@@ -578,6 +592,10 @@ class EconomicsObserver(BaseObserver):
                     wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(wake.wait(), timeout=delay)
+                # never more often than this, however often requests wake the poller
+                rest = INFO_MIN_INTERVAL_SECONDS - (time.monotonic() - t_poll)
+                if rest > 0:
+                    await asyncio.sleep(min(rest, delay))
 
     def _probe_target(self) -> str:
         rt = self.runtime

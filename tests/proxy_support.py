@@ -40,6 +40,8 @@ class UpstreamState:
     disconnects: int = 0
     finished_streams: int = 0
     release: asyncio.Event | None = None    # fault "hold-first": first event waits for this
+    info_hits: int = 0                      # GET /info requests served
+    info_status: int = 200                  # e.g. 404: a backend without /info (vLLM)
 
 
 def _prompt_of(body: dict[str, Any]) -> str:
@@ -173,6 +175,9 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
         return await sse_stream(request, fault, events, gap)
 
     async def info(request: web.Request) -> web.Response:
+        state.info_hits += 1
+        if state.info_status != 200:
+            return web.json_response({"error": "no /info here"}, status=state.info_status)
         return web.json_response({"model_id": MODEL, "model_dtype": "float32", "model_device_type": "cpu",
                                   "max_concurrent_requests": 8, "max_input_tokens": 512,
                                   "max_total_tokens": 1024, "version": "fake"})
