@@ -140,6 +140,7 @@ class EconomicsObserver(BaseObserver):
         self._scores: dict[str, deque[tuple[int, float]]] = {}
         self._cold: dict[str, deque[_ColdStart]] = {}
         self._served: dict[str, int] = {}
+        self._per_model: dict[str, tuple[Any, ...]] = {}
         self._cold_cost_usd: dict[str, float] = {}
         self.recent = RecentRequests(self.cfg.feedback_capacity)
         self._touched: set[str] = set()
@@ -224,6 +225,17 @@ class EconomicsObserver(BaseObserver):
             # final (a tick later): a client may score a request right after reading it.
             self.recent.add(rec.request_id, rec.model, None)
 
+    def _per_model_children(self, model: str) -> tuple[Any, ...]:
+        """The per-request counters' children for one model, looked up once (labels() costs a
+        validation and a lock per call); bounded like the model label itself."""
+        children = (self.energy_cost.labels(model), self.hardware_cost.labels(model),
+                    self.api_cost.labels(model), self.requests.labels(model),
+                    self.tokens.labels(model, "input"), self.tokens.labels(model, "output"),
+                    self.energy.labels(model))
+        if len(self._per_model) < 1000:
+            self._per_model[model] = children
+        return children
+
     def sync_cold_starts(self) -> None:
         """Pick up finished cold starts from the cold-start gate's history (if the gate exists)."""
         gate = None
@@ -261,13 +273,17 @@ class EconomicsObserver(BaseObserver):
         else:
             api = eco.api_cost_usd(n_in, n_out, self.cfg.api_usd_per_million_input_tokens,
                                    self.cfg.api_usd_per_million_output_tokens)
-        self.energy_cost.labels(model).inc(e_cost)
-        self.hardware_cost.labels(model).inc(hw_cost)
-        self.api_cost.labels(model).inc(api)
-        self.requests.labels(model).inc()
-        self.tokens.labels(model, "input").inc(n_in)
-        self.tokens.labels(model, "output").inc(n_out)
-        self.energy.labels(model).inc(joules or 0.0)
+        per_model = self._per_model.get(model)
+        if per_model is None:
+            per_model = self._per_model_children(model)
+        c_energy_cost, c_hw_cost, c_api, c_requests, c_in, c_out, c_energy = per_model
+        c_energy_cost.inc(e_cost)
+        c_hw_cost.inc(hw_cost)
+        c_api.inc(api)
+        c_requests.inc()
+        c_in.inc(n_in)
+        c_out.inc(n_out)
+        c_energy.inc(joules or 0.0)
         self._served[model] = self._served.get(model, 0) + 1
         now = self.clock_ns()
         win = self._window.setdefault(model, deque(maxlen=_MAX_WINDOW_SAMPLES))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.metric_children import Children, observe_many
 
 # OTel GenAI gen_ai.server.request.duration
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
@@ -67,38 +68,44 @@ class ProxyMetrics(BaseObserver):
         self.client_cancels = Counter(
             p + "client_disconnects", "Requests cancelled because the client went away.",
             registry=registry)
+        # label children looked up once (the per-request path, see metric_children)
+        self._requests = Children(self.requests)
+        self._duration = Children(self.duration)
+        self._ttft = Children(self.ttft)
+        self._itl = Children(self.itl)
+        self._tpot = Children(self.tpot)
+        self._queue = Children(self.queue)
+        self._tokens = Children(self.tokens)
+        self._upstream_errors = Children(self.upstream_errors)
 
     def on_request_final(self, rec: RequestRecord) -> None:
         model, route = rec.model, rec.route
         stream = "true" if rec.stream else "false"
         outcome = rec.outcome or "error"
-        self.requests.labels(model, self.backend_kind, route, stream, str(rec.status or 0), outcome).inc()
+        self._requests(model, self.backend_kind, route, stream, str(rec.status or 0), outcome).inc()
         d = rec.duration_seconds
         if d is not None:
-            self.duration.labels(model, route, stream, outcome).observe(d)
+            self._duration(model, route, stream, outcome).observe(d)
         if rec.stream:
             ttft = rec.ttft_seconds
             if ttft is not None:
-                self.ttft.labels(model, route).observe(ttft)
+                self._ttft(model, route).observe(ttft)
             times = rec.token_times_ns
             if len(times) > 1:
-                h = self.itl.labels(model, route)
-                prev = times[0]
-                for t in times[1:]:
-                    h.observe((t - prev) / 1e9)
-                    prev = t
+                observe_many(self._itl(model, route),
+                             [(b - a) / 1e9 for a, b in zip(times, times[1:])])
             if outcome == "ok":
                 tpot = rec.tpot_seconds
                 if tpot is not None:
-                    self.tpot.labels(model, route).observe(tpot)
+                    self._tpot(model, route).observe(tpot)
         if rec.backend_queue_seconds is not None:
-            self.queue.labels(model, route).observe(rec.backend_queue_seconds)
+            self._queue(model, route).observe(rec.backend_queue_seconds)
         src = rec.token_count_source if rec.token_count_source != "none" else "backend"
         if rec.input_tokens:
-            self.tokens.labels(model, route, "input", "backend").inc(rec.input_tokens)
+            self._tokens(model, route, "input", "backend").inc(rec.input_tokens)
         if rec.output_tokens:
-            self.tokens.labels(model, route, "output", src).inc(rec.output_tokens)
+            self._tokens(model, route, "output", src).inc(rec.output_tokens)
         if rec.error_type in ("connect", "timeout", "upstream_status", "stream_broken"):
-            self.upstream_errors.labels(rec.error_type).inc()
+            self._upstream_errors(rec.error_type).inc()
         elif rec.error_type == "client_disconnect":
             self.client_cancels.inc()

@@ -15,6 +15,7 @@ from prometheus_client import Histogram
 
 from edge_proxy.energy.ledger import Ledger, RequestEnergy
 from edge_proxy.hooks import BaseObserver, EnergyAttribution, RequestRecord
+from edge_proxy.metric_children import Children
 
 REQUEST_ENERGY_BUCKETS_JOULES = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
                                  1000.0, 2500.0, 5000.0, 10000.0)
@@ -37,6 +38,7 @@ class EnergyObserver(BaseObserver):
         self.source = source
         self.period_seconds = period_seconds
         self.histogram = histogram
+        self._histogram = Children(histogram) if histogram is not None else None
         # the tick after the end closes within about one period; allow for settling and lag,
         # but stay well inside the proxy's own 5 s finalize bound
         self.finalize_wait_seconds = (finalize_wait_seconds if finalize_wait_seconds is not None
@@ -113,5 +115,5 @@ class EnergyObserver(BaseObserver):
         if not final:
             self.ledger.release(rec.request_id)     # the ledger forgets it once it turns final
         rec.energy = to_attribution(res, self.source, final)
-        if self.histogram is not None and rec.traffic == "user":
-            self.histogram.labels(model=rec.model).observe(rec.energy.full_joules)
+        if self._histogram is not None and rec.traffic == "user":
+            self._histogram(rec.model).observe(rec.energy.full_joules)
