@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from edge_proxy.access_log import AccessLog, create_access_log
-from edge_proxy.app import BackendInfo, ProxyCore
+from edge_proxy.app import GENERATION_ROUTES, METADATA_ROUTES, BackendInfo, ProxyCore
 from edge_proxy.backend_probe import probe_loop
 from edge_proxy.coldstart.factory import attach_coldstart
 from edge_proxy.energy.factory import attach_energy
@@ -155,6 +155,10 @@ def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntim
     # whatever the backend's state (a gateway must stay Ready while its backend is at zero).
     (metrics_app or app).router.add_get("/healthz", _healthz)
     app.cleanup_ctx.append(_core_ctx(runtime))
+    # The instrumented paths as plain resources (resolved by a dict lookup, not the catch-all's
+    # regular expression), everything else through the catch-all; the same handler for all.
+    for path in (*GENERATION_ROUTES, *sorted(METADATA_ROUTES)):
+        app.router.add_route("*", path, core.handle)
     app.router.add_route("*", "/{tail:.*}", core.handle)
     return runtime
 

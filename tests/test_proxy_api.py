@@ -252,3 +252,47 @@ async def test_stream_headers_reach_client_before_first_token():
             first = await r.content.readline()
             assert first.startswith(b"data:")
             r.close()
+
+
+async def test_end_of_request_work_keeps_up_under_continuous_traffic():
+    """Bookkeeping waits for a quiet loop, but never longer than its bound: with requests
+    ending every millisecond (never quiet), finished requests still reach the final observers
+    (metrics, access log) while that goes on, not only once it stops."""
+    import asyncio
+    import time
+
+    from edge_proxy.hooks import RequestRecord
+
+    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+        recorder = px.components["recorder"]
+        core = px.core
+        t_end = time.monotonic() + 0.4
+        n = 0
+        while time.monotonic() < t_end:
+            now = time.monotonic_ns()
+            rec = RequestRecord(request_id=f"r{n}", route="/v1/completions", api="openai",
+                                t_received_ns=now, t_end_ns=now, outcome="ok", status=200)
+            core.metrics.in_flight.inc()
+            core._end(rec, True)
+            n += 1
+            await asyncio.sleep(0.001)
+        during = len(recorder.final)
+        await px.drain()
+        assert n > 50
+        # all but the last bound's worth were done while requests kept ending
+        assert during > 0, during
+        assert len(recorder.final) == n
+        assert recorder.final[0].request_id == "r0"
+
+
+async def test_other_methods_and_paths_on_instrumented_prefixes_pass_through():
+    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(px.url + "/v1/chat/completions") as r:
+                direct_status = r.status
+            async with s.get(up.url + "/v1/chat/completions") as r:
+                assert r.status == direct_status == 405
+            async with s.post(px.url + "/echo/v1/completions", data=b"x") as r:
+                assert r.status == 200 and await r.read() == b"x"
+        await px.drain()
+        assert px.components["recorder"].final == []
