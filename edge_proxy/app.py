@@ -124,7 +124,7 @@ class ProxyCore:
         self._ended: list[RequestRecord] = []
         self._ended_first = 0.0
         self._ended_last = 0.0
-        self._ended_timer: asyncio.TimerHandle | None = None
+        self._ended_timer: asyncio.Handle | None = None
         self._freeze()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -210,30 +210,30 @@ class ProxyCore:
         for o in self._end_obs:          # O(1) each: they stamp the end (energy, economics)
             self._call(o, "on_request_end", rec)
         # the rest waits for a quiet loop (bounded delay)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         if not self._ended:
             self._ended_first = now
         self._ended.append(rec)
         self._ended_last = now
         if self._ended_timer is None:
-            self._ended_timer = loop.call_later(FINAL_QUIET_SECONDS, self._ended_due)
+            self._ended_timer = asyncio.get_running_loop().call_later(FINAL_QUIET_SECONDS,
+                                                                      self._ended_due)
 
     def _ended_due(self) -> None:
+        # time.monotonic(), not loop.time(): uvloop's loop time is cached at 1 ms resolution.
+        # One check per FINAL_QUIET_SECONDS at most while requests keep ending.
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        quiet_for = now - self._ended_last
-        if quiet_for < FINAL_QUIET_SECONDS and now - self._ended_first < FINAL_MAX_DELAY_SECONDS:
-            # requests are still ending (a batch): wait until they stop, within the bound
-            self._ended_timer = loop.call_later(
-                min(FINAL_QUIET_SECONDS - quiet_for,
-                    self._ended_first + FINAL_MAX_DELAY_SECONDS - now), self._ended_due)
+        now = time.monotonic()
+        if now - self._ended_last < FINAL_QUIET_SECONDS and now - self._ended_first < FINAL_MAX_DELAY_SECONDS:
+            self._ended_timer = loop.call_later(FINAL_QUIET_SECONDS, self._ended_due)
             return
         self._run_ended()
-        # the rest in later loop turns, so I/O that arrived meanwhile is served in between
-        self._ended_timer = loop.call_later(0, self._ended_due) if self._ended else None
         if self._ended:
-            self._ended_first = self._ended_last = now - FINAL_MAX_DELAY_SECONDS
+            # the rest in later loop turns, so I/O that arrived meanwhile is served in between
+            self._ended_first = now - FINAL_MAX_DELAY_SECONDS
+            self._ended_timer = loop.call_soon(self._ended_due)  # type: ignore[assignment]
+        else:
+            self._ended_timer = None
 
     def _run_ended(self) -> None:
         batch, self._ended = self._ended[:FINAL_SLICE], self._ended[FINAL_SLICE:]
