@@ -48,6 +48,7 @@ FINAL_MAX_DELAY_SECONDS = 0.05
 FINAL_SLICE = 16
 CONTENT_LOG_MAX_CHARS = 4096
 RELAY_HIGH_WATER = 256 * 1024     # client write buffer above this: stop reading the backend
+REQUEST_ID_HEADER = "x-edge-request-id"   # on every instrumented response: the id for /edge/feedback
 
 
 def _done_with(resp: Any, complete: bool) -> None:
@@ -353,11 +354,15 @@ class ProxyCore:
                     rec.outcome = "rejected"
                     rec.error_type = exc.reason
                     rec.status = 503
-                    return error_response(spec.api, 503, exc.reason, exc.message)
+                    out = error_response(spec.api, 503, exc.reason, exc.message)
+                    out.headers[REQUEST_ID_HEADER] = rec.request_id
+                    return out
             out = await self._forward_generation(request, rec, spec, body, strip_usage, whole)
             # a whole (non-streamed) response is written after this returns: the end-of-request
             # observer work runs after the write (next loop iteration), off the response's path
             defer_end = not out.prepared
+            if defer_end:       # (a streamed response got the header before it started)
+                out.headers[REQUEST_ID_HEADER] = rec.request_id
             return out
         except asyncio.CancelledError:
             if rec.outcome is None:
@@ -381,7 +386,9 @@ class ProxyCore:
         rec.status = status
         rec.outcome = "error"
         rec.error_type = error_type
-        return error_response(rec.api, status, error_type, msg)  # type: ignore[arg-type]
+        out = error_response(rec.api, status, error_type, msg)  # type: ignore[arg-type]
+        out.headers[REQUEST_ID_HEADER] = rec.request_id
+        return out
 
     def _upstream_failure(self, rec: RequestRecord, exc: BaseException) -> web.Response:
         """Map a failure before response headers to 502/504 in the client's format."""
@@ -410,6 +417,8 @@ class ProxyCore:
                                   whole: list[tuple[bytes, int]]) -> web.StreamResponse:
         assert self.session is not None
         headers = request_headers(request.headers, request.remote)
+        if "x-request-id" not in headers:
+            headers["x-request-id"] = rec.request_id     # the backend's logs can name it too
         headers["Accept-Encoding"] = "identity"
         if "Content-Type" not in headers:
             headers["Content-Type"] = "application/json"
@@ -526,7 +535,9 @@ class ProxyCore:
                       strip_usage: bool) -> web.StreamResponse:
         rec.status = resp.status
         out = web.StreamResponse(status=resp.status, headers=response_headers(resp.headers))
-        out.headers.update(cold_start_headers(rec))
+        out.headers[REQUEST_ID_HEADER] = rec.request_id
+        if rec.cold_start:
+            out.headers.update(cold_start_headers(rec))
         await out.prepare(request)
         sink = lambda n, t: self._tokens(rec, n, t)  # noqa: E731
         acct: OpenAIStream | TGIStream = (OpenAIStream(rec, strip_usage, sink) if rec.api == "openai"

@@ -22,6 +22,10 @@ from multidict import CIMultiDict
 Sink = Callable[[bytes, int], None]
 
 _HIGH_WATER = 256 * 1024
+# A kept-alive backend connection idle longer than this is closed instead of reused: servers close
+# idle connections after their own keep-alive timeout (uvicorn: 5 s), and a request sent on one
+# that the server is closing at that moment fails before any response byte (see RelayPool.request).
+MAX_IDLE_REUSE_SECONDS = 4.0
 
 
 class _BackendProtocol(asyncio.Protocol):
@@ -45,6 +49,7 @@ class _BackendProtocol(asyncio.Protocol):
         self.keep_alive = True
         self.last_ns = time.monotonic_ns()
         self.head_ns = 0             # arrival of the response head (monotonic ns)
+        self.idle_since = 0.0        # time.monotonic() when it went back to the pool
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -281,6 +286,7 @@ class RelayPool:
 
     def put(self, proto: _BackendProtocol) -> None:
         if len(self._idle) < 256:
+            proto.idle_since = time.monotonic()
             self._idle.append(proto)
         elif proto.transport is not None:
             proto.transport.close()
@@ -309,11 +315,20 @@ class RelayPool:
         for attempt in (0, 1):
             reused = False
             proto: _BackendProtocol | None = None
+            now = time.monotonic()
             while self._idle:
-                cand = self._idle.pop()
-                if cand.transport is not None and not cand.transport.is_closing():
-                    proto, reused = cand, True
+                cand = self._idle.pop()        # the most recently used first
+                if cand.transport is None or cand.transport.is_closing():
+                    continue
+                if now - cand.idle_since > MAX_IDLE_REUSE_SECONDS:
+                    cand.transport.close()     # the rest of the pool is older still
+                    for old in self._idle:
+                        if old.transport is not None:
+                            old.transport.close()
+                    self._idle.clear()
                     break
+                proto, reused = cand, True
+                break
             if proto is None:
                 proto = await self._connect()
             else:

@@ -56,7 +56,9 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
     prompt_tokens: dict[int, str] = {}
 
     def record(request: web.Request, body: Any) -> str:
-        state.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        state.requests.append({"path": request.path, "headers": dict(request.headers), "body": body,
+                               "peer": tuple(peer) if peer else None})
         return request.headers.get("x-fake-fault", "")
 
     async def sse_stream(request: web.Request, fault: str, events: list[bytes], gap: float,

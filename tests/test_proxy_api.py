@@ -296,3 +296,60 @@ async def test_other_methods_and_paths_on_instrumented_prefixes_pass_through():
                 assert r.status == 200 and await r.read() == b"x"
         await px.drain()
         assert px.components["recorder"].final == []
+
+
+async def test_request_id_on_every_instrumented_response():
+    """x-edge-request-id (the id /edge/feedback takes): the client's x-request-id if it sent one,
+    else the proxy's, which the backend also receives as x-request-id."""
+    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+        def sent_id() -> str:
+            return {k.lower(): v for k, v in up.state.requests[-1]["headers"].items()}["x-request-id"]
+
+        url = px.url + "/v1/chat/completions"
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 3}
+        async with aiohttp.ClientSession() as s:
+            for stream in (False, True):
+                async with s.post(url, json=dict(body, stream=stream)) as r:
+                    assert r.status == 200
+                    await r.read()
+                    rid = r.headers["x-edge-request-id"]
+                assert len(rid) == 32 and int(rid, 16) >= 0
+                assert sent_id() == rid
+                async with s.post(url, json=dict(body, stream=stream),
+                                  headers={"x-request-id": f"mine-{stream}"}) as r:
+                    await r.read()
+                    assert r.headers["x-edge-request-id"] == f"mine-{stream}"
+                assert sent_id() == f"mine-{stream}"
+            async with s.post(url, data=b"{not json") as r:
+                assert r.status == 400
+                bad_id = r.headers["x-edge-request-id"]
+            async with s.post(url, json=body, headers={"x-fake-fault": "500"}) as r:
+                assert r.status == 500
+                assert r.headers["x-edge-request-id"] != bad_id
+        await px.drain()
+        # (the 400 never reached the backend: only the core outputs saw it)
+        ids = [rec.request_id for rec in px.components["recorder"].final]
+        assert len(ids) == len(set(ids)) == 5
+        assert bad_id not in ids
+
+
+async def test_relay_does_not_reuse_a_connection_idle_past_the_limit(monkeypatch):
+    import asyncio
+
+    import edge_proxy.relay as relay
+
+    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+        body = {"model": "fake-model", "prompt": "a", "max_tokens": 1}
+        async with aiohttp.ClientSession() as s:
+            async def one() -> None:
+                async with s.post(px.url + "/v1/completions", json=body) as r:
+                    assert r.status == 200
+                    await r.read()
+            await one()
+            await one()              # right away: the same backend connection
+            monkeypatch.setattr(relay, "MAX_IDLE_REUSE_SECONDS", 0.2)
+            await asyncio.sleep(0.3)
+            await one()              # idle past the limit: a new connection
+        peers = [r["peer"] for r in up.state.requests]
+        assert peers[0] == peers[1]
+        assert peers[2] != peers[1]
