@@ -249,6 +249,7 @@ def main() -> int:
     ap.add_argument("--first-token-ms", type=float, default=20.0)
     ap.add_argument("--token-interval-ms", type=float, default=10.0)
     ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--nginx", default=NGINX, help="the nginx binary (default: Debian's)")
     ap.add_argument("--core-row", action="store_true", help="also run edge-proxy with --energy-source none")
     ap.add_argument("--quick", action="store_true", help="1 s per cell, concurrency 1,4 (smoke test)")
     ap.add_argument("--json", help="write raw results here")
@@ -289,15 +290,15 @@ def main() -> int:
         if args.core_row:
             start_proxy("edge-proxy core", ["--energy-source", "none"])
         if not args.no_nginx:
-            if not Path(NGINX).exists():
-                print(f"nginx not found at {NGINX}; skipping it", file=sys.stderr)
+            if not Path(args.nginx).exists():
+                print(f"nginx not found at {args.nginx}; skipping it", file=sys.stderr)
             else:
                 nport = free_port()
                 for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
                     (tmp / d).mkdir()
                 conf = tmp / "nginx.conf"
                 conf.write_text(NGINX_CONF.format(prefix=tmp, up_port=up_port, port=nport))
-                ng = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
+                ng = subprocess.Popen([args.nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
                                       stderr=subprocess.DEVNULL)
                 procs.append(ng)
                 wait_ok(f"http://127.0.0.1:{nport}/health", ng)
