@@ -63,10 +63,15 @@ def run_upstream(port: int, tokens: int, first_ms: float, interval_ms: float) ->
             return web.Response(body=body, content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-prompt-tokens": "8"})
         await resp.prepare(request)
-        await asyncio.sleep(first_ms / 1000)
+        # Events on a fixed schedule from the request's arrival (like a GPU's decode steps), not
+        # "sleep after each write": a late wake-up of this process (CPU shared with the proxy under
+        # test) must not push every later event back and show up as latency the proxy added.
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         for i, ev in enumerate(events):
-            if i:
-                await asyncio.sleep(interval_ms / 1000)
+            delay = t0 + (first_ms + interval_ms * i) / 1000 - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
             await resp.write(ev)
         await resp.write(final)
         if (req.get("stream_options") or {}).get("include_usage"):
