@@ -138,8 +138,11 @@ class ProxyCore:
         self._finalize_obs = [o for o in obs if _overrides(o, "finalize")]
         self._final_obs = [o for o in obs + list(self.outputs) if _overrides(o, "on_request_final")]
         self._output_final = [o for o in self.outputs if _overrides(o, "on_request_final")]
-        self._header_calls = [f for f in (getattr(o, "response_headers", None) for o in obs)
-                              if f is not None]
+        # extra response headers computed from the request's state (energy: x-edge-energy-joules,
+        # opt-in); an observer says whether it wants them now with ``wants_response_headers``
+        self._header_calls = [o.response_headers for o in obs
+                              if callable(getattr(o, "response_headers", None))
+                              and getattr(o, "wants_response_headers", True)]
 
     async def on_startup(self, app: web.Application) -> None:
         self._freeze()
@@ -490,7 +493,11 @@ class ProxyCore:
             return self._upstream_failure(rec, exc)
         rec.status = resp.status
         if resp.status == 200:
-            whole.append((data, time.monotonic_ns()))
+            if self._header_calls:
+                # a header computed from the request's state wants its tokens counted first
+                self._account_whole(rec, data, time.monotonic_ns())
+            else:
+                whole.append((data, time.monotonic_ns()))
             rec.outcome = "ok"
         elif resp.status < 400:
             rec.outcome = "ok"          # e.g. a redirect: passed to the client, never followed
@@ -510,26 +517,29 @@ class ProxyCore:
 
     def _account_whole_then_end(self, rec: RequestRecord, started: bool,
                                 whole: tuple[bytes, int] | None) -> None:
-        """After a whole response was written: its token counts (from the body, else the
-        backend's headers), the token observers, then the end of the request."""
+        """After a whole response was written: its tokens, then the end of the request."""
         if whole is not None:
-            data, t = whole
-            n_out: int | None = None
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                obj = None
-            if obj is not None:
-                n_out = account_openai_body(rec, obj) if rec.api == "openai" else account_tgi_body(rec, obj)
-            if n_out is None and "header_generated_tokens" in rec.extra:
-                n_out = int(rec.extra["header_generated_tokens"])  # type: ignore[arg-type]
-            if n_out is not None:
-                rec.output_tokens = n_out
-                rec.token_count_source = "backend"
-                if n_out:
-                    for o in self._token_obs:
-                        self._call(o, "on_tokens", rec, n_out, t)
+            self._account_whole(rec, *whole)
         self._end(rec, started)
+
+    def _account_whole(self, rec: RequestRecord, data: bytes, t: int) -> None:
+        """Token counts of a whole 200 response (from the body, else the backend's headers) and
+        the token observers' call."""
+        n_out: int | None = None
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            obj = None
+        if obj is not None:
+            n_out = account_openai_body(rec, obj) if rec.api == "openai" else account_tgi_body(rec, obj)
+        if n_out is None and "header_generated_tokens" in rec.extra:
+            n_out = int(rec.extra["header_generated_tokens"])  # type: ignore[arg-type]
+        if n_out is not None:
+            rec.output_tokens = n_out
+            rec.token_count_source = "backend"
+            if n_out:
+                for o in self._token_obs:
+                    self._call(o, "on_tokens", rec, n_out, t)
 
     async def _stream(self, request: web.Request, rec: RequestRecord, resp: aiohttp.ClientResponse,
                       strip_usage: bool) -> web.StreamResponse:

@@ -35,6 +35,7 @@ class EnergyObserver(BaseObserver):
                  response_header: bool = False) -> None:
         self.ledger = ledger
         self.response_header = response_header
+        self.wants_response_headers = response_header   # the proxy computes them only if so
         self.source = source
         self.period_seconds = period_seconds
         self.histogram = histogram
