@@ -694,20 +694,24 @@ class ProxyCore:
 
     # ---- pass-through ----------------------------------------------------------------------------
     async def _passthrough(self, request: web.Request, t0: int, route: str | None) -> web.StreamResponse:
-        """Forward any request as-is; stream the response back. ``route``: count it under that label."""
+        """Forward any request as-is; stream the response back. ``route``: count it under that label.
+
+        The request body is streamed to the backend as it arrives (no size limit of ours: the
+        ``max_body_bytes`` limit is for the bodies the proxy parses, the generation requests), with
+        the client's Content-Length when it sent one, else chunked."""
         assert self.session is not None
         status = 0
         try:
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                status = 413
-                return error_response("other", 413, "too_large",
-                                      f"request body exceeds {self.ps.max_body_bytes} bytes")
             headers = request_headers(request.headers, request.remote)
+            data: Any = None
+            if request.body_exists:
+                data = request.content
+                length = request.headers.get("Content-Length")
+                if length is not None:
+                    headers["Content-Length"] = length
             try:
                 resp = await self.session.request(
-                    request.method, URL(self.backend.url + request.path_qs, encoded=True), data=body or None,
+                    request.method, URL(self.backend.url + request.path_qs, encoded=True), data=data,
                     headers=headers, allow_redirects=False)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 status = 504 if isinstance(exc, asyncio.TimeoutError) else 502

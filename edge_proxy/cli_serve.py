@@ -36,7 +36,7 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--host", "proxy", "host", "address to listen on (default 127.0.0.1)"),
     Flag("--port", "proxy", "port", "client-facing port (default 8080; 0 = any free port)", int),
     Flag("--metrics-port", "proxy", "metrics_port", "Prometheus /metrics port (default 9464; 'none' = serve /metrics on --port)"),
-    Flag("--max-body-bytes", "proxy", "max_body_bytes", "largest request body accepted, else 413 (default 4 MiB)", int),
+    Flag("--max-body-bytes", "proxy", "max_body_bytes", "largest generation request body (parsed by the proxy), else 413; pass-through bodies stream unlimited (default 4 MiB)", int),
     Flag("--connect-timeout", "proxy", "connect_timeout_seconds", "seconds to connect to the backend, else 502 (default 5)", float),
     Flag("--upstream-timeout", "proxy", "upstream_timeout_seconds", "seconds without response headers or bytes from the backend, else 504 (default 300)", float),
     Flag("--model-name", "proxy", "model_name", "model label for metrics (default: what the backend reports)"),

@@ -39,7 +39,7 @@ class ProxySettings:
     host: str = "127.0.0.1"
     port: int = 8080
     metrics_port: int | None = 9464            # None: /metrics served on the main port only
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 4 * 1024 * 1024       # generation requests (parsed); pass-through bodies stream
     connect_timeout_seconds: float = 5.0
     upstream_timeout_seconds: float = 300.0    # no response headers / no bytes for this long -> 504
     model_name: str | None = None              # label to use instead of what the backend reports

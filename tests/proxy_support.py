@@ -52,7 +52,7 @@ def _prompt_of(body: dict[str, Any]) -> str:
 
 def make_app(state: UpstreamState | None = None) -> web.Application:
     state = state or UpstreamState()
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)   # pass-through uploads in tests
     prompt_tokens: dict[int, str] = {}
 
     def record(request: web.Request, body: Any) -> str:

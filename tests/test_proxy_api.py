@@ -353,3 +353,36 @@ async def test_relay_does_not_reuse_a_connection_idle_past_the_limit(monkeypatch
         peers = [r["peer"] for r in up.state.requests]
         assert peers[0] == peers[1]
         assert peers[2] != peers[1]
+
+
+async def test_passthrough_streams_large_and_chunked_bodies():
+    """Pass-through routes forward request bodies as they arrive, beyond the 4 MiB limit that
+    applies to the generation bodies the proxy parses: with the client's Content-Length, or
+    chunked when the client sent it chunked."""
+    import hashlib
+    import os
+
+    big = os.urandom(10 * 1024 * 1024)
+    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+        async with aiohttp.ClientSession() as s:
+            async with s.put(px.url + "/echo/upload", data=big) as r:
+                assert r.status == 200
+                got = await r.read()
+            assert hashlib.sha256(got).digest() == hashlib.sha256(big).digest()
+            sent = {k.lower(): v for k, v in up.state.requests[-1]["headers"].items()}
+            assert sent["content-length"] == str(len(big)) and "transfer-encoding" not in sent
+
+            async def parts():
+                for i in range(0, len(big), 1 << 20):
+                    yield big[i:i + (1 << 20)]
+
+            async with s.post(px.url + "/echo/chunked", data=parts()) as r:
+                assert r.status == 200
+                assert await r.read() == big
+            sent = {k.lower(): v for k, v in up.state.requests[-1]["headers"].items()}
+            assert sent.get("transfer-encoding") == "chunked" and "content-length" not in sent
+
+            async with s.get(px.url + "/echo/empty") as r:        # no body at all
+                assert r.status == 200 and await r.read() == b""
+            sent = {k.lower(): v for k, v in up.state.requests[-1]["headers"].items()}
+            assert "transfer-encoding" not in sent and sent.get("content-length", "0") == "0"
