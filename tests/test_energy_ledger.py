@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_proxy.energy.apportion import idle_time_shares, ReqView
@@ -197,7 +197,16 @@ tick_st = st.tuples(st.integers(40, 160), st.floats(0.0, 120.0, allow_nan=False)
                     st.booleans())   # (length ms, joules, gap)
 
 
+_Z = dict(start=0, duration=0, stream=False, n_events=0, tokens_per_event=1, prompt=0,
+          prompt_when="start", held_ms=None)
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# found by a CI run: a subnormal prefill weight made active * w / sum(w) round up (2.0 J of 1.5)
+@example(requests=[_Z, _Z, _Z, dict(_Z, duration=41, prompt=1)], ticks=[(40, 1.5, False)], idle=None,
+         method="token-weighted", prefill=5e-324, max_defer=0.3, tick_delay_ms=0)
+@example(requests=[_Z, _Z, _Z, dict(_Z, prompt=1)], ticks=[(40, 1.5, False)], idle=None,
+         method="token-weighted", prefill=5e-324, max_defer=0.3, tick_delay_ms=0)
 @given(requests=st.lists(request_st, max_size=8),
        ticks=st.lists(tick_st, min_size=1, max_size=30),
        idle=st.one_of(st.none(), st.floats(0.0, 600.0)),
@@ -343,3 +352,12 @@ def test_tick_waits_no_longer_than_the_window_for_a_first_token():
     led.add_tick(tick(100, 200, 5.0))                     # horizon - t1 = 100 ms >= 80 ms: tick 0 splits
     assert led.snapshot().pending_joules == pytest.approx(5.0)
     assert led.result("a").active_joules == pytest.approx(5.0)
+
+
+def test_split_weights_with_subnormal_weights_conserves() -> None:
+    from edge_proxy.energy.apportion import split_weights
+
+    for weights in ({"a": 5e-324}, {"a": 5e-324, "b": 1e-323}, {"a": 5e-324, "b": 0.0, "c": 2.5e-323}):
+        shares = split_weights(1.5, weights)
+        assert math.isclose(sum(shares.values()), 1.5, rel_tol=1e-12)
+        assert all(0.0 <= v <= 1.5 for v in shares.values())

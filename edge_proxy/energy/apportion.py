@@ -121,7 +121,9 @@ def request_weight(r: ReqView, t0: int, t1: int, method: str, prefill_weight: fl
 def split_weights(active: float, weights: dict[str, float]) -> dict[str, float]:
     """active_i = active * w_i / sum w (J). Assumes sum w > 0."""
     total = sum(weights.values())
-    return {rid: active * w / total for rid, w in weights.items()}
+    # w / total first: with subnormal weights (a tiny prefill weight) active * w would lose its
+    # precision before the division (1.5 * 5e-324 rounds to 1e-323: a share of 2.0 J out of 1.5)
+    return {rid: active * (w / total) for rid, w in weights.items()}
 
 
 def idle_time_shares(reqs: list[ReqView], t0: int, t1: int) -> dict[str, float]:
