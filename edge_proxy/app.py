@@ -35,6 +35,7 @@ from edge_proxy.sse import SSESplitter, event_data
 from edge_proxy.token_accounting import (
     OpenAIStream, TGIStream, account_openai_body, account_tgi_body, apply_response_headers)
 from edge_proxy.tracing import Tracing
+from edge_proxy.websocket_relay import is_websocket_upgrade, relay_websocket
 
 log = logging.getLogger("edge_proxy")
 
@@ -293,6 +294,9 @@ class ProxyCore:
             spec = GENERATION_ROUTES.get(path)
             if spec is not None:
                 return await self._generation(request, spec, t0)
+        if is_websocket_upgrade(request):        # any path: relayed as a WebSocket
+            assert self.session is not None
+            return await relay_websocket(request, self.session, self.backend.url)
         if request.method == "GET" and path in METADATA_ROUTES:
             return await self._passthrough(request, t0, route=path)
         return await self._passthrough(request, t0, route=None)

@@ -203,7 +203,23 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
     app.router.add_get("/info", info)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
+    async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+        """WebSocket echo; "close-me" makes it close with code 4001; records headers."""
+        record(request, "")
+        ws = web.WebSocketResponse(protocols=("b",))
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                if msg.data == "close-me":
+                    await ws.close(code=4001, message=b"asked")
+                    break
+                await ws.send_str("echo:" + msg.data)
+            elif msg.type == web.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        return ws
+
     app.router.add_route("*", "/echo/{tail:.*}", echo)
+    app.router.add_get("/ws", ws_echo)
     return app
 
 

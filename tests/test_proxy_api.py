@@ -386,3 +386,49 @@ async def test_passthrough_streams_large_and_chunked_bodies():
                 assert r.status == 200 and await r.read() == b""
             sent = {k.lower(): v for k, v in up.state.requests[-1]["headers"].items()}
             assert "transfer-encoding" not in sent and sent.get("content-length", "0") == "0"
+
+
+async def test_websocket_passes_through():
+    """A WebSocket upgrade on a pass-through path reaches the backend: messages both ways,
+    the subprotocol the backend chose, end-to-end headers, and the backend's close code."""
+    import os
+
+    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(px.url + "/ws", protocols=("a", "b"),
+                                    headers={"Authorization": "Bearer t0k"}) as ws:
+                assert ws.protocol == "b"
+                await ws.send_str("hello")
+                assert (await ws.receive_str(timeout=5)) == "echo:hello"
+                blob = os.urandom(200_000)
+                await ws.send_bytes(blob)
+                assert (await ws.receive_bytes(timeout=5)) == blob[::-1]
+                await ws.send_str("close-me")
+                msg = await ws.receive(timeout=5)
+                assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4001
+            sent = {k.lower(): v for k, v in up.state.requests[-1]["headers"].items()}
+            assert sent["authorization"] == "Bearer t0k"
+            assert up.state.requests[-1]["path"] == "/ws"
+
+            # the client closes: the backend side ends too, and the proxy takes more upgrades
+            async with s.ws_connect(px.url + "/ws") as ws:
+                await ws.send_str("x")
+                assert (await ws.receive_str(timeout=5)) == "echo:x"
+            async with s.ws_connect(px.url + "/ws") as ws:
+                await ws.send_str("y")
+                assert (await ws.receive_str(timeout=5)) == "echo:y"
+
+            # a path that is not a WebSocket on the backend: the upgrade fails with an HTTP error
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await s.ws_connect(px.url + "/v1/models")
+            assert err.value.status >= 400
+
+
+async def test_websocket_to_a_backend_that_is_down_is_a_502():
+    from tests.proxy_support import free_port
+
+    async with running_proxy(f"http://127.0.0.1:{free_port()}") as px:
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await s.ws_connect(px.url + "/ws")
+            assert err.value.status == 502
