@@ -52,6 +52,19 @@ RELAY_HIGH_WATER = 256 * 1024     # client write buffer above this: stop reading
 REQUEST_ID_HEADER = "x-edge-request-id"   # on every instrumented response: the id for /edge/feedback
 
 
+def _relay_chunk(splitter: SSESplitter, acct: Any, chunk: bytes, t_ns: int) -> bytes | None:
+    """One chunk from the backend: the complete SSE events in it, accounted (tokens, usage) and
+    kept or dropped by ``acct``; the bytes to send to the client, or None if nothing is to go."""
+    events = splitter.feed(chunk)
+    if not events:
+        return None
+    if len(events) == 1:
+        ev = events[0]
+        return acct.event(ev, event_data(ev), t_ns)
+    parts = [kept for ev in events if (kept := acct.event(ev, event_data(ev), t_ns)) is not None]
+    return b"".join(parts) if parts else None
+
+
 def _done_with(resp: Any, complete: bool) -> None:
     """Give a backend response back: a fully read one keeps its connection for reuse; otherwise
     (client gone, error, timeout) the connection is dropped at once."""
@@ -232,13 +245,13 @@ class ProxyCore:
         if now - self._ended_last < FINAL_QUIET_SECONDS and now - self._ended_first < FINAL_MAX_DELAY_SECONDS:
             self._ended_timer = loop.call_later(FINAL_QUIET_SECONDS, self._ended_due)
             return
+        self._run_ended_slices()
+
+    def _run_ended_slices(self) -> None:
+        """One slice now, the rest in later loop turns (I/O that arrived meanwhile goes between)."""
         self._run_ended()
-        if self._ended:
-            # the rest in later loop turns, so I/O that arrived meanwhile is served in between
-            self._ended_first = now - FINAL_MAX_DELAY_SECONDS
-            self._ended_timer = loop.call_soon(self._ended_due)  # type: ignore[assignment]
-        else:
-            self._ended_timer = None
+        self._ended_timer = (asyncio.get_running_loop().call_soon(self._run_ended_slices)
+                             if self._ended else None)
 
     def _run_ended(self) -> None:
         batch, self._ended = self._ended[:FINAL_SLICE], self._ended[FINAL_SLICE:]
@@ -563,23 +576,9 @@ class ProxyCore:
         try:
             try:
                 async for chunk in resp.content.iter_any():
-                    t = time.monotonic_ns()
-                    events = splitter.feed(chunk)
-                    if not events:
-                        continue
-                    if len(events) == 1:
-                        ev = events[0]
-                        kept = acct.event(ev, event_data(ev), t)
-                        if kept is not None:
-                            await out.write(kept)
-                    else:
-                        parts = []
-                        for ev in events:
-                            kept = acct.event(ev, event_data(ev), t)
-                            if kept is not None:
-                                parts.append(kept)
-                        if parts:
-                            await out.write(b"".join(parts))
+                    kept = _relay_chunk(splitter, acct, chunk, time.monotonic_ns())
+                    if kept is not None:
+                        await out.write(kept)
                 if splitter.pending:
                     await out.write(splitter.pending)
                 rec.outcome = "error" if acct.backend_error else "ok"
@@ -635,23 +634,9 @@ class ProxyCore:
         def on_data(chunk: bytes, t: int) -> None:
             if state["client_gone"]:
                 return
-            events = splitter.feed(chunk)
-            if not events:
+            data = _relay_chunk(splitter, acct, chunk, t)
+            if data is None:
                 return
-            if len(events) == 1:
-                ev = events[0]
-                data = acct.event(ev, event_data(ev), t)
-                if data is None:
-                    return
-            else:
-                parts = []
-                for ev in events:
-                    kept = acct.event(ev, event_data(ev), t)
-                    if kept is not None:
-                        parts.append(kept)
-                if not parts:
-                    return
-                data = b"".join(parts)
             if tr is None or tr.is_closing():
                 state["client_gone"] = True
                 resp.close()

@@ -39,6 +39,7 @@ import statistics
 import time
 import uuid
 from collections import deque
+from types import SimpleNamespace
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -50,6 +51,7 @@ from prometheus_client.registry import Collector
 from edge_proxy import economics as eco
 from edge_proxy.config import ConfigError, Settings
 from edge_proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.metric_children import Children
 from edge_proxy.quality import (
     GoldenPrompt,
     RecentRequests,
@@ -140,7 +142,6 @@ class EconomicsObserver(BaseObserver):
         self._scores: dict[str, deque[tuple[int, float]]] = {}
         self._cold: dict[str, deque[_ColdStart]] = {}
         self._served: dict[str, int] = {}
-        self._per_model: dict[str, tuple[Any, ...]] = {}
         self._cold_cost_usd: dict[str, float] = {}
         self.recent = RecentRequests(self.cfg.feedback_capacity)
         self._touched: set[str] = set()
@@ -191,6 +192,9 @@ class EconomicsObserver(BaseObserver):
         for model in sorted(set(self.cfg.scores) | set(self.cfg.reference_scores)):
             self._touch(model)          # configured models: their series exist from the start
         registry.register(_EconomicsCollector(self))
+        # per-request counters: label children looked up once (see metric_children)
+        self._children = SimpleNamespace(**{name: Children(getattr(self, name)) for name in (
+            "energy_cost", "hardware_cost", "api_cost", "requests", "tokens", "energy")})
 
     # ------------------------------------------------------------------ request hooks
     def on_request_start(self, rec: RequestRecord) -> None:
@@ -224,17 +228,6 @@ class EconomicsObserver(BaseObserver):
             # Known for feedback from the moment the answer is out, not only once its energy is
             # final (a tick later): a client may score a request right after reading it.
             self.recent.add(rec.request_id, rec.model, None)
-
-    def _per_model_children(self, model: str) -> tuple[Any, ...]:
-        """The per-request counters' children for one model, looked up once (labels() costs a
-        validation and a lock per call); bounded like the model label itself."""
-        children = (self.energy_cost.labels(model), self.hardware_cost.labels(model),
-                    self.api_cost.labels(model), self.requests.labels(model),
-                    self.tokens.labels(model, "input"), self.tokens.labels(model, "output"),
-                    self.energy.labels(model))
-        if len(self._per_model) < 1000:
-            self._per_model[model] = children
-        return children
 
     def sync_cold_starts(self) -> None:
         """Pick up finished cold starts from the cold-start gate's history (if the gate exists)."""
@@ -273,17 +266,14 @@ class EconomicsObserver(BaseObserver):
         else:
             api = eco.api_cost_usd(n_in, n_out, self.cfg.api_usd_per_million_input_tokens,
                                    self.cfg.api_usd_per_million_output_tokens)
-        per_model = self._per_model.get(model)
-        if per_model is None:
-            per_model = self._per_model_children(model)
-        c_energy_cost, c_hw_cost, c_api, c_requests, c_in, c_out, c_energy = per_model
-        c_energy_cost.inc(e_cost)
-        c_hw_cost.inc(hw_cost)
-        c_api.inc(api)
-        c_requests.inc()
-        c_in.inc(n_in)
-        c_out.inc(n_out)
-        c_energy.inc(joules or 0.0)
+        ch = self._children
+        ch.energy_cost(model).inc(e_cost)
+        ch.hardware_cost(model).inc(hw_cost)
+        ch.api_cost(model).inc(api)
+        ch.requests(model).inc()
+        ch.tokens(model, "input").inc(n_in)
+        ch.tokens(model, "output").inc(n_out)
+        ch.energy(model).inc(joules or 0.0)
         self._served[model] = self._served.get(model, 0) + 1
         now = self.clock_ns()
         win = self._window.setdefault(model, deque(maxlen=_MAX_WINDOW_SAMPLES))

@@ -48,27 +48,24 @@ def test_real_h200_trace_conserves_energy_under_random_requests(seed: int) -> No
         events.append((first + n_out * itl + 1, "end", rid, rnd.randint(4, 500)))
     events.sort()
 
-    ei = 0
-    while not reader.exhausted:
-        sampler.step()
-        newest = ledger.newest_tick_end_ns or 0
-        # feed request events up to the newest tick's end, as the event loop would
-        while ei < len(events) and events[ei][0] <= newest:
-            t, kind, rid, n = events[ei]
-            if kind == "start":
-                ledger.start(rid, t)
-            elif kind == "token":
-                ledger.tokens(rid, n, t)
-            else:
-                ledger.end(rid, t, prompt_tokens=n)
-            ei += 1
-    for t, kind, rid, n in events[ei:]:
+    def apply(t: int, kind: str, rid: str, n: int) -> None:
         if kind == "start":
             ledger.start(rid, t)
         elif kind == "token":
             ledger.tokens(rid, n, t)
         else:
             ledger.end(rid, t, prompt_tokens=n)
+
+    ei = 0
+    while not reader.exhausted:
+        sampler.step()
+        newest = ledger.newest_tick_end_ns or 0
+        # feed request events up to the newest tick's end, as the event loop would
+        while ei < len(events) and events[ei][0] <= newest:
+            apply(*events[ei])
+            ei += 1
+    for ev in events[ei:]:
+        apply(*ev)
     ledger.flush()
 
     tot = ledger.snapshot()
