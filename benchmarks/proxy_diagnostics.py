@@ -1,0 +1,176 @@
+"""Diagnostics behind docs/benchmarks.md "Proxy overhead" (CPU only, no GPU).
+
+Subcommands:
+
+- ``cpu``: proxies side by side against one local upstream (the one of ``proxy_overhead.py``),
+  alternating, closed-loop load: the proxy process's CPU seconds per completed request (from /proc)
+  and end-to-end p50. Each ``--target NAME=COMMAND`` is a shell command with ``{port}`` and
+  ``{backend}`` placeholders, e.g. two checkouts of the proxy:
+  ``--target before="cd /tmp/old && python -m edge_proxy serve --backend {backend} --port {port}
+  --metrics-port none --energy-source none --access-log none"``.
+- ``cold-cache``: the same Python work (a JSON parse loop) back to back and after idle waits of
+  0.1-50 ms, median per call; pure arithmetic for comparison.
+- ``event-cost``: our per-event code on the streaming path in-process (de-chunking, SSE framing,
+  token accounting, the write to a stub transport), hot, per event.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import proxy_overhead as po  # noqa: E402
+
+
+def cmd_cpu(args: argparse.Namespace) -> int:
+    po.use_uvloop()
+    procs: list[subprocess.Popen] = []
+    try:
+        up_port = po.free_port()
+        up = subprocess.Popen([sys.executable, str(Path(po.__file__)), "--upstream", str(up_port),
+                               "--tokens", str(args.tokens), "--first-token-ms", str(args.first_token_ms),
+                               "--token-interval-ms", str(args.token_interval_ms)])
+        procs.append(up)
+        po.wait_ok(f"http://127.0.0.1:{up_port}/health", up)
+        targets = []
+        for spec in args.target:
+            name, _, command = spec.partition("=")
+            port = po.free_port()
+            p = subprocess.Popen(command.format(port=port, backend=f"http://127.0.0.1:{up_port}"),
+                                 shell=True, cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
+            procs.append(p)
+            po.wait_ok(f"http://127.0.0.1:{port}/health", p)
+            targets.append((name, port, p))
+        print(f"{'round':>5} {'target':12} {'req/s':>7} {'CPU us/req':>10} {'e2e p50 ms':>10}")
+        for rnd in range(args.rounds):
+            for name, port, p in targets:
+                cell = po.Cell(name, args.stream, args.concurrency)
+                pids = po.child_pids(p.pid)
+                pids += [k for pid in pids[1:] for k in po.child_pids(pid)]
+                c0 = po.cpu_seconds(pids)
+                asyncio.run(po.run_cell(f"http://127.0.0.1:{port}/v1/chat/completions", args.stream,
+                                        args.concurrency, args.seconds, 0.3, cell))
+                cpu = po.cpu_seconds(pids) - c0
+                print(f"{rnd:>5} {name:12} {cell.rps:7.0f} {1e6 * cpu / max(1, cell.completed):10.0f} "
+                      f"{po.pct(cell.e2e, .5) * 1e3:10.2f}", flush=True)
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def cmd_cold_cache(args: argparse.Namespace) -> int:
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "stream": False}).encode()
+
+    def parse() -> None:
+        for _ in range(20):
+            json.loads(body)
+
+    def arith() -> None:
+        x = 0
+        for i in range(2000):
+            x += i * i
+
+    def median_us(fn, pause: float) -> float:
+        xs = []
+        for _ in range(args.n):
+            if pause:
+                time.sleep(pause)
+            t = time.perf_counter_ns()
+            fn()
+            xs.append(time.perf_counter_ns() - t)
+        xs.sort()
+        return xs[len(xs) // 2] / 1e3
+
+    print(f"{'idle wait before':>16} {'JSON parse x20 us':>18} {'arithmetic us':>14}")
+    for pause in (0.0, 0.0001, 0.001, 0.005, 0.02, 0.05):
+        print(f"{pause * 1e3:13.1f} ms {median_us(parse, pause):18.1f} {median_us(arith, pause):14.1f}")
+    return 0
+
+
+def cmd_event_cost(args: argparse.Namespace) -> int:
+    from edge_proxy.app import _relay_chunk
+    from edge_proxy.hooks import RequestRecord
+    from edge_proxy.relay import _BackendProtocol
+    from edge_proxy.sse import SSESplitter
+    from edge_proxy.token_accounting import OpenAIStream
+
+    ev = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'
+          b'"choices":[{"index":0,"delta":{"content":" tok7"},"finish_reason":null}]}\n\n')
+    chunk = b"%x\r\n%b\r\n" % (len(ev), ev)
+
+    class StubTransport:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+    async def main() -> float:
+        proto = _BackendProtocol(asyncio.get_running_loop())
+        proto.in_head, proto.mode = False, "chunked"
+        rec = RequestRecord(request_id="x", route="/v1/chat/completions", api="openai")
+
+        def tokens(n: int, t: int) -> None:
+            if rec.t_first_token_ns is None:
+                rec.t_first_token_ns = t
+            rec.t_last_token_ns = t
+            rec.token_times_ns.append(t)
+
+        acct, splitter, tr = OpenAIStream(rec, False, tokens), SSESplitter(), StubTransport()
+
+        def on_data(data: bytes, t: int) -> None:
+            out = _relay_chunk(splitter, acct, data, t)
+            if out is not None:
+                tr.write(b"%x\r\n%b\r\n" % (len(out), out))
+                tr.get_write_buffer_size()
+
+        proto.sink = on_data
+        t0 = time.perf_counter()
+        for i in range(args.n):
+            proto.data_received(chunk)
+            if i % 1000 == 0:
+                rec.token_times_ns.clear()
+        return (time.perf_counter() - t0) / args.n
+
+    print(f"per relayed event (hot, in-process): {asyncio.run(main()) * 1e6:.2f} us")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cpu", help="CPU per request of proxies side by side")
+    c.add_argument("--target", action="append", required=True, help="NAME=COMMAND ({port}, {backend})")
+    c.add_argument("--stream", action="store_true")
+    c.add_argument("--concurrency", type=int, default=64)
+    c.add_argument("--seconds", type=float, default=5.0, help="per target and round")
+    c.add_argument("--rounds", type=int, default=3)
+    c.add_argument("--tokens", type=int, default=32)
+    c.add_argument("--first-token-ms", type=float, default=20.0)
+    c.add_argument("--token-interval-ms", type=float, default=10.0)
+    k = sub.add_parser("cold-cache", help="Python work after idle waits vs back to back")
+    k.add_argument("--n", type=int, default=200)
+    e = sub.add_parser("event-cost", help="our per-event streaming code, in-process")
+    e.add_argument("--n", type=int, default=100_000)
+    args = ap.parse_args()
+    return {"cpu": cmd_cpu, "cold-cache": cmd_cold_cache, "event-cost": cmd_event_cost}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
