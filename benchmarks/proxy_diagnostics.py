@@ -64,14 +64,7 @@ def cmd_cpu(args: argparse.Namespace) -> int:
                       f"{po.pct(cell.e2e, .5) * 1e3:10.2f}", flush=True)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        po.stop_all(procs)
 
 
 def cmd_cold_cache(args: argparse.Namespace) -> int:

@@ -344,15 +344,20 @@ def main() -> int:
             Path(args.json).write_text(json.dumps([c.__dict__ for c in cells]))
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process still running, then wait for each (SIGKILL after 10 s)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def measure(t: Target, stream: bool, c: int, args: argparse.Namespace) -> Cell:
