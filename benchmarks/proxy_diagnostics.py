@@ -4,12 +4,16 @@ Subcommands:
 
 - ``cpu``: proxies side by side against one local upstream (the one of ``proxy_overhead.py``),
   alternating, closed-loop load: the proxy process's CPU seconds per completed request (from /proc)
-  and end-to-end p50. Each ``--target NAME=COMMAND`` is a shell command with ``{port}`` and
+  TTFT p50 and end-to-end p50/p99 (``--direct``: the upstream itself as a row, and each target's
+  added latency vs it, same round). Each ``--target NAME=COMMAND`` is a shell command with ``{port}`` and
   ``{backend}`` placeholders, e.g. two checkouts of the proxy:
   ``--target before="cd /tmp/old && python -m edge_proxy serve --backend {backend} --port {port}
   --metrics-port none --energy-source none --access-log none"``.
 - ``cold-cache``: the same Python work (a JSON parse loop) back to back and after idle waits of
   0.1-50 ms, median per call; pure arithmetic for comparison.
+- ``tcp-relay``: the floor for a Python proxy, to run as a ``cpu`` target: each client connection
+  gets its own backend connection and bytes are copied both ways as they arrive (uvloop, nothing
+  parsed, nothing measured).
 - ``event-cost``: our per-event code on the streaming path in-process (de-chunking, SSE framing,
   token accounting, the write to a stub transport), hot, per event.
 """
@@ -21,6 +25,7 @@ import json
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +46,13 @@ def cmd_cpu(args: argparse.Namespace) -> int:
                                "--token-interval-ms", str(args.token_interval_ms)])
         procs.append(up)
         po.wait_ok(f"http://127.0.0.1:{up_port}/health", up)
-        targets = []
+        targets: list[tuple[str, int, subprocess.Popen]] = []
+        if args.direct:
+            targets.append(("direct", up_port, up))
+        if args.nginx:
+            tmp = Path(tempfile.mkdtemp(prefix="edge-diag-nginx-"))
+            ng, nport = po.start_nginx(args.nginx, tmp, up_port, procs)
+            targets.append(("nginx", nport, ng))
         for spec in args.target:
             name, _, command = spec.partition("=")
             port = po.free_port()
@@ -50,7 +61,9 @@ def cmd_cpu(args: argparse.Namespace) -> int:
             procs.append(p)
             po.wait_ok(f"http://127.0.0.1:{port}/health", p)
             targets.append((name, port, p))
-        print(f"{'round':>5} {'target':12} {'req/s':>7} {'CPU us/req':>10} {'e2e p50 ms':>10}")
+        rows: dict[str, list[tuple[float, float, float, float, float]]] = {n: [] for n, _, _ in targets}
+        print(f"{'round':>5} {'target':12} {'req/s':>7} {'CPU us/req':>10} {'TTFT p50 ms':>11} "
+              f"{'e2e p50 ms':>10} {'e2e p99 ms':>10}")
         for rnd in range(args.rounds):
             for name, port, p in targets:
                 cell = po.Cell(name, args.stream, args.concurrency)
@@ -60,8 +73,18 @@ def cmd_cpu(args: argparse.Namespace) -> int:
                 asyncio.run(po.run_cell(f"http://127.0.0.1:{port}/v1/chat/completions", args.stream,
                                         args.concurrency, args.seconds, 0.3, cell))
                 cpu = po.cpu_seconds(pids) - c0
-                print(f"{rnd:>5} {name:12} {cell.rps:7.0f} {1e6 * cpu / max(1, cell.completed):10.0f} "
-                      f"{po.pct(cell.e2e, .5) * 1e3:10.2f}", flush=True)
+                row = (cell.rps, 1e6 * cpu / max(1, cell.completed), po.pct(cell.ttft, .5) * 1e3,
+                       po.pct(cell.e2e, .5) * 1e3, po.pct(cell.e2e, .99) * 1e3)
+                rows[name].append(row)
+                print(f"{rnd:>5} {name:12} {row[0]:7.0f} {row[1]:10.0f} {row[2]:11.2f} {row[3]:10.2f} "
+                      f"{row[4]:10.2f}", flush=True)
+        if args.direct:
+            # per round: target minus direct in the same round, then the median over rounds
+            print(f"\nadded vs direct (median over {args.rounds} rounds of the same-round difference), ms")
+            print(f"{'target':12} {'TTFT p50':>9} {'e2e p50':>9} {'e2e p99':>9}")
+            for name, _, _ in targets[1:]:
+                diffs = [[r[i] - d[i] for r, d in zip(rows[name], rows["direct"])] for i in (2, 3, 4)]
+                print(f"{name:12} " + " ".join(f"{po.pct(x, .5):9.2f}" for x in diffs))
         return 0
     finally:
         po.stop_all(procs)
@@ -145,12 +168,69 @@ def cmd_event_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tcp_relay(args: argparse.Namespace) -> int:
+    """The floor for a Python proxy on this loop: bytes copied between each client connection and
+    its own backend connection as they arrive (uvloop protocols, no HTTP parsing, no accounting)."""
+    import socket
+
+    from urllib.parse import urlsplit
+
+    u = urlsplit(args.backend)
+
+    class Half(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.peer: asyncio.Transport | None = None
+            self.transport: asyncio.Transport | None = None
+            self.early: list[bytes] = []
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def data_received(self, data: bytes) -> None:
+            if self.peer is not None:
+                self.peer.write(data)
+            else:
+                self.early.append(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.peer is not None:
+                self.peer.close()
+
+    class Client(Half):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            asyncio.get_running_loop().create_task(self.open())
+
+        async def open(self) -> None:
+            loop = asyncio.get_running_loop()
+            tr, back = await loop.create_connection(Half, u.hostname, u.port)
+            back.peer, self.peer = self.transport, tr
+            for d in self.early:
+                tr.write(d)
+            self.early.clear()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Client, "127.0.0.1", args.port)
+        async with server:
+            await server.serve_forever()
+
+    po.use_uvloop()
+    asyncio.run(serve())
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cpu", help="CPU per request of proxies side by side")
-    c.add_argument("--target", action="append", required=True, help="NAME=COMMAND ({port}, {backend})")
+    c.add_argument("--target", action="append", default=[], help="NAME=COMMAND ({port}, {backend})")
     c.add_argument("--stream", action="store_true")
+    c.add_argument("--direct", action="store_true",
+                   help="also measure the upstream itself (row 'direct'; its CPU column is the upstream's) "
+                        "and print each target's added latency")
+    c.add_argument("--nginx", metavar="PATH", help="also measure nginx (this binary) as a plain reverse proxy")
     c.add_argument("--concurrency", type=int, default=64)
     c.add_argument("--seconds", type=float, default=5.0, help="per target and round")
     c.add_argument("--rounds", type=int, default=3)
@@ -161,8 +241,13 @@ def main() -> int:
     k.add_argument("--n", type=int, default=200)
     e = sub.add_parser("event-cost", help="our per-event streaming code, in-process")
     e.add_argument("--n", type=int, default=100_000)
+    r = sub.add_parser("tcp-relay", help="a floor to compare with: bytes copied both ways, nothing parsed "
+                                         "(use as a cpu --target)")
+    r.add_argument("--port", type=int, required=True)
+    r.add_argument("--backend", required=True, help="http://HOST:PORT")
     args = ap.parse_args()
-    return {"cpu": cmd_cpu, "cold-cache": cmd_cold_cache, "event-cost": cmd_event_cost}[args.cmd](args)
+    return {"cpu": cmd_cpu, "cold-cache": cmd_cold_cache, "event-cost": cmd_event_cost,
+            "tcp-relay": cmd_tcp_relay}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,21 @@ http {{
 """
 
 
+def start_nginx(binary: str, tmp: Path, up_port: int, procs: list[subprocess.Popen]) -> tuple[subprocess.Popen, int]:
+    """nginx as a plain reverse proxy to the upstream (NGINX_CONF, files under ``tmp``); returns
+    the process (appended to ``procs``) and its port, once it answers."""
+    port = free_port()
+    for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / d).mkdir(exist_ok=True)
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=tmp, up_port=up_port, port=port))
+    ng = subprocess.Popen([binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
+                          stderr=subprocess.DEVNULL)
+    procs.append(ng)
+    wait_ok(f"http://127.0.0.1:{port}/health", ng)
+    return ng, port
+
+
 @dataclass
 class Target:
     name: str
@@ -298,15 +313,7 @@ def main() -> int:
             if not Path(args.nginx).exists():
                 print(f"nginx not found at {args.nginx}; skipping it", file=sys.stderr)
             else:
-                nport = free_port()
-                for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-                    (tmp / d).mkdir()
-                conf = tmp / "nginx.conf"
-                conf.write_text(NGINX_CONF.format(prefix=tmp, up_port=up_port, port=nport))
-                ng = subprocess.Popen([args.nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
-                                      stderr=subprocess.DEVNULL)
-                procs.append(ng)
-                wait_ok(f"http://127.0.0.1:{nport}/health", ng)
+                ng, nport = start_nginx(args.nginx, tmp, up_port, procs)
                 targets.append(Target("nginx", f"http://127.0.0.1:{nport}", ng))
 
         cells: list[Cell] = []
