@@ -65,6 +65,28 @@ def _relay_chunk(splitter: SSESplitter, acct: Any, chunk: bytes, t_ns: int) -> b
     return b"".join(parts) if parts else None
 
 
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true}'
+
+
+def with_include_usage(body: bytes, obj: dict[str, Any]) -> bytes:
+    """The request body asking for usage in the stream (``stream_options.include_usage``).
+
+    ``obj`` is ``body`` parsed (a JSON object). Without ``stream_options`` the field is inserted
+    before the closing brace and every other byte is the client's (no re-encoding: cheaper, and
+    the backend sees the client's own formatting); otherwise the object is re-encoded with
+    ``include_usage`` set in the client's ``stream_options``."""
+    head = body.lstrip()[:2]
+    # splice only into UTF-8 without a BOM (json.loads also reads UTF-16/32 and a BOM)
+    if "stream_options" not in obj and head[:1] == b"{" and head[1:] != b"\x00":
+        end = body.rstrip().rfind(b"}")
+        if end > 0:
+            return body[:end] + (b"," if obj else b"") + _INCLUDE_USAGE + body[end:]
+    so = obj.get("stream_options")
+    so = dict(so) if isinstance(so, dict) else {}
+    so["include_usage"] = True
+    return json.dumps(dict(obj, stream_options=so)).encode()
+
+
 def _done_with(resp: Any, complete: bool) -> None:
     """Give a backend response back: a fully read one keeps its connection for reuse; otherwise
     (client gone, error, timeout) the connection is dropped at once."""
@@ -136,7 +158,8 @@ class ProxyCore:
         self._rid_prefix = os.urandom(8).hex()
         self._rid_seq = itertools.count(1)
         # ended requests whose bookkeeping waits for a quiet loop (see FINAL_QUIET_SECONDS)
-        self._ended: list[RequestRecord] = []
+        # (record, finalized): finalized ones only wait for their on_request_final calls
+        self._ended: list[tuple[RequestRecord, bool]] = []
         self._ended_first = 0.0
         self._ended_last = 0.0
         self._ended_timer: asyncio.Handle | None = None
@@ -185,13 +208,18 @@ class ProxyCore:
     async def drain(self, timeout: float = FINALIZE_TIMEOUT_SECONDS + 1.0) -> None:
         """Run the queued end-of-request work now and wait for pending finalize/final tasks
         (tests, shutdown)."""
-        if self._ended_timer is not None:
-            self._ended_timer.cancel()
-            self._ended_timer = None
-        while self._ended:
-            self._run_ended()
-        if self.pending_finals:
-            await asyncio.wait(list(self.pending_finals), timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._ended_timer is not None:
+                self._ended_timer.cancel()
+                self._ended_timer = None
+            while self._ended:
+                self._run_ended()
+            left = deadline - time.monotonic()
+            if not self.pending_finals or left <= 0:
+                return
+            # finalize tasks queue their records' final calls when they finish: run those too
+            await asyncio.wait(list(self.pending_finals), timeout=left)
 
     # ---- observer dispatch (never raises into the proxy) ----------------------------------------
     def _call(self, obs: object, name: str, *args: Any) -> None:
@@ -228,11 +256,13 @@ class ProxyCore:
         for o in self._end_obs:          # O(1) each: they stamp the end (energy, economics)
             self._call(o, "on_request_end", rec)
         # the rest waits for a quiet loop (bounded delay)
-        now = time.monotonic()
+        self._ended_last = time.monotonic()
+        self._queue_final(rec, False)
+
+    def _queue_final(self, rec: RequestRecord, finalized: bool) -> None:
         if not self._ended:
-            self._ended_first = now
-        self._ended.append(rec)
-        self._ended_last = now
+            self._ended_first = time.monotonic()
+        self._ended.append((rec, finalized))
         if self._ended_timer is None:
             self._ended_timer = asyncio.get_running_loop().call_later(FINAL_QUIET_SECONDS,
                                                                       self._ended_due)
@@ -255,8 +285,8 @@ class ProxyCore:
 
     def _run_ended(self) -> None:
         batch, self._ended = self._ended[:FINAL_SLICE], self._ended[FINAL_SLICE:]
-        for rec in batch:
-            if self._finalize_obs:
+        for rec, finalized in batch:
+            if self._finalize_obs and not finalized:
                 task = asyncio.get_running_loop().create_task(self._finalize(rec))
                 self.pending_finals.add(task)
                 task.add_done_callback(self.pending_finals.discard)
@@ -264,6 +294,9 @@ class ProxyCore:
                 self._final(rec)
 
     async def _finalize(self, rec: RequestRecord) -> None:
+        """Wait (bounded) for the finalize observers (energy: the request's ticks), then queue the
+        request's final calls for a quiet loop like its end: requests finalized by the same tick
+        do not all run their metrics, access log and economics in one loop turn."""
         async def one(o: Any) -> None:
             try:
                 await o.finalize(rec)
@@ -272,11 +305,17 @@ class ProxyCore:
                     self._failed_observers.add(id(o))
                     log.exception("observer %s.finalize failed (logged once)", type(o).__name__)
         try:
-            await asyncio.wait_for(asyncio.gather(*(one(o) for o in self._finalize_obs)),
-                                   FINALIZE_TIMEOUT_SECONDS)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(FINALIZE_TIMEOUT_SECONDS):
+                if len(self._finalize_obs) == 1:
+                    await one(self._finalize_obs[0])
+                else:
+                    await asyncio.gather(*(one(o) for o in self._finalize_obs))
+        except TimeoutError:
             log.warning("finalize of request %s did not finish in time", rec.request_id)
-        self._final(rec)
+        except asyncio.CancelledError:      # shutting down: its final calls now, with what is known
+            self._final(rec)
+            return
+        self._queue_final(rec, True)
 
     def _final(self, rec: RequestRecord) -> None:
         for o in self._final_obs:
@@ -345,10 +384,7 @@ class ProxyCore:
                 if rec.stream:
                     so = obj.get("stream_options")
                     if not (isinstance(so, dict) and so.get("include_usage") is True):
-                        so = dict(so) if isinstance(so, dict) else {}
-                        so["include_usage"] = True
-                        obj["stream_options"] = so
-                        body = json.dumps(obj).encode()
+                        body = with_include_usage(body, obj)
                         strip_usage = True
             else:
                 rec.stream = spec.stream if spec.stream is not None else obj.get("stream") is True

@@ -10,6 +10,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from text_generation import AsyncClient
 
+from edge_proxy.app import with_include_usage
 from tests.proxy_support import InProcessUpstream, metric_value, running_proxy
 
 pytestmark = pytest.mark.asyncio
@@ -432,3 +433,24 @@ async def test_websocket_to_a_backend_that_is_down_is_a_502():
             with pytest.raises(aiohttp.WSServerHandshakeError) as err:
                 await s.ws_connect(px.url + "/ws")
             assert err.value.status == 502
+
+
+@pytest.mark.parametrize("body", [
+    b'{"stream": true, "messages": [{"role": "user", "content": "caf\\u00e9 }"}]}',
+    b'  {"stream":true,"model":"m"}  \n',
+    '{"stream": true, "messages": [{"role": "user", "content": "h\u00e9llo {}"}]}'.encode(),
+    b'{"stream": true, "stream_options": {"include_usage": false, "x": 1}}',
+    b'{"stream": true, "stream_options": null}',
+    '{"stream": true}'.encode("utf-16-le"),
+    '{"stream": true, "model": "m"}'.encode("utf-8-sig"),
+])
+async def test_with_include_usage(body):
+    obj = json.loads(body)
+    out = with_include_usage(body, obj)
+    so = obj.get("stream_options")
+    want = dict(obj, stream_options=dict(so if isinstance(so, dict) else {}, include_usage=True))
+    assert json.loads(out) == want
+    if "stream_options" not in obj and body.lstrip()[:1] == b"{" and body[1:2] != b"\x00":
+        # the client's bytes are kept: only the field is inserted before the closing brace
+        end = body.rstrip().rfind(b"}")
+        assert out.startswith(body[:end]) and out.endswith(body[end:])

@@ -29,6 +29,7 @@ is the energy of ticks received but not yet split.
 """
 from __future__ import annotations
 
+import logging
 import statistics
 import threading
 from collections import OrderedDict, deque
@@ -38,6 +39,8 @@ from typing import Callable
 from edge_proxy.energy.apportion import (
     METHODS, TIME_WEIGHTED, TOKEN_WEIGHTED, Deferred, ReqView, TickSplit, split_tick)
 from edge_proxy.energy.readings import Tick
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,6 +111,10 @@ class Ledger:
         self._idle_settled: deque[float] = deque(maxlen=idle_window)
         self._idle_any: deque[float] = deque(maxlen=idle_window)
         self.totals = LedgerTotals()
+        # called (from whichever thread fed the ledger, outside its lock) after requests turned
+        # final: lets a waiter wake once when its request is final instead of polling
+        self.final_listeners: list[Callable[[], None]] = []
+        self._turned_final = False
 
     # -- idle power ------------------------------------------------------------------------
     @property
@@ -183,6 +190,7 @@ class Ledger:
             # stamped before the newest tick arrived) is there something to settle now.
             if self._newest_t1 is not None and v.end_ns < self._newest_t1:
                 self._resolve(now_ns if now_ns is not None else self._newest_t1)
+        self._notify_final()
 
     # -- ticks (sampler thread) ------------------------------------------------------------
     def add_tick(self, tick: Tick, now_ns: int | None = None) -> None:
@@ -198,10 +206,12 @@ class Ledger:
                 self._newest_t1 = tick.t1_ns
                 self._last_tick = tick
             self._resolve(tick.t1_ns if now_ns is None else now_ns)
+        self._notify_final()
 
     def resolve(self, now_ns: int) -> None:
         with self._lock:
             self._resolve(now_ns)
+        self._notify_final()
 
     def flush(self) -> None:
         """Split every pending tick now with what is known (shutdown, end of a test)."""
@@ -209,6 +219,17 @@ class Ledger:
             while self._pending:
                 self._split(self._pending.popleft(), forced=True)
             self._update_finality()
+        self._notify_final()
+
+    def _notify_final(self) -> None:
+        with self._lock:
+            turned, self._turned_final = self._turned_final, False
+        if turned:
+            for fn in self.final_listeners:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - a listener must not break the sampler
+                    log.exception("ledger final listener failed")
 
     # -- internals -------------------------------------------------------------------------
     @staticmethod
@@ -297,6 +318,7 @@ class Ledger:
             if any(v.overlaps(tk.t0_ns, tk.t1_ns) for tk in self._pending):
                 continue
             r.final = True
+            self._turned_final = True
             del self._active[rid]
             if not r.released:
                 self._done[rid] = r

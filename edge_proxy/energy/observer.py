@@ -44,10 +44,10 @@ class EnergyObserver(BaseObserver):
         # but stay well inside the proxy's own 5 s finalize bound
         self.finalize_wait_seconds = (finalize_wait_seconds if finalize_wait_seconds is not None
                                       else min(4.0, max(1.0, 10 * period_seconds)))
-        self._poll = max(0.005, min(0.05, period_seconds / 4))
-        self._lag_seconds = min(0.01, period_seconds / 10)   # sampler read + ledger work after t1
-        self._spread_seconds = min(0.025, period_seconds / 4)
-        self._spread_i = 0
+        self._alive_window_seconds = max(1.0, 5 * period_seconds)     # see source_alive
+        self._waiters: dict[str, asyncio.Future[None]] = {}          # finalize waits, by request id
+        self._loop: asyncio.AbstractEventLoop | None = None
+        ledger.final_listeners.append(self._on_final)
 
     def on_request_start(self, rec: RequestRecord) -> None:
         self.ledger.start(rec.request_id, rec.t_received_ns or time.monotonic_ns(), rec.model, rec.stream,
@@ -83,34 +83,49 @@ class EnergyObserver(BaseObserver):
         newest = self.ledger.newest_tick_end_ns
         if newest is None:
             return False
-        return time.monotonic_ns() - newest < max(1.0, 5 * self.period_seconds) * 1e9
+        return time.monotonic_ns() - newest < self._alive_window_seconds * 1e9
 
-    def _wait_seconds(self, rec: RequestRecord, deadline: float) -> float:
-        """How long to sleep before checking finality again: until the tick that closes after the
-        request's end is due (newest tick end + whole periods, plus a little lag), else one poll.
-        One or two wake-ups per request instead of one every poll period."""
-        wait = self._poll
-        newest = self.ledger.newest_tick_end_ns
-        end = rec.t_end_ns
-        if newest is not None and end is not None and self.period_seconds > 0:
-            period_ns = int(self.period_seconds * 1e9)
-            due = newest + period_ns
-            if due <= end:
-                due += ((end - due) // period_ns + 1) * period_ns
-            # spread the wake-ups of requests that end together (a batch) over a few ms, so their
-            # end-of-request work (metrics, access log, economics) does not stall the loop at once
-            self._spread_i = (self._spread_i + 1) % 16
-            spread = self._spread_i * self._spread_seconds / 16
-            target = (due - time.monotonic_ns()) / 1e9 + self._lag_seconds + spread
-            if target > 0:           # else the tick is overdue (late read): poll
-                wait = target
-        return max(0.0, min(wait, deadline - time.monotonic()))
+    def _on_final(self) -> None:
+        """Ledger listener (the sampler's thread, or the loop's): some requests turned final."""
+        loop = self._loop
+        if self._waiters and loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._wake_final)
+            except RuntimeError:      # the loop closed meanwhile
+                pass
+
+    def _wake_final(self) -> None:
+        for rid, fut in list(self._waiters.items()):
+            if fut.done():
+                self._waiters.pop(rid, None)
+            elif self.ledger.is_final(rid):
+                self._waiters.pop(rid, None)
+                fut.set_result(None)
 
     async def finalize(self, rec: RequestRecord) -> None:
-        deadline = time.monotonic() + self.finalize_wait_seconds
-        while (not self.ledger.is_final(rec.request_id) and time.monotonic() < deadline
-               and self.source_alive()):
-            await asyncio.sleep(self._wait_seconds(rec, deadline))
+        """Wait (bounded) until the request's energy is final: woken once, by the ledger, when the
+        tick that settles it has been split (not by polling); gives up when the source goes
+        silent or after ``finalize_wait_seconds``, keeping the provisional estimate."""
+        rid = rec.request_id
+        if not self.ledger.is_final(rid) and self.source_alive():
+            loop = asyncio.get_running_loop()
+            self._loop = loop
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters[rid] = fut
+            deadline = time.monotonic() + self.finalize_wait_seconds
+            try:
+                while not self.ledger.is_final(rid):      # (re-checked: a tick may just have landed)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    # check the source at least every alive window: a silent source ends the wait
+                    done, _ = await asyncio.wait((fut,), timeout=min(left, self._alive_window_seconds))
+                    if done or not self.source_alive():
+                        break
+            finally:
+                self._waiters.pop(rid, None)
+                if not fut.done():
+                    fut.cancel()
         final = self.ledger.is_final(rec.request_id)
         res = self.ledger.release(rec.request_id) if final else self.ledger.estimate(rec.request_id, time.monotonic_ns())
         if not final:
