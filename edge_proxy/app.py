@@ -705,10 +705,6 @@ class ProxyCore:
                 rec.error_type = "stream_broken"
                 await out.write(error_event(api, "stream_broken", f"backend stream broke: {result}"))
             await out.write_eof()
-            # The client has its whole response now. Streams end in bursts (one decode step ends
-            # many): yield once, so that every stream ending in this loop turn gets its terminator
-            # written before any of them runs its end-of-request work (here and in aiohttp).
-            await asyncio.sleep(0)
         except ConnectionResetError:
             rec.outcome = "cancelled"
             rec.error_type = "client_disconnect"
