@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -212,10 +213,13 @@ def cmd_tcp_relay(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(Client, "127.0.0.1", args.port)
+        server = await loop.create_server(Client, "127.0.0.1", args.port, reuse_port=args.workers > 1)
         async with server:
             await server.serve_forever()
 
+    for _ in range(args.workers - 1):       # more processes on the same port (SO_REUSEPORT)
+        if os.fork() == 0:
+            break
     po.use_uvloop()
     asyncio.run(serve())
     return 0
@@ -245,6 +249,7 @@ def main() -> int:
                                          "(use as a cpu --target)")
     r.add_argument("--port", type=int, required=True)
     r.add_argument("--backend", required=True, help="http://HOST:PORT")
+    r.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     args = ap.parse_args()
     return {"cpu": cmd_cpu, "cold-cache": cmd_cold_cache, "event-cost": cmd_event_cost,
             "tcp-relay": cmd_tcp_relay}[args.cmd](args)
