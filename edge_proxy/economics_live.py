@@ -596,8 +596,12 @@ class EconomicsObserver(BaseObserver):
                     await asyncio.sleep(delay)
                 else:
                     wake.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(wake.wait(), timeout=delay)
+                    # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when
+                    # the event is set in the loop turn the task is cancelled (shutdown), losing
+                    # the cancellation; the poller then kept the proxy's cleanup waiting
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await wake.wait()
                 # never more often than this, however often requests wake the poller
                 rest = INFO_MIN_INTERVAL_SECONDS - (time.monotonic() - t_poll)
                 if rest > 0:

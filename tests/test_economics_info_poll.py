@@ -57,3 +57,24 @@ def test_info_poll_wakes_when_backend_comes_up_but_at_most_once_a_second() -> No
                 # first poll + at most one per second over ~1.5 s of traffic (backoff 1 s, 2 s...)
                 assert up.state.info_hits <= 4, up.state.info_hits
     asyncio.run(scenario())
+
+
+def test_info_poller_stops_when_cancelled_as_a_request_wakes_it() -> None:
+    """Shutdown cancels the poller; a request finishing in the same loop turn sets its wake event.
+    The cancellation must not be lost (Python 3.11's wait_for returned the event's result then,
+    and the poller kept the proxy's cleanup waiting for a whole poll interval)."""
+    async def scenario() -> None:
+        async with InProcessUpstream() as up:
+            up.state.info_status = 503          # not settled: requests wake the poller
+            async with running_proxy(up.url) as proxy:
+                econ = proxy.components["economics"]
+                assert await wait_until(lambda: up.state.info_hits >= 1)
+                econ.cfg.info_poll_seconds = 60.0   # a wait that would outlast the test
+                await asyncio.sleep(1.2)            # the poller is waiting on its wake event now
+                (task,) = [t for t in econ._tasks if "_poll_info" in repr(t.get_coro())]
+                assert not task.done()
+                econ._info_wake.set()               # the same loop turn: woken and cancelled
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=2.0)
+                assert task in done and task.cancelled()
+    asyncio.run(scenario())
