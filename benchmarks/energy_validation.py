@@ -495,7 +495,15 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
             fulls = [r.energy.full_joules for r in recs if r is not None and r.energy is not None]
             mean = statistics.fmean(fulls) if fulls else float("nan")
             dev = max(abs(x - mean) / mean for x in fulls) if fulls and mean > 0 else None
+            # when each request reached the backend and got its first token, from the earliest
+            # forward (ms): identical requests that reach a batching engine a step apart are not
+            # identical in cost (the first ones decode a step or two in a smaller batch)
+            fwd0 = min((r.t_forwarded_ns for r in recs if r is not None and r.t_forwarded_ns), default=0)
             return {
+                "forwarded_ms": [round((r.t_forwarded_ns - fwd0) / 1e6, 3) if r and r.t_forwarded_ns else None
+                                 for r in recs],
+                "first_token_ms": [round((r.t_first_token_ns - fwd0) / 1e6, 3) if r and r.t_first_token_ns else None
+                                   for r in recs],
                 "requests": n3, "tokens": tok3, "full_j": fulls, "mean_full_j": mean,
                 "active_j": [r.energy.active_joules for r in recs if r is not None and r.energy is not None],
                 "max_relative_deviation": dev, "provisional": sum(1 for r in recs if r and r.energy and r.energy.provisional),
