@@ -191,6 +191,55 @@ async def tgi_stream(s: aiohttp.ClientSession, base: str, prompt: str, max_token
 
 
 # ---- the run ------------------------------------------------------------------------------------
+class LoopWatch:
+    """Records, while active, how late the event loop wakes a 1 ms sleeper (the longest stalls) and
+    every cyclic-GC collection (generation, pause): a diagnostic for requests that reach the proxy's
+    handler late."""
+
+    def __init__(self) -> None:
+        self.stalls_ms: list[tuple[float, float]] = []     # (at ms from start, stall ms)
+        self.gc: list[tuple[int, float, float]] = []       # (generation, at ms, pause ms)
+        self._t0 = 0
+        self._gc_start = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        now = time.monotonic_ns()
+        if phase == "start":
+            self._gc_start = now
+        elif self._gc_start:
+            self.gc.append((int(info.get("generation", -1)), (self._gc_start - self._t0) / 1e6,
+                            (now - self._gc_start) / 1e6))
+
+    async def _watch(self) -> None:
+        while True:
+            a = time.monotonic_ns()
+            await asyncio.sleep(0.001)
+            late = (time.monotonic_ns() - a) / 1e6 - 1.0
+            if late > 2.0:
+                self.stalls_ms.append((round((a - self._t0) / 1e6, 3), round(late, 3)))
+
+    async def __aenter__(self) -> "LoopWatch":
+        import gc
+        self._t0 = time.monotonic_ns()
+        gc.callbacks.append(self._on_gc)
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        import gc
+        gc.callbacks.remove(self._on_gc)
+        if self._task is not None:
+            self._task.cancel()
+
+    def summary(self) -> dict[str, Any]:
+        return {"stalls_over_2ms": self.stalls_ms[:20],
+                "max_stall_ms": max((x for _, x in self.stalls_ms), default=0.0),
+                "gc_collections": len(self.gc),
+                "gc_max_pause_ms": round(max((p for _, _, p in self.gc), default=0.0), 3),
+                "gc_gen2": [(round(t, 3), round(p, 3)) for g, t, p in self.gc if g == 2]}
+
+
 class Finals:
     """Observer collecting finalized request records by request id."""
 
@@ -286,7 +335,7 @@ async def check5_overhead(args: argparse.Namespace, ms_url: str, model: str, uui
 
 async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], out: dict[str, Any]) -> None:
     from edge_proxy.config import load_settings
-    from edge_proxy.server import build_proxy
+    from edge_proxy.server import build_proxy, tune_process_for_serving
 
     model = http_json(ms_url + "/v1/models")["data"][0]["id"]
     max_tokens_cap = max(16, min(4000, int(http_json(ms_url + "/info").get("max_total_tokens") or 4096) - 64))
@@ -313,6 +362,10 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
     finals = Finals()
     runtime.observers.append(finals)
     await runtime.start()
+    # as `edge-proxy serve` does (gc.freeze of the start-up heap, 0.5 ms GIL switch interval): without
+    # it, one full GC collection of this process's heap stalled the loop ~20 ms in check 3, and 13 of
+    # its 16 "simultaneous" requests reached the backend a decode step later than the first 3
+    tune_process_for_serving()
     comp = runtime.components["energy"]
     ledger, sampler = comp.ledger, comp.sampler
     gpu_ids = list(sampler.reader.gpu_uuids)
@@ -487,7 +540,8 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
             console.print("[bold]check 3[/]: 16 identical concurrent requests")
             n3 = 16
             tok3 = 32 if args.quick else 128
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s, \
+                    LoopWatch() as watch:
                 await asyncio.gather(*(openai_stream(s, px, model, "the same prompt for everyone", tok3, f"same-{i}")
                                        for i in range(n3)))
             await settle()
@@ -500,6 +554,9 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
             # identical in cost (the first ones decode a step or two in a smaller batch)
             fwd0 = min((r.t_forwarded_ns for r in recs if r is not None and r.t_forwarded_ns), default=0)
             return {
+                "received_ms": [round((r.t_received_ns - fwd0) / 1e6, 3) if r and r.t_received_ns else None
+                                for r in recs],
+                "event_loop": watch.summary(),
                 "forwarded_ms": [round((r.t_forwarded_ns - fwd0) / 1e6, 3) if r and r.t_forwarded_ns else None
                                  for r in recs],
                 "first_token_ms": [round((r.t_first_token_ns - fwd0) / 1e6, 3) if r and r.t_first_token_ns else None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import signal
 import sys
@@ -151,11 +150,8 @@ def run(args: argparse.Namespace) -> int:
     return uvloop.run(_serve(settings))    # faster event loop (see docs/benchmarks.md, Proxy overhead)
 
 
-SWITCH_INTERVAL_SECONDS = 0.0005
-
-
 async def _serve(settings: Settings) -> int:
-    from edge_proxy.server import build_proxy
+    from edge_proxy.server import build_proxy, tune_process_for_serving
 
     runtime = build_proxy(settings)
     try:
@@ -163,17 +159,7 @@ async def _serve(settings: Settings) -> int:
     except OSError as exc:
         await runtime.stop()
         raise ConfigError(f"cannot listen on {settings.proxy.host}:{settings.proxy.port}: {exc.strerror or exc}") from None
-    # Start-up objects (modules, the app, metric registries) live as long as the process: move them
-    # out of the cyclic GC's reach, so a full (generation 2) collection scans only per-request
-    # objects. Over the whole start-up heap one full collection stalled the event loop ~30 ms
-    # (docs/benchmarks.md, Proxy overhead).
-    gc.collect()
-    gc.freeze()
-    # The energy sampler thread splits each tick's energy over the requests in flight (~1 ms of
-    # Python with 100 requests). With the default 5 ms switch interval the event loop, woken by
-    # I/O meanwhile, may wait that long for the GIL; 0.5 ms bounds that wait (a switch costs
-    # microseconds, and only happens while both threads want to run).
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    tune_process_for_serving()    # gc.freeze of the start-up heap, 0.5 ms GIL switch interval
     print(f"edge-proxy: listening on {runtime.url} -> {settings.proxy.backend_url} "
           f"(metrics: {runtime.metrics_url})", file=sys.stderr, flush=True)
     stop = asyncio.Event()
