@@ -414,7 +414,8 @@ async def check5_overhead(args: argparse.Namespace, ms_url: str, model: str, uui
 
 async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], out: dict[str, Any]) -> None:
     from edge_proxy.config import load_settings
-    from edge_proxy.server import build_proxy, tune_process_for_serving
+    from edge_proxy.process_tuning import tune_process_for_serving
+    from edge_proxy.server import build_proxy
 
     model = http_json(ms_url + "/v1/models")["data"][0]["id"]
     max_tokens_cap = max(16, min(4000, int(http_json(ms_url + "/info").get("max_total_tokens") or 4096) - 64))
@@ -442,9 +443,10 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
     finals = Finals()
     runtime.observers.append(finals)
     await runtime.start()
-    # as `edge-proxy serve` does (gc.freeze of the start-up heap, 0.5 ms GIL switch interval): without
-    # it, one full GC collection of this process's heap stalled the loop ~20 ms in check 3, and 13 of
-    # its 16 "simultaneous" requests reached the backend a decode step later than the first 3
+    # as `edge-proxy serve` does (gc.freeze of the start-up heap, 0.5 ms GIL switch interval, a
+    # file-descriptor table grown up front): without them one full GC collection of this process's
+    # heap, or the kernel doubling its descriptor table, stalled the loop 13-20 ms in check 3, and
+    # most of its 16 "simultaneous" requests reached the backend a decode step after the first ones
     tune_process_for_serving()
     comp = runtime.components["energy"]
     ledger, sampler = comp.ledger, comp.sampler
@@ -863,6 +865,8 @@ def main() -> int:
     except ImportError as exc:
         print(f"energy_validation: error: cannot import the proxy: {exc}", file=sys.stderr)
         return 2
+    from edge_proxy.process_tuning import reserve_fd_table
+    reserve_fd_table()        # as edge-proxy serve does, before this process starts any thread
     work = tempfile.mkdtemp(prefix="energy_validation_")
     proc = None
     log_path = out_dir / "model_server.log"

@@ -143,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         build_proxy(dry)
         print(json.dumps(settings_as_dict(settings), indent=2, default=str))
         return 0
+    from edge_proxy.process_tuning import reserve_fd_table
+    reserve_fd_table()      # before any thread starts: a table that never doubles while serving
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
@@ -151,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Settings) -> int:
-    from edge_proxy.server import build_proxy, tune_process_for_serving
+    from edge_proxy.process_tuning import tune_process_for_serving
+    from edge_proxy.server import build_proxy
 
     runtime = build_proxy(settings)
     try:

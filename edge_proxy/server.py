@@ -11,9 +11,7 @@ Order of ``on_request_final``: components in the order they were appended, then 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import sys
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -112,30 +110,6 @@ def _metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], Awa
 
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
-
-
-SWITCH_INTERVAL_SECONDS = 0.0005
-
-
-def tune_process_for_serving() -> None:
-    """Process-wide settings the proxy serves with; call once, after :meth:`ProxyRuntime.start`.
-
-    ``edge-proxy serve`` calls it; so must a program that runs the proxy in-process and measures its
-    latency (benchmarks/energy_validation.py), or it measures another process than the deployed one.
-
-    - Start-up objects (modules, the app, metric registries) live as long as the process: they are
-      moved out of the cyclic GC's reach (``gc.freeze``), so a full (generation 2) collection scans
-      only what was created later. Over a whole start-up heap one full collection stalled the event
-      loop 20-30 ms (docs/benchmarks.md, Proxy overhead and Energy validation check 3); with full
-      sample rings (4096 readings) a full collection is ~1 ms.
-    - The energy sampler thread splits each tick's energy over the requests in flight (~1 ms of
-      Python with 100 requests). With the default 5 ms switch interval the event loop, woken by I/O
-      meanwhile, may wait that long for the GIL; 0.5 ms bounds that wait (a switch costs
-      microseconds, and only happens while both threads want to run).
-    """
-    gc.collect()
-    gc.freeze()
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
 
 
 def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntime:
