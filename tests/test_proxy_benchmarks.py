@@ -61,3 +61,21 @@ def test_proxy_diagnostics_cpu_side_by_side_with_floor(stream: bool) -> None:
         assert (ttft >= 20.0) if stream else ttft != ttft   # TTFT only for streams (NaN otherwise)
     added = run.stdout.split("added vs direct", 1)[1].splitlines()
     assert [line.split()[0] for line in added[2:4]] == ["floor", "proxy"]
+
+
+def test_fd_table_diagnostic_runs_both_modes(tmp_path: Path) -> None:
+    out = tmp_path / "fd.json"
+    run = subprocess.run([sys.executable, str(BENCH / "proxy_diagnostics.py"), "fd-table", "--sockets", "600",
+                          "--repeat", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert set(rows) == {"plain", "reserved"}
+    # plain: the table grew as the sockets were opened; reserved: it was grown before the first one
+    assert rows["plain"]["fd_size_after_reserve"] == rows["plain"]["fd_size_start"]
+    assert rows["plain"]["fd_size_end"] >= res["sockets"]
+    assert rows["reserved"]["fd_size_after_reserve"] >= res["sockets"]
+    assert rows["reserved"]["fd_size_end"] == rows["reserved"]["fd_size_after_reserve"]
+    assert rows["plain"]["at_doubling_ms"]["512"] is not None     # a socket landed on fd 512
+    assert "socket() latency" in run.stdout
