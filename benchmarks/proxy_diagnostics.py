@@ -14,6 +14,8 @@ Subcommands:
 - ``tcp-relay``: the floor for a Python proxy, to run as a ``cpu`` target: each client connection
   gets its own backend connection and bytes are copied both ways as they arrive (uvloop, nothing
   parsed, nothing measured).
+- ``aiohttp-relay``: a bare aiohttp reverse proxy (no parsing, no accounting), to run as a ``cpu``
+  target: what the framework alone costs.
 - ``fd-table``: socket() latency at each doubling of the kernel's file-descriptor table, in a
   process with a second thread (where each doubling waits an RCU grace period), without and with
   ``edge_proxy.process_tuning.reserve_fd_table``; fresh processes, alternating.
@@ -38,6 +40,46 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import proxy_overhead as po  # noqa: E402
+
+_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+        "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+def cmd_aiohttp_relay(args: argparse.Namespace) -> int:
+    """A bare aiohttp reverse proxy: what the framework costs with nothing of ours in it (no JSON
+    parsing, no timeline, no metrics, no energy). Request body read whole and sent with one pooled
+    aiohttp client session; response chunks written to the client as they arrive."""
+    import aiohttp
+    from aiohttp import web
+
+    backend = args.backend.rstrip("/")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        session: aiohttp.ClientSession = request.app["session"]
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        async with session.request(request.method, backend + request.path_qs, data=body, headers=headers,
+                                   allow_redirects=False) as resp:
+            out = web.StreamResponse(status=resp.status, headers={
+                k: v for k, v in resp.headers.items() if k.lower() not in _HOP})
+            await out.prepare(request)
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+    async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+        app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                               auto_decompress=False)
+        yield
+        await app["session"].close()
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    po.use_uvloop()
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+    return 0
 
 
 def cmd_cpu(args: argparse.Namespace) -> int:
@@ -329,6 +371,10 @@ def main() -> int:
     r.add_argument("--port", type=int, required=True)
     r.add_argument("--backend", required=True, help="http://HOST:PORT")
     r.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    b = sub.add_parser("aiohttp-relay", help="a bare aiohttp reverse proxy, nothing of ours in it "
+                                             "(use as a cpu --target)")
+    b.add_argument("--port", type=int, required=True)
+    b.add_argument("--backend", required=True, help="http://HOST:PORT")
     f = sub.add_parser("fd-table", help="socket() latency at descriptor-table doublings, without and with "
                                         "the proxy's up-front reservation")
     f.add_argument("--sockets", type=int, default=2100, help="sockets each child opens (bounded by RLIMIT_NOFILE)")
@@ -336,7 +382,8 @@ def main() -> int:
     f.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = ap.parse_args()
     return {"cpu": cmd_cpu, "cold-cache": cmd_cold_cache, "event-cost": cmd_event_cost,
-            "tcp-relay": cmd_tcp_relay, "fd-table": cmd_fd_table}[args.cmd](args)
+            "tcp-relay": cmd_tcp_relay, "fd-table": cmd_fd_table,
+            "aiohttp-relay": cmd_aiohttp_relay}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The proxy benchmarks run end to end (short runs on 127.0.0.1; their numbers are in
 docs/benchmarks.md, never asserted here): ``proxy_overhead.py --quick`` gives a complete table and
 JSON for every target, and ``proxy_diagnostics.py cpu`` runs proxies side by side, the Python
-byte-copy floor among them."""
+byte-copy floor and a bare aiohttp reverse proxy among them."""
 from __future__ import annotations
 
 import json
@@ -44,15 +44,17 @@ def test_proxy_diagnostics_cpu_side_by_side_with_floor(stream: bool) -> None:
     proxy = (f"exec {sys.executable} -m edge_proxy serve --backend {{backend}} --port {{port}} "
              "--metrics-port none --energy-source none --access-log none")
     floor = f"exec {sys.executable} benchmarks/proxy_diagnostics.py tcp-relay --port {{port}} --backend {{backend}}"
+    bare = f"exec {sys.executable} benchmarks/proxy_diagnostics.py aiohttp-relay --port {{port}} --backend {{backend}}"
     cmd = [sys.executable, str(BENCH / "proxy_diagnostics.py"), "cpu", "--direct", "--concurrency", "4",
-           "--seconds", "0.7", "--rounds", "2", "--target", f"floor={floor}", "--target", f"proxy={proxy}"]
+           "--seconds", "0.7", "--rounds", "2", "--target", f"floor={floor}", "--target", f"bare={bare}",
+           "--target", f"proxy={proxy}"]
     if stream:
         cmd.append("--stream")
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line.split() for line in run.stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert sorted({r[1] for r in rows}) == ["direct", "floor", "proxy"]
-    assert len(rows) == 6
+    assert sorted({r[1] for r in rows}) == ["bare", "direct", "floor", "proxy"]
+    assert len(rows) == 8
     for r in rows:
         assert float(r[2]) > 0, r          # requests completed through every target
         e2e_p50 = float(r[5])
@@ -60,7 +62,7 @@ def test_proxy_diagnostics_cpu_side_by_side_with_floor(stream: bool) -> None:
         ttft = float(r[4])
         assert (ttft >= 20.0) if stream else ttft != ttft   # TTFT only for streams (NaN otherwise)
     added = run.stdout.split("added vs direct", 1)[1].splitlines()
-    assert [line.split()[0] for line in added[2:4]] == ["floor", "proxy"]
+    assert [line.split()[0] for line in added[2:5]] == ["floor", "bare", "proxy"]
 
 
 def test_fd_table_diagnostic_runs_both_modes(tmp_path: Path) -> None:
