@@ -443,8 +443,8 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
     finals = Finals()
     runtime.observers.append(finals)
     await runtime.start()
-    # as `edge-proxy serve` does (gc.freeze of the start-up heap, 0.5 ms GIL switch interval, a
-    # file-descriptor table grown up front): without them one full GC collection of this process's
+    # as `edge-proxy serve` does (gc.freeze of the start-up heap, 0.5 ms GIL switch interval; the
+    # descriptor table was grown in main): without them one full GC collection of this process's
     # heap, or the kernel doubling its descriptor table, stalled the loop 13-20 ms in check 3, and
     # most of its 16 "simultaneous" requests reached the backend a decode step after the first ones
     tune_process_for_serving()

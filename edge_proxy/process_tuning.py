@@ -63,10 +63,10 @@ def tune_process_for_serving() -> None:
       Python with 100 requests). With the default 5 ms switch interval the event loop, woken by I/O
       meanwhile, may wait that long for the GIL; 0.5 ms bounds that wait (a switch costs
       microseconds, and only happens while both threads want to run).
-    - The file-descriptor table is grown up front (:func:`reserve_fd_table`); ``edge-proxy serve``
-      also calls that before any thread starts, where it costs nothing.
+
+    Call :func:`reserve_fd_table` separately, before the process starts any thread (it is free
+    then, and a grace period later).
     """
-    reserve_fd_table()
     gc.collect()
     gc.freeze()
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
