@@ -67,24 +67,37 @@ class _BackendProtocol(asyncio.Protocol):
         try:
             if self.in_head:
                 self.head += data
-                end = self.head.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self.head) > 65536:
-                        raise ValueError("response head too large")
-                    return
-                rest = bytes(self.head[end + 4:])
+                while True:
+                    end = self.head.find(b"\r\n\r\n")
+                    if end < 0:
+                        if len(self.head) > 65536:
+                            raise ValueError("response head too large")
+                        return
+                    rest = bytes(self.head[end + 4:])
+                    self._parse_head(bytes(self.head[:end]))
+                    if not (100 <= self.status < 200 and self.status != 101):
+                        break
+                    # an interim response (100 Continue, 103 Early Hints) is not the answer: the
+                    # final head follows on the same connection (RFC 9110 §15.2)
+                    self._reset_head()
+                    self.head += rest
                 self.head_ns = self.last_ns
-                self._parse_head(bytes(self.head[:end]))
                 self.in_head = False
                 if not self.head_future.done():
                     self.head_future.set_result(None)
                 if self.mode == "none":
+                    if rest:
+                        self.keep_alive = False    # bytes after a body-less response: never reuse
                     self._finish("ok")
                     return
                 if rest:
                     self._body(rest)
             elif not self.done.done():
                 self._body(data)
+            else:
+                # bytes after the end of the response: the connection's framing is not what we
+                # think, so it must never carry another client's request
+                raise ValueError("bytes after the end of the response")
         except Exception as exc:  # noqa: BLE001 - a protocol callback must not raise
             self._fail(f"error:{type(exc).__name__}: {exc}")
             if self.transport is not None:
@@ -99,6 +112,14 @@ class _BackendProtocol(asyncio.Protocol):
             self._finish("broken")
 
     # -- parsing ------------------------------------------------------------------------------
+    def _reset_head(self) -> None:
+        """Forget an interim (1xx) head: wait for the next one."""
+        self.head = bytearray()
+        self.status, self.reason = 0, ""
+        self.headers = CIMultiDict()
+        self.mode = "close"
+        self.keep_alive = True
+
     def _parse_head(self, head: bytes) -> None:
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ", 2)
@@ -114,13 +135,18 @@ class _BackendProtocol(asyncio.Protocol):
         if parts[0] == "HTTP/1.0" and "keep-alive" not in conn or "close" in conn:
             self.keep_alive = False
         te = self.headers.get("Transfer-Encoding", "").lower()
-        if self.status in (204, 304) or 100 <= self.status < 200:
+        if self.status == 101:       # switching protocols: the connection is no longer HTTP
+            self.mode = "none"
+            self.keep_alive = False
+        elif self.status in (204, 304) or 100 <= self.status < 200:
             self.mode = "none"
         elif "chunked" in te:
             self.mode = "chunked"
         elif "Content-Length" in self.headers:
             self.mode = "length"
             self.remaining = int(self.headers["Content-Length"])
+            if self.remaining < 0:
+                raise ValueError("negative Content-Length")
             if self.remaining == 0:
                 self.mode = "none"
         else:
@@ -136,6 +162,8 @@ class _BackendProtocol(asyncio.Protocol):
     def _body(self, data: bytes) -> None:
         if self.mode == "length":
             if len(data) >= self.remaining:
+                if len(data) > self.remaining:
+                    self.keep_alive = False      # more than Content-Length: never reuse
                 data = data[: self.remaining]
                 self.remaining = 0
                 self._deliver(data)
@@ -178,6 +206,8 @@ class _BackendProtocol(asyncio.Protocol):
                 pos = i + 2
                 if not line:
                     self.cbuf = b""
+                    if pos < n:
+                        self.keep_alive = False  # bytes after the last chunk: never reuse
                     if out:
                         self._deliver(out[0] if len(out) == 1 else b"".join(out))
                     self._finish("ok")
