@@ -113,6 +113,14 @@ GENERATION_ROUTES: dict[str, RouteSpec] = {
 METADATA_ROUTES = frozenset({"/v1/models", "/info", "/health"})
 
 
+def api_for_path(path: str) -> Api:
+    """The API whose error format a request on ``path`` gets."""
+    spec = GENERATION_ROUTES.get(path)
+    if spec is not None:
+        return spec.api
+    return "openai" if path.startswith("/v1/") else "other"
+
+
 @dataclass
 class BackendInfo:
     """What the proxy knows about its backend (probed at startup, refreshed lazily)."""
@@ -247,8 +255,9 @@ class ProxyCore:
             except Exception:  # noqa: BLE001 - an observer must never break a request
                 self._log_failure(f.__self__, "on_tokens")
 
-    def _end(self, rec: RequestRecord, started: bool) -> None:
-        self.metrics.in_flight.dec()
+    def _end(self, rec: RequestRecord, started: bool, counted: bool = True) -> None:
+        if counted:          # (not counted: rejected before its body was complete)
+            self.metrics.in_flight.dec()
         if not started:
             for o in self._output_final:
                 self._call(o, "on_request_final", rec)
@@ -360,16 +369,24 @@ class ProxyCore:
                             else f"{self._rid_prefix}{next(self._rid_seq):016x}",
                             route=request.path, api=spec.api, operation=spec.operation,
                             model=self.model_label(None), t_received_ns=t0)
-        self.metrics.in_flight.inc()
         started = False
+        counted = False          # in flight only once its body is complete
         defer_end = False
         whole: list[tuple[bytes, int]] = []     # a whole 200 body, accounted after it is written
         try:
             try:
-                body = await request.read()
+                async with asyncio.timeout(self.ps.request_body_timeout_seconds or None):
+                    body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return self._reject(rec, 413, "too_large",
                                     f"request body exceeds {self.ps.max_body_bytes} bytes")
+            except TimeoutError:
+                late = self._reject(rec, 408, "client_timeout", "request body not complete in "
+                                    f"{self.ps.request_body_timeout_seconds:g} s")
+                late.force_close()           # the rest of the body is not waited for
+                return late
+            self.metrics.in_flight.inc()
+            counted = True
             try:
                 obj = json.loads(body)
             except ValueError:
@@ -436,7 +453,7 @@ class ProxyCore:
                 asyncio.get_running_loop().call_soon(self._account_whole_then_end, rec, started,
                                                      whole[0] if whole else None)
             else:
-                self._end(rec, started)
+                self._end(rec, started, counted)
 
     def _reject(self, rec: RequestRecord, status: int, error_type: str, msg: str) -> web.Response:
         rec.status = status

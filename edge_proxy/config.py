@@ -46,6 +46,8 @@ class ProxySettings:
     access_log: str | None = "-"               # "-" = stderr, a path, or None for off
     log_content: bool = False                  # include prompt/completion text in the access log
     stream_relay: str = "raw"                  # raw (lean relay for streams over http) | aiohttp
+    request_header_timeout_seconds: float = 10.0   # request line + headers must arrive within this -> 408, closed
+    request_body_timeout_seconds: float = 60.0     # whole request body within this of its headers -> 408
 
 
 @dataclass

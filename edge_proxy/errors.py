@@ -25,6 +25,7 @@ _TYPES: dict[str, tuple[str, str]] = {
     "hold_timeout": ("server_overloaded", "overloaded"),
     "hold_full": ("server_overloaded", "overloaded"),
     "spawn_failed": ("upstream_error", "upstream"),
+    "client_timeout": ("invalid_request_error", "validation"),
 }
 
 

@@ -59,7 +59,7 @@ class RequestRecord:
     backend_queue_seconds: float | None = None
     status: int | None = None                  # HTTP status sent to the client
     outcome: Outcome | None = None
-    error_type: str | None = None              # bounded vocabulary: connect | timeout | upstream_status | stream_broken | client_disconnect | bad_request | too_large | hold_timeout | hold_full | spawn_failed | internal (a proxy bug: logged)
+    error_type: str | None = None              # bounded vocabulary: connect | timeout | upstream_status | stream_broken | client_disconnect | bad_request | too_large | client_timeout | hold_timeout | hold_full | spawn_failed | internal (a proxy bug: logged)
     finish_reason: str | None = None
     energy: EnergyAttribution | None = None
     cold_start: bool = False

@@ -20,12 +20,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from edge_proxy.access_log import AccessLog, create_access_log
-from edge_proxy.app import GENERATION_ROUTES, METADATA_ROUTES, BackendInfo, ProxyCore
+from edge_proxy.app import GENERATION_ROUTES, METADATA_ROUTES, BackendInfo, ProxyCore, api_for_path
 from edge_proxy.backend_probe import probe_loop
 from edge_proxy.coldstart.factory import attach_coldstart
 from edge_proxy.energy.factory import attach_energy
 from edge_proxy.config import Settings
 from edge_proxy.hooks import BackendGate, RequestObserver
+from edge_proxy.http_guard import Guard, guarded_runner
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.tracing import Tracing, create_tracing
 
@@ -62,14 +63,14 @@ class ProxyRuntime:
     async def start(self) -> None:
         """Listen on the configured ports (0 = any free port; the bound ones are stored)."""
         ps = self.settings.proxy
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        runner = guarded_runner(self.app, self._guard(), handler_cancellation=True, access_log=None)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, ps.host, ps.port, backlog=1024)
         await site.start()
         self.port = _bound_port(site)
         if self.metrics_app is not None:
-            mrunner = web.AppRunner(self.metrics_app, access_log=None)
+            mrunner = guarded_runner(self.metrics_app, self._guard(), access_log=None)
             await mrunner.setup()
             self._runners.append(mrunner)
             msite = web.TCPSite(mrunner, ps.host, ps.metrics_port or 0)
@@ -77,6 +78,12 @@ class ProxyRuntime:
             self.metrics_port = _bound_port(msite)
         else:
             self.metrics_port = self.port
+
+    def _guard(self) -> Guard:
+        """Read deadlines and protocol-error answers for the proxy's HTTP connections."""
+        ps = self.settings.proxy
+        return Guard(header_timeout=ps.request_header_timeout_seconds,
+                     body_timeout=ps.request_body_timeout_seconds, api_for_path=api_for_path)
 
     async def stop(self) -> None:
         for runner in reversed(self._runners):
