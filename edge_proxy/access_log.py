@@ -24,6 +24,7 @@ def access_record(rec: RequestRecord) -> dict[str, Any]:
     out: dict[str, Any] = {
         "ts": round(time.time(), 3),
         "request_id": rec.request_id,
+        "client_request_id": rec.client_request_id,
         "route": rec.route,
         "api": rec.api,
         "operation": rec.operation,

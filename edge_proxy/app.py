@@ -12,10 +12,9 @@ A request rejected before forwarding (bad JSON, too large) only reaches the core
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
-import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,6 +27,7 @@ from edge_proxy.config import Settings
 from edge_proxy.errors import Api, error_event, error_response
 from edge_proxy.headers import request_headers, response_headers
 from edge_proxy.coldstart.factory import cold_start_headers
+from edge_proxy import json_input
 from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.relay import RawResponse, RelayPool, request_head
@@ -85,6 +85,14 @@ def with_include_usage(body: bytes, obj: dict[str, Any]) -> bytes:
     so = dict(so) if isinstance(so, dict) else {}
     so["include_usage"] = True
     return json.dumps(dict(obj, stream_options=so)).encode()
+
+
+def _tag(out: web.StreamResponse, rec: RequestRecord) -> None:
+    """The request's ids on its response: ours (the key for /edge/feedback) and the client's
+    own x-request-id echoed back (unless the backend's response already carries one)."""
+    out.headers[REQUEST_ID_HEADER] = rec.request_id
+    if rec.client_request_id is not None and "x-request-id" not in out.headers:
+        out.headers["x-request-id"] = rec.client_request_id
 
 
 def _done_with(resp: Any, complete: bool) -> None:
@@ -162,9 +170,6 @@ class ProxyCore:
         self.pending_finals: set[asyncio.Task[None]] = set()
         self._failed_observers: set[int] = set()
         self._urls: dict[str, URL] = {}
-        # request ids: a random per-process prefix and a counter (32 hex digits, like uuid4().hex)
-        self._rid_prefix = os.urandom(8).hex()
-        self._rid_seq = itertools.count(1)
         # ended requests whose bookkeeping waits for a quiet loop (see FINAL_QUIET_SECONDS)
         # (record, finalized): finalized ones only wait for their on_request_final calls
         self._ended: list[tuple[RequestRecord, bool]] = []
@@ -364,9 +369,11 @@ class ProxyCore:
 
     # ---- generation requests ---------------------------------------------------------------------
     async def _generation(self, request: web.Request, spec: RouteSpec, t0: int) -> web.StreamResponse:
+        # the proxy's own id keys everything (ledger, feedback): unguessable, one per request;
+        # the client's x-request-id is only a label (logs, spans) and is echoed back
         rid = request.headers.get("x-request-id")
-        rec = RequestRecord(request_id=rid if rid and len(rid) <= 128
-                            else f"{self._rid_prefix}{next(self._rid_seq):016x}",
+        rec = RequestRecord(request_id=secrets.token_hex(16),
+                            client_request_id=rid if rid and len(rid) <= 128 else None,
                             route=request.path, api=spec.api, operation=spec.operation,
                             model=self.model_label(None), t_received_ns=t0)
         started = False
@@ -388,7 +395,7 @@ class ProxyCore:
             self.metrics.in_flight.inc()
             counted = True
             try:
-                obj = json.loads(body)
+                obj = json_input.loads(body)
             except ValueError:
                 return self._reject(rec, 400, "bad_request", "request body is not valid JSON")
             if not isinstance(obj, dict):
@@ -428,14 +435,14 @@ class ProxyCore:
                     rec.error_type = exc.reason
                     rec.status = 503
                     out = error_response(spec.api, 503, exc.reason, exc.message)
-                    out.headers[REQUEST_ID_HEADER] = rec.request_id
+                    _tag(out, rec)
                     return out
             out = await self._forward_generation(request, rec, spec, body, strip_usage, whole)
             # a whole (non-streamed) response is written after this returns: the end-of-request
             # observer work runs after the write (next loop iteration), off the response's path
             defer_end = not out.prepared
             if defer_end:       # (a streamed response got the header before it started)
-                out.headers[REQUEST_ID_HEADER] = rec.request_id
+                _tag(out, rec)
             return out
         except asyncio.CancelledError:
             if rec.outcome is None:
@@ -460,7 +467,7 @@ class ProxyCore:
         rec.outcome = "error"
         rec.error_type = error_type
         out = error_response(rec.api, status, error_type, msg)  # type: ignore[arg-type]
-        out.headers[REQUEST_ID_HEADER] = rec.request_id
+        _tag(out, rec)
         return out
 
     def _upstream_failure(self, rec: RequestRecord, exc: BaseException) -> web.Response:
@@ -597,7 +604,7 @@ class ProxyCore:
         the token observers' call."""
         n_out: int | None = None
         try:
-            obj = json.loads(data)
+            obj = json_input.loads(data)
         except ValueError:
             obj = None
         if obj is not None:
@@ -615,7 +622,7 @@ class ProxyCore:
                       strip_usage: bool) -> web.StreamResponse:
         rec.status = resp.status
         out = web.StreamResponse(status=resp.status, headers=response_headers(resp.headers))
-        out.headers[REQUEST_ID_HEADER] = rec.request_id
+        _tag(out, rec)
         if rec.cold_start:
             out.headers.update(cold_start_headers(rec))
         await out.prepare(request)

@@ -49,6 +49,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edge_proxy import economics as eco
+from edge_proxy import json_input
 from edge_proxy.config import ConfigError, Settings
 from edge_proxy.hooks import BaseObserver, RequestRecord
 from edge_proxy.metric_children import Children
@@ -64,20 +65,6 @@ log = logging.getLogger("edge_proxy.economics")
 PROBE_HEADER = "x-edge-traffic"          # value "probe": the proxy labels the request traffic=probe
 _MAX_WINDOW_SAMPLES = 100_000
 INFO_MIN_INTERVAL_SECONDS = 1.0          # /info polls: at most one per second, whatever wakes them
-
-
-def served_by_backend(rec: RequestRecord) -> bool:
-    """Whether economics counts this request as served (docs/metrics.md): a user request (not a
-    probe) that ended ``ok``, or ``cancelled`` after the backend produced at least one output token.
-    A request cancelled while held, before the backend's response headers, or before any token,
-    was never answered: no request, tokens or joules in economics (its energy still shows in the
-    energy totals)."""
-    if rec.traffic == "probe":
-        return False
-    if rec.outcome == "ok":
-        return True
-    return rec.outcome == "cancelled" and (rec.t_first_token_ns is not None
-                                           or bool(rec.output_tokens))
 
 
 @dataclass(frozen=True)
@@ -181,8 +168,7 @@ class EconomicsObserver(BaseObserver):
                                 "charged for the same requests (real tokens x API price sheet; "
                                 "paper mode: flat USD per request).", m, registry=registry)
         self.requests = Counter("edge_proxy_economics_requests", "User requests counted by "
-                                "economics: outcome ok, or cancelled after the backend produced "
-                                "tokens; probes excluded.", m,
+                                "economics: outcome ok or cancelled, probes excluded.", m,
                                 registry=registry)
         self.tokens = Counter("edge_proxy_economics_tokens", "Tokens of user requests counted by "
                               "economics.", ("model", "type"), registry=registry)
@@ -213,10 +199,12 @@ class EconomicsObserver(BaseObserver):
 
     # ------------------------------------------------------------------ request hooks
     def on_request_start(self, rec: RequestRecord) -> None:
-        if rec.request_id in self._probe_ids:
-            # Our own quality probe: label it so it stays out of every user statistic.
+        probe_id = rec.client_request_id
+        if probe_id is not None and probe_id in self._probe_ids:
+            # Our own quality probe (its x-request-id is a random id we sent): label it so it
+            # stays out of every user statistic.
             rec.traffic = "probe"
-            self._probe_ids[rec.request_id] = rec.model
+            self._probe_ids[probe_id] = rec.model
         rec.extra["economics.busy0"] = self._busy.start(self.clock_ns())
         if rec.traffic != "probe" and rec.model != "unknown":
             # (during a cold start the model is not known yet: on_request_end touches it then)
@@ -238,7 +226,7 @@ class EconomicsObserver(BaseObserver):
         if isinstance(started, float):
             t = rec.t_end_ns if rec.t_end_ns is not None else self.clock_ns()
             rec.extra["economics.busy_share_seconds"] = self._busy.end(t, started)
-        if served_by_backend(rec):
+        if rec.traffic != "probe" and rec.outcome in ("ok", "cancelled"):
             self._touch(rec.model)
             # Known for feedback from the moment the answer is out, not only once its energy is
             # final (a tick later): a client may score a request right after reading it.
@@ -263,7 +251,7 @@ class EconomicsObserver(BaseObserver):
         # Only user requests the backend answered: ok, or cancelled by the client mid-answer
         # (its tokens were produced and paid for). Failed and rejected requests are not
         # business traffic; their energy still shows in the energy component's totals.
-        if not served_by_backend(rec):
+        if rec.traffic == "probe" or rec.outcome not in ("ok", "cancelled"):
             return
         model = rec.model
         n_in = rec.input_tokens or 0
@@ -535,11 +523,13 @@ class EconomicsObserver(BaseObserver):
             return _error(401, "missing or wrong bearer token",
                           headers={"WWW-Authenticate": "Bearer"})
         try:
-            body = await request.json()
+            body = json_input.loads(await request.read())
             rid = body["request_id"]
-            score = float(body["score"])
-            if not isinstance(rid, str) or not 0.0 <= score <= 1.0:
-                raise ValueError
+            score = body["score"]
+            if not isinstance(rid, str) or isinstance(score, bool) \
+                    or not isinstance(score, (int, float)) or not 0.0 <= score <= 1.0:
+                raise ValueError      # (NaN and infinities fail the range check)
+            score = float(score)
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
             self.feedback.labels("bad_request").inc()
             return _error(400, 'body must be {"request_id": str, "score": number in 0..1}')
@@ -547,6 +537,9 @@ class EconomicsObserver(BaseObserver):
         if seen is None:
             self.feedback.labels("unknown_request").inc()
             return _error(404, "unknown or expired request_id")
+        if not self.recent.claim_feedback(rid):
+            self.feedback.labels("duplicate").inc()
+            return _error(409, "feedback for this request_id was already accepted")
         self.record_score(seen.model, score, "feedback")
         self.feedback.labels("accepted").inc()
         return web.json_response({"accepted": True, "model": seen.model})

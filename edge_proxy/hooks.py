@@ -38,7 +38,7 @@ class EnergyAttribution:
 class RequestRecord:
     """The timeline of one proxied request. All times are ``time.monotonic_ns()``."""
 
-    request_id: str
+    request_id: str                            # the proxy's own (random, unguessable): the key everywhere
     route: str                                 # e.g. /v1/chat/completions, /generate_stream
     api: Literal["openai", "tgi", "other"]
     operation: str = "other"                   # gen_ai.operation.name: chat | text_completion | other
@@ -65,6 +65,7 @@ class RequestRecord:
     cold_start: bool = False
     cold_start_wait_seconds: float | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    client_request_id: str | None = None       # the client's x-request-id: a label (logs, spans), never a key
 
     # Derived values (seconds); None when undefined.
     @property

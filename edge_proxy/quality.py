@@ -109,6 +109,7 @@ class RecentRequests:
     def __init__(self, capacity: int = 10000) -> None:
         self.capacity = capacity
         self._items: OrderedDict[str, RecentRequest] = OrderedDict()
+        self._scored: OrderedDict[str, None] = OrderedDict()   # ids whose feedback was taken
 
     def add(self, request_id: str, model: str, joules: float | None) -> None:
         self._items[request_id] = RecentRequest(model, joules)
@@ -118,6 +119,16 @@ class RecentRequests:
 
     def get(self, request_id: str) -> RecentRequest | None:
         return self._items.get(request_id)
+
+    def claim_feedback(self, request_id: str) -> bool:
+        """True the first time feedback for ``request_id`` is taken, False after (bounded memory:
+        the ``capacity`` most recent claims)."""
+        if request_id in self._scored:
+            return False
+        self._scored[request_id] = None
+        while len(self._scored) > self.capacity:
+            self._scored.popitem(last=False)
+        return True
 
     def __len__(self) -> int:
         return len(self._items)

@@ -14,10 +14,10 @@ A "content" chunk carries generated text (``delta.content``, ``delta.reasoning_c
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Callable
 
+from edge_proxy import json_input
 from edge_proxy.hooks import RequestRecord
 
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
@@ -39,7 +39,7 @@ def _int(v: Any) -> int | None:
 def _event_object(data: bytes) -> dict[str, Any] | None:
     """The JSON object of one SSE data field, or None when it is not a JSON object."""
     try:
-        obj = json.loads(data)
+        obj = json_input.loads(data)
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None

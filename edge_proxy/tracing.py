@@ -51,6 +51,8 @@ class Tracing(BaseObserver):
             "http.route": rec.route,
             "edge.request.id": rec.request_id,
         }
+        if rec.client_request_id is not None:
+            attrs["edge.client_request.id"] = rec.client_request_id
         if rec.max_tokens is not None:
             attrs["gen_ai.request.max_tokens"] = rec.max_tokens
         if self.server_address:

@@ -143,7 +143,14 @@ def _traffic(proxy: str) -> None:
         status, body = _post(proxy + "/generate", {"inputs": f"Say {i}",
                                                    "parameters": {"max_new_tokens": 4}})
         assert status == 200, body
-    status, _ = _post(proxy + "/edge/feedback", {"request_id": "dash-0", "score": 0.9},
+    # feedback takes the proxy's id for a request (x-edge-request-id), not the client's
+    req = urllib.request.Request(proxy + "/v1/completions", method="POST",
+                                 data=json.dumps({"model": MODEL, "prompt": "Rate me",
+                                                  "max_tokens": 3}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        rated = resp.headers["x-edge-request-id"]
+    status, _ = _post(proxy + "/edge/feedback", {"request_id": rated, "score": 0.9},
                       headers={"Authorization": f"Bearer {FEEDBACK_TOKEN}"})
     assert status == 200
 

@@ -97,10 +97,12 @@ async def _drive(proxy: Any) -> tuple[dict, dict[str, Any]]:
         await _wait_for(lambda: sum(1 for k in _samples(proxy.metrics_text())
                                     if k[0] == "edge_proxy_quality_probes_total") >= 2)
         usage = {"n": n_user, "input": 0, "output": 0}
+        ids: list[str] = []        # the proxy's ids (x-edge-request-id): what feedback takes
         for i in range(n_user):
             async with s.post(base + "/v1/completions", headers={"x-request-id": f"user-{i}"},
                               json={"model": "tiny", "prompt": "hi there " * (i + 1), "max_tokens": 5}) as r:
                 assert r.status == 200
+                ids.append(r.headers["x-edge-request-id"])
                 u = (await r.json())["usage"]
                 usage["input"] += u["prompt_tokens"]
                 usage["output"] += u["completion_tokens"]
@@ -111,16 +113,20 @@ async def _drive(proxy: Any) -> tuple[dict, dict[str, Any]]:
 
         # Feedback: token required, unknown ids refused, a known id accepted.
         fb = base + "/edge/feedback"
-        async with s.post(fb, json={"request_id": "user-0", "score": 0.9}) as r:
+        async with s.post(fb, json={"request_id": ids[0], "score": 0.9}) as r:
             assert r.status == 401
         auth = {"Authorization": f"Bearer {TOKEN}"}
         async with s.post(fb, json={"request_id": "nope", "score": 0.9}, headers=auth) as r:
             assert r.status == 404
-        async with s.post(fb, json={"request_id": "user-0", "score": 7}, headers=auth) as r:
-            assert r.status == 400
         async with s.post(fb, json={"request_id": "user-0", "score": 0.9}, headers=auth) as r:
+            assert r.status == 404        # the client's own id is a label, never a key
+        async with s.post(fb, json={"request_id": ids[0], "score": 7}, headers=auth) as r:
+            assert r.status == 400
+        async with s.post(fb, json={"request_id": ids[0], "score": 0.9}, headers=auth) as r:
             assert r.status == 200
             assert (await r.json())["model"] == "tiny"
+        async with s.post(fb, json={"request_id": ids[0], "score": 0.1}, headers=auth) as r:
+            assert r.status == 409        # one score per request
         async with s.get(base + "/metrics") as r:
             text = await r.text()
 

@@ -300,8 +300,9 @@ async def test_other_methods_and_paths_on_instrumented_prefixes_pass_through():
 
 
 async def test_request_id_on_every_instrumented_response():
-    """x-edge-request-id (the id /edge/feedback takes): the client's x-request-id if it sent one,
-    else the proxy's, which the backend also receives as x-request-id."""
+    """x-edge-request-id (the id /edge/feedback takes) is always the proxy's own; the client's
+    x-request-id is forwarded and echoed, never used as the id; without one the backend receives
+    the proxy's id as x-request-id."""
     async with InProcessUpstream() as up, running_proxy(up.url) as px:
         def sent_id() -> str:
             return {k.lower(): v for k, v in up.state.requests[-1]["headers"].items()}["x-request-id"]
@@ -319,7 +320,9 @@ async def test_request_id_on_every_instrumented_response():
                 async with s.post(url, json=dict(body, stream=stream),
                                   headers={"x-request-id": f"mine-{stream}"}) as r:
                     await r.read()
-                    assert r.headers["x-edge-request-id"] == f"mine-{stream}"
+                    own = r.headers["x-edge-request-id"]
+                    assert len(own) == 32 and own != rid and "mine" not in own
+                    assert r.headers["x-request-id"] == f"mine-{stream}"     # echoed
                 assert sent_id() == f"mine-{stream}"
             async with s.post(url, data=b"{not json") as r:
                 assert r.status == 400

@@ -100,3 +100,63 @@ async def test_feedback_rejects_json_bombs_and_non_numbers() -> None:
             async with s.post(px.url + "/edge/feedback", json={"request_id": rid, "score": 0.5},
                               headers=AUTH) as r:
                 assert r.status == 200, await r.text()
+
+
+async def test_one_client_id_on_many_requests_shares_nothing() -> None:
+    """20 concurrent requests that all send x-request-id "same": each gets its own proxy id and
+    its own energy (the ledger is keyed by the proxy's id), and feedback takes one score each."""
+    from pathlib import Path
+
+    from edge_proxy.config import load_settings
+    from edge_proxy.server import build_proxy
+    from tests.proxy_support import RecordingObserver
+
+    trace = Path(__file__).parent / "data" / "energy_h100_synthetic.jsonl"
+    async with InProcessUpstream() as up:
+        settings = load_settings(None, {
+            ("proxy", "backend_url"): up.url, ("proxy", "port"): 0, ("proxy", "metrics_port"): 0,
+            ("proxy", "access_log"): "none", ("energy", "source"): "replay",
+            ("energy", "replay_path"): str(trace), ("energy", "period_seconds"): 0.05,
+            ("energy", "idle_watts"): 50.0, ("economics", "feedback_token"): TOKEN}, environ={})
+        px = build_proxy(settings)
+        finals = RecordingObserver()
+        px.observers.append(finals)
+        await px.start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                async def one(i: int) -> str:
+                    body = {"model": "fake-model", "stream": True, "max_tokens": 8,
+                            "messages": [{"role": "user", "content": f"n{i} x"}]}
+                    async with s.post(px.url + "/v1/chat/completions", json=body,
+                                      headers={"x-request-id": "same"}) as r:
+                        assert r.status == 200
+                        assert r.headers["x-request-id"] == "same"
+                        await r.read()
+                        return r.headers["x-edge-request-id"]
+
+                await asyncio.sleep(0.5)        # the replay sampler has ticked: energy to share
+                ids = await asyncio.gather(*(one(i) for i in range(20)))
+                assert len(set(ids)) == 20 and "same" not in ids
+                for _ in range(100):            # energy turns final a tick after each end
+                    await px.drain()
+                    if len(finals.final) == 20 and all(
+                            r.energy is not None and not r.energy.provisional for r in finals.final):
+                        break
+                    await asyncio.sleep(0.05)
+                assert sorted(r.request_id for r in finals.final) == sorted(ids)
+                assert all(r.client_request_id == "same" for r in finals.final)
+                joules = [r.energy.full_joules for r in finals.final if r.energy is not None]
+                assert len(joules) == 20 and min(joules) > 0, joules
+                # feedback: the proxy's id, once
+                for rid in ids[:3]:
+                    async with s.post(px.url + "/edge/feedback", json={"request_id": rid, "score": 1},
+                                      headers=AUTH) as r:
+                        assert r.status == 200, await r.text()
+                    async with s.post(px.url + "/edge/feedback", json={"request_id": rid, "score": 0},
+                                      headers=AUTH) as r:
+                        assert r.status == 409
+                async with s.post(px.url + "/edge/feedback", json={"request_id": "same", "score": 1},
+                                  headers=AUTH) as r:
+                    assert r.status == 404
+        finally:
+            await px.stop()
