@@ -87,6 +87,12 @@ def with_include_usage(body: bytes, obj: dict[str, Any]) -> bytes:
     return json.dumps(dict(obj, stream_options=so)).encode()
 
 
+def is_connect_failure(exc: BaseException) -> bool:
+    """The backend could not be reached: refused, unreachable, or the connect timed out (502,
+    ``connect``; the cold-start gate treats it as a backend that is down)."""
+    return isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+
+
 def _tag(out: web.StreamResponse, rec: RequestRecord) -> None:
     """The request's ids on its response: ours (the key for /edge/feedback) and the client's
     own x-request-id echoed back (unless the backend's response already carries one)."""
@@ -344,6 +350,12 @@ class ProxyCore:
                 self._urls[path_qs] = url
         return url
 
+    def _first_byte_timeout(self) -> float:
+        """Seconds a response head may take on streams and pass-through routes (the shorter of
+        first_byte_timeout_seconds and upstream_timeout_seconds; 0 = unset)."""
+        limits = [t for t in (self.ps.first_byte_timeout_seconds, self.ps.upstream_timeout_seconds) if t]
+        return min(limits) if limits else 0.0
+
     # ---- labels ----------------------------------------------------------------------------------
     def model_label(self, requested: Any) -> str:
         if self.ps.model_name:
@@ -473,13 +485,13 @@ class ProxyCore:
     def _upstream_failure(self, rec: RequestRecord, exc: BaseException) -> web.Response:
         """Map a failure before response headers to 502/504 in the client's format."""
         api: Api = rec.api  # type: ignore[assignment]
-        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)) \
+                and not is_connect_failure(exc):
             rec.error_type = "timeout"
             rec.status = 504
             rec.outcome = "timeout"
-            return error_response(api, 504, "timeout",
-                                  f"backend did not answer within {self.ps.upstream_timeout_seconds:g} s")
-        if isinstance(exc, aiohttp.ClientConnectorError):
+            return error_response(api, 504, "timeout", "backend did not answer in time")
+        if is_connect_failure(exc):
             gate = self._gate_ref()
             if gate is not None:
                 gate.notify_backend_failure()
@@ -513,7 +525,7 @@ class ProxyCore:
             try:
                 resp = await self._send(request, url, body, headers, rec.stream)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if gate is None or attempt or not isinstance(exc, aiohttp.ClientConnectorError):
+                if gate is None or attempt or not is_connect_failure(exc):
                     rec.t_end_ns = time.monotonic_ns()
                     return self._upstream_failure(rec, exc)
                 resp = None
@@ -550,13 +562,17 @@ class ProxyCore:
                     stream: bool) -> Any:
         """Send a generation request to the backend over the lean relay (plain http backends),
         else through aiohttp. Returns once the response headers arrived."""
+        # a stream's head is due within first_byte_timeout_seconds; a whole answer's head comes
+        # with the answer, so it may take upstream_timeout_seconds
+        head_timeout = self._first_byte_timeout() if stream else self.ps.upstream_timeout_seconds
         if self.relay is not None:
             head = request_head("POST", self.relay_prefix + request.path_qs, self.relay_host, headers,
                                 len(body))
-            return await self.relay.request(head, body)
+            return await self.relay.request(head, body, head_timeout)
         assert self.session is not None
-        return await self.session.request("POST", url, data=body, headers=headers,
-                                          allow_redirects=False)
+        async with asyncio.timeout(head_timeout or None):
+            return await self.session.request("POST", url, data=body, headers=headers,
+                                              allow_redirects=False)
 
     async def _whole(self, rec: RequestRecord, resp: aiohttp.ClientResponse,
                      whole: list[tuple[bytes, int]]) -> web.StreamResponse:
@@ -759,12 +775,16 @@ class ProxyCore:
                 if length is not None:
                     headers["Content-Length"] = length
             try:
-                resp = await self.session.request(
-                    request.method, URL(self.backend.url + request.path_qs, encoded=True), data=data,
-                    headers=headers, allow_redirects=False)
+                async with asyncio.timeout(self._first_byte_timeout() or None):
+                    resp = await self.session.request(
+                        request.method, URL(self.backend.url + request.path_qs, encoded=True),
+                        data=data, headers=headers, allow_redirects=False)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
-                if isinstance(exc, aiohttp.ClientConnectorError):
+                # one rule with generation routes: 502 = backend not reached (refused or connect
+                # timeout), 504 = reached but no answer in time
+                status = 504 if isinstance(exc, asyncio.TimeoutError) and not is_connect_failure(exc) \
+                    else 502
+                if is_connect_failure(exc):
                     gate = self._gate_ref()
                     if gate is not None:
                         gate.notify_backend_failure()

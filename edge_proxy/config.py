@@ -42,6 +42,7 @@ class ProxySettings:
     max_body_bytes: int = 4 * 1024 * 1024       # generation requests (parsed); pass-through bodies stream
     connect_timeout_seconds: float = 5.0
     upstream_timeout_seconds: float = 300.0    # no response headers / no bytes for this long -> 504
+    first_byte_timeout_seconds: float = 60.0   # streams and pass-through: no response head this long after sending -> 504
     model_name: str | None = None              # label to use instead of what the backend reports
     access_log: str | None = "-"               # "-" = stderr, a path, or None for off
     log_content: bool = False                  # include prompt/completion text in the access log

@@ -339,8 +339,9 @@ class RelayPool:
             raise aiohttp.ClientConnectorError(self._key, exc) from None
         return proto
 
-    async def request(self, head: bytes, body: bytes) -> RawResponse:
-        """Send one request; returns once the response head arrived."""
+    async def request(self, head: bytes, body: bytes, head_timeout: float | None = None) -> RawResponse:
+        """Send one request; returns once the response head arrived (within ``head_timeout``
+        seconds, default the read timeout: else ``asyncio.TimeoutError``)."""
         loop = asyncio.get_running_loop()
         for attempt in (0, 1):
             reused = False
@@ -371,7 +372,8 @@ class RelayPool:
             proto.transport.write(head + body)
             # await the head future itself (a timer fails it on timeout): the task wakes in the
             # loop turn the head arrives, not after the extra turns of wait_for + shield
-            timer = loop.call_later(self.read_timeout, _fail_head_on_timeout, proto.head_future)
+            timer = loop.call_later(head_timeout or self.read_timeout, _fail_head_on_timeout,
+                                    proto.head_future)
             try:
                 await proto.head_future
             except aiohttp.ServerDisconnectedError:
