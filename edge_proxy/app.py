@@ -31,7 +31,7 @@ from edge_proxy import json_input
 from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.relay import RawResponse, RelayPool, request_head
-from edge_proxy.sse import SSESplitter, event_data
+from edge_proxy.sse import EventTooLarge, SSESplitter, event_data
 from edge_proxy.token_accounting import (
     OpenAIStream, TGIStream, account_openai_body, account_tgi_body, apply_response_headers)
 from edge_proxy.tracing import Tracing
@@ -55,7 +55,12 @@ REQUEST_ID_HEADER = "x-edge-request-id"   # on every instrumented response: the 
 def _relay_chunk(splitter: SSESplitter, acct: Any, chunk: bytes, t_ns: int) -> bytes | None:
     """One chunk from the backend: the complete SSE events in it, accounted (tokens, usage) and
     kept or dropped by ``acct``; the bytes to send to the client, or None if nothing is to go."""
-    events = splitter.feed(chunk)
+    try:
+        events = splitter.feed(chunk)
+    except EventTooLarge as exc:     # the events before the endless one still go to the client
+        parts = [kept for ev in exc.events if (kept := acct.event(ev, event_data(ev), t_ns)) is not None]
+        exc.kept = b"".join(parts) if parts else None
+        raise
     if not events:
         return None
     if len(events) == 1:
@@ -645,7 +650,7 @@ class ProxyCore:
         sink = lambda n, t: self._tokens(rec, n, t)  # noqa: E731
         acct: OpenAIStream | TGIStream = (OpenAIStream(rec, strip_usage, sink) if rec.api == "openai"
                                           else TGIStream(rec, sink))
-        splitter = SSESplitter()
+        splitter = SSESplitter(self.ps.max_sse_event_bytes)
         api: Api = rec.api  # type: ignore[assignment]
         if isinstance(resp, RawResponse):
             return await self._relay_stream(request, rec, resp, out, acct, splitter)
@@ -671,6 +676,11 @@ class ProxyCore:
                 rec.error_type = "timeout"
                 await out.write(error_event(api, "timeout",
                                             f"backend sent nothing for {self.ps.upstream_timeout_seconds:g} s"))
+            except EventTooLarge as exc:
+                resp.close()
+                rec.outcome = "error"
+                rec.error_type = "stream_broken"
+                await out.write((exc.kept or b"") + error_event(api, "stream_broken", str(exc)))
             await out.write_eof()
         except ConnectionResetError:  # aiohttp.ClientConnectionResetError is one too
             # Writing to a client that is gone (without handler cancellation).
@@ -708,9 +718,14 @@ class ProxyCore:
             resp.resume()
 
         def on_data(chunk: bytes, t: int) -> None:
-            if state["client_gone"]:
+            if state["client_gone"] or "too_large" in state:
                 return
-            data = _relay_chunk(splitter, acct, chunk, t)
+            try:
+                data = _relay_chunk(splitter, acct, chunk, t)
+            except EventTooLarge as exc:     # stop reading the backend; the error event follows
+                state["too_large"] = exc
+                resp.close()
+                data = exc.kept
             if data is None:
                 return
             if tr is None or tr.is_closing():
@@ -731,7 +746,11 @@ class ProxyCore:
                 raise ConnectionResetError("client went away")
             if splitter.pending:
                 await out.write(splitter.pending)
-            if result == "ok":
+            if "too_large" in state:
+                rec.outcome = "error"
+                rec.error_type = "stream_broken"
+                await out.write(error_event(api, "stream_broken", str(state["too_large"])))
+            elif result == "ok":
                 rec.outcome = "error" if acct.backend_error else "ok"
                 if acct.backend_error:
                     rec.error_type = "upstream_status"

@@ -47,6 +47,7 @@ class ProxySettings:
     access_log: str | None = "-"               # "-" = stderr, a path, or None for off
     log_content: bool = False                  # include prompt/completion text in the access log
     stream_relay: str = "raw"                  # raw (lean relay for streams over http) | aiohttp
+    max_sse_event_bytes: int = 4 * 1024 * 1024     # a backend SSE event longer than this ends the stream with an error event
     request_header_timeout_seconds: float = 10.0   # request line + headers must arrive within this -> 408, closed
     request_body_timeout_seconds: float = 60.0     # whole request body within this of its headers -> 408
 

@@ -10,31 +10,53 @@ import re
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
+class EventTooLarge(ValueError):
+    """The stream's pending (unterminated) event grew over the splitter's bound. ``events``: the
+    complete events of the same feed, before it (still to be relayed)."""
+
+    def __init__(self, message: str, events: list[bytes]) -> None:
+        super().__init__(message)
+        self.events = events
+        self.kept: bytes | None = None     # set by the relay: those events' bytes for the client
+
+
 class SSESplitter:
-    """Feed raw bytes as they arrive; get back the complete events (raw bytes, terminator included)."""
+    """Feed raw bytes as they arrive; get back the complete events (raw bytes, terminator included).
 
-    __slots__ = ("_buf",)
+    ``max_event_bytes`` bounds the bytes of an event still waiting for its terminator: past it,
+    :meth:`feed` drops them and raises :class:`EventTooLarge` (a backend that sends one endless
+    line must not make the proxy buffer it whole). None or 0: no bound."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_event_bytes: int | None = None) -> None:
         self._buf = b""
+        self._max = max_event_bytes or 0
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf + data if self._buf else data
+        old = len(self._buf)
+        buf = self._buf + data if old else data
         events: list[bytes] = []
         start = 0
-        # Fast path for the common "\n\n" framing.
+        # Fast path for the common "\n\n" framing. The buffered bytes hold no terminator, so
+        # the search starts where a terminator reaching into the new bytes could begin.
         if b"\r" not in buf:
+            pos = max(old - 1, 0)
             while True:
-                i = buf.find(b"\n\n", start)
+                i = buf.find(b"\n\n", pos)
                 if i < 0:
                     break
                 events.append(buf[start : i + 2])
-                start = i + 2
+                start = pos = i + 2
         else:
-            for m in _EVENT_END.finditer(buf):
+            for m in _EVENT_END.finditer(buf, max(old - 3, 0)):
                 events.append(buf[start : m.end()])
                 start = m.end()
         self._buf = buf[start:]
+        if self._max and len(self._buf) > self._max:
+            self._buf = b""
+            raise EventTooLarge(f"backend sent an SSE event over {self._max} bytes without its end",
+                                events)
         return events
 
     @property

@@ -166,3 +166,38 @@ async def test_connection_with_bytes_after_the_body_is_not_reused() -> None:
         # each stray answer cost its connection: no request went out on a connection used before
         assert len(be.answered_on) == len(markers)
         assert len(set(be.answered_on)) == len(markers), be.answered_on
+
+
+async def endless_line(writer: asyncio.StreamWriter, marker: str, stream: bool) -> None:
+    """One good event, then 20 MB of one SSE line that never ends."""
+    ev = _sse(marker).split(b"data: [DONE]")[0]
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + b"%x\r\n%b\r\n" % (len(ev), ev))
+    piece = b"data: " + b"x" * (256 * 1024)
+    try:
+        for _ in range(80):                                      # 20 MB
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+            await writer.drain()
+            piece = b"x" * (256 * 1024)
+    except ConnectionError:
+        return                                                   # the proxy hung up: good
+
+
+@pytest.mark.parametrize("relay", ["raw", "aiohttp"])
+async def test_endless_sse_line_ends_the_stream_with_an_error_event(relay: str) -> None:
+    async with RawBackend(endless_line) as be, running_proxy(be.url, stream_relay=relay,
+                                                             max_sse_event_bytes=65536) as px:
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "m", "prompt": "long-marker", "max_tokens": 1, "stream": True}
+            async with s.post(px.url + "/v1/completions", json=body,
+                              timeout=aiohttp.ClientTimeout(total=30)) as r:
+                assert r.status == 200
+                got = await r.read()
+        assert len(got) < 1024 * 1024                            # never the 20 MB line
+        events = [e for e in got.split(b"\n\n") if e]
+        assert b"long-marker" in events[0]
+        err = json.loads(events[-1][len(b"data: "):])["error"]
+        assert err["code"] == "stream_broken" and "65536 bytes" in err["message"], err
+        await px.drain()
+        rec = px.components["recorder"].final[-1]
+        assert rec.outcome == "error" and rec.error_type == "stream_broken"

@@ -145,3 +145,34 @@ def test_relay_dechunks_any_split(payloads, cuts, with_ext):
         assert proto.done.done() and proto.done.result() == "ok" and proto.keep_alive
     finally:
         loop.close()
+
+
+@given(st.lists(st.tuples(st.binary(max_size=20).filter(lambda b: b"\n" not in b and b"\r" not in b),
+                          st.sampled_from([b"\n\n", b"\r\n\r\n", b"\r\r"])), max_size=8),
+       st.lists(st.integers(1, 30), max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_splitter_any_split_any_terminator(events, cuts):
+    """Split anywhere (a terminator across feeds included): the same events as one feed."""
+    stream = b"".join(b"data: " + body + end for body, end in events)
+    whole = SSESplitter()
+    expected = whole.feed(stream)
+    sp, got, pos = SSESplitter(max_event_bytes=4096), [], 0
+    for c in cuts + [len(stream)]:
+        got += sp.feed(stream[pos:pos + c])
+        pos += c
+    assert got == expected and sp.pending == whole.pending
+
+
+def test_splitter_bounds_an_unterminated_event():
+    import pytest
+
+    from edge_proxy.sse import EventTooLarge
+
+    sp = SSESplitter(max_event_bytes=100)
+    assert sp.feed(b"data: a\n\ndata: " + b"x" * 50) == [b"data: a\n\n"]
+    with pytest.raises(EventTooLarge) as err:
+        sp.feed(b"y" * 60)
+    assert err.value.events == [] and sp.pending == b""
+    with pytest.raises(EventTooLarge) as err:
+        SSESplitter(max_event_bytes=10).feed(b"data: ok\n\n" + b"z" * 11)
+    assert err.value.events == [b"data: ok\n\n"]
