@@ -2,7 +2,8 @@
 
 Instrumented routes (generation): ``POST /v1/chat/completions``, ``/v1/completions`` (OpenAI),
 ``/generate``, ``/generate_stream``, ``/`` (TGI). Metadata routes ``GET /v1/models``, ``/info``,
-``/health`` are forwarded and counted. Everything else passes through untouched.
+``/health`` are forwarded and counted. Every other route that ``proxy.forward_routes`` allows passes
+through untouched; the rest get 404 (``edge_proxy.forward_routes``).
 
 Observer calls per generation request (see ``edge_proxy.hooks``): ``on_request_start`` ->
 ``on_tokens`` -> ``on_request_end`` -> ``await finalize`` (background, bounded) ->
@@ -28,6 +29,7 @@ from edge_proxy.errors import Api, error_event, error_response
 from edge_proxy.headers import request_headers, response_headers
 from edge_proxy.coldstart.factory import cold_start_headers
 from edge_proxy import json_input
+from edge_proxy.forward_routes import RouteAllowList
 from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.relay import RawResponse, RelayPool, request_head
@@ -181,6 +183,9 @@ class ProxyCore:
         self.pending_finals: set[asyncio.Task[None]] = set()
         self._failed_observers: set[int] = set()
         self._urls: dict[str, URL] = {}
+        # routes forwarded to the backend (proxy.forward_routes); the rest get 404
+        self._forward = RouteAllowList(self.ps.forward_routes)
+        self._gen_routes = {p: r for p, r in GENERATION_ROUTES.items() if self._forward.allows(p)}
         # ended requests whose bookkeeping waits for a quiet loop (see FINAL_QUIET_SECONDS)
         # (record, finalized): finalized ones only wait for their on_request_final calls
         self._ended: list[tuple[RequestRecord, bool]] = []
@@ -374,9 +379,12 @@ class ProxyCore:
         t0 = time.monotonic_ns()
         path = request.path
         if request.method == "POST":
-            spec = GENERATION_ROUTES.get(path)
+            spec = self._gen_routes.get(path)
             if spec is not None:
                 return await self._generation(request, spec, t0)
+        if not self._forward.allows(path):
+            return error_response(api_for_path(path), 404, "not_forwarded",
+                                  "no such route on this proxy (proxy.forward_routes)")
         if is_websocket_upgrade(request):        # any path: relayed as a WebSocket
             assert self.session is not None
             return await relay_websocket(request, self.session, self.backend.url)

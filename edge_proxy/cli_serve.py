@@ -38,6 +38,8 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--max-body-bytes", "proxy", "max_body_bytes", "largest generation request body (parsed by the proxy), else 413; pass-through bodies stream unlimited (default 4 MiB)", int),
     Flag("--connect-timeout", "proxy", "connect_timeout_seconds", "seconds to connect to the backend, else 502 (default 5)", float),
     Flag("--upstream-timeout", "proxy", "upstream_timeout_seconds", "seconds without response headers or bytes from the backend, else 504 (default 300)", float),
+    Flag("--first-byte-timeout", "proxy", "first_byte_timeout_seconds", "seconds a stream's or pass-through route's response head may take, else 504 (default 60)", float),
+    Flag("--forward-routes", "proxy", "forward_routes", "comma-separated backend routes the client port forwards, '/x*' a prefix, '*' all (default: the TGI and OpenAI APIs and /health)"),
     Flag("--model-name", "proxy", "model_name", "model label for metrics (default: what the backend reports)"),
     Flag("--access-log", "proxy", "access_log", "JSON access log: '-' stderr (default), a file path, or 'none'"),
     Flag("--stream-relay", "proxy", "stream_relay", "client for streamed responses: raw (lean relay, plain http backends; default) or aiohttp", choices=("raw", "aiohttp")),

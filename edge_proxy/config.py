@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from edge_proxy.forward_routes import DEFAULT_FORWARD_ROUTES, check_patterns
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a message fit for a one-line CLI error."""
@@ -47,6 +49,7 @@ class ProxySettings:
     access_log: str | None = "-"               # "-" = stderr, a path, or None for off
     log_content: bool = False                  # include prompt/completion text in the access log
     stream_relay: str = "raw"                  # raw (lean relay for streams over http) | aiohttp
+    forward_routes: list[str] = field(default_factory=lambda: list(DEFAULT_FORWARD_ROUTES))  # others: 404 ("*": all)
     max_sse_event_bytes: int = 4 * 1024 * 1024     # a backend SSE event longer than this ends the stream with an error event
     request_header_timeout_seconds: float = 10.0   # request line + headers must arrive within this -> 408, closed
     request_body_timeout_seconds: float = 60.0     # whole request body within this of its headers -> 408
@@ -225,6 +228,9 @@ def load_settings(
     for (section, key), value in (overrides or {}).items():
         if value is not None:
             _apply(settings, section, key, value, "command line")
+    problem = check_patterns(settings.proxy.forward_routes)
+    if problem:
+        raise ConfigError(problem)
     return settings
 
 

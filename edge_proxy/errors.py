@@ -26,6 +26,7 @@ _TYPES: dict[str, tuple[str, str]] = {
     "hold_full": ("server_overloaded", "overloaded"),
     "spawn_failed": ("upstream_error", "upstream"),
     "client_timeout": ("invalid_request_error", "validation"),
+    "not_forwarded": ("invalid_request_error", "validation"),
 }
 
 

@@ -24,6 +24,7 @@ from edge_proxy.hooks import BaseObserver, RequestRecord
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 SPAN_KEY = "otel_span"
+MAX_REQUEST_MODEL_CHARS = 256      # the client's model string, as an attribute, is cut to this
 
 
 class Tracing(BaseObserver):
@@ -42,11 +43,13 @@ class Tracing(BaseObserver):
 
     def start(self, rec: RequestRecord, request_model: str | None, incoming: Mapping[str, str]) -> None:
         parent = _PROPAGATOR.extract(carrier=incoming) if "traceparent" in incoming else None
-        name = f"{rec.operation} {request_model or rec.model}"
+        # the span name carries the served model (a bounded label), never the client's free-form
+        # string: span names are what trace backends group by
+        name = f"{rec.operation} {rec.model}"
         attrs: dict[str, Any] = {
             "gen_ai.operation.name": rec.operation,
             "gen_ai.provider.name": self.provider_name,
-            "gen_ai.request.model": request_model or rec.model,
+            "gen_ai.request.model": (request_model or rec.model)[:MAX_REQUEST_MODEL_CHARS],
             "gen_ai.request.stream": rec.stream,
             "http.route": rec.route,
             "edge.request.id": rec.request_id,

@@ -168,7 +168,7 @@ async def test_span_and_traceparent():
 
 
 async def test_passthrough_untouched_and_hop_by_hop():
-    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+    async with InProcessUpstream() as up, running_proxy(up.url, forward_routes="*") as px:
         async with aiohttp.ClientSession() as s:
             async with s.put(px.url + "/echo/x?y=1", data=b"\x00raw bytes",
                              headers={"Connection": "keep-alive, X-Private", "X-Private": "secret",
@@ -185,7 +185,7 @@ async def test_passthrough_untouched_and_hop_by_hop():
 
 
 async def test_metadata_routes_forwarded():
-    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+    async with InProcessUpstream() as up, running_proxy(up.url, forward_routes="*") as px:
         direct = json.loads(await _get(up.url + "/info"))
         assert json.loads(await _get(px.url + "/info")) == direct
         text = (await _get(px.metrics_url)).decode()
@@ -287,7 +287,7 @@ async def test_end_of_request_work_keeps_up_under_continuous_traffic():
 
 
 async def test_other_methods_and_paths_on_instrumented_prefixes_pass_through():
-    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+    async with InProcessUpstream() as up, running_proxy(up.url, forward_routes="*") as px:
         async with aiohttp.ClientSession() as s:
             async with s.get(px.url + "/v1/chat/completions") as r:
                 direct_status = r.status
@@ -367,7 +367,7 @@ async def test_passthrough_streams_large_and_chunked_bodies():
     import os
 
     big = os.urandom(10 * 1024 * 1024)
-    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+    async with InProcessUpstream() as up, running_proxy(up.url, forward_routes="*") as px:
         async with aiohttp.ClientSession() as s:
             async with s.put(px.url + "/echo/upload", data=big) as r:
                 assert r.status == 200
@@ -397,7 +397,7 @@ async def test_websocket_passes_through():
     the subprotocol the backend chose, end-to-end headers, and the backend's close code."""
     import os
 
-    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+    async with InProcessUpstream() as up, running_proxy(up.url, forward_routes="*") as px:
         async with aiohttp.ClientSession() as s:
             async with s.ws_connect(px.url + "/ws", protocols=("a", "b"),
                                     headers={"Authorization": "Bearer t0k"}) as ws:
@@ -431,7 +431,7 @@ async def test_websocket_passes_through():
 async def test_websocket_to_a_backend_that_is_down_is_a_502():
     from tests.proxy_support import free_port
 
-    async with running_proxy(f"http://127.0.0.1:{free_port()}") as px:
+    async with running_proxy(f"http://127.0.0.1:{free_port()}", forward_routes="*") as px:
         async with aiohttp.ClientSession() as s:
             with pytest.raises(aiohttp.WSServerHandshakeError) as err:
                 await s.ws_connect(px.url + "/ws")
