@@ -407,8 +407,11 @@ class ProxyCore:
         whole: list[tuple[bytes, int]] = []     # a whole 200 body, accounted after it is written
         try:
             try:
-                async with asyncio.timeout(self.ps.request_body_timeout_seconds or None):
+                if request.content.is_eof():     # the whole body came with the head: no timer
                     body = await request.read()
+                else:
+                    async with asyncio.timeout(self.ps.request_body_timeout_seconds or None):
+                        body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return self._reject(rec, 413, "too_large",
                                     f"request body exceeds {self.ps.max_body_bytes} bytes")

@@ -111,6 +111,10 @@ class GuardedRequestHandler(RequestHandler):
         self._head_timer = None
         if self._request_count != count or self._force_close or self.transport is None:
             return
+        if self._request_in_progress or self._messages:
+            # a client pipelining behind a request still being answered: never write into that
+            # response; the keep-alive timeout bounds the connection once it is done
+            return
         if not self._got_bytes:
             self.force_close()
             return
@@ -139,13 +143,17 @@ class GuardedRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return
-        if data and not self._upgraded and self._payload_parser is None:
+        heads = data and not self._upgraded and self._payload_parser is None
+        # bytes of a request head (not of the body being read)?
+        head_bytes = heads and (self._payload is None or self._payload.is_eof())
+        if heads:
             self._got_bytes = True
-            if self._payload is None or self._payload.is_eof():
-                self._arm_head()              # bytes of a (next) request head
         count = self._request_count
         super().data_received(data)
-        if self._request_count != count:      # a head (or a parse error) arrived
+        if self._request_count == count:
+            if head_bytes:
+                self._arm_head()              # a head begun, not complete: its deadline runs
+        else:                                 # a head (or a parse error) arrived
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None

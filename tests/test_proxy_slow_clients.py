@@ -131,3 +131,27 @@ async def test_protocol_errors_are_json_and_one_rate_limited_line(request_bytes:
     assert 1 <= len(lines) <= 5                               # rate-limited: 30 errors, <= 5 lines
     assert all(rec.exc_info is None and "\n" not in rec.getMessage() for rec in lines)
     assert "Traceback" not in caplog.text and "aaaa" not in caplog.text   # client bytes not echoed
+
+
+async def test_pipelined_partial_head_never_breaks_the_response_in_progress() -> None:
+    async with InProcessUpstream() as up, running_proxy(
+            up.url, request_header_timeout_seconds=HEAD_T, request_body_timeout_seconds=BODY_T) as px:
+        up.state.release = asyncio.Event()
+        r, w = await _open(px.port)
+        body = json.dumps({"model": "fake-model", "prompt": "a b", "max_tokens": 3, "stream": True}).encode()
+        w.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"x-fake-fault: hold-first\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        await w.drain()
+        await asyncio.sleep(0.2)                           # (a separate read on the proxy's side)
+        w.write(b"GET /health HTTP/1.1\r\nHo")            # the next request's head, never finished
+        await w.drain()
+        await asyncio.sleep(HEAD_T * 3)                    # past the head deadline, stream held
+        up.state.release.set()
+        data = b""
+        while b"data: [DONE]" not in data:
+            more = await asyncio.wait_for(r.read(65536), 10)
+            if not more:
+                break                                      # closed before the end: a failure
+            data += more
+        assert data.startswith(b"HTTP/1.1 200") and b"408" not in data
+        w.close()
