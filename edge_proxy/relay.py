@@ -66,6 +66,8 @@ class _BackendProtocol(asyncio.Protocol):
         self.got_bytes = True
         try:
             if self.in_head:
+                if not self.head:            # empty lines before a status line are ignored
+                    data = data.lstrip(b"\r\n")   # (RFC 9112 §2.2)
                 self.head += data
                 while True:
                     end = self.head.find(b"\r\n\r\n")
