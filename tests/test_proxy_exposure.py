@@ -12,7 +12,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from edge_proxy.config import ConfigError, load_settings
 from tests.proxy_support import InProcessUpstream, running_proxy
 
-pytestmark = pytest.mark.asyncio
 
 
 async def _status(s: aiohttp.ClientSession, method: str, url: str) -> tuple[int, bytes]:
@@ -20,6 +19,7 @@ async def _status(s: aiohttp.ClientSession, method: str, url: str) -> tuple[int,
         return r.status, await r.read()
 
 
+@pytest.mark.asyncio
 async def test_default_forwards_only_the_inference_apis() -> None:
     async with InProcessUpstream() as up, running_proxy(up.url) as px:
         async with aiohttp.ClientSession() as s:
@@ -43,6 +43,7 @@ async def test_default_forwards_only_the_inference_apis() -> None:
         assert not any(r["path"].startswith("/echo") for r in up.state.requests)
 
 
+@pytest.mark.asyncio
 async def test_forward_routes_setting_opens_routes() -> None:
     async with InProcessUpstream() as up, running_proxy(up.url, forward_routes="/echo/*,/info") as px:
         async with aiohttp.ClientSession() as s:
@@ -57,6 +58,7 @@ def test_forward_routes_patterns_are_checked() -> None:
             load_settings(None, {("proxy", "forward_routes"): bad}, environ={})
 
 
+@pytest.mark.asyncio
 async def test_span_name_is_the_served_model_not_the_clients_string() -> None:
     exporter = InMemorySpanExporter()
     async with InProcessUpstream() as up, running_proxy(up.url, span_exporter=exporter) as px:
