@@ -58,6 +58,8 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--idle-timeout", "coldstart", "idle_timeout_seconds", "with --spawn: stop the backend after this many seconds without traffic (default: never)", float),
     Flag("--max-pending", "coldstart", "max_pending", "most requests held during a cold start, then 503 (default 100)", int),
     Flag("--max-wait", "coldstart", "max_wait_seconds", "longest a request is held, then 503 (default 300 s)", float),
+    Flag("--max-held-bytes", "coldstart", "max_held_bytes", "most request-body bytes held in memory during a cold start, then 503 (default 64 MiB)", int),
+    Flag("--drain-seconds", "coldstart", "drain_seconds", "on SIGTERM, wait this long for a cold start to release held requests before handing them back with 503 + Retry-After (default 20 s)", float),
     Flag("--economics-mode", "economics", "mode", "economics definitions: production (default) or paper (the paper's constants)", choices=("production", "paper")),
     Flag("--usd-per-kwh", "economics", "usd_per_kwh", "electricity price in USD/kWh (default 0.12)", float),
     Flag("--pue", "economics", "pue", "power usage effectiveness applied to measured energy (default 1.0)", float),
