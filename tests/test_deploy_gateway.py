@@ -96,3 +96,48 @@ def test_gateway_bounds_held_bytes_and_hands_held_requests_back_on_sigterm(tmp_p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_during_a_cold_start_lets_held_requests_finish(tiny_model_dir: str) -> None:
+    """A gateway stopped while the backend is starting keeps what it holds for up to --drain-seconds:
+    the backend comes up within it, the held request is released and answered 200 (a rollout
+    during a cold start loses nothing)."""
+    port, mport, backend = free_port(), free_port(), free_port()
+    gw = subprocess.Popen(
+        [EDGE_PROXY, "serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(mport),
+         "--backend", f"http://127.0.0.1:{backend}", "--hold", "--max-wait", "120", "--drain-seconds", "90",
+         "--energy-source", "none"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = None
+    results: list[object] = []
+
+    def ask() -> None:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model="tiny", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+            results.append((raw.http_response.status_code, raw.headers.get("x-edge-cold-start")))
+        except openai.APIError as exc:
+            results.append(exc)
+
+    try:
+        wait_http_ok(f"http://127.0.0.1:{mport}/healthz", timeout=30, proc=gw)
+        t = threading.Thread(target=ask)
+        t.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and pending(mport)["pending_requests"] < 1:
+            time.sleep(0.05)
+        assert pending(mport)["pending_requests"] == 1
+        gw.send_signal(signal.SIGTERM)              # the rollout begins while the request is held
+        time.sleep(1.0)
+        assert gw.poll() is None, "the gateway exited without waiting for its held request"
+        server = subprocess.Popen([sys.executable, "-m", "model_server", "serve", tiny_model_dir, "--host",
+                                   "127.0.0.1", "--port", str(backend), "--device", "cpu", "--model-name", "tiny"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t.join(timeout=120)
+        assert results == [(200, "true")], results
+        assert gw.wait(timeout=60) == 0
+    finally:
+        for p in (gw, server):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
