@@ -10,7 +10,7 @@ One object plays three roles, all on the event loop:
   (``--spawn``), and releases the held requests in bursts of ``release_burst``.
 * the drain on shutdown (SIGTERM): new requests get 503 + ``Retry-After`` at once; requests held
   for a cold start in progress wait up to ``drain_seconds`` for it to release them (they then finish
-  normally), the rest are handed back with 503 + ``Retry-After`` (reason ``draining``), so a client
+  normally; not with ``--spawn``, whose backend stops with the proxy), the rest are handed back with 503 + ``Retry-After`` (reason ``draining``), so a client
   that retries reaches another gateway replica instead of failing.
 * held bodies are bounded twice: ``max_pending`` requests and ``max_held_bytes`` request bytes.
 * a :class:`~edge_proxy.hooks.RequestObserver`: counts requests in flight (idle stop never cuts a
@@ -197,7 +197,8 @@ class ColdStartGate(BaseObserver):
         start in progress get up to ``drain_seconds`` to be released to the backend (they then
         finish normally); whatever is still held is handed back with 503 + Retry-After."""
         self._closing = True
-        deadline = time.monotonic() + self.s.drain_seconds
+        # With --spawn the backend stops with this proxy: nothing to wait for.
+        deadline = time.monotonic() + (self.s.drain_seconds if self.supervisor is None else 0.0)
         while self._waiters and self._driver is not None and not self._driver.done() \
                 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
