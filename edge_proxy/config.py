@@ -65,6 +65,7 @@ class EnergySettings:
     replay_path: str | None = None
     remote_url: str | None = None
     estimated_watts: float = 65.0
+    estimated_scope: str = "auto"              # auto | backend | machine: whose CPU time the estimate bills
     ring_size: int = 4096
     max_defer_seconds: float = 30.0            # longest a tick waits for a request's prompt-token count
     response_header: bool = False              # add x-edge-energy-joules (provisional) to non-streaming responses

@@ -285,11 +285,13 @@ def build_table(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientS
 
 def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientStats, model: str,
                elapsed: float) -> _Rows:
-    src_info = [lab.get("source", "?") for lab, v in m.get("edge_proxy_energy_source_info", []) if v]
-    esrc = src_info[0] if src_info else "none"
+    src_info = [lab for lab, v in m.get("edge_proxy_energy_source_info", []) if v]
+    esrc = src_info[0].get("source", "?") if src_info else "none"
+    scope = src_info[0].get("scope", "") if src_info else ""
+    cpu_of = {"backend-process-tree": "model server's CPU time", "whole-machine": "whole machine's CPU time"}
     energy_word = {"nvml": "measured (NVML counter)", "remote": "measured (remote /energy)",
-                   "replay": "replayed trace", "estimated": "estimated (CPU time x W)"}.get(
-                       esrc, "no energy source")
+                   "replay": "replayed trace",
+                   "estimated": f"estimated ({cpu_of.get(scope, 'CPU time')} x W)"}.get(esrc, "no energy source")
     e_kind = "measured" if esrc in ("nvml", "remote") else ("estimated" if esrc == "estimated" else esrc)
     weight = math.nan
     wsrc = "n/a"
