@@ -61,7 +61,9 @@ def pid_alive(pid: int) -> bool:
 
 
 class ProcessTreeCpu:
-    """Cumulative busy CPU seconds of one process tree, its root found by ``root_pid()``."""
+    """Cumulative busy CPU seconds of one process tree, its root found by ``root_pid()`` (called
+    on every read); the descendants are listed again when the root changes, a process exits, or
+    ``refresh_seconds`` passed."""
 
     def __init__(self, root_pid: Callable[[], int | None], refresh_seconds: float = 1.0) -> None:
         self.root_pid = root_pid
@@ -79,10 +81,11 @@ class ProcessTreeCpu:
 
     def _refresh(self) -> None:
         now = time.monotonic()
-        if now - self._refreshed < self.refresh_seconds and all(p.is_running() for p in self._procs):
+        pid = self.root_pid()          # cheap: a spawned pid, or a port lookup throttled by the caller
+        if (pid == self._root and now - self._refreshed < self.refresh_seconds
+                and all(p.is_running() for p in self._procs)):
             return
         self._refreshed = now
-        pid = self.root_pid()
         procs: list[psutil.Process] = []
         if pid:
             try:
