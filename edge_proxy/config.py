@@ -111,6 +111,7 @@ class ColdStartSettings:
     stop_grace_seconds: float = 30.0           # SIGTERM -> SIGKILL grace when stopping the backend
     restart_backoff_seconds: float = 1.0       # first restart delay after a crash/failed start (doubles)
     restart_backoff_max_seconds: float = 60.0
+    backend_log: str | None = None             # with spawn: the backend's stdout+stderr to this file (default: the proxy's stderr, each line prefixed "[backend PID] ")
 
 
 @dataclass
