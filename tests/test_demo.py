@@ -43,10 +43,16 @@ def test_demo_quick(tiny_model_dir: str, tmp_path: Path) -> None:
         assert needle in text, (needle, text[-4000:])
     # Q_ret is the configured paper scores: 0.752 / 0.742 x 100.
     assert re.search(r"Q_ret.*101\.35", text), text[-4000:]
+    # Not a terminal: a plain table (no box drawing) within the width, with a meaning column.
+    assert "what it means" in text and not re.search("[│┃━─]", out.stdout), out.stdout[-4000:]
+    assert max(len(line) for line in out.stdout.splitlines()) <= 160
     # N_break, IPW and C_tax carry numbers, not n/a.
-    for name in ("N_break", "IPW", "C_tax"):
-        row = next(line for line in text.splitlines() if name in line and "│" in line)
-        assert re.search(r"│\s+[\d,.]+\s+│", row), row
+    for name in ("N_break break-even", "IPW intelligence per joule", "C_tax cold-start tax"):
+        row = next(line for line in text.splitlines() if line.startswith(name))
+        assert re.match(re.escape(name) + r"\s+[\d,.]+\s+\S", row), row
+    # its work directory (config, logs) is removed at the end (no --keep)
+    work = re.search(r"logs:\s+(\S+)", text).group(1)
+    assert "edge-eval-demo-" in work and not Path(work).exists(), work
     # --out: the same numbers as JSON; the five metrics' gauges are finite and positive.
     data = json.loads((tmp_path / "out" / "demo.json").read_text())
     assert data["client"]["errors"] == 0 and data["client"]["ok"] >= 2
