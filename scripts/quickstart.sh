@@ -24,6 +24,11 @@ install_torch() {
   if python -m pip install -q --timeout 20 --retries 1 "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
     return
   fi
+  # an index that serves the CPU build without the +cpu tag: take it if it needs no nvidia-* wheels
+  if python -m pip install -q --timeout 20 --retries 1 --dry-run --no-deps --report - "torch==$TORCH_VERSION" 2>/dev/null \
+      | python -c 'import json,sys; r=json.load(sys.stdin)["install"][0]["metadata"].get("requires_dist") or []; sys.exit(any(x.startswith("nvidia-") for x in r))' 2>/dev/null; then
+    python -m pip install -q --timeout 20 --retries 1 "torch==$TORCH_VERSION" && return
+  fi
   python -m pip install -q --timeout 20 --retries 1 --extra-index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION+cpu" || {
     echo "quickstart: error: could not install the CPU build of torch $TORCH_VERSION (no local wheel, and the PyTorch CPU index did not answer)" >&2
     exit 2

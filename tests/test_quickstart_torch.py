@@ -10,19 +10,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp_path: Path, gpu: bool, local_wheel: bool) -> tuple[int, list[str], str]:
+def _run(tmp_path: Path, gpu: bool, local_wheel: bool, index_build: str = "cuda") -> tuple[int, list[str], str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     if gpu:
         (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200'\n")
         (bin_dir / "nvidia-smi").chmod(0o755)
     calls = tmp_path / "calls"
+    reqs = '["filelock", "nvidia-cublas-cu12==12.8"]' if index_build == "cuda" else '["filelock"]'
     script = f"""
 set -euo pipefail
 eval "$(sed -n '/^TORCH_VERSION=/,/^TORCH_CPU_INDEX=/p;/^install_torch()/,/^}}/p' {ROOT}/scripts/quickstart.sh)"
-python() {{  # pip stand-in: records its arguments; the local +cpu wheel exists or not
+python() {{  # pip stand-in: records its arguments; the local +cpu wheel exists or not; the plain
+            # index's torch is a CPU or a CUDA build; `python -c` runs the real interpreter
+  if [ "$1" = "-c" ]; then python3 "$@"; return; fi
   echo "$*" >> {calls}
-  case "$*" in *extra-index-url*) return 1;; *+cpu*) [ {int(local_wheel)} = 1 ];; *) return 0;; esac
+  case "$*" in
+    *extra-index-url*) return 1;;
+    *+cpu*) [ {int(local_wheel)} = 1 ];;
+    *--dry-run*) echo '{{"install": [{{"metadata": {{"requires_dist": {reqs}}}}}]}}';;
+    *) return 0;;
+  esac
 }}
 install_torch
 """
@@ -37,10 +45,16 @@ def test_no_gpu_uses_the_local_cpu_wheel(tmp_path: Path):
     assert calls == ["-m pip install -q --timeout 20 --retries 1 torch==2.13.0+cpu"]
 
 
-def test_no_gpu_no_local_wheel_tries_the_cpu_index_then_fails_clearly(tmp_path: Path):
-    rc, calls, err = _run(tmp_path, gpu=False, local_wheel=False)
-    assert len(calls) == 2 and "--extra-index-url" in calls[1] and "torch==2.13.0+cpu" in calls[1]
-    assert "--timeout 20" in calls[1]
+def test_no_gpu_index_with_an_untagged_cpu_build_uses_it(tmp_path: Path):
+    rc, calls, err = _run(tmp_path, gpu=False, local_wheel=False, index_build="cpu")
+    assert rc == 0, err
+    assert "--dry-run" in calls[1] and calls[2] == "-m pip install -q --timeout 20 --retries 1 torch==2.13.0"
+
+
+def test_no_gpu_no_cpu_build_tries_the_cpu_index_then_fails_clearly(tmp_path: Path):
+    rc, calls, err = _run(tmp_path, gpu=False, local_wheel=False, index_build="cuda")
+    assert len(calls) == 3 and "--dry-run" in calls[1]           # the CUDA build is never installed
+    assert "--extra-index-url" in calls[2] and "torch==2.13.0+cpu" in calls[2] and "--timeout 20" in calls[2]
     assert rc == 2 and "could not install the CPU build" in err
 
 
