@@ -23,6 +23,8 @@ Gauges (computed at scrape time over ``economics.window_seconds``)::
     edge_proxy_economics_cold_start_time_ratio{model}            C_tax (time)
     edge_proxy_quantization_fidelity_percent{model}              Q_ret
     edge_proxy_model_weight_bytes{model,backend,source}          source = measured|configured|nominal
+    edge_proxy_economics_sources_info{model,energy_source,energy_kind,energy_scope,score_source,weights_source}
+                                                                 where each model's inputs come from
     edge_proxy_fixed_cost_usd{model}, edge_proxy_quality_static_score{model}
 
 Formulas live in :mod:`edge_proxy.economics`; this module only collects inputs.
