@@ -65,6 +65,7 @@ class EnergySettings:
     replay_path: str | None = None
     remote_url: str | None = None
     estimated_watts: float = 65.0
+    estimated_scope: str = "auto"              # auto | backend | machine: whose CPU time the estimate bills
     ring_size: int = 4096
     max_defer_seconds: float = 30.0            # longest a tick waits for a request's prompt-token count
     response_header: bool = False              # add x-edge-energy-joules (provisional) to non-streaming responses
@@ -113,6 +114,7 @@ class ColdStartSettings:
     max_held_bytes: int = 64 * 1024 * 1024     # request bytes held in memory at once, then 503 (hold_full)
     drain_seconds: float = 20.0                # on SIGTERM: wait this long for a cold start to release held requests
     retry_after_seconds: int = 2               # Retry-After on a 503 for a held request handed back (drain, full)
+    backend_log: str | None = None             # with spawn: the backend's stdout+stderr to this file (default: the proxy's stderr, each line prefixed "[backend PID] ")
 
 
 @dataclass

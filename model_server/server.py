@@ -257,7 +257,6 @@ async def serve_async(args: argparse.Namespace) -> int:
         raise ServeError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else args.port
     log.info("listening on http://%s:%s (loading %s)", args.host, port, args.model)
-    print(f"model-server listening on http://{args.host}:{port}", file=sys.stderr, flush=True)
 
     loop = asyncio.get_running_loop()
     signals = []
@@ -299,8 +298,9 @@ async def serve_async(args: argparse.Namespace) -> int:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from model_server.log_setup import setup_logging
+
+    setup_logging(args.log_level)
     from model_server.loading import LoadError, check_model_argument
 
     try:

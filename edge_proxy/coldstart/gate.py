@@ -164,6 +164,7 @@ class ColdStartGate(BaseObserver):
                 backoff_base_seconds=settings.restart_backoff_seconds,
                 backoff_max_seconds=settings.restart_backoff_max_seconds,
                 on_exit=self._on_process_exit,
+                output=settings.backend_log,
             )
         self._ready = False            # spawn: no process yet; hold: unknown until the first probe
         self._waiters: deque[_Waiter] = deque()

@@ -12,6 +12,10 @@ Orphan protection, in layers:
 
 The command is split with :func:`shlex.split` (no shell); ``{port}`` and ``{host}`` placeholders
 are filled from the backend URL. Use ``sh -c '...'`` explicitly when a shell is needed.
+
+The backend's stdout and stderr go to ``output`` (a file, appended) or, by default, to the proxy's
+stderr with every line prefixed ``[backend PID]`` (:func:`relay_output`): never unmarked into the
+JSON access log.
 """
 from __future__ import annotations
 
@@ -21,11 +25,12 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 log = logging.getLogger("edge_proxy.coldstart")
 
@@ -55,6 +60,31 @@ def backoff_seconds(failures: int, base: float = 1.0, cap: float = 60.0) -> floa
     return min(cap, base * 2 ** (failures - 1))
 
 
+async def relay_output(stream: asyncio.StreamReader, prefix: str, out: Any = None) -> None:
+    """Copy a child's output to ``out`` (default: this process's stderr) line by line, each line
+    prefixed, so it never mixes unmarked into what else is written there (the JSON access log).
+    Carriage returns (progress bars) end a line too; blank lines are dropped; a line longer than
+    64 KiB is cut."""
+    out = out or sys.stderr
+    buf = b""
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = re.split(rb"[\r\n]", buf)
+        if len(buf) > 65536:
+            lines.append(buf)
+            buf = b""
+        text = "".join(f"{prefix}{x.decode(errors='replace')}\n" for x in lines if x.strip())
+        if text:
+            out.write(text)
+            out.flush()
+    if buf.strip():
+        out.write(f"{prefix}{buf.decode(errors='replace')}\n")
+        out.flush()
+
+
 class BackendSupervisor:
     """Owns at most one backend process at a time. All methods run on the event loop."""
 
@@ -67,8 +97,11 @@ class BackendSupervisor:
         backoff_base_seconds: float = 1.0,
         backoff_max_seconds: float = 60.0,
         on_exit: Callable[[int | None, bool], None] | None = None,
+        output: str | None = None,
     ) -> None:
         self.argv = build_argv(command, host, port)
+        self.output = output                        # file for the backend's output; None: relay, prefixed
+        self._relay_task: asyncio.Task[None] | None = None
         self.stop_grace_seconds = stop_grace_seconds
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_max_seconds = backoff_max_seconds
@@ -136,10 +169,15 @@ class BackendSupervisor:
                 if os.getppid() != ppid:   # parent died before prctl took effect
                     os._exit(1)
 
+            log_file = None
             try:
+                if self.output:
+                    log_file = open(self.output, "ab")
                 proc = await asyncio.create_subprocess_exec(
                     *self.argv,
                     stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file if log_file is not None else asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,
                     preexec_fn=setup if self._prctl is not None else None,
                 )
@@ -149,7 +187,13 @@ class BackendSupervisor:
             except OSError as exc:
                 self.record_failure()
                 raise SpawnError(f"cannot start backend {self.argv[0]!r}: {exc}") from None
+            finally:
+                if log_file is not None:
+                    log_file.close()        # the child has its own copy
             t = time.monotonic_ns()
+            if proc.stdout is not None:
+                self._relay_task = asyncio.create_task(relay_output(proc.stdout, f"[backend {proc.pid}] "),
+                                                       name="coldstart-backend-output")
             self._proc = proc
             self._stopping = False
             self.starts += 1
@@ -165,6 +209,8 @@ class BackendSupervisor:
         expected = self._stopping
         self.last_returncode = rc
         self._signal_group(proc.pid, signal.SIGKILL)   # stragglers left in the group
+        if self._relay_task is not None:                # its last lines (the pipe closes now)
+            await asyncio.wait({self._relay_task}, timeout=2.0)
         if not expected:
             log.warning("cold start: backend pid %d exited unexpectedly with code %s", proc.pid, rc)
         if self.on_exit is not None:
