@@ -189,6 +189,8 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
     ctx = loaded.context_length or DEFAULT_MAX_TOTAL_TOKENS
     lim.max_total_tokens = min(args.max_total_tokens or min(ctx, DEFAULT_MAX_TOTAL_TOKENS), ctx)
     lim.max_input_tokens = min(args.max_input_tokens or lim.max_total_tokens - 1, lim.max_total_tokens - 1)
+    from model_server.api_common import prompt_byte_bound
+    lim.max_input_bytes = await asyncio.to_thread(prompt_byte_bound, loaded.tokenizer, lim.max_input_tokens)
     runtime.loaded = loaded
 
     engine_name = resolve_engine_name(args.engine, device)
