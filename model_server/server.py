@@ -96,8 +96,12 @@ def build_app(runtime: Runtime) -> web.Application:
                                                         "param": None, "code": None}}, status=exc.status)
                 return web.json_response({"error": msg, "error_type": "validation"}, status=exc.status)
             raise
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
             raise
+        except ConnectionResetError as exc:     # the client went away mid-write: not an error
+            log.debug("client went away during %s %s: %s", request.method, request.path, exc)
+            # never sent (the transport is closing); aiohttp's write of it ends quietly
+            return web.Response(status=499, reason="Client Closed Request")
         except Exception as exc:  # a bug: log it, answer in the API's format
             log.exception("internal error on %s %s", request.method, request.path)
             msg = f"internal error: {type(exc).__name__}"
@@ -249,7 +253,10 @@ async def serve_async(args: argparse.Namespace) -> int:
         gpu_uuids = await asyncio.to_thread(visible_gpu_uuids)   # NVML only: no torch before listening
     register_energy_routes(app, gpu_uuids)
 
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
+    from model_server.protocol_log import ProtocolErrorLogger
+
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0,
+                           logger=ProtocolErrorLogger(logging.getLogger("aiohttp.server")))
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     try:
