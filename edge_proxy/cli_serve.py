@@ -143,7 +143,11 @@ def run(args: argparse.Namespace) -> int:
         build_proxy(dry)
         print(json.dumps(settings_as_dict(settings), indent=2, default=str))
         return 0
-    from edge_proxy.process_tuning import reserve_fd_table
+    from edge_proxy.process_tuning import raise_nofile_limit, reserve_fd_table
+    old_nofile, new_nofile = raise_nofile_limit()   # 1,000 streams need more than the common 1024
+    if new_nofile != old_nofile:
+        print(f"edge-proxy: raised the open-file limit from {old_nofile} to {new_nofile} (the hard limit)",
+              file=sys.stderr, flush=True)
     reserve_fd_table()      # before any thread starts: a table that never doubles while serving
     try:
         import uvloop  # type: ignore[import-not-found]

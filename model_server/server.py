@@ -318,7 +318,10 @@ def run_server(args: argparse.Namespace) -> int:
         raise ServeError(str(exc)) from None
     # a file-descriptor table grown now does not double (an RCU grace period, 13-20 ms measured on
     # a 16-vCPU VM, inside an accept call of the event loop) while clients connect
-    from edge_proxy.process_tuning import reserve_fd_table
+    from edge_proxy.process_tuning import raise_nofile_limit, reserve_fd_table
+    old_nofile, new_nofile = raise_nofile_limit()      # soft limit up to the hard one (process_tuning)
+    if new_nofile != old_nofile:
+        log.info("raised the open-file limit from %d to %d (the hard limit)", old_nofile, new_nofile)
     reserve_fd_table()
     try:
         return asyncio.run(serve_async(args))
