@@ -154,6 +154,7 @@ class ProxyCore:
         self.relay_host = ""
         self.relay_prefix = ""
         self.pending_finals: set[asyncio.Task[None]] = set()
+        self.live: dict[int, tuple[RequestRecord, web.Request]] = {}   # generation requests (shutdown.py)
         self._failed_observers: set[int] = set()
         self._urls: dict[str, URL] = {}
         # request ids: a random per-process prefix and a counter (32 hex digits, like uuid4().hex)
@@ -362,6 +363,7 @@ class ProxyCore:
                             else f"{self._rid_prefix}{next(self._rid_seq):016x}",
                             route=request.path, api=spec.api, operation=spec.operation,
                             model=self.model_label(None), t_received_ns=t0)
+        self.live[id(rec)] = (rec, request)
         self.metrics.in_flight.inc()
         started = False
         defer_end = False
@@ -429,6 +431,7 @@ class ProxyCore:
                 rec.status = rec.status or 499
             raise
         finally:
+            self.live.pop(id(rec), None)
             if rec.outcome is None:
                 rec.outcome = "error"
                 rec.error_type = rec.error_type or "internal"

@@ -41,6 +41,7 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--model-name", "proxy", "model_name", "model label for metrics (default: what the backend reports)"),
     Flag("--access-log", "proxy", "access_log", "JSON access log: '-' stderr (default), a file path, or 'none'"),
     Flag("--stream-relay", "proxy", "stream_relay", "client for streamed responses: raw (lean relay, plain http backends; default) or aiohttp", choices=("raw", "aiohttp")),
+    Flag("--drain-timeout", "proxy", "drain_timeout_seconds", "on SIGTERM: seconds in-flight requests get to finish; streams still running then end with an error event (default 30)", float),
     Flag("--log-content", "proxy", "log_content", "include request bodies (prompts) in the access log (off by default)", None, store_true=True),
     Flag("--otlp-endpoint", "tracing", "otlp_endpoint", "OTLP/HTTP traces endpoint (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset = tracing off)"),
     Flag("--service-name", "tracing", "service_name", "OpenTelemetry service.name (default edge-proxy)"),
@@ -124,6 +125,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("proxy.max_body_bytes must be positive")
     if ps.connect_timeout_seconds <= 0 or ps.upstream_timeout_seconds <= 0:
         raise ConfigError("timeouts must be positive")
+    if not ps.drain_timeout_seconds >= 0:
+        raise ConfigError(f"proxy.drain_timeout_seconds must be >= 0, got {ps.drain_timeout_seconds}")
     if settings.tracing.otlp_endpoint:
         t = urlsplit(settings.tracing.otlp_endpoint)
         if t.scheme not in ("http", "https") or not t.hostname:
@@ -174,5 +177,6 @@ async def _serve(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await runtime.stop()
+    from edge_proxy.shutdown import graceful_stop
+    await graceful_stop(runtime, settings.proxy.drain_timeout_seconds)   # /metrics answers until the end
     return 0
