@@ -4,7 +4,8 @@
    ``pre_shutdown``). ``/metrics`` (its own port) keeps answering until the process exits, so the
    drain itself can be scraped.
 2. Requests in flight get up to ``proxy.drain_timeout_seconds`` (``--drain-timeout``, default 30 s)
-   to finish.
+   to finish. Requests held by the cold-start gate are not waited for: the gate answers them
+   itself when it closes (step 4), and a ``--spawn`` backend is stopped then anyway.
 3. Generation requests still running then are ended in their API's format: a stream whose headers
    went out gets one SSE error event (``error.code``/``error_type`` ``shutdown``, the same shape as
    the proxy's other stream errors) and a clean end of the chunked body; a request with nothing sent
@@ -61,6 +62,12 @@ def _cut(rec: Any, request: Any, drain_s: float) -> str:
     return how
 
 
+def _held_ids(runtime: "ProxyRuntime") -> set[int]:
+    """ids of the records the cold-start gate holds now (its waiters), if there is a gate."""
+    waiters = getattr(runtime.gate, "_waiters", None) or ()
+    return {id(w.rec) for w in waiters if getattr(w, "rec", None) is not None}
+
+
 async def graceful_stop(runtime: "ProxyRuntime", drain_s: float) -> dict[str, int]:
     """Drain and stop ``runtime`` (steps 1-4 above). Returns how many requests were cut, by how:
     ``event`` (SSE error event), ``503``, ``closed`` (the client had gone)."""
@@ -75,12 +82,21 @@ async def graceful_stop(runtime: "ProxyRuntime", drain_s: float) -> dict[str, in
     if server is not None:
         server.pre_shutdown()                     # idle keep-alive connections close now
     live = runtime.core.live
-    n0 = len(live)
-    log.info("stopping: draining %d generation request(s), at most %g s", n0, drain_s)
+
+    def busy() -> tuple[list[tuple[Any, Any]], list[Any]]:
+        """(live generation requests not held by the gate, connections other than held ones)"""
+        held = _held_ids(runtime)
+        reqs = [v for k, v in live.items() if k not in held]
+        held_conns = {id(req.protocol) for k, (_, req) in live.items() if k in held}
+        conns = [c for c in (server.connections if server is not None else []) if id(c) not in held_conns]
+        return reqs, conns
+
+    reqs, _ = busy()
+    log.info("stopping: draining %d generation request(s), at most %g s", len(reqs), drain_s)
     deadline = time.monotonic() + drain_s
-    while time.monotonic() < deadline and (live or (server is not None and server.connections)):
+    while time.monotonic() < deadline and any(busy()):
         await asyncio.sleep(0.05)
-    for rec, request in list(live.values()):
+    for rec, request in busy()[0]:
         counts[_cut(rec, request, drain_s)] += 1
     if any(counts.values()):
         log.warning("drain bound of %g s reached: cut %d stream(s) with an error event, answered %d "
