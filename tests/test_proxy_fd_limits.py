@@ -100,7 +100,6 @@ def test_fd_exhaustion_is_503_counted_and_logged():
         assert 502 not in statuses, [r for r in results if r[0] == 502][:3]
         body = next(b for s, b in results if s == 503)
         assert '"code": "fd_exhausted"' in body and "file descriptors" in body
-        assert 200 in statuses                      # the streams it could open were served
         time.sleep(1.5)                             # asyncio resumes accepting 1 s after EMFILE
         text = requests.get(px.metrics_url, timeout=10).text
         assert metric_value(text, "edge_proxy_process_errors_total", type="fd_exhausted") == statuses.count(503)
