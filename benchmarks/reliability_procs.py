@@ -6,11 +6,13 @@ Scenarios, each run against this checkout and (``--baseline DIR``) another one, 
   ``/health`` is polled: the prompt's answer (status, seconds) and the slowest ``/health``.
 - ``disconnects``: 450 clients that go away at random moments; ERROR lines and tracebacks in the
   model server's log.
+- ``sigkill``: ``--spawn "sh -c 'SERVER & ...; wait'"`` (the shell stays the direct child), then
+  SIGKILL of the proxy: seconds until the server is gone (None: still alive after 15 s), 3 runs.
 - ``fd``: the proxy under ``RLIMIT_NOFILE`` 96 (soft = hard) with 120 concurrent streams from the
   fake backend: statuses, ``edge_proxy_process_errors_total{type="fd_exhausted"}`` and
   ``edge_proxy_upstream_errors_total{type="connect"}``.
 
-Usage: ``python benchmarks/reliability_procs.py [--baseline DIR] [--out FILE]`` (DIR: e.g. ``git
+Usage: ``python benchmarks/reliability_procs.py [--baseline DIR] [--only NAME,...] [--out FILE]`` (DIR: e.g. ``git
 archive <commit> | tar -x -C DIR``). Writes one JSON object; docs/benchmarks.md, Reliability.
 """
 from __future__ import annotations
@@ -178,25 +180,75 @@ def fd(code: Path, limit: int = 96, streams: int = 120) -> dict[str, Any]:
             "log_lines_naming_fds": sum("file descriptors" in ln for ln in logtext.splitlines())}
 
 
-def run_all(code: Path, model: str) -> dict[str, Any]:
-    return {"code": str(code), "big_prompt": big_prompt(code, model), "disconnects": disconnects(code, model),
-            "fd": fd(code)}
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def sigkill(code: Path, runs: int = 3) -> list[float | None]:
+    out: list[float | None] = []
+    for _ in range(runs):
+        port, pport = free_port(), free_port()
+        pidfile = Path(tempfile.mkdtemp()) / "backend.pid"
+        server = f"{sys.executable} -m tests.proxy_support --port {{port}}"
+        proxy = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--backend", f"http://127.0.0.1:{port}",
+                                  "--backend-kind", "openai", "--port", str(pport), "--metrics-port", "none",
+                                  "--energy-source", "none", "--access-log", "none",
+                                  "--spawn", f"sh -c '{server} & echo $! > {pidfile}; wait'"],
+                                 cwd=code, env={**_env(code), "PYTHONPATH": f"{code}:{ROOT}"},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_http_ok(f"http://127.0.0.1:{pport}/healthz", 60, proxy)
+            requests.post(f"http://127.0.0.1:{pport}/v1/completions", timeout=60,
+                          json={"model": "fake-model", "prompt": "hi", "max_tokens": 2}).raise_for_status()
+            backend = int(pidfile.read_text())
+            t0 = time.monotonic()
+            os.kill(proxy.pid, 9)
+            proxy.wait()
+            while _alive(backend) and time.monotonic() - t0 < 15:
+                time.sleep(0.005)
+            gone = not _alive(backend)
+            out.append(round(time.monotonic() - t0, 3) if gone else None)
+            if not gone:
+                os.kill(backend, 9)
+        finally:
+            if proxy.poll() is None:
+                proxy.kill()
+    return out
+
+
+SCENARIOS = ("big_prompt", "disconnects", "sigkill", "fd")
+
+
+def run_all(code: Path, model: str, only: tuple[str, ...] = SCENARIOS) -> dict[str, Any]:
+    res: dict[str, Any] = {"code": str(code)}
+    for name in only:
+        fn = globals()[name]
+        res[name] = fn(code, model) if name in ("big_prompt", "disconnects") else fn(code)
+    return res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", type=Path, help="another checkout to run the same scenarios against")
+    ap.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated scenarios ({', '.join(SCENARIOS)})")
     ap.add_argument("--out", type=Path, help="write the JSON here too")
     args = ap.parse_args()
+    only = tuple(x.strip() for x in args.only.split(",") if x.strip())
+    if not only or any(x not in SCENARIOS for x in only):
+        ap.error(f"--only takes names from {', '.join(SCENARIOS)}")
     with tempfile.TemporaryDirectory() as tmp:
         model = str(Path(tmp) / "tiny")
         subprocess.run([sys.executable, "-m", "model_server", "synth", model, "--preset", "tiny", "--seed", "0",
                         "--quiet"], check=True, cwd=ROOT, env=_env(ROOT), capture_output=True)
         result: dict[str, Any] = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
                                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                  "this": run_all(ROOT, model)}
+                                  "this": run_all(ROOT, model, only)}
         if args.baseline is not None:
-            result["baseline"] = run_all(args.baseline.resolve(), model)
+            result["baseline"] = run_all(args.baseline.resolve(), model, only)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:
