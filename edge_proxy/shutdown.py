@@ -56,6 +56,8 @@ def _cut(rec: Any, request: Any, drain_s: float) -> str:
                      b"Content-Length: %d\r\nConnection: close\r\nx-edge-request-id: %b\r\n\r\n%b"
                      % (len(body), rec.request_id.encode("ascii", "replace"), body))
             how = "503"
+        if how != "closed":
+            tr.close()      # flushes what was written; a backend chunk arriving meanwhile is not sent after it
     task = request.task
     if task is not None and not task.done():
         task.cancel()       # the handler stops here; aiohttp then closes the connection (flushing)
