@@ -41,6 +41,7 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--model-name", "proxy", "model_name", "model label for metrics (default: what the backend reports)"),
     Flag("--access-log", "proxy", "access_log", "JSON access log: '-' stderr (default), a file path, or 'none'"),
     Flag("--stream-relay", "proxy", "stream_relay", "client for streamed responses: raw (lean relay, plain http backends; default) or aiohttp", choices=("raw", "aiohttp")),
+    Flag("--drain-timeout", "proxy", "drain_timeout_seconds", "on SIGTERM: seconds in-flight requests get to finish; streams still running then end with an error event (default 30)", float),
     Flag("--log-content", "proxy", "log_content", "include request bodies (prompts) in the access log (off by default)", None, store_true=True),
     Flag("--otlp-endpoint", "tracing", "otlp_endpoint", "OTLP/HTTP traces endpoint (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset = tracing off)"),
     Flag("--service-name", "tracing", "service_name", "OpenTelemetry service.name (default edge-proxy)"),
@@ -131,6 +132,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("proxy.max_body_bytes must be positive")
     if ps.connect_timeout_seconds <= 0 or ps.upstream_timeout_seconds <= 0:
         raise ConfigError("timeouts must be positive")
+    if not ps.drain_timeout_seconds >= 0:
+        raise ConfigError(f"proxy.drain_timeout_seconds must be >= 0, got {ps.drain_timeout_seconds}")
     if settings.tracing.otlp_endpoint:
         t = urlsplit(settings.tracing.otlp_endpoint)
         if t.scheme not in ("http", "https") or not t.hostname:
@@ -150,7 +153,11 @@ def run(args: argparse.Namespace) -> int:
         build_proxy(dry)
         print(json.dumps(settings_as_dict(settings), indent=2, default=str))
         return 0
-    from edge_proxy.process_tuning import reserve_fd_table
+    from edge_proxy.process_tuning import raise_nofile_limit, reserve_fd_table
+    old_nofile, new_nofile = raise_nofile_limit()   # 1,000 streams need more than the common 1024
+    if new_nofile != old_nofile:
+        print(f"edge-proxy: raised the open-file limit from {old_nofile} to {new_nofile} (the hard limit)",
+              file=sys.stderr, flush=True)
     reserve_fd_table()      # before any thread starts: a table that never doubles while serving
     reload_from = (args.config, overrides_from_args(args)) if args.config else None
     try:
@@ -187,5 +194,6 @@ async def _serve(settings: Settings, reload_from: tuple[str, dict] | None = None
     await stop.wait()
     if reloader is not None:
         await reloader.stop()
-    await runtime.stop()
+    from edge_proxy.shutdown import graceful_stop
+    await graceful_stop(runtime, settings.proxy.drain_timeout_seconds)   # /metrics answers until the end
     return 0

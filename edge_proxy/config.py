@@ -46,6 +46,7 @@ class ProxySettings:
     access_log: str | None = "-"               # "-" = stderr, a path, or None for off
     log_content: bool = False                  # include prompt/completion text in the access log
     stream_relay: str = "raw"                  # raw (lean relay for streams over http) | aiohttp
+    drain_timeout_seconds: float = 30.0        # SIGTERM: longest wait for in-flight requests (shutdown.py)
 
 
 @dataclass

@@ -389,7 +389,7 @@ class ColdStartGate(BaseObserver):
                 pr = await self.probe.check()
                 if cs is not None:
                     self._note_probe(cs, pr)
-                if pr.ready:
+                if pr.ready and (sup is None or sup.running):   # not our child's answer if it exited
                     break
                 if cs is None:
                     cs = self._begin(reason, hold_start_ns)
