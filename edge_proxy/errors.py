@@ -27,6 +27,8 @@ _TYPES: dict[str, tuple[str, str]] = {
     "spawn_failed": ("upstream_error", "upstream"),
     "client_timeout": ("invalid_request_error", "validation"),
     "not_forwarded": ("invalid_request_error", "validation"),
+    "fd_exhausted": ("server_overloaded", "overloaded"),      # the proxy's own limit (fd_exhaustion.py)
+    "shutdown": ("server_overloaded", "overloaded"),          # cut by the SIGTERM drain bound (shutdown.py)
 }
 
 
