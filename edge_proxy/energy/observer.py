@@ -40,10 +40,10 @@ class EnergyObserver(BaseObserver):
         self.period_seconds = period_seconds
         self.histogram = histogram
         self._histogram = Children(histogram) if histogram is not None else None
-        # the tick after the end closes within about one period; allow for settling and lag,
-        # but stay well inside the proxy's own 5 s finalize bound
-        self.finalize_wait_seconds = (finalize_wait_seconds if finalize_wait_seconds is not None
-                                      else min(4.0, max(1.0, 10 * period_seconds)))
+        # the tick after the end closes within about one period, but a tick also waits for the
+        # prompt count of every request whose first token it holds (OpenAI streams: usage comes
+        # last), i.e. about one stream's length; stay inside the proxy's own 5 s finalize bound
+        self.finalize_wait_seconds = finalize_wait_seconds if finalize_wait_seconds is not None else 4.0
         self._alive_window_seconds = max(1.0, 5 * period_seconds)     # see source_alive
         self._waiters: dict[str, asyncio.Future[None]] = {}          # finalize waits, by request id
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -51,11 +51,14 @@ class EnergyObserver(BaseObserver):
 
     def on_request_start(self, rec: RequestRecord) -> None:
         self.ledger.start(rec.request_id, rec.t_received_ns or time.monotonic_ns(), rec.model, rec.stream,
-                          forwarded=lambda: rec.t_forwarded_ns)
-        self.ledger.set_prompt_tokens(rec.request_id, rec.input_tokens)
+                          forwarded=lambda: rec.t_forwarded_ns, prompt_tokens=rec.input_tokens,
+                          token_times=rec.token_times_ns)
 
     def on_tokens(self, rec: RequestRecord, n: int, t_ns: int) -> None:
-        self.ledger.tokens(rec.request_id, n, t_ns, rec.input_tokens)
+        # the ledger reads rec.token_times_ns itself: it needs to hear only of the first token
+        # (with the prompt count when the backend sent it in a header); the rest costs nothing here
+        if t_ns == rec.t_first_token_ns and len(rec.token_times_ns) <= n:
+            self.ledger.tokens(rec.request_id, n, t_ns, rec.input_tokens)
 
     def on_request_end(self, rec: RequestRecord) -> None:
         now = time.monotonic_ns()
@@ -85,21 +88,21 @@ class EnergyObserver(BaseObserver):
             return False
         return time.monotonic_ns() - newest < self._alive_window_seconds * 1e9
 
-    def _on_final(self) -> None:
-        """Ledger listener (the sampler's thread, or the loop's): some requests turned final."""
+    def _on_final(self, rids: list[str]) -> None:
+        """Ledger listener (the sampler's thread, or the loop's): these requests turned final."""
         loop = self._loop
         if self._waiters and loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._wake_final)
+                loop.call_soon_threadsafe(self._wake_final, rids)
             except RuntimeError:      # the loop closed meanwhile
                 pass
 
-    def _wake_final(self) -> None:
-        for rid, fut in list(self._waiters.items()):
-            if fut.done():
-                self._waiters.pop(rid, None)
-            elif self.ledger.is_final(rid):
-                self._waiters.pop(rid, None)
+    def _wake_final(self, rids: list[str]) -> None:
+        """O(requests that turned final), not O(requests waiting)."""
+        waiters = self._waiters
+        for rid in rids:
+            fut = waiters.pop(rid, None)
+            if fut is not None and not fut.done():
                 fut.set_result(None)
 
     async def finalize(self, rec: RequestRecord) -> None:
