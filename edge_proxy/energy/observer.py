@@ -24,15 +24,17 @@ REQUEST_ENERGY_BUCKETS_JOULES = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0
 def to_attribution(res: RequestEnergy | None, source: str, final: bool | None = None) -> EnergyAttribution:
     if res is None:
         return EnergyAttribution(0.0, 0.0, source, "token-weighted", True)
+    phase = (lambda x: None if x is None else max(0.0, x))    # noqa: E731
     return EnergyAttribution(active_joules=max(0.0, res.active_joules), full_joules=max(0.0, res.full_joules),
                              source=source, attribution=res.attribution,
-                             provisional=not (res.final if final is None else final))
+                             provisional=not (res.final if final is None else final),
+                             prefill_joules=phase(res.prefill_joules), decode_joules=phase(res.decode_joules))
 
 
 class EnergyObserver(BaseObserver):
     def __init__(self, ledger: Ledger, source: str, period_seconds: float,
                  histogram: Histogram | None = None, finalize_wait_seconds: float | None = None,
-                 response_header: bool = False) -> None:
+                 response_header: bool = False, phase_histogram: Histogram | None = None) -> None:
         self.ledger = ledger
         self.response_header = response_header
         self.wants_response_headers = response_header   # the proxy computes them only if so
@@ -40,6 +42,7 @@ class EnergyObserver(BaseObserver):
         self.period_seconds = period_seconds
         self.histogram = histogram
         self._histogram = Children(histogram) if histogram is not None else None
+        self._phase = Children(phase_histogram) if phase_histogram is not None else None
         # the tick after the end closes within about one period, but a tick also waits for the
         # prompt count of every request whose first token it holds (OpenAI streams: usage comes
         # last), i.e. about one stream's length; stay inside the proxy's own 5 s finalize bound
@@ -72,13 +75,19 @@ class EnergyObserver(BaseObserver):
 
     def response_headers(self, rec: RequestRecord) -> dict[str, str]:
         """``x-edge-energy-joules``: the request's full joules as known when the response is sent
-        (always provisional: the ticks it overlaps have not all closed yet). Non-streaming only."""
+        (always provisional: the ticks it overlaps have not all closed yet). Non-streaming only.
+        With the prefill/decode split when the request's token times are known
+        (``x-edge-energy-prefill-joules``, ``x-edge-energy-decode-joules``)."""
         if not self.response_header:
             return {}
         est = self.ledger.estimate(rec.request_id, time.monotonic_ns())
         if est is None:
             return {}
-        return {"x-edge-energy-joules": f"{max(0.0, est.full_joules):.3f}"}
+        out = {"x-edge-energy-joules": f"{max(0.0, est.full_joules):.3f}"}
+        if est.prefill_joules is not None and est.decode_joules is not None:
+            out["x-edge-energy-prefill-joules"] = f"{max(0.0, est.prefill_joules):.3f}"
+            out["x-edge-energy-decode-joules"] = f"{max(0.0, est.decode_joules):.3f}"
+        return out
 
     def source_alive(self) -> bool:
         """Ticks are arriving (the newest closed within max(1 s, 5 periods)); a dead or silent
@@ -136,3 +145,6 @@ class EnergyObserver(BaseObserver):
         rec.energy = to_attribution(res, self.source, final)
         if self._histogram is not None and rec.traffic == "user":
             self._histogram(rec.model).observe(rec.energy.full_joules)
+        if self._phase is not None and rec.traffic == "user" and rec.energy.prefill_joules is not None:
+            self._phase(rec.model, "prefill").observe(rec.energy.prefill_joules)
+            self._phase(rec.model, "decode").observe(rec.energy.decode_joules or 0.0)
