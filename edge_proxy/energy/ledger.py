@@ -194,7 +194,7 @@ class Ledger:
     @property
     def idle_watts(self) -> float:
         """P_idle: configured, else learned (see the module docstring), else 0 W."""
-        return self._core.idle_watts
+        return self._core.idle.watts
 
     @property
     def idle_power_source(self) -> str:

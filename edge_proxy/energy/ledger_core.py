@@ -18,27 +18,21 @@ Nothing here grows with the number of requests that already finished (``done`` i
 from __future__ import annotations
 
 import bisect
-import statistics
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Callable
 
 from edge_proxy.energy.apportion import (
-    TIME_WEIGHTED, TOKEN_WEIGHTED, Deferred, ReqView, idle_share_joules, request_weight)
+    TIME_WEIGHTED, TOKEN_WEIGHTED, ReqView, idle_share_joules)
+from edge_proxy.energy.ledger_deferral import blocks, recheck, register, unblock, wake
+from edge_proxy.energy.ledger_estimate import estimate
+from edge_proxy.energy.ledger_idle import IdlePower
 from edge_proxy.energy.ledger_types import LedgerTotals, PendingTick, Req, RequestEnergy
-from edge_proxy.energy.readings import Tick, combine_at_rest
+from edge_proxy.energy.readings import Tick, merge_ticks
 from edge_proxy.energy.tick_split import Shares, compute_split
 
 __all__ = ["Core", "LedgerTotals", "PendingTick", "Req", "RequestEnergy"]
 
 SCAN_UNENDED_MAX = 32      # settle the newest tick early (all its requests ended) only below this many open
-
-
-def merge_ticks(a: Tick, b: Tick) -> Tick:
-    """Two consecutive ticks as one: [a.t0, b.t1), energies added (per GPU too)."""
-    by_gpu = dict(a.joules_by_gpu)
-    for u, j in b.joules_by_gpu.items():
-        by_gpu[u] = by_gpu.get(u, 0.0) + j
-    return Tick(a.t0_ns, b.t1_ns, a.joules + b.joules, by_gpu, a.gap or b.gap, combine_at_rest(a.at_rest, b.at_rest))
 
 
 class Core:
@@ -49,11 +43,9 @@ class Core:
         self.merge_ns = merge_ns
         self.merge_min_open = merge_min_open
         self.prefill_weight = prefill_weight
-        self.configured_idle_watts = idle_watts
         self.max_defer_ns = max_defer_ns
         self.max_pending = max_pending
         self.max_done = max_done
-        self.idle_settle_ns = idle_settle_ns
         self.prefill_window_ns = prefill_window_ns
         self.active: dict[str, Req] = {}
         self.done: OrderedDict[str, Req] = OrderedDict()   # final, not released yet (bounded)
@@ -62,43 +54,11 @@ class Core:
         self.n_unended = 0
         self.newest_t1: int | None = None
         self.last_tick: Tick | None = None
-        self.last_busy_t1: int | None = None
-        self.idle_at_rest: deque[float] = deque(maxlen=idle_window)
-        self.idle_settled: deque[float] = deque(maxlen=idle_window)
-        self.idle_any: deque[float] = deque(maxlen=idle_window)
+        self.idle = IdlePower(idle_watts, idle_window, idle_settle_ns)
         self.totals = LedgerTotals()
         self.turned_final: list[str] = []
         self.dirty: list[Req] = []                         # blockers that changed since the last pass
-        self.idle_watts, self.totals.idle_power_source = self._idle_power()
-        self.totals.idle_watts = self.idle_watts
-
-    # -- idle power ------------------------------------------------------------------------
-    def _idle_power(self) -> tuple[float, str]:
-        """P_idle and how it was obtained: configured; else the median power of recent ticks where
-        the source said the GPU was at rest (utilization 0); else (sources that do not say) of
-        recent ticks with nothing in flight; else 0 W."""
-        if self.configured_idle_watts is not None:
-            return self.configured_idle_watts, "configured"
-        if self.idle_at_rest:
-            return statistics.median(self.idle_at_rest), "learned_at_rest"
-        src = self.idle_settled or self.idle_any
-        if src:
-            return statistics.median(src), "learned_no_requests"
-        return 0.0, "default"
-
-    def _learn_idle(self, tick: Tick, nothing_in_flight: bool) -> None:
-        if self.configured_idle_watts is not None or tick.gap or tick.t1_ns <= tick.t0_ns:
-            return
-        p = tick.joules / tick.dt_seconds
-        if tick.at_rest is True:
-            self.idle_at_rest.append(p)
-        elif tick.at_rest is None and nothing_in_flight:
-            self.idle_any.append(p)
-            if self.last_busy_t1 is None or tick.t0_ns - self.last_busy_t1 >= self.idle_settle_ns:
-                self.idle_settled.append(p)
-        else:
-            return
-        self.idle_watts, self.totals.idle_power_source = self._idle_power()
+        self.totals.idle_watts, self.totals.idle_power_source = self.idle.watts, self.idle.source
 
     # -- request events (applied in order, from the ledger's queue) --------------------------
     def start(self, rid: str, t_ns: int, model: str, stream: bool,
@@ -232,34 +192,11 @@ class Core:
                    if r.view.start_ns < t1 and (r.view.end_ns is None or r.view.end_ns >= t0) and r.in_flight())
 
     def _blocks(self, r: Req, p: PendingTick) -> bool:
-        t0, t1 = p.tick.t0_ns, p.tick.t1_ns
-        if not r.view.overlaps(t0, t1):
-            return False
-        try:
-            request_weight(r.view, t0, t1, self.method, self.prefill_weight, False,
-                           self.prefill_window_ns, self.newest_t1)
-        except Deferred:
-            return True
-        return False
-
-    def _unblock(self, p: PendingTick) -> None:
-        for r in p.blockers:
-            if p in r.blocking:
-                r.blocking.remove(p)
-        p.blockers = set()
+        return blocks(r, p, self.method, self.prefill_weight, self.prefill_window_ns, self.newest_t1)
 
     def _recheck_dirty(self) -> None:
-        """Blockers that changed: re-check each for the ticks it blocks (O(changes))."""
         dirty, self.dirty = self.dirty, []
-        for r in dirty:
-            r.dirty = False
-            still = []
-            for p in r.blocking:
-                if self._blocks(r, p):
-                    still.append(p)
-                else:
-                    p.blockers.discard(r)
-            r.blocking = still
+        recheck(dirty, self._blocks)
 
     def _try_split(self, p: PendingTick, forced: bool) -> bool:
         if p.members is None:
@@ -268,24 +205,15 @@ class Core:
             self._list_members(p)
         elif p.blockers and not forced:
             if p.wake_at is not None and self.newest_t1 is not None and self.newest_t1 >= p.wake_at:
-                p.wake_at = None
-                for r in [r for r in p.blockers if not self._blocks(r, p)]:
-                    p.blockers.discard(r)
-                    r.blocking.remove(p)
+                wake(p, self._blocks)
             if p.blockers:
                 return False
         res = compute_split(p, self.method, self.prefill_weight, self.prefill_window_ns, self.newest_t1,
-                            self.idle_watts, forced)
+                            self.idle.watts, forced)
         if isinstance(res, list):         # deferred: wait for these requests' weights
-            self._unblock(p)
-            p.blockers = set(res)
-            p.wake_at = None
-            for r in res:
-                r.blocking.append(p)
-                if r.view.first_token_ns is None:
-                    p.wake_at = p.tick.t1_ns + self.prefill_window_ns
+            register(p, res, self.prefill_window_ns)
             return False
-        self._unblock(p)
+        unblock(p)
         self._apply(p, res, forced)
         return True
 
@@ -300,7 +228,7 @@ class Core:
             held = any(r.view.end_ns is None and r.forwarded is not None and not r.in_flight() for r in members)
             if tk.at_rest is False and not held:
                 # busy with work this proxy does not see: above idle power it is foreign
-                idle = idle_share_joules(res.dE, self.idle_watts, tk.dt_seconds)
+                idle = idle_share_joules(res.dE, self.idle.watts, tk.dt_seconds)
                 t.foreign_joules += res.dE - idle
                 t.ticks_foreign += 1
                 t.idle_joules += idle
@@ -309,12 +237,12 @@ class Core:
                 t.idle_joules += res.idle
                 t.idle_unattributed_joules += res.idle_unattributed
             if not held:                 # a cold start (requests held) is not idle power
-                self._learn_idle(tk, True)
+                self.idle.learn(tk, True)
         else:
             t.idle_joules += res.idle
             t.idle_unattributed_joules += res.idle_unattributed
-            self.last_busy_t1 = max(self.last_busy_t1 or tk.t1_ns, tk.t1_ns)
-            self._learn_idle(tk, False)
+            self.idle.busy_until(tk.t1_ns)
+            self.idle.learn(tk, False)
             t0 = tk.t0_ns
             by_model = t.by_model
             sa = sf = 0.0
@@ -357,7 +285,7 @@ class Core:
         if not keep and abs(self.totals.pending_joules) < 1e-9:
             self.totals.pending_joules = 0.0
         self._finality()
-        self.totals.idle_watts = self.idle_watts
+        self.totals.idle_watts, self.totals.idle_power_source = self.idle.watts, self.idle.source
 
     def _finality(self) -> None:
         newest = self.newest_t1
@@ -383,40 +311,6 @@ class Core:
 
     # -- estimates -----------------------------------------------------------------------------
     def estimate(self, r: Req, now_ns: int, pending: list[PendingTick] | None = None) -> RequestEnergy:
-        """Split so far + each pending tick's share for r (O(1) per tick: its time share among the
-        requests the tick lists, or the open ones) + the time since the newest tick at that tick's
-        power, shared with the open requests. Provisional: the final split weighs tokens."""
-        if r.final:
-            return r.energy(True)
-        active, full, prefill = r.active, r.full, r.prefill
-        v = r.view
-        ft = v.first_token_ns
-        for p in self.pending if pending is None else pending:
-            tk = p.tick
-            if not v.overlaps(tk.t0_ns, tk.t1_ns) or tk.t1_ns <= tk.t0_ns:
-                continue
-            idle = idle_share_joules(tk.joules, self.idle_watts, tk.dt_seconds)
-            members = p.members
-            n = len(members) if members else max(1, self.n_unended)
-            frac_t = v.overlap_ns(tk.t0_ns, tk.t1_ns) / (tk.t1_ns - tk.t0_ns)
-            a = (tk.joules - idle) * frac_t / n
-            f = a + idle * frac_t / n
-            active += a
-            full += f
-            if ft is None or ft >= tk.t0_ns:
-                prefill += f
-        newest, last = self.newest_t1, self.last_tick
-        end = v.end_ns if v.end_ns is not None else now_ns
-        if newest is not None and end > newest:
-            power = (last.joules / last.dt_seconds) if last is not None and last.dt_seconds > 0 else 0.0
-            n = max(1, self.n_unended + (1 if v.end_ns is not None else 0))
-            span = (end - max(newest, v.start_ns)) / 1e9
-            tail = power * span / n
-            idle_part = min(tail, self.idle_watts * span / n)
-            active += tail - idle_part
-            full += tail
-            if ft is None or ft >= newest:
-                prefill += tail
-        phased = v.token_times_known
-        return RequestEnergy(active, full, r.attribution, False, prefill if phased else None,
-                             full - prefill if phased else None)
+        """Provisional energy of r (see :func:`edge_proxy.energy.ledger_estimate.estimate`)."""
+        return estimate(r, now_ns, self.pending if pending is None else pending, self.idle.watts,
+                        self.newest_t1, self.last_tick, self.n_unended)

@@ -81,3 +81,11 @@ def combine_at_rest(a: bool | None, b: bool | None) -> bool | None:
     if a is None or b is None:
         return a if b is None else b
     return True
+
+
+def merge_ticks(a: Tick, b: Tick) -> Tick:
+    """Two consecutive ticks as one: [a.t0, b.t1), energies added (per GPU too)."""
+    by_gpu = dict(a.joules_by_gpu)
+    for u, j in b.joules_by_gpu.items():
+        by_gpu[u] = by_gpu.get(u, 0.0) + j
+    return Tick(a.t0_ns, b.t1_ns, a.joules + b.joules, by_gpu, a.gap or b.gap, combine_at_rest(a.at_rest, b.at_rest))
