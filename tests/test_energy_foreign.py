@@ -110,8 +110,21 @@ def test_first_token_splits_full_energy_into_prefill_and_decode():
     # prefill: ticks 0 and 1 (the one holding t_first); decode: ticks 2 and 3
     assert s.prefill_joules is not None and s.decode_joules is not None
     assert s.prefill_joules + s.decode_joules == pytest.approx(s.full_joules)
-    assert s.decode_joules > 0 and s.prefill_joules > 0
-    assert n.prefill_joules is None and n.decode_joules is None       # token times unknown
+    # n (one response, 4 tokens over 390 ms) weighs 4 x overlap / 390 ms in each tick; s its tokens
+    w_n = 4 * 100 / 390
+    assert s.prefill_joules == pytest.approx(10.0 * 1 / (1 + w_n))                 # tick 1 (tick 0: w_s = 0)
+    assert s.decode_joules == pytest.approx(10.0 * 1 / (1 + w_n) + 10.0 * 1 / (1 + 4 * 90 / 390))
+    # token times unknown (one response): split by weight, prefill_weight x prompt : output (0 : 4 here)
+    assert n.prefill_joules == 0.0 and n.decode_joules == pytest.approx(n.full_joules)
+    led2 = Ledger(idle_watts=0.0, prefill_weight=1.0)
+    led2.start("n", 0, "m", stream=False)
+    assert led2.result("n").prefill_joules is None                    # counts not known yet
+    led2.tokens("n", 4, 90 * MS)
+    led2.end("n", 90 * MS, prompt_tokens=12, output_tokens=4)
+    led2.add_tick(tick(0, 100, 8.0, at_rest=None))
+    n2 = led2.result("n")
+    assert n2.final and n2.prefill_joules == pytest.approx(8.0 * 12 / 16)
+    assert n2.prefill_joules + n2.decode_joules == pytest.approx(n2.full_joules)
 
 
 def test_replay_traces_carry_at_rest_optionally(tmp_path):

@@ -79,6 +79,13 @@ def tokens_between(ev_t: list[int], ev_n: list[int] | None, t0: int, t1: int) ->
     return sum(ev_n[i:j])
 
 
+def prefill_share(prompt_tokens: int, output_tokens: int, prefill_weight: float) -> float:
+    """Prefill's share of a request's energy when its token times are unknown (one response):
+    pw * P / (pw * P + O), the request's own weights; 1 when both are 0."""
+    wp = prefill_weight * prompt_tokens
+    return wp / (wp + output_tokens) if wp + output_tokens > 0 else 1.0
+
+
 class Deferred(Exception):
     """The tick cannot be split yet: a weight it needs is still unknown."""
 

@@ -96,8 +96,9 @@ def register_energy_metrics(registry: CollectorRegistry, ledger: Ledger, sampler
 
 
 def register_phase_histogram(registry: CollectorRegistry) -> Histogram:
-    """Per-request energy by phase (prefill | decode), streamed requests only (see docs/metrics.md)."""
-    return Histogram("edge_proxy_request_phase_energy_joules", "Full energy of one streamed request's "
-                     "prefill (ticks up to the one holding its first token) or decode (the ticks after it), "
-                     "observed when the request is finalized.", ["model", "phase"],
+    """Per-request energy by phase (prefill | decode; see docs/metrics.md)."""
+    return Histogram("edge_proxy_request_phase_energy_joules", "Full energy of one request's prefill (streams: "
+                     "the ticks up to the one holding its first token; one response: by its prompt and output "
+                     "token weights) or decode (the rest), observed when the request is finalized.",
+                     ["model", "phase"],
                      buckets=REQUEST_ENERGY_BUCKETS_JOULES, registry=registry)

@@ -72,7 +72,7 @@ class Core:
         view = ReqView(rid, t_ns, None, stream, prompt_tokens=prompt_tokens)
         if token_times is not None:       # the proxy's own list of token times (one per token): read, not copied
             view.ev_t, view.ev_n = token_times, None
-        self.active[rid] = Req(view, model, attribution, forwarded)
+        self.active[rid] = Req(view, model, attribution, forwarded, prefill_weight=self.prefill_weight)
         self.n_unended += 1
 
     def tokens(self, rid: str, n: int, t_ns: int, prompt_tokens: int | None) -> None:

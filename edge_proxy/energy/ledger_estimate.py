@@ -43,6 +43,5 @@ def estimate(r: Req, now_ns: int, pending: list[PendingTick], idle_watts: float,
         full += tail
         if ft is None or ft >= newest:
             prefill += tail
-    phased = v.token_times_known
-    return RequestEnergy(active, full, r.attribution, False, prefill if phased else None,
-                         full - prefill if phased else None)
+    pre = r.prefill_part(full, prefill)
+    return RequestEnergy(active, full, r.attribution, False, pre, None if pre is None else full - pre)

@@ -5,16 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from edge_proxy.energy.apportion import ReqView
+from edge_proxy.energy.apportion import ReqView, prefill_share
 from edge_proxy.energy.readings import Tick
 
 
 @dataclass
 class RequestEnergy:
     """A request's attributed energy as the ledger knows it now. ``prefill_joules`` +
-    ``decode_joules`` = ``full_joules`` for streamed requests (first-token time known); None
-    otherwise. Prefill: the request's full share of the ticks at or before the one holding its
-    first token (tick t0 <= t_first); decode: of the ticks after it."""
+    ``decode_joules`` = ``full_joules``. Streams (token times known): prefill is the request's full
+    share of the ticks at or before the one holding its first token (tick t0 <= t_first), decode of
+    the ticks after it. One response: split by its weights (``apportion.prefill_share``); None while
+    its token counts are unknown."""
 
     active_joules: float
     full_joules: float
@@ -62,6 +63,7 @@ class Req:
     final: bool = False
     released: bool = False
     refs: int = 0                                        # pending ticks listing it
+    prefill_weight: float = 1.0                          # the ledger's, for the by-weight phase split
     key: tuple[str, str] = ("", "")                      # (model, attribution): the by-model totals' key
     blocking: list["PendingTick"] = field(default_factory=list)   # pending ticks waiting for its weight
     dirty: bool = False                                  # changed since it blocked them
@@ -70,9 +72,21 @@ class Req:
         self.key = (self.model, self.attribution)
 
     def energy(self, final: bool | None = None) -> RequestEnergy:
-        phased = self.view.token_times_known
+        prefill = self.prefill_part(self.full, self.prefill)
         return RequestEnergy(self.active, self.full, self.attribution, self.final if final is None else final,
-                             self.prefill if phased else None, self.full - self.prefill if phased else None)
+                             prefill, None if prefill is None else self.full - prefill)
+
+    def prefill_part(self, full: float, by_ticks: float) -> float | None:
+        """Prefill joules of ``full``: by ticks when token times are known (``by_ticks``: the full
+        shares of ticks up to the first token's); else (one response, no token times) by weight,
+        full x pw P / (pw P + O) with P prompt and O output tokens; None while they are unknown."""
+        v = self.view
+        if v.token_times_known:
+            return by_ticks
+        if v.prompt_tokens is None or v.end_ns is None:
+            return None
+        out = v.output_tokens if v.output_tokens is not None else v.output_seen
+        return full * prefill_share(v.prompt_tokens, out, self.prefill_weight)
 
     def in_flight(self) -> bool:
         """Move the start to when it was forwarded; False while it is held (not sent yet)."""

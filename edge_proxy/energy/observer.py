@@ -13,6 +13,7 @@ import time
 
 from prometheus_client import Histogram
 
+from edge_proxy.energy.apportion import prefill_share
 from edge_proxy.energy.ledger import Ledger, RequestEnergy
 from edge_proxy.hooks import BaseObserver, EnergyAttribution, RequestRecord
 from edge_proxy.metric_children import Children
@@ -83,10 +84,16 @@ class EnergyObserver(BaseObserver):
         est = self.ledger.estimate(rec.request_id, time.monotonic_ns())
         if est is None:
             return {}
-        out = {"x-edge-energy-joules": f"{max(0.0, est.full_joules):.3f}"}
-        if est.prefill_joules is not None and est.decode_joules is not None:
-            out["x-edge-energy-prefill-joules"] = f"{max(0.0, est.prefill_joules):.3f}"
-            out["x-edge-energy-decode-joules"] = f"{max(0.0, est.decode_joules):.3f}"
+        full = max(0.0, est.full_joules)
+        out = {"x-edge-energy-joules": f"{full:.3f}"}
+        prefill = est.prefill_joules
+        if prefill is None and rec.input_tokens is not None and rec.output_tokens is not None:
+            # one response, the ledger has not seen its end yet: by weight (docs/metrics.md)
+            prefill = full * prefill_share(rec.input_tokens, rec.output_tokens, self.ledger.prefill_weight)
+        if prefill is not None:
+            prefill = min(full, max(0.0, prefill))
+            out["x-edge-energy-prefill-joules"] = f"{prefill:.3f}"
+            out["x-edge-energy-decode-joules"] = f"{full - prefill:.3f}"
         return out
 
     def source_alive(self) -> bool:
