@@ -226,7 +226,7 @@ def main() -> int:
             Path(args.json).write_text(json.dumps({
                 "args": {k: v for k, v in vars(args).items() if k != "upstream"},
                 "summaries": [r.summary() for r in results.values()],
-                "raw": [asdict(r) for r in results.values()]}, indent=1))
+                "raw": [asdict(r) for r in results.values()]}, separators=(",", ":")) + "\n")
         return 0
     finally:
         stop_all(procs)
