@@ -85,6 +85,20 @@ def test_ledger_state_and_work_do_not_grow_with_finished_requests(concurrency: i
         tot.measured_joules, rel=1e-9)
 
 
+def test_a_source_that_never_ticks_holds_no_request_state() -> None:
+    """A remote server without a GPU never produces a tick: requests are handed back (provisional,
+    0 J) by finalize and the ledger must not keep them, nor their queued events."""
+    led = Ledger(max_queued_events=500)
+    for i in range(20_000):
+        rid = f"r{i}"
+        led.start(rid, i * MS, "m", True, token_times=[i * MS + 1])
+        led.tokens(rid, 1, i * MS + 1)
+        led.end(rid, i * MS + 2, 3, 1)
+        assert led.release(rid) is None                 # not final: no tick ever came
+    sizes = led.sizes()
+    assert sizes["queued"] <= 500 and sizes["active"] <= 200 and sizes["open"] <= 200, sizes
+
+
 def test_event_loop_calls_never_wait_for_the_ledger_lock() -> None:
     """start/tokens/end/is_final/release of a final request/snapshot must not block while the
     sampler thread holds the lock (a long split): the event loop would stall."""

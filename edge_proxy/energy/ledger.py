@@ -61,7 +61,7 @@ class Ledger:
                  method: str = TOKEN_WEIGHTED, max_defer_seconds: float = 30.0,
                  max_pending_ticks: int = 4096, max_done: int = 10_000,
                  idle_window: int = 64, idle_settle_seconds: float = 1.0,
-                 prefill_window_seconds: float = 0.08, max_queued_events: int = 200_000,
+                 prefill_window_seconds: float = 0.08, max_queued_events: int = 20_000,
                  busy_merge_seconds: float = 0.5, busy_merge_min_open: int = 128) -> None:
         if method not in METHODS:
             raise ValueError(f"attribution must be one of {', '.join(METHODS)}, got {method!r}")
@@ -148,6 +148,11 @@ class Ledger:
         while q:
             fn, args = q.popleft()
             fn(*args)
+        dropped = self._core.dropped
+        if dropped:
+            for rid in dropped:
+                self._open.discard(rid)
+            dropped.clear()
 
     def _process(self, now_ns: int, force_all: bool = False) -> None:
         c = self._core

@@ -58,6 +58,7 @@ class Core:
         self.totals = LedgerTotals()
         self.turned_final: list[str] = []
         self.dirty: list[Req] = []                         # blockers that changed since the last pass
+        self.dropped: list[str] = []                       # released, never to be final (no ticks)
         self.totals.idle_watts, self.totals.idle_power_source = self.idle.watts, self.idle.source
 
     # -- request events (applied in order, from the ledger's queue) --------------------------
@@ -150,8 +151,15 @@ class Core:
     def release(self, rid: str) -> None:
         if self.done.pop(rid, None) is None:
             r = self.active.get(rid)
-            if r is not None:
-                r.released = True
+            if r is None:
+                return
+            r.released = True
+            if self.newest_t1 is None:    # no tick ever (a source without a GPU): it will never turn final
+                del self.active[rid]
+                self.check.pop(rid, None)
+                if r.view.end_ns is None:
+                    self.n_unended -= 1
+                self.dropped.append(rid)
 
     # -- ticks -------------------------------------------------------------------------------
     def add_tick(self, tick: Tick) -> None:
