@@ -19,7 +19,8 @@ Reported per variant, side by side:
 * paper-form C_tax = N * t_load / t_batch (the paper's E_load / E_req with power cancelled; t_load
   = model load start -> ready as the server reports it, N = --batch concurrent requests);
 * keep-warm break-even idle time = E_cold / P_idle;
-* the paper's T4 figures for Llama 1B (vLLM, N = 100; research/paper.md section 5.5).
+* the paper's T4 figures for Llama 1B (vLLM, N = 100; EDGE-EVAL, ACL 2026 Industry Track, from the
+  authors' published results, Abdullah4152/EDGE-EVAL results/c_tax).
 
 Writes ``cold_start.json`` and ``cold_start.md`` under ``--out``. Runs on CPU with
 ``--preset tiny`` (tens of seconds); the GPU run uses ``--preset llama-3.2-1b``.
@@ -53,7 +54,8 @@ from edge_proxy.coldstart.phases import PHASE_LABELS  # noqa: E402
 from edge_proxy.economics import cold_start_tax, cold_start_time_ratio, keep_warm_break_even_seconds  # noqa: E402
 from edge_proxy.server import build_proxy  # noqa: E402
 
-# research/paper.md section 5.7 table: Llama 1B rows (T4, vLLM 0.6.3, N = 100), C_tax per task.
+# EDGE-EVAL's published C_tax (Abdullah4152/EDGE-EVAL results/c_tax): Llama 1B rows (T4, vLLM 0.6.3,
+# N = 100), per task.
 PAPER_T4_LLAMA_1B = {
     "fp16": {"rag": 141, "summ": 105, "chat": 280},
     "nf4": {"rag": 150, "summ": 122, "chat": 291},   # the paper's INT4 (bitsandbytes NF4)

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PAPER_RHO_SYS = 6930.0          # tokens/s/GB, Llama-3.2-1B INT4 on a T4 with vLLM (research/paper.md)
+PAPER_RHO_SYS = 6930.0          # tokens/s/GB, mean of Llama-3.2-1B INT4 on a T4 with vLLM (EDGE-EVAL results/rho_sys.csv)
 TARGET_RATIO_AT_32 = 8.0        # issue 2: at concurrency 32, >= 8x sequential generate
 
 

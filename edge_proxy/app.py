@@ -26,6 +26,7 @@ from yarl import URL
 
 from edge_proxy.config import Settings
 from edge_proxy.errors import Api, error_event, error_response
+from edge_proxy.fd_exhaustion import ERROR_TYPE as FD_ERROR_TYPE, STATUS as FD_STATUS, FdExhaustion, is_fd_exhaustion
 from edge_proxy.headers import request_headers, response_headers
 from edge_proxy.coldstart.factory import cold_start_headers
 from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
@@ -147,11 +148,13 @@ class ProxyCore:
         self.outputs = outputs            # core outputs: metrics, access log, tracing
         self.backend = backend
         self._gate_ref = gate_ref
+        self.fd_exhaustion = FdExhaustion(metrics.process_errors)   # EMFILE: 503, not "backend unreachable"
         self.session: aiohttp.ClientSession | None = None
         self.relay: RelayPool | None = None     # lean streaming client (plain http backends)
         self.relay_host = ""
         self.relay_prefix = ""
         self.pending_finals: set[asyncio.Task[None]] = set()
+        self.live: dict[int, tuple[RequestRecord, web.Request]] = {}   # generation requests (shutdown.py)
         self._failed_observers: set[int] = set()
         self._urls: dict[str, URL] = {}
         # request ids: a random per-process prefix and a counter (32 hex digits, like uuid4().hex)
@@ -360,6 +363,7 @@ class ProxyCore:
                             else f"{self._rid_prefix}{next(self._rid_seq):016x}",
                             route=request.path, api=spec.api, operation=spec.operation,
                             model=self.model_label(None), t_received_ns=t0)
+        self.live[id(rec)] = (rec, request)
         self.metrics.in_flight.inc()
         started = False
         defer_end = False
@@ -404,6 +408,7 @@ class ProxyCore:
                                    request.headers)
             gate = self._gate_ref()
             if gate is not None:
+                rec.extra["request_bytes"] = len(body)      # held bytes are bounded (coldstart.max_held_bytes)
                 try:
                     await gate.acquire(rec)
                 except GateRejected as exc:
@@ -412,6 +417,8 @@ class ProxyCore:
                     rec.status = 503
                     out = error_response(spec.api, 503, exc.reason, exc.message)
                     out.headers[REQUEST_ID_HEADER] = rec.request_id
+                    if exc.retry_after_seconds is not None:
+                        out.headers["Retry-After"] = str(exc.retry_after_seconds)
                     return out
             out = await self._forward_generation(request, rec, spec, body, strip_usage, whole)
             # a whole (non-streamed) response is written after this returns: the end-of-request
@@ -427,6 +434,7 @@ class ProxyCore:
                 rec.status = rec.status or 499
             raise
         finally:
+            self.live.pop(id(rec), None)
             if rec.outcome is None:
                 rec.outcome = "error"
                 rec.error_type = rec.error_type or "internal"
@@ -449,6 +457,9 @@ class ProxyCore:
     def _upstream_failure(self, rec: RequestRecord, exc: BaseException) -> web.Response:
         """Map a failure before response headers to 502/504 in the client's format."""
         api: Api = rec.api  # type: ignore[assignment]
+        if is_fd_exhaustion(exc):
+            rec.error_type, rec.status, rec.outcome = FD_ERROR_TYPE, FD_STATUS, "error"
+            return self.fd_exhaustion.response(api, exc)
         if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
             rec.error_type = "timeout"
             rec.status = 504
@@ -489,7 +500,8 @@ class ProxyCore:
             try:
                 resp = await self._send(request, url, body, headers, rec.stream)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if gate is None or attempt or not isinstance(exc, aiohttp.ClientConnectorError):
+                if (gate is None or attempt or not isinstance(exc, aiohttp.ClientConnectorError)
+                        or is_fd_exhaustion(exc)):
                     rec.t_end_ns = time.monotonic_ns()
                     return self._upstream_failure(rec, exc)
                 resp = None
@@ -504,7 +516,10 @@ class ProxyCore:
                 except GateRejected as rej:
                     rec.outcome, rec.error_type, rec.status = "rejected", rej.reason, 503
                     rec.t_end_ns = time.monotonic_ns()
-                    return error_response(rec.api, 503, rej.reason, rej.message)  # type: ignore[arg-type]
+                    out = error_response(rec.api, 503, rej.reason, rej.message)  # type: ignore[arg-type]
+                    if rej.retry_after_seconds is not None:
+                        out.headers["Retry-After"] = str(rej.retry_after_seconds)
+                    return out
                 continue
             break
         assert resp is not None
@@ -739,6 +754,9 @@ class ProxyCore:
                     request.method, URL(self.backend.url + request.path_qs, encoded=True), data=data,
                     headers=headers, allow_redirects=False)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if is_fd_exhaustion(exc):
+                    status = FD_STATUS
+                    return self.fd_exhaustion.response("other", exc)
                 status = 504 if isinstance(exc, asyncio.TimeoutError) else 502
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     gate = self._gate_ref()

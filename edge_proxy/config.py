@@ -46,6 +46,7 @@ class ProxySettings:
     access_log: str | None = "-"               # "-" = stderr, a path, or None for off
     log_content: bool = False                  # include prompt/completion text in the access log
     stream_relay: str = "raw"                  # raw (lean relay for streams over http) | aiohttp
+    drain_timeout_seconds: float = 30.0        # SIGTERM: longest wait for in-flight requests (shutdown.py)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class EnergySettings:
     replay_path: str | None = None
     remote_url: str | None = None
     estimated_watts: float = 65.0
+    estimated_scope: str = "auto"              # auto | backend | machine: whose CPU time the estimate bills
     ring_size: int = 4096
     max_defer_seconds: float = 30.0            # longest a tick waits for a request's prompt-token count
     response_header: bool = False              # add x-edge-energy-joules (provisional) to non-streaming responses
@@ -110,6 +112,10 @@ class ColdStartSettings:
     stop_grace_seconds: float = 30.0           # SIGTERM -> SIGKILL grace when stopping the backend
     restart_backoff_seconds: float = 1.0       # first restart delay after a crash/failed start (doubles)
     restart_backoff_max_seconds: float = 60.0
+    max_held_bytes: int = 64 * 1024 * 1024     # request bytes held in memory at once, then 503 (hold_full)
+    drain_seconds: float = 20.0                # on SIGTERM: wait this long for a cold start to release held requests
+    retry_after_seconds: int = 2               # Retry-After on a 503 for a held request handed back (drain, full)
+    backend_log: str | None = None             # with spawn: the backend's stdout+stderr to this file (default: the proxy's stderr, each line prefixed "[backend PID] ")
 
 
 @dataclass

@@ -39,7 +39,9 @@ import yaml
 
 from edge_proxy.config import ConfigError
 
-# The paper's numbers used as configured inputs (research notes §5.8, §5.10).
+# The paper's numbers used as configured inputs (EDGE-EVAL, ACL 2026 Industry Track; the authors'
+# published results in Abdullah4152/EDGE-EVAL: results/final_36_variants_report_llama.csv for the
+# scores, results/training_energy_log_llama.csv for the fine-tuning energy).
 PAPER_SCORE_INT4 = 0.752            # Llama-3.2-1B LoRA rag INT4, NLI entailment rate
 PAPER_SCORE_FP16 = 0.742            # the same adapter merged in FP16
 PAPER_ADAPTATION_JOULES = 92_122.0  # Llama-3.2-1B LoRA rag fine-tuning energy
@@ -83,6 +85,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="where synthesized models are cached (default ~/.cache/edge-eval)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="also write the final numbers to DIR/demo.json and DIR/demo.md")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (proxy config, proxy and access logs) under the "
+                        "system temp dir; by default it is removed at the end (kept if the demo fails)")
     p.set_defaults(func=run)
     return p
 
@@ -241,10 +246,10 @@ class _Rows:
 
     def __init__(self, title: str) -> None:
         self.title = title
-        self.rows: list[tuple[str, str, str, str] | None] = []      # None = section break
+        self.rows: list[tuple[str, str, str, str, str] | None] = []      # None = section break
 
-    def add_row(self, metric: str, value: str, unit: str, source: str) -> None:
-        self.rows.append((metric, value, unit, source))
+    def add_row(self, metric: str, value: str, unit: str, source: str, meaning: str = "") -> None:
+        self.rows.append((metric, value, unit, source, meaning))
 
     def add_section(self) -> None:
         self.rows.append(None)
@@ -257,6 +262,7 @@ class _Rows:
         t.add_column("value", justify="right")
         t.add_column("unit")
         t.add_column("source")
+        t.add_column("what it means")
         for r in self.rows:
             if r is None:
                 t.add_section()
@@ -267,12 +273,43 @@ class _Rows:
     def markdown(self) -> str:
         import re
 
-        lines = [f"**{self.title}**", "", "| metric | value | unit | source |", "|---|---|---|---|"]
+        lines = [f"**{self.title}**", "", "| metric | value | unit | source | what it means |",
+                 "|---|---|---|---|---|"]
         for r in self.rows:
             if r is not None:
                 cells = [re.sub(r"\[/?[a-z]+\]", "", c).strip().replace("|", "/") for c in r]
                 lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
+
+    def plain(self, width: int = 120) -> str:
+        """Plain text (no box drawing, no markup) at most ``width`` columns wide: for a log file or
+        a pipe. The source and meaning columns wrap."""
+        import re
+        import textwrap
+
+        rows = [None if r is None else [re.sub(r"\[/?[a-z]+\]", "", c).strip() for c in r] for r in self.rows]
+        head = ["metric", "value", "unit", "source", "what it means"]
+        body = [r for r in rows if r is not None]
+        w = [max(len(r[i]) for r in [head, *body]) for i in range(3)]
+        rest = max(30, width - sum(w) - 4 * 2)
+        w += [rest // 2, rest - rest // 2]
+        out = [self.title, ""]
+
+        def emit(cells: list[str]) -> None:
+            wrapped = [textwrap.wrap(c, w[i]) or [""] if i >= 3 else [c] for i, c in enumerate(cells)]
+            for k in range(max(len(x) for x in wrapped)):
+                parts = [(x[k] if k < len(x) else "") for x in wrapped]
+                line = "  ".join(p.rjust(w[i]) if i == 1 else p.ljust(w[i]) for i, p in enumerate(parts))
+                out.append(line.rstrip())
+
+        emit(head)
+        out.append("-" * min(width, sum(w) + 8))
+        for r in rows:
+            if r is None:
+                out.append("")
+            else:
+                emit(r)
+        return "\n".join(out) + "\n"
 
 
 def build_table(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientStats, model: str,
@@ -283,11 +320,13 @@ def build_table(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientS
 
 def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientStats, model: str,
                elapsed: float) -> _Rows:
-    src_info = [lab.get("source", "?") for lab, v in m.get("edge_proxy_energy_source_info", []) if v]
-    esrc = src_info[0] if src_info else "none"
+    src_info = [lab for lab, v in m.get("edge_proxy_energy_source_info", []) if v]
+    esrc = src_info[0].get("source", "?") if src_info else "none"
+    scope = src_info[0].get("scope", "") if src_info else ""
+    cpu_of = {"backend-process-tree": "model server's CPU time", "whole-machine": "whole machine's CPU time"}
     energy_word = {"nvml": "measured (NVML counter)", "remote": "measured (remote /energy)",
-                   "replay": "replayed trace", "estimated": "estimated (CPU time x W)"}.get(
-                       esrc, "no energy source")
+                   "replay": "replayed trace",
+                   "estimated": f"estimated ({cpu_of.get(scope, 'CPU time')} x W)"}.get(esrc, "no energy source")
     e_kind = "measured" if esrc in ("nvml", "remote") else ("estimated" if esrc == "estimated" else esrc)
     weight = math.nan
     wsrc = "n/a"
@@ -308,43 +347,47 @@ def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientSt
     t = _Rows(f"edge-eval live: model {model!r}, {elapsed:.0f} s, {stats.ok} ok / "
               f"{stats.errors} errors")
     t.add_row("[bold]N_break[/bold] break-even", _fmt(_val(m, "edge_proxy_break_even_requests", model=model), 1),
-              "requests", f"energy {e_kind}; prices + adaptation {PAPER_ADAPTATION_JOULES / 1e3:,.0f} kJ configured")
+              "requests", f"energy {e_kind}; prices + adaptation {PAPER_ADAPTATION_JOULES / 1e3:,.0f} kJ configured",
+              "requests until self-hosting has cost less than the API")
     t.add_row("  served so far / N_break",
               _fmt(100 * _val(m, "edge_proxy_break_even_progress_ratio", model=model), 1), "%",
-              "measured requests")
+              "measured requests", "how far along the way to break-even")
     t.add_row("[bold]IPW[/bold] intelligence per joule",
               _fmt(_val(m, "edge_proxy_intelligence_per_joule", model=model), 4), "1/J",
-              f"score {PAPER_SCORE_INT4} configured; J {e_kind}")
+              f"score {PAPER_SCORE_INT4} configured; J {e_kind}", "task quality per joule: higher is better")
     t.add_row("[bold]ρ_sys[/bold] system density",
               _fmt(_val(m, "edge_proxy_system_density_tokens_per_second_per_gigabyte", model=model), 1),
-              "tokens/s/GB", f"tokens/s measured; weights {wsrc} ({_fmt(weight / 1e6, 1)} MB)")
+              "tokens/s/GB", f"tokens/s measured; weights {wsrc} ({_fmt(weight / 1e6, 1)} MB)",
+              "output speed per GB of model weights")
     t.add_row("[bold]C_tax[/bold] cold-start tax",
               _fmt(_val(m, "edge_proxy_economics_cold_start_tax_ratio", model=model), 1), "× E_req",
-              f"cold start {e_kind}: {_fmt(cold_j, 1)} J, {_fmt(cold_s, 1)} s")
+              f"cold start {e_kind}: {_fmt(cold_j, 1)} J, {_fmt(cold_s, 1)} s",
+              "one cold start costs the energy of this many requests")
     t.add_row("  cold-start time ratio",
               _fmt(_val(m, "edge_proxy_economics_cold_start_time_ratio", model=model), 1), "× t_req",
-              "measured")
+              "measured", "one cold start lasts as long as this many requests")
     t.add_row("  keep-warm break-even idle",
               _fmt(_val(m, "edge_proxy_keep_warm_break_even_idle_seconds")), "s",
-              f"{e_kind}: cold-start J / idle W")
+              f"{e_kind}: cold-start J / idle W", "idle longer than this: scaling to zero saves energy")
     t.add_row("[bold]Q_ret[/bold] quantization fidelity",
               _fmt(_val(m, "edge_proxy_quantization_fidelity_percent", model=model), 2), "%",
-              f"configured: {PAPER_SCORE_INT4} / {PAPER_SCORE_FP16}")
+              f"configured: {PAPER_SCORE_INT4} / {PAPER_SCORE_FP16}", "quality the quantized model keeps vs FP16")
     t.add_section()
     t.add_row("TTFT p50 / p95", f"{_fmt(1e3 * _pct(stats.ttft, .5), 1)} / {_fmt(1e3 * _pct(stats.ttft, .95), 1)}",
-              "ms", "measured (client, streams)")
+              "ms", "measured (client, streams)", "wait for the first token")
     t.add_row("ITL p50 / p95", f"{_fmt(1e3 * _pct(stats.itl, .5), 1)} / {_fmt(1e3 * _pct(stats.itl, .95), 1)}",
-              "ms", "measured (client, streams)")
+              "ms", "measured (client, streams)", "gap between tokens")
     t.add_row("end-to-end p50 / p95", f"{_fmt(1e3 * _pct(stats.e2e, .5), 1)} / {_fmt(1e3 * _pct(stats.e2e, .95), 1)}",
-              "ms", "measured (client)")
+              "ms", "measured (client)", "whole request")
     t.add_section()
-    t.add_row("energy per request", _fmt(joules / req if req else math.nan), "J", energy_word)
+    t.add_row("energy per request", _fmt(joules / req if req else math.nan), "J", energy_word,
+              "its share of the energy, idle included")
     t.add_row("energy per output token", _fmt(joules / tok_out if tok_out else math.nan, 4), "J/token",
-              energy_word)
+              energy_word, "the same per generated token")
     t.add_row("cost per 1M tokens: local / API",
               f"{_fmt(1e6 * local_usd / tokens if tokens else math.nan, 4)} / "
               f"{_fmt(1e6 * api_usd / tokens if tokens else math.nan, 4)}", "USD",
-              f"energy {e_kind}; prices configured")
+              f"energy {e_kind}; prices configured", "self-hosted vs the API's price")
     return t
 
 
@@ -400,7 +443,11 @@ async def _drive(base: str, metrics_url: str, model: str, duration: float, concu
         await asyncio.sleep(1.0)          # the energy ledger closes the last ticks
         await scrape()
         elapsed = time.perf_counter() - start
-        console.print(build_table(metrics, stats, model, elapsed))
+        if console.is_terminal:
+            console.print(build_table(metrics, stats, model, elapsed))
+        else:                       # a log file or a pipe: plain text, no box drawing
+            console.file.write(build_rows(metrics, stats, model, elapsed).plain(console.width))
+            console.file.flush()
         console.print("[dim]configured: the paper's Llama-3.2-1B rag scores (INT4 0.752, FP16 0.742) "
                       "and LoRA fine-tune energy (92,122 J); a synthetic model's text has no quality "
                       "to measure. Prices: economics.* settings (docs/metrics.md).[/dim]")
@@ -484,6 +531,8 @@ def run(args: argparse.Namespace) -> int:
     if duration <= 0 or args.concurrency < 1:
         raise ConfigError("--duration must be > 0 and --concurrency >= 1")
     console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(width=120)        # not a terminal: a sane width, not rich's 80
     model_dir = _ensure_model(args, console)
     model = args.preset if not args.model_dir else Path(args.model_dir).name
     work = Path(tempfile.mkdtemp(prefix="edge-eval-demo-"))
@@ -512,6 +561,7 @@ def run(args: argparse.Namespace) -> int:
     base = f"http://127.0.0.1:{proxy_port}"
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     rc = 0
+    failed = False
 
     def _on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -529,7 +579,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"proxy /metrics: {metrics_url}")
         console.print(f"model server: http://127.0.0.1:{backend_port}  (/metrics, /info; started by "
                       "the proxy on the first request)")
-        console.print(f"logs:         {work}")
+        console.print(f"logs:         {work}" + ("" if args.keep else "  (removed at the end; --keep keeps it)"))
         max_tokens = 16 if args.preset == "tiny" else 64
         stats, metrics, elapsed = asyncio.run(_drive(base, metrics_url, model, duration,
                                                      args.concurrency, max_tokens, console))
@@ -542,10 +592,17 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("interrupted: stopping the proxy and the model server")
         rc = 130
+    except BaseException:
+        failed = True
+        raise
     finally:
         with console.status("stopping the proxy and the model server ..."):
             _stop(proxy)
             _kill_leftover_backend(backend_port)
             log.close()
         signal.signal(signal.SIGTERM, previous)
+        if args.keep or failed:
+            console.print(f"logs kept: {work}" + ("" if args.keep else " (the demo failed)"))
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return rc

@@ -5,7 +5,9 @@ Every function here is pure: numbers in, number out, no I/O, no state. The live 
 paper's raw measurements (``tests/data/paper_variants.csv``) and compare with its published tables.
 
 Units: joules (J), seconds (s), US dollars (USD), gigabytes (GB = 1e9 bytes), tokens.
-Definitions and derivations: ``docs/metrics.md`` ("The five metrics") and research/paper.md §3.
+Definitions and derivations: ``docs/metrics.md`` ("The five metrics"); the paper's own definitions
+are EDGE-EVAL (ACL 2026 Industry Track) as implemented in its code (Abdullah4152/EDGE-EVAL,
+``src/metrics/*.py``, ``compute_all_metrics.py``).
 
 Two modes share the same formulas; only the inputs differ:
 
@@ -187,7 +189,7 @@ _NOMINAL_GB = {
 
 @dataclass(frozen=True)
 class PaperPreset:
-    """The constants of the paper's metric code (research/paper.md §3)."""
+    """The constants of the paper's metric code (Abdullah4152/EDGE-EVAL, ``src/metrics/*.py``)."""
 
     usd_per_kwh: float = 0.12                       # "US average"
     api_cost_per_request_usd: float = 0.00125       # 500 tokens at GPT-4o's 2.50 USD / 1M

@@ -23,6 +23,8 @@ Gauges (computed at scrape time over ``economics.window_seconds``)::
     edge_proxy_economics_cold_start_time_ratio{model}            C_tax (time)
     edge_proxy_quantization_fidelity_percent{model}              Q_ret
     edge_proxy_model_weight_bytes{model,backend,source}          source = measured|configured|nominal
+    edge_proxy_economics_sources_info{model,energy_source,energy_kind,energy_scope,score_source,weights_source}
+                                                                 where each model's inputs come from
     edge_proxy_fixed_cost_usd{model}, edge_proxy_quality_static_score{model}
 
 Formulas live in :mod:`edge_proxy.economics`; this module only collects inputs.
@@ -139,7 +141,7 @@ class EconomicsObserver(BaseObserver):
         self._scrape_cache: dict[str, list[_Sample]] | None = None
         self._busy = _BusyClock()
         self._window: dict[str, deque[_Sample]] = {}
-        self._scores: dict[str, deque[tuple[int, float]]] = {}
+        self._scores: dict[str, deque[tuple[int, float, str]]] = {}    # (t_ns, score, feedback|probe)
         self._cold: dict[str, deque[_ColdStart]] = {}
         self._served: dict[str, int] = {}
         self._cold_cost_usd: dict[str, float] = {}
@@ -213,7 +215,8 @@ class EconomicsObserver(BaseObserver):
         if model in self._touched:
             return
         self._touched.add(model)
-        for c in (self.energy_cost, self.hardware_cost, self.api_cost, self.requests, self.energy):
+        for c in (self.energy_cost, self.hardware_cost, self.api_cost, self.requests, self.energy,
+                  self.cold_starts, self.cold_energy, self.cold_seconds, self.cold_cost):
             c.labels(model)
         self.tokens.labels(model, "input")
         self.tokens.labels(model, "output")
@@ -318,7 +321,7 @@ class EconomicsObserver(BaseObserver):
             raise ValueError("score must be within 0..1")
         self.quality.labels(model, source).observe(score)
         self._scores.setdefault(model, deque(maxlen=_MAX_WINDOW_SAMPLES)).append(
-            (self.clock_ns(), score))
+            (self.clock_ns(), score, source))
 
     # ------------------------------------------------------------------ derived values
     def _prune(self, win: deque[Any], now_ns: int) -> None:
@@ -382,14 +385,15 @@ class EconomicsObserver(BaseObserver):
 
     def score(self, model: str) -> tuple[float, str]:
         """Quality score 0..1 and where it came from: mean of feedback/probe scores in the
-        window, else the configured (or results-file) score, else NaN."""
+        window (``feedback``: user-submitted; ``probe``: golden prompts checked by the proxy;
+        ``feedback+probe``), else the configured (or results-file) score, else NaN (``none``)."""
         sc = self._scores.get(model)
         if sc:
             horizon = self.clock_ns() - int(self.cfg.window_seconds * 1e9)
             while sc and sc[0][0] < horizon:
                 sc.popleft()
             if sc:
-                return _mean([v for _, v in sc]), "measured"
+                return _mean([x[1] for x in sc]), "+".join(sorted({x[2] for x in sc}))
         static = self.static_score(model)
         if static is not None:
             return static, "configured"
@@ -676,6 +680,30 @@ class _EconomicsCollector(Collector):
         with self.obs.scrape_snapshot():
             return list(self._collect())
 
+    def _sources_info(self, models: list[str]) -> GaugeMetricFamily:
+        """One series per model (value 1) saying where the inputs of its economics gauges come
+        from; dashboards join on ``model`` (``* on(model) group_left(energy_source, ...)``)."""
+        from edge_proxy.energy.exporter import SOURCE_KIND, source_scope
+
+        o = self.obs
+        comp = getattr(o.runtime, "components", {}).get("energy") if o.runtime is not None else None
+        esrc = comp.source if comp is not None else "none"
+        escope = source_scope(comp.sampler.reader) if comp is not None else "none"
+        g = GaugeMetricFamily(
+            "edge_proxy_economics_sources_info", "Where each model's economics inputs come from "
+            "(value 1): energy_source/energy_kind/energy_scope (joules of N_break, IPW, C_tax, cost, "
+            "energy per request), score_source (feedback = user-submitted, probe, configured, none), "
+            "weights_source (measured, configured, nominal).",
+            labels=["model", "energy_source", "energy_kind", "energy_scope", "score_source", "weights_source"])
+        for m in models:
+            try:
+                score_src = o.score(m)[1]
+                weights_src = o.weight_gigabytes(m)[1]
+            except Exception:           # never fail a scrape
+                score_src = weights_src = "unknown"
+            g.add_metric([m, esrc, SOURCE_KIND.get(esrc, "none"), escope, score_src, weights_src], 1.0)
+        return g
+
     def _collect(self) -> Iterable[GaugeMetricFamily]:
         o = self.obs
         o.sync_cold_starts()
@@ -726,6 +754,7 @@ class _EconomicsCollector(Collector):
             if not math.isnan(gb):
                 g.add_metric([m, o.backend, src], gb * 1e9)
         yield g
+        yield self._sources_info(models)
         g = GaugeMetricFamily("edge_proxy_economics_info", "Economics mode and prices.",
                               labels=["mode"])
         g.add_metric([o.cfg.mode], 1.0)

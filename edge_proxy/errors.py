@@ -25,6 +25,8 @@ _TYPES: dict[str, tuple[str, str]] = {
     "hold_timeout": ("server_overloaded", "overloaded"),
     "hold_full": ("server_overloaded", "overloaded"),
     "spawn_failed": ("upstream_error", "upstream"),
+    "fd_exhausted": ("server_overloaded", "overloaded"),      # the proxy's own limit (fd_exhaustion.py)
+    "shutdown": ("server_overloaded", "overloaded"),          # cut by the SIGTERM drain bound (shutdown.py)
 }
 
 

@@ -68,6 +68,9 @@ class ProxyMetrics(BaseObserver):
         self.client_cancels = Counter(
             p + "client_disconnects", "Requests cancelled because the client went away.",
             registry=registry)
+        self.process_errors = Counter(
+            p + "process_errors", "Failures of the proxy process itself, not the backend (type: fd_exhausted).",
+            ["type"], registry=registry)
         # label children looked up once (the per-request path, see metric_children)
         self._requests = Children(self.requests)
         self._duration = Children(self.duration)

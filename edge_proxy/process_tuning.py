@@ -11,6 +11,27 @@ import sys
 
 SWITCH_INTERVAL_SECONDS = 0.0005
 FD_TABLE_SLOTS = 4096
+NOFILE_CAP = 1 << 20        # used when the hard limit is "unlimited" (Linux's default fs.nr_open)
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit; returns (old soft, new soft).
+
+    A server holds one descriptor per client connection and one per backend connection: at the
+    soft limit systemd and many shells still give (1024), 1,000 streams through the proxy ran out
+    (docs/benchmarks.md, Reliability). The hard limit is what the administrator allows; raising the
+    soft limit up to it needs no privilege (as nginx's ``worker_rlimit_nofile`` or Go's runtime do).
+    An unlimited hard limit is capped at :data:`NOFILE_CAP`. Children (``--spawn``) inherit it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NOFILE_CAP if hard == resource.RLIM_INFINITY else int(hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return int(soft), int(soft)
+        return int(soft), target
+    return int(soft), int(soft)
 
 
 def reserve_fd_table(slots: int = FD_TABLE_SLOTS) -> int:

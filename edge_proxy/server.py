@@ -62,7 +62,9 @@ class ProxyRuntime:
     async def start(self) -> None:
         """Listen on the configured ports (0 = any free port; the bound ones are stored)."""
         ps = self.settings.proxy
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        from edge_proxy.shutdown import CLEANUP_TIMEOUT_SECONDS
+        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=CLEANUP_TIMEOUT_SECONDS)   # after the drain (shutdown.py)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, ps.host, ps.port, backlog=1024)
@@ -79,7 +81,7 @@ class ProxyRuntime:
             self.metrics_port = self.port
 
     async def stop(self) -> None:
-        for runner in reversed(self._runners):
+        for runner in self._runners:        # the client-facing app first: /metrics answers until the end
             await runner.cleanup()
         self._runners.clear()
         if self.tracing is not None:

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from model_server.api_common import (PROMPT_TOKENS_HEADER, check_lengths, check_prompt_ids, dumps,
-                                     read_json_object, sse_headers, tokenize_prompt)
+                                     read_json_object, run_tokenizer, sse_headers, tokenize_prompt)
 from model_server.engines.base import SamplingParams
 from model_server.generation import ApiError, Outcome, new_request_id, run_generation
 from model_server.params import get_bool, get_float, get_int, get_stops
@@ -169,7 +169,7 @@ def _prompt_ids_chat(runtime, body: dict[str, Any]) -> list[int]:
         text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # template raised (e.g. role order rules)
         raise ApiError(400, f"chat template rejected the messages: {exc}", param="messages") from None
-    return tokenize_prompt(runtime, text, add_special_tokens=False)
+    return tokenize_prompt(runtime, text, add_special_tokens=False, param="messages")
 
 
 async def handle(request: web.Request, runtime, chat: bool) -> web.StreamResponse:
@@ -179,10 +179,10 @@ async def handle(request: web.Request, runtime, chat: bool) -> web.StreamRespons
         _check_model(runtime, body)
         runtime.check_ready()
         if chat:
-            prompt_ids = _prompt_ids_chat(runtime, body)
+            prompt_ids = await run_tokenizer(runtime, _prompt_ids_chat, runtime, body)
             sp, stops, opts = _sampling(runtime, body, max_key="max_completion_tokens", default_max=1 << 30)
         else:
-            prompt_ids = _prompt_ids_completions(runtime, body)
+            prompt_ids = await run_tokenizer(runtime, _prompt_ids_completions, runtime, body)
             sp, stops, opts = _sampling(runtime, body, max_key="max_tokens", default_max=16)
         sp = _fit_default_max(runtime, sp, len(prompt_ids), opts["max_given"])
         check_lengths(runtime, len(prompt_ids), sp.max_new_tokens,

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from model_server.api_common import (PROMPT_TOKENS_HEADER, check_lengths, check_prompt_ids, dumps,
-                                     read_json_object, sse_headers, tokenize_prompt)
+                                     read_json_object, run_tokenizer, sse_headers, tokenize_prompt)
 from model_server.engines.base import SamplingParams
 from model_server.generation import ApiError, Outcome, Step, run_generation
 from model_server.params import get_bool, get_float, get_int, get_stops
@@ -79,7 +79,7 @@ def parse_request(runtime, body: dict[str, Any]) -> tuple[list[int], SamplingPar
     }
     sampling = bool(do_sample or (temperature is not None and temperature != 1.0) or top_k is not None
                     or (top_p is not None and top_p < 1.0))
-    prompt_ids = tokenize_prompt(runtime, inputs)
+    prompt_ids = tokenize_prompt(runtime, inputs, param="inputs", keep_tail=truncate is not None)
     if truncate is not None and len(prompt_ids) > truncate:
         prompt_ids = prompt_ids[-truncate:]
     check_prompt_ids(runtime, prompt_ids, "inputs")
@@ -109,7 +109,7 @@ def _prefill(runtime, prompt_ids: list[int], wanted: bool) -> list[dict[str, Any
 async def _admit(request: web.Request, runtime) -> tuple[Any, ...]:
     body = await read_json_object(request)
     runtime.check_ready()
-    return (body, *parse_request(runtime, body))
+    return (body, *await run_tokenizer(runtime, parse_request, runtime, body))
 
 
 async def handle(request: web.Request, runtime, mode: str) -> web.StreamResponse:

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a local Hugging Face model directory (or a hub id where the network allows). "
                     "The server listens at once; GET /health turns 200 when the model is ready.")
     serve.add_argument("model", metavar="MODEL", help="local model directory or hub id")
-    serve.add_argument("--port", type=_port, default=8080, help="TCP port (default: 8080; 0 = any free)")
+    serve.add_argument("--port", type=_port, default=8000,
+                       help="TCP port (default: 8000, where edge-proxy looks by default; 0 = any free)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto = cuda when available (default: auto)")

@@ -234,6 +234,10 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from model_server.log_setup import adopt_transformers_logging
+
+    adopt_transformers_logging()
+
     config = _read_local_config(model_id)
     kwargs = _quantization_kwargs(quantization, device, config)
     t0 = time.monotonic()

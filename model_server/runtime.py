@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ class Limits:
     max_concurrent_requests: int
     max_input_tokens: int | None = None     # resolved once the model is loaded
     max_total_tokens: int | None = None
+    max_input_bytes: int | None = None      # api_common.prompt_byte_bound(tokenizer, max_input_tokens)
     max_new_tokens_default: int = 20
 
 
@@ -40,6 +42,9 @@ class Runtime:
     error: str | None = None
     metrics: ServerMetrics = field(init=False)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # tokenization and chat templates run here, off the event loop (api_common.run_tokenizer)
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer"))
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(lambda: self.engine.stats() if self.engine is not None else None)
@@ -81,6 +86,7 @@ class Runtime:
             "max_stop_sequences": 16,
             "max_input_tokens": self.limits.max_input_tokens,
             "max_input_length": self.limits.max_input_tokens,
+            "max_input_bytes": self.limits.max_input_bytes,
             "max_total_tokens": self.limits.max_total_tokens,
             "max_batch_size": self.limits.max_batch,
             "version": VERSION,

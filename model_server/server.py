@@ -96,8 +96,12 @@ def build_app(runtime: Runtime) -> web.Application:
                                                         "param": None, "code": None}}, status=exc.status)
                 return web.json_response({"error": msg, "error_type": "validation"}, status=exc.status)
             raise
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
             raise
+        except ConnectionResetError as exc:     # the client went away mid-write: not an error
+            log.debug("client went away during %s %s: %s", request.method, request.path, exc)
+            # never sent (the transport is closing); aiohttp's write of it ends quietly
+            return web.Response(status=499, reason="Client Closed Request")
         except Exception as exc:  # a bug: log it, answer in the API's format
             log.exception("internal error on %s %s", request.method, request.path)
             msg = f"internal error: {type(exc).__name__}"
@@ -189,6 +193,8 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
     ctx = loaded.context_length or DEFAULT_MAX_TOTAL_TOKENS
     lim.max_total_tokens = min(args.max_total_tokens or min(ctx, DEFAULT_MAX_TOTAL_TOKENS), ctx)
     lim.max_input_tokens = min(args.max_input_tokens or lim.max_total_tokens - 1, lim.max_total_tokens - 1)
+    from model_server.api_common import prompt_byte_bound
+    lim.max_input_bytes = await asyncio.to_thread(prompt_byte_bound, loaded.tokenizer, lim.max_input_tokens)
     runtime.loaded = loaded
 
     engine_name = resolve_engine_name(args.engine, device)
@@ -247,7 +253,10 @@ async def serve_async(args: argparse.Namespace) -> int:
         gpu_uuids = await asyncio.to_thread(visible_gpu_uuids)   # NVML only: no torch before listening
     register_energy_routes(app, gpu_uuids)
 
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
+    from model_server.protocol_log import ProtocolErrorLogger
+
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0,
+                           logger=ProtocolErrorLogger(logging.getLogger("aiohttp.server")))
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     try:
@@ -257,7 +266,6 @@ async def serve_async(args: argparse.Namespace) -> int:
         raise ServeError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else args.port
     log.info("listening on http://%s:%s (loading %s)", args.host, port, args.model)
-    print(f"model-server listening on http://{args.host}:{port}", file=sys.stderr, flush=True)
 
     loop = asyncio.get_running_loop()
     signals = []
@@ -299,8 +307,9 @@ async def serve_async(args: argparse.Namespace) -> int:
 
 
 def run_server(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from model_server.log_setup import setup_logging
+
+    setup_logging(args.log_level)
     from model_server.loading import LoadError, check_model_argument
 
     try:
@@ -309,7 +318,10 @@ def run_server(args: argparse.Namespace) -> int:
         raise ServeError(str(exc)) from None
     # a file-descriptor table grown now does not double (an RCU grace period, 13-20 ms measured on
     # a 16-vCPU VM, inside an accept call of the event loop) while clients connect
-    from edge_proxy.process_tuning import reserve_fd_table
+    from edge_proxy.process_tuning import raise_nofile_limit, reserve_fd_table
+    old_nofile, new_nofile = raise_nofile_limit()      # soft limit up to the hard one (process_tuning)
+    if new_nofile != old_nofile:
+        log.info("raised the open-file limit from %d to %d (the hard limit)", old_nofile, new_nofile)
     reserve_fd_table()
     try:
         return asyncio.run(serve_async(args))

@@ -8,6 +8,33 @@ cd "$(dirname "$0")/.."
 mode="${1:-}"; shift || true
 case "$mode" in demo|test|setup) ;; *) echo "usage: bash scripts/quickstart.sh demo|test|setup [args]" >&2; exit 2;; esac
 
+TORCH_VERSION=2.13.0
+TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
+
+# torch for this machine: the CUDA build (the default wheel) only where an NVIDIA GPU answers;
+# elsewhere the CPU build, from a local wheel when pip's configured sources have one (offline
+# setups), else from PyTorch's CPU wheel index (short timeout: a clear error, never a hang).
+install_torch() {
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "quickstart: NVIDIA GPU found: installing torch $TORCH_VERSION (CUDA build)" >&2
+    python -m pip install -q "torch==$TORCH_VERSION"
+    return
+  fi
+  echo "quickstart: no NVIDIA GPU: installing torch $TORCH_VERSION (CPU build)" >&2
+  if python -m pip install -q --timeout 20 --retries 1 "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
+    return
+  fi
+  # an index that serves the CPU build without the +cpu tag: take it if it needs no nvidia-* wheels
+  if python -m pip install -q --timeout 20 --retries 1 --dry-run --no-deps --report - "torch==$TORCH_VERSION" 2>/dev/null \
+      | python -c 'import json,sys; r=json.load(sys.stdin)["install"][0]["metadata"].get("requires_dist") or []; sys.exit(any(x.startswith("nvidia-") for x in r))' 2>/dev/null; then
+    python -m pip install -q --timeout 20 --retries 1 "torch==$TORCH_VERSION" && return
+  fi
+  python -m pip install -q --timeout 20 --retries 1 --extra-index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION+cpu" || {
+    echo "quickstart: error: could not install the CPU build of torch $TORCH_VERSION (no local wheel, and the PyTorch CPU index did not answer)" >&2
+    exit 2
+  }
+}
+
 VENV="${EDGE_EVAL_VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
@@ -17,9 +44,8 @@ fi
 stamp="$VENV/.edge-eval-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip
-  # CPU build of torch from the machine's package index; never a multi-GB CUDA build here.
   if ! python -c "import torch" 2>/dev/null; then
-    python -m pip install -q "torch==2.13.0"
+    install_torch
   fi
   python -m pip install -q -e ".[server,test]"
   # The TGI client pins huggingface-hub<1.0, which transformers 5 cannot share: no deps.

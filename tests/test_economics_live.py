@@ -159,3 +159,19 @@ def _check(proxy: Any, m: dict, usage: dict[str, Any]) -> None:
     margin = api / n_user - local
     assert n_break == (pytest.approx(1.0 / margin, rel=1e-6) if margin > 0 else math.inf)
     assert _get(m, "edge_proxy_break_even_progress_ratio", model="tiny") == pytest.approx(n_user / n_break)
+
+
+def test_every_economics_input_names_its_source(tmp_path: Path, model_server: Any) -> None:
+    """edge_proxy_economics_sources_info: feedback scores are labelled user-submitted feedback (with
+    the probes' scores), never "measured"; the energy is the estimated source over the local model
+    server's process tree; the weights are measured from /info."""
+    async def scenario() -> dict:
+        async with running_proxy(tmp_path, model_server.url) as proxy:
+            m, _ = await _drive(proxy)
+            return m
+
+    m = asyncio.run(scenario())
+    (labels,) = [dict(k[1]) for k in m if k[0] == "edge_proxy_economics_sources_info"]
+    assert labels == {"model": "tiny", "energy_source": "estimated", "energy_kind": "estimated",
+                      "energy_scope": "backend-process-tree", "score_source": "feedback+probe",
+                      "weights_source": "measured"}

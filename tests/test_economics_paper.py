@@ -2,7 +2,8 @@
 measurements.
 
 Inputs (tests/data/paper_variants.csv, tests/data/paper_training_energy.csv) are transcribed from
-research/paper.md §5.10 and §5.8: per-variant score, load/inference seconds, throughput, average
+the authors' published results (Abdullah4152/EDGE-EVAL: results/vllm_inference_metrics_tesla_t4_dual.csv,
+results/final_36_variants_report_{llama,qwen}.csv, results/training_energy_log_{llama,qwen}.csv): per-variant score, load/inference seconds, throughput, average
 power, energy per request, and fine-tuning energy. The same CSV also carries the paper's published
 outputs (N_break, IPW, rho_sys, C_tax columns), transcribed, never computed by our code. Every
 comparison allows the published rounding plus the error that rounding of the inputs propagates.
@@ -141,7 +142,7 @@ def _q_ret_rows() -> dict[str, list[tuple[float, float]]]:
     return out
 
 
-# Published Q_ret summary statistics, research/paper.md §5.6 (transcribed).
+# Q_ret summary statistics of the authors' published q_ret.csv (Abdullah4152/EDGE-EVAL, results/).
 PUBLISHED_Q_RET = {
     "INT8": {"n": 18, "mean": "100.73", "median": "99.90", "min": "97.91", "max": "109.53",
              "passing": 9},

@@ -59,11 +59,12 @@ async def post(url: str, body: bytes | dict, headers: dict | None = None) -> tup
 
 
 async def check_settled(px, outcome: str, error_type: str | None) -> None:
+    """The last request reached its final record with this outcome, and nothing is in flight."""
     await px.drain()
     assert metric_value(px.metrics_text(), "edge_proxy_in_flight_requests") == 0
-    rec = px.components["recorder"].final[-1] if px.components["recorder"].final else None
-    if rec is None:
-        return
+    final = px.components["recorder"].final
+    assert final, "no request reached on_request_final"
+    rec = final[-1]
     assert rec.outcome == outcome and rec.error_type == error_type
     assert rec.t_end_ns is not None and rec.t_end_ns >= rec.t_received_ns
 
@@ -168,29 +169,42 @@ async def test_client_disconnect_cancels_backend_request(relay):
         assert metric_value(px.metrics_text(), "edge_proxy_requests_total", outcome="cancelled") == 1
 
 
-async def test_body_over_limit_413_backend_untouched():
-    async with InProcessUpstream() as up, running_proxy(up.url, max_body_bytes=2048) as px:
+async def check_rejected(px, log: Path, n: int, status: int, error_type: str) -> None:
+    """Requests rejected before forwarding reach only the outputs (metrics, access log), never the
+    observers: the access log holds ``n`` final records with this status and error type."""
+    await px.drain()
+    assert metric_value(px.metrics_text(), "edge_proxy_in_flight_requests") == 0
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(lines) == n
+    assert all(r["status"] == status and r["outcome"] == "error" and r["error_type"] == error_type
+               for r in lines), lines
+    assert metric_value(px.metrics_text(), "edge_proxy_requests_total", status=str(status),
+                        outcome="error") == n
+    assert px.components["recorder"].calls == {}     # observers never saw a start
+
+
+async def test_body_over_limit_413_backend_untouched(tmp_path):
+    log = tmp_path / "access.jsonl"
+    async with InProcessUpstream() as up, running_proxy(up.url, max_body_bytes=2048, access_log=str(log)) as px:
         big = dict(CHAT, messages=[{"role": "user", "content": "x" * 4096}])
         status, body = await post(px.url + "/v1/chat/completions", big)
         assert status == 413 and json.loads(body)["error"]["type"] == "invalid_request_error"
         status, body = await post(px.url + "/generate", {"inputs": "y" * 4096})
         assert status == 413 and json.loads(body)["error_type"] == "validation"
         assert up.state.requests == []
-        await check_settled(px, "error", "too_large")
+        await check_rejected(px, log, 2, 413, "too_large")
 
 
-async def test_malformed_json_400_backend_untouched():
-    async with InProcessUpstream() as up, running_proxy(up.url) as px:
+async def test_malformed_json_400_backend_untouched(tmp_path):
+    log = tmp_path / "access.jsonl"
+    async with InProcessUpstream() as up, running_proxy(up.url, access_log=str(log)) as px:
         status, body = await post(px.url + "/v1/chat/completions", b'{"model": "m", "messages": [')
         assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
-        await check_settled(px, "error", "bad_request")
+        await check_rejected(px, log, 1, 400, "bad_request")
         status, body = await post(px.url + "/generate_stream", b"[1, 2]")
         assert status == 400 and json.loads(body)["error_type"] == "validation"
         assert up.state.requests == []
-        await check_settled(px, "error", "bad_request")
-        # Rejected before forwarding: components never saw a start.
-        assert all(c == ["final"] for c in px.components["recorder"].calls.values()) or \
-            px.components["recorder"].calls == {}
+        await check_rejected(px, log, 2, 400, "bad_request")
 
 
 class _Gate:

@@ -7,11 +7,23 @@ Orphan protection, in layers:
    group (SIGTERM, then SIGKILL after the grace period, then SIGKILL to any straggler in the group).
 2. The proxy stops it from its aiohttp ``on_cleanup`` (run on SIGTERM/SIGINT by ``web.run_app``).
 3. An ``atexit`` hook kills the group if the interpreter exits without cleanup.
-4. On Linux the child gets ``PR_SET_PDEATHSIG`` = SIGTERM, so even a SIGKILLed proxy takes its
-   backend down (the direct child only; wrap shell pipelines accordingly).
+4. The command runs under a watchdog (``watchdog.py``, the group's leader and the direct child),
+   which holds the read end of a pipe whose write end only the proxy holds: when the proxy dies,
+   even by SIGKILL, the kernel closes it and the watchdog takes the whole group down (SIGTERM,
+   then SIGKILL after the grace period), a ``sh -c`` wrapper's children included. On Linux the
+   watchdog also gets ``PR_SET_PDEATHSIG``.
+
+Before starting, the port must be free: a backend left over from an earlier proxy (or anything
+else) listening there is a :class:`SpawnError` naming the port (it used to answer the readiness
+probe for a child that could not bind, giving a restart every second and bogus cold starts).
+A failed start counts as a failure, so the backoff before the next attempt grows.
 
 The command is split with :func:`shlex.split` (no shell); ``{port}`` and ``{host}`` placeholders
 are filled from the backend URL. Use ``sh -c '...'`` explicitly when a shell is needed.
+
+The backend's stdout and stderr go to ``output`` (a file, appended) or, by default, to the proxy's
+stderr with every line prefixed ``[backend PID]`` (:func:`relay_output`): never unmarked into the
+JSON access log.
 """
 from __future__ import annotations
 
@@ -21,15 +33,20 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import re
 import shlex
+import shutil
 import signal
 import sys
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 log = logging.getLogger("edge_proxy.coldstart")
 
 _PR_SET_PDEATHSIG = 1
+WATCHDOG = str(Path(__file__).with_name("watchdog.py"))
+PORT_CHECK_TIMEOUT_SECONDS = 0.5
 
 
 class SpawnError(Exception):
@@ -47,12 +64,56 @@ def build_argv(command: str, host: str, port: int) -> list[str]:
     return [a.replace("{port}", str(port)).replace("{host}", host) for a in argv]
 
 
+def check_executable(argv0: str) -> None:
+    """SpawnError unless ``argv0`` names an executable file (directly or on PATH)."""
+    path = argv0 if os.sep in argv0 else shutil.which(argv0)
+    if path is None or not os.path.exists(path):
+        raise SpawnError(f"cannot start backend {argv0!r}: No such file or directory")
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise SpawnError(f"cannot start backend {argv0!r}: Permission denied")
+
+
+async def port_in_use(host: str, port: int, timeout: float = PORT_CHECK_TIMEOUT_SECONDS) -> bool:
+    """True when something accepts TCP connections on ``host:port`` now."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 def backoff_seconds(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
     """Delay before the next start after ``failures`` consecutive failures:
     ``0`` for none, else ``min(cap, base * 2**(failures-1))`` seconds."""
     if failures <= 0:
         return 0.0
     return min(cap, base * 2 ** (failures - 1))
+
+
+async def relay_output(stream: asyncio.StreamReader, prefix: str, out: Any = None) -> None:
+    """Copy a child's output to ``out`` (default: this process's stderr) line by line, each line
+    prefixed, so it never mixes unmarked into what else is written there (the JSON access log).
+    Carriage returns (progress bars) end a line too; blank lines are dropped; a line longer than
+    64 KiB is cut."""
+    out = out or sys.stderr
+    buf = b""
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = re.split(rb"[\r\n]", buf)
+        if len(buf) > 65536:
+            lines.append(buf)
+            buf = b""
+        text = "".join(f"{prefix}{x.decode(errors='replace')}\n" for x in lines if x.strip())
+        if text:
+            out.write(text)
+            out.flush()
+    if buf.strip():
+        out.write(f"{prefix}{buf.decode(errors='replace')}\n")
+        out.flush()
 
 
 class BackendSupervisor:
@@ -67,8 +128,13 @@ class BackendSupervisor:
         backoff_base_seconds: float = 1.0,
         backoff_max_seconds: float = 60.0,
         on_exit: Callable[[int | None, bool], None] | None = None,
+        output: str | None = None,
     ) -> None:
         self.argv = build_argv(command, host, port)
+        self.output = output                        # file for the backend's output; None: relay, prefixed
+        self._relay_task: asyncio.Task[None] | None = None
+        self.host, self.port = host, port
+        self._pipe_w: int | None = None             # the watchdog's lifeline (see module docstring)
         self.stop_grace_seconds = stop_grace_seconds
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_max_seconds = backoff_max_seconds
@@ -136,20 +202,50 @@ class BackendSupervisor:
                 if os.getppid() != ppid:   # parent died before prctl took effect
                     os._exit(1)
 
+            log_file = None
             try:
+                check_executable(self.argv[0])
+                if await port_in_use(self.host, self.port):
+                    raise SpawnError(
+                        f"port {self.port} on {self.host} is already in use by another process (a backend "
+                        f"left over from an earlier proxy?); --spawn starts its own backend there, so stop "
+                        f"that process or choose another port")
+            except SpawnError as exc:
+                self.record_failure()
+                log.error("cold start: %s", exc)
+                raise
+            r, w = os.pipe()            # both close-on-exec; pass_fds hands r to the watchdog only
+            try:
+                if self.output:
+                    log_file = open(self.output, "ab")
                 proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-I", "-S", WATCHDOG, str(r), f"{self.stop_grace_seconds:g}", "--",
                     *self.argv,
                     stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file if log_file is not None else asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,
+                    pass_fds=(r,),
                     preexec_fn=setup if self._prctl is not None else None,
                 )
             except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+                os.close(w)
                 self.record_failure()
                 raise SpawnError(f"cannot start backend {self.argv[0]!r}: {exc.strerror or exc}") from None
             except OSError as exc:
+                os.close(w)
                 self.record_failure()
                 raise SpawnError(f"cannot start backend {self.argv[0]!r}: {exc}") from None
+            finally:
+                os.close(r)
+                if log_file is not None:
+                    log_file.close()        # the child has its own copy
             t = time.monotonic_ns()
+            if proc.stdout is not None:
+                self._relay_task = asyncio.create_task(relay_output(proc.stdout, f"[backend {proc.pid}] "),
+                                                       name="coldstart-backend-output")
+            self._close_pipe()
+            self._pipe_w = w
             self._proc = proc
             self._stopping = False
             self.starts += 1
@@ -157,7 +253,7 @@ class BackendSupervisor:
                 atexit.register(self._kill_sync)
                 self._atexit_registered = True
             self._watch = asyncio.create_task(self._watch_exit(proc), name="coldstart-backend-watch")
-            log.info("cold start: started backend pid %d: %s", proc.pid, shlex.join(self.argv))
+            log.info("cold start: started backend process group %d: %s", proc.pid, shlex.join(self.argv))
             return t
 
     async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
@@ -165,6 +261,10 @@ class BackendSupervisor:
         expected = self._stopping
         self.last_returncode = rc
         self._signal_group(proc.pid, signal.SIGKILL)   # stragglers left in the group
+        if self._relay_task is not None:                # its last lines (the pipe closes now)
+            await asyncio.wait({self._relay_task}, timeout=2.0)
+        if self._proc is proc:
+            self._close_pipe()
         if not expected:
             log.warning("cold start: backend pid %d exited unexpectedly with code %s", proc.pid, rc)
         if self.on_exit is not None:
@@ -172,6 +272,14 @@ class BackendSupervisor:
                 self.on_exit(rc, expected)
             except Exception:  # never let a callback break the watcher
                 log.exception("cold start: on_exit callback failed")
+
+    def _close_pipe(self) -> None:
+        if self._pipe_w is not None:
+            try:
+                os.close(self._pipe_w)
+            except OSError:
+                pass
+            self._pipe_w = None
 
     @staticmethod
     def _signal_group(pgid: int, sig: int) -> None:

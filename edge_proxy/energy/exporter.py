@@ -24,6 +24,19 @@ from edge_proxy.energy.observer import REQUEST_ENERGY_BUCKETS_JOULES
 from edge_proxy.energy.sampler import Sampler
 
 
+SOURCE_KIND = {"nvml": "measured", "remote": "measured", "replay": "replayed", "estimated": "estimated"}
+
+
+def source_scope(reader: object) -> str:
+    """What the source's joules cover: ``gpu`` (the whole card(s): every process on them),
+    ``trace`` (a replayed recording), or the estimated source's scope (``backend-process-tree`` |
+    ``whole-machine``)."""
+    scope = getattr(reader, "scope", None)
+    if isinstance(scope, str):
+        return scope
+    return {"replay": "trace"}.get(getattr(reader, "source", ""), "gpu")
+
+
 class EnergyCollector(Collector):
     def __init__(self, ledger: Ledger, sampler: Sampler) -> None:
         self.ledger = ledger
@@ -63,8 +76,9 @@ class EnergyCollector(Collector):
         errors = CounterMetricFamily("edge_proxy_energy_sampler_errors", "Failed reads of the energy source.")
         gaps = CounterMetricFamily("edge_proxy_energy_sampler_gaps", "Ticks marked as gaps (failed reads, "
                                    "counter resets or wraps).")
-        info = GaugeMetricFamily("edge_proxy_energy_source_info", "Energy source in use (value 1).",
-                                 labels=["source"])
+        info = GaugeMetricFamily("edge_proxy_energy_source_info", "Energy source in use (value 1): "
+                                 "source (nvml|remote|replay|estimated), kind (measured|replayed|estimated) "
+                                 "and scope (what it covers).", labels=["source", "kind", "scope"])
         if not describe_only:
             t = self.ledger.snapshot()
             s = self.sampler.snapshot()
@@ -83,7 +97,7 @@ class EnergyCollector(Collector):
             pidle.add_metric([t.idle_power_source], float(t.idle_watts or 0.0))
             errors.add_metric([], float(s["errors_total"]))  # type: ignore[arg-type]
             gaps.add_metric([], float(s["gaps_total"]))  # type: ignore[arg-type]
-            info.add_metric([source], 1.0)
+            info.add_metric([source, SOURCE_KIND.get(source, "unknown"), source_scope(self.sampler.reader)], 1.0)
         yield from (gpu, power, attr, full, idle, foreign, unapp, lag, pidle, errors, gaps, info)
 
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from edge_proxy.config import ConfigError, EnergySettings, Settings
 from edge_proxy.energy.apportion import METHODS
-from edge_proxy.energy.estimated_source import EstimatedReader
+from edge_proxy.energy.estimated_source import SCOPES as ESTIMATED_SCOPES, EstimatedReader
 from edge_proxy.energy.exporter import register_energy_metrics, register_phase_histogram
 from edge_proxy.energy.ledger import Ledger
 from edge_proxy.energy.observer import EnergyObserver
@@ -41,10 +41,18 @@ def validate(es: EnergySettings) -> None:
         raise ConfigError(f"energy.prefill_weight must be >= 0, got {es.prefill_weight}")
     if not es.estimated_watts > 0:
         raise ConfigError(f"energy.estimated_watts must be > 0, got {es.estimated_watts}")
+    if es.estimated_scope not in ESTIMATED_SCOPES:
+        raise ConfigError(f"energy.estimated_scope must be one of {', '.join(ESTIMATED_SCOPES)}, "
+                          f"got {es.estimated_scope!r}")
     if es.ring_size < 2:
         raise ConfigError(f"energy.ring_size must be >= 2, got {es.ring_size}")
     if es.source == "replay" and not es.replay_path:
         raise ConfigError("energy.source=replay needs energy.replay_path (a trace from `edge-proxy record`)")
+
+
+def _estimated(settings: Settings) -> EstimatedReader:
+    es = settings.energy
+    return EstimatedReader(es.estimated_watts, scope=es.estimated_scope, backend_url=settings.proxy.backend_url)
 
 
 def make_reader(settings: Settings) -> tuple[EnergyReader, str]:
@@ -58,9 +66,9 @@ def make_reader(settings: Settings) -> tuple[EnergyReader, str]:
                 r: EnergyReader = NvmlReader(uuids or None)
                 return r, f"auto -> nvml ({len(r.gpu_uuids)} GPU(s): {', '.join(r.gpu_uuids)})"
             except ReaderError as exc:
-                return EstimatedReader(es.estimated_watts), (
+                return _estimated(settings), (
                     f"auto -> estimated ({exc}; modelled as busy CPU seconds x {es.estimated_watts:g} W, "
-                    "labelled source=\"estimated\")")
+                    f"scope {es.estimated_scope}, labelled source=\"estimated\")")
         if es.source == "nvml":
             from edge_proxy.energy.nvml_source import NvmlReader
             r = NvmlReader(uuids or None)
@@ -76,8 +84,8 @@ def make_reader(settings: Settings) -> tuple[EnergyReader, str]:
             return ReplayReader(es.replay_path, mode="realtime", loop=True, gpu_uuids=uuids or None), \
                 f"replay ({es.replay_path}, real time, looping)"
         if es.source == "estimated":
-            return EstimatedReader(es.estimated_watts), \
-                f"estimated (busy CPU seconds x {es.estimated_watts:g} W; not a measurement)"
+            return _estimated(settings), \
+                f"estimated (busy CPU seconds x {es.estimated_watts:g} W, scope {es.estimated_scope}; not a measurement)"
     except ReaderError as exc:
         raise ConfigError(f"energy source {es.source}: {exc}") from None
     raise ConfigError(f"energy.source {es.source!r} is not supported")
@@ -159,6 +167,11 @@ def attach_energy(runtime: Any) -> EnergyComponent | None:
         return None
     runtime.observers.insert(0, comp.observer)
     runtime.components["energy"] = comp
+    reader = comp.sampler.reader
+    if isinstance(reader, EstimatedReader) and runtime.settings.coldstart.spawn:
+        # the backend the proxy spawns is the estimate's process tree (looked up when read)
+        reader.spawned_pid = lambda: getattr(getattr(runtime.components.get("coldstart"), "supervisor", None),
+                                             "pid", None)
     runtime.app.on_startup.append(comp.on_startup)
     runtime.app.on_cleanup.append(comp.on_cleanup)
     return comp

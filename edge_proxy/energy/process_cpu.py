@@ -1,0 +1,118 @@
+"""Busy CPU seconds of the backend's process tree, for the estimated energy source.
+
+The backend's root process is the one the proxy spawned (``--spawn``) or, when the backend URL is
+on this machine, the process listening on its port (psutil). Its tree is the root and all its
+descendants, refreshed at most once per ``refresh_seconds``. The cumulative busy time is the sum,
+over every process seen in the tree, of its last-read user + system CPU seconds (keyed by pid and
+start time, so a reused pid is a new process): it never goes down, and a process that exits keeps
+the time it was last seen with (at most one sampling period of its CPU is missed).
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from typing import Callable
+from urllib.parse import urlsplit
+
+import psutil
+
+log = logging.getLogger("edge_proxy.energy")
+
+
+def local_port(url: str | None) -> int | None:
+    """The port of ``url`` when its host is this machine (loopback, unspecified or a local
+    address), else None."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    host = (parts.hostname or "").strip("[]")
+    if host in ("localhost", socket.gethostname()):
+        return port
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.is_loopback or ip.is_unspecified:
+        return port
+    local = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return port if host in local else None
+
+
+def listening_pid(port: int) -> int | None:
+    """Pid of the process listening on TCP ``port`` on this machine (None if none or not visible)."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return None
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            return int(c.pid)
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    return psutil.pid_exists(pid)
+
+
+class ProcessTreeCpu:
+    """Cumulative busy CPU seconds of one process tree, its root found by ``root_pid()`` (called
+    on every read); the descendants are listed again when the root changes, a process exits, or
+    ``refresh_seconds`` passed."""
+
+    def __init__(self, root_pid: Callable[[], int | None], refresh_seconds: float = 1.0) -> None:
+        self.root_pid = root_pid
+        self.refresh_seconds = refresh_seconds
+        self._procs: list[psutil.Process] = []
+        self._root: int | None = None
+        self._refreshed = -1e9
+        self._last: dict[tuple[int, float], float] = {}     # (pid, create_time) -> busy seconds
+        self._gone = 0.0                                     # busy seconds of processes that left the tree
+
+    @property
+    def root(self) -> int | None:
+        """The root pid of the last refresh (None: no backend process found)."""
+        return self._root
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        pid = self.root_pid()          # cheap: a spawned pid, or a port lookup throttled by the caller
+        if (pid == self._root and now - self._refreshed < self.refresh_seconds
+                and all(p.is_running() for p in self._procs)):
+            return
+        self._refreshed = now
+        procs: list[psutil.Process] = []
+        if pid:
+            try:
+                root = psutil.Process(pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                procs, pid = [], None
+        if pid != self._root:
+            log.info("estimated energy: backend process tree root %s", pid if pid else "not found")
+        self._root, self._procs = pid, procs
+        live = set()
+        for p in procs:
+            try:
+                live.add((p.pid, p.create_time()))
+            except psutil.Error:
+                continue
+        for key in [k for k in self._last if k not in live]:
+            self._gone += self._last.pop(key)
+
+    def busy_seconds(self) -> float:
+        self._refresh()
+        for p in self._procs:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    key = (p.pid, p.create_time())
+                self._last[key] = max(self._last.get(key, 0.0), t.user + t.system)
+            except psutil.Error:
+                continue
+        return self._gone + sum(self._last.values())
