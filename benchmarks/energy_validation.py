@@ -480,7 +480,8 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
 
         def edge() -> dict[str, Any]:
             snap = ledger.snapshot()
-            e: dict[str, Any] = {"ledger_active_plus_idle_j": snap.active_joules + snap.idle_joules,
+            # (+ foreign: busy ticks with none of the proxy's requests in flight, e.g. a warm-up)
+            e: dict[str, Any] = {"ledger_active_plus_idle_j": snap.active_joules + snap.idle_joules + snap.foreign_joules,
                                  "ledger_measured_j": snap.measured_joules, "pending_j": snap.pending_joules,
                                  "tick_end_ns": ledger.newest_tick_end_ns}
             if direct is not None:
@@ -704,7 +705,8 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
 
         tot = ledger.snapshot()
         out["ledger_totals"] = {"measured_j": tot.measured_joules, "active_j": tot.active_joules,
-                                "idle_j": tot.idle_joules, "full_j": tot.full_joules,
+                                "idle_j": tot.idle_joules, "foreign_j": tot.foreign_joules,
+                                "full_j": tot.full_joules, "idle_power_source": tot.idle_power_source,
                                 "pending_j": tot.pending_joules, "ticks_split": tot.ticks_split,
                                 "ticks_forced": tot.ticks_forced, "gap_ticks": tot.ticks_gap,
                                 "idle_watts": tot.idle_watts}

@@ -57,6 +57,8 @@ def access_record(rec: RequestRecord) -> dict[str, Any]:
             "source": rec.energy.source,
             "attribution": rec.energy.attribution,
             "provisional": rec.energy.provisional,
+            "prefill_joules": rec.energy.prefill_joules,
+            "decode_joules": rec.energy.decode_joules,
         }
     for key in ("economics", "trace_id"):
         if key in rec.extra:

@@ -51,7 +51,7 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--energy-source", "energy", "source", "energy source (default auto: nvml if NVML initialises, else estimated)", choices=("auto", "nvml", "remote", "replay", "estimated", "none")),
     Flag("--energy-period", "energy", "period_seconds", "energy sampling period in seconds (default 0.1)", float),
     Flag("--gpu-uuids", "energy", "gpu_uuids", "comma-separated GPU UUIDs to measure (default: all GPUs NVML sees)"),
-    Flag("--idle-watts", "energy", "idle_watts", "idle power P_idle in W (default: learned from ticks with nothing in flight)", float),
+    Flag("--idle-watts", "energy", "idle_watts", "idle power P_idle in W (default: learned from ticks where the GPU was at rest, or with nothing in flight when the source cannot tell)", float),
     Flag("--attribution", "energy", "attribution", "how active energy is split (default token-weighted)", choices=("token-weighted", "time-weighted")),
     Flag("--energy-replay", "energy", "replay_path", "trace file for --energy-source replay (from `edge-proxy record`)"),
     Flag("--energy-remote", "energy", "remote_url", "model server URL for --energy-source remote (default: the backend URL)"),

@@ -67,7 +67,7 @@ class EnergySettings:
     source: str = "auto"                       # auto | nvml | remote | replay | estimated | none
     period_seconds: float = 0.1
     gpu_uuids: list[str] = field(default_factory=list)
-    idle_watts: float | None = None            # None: learned from ticks with nothing in flight
+    idle_watts: float | None = None            # None: learned (ticks at rest; nothing in flight if the source cannot tell)
     prefill_weight: float = 1.0
     attribution: str = "token-weighted"        # token-weighted | time-weighted
     replay_path: str | None = None

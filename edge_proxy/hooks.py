@@ -32,6 +32,8 @@ class EnergyAttribution:
     source: str = "none"             # nvml | remote | replay | estimated | none
     attribution: str = "token-weighted"
     provisional: bool = True         # False once the tick after the request's end has closed
+    prefill_joules: float | None = None   # part of full up to the first token's tick (one response: by weight)
+    decode_joules: float | None = None    # the rest of full (docs/metrics.md: prefill and decode)
 
 
 @dataclass

@@ -64,11 +64,14 @@ async def test_proxy_with_replay_source_conserves_energy(model_server):
             return n
 
         headers: list[str] = []
+        phases: list[tuple[str, str]] = []
 
         async def completion(i: int) -> int:
             raw = await client.completions.with_raw_response.create(
                 model=model, prompt=f"count {i}", max_tokens=6, extra_body={"ignore_eos": True})
             headers.append(raw.headers.get("x-edge-energy-joules"))
+            phases.append((raw.headers.get("x-edge-energy-prefill-joules"),
+                           raw.headers.get("x-edge-energy-decode-joules")))
             return raw.parse().usage.completion_tokens
 
         async def tgi_stream() -> int:
@@ -83,6 +86,10 @@ async def test_proxy_with_replay_source_conserves_energy(model_server):
         counts += await one_round()
         assert all(c > 0 for c in counts)
         assert len(headers) == 4 and all(h is not None and float(h) >= 0 for h in headers)   # provisional J
+        for h, (pre, dec) in zip(headers, phases):         # the phase split adds up to the full joules
+            assert pre is not None and dec is not None
+            assert float(pre) >= 0 and float(dec) >= 0
+            assert float(pre) + float(dec) == pytest.approx(float(h), abs=0.0015)
         await runtime.drain()
         await client.close()
 
@@ -91,6 +98,9 @@ async def test_proxy_with_replay_source_conserves_energy(model_server):
         for r in recs:
             assert r.energy is not None and r.energy.source == "replay"
             assert r.energy.full_joules >= r.energy.active_joules >= 0.0
+            e = r.energy                                   # prefill + decode = full (streams by ticks)
+            assert e.prefill_joules is not None and e.decode_joules is not None
+            assert e.prefill_joules + e.decode_joules == pytest.approx(e.full_joules, rel=1e-9, abs=1e-12)
             assert r.energy.attribution == ("token-weighted" if r.stream else "time-weighted")
         final = [r for r in recs if not r.energy.provisional]
         assert final, "no request's energy became final"

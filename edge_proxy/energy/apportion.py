@@ -24,11 +24,14 @@ all weights are zero while requests are in flight (queueing, prefill before the 
 the tick falls back to time overlap, then to an equal split, so nothing is ever left unassigned.
 
 Invariant: sum_i active_i + idle_k = dE, and sum_i idle_i <= idle_k; all values >= 0.
+
+Cost: a request's token weight in a tick is a binary search in its (time-ordered) token events,
+so splitting a tick is O(n log n) in the n requests overlapping it, whatever ran before.
 """
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TOKEN_WEIGHTED = "token-weighted"
 TIME_WEIGHTED = "time-weighted"
@@ -44,7 +47,13 @@ class ReqView:
     end_ns: int | None
     token_times_known: bool
     first_token_ns: int | None = None
-    events: list[tuple[int, int]] | None = None      # (t_ns, n_tokens)
+    ev_t: list[int] = field(default_factory=list)    # token event times (ns), in time order
+    ev_n: list[int] | None = field(default_factory=list)   # tokens of each event; None: one each
+    tokens_seen: int = 0                             # all tokens ever seen (events may be trimmed)
+
+    @property
+    def output_seen(self) -> int:
+        return self.tokens_seen if self.ev_n is not None else len(self.ev_t)
     prompt_tokens: int | None = None
     output_tokens: int | None = None
 
@@ -54,6 +63,27 @@ class ReqView:
     def overlap_ns(self, t0: int, t1: int) -> int:
         end = t1 if self.end_ns is None else min(self.end_ns, t1)
         return max(0, end - max(self.start_ns, t0))
+
+
+def tokens_between(ev_t: list[int], ev_n: list[int] | None, t0: int, t1: int) -> int:
+    """Output tokens of the (time-ordered) events in [t0, t1): two binary searches (``ev_n`` None:
+    one token per event)."""
+    if not ev_t or ev_t[-1] < t0 or ev_t[0] >= t1:
+        return 0
+    i = bisect.bisect_left(ev_t, t0)
+    j = bisect.bisect_left(ev_t, t1, i)
+    if ev_n is None:
+        return j - i
+    if j - i == 1:
+        return ev_n[i]
+    return sum(ev_n[i:j])
+
+
+def prefill_share(prompt_tokens: int, output_tokens: int, prefill_weight: float) -> float:
+    """Prefill's share of a request's energy when its token times are unknown (one response):
+    pw * P / (pw * P + O), the request's own weights; 1 when both are 0."""
+    wp = prefill_weight * prompt_tokens
+    return wp / (wp + output_tokens) if wp + output_tokens > 0 else 1.0
 
 
 class Deferred(Exception):
@@ -75,6 +105,8 @@ def prefill_fraction(r: ReqView, t0: int, t1: int, window_ns: int, horizon_ns: i
     tick while ``horizon - t1 < W`` (horizon: time up to which token events are complete): Deferred.
     """
     ft = r.first_token_ns
+    if ft is not None and ft < t0:
+        return 0.0                       # the window ends at the first token, before this tick
     if ft is None:
         if r.end_ns is not None or forced or (horizon_ns is not None and horizon_ns - t1 >= window_ns):
             return 0.0
@@ -94,7 +126,7 @@ def request_weight(r: ReqView, t0: int, t1: int, method: str, prefill_weight: fl
     if method == TIME_WEIGHTED:
         return float(r.overlap_ns(t0, t1))
     if r.token_times_known:
-        w = float(sum(n for t, n in (r.events or ()) if t0 <= t < t1))
+        w = float(tokens_between(r.ev_t, r.ev_n, t0, t1))
         if prefill_weight <= 0:
             return w
         frac = prefill_fraction(r, t0, t1, prefill_window_ns, horizon_ns, forced)
@@ -110,7 +142,7 @@ def request_weight(r: ReqView, t0: int, t1: int, method: str, prefill_weight: fl
         if not forced:
             raise Deferred(r.rid)
         return None
-    out_tokens = r.output_tokens if r.output_tokens is not None else sum(n for _, n in (r.events or ()))
+    out_tokens = r.output_tokens if r.output_tokens is not None else r.output_seen
     total = out_tokens + prefill_weight * (r.prompt_tokens or 0)
     life = r.end_ns - r.start_ns
     if life <= 0:
@@ -129,9 +161,16 @@ def split_weights(active: float, weights: dict[str, float]) -> dict[str, float]:
 def idle_time_shares(reqs: list[ReqView], t0: int, t1: int) -> dict[str, float]:
     """Fraction of the tick's duration owned by each request for idle power:
     (1/dt) * integral over [t0,t1) of [i in flight] / c(t) dt. Sums to the busy fraction (<= 1)."""
+    return idle_time_shares_base(reqs, t0, t1, 0)[0]
+
+
+def idle_time_shares_base(reqs: list[ReqView], t0: int, t1: int, base: int) -> tuple[dict[str, float], float]:
+    """:func:`idle_time_shares` when ``base`` further requests are in flight over the whole tick:
+    c(t) = base + (requests of ``reqs`` in flight at t). Returns the shares of ``reqs`` and the
+    share of each of the ``base`` requests (the same for all of them). O(n log n) in len(reqs)."""
     dt = t1 - t0
-    if dt <= 0 or not reqs:
-        return {r.rid: 0.0 for r in reqs}
+    if dt <= 0:
+        return {r.rid: 0.0 for r in reqs}, 0.0
     spans = []
     for r in reqs:
         a = max(r.start_ns, t0)
@@ -143,12 +182,12 @@ def idle_time_shares(reqs: list[ReqView], t0: int, t1: int) -> dict[str, float]:
     # cumulative integral of 1/c(t) at each bound
     cum = [0.0]
     for lo, hi in zip(bounds, bounds[1:]):
-        c = bisect.bisect_right(starts, lo) - bisect.bisect_right(ends, lo)
+        c = base + bisect.bisect_right(starts, lo) - bisect.bisect_right(ends, lo)
         cum.append(cum[-1] + ((hi - lo) / c if c > 0 else 0.0))
     out = {}
     for rid, a, b in spans:
         out[rid] = (cum[bisect.bisect_left(bounds, b)] - cum[bisect.bisect_left(bounds, a)]) / dt if b > a else 0.0
-    return out
+    return out, (cum[-1] / dt if base else 0.0)
 
 
 @dataclass
@@ -166,29 +205,40 @@ class TickSplit:
         return self.idle - sum(self.idle_by_request.values())
 
 
-def split_tick(t0: int, t1: int, dE: float, reqs: list[ReqView], idle_watts: float,
-               method: str = TOKEN_WEIGHTED, prefill_weight: float = 1.0, forced: bool = False,
-               prefill_window_ns: int = 80_000_000, horizon_ns: int | None = None) -> TickSplit:
-    """Split one tick's energy over the requests overlapping it (see the module docstring).
-    Raises Deferred when a needed weight is not known yet and ``forced`` is False."""
+def tick_weights(reqs: list[ReqView], t0: int, t1: int, method: str, prefill_weight: float,
+                 forced: bool, prefill_window_ns: int = 80_000_000, horizon_ns: int | None = None,
+                 ) -> tuple[dict[str, float | None], list[str]]:
+    """Weights of the requests overlapping [t0, t1) and the ids of those whose weight is not known
+    yet (each would raise Deferred; never any when ``forced``). One pass, O(n log n)."""
+    raw: dict[str, float | None] = {}
+    blockers: list[str] = []
+    for r in reqs:
+        if not r.overlaps(t0, t1):
+            continue
+        try:
+            raw[r.rid] = request_weight(r, t0, t1, method, prefill_weight, forced, prefill_window_ns, horizon_ns)
+        except Deferred:
+            blockers.append(r.rid)
+    return raw, blockers
+
+
+def split_by_weights(t0: int, t1: int, dE: float, reqs: list[ReqView], raw: dict[str, float | None],
+                     idle_watts: float, forced: bool = False) -> TickSplit:
+    """Split dE over the requests in ``raw`` (weights from :func:`tick_weights`; None = unknown,
+    forced: the mean of the others) as the module docstring says."""
     dE = max(0.0, dE)
-    inflight = [r for r in reqs if r.overlaps(t0, t1)]
+    # a request that touches the tick only at an instant and has no weight in it was not really there
+    inflight = [r for r in reqs if r.rid in raw and
+                (r.overlap_ns(t0, t1) > 0 or raw[r.rid] is None or raw[r.rid] > 0)]  # type: ignore[operator]
     if not inflight:
         return TickSplit(dE, dE, {}, {}, forced)
     dt_s = (t1 - t0) / 1e9
     idle = idle_share_joules(dE, idle_watts, dt_s)
     active = dE - idle
-    raw: dict[str, float | None] = {}
-    for r in inflight:
-        raw[r.rid] = request_weight(r, t0, t1, method, prefill_weight, forced, prefill_window_ns, horizon_ns)
-    # a request that touches the tick only at an instant and has no weight in it was not really there
-    inflight = [r for r in inflight if r.overlap_ns(t0, t1) > 0 or raw[r.rid] is None or raw[r.rid] > 0]
-    if not inflight:
-        return TickSplit(dE, dE, {}, {}, forced)
-    raw = {r.rid: raw[r.rid] for r in inflight}
-    known = [w for w in raw.values() if w is not None]
+    vals = {r.rid: raw[r.rid] for r in inflight}
+    known = [w for w in vals.values() if w is not None]
     mean = (sum(known) / len(known)) if known and sum(known) > 0 else 1.0
-    weights = {rid: (mean if w is None else max(0.0, w)) for rid, w in raw.items()}
+    weights = {rid: (mean if w is None else max(0.0, w)) for rid, w in vals.items()}
     if sum(weights.values()) <= 0:
         weights = {r.rid: float(r.overlap_ns(t0, t1)) for r in inflight}
     if sum(weights.values()) <= 0:
@@ -197,3 +247,14 @@ def split_tick(t0: int, t1: int, dE: float, reqs: list[ReqView], idle_watts: flo
     time_share = idle_time_shares(inflight, t0, t1)
     idle_by = {rid: idle * f for rid, f in time_share.items()}
     return TickSplit(dE, idle, shares, idle_by, forced)
+
+
+def split_tick(t0: int, t1: int, dE: float, reqs: list[ReqView], idle_watts: float,
+               method: str = TOKEN_WEIGHTED, prefill_weight: float = 1.0, forced: bool = False,
+               prefill_window_ns: int = 80_000_000, horizon_ns: int | None = None) -> TickSplit:
+    """Split one tick's energy over the requests overlapping it (see the module docstring).
+    Raises Deferred when a needed weight is not known yet and ``forced`` is False."""
+    raw, blockers = tick_weights(reqs, t0, t1, method, prefill_weight, forced, prefill_window_ns, horizon_ns)
+    if blockers:
+        raise Deferred(blockers[0])
+    return split_by_weights(t0, t1, dE, reqs, raw, idle_watts, forced)

@@ -4,10 +4,12 @@ A custom collector reads ONE ledger snapshot per scrape, so the totals in a scra
 
     sum(edge_proxy_gpu_energy_joules_total) ==
         sum(edge_proxy_attributed_energy_joules_total) + edge_proxy_idle_energy_joules_total
-        + edge_proxy_energy_unapportioned_joules
+        + edge_proxy_foreign_energy_joules_total + edge_proxy_energy_unapportioned_joules
 
 (float rounding aside). ``unapportioned`` is the energy of ticks measured but not split yet
-(normally one or two ticks; more while a request's prompt-token count is awaited).
+(normally one or two ticks; more while a request's prompt-token count is awaited). ``foreign``
+is the energy above idle power of ticks where the GPU was busy and none of this proxy's requests
+was in flight (other replicas, direct clients, other tenants).
 """
 from __future__ import annotations
 
@@ -64,8 +66,13 @@ class EnergyCollector(Collector):
                                   "not split over requests yet.")
         lag = GaugeMetricFamily("edge_proxy_energy_sampler_lag_seconds", "Age of the newest energy sample "
                                 "when the sampler ingested it.")
-        pidle = GaugeMetricFamily("edge_proxy_energy_idle_power_watts", "Idle power P_idle the ledger uses "
-                                  "(configured or learned).")
+        foreign = CounterMetricFamily("edge_proxy_foreign_energy_joules", "Energy above idle power of ticks "
+                                      "where the GPU was busy and none of this proxy's requests was in flight "
+                                      "(work the proxy does not see); never idle, never attributed.")
+        pidle = GaugeMetricFamily("edge_proxy_energy_idle_power_watts", "Idle power P_idle the ledger uses; "
+                                  "idle_power_source: configured | learned_at_rest (ticks at GPU utilization 0) | "
+                                  "learned_no_requests (source cannot tell: ticks with nothing in flight) | "
+                                  "default (0 W, nothing learned yet).", labels=["idle_power_source"])
         errors = CounterMetricFamily("edge_proxy_energy_sampler_errors", "Failed reads of the energy source.")
         gaps = CounterMetricFamily("edge_proxy_energy_sampler_gaps", "Ticks marked as gaps (failed reads, "
                                    "counter resets or wraps).")
@@ -84,13 +91,14 @@ class EnergyCollector(Collector):
                 attr.add_metric([model, method], a)
                 full.add_metric([model, method], f)
             idle.add_metric([], t.idle_joules)
+            foreign.add_metric([], t.foreign_joules)
             unapp.add_metric([], t.pending_joules)
             lag.add_metric([], float(s["lag_seconds"]))  # type: ignore[arg-type]
-            pidle.add_metric([], float(t.idle_watts or 0.0))
+            pidle.add_metric([t.idle_power_source], float(t.idle_watts or 0.0))
             errors.add_metric([], float(s["errors_total"]))  # type: ignore[arg-type]
             gaps.add_metric([], float(s["gaps_total"]))  # type: ignore[arg-type]
             info.add_metric([source, SOURCE_KIND.get(source, "unknown"), source_scope(self.sampler.reader)], 1.0)
-        yield from (gpu, power, attr, full, idle, unapp, lag, pidle, errors, gaps, info)
+        yield from (gpu, power, attr, full, idle, foreign, unapp, lag, pidle, errors, gaps, info)
 
 
 def register_energy_metrics(registry: CollectorRegistry, ledger: Ledger, sampler: Sampler) -> Histogram:
@@ -98,4 +106,13 @@ def register_energy_metrics(registry: CollectorRegistry, ledger: Ledger, sampler
     registry.register(EnergyCollector(ledger, sampler))
     return Histogram("edge_proxy_request_energy_joules", "Full energy attributed to one request (J), "
                      "observed when the request is finalized.", ["model"],
+                     buckets=REQUEST_ENERGY_BUCKETS_JOULES, registry=registry)
+
+
+def register_phase_histogram(registry: CollectorRegistry) -> Histogram:
+    """Per-request energy by phase (prefill | decode; see docs/metrics.md)."""
+    return Histogram("edge_proxy_request_phase_energy_joules", "Full energy of one request's prefill (streams: "
+                     "the ticks up to the one holding its first token; one response: by its prompt and output "
+                     "token weights) or decode (the rest), observed when the request is finalized.",
+                     ["model", "phase"],
                      buckets=REQUEST_ENERGY_BUCKETS_JOULES, registry=registry)

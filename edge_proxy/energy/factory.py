@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from edge_proxy.config import ConfigError, EnergySettings, Settings
 from edge_proxy.energy.apportion import METHODS
 from edge_proxy.energy.estimated_source import SCOPES as ESTIMATED_SCOPES, EstimatedReader
-from edge_proxy.energy.exporter import register_energy_metrics
+from edge_proxy.energy.exporter import register_energy_metrics, register_phase_histogram
 from edge_proxy.energy.ledger import Ledger
 from edge_proxy.energy.observer import EnergyObserver
 from edge_proxy.energy.readings import EnergyReader, ReaderError, Tick
@@ -153,7 +153,8 @@ def create_energy(settings: Settings, registry: CollectorRegistry) -> EnergyComp
                     max_pending_ticks=es.ring_size)
     histogram = register_energy_metrics(registry, ledger, sampler)
     observer = EnergyObserver(ledger, reader.source, es.period_seconds, histogram,
-                              response_header=getattr(es, "response_header", False))
+                              response_header=getattr(es, "response_header", False),
+                              phase_histogram=register_phase_histogram(registry))
     return EnergyComponent(reader.source, note, sampler, ledger, observer)
 
 

@@ -1,8 +1,7 @@
 """The energy ledger: per-request joules that add up to what was measured.
 
-Ticks (from the sampler thread) and request events (from the event loop) meet here under one lock.
-A tick is split (see :mod:`edge_proxy.energy.apportion`) once it is *settled* and its weights are
-known:
+Ticks (from the sampler thread) and request events (from the event loop) meet here. A tick is
+split (see :mod:`edge_proxy.energy.apportion`) once it is *settled* and its weights are known:
 
 - settled: a later tick has arrived (so late token events had one period to land), or every
   request overlapping it has ended;
@@ -15,70 +14,46 @@ known:
   past either bound the oldest tick is split with what is known (unknown prompt counts weigh 0,
   unknown non-streaming weights take the mean of the others), so memory stays bounded.
 
-Cost: request events (``start``/``tokens``/``end``, event loop) are O(1); splitting and finality
-run when a tick arrives (sampler thread), off the event loop. ``end`` settles at once only when the
-tick after the end has already closed.
+Threads and cost: request events (``start``/``tokens``/``end``, event loop) only append to a queue
+(no lock, O(1)); the sampler thread drains the queue and does all splitting and finality under
+the lock (:mod:`edge_proxy.energy.ledger_core`: per tick O(n log n) in the n requests in it;
+finality per request O(ticks it overlaps)). While at least ``busy_merge_min_open`` requests are
+open, consecutive ticks are split as one unit of up to ``busy_merge_seconds`` (0.5 s): the
+splitting work per second then stays near O(requests in flight) instead of growing with
+requests x ticks per second, at a time resolution that many concurrent requests do not need. ``is_final`` and ``release`` of a final request take
+no lock either; ``snapshot`` (scrapes) reads totals published after each tick. So the event loop
+never waits for a split.
 
 A request's energy is *final* once it has ended, a tick closing after its end has arrived, and no
-pending tick overlaps it. Idle power: configured, or learned as the median power of recent ticks
-with nothing in flight (preferring ticks at least ``idle_settle_seconds`` after the last busy one,
-so the power tail after a burst is not taken for idle).
+pending tick overlaps it. Idle power: configured; else learned as the median power of recent ticks
+where the source said the GPU was at rest (NVML utilization 0); else, from sources that cannot
+tell, of recent ticks with nothing in flight (preferring ticks at least ``idle_settle_seconds``
+after the last busy one, so the power tail after a burst is not taken for idle). A tick where the
+GPU was busy and none of this proxy's requests was in flight is *foreign* above idle power (work
+the proxy does not see: other replicas, direct clients, other tenants).
 
-Conservation (tested on every path): measured = sum(active) + sum(idle) + pending, where pending
-is the energy of ticks received but not yet split.
+Conservation (tested on every path): measured = sum(active) + sum(idle) + foreign + pending,
+where pending is the energy of ticks received but not yet split.
 """
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Callable
+import time
+from collections import deque
+from typing import Any, Callable
 
-from edge_proxy.energy.apportion import (
-    METHODS, TIME_WEIGHTED, TOKEN_WEIGHTED, Deferred, ReqView, TickSplit, split_tick)
+from edge_proxy.energy.apportion import METHODS, TOKEN_WEIGHTED
+from edge_proxy.energy.ledger_core import Core, LedgerTotals, RequestEnergy
 from edge_proxy.energy.readings import Tick
+
+__all__ = ["Ledger", "LedgerTotals", "RequestEnergy"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class RequestEnergy:
-    """A request's attributed energy as the ledger knows it now."""
-
-    active_joules: float
-    full_joules: float
-    attribution: str
-    final: bool
-
-
-@dataclass
-class _Req:
-    view: ReqView
-    model: str
-    attribution: str
-    forwarded: Callable[[], int | None] | None = None   # when the request left for the backend
-    active: float = 0.0
-    full: float = 0.0
-    final: bool = False
-    released: bool = False
-
-
-@dataclass
-class LedgerTotals:
-    measured_joules: float = 0.0          # every tick received
-    measured_by_gpu: dict[str, float] = field(default_factory=dict)
-    pending_joules: float = 0.0           # received, not split yet
-    idle_joules: float = 0.0              # idle_k of split ticks (all idle power)
-    idle_unattributed_joules: float = 0.0 # idle not carried by any request's full energy
-    active_joules: float = 0.0            # sum of active shares
-    full_joules: float = 0.0              # sum of full shares
-    ticks_split: int = 0
-    ticks_forced: int = 0
-    ticks_gap: int = 0
-    by_model: dict[tuple[str, str], list[float]] = field(default_factory=dict)   # (model, attribution) -> [active, full]
-    idle_watts: float | None = None
+FOREIGN_WARN_WINDOW_NS = 60_000_000_000        # foreign share checked over this much tick time
+FOREIGN_WARN_SHARE = 0.10                      # warn when foreign > 10 % of measured in a window
+FOREIGN_WARN_EVERY_S = 300.0                   # at most one warning per 5 minutes
 
 
 class Ledger:
@@ -86,7 +61,8 @@ class Ledger:
                  method: str = TOKEN_WEIGHTED, max_defer_seconds: float = 30.0,
                  max_pending_ticks: int = 4096, max_done: int = 10_000,
                  idle_window: int = 64, idle_settle_seconds: float = 1.0,
-                 prefill_window_seconds: float = 0.08) -> None:
+                 prefill_window_seconds: float = 0.08, max_queued_events: int = 20_000,
+                 busy_merge_seconds: float = 0.5, busy_merge_min_open: int = 128) -> None:
         if method not in METHODS:
             raise ValueError(f"attribution must be one of {', '.join(METHODS)}, got {method!r}")
         if idle_watts is not None and idle_watts < 0:
@@ -96,314 +72,200 @@ class Ledger:
         self.method = method
         self.prefill_weight = float(prefill_weight)
         self.configured_idle_watts = idle_watts
-        self.max_defer_ns = int(max_defer_seconds * 1e9)
-        self.max_pending = max(1, max_pending_ticks)
-        self.max_done = max_done
-        self.idle_settle_ns = int(idle_settle_seconds * 1e9)
-        self.prefill_window_ns = int(prefill_window_seconds * 1e9)
+        self._core = Core(idle_watts, float(prefill_weight), method, int(max_defer_seconds * 1e9),
+                          max(1, max_pending_ticks), max_done, idle_window, int(idle_settle_seconds * 1e9),
+                          int(prefill_window_seconds * 1e9), int(busy_merge_seconds * 1e9), busy_merge_min_open)
         self._lock = threading.RLock()
-        self._active: dict[str, _Req] = {}
-        self._done: OrderedDict[str, _Req] = OrderedDict()
-        self._pending: deque[Tick] = deque()
-        self._newest_t1: int | None = None
-        self._last_tick: Tick | None = None
-        self._last_busy_t1: int | None = None
-        self._idle_settled: deque[float] = deque(maxlen=idle_window)
-        self._idle_any: deque[float] = deque(maxlen=idle_window)
-        self.totals = LedgerTotals()
-        # called (from whichever thread fed the ledger, outside its lock) after requests turned
-        # final: lets a waiter wake once when its request is final instead of polling
-        self.final_listeners: list[Callable[[], None]] = []
-        self._turned_final = False
+        self._queue: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()
+        self._max_queued = max_queued_events
+        self._open: set[str] = set()         # started, not final yet (read without the lock)
+        self._published = self._core.totals.copy()
+        # called (from whichever thread processed, outside the lock) with the ids of requests that
+        # turned final: lets a waiter wake once when its request is final instead of polling
+        self.final_listeners: list[Callable[[list[str]], None]] = []
+        self._foreign_window: tuple[int, float, float] | None = None   # (t0, measured, foreign) at window start
+        self._foreign_warned_at = -FOREIGN_WARN_EVERY_S
 
-    # -- idle power ------------------------------------------------------------------------
-    @property
-    def idle_watts(self) -> float:
-        """P_idle: configured, else the median of recent idle ticks' power, else 0 W."""
-        if self.configured_idle_watts is not None:
-            return self.configured_idle_watts
-        src = self._idle_settled or self._idle_any
-        return statistics.median(src) if src else 0.0
+    # -- request events (event loop): queued, O(1), no lock ---------------------------------
+    def _put(self, fn: Callable[..., None], *args: Any) -> None:
+        self._queue.append((fn, args))
+        if len(self._queue) > self._max_queued:      # no ticks for a long while: keep memory bounded
+            with self._lock:
+                self._drain()
 
-    def _learn_idle(self, tick: Tick) -> None:
-        if self.configured_idle_watts is not None or tick.gap or tick.t1_ns <= tick.t0_ns:
-            return
-        p = tick.joules / tick.dt_seconds
-        self._idle_any.append(p)
-        if self._last_busy_t1 is None or tick.t0_ns - self._last_busy_t1 >= self.idle_settle_ns:
-            self._idle_settled.append(p)
-
-    # -- request events (event loop) -------------------------------------------------------
     def start(self, rid: str, t_ns: int, model: str = "unknown", stream: bool = True,
-              forwarded: Callable[[], int | None] | None = None) -> None:
+              forwarded: Callable[[], int | None] | None = None, prompt_tokens: int | None = None,
+              token_times: list[int] | None = None) -> None:
         """Open a request at ``t_ns``. ``forwarded`` (optional) tells when the request was sent to
         the backend (None while a cold-start gate holds it): the request is in flight from then on,
-        so a held request carries no energy of the cold start it waits through."""
-        with self._lock:
-            token_known = stream and self.method == TOKEN_WEIGHTED
-            attribution = TOKEN_WEIGHTED if token_known else TIME_WEIGHTED
-            self._active[rid] = _Req(ReqView(rid, t_ns, None, stream, events=[]), model, attribution,
-                                     forwarded)
+        so a held request carries no energy of the cold start it waits through. ``token_times``
+        (optional): a list, appended by the caller in time order with one entry per output token,
+        that the ledger reads instead of recording token events (then ``tokens`` need only be called
+        for the first token and when the prompt count becomes known)."""
+        self._open.add(rid)
+        self._put(self._core.start, rid, t_ns, model, stream, forwarded, prompt_tokens, token_times)
 
     def tokens(self, rid: str, n: int, t_ns: int, prompt_tokens: int | None = None) -> None:
-        with self._lock:
-            r = self._active.get(rid)
-            if r is None or n <= 0:
-                return
-            v = r.view
-            if v.first_token_ns is None:
-                v.first_token_ns = t_ns
-            assert v.events is not None
-            v.events.append((t_ns, int(n)))
-            if prompt_tokens is not None:
-                v.prompt_tokens = int(prompt_tokens)
+        self._put(self._core.tokens, rid, n, t_ns, prompt_tokens)
 
     def set_prompt_tokens(self, rid: str, n: int | None) -> None:
-        if n is None:
-            return
-        with self._lock:
-            r = self._active.get(rid)
-            if r is not None:
-                r.view.prompt_tokens = int(n)
+        if n is not None:
+            self._put(self._core.set_prompt_tokens, rid, n)
 
     def set_model(self, rid: str, model: str) -> None:
-        with self._lock:
-            r = self._active.get(rid)
-            if r is not None:
-                r.model = model
+        self._put(self._core.set_model, rid, model)
 
     def end(self, rid: str, t_ns: int, prompt_tokens: int | None = None,
             output_tokens: int | None = None, now_ns: int | None = None) -> None:
-        with self._lock:
-            r = self._active.get(rid)
-            if r is None:
-                return
-            v = r.view
-            v.end_ns = max(t_ns, v.start_ns)
-            if prompt_tokens is not None:
-                v.prompt_tokens = int(prompt_tokens)
-            if output_tokens is not None:
-                v.output_tokens = int(output_tokens)
-            # O(1) on the event loop: pending ticks are split and requests turn final when the next
-            # tick arrives (sampler thread), which is also when a request ending after the newest
-            # tick can turn final. Only when the tick after the end has already closed (the end was
-            # stamped before the newest tick arrived) is there something to settle now.
-            if self._newest_t1 is not None and v.end_ns < self._newest_t1:
-                self._resolve(now_ns if now_ns is not None else self._newest_t1)
-        self._notify_final()
+        """Stamp the end (O(1)); the tick that settles it is split on the sampler thread."""
+        self._put(self._core.end, rid, t_ns, prompt_tokens, output_tokens)
 
     # -- ticks (sampler thread) ------------------------------------------------------------
     def add_tick(self, tick: Tick, now_ns: int | None = None) -> None:
         with self._lock:
-            self.totals.measured_joules += tick.joules
-            for u, j in tick.joules_by_gpu.items():
-                self.totals.measured_by_gpu[u] = self.totals.measured_by_gpu.get(u, 0.0) + j
-            self.totals.pending_joules += tick.joules
-            if tick.gap:
-                self.totals.ticks_gap += 1
-            self._pending.append(tick)
-            if self._newest_t1 is None or tick.t1_ns > self._newest_t1:
-                self._newest_t1 = tick.t1_ns
-                self._last_tick = tick
-            self._resolve(tick.t1_ns if now_ns is None else now_ns)
+            self._drain()
+            self._core.add_tick(tick)
+            self._process(tick.t1_ns if now_ns is None else now_ns)
         self._notify_final()
+        self._check_foreign()
 
     def resolve(self, now_ns: int) -> None:
         with self._lock:
-            self._resolve(now_ns)
+            self._drain()
+            self._process(now_ns)
         self._notify_final()
 
     def flush(self) -> None:
         """Split every pending tick now with what is known (shutdown, end of a test)."""
         with self._lock:
-            while self._pending:
-                self._split(self._pending.popleft(), forced=True)
-            self._update_finality()
+            self._drain()
+            self._process(time.monotonic_ns(), force_all=True)
         self._notify_final()
+
+    # -- internals (under the lock) ----------------------------------------------------------
+    def _drain(self) -> None:
+        q = self._queue
+        while q:
+            fn, args = q.popleft()
+            fn(*args)
+        dropped = self._core.dropped
+        if dropped:
+            for rid in dropped:
+                self._open.discard(rid)
+            dropped.clear()
+
+    def _process(self, now_ns: int, force_all: bool = False) -> None:
+        c = self._core
+        c.process(now_ns, force_all)
+        if c.turned_final:
+            for rid in c.turned_final:
+                self._open.discard(rid)
+        self._published = c.totals.copy()
 
     def _notify_final(self) -> None:
         with self._lock:
-            turned, self._turned_final = self._turned_final, False
+            turned, self._core.turned_final = self._core.turned_final, []
         if turned:
             for fn in self.final_listeners:
                 try:
-                    fn()
+                    fn(turned)
                 except Exception:  # noqa: BLE001 - a listener must not break the sampler
                     log.exception("ledger final listener failed")
 
-    # -- internals -------------------------------------------------------------------------
-    @staticmethod
-    def _in_flight_view(r: _Req) -> bool:
-        """Move the request's start to when it was forwarded; False while it is held (not sent yet)."""
-        if r.forwarded is None:
-            return True
-        fwd = r.forwarded()
-        v = r.view
-        if fwd is None:
-            if v.end_ns is None:
-                return False             # held by the gate: not in flight yet
-            v.start_ns = v.end_ns        # ended without being sent (rejected): no time in flight
-            return True
-        if fwd > v.start_ns:
-            v.start_ns = fwd if v.end_ns is None else min(fwd, v.end_ns)
-        return True
-
-    def _overlapping(self, tick: Tick) -> list[_Req]:
-        return [r for r in self._active.values()
-                if self._in_flight_view(r) and r.view.overlaps(tick.t0_ns, tick.t1_ns)]
-
-    def _split(self, tick: Tick, forced: bool) -> bool:
-        reqs = self._overlapping(tick)
-        settled = (self._newest_t1 is not None and self._newest_t1 > tick.t1_ns) or \
-            all(r.view.end_ns is not None for r in reqs)
-        if not settled and not forced:
-            return False
-        try:
-            res: TickSplit = split_tick(tick.t0_ns, tick.t1_ns, tick.joules, [r.view for r in reqs],
-                                        self.idle_watts, self.method, self.prefill_weight, forced,
-                                        self.prefill_window_ns, self._newest_t1)
-        except Deferred:
-            return False
-        t = self.totals
-        t.pending_joules -= tick.joules
-        if abs(t.pending_joules) < 1e-9 and not self._pending:
-            t.pending_joules = 0.0
-        t.ticks_split += 1
-        t.ticks_forced += int(forced)
-        t.idle_joules += res.idle
-        t.idle_unattributed_joules += res.idle_unattributed
-        if not reqs:
-            held = any(r.view.start_ns < tick.t1_ns and r.view.end_ns is None and not self._in_flight_view(r)
-                       for r in self._active.values())
-            if not held:                 # a cold start (requests held) is not idle power
-                self._learn_idle(tick)
-        else:
-            self._last_busy_t1 = max(self._last_busy_t1 or tick.t1_ns, tick.t1_ns)
-        for r in reqs:
-            a = res.active.get(r.view.rid, 0.0)
-            f = a + res.idle_by_request.get(r.view.rid, 0.0)
-            r.active += a
-            r.full += f
-            t.active_joules += a
-            t.full_joules += f
-            acc = t.by_model.setdefault((r.model, r.attribution), [0.0, 0.0])
-            acc[0] += a
-            acc[1] += f
-        return True
-
-    def _resolve(self, now_ns: int) -> None:
-        # bound memory: force the oldest ticks past the limits
-        while self._pending and (len(self._pending) > self.max_pending or
-                                 now_ns - self._pending[0].t1_ns > self.max_defer_ns):
-            self._split(self._pending.popleft(), forced=True)
-        if self._pending:
-            keep: deque[Tick] = deque()
-            for tick in self._pending:
-                if not self._split(tick, forced=False):
-                    keep.append(tick)
-            self._pending = keep
-        self._update_finality()
-
-    def _update_finality(self) -> None:
-        newest = self._newest_t1
+    def _check_foreign(self) -> None:
+        """Warn (at most every 5 minutes) when foreign energy exceeded 10 % of the measured energy
+        over the last minute of ticks: idle power and attribution stay right, but this proxy sees
+        only part of the GPU's work."""
+        t, newest = self._published, self._core.newest_t1
         if newest is None:
             return
-        horizon = self._pending[0].t0_ns if self._pending else newest
-        for rid in [rid for rid, r in self._active.items() if r.view.end_ns is not None]:
-            r = self._active[rid]
-            v = r.view
-            assert v.end_ns is not None
-            if newest <= v.end_ns:
-                continue
-            if any(v.overlaps(tk.t0_ns, tk.t1_ns) for tk in self._pending):
-                continue
-            r.final = True
-            self._turned_final = True
-            del self._active[rid]
-            if not r.released:
-                self._done[rid] = r
-                while len(self._done) > self.max_done:
-                    self._done.popitem(last=False)
-        # trim token events nobody can need any more
-        for r in self._active.values():
-            ev = r.view.events
-            if ev and len(ev) > 64 and ev[0][0] < horizon:
-                r.view.events = [e for e in ev if e[0] >= horizon]
-        self.totals.idle_watts = self.idle_watts
+        w = self._foreign_window
+        if w is None:
+            self._foreign_window = (newest, t.measured_joules, t.foreign_joules)
+            return
+        if newest - w[0] < FOREIGN_WARN_WINDOW_NS:
+            return
+        measured, foreign = t.measured_joules - w[1], t.foreign_joules - w[2]
+        self._foreign_window = (newest, t.measured_joules, t.foreign_joules)
+        now = time.monotonic()
+        if measured > 0 and foreign > FOREIGN_WARN_SHARE * measured and now - self._foreign_warned_at >= FOREIGN_WARN_EVERY_S:
+            self._foreign_warned_at = now
+            log.warning("energy: %.0f %% of the GPU energy of the last %.0f s (%.1f J) was used by work this proxy "
+                        "does not see (other proxies, direct clients, other tenants); counted as foreign, not "
+                        "idle and not attributed (edge_proxy_foreign_energy_joules_total); see docs/metrics.md",
+                        100 * foreign / measured, FOREIGN_WARN_WINDOW_NS / 1e9, foreign)
 
     # -- queries ---------------------------------------------------------------------------
+    @property
+    def idle_watts(self) -> float:
+        """P_idle: configured, else learned (see the module docstring), else 0 W."""
+        return self._core.idle.watts
+
+    @property
+    def idle_power_source(self) -> str:
+        return self._published.idle_power_source
+
     def result(self, rid: str) -> RequestEnergy | None:
         with self._lock:
-            r = self._active.get(rid) or self._done.get(rid)
-            if r is None:
-                return None
-            return RequestEnergy(r.active, r.full, r.attribution, r.final)
+            self._drain()
+            r = self._core.active.get(rid) or self._core.done.get(rid)
+            return None if r is None else r.energy()
 
     def is_final(self, rid: str) -> bool:
-        with self._lock:
-            return rid in self._done or (rid not in self._active)
+        """True once the request's energy is final (or the ledger never saw it). No lock."""
+        return rid not in self._open
 
     def release(self, rid: str) -> RequestEnergy | None:
-        """Hand back a request's result and forget it (or forget it once it turns final)."""
-        with self._lock:
-            r = self._done.pop(rid, None)
-            if r is None:
-                r = self._active.get(rid)
-                if r is not None:
-                    r.released = True
-            return None if r is None else RequestEnergy(r.active, r.full, r.attribution, r.final)
+        """Hand back a final request's result and forget it (no lock); for one not final yet, return
+        None and let the ledger forget it once it turns final."""
+        r = self._core.done.pop(rid, None)
+        if r is not None:
+            return r.energy(True)
+        self._put(self._core.release, rid)
+        return None
 
-    def estimate(self, rid: str, now_ns: int) -> RequestEnergy | None:
-        """Provisional energy: split so far + pending ticks split as if now (forced) + the time since
-        the newest tick at the newest tick's power, shared equally with the other requests in flight."""
-        with self._lock:
-            r = self._active.get(rid) or self._done.get(rid)
-            if r is None:
-                return None
-            if r.final:
-                return RequestEnergy(r.active, r.full, r.attribution, True)
-            active, full = r.active, r.full
-            for tick in self._pending:
-                reqs = self._overlapping(tick)
-                if r not in reqs:
-                    continue
-                res = split_tick(tick.t0_ns, tick.t1_ns, tick.joules, [x.view for x in reqs],
-                                 self.idle_watts, self.method, self.prefill_weight, True,
-                                 self.prefill_window_ns, self._newest_t1)
-                a = res.active.get(rid, 0.0)
-                active += a
-                full += a + res.idle_by_request.get(rid, 0.0)
-            newest = self._newest_t1
-            end = r.view.end_ns if r.view.end_ns is not None else now_ns
-            last = self._last_tick
-            if newest is not None and end > newest:
-                power = (last.joules / last.dt_seconds) if last is not None and last.dt_seconds > 0 else 0.0
-                n = sum(1 for x in self._active.values() if x.view.end_ns is None or x.view.end_ns > newest)
-                tail = power * (end - max(newest, r.view.start_ns)) / 1e9 / max(1, n)
-                idle_part = min(tail, self.idle_watts * (end - max(newest, r.view.start_ns)) / 1e9 / max(1, n))
-                active += tail - idle_part
-                full += tail
-            return RequestEnergy(active, full, r.attribution, False)
+    def estimate(self, rid: str, now_ns: int, wait_seconds: float = 0.005) -> RequestEnergy | None:
+        """Provisional energy (see :meth:`edge_proxy.energy.ledger_core.Core.estimate`): O(ticks
+        pending). Waits at most ``wait_seconds`` for the lock (the event loop must not wait for a
+        split); past that it estimates from what it can read without the lock (request events
+        not drained yet are not seen; a request the ledger has not seen yet gets 0 J)."""
+        c = self._core
+        if self._lock.acquire(timeout=wait_seconds):
+            try:
+                self._drain()
+                r = c.active.get(rid) or c.done.get(rid)
+                return None if r is None else c.estimate(r, now_ns)
+            finally:
+                self._lock.release()
+        r = c.active.get(rid) or c.done.get(rid)
+        if r is None:
+            return RequestEnergy(0.0, 0.0, TOKEN_WEIGHTED, False) if rid in self._open else None
+        try:
+            return c.estimate(r, now_ns, list(c.pending))
+        except Exception:  # noqa: BLE001 - read while the sampler changes it: fall back to what is split
+            return r.energy(False)
 
     def snapshot(self) -> LedgerTotals:
-        with self._lock:
-            t = self.totals
-            return LedgerTotals(t.measured_joules, dict(t.measured_by_gpu), t.pending_joules, t.idle_joules, t.idle_unattributed_joules,
-                                t.active_joules, t.full_joules, t.ticks_split, t.ticks_forced, t.ticks_gap,
-                                {k: list(v) for k, v in t.by_model.items()}, self.idle_watts)
+        """Totals as of the last processed tick (one consistent copy; no lock)."""
+        return self._published
 
     @property
     def newest_tick_end_ns(self) -> int | None:
         """t1 of the newest tick received (None before the first)."""
-        with self._lock:
-            return self._newest_t1
+        return self._core.newest_t1
 
     @property
     def pending_ticks(self) -> int:
-        with self._lock:
-            return len(self._pending)
+        return len(self._core.pending)
 
     @property
     def requests_in_flight(self) -> int:
+        return len(self._open)
+
+    def sizes(self) -> dict[str, int]:
+        """Sizes of the ledger's structures (tests: they must not grow with finished requests)."""
         with self._lock:
-            return len(self._active)
+            c = self._core
+            return {"open": len(self._open), "active": len(c.active), "done": len(c.done),
+                    "pending": len(c.pending), "check": len(c.check), "queued": len(self._queue),
+                    "members": sum(len(p.members or ()) for p in c.pending)}

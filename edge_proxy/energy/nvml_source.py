@@ -4,6 +4,11 @@ Reads ``nvmlDeviceGetTotalEnergyConsumption`` (mJ since driver load; about 4 ms 
 H100, so only ever from the sampler thread) and instantaneous power from the
 ``NVML_FI_DEV_POWER_INSTANT`` field (mW), falling back to ``nvmlDeviceGetPowerUsage`` (a 1-s
 average on Ampere and newer). GPUs are addressed by UUID: CUDA indices are not NVML indices.
+Each reading also says whether the GPUs were at rest: ``nvmlDeviceGetUtilizationRates().gpu`` is 0
+on every GPU (no kernel ran during the driver's last sample period), which the ledger uses to
+learn idle power and to tell foreign work (busy GPU, none of the proxy's requests in flight).
+A loaded model server with nothing to do is at rest too: a resident compute process alone is not
+work, so running processes are not part of the test.
 """
 from __future__ import annotations
 
@@ -108,6 +113,7 @@ class NvmlReader:
         self.gpu_uuids = list(handles)
         self._read_power = read_power
         self._power_field_ok = True
+        self._util_ok = True
         self._closed = False
 
     def _power_watts(self, h: Any) -> float | None:
@@ -123,6 +129,17 @@ class NvmlReader:
         try:
             return pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0
         except pynvml.NVMLError:
+            return None
+
+    def _at_rest(self) -> bool | None:
+        """True when every GPU's utilization is 0, False when one is busy, None when unsupported."""
+        if not self._util_ok:
+            return None
+        pynvml = self._nvml
+        try:
+            return all(pynvml.nvmlDeviceGetUtilizationRates(h).gpu == 0 for h in self._handles.values())
+        except (pynvml.NVMLError, AttributeError):
+            self._util_ok = False          # e.g. vGPU / MIG without utilization: cannot tell
             return None
 
     def read(self) -> list[Reading]:
@@ -145,7 +162,7 @@ class NvmlReader:
         t_ns = (t_before + t_after) // 2
         if not energy:
             return [Reading(t_ns=t_ns, error="; ".join(errors) or "no GPU read")]
-        return [Reading(t_ns=t_ns, energy_mj=energy, power_w=power)]
+        return [Reading(t_ns=t_ns, energy_mj=energy, power_w=power, at_rest=self._at_rest())]
 
     def close(self) -> None:
         if not self._closed:

@@ -15,13 +15,16 @@ class Reading:
 
     ``energy_mj`` maps GPU UUID to the counter (mJ since driver load, or the source's own origin).
     A GPU missing from ``energy_mj`` failed to read this time. ``error`` set means the whole read
-    failed (the sampler logs it once and records a gap).
+    failed (the sampler logs it once and records a gap). ``at_rest``: every GPU read was at rest
+    (utilization 0 over the driver's last sample period); False: at least one was busy; None: the
+    source cannot tell (estimated, remote, traces recorded without utilization).
     """
 
     t_ns: int
     energy_mj: dict[str, int] = field(default_factory=dict)
     power_w: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    at_rest: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,8 @@ class Tick:
     """Energy measured between two consecutive readings: [t0_ns, t1_ns).
 
     ``joules`` is the sum over GPUs after clamping (a counter that went down contributes 0 J and
-    sets ``gap``). ``gap`` also marks a tick that spans failed reads.
+    sets ``gap``). ``gap`` also marks a tick that spans failed reads. ``at_rest``: True when every
+    read in the tick said the GPUs were at rest, False when one said busy, None when unknown.
     """
 
     t0_ns: int
@@ -37,6 +41,7 @@ class Tick:
     joules: float
     joules_by_gpu: dict[str, float]
     gap: bool = False
+    at_rest: bool | None = None
 
     @property
     def dt_seconds(self) -> float:
@@ -67,3 +72,20 @@ def counter_delta_joules(prev_mj: int, cur_mj: int) -> tuple[float, bool]:
     if cur_mj < prev_mj:
         return 0.0, True
     return (cur_mj - prev_mj) / 1000.0, False
+
+
+def combine_at_rest(a: bool | None, b: bool | None) -> bool | None:
+    """At rest over two reads: busy if either was busy, at rest if both were, else unknown."""
+    if a is False or b is False:
+        return False
+    if a is None or b is None:
+        return a if b is None else b
+    return True
+
+
+def merge_ticks(a: Tick, b: Tick) -> Tick:
+    """Two consecutive ticks as one: [a.t0, b.t1), energies added (per GPU too)."""
+    by_gpu = dict(a.joules_by_gpu)
+    for u, j in b.joules_by_gpu.items():
+        by_gpu[u] = by_gpu.get(u, 0.0) + j
+    return Tick(a.t0_ns, b.t1_ns, a.joules + b.joules, by_gpu, a.gap or b.gap, combine_at_rest(a.at_rest, b.at_rest))

@@ -2,7 +2,8 @@
 
 Reads the counters with the same sampler code the proxy runs (one background thread, 100 ms by
 default) and writes one line per reading: ``{"t": seconds, "energy_millijoules": {uuid: mJ},
-"power_watts": {uuid: W}}`` (failed reads as ``{"t": .., "error": ".."}``), after a header line.
+"power_watts": {uuid: W}, "at_rest": bool}`` (``at_rest`` when the source tells: NVML utilization 0
+on every GPU; failed reads as ``{"t": .., "error": ".."}``), after a header line.
 See :mod:`edge_proxy.energy.replay_source` for the format.
 """
 from __future__ import annotations
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
             rec["energy_millijoules"] = r.energy_mj
             if r.power_w:
                 rec["power_watts"] = {u: round(p, 3) for u, p in r.power_w.items()}
+            if r.at_rest is not None:
+                rec["at_rest"] = r.at_rest
         fh.write(json.dumps(rec) + "\n")
         written += 1
         return orig_ingest(r)

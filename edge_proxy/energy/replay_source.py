@@ -6,7 +6,12 @@ Trace format (what ``edge-proxy record`` writes)::
     {"t": 0.0,   "energy_millijoules": {"GPU-..": 123456789}, "power_watts": {"GPU-..": 74.9}}
     {"t": 0.1,   "energy_millijoules": {"GPU-..": 123464512}, "power_watts": {"GPU-..": 75.3}}
     {"t": 0.2,   "error": "NVMLError_Unknown"}                 # a failed read
+    {"t": 0.3,   "energy_millijoules": {...}, "at_rest": false}  # optional: GPU busy / at rest
     ...
+
+``at_rest`` (optional, written by ``edge-proxy record`` from NVML utilization): true when every GPU
+was at rest (utilization 0), false when one was busy. Traces without it replay as "cannot tell"
+(the ledger then learns idle power from ticks with nothing in flight, as before).
 
 ``t`` is seconds on the recorder's monotonic clock (any origin). The header line is optional.
 Counter resets (a value lower than the previous one) and gaps (missing time) are replayed as
@@ -35,6 +40,7 @@ class TraceRecord:
     energy_mj: dict[str, int]
     power_w: dict[str, float]
     error: str | None = None
+    at_rest: bool | None = None
 
 
 def load_trace(path: str | Path) -> tuple[dict[str, Any], list[TraceRecord]]:
@@ -63,11 +69,14 @@ def load_trace(path: str | Path) -> tuple[dict[str, Any], list[TraceRecord]]:
                 continue
             energy = {str(k): int(v) for k, v in obj["energy_millijoules"].items()}
             power = {str(k): float(v) for k, v in (obj.get("power_watts") or {}).items()}
+            at_rest = obj.get("at_rest")
+            if at_rest is not None and not isinstance(at_rest, bool):
+                raise ValueError("at_rest must be true or false")
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ReaderError(f"replay trace {p} line {lineno}: invalid record ({exc})") from None
         if records and t < records[-1].t_seconds:
             raise ReaderError(f"replay trace {p} line {lineno}: time goes backwards")
-        records.append(TraceRecord(t, energy, power))
+        records.append(TraceRecord(t, energy, power, None, at_rest))
     if len([r for r in records if r.error is None]) < 2:
         raise ReaderError(f"replay trace {p}: needs at least two counter readings")
     return header, records
@@ -95,7 +104,7 @@ class ReplayReader:
                 raise ReaderError(f"GPU UUID(s) not in replay trace: {', '.join(missing)}")
             keep = set(gpu_uuids)
             records = [TraceRecord(r.t_seconds, {u: v for u, v in r.energy_mj.items() if u in keep},
-                                   {u: v for u, v in r.power_w.items() if u in keep}, r.error)
+                                   {u: v for u, v in r.power_w.items() if u in keep}, r.error, r.at_rest)
                        for r in records]
             seen = list(gpu_uuids)
         self.gpu_uuids = seen
@@ -118,7 +127,7 @@ class ReplayReader:
 
     def _emit(self, rec: TraceRecord) -> Reading:
         return Reading(t_ns=self._stamp(rec), energy_mj=dict(rec.energy_mj), power_w=dict(rec.power_w),
-                       error=rec.error)
+                       error=rec.error, at_rest=rec.at_rest)
 
     def _advance(self) -> TraceRecord | None:
         if self._index >= len(self.records):

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from typing import Callable
 
-from edge_proxy.energy.readings import EnergyReader, Reading, Tick, counter_delta_joules
+from edge_proxy.energy.readings import EnergyReader, Reading, Tick, combine_at_rest, counter_delta_joules
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class Sampler:
         self._prev: dict[str, tuple[int, int]] = {}     # uuid -> (t_ns, counter_mj) of the last good read
         self._last_t_ns: int | None = None               # end of the last tick (all GPUs)
         self._pending_gap = False
+        self._at_rest: bool | None = None                # over the reads since the last tick
+        self._at_rest_seen = False
         self._logged: set[str] = set()
         self._failed_listeners: set[int] = set()
         self._thread: threading.Thread | None = None
@@ -94,6 +96,10 @@ class Sampler:
                                self.source, reading.error)
                 return None
             self.readings.append(reading)
+            if reading.at_rest is not None:
+                self._at_rest = reading.at_rest if not self._at_rest_seen else \
+                    combine_at_rest(self._at_rest, reading.at_rest)
+                self._at_rest_seen = True
             for u, p in reading.power_w.items():
                 self.power_watts[u] = p
             t = reading.t_ns
@@ -126,7 +132,9 @@ class Sampler:
             self._pending_gap = False
             if gap:
                 self.gaps_total += 1
-            tick = Tick(t0_ns=t0, t1_ns=t, joules=sum(by_gpu.values()), joules_by_gpu=by_gpu, gap=gap)
+            tick = Tick(t0_ns=t0, t1_ns=t, joules=sum(by_gpu.values()), joules_by_gpu=by_gpu, gap=gap,
+                        at_rest=self._at_rest)
+            self._at_rest, self._at_rest_seen = None, False
             self.ticks.append(tick)
         for i, fn in enumerate(self._listeners):
             try:

@@ -1,0 +1,254 @@
+"""Energy ledger under load: the proxy with `--energy-source none`, `estimated` and `replay`, side by side.
+
+A fake fast streaming backend (aiohttp, its own process) answers OpenAI chat requests with
+``--tokens`` SSE events, one every ``--token-interval-ms`` (first after ``--first-token-ms``), and the
+usage chunk last (like vLLM: the prompt-token count is known only at the end, the ledger's hardest
+case). One proxy per energy source runs in its own process (``edge-proxy serve``, defaults otherwise;
+``replay`` replays ``--trace``, by default the H200 trace recorded in ``tests/data``). This script is
+the load generator: ``C`` closed-loop streaming clients (aiohttp) for ``--seconds`` per target after a
+warm-up, the targets interleaved in ``--rounds`` rounds so that other load on the machine falls on all
+alike. Meanwhile it scrapes the proxy's ``/metrics`` every second (time per scrape) and probes the
+proxy's event loop every 20 ms with a request its metrics server answers at once (a 404): the
+probe's latency bounds how long the loop stalled.
+
+Reported per target: requests/s (completions inside the measured windows), stream end-to-end p50/p99,
+errors, max /metrics scrape time, max and p99.9 loop-probe latency, and the ratios to ``none``.
+
+Usage: ``python benchmarks/energy_load.py [--concurrency 1000] [--seconds 30] [--json OUT.json]``
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from proxy_overhead import free_port, pct, stop_all, wait_ok  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT / "tests" / "data" / "energy_h200_recorded.jsonl"
+SOURCES = ("none", "estimated", "replay")
+
+
+def run_upstream(port: int, tokens: int, first_ms: float, interval_ms: float) -> None:
+    """The fake backend: SSE on a fixed schedule from the request's arrival, usage chunk last."""
+    from aiohttp import web
+
+    piece = lambda i: (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'  # noqa: E731
+                       b'"choices":[{"index":0,"delta":{"content":" tok%d"},"finish_reason":null}]}\n\n' % i)
+    events = [piece(i) for i in range(tokens)]
+    final = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'
+             b'"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n')
+    usage = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[],'
+             b'"usage":{"prompt_tokens":8,"completion_tokens":%d,"total_tokens":%d}}\n\n' % (tokens, tokens + 8))
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        req = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i, ev in enumerate(events):
+            delay = t0 + (first_ms + interval_ms * i) / 1000 - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await resp.write(ev)
+        await resp.write(final)
+        if (req.get("stream_options") or {}).get("include_usage"):
+            await resp.write(usage)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "bench", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", lambda r: web.Response(text="ok"))
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, backlog=4096)
+
+
+@dataclass
+class Result:
+    source: str
+    concurrency: int
+    seconds: float = 0.0
+    completed: int = 0
+    errors: int = 0
+    e2e: list[float] = field(default_factory=list)
+    scrape_seconds: list[float] = field(default_factory=list)
+    scrape_failures: int = 0
+    probe_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return self.completed / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {"source": self.source, "concurrency": self.concurrency, "seconds": self.seconds,
+                "requests_per_second": self.rps, "completed": self.completed, "errors": self.errors,
+                "stream_p50_seconds": pct(self.e2e, 0.5), "stream_p99_seconds": pct(self.e2e, 0.99),
+                "scrape_max_seconds": max(self.scrape_seconds, default=float("nan")),
+                "scrapes": len(self.scrape_seconds), "scrape_failures": self.scrape_failures,
+                "loop_probe_max_seconds": max(self.probe_seconds, default=float("nan")),
+                "loop_probe_p999_seconds": pct(self.probe_seconds, 0.999), "probes": len(self.probe_seconds)}
+
+
+async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: float, res: Result) -> None:
+    import aiohttp
+
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 64, "stream": True}).encode()
+    headers = {"Content-Type": "application/json"}
+    t_measure = time.monotonic() + warmup
+    t_stop = t_measure + seconds
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s, \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as side:
+        async def worker() -> None:
+            while (t0 := time.monotonic()) < t_stop:
+                try:
+                    async with s.post(url, data=body, headers=headers) as r:
+                        if r.status != 200:
+                            raise RuntimeError(r.status)
+                        async for _ in r.content.iter_any():
+                            pass
+                    t1 = time.monotonic()
+                except Exception:  # noqa: BLE001
+                    if t0 >= t_measure:
+                        res.errors += 1
+                    await asyncio.sleep(0.05)
+                    continue
+                if t_measure <= t1 <= t_stop:
+                    res.completed += 1
+                    res.e2e.append(t1 - t0)
+
+        async def scraper() -> None:
+            while time.monotonic() < t_stop:
+                await asyncio.sleep(1.0)
+                t0 = time.monotonic()
+                try:
+                    async with side.get(metrics) as r:
+                        await r.read()
+                    if t0 >= t_measure:
+                        res.scrape_seconds.append(time.monotonic() - t0)
+                except Exception:  # noqa: BLE001 - a timeout (10 s) is a failure
+                    res.scrape_failures += 1
+
+        async def prober() -> None:
+            probe = metrics.rsplit("/", 1)[0] + "/edge-loop-probe"   # 404 from the proxy's loop
+            while time.monotonic() < t_stop:
+                await asyncio.sleep(0.02)
+                t0 = time.monotonic()
+                try:
+                    async with side.get(probe) as r:
+                        await r.read()
+                except Exception:  # noqa: BLE001
+                    pass
+                if t0 >= t_measure:
+                    res.probe_seconds.append(time.monotonic() - t0)
+
+        await asyncio.gather(*(worker() for _ in range(conc)), scraper(), prober())
+    res.seconds += seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concurrency", type=int, default=1000, help="concurrent streams (default 1000)")
+    ap.add_argument("--seconds", type=float, default=30.0, help="measured seconds per target, all rounds (default 30)")
+    ap.add_argument("--rounds", type=int, default=3, help="targets interleaved in this many rounds (default 3)")
+    ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each round (default 3)")
+    ap.add_argument("--tokens", type=int, default=16, help="tokens per stream (default 16)")
+    ap.add_argument("--first-token-ms", type=float, default=100.0)
+    ap.add_argument("--token-interval-ms", type=float, default=100.0)
+    ap.add_argument("--sources", default=",".join(SOURCES), help="energy sources to compare (none first)")
+    ap.add_argument("--trace", default=str(TRACE), help="replay trace (default: the recorded H200 trace)")
+    ap.add_argument("--json", help="write raw results (summaries and samples) here")
+    ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.upstream:
+        run_upstream(args.upstream, args.tokens, args.first_token_ms, args.token_interval_ms)
+        return 0
+    sources = [s for s in args.sources.split(",") if s]
+    bad = [s for s in sources if s not in SOURCES]
+    if bad or not sources:
+        print(f"energy_load: error: --sources takes {', '.join(SOURCES)}, got {args.sources!r}", file=sys.stderr)
+        return 2
+    if "replay" in sources and not Path(args.trace).is_file():
+        print(f"energy_load: error: replay trace not found: {args.trace}", file=sys.stderr)
+        return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 4 * args.concurrency + 1024))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))     # children inherit it
+    procs: list[subprocess.Popen] = []
+    tmp = Path(tempfile.mkdtemp(prefix="energy-load-"))
+    try:
+        up_port = free_port()
+        up = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port), "--tokens", str(args.tokens),
+                               "--first-token-ms", str(args.first_token_ms),
+                               "--token-interval-ms", str(args.token_interval_ms)])
+        procs.append(up)
+        wait_ok(f"http://127.0.0.1:{up_port}/health", up)
+        targets: dict[str, tuple[str, str]] = {}
+        for src in sources:
+            port, mport = free_port(), free_port()
+            extra = ["--energy-source", src] + (["--energy-replay", args.trace] if src == "replay" else [])
+            p = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--backend",
+                                  f"http://127.0.0.1:{up_port}", "--port", str(port), "--metrics-port", str(mport),
+                                  "--access-log", str(tmp / f"{src}.jsonl"), *extra],
+                                 cwd=ROOT, stderr=subprocess.DEVNULL)
+            procs.append(p)
+            wait_ok(f"http://127.0.0.1:{port}/health", p)
+            targets[src] = (f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{mport}/metrics")
+        results = {s: Result(s, args.concurrency) for s in sources}
+        from rich.progress import Progress
+        with Progress(transient=True) as prog:
+            task = prog.add_task("measuring", total=args.rounds * len(sources))
+            for _ in range(args.rounds):
+                for src in sources:
+                    url, murl = targets[src]
+                    asyncio.run(run_round(url, murl, args.concurrency, args.seconds / args.rounds,
+                                          args.warmup, results[src]))
+                    prog.advance(task)
+                    time.sleep(2.0)      # the previous target's streams and finalizes settle
+        report(results, args)
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "args": {k: v for k, v in vars(args).items() if k != "upstream"},
+                "summaries": [r.summary() for r in results.values()],
+                "raw": [asdict(r) for r in results.values()]}, separators=(",", ":")) + "\n")
+        return 0
+    finally:
+        stop_all(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(results: dict[str, Result], args: argparse.Namespace) -> None:
+    base = results.get("none")
+    print(f"\n{args.concurrency} concurrent streams of {args.tokens} tokens (first after {args.first_token_ms:g} ms, "
+          f"then every {args.token_interval_ms:g} ms; usage last), {args.seconds:g} s per target in {args.rounds} "
+          f"interleaved rounds\n")
+    print("| energy source | req/s | vs none | stream p50 s | stream p99 s | p99 vs none | errors "
+          "| max /metrics s | max loop probe s | p99.9 loop probe s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results.values():
+        s = r.summary()
+        ratio = f"{r.rps / base.rps:.3f}" if base and base.rps else "-"
+        p99r = f"{s['stream_p99_seconds'] / base.summary()['stream_p99_seconds']:.3f}" if base and base.e2e else "-"
+        print(f"| {r.source} | {r.rps:.1f} | {ratio} | {s['stream_p50_seconds']:.3f} | {s['stream_p99_seconds']:.3f} "
+              f"| {p99r} | {r.errors} | {s['scrape_max_seconds']:.3f} | {s['loop_probe_max_seconds']:.3f} "
+              f"| {s['loop_probe_p999_seconds']:.3f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
