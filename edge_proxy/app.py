@@ -87,6 +87,16 @@ def with_include_usage(body: bytes, obj: dict[str, Any]) -> bytes:
     return json.dumps(dict(obj, stream_options=so)).encode()
 
 
+def _mark_terminated(rec: RequestRecord, acct: Any) -> None:
+    """The stream's terminator reached the client: the outcome is final now (docs/metrics.md,
+    Outcomes). A client that closes right after reading it (the openai SDK, huggingface_hub and
+    other httpx clients do) did not cancel anything: the request is ok."""
+    if rec.outcome is None:
+        rec.outcome = "error" if acct.backend_error else "ok"
+        if acct.backend_error:
+            rec.error_type = "upstream_status"
+
+
 def _done_with(resp: Any, complete: bool) -> None:
     """Give a backend response back: a fully read one keeps its connection for reuse; otherwise
     (client gone, error, timeout) the connection is dropped at once."""
@@ -615,28 +625,36 @@ class ProxyCore:
                     kept = _relay_chunk(splitter, acct, chunk, time.monotonic_ns())
                     if kept is not None:
                         await out.write(kept)
+                        if acct.terminated:
+                            _mark_terminated(rec, acct)
                 if splitter.pending:
                     await out.write(splitter.pending)
-                rec.outcome = "error" if acct.backend_error else "ok"
-                if acct.backend_error:
-                    rec.error_type = "upstream_status"
+                _mark_terminated(rec, acct)
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                     aiohttp.ClientOSError) as exc:
+                if acct.terminated:      # the client has the whole answer: nothing to report
+                    await out.write_eof()
+                    return out
                 rec.outcome = "error"
                 rec.error_type = "stream_broken"
                 await out.write(error_event(api, "stream_broken",
                                             f"backend stream broke: {type(exc).__name__}"))
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                if acct.terminated:
+                    await out.write_eof()
+                    return out
                 rec.outcome = "timeout"
                 rec.error_type = "timeout"
                 await out.write(error_event(api, "timeout",
                                             f"backend sent nothing for {self.ps.upstream_timeout_seconds:g} s"))
             await out.write_eof()
         except ConnectionResetError:  # aiohttp.ClientConnectionResetError is one too
-            # Writing to a client that is gone (without handler cancellation).
-            rec.outcome = "cancelled"
-            rec.error_type = "client_disconnect"
-            rec.status = 499
+            # Writing to a client that is gone (without handler cancellation); after the
+            # terminator the outcome is already final (ok).
+            if rec.outcome is None:
+                rec.outcome = "cancelled"
+                rec.error_type = "client_disconnect"
+                rec.status = 499
             raise asyncio.CancelledError() from None
         finally:
             acct.finish()
@@ -678,6 +696,8 @@ class ProxyCore:
                 resp.close()
                 return
             tr.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if acct.terminated:
+                _mark_terminated(rec, acct)
             if not state["paused"] and tr.get_write_buffer_size() > RELAY_HIGH_WATER:
                 state["paused"] = True
                 resp.pause()
@@ -689,12 +709,16 @@ class ProxyCore:
             result = await resp.wait_done()
             if state["client_gone"]:
                 raise ConnectionResetError("client went away")
-            if splitter.pending:
+            if acct.terminated and rec.outcome is not None:
+                # the client has the whole answer; a backend that then stalls or drops its
+                # connection changes nothing for it (that connection is not reused)
+                pass
+            elif splitter.pending:
                 await out.write(splitter.pending)
-            if result == "ok":
-                rec.outcome = "error" if acct.backend_error else "ok"
-                if acct.backend_error:
-                    rec.error_type = "upstream_status"
+            if rec.outcome is not None:
+                pass
+            elif result == "ok":
+                _mark_terminated(rec, acct)
             elif result == "timeout":
                 rec.outcome = "timeout"
                 rec.error_type = "timeout"
@@ -706,9 +730,10 @@ class ProxyCore:
                 await out.write(error_event(api, "stream_broken", f"backend stream broke: {result}"))
             await out.write_eof()
         except ConnectionResetError:
-            rec.outcome = "cancelled"
-            rec.error_type = "client_disconnect"
-            rec.status = 499
+            if rec.outcome is None:      # after the terminator the outcome is final (ok)
+                rec.outcome = "cancelled"
+                rec.error_type = "client_disconnect"
+                rec.status = 499
             raise asyncio.CancelledError() from None
         finally:
             state.pop("resume", None)

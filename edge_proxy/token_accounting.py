@@ -9,6 +9,10 @@ Sources, in order of preference (``RequestRecord.token_count_source``):
 - ``chunks``: an OpenAI stream without usage: one token per content chunk (labelled fallback).
 - ``none``: nothing known.
 
+The stream's terminator (``terminated``): OpenAI's ``data: [DONE]``; TGI's last event (the one with
+``generated_text`` set). Once it has been written to the client, the request's outcome is final
+(docs/metrics.md, Outcomes).
+
 A "content" chunk carries generated text (``delta.content``, ``delta.reasoning_content``,
 ``delta.tool_calls`` or ``text``); a role-only first chunk is not a token.
 """
@@ -28,6 +32,7 @@ _NEEDS_PARSE = re.compile(rb'"usage"\s*:\s*\{|"finish_reason"\s*:\s*"|"error"\s*
 _CONTENT = re.compile(rb'"(?:content|text|reasoning_content)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[')
 _TGI_NEEDS_PARSE = re.compile(rb'"details"\s*:\s*\{|"error"\s*:')
 _TGI_TOKEN = re.compile(rb'"token"\s*:\s*\{')
+_TGI_FINAL = re.compile(rb'"generated_text"\s*:\s*"')
 
 TokenSink = Callable[[int, int], None]   # (n tokens, t_ns)
 
@@ -70,7 +75,7 @@ def apply_response_headers(rec: RequestRecord, headers: Any) -> None:
 class OpenAIStream:
     """Interprets OpenAI SSE chunks: counts tokens, reads usage, strips the usage we asked for."""
 
-    __slots__ = ("rec", "strip_usage", "counted", "usage_output", "sink", "backend_error")
+    __slots__ = ("rec", "strip_usage", "counted", "usage_output", "sink", "backend_error", "terminated")
 
     def __init__(self, rec: RequestRecord, strip_usage: bool, sink: TokenSink) -> None:
         self.rec = rec
@@ -79,10 +84,13 @@ class OpenAIStream:
         self.usage_output: int | None = None
         self.sink = sink
         self.backend_error = False
+        self.terminated = False      # the terminator ([DONE]) was returned for the client
 
     def event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
         """Process one event; returns the bytes to forward (None: drop it)."""
-        if data is None or data == b"[DONE]" or not data.startswith(b"{"):
+        if data is None or not data.startswith(b"{"):
+            if data == b"[DONE]":
+                self.terminated = True
             return raw
         if _NEEDS_PARSE.search(data) is None:
             n = len(_CONTENT.findall(data))
@@ -153,7 +161,7 @@ class OpenAIStream:
 class TGIStream:
     """Interprets TGI ``/generate_stream`` events: one event per token, final ``details``."""
 
-    __slots__ = ("rec", "counted", "details_output", "sink", "backend_error")
+    __slots__ = ("rec", "counted", "details_output", "sink", "backend_error", "terminated")
 
     def __init__(self, rec: RequestRecord, sink: TokenSink) -> None:
         self.rec = rec
@@ -161,6 +169,7 @@ class TGIStream:
         self.details_output: int | None = None
         self.sink = sink
         self.backend_error = False
+        self.terminated = False      # the last event (generated_text set) was returned for the client
 
     def event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
         if data is None or not data.startswith(b"{"):
@@ -169,6 +178,8 @@ class TGIStream:
             if _TGI_TOKEN.search(data) is not None:
                 self.counted += 1
                 self.sink(1, t_ns)
+            if _TGI_FINAL.search(data) is not None:
+                self.terminated = True
             return raw
         obj = _event_object(data)
         if obj is None:
@@ -179,6 +190,8 @@ class TGIStream:
         if obj.get("token"):
             self.counted += 1
             self.sink(1, t_ns)
+        if isinstance(obj.get("generated_text"), str):
+            self.terminated = True
         details = obj.get("details")
         if isinstance(details, dict):
             apply_tgi_details(self.rec, details)

@@ -5,7 +5,8 @@ APIs (with fault knobs), runnable in-process or as a subprocess (``python -m tes
 Fault knobs (request header ``x-fake-fault``, forwarded by the proxy like any end-to-end header):
 ``500`` (an OpenAI error body with status 500), ``slow`` (no headers for 30 s), ``drop`` (close the socket after two tokens), ``no-usage`` (ignore
 stream_options.include_usage), ``slow-tokens`` (50 ms between tokens, 200 tokens), ``hold-first`` (headers, then nothing until
-``state.release`` is set).
+``state.release`` is set), ``slow-eof`` (20 ms between the last event and the end of the body, as a
+backend finishing its bookkeeping: a client that closes after the terminator closes in between).
 """
 from __future__ import annotations
 
@@ -81,6 +82,8 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
                     await asyncio.sleep(first_gap)
                 elif gap:
                     await asyncio.sleep(gap)
+            if fault == "slow-eof":
+                await asyncio.sleep(0.02)
             await resp.write_eof()
             state.finished_streams += 1
         except (ConnectionResetError, asyncio.CancelledError):
