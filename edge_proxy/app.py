@@ -403,6 +403,8 @@ class ProxyCore:
                 requested_model = obj.get("model")
             rec.max_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
             rec.model = self.model_label(requested_model)
+            if rec.model != "unknown":
+                self.metrics.touch(rec.model, rec.route, rec.stream)
             if self.ps.log_content:
                 rec.extra["content"] = body[:CONTENT_LOG_MAX_CHARS].decode("utf-8", "replace")
 

@@ -63,6 +63,9 @@ log = logging.getLogger("edge_proxy.economics")
 
 PROBE_HEADER = "x-edge-traffic"          # value "probe": the proxy labels the request traffic=probe
 _MAX_WINDOW_SAMPLES = 100_000
+# label values known up front (their series are created at 0: the first increment shows in rate())
+FEEDBACK_OUTCOMES = ("accepted", "bad_request", "disabled", "unauthorized", "unknown_request")
+PROBE_OUTCOMES = ("pass", "fail", "error")
 INFO_MIN_INTERVAL_SECONDS = 1.0          # /info polls: at most one per second, whatever wakes them
 
 
@@ -204,6 +207,8 @@ class EconomicsObserver(BaseObserver):
         self.cold_cost = Counter("edge_proxy_cold_start_cost_usd", "Electricity cost of cold "
                                  "starts (part of the fixed cost in production mode).", m,
                                  registry=registry)
+        for outcome in FEEDBACK_OUTCOMES:   # known up front: every series starts at 0
+            self.feedback.labels(outcome)
         for model in sorted(set(self.cfg.scores) | set(self.cfg.reference_scores)):
             self._touch(model)          # configured models: their series exist from the start
         registry.register(_EconomicsCollector(self))
@@ -228,10 +233,17 @@ class EconomicsObserver(BaseObserver):
         if model in self._touched:
             return
         self._touched.add(model)
-        for c in (self.energy_cost, self.hardware_cost, self.api_cost, self.requests, self.energy):
+        for c in (self.energy_cost, self.hardware_cost, self.api_cost, self.requests, self.energy,
+                  self.cold_starts, self.cold_energy, self.cold_seconds, self.cold_cost):
             c.labels(model)
         self.tokens.labels(model, "input")
         self.tokens.labels(model, "output")
+        if self.cfg.feedback_token:
+            self.quality.labels(model, "feedback")
+        if self.golden:
+            self.quality.labels(model, "probe")
+            for outcome in PROBE_OUTCOMES:
+                self.probes.labels(model, outcome)
 
     def on_request_end(self, rec: RequestRecord) -> None:
         started = rec.extra.get("economics.busy0")
