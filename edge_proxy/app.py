@@ -31,6 +31,7 @@ from edge_proxy.coldstart.factory import cold_start_headers
 from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.relay import RawResponse, RelayPool, request_head
+from edge_proxy.request_flags import backend_bool
 from edge_proxy.sse import SSESplitter, event_data
 from edge_proxy.token_accounting import (
     OpenAIStream, TGIStream, account_openai_body, account_tgi_body, apply_response_headers)
@@ -173,6 +174,7 @@ class ProxyCore:
         self._ended_first = 0.0
         self._ended_last = 0.0
         self._ended_timer: asyncio.Handle | None = None
+        self._learning: asyncio.Future[bool] | None = None    # a probe after a hold (model label)
         self._freeze()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -340,6 +342,53 @@ class ProxyCore:
                 self._urls[path_qs] = url
         return url
 
+    async def _relabel_after_hold(self, rec: RequestRecord, requested: Any) -> None:
+        """A request held while the backend was down was labelled before the backend's model was
+        known: learn it now (one probe, shared by every request released together), then relabel,
+        so no series is labelled model="unknown" for a backend that names its model."""
+        if rec.model != "unknown" or self.ps.model_name:
+            return
+        if self.backend.model is None and self.session is not None:
+            task = self._learning
+            if task is None or task.done():
+                from edge_proxy.backend_probe import probe_once
+                task = self._learning = asyncio.ensure_future(
+                    probe_once(self.session, self.backend, self.ps.backend_kind))
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 5.0)
+            except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                pass
+            self.metrics.backend_kind = self.backend.kind
+        rec.model = self.model_label(requested)
+        if rec.model != "unknown":
+            self.metrics.touch(rec.model, rec.route, rec.stream)
+
+    # ---- errors the proxy makes ------------------------------------------------------------------
+    def api_for_path(self, path: str) -> Api:
+        """The API whose error format a route's clients parse: OpenAI under /v1/, TGI for its own
+        routes, else the backend's (an OpenAI-compatible server's other routes: OpenAI)."""
+        if path.startswith("/v1/") or path == "/v1":
+            return "openai"
+        if path in ("/", "/generate", "/generate_stream", "/info", "/health", "/tokenize", "/metrics"):
+            return "tgi"
+        return "openai" if self.backend.kind in ("openai", "unknown") else "tgi"
+
+    def failure_message(self, exc: BaseException | str, tokens: int | None = None) -> str:
+        """What went wrong with the backend, in words a user can act on."""
+        url = self.backend.url
+        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)) or exc == "timeout":
+            return (f"the backend at {url} sent nothing for {self.ps.upstream_timeout_seconds:g} s "
+                    "(proxy.upstream_timeout_seconds); it may be overloaded or stuck")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            why = exc.os_error.strerror if exc.os_error is not None and exc.os_error.strerror else str(exc.os_error)
+            return f"the backend at {url} is unreachable ({why}); is it running and is proxy.backend_url right?"
+        after = f" after {tokens} tokens" if tokens else ""
+        if isinstance(exc, str) and exc.startswith("error:"):
+            return (f"the backend at {url} sent a malformed response{after} ({exc[6:].strip()}); "
+                    "see the backend's logs")
+        return (f"the backend at {url} closed the connection before the response was complete{after} "
+                "(crashed or restarted?); see the backend's logs")
+
     # ---- labels ----------------------------------------------------------------------------------
     def model_label(self, requested: Any) -> str:
         if self.ps.model_name:
@@ -388,21 +437,26 @@ class ProxyCore:
                 return self._reject(rec, 400, "bad_request", "request body must be a JSON object")
             strip_usage = False
             if spec.api == "openai":
-                rec.stream = obj.get("stream") is True
+                # the flag as the backend will read it (vLLM coerces "yes", 1, "true": request_flags)
+                rec.stream = backend_bool(obj.get("stream"), self.backend.kind)
                 requested_model = obj.get("model")
                 mt = obj.get("max_completion_tokens", obj.get("max_tokens"))
                 if rec.stream:
                     so = obj.get("stream_options")
-                    if not (isinstance(so, dict) and so.get("include_usage") is True):
+                    if not (isinstance(so, dict)
+                            and backend_bool(so.get("include_usage"), self.backend.kind)):
                         body = with_include_usage(body, obj)
                         strip_usage = True
             else:
-                rec.stream = spec.stream if spec.stream is not None else obj.get("stream") is True
+                rec.stream = spec.stream if spec.stream is not None else backend_bool(
+                    obj.get("stream"), "tgi")
                 params = obj.get("parameters")
                 mt = params.get("max_new_tokens") if isinstance(params, dict) else None
                 requested_model = obj.get("model")
             rec.max_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
             rec.model = self.model_label(requested_model)
+            if rec.model == "unknown" and isinstance(requested_model, str):
+                rec.extra["requested_model"] = requested_model[:256]   # relabel after a hold
             if rec.model != "unknown":
                 self.metrics.touch(rec.model, rec.route, rec.stream)
             if self.ps.log_content:
@@ -425,6 +479,7 @@ class ProxyCore:
                     out = error_response(spec.api, 503, exc.reason, exc.message)
                     out.headers[REQUEST_ID_HEADER] = rec.request_id
                     return out
+                await self._relabel_after_hold(rec, requested_model)
             out = await self._forward_generation(request, rec, spec, body, strip_usage, whole)
             # a whole (non-streamed) response is written after this returns: the end-of-request
             # observer work runs after the write (next loop iteration), off the response's path
@@ -472,10 +527,10 @@ class ProxyCore:
             if gate is not None:
                 gate.notify_backend_failure()
             rec.error_type = "connect"
-            msg = f"backend unreachable: {self.backend.url}"
+            msg = self.failure_message(exc)
         else:
             rec.error_type = "stream_broken"
-            msg = f"backend closed the connection: {type(exc).__name__}"
+            msg = self.failure_message(exc)
         rec.status = 502
         rec.outcome = "error"
         return error_response(api, 502, rec.error_type, msg)
@@ -517,6 +572,7 @@ class ProxyCore:
                     rec.outcome, rec.error_type, rec.status = "rejected", rej.reason, 503
                     rec.t_end_ns = time.monotonic_ns()
                     return error_response(rec.api, 503, rej.reason, rej.message)  # type: ignore[arg-type]
+                await self._relabel_after_hold(rec, rec.extra.get("requested_model"))
                 continue
             break
         assert resp is not None
@@ -640,7 +696,7 @@ class ProxyCore:
                 rec.outcome = "error"
                 rec.error_type = "stream_broken"
                 await out.write(error_event(api, "stream_broken",
-                                            f"backend stream broke: {type(exc).__name__}"))
+                                            self.failure_message(exc, acct.counted)))
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
                 if acct.terminated:
                     await out.write_eof()
@@ -729,7 +785,7 @@ class ProxyCore:
             else:
                 rec.outcome = "error"
                 rec.error_type = "stream_broken"
-                await out.write(error_event(api, "stream_broken", f"backend stream broke: {result}"))
+                await out.write(error_event(api, "stream_broken", self.failure_message(result, acct.counted)))
             await out.write_eof()
         except ConnectionResetError:
             if rec.outcome is None:      # after the terminator the outcome is final (ok)
@@ -771,8 +827,9 @@ class ProxyCore:
                     gate = self._gate_ref()
                     if gate is not None:
                         gate.notify_backend_failure()
-                return error_response("other", status, "timeout" if status == 504 else "connect",
-                                      f"backend request failed: {type(exc).__name__}")
+                return error_response(self.api_for_path(request.path), status,
+                                      "timeout" if status == 504 else "connect",
+                                      self.failure_message(exc))
             complete = False
             try:
                 status = resp.status

@@ -45,6 +45,16 @@ class UpstreamState:
     info_status: int = 200                  # e.g. 404: a backend without /info (vLLM)
 
 
+def _lax_bool(value: Any) -> bool:
+    """A boolean field as vLLM's request models read it (pydantic lax mode: "yes", 1, "true" ...)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return bool(TypeAdapter(bool | None).validate_python(value))
+    except ValidationError:
+        return False
+
+
 def _prompt_of(body: dict[str, Any]) -> str:
     if "messages" in body:
         return " ".join(str(m.get("content", "")) for m in body["messages"] if isinstance(m, dict))
@@ -110,7 +120,7 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
         oid = "cmpl-fake"
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
         obj = "chat.completion" if chat else "text_completion"
-        if not body.get("stream"):
+        if not _lax_bool(body.get("stream")):
             text = "".join(pieces)
             choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text},
                                        "finish_reason": "length"} if chat else
@@ -118,7 +128,7 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
             return web.json_response({"id": oid, "object": obj, "created": 1, "model": MODEL,
                                       "choices": [choice], "usage": usage},
                                      headers={"x-prompt-tokens": str(n_prompt)})
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and fault != "no-usage"
+        include_usage = _lax_bool((body.get("stream_options") or {}).get("include_usage")) and fault != "no-usage"
         extra = {"usage": None} if include_usage else {}
 
         def chunk(delta_or_text: Any, finish: str | None = None) -> bytes:
