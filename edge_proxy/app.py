@@ -685,8 +685,9 @@ class ProxyCore:
                         await out.write(kept)
                         if acct.terminated:
                             _mark_terminated(rec, acct)
-                if splitter.pending:
-                    await out.write(splitter.pending)
+                rest = (acct.flush() if isinstance(acct, OpenAIStream) else b"") + splitter.pending
+                if rest:
+                    await out.write(rest)
                 _mark_terminated(rec, acct)
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                     aiohttp.ClientOSError) as exc:
@@ -771,8 +772,10 @@ class ProxyCore:
                 # the client has the whole answer; a backend that then stalls or drops its
                 # connection changes nothing for it (that connection is not reused)
                 pass
-            elif splitter.pending:
-                await out.write(splitter.pending)
+            else:
+                rest = (acct.flush() if isinstance(acct, OpenAIStream) else b"") + splitter.pending
+                if rest:
+                    await out.write(rest)
             if rec.outcome is not None:
                 pass
             elif result == "ok":

@@ -75,7 +75,8 @@ def apply_response_headers(rec: RequestRecord, headers: Any) -> None:
 class OpenAIStream:
     """Interprets OpenAI SSE chunks: counts tokens, reads usage, strips the usage we asked for."""
 
-    __slots__ = ("rec", "strip_usage", "counted", "usage_output", "sink", "backend_error", "terminated")
+    __slots__ = ("rec", "strip_usage", "counted", "usage_output", "sink", "backend_error", "terminated",
+                 "held", "fingerprint")
 
     def __init__(self, rec: RequestRecord, strip_usage: bool, sink: TokenSink) -> None:
         self.rec = rec
@@ -85,9 +86,32 @@ class OpenAIStream:
         self.sink = sink
         self.backend_error = False
         self.terminated = False      # the terminator ([DONE]) was returned for the client
+        # finish_reason chunks held back until the usage chunk we strip (see event)
+        self.held: list[bytes] = []
+        self.fingerprint: str | None = None     # system_fingerprint of the usage chunk we strip
 
     def event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
         """Process one event; returns the bytes to forward (None: drop it)."""
+        if not self.held:
+            return self._event(raw, data, t_ns)
+        n_held = len(self.held)
+        kept = self._event(raw, data, t_ns)
+        if len(self.held) > n_held:
+            return None                      # another choice's finish chunk: held too
+        # The event after held finish_reason chunks. A backend that puts ``system_fingerprint``
+        # on the usage chunk we asked for (vLLM) puts it on the finish_reason chunks when the
+        # client did not ask for usage: the client gets it there, as from the backend itself.
+        held, self.held = self.held, []
+        if self.fingerprint is not None:
+            held = [_with_fingerprint(ev, self.fingerprint) for ev in held]
+        return b"".join(held) + (kept or b"")
+
+    def flush(self) -> bytes:
+        """Events still held when the stream ends (sent as they came)."""
+        held, self.held = self.held, []
+        return b"".join(held)
+
+    def _event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
         if data is None or not data.startswith(b"{"):
             if data == b"[DONE]":
                 self.terminated = True
@@ -108,6 +132,11 @@ class OpenAIStream:
             return raw
         rec = self.rec
         choices = obj.get("choices") or []
+        metrics = obj.get("metrics")      # vLLM --enable-per-request-metrics: on the usage chunk
+        if isinstance(metrics, dict) and isinstance(metrics.get("queue_time_ms"), (int, float)) \
+                and not isinstance(metrics.get("queue_time_ms"), bool):
+            rec.backend_queue_seconds = float(metrics["queue_time_ms"]) / 1000.0
+        finishing = False
         n = 0
         for ch in choices:
             if not isinstance(ch, dict):
@@ -121,6 +150,7 @@ class OpenAIStream:
             fr = ch.get("finish_reason")
             if fr:
                 rec.finish_reason = str(fr)
+                finishing = True
         usage = obj.get("usage")
         if isinstance(usage, dict):
             pt = _int(usage.get("prompt_tokens"))
@@ -140,9 +170,16 @@ class OpenAIStream:
             self.sink(n, t_ns)
         if self.strip_usage:
             if not choices and isinstance(usage, dict):
+                fp = obj.get("system_fingerprint")
+                if isinstance(fp, str):
+                    self.fingerprint = fp
                 return None
             if b'"usage"' in raw:
-                return _USAGE_NULL.sub(b"", raw)
+                raw = _USAGE_NULL.sub(b"", raw)
+            if finishing and "system_fingerprint" not in obj:
+                # hold it until the next event: the usage chunk may carry the fingerprint
+                self.held.append(raw)
+                return None
         return raw
 
     def finish(self) -> None:
@@ -156,6 +193,17 @@ class OpenAIStream:
         else:
             rec.output_tokens = 0 if not self.backend_error else None
             rec.token_count_source = "chunks" if not self.backend_error else "none"
+
+
+def _with_fingerprint(event: bytes, fp: str) -> bytes:
+    """``event`` (one ``data:`` line of a JSON object) with ``"system_fingerprint": fp`` added
+    before the object's closing brace (where vLLM's serializer puts it), in the event's own
+    separator style; every other byte as the backend sent it."""
+    end = event.rfind(b"}")
+    if end < 0:
+        return event
+    key = b', "system_fingerprint": ' if b'": ' in event else b',"system_fingerprint":'
+    return event[:end] + key + json.dumps(fp).encode() + event[end:]
 
 
 class TGIStream:

@@ -21,6 +21,8 @@ from typing import Any
 from aiohttp import web
 
 MODEL = "fake-model"
+FINGERPRINT = "fp_fake"   # system_fingerprint placed where vLLM places it (see the openai handler)
+QUEUE_MS = 7.0            # vLLM --enable-per-request-metrics queue_time_ms on the usage chunk
 
 
 def free_port() -> int:
@@ -138,6 +140,8 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
                 ch = {"index": 0, "text": delta_or_text, "finish_reason": finish}
             o = {"id": oid, "object": obj + ".chunk" if chat else obj, "created": 1, "model": MODEL,
                  "choices": [ch], **extra}
+            if finish and not include_usage:
+                o["system_fingerprint"] = FINGERPRINT     # vLLM: on terminal chunks without usage
             return b"data: " + json.dumps(o).encode() + b"\n\n"
 
         events: list[bytes] = []
@@ -146,8 +150,11 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
         events += [chunk({"content": p} if chat else p) for p in pieces]
         events.append(chunk({} if chat else "", "length"))
         if include_usage:
+            # vLLM: the fingerprint and the per-request metrics ride on the usage chunk
             events.append(b"data: " + json.dumps({"id": oid, "object": obj, "created": 1, "model": MODEL,
-                                                  "choices": [], "usage": usage}).encode() + b"\n\n")
+                                                  "choices": [], "usage": usage,
+                                                  "system_fingerprint": FINGERPRINT,
+                                                  "metrics": {"queue_time_ms": QUEUE_MS}}).encode() + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         gap = 0.05 if fault == "slow-tokens" else 0.0
         return await sse_stream(request, fault, events, gap, first_gap=0.02 if chat else 0.0)

@@ -137,3 +137,26 @@ async def test_broken_stream_message_is_actionable() -> None:
         msg = str(ei.value)
         assert "closed the connection" in msg and "logs" in msg and up.url in msg, msg
         assert "broken" not in msg
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+async def test_client_sees_what_the_backend_would_have_sent(route) -> None:
+    """vLLM puts system_fingerprint on the usage chunk when usage is asked for, on the terminal
+    chunks otherwise: a client that did not ask for usage gets it where the backend would put it;
+    the per-request queue time on the usage chunk is read."""
+    async with vllm_like() as up, proxy(up.url) as rt:
+        def both(url: str) -> list[Any]:
+            with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as c:
+                if route == "chat":
+                    return list(c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=4,
+                                                          stream=True))
+                return list(c.completions.create(model=MODEL, prompt="a b", max_tokens=4, stream=True))
+        direct = await asyncio.to_thread(both, up.url)
+        proxied = await asyncio.to_thread(both, rt.url)
+        assert [c.model_dump() for c in proxied] == [c.model_dump() for c in direct]
+        assert [c.system_fingerprint for c in proxied][-1] == "fp_fake"
+        assert all(c.usage is None for c in proxied)
+        await wait_until(lambda: metric_value(rt.metrics_text(), "edge_proxy_requests_total") == 1)
+        m = rt.metrics_text()
+        assert metric_value(m, "edge_proxy_backend_queue_duration_seconds_sum") == pytest.approx(0.007)
+        assert metric_value(m, "edge_proxy_tokens_total", type="output", source="backend") == 4
