@@ -173,3 +173,35 @@ async def test_warns_when_a_per_model_key_matches_no_served_model(caplog) -> Non
     assert len(lines) == 2 and all(MODEL in x for x in lines)
     assert any(x.startswith("economics.scores has model 'llama-1b'") for x in lines)
     assert any(x.startswith("economics.reference_scores has model 'llama-1b'") for x in lines)
+
+
+async def test_spawn_without_model_name_labels_the_cold_start_with_the_backends_model() -> None:
+    """--spawn without --model-name: the held first requests and the cold start are labelled with
+    the model the backend names once it is up, never model="unknown"."""
+    import sys
+
+    port = free_port()
+    async with proxy(f"http://127.0.0.1:{port}",
+                     coldstart__spawn=f"{sys.executable} -m tests.proxy_support --port {{port}}",
+                     coldstart__max_wait_seconds=60.0) as rt:
+        def call(i: int) -> int:
+            with openai.OpenAI(base_url=rt.url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
+                return c.completions.create(model="whatever", prompt=f"a {i}", max_tokens=2).usage.completion_tokens
+
+        def done(n: int) -> bool:
+            return metric_value(rt.metrics_text(), "edge_proxy_requests_total", route="/v1/completions") == n
+
+        got = await asyncio.gather(*(asyncio.to_thread(call, i) for i in range(3)))
+        assert got == [2, 2, 2]
+        await wait_until(lambda: done(3), 10)
+        # economics picks a finished cold start up from the gate when a later request ends
+        gate = rt.components["coldstart"]
+        await wait_until(lambda: all(getattr(cs, "finalized", True) for cs in gate.history), 10)
+        assert await asyncio.to_thread(call, 9) == 2
+        await wait_until(lambda: done(4), 10)
+        await rt.core.drain()
+        m = rt.metrics_text()
+        assert metric_value(m, "edge_proxy_requests_total", model=MODEL, route="/v1/completions") == 4
+        assert metric_value(m, "edge_proxy_economics_cold_starts_total", model=MODEL) == 1
+        labelled = {s.labels.get("model") for s in samples_of(m) if "model" in s.labels}
+        assert "unknown" not in labelled, labelled
