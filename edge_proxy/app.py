@@ -25,7 +25,7 @@ from aiohttp import web
 from yarl import URL
 
 from edge_proxy.config import Settings
-from edge_proxy.errors import Api, error_event, error_response
+from edge_proxy.errors import Api, api_for_path, error_event, error_response, failure_message
 from edge_proxy.headers import request_headers, response_headers
 from edge_proxy.coldstart.factory import cold_start_headers
 from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
@@ -363,31 +363,12 @@ class ProxyCore:
         if rec.model != "unknown":
             self.metrics.touch(rec.model, rec.route, rec.stream)
 
-    # ---- errors the proxy makes ------------------------------------------------------------------
+    # ---- errors the proxy makes (edge_proxy.errors) ----------------------------------------------
     def api_for_path(self, path: str) -> Api:
-        """The API whose error format a route's clients parse: OpenAI under /v1/, TGI for its own
-        routes, else the backend's (an OpenAI-compatible server's other routes: OpenAI)."""
-        if path.startswith("/v1/") or path == "/v1":
-            return "openai"
-        if path in ("/", "/generate", "/generate_stream", "/info", "/health", "/tokenize", "/metrics"):
-            return "tgi"
-        return "openai" if self.backend.kind in ("openai", "unknown") else "tgi"
+        return api_for_path(path, self.backend.kind)
 
     def failure_message(self, exc: BaseException | str, tokens: int | None = None) -> str:
-        """What went wrong with the backend, in words a user can act on."""
-        url = self.backend.url
-        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)) or exc == "timeout":
-            return (f"the backend at {url} sent nothing for {self.ps.upstream_timeout_seconds:g} s "
-                    "(proxy.upstream_timeout_seconds); it may be overloaded or stuck")
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            why = exc.os_error.strerror if exc.os_error is not None and exc.os_error.strerror else str(exc.os_error)
-            return f"the backend at {url} is unreachable ({why}); is it running and is proxy.backend_url right?"
-        after = f" after {tokens} tokens" if tokens else ""
-        if isinstance(exc, str) and exc.startswith("error:"):
-            return (f"the backend at {url} sent a malformed response{after} ({exc[6:].strip()}); "
-                    "see the backend's logs")
-        return (f"the backend at {url} closed the connection before the response was complete{after} "
-                "(crashed or restarted?); see the backend's logs")
+        return failure_message(exc, self.backend.url, self.ps.upstream_timeout_seconds, tokens)
 
     # ---- labels ----------------------------------------------------------------------------------
     def model_label(self, requested: Any) -> str:
