@@ -14,6 +14,8 @@ import json
 import openai
 import pytest
 from huggingface_hub import InferenceClient
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 from text_generation import Client as TGIClient
 
 from tests.proxy_support import InProcessUpstream, metric_value, running_proxy, wait_until
@@ -58,7 +60,8 @@ async def test_finished_streams_are_ok_for_real_clients(client, relay, tmp_path)
     fn = {"openai": _openai_streams, "huggingface_hub": _hub_streams,
           "text_generation": _tgi_streams}[client]
     log = tmp_path / "access.jsonl"
-    async with InProcessUpstream() as up, running_proxy(up.url, stream_relay=relay,
+    spans = InMemorySpanExporter()
+    async with InProcessUpstream() as up, running_proxy(up.url, span_exporter=spans, stream_relay=relay,
                                                         access_log=str(log)) as px:
         seen = await asyncio.to_thread(fn, px.url, N_STREAMS)
         assert all(n > 0 for n in seen)
@@ -79,5 +82,8 @@ async def test_finished_streams_are_ok_for_real_clients(client, relay, tmp_path)
         # every finished stream with >1 token is in the TPOT histogram
         tpot_n = metric_value(m, "edge_proxy_time_per_output_token_seconds_count")
         assert tpot_n == sum(1 for r in recs if (r.output_tokens or 0) > 1)
+    server_spans = [sp for sp in spans.get_finished_spans() if sp.kind == SpanKind.SERVER]
+    assert len(server_spans) == len(recs)
+    assert all(sp.status.status_code != StatusCode.ERROR for sp in server_spans)
     lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
     assert len(lines) == len(recs) and {x["outcome"] for x in lines} == {"ok"}
