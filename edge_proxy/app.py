@@ -25,7 +25,7 @@ from aiohttp import web
 from yarl import URL
 
 from edge_proxy.config import Settings
-from edge_proxy.errors import Api, error_event, error_response
+from edge_proxy.errors import Api, api_for_path, error_event, error_response, failure_message
 from edge_proxy.fd_exhaustion import ERROR_TYPE as FD_ERROR_TYPE, STATUS as FD_STATUS, FdExhaustion, is_fd_exhaustion
 from edge_proxy.headers import request_headers, response_headers
 from edge_proxy.coldstart.factory import cold_start_headers
@@ -34,6 +34,7 @@ from edge_proxy.forward_routes import RouteAllowList
 from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.relay import RawResponse, RelayPool, request_head
+from edge_proxy.request_flags import backend_bool
 from edge_proxy.sse import EventTooLarge, SSESplitter, event_data
 from edge_proxy.token_accounting import (
     OpenAIStream, TGIStream, account_openai_body, account_tgi_body, apply_response_headers)
@@ -109,6 +110,16 @@ def _tag(out: web.StreamResponse, rec: RequestRecord) -> None:
         out.headers["x-request-id"] = rec.client_request_id
 
 
+def _mark_terminated(rec: RequestRecord, acct: Any) -> None:
+    """The stream's terminator reached the client: the outcome is final now (docs/metrics.md,
+    Outcomes). A client that closes right after reading it (the openai SDK, huggingface_hub and
+    other httpx clients do) did not cancel anything: the request is ok."""
+    if rec.outcome is None:
+        rec.outcome = "error" if acct.backend_error else "ok"
+        if acct.backend_error:
+            rec.error_type = "upstream_status"
+
+
 def _done_with(resp: Any, complete: bool) -> None:
     """Give a backend response back: a fully read one keeps its connection for reuse; otherwise
     (client gone, error, timeout) the connection is dropped at once."""
@@ -133,14 +144,6 @@ GENERATION_ROUTES: dict[str, RouteSpec] = {
     "/": RouteSpec("tgi", "text_completion", None),
 }
 METADATA_ROUTES = frozenset({"/v1/models", "/info", "/health"})
-
-
-def api_for_path(path: str) -> Api:
-    """The API whose error format a request on ``path`` gets."""
-    spec = GENERATION_ROUTES.get(path)
-    if spec is not None:
-        return spec.api
-    return "openai" if path.startswith("/v1/") else "other"
 
 
 @dataclass
@@ -195,6 +198,7 @@ class ProxyCore:
         self._ended_first = 0.0
         self._ended_last = 0.0
         self._ended_timer: asyncio.Handle | None = None
+        self._learning: asyncio.Future[bool] | None = None    # a probe after a hold (model label)
         self._freeze()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -369,6 +373,34 @@ class ProxyCore:
         limits = [t for t in (self.ps.first_byte_timeout_seconds, self.ps.upstream_timeout_seconds) if t]
         return min(limits) if limits else 0.0
 
+    async def _relabel_after_hold(self, rec: RequestRecord, requested: Any) -> None:
+        """A request held while the backend was down was labelled before the backend's model was
+        known: learn it now (one probe, shared by every request released together), then relabel,
+        so no series is labelled model="unknown" for a backend that names its model."""
+        if rec.model != "unknown" or self.ps.model_name:
+            return
+        if self.backend.model is None and self.session is not None:
+            task = self._learning
+            if task is None or task.done():
+                from edge_proxy.backend_probe import probe_once
+                task = self._learning = asyncio.ensure_future(
+                    probe_once(self.session, self.backend, self.ps.backend_kind))
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 5.0)
+            except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+                pass
+            self.metrics.backend_kind = self.backend.kind
+        rec.model = self.model_label(requested)
+        if rec.model != "unknown":
+            self.metrics.touch(rec.model, rec.route, rec.stream)
+
+    # ---- errors the proxy makes (edge_proxy.errors) ----------------------------------------------
+    def api_for_path(self, path: str) -> Api:
+        return api_for_path(path, self.backend.kind)
+
+    def failure_message(self, exc: BaseException | str, tokens: int | None = None) -> str:
+        return failure_message(exc, self.backend.url, self.ps.upstream_timeout_seconds, tokens)
+
     # ---- labels ----------------------------------------------------------------------------------
     def model_label(self, requested: Any) -> str:
         if self.ps.model_name:
@@ -386,7 +418,7 @@ class ProxyCore:
             if spec is not None:
                 return await self._generation(request, spec, t0)
         if not self._forward.allows(path):
-            return error_response(api_for_path(path), 404, "not_forwarded",
+            return error_response(self.api_for_path(path), 404, "not_forwarded",
                                   "no such route on this proxy (proxy.forward_routes)")
         if is_websocket_upgrade(request):        # any path: relayed as a WebSocket
             assert self.session is not None
@@ -434,21 +466,28 @@ class ProxyCore:
                 return self._reject(rec, 400, "bad_request", "request body must be a JSON object")
             strip_usage = False
             if spec.api == "openai":
-                rec.stream = obj.get("stream") is True
+                # the flag as the backend will read it (vLLM coerces "yes", 1, "true": request_flags)
+                rec.stream = backend_bool(obj.get("stream"), self.backend.kind)
                 requested_model = obj.get("model")
                 mt = obj.get("max_completion_tokens", obj.get("max_tokens"))
                 if rec.stream:
                     so = obj.get("stream_options")
-                    if not (isinstance(so, dict) and so.get("include_usage") is True):
+                    if not (isinstance(so, dict)
+                            and backend_bool(so.get("include_usage"), self.backend.kind)):
                         body = with_include_usage(body, obj)
                         strip_usage = True
             else:
-                rec.stream = spec.stream if spec.stream is not None else obj.get("stream") is True
+                rec.stream = spec.stream if spec.stream is not None else backend_bool(
+                    obj.get("stream"), "tgi")
                 params = obj.get("parameters")
                 mt = params.get("max_new_tokens") if isinstance(params, dict) else None
                 requested_model = obj.get("model")
             rec.max_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
             rec.model = self.model_label(requested_model)
+            if rec.model == "unknown" and isinstance(requested_model, str):
+                rec.extra["requested_model"] = requested_model[:256]   # relabel after a hold
+            if rec.model != "unknown":
+                self.metrics.touch(rec.model, rec.route, rec.stream)
             if self.ps.log_content:
                 rec.extra["content"] = body[:CONTENT_LOG_MAX_CHARS].decode("utf-8", "replace")
 
@@ -472,6 +511,7 @@ class ProxyCore:
                     if exc.retry_after_seconds is not None:
                         out.headers["Retry-After"] = str(exc.retry_after_seconds)
                     return out
+                await self._relabel_after_hold(rec, requested_model)
             out = await self._forward_generation(request, rec, spec, body, strip_usage, whole)
             # a whole (non-streamed) response is written after this returns: the end-of-request
             # observer work runs after the write (next loop iteration), off the response's path
@@ -523,10 +563,10 @@ class ProxyCore:
             if gate is not None:
                 gate.notify_backend_failure()
             rec.error_type = "connect"
-            msg = f"backend unreachable: {self.backend.url}"
+            msg = self.failure_message(exc)
         else:
             rec.error_type = "stream_broken"
-            msg = f"backend closed the connection: {type(exc).__name__}"
+            msg = self.failure_message(exc)
         rec.status = 502
         rec.outcome = "error"
         return error_response(api, 502, rec.error_type, msg)
@@ -571,6 +611,7 @@ class ProxyCore:
                     if rej.retry_after_seconds is not None:
                         out.headers["Retry-After"] = str(rej.retry_after_seconds)
                     return out
+                await self._relabel_after_hold(rec, rec.extra.get("requested_model"))
                 continue
             break
         assert resp is not None
@@ -685,18 +726,25 @@ class ProxyCore:
                     kept = _relay_chunk(splitter, acct, chunk, time.monotonic_ns())
                     if kept is not None:
                         await out.write(kept)
-                if splitter.pending:
-                    await out.write(splitter.pending)
-                rec.outcome = "error" if acct.backend_error else "ok"
-                if acct.backend_error:
-                    rec.error_type = "upstream_status"
+                        if acct.terminated:
+                            _mark_terminated(rec, acct)
+                rest = (acct.flush() if isinstance(acct, OpenAIStream) else b"") + splitter.pending
+                if rest:
+                    await out.write(rest)
+                _mark_terminated(rec, acct)
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                     aiohttp.ClientOSError) as exc:
+                if acct.terminated:      # the client has the whole answer: nothing to report
+                    await out.write_eof()
+                    return out
                 rec.outcome = "error"
                 rec.error_type = "stream_broken"
                 await out.write(error_event(api, "stream_broken",
-                                            f"backend stream broke: {type(exc).__name__}"))
+                                            self.failure_message(exc, acct.counted)))
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                if acct.terminated:
+                    await out.write_eof()
+                    return out
                 rec.outcome = "timeout"
                 rec.error_type = "timeout"
                 await out.write(error_event(api, "timeout",
@@ -708,10 +756,12 @@ class ProxyCore:
                 await out.write((exc.kept or b"") + error_event(api, "stream_broken", str(exc)))
             await out.write_eof()
         except ConnectionResetError:  # aiohttp.ClientConnectionResetError is one too
-            # Writing to a client that is gone (without handler cancellation).
-            rec.outcome = "cancelled"
-            rec.error_type = "client_disconnect"
-            rec.status = 499
+            # Writing to a client that is gone (without handler cancellation); after the
+            # terminator the outcome is already final (ok).
+            if rec.outcome is None:
+                rec.outcome = "cancelled"
+                rec.error_type = "client_disconnect"
+                rec.status = 499
             raise asyncio.CancelledError() from None
         finally:
             acct.finish()
@@ -758,6 +808,8 @@ class ProxyCore:
                 resp.close()
                 return
             tr.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if acct.terminated:
+                _mark_terminated(rec, acct)
             if not state["paused"] and tr.get_write_buffer_size() > RELAY_HIGH_WATER:
                 state["paused"] = True
                 resp.pause()
@@ -769,16 +821,22 @@ class ProxyCore:
             result = await resp.wait_done()
             if state["client_gone"]:
                 raise ConnectionResetError("client went away")
-            if splitter.pending:
-                await out.write(splitter.pending)
-            if "too_large" in state:
+            if acct.terminated and rec.outcome is not None:
+                # the client has the whole answer; a backend that then stalls or drops its
+                # connection changes nothing for it (that connection is not reused)
+                pass
+            else:
+                rest = (acct.flush() if isinstance(acct, OpenAIStream) else b"") + splitter.pending
+                if rest:
+                    await out.write(rest)
+            if rec.outcome is not None:
+                pass
+            elif "too_large" in state:
                 rec.outcome = "error"
                 rec.error_type = "stream_broken"
                 await out.write(error_event(api, "stream_broken", str(state["too_large"])))
             elif result == "ok":
-                rec.outcome = "error" if acct.backend_error else "ok"
-                if acct.backend_error:
-                    rec.error_type = "upstream_status"
+                _mark_terminated(rec, acct)
             elif result == "timeout":
                 rec.outcome = "timeout"
                 rec.error_type = "timeout"
@@ -787,12 +845,13 @@ class ProxyCore:
             else:
                 rec.outcome = "error"
                 rec.error_type = "stream_broken"
-                await out.write(error_event(api, "stream_broken", f"backend stream broke: {result}"))
+                await out.write(error_event(api, "stream_broken", self.failure_message(result, acct.counted)))
             await out.write_eof()
         except ConnectionResetError:
-            rec.outcome = "cancelled"
-            rec.error_type = "client_disconnect"
-            rec.status = 499
+            if rec.outcome is None:      # after the terminator the outcome is final (ok)
+                rec.outcome = "cancelled"
+                rec.error_type = "client_disconnect"
+                rec.status = 499
             raise asyncio.CancelledError() from None
         finally:
             state.pop("resume", None)
@@ -835,8 +894,9 @@ class ProxyCore:
                     gate = self._gate_ref()
                     if gate is not None:
                         gate.notify_backend_failure()
-                return error_response("other", status, "timeout" if status == 504 else "connect",
-                                      f"backend request failed: {type(exc).__name__}")
+                return error_response(self.api_for_path(request.path), status,
+                                      "timeout" if status == 504 else "connect",
+                                      self.failure_message(exc))
             complete = False
             try:
                 status = resp.status

@@ -9,6 +9,7 @@ requests report them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import posixpath
 from typing import Any, TYPE_CHECKING
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from edge_proxy.app import BackendInfo, ProxyCore
     from edge_proxy.metrics import ProxyMetrics
 
+log = logging.getLogger("edge_proxy")
 RETRY_SECONDS = 1.0
 REFRESH_SECONDS = 60.0
 
@@ -66,11 +68,35 @@ async def probe_once(session: aiohttp.ClientSession, backend: "BackendInfo", con
     return learned
 
 
+def unmatched_model_keys(settings: Any, backend: "BackendInfo") -> list[str]:
+    """Warnings for per-model configuration keys that match no model label this proxy will use
+    (the configured ``proxy.model_name``, else the models the backend serves): such a key is never
+    read, and the real series get no value from it (e.g. NaN intelligence per joule)."""
+    names = {settings.proxy.model_name} if settings.proxy.model_name else (
+        set(backend.models) | ({backend.model} if backend.model else set()))
+    if not names:
+        return []
+    out = []
+    eco = settings.economics
+    for key in ("scores", "reference_scores", "model_gigabytes", "paper_model_sizes"):
+        for model in sorted(getattr(eco, key, None) or {}):
+            if model not in names:
+                out.append(f"economics.{key} has model {model!r}, but requests are labelled "
+                           f"{', '.join(repr(n) for n in sorted(names))}: that entry is never used "
+                           "(rename it, or set proxy.model_name)")
+    return out
+
+
 async def probe_loop(core: "ProxyCore", backend: "BackendInfo", configured_kind: str,
                      metrics: "ProxyMetrics") -> None:
     while core.session is None:
         await asyncio.sleep(0.05)
+    warned = False
     while True:
         ok = await probe_once(core.session, backend, configured_kind)
         metrics.backend_kind = backend.kind
+        if ok and not warned:
+            warned = True
+            for line in unmatched_model_keys(core.settings, backend):
+                log.warning("%s", line)
         await asyncio.sleep(REFRESH_SECONDS if ok else RETRY_SECONDS)

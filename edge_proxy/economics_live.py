@@ -66,7 +66,24 @@ log = logging.getLogger("edge_proxy.economics")
 
 PROBE_HEADER = "x-edge-traffic"          # value "probe": the proxy labels the request traffic=probe
 _MAX_WINDOW_SAMPLES = 100_000
+# label values known up front (their series are created at 0: the first increment shows in rate())
+FEEDBACK_OUTCOMES = ("accepted", "bad_request", "disabled", "unauthorized", "unknown_request")
+PROBE_OUTCOMES = ("pass", "fail", "error")
 INFO_MIN_INTERVAL_SECONDS = 1.0          # /info polls: at most one per second, whatever wakes them
+
+
+def served_by_backend(rec: RequestRecord) -> bool:
+    """Whether economics counts this request as served (docs/metrics.md): a user request (not a
+    probe) that ended ``ok``, or ``cancelled`` after the backend produced at least one output token.
+    A request cancelled while held, before the backend's response headers, or before any token,
+    was never answered: no request, tokens or joules in economics (its energy still shows in the
+    energy totals)."""
+    if rec.traffic == "probe":
+        return False
+    if rec.outcome == "ok":
+        return True
+    return rec.outcome == "cancelled" and (rec.t_first_token_ns is not None
+                                           or bool(rec.output_tokens))
 
 
 @dataclass(frozen=True)
@@ -170,7 +187,8 @@ class EconomicsObserver(BaseObserver):
                                 "charged for the same requests (real tokens x API price sheet; "
                                 "paper mode: flat USD per request).", m, registry=registry)
         self.requests = Counter("edge_proxy_economics_requests", "User requests counted by "
-                                "economics: outcome ok or cancelled, probes excluded.", m,
+                                "economics: outcome ok, or cancelled after the backend produced "
+                                "tokens; probes excluded.", m,
                                 registry=registry)
         self.tokens = Counter("edge_proxy_economics_tokens", "Tokens of user requests counted by "
                               "economics.", ("model", "type"), registry=registry)
@@ -192,6 +210,8 @@ class EconomicsObserver(BaseObserver):
         self.cold_cost = Counter("edge_proxy_cold_start_cost_usd", "Electricity cost of cold "
                                  "starts (part of the fixed cost in production mode).", m,
                                  registry=registry)
+        for outcome in FEEDBACK_OUTCOMES:   # known up front: every series starts at 0
+            self.feedback.labels(outcome)
         for model in sorted(set(self.cfg.scores) | set(self.cfg.reference_scores)):
             self._touch(model)          # configured models: their series exist from the start
         registry.register(_EconomicsCollector(self))
@@ -223,13 +243,19 @@ class EconomicsObserver(BaseObserver):
             c.labels(model)
         self.tokens.labels(model, "input")
         self.tokens.labels(model, "output")
+        if self.cfg.feedback_token:
+            self.quality.labels(model, "feedback")
+        if self.golden:
+            self.quality.labels(model, "probe")
+            for outcome in PROBE_OUTCOMES:
+                self.probes.labels(model, outcome)
 
     def on_request_end(self, rec: RequestRecord) -> None:
         started = rec.extra.get("economics.busy0")
         if isinstance(started, float):
             t = rec.t_end_ns if rec.t_end_ns is not None else self.clock_ns()
             rec.extra["economics.busy_share_seconds"] = self._busy.end(t, started)
-        if rec.traffic != "probe" and rec.outcome in ("ok", "cancelled"):
+        if served_by_backend(rec):
             self._touch(rec.model)
             # Known for feedback from the moment the answer is out, not only once its energy is
             # final (a tick later): a client may score a request right after reading it.
@@ -254,7 +280,7 @@ class EconomicsObserver(BaseObserver):
         # Only user requests the backend answered: ok, or cancelled by the client mid-answer
         # (its tokens were produced and paid for). Failed and rejected requests are not
         # business traffic; their energy still shows in the energy component's totals.
-        if rec.traffic == "probe" or rec.outcome not in ("ok", "cancelled"):
+        if not served_by_backend(rec):
             return
         model = rec.model
         n_in = rec.input_tokens or 0

@@ -3,13 +3,16 @@
 OpenAI: ``{"error": {"message", "type", "param", "code"}}`` (what the official client parses).
 TGI: ``{"error": message, "error_type": type}`` (what the ``text_generation`` client parses).
 A stream that breaks after its headers were sent ends with one ``data:`` event carrying the same
-body, which both clients turn into an exception.
+body, which both clients turn into an exception. Which format a route gets (:func:`api_for_path`) and
+the messages about backend failures (:func:`failure_message`) are decided here too.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Literal
 
+import aiohttp
 from aiohttp import web
 
 Api = Literal["openai", "tgi", "other"]
@@ -56,3 +59,30 @@ def error_event(api: Api, error_type: str, message: str) -> bytes:
     """One SSE event that ends a broken stream (both official clients raise on it)."""
     sep = b"data: " if api == "openai" else b"data:"
     return sep + error_body(api, error_type, message, 502) + b"\n\n"
+
+
+def api_for_path(path: str, backend_kind: str) -> Api:
+    """The API whose error format a route's clients parse: OpenAI under /v1/, TGI on its own
+    routes, else the backend's (an OpenAI-compatible server's other routes: OpenAI)."""
+    if path.startswith("/v1/") or path == "/v1":
+        return "openai"
+    if path in ("/", "/generate", "/generate_stream", "/info", "/health", "/tokenize", "/metrics"):
+        return "tgi"
+    return "openai" if backend_kind in ("openai", "unknown") else "tgi"
+
+
+def failure_message(exc: BaseException | str, url: str, timeout_s: float, tokens: int | None = None) -> str:
+    """What went wrong with the backend at ``url``, in words a user can act on. ``exc``: the
+    exception, or the lean relay's result string (``timeout``, ``broken``, ``error:<detail>``)."""
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)) or exc == "timeout":
+        return (f"the backend at {url} sent nothing for {timeout_s:g} s "
+                "(proxy.upstream_timeout_seconds); it may be overloaded or stuck")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        why = os_error.strerror if os_error is not None and os_error.strerror else str(os_error)
+        return f"the backend at {url} is unreachable ({why}); is it running and is proxy.backend_url right?"
+    after = f" after {tokens} tokens" if tokens else ""
+    if isinstance(exc, str) and exc.startswith("error:"):
+        return f"the backend at {url} sent a malformed response{after} ({exc[6:].strip()}); see the backend's logs"
+    return (f"the backend at {url} closed the connection before the response was complete{after} "
+            "(crashed or restarted?); see the backend's logs")

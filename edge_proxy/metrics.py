@@ -24,6 +24,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.25, 0.5,
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                 0.75, 1.0, 2.5)
 QUEUE_BUCKETS = TTFT_BUCKETS
+UPSTREAM_ERROR_TYPES = ("connect", "timeout", "upstream_status", "stream_broken")
 
 
 class ProxyMetrics(BaseObserver):
@@ -80,6 +81,28 @@ class ProxyMetrics(BaseObserver):
         self._queue = Children(self.queue)
         self._tokens = Children(self.tokens)
         self._upstream_errors = Children(self.upstream_errors)
+        for t in UPSTREAM_ERROR_TYPES:       # known up front: start at 0 (visible to rate())
+            self.upstream_errors.labels(t)
+        self._touched: set[tuple[str, str, bool]] = set()
+
+    def touch(self, model: str, route: str, stream: bool) -> None:
+        """Create a (model, route) combination's main series at 0 when it is first seen, before its
+        first request ends: the first increment then shows in rate() and increase() (a series
+        born with value 1 does not). The ok/200 request count, its duration, TTFT/ITL/TPOT for
+        streams, and the backend token counts; other statuses and outcomes appear when they occur."""
+        key = (model, route, stream)
+        if key in self._touched or len(self._touched) >= 1000:
+            return
+        self._touched.add(key)
+        s = "true" if stream else "false"
+        self._requests(model, self.backend_kind, route, s, "200", "ok")
+        self._duration(model, route, s, "ok")
+        for t in ("input", "output"):
+            self._tokens(model, route, t, "backend")
+        if stream:
+            self._ttft(model, route)
+            self._itl(model, route)
+            self._tpot(model, route)
 
     def on_request_final(self, rec: RequestRecord) -> None:
         model, route = rec.model, rec.route

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from edge_proxy.access_log import AccessLog, create_access_log
-from edge_proxy.app import GENERATION_ROUTES, METADATA_ROUTES, BackendInfo, ProxyCore, api_for_path
+from edge_proxy.app import GENERATION_ROUTES, METADATA_ROUTES, BackendInfo, ProxyCore
 from edge_proxy.backend_probe import probe_loop
 from edge_proxy.coldstart.factory import attach_coldstart
 from edge_proxy.energy.factory import attach_energy
@@ -85,7 +85,8 @@ class ProxyRuntime:
         """Read deadlines and protocol-error answers for the proxy's HTTP connections."""
         ps = self.settings.proxy
         return Guard(header_timeout=ps.request_header_timeout_seconds,
-                     body_timeout=ps.request_body_timeout_seconds, api_for_path=api_for_path)
+                     body_timeout=ps.request_body_timeout_seconds,
+                     api_for_path=self.core.api_for_path)
 
     async def stop(self) -> None:
         for runner in self._runners:        # the client-facing app first: /metrics answers until the end

@@ -9,11 +9,16 @@ Sources, in order of preference (``RequestRecord.token_count_source``):
 - ``chunks``: an OpenAI stream without usage: one token per content chunk (labelled fallback).
 - ``none``: nothing known.
 
+The stream's terminator (``terminated``): OpenAI's ``data: [DONE]``; TGI's last event (the one with
+``generated_text`` set). Once it has been written to the client, the request's outcome is final
+(docs/metrics.md, Outcomes).
+
 A "content" chunk carries generated text (``delta.content``, ``delta.reasoning_content``,
 ``delta.tool_calls`` or ``text``); a role-only first chunk is not a token.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Callable
 
@@ -28,6 +33,7 @@ _NEEDS_PARSE = re.compile(rb'"usage"\s*:\s*\{|"finish_reason"\s*:\s*"|"error"\s*
 _CONTENT = re.compile(rb'"(?:content|text|reasoning_content)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[')
 _TGI_NEEDS_PARSE = re.compile(rb'"details"\s*:\s*\{|"error"\s*:')
 _TGI_TOKEN = re.compile(rb'"token"\s*:\s*\{')
+_TGI_FINAL = re.compile(rb'"generated_text"\s*:\s*"')
 
 TokenSink = Callable[[int, int], None]   # (n tokens, t_ns)
 
@@ -70,7 +76,8 @@ def apply_response_headers(rec: RequestRecord, headers: Any) -> None:
 class OpenAIStream:
     """Interprets OpenAI SSE chunks: counts tokens, reads usage, strips the usage we asked for."""
 
-    __slots__ = ("rec", "strip_usage", "counted", "usage_output", "sink", "backend_error")
+    __slots__ = ("rec", "strip_usage", "counted", "usage_output", "sink", "backend_error", "terminated",
+                 "held", "fingerprint")
 
     def __init__(self, rec: RequestRecord, strip_usage: bool, sink: TokenSink) -> None:
         self.rec = rec
@@ -79,10 +86,36 @@ class OpenAIStream:
         self.usage_output: int | None = None
         self.sink = sink
         self.backend_error = False
+        self.terminated = False      # the terminator ([DONE]) was returned for the client
+        # finish_reason chunks held back until the usage chunk we strip (see event)
+        self.held: list[bytes] = []
+        self.fingerprint: str | None = None     # system_fingerprint of the usage chunk we strip
 
     def event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
         """Process one event; returns the bytes to forward (None: drop it)."""
-        if data is None or data == b"[DONE]" or not data.startswith(b"{"):
+        if not self.held:
+            return self._event(raw, data, t_ns)
+        n_held = len(self.held)
+        kept = self._event(raw, data, t_ns)
+        if len(self.held) > n_held:
+            return None                      # another choice's finish chunk: held too
+        # The event after held finish_reason chunks. A backend that puts ``system_fingerprint``
+        # on the usage chunk we asked for (vLLM) puts it on the finish_reason chunks when the
+        # client did not ask for usage: the client gets it there, as from the backend itself.
+        held, self.held = self.held, []
+        if self.fingerprint is not None:
+            held = [_with_fingerprint(ev, self.fingerprint) for ev in held]
+        return b"".join(held) + (kept or b"")
+
+    def flush(self) -> bytes:
+        """Events still held when the stream ends (sent as they came)."""
+        held, self.held = self.held, []
+        return b"".join(held)
+
+    def _event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
+        if data is None or not data.startswith(b"{"):
+            if data == b"[DONE]":
+                self.terminated = True
             return raw
         if _NEEDS_PARSE.search(data) is None:
             n = len(_CONTENT.findall(data))
@@ -100,6 +133,11 @@ class OpenAIStream:
             return raw
         rec = self.rec
         choices = obj.get("choices") or []
+        metrics = obj.get("metrics")      # vLLM --enable-per-request-metrics: on the usage chunk
+        if isinstance(metrics, dict) and isinstance(metrics.get("queue_time_ms"), (int, float)) \
+                and not isinstance(metrics.get("queue_time_ms"), bool):
+            rec.backend_queue_seconds = float(metrics["queue_time_ms"]) / 1000.0
+        finishing = False
         n = 0
         for ch in choices:
             if not isinstance(ch, dict):
@@ -113,6 +151,7 @@ class OpenAIStream:
             fr = ch.get("finish_reason")
             if fr:
                 rec.finish_reason = str(fr)
+                finishing = True
         usage = obj.get("usage")
         if isinstance(usage, dict):
             pt = _int(usage.get("prompt_tokens"))
@@ -132,9 +171,16 @@ class OpenAIStream:
             self.sink(n, t_ns)
         if self.strip_usage:
             if not choices and isinstance(usage, dict):
+                fp = obj.get("system_fingerprint")
+                if isinstance(fp, str):
+                    self.fingerprint = fp
                 return None
             if b'"usage"' in raw:
-                return _USAGE_NULL.sub(b"", raw)
+                raw = _USAGE_NULL.sub(b"", raw)
+            if finishing and "system_fingerprint" not in obj:
+                # hold it until the next event: the usage chunk may carry the fingerprint
+                self.held.append(raw)
+                return None
         return raw
 
     def finish(self) -> None:
@@ -150,10 +196,21 @@ class OpenAIStream:
             rec.token_count_source = "chunks" if not self.backend_error else "none"
 
 
+def _with_fingerprint(event: bytes, fp: str) -> bytes:
+    """``event`` (one ``data:`` line of a JSON object) with ``"system_fingerprint": fp`` added
+    before the object's closing brace (where vLLM's serializer puts it), in the event's own
+    separator style; every other byte as the backend sent it."""
+    end = event.rfind(b"}")
+    if end < 0:
+        return event
+    key = b', "system_fingerprint": ' if b'": ' in event else b',"system_fingerprint":'
+    return event[:end] + key + json.dumps(fp).encode() + event[end:]
+
+
 class TGIStream:
     """Interprets TGI ``/generate_stream`` events: one event per token, final ``details``."""
 
-    __slots__ = ("rec", "counted", "details_output", "sink", "backend_error")
+    __slots__ = ("rec", "counted", "details_output", "sink", "backend_error", "terminated")
 
     def __init__(self, rec: RequestRecord, sink: TokenSink) -> None:
         self.rec = rec
@@ -161,6 +218,7 @@ class TGIStream:
         self.details_output: int | None = None
         self.sink = sink
         self.backend_error = False
+        self.terminated = False      # the last event (generated_text set) was returned for the client
 
     def event(self, raw: bytes, data: bytes | None, t_ns: int) -> bytes | None:
         if data is None or not data.startswith(b"{"):
@@ -169,6 +227,8 @@ class TGIStream:
             if _TGI_TOKEN.search(data) is not None:
                 self.counted += 1
                 self.sink(1, t_ns)
+            if _TGI_FINAL.search(data) is not None:
+                self.terminated = True
             return raw
         obj = _event_object(data)
         if obj is None:
@@ -179,6 +239,8 @@ class TGIStream:
         if obj.get("token"):
             self.counted += 1
             self.sink(1, t_ns)
+        if isinstance(obj.get("generated_text"), str):
+            self.terminated = True
         details = obj.get("details")
         if isinstance(details, dict):
             apply_tgi_details(self.rec, details)

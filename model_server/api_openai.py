@@ -17,6 +17,7 @@ from aiohttp import web
 
 from model_server.api_common import (PROMPT_TOKENS_HEADER, check_lengths, check_prompt_ids, dumps,
                                      read_json_object, run_tokenizer, sse_headers, tokenize_prompt)
+from model_server.compat import check_openai_params, check_seed
 from model_server.engines.base import SamplingParams
 from model_server.generation import ApiError, Outcome, new_request_id, run_generation
 from model_server.params import get_bool, get_float, get_int, get_stops
@@ -47,9 +48,8 @@ def _check_model(runtime, body: dict[str, Any]) -> None:
         return
     if not isinstance(model, str):
         raise ApiError(400, "`model` must be a string", param="model")
-    if model not in runtime.names():
-        raise ApiError(404, f"The model `{model}` does not exist. This server serves `{runtime.served_name}`.",
-                       kind="not_found", param="model")
+    # One model is served: any name is accepted, as TGI does (huggingface_hub's InferenceClient
+    # sends "dummy" or "tgi" to a URL); /info says so (docs/model_server.md, Compatibility).
 
 
 def _sampling(runtime, body: dict[str, Any], *, max_key: str, default_max: int | None,
@@ -97,6 +97,8 @@ def _sampling(runtime, body: dict[str, Any], *, max_key: str, default_max: int |
     sp = SamplingParams(max_new_tokens=max_tokens or default_max or 16, do_sample=do_sample,
                         temperature=temperature, top_p=top_p if top_p is not None else 1.0,
                         top_k=top_k if top_k and top_k > 0 else 0, seed=seed, ignore_eos=ignore_eos)
+    check_openai_params(body)
+    check_seed(runtime.engine, sp, "seed")
     return sp, stops, {"stream": stream, "include_usage": include_usage, "max_given": max_tokens is not None,
                        "max_key": max_key}
 
@@ -283,6 +285,20 @@ async def _stream(request, runtime, chat: bool, rid: str, created: int, prompt_i
     with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
         await resp.write_eof()
     return resp
+
+
+def _model_object(runtime) -> dict[str, Any]:
+    return {"id": runtime.served_name, "object": "model", "created": int(runtime.startup.get("process_start") or 0),
+            "owned_by": "edge-eval", "max_model_len": runtime.limits.max_total_tokens}
+
+
+async def model(request: web.Request, runtime) -> web.Response:
+    """GET /v1/models/{id}: the served model under any of its names (openai's models.retrieve)."""
+    name = request.match_info["model_id"]
+    if name not in runtime.names():
+        return error_response(ApiError(404, f"The model `{name}` does not exist. This server serves "
+                                            f"`{runtime.served_name}`.", kind="not_found", param="model"))
+    return web.json_response(_model_object(runtime))
 
 
 async def models(_request: web.Request, runtime) -> web.Response:

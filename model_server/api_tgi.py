@@ -14,6 +14,7 @@ from aiohttp import web
 
 from model_server.api_common import (PROMPT_TOKENS_HEADER, check_lengths, check_prompt_ids, dumps,
                                      read_json_object, run_tokenizer, sse_headers, tokenize_prompt)
+from model_server.compat import check_seed, seed_used
 from model_server.engines.base import SamplingParams
 from model_server.generation import ApiError, Outcome, Step, run_generation
 from model_server.params import get_bool, get_float, get_int, get_stops
@@ -88,6 +89,8 @@ def parse_request(runtime, body: dict[str, Any]) -> tuple[list[int], SamplingPar
                         temperature=temperature if temperature is not None else 1.0,
                         top_p=top_p if top_p is not None else 1.0, top_k=top_k or 0, seed=seed,
                         ignore_eos=ignore_eos)
+    check_seed(runtime.engine, sp, "seed", status=422)
+    opts["seed"] = seed_used(runtime.engine, sp)      # details.seed: only a seed that was used
     return prompt_ids, sp, stops, opts
 
 

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", default="auto", choices=("auto", "fast", "transformers"),
                        help="auto = fast on CUDA when available, else transformers (default: auto)")
     serve.add_argument("--model-name", default=None,
-                       help="model name reported by the APIs (default: the MODEL argument's basename)")
+                       help="model name reported by the APIs and accepted in requests (default: the MODEL "
+                            "directory's basename, e.g. ./models/llama-1b -> llama-1b; a hub id as given)")
     serve.add_argument("--max-input-tokens", type=_positive_int, default=None,
                        help="longest accepted prompt (default: the model's context minus 1)")
     serve.add_argument("--max-total-tokens", type=_positive_int, default=None,

@@ -76,6 +76,9 @@ class Runtime:
         lm = self.loaded
         return {
             "model_id": self.served_name,
+            # one model is served: the OpenAI routes accept any `model` name (as TGI does)
+            "model_names": sorted(self.names()),
+            "accepts_any_model_name": True,
             "model_path": self.model_id,
             "model_sha": None,
             "model_dtype": lm.dtype if lm else None,

@@ -83,6 +83,9 @@ def build_app(runtime: Runtime) -> web.Application:
     async def models(r: web.Request) -> web.Response:
         return await api_openai.models(r, runtime)
 
+    async def model(r: web.Request) -> web.Response:
+        return await api_openai.model(r, runtime)
+
     @web.middleware
     async def never_500(request: web.Request, handler) -> web.StreamResponse:
         """Unexpected exceptions become a JSON error in the route's API format, never a traceback page."""
@@ -120,6 +123,7 @@ def build_app(runtime: Runtime) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model_id:.+}", model)
     return app
 
 
@@ -237,9 +241,10 @@ async def drain(runtime: Runtime, timeout_s: float) -> None:
 
 
 async def serve_async(args: argparse.Namespace) -> int:
+    from model_server.compat import default_served_name
     from model_server.energy_route import register_energy_routes
 
-    runtime = Runtime(model_id=args.model, served_name=args.model_name or args.model,
+    runtime = Runtime(model_id=args.model, served_name=args.model_name or default_served_name(args.model),
                       engine_name=args.engine,
                       limits=Limits(max_batch=args.max_batch,
                                     max_concurrent_requests=args.max_concurrent_requests,

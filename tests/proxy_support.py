@@ -5,7 +5,8 @@ APIs (with fault knobs), runnable in-process or as a subprocess (``python -m tes
 Fault knobs (request header ``x-fake-fault``, forwarded by the proxy like any end-to-end header):
 ``500`` (an OpenAI error body with status 500), ``slow`` (no headers for 30 s), ``drop`` (close the socket after two tokens), ``no-usage`` (ignore
 stream_options.include_usage), ``slow-tokens`` (50 ms between tokens, 200 tokens), ``hold-first`` (headers, then nothing until
-``state.release`` is set).
+``state.release`` is set), ``slow-eof`` (20 ms between the last event and the end of the body, as a
+backend finishing its bookkeeping: a client that closes after the terminator closes in between).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Any
 from aiohttp import web
 
 MODEL = "fake-model"
+FINGERPRINT = "fp_fake"   # system_fingerprint placed where vLLM places it (see the openai handler)
+QUEUE_MS = 7.0            # vLLM --enable-per-request-metrics queue_time_ms on the usage chunk
 
 
 def free_port() -> int:
@@ -42,6 +45,16 @@ class UpstreamState:
     release: asyncio.Event | None = None    # fault "hold-first": first event waits for this
     info_hits: int = 0                      # GET /info requests served
     info_status: int = 200                  # e.g. 404: a backend without /info (vLLM)
+
+
+def _lax_bool(value: Any) -> bool:
+    """A boolean field as vLLM's request models read it (pydantic lax mode: "yes", 1, "true" ...)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return bool(TypeAdapter(bool | None).validate_python(value))
+    except ValidationError:
+        return False
 
 
 def _prompt_of(body: dict[str, Any]) -> str:
@@ -81,6 +94,8 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
                     await asyncio.sleep(first_gap)
                 elif gap:
                     await asyncio.sleep(gap)
+            if fault == "slow-eof":
+                await asyncio.sleep(0.02)
             await resp.write_eof()
             state.finished_streams += 1
         except (ConnectionResetError, asyncio.CancelledError):
@@ -107,7 +122,7 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
         oid = "cmpl-fake"
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
         obj = "chat.completion" if chat else "text_completion"
-        if not body.get("stream"):
+        if not _lax_bool(body.get("stream")):
             text = "".join(pieces)
             choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": text},
                                        "finish_reason": "length"} if chat else
@@ -115,7 +130,7 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
             return web.json_response({"id": oid, "object": obj, "created": 1, "model": MODEL,
                                       "choices": [choice], "usage": usage},
                                      headers={"x-prompt-tokens": str(n_prompt)})
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and fault != "no-usage"
+        include_usage = _lax_bool((body.get("stream_options") or {}).get("include_usage")) and fault != "no-usage"
         extra = {"usage": None} if include_usage else {}
 
         def chunk(delta_or_text: Any, finish: str | None = None) -> bytes:
@@ -125,6 +140,8 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
                 ch = {"index": 0, "text": delta_or_text, "finish_reason": finish}
             o = {"id": oid, "object": obj + ".chunk" if chat else obj, "created": 1, "model": MODEL,
                  "choices": [ch], **extra}
+            if finish and not include_usage:
+                o["system_fingerprint"] = FINGERPRINT     # vLLM: on terminal chunks without usage
             return b"data: " + json.dumps(o).encode() + b"\n\n"
 
         events: list[bytes] = []
@@ -133,8 +150,11 @@ def make_app(state: UpstreamState | None = None) -> web.Application:
         events += [chunk({"content": p} if chat else p) for p in pieces]
         events.append(chunk({} if chat else "", "length"))
         if include_usage:
+            # vLLM: the fingerprint and the per-request metrics ride on the usage chunk
             events.append(b"data: " + json.dumps({"id": oid, "object": obj, "created": 1, "model": MODEL,
-                                                  "choices": [], "usage": usage}).encode() + b"\n\n")
+                                                  "choices": [], "usage": usage,
+                                                  "system_fingerprint": FINGERPRINT,
+                                                  "metrics": {"queue_time_ms": QUEUE_MS}}).encode() + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         gap = 0.05 if fault == "slow-tokens" else 0.0
         return await sse_stream(request, fault, events, gap, first_gap=0.02 if chat else 0.0)

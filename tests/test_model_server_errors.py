@@ -38,7 +38,8 @@ OPENAI_CASES = [
     ("empty prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("empty prompt list", "/v1/completions", {"prompt": []}, 400, "prompt"),
     ("token id out of vocab", "/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
-    ("unknown model", "/v1/completions", {"model": "gpt-17", "prompt": "hi"}, 404, "model"),
+    ("model not a string", "/v1/completions", {"model": 17, "prompt": "hi"}, 400, "model"),
+    ("logit_bias", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("max_tokens negative", "/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
     ("temperature 3", "/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature"),
     ("top_p 0", "/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
@@ -52,7 +53,7 @@ OPENAI_CASES = [
     ("chat bad role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ("chat empty content", "/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, 400, "messages"),
     ("chat image part", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content"),
-    ("chat unknown model", "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("chat response_format", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("chat too long", "/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "max_tokens": 2}, 400, "messages"),
     ("chat max_tokens beyond context", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
 ]
@@ -86,8 +87,8 @@ def test_openai_client_raises_typed_errors(model_server):
     import openai
 
     client = openai.OpenAI(base_url=model_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="not-served", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):       # one model is served: any name generates
+        client.models.retrieve("not-served")          # (docs/model_server.md, Compatibility)
     with pytest.raises(openai.BadRequestError) as exc:
         client.completions.create(model=client.models.list().data[0].id, prompt=LONG, max_tokens=2)
     assert exc.value.code == "context_length_exceeded"

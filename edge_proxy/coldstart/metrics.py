@@ -14,6 +14,7 @@ COLD_START_BUCKETS_JOULES: tuple[float, ...] = (
 )
 OUTCOMES = ("ready", "timeout", "error")
 REJECT_REASONS = ("hold_full", "hold_timeout", "spawn_failed", "draining")
+PROCESS_EXIT_OUTCOMES = ("idle_stop", "crash", "start_failed", "shutdown")
 
 
 class ColdStartMetrics:
@@ -85,3 +86,5 @@ class ColdStartMetrics:
             self.cold_starts.labels(outcome=o)
         for r in REJECT_REASONS:
             self.rejected.labels(reason=r)
+        for o in PROCESS_EXIT_OUTCOMES:
+            self.process_exits.labels(outcome=o)

@@ -81,6 +81,7 @@ class Engine(abc.ABC):
     """A generation engine serving one loaded model."""
 
     name: str = "abstract"
+    supports_seed: bool = False     # samples a request from its own seed (model_server.compat)
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -79,6 +79,7 @@ class _Seq:
 
 class FastEngine(Engine):
     name = "fast"
+    supports_seed = True      # per-request seeded sampling (sampling.seeded_uniform)
 
     def __init__(self, model: torch.nn.Module, eos_token_ids: list[int] | tuple[int, ...] | int | None,
                  max_batch: int = 64, max_seq_len: int = 2048, device: str | torch.device | None = None,
