@@ -215,14 +215,21 @@ class BackendSupervisor:
                 log.error("cold start: %s", exc)
                 raise
             r, w = os.pipe()            # both close-on-exec; pass_fds hands r to the watchdog only
+            # The backend's output goes through a pipe this process owns, not one of the asyncio
+            # transport's: asyncio's Process.wait() returns only once the transport's pipes close,
+            # which a grandchild that outlives the watchdog would hold open (a crash unseen).
+            out_r: int | None = None
+            out_w: int | None = None
             try:
                 if self.output:
                     log_file = open(self.output, "ab")
+                else:
+                    out_r, out_w = os.pipe()
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-I", "-S", WATCHDOG, str(r), f"{self.stop_grace_seconds:g}", "--",
                     *self.argv,
                     stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file if log_file is not None else asyncio.subprocess.PIPE,
+                    stdout=log_file if log_file is not None else out_w,
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,
                     pass_fds=(r,),
@@ -230,19 +237,28 @@ class BackendSupervisor:
                 )
             except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
                 os.close(w)
+                if out_r is not None:
+                    os.close(out_r)
                 self.record_failure()
                 raise SpawnError(f"cannot start backend {self.argv[0]!r}: {exc.strerror or exc}") from None
             except OSError as exc:
                 os.close(w)
+                if out_r is not None:
+                    os.close(out_r)
                 self.record_failure()
                 raise SpawnError(f"cannot start backend {self.argv[0]!r}: {exc}") from None
             finally:
                 os.close(r)
+                if out_w is not None:
+                    os.close(out_w)         # the child has its own copy
                 if log_file is not None:
                     log_file.close()        # the child has its own copy
             t = time.monotonic_ns()
-            if proc.stdout is not None:
-                self._relay_task = asyncio.create_task(relay_output(proc.stdout, f"[backend {proc.pid}] "),
+            if out_r is not None:
+                reader = asyncio.StreamReader()
+                await asyncio.get_running_loop().connect_read_pipe(
+                    lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(out_r, "rb", 0))
+                self._relay_task = asyncio.create_task(relay_output(reader, f"[backend {proc.pid}] "),
                                                        name="coldstart-backend-output")
             self._close_pipe()
             self._pipe_w = w
