@@ -84,13 +84,18 @@ async def graceful_stop(runtime: "ProxyRuntime", drain_s: float) -> dict[str, in
     if server is not None:
         server.pre_shutdown()                     # idle keep-alive connections close now
     live = runtime.core.live
+    gate_drain = getattr(runtime.gate, "shutdown", None)
+    gate_task = asyncio.create_task(gate_drain(), name="gate-drain") if gate_drain is not None else None
+    # ^ held requests: released within coldstart.drain_seconds if a cold start is under way, else
+    #   handed back with 503 draining + Retry-After (the gate's own drain), alongside this one
 
     def busy() -> tuple[list[tuple[Any, Any]], list[Any]]:
         """(live generation requests not held by the gate, connections other than held ones)"""
         held = _held_ids(runtime)
         reqs = [v for k, v in live.items() if k not in held]
         held_conns = {id(req.protocol) for k, (_, req) in live.items() if k in held}
-        conns = [c for c in (server.connections if server is not None else []) if id(c) not in held_conns]
+        conns = [c for c in (server.connections if server is not None else [])
+                 if id(c) not in held_conns and getattr(c, "_request_in_progress", True)]   # idle keep-alive: nothing to wait for
         return reqs, conns
 
     reqs, _ = busy()
@@ -104,5 +109,7 @@ async def graceful_stop(runtime: "ProxyRuntime", drain_s: float) -> dict[str, in
         log.warning("drain bound of %g s reached: cut %d stream(s) with an error event, answered %d "
                     "request(s) 503, closed %d", drain_s, counts["event"], counts["503"], counts["closed"])
         await asyncio.sleep(0)                    # let the cancelled handlers unwind
+    if gate_task is not None:
+        await asyncio.gather(gate_task, return_exceptions=True)
     await runtime.stop()                          # main port's cleanup first, /metrics last
     return counts
