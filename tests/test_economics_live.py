@@ -94,7 +94,8 @@ async def _drive(proxy: Any) -> tuple[dict, dict[str, Any]]:
     n_user = 4
     async with aiohttp.ClientSession() as s:
         # Two probes complete (one pass, one fail) before user traffic is counted.
-        await _wait_for(lambda: sum(1 for k in _samples(proxy.metrics_text())
+        # (the pass/fail series exist from the start at 0: count probes by value, not by series)
+        await _wait_for(lambda: sum(v for k, v in _samples(proxy.metrics_text()).items()
                                     if k[0] == "edge_proxy_quality_probes_total") >= 2)
         usage = {"n": n_user, "input": 0, "output": 0}
         ids: list[str] = []        # the proxy's ids (x-edge-request-id): what feedback takes
