@@ -3,7 +3,7 @@
 Everything runs offline. Splits ``train`` and ``test`` draw from different seeded streams, so
 held-out items never appear in training.
 
-* rag: a context of three short sentences in random order, one of which states the asked-about
+* rag: a context of two short sentences in random order, one of which states the asked-about
   fact ('The label of the Kalon box is "data".'), and a question about it; the answer is the one
   quoted word in the context. A model learns it by copying that word: small enough for the tiny
   synthetic model to learn with LoRA on two CPU cores, and scored by token F1 / exact match like
@@ -46,8 +46,7 @@ def rag_item(rng: random.Random, idx: str) -> Item:
     name, maker = _name(rng), _name(rng)
     value = rng.choice(VALUES)
     sentences = [f"The {attr} of the {name} {thing} is \"{value}\".",
-                 f"{maker} made it in {rng.randrange(1900, 2030)}.",
-                 f"It is kept in {rng.choice(_PLACES)}."]
+                 f"{maker} made it in {rng.randrange(1900, 2030)}."]
     rng.shuffle(sentences)
     return Item(id=idx, fields={"context": " ".join(sentences),
                                 "question": f"What is the {attr} of the {name} {thing}?",
