@@ -29,6 +29,7 @@ def _score(out: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_adapt_then_evaluate_and_the_proxy_reads_the_files(tiny_model_dir, model_server, tmp_path: Path) -> None:
     adapt_dir = tmp_path / "adapt"
     r = subprocess.run([sys.executable, "-m", "edge_eval", "adapt", tiny_model_dir, "--method", "lora",
@@ -63,7 +64,9 @@ def test_adapt_then_evaluate_and_the_proxy_reads_the_files(tiny_model_dir, model
         fp, q = _score(runs / "fp"), _score(runs / "nf4")
         print(f"held-out token F1: base {base['mean_score']:.3f}, LoRA {fp['summary']['mean_score']:.3f}, "
               f"LoRA NF4 {q['summary']['mean_score']:.3f}; train {adaptation['joules']:.0f} J (estimated)")
-        assert fp["summary"]["mean_score"] >= base["mean_score"] + 0.1, (base, fp["summary"])
+        # clearly above the base, and above the 1/4 a model gets that only learned the answer
+        # vocabulary (builtin rag answers are one of 4 code words): it copies from the context
+        assert fp["summary"]["mean_score"] >= max(base["mean_score"] + 0.3, 0.4), (base, fp["summary"])
 
         m = q_proxy.metrics()
     pairs = {(i["id"], i["pass"]): i["scores"]["f1"] for i in fp["items"]}

@@ -22,10 +22,11 @@ from edge_eval.tasks.base import Item
 SPLIT_SALT = {"train": 1_000_003, "test": 2_000_029}
 _SYL_A = ["ka", "lo", "mi", "ra", "to", "ve", "su", "pe", "da", "no", "fi", "ge"]
 _SYL_B = ["n", "r", "s", "x", "l", "m", "t", "k"]
-# Short code words: each is one token for a byte-level BPE trained on source code, and quoting them
-# in the context makes their tokens there the same as in the answer (a straight copy).
-VALUES = ["red", "dict", "set", "type", "name", "file", "data", "value", "key", "line", "text",
-          "size", "time", "date", "day", "item"]
+# Four short code words: each is one token for a byte-level BPE trained on source code, and
+# quoting them in the context makes their tokens there the same as in the answer (a straight
+# copy). Four, not more: with 8 or 16 the tiny model's LoRA only learns the answer vocabulary in
+# the default steps, with 4 it learns to copy (held-out exact match well above the 1/4 prior).
+VALUES = ["red", "dict", "set", "type"]
 _ATTRS = ["code word", "label", "tag", "password"]
 _THINGS = ["box", "door", "car", "boat", "kite", "lamp"]
 _VERBS = [("opened", "a new"), ("closed", "the old"), ("repaired", "a broken"),
