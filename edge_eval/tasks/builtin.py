@@ -4,7 +4,7 @@ Everything runs offline. Splits ``train`` and ``test`` draw from different seede
 held-out items never appear in training.
 
 * rag: a context of two short sentences in random order, one of which states the asked-about
-  fact ('The label of the Kalon box is "data".'), and a question about it; the answer is the one
+  fact ('The label of the Kalon box is "dict".'), and a question about it; the answer is the one
   quoted word in the context. A model learns it by copying that word: small enough for the tiny
   synthetic model to learn with LoRA on two CPU cores, and scored by token F1 / exact match like
   SQuAD.
