@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="training data (default builtin:TASK:train)")
     p.add_argument("--limit", type=int, default=2000, help="training items (default 2000)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16, the paper's)")

@@ -25,7 +25,7 @@ _SYL_B = ["n", "r", "s", "x", "l", "m", "t", "k"]
 # Four short code words: each is one token for a byte-level BPE trained on source code, and
 # quoting them in the context makes their tokens there the same as in the answer (a straight
 # copy). Four, not more: with 8 or 16 the tiny model's LoRA only learns the answer vocabulary in
-# the default steps, with 4 it learns to copy (held-out exact match well above the 1/4 prior).
+# the default steps, with 4 it learns to copy (held-out exact match near 1 after 300 steps).
 VALUES = ["red", "dict", "set", "type"]
 _ATTRS = ["code word", "label", "tag", "password"]
 _THINGS = ["box", "door", "car", "boat", "kite", "lamp"]
