@@ -68,7 +68,9 @@ def adapt(args: argparse.Namespace, task: TaskSpec, items: list[Item], data: str
         "task": task.name, "data": data, "n_examples": len(examples), "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "compute_capability": list(capability) if capability else None,
-        "dtype": dtype_name, "base_quantization": "nf4" if qlora else "none",
+        # QLoRA on CPU: the NF4 layers compute in bfloat16 (see _load)
+        "dtype": "bfloat16" if qlora and dtype_name == "float32" else dtype_name,
+        "base_quantization": "nf4" if qlora else "none",
         "lora": {"rank": args.rank, "alpha": args.alpha, "dropout": 0.05,
                  "targets": sorted(model.peft_config["default"].target_modules)},
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
