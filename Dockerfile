@@ -7,12 +7,12 @@
 # The install steps live in docker/install-*.sh; CI (tests/test_deploy_docker.py) runs the same
 # scripts in a fresh venv and lints this file with hadolint, since no Docker engine runs there.
 
-# Python for the proxy: the version CI tests with.
+# One plain Python base for both images: the Python version CI tests with (3.11). No CUDA base
+# image: torch 2.13.0's default Linux wheel is a CUDA 13.0 build that brings its CUDA libraries as
+# wheels (kernels for sm_75 / T4 up to sm_120, Hopper included), so a CUDA base would ship them
+# twice. The NVIDIA container runtime mounts the driver (libcuda, NVML) at run time; it needs a
+# driver >= 580.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# CUDA 13.0 runtime (Ubuntu 24.04, Python 3.12). torch 2.13.0's default Linux wheel is a CUDA 13.0
-# build with kernels for sm_75 (T4) up to sm_120, Hopper included; needs an NVIDIA driver >= 580.
-# For GPTQ's JIT-compiled kernels use the matching -devel- image (it has nvcc).
-ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------- proxy
 FROM ${PYTHON_IMAGE} AS proxy-build
@@ -47,16 +47,17 @@ ENTRYPOINT ["edge-proxy"]
 CMD ["serve"]
 
 # ---------------------------------------------------------------- model server
-FROM ${CUDA_IMAGE} AS model-server-build
+FROM ${PYTHON_IMAGE} AS model-server-build
 ARG WITH_GPTQ=0
-# Ubuntu's python3 follows security updates within the release; versions are not pinned here.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
- && if [ "$WITH_GPTQ" = 1 ]; then apt-get install -y --no-install-recommends build-essential python3-dev; fi \
- && rm -rf /var/lib/apt/lists/*
+# GPTQ builds (and, at run time, JIT-compiles) C++/CUDA extensions: a compiler, pinned to the
+# Debian 12 release's version.
+RUN if [ "$WITH_GPTQ" = 1 ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends build-essential=12.9 \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python3 -m venv /opt/venv
+RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv
 WORKDIR /src
 ARG TORCH_VERSION=2.13.0
@@ -69,27 +70,30 @@ COPY edge_proxy ./edge_proxy
 COPY model_server ./model_server
 RUN bash docker/install-model-server.sh app /src
 
-FROM ${CUDA_IMAGE} AS model-server
+FROM ${PYTHON_IMAGE} AS model-server
+ARG WITH_GPTQ=0
 LABEL org.opencontainers.image.title="model-server" \
       org.opencontainers.image.description="edge-eval INT4 transformers model server (TGI + OpenAI APIs)" \
       org.opencontainers.image.licenses="Apache-2.0"
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 \
- && rm -rf /var/lib/apt/lists/* \
+# With GPTQ the kernels compile at run time: the compiler ships in this image too.
+RUN if [ "$WITH_GPTQ" = 1 ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends build-essential=12.9 \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi \
  && groupadd --system --gid 10001 edge \
  && useradd --system --uid 10001 --gid edge --create-home --home-dir /home/edge --shell /usr/sbin/nologin edge \
  && mkdir -p /models \
  && chown edge:edge /models
 COPY --from=model-server-build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    HF_HOME=/home/edge/.cache/huggingface GPTQMODEL_CPU_WORKERS=2 \
+    HF_HOME=/home/edge/.cache/huggingface XDG_CACHE_HOME=/home/edge/.cache GPTQMODEL_CPU_WORKERS=2 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
 WORKDIR /home/edge
 EXPOSE 8000
 # Healthy = model loaded and ready (/health is 503 while loading, warming or draining).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=600s --retries=3 \
-  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
 ENTRYPOINT ["model-server"]
 CMD ["serve", "/models/model", "--host", "0.0.0.0", "--port", "8000"]

@@ -404,6 +404,7 @@ class ProxyCore:
                                    request.headers)
             gate = self._gate_ref()
             if gate is not None:
+                rec.extra["request_bytes"] = len(body)      # held bytes are bounded (coldstart.max_held_bytes)
                 try:
                     await gate.acquire(rec)
                 except GateRejected as exc:
@@ -412,6 +413,8 @@ class ProxyCore:
                     rec.status = 503
                     out = error_response(spec.api, 503, exc.reason, exc.message)
                     out.headers[REQUEST_ID_HEADER] = rec.request_id
+                    if exc.retry_after_seconds is not None:
+                        out.headers["Retry-After"] = str(exc.retry_after_seconds)
                     return out
             out = await self._forward_generation(request, rec, spec, body, strip_usage, whole)
             # a whole (non-streamed) response is written after this returns: the end-of-request
@@ -504,7 +507,10 @@ class ProxyCore:
                 except GateRejected as rej:
                     rec.outcome, rec.error_type, rec.status = "rejected", rej.reason, 503
                     rec.t_end_ns = time.monotonic_ns()
-                    return error_response(rec.api, 503, rej.reason, rej.message)  # type: ignore[arg-type]
+                    out = error_response(rec.api, 503, rej.reason, rej.message)  # type: ignore[arg-type]
+                    if rej.retry_after_seconds is not None:
+                        out.headers["Retry-After"] = str(rej.retry_after_seconds)
+                    return out
                 continue
             break
         assert resp is not None

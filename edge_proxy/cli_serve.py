@@ -58,6 +58,8 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--idle-timeout", "coldstart", "idle_timeout_seconds", "with --spawn: stop the backend after this many seconds without traffic (default: never)", float),
     Flag("--max-pending", "coldstart", "max_pending", "most requests held during a cold start, then 503 (default 100)", int),
     Flag("--max-wait", "coldstart", "max_wait_seconds", "longest a request is held, then 503 (default 300 s)", float),
+    Flag("--max-held-bytes", "coldstart", "max_held_bytes", "most request-body bytes held in memory during a cold start, then 503 (default 64 MiB)", int),
+    Flag("--drain-seconds", "coldstart", "drain_seconds", "on SIGTERM, wait this long for a cold start to release held requests before handing them back with 503 + Retry-After (default 20 s)", float),
     Flag("--economics-mode", "economics", "mode", "economics definitions: production (default) or paper (the paper's constants)", choices=("production", "paper")),
     Flag("--usd-per-kwh", "economics", "usd_per_kwh", "electricity price in USD/kWh (default 0.12)", float),
     Flag("--pue", "economics", "pue", "power usage effectiveness applied to measured energy (default 1.0)", float),
@@ -90,6 +92,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config, overrides_from_args(args))
+    validate(settings)
+    return settings
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    """(section, key) -> value of every flag and --set given on the command line."""
     overrides: dict[tuple[str, str], Any] = {}
     for name, value in vars(args).items():
         if name.startswith("cfg__") and value is not None:
@@ -101,9 +110,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         lhs, value = item.split("=", 1)
         section, key = lhs.split(".", 1)
         overrides[(section.strip(), key.strip())] = value
-    settings = load_settings(args.config, overrides)
-    validate(settings)
-    return settings
+    return overrides
 
 
 def validate(settings: Settings) -> None:
@@ -145,14 +152,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from edge_proxy.process_tuning import reserve_fd_table
     reserve_fd_table()      # before any thread starts: a table that never doubles while serving
+    reload_from = (args.config, overrides_from_args(args)) if args.config else None
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
-        return asyncio.run(_serve(settings))
-    return uvloop.run(_serve(settings))    # faster event loop (see docs/benchmarks.md, Proxy overhead)
+        return asyncio.run(_serve(settings, reload_from))
+    return uvloop.run(_serve(settings, reload_from))    # faster event loop (see docs/benchmarks.md, Proxy overhead)
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, reload_from: tuple[str, dict] | None = None) -> int:
     from edge_proxy.process_tuning import tune_process_for_serving
     from edge_proxy.server import build_proxy
 
@@ -169,6 +177,15 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloader = None
+    if reload_from is not None and runtime.components.get("economics") is not None:
+        # Prices reload live: SIGHUP or a change of the config file (edge_proxy.economics_reload).
+        from edge_proxy.economics_reload import EconomicsReloader
+        reloader = EconomicsReloader(runtime.components["economics"], reload_from[0], reload_from[1],
+                                     runtime.registry)
+        reloader.start(loop)
     await stop.wait()
+    if reloader is not None:
+        await reloader.stop()
     await runtime.stop()
     return 0

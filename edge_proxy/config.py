@@ -113,6 +113,9 @@ class ColdStartSettings:
     stop_grace_seconds: float = 30.0           # SIGTERM -> SIGKILL grace when stopping the backend
     restart_backoff_seconds: float = 1.0       # first restart delay after a crash/failed start (doubles)
     restart_backoff_max_seconds: float = 60.0
+    max_held_bytes: int = 64 * 1024 * 1024     # request bytes held in memory at once, then 503 (hold_full)
+    drain_seconds: float = 20.0                # on SIGTERM: wait this long for a cold start to release held requests
+    retry_after_seconds: int = 2               # Retry-After on a 503 for a held request handed back (drain, full)
 
 
 @dataclass

@@ -214,7 +214,8 @@ class EconomicsObserver(BaseObserver):
         if model in self._touched:
             return
         self._touched.add(model)
-        for c in (self.energy_cost, self.hardware_cost, self.api_cost, self.requests, self.energy):
+        for c in (self.energy_cost, self.hardware_cost, self.api_cost, self.requests, self.energy,
+                  self.cold_starts, self.cold_energy, self.cold_seconds, self.cold_cost):
             c.labels(model)
         self.tokens.labels(model, "input")
         self.tokens.labels(model, "output")

@@ -125,7 +125,8 @@ class BackendGate(Protocol):
 
 
 class GateRejected(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, retry_after_seconds: int | None = None) -> None:
         super().__init__(message)
-        self.reason = reason      # hold_timeout | hold_full | spawn_failed
+        self.reason = reason      # hold_timeout | hold_full | spawn_failed | draining
         self.message = message
+        self.retry_after_seconds = retry_after_seconds   # the 503 carries Retry-After when set

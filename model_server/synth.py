@@ -7,6 +7,11 @@ and energy of such a model are real for its shape; its text is not.
 Big presets never instantiate the model with real storage: the parameter names and shapes come from a
 model built on the ``meta`` device, and each tensor is filled from its own seeded generator (in a thread
 pool, so the 1B preset builds in seconds) and written straight to ``model.safetensors``.
+
+Atomic and idempotent (a Kubernetes Job may run it again, or run while a server waits for the
+model): the directory is built next to ``OUT_DIR`` under a temporary name and renamed into place
+when complete, so ``OUT_DIR`` is either absent, the previous model, or the whole new one; when
+``OUT_DIR`` already holds the same preset and seed (its ``edge_eval_synth.json``), nothing is written.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -247,10 +253,19 @@ def synthesize(out_dir: str | os.PathLike, preset_name: str, seed: int = 0,
     if preset_name not in PRESETS:
         raise SynthError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SynthError(f"{out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    if final.exists() and not final.is_dir():
+        raise SynthError(f"{final} exists and is not a directory")
+    if is_complete(final, preset.name, seed):
+        return final
+    if final.is_dir() and any(final.iterdir()) and not (final / "config.json").exists():
+        raise SynthError(f"{final} is not empty and holds no model: refusing to replace it")
+    if final.is_dir() and (final / "config.json").exists() and \
+            not json.loads((final / "config.json").read_text()).get("edge_eval_synthetic"):
+        raise SynthError(f"{final} holds a real (not synthetic) model: refusing to replace it")
+    out = final.parent / f".{final.name}.partial"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     t0 = time.monotonic()
 
     fill_to = None if preset.match_vocab else int(preset.config["vocab_size"])
@@ -302,4 +317,27 @@ def synthesize(out_dir: str | os.PathLike, preset_name: str, seed: int = 0,
         "model_vocab": config.vocab_size, "build_seconds": round(time.monotonic() - t0, 3),
         "shape_of": preset.real_model or None,
     }, indent=2) + "\n")
-    return out
+    _publish(out, final)
+    return final
+
+
+def is_complete(out: Path, preset_name: str, seed: int) -> bool:
+    """True when ``out`` holds a finished synthetic model of this preset and seed (its marker file
+    is written last, and the directory only appears by rename once complete)."""
+    try:
+        info = json.loads((out / "edge_eval_synth.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("preset") == preset_name and info.get("seed") == seed and (out / "model.safetensors").is_file()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move the finished directory into place: rename (atomic on one file system), the old one removed."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)

