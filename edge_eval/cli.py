@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "edge_eval.eval_cmd",       # edge-eval eval
     "edge_eval.adapt",          # edge-eval adapt
     "edge_eval.metrics_cmd",    # edge-eval metrics
+    "edge_eval.report",         # edge-eval report
 ]
 
 
