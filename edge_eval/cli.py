@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "edge_eval.adapt",          # edge-eval adapt
     "edge_eval.metrics_cmd",    # edge-eval metrics
     "edge_eval.report",         # edge-eval report
+    "edge_eval.bench_cmd",      # edge-eval bench
 ]
 
 
