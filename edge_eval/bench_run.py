@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import aiohttp
 
 from edge_eval.bench_grid import Grid, Variant
-from edge_eval.client import ProxyClient
+from edge_eval.client import EndpointDown, ProxyClient
 from edge_eval.stats import ci95, mean
 from edge_eval.tasks import get_task, load_items
 
@@ -202,8 +202,9 @@ def run_variant(grid: Grid, v: Variant, model: str, adaptation_joules: float, ro
 
         try:
             cold, passes, sweep = asyncio.run(load())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise VariantFailed(f"load: {type(exc).__name__}: {exc}") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, EndpointDown) as exc:
+            raise VariantFailed(f"load: {type(exc).__name__}: {exc}; proxy log: "
+                                f"{_tail(root / 'logs' / f'{v.name}.log')}") from None
         info = {}
         with contextlib.suppress(OSError, ValueError):
             info = _get_json(urls["backend_url"] + "/info")
