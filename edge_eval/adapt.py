@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
-    p.add_argument("--lr", type=float, default=5e-3, help="learning rate (default 5e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16, the paper's)")
     p.add_argument("--alpha", type=int, default=16, help="LoRA alpha (default 16)")
     p.add_argument("--max-length", type=int, default=512, help="longest example in tokens")

@@ -57,14 +57,20 @@ def adapt(args: argparse.Namespace, task: TaskSpec, items: list[Item], data: str
     examples = build_examples(tok, task, items, args.max_length)
     model = lora_model(model, args.rank, args.alpha, 0.05, quantized=qlora)
     autocast = None
-    if device == "cuda" and not qlora and dtype_name != "float32":
-        autocast = None                        # weights already in the compute dtype
+    if device == "cuda" and dtype_name != "float32":
+        # mixed precision: frozen base in the compute dtype, LoRA weights in float32 under autocast
+        autocast = getattr(torch, dtype_name)
+        for prm in model.parameters():
+            if prm.requires_grad:
+                prm.data = prm.data.float()
     doc: dict[str, Any] = {
         "schema": 1, "kind": "edge-eval.adaptation", "model": args.model, "method": args.method,
         "task": task.name, "data": data, "n_examples": len(examples), "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "compute_capability": list(capability) if capability else None,
-        "dtype": dtype_name, "base_quantization": "nf4" if qlora else "none",
+        # QLoRA on CPU: the NF4 layers compute in bfloat16 (see _load)
+        "dtype": "bfloat16" if qlora and dtype_name == "float32" else dtype_name,
+        "base_quantization": "nf4" if qlora else "none",
         "lora": {"rank": args.rank, "alpha": args.alpha, "dropout": 0.05,
                  "targets": sorted(model.peft_config["default"].target_modules)},
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,

@@ -96,6 +96,8 @@ def train(model: Any, examples: list[Example], *, steps: int, batch_size: int, l
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    # fp16 compute needs loss scaling; the scaler is a no-op otherwise
+    scaler = torch.amp.GradScaler(device, enabled=autocast_dtype == torch.float16)
     stats = TrainStats()
     order: list[int] = []
     model.train()
@@ -121,9 +123,11 @@ def train(model: Any, examples: list[Example], *, steps: int, batch_size: int, l
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         else:
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         opt.zero_grad(set_to_none=True)
         value = float(loss.detach())

@@ -29,11 +29,12 @@ def _score(out: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_adapt_then_evaluate_and_the_proxy_reads_the_files(tiny_model_dir, model_server, tmp_path: Path) -> None:
     adapt_dir = tmp_path / "adapt"
     r = subprocess.run([sys.executable, "-m", "edge_eval", "adapt", tiny_model_dir, "--method", "lora",
                         "--task", "rag", "--data", "builtin:rag", "--out", str(adapt_dir), "--merge",
-                        "--quantize", "nf4", "--quiet"], capture_output=True, text=True, timeout=600)
+                        "--quantize", "nf4", "--threads", "1", "--quiet"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     adaptation = json.loads((adapt_dir / "adaptation.json").read_text())
     assert adaptation["energy_source"] == "estimated" and adaptation["device"] == "cpu"
@@ -63,8 +64,6 @@ def test_adapt_then_evaluate_and_the_proxy_reads_the_files(tiny_model_dir, model
         fp, q = _score(runs / "fp"), _score(runs / "nf4")
         print(f"held-out token F1: base {base['mean_score']:.3f}, LoRA {fp['summary']['mean_score']:.3f}, "
               f"LoRA NF4 {q['summary']['mean_score']:.3f}; train {adaptation['joules']:.0f} J (estimated)")
-        assert fp["summary"]["mean_score"] >= base["mean_score"] + 0.1, (base, fp["summary"])
-
         m = q_proxy.metrics()
     pairs = {(i["id"], i["pass"]): i["scores"]["f1"] for i in fp["items"]}
     qs = {(i["id"], i["pass"]): i["scores"]["f1"] for i in q["items"]}
@@ -80,3 +79,7 @@ def test_adapt_then_evaluate_and_the_proxy_reads_the_files(tiny_model_dir, model
     assert fixed == pytest.approx(adaptation["total_joules"] / 3.6e6 * 0.12)
     n_break = m[key("edge_proxy_break_even_requests", model="tiny-rag-nf4", source="estimated")]
     assert math.isfinite(n_break) and n_break > 0
+    # clearly above the base, and above the 1/4 a model gets that only learned the answer
+    # vocabulary (builtin rag answers are one of 4 code words): it copies from the context
+    assert fp["summary"]["mean_score"] >= max(base["mean_score"] + 0.3, 0.4), (base, fp["summary"])
+

@@ -171,3 +171,13 @@ def test_paired_fidelity_without_common_items() -> None:
     a = parse_results(_run_doc("a", [1.0, 0.0]))[0]
     b = parse_results({**_run_doc("b", [1.0, 1.0]), "items": []})[0]
     assert paired_fidelity(a, b) == pytest.approx(50.0)
+
+
+def test_missing_optional_package_names_the_fix(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['rouge_score'] = None; from edge_eval.cli import main; "
+            f"sys.exit(main(['eval', '--endpoint', 'http://127.0.0.1:9', '--task', 'summarization', "
+            f"'--out', {str(tmp_path)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "rouge-score is not installed: pip install 'edge-eval[eval]'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -4,7 +4,7 @@ Everything runs offline. Splits ``train`` and ``test`` draw from different seede
 held-out items never appear in training.
 
 * rag: a context of two short sentences in random order, one of which states the asked-about
-  fact ('The label of the Kalon box is "data".'), and a question about it; the answer is the one
+  fact ('The label of the Kalon box is "dict".'), and a question about it; the answer is the one
   quoted word in the context. A model learns it by copying that word: small enough for the tiny
   synthetic model to learn with LoRA on two CPU cores, and scored by token F1 / exact match like
   SQuAD.
@@ -22,10 +22,11 @@ from edge_eval.tasks.base import Item
 SPLIT_SALT = {"train": 1_000_003, "test": 2_000_029}
 _SYL_A = ["ka", "lo", "mi", "ra", "to", "ve", "su", "pe", "da", "no", "fi", "ge"]
 _SYL_B = ["n", "r", "s", "x", "l", "m", "t", "k"]
-# Short code words: each is one token for a byte-level BPE trained on source code, and quoting them
-# in the context makes their tokens there the same as in the answer (a straight copy).
-VALUES = ["red", "dict", "set", "type", "name", "file", "data", "value", "key", "line", "text",
-          "size", "time", "date", "day", "item"]
+# Four short code words: each is one token for a byte-level BPE trained on source code, and
+# quoting them in the context makes their tokens there the same as in the answer (a straight
+# copy). Four, not more: with 8 or 16 the tiny model's LoRA only learns the answer vocabulary in
+# the default steps, with 4 it learns to copy (held-out exact match near 1 after 300 steps).
+VALUES = ["red", "dict", "set", "type"]
 _ATTRS = ["code word", "label", "tag", "password"]
 _THINGS = ["box", "door", "car", "boat", "kite", "lamp"]
 _VERBS = [("opened", "a new"), ("closed", "the old"), ("repaired", "a broken"),
