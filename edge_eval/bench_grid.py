@@ -214,10 +214,9 @@ def parse(text: str, src: str) -> Grid:
     for name, path, synth, size, mnode in models:
         for _, a in adapts:
             for tname, data, limit in tasks:
-                for qnode, q in quants:
-                    if a == "qlora" and q != "none":
-                        continue            # QLoRA gives one merged (4-bit) variant
-                    vname = f"{name}-{a}-{tname}-{q}"
+                # QLoRA gives one merged variant, served 4-bit (the paper counts it as INT4)
+                for qnode, q in (quants if a != "qlora" else [(quants[0][0], "nf4")]):
+                    vname = f"{name}-{a}-{tname}-{'merged' if a == 'qlora' else q}"
                     if vname in seen:
                         raise _fail(src, qnode, f"variant {vname!r} appears twice")
                     seen[vname] = qnode

@@ -99,3 +99,25 @@ def test_failed_variant_recorded_grid_goes_on(tmp_path: Path) -> None:
     assert [r["variant"] for r in recs] == ["bogus-none-rag-none", "b2-none-rag-none"]
     assert all(r["status"] == "failed" and r["error"] for r in recs)
     assert "0/2 variants done" in proc.stderr
+
+
+def test_presets_expand_to_the_papers_grid() -> None:
+    """The paper preset is the paper's 72 variants: 6 models x 3 tasks x (FP16, INT8, INT4 after
+    LoRA + one merged 4-bit variant after QLoRA); Q_ret references are the LoRA FP16 variants."""
+    from edge_eval.bench_cmd import PRESETS
+    from edge_eval.bench_grid import parse
+
+    paper = parse(PRESETS["paper"], "preset:paper")
+    assert len(paper.variants) == 72 and paper.batch_requests == 100
+    by_prec: dict[str, int] = {}
+    for v in paper.variants:
+        by_prec[v.precision] = by_prec.get(v.precision, 0) + 1
+    assert by_prec == {"FP16": 18, "INT8": 18, "INT4": 36}
+    refs = {v.name: v.reference for v in paper.variants}
+    assert refs["qwen-3b-lora-chat-int8"] == "qwen-3b-lora-chat-fp16"
+    assert refs["qwen-3b-qlora-chat-merged"] is None and refs["qwen-3b-lora-chat-fp16"] is None
+    assert len(parse(PRESETS["offline-quick"], "q").variants) == 1
+    proc = subprocess.run([sys.executable, "-m", "edge_eval", "bench", "--preset", "paper",
+                           "--out", "unused", "--print-grid"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "Qwen/Qwen2.5-7B-Instruct" in proc.stdout
