@@ -40,11 +40,11 @@ def _png(fig) -> bytes:  # type: ignore[no-untyped-def]
     return buf.getvalue()
 
 
-def _figure(title: str, ylabel: str, xlabel: str = ""):  # type: ignore[no-untyped-def]
+def _figure(title: str, ylabel: str, xlabel: str = "", width: float = 8.0):  # type: ignore[no-untyped-def]
     plt = _plt()
     plt.rcdefaults()
     plt.rcParams.update({"svg.hashsalt": "edge-eval", "font.size": 9})
-    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    fig, ax = plt.subplots(figsize=(width, 4.5), layout="constrained")
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     if xlabel:
@@ -55,7 +55,7 @@ def _figure(title: str, ylabel: str, xlabel: str = ""):  # type: ignore[no-untyp
 
 def _bars(rows: Rows, column: str, title: str, ylabel: str, line: float | None,
           line_label: str, log: bool = False) -> bytes:
-    fig, ax = _figure(title, ylabel)
+    fig, ax = _figure(title, ylabel, width=max(8.0, 0.16 * len(rows)))
     names = [r["variant"] for r in rows]
     values = [_num(r.get(column)) for r in rows]
     finite = [v if math.isfinite(v) else 0.0 for v in values]
@@ -92,12 +92,20 @@ def ipw_vs_size(rows: Rows) -> bytes:
     """IPW [1/J] against model size [GB], one point per variant."""
     fig, ax = _figure("Intelligence per joule against model size", "IPW [1/J]",
                       "model size [GB]")
+    colors = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+    groups: dict[str, list[tuple[float, float, str]]] = {}
     for r in rows:
         x, y = _num(r.get("model_gigabytes")), _num(r.get("ipw"))
         if math.isfinite(x) and math.isfinite(y):
-            ax.scatter([x], [y], color="#4c72b0")
-            ax.annotate(r["variant"], (x, y), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            groups.setdefault(r.get("precision") or "?", []).append((x, y, r["variant"]))
+    for i, (prec, pts) in enumerate(groups.items()):
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colors[i % len(colors)],
+                   label=prec)
+        if len(rows) <= 12:                 # names only where they stay readable
+            for x, y, name in pts:
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if groups:
+        ax.legend(title="precision")
     return _png(fig)
 
 
