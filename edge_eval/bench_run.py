@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -154,8 +155,8 @@ def _eval(grid: Grid, v: Variant, urls: dict[str, Any], token: str, out: Path) -
         cmd += ["--reference-model", v.reference]
     if grid.eval_max_tokens:
         cmd += ["--max-tokens", str(grid.eval_max_tokens)]
-    if (out / "results.json").exists():
-        cmd.append("--resume")
+    if out.exists():        # an earlier, failed attempt (other ports): start the eval afresh
+        shutil.rmtree(out)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.test_edge_eval_metrics import _measurements
 
 OUTPUTS = ["n_break.csv", "ipw.csv", "rho_sys.csv", "c_tax.csv", "q_ret.csv", "summary.csv",
@@ -22,7 +20,6 @@ def _report(results: Path, out: Path, *extra: str) -> subprocess.CompletedProces
                            str(out), *extra], capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.slow
 def test_paper_table_report_is_byte_identical(tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
