@@ -73,6 +73,7 @@ def proxy_with_spawn(grid: Grid, v: Variant, model: str, log: Path, token: str) 
     spawn = " ".join(shlex.quote(a) for a in [
         sys.executable, "-m", "model_server", "serve", model, "--port", "{port}", "--device",
         grid.device, "--quantization", v.quantization, "--model-name", v.name,
+        "--max-batch", str(max(32, grid.batch_requests)),    # the whole batch at once, as vLLM
         "--log-level", "warning"]).replace("'{port}'", "{port}")
     cmd = [sys.executable, "-m", "edge_proxy", "serve", "--backend", f"http://127.0.0.1:{bport}",
            "--spawn", spawn, "--port", str(port), "--metrics-port", str(mport),
