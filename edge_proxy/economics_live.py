@@ -14,14 +14,14 @@ Counters (exported per model, user traffic only; probes are kept out)::
 
 Gauges (computed at scrape time over ``economics.window_seconds``)::
 
-    edge_proxy_break_even_requests{model}                        N_break
+    edge_proxy_break_even_requests{model,source}                 N_break (source of C_train)
     edge_proxy_break_even_progress_ratio{model}                  requests served / N_break
-    edge_proxy_intelligence_per_joule{model}                     IPW [1/J]
+    edge_proxy_intelligence_per_joule{model,source}              IPW [1/J] (source of the score)
     edge_proxy_intelligence_per_watt{model}                      score / mean watts [1/W]
     edge_proxy_system_density_tokens_per_second_per_gigabyte{model}   rho_sys
     edge_proxy_economics_cold_start_tax_ratio{model}             C_tax (energy)
     edge_proxy_economics_cold_start_time_ratio{model}            C_tax (time)
-    edge_proxy_quantization_fidelity_percent{model}              Q_ret
+    edge_proxy_quantization_fidelity_percent{model,source}       Q_ret (measured: edge-eval runs)
     edge_proxy_model_weight_bytes{model,backend,source}          source = measured|configured|nominal
     edge_proxy_fixed_cost_usd{model}, edge_proxy_quality_static_score{model}
 
