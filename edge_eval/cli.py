@@ -16,6 +16,9 @@ from edge_eval.errors import RunFailed, UsageError
 SUBCOMMAND_MODULES: list[str] = [
     "edge_eval.eval_cmd",       # edge-eval eval
     "edge_eval.adapt",          # edge-eval adapt
+    "edge_eval.metrics_cmd",    # edge-eval metrics
+    "edge_eval.report",         # edge-eval report
+    "edge_eval.bench_cmd",      # edge-eval bench
 ]
 
 
