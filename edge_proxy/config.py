@@ -77,6 +77,7 @@ class EnergySettings:
     ring_size: int = 4096
     max_defer_seconds: float = 30.0            # longest a tick waits for a request's prompt-token count
     response_header: bool = False              # add x-edge-energy-joules (provisional) to non-streaming responses
+    lookup_token: str | None = None            # bearer token for GET /edge/requests/{id} (None: off)
 
 
 @dataclass
@@ -99,7 +100,9 @@ class EconomicsSettings:
     probes_path: str | None = None
     probe_interval_seconds: float = 60.0
     probe_timeout_seconds: float = 30.0
-    quality_results_path: str | None = None    # JSON {model: {score, reference_score}}
+    quality_results_path: str | None = None    # edge-eval results.json, or a directory of runs (reloaded on change)
+    reference_models: dict[str, str] = field(default_factory=dict)  # Q_ret: model -> its reference (FP16) model
+    adaptation_results_path: str | None = None  # edge-eval adaptation.json: C_train (reloaded on change)
     model_gigabytes: dict[str, float] = field(default_factory=dict)  # model -> weight GB override
     paper_model_sizes: dict[str, str] = field(default_factory=dict)  # paper mode: model -> "1B:INT4"
     feedback_capacity: int = 10000             # recent requests remembered for feedback

@@ -14,14 +14,14 @@ Counters (exported per model, user traffic only; probes are kept out)::
 
 Gauges (computed at scrape time over ``economics.window_seconds``)::
 
-    edge_proxy_break_even_requests{model}                        N_break
+    edge_proxy_break_even_requests{model,source}                 N_break (source of C_train)
     edge_proxy_break_even_progress_ratio{model}                  requests served / N_break
-    edge_proxy_intelligence_per_joule{model}                     IPW [1/J]
+    edge_proxy_intelligence_per_joule{model,source}              IPW [1/J] (source of the score)
     edge_proxy_intelligence_per_watt{model}                      score / mean watts [1/W]
     edge_proxy_system_density_tokens_per_second_per_gigabyte{model}   rho_sys
     edge_proxy_economics_cold_start_tax_ratio{model}             C_tax (energy)
     edge_proxy_economics_cold_start_time_ratio{model}            C_tax (time)
-    edge_proxy_quantization_fidelity_percent{model}              Q_ret
+    edge_proxy_quantization_fidelity_percent{model,source}       Q_ret (measured: edge-eval runs)
     edge_proxy_model_weight_bytes{model,backend,source}          source = measured|configured|nominal
     edge_proxy_economics_sources_info{model,energy_source,energy_kind,energy_scope,score_source,weights_source}
                                                                  where each model's inputs come from
@@ -59,8 +59,8 @@ from edge_proxy.quality import (
     GoldenPrompt,
     RecentRequests,
     load_golden_prompts,
-    load_quality_results,
 )
+from edge_proxy.quality_results import ResultsFiles, sourced_gauges
 
 log = logging.getLogger("edge_proxy.economics")
 
@@ -167,9 +167,10 @@ class EconomicsObserver(BaseObserver):
         self._touched: set[str] = set()
         self.backend_info: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._results: dict[str, tuple[float, float | None]] = {}
-        if self.cfg.quality_results_path:
-            self._results = load_quality_results(self.cfg.quality_results_path)
+        # evaluation / adaptation results from edge-eval, re-read when the files change
+        self.results_files = ResultsFiles(self.cfg.quality_results_path,
+                                          self.cfg.adaptation_results_path,
+                                          self.cfg.reference_models)
         self.golden: list[GoldenPrompt] = []
         if self.cfg.probes_path:
             self.golden = load_golden_prompts(self.cfg.probes_path)
@@ -371,11 +372,13 @@ class EconomicsObserver(BaseObserver):
 
     def models(self) -> list[str]:
         names = set(self._served) | set(self._scores) | set(self.cfg.scores)
-        names |= set(self._results) | {m for m in self._cold if m != "*"}
+        names |= set(self.results_files.runs) | {m for m in self._cold if m != "*"}
         return sorted(names)
 
     def fixed_cost_usd(self, model: str) -> float:
         adapt_j = self.cfg.adaptation_joules + self.cfg.adaptation_kwh * eco.JOULES_PER_KWH
+        if self.results_files.adaptation is not None:    # measured C_train replaces the configured one
+            adapt_j = self.results_files.adaptation.joules
         if self.paper:
             return eco.energy_cost_usd(adapt_j, self.cfg.usd_per_kwh)
         cold = self._cold_cost_usd.get(model, 0.0) + self._cold_cost_usd.get("*", 0.0)
@@ -423,6 +426,10 @@ class EconomicsObserver(BaseObserver):
                 sc.popleft()
             if sc:
                 return _mean([x[1] for x in sc]), "+".join(sorted({x[2] for x in sc}))
+        if model not in self.cfg.scores:
+            evaluated = self.results_files.score(model)
+            if evaluated is not None:
+                return evaluated
         static = self.static_score(model)
         if static is not None:
             return static, "configured"
@@ -431,9 +438,8 @@ class EconomicsObserver(BaseObserver):
     def static_score(self, model: str) -> float | None:
         if model in self.cfg.scores:
             return self.cfg.scores[model]
-        if model in self._results:
-            return self._results[model][0]
-        return None
+        evaluated = self.results_files.score(model)
+        return evaluated[0] if evaluated is not None else None
 
     def joules_per_request(self, model: str) -> float:
         j = [x.joules for x in self._samples(model) if x.joules is not None]
@@ -522,13 +528,18 @@ class EconomicsObserver(BaseObserver):
                                          statistics.median(d))
 
     def quantization_fidelity(self, model: str) -> float:
+        return self.quantization_fidelity_sourced(model)[0]
+
+    def quantization_fidelity_sourced(self, model: str) -> tuple[float, str]:
         score = self.static_score(model)
         ref = self.cfg.reference_scores.get(model)
-        if ref is None and model in self._results:
-            ref = self._results[model][1]
+        if ref is None:
+            from_files = self.results_files.fidelity(model)
+            if from_files is not None:
+                return from_files
         if score is None or ref is None:
-            return math.nan
-        return eco.quantization_fidelity(score, ref)
+            return math.nan, "none"
+        return eco.quantization_fidelity(score, ref), "configured"
 
     def break_even_progress(self, model: str) -> float:
         """Requests served so far / N_break (>= 1: the fixed cost is repaid)."""
@@ -741,17 +752,14 @@ class _EconomicsCollector(Collector):
     def _collect(self) -> Iterable[GaugeMetricFamily]:
         o = self.obs
         o.sync_cold_starts()
+        o.results_files.refresh()
         models = o.models()
+        yield from sourced_gauges(o, models)
         fams: list[tuple[str, str, Callable[[str], float]]] = [
-            ("edge_proxy_break_even_requests", "N_break over the window: fixed cost / (API cost "
-             "per request - local cost per request); +Inf when the API is not dearer.",
-             o.break_even_requests),
             ("edge_proxy_break_even_progress_ratio", "Requests served so far / N_break.",
              o.break_even_progress),
             ("edge_proxy_fixed_cost_usd", "Fixed cost: adaptation + setup (+ cold starts in "
              "production mode).", o.fixed_cost_usd),
-            ("edge_proxy_intelligence_per_joule", "IPW: quality score / mean joules per request "
-             "over the window [1/J].", o.intelligence_per_joule),
             ("edge_proxy_intelligence_per_watt", "Quality score / mean power of the requests "
              "over the window [1/W].", o.intelligence_per_watt),
             ("edge_proxy_system_density_tokens_per_second_per_gigabyte", "rho_sys: output "
@@ -760,8 +768,6 @@ class _EconomicsCollector(Collector):
              "median request joules.", o.cold_start_tax),
             ("edge_proxy_economics_cold_start_time_ratio", "Mean cold-start seconds / median "
              "request seconds.", o.cold_start_time_ratio),
-            ("edge_proxy_quantization_fidelity_percent", "Q_ret: score / reference (FP16) "
-             "score x 100.", o.quantization_fidelity),
             ("edge_proxy_joules_per_request", "Mean full-attribution joules per user request "
              "over the window.", o.joules_per_request),
         ]

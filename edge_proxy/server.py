@@ -158,6 +158,8 @@ def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntim
     from edge_proxy.economics_live import create_economics
     create_economics(runtime)
     attach_coldstart(runtime)      # hold mode / --spawn supervisor (None unless enabled)
+    from edge_proxy.request_lookup import attach_request_lookup
+    attach_request_lookup(runtime)  # GET /edge/requests/{id}: per-request energy (edge-eval)
     # ---------------------------------------------------------------------------------------------
 
     (metrics_app or app).router.add_get("/metrics", _metrics_handler(registry))

@@ -119,11 +119,21 @@ def _settle_gptq_kernels(model, tokenizer) -> None:
         model(input_ids=torch.tensor([ids], device=model.device))
 
 
+def default_compute_dtype(capability: tuple[int, int] | None) -> str:
+    """Compute dtype for NF4 / LoRA compute: ``float16`` below compute capability 8.0 (T4, V100:
+    bf16 is only emulated there, which made the paper's QLoRA 7x dearer than LoRA), ``bfloat16``
+    from 8.0 (Ampere and newer) and on CPU (``capability`` None)."""
+    if capability is not None and tuple(capability) < (8, 0):
+        return "float16"
+    return "bfloat16"
+
+
 def _bnb_compute_dtype(device_type: str):
     import torch
 
     if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # not torch.cuda.is_bf16_supported(): it says True on a T4, where bf16 is emulated
+        return getattr(torch, default_compute_dtype(torch.cuda.get_device_capability()))
     return torch.bfloat16
 
 

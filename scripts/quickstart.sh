@@ -47,7 +47,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   if ! python -c "import torch" 2>/dev/null; then
     install_torch
   fi
-  python -m pip install -q -e ".[server,test]"
+  python -m pip install -q -e ".[server,eval,test]"
   # The TGI client pins huggingface-hub<1.0, which transformers 5 cannot share: no deps.
   python -m pip install -q --no-deps "text-generation==0.7.0"
   touch "$stamp"

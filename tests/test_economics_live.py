@@ -150,7 +150,8 @@ def _check(proxy: Any, m: dict, usage: dict[str, Any]) -> None:
     assert _get(m, "edge_proxy_quality_probes_total", model="tiny", outcome="fail") >= 1
     assert _get(m, "edge_proxy_quality_score_count", model="tiny", source="feedback") == 1
     assert _get(m, "edge_proxy_quality_score_sum", model="tiny", source="feedback") == pytest.approx(0.9)
-    assert _get(m, "edge_proxy_quantization_fidelity_percent", model="tiny") == pytest.approx(87.5)
+    assert _get(m, "edge_proxy_quantization_fidelity_percent", model="tiny",
+                source="configured") == pytest.approx(87.5)
     assert _get(m, "edge_proxy_model_weight_bytes", model="tiny", backend=proxy.settings.proxy.backend_url,
                 source="measured") == usage["weight_bytes"]
     # Energy (estimated source) priced at the default 0.12 USD/kWh, PUE 1.
@@ -162,7 +163,7 @@ def _check(proxy: Any, m: dict, usage: dict[str, Any]) -> None:
     assert rho > 0 and math.isfinite(rho)
     # N_break = 1 USD setup / (API per request - local per request).
     local = (hw + _get(m, "edge_proxy_energy_cost_usd_total", model="tiny")) / n_user
-    n_break = _get(m, "edge_proxy_break_even_requests", model="tiny")
+    n_break = _get(m, "edge_proxy_break_even_requests", model="tiny", source="configured")
     margin = api / n_user - local
     assert n_break == (pytest.approx(1.0 / margin, rel=1e-6) if margin > 0 else math.inf)
     assert _get(m, "edge_proxy_break_even_progress_ratio", model="tiny") == pytest.approx(n_user / n_break)

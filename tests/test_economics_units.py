@@ -127,9 +127,10 @@ def test_paper_mode_live() -> None:
     assert m[("edge_proxy_energy_cost_usd_total", lab)] == pytest.approx(4 * 2.36 / 3.6e6 * 0.12)
     assert m[("edge_proxy_economics_requests_total", lab)] == 4
     # The paper's Llama-1B LoRA rag INT4 row: N_break 2.5, IPW 0.318 (same inputs, §5.10).
-    assert m[("edge_proxy_break_even_requests", lab)] == pytest.approx(2.457, abs=1e-3)
-    assert m[("edge_proxy_intelligence_per_joule", lab)] == pytest.approx(0.752 / 2.36)
-    assert m[("edge_proxy_quantization_fidelity_percent", lab)] == pytest.approx(0.752 / 0.742 * 100)
+    conf = (("model", "m"), ("source", "configured"))     # configured scores and C_train
+    assert m[("edge_proxy_break_even_requests", conf)] == pytest.approx(2.457, abs=1e-3)
+    assert m[("edge_proxy_intelligence_per_joule", conf)] == pytest.approx(0.752 / 2.36)
+    assert m[("edge_proxy_quantization_fidelity_percent", conf)] == pytest.approx(0.752 / 0.742 * 100)
     w = [v for (name, labels), v in m.items() if name == "edge_proxy_model_weight_bytes"]
     assert w == [PAPER.model_gigabytes("1B", "INT4") * 1e9]
     # 4 x 20 output tokens over 2.5 s elapsed since the first request started (the probe took 0.5 s).
@@ -172,7 +173,7 @@ def test_api_cheaper_gives_infinite_break_even() -> None:
     obs = EconomicsObserver(settings, reg, clock_ns=clock)
     _request(obs, clock, "r", seconds=1.0, joules=1.0)
     m = _metrics(reg)
-    assert math.isinf(m[("edge_proxy_break_even_requests", (("model", "m"),))])
+    assert math.isinf(m[("edge_proxy_break_even_requests", (("model", "m"), ("source", "configured")))])
     assert m[("edge_proxy_hardware_cost_usd_total", (("model", "m"),))] == pytest.approx(1.0)
 
 
