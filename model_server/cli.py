@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Sequence
 
-QUANTIZATIONS = ("none", "fp16", "bf16", "nf4", "int8", "gptq")
+QUANTIZATIONS = ("none", "fp16", "bf16", "nf4", "int8", "int4", "gptq")
 
 
 def _positive_int(text: str) -> int:
@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto = cuda when available (default: auto)")
     serve.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
-                       help="none = the checkpoint's dtype; nf4/int8 via bitsandbytes; gptq needs a "
+                       help="none = the checkpoint's dtype; nf4/int8 via bitsandbytes; int4 = group-wise INT4 "
+                            "weight-only via PyTorch's int4pack kernels; gptq needs a "
                             "pre-quantized checkpoint and gptqmodel+optimum (default: none)")
     serve.add_argument("--max-batch", type=_positive_int, default=32,
                        help="most requests decoded together (default: 32)")

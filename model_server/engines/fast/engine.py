@@ -14,7 +14,9 @@ which wraps this)::
 * ``max_batch``: KV slots = the most sequences decoded together; ``max_seq_len``: prompt + new tokens
   per sequence (longer prompts get an ``error`` event; ``max_new_tokens`` is capped to fit, and such a
   request ends with ``length``).
-* ``device``/``dtype``: default to the model's; a non-quantized model is cast to ``dtype`` if given.
+* ``device``/``dtype``: default to the model's (a bf16 model on a CUDA card below compute capability
+  8.0 is cast to fp16, see ``model_server.int4.choose_compute``); a non-quantized model is cast to
+  ``dtype`` if given. INT4 weight-only models (``--quantization int4``) keep their layout.
 * ``use_cuda_graphs``: default on for CUDA. If capture fails, decode runs eagerly (see ``stats().extra``).
 * ``fuse``: default on for CUDA: RMSNorm(+residual), rotary and SiLU*up each become one kernel through
   ``torch.compile`` (compiled at ``start()``, ~10-40 s once per process; eager if compiling fails).
@@ -89,7 +91,10 @@ class FastEngine(Engine):
                  bucketed_prefill: bool | None = None) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
+        quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
+                         or getattr(model, "is_int4_weight_only", False))
+        if dtype is None and not quantized:
+            dtype = _default_dtype(next(model.parameters()), device)
         if device is not None:
             device = torch.device(device)
             if not quantized and next(model.parameters()).device != device:
@@ -515,6 +520,16 @@ class FastEngine(Engine):
             n += 1
             self._emit(seq, int(host[slot][0]), host[slot][1], out)
         self._decode_tokens += n
+
+
+def _default_dtype(param: torch.Tensor, device: torch.device | str | None) -> torch.dtype | None:
+    """The model's own dtype, except bf16 on a CUDA card below compute capability 8.0 (T4: no bf16): fp16."""
+    dev = torch.device(device) if device is not None else param.device
+    if param.dtype != torch.bfloat16 or dev.type != "cuda":
+        return None
+    from model_server.int4 import device_compute
+
+    return device_compute(dev).dtype
 
 
 def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwargs) -> FastEngine:
