@@ -82,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _persistent_compile_cache() -> None:
+    """Keep torch.compile's (inductor + Triton) caches in one persistent folder across starts, so a
+    restart skips code generation: ``MODEL_SERVER_COMPILE_CACHE`` or ``~/.cache/edge-eval/torchinductor``
+    (an explicit ``TORCHINDUCTOR_CACHE_DIR`` wins). A container image can ship it pre-filled."""
+    import os
+    from pathlib import Path
+
+    default = os.environ.get("MODEL_SERVER_COMPILE_CACHE") or str(Path.home() / ".cache" / "edge-eval" / "torchinductor")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -117,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         from model_server.server import ServeError, run_server
+
+        _persistent_compile_cache()
 
         try:
             return run_server(args)
