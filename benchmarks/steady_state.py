@@ -232,6 +232,7 @@ def run_quant(q, args, model_dir, device, bw, energy, report, save, start_server
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="llama-3.2-1b")
+    ap.add_argument("--model-dir", default=None, help="use this model directory instead of synthesizing one")
     ap.add_argument("--out", required=True)
     ap.add_argument("--quants", default="bf16,int4,nf4")
     ap.add_argument("--concurrency", default="1,8,64")
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"card {report['card']}, copy bandwidth {report['copy_bandwidth_gb_per_s']} GB/s, int4 check "
         f"{report['int4_kernel_check']}")
     work = Path(tempfile.mkdtemp(prefix="steady_"))
-    model_dir = synth_model(args.preset, work, 0)
+    model_dir = Path(args.model_dir) if args.model_dir else synth_model(args.preset, work, 0)
     save()
     for q in args.quants.split(","):
         start = None
