@@ -20,6 +20,9 @@ What it does (each step's results are written to ``--out`` as soon as they exist
 
 CPU smoke run (seconds):  python benchmarks/engine_throughput.py --preset tiny --out /tmp/et
 GPU run (device tool):    python benchmarks/engine_throughput.py --preset llama-3.2-1b --out $OUT
+
+Its cells are ~1 s (a prefill burst plus decode); throughput figures to quote come from
+``benchmarks/steady_state.py`` (3 x 10 s steady-state windows, median and spread).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ For each quantization (``fp16``, ``nf4``, and ``gptq`` when gptqmodel is importa
 
 Writes ``model_server_throughput.json`` and ``model_server_throughput.md`` under ``--out``.
 CPU smoke: ``--preset tiny --concurrency 1,4 --new-tokens 8``. GPU: defaults (llama-3.2-1b).
+HTTP vs in-process throughput to quote: ``benchmarks/steady_state.py`` (steady-state windows, same run).
 """
 from __future__ import annotations
 

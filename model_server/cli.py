@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Sequence
 
-QUANTIZATIONS = ("none", "fp16", "bf16", "nf4", "int8", "gptq")
+QUANTIZATIONS = ("none", "fp16", "bf16", "nf4", "int8", "int4", "gptq")
 
 
 def _positive_int(text: str) -> int:
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto = cuda when available (default: auto)")
     serve.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
-                       help="none = the checkpoint's dtype; nf4/int8 via bitsandbytes; gptq needs a "
+                       help="none = the checkpoint's dtype; nf4/int8 via bitsandbytes; int4 = group-wise INT4 "
+                            "weight-only via PyTorch's int4pack kernels; gptq needs a "
                             "pre-quantized checkpoint and gptqmodel+optimum (default: none)")
     serve.add_argument("--max-batch", type=_positive_int, default=32,
                        help="most requests decoded together (default: 32)")
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="check the arguments and the model directory, print them as JSON, exit 0 "
                             "without loading anything (CI checks Kubernetes manifests with it)")
     return parser
+
+
+def _persistent_compile_cache() -> None:
+    """Keep torch.compile's (inductor + Triton) caches in one persistent folder across starts, so a
+    restart skips code generation: ``MODEL_SERVER_COMPILE_CACHE`` or ``~/.cache/edge-eval/torchinductor``
+    (an explicit ``TORCHINDUCTOR_CACHE_DIR`` wins). A container image can ship it pre-filled."""
+    import os
+    from pathlib import Path
+
+    default = os.environ.get("MODEL_SERVER_COMPILE_CACHE") or str(Path.home() / ".cache" / "edge-eval" / "torchinductor")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         from model_server.server import ServeError, run_server
+
+        _persistent_compile_cache()
 
         try:
             return run_server(args)

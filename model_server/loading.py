@@ -5,6 +5,8 @@ Quantization choices:
 * ``fp16`` / ``bf16``: cast on load;
 * ``nf4``: bitsandbytes 4-bit NF4 with double quantization (the paper's INT4 path);
 * ``int8``: bitsandbytes LLM.int8();
+* ``int4``: group-wise INT4 weight-only from a bf16/fp16 checkpoint at load, PyTorch's int4pack kernels
+  (see :mod:`model_server.int4`; compute dtype bf16, fp16 below compute capability 8.0);
 * ``gptq``: a pre-quantized GPTQ checkpoint through gptqmodel + optimum (auto-gptq cannot import
   with transformers 5; see docs/model_server.md).
 """
@@ -166,6 +168,13 @@ def _quantization_kwargs(quantization: str, device_type: str, config: dict[str, 
             return {"quantization_config": qc, "dtype": compute}
         return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True),
                 "dtype": torch.float16 if device_type == "cuda" else torch.bfloat16}
+    if quantization == "int4":
+        if method:
+            raise LoadError(f"the checkpoint is already quantized ({method}); serve it with --quantization none")
+        from model_server.int4 import choose_compute
+
+        cap = torch.cuda.get_device_capability() if device_type == "cuda" else None
+        return {"dtype": choose_compute(device_type, cap).dtype}
     if quantization == "gptq":
         if method != "gptq":
             raise LoadError("--quantization gptq needs a pre-quantized GPTQ checkpoint "
@@ -272,6 +281,13 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
         except Exception as exc:
             raise LoadError(f"GPTQ kernels failed on a first forward: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+    if quantization == "int4":
+        from model_server.int4 import quantize_model
+
+        try:
+            quantize_model(model, group_size=int(os.environ.get("MODEL_SERVER_INT4_GROUP_SIZE", "128")))
+        except ValueError as exc:
+            raise LoadError(f"--quantization int4: {exc}") from None
     if device == "cuda":
         torch.cuda.synchronize()
     log.info("loaded %s in %.2f s", model_id, time.monotonic() - t0)

@@ -63,7 +63,7 @@ def _card(doc: Any) -> str | None:
     if isinstance(doc, str):
         m = re.search(r"card: ([^·\n]+?) ·", doc)
         return m.group(1) if m else None
-    return doc.get("device_name") or (doc.get("environment") or {}).get("device_name") if isinstance(doc, dict) else None
+    return doc.get("device_name") or doc.get("card") or (doc.get("environment") or {}).get("device_name") if isinstance(doc, dict) else None
 
 
 def _date(doc: Any) -> str | None:
@@ -118,6 +118,31 @@ def _proxy_ttft(docs: list[Any]) -> str:
     return " / ".join(f"{a:.2f}" for a in added) + " ms"
 
 
+def _steady(docs: list[Any]) -> str:
+    """In-process tokens/s at 64 concurrent, median of the steady-state windows, per format."""
+    out = []
+    for q in docs[0]["quants"]:
+        cell = next(c for c in q["cells"] if c["concurrency"] == 64)
+        out.append(f"{q['quant']} {cell['tokens_per_second_median']:,.0f}")
+    return " / ".join(out) + " tokens/s (median of 3 x 10 s windows)"
+
+
+def _steady_rho(docs: list[Any]) -> str:
+    out = []
+    for q in docs[0]["quants"]:
+        cell = next(c for c in q["cells"] if c["concurrency"] == 64)
+        out.append(f"{q['quant']} {cell['rho_sys_tokens_per_s_per_gb']:,.0f}")
+    return " / ".join(out) + " tokens/s/GB (paper, T4 + vLLM: 6,930)"
+
+
+def _cold_phases(docs: list[Any]) -> str:
+    runs = {r["variant"]: r for r in docs[0]["runs"] if r.get("quantization") == "bf16"}
+    before = runs.get("before")
+    best = min((r for r in runs.values() if r is not before), key=lambda r: r["spawn_to_first_token_s"])
+    return (f"{before['spawn_to_first_token_s']:.1f} s before, {best['spawn_to_first_token_s']:.1f} s "
+            f"(best variant: {best['variant']})")
+
+
 ROWS = [
     Row("energy conservation, 60 s mixed load: attributed + idle vs the NVML counter", [EV_H200],
         _check("1_mixed_load_conservation", "relative_error"), EV_H200_COMMIT),
@@ -151,6 +176,12 @@ ROWS = [
     Row("proxy added TTFT p50 at 1 / 16 / 64 streams", ["2026-11-26-h100/proxy_overhead_host_cpu_run4.json"],
         _proxy_ttft, "13cfcc4 or later (not recorded exactly)",
         card="16-core host of the H100 machine (CPU only)", date="2026-11-26 15:34"),
+    Row("fast engine in-process, 64 concurrent (steady state)", ["2026-12-03-h200/steady_state.json"],
+        _steady, "4355b18"),
+    Row("ρ_sys, 64 concurrent, measured weight bytes (steady state)", ["2026-12-03-h200/steady_state.json"],
+        _steady_rho, "4355b18"),
+    Row("cold start bf16, spawn to first token", ["2026-12-03-h200/cold_start_phases.json"],
+        _cold_phases, "179ad50"),
 ]
 
 

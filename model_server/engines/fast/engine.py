@@ -14,7 +14,9 @@ which wraps this)::
 * ``max_batch``: KV slots = the most sequences decoded together; ``max_seq_len``: prompt + new tokens
   per sequence (longer prompts get an ``error`` event; ``max_new_tokens`` is capped to fit, and such a
   request ends with ``length``).
-* ``device``/``dtype``: default to the model's; a non-quantized model is cast to ``dtype`` if given.
+* ``device``/``dtype``: default to the model's (a bf16 model on a CUDA card below compute capability
+  8.0 is cast to fp16, see ``model_server.int4.choose_compute``); a non-quantized model is cast to
+  ``dtype`` if given. INT4 weight-only models (``--quantization int4``) keep their layout.
 * ``use_cuda_graphs``: default on for CUDA. If capture fails, decode runs eagerly (see ``stats().extra``).
 * ``fuse``: default on for CUDA: RMSNorm(+residual), rotary and SiLU*up each become one kernel through
   ``torch.compile`` (compiled at ``start()``, ~10-40 s once per process; eager if compiling fails).
@@ -22,6 +24,9 @@ which wraps this)::
   rounds) and a dynamo recompile limit of at least 64.
 * ``start()`` does the device work of warm-up (compile, one graph per batch bucket x length bucket); all
   later device work happens on the engine's own thread.
+* ``lazy_graphs`` (``MODEL_SERVER_FAST_LAZY_GRAPHS=1`` through ``from_loaded``): ``start()`` captures no
+  graph; a bucket's first step runs eagerly and records its graph for later steps (a one-off stall
+  of one capture, tens of ms), so a cold start reaches its first token without capturing ~50 graphs.
 
 Loop: one background thread owns every device operation. Between decode steps it applies
 cancellations (``cancel()`` is immediate for a queued request; a running one's slot is freed at the next
@@ -87,10 +92,13 @@ class FastEngine(Engine):
                  max_prefill_tokens: int = 8192, batch_buckets: list[int] | None = None,
                  length_buckets: list[int] | None = None, fuse: bool | None = None,
                  step_prefill_tokens: int = 2048, prefill_graph_tokens: int | None = None,
-                 bucketed_prefill: bool | None = None) -> None:
+                 bucketed_prefill: bool | None = None, lazy_graphs: bool = False) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
+        quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
+                         or getattr(model, "is_int4_weight_only", False))
+        if dtype is None and not quantized:
+            dtype = _default_dtype(next(model.parameters()), device)
         if device is not None:
             device = torch.device(device)
             if not quantized and next(model.parameters()).device != device:
@@ -113,7 +121,7 @@ class FastEngine(Engine):
         self.step_prefill_tokens = max(1, int(step_prefill_tokens))
         self.runner = ModelRunner(model, self.max_batch, self.max_seq_len, use_cuda_graphs,
                                   batch_buckets, length_buckets, fuse, prefill_graph_tokens,
-                                  bucketed_prefill)
+                                  bucketed_prefill, lazy_graphs)
         self.device = self.runner.device
         self.sampling = SlotSampling.allocate(self.max_batch, self.device)
         pin = self.device.type == "cuda"
@@ -518,6 +526,16 @@ class FastEngine(Engine):
         self._decode_tokens += n
 
 
+def _default_dtype(param: torch.Tensor, device: torch.device | str | None) -> torch.dtype | None:
+    """The model's own dtype, except bf16 on a CUDA card below compute capability 8.0 (T4: no bf16): fp16."""
+    dev = torch.device(device) if device is not None else param.device
+    if param.dtype != torch.bfloat16 or dev.type != "cuda":
+        return None
+    from model_server.int4 import device_compute
+
+    return device_compute(dev).dtype
+
+
 def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwargs) -> FastEngine:
     """Build a :class:`FastEngine` from ``model_server.loading.LoadedModel`` (what ``serve`` holds).
 
@@ -529,5 +547,8 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     # A/B switch for benchmarks: MODEL_SERVER_FAST_PREFILL_GRAPHS=0 restores eager prefill
     if os.environ.get("MODEL_SERVER_FAST_PREFILL_GRAPHS", "").strip() == "0":
         kwargs.setdefault("bucketed_prefill", False)
+    # cold start: MODEL_SERVER_FAST_LAZY_GRAPHS=1 captures each graph on its bucket's first use
+    if os.environ.get("MODEL_SERVER_FAST_LAZY_GRAPHS", "").strip() == "1":
+        kwargs.setdefault("lazy_graphs", True)
     return FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len,
                       **kwargs)

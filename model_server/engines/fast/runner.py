@@ -62,8 +62,13 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, max_batch: int, max_seq_len: int,
                  use_cuda_graphs: bool | None = None, batch_buckets: list[int] | None = None,
                  length_buckets: list[int] | None = None, fuse: bool | None = None,
-                 prefill_graph_tokens: int | None = None, bucketed_prefill: bool | None = None) -> None:
+                 prefill_graph_tokens: int | None = None, bucketed_prefill: bool | None = None,
+                 lazy_graphs: bool = False) -> None:
         check_supported(model)
+        # lazy: capture no graph at start; a bucket's first use runs eagerly (its real result is
+        # served) and records its graph for the next use (cold start: the first token needs no capture)
+        self.lazy_graphs = bool(lazy_graphs)
+        self._lazy_pools: dict[str, object] = {}
         self.model = model
         base = model.model
         cfg = model.config
@@ -167,6 +172,8 @@ class ModelRunner:
             for n, t in ((1, 1), (1, 3), (2, 1), (2, 3)):
                 if n <= self.max_batch and t < self.max_len:
                     self.prefill(list(range(n)), [[0] * t for _ in range(n)])
+        if self.lazy_graphs and self.use_graphs:
+            return
         self.capture()
         if self.use_graphs:
             self.capture_prefill()
@@ -213,7 +220,32 @@ class ModelRunner:
         if entry is not None:
             entry[0].replay()
             return entry[1]
-        return self._decode_forward(b, length)
+        out = self._decode_forward(b, length)
+        if self.lazy_graphs and self.use_graphs:
+            self._capture_lazily("decode", (b, length), lambda: self._decode_forward(b, length))
+        return out
+
+    def _capture_lazily(self, kind: str, key: tuple[int, int], fn) -> None:
+        """Record ``fn`` as the graph for ``key`` (nothing runs: capture only records the kernels). On
+        failure lazy capture stops and that kind runs eagerly from then on."""
+        t0 = time.monotonic()
+        table = self.graphs if kind == "decode" else self.prefill_graphs
+        try:
+            if kind not in self._lazy_pools:
+                self._lazy_pools[kind] = torch.cuda.graph_pool_handle()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self._lazy_pools[kind]):
+                out = fn()
+            table[key] = (g, out)
+        except Exception as exc:  # noqa: BLE001 - keep serving eagerly
+            self.lazy_graphs = False
+            err = f"{type(exc).__name__}: {exc}"
+            if kind == "decode":
+                self.graph_error = err
+            else:
+                self.prefill_graph_error = err
+            log.warning("lazy %s graph capture failed, running eagerly: %s", kind, err)
+        self.capture_seconds += time.monotonic() - t0
 
     def capture(self) -> None:
         """Capture one decode graph per (batch bucket, length bucket), largest first, sharing one pool.
@@ -318,7 +350,10 @@ class ModelRunner:
             if entry is not None:
                 entry[0].replay()
                 return entry[1][:n]
-            return self._prefill_static(nb, tb)[:n]
+            out = self._prefill_static(nb, tb)[:n]
+            if self.lazy_graphs and self.use_graphs:
+                self._capture_lazily("prefill", bucket, lambda: self._prefill_static(nb, tb))
+            return out
         self.prefill_calls["eager"] += 1
         ids_host = torch.zeros(n, t, dtype=torch.int64)
         for i, p in enumerate(prompts):

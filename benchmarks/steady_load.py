@@ -1,0 +1,159 @@
+"""Steady-state closed-loop load, counted in fixed time windows (used by ``steady_state.py``).
+
+A cell keeps ``c`` streams busy (a finished request is replaced at once) from ``t_start`` until the
+last window ends; tokens are counted by arrival time in ``reps`` consecutive windows of ``window_s``
+seconds that begin ``warm_s`` after ``t_start`` (so the ramp-up prefill burst is outside every
+window). Each window is one repetition: tokens/s = tokens arriving in it / ``window_s``.
+Times are ``time.monotonic()`` (CLOCK_MONOTONIC, shared by every process on the host), so HTTP client
+processes count against the same windows as the parent.
+
+HTTP client: ``python benchmarks/steady_load.py URL MODEL STREAMS PROMPT_LEN NEW_TOKENS T_START WARM_S
+WINDOW_S REPS SEED ID_HI`` prints one JSON line: tokens per window, ITL samples (seconds between chunks
+of a stream, first window only), errors. Several such processes share the streams of one cell so the
+client is not the bottleneck.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Windows:
+    t_start: float
+    warm_s: float
+    window_s: float
+    reps: int
+    tokens: list[int] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)   # first window only, to bound memory
+
+    def __post_init__(self) -> None:
+        self.tokens = [0] * self.reps
+
+    @property
+    def t_end(self) -> float:
+        return self.t_start + self.warm_s + self.reps * self.window_s
+
+    def add(self, now: float, n: int = 1, gap: float | None = None) -> None:
+        k = int((now - self.t_start - self.warm_s) // self.window_s)
+        if 0 <= k < self.reps:
+            self.tokens[k] += n
+            if k == 0 and gap is not None:
+                self.itl.append(gap)
+
+
+async def _until(t: float) -> None:
+    await asyncio.sleep(max(0.0, t - time.monotonic()))
+
+
+async def in_process(engine, prompts: list[list[int]], streams: int, new_tokens: int, w: Windows) -> dict:
+    """Closed loop against an engine's ``submit`` on this event loop."""
+    from model_server.engines.base import GenerationRequest, SamplingParams
+
+    errors: list[str] = []
+
+    async def stream(j: int) -> None:
+        i = j
+        while time.monotonic() < w.t_end:
+            req = GenerationRequest(f"s{j}-{i}-{random.getrandbits(32)}", prompts[i % len(prompts)],
+                                    SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
+                                    arrival_ns=time.monotonic_ns())
+            last = None
+            async for ev in engine.submit(req):
+                now = time.monotonic()
+                if ev.token_id is not None:
+                    w.add(now, 1, None if last is None else now - last)
+                    last = now
+                if ev.error:
+                    errors.append(ev.error)
+                if now >= w.t_end:
+                    break
+            i += streams
+
+    await _until(w.t_start)
+    tasks = [asyncio.create_task(stream(j)) for j in range(streams)]
+    await _until(w.t_end)
+    await asyncio.wait(tasks, timeout=30)
+    for t in tasks:
+        t.cancel()
+    return {"errors": errors[:3]}
+
+
+async def http_streams(url: str, model: str, streams: int, prompt_len: int, new_tokens: int, w: Windows,
+                       seed: int, id_hi: int = 8000) -> dict:
+    """Closed loop through ``/v1/completions`` (stream, token-id prompts, ignore_eos); chunks are counted
+    as tokens, then rescaled per request by the usage chunk (a chunk may carry several tokens)."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    errors: list[str] = []
+    chunks_total = 0
+    tokens_total = 0
+
+    async def one(session) -> None:
+        nonlocal chunks_total, tokens_total
+        prompt = [rng.randrange(min(300, id_hi // 2), id_hi) for _ in range(prompt_len)]
+        body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        arrivals: list[float] = []
+        usage = None
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                errors.append(f"HTTP {resp.status}")
+                await asyncio.sleep(0.1)
+                return
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                if b'"usage"' in line and b'"choices":[]' in line.replace(b" ", b""):
+                    usage = json.loads(line[6:]).get("usage")
+                    continue
+                now = time.monotonic()
+                w.add(now, 0, None if not arrivals else now - arrivals[-1])   # ITL sample
+                arrivals.append(now)
+                if now >= w.t_end:
+                    break
+        n = (usage or {}).get("completion_tokens") or len(arrivals)
+        chunks_total += len(arrivals)
+        tokens_total += n if usage else len(arrivals)
+        per = n / len(arrivals) if arrivals and usage else 1.0
+        for t in arrivals:
+            k = int((t - w.t_start - w.warm_s) // w.window_s)
+            if 0 <= k < w.reps:
+                w.tokens[k] += per   # type: ignore[call-overload]
+
+    async def stream(session) -> None:
+        while time.monotonic() < w.t_end:
+            try:
+                await one(session)
+            except Exception as exc:  # noqa: BLE001 - recorded, the loop goes on
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                await asyncio.sleep(0.1)
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
+        await _until(w.t_start)
+        tasks = [asyncio.create_task(stream(s)) for _ in range(streams)]
+        await _until(w.t_end)
+        await asyncio.wait(tasks, timeout=30)
+        for t in tasks:
+            t.cancel()
+    return {"errors": errors[:3], "n_errors": len(errors), "chunks": chunks_total, "tokens": tokens_total}
+
+
+def main(argv: list[str]) -> int:
+    url, model, streams, plen, new, t0, warm, win, reps, seed, id_hi = argv
+    w = Windows(float(t0), float(warm), float(win), int(reps))
+    res = asyncio.run(http_streams(url, model, int(streams), int(plen), int(new), w, int(seed), int(id_hi)))
+    res.update(tokens_per_window=w.tokens, itl=w.itl[:20000])
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,300 @@
+"""Steady-state throughput of the fast engine: bf16 vs INT4 vs NF4 in-process, HTTP vs in-process,
+ρ_sys from measured weight bytes, ITL and what bounds it, greedy agreement. One run, one card.
+
+Every throughput figure comes from a steady-state cell (``benchmarks/steady_load.py``): ``c`` streams
+kept busy, ``--reps`` consecutive windows of ``--window-s`` seconds after a ``--warm-s`` ramp; each
+window is one repetition; the median and the spread (min..max) are reported.
+
+Steps (results written to ``--out/steady_state.json`` as they exist):
+1. the model (``model-server synth --preset``), copy bandwidth (1 GiB device copy, read + write);
+2. INT4 kernel check on random weights (``Int4Linear`` vs ``x @ dequant(W)^T`` in float64);
+3. for each quantization: ``load_model`` (weight bytes as loaded), fast engine, cells at each
+   ``--concurrency`` (bf16 also at ``--http-concurrency``); decode-graph replay time alone at batch 1 and
+   64 (device time per step without the host loop); greedy outputs on ``--agree-prompts`` prompts
+   (free-running token match against bf16, and teacher-forced: this model's argmax on bf16's tokens);
+4. HTTP: ``model-server serve --engine fast`` (bf16, started while step 3 loads bf16), cells at
+   ``--http-concurrency`` with client processes (one per 32 streams) counting against the same windows.
+
+CPU smoke: ``python benchmarks/steady_state.py --preset tiny --quants bf16,int4 --concurrency 1,4
+--http-concurrency 4 --window-s 1 --warm-s 1 --new-tokens 16 --out /tmp/ss``
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from engine_throughput import Energy, copy_bandwidth_bytes_per_s, kv_bytes_per_token  # noqa: E402
+from model_server_throughput import Server, synth_model  # noqa: E402
+from steady_load import Windows, in_process  # noqa: E402
+
+T0 = time.monotonic()
+PAPER_RHO_SYS = 6930.0
+
+
+def log(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:7.1f}s] {msg}", flush=True)
+
+
+def summarize(per_window: list[float], window_s: float) -> dict:
+    tps = [t / window_s for t in per_window]
+    return {"tokens_per_second_median": round(statistics.median(tps), 1), "tokens_per_second_min": round(min(tps), 1),
+            "tokens_per_second_max": round(max(tps), 1), "tokens_per_second_windows": [round(x, 1) for x in tps]}
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    return None if not xs else round(sorted(xs)[min(len(xs) - 1, int(q / 100 * len(xs)))] * 1e3, 4)
+
+
+def int4_kernel_check(device: str) -> dict:
+    from torch import nn
+
+    from model_server.int4 import Int4Linear, dequantize_groupwise, device_compute, quantize_groupwise
+
+    ch = device_compute(device)
+    out = {"kernel": ch.int4_kernel, "dtype": str(ch.dtype)}
+    for m in (1, 64):
+        lin = nn.Linear(2048, 8192, bias=False).to(device=device, dtype=ch.dtype)
+        x = torch.randn(m, 2048, device=device, dtype=ch.dtype)
+        q, sz = quantize_groupwise(lin.weight, 128)
+        ref = x.double() @ dequantize_groupwise(q, sz, 128).double().t()
+        y = Int4Linear(lin, 128, ch)(x)
+        out[f"rel_err_m{m}"] = float((y.double() - ref).norm() / ref.norm())
+    return out
+
+
+async def cell_in_process(eng, prompts, c, args, energy) -> dict:
+    w = Windows(time.monotonic() + 0.2, args.warm_s, args.window_s, args.reps)
+    e = {}
+
+    async def mark():
+        await asyncio.sleep(max(0, w.t_start + w.warm_s - time.monotonic()))
+        e["a"] = energy.millijoules()
+        await asyncio.sleep(max(0, w.t_end - time.monotonic()))
+        e["b"] = energy.millijoules()
+    mt = asyncio.create_task(mark())
+    res = await in_process(eng, prompts, c, args.new_tokens, w)
+    await mt
+    res.update(summarize(w.tokens, args.window_s), concurrency=c, itl_p50_ms=pct(w.itl, 50),
+               itl_p99_ms=pct(w.itl, 99))
+    if e.get("a") is not None and e.get("b") is not None and sum(w.tokens):
+        res["joules_per_token"] = round((e["b"] - e["a"]) / 1e3 / sum(w.tokens), 6)
+    return res
+
+
+def cell_http(url: str, model: str, c: int, args, id_hi: int) -> dict:
+    procs, n = [], max(1, c // 32)
+    t_start = time.monotonic() + 4.0          # client processes import aiohttp first
+    for k in range(n):
+        streams = c // n + (1 if k < c % n else 0)
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "steady_load.py"), url, model,
+                                       str(streams), str(args.prompt_len), str(args.new_tokens), str(t_start),
+                                       str(args.warm_s), str(args.window_s), str(args.reps), str(k), str(id_hi)],
+                                      stdout=subprocess.PIPE, text=True))
+    outs = [json.loads(p.communicate(timeout=args.warm_s + args.reps * args.window_s + 90)[0].strip().splitlines()[-1])
+            for p in procs]
+    tokens = [sum(o["tokens_per_window"][i] for o in outs) for i in range(args.reps)]
+    itl = [x for o in outs for x in o["itl"]]
+    res = summarize(tokens, args.window_s)
+    res.update(concurrency=c, client_processes=n, itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99),
+               errors=sum(o["n_errors"] for o in outs), error_samples=[e for o in outs for e in o["errors"]][:3],
+               tokens_per_chunk=round(sum(o["tokens"] for o in outs) / max(1, sum(o["chunks"] for o in outs)), 3))
+    return res
+
+
+def graph_step_ms(eng, b: int, length: int, device: str) -> float | None:
+    """Median device time of one decode step replayed alone (the captured graph, no host loop)."""
+    r = eng.runner
+    if device != "cuda" or not r.graphs:
+        return None
+    times = []
+    with torch.inference_mode():
+        for i in range(60):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            r.decode(b, length)
+            e.record()
+            e.synchronize()
+            if i >= 10:
+                times.append(s.elapsed_time(e))
+    return round(statistics.median(times), 4)
+
+
+async def greedy(eng, prompts: list[list[int]], n: int) -> list[list[int]]:
+    from model_server.engines.base import GenerationRequest, SamplingParams
+
+    async def one(i, p):
+        toks = []
+        async for ev in eng.submit(GenerationRequest(f"g{i}", p, SamplingParams(max_new_tokens=n, ignore_eos=True))):
+            if ev.token_id is not None:
+                toks.append(ev.token_id)
+        return toks
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+def agreement(model, prompts, mine, ref) -> dict:
+    pos = sum(a == b for x, y in zip(mine, ref) for a, b in zip(x, y))
+    total = sum(len(y) for y in ref)
+    prefix = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), len(y)) for x, y in zip(mine, ref)]
+    tf = 0
+    with torch.inference_mode():
+        for p, y in zip(prompts, ref):
+            ids = torch.tensor([p + y], device=model.device)
+            am = model(ids).logits[0, len(p) - 1: len(p) - 1 + len(y)].argmax(-1).tolist()
+            tf += sum(a == b for a, b in zip(am, y))
+    return {"free_running_match": round(pos / total, 4), "mean_common_prefix": round(statistics.mean(prefix), 2),
+            "teacher_forced_match": round(tf / total, 4), "tokens": total}
+
+
+def run_quant(q, args, model_dir, device, bw, energy, report, save, start_server) -> None:
+    from model_server.engines.fast import from_loaded
+    from model_server.loading import load_model
+
+    t = time.monotonic()
+    loaded = load_model(str(model_dir), device, q)
+    entry = {"quant": q, "weight_bytes": loaded.weight_bytes, "dtype": loaded.dtype,
+             "load_seconds": round(time.monotonic() - t, 2), "cells": [], "http": []}
+    report["quants"].append(entry)
+    server = start_server() if start_server else None
+    conc = sorted(set(args.concurrency + (args.http_concurrency if server else [])))
+    max_batch = max(conc)
+    eng = from_loaded(loaded, max_batch=max_batch, max_total_tokens=args.prompt_len + args.new_tokens + 8)
+    rng = random.Random(args.seed)
+    vocab = len(loaded.tokenizer)
+    prompts = [[rng.randrange(300, min(vocab, 8000)) for _ in range(args.prompt_len)] for _ in range(512)]
+    agree_prompts = prompts[: args.agree_prompts]
+    kvb = kv_bytes_per_token(loaded.model)
+
+    async def main():
+        t1 = time.monotonic()
+        await eng.start()
+        entry["engine_start_seconds"] = round(time.monotonic() - t1, 2)
+        entry["engine_extra"] = {k: v for k, v in eng.stats().extra.items() if "seconds" in k or "graphs" in k}
+        log(f"{q}: weights {loaded.weight_bytes / 1e9:.3f} GB, engine up in {entry['engine_start_seconds']} s")
+        toks = await greedy(eng, agree_prompts, args.agree_tokens)
+        report["greedy"][q] = toks
+        if "bf16" in report["greedy"] and q != "bf16":
+            entry["agreement_vs_bf16"] = agreement(loaded.model, agree_prompts, toks, report["greedy"]["bf16"])
+        if server:
+            entry["server_info"] = await asyncio.to_thread(server.wait_ready, 300)
+        for c in conc:
+            cell = await cell_in_process(eng, prompts, c, args, energy)
+            if bw:
+                step = loaded.weight_bytes + c * (args.prompt_len + args.new_tokens / 2) * kvb
+                cell["bandwidth_limit_tokens_per_second"] = round(c * bw / step, 1)
+                cell["fraction_of_bandwidth_limit"] = round(cell["tokens_per_second_median"]
+                                                            / cell["bandwidth_limit_tokens_per_second"], 4)
+            cell["rho_sys_tokens_per_s_per_gb"] = round(cell["tokens_per_second_median"] / (loaded.weight_bytes / 1e9), 1)
+            entry["cells"].append(cell)
+            save()
+            log(f"{q} c={c}: {cell['tokens_per_second_median']} tok/s ({cell['tokens_per_second_min']}.."
+                f"{cell['tokens_per_second_max']}) ITL p50 {cell['itl_p50_ms']} ms")
+        length = eng.runner.length_buckets[0] if eng.runner.length_buckets else None
+        for b in (1, 64):
+            if length is not None and b <= max_batch:
+                entry[f"graph_step_ms_b{b}"] = await asyncio.to_thread(graph_step_ms, eng, b,
+                                                                      args.prompt_len + args.new_tokens, device)
+        if server:
+            info = entry["server_info"]
+            for c in args.http_concurrency:
+                cell = await asyncio.to_thread(cell_http, server.url, info.get("model_id") or "model", c, args,
+                                               min(vocab, 8000))
+                entry["http"].append(cell)
+                save()
+                log(f"HTTP {q} c={c}: {cell['tokens_per_second_median']} tok/s errors {cell['errors']}")
+        await eng.stop(drain=False, timeout_s=5)
+
+    try:
+        asyncio.run(main())
+    finally:
+        if server:
+            server.stop()
+    del eng, loaded
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="llama-3.2-1b")
+    ap.add_argument("--model-dir", default=None, help="use this model directory instead of synthesizing one")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quants", default="bf16,int4,nf4")
+    ap.add_argument("--concurrency", default="1,8,64")
+    ap.add_argument("--http-concurrency", default="64,256", help="bf16 only, in-process and HTTP ('' = none)")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--window-s", type=float, default=10.0)
+    ap.add_argument("--warm-s", type=float, default=2.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--agree-prompts", type=int, default=16)
+    ap.add_argument("--agree-tokens", type=int, default=64)
+    ap.add_argument("--commit", default=os.environ.get("EDGE_EVAL_COMMIT", "unknown"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
+    args.http_concurrency = [int(x) for x in args.http_concurrency.split(",") if x]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    energy = Energy()
+    report = {"card": energy.name() if device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "commit": args.commit, "command": "python benchmarks/steady_state.py " + " ".join(sys.argv[1:]),
+              "torch": torch.__version__, "preset": args.preset, "window_s": args.window_s, "reps": args.reps,
+              "warm_s": args.warm_s, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "quants": [], "greedy": {}}
+
+    def save():
+        (out / "steady_state.json").write_text(json.dumps({k: v for k, v in report.items() if k != "greedy"}, indent=1))
+    bw = copy_bandwidth_bytes_per_s(device)
+    report["copy_bandwidth_gb_per_s"] = round(bw / 1e9, 1) if bw else None
+    report["int4_kernel_check"] = int4_kernel_check(device)
+    log(f"card {report['card']}, copy bandwidth {report['copy_bandwidth_gb_per_s']} GB/s, int4 check "
+        f"{report['int4_kernel_check']}")
+    work = Path(tempfile.mkdtemp(prefix="steady_"))
+    model_dir = Path(args.model_dir) if args.model_dir else synth_model(args.preset, work, 0)
+    save()
+    for q in args.quants.split(","):
+        start = None
+        if q == "bf16" and args.http_concurrency:
+            def start(q=q):
+                return Server(model_dir, q, "fast", device, max(args.http_concurrency), args.prompt_len
+                              + args.new_tokens + 8, out / "server.log")
+        try:
+            run_quant(q, args, model_dir, device, bw, energy, report, save, start)
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next quantization
+            import traceback
+            traceback.print_exc()
+            report["quants"].append({"quant": q, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            save()
+    save()
+    for e in report["quants"]:
+        for c in e.get("cells", []):
+            print(f"{e['quant']:5} c={c['concurrency']:3} {c['tokens_per_second_median']:9.1f} tok/s "
+                  f"[{c['tokens_per_second_min']}..{c['tokens_per_second_max']}] ITL p50 {c['itl_p50_ms']} "
+                  f"rho {c['rho_sys_tokens_per_s_per_gb']} bw {c.get('fraction_of_bandwidth_limit')}")
+        for c in e.get("http", []):
+            print(f"HTTP  c={c['concurrency']:3} {c['tokens_per_second_median']:9.1f} tok/s "
+                  f"[{c['tokens_per_second_min']}..{c['tokens_per_second_max']}] err {c['errors']}")
+        print(e["quant"], "weights", e.get("weight_bytes"), "graph b1/b64 ms", e.get("graph_step_ms_b1"),
+              e.get("graph_step_ms_b64"), "agree", e.get("agreement_vs_bf16"), e.get("error", ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

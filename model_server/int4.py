@@ -1,0 +1,165 @@
+"""INT4 weight-only linears for ``--quantization int4``: group-wise 4-bit weights, PyTorch's own kernels.
+
+Quantization (per output row, per group of ``group_size`` input columns; asymmetric, 16 levels)::
+
+    scale = (max(w_g) - min(w_g)) / 15          zero = min(w_g) + 8 * scale
+    q     = clamp(round((w - min(w_g)) / scale), 0, 15)            (integer, 4 bits)
+    w'    = (q - 8) * scale + zero   (= min + q * scale)           (what every kernel computes)
+
+so the largest error per weight is ``scale / 2``. Weights are stored in PyTorch's int4pack layout
+(the "tinygemm" layout) with ``scales_and_zeros [K / group_size, N, 2]`` in the compute dtype.
+
+Kernels, chosen once per process by :func:`choose_compute` from the device (pure function of the
+compute capability, so it is testable without a GPU):
+
+* ``cuda-int4pack``: ``aten._weight_int4pack_mm`` (needs compute capability >= 8.0 and bf16
+  activations): reads 4-bit weights, no separate dequantization pass.
+* ``cpu-int4pack``: ``aten._weight_int4pack_mm_for_cpu`` (CPU).
+* ``dequant``: CUDA below compute capability 8.0 (T4, V100), where the int4pack kernel and bf16 do not
+  exist: fp16 compute; each forward dequantizes the weight then runs cuBLAS's fp16 GEMM. Correct, but
+  it moves more bytes than fp16 weights would; on such cards NF4 (bitsandbytes) is the faster 4-bit path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+GROUP_SIZES = (32, 64, 128, 256)
+INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 16 * INNER_K_TILES
+
+
+@dataclass(frozen=True)
+class ComputeChoice:
+    """What the engine computes in on a device: activation dtype and the INT4 kernel it can use."""
+
+    dtype: torch.dtype
+    int4_kernel: str             # "cuda-int4pack" | "cpu-int4pack" | "dequant"
+    reason: str
+
+
+def choose_compute(device_type: str, capability: tuple[int, int] | None) -> ComputeChoice:
+    """bf16 + int4pack on CUDA >= 8.0 (Ampere and later); fp16 + dequantize below (T4 is 7.5); CPU: bf16."""
+    if device_type == "cpu":
+        return ComputeChoice(torch.bfloat16, "cpu-int4pack", "cpu")
+    if capability is None or tuple(capability) < (8, 0):
+        return ComputeChoice(torch.float16, "dequant",
+                             f"compute capability {capability} < 8.0: no bf16, no int4pack kernel")
+    return ComputeChoice(torch.bfloat16, "cuda-int4pack", f"compute capability {capability} >= 8.0")
+
+
+def device_compute(device: torch.device | str) -> ComputeChoice:
+    device = torch.device(device)
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return choose_compute(device.type, cap)
+
+
+def quantize_groupwise(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> ``(q uint8 [N, K] in 0..15, scales_and_zeros float32 [K/group_size, N, 2])``."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group_size, group_size)
+    lo = g.amin(dim=-1, keepdim=True)
+    hi = g.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    q = ((g - lo) / scale).round_().clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    zero = lo + 8 * scale
+    sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()       # [K/g, N, 2]
+    return q, sz
+
+
+def dequantize_groupwise(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_groupwise` (float32 ``[N, K]``): ``(q - 8) * scale + zero``."""
+    n, k = q.shape
+    s = sz[..., 0].transpose(0, 1).float()[:, :, None]                      # [N, K/g, 1]
+    z = sz[..., 1].transpose(0, 1).float()[:, :, None]
+    return ((q.reshape(n, k // group_size, group_size).float() - 8) * s + z).reshape(n, k)
+
+
+def _pack(q: torch.Tensor, kernel: str) -> torch.Tensor:
+    if kernel == "cuda-int4pack":
+        u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        return torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), INNER_K_TILES)
+    if kernel == "cpu-int4pack":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), INNER_K_TILES)
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()       # dequant: plain nibbles
+
+
+def fits(linear: nn.Linear, group_size: int) -> bool:
+    """Whether the int4pack layout holds this linear: K a multiple of the group and of 16 * inner tiles."""
+    n, k = linear.weight.shape
+    return group_size in GROUP_SIZES and k % group_size == 0 and k % (16 * INNER_K_TILES) == 0 and n % 8 == 0
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W'^T + b`` with ``W'`` the group-wise INT4 weight (see the module docstring)."""
+
+    def __init__(self, linear: nn.Linear, group_size: int, choice: ComputeChoice) -> None:
+        super().__init__()
+        n, k = linear.weight.shape
+        if not fits(linear, group_size):
+            raise ValueError(f"cannot quantize a [{n}, {k}] linear with group size {group_size}")
+        self.in_features, self.out_features = k, n
+        self.group_size = group_size
+        self.kernel = choice.int4_kernel
+        self.compute_dtype = choice.dtype
+        q, sz = quantize_groupwise(linear.weight, group_size)
+        dev = linear.weight.device
+        self.register_buffer("weight_packed", _pack(q.to(dev), self.kernel))
+        self.register_buffer("scales_and_zeros", sz.to(device=dev, dtype=choice.dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(choice.dtype),
+                                                                  requires_grad=False)
+
+    def _unpacked(self) -> torch.Tensor:
+        p = self.weight_packed
+        q = torch.stack([p >> 4, p & 15], dim=-1).reshape(self.out_features, self.in_features)
+        return dequantize_groupwise(q, self.scales_and_zeros, self.group_size).to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.kernel == "cuda-int4pack":
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros)
+        elif self.kernel == "cpu-int4pack":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size,
+                                                           self.scales_and_zeros)
+        else:
+            y = x2 @ self._unpacked().t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}"
+
+
+def quantize_model(model: nn.Module, group_size: int = 128, choice: ComputeChoice | None = None,
+                   lm_head: bool = True) -> int:
+    """Replace the decoder's ``nn.Linear`` layers (and ``lm_head`` unless ``lm_head=False``) in place.
+
+    Layers whose shape the int4pack layout cannot hold (see :func:`fits`) stay as they are; ValueError
+    when none fits. Embeddings and norms stay in the compute dtype. A tied ``lm_head`` gets its own INT4 copy (the
+    embedding stays, since a lookup reads only a few rows; the head reads all of it every step).
+    Returns the number of layers replaced; marks the model ``is_int4_weight_only``.
+    """
+    if choice is None:
+        choice = device_compute(next(model.parameters()).device)
+    targets = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and (lm_head or not name.endswith("lm_head")) and fits(mod, group_size):
+            targets.append(name)
+    if not targets:
+        raise ValueError(f"no linear layer fits group size {group_size} (K a multiple of "
+                         f"{max(group_size, 16 * INNER_K_TILES)}, N of 8)")
+    for name in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Int4Linear(getattr(parent, attr), group_size, choice))
+    if lm_head and "lm_head" in targets:
+        model.config.tie_word_embeddings = False
+        if hasattr(model, "_tied_weights_keys"):
+            model._tied_weights_keys = None
+    model.is_int4_weight_only = True
+    model.int4_group_size = group_size
+    model.int4_kernel = choice.int4_kernel
+    return len(targets)

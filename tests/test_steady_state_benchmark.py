@@ -1,0 +1,37 @@
+"""``benchmarks/steady_state.py`` on CPU (tiny model): the report carries card, date, command and commit,
+every cell has one tokens/s per window and the median of them, and HTTP cells count tokens."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_steady_state_smoke(tmp_path, tiny_model_dir):
+    out = tmp_path / "ss"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "steady_state.py"), "--preset", "tiny", "--model-dir", tiny_model_dir,
+           "--quants", "bf16,int4", "--concurrency", "2", "--http-concurrency", "2", "--window-s", "0.5", "--warm-s", "0.5",
+           "--new-tokens", "8", "--agree-prompts", "2", "--agree-tokens", "4", "--commit", "abc1234", "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=600, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    r = json.loads((out / "steady_state.json").read_text())
+    assert r["commit"] == "abc1234" and r["card"] == "cpu" and r["date"] and "steady_state.py" in r["command"]
+    quants = {q["quant"]: q for q in r["quants"]}
+    assert set(quants) == {"bf16", "int4"} and quants["int4"]["weight_bytes"] < quants["bf16"]["weight_bytes"]
+    for q in quants.values():
+        assert [c["concurrency"] for c in q["cells"]] == [2]
+        for c in q["cells"]:
+            w = c["tokens_per_second_windows"]
+            assert len(w) == 3 and c["tokens_per_second_median"] == pytest.approx(statistics.median(w), abs=0.2)
+            assert c["tokens_per_second_min"] <= c["tokens_per_second_median"] <= c["tokens_per_second_max"]
+            assert c["tokens_per_second_median"] > 0
+    http = quants["bf16"]["http"]
+    assert len(http) == 1 and http[0]["errors"] == 0 and http[0]["tokens_per_second_median"] > 0
+    assert 0 <= quants["int4"]["agreement_vs_bf16"]["teacher_forced_match"] <= 1
