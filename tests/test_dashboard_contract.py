@@ -74,3 +74,30 @@ def test_missing_panels_are_there() -> None:
               "Replicas and demand", "GPU memory used", "KEDA scaler active"):
         assert t in titles, t
     assert "edge_proxy_cold_start_rejected_requests_total" in json.dumps(DASH)
+
+
+def test_every_energy_derived_number_shows_its_source() -> None:
+    """Issue 18: the energy source (source, kind, scope) and, per model, where the economics inputs
+    come from (edge_proxy_economics_sources_info) are on the dashboard, next to what they explain."""
+    src = by_title("Energy source")
+    (expr,) = [t["expr"] for t in src["targets"]]
+    assert expr.startswith("max by (source, kind, scope) (") and "edge_proxy_energy_source_info{" in expr
+    assert "{{kind}}" in src["targets"][0]["legendFormat"] and "{{scope}}" in src["targets"][0]["legendFormat"]
+    table = by_title("Sources of the economics inputs")
+    assert table["type"] == "table"
+    (t,) = table["targets"]
+    assert "edge_proxy_economics_sources_info{" in t["expr"] and t["format"] == "table"
+    for label in ("model", "energy_source", "energy_kind", "energy_scope", "score_source", "weights_source"):
+        assert label in t["expr"].split("(")[1], label      # kept by the aggregation: a table column
+    # In the Cost row, beside the cost panels (rows split the dashboard by their y).
+    rows = sorted((p["gridPos"]["y"], p["title"]) for p in DASH["panels"] if p.get("type") == "row")
+    row = [title for y, title in rows if y < table["gridPos"]["y"]][-1]
+    assert row == "Cost", row
+
+
+def test_foreign_energy_is_shown() -> None:
+    """Energy of GPU-busy ticks with none of this proxy's requests in flight (issue 18)."""
+    p = by_title("Foreign energy ratio")
+    assert p["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    assert "edge_proxy_foreign_energy_joules_total{" in p["targets"][0]["expr"]
+    assert steps(p) == [("green", None), ("red", 0.2)]       # the EdgeEvalForeignEnergyHigh line
