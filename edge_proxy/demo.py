@@ -9,9 +9,10 @@
    ``/metrics``.
 5. Stops everything (also on Ctrl-C): the proxy stops the model server it started.
 
-The quality score and quantization fidelity are configured values (a synthetic model has random
-weights, so its text has no quality to measure): the paper's Llama-3.2-1B rag scores, INT4 0.752
-and FP16 0.742. The adaptation energy is the paper's Llama-3.2-1B LoRA rag fine-tune, 92,122 J.
+By default the quality score and the adaptation energy are measured (edge_proxy/demo_measured.py):
+the model is LoRA-adapted on builtin:rag once (cached) and evaluated through the proxy. With
+``--paper-constants`` (implied by ``--quick``) they are configured values instead: the paper's
+Llama-3.2-1B rag scores, INT4 0.752 and FP16 0.742, and its LoRA rag fine-tune energy, 92,122 J.
 """
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Synthesize a model (cached), start the proxy which starts the model server on "
                     "the first request (a measured cold start), send a short mixed load, and show the "
                     "five EDGE-EVAL metrics, latency percentiles and energy per request live, each "
-                    "with its source. Ends by itself and cleans up its processes.")
+                    "with its source. By default the quality score and adaptation energy are measured "
+                    "(LoRA-adapt on builtin:rag once, cached; edge-eval eval through the proxy); "
+                    "--paper-constants uses the paper's. Ends by itself and cleans up its processes.")
     p.add_argument("--quick", action="store_true",
                    help="short run (about 10 s of load) for tests and CI; implies --paper-constants "
                         "(no adaptation or evaluation)")
@@ -89,7 +92,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default=None,
                    help="use this model directory instead of synthesizing one")
     p.add_argument("--cache-dir", default=None,
-                   help="where synthesized models are cached (default ~/.cache/edge-eval)")
+                   help="where synthesized models and the demo's adapted model are cached (default ~/.cache/edge-eval)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="also write the final numbers to DIR/demo.json and DIR/demo.md")
     p.add_argument("--keep", action="store_true",
