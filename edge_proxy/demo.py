@@ -620,10 +620,11 @@ def run(args: argparse.Namespace) -> int:
         max_tokens = 16 if args.preset == "tiny" else 64
         evaluate = None
         if measured is not None:
-            from edge_proxy.demo_measured import run_eval
+            import functools
 
-            def evaluate() -> None:
-                run_eval(measured, base, f"http://127.0.0.1:{metrics_port}", lookup_token, model, console)
+            from edge_proxy.demo_measured import run_eval
+            evaluate = functools.partial(run_eval, measured, base, f"http://127.0.0.1:{metrics_port}",
+                                         lookup_token, model, console)
         stats, metrics, elapsed = asyncio.run(_drive(base, metrics_url, model, duration,
                                                      args.concurrency, max_tokens, console,
                                                      measured, evaluate))
