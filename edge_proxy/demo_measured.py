@@ -136,10 +136,12 @@ def sources(inputs: MeasuredInputs, m: dict[str, list[tuple[dict[str, str], floa
         return "pending"
 
     kj = inputs.total_joules / 1e3
+    ipw = label("edge_proxy_intelligence_per_joule")
+    score = ("score measured (edge-eval eval, token F1)" if ipw not in ("none", "pending")
+             else "score not read yet (edge-eval eval results)")
     return {
         "N_break": f"{label('edge_proxy_break_even_requests')}: energy {e_kind}; adaptation "
                    f"{kj:,.1f} kJ {inputs.energy_source} (edge-eval adapt); prices configured",
-        "IPW": f"{label('edge_proxy_intelligence_per_joule')}: score measured (edge-eval eval, "
-               f"token F1); J {e_kind}",
+        "IPW": f"{ipw}: {score}; J {e_kind}",
         "Q_ret": "not evaluated: needs a reference variant (edge-eval eval --reference-model)",
     }
