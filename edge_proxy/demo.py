@@ -9,9 +9,10 @@
    ``/metrics``.
 5. Stops everything (also on Ctrl-C): the proxy stops the model server it started.
 
-The quality score and quantization fidelity are configured values (a synthetic model has random
-weights, so its text has no quality to measure): the paper's Llama-3.2-1B rag scores, INT4 0.752
-and FP16 0.742. The adaptation energy is the paper's Llama-3.2-1B LoRA rag fine-tune, 92,122 J.
+By default the quality score and the adaptation energy are measured (edge_proxy/demo_measured.py):
+the model is LoRA-adapted on builtin:rag once (cached) and evaluated through the proxy. With
+``--paper-constants`` (implied by ``--quick``) they are configured values instead: the paper's
+Llama-3.2-1B rag scores, INT4 0.752 and FP16 0.742, and its LoRA rag fine-tune energy, 92,122 J.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -64,8 +66,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Synthesize a model (cached), start the proxy which starts the model server on "
                     "the first request (a measured cold start), send a short mixed load, and show the "
                     "five EDGE-EVAL metrics, latency percentiles and energy per request live, each "
-                    "with its source. Ends by itself and cleans up its processes.")
-    p.add_argument("--quick", action="store_true", help="short run (about 10 s of load) for tests and CI")
+                    "with its source. By default the quality score and adaptation energy are measured "
+                    "(LoRA-adapt on builtin:rag once, cached; edge-eval eval through the proxy); "
+                    "--paper-constants uses the paper's. Ends by itself and cleans up its processes.")
+    p.add_argument("--quick", action="store_true",
+                   help="short run (about 10 s of load) for tests and CI; implies --paper-constants "
+                        "(no adaptation or evaluation)")
+    p.add_argument("--paper-constants", action="store_true",
+                   help="use the paper's Llama-3.2-1B scores and LoRA energy as configured inputs instead "
+                        "of measuring them (default: LoRA-adapt the model on builtin:rag once, cached "
+                        "under the cache dir, and evaluate it through the proxy; edge_proxy/demo_measured.py)")
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                    help="seconds of load after the cold start (default 40; 8 with --quick)")
     p.add_argument("--concurrency", type=int, default=4, help="concurrent clients (default 4)")
@@ -82,7 +92,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default=None,
                    help="use this model directory instead of synthesizing one")
     p.add_argument("--cache-dir", default=None,
-                   help="where synthesized models are cached (default ~/.cache/edge-eval)")
+                   help="where synthesized models and the demo's adapted model are cached (default ~/.cache/edge-eval)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="also write the final numbers to DIR/demo.json and DIR/demo.md")
     p.add_argument("--keep", action="store_true",
@@ -313,13 +323,15 @@ class _Rows:
 
 
 def build_table(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientStats, model: str,
-                elapsed: float) -> Any:
+                elapsed: float, measured: Any = None) -> Any:
     """The rich table of the five metrics, latency and energy (see :func:`build_rows`)."""
-    return build_rows(m, stats, model, elapsed).rich()
+    return build_rows(m, stats, model, elapsed, measured).rich()
 
 
 def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientStats, model: str,
-               elapsed: float) -> _Rows:
+               elapsed: float, measured: Any = None) -> _Rows:
+    """``measured``: a :class:`edge_proxy.demo_measured.MeasuredInputs` (sources of N_break, IPW
+    and Q_ret from the adaptation and evaluation files), or None for the paper's constants."""
     src_info = [lab for lab, v in m.get("edge_proxy_energy_source_info", []) if v]
     esrc = src_info[0].get("source", "?") if src_info else "none"
     scope = src_info[0].get("scope", "") if src_info else ""
@@ -344,17 +356,22 @@ def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientSt
     cold_j = _val(m, "edge_proxy_economics_cold_start_energy_joules_total", model=model)
     cold_s = _val(m, "edge_proxy_economics_cold_start_seconds_total", model=model)
 
+    msrc = {}
+    if measured is not None:
+        from edge_proxy.demo_measured import sources
+        msrc = sources(measured, m, model, e_kind)
     t = _Rows(f"edge-eval live: model {model!r}, {elapsed:.0f} s, {stats.ok} ok / "
               f"{stats.errors} errors")
     t.add_row("[bold]N_break[/bold] break-even", _fmt(_val(m, "edge_proxy_break_even_requests", model=model), 1),
-              "requests", f"energy {e_kind}; prices + adaptation {PAPER_ADAPTATION_JOULES / 1e3:,.0f} kJ configured",
+              "requests", msrc.get("N_break") or
+              f"energy {e_kind}; prices + adaptation {PAPER_ADAPTATION_JOULES / 1e3:,.0f} kJ configured",
               "requests until self-hosting has cost less than the API")
     t.add_row("  served so far / N_break",
               _fmt(100 * _val(m, "edge_proxy_break_even_progress_ratio", model=model), 1), "%",
               "measured requests", "how far along the way to break-even")
     t.add_row("[bold]IPW[/bold] intelligence per joule",
               _fmt(_val(m, "edge_proxy_intelligence_per_joule", model=model), 4), "1/J",
-              f"score {PAPER_SCORE_INT4} configured; J {e_kind}", "task quality per joule: higher is better")
+              msrc.get("IPW") or f"score {PAPER_SCORE_INT4} configured; J {e_kind}", "task quality per joule: higher is better")
     t.add_row("[bold]ρ_sys[/bold] system density",
               _fmt(_val(m, "edge_proxy_system_density_tokens_per_second_per_gigabyte", model=model), 1),
               "tokens/s/GB", f"tokens/s measured; weights {wsrc} ({_fmt(weight / 1e6, 1)} MB)",
@@ -371,7 +388,7 @@ def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientSt
               f"{e_kind}: cold-start J / idle W", "idle longer than this: scaling to zero saves energy")
     t.add_row("[bold]Q_ret[/bold] quantization fidelity",
               _fmt(_val(m, "edge_proxy_quantization_fidelity_percent", model=model), 2), "%",
-              f"configured: {PAPER_SCORE_INT4} / {PAPER_SCORE_FP16}", "quality the quantized model keeps vs FP16")
+              msrc.get("Q_ret") or f"configured: {PAPER_SCORE_INT4} / {PAPER_SCORE_FP16}", "quality the quantized model keeps vs FP16")
     t.add_section()
     t.add_row("TTFT p50 / p95", f"{_fmt(1e3 * _pct(stats.ttft, .5), 1)} / {_fmt(1e3 * _pct(stats.ttft, .95), 1)}",
               "ms", "measured (client, streams)", "wait for the first token")
@@ -392,7 +409,8 @@ def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientSt
 
 
 async def _drive(base: str, metrics_url: str, model: str, duration: float, concurrency: int,
-                 max_tokens: int, console: Any) -> tuple[ClientStats, dict[str, Any], float]:
+                 max_tokens: int, console: Any, measured: Any = None,
+                 after_cold_start: Any = None) -> tuple[ClientStats, dict[str, Any], float]:
     import aiohttp
     from rich.console import Group
     from rich.live import Live
@@ -409,6 +427,8 @@ async def _drive(base: str, metrics_url: str, model: str, duration: float, concu
         if stats.ok == 0:
             raise ConfigError("the first request through the proxy failed (see the logs above)")
         console.print(f"cold start + first request: {stats.cold_start_seconds:.1f} s")
+        if after_cold_start is not None:        # measured inputs: edge-eval eval through the proxy
+            await asyncio.to_thread(after_cold_start)
 
         progress = Progress(TextColumn("mixed load"), BarColumn(), TextColumn("{task.completed:.0f}/"
                             "{task.total:.0f} s"), TimeRemainingColumn(), console=console)
@@ -431,34 +451,39 @@ async def _drive(base: str, metrics_url: str, model: str, duration: float, concu
                     metrics = _parse_metrics(await resp.text())
 
         workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
-        with Live(Group(progress, build_table(metrics, stats, model, 0.0)), console=console,
+        with Live(Group(progress, build_table(metrics, stats, model, 0.0, measured)), console=console,
                   refresh_per_second=2, transient=True) as live:
             while not all(w.done() for w in workers):
                 await asyncio.sleep(1.0)
                 progress.update(task, completed=min(duration, time.perf_counter() - start))
                 await scrape()
                 live.update(Group(progress, build_table(metrics, stats, model,
-                                                        time.perf_counter() - start)))
+                                                        time.perf_counter() - start, measured)))
         await asyncio.gather(*workers)
         await asyncio.sleep(1.0)          # the energy ledger closes the last ticks
         await scrape()
         elapsed = time.perf_counter() - start
         if console.is_terminal:
-            console.print(build_table(metrics, stats, model, elapsed))
+            console.print(build_table(metrics, stats, model, elapsed, measured))
         else:                       # a log file or a pipe: plain text, no box drawing
-            console.file.write(build_rows(metrics, stats, model, elapsed).plain(console.width))
+            console.file.write(build_rows(metrics, stats, model, elapsed, measured).plain(console.width))
             console.file.flush()
-        console.print("[dim]configured: the paper's Llama-3.2-1B rag scores (INT4 0.752, FP16 0.742) "
-                      "and LoRA fine-tune energy (92,122 J); a synthetic model's text has no quality "
-                      "to measure. Prices: economics.* settings (docs/metrics.md).[/dim]")
+        if measured is None:
+            console.print("[dim]configured: the paper's Llama-3.2-1B rag scores (INT4 0.752, FP16 0.742) "
+                          "and LoRA fine-tune energy (92,122 J) (--paper-constants). Prices: "
+                          "economics.* settings (docs/metrics.md).[/dim]")
+        else:
+            console.print("[dim]measured: the score behind IPW (edge-eval eval through the proxy) and "
+                          "the LoRA adaptation energy behind N_break (edge-eval adapt, cached); Q_ret "
+                          "needs a reference variant. Prices: economics.* settings (docs/metrics.md).[/dim]")
     return stats, metrics, elapsed
 
 
 # ---------------------------------------------------------------------------------------- main
 def _write_results(out: Path, args: argparse.Namespace, model: str, stats: ClientStats,
                    metrics: dict[str, list[tuple[dict[str, str], float]]], elapsed: float,
-                   console: Any) -> None:
-    rows = build_rows(metrics, stats, model, elapsed)
+                   console: Any, measured: Any = None) -> None:
+    rows = build_rows(metrics, stats, model, elapsed, measured)
     keep = ("edge_proxy_break_even_requests", "edge_proxy_break_even_progress_ratio",
             "edge_proxy_intelligence_per_joule", "edge_proxy_intelligence_per_watt",
             "edge_proxy_system_density_tokens_per_second_per_gigabyte",
@@ -487,6 +512,8 @@ def _write_results(out: Path, args: argparse.Namespace, model: str, stats: Clien
         "metrics": {k: [{"labels": lab, "value": num(v)} for lab, v in metrics.get(k, [])]
                     for k in keep},
         "table": [list(r) for r in rows.rows if r is not None],
+        "inputs": "paper-constants" if measured is None else
+                  {"adaptation": str(measured.adaptation_path), "adapted_model": str(measured.model_dir)},
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(data, indent=2))
@@ -536,6 +563,16 @@ def run(args: argparse.Namespace) -> int:
     model_dir = _ensure_model(args, console)
     model = args.preset if not args.model_dir else Path(args.model_dir).name
     work = Path(tempfile.mkdtemp(prefix="edge-eval-demo-"))
+    measured = None
+    if not (args.paper_constants or args.quick):
+        from edge_proxy.demo_measured import prepare
+        try:
+            measured = prepare(args, model_dir, work, console)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        model_dir, model = measured.model_dir, model + "-rag-lora"
+    lookup_token = secrets.token_hex(16)
     backend_port, proxy_port, metrics_port = _free_port(), _free_port(), _free_port()
     spawn = (f"{sys.executable} -m model_server serve {model_dir} --host 127.0.0.1 --port {{port}} "
              f"--device {args.device} --model-name {model}")
@@ -545,9 +582,9 @@ def run(args: argparse.Namespace) -> int:
         "proxy": {"backend_url": f"http://127.0.0.1:{backend_port}", "port": proxy_port,
                   "metrics_port": metrics_port, "model_name": model,
                   "access_log": str(work / "access.log")},
-        "energy": {"source": args.energy_source},
-        "economics": {"scores": {model: PAPER_SCORE_INT4},
-                      "reference_scores": {model: PAPER_SCORE_FP16},
+        "energy": {"source": args.energy_source, "lookup_token": lookup_token},
+        "economics": measured.economics() if measured is not None else
+                     {"scores": {model: PAPER_SCORE_INT4}, "reference_scores": {model: PAPER_SCORE_FP16},
                       "adaptation_joules": PAPER_ADAPTATION_JOULES},
         "coldstart": {"spawn": spawn, "max_wait_seconds": 600},
     }
@@ -581,10 +618,18 @@ def run(args: argparse.Namespace) -> int:
                       "the proxy on the first request)")
         console.print(f"logs:         {work}" + ("" if args.keep else "  (removed at the end; --keep keeps it)"))
         max_tokens = 16 if args.preset == "tiny" else 64
+        evaluate = None
+        if measured is not None:
+            import functools
+
+            from edge_proxy.demo_measured import run_eval
+            evaluate = functools.partial(run_eval, measured, base, f"http://127.0.0.1:{metrics_port}",
+                                         lookup_token, model, console)
         stats, metrics, elapsed = asyncio.run(_drive(base, metrics_url, model, duration,
-                                                     args.concurrency, max_tokens, console))
+                                                     args.concurrency, max_tokens, console,
+                                                     measured, evaluate))
         if args.out:
-            _write_results(Path(args.out), args, model, stats, metrics, elapsed, console)
+            _write_results(Path(args.out), args, model, stats, metrics, elapsed, console, measured)
         if stats.errors:
             console.print(f"[yellow]{stats.errors} requests failed[/yellow]")
         console.print(f"Prometheus: scrape {metrics_url} and load grafana/rules/edge-eval.rules.yml; "
