@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from edge_proxy import demo_cache
 from edge_proxy.config import ConfigError
 
 # The paper's numbers used as configured inputs (EDGE-EVAL, ACL 2026 Industry Track; the authors'
@@ -130,25 +131,14 @@ def _ensure_model(args: argparse.Namespace, console: Any) -> Path:
         if not (d / "config.json").is_file():
             raise ConfigError(f"--model-dir {d}: no config.json there")
         return d
-    cache = Path(args.cache_dir or os.environ.get("EDGE_EVAL_CACHE") or
-                 Path.home() / ".cache" / "edge-eval")
-    d = cache / "models" / f"{args.preset}-seed0"
-    if (d / "config.json").is_file() and (d / ".edge-eval-complete").is_file():
+    d = demo_cache.cache_root(args) / "models" / f"{args.preset}-seed0"
+    if (d / "config.json").is_file() and demo_cache.is_complete(d):
         console.print(f"[dim]model: {d} (cached)[/dim]")
         return d
-    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    with console.status(f"synthesizing the {args.preset} model (offline, random weights) ..."):
-        out = subprocess.run([sys.executable, "-m", "model_server", "synth", str(tmp), "--preset",
-                              args.preset, "--seed", "0", "--quiet"], capture_output=True, text=True)
-    if out.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        last = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
-        raise ConfigError(f"model synthesis failed: {last}")
-    (tmp / ".edge-eval-complete").write_text("ok\n")
-    shutil.rmtree(d, ignore_errors=True)
-    tmp.rename(d)
+    demo_cache.build(d, lambda tmp: [sys.executable, "-m", "model_server", "synth", str(tmp), "--preset",
+                                     args.preset, "--seed", "0", "--quiet"],
+                     f"synthesizing the {args.preset} model (offline, random weights) ...",
+                     "model synthesis", console)
     console.print(f"[dim]model: {d} (synthesized)[/dim]")
     return d
 

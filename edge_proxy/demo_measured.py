@@ -21,13 +21,13 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_proxy import demo_cache
 from edge_proxy.config import ConfigError
 
 CACHE_VERSION = 1               # bump when the adapt recipe below changes
@@ -69,32 +69,22 @@ def ensure_adapted(base: Path, cache_root: Path, console: Any, *, seed: int = 0,
                    steps: int = ADAPT_STEPS, device: str = "auto") -> tuple[Path, Path]:
     """The cached merged model and adaptation.json for ``base``; adapts once when missing."""
     d = cache_root / "demo" / _cache_key(base, seed, steps)
-    if (d / ".edge-eval-complete").is_file():
+    if demo_cache.is_complete(d):
         console.print(f"[dim]adapted model: {d} (cached)[/dim]")
         return d / "merged", d / "adaptation.json"
-    tmp = d.with_name(d.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "edge_eval", "adapt", str(base), "--method", "lora", "--task", "rag",
-           "--data", "builtin:rag", "--steps", str(steps), "--seed", str(seed), "--out", str(tmp),
-           "--merge", "--device", device, "--quiet"]
-    with console.status(f"first run: LoRA-adapting the model on builtin:rag ({steps} steps, cached "
-                        "for later runs; --paper-constants skips this) ..."):
-        out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        last = (out.stderr.strip().splitlines() or ["unknown error"])[-1]
-        raise ConfigError(f"edge-eval adapt failed: {last}")
-    (tmp / ".edge-eval-complete").write_text("ok\n")
-    shutil.rmtree(d, ignore_errors=True)
-    tmp.rename(d)
+    demo_cache.build(d, lambda tmp: [
+        sys.executable, "-m", "edge_eval", "adapt", str(base), "--method", "lora", "--task", "rag",
+        "--data", "builtin:rag", "--steps", str(steps), "--seed", str(seed), "--out", str(tmp),
+        "--merge", "--device", device, "--quiet"],
+        f"first run: LoRA-adapting the model on builtin:rag ({steps} steps, cached "
+        "for later runs; --paper-constants skips this) ...", "edge-eval adapt", console)
     console.print(f"[dim]adapted model: {d} (adapted now)[/dim]")
     return d / "merged", d / "adaptation.json"
 
 
 def prepare(args: argparse.Namespace, base: Path, work: Path, console: Any) -> MeasuredInputs:
     """Adapt (or reuse the cached adaptation of) ``base``; the runs directory is under ``work``."""
-    cache = Path(args.cache_dir or os.environ.get("EDGE_EVAL_CACHE") or Path.home() / ".cache" / "edge-eval")
+    cache = demo_cache.cache_root(args)
     merged, adaptation_path = ensure_adapted(base, cache, console, device=args.device)
     try:
         adaptation = json.loads(adaptation_path.read_text())
