@@ -155,3 +155,31 @@ async def test_proxy_exports_the_scope():
                 break
             await asyncio.sleep(0.1)
         assert metric_value(text, "edge_proxy_energy_source_info", scope=SCOPE_TREE) == 1, text
+
+
+def test_process_tree_cpu_resolves_below_a_clock_tick(tmp_path: Path) -> None:
+    """The tree's busy seconds come from the kernel's nanosecond process clock, not /proc's 10 ms
+    ticks: while a child spins, successive reads step by far less than a tick (with tick counting
+    every step would be a multiple of 10 ms), so a 2 ms request is not estimated at 0 J."""
+    import psutil
+
+    from edge_proxy.energy.process_cpu import ProcessTreeCpu
+
+    stop = tmp_path / "stop"
+    child = subprocess.Popen([sys.executable, "-c", BURN.format(stop=str(stop))])
+    try:
+        tree = ProcessTreeCpu(lambda: child.pid)
+        steps: list[float] = []
+        last = tree.busy_seconds()
+        while len(steps) < 20:
+            now = tree.busy_seconds()
+            if now > last:
+                steps.append(now - last)
+                last = now
+            else:
+                assert now == last              # never goes down
+        assert min(steps) < 0.005, steps
+        assert psutil.Process(child.pid).is_running()
+    finally:
+        stop.touch()
+        child.wait(timeout=30)

@@ -6,12 +6,18 @@ descendants, refreshed at most once per ``refresh_seconds``. The cumulative busy
 over every process seen in the tree, of its last-read user + system CPU seconds (keyed by pid and
 start time, so a reused pid is a new process): it never goes down, and a process that exits keeps
 the time it was last seen with (at most one sampling period of its CPU is missed).
+
+On Linux a process's CPU seconds are read from its process CPU-time clock (``clock_gettime`` on
+the clock id the kernel derives from the pid: all threads, nanosecond resolution, about 1 µs per
+read); ``/proc``'s user + system times (psutil) count in 10 ms clock ticks, so a request shorter
+than a tick could be estimated at 0 J. Elsewhere, or if the clock cannot be read, psutil's times.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import socket
+import sys
 import time
 from typing import Callable
 from urllib.parse import urlsplit
@@ -54,6 +60,27 @@ def listening_pid(port: int) -> int | None:
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
             return int(c.pid)
     return None
+
+
+def process_cpu_clock_id(pid: int) -> int:
+    """The Linux clock id of process ``pid``'s CPU-time clock (what glibc's
+    ``clock_getcpuclockid`` returns: ``(~pid << 3) | CPUCLOCK_SCHED``, CPUCLOCK_SCHED = 2)."""
+    return ((~pid) << 3) | 2
+
+
+def process_cpu_seconds(proc: psutil.Process) -> float:
+    """CPU seconds (all threads, user + system) used so far by ``proc``: the kernel's
+    nanosecond process clock where it can be read, else psutil's clock-tick times."""
+    if _HAS_CPU_CLOCK:
+        try:
+            return time.clock_gettime(process_cpu_clock_id(proc.pid))
+        except OSError:
+            pass                    # exited, or a kernel without process clocks: fall back
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+_HAS_CPU_CLOCK = sys.platform.startswith("linux") and hasattr(time, "clock_gettime")
 
 
 def pid_alive(pid: int) -> bool:
@@ -109,10 +136,9 @@ class ProcessTreeCpu:
         self._refresh()
         for p in self._procs:
             try:
-                with p.oneshot():
-                    t = p.cpu_times()
-                    key = (p.pid, p.create_time())
-                self._last[key] = max(self._last.get(key, 0.0), t.user + t.system)
+                key = (p.pid, p.create_time())
+                busy = process_cpu_seconds(p)
+                self._last[key] = max(self._last.get(key, 0.0), busy)
             except psutil.Error:
                 continue
         return self._gone + sum(self._last.values())
