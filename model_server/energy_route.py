@@ -12,7 +12,7 @@ Answer (JSON)::
 
 ``samples`` is the recent ring (at most 600 samples, oldest first); ``?since=T`` returns only
 samples newer than T (what the proxy's remote source asks for). The sampler is the proxy's own
-(``edge_proxy.energy.sampler``: one background thread, 100 ms, bounded ring) and starts on the
+(``edge_proxy.energy.Sampler``: one background thread, 100 ms, bounded ring) and starts on the
 first ``GET /energy`` (so a server nobody polls pays nothing), or never with
 ``MODEL_SERVER_ENERGY_SAMPLER=off``. Without NVML or GPUs the answer is ``source: "none"`` with
 empty lists; this route never fails.
@@ -82,8 +82,7 @@ class EnergyService:
                 self.reason = "no GPU configured"
                 return
             try:
-                from edge_proxy.energy.nvml_source import NvmlReader
-                from edge_proxy.energy.sampler import Sampler
+                from edge_proxy.energy import NvmlReader, Sampler
 
                 reader = (self.reader_factory or NvmlReader)(self.gpu_uuids)
                 self.sampler = Sampler(reader, self.period_seconds, self.ring_size)
