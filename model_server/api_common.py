@@ -15,7 +15,6 @@ from aiohttp import web
 from model_server.generation import ApiError
 
 PROMPT_TOKENS_HEADER = "x-prompt-tokens"
-MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

@@ -10,13 +10,15 @@ is cumulative: the engine turns it into one :class:`TokenEvent` per new token.
 requests go to two managers (the sampling one is created on first use, with per-request
 temperature/top-p/top-k processors). Per-request seeds are not supported by this engine (the fast
 engine has them); a request's ``seed`` is ignored here.
+
+Owns the requests: submission, the per-request token events, cancellation, timings and stats. The
+managers themselves (configuration, creation, restart, dispatcher threads) are
+:mod:`model_server.engines.transformers_managers`'; this module must not configure or start one.
 """
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from typing import Any, AsyncIterator
 
 from model_server.engines.base import (Engine, EngineStats, GenerationRequest, RequestTiming,
                                        SamplingParams, TokenEvent)
+from model_server.engines.transformers_managers import ManagerPool, supported_kwargs
 
 log = logging.getLogger("model_server.engines.transformers")
 
@@ -44,17 +47,6 @@ class _Active:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _supported_kwargs(fn, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Drop keyword arguments that this transformers version's ``fn`` doesn't take."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
 class TransformersEngine(Engine):
     """Continuous batching through transformers' ContinuousBatchingManager."""
 
@@ -66,10 +58,9 @@ class TransformersEngine(Engine):
         self.model = loaded.model
         self.max_batch = max_batch
         self.max_total_tokens = max_total_tokens
-        self.page_size = page_size or (32 if loaded.device_type == "cpu" else 256)
         self.eos_ids = set(loaded.eos_token_ids)
-        self._managers: dict[str, Any] = {}
-        self._manager_lock = threading.Lock()
+        self.managers = ManagerPool(loaded, max_batch, max_total_tokens,
+                                    page_size or (32 if loaded.device_type == "cpu" else 256), self._deliver)
         self._active: dict[str, _Active] = {}
         self._timings: dict[str, RequestTiming] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -79,99 +70,16 @@ class TransformersEngine(Engine):
         self._decode_tokens = 0
         self._steps = 0
         self._max_seen_batch = 0
-        self._dispatchers: list[threading.Thread] = []
-        self._stop_dispatch = threading.Event()
 
-    # ------------------------------------------------------------------ managers
-    def _cb_config(self, sampling: bool):
-        try:
-            from transformers.generation import ContinuousBatchingConfig
-        except ImportError:
-            try:
-                from transformers.generation.configuration_utils import ContinuousBatchingConfig
-            except ImportError:  # older transformers: settings travel on the GenerationConfig
-                return None
-        kwargs: dict[str, Any] = {"page_size": self.page_size, "max_requests_per_batch": self.max_batch}
-        if self.loaded.device_type == "cpu":
-            blocks = math.ceil(self.max_batch * self.max_total_tokens / self.page_size)
-            kwargs.update(num_blocks=max(16, min(blocks, 4096)),
-                          max_batch_tokens=max(256, min(4096, self.max_batch * 64)))
-        if sampling:
-            kwargs["per_request_processors"] = True
-        return ContinuousBatchingConfig(**_supported_kwargs(ContinuousBatchingConfig, kwargs))
-
-    def _generation_config(self, sampling: bool):
-        from transformers import GenerationConfig
-
-        gc = GenerationConfig(
-            max_new_tokens=64, do_sample=sampling,
-            eos_token_id=sorted(self.eos_ids) if self.eos_ids else -1,
-            pad_token_id=self.loaded.tokenizer.pad_token_id,
-        )
-        if sampling:
-            # processors are only built for non-default values; requests override them per request
-            # (top_k = vocab size means "no top-k"; transformers 5.17 does not clamp larger values)
-            gc.temperature, gc.top_p, gc.top_k = 0.999, 0.999, self._vocab_size()
-        if self._cb_config(sampling) is None:  # pre-ContinuousBatchingConfig transformers
-            gc.num_blocks = max(16, math.ceil(self.max_batch * self.max_total_tokens / self.page_size))
-            gc.block_size = self.page_size
-            gc.max_batch_tokens = max(256, self.max_batch * 64)
-        return gc
-
-    def _vocab_size(self) -> int:
-        out = getattr(getattr(self.model, "lm_head", None), "out_features", None)
-        if out:
-            return int(out)
-        cfg = self.model.config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        return int(cfg.vocab_size)
-
-    def _manager(self, key: str):
-        with self._manager_lock:
-            mgr = self._managers.get(key)
-            if mgr is not None and hasattr(mgr, "is_running") and not mgr.is_running():
-                # its loop died (a fatal error fails every request it held): start a fresh one
-                log.warning("continuous batching manager %r stopped; starting a new one", key)
-                self._managers.pop(key, None)
-                try:
-                    mgr.stop(block=False)
-                except Exception:
-                    pass
-                mgr = None
-            if mgr is not None:
-                return mgr
-            sampling = key == "sample"
-            gc = self._generation_config(sampling)
-            cbc = self._cb_config(sampling)
-            init = self.model.init_continuous_batching
-            kwargs: dict[str, Any] = {"generation_config": gc}
-            if cbc is not None:
-                kwargs["continuous_batching_config"] = cbc
-            mgr = init(**_supported_kwargs(init, kwargs))
-            mgr.start()
-            self._managers[key] = mgr
-            if not hasattr(mgr, "register_result_handler"):
-                t = threading.Thread(target=self._dispatch_loop, args=(mgr,), daemon=True,
-                                     name=f"cb-dispatch-{key}")
-                t.start()
-                self._dispatchers.append(t)
-            return mgr
-
-    def _dispatch_loop(self, mgr) -> None:
-        """Fallback for transformers without register_result_handler: route queue outputs."""
-        while not self._stop_dispatch.is_set():
-            try:
-                out = mgr.get_result(timeout=0.05)
-            except Exception:
-                time.sleep(0.05)
-                continue
-            if out is not None and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._on_output, out)
+    def _deliver(self, out) -> None:
+        """A manager output read on a dispatcher thread: handled on the event loop."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_output, out)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self._manager, "greedy")
+        await asyncio.to_thread(self.managers.get, "greedy")
         self._accepting = True
 
     async def warmup(self, prompt_ids: list[int], new_tokens: int = 2) -> None:
@@ -190,13 +98,7 @@ class TransformersEngine(Engine):
                 await asyncio.sleep(0.05)
         for rid in list(self._active):
             self.cancel(rid)
-        self._stop_dispatch.set()
-        for mgr in list(self._managers.values()):
-            try:
-                await asyncio.to_thread(mgr.stop, block=True, timeout=5)
-            except Exception as exc:  # never let shutdown crash
-                log.warning("manager stop failed: %s", exc)
-        self._managers.clear()
+        await self.managers.stop()
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -215,19 +117,19 @@ class TransformersEngine(Engine):
         self._active[request.request_id] = state
         self._max_seen_batch = max(self._max_seen_batch, len(self._active))
         try:
-            mgr = self._manager(key)
+            mgr = self.managers.get(key)
             p = request.params
             kwargs: dict[str, Any] = {"request_id": request.request_id,
                                       "max_new_tokens": p.max_new_tokens, "streaming": True}
             if p.ignore_eos:
                 kwargs["eos_token_id"] = -1
             if p.do_sample:
-                vocab = self._vocab_size()
+                vocab = self.managers.vocab_size()
                 kwargs.update(temperature=float(p.temperature), top_p=float(p.top_p),
                               top_k=min(int(p.top_k), vocab) if p.top_k > 0 else vocab)
             if hasattr(mgr, "register_result_handler"):
                 mgr.register_result_handler(request.request_id, self._on_output)
-            rid = mgr.add_request(list(request.prompt_ids), **_supported_kwargs(mgr.add_request, kwargs))
+            rid = mgr.add_request(list(request.prompt_ids), **supported_kwargs(mgr.add_request, kwargs))
             if rid is None:
                 raise RuntimeError("the batching manager refused the request (stopping)")
         except Exception as exc:
@@ -313,7 +215,7 @@ class TransformersEngine(Engine):
         state = self._active.get(request_id)
         if state is None or state.done:
             return
-        mgr = self._managers.get(state.manager_key)
+        mgr = self.managers.existing(state.manager_key)
         if mgr is not None:
             with mgr.output_router._lock if hasattr(mgr, "output_router") else _NullLock():
                 if hasattr(mgr, "output_router"):
