@@ -19,41 +19,20 @@ request arrives. So prefill is also graphed: prompts are padded to a *prefill bu
 ``n_b * t_b <= prefill_graph_tokens``), one graph per bucket; padding rows write their K/V into a
 scratch slot, padding columns write past the prompt where decode overwrites before reading. Batches
 that fit no bucket run eagerly.
+
+Owns the forward passes (decode, prefill), the static graph inputs, the KV cache and the bucket
+choice. Capturing graphs is :mod:`.graphs`' and which models qualify :mod:`.support`'s. It must not
+schedule requests or sample tokens (:mod:`.scheduler`, :mod:`.step`).
 """
 from __future__ import annotations
-
-import logging
-import time
 
 import torch
 import torch.nn.functional as F
 
 from .fused import Ops
+from .graphs import capture_decode, capture_lazily, capture_prefill
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
-
-log = logging.getLogger(__name__)
-
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-
-
-class UnsupportedModel(ValueError):
-    """The fast engine cannot drive this model; the server should use the transformers engine."""
-
-
-def check_supported(model: torch.nn.Module) -> None:
-    """Raise :class:`UnsupportedModel` unless the fast engine reproduces this model's forward exactly."""
-    name = type(model).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedModel(f"fast engine supports {', '.join(SUPPORTED_ARCHITECTURES)}, not {name}")
-    cfg = model.config
-    if getattr(cfg, "use_sliding_window", False):
-        raise UnsupportedModel("sliding-window attention is not supported by the fast engine")
-    types = getattr(cfg, "layer_types", None)
-    if types and any(t != "full_attention" for t in types):
-        raise UnsupportedModel("only full-attention layers are supported by the fast engine")
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) in ("dynamic", "longrope"):
-        raise UnsupportedModel("position-dependent rope (dynamic/longrope) is not supported")
+from .support import check_supported
 
 
 class ModelRunner:
@@ -68,7 +47,7 @@ class ModelRunner:
         # lazy: capture no graph at start; a bucket's first use runs eagerly (its real result is
         # served) and records its graph for the next use (cold start: the first token needs no capture)
         self.lazy_graphs = bool(lazy_graphs)
-        self._lazy_pools: dict[str, object] = {}
+        self.lazy_pools: dict[str, object] = {}
         self.model = model
         base = model.model
         cfg = model.config
@@ -174,14 +153,14 @@ class ModelRunner:
                     self.prefill(list(range(n)), [[0] * t for _ in range(n)])
         if self.lazy_graphs and self.use_graphs:
             return
-        self.capture()
+        capture_decode(self)
         if self.use_graphs:
-            self.capture_prefill()
+            capture_prefill(self)
         elif not self._bucketed_forced:
             self.bucketed_prefill = False       # no graphs: padding would only add work
 
     # ------------------------------------------------------------------ decode
-    def _decode_forward(self, b: int, length: int) -> torch.Tensor:
+    def decode_forward(self, b: int, length: int) -> torch.Tensor:
         """Logits ``[b, V]`` for one new token per row ``0..b-1`` (ids ``in_ids``, positions ``in_pos``)."""
         ids = self.in_ids[:b]
         pos = self.in_pos[:b]
@@ -220,72 +199,10 @@ class ModelRunner:
         if entry is not None:
             entry[0].replay()
             return entry[1]
-        out = self._decode_forward(b, length)
+        out = self.decode_forward(b, length)
         if self.lazy_graphs and self.use_graphs:
-            self._capture_lazily("decode", (b, length), lambda: self._decode_forward(b, length))
+            capture_lazily(self, "decode", (b, length), lambda: self.decode_forward(b, length))
         return out
-
-    def _capture_lazily(self, kind: str, key: tuple[int, int], fn) -> None:
-        """Record ``fn`` as the graph for ``key`` (nothing runs: capture only records the kernels). On
-        failure lazy capture stops and that kind runs eagerly from then on."""
-        t0 = time.monotonic()
-        table = self.graphs if kind == "decode" else self.prefill_graphs
-        try:
-            if kind not in self._lazy_pools:
-                self._lazy_pools[kind] = torch.cuda.graph_pool_handle()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self._lazy_pools[kind]):
-                out = fn()
-            table[key] = (g, out)
-        except Exception as exc:  # noqa: BLE001 - keep serving eagerly
-            self.lazy_graphs = False
-            err = f"{type(exc).__name__}: {exc}"
-            if kind == "decode":
-                self.graph_error = err
-            else:
-                self.prefill_graph_error = err
-            log.warning("lazy %s graph capture failed, running eagerly: %s", kind, err)
-        self.capture_seconds += time.monotonic() - t0
-
-    def capture(self) -> None:
-        """Capture one decode graph per (batch bucket, length bucket), largest first, sharing one pool.
-
-        If capture fails (e.g. a kernel that cannot be captured), graphs stay off and decode runs
-        eagerly; the reason is kept in ``graph_error``.
-        """
-        if not self.use_graphs:
-            return
-        t0 = time.monotonic()
-        self.in_ids.zero_()
-        self.in_pos.zero_()
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        pool = None
-        try:
-            with torch.cuda.stream(stream):
-                for b in self.batch_buckets:          # eager warm-up of every shape (library handles,
-                    for length in self.length_buckets:  # algorithm choices) before any capture
-                        self._decode_forward(b, length)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            torch.cuda.synchronize(self.device)
-            pool = torch.cuda.graph_pool_handle()
-            for b in reversed(self.batch_buckets):
-                for length in reversed(self.length_buckets):
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool):
-                        out = self._decode_forward(b, length)
-                    self.graphs[(b, length)] = (g, out)
-            torch.cuda.synchronize(self.device)
-        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
-            self.graphs.clear()
-            self.use_graphs = False
-            self.graph_error = f"{type(exc).__name__}: {exc}"
-            log.warning("CUDA graph capture failed, decoding eagerly: %s", self.graph_error)
-            try:
-                torch.cuda.synchronize(self.device)
-            except Exception:  # noqa: BLE001
-                pass
-        self.capture_seconds = time.monotonic() - t0
 
     # ------------------------------------------------------------------ prefill
     def _prefill_forward(self, ids: torch.Tensor, slot_idx: torch.Tensor, last: torch.Tensor,
@@ -350,9 +267,9 @@ class ModelRunner:
             if entry is not None:
                 entry[0].replay()
                 return entry[1][:n]
-            out = self._prefill_static(nb, tb)[:n]
+            out = self.prefill_static(nb, tb)[:n]
             if self.lazy_graphs and self.use_graphs:
-                self._capture_lazily("prefill", bucket, lambda: self._prefill_static(nb, tb))
+                capture_lazily(self, "prefill", bucket, lambda: self.prefill_static(nb, tb))
             return out
         self.prefill_calls["eager"] += 1
         ids_host = torch.zeros(n, t, dtype=torch.int64)
@@ -363,41 +280,6 @@ class ModelRunner:
         last = torch.tensor([x - 1 for x in lens], dtype=torch.int64).to(self.device, non_blocking=True)
         return self._prefill_forward(ids, slot_idx, last, torch.arange(n, device=self.device))
 
-    def _prefill_static(self, nb: int, tb: int) -> torch.Tensor:
+    def prefill_static(self, nb: int, tb: int) -> torch.Tensor:
         return self._prefill_forward(self.p_ids[:nb, :tb], self.p_slots[:nb], self.p_last[:nb],
                                      self.p_rows[:nb])
-
-    def capture_prefill(self) -> None:
-        """Capture one prefill graph per prefill bucket (own memory pool). On failure prefill stays eager
-        (the reason is kept in ``prefill_graph_error``); decode graphs are unaffected."""
-        if not (self.use_graphs and self.bucketed_prefill and self.prefill_buckets):
-            return
-        t0 = time.monotonic()
-        self.p_ids.zero_()
-        self.p_slots.fill_(self.scratch_slot)
-        self.p_last.zero_()
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        try:
-            with torch.cuda.stream(stream):
-                for nb, tb in self.prefill_buckets:
-                    self._prefill_static(nb, tb)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            torch.cuda.synchronize(self.device)
-            pool = torch.cuda.graph_pool_handle()
-            for nb, tb in sorted(self.prefill_buckets, key=lambda b: -b[0] * b[1]):
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = self._prefill_static(nb, tb)
-                self.prefill_graphs[(nb, tb)] = (g, out)
-            torch.cuda.synchronize(self.device)
-        except Exception as exc:  # noqa: BLE001 - prefill then runs eagerly
-            self.prefill_graphs.clear()
-            self.bucketed_prefill = False
-            self.prefill_graph_error = f"{type(exc).__name__}: {exc}"
-            log.warning("prefill graph capture failed, prefill runs eagerly: %s", self.prefill_graph_error)
-            try:
-                torch.cuda.synchronize(self.device)
-            except Exception:  # noqa: BLE001
-                pass
-        self.capture_seconds += time.monotonic() - t0
