@@ -175,7 +175,8 @@ def test_a_cold_start_behind_two_gateways_is_metered_once_at_the_sidecar(tiny_mo
         deadline = time.monotonic() + 10          # the sidecar's first probe finds no server: a cold start
         while time.monotonic() < deadline and get_json(s_metrics + "/edge/cold-starts")["current"] is None:
             time.sleep(0.1)
-        assert get_json(s_metrics + "/edge/cold-starts")["current"]["reason"] == "startup"
+        cur = get_json(s_metrics + "/edge/cold-starts")["current"]
+        assert cur is not None and cur["reason"] == "startup", "the sidecar does not record the server's start-up"
 
         async def traffic() -> list[int]:
             held = [asyncio.create_task(ask(procs[t][0], f"{t}-cold-{i}", i % 2 == 0))
