@@ -49,7 +49,7 @@ class ColdStart:
     """One cold start: its milestones, outcome, energy and tax."""
 
     id: int
-    reason: str                                  # request | restart
+    reason: str                                  # request | restart | startup
     timeline: ColdStartTimeline
     outcome: str | None = None                   # ready | timeout | error
     error: str | None = None
