@@ -58,6 +58,7 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--energy-header", "energy", "response_header", "add x-edge-energy-joules (provisional full joules) to non-streaming responses", None, store_true=True),
     Flag("--spawn", "coldstart", "spawn", "command that starts the backend on the first request (local scale to zero; '{port}' = the --backend port); implies --hold"),
     Flag("--hold", "coldstart", "hold", "hold requests while the backend is not ready (gateway mode) instead of answering 502", None, store_true=True),
+    Flag("--watch-startup", "coldstart", "watch_startup", "record the backend's start-up as one cold start when it is not ready at proxy start (the attributing sidecar in the model server's pod: cold-start energy counted once); holds no requests unless --hold", None, store_true=True),
     Flag("--idle-timeout", "coldstart", "idle_timeout_seconds", "with --spawn: stop the backend after this many seconds without traffic (default: never)", float),
     Flag("--max-pending", "coldstart", "max_pending", "most requests held during a cold start, then 503 (default 100)", int),
     Flag("--max-wait", "coldstart", "max_wait_seconds", "longest a request is held, then 503 (default 300 s)", float),

@@ -125,6 +125,7 @@ class ColdStartSettings:
     max_held_bytes: int = 64 * 1024 * 1024     # request bytes held in memory at once, then 503 (hold_full)
     drain_seconds: float = 20.0                # on SIGTERM: wait this long for a cold start to release held requests
     retry_after_seconds: int = 2               # Retry-After on a 503 for a held request handed back (drain, full)
+    watch_startup: bool = False                # record the backend's start-up as a cold start (a sidecar started before its server); holds nothing unless hold/spawn
     backend_log: str | None = None             # with spawn: the backend's stdout+stderr to this file (default: the proxy's stderr, each line prefixed "[backend PID] ")
 
 

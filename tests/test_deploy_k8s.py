@@ -174,7 +174,11 @@ def test_overlays_render_with_the_documented_shape(rendered: dict[str, list[dict
     assert ms["spec"]["replicas"] == 0
     gw = one(s2z, "Deployment", "edge-eval-gateway")
     (gc,) = pod_spec(gw)["containers"]
-    assert "--hold" in gc["args"] and arg_value(gc["args"], "--energy-source") == "remote"
+    # One meter per request path (tests/test_deploy_k8s_energy.py): the gateways forward to the
+    # attributing sidecar in the model-server pod and meter nothing.
+    assert "--hold" in gc["args"] and arg_value(gc["args"], "--energy-source") == "none"
+    sidecars = [c for c in pod_spec(ms).get("initContainers", []) if c["command"][0] == "edge-proxy"]
+    assert len(sidecars) == 1 and sidecars[0]["restartPolicy"] == "Always"
     so = one(s2z, "ScaledObject", "edge-eval-model-server")
     assert so["spec"]["scaleTargetRef"]["name"] == ms["metadata"]["name"]
     assert so["spec"]["minReplicaCount"] == 0
@@ -592,8 +596,7 @@ def gateway_metrics(rendered: dict[str, list[dict]], tmp_path_factory: pytest.Te
     (c,) = spec["containers"]
     args = localize(c["args"], materialize(gw, spec, c, docs, tmp_path_factory.mktemp("gateway")))
     port, mport, dead = free_port(), free_port(), free_port()
-    replace = {"--port": str(port), "--metrics-port": str(mport), "--backend": f"http://127.0.0.1:{dead}",
-               "--energy-remote": f"http://127.0.0.1:{dead}"}
+    replace = {"--port": str(port), "--metrics-port": str(mport), "--backend": f"http://127.0.0.1:{dead}"}
     for flag, value in replace.items():
         assert flag in args, flag
         args[args.index(flag) + 1] = value
@@ -635,7 +638,42 @@ def gateway_metrics(rendered: dict[str, list[dict]], tmp_path_factory: pytest.Te
         path = urllib.parse.urlsplit(so["spec"]["triggers"][0]["metadata"]["url"]).path
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}{path}", timeout=5) as r:
             GATEWAY_PROBES["pending"] = (path, json.loads(r.read()))
-        return text
+        # The gateway meters nothing (energy none); the energy series come from the attributing
+        # sidecar in the model-server pod: its /metrics too, started as the overlay runs it.
+        return text + sidecar_metrics(docs, tmp_path_factory.mktemp("sidecar"), dead)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def sidecar_metrics(docs: list[dict], tmp: Path, dead: int) -> str:
+    """The /metrics text of the overlay's sidecar proxy, run with the manifest's flags (ports moved,
+    backend and /energy pointed at a closed local port: the model server not up yet)."""
+    dep = one(docs, "Deployment", "edge-eval-model-server")
+    spec = pod_spec(dep)
+    (c,) = [x for x in spec.get("initContainers", []) if x["command"][0] == "edge-proxy"]
+    args = localize(c["args"], materialize(dep, spec, c, docs, tmp))
+    mport = free_port()
+    for flag, value in {"--port": str(free_port()), "--metrics-port": str(mport),
+                        "--backend": f"http://127.0.0.1:{dead}", "--energy-remote": f"http://127.0.0.1:{dead}"}.items():
+        args[args.index(flag) + 1] = value
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY_")}
+    env.update(container_env(c))
+    proc = subprocess.Popen([EDGE_PROXY, *args, "--host", "127.0.0.1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=2) as r:
+                    return r.read().decode()
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"sidecar did not serve /metrics (exit {proc.poll()})")
     finally:
         proc.terminate()
         try:
@@ -828,16 +866,17 @@ def test_hardening(rendered: dict[str, list[dict]]) -> None:
 
 
 def test_services_expose_only_client_ports_and_policies_fence_the_model_server(rendered: dict[str, list[dict]]) -> None:
-    side = rendered["sidecar"]
-    svc = one(side, "Service", "edge-eval-model-server")
-    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"], "the model server's port bypasses metering"
+    for docs in rendered.values():
+        svc = one(docs, "Service", "edge-eval-model-server")
+        assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"], "the model server's port bypasses metering"
     s2z = rendered["scale-to-zero"]
     assert [p["name"] for p in one(s2z, "Service", "edge-eval-gateway")["spec"]["ports"]] == ["http"]
     for overlay, docs in rendered.items():
         pols = by_kind(docs, "NetworkPolicy")
         deny = [p for p in pols if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
         assert deny, f"{overlay}: no default-deny ingress policy"
-        # Who may reach the model server's own port (8000): Prometheus, and in scale-to-zero the gateway.
+        # Who may reach the model server's own port (8000): Prometheus only (the gateways reach the
+        # attributing sidecar's port; the sidecar reaches the server on localhost).
         allowed = []
         for p in pols:
             sel = p["spec"]["podSelector"].get("matchLabels", {})
@@ -848,6 +887,14 @@ def test_services_expose_only_client_ports_and_policies_fence_the_model_server(r
                     assert rule.get("from"), f"{overlay}: model-server port open to everyone"
                     allowed += rule["from"]
         assert allowed, overlay
+        assert all(f.get("namespaceSelector", {}).get("matchLabels") == {"kubernetes.io/metadata.name": "monitoring"}
+                   for f in allowed), f"{overlay}: the model server's port reachable by {allowed}"
+    # scale-to-zero: the sidecar's client port from the gateways only (clients go through them)
+    to_sidecar = [r for p in by_kind(s2z, "NetworkPolicy")
+                  if p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == "model-server"
+                  for r in p["spec"].get("ingress", []) if any(q["port"] == "http" for q in r.get("ports", []))]
+    assert to_sidecar and all(r.get("from") == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "edge-gateway"}}}]
+                              for r in to_sidecar), to_sidecar
 
 
 def test_gateway_drain_window_and_memory_follow_its_flags(rendered: dict[str, list[dict]]) -> None:

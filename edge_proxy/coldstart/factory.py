@@ -47,7 +47,7 @@ def create_coldstart(settings: Settings, registry: CollectorRegistry, tracer: An
     the energy component (or None)."""
     cs = settings.coldstart
     validate(settings)
-    if not (cs.hold or cs.spawn):
+    if not (cs.hold or cs.spawn or cs.watch_startup):
         return None
     return ColdStartGate(
         cs, settings.proxy.backend_url, ColdStartMetrics(registry), tracer=tracer, energy=energy,
@@ -65,7 +65,8 @@ def attach_coldstart(runtime: Any) -> ColdStartGate | None:
                             energy=lambda: runtime.components.get("energy"))
     if gate is None:
         return None
-    runtime.gate = gate
+    if runtime.settings.coldstart.hold or runtime.settings.coldstart.spawn:
+        runtime.gate = gate            # --watch-startup alone records the start-up, never holds
     runtime.observers.append(gate)
     runtime.components["coldstart"] = gate
     install(runtime.app, gate, snapshot_app=getattr(runtime, "metrics_app", None) or runtime.app)

@@ -49,7 +49,7 @@ class ColdStart:
     """One cold start: its milestones, outcome, energy and tax."""
 
     id: int
-    reason: str                                  # request | restart
+    reason: str                                  # request | restart | startup
     timeline: ColdStartTimeline
     outcome: str | None = None                   # ready | timeout | error
     error: str | None = None
@@ -191,6 +191,10 @@ class ColdStartGate(BaseObserver):
     async def start(self) -> None:
         if self.supervisor is not None and self.s.idle_timeout_seconds:
             self._idle_task = asyncio.create_task(self._idle_loop(), name="coldstart-idle")
+        if self.s.watch_startup and self.supervisor is None:
+            # A proxy started before its backend (a sidecar in the server's pod): that start-up is
+            # one cold start, recorded here once (reason "startup"; nothing if already ready).
+            self._ensure_driver("startup", time.monotonic_ns())
 
     async def shutdown(self) -> None:
         """Drain (app ``on_shutdown``: the listener is already closed, before the server waits for
