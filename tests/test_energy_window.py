@@ -58,8 +58,8 @@ def interp(ts: list[int], js: list[float], t: int) -> float:
 
 
 def test_source_kinds() -> None:
-    assert [source_kind(s) for s in ("nvml", "remote", "replay", "estimated", "other")] == \
-        ["measured", "measured", "replayed", "estimated", "estimated"]
+    assert [source_kind(s) for s in ("nvml", "remote", "replay", "estimated", "other", "none")] == \
+        ["measured", "measured", "replayed", "estimated", "estimated", "none"]
 
 
 def test_whole_h200_trace_window_equals_the_counter_delta() -> None:

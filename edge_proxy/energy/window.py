@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Literal, Protocol
 
 from edge_proxy.energy.readings import Tick
 
-SourceKind = Literal["measured", "replayed", "estimated"]
+SourceKind = Literal["measured", "replayed", "estimated", "none"]
 
 # What each source's joules are. Anything not listed is never presented as a measurement.
 SOURCE_KINDS: dict[str, SourceKind] = {
@@ -36,8 +36,9 @@ SOURCE_KINDS: dict[str, SourceKind] = {
 
 
 def source_kind(source: str) -> SourceKind:
-    """``measured`` (nvml, remote), ``replayed`` (a recorded trace) or ``estimated`` (anything else)."""
-    return SOURCE_KINDS.get(source, "estimated")
+    """``measured`` (nvml, remote), ``replayed`` (a recorded trace), ``none`` (no source: no
+    energy) or ``estimated`` (the estimated source and anything not listed)."""
+    return "none" if source == "none" else SOURCE_KINDS.get(source, "estimated")
 
 
 @dataclass(frozen=True)
