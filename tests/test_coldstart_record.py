@@ -54,7 +54,8 @@ def test_cold_start_energy_is_the_window_and_the_tax_uses_warm_requests() -> Non
     assert cs.tax_time_ratio == pytest.approx(31.0 / 1.0)
     assert cs.break_even_idle_seconds == pytest.approx(want / 100.0, rel=1e-6)
     assert list(rec.history) == [cs] and cs.finalized
-    assert registry.get_sample_value("edge_proxy_cold_start_tax_energy_ratio") == pytest.approx(want / 4.0, rel=1e-6)
+    assert registry.get_sample_value("edge_proxy_keep_warm_break_even_idle_seconds") == \
+        pytest.approx(want / 100.0, rel=1e-6)
     d = cs.to_dict()
     assert d["energy_joules"] == cs.energy.joules and d["energy_source"] == "replay" and d["energy_kind"] == "replayed"
 

@@ -8,8 +8,10 @@ its end). A window whose ticks cover less than half of it has no measured energy
 falls back to the model server's own load energy).
 
 Owns: the current record, the history of finished ones, the recent warm requests (tax inputs),
-the duration/energy histograms, the tax gauges and the ``cold_starts`` counter. Must not: hold or
-release requests, start or stop processes, or decide when a cold start begins or ends.
+the duration/energy histograms, the keep-warm break-even gauge and the ``cold_starts`` counter
+(the C_tax gauges are economics': it reads the finished records from ``gate.history``).
+Must not: hold or release requests, start or stop processes, or decide when a cold start begins
+or ends.
 """
 from __future__ import annotations
 
@@ -135,11 +137,9 @@ class ColdStartRecorder:
         return m if m.coverage >= MIN_ENERGY_COVERAGE else None
 
     def update_tax(self, cs: ColdStart) -> None:
+        """The record's tax fields and the keep-warm break-even gauge. C_tax itself is exported by
+        economics (one definition, per model, over its window), not from here."""
         update_tax(cs, self.recent, idle_watts(self.energy, self._idle_watts_configured))
-        if cs.tax_energy_ratio is not None:
-            self.m.tax_energy.set(cs.tax_energy_ratio)
-        if cs.tax_time_ratio is not None:
-            self.m.tax_time.set(cs.tax_time_ratio)
         if cs.break_even_idle_seconds is not None:
             self.m.break_even.set(cs.break_even_idle_seconds)
 

@@ -1,6 +1,7 @@
-"""The inputs and the values of one cold start's tax: recent warm requests as energy windows, and
-C_tax (energy and time) and the keep-warm break-even idle time of a :class:`ColdStart`, from the
-formulas module (one definition per quantity: this module only chooses the inputs).
+"""One cold start's own tax, reported in its record (``GET /edge/cold-starts``, the span, the
+cold-start benchmark): recent warm requests as energy windows, and the energy and time ratios and
+the keep-warm break-even idle time of a :class:`ColdStart`, from the formulas module (this module
+only chooses the inputs). The exported C_tax gauges are economics' (its window, one definition).
 
     C_tax (energy)  = E_cold / median E_req       E_req: full-attribution joules of a warm request
     C_tax (time)    = t_cold / median t_req       t_req: its proxy end-to-end seconds
