@@ -128,6 +128,7 @@ def test_begin_end_window_on_the_sampler_clock() -> None:
     win.begin_window("ahead", now["t"] - 500_000_000)
     late = win.end_window("ahead", now["t"] + 500_000_000)
     assert late is not None and late.coverage == pytest.approx(0.5, abs=0.01) and not late.complete
+    assert late.joules_if_covered(0.4) == late.joules and late.joules_if_covered(0.6) is None
 
 
 def test_reset_and_failed_read_mark_the_window_as_gapped() -> None:

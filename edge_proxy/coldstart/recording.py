@@ -134,7 +134,7 @@ class ColdStartRecorder:
         except Exception:
             log.exception("cold start: energy lookup failed")
             return None
-        return m if m.coverage >= MIN_ENERGY_COVERAGE else None
+        return m if m.joules_if_covered(MIN_ENERGY_COVERAGE) is not None else None
 
     def update_tax(self, cs: ColdStart) -> None:
         """The record's tax fields and the keep-warm break-even gauge. C_tax itself is exported by

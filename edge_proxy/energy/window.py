@@ -65,6 +65,10 @@ class Measurement:
         """Every nanosecond of the window is covered by ticks and none of them was a gap."""
         return not self.gap and self.coverage >= 1.0 - 1e-9
 
+    def joules_if_covered(self, min_coverage: float = 0.5) -> float | None:
+        """``joules``, or None when ticks cover less than ``min_coverage`` of the window."""
+        return self.joules if self.coverage >= min_coverage else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "seconds": self.seconds, "joules": self.joules,
                 "joules_by_device": dict(self.joules_by_device), "source": self.source,
