@@ -50,9 +50,12 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from edge_proxy.config import Settings  # noqa: E402
-from edge_proxy.coldstart.phases import PHASE_LABELS  # noqa: E402
+from edge_proxy.coldstart.phases import SEGMENTS  # noqa: E402
 from edge_proxy.economics import cold_start_tax, cold_start_time_ratio, keep_warm_break_even_seconds  # noqa: E402
+from edge_proxy.energy.window import EnergyWindows  # noqa: E402
 from edge_proxy.server import build_proxy  # noqa: E402
+
+PHASE_LABELS: tuple[str, ...] = tuple(s[0] for s in SEGMENTS)     # the duration histogram's phase labels
 
 # EDGE-EVAL's published C_tax (Abdullah4152/EDGE-EVAL results/c_tax): Llama 1B rows (T4, vLLM 0.6.3,
 # N = 100), per task.
@@ -174,7 +177,7 @@ async def run_variant(args: argparse.Namespace, model_dir: Path, quant: str, pro
                 t1 = time.monotonic_ns()
                 await rt.drain()
                 await asyncio.sleep(0.3)          # let the tick after the batch close
-                e_batch = energy.joules_between(t0, t1) if energy is not None else None
+                e_batch = EnergyWindows(energy).measure(t0, t1).joules_if_covered() if energy is not None else None
                 out["warm"].append({"requests": len(warm), "ok": sum(r["status"] == 200 for r in warm),
                                     "batch_seconds": (t1 - t0) / 1e9, "batch_joules": e_batch,
                                     "output_tokens": sum(r["output_tokens"] or 0 for r in warm)})
@@ -185,10 +188,11 @@ async def run_variant(args: argparse.Namespace, model_dir: Path, quant: str, pro
                 await asyncio.sleep(args.idle_seconds)
                 t1 = time.monotonic_ns()
                 await asyncio.sleep(0.3)
-                e_idle = energy.joules_between(t0, t1) if energy is not None else None
+                e_idle = EnergyWindows(energy).measure(t0, t1).joules_if_covered() if energy is not None else None
                 out["idle"].append({"seconds": (t1 - t0) / 1e9, "joules": e_idle,
                                     "watts": None if e_idle is None else e_idle / ((t1 - t0) / 1e9)})
-                rec = gate.refresh_tax() or cs.to_dict()
+                # the snapshot recomputes the last cold start's tax from the warm requests seen so far
+                rec = next((c for c in gate.snapshot()["cold_starts"] if c["id"] == cs.id), None) or cs.to_dict()
                 rec["client_first_request_seconds"] = max(r["seconds"] for r in results)
                 rec["held_requests_with_header"] = sum(r["cold_start"] for r in results)
                 rec["model_load_to_ready_seconds"] = _load_to_ready(rec)

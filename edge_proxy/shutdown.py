@@ -66,8 +66,8 @@ def _cut(rec: Any, request: Any, drain_s: float) -> str:
 
 def _held_ids(runtime: "ProxyRuntime") -> set[int]:
     """ids of the records the cold-start gate holds now (its waiters), if there is a gate."""
-    waiters = getattr(runtime.gate, "_waiters", None) or ()
-    return {id(w.rec) for w in waiters if getattr(w, "rec", None) is not None}
+    held = getattr(runtime.gate, "held_records", None)
+    return {id(rec) for rec in held()} if held is not None else set()
 
 
 async def graceful_stop(runtime: "ProxyRuntime", drain_s: float) -> dict[str, int]:

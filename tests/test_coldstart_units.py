@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_proxy.coldstart.clock import ClockPair, epoch_to_monotonic_ns, monotonic_to_epoch_ns
-from edge_proxy.coldstart.energy_window import overlap_joules
 from edge_proxy.coldstart.phases import ColdStartTimeline, milestones_in_order, segment_seconds
-from edge_proxy.coldstart.supervisor import SpawnError, backoff_seconds, build_argv
+from edge_proxy.coldstart.spawn import SpawnError, backoff_seconds, build_argv
 from edge_proxy.energy.readings import Tick
+from edge_proxy.energy.window import measure_ticks
 
 
 def test_epoch_to_monotonic_matches_the_clocks() -> None:
@@ -70,12 +70,13 @@ def test_missing_and_negative_segments() -> None:
 
 def test_overlap_joules_prorates_edges() -> None:
     ticks = [Tick(0, 100, 10.0, {}), Tick(100, 200, 20.0, {}), Tick(200, 300, 30.0, {})]
-    j, cov = overlap_joules(ticks, 50, 250)
-    assert j == pytest.approx(5.0 + 20.0 + 15.0)
-    assert cov == pytest.approx(1.0)
-    j, cov = overlap_joules(ticks, 250, 450)
-    assert j == pytest.approx(15.0) and cov == pytest.approx(0.25)
-    assert overlap_joules(ticks, 300, 300) == (0.0, 0.0)
+    m = measure_ticks(ticks, 50, 250, source="nvml")
+    assert m.joules == pytest.approx(5.0 + 20.0 + 15.0)
+    assert m.coverage == pytest.approx(1.0)
+    m = measure_ticks(ticks, 250, 450, source="nvml")
+    assert m.joules == pytest.approx(15.0) and m.coverage == pytest.approx(0.25)
+    m = measure_ticks(ticks, 300, 300, source="nvml")
+    assert (m.joules, m.coverage) == (0.0, 0.0)
 
 
 def test_build_argv_placeholders_and_errors() -> None:

@@ -9,7 +9,8 @@ from edge_proxy.coldstart.factory import (
     install,
     validate,
 )
-from edge_proxy.coldstart.gate import ColdStart, ColdStartGate
+from edge_proxy.coldstart.gate import ColdStartGate
+from edge_proxy.coldstart.record import ColdStart
 
 __all__ = [
     "COLD_START_HEADER", "COLD_START_WAIT_HEADER", "ColdStart", "attach_coldstart", "ColdStartGate", "cold_start_headers",

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from edge_proxy.coldstart.gate import ColdStartGate
 from edge_proxy.coldstart.metrics import ColdStartMetrics
-from edge_proxy.coldstart.supervisor import SpawnError, build_argv
+from edge_proxy.coldstart.spawn import SpawnError, build_argv
 from edge_proxy.config import ConfigError, Settings
 from edge_proxy.hooks import RequestRecord
 

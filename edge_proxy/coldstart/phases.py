@@ -43,8 +43,6 @@ SEGMENTS: tuple[tuple[str, str, str], ...] = (
     ("total", "hold_start", "first_token"),
 )
 
-PHASE_LABELS: tuple[str, ...] = tuple(s[0] for s in SEGMENTS)
-
 
 @dataclass
 class ColdStartTimeline:

@@ -18,12 +18,17 @@ else) listening there is a :class:`SpawnError` naming the port (it used to answe
 probe for a child that could not bind, giving a restart every second and bogus cold starts).
 A failed start counts as a failure, so the backoff before the next attempt grows.
 
-The command is split with :func:`shlex.split` (no shell); ``{port}`` and ``{host}`` placeholders
-are filled from the backend URL. Use ``sh -c '...'`` explicitly when a shell is needed.
+The command is split by :func:`edge_proxy.coldstart.spawn.build_argv` (no shell); ``{port}`` and
+``{host}`` placeholders are filled from the backend URL. Use ``sh -c '...'`` explicitly when a
+shell is needed.
 
 The backend's stdout and stderr go to ``output`` (a file, appended) or, by default, to the proxy's
 stderr with every line prefixed ``[backend PID]`` (:func:`relay_output`): never unmarked into the
 JSON access log.
+
+Owns: the one backend process (start, stop, exit watch, consecutive-failure count for the backoff).
+Must not: decide when to start or stop it (the gate and its idle stop do), hold requests or
+record cold starts.
 """
 from __future__ import annotations
 
@@ -33,87 +38,20 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import re
 import shlex
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
+
+from edge_proxy.coldstart.spawn import (SpawnError, backoff_seconds, build_argv, check_executable, port_in_use,
+                                        relay_output)
 
 log = logging.getLogger("edge_proxy.coldstart")
 
 _PR_SET_PDEATHSIG = 1
 WATCHDOG = str(Path(__file__).with_name("watchdog.py"))
-PORT_CHECK_TIMEOUT_SECONDS = 0.5
-
-
-class SpawnError(Exception):
-    """The backend command could not be started (not found, not executable, bad command)."""
-
-
-def build_argv(command: str, host: str, port: int) -> list[str]:
-    """Split ``command`` like a shell would (no expansion) and fill ``{port}``/``{host}``."""
-    try:
-        argv = shlex.split(command)
-    except ValueError as exc:
-        raise SpawnError(f"cannot parse spawn command: {exc}") from None
-    if not argv:
-        raise SpawnError("spawn command is empty")
-    return [a.replace("{port}", str(port)).replace("{host}", host) for a in argv]
-
-
-def check_executable(argv0: str) -> None:
-    """SpawnError unless ``argv0`` names an executable file (directly or on PATH)."""
-    path = argv0 if os.sep in argv0 else shutil.which(argv0)
-    if path is None or not os.path.exists(path):
-        raise SpawnError(f"cannot start backend {argv0!r}: No such file or directory")
-    if os.path.isdir(path) or not os.access(path, os.X_OK):
-        raise SpawnError(f"cannot start backend {argv0!r}: Permission denied")
-
-
-async def port_in_use(host: str, port: int, timeout: float = PORT_CHECK_TIMEOUT_SECONDS) -> bool:
-    """True when something accepts TCP connections on ``host:port`` now."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    return True
-
-
-def backoff_seconds(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
-    """Delay before the next start after ``failures`` consecutive failures:
-    ``0`` for none, else ``min(cap, base * 2**(failures-1))`` seconds."""
-    if failures <= 0:
-        return 0.0
-    return min(cap, base * 2 ** (failures - 1))
-
-
-async def relay_output(stream: asyncio.StreamReader, prefix: str, out: Any = None) -> None:
-    """Copy a child's output to ``out`` (default: this process's stderr) line by line, each line
-    prefixed, so it never mixes unmarked into what else is written there (the JSON access log).
-    Carriage returns (progress bars) end a line too; blank lines are dropped; a line longer than
-    64 KiB is cut."""
-    out = out or sys.stderr
-    buf = b""
-    while True:
-        chunk = await stream.read(65536)
-        if not chunk:
-            break
-        buf += chunk
-        *lines, buf = re.split(rb"[\r\n]", buf)
-        if len(buf) > 65536:
-            lines.append(buf)
-            buf = b""
-        text = "".join(f"{prefix}{x.decode(errors='replace')}\n" for x in lines if x.strip())
-        if text:
-            out.write(text)
-            out.flush()
-    if buf.strip():
-        out.write(f"{prefix}{buf.decode(errors='replace')}\n")
-        out.flush()
 
 
 class BackendSupervisor:

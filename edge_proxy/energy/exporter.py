@@ -22,9 +22,10 @@ from prometheus_client.registry import Collector
 from edge_proxy.energy.ledger import Ledger
 from edge_proxy.energy.observer import REQUEST_ENERGY_BUCKETS_JOULES
 from edge_proxy.energy.sampler import Sampler
+from edge_proxy.energy.window import SOURCE_KINDS
 
 
-SOURCE_KIND = {"nvml": "measured", "remote": "measured", "replay": "replayed", "estimated": "estimated"}
+SOURCE_KIND = SOURCE_KINDS                  # one definition: edge_proxy.energy.window
 
 
 def source_scope(reader: object) -> str:

@@ -117,7 +117,7 @@ class EnergyComponent:
     async def on_cleanup(self, app: Any) -> None:
         self.stop()
 
-    # queries used by the cold-start component (duck-typed there)
+    # queries used by the cold-start component (its energy windows read ticks_between)
     @property
     def idle_watts(self) -> float | None:
         w = self.ledger.idle_watts
@@ -125,19 +125,6 @@ class EnergyComponent:
 
     def ticks_between(self, a_ns: int, b_ns: int) -> list[Tick]:
         return self.sampler.ticks_between(a_ns, b_ns)
-
-    def joules_between(self, a_ns: int, b_ns: int, min_coverage: float = 0.5) -> float | None:
-        """Measured joules in [a_ns, b_ns), edge ticks pro-rated by overlap; None when the ticks
-        cover less than ``min_coverage`` of the window."""
-        if b_ns <= a_ns:
-            return None
-        joules, covered = 0.0, 0
-        for t in self.ticks_between(a_ns, b_ns):
-            lo, hi = max(a_ns, t.t0_ns), min(b_ns, t.t1_ns)
-            if hi > lo and t.t1_ns > t.t0_ns:
-                joules += t.joules * (hi - lo) / (t.t1_ns - t.t0_ns)
-                covered += hi - lo
-        return joules if covered >= min_coverage * (b_ns - a_ns) else None
 
 
 def create_energy(settings: Settings, registry: CollectorRegistry) -> EnergyComponent | None:
