@@ -12,7 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_proxy.hooks import BaseObserver, RequestRecord
-from edge_proxy.metric_children import Children, observe_many
+from edge_proxy.economics.metric_children import Children, observe_many
 
 # OTel GenAI gen_ai.server.request.duration
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,

@@ -155,7 +155,7 @@ def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntim
     # on_request_final calls), may set runtime.gate, and registers runtime.app.on_startup/on_cleanup.
     # e.g. edge_proxy.energy.factory.create_energy(runtime)
     attach_energy(runtime)         # energy sampler + ledger (observer first: others read rec.energy)
-    from edge_proxy.economics_live import create_economics
+    from edge_proxy.economics.economics_live import create_economics
     create_economics(runtime)
     attach_coldstart(runtime)      # hold mode / --spawn supervisor (None unless enabled)
     from edge_proxy.request_lookup import attach_request_lookup

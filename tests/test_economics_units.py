@@ -13,10 +13,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_proxy.config import ConfigError, load_settings
-from edge_proxy.economics import PAPER, energy_cost_usd
-from edge_proxy.economics_live import EconomicsObserver, _BusyClock
+from edge_proxy.economics.formulas import PAPER, energy_cost_usd
+from edge_proxy.economics.economics_live import EconomicsObserver, _BusyClock
 from edge_proxy.hooks import EnergyAttribution, RequestRecord
-from edge_proxy.quality import GoldenPrompt, RecentRequests, load_golden_prompts, load_quality_results
+from edge_proxy.economics.quality import GoldenPrompt, RecentRequests, load_golden_prompts, load_quality_results
 
 
 class FakeClock:

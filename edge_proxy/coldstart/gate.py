@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_proxy import economics
+from edge_proxy.economics import formulas as economics
 from edge_proxy.coldstart.clock import ClockPair, epoch_to_monotonic_ns, monotonic_to_epoch_ns
 from edge_proxy.coldstart.energy_window import idle_watts, joules_between, source_name
 from edge_proxy.coldstart.metrics import ColdStartMetrics
@@ -583,7 +583,7 @@ class ColdStartGate(BaseObserver):
 
     def _update_tax(self, cs: ColdStart) -> None:
         """C_tax (energy and time ratios) and the keep-warm break-even idle time, from
-        :mod:`edge_proxy.economics`; each stays None until its inputs exist."""
+        :mod:`edge_proxy.economics.formulas`; each stays None until its inputs exist."""
         e_cold, _src = cs.tax_joules
         cs.median_request_joules = _median(self._req_joules)
         cs.median_request_seconds = _median(self._req_seconds)

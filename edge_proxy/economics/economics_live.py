@@ -27,7 +27,7 @@ Gauges (computed at scrape time over ``economics.window_seconds``)::
                                                                  where each model's inputs come from
     edge_proxy_fixed_cost_usd{model}, edge_proxy_quality_static_score{model}
 
-Formulas live in :mod:`edge_proxy.economics`; this module only collects inputs.
+Formulas live in :mod:`edge_proxy.economics.formulas`; this module only collects inputs.
 """
 from __future__ import annotations
 
@@ -50,17 +50,17 @@ from prometheus_client import CollectorRegistry, Counter, Summary
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from edge_proxy import economics as eco
+from edge_proxy.economics import formulas as eco
 from edge_proxy import json_input
 from edge_proxy.config import ConfigError, Settings
 from edge_proxy.hooks import BaseObserver, RequestRecord
-from edge_proxy.metric_children import Children
-from edge_proxy.quality import (
+from edge_proxy.economics.metric_children import Children
+from edge_proxy.economics.quality import (
     GoldenPrompt,
     RecentRequests,
     load_golden_prompts,
 )
-from edge_proxy.quality_results import ResultsFiles, sourced_gauges
+from edge_proxy.economics.quality_results import ResultsFiles, sourced_gauges
 
 log = logging.getLogger("edge_proxy.economics")
 

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 from prometheus_client.core import GaugeMetricFamily
 
-log = logging.getLogger("edge_proxy.quality_results")
+log = logging.getLogger("edge_proxy.economics.quality_results")
 CHECK_INTERVAL_SECONDS = 1.0
 
 
