@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge_proxy.config import ConfigError, load_settings
 from edge_proxy.economics.formulas import PAPER, energy_cost_usd
-from edge_proxy.economics.economics_live import EconomicsObserver, _BusyClock
+from edge_proxy.economics.economics_live import EconomicsObserver
+from edge_proxy.economics.window import BusyClock as _BusyClock
 from edge_proxy.hooks import EnergyAttribution, RequestRecord
 from edge_proxy.economics.quality import GoldenPrompt, RecentRequests, load_golden_prompts, load_quality_results
 
@@ -231,3 +232,29 @@ def test_collector_describes_its_metrics_so_duplicates_are_refused() -> None:
     described = {f.name for f in EconomicsCollector(obs.stats).describe()}
     collected = {f.name for f in EconomicsCollector(obs.stats).collect()}
     assert described == collected and "edge_proxy_intelligence_per_joule" in described
+
+
+def test_cold_start_tax_gauge_agrees_with_the_recording_rule() -> None:
+    """One C_tax definition: the per-instance gauge equals what edge_eval:cold_start_tax:ratio
+    computes from the exported counters (mean cold-start joules / mean request joules)."""
+    from edge_proxy.economics.formulas import cold_start_tax_from_totals
+
+    assert cold_start_tax_from_totals(1440.0, 2, 60.0, 10) == pytest.approx(720.0 / 6.0)
+    assert math.isnan(cold_start_tax_from_totals(0.0, 0, 60.0, 10))
+    assert math.isnan(cold_start_tax_from_totals(100.0, 1, 0.0, 0))
+    settings = load_settings(environ={}, overrides={})
+    clock, reg = FakeClock(), CollectorRegistry()
+    obs = EconomicsObserver(settings, reg, clock_ns=clock)
+    for i, j in enumerate([1.0, 2.0, 12.0, 5.0]):           # mean 5 J, median 3.5 J
+        _request(obs, clock, f"r{i}", seconds=0.2, joules=j)
+    obs.record_cold_start("m", 300.0, 4.0)
+    obs.record_cold_start("m", 700.0, 6.0)                  # mean 500 J
+    m = _metrics(reg)
+    lab = (("model", "m"),)
+    rule = ((m[("edge_proxy_economics_cold_start_energy_joules_total", lab)]
+             / m[("edge_proxy_economics_cold_starts_total", lab)])
+            / (m[("edge_proxy_economics_energy_joules_total", lab)]
+               / m[("edge_proxy_economics_requests_total", lab)]))
+    assert rule == pytest.approx(100.0)
+    assert m[("edge_proxy_cold_start_tax_energy_ratio", lab)] == pytest.approx(rule)
+    assert m[("edge_proxy_cold_start_tax_time_ratio", lab)] == pytest.approx(5.0 / 0.2)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -34,6 +34,7 @@ from edge_proxy.config import ConfigError, Settings
 from edge_proxy.economics import formulas as eco
 from edge_proxy.economics import stats as st
 from edge_proxy.economics.collector import EconomicsCollector
+from edge_proxy.economics.components import ColdStartHistory, EnergyComponent
 from edge_proxy.economics.counters import EconomicsCounters
 from edge_proxy.economics.feedback import FeedbackEndpoint
 from edge_proxy.economics.info_poller import InfoPoller
@@ -44,35 +45,6 @@ from edge_proxy.economics.window import (
     ALL_MODELS, BusyClock, ColdStartSample, EconomicsWindow, RequestSample, ScoreSample,
 )
 from edge_proxy.hooks import BaseObserver, RequestRecord
-
-_BusyClock = BusyClock          # (the name the unit tests import)
-
-
-class ColdStartRecord(Protocol):
-    """What economics reads of one finished cold start (``edge_proxy.coldstart.gate.ColdStart``)."""
-
-    id: Any
-    outcome: str
-
-    @property
-    def seconds(self) -> float | None: ...
-
-    @property
-    def tax_joules(self) -> tuple[float | None, str]: ...
-
-
-class ColdStartHistory(Protocol):
-    """The cold-start gate as economics sees it: its recent cold starts, oldest first."""
-
-    @property
-    def history(self) -> Sequence[ColdStartRecord]: ...
-
-
-class EnergyComponent(Protocol):
-    """The energy component as economics sees it (``edge_proxy.energy.factory.EnergyComponent``)."""
-
-    source: str
-    sampler: Any
 
 
 def served_by_backend(rec: RequestRecord) -> bool:
