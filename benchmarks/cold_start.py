@@ -51,7 +51,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ
 
 from edge_proxy.config import Settings  # noqa: E402
 from edge_proxy.coldstart.phases import SEGMENTS  # noqa: E402
-from edge_proxy.economics import cold_start_tax, cold_start_time_ratio, keep_warm_break_even_seconds  # noqa: E402
+from edge_proxy.economics.formulas import cold_start_tax, cold_start_time_ratio, keep_warm_break_even_seconds  # noqa: E402
 from edge_proxy.energy.window import EnergyWindows  # noqa: E402
 from edge_proxy.server import build_proxy  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Reads the measurements CSV of ``edge-eval metrics`` (columns: docs/metrics.md, "Measurements
 table"), validates it (the row and column of any bad value named) and computes N_break, IPW,
-rho_sys, C_tax and Q_ret with the pure formulas of :mod:`edge_proxy.economics` (one definition per
+rho_sys, C_tax and Q_ret with the pure formulas of :mod:`edge_proxy.economics.formulas` (one definition per
 quantity; nothing is re-derived here) in the paper's or the production mode, plus the paper's
 flags. ``edge-eval report`` uses the same functions on a bench results directory.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from edge_eval.errors import UsageError
-from edge_proxy.economics import (
+from edge_proxy.economics.formulas import (
     PAPER,
     api_cost_usd,
     break_even_requests,

@@ -9,7 +9,7 @@ import io
 import math
 from typing import Mapping, Sequence
 
-from edge_proxy.economics import PAPER
+from edge_proxy.economics.formulas import PAPER
 
 Rows = Sequence[Mapping[str, str]]
 

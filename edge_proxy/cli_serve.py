@@ -189,8 +189,8 @@ async def _serve(settings: Settings, reload_from: tuple[str, dict] | None = None
         loop.add_signal_handler(sig, stop.set)
     reloader = None
     if reload_from is not None and runtime.components.get("economics") is not None:
-        # Prices reload live: SIGHUP or a change of the config file (edge_proxy.economics_reload).
-        from edge_proxy.economics_reload import EconomicsReloader
+        # Prices reload live: SIGHUP or a change of the config file (edge_proxy.economics.economics_reload).
+        from edge_proxy.economics.economics_reload import EconomicsReloader
         reloader = EconomicsReloader(runtime.components["economics"], reload_from[0], reload_from[1],
                                      runtime.registry)
         reloader.start(loop)

@@ -367,11 +367,11 @@ def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientSt
               "tokens/s/GB", f"tokens/s measured; weights {wsrc} ({_fmt(weight / 1e6, 1)} MB)",
               "output speed per GB of model weights")
     t.add_row("[bold]C_tax[/bold] cold-start tax",
-              _fmt(_val(m, "edge_proxy_economics_cold_start_tax_ratio", model=model), 1), "× E_req",
+              _fmt(_val(m, "edge_proxy_cold_start_tax_energy_ratio", model=model), 1), "× E_req",
               f"cold start {e_kind}: {_fmt(cold_j, 1)} J, {_fmt(cold_s, 1)} s",
               "one cold start costs the energy of this many requests")
     t.add_row("  cold-start time ratio",
-              _fmt(_val(m, "edge_proxy_economics_cold_start_time_ratio", model=model), 1), "× t_req",
+              _fmt(_val(m, "edge_proxy_cold_start_tax_time_ratio", model=model), 1), "× t_req",
               "measured", "one cold start lasts as long as this many requests")
     t.add_row("  keep-warm break-even idle",
               _fmt(_val(m, "edge_proxy_keep_warm_break_even_idle_seconds")), "s",
@@ -477,7 +477,7 @@ def _write_results(out: Path, args: argparse.Namespace, model: str, stats: Clien
     keep = ("edge_proxy_break_even_requests", "edge_proxy_break_even_progress_ratio",
             "edge_proxy_intelligence_per_joule", "edge_proxy_intelligence_per_watt",
             "edge_proxy_system_density_tokens_per_second_per_gigabyte",
-            "edge_proxy_economics_cold_start_tax_ratio", "edge_proxy_economics_cold_start_time_ratio",
+            "edge_proxy_cold_start_tax_energy_ratio", "edge_proxy_cold_start_tax_time_ratio",
             "edge_proxy_quantization_fidelity_percent", "edge_proxy_joules_per_request",
             "edge_proxy_model_weight_bytes", "edge_proxy_economics_requests_total",
             "edge_proxy_economics_tokens_total", "edge_proxy_economics_energy_joules_total",

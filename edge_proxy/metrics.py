@@ -12,7 +12,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_proxy.hooks import BaseObserver, RequestRecord
-from edge_proxy.metric_children import Children, observe_many
+from edge_proxy.economics.metric_children import BatchHistogram, Children, observe_many
 
 # OTel GenAI gen_ai.server.request.duration
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
@@ -45,7 +45,7 @@ class ProxyMetrics(BaseObserver):
             p + "time_to_first_token_seconds",
             "Streaming only: proxy receipt of the request to the first content token from the backend.",
             ["model", "route"], buckets=TTFT_BUCKETS, registry=registry)
-        self.itl = Histogram(
+        self.itl = BatchHistogram(           # many observations per request: metric_children
             p + "inter_token_latency_seconds",
             "Streaming only: gap between consecutive output tokens (per token; tokens in one chunk share its time).",
             ["model", "route"], buckets=TPOT_BUCKETS, registry=registry)

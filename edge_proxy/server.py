@@ -154,10 +154,10 @@ def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntim
     # Each factory gets the runtime; it appends observers to runtime.observers (order = order of
     # on_request_final calls), may set runtime.gate, and registers runtime.app.on_startup/on_cleanup.
     # e.g. edge_proxy.energy.factory.create_energy(runtime)
-    attach_energy(runtime)         # energy sampler + ledger (observer first: others read rec.energy)
-    from edge_proxy.economics_live import create_economics
-    create_economics(runtime)
-    attach_coldstart(runtime)      # hold mode / --spawn supervisor (None unless enabled)
+    energy = attach_energy(runtime)  # energy sampler + ledger (observer first: others read rec.energy)
+    gate = attach_coldstart(runtime)  # hold mode / --spawn supervisor (None unless enabled)
+    from edge_proxy.economics.economics_live import create_economics
+    create_economics(runtime, coldstart=gate, energy=energy)
     from edge_proxy.request_lookup import attach_request_lookup
     attach_request_lookup(runtime)  # GET /edge/requests/{id}: per-request energy (edge-eval)
     # ---------------------------------------------------------------------------------------------

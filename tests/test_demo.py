@@ -60,7 +60,7 @@ def test_demo_quick(tiny_model_dir: str, tmp_path: Path) -> None:
     assert data["client"]["errors"] == 0 and data["client"]["ok"] >= 2
     for name in ("edge_proxy_break_even_requests", "edge_proxy_intelligence_per_joule",
                  "edge_proxy_system_density_tokens_per_second_per_gigabyte",
-                 "edge_proxy_economics_cold_start_tax_ratio", "edge_proxy_quantization_fidelity_percent"):
+                 "edge_proxy_cold_start_tax_energy_ratio", "edge_proxy_quantization_fidelity_percent"):
         (sample,) = data["metrics"][name]
         assert isinstance(sample["value"], float) and sample["value"] > 0, (name, sample)
     assert "| Q_ret" in (tmp_path / "out" / "demo.md").read_text()

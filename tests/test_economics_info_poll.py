@@ -19,7 +19,7 @@ def test_requests_do_not_multiply_info_polls(info_status: int) -> None:
             async with running_proxy(up.url) as proxy:
                 econ = proxy.components["economics"]
                 assert await wait_until(lambda: up.state.info_hits >= 1)
-                assert await wait_until(lambda: econ._info_settled)
+                assert await wait_until(lambda: econ.info.settled)
                 before = up.state.info_hits
                 async with aiohttp.ClientSession() as s:
                     for i in range(60):
@@ -43,7 +43,7 @@ def test_info_poll_wakes_when_backend_comes_up_but_at_most_once_a_second() -> No
             async with running_proxy(up.url) as proxy:
                 econ = proxy.components["economics"]
                 assert await wait_until(lambda: up.state.info_hits >= 1)
-                assert not econ._info_settled
+                assert not econ.info.settled
                 up.state.info_status = 200
                 t0 = asyncio.get_running_loop().time()
                 async with aiohttp.ClientSession() as s:
@@ -52,7 +52,7 @@ def test_info_poll_wakes_when_backend_comes_up_but_at_most_once_a_second() -> No
                                           json={"model": "fake-model", "prompt": "x", "max_tokens": 1}) as r:
                             assert r.status == 200
                             await r.read()
-                assert await wait_until(lambda: econ._info_settled, timeout=3.0)
+                assert await wait_until(lambda: econ.info.settled, timeout=3.0)
                 assert econ.backend_info.get("model_id") == "fake-model"
                 # first poll + at most one per second over ~1.5 s of traffic (backoff 1 s, 2 s...)
                 assert up.state.info_hits <= 4, up.state.info_hits
@@ -73,7 +73,7 @@ def test_info_poller_stops_when_cancelled_as_a_request_wakes_it() -> None:
                 await asyncio.sleep(1.2)            # the poller is waiting on its wake event now
                 (task,) = [t for t in econ._tasks if "_poll_info" in repr(t.get_coro())]
                 assert not task.done()
-                econ._info_wake.set()               # the same loop turn: woken and cancelled
+                econ.info.wake.set()               # the same loop turn: woken and cancelled
                 task.cancel()
                 done, _ = await asyncio.wait({task}, timeout=2.0)
                 assert task in done and task.cancelled()

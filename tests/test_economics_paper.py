@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_proxy.economics import (
+from edge_proxy.economics.formulas import (
     PAPER,
     break_even_requests,
     cold_start_tax,

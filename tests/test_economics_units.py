@@ -13,10 +13,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_proxy.config import ConfigError, load_settings
-from edge_proxy.economics import PAPER, energy_cost_usd
-from edge_proxy.economics_live import EconomicsObserver, _BusyClock
+from edge_proxy.economics.formulas import PAPER, energy_cost_usd
+from edge_proxy.economics.economics_live import EconomicsObserver
+from edge_proxy.economics.window import BusyClock as _BusyClock
 from edge_proxy.hooks import EnergyAttribution, RequestRecord
-from edge_proxy.quality import GoldenPrompt, RecentRequests, load_golden_prompts, load_quality_results
+from edge_proxy.economics.quality import GoldenPrompt, RecentRequests, load_golden_prompts, load_quality_results
 
 
 class FakeClock:
@@ -147,11 +148,11 @@ def test_cold_starts_counted_once_and_in_fixed_cost() -> None:
     settings = load_settings(environ={}, overrides={("economics", "setup_usd"): 1.0,
                                                     ("economics", "usd_per_kwh"): 0.5})
     clock, reg = FakeClock(), CollectorRegistry()
-    obs = EconomicsObserver(settings, reg, clock_ns=clock)
     history = [SimpleNamespace(id=1, outcome="ready", tax_joules=(720.0, "nvml"), seconds=6.0),
                SimpleNamespace(id=2, outcome="timeout", tax_joules=(None, "none"), seconds=300.0)]
-    obs.runtime = SimpleNamespace(components={"coldstart": SimpleNamespace(history=history)},
-                                  backend=SimpleNamespace(model="m"))
+    obs = EconomicsObserver(settings, reg, clock_ns=clock,
+                            coldstart=SimpleNamespace(history=history))
+    obs.runtime = SimpleNamespace(backend=SimpleNamespace(model="m"))
     for i in range(3):
         _request(obs, clock, f"r{i}", seconds=0.3, joules=[6.0, 7.2, 9.0][i])
     obs.record_cold_start(None, 720.0, 6.0, cold_start_id=1)     # pushed as well: counted once
@@ -159,8 +160,9 @@ def test_cold_starts_counted_once_and_in_fixed_cost() -> None:
     lab = (("model", "m"),)
     assert m[("edge_proxy_economics_cold_starts_total", lab)] == 1
     assert m[("edge_proxy_economics_cold_start_energy_joules_total", lab)] == 720.0
-    assert m[("edge_proxy_economics_cold_start_tax_ratio", lab)] == pytest.approx(720.0 / 7.2)
-    assert m[("edge_proxy_economics_cold_start_time_ratio", lab)] == pytest.approx(6.0 / 0.3)
+    # C_tax: mean cold-start joules / mean request joules (formulas.cold_start_tax_from_totals)
+    assert m[("edge_proxy_cold_start_tax_energy_ratio", lab)] == pytest.approx(720.0 / ((6.0 + 7.2 + 9.0) / 3))
+    assert m[("edge_proxy_cold_start_tax_time_ratio", lab)] == pytest.approx(6.0 / 0.3)
     assert m[("edge_proxy_fixed_cost_usd", lab)] == pytest.approx(1.0 + energy_cost_usd(720.0, 0.5))
 
 
@@ -208,3 +210,51 @@ def test_failed_requests_are_not_business_traffic() -> None:
     assert m[("edge_proxy_economics_requests_total", (("model", "m"),))] == 1
     assert m[("edge_proxy_api_equivalent_cost_usd_total", (("model", "m"),))] == PAPER.api_cost_per_request_usd
     assert obs._busy.n == 0          # every start was matched by an end
+
+
+def test_collector_describes_its_metrics_so_duplicates_are_refused() -> None:
+    """The scrape-time collector names what it exports: registering it twice in one registry, or
+    any metric reusing one of its names, is refused (it used to be exported twice, silently)."""
+    from prometheus_client import Gauge
+
+    from edge_proxy.economics.collector import EconomicsCollector
+
+    settings = load_settings(environ={}, overrides={("economics", "scores"): {"m": 0.5}})
+    reg = CollectorRegistry(auto_describe=True)          # as edge_proxy.server.build_proxy
+    obs = EconomicsObserver(settings, reg)
+    with pytest.raises(ValueError, match="Duplicated timeseries.*edge_proxy_break_even_requests"):
+        reg.register(EconomicsCollector(obs.stats))
+    for name in ("edge_proxy_break_even_requests", "edge_proxy_cold_start_tax_energy_ratio",
+                 "edge_proxy_price_usd"):
+        with pytest.raises(ValueError, match=name):
+            Gauge(name, "x", registry=reg)
+    # describe() names exactly what collect() exports
+    described = {f.name for f in EconomicsCollector(obs.stats).describe()}
+    collected = {f.name for f in EconomicsCollector(obs.stats).collect()}
+    assert described == collected and "edge_proxy_intelligence_per_joule" in described
+
+
+def test_cold_start_tax_gauge_agrees_with_the_recording_rule() -> None:
+    """One C_tax definition: the per-instance gauge equals what edge_eval:cold_start_tax:ratio
+    computes from the exported counters (mean cold-start joules / mean request joules)."""
+    from edge_proxy.economics.formulas import cold_start_tax_from_totals
+
+    assert cold_start_tax_from_totals(1440.0, 2, 60.0, 10) == pytest.approx(720.0 / 6.0)
+    assert math.isnan(cold_start_tax_from_totals(0.0, 0, 60.0, 10))
+    assert math.isnan(cold_start_tax_from_totals(100.0, 1, 0.0, 0))
+    settings = load_settings(environ={}, overrides={})
+    clock, reg = FakeClock(), CollectorRegistry()
+    obs = EconomicsObserver(settings, reg, clock_ns=clock)
+    for i, j in enumerate([1.0, 2.0, 12.0, 5.0]):           # mean 5 J, median 3.5 J
+        _request(obs, clock, f"r{i}", seconds=0.2, joules=j)
+    obs.record_cold_start("m", 300.0, 4.0)
+    obs.record_cold_start("m", 700.0, 6.0)                  # mean 500 J
+    m = _metrics(reg)
+    lab = (("model", "m"),)
+    rule = ((m[("edge_proxy_economics_cold_start_energy_joules_total", lab)]
+             / m[("edge_proxy_economics_cold_starts_total", lab)])
+            / (m[("edge_proxy_economics_energy_joules_total", lab)]
+               / m[("edge_proxy_economics_requests_total", lab)]))
+    assert rule == pytest.approx(100.0)
+    assert m[("edge_proxy_cold_start_tax_energy_ratio", lab)] == pytest.approx(rule)
+    assert m[("edge_proxy_cold_start_tax_time_ratio", lab)] == pytest.approx(5.0 / 0.2)

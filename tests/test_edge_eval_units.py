@@ -20,7 +20,7 @@ from edge_eval.scoring.token import exact_match, token_f1
 from edge_eval.stats import ci95, t975
 from edge_eval.tasks import get_task, load_items
 from edge_eval.tasks.builtin import builtin_items
-from edge_proxy.quality_results import ResultsFiles, paired_fidelity, parse_results
+from edge_proxy.economics.quality_results import ResultsFiles, paired_fidelity, parse_results
 
 
 def test_token_f1_and_exact_match() -> None:

@@ -6,7 +6,7 @@ import math
 from hypothesis import given, settings, strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from edge_proxy.metric_children import Children, observe_many
+from edge_proxy.economics.metric_children import BatchHistogram, Children, observe_many
 from edge_proxy.metrics import TPOT_BUCKETS
 
 def samples(reg: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
@@ -26,12 +26,36 @@ values = st.lists(st.one_of(
 def test_observe_many_equals_observe_per_value(xs: list[float]) -> None:
     r1, r2 = CollectorRegistry(), CollectorRegistry()
     h1 = Histogram("itl_seconds", "x", ["model"], buckets=TPOT_BUCKETS, registry=r1)
-    h2 = Histogram("itl_seconds", "x", ["model"], buckets=TPOT_BUCKETS, registry=r2)
+    h2 = BatchHistogram("itl_seconds", "x", ["model"], buckets=TPOT_BUCKETS, registry=r2)
     c1 = h1.labels("m")
     for x in xs:
         c1.observe(x)
     observe_many(h2.labels("m"), xs)
     assert samples(r1) == samples(r2)
+
+
+def test_batch_histogram_exposition_is_prometheus_clients() -> None:
+    """Same text exposition as prometheus_client.Histogram (HELP/TYPE, le strings, _created), and
+    a registry refuses a second metric of its name (describe() names it)."""
+    from prometheus_client import generate_latest
+    import pytest
+
+    r1, r2 = CollectorRegistry(), CollectorRegistry(auto_describe=True)
+    h1 = Histogram("itl_seconds", "doc", ["model", "route"], buckets=(0.1, 1.0), registry=r1)
+    h2 = BatchHistogram("itl_seconds", "doc", ["model", "route"], buckets=(0.1, 1.0), registry=r2)
+    for x in (0.05, 0.1, 0.7, 3.0):
+        h1.labels("m", "/v1").observe(x)
+        h2.labels("m", "/v1").observe(x)
+    h1.labels("n", "/v1").observe(0.2)
+    observe_many(h2.labels("n", "/v1"), [0.2])
+    strip = lambda reg: [line for line in generate_latest(reg).decode().splitlines()
+                         if not line.startswith("itl_seconds_created")]
+    assert strip(r1) == strip(r2)
+    assert r2.get_sample_value("itl_seconds_created", {"model": "m", "route": "/v1"}) > 0
+    with pytest.raises(ValueError, match="Duplicated"):
+        Histogram("itl_seconds", "x", registry=r2)
+    with pytest.raises(ValueError, match="expected labels"):
+        h2.labels("only-one")
 
 
 def test_observe_many_nan_goes_to_sum_only_like_observe() -> None:

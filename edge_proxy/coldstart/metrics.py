@@ -55,15 +55,17 @@ class ColdStartMetrics:
             "first token; phase=load as reported by the model server (load_energy_joules).",
             ["phase", "source"], buckets=COLD_START_BUCKETS_JOULES, registry=registry,
         )
+        # Not exported (registry=None): economics exports C_tax per model under these names, with
+        # the one definition (edge_proxy.economics.formulas.cold_start_tax_from_totals).
         self.tax_energy = Gauge(
             "edge_proxy_cold_start_tax_energy_ratio",
             "Last cold start's energy divided by the median request energy (C_tax, production).",
-            registry=registry,
+            registry=None,
         )
         self.tax_time = Gauge(
             "edge_proxy_cold_start_tax_time_ratio",
             "Last cold start's duration (hold start to first token) divided by the median request duration.",
-            registry=registry,
+            registry=None,
         )
         self.break_even = Gauge(
             "edge_proxy_keep_warm_break_even_idle_seconds",

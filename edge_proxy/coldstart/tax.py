@@ -21,7 +21,7 @@ import statistics
 from collections import deque
 from typing import Any
 
-from edge_proxy import economics
+from edge_proxy.economics import formulas as economics
 from edge_proxy.coldstart.record import ColdStart
 from edge_proxy.energy.window import Measurement, source_kind
 from edge_proxy.hooks import RequestRecord

@@ -1,7 +1,7 @@
 """The five EDGE-EVAL deployment metrics as pure functions (paper and production modes).
 
 Every function here is pure: numbers in, number out, no I/O, no state. The live side
-(``edge_proxy.economics_live``) feeds them with measured counters; the tests feed them with the
+(``edge_proxy.economics.economics_live``) feeds them with measured counters; the tests feed them with the
 paper's raw measurements (``tests/data/paper_variants.csv``) and compare with its published tables.
 
 Units: joules (J), seconds (s), US dollars (USD), gigabytes (GB = 1e9 bytes), tokens.
@@ -92,18 +92,53 @@ def system_density(tokens_per_second: float, model_gigabytes: float) -> float:
 
 
 def cold_start_tax(cold_start_joules: float, joules_per_request: float) -> float:
-    """Cold-start tax C_tax [dimensionless, "requests' worth of energy"].
+    """Cold-start tax C_tax [dimensionless, "requests' worth of energy"] of one mean cold start.
 
-    ``C_tax = E_cold / E_req``. Paper mode: ``E_cold = t_load * P_avg(inference)`` and
-    ``E_req`` the batch-amortised request energy (so power cancels: ``C_tax = N t_load / t_batch``).
-    Production: measured cold-start energy over the median request energy. ``math.nan`` when
-    ``E_req`` is 0.
+    ``C_tax = E_cold [J] / E_req [J]`` with ``E_req`` a *mean* request energy, as in EDGE-EVAL,
+    ACL 2026 Industry Track, §3.4 (``E_req`` = batch energy / N, the batch-amortised mean).
+    Paper mode: ``E_cold = t_load * P_avg(inference)``, so power cancels:
+    ``C_tax = N t_load / t_batch``. Production: use :func:`cold_start_tax_from_totals`, the one
+    definition over a window. ``math.nan`` when ``E_req`` is 0.
     """
     if cold_start_joules < 0 or joules_per_request < 0:
         raise ValueError("energies must be >= 0")
     if joules_per_request == 0:
         return math.nan
     return cold_start_joules / joules_per_request
+
+
+def cold_start_tax_from_totals(
+    cold_start_joules_total: float, cold_starts: int, request_joules_total: float, requests: int
+) -> float:
+    """C_tax over a window, the one production definition [dimensionless].
+
+    ``C_tax = (sum E_cold [J] / n_cold) / (sum E_req [J] / n_req)``: the mean energy of the cold
+    starts in the window over the mean energy of the requests served in it. The means are those
+    of EDGE-EVAL, ACL 2026 Industry Track, §3.4 (``E_req`` = batch energy / N requests), and the
+    same sums and counts a Prometheus recording rule gets from counters with ``increase()``, so the
+    per-instance gauge and the fleet rule (``edge_eval:cold_start_tax:ratio``) agree. A single
+    cold start over a set of warm requests is ``cold_starts = 1``. ``math.nan`` when either count
+    is 0 or the request energy is 0.
+    """
+    if cold_starts < 0 or requests < 0:
+        raise ValueError("counts must be >= 0")
+    if cold_starts == 0 or requests == 0:
+        return math.nan
+    return cold_start_tax(cold_start_joules_total / cold_starts, request_joules_total / requests)
+
+
+def cold_start_time_ratio_from_totals(
+    cold_start_seconds_total: float, cold_starts: int, request_seconds_total: float, requests: int
+) -> float:
+    """C_tax's time form over a window [dimensionless]: ``(sum t_cold [s] / n_cold) /
+    (sum t_req [s] / n_req)``, means as in :func:`cold_start_tax_from_totals`. ``math.nan`` when
+    either count is 0 or the request seconds are 0."""
+    if cold_starts < 0 or requests < 0:
+        raise ValueError("counts must be >= 0")
+    if cold_starts == 0 or requests == 0:
+        return math.nan
+    return cold_start_time_ratio(cold_start_seconds_total / cold_starts,
+                                 request_seconds_total / requests)
 
 
 def quantization_fidelity(score_quantized: float, score_reference: float) -> float:

@@ -15,6 +15,9 @@ Files are re-read when their modification time or size changes (checked at most 
 a file that cannot be parsed keeps the last good values and logs a warning once per change.
 Sources: ``measured`` for evaluated scores; the adaptation's own ``energy_source`` class
 (``measured`` on NVML, ``estimated`` on CPU).
+
+Owns reading and pairing the files. Must not export metrics (:mod:`.stats` and :mod:`.collector`
+turn these values into gauges) nor block: files are small and re-read at most once a second.
 """
 from __future__ import annotations
 
@@ -24,11 +27,9 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily
-
-log = logging.getLogger("edge_proxy.quality_results")
+log = logging.getLogger("edge_proxy.economics.quality_results")
 CHECK_INTERVAL_SECONDS = 1.0
 
 
@@ -209,44 +210,3 @@ class ResultsFiles:
             return None
         src = "measured" if run.source == ref.source == "measured" else "configured"
         return paired_fidelity(run, ref), src
-
-
-# ---------------------------------------------------------------------- source-labelled gauges
-def intelligence_per_joule_source(o: Any, model: str) -> str:
-    """The score's source, or the energy source's when the score is measured but the joules are
-    estimated (or replayed)."""
-    _, src = o.score(model)
-    energy = getattr(o.runtime, "components", {}).get("energy") if o.runtime else None
-    esrc = getattr(energy, "source", None)
-    return esrc if src == "measured" and esrc in ("estimated", "replay") else src
-
-
-def break_even_source(o: Any, model: str) -> str:
-    """Where C_train comes from: the adaptation results file's energy source class (measured |
-    estimated), else configured."""
-    a = o.results_files.adaptation
-    return a.source if a is not None else "configured"
-
-
-def sourced_gauges(o: Any, models: list[str]) -> Iterable[GaugeMetricFamily]:
-    """N_break, IPW and Q_ret with a ``source`` label: measured (evaluation / adaptation results
-    files, NVML), estimated (CPU-estimated energy), configured, or none."""
-    fams = [
-        ("edge_proxy_break_even_requests", "N_break over the window: fixed cost / (API cost per "
-         "request - local cost per request); +Inf when the API is not dearer. source: of C_train.",
-         lambda m: (o.break_even_requests(m), break_even_source(o, m))),
-        ("edge_proxy_intelligence_per_joule", "IPW: quality score / mean joules per request over "
-         "the window [1/J]. source: of the score (estimated when the joules are).",
-         lambda m: (o.intelligence_per_joule(m), intelligence_per_joule_source(o, m))),
-        ("edge_proxy_quantization_fidelity_percent", "Q_ret: score / reference (FP16) score x 100 "
-         "(evaluated: over the items both variants answered).", o.quantization_fidelity_sourced),
-    ]
-    for name, doc, fn in fams:
-        g = GaugeMetricFamily(name, doc, labels=["model", "source"])
-        for m in models:
-            try:
-                value, src = fn(m)
-                g.add_metric([m, src], float(value))
-            except Exception:               # never fail a scrape
-                g.add_metric([m, "none"], math.nan)
-        yield g

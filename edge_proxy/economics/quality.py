@@ -8,7 +8,7 @@ Three places a score can come from:
 
 Scores are normalised to 0..1. Quantization fidelity compares a model's score with a reference
 (FP16) score: from ``economics.scores`` / ``economics.reference_scores``, or evaluation results
-files (``economics.quality_results_path``), which :mod:`edge_proxy.quality_results` reads live
+files (``economics.quality_results_path``), which :mod:`edge_proxy.economics.quality_results` reads live
 (``load_quality_results`` below reads the older ``{model: {score, reference_score}}`` file).
 """
 from __future__ import annotations

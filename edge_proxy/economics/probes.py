@@ -1,0 +1,76 @@
+"""Quality probes: golden prompts sent through the proxy itself, checked, scored 1 or 0.
+
+Owns the probe schedule, the probe requests (marked ``x-edge-traffic: probe`` and a random
+``x-request-id`` so the proxy keeps them out of user statistics) and their outcome counts. Must not
+keep scores itself (``record_score`` does) nor decide how a completion is checked
+(:class:`~.quality.GoldenPrompt` does).
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Callable
+
+from aiohttp import ClientSession, ClientTimeout
+from prometheus_client import Counter
+
+from edge_proxy.economics.quality import GoldenPrompt
+
+PROBE_HEADER = "x-edge-traffic"          # value "probe": the proxy labels the request traffic=probe
+
+
+class ProbeRunner:
+    """``target()``: the proxy's base URL; ``model()``: the model name to ask for when a golden
+    prompt names none; ``label``: the proxy's model label for probes (``proxy.model_name``)."""
+
+    def __init__(self, golden: list[GoldenPrompt], target: Callable[[], str],
+                 model: Callable[[], str], label: str | None, outcomes: Counter,
+                 record_score: Callable[[str, float, str], None]) -> None:
+        self.golden = golden
+        self.target = target
+        self.model = model
+        self.label = label
+        self.outcomes = outcomes
+        self.record_score = record_score
+        self.in_flight: dict[str, str] = {}      # request ids of probes in flight -> model label
+
+    def claim(self, request_id: str | None, model: str) -> bool:
+        """True when ``request_id`` is one of our probes (the proxy's model label is noted)."""
+        if request_id is None or request_id not in self.in_flight:
+            return False
+        self.in_flight[request_id] = model
+        return True
+
+    async def run_probe(self, session: ClientSession, g: GoldenPrompt) -> bool | None:
+        """Send one golden prompt through the proxy; record a 1/0 score. None on error."""
+        model = g.model or self.model()
+        body = {"model": model, "prompt": g.prompt, "max_tokens": g.max_tokens,
+                "temperature": 0.0}
+        rid = f"probe-{uuid.uuid4().hex}"
+        headers = {PROBE_HEADER: "probe", "x-request-id": rid}
+        self.in_flight[rid] = self.label or model
+        try:
+            async with session.post(self.target() + "/v1/completions", json=body,
+                                    headers=headers) as resp:
+                data = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise RuntimeError(f"status {resp.status}")
+            text = data["choices"][0]["text"]
+        except Exception:
+            self.outcomes.labels(self.in_flight.pop(rid, model), "error").inc()
+            return None
+        label = self.in_flight.pop(rid, model)    # the label the proxy gave the request
+        ok = g.check(text)
+        self.outcomes.labels(label, "pass" if ok else "fail").inc()
+        self.record_score(label, 1.0 if ok else 0.0, "probe")
+        return ok
+
+    async def run(self, interval: Callable[[], float], timeout_seconds: float) -> None:
+        """Probe forever, one golden prompt every ``interval()`` seconds, in turn."""
+        i = 0
+        async with ClientSession(timeout=ClientTimeout(total=timeout_seconds)) as session:
+            await asyncio.sleep(min(interval(), 1.0))
+            while True:
+                await self.run_probe(session, self.golden[i % len(self.golden)])
+                i += 1
+                await asyncio.sleep(interval())
