@@ -16,7 +16,7 @@ from edge_proxy.config import ConfigError
 
 SUBCOMMAND_MODULES: list[str] = [
     "edge_proxy.cli.serve",     # serve (proxy engineer)
-    "edge_proxy.demo",          # demo (economics engineer)
+    "edge_proxy.demo.command",  # demo (economics engineer)
     "edge_proxy.energy.record_cmd",  # record (energy engineer)
 ]
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_proxy import demo_cache
+from edge_proxy.demo import cache as demo_cache
 from edge_proxy.config import ConfigError
 
 CACHE_VERSION = 1               # bump when the adapt recipe below changes

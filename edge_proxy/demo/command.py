@@ -9,7 +9,7 @@
    ``/metrics``.
 5. Stops everything (also on Ctrl-C): the proxy stops the model server it started.
 
-By default the quality score and the adaptation energy are measured (edge_proxy/demo_measured.py):
+By default the quality score and the adaptation energy are measured (edge_proxy/demo/measured.py):
 the model is LoRA-adapted on builtin:rag once (cached) and evaluated through the proxy. With
 ``--paper-constants`` (implied by ``--quick``) they are configured values instead: the paper's
 Llama-3.2-1B rag scores, INT4 0.752 and FP16 0.742, and its LoRA rag fine-tune energy, 92,122 J.
@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from edge_proxy import demo_cache
+from edge_proxy.demo import cache as demo_cache
 from edge_proxy.config import ConfigError
 
 # The paper's numbers used as configured inputs (EDGE-EVAL, ACL 2026 Industry Track; the authors'
@@ -76,7 +76,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--paper-constants", action="store_true",
                    help="use the paper's Llama-3.2-1B scores and LoRA energy as configured inputs instead "
                         "of measuring them (default: LoRA-adapt the model on builtin:rag once, cached "
-                        "under the cache dir, and evaluate it through the proxy; edge_proxy/demo_measured.py)")
+                        "under the cache dir, and evaluate it through the proxy; edge_proxy/demo/measured.py)")
     p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
                    help="seconds of load after the cold start (default 40; 8 with --quick)")
     p.add_argument("--concurrency", type=int, default=4, help="concurrent clients (default 4)")
@@ -320,7 +320,7 @@ def build_table(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientS
 
 def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientStats, model: str,
                elapsed: float, measured: Any = None) -> _Rows:
-    """``measured``: a :class:`edge_proxy.demo_measured.MeasuredInputs` (sources of N_break, IPW
+    """``measured``: a :class:`edge_proxy.demo.measured.MeasuredInputs` (sources of N_break, IPW
     and Q_ret from the adaptation and evaluation files), or None for the paper's constants."""
     src_info = [lab for lab, v in m.get("edge_proxy_energy_source_info", []) if v]
     esrc = src_info[0].get("source", "?") if src_info else "none"
@@ -348,7 +348,7 @@ def build_rows(m: dict[str, list[tuple[dict[str, str], float]]], stats: ClientSt
 
     msrc = {}
     if measured is not None:
-        from edge_proxy.demo_measured import sources
+        from edge_proxy.demo.measured import sources
         msrc = sources(measured, m, model, e_kind)
     t = _Rows(f"edge-eval live: model {model!r}, {elapsed:.0f} s, {stats.ok} ok / "
               f"{stats.errors} errors")
@@ -555,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="edge-eval-demo-"))
     measured = None
     if not (args.paper_constants or args.quick):
-        from edge_proxy.demo_measured import prepare
+        from edge_proxy.demo.measured import prepare
         try:
             measured = prepare(args, model_dir, work, console)
         except BaseException:
@@ -612,7 +612,7 @@ def run(args: argparse.Namespace) -> int:
         if measured is not None:
             import functools
 
-            from edge_proxy.demo_measured import run_eval
+            from edge_proxy.demo.measured import run_eval
             evaluate = functools.partial(run_eval, measured, base, f"http://127.0.0.1:{metrics_port}",
                                          lookup_token, model, console)
         stats, metrics, elapsed = asyncio.run(_drive(base, metrics_url, model, duration,
