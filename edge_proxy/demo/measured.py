@@ -1,4 +1,5 @@
-"""Measured inputs for ``edge-proxy demo`` (the default; ``--paper-constants`` turns them off).
+"""Measured inputs for ``edge-proxy demo`` (the default; ``--paper-constants`` turns them off). Runs
+edge-eval as subprocesses: must not import edge_eval or the proxy's internals.
 
 Instead of the paper's constants, the demo measures its own quality and adaptation inputs:
 
