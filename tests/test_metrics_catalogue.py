@@ -119,6 +119,10 @@ def test_proxy_scrape_matches_catalogue(tmp_path: Path) -> None:
                                                 max_tokens=4, stream=True)   # held: the cold start
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert Client(base, timeout=60).generate("hello world", max_new_tokens=3).details.generated_tokens == 3
+        # the reloader's counter exists once its SIGHUP handler is installed (same loop turn)
+        while "edge_proxy_config_reloads_total" not in urllib.request.urlopen(metrics + "/metrics").read().decode():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
         proc.send_signal(signal.SIGHUP)           # the price-sheet reloader counts a reload
         deadline = time.monotonic() + 30
         while (_value(metrics + "/metrics", "edge_proxy_economics_requests_total") < 2
