@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -73,7 +74,7 @@ def test_catalogue_is_well_formed() -> None:
     assert owner_of_sample("edge_proxy_requests_bucket") is None
 
 
-def _serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+def _serve(tmp_path: Path, log: Any) -> tuple[subprocess.Popen[bytes], str, str]:
     port, metrics_port, backend_port = free_port(), free_port(), free_port()
     probes = tmp_path / "golden.jsonl"
     probes.write_text(json.dumps({"prompt": "say hello", "expected": "hello", "max_tokens": 2}) + "\n")
@@ -88,7 +89,6 @@ def _serve(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, str]:
                       "probe_interval_seconds": 0.5, "adaptation_joules": 1000.0},
     }
     (tmp_path / "proxy.yaml").write_text(yaml.safe_dump(cfg))
-    log = open(tmp_path / "proxy.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--config", str(tmp_path / "proxy.yaml")],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
@@ -103,7 +103,8 @@ def test_proxy_scrape_matches_catalogue(tmp_path: Path) -> None:
     """Every family the proxy exports (energy on, hold mode with a real cold start, --config) is in
     the catalogue with its type and label names, and every catalogue entry of the proxy whose
     condition holds here is exported."""
-    proc, base, metrics = _serve(tmp_path)
+    log = open(tmp_path / "proxy.log", "wb")
+    proc, base, metrics = _serve(tmp_path, log)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -134,10 +135,13 @@ def test_proxy_scrape_matches_catalogue(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+        log.close()
     check_against_catalogue(got, "edge-proxy", {"energy", "coldstart", "config_file"})
 
 
 def test_model_server_scrape_matches_catalogue(model_server) -> None:
+    """The same for the model server's own /metrics after one request (the engine step counter
+    only where the engine counts steps)."""
     client = openai.OpenAI(base_url=model_server.url + "/v1", api_key="x", max_retries=0, timeout=60)
     model = client.models.list().data[0].id
     assert client.completions.create(model=model, prompt="hello", max_tokens=2).usage.completion_tokens >= 1
