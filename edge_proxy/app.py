@@ -32,13 +32,13 @@ from edge_proxy.coldstart.factory import cold_start_headers
 from edge_proxy import json_input
 from edge_proxy.forward_routes import RouteAllowList
 from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
-from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.telemetry.metrics import ProxyMetrics
 from edge_proxy.relay import RawResponse, RelayPool, request_head
 from edge_proxy.request_flags import backend_bool
 from edge_proxy.sse import EventTooLarge, SSESplitter, event_data
 from edge_proxy.token_accounting import (
     OpenAIStream, TGIStream, account_openai_body, account_tgi_body, apply_response_headers)
-from edge_proxy.tracing import Tracing
+from edge_proxy.telemetry.tracing import Tracing
 from edge_proxy.websocket_relay import is_websocket_upgrade, relay_websocket
 
 log = logging.getLogger("edge_proxy")

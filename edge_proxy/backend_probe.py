@@ -17,7 +17,7 @@ import aiohttp
 
 if TYPE_CHECKING:
     from edge_proxy.app import BackendInfo, ProxyCore
-    from edge_proxy.metrics import ProxyMetrics
+    from edge_proxy.telemetry.metrics import ProxyMetrics
 
 log = logging.getLogger("edge_proxy")
 RETRY_SECONDS = 1.0

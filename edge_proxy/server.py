@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from edge_proxy.access_log import AccessLog, create_access_log
+from edge_proxy.telemetry.access_log import AccessLog, create_access_log
 from edge_proxy.app import GENERATION_ROUTES, METADATA_ROUTES, BackendInfo, ProxyCore
 from edge_proxy.backend_probe import probe_loop
 from edge_proxy.coldstart.factory import attach_coldstart
@@ -27,8 +27,8 @@ from edge_proxy.energy.factory import attach_energy
 from edge_proxy.config import Settings
 from edge_proxy.hooks import BackendGate, RequestObserver
 from edge_proxy.http_guard import Guard, guarded_runner
-from edge_proxy.metrics import ProxyMetrics
-from edge_proxy.tracing import Tracing, create_tracing
+from edge_proxy.telemetry.metrics import ProxyMetrics
+from edge_proxy.telemetry.tracing import Tracing, create_tracing
 
 log = logging.getLogger("edge_proxy")
 

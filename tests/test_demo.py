@@ -101,7 +101,7 @@ def test_demo_default_measures_its_inputs(tiny_model_dir: str, tmp_path: Path) -
     evaluates it through the proxy, and IPW / N_break come from those files, labelled so."""
     from rich.console import Console
 
-    from edge_proxy.demo_measured import ensure_adapted
+    from edge_proxy.demo.measured import ensure_adapted
 
     cache = tmp_path / "cache"
     out = subprocess.run(

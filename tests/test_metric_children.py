@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from edge_proxy.economics.metric_children import BatchHistogram, Children, observe_many
-from edge_proxy.metrics import TPOT_BUCKETS
+from edge_proxy.telemetry.metrics import TPOT_BUCKETS
 
 def samples(reg: CollectorRegistry) -> list[tuple[str, dict[str, str], float]]:
     """Every sample but the creation timestamps; NaN compared as a string."""

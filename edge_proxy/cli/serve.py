@@ -1,4 +1,5 @@
-"""``edge-proxy serve``: run the proxy in front of one backend.
+"""``edge-proxy serve``: run the proxy in front of one backend. Owns flags -> settings and the
+process's signal handling; must not hold proxy logic (that is :func:`edge_proxy.server.build_proxy`).
 
 Flags map to settings (``section.key``) through :data:`SERVE_FLAGS`; other components add rows for
 their own sections (one line each). Precedence: defaults < ``--config`` YAML < ``EDGE_PROXY_*``

@@ -1,4 +1,5 @@
-"""``edge-proxy`` command line: one subcommand per module.
+"""``edge-proxy`` command line: one subcommand per module. Owns the parser, one-line errors and exit
+codes; must not import a subcommand's heavy dependencies at import time.
 
 To add a subcommand, append its module to :data:`SUBCOMMAND_MODULES`. The module defines
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets ``func=<callable(args) -> int>`` on
@@ -15,8 +16,8 @@ from typing import NoReturn, Sequence
 from edge_proxy.config import ConfigError
 
 SUBCOMMAND_MODULES: list[str] = [
-    "edge_proxy.cli_serve",     # serve (proxy engineer)
-    "edge_proxy.demo",          # demo (economics engineer)
+    "edge_proxy.cli.serve",     # serve (proxy engineer)
+    "edge_proxy.demo.command",  # demo (economics engineer)
     "edge_proxy.energy.record_cmd",  # record (energy engineer)
 ]
 

@@ -1,4 +1,5 @@
-"""One JSON line per request with its timeline summary and token counts.
+"""One JSON line per request with its timeline summary and token counts. Writes what the record
+holds: must not compute, time or change anything.
 
 Never contains prompt or completion text unless ``proxy.log_content`` is on (then the request body,
 truncated, is stored under ``content`` by the proxy core). Destination: ``-`` (stderr), a file path

@@ -1,4 +1,5 @@
-"""OpenTelemetry: one SERVER span per proxied request, W3C ``traceparent`` to the backend.
+"""OpenTelemetry: one SERVER span per proxied request, W3C ``traceparent`` to the backend. Must not
+put prompt or completion text on a span, nor touch the global TracerProvider.
 
 Span name ``{gen_ai.operation.name} {gen_ai.request.model}``; attributes follow the GenAI semantic
 conventions (Development status, semantic-conventions-genai as of 2026) plus ``edge.*`` for what the

@@ -1,4 +1,6 @@
-"""Prometheus metrics of the proxy core (prefix ``edge_proxy_``), one registry per runtime.
+"""Prometheus metrics of the proxy core (prefix ``edge_proxy_``), one registry per runtime. Records
+finished requests only: must not compute energy, economics or cold-start numbers (their components
+export their own); every name it exports is listed in :mod:`edge_proxy.telemetry.catalogue`.
 
 Buckets: the OTel GenAI server lists (semantic-conventions-genai, Development status) with the
 SLO edges 0.2 s and 2 s added to time-to-first-token and sub-10 ms edges added to the per-token

@@ -1,4 +1,5 @@
-"""Measured inputs for ``edge-proxy demo`` (the default; ``--paper-constants`` turns them off).
+"""Measured inputs for ``edge-proxy demo`` (the default; ``--paper-constants`` turns them off). Runs
+edge-eval as subprocesses: must not import edge_eval or the proxy's internals.
 
 Instead of the paper's constants, the demo measures its own quality and adaptation inputs:
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_proxy import demo_cache
+from edge_proxy.demo import cache as demo_cache
 from edge_proxy.config import ConfigError
 
 CACHE_VERSION = 1               # bump when the adapt recipe below changes
