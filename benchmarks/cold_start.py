@@ -52,7 +52,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ
 from edge_proxy.config import Settings  # noqa: E402
 from edge_proxy.coldstart.phases import PHASE_LABELS  # noqa: E402
 from edge_proxy.economics import cold_start_tax, cold_start_time_ratio, keep_warm_break_even_seconds  # noqa: E402
-from edge_proxy.server import build_proxy  # noqa: E402
+from edge_proxy.proxy.server import build_proxy  # noqa: E402
 
 # EDGE-EVAL's published C_tax (Abdullah4152/EDGE-EVAL results/c_tax): Llama 1B rows (T4, vLLM 0.6.3,
 # N = 100), per task.

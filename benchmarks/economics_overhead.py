@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from edge_proxy.config import load_settings
 from edge_proxy.economics_live import EconomicsObserver
-from edge_proxy.hooks import BaseObserver, EnergyAttribution, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, EnergyAttribution, RequestRecord
 
 
 def _drive(obs: BaseObserver, n: int, models: int) -> float:

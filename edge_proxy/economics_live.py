@@ -51,9 +51,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edge_proxy import economics as eco
-from edge_proxy import json_input
+from edge_proxy.proxy import json_input
 from edge_proxy.config import ConfigError, Settings
-from edge_proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
 from edge_proxy.metric_children import Children
 from edge_proxy.quality import (
     GoldenPrompt,
@@ -151,7 +151,7 @@ class EconomicsObserver(BaseObserver):
         self.paper = self.cfg.mode == "paper"
         self.clock_ns = clock_ns
         self.backend = settings.proxy.backend_url
-        self.runtime: Any = None                  # edge_proxy.server.ProxyRuntime (factory sets it)
+        self.runtime: Any = None                  # edge_proxy.proxy.server.ProxyRuntime (factory sets it)
         self._probe_ids: dict[str, str] = {}      # request ids of probes in flight -> model label
         self._cold_ids: set[object] = set()
         self._info_wake: asyncio.Event | None = None   # set: poll /info now (weights unknown)
@@ -811,7 +811,7 @@ class _EconomicsCollector(Collector):
 
 
 def create_economics(runtime: Any) -> EconomicsObserver:
-    """Factory called by ``edge_proxy.server.build_proxy``: creates the observer on the runtime's
+    """Factory called by ``edge_proxy.proxy.server.build_proxy``: creates the observer on the runtime's
     registry, appends it to ``runtime.observers``, registers ``POST /edge/feedback`` and the
     background tasks (backend /info poll, quality probes)."""
     obs = EconomicsObserver(runtime.settings, runtime.registry)

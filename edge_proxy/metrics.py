@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from edge_proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
 from edge_proxy.metric_children import Children, observe_many
 
 # OTel GenAI gen_ai.server.request.duration

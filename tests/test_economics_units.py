@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge_proxy.config import ConfigError, load_settings
 from edge_proxy.economics import PAPER, energy_cost_usd
 from edge_proxy.economics_live import EconomicsObserver, _BusyClock
-from edge_proxy.hooks import EnergyAttribution, RequestRecord
+from edge_proxy.proxy.hooks import EnergyAttribution, RequestRecord
 from edge_proxy.quality import GoldenPrompt, RecentRequests, load_golden_prompts, load_quality_results
 
 

@@ -10,7 +10,7 @@ from edge_proxy.coldstart.gate import ColdStartGate
 from edge_proxy.coldstart.metrics import ColdStartMetrics
 from edge_proxy.coldstart.supervisor import SpawnError, build_argv
 from edge_proxy.config import ConfigError, Settings
-from edge_proxy.hooks import RequestRecord
+from edge_proxy.proxy.hooks import RequestRecord
 
 COLD_START_HEADER = "x-edge-cold-start"
 COLD_START_WAIT_HEADER = "x-edge-cold-start-wait-seconds"

@@ -3,9 +3,9 @@ start (spawning the backend when a local supervisor is configured), and records 
 
 One object plays three roles, all on the event loop:
 
-* :class:`~edge_proxy.hooks.BackendGate`: ``acquire`` returns at once while the backend is ready;
+* :class:`~edge_proxy.proxy.hooks.BackendGate`: ``acquire`` returns at once while the backend is ready;
   otherwise the request joins a bounded FIFO (``max_pending``) and waits at most ``max_wait``
-  seconds, after which it gets :class:`~edge_proxy.hooks.GateRejected` (the proxy answers 503).
+  seconds, after which it gets :class:`~edge_proxy.proxy.hooks.GateRejected` (the proxy answers 503).
 * the cold-start driver: one background task per cold start polls readiness, starts the backend
   (``--spawn``), and releases the held requests in bursts of ``release_burst``.
 * the drain on shutdown (SIGTERM): new requests get 503 + ``Retry-After`` at once; requests held
@@ -13,7 +13,7 @@ One object plays three roles, all on the event loop:
   normally; not with ``--spawn``, whose backend stops with the proxy), the rest are handed back with 503 + ``Retry-After`` (reason ``draining``), so a client
   that retries reaches another gateway replica instead of failing.
 * held bodies are bounded twice: ``max_pending`` requests and ``max_held_bytes`` request bytes.
-* a :class:`~edge_proxy.hooks.RequestObserver`: counts requests in flight (idle stop never cuts a
+* a :class:`~edge_proxy.proxy.hooks.RequestObserver`: counts requests in flight (idle stop never cuts a
   running request), sees the first token of the first released request (last phase), and keeps the
   recent warm requests' energy and duration for the cold-start tax.
 """
@@ -36,7 +36,7 @@ from edge_proxy.coldstart.phases import MILESTONES, ColdStartTimeline, segment_s
 from edge_proxy.coldstart.probe import ProbeResult, ReadinessProbe
 from edge_proxy.coldstart.supervisor import BackendSupervisor, SpawnError
 from edge_proxy.config import ColdStartSettings
-from edge_proxy.hooks import BaseObserver, GateRejected, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, GateRejected, RequestRecord
 
 log = logging.getLogger("edge_proxy.coldstart")
 

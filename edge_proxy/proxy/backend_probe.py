@@ -16,7 +16,7 @@ from typing import Any, TYPE_CHECKING
 import aiohttp
 
 if TYPE_CHECKING:
-    from edge_proxy.app import BackendInfo, ProxyCore
+    from edge_proxy.proxy.app import BackendInfo, ProxyCore
     from edge_proxy.metrics import ProxyMetrics
 
 log = logging.getLogger("edge_proxy")

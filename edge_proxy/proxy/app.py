@@ -3,9 +3,9 @@
 Instrumented routes (generation): ``POST /v1/chat/completions``, ``/v1/completions`` (OpenAI),
 ``/generate``, ``/generate_stream``, ``/`` (TGI). Metadata routes ``GET /v1/models``, ``/info``,
 ``/health`` are forwarded and counted. Every other route that ``proxy.forward_routes`` allows passes
-through untouched; the rest get 404 (``edge_proxy.forward_routes``).
+through untouched; the rest get 404 (``edge_proxy.proxy.forward_routes``).
 
-Observer calls per generation request (see ``edge_proxy.hooks``): ``on_request_start`` ->
+Observer calls per generation request (see ``edge_proxy.proxy.hooks``): ``on_request_start`` ->
 ``on_tokens`` -> ``on_request_end`` -> ``await finalize`` (background, bounded) ->
 ``on_request_final`` (other components first, then the core outputs: metrics, access log, span).
 A request rejected before forwarding (bad JSON, too large) only reaches the core outputs.
@@ -25,21 +25,21 @@ from aiohttp import web
 from yarl import URL
 
 from edge_proxy.config import Settings
-from edge_proxy.errors import Api, api_for_path, error_event, error_response, failure_message
-from edge_proxy.fd_exhaustion import ERROR_TYPE as FD_ERROR_TYPE, STATUS as FD_STATUS, FdExhaustion, is_fd_exhaustion
-from edge_proxy.headers import request_headers, response_headers
+from edge_proxy.proxy.errors import Api, api_for_path, error_event, error_response, failure_message
+from edge_proxy.proxy.fd_exhaustion import ERROR_TYPE as FD_ERROR_TYPE, STATUS as FD_STATUS, FdExhaustion, is_fd_exhaustion
+from edge_proxy.proxy.headers import request_headers, response_headers
 from edge_proxy.coldstart.factory import cold_start_headers
-from edge_proxy import json_input
-from edge_proxy.forward_routes import RouteAllowList
-from edge_proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
+from edge_proxy.proxy import json_input
+from edge_proxy.proxy.forward_routes import RouteAllowList
+from edge_proxy.proxy.hooks import BackendGate, BaseObserver, GateRejected, RequestObserver, RequestRecord
 from edge_proxy.metrics import ProxyMetrics
-from edge_proxy.relay import RawResponse, RelayPool, request_head
-from edge_proxy.request_flags import backend_bool
-from edge_proxy.sse import EventTooLarge, SSESplitter, event_data
-from edge_proxy.token_accounting import (
+from edge_proxy.proxy.relay import RawResponse, RelayPool, request_head
+from edge_proxy.proxy.request_flags import backend_bool
+from edge_proxy.proxy.sse import EventTooLarge, SSESplitter, event_data
+from edge_proxy.proxy.token_accounting import (
     OpenAIStream, TGIStream, account_openai_body, account_tgi_body, apply_response_headers)
 from edge_proxy.tracing import Tracing
-from edge_proxy.websocket_relay import is_websocket_upgrade, relay_websocket
+from edge_proxy.proxy.websocket_relay import is_websocket_upgrade, relay_websocket
 
 log = logging.getLogger("edge_proxy")
 
@@ -382,7 +382,7 @@ class ProxyCore:
         if self.backend.model is None and self.session is not None:
             task = self._learning
             if task is None or task.done():
-                from edge_proxy.backend_probe import probe_once
+                from edge_proxy.proxy.backend_probe import probe_once
                 task = self._learning = asyncio.ensure_future(
                     probe_once(self.session, self.backend, self.ps.backend_kind))
             try:
@@ -394,7 +394,7 @@ class ProxyCore:
         if rec.model != "unknown":
             self.metrics.touch(rec.model, rec.route, rec.stream)
 
-    # ---- errors the proxy makes (edge_proxy.errors) ----------------------------------------------
+    # ---- errors the proxy makes (edge_proxy.proxy.errors) ----------------------------------------------
     def api_for_path(self, path: str) -> Api:
         return api_for_path(path, self.backend.kind)
 

@@ -20,13 +20,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from edge_proxy.access_log import AccessLog, create_access_log
-from edge_proxy.app import GENERATION_ROUTES, METADATA_ROUTES, BackendInfo, ProxyCore
-from edge_proxy.backend_probe import probe_loop
+from edge_proxy.proxy.app import GENERATION_ROUTES, METADATA_ROUTES, BackendInfo, ProxyCore
+from edge_proxy.proxy.backend_probe import probe_loop
 from edge_proxy.coldstart.factory import attach_coldstart
 from edge_proxy.energy.factory import attach_energy
 from edge_proxy.config import Settings
-from edge_proxy.hooks import BackendGate, RequestObserver
-from edge_proxy.http_guard import Guard, guarded_runner
+from edge_proxy.proxy.hooks import BackendGate, RequestObserver
+from edge_proxy.proxy.http_guard import Guard, guarded_runner
 from edge_proxy.metrics import ProxyMetrics
 from edge_proxy.tracing import Tracing, create_tracing
 
@@ -63,7 +63,7 @@ class ProxyRuntime:
     async def start(self) -> None:
         """Listen on the configured ports (0 = any free port; the bound ones are stored)."""
         ps = self.settings.proxy
-        from edge_proxy.shutdown import CLEANUP_TIMEOUT_SECONDS
+        from edge_proxy.proxy.shutdown import CLEANUP_TIMEOUT_SECONDS
         runner = guarded_runner(self.app, self._guard(), handler_cancellation=True, access_log=None,
                                 shutdown_timeout=CLEANUP_TIMEOUT_SECONDS)   # after the drain (shutdown.py)
         await runner.setup()
@@ -158,7 +158,7 @@ def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntim
     from edge_proxy.economics_live import create_economics
     create_economics(runtime)
     attach_coldstart(runtime)      # hold mode / --spawn supervisor (None unless enabled)
-    from edge_proxy.request_lookup import attach_request_lookup
+    from edge_proxy.proxy.request_lookup import attach_request_lookup
     attach_request_lookup(runtime)  # GET /edge/requests/{id}: per-request energy (edge-eval)
     # ---------------------------------------------------------------------------------------------
 

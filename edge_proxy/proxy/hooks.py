@@ -1,5 +1,5 @@
 """Extension points of the proxy: what the energy ledger, economics, tracing and cold-start code
-plug into. The proxy core (``edge_proxy.app``) owns the per-request :class:`RequestRecord` and calls
+plug into. The proxy core (``edge_proxy.proxy.app``) owns the per-request :class:`RequestRecord` and calls
 the observers; it never knows what they do.
 
 Lifecycle of one request as the observers see it::
