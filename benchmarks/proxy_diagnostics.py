@@ -166,9 +166,9 @@ def cmd_cold_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_event_cost(args: argparse.Namespace) -> int:
-    from edge_proxy.proxy.app import _relay_chunk
+    from edge_proxy.proxy.relay import relay_chunk as _relay_chunk
     from edge_proxy.proxy.hooks import RequestRecord
-    from edge_proxy.proxy.relay import _BackendProtocol
+    from edge_proxy.proxy.raw_http import _BackendProtocol
     from edge_proxy.proxy.sse import SSESplitter
     from edge_proxy.proxy.token_accounting import OpenAIStream
 

@@ -141,8 +141,12 @@ class EconomicsObserver(BaseObserver):
         settings: Settings,
         registry: CollectorRegistry,
         clock_ns: Callable[[], int] = time.monotonic_ns,
+        gate: Any = None,
+        energy: Any = None,
     ) -> None:
         self.settings = settings
+        self.gate = gate                          # the cold-start gate (its history), or None
+        self.energy_component = energy            # the energy component, or None
         self.cfg = settings.economics
         if self.cfg.mode not in ("production", "paper"):
             raise ConfigError(f"economics.mode must be production or paper, got {self.cfg.mode!r}")
@@ -264,9 +268,7 @@ class EconomicsObserver(BaseObserver):
 
     def sync_cold_starts(self) -> None:
         """Pick up finished cold starts from the cold-start gate's history (if the gate exists)."""
-        gate = None
-        if self.runtime is not None:
-            gate = getattr(self.runtime, "components", {}).get("coldstart")
+        gate = self.gate
         for cs in list(getattr(gate, "history", ()) or ()):
             try:
                 if getattr(cs, "outcome", None) != "ready" or cs.id in self._cold_ids:
@@ -326,7 +328,7 @@ class EconomicsObserver(BaseObserver):
         proxy serves). ``joules`` None when no energy source covers it. ``cold_start_id``: the
         gate's id, so a cold start pushed here and also seen in the gate's history counts once.
 
-        The cold-start gate (``runtime.components["coldstart"]``) may call this; economics also
+        The cold-start gate (``self.gate``) may call this; economics also
         picks up finished cold starts from the gate's ``history`` by itself."""
         if cold_start_id is not None:
             if cold_start_id in self._cold_ids:
@@ -731,7 +733,7 @@ class _EconomicsCollector(Collector):
         from edge_proxy.energy.exporter import SOURCE_KIND, source_scope
 
         o = self.obs
-        comp = getattr(o.runtime, "components", {}).get("energy") if o.runtime is not None else None
+        comp = o.energy_component
         esrc = comp.source if comp is not None else "none"
         escope = source_scope(comp.sampler.reader) if comp is not None else "none"
         g = GaugeMetricFamily(
@@ -810,11 +812,12 @@ class _EconomicsCollector(Collector):
         yield prices
 
 
-def create_economics(runtime: Any) -> EconomicsObserver:
+def create_economics(runtime: Any, gate: Any = None, energy: Any = None) -> EconomicsObserver:
     """Factory called by ``edge_proxy.proxy.server.build_proxy``: creates the observer on the runtime's
     registry, appends it to ``runtime.observers``, registers ``POST /edge/feedback`` and the
-    background tasks (backend /info poll, quality probes)."""
-    obs = EconomicsObserver(runtime.settings, runtime.registry)
+    background tasks (backend /info poll, quality probes). ``gate``: the cold-start gate (or
+    None); ``energy``: the energy component (or None)."""
+    obs = EconomicsObserver(runtime.settings, runtime.registry, gate=gate, energy=energy)
     obs.runtime = runtime
     runtime.observers.append(obs)
     runtime.components["economics"] = obs

@@ -216,8 +216,7 @@ def intelligence_per_joule_source(o: Any, model: str) -> str:
     """The score's source, or the energy source's when the score is measured but the joules are
     estimated (or replayed)."""
     _, src = o.score(model)
-    energy = getattr(o.runtime, "components", {}).get("energy") if o.runtime else None
-    esrc = getattr(energy, "source", None)
+    esrc = getattr(o.energy_component, "source", None)
     return esrc if src == "measured" and esrc in ("estimated", "replay") else src
 
 

@@ -150,8 +150,8 @@ def test_cold_starts_counted_once_and_in_fixed_cost() -> None:
     obs = EconomicsObserver(settings, reg, clock_ns=clock)
     history = [SimpleNamespace(id=1, outcome="ready", tax_joules=(720.0, "nvml"), seconds=6.0),
                SimpleNamespace(id=2, outcome="timeout", tax_joules=(None, "none"), seconds=300.0)]
-    obs.runtime = SimpleNamespace(components={"coldstart": SimpleNamespace(history=history)},
-                                  backend=SimpleNamespace(model="m"))
+    obs.gate = SimpleNamespace(history=history)
+    obs.runtime = SimpleNamespace(backend=SimpleNamespace(model="m"))
     for i in range(3):
         _request(obs, clock, f"r{i}", seconds=0.3, joules=[6.0, 7.2, 9.0][i])
     obs.record_cold_start(None, 720.0, 6.0, cold_start_id=1)     # pushed as well: counted once

@@ -125,7 +125,7 @@ def test_relay_dechunks_any_split(payloads, cuts, with_ext):
     """The lean relay's HTTP/1.1 response parser: head + chunked body split at arbitrary points."""
     import asyncio
 
-    from edge_proxy.proxy.relay import _BackendProtocol
+    from edge_proxy.proxy.raw_http import _BackendProtocol
 
     loop = asyncio.new_event_loop()
     try:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from edge_proxy.proxy.errors import error_body, error_event
 
 if TYPE_CHECKING:
-    from edge_proxy.proxy.server import ProxyRuntime
+    from edge_proxy.proxy.runtime import ProxyRuntime
 
 log = logging.getLogger("edge_proxy")
 
