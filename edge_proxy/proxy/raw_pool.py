@@ -25,7 +25,8 @@ MAX_IDLE_REUSE_SECONDS = 4.0
 
 
 class RawResponse:
-    """What the proxy core needs of a backend response, over :class:`_BackendProtocol`."""
+    """What the proxy needs of a backend response (``relay.BackendResponse``), over
+    :class:`_BackendProtocol`."""
 
     def __init__(self, pool: "RelayPool", proto: _BackendProtocol, timeout: float) -> None:
         self._pool = pool
