@@ -417,7 +417,7 @@ async def check5_overhead(args: argparse.Namespace, ms_url: str, model: str, uui
 async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], out: dict[str, Any]) -> None:
     from edge_proxy.config import load_settings
     from edge_proxy.process_tuning import tune_process_for_serving
-    from edge_proxy.server import build_proxy
+    from edge_proxy.proxy.server import build_proxy
 
     model = http_json(ms_url + "/v1/models")["data"][0]["id"]
     max_tokens_cap = max(16, min(4000, int(http_json(ms_url + "/info").get("max_total_tokens") or 4096) - 64))
@@ -865,7 +865,7 @@ def main() -> int:
             print(f"energy_validation: error: --source nvml: {exc}", file=sys.stderr)
             return 2
     try:                               # the proxy needs its own dependencies (opentelemetry, ...)
-        import edge_proxy.server  # noqa: F401
+        import edge_proxy.proxy.server  # noqa: F401
     except ImportError as exc:
         print(f"energy_validation: error: cannot import the proxy: {exc}", file=sys.stderr)
         return 2

@@ -166,11 +166,11 @@ def cmd_cold_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_event_cost(args: argparse.Namespace) -> int:
-    from edge_proxy.app import _relay_chunk
-    from edge_proxy.hooks import RequestRecord
-    from edge_proxy.relay import _BackendProtocol
-    from edge_proxy.sse import SSESplitter
-    from edge_proxy.token_accounting import OpenAIStream
+    from edge_proxy.proxy.relay import relay_chunk as _relay_chunk
+    from edge_proxy.proxy.hooks import RequestRecord
+    from edge_proxy.proxy.raw_http import _BackendProtocol
+    from edge_proxy.proxy.sse import SSESplitter
+    from edge_proxy.proxy.token_accounting import OpenAIStream
 
     ev = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'
           b'"choices":[{"index":0,"delta":{"content":" tok7"},"finish_reason":null}]}\n\n')

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from edge_proxy.forward_routes import DEFAULT_FORWARD_ROUTES, check_patterns
+from edge_proxy.proxy.forward_routes import DEFAULT_FORWARD_ROUTES, check_patterns
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from edge_proxy.config import Settings
-from edge_proxy.server import ProxyRuntime, build_proxy
+from edge_proxy.proxy.server import ProxyRuntime, build_proxy
 
 
 class ProxyThread:

@@ -290,7 +290,7 @@ from contextlib import asynccontextmanager  # noqa: E402
 from typing import AsyncIterator  # noqa: E402
 
 from edge_proxy.config import load_settings  # noqa: E402
-from edge_proxy.hooks import BaseObserver, RequestRecord  # noqa: E402
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord  # noqa: E402
 
 
 class RecordingObserver(BaseObserver):
@@ -327,7 +327,7 @@ class RecordingObserver(BaseObserver):
 async def running_proxy(backend_url: str, span_exporter: Any = None, gate: Any = None,
                         **proxy: Any) -> AsyncIterator[Any]:
     """A started proxy (free ports, no access log unless given) with a RecordingObserver."""
-    from edge_proxy.server import build_proxy
+    from edge_proxy.proxy.server import build_proxy
 
     overrides = {("proxy", "backend_url"): backend_url, ("proxy", "port"): 0,
                  ("proxy", "metrics_port"): 0, ("proxy", "access_log"): "none"}

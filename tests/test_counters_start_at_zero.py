@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_proxy.config import load_settings
-from edge_proxy.server import build_proxy
+from edge_proxy.proxy.server import build_proxy
 from tests.proxy_support import InProcessUpstream, wait_until
 
 pytestmark = pytest.mark.asyncio

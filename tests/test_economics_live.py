@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_proxy.config import load_settings
-from edge_proxy.server import build_proxy
+from edge_proxy.proxy.server import build_proxy
 
 P_IN, P_OUT = 30.0, 60.0         # USD per 1M tokens
 GPU_USD_PER_HOUR = 0.5

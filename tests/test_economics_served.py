@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from edge_proxy.config import load_settings
-from edge_proxy.server import build_proxy
+from edge_proxy.proxy.server import build_proxy
 from tests.proxy_support import InProcessUpstream, free_port, metric_value, wait_until
 
 pytestmark = pytest.mark.asyncio

@@ -13,7 +13,7 @@ import pytest
 from edge_proxy.energy.ledger import Ledger
 from edge_proxy.energy.observer import EnergyObserver
 from edge_proxy.energy.readings import Tick
-from edge_proxy.hooks import RequestRecord
+from edge_proxy.proxy.hooks import RequestRecord
 
 pytestmark = pytest.mark.asyncio
 

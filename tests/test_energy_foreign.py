@@ -23,7 +23,7 @@ from edge_proxy.energy.ledger import Ledger
 from edge_proxy.energy.readings import ReaderError, Tick
 from edge_proxy.energy.replay_source import ReplayReader
 from edge_proxy.energy.sampler import Sampler
-from edge_proxy.server import build_proxy
+from edge_proxy.proxy.server import build_proxy
 
 MS = 1_000_000
 

@@ -12,8 +12,8 @@ import pytest
 from text_generation import AsyncClient
 
 from edge_proxy.config import load_settings
-from edge_proxy.hooks import BaseObserver, RequestRecord
-from edge_proxy.server import build_proxy
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.proxy.server import build_proxy
 
 TRACE = Path(__file__).parent / "data" / "energy_h100_synthetic.jsonl"
 

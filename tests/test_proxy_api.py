@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from text_generation import AsyncClient
 
-from edge_proxy.app import with_include_usage
+from edge_proxy.proxy.request_body import with_include_usage
 from tests.proxy_support import InProcessUpstream, metric_value, running_proxy
 
 pytestmark = pytest.mark.asyncio
@@ -85,7 +85,7 @@ async def test_stream_usage_stripped_unless_asked():
 @pytest.mark.parametrize("relay", ["raw", "aiohttp"])
 async def test_timeline_and_token_events_streaming(relay):
     async with InProcessUpstream() as up, running_proxy(up.url, stream_relay=relay) as px:
-        assert (px.core.relay is not None) == (relay == "raw")
+        assert px.core.relay.name == relay
         body = {"model": "fake-model", "messages": [{"role": "user", "content": "x y z"}],
                 "max_tokens": 7, "stream": True}
         await _raw_events(px.url + "/v1/chat/completions", body)
@@ -211,7 +211,7 @@ async def test_otlp_export_to_a_real_http_receiver(tmp_path):
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     from edge_proxy.config import load_settings
-    from edge_proxy.server import build_proxy
+    from edge_proxy.proxy.server import build_proxy
 
     log = tmp_path / "access.jsonl"
     async with InProcessUpstream() as up:
@@ -262,7 +262,7 @@ async def test_end_of_request_work_keeps_up_under_continuous_traffic():
     import asyncio
     import time
 
-    from edge_proxy.hooks import RequestRecord
+    from edge_proxy.proxy.hooks import RequestRecord
 
     async with InProcessUpstream() as up, running_proxy(up.url) as px:
         recorder = px.components["recorder"]
@@ -274,7 +274,7 @@ async def test_end_of_request_work_keeps_up_under_continuous_traffic():
             rec = RequestRecord(request_id=f"r{n}", route="/v1/completions", api="openai",
                                 t_received_ns=now, t_end_ns=now, outcome="ok", status=200)
             core.metrics.in_flight.inc()
-            core._end(rec, True)
+            core.book.end(rec, True)
             n += 1
             await asyncio.sleep(0.001)
         during = len(recorder.final)
@@ -340,7 +340,7 @@ async def test_request_id_on_every_instrumented_response():
 async def test_relay_does_not_reuse_a_connection_idle_past_the_limit(monkeypatch):
     import asyncio
 
-    import edge_proxy.relay as relay
+    import edge_proxy.proxy.raw_pool as relay
 
     async with InProcessUpstream() as up, running_proxy(up.url) as px:
         body = {"model": "fake-model", "prompt": "a", "max_tokens": 1}

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from edge_proxy.config import load_settings
-from edge_proxy.server import build_proxy
+from edge_proxy.proxy.server import build_proxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.proxy_support import (MODEL, InProcessUpstream, free_port, make_app, metric_value,

@@ -16,7 +16,7 @@ import pytest
 from text_generation import AsyncClient
 from text_generation.errors import UnknownError
 
-from edge_proxy.hooks import GateRejected
+from edge_proxy.proxy.hooks import GateRejected
 from tests.proxy_support import InProcessUpstream, free_port, metric_value, running_proxy, wait_until
 
 pytestmark = pytest.mark.asyncio

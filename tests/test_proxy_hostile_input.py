@@ -58,7 +58,7 @@ class _FeedbackProxy:
 
     def __init__(self, backend_url: str) -> None:
         from edge_proxy.config import load_settings
-        from edge_proxy.server import build_proxy
+        from edge_proxy.proxy.server import build_proxy
 
         settings = load_settings(None, {("proxy", "backend_url"): backend_url, ("proxy", "port"): 0,
                                         ("proxy", "metrics_port"): 0, ("proxy", "access_log"): "none",
@@ -108,7 +108,7 @@ async def test_one_client_id_on_many_requests_shares_nothing() -> None:
     from pathlib import Path
 
     from edge_proxy.config import load_settings
-    from edge_proxy.server import build_proxy
+    from edge_proxy.proxy.server import build_proxy
     from tests.proxy_support import RecordingObserver
 
     trace = Path(__file__).parent / "data" / "energy_h100_synthetic.jsonl"

@@ -136,7 +136,7 @@ def _own(text: str, marker: str, others: list[str]) -> bool:
 async def test_interim_response_is_skipped_sequential(respond: Writer, stream: bool) -> None:
     markers = [f"client-{i}-marker" for i in range(4)]
     async with RawBackend(respond) as be, running_proxy(be.url) as px:
-        assert px.core.relay is not None            # the default raw relay is under test
+        assert px.core.relay.name == "raw"         # the default raw relay is under test
         async with aiohttp.ClientSession() as s:
             for m in markers:
                 status, text = await _ask(s, px.url, m, stream)

@@ -6,9 +6,9 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from edge_proxy.hooks import RequestRecord
-from edge_proxy.sse import SSESplitter, event_data
-from edge_proxy.token_accounting import OpenAIStream, TGIStream
+from edge_proxy.proxy.hooks import RequestRecord
+from edge_proxy.proxy.sse import SSESplitter, event_data
+from edge_proxy.proxy.token_accounting import OpenAIStream, TGIStream
 
 texts = st.one_of(st.just(""), st.just('"content":"x'), st.text(max_size=12))
 
@@ -125,7 +125,7 @@ def test_relay_dechunks_any_split(payloads, cuts, with_ext):
     """The lean relay's HTTP/1.1 response parser: head + chunked body split at arbitrary points."""
     import asyncio
 
-    from edge_proxy.relay import _BackendProtocol
+    from edge_proxy.proxy.raw_http import _BackendProtocol
 
     loop = asyncio.new_event_loop()
     try:
@@ -168,7 +168,7 @@ def test_splitter_any_split_any_terminator(events, cuts):
 def test_splitter_bounds_an_unterminated_event():
     import pytest
 
-    from edge_proxy.sse import EventTooLarge
+    from edge_proxy.proxy.sse import EventTooLarge
 
     sp = SSESplitter(max_event_bytes=100)
     assert sp.feed(b"data: a\n\ndata: " + b"x" * 50) == [b"data: a\n\n"]

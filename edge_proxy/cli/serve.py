@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         # Build (not start) the runtime too, so component factories validate their sections.
         import copy
 
-        from edge_proxy.server import build_proxy
+        from edge_proxy.proxy.server import build_proxy
 
         dry = copy.deepcopy(settings)
         dry.proxy.access_log = None          # a dry run creates no files
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(settings: Settings, reload_from: tuple[str, dict] | None = None) -> int:
     from edge_proxy.process_tuning import tune_process_for_serving
-    from edge_proxy.server import build_proxy
+    from edge_proxy.proxy.server import build_proxy
 
     runtime = build_proxy(settings)
     try:
@@ -198,6 +198,6 @@ async def _serve(settings: Settings, reload_from: tuple[str, dict] | None = None
     await stop.wait()
     if reloader is not None:
         await reloader.stop()
-    from edge_proxy.shutdown import graceful_stop
+    from edge_proxy.proxy.shutdown import graceful_stop
     await graceful_stop(runtime, settings.proxy.drain_timeout_seconds)   # /metrics answers until the end
     return 0

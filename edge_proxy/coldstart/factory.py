@@ -10,7 +10,7 @@ from edge_proxy.coldstart.gate import ColdStartGate
 from edge_proxy.coldstart.metrics import ColdStartMetrics
 from edge_proxy.coldstart.spawn import SpawnError, build_argv
 from edge_proxy.config import ConfigError, Settings
-from edge_proxy.hooks import RequestRecord
+from edge_proxy.proxy.hooks import RequestRecord
 
 COLD_START_HEADER = "x-edge-cold-start"
 COLD_START_WAIT_HEADER = "x-edge-cold-start-wait-seconds"
@@ -55,14 +55,10 @@ def create_coldstart(settings: Settings, registry: CollectorRegistry, tracer: An
     )
 
 
-def attach_coldstart(runtime: Any) -> ColdStartGate | None:
-    """``build_proxy`` hook: create the gate from ``runtime.settings``, make it the runtime's gate
-    and an observer, tie it to the app's start/stop, and serve its JSON snapshot on the metrics
-    port (``GET /edge/cold-starts``). The energy component is looked up when a cold start ends
-    (``runtime.components["energy"]``), so the order of the factories does not matter."""
-    tracer = runtime.tracing.tracer if getattr(runtime, "tracing", None) is not None else None
-    gate = create_coldstart(runtime.settings, runtime.registry, tracer=tracer,
-                            energy=lambda: runtime.components.get("energy"))
+def attach_coldstart(runtime: Any, gate: ColdStartGate | None) -> ColdStartGate | None:
+    """``build_proxy`` hook: make ``gate`` (from :func:`create_coldstart`; None: nothing to do)
+    the runtime's gate and an observer, tie it to the app's start/stop, and serve its JSON
+    snapshot on the metrics port (``GET /edge/cold-starts``)."""
     if gate is None:
         return None
     if runtime.settings.coldstart.hold or runtime.settings.coldstart.spawn:

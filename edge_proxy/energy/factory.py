@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 
@@ -147,18 +147,20 @@ def create_energy(settings: Settings, registry: CollectorRegistry) -> EnergyComp
 
 def attach_energy(runtime: Any) -> EnergyComponent | None:
     """``build_proxy`` hook: create the component, add its observer (first, so later components
-    see ``rec.energy``), start/stop the sampler with the app, expose it as
-    ``runtime.components["energy"]``."""
+    see ``rec.energy``), start/stop the sampler with the app, name it
+    ``runtime.components["energy"]`` (for tests and the CLI)."""
     comp = create_energy(runtime.settings, runtime.registry)
     if comp is None:
         return None
     runtime.observers.insert(0, comp.observer)
     runtime.components["energy"] = comp
-    reader = comp.sampler.reader
-    if isinstance(reader, EstimatedReader) and runtime.settings.coldstart.spawn:
-        # the backend the proxy spawns is the estimate's process tree (looked up when read)
-        reader.spawned_pid = lambda: getattr(getattr(runtime.components.get("coldstart"), "supervisor", None),
-                                             "pid", None)
     runtime.app.on_startup.append(comp.on_startup)
     runtime.app.on_cleanup.append(comp.on_cleanup)
     return comp
+
+
+def follow_spawned_backend(comp: EnergyComponent | None, pid: Callable[[], int | None]) -> None:
+    """``build_proxy`` hook (``--spawn``): the backend the proxy spawns is the estimated source's
+    process tree; ``pid()`` (looked up when read) is its process id, None while none runs."""
+    if comp is not None and isinstance(comp.sampler.reader, EstimatedReader):
+        comp.sampler.reader.spawned_pid = pid

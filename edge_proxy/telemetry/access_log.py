@@ -12,7 +12,7 @@ import sys
 import time
 from typing import IO, Any
 
-from edge_proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
 
 
 def _ms(ns: int | None, t0: int) -> float | None:

@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from edge_proxy.config import TracingSettings
-from edge_proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 SPAN_KEY = "otel_span"

@@ -20,7 +20,7 @@ import time
 from aiohttp import web
 from prometheus_client import Counter
 
-from edge_proxy.errors import Api, error_response
+from edge_proxy.proxy.errors import Api, error_response
 
 log = logging.getLogger("edge_proxy")
 

@@ -71,6 +71,12 @@ def api_for_path(path: str, backend_kind: str) -> Api:
     return "openai" if backend_kind in ("openai", "unknown") else "tgi"
 
 
+def is_connect_failure(exc: BaseException) -> bool:
+    """The backend could not be reached: refused, unreachable, or the connect timed out (502,
+    ``connect``; the cold-start gate treats it as a backend that is down)."""
+    return isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+
+
 def failure_message(exc: BaseException | str, url: str, timeout_s: float, tokens: int | None = None) -> str:
     """What went wrong with the backend at ``url``, in words a user can act on. ``exc``: the
     exception, or the lean relay's result string (``timeout``, ``broken``, ``error:<detail>``)."""

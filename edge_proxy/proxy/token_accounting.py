@@ -22,8 +22,8 @@ import json
 import re
 from typing import Any, Callable
 
-from edge_proxy import json_input
-from edge_proxy.hooks import RequestRecord
+from edge_proxy.proxy import json_input
+from edge_proxy.proxy.hooks import RequestRecord
 
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 # Fast path (no JSON parse) for the common OpenAI chunk: only content, no usage object, no finish

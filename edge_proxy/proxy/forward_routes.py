@@ -8,10 +8,16 @@ are forwarded; everything else gets 404 from the proxy (the proxy's own routes, 
 
 Patterns: an exact path (``/generate``), a prefix ending in ``*`` (``/v1/models/*``), or ``*``
 alone (forward everything, the behaviour of a plain reverse proxy).
+
+Also here: which of the forwarded routes are instrumented (:data:`GENERATION_ROUTES`, measured
+per request; :data:`METADATA_ROUTES`, forwarded and counted). Must not: handle requests.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
+
+from edge_proxy.proxy.errors import Api
 
 DEFAULT_FORWARD_ROUTES: tuple[str, ...] = (
     # TGI
@@ -19,6 +25,23 @@ DEFAULT_FORWARD_ROUTES: tuple[str, ...] = (
     # OpenAI
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/models/*",
 )
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    api: Api
+    operation: str
+    stream: bool | None   # None: from the body's "stream" field
+
+
+GENERATION_ROUTES: dict[str, RouteSpec] = {
+    "/v1/chat/completions": RouteSpec("openai", "chat", None),
+    "/v1/completions": RouteSpec("openai", "text_completion", None),
+    "/generate": RouteSpec("tgi", "text_completion", False),
+    "/generate_stream": RouteSpec("tgi", "text_completion", True),
+    "/": RouteSpec("tgi", "text_completion", None),
+}
+METADATA_ROUTES = frozenset({"/v1/models", "/info", "/health"})
 
 
 class RouteAllowList:

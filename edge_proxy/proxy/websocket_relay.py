@@ -15,8 +15,8 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from yarl import URL
 
-from edge_proxy.errors import error_response
-from edge_proxy.headers import request_headers
+from edge_proxy.proxy.errors import error_response
+from edge_proxy.proxy.headers import request_headers
 
 # Set by the WebSocket handshake itself on each hop: never copied from the client.
 _HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",

@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edge_proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
 
 CAPACITY = 10_000
 MAX_WAIT_SECONDS = 60.0

@@ -4,13 +4,15 @@
   ``engine``/``state``.
 - ``/v1/models`` answering ``{"data": [{"id": ...}]}``: an OpenAI-compatible server (vLLM, ...).
 The probe retries until the backend answers, then refreshes every minute. Failures are silent here:
-requests report them.
+requests report them. Owns :class:`BackendInfo` (what the proxy knows about its backend). Must
+not: forward requests.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import posixpath
+from dataclasses import dataclass, field
 from typing import Any, TYPE_CHECKING
 
 import aiohttp
@@ -22,6 +24,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_proxy")
 RETRY_SECONDS = 1.0
 REFRESH_SECONDS = 60.0
+
+
+@dataclass
+class BackendInfo:
+    """What the proxy knows about its backend (probed at startup, refreshed lazily)."""
+
+    url: str
+    kind: str = "unknown"              # model_server | tgi | openai | unknown
+    model: str | None = None           # served model id (bounded label)
+    models: set[str] = field(default_factory=set)
+    info: dict[str, Any] | None = None
 
 
 def _model_name(model_id: str) -> str:
@@ -39,7 +52,7 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
             return None
 
 
-async def probe_once(session: aiohttp.ClientSession, backend: "BackendInfo", configured_kind: str) -> bool:
+async def probe_once(session: aiohttp.ClientSession, backend: BackendInfo, configured_kind: str) -> bool:
     """One probe; returns True when something was learned."""
     learned = False
     kind: str | None = None
@@ -68,7 +81,7 @@ async def probe_once(session: aiohttp.ClientSession, backend: "BackendInfo", con
     return learned
 
 
-def unmatched_model_keys(settings: Any, backend: "BackendInfo") -> list[str]:
+def unmatched_model_keys(settings: Any, backend: BackendInfo) -> list[str]:
     """Warnings for per-model configuration keys that match no model label this proxy will use
     (the configured ``proxy.model_name``, else the models the backend serves): such a key is never
     read, and the real series get no value from it (e.g. NaN intelligence per joule)."""
@@ -87,16 +100,17 @@ def unmatched_model_keys(settings: Any, backend: "BackendInfo") -> list[str]:
     return out
 
 
-async def probe_loop(core: "ProxyCore", backend: "BackendInfo", configured_kind: str,
+async def probe_loop(session: aiohttp.ClientSession, backend: BackendInfo, settings: Any,
                      metrics: "ProxyMetrics") -> None:
-    while core.session is None:
-        await asyncio.sleep(0.05)
+    """Probe until cancelled: every :data:`RETRY_SECONDS` until the backend answers, then every
+    :data:`REFRESH_SECONDS`."""
+    configured_kind = settings.proxy.backend_kind
     warned = False
     while True:
-        ok = await probe_once(core.session, backend, configured_kind)
+        ok = await probe_once(session, backend, configured_kind)
         metrics.backend_kind = backend.kind
         if ok and not warned:
             warned = True
-            for line in unmatched_model_keys(core.settings, backend):
+            for line in unmatched_model_keys(settings, backend):
                 log.warning("%s", line)
         await asyncio.sleep(REFRESH_SECONDS if ok else RETRY_SECONDS)

@@ -33,7 +33,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from edge_proxy.errors import Api, error_body
+from edge_proxy.proxy.errors import Api, error_body
 
 log = logging.getLogger("edge_proxy")
 

@@ -1,6 +1,7 @@
 """Extension points of the proxy: what the energy ledger, economics, tracing and cold-start code
-plug into. The proxy core (``edge_proxy.app``) owns the per-request :class:`RequestRecord` and calls
-the observers; it never knows what they do.
+plug into. The proxy (``edge_proxy.proxy.forward``) owns the per-request :class:`RequestRecord`;
+``edge_proxy.proxy.bookkeeping`` calls the observers; neither knows what they do. Must not: import
+any component.
 
 Lifecycle of one request as the observers see it::
 

@@ -24,10 +24,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from edge_proxy.errors import error_body, error_event
+from edge_proxy.proxy.errors import error_body, error_event
 
 if TYPE_CHECKING:
-    from edge_proxy.server import ProxyRuntime
+    from edge_proxy.proxy.runtime import ProxyRuntime
 
 log = logging.getLogger("edge_proxy")
 
