@@ -53,7 +53,7 @@ from edge_proxy.config import Settings  # noqa: E402
 from edge_proxy.coldstart.phases import SEGMENTS  # noqa: E402
 from edge_proxy.economics.formulas import cold_start_tax, cold_start_time_ratio, keep_warm_break_even_seconds  # noqa: E402
 from edge_proxy.energy.window import EnergyWindows  # noqa: E402
-from edge_proxy.server import build_proxy  # noqa: E402
+from edge_proxy.proxy.server import build_proxy  # noqa: E402
 
 PHASE_LABELS: tuple[str, ...] = tuple(s[0] for s in SEGMENTS)     # the duration histogram's phase labels
 

@@ -1,6 +1,6 @@
 """Cost of live economics inside the proxy: per-request observer time and /metrics scrape time.
 
-Drives :class:`edge_proxy.economics.economics_live.EconomicsObserver` directly with synthetic finished
+Drives :class:`edge_proxy.economics.live.EconomicsObserver` directly with synthetic finished
 requests (no network), side by side with a no-op observer, and times a scrape of its registry as
 the window fills. Prints a table; ``--out DIR`` also writes economics_overhead.json.
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 
 from edge_proxy.config import load_settings
-from edge_proxy.economics.economics_live import EconomicsObserver
-from edge_proxy.hooks import BaseObserver, EnergyAttribution, RequestRecord
+from edge_proxy.economics.live import EconomicsObserver
+from edge_proxy.proxy.hooks import BaseObserver, EnergyAttribution, RequestRecord
 
 
 def _drive(obs: BaseObserver, n: int, models: int) -> float:

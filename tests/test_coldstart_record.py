@@ -13,7 +13,7 @@ from edge_proxy.coldstart.metrics import ColdStartMetrics
 from edge_proxy.coldstart.phases import ColdStartTimeline
 from edge_proxy.coldstart.record import ColdStart
 from edge_proxy.coldstart.recording import ColdStartRecorder
-from edge_proxy.hooks import EnergyAttribution, RequestRecord
+from edge_proxy.proxy.hooks import EnergyAttribution, RequestRecord
 from tests.test_energy_window import H200, counter_curve, interp, run_trace
 
 S = 1_000_000_000

@@ -14,9 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge_proxy.config import ConfigError, load_settings
 from edge_proxy.economics.formulas import PAPER, energy_cost_usd
-from edge_proxy.economics.economics_live import EconomicsObserver
+from edge_proxy.economics.live import EconomicsObserver
 from edge_proxy.economics.window import BusyClock as _BusyClock
-from edge_proxy.hooks import EnergyAttribution, RequestRecord
+from edge_proxy.proxy.hooks import EnergyAttribution, RequestRecord
 from edge_proxy.economics.quality import GoldenPrompt, RecentRequests, load_golden_prompts, load_quality_results
 
 
@@ -220,7 +220,7 @@ def test_collector_describes_its_metrics_so_duplicates_are_refused() -> None:
     from edge_proxy.economics.collector import EconomicsCollector
 
     settings = load_settings(environ={}, overrides={("economics", "scores"): {"m": 0.5}})
-    reg = CollectorRegistry(auto_describe=True)          # as edge_proxy.server.build_proxy
+    reg = CollectorRegistry(auto_describe=True)          # as edge_proxy.proxy.server.build_proxy
     obs = EconomicsObserver(settings, reg)
     with pytest.raises(ValueError, match="Duplicated timeseries.*edge_proxy_break_even_requests"):
         reg.register(EconomicsCollector(obs.stats))

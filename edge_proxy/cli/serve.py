@@ -1,5 +1,5 @@
 """``edge-proxy serve``: run the proxy in front of one backend. Owns flags -> settings and the
-process's signal handling; must not hold proxy logic (that is :func:`edge_proxy.server.build_proxy`).
+process's signal handling; must not hold proxy logic (that is :func:`edge_proxy.proxy.server.build_proxy`).
 
 Flags map to settings (``section.key``) through :data:`SERVE_FLAGS`; other components add rows for
 their own sections (one line each). Precedence: defaults < ``--config`` YAML < ``EDGE_PROXY_*``
@@ -190,8 +190,8 @@ async def _serve(settings: Settings, reload_from: tuple[str, dict] | None = None
         loop.add_signal_handler(sig, stop.set)
     reloader = None
     if reload_from is not None and runtime.components.get("economics") is not None:
-        # Prices reload live: SIGHUP or a change of the config file (edge_proxy.economics.economics_reload).
-        from edge_proxy.economics.economics_reload import EconomicsReloader
+        # Prices reload live: SIGHUP or a change of the config file (edge_proxy.economics.reload).
+        from edge_proxy.economics.reload import EconomicsReloader
         reloader = EconomicsReloader(runtime.components["economics"], reload_from[0], reload_from[1],
                                      runtime.registry)
         reloader.start(loop)

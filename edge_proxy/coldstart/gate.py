@@ -1,4 +1,4 @@
-"""Hold mode: the :class:`~edge_proxy.hooks.BackendGate` that holds requests while the backend is
+"""Hold mode: the :class:`~edge_proxy.proxy.hooks.BackendGate` that holds requests while the backend is
 not ready and starts a cold start for them; the object the proxy sees, assembled from parts:
 
 * admission and the hold queue (:mod:`.hold`): ``acquire`` returns at once while the backend is
@@ -12,7 +12,7 @@ not ready and starts a cold start for them; the object the proxy sees, assembled
   for a cold start in progress wait up to ``drain_seconds`` for it to release them (they then finish
   normally; not with ``--spawn``, whose backend stops with the proxy), the rest are handed back with
   503 + ``Retry-After`` (reason ``draining``), so a client that retries reaches another replica;
-* a :class:`~edge_proxy.hooks.RequestObserver`: counts requests in flight (idle stop never cuts a
+* a :class:`~edge_proxy.proxy.hooks.RequestObserver`: counts requests in flight (idle stop never cuts a
   running request), sees the first token of the first released request (last phase), and hands
   warm requests to the recorder (tax inputs).
 
@@ -38,7 +38,7 @@ from edge_proxy.coldstart.record import ColdStart
 from edge_proxy.coldstart.recording import ColdStartRecorder
 from edge_proxy.coldstart.supervisor import BackendSupervisor
 from edge_proxy.config import ColdStartSettings
-from edge_proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
 
 log = logging.getLogger("edge_proxy.coldstart")
 

@@ -1,7 +1,7 @@
 """Admission and the hold queue: the bounded FIFO of requests that wait for a cold start.
 
 * a request is admitted while fewer than ``max_pending`` requests and ``max_held_bytes`` request
-  bytes are held; otherwise it gets :class:`~edge_proxy.hooks.GateRejected` (``hold_full``, 503);
+  bytes are held; otherwise it gets :class:`~edge_proxy.proxy.hooks.GateRejected` (``hold_full``, 503);
   while the proxy drains it gets ``draining`` (503 + Retry-After);
 * an admitted request waits at most ``max_wait_seconds`` (+1 s: the cold-start driver rejects
   everything held first, so counters and 503s agree; this limit is the safety net behind it);
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from edge_proxy.coldstart.metrics import ColdStartMetrics
 from edge_proxy.coldstart.record import ColdStart
 from edge_proxy.config import ColdStartSettings
-from edge_proxy.hooks import GateRejected, RequestRecord
+from edge_proxy.proxy.hooks import GateRejected, RequestRecord
 
 REQUEST_BYTES_KEY = "request_bytes"       # rec.extra: the request body's size, set by the proxy
 DRAINING_MESSAGE = "the proxy is shutting down; retry (another replica serves it)"

@@ -24,7 +24,7 @@ from typing import Any
 from edge_proxy.economics import formulas as economics
 from edge_proxy.coldstart.record import ColdStart
 from edge_proxy.energy.window import Measurement, source_kind
-from edge_proxy.hooks import RequestRecord
+from edge_proxy.proxy.hooks import RequestRecord
 
 
 def _finite(x: float | None) -> float | None:

@@ -12,7 +12,7 @@ from typing import Callable
 from aiohttp import web
 from prometheus_client import Counter
 
-from edge_proxy import json_input
+from edge_proxy.proxy import json_input
 from edge_proxy.economics.quality import RecentRequests
 
 

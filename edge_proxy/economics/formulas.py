@@ -1,7 +1,7 @@
 """The five EDGE-EVAL deployment metrics as pure functions (paper and production modes).
 
 Every function here is pure: numbers in, number out, no I/O, no state. The live side
-(``edge_proxy.economics.economics_live``) feeds them with measured counters; the tests feed them with the
+(``edge_proxy.economics.live``) feeds them with measured counters; the tests feed them with the
 paper's raw measurements (``tests/data/paper_variants.csv``) and compare with its published tables.
 
 Units: joules (J), seconds (s), US dollars (USD), gigabytes (GB = 1e9 bytes), tokens.

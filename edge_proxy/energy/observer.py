@@ -15,7 +15,7 @@ from prometheus_client import Histogram
 
 from edge_proxy.energy.apportion import prefill_share
 from edge_proxy.energy.ledger import Ledger, RequestEnergy
-from edge_proxy.hooks import BaseObserver, EnergyAttribution, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, EnergyAttribution, RequestRecord
 from edge_proxy.economics.metric_children import Children
 
 REQUEST_ENERGY_BUCKETS_JOULES = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,

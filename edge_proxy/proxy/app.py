@@ -23,7 +23,7 @@ from aiohttp import web
 from yarl import URL
 
 from edge_proxy.config import Settings
-from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.telemetry.metrics import ProxyMetrics
 from edge_proxy.proxy.backend_probe import BackendInfo, probe_once
 from edge_proxy.proxy.bookkeeping import Bookkeeping
 from edge_proxy.proxy.errors import Api, api_for_path, error_response, failure_message
@@ -36,7 +36,7 @@ from edge_proxy.proxy.relay import Relay
 from edge_proxy.proxy.relay_aiohttp import AiohttpRelay
 from edge_proxy.proxy.relay_raw import RawRelay
 from edge_proxy.proxy.websocket_relay import is_websocket_upgrade, relay_websocket
-from edge_proxy.tracing import Tracing
+from edge_proxy.telemetry.tracing import Tracing
 
 
 class ProxyCore:

@@ -18,7 +18,7 @@ from typing import Any, TYPE_CHECKING
 import aiohttp
 
 if TYPE_CHECKING:
-    from edge_proxy.app import BackendInfo, ProxyCore
+    from edge_proxy.proxy.app import BackendInfo, ProxyCore
     from edge_proxy.telemetry.metrics import ProxyMetrics
 
 log = logging.getLogger("edge_proxy")

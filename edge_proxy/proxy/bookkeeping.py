@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.telemetry.metrics import ProxyMetrics
 from edge_proxy.proxy import json_input
 from edge_proxy.proxy.hooks import BaseObserver, RequestObserver, RequestRecord
 from edge_proxy.proxy.token_accounting import account_openai_body, account_tgi_body

@@ -18,15 +18,15 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-from edge_proxy.access_log import AccessLog
+from edge_proxy.telemetry.access_log import AccessLog
 from edge_proxy.config import Settings
-from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.telemetry.metrics import ProxyMetrics
 from edge_proxy.proxy.app import ProxyCore
 from edge_proxy.proxy.backend_probe import BackendInfo, probe_loop
 from edge_proxy.proxy.hooks import BackendGate, RequestObserver
 from edge_proxy.proxy.http_guard import Guard, guarded_runner
 from edge_proxy.proxy.shutdown import CLEANUP_TIMEOUT_SECONDS
-from edge_proxy.tracing import Tracing
+from edge_proxy.telemetry.tracing import Tracing
 
 
 class ProxyRuntime:

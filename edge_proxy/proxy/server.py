@@ -18,19 +18,19 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from edge_proxy.access_log import create_access_log
+from edge_proxy.telemetry.access_log import create_access_log
 from edge_proxy.coldstart.factory import attach_coldstart, create_coldstart
 from edge_proxy.config import Settings
-from edge_proxy.economics_live import create_economics
+from edge_proxy.economics.live import create_economics
 from edge_proxy.energy.factory import attach_energy, follow_spawned_backend
-from edge_proxy.metrics import ProxyMetrics
+from edge_proxy.telemetry.metrics import ProxyMetrics
 from edge_proxy.proxy.app import ProxyCore
 from edge_proxy.proxy.backend_probe import BackendInfo
 from edge_proxy.proxy.forward_routes import GENERATION_ROUTES, METADATA_ROUTES
 from edge_proxy.proxy.hooks import RequestObserver
 from edge_proxy.proxy.request_lookup import attach_request_lookup
 from edge_proxy.proxy.runtime import ProxyRuntime
-from edge_proxy.tracing import create_tracing
+from edge_proxy.telemetry.tracing import create_tracing
 
 __all__ = ["ProxyRuntime", "build_proxy"]
 

@@ -94,7 +94,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _m("edge_proxy_energy_source_info", "gauge", "1 (info)", "source,kind,scope", _EN, "energy"),
     _m("edge_proxy_request_energy_joules", "histogram", "joules", "model", _EN, "energy"),
     _m("edge_proxy_request_phase_energy_joules", "histogram", "joules", "model,phase", _EN, "energy"),
-    # ---- economics: counters (edge_proxy/economics_live.py, economics_reload.py)
+    # ---- economics: counters (edge_proxy/economics/live.py, economics_reload.py)
     _m("edge_proxy_energy_cost_usd_total", "counter", "usd", "model", _ECO),
     _m("edge_proxy_hardware_cost_usd_total", "counter", "usd", "model", _ECO),
     _m("edge_proxy_api_equivalent_cost_usd_total", "counter", "usd", "model", _ECO),
@@ -109,7 +109,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _m("edge_proxy_economics_cold_start_seconds_total", "counter", "seconds", "model", _ECO),
     _m("edge_proxy_cold_start_cost_usd_total", "counter", "usd", "model", _ECO),
     _m("edge_proxy_config_reloads_total", "counter", "reloads", "outcome", _ECO, "config_file"),
-    # ---- economics: scrape-time gauges (edge_proxy/economics_live.py, quality_results.py)
+    # ---- economics: scrape-time gauges (edge_proxy/economics/live.py, quality_results.py)
     _m("edge_proxy_break_even_requests", "gauge", "requests", "model,source", _ECO),
     _m("edge_proxy_intelligence_per_joule", "gauge", "1/J", "model,source", _ECO),
     _m("edge_proxy_quantization_fidelity_percent", "gauge", "percent", "model,source", _ECO),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from edge_proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
 from edge_proxy.economics.metric_children import BatchHistogram, Children, observe_many
 
 # OTel GenAI gen_ai.server.request.duration

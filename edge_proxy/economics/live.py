@@ -44,7 +44,7 @@ from edge_proxy.economics.quality_results import ResultsFiles
 from edge_proxy.economics.window import (
     ALL_MODELS, BusyClock, ColdStartSample, EconomicsWindow, RequestSample, ScoreSample,
 )
-from edge_proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
 
 
 def served_by_backend(rec: RequestRecord) -> bool:
@@ -87,7 +87,7 @@ class EconomicsObserver(BaseObserver):
         self.backend = settings.proxy.backend_url
         self.coldstart = coldstart
         self.energy_component = energy
-        self.runtime: Any = None                  # edge_proxy.server.ProxyRuntime (factory sets it)
+        self.runtime: Any = None                  # edge_proxy.proxy.server.ProxyRuntime (factory sets it)
         self._cold_ids: set[object] = set()
         self._busy = BusyClock()
         self.window = EconomicsWindow(lambda: self.cfg.window_seconds, clock_ns)
@@ -283,7 +283,7 @@ class EconomicsObserver(BaseObserver):
 
 def create_economics(runtime: Any, *, coldstart: ColdStartHistory | None = None,
                      energy: EnergyComponent | None = None) -> EconomicsObserver:
-    """Factory called by ``edge_proxy.server.build_proxy`` with the cold-start gate and the energy
+    """Factory called by ``edge_proxy.proxy.server.build_proxy`` with the cold-start gate and the energy
     component it built (None: not enabled): creates the observer on the runtime's registry,
     appends it to ``runtime.observers``, registers ``POST /edge/feedback`` and the background
     tasks (backend /info poll, quality probes)."""

@@ -41,7 +41,7 @@ def _fingerprint(path: Path) -> tuple[int, int, int] | None:
 
 class EconomicsReloader:
     """Re-reads ``config_file`` (with the same command-line overrides) into the running economics
-    observer. ``economics`` is the :class:`~edge_proxy.economics.economics_live.EconomicsObserver`."""
+    observer. ``economics`` is the :class:`~edge_proxy.economics.live.EconomicsObserver`."""
 
     def __init__(self, economics: Any, config_file: str | Path, overrides: Mapping[tuple[str, str], Any],
                  registry: CollectorRegistry, poll_seconds: float = 5.0) -> None:
