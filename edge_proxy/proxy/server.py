@@ -79,7 +79,7 @@ def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntim
                             tracer=tracing.tracer if tracing is not None else None)
     if gate is not None and gate.supervisor is not None:   # --spawn: the estimate follows that process
         follow_spawned_backend(energy, lambda sup=gate.supervisor: sup.pid)
-    create_economics(runtime, gate=gate, energy=energy)
+    create_economics(runtime, coldstart=gate, energy=energy)
     attach_coldstart(runtime, gate)   # the runtime's gate; its observer after economics'
     attach_request_lookup(runtime)  # GET /edge/requests/{id}: per-request energy (edge-eval)
     # ---------------------------------------------------------------------------------------------
