@@ -68,7 +68,7 @@ async def test_assembly_hands_components_their_dependencies():
                                  f"{sys.executable} -c 'import time; time.sleep(60)' {{port}}"}))
     energy, econ, gate = rt.components["energy"], rt.components["economics"], rt.components["coldstart"]
     assert rt.gate is gate and rt.core.gate is gate
-    assert econ.coldstart is gate and econ.energy_component is energy and gate.energy is energy
+    assert econ.coldstart is gate and econ.energy_component is energy and gate.recorder.energy is energy
     # order of the on_request_final calls: energy first, economics, then the gate
     assert rt.observers[:3] == [energy.observer, econ, gate]
     reader = energy.sampler.reader
