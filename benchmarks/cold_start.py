@@ -9,13 +9,13 @@ first request, as in scale to zero). Each repetition:
 2. the cold start's phases come from the proxy (hold -> process -> listening -> model load start /
    end from ``/info`` -> ready -> first token) and its energy from the proxy's energy source
    (NVML on a GPU; ``estimated`` on CPU, labelled so), plus the server's own ``load_energy_joules``;
-3. warm: ``--warm-requests`` requests at concurrency ``--batch`` give the median request energy and
+3. warm: ``--warm-requests`` requests at concurrency ``--batch`` give the mean request energy and
    duration (proxy ledger, full attribution) and the batch's energy and time (for the paper's form);
 4. idle: the loaded model sits idle for ``--idle-seconds``; measured energy / time = idle watts.
 
 Reported per variant, side by side:
 
-* production C_tax (energy) = E_cold / median E_req; C_tax (time) = t_cold / median t_req;
+* production C_tax (energy) = E_cold / mean E_req; C_tax (time) = t_cold / mean t_req;
 * paper-form C_tax = N * t_load / t_batch (the paper's E_load / E_req with power cancelled; t_load
   = model load start -> ready as the server reports it, N = --batch concurrent requests);
 * keep-warm break-even idle time = E_cold / P_idle;
@@ -229,8 +229,8 @@ def summarise(v: dict[str, Any], batch: int) -> dict[str, Any]:
               for p in PHASE_LABELS}
     e_cold = _median([c["energy_joules"] for c in cs if c["energy_joules"] is not None])
     load_j = _median([c["load_energy_joules"] for c in cs if c["load_energy_joules"] is not None])
-    e_req = _median([c["median_request_joules"] for c in cs if c.get("median_request_joules")])
-    t_req = _median([c["median_request_seconds"] for c in cs if c.get("median_request_seconds")])
+    e_req = _median([c["mean_request_joules"] for c in cs if c.get("mean_request_joules")])
+    t_req = _median([c["mean_request_seconds"] for c in cs if c.get("mean_request_seconds")])
     t_cold = _median([c["seconds"] for c in cs if c["seconds"] is not None])
     t_load = _median([c["model_load_to_ready_seconds"] for c in cs if c["model_load_to_ready_seconds"]])
     t_batch = _median([w["batch_seconds"] / w["requests"] * batch for w in v["warm"]])   # per N=batch
@@ -238,8 +238,8 @@ def summarise(v: dict[str, Any], batch: int) -> dict[str, Any]:
     s: dict[str, Any] = {
         "variant": v["variant"], "energy_source": v["energy_source"], "cold_starts": len(cs),
         "phases_seconds": phases, "cold_start_seconds": t_cold, "cold_start_joules": e_cold,
-        "model_server_load_joules": load_j, "median_request_joules": e_req,
-        "median_request_seconds": t_req, "batch_amortised_request_joules": e_batch_req,
+        "model_server_load_joules": load_j, "mean_request_joules": e_req,
+        "mean_request_seconds": t_req, "batch_amortised_request_joules": e_batch_req,
         "idle_watts": idle_w, "model_load_to_ready_seconds": t_load,
     }
     s["c_tax_energy"] = _finite(cold_start_tax(e_cold, e_req)) if e_cold is not None and e_req else None
@@ -287,8 +287,8 @@ def markdown(result: dict[str, Any]) -> str:
         ptxt = f"{p['rag']}/{p['summ']}/{p['chat']} ({r['paper_t4_llama_1b_c_tax_mean']})" if p else "n/a"
         lines.append(
             f"| {r['variant']} | {_fmt(r['cold_start_seconds'], 2)} | {_fmt(r['cold_start_joules'])} | "
-            f"{_fmt(r['model_server_load_joules'])} | {_fmt(r['median_request_joules'], 3)} | "
-            f"{_fmt(r['median_request_seconds'], 3)} | {_fmt(r['idle_watts'])} | {_fmt(r['c_tax_energy'])} | "
+            f"{_fmt(r['model_server_load_joules'])} | {_fmt(r['mean_request_joules'], 3)} | "
+            f"{_fmt(r['mean_request_seconds'], 3)} | {_fmt(r['idle_watts'])} | {_fmt(r['c_tax_energy'])} | "
             f"{_fmt(r['c_tax_time'])} | {_fmt(r['c_tax_paper_form'])} | "
             f"{_fmt(r['keep_warm_break_even_idle_seconds'])} | {ptxt} |")
     if len(rows) == 2 and all(r["c_tax_energy"] for r in rows):
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col)
     for r in result["summary"]:
         table.add_row(r["variant"], _fmt(r["cold_start_seconds"], 2), _fmt(r["cold_start_joules"]),
-                      _fmt(r["model_server_load_joules"]), _fmt(r["median_request_joules"], 3),
+                      _fmt(r["model_server_load_joules"]), _fmt(r["mean_request_joules"], 3),
                       _fmt(r["c_tax_energy"]), _fmt(r["c_tax_time"]), _fmt(r["c_tax_paper_form"]),
                       _fmt(r["keep_warm_break_even_idle_seconds"]), _fmt(r["paper_t4_llama_1b_c_tax_mean"]))
     Console(width=200).print(table)

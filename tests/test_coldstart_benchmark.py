@@ -31,11 +31,11 @@ def test_cold_start_benchmark_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> N
     assert v["warm"][0]["ok"] == 3 and v["warm"][0]["output_tokens"] > 0   # streamed, usage read
     s = result["summary"][0]
     assert s["energy_source"] == "estimated"
-    for key in ("cold_start_joules", "median_request_joules", "c_tax_energy", "c_tax_time",
+    for key in ("cold_start_joules", "mean_request_joules", "c_tax_energy", "c_tax_time",
                 "c_tax_paper_form"):
         assert s[key] is not None and s[key] > 0, key
     # the ratios are what their inputs say
-    assert s["c_tax_energy"] == pytest.approx(s["cold_start_joules"] / s["median_request_joules"])
+    assert s["c_tax_energy"] == pytest.approx(s["cold_start_joules"] / s["mean_request_joules"])
     # The estimated source models CPU time x watts: on a quiet machine an idle model server burns
     # (almost) no CPU, so idle power can be 0 and the keep-warm break-even undefined.
     assert s["idle_watts"] is not None and s["idle_watts"] >= 0

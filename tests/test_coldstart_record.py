@@ -49,9 +49,10 @@ def test_cold_start_energy_is_the_window_and_the_tax_uses_warm_requests() -> Non
     assert cs.energy is not None and cs.energy.joules == pytest.approx(want, rel=1e-6)
     assert cs.energy.kind == "replayed" and cs.energy.gap is False
     assert cs.tax_joules == (cs.energy.joules, "replay")
-    assert cs.median_request_joules == 4.0 and cs.median_request_seconds == 1.0
-    assert cs.tax_energy_ratio == pytest.approx(want / 4.0, rel=1e-6)
-    assert cs.tax_time_ratio == pytest.approx(31.0 / 1.0)
+    # C_tax's one definition: mean cold start over mean warm request (not the median, 4 J / 1 s)
+    assert cs.mean_request_joules == pytest.approx(5.0) and cs.mean_request_seconds == pytest.approx(3.5 / 3)
+    assert cs.tax_energy_ratio == pytest.approx(want / 5.0, rel=1e-6)
+    assert cs.tax_time_ratio == pytest.approx(31.0 / (3.5 / 3))
     assert cs.break_even_idle_seconds == pytest.approx(want / 100.0, rel=1e-6)
     assert list(rec.history) == [cs] and cs.finalized
     assert registry.get_sample_value("edge_proxy_keep_warm_break_even_idle_seconds") == \

@@ -55,18 +55,7 @@ class ColdStartMetrics:
             "first token; phase=load as reported by the model server (load_energy_joules).",
             ["phase", "source"], buckets=COLD_START_BUCKETS_JOULES, registry=registry,
         )
-        # Not exported (registry=None): economics exports C_tax per model under these names, with
-        # the one definition (edge_proxy.economics.formulas.cold_start_tax_from_totals).
-        self.tax_energy = Gauge(
-            "edge_proxy_cold_start_tax_energy_ratio",
-            "Last cold start's energy divided by the median request energy (C_tax, production).",
-            registry=None,
-        )
-        self.tax_time = Gauge(
-            "edge_proxy_cold_start_tax_time_ratio",
-            "Last cold start's duration (hold start to first token) divided by the median request duration.",
-            registry=None,
-        )
+        # C_tax is exported by economics (edge_proxy.economics.formulas.cold_start_tax_from_totals).
         self.break_even = Gauge(
             "edge_proxy_keep_warm_break_even_idle_seconds",
             "Last cold start's energy divided by idle power: idle gaps longer than this save energy by scaling to zero.",
@@ -82,7 +71,7 @@ class ColdStartMetrics:
             "Exits of the supervised backend process: idle_stop, crash, start_failed, shutdown.",
             ["outcome"], registry=registry,
         )
-        for g in (self.tax_energy, self.tax_time, self.break_even):
+        for g in (self.break_even,):
             g.set(float("nan"))          # unknown until a cold start and warm requests were measured
         for o in OUTCOMES:
             self.cold_starts.labels(outcome=o)

@@ -34,8 +34,8 @@ class ColdStart:
     tax_energy_ratio: float | None = None
     tax_time_ratio: float | None = None
     break_even_idle_seconds: float | None = None
-    median_request_joules: float | None = None
-    median_request_seconds: float | None = None
+    mean_request_joules: float | None = None
+    mean_request_seconds: float | None = None
     idle_watts: float | None = None
 
     @property
@@ -82,8 +82,8 @@ class ColdStart:
             "load_energy_joules": self.load_energy_joules,
             "released_requests": self.released,
             "held_max": self.held_max,
-            "median_request_joules": self.median_request_joules,
-            "median_request_seconds": self.median_request_seconds,
+            "mean_request_joules": self.mean_request_joules,
+            "mean_request_seconds": self.mean_request_seconds,
             "idle_watts": self.idle_watts,
             "tax_energy_ratio": self.tax_energy_ratio,
             "tax_time_ratio": self.tax_time_ratio,

@@ -3,8 +3,8 @@ cold-start benchmark): recent warm requests as energy windows, and the energy an
 the keep-warm break-even idle time of a :class:`ColdStart`, from the formulas module (this module
 only chooses the inputs). The exported C_tax gauges are economics' (its window, one definition).
 
-    C_tax (energy)  = E_cold / median E_req       E_req: full-attribution joules of a warm request
-    C_tax (time)    = t_cold / median t_req       t_req: its proxy end-to-end seconds
+    C_tax (energy)  = E_cold / mean E_req         E_req: full-attribution joules of a warm request
+    C_tax (time)    = t_cold / mean t_req         t_req: its proxy end-to-end seconds
     break-even idle = E_cold / P_idle             P_idle: configured, else learned by the ledger
 
 A warm request is an ``ok`` request that was not held for a cold start; it is kept as the
@@ -17,7 +17,6 @@ Owns: the last ``size`` warm requests and the tax fields of a record. Must not: 
 from __future__ import annotations
 
 import math
-import statistics
 from collections import deque
 from typing import Any
 
@@ -58,24 +57,25 @@ class RecentRequests:
             source=source, kind=source_kind(source)))
         return True
 
-    def median_joules(self) -> float | None:
-        j = [m.joules for m in self.windows if m.source != "none"]
-        return statistics.median(j) if j else None
+    def joules(self) -> list[float]:
+        """Attributed joules of the kept requests that have a measured (or estimated) energy."""
+        return [m.joules for m in self.windows if m.source != "none"]
 
-    def median_seconds(self) -> float | None:
-        s = [m.seconds for m in self.windows if m.seconds > 0]
-        return statistics.median(s) if s else None
+    def seconds(self) -> list[float]:
+        return [m.seconds for m in self.windows if m.seconds > 0]
 
 
 def update_tax(cs: ColdStart, recent: RecentRequests, idle_w: float | None) -> None:
     """Fill ``cs``'s tax fields; each stays None until its inputs exist."""
     e_cold, _src = cs.tax_joules
-    cs.median_request_joules = recent.median_joules()
-    cs.median_request_seconds = recent.median_seconds()
+    joules, seconds = recent.joules(), recent.seconds()
+    cs.mean_request_joules = sum(joules) / len(joules) if joules else None
+    cs.mean_request_seconds = sum(seconds) / len(seconds) if seconds else None
     cs.idle_watts = idle_w
-    if e_cold is not None and cs.median_request_joules:
-        cs.tax_energy_ratio = _finite(economics.cold_start_tax(e_cold, cs.median_request_joules))
-    if cs.seconds is not None and cs.median_request_seconds:
-        cs.tax_time_ratio = _finite(economics.cold_start_time_ratio(cs.seconds, cs.median_request_seconds))
+    if e_cold is not None and cs.mean_request_joules:
+        cs.tax_energy_ratio = _finite(economics.cold_start_tax_from_totals(e_cold, 1, sum(joules), len(joules)))
+    if cs.seconds is not None and cs.mean_request_seconds:
+        cs.tax_time_ratio = _finite(economics.cold_start_time_ratio_from_totals(
+            cs.seconds, 1, sum(seconds), len(seconds)))
     if e_cold is not None and cs.idle_watts:
         cs.break_even_idle_seconds = _finite(economics.keep_warm_break_even_seconds(e_cold, cs.idle_watts))
