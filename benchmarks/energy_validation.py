@@ -211,7 +211,7 @@ def main() -> int:
         log_f = log_path.open("w")
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_f, stderr=subprocess.STDOUT)
         try:
-            wait_http_ok(ms_url + "/health", proc, timeout=600, name="model server", interval=0.25)
+            wait_http_ok(ms_url + "/health", timeout=600, proc=proc, name="model server", interval=0.25)
         except NotReady as exc:
             raise SetupError(str(exc)) from None
         info = http_json(ms_url + "/info")

@@ -83,7 +83,7 @@ def start_upstream(script: str | Path, tokens: int, first_ms: float, interval_ms
     up = subprocess.Popen([sys.executable, str(script), "--upstream", str(port), "--tokens", str(tokens),
                            "--first-token-ms", str(first_ms), "--token-interval-ms", str(interval_ms)])
     procs.append(up)
-    wait_http_ok(f"http://127.0.0.1:{port}/health", up, name="upstream")
+    wait_http_ok(f"http://127.0.0.1:{port}/health", proc=up, name="upstream")
     return up, port
 
 
@@ -97,5 +97,5 @@ def start_edge_proxy(up_port: int, access_log: Path, extra: list[str], procs: li
                           "--access-log", str(access_log), *extra],
                          cwd=ROOT, stderr=subprocess.DEVNULL)
     procs.append(p)
-    wait_http_ok(f"http://127.0.0.1:{port}/health", p, name="edge-proxy")
+    wait_http_ok(f"http://127.0.0.1:{port}/health", proc=p, name="edge-proxy")
     return p, port

@@ -53,5 +53,5 @@ def start_nginx(binary: str, tmp: Path, up_port: int, procs: list[subprocess.Pop
     ng = subprocess.Popen([binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
                           stderr=subprocess.DEVNULL)
     procs.append(ng)
-    wait_http_ok(f"http://127.0.0.1:{port}/health", ng, name="nginx")
+    wait_http_ok(f"http://127.0.0.1:{port}/health", proc=ng, name="nginx")
     return ng, port

@@ -63,7 +63,7 @@ def cmd_cpu(args: argparse.Namespace) -> int:
             p = subprocess.Popen(command.format(port=port, backend=f"http://127.0.0.1:{up_port}"),
                                  shell=True, cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
             procs.append(p)
-            wait_http_ok(f"http://127.0.0.1:{port}/health", p)
+            wait_http_ok(f"http://127.0.0.1:{port}/health", proc=p)
             targets.append((name, port, p))
         rows: dict[str, list[tuple[float, float, float, float, float]]] = {n: [] for n, _, _ in targets}
         print(f"{'round':>5} {'target':12} {'req/s':>7} {'CPU us/req':>10} {'TTFT p50 ms':>11} "

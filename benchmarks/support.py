@@ -55,7 +55,7 @@ def pct(xs: Sequence[float], q: float) -> float:
     return out
 
 
-def wait_http_ok(url: str, proc: subprocess.Popen | None = None, timeout: float = 30.0,
+def wait_http_ok(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None,
                  name: str | None = None, interval: float = 0.05) -> None:
     """Poll ``url`` until it answers 2xx; raise :class:`NotReady` when ``proc`` exits first or after
     ``timeout`` seconds (monotonic clock). ``name`` names the process in the message."""
