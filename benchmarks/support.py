@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+T0 = time.monotonic()     # when the benchmark started (this module is imported first): log lines' clock
+
+
+def log(msg: str) -> None:
+    """One progress line on stdout, stamped with the seconds since the benchmark started."""
+    print(f"[{time.monotonic() - T0:7.1f}s] {msg}", flush=True)
 
 
 class NotReady(RuntimeError):
