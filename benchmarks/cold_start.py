@@ -50,18 +50,12 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ
 from cold_start_report import PAPER_NOTE, _fmt, markdown, summarise  # noqa: E402
 from edge_proxy.config import Settings  # noqa: E402
 from edge_proxy.server import build_proxy  # noqa: E402
+from model_server_process import synth_into  # noqa: E402
 from support import free_port, utc_date  # noqa: E402
 
 def _err(msg: str) -> int:
     print(f"cold_start.py: error: {msg}", file=sys.stderr)
     return 2
-
-
-def synth_model(preset: str, model_dir: Path) -> None:
-    if (model_dir / "config.json").exists():
-        return
-    subprocess.run([sys.executable, "-m", "model_server", "synth", str(model_dir), "--preset", preset,
-                    "--seed", "0", "--quiet"], check=True)
 
 
 async def _request(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int) -> dict[str, Any]:
@@ -254,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         console.print(f"synthesising {args.preset} into {model_dir} ...")
     try:
-        synth_model(args.preset, model_dir)
+        synth_into(args.preset, model_dir)
     except subprocess.CalledProcessError as exc:
         return _err(f"model-server synth failed with exit code {exc.returncode}")
     result: dict[str, Any] = {

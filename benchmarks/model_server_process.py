@@ -37,6 +37,14 @@ def log(msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
+def synth_into(preset: str, target: Path, seed: int = 0) -> None:
+    """``model-server synth target --preset P --seed S`` unless ``target`` already holds a model."""
+    if (Path(target) / "config.json").exists():
+        return
+    subprocess.run([sys.executable, "-m", "model_server", "synth", str(target), "--preset", preset,
+                    "--seed", str(seed), "--quiet"], check=True)
+
+
 def synth_model(preset: str, out: Path, seed: int) -> Path:
     target = out / f"model-{preset}-seed{seed}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
