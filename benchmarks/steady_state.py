@@ -51,7 +51,7 @@ def summarize(per_window: list[float], window_s: float) -> dict:
             "tokens_per_second_max": round(max(tps), 1), "tokens_per_second_windows": [round(x, 1) for x in tps]}
 
 
-def pct(xs: list[float], q: float) -> float | None:
+def pct_ms(xs: list[float], q: float) -> float | None:
     """The q-th percentile (0-100) of ``xs`` seconds, in ms (the benchmarks' one percentile)."""
     v = percentile(xs, q / 100)
     return None if v is None else round(v * 1e3, 4)
@@ -86,8 +86,8 @@ async def cell_in_process(eng, prompts, c, args, energy) -> dict:
     mt = asyncio.create_task(mark())
     res = await in_process(eng, prompts, c, args.new_tokens, w)
     await mt
-    res.update(summarize(w.tokens, args.window_s), concurrency=c, itl_p50_ms=pct(w.itl, 50),
-               itl_p99_ms=pct(w.itl, 99))
+    res.update(summarize(w.tokens, args.window_s), concurrency=c, itl_p50_ms=pct_ms(w.itl, 50),
+               itl_p99_ms=pct_ms(w.itl, 99))
     if e.get("a") is not None and e.get("b") is not None and sum(w.tokens):
         res["joules_per_token"] = round((e["b"] - e["a"]) / 1e3 / sum(w.tokens), 6)
     return res
@@ -107,7 +107,7 @@ def cell_http(url: str, model: str, c: int, args, id_hi: int) -> dict:
     tokens = [sum(o["tokens_per_window"][i] for o in outs) for i in range(args.reps)]
     itl = [x for o in outs for x in o["itl"]]
     res = summarize(tokens, args.window_s)
-    res.update(concurrency=c, client_processes=n, itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99),
+    res.update(concurrency=c, client_processes=n, itl_p50_ms=pct_ms(itl, 50), itl_p99_ms=pct_ms(itl, 99),
                errors=sum(o["n_errors"] for o in outs), error_samples=[e for o in outs for e in o["errors"]][:3],
                tokens_per_chunk=round(sum(o["tokens"] for o in outs) / max(1, sum(o["chunks"] for o in outs)), 3))
     return res
