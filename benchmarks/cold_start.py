@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,50 +47,16 @@ sys.path.insert(0, str(REPO))
 # the spawned `python -m model_server` must import this checkout too, wherever we run from
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
+from cold_start_report import PAPER_NOTE, _fmt, markdown, summarise  # noqa: E402
 from edge_proxy.config import Settings  # noqa: E402
-from edge_proxy.coldstart.phases import SEGMENTS  # noqa: E402
-from edge_proxy.economics.formulas import cold_start_tax, cold_start_time_ratio, keep_warm_break_even_seconds  # noqa: E402
 from edge_proxy.energy.window import EnergyWindows  # noqa: E402
 from edge_proxy.proxy.server import build_proxy  # noqa: E402
-
-PHASE_LABELS: tuple[str, ...] = tuple(s[0] for s in SEGMENTS)     # the duration histogram's phase labels
-
-# EDGE-EVAL's published C_tax (Abdullah4152/EDGE-EVAL results/c_tax): Llama 1B rows (T4, vLLM 0.6.3,
-# N = 100), per task.
-PAPER_T4_LLAMA_1B = {
-    "fp16": {"rag": 141, "summ": 105, "chat": 280},
-    "nf4": {"rag": 150, "summ": 122, "chat": 291},   # the paper's INT4 (bitsandbytes NF4)
-}
-PAPER_NOTE = "paper (T4, vLLM, N=100): all 72 variants > 100; 1B mean 183, range 103-375"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
+from model_server_process import synth_into  # noqa: E402
+from support import free_port, utc_date  # noqa: E402
 
 def _err(msg: str) -> int:
     print(f"cold_start.py: error: {msg}", file=sys.stderr)
     return 2
-
-
-def synth_model(preset: str, model_dir: Path) -> None:
-    if (model_dir / "config.json").exists():
-        return
-    subprocess.run([sys.executable, "-m", "model_server", "synth", str(model_dir), "--preset", preset,
-                    "--seed", "0", "--quiet"], check=True)
-
-
-def _median(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return statistics.median(xs) if xs else None
-
-
-def _finite(x: float | None) -> float | None:
-    return None if x is None or math.isnan(x) or math.isinf(x) else x
 
 
 async def _request(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int) -> dict[str, Any]:
@@ -126,7 +90,7 @@ async def _request(session: aiohttp.ClientSession, url: str, i: int, max_tokens:
 
 async def run_variant(args: argparse.Namespace, model_dir: Path, quant: str, progress: Any, task: Any) -> dict[str, Any]:
     st = Settings()
-    st.proxy.backend_url = f"http://127.0.0.1:{_free_port()}"
+    st.proxy.backend_url = f"http://127.0.0.1:{free_port()}"
     st.proxy.port = 0
     st.proxy.metrics_port = None
     st.proxy.access_log = None
@@ -222,87 +186,6 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any] 
         return None
 
 
-def summarise(v: dict[str, Any], batch: int) -> dict[str, Any]:
-    cs = v["cold_starts"]
-    idle_w = _median([i["watts"] for i in v["idle"] if i["watts"] is not None])
-    phases = {p: _median([c["phases_seconds"].get(p) for c in cs if c["phases_seconds"].get(p) is not None])
-              for p in PHASE_LABELS}
-    e_cold = _median([c["energy_joules"] for c in cs if c["energy_joules"] is not None])
-    load_j = _median([c["load_energy_joules"] for c in cs if c["load_energy_joules"] is not None])
-    e_req = _median([c["mean_request_joules"] for c in cs if c.get("mean_request_joules")])
-    t_req = _median([c["mean_request_seconds"] for c in cs if c.get("mean_request_seconds")])
-    t_cold = _median([c["seconds"] for c in cs if c["seconds"] is not None])
-    t_load = _median([c["model_load_to_ready_seconds"] for c in cs if c["model_load_to_ready_seconds"]])
-    t_batch = _median([w["batch_seconds"] / w["requests"] * batch for w in v["warm"]])   # per N=batch
-    e_batch_req = _median([w["batch_joules"] / w["requests"] for w in v["warm"] if w["batch_joules"]])
-    s: dict[str, Any] = {
-        "variant": v["variant"], "energy_source": v["energy_source"], "cold_starts": len(cs),
-        "phases_seconds": phases, "cold_start_seconds": t_cold, "cold_start_joules": e_cold,
-        "model_server_load_joules": load_j, "mean_request_joules": e_req,
-        "mean_request_seconds": t_req, "batch_amortised_request_joules": e_batch_req,
-        "idle_watts": idle_w, "model_load_to_ready_seconds": t_load,
-    }
-    s["c_tax_energy"] = _finite(cold_start_tax(e_cold, e_req)) if e_cold is not None and e_req else None
-    s["c_tax_energy_batch_amortised"] = (_finite(cold_start_tax(e_cold, e_batch_req))
-                                         if e_cold is not None and e_batch_req else None)
-    s["c_tax_time"] = _finite(cold_start_time_ratio(t_cold, t_req)) if t_cold and t_req else None
-    # the paper's form: N * t_load / t_batch (power cancels)
-    s["c_tax_paper_form"] = (_finite(batch * t_load / t_batch) if t_load and t_batch else None)
-    s["keep_warm_break_even_idle_seconds"] = (_finite(keep_warm_break_even_seconds(e_cold, idle_w))
-                                              if e_cold is not None and idle_w else None)
-    paper = PAPER_T4_LLAMA_1B.get(v["variant"])
-    s["paper_t4_llama_1b_c_tax"] = paper
-    s["paper_t4_llama_1b_c_tax_mean"] = round(statistics.mean(paper.values()), 1) if paper else None
-    return s
-
-
-def _fmt(x: Any, nd: int = 1) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{nd}f}"
-    return str(x)
-
-
-def markdown(result: dict[str, Any]) -> str:
-    rows = result["summary"]
-    lines = [f"# Cold start: {result['preset']} on {result['device_name']}", "",
-             f"Date {result['date']}; command `{result['command']}`; batch N = {result['batch']}, "
-             f"{result['max_tokens']} output tokens per request; energy source: "
-             f"{', '.join(sorted({r['energy_source'] for r in rows}))}. Medians over "
-             f"{result['cold_starts']} cold start(s) per variant; weights in the page cache (synthesised "
-             "just before), so disk reads are not in these numbers.", "",
-             "## Phases (seconds, from the proxy's view)", "",
-             "| variant | " + " | ".join(PHASE_LABELS) + " |",
-             "|---|" + "---|" * len(PHASE_LABELS)]
-    for r in rows:
-        lines.append(f"| {r['variant']} | " + " | ".join(_fmt(r["phases_seconds"].get(p), 2) for p in PHASE_LABELS) + " |")
-    lines += ["", "## Energy and tax", "",
-              "| variant | cold start s | cold start J | server load J | median req J | median req s | idle W | "
-              "C_tax energy | C_tax time | C_tax paper form (N t_load / t_batch) | keep-warm break-even idle s | "
-              "paper T4 Llama-1B C_tax (rag/summ/chat, mean) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        p = r["paper_t4_llama_1b_c_tax"]
-        ptxt = f"{p['rag']}/{p['summ']}/{p['chat']} ({r['paper_t4_llama_1b_c_tax_mean']})" if p else "n/a"
-        lines.append(
-            f"| {r['variant']} | {_fmt(r['cold_start_seconds'], 2)} | {_fmt(r['cold_start_joules'])} | "
-            f"{_fmt(r['model_server_load_joules'])} | {_fmt(r['mean_request_joules'], 3)} | "
-            f"{_fmt(r['mean_request_seconds'], 3)} | {_fmt(r['idle_watts'])} | {_fmt(r['c_tax_energy'])} | "
-            f"{_fmt(r['c_tax_time'])} | {_fmt(r['c_tax_paper_form'])} | "
-            f"{_fmt(r['keep_warm_break_even_idle_seconds'])} | {ptxt} |")
-    if len(rows) == 2 and all(r["c_tax_energy"] for r in rows):
-        a, b = rows
-        lines += ["", f"Ratio {b['variant']}/{a['variant']}: cold-start J "
-                      f"{_fmt((b['cold_start_joules'] or 0) / (a['cold_start_joules'] or math.nan), 2)}, "
-                      f"C_tax energy {_fmt(b['c_tax_energy'] / a['c_tax_energy'], 2)}, cold-start s "
-                      f"{_fmt((b['cold_start_seconds'] or 0) / (a['cold_start_seconds'] or math.nan), 2)}."]
-    lines += ["", "Definitions: docs/metrics.md, section Cold start. " + PAPER_NOTE + ". The paper's C_tax "
-              "counts only vLLM's constructor (no process start, no first token) and a batch-amortised "
-              "request, so it is closest to the paper-form column.", ""]
-    return "\n".join(lines)
-
-
 def _device_name(device: str) -> str:
     if device != "cpu":
         try:
@@ -367,13 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         console.print(f"synthesising {args.preset} into {model_dir} ...")
     try:
-        synth_model(args.preset, model_dir)
+        synth_into(args.preset, model_dir)
     except subprocess.CalledProcessError as exc:
         return _err(f"model-server synth failed with exit code {exc.returncode}")
     result: dict[str, Any] = {
         "preset": args.preset, "device_name": _device_name(args.device), "batch": args.batch,
         "max_tokens": args.max_tokens, "cold_starts": args.cold_starts,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_date("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/cold_start.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "paper_note": PAPER_NOTE, "variants": [],
     }
@@ -402,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col)
     for r in result["summary"]:
         table.add_row(r["variant"], _fmt(r["cold_start_seconds"], 2), _fmt(r["cold_start_joules"]),
-                      _fmt(r["model_server_load_joules"]), _fmt(r["mean_request_joules"], 3),
+                      _fmt(r["model_server_load_joules"]), _fmt(r["median_request_joules"], 3),
                       _fmt(r["c_tax_energy"]), _fmt(r["c_tax_time"]), _fmt(r["c_tax_paper_form"]),
                       _fmt(r["keep_warm_break_even_idle_seconds"]), _fmt(r["paper_t4_llama_1b_c_tax_mean"]))
     Console(width=200).print(table)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from model_server_throughput import _free_port, synth_model  # noqa: E402
+from model_server_process import synth_model  # noqa: E402
+from support import default_commit, free_port, stop_process, utc_date, wait_http_ok  # noqa: E402
 
 
 def first_token(url: str, model: str, prompt: list[int], n: int) -> tuple[float, float, list[str]]:
@@ -49,7 +50,7 @@ def first_token(url: str, model: str, prompt: list[int], n: int) -> tuple[float,
 
 
 def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, out: Path) -> dict:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "model_server", "serve", str(model_dir), "--port", str(port), "--device", device,
            "--engine", "fast", "--quantization", quant, "--max-batch", "64", "--max-total-tokens", "256"]
@@ -58,17 +59,7 @@ def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, ou
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
     res: dict = {"variant": name, "quantization": quant, "env": env}
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.02)
+        wait_http_ok(url + "/health", 240, proc=proc, name="server", interval=0.02)
         t_health = time.time()
         t_first, t_done, texts = first_token(url, str(model_dir), list(range(300, 364)), 16)
         t2 = time.time()
@@ -89,11 +80,7 @@ def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, ou
     except Exception as exc:  # noqa: BLE001 - recorded
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=30)
         logf.close()
     print(json.dumps({k: v for k, v in res.items() if k != "tokens"}), flush=True)
     return res
@@ -106,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--variants", default="before,after-first-boot,after,warm-cache-eager-graphs,after-int4")
-    ap.add_argument("--commit", default=os.environ.get("EDGE_EVAL_COMMIT", "unknown"))
+    ap.add_argument("--commit", default=default_commit())
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "after": ("bf16", {**warm, "MODEL_SERVER_FAST_LAZY_GRAPHS": "1"}),
             "warm-cache-eager-graphs": ("bf16", {**warm, "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"}),
             "after-int4": ("int4", {**warm, "MODEL_SERVER_FAST_LAZY_GRAPHS": "1"})}
-    report = {"card": card, "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": args.commit,
+    report = {"card": card, "date": utc_date("%Y-%m-%d"), "commit": args.commit,
               "command": "python benchmarks/cold_start_phases.py " + " ".join(sys.argv[1:]), "preset": args.preset,
               "runs": []}
     for name in args.variants.split(","):

@@ -30,52 +30,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy_overhead import free_port, pct, stop_all, wait_ok  # noqa: E402
+from fake_backend import run_upstream, start_edge_proxy, start_upstream
+from support import ROOT, free_port, pct, stop_all
 
-ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "tests" / "data" / "energy_h200_recorded.jsonl"
 SOURCES = ("none", "estimated", "replay")
-
-
-def run_upstream(port: int, tokens: int, first_ms: float, interval_ms: float) -> None:
-    """The fake backend: SSE on a fixed schedule from the request's arrival, usage chunk last."""
-    from aiohttp import web
-
-    piece = lambda i: (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'  # noqa: E731
-                       b'"choices":[{"index":0,"delta":{"content":" tok%d"},"finish_reason":null}]}\n\n' % i)
-    events = [piece(i) for i in range(tokens)]
-    final = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'
-             b'"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n')
-    usage = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[],'
-             b'"usage":{"prompt_tokens":8,"completion_tokens":%d,"total_tokens":%d}}\n\n' % (tokens, tokens + 8))
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        req = await request.json()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        for i, ev in enumerate(events):
-            delay = t0 + (first_ms + interval_ms * i) / 1000 - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await resp.write(ev)
-        await resp.write(final)
-        if (req.get("stream_options") or {}).get("include_usage"):
-            await resp.write(usage)
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "bench", "object": "model"}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", lambda r: web.Response(text="ok"))
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, backlog=4096)
 
 
 @dataclass
@@ -177,7 +136,9 @@ def main() -> int:
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.upstream:
-        run_upstream(args.upstream, args.tokens, args.first_token_ms, args.token_interval_ms)
+        # usage last and no x-prompt-tokens header: the prompt-token count is known only at the end
+        run_upstream(args.upstream, args.tokens, args.first_token_ms, args.token_interval_ms,
+                     prompt_header=False, backlog=4096)
         return 0
     sources = [s for s in args.sources.split(",") if s]
     bad = [s for s in sources if s not in SOURCES]
@@ -193,22 +154,12 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="energy-load-"))
     try:
-        up_port = free_port()
-        up = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port), "--tokens", str(args.tokens),
-                               "--first-token-ms", str(args.first_token_ms),
-                               "--token-interval-ms", str(args.token_interval_ms)])
-        procs.append(up)
-        wait_ok(f"http://127.0.0.1:{up_port}/health", up)
+        _, up_port = start_upstream(__file__, args.tokens, args.first_token_ms, args.token_interval_ms, procs)
         targets: dict[str, tuple[str, str]] = {}
         for src in sources:
-            port, mport = free_port(), free_port()
+            mport = free_port()
             extra = ["--energy-source", src] + (["--energy-replay", args.trace] if src == "replay" else [])
-            p = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--backend",
-                                  f"http://127.0.0.1:{up_port}", "--port", str(port), "--metrics-port", str(mport),
-                                  "--access-log", str(tmp / f"{src}.jsonl"), *extra],
-                                 cwd=ROOT, stderr=subprocess.DEVNULL)
-            procs.append(p)
-            wait_ok(f"http://127.0.0.1:{port}/health", p)
+            _, port = start_edge_proxy(up_port, tmp / f"{src}.jsonl", extra, procs, metrics_port=mport)
             targets[src] = (f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{mport}/metrics")
         results = {s: Result(s, args.concurrency) for s in sources}
         from rich.progress import Progress

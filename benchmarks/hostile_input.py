@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,14 +34,9 @@ from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT, free_port, stop_process
+
 DEEP = b"[" * 1000 + b"]" * 1000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- the backend ------------------------------------------------------------------------------------
@@ -251,7 +245,7 @@ async def backend_faults(url: str) -> dict[str, Any]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     server = await asyncio.start_server(_backend, "127.0.0.1", 0)
     bport = server.sockets[0].getsockname()[1]
-    port, mport = _free_port(), _free_port()
+    port, mport = free_port(), free_port()
     log = tempfile.NamedTemporaryFile(prefix="edge-proxy-", suffix=".log", delete=False)
     env = dict(os.environ, PYTHONPATH=str(ROOT), EDGE_PROXY_ECONOMICS_FEEDBACK_TOKEN="bench")
     proc = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--backend", f"http://127.0.0.1:{bport}",
@@ -280,8 +274,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         res["proxy_alive_after"] = proc.poll() is None
         return res
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_process(proc, timeout=30)
         server.close()
 
 

@@ -24,257 +24,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import platform
 import shlex
 import shutil
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
+from model_server_load import _energy_mj, run_level, sequential_generate
+from model_server_process import Server, log, make_prompts, maybe_make_gptq, synth_model
+from support import utc_date
+
 PAPER_RHO_SYS = 6930.0          # tokens/s/GB, mean of Llama-3.2-1B INT4 on a T4 with vLLM (EDGE-EVAL results/rho_sys.csv)
 TARGET_RATIO_AT_32 = 8.0        # issue 2: at concurrency 32, >= 8x sequential generate
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
-def _console():
-    try:
-        from rich.console import Console
-
-        return Console(stderr=True)
-    except Exception:
-        return None
-
-
-def log(msg: str) -> None:
-    c = _console()
-    if c is not None:
-        from rich.markup import escape
-
-        c.print(f"[bold cyan]bench[/] {escape(msg)}")
-    else:
-        print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- model + prompts
-def synth_model(preset: str, out: Path, seed: int) -> Path:
-    target = out / f"model-{preset}-seed{seed}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        log(f"reusing {target}")
-        return target
-    log(f"synthesizing {preset} into {target}")
-    subprocess.run([sys.executable, "-m", "model_server", "synth", str(target), "--preset", preset,
-                    "--seed", str(seed), "--quiet"], check=True)
-    return target
-
-
-def make_prompts(model_dir: Path, n: int, prompt_tokens: int) -> list[list[int]]:
-    """``n`` distinct prompts of exactly ``prompt_tokens`` ids, cut from local text."""
-    import sysconfig
-
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    text = "".join(p.read_text(errors="replace") for p in sorted(stdlib.glob("*.py"))[:40])
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    special = set(tok.all_special_ids)
-    ids = [i for i in ids if i not in special]
-    need = n * prompt_tokens
-    while len(ids) < need:
-        ids = ids + ids
-    return [ids[i * prompt_tokens:(i + 1) * prompt_tokens] for i in range(n)]
-
-
-def maybe_make_gptq(model_dir: Path, out: Path, prompts_text: list[str]) -> tuple[Path | None, str | None]:
-    """Quantize with gptqmodel (4 bit, group 128) when it imports; (dir, None) or (None, reason)."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
-    try:
-        from gptqmodel import GPTQModel, QuantizeConfig
-    except Exception as exc:
-        return None, f"gptqmodel not importable ({type(exc).__name__})"
-    target = out / (model_dir.name + "-gptq")
-    if (target / "config.json").is_file():
-        return target, None
-    try:
-        log("quantizing with gptqmodel (4 bit, group 128)")
-        m = GPTQModel.load(str(model_dir), QuantizeConfig(bits=4, group_size=128, desc_act=False))
-        m.quantize(prompts_text, batch_size=4)
-        m.save(str(target))
-        return target, None
-    except Exception as exc:  # kernels that don't build, no CUDA, ...
-        return None, f"gptq quantization failed: {type(exc).__name__}: {str(exc)[:200]}"
-
-
-# ----------------------------------------------------------------------------- server
-class Server:
-    def __init__(self, model_dir: Path, quantization: str, engine: str, device: str, max_batch: int,
-                 max_total: int, log_path: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "model_server", "serve", str(model_dir), "--port", str(self.port),
-               "--device", device, "--quantization", quantization, "--engine", engine,
-               "--max-batch", str(max_batch), "--max-total-tokens", str(max_total),
-               "--max-concurrent-requests", str(max(256, 2 * max_batch))]
-        self.cmd = cmd
-        self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def wait_ready(self, timeout: float) -> dict[str, Any]:
-        import urllib.error
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: "
-                                   f"{self.log_path.read_text(errors='replace')[-1500:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        with urllib.request.urlopen(self.url + "/info", timeout=5) as i:
-                            return json.load(i)
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"server not ready after {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.log_file.close()
-
-
-async def _one_request(session, url: str, prompt: list[int], new_tokens: int, model: str) -> dict[str, Any]:
-    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.monotonic()
-    first = None
-    usage = None
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("choices"):
-                if first is None:
-                    first = time.monotonic()
-            elif data.get("usage"):
-                usage = data["usage"]
-    t1 = time.monotonic()
-    if usage is None:
-        raise RuntimeError("no usage chunk in the stream")
-    return {"ttft_s": (first or t1) - t0, "duration_s": t1 - t0, "completion_tokens": usage["completion_tokens"]}
-
-
-async def run_level(url: str, model: str, prompts: list[list[int]], concurrency: int, n_requests: int,
-                    new_tokens: int) -> dict[str, Any]:
-    import aiohttp
-
-    timeout = aiohttp.ClientTimeout(total=1800)
-    results: list[dict[str, Any]] = []
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as s:
-        queue: asyncio.Queue = asyncio.Queue()
-        for i in range(n_requests):
-            queue.put_nowait(prompts[i % len(prompts)])
-
-        async def worker():
-            while True:
-                try:
-                    p = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                results.append(await _one_request(s, url, p, new_tokens, model))
-
-        t0 = time.monotonic()
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-        wall = time.monotonic() - t0
-    tokens = sum(r["completion_tokens"] for r in results)
-    ttfts = [r["ttft_s"] for r in results]
-    return {"concurrency": concurrency, "requests": len(results), "completion_tokens": tokens,
-            "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else None,
-            "ttft_p50_s": _percentile(ttfts, 0.5), "ttft_p99_s": _percentile(ttfts, 0.99)}
-
-
-def _energy_mj(uuids: list[str]) -> dict[str, int] | None:
-    from model_server.gpu import energy_millijoules
-
-    return energy_millijoules(uuids)
-
-
-def sequential_generate(model_dir: Path, quantization: str, device: str, prompts: list[list[int]],
-                        new_tokens: int, n: int) -> dict[str, Any]:
-    """Plain ``model.generate`` one prompt at a time, same quantization path as the server."""
-    import torch
-
-    from model_server.loading import load_model
-
-    lm = load_model(str(model_dir), device, quantization)
-    model = lm.model
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def gen(ids: list[int], max_new: int) -> int:
-        x = torch.tensor([ids], device=model.device)
-        with torch.no_grad():
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
-                                 min_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=lm.tokenizer.pad_token_id)
-        return int(out.shape[1] - x.shape[1])
-
-    gen(prompts[0], 2)                                          # warm-up
-    sync()
-    ttfts = []
-    for p in prompts[:n]:
-        t0 = time.monotonic()
-        gen(p, 1)
-        sync()
-        ttfts.append(time.monotonic() - t0)
-    tokens = 0
-    t0 = time.monotonic()
-    for p in prompts[:n]:
-        tokens += gen(p, new_tokens)
-    sync()
-    wall = time.monotonic() - t0
-    result = {"requests": n, "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-              "ttft_p50_s": _percentile(ttfts, 0.5), "weight_bytes": lm.weight_bytes}
-    del model, lm
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return result
 
 
 # ----------------------------------------------------------------------------- report
@@ -412,7 +177,7 @@ def _run(args, out: Path, work: Path, device: str, device_name: str, torch, tran
     prompts = make_prompts(model_dir, n_prompts, args.prompt_tokens)
     max_total = args.prompt_tokens + args.new_tokens + 8
     report: dict[str, Any] = {
-        "benchmark": "model_server_throughput", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "model_server_throughput", "date": utc_date("%Y-%m-%dT%H:%M:%S+00:00"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "preset": args.preset if not args.model_dir else str(args.model_dir), "engines": args.engines,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "levels": args.levels,

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -40,72 +38,32 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import proxy_overhead as po  # noqa: E402
-
-_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-        "transfer-encoding", "upgrade", "host", "content-length"}
-
-
-def cmd_aiohttp_relay(args: argparse.Namespace) -> int:
-    """A bare aiohttp reverse proxy: what the framework costs with nothing of ours in it (no JSON
-    parsing, no timeline, no metrics, no energy). Request body read whole and sent with one pooled
-    aiohttp client session; response chunks written to the client as they arrive."""
-    import aiohttp
-    from aiohttp import web
-
-    backend = args.backend.rstrip("/")
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        session: aiohttp.ClientSession = request.app["session"]
-        body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-        async with session.request(request.method, backend + request.path_qs, data=body, headers=headers,
-                                   allow_redirects=False) as resp:
-            out = web.StreamResponse(status=resp.status, headers={
-                k: v for k, v in resp.headers.items() if k.lower() not in _HOP})
-            await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
-
-    async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
-        app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                               auto_decompress=False)
-        yield
-        await app["session"].close()
-
-    app = web.Application()
-    app.cleanup_ctx.append(session_ctx)
-    app.router.add_route("*", "/{tail:.*}", handler)
-    po.use_uvloop()
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
-    return 0
-
+from fake_backend import start_upstream  # noqa: E402
+from fd_table_diag import cmd_fd_table  # noqa: E402
+from nginx_target import start_nginx  # noqa: E402
+from relay_floors import cmd_aiohttp_relay, cmd_tcp_relay  # noqa: E402
+from support import child_pids, cpu_seconds, free_port, pct, stop_all, use_uvloop, wait_http_ok  # noqa: E402
 
 def cmd_cpu(args: argparse.Namespace) -> int:
-    po.use_uvloop()
+    use_uvloop()
     procs: list[subprocess.Popen] = []
     try:
-        up_port = po.free_port()
-        up = subprocess.Popen([sys.executable, str(Path(po.__file__)), "--upstream", str(up_port),
-                               "--tokens", str(args.tokens), "--first-token-ms", str(args.first_token_ms),
-                               "--token-interval-ms", str(args.token_interval_ms)])
-        procs.append(up)
-        po.wait_ok(f"http://127.0.0.1:{up_port}/health", up)
+        up, up_port = start_upstream(Path(po.__file__), args.tokens, args.first_token_ms, args.token_interval_ms,
+                                     procs)
         targets: list[tuple[str, int, subprocess.Popen]] = []
         if args.direct:
             targets.append(("direct", up_port, up))
         if args.nginx:
             tmp = Path(tempfile.mkdtemp(prefix="edge-diag-nginx-"))
-            ng, nport = po.start_nginx(args.nginx, tmp, up_port, procs)
+            ng, nport = start_nginx(args.nginx, tmp, up_port, procs)
             targets.append(("nginx", nport, ng))
         for spec in args.target:
             name, _, command = spec.partition("=")
-            port = po.free_port()
+            port = free_port()
             p = subprocess.Popen(command.format(port=port, backend=f"http://127.0.0.1:{up_port}"),
                                  shell=True, cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
             procs.append(p)
-            po.wait_ok(f"http://127.0.0.1:{port}/health", p)
+            wait_http_ok(f"http://127.0.0.1:{port}/health", proc=p)
             targets.append((name, port, p))
         rows: dict[str, list[tuple[float, float, float, float, float]]] = {n: [] for n, _, _ in targets}
         print(f"{'round':>5} {'target':12} {'req/s':>7} {'CPU us/req':>10} {'TTFT p50 ms':>11} "
@@ -113,14 +71,14 @@ def cmd_cpu(args: argparse.Namespace) -> int:
         for rnd in range(args.rounds):
             for name, port, p in targets:
                 cell = po.Cell(name, args.stream, args.concurrency)
-                pids = po.child_pids(p.pid)
-                pids += [k for pid in pids[1:] for k in po.child_pids(pid)]
-                c0 = po.cpu_seconds(pids)
+                pids = child_pids(p.pid)
+                pids += [k for pid in pids[1:] for k in child_pids(pid)]
+                c0 = cpu_seconds(pids)
                 asyncio.run(po.run_cell(f"http://127.0.0.1:{port}/v1/chat/completions", args.stream,
                                         args.concurrency, args.seconds, 0.3, cell))
-                cpu = po.cpu_seconds(pids) - c0
-                row = (cell.rps, 1e6 * cpu / max(1, cell.completed), po.pct(cell.ttft, .5) * 1e3,
-                       po.pct(cell.e2e, .5) * 1e3, po.pct(cell.e2e, .99) * 1e3)
+                cpu = cpu_seconds(pids) - c0
+                row = (cell.rps, 1e6 * cpu / max(1, cell.completed), pct(cell.ttft, .5) * 1e3,
+                       pct(cell.e2e, .5) * 1e3, pct(cell.e2e, .99) * 1e3)
                 rows[name].append(row)
                 print(f"{rnd:>5} {name:12} {row[0]:7.0f} {row[1]:10.0f} {row[2]:11.2f} {row[3]:10.2f} "
                       f"{row[4]:10.2f}", flush=True)
@@ -130,10 +88,10 @@ def cmd_cpu(args: argparse.Namespace) -> int:
             print(f"{'target':12} {'TTFT p50':>9} {'e2e p50':>9} {'e2e p99':>9}")
             for name, _, _ in targets[1:]:
                 diffs = [[r[i] - d[i] for r, d in zip(rows[name], rows["direct"])] for i in (2, 3, 4)]
-                print(f"{name:12} " + " ".join(f"{po.pct(x, .5):9.2f}" for x in diffs))
+                print(f"{name:12} " + " ".join(f"{pct(x, .5):9.2f}" for x in diffs))
         return 0
     finally:
-        po.stop_all(procs)
+        stop_all(procs)
 
 
 def cmd_cold_cache(args: argparse.Namespace) -> int:
@@ -211,138 +169,6 @@ def cmd_event_cost(args: argparse.Namespace) -> int:
         return (time.perf_counter() - t0) / args.n
 
     print(f"per relayed event (hot, in-process): {asyncio.run(main()) * 1e6:.2f} us")
-    return 0
-
-
-def cmd_tcp_relay(args: argparse.Namespace) -> int:
-    """The floor for a Python proxy on this loop: bytes copied between each client connection and
-    its own backend connection as they arrive (uvloop protocols, no HTTP parsing, no accounting)."""
-    import socket
-
-    from urllib.parse import urlsplit
-
-    u = urlsplit(args.backend)
-
-    class Half(asyncio.Protocol):
-        def __init__(self) -> None:
-            self.peer: asyncio.Transport | None = None
-            self.transport: asyncio.Transport | None = None
-            self.early: list[bytes] = []
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport  # type: ignore[assignment]
-            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def data_received(self, data: bytes) -> None:
-            if self.peer is not None:
-                self.peer.write(data)
-            else:
-                self.early.append(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.peer is not None:
-                self.peer.close()
-
-    class Client(Half):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            asyncio.get_running_loop().create_task(self.open())
-
-        async def open(self) -> None:
-            loop = asyncio.get_running_loop()
-            tr, back = await loop.create_connection(Half, u.hostname, u.port)
-            back.peer, self.peer = self.transport, tr
-            for d in self.early:
-                tr.write(d)
-            self.early.clear()
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Client, "127.0.0.1", args.port, reuse_port=args.workers > 1)
-        async with server:
-            await server.serve_forever()
-
-    for _ in range(args.workers - 1):       # more processes on the same port (SO_REUSEPORT)
-        if os.fork() == 0:
-            break
-    po.use_uvloop()
-    asyncio.run(serve())
-    return 0
-
-
-_FD_CHILD = """
-import json, os, socket, sys, threading, time
-mode, n = sys.argv[1], int(sys.argv[2])
-sys.path.insert(0, sys.argv[3])
-def fd_size():
-    with open("/proc/self/status") as f:
-        return int(next(l for l in f if l.startswith("FDSize:")).split()[1])
-size0 = fd_size()
-if mode == "reserved":
-    from edge_proxy.process_tuning import reserve_fd_table
-    reserve_fd_table()
-size1 = fd_size()
-stop = threading.Event()
-t = threading.Thread(target=stop.wait)   # the proxy has threads (energy sampler): files shared
-t.start()
-socks, lat = [], []
-try:
-    for _ in range(n):
-        a = time.perf_counter_ns()
-        s = socket.socket()
-        lat.append(((time.perf_counter_ns() - a) / 1e6, s.fileno()))
-        socks.append(s)
-finally:
-    stop.set()
-    t.join()
-print(json.dumps({"fd_size_start": size0, "fd_size_after_reserve": size1, "fd_size_end": fd_size(),
-                  "latency_ms_fd": lat}))
-"""
-
-
-def cmd_fd_table(args: argparse.Namespace) -> int:
-    """socket() latency as the descriptor table grows, in a process with a second thread, without
-    and with reserve_fd_table (edge_proxy.process_tuning), alternating, each in a fresh process."""
-    from rich.console import Console
-    from rich.table import Table
-
-    try:
-        import resource
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except ImportError:
-        soft = 0
-    n = min(args.sockets, int(soft) - 16) if soft and soft != resource.RLIM_INFINITY else args.sockets
-    if n < 300:
-        print(f"fd-table: error: RLIMIT_NOFILE {soft} allows too few sockets to cross a table doubling",
-              file=sys.stderr)
-        return 2
-    doublings = [d for d in (256, 512, 1024, 2048, 4096) if d < n]
-    rows = []
-    table = Table(title=f"socket() latency (ms) while opening {n} sockets, one other thread alive")
-    for col in ("round", "table", "FDSize", *[f"fd {d}" for d in doublings],
-                "max other", "median"):
-        table.add_column(col, justify="right")
-    for rnd in range(args.repeat):
-        for mode in ("plain", "reserved"):
-            run = subprocess.run([sys.executable, "-c", _FD_CHILD, mode, str(n), str(ROOT)],
-                                 capture_output=True, text=True, timeout=300)
-            if run.returncode != 0:
-                print(f"fd-table: error: child failed: {run.stderr.strip()[-500:]}", file=sys.stderr)
-                return 1
-            res = json.loads(run.stdout)
-            lat = {fd: ms for ms, fd in res["latency_ms_fd"]}
-            at = {d: lat.get(d) for d in doublings}
-            others = sorted(ms for fd, ms in lat.items() if fd not in at)
-            row = {"round": rnd, "mode": mode, "fd_size_start": res["fd_size_start"],
-                   "fd_size_after_reserve": res["fd_size_after_reserve"], "fd_size_end": res["fd_size_end"],
-                   "at_doubling_ms": at, "max_other_ms": others[-1], "median_ms": others[len(others) // 2]}
-            rows.append(row)
-            table.add_row(str(rnd), mode, f"{res['fd_size_start']} -> {res['fd_size_end']}",
-                          *[f"{at[d]:.3f}" if at[d] is not None else "-" for d in doublings],
-                          f"{row['max_other_ms']:.3f}", f"{row['median_ms']:.4f}")
-    Console(width=max(Console().width, 110)).print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"sockets": n, "cpus": os.cpu_count(), "rows": rows}, indent=1))
     return 0
 
 

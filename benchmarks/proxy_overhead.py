@@ -24,158 +24,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-NGINX = "/usr/sbin/nginx"
-
-
-# ---- the upstream (runs in its own process: `proxy_overhead.py --upstream PORT ...`) --------------
-def run_upstream(port: int, tokens: int, first_ms: float, interval_ms: float) -> None:
-    from aiohttp import web
-
-    piece = lambda i: (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'  # noqa: E731
-                       b'"choices":[{"index":0,"delta":{"content":" tok%d"},"finish_reason":null}]}\n\n' % i)
-    events = [piece(i) for i in range(tokens)]
-    final = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'
-             b'"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\n\n')
-    usage = (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[],'
-             b'"usage":{"prompt_tokens":8,"completion_tokens":%d,"total_tokens":%d}}\n\n' % (tokens, tokens + 8))
-    body = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "bench",
-                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * tokens},
-                                    "finish_reason": "length"}],
-                       "usage": {"prompt_tokens": 8, "completion_tokens": tokens,
-                                 "total_tokens": tokens + 8}}).encode()
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        req = await request.json()
-        if not req.get("stream"):
-            await asyncio.sleep((first_ms + interval_ms * (tokens - 1)) / 1000)
-            return web.Response(body=body, content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-prompt-tokens": "8"})
-        await resp.prepare(request)
-        # Events on a fixed schedule from the request's arrival (like a GPU's decode steps), not
-        # "sleep after each write": a late wake-up of this process (CPU shared with the proxy under
-        # test) must not push every later event back and show up as latency the proxy added.
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        for i, ev in enumerate(events):
-            delay = t0 + (first_ms + interval_ms * i) / 1000 - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await resp.write(ev)
-        await resp.write(final)
-        if (req.get("stream_options") or {}).get("include_usage"):
-            await resp.write(usage)
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "bench", "object": "model"}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", lambda r: web.Response(text="ok"))
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, backlog=1024)
-
-
-# ---- helpers ----------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ok(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} not ready after {timeout} s")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    tck = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tck
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-
-
-def child_pids(pid: int) -> list[int]:
-    out = [pid]
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            kids = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
-            out += [int(k) for k in kids]
-    except OSError:
-        pass
-    return out
-
-
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {prefix}/client_body;
-  proxy_temp_path {prefix}/proxy;
-  fastcgi_temp_path {prefix}/fastcgi;
-  uwsgi_temp_path {prefix}/uwsgi;
-  scgi_temp_path {prefix}/scgi;
-  upstream backend {{ server 127.0.0.1:{up_port}; keepalive 256; }}
-  server {{
-    listen 127.0.0.1:{port} backlog=1024;
-    location / {{
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_request_buffering off;
-      proxy_read_timeout 300s;
-    }}
-  }}
-}}
-"""
-
-
-def start_nginx(binary: str, tmp: Path, up_port: int, procs: list[subprocess.Popen]) -> tuple[subprocess.Popen, int]:
-    """nginx as a plain reverse proxy to the upstream (NGINX_CONF, files under ``tmp``); returns
-    the process (appended to ``procs``) and its port, once it answers."""
-    port = free_port()
-    for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp / d).mkdir(exist_ok=True)
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=tmp, up_port=up_port, port=port))
-    ng = subprocess.Popen([binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
-                          stderr=subprocess.DEVNULL)
-    procs.append(ng)
-    wait_ok(f"http://127.0.0.1:{port}/health", ng)
-    return ng, port
+from fake_backend import run_upstream, start_edge_proxy, start_upstream
+from nginx_target import NGINX, start_nginx
+from support import child_pids, cpu_seconds, pct, stop_all, use_uvloop
 
 
 @dataclass
@@ -208,13 +67,6 @@ class Cell:
         quantized when every client is in phase (a window holds 7 or 8 rounds of 330 ms requests:
         +-12% at 2.5 s windows); this is not."""
         return self.concurrency / (sum(self.e2e) / len(self.e2e)) if self.e2e else 0.0
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, int(round(q * (len(s) - 1)))))]
 
 
 # ---- load generator -------------------------------------------------------------------------------
@@ -257,16 +109,6 @@ async def run_cell(url: str, stream: bool, conc: int, seconds: float, warmup: fl
     cell.seconds = seconds
 
 
-def use_uvloop() -> str:
-    """The load generator uses uvloop when installed (same for every target)."""
-    try:
-        import uvloop  # type: ignore[import-not-found]
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
 def main() -> int:
     loop_name = use_uvloop()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -297,22 +139,11 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     tmp = Path(tempfile.mkdtemp(prefix="proxy-overhead-"))
     try:
-        up_port = free_port()
-        up = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port), "--tokens", str(args.tokens),
-                               "--first-token-ms", str(args.first_token_ms),
-                               "--token-interval-ms", str(args.token_interval_ms)])
-        procs.append(up)
-        wait_ok(f"http://127.0.0.1:{up_port}/health", up)
+        up, up_port = start_upstream(__file__, args.tokens, args.first_token_ms, args.token_interval_ms, procs)
         targets = [Target("direct", f"http://127.0.0.1:{up_port}", up)]
 
         def start_proxy(name: str, extra: list[str]) -> None:
-            port = free_port()
-            p = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--backend",
-                                  f"http://127.0.0.1:{up_port}", "--port", str(port), "--metrics-port", "none",
-                                  "--access-log", str(tmp / f"{name.replace(' ', '_')}.jsonl"), *extra],
-                                 cwd=ROOT, stderr=subprocess.DEVNULL)
-            procs.append(p)
-            wait_ok(f"http://127.0.0.1:{port}/health", p)
+            p, port = start_edge_proxy(up_port, tmp / f"{name.replace(' ', '_')}.jsonl", extra, procs)
             targets.append(Target(name, f"http://127.0.0.1:{port}", p))
 
         start_proxy("edge-proxy", [])
@@ -362,18 +193,6 @@ def main() -> int:
     finally:
         stop_all(procs)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def stop_all(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every process still running, then wait for each (SIGKILL after 10 s)."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def measure(t: Target, stream: bool, c: int, args: argparse.Namespace) -> Cell:

@@ -37,7 +37,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.conftest import free_port, wait_http_ok  # noqa: E402
+from support import free_port, stop_process, wait_http_ok  # noqa: E402
 from tests.proxy_support import metric_value  # noqa: E402
 
 SIZES_MB = (1.0, 3.6, 10.0)
@@ -55,16 +55,6 @@ def _model_server(code: Path, model: str, log: Path) -> tuple[subprocess.Popen, 
     url = f"http://127.0.0.1:{port}"
     wait_http_ok(url + "/health", 180, proc)
     return proc, url
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def big_prompt(code: Path, model: str) -> list[dict[str, Any]]:
@@ -92,7 +82,7 @@ def big_prompt(code: Path, model: str) -> list[dict[str, Any]]:
             th.join()
             out.append({"prompt_mb": mb, **res, "health_max_seconds": round(worst, 3)})
     finally:
-        _stop(proc)
+        stop_process(proc, 30)
         log.unlink()
     return out
 
@@ -126,7 +116,7 @@ def disconnects(code: Path, model: str) -> dict[str, Any]:
             asyncio.run(_drop(url, 150, seed))
         time.sleep(1)
     finally:
-        _stop(proc)
+        stop_process(proc, 30)
     text = log.read_text(errors="replace")
     log.unlink()
     return {"clients": 450, "error_lines": sum(" ERROR " in ln for ln in text.splitlines()),
@@ -169,8 +159,8 @@ def fd(code: Path, limit: int = 96, streams: int = 120) -> dict[str, Any]:
         time.sleep(1.5)
         text = requests.get(f"http://127.0.0.1:{mport}/metrics", timeout=10).text
     finally:
-        _stop(proxy)
-        _stop(up)
+        stop_process(proxy, 30)
+        stop_process(up, 30)
     logtext = log.read_text(errors="replace")
     log.unlink()
     return {"rlimit_nofile": limit, "streams": streams,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -38,16 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from engine_throughput import Energy, copy_bandwidth_bytes_per_s, kv_bytes_per_token  # noqa: E402
-from model_server_throughput import Server, synth_model  # noqa: E402
+from engine_measure import Energy, copy_bandwidth_bytes_per_s, kv_bytes_per_token  # noqa: E402
+from model_server_process import Server, synth_model  # noqa: E402
 from steady_load import Windows, in_process  # noqa: E402
+from support import default_commit, log, percentile, utc_date  # noqa: E402
 
-T0 = time.monotonic()
 PAPER_RHO_SYS = 6930.0
-
-
-def log(msg: str) -> None:
-    print(f"[{time.monotonic() - T0:7.1f}s] {msg}", flush=True)
 
 
 def summarize(per_window: list[float], window_s: float) -> dict:
@@ -56,8 +51,10 @@ def summarize(per_window: list[float], window_s: float) -> dict:
             "tokens_per_second_max": round(max(tps), 1), "tokens_per_second_windows": [round(x, 1) for x in tps]}
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    return None if not xs else round(sorted(xs)[min(len(xs) - 1, int(q / 100 * len(xs)))] * 1e3, 4)
+def pct_ms(xs: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) of ``xs`` seconds, in ms (the benchmarks' one percentile)."""
+    v = percentile(xs, q / 100)
+    return None if v is None else round(v * 1e3, 4)
 
 
 def int4_kernel_check(device: str) -> dict:
@@ -89,8 +86,8 @@ async def cell_in_process(eng, prompts, c, args, energy) -> dict:
     mt = asyncio.create_task(mark())
     res = await in_process(eng, prompts, c, args.new_tokens, w)
     await mt
-    res.update(summarize(w.tokens, args.window_s), concurrency=c, itl_p50_ms=pct(w.itl, 50),
-               itl_p99_ms=pct(w.itl, 99))
+    res.update(summarize(w.tokens, args.window_s), concurrency=c, itl_p50_ms=pct_ms(w.itl, 50),
+               itl_p99_ms=pct_ms(w.itl, 99))
     if e.get("a") is not None and e.get("b") is not None and sum(w.tokens):
         res["joules_per_token"] = round((e["b"] - e["a"]) / 1e3 / sum(w.tokens), 6)
     return res
@@ -110,7 +107,7 @@ def cell_http(url: str, model: str, c: int, args, id_hi: int) -> dict:
     tokens = [sum(o["tokens_per_window"][i] for o in outs) for i in range(args.reps)]
     itl = [x for o in outs for x in o["itl"]]
     res = summarize(tokens, args.window_s)
-    res.update(concurrency=c, client_processes=n, itl_p50_ms=pct(itl, 50), itl_p99_ms=pct(itl, 99),
+    res.update(concurrency=c, client_processes=n, itl_p50_ms=pct_ms(itl, 50), itl_p99_ms=pct_ms(itl, 99),
                errors=sum(o["n_errors"] for o in outs), error_samples=[e for o in outs for e in o["errors"]][:3],
                tokens_per_chunk=round(sum(o["tokens"] for o in outs) / max(1, sum(o["chunks"] for o in outs)), 3))
     return res
@@ -244,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--agree-prompts", type=int, default=16)
     ap.add_argument("--agree-tokens", type=int, default=64)
-    ap.add_argument("--commit", default=os.environ.get("EDGE_EVAL_COMMIT", "unknown"))
+    ap.add_argument("--commit", default=default_commit())
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
@@ -253,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     energy = Energy()
-    report = {"card": energy.name() if device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    report = {"card": energy.name() if device == "cuda" else "cpu", "date": utc_date("%Y-%m-%d"),
               "commit": args.commit, "command": "python benchmarks/steady_state.py " + " ".join(sys.argv[1:]),
               "torch": torch.__version__, "preset": args.preset, "window_s": args.window_s, "reps": args.reps,
               "warm_s": args.warm_s, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,

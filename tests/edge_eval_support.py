@@ -13,7 +13,7 @@ from typing import Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port, wait_http_ok
+from tests.net_support import free_port, wait_http_ok
 
 TOKEN = "lookup-s3cret"
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,12 +22,6 @@ from aiohttp import web
 MODEL = "fake-model"
 FINGERPRINT = "fp_fake"   # system_fingerprint placed where vLLM places it (see the openai handler)
 QUEUE_MS = 7.0            # vLLM --enable-per-request-metrics queue_time_ms on the usage chunk
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def words_for(prompt: str, n: int) -> list[str]:

@@ -13,8 +13,8 @@ import urllib.request
 
 import pytest
 
-from tests.coldstart_proxy import pid_alive, wait_until
-from tests.conftest import free_port
+from tests.coldstart_proxy import pid_alive
+from tests.net_support import free_port, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

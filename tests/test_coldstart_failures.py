@@ -11,17 +11,10 @@ import pytest
 import requests
 
 from edge_proxy.config import Settings
-from tests.coldstart_proxy import ProxyThread, pid_alive, wait_until
+from tests.coldstart_proxy import ProxyThread, pid_alive
+from tests.net_support import free_port as _free_port, wait_until
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _settings(spawn: str | None = None, hold: bool = False, max_wait: float = 30.0,

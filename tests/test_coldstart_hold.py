@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import signal
 import subprocess
 import sys
 
@@ -15,8 +14,8 @@ import openai
 import pytest
 
 from edge_proxy.config import Settings
-from tests.coldstart_proxy import ProxyThread, wait_until
-from tests.conftest import free_port
+from tests.coldstart_proxy import ProxyThread
+from tests.net_support import free_port, stop_process as _stop, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,16 +26,6 @@ def _start_server(model_dir: str, port: int) -> subprocess.Popen[bytes]:
          "--model-name", "tiny", "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _chat(client: openai.OpenAI, i: int) -> dict[str, str]:

@@ -17,16 +17,12 @@ import pytest
 import requests
 
 from edge_proxy.config import Settings
-from tests.coldstart_proxy import ProxyThread, pid_alive, wait_until
-from tests.proxy_support import free_port
+from tests.coldstart_proxy import ProxyThread, pid_alive
+from tests.net_support import free_port, wait_http_ok, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
 FAKE = f"{sys.executable} -m tests.proxy_support --port {{port}}"
-
-
-def _wait_ok(url: str, timeout: float = 30) -> None:
-    assert wait_until(lambda: _ok(url), timeout), url
 
 
 def _ok(url: str) -> bool:
@@ -41,7 +37,7 @@ def test_taken_port_is_a_clear_failure_with_growing_backoff() -> None:
     orphan = subprocess.Popen([sys.executable, "-m", "tests.proxy_support", "--port", str(port)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_ok(f"http://127.0.0.1:{port}/health")
+        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=30)
         st = Settings()
         st.proxy.backend_url = f"http://127.0.0.1:{port}"
         st.coldstart.spawn = FAKE
@@ -77,7 +73,7 @@ def test_sigkilled_proxy_takes_a_sh_c_backend_down() -> None:
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     backend = None
     try:
-        _wait_ok(f"http://127.0.0.1:{pport}/healthz")
+        wait_http_ok(f"http://127.0.0.1:{pport}/healthz", timeout=30)
         r = requests.post(f"http://127.0.0.1:{pport}/v1/completions",
                           json={"model": "fake-model", "prompt": "hi", "max_tokens": 2}, timeout=60)
         assert r.status_code == 200, r.text

@@ -19,19 +19,12 @@ from text_generation import Client as TGIClient
 
 from edge_proxy.coldstart.phases import MILESTONES
 from edge_proxy.config import Settings
-from tests.coldstart_proxy import ProxyThread, pid_alive, wait_until
+from tests.coldstart_proxy import ProxyThread, pid_alive
+from tests.net_support import free_port as _free_port, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
 IDLE_SECONDS = 3.0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _chat(client: openai.OpenAI, i: int) -> tuple[str, dict[str, str]]:

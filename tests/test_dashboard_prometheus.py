@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.conftest import free_port, wait_http_ok
+from tests.net_support import free_port, stop_process as _stop, wait_http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
@@ -32,16 +31,6 @@ TEMPLATE = {"$__rate_interval": "15s", "$__range": "5m", "${datasource}": "prome
             "$cluster": ".*", "$namespace": ".*", "$pod": ".*"}
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)")
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def _post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None,

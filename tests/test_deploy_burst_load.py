@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import free_port, wait_http_ok
+from tests.net_support import free_port, wait_http_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 EDGE_PROXY = shutil.which("edge-proxy", path=str(Path(sys.executable).parent)) or "edge-proxy"

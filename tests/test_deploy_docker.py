@@ -15,13 +15,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.net_support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -195,12 +196,6 @@ def venv_env(bindir: Path) -> dict[str, str]:
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(bindir.parent)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 
 from edge_proxy.energy.remote_source import RemoteReader
 from edge_proxy.energy.sampler import Sampler
-from tests.conftest import free_port, wait_http_ok
+from tests.net_support import free_port, wait_http_ok
 
 TRACE = Path(__file__).parent / "data" / "energy_h100_synthetic.jsonl"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import openai
 
-from tests.conftest import free_port, wait_http_ok
+from tests.net_support import free_port, wait_http_ok
 
 EDGE_PROXY = shutil.which("edge-proxy", path=str(Path(sys.executable).parent)) or "edge-proxy"
 BODY_CHARS = 100_000          # one request's prompt: about 100 kB of body

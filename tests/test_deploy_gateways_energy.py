@@ -28,7 +28,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port, start_model_server, wait_http_ok
+from tests.conftest import start_model_server
+from tests.net_support import free_port, wait_http_ok
 
 TRACE = Path(__file__).parent / "data" / "energy_h200_recorded.jsonl"   # 93 s, recorded on an H200
 

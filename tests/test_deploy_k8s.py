@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+
+from tests.net_support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -56,12 +57,6 @@ pytestmark = pytest.mark.skipif(
 
 
 # ------------------------------------------------------------------------------------ helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def kustomize(path: Path) -> list[dict[str, Any]]:
     proc = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{proc.stderr}"
@@ -780,7 +775,7 @@ def test_sidecar_pod_serves_a_request_end_to_end(rendered: dict[str, list[dict]]
         proc = subprocess.Popen([EDGE_PROXY, *pargs, "--host", "127.0.0.1"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            from tests.conftest import wait_http_ok
+            from tests.net_support import wait_http_ok
             wait_http_ok(f"http://127.0.0.1:{mport}/healthz", timeout=30, proc=proc)
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
             model = client.models.list().data[0].id

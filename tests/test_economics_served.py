@@ -13,7 +13,8 @@ import pytest
 
 from edge_proxy.config import load_settings
 from edge_proxy.proxy.server import build_proxy
-from tests.proxy_support import InProcessUpstream, free_port, metric_value, wait_until
+from tests.net_support import free_port
+from tests.proxy_support import InProcessUpstream, metric_value, wait_until
 
 pytestmark = pytest.mark.asyncio
 MSGS = [{"role": "user", "content": "alpha beta"}]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.net_support import free_port
 from tests.edge_eval_support import TOKEN, edge_proxy, run_eval
 
 ARGS = ("--task", "rag", "--limit", "4", "--passes", "2", "--max-tokens", "6")

@@ -4,7 +4,6 @@ which in ``scope``. Real processes: a backend that listens and burns CPU in a ch
 that burns CPU outside the tree."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from edge_proxy.energy.estimated_source import SCOPE_MACHINE, SCOPE_TREE, EstimatedReader
 from edge_proxy.energy.readings import counter_delta_joules
+from tests.net_support import free_port as _free_port
 from tests.proxy_support import InProcessUpstream, metric_value, running_proxy
 
 WATTS = 10.0
@@ -26,12 +26,6 @@ BACKEND = ("import socket,subprocess,sys,time\n"
            "print('ready', flush=True)\n"
            "subprocess.run([sys.executable, '-c', {burn!r}])\n"
            "time.sleep(30)\n")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cpu_seconds(pids: list[int]) -> float:

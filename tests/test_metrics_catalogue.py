@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from text_generation import Client
 
 from edge_proxy.telemetry.catalogue import CATALOGUE, CONDITIONS, TYPES, by_family, by_name, owner_of_sample
-from tests.proxy_support import MODEL, free_port
+from tests.net_support import free_port
+from tests.proxy_support import MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "tests" / "data" / "energy_h200_recorded.jsonl"

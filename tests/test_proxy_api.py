@@ -429,7 +429,7 @@ async def test_websocket_passes_through():
 
 
 async def test_websocket_to_a_backend_that_is_down_is_a_502():
-    from tests.proxy_support import free_port
+    from tests.net_support import free_port
 
     async with running_proxy(f"http://127.0.0.1:{free_port()}", forward_routes="*") as px:
         async with aiohttp.ClientSession() as s:

@@ -19,8 +19,8 @@ from edge_proxy.config import load_settings
 from edge_proxy.proxy.server import build_proxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.proxy_support import (MODEL, InProcessUpstream, free_port, make_app, metric_value,
-                                 wait_until)
+from tests.net_support import free_port
+from tests.proxy_support import MODEL, InProcessUpstream, make_app, metric_value, wait_until
 
 pytestmark = pytest.mark.asyncio
 MSGS = [{"role": "user", "content": "alpha beta"}]

@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.proxy_support import free_port
+from tests.net_support import free_port
 from tests.test_proxy_faults import UpstreamProcess
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,8 @@ from text_generation import AsyncClient
 from text_generation.errors import UnknownError
 
 from edge_proxy.proxy.hooks import GateRejected
-from tests.proxy_support import InProcessUpstream, free_port, metric_value, running_proxy, wait_until
+from tests.net_support import free_port
+from tests.proxy_support import InProcessUpstream, metric_value, running_proxy, wait_until
 
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 import requests
 
-from tests.proxy_support import free_port, metric_value
+from tests.net_support import free_port, wait_http_ok
+from tests.proxy_support import metric_value
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(180)
@@ -32,19 +33,6 @@ def _limit(soft: int, hard: int):
     def pre() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     return pre
-
-
-def _wait_ok(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"exited with {proc.returncode}"
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 class Procs:
@@ -92,8 +80,8 @@ async def _streams(url: str, n: int) -> list[tuple[int, str]]:
 def test_fd_exhaustion_is_503_counted_and_logged():
     px = Procs(soft=96, hard=96)
     try:
-        _wait_ok(f"http://127.0.0.1:{px.up_port}/health", px.up)
-        _wait_ok(px.metrics_url, px.proxy)
+        wait_http_ok(f"http://127.0.0.1:{px.up_port}/health", proc=px.up)
+        wait_http_ok(px.metrics_url, proc=px.proxy)
         results = asyncio.run(_streams(px.url, 120))
         statuses = [s for s, _ in results]
         assert 503 in statuses, statuses
@@ -117,7 +105,7 @@ def test_fd_exhaustion_is_503_counted_and_logged():
 def test_soft_limit_is_raised_to_the_hard_limit():
     px = Procs(soft=256, hard=4096)
     try:
-        _wait_ok(px.metrics_url, px.proxy)
+        wait_http_ok(px.metrics_url, proc=px.proxy)
         limits = Path(f"/proc/{px.proxy.pid}/limits").read_text()
         m = re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits, re.M)
         assert m and (int(m.group(1)), int(m.group(2))) == (4096, 4096), limits

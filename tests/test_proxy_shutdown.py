@@ -19,24 +19,12 @@ import aiohttp
 import pytest
 import requests
 
-from tests.proxy_support import free_port, metric_value
+from tests.net_support import free_port, wait_http_ok
+from tests.proxy_support import metric_value
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
 DRAIN_S = 2.0
-
-
-def _wait_ok(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"exited with {proc.returncode}"
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 async def _clients(url: str, started: asyncio.Event) -> list[tuple[str, int, str]]:
@@ -80,8 +68,8 @@ def test_sigterm_keeps_metrics_up_and_cuts_streams_with_an_error_event():
          "--drain-timeout", str(DRAIN_S)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     metrics_url = f"http://127.0.0.1:{mport}/metrics"
     try:
-        _wait_ok(f"http://127.0.0.1:{up_port}/health", up)
-        _wait_ok(metrics_url, proxy)
+        wait_http_ok(f"http://127.0.0.1:{up_port}/health", proc=up)
+        wait_http_ok(metrics_url, proc=proxy)
         scrapes: list[tuple[float, int]] = []          # (seconds after SIGTERM, in-flight gauge)
         out: dict[str, object] = {}
 
