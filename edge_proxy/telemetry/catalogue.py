@@ -94,7 +94,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _m("edge_proxy_energy_source_info", "gauge", "1 (info)", "source,kind,scope", _EN, "energy"),
     _m("edge_proxy_request_energy_joules", "histogram", "joules", "model", _EN, "energy"),
     _m("edge_proxy_request_phase_energy_joules", "histogram", "joules", "model,phase", _EN, "energy"),
-    # ---- economics: counters (edge_proxy/economics/live.py, economics_reload.py)
+    # ---- economics: counters (edge_proxy/economics/live.py, reload.py)
     _m("edge_proxy_energy_cost_usd_total", "counter", "usd", "model", _ECO),
     _m("edge_proxy_hardware_cost_usd_total", "counter", "usd", "model", _ECO),
     _m("edge_proxy_api_equivalent_cost_usd_total", "counter", "usd", "model", _ECO),
