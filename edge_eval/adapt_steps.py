@@ -83,7 +83,7 @@ def adapt(args: argparse.Namespace, task: TaskSpec, items: list[Item], data: str
                         console=console, disable=args.quiet)
     with progress:
         bar = progress.add_task(args.method, total=args.steps, loss="-")
-        with EnergyWindow(reader) as w:
+        with EnergyWindow(reader, "train") as w:
             stats = train(model, examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           pad_id=int(tok.pad_token_id), device=device, seed=args.seed,
                           autocast_dtype=autocast,
@@ -102,7 +102,7 @@ def adapt(args: argparse.Namespace, task: TaskSpec, items: list[Item], data: str
     del model
     if args.merge:
         merged = out / "merged"
-        with EnergyWindow(reader) as w:
+        with EnergyWindow(reader, "merge") as w:
             _merge(args.model, adapter_dir, merged, device, dtype_name)
         assert w.result is not None
         doc["phases"]["merge"] = phase_record(w.result.joules, w.result.seconds, args.usd_per_kwh)
@@ -110,7 +110,7 @@ def adapt(args: argparse.Namespace, task: TaskSpec, items: list[Item], data: str
         _finish(doc, out)
         if args.quantize:
             qdir = out / f"merged-{args.quantize}"
-            with EnergyWindow(reader) as w:
+            with EnergyWindow(reader, "quantize") as w:
                 _quantize(merged, qdir, args.quantize, device, dtype_name)
             assert w.result is not None
             doc["phases"]["quantize"] = phase_record(w.result.joules, w.result.seconds, args.usd_per_kwh)

@@ -181,3 +181,21 @@ def test_missing_optional_package_names_the_fix(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert "rouge-score is not installed: pip install 'edge-eval[eval]'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_adaptation_phase_window_is_the_projects_measurement() -> None:
+    """A phase of ``edge-eval adapt`` is measured as an ``edge_proxy.energy.window.Measurement``
+    (the one window type): here the estimated source over a block that burns CPU in this process."""
+    from edge_eval.energy_window import EnergyWindow
+    from edge_proxy.energy.estimated_source import EstimatedReader
+    from edge_proxy.energy.window import Measurement
+
+    reader = EstimatedReader(10.0, scope="machine")
+    with EnergyWindow(reader, "train") as w:
+        t_end = time.process_time() + 0.2
+        while time.process_time() < t_end:
+            pass
+    m = w.result
+    assert isinstance(m, Measurement) and m.name == "train"
+    assert m.source == "estimated" and m.kind == "estimated" and not m.gap and m.complete
+    assert m.seconds > 0 and m.joules > 0 and m.joules == pytest.approx(sum(m.joules_by_device.values()))
