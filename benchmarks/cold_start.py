@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col)
     for r in result["summary"]:
         table.add_row(r["variant"], _fmt(r["cold_start_seconds"], 2), _fmt(r["cold_start_joules"]),
-                      _fmt(r["model_server_load_joules"]), _fmt(r["median_request_joules"], 3),
+                      _fmt(r["model_server_load_joules"]), _fmt(r["mean_request_joules"], 3),
                       _fmt(r["c_tax_energy"]), _fmt(r["c_tax_time"]), _fmt(r["c_tax_paper_form"]),
                       _fmt(r["keep_warm_break_even_idle_seconds"]), _fmt(r["paper_t4_llama_1b_c_tax_mean"]))
     Console(width=200).print(table)

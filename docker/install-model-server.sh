@@ -13,6 +13,7 @@
 #                   drivers, or the CPU build). Empty: the configured default index.
 #   WITH_GPTQ       1 to add gptqmodel + optimum (requirements-gptq.txt; needs a compiler).
 #   PYTHON          interpreter (default: python3 on PATH, i.e. the venv's).
+# pip's cache: the image sets PIP_NO_CACHE_DIR=1 (Dockerfile); elsewhere (CI) the cache is reused.
 # tests/test_deploy_docker.py runs this with the CPU torch build (never a CUDA build on CI).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -23,21 +24,21 @@ torch_version="${TORCH_VERSION:-2.13.0}"
 
 deps() {
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
-    "${pip[@]}" install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==$torch_version"
+    "${pip[@]}" install --index-url "$TORCH_INDEX_URL" "torch==$torch_version"
   else
-    "${pip[@]}" install --no-cache-dir "torch==$torch_version"
+    "${pip[@]}" install "torch==$torch_version"
   fi
   # torch stays at the version just installed: pin it while resolving the rest.
   installed="$("$py" -c 'import importlib.metadata as m; print(m.version("torch"))')"
-  "${pip[@]}" install --no-cache-dir -r "$here/requirements-model-server.txt" "torch==$installed"
+  "${pip[@]}" install -r "$here/requirements-model-server.txt" "torch==$installed"
   if [ "${WITH_GPTQ:-0}" = 1 ]; then
-    "${pip[@]}" install --no-cache-dir -r "$here/requirements-gptq.txt" "torch==$installed"
+    "${pip[@]}" install -r "$here/requirements-gptq.txt" "torch==$installed"
   fi
 }
 
 app() {
   [ -n "$src" ] && [ -f "$src/pyproject.toml" ] || { echo "install-model-server.sh: SRC_DIR with pyproject.toml required" >&2; exit 2; }
-  "${pip[@]}" install --no-cache-dir --no-deps "$src"
+  "${pip[@]}" install --no-deps "$src"
   "${pip[@]}" check
   "$py" -c "import torch, transformers, bitsandbytes, model_server, edge_proxy"
   ms_bin="$(dirname "$("$py" -c 'import sys; print(sys.executable)')")/model-server"

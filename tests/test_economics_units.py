@@ -148,8 +148,10 @@ def test_cold_starts_counted_once_and_in_fixed_cost() -> None:
     settings = load_settings(environ={}, overrides={("economics", "setup_usd"): 1.0,
                                                     ("economics", "usd_per_kwh"): 0.5})
     clock, reg = FakeClock(), CollectorRegistry()
-    history = [SimpleNamespace(id=1, outcome="ready", tax_joules=(720.0, "nvml"), seconds=6.0),
-               SimpleNamespace(id=2, outcome="timeout", tax_joules=(None, "none"), seconds=300.0)]
+    history = [SimpleNamespace(id=1, outcome="ready", finalized=True, tax_joules=(720.0, "nvml"), seconds=6.0),
+               SimpleNamespace(id=2, outcome="timeout", finalized=True, tax_joules=(None, "none"), seconds=300.0),
+               # ready, but its energy window not closed yet: picked up later, not now with 0 J
+               SimpleNamespace(id=3, outcome="ready", finalized=False, tax_joules=(None, "none"), seconds=5.0)]
     obs = EconomicsObserver(settings, reg, clock_ns=clock,
                             coldstart=SimpleNamespace(history=history))
     obs.runtime = SimpleNamespace(backend=SimpleNamespace(model="m"))

@@ -10,10 +10,11 @@ from typing import Any, Protocol, Sequence
 
 
 class ColdStartRecord(Protocol):
-    """What economics reads of one finished cold start (``edge_proxy.coldstart.gate.ColdStart``)."""
+    """What economics reads of one finished cold start (``edge_proxy.coldstart.record.ColdStart``)."""
 
     id: Any
     outcome: str
+    finalized: bool                 # its energy window is closed
 
     @property
     def seconds(self) -> float | None: ...

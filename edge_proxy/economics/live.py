@@ -152,7 +152,9 @@ class EconomicsObserver(BaseObserver):
         if self.coldstart is None:
             return
         for cs in list(self.coldstart.history):
-            if cs.outcome != "ready" or cs.id in self._cold_ids:
+            # finalized: its energy window is closed (a cold start is in the history, ready, a
+            # sampling tick or two before its energy is known; recorded earlier it would count 0 J)
+            if cs.outcome != "ready" or not cs.finalized or cs.id in self._cold_ids:
                 continue
             joules, _src = cs.tax_joules
             self.record_cold_start(None, joules, float(cs.seconds or 0.0), cold_start_id=cs.id)
