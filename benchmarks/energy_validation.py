@@ -136,6 +136,16 @@ async def run_checks(args: argparse.Namespace, ms_url: str, uuids: list[str], ou
             direct.close()
 
 
+def _nvml_gpu_uuids(reader_cls: Any) -> list[str]:
+    """UUIDs of every GPU NVML sees, through the energy package's public reader (raises its
+    ReaderError when NVML cannot start)."""
+    reader = reader_cls(None, read_power=False)
+    try:
+        return list(reader.gpu_uuids)
+    finally:
+        reader.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="Exits 0 when the checks ran (each reports pass/fail); 2 on setup errors.")
@@ -176,10 +186,9 @@ def main() -> int:
                            "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "checks": {}}
     if args.source == "nvml":          # fail fast, before building and loading a model
-        from edge_proxy.energy.nvml_source import list_gpus
-        from edge_proxy.energy.readings import ReaderError
+        from edge_proxy.energy import NvmlReader, ReaderError
         try:
-            list_gpus()
+            _nvml_gpu_uuids(NvmlReader)
         except ReaderError as exc:
             print(f"energy_validation: error: --source nvml: {exc}", file=sys.stderr)
             return 2
@@ -220,10 +229,9 @@ def main() -> int:
         out["model_server_engine"] = info.get("engine")
         uuids = [str(d["uuid"]) for d in devs if d.get("uuid")] if args.device == "cuda" else []
         if args.source == "nvml":
-            from edge_proxy.energy.nvml_source import list_gpus
-            from edge_proxy.energy.readings import ReaderError
+            from edge_proxy.energy import NvmlReader, ReaderError
             try:
-                known = {g["uuid"] for g in list_gpus()}
+                known = set(_nvml_gpu_uuids(NvmlReader))
             except ReaderError as exc:
                 raise SetupError(f"--source nvml: {exc}") from None
             if not uuids or any(u not in known for u in uuids):

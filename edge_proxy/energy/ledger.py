@@ -258,10 +258,6 @@ class Ledger:
     def pending_ticks(self) -> int:
         return len(self._core.pending)
 
-    @property
-    def requests_in_flight(self) -> int:
-        return len(self._open)
-
     def sizes(self) -> dict[str, int]:
         """Sizes of the ledger's structures (tests: they must not grow with finished requests)."""
         with self._lock:

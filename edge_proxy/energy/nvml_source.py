@@ -62,20 +62,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def list_gpus() -> list[dict[str, Any]]:
-    """[{index, uuid, name}] of every GPU NVML sees (NVML index order). Raises ReaderError."""
-    pynvml = nvml_init()
-    try:
-        out = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            out.append({"index": i, "uuid": _text(pynvml.nvmlDeviceGetUUID(h)),
-                        "name": _text(pynvml.nvmlDeviceGetName(h))})
-        return out
-    finally:
-        nvml_shutdown()
-
-
 class NvmlReader:
     """Reads every selected GPU's energy counter and instant power in one call of :meth:`read`."""
 

@@ -51,7 +51,6 @@ class RemoteReader:
         self._last_server_t: float | None = None
         self._instance: str | None = None                # the server's instance_id last seen
         self._server_gpus: frozenset[str] | None = None  # the GPU set it last listed
-        self.server_source: str | None = None
         self.restarts_total = 0
 
     @property
@@ -108,7 +107,6 @@ class RemoteReader:
                 self._restarted(data)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             return [Reading(t_ns=time.monotonic_ns(), error=f"GET {self.url}: {exc}")]
-        self.server_source = str(data.get("source"))
         if data.get("source") in (None, "none"):
             return [Reading(t_ns=t_recv, error=f"{self.url} reports source {data.get('source')!r} (no GPU counter)")]
         try:

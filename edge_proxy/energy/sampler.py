@@ -55,7 +55,6 @@ class Sampler:
         self.gaps_total = 0
         self.resets_total = 0
         self.lag_seconds = 0.0
-        self.reads_total = 0
         self.max_stale_periods = 5
 
     # -- listeners -------------------------------------------------------------------------
@@ -87,7 +86,6 @@ class Sampler:
     def ingest(self, reading: Reading) -> Tick | None:
         """Turn one reading into a tick (None for the first reading or a failed one)."""
         with self._lock:
-            self.reads_total += 1
             if reading.error is not None:
                 self.errors_total += 1
                 self._pending_gap = True
