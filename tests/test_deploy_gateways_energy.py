@@ -111,11 +111,17 @@ async def ask(url: str, rid: str, stream: bool, model: str = "tiny") -> int:
         await client.close()
 
 
-def settle(procs: dict[str, tuple[str, str, Path]], n: int) -> tuple[dict, dict]:
-    """Wait until the sidecar logged ``n`` requests (energy final a tick after each ends); return
-    every proxy's parsed /metrics and /edge/cold-starts."""
+def settle(procs: dict[str, tuple[str, str, Path]], n: int, cold_starts: int = 0) -> tuple[dict, dict]:
+    """Wait until the sidecar logged ``n`` requests (energy final a tick after each ends) and has
+    ``cold_starts`` finalized cold starts (energy window closed: economics counts a cold start only
+    then); return every proxy's parsed /metrics and /edge/cold-starts."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(log_lines(procs["sidecar"][2])) < n:
+        time.sleep(0.2)
+    while time.monotonic() < deadline and cold_starts:
+        snap = get_json(procs["sidecar"][1] + "/edge/cold-starts")
+        if snap["current"] is None and len(snap["cold_starts"]) >= cold_starts:
+            break
         time.sleep(0.2)
     time.sleep(0.5)
     fams = {name: scrape(p[1]) for name, p in procs.items()}
@@ -198,7 +204,7 @@ def test_a_cold_start_behind_two_gateways_is_metered_once_at_the_sidecar(tiny_mo
 
         counts = asyncio.run(traffic())
         assert len(counts) == 6 and all(c > 0 for c in counts), counts
-        fams, snaps = settle(procs, 6)
+        fams, snaps = settle(procs, 6, cold_starts=1)
     check_once(procs, fams, {f"{t}-cold-{i}" for t in "ab" for i in range(3)})
     (cs,) = snaps["sidecar"]["cold_starts"]
     assert cs["reason"] == "startup" and cs["outcome"] == "ready"

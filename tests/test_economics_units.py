@@ -168,6 +168,24 @@ def test_cold_starts_counted_once_and_in_fixed_cost() -> None:
     assert m[("edge_proxy_fixed_cost_usd", lab)] == pytest.approx(1.0 + energy_cost_usd(720.0, 0.5))
 
 
+def test_a_cold_start_finalized_between_scrapes_is_in_the_next_scrape_whole() -> None:
+    """One scrape is consistent: a cold start whose energy window closed since the last scrape is
+    in this scrape's counters and C_tax gauge (not half now, the rest a scrape later)."""
+    settings = load_settings(environ={}, overrides={})
+    clock, reg = FakeClock(), CollectorRegistry()
+    cs = SimpleNamespace(id=7, outcome="ready", finalized=False, tax_joules=(None, "none"), seconds=4.0)
+    obs = EconomicsObserver(settings, reg, clock_ns=clock, coldstart=SimpleNamespace(history=[cs]))
+    obs.runtime = SimpleNamespace(backend=SimpleNamespace(model="m"))
+    _request(obs, clock, "r0", seconds=0.5, joules=10.0)
+    lab = (("model", "m"),)
+    assert _metrics(reg)[("edge_proxy_economics_cold_starts_total", lab)] == 0
+    cs.finalized, cs.tax_joules = True, (300.0, "replay")       # its window closed after that scrape
+    m = _metrics(reg)
+    assert m[("edge_proxy_economics_cold_starts_total", lab)] == 1
+    assert m[("edge_proxy_economics_cold_start_energy_joules_total", lab)] == 300.0
+    assert m[("edge_proxy_cold_start_tax_energy_ratio", lab)] == pytest.approx(30.0)
+
+
 def test_api_cheaper_gives_infinite_break_even() -> None:
     settings = load_settings(environ={}, overrides={
         ("economics", "setup_usd"): 1.0, ("economics", "gpu_usd_per_hour"): 3600.0,

@@ -8,7 +8,7 @@ refuses a second collector, or any other metric, exporting one of these names.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -112,3 +112,17 @@ class EconomicsCollector(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         return list(families(self.snapshot()))
+
+
+class ScrapeStart(Collector):
+    """Runs ``hook`` at the start of every scrape (it exports nothing, so ``describe()`` is empty)."""
+
+    def __init__(self, hook: Callable[[], None]) -> None:
+        self.hook = hook
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        self.hook()
+        return []

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 from edge_proxy.config import ConfigError, Settings
 from edge_proxy.economics import formulas as eco
 from edge_proxy.economics import stats as st
-from edge_proxy.economics.collector import EconomicsCollector
+from edge_proxy.economics.collector import EconomicsCollector, ScrapeStart
 from edge_proxy.economics.components import ColdStartHistory, EnergyComponent
 from edge_proxy.economics.counters import EconomicsCounters
 from edge_proxy.economics.feedback import FeedbackEndpoint
@@ -104,6 +104,9 @@ class EconomicsObserver(BaseObserver):
             self.golden = load_golden_prompts(self.cfg.probes_path)
         for model, spec in self.cfg.paper_model_sizes.items():
             st.paper_gigabytes(model, spec)      # validate early
+        # Registered before the counters: a scrape first picks up cold starts finalized since the
+        # last one, so the cold-start counters and the C_tax gauges of one scrape agree.
+        registry.register(ScrapeStart(self.sync_cold_starts))
         self.m = EconomicsCounters(registry)
         self.feedback = FeedbackEndpoint(lambda: self.cfg.feedback_token, self.recent,
                                          self.m.feedback, self.record_score)
