@@ -15,13 +15,13 @@ import yaml
 
 from edge_eval.errors import UsageError
 
-QUANTIZATIONS = ("none", "fp16", "bf16", "int8", "nf4", "gptq")
+QUANTIZATIONS = ("none", "fp16", "bf16", "int8", "nf4", "int4", "gptq")
 ADAPTATIONS = ("none", "lora", "qlora")
 TASKS = ("rag", "summarization", "chat")
 DEVICES = ("auto", "cpu", "cuda")
 ENERGY_SOURCES = ("auto", "nvml", "estimated")
 PRECISION_LABEL = {"none": "FP16", "fp16": "FP16", "bf16": "BF16", "int8": "INT8", "nf4": "INT4",
-                   "gptq": "INT4"}
+                   "int4": "INT4", "gptq": "INT4"}
 SYNTH_PRESETS = ("tiny", "llama-3.2-1b", "qwen2.5-0.5b")
 
 TOP_KEYS = {"models", "quantizations", "tasks", "adaptation", "load", "passes", "eval", "device",
@@ -222,7 +222,7 @@ def parse(text: str, src: str) -> Grid:
                     seen[vname] = qnode
                     full = [x for _, x in quants if x in ("none", "fp16", "bf16")]
                     ref = (f"{name}-{a}-{tname}-{full[0]}"
-                           if full and q in ("int8", "nf4", "gptq") and a != "qlora" else None)
+                           if full and q in ("int8", "nf4", "int4", "gptq") and a != "qlora" else None)
                     grid.variants.append(Variant(vname, path, synth, size, q, tname, data, limit,
                                                  a, ref))
     return grid
