@@ -12,7 +12,10 @@ proxy's event loop every 20 ms with a request its metrics server answers at once
 probe's latency bounds how long the loop stalled.
 
 Reported per target: requests/s (completions inside the measured windows), stream end-to-end p50/p99,
-errors, max /metrics scrape time, max and p99.9 loop-probe latency, and the ratios to ``none``.
+errors, max /metrics scrape time, max and p99.9 loop-probe latency (which includes this load
+generator's own loop delay), the proxy's own loop lag (``edge_proxy_event_loop_lag_seconds`` over the
+measured windows: timer runs later than 50 ms, worst bucket), and the ratios to ``none``. ``--pin``
+puts the proxies on CPU 0 and everything else on the other CPUs.
 
 Usage: ``python benchmarks/energy_load.py [--concurrency 1000] [--seconds 30] [--json OUT.json]``
 """
@@ -48,6 +51,7 @@ class Result:
     scrape_seconds: list[float] = field(default_factory=list)
     scrape_failures: int = 0
     probe_seconds: list[float] = field(default_factory=list)
+    lag_buckets: dict[str, float] = field(default_factory=dict)   # the proxy's own loop lag, measured windows
 
     @property
     def rps(self) -> float:
@@ -60,7 +64,38 @@ class Result:
                 "scrape_max_seconds": max(self.scrape_seconds, default=float("nan")),
                 "scrapes": len(self.scrape_seconds), "scrape_failures": self.scrape_failures,
                 "loop_probe_max_seconds": max(self.probe_seconds, default=float("nan")),
-                "loop_probe_p999_seconds": pct(self.probe_seconds, 0.999), "probes": len(self.probe_seconds)}
+                "loop_probe_p999_seconds": pct(self.probe_seconds, 0.999), "probes": len(self.probe_seconds),
+                **lag_summary(self.lag_buckets)}
+
+
+def lag_buckets(metrics_url: str) -> dict[str, float]:
+    """Cumulative bucket counts of the proxy's ``edge_proxy_event_loop_lag_seconds`` (le -> count)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=30) as r:
+        text = r.read().decode()
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "edge_proxy_event_loop_lag_seconds":
+            return {s.labels["le"]: s.value for s in fam.samples if s.name.endswith("_bucket")}
+    return {}
+
+
+def lag_summary(buckets: dict[str, float]) -> dict[str, float | None]:
+    """From the proxy's lag histogram over the measured windows: timer runs, runs later than 50 ms,
+    and the upper bound of the highest non-empty bucket (the worst stall, to the bucket)."""
+    if not buckets:
+        return {"loop_lag_runs": 0, "loop_lag_over_50ms": None, "loop_lag_max_bucket_seconds": None}
+    les = sorted(buckets, key=float)
+    total = buckets["+Inf"]
+    worst, prev = None, 0.0
+    for le in les:
+        if buckets[le] > prev:
+            worst = float(le)
+        prev = buckets[le]
+    return {"loop_lag_runs": total, "loop_lag_over_50ms": total - buckets.get("0.05", 0.0),
+            "loop_lag_max_bucket_seconds": worst}
 
 
 async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: float, res: Result) -> None:
@@ -104,6 +139,14 @@ async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: f
                 except Exception:  # noqa: BLE001 - a timeout (10 s) is a failure
                     res.scrape_failures += 1
 
+        async def lag_window() -> None:   # the proxy's own histogram at both ends of the window
+            await asyncio.sleep(max(0.0, t_measure - time.monotonic()))
+            before = await asyncio.to_thread(lag_buckets, metrics)
+            await asyncio.sleep(max(0.0, t_stop - time.monotonic()))
+            after = await asyncio.to_thread(lag_buckets, metrics)
+            for le, n in after.items():
+                res.lag_buckets[le] = res.lag_buckets.get(le, 0.0) + n - before.get(le, 0.0)
+
         async def prober() -> None:
             probe = metrics.rsplit("/", 1)[0] + "/edge-loop-probe"   # 404 from the proxy's loop
             while time.monotonic() < t_stop:
@@ -117,7 +160,7 @@ async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: f
                 if t0 >= t_measure:
                     res.probe_seconds.append(time.monotonic() - t0)
 
-        await asyncio.gather(*(worker() for _ in range(conc)), scraper(), prober())
+        await asyncio.gather(*(worker() for _ in range(conc)), scraper(), prober(), lag_window())
     res.seconds += seconds
 
 
@@ -133,6 +176,9 @@ def main() -> int:
     ap.add_argument("--sources", default=",".join(SOURCES), help="energy sources to compare (none first)")
     ap.add_argument("--trace", default=str(TRACE), help="replay trace (default: the recorded H200 trace)")
     ap.add_argument("--json", help="write raw results (summaries and samples) here")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin the proxies to CPU 0 and this load generator and the backend to the other CPUs "
+                         "(separates the proxy's own stalls from CPU contention)")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.upstream:
@@ -161,6 +207,21 @@ def main() -> int:
             extra = ["--energy-source", src] + (["--energy-replay", args.trace] if src == "replay" else [])
             _, port = start_edge_proxy(up_port, tmp / f"{src}.jsonl", extra, procs, metrics_port=mport)
             targets[src] = (f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{mport}/metrics")
+        if args.pin:
+            import os
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                print("energy_load: error: --pin needs at least 2 CPUs", file=sys.stderr)
+                return 2
+            proxies = {p.pid for p in procs[1:]}
+
+            def pin(pid: int, mask: set[int]) -> None:     # every thread (the sampler's too)
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    os.sched_setaffinity(int(tid), mask)
+
+            for p in procs:
+                pin(p.pid, {cpus[0]} if p.pid in proxies else set(cpus[1:]))
+            pin(os.getpid(), set(cpus[1:]))
         results = {s: Result(s, args.concurrency) for s in sources}
         from rich.progress import Progress
         with Progress(transient=True) as prog:
@@ -190,15 +251,16 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
           f"then every {args.token_interval_ms:g} ms; usage last), {args.seconds:g} s per target in {args.rounds} "
           f"interleaved rounds\n")
     print("| energy source | req/s | vs none | stream p50 s | stream p99 s | p99 vs none | errors "
-          "| max /metrics s | max loop probe s | p99.9 loop probe s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| max /metrics s | max loop probe s | p99.9 loop probe s | proxy loop lags > 50 ms | worst lag bucket s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results.values():
         s = r.summary()
         ratio = f"{r.rps / base.rps:.3f}" if base and base.rps else "-"
         p99r = f"{s['stream_p99_seconds'] / base.summary()['stream_p99_seconds']:.3f}" if base and base.e2e else "-"
         print(f"| {r.source} | {r.rps:.1f} | {ratio} | {s['stream_p50_seconds']:.3f} | {s['stream_p99_seconds']:.3f} "
               f"| {p99r} | {r.errors} | {s['scrape_max_seconds']:.3f} | {s['loop_probe_max_seconds']:.3f} "
-              f"| {s['loop_probe_p999_seconds']:.3f} |")
+              f"| {s['loop_probe_p999_seconds']:.3f} | {s['loop_lag_over_50ms']} of {s['loop_lag_runs']:.0f} "
+              f"| {s['loop_lag_max_bucket_seconds']} |")
 
 
 if __name__ == "__main__":

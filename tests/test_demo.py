@@ -119,18 +119,28 @@ def test_demo_default_measures_its_inputs(tiny_model_dir: str, tmp_path: Path) -
     assert "configured" not in ipw_src and "0.752" not in ipw_src, ipw_src
     nb_src = source["N_break break-even"]
     assert "edge-eval adapt" in nb_src and "92,122" not in nb_src, nb_src
-    assert "reference variant" in source["Q_ret quantization fidelity"]
+    qret_src = source["Q_ret quantization fidelity"]
+    assert qret_src.startswith("measured") and "int4 vs unquantized" in qret_src, qret_src
     # the proxy's gauges say the same: IPW = the evaluated score / the proxy's joules per request
     f1 = float(re.search(r"evaluated: token F1 ([\d.]+)", text).group(1))
     assert f1 >= 0.2, text[-3000:]           # the untrained tiny model scores ~0 on builtin rag (adapted: 0.3-0.8, batching under the demo load moves it)
-    (ipw,) = data["metrics"]["edge_proxy_intelligence_per_joule"]
-    (jpr,) = data["metrics"]["edge_proxy_joules_per_request"]
+    def served(name: str) -> dict:       # the served model's series (the reference run has its own)
+        (row,) = [r for r in data["metrics"][name] if r["labels"].get("model") == "tiny-rag-lora"]
+        return row
+
+    ipw, jpr = served("edge_proxy_intelligence_per_joule"), served("edge_proxy_joules_per_request")
     assert ipw["labels"]["source"] == "estimated"
     assert ipw["value"] == pytest.approx(f1 / jpr["value"], rel=0.01)
-    (n_break,) = data["metrics"]["edge_proxy_break_even_requests"]
+    adaptation = Path(data["inputs"]["adaptation"])
+    # Q_ret: the served int4 run against the cached unquantized reference run, on the same items
+    qret = served("edge_proxy_quantization_fidelity_percent")
+    assert qret["labels"]["source"] == "measured"
+    ref_dir = next(adaptation.parent.glob("reference-tiny-rag-lora-reference-*"))
+    ref = json.loads((ref_dir / "run" / "results.json").read_text())["summary"]["mean_score"]
+    assert qret["value"] == pytest.approx(100.0 * f1 / ref, rel=0.02), (qret, f1, ref)
+    n_break = served("edge_proxy_break_even_requests")
     assert n_break["labels"]["source"] == "estimated" and n_break["value"] > 0
     # the adapted model and adaptation.json are cached: a later run reuses them without adapting
-    adaptation = Path(data["inputs"]["adaptation"])
     assert adaptation.is_file() and cache in adaptation.parents
     console = Console(record=True, width=200)
     merged, again = ensure_adapted(Path(tiny_model_dir), cache, console)

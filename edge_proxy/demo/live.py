@@ -80,7 +80,8 @@ async def drive(base: str, metrics_url: str, model: str, duration: float, concur
                           "economics.* settings (docs/metrics.md).[/dim]")
         else:
             console.print("[dim]measured: the score behind IPW (edge-eval eval through the proxy) and "
-                          "the LoRA adaptation energy behind N_break (edge-eval adapt, cached); Q_ret "
-                          "needs a reference variant. Prices: economics.* settings (docs/metrics.md).[/dim]")
+                          "the LoRA adaptation energy behind N_break (edge-eval adapt, cached); Q_ret from the "
+                          "served variant's and the unquantized model's scores on the same items. Prices: "
+                          "economics.* settings (docs/metrics.md).[/dim]")
     return stats, metrics, elapsed
 

@@ -12,9 +12,11 @@ Instead of the paper's constants, the demo measures its own quality and adaptati
    the proxy; the proxy reads its ``results.json`` live, so IPW's score is measured and N_break's
    C_train is the adaptation's energy (measured on NVML, estimated on CPU).
 
-Q_ret needs a second (reference) variant of the model served and evaluated on the same items,
-which does not fit the demo's two minutes on 2 CPU cores: the demo shows it as n/a and says how
-to measure it (``edge-eval eval --reference-model``, docs/evaluation.md).
+4. Q_ret: the demo serves a quantized variant (``--quantization``, default int4); its reference,
+   the adapted model unquantized, is evaluated once on the same held-out items
+   (:mod:`edge_proxy.demo.reference`, cached next to the adapted model) and the served run names it
+   (``--reference-model``), so the proxy pairs the two runs item by item. Served unquantized
+   (``--quantization none``), the model is its own reference and Q_ret is shown as n/a.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -45,6 +48,8 @@ class MeasuredInputs:
     adaptation_path: Path       # adaptation.json (C_train)
     adaptation: dict[str, Any]
     runs_dir: Path              # edge-eval eval results directory the proxy reads
+    reference_model: str | None = None   # Q_ret's reference run (in runs_dir), when served quantized
+    quantization: str = "none"
 
     def economics(self) -> dict[str, Any]:
         """The proxy's ``economics`` settings: scores and C_train from the files, nothing typed in."""
@@ -83,8 +88,25 @@ def ensure_adapted(base: Path, cache_root: Path, console: Any, *, seed: int = 0,
     return d / "merged", d / "adaptation.json"
 
 
-def prepare(args: argparse.Namespace, base: Path, work: Path, console: Any) -> MeasuredInputs:
-    """Adapt (or reuse the cached adaptation of) ``base``; the runs directory is under ``work``."""
+UNQUANTIZED = ("none", "fp16", "bf16")
+
+
+def ensure_reference(merged: Path, name: str, device: str, console: Any) -> Path:
+    """The cached ``results.json`` of the adapted model evaluated unquantized under ``name``."""
+    d = merged.parent / f"reference-{name}-n{EVAL_LIMIT}-t{EVAL_MAX_TOKENS}"
+    if not demo_cache.is_complete(d):
+        demo_cache.build(d, lambda tmp: [
+            sys.executable, "-m", "edge_proxy.demo.reference", str(merged), str(tmp), "--model", name,
+            "--device", device, "--limit", str(EVAL_LIMIT), "--max-tokens", str(EVAL_MAX_TOKENS)],
+            f"first run: evaluating the adapted model unquantized, Q_ret's reference ({EVAL_LIMIT} "
+            "held-out rag items, cached) ...", "the reference evaluation", console)
+    return d / "run" / "results.json"
+
+
+def prepare(args: argparse.Namespace, base: Path, work: Path, console: Any,
+            served_name: str) -> MeasuredInputs:
+    """Adapt (or reuse the cached adaptation of) ``base``, and when the demo serves it quantized,
+    evaluate (or reuse) its unquantized reference; the runs directory is under ``work``."""
     cache = demo_cache.cache_root(args)
     merged, adaptation_path = ensure_adapted(base, cache, console, device=args.device)
     try:
@@ -93,7 +115,13 @@ def prepare(args: argparse.Namespace, base: Path, work: Path, console: Any) -> M
         raise ConfigError(f"{adaptation_path}: unreadable ({e}); delete {adaptation_path.parent}") from None
     runs = work / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    return MeasuredInputs(merged, adaptation_path, adaptation, runs)
+    reference = None
+    if args.quantization not in UNQUANTIZED:
+        reference = f"{served_name}-reference"
+        results = ensure_reference(merged, reference, args.device, console)
+        (runs / "reference").mkdir()
+        shutil.copyfile(results, runs / "reference" / "results.json")
+    return MeasuredInputs(merged, adaptation_path, adaptation, runs, reference, args.quantization)
 
 
 def run_eval(inputs: MeasuredInputs, base_url: str, metrics_base_url: str, token: str, model: str,
@@ -104,6 +132,8 @@ def run_eval(inputs: MeasuredInputs, base_url: str, metrics_base_url: str, token
            "--task", "rag", "--data", "builtin:rag:test", "--limit", str(EVAL_LIMIT),
            "--max-tokens", str(EVAL_MAX_TOKENS), "--out", str(out), "--lookup-url", metrics_base_url,
            "--quiet"]
+    if inputs.reference_model:
+        cmd += ["--reference-model", inputs.reference_model]
     env = {**os.environ, "EDGE_EVAL_LOOKUP_TOKEN": token}
     with console.status(f"evaluating the served model through the proxy ({EVAL_LIMIT} held-out rag "
                         "items, edge-eval eval) ..."):
@@ -134,5 +164,8 @@ def sources(inputs: MeasuredInputs, m: dict[str, list[tuple[dict[str, str], floa
         "N_break": f"{label('edge_proxy_break_even_requests')}: energy {e_kind}; adaptation "
                    f"{kj:,.1f} kJ {inputs.energy_source} (edge-eval adapt); prices configured",
         "IPW": f"{ipw}: {score}; J {e_kind}",
-        "Q_ret": "not evaluated: needs a reference variant (edge-eval eval --reference-model)",
+        "Q_ret": (f"{label('edge_proxy_quantization_fidelity_percent')}: both scores measured "
+                  f"(edge-eval eval: {inputs.quantization} vs unquantized, same items)"
+                  if inputs.reference_model else
+                  "n/a: served unquantized, its own reference (--quantization int4 measures Q_ret)"),
     }
