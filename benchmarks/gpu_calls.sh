@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU measurements still open (issues 14 and 17), one device call each, in the order to run them.
+# Each call: carry .gpu/.whl (bitsandbytes 0.50.2, rouge-score, nltk, OpenTelemetry wheels: the GPU
+# image lacks them), write under $OUT. Usage on the device machine, from the repository root:
+#   bash benchmarks/gpu_calls.sh energy     # issue 17: energy validation checks 1 and 3, three runs (~6 min)
+#   bash benchmarks/gpu_calls.sh grid       # issue 14: the GPU grid, resumable (repeat until 12/12; ~9 min a call)
+# Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
+# --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
+# nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
+# and pip wheel --no-deps rouge-score==0.1.2 (an sdist only).
+# The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
+# on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
+set -u
+case "${1:-}" in energy|grid) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid" >&2; exit 2 ;; esac
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
+export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
+out=${OUT:?set OUT}
+nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$out/card.txt"; date -u >> "$out/card.txt"
+stop_servers() { sleep 3; pkill -f "[m]odel_server serve"; pkill -f "[e]dge_proxy serve"; true; }
+case "${1:-}" in
+  energy)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    for i in 1 2 3; do
+      timeout 170 python3 benchmarks/energy_validation.py --model-dir /tmp/m1b --only 1,3 --out "out/ev$i" \
+        > "out/ev$i.log" 2>&1; echo "run $i rc $?"; stop_servers
+    done
+    tar czf "$out/energy_validation.tgz" out/ev1* out/ev2* out/ev3*   # $OUT brings back a few files only
+    cat out/ev*/energy_validation.md ;;
+  grid)
+    timeout -s INT "${GRID_SECONDS:-540}" python3 -m edge_eval bench benchmarks/grids/gpu.yaml --out out/grid \
+      --resume --quiet > "$out/grid.log" 2>&1; echo "grid rc $?"; stop_servers
+    tar czf "$out/grid.tgz" --exclude='*/merged*' --exclude='*/models/*' --exclude='*/adapter' out/grid
+    wc -l out/grid/variants.jsonl ;;
+esac
