@@ -1,0 +1,61 @@
+"""The GPU write-up helpers in benchmarks/: LoRA/QLoRA ratios, the grid-vs-paper table, the loop-lag summary."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import adapt_energy  # noqa: E402
+import energy_load  # noqa: E402
+
+
+def _run(method: str, dtype: str, joules: float, seconds: float, mem: int) -> dict:
+    return {"method": method, "compute_dtype": dtype, "train_joules": joules, "train_seconds": seconds,
+            "peak_gpu_memory_bytes": mem, "tokens": 1000}
+
+
+def test_qlora_lora_ratios_per_dtype_and_failed_runs_left_out() -> None:
+    rows = [_run("lora", "bf16", 100.0, 10.0, 4), _run("qlora", "bf16", 150.0, 16.0, 5),
+            _run("lora", "fp16", 120.0, 12.0, 4), {"method": "qlora", "compute_dtype": "fp16", "error": "x"}]
+    (bf16,) = adapt_energy.ratios(rows)              # fp16 has no successful QLoRA run
+    assert bf16["compute_dtype"] == "bf16" and bf16["same_tokens"]
+    assert (bf16["energy_ratio"], bf16["time_ratio"], bf16["memory_ratio"]) == (1.5, 1.6, 1.25)
+
+
+def test_loop_lag_summary_counts_late_runs_and_the_worst_bucket() -> None:
+    buckets = {"0.001": 10.0, "0.05": 15.0, "0.1": 15.0, "0.5": 18.0, "1.0": 18.0, "+Inf": 18.0}
+    s = energy_load.lag_summary(buckets)
+    assert s == {"loop_lag_runs": 18.0, "loop_lag_over_50ms": 3.0, "loop_lag_max_bucket_seconds": 0.5}
+    assert energy_load.lag_summary({})["loop_lag_over_50ms"] is None
+
+
+def test_grid_vs_paper_puts_our_row_next_to_the_papers(tmp_path: Path) -> None:
+    with open(ROOT / "tests" / "data" / "paper_variants.csv", newline="") as f:
+        paper = {(r["task"], r["precision"]): r for r in csv.DictReader(f)
+                 if (r["family"], r["size"], r["method"]) == ("Llama", "1B", "LoRA")}
+    summary = tmp_path / "summary.csv"
+    cols = ["variant", "model", "task", "precision", "score", "e_req_joules", "n_break", "ipw", "rho_sys",
+            "c_tax", "q_ret"]
+    with open(summary, "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerow({"variant": "a", "model": "llama-3.2-1b", "task": "rag", "precision": "INT4", "score": 0.5,
+                    "e_req_joules": 1.25, "n_break": 3, "ipw": 0.4, "rho_sys": 200, "c_tax": 1500, "q_ret": 98})
+        w.writerow({"variant": "b", "model": "other", "task": "rag", "precision": "BF16", "score": 0.1})
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grid_vs_paper.py"), str(summary)],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [ln for ln in out.splitlines() if ln.startswith("| rag")]
+    assert len(rows) == 1                            # only our llama rows
+    p = paper[("rag", "INT4")]
+    q_paper = 100 * float(p["score"]) / float(paper[("rag", "FP16")]["score"])
+    assert f"0.5 / {float(p['score']):.3g}" in rows[0]
+    assert f"1.25 / {float(p['energy_per_request_joules']):.3g}" in rows[0]
+    assert f"1,500 / {float(p['c_tax']):,.0f}" in rows[0]
+    assert f"98 / {q_paper:.3g}" in rows[0]
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grid_vs_paper.py"), str(tmp_path / "no.csv")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
