@@ -14,7 +14,8 @@ probe's latency bounds how long the loop stalled.
 Reported per target: requests/s (completions inside the measured windows), stream end-to-end p50/p99,
 errors, max /metrics scrape time, max and p99.9 loop-probe latency (which includes this load
 generator's own loop delay), the proxy's own loop lag (``edge_proxy_event_loop_lag_seconds`` over the
-measured windows: timer runs later than 50 ms, worst bucket), and the ratios to ``none``. ``--pin``
+measured windows: timer runs later than 50 ms, worst bucket), the proxy process's CPU (cores, from
+/proc over the same windows), and the ratios to ``none``. ``--pin``
 puts the proxies on CPU 0 and everything else on the other CPUs.
 
 Usage: ``python benchmarks/energy_load.py [--concurrency 1000] [--seconds 30] [--json OUT.json]``
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fake_backend import run_upstream, start_edge_proxy, start_upstream
-from support import ROOT, free_port, pct, stop_all
+from support import ROOT, cpu_seconds, free_port, pct, stop_all
 
 TRACE = ROOT / "tests" / "data" / "energy_h200_recorded.jsonl"
 SOURCES = ("none", "estimated", "replay")
@@ -52,6 +53,7 @@ class Result:
     scrape_failures: int = 0
     probe_seconds: list[float] = field(default_factory=list)
     lag_buckets: dict[str, float] = field(default_factory=dict)   # the proxy's own loop lag, measured windows
+    proxy_cpu_seconds: float = 0.0                                 # the proxy process's CPU, measured windows
 
     @property
     def rps(self) -> float:
@@ -65,17 +67,14 @@ class Result:
                 "scrapes": len(self.scrape_seconds), "scrape_failures": self.scrape_failures,
                 "loop_probe_max_seconds": max(self.probe_seconds, default=float("nan")),
                 "loop_probe_p999_seconds": pct(self.probe_seconds, 0.999), "probes": len(self.probe_seconds),
+                "proxy_cores": self.proxy_cpu_seconds / self.seconds if self.seconds else float("nan"),
                 **lag_summary(self.lag_buckets)}
 
 
-def lag_buckets(metrics_url: str) -> dict[str, float]:
-    """Cumulative bucket counts of the proxy's ``edge_proxy_event_loop_lag_seconds`` (le -> count)."""
-    import urllib.request
-
+def lag_buckets(text: str) -> dict[str, float]:
+    """Cumulative bucket counts of ``edge_proxy_event_loop_lag_seconds`` (le -> count) in a scrape."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(metrics_url, timeout=30) as r:
-        text = r.read().decode()
     for fam in text_string_to_metric_families(text):
         if fam.name == "edge_proxy_event_loop_lag_seconds":
             return {s.labels["le"]: s.value for s in fam.samples if s.name.endswith("_bucket")}
@@ -98,7 +97,8 @@ def lag_summary(buckets: dict[str, float]) -> dict[str, float | None]:
             "loop_lag_max_bucket_seconds": worst}
 
 
-async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: float, res: Result) -> None:
+async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: float, res: Result,
+                    proxy_pid: int) -> None:
     import aiohttp
 
     body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}],
@@ -139,11 +139,16 @@ async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: f
                 except Exception:  # noqa: BLE001 - a timeout (10 s) is a failure
                     res.scrape_failures += 1
 
-        async def lag_window() -> None:   # the proxy's own histogram at both ends of the window
+        async def window_ends() -> tuple[dict[str, float], float]:   # lag histogram, proxy CPU
+            async with side.get(metrics, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                return lag_buckets(await r.text()), cpu_seconds([proxy_pid])
+
+        async def lag_window() -> None:   # the proxy's own histogram and CPU at both ends of the window
             await asyncio.sleep(max(0.0, t_measure - time.monotonic()))
-            before = await asyncio.to_thread(lag_buckets, metrics)
+            before, cpu0 = await window_ends()
             await asyncio.sleep(max(0.0, t_stop - time.monotonic()))
-            after = await asyncio.to_thread(lag_buckets, metrics)
+            after, cpu1 = await window_ends()
+            res.proxy_cpu_seconds += cpu1 - cpu0
             for le, n in after.items():
                 res.lag_buckets[le] = res.lag_buckets.get(le, 0.0) + n - before.get(le, 0.0)
 
@@ -201,12 +206,13 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="energy-load-"))
     try:
         _, up_port = start_upstream(__file__, args.tokens, args.first_token_ms, args.token_interval_ms, procs)
-        targets: dict[str, tuple[str, str]] = {}
+        targets: dict[str, tuple[str, str, int]] = {}
         for src in sources:
             mport = free_port()
             extra = ["--energy-source", src] + (["--energy-replay", args.trace] if src == "replay" else [])
-            _, port = start_edge_proxy(up_port, tmp / f"{src}.jsonl", extra, procs, metrics_port=mport)
-            targets[src] = (f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{mport}/metrics")
+            proxy, port = start_edge_proxy(up_port, tmp / f"{src}.jsonl", extra, procs, metrics_port=mport)
+            targets[src] = (f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{mport}/metrics",
+                            proxy.pid)
         if args.pin:
             import os
             cpus = sorted(os.sched_getaffinity(0))
@@ -228,9 +234,9 @@ def main() -> int:
             task = prog.add_task("measuring", total=args.rounds * len(sources))
             for _ in range(args.rounds):
                 for src in sources:
-                    url, murl = targets[src]
+                    url, murl, pid = targets[src]
                     asyncio.run(run_round(url, murl, args.concurrency, args.seconds / args.rounds,
-                                          args.warmup, results[src]))
+                                          args.warmup, results[src], pid))
                     prog.advance(task)
                     time.sleep(2.0)      # the previous target's streams and finalizes settle
         report(results, args)
@@ -251,8 +257,9 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
           f"then every {args.token_interval_ms:g} ms; usage last), {args.seconds:g} s per target in {args.rounds} "
           f"interleaved rounds\n")
     print("| energy source | req/s | vs none | stream p50 s | stream p99 s | p99 vs none | errors "
-          "| max /metrics s | max loop probe s | p99.9 loop probe s | proxy loop lags > 50 ms | worst lag bucket s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| max /metrics s | max loop probe s | p99.9 loop probe s | proxy loop lags > 50 ms | worst lag bucket s "
+          "| proxy CPU cores |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results.values():
         s = r.summary()
         ratio = f"{r.rps / base.rps:.3f}" if base and base.rps else "-"
@@ -260,7 +267,7 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
         print(f"| {r.source} | {r.rps:.1f} | {ratio} | {s['stream_p50_seconds']:.3f} | {s['stream_p99_seconds']:.3f} "
               f"| {p99r} | {r.errors} | {s['scrape_max_seconds']:.3f} | {s['loop_probe_max_seconds']:.3f} "
               f"| {s['loop_probe_p999_seconds']:.3f} | {s['loop_lag_over_50ms']} of {s['loop_lag_runs']:.0f} "
-              f"| {s['loop_lag_max_bucket_seconds']} |")
+              f"| {s['loop_lag_max_bucket_seconds']} | {s['proxy_cores']:.2f} |")
 
 
 if __name__ == "__main__":

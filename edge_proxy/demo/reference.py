@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_proxy.demo.processes import free_port, http_ok, tail
+from edge_proxy.demo.processes import free_port, http_ok, stop, tail
 
 
 def evaluate_reference(model_dir: Path, out: Path, model: str, device: str, limit: int,
@@ -46,12 +46,7 @@ def evaluate_reference(model_dir: Path, out: Path, model: str, device: str, limi
                                "--data", "builtin:rag:test", "--limit", str(limit), "--max-tokens",
                                str(max_tokens), "--out", str(out / "run"), "--quiet"]).returncode
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        stop(server)
 
 
 def main(argv: list[str] | None = None) -> int:
