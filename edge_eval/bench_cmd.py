@@ -59,7 +59,7 @@ quantizations: [none]
 tasks: [{name: rag, limit: 6}]
 adaptation: [none]
 load: {batch_requests: 8, max_tokens: 4, concurrency: [1, 4], sweep_requests: 4}
-eval: {max_tokens: 8}
+eval: {max_tokens: 8, concurrency: 2}
 passes: 2
 device: cpu
 energy_source: estimated

@@ -29,7 +29,7 @@ TOP_KEYS = {"models", "quantizations", "tasks", "adaptation", "load", "passes", 
 MODEL_KEYS = {"name", "path", "synth", "size_label"}
 TASK_KEYS = {"name", "data", "limit"}
 LOAD_KEYS = {"batch_requests", "max_tokens", "concurrency", "sweep_requests"}
-EVAL_KEYS = {"limit", "max_tokens"}
+EVAL_KEYS = {"limit", "max_tokens", "concurrency"}
 ADAPT_KEYS = {"steps", "limit"}
 
 
@@ -63,6 +63,7 @@ class Grid:
     concurrency: list[int] = field(default_factory=list)
     sweep_requests: int = 8
     eval_max_tokens: int | None = None
+    eval_concurrency: int = 1       # edge-eval eval requests in flight (the score is greedy)
     adapt_steps: int = 300
     adapt_limit: int = 2000
 
@@ -70,7 +71,7 @@ class Grid:
         return {"device": self.device, "energy_source": self.energy_source, "passes": self.passes,
                 "seed": self.seed, "batch_requests": self.batch_requests,
                 "max_tokens": self.max_tokens, "concurrency": self.concurrency,
-                "sweep_requests": self.sweep_requests,
+                "sweep_requests": self.sweep_requests, "eval_concurrency": self.eval_concurrency,
                 "variants": [v.__dict__ | {"precision": v.precision} for v in self.variants]}
 
 
@@ -149,6 +150,8 @@ def parse(text: str, src: str) -> Grid:
         eval_limit = _int(src, ev["limit"], "eval.limit") if "limit" in ev else eval_limit
         if "max_tokens" in ev:
             grid.eval_max_tokens = _int(src, ev["max_tokens"], "eval.max_tokens")
+        if "concurrency" in ev:
+            grid.eval_concurrency = _int(src, ev["concurrency"], "eval.concurrency")
     if "load" in top:
         ld = _mapping(src, top["load"], LOAD_KEYS, "load")
         if "batch_requests" in ld:

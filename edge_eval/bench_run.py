@@ -151,7 +151,8 @@ def _eval(grid: Grid, v: Variant, urls: dict[str, Any], token: str, out: Path) -
     cmd = [sys.executable, "-m", "edge_eval", "eval", "--endpoint", urls["url"], "--task", v.task,
            "--data", v.data, "--limit", str(v.eval_limit), "--passes", str(grid.passes),
            "--out", str(out), "--model", v.name, "--lookup-url", urls["metrics_url"],
-           "--lookup-token", token, "--seed", str(grid.seed), "--quiet"]
+           "--lookup-token", token, "--seed", str(grid.seed), "--quiet",
+           "--concurrency", str(grid.eval_concurrency)]
     if v.reference:
         cmd += ["--reference-model", v.reference]
     if grid.eval_max_tokens:

@@ -90,7 +90,8 @@ async def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             raise RunFailed(f"endpoint down before the first item: {exc}") from None
         header = {"task": task.name, "data": cfg.data, "endpoint": cfg.endpoint,
                   "request_model": client.model, "model": client.model, "passes": cfg.passes,
-                  "limit": cfg.limit, "seed": cfg.seed, "score_name": score_name,
+                  "limit": cfg.limit, "seed": cfg.seed, "concurrency": cfg.concurrency,
+                  "score_name": score_name,
                   "scorers": cfg.scorers, "reference_model": cfg.reference_model,
                   "generation": {"max_tokens": cfg.max_tokens or task.max_tokens,
                                  "temperature": task.temperature if cfg.temperature is None

@@ -33,6 +33,7 @@ tasks: [rag]
     (GOOD + "adaptation: [qlora]\ndevice: cpu\n", ":5:14: impossible variant: qlora"),
     (GOOD.replace("[rag]", "[rag, poetry]"), ":4:14: task 'poetry' is not one of"),
     (GOOD + "load: {batch_requests: lots}\n", ":5:24: load.batch_requests must be an integer"),
+    (GOOD + "eval: {concurrency: 0}\n", ":5:21: eval.concurrency must be >= 1"),
 ])
 def test_bad_grid_one_line_with_position(tmp_path: Path, text: str, expect: str) -> None:
     grid = tmp_path / "grid.yaml"
@@ -65,6 +66,7 @@ def test_offline_quick_then_report(tmp_path: Path) -> None:
     assert not any("content" in r or "text" in r for r in raw)       # no prompt/completion text
     results = json.loads((out / "eval" / rec["variant"] / "results.json").read_text())
     assert results["status"] == "complete" and results["passes"] == 2
+    assert results["concurrency"] == 2                              # eval: {concurrency: 2}
 
     rep = subprocess.run([sys.executable, "-m", "edge_eval", "report", str(out), "--out",
                           str(tmp_path / "report")], capture_output=True, text=True, timeout=180)
