@@ -4,6 +4,7 @@
 # image lacks them), write under $OUT. Usage on the device machine, from the repository root:
 #   bash benchmarks/gpu_calls.sh energy     # issue 17: energy validation checks 1 and 3, three runs (~6 min)
 #   bash benchmarks/gpu_calls.sh grid       # issue 14: the GPU grid, resumable (repeat until 12/12; ~9 min a call)
+#   GRID=benchmarks/grids/gpu-qwen-rag.yaml GRID_DIR=out/qrag bash benchmarks/gpu_calls.sh grid   # another grid
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
 # nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
@@ -28,8 +29,9 @@ case "${1:-}" in
     tar czf "$out/energy_validation.tgz" out/ev1* out/ev2* out/ev3*   # $OUT brings back a few files only
     cat out/ev*/energy_validation.md ;;
   grid)
-    timeout -s INT "${GRID_SECONDS:-540}" python3 -m edge_eval bench benchmarks/grids/gpu.yaml --out out/grid \
-      --resume --quiet > "$out/grid.log" 2>&1; echo "grid rc $?"; stop_servers
-    tar czf "$out/grid.tgz" --exclude='*/merged*' --exclude='*/models/*' --exclude='*/adapter' out/grid
-    wc -l out/grid/variants.jsonl ;;
+    g=${GRID_DIR:-out/grid}
+    timeout -s INT "${GRID_SECONDS:-540}" python3 -m edge_eval bench "${GRID:-benchmarks/grids/gpu.yaml}" \
+      --out "$g" --resume --quiet > "$out/grid.log" 2>&1; echo "grid rc $?"; stop_servers
+    tar czf "$out/grid.tgz" --exclude='*/merged*' --exclude='*/models/*' --exclude='*/adapter' "$g"
+    wc -l "$g/variants.jsonl" ;;
 esac
