@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,4 +59,23 @@ def test_grid_vs_paper_puts_our_row_next_to_the_papers(tmp_path: Path) -> None:
     assert f"98 / {q_paper:.3g}" in rows[0]
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grid_vs_paper.py"), str(tmp_path / "no.csv")],
                          capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_grid_eval_table_reads_each_variants_results(tmp_path: Path) -> None:
+    (tmp_path / "variants.jsonl").write_text(json.dumps({"variant": "a-nf4"}) + "\n"
+                                             + json.dumps({"variant": "b-int8"}) + "\n")
+    (tmp_path / "eval" / "a-nf4").mkdir(parents=True)
+    summary = {"n_items": 7, "per_pass": [{}, {}], "mean_score": 0.4567, "score_name": "f1",
+               "mean_joules_per_request": 3.14159, "joules_ci95": [2.5, 3.75], "mean_output_tokens": 12.25,
+               "mean_latency_seconds": 0.0421, "joules_source": "measured"}
+    (tmp_path / "eval" / "a-nf4" / "results.json").write_text(
+        json.dumps({"passes": 2, "concurrency": 8, "summary": summary}))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grid_eval_table.py"), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [ln for ln in out.splitlines() if ln.startswith("| a-") or ln.startswith("| b-")]
+    assert rows[0] == ("| a-nf4 | 7 x 2 | 0.457 (f1) | 3.14 [2.50..3.75] | 12.2 | 0.042 | 8 | measured |")
+    assert rows[1].startswith("| b-int8 | (no eval) |")
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grid_eval_table.py"),
+                          str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
