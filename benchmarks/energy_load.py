@@ -53,6 +53,7 @@ class Result:
     scrape_failures: int = 0
     probe_seconds: list[float] = field(default_factory=list)
     lag_buckets: dict[str, float] = field(default_factory=dict)   # the proxy's own loop lag, measured windows
+    gc_buckets: dict[str, float] = field(default_factory=dict)    # the proxy's GC pauses, measured windows
     proxy_cpu_seconds: float = 0.0                                 # the proxy process's CPU, measured windows
 
     @property
@@ -68,24 +69,33 @@ class Result:
                 "loop_probe_max_seconds": max(self.probe_seconds, default=float("nan")),
                 "loop_probe_p999_seconds": pct(self.probe_seconds, 0.999), "probes": len(self.probe_seconds),
                 "proxy_cores": self.proxy_cpu_seconds / self.seconds if self.seconds else float("nan"),
-                **lag_summary(self.lag_buckets)}
+                **lag_summary(self.lag_buckets), **lag_summary(self.gc_buckets, "gc")}
 
 
-def lag_buckets(text: str) -> dict[str, float]:
-    """Cumulative bucket counts of ``edge_proxy_event_loop_lag_seconds`` (le -> count) in a scrape."""
+LAG = "edge_proxy_event_loop_lag_seconds"
+GC = "edge_proxy_gc_pause_seconds"
+
+
+def lag_buckets(text: str, name: str = LAG) -> dict[str, float]:
+    """Cumulative bucket counts (le -> count) of histogram ``name`` in a scrape, summed over its
+    label sets (the GC histogram's generations)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
-        if fam.name == "edge_proxy_event_loop_lag_seconds":
-            return {s.labels["le"]: s.value for s in fam.samples if s.name.endswith("_bucket")}
-    return {}
+        if fam.name == name:
+            for s in fam.samples:
+                if s.name.endswith("_bucket"):
+                    out[s.labels["le"]] = out.get(s.labels["le"], 0.0) + s.value
+    return out
 
 
-def lag_summary(buckets: dict[str, float]) -> dict[str, float | None]:
-    """From the proxy's lag histogram over the measured windows: timer runs, runs later than 50 ms,
-    and the upper bound of the highest non-empty bucket (the worst stall, to the bucket)."""
+def lag_summary(buckets: dict[str, float], key: str = "loop_lag") -> dict[str, float | None]:
+    """From a proxy histogram over the measured windows (loop lag, or GC pauses with key="gc"):
+    observations, observations above 50 ms, and the upper bound of the highest non-empty bucket
+    (the worst stall, to the bucket)."""
     if not buckets:
-        return {"loop_lag_runs": 0, "loop_lag_over_50ms": None, "loop_lag_max_bucket_seconds": None}
+        return {f"{key}_runs": 0, f"{key}_over_50ms": None, f"{key}_max_bucket_seconds": None}
     les = sorted(buckets, key=float)
     total = buckets["+Inf"]
     worst, prev = None, 0.0
@@ -93,8 +103,8 @@ def lag_summary(buckets: dict[str, float]) -> dict[str, float | None]:
         if buckets[le] > prev:
             worst = float(le)
         prev = buckets[le]
-    return {"loop_lag_runs": total, "loop_lag_over_50ms": total - buckets.get("0.05", 0.0),
-            "loop_lag_max_bucket_seconds": worst}
+    return {f"{key}_runs": total, f"{key}_over_50ms": total - buckets.get("0.05", 0.0),
+            f"{key}_max_bucket_seconds": worst}
 
 
 async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: float, res: Result,
@@ -139,18 +149,21 @@ async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: f
                 except Exception:  # noqa: BLE001 - a timeout (10 s) is a failure
                     res.scrape_failures += 1
 
-        async def window_ends() -> tuple[dict[str, float], float]:   # lag histogram, proxy CPU
+        async def window_ends() -> tuple[dict[str, float], dict[str, float], float]:   # lag, GC, CPU
             async with side.get(metrics, timeout=aiohttp.ClientTimeout(total=30)) as r:
-                return lag_buckets(await r.text()), cpu_seconds([proxy_pid])
+                text = await r.text()
+                return lag_buckets(text), lag_buckets(text, GC), cpu_seconds([proxy_pid])
 
         async def lag_window() -> None:   # the proxy's own histogram and CPU at both ends of the window
             await asyncio.sleep(max(0.0, t_measure - time.monotonic()))
-            before, cpu0 = await window_ends()
+            before, gc0, cpu0 = await window_ends()
             await asyncio.sleep(max(0.0, t_stop - time.monotonic()))
-            after, cpu1 = await window_ends()
+            after, gc1, cpu1 = await window_ends()
             res.proxy_cpu_seconds += cpu1 - cpu0
             for le, n in after.items():
                 res.lag_buckets[le] = res.lag_buckets.get(le, 0.0) + n - before.get(le, 0.0)
+            for le, n in gc1.items():
+                res.gc_buckets[le] = res.gc_buckets.get(le, 0.0) + n - gc0.get(le, 0.0)
 
         async def prober() -> None:
             probe = metrics.rsplit("/", 1)[0] + "/edge-loop-probe"   # 404 from the proxy's loop
@@ -258,8 +271,8 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
           f"interleaved rounds\n")
     print("| energy source | req/s | vs none | stream p50 s | stream p99 s | p99 vs none | errors "
           "| max /metrics s | max loop probe s | p99.9 loop probe s | proxy loop lags > 50 ms | worst lag bucket s "
-          "| proxy CPU cores |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| GC pauses > 50 ms | worst GC bucket s | proxy CPU cores |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results.values():
         s = r.summary()
         ratio = f"{r.rps / base.rps:.3f}" if base and base.rps else "-"
@@ -267,7 +280,8 @@ def report(results: dict[str, Result], args: argparse.Namespace) -> None:
         print(f"| {r.source} | {r.rps:.1f} | {ratio} | {s['stream_p50_seconds']:.3f} | {s['stream_p99_seconds']:.3f} "
               f"| {p99r} | {r.errors} | {s['scrape_max_seconds']:.3f} | {s['loop_probe_max_seconds']:.3f} "
               f"| {s['loop_probe_p999_seconds']:.3f} | {s['loop_lag_over_50ms']} of {s['loop_lag_runs']:.0f} "
-              f"| {s['loop_lag_max_bucket_seconds']} | {s['proxy_cores']:.2f} |")
+              f"| {s['loop_lag_max_bucket_seconds']} | {s['gc_over_50ms']} of {s['gc_runs']:.0f} "
+              f"| {s['gc_max_bucket_seconds']} | {s['proxy_cores']:.2f} |")
 
 
 if __name__ == "__main__":

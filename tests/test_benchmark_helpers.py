@@ -34,6 +34,19 @@ def test_loop_lag_summary_counts_late_runs_and_the_worst_bucket() -> None:
     assert energy_load.lag_summary({})["loop_lag_over_50ms"] is None
 
 
+def test_gc_pause_buckets_are_summed_over_generations() -> None:
+    text = "".join(
+        f'edge_proxy_gc_pause_seconds_bucket{{generation="{g}",le="{le}"}} {n}\n'
+        for g, counts in (("0", (5, 5, 5)), ("2", (0, 1, 2)))
+        for le, n in zip(("0.05", "0.25", "+Inf"), counts))
+    text = "# TYPE edge_proxy_gc_pause_seconds histogram\n" + text
+    b = energy_load.lag_buckets(text, energy_load.GC)
+    assert b == {"0.05": 5.0, "0.25": 6.0, "+Inf": 7.0}
+    assert energy_load.lag_summary(b, "gc") == {"gc_runs": 7.0, "gc_over_50ms": 2.0,
+                                                "gc_max_bucket_seconds": float("inf")}
+    assert energy_load.lag_buckets(text) == {}              # the loop-lag histogram is not in it
+
+
 def test_grid_vs_paper_puts_our_row_next_to_the_papers(tmp_path: Path) -> None:
     with open(ROOT / "tests" / "data" / "paper_variants.csv", newline="") as f:
         paper = {(r["task"], r["precision"]): r for r in csv.DictReader(f)

@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from edge_proxy.telemetry.access_log import create_access_log
+from edge_proxy.telemetry.gc_pause import attach_gc_pause
 from edge_proxy.telemetry.loop_lag import attach_loop_lag
 from edge_proxy.coldstart.factory import attach_coldstart, create_coldstart
 from edge_proxy.config import Settings
@@ -84,6 +85,7 @@ def build_proxy(settings: Settings, *, span_exporter: Any = None) -> ProxyRuntim
     attach_coldstart(runtime, gate)   # the runtime's gate; its observer after economics'
     attach_request_lookup(runtime)  # GET /edge/requests/{id}: per-request energy (edge-eval)
     attach_loop_lag(runtime)        # edge_proxy_event_loop_lag_seconds
+    attach_gc_pause(runtime)        # edge_proxy_gc_pause_seconds{generation}
     # ---------------------------------------------------------------------------------------------
 
     (metrics_app or app).router.add_get("/metrics", _metrics_handler(registry))

@@ -80,6 +80,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _m("edge_proxy_client_disconnects_total", "counter", "requests"),
     _m("edge_proxy_process_errors_total", "counter", "errors", "type"),
     _m("edge_proxy_event_loop_lag_seconds", "histogram", "seconds"),
+    _m("edge_proxy_gc_pause_seconds", "histogram", "seconds", "generation"),
     # ---- energy (edge_proxy/energy/exporter.py)
     _m("edge_proxy_gpu_energy_joules_total", "counter", "joules", "gpu_uuid,source", _EN, "energy"),
     _m("edge_proxy_gpu_power_watts", "gauge", "watts", "gpu_uuid", _EN, "energy"),
