@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import signal as signal_module
 import shlex
 import socket
 import subprocess
@@ -94,16 +95,29 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> int | 
 
 
 def stop_all(procs: Iterable[subprocess.Popen], timeout: float = 10.0) -> None:
-    """SIGTERM every process still running, then wait for each (SIGKILL after ``timeout`` s)."""
+    """SIGTERM every process still running, then wait for each (SIGKILL after ``timeout`` s).
+
+    A process that leads its own process group (``start_new_session=True``, e.g. a ``shell=True``
+    target whose shell forks the real server) is signalled as a group, so no child outlives it."""
     procs = list(procs)
+
+    def signal(p: subprocess.Popen, sig: int) -> None:
+        try:
+            if os.getpgid(p.pid) == p.pid:
+                os.killpg(p.pid, sig)
+                return
+        except ProcessLookupError:
+            return
+        p.send_signal(sig)
+
     for p in procs:
         if p.poll() is None:
-            p.terminate()
+            signal(p, signal_module.SIGTERM)
     for p in procs:
         try:
             p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            p.kill()
+            signal(p, signal_module.SIGKILL)
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:
