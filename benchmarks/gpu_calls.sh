@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_calls.sh energy     # issue 17: energy validation checks 1 and 3, three runs (~6 min)
 #   bash benchmarks/gpu_calls.sh grid       # issue 14: the GPU grid, resumable (repeat until 12/12; ~9 min a call)
 #   GRID=benchmarks/grids/gpu-qwen-rag.yaml GRID_DIR=out/qrag bash benchmarks/gpu_calls.sh grid   # another grid
+#   QUANTS=bf16,int4 bash benchmarks/gpu_calls.sh ept; QUANTS=nf4 bash ...  # issue 17: energy per token at
+#                                            1/8/64/256, ledger vs counter (~3.5 min per quantization)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
 # nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
@@ -12,11 +14,11 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept" >&2; exit 2 ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
 export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
-out=${OUT:?set OUT}
+out=${OUT:?set OUT}; mkdir -p out
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$out/card.txt"; date -u >> "$out/card.txt"
 stop_servers() { sleep 3; pkill -f "[m]odel_server serve"; pkill -f "[e]dge_proxy serve"; true; }
 case "${1:-}" in
@@ -28,6 +30,13 @@ case "${1:-}" in
     done
     tar czf "$out/energy_validation.tgz" out/ev1* out/ev2* out/ev3*   # $OUT brings back a few files only
     cat out/ev*/energy_validation.md ;;
+  ept)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    q=${QUANTS:-bf16,int4}; d=out/ept_${q//,/_}
+    timeout -s INT "${EPT_SECONDS:-560}" python3 benchmarks/energy_per_token.py --model-dir /tmp/m1b --device cuda \
+      --energy-source nvml --quantizations "$q" --concurrency 1,8,64,256 --seconds 10 --reps 3 --out "$d" \
+      > "$d.log" 2>&1; echo "ept rc $?"; stop_servers
+    tar czf "$out/ept.tgz" "$d" "$d.log"; cat "$d/energy_per_token.md" ;;
   grid)
     g=${GRID_DIR:-out/grid}
     timeout -s INT "${GRID_SECONDS:-540}" python3 -m edge_eval bench "${GRID:-benchmarks/grids/gpu.yaml}" \

@@ -1,0 +1,40 @@
+"""benchmarks/energy_per_token.py on CPU (tiny model, estimated source): every cell has tokens, the
+ledger's J/token and the counter's, conservation holds over each window, and bad options fail in one
+line. The GPU run (bf16/NF4/INT4 at 1/8/64/256, NVML) uses the same code path."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "energy_per_token.py"
+
+
+@pytest.mark.slow
+def test_cpu_cells_ledger_next_to_counter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model-dir", str(tiny_model_dir), "--device", "cpu",
+                           "--energy-source", "estimated", "--quantizations", "none", "--concurrency", "1,2",
+                           "--seconds", "1", "--reps", "1", "--max-tokens", "8", "--settle", "0.3",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "energy_per_token.json").read_text())
+    assert doc["errors"] == {} and [c["concurrency"] for c in doc["cells"]] == [1, 2]
+    for c in doc["cells"]:
+        d = c["deltas_joules"]
+        assert c["errors"] == 0 and c["streams"] >= 1 and c["output_tokens"] >= 8 * c["streams"]
+        assert c["ledger_full_j_per_token"] == pytest.approx(d["full"] / d["output_tokens"])
+        assert 0 < d["active"] <= d["full"] <= d["measured"] * (1 + 1e-9)   # at-rest idle is not charged
+        assert abs(c["conservation_error"]) < 1e-6
+    md = (tmp_path / "energy_per_token.md").read_text()
+    assert md.count("\n| none |") == 2 and "conservation error" in md
+
+
+def test_bad_concurrency_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--concurrency", "1,x",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("--concurrency takes positive integers, --reps >= 1, --seconds > 0")
