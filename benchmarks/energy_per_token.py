@@ -65,15 +65,25 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def direct_joules() -> float | None:
-    """Sum of every GPU's NVML total-energy counter in J (None without NVML)."""
-    try:
-        import pynvml
-        pynvml.nvmlInit()
-        return sum(pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(i)) / 1e3
-                   for i in range(pynvml.nvmlDeviceGetCount()))
-    except Exception:   # noqa: BLE001 - no NVML here: the proxy's own counter is the only one
+def direct_reader(source: str) -> Any:
+    """The proxy's own NVML reader (every GPU, no power reads) for direct counter reads, or None
+    when the source is not NVML or NVML is not there."""
+    if source != "nvml":
         return None
+    try:
+        from edge_proxy.energy.nvml_source import NvmlReader
+        return NvmlReader(None, read_power=False)
+    except Exception as exc:   # noqa: BLE001 - no NVML: the proxy's own counter is the only one
+        print(f"energy_per_token: no direct NVML reads ({exc})", file=sys.stderr)
+        return None
+
+
+def direct_joules(reader: Any) -> float | None:
+    """Sum of the GPUs' cumulative energy counters in J (None without a reader or on a failed read)."""
+    if reader is None:
+        return None
+    (rd,) = reader.read()
+    return None if rd.error else sum(rd.energy_mj.values()) / 1000.0
 
 
 def settle(metrics: str, timeout: float) -> dict[str, float]:
@@ -105,12 +115,12 @@ async def load(base: str, model: str, conc: int, seconds: float, max_tokens: int
 
 def cell(urls: dict[str, str], model: str, quant: str, conc: int, rep: int, args: argparse.Namespace) -> dict[str, Any]:
     time.sleep(args.settle)
-    c0, d0 = settle(urls["metrics"], 30), direct_joules()
+    c0, d0 = settle(urls["metrics"], 30), direct_joules(args.direct)
     t0 = time.monotonic()
     streams, bad = asyncio.run(load(urls["proxy"], model, conc, args.seconds, args.max_tokens))
     load_s = time.monotonic() - t0
     time.sleep(args.settle)
-    c1, d1 = settle(urls["metrics"], 30), direct_joules()
+    c1, d1 = settle(urls["metrics"], 30), direct_joules(args.direct)
     d = {k: c1[k] - c0[k] for k in ("measured", "full", "active", "idle", "foreign", "output_tokens")}
     tok = d["output_tokens"] or float("nan")
     row = {"quantization": quant, "concurrency": conc, "rep": rep, "load_seconds": load_s, "streams": streams,
@@ -196,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         ap.error("--concurrency takes positive integers, --reps >= 1, --seconds > 0")
     args.out.mkdir(parents=True, exist_ok=True)
+    args.direct = direct_reader(args.energy_source)
     tmp = Path(tempfile.mkdtemp(prefix="edge-ept-"))
     model_dir = args.model_dir
     if args.preset:
@@ -211,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             errors[q] = f"{type(exc).__name__}: {exc}"[:300]
             print(f"energy_per_token: {q} failed: {errors[q]}", file=sys.stderr)
         text = write(args, rows, errors)          # after each quantization: a cut-off run keeps the rest
+    if args.direct is not None:
+        args.direct.close()
     print(text)
     return 0 if rows and not errors else 1
 

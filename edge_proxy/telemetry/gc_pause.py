@@ -3,7 +3,7 @@
 A collection holds the interpreter (and so the event loop) for its whole run, and its cost grows
 with the objects alive: at 1,000 concurrent streams a full (generation 2) collection of the proxy's
 ~120,000 tracked objects took 90-160 ms of CPU on a 2-core VM (docs/benchmarks.md, Energy ledger
-under load), the largest share of its event-loop stalls over 50 ms. ``edge_proxy_gc_pause_seconds``
+under load), about half of its event-loop stalls over 50 ms. ``edge_proxy_gc_pause_seconds``
 {generation} records every collection's duration (monotonic clock, measured) so that a stall in
 ``edge_proxy_event_loop_lag_seconds`` can be told apart from slow request handling.
 
@@ -37,8 +37,7 @@ class GcPauseMonitor:
         if phase == "start":
             self._started = time.perf_counter()
         elif self._started is not None:
-            generation = min(max(int(info.get("generation", 2)), 0), 2)
-            self._children[generation].observe(time.perf_counter() - self._started)
+            self._children[info["generation"]].observe(time.perf_counter() - self._started)
             self._started = None
 
     async def start(self, app: Any = None) -> None:
