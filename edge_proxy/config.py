@@ -72,6 +72,7 @@ class EnergySettings:
     attribution: str = "token-weighted"        # token-weighted | time-weighted
     replay_path: str | None = None
     remote_url: str | None = None
+    shared_path: str | None = None             # activity table shared by the proxies on one GPU counter (one host)
     estimated_watts: float = 65.0
     estimated_scope: str = "auto"              # auto | backend | machine: whose CPU time the estimate bills
     ring_size: int = 4096

@@ -56,6 +56,7 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--attribution", "energy", "attribution", "how active energy is split (default token-weighted)", choices=("token-weighted", "time-weighted")),
     Flag("--energy-replay", "energy", "replay_path", "trace file for --energy-source replay (from `edge-proxy record`)"),
     Flag("--energy-remote", "energy", "remote_url", "model server URL for --energy-source remote (default: the backend URL)"),
+    Flag("--energy-shared", "energy", "shared_path", "activity table file (e.g. /dev/shm/edge-eval-gpu0) shared by every proxy process on this host that meters the same GPU: each attributes only its share of the counter (docs/metrics.md, Several proxies)"),
     Flag("--energy-header", "energy", "response_header", "add x-edge-energy-joules (provisional full joules) to non-streaming responses", None, store_true=True),
     Flag("--spawn", "coldstart", "spawn", "command that starts the backend on the first request (local scale to zero; '{port}' = the --backend port); implies --hold"),
     Flag("--hold", "coldstart", "hold", "hold requests while the backend is not ready (gateway mode) instead of answering 502", None, store_true=True),

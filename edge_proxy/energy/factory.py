@@ -4,6 +4,10 @@ Prometheus collector, aiohttp start/stop hooks.
 ``energy.source``: ``auto`` (nvml when NVML initialises, else estimated; logged at start-up),
 ``nvml``, ``remote`` (``energy.remote_url``, default: the proxy's backend URL), ``replay``
 (``energy.replay_path``), ``estimated`` (``energy.estimated_watts`` per busy CPU core), ``none``.
+``energy.shared_path`` (several proxy processes on one host, one GPU counter): the source is wrapped
+in :class:`~edge_proxy.energy.shared_source.SharedReader` and the proxy's requests in flight are
+published in the activity table at that path; a replayed trace then starts at the table's creation,
+so every proxy on the table replays the same counter.
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def validate(es: EnergySettings) -> None:
         raise ConfigError(f"energy.ring_size must be >= 2, got {es.ring_size}")
     if es.source == "replay" and not es.replay_path:
         raise ConfigError("energy.source=replay needs energy.replay_path (a trace from `edge-proxy record`)")
+    if es.shared_path is not None and es.source == "none":
+        raise ConfigError("energy.shared_path needs an energy source (it shares one), got energy.source=none")
 
 
 def _estimated(settings: Settings) -> EstimatedReader:
@@ -55,7 +61,7 @@ def _estimated(settings: Settings) -> EstimatedReader:
     return EstimatedReader(es.estimated_watts, scope=es.estimated_scope, backend_url=settings.proxy.backend_url)
 
 
-def make_reader(settings: Settings) -> tuple[EnergyReader, str]:
+def make_reader(settings: Settings, replay_origin_ns: int | None = None) -> tuple[EnergyReader, str]:
     """The configured reader and a one-line note on how it was chosen. Raises ConfigError."""
     es = settings.energy
     uuids = list(es.gpu_uuids)
@@ -81,8 +87,11 @@ def make_reader(settings: Settings) -> tuple[EnergyReader, str]:
         if es.source == "replay":
             from edge_proxy.energy.replay_source import ReplayReader
             assert es.replay_path
-            return ReplayReader(es.replay_path, mode="realtime", loop=True, gpu_uuids=uuids or None), \
-                f"replay ({es.replay_path}, real time, looping)"
+            rr = ReplayReader(es.replay_path, mode="realtime", loop=True, gpu_uuids=uuids or None,
+                              origin_ns=replay_origin_ns)
+            while len(rr.read()) >= 10_000:     # a shared origin in the past: skip what is already due
+                pass
+            return rr, f"replay ({es.replay_path}, real time, looping)"
         if es.source == "estimated":
             return _estimated(settings), \
                 f"estimated (busy CPU seconds x {es.estimated_watts:g} W, scope {es.estimated_scope}; not a measurement)"
@@ -100,6 +109,7 @@ class EnergyComponent:
     sampler: Sampler
     ledger: Ledger
     observer: EnergyObserver
+    activity: Any = None          # SharedActivityObserver with energy.shared_path, else None
 
     def start(self) -> None:
         log.info("energy source: %s", self.note)
@@ -133,7 +143,23 @@ def create_energy(settings: Settings, registry: CollectorRegistry) -> EnergyComp
     validate(es)
     if es.source == "none":
         return None
-    reader, note = make_reader(settings)
+    table = None
+    if es.shared_path is not None:
+        from edge_proxy.energy.shared_table import ActivityTable, TableError
+        try:
+            table = ActivityTable(es.shared_path)
+        except TableError as exc:
+            raise ConfigError(f"energy.shared_path: {exc}") from None
+    try:
+        reader, note = make_reader(settings, None if table is None else table.created_ns)
+    except ConfigError:
+        if table is not None:
+            table.close()
+        raise
+    if table is not None:
+        from edge_proxy.energy.shared_source import SharedReader
+        reader = SharedReader(reader, table)
+        note += f"; shared with the other proxies on {es.shared_path} (slot {table.slot}: this proxy's share only)"
     sampler = Sampler(reader, es.period_seconds, es.ring_size)
     ledger = Ledger(idle_watts=es.idle_watts, prefill_weight=es.prefill_weight, method=es.attribution,
                     max_defer_seconds=getattr(es, "max_defer_seconds", 30.0),
@@ -142,7 +168,11 @@ def create_energy(settings: Settings, registry: CollectorRegistry) -> EnergyComp
     observer = EnergyObserver(ledger, reader.source, es.period_seconds, histogram,
                               response_header=getattr(es, "response_header", False),
                               phase_histogram=register_phase_histogram(registry))
-    return EnergyComponent(reader.source, note, sampler, ledger, observer)
+    comp = EnergyComponent(reader.source, note, sampler, ledger, observer)
+    if table is not None:
+        from edge_proxy.energy.shared_source import SharedActivityObserver
+        comp.activity = SharedActivityObserver(table)
+    return comp
 
 
 def attach_energy(runtime: Any) -> EnergyComponent | None:
@@ -153,6 +183,8 @@ def attach_energy(runtime: Any) -> EnergyComponent | None:
     if comp is None:
         return None
     runtime.observers.insert(0, comp.observer)
+    if comp.activity is not None:
+        runtime.observers.insert(0, comp.activity)
     runtime.components["energy"] = comp
     runtime.app.on_startup.append(comp.on_startup)
     runtime.app.on_cleanup.append(comp.on_cleanup)

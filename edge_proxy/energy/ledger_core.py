@@ -236,7 +236,7 @@ class Core:
             held = any(r.view.end_ns is None and r.forwarded is not None and not r.in_flight() for r in members)
             if tk.at_rest is False and not held:
                 # busy with work this proxy does not see: above idle power it is foreign
-                idle = idle_share_joules(res.dE, self.idle.watts, tk.dt_seconds)
+                idle = idle_share_joules(res.dE, self.idle.watts, tk.idle_seconds)
                 t.foreign_joules += res.dE - idle
                 t.ticks_foreign += 1
                 t.idle_joules += idle

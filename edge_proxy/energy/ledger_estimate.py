@@ -21,7 +21,7 @@ def estimate(r: Req, now_ns: int, pending: list[PendingTick], idle_watts: float,
         tk = p.tick
         if not v.overlaps(tk.t0_ns, tk.t1_ns) or tk.t1_ns <= tk.t0_ns:
             continue
-        idle = idle_share_joules(tk.joules, idle_watts, tk.dt_seconds)
+        idle = idle_share_joules(tk.joules, idle_watts, tk.idle_seconds)
         members = p.members
         n = len(members) if members else max(1, n_unended)
         frac_t = v.overlap_ns(tk.t0_ns, tk.t1_ns) / (tk.t1_ns - tk.t0_ns)
@@ -38,7 +38,7 @@ def estimate(r: Req, now_ns: int, pending: list[PendingTick], idle_watts: float,
         n = max(1, n_unended + (1 if v.end_ns is not None else 0))
         span = (end - max(newest, v.start_ns)) / 1e9
         tail = power * span / n
-        idle_part = min(tail, idle_watts * span / n)
+        idle_part = min(tail, idle_watts * span * (last.share if last is not None else 1.0) / n)
         active += tail - idle_part
         full += tail
         if ft is None or ft >= newest:

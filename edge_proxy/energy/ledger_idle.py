@@ -9,6 +9,8 @@
 - else 0 W (``default``).
 A tick the source calls busy never teaches idle power, whatever this proxy had in flight: other
 clients of the same GPU would otherwise set idle power to their load. Gap ticks never teach it.
+A shared source's tick (several proxies on one counter) holds ``share`` of the power: P = E / (dt * share);
+ticks where this proxy held under 5 % teach nothing (too little energy to learn from).
 """
 from __future__ import annotations
 
@@ -44,9 +46,9 @@ class IdlePower:
 
     def learn(self, tick: Tick, nothing_in_flight: bool) -> None:
         """Learn from a split tick (see the module docstring)."""
-        if self.configured is not None or tick.gap or tick.t1_ns <= tick.t0_ns:
+        if self.configured is not None or tick.gap or tick.t1_ns <= tick.t0_ns or tick.share < 0.05:
             return
-        p = tick.joules / tick.dt_seconds
+        p = tick.joules / tick.idle_seconds      # a shared source's tick holds only its share of the power
         if tick.at_rest is True:
             self.at_rest.append(p)
         elif tick.at_rest is None and nothing_in_flight:

@@ -17,7 +17,9 @@ class Reading:
     A GPU missing from ``energy_mj`` failed to read this time. ``error`` set means the whole read
     failed (the sampler logs it once and records a gap). ``at_rest``: every GPU read was at rest
     (utilization 0 over the driver's last sample period); False: at least one was busy; None: the
-    source cannot tell (estimated, remote, traces recorded without utilization).
+    source cannot tell (estimated, remote, traces recorded without utilization). ``share``: set by the
+    shared source only (several proxies on one counter): this proxy's share of the counter's increase
+    since the previous read (0..1); None: the whole counter is this proxy's.
     """
 
     t_ns: int
@@ -25,6 +27,7 @@ class Reading:
     power_w: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     at_rest: bool | None = None
+    share: float | None = None      # shared source: this proxy's share of the counter since the last read
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class Tick:
     ``joules`` is the sum over GPUs after clamping (a counter that went down contributes 0 J and
     sets ``gap``). ``gap`` also marks a tick that spans failed reads. ``at_rest``: True when every
     read in the tick said the GPUs were at rest, False when one said busy, None when unknown.
+    ``share``: the part of the GPU this proxy holds over the tick (time-weighted over its reads; 1.0
+    unless the source is shared), so its idle baseline is ``P_idle * idle_seconds``.
     """
 
     t0_ns: int
@@ -42,10 +47,16 @@ class Tick:
     joules_by_gpu: dict[str, float]
     gap: bool = False
     at_rest: bool | None = None
+    share: float = 1.0
 
     @property
     def dt_seconds(self) -> float:
         return (self.t1_ns - self.t0_ns) / 1e9
+
+    @property
+    def idle_seconds(self) -> float:
+        """dt * share (s): the time over which this proxy carries the GPU's idle power."""
+        return self.dt_seconds * self.share
 
 
 class ReaderError(Exception):
@@ -88,4 +99,9 @@ def merge_ticks(a: Tick, b: Tick) -> Tick:
     by_gpu = dict(a.joules_by_gpu)
     for u, j in b.joules_by_gpu.items():
         by_gpu[u] = by_gpu.get(u, 0.0) + j
-    return Tick(a.t0_ns, b.t1_ns, a.joules + b.joules, by_gpu, a.gap or b.gap, combine_at_rest(a.at_rest, b.at_rest))
+    share = a.share
+    if a.share != b.share:          # time-weighted: (s_a dt_a + s_b dt_b) / (dt_a + dt_b)
+        dt = b.t1_ns - a.t0_ns
+        share = (a.share * (a.t1_ns - a.t0_ns) + b.share * (b.t1_ns - b.t0_ns)) / dt if dt > 0 else b.share
+    return Tick(a.t0_ns, b.t1_ns, a.joules + b.joules, by_gpu, a.gap or b.gap,
+                combine_at_rest(a.at_rest, b.at_rest), share)

@@ -44,6 +44,8 @@ class Sampler:
         self._pending_gap = False
         self._at_rest: bool | None = None                # over the reads since the last tick
         self._at_rest_seen = False
+        self._share_ns = 0.0                              # shared source: sum of share * dt since the last tick
+        self._read_t_ns: int | None = None               # time of the last good read (share intervals)
         self._logged: set[str] = set()
         self._failed_listeners: set[int] = set()
         self._thread: threading.Thread | None = None
@@ -101,6 +103,10 @@ class Sampler:
             for u, p in reading.power_w.items():
                 self.power_watts[u] = p
             t = reading.t_ns
+            if reading.share is not None and self._read_t_ns is not None and t > self._read_t_ns:
+                self._share_ns += reading.share * (t - self._read_t_ns)
+            if self._read_t_ns is None or t > self._read_t_ns:
+                self._read_t_ns = t
             if self._last_t_ns is not None and t <= self._last_t_ns:
                 return None     # duplicate or out-of-order stamp: nothing new
             if self._stale(reading):
@@ -130,9 +136,11 @@ class Sampler:
             self._pending_gap = False
             if gap:
                 self.gaps_total += 1
+            share = 1.0 if reading.share is None else min(1.0, self._share_ns / (t - t0))
             tick = Tick(t0_ns=t0, t1_ns=t, joules=sum(by_gpu.values()), joules_by_gpu=by_gpu, gap=gap,
-                        at_rest=self._at_rest)
+                        at_rest=self._at_rest, share=share)
             self._at_rest, self._at_rest_seen = None, False
+            self._share_ns = 0.0
             self.ticks.append(tick)
         for i, fn in enumerate(self._listeners):
             try:

@@ -65,7 +65,7 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
     if not steady and not other:
         return Shares(dE, dE, [], [], [])
     dt = t1 - t0
-    idle = idle_share_joules(dE, idle_watts, dt / 1e9)
+    idle = idle_share_joules(dE, idle_watts, tk.idle_seconds)
     active = dE - idle
     if token_w:
         ws: list[float | None] = [float(tokens_between(r.view.ev_t, r.view.ev_n, t0, t1)) for r in steady]
