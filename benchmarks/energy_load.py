@@ -18,6 +18,10 @@ measured windows: timer runs later than 50 ms, worst bucket), the proxy process'
 /proc over the same windows), and the ratios to ``none``. ``--pin``
 puts the proxies on CPU 0 and everything else on the other CPUs.
 
+A source with ``-x2`` (e.g. ``replay-x2``) runs two proxy processes, the clients split evenly over
+them; with a source they share one GPU counter through an activity table (``--energy-shared``), so
+each meters its own share. Loop lag, GC pauses and CPU are then summed over the two.
+
 Usage: ``python benchmarks/energy_load.py [--concurrency 1000] [--seconds 30] [--json OUT.json]``
 """
 from __future__ import annotations
@@ -38,7 +42,7 @@ from fake_backend import run_upstream, start_edge_proxy, start_upstream
 from support import ROOT, cpu_seconds, free_port, pct, stop_all
 
 TRACE = ROOT / "tests" / "data" / "energy_h200_recorded.jsonl"
-SOURCES = ("none", "estimated", "replay")
+SOURCES = ("none", "estimated", "replay", "none-x2", "estimated-x2", "replay-x2")
 
 
 @dataclass
@@ -107,8 +111,9 @@ def lag_summary(buckets: dict[str, float], key: str = "loop_lag") -> dict[str, f
             f"{key}_max_bucket_seconds": worst}
 
 
-async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: float, res: Result,
-                    proxy_pid: int) -> None:
+async def run_round(procs: list[tuple[str, str, int]], conc: int, seconds: float, warmup: float,
+                    res: Result) -> None:
+    """One measured window against the target's proxies: (url, metrics url, pid) each."""
     import aiohttp
 
     body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}],
@@ -119,7 +124,7 @@ async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: f
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s, \
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as side:
-        async def worker() -> None:
+        async def worker(url: str) -> None:
             while (t0 := time.monotonic()) < t_stop:
                 try:
                     async with s.post(url, data=body, headers=headers) as r:
@@ -137,7 +142,7 @@ async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: f
                     res.completed += 1
                     res.e2e.append(t1 - t0)
 
-        async def scraper() -> None:
+        async def scraper(metrics: str) -> None:
             while time.monotonic() < t_stop:
                 await asyncio.sleep(1.0)
                 t0 = time.monotonic()
@@ -149,23 +154,23 @@ async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: f
                 except Exception:  # noqa: BLE001 - a timeout (10 s) is a failure
                     res.scrape_failures += 1
 
-        async def window_ends() -> tuple[dict[str, float], dict[str, float], float]:   # lag, GC, CPU
+        async def window_ends(metrics: str, pid: int) -> tuple[dict[str, float], dict[str, float], float]:
             async with side.get(metrics, timeout=aiohttp.ClientTimeout(total=30)) as r:
-                text = await r.text()
-                return lag_buckets(text), lag_buckets(text, GC), cpu_seconds([proxy_pid])
+                text = await r.text()       # lag, GC, CPU
+                return lag_buckets(text), lag_buckets(text, GC), cpu_seconds([pid])
 
-        async def lag_window() -> None:   # the proxy's own histogram and CPU at both ends of the window
+        async def lag_window(metrics: str, pid: int) -> None:   # a proxy's histograms and CPU at both ends
             await asyncio.sleep(max(0.0, t_measure - time.monotonic()))
-            before, gc0, cpu0 = await window_ends()
+            before, gc0, cpu0 = await window_ends(metrics, pid)
             await asyncio.sleep(max(0.0, t_stop - time.monotonic()))
-            after, gc1, cpu1 = await window_ends()
+            after, gc1, cpu1 = await window_ends(metrics, pid)
             res.proxy_cpu_seconds += cpu1 - cpu0
             for le, n in after.items():
                 res.lag_buckets[le] = res.lag_buckets.get(le, 0.0) + n - before.get(le, 0.0)
             for le, n in gc1.items():
                 res.gc_buckets[le] = res.gc_buckets.get(le, 0.0) + n - gc0.get(le, 0.0)
 
-        async def prober() -> None:
+        async def prober(metrics: str) -> None:
             probe = metrics.rsplit("/", 1)[0] + "/edge-loop-probe"   # 404 from the proxy's loop
             while time.monotonic() < t_stop:
                 await asyncio.sleep(0.02)
@@ -178,7 +183,9 @@ async def run_round(url: str, metrics: str, conc: int, seconds: float, warmup: f
                 if t0 >= t_measure:
                     res.probe_seconds.append(time.monotonic() - t0)
 
-        await asyncio.gather(*(worker() for _ in range(conc)), scraper(), prober(), lag_window())
+        await asyncio.gather(*(worker(procs[i % len(procs)][0]) for i in range(conc)),
+                             *(scraper(m) for _, m, _ in procs), *(prober(m) for _, m, _ in procs),
+                             *(lag_window(m, pid) for _, m, pid in procs))
     res.seconds += seconds
 
 
@@ -219,13 +226,18 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="energy-load-"))
     try:
         _, up_port = start_upstream(__file__, args.tokens, args.first_token_ms, args.token_interval_ms, procs)
-        targets: dict[str, tuple[str, str, int]] = {}
+        targets: dict[str, list[tuple[str, str, int]]] = {}
         for src in sources:
-            mport = free_port()
-            extra = ["--energy-source", src] + (["--energy-replay", args.trace] if src == "replay" else [])
-            proxy, port = start_edge_proxy(up_port, tmp / f"{src}.jsonl", extra, procs, metrics_port=mport)
-            targets[src] = (f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{mport}/metrics",
-                            proxy.pid)
+            base, n = (src[:-3], 2) if src.endswith("-x2") else (src, 1)
+            extra = ["--energy-source", base] + (["--energy-replay", args.trace] if base == "replay" else [])
+            if n > 1 and base != "none":
+                extra += ["--energy-shared", str(tmp / f"{src}.activity")]
+            targets[src] = []
+            for i in range(n):
+                mport = free_port()
+                proxy, port = start_edge_proxy(up_port, tmp / f"{src}-{i}.jsonl", extra, procs, metrics_port=mport)
+                targets[src].append((f"http://127.0.0.1:{port}/v1/chat/completions",
+                                     f"http://127.0.0.1:{mport}/metrics", proxy.pid))
         if args.pin:
             import os
             cpus = sorted(os.sched_getaffinity(0))
@@ -247,9 +259,8 @@ def main() -> int:
             task = prog.add_task("measuring", total=args.rounds * len(sources))
             for _ in range(args.rounds):
                 for src in sources:
-                    url, murl, pid = targets[src]
-                    asyncio.run(run_round(url, murl, args.concurrency, args.seconds / args.rounds,
-                                          args.warmup, results[src], pid))
+                    asyncio.run(run_round(targets[src], args.concurrency, args.seconds / args.rounds,
+                                          args.warmup, results[src]))
                     prog.advance(task)
                     time.sleep(2.0)      # the previous target's streams and finalizes settle
         report(results, args)
