@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fake_backend import run_upstream, start_edge_proxy, start_upstream
-from support import ROOT, cpu_seconds, free_port, pct, stop_all
+from support import ROOT, cpu_seconds, free_port, pct, pin_proxies, stop_all
 
 TRACE = ROOT / "tests" / "data" / "energy_h200_recorded.jsonl"
 SOURCES = ("none", "estimated", "replay", "none-x2", "estimated-x2", "replay-x2")
@@ -202,8 +202,9 @@ def main() -> int:
     ap.add_argument("--trace", default=str(TRACE), help="replay trace (default: the recorded H200 trace)")
     ap.add_argument("--json", help="write raw results (summaries and samples) here")
     ap.add_argument("--pin", action="store_true",
-                    help="pin the proxies to CPU 0 and this load generator and the backend to the other CPUs "
-                         "(separates the proxy's own stalls from CPU contention)")
+                    help="pin the proxies to CPU 0 (with 4+ CPUs: a -x2 target's two to CPUs 0 and 1) and this "
+                         "load generator and the backend to the others (separates the proxy's own stalls from "
+                         "CPU contention)")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.upstream:
@@ -239,20 +240,10 @@ def main() -> int:
                 targets[src].append((f"http://127.0.0.1:{port}/v1/chat/completions",
                                      f"http://127.0.0.1:{mport}/metrics", proxy.pid))
         if args.pin:
-            import os
-            cpus = sorted(os.sched_getaffinity(0))
-            if len(cpus) < 2:
-                print("energy_load: error: --pin needs at least 2 CPUs", file=sys.stderr)
+            err = pin_proxies(procs, [[pid for _, _, pid in t] for t in targets.values()])
+            if err:
+                print(f"energy_load: error: {err}", file=sys.stderr)
                 return 2
-            proxies = {p.pid for p in procs[1:]}
-
-            def pin(pid: int, mask: set[int]) -> None:     # every thread (the sampler's too)
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    os.sched_setaffinity(int(tid), mask)
-
-            for p in procs:
-                pin(p.pid, {cpus[0]} if p.pid in proxies else set(cpus[1:]))
-            pin(os.getpid(), set(cpus[1:]))
         results = {s: Result(s, args.concurrency) for s in sources}
         from rich.progress import Progress
         with Progress(transient=True) as prog:

@@ -7,6 +7,9 @@
 #   GRID=benchmarks/grids/gpu-qwen-rag.yaml GRID_DIR=out/qrag bash benchmarks/gpu_calls.sh grid   # another grid
 #   QUANTS=bf16,int4 bash benchmarks/gpu_calls.sh ept; QUANTS=nf4 bash ...  # issue 17: energy per token at
 #                                            1/8/64/256, ledger vs counter (~3.5 min per quantization)
+#   bash benchmarks/gpu_calls.sh load       # issues 17/19: the proxy at 1,000 streams on the GPU machine's CPUs,
+#                                            one vs two proxy processes (--energy-shared), pinned (~4 min; no GPU use)
+#   bash benchmarks/gpu_calls.sh kernels    # issue 17: INT4 kernels (tinygemm, Triton, bf16 cuBLAS) per shape (~2 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
 # nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
@@ -14,7 +17,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels" >&2; exit 2 ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
 export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
@@ -37,6 +40,13 @@ case "${1:-}" in
       --energy-source nvml --quantizations "$q" --concurrency 1,8,64,256 --seconds 10 --reps 3 --out "$d" \
       > "$d.log" 2>&1; echo "ept rc $?"; stop_servers
     tar czf "$out/ept.tgz" "$d" "$d.log"; cat "$d/energy_per_token.md" ;;
+  load)
+    timeout 420 python3 benchmarks/energy_load.py --concurrency 1000 --seconds 30 --rounds 3 --pin \
+      --sources none,replay,none-x2,replay-x2 --json "$out/energy_load_1000_x2.json" > "$out/energy_load_1000_x2.md" \
+      2> "$out/energy_load.err"; echo "load rc $?"; nproc >> "$out/card.txt"; cat "$out/energy_load_1000_x2.md" ;;
+  kernels)
+    timeout 300 python3 benchmarks/int4_kernels.py --out "$out/kernels" > "$out/kernels.log" 2>&1; echo "kernels rc $?"
+    cat "$out/kernels.log" | tail -80 ;;
   grid)
     g=${GRID_DIR:-out/grid}
     timeout -s INT "${GRID_SECONDS:-540}" python3 -m edge_eval bench "${GRID:-benchmarks/grids/gpu.yaml}" \

@@ -179,3 +179,26 @@ def machine() -> str:
     import platform
 
     return f"{platform.node()} ({os.cpu_count()} CPUs)"
+
+
+def pin_proxies(procs: Iterable[subprocess.Popen], targets: list[list[int]]) -> str | None:
+    """Pin every thread of each target's proxies (pids) to their own CPUs, everything else (``procs``
+    not in a target, and this process) to the rest: the k-th proxy of a target gets CPU k when there
+    are at least two CPUs left for the rest, else CPU 0. Returns an error line, or None."""
+    import os
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return "--pin needs at least 2 CPUs"
+    width = max((len(t) for t in targets), default=1)
+    own = width if len(cpus) >= width + 2 else 1
+    where = {pid: {cpus[k % own]} for t in targets for k, pid in enumerate(t)}
+    rest = set(cpus[own:])
+
+    def pin(pid: int, mask: set[int]) -> None:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), mask)
+
+    for p in procs:
+        pin(p.pid, where.get(p.pid, rest))
+    pin(os.getpid(), rest)
+    return None
