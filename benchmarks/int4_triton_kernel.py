@@ -1,0 +1,252 @@
+"""An experiment: a Triton fused W4A16 kernel for the INT4 linears of ``model_server/int4.py`` (dequantize +
+GEMM in one pass), measured against tinygemm and bf16 cuBLAS by ``benchmarks/int4_kernels.py``. Not used by
+the server (it lost to bf16 at every batch size; see below and docs/benchmarks.md).
+
+Owns: the kernel's weight layout (:func:`pack_int4`, :func:`split_scales_and_zeros`), the kernel, its launch
+configuration (:func:`choose_config`) and the wrapper :func:`int4_triton_mm`. Must NOT: quantize weights
+(``int4.quantize_groupwise`` does) or decide which kernel a layer uses (the caller does, with :func:`available`).
+
+Math (same quantization as ``int4.py``; ``q`` in 0..15, one (scale, zero) per output column ``n`` and group of
+``G`` input columns; ``BLOCK_K`` divides ``G``, so scale and zero are constant over a K-block)::
+
+    y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * scale[k // G, n] + zero[k // G, n])
+
+``c + q`` is made exactly in the activation dtype without an int -> float conversion: the bits ``MAGIC | q`` are the
+float ``c + q`` (bf16 ``0x4300 | q`` = 128 + q, fp16 ``0x6400 | q`` = 1024 + q). With ``zz = zero - (c + 8) * scale``
+(fp32), two modes (``Config.fold``):
+
+* dequant: ``w = (c + q) * scale + zz`` (fp32, rounded to the activation dtype), ``acc += x @ w^T`` (tensor cores);
+* fold: ``acc += scale * (x @ (c + q)^T) + zz * rowsum(x)`` per K-block (``(c + q)`` is exact, so only fp32 rounding).
+
+fp32 activations (tests, interpreter) convert ``q`` to float instead (``c = 0``).
+
+Layout (chosen so that a K-block's low nibbles and high nibbles are two contiguous halves of K, which needs no
+interleaving in registers: one ``tl.dot`` per half):
+
+* ``packed`` uint8 ``[N, K // 2]``, row-major (K contiguous: coalesced 16-byte loads per row). With
+  ``BK = block_k(G)``, byte ``k0 // 2 + j`` (``k0`` a multiple of BK, ``0 <= j < BK / 2``) of row ``n`` holds
+  ``q[n, k0 + j]`` in its low nibble and ``q[n, k0 + BK / 2 + j]`` in its high nibble.
+* ``scales``, ``zeros``: ``[K // G, N]`` row-major (N contiguous), any float dtype (read as fp32).
+
+Split K (``Config.split_k`` > 1) writes fp32 partial sums to ``[split, M, N]``; a second small kernel sums them.
+Meant for CUDA (bf16 / fp16 activations) where a step has several rows (batched decode, prefill): the kernel is a
+GEMM with tensor cores, unlike ``aten._weight_int4pack_mm`` (GEMV-shaped). Runs on CPU only in Triton's
+interpreter (``TRITON_INTERPRET=1``, read when the kernel is first used; Triton is not installed in CI, ~1 GB).
+
+Measured on an H200 (benchmarks/int4_kernels.py, group 128, CUDA graphs): correct (rel. error 1.7e-3 to 2.4e-3,
+tinygemm 2.4e-3) but not yet faster than bf16 cuBLAS: whole-model estimate 0.94x bf16 at M = 16, 0.82x at M = 64,
+0.38x at M = 256 (tinygemm: 0.61x, 0.19x, 0.06x). Wire it in only where the benchmark shows it ahead.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+triton: Any = None                   # imported at first use (:func:`_import_triton`): CPU-only installs have none,
+tl: Any = None                       # and the interpreter must be chosen before Triton's own import
+
+MAX_BLOCK_K = 128
+
+
+def _import_triton() -> bool:
+    global triton, tl
+    if triton is None:
+        try:
+            import triton as triton_mod
+            import triton.language as tl_mod
+        except ImportError:
+            return False
+        triton, tl = triton_mod, tl_mod
+    return True
+
+
+def available() -> bool:
+    """Triton importable and (CUDA present or the interpreter requested with ``TRITON_INTERPRET=1``).
+    Imports Triton: set TRITON_INTERPRET before the first call."""
+    if not _import_triton():
+        return False
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+def block_k(group_size: int) -> int:
+    """The K-block of the layout and kernel: ``min(group_size, 128)`` (divides the group; >= 32 for tl.dot)."""
+    if group_size < 32 or group_size & (group_size - 1):
+        raise ValueError(f"group size {group_size} must be a power of two >= 32")
+    return min(group_size, MAX_BLOCK_K)
+
+
+def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``q`` uint8 ``[N, K]`` in 0..15 -> uint8 ``[N, K // 2]`` in the kernel's layout (module docstring)."""
+    n, k = q.shape
+    bk = block_k(group_size)
+    if k % group_size:
+        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
+    halves = q.to(torch.uint8).reshape(n, k // bk, 2, bk // 2)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def split_scales_and_zeros(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scales_and_zeros [K/G, N, 2]`` (``int4.py``'s layout) -> ``(scales [K/G, N], zeros [K/G, N])``."""
+    return sz[..., 0].contiguous(), sz[..., 1].contiguous()
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    split_k: int
+    num_stages: int
+    num_warps: int = 4
+    swap_ab: bool = True             # tile of y^T: the weight is the dot's left operand (small M on the N side)
+    fold: bool = True                # scale/zero after each K-block's dot (else dequantize, then dot)
+
+
+def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
+    """From a sweep on an H200 (benchmarks/int4_kernels.py): BLOCK_N 64; M <= 64: swap-AB, BLOCK_M 16/32/64
+    and split K (power of two dividing the K-blocks, >= 2 K-blocks per split) while the tiles do not fill the
+    SMs, fold for M <= 16 else dequant; M > 64: normal order, dequant, BLOCK_M 128 when that still fills the SMs."""
+    bn = 64
+    if m > 64:
+        bm = 128 if -(-m // 128) * -(-n // bn) >= num_sms else 64
+        return Config(bm, bn, 1, 3, 8 if bm * bn >= 8192 else 4, False, False)
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    tiles = -(-n // bn)
+    iters = k // bk
+    split = 1
+    while tiles * split < num_sms and iters % (2 * split) == 0 and iters // (2 * split) >= 2:
+        split *= 2
+    return Config(bm, bn, split, 4 if bm <= 32 else 3, 4, True, m <= 16)
+
+
+@lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8                         # interpreter on CPU: small grids
+
+
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym, stride_ys,
+                  ITERS_PER_SPLIT, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, HALF: tl.constexpr, MAGIC: tl.constexpr, C8: tl.constexpr,
+                  SWAP_AB: tl.constexpr, FOLD: tl.constexpr):
+    """One program: a [BLOCK_N, BLOCK_M] tile of y^T (SWAP_AB) or [BLOCK_M, BLOCK_N] of y, over ITERS_PER_SPLIT
+    K-blocks of split ``program_id(2)``. HALF = BLOCK_K // 2; MAGIC, C8 = c + 8: module docstring."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_h = tl.arange(0, HALF)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    if SWAP_AB:
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_h[None, :]     # [BLOCK_N, HALF] packed bytes
+        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_h[:, None]     # [HALF, BLOCK_M] = x^T
+        w_mask = n_mask[:, None]
+        x_mask = m_mask[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_h[:, None]     # [HALF, BLOCK_N]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_h[None, :]     # [BLOCK_M, HALF]
+        w_mask = n_mask[None, :]
+        x_mask = m_mask[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, ITERS_PER_SPLIT):
+        k0 = (pid_k * ITERS_PER_SPLIT + it) * BLOCK_K
+        b = tl.load(w_ptrs + k0 // 2, mask=w_mask, other=0)
+        x_lo = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
+        x_hi = tl.load(x_ptrs + (k0 + HALF), mask=x_mask, other=0.0)
+        if MAGIC == 0:                                                     # fp32: c = 0
+            w_lo = (b & 15).to(tl.float32)
+            w_hi = (b >> 4).to(tl.float32)
+        else:                                                              # c + q, exact, no conversion
+            w_lo = ((b & 15).to(tl.int16) | MAGIC).to(tl.int16).to(x_lo.dtype, bitcast=True)
+            w_hi = ((b >> 4).to(tl.int16) | MAGIC).to(tl.int16).to(x_lo.dtype, bitcast=True)
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zz = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) - C8 * s
+        if SWAP_AB:
+            if FOLD:
+                part = tl.dot(w_lo, x_lo)
+                part = tl.dot(w_hi, x_hi, acc=part)
+                xsum = tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0)
+                acc += part * s[:, None] + zz[:, None] * xsum[None, :]
+            else:
+                acc = tl.dot((w_lo.to(tl.float32) * s[:, None] + zz[:, None]).to(x_lo.dtype), x_lo, acc=acc)
+                acc = tl.dot((w_hi.to(tl.float32) * s[:, None] + zz[:, None]).to(x_lo.dtype), x_hi, acc=acc)
+        else:
+            if FOLD:
+                part = tl.dot(x_lo, w_lo)
+                part = tl.dot(x_hi, w_hi, acc=part)
+                xsum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
+                acc += part * s[None, :] + xsum[:, None] * zz[None, :]
+            else:
+                acc = tl.dot(x_lo, (w_lo.to(tl.float32) * s[None, :] + zz[None, :]).to(x_lo.dtype), acc=acc)
+                acc = tl.dot(x_hi, (w_hi.to(tl.float32) * s[None, :] + zz[None, :]).to(x_lo.dtype), acc=acc)
+    y_ptr += pid_k * stride_ys
+    if SWAP_AB:
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[None, :] & n_mask[:, None])
+    else:
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _split_sum_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """``y = sum_s p[s]`` over the split-K partials (fp32), cast to y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, SPLIT):
+        acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@lru_cache(maxsize=None)
+def _jitted(interpret: bool) -> tuple[Any, Any]:
+    """``triton.jit`` at first use (TRITON_INTERPRET is read then), one pair per mode."""
+    return triton.jit(_w4a16_kernel), triton.jit(_split_sum_kernel)
+
+
+_MAGIC = {torch.bfloat16: (0x4300, 136.0), torch.float16: (0x6400, 1032.0), torch.float32: (0, 8.0)}
+
+
+def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int, config: Config | None = None) -> torch.Tensor:
+    """``y [M, N] = x2d [M, K] @ dequant(W)[N, K]^T`` in ``x2d``'s dtype (bf16, fp16 or fp32; fp32 accumulation).
+
+    ``packed``/``scales``/``zeros`` as made by :func:`pack_int4` / :func:`split_scales_and_zeros`; ``config``
+    overrides :func:`choose_config` (benchmark sweeps).
+    """
+    if not _import_triton():
+        raise RuntimeError("Triton is not installed")
+    m, k = x2d.shape
+    n = packed.shape[0]
+    bk = block_k(group_size)
+    if packed.shape[1] * 2 != k or k % group_size or scales.shape != (k // group_size, n) \
+            or zeros.shape != scales.shape or x2d.dtype not in _MAGIC:
+        raise ValueError(f"x {tuple(x2d.shape)} {x2d.dtype}, packed {tuple(packed.shape)}, scales "
+                         f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)} do not match group {group_size}")
+    if m == 0:
+        return x2d.new_empty((0, n))
+    x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
+    cfg = config or choose_config(m, n, k, bk, _num_sms(x2d.device))
+    iters = k // bk
+    if iters % cfg.split_k:
+        raise ValueError(f"split_k {cfg.split_k} does not divide the {iters} K-blocks")
+    y = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
+    part = y if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), device=x2d.device, dtype=torch.float32)
+    mm_kernel, sum_kernel = _jitted(os.environ.get("TRITON_INTERPRET") == "1")
+    magic, c8 = _MAGIC[x2d.dtype]
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
+    mm_kernel[grid](x2d, packed, scales.contiguous(), zeros.contiguous(), part, m, n, x2d.stride(0),
+                    packed.stride(0), n, m * n, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n, BLOCK_K=bk, HALF=bk // 2, MAGIC=magic, C8=c8, SWAP_AB=cfg.swap_ab,
+                    FOLD=cfg.fold, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.split_k > 1:
+        sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, SPLIT=cfg.split_k, BLOCK=1024, num_warps=4)
+    return y
