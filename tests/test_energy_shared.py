@@ -120,3 +120,14 @@ def test_idle_power_is_learned_from_the_share_and_merged_ticks_keep_it() -> None
     assert idle2.source == "default"                    # too small a share teaches nothing
     m = merge_ticks(Tick(0, 100 * MS, 1.0, {}, share=1.0), Tick(100 * MS, 400 * MS, 1.0, {}, share=0.0))
     assert m.share == pytest.approx(0.25) and m.idle_seconds == pytest.approx(0.1)
+
+
+def test_proxies_sharing_a_table_name_a_local_backend_by_the_host() -> None:
+    """Weights are counted once per backend by the recording rules; N proxies on one host in front
+    of 127.0.0.1 would otherwise count them N times (ρ_sys N times too low)."""
+    from edge_proxy.economics.stats import weights_backend_label
+
+    assert weights_backend_label("http://127.0.0.1:8000", "/dev/shm/t", "node-7") == "http://node-7:8000"
+    assert weights_backend_label("http://localhost:8000/", "/dev/shm/t", "node-7") == "http://node-7:8000/"
+    assert weights_backend_label("http://127.0.0.1:8000", None, "node-7") == "http://127.0.0.1:8000"
+    assert weights_backend_label("http://gpu-a:8000", "/dev/shm/t", "node-7") == "http://gpu-a:8000"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import time
 from typing import Any, Callable
 
@@ -84,7 +85,8 @@ class EconomicsObserver(BaseObserver):
             raise ConfigError("economics.window_seconds must be > 0")
         self.paper = self.cfg.mode == "paper"
         self.clock_ns = clock_ns
-        self.backend = settings.proxy.backend_url
+        self.backend = st.weights_backend_label(settings.proxy.backend_url, settings.energy.shared_path,
+                                                socket.gethostname())
         self.coldstart = coldstart
         self.energy_component = energy
         self.runtime: Any = None                  # edge_proxy.proxy.server.ProxyRuntime (factory sets it)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from edge_proxy.config import ConfigError, EconomicsSettings
 from edge_proxy.economics import formulas as eco
@@ -18,6 +19,22 @@ from edge_proxy.economics.quality_results import ResultsFiles
 from edge_proxy.economics.window import ModelWindow, RequestSample
 
 NAN = math.nan
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def weights_backend_label(backend_url: str, shared_path: str | None, hostname: str) -> str:
+    """The ``backend`` label of ``edge_proxy_model_weight_bytes``: the backend URL, except that
+    proxies sharing one energy table (``energy.shared_path``: several processes on one host) name a
+    backend on this machine by the host (``http://127.0.0.1:8000`` -> ``http://HOSTNAME:8000``), so the
+    recording rules, which count a non-local backend's weights once, count them once per host and
+    not once per proxy process."""
+    if not shared_path:
+        return backend_url
+    parts = urlsplit(backend_url)
+    if parts.hostname not in _LOOPBACK:
+        return backend_url
+    netloc = f"{hostname}:{parts.port}" if parts.port else hostname
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True)
