@@ -24,6 +24,9 @@ EV_H200 = "2026-11-26-h200/energy_validation.json"
 EV_H100_FINAL = [f"2026-11-26-h100/energy_validation_final_run{i}.json" for i in (1, 2, 3, 4)]
 EV_H100_FINAL_COMMIT = "not recorded (evening final code; results committed in 5a7bb38)"
 EV_H200_COMMIT = "not recorded (results committed in 3e20dd2)"
+EV_H200_FINAL = [f"2026-12-03-h200/energy_validation_final/run{i}/energy_validation.json" for i in (1, 2, 3)]
+EPT = ["2026-12-03-h200/energy_per_token/call1/out/ept_bf16_int4/energy_per_token.json",
+       "2026-12-03-h200/energy_per_token/call2/out/ept_nf4/energy_per_token.json"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,30 @@ def _steady_rho(docs: list[Any]) -> str:
     return " / ".join(out) + " tokens/s/GB (paper, T4 + vLLM: 6,930)"
 
 
+def _ept(docs: list[Any]) -> str:
+    """The ledger's J per output token (median of the cells) at 1 and 64 streams, per format."""
+    import statistics
+    cells = [c for d in docs for c in d["cells"]]
+    quants = list(dict.fromkeys(c["quantization"] for c in cells))
+
+    def med(q: str, conc: int) -> float:
+        return statistics.median(c["ledger_full_j_per_token"] for c in cells
+                                 if c["quantization"] == q and c["concurrency"] == conc)
+    return ("J/token at 1 / 64 streams: " + ", ".join(f"{q} {med(q, 1):.3f} / {med(q, 64):.4f}" for q in quants)
+            + f"; conservation within {max(abs(c['conservation_error']) for c in cells):.0e}")
+
+
+def _load_x2(docs: list[Any]) -> str:
+    s = {x["source"]: x for x in docs[0]["summaries"]}
+    none, one, two = s["none"], s["replay"], s["replay-x2"]
+
+    def lags(x: dict) -> str:
+        return f"{100 * x['loop_lag_over_50ms'] / x['loop_lag_runs']:.1f} %"
+    return (f"req/s vs one `none` process: {one['requests_per_second'] / none['requests_per_second']:.3f} (one "
+            f"process) / {two['requests_per_second'] / none['requests_per_second']:.3f} (two); loop lags > 50 ms "
+            f"{lags(one)} / {lags(two)}")
+
+
 def _cold_phases(docs: list[Any]) -> str:
     runs = {r["variant"]: r for r in docs[0]["runs"] if r.get("quantization") == "bf16"}
     before = runs.get("before")
@@ -182,14 +209,28 @@ ROWS = [
         _steady_rho, "4355b18"),
     Row("cold start bf16, spawn to first token", ["2026-12-03-h200/cold_start_phases.json"],
         _cold_phases, "179ad50"),
+    Row("energy conservation, 60 s mixed load: attributed + idle vs the NVML counter", EV_H200_FINAL,
+        _check("1_mixed_load_conservation", "relative_error"), "fc81abc"),
+    Row("16 identical concurrent requests: max deviation from their mean", EV_H200_FINAL,
+        _check("3_identical_concurrent", "max_relative_deviation", 1), "fc81abc"),
+    Row("energy per output token through the proxy (ledger)", EPT, _ept, "11a6b7e", card="NVIDIA H200"),
+    Row("proxy at 1,000 streams, energy source on: one process vs two sharing the counter (--energy-shared)",
+        ["2026-12-03-h200/energy_load_16cpu/energy_load_1000_x2.json"], _load_x2, "d3ac6b4",
+        card="16 CPUs of the H200 machine (GPU unused), pinned", date="2026-12-03 23:17"),
 ]
 
 
 def _files_cell(files: list[str]) -> str:
+    """One file, or the files' common name with the first number that differs as {N}."""
     if len(files) > 1:
-        stem = re.sub(r"\d+(\.json)$", r"{N}\1", files[0])
-        runs = ", ".join(m.group(1) for m in (re.search(r"(\d+)\.json$", f) for f in files) if m)
-        return f"`{stem}` (N = {runs})"
+        toks = [re.split(r"(\d+)", f) for f in files]
+        if all(len(t) == len(toks[0]) for t in toks):
+            diff = [i for i in range(len(toks[0])) if any(t[i] != toks[0][i] for t in toks)]
+            if len(diff) == 1:
+                i = diff[0]
+                stem = "".join(toks[0][:i] + ["{N}"] + toks[0][i + 1:])
+                return f"`{stem}` (N = {', '.join(t[i] for t in toks)})"
+        return ", ".join(f"`{f}`" for f in files)
     return f"`{files[0]}`"
 
 
