@@ -40,6 +40,7 @@ class ProxySettings:
     backend_kind: str = "auto"                 # auto | openai | tgi
     host: str = "127.0.0.1"
     port: int = 8080
+    reuse_port: bool = False                   # SO_REUSEPORT on the client port: several proxy processes share it
     metrics_port: int | None = 9464            # None: /metrics served on the main port only
     max_body_bytes: int = 4 * 1024 * 1024       # generation requests (parsed); pass-through bodies stream
     connect_timeout_seconds: float = 5.0

@@ -110,3 +110,44 @@ def test_two_proxies_on_one_counter_count_each_joule_once(tmp_path: Path) -> Non
     # equal load: charged alike
     charged_2 = {k: e2[k][1] - e1[k][1] for k in e0}
     assert 0.6 < charged_2["a"] / charged_2["b"] < 1.67, charged_2
+
+
+def test_two_proxies_on_one_port_share_the_connections_and_the_counter(tmp_path: Path) -> None:
+    """``--reuse-port``: two processes listen on one port (without it the second cannot bind); the
+    kernel spreads new connections over them, and each meters what it served."""
+    import urllib.request
+
+    port, up_port = free_port(), free_port()
+    up = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "energy_load.py"), "--upstream", str(up_port),
+                           "--tokens", "3", "--first-token-ms", "10", "--token-interval-ms", "10"])
+    procs: list[subprocess.Popen] = []
+    try:
+        wait_http_ok(f"http://127.0.0.1:{up_port}/health", timeout=30, proc=up)
+        mports = [free_port(), free_port()]
+        for i, mport in enumerate(mports):
+            err = open(tmp_path / f"p{i}.stderr", "w")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "edge_proxy", "serve", "--host", "127.0.0.1", "--port", str(port),
+                 "--reuse-port", "--metrics-port", str(mport), "--access-log", "none",
+                 "--backend", f"http://127.0.0.1:{up_port}", "--energy-source", "replay", "--energy-replay",
+                 str(TRACE), "--energy-period", "0.05", "--energy-shared", str(tmp_path / "t")],
+                stdout=err, stderr=err))
+            wait_http_ok(f"http://127.0.0.1:{mport}/healthz", timeout=30, proc=procs[-1])
+        body = json.dumps({"model": "bench", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+        for _ in range(40):                  # a new connection each (urllib): the kernel picks a process
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                assert r.status == 200
+        time.sleep(1.0)
+        served, charged = [], []
+        for mport in mports:
+            f = scrape(f"http://127.0.0.1:{mport}")
+            served.append(sum(s.value for s in f["edge_proxy_requests"] if s.name == "edge_proxy_requests_total"))
+            charged.append(total(f, "edge_proxy_attributed_full_energy_joules"))
+    finally:
+        for p in procs:
+            stop_process(p)
+        stop_process(up)
+    assert sum(served) == 40 and min(served) >= 1, served
+    assert min(charged) > 0, charged

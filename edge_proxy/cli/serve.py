@@ -35,6 +35,7 @@ SERVE_FLAGS: list[Flag] = [
     Flag("--backend-kind", "proxy", "backend_kind", "backend API (default auto: probes /info and /v1/models)", choices=("auto", "openai", "tgi")),
     Flag("--host", "proxy", "host", "address to listen on (default 127.0.0.1)"),
     Flag("--port", "proxy", "port", "client-facing port (default 8080; 0 = any free port)", int),
+    Flag("--reuse-port", "proxy", "reuse_port", "share --port with other proxy processes on this host (SO_REUSEPORT; the kernel spreads connections over them); give each its own --metrics-port, and --energy-shared to meter one GPU", None, store_true=True),
     Flag("--metrics-port", "proxy", "metrics_port", "Prometheus /metrics port (default 9464; 'none' = serve /metrics on --port)"),
     Flag("--max-body-bytes", "proxy", "max_body_bytes", "largest generation request body (parsed by the proxy), else 413; pass-through bodies stream unlimited (default 4 MiB)", int),
     Flag("--connect-timeout", "proxy", "connect_timeout_seconds", "seconds to connect to the backend, else 502 (default 5)", float),

@@ -94,7 +94,7 @@ class ProxyRuntime:
                                 shutdown_timeout=CLEANUP_TIMEOUT_SECONDS)   # after the drain (shutdown.py)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, ps.host, ps.port, backlog=1024)
+        site = web.TCPSite(runner, ps.host, ps.port, backlog=1024, reuse_port=ps.reuse_port or None)
         await site.start()
         self.port = _bound_port(site)
         if self.metrics_app is not None:
