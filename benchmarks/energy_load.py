@@ -198,7 +198,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=16, help="tokens per stream (default 16)")
     ap.add_argument("--first-token-ms", type=float, default=100.0)
     ap.add_argument("--token-interval-ms", type=float, default=100.0)
-    ap.add_argument("--sources", default=",".join(SOURCES), help="energy sources to compare (none first)")
+    ap.add_argument("--sources", default="none,estimated,replay",
+                    help=f"targets to compare, none first (default none,estimated,replay; of {','.join(SOURCES)})")
     ap.add_argument("--trace", default=str(TRACE), help="replay trace (default: the recorded H200 trace)")
     ap.add_argument("--json", help="write raw results (summaries and samples) here")
     ap.add_argument("--pin", action="store_true",

@@ -30,6 +30,22 @@ def test_energy_load_runs_every_source_side_by_side(tmp_path: Path) -> None:
     assert len(rows) == 3
 
 
+def test_energy_load_two_shared_proxies_split_the_clients(tmp_path: Path) -> None:
+    """A -x2 target: two proxy processes sharing one counter, the clients split over them; loop lag,
+    GC and CPU summed over both (twice the lag timer's runs of one process over the same window)."""
+    out = tmp_path / "load.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--concurrency", "8", "--seconds", "2", "--rounds", "1",
+                          "--warmup", "0.5", "--tokens", "4", "--first-token-ms", "20", "--token-interval-ms", "20",
+                          "--sources", "none,replay-x2", "--json", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    sums = {s["source"]: s for s in json.loads(out.read_text())["summaries"]}
+    assert set(sums) == {"none", "replay-x2"}
+    one, two = sums["none"], sums["replay-x2"]
+    assert two["errors"] == 0 and two["completed"] > 0 and two["probes"] > 20
+    assert two["loop_lag_runs"] > 1.5 * one["loop_lag_runs"], (one, two)
+
+
 def test_energy_load_rejects_bad_input_in_one_line() -> None:
     run = subprocess.run([sys.executable, str(BENCH), "--sources", "none,gpu"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
