@@ -18,9 +18,9 @@ measured windows: timer runs later than 50 ms, worst bucket), the proxy process'
 /proc over the same windows), and the ratios to ``none``. ``--pin``
 puts the proxies on CPU 0 and everything else on the other CPUs.
 
-A source with ``-x2`` (e.g. ``replay-x2``) runs two proxy processes, the clients split evenly over
+A source with ``-xN`` (N = 2..8, e.g. ``replay-x2``) runs N proxy processes, the clients split evenly over
 them; with a source they share one GPU counter through an activity table (``--energy-shared``), so
-each meters its own share. Loop lag, GC pauses and CPU are then summed over the two.
+each meters its own share. Loop lag, GC pauses and CPU are then summed over the N.
 
 Usage: ``python benchmarks/energy_load.py [--concurrency 1000] [--seconds 30] [--json OUT.json]``
 """
@@ -42,7 +42,15 @@ from fake_backend import run_upstream, start_edge_proxy, start_upstream
 from support import ROOT, cpu_seconds, free_port, pct, pin_proxies, stop_all
 
 TRACE = ROOT / "tests" / "data" / "energy_h200_recorded.jsonl"
-SOURCES = ("none", "estimated", "replay", "none-x2", "estimated-x2", "replay-x2")
+SOURCES = ("none", "estimated", "replay")          # each also as SOURCE-xN: N processes (2..8)
+
+
+def split_target(target: str) -> tuple[str, int] | None:
+    """``replay-x3`` -> ("replay", 3); ``none`` -> ("none", 1); None when it is not a target."""
+    base, sep, n = target.rpartition("-x")     # N processes: 2..8
+    if sep and n.isdigit() and 2 <= int(n) <= 8 and base in SOURCES:
+        return base, int(n)
+    return (target, 1) if target in SOURCES else None
 
 
 @dataclass
@@ -199,11 +207,12 @@ def main() -> int:
     ap.add_argument("--first-token-ms", type=float, default=100.0)
     ap.add_argument("--token-interval-ms", type=float, default=100.0)
     ap.add_argument("--sources", default="none,estimated,replay",
-                    help=f"targets to compare, none first (default none,estimated,replay; of {','.join(SOURCES)})")
+                    help="targets to compare, none first (default none,estimated,replay; each also as "
+                         "SOURCE-xN, N processes sharing the counter, e.g. replay-x2)")
     ap.add_argument("--trace", default=str(TRACE), help="replay trace (default: the recorded H200 trace)")
     ap.add_argument("--json", help="write raw results (summaries and samples) here")
     ap.add_argument("--pin", action="store_true",
-                    help="pin the proxies to CPU 0 (with 4+ CPUs: a -x2 target's two to CPUs 0 and 1) and this "
+                    help="pin the proxies to CPU 0 (with N+2 CPUs or more: a -xN target's N to CPUs 0..N-1) and this "
                          "load generator and the backend to the others (separates the proxy's own stalls from "
                          "CPU contention)")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
@@ -214,11 +223,12 @@ def main() -> int:
                      prompt_header=False, backlog=4096)
         return 0
     sources = [s for s in args.sources.split(",") if s]
-    bad = [s for s in sources if s not in SOURCES]
+    bad = [s for s in sources if split_target(s) is None]
     if bad or not sources:
-        print(f"energy_load: error: --sources takes {', '.join(SOURCES)}, got {args.sources!r}", file=sys.stderr)
+        print(f"energy_load: error: --sources takes {', '.join(SOURCES)} (each also as SOURCE-xN, N = 2..8), "
+              f"got {args.sources!r}", file=sys.stderr)
         return 2
-    if "replay" in sources and not Path(args.trace).is_file():
+    if any(split_target(s)[0] == "replay" for s in sources) and not Path(args.trace).is_file():  # type: ignore[index]
         print(f"energy_load: error: replay trace not found: {args.trace}", file=sys.stderr)
         return 2
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -230,7 +240,7 @@ def main() -> int:
         _, up_port = start_upstream(__file__, args.tokens, args.first_token_ms, args.token_interval_ms, procs)
         targets: dict[str, list[tuple[str, str, int]]] = {}
         for src in sources:
-            base, n = (src[:-3], 2) if src.endswith("-x2") else (src, 1)
+            base, n = split_target(src)  # type: ignore[misc]
             extra = ["--energy-source", base] + (["--energy-replay", args.trace] if base == "replay" else [])
             if n > 1 and base != "none":
                 extra += ["--energy-shared", str(tmp / f"{src}.activity")]

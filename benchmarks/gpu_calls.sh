@@ -8,7 +8,8 @@
 #   QUANTS=bf16,int4 bash benchmarks/gpu_calls.sh ept; QUANTS=nf4 bash ...  # issue 17: energy per token at
 #                                            1/8/64/256, ledger vs counter (~3.5 min per quantization)
 #   bash benchmarks/gpu_calls.sh load       # issues 17/19: the proxy at 1,000 streams on the GPU machine's CPUs,
-#                                            one vs two proxy processes (--energy-shared), pinned (~4 min; no GPU use)
+#                                            one vs two proxy processes (--energy-shared), pinned (~4 min; no GPU use;
+#                                            LOAD_SOURCES=none,replay,replay-x3,replay-x4 for more processes)
 #   bash benchmarks/gpu_calls.sh kernels    # issue 17: INT4 kernels (tinygemm, Triton, bf16 cuBLAS) per shape (~2 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
@@ -42,7 +43,7 @@ case "${1:-}" in
     tar czf "$out/ept.tgz" "$d" "$d.log"; cat "$d/energy_per_token.md" ;;
   load)
     timeout 420 python3 benchmarks/energy_load.py --concurrency 1000 --seconds 30 --rounds 3 --pin \
-      --sources none,replay,none-x2,replay-x2 --json "$out/energy_load_1000_x2.json" > "$out/energy_load_1000_x2.md" \
+      --sources "${LOAD_SOURCES:-none,replay,none-x2,replay-x2}" --json "$out/energy_load_1000_x2.json" > "$out/energy_load_1000_x2.md" \
       2> "$out/energy_load.err"; echo "load rc $?"; nproc >> "$out/card.txt"; cat "$out/energy_load_1000_x2.md" ;;
   kernels)
     timeout 300 python3 benchmarks/int4_kernels.py --out "$out/kernels" > "$out/kernels.log" 2>&1; echo "kernels rc $?"

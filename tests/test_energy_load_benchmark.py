@@ -47,9 +47,10 @@ def test_energy_load_two_shared_proxies_split_the_clients(tmp_path: Path) -> Non
 
 
 def test_energy_load_rejects_bad_input_in_one_line() -> None:
-    run = subprocess.run([sys.executable, str(BENCH), "--sources", "none,gpu"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
-    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--sources" in run.stderr
+    for bad in ("none,gpu", "none,replay-x9", "none,gpu-x2", "none,replay-x1", "none,replay-xx"):
+        run = subprocess.run([sys.executable, str(BENCH), "--sources", bad], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--sources" in run.stderr, (bad, run.stderr)
     run = subprocess.run([sys.executable, str(BENCH), "--trace", "/nonexistent.jsonl"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "trace not found" in run.stderr
