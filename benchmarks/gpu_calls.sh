@@ -42,7 +42,7 @@ case "${1:-}" in
       > "$d.log" 2>&1; echo "ept rc $?"; stop_servers
     tar czf "$out/ept.tgz" "$d" "$d.log"; cat "$d/energy_per_token.md" ;;
   load)
-    timeout 420 python3 benchmarks/energy_load.py --concurrency 1000 --seconds 30 --rounds 3 --pin \
+    timeout 420 python3 benchmarks/energy_load.py --concurrency 1000 --seconds "${LOAD_SECONDS:-30}" --rounds 3 --pin \
       --sources "${LOAD_SOURCES:-none,replay,none-x2,replay-x2}" --json "$out/energy_load_1000_x2.json" > "$out/energy_load_1000_x2.md" \
       2> "$out/energy_load.err"; echo "load rc $?"; nproc >> "$out/card.txt"; cat "$out/energy_load_1000_x2.md" ;;
   kernels)
