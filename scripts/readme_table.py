@@ -162,6 +162,14 @@ def _load_x2(docs: list[Any]) -> str:
             f"{lags(one)} / {lags(two)}")
 
 
+def _load_x4(docs: list[Any]) -> str:
+    s = {x["source"]: x for x in docs[0]["summaries"]}
+    none, four = s["none"], s["replay-x4"]
+    return (f"req/s {four['requests_per_second'] / none['requests_per_second']:.3f}x and p99 "
+            f"{four['stream_p99_seconds'] / none['stream_p99_seconds']:.2f}x one `none` process; loop lags > 50 ms "
+            f"{four['loop_lag_over_50ms']:.0f} of {four['loop_lag_runs']:.0f}, GC pauses > 50 ms {four['gc_over_50ms']:.0f}")
+
+
 def _cold_phases(docs: list[Any]) -> str:
     runs = {r["variant"]: r for r in docs[0]["runs"] if r.get("quantization") == "bf16"}
     before = runs.get("before")
@@ -217,6 +225,9 @@ ROWS = [
     Row("proxy at 1,000 streams, energy source on: one process vs two sharing the counter (--energy-shared)",
         ["2026-12-03-h200/energy_load_16cpu/energy_load_1000_x2.json"], _load_x2, "d3ac6b4",
         card="16 CPUs of the H200 machine (GPU unused), pinned", date="2026-12-03 23:17"),
+    Row("proxy at 1,000 streams, energy source on, four processes sharing the counter",
+        ["2026-12-03-h200/energy_load_16cpu_x4/energy_load_1000_x3_x4.json"], _load_x4, "37647d5",
+        card="16 CPUs of the H200 machine (GPU unused), pinned", date="2026-12-03 23:46"),
 ]
 
 
