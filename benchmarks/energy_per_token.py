@@ -8,13 +8,18 @@ after it stopped and the ledger had split its last tick, so nothing is in flight
 - ledger: Σ full / output tokens (``edge_proxy_attributed_full_energy_joules_total``: what the
   requests were charged, active + their share of idle), and Σ active / output tokens;
 - counter: the measured counter's delta over the same window / output tokens: the proxy's own
-  ``edge_proxy_gpu_energy_joules_total``, and with ``--energy-source nvml`` also NVML read directly
-  by this script (``direct``); it includes the window's idle edges (about ``--settle`` s at idle
+  ``edge_proxy_gpu_energy_joules_total``, and the same counter read directly by this script
+  (``direct``: NVML, or with ``estimated`` the model server's CPU time x 65 W, the proxy's
+  default); it includes the window's idle edges (about ``--settle`` s at idle
   power each side), which the ledger books as idle, not to requests;
 - conservation: (Σ active + idle + foreign) / measured - 1, from the same counters.
 
     python benchmarks/energy_per_token.py --model-dir /tmp/m1b --device cuda --energy-source nvml \\
         --quantizations bf16,nf4,int4 --concurrency 1,8,64,256 --seconds 10 --reps 3 --out OUT_DIR
+
+``--proxies N`` (N > 1): N proxy processes on one port (``--reuse-port``) sharing the counter
+(``--energy-shared``); every counter above is then the sum over the N, so the window checks that
+their shares add up to the counter (with NVML: to the card's counter read directly).
 
 Writes ``energy_per_token.json`` (every cell) and ``energy_per_token.md`` (medians over reps) under
 ``--out``. CPU smoke test: ``--preset tiny --device cpu --energy-source estimated --quantizations none
@@ -86,11 +91,13 @@ def direct_joules(reader: Any) -> float | None:
     return None if rd.error else sum(rd.energy_mj.values()) / 1000.0
 
 
-def settle(metrics: str, timeout: float) -> dict[str, float]:
-    """Wait until nothing is in flight and no tick waits to be split; then the counters."""
+def settle(metrics: list[str], timeout: float) -> dict[str, float]:
+    """Wait until nothing is in flight and no tick waits to be split at any proxy; then the
+    counters, summed over the proxies."""
     deadline = time.monotonic() + timeout
     while True:
-        c = scrape(metrics)
+        scrapes = [scrape(m) for m in metrics]
+        c = {k: sum(s[k] for s in scrapes) for k in scrapes[0]}
         if (c["in_flight"] == 0 and c["unapportioned"] == 0) or time.monotonic() > deadline:
             return c
         time.sleep(0.1)
@@ -113,7 +120,7 @@ async def load(base: str, model: str, conc: int, seconds: float, max_tokens: int
     return done, bad
 
 
-def cell(urls: dict[str, str], model: str, quant: str, conc: int, rep: int, args: argparse.Namespace) -> dict[str, Any]:
+def cell(urls: dict[str, Any], model: str, quant: str, conc: int, rep: int, args: argparse.Namespace) -> dict[str, Any]:
     time.sleep(args.settle)
     c0, d0 = settle(urls["metrics"], 30), direct_joules(args.direct)
     t0 = time.monotonic()
@@ -148,13 +155,21 @@ def run_quant(quant: str, model_dir: str, args: argparse.Namespace, tmp: Path) -
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(ms)
         wait_http_ok(f"http://127.0.0.1:{ms_port}/health", timeout=args.start_timeout, proc=ms)
-        px = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--backend", f"http://127.0.0.1:{ms_port}",
-                               "--port", str(px_port), "--metrics-port", str(mx_port), "--access-log", "none",
-                               "--energy-source", args.energy_source], stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-        procs.append(px)
-        wait_http_ok(f"http://127.0.0.1:{px_port}/health", timeout=60, proc=px)
-        urls = {"proxy": f"http://127.0.0.1:{px_port}", "metrics": f"http://127.0.0.1:{mx_port}/metrics"}
+        if args.energy_source == "estimated":    # the same estimate as the proxies', read here directly
+            from edge_proxy.energy.estimated_source import EstimatedReader
+            args.direct = EstimatedReader(65.0, scope="backend", backend_url=f"http://127.0.0.1:{ms_port}")
+        shared = ["--reuse-port", "--energy-shared", str(tmp / f"shared-{quant}")] if args.proxies > 1 else []
+        metrics = []
+        for _ in range(args.proxies):
+            mx_port = free_port()
+            px = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--backend",
+                                   f"http://127.0.0.1:{ms_port}", "--port", str(px_port), "--metrics-port",
+                                   str(mx_port), "--access-log", "none", "--energy-source", args.energy_source,
+                                   *shared], stderr=subprocess.DEVNULL, start_new_session=True)
+            procs.append(px)
+            wait_http_ok(f"http://127.0.0.1:{mx_port}/healthz", timeout=60, proc=px)
+            metrics.append(f"http://127.0.0.1:{mx_port}/metrics")
+        urls = {"proxy": f"http://127.0.0.1:{px_port}", "metrics": metrics}
         with urllib.request.urlopen(urls["proxy"] + "/v1/models", timeout=10) as r:
             model = json.loads(r.read())["data"][0]["id"]
         asyncio.run(load(urls["proxy"], model, min(args.concurrency), 1.0, args.max_tokens))   # warm-up
@@ -165,7 +180,7 @@ def run_quant(quant: str, model_dir: str, args: argparse.Namespace, tmp: Path) -
 
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines = [header, "", "| quantization | concurrency | reps | tokens/s | ledger J/token (full) | ledger J/token "
-             "(active) | counter J/token | direct NVML J/token | conservation error |",
+             "(active) | counter J/token | direct J/token | conservation error |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keys = sorted({(r["quantization"], r["concurrency"]) for r in rows},
                   key=lambda k: ([r["quantization"] for r in rows].index(k[0]), k[1]))
@@ -197,14 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=256, help="model-server --max-batch (default 256)")
     ap.add_argument("--settle", type=float, default=1.0, help="idle seconds before and after each cell")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="model-server start-up limit, s")
+    ap.add_argument("--proxies", type=int, default=1, help="proxy processes on one port sharing the counter (default 1)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
         args.concurrency = [int(x) for x in args.concurrency.split(",")]
-        if min(args.concurrency) < 1 or args.reps < 1 or args.seconds <= 0:
+        if min(args.concurrency) < 1 or args.reps < 1 or args.seconds <= 0 or not 1 <= args.proxies <= 16:
             raise ValueError
     except ValueError:
-        ap.error("--concurrency takes positive integers, --reps >= 1, --seconds > 0")
+        ap.error("--concurrency takes positive integers, --reps >= 1, --seconds > 0, --proxies 1..16")
     args.out.mkdir(parents=True, exist_ok=True)
     args.direct = direct_reader(args.energy_source)
     tmp = Path(tempfile.mkdtemp(prefix="edge-ept-"))
@@ -229,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
-    header = (f"# Energy per output token ({args.energy_source}, {args.device})\n\n- date: {utc_date()}\n"
+    header = (f"# Energy per output token ({args.energy_source}, {args.device}"
+              f"{f', {args.proxies} proxies sharing the counter' if args.proxies > 1 else ''})\n\n- date: {utc_date()}\n"
               f"- machine: {machine()}\n- commit: {default_commit()}\n- command: `{command_line(SCRIPT)}`"
               + "".join(f"\n- {q} failed: {e}" for q, e in errors.items()))
     (args.out / "energy_per_token.json").write_text(json.dumps(
         {"command": command_line(SCRIPT), "date": utc_date(), "machine": machine(), "commit": default_commit(),
-         "errors": errors, "cells": rows}, indent=1))
+         "proxies": args.proxies, "errors": errors, "cells": rows}, indent=1))
     text = markdown(rows, header)
     (args.out / "energy_per_token.md").write_text(text)
     return text

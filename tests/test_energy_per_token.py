@@ -33,8 +33,30 @@ def test_cpu_cells_ledger_next_to_counter(tiny_model_dir: Path, tmp_path: Path) 
     assert md.count("\n| none |") == 2 and "conservation error" in md
 
 
+@pytest.mark.slow
+def test_two_proxies_sharing_the_counter_conserve_it_together(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--proxies 2: two proxy processes on one port share the counter; summed over both, every
+    window's ledger adds up to the counter, and their counters to the one read directly."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model-dir", str(tiny_model_dir), "--device", "cpu",
+                           "--energy-source", "estimated", "--quantizations", "none", "--concurrency", "4",
+                           "--seconds", "1.5", "--reps", "1", "--max-tokens", "8", "--settle", "0.3",
+                           "--proxies", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "energy_per_token.json").read_text())
+    assert doc["proxies"] == 2 and doc["errors"] == {}
+    (c,) = doc["cells"]
+    d = c["deltas_joules"]
+    assert c["errors"] == 0 and c["streams"] >= 2 and 0 < d["active"] <= d["full"] <= d["measured"] * (1 + 1e-9)
+    assert abs(c["conservation_error"]) < 1e-6
+    # the model server's CPU estimate read here vs the two proxies' counters together: one count,
+    # not two (without the share each proxy would count all of it: -50 %)
+    assert abs(c["direct_vs_proxy_counter"]) < 0.05, c
+    assert "2 proxies sharing the counter" in (tmp_path / "energy_per_token.md").read_text()
+
+
 def test_bad_concurrency_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--concurrency", "1,x",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].endswith("--concurrency takes positive integers, --reps >= 1, --seconds > 0")
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "--concurrency takes positive integers, --reps >= 1, --seconds > 0, --proxies 1..16")
