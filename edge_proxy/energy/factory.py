@@ -89,8 +89,8 @@ def make_reader(settings: Settings, replay_origin_ns: int | None = None) -> tupl
             assert es.replay_path
             rr = ReplayReader(es.replay_path, mode="realtime", loop=True, gpu_uuids=uuids or None,
                               origin_ns=replay_origin_ns)
-            while len(rr.read()) >= 10_000:     # a shared origin in the past: skip what is already due
-                pass
+            while replay_origin_ns is not None and len(rr.read()) >= 10_000:
+                pass                            # a shared origin in the past: skip what is already due
             return rr, f"replay ({es.replay_path}, real time, looping)"
         if es.source == "estimated":
             return _estimated(settings), \
