@@ -12,6 +12,8 @@
 #                                            one vs two proxy processes (--energy-shared), pinned (~4 min; no GPU use;
 #                                            LOAD_SOURCES=none,replay,replay-x3,replay-x4 for more processes)
 #   bash benchmarks/gpu_calls.sh kernels    # issue 17: INT4 kernels (tinygemm, Triton, bf16 cuBLAS) per shape (~2 min)
+#   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
+#                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
 # nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
@@ -19,7 +21,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|decode) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|decode" >&2; exit 2 ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
 export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
@@ -50,6 +52,13 @@ case "${1:-}" in
   kernels)
     timeout 300 python3 benchmarks/int4_kernels.py --out "$out/kernels" > "$out/kernels.log" 2>&1; echo "kernels rc $?"
     cat "$out/kernels.log" | tail -80 ;;
+  decode)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout 280 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \
+      > "$out/decode_profile.log" 2>&1; echo "decode_profile rc $?"; tail -8 "$out/decode_profile.log"
+    timeout 330 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss" \
+      --quants bf16,int4 --concurrency 1,8,64 --http-concurrency '' ${SS_ARGS:-} > "$out/steady_state.log" 2>&1
+    echo "steady_state rc $?"; tail -12 "$out/steady_state.log" ;;
   grid)
     g=${GRID_DIR:-out/grid}
     timeout -s INT "${GRID_SECONDS:-540}" python3 -m edge_eval bench "${GRID:-benchmarks/grids/gpu.yaml}" \

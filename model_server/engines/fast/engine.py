@@ -22,6 +22,8 @@ which wraps this)::
   ``torch.compile`` (compiled at ``start()``, ~10-40 s once per process; eager if compiling fails).
   This sets two process-wide torch settings: inductor's ``emulate_precision_casts`` (round where eager
   rounds) and a dynamo recompile limit of at least 64.
+* ``merge_projections``: default on: q/k/v and gate/up each run as one GEMM (``.merged``; exact, no extra
+  memory; NF4 linears stay separate). ``MODEL_SERVER_FAST_MERGE=0`` through ``from_loaded`` turns it off.
 * ``start()`` does the device work of warm-up (compile, one graph per batch bucket x length bucket); all
   later device work happens on the engine's own thread.
 * ``lazy_graphs`` (``MODEL_SERVER_FAST_LAZY_GRAPHS=1`` through ``from_loaded``): ``start()`` captures no
@@ -64,7 +66,8 @@ class FastEngine(Engine):
                  max_prefill_tokens: int = 8192, batch_buckets: list[int] | None = None,
                  length_buckets: list[int] | None = None, fuse: bool | None = None,
                  step_prefill_tokens: int = 2048, prefill_graph_tokens: int | None = None,
-                 bucketed_prefill: bool | None = None, lazy_graphs: bool = False) -> None:
+                 bucketed_prefill: bool | None = None, lazy_graphs: bool = False,
+                 merge_projections: bool = True) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
@@ -93,7 +96,7 @@ class FastEngine(Engine):
         self.step_prefill_tokens = max(1, int(step_prefill_tokens))
         self.runner = ModelRunner(model, self.max_batch, self.max_seq_len, use_cuda_graphs,
                                   batch_buckets, length_buckets, fuse, prefill_graph_tokens,
-                                  bucketed_prefill, lazy_graphs)
+                                  bucketed_prefill, lazy_graphs, merge_projections)
         self.device = self.runner.device
         self.sched = Scheduler(self.runner.cache, self.max_batch, self.max_seq_len, self.max_prefill_tokens,
                                self.step_prefill_tokens, eos)
@@ -168,6 +171,7 @@ class FastEngine(Engine):
                 "prefill_calls_bucketed": float(r.prefill_calls["bucketed"]),
                 "prefill_calls_eager": float(r.prefill_calls["eager"]),
                 "fused_ops": float(r.ops.fused),
+                "merged_projections": float(sum(m is not None for m in r.qkv + r.gate_up)),
                 "graph_capture_seconds": r.capture_seconds,
                 "kv_cache_bytes": float(r.cache.nbytes),
                 "free_slots": float(r.cache.n_free),
@@ -297,5 +301,8 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     # cold start: MODEL_SERVER_FAST_LAZY_GRAPHS=1 captures each graph on its bucket's first use
     if os.environ.get("MODEL_SERVER_FAST_LAZY_GRAPHS", "").strip() == "1":
         kwargs.setdefault("lazy_graphs", True)
+    # A/B switch for benchmarks: MODEL_SERVER_FAST_MERGE=0 keeps q/k/v and gate/up as separate GEMMs
+    if os.environ.get("MODEL_SERVER_FAST_MERGE", "").strip() == "0":
+        kwargs.setdefault("merge_projections", False)
     return FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len,
                       **kwargs)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .fused import Ops
 from .graphs import capture_decode, capture_lazily, capture_prefill
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
+from .merged import merge
 from .support import check_supported
 
 
@@ -42,7 +43,7 @@ class ModelRunner:
                  use_cuda_graphs: bool | None = None, batch_buckets: list[int] | None = None,
                  length_buckets: list[int] | None = None, fuse: bool | None = None,
                  prefill_graph_tokens: int | None = None, bucketed_prefill: bool | None = None,
-                 lazy_graphs: bool = False) -> None:
+                 lazy_graphs: bool = False, merge_projections: bool = True) -> None:
         check_supported(model)
         # lazy: capture no graph at start; a bucket's first use runs eagerly (its real result is
         # served) and records its graph for the next use (cold start: the first token needs no capture)
@@ -96,6 +97,11 @@ class ModelRunner:
         self.silu_mlp = getattr(cfg, "hidden_act", "silu") == "silu" and all(
             hasattr(layer.mlp, n) for layer in self.layers for n in ("gate_proj", "up_proj", "down_proj"))
         self.norms = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in self.layers]
+        # q/k/v and gate/up as one GEMM each where the linears allow it (.merged; None: call the parts)
+        self.qkv = [merge([la.self_attn.q_proj, la.self_attn.k_proj, la.self_attn.v_proj]) if merge_projections
+                    else None for la in self.layers]
+        self.gate_up = [merge([la.mlp.gate_proj, la.mlp.up_proj]) if merge_projections and self.silu_mlp
+                        else None for la in self.layers]
         # bucketed (padded, graphed on CUDA) prefill; on CPU it can be forced on to test the padding
         self.bucketed_prefill = self.use_graphs if bucketed_prefill is None else bool(bucketed_prefill)
         self._bucketed_forced = bucketed_prefill is not None
@@ -119,11 +125,19 @@ class ModelRunner:
     def _eps(norm: torch.nn.Module) -> float:
         return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
-    def _mlp(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, li: int, layer, x: torch.Tensor) -> torch.Tensor:
         if self.silu_mlp:
             m = layer.mlp
-            return m.down_proj(self.ops.silu_mul(m.gate_proj(x), m.up_proj(x)))
+            gu = self.gate_up[li]
+            gate, up = gu(x) if gu is not None else (m.gate_proj(x), m.up_proj(x))
+            return m.down_proj(self.ops.silu_mul(gate, up))
         return layer.mlp(x)
+
+    def _qkv(self, li: int, attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        fused = self.qkv[li]
+        if fused is not None:
+            return fused(x)
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
 
     def _layers(self, h: torch.Tensor, attend) -> torch.Tensor:
         """Run every decoder layer; ``attend(li, layer, x) -> o_proj output``. Returns the final-norm output.
@@ -138,7 +152,7 @@ class ModelRunner:
             o = attend(li, layer, x)
             post = layer.post_attention_layernorm
             h, x = ops.add_rms_norm(h, o, post.weight, self._eps(post))
-            m = self._mlp(layer, x)
+            m = self._mlp(li, layer, x)
             nxt = self.layers[li + 1].input_layernorm if li + 1 < n else self.norm
             h, x = ops.add_rms_norm(h, m, nxt.weight, self._eps(nxt))
         return x
@@ -173,9 +187,10 @@ class ModelRunner:
 
         def attend(li: int, layer, x: torch.Tensor) -> torch.Tensor:
             attn = layer.self_attn
-            q = attn.q_proj(x).view(b, kv, g, d)
-            k = attn.k_proj(x).view(b, kv, 1, d)
-            v = attn.v_proj(x).view(b, kv, 1, d)
+            q, k, v = self._qkv(li, attn, x)
+            q = q.view(b, kv, g, d)
+            k = k.view(b, kv, 1, d)
+            v = v.view(b, kv, 1, d)
             q, k = self.ops.rope(q, k, cos, sin)
             kc = self.cache.k[li]
             vc = self.cache.v[li]
@@ -217,9 +232,10 @@ class ModelRunner:
 
         def attend(li: int, layer, x: torch.Tensor) -> torch.Tensor:
             attn = layer.self_attn
-            q = attn.q_proj(x).view(n, t, self.n_heads, d).transpose(1, 2)
-            k = attn.k_proj(x).view(n, t, kv, d).transpose(1, 2)
-            v = attn.v_proj(x).view(n, t, kv, d).transpose(1, 2)
+            q, k, v = self._qkv(li, attn, x)
+            q = q.view(n, t, self.n_heads, d).transpose(1, 2)
+            k = k.view(n, t, kv, d).transpose(1, 2)
+            v = v.view(n, t, kv, d).transpose(1, 2)
             q, k = self.ops.rope(q, k, cos, sin)
             self.cache.k[li][slot_idx, :, :t] = k
             self.cache.v[li][slot_idx, :, :t] = v

@@ -1,0 +1,167 @@
+"""What bounds a decode step of the fast engine: kernel time vs launch gaps vs host, merged projections
+on and off, side by side in one run (issue 17).
+
+For each quantization and each ``merge_projections`` setting (off first: merging rewires the model's
+weights into views of the merged ones), on one loaded model:
+
+* the captured decode graph replayed alone at batch 1, 8 and 64 (CUDA events, median of 50): device
+  time per step with no host work;
+* ``torch.profiler`` over 5 replays of that graph and 5 eager steps: kernels per step, summed kernel
+  time per step, the top kernels; ``graph ms - kernel ms`` is the time the device spends between
+  kernels inside the graph (launch gaps);
+* ITL at concurrency 1 in-process (one request of ``--new-tokens``): graph time + host loop.
+
+Writes ``--out/decode_profile.json`` and a markdown table on stdout. CPU smoke (no graphs, no CUDA
+kernels, only the plumbing): ``python benchmarks/decode_profile.py --preset tiny --out /tmp/dp``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from model_server_process import synth_model  # noqa: E402
+from support import default_commit, log, utc_date  # noqa: E402
+
+
+def replay_ms(runner, b: int, length: int, n: int = 50) -> float | None:
+    if runner.device.type != "cuda":
+        return None
+    times = []
+    for i in range(n + 10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        runner.decode(b, length)
+        e.record()
+        e.synchronize()
+        if i >= 10:
+            times.append(s.elapsed_time(e))
+    return round(statistics.median(times), 4)
+
+
+def kernel_profile(fn, steps: int = 5) -> dict:
+    """Kernels per step and summed kernel time per step (ms) while ``fn`` runs ``steps`` times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    fn()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    kernels = []
+    for e in prof.key_averages():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            us = float(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0) or 0.0)
+            kernels.append((e.key, e.count, us))
+    kernels.sort(key=lambda k: -k[2])
+    return {"kernels_per_step": round(sum(k[1] for k in kernels) / steps, 1),
+            "kernel_ms_per_step": round(sum(k[2] for k in kernels) / steps / 1e3, 4),
+            "top": [{"kernel": k[0][:90], "per_step": round(k[1] / steps, 1), "us_per_step": round(k[2] / steps, 1)}
+                    for k in kernels[:12]]}
+
+
+async def itl_c1(eng, prompt: list[int], new_tokens: int) -> float:
+    from model_server.engines.base import GenerationRequest, SamplingParams
+
+    gaps, last = [], None
+    for rep in range(2):
+        async for ev in eng.submit(GenerationRequest(f"itl{rep}", prompt, SamplingParams(max_new_tokens=new_tokens,
+                                                                                         ignore_eos=True))):
+            now = time.monotonic()
+            if ev.token_id is not None and last is not None and rep == 1:
+                gaps.append(now - last)
+            last = now
+        last = None
+    return round(statistics.median(gaps) * 1e3, 4)
+
+
+def measure(loaded, merge: bool, args) -> dict:
+    from model_server.engines.fast import from_loaded
+
+    eng = from_loaded(loaded, max_batch=max(args.batches), max_total_tokens=args.prompt_len + args.new_tokens + 8,
+                      merge_projections=merge, lazy_graphs=True)
+    r = eng.runner
+    length = next(b for b in r.length_buckets if b >= args.prompt_len + args.new_tokens)
+    res: dict = {"merge_projections": merge, "length_bucket": length}
+
+    async def main():
+        t = time.monotonic()
+        await eng.start()
+        res["start_seconds"] = round(time.monotonic() - t, 2)
+        res["merged_projections"] = eng.stats().extra["merged_projections"]
+        res["itl_c1_ms"] = await itl_c1(eng, list(range(300, 300 + args.prompt_len)), args.new_tokens)
+        with torch.inference_mode():
+            for b in args.batches:
+                res[f"graph_ms_b{b}"] = await asyncio.to_thread(replay_ms, r, b, length)
+                res[f"graph_profile_b{b}"] = await asyncio.to_thread(kernel_profile, lambda b=b: r.decode(b, length))
+                res[f"eager_profile_b{b}"] = await asyncio.to_thread(
+                    kernel_profile, lambda b=b: r.decode_forward(b, length))
+                g, k = res[f"graph_ms_b{b}"], res[f"graph_profile_b{b}"]["kernel_ms_per_step"]
+                if g is not None:
+                    res[f"gap_ms_b{b}"] = round(g - k, 4)
+        await eng.stop(drain=False, timeout_s=5)
+    asyncio.run(main())
+    del eng
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="llama-3.2-1b")
+    ap.add_argument("--model-dir", default=None, help="use this model directory instead of synthesizing one")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quants", default="bf16,int4")
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--commit", default=default_commit())
+    args = ap.parse_args(argv)
+    args.batches = [int(x) for x in args.batches.split(",") if x]
+    from model_server.loading import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model_dir) if args.model_dir else synth_model(args.preset, Path(tempfile.mkdtemp()), 0)
+    report = {"card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "date": utc_date("%Y-%m-%d %H:%M"),
+              "commit": args.commit, "command": "python benchmarks/decode_profile.py " + " ".join(sys.argv[1:]),
+              "torch": torch.__version__, "rows": []}
+    for q in args.quants.split(","):
+        loaded = load_model(str(model_dir), device, q)
+        for merge in (False, True):
+            try:
+                row = {"quant": q, **measure(loaded, merge, args)}
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                row = {"quant": q, "merge_projections": merge, "error": f"{type(exc).__name__}: {exc}"[:400]}
+            report["rows"].append(row)
+            (out / "decode_profile.json").write_text(json.dumps(report, indent=1))
+            log(f"{q} merge={merge}: " + ", ".join(f"{k} {v}" for k, v in row.items() if not isinstance(v, dict)))
+        del loaded
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print("| quant | merged | ITL c=1 ms | " + " | ".join(f"b={b}: graph ms / kernels / kernel ms / gap ms"
+                                                      for b in args.batches) + " |")
+    print("|---|---|---|" + "---|" * len(args.batches))
+    for r in report["rows"]:
+        cells = [f"{r.get(f'graph_ms_b{b}')} / {r.get(f'graph_profile_b{b}', {}).get('kernels_per_step')} / "
+                 f"{r.get(f'graph_profile_b{b}', {}).get('kernel_ms_per_step')} / {r.get(f'gap_ms_b{b}')}"
+                 for b in args.batches]
+        print(f"| {r['quant']} | {r['merge_projections']} | {r.get('itl_c1_ms')} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

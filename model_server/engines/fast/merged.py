@@ -1,0 +1,113 @@
+"""Merged projections: the linears that read the same input (q/k/v; gate/up) run as one GEMM.
+
+A decode step of a 1B model at batch 1 is bound by kernel count and per-kernel latency, not bytes
+(docs/benchmarks.md, "Steady state"): per layer, q, k and v are three GEMMs over the same input and
+gate and up two more. Merging them removes 3 kernels per layer (48 for a 16-layer model) and gives each
+remaining GEMM a wider output, which the GEMM kernels also use better at batch 64.
+
+Merging is exact: each output column is the same dot product over the same input whatever the other
+columns are. It keeps memory flat: the merged weight is allocated once and each original linear's
+weight (or, for INT4, its packed weight) becomes a view of its rows, so the model's own modules still
+compute what they computed (``model(ids)`` is unchanged) and nothing is held twice.
+
+Kinds merged: ``nn.Linear`` (any float dtype) and :class:`model_server.int4.Int4Linear` (int4pack
+layouts are blocks of output rows, so row blocks concatenate; checked once on a random input, and
+left separate if the merged kernel disagrees). Anything else (bitsandbytes NF4 ``Linear4bit``,
+mixed kinds) stays separate: :func:`merge` returns None and the runner calls the parts.
+
+Owns building the merged modules and splitting their output; the runner decides where to call them.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from model_server.int4 import Int4Linear
+
+log = logging.getLogger(__name__)
+
+
+class Merged(nn.Module):
+    """``y = x @ [W_1; ...; W_n]^T (+ b)``; ``split(y)`` returns the parts' outputs (views)."""
+
+    def __init__(self, fn: nn.Module, sizes: list[int]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.sizes = list(sizes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.fn(x).split(self.sizes, dim=-1)
+
+
+def _merge_linear(parts: list[nn.Linear]) -> nn.Module | None:
+    w0 = parts[0].weight
+    if any(p.weight.dtype != w0.dtype or p.weight.device != w0.device or p.in_features != parts[0].in_features
+           for p in parts):
+        return None
+    if len({p.bias is None for p in parts}) != 1:
+        return None
+    out = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                    device="meta")
+    with torch.no_grad():
+        weight = torch.cat([p.weight.detach() for p in parts], dim=0)
+        bias = torch.cat([p.bias.detach() for p in parts], dim=0) if parts[0].bias is not None else None
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias, requires_grad=False)
+    row = 0
+    for p in parts:       # the parts become views of the merged rows: memory is not doubled
+        n = p.out_features
+        p.weight = nn.Parameter(weight[row:row + n], requires_grad=False)
+        if bias is not None:
+            p.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
+        row += n
+    return out
+
+
+def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
+    p0 = parts[0]
+    if any(p.kernel != p0.kernel or p.group_size != p0.group_size or p.in_features != p0.in_features
+           or p.compute_dtype != p0.compute_dtype for p in parts):
+        return None
+    if len({p.bias is None for p in parts}) != 1:
+        return None
+    # int4pack layouts: dim 0 of the packed weight is whole blocks of output rows (N/8 on CUDA, every N
+    # is a multiple of 8 (int4.fits); N on CPU and for plain nibbles); dim 1 of scales_and_zeros
+    # [K/g, N, 2] is the output row. The equality check below is the proof on this device.
+    merged = Int4Linear.__new__(Int4Linear)
+    nn.Module.__init__(merged)
+    merged.in_features, merged.out_features = p0.in_features, sum(p.out_features for p in parts)
+    merged.group_size, merged.kernel, merged.compute_dtype = p0.group_size, p0.kernel, p0.compute_dtype
+    packed = torch.cat([p.weight_packed for p in parts], dim=0)
+    merged.register_buffer("weight_packed", packed)
+    merged.register_buffer("scales_and_zeros", torch.cat([p.scales_and_zeros for p in parts], dim=1).contiguous())
+    merged.bias = None if p0.bias is None else nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    x = torch.randn(3, p0.in_features, device=packed.device, dtype=p0.compute_dtype)
+    with torch.inference_mode():
+        want = torch.cat([p(x) for p in parts], dim=-1)
+        got = merged(x)
+    if not torch.equal(got, want):
+        log.warning("merged INT4 projection disagrees with its parts (max diff %.3g); left separate",
+                    float((got.float() - want.float()).abs().max()))
+        return None
+    row = 0
+    for p in parts:       # packed weights become views of the merged rows (scales are small: kept)
+        n = p.weight_packed.shape[0]
+        p.weight_packed = packed[row:row + n]
+        row += n
+    return merged
+
+
+def merge(parts: list[nn.Module]) -> Merged | None:
+    """One module computing every part's output from one GEMM, or None when these parts cannot merge."""
+    if len(parts) < 2:
+        return None
+    if all(type(p) is nn.Linear for p in parts):
+        fn = _merge_linear(parts)
+    elif all(isinstance(p, Int4Linear) for p in parts):
+        fn = _merge_int4(parts)
+    else:
+        return None
+    return None if fn is None else Merged(fn, [p.out_features for p in parts])
