@@ -38,9 +38,10 @@ TIME_WEIGHTED = "time-weighted"
 METHODS = (TOKEN_WEIGHTED, TIME_WEIGHTED)
 
 
-@dataclass
+@dataclass(slots=True)
 class ReqView:
-    """What the split needs to know about one request (times in monotonic ns)."""
+    """What the split needs to know about one request (times in monotonic ns). Slots: the split
+    reads a few fields of every request of a tick, and the objects are cold in the cache by then."""
 
     rid: str
     start_ns: int
@@ -171,23 +172,55 @@ def idle_time_shares_base(reqs: list[ReqView], t0: int, t1: int, base: int) -> t
     dt = t1 - t0
     if dt <= 0:
         return {r.rid: 0.0 for r in reqs}, 0.0
-    spans = []
+    # a request in flight over the whole tick adds 1 to c(t) everywhere in the tick and owns what
+    # one of the ``base`` ones owns: counted with them (the same integers, the same floats); only
+    # the others are swept
+    spans: list[tuple[int, int]] = []
+    where: list[int] = []                 # per request of reqs: its index in spans, -1 if whole
     for r in reqs:
         a = max(r.start_ns, t0)
-        b = t1 if r.end_ns is None else min(r.end_ns, t1)
-        spans.append((r.rid, a, max(a, b)))
-    bounds = sorted({t0, t1, *(a for _, a, _ in spans), *(b for _, _, b in spans)})
-    starts = sorted(a for _, a, b in spans if b > a)
-    ends = sorted(b for _, a, b in spans if b > a)
-    # cumulative integral of 1/c(t) at each bound
+        e = r.end_ns
+        b = t1 if e is None else min(e, t1)
+        if a == t0 and b == t1:
+            where.append(-1)
+        else:
+            where.append(len(spans))
+            spans.append((a, b if b > a else a))
+    n_whole = len(reqs) - len(spans)
+    shares, whole, every = idle_sweep(spans, t0, t1, base + n_whole, n_whole)
+    out = {r.rid: whole if k < 0 else shares[k] for r, k in zip(reqs, where)}
+    return out, (every if base else 0.0)
+
+
+def idle_sweep(spans: list[tuple[int, int]], t0: int, t1: int, base: int,
+               n_whole: int = 0) -> tuple[list[float], float, float]:
+    """The sweep behind :func:`idle_time_shares_base`: spans ``(a, b)`` (t0 <= a <= b) of requests in
+    flight over part of a tick of dt = t1 - t0 > 0, while ``base`` requests run throughout (of them
+    ``n_whole`` only up to t1: spans may reach past t1). Returns the share of each span, the share
+    of a request in flight over [t0, t1) and the share of one of the ``base`` ones."""
+    dt = t1 - t0
+    bounds = sorted({t0, t1, *(a for a, _ in spans), *(b for _, b in spans)})
+    starts = sorted(a for a, b in spans if b > a)
+    ends = sorted(b for a, b in spans if b > a)
+    # cumulative integral of 1/c(t) at each bound; c(lo) = base + starts <= lo - ends <= lo, counted
+    # by a sweep (lo only grows)
     cum = [0.0]
-    for lo, hi in zip(bounds, bounds[1:]):
-        c = base + bisect.bisect_right(starts, lo) - bisect.bisect_right(ends, lo)
-        cum.append(cum[-1] + ((hi - lo) / c if c > 0 else 0.0))
-    out = {}
-    for rid, a, b in spans:
-        out[rid] = (cum[bisect.bisect_left(bounds, b)] - cum[bisect.bisect_left(bounds, a)]) / dt if b > a else 0.0
-    return out, (cum[-1] / dt if base else 0.0)
+    acc = 0.0
+    i = j = 0
+    n_s, n_e = len(starts), len(ends)
+    for k in range(len(bounds) - 1):
+        lo, hi = bounds[k], bounds[k + 1]
+        while i < n_s and starts[i] <= lo:
+            i += 1
+        while j < n_e and ends[j] <= lo:
+            j += 1
+        c = base + i - j - (n_whole if lo >= t1 else 0)     # (the whole ones end at t1)
+        acc = acc + ((hi - lo) / c if c > 0 else 0.0)
+        cum.append(acc)
+    at = {b: k for k, b in enumerate(bounds)}
+    shares = [(cum[at[b]] - cum[at[a]]) / dt if b > a else 0.0 for a, b in spans]
+    # (cum at t0 is 0.0: no bound lies before t0)
+    return shares, cum[at[t1]] / dt, cum[-1] / dt
 
 
 @dataclass

@@ -72,6 +72,7 @@ class EstimatedReader:
         self._tree = None
         self._port: int | None = None
         self._port_pid: int | None = None
+        self._port_fd: int | None = None        # a pidfd of _port_pid: its liveness without /proc reads
         self._port_checked = -1e9
         if scope != "machine":
             from edge_proxy.energy.process_cpu import ProcessTreeCpu, local_port
@@ -86,16 +87,18 @@ class EstimatedReader:
     def _root_pid(self) -> int | None:
         """The spawned backend's pid, else the pid listening on the backend's local port (looked
         up again at most once a second while none is known or it has exited)."""
-        from edge_proxy.energy.process_cpu import listening_pid, pid_alive
+        from edge_proxy.energy.process_cpu import close_pidfd, listening_pid, open_pidfd, pid_alive
 
         pid = self.spawned_pid() if self.spawned_pid is not None else None
         if pid or self._port is None:
             return pid
-        if self._port_pid is not None and pid_alive(self._port_pid):
+        if self._port_pid is not None and pid_alive(self._port_pid, self._port_fd):
             return self._port_pid
         if time.monotonic() - self._port_checked >= 1.0:
             self._port_checked = time.monotonic()
             self._port_pid = listening_pid(self._port)
+            close_pidfd(self._port_fd)
+            self._port_fd = None if self._port_pid is None else open_pidfd(self._port_pid)
         return self._port_pid
 
     def _busy_now(self) -> float:
@@ -124,4 +127,10 @@ class EstimatedReader:
                         power_w={ESTIMATED_UUID: power})]
 
     def close(self) -> None:
-        return None
+        if self._tree is not None:
+            self._tree.close()
+        if self._port_fd is not None:
+            from edge_proxy.energy.process_cpu import close_pidfd
+
+            close_pidfd(self._port_fd)
+            self._port_fd = None

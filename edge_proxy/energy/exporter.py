@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge_proxy.economics.metric_children import BatchHistogram
 from edge_proxy.energy.ledger import Ledger
 from edge_proxy.energy.observer import REQUEST_ENERGY_BUCKETS_JOULES
 from edge_proxy.energy.sampler import Sampler
@@ -102,18 +103,19 @@ class EnergyCollector(Collector):
         yield from (gpu, power, attr, full, idle, foreign, unapp, lag, pidle, errors, gaps, info)
 
 
-def register_energy_metrics(registry: CollectorRegistry, ledger: Ledger, sampler: Sampler) -> Histogram:
-    """Register the collector; return the per-request energy histogram (observed at finalize)."""
+def register_energy_metrics(registry: CollectorRegistry, ledger: Ledger, sampler: Sampler) -> BatchHistogram:
+    """Register the collector; return the per-request energy histogram (observed at finalize; a
+    ``BatchHistogram``: the requests one tick settles are observed in one step, with the exposition
+    of ``prometheus_client.Histogram``)."""
     registry.register(EnergyCollector(ledger, sampler))
-    return Histogram("edge_proxy_request_energy_joules", "Full energy attributed to one request (J), "
-                     "observed when the request is finalized.", ["model"],
-                     buckets=REQUEST_ENERGY_BUCKETS_JOULES, registry=registry)
+    return BatchHistogram("edge_proxy_request_energy_joules", "Full energy attributed to one request (J), "
+                          "observed when the request is finalized.", ["model"],
+                          buckets=REQUEST_ENERGY_BUCKETS_JOULES, registry=registry)
 
 
-def register_phase_histogram(registry: CollectorRegistry) -> Histogram:
+def register_phase_histogram(registry: CollectorRegistry) -> BatchHistogram:
     """Per-request energy by phase (prefill | decode; see docs/metrics.md)."""
-    return Histogram("edge_proxy_request_phase_energy_joules", "Full energy of one request's prefill (streams: "
-                     "the ticks up to the one holding its first token; one response: by its prompt and output "
-                     "token weights) or decode (the rest), observed when the request is finalized.",
-                     ["model", "phase"],
-                     buckets=REQUEST_ENERGY_BUCKETS_JOULES, registry=registry)
+    return BatchHistogram("edge_proxy_request_phase_energy_joules", "Full energy of one request's prefill "
+                          "(streams: the ticks up to the one holding its first token; one response: by its prompt "
+                          "and output token weights) or decode (the rest), observed when the request is finalized.",
+                          ["model", "phase"], buckets=REQUEST_ENERGY_BUCKETS_JOULES, registry=registry)

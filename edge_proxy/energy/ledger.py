@@ -116,9 +116,10 @@ class Ledger:
         self._put(self._core.set_model, rid, model)
 
     def end(self, rid: str, t_ns: int, prompt_tokens: int | None = None,
-            output_tokens: int | None = None, now_ns: int | None = None) -> None:
-        """Stamp the end (O(1)); the tick that settles it is split on the sampler thread."""
-        self._put(self._core.end, rid, t_ns, prompt_tokens, output_tokens)
+            output_tokens: int | None = None, now_ns: int | None = None, model: str | None = None) -> None:
+        """Stamp the end (O(1)); the tick that settles it is split on the sampler thread.
+        ``model`` (optional): :meth:`set_model` first, in the same queued event."""
+        self._put(self._core.end, rid, t_ns, prompt_tokens, output_tokens, model)
 
     # -- ticks (sampler thread) ------------------------------------------------------------
     def add_tick(self, tick: Tick, now_ns: int | None = None) -> None:

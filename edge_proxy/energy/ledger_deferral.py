@@ -18,7 +18,10 @@ from edge_proxy.energy.ledger_types import PendingTick, Req
 
 def blocks(r: Req, p: PendingTick, method: str, prefill_weight: float, window_ns: int,
            horizon_ns: int | None) -> bool:
-    """True while r's weight in p's tick is still unknown."""
+    """True while r's weight in p's tick is still unknown. A request that has ended never blocks
+    (``request_weight`` defers only while the end is unknown): no weight is computed for it."""
+    if r.view.end_ns is not None:
+        return False
     t0, t1 = p.tick.t0_ns, p.tick.t1_ns
     if not r.view.overlaps(t0, t1):
         return False

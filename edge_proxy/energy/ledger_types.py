@@ -51,7 +51,7 @@ class LedgerTotals:
                             self.foreign_joules, self.ticks_foreign, self.idle_power_source)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Req:
     view: ReqView
     model: str
@@ -107,7 +107,7 @@ class Req:
         return True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PendingTick:
     tick: Tick
     members: list[Req] | None = None      # candidates, listed when the tick is settled

@@ -1,6 +1,12 @@
 """The proxy-facing side of the ledger: a RequestObserver that feeds request events into the
 ledger and, in ``finalize``, waits (bounded) for the request's energy to turn final and fills
-``rec.energy``.
+``rec.energy`` and the per-request energy histograms.
+
+Cost per request on the event loop (issue 17): a waiting finalize is one dict entry (the proxy's
+bookkeeping calls :meth:`EnergyObserver.finalize_soon`, a callback: no task per request); the
+ledger's notice that requests turned final (one per tick) settles all of them in one call and
+observes the histograms per model in one step each (``BatchHistogram``); one timer for all
+waiters (not one per request) enforces the wait bound and notices a silent source.
 
 A request counts as in flight from the moment the proxy forwarded it to the backend
 (``rec.t_forwarded_ns``), so a request held by the cold-start gate carries none of the energy of the
@@ -9,14 +15,19 @@ cold start it waited through (the cold-start report gives that energy).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-
-from prometheus_client import Histogram
+from typing import Any, Callable
 
 from edge_proxy.energy.apportion import prefill_share
 from edge_proxy.energy.ledger import Ledger, RequestEnergy
 from edge_proxy.proxy.hooks import BaseObserver, EnergyAttribution, RequestRecord
-from edge_proxy.economics.metric_children import Children
+from edge_proxy.economics.metric_children import Children, observe_many
+
+log = logging.getLogger("edge_proxy.energy")
+
+# a finalize wait: the record, what to call once rec.energy is set, the deadline (time.monotonic())
+Waiter = tuple[RequestRecord, Callable[[RequestRecord], None], float]
 
 REQUEST_ENERGY_BUCKETS_JOULES = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
                                  1000.0, 2500.0, 5000.0, 10000.0)
@@ -25,17 +36,20 @@ REQUEST_ENERGY_BUCKETS_JOULES = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0
 def to_attribution(res: RequestEnergy | None, source: str, final: bool | None = None) -> EnergyAttribution:
     if res is None:
         return EnergyAttribution(0.0, 0.0, source, "token-weighted", True)
-    phase = (lambda x: None if x is None else max(0.0, x))    # noqa: E731
-    return EnergyAttribution(active_joules=max(0.0, res.active_joules), full_joules=max(0.0, res.full_joules),
-                             source=source, attribution=res.attribution,
-                             provisional=not (res.final if final is None else final),
-                             prefill_joules=phase(res.prefill_joules), decode_joules=phase(res.decode_joules))
+    pre, dec = res.prefill_joules, res.decode_joules
+    return EnergyAttribution(max(0.0, res.active_joules), max(0.0, res.full_joules), source, res.attribution,
+                             not (res.final if final is None else final),
+                             None if pre is None else max(0.0, pre), None if dec is None else max(0.0, dec))
 
 
 class EnergyObserver(BaseObserver):
+    """``histogram``/``phase_histogram``: the per-request energy histograms (labels model, and
+    model + phase); a ``BatchHistogram`` takes the requests settled together in one step, a
+    ``prometheus_client.Histogram`` works too (one ``observe`` each)."""
+
     def __init__(self, ledger: Ledger, source: str, period_seconds: float,
-                 histogram: Histogram | None = None, finalize_wait_seconds: float | None = None,
-                 response_header: bool = False, phase_histogram: Histogram | None = None) -> None:
+                 histogram: Any = None, finalize_wait_seconds: float | None = None,
+                 response_header: bool = False, phase_histogram: Any = None) -> None:
         self.ledger = ledger
         self.response_header = response_header
         self.wants_response_headers = response_header   # the proxy computes them only if so
@@ -49,7 +63,8 @@ class EnergyObserver(BaseObserver):
         # last), i.e. about one stream's length; stay inside the proxy's own 5 s finalize bound
         self.finalize_wait_seconds = finalize_wait_seconds if finalize_wait_seconds is not None else 4.0
         self._alive_window_seconds = max(1.0, 5 * period_seconds)     # see source_alive
-        self._waiters: dict[str, asyncio.Future[None]] = {}          # finalize waits, by request id
+        self._waiters: dict[str, Waiter] = {}          # finalize waits, by request id
+        self._sweep_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         ledger.final_listeners.append(self._on_final)
 
@@ -65,10 +80,8 @@ class EnergyObserver(BaseObserver):
             self.ledger.tokens(rec.request_id, n, t_ns, rec.input_tokens)
 
     def on_request_end(self, rec: RequestRecord) -> None:
-        now = time.monotonic_ns()
-        self.ledger.set_model(rec.request_id, rec.model)
-        self.ledger.end(rec.request_id, rec.t_end_ns or now, prompt_tokens=rec.input_tokens,
-                        output_tokens=rec.output_tokens, now_ns=now)
+        self.ledger.end(rec.request_id, rec.t_end_ns or time.monotonic_ns(), prompt_tokens=rec.input_tokens,
+                        output_tokens=rec.output_tokens, model=rec.model)
 
     def provisional(self, rec: RequestRecord) -> EnergyAttribution:
         """Energy as known now (pending ticks split as if now, plus the untracked tail)."""
@@ -114,44 +127,110 @@ class EnergyObserver(BaseObserver):
                 pass
 
     def _wake_final(self, rids: list[str]) -> None:
-        """O(requests that turned final), not O(requests waiting)."""
+        """O(requests that turned final), not O(requests waiting): settle those that wait."""
         waiters = self._waiters
+        settled = []
         for rid in rids:
-            fut = waiters.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            w = waiters.pop(rid, None)
+            if w is not None:
+                settled.append(w)
+        self._settle_waiters(settled)
 
-    async def finalize(self, rec: RequestRecord) -> None:
-        """Wait (bounded) until the request's energy is final: woken once, by the ledger, when the
-        tick that settles it has been split (not by polling); gives up when the source goes
-        silent or after ``finalize_wait_seconds``, keeping the provisional estimate."""
+    def _settle_waiters(self, settled: list[Waiter]) -> None:
+        if not settled:
+            return
+        recs = [rec for rec, _, _ in settled]
+        for rec in recs:
+            self._settle(rec)
+        self._observe(recs)
+        for rec, done, _ in settled:
+            try:
+                done(rec)
+            except Exception:  # noqa: BLE001 - one caller's callback must not stop the others
+                log.exception("energy finalize callback failed")
+
+    def _sweep(self) -> None:
+        """The one timer of all waits: ends those past their deadline, or all of them when the
+        source went silent; runs every alive window (or at the next deadline) while any wait."""
+        self._sweep_timer = None
+        waiters = self._waiters
+        if not waiters:
+            return
+        now = time.monotonic()
+        alive = self.source_alive()
+        done = [rid for rid, (_, _, deadline) in waiters.items() if not alive or deadline <= now]
+        self._settle_waiters([waiters.pop(rid) for rid in done])
+        self._arm_sweep()
+
+    def _arm_sweep(self) -> None:
+        if self._sweep_timer is None and self._waiters and self._loop is not None:
+            first = min(deadline for _, _, deadline in self._waiters.values())
+            delay = max(0.0, min(self._alive_window_seconds, first - time.monotonic()))
+            self._sweep_timer = self._loop.call_later(delay, self._sweep)
+
+    def finalize_soon(self, rec: RequestRecord, done: Callable[[RequestRecord], None]) -> None:
+        """:meth:`finalize` as a callback (what the proxy's bookkeeping calls: no task per
+        request): ``done(rec)`` is called once, on the event loop, when ``rec.energy`` is set:
+        at once when the request is final already or the source is silent, else when the tick
+        that settles it has been split, the source goes silent, or after
+        ``finalize_wait_seconds`` (the provisional estimate then)."""
         rid = rec.request_id
         if not self.ledger.is_final(rid) and self.source_alive():
-            loop = asyncio.get_running_loop()
-            self._loop = loop
-            fut: asyncio.Future[None] = loop.create_future()
-            self._waiters[rid] = fut
-            deadline = time.monotonic() + self.finalize_wait_seconds
-            try:
-                while not self.ledger.is_final(rid):      # (re-checked: a tick may just have landed)
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    # check the source at least every alive window: a silent source ends the wait
-                    done, _ = await asyncio.wait((fut,), timeout=min(left, self._alive_window_seconds))
-                    if done or not self.source_alive():
-                        break
-            finally:
-                self._waiters.pop(rid, None)
-                if not fut.done():
-                    fut.cancel()
-        final = self.ledger.is_final(rec.request_id)
-        res = self.ledger.release(rec.request_id) if final else self.ledger.estimate(rec.request_id, time.monotonic_ns())
+            self._loop = asyncio.get_running_loop()
+            self._waiters[rid] = (rec, done, time.monotonic() + self.finalize_wait_seconds)
+            # (re-checked once registered: a tick may just have landed, telling no one)
+            if not self.ledger.is_final(rid):
+                if self._sweep_timer is None:
+                    self._arm_sweep()
+                return
+            del self._waiters[rid]
+        self._settle(rec)
+        self._observe((rec,))
+        done(rec)
+
+    def forget(self, rec: RequestRecord) -> None:
+        """Stop waiting for ``rec`` (its caller gave up): ``done`` will not be called."""
+        self._waiters.pop(rec.request_id, None)
+
+    async def finalize(self, rec: RequestRecord) -> None:
+        """Wait (bounded) until the request's energy is final and set ``rec.energy``: woken once,
+        by the ledger, when the tick that settles it has been split (not by polling); gives up
+        when the source goes silent or after ``finalize_wait_seconds``, keeping the provisional
+        estimate (:meth:`finalize_soon`, awaited)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(_: RequestRecord) -> None:
+            if not fut.done():
+                fut.set_result(None)
+        self.finalize_soon(rec, done)
+        try:
+            await fut
+        finally:
+            if not fut.done():       # cancelled: rec.energy stays unset, as it was
+                self.forget(rec)
+
+    def _settle(self, rec: RequestRecord) -> None:
+        """``rec.energy``: final from the ledger, else the provisional estimate."""
+        rid = rec.request_id
+        final = self.ledger.is_final(rid)
+        res = self.ledger.release(rid) if final else self.ledger.estimate(rid, time.monotonic_ns())
         if not final:
-            self.ledger.release(rec.request_id)     # the ledger forgets it once it turns final
+            self.ledger.release(rid)     # the ledger forgets it once it turns final
         rec.energy = to_attribution(res, self.source, final)
-        if self._histogram is not None and rec.traffic == "user":
-            self._histogram(rec.model).observe(rec.energy.full_joules)
-        if self._phase is not None and rec.traffic == "user" and rec.energy.prefill_joules is not None:
-            self._phase(rec.model, "prefill").observe(rec.energy.prefill_joules)
-            self._phase(rec.model, "decode").observe(rec.energy.decode_joules or 0.0)
+
+    def _observe(self, recs: "list[RequestRecord] | tuple[RequestRecord, ...]") -> None:
+        """The histograms of settled user requests: one step per (model, phase) series."""
+        if self._histogram is None and self._phase is None:
+            return
+        by_model: dict[str, list[RequestRecord]] = {}
+        for rec in recs:
+            if rec.traffic == "user" and rec.energy is not None:
+                by_model.setdefault(rec.model, []).append(rec)
+        for model, rs in by_model.items():
+            if self._histogram is not None:
+                observe_many(self._histogram(model), [r.energy.full_joules for r in rs])  # type: ignore[union-attr]
+            if self._phase is not None:
+                split = [r.energy for r in rs if r.energy.prefill_joules is not None]  # type: ignore[union-attr]
+                if split:
+                    observe_many(self._phase(model, "prefill"), [e.prefill_joules for e in split])
+                    observe_many(self._phase(model, "decode"), [e.decode_joules or 0.0 for e in split])

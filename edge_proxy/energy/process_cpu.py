@@ -11,11 +11,19 @@ On Linux a process's CPU seconds are read from its process CPU-time clock (``clo
 the clock id the kernel derives from the pid: all threads, nanosecond resolution, about 1 µs per
 read); ``/proc``'s user + system times (psutil) count in 10 ms clock ticks, so a request shorter
 than a tick could be estimated at 0 J. Elsewhere, or if the clock cannot be read, psutil's times.
+
+Cost per read (issue 17): whether the tree's processes still run is asked of a pidfd (one signal-0
+system call on a descriptor pinned to the very process) rather than by re-reading ``/proc/PID/stat``
+(psutil's ``is_running``: ~0.3 ms each here, cold); only when the pidfd says the process is gone
+does psutil answer, so the answers are psutil's. The tree is listed from the kernel's per-thread
+``children`` files, not by reading every process's ``stat`` on the machine.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import signal
 import socket
 import sys
 import time
@@ -81,10 +89,95 @@ def process_cpu_seconds(proc: psutil.Process) -> float:
 
 
 _HAS_CPU_CLOCK = sys.platform.startswith("linux") and hasattr(time, "clock_gettime")
+_HAS_CHILDREN_FILES = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
 
-def pid_alive(pid: int) -> bool:
-    return psutil.pid_exists(pid)
+def _child_pids(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (any of its threads), ascending: the kernel's per-thread
+    ``/proc/PID/task/TID/children`` lists (gone: none)."""
+    kids: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                kids += map(int, f.read().split())
+        except OSError:
+            continue
+    return sorted(set(kids))
+
+
+_HAS_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A pidfd of process ``pid`` (it stays bound to that process, whatever reuses the pid later),
+    or None (no pidfds here, or no such process)."""
+    if not _HAS_PIDFD:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def close_pidfd(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def pidfd_exists(fd: int | None) -> bool:
+    """True when the process of ``fd`` still exists (a zombie too); False when it is gone, or
+    cannot be told (then ask psutil)."""
+    if fd is None:
+        return False
+    try:
+        signal.pidfd_send_signal(fd, 0)
+        return True
+    except OSError:
+        return False
+
+
+def descendants(root: psutil.Process) -> list[tuple[psutil.Process, int | None]]:
+    """``root.children(recursive=True)``: the same processes in the same order (depth first, a pid
+    older than ``root`` left out as reused), each with a pidfd opened before its ``Process`` (so a
+    live pidfd means that very process runs), read from the tree's own ``children`` files (a few
+    reads) instead of psutil's scan of every process on the machine; psutil's where /proc has no
+    such files (no pidfds then)."""
+    if not _HAS_CHILDREN_FILES:
+        return [(p, None) for p in root.children(recursive=True)]
+    ctime = root.create_time()
+    out: list[tuple[psutil.Process, int | None]] = []
+    seen: set[int] = set()
+    stack = [root.pid]
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        for kid in _child_pids(pid):
+            fd = open_pidfd(kid)
+            try:
+                child = psutil.Process(kid)
+                if ctime <= child.create_time():
+                    out.append((child, fd))
+                    stack.append(kid)
+                    continue
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                pass
+            close_pidfd(fd)
+    return out
+
+
+def pid_alive(pid: int, fd: int | None = None) -> bool:
+    """``psutil.pid_exists(pid)``; ``fd`` (optional): a pidfd opened for ``pid`` (only thread-group
+    leaders have one): while its process exists so does a process with that pid, no /proc read."""
+    return pidfd_exists(fd) or psutil.pid_exists(pid)
 
 
 class ProcessTreeCpu:
@@ -96,6 +189,7 @@ class ProcessTreeCpu:
         self.root_pid = root_pid
         self.refresh_seconds = refresh_seconds
         self._procs: list[psutil.Process] = []
+        self._fds: list[int | None] = []                     # a pidfd per process of _procs (or None)
         self._root: int | None = None
         self._refreshed = -1e9
         self._last: dict[tuple[int, float], float] = {}     # (pid, create_time) -> busy seconds
@@ -110,19 +204,26 @@ class ProcessTreeCpu:
         now = time.monotonic()
         pid = self.root_pid()          # cheap: a spawned pid, or a port lookup throttled by the caller
         if (pid == self._root and now - self._refreshed < self.refresh_seconds
-                and all(p.is_running() for p in self._procs)):
+                and all(pidfd_exists(fd) or p.is_running() for p, fd in zip(self._procs, self._fds))):
             return
         self._refreshed = now
-        procs: list[psutil.Process] = []
+        found: list[tuple[psutil.Process, int | None]] = []
         if pid:
+            fd = open_pidfd(pid)           # before the Process: see descendants
             try:
                 root = psutil.Process(pid)
-                procs = [root, *root.children(recursive=True)]
+                found = [(root, fd), *descendants(root)]
             except psutil.Error:
-                procs, pid = [], None
+                close_pidfd(fd)
+                for _, f in found:
+                    close_pidfd(f)
+                found, pid = [], None
         if pid != self._root:
             log.info("estimated energy: backend process tree root %s", pid if pid else "not found")
-        self._root, self._procs = pid, procs
+        for f in self._fds:
+            close_pidfd(f)
+        procs = [p for p, _ in found]
+        self._root, self._procs, self._fds = pid, procs, [f for _, f in found]
         live = set()
         for p in procs:
             try:
@@ -142,3 +243,8 @@ class ProcessTreeCpu:
             except psutil.Error:
                 continue
         return self._gone + sum(self._last.values())
+
+    def close(self) -> None:
+        for f in self._fds:
+            close_pidfd(f)
+        self._fds = [None] * len(self._procs)

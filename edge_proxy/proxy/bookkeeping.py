@@ -6,6 +6,11 @@ components first, then the core outputs: metrics, access log, span), the queue o
 and :meth:`Bookkeeping.drain`. An observer that raises is logged once and never breaks a request.
 Must not: touch HTTP (requests, responses, the backend), or block the event loop.
 
+An observer may offer finalize as a callback, ``finalize_soon(rec, done)`` (``done(rec)`` once, on
+the loop, within its own bound): when it is the only finalize observer (the energy observer) it is
+called instead of a task running ``await finalize(rec)`` under a timeout, which costs more than
+the rest of the energy bookkeeping of a request.
+
 End-of-request work (finalize, metrics, access log, economics) runs when the loop has been quiet
 for :data:`FINAL_QUIET_SECONDS`, at most :data:`FINAL_MAX_DELAY_SECONDS` after a request ended, and
 in slices of :data:`FINAL_SLICE` requests: requests that end together (one decode step of a batch)
@@ -52,6 +57,8 @@ class Bookkeeping:
         self._ended_first = 0.0
         self._ended_last = 0.0
         self._ended_timer: asyncio.Handle | None = None
+        self._soon: dict[str, RequestRecord] = {}      # in finalize_soon, by request id
+        self._soon_idle: asyncio.Future[None] | None = None   # drain waits for _soon to empty
         self.freeze()
 
     def freeze(self) -> None:
@@ -62,6 +69,10 @@ class Bookkeeping:
         self._token_calls = [o.on_tokens for o in self._token_obs]   # bound once (hot path)
         self._end_obs = [o for o in obs if _overrides(o, "on_request_end")]
         self._finalize_obs = [o for o in obs if _overrides(o, "finalize")]
+        # the callback form of finalize (``finalize_soon(rec, done)``, the energy observer's), when
+        # it is the only one: no task and no timeout scope per request (docs/benchmarks.md, issue 17)
+        soon = getattr(self._finalize_obs[0], "finalize_soon", None) if len(self._finalize_obs) == 1 else None
+        self._finalize_soon = soon if callable(soon) else None
         self._final_obs = [o for o in obs + list(self.outputs) if _overrides(o, "on_request_final")]
         self._output_final = [o for o in self.outputs if _overrides(o, "on_request_final")]
         # extra response headers computed from the request's state (energy: x-edge-energy-joules,
@@ -170,7 +181,14 @@ class Bookkeeping:
     def _run_ended(self) -> None:
         batch, self._ended = self._ended[:FINAL_SLICE], self._ended[FINAL_SLICE:]
         for rec, finalized in batch:
-            if self._finalize_obs and not finalized:
+            if self._finalize_obs and not finalized and self._finalize_soon is not None:
+                self._soon[rec.request_id] = rec
+                try:
+                    self._finalize_soon(rec, self._soon_done)
+                except Exception:  # noqa: BLE001
+                    self._log_failure(self._finalize_obs[0], "finalize")
+                    self._soon_done(rec)
+            elif self._finalize_obs and not finalized:
                 task = asyncio.get_running_loop().create_task(self._finalize(rec))
                 self.pending_finals.add(task)
                 task.add_done_callback(self.pending_finals.discard)
@@ -199,6 +217,14 @@ class Bookkeeping:
             return
         self._queue_final(rec, True)
 
+    def _soon_done(self, rec: RequestRecord) -> None:
+        """``finalize_soon``'s callback (once per request; a late second call is ignored)."""
+        if self._soon.pop(rec.request_id, None) is None:
+            return
+        self._queue_final(rec, True)
+        if not self._soon and self._soon_idle is not None and not self._soon_idle.done():
+            self._soon_idle.set_result(None)
+
     def _final(self, rec: RequestRecord) -> None:
         for o in self._final_obs:
             self.call(o, "on_request_final", rec)
@@ -214,7 +240,16 @@ class Bookkeeping:
             while self._ended:
                 self._run_ended()
             left = deadline - time.monotonic()
-            if not self.pending_finals or left <= 0:
+            if (not self.pending_finals and not self._soon) or left <= 0:
+                for rec in list(self._soon.values()):    # given up: final calls with what is known
+                    del self._soon[rec.request_id]
+                    self._final(rec)
                 return
-            # finalize tasks queue their records' final calls when they finish: run those too
-            await asyncio.wait(list(self.pending_finals), timeout=left)
+            # finalize tasks and callbacks queue their records' final calls when they finish: run
+            # those too
+            waits: list[asyncio.Future[Any]] = list(self.pending_finals)
+            if self._soon:
+                if self._soon_idle is None or self._soon_idle.done():
+                    self._soon_idle = asyncio.get_running_loop().create_future()
+                waits.append(self._soon_idle)
+            await asyncio.wait(waits, timeout=left)
