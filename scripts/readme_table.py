@@ -138,6 +138,16 @@ def _steady_rho(docs: list[Any]) -> str:
     return " / ".join(out) + " tokens/s/GB (paper, T4 + vLLM: 6,930)"
 
 
+def _decode_itl(docs: list[Any]) -> str:
+    """ITL at concurrency 1 with merged projections off -> on, per format (one run)."""
+    rows = docs[0]["rows"]
+    out = []
+    for q in dict.fromkeys(r["quant"] for r in rows):
+        off, on = (next(r for r in rows if r["quant"] == q and r["merge_projections"] is m) for m in (False, True))
+        out.append(f"{q} {off['itl_c1_ms']:.3f} -> {on['itl_c1_ms']:.3f}")
+    return " / ".join(out) + " ms (merged q/k/v and gate/up off -> on)"
+
+
 def _ept(docs: list[Any]) -> str:
     """The ledger's J per output token (median of the cells) at 1 and 64 streams, per format."""
     import statistics
@@ -215,6 +225,12 @@ ROWS = [
         _steady, "4355b18"),
     Row("ρ_sys, 64 concurrent, measured weight bytes (steady state)", ["2026-12-03-h200/steady_state.json"],
         _steady_rho, "4355b18"),
+    Row("fast engine in-process, 64 concurrent (steady state, merged projections)",
+        ["2026-12-04-h200/decode_merge/ss/steady_state.json"], _steady, "bfe1284"),
+    Row("ρ_sys, 64 concurrent, measured weight bytes (steady state, merged projections)",
+        ["2026-12-04-h200/decode_merge/ss/steady_state.json"], _steady_rho, "bfe1284"),
+    Row("fast engine ITL at concurrency 1", ["2026-12-04-h200/decode_merge/dp/decode_profile.json"],
+        _decode_itl, "bfe1284", card="NVIDIA H200", date="2026-12-04"),
     Row("cold start bf16, spawn to first token", ["2026-12-03-h200/cold_start_phases.json"],
         _cold_phases, "179ad50"),
     Row("energy conservation, 60 s mixed load: attributed + idle vs the NVML counter", EV_H200_FINAL,
