@@ -12,6 +12,8 @@
 #                                            one vs two proxy processes (--energy-shared), pinned (~4 min; no GPU use;
 #                                            LOAD_SOURCES=none,replay,replay-x3,replay-x4 for more processes)
 #   bash benchmarks/gpu_calls.sh kernels    # issue 17: INT4 kernels (tinygemm, Triton, bf16 cuBLAS) per shape (~2 min)
+#   bash benchmarks/gpu_calls.sh http       # issue 17: bf16 at 64 in-process and over HTTP, the server's switch
+#                                            interval 5 ms (Python's default) vs SWITCH (default 0.0005 s) (~5 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
@@ -21,7 +23,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|decode) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|decode" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|decode|http) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|decode|http" >&2; exit 2 ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
 export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
@@ -59,6 +61,14 @@ case "${1:-}" in
     timeout 330 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss" \
       --quants bf16,int4 --concurrency 1,8,64 --http-concurrency '' ${SS_ARGS:-} > "$out/steady_state.log" 2>&1
     echo "steady_state rc $?"; tail -12 "$out/steady_state.log" ;;
+  http)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    for iv in default "${SWITCH:-0.0005}"; do
+      if [ "$iv" = default ]; then unset MODEL_SERVER_SWITCH_INTERVAL_S; else export MODEL_SERVER_SWITCH_INTERVAL_S=$iv; fi
+      timeout 200 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/http_$iv" \
+        --quants bf16 --concurrency 64 --http-concurrency 64 --agree-prompts 0 > "$out/http_$iv.log" 2>&1
+      echo "switch interval $iv rc $?"; tail -3 "$out/http_$iv.log"
+    done; unset MODEL_SERVER_SWITCH_INTERVAL_S ;;
   grid)
     g=${GRID_DIR:-out/grid}
     timeout -s INT "${GRID_SECONDS:-540}" python3 -m edge_eval bench "${GRID:-benchmarks/grids/gpu.yaml}" \

@@ -252,6 +252,15 @@ def run_server(args: argparse.Namespace) -> int:
     if new_nofile != old_nofile:
         log.info("raised the open-file limit from %d to %d (the hard limit)", old_nofile, new_nofile)
     reserve_fd_table()
+    # the event loop and the fast engine's thread share one GIL: how long one may hold it while the
+    # other waits (Python's default 0.005 s; an A/B knob for benchmarks, docs/model_server.md)
+    interval = os.environ.get("MODEL_SERVER_SWITCH_INTERVAL_S", "").strip()
+    if interval:
+        try:
+            sys.setswitchinterval(float(interval))
+        except ValueError:
+            raise ServeError(f"MODEL_SERVER_SWITCH_INTERVAL_S must be a positive number of seconds, "
+                             f"not {interval!r}") from None
     try:
         return asyncio.run(serve_async(args))
     except KeyboardInterrupt:

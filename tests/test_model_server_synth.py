@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,12 @@ def test_gptq_without_gptqmodel_is_a_clear_error(tiny_model_dir, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "gptqmodel" in errors[0] and "auto-gptq" in errors[0]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1"])
+def test_bad_switch_interval_is_a_one_line_error(tiny_model_dir, value):
+    r = subprocess.run([sys.executable, "-m", "model_server", "serve", str(tiny_model_dir), "--port", "0"],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "MODEL_SERVER_SWITCH_INTERVAL_S": value})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "MODEL_SERVER_SWITCH_INTERVAL_S" in r.stderr
