@@ -13,7 +13,7 @@
 #                                            LOAD_SOURCES=none,replay,replay-x3,replay-x4 for more processes)
 #   bash benchmarks/gpu_calls.sh kernels    # issue 17: INT4 kernels (tinygemm, Triton, bf16 cuBLAS) per shape (~2 min)
 #   bash benchmarks/gpu_calls.sh http       # issue 17: bf16 at 64 in-process and over HTTP, the server's switch
-#                                            interval 5 ms (Python's default) vs SWITCH (default 0.0005 s) (~5 min)
+#                                            interval 5 ms (Python's default) vs 0.5 ms, in the order SWITCHES gives (~5 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
@@ -63,7 +63,7 @@ case "${1:-}" in
     echo "steady_state rc $?"; tail -12 "$out/steady_state.log" ;;
   http)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    for iv in default "${SWITCH:-0.0005}"; do
+    for iv in ${SWITCHES:-default 0.0005}; do
       if [ "$iv" = default ]; then unset MODEL_SERVER_SWITCH_INTERVAL_S; else export MODEL_SERVER_SWITCH_INTERVAL_S=$iv; fi
       timeout 200 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/http_$iv" \
         --quants bf16 --concurrency 64 --http-concurrency 64 --agree-prompts 0 > "$out/http_$iv.log" 2>&1
