@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -108,4 +109,5 @@ class Runtime:
             "context_length": lm.context_length if lm else None,
             "startup": dict(self.startup),
             "load_energy_joules": self.load_energy_joules,
+            "switch_interval_seconds": sys.getswitchinterval(),   # configured (MODEL_SERVER_SWITCH_INTERVAL_S)
         }

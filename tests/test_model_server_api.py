@@ -169,6 +169,7 @@ def test_info_health_metrics(model_server, tiny_model_dir):
                 "weight_bytes", "quantization", "dtype", "engine", "devices", "synthetic", "startup",
                 "load_energy_joules"):
         assert key in info, key
+    assert info["switch_interval_seconds"] == pytest.approx(0.0005)     # serve's default, not Python's 0.005
     from safetensors import safe_open
 
     with safe_open(f"{tiny_model_dir}/model.safetensors", "pt") as f:
