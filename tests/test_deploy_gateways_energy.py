@@ -51,6 +51,10 @@ def proxy(tmp: Path, name: str, *args: str) -> Iterator[tuple[str, str, Path]]:
     try:
         wait_http_ok(f"http://127.0.0.1:{mport}/healthz", timeout=30, proc=proc)
         yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{mport}", log
+    except BaseException:
+        err.flush()     # a failure shows what this proxy said (pytest prints captured output)
+        print(f"--- {name} stderr (tail) ---\n" + (tmp / f"{name}.stderr").read_text(errors="replace")[-3000:])
+        raise
     finally:
         proc.terminate()
         try:
