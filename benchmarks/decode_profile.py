@@ -32,22 +32,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from model_server_process import synth_model  # noqa: E402
+from steady_state import graph_step_ms  # noqa: E402
 from support import default_commit, log, utc_date  # noqa: E402
-
-
-def replay_ms(runner, b: int, length: int, n: int = 50) -> float | None:
-    if runner.device.type != "cuda":
-        return None
-    times = []
-    for i in range(n + 10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        runner.decode(b, length)
-        e.record()
-        e.synchronize()
-        if i >= 10:
-            times.append(s.elapsed_time(e))
-    return round(statistics.median(times), 4)
 
 
 def kernel_profile(fn, steps: int = 5) -> dict:
@@ -105,7 +91,8 @@ def measure(loaded, merge: bool, args) -> dict:
         res["itl_c1_ms"] = await itl_c1(eng, list(range(300, 300 + args.prompt_len)), args.new_tokens)
         with torch.inference_mode():
             for b in args.batches:
-                res[f"graph_ms_b{b}"] = await asyncio.to_thread(replay_ms, r, b, length)
+                r.decode(b, length)         # lazy graphs: this bucket's first step captures its graph
+                res[f"graph_ms_b{b}"] = await asyncio.to_thread(graph_step_ms, eng, b, length, r.device.type)
                 res[f"graph_profile_b{b}"] = await asyncio.to_thread(kernel_profile, lambda b=b: r.decode(b, length))
                 res[f"eager_profile_b{b}"] = await asyncio.to_thread(
                     kernel_profile, lambda b=b: r.decode_forward(b, length))

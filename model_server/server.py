@@ -29,9 +29,6 @@ log = logging.getLogger("model_server")
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 
 
-SWITCH_INTERVAL_SECONDS = 0.0005     # sys.setswitchinterval for serve (MODEL_SERVER_SWITCH_INTERVAL_S wins)
-
-
 class ServeError(Exception):
     """A one-line, user-facing startup failure."""
 
@@ -250,7 +247,7 @@ def run_server(args: argparse.Namespace) -> int:
         raise ServeError(str(exc)) from None
     # a file-descriptor table grown now does not double (an RCU grace period, 13-20 ms measured on
     # a 16-vCPU VM, inside an accept call of the event loop) while clients connect
-    from edge_proxy.process_tuning import raise_nofile_limit, reserve_fd_table
+    from edge_proxy.process_tuning import SWITCH_INTERVAL_SECONDS, raise_nofile_limit, reserve_fd_table
     old_nofile, new_nofile = raise_nofile_limit()      # soft limit up to the hard one (process_tuning)
     if new_nofile != old_nofile:
         log.info("raised the open-file limit from %d to %d (the hard limit)", old_nofile, new_nofile)
@@ -259,12 +256,11 @@ def run_server(args: argparse.Namespace) -> int:
     # other waits. 0.5 ms, not Python's 5 ms: HTTP tokens/s at 64 streams 1.11x and 1.19x in two H200
     # runs (docs/benchmarks.md, "The server's thread switch interval"); the variable overrides it
     interval = os.environ.get("MODEL_SERVER_SWITCH_INTERVAL_S", "").strip() or str(SWITCH_INTERVAL_SECONDS)
-    if interval:
-        try:
-            sys.setswitchinterval(float(interval))
-        except ValueError:
-            raise ServeError(f"MODEL_SERVER_SWITCH_INTERVAL_S must be a positive number of seconds, "
-                             f"not {interval!r}") from None
+    try:
+        sys.setswitchinterval(float(interval))
+    except ValueError:
+        raise ServeError(f"MODEL_SERVER_SWITCH_INTERVAL_S must be a positive number of seconds, "
+                         f"not {interval!r}") from None
     try:
         return asyncio.run(serve_async(args))
     except KeyboardInterrupt:

@@ -150,6 +150,18 @@ def _members(specs: list[dict]) -> list[Req]:
     return out
 
 
+def _assert_same_split(tick: Tick, specs, method: str, pw: float, hz: int | None, idle: float,
+                       forced: bool) -> None:
+    """The fast split and the plain one agree exactly (==) on the same tick and members."""
+    fast = compute_split(PendingTick(tick, _members(specs)), method, pw, 80 * MS, hz, idle, forced)
+    plain = plain_split(PendingTick(tick, _members(specs)), method, pw, 80 * MS, hz, idle, forced)
+    if isinstance(plain, list):
+        assert isinstance(fast, list) and [r.view.rid for r in fast] == plain
+    else:
+        assert not isinstance(fast, list)
+        assert (fast.dE, fast.idle, [r.view.rid for r in fast.reqs], fast.active, fast.idle_by) == plain
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=st.lists(member_st, max_size=12), dE=st.floats(0.0, 100.0), dt=st.sampled_from([0, 1, 100]),
        idle=st.sampled_from([0.0, 5.0, 1e9]), method=st.sampled_from(["token-weighted", "time-weighted"]),
@@ -159,13 +171,7 @@ def test_fast_split_equals_the_plain_split_exactly(specs, dE, dt, idle, method, 
     t0, t1 = 0, dt * MS
     hz = None if horizon is None else horizon * MS
     tick = Tick(t0, t1, dE, {"g": dE})
-    fast = compute_split(PendingTick(tick, _members(specs)), method, pw, 80 * MS, hz, idle, forced)
-    plain = plain_split(PendingTick(tick, _members(specs)), method, pw, 80 * MS, hz, idle, forced)
-    if isinstance(plain, list):
-        assert isinstance(fast, list) and [r.view.rid for r in fast] == plain
-    else:
-        assert not isinstance(fast, list)
-        assert (fast.dE, fast.idle, [r.view.rid for r in fast.reqs], fast.active, fast.idle_by) == plain
+    _assert_same_split(tick, specs, method, pw, hz, idle, forced)
 
 
 def test_fast_split_equals_the_plain_split_on_seeded_random_ticks() -> None:
@@ -184,13 +190,7 @@ def test_fast_split_equals_the_plain_split_on_seeded_random_ticks() -> None:
         forced = rng.random() < 0.4
         hz = rng.choice([None, rng.randrange(0, 300) * MS])
         tick = Tick(0, dt * MS + 12_345 * (dt > 1), dE, {"g": dE})
-        fast = compute_split(PendingTick(tick, _members(specs)), method, pw, 80 * MS, hz, idle, forced)
-        plain = plain_split(PendingTick(tick, _members(specs)), method, pw, 80 * MS, hz, idle, forced)
-        if isinstance(plain, list):
-            assert isinstance(fast, list) and [r.view.rid for r in fast] == plain
-        else:
-            assert not isinstance(fast, list)
-            assert (fast.dE, fast.idle, [r.view.rid for r in fast.reqs], fast.active, fast.idle_by) == plain
+        _assert_same_split(tick, specs, method, pw, hz, idle, forced)
 
 
 # ---- the estimated source's process tree ----------------------------------------------------------
