@@ -14,6 +14,9 @@
 #   bash benchmarks/gpu_calls.sh kernels    # issue 17: INT4 kernels (tinygemm, Triton, bf16 cuBLAS) per shape (~2 min)
 #   bash benchmarks/gpu_calls.sh http       # issue 17: bf16 at 64 in-process and over HTTP, the server's switch
 #                                            interval 5 ms (Python's default) vs 0.5 ms, in the order SWITCHES gives (~5 min)
+#   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
+#                                            in-process, bf16 vs int4 (tinygemm <= 8 rows, Triton above) at 1/8/64/256
+#                                            (SS_QUANTS, SS_CONC change the set) (~9 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
@@ -23,7 +26,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|decode|http) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|decode|http" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|int4|decode|http) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|int4|decode|http" >&2; exit 2 ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
 export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
@@ -54,6 +57,14 @@ case "${1:-}" in
   kernels)
     timeout 300 python3 benchmarks/int4_kernels.py --out "$out/kernels" > "$out/kernels.log" 2>&1; echo "kernels rc $?"
     cat "$out/kernels.log" | tail -80 ;;
+  int4)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout 150 python3 benchmarks/int4_kernels.py --no-sweep --ms 1,8,9,16,64,256 --reps 30 --out "$out/kernels" \
+      > "$out/kernels.log" 2>&1; echo "kernels rc $?"; grep -A12 "Whole model" "$out/kernels.log"
+    timeout 400 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss" \
+      --quants "${SS_QUANTS:-bf16,int4}" --concurrency "${SS_CONC:-1,8,64,256}" --http-concurrency '' \
+      > "$out/steady_state.log" 2>&1
+    echo "steady_state rc $?"; tail -16 "$out/steady_state.log" ;;
   decode)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 280 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \

@@ -1,15 +1,18 @@
 """GPU micro-benchmark of the INT4 weight-only linear kernels against bf16 cuBLAS, on llama-3.2-1b's shapes.
 
 Methods (bf16 activations and outputs): bf16 ``x @ W.T`` (cuBLAS); tinygemm ``aten._weight_int4pack_mm`` (what
-``model_server/int4.py`` runs on CUDA, packed the same way); triton ``benchmarks/int4_triton_kernel.int4_triton_mm``
-(fused dequantize + tensor-core GEMM, its default config); dequant (torch ops to bf16, then cuBLAS; reference).
+``model_server/int4.py`` runs on CUDA up to 8 rows, packed the same way); triton ``model_server/int4_triton.int4_triton_mm``
+(fused dequantize + tensor-core GEMM, its default config; what int4.py runs above 8 rows); dequant (torch ops to bf16,
+then cuBLAS; reference). Shapes: the fast engine's, with q/k/v and gate/up merged (``--unmerged``: the seven separate
+projections).
 
 Timing per (shape, M, method), CUDA events: ``eager`` = median over --reps of one call between two events (includes
 CPU launch overhead when the GPU waits for it); ``graph`` = the calls captured back to back in a CUDA graph, median
 replay time / calls per replay. Each method rotates over enough weight copies (>= --l2-multiple x L2, at most 256)
 that weights come from HBM, as in a decode step. Also: relative error of tinygemm / triton / dequant against a
 float32 ``x @ dequant(q).T`` per shape and M; a Triton config sweep (--no-sweep skips it); a whole-model estimate
-per M and method, 16 layers x (q, k, v, o, gate, up, down) + lm_head. Writes int4_kernels.json / .md to --out.
+per M and method, 16 layers x (qkv, o, gate_up, down) + lm_head, and ``dispatch``: what Int4Linear runs (tinygemm up
+to 8 rows, Triton above). Writes int4_kernels.json / .md to --out.
 
   python3 benchmarks/int4_kernels.py --out DIR         # exits 2 with one line when there is no CUDA device
 """
@@ -28,11 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import int4_triton_kernel as int4_triton  # noqa: E402
-from model_server.int4 import INNER_K_TILES, dequantize_groupwise, quantize_groupwise  # noqa: E402
+from model_server import int4_triton  # noqa: E402
+from model_server.int4 import INNER_K_TILES, TINYGEMM_MAX_ROWS, dequantize_groupwise, quantize_groupwise  # noqa: E402
 
-LAYER = {"q_proj": (2048, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 2048),
-         "gate_proj": (8192, 2048), "up_proj": (8192, 2048), "down_proj": (2048, 8192)}      # (N out, K in)
+UNMERGED = {"q_proj": (2048, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 2048),
+            "gate_proj": (8192, 2048), "up_proj": (8192, 2048), "down_proj": (2048, 8192)}      # (N out, K in)
+MERGED = {"qkv_proj": (3072, 2048), "o_proj": (2048, 2048), "gate_up_proj": (16384, 2048), "down_proj": (2048, 8192)}
+LAYER = MERGED
 LM_HEAD = (128256, 2048)
 N_LAYERS = 16
 METHODS = ("bf16", "tinygemm", "triton", "dequant")
@@ -48,7 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--l2-multiple", type=float, default=4.0, help="weight copies per method cover this x L2")
     p.add_argument("--no-sweep", action="store_true", help="skip the Triton config sweep")
     p.add_argument("--no-lm-head", action="store_true")
+    p.add_argument("--unmerged", action="store_true", help="the seven separate projections (before merging)")
     args = p.parse_args(argv)
+    global LAYER
+    LAYER = UNMERGED if args.unmerged else MERGED
     args.ms = [int(v) for v in args.ms.split(",") if v.strip()]
     if not args.ms or min(args.ms) < 1 or args.reps < 1:
         p.error("--ms needs positive integers and --reps >= 1")
@@ -212,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
         del sh
         torch.cuda.empty_cache()
     return {"device": props.name, "torch": torch.__version__, "triton": int4_triton.triton.__version__,
-            "group": args.group, "reps": args.reps, "l2_bytes": l2, "cells": cells, "rel_errors": errors,
+            "group": args.group, "reps": args.reps, "shapes": {k: list(v) for k, v in shapes.items()}, "l2_bytes": l2, "cells": cells, "rel_errors": errors,
             "triton_sweep_best": best, "stack": stack(cells, best, args.ms, shapes), "seconds": time.time() - t0}
 
 
@@ -226,10 +234,11 @@ def stack(cells: list[dict], best: dict, ms: list[int], shapes: dict) -> dict:
     out = {}
     for m in ms:
         row = {}
-        for method in METHODS + (("triton-best",) if best else ()):
+        for method in METHODS + ("dispatch",) + (("triton-best",) if best else ()):
+            src = method if method != "dispatch" else ("tinygemm" if m <= TINYGEMM_MAX_ROWS else "triton")
             for mode in ("graph_us", "eager_us"):
-                vals = [t.get((n, k, m, method), {}).get(mode) for n, k in LAYER.values()]
-                head = [t.get((*shapes["lm_head"], m, method), {}).get(mode)] if "lm_head" in shapes else []
+                vals = [t.get((n, k, m, src), {}).get(mode) for n, k in LAYER.values()]
+                head = [t.get((*shapes["lm_head"], m, src), {}).get(mode)] if "lm_head" in shapes else []
                 if all(v is not None for v in vals + head):
                     row[f"{method}/{mode}"] = N_LAYERS * sum(vals) + sum(head)
         for key in list(row):
@@ -255,13 +264,14 @@ def markdown(res: dict) -> str:
         f = lambda v: "err" if v is None else f"{v:.1f}"                                   # noqa: E731
         cols = [f"{f(r[mm]['graph_us'])} ({f(r[mm]['eager_us'])})" for mm in METHODS]
         lines.append(f"| {n} x {k} | {m} | " + " | ".join(cols) + f" | {best} | {cfg_str(cfg) if cfg else '-'} |")
-    lines += ["", f"Whole model estimate ({N_LAYERS} layers x 7 linears + lm_head), us per step (speedup vs bf16);"
-              " graph timings, eager in brackets.", "",
-              "| M | " + " | ".join(METHODS) + (" | triton-best |" if res["triton_sweep_best"] else " |"),
-              "|---:|" + "---:|" * (len(METHODS) + bool(res["triton_sweep_best"]))]
+    methods = METHODS + ("dispatch",) + (("triton-best",) if res["triton_sweep_best"] else ())
+    lines += ["", f"Whole model estimate ({N_LAYERS} layers x {len(LAYER)} linears + lm_head), us per step (speedup vs "
+              "bf16); graph timings, eager in brackets. dispatch: Int4Linear's choice (tinygemm up to "
+              f"{TINYGEMM_MAX_ROWS} rows, Triton above).", "",
+              "| M | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
     for m, row in res["stack"].items():
         cols = []
-        for method in METHODS + (("triton-best",) if res["triton_sweep_best"] else ()):
+        for method in methods:
             g, e = row.get(f"{method}/graph_us"), row.get(f"{method}/eager_us")
             cols.append(f"{g:.0f} ({row[f'{method}/graph_speedup']:.2f}x)" + (f" [{e:.0f}]" if e else "")
                         if g else "-")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -63,8 +64,8 @@ def int4_kernel_check(device: str) -> dict:
     from model_server.int4 import Int4Linear, dequantize_groupwise, device_compute, quantize_groupwise
 
     ch = device_compute(device)
-    out = {"kernel": ch.int4_kernel, "dtype": str(ch.dtype)}
-    for m in (1, 64):
+    out = {"kernel": ch.int4_kernel, "rows_kernel": ch.rows_kernel, "dtype": str(ch.dtype)}
+    for m in (1, 8, 9, 64, 256):                      # both sides of Int4Linear's dispatch by rows
         lin = nn.Linear(2048, 8192, bias=False).to(device=device, dtype=ch.dtype)
         x = torch.randn(m, 2048, device=device, dtype=ch.dtype)
         q, sz = quantize_groupwise(lin.weight, 128)
@@ -161,9 +162,15 @@ def run_quant(q, args, model_dir, device, bw, energy, report, save, start_server
     from model_server.engines.fast import from_loaded
     from model_server.loading import load_model
 
+    quant, _, kernels = q.partition(":")          # e.g. int4:triton sets MODEL_SERVER_INT4_KERNELS for this load
+    if kernels:
+        os.environ["MODEL_SERVER_INT4_KERNELS"] = kernels
+    else:
+        os.environ.pop("MODEL_SERVER_INT4_KERNELS", None)
     t = time.monotonic()
-    loaded = load_model(str(model_dir), device, q)
+    loaded = load_model(str(model_dir), device, quant)
     entry = {"quant": q, "weight_bytes": loaded.weight_bytes, "dtype": loaded.dtype,
+             "int4_kernel": getattr(loaded.model, "int4_kernel", None),
              "load_seconds": round(time.monotonic() - t, 2), "cells": [], "http": []}
     report["quants"].append(entry)
     server = start_server() if start_server else None
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="llama-3.2-1b")
     ap.add_argument("--model-dir", default=None, help="use this model directory instead of synthesizing one")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quants", default="bf16,int4,nf4")
+    ap.add_argument("--quants", default="bf16,int4,nf4",
+                    help="comma-separated; int4:auto|tinygemm|triton picks MODEL_SERVER_INT4_KERNELS for that load")
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--http-concurrency", default="64,256", help="bf16 only, in-process and HTTP ('' = none)")
     ap.add_argument("--prompt-len", type=int, default=64)

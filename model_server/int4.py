@@ -18,9 +18,17 @@ compute capability, so it is testable without a GPU):
 * ``dequant``: CUDA below compute capability 8.0 (T4, V100), where the int4pack kernel and bf16 do not
   exist: fp16 compute; each forward dequantizes the weight then runs cuBLAS's fp16 GEMM. Correct, but
   it moves more bytes than fp16 weights would; on such cards NF4 (bitsandbytes) is the faster 4-bit path.
+* ``triton``: :mod:`model_server.int4_triton`'s fused W4A16 kernel for every row count (one layout).
+
+The int4pack kernel is a few-rows kernel (fastest up to 8 rows on an H200, 5x slower than bf16 at 64), so on
+CUDA with Triton importable the default is both: int4pack for steps of at most ``TINYGEMM_MAX_ROWS`` rows,
+Triton above (``ComputeChoice.rows_kernel``). That keeps a second copy of the 4-bit weights in Triton's layout
+(the INT4 bytes double; /info's measured weight bytes count both). ``MODEL_SERVER_INT4_KERNELS`` picks:
+``auto`` (default), ``tinygemm`` (int4pack only), ``triton`` (Triton only: one layout, the fewest bytes).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +36,8 @@ from torch import nn
 
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 16 * INNER_K_TILES
+TINYGEMM_MAX_ROWS = 8        # with rows_kernel "triton": steps of more rows than this run Triton
+KERNEL_MODES = ("auto", "tinygemm", "triton")
 
 
 @dataclass(frozen=True)
@@ -35,24 +45,43 @@ class ComputeChoice:
     """What the engine computes in on a device: activation dtype and the INT4 kernel it can use."""
 
     dtype: torch.dtype
-    int4_kernel: str             # "cuda-int4pack" | "cpu-int4pack" | "dequant"
+    int4_kernel: str             # "cuda-int4pack" | "cpu-int4pack" | "dequant" | "triton"
     reason: str
+    rows_kernel: str | None = None   # "triton": steps of more than TINYGEMM_MAX_ROWS rows run Triton
 
 
-def choose_compute(device_type: str, capability: tuple[int, int] | None) -> ComputeChoice:
-    """bf16 + int4pack on CUDA >= 8.0 (Ampere and later); fp16 + dequantize below (T4 is 7.5); CPU: bf16."""
+def choose_compute(device_type: str, capability: tuple[int, int] | None, triton: bool = False,
+                   mode: str = "auto") -> ComputeChoice:
+    """bf16 + int4pack on CUDA >= 8.0 (Ampere and later), plus Triton above 8 rows when ``triton`` (importable)
+    and ``mode`` allow; fp16 + dequantize below 8.0 (T4 is 7.5); CPU: bf16 + int4pack."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"MODEL_SERVER_INT4_KERNELS must be one of {', '.join(KERNEL_MODES)}, not {mode!r}")
     if device_type == "cpu":
         return ComputeChoice(torch.bfloat16, "cpu-int4pack", "cpu")
     if capability is None or tuple(capability) < (8, 0):
         return ComputeChoice(torch.float16, "dequant",
                              f"compute capability {capability} < 8.0: no bf16, no int4pack kernel")
-    return ComputeChoice(torch.bfloat16, "cuda-int4pack", f"compute capability {capability} >= 8.0")
+    why = f"compute capability {capability} >= 8.0"
+    if mode == "triton":
+        if not triton:
+            raise ValueError("MODEL_SERVER_INT4_KERNELS=triton, but Triton is not importable")
+        return ComputeChoice(torch.bfloat16, "triton", why + "; Triton for every row count")
+    if mode == "auto" and triton:
+        return ComputeChoice(torch.bfloat16, "cuda-int4pack",
+                             why + f"; Triton above {TINYGEMM_MAX_ROWS} rows", rows_kernel="triton")
+    return ComputeChoice(torch.bfloat16, "cuda-int4pack", why + ("" if triton else "; Triton not importable"))
 
 
 def device_compute(device: torch.device | str) -> ComputeChoice:
+    """:func:`choose_compute` for a device, with ``MODEL_SERVER_INT4_KERNELS`` (auto | tinygemm | triton)."""
     device = torch.device(device)
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return choose_compute(device.type, cap)
+    mode = os.environ.get("MODEL_SERVER_INT4_KERNELS", "auto").strip() or "auto"
+    triton = False
+    if device.type == "cuda" and mode != "tinygemm" and cap is not None and tuple(cap) >= (8, 0):
+        from model_server import int4_triton
+        triton = int4_triton.available()
+    return choose_compute(device.type, cap, triton, mode)
 
 
 def quantize_groupwise(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,13 +131,26 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = k, n
         self.group_size = group_size
         self.kernel = choice.int4_kernel
+        self.rows_kernel = choice.rows_kernel
         self.compute_dtype = choice.dtype
         q, sz = quantize_groupwise(linear.weight, group_size)
         dev = linear.weight.device
-        self.register_buffer("weight_packed", _pack(q.to(dev), self.kernel))
-        self.register_buffer("scales_and_zeros", sz.to(device=dev, dtype=choice.dtype))
+        sz = sz.to(device=dev, dtype=choice.dtype)
+        if self.kernel != "triton":
+            self.register_buffer("weight_packed", _pack(q.to(dev), self.kernel))
+            self.register_buffer("scales_and_zeros", sz)
+        if self.uses_triton:
+            from model_server import int4_triton
+            self.register_buffer("triton_packed", int4_triton.pack_int4(q.to(dev), group_size))
+            scales, zeros = int4_triton.split_scales_and_zeros(sz)
+            self.register_buffer("triton_scales", scales)
+            self.register_buffer("triton_zeros", zeros)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(choice.dtype),
                                                                   requires_grad=False)
+
+    @property
+    def uses_triton(self) -> bool:
+        return self.kernel == "triton" or self.rows_kernel == "triton"
 
     def _unpacked(self) -> torch.Tensor:
         p = self.weight_packed
@@ -118,7 +160,10 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.kernel == "cuda-int4pack":
+        if self.kernel == "triton" or (self.rows_kernel == "triton" and x2.shape[0] > TINYGEMM_MAX_ROWS):
+            from model_server.int4_triton import int4_triton_mm
+            y = int4_triton_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
+        elif self.kernel == "cuda-int4pack":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros)
         elif self.kernel == "cpu-int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size,
@@ -130,7 +175,8 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}"
+        rows = f", above {TINYGEMM_MAX_ROWS} rows={self.rows_kernel}" if self.rows_kernel else ""
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}{rows}"
 
 
 def quantize_model(model: nn.Module, group_size: int = 128, choice: ComputeChoice | None = None,
@@ -161,5 +207,5 @@ def quantize_model(model: nn.Module, group_size: int = 128, choice: ComputeChoic
             model._tied_weights_keys = None
     model.is_int4_weight_only = True
     model.int4_group_size = group_size
-    model.int4_kernel = choice.int4_kernel
+    model.int4_kernel = choice.int4_kernel + (f"+{choice.rows_kernel}" if choice.rows_kernel else "")
     return len(targets)

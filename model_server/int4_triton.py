@@ -1,6 +1,10 @@
-"""An experiment: a Triton fused W4A16 kernel for the INT4 linears of ``model_server/int4.py`` (dequantize +
-GEMM in one pass), measured against tinygemm and bf16 cuBLAS by ``benchmarks/int4_kernels.py``. Not used by
-the server (it lost to bf16 at every batch size; see below and docs/benchmarks.md).
+"""A Triton fused W4A16 kernel for ``model_server/int4.py``'s INT4 linears when a step has more than a few rows.
+
+PyTorch's int4pack kernel (tinygemm) is a few-rows kernel: on an H200 it is the fastest INT4 kernel up to 8 rows
+and falls far behind bf16 above (at 64 rows a 8192 x 2048 projection takes 79 us against 12 us in bf16;
+docs/benchmarks.md, "INT4 kernels per layer"). This kernel dequantizes in registers and runs the product on
+tensor cores, so batched decode and prefill read 4-bit weights at GEMM speed. :class:`model_server.int4.Int4Linear`
+dispatches by rows (see ``int4.TINYGEMM_MAX_ROWS``).
 
 Owns: the kernel's weight layout (:func:`pack_int4`, :func:`split_scales_and_zeros`), the kernel, its launch
 configuration (:func:`choose_config`) and the wrapper :func:`int4_triton_mm`. Must NOT: quantize weights
@@ -29,13 +33,8 @@ interleaving in registers: one ``tl.dot`` per half):
 * ``scales``, ``zeros``: ``[K // G, N]`` row-major (N contiguous), any float dtype (read as fp32).
 
 Split K (``Config.split_k`` > 1) writes fp32 partial sums to ``[split, M, N]``; a second small kernel sums them.
-Meant for CUDA (bf16 / fp16 activations) where a step has several rows (batched decode, prefill): the kernel is a
-GEMM with tensor cores, unlike ``aten._weight_int4pack_mm`` (GEMV-shaped). Runs on CPU only in Triton's
-interpreter (``TRITON_INTERPRET=1``, read when the kernel is first used; Triton is not installed in CI, ~1 GB).
-
-Measured on an H200 (benchmarks/int4_kernels.py, group 128, CUDA graphs): correct (rel. error 1.7e-3 to 2.4e-3,
-tinygemm 2.4e-3) but not yet faster than bf16 cuBLAS: whole-model estimate 0.94x bf16 at M = 16, 0.82x at M = 64,
-0.38x at M = 256 (tinygemm: 0.61x, 0.19x, 0.06x). Wire it in only where the benchmark shows it ahead.
+Runs on CUDA (bf16 / fp16 activations) and, for tests, on CPU in Triton's interpreter (``TRITON_INTERPRET=1``,
+fp32 / fp16 only: the interpreter cannot bit-cast to bf16; read when the kernel is first used).
 """
 from __future__ import annotations
 
@@ -130,7 +129,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym, stride_ys,
-                  ITERS_PER_SPLIT, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  ITERS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, HALF: tl.constexpr, MAGIC: tl.constexpr, C8: tl.constexpr,
                   SWAP_AB: tl.constexpr, FOLD: tl.constexpr):
     """One program: a [BLOCK_N, BLOCK_M] tile of y^T (SWAP_AB) or [BLOCK_M, BLOCK_N] of y, over ITERS_PER_SPLIT

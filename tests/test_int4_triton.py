@@ -1,0 +1,151 @@
+"""The INT4 Triton kernel (model_server/int4_triton.py) and Int4Linear's dispatch by rows, in Triton's CPU interpreter.
+
+The interpreter runs the same kernel source a GPU compiles (fp32 and fp16 activations; it cannot bit-cast to
+bf16, which the GPU benchmark checks against a float32 reference every run: benchmarks/int4_kernels.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from model_server import int4_triton
+from model_server.engines.fast.merged import merge
+from model_server.int4 import (TINYGEMM_MAX_ROWS, ComputeChoice, Int4Linear, choose_compute, dequantize_groupwise,
+                               device_compute, quantize_groupwise)
+from model_server.weights import measure_weight_bytes
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert int4_triton.available()
+
+
+def _reference(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    return x.double() @ dequantize_groupwise(q, sz, group).double().t()
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("m", [1, 9, 70])
+@pytest.mark.parametrize("group", [32, 128])
+def test_kernel_computes_x_times_the_dequantized_weight(dtype, tol, m, group):
+    torch.manual_seed(m + group)
+    n, k = 96, 512
+    q, sz = quantize_groupwise(torch.randn(n, k) * 0.05, group)
+    x = torch.randn(m, k)
+    packed = int4_triton.pack_int4(q, group)
+    scales, zeros = int4_triton.split_scales_and_zeros(sz)
+    y = int4_triton.int4_triton_mm(x.to(dtype), packed, scales, zeros, group)
+    assert y.shape == (m, n) and y.dtype == dtype and torch.isfinite(y).all()
+    assert _rel(y, _reference(x, q, sz, group)) < tol
+
+
+@pytest.mark.parametrize("swap_ab,fold,split", [(True, True, 2), (True, False, 4), (False, True, 1), (False, False, 2)])
+def test_every_launch_configuration_computes_the_same_product(swap_ab, fold, split):
+    torch.manual_seed(7)
+    n, k, group = 80, 512, 64            # N not a multiple of BLOCK_N: the masked edge tile is checked too
+    q, sz = quantize_groupwise(torch.randn(n, k) * 0.05, group)
+    x = torch.randn(20, k)
+    cfg = int4_triton.Config(16, 64, split, 2, 4, swap_ab, fold)
+    y = int4_triton.int4_triton_mm(x.half(), int4_triton.pack_int4(q, group), *int4_triton.split_scales_and_zeros(sz),
+                                   group, cfg)
+    assert _rel(y, _reference(x, q, sz, group)) < 3e-3
+
+
+def test_config_choice_splits_k_only_while_tiles_do_not_fill_the_device():
+    small = int4_triton.choose_config(1, 2048, 2048, 128, 132)
+    wide = int4_triton.choose_config(1, 128256, 2048, 128, 132)
+    big = int4_triton.choose_config(256, 8192, 2048, 128, 132)
+    assert small.split_k > 1 and small.swap_ab
+    assert wide.split_k == 1
+    assert big.split_k == 1 and not big.swap_ab and big.block_m in (64, 128)
+    assert 16 // small.split_k >= 2          # every split gets at least two K-blocks
+
+
+def test_bad_shapes_are_one_line_errors():
+    q, sz = quantize_groupwise(torch.randn(32, 256), 128)
+    packed = int4_triton.pack_int4(q, 128)
+    scales, zeros = int4_triton.split_scales_and_zeros(sz)
+    with pytest.raises(ValueError, match="do not match group"):
+        int4_triton.int4_triton_mm(torch.randn(2, 128), packed, scales, zeros, 128)
+    with pytest.raises(ValueError, match="power of two"):
+        int4_triton.block_k(48)
+    with pytest.raises(ValueError, match="does not divide"):
+        int4_triton.int4_triton_mm(torch.randn(2, 256), packed, scales, zeros, 128,
+                                   int4_triton.Config(16, 64, 4, 2, 4, True, True))
+    assert int4_triton.int4_triton_mm(torch.randn(0, 256), packed, scales, zeros, 128).shape == (0, 32)
+
+
+def _calls(monkeypatch) -> list[int]:
+    seen: list[int] = []
+    real = int4_triton.int4_triton_mm
+
+    def spy(x, *a, **kw):
+        seen.append(x.shape[0])
+        return real(x, *a, **kw)
+    monkeypatch.setattr(int4_triton, "int4_triton_mm", spy)
+    return seen
+
+
+def test_int4_linear_runs_tinygemm_up_to_eight_rows_and_triton_above(monkeypatch):
+    torch.manual_seed(1)
+    lin = nn.Linear(256, 64, bias=True)
+    q, sz = quantize_groupwise(lin.weight, 64)
+    mod = Int4Linear(lin, 64, ComputeChoice(torch.float32, "cpu-int4pack", "test", rows_kernel="triton"))
+    seen = _calls(monkeypatch)
+    for rows in (1, TINYGEMM_MAX_ROWS, TINYGEMM_MAX_ROWS + 1, 40):
+        x = torch.randn(rows, 256)
+        want = _reference(x, q, sz.float(), 64) + lin.bias.detach().double()
+        with torch.inference_mode():
+            assert _rel(mod(x), want) < 1e-4
+    assert seen == [TINYGEMM_MAX_ROWS + 1, 40]
+
+
+def test_triton_only_keeps_one_layout_and_fewer_bytes():
+    torch.manual_seed(2)
+    lin = nn.Linear(256, 64, bias=False)
+    both = Int4Linear(lin, 64, ComputeChoice(torch.float16, "cpu-int4pack", "t", rows_kernel="triton"))
+    only = Int4Linear(lin, 64, ComputeChoice(torch.float16, "triton", "t"))
+    assert not hasattr(only, "weight_packed") and hasattr(both, "weight_packed")
+    assert measure_weight_bytes(only) < measure_weight_bytes(both)
+    x = torch.randn(3, 256)
+    q, sz = quantize_groupwise(lin.weight, 64)
+    assert _rel(only(x.half()), _reference(x, q, sz, 64)) < 3e-3
+
+
+def test_merged_projection_with_both_kernels_matches_its_parts(monkeypatch):
+    torch.manual_seed(3)
+    choice = ComputeChoice(torch.float32, "cpu-int4pack", "t", rows_kernel="triton")
+    parts = [Int4Linear(nn.Linear(256, n, bias=False), 64, choice) for n in (64, 32, 32)]
+    with torch.inference_mode():
+        merged = merge(parts)
+        assert merged is not None
+        for rows in (2, 24):
+            x = torch.randn(rows, 256)
+            want = [p(x) for p in parts]
+            got = merged(x)
+            for g, w in zip(got, want):
+                assert _rel(g, w.double()) < 1e-5
+    ptr = merged.fn.triton_packed.untyped_storage().data_ptr()
+    assert all(p.triton_packed.untyped_storage().data_ptr() == ptr for p in parts)   # views, not copies
+
+
+def test_compute_choice_with_and_without_triton(monkeypatch):
+    assert choose_compute("cuda", (9, 0), triton=True).rows_kernel == "triton"
+    assert choose_compute("cuda", (9, 0), triton=False).rows_kernel is None
+    assert choose_compute("cuda", (9, 0), triton=True, mode="tinygemm").rows_kernel is None
+    only = choose_compute("cuda", (8, 0), triton=True, mode="triton")
+    assert (only.int4_kernel, only.rows_kernel) == ("triton", None)
+    t4 = choose_compute("cuda", (7, 5), triton=True)             # T4: fp16 + dequantize, no Triton dispatch
+    assert (t4.dtype, t4.int4_kernel, t4.rows_kernel) == (torch.float16, "dequant", None)
+    with pytest.raises(ValueError, match="not importable"):
+        choose_compute("cuda", (9, 0), triton=False, mode="triton")
+    monkeypatch.setenv("MODEL_SERVER_INT4_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="must be one of auto, tinygemm, triton") as err:
+        device_compute("cpu")
+    assert "\n" not in str(err.value)
