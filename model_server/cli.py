@@ -18,6 +18,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -76,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="max_new_tokens when a TGI request gives none (default: 20)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds SIGTERM waits for in-flight requests (default: 30)")
+    serve.add_argument("--api-workers", type=_non_negative_int, default=0,
+                       help="HTTP API worker processes in front of one engine process (SO_REUSEPORT on "
+                            "the same port; needs the fast engine); 0 = HTTP and engine in one process "
+                            "(default: 0)")
     serve.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--check-config", action="store_true",
@@ -116,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(out)
         return 0
+    if args.command == "serve" and args.api_workers and args.engine == "transformers":
+        parser.error("--api-workers needs the fast engine (--engine fast or auto), not --engine transformers")
     if args.command == "serve" and args.check_config:
         import json
 

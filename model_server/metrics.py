@@ -1,4 +1,10 @@
-"""Prometheus metrics of the model server (prefix ``model_server_``, one registry per server)."""
+"""Prometheus metrics of the model server (prefix ``model_server_``, one registry per server).
+
+With ``serve --api-workers N`` every API worker records its requests in prometheus_client's
+multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by the engine process) and serves
+:func:`multiprocess_registry`: counters and histograms summed over the live and dead workers, gauges
+by their ``multiprocess_mode`` (in-flight summed over live workers; the others the largest value).
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -63,7 +69,7 @@ class ServerMetrics:
                                      registry=r)
         self.generation_tokens = Counter("model_server_generation_tokens", "Tokens generated", registry=r)
         self.in_flight = Gauge("model_server_in_flight_requests", "Generate requests being handled",
-                               registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self.queue_seconds = Histogram("model_server_queue_seconds", "Time waiting for admission",
                                        buckets=TTFT_BUCKETS, registry=r)
         self.prefill_seconds = Histogram("model_server_prefill_seconds", "Prefill time (to first token)",
@@ -77,12 +83,27 @@ class ServerMetrics:
                                           registry=r)
         self.batch_size = Histogram("model_server_batch_size", "Requests in the engine at admission",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.ready = Gauge("model_server_ready", "1 when the model is loaded and serving", registry=r)
-        self.weight_bytes = Gauge("model_server_weight_bytes", "Bytes of weights as loaded", registry=r)
-        self.load_seconds = Gauge("model_server_load_seconds", "Model load time", registry=r)
+        self.ready = Gauge("model_server_ready", "1 when the model is loaded and serving", registry=r,
+                           multiprocess_mode="livemax")
+        self.weight_bytes = Gauge("model_server_weight_bytes", "Bytes of weights as loaded", registry=r,
+                                  multiprocess_mode="livemax")
+        self.load_seconds = Gauge("model_server_load_seconds", "Model load time", registry=r,
+                                  multiprocess_mode="livemax")
         self.load_energy = Gauge("model_server_load_energy_joules", "GPU energy during the model load",
-                                 registry=r)
+                                 registry=r, multiprocess_mode="livemax")
         for api in ("tgi", "openai"):
             for status in STATUSES:
                 self.requests.labels(api, status)
-        r.register(_EngineCollector(get_engine_stats))
+        self.engine_collector = _EngineCollector(get_engine_stats)
+        r.register(self.engine_collector)
+
+
+def multiprocess_registry(metrics: ServerMetrics) -> CollectorRegistry:
+    """What an API worker's /metrics serves: every worker's series (PROMETHEUS_MULTIPROC_DIR) and the
+    engine's stats as this worker last received them from the engine process."""
+    from prometheus_client import multiprocess
+
+    r = CollectorRegistry()
+    multiprocess.MultiProcessCollector(r)
+    r.register(metrics.engine_collector)
+    return r

@@ -165,6 +165,10 @@ async def drain(runtime: Runtime, timeout_s: float) -> None:
 
 
 async def serve_async(args: argparse.Namespace) -> int:
+    if getattr(args, "api_workers", 0):
+        from model_server.api_workers import serve_with_workers   # HTTP in N worker processes
+
+        return await serve_with_workers(args)
     from model_server.compat import default_served_name
     from model_server.energy_route import register_energy_routes
 

@@ -136,18 +136,25 @@ class FastEngine(Engine):
             self._send(s, [TokenEvent(None, finish_reason="cancelled")])
 
     def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        arrival = request.arrival_ns or time.monotonic_ns()
-        seq = Seq(req=request, loop=loop, queue=queue, arrival_ns=arrival,
-                  max_new=int(request.params.max_new_tokens))
-        error = self.sched.refusal(seq, self._accepting)
-        if error is None:
-            error = self.sched.enqueue(seq)
+        seq, error = self._queue(request, asyncio.get_running_loop(), queue)
         if error is not None:
             queue.put_nowait(TokenEvent(None, finish_reason="error", error=error))
-            seq.done = True
         return self._stream(seq)
+
+    def submit_to(self, request: GenerationRequest, sink, tag) -> str | None:
+        """Queue ``request`` with its own delivery (``model_server.engine_hub``: API worker processes).
+        Once per step, ``sink.call_soon_threadsafe(fn, [(tag, [TokenEvent, ...]), ...])`` is called from
+        the engine thread with every event of that step for requests sharing ``sink``; ``fn`` is not
+        needed. Returns why the request was refused (nothing is delivered then), or None."""
+        return self._queue(request, sink, tag)[1]
+
+    def _queue(self, request: GenerationRequest, loop, queue) -> tuple[Seq, str | None]:
+        seq = Seq(req=request, loop=loop, queue=queue, arrival_ns=request.arrival_ns or time.monotonic_ns(),
+                  max_new=int(request.params.max_new_tokens))
+        error = self.sched.refusal(seq, self._accepting) or self.sched.enqueue(seq)
+        seq.done = error is not None
+        return seq, error
 
     def cancel(self, request_id: str) -> None:
         dropped = self.sched.cancel(request_id)

@@ -1,0 +1,221 @@
+"""``serve --api-workers N``: the engine process's lifecycle when N worker processes serve HTTP.
+
+This process loads the model and runs the engine (``server.load_and_start``, as in one-process mode),
+serves no HTTP itself, and spawns N API worker processes (``python -m model_server.api_worker``) that
+each listen on the same host:port (SO_REUSEPORT: the kernel spreads connections over them) and talk
+to the engine over a private socketpair (:mod:`model_server.engine_hub`). It reserves the port first
+(so ``--port 0`` picks one port for all of them), prints ``listening on`` once every worker listens,
+drains on SIGTERM (workers refuse new requests, live ones finish, the engine stops, workers exit) and
+exits with 1 when every worker has died. Request metrics are aggregated over the workers with
+prometheus_client's multiprocess mode (one private directory per server run).
+It must not handle requests (the workers do) nor load models itself.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from model_server.engine_hub import EngineHub, WorkerConnection
+from model_server.runtime import Limits, Runtime
+
+log = logging.getLogger("model_server")
+
+LISTEN_TIMEOUT_S = 120.0        # a worker that is not listening by then fails the start
+EXIT_TIMEOUT_S = 10.0           # a worker asked to exit is killed after this
+
+
+class _EngineRuntime(Runtime):
+    """The engine process's runtime: every state change is also sent to the workers."""
+
+    hub: EngineHub | None = None
+
+    def set_state(self, state: str) -> None:
+        super().set_state(state)
+        if self.hub is not None:
+            self.hub.broadcast_state()
+
+
+def state_payload(runtime: Runtime) -> dict[str, Any]:
+    """What a worker needs to mirror this process: state, /info, limits, and the model's few facts
+    the HTTP layer reads (vocabulary size, generation defaults)."""
+    lm = runtime.loaded
+    model = None
+    if lm is not None:
+        gen = getattr(lm.model, "generation_config", None)
+        model = {"vocab_size": int(getattr(lm.model.config, "vocab_size", 0) or 0),
+                 "do_sample": bool(getattr(gen, "do_sample", False)),
+                 "temperature": float(getattr(gen, "temperature", 1.0) or 1.0)}
+    return {"state": runtime.state, "error": runtime.error, "info": runtime.info(),
+            "limits": dataclasses.asdict(runtime.limits), "model": model}
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """A bound, not listening SO_REUSEPORT socket: fixes the port the workers will share."""
+    from model_server.server import ServeError
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return s
+
+
+def _spawn(index: int, args: argparse.Namespace, port: int, gpu_uuids: list[str], energy_id: str,
+           metrics_dir: str) -> tuple[subprocess.Popen, socket.socket]:
+    ours, theirs = socket.socketpair()
+    cfg = {"index": index, "fd": theirs.fileno(), "host": args.host, "port": port, "model": args.model,
+           "model_name": args.model_name, "max_batch": args.max_batch,
+           "max_concurrent_requests": args.max_concurrent_requests,
+           "max_new_tokens_default": args.max_new_tokens_default, "log_level": args.log_level,
+           "drain_timeout": args.drain_timeout, "gpu_uuids": gpu_uuids, "energy_instance_id": energy_id,
+           "api_workers": args.api_workers}
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    proc = subprocess.Popen([sys.executable, "-m", "model_server.api_worker", json.dumps(cfg)],
+                            pass_fds=[theirs.fileno()], env=env)
+    theirs.close()
+    return proc, ours
+
+
+async def _wait_exit(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        await asyncio.to_thread(proc.wait, timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("api worker pid %d did not exit in %.0f s; killing it", proc.pid, timeout)
+        proc.kill()
+        await asyncio.to_thread(proc.wait)
+
+
+async def serve_with_workers(args: argparse.Namespace) -> int:
+    from model_server.compat import default_served_name
+    from model_server.server import ServeError, load_and_start, process_start_epoch
+
+    runtime = _EngineRuntime(model_id=args.model, served_name=args.model_name or default_served_name(args.model),
+                             engine_name=args.engine,
+                             limits=Limits(max_batch=args.max_batch,
+                                           max_concurrent_requests=args.max_concurrent_requests,
+                                           max_new_tokens_default=args.max_new_tokens_default))
+    runtime.startup["process_start"] = process_start_epoch()
+    gpu_uuids: list[str] = []
+    if args.device in ("auto", "cuda"):
+        from model_server.gpu import visible_gpu_uuids
+
+        gpu_uuids = await asyncio.to_thread(visible_gpu_uuids)
+    reserve = _reserve_port(args.host, args.port)
+    port = reserve.getsockname()[1]
+    metrics_dir = tempfile.mkdtemp(prefix="model_server_metrics_")
+    hub = EngineHub(lambda: runtime.engine, lambda: state_payload(runtime))
+    runtime.hub = hub
+    energy_id = uuid.uuid4().hex          # one /energy instance id for the whole server
+    procs: list[subprocess.Popen] = []
+    conns: list[WorkerConnection] = []
+    for i in range(args.api_workers):
+        proc, sock = _spawn(i, args, port, gpu_uuids, energy_id, metrics_dir)
+        procs.append(proc)
+        conns.append(await hub.attach(i, sock))
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runtime.stopping.set)
+    load_task = asyncio.create_task(load_and_start(runtime, args))
+    stop_task = asyncio.create_task(runtime.stopping.wait())
+    rc = 0
+    try:
+        await _await_listening(conns, procs)
+        log.info("listening on http://%s:%s (loading %s; %d API worker processes)", args.host, port, args.model,
+                 len(procs))
+        watch = [asyncio.create_task(_watch(c, p, runtime, conns, metrics_dir)) for c, p in zip(conns, procs)]
+        done, _ = await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if load_task in done:
+            exc = load_task.exception()
+            if exc is None and not hasattr(runtime.engine, "submit_to"):
+                exc = ServeError(f"--api-workers needs the fast engine; this server runs the "
+                                 f"{getattr(runtime.engine, 'name', '?')} engine (use --engine fast)")
+                await runtime.engine.stop(drain=False, timeout_s=5.0)
+            if exc is not None:
+                runtime.error = str(exc)
+                runtime.set_state("failed")
+                print(f"model-server serve: error: {exc}", file=sys.stderr, flush=True)
+                rc = 1
+            else:
+                await stop_task
+                rc = 1 if all(c.closed.is_set() for c in conns) else 0
+        else:
+            log.info("stopped while %s; exiting", runtime.state)
+            hub.broadcast(("exit",))
+            await asyncio.gather(*(_wait_exit(p, EXIT_TIMEOUT_S) for p in procs))
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            logging.shutdown()
+            os._exit(0)          # the load runs in a thread that cannot be interrupted
+        if rc == 0:
+            await _drain(runtime, hub, args.drain_timeout)
+        for t in watch:
+            t.cancel()
+    except ServeError as exc:
+        print(f"model-server serve: error: {exc}", file=sys.stderr, flush=True)
+        rc = 1
+    finally:
+        hub.broadcast(("exit",))
+        await asyncio.gather(*(_wait_exit(p, EXIT_TIMEOUT_S) for p in procs))
+        reserve.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return rc
+
+
+async def _await_listening(conns: list[WorkerConnection], procs: list[subprocess.Popen]) -> None:
+    from model_server.server import ServeError
+
+    deadline = time.monotonic() + LISTEN_TIMEOUT_S
+    for c, p in zip(conns, procs):
+        while not c.listening.is_set():
+            if c.closed.is_set() or p.poll() is not None:
+                raise ServeError(f"api worker {c.index} exited before listening (status {p.poll()})")
+            if time.monotonic() > deadline:
+                raise ServeError(f"api worker {c.index} was not listening after {LISTEN_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.05)
+
+
+async def _watch(conn: WorkerConnection, proc: subprocess.Popen, runtime: Runtime, conns: list[WorkerConnection],
+                 metrics_dir: str) -> None:
+    """A worker's connection ended: its requests were cancelled (engine_hub); with none left, stop."""
+    await conn.closed.wait()
+    rc = await asyncio.to_thread(proc.wait)
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(proc.pid, metrics_dir)
+    if runtime.state in ("draining",) or runtime.stopping.is_set():
+        return
+    left = sum(not c.closed.is_set() for c in conns)
+    log.error("api worker %d (pid %d) exited with status %s; %d of %d left", conn.index, proc.pid, rc, left,
+              len(conns))
+    if left == 0:
+        runtime.stopping.set()
+
+
+async def _drain(runtime: Runtime, hub: EngineHub, timeout_s: float) -> None:
+    """Workers refuse new work (state draining); live requests finish (bounded); the engine stops."""
+    runtime.set_state("draining")
+    deadline = time.monotonic() + timeout_s
+    log.info("stopping: draining %d in-flight request(s)", hub.live_requests())
+    while hub.live_requests() > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if runtime.engine is not None:
+        try:
+            await runtime.engine.stop(drain=True, timeout_s=max(0.1, deadline - time.monotonic()))
+        except Exception as exc:
+            log.warning("engine stop failed: %s", exc)
