@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ class LoadedModel:
     eos_token_ids: list[int] = field(default_factory=list)
     synthetic: bool = False
     devices: list[dict[str, Any]] = field(default_factory=list)
+    load_path: str = "from_pretrained"   # "direct" (model_server.fast_load) | "from_pretrained"
+    # wall-clock epochs of load sub-phase ends: cuda_init_end, read_end, build_end (direct path), quantize_end
+    load_marks: dict[str, float] = field(default_factory=dict)
 
     @property
     def device(self):
@@ -187,23 +191,26 @@ def _quantization_kwargs(quantization: str, device_type: str, config: dict[str, 
     raise LoadError(f"unknown quantization {quantization!r}")
 
 
-def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
-    """Load ``model_id`` (local dir or hub id) on ``device`` ("cpu"/"cuda") with ``quantization``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_weights(model_id: str, device: str, kwargs: dict[str, Any], marks: dict[str, float],
+                  reason: str | None, read: Any) -> tuple[Any, str]:
+    """The model, by the direct path (:mod:`model_server.fast_load`; ``read`` is the future of its
+    weights) unless ``reason`` says why not or it finds one, else by ``from_pretrained``; logs which
+    path was used and why. Returns ``(model, path name)``."""
+    from model_server import fast_load
 
-    from model_server.log_setup import adopt_transformers_logging
-    from model_server.weights import count_parameters, measure_weight_bytes
+    if reason is None:
+        try:
+            model = fast_load.load_direct(model_id, device, kwargs["dtype"], marks, read.result())
+            log.info("load path: direct (safetensors onto %s)", device)
+            return model, "direct"
+        except fast_load.DirectLoadUnsupported as exc:
+            reason = str(exc)
+        except Exception as exc:
+            raise LoadError(f"cannot load model from {model_id}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+    log.info("load path: from_pretrained (%s)", reason)
+    from transformers import AutoModelForCausalLM
 
-    adopt_transformers_logging()
-
-    config = _read_local_config(model_id)
-    kwargs = _quantization_kwargs(quantization, device, config)
-    t0 = time.monotonic()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-    except Exception as exc:
-        raise LoadError(f"cannot load tokenizer from {model_id}: {str(exc).splitlines()[0][:300]}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(model_id, device_map=device, **kwargs)
     except LoadError:
@@ -211,6 +218,39 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
     except Exception as exc:
         raise LoadError(f"cannot load model from {model_id}: {type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+    return model, "from_pretrained"
+
+
+def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
+    """Load ``model_id`` (local dir or hub id) on ``device`` ("cpu"/"cuda") with ``quantization``.
+
+    On the direct path the CUDA context and the weights' read start on a worker thread before
+    transformers is imported; the tokenizer loads on another while the model is built."""
+    import torch
+
+    from model_server import fast_load
+
+    config = _read_local_config(model_id)
+    t0 = time.monotonic()
+    marks: dict[str, float] = {}
+    reason = fast_load.unsupported_reason(model_id, quantization, config)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="load") as pool:
+        read = pool.submit(fast_load.read_weights, model_id, device, marks) if reason is None else None
+        from transformers import AutoTokenizer
+
+        from model_server.log_setup import adopt_transformers_logging
+        from model_server.weights import count_parameters, measure_weight_bytes
+
+        adopt_transformers_logging()
+        kwargs = _quantization_kwargs(quantization, device, config)
+        tok_future = pool.submit(AutoTokenizer.from_pretrained, model_id)
+        try:
+            model, load_path = _load_weights(model_id, device, kwargs, marks, reason, read)
+        finally:
+            tok_error = tok_future.exception()
+        if tok_error is not None:
+            raise LoadError(f"cannot load tokenizer from {model_id}: {str(tok_error).splitlines()[0][:300]}")
+        tokenizer = tok_future.result()
     model.eval()
     cfg = model.config
     qcfg = getattr(cfg, "quantization_config", None)
@@ -228,9 +268,12 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
             quantize_model(model, group_size=int(os.environ.get("MODEL_SERVER_INT4_GROUP_SIZE", "128")))
         except ValueError as exc:
             raise LoadError(f"--quantization int4: {exc}") from None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        marks["quantize_end"] = time.time()
     if device == "cuda":
         torch.cuda.synchronize()
-    log.info("loaded %s in %.2f s", model_id, time.monotonic() - t0)
+    log.info("loaded %s in %.2f s (%s)", model_id, time.monotonic() - t0, load_path)
 
     if quantization == "none" and qcfg is not None:
         reported_q = _quant_method_name(qdict.get("quant_method")) or "none"
@@ -258,5 +301,5 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
         parameters=count_parameters(model, config), weight_bytes=measure_weight_bytes(model),
         context_length=ctx, eos_token_ids=eos_ids,
         synthetic=bool((config or {}).get("edge_eval_synthetic", False)),
-        devices=describe_devices(device, indices),
+        devices=describe_devices(device, indices), load_path=load_path, load_marks=marks,
     )
