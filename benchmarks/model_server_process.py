@@ -96,7 +96,7 @@ def maybe_make_gptq(model_dir: Path, out: Path, prompts_text: list[str]) -> tupl
 
 class Server:
     def __init__(self, model_dir: Path, quantization: str, engine: str, device: str, max_batch: int,
-                 max_total: int, log_path: Path) -> None:
+                 max_total: int, log_path: Path, api_workers: int = 0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -104,6 +104,9 @@ class Server:
                "--device", device, "--quantization", quantization, "--engine", engine,
                "--max-batch", str(max_batch), "--max-total-tokens", str(max_total),
                "--max-concurrent-requests", str(max(256, 2 * max_batch))]
+        if api_workers:
+            cmd += ["--api-workers", str(api_workers)]
+        self.api_workers = api_workers
         self.cmd = cmd
         self.log_file = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,

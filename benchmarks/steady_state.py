@@ -12,8 +12,11 @@ Steps (results written to ``--out/steady_state.json`` as they exist):
    ``--concurrency`` (bf16 also at ``--http-concurrency``); decode-graph replay time alone at batch 1 and
    64 (device time per step without the host loop); greedy outputs on ``--agree-prompts`` prompts
    (free-running token match against bf16, and teacher-forced: this model's argmax on bf16's tokens);
-4. HTTP: ``model-server serve --engine fast`` (bf16, started while step 3 loads bf16), cells at
-   ``--http-concurrency`` with client processes (one per 32 streams) counting against the same windows.
+4. HTTP: ``model-server serve --engine fast`` (bf16, started while step 3 loads bf16; one server per
+   ``--api-workers`` value, e.g. ``0,4``: HTTP in the engine's process vs 4 API worker processes), cells at
+   ``--http-concurrency`` with client processes (one per ``--client-streams`` streams, default 32)
+   counting against the same windows; each HTTP cell's ``ratio_to_in_process`` is against the
+   in-process cell at the same concurrency.
 
 CPU smoke: ``python benchmarks/steady_state.py --preset tiny --quants bf16,int4 --concurrency 1,4
 --http-concurrency 4 --window-s 1 --warm-s 1 --new-tokens 16 --out /tmp/ss``
@@ -95,7 +98,7 @@ async def cell_in_process(eng, prompts, c, args, energy) -> dict:
 
 
 def cell_http(url: str, model: str, c: int, args, id_hi: int) -> dict:
-    procs, n = [], max(1, c // 32)
+    procs, n = [], max(1, -(-c // args.client_streams))
     t_start = time.monotonic() + 4.0          # client processes import aiohttp first
     for k in range(n):
         streams = c // n + (1 if k < c % n else 0)
@@ -173,8 +176,8 @@ def run_quant(q, args, model_dir, device, bw, energy, report, save, start_server
              "int4_kernel": getattr(loaded.model, "int4_kernel", None),
              "load_seconds": round(time.monotonic() - t, 2), "cells": [], "http": []}
     report["quants"].append(entry)
-    server = start_server() if start_server else None
-    conc = sorted(set(args.concurrency + (args.http_concurrency if server else [])))
+    servers = start_server() if start_server else []
+    conc = sorted(set(args.concurrency + (args.http_concurrency if servers else [])))
     max_batch = max(conc)
     eng = from_loaded(loaded, max_batch=max_batch, max_total_tokens=args.prompt_len + args.new_tokens + 8)
     rng = random.Random(args.seed)
@@ -193,7 +196,7 @@ def run_quant(q, args, model_dir, device, bw, energy, report, save, start_server
         report["greedy"][q] = toks
         if "bf16" in report["greedy"] and q != "bf16":
             entry["agreement_vs_bf16"] = agreement(loaded.model, agree_prompts, toks, report["greedy"]["bf16"])
-        if server:
+        for server in servers:
             entry["server_info"] = await asyncio.to_thread(server.wait_ready, 300)
         for c in conc:
             cell = await cell_in_process(eng, prompts, c, args, energy)
@@ -212,20 +215,24 @@ def run_quant(q, args, model_dir, device, bw, energy, report, save, start_server
             if length is not None and b <= max_batch:
                 entry[f"graph_step_ms_b{b}"] = await asyncio.to_thread(graph_step_ms, eng, b,
                                                                       args.prompt_len + args.new_tokens, device)
-        if server:
+        in_proc = {cell["concurrency"]: cell["tokens_per_second_median"] for cell in entry["cells"]}
+        for server in servers:
             info = entry["server_info"]
             for c in args.http_concurrency:
                 cell = await asyncio.to_thread(cell_http, server.url, info.get("model_id") or "model", c, args,
                                                min(vocab, 8000))
+                cell["api_workers"] = server.api_workers
+                cell["ratio_to_in_process"] = round(cell["tokens_per_second_median"] / in_proc[c], 4) if in_proc.get(c) else None
                 entry["http"].append(cell)
                 save()
-                log(f"HTTP {q} c={c}: {cell['tokens_per_second_median']} tok/s errors {cell['errors']}")
+                log(f"HTTP {q} api-workers {server.api_workers} c={c}: {cell['tokens_per_second_median']} tok/s "
+                    f"({cell['ratio_to_in_process']} of in-process) errors {cell['errors']}")
         await eng.stop(drain=False, timeout_s=5)
 
     try:
         asyncio.run(main())
     finally:
-        if server:
+        for server in servers:
             server.stop()
     del eng, loaded
     if device == "cuda":
@@ -242,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated; int4:auto|tinygemm|triton picks MODEL_SERVER_INT4_KERNELS for that load")
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--http-concurrency", default="64,256", help="bf16 only, in-process and HTTP ('' = none)")
+    ap.add_argument("--api-workers", default="0", help="comma-separated: one HTTP server per value (serve --api-workers)")
+    ap.add_argument("--client-streams", type=int, default=32, help="HTTP streams per load-generator process")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--window-s", type=float, default=10.0)
@@ -254,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
     args.http_concurrency = [int(x) for x in args.http_concurrency.split(",") if x]
+    args.api_workers = [int(x) for x in args.api_workers.split(",") if x]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         start = None
         if q == "bf16" and args.http_concurrency:
             def start(q=q):
-                return Server(model_dir, q, "fast", device, max(args.http_concurrency), args.prompt_len
-                              + args.new_tokens + 8, out / "server.log")
+                return [Server(model_dir, q, "fast", device, max(args.http_concurrency), args.prompt_len + args.new_tokens
+                               + 8, out / (f"server_w{w}.log" if w else "server.log"), api_workers=w)
+                        for w in args.api_workers]
         try:
             run_quant(q, args, model_dir, device, bw, energy, report, save, start)
         except Exception as exc:  # noqa: BLE001 - record and go on with the next quantization
@@ -294,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"[{c['tokens_per_second_min']}..{c['tokens_per_second_max']}] ITL p50 {c['itl_p50_ms']} "
                   f"rho {c['rho_sys_tokens_per_s_per_gb']} bw {c.get('fraction_of_bandwidth_limit')}")
         for c in e.get("http", []):
-            print(f"HTTP  c={c['concurrency']:3} {c['tokens_per_second_median']:9.1f} tok/s "
-                  f"[{c['tokens_per_second_min']}..{c['tokens_per_second_max']}] err {c['errors']}")
+            print(f"HTTP  c={c['concurrency']:3} api-workers {c.get('api_workers', 0)} {c['tokens_per_second_median']:9.1f} "
+                  f"tok/s [{c['tokens_per_second_min']}..{c['tokens_per_second_max']}] "
+                  f"{c.get('ratio_to_in_process')} of in-process, err {c['errors']}")
         print(e["quant"], "weights", e.get("weight_bytes"), "graph b1/b64 ms", e.get("graph_step_ms_b1"),
               e.get("graph_step_ms_b64"), "agree", e.get("agreement_vs_bf16"), e.get("error", ""))
     return 0

@@ -19,7 +19,8 @@ def test_steady_state_smoke(tmp_path, tiny_model_dir):
     out = tmp_path / "ss"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "steady_state.py"), "--preset", "tiny", "--model-dir", tiny_model_dir,
            "--quants", "bf16,int4", "--concurrency", "2", "--http-concurrency", "2", "--window-s", "0.5", "--warm-s", "0.5",
-           "--new-tokens", "8", "--agree-prompts", "2", "--agree-tokens", "4", "--commit", "abc1234", "--out", str(out)]
+           "--new-tokens", "8", "--agree-prompts", "2", "--agree-tokens", "4", "--commit", "abc1234", "--out", str(out),
+           "--api-workers", "0,1"]
     subprocess.run(cmd, check=True, timeout=600, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     r = json.loads((out / "steady_state.json").read_text())
     assert r["commit"] == "abc1234" and r["card"] == "cpu" and r["date"] and "steady_state.py" in r["command"]
@@ -33,5 +34,6 @@ def test_steady_state_smoke(tmp_path, tiny_model_dir):
             assert c["tokens_per_second_min"] <= c["tokens_per_second_median"] <= c["tokens_per_second_max"]
             assert c["tokens_per_second_median"] > 0
     http = quants["bf16"]["http"]
-    assert len(http) == 1 and http[0]["errors"] == 0 and http[0]["tokens_per_second_median"] > 0
+    assert [c["api_workers"] for c in http] == [0, 1]          # HTTP in the engine's process, then 1 API worker
+    assert all(c["errors"] == 0 and c["tokens_per_second_median"] > 0 and c["ratio_to_in_process"] > 0 for c in http)
     assert 0 <= quants["int4"]["agreement_vs_bf16"]["teacher_forced_match"] <= 1
