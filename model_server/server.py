@@ -83,11 +83,17 @@ def create_engine(name: str, loaded, max_batch: int, max_total_tokens: int) -> E
 
 
 async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
-    """Load the model, start the engine, warm up; sets state as it goes. Raises ServeError."""
+    """Load the model, start the engine, warm up; sets state as it goes. Raises ServeError.
+
+    ``serve`` defaults the fast engine to background warm-up (ready once loaded; fused ops and lazy
+    CUDA graphs from when its compile is done): ``MODEL_SERVER_FAST_BACKGROUND_WARMUP=0`` restores
+    compiling in the warm-up phase. ``/info`` ``startup`` gets the load sub-phase ends
+    (``loading.LoadedModel.load_marks``) and ``fused_ready`` (the engine's switch to its fused path)."""
     from model_server.gpu import energy_delta_joules, energy_millijoules
     from model_server.loading import LoadError, load_model, resolve_device
 
     runtime.set_state("loading")
+    os.environ.setdefault("MODEL_SERVER_FAST_BACKGROUND_WARMUP", "1")
     try:
         device = await asyncio.to_thread(resolve_device, args.device)   # imports torch
     except LoadError as exc:
@@ -105,6 +111,7 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
     except LoadError as exc:
         raise ServeError(str(exc)) from None
     runtime.startup["load_end"] = time.time()
+    runtime.startup.update(loaded.load_marks)
     e1 = await asyncio.to_thread(energy_millijoules, uuids_before)
     used = {d.get("uuid") for d in loaded.devices if d.get("uuid")}
     if e0 and e1 and used and used <= set(e0):
@@ -136,6 +143,8 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
         engine_name = "transformers"
         engine = create_engine(engine_name, loaded, lim.max_batch, lim.max_total_tokens)
     runtime.set_state("warming")
+    if hasattr(engine, "on_warm"):      # called on the engine's thread when it switches to its fused path
+        engine.on_warm = lambda: runtime.startup.__setitem__("fused_ready", time.time())
     try:
         await engine.start()
         warm = getattr(engine, "warmup", None)

@@ -2,7 +2,8 @@
 
 See :mod:`model_server.engines.fast.engine` for the constructor the server calls.
 """
-from .engine import FastEngine, from_loaded
+from .engine import FastEngine
+from .factory import from_loaded
 from .support import SUPPORTED_ARCHITECTURES, UnsupportedModel, check_supported
 
 __all__ = ["FastEngine", "from_loaded", "UnsupportedModel", "SUPPORTED_ARCHITECTURES", "check_supported"]

@@ -1,7 +1,7 @@
 """``FastEngine``: continuous batching over a fixed-slot KV cache, decode via CUDA graphs.
 
-Construction (``model-server serve --engine fast`` calls ``from_loaded(loaded, max_batch, max_total_tokens)``,
-which wraps this)::
+Construction (``model-server serve --engine fast`` calls :mod:`.factory`'s
+``from_loaded(loaded, max_batch, max_total_tokens)``, which wraps this)::
 
     FastEngine(model, eos_token_ids, max_batch=64, max_seq_len=2048, device=None, dtype=None,
                use_cuda_graphs=None, max_prefill_tokens=8192)
@@ -29,6 +29,10 @@ which wraps this)::
 * ``lazy_graphs`` (``MODEL_SERVER_FAST_LAZY_GRAPHS=1`` through ``from_loaded``): ``start()`` captures no
   graph; a bucket's first step runs eagerly and records its graph for later steps (a one-off stall
   of one capture, tens of ms), so a cold start reaches its first token without capturing ~50 graphs.
+* ``background_warmup`` (``MODEL_SERVER_FAST_BACKGROUND_WARMUP=1`` through ``from_loaded``; ``serve``'s
+  default): ``start()`` compiles nothing; requests run eagerly while :mod:`.warmup` compiles the fused
+  ops on a worker thread, then the engine switches to fused ops + lazy graphs between two steps
+  (``wait_warm()``; ``on_warm`` is called on the engine thread at the switch). Implies lazy graphs.
 
 Loop: one background thread owns every device operation. Each turn it applies cancellations,
 admits waiting requests (prefill), launches decode step k+1 and then reads step k's tokens, and
@@ -41,10 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 
@@ -52,6 +55,7 @@ from ..base import Engine, EngineStats, GenerationRequest, RequestTiming, TokenE
 from .runner import ModelRunner
 from .scheduler import Out, Scheduler, Seq
 from .step import InFlight, StepExecutor
+from .warmup import BackgroundWarmup
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ class FastEngine(Engine):
                  length_buckets: list[int] | None = None, fuse: bool | None = None,
                  step_prefill_tokens: int = 2048, prefill_graph_tokens: int | None = None,
                  bucketed_prefill: bool | None = None, lazy_graphs: bool = False,
-                 merge_projections: bool = True) -> None:
+                 merge_projections: bool = True, background_warmup: bool = False) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
@@ -96,7 +100,10 @@ class FastEngine(Engine):
         self.step_prefill_tokens = max(1, int(step_prefill_tokens))
         self.runner = ModelRunner(model, self.max_batch, self.max_seq_len, use_cuda_graphs,
                                   batch_buckets, length_buckets, fuse, prefill_graph_tokens,
-                                  bucketed_prefill, lazy_graphs, merge_projections)
+                                  bucketed_prefill, lazy_graphs and not background_warmup, merge_projections)
+        # background: no compile and no capture before the worker is done (.warmup switches both on)
+        self._warm = BackgroundWarmup(self.runner) if background_warmup else None
+        self.on_warm: Callable[[], None] | None = None
         self.device = self.runner.device
         self.sched = Scheduler(self.runner.cache, self.max_batch, self.max_seq_len, self.max_prefill_tokens,
                                self.step_prefill_tokens, eos)
@@ -180,6 +187,8 @@ class FastEngine(Engine):
                 "fused_ops": float(r.ops.fused),
                 "merged_projections": float(sum(m is not None for m in r.qkv + r.gate_up)),
                 "graph_capture_seconds": r.capture_seconds,
+                "warm": float(self._warm is None or self._warm.applied.is_set()),
+                "background_warmup_seconds": self._warm.seconds if self._warm is not None else 0.0,
                 "kv_cache_bytes": float(r.cache.nbytes),
                 "free_slots": float(r.cache.n_free),
                 "decode_seconds_total": st.decode_seconds,
@@ -196,6 +205,12 @@ class FastEngine(Engine):
 
     def timing(self, request_id: str) -> RequestTiming | None:
         return self.sched.pop_timing(request_id)
+
+    async def wait_warm(self, timeout_s: float | None = None) -> bool:
+        """Wait until the engine runs its fused, graphed path (at once without background warm-up)."""
+        if self._warm is None:
+            return True
+        return await asyncio.get_running_loop().run_in_executor(None, self._warm.applied.wait, timeout_s)
 
     @property
     def graph_error(self) -> str | None:
@@ -239,7 +254,11 @@ class FastEngine(Engine):
     def _run(self) -> None:
         try:
             with torch.inference_mode():
-                self.runner.prepare()
+                if self._warm is None:
+                    self.runner.prepare()
+                else:
+                    self._warm.on_done = self._wake
+                    self._warm.start()
         except BaseException as exc:  # noqa: BLE001
             self._start_error = exc
             self._ready.set()
@@ -249,11 +268,13 @@ class FastEngine(Engine):
         with torch.inference_mode():
             while True:
                 with sched.cv:
-                    while not (sched.has_work() or self._inflight or self._stopping):
+                    while not (sched.has_work() or self._inflight or self._stopping or self._switch_due()):
                         sched.cv.wait(0.5)
                     if self._stopping:
                         break
                     cancels = sched.take_cancels()
+                if self._switch_due() and self._warm.apply() and self.on_warm is not None:
+                    self.on_warm()
                 try:
                     out: Out = {}
                     self._step(cancels, out)
@@ -264,6 +285,13 @@ class FastEngine(Engine):
                     out = {}
                     sched.fail_all(f"{type(exc).__name__}: {exc}", out)
                     self._flush(out)
+
+    def _switch_due(self) -> bool:
+        return self._warm is not None and self._warm.done.is_set() and not self._warm.applied.is_set()
+
+    def _wake(self) -> None:
+        with self.sched.cv:
+            self.sched.cv.notify_all()
 
     def _step(self, cancels: list[str], out: Out) -> None:
         """One turn of the loop: cancellations, admission (prefill), launch decode step k+1, then read
@@ -292,24 +320,3 @@ def _default_dtype(param: torch.Tensor, device: torch.device | str | None) -> to
     from model_server.int4 import device_compute
 
     return device_compute(dev).dtype
-
-
-def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwargs) -> FastEngine:
-    """Build a :class:`FastEngine` from ``model_server.loading.LoadedModel`` (what ``serve`` holds).
-
-    ``max_total_tokens`` (prompt + generated, per sequence) is capped at the model's context length.
-    Raises :class:`UnsupportedModel` for architectures the fast engine cannot drive.
-    """
-    ctx = int(getattr(loaded, "context_length", 0) or 0)
-    max_len = min(int(max_total_tokens), ctx) if ctx > 0 else int(max_total_tokens)
-    # A/B switch for benchmarks: MODEL_SERVER_FAST_PREFILL_GRAPHS=0 restores eager prefill
-    if os.environ.get("MODEL_SERVER_FAST_PREFILL_GRAPHS", "").strip() == "0":
-        kwargs.setdefault("bucketed_prefill", False)
-    # cold start: MODEL_SERVER_FAST_LAZY_GRAPHS=1 captures each graph on its bucket's first use
-    if os.environ.get("MODEL_SERVER_FAST_LAZY_GRAPHS", "").strip() == "1":
-        kwargs.setdefault("lazy_graphs", True)
-    # A/B switch for benchmarks: MODEL_SERVER_FAST_MERGE=0 keeps q/k/v and gate/up as separate GEMMs
-    if os.environ.get("MODEL_SERVER_FAST_MERGE", "").strip() == "0":
-        kwargs.setdefault("merge_projections", False)
-    return FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len,
-                      **kwargs)

@@ -1,0 +1,35 @@
+"""``from_loaded``: the fast engine as ``model-server serve`` builds it, with the environment's switches.
+
+Owns reading the ``MODEL_SERVER_FAST_*`` switches (A/B knobs for benchmarks, cold-start modes) into
+:class:`.engine.FastEngine`'s keyword arguments; explicit keyword arguments win. It must not run the
+engine.
+"""
+from __future__ import annotations
+
+import os
+
+from .engine import FastEngine
+
+
+def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwargs) -> FastEngine:
+    """Build a :class:`FastEngine` from ``model_server.loading.LoadedModel`` (what ``serve`` holds).
+
+    ``max_total_tokens`` (prompt + generated, per sequence) is capped at the model's context length.
+    Raises :class:`UnsupportedModel` for architectures the fast engine cannot drive.
+    """
+    ctx = int(getattr(loaded, "context_length", 0) or 0)
+    max_len = min(int(max_total_tokens), ctx) if ctx > 0 else int(max_total_tokens)
+    # A/B switch for benchmarks: MODEL_SERVER_FAST_PREFILL_GRAPHS=0 restores eager prefill
+    if os.environ.get("MODEL_SERVER_FAST_PREFILL_GRAPHS", "").strip() == "0":
+        kwargs.setdefault("bucketed_prefill", False)
+    # cold start: MODEL_SERVER_FAST_LAZY_GRAPHS=1 captures each graph on its bucket's first use;
+    # MODEL_SERVER_FAST_BACKGROUND_WARMUP=1 serves eagerly while compiling (implies lazy graphs)
+    if os.environ.get("MODEL_SERVER_FAST_LAZY_GRAPHS", "").strip() == "1":
+        kwargs.setdefault("lazy_graphs", True)
+    if os.environ.get("MODEL_SERVER_FAST_BACKGROUND_WARMUP", "").strip() == "1":
+        kwargs.setdefault("background_warmup", True)
+    # A/B switch for benchmarks: MODEL_SERVER_FAST_MERGE=0 keeps q/k/v and gate/up as separate GEMMs
+    if os.environ.get("MODEL_SERVER_FAST_MERGE", "").strip() == "0":
+        kwargs.setdefault("merge_projections", False)
+    return FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len,
+                      **kwargs)

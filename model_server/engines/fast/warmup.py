@@ -1,0 +1,144 @@
+"""Background warm-up: compile the fused ops on a worker thread while the engine serves eagerly.
+
+Cold start used to wait for ``torch.compile`` (dynamo tracing of the fused elementwise ops, even with a
+warm inductor cache) before the first request. With background warm-up the engine is ready as soon as
+the model is loaded: requests run eagerly (unfused ops, no CUDA graphs) while this thread compiles
+the fused ops by running the model's own forward passes on a *shadow* runner (the same model and
+modules, its own two-slot KV cache and inputs, so nothing the engine reads or writes is touched) for
+every shape family the engine meets (batch 1 and more, prompts of 1 and more tokens, decode). When it
+is done the engine thread switches between two steps: fused ops on, lazy CUDA graphs on. From then on
+the engine runs exactly the fused, graphed path it runs without background warm-up.
+
+No graph is captured while this thread runs (capture must not overlap other threads' CUDA work):
+the runner's lazy capture is switched on only at the switch. A compile failure leaves the ops eager
+(as :class:`.fused.Ops` does in the foreground) and still switches graphs on.
+
+Owns the worker thread, the shadow runner and the switch; how a forward runs is :mod:`.runner`'s.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .fused import Ops
+from .kv_cache import StaticKVCache
+
+if TYPE_CHECKING:
+    from .runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+SHADOW_SLOTS = 2          # batch 1 and batch > 1: the two decode / prefill shape families
+SHADOW_LEN = 32
+PROMPT_LENGTHS = (1, 3, 16)
+
+
+def shadow_runner(runner: "ModelRunner", ops: Ops) -> "ModelRunner":
+    """A runner sharing ``runner``'s model, modules and rotary tables, with its own small KV cache,
+    static inputs and no graphs: running it never touches what the engine's runner reads or writes."""
+    s = copy.copy(runner)
+    n = min(SHADOW_SLOTS, runner.max_batch)
+    length = min(SHADOW_LEN, runner.max_len)
+    s.max_batch, s.max_len, s.scratch_slot = n, length, n
+    s.cache = StaticKVCache.allocate(len(runner.layers), n, runner.n_kv, length, runner.head_dim, runner.dtype,
+                                     runner.device, scratch=1)
+    dev = runner.device
+    s.in_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+    s.in_pos = torch.zeros(n, dtype=torch.int64, device=dev)
+    s.rows = torch.arange(n, dtype=torch.int64, device=dev)
+    s.batch_buckets, s.length_buckets = list(range(1, n + 1)), [length]
+    s.use_graphs = s.lazy_graphs = s.bucketed_prefill = False
+    s.graphs, s.prefill_graphs, s.lazy_pools = {}, {}, {}
+    s.prefill_calls = {"bucketed": 0, "eager": 0}
+    s.ops = ops
+    return s
+
+
+def compile_families(shadow: "ModelRunner") -> None:
+    """Run every shape family of the fused ops through ``shadow`` (each first call compiles it)."""
+    for n in range(1, shadow.max_batch + 1):
+        for t in PROMPT_LENGTHS:
+            if t <= shadow.max_len:
+                shadow.prefill(list(range(n)), [[0] * t for _ in range(n)])
+        shadow.in_ids.zero_()
+        shadow.in_pos.zero_()
+        shadow.decode_forward(n, shadow.max_len)
+
+
+class BackgroundWarmup:
+    """Compile on a worker thread; :meth:`apply` (engine thread, between steps) switches the runner."""
+
+    def __init__(self, runner: "ModelRunner", lazy_graphs: bool = True,
+                 make_ops: Callable[..., Ops] = Ops) -> None:
+        self.runner = runner
+        self.fuse = runner.fuse_requested
+        self.lazy_graphs = bool(lazy_graphs)
+        self.make_ops = make_ops
+        self.ops: Ops | None = None
+        self.error: str | None = None
+        self.seconds = 0.0
+        self.done = threading.Event()         # the worker finished (ops ready or failed)
+        self.applied = threading.Event()      # the engine runs the fused path from now on
+        self.on_done: Callable[[], None] | None = None    # the engine's wake-up (the worker calls it)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if not self.fuse:                      # nothing to compile (CPU default): switch at once
+            self.done.set()
+            return
+        self._thread = threading.Thread(target=self._work, name="fast-engine-warmup", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        t0 = time.monotonic()
+        r = self.runner
+        try:
+            with torch.inference_mode():
+                if r.device.type == "cuda":
+                    stream = torch.cuda.Stream(device=r.device)
+                    with torch.cuda.device(r.device), torch.cuda.stream(stream):
+                        self._compile()
+                    torch.cuda.synchronize(r.device)
+                else:
+                    self._compile()
+        except Exception as exc:  # noqa: BLE001 - the engine keeps serving eagerly
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.warning("background warm-up failed, elementwise ops stay eager: %s", self.error)
+            self.ops = None
+        self.seconds = time.monotonic() - t0
+        log.info("background warm-up done in %.2f s (fused ops %s)", self.seconds,
+                 "on" if self.ops is not None and self.ops.fused else "off")
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
+
+    def _compile(self) -> None:
+        r = self.runner
+        ops = self.make_ops(True, r.device, r.dtype)
+        if ops.fused:
+            shadow = shadow_runner(r, ops)
+            compile_families(shadow)
+            del shadow
+        self.ops = ops
+
+    def apply(self) -> bool:
+        """Engine thread only: once the worker is done, switch to the fused ops and lazy graphs (once).
+        Returns whether the switch has happened."""
+        if self.applied.is_set():
+            return True
+        if not self.done.is_set():
+            return False
+        r = self.runner
+        if self._thread is not None:
+            self._thread.join()                 # no CUDA work left on another thread before any capture
+        if self.ops is not None:
+            r.ops = self.ops
+        if r.use_graphs and self.lazy_graphs:
+            r.lazy_graphs = True
+        self.applied.set()
+        return True
