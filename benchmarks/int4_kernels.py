@@ -52,12 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=50, help="timed repeats per cell (>= 1)")
     p.add_argument("--l2-multiple", type=float, default=4.0, help="weight copies per method cover this x L2")
     p.add_argument("--no-sweep", action="store_true", help="skip the Triton config sweep")
+    p.add_argument("--sweep-ms", default=None, help="sweep only at these rows M (comma-separated; default: all)")
+    p.add_argument("--wide-sweep", action="store_true",
+                   help="above 64 rows: BLOCK_M 64/128 x BLOCK_N 64/128 x split K 1/2/4/8 x both scale modes")
+    p.add_argument("--methods", default=",".join(METHODS), help="methods to time (bf16 is always timed)")
     p.add_argument("--no-lm-head", action="store_true")
     p.add_argument("--unmerged", action="store_true", help="the seven separate projections (before merging)")
     args = p.parse_args(argv)
     global LAYER
     LAYER = UNMERGED if args.unmerged else MERGED
     args.ms = [int(v) for v in args.ms.split(",") if v.strip()]
+    args.sweep_ms = set(args.ms if args.sweep_ms is None else [int(v) for v in args.sweep_ms.split(",") if v.strip()])
+    args.methods = ["bf16"] + [m for m in args.methods.split(",") if m in METHODS and m != "bf16"]
     if not args.ms or min(args.ms) < 1 or args.reps < 1:
         p.error("--ms needs positive integers and --reps >= 1")
     return args
@@ -154,10 +160,16 @@ class Shape:
         return out
 
 
-def sweep_configs(m: int, n: int, k: int, group: int) -> list[int4_triton.Config]:
-    """Both operand orders x both scale modes x BLOCK_N 64/128 x split K (heuristic's, 1); BLOCK_M 64/128 past 64."""
+def sweep_configs(m: int, n: int, k: int, group: int, wide: bool = False) -> list[int4_triton.Config]:
+    """Both operand orders x both scale modes x BLOCK_N 64/128 x split K (heuristic's, 1); BLOCK_M 64/128 past 64.
+    ``wide`` past 64 rows: normal order, BLOCK_M 64/128 x BLOCK_N 64/128 x split K 1/2/4/8 x both scale modes."""
     bk = int4_triton.block_k(group)
     base = int4_triton.choose_config(m, n, k, bk, torch.cuda.get_device_properties(0).multi_processor_count)
+    if wide and m > 64:
+        iters = k // bk
+        return [int4_triton.Config(bm, bn, sp, 3, 8 if bm * bn >= 16384 else 4, False, fold)
+                for bm in (64, 128) for bn in (64, 128) for sp in (1, 2, 4, 8) if iters % sp == 0 and iters // sp >= 2
+                for fold in (True, False)]
     out = []
     for bm in ((64, 128) if m > 64 else (base.block_m,)):
         for bn in (64, 128):
@@ -191,7 +203,7 @@ def run(args: argparse.Namespace) -> dict:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             key = f"{n}x{k}/M{m}"
             errors[key] = sh.errors(x)
-            for method in METHODS:
+            for method in args.methods:
                 cell = {"n": n, "k": k, "m": m, "method": method, "eager_us": None, "graph_us": None,
                         "copies": len(sh.copies[method])}
                 if method == "triton":
@@ -203,9 +215,9 @@ def run(args: argparse.Namespace) -> dict:
                     cell["error"] = f"{e!r}"[:300]
                     print(f"{name} M={m} {method}: {cell['error']}", flush=True)
                 cells.append(cell)
-            if not args.no_sweep:
+            if not args.no_sweep and m in args.sweep_ms:
                 timed = []
-                for c in sweep_configs(m, n, k, args.group):
+                for c in sweep_configs(m, n, k, args.group, args.wide_sweep):
                     try:
                         timed.append((time_calls(sh.calls("triton", x, c), max(10, args.reps // 5), False)[1], c))
                     except Exception as e:
@@ -258,11 +270,11 @@ def markdown(res: dict) -> str:
     for c in res["cells"]:
         rows.setdefault((c["n"], c["k"], c["m"]), {})[c["method"]] = c
     for (n, k, m), r in rows.items():
-        cfg = r["triton"].get("config", {})
+        cfg = r.get("triton", {}).get("config", {})
         b = res["triton_sweep_best"].get(f"{n}x{k}/M{m}")
         best = f"{b['graph_us']:.1f} ({cfg_str(b['config'])})" if b else "-"
         f = lambda v: "err" if v is None else f"{v:.1f}"                                   # noqa: E731
-        cols = [f"{f(r[mm]['graph_us'])} ({f(r[mm]['eager_us'])})" for mm in METHODS]
+        cols = [f"{f(r[mm]['graph_us'])} ({f(r[mm]['eager_us'])})" if mm in r else "-" for mm in METHODS]
         lines.append(f"| {n} x {k} | {m} | " + " | ".join(cols) + f" | {best} | {cfg_str(cfg) if cfg else '-'} |")
     methods = METHODS + ("dispatch",) + (("triton-best",) if res["triton_sweep_best"] else ())
     lines += ["", f"Whole model estimate ({N_LAYERS} layers x {len(LAYER)} linears + lm_head), us per step (speedup vs "

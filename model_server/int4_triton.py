@@ -105,19 +105,19 @@ class Config:
 
 
 def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
-    """From a sweep on an H200 (benchmarks/int4_kernels.py): BLOCK_N 64; M <= 64: swap-AB, BLOCK_M 16/32/64
-    and split K (power of two dividing the K-blocks, >= 2 K-blocks per split) while the tiles do not fill the
-    SMs, fold for M <= 16 else dequant; M > 64: normal order, dequant, BLOCK_M 128 when that still fills the SMs."""
+    """From sweeps on an H200 (benchmarks/int4_kernels.py, 2026-12-03 and -04): BLOCK_N 64; split K (a power of
+    two dividing the K-blocks, >= 2 K-blocks per split) while the tiles do not fill the SMs; M <= 64: swap-AB,
+    BLOCK_M 16/32/64, fold for M <= 16 else dequant; M > 64: normal order, dequant, BLOCK_M 128, 4 warps (at 256
+    rows split K took the 2048 x 8192 projection from 81 to 35 us and 2048 x 2048 from 22 to 14 us)."""
     bn = 64
-    if m > 64:
-        bm = 128 if -(-m // 128) * -(-n // bn) >= num_sms else 64
-        return Config(bm, bn, 1, 3, 8 if bm * bn >= 8192 else 4, False, False)
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    tiles = -(-n // bn)
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    tiles = -(-m // bm) * -(-n // bn)
     iters = k // bk
     split = 1
     while tiles * split < num_sms and iters % (2 * split) == 0 and iters // (2 * split) >= 2:
         split *= 2
+    if m > 64:
+        return Config(bm, bn, split, 3, 4, False, False)
     return Config(bm, bn, split, 4 if bm <= 32 else 3, 4, True, m <= 16)
 
 
