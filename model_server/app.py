@@ -34,6 +34,9 @@ def build_app(runtime: Runtime) -> web.Application:
         return web.json_response(runtime.info())
 
     async def metrics(_r: web.Request) -> web.Response:
+        refresh = getattr(runtime.engine, "refresh_stats", None)    # an API worker's engine is remote
+        if refresh is not None:
+            await refresh()
         body = generate_latest(runtime.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

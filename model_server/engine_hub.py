@@ -106,6 +106,10 @@ class WorkerConnection:
                     self._submit(*msg[1:])
                 elif kind == "cancel":
                     self._cancel(msg[1])
+                elif kind == "stats?":
+                    engine = self.hub.engine()
+                    if engine is not None:
+                        self.send(("stats", engine.stats()))
                 elif kind == "listening":
                     self.pid = msg[1]
                     self.listening.set()

@@ -9,6 +9,7 @@ Worker -> engine::
 
     ("submit", handle, request_id, prompt_ids, params_tuple, arrival_ns)   # SamplingParams as a tuple
     ("cancel", handle)
+    ("stats?",)                                                             # answered with "stats"
     ("listening", pid)                                                      # the worker's HTTP site is up
 
 Engine -> worker::
@@ -16,7 +17,7 @@ Engine -> worker::
     ("tokens", [(handle, token_id, logprob, finish_reason, error), ...],    # one engine step, all of
                {handle: RequestTiming tuple}, EngineStats | None)           # this worker's requests
     ("state", {"state", "info", "limits", "model", "gauges"})                # lifecycle + what /info shows
-    ("stats", EngineStats)                                                   # twice a second
+    ("stats", EngineStats)                                                   # twice a second, and on "stats?"
     ("exit",)                                                                # drain and stop
 """
 from __future__ import annotations

@@ -40,6 +40,7 @@ class RemoteEngine(Engine):
         self._stats = EngineStats()
         self.lost = False
         self._task: asyncio.Task | None = None
+        self._stats_waiters: list[asyncio.Future] = []
 
     # ------------------------------------------------------------------ Engine
     async def start(self) -> None:
@@ -73,6 +74,19 @@ class RemoteEngine(Engine):
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    async def refresh_stats(self, timeout_s: float = 2.0) -> None:
+        """Ask the engine process for its stats now (before a /metrics scrape); keeps the last ones if
+        it does not answer in time."""
+        if self.lost:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(fut)
+        ipc.send(self.writer, ("stats?",))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except asyncio.TimeoutError:
+            pass
 
     def timing(self, request_id: str) -> RequestTiming | None:
         return self.timings.pop(request_id, None)
@@ -130,6 +144,10 @@ class RemoteEngine(Engine):
                     self._tokens(msg[1], msg[2], msg[3])
                 elif msg[0] == "stats":
                     self._stats = msg[1]
+                    waiters, self._stats_waiters = self._stats_waiters, []
+                    for fut in waiters:
+                        if not fut.done():
+                            fut.set_result(None)
                 else:
                     self.on_message(msg)
         except Exception:  # noqa: BLE001 - a bug here must still fail the live requests below
