@@ -136,8 +136,10 @@ class Worker:
             return AutoTokenizer.from_pretrained(self.cfg["model"])
         try:
             self.tokenizer = await asyncio.to_thread(load)
-        except Exception as exc:  # noqa: BLE001 - the engine process loads it too and reports the error
-            log.error("api worker %d: cannot load the tokenizer: %s", self.cfg["index"], str(exc).splitlines()[0][:300])
+        except Exception as exc:  # noqa: BLE001 - one line, then exit: the engine process sees us go
+            log.error("api worker %d: cannot load the tokenizer: %s", self.cfg["index"],
+                      (str(exc).splitlines() or [type(exc).__name__])[0][:300])
+            self.request_exit(1)
             return
         self.apply()
 

@@ -63,11 +63,17 @@ def state_payload(runtime: Runtime) -> dict[str, Any]:
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
-    """A bound, not listening SO_REUSEPORT socket: fixes the port the workers will share."""
+    """A bound, not listening SO_REUSEPORT socket: fixes the port the workers will share. A first bind
+    without SO_REUSEPORT refuses a port that any other server listens on, even one sharing it by
+    SO_REUSEPORT (which would silently split the traffic with us)."""
     from model_server.server import ServeError
 
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as aiohttp's own sites do
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind((host, port))

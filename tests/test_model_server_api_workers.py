@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -182,6 +183,13 @@ def test_bad_api_workers_arguments_fail_with_one_line(tiny_model_dir):
     assert r.returncode == 2 and "--api-workers: expected a non-negative integer" in r.stderr
     r = _serve(tiny_model_dir, "--engine", "transformers", "--api-workers", "2")
     assert r.returncode == 2 and "--api-workers needs the fast engine" in r.stderr
+    # a port another server shares through SO_REUSEPORT is refused, not silently split
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        r = _serve(tiny_model_dir, "--engine", "fast", "--port", str(other.getsockname()[1]), "--api-workers", "2")
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
     # auto on a CPU picks the transformers engine: refused once it is known, and the workers exit
     r = _serve(tiny_model_dir, "--device", "cpu", "--port", "0", "--api-workers", "1")
     assert r.returncode == 1 and "--api-workers needs the fast engine" in r.stderr
