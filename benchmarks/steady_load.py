@@ -10,16 +10,21 @@ processes count against the same windows as the parent.
 HTTP client: ``python benchmarks/steady_load.py URL MODEL STREAMS PROMPT_LEN NEW_TOKENS T_START WARM_S
 WINDOW_S REPS SEED ID_HI`` prints one JSON line: tokens per window, ITL samples (seconds between chunks
 of a stream, first window only), errors. Several such processes share the streams of one cell so the
-client is not the bottleneck.
+client is not the bottleneck. :func:`cell_http` (the parent's side) starts them, one per
+``args.client_streams`` streams, and sums their windows.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import random
+import resource
+import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -144,6 +149,45 @@ async def http_streams(url: str, model: str, streams: int, prompt_len: int, new_
         for t in tasks:
             t.cancel()
     return {"errors": errors[:3], "n_errors": len(errors), "chunks": chunks_total, "tokens": tokens_total}
+
+
+# ----------------------------------------------------------------- the parent's side of an HTTP cell
+def summarize(per_window: list[float], window_s: float) -> dict:
+    tps = [t / window_s for t in per_window]
+    return {"tokens_per_second_median": round(statistics.median(tps), 1), "tokens_per_second_min": round(min(tps), 1),
+            "tokens_per_second_max": round(max(tps), 1), "tokens_per_second_windows": [round(x, 1) for x in tps]}
+
+
+def pct_ms(xs: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) of ``xs`` seconds, in ms (the benchmarks' one percentile)."""
+    from support import percentile       # the benchmarks' one percentile (imported by the parent only)
+
+    v = percentile(xs, q / 100)
+    return None if v is None else round(v * 1e3, 4)
+
+
+def cell_http(url: str, model: str, c: int, args, id_hi: int) -> dict:
+    procs, n = [], max(1, -(-c // args.client_streams))
+    t_start = time.monotonic() + 4.0          # client processes import aiohttp first
+    cpu0, wall0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()   # finished children only
+    for k in range(n):
+        streams = c // n + (1 if k < c % n else 0)
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), url, model,
+                                       str(streams), str(args.prompt_len), str(args.new_tokens), str(t_start),
+                                       str(args.warm_s), str(args.window_s), str(args.reps), str(k), str(id_hi)],
+                                      stdout=subprocess.PIPE, text=True))
+    outs = [json.loads(p.communicate(timeout=args.warm_s + args.reps * args.window_s + 90)[0].strip().splitlines()[-1])
+            for p in procs]
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / (n * (time.monotonic() - wall0))
+    tokens = [sum(o["tokens_per_window"][i] for o in outs) for i in range(args.reps)]
+    itl = [x for o in outs for x in o["itl"]]
+    res = summarize(tokens, args.window_s)
+    # mean CPU share of one core per client process over the cell (near 1.0: the load generator limits)
+    res.update(concurrency=c, client_processes=n, client_cpu_per_process=round(busy, 3), itl_p50_ms=pct_ms(itl, 50), itl_p99_ms=pct_ms(itl, 99),
+               errors=sum(o["n_errors"] for o in outs), error_samples=[e for o in outs for e in o["errors"]][:3],
+               tokens_per_chunk=round(sum(o["tokens"] for o in outs) / max(1, sum(o["chunks"] for o in outs)), 3))
+    return res
 
 
 def main(argv: list[str]) -> int:

@@ -15,8 +15,9 @@ Steps (results written to ``--out/steady_state.json`` as they exist):
 4. HTTP: ``model-server serve --engine fast`` (bf16, started while step 3 loads bf16; one server per
    ``--api-workers`` value, e.g. ``0,4``: HTTP in the engine's process vs 4 API worker processes), cells at
    ``--http-concurrency`` with client processes (one per ``--client-streams`` streams, default 32)
-   counting against the same windows; each HTTP cell's ``ratio_to_in_process`` is against the
-   in-process cell at the same concurrency.
+   counting against the same windows (``steady_load.cell_http``); each HTTP cell's ``ratio_to_in_process``
+   is against the in-process cell at the same concurrency, and ``client_cpu_per_process`` is the
+   client processes' mean share of one core over the cell (near 1: the load generator is the limit).
 
 CPU smoke: ``python benchmarks/steady_state.py --preset tiny --quants bf16,int4 --concurrency 1,4
 --http-concurrency 4 --window-s 1 --warm-s 1 --new-tokens 16 --out /tmp/ss``
@@ -29,7 +30,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,22 +43,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from engine_measure import Energy, copy_bandwidth_bytes_per_s, kv_bytes_per_token  # noqa: E402
 from model_server_process import Server, synth_model  # noqa: E402
-from steady_load import Windows, in_process  # noqa: E402
+from steady_load import Windows, cell_http, in_process, pct_ms, summarize  # noqa: E402
 from support import default_commit, log, percentile, utc_date  # noqa: E402
 
 PAPER_RHO_SYS = 6930.0
-
-
-def summarize(per_window: list[float], window_s: float) -> dict:
-    tps = [t / window_s for t in per_window]
-    return {"tokens_per_second_median": round(statistics.median(tps), 1), "tokens_per_second_min": round(min(tps), 1),
-            "tokens_per_second_max": round(max(tps), 1), "tokens_per_second_windows": [round(x, 1) for x in tps]}
-
-
-def pct_ms(xs: list[float], q: float) -> float | None:
-    """The q-th percentile (0-100) of ``xs`` seconds, in ms (the benchmarks' one percentile)."""
-    v = percentile(xs, q / 100)
-    return None if v is None else round(v * 1e3, 4)
 
 
 def int4_kernel_check(device: str) -> dict:
@@ -94,26 +82,6 @@ async def cell_in_process(eng, prompts, c, args, energy) -> dict:
                itl_p99_ms=pct_ms(w.itl, 99))
     if e.get("a") is not None and e.get("b") is not None and sum(w.tokens):
         res["joules_per_token"] = round((e["b"] - e["a"]) / 1e3 / sum(w.tokens), 6)
-    return res
-
-
-def cell_http(url: str, model: str, c: int, args, id_hi: int) -> dict:
-    procs, n = [], max(1, -(-c // args.client_streams))
-    t_start = time.monotonic() + 4.0          # client processes import aiohttp first
-    for k in range(n):
-        streams = c // n + (1 if k < c % n else 0)
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "steady_load.py"), url, model,
-                                       str(streams), str(args.prompt_len), str(args.new_tokens), str(t_start),
-                                       str(args.warm_s), str(args.window_s), str(args.reps), str(k), str(id_hi)],
-                                      stdout=subprocess.PIPE, text=True))
-    outs = [json.loads(p.communicate(timeout=args.warm_s + args.reps * args.window_s + 90)[0].strip().splitlines()[-1])
-            for p in procs]
-    tokens = [sum(o["tokens_per_window"][i] for o in outs) for i in range(args.reps)]
-    itl = [x for o in outs for x in o["itl"]]
-    res = summarize(tokens, args.window_s)
-    res.update(concurrency=c, client_processes=n, itl_p50_ms=pct_ms(itl, 50), itl_p99_ms=pct_ms(itl, 99),
-               errors=sum(o["n_errors"] for o in outs), error_samples=[e for o in outs for e in o["errors"]][:3],
-               tokens_per_chunk=round(sum(o["tokens"] for o in outs) / max(1, sum(o["chunks"] for o in outs)), 3))
     return res
 
 
@@ -307,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         for c in e.get("http", []):
             print(f"HTTP  c={c['concurrency']:3} api-workers {c.get('api_workers', 0)} {c['tokens_per_second_median']:9.1f} "
                   f"tok/s [{c['tokens_per_second_min']}..{c['tokens_per_second_max']}] "
-                  f"{c.get('ratio_to_in_process')} of in-process, err {c['errors']}")
+                  f"{c.get('ratio_to_in_process')} of in-process, err {c['errors']}, "
+                  f"client cpu {c.get('client_cpu_per_process')} x {c['client_processes']}")
         print(e["quant"], "weights", e.get("weight_bytes"), "graph b1/b64 ms", e.get("graph_step_ms_b1"),
               e.get("graph_step_ms_b64"), "agree", e.get("agreement_vs_bf16"), e.get("error", ""))
     return 0

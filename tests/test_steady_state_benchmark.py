@@ -36,4 +36,5 @@ def test_steady_state_smoke(tmp_path, tiny_model_dir):
     http = quants["bf16"]["http"]
     assert [c["api_workers"] for c in http] == [0, 1]          # HTTP in the engine's process, then 1 API worker
     assert all(c["errors"] == 0 and c["tokens_per_second_median"] > 0 and c["ratio_to_in_process"] > 0 for c in http)
+    assert all(0 < c["client_cpu_per_process"] for c in http)
     assert 0 <= quants["int4"]["agreement_vs_bf16"]["teacher_forced_match"] <= 1
