@@ -84,8 +84,9 @@ case "${1:-}" in
     done; unset MODEL_SERVER_SWITCH_INTERVAL_S ;;
   httpw)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    timeout 340 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/httpw" \
+    timeout 360 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/httpw" \
       --quants bf16 --concurrency 64 --http-concurrency 64,256 --api-workers "${WORKERS:-0,4}" --agree-prompts 0 \
+      --window-s 8 \
       > "$out/httpw.log" 2>&1; echo "steady_state rc $?"; stop_servers; tail -8 "$out/httpw.log" ;;
   grid)
     g=${GRID_DIR:-out/grid}
