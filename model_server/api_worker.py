@@ -105,6 +105,16 @@ class Worker:
             state = "draining"
         if state != rt.state:
             rt.set_state(state)
+            if state == "draining" and self.exit_code is None:
+                asyncio.get_running_loop().create_task(self._report_drained())
+
+    async def _report_drained(self) -> None:
+        """Tell the engine process once this worker has no request left (it stops the engine after)."""
+        while self.runtime.in_flight > 0:
+            await asyncio.sleep(0.02)
+        engine = self.runtime.engine
+        if isinstance(engine, RemoteEngine) and not engine.lost:
+            ipc.send(engine.writer, ("drained",))
 
     def on_message(self, msg: tuple[Any, ...]) -> None:
         if msg[0] == "state":

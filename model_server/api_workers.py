@@ -218,7 +218,7 @@ async def _drain(runtime: Runtime, hub: EngineHub, timeout_s: float) -> None:
     runtime.set_state("draining")
     deadline = time.monotonic() + timeout_s
     log.info("stopping: draining %d in-flight request(s)", hub.live_requests())
-    while hub.live_requests() > 0 and time.monotonic() < deadline:
+    while not hub.drained() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     if runtime.engine is not None:
         try:

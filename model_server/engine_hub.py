@@ -52,6 +52,7 @@ class WorkerConnection:
         self.sink = _Sink(self)
         self.live: dict[int, str] = {}          # handle -> engine request id
         self.listening = asyncio.Event()
+        self.drained = asyncio.Event()          # in draining state with no request of its own left
         self.closed = asyncio.Event()
         self.pid: int | None = None
 
@@ -110,6 +111,8 @@ class WorkerConnection:
                     engine = self.hub.engine()
                     if engine is not None:
                         self.send(("stats", engine.stats()))
+                elif kind == "drained":
+                    self.drained.set()
                 elif kind == "listening":
                     self.pid = msg[1]
                     self.listening.set()
@@ -165,3 +168,7 @@ class EngineHub:
 
     def live_requests(self) -> int:
         return sum(len(c.live) for c in self.conns)
+
+    def drained(self) -> bool:
+        """Every worker still connected has finished its requests (including ones not yet submitted)."""
+        return all(c.drained.is_set() or c.closed.is_set() for c in self.conns) and self.live_requests() == 0

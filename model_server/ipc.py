@@ -11,6 +11,7 @@ Worker -> engine::
     ("cancel", handle)
     ("stats?",)                                                             # answered with "stats"
     ("listening", pid)                                                      # the worker's HTTP site is up
+    ("drained",)                                                            # draining, none of its requests left
 
 Engine -> worker::
 

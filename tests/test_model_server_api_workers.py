@@ -173,6 +173,31 @@ def test_a_worker_dying_cancels_its_requests_and_the_engine_dying_ends_the_worke
         assert wait_until(lambda: not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE, 30)
 
 
+def test_sigterm_drains_live_streams_through_the_workers(tiny_model_dir):
+    with start_model_server(tiny_model_dir, "--engine", "fast", "--api-workers", "2") as srv:
+        url = srv.url
+
+        async def stream_through_sigterm() -> tuple[list[bytes], int]:
+            async with aiohttp.ClientSession() as s:
+                resp = await s.post(url + "/generate_stream", json={
+                    "inputs": "x", "parameters": {"max_new_tokens": 64, "ignore_eos": True}})
+                lines = [await resp.content.readline()]
+                srv.proc.send_signal(signal.SIGTERM)
+                lines += [ln for ln in (await resp.read()).split(b"\n") if ln.startswith(b"data:")]
+                refused = 0
+                try:        # a new request during the drain is refused (503) or finds nobody listening
+                    async with s.post(url + "/generate", json={"inputs": "y"}) as r:
+                        refused = r.status
+                except aiohttp.ClientError:
+                    refused = -1
+                return lines, refused
+
+        lines, refused = asyncio.run(stream_through_sigterm())
+        assert len(lines) == 64 and b'"finish_reason":"length"' in lines[-1]      # finished, not cut
+        assert refused in (503, -1)
+        assert srv.proc.wait(timeout=60) == 0
+
+
 def _serve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "model_server", "serve", *args], capture_output=True, text=True,
                           timeout=120)
