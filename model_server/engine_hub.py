@@ -75,8 +75,7 @@ class WorkerConnection:
             t = engine.timing(tag.rid) if engine is not None else None
             if t is not None:
                 timings[tag.handle] = dataclasses.astuple(t)
-        stats = engine.stats() if finals and engine is not None else None
-        self.send(("tokens", rows, timings, stats))
+        self.send(("tokens", rows, timings))
 
     def _submit(self, handle: int, rid: str, prompt_ids: list[int], params: tuple, arrival_ns: int) -> None:
         engine = self.hub.engine()
@@ -88,7 +87,7 @@ class WorkerConnection:
                                      self.sink, _Tag(handle, erid))
         if error is not None:
             self.live.pop(handle, None)
-            self.send(("tokens", [(handle, None, None, "error", error)], {}, None))
+            self.send(("tokens", [(handle, None, None, "error", error)], {}))
 
     def _cancel(self, handle: int) -> None:
         erid = self.live.get(handle)

@@ -16,7 +16,7 @@ Worker -> engine::
 Engine -> worker::
 
     ("tokens", [(handle, token_id, logprob, finish_reason, error), ...],    # one engine step, all of
-               {handle: RequestTiming tuple}, EngineStats | None)           # this worker's requests
+               {handle: RequestTiming tuple})                               # this worker's requests
     ("state", {"state", "info", "limits", "model", "gauges"})                # lifecycle + what /info shows
     ("stats", EngineStats)                                                   # twice a second, and on "stats?"
     ("exit",)                                                                # drain and stop

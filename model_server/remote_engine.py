@@ -116,7 +116,7 @@ class RemoteEngine(Engine):
         if rid is not None:
             self.handles.pop(rid, None)
 
-    def _tokens(self, rows: list[tuple], timings: dict[int, tuple], stats: EngineStats | None) -> None:
+    def _tokens(self, rows: list[tuple], timings: dict[int, tuple]) -> None:
         queues = self.queues
         for h, tok, lp, fin, err in rows:
             q = queues.get(h)
@@ -131,8 +131,6 @@ class RemoteEngine(Engine):
                     if len(self.timings) > 10000:
                         self.timings.pop(next(iter(self.timings)))
                 self._end(h)
-        if stats is not None:
-            self._stats = stats
 
     async def _read(self) -> None:
         try:
@@ -141,7 +139,7 @@ class RemoteEngine(Engine):
                 if msg is None:
                     break
                 if msg[0] == "tokens":
-                    self._tokens(msg[1], msg[2], msg[3])
+                    self._tokens(msg[1], msg[2])
                 elif msg[0] == "stats":
                     self._stats = msg[1]
                     waiters, self._stats_waiters = self._stats_waiters, []
