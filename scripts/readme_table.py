@@ -138,6 +138,23 @@ def _steady_rho(docs: list[Any]) -> str:
     return " / ".join(out) + " tokens/s/GB (paper, T4 + vLLM: 6,930)"
 
 
+def _int4_vs_bf16(docs: list[Any]) -> str:
+    """INT4 tokens/s over bf16's at each concurrency of one steady-state run."""
+    by = {q["quant"]: {c["concurrency"]: c["tokens_per_second_median"] for c in q["cells"]} for q in docs[0]["quants"]}
+    parts = [f"c={c}: {by['int4'][c] / by['bf16'][c]:.2f}x" for c in sorted(by["bf16"]) if c in by["int4"]]
+    return "int4 / bf16 tokens/s " + ", ".join(parts) + " (median of 3 x 10 s windows each)"
+
+
+def _rho_max(docs: list[Any]) -> str:
+    """The highest ρ_sys cell of each format in one steady-state run, with its weight bytes."""
+    out = []
+    for q in docs[0]["quants"]:
+        cell = max(q["cells"], key=lambda c: c["rho_sys_tokens_per_s_per_gb"])
+        out.append(f"{q['quant']} {cell['rho_sys_tokens_per_s_per_gb']:,.0f} at c={cell['concurrency']} "
+                   f"({q['weight_bytes'] / 1e9:.2f} GB)")
+    return " / ".join(out) + " tokens/s/GB (paper, T4 + vLLM: 6,930)"
+
+
 def _decode_itl(docs: list[Any]) -> str:
     """ITL at concurrency 1 with merged projections off -> on, per format (one run)."""
     rows = docs[0]["rows"]
@@ -231,6 +248,10 @@ ROWS = [
         ["2026-12-04-h200/decode_merge/ss/steady_state.json"], _steady_rho, "bfe1284"),
     Row("fast engine ITL at concurrency 1", ["2026-12-04-h200/decode_merge/dp/decode_profile.json"],
         _decode_itl, "bfe1284", card="NVIDIA H200", date="2026-12-04"),
+    Row("INT4 vs bf16 in-process, tinygemm up to 8 rows and Triton above (steady state)",
+        ["2026-12-04-h200/int4_steady_split/ss/steady_state.json"], _int4_vs_bf16, "757df56"),
+    Row("ρ_sys, INT4 with the Triton kernel only (one 4-bit layout), measured weight bytes",
+        ["2026-12-04-h200/int4_steady_split/ss_triton/steady_state.json"], _rho_max, "757df56"),
     Row("cold start bf16, spawn to first token", ["2026-12-03-h200/cold_start_phases.json"],
         _cold_phases, "179ad50"),
     Row("energy conservation, 60 s mixed load: attributed + idle vs the NVML counter", EV_H200_FINAL,
