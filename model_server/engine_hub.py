@@ -5,8 +5,8 @@ Owns what crosses to the workers: it queues each worker's submits on the engine
 worker's requests as ONE ``tokens`` message (the engine calls the worker's sink once per step from
 its thread; the sink hands the batch to this process's event loop, which encodes and writes it).
 No per-token work per stream happens here: detokenization, SSE and JSON run in the workers.
-It also sends the lifecycle state (and what /info and /metrics show) to every worker, and stats
-twice a second. A worker whose connection ends has its live requests cancelled.
+It also sends the lifecycle state (and what /info and /metrics show) to every worker on each change
+(checked twice a second for /info changes without a state change), and stats twice a second. A worker whose connection ends has its live requests cancelled.
 It must not spawn or supervise processes (:mod:`model_server.api_workers` does) nor serve HTTP.
 """
 from __future__ import annotations
@@ -136,6 +136,7 @@ class EngineHub:
         self.state = state             # the "state" message's payload, built on demand
         self.conns: list[WorkerConnection] = []
         self._stats_task: asyncio.Task | None = None
+        self._last_state: dict[str, Any] | None = None
 
     async def attach(self, index: int, sock) -> WorkerConnection:
         reader, writer = await ipc.open_socket(sock)
@@ -148,7 +149,7 @@ class EngineHub:
         return conn
 
     def broadcast_state(self) -> None:
-        payload = self.state()
+        payload = self._last_state = self.state()
         for c in self.conns:
             if not c.closed.is_set():
                 c.send(("state", payload))
@@ -164,6 +165,8 @@ class EngineHub:
             engine = self.engine()
             if engine is not None:
                 self.broadcast(("stats", engine.stats()))
+            if self.state() != self._last_state:     # /info changed without a state change (fused_ready)
+                self.broadcast_state()
 
     def live_requests(self) -> int:
         return sum(len(c.live) for c in self.conns)
