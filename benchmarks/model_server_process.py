@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -113,13 +114,19 @@ class Server:
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def wait_ready(self, timeout: float) -> dict[str, Any]:
-        """Wait for /health, then return /info; RuntimeError (with the log's tail) when it exits first."""
+        """Wait for /health and the engine warm (/info `engine_warm`), then return /info; RuntimeError (with the
+        log's tail) when it exits first."""
         try:
             wait_http_ok(self.url + "/health", timeout, proc=self.proc, name="server", interval=0.25)
         except NotReady as exc:
             raise RuntimeError(f"{exc}: {self.log_path.read_text(errors='replace')[-1500:]}") from None
-        with urllib.request.urlopen(self.url + "/info", timeout=5) as i:   # noqa: S310 - 127.0.0.1 only
-            return json.load(i)
+        deadline = time.monotonic() + timeout
+        while True:      # and for the engine's fused path (serve warms up in the background after /health)
+            with urllib.request.urlopen(self.url + "/info", timeout=5) as i:   # noqa: S310 - 127.0.0.1 only
+                info = json.load(i)
+            if info.get("engine_warm") is not False or time.monotonic() > deadline:
+                return info
+            time.sleep(0.25)
 
     def stop(self) -> None:
         stop_process(self.proc, timeout=60)

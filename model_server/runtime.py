@@ -108,6 +108,8 @@ class Runtime:
             "synthetic": lm.synthetic if lm else None,
             "context_length": lm.context_length if lm else None,
             "startup": dict(self.startup),
+            # False while the fast engine's background warm-up runs (requests are served eagerly until then)
+            "engine_warm": (bool(self.engine.stats().extra.get("warm", 1.0)) if self.engine is not None else None),
             "load_energy_joules": self.load_energy_joules,
             "switch_interval_seconds": sys.getswitchinterval(),   # configured (MODEL_SERVER_SWITCH_INTERVAL_S)
         }

@@ -167,8 +167,9 @@ def test_info_health_metrics(model_server, tiny_model_dir):
     for key in ("model_id", "model_dtype", "model_device_type", "max_concurrent_requests", "max_input_tokens",
                 "max_total_tokens", "version", "state", "ready", "architecture", "parameters",
                 "weight_bytes", "quantization", "dtype", "engine", "devices", "synthetic", "startup",
-                "load_energy_joules"):
+                "load_energy_joules", "engine_warm"):
         assert key in info, key
+    assert info["engine_warm"] is True                  # nothing warms up in the background here
     assert info["switch_interval_seconds"] == pytest.approx(0.0005)     # serve's default, not Python's 0.005
     from safetensors import safe_open
 
