@@ -155,6 +155,17 @@ def _rho_max(docs: list[Any]) -> str:
     return " / ".join(out) + " tokens/s/GB (paper, T4 + vLLM: 6,930)"
 
 
+def _http_ratio(docs: list[Any]) -> str:
+    """HTTP tokens/s over in-process at each concurrency, per --api-workers value (one run)."""
+    cells = docs[0]["quants"][0]["http"]
+    out = []
+    for w in sorted({c["api_workers"] for c in cells}):
+        parts = [f"{c['ratio_to_in_process'] * 100:.1f} % at {c['concurrency']}"
+                 for c in sorted(cells, key=lambda c: c["concurrency"]) if c["api_workers"] == w]
+        out.append(f"{w} workers: " + ", ".join(parts))
+    return "HTTP / in-process tokens/s, " + "; ".join(out)
+
+
 def _decode_itl(docs: list[Any]) -> str:
     """ITL at concurrency 1 with merged projections off -> on, per format (one run)."""
     rows = docs[0]["rows"]
@@ -252,6 +263,8 @@ ROWS = [
         ["2026-12-04-h200/int4_steady_split/ss/steady_state.json"], _int4_vs_bf16, "757df56"),
     Row("ρ_sys, INT4 with the Triton kernel only (one 4-bit layout), measured weight bytes",
         ["2026-12-04-h200/int4_steady_split/ss_triton/steady_state.json"], _rho_max, "757df56"),
+    Row("model server over HTTP vs the engine in-process, `serve --api-workers N`",
+        ["2026-12-04-h200/httpw/httpw/steady_state.json"], _http_ratio, "fdb0e91"),
     Row("cold start bf16, spawn to first token", ["2026-12-03-h200/cold_start_phases.json"],
         _cold_phases, "179ad50"),
     Row("energy conservation, 60 s mixed load: attributed + idle vs the NVML counter", EV_H200_FINAL,
