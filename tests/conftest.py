@@ -22,6 +22,12 @@ import pytest
 
 from tests.net_support import free_port, stop_process, wait_http_ok
 
+# Triton runs kernels on the CPU only when its interpreter is chosen before Triton is first imported (torch
+# imports it when it compiles, and the kernels of triton.language are built then). Machines without an
+# NVIDIA GPU (CI) run the INT4 Triton kernel's tests (tests/test_int4_triton.py) in it.
+if subprocess.run(["sh", "-c", "command -v nvidia-smi && nvidia-smi -L"], capture_output=True).returncode != 0:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @dataclass
 class ModelServerProcess:
