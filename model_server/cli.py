@@ -107,6 +107,8 @@ def _persistent_compile_cache() -> None:
 
     default = os.environ.get("MODEL_SERVER_COMPILE_CACHE") or str(Path.home() / ".cache" / "edge-eval" / "torchinductor")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default)
+    # Triton's own cache (the INT4 kernel's compiles, model_server/int4_triton.py) in the same folder
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "triton"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
