@@ -1,18 +1,24 @@
-"""Cold start, spawn to first token, before and after the cold-start changes, side by side in one run.
+"""Cold start, spawn to first token, before and after the cold-start changes, bf16 and int4, side by side in one run.
 
 Each variant spawns ``model-server serve MODEL --engine fast`` with its own environment, polls
 ``/health`` every 20 ms, sends one streaming completion the moment it is ready, and reads the phases
-from ``/info``'s ``startup`` (process start, load start/end, warm-up end, ready; wall-clock epochs):
+from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm-up end, ready,
+``fused_ready``; wall-clock epochs). Then it waits for the fused path (``fused_ready``), sends a
+64-token request (captures its lazy graphs) and times a second one (the steady state).
 
-* ``before``: empty compile caches (a fresh machine or container), every CUDA graph captured at start;
-* ``after-first-boot``: empty caches, graphs captured lazily (``MODEL_SERVER_FAST_LAZY_GRAPHS=1``);
-  this start fills the persistent cache folder;
-* ``after``: that cache folder (as shipped in an image or kept on a volume), lazy graphs;
-* ``warm-cache-eager-graphs``: that cache, every graph at start (separates the two changes);
-* ``after-int4``: the same as ``after`` with ``--quantization int4``.
+* ``fill-cache`` / ``fill-cache-int4``: the old path (below) on an empty persistent compile cache,
+  which they fill (a fresh machine has none; an image or volume would carry it);
+* ``before`` / ``before-int4``: today's path before issue 17's load and warm-up changes, with that
+  cache: ``from_pretrained`` (``MODEL_SERVER_DIRECT_LOAD=0``), compile in the warm-up phase
+  (``MODEL_SERVER_FAST_BACKGROUND_WARMUP=0``), lazy graphs;
+* ``after`` / ``after-int4``: the defaults: direct safetensors load, background warm-up (first
+  requests eager, then fused + lazy graphs), same cache;
+* ``after-empty-cache``: the defaults on an empty compile cache (first token does not wait for it);
+* ``legacy-eager-graphs``: the old path with every graph captured at start (the 2026-12-03 "before").
 
-The first request's greedy tokens are compared across bf16 variants (lazy capture must not change
-them). Writes ``cold_start_phases.json`` under ``--out``.
+The first request's greedy tokens are compared across bf16 variants and across int4 variants
+(serving eagerly first must not change them), and so are the steady requests'. Writes
+``cold_start_phases.json`` and ``cold_start_phases.md`` under ``--out``.
 GPU: ``python benchmarks/cold_start_phases.py --out OUT``; CPU smoke: ``--preset tiny --device cpu``.
 """
 from __future__ import annotations
@@ -49,6 +55,23 @@ def first_token(url: str, model: str, prompt: list[int], n: int) -> tuple[float,
     return t_first or time.time(), time.time(), texts
 
 
+def wait_fused(url: str, timeout_s: float) -> dict:
+    """``/info`` once the engine runs its fused path (``startup.fused_ready``) or ``timeout_s`` passed."""
+    deadline = time.time() + timeout_s
+    while True:
+        with urllib.request.urlopen(url + "/info", timeout=10) as r:
+            info = json.load(r)
+        if info.get("engine_warm") is not False or time.time() > deadline:   # True at once without background
+            return info
+        time.sleep(0.1)
+
+
+PHASES = [("imports_s", "process_start", "load_start"), ("cuda_init_s", "load_start", "cuda_init_end"),
+          ("read_s", "load_start", "read_end"), ("build_s", "load_start", "build_end"),
+          ("quantize_s", "build_end", "quantize_end"), ("load_s", "load_start", "load_end"),
+          ("warmup_s", "load_end", "warmup_end")]
+
+
 def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, out: Path) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -62,28 +85,45 @@ def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, ou
         wait_http_ok(url + "/health", 240, proc=proc, name="server", interval=0.02)
         t_health = time.time()
         t_first, t_done, texts = first_token(url, str(model_dir), list(range(300, 364)), 16)
+        info = wait_fused(url, 240)
+        t_fused = time.time()
+        first_token(url, str(model_dir), list(range(400, 464)), 64)        # later buckets; lazy captures
         t2 = time.time()
-        first_token(url, str(model_dir), list(range(400, 464)), 64)        # a second request: later buckets
-        with urllib.request.urlopen(url + "/info", timeout=10) as r:
-            info = json.load(r)
+        _, _, steady = first_token(url, str(model_dir), list(range(400, 464)), 64)
         st = info.get("startup") or {}
+        fused = st.get("fused_ready") or st.get("warmup_end")
         res.update(spawn_to_first_token_s=round(t_first - t_spawn, 3), spawn_to_ready_s=round(t_health - t_spawn, 3),
                    first_request_s=round(t_done - t_health, 3), second_request_s=round(time.time() - t2, 3),
-                   tokens=texts)
-        ph = [("spawn_to_process_start_s", t_spawn, st.get("process_start")),
-              ("imports_s", st.get("process_start"), st.get("load_start")),
-              ("load_s", st.get("load_start"), st.get("load_end")),
-              ("warmup_s", st.get("load_end"), st.get("warmup_end")),
-              ("ready_to_first_token_s", t_health, t_first)]
+                   spawn_to_fused_s=round(fused - t_spawn, 3) if fused else None,
+                   waited_for_fused_s=round(t_fused - t_done, 3), tokens=texts, steady_tokens=steady)
+        ph = [("spawn_to_process_start_s", t_spawn, st.get("process_start"))]
+        ph += [(k, st.get(a), st.get(b)) for k, a, b in PHASES]
+        ph += [("ready_to_first_token_s", t_health, t_first)]
         res["phases"] = {k: round(b - a, 3) for k, a, b in ph if a is not None and b is not None}
         res["weight_bytes"] = info.get("weight_bytes")
+        res["load_path"] = next((ln.split("load path: ")[1].split(" (")[0] for ln in
+                                 (out / f"cold_{name}.log").read_text().splitlines() if "load path: " in ln), None)
     except Exception as exc:  # noqa: BLE001 - recorded
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         stop_process(proc, timeout=30)
         logf.close()
-    print(json.dumps({k: v for k, v in res.items() if k != "tokens"}), flush=True)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("tokens", "steady_tokens")}), flush=True)
     return res
+
+
+def table(report: dict) -> str:
+    cols = ["imports_s", "cuda_init_s", "read_s", "load_s", "quantize_s", "warmup_s", "ready_to_first_token_s"]
+    lines = ["| variant | quant | load path | " + " | ".join(c[:-2] for c in cols)
+             + " | **spawn -> first token s** | spawn -> fused s | steady 64-token request s |",
+             "|---" * (len(cols) + 6) + "|"]
+    for r in report["runs"]:
+        ph = r.get("phases") or {}
+        lines.append(f"| {r['variant']} | {r['quantization']} | {r.get('load_path')} | "
+                     + " | ".join(str(ph.get(c, "")) for c in cols)
+                     + f" | **{r.get('spawn_to_first_token_s', r.get('error', ''))}** | {r.get('spawn_to_fused_s')} | "
+                     f"{r.get('second_request_s')} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="llama-3.2-1b")
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--variants", default="before,after-first-boot,after,warm-cache-eager-graphs,after-int4")
+    ap.add_argument("--variants", default="fill-cache,fill-cache-int4,before,after,before-int4,after-int4,"
+                                           "after-empty-cache")
     ap.add_argument("--commit", default=default_commit())
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -109,27 +150,29 @@ def main(argv: list[str] | None = None) -> int:
         d = tempfile.mkdtemp(prefix="empty_cache_", dir=work)
         return {"TORCHINDUCTOR_CACHE_DIR": d, "TRITON_CACHE_DIR": d + "/triton"}
     warm = {"TORCHINDUCTOR_CACHE_DIR": persistent, "TRITON_CACHE_DIR": persistent + "/triton"}
-    plan = {"before": ("bf16", {**fresh(), "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"}),
-            "after-first-boot": ("bf16", {**warm, "MODEL_SERVER_FAST_LAZY_GRAPHS": "1"}),
-            "after": ("bf16", {**warm, "MODEL_SERVER_FAST_LAZY_GRAPHS": "1"}),
-            "warm-cache-eager-graphs": ("bf16", {**warm, "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"}),
-            "after-int4": ("int4", {**warm, "MODEL_SERVER_FAST_LAZY_GRAPHS": "1"})}
+    old = {"MODEL_SERVER_DIRECT_LOAD": "0", "MODEL_SERVER_FAST_BACKGROUND_WARMUP": "0",
+           "MODEL_SERVER_FAST_LAZY_GRAPHS": "1"}
+    new = {"MODEL_SERVER_DIRECT_LOAD": "1", "MODEL_SERVER_FAST_BACKGROUND_WARMUP": "1"}
+    plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
+            "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
+            "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),
+            "after-empty-cache": ("bf16", {**fresh(), **new}),
+            "legacy-eager-graphs": ("bf16", {**warm, **old, "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"})}
     report = {"card": card, "date": utc_date("%Y-%m-%d"), "commit": args.commit,
               "command": "python benchmarks/cold_start_phases.py " + " ".join(sys.argv[1:]), "preset": args.preset,
               "runs": []}
     for name in args.variants.split(","):
         quant, env = plan[name]
-        if name == "after-first-boot" and Path(persistent).exists():
-            raise SystemExit("persistent cache folder is not empty")
         report["runs"].append(one_start(name, model_dir, args.device, quant, env, out))
         (out / "cold_start_phases.json").write_text(json.dumps(report, indent=1))
-    bf = [r for r in report["runs"] if r["quantization"] == "bf16" and "tokens" in r]
-    report["first_request_tokens_identical_across_bf16_variants"] = len({json.dumps(r["tokens"]) for r in bf}) == 1
+    for q in ("bf16", "int4"):
+        ok = [r for r in report["runs"] if r["quantization"] == q and "tokens" in r]
+        report[f"first_request_tokens_identical_{q}"] = len({json.dumps(r["tokens"]) for r in ok}) <= 1
+        report[f"steady_request_tokens_identical_{q}"] = len({json.dumps(r["steady_tokens"]) for r in ok}) <= 1
     (out / "cold_start_phases.json").write_text(json.dumps(report, indent=1))
-    for r in report["runs"]:
-        print(f"{r['variant']:26} spawn->first token {r.get('spawn_to_first_token_s')} s  {r.get('phases')} "
-              f"{r.get('error', '')}")
-    print("tokens identical across bf16 variants:", report["first_request_tokens_identical_across_bf16_variants"])
+    md = table(report) + "".join(f"\n{k}: {v}" for k, v in report.items() if k.endswith(("_bf16", "_int4"))) + "\n"
+    (out / "cold_start_phases.md").write_text(f"{report['card']}, {report['date']}, commit {report['commit']}\n\n" + md)
+    print(md)
     return 0
 
 
