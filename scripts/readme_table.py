@@ -267,6 +267,8 @@ ROWS = [
         ["2026-12-04-h200/httpw/httpw/steady_state.json"], _http_ratio, "fdb0e91"),
     Row("cold start bf16, spawn to first token", ["2026-12-03-h200/cold_start_phases.json"],
         _cold_phases, "179ad50"),
+    Row("cold start bf16, spawn to first token (direct load, background warm-up)",
+        ["2026-12-04-h200/cold_start/cold/cold_start_phases.json"], _cold_phases, "447c2a7 + 4c3d876's benchmark"),
     Row("energy conservation, 60 s mixed load: attributed + idle vs the NVML counter", EV_H200_FINAL,
         _check("1_mixed_load_conservation", "relative_error"), "fc81abc"),
     Row("16 identical concurrent requests: max deviation from their mean", EV_H200_FINAL,
