@@ -85,7 +85,8 @@ def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, ou
         wait_http_ok(url + "/health", 240, proc=proc, name="server", interval=0.02)
         t_health = time.time()
         t_first, t_done, texts = first_token(url, str(model_dir), list(range(300, 364)), 16)
-        info = wait_fused(url, 240)
+        # the old path has no background warm-up: it is fused from ready on, nothing to wait for
+        info = wait_fused(url, 240 if env.get("MODEL_SERVER_FAST_BACKGROUND_WARMUP") != "0" else 0)
         t_fused = time.time()
         first_token(url, str(model_dir), list(range(400, 464)), 64)        # later buckets; lazy captures
         t2 = time.time()

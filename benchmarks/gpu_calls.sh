@@ -19,6 +19,8 @@
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
 #                                            in-process, bf16 vs int4 (tinygemm <= 8 rows, Triton above) at 1/8/64/256
 #                                            (SS_QUANTS, SS_CONC change the set) (~9 min)
+#   bash benchmarks/gpu_calls.sh cold       # issue 17: spawn to first token, before vs after (direct load, background
+#                                            warm-up), bf16 and int4, fills the compile cache first (~5 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
@@ -88,6 +90,10 @@ case "${1:-}" in
       --quants bf16 --concurrency 64 --http-concurrency 64,256 --api-workers "${WORKERS:-0,4}" --agree-prompts 0 \
       --window-s 8 \
       > "$out/httpw.log" 2>&1; echo "steady_state rc $?"; stop_servers; tail -8 "$out/httpw.log" ;;
+  cold)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout 560 python3 benchmarks/cold_start_phases.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/cold" \
+      > "$out/cold.log" 2>&1; echo "cold rc $?"; stop_servers; cat "$out/cold/cold_start_phases.md" ;;
   grid)
     g=${GRID_DIR:-out/grid}
     timeout -s INT "${GRID_SECONDS:-540}" python3 -m edge_eval bench "${GRID:-benchmarks/grids/gpu.yaml}" \
