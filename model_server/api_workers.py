@@ -29,7 +29,7 @@ import uuid
 from typing import Any
 
 from model_server.engine_hub import EngineHub, WorkerConnection
-from model_server.runtime import Limits, Runtime
+from model_server.runtime import Runtime
 
 log = logging.getLogger("model_server")
 
@@ -108,15 +108,9 @@ async def _wait_exit(proc: subprocess.Popen, timeout: float) -> None:
 
 
 async def serve_with_workers(args: argparse.Namespace) -> int:
-    from model_server.compat import default_served_name
-    from model_server.server import ServeError, load_and_start, process_start_epoch
+    from model_server.server import ServeError, load_and_start, runtime_from_args
 
-    runtime = _EngineRuntime(model_id=args.model, served_name=args.model_name or default_served_name(args.model),
-                             engine_name=args.engine,
-                             limits=Limits(max_batch=args.max_batch,
-                                           max_concurrent_requests=args.max_concurrent_requests,
-                                           max_new_tokens_default=args.max_new_tokens_default))
-    runtime.startup["process_start"] = process_start_epoch()
+    runtime = runtime_from_args(_EngineRuntime, args)
     gpu_uuids: list[str] = []
     if args.device in ("auto", "cuda"):
         from model_server.gpu import visible_gpu_uuids

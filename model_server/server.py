@@ -173,20 +173,26 @@ async def drain(runtime: Runtime, timeout_s: float) -> None:
             log.warning("engine stop failed: %s", exc)
 
 
+def runtime_from_args(cls: type[Runtime], args: argparse.Namespace) -> Runtime:
+    """The serve command's runtime (name, engine, limits from the arguments; process start stamped)."""
+    from model_server.compat import default_served_name
+
+    runtime = cls(model_id=args.model, served_name=args.model_name or default_served_name(args.model),
+                  engine_name=args.engine,
+                  limits=Limits(max_batch=args.max_batch, max_concurrent_requests=args.max_concurrent_requests,
+                                max_new_tokens_default=args.max_new_tokens_default))
+    runtime.startup["process_start"] = process_start_epoch()
+    return runtime
+
+
 async def serve_async(args: argparse.Namespace) -> int:
     if getattr(args, "api_workers", 0):
         from model_server.api_workers import serve_with_workers   # HTTP in N worker processes
 
         return await serve_with_workers(args)
-    from model_server.compat import default_served_name
     from model_server.energy_route import register_energy_routes
 
-    runtime = Runtime(model_id=args.model, served_name=args.model_name or default_served_name(args.model),
-                      engine_name=args.engine,
-                      limits=Limits(max_batch=args.max_batch,
-                                    max_concurrent_requests=args.max_concurrent_requests,
-                                    max_new_tokens_default=args.max_new_tokens_default))
-    runtime.startup["process_start"] = process_start_epoch()
+    runtime = runtime_from_args(Runtime, args)
     app = build_app(runtime)
     gpu_uuids: list[str] = []
     if args.device in ("auto", "cuda"):
