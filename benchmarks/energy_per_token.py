@@ -3,8 +3,10 @@
 Per quantization, a ``model-server serve`` (fast engine) behind one ``edge-proxy serve`` process
 with the chosen energy source; per concurrency C, ``--reps`` cells of closed-loop streaming chat
 clients, C at a time, for ``--seconds`` each (64-word prompts, ``--max-tokens`` new tokens, EOS
-ignored). Every cell is a window: the proxy's counters are read at rest before the load and again
-after it stopped and the ledger had split its last tick, so nothing is in flight at either edge:
+ignored), after the engine is warm (``/info`` ``engine_warm``) and ``--warm-seconds`` of unmeasured
+load at that concurrency (the engine captures CUDA graphs at the first step of each batch size).
+Every cell is a window: the proxy's counters are read at rest before the load and again after it
+stopped and the ledger had split its last tick, so nothing is in flight at either edge:
 - ledger: Σ full / output tokens (``edge_proxy_attributed_full_energy_joules_total``: what the
   requests were charged, active + their share of idle), and Σ active / output tokens;
 - counter: the measured counter's delta over the same window / output tokens: the proxy's own
@@ -43,7 +45,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from energy_validation_clients import openai_stream  # noqa: E402
-from support import command_line, default_commit, free_port, machine, stop_all, utc_date, wait_http_ok  # noqa: E402
+from support import (command_line, default_commit, free_port, machine, stop_all, utc_date,  # noqa: E402
+                     wait_engine_warm, wait_http_ok)
 
 FAMILIES = {"measured": "edge_proxy_gpu_energy_joules", "full": "edge_proxy_attributed_full_energy_joules",
             "active": "edge_proxy_attributed_energy_joules", "idle": "edge_proxy_idle_energy_joules",
@@ -155,6 +158,7 @@ def run_quant(quant: str, model_dir: str, args: argparse.Namespace, tmp: Path) -
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(ms)
         wait_http_ok(f"http://127.0.0.1:{ms_port}/health", timeout=args.start_timeout, proc=ms)
+        wait_engine_warm(f"http://127.0.0.1:{ms_port}", args.start_timeout)   # fused path, not the eager first requests
         if args.energy_source == "estimated":    # the same estimate as the proxies', read here directly
             from edge_proxy.energy.estimated_source import EstimatedReader
             args.direct = EstimatedReader(65.0, scope="backend", backend_url=f"http://127.0.0.1:{ms_port}")
@@ -172,8 +176,12 @@ def run_quant(quant: str, model_dir: str, args: argparse.Namespace, tmp: Path) -
         urls = {"proxy": f"http://127.0.0.1:{px_port}", "metrics": metrics}
         with urllib.request.urlopen(urls["proxy"] + "/v1/models", timeout=10) as r:
             model = json.loads(r.read())["data"][0]["id"]
-        asyncio.run(load(urls["proxy"], model, min(args.concurrency), 1.0, args.max_tokens))   # warm-up
-        return [cell(urls, model, quant, c, rep, args) for c in args.concurrency for rep in range(args.reps)]
+        rows = []
+        for c in args.concurrency:
+            # unmeasured: the engine captures its CUDA graphs lazily, at the first step of each batch size
+            asyncio.run(load(urls["proxy"], model, c, args.warm_seconds, args.max_tokens))
+            rows += [cell(urls, model, quant, c, rep, args) for rep in range(args.reps)]
+        return rows
     finally:
         stop_all(procs)
 
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="cells per (quantization, concurrency) (default 3)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=256, help="model-server --max-batch (default 256)")
+    ap.add_argument("--warm-seconds", type=float, default=3.0,
+                    help="unmeasured load at each concurrency before its cells (lazy graph capture; default 3)")
     ap.add_argument("--settle", type=float, default=1.0, help="idle seconds before and after each cell")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="model-server start-up limit, s")
     ap.add_argument("--proxies", type=int, default=1, help="proxy processes on one port sharing the counter (default 1)")

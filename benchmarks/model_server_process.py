@@ -7,16 +7,13 @@ Must NOT: measure anything (the benchmarks do), or import the model server in th
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from support import NotReady, free_port, stop_process, wait_http_ok
+from support import NotReady, free_port, stop_process, wait_engine_warm, wait_http_ok
 
 
 def _console():
@@ -120,13 +117,7 @@ class Server:
             wait_http_ok(self.url + "/health", timeout, proc=self.proc, name="server", interval=0.25)
         except NotReady as exc:
             raise RuntimeError(f"{exc}: {self.log_path.read_text(errors='replace')[-1500:]}") from None
-        deadline = time.monotonic() + timeout
-        while True:      # and for the engine's fused path (serve warms up in the background after /health)
-            with urllib.request.urlopen(self.url + "/info", timeout=5) as i:   # noqa: S310 - 127.0.0.1 only
-                info = json.load(i)
-            if info.get("engine_warm") is not False or time.monotonic() > deadline:
-                return info
-            time.sleep(0.25)
+        return wait_engine_warm(self.url, timeout)   # serve warms the engine up in the background after /health
 
     def stop(self) -> None:
         stop_process(self.proc, timeout=60)

@@ -1,8 +1,9 @@
 """Benchmark support: the helpers every benchmark script needs, defined once.
 
 Owns: free ports on 127.0.0.1, the one percentile definition the benchmarks report, waiting for a
-process's HTTP endpoint, stopping the processes a benchmark started, /proc CPU accounting of a
-process tree, and the stamp a result file carries (UTC date, command line, commit).
+process's HTTP endpoint (and a model server's engine to be warm), stopping the processes a benchmark
+started, /proc CPU accounting of a process tree, and the stamp a result file carries (UTC date,
+command line, commit).
 
 Must NOT: measure anything itself, print, import the proxy or the model server (benchmarks run as
 scripts, ``python benchmarks/X.py``: this module is found because the script's folder is on sys.path),
@@ -78,6 +79,21 @@ def wait_http_ok(url: str, timeout: float = 30.0, proc: subprocess.Popen | None 
         except OSError:
             time.sleep(interval)
     raise NotReady(f"{who} not ready after {timeout:.0f} s ({url})")
+
+
+def wait_engine_warm(base_url: str, timeout: float) -> dict:
+    """After /health: poll the model server's /info until ``engine_warm`` is not False (``serve`` warms the
+    fast engine up in the background after it is ready: the first requests run eagerly), or ``timeout``
+    seconds pass; return the last /info."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(base_url + "/info", timeout=5) as r:   # noqa: S310 - 127.0.0.1 only
+            info = json.load(r)
+        if info.get("engine_warm") is not False or time.monotonic() > deadline:
+            return info
+        time.sleep(0.25)
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> int | None:

@@ -19,7 +19,7 @@ def test_cpu_cells_ledger_next_to_counter(tiny_model_dir: Path, tmp_path: Path) 
     proc = subprocess.run([sys.executable, str(SCRIPT), "--model-dir", str(tiny_model_dir), "--device", "cpu",
                            "--energy-source", "estimated", "--quantizations", "none", "--concurrency", "1,2",
                            "--seconds", "1", "--reps", "1", "--max-tokens", "8", "--settle", "0.3",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                           "--warm-seconds", "0.3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((tmp_path / "energy_per_token.json").read_text())
     assert doc["errors"] == {} and [c["concurrency"] for c in doc["cells"]] == [1, 2]
@@ -40,6 +40,7 @@ def test_two_proxies_sharing_the_counter_conserve_it_together(tiny_model_dir: Pa
     proc = subprocess.run([sys.executable, str(SCRIPT), "--model-dir", str(tiny_model_dir), "--device", "cpu",
                            "--energy-source", "estimated", "--quantizations", "none", "--concurrency", "4",
                            "--seconds", "1.5", "--reps", "1", "--max-tokens", "8", "--settle", "0.3",
+                           "--warm-seconds", "0.3",
                            "--proxies", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads((tmp_path / "energy_per_token.json").read_text())
