@@ -225,7 +225,8 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
     """Load ``model_id`` (local dir or hub id) on ``device`` ("cpu"/"cuda") with ``quantization``.
 
     On the direct path the CUDA context and the weights' read start on a worker thread before
-    transformers is imported; the tokenizer loads on another while the model is built."""
+    transformers is imported; the tokenizer loads on another while the model is built, and (CUDA) a
+    third pre-warms the fast engine's eager kernels on the read weights (``prewarm_end``)."""
     import torch
 
     from model_server import fast_load
@@ -234,15 +235,19 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
     t0 = time.monotonic()
     marks: dict[str, float] = {}
     reason = fast_load.unsupported_reason(model_id, quantization, config)
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="load") as pool:
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="load") as pool:
         read = pool.submit(fast_load.read_weights, model_id, device, marks) if reason is None else None
+        kwargs = _quantization_kwargs(quantization, device, config)
+        from model_server.engines.fast import prewarm     # torch only
+
+        if read is not None and prewarm.enabled(device):   # one-off kernel costs, paid while transformers imports
+            pool.submit(prewarm.prewarm_quietly, config, read, kwargs["dtype"], quantization, marks)
         from transformers import AutoTokenizer
 
         from model_server.log_setup import adopt_transformers_logging
         from model_server.weights import count_parameters, measure_weight_bytes
 
         adopt_transformers_logging()
-        kwargs = _quantization_kwargs(quantization, device, config)
         tok_future = pool.submit(AutoTokenizer.from_pretrained, model_id)
         try:
             model, load_path = _load_weights(model_id, device, kwargs, marks, reason, read)

@@ -302,6 +302,8 @@ class FastEngine(Engine):
         if batch:
             host, t_first = steps.prefill(batch, t_admit)
             sched.prefilled(batch, host, t_first, out)
+            if self._warm is not None:
+                self._warm.release()      # first tokens out: the background compile may take the GIL
         launched = None
         if sched.running:
             t0 = time.monotonic_ns()

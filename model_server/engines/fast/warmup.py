@@ -9,6 +9,11 @@ every shape family the engine meets (batch 1 and more, prompts of 1 and more tok
 is done the engine thread switches between two steps: fused ops on, lazy CUDA graphs on. From then on
 the engine runs exactly the fused, graphed path it runs without background warm-up.
 
+The worker starts compiling once the engine has served its first prefill (:meth:`BackgroundWarmup.release`),
+or ``hold_s`` after start when no request comes (``MODEL_SERVER_FAST_WARMUP_HOLD_S``, default 0.5 s): compiling
+is seconds of Python holding the GIL, and the eager first request (hundreds of op launches, each
+taking the GIL back) would otherwise share it with the compile and reach its first token later.
+
 No graph is captured while this thread runs (capture must not overlap other threads' CUDA work):
 the runner's lazy capture is switched on only at the switch. A compile failure leaves the ops eager
 (as :class:`.fused.Ops` does in the foreground) and still switches graphs on.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HOLD_S = 0.5              # longest the compile waits for the first prefill
 SHADOW_SLOTS = 2          # batch 1 and batch > 1: the two decode / prefill shape families
 SHADOW_LEN = 32
 PROMPT_LENGTHS = (1, 3, 16)
@@ -74,8 +81,12 @@ class BackgroundWarmup:
     """Compile on a worker thread; :meth:`apply` (engine thread, between steps) switches the runner."""
 
     def __init__(self, runner: "ModelRunner", lazy_graphs: bool = True,
-                 make_ops: Callable[..., Ops] = Ops) -> None:
+                 make_ops: Callable[..., Ops] = Ops, hold_s: float | None = None) -> None:
         self.runner = runner
+        if hold_s is None:
+            hold_s = float(os.environ.get("MODEL_SERVER_FAST_WARMUP_HOLD_S", "").strip() or HOLD_S)
+        self.hold_s = max(0.0, hold_s)
+        self._go = threading.Event()          # the first prefill is done: compile now
         self.fuse = runner.fuse_requested
         self.lazy_graphs = bool(lazy_graphs)
         self.make_ops = make_ops
@@ -94,7 +105,12 @@ class BackgroundWarmup:
         self._thread = threading.Thread(target=self._work, name="fast-engine-warmup", daemon=True)
         self._thread.start()
 
+    def release(self) -> None:
+        """Engine thread, after a prefill: the compile may start (before ``hold_s`` has passed)."""
+        self._go.set()
+
     def _work(self) -> None:
+        self._go.wait(self.hold_s)
         t0 = time.monotonic()
         r = self.runner
         try:

@@ -1,0 +1,112 @@
+"""Cold start, issue 17: the kernel pre-warm during the load (model_server.engines.fast.prewarm) changes no
+tensor and no token, and the background compile waits for the first prefill (model_server.engines.fast.warmup).
+CPU, the tiny preset (the pre-warm is forced on with MODEL_SERVER_PREWARM=1; its default is CUDA only)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+
+from model_server.engines.base import GenerationRequest, SamplingParams  # noqa: E402
+from model_server.engines.fast import FastEngine, fused, prewarm  # noqa: E402
+from model_server.engines.fast.warmup import BackgroundWarmup  # noqa: E402
+from model_server.loading import _read_local_config, load_model  # noqa: E402
+
+
+@pytest.mark.parametrize("quant", ["bf16", "int4"])
+def test_prewarm_runs_the_eager_path_and_writes_nothing(tiny_model_dir, quant):
+    state = load_file(f"{tiny_model_dir}/model.safetensors")
+    before = {k: v.clone() for k, v in state.items()}
+    marks: dict[str, float] = {}
+    dtype = state["model.embed_tokens.weight"].dtype      # the stand-in uses the state's tensors themselves
+    seconds = prewarm.prewarm(_read_local_config(tiny_model_dir), state, dtype, quant, marks)
+    assert seconds > 0 and "prewarm_end" in marks
+    assert state.keys() == before.keys()
+    assert all(torch.equal(state[k], before[k]) for k in state)
+
+
+def test_prewarm_failure_is_quiet(caplog):
+    class Done:
+        def result(self):
+            return {"model.embed_tokens.weight": torch.zeros(4, 8)}     # no layer 0: the stand-in fails
+    marks: dict[str, float] = {}
+    with caplog.at_level("INFO"):
+        prewarm.prewarm_quietly({"num_attention_heads": 2, "hidden_size": 8}, Done(), "auto", "bf16", marks)
+    assert "prewarm_end" not in marks and "kernel pre-warm skipped" in caplog.text
+
+
+def test_load_with_prewarm_builds_the_same_model(monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("MODEL_SERVER_DIRECT_LOAD", "1")
+    monkeypatch.setenv("MODEL_SERVER_PREWARM", "0")
+    ref = load_model(tiny_model_dir, "cpu", "bf16")
+    monkeypatch.setenv("MODEL_SERVER_PREWARM", "1")
+    got = load_model(tiny_model_dir, "cpu", "bf16")
+    assert "prewarm_end" in got.load_marks and "prewarm_end" not in ref.load_marks
+    a, b = ref.model.state_dict(), got.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _Runner:
+    fuse_requested = True
+    device = torch.device("cpu")
+    dtype = torch.float32
+    use_graphs = False
+
+
+def _warmup(hold_s: float) -> tuple[BackgroundWarmup, list[float]]:
+    called: list[float] = []
+
+    def make_ops(*_a):
+        called.append(time.monotonic())
+        return fused.Ops(False)
+    return BackgroundWarmup(_Runner(), make_ops=make_ops, hold_s=hold_s), called
+
+
+def test_compile_waits_for_release_or_hold():
+    w, called = _warmup(hold_s=30)
+    w.start()
+    time.sleep(0.2)
+    assert called == [] and not w.done.is_set()          # held: no request yet
+    w.release()
+    assert w.done.wait(5) and len(called) == 1
+    w, called = _warmup(hold_s=0.1)
+    t0 = time.monotonic()
+    w.start()
+    assert w.done.wait(5) and called and called[0] - t0 >= 0.1   # no request: starts after the hold
+
+
+def test_engine_releases_the_compile_after_its_first_prefill(monkeypatch):
+    monkeypatch.setenv("MODEL_SERVER_FAST_WARMUP_HOLD_S", "60")
+    started = threading.Event()
+
+    def fail(cls):
+        started.set()
+        raise RuntimeError("no compiler here")       # the worker gives up at once: eager ops, then the switch
+    monkeypatch.setattr(fused.Ops, "_compiled", None)
+    monkeypatch.setattr(fused.Ops, "_get_compiled", classmethod(fail))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(cfg).float().eval()
+
+    async def main() -> list[int]:
+        eng = FastEngine(model, [], max_batch=2, max_seq_len=64, length_buckets=[64], device="cpu", fuse=True,
+                         background_warmup=True)
+        await eng.start()
+        try:
+            await asyncio.sleep(0.3)
+            assert not started.is_set()                  # held for the first request
+            toks = [ev.token_id async for ev in eng.submit(GenerationRequest(
+                "a", [5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True))) if ev.token_id is not None]
+            assert await eng.wait_warm(10) and started.is_set()
+            return toks
+        finally:
+            await eng.stop()
+
+    assert len(asyncio.run(main())) == 3
