@@ -9,6 +9,8 @@ first request, as in scale to zero). Each repetition:
 2. the cold start's phases come from the proxy (hold -> process -> listening -> model load start /
    end from ``/info`` -> ready -> first token) and its energy from the proxy's energy source
    (NVML on a GPU; ``estimated`` on CPU, labelled so), plus the server's own ``load_energy_joules``;
+   then it waits for the engine to be warm (``/info`` ``engine_warm``: ``serve`` compiles in the
+   background after the first token) and measures the energy from hold start to then as well;
 3. warm: ``--warm-requests`` requests at concurrency ``--batch`` give the mean request energy and
    duration (proxy ledger, full attribution) and the batch's energy and time (for the paper's form);
 4. idle: the loaded model sits idle for ``--idle-seconds``; measured energy / time = idle watts.
@@ -18,7 +20,8 @@ Reported per variant, side by side:
 * production C_tax (energy) = E_cold / mean E_req; C_tax (time) = t_cold / mean t_req;
 * paper-form C_tax = N * t_load / t_batch (the paper's E_load / E_req with power cancelled; t_load
   = model load start -> ready as the server reports it, N = --batch concurrent requests);
-* keep-warm break-even idle time = E_cold / P_idle;
+* keep-warm break-even idle time = E_cold / P_idle; and the same two with E_cold to engine warm (hold
+  start -> warm, the background warm-up included);
 * the paper's T4 figures for Llama 1B (vLLM, N = 100; EDGE-EVAL, ACL 2026 Industry Track, from the
   authors' published results, Abdullah4152/EDGE-EVAL results/c_tax).
 
@@ -127,6 +130,13 @@ async def run_variant(args: argparse.Namespace, model_dir: Path, quant: str, pro
                         break
                     await asyncio.sleep(0.1)
                 cs = gate.history[-1]
+                # serve warms the fast engine up in the background after the first token (the first
+                # requests run eagerly): the cold start is not over for the energy bill until it is warm,
+                # and warm requests measured before that would be the eager path's
+                warm_at = await _wait_engine_warm(session, st.proxy.backend_url, args.max_wait)
+                to_warm = None
+                if warm_at is not None and energy is not None:
+                    to_warm = EnergyWindows(energy).measure(cs.timeline.hold_start, warm_at).joules_if_covered()
                 progress.advance(task)
 
                 # warm batch: N requests at concurrency --batch
@@ -160,6 +170,9 @@ async def run_variant(args: argparse.Namespace, model_dir: Path, quant: str, pro
                 rec["client_first_request_seconds"] = max(r["seconds"] for r in results)
                 rec["held_requests_with_header"] = sum(r["cold_start"] for r in results)
                 rec["model_load_to_ready_seconds"] = _load_to_ready(rec)
+                rec["hold_to_engine_warm_seconds"] = (None if warm_at is None
+                                                      else (warm_at - cs.timeline.hold_start) / 1e9)
+                rec["energy_to_engine_warm_joules"] = to_warm
                 out["cold_starts"].append(rec)
                 progress.advance(task)
             info = await _get_json(session, st.proxy.backend_url + "/info")
@@ -175,6 +188,20 @@ def _load_to_ready(cs: dict[str, Any]) -> float | None:
     b = cs.get("backend_startup_epoch_seconds") or {}
     if b.get("load_start") is not None and b.get("ready") is not None:
         return float(b["ready"]) - float(b["load_start"])
+    return None
+
+
+async def _wait_engine_warm(session: aiohttp.ClientSession, backend: str, limit_s: float) -> int | None:
+    """Poll the backend's /info until ``engine_warm`` is not False; the monotonic ns it was seen warm, or
+    None when the server does not report it (another engine, an older server) or ``limit_s`` passes."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        info = await _get_json(session, backend + "/info")
+        if info is None or "engine_warm" not in info:
+            return None
+        if info["engine_warm"] is not False:
+            return time.monotonic_ns()
+        await asyncio.sleep(0.1)
     return None
 
 

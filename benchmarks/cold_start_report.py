@@ -43,6 +43,8 @@ def summarise(v: dict[str, Any], batch: int) -> dict[str, Any]:
     e_req = _median([c["mean_request_joules"] for c in cs if c.get("mean_request_joules")])
     t_req = _median([c["mean_request_seconds"] for c in cs if c.get("mean_request_seconds")])
     t_cold = _median([c["seconds"] for c in cs if c["seconds"] is not None])
+    t_warm = _median([c.get("hold_to_engine_warm_seconds") for c in cs])
+    e_warm = _median([c.get("energy_to_engine_warm_joules") for c in cs])
     t_load = _median([c["model_load_to_ready_seconds"] for c in cs if c["model_load_to_ready_seconds"]])
     t_batch = _median([w["batch_seconds"] / w["requests"] * batch for w in v["warm"]])   # per N=batch
     e_batch_req = _median([w["batch_joules"] / w["requests"] for w in v["warm"] if w["batch_joules"]])
@@ -52,6 +54,7 @@ def summarise(v: dict[str, Any], batch: int) -> dict[str, Any]:
         "model_server_load_joules": load_j, "mean_request_joules": e_req,
         "mean_request_seconds": t_req, "batch_amortised_request_joules": e_batch_req,
         "idle_watts": idle_w, "model_load_to_ready_seconds": t_load,
+        "cold_start_to_engine_warm_seconds": t_warm, "cold_start_to_engine_warm_joules": e_warm,
     }
     s["c_tax_energy"] = _finite(cold_start_tax(e_cold, e_req)) if e_cold is not None and e_req else None
     s["c_tax_energy_batch_amortised"] = (_finite(cold_start_tax(e_cold, e_batch_req))
@@ -61,6 +64,10 @@ def summarise(v: dict[str, Any], batch: int) -> dict[str, Any]:
     s["c_tax_paper_form"] = (_finite(batch * t_load / t_batch) if t_load and t_batch else None)
     s["keep_warm_break_even_idle_seconds"] = (_finite(keep_warm_break_even_seconds(e_cold, idle_w))
                                               if e_cold is not None and idle_w else None)
+    s["c_tax_energy_to_engine_warm"] = (_finite(cold_start_tax(e_warm, e_req))
+                                        if e_warm is not None and e_req else None)
+    s["keep_warm_break_even_to_engine_warm_idle_seconds"] = (
+        _finite(keep_warm_break_even_seconds(e_warm, idle_w)) if e_warm is not None and idle_w else None)
     paper = PAPER_T4_LLAMA_1B.get(v["variant"])
     s["paper_t4_llama_1b_c_tax"] = paper
     s["paper_t4_llama_1b_c_tax_mean"] = round(statistics.mean(paper.values()), 1) if paper else None
@@ -102,6 +109,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_fmt(r['mean_request_seconds'], 3)} | {_fmt(r['idle_watts'])} | {_fmt(r['c_tax_energy'])} | "
             f"{_fmt(r['c_tax_time'])} | {_fmt(r['c_tax_paper_form'])} | "
             f"{_fmt(r['keep_warm_break_even_idle_seconds'])} | {ptxt} |")
+    if any(r["cold_start_to_engine_warm_seconds"] is not None for r in rows):
+        lines += ["", "## Until the engine is warm (serve's background warm-up after the first token)", "",
+                  "| variant | hold -> first token s | hold -> engine warm s | J to first token | J to engine warm | "
+                  "C_tax energy to warm | keep-warm break-even idle s, to warm |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(
+                f"| {r['variant']} | {_fmt(r['cold_start_seconds'], 2)} | "
+                f"{_fmt(r['cold_start_to_engine_warm_seconds'], 2)} | {_fmt(r['cold_start_joules'])} | "
+                f"{_fmt(r['cold_start_to_engine_warm_joules'])} | {_fmt(r['c_tax_energy_to_engine_warm'])} | "
+                f"{_fmt(r['keep_warm_break_even_to_engine_warm_idle_seconds'])} |")
     if len(rows) == 2 and all(r["c_tax_energy"] for r in rows):
         a, b = rows
         lines += ["", f"Ratio {b['variant']}/{a['variant']}: cold-start J "

@@ -43,6 +43,11 @@ def test_cold_start_benchmark_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> N
         assert s["keep_warm_break_even_idle_seconds"] == pytest.approx(s["cold_start_joules"] / s["idle_watts"])
     else:
         assert s["keep_warm_break_even_idle_seconds"] in (None, float("inf"))
+    # measured on to the engine warm (serve's background warm-up): never before the first token, never less energy
+    assert cs["hold_to_engine_warm_seconds"] >= cs["seconds"]
+    assert cs["energy_to_engine_warm_joules"] >= cs["energy_joules"]
+    assert s["c_tax_energy_to_engine_warm"] == pytest.approx(s["cold_start_to_engine_warm_joules"]
+                                                             / s["mean_request_joules"])
     md = (tmp_path / "cold_start.md").read_text()
     assert "| none |" in md and "C_tax" in md
 
