@@ -15,7 +15,10 @@
 #   bash benchmarks/gpu_calls.sh http       # issue 17: bf16 at 64 in-process and over HTTP, the server's switch
 #                                            interval 5 ms (Python's default) vs 0.5 ms, in the order SWITCHES gives (~5 min)
 #   bash benchmarks/gpu_calls.sh httpw      # issue 17: bf16 at 64 and 256 in-process vs HTTP, serve --api-workers 0
-#                                            (HTTP in the engine's process) vs 4 (WORKERS, HTTPW_CONC change the sets; WINDOW_S, default 10) (~6 min)
+#                                            (HTTP in the engine's process) vs 4 (WORKERS, HTTPW_CONC change the sets; WINDOW_S, default 10;
+#                                            SWITCHES="default 0.005": one run per server switch interval) (~6 min)
+#   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
+#                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
 #                                            in-process, bf16 vs int4 (tinygemm <= 8 rows, Triton above) at 1/8/64/256
 #                                            (SS_QUANTS, SS_CONC change the set) (~9 min)
@@ -30,7 +33,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|int4|decode|http|httpw|cold) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|int4|decode|http|httpw|cold" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|int4|decode|http|httpw|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|int4|decode|http|httpw|cold|ctax" >&2; exit 2 ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
 export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
@@ -86,10 +89,18 @@ case "${1:-}" in
     done; unset MODEL_SERVER_SWITCH_INTERVAL_S ;;
   httpw)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    timeout 360 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/httpw" \
-      --quants bf16 --concurrency "${HTTPW_CONC:-64,256}" --http-concurrency "${HTTPW_CONC:-64,256}" --api-workers "${WORKERS:-0,4}" \
-      --agree-prompts 0 --window-s "${WINDOW_S:-10}" \
-      > "$out/httpw.log" 2>&1; echo "steady_state rc $?"; stop_servers; tail -8 "$out/httpw.log" ;;
+    for iv in ${SWITCHES:-default}; do      # the model server's switch interval (MODEL_SERVER_SWITCH_INTERVAL_S)
+      if [ "$iv" = default ]; then unset MODEL_SERVER_SWITCH_INTERVAL_S; d=httpw; else export MODEL_SERVER_SWITCH_INTERVAL_S=$iv; d=httpw_$iv; fi
+      timeout "${HTTPW_SECONDS:-360}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/$d" --quants bf16 --concurrency "${HTTPW_CONC:-64,256}" --http-concurrency "${HTTPW_CONC:-64,256}" \
+        --api-workers "${WORKERS:-0,4}" --agree-prompts 0 --window-s "${WINDOW_S:-10}" \
+        > "$out/$d.log" 2>&1; echo "steady_state ($iv) rc $?"; stop_servers; tail -4 "$out/$d.log"
+    done; unset MODEL_SERVER_SWITCH_INTERVAL_S ;;
+  ctax)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout "${CTAX_SECONDS:-400}" python3 benchmarks/cold_start.py --preset llama-3.2-1b --model-dir /tmp/m1b \
+      --variants "${CTAX_VARIANTS:-fp16,int4}" --device cuda --energy-source nvml --out "$out/ctax" \
+      > "$out/ctax.log" 2>&1; echo "cold_start rc $?"; stop_servers; cat "$out/ctax/cold_start.md" ;;
   cold)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 560 python3 benchmarks/cold_start_phases.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/cold" \
