@@ -13,6 +13,9 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
   (``MODEL_SERVER_FAST_BACKGROUND_WARMUP=0``), lazy graphs;
 * ``after`` / ``after-int4``: the defaults: direct safetensors load, background warm-up (first
   requests eager, then fused + lazy graphs), same cache;
+* ``after-noprewarm`` / ``after-noprewarm-int4``: the defaults without the kernel pre-warm during the load
+  (``MODEL_SERVER_PREWARM=0``) and with the background compile starting at ready
+  (``MODEL_SERVER_FAST_WARMUP_HOLD_S=0``): the "after" of commit 447c2a7, for an A/B in one call;
 * ``after-empty-cache``: the defaults on an empty compile cache (first token does not wait for it);
 * ``legacy-eager-graphs``: the old path with every graph captured at start (the 2026-12-03 "before").
 
@@ -68,7 +71,7 @@ def wait_fused(url: str, timeout_s: float) -> dict:
 
 PHASES = [("imports_s", "process_start", "load_start"), ("cuda_init_s", "load_start", "cuda_init_end"),
           ("read_s", "load_start", "read_end"), ("build_s", "load_start", "build_end"),
-          ("quantize_s", "build_end", "quantize_end"), ("load_s", "load_start", "load_end"),
+          ("prewarm_s", "load_start", "prewarm_end"), ("quantize_s", "build_end", "quantize_end"), ("load_s", "load_start", "load_end"),
           ("warmup_s", "load_end", "warmup_end")]
 
 
@@ -114,7 +117,8 @@ def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, ou
 
 
 def table(report: dict) -> str:
-    cols = ["imports_s", "cuda_init_s", "read_s", "load_s", "quantize_s", "warmup_s", "ready_to_first_token_s"]
+    cols = ["imports_s", "cuda_init_s", "read_s", "prewarm_s", "build_s", "load_s", "quantize_s", "warmup_s",
+            "ready_to_first_token_s"]
     lines = ["| variant | quant | load path | " + " | ".join(c[:-2] for c in cols)
              + " | **spawn -> first token s** | spawn -> fused s | steady 64-token request s |",
              "|---" * (len(cols) + 6) + "|"]
@@ -133,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="llama-3.2-1b")
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--variants", default="fill-cache,fill-cache-int4,before,after,before-int4,after-int4,"
-                                           "after-empty-cache")
+    ap.add_argument("--variants", default=os.environ.get("COLD_VARIANTS") or "fill-cache,fill-cache-int4,before,"
+                    "after,before-int4,after-int4,after-empty-cache", help="comma-separated (default: $COLD_VARIANTS, "
+                    "else fill-cache,fill-cache-int4,before,after,before-int4,after-int4,after-empty-cache)")
     ap.add_argument("--commit", default=default_commit())
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -154,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     old = {"MODEL_SERVER_DIRECT_LOAD": "0", "MODEL_SERVER_FAST_BACKGROUND_WARMUP": "0",
            "MODEL_SERVER_FAST_LAZY_GRAPHS": "1"}
     new = {"MODEL_SERVER_DIRECT_LOAD": "1", "MODEL_SERVER_FAST_BACKGROUND_WARMUP": "1"}
+    r16 = {"MODEL_SERVER_PREWARM": "0", "MODEL_SERVER_FAST_WARMUP_HOLD_S": "0"}     # 447c2a7's "after"
     plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
             "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
             "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),
+            "after-noprewarm": ("bf16", {**warm, **new, **r16}), "after-noprewarm-int4": ("int4", {**warm, **new, **r16}),
             "after-empty-cache": ("bf16", {**fresh(), **new}),
             "legacy-eager-graphs": ("bf16", {**warm, **old, "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"})}
     report = {"card": card, "date": utc_date("%Y-%m-%d"), "commit": args.commit,
