@@ -245,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="directory for cold_start.json and cold_start.md")
     args = ap.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in ("none", "fp16", "bf16", "nf4", "int8")]
+    bad = [v for v in variants if v not in ("none", "fp16", "bf16", "nf4", "int8", "int4")]
     if bad or not variants:
-        return _err(f"--variants: unknown {', '.join(bad) or '(empty)'}; use none, fp16, bf16, nf4, int8")
+        return _err(f"--variants: unknown {', '.join(bad) or '(empty)'}; use none, fp16, bf16, nf4, int8, int4")
     if min(args.cold_starts, args.batch, args.warm_requests, args.max_tokens) < 1 or args.idle_seconds <= 0:
         return _err("--cold-starts, --batch, --warm-requests, --max-tokens must be >= 1; --idle-seconds > 0")
     try:
