@@ -5,8 +5,9 @@ serves no HTTP itself, and spawns N API worker processes (``python -m model_serv
 each listen on the same host:port (SO_REUSEPORT: the kernel spreads connections over them) and talk
 to the engine over a private socketpair (:mod:`model_server.engine_hub`). It reserves the port first
 (so ``--port 0`` picks one port for all of them), prints ``listening on`` once every worker listens,
-drains on SIGTERM (workers refuse new requests, live ones finish, the engine stops, workers exit) and
-exits with 1 when every worker has died. Request metrics are aggregated over the workers with
+drains on SIGTERM (workers refuse new requests, live ones finish, the engine stops, workers exit),
+restarts a worker that dies (its requests were cancelled; at most ``MODEL_SERVER_API_WORKER_RESTARTS``
+restarts per worker per minute, default 5) and exits with 1 when every worker has died for good. Request metrics are aggregated over the workers with
 prometheus_client's multiprocess mode (one private directory per server run).
 It must not handle requests (the workers do) nor load models itself.
 """
@@ -35,6 +36,39 @@ log = logging.getLogger("model_server")
 
 LISTEN_TIMEOUT_S = 120.0        # a worker that is not listening by then fails the start
 EXIT_TIMEOUT_S = 10.0           # a worker asked to exit is killed after this
+RESTART_WINDOW_S = 60.0         # MODEL_SERVER_API_WORKER_RESTARTS restarts per worker in this window
+RESTART_DELAY_S = 0.5           # wait before respawning (a worker that dies at once does not spin)
+
+
+class RestartBudget:
+    """At most ``limit`` restarts in any ``window_s`` seconds (monotonic clock): a worker that keeps dying
+    is left dead instead of being respawned in a loop."""
+
+    def __init__(self, limit: int, window_s: float = RESTART_WINDOW_S) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.times: list[float] = []
+
+    def take(self, now: float) -> bool:
+        """Record a restart at ``now`` and return True, or False when the window's budget is spent."""
+        self.times = [t for t in self.times if now - t < self.window_s]
+        if len(self.times) >= self.limit:
+            return False
+        self.times.append(now)
+        return True
+
+
+def restart_limit() -> int:
+    """``MODEL_SERVER_API_WORKER_RESTARTS`` (default 5; 0: never restart); ServeError when not an integer >= 0."""
+    from model_server.server import ServeError
+
+    raw = os.environ.get("MODEL_SERVER_API_WORKER_RESTARTS", "").strip() or "5"
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise ServeError(f"MODEL_SERVER_API_WORKER_RESTARTS must be an integer >= 0, not {raw!r}")
+    return limit
 
 
 class _EngineRuntime(Runtime):
@@ -111,6 +145,7 @@ async def serve_with_workers(args: argparse.Namespace) -> int:
     from model_server.server import ServeError, load_and_start, runtime_from_args
 
     runtime = runtime_from_args(_EngineRuntime, args)
+    restarts = restart_limit()
     gpu_uuids: list[str] = []
     if args.device in ("auto", "cuda"):
         from model_server.gpu import visible_gpu_uuids
@@ -139,7 +174,9 @@ async def serve_with_workers(args: argparse.Namespace) -> int:
         await _await_listening(conns, procs)
         log.info("listening on http://%s:%s (loading %s; %d API worker processes)", args.host, port, args.model,
                  len(procs))
-        watch = [asyncio.create_task(_watch(c, p, runtime, conns, metrics_dir)) for c, p in zip(conns, procs)]
+        spawn = lambda i: _spawn(i, args, port, gpu_uuids, energy_id, metrics_dir)   # noqa: E731
+        watch = [asyncio.create_task(_watch(i, runtime, hub, conns, procs, spawn, RestartBudget(restarts),
+                                            metrics_dir)) for i in range(len(procs))]
         done, _ = await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         if load_task in done:
             exc = load_task.exception()
@@ -190,21 +227,34 @@ async def _await_listening(conns: list[WorkerConnection], procs: list[subprocess
             await asyncio.sleep(0.05)
 
 
-async def _watch(conn: WorkerConnection, proc: subprocess.Popen, runtime: Runtime, conns: list[WorkerConnection],
-                 metrics_dir: str) -> None:
-    """A worker's connection ended: its requests were cancelled (engine_hub); with none left, stop."""
-    await conn.closed.wait()
-    rc = await asyncio.to_thread(proc.wait)
+async def _watch(index: int, runtime: Runtime, hub: EngineHub, conns: list[WorkerConnection],
+                 procs: list[subprocess.Popen], spawn: Any, budget: RestartBudget, metrics_dir: str) -> None:
+    """Worker ``index``'s connection ended: its requests were cancelled (engine_hub); respawn it while the
+    budget allows (``conns``/``procs`` hold the current one), else leave it dead; with none left, stop."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(proc.pid, metrics_dir)
-    if runtime.state in ("draining",) or runtime.stopping.is_set():
-        return
-    left = sum(not c.closed.is_set() for c in conns)
-    log.error("api worker %d (pid %d) exited with status %s; %d of %d left", conn.index, proc.pid, rc, left,
-              len(conns))
-    if left == 0:
-        runtime.stopping.set()
+    while True:
+        conn, proc = conns[index], procs[index]
+        await conn.closed.wait()
+        rc = await asyncio.to_thread(proc.wait)
+        multiprocess.mark_process_dead(proc.pid, metrics_dir)
+        hub.detach(conn)
+        if runtime.state in ("draining",) or runtime.stopping.is_set():
+            return
+        if not budget.take(time.monotonic()):
+            left = sum(not c.closed.is_set() for c in conns)
+            log.error("api worker %d (pid %d) exited with status %s; not restarted (%d restarts in %.0f s); "
+                      "%d of %d left", index, proc.pid, rc, budget.limit, budget.window_s, left, len(conns))
+            if left == 0:
+                runtime.stopping.set()
+            return
+        log.error("api worker %d (pid %d) exited with status %s; restarting it", index, proc.pid, rc)
+        await asyncio.sleep(RESTART_DELAY_S)
+        if runtime.state in ("draining",) or runtime.stopping.is_set():
+            return
+        new_proc, sock = spawn(index)
+        procs[index] = new_proc
+        conns[index] = await hub.attach(index, sock)
 
 
 async def _drain(runtime: Runtime, hub: EngineHub, timeout_s: float) -> None:

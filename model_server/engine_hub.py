@@ -148,6 +148,11 @@ class EngineHub:
             self._stats_task = asyncio.create_task(self._push_stats())
         return conn
 
+    def detach(self, conn: WorkerConnection) -> None:
+        """Forget a worker whose connection ended (a restarted worker attaches anew)."""
+        if conn in self.conns:
+            self.conns.remove(conn)
+
     def broadcast_state(self) -> None:
         payload = self._last_state = self.state()
         for c in self.conns:

@@ -3,7 +3,7 @@
 Real processes on 127.0.0.1, real clients (openai, text_generation, aiohttp): the same greedy text as the
 one-process server through both APIs, several workers answering on one port with aggregated request
 metrics, cancellation (client disconnect, stop sequence) reaching the engine, a worker dying cancels
-its requests, the engine process dying ends the workers' streams and the workers, bad arguments.
+its requests and is replaced (a restart budget), the engine process dying ends the workers' streams and the workers, bad arguments.
 """
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ def _metrics(url: str) -> str:
 
 
 def _engine_idle(url: str) -> bool:
-    text = _metrics(url)
+    try:
+        text = _metrics(url)
+    except requests.ConnectionError:    # a connection the kernel gave a worker that was dying: reset
+        return False
     return (_metric(text, "model_server_engine_running_requests") == 0
             and _metric(text, "model_server_engine_waiting_requests") == 0)
 
@@ -154,8 +157,17 @@ def test_a_worker_dying_cancels_its_requests_and_the_engine_dying_ends_the_worke
         assert _metric(_metrics(url), "model_server_engine_decode_tokens_total") - decoded < MAX_NEW - 1
         r = requests.post(url + "/generate", json={"inputs": "y", "parameters": {"max_new_tokens": 2}}, timeout=30)
         assert r.status_code == 200
-        assert "exited with status" in srv.log()
+        assert "exited with status" in srv.log() and "restarting it" in srv.log()
         survivor = next(w for w in workers if w.pid != killed)
+        # the dead worker is replaced: two workers again, the new one listening on the shared port
+        assert wait_until(lambda: len([w for w in engine_proc.children() if w.is_running()
+                                       and w.status() != psutil.STATUS_ZOMBIE]) == 2, 60)
+        new_pid = next(w.pid for w in engine_proc.children() if w.pid not in (killed, survivor.pid))
+
+        def served_by_new() -> bool:        # a fresh connection each time: the kernel picks a worker
+            r = requests.get(url + "/info", timeout=10, headers={"Connection": "close"})
+            return r.json()["api_worker_pid"] == new_pid
+        assert wait_until(served_by_new, 60, interval=0.02)
 
         async def stream_then_kill_engine() -> bytes:
             async with aiohttp.ClientSession() as s:
@@ -215,6 +227,20 @@ def test_bad_api_workers_arguments_fail_with_one_line(tiny_model_dir):
         other.listen()
         r = _serve(tiny_model_dir, "--engine", "fast", "--port", str(other.getsockname()[1]), "--api-workers", "2")
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "model_server", "serve", tiny_model_dir, "--engine", "fast",
+                        "--api-workers", "2"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MODEL_SERVER_API_WORKER_RESTARTS": "many"})
+    assert r.returncode == 2 and "MODEL_SERVER_API_WORKER_RESTARTS must be an integer >= 0" in r.stderr
     # auto on a CPU picks the transformers engine: refused once it is known, and the workers exit
     r = _serve(tiny_model_dir, "--device", "cpu", "--port", "0", "--api-workers", "1")
     assert r.returncode == 1 and "--api-workers needs the fast engine" in r.stderr
+
+
+def test_restart_budget_leaves_a_worker_that_keeps_dying_dead():
+    from model_server.api_workers import RestartBudget
+
+    b = RestartBudget(2, window_s=60.0)
+    assert b.take(0.0) and b.take(1.0)
+    assert not b.take(2.0)                  # a third restart within the minute: left dead
+    assert b.take(60.5)                     # the first one left the window
+    assert not RestartBudget(0).take(0.0)   # MODEL_SERVER_API_WORKER_RESTARTS=0: never restart
