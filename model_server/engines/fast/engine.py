@@ -37,7 +37,7 @@ Construction (``model-server serve --engine fast`` calls :mod:`.factory`'s
 Loop: one background thread owns every device operation. Each turn it applies cancellations,
 admits waiting requests (prefill), launches decode step k+1 and then reads step k's tokens, and
 hands tokens to the consumers with one ``loop.call_soon_threadsafe`` per asyncio loop per step.
-This module owns that loop, the engine's lifecycle and its consumer side (streams, delivery).
+This module owns that loop and the engine's lifecycle; :mod:`.delivery` hands the events to the consumers.
 Who runs and finishes is :mod:`.scheduler`'s; how a step runs on the device is :mod:`.step`'s and
 the model's forward pass :mod:`.runner`'s. It must not make scheduling decisions nor touch tensors.
 """
@@ -52,9 +52,11 @@ from typing import AsyncIterator, Callable
 import torch
 
 from ..base import Engine, EngineStats, GenerationRequest, RequestTiming, TokenEvent
+from . import delivery
 from .runner import ModelRunner
 from .scheduler import Out, Scheduler, Seq
 from .step import InFlight, StepExecutor
+from .support import default_dtype
 from .warmup import BackgroundWarmup
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ class FastEngine(Engine):
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
                          or getattr(model, "is_int4_weight_only", False))
         if dtype is None and not quantized:
-            dtype = _default_dtype(next(model.parameters()), device)
+            dtype = default_dtype(next(model.parameters()), device)
         if device is not None:
             device = torch.device(device)
             if not quantized and next(model.parameters()).device != device:
@@ -140,14 +142,14 @@ class FastEngine(Engine):
             self._thread = None
         # anything left: tell its consumer
         for s in self.sched.drop_all():
-            self._send(s, [TokenEvent(None, finish_reason="cancelled")])
+            delivery.send(s, [TokenEvent(None, finish_reason="cancelled")])
 
     def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         queue: asyncio.Queue = asyncio.Queue()
         seq, error = self._queue(request, asyncio.get_running_loop(), queue)
         if error is not None:
             queue.put_nowait(TokenEvent(None, finish_reason="error", error=error))
-        return self._stream(seq)
+        return delivery.stream(seq, self.cancel)
 
     def submit_to(self, request: GenerationRequest, sink, tag) -> str | None:
         """Queue ``request`` with its own delivery (``model_server.engine_hub``: API worker processes).
@@ -166,7 +168,7 @@ class FastEngine(Engine):
     def cancel(self, request_id: str) -> None:
         dropped = self.sched.cancel(request_id)
         if dropped is not None:
-            self._send(dropped, [TokenEvent(None, finish_reason="cancelled")])
+            delivery.send(dropped, [TokenEvent(None, finish_reason="cancelled")])
 
     def stats(self) -> EngineStats:
         r = self.runner
@@ -216,40 +218,6 @@ class FastEngine(Engine):
     def graph_error(self) -> str | None:
         return self.runner.graph_error
 
-    # ------------------------------------------------------------------ consumer side
-    async def _stream(self, seq: Seq) -> AsyncIterator[TokenEvent]:
-        finished = False
-        try:
-            while True:
-                ev = await seq.queue.get()
-                if ev.finish_reason is not None:
-                    finished = True
-                yield ev
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.cancel(seq.req.request_id)
-
-    @staticmethod
-    def _deliver(items: list[tuple[asyncio.Queue, list[TokenEvent]]]) -> None:
-        for q, evs in items:
-            for ev in evs:
-                q.put_nowait(ev)
-
-    def _send(self, seq: Seq, events: list[TokenEvent]) -> None:
-        try:
-            seq.loop.call_soon_threadsafe(self._deliver, [(seq.queue, events)])
-        except RuntimeError:  # loop closed: consumer is gone
-            pass
-
-    def _flush(self, out: dict[asyncio.AbstractEventLoop, list]) -> None:
-        for loop, items in out.items():
-            try:
-                loop.call_soon_threadsafe(self._deliver, items)
-            except RuntimeError:
-                pass
-
     # ------------------------------------------------------------------ loop thread
     def _run(self) -> None:
         try:
@@ -278,13 +246,13 @@ class FastEngine(Engine):
                 try:
                     out: Out = {}
                     self._step(cancels, out)
-                    self._flush(out)
+                    delivery.flush(out)
                 except Exception as exc:  # noqa: BLE001 - fail the live requests, keep serving
                     log.exception("fast engine step failed")
                     self._inflight = None
                     out = {}
                     sched.fail_all(f"{type(exc).__name__}: {exc}", out)
-                    self._flush(out)
+                    delivery.flush(out)
 
     def _switch_due(self) -> bool:
         return self._warm is not None and self._warm.done.is_set() and not self._warm.applied.is_set()
@@ -313,12 +281,3 @@ class FastEngine(Engine):
             steps.decode_tokens += sched.decoded(rows, steps.collect(self._inflight), out)
         self._inflight = launched
 
-
-def _default_dtype(param: torch.Tensor, device: torch.device | str | None) -> torch.dtype | None:
-    """The model's own dtype, except bf16 on a CUDA card below compute capability 8.0 (T4: no bf16): fp16."""
-    dev = torch.device(device) if device is not None else param.device
-    if param.dtype != torch.bfloat16 or dev.type != "cuda":
-        return None
-    from model_server.int4 import device_compute
-
-    return device_compute(dev).dtype

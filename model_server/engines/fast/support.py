@@ -1,6 +1,7 @@
-"""Which models the fast engine drives: Llama and Qwen2 causal LMs with full attention and static rope.
+"""Which models the fast engine drives (Llama and Qwen2 causal LMs with full attention and static rope),
+and in which dtype by default.
 
-Owns the support check that the engine's constructor runs; a model that fails it gets
+Owns the support check that the engine's constructor runs and its default compute dtype; a model that fails it gets
 :class:`UnsupportedModel` (the server then falls back to the transformers engine). It must not
 change the model.
 """
@@ -29,3 +30,13 @@ def check_supported(model: torch.nn.Module) -> None:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) in ("dynamic", "longrope"):
         raise UnsupportedModel("position-dependent rope (dynamic/longrope) is not supported")
+
+
+def default_dtype(param: torch.Tensor, device: torch.device | str | None) -> torch.dtype | None:
+    """The model's own dtype, except bf16 on a CUDA card below compute capability 8.0 (T4: no bf16): fp16."""
+    dev = torch.device(device) if device is not None else param.device
+    if param.dtype != torch.bfloat16 or dev.type != "cuda":
+        return None
+    from model_server.int4 import device_compute
+
+    return device_compute(dev).dtype
