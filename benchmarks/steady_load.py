@@ -158,6 +158,43 @@ def summarize(per_window: list[float], window_s: float) -> dict:
             "tokens_per_second_max": round(max(tps), 1), "tokens_per_second_windows": [round(x, 1) for x in tps]}
 
 
+def engine_rates(a: tuple[float, float] | None, b: tuple[float, float] | None, seconds: float) -> dict:
+    """The engine's own view of a span, from its (steps, generated tokens) counters at both ends: engine
+    steps per second and generated tokens per step (about the mean batch; a step's prefilled first
+    tokens count too). In-process vs HTTP at one concurrency, they tell a slower step (fewer steps/s)
+    from emptier batches (fewer tokens per step: slots idle between a request's end and the next
+    one's admission)."""
+    if a is None or b is None or seconds <= 0 or b[0] <= a[0]:
+        return {}
+    steps, tokens = b[0] - a[0], b[1] - a[1]
+    return {"engine_steps_per_second": round(steps / seconds, 1), "engine_tokens_per_step": round(tokens / steps, 2)}
+
+
+def scrape_engine_counters(url: str) -> tuple[float, float] | None:
+    """(steps, decode tokens) from a model server's /metrics (``model_server_engine_*``), or None."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:   # noqa: S310 - 127.0.0.1 only
+            text = r.read().decode()
+    except OSError:
+        return None
+    got = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name in ("model_server_engine_steps", "model_server_engine_decode_tokens"):
+            got[fam.name] = sum(s.value for s in fam.samples if s.name.endswith("_total"))
+    if len(got) < 2:
+        return None
+    return got["model_server_engine_steps"], got["model_server_engine_decode_tokens"]
+
+
+def _scrape_at(url: str, when: float, out: list) -> None:
+    time.sleep(max(0.0, when - time.monotonic()))
+    out.append(scrape_engine_counters(url))
+
+
 def pct_ms(xs: list[float], q: float) -> float | None:
     """The q-th percentile (0-100) of ``xs`` seconds, in ms (the benchmarks' one percentile)."""
     from support import percentile       # the benchmarks' one percentile (imported by the parent only)
@@ -176,8 +213,19 @@ def cell_http(url: str, model: str, c: int, args, id_hi: int) -> dict:
                                        str(streams), str(args.prompt_len), str(args.new_tokens), str(t_start),
                                        str(args.warm_s), str(args.window_s), str(args.reps), str(k), str(id_hi)],
                                       stdout=subprocess.PIPE, text=True))
+    # the engine's counters at the first window's start and the last one's end, scraped from this process
+    import threading
+
+    marks: list[list] = [[], []]
+    t_end = t_start + args.warm_s + args.reps * args.window_s
+    scrapers = [threading.Thread(target=_scrape_at, args=(url, at, out), daemon=True)
+                for at, out in ((t_start + args.warm_s, marks[0]), (t_end, marks[1]))]
+    for t in scrapers:
+        t.start()
     outs = [json.loads(p.communicate(timeout=args.warm_s + args.reps * args.window_s + 90)[0].strip().splitlines()[-1])
             for p in procs]
+    for t in scrapers:
+        t.join(10)
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / (n * (time.monotonic() - wall0))
     tokens = [sum(o["tokens_per_window"][i] for o in outs) for i in range(args.reps)]
@@ -187,6 +235,8 @@ def cell_http(url: str, model: str, c: int, args, id_hi: int) -> dict:
     res.update(concurrency=c, client_processes=n, client_cpu_per_process=round(busy, 3), itl_p50_ms=pct_ms(itl, 50), itl_p99_ms=pct_ms(itl, 99),
                errors=sum(o["n_errors"] for o in outs), error_samples=[e for o in outs for e in o["errors"]][:3],
                tokens_per_chunk=round(sum(o["tokens"] for o in outs) / max(1, sum(o["chunks"] for o in outs)), 3))
+    res.update(engine_rates(marks[0][0] if marks[0] else None, marks[1][0] if marks[1] else None,
+                            args.reps * args.window_s))
     return res
 
 

@@ -18,6 +18,9 @@ Steps (results written to ``--out/steady_state.json`` as they exist):
    counting against the same windows (``steady_load.cell_http``); each HTTP cell's ``ratio_to_in_process``
    is against the in-process cell at the same concurrency, and ``client_cpu_per_process`` is the
    client processes' mean share of one core over the cell (near 1: the load generator is the limit).
+   Every cell also has the engine's own view of its windows (``engine_steps_per_second``,
+   ``engine_tokens_per_step``, about the mean batch; from ``stats()`` in-process, from ``/metrics`` over
+   HTTP): a lower HTTP ratio from slower steps vs from emptier batches.
 
 CPU smoke: ``python benchmarks/steady_state.py --preset tiny --quants bf16,int4 --concurrency 1,4
 --http-concurrency 4 --window-s 1 --warm-s 1 --new-tokens 16 --out /tmp/ss``
@@ -43,7 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from engine_measure import Energy, copy_bandwidth_bytes_per_s, kv_bytes_per_token  # noqa: E402
 from model_server_process import Server, synth_model  # noqa: E402
-from steady_load import Windows, cell_http, in_process, pct_ms, summarize  # noqa: E402
+from steady_load import Windows, cell_http, engine_rates, in_process, pct_ms, summarize  # noqa: E402
 from support import default_commit, log, percentile, utc_date  # noqa: E402
 
 PAPER_RHO_SYS = 6930.0
@@ -70,16 +73,21 @@ async def cell_in_process(eng, prompts, c, args, energy) -> dict:
     w = Windows(time.monotonic() + 0.2, args.warm_s, args.window_s, args.reps)
     e = {}
 
+    def counters() -> tuple[float, float]:
+        st = eng.stats()
+        return float(st.steps_total), float(st.decode_tokens_total)
+
     async def mark():
         await asyncio.sleep(max(0, w.t_start + w.warm_s - time.monotonic()))
-        e["a"] = energy.millijoules()
+        e["a"], e["ca"] = energy.millijoules(), counters()
         await asyncio.sleep(max(0, w.t_end - time.monotonic()))
-        e["b"] = energy.millijoules()
+        e["b"], e["cb"] = energy.millijoules(), counters()
     mt = asyncio.create_task(mark())
     res = await in_process(eng, prompts, c, args.new_tokens, w)
     await mt
     res.update(summarize(w.tokens, args.window_s), concurrency=c, itl_p50_ms=pct_ms(w.itl, 50),
                itl_p99_ms=pct_ms(w.itl, 99))
+    res.update(engine_rates(e.get("ca"), e.get("cb"), args.reps * args.window_s))
     if e.get("a") is not None and e.get("b") is not None and sum(w.tokens):
         res["joules_per_token"] = round((e["b"] - e["a"]) / 1e3 / sum(w.tokens), 6)
     return res
@@ -271,12 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         for c in e.get("cells", []):
             print(f"{e['quant']:5} c={c['concurrency']:3} {c['tokens_per_second_median']:9.1f} tok/s "
                   f"[{c['tokens_per_second_min']}..{c['tokens_per_second_max']}] ITL p50 {c['itl_p50_ms']} "
-                  f"rho {c['rho_sys_tokens_per_s_per_gb']} bw {c.get('fraction_of_bandwidth_limit')}")
+                  f"rho {c['rho_sys_tokens_per_s_per_gb']} bw {c.get('fraction_of_bandwidth_limit')} "
+                  f"engine steps/s {c.get('engine_steps_per_second')} tokens/step {c.get('engine_tokens_per_step')}")
         for c in e.get("http", []):
             print(f"HTTP  c={c['concurrency']:3} api-workers {c.get('api_workers', 0)} {c['tokens_per_second_median']:9.1f} "
                   f"tok/s [{c['tokens_per_second_min']}..{c['tokens_per_second_max']}] "
                   f"{c.get('ratio_to_in_process')} of in-process, err {c['errors']}, "
-                  f"client cpu {c.get('client_cpu_per_process')} x {c['client_processes']}")
+                  f"client cpu {c.get('client_cpu_per_process')} x {c['client_processes']}, "
+                  f"engine steps/s {c.get('engine_steps_per_second')} tokens/step {c.get('engine_tokens_per_step')}")
         print(e["quant"], "weights", e.get("weight_bytes"), "graph b1/b64 ms", e.get("graph_step_ms_b1"),
               e.get("graph_step_ms_b64"), "agree", e.get("agreement_vs_bf16"), e.get("error", ""))
     return 0

@@ -37,4 +37,8 @@ def test_steady_state_smoke(tmp_path, tiny_model_dir):
     assert [c["api_workers"] for c in http] == [0, 1]          # HTTP in the engine's process, then 1 API worker
     assert all(c["errors"] == 0 and c["tokens_per_second_median"] > 0 and c["ratio_to_in_process"] > 0 for c in http)
     assert all(0 < c["client_cpu_per_process"] for c in http)
+    # the engine's own view of the same windows: steps/s, and tokens per step (a step decodes at most one
+    # token per stream and may also prefill a stream's first token: at most 2x the concurrency)
+    for c in [*quants["bf16"]["cells"], *http]:
+        assert c["engine_steps_per_second"] > 0 and 0 < c["engine_tokens_per_step"] <= 2 * c["concurrency"]
     assert 0 <= quants["int4"]["agreement_vs_bf16"]["teacher_forced_match"] <= 1
