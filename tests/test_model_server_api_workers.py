@@ -8,19 +8,21 @@ its requests and is replaced (a restart budget), the engine process dying ends t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+from typing import Iterator
 
 import aiohttp
 import psutil
 import pytest
 import requests
 
-from tests.conftest import start_model_server
+from tests.conftest import ModelServerProcess, start_model_server
 from tests.net_support import wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -45,10 +47,56 @@ def _engine_idle(url: str) -> bool:
             and _metric(text, "model_server_engine_waiting_requests") == 0)
 
 
+class _WorkersServers:
+    """The module's ``--api-workers 2`` server (fast engine, max batch 8), started once and shared by the tests
+    that leave it running; a test that ends it (kills its engine, SIGTERMs it) takes it, and the next test that
+    needs one starts a fresh one. In file order the server the ending tests use is one that already served."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir = model_dir
+        self._stack: contextlib.ExitStack | None = None
+        self._server: ModelServerProcess | None = None
+
+    def get(self) -> ModelServerProcess:
+        if self._server is None or self._server.proc.poll() is not None:
+            self.close()
+            stack = contextlib.ExitStack()
+            self._server = stack.enter_context(start_model_server(
+                self.model_dir, "--engine", "fast", "--api-workers", "2", "--max-batch", "8"))
+            self._stack = stack
+        return self._server
+
+    def take(self) -> tuple[contextlib.ExitStack, ModelServerProcess]:
+        server = self.get()
+        stack, self._stack, self._server = self._stack, None, None
+        assert stack is not None
+        return stack, server
+
+    def close(self) -> None:
+        stack, self._stack, self._server = self._stack, None, None
+        if stack is not None:
+            stack.close()
+
+
 @pytest.fixture(scope="module")
-def workers_server(tiny_model_dir):
-    with start_model_server(tiny_model_dir, "--engine", "fast", "--api-workers", "2", "--max-batch", "8") as s:
-        yield s
+def _workers_servers(tiny_model_dir):
+    servers = _WorkersServers(tiny_model_dir)
+    yield servers
+    servers.close()
+
+
+@pytest.fixture
+def workers_server(_workers_servers) -> ModelServerProcess:
+    """A running ``--api-workers 2`` server that the test leaves running (shared within the module)."""
+    return _workers_servers.get()
+
+
+@pytest.fixture
+def workers_server_to_end(_workers_servers) -> Iterator[ModelServerProcess]:
+    """A running ``--api-workers 2`` server that the test ends; stopped (if still running) afterwards."""
+    stack, server = _workers_servers.take()
+    with stack:
+        yield server
 
 
 def _generate_all(url: str) -> dict[str, object]:
@@ -129,111 +177,124 @@ def test_disconnect_and_stop_sequence_cancel_in_the_engine(workers_server):
     assert _metric(_metrics(url), "model_server_engine_decode_tokens_total") - decoded < MAX_NEW - 1
 
 
-def test_a_worker_dying_cancels_its_requests_and_the_engine_dying_ends_the_workers(tiny_model_dir):
-    with start_model_server(tiny_model_dir, "--engine", "fast", "--api-workers", "2", "--max-batch", "4") as srv:
-        url = srv.url
-        engine_proc = psutil.Process(srv.proc.pid)
-        workers = engine_proc.children()
-        assert len(workers) == 2
-        decoded = _metric(_metrics(url), "model_server_engine_decode_tokens_total")
+def test_a_worker_dying_cancels_its_requests_and_the_engine_dying_ends_the_workers(workers_server_to_end):
+    srv = workers_server_to_end
+    url = srv.url
+    log_before = len(srv.log())             # the server may have served other tests: only this test's lines
+    engine_proc = psutil.Process(srv.proc.pid)
+    workers = engine_proc.children()
+    assert len(workers) == 2
+    decoded = _metric(_metrics(url), "model_server_engine_decode_tokens_total")
 
-        async def stream_then_kill() -> str:
-            # one keep-alive connection: /info names the worker that will also serve the stream
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
-                async with s.get(url + "/info") as r:
-                    pid = (await r.json())["api_worker_pid"]
-                resp = await s.post(url + "/generate_stream", json={
-                    "inputs": "x", "parameters": {"max_new_tokens": MAX_NEW, "ignore_eos": True}})
-                await resp.content.readline()
-                os.kill(pid, signal.SIGKILL)
-                try:
-                    await resp.read()
-                except aiohttp.ClientError:
-                    pass
-                return pid
+    async def stream_then_kill() -> str:
+        # one keep-alive connection: /info names the worker that will also serve the stream
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+            async with s.get(url + "/info") as r:
+                pid = (await r.json())["api_worker_pid"]
+            resp = await s.post(url + "/generate_stream", json={
+                "inputs": "x", "parameters": {"max_new_tokens": MAX_NEW, "ignore_eos": True}})
+            await resp.content.readline()
+            os.kill(pid, signal.SIGKILL)
+            try:
+                await resp.read()
+            except aiohttp.ClientError:
+                pass
+            return pid
 
-        killed = asyncio.run(stream_then_kill())
-        assert wait_until(lambda: _engine_idle(url), 60)      # the survivor reports the engine's stats
-        assert _metric(_metrics(url), "model_server_engine_decode_tokens_total") - decoded < MAX_NEW - 1
-        r = requests.post(url + "/generate", json={"inputs": "y", "parameters": {"max_new_tokens": 2}}, timeout=30)
-        assert r.status_code == 200
-        assert "exited with status" in srv.log() and "restarting it" in srv.log()
-        survivor = next(w for w in workers if w.pid != killed)
-        # the dead worker is replaced: two workers again, the new one listening on the shared port
-        assert wait_until(lambda: len([w for w in engine_proc.children() if w.is_running()
-                                       and w.status() != psutil.STATUS_ZOMBIE]) == 2, 60)
-        new_pid = next(w.pid for w in engine_proc.children() if w.pid not in (killed, survivor.pid))
+    killed = asyncio.run(stream_then_kill())
+    assert wait_until(lambda: _engine_idle(url), 60)      # the survivor reports the engine's stats
+    assert _metric(_metrics(url), "model_server_engine_decode_tokens_total") - decoded < MAX_NEW - 1
+    r = requests.post(url + "/generate", json={"inputs": "y", "parameters": {"max_new_tokens": 2}}, timeout=30)
+    assert r.status_code == 200
+    assert "exited with status" in srv.log()[log_before:] and "restarting it" in srv.log()[log_before:]
+    survivor = next(w for w in workers if w.pid != killed)
+    # the dead worker is replaced: two workers again, the new one listening on the shared port
+    assert wait_until(lambda: len([w for w in engine_proc.children() if w.is_running()
+                                   and w.status() != psutil.STATUS_ZOMBIE]) == 2, 60)
+    new_pid = next(w.pid for w in engine_proc.children() if w.pid not in (killed, survivor.pid))
 
-        def served_by_new() -> bool:        # a fresh connection each time: the kernel picks a worker
-            r = requests.get(url + "/info", timeout=10, headers={"Connection": "close"})
-            return r.json()["api_worker_pid"] == new_pid
-        assert wait_until(served_by_new, 60, interval=0.02)
+    def served_by_new() -> bool:        # a fresh connection each time: the kernel picks a worker
+        r = requests.get(url + "/info", timeout=10, headers={"Connection": "close"})
+        return r.json()["api_worker_pid"] == new_pid
+    assert wait_until(served_by_new, 60, interval=0.02)
 
-        async def stream_then_kill_engine() -> bytes:
-            async with aiohttp.ClientSession() as s:
-                resp = await s.post(url + "/generate_stream", json={
-                    "inputs": "x", "parameters": {"max_new_tokens": MAX_NEW, "ignore_eos": True}})
-                await resp.content.readline()
-                engine_proc.send_signal(signal.SIGKILL)
-                try:
-                    return await asyncio.wait_for(resp.read(), 60)      # ends: never hangs
-                except aiohttp.ClientError:
-                    return b""
+    async def stream_then_kill_engine() -> bytes:
+        async with aiohttp.ClientSession() as s:
+            resp = await s.post(url + "/generate_stream", json={
+                "inputs": "x", "parameters": {"max_new_tokens": MAX_NEW, "ignore_eos": True}})
+            await resp.content.readline()
+            engine_proc.send_signal(signal.SIGKILL)
+            try:
+                return await asyncio.wait_for(resp.read(), 60)      # ends: never hangs
+            except aiohttp.ClientError:
+                return b""
 
-        rest = asyncio.run(stream_then_kill_engine())
-        assert b"the engine process exited" in rest or rest == b""
-        assert wait_until(lambda: not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE, 30)
-
-
-def test_sigterm_drains_live_streams_through_the_workers(tiny_model_dir):
-    with start_model_server(tiny_model_dir, "--engine", "fast", "--api-workers", "2") as srv:
-        url = srv.url
-
-        async def stream_through_sigterm() -> tuple[list[bytes], int]:
-            async with aiohttp.ClientSession() as s:
-                resp = await s.post(url + "/generate_stream", json={
-                    "inputs": "x", "parameters": {"max_new_tokens": 64, "ignore_eos": True}})
-                lines = [await resp.content.readline()]
-                srv.proc.send_signal(signal.SIGTERM)
-                lines += [ln for ln in (await resp.read()).split(b"\n") if ln.startswith(b"data:")]
-                refused = 0
-                try:        # a new request during the drain is refused (503) or finds nobody listening
-                    async with s.post(url + "/generate", json={"inputs": "y"}) as r:
-                        refused = r.status
-                except aiohttp.ClientError:
-                    refused = -1
-                return lines, refused
-
-        lines, refused = asyncio.run(stream_through_sigterm())
-        assert len(lines) == 64 and b'"finish_reason":"length"' in lines[-1]      # finished, not cut
-        assert refused in (503, -1)
-        assert srv.proc.wait(timeout=60) == 0
+    rest = asyncio.run(stream_then_kill_engine())
+    assert b"the engine process exited" in rest or rest == b""
+    assert wait_until(lambda: not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE, 30)
 
 
-def _serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model_server", "serve", *args], capture_output=True, text=True,
-                          timeout=120)
+def test_sigterm_drains_live_streams_through_the_workers(workers_server_to_end):
+    srv = workers_server_to_end
+    url = srv.url
+
+    async def stream_through_sigterm() -> tuple[list[bytes], int]:
+        async with aiohttp.ClientSession() as s:
+            resp = await s.post(url + "/generate_stream", json={
+                "inputs": "x", "parameters": {"max_new_tokens": 64, "ignore_eos": True}})
+            lines = [await resp.content.readline()]
+            srv.proc.send_signal(signal.SIGTERM)
+            lines += [ln for ln in (await resp.read()).split(b"\n") if ln.startswith(b"data:")]
+            refused = 0
+            try:        # a new request during the drain is refused (503) or finds nobody listening
+                async with s.post(url + "/generate", json={"inputs": "y"}) as r:
+                    refused = r.status
+            except aiohttp.ClientError:
+                refused = -1
+            return lines, refused
+
+    lines, refused = asyncio.run(stream_through_sigterm())
+    assert len(lines) == 64 and b'"finish_reason":"length"' in lines[-1]      # finished, not cut
+    assert refused in (503, -1)
+    assert srv.proc.wait(timeout=60) == 0
+
+
+def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``model-server serve ARGS``, started: :func:`_exited` waits for it (the test starts its runs, each exits
+    by itself, then waits for all of them: they take as long as the slowest, not the sum)."""
+    return subprocess.Popen([sys.executable, "-m", "model_server", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _exited(proc: subprocess.Popen[str]) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_bad_api_workers_arguments_fail_with_one_line(tiny_model_dir):
-    r = _serve(tiny_model_dir, "--api-workers", "-1")
-    assert r.returncode == 2 and "--api-workers: expected a non-negative integer" in r.stderr
-    r = _serve(tiny_model_dir, "--engine", "transformers", "--api-workers", "2")
-    assert r.returncode == 2 and "--api-workers needs the fast engine" in r.stderr
     # a port another server shares through SO_REUSEPORT is refused, not silently split
     with socket.socket() as other:
         other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         other.bind(("127.0.0.1", 0))
         other.listen()
-        r = _serve(tiny_model_dir, "--engine", "fast", "--port", str(other.getsockname()[1]), "--api-workers", "2")
-    assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "model_server", "serve", tiny_model_dir, "--engine", "fast",
-                        "--api-workers", "2"], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "MODEL_SERVER_API_WORKER_RESTARTS": "many"})
-    assert r.returncode == 2 and "MODEL_SERVER_API_WORKER_RESTARTS must be an integer >= 0" in r.stderr
-    # auto on a CPU picks the transformers engine: refused once it is known, and the workers exit
-    r = _serve(tiny_model_dir, "--device", "cpu", "--port", "0", "--api-workers", "1")
-    assert r.returncode == 1 and "--api-workers needs the fast engine" in r.stderr
+        runs = [_serve(tiny_model_dir, "--api-workers", "-1"),
+                _serve(tiny_model_dir, "--engine", "transformers", "--api-workers", "2"),
+                _serve(tiny_model_dir, "--engine", "fast", "--port", str(other.getsockname()[1]), "--api-workers", "2"),
+                _serve(tiny_model_dir, "--engine", "fast", "--api-workers", "2",
+                       env={**os.environ, "MODEL_SERVER_API_WORKER_RESTARTS": "many"}),
+                # auto on a CPU picks the transformers engine: refused once it is known, and the workers exit
+                _serve(tiny_model_dir, "--device", "cpu", "--port", "0", "--api-workers", "1")]
+        negative, transformers, shared_port, restarts, auto_on_cpu = [_exited(p) for p in runs]
+    assert negative.returncode == 2 and "--api-workers: expected a non-negative integer" in negative.stderr
+    assert transformers.returncode == 2 and "--api-workers needs the fast engine" in transformers.stderr
+    assert shared_port.returncode == 2 and "cannot listen on 127.0.0.1" in shared_port.stderr
+    assert restarts.returncode == 2 and "MODEL_SERVER_API_WORKER_RESTARTS must be an integer >= 0" in restarts.stderr
+    assert auto_on_cpu.returncode == 1 and "--api-workers needs the fast engine" in auto_on_cpu.stderr
 
 
 def test_restart_budget_leaves_a_worker_that_keeps_dying_dead():
