@@ -3,7 +3,8 @@
 
 Owns: the upstream (aiohttp, its own process: ``SCRIPT --upstream PORT --tokens N --first-token-ms F
 --token-interval-ms I``), which streams ``tokens`` SSE events on a fixed schedule from the request's
-arrival and the usage chunk last, and starting ``edge-proxy serve`` subprocesses against it.
+arrival and the usage chunk last (``stamp``: with the upstream's own times per request, transit.py's
+format), and starting ``edge-proxy serve`` subprocesses against it.
 
 Must NOT: measure or report anything (the benchmarks do), or listen anywhere but 127.0.0.1.
 """
@@ -13,17 +14,22 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from support import ROOT, free_port, wait_http_ok
+from transit import STAMP_HEADER, stamp_comment, stamp_header
 
 
 def run_upstream(port: int, tokens: int, first_ms: float, interval_ms: float, *,
-                 prompt_header: bool = True, backlog: int = 1024) -> None:
+                 prompt_header: bool = True, backlog: int = 1024, stamp: bool = False) -> None:
     """Serve the fake backend until killed. Streaming: SSE on a fixed schedule, first event after
     ``first_ms``, then one every ``interval_ms`` (ms); non-streaming: one JSON body after the same
     total time. ``prompt_header``: also send ``x-prompt-tokens: 8`` (without it, the prompt-token
-    count is known only from the usage chunk at the end, like vLLM: the energy ledger's hardest case)."""
+    count is known only from the usage chunk at the end, like vLLM: the energy ledger's hardest case).
+    ``stamp``: tell the client this process's own times per request (CLOCK_MONOTONIC ns: handler
+    entry, first data write, last write), as transit.py's SSE comment before ``data: [DONE]`` or
+    its ``x-upstream-ns`` header on a whole response."""
     from aiohttp import web
 
     piece = lambda i: (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"bench",'  # noqa: E731
@@ -41,10 +47,12 @@ def run_upstream(port: int, tokens: int, first_ms: float, interval_ms: float, *,
     headers = {"Content-Type": "text/event-stream", **({"x-prompt-tokens": "8"} if prompt_header else {})}
 
     async def chat(request: web.Request) -> web.StreamResponse:
+        recv = time.monotonic_ns()
         req = await request.json()
         if not req.get("stream"):
             await asyncio.sleep((first_ms + interval_ms * (tokens - 1)) / 1000)
-            return web.Response(body=body, content_type="application/json")
+            extra = {STAMP_HEADER: stamp_header(recv, time.monotonic_ns())} if stamp else None
+            return web.Response(body=body, content_type="application/json", headers=extra)
         resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
         # Events on a fixed schedule from the request's arrival (like a GPU's decode steps), not
@@ -52,14 +60,19 @@ def run_upstream(port: int, tokens: int, first_ms: float, interval_ms: float, *,
         # test) must not push every later event back and show up as latency the proxy added.
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        first = 0
         for i, ev in enumerate(events):
             delay = t0 + (first_ms + interval_ms * i) / 1000 - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if not i:
+                first = time.monotonic_ns()
             await resp.write(ev)
         await resp.write(final)
         if (req.get("stream_options") or {}).get("include_usage"):
             await resp.write(usage)
+        if stamp:
+            await resp.write(stamp_comment(recv, first or time.monotonic_ns(), time.monotonic_ns()))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

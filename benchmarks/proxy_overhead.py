@@ -17,6 +17,13 @@ measured windows per second) and the throughput ratio to direct by Little's law 
 end-to-end latency: window counts are quantized when the clients run in phase), and the target
 process's CPU seconds per 1000 requests (from /proc; for ``direct`` that is the upstream's).
 
+Noise-cancelled added latency (transit.py): the upstream stamps its own times per request, so each
+request's transit (client-measured TTFT / e2e minus the upstream's own time to its first / last
+write) leaves the upstream's sleep and scheduling jitter out; added = median transit(target) -
+median transit(direct), pooled and per interleaved round (each round's own direct; the targets'
+order rotates by one each round), with a 95% bootstrap interval, and the verdict "edge-proxy's added
+p50 <= 2x nginx's": met, not met, or unresolved when the ranges overlap.
+
 Usage: ``python benchmarks/proxy_overhead.py [--seconds 8] [--quick] [--json OUT.json]``
 """
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -32,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import transit
 from fake_backend import run_upstream, start_edge_proxy, start_upstream
 from nginx_target import NGINX, start_nginx
 from support import child_pids, cpu_seconds, pct, stop_all, use_uvloop
@@ -55,6 +64,13 @@ class Cell:
     completed: int = 0
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    # transit.py: per measured request, parallel to ttft / e2e (NaN when a response had no stamps)
+    ttft_transit: list[float] = field(default_factory=list)
+    e2e_transit: list[float] = field(default_factory=list)
+    request_leg: list[float] = field(default_factory=list)
+    round_ends: list[int] = field(default_factory=list)        # len(e2e) after each round
+    ttft_round_ends: list[int] = field(default_factory=list)   # len(ttft) after each round
+    unstamped: int = 0
 
     @property
     def rps(self) -> float:
@@ -86,14 +102,19 @@ async def run_cell(url: str, stream: bool, conc: int, seconds: float, warmup: fl
                 t0 = time.monotonic()
                 if t0 >= t_stop:
                     return
-                ttft = None
+                ttft = t_first = None
+                tail = b""
                 try:
                     async with s.post(url, data=body, headers=headers) as r:
                         if r.status != 200:
                             raise RuntimeError(r.status)
+                        stamps = r.headers.get(transit.STAMP_HEADER)
                         async for chunk in r.content.iter_any():
                             if ttft is None and b"data" in chunk:
-                                ttft = time.monotonic() - t0
+                                t_first = time.monotonic()
+                                ttft = t_first - t0
+                            if stream:
+                                tail = (tail + chunk)[-200:]
                     t1 = time.monotonic()
                 except Exception:  # noqa: BLE001
                     if t0 >= t_measure:
@@ -103,8 +124,14 @@ async def run_cell(url: str, stream: bool, conc: int, seconds: float, warmup: fl
                     cell.completed += 1        # throughput: completions inside the window
                 if t0 >= t_measure and t1 <= t_stop:
                     cell.e2e.append(t1 - t0)
+                    got = transit.parse_stamps(tail if stream else stamps)
+                    tr = transit.transit(t0, t_first, t1, got) if got else None
+                    cell.unstamped += tr is None
+                    cell.e2e_transit.append(tr.e2e if tr else math.nan)
+                    cell.request_leg.append(tr.request_leg if tr else math.nan)
                     if stream and ttft is not None:
                         cell.ttft.append(ttft)
+                        cell.ttft_transit.append(tr.ttft if tr and tr.ttft is not None else math.nan)
         await asyncio.gather(*(worker() for _ in range(conc)))
     cell.seconds = seconds
 
@@ -112,17 +139,18 @@ async def run_cell(url: str, stream: bool, conc: int, seconds: float, warmup: fl
 def main() -> int:
     loop_name = use_uvloop()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=12.0, help="measured seconds per target and cell (all rounds)")
-    ap.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each measurement")
-    ap.add_argument("--rounds", type=int, default=4, help="targets interleaved in this many rounds per cell")
-    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--seconds", type=float, help="measured seconds per target and cell, all rounds (12)")
+    ap.add_argument("--warmup", type=float, help="unmeasured seconds before each measurement (0.5)")
+    ap.add_argument("--rounds", type=int, help="targets interleaved in this many rounds per cell (4; --quick: 1)")
+    ap.add_argument("--concurrency", help="levels (1,16,64)")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per response")
     ap.add_argument("--first-token-ms", type=float, default=20.0)
     ap.add_argument("--token-interval-ms", type=float, default=10.0)
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--nginx", default=NGINX, help="the nginx binary (default: Debian's)")
     ap.add_argument("--core-row", action="store_true", help="also run edge-proxy with --energy-source none")
-    ap.add_argument("--quick", action="store_true", help="1 s per cell, concurrency 1,4 (smoke test)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: defaults 1 s per cell, 0.3 s warm-up, concurrency 1,4, 1 round (flags given win)")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -130,10 +158,12 @@ def main() -> int:
         # Default asyncio loop here: its timers have ns resolution (uvloop's are 1 ms), so the
         # upstream's token pacing adds no jitter of its own.
         asyncio.set_event_loop_policy(None)
-        run_upstream(args.upstream, args.tokens, args.first_token_ms, args.token_interval_ms)
+        run_upstream(args.upstream, args.tokens, args.first_token_ms, args.token_interval_ms, stamp=True)
         return 0
-    if args.quick:
-        args.seconds, args.warmup, args.concurrency, args.rounds = 1.0, 0.3, "1,4", 1
+    for name, normal, quick in (("seconds", 12.0, 1.0), ("warmup", 0.5, 0.3), ("concurrency", "1,16,64", "1,4"),
+                                ("rounds", 4, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else normal)
     levels = [int(c) for c in args.concurrency.split(",")]
 
     procs: list[subprocess.Popen] = []
@@ -161,10 +191,11 @@ def main() -> int:
             from rich.progress import Progress
         except ImportError:  # pragma: no cover
             Progress = None  # type: ignore[assignment]
-        # Rounds: every target runs seconds/rounds per round, targets interleaved, so that load
-        # from other processes on the machine falls on all targets alike.
+        # Rounds: every target runs seconds/rounds per round, targets interleaved (their order
+        # rotated by one each round), so that load from other processes on the machine and drift
+        # fall on all targets alike.
         plan = [(stream, c, r, t) for stream in (True, False) for c in levels
-                for r in range(args.rounds) for t in targets]
+                for r in range(args.rounds) for t in targets[r % len(targets):] + targets[:r % len(targets)]]
         merged: dict[tuple[str, bool, int], Cell] = {}
 
         def one(stream: bool, c: int, t: Target) -> None:
@@ -176,6 +207,12 @@ def main() -> int:
             cell.completed += part.completed
             cell.seconds += part.seconds
             cell.cpu_seconds += part.cpu_seconds
+            cell.ttft_transit += part.ttft_transit
+            cell.e2e_transit += part.e2e_transit
+            cell.request_leg += part.request_leg
+            cell.unstamped += part.unstamped
+            cell.round_ends.append(len(cell.e2e))
+            cell.ttft_round_ends.append(len(cell.ttft))
         if Progress is not None:
             with Progress(transient=True) as prog:
                 task = prog.add_task("measuring", total=len(plan))
@@ -187,8 +224,10 @@ def main() -> int:
                 one(stream, c, t)
         cells = list(merged.values())
         report(cells, targets, args)
+        summary = transit.report(cells)
         if args.json:
-            Path(args.json).write_text(json.dumps([c.__dict__ for c in cells]))
+            Path(args.json).write_text(json.dumps(
+                [{**c.__dict__, **summary.get((c.target, c.stream, c.concurrency), {})} for c in cells]))
         return 0
     finally:
         stop_all(procs)
