@@ -47,6 +47,20 @@ def _engine_idle(url: str) -> bool:
             and _metric(text, "model_server_engine_waiting_requests") == 0)
 
 
+def _wait_workers_ready(url: str, n: int, timeout: float = 60.0) -> None:
+    """Each API worker has its own state ("loading" while its own tokenizer loads, when another one may already
+    answer /health with 200): wait until ``n`` distinct workers said ready, asking on fresh connections (the
+    kernel hands each to one of them)."""
+    ready: set[int] = set()
+
+    def poll() -> bool:
+        info = requests.get(url + "/info", timeout=10, headers={"Connection": "close"}).json()
+        if info.get("ready") is True:
+            ready.add(info["api_worker_pid"])
+        return len(ready) >= n
+    assert wait_until(poll, timeout, interval=0.02), f"only the API workers {sorted(ready)} said ready"
+
+
 class _WorkersServers:
     """The module's ``--api-workers 2`` server (fast engine, max batch 8), started once and shared by the tests
     that leave it running; a test that ends it (kills its engine, SIGTERMs it) takes it, and the next test that
@@ -61,9 +75,14 @@ class _WorkersServers:
         if self._server is None or self._server.proc.poll() is not None:
             self.close()
             stack = contextlib.ExitStack()
-            self._server = stack.enter_context(start_model_server(
-                self.model_dir, "--engine", "fast", "--api-workers", "2", "--max-batch", "8"))
-            self._stack = stack
+            try:
+                server = stack.enter_context(start_model_server(
+                    self.model_dir, "--engine", "fast", "--api-workers", "2", "--max-batch", "8"))
+                _wait_workers_ready(server.url, 2)
+            except BaseException:
+                stack.close()
+                raise
+            self._stack, self._server = stack, server
         return self._server
 
     def take(self) -> tuple[contextlib.ExitStack, ModelServerProcess]:
@@ -259,42 +278,30 @@ def test_sigterm_drains_live_streams_through_the_workers(workers_server_to_end):
     assert srv.proc.wait(timeout=60) == 0
 
 
-def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """``model-server serve ARGS``, started: :func:`_exited` waits for it (the test starts its runs, each exits
-    by itself, then waits for all of them: they take as long as the slowest, not the sum)."""
-    return subprocess.Popen([sys.executable, "-m", "model_server", "serve", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _exited(proc: subprocess.Popen[str]) -> subprocess.CompletedProcess:
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_server", "serve", *args], capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_bad_api_workers_arguments_fail_with_one_line(tiny_model_dir):
+    r = _serve(tiny_model_dir, "--api-workers", "-1")
+    assert r.returncode == 2 and "--api-workers: expected a non-negative integer" in r.stderr
+    r = _serve(tiny_model_dir, "--engine", "transformers", "--api-workers", "2")
+    assert r.returncode == 2 and "--api-workers needs the fast engine" in r.stderr
     # a port another server shares through SO_REUSEPORT is refused, not silently split
     with socket.socket() as other:
         other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         other.bind(("127.0.0.1", 0))
         other.listen()
-        runs = [_serve(tiny_model_dir, "--api-workers", "-1"),
-                _serve(tiny_model_dir, "--engine", "transformers", "--api-workers", "2"),
-                _serve(tiny_model_dir, "--engine", "fast", "--port", str(other.getsockname()[1]), "--api-workers", "2"),
-                _serve(tiny_model_dir, "--engine", "fast", "--api-workers", "2",
-                       env={**os.environ, "MODEL_SERVER_API_WORKER_RESTARTS": "many"}),
-                # auto on a CPU picks the transformers engine: refused once it is known, and the workers exit
-                _serve(tiny_model_dir, "--device", "cpu", "--port", "0", "--api-workers", "1")]
-        negative, transformers, shared_port, restarts, auto_on_cpu = [_exited(p) for p in runs]
-    assert negative.returncode == 2 and "--api-workers: expected a non-negative integer" in negative.stderr
-    assert transformers.returncode == 2 and "--api-workers needs the fast engine" in transformers.stderr
-    assert shared_port.returncode == 2 and "cannot listen on 127.0.0.1" in shared_port.stderr
-    assert restarts.returncode == 2 and "MODEL_SERVER_API_WORKER_RESTARTS must be an integer >= 0" in restarts.stderr
-    assert auto_on_cpu.returncode == 1 and "--api-workers needs the fast engine" in auto_on_cpu.stderr
+        r = _serve(tiny_model_dir, "--engine", "fast", "--port", str(other.getsockname()[1]), "--api-workers", "2")
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "model_server", "serve", tiny_model_dir, "--engine", "fast",
+                        "--api-workers", "2"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MODEL_SERVER_API_WORKER_RESTARTS": "many"})
+    assert r.returncode == 2 and "MODEL_SERVER_API_WORKER_RESTARTS must be an integer >= 0" in r.stderr
+    # auto on a CPU picks the transformers engine: refused once it is known, and the workers exit
+    r = _serve(tiny_model_dir, "--device", "cpu", "--port", "0", "--api-workers", "1")
+    assert r.returncode == 1 and "--api-workers needs the fast engine" in r.stderr
 
 
 def test_restart_budget_leaves_a_worker_that_keeps_dying_dead():
