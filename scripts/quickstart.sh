@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a virtual environment in .venv (CPU torch, the package with its extras) and then
 #   demo: runs `edge-proxy demo` (model server + proxy + load + live table of the five metrics)
-#   test: installs Prometheus and nginx (Debian packages) when missing and runs the test suite
+#   test: installs Prometheus and nginx (Debian packages) when missing and runs the test suite (2 processes)
 # Usage: bash scripts/quickstart.sh demo|test [extra args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +66,8 @@ fi
 
 case "$mode" in
   demo) exec edge-proxy demo "$@" ;;
-  test) exec python -m pytest -q -p no:cacheprovider "$@" ;;
+  # two pytest processes (pytest-xdist), each test file whole in one of them (its module fixtures start once);
+  # most of the suite waits on servers it starts, so two share 2 cores well (extra args come last: -n 0 = one)
+  test) exec python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "$@" ;;
   setup) echo "environment ready in $VENV" ;;
 esac
