@@ -60,15 +60,15 @@ def test_compute_choice_by_capability(cap, dtype, kernel):
 
 
 def test_fast_engine_picks_fp16_on_a_faked_t4(monkeypatch):
-    from model_server.engines.fast import engine as fe
+    from model_server.engines.fast import support as fe
 
     bf16 = torch.zeros(1, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert fe._default_dtype(bf16, "cuda") == torch.float16
+    assert fe.default_dtype(bf16, "cuda") == torch.float16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert fe._default_dtype(bf16, "cuda") == torch.bfloat16
-    assert fe._default_dtype(bf16, "cpu") is None
-    assert fe._default_dtype(torch.zeros(1), "cuda") is None
+    assert fe.default_dtype(bf16, "cuda") == torch.bfloat16
+    assert fe.default_dtype(bf16, "cpu") is None
+    assert fe.default_dtype(torch.zeros(1), "cuda") is None
 
 
 def _greedy_fast(model, prompts, n):
