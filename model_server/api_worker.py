@@ -3,8 +3,9 @@
 Runs the ordinary aiohttp app (TGI + OpenAI routes, /health, /info, /metrics, /energy) on the
 server's host:port with SO_REUSEPORT, with a :class:`~model_server.remote_engine.RemoteEngine` in
 place of the engine. It loads only the tokenizer (tokenization, chat templates, detokenization run
-here); the state, limits and /info come from the engine process. Its state is the engine process's,
-except "loading" while its own tokenizer loads and "failed" once the engine process is gone; it
+here), before it listens, so no worker accepts a connection it cannot serve once the engine is
+ready; the state, limits and /info come from the engine process. Its state is the engine process's,
+except "failed" once the engine process is gone; it
 then ends its live streams with an error and exits (status 1). On ``exit`` from the engine process
 or SIGTERM it refuses new requests, lets its own finish (bounded by --drain-timeout) and exits 0;
 SIGINT is left to the engine process. It must not load the model nor decide the server's lifecycle.
@@ -172,18 +173,23 @@ class Worker:
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0,
                                logger=ProtocolErrorLogger(logging.getLogger("aiohttp.server")))
         await runner.setup()
+        await engine.start()
+        # the tokenizer first (while the engine process loads the model): a worker that accepts
+        # connections never answers "not ready" because of itself, at the start or when it replaces one
+        await self.load_tokenizer()
+        if self.exit_code is not None:
+            await runner.cleanup()
+            writer.close()
+            return self.exit_code
         site = web.TCPSite(runner, cfg["host"], cfg["port"], reuse_port=True)
         await site.start()
-        await engine.start()
         ipc.send(writer, ("listening", os.getpid()))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_exit, 0)
-        tok_task = asyncio.create_task(self.load_tokenizer())
         await self.done.wait()
         deadline = time.monotonic() + float(cfg["drain_timeout"])
         while rt.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        tok_task.cancel()
         await runner.cleanup()
         writer.close()
         return self.exit_code or 0

@@ -232,10 +232,16 @@ def test_a_worker_dying_cancels_its_requests_and_the_engine_dying_ends_the_worke
                                    and w.status() != psutil.STATUS_ZOMBIE]) == 2, 60)
     new_pid = next(w.pid for w in engine_proc.children() if w.pid not in (killed, survivor.pid))
 
+    states: list[str] = []
+
     def served_by_new() -> bool:        # a fresh connection each time: the kernel picks a worker
-        r = requests.get(url + "/info", timeout=10, headers={"Connection": "close"})
-        return r.json()["api_worker_pid"] == new_pid
+        info = requests.get(url + "/info", timeout=10, headers={"Connection": "close"}).json()
+        if info["api_worker_pid"] == new_pid:
+            states.append(info["state"])
+        return bool(states)
     assert wait_until(served_by_new, 60, interval=0.02)
+    # it listens only once its tokenizer is loaded: its first answer is already "ready", never "loading"
+    assert states == ["ready"]
 
     async def stream_then_kill_engine() -> bytes:
         async with aiohttp.ClientSession() as s:
