@@ -55,7 +55,7 @@ from edge_proxy.config import Settings  # noqa: E402
 from edge_proxy.energy.window import EnergyWindows  # noqa: E402
 from edge_proxy.proxy.server import build_proxy  # noqa: E402
 from model_server_process import synth_into  # noqa: E402
-from support import free_port, utc_date  # noqa: E402
+from support import free_port, utc_date, wait_engine_warm  # noqa: E402
 
 def _err(msg: str) -> int:
     print(f"cold_start.py: error: {msg}", file=sys.stderr)
@@ -133,7 +133,8 @@ async def run_variant(args: argparse.Namespace, model_dir: Path, quant: str, pro
                 # serve warms the fast engine up in the background after the first token (the first
                 # requests run eagerly): the cold start is not over for the energy bill until it is warm,
                 # and warm requests measured before that would be the eager path's
-                warm_at = await _wait_engine_warm(session, st.proxy.backend_url, args.max_wait)
+                info = await asyncio.to_thread(wait_engine_warm, st.proxy.backend_url, args.max_wait)
+                warm_at = time.monotonic_ns() if info.get("engine_warm") else None   # None: not reported
                 to_warm = None
                 if warm_at is not None and energy is not None:
                     to_warm = EnergyWindows(energy).measure(cs.timeline.hold_start, warm_at).joules_if_covered()
@@ -188,20 +189,6 @@ def _load_to_ready(cs: dict[str, Any]) -> float | None:
     b = cs.get("backend_startup_epoch_seconds") or {}
     if b.get("load_start") is not None and b.get("ready") is not None:
         return float(b["ready"]) - float(b["load_start"])
-    return None
-
-
-async def _wait_engine_warm(session: aiohttp.ClientSession, backend: str, limit_s: float) -> int | None:
-    """Poll the backend's /info until ``engine_warm`` is not False; the monotonic ns it was seen warm, or
-    None when the server does not report it (another engine, an older server) or ``limit_s`` passes."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        info = await _get_json(session, backend + "/info")
-        if info is None or "engine_warm" not in info:
-            return None
-        if info["engine_warm"] is not False:
-            return time.monotonic_ns()
-        await asyncio.sleep(0.1)
     return None
 
 

@@ -7,8 +7,9 @@ to the engine over a private socketpair (:mod:`model_server.engine_hub`). It res
 (so ``--port 0`` picks one port for all of them), prints ``listening on`` once every worker listens,
 drains on SIGTERM (workers refuse new requests, live ones finish, the engine stops, workers exit),
 restarts a worker that dies (its requests were cancelled; at most ``MODEL_SERVER_API_WORKER_RESTARTS``
-restarts per worker per minute, default 5) and exits with 1 when every worker has died for good. Request metrics are aggregated over the workers with
-prometheus_client's multiprocess mode (one private directory per server run).
+restarts per worker per minute, default 5) and exits with 1 when every worker has died for good.
+Request metrics are aggregated over the workers with prometheus_client's multiprocess mode (one
+private directory per server run).
 It must not handle requests (the workers do) nor load models itself.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from model_server.engine_hub import EngineHub, WorkerConnection
 from model_server.runtime import Runtime
@@ -174,7 +176,8 @@ async def serve_with_workers(args: argparse.Namespace) -> int:
         await _await_listening(conns, procs)
         log.info("listening on http://%s:%s (loading %s; %d API worker processes)", args.host, port, args.model,
                  len(procs))
-        spawn = lambda i: _spawn(i, args, port, gpu_uuids, energy_id, metrics_dir)   # noqa: E731
+        spawn = functools.partial(_spawn, args=args, port=port, gpu_uuids=gpu_uuids, energy_id=energy_id,
+                                  metrics_dir=metrics_dir)
         watch = [asyncio.create_task(_watch(i, runtime, hub, conns, procs, spawn, RestartBudget(restarts),
                                             metrics_dir)) for i in range(len(procs))]
         done, _ = await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -228,7 +231,8 @@ async def _await_listening(conns: list[WorkerConnection], procs: list[subprocess
 
 
 async def _watch(index: int, runtime: Runtime, hub: EngineHub, conns: list[WorkerConnection],
-                 procs: list[subprocess.Popen], spawn: Any, budget: RestartBudget, metrics_dir: str) -> None:
+                 procs: list[subprocess.Popen], spawn: Callable[[int], tuple[subprocess.Popen, socket.socket]],
+                 budget: RestartBudget, metrics_dir: str) -> None:
     """Worker ``index``'s connection ended: its requests were cancelled (engine_hub); respawn it while the
     budget allows (``conns``/``procs`` hold the current one), else leave it dead; with none left, stop."""
     from prometheus_client import multiprocess
