@@ -17,6 +17,8 @@
 #   bash benchmarks/gpu_calls.sh httpw      # issue 17: bf16 at 64 and 256 in-process vs HTTP, serve --api-workers 0
 #                                            (HTTP in the engine's process) vs 4 (WORKERS, HTTPW_CONC change the sets; WINDOW_S, default 10;
 #                                            SWITCHES="default 0.005": one run per server switch interval) (~6 min)
+#   bash benchmarks/gpu_calls.sh httpo      # issue 17: bf16 at 64 in-process vs HTTP (--api-workers 2), the fast engine's
+#                                            prefill overlap off then on (OVERLAPS="0 1"; WORKERS, HTTPW_CONC as httpw) (~6 min)
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
@@ -33,7 +35,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|int4|decode|http|httpw|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|int4|decode|http|httpw|cold|ctax" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|int4|decode|http|httpw|httpo|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|int4|decode|http|httpw|httpo|cold|ctax" >&2; exit 2 ;; esac
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
 export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
@@ -96,6 +98,15 @@ case "${1:-}" in
         --api-workers "${WORKERS:-0,4}" --agree-prompts 0 --window-s "${WINDOW_S:-10}" \
         > "$out/$d.log" 2>&1; echo "steady_state ($iv) rc $?"; stop_servers; tail -4 "$out/$d.log"
     done; unset MODEL_SERVER_SWITCH_INTERVAL_S ;;
+  httpo)   # the fast engine's prefill overlap (MODEL_SERVER_FAST_OVERLAP_PREFILL) A/B, in-process and HTTP per setting
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    for ov in ${OVERLAPS:-0 1}; do
+      export MODEL_SERVER_FAST_OVERLAP_PREFILL=$ov
+      timeout "${HTTPW_SECONDS:-280}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/overlap_$ov" --quants bf16 --concurrency "${HTTPW_CONC:-64}" --http-concurrency "${HTTPW_CONC:-64}" \
+        --api-workers "${WORKERS:-2}" --agree-prompts 0 --window-s "${WINDOW_S:-10}" \
+        > "$out/overlap_$ov.log" 2>&1; echo "steady_state (overlap $ov) rc $?"; stop_servers; tail -4 "$out/overlap_$ov.log"
+    done; unset MODEL_SERVER_FAST_OVERLAP_PREFILL ;;
   ctax)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout "${CTAX_SECONDS:-400}" python3 benchmarks/cold_start.py --preset llama-3.2-1b --model-dir /tmp/m1b \

@@ -158,21 +158,25 @@ def summarize(per_window: list[float], window_s: float) -> dict:
             "tokens_per_second_max": round(max(tps), 1), "tokens_per_second_windows": [round(x, 1) for x in tps]}
 
 
-def engine_rates(a: tuple[float, float] | None, b: tuple[float, float] | None, seconds: float) -> dict:
-    """The engine's own view of a span, from its (steps, generated tokens) counters at both ends: engine
-    steps per second and generated tokens per step (about the mean batch; a step's prefilled first
-    tokens count too). In-process vs HTTP at one concurrency, they tell a slower step (fewer steps/s)
-    from emptier batches (fewer tokens per step: slots idle between a request's end and the next
-    one's admission). Through API workers the counters are as the engine last pushed them (every 0.5 s):
-    over 30 s of windows that is within ~2 % at each end."""
+def engine_rates(a: tuple[float, ...] | None, b: tuple[float, ...] | None, seconds: float) -> dict:
+    """The engine's own view of a span, from its (steps, generated tokens, prefill passes) counters at both
+    ends: engine steps per second, generated tokens per step (about the mean batch; a step's prefilled first
+    tokens count too) and prefill passes per second (each one runs between two decode steps and holds up the
+    whole batch). In-process vs HTTP at one concurrency, they tell a slower step (fewer steps/s) from emptier
+    batches (fewer tokens per step: slots idle between a request's end and the next one's admission) and from
+    more, smaller prefills (arrivals spread out instead of admitted together). Through API workers the counters
+    are as the engine last pushed them (every 0.5 s): over 30 s of windows that is within ~2 % at each end."""
     if a is None or b is None or seconds <= 0 or b[0] <= a[0]:
         return {}
     steps, tokens = b[0] - a[0], b[1] - a[1]
-    return {"engine_steps_per_second": round(steps / seconds, 1), "engine_tokens_per_step": round(tokens / steps, 2)}
+    res = {"engine_steps_per_second": round(steps / seconds, 1), "engine_tokens_per_step": round(tokens / steps, 2)}
+    if len(a) > 2 and len(b) > 2:
+        res["engine_prefills_per_second"] = round((b[2] - a[2]) / seconds, 1)
+    return res
 
 
-def scrape_engine_counters(url: str) -> tuple[float, float] | None:
-    """(steps, decode tokens) from a model server's /metrics (``model_server_engine_*``), or None."""
+def scrape_engine_counters(url: str) -> tuple[float, ...] | None:
+    """(steps, decode tokens[, prefill passes]) from a model server's /metrics (``model_server_engine_*``), or None."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -183,12 +187,13 @@ def scrape_engine_counters(url: str) -> tuple[float, float] | None:
     except OSError:
         return None
     got = {}
+    names = ("model_server_engine_steps", "model_server_engine_decode_tokens", "model_server_engine_prefill_calls")
     for fam in text_string_to_metric_families(text):
-        if fam.name in ("model_server_engine_steps", "model_server_engine_decode_tokens"):
+        if fam.name in names:
             got[fam.name] = sum(s.value for s in fam.samples if s.name.endswith("_total"))
-    if len(got) < 2:
+    if names[0] not in got or names[1] not in got:
         return None
-    return got["model_server_engine_steps"], got["model_server_engine_decode_tokens"]
+    return tuple(got[n] for n in names if n in got)
 
 
 def _scrape_at(url: str, when: float, out: list) -> None:

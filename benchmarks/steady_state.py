@@ -73,9 +73,9 @@ async def cell_in_process(eng, prompts, c, args, energy) -> dict:
     w = Windows(time.monotonic() + 0.2, args.warm_s, args.window_s, args.reps)
     e = {}
 
-    def counters() -> tuple[float, float]:
+    def counters() -> tuple[float, float, float]:
         st = eng.stats()
-        return float(st.steps_total), float(st.decode_tokens_total)
+        return float(st.steps_total), float(st.decode_tokens_total), float(st.prefill_calls_total)
 
     async def mark():
         await asyncio.sleep(max(0, w.t_start + w.warm_s - time.monotonic()))
@@ -280,13 +280,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{e['quant']:5} c={c['concurrency']:3} {c['tokens_per_second_median']:9.1f} tok/s "
                   f"[{c['tokens_per_second_min']}..{c['tokens_per_second_max']}] ITL p50 {c['itl_p50_ms']} "
                   f"rho {c['rho_sys_tokens_per_s_per_gb']} bw {c.get('fraction_of_bandwidth_limit')} "
-                  f"engine steps/s {c.get('engine_steps_per_second')} tokens/step {c.get('engine_tokens_per_step')}")
+                  f"engine steps/s {c.get('engine_steps_per_second')} tokens/step {c.get('engine_tokens_per_step')} "
+                  f"prefills/s {c.get('engine_prefills_per_second')}")
         for c in e.get("http", []):
             print(f"HTTP  c={c['concurrency']:3} api-workers {c.get('api_workers', 0)} {c['tokens_per_second_median']:9.1f} "
                   f"tok/s [{c['tokens_per_second_min']}..{c['tokens_per_second_max']}] "
                   f"{c.get('ratio_to_in_process')} of in-process, err {c['errors']}, "
                   f"client cpu {c.get('client_cpu_per_process')} x {c['client_processes']}, "
-                  f"engine steps/s {c.get('engine_steps_per_second')} tokens/step {c.get('engine_tokens_per_step')}")
+                  f"engine steps/s {c.get('engine_steps_per_second')} tokens/step {c.get('engine_tokens_per_step')} "
+                  f"prefills/s {c.get('engine_prefills_per_second')}")
         print(e["quant"], "weights", e.get("weight_bytes"), "graph b1/b64 ms", e.get("graph_step_ms_b1"),
               e.get("graph_step_ms_b64"), "agree", e.get("agreement_vs_bf16"), e.get("error", ""))
     return 0

@@ -44,9 +44,12 @@ class _EngineCollector:
         g = GaugeMetricFamily("model_server_engine_max_batch_size", "Most requests decoded together")
         g.add_metric([], stats.max_batch_size)
         yield g
-        if stats.steps_total:  # engines that don't count steps (transformers) report 0: omit it
+        if stats.steps_total:  # engines that don't count steps (transformers) report 0: omit them
             c = CounterMetricFamily("model_server_engine_steps", "Engine loop steps")
             c.add_metric([], stats.steps_total)
+            yield c
+            c = CounterMetricFamily("model_server_engine_prefill_calls", "Engine prefill passes")
+            c.add_metric([], stats.prefill_calls_total)
             yield c
         c = CounterMetricFamily("model_server_engine_prefill_tokens", "Prompt tokens prefilled by the engine")
         c.add_metric([], stats.prefill_tokens_total)

@@ -116,6 +116,7 @@ def test_greedy_identical_to_generate(arch, bucketed, llama, qwen2):
         assert stats.extra["prefill_calls_bucketed"] > 0
     else:
         assert stats.extra["prefill_calls_bucketed"] == 0 and stats.extra["prefill_calls_eager"] > 0
+    assert 2 <= stats.prefill_calls_total <= 9          # 9 requests, 4 slots: at least two prefill passes
 
 
 def test_cancellations_keep_others_identical(llama):
@@ -154,6 +155,40 @@ def test_cancellations_keep_others_identical(llama):
             assert reason == "length" and toks == ref
     assert stats.running_requests == 0
     assert stats.extra["free_slots"] == 4
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_requests_that_end_at_their_first_token(llama, overlap):
+    """A prefill's first tokens are read after the next decode step is already launched with those rows:
+    a request that ends at its first token (one token asked for, or EOS) gets exactly that token, the
+    decode row launched for it is dropped, its slot is freed, and the requests decoding beside it are
+    unchanged."""
+    rng = random.Random(11)
+    longs = _prompts(rng, 3, 3, 12)
+    shorts = _prompts(rng, 6, 2, 10)
+    long_refs = [_reference(llama, p, 24) for p in longs]
+    short_refs = [_reference(llama, p, 1) for p in shorts]
+
+    async def main():
+        eng = _engine(llama, overlap_prefill=overlap)   # 4 slots: 3 long ones decode, short ones come and go
+        await eng.start()
+        try:
+            tasks = [_collect(eng, GenerationRequest(f"l{i}", p, SamplingParams(max_new_tokens=24)))
+                     for i, p in enumerate(longs)]
+            tasks += [_collect(eng, GenerationRequest(f"s{i}", p, SamplingParams(max_new_tokens=1)),
+                               delay=0.003 * (i + 1)) for i, p in enumerate(shorts)]
+            return await asyncio.gather(*tasks), eng.stats()
+        finally:
+            await eng.stop()
+
+    results, stats = asyncio.run(main())
+    for (toks, reason), ref in zip(results[:3], long_refs):
+        assert toks == ref and reason == ("eos_token" if ref[-1] == EOS and len(ref) <= 24 else "length")
+    for (toks, reason), ref in zip(results[3:], short_refs):
+        assert toks == ref and len(toks) == 1
+        assert reason == ("eos_token" if ref[0] == EOS else "length")
+    assert stats.running_requests == 0 and stats.extra["free_slots"] == 4
+    assert stats.decode_tokens_total == sum(len(r) - 1 for r in long_refs)   # dropped rows are not counted
 
 
 def test_cancel_frees_the_slot(llama):

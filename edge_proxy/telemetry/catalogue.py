@@ -159,6 +159,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     _m("model_server_engine_running_requests", "gauge", "requests", "", _MS),
     _m("model_server_engine_max_batch_size", "gauge", "requests", "", _MS),
     _m("model_server_engine_steps_total", "counter", "steps", "", _MS, "engine_steps"),
+    _m("model_server_engine_prefill_calls_total", "counter", "passes", "", _MS, "engine_steps"),
     _m("model_server_engine_prefill_tokens_total", "counter", "tokens", "", _MS),
     _m("model_server_engine_decode_tokens_total", "counter", "tokens", "", _MS),
 )

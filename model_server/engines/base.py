@@ -62,6 +62,7 @@ class EngineStats:
     running_requests: int = 0
     max_batch_size: int = 0
     steps_total: int = 0
+    prefill_calls_total: int = 0        # prefill passes (each stalls the decode batch once)
     prefill_tokens_total: int = 0
     decode_tokens_total: int = 0
     extra: dict[str, float] = field(default_factory=dict)

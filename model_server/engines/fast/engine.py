@@ -33,10 +33,13 @@ Construction (``model-server serve --engine fast`` calls :mod:`.factory`'s
   default): ``start()`` compiles nothing; requests run eagerly while :mod:`.warmup` compiles the fused
   ops on a worker thread, then the engine switches to fused ops + lazy graphs between two steps
   (``wait_warm()``; ``on_warm`` is called on the engine thread at the switch). Implies lazy graphs.
+* ``overlap_prefill``: default on: a prefill's first tokens are read after decode step k+1 (which already
+  holds the prefilled rows) is launched, so the device never idles while the host handles a prefill
+  (``MODEL_SERVER_FAST_OVERLAP_PREFILL=0`` through ``from_loaded``: read them first, the old order).
 
 Loop: one background thread owns every device operation. Each turn it applies cancellations,
-admits waiting requests (prefill), launches decode step k+1 and then reads step k's tokens, and
-hands tokens to the consumers with one ``loop.call_soon_threadsafe`` per asyncio loop per step.
+admits waiting requests (launches their prefill), launches decode step k+1 and then reads step k's
+tokens and the prefill's first tokens, and hands tokens to the consumers with one ``loop.call_soon_threadsafe`` per asyncio loop per step.
 This module owns that loop and the engine's lifecycle; :mod:`.delivery` hands the events to the consumers.
 Who runs and finishes is :mod:`.scheduler`'s; how a step runs on the device is :mod:`.step`'s and
 the model's forward pass :mod:`.runner`'s. It must not make scheduling decisions nor touch tensors.
@@ -73,7 +76,8 @@ class FastEngine(Engine):
                  length_buckets: list[int] | None = None, fuse: bool | None = None,
                  step_prefill_tokens: int = 2048, prefill_graph_tokens: int | None = None,
                  bucketed_prefill: bool | None = None, lazy_graphs: bool = False,
-                 merge_projections: bool = True, background_warmup: bool = False) -> None:
+                 merge_projections: bool = True, background_warmup: bool = False,
+                 overlap_prefill: bool = True) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
@@ -111,6 +115,7 @@ class FastEngine(Engine):
                                self.step_prefill_tokens, eos)
         self.executor = StepExecutor(self.runner, self.max_batch)
         self._inflight: InFlight | None = None     # the launched decode step not yet collected
+        self.overlap_prefill = overlap_prefill     # launch decode k+1 before reading a prefill's first tokens
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -178,6 +183,7 @@ class FastEngine(Engine):
             running_requests=self.sched.running,
             max_batch_size=self.max_batch,
             steps_total=st.steps,
+            prefill_calls_total=st.prefill_calls,
             prefill_tokens_total=st.prefill_tokens,
             decode_tokens_total=st.decode_tokens,
             extra={
@@ -262,16 +268,19 @@ class FastEngine(Engine):
             self.sched.cv.notify_all()
 
     def _step(self, cancels: list[str], out: Out) -> None:
-        """One turn of the loop: cancellations, admission (prefill), launch decode step k+1, then read
-        step k's tokens."""
+        """One turn of the loop: cancellations, admission (launch the prefill), launch decode step k+1 (the
+        prefilled rows included), then read step k's tokens and the prefill's first tokens. Nothing in the
+        turn waits for the device before step k+1 is queued, so a prefill leaves no gap on the device."""
         sched, steps = self.sched, self.executor
         sched.apply_cancels(cancels, out)
         batch, t_admit = sched.admit()
+        prefill = None
         if batch:
-            host, t_first = steps.prefill(batch, t_admit)
-            sched.prefilled(batch, host, t_first, out)
-            if self._warm is not None:
-                self._warm.release()      # first tokens out: the background compile may take the GIL
+            prefill = steps.prefill_launch(batch, t_admit)
+            sched.prefill_started(batch)
+            if not self.overlap_prefill:
+                self._first_tokens(batch, prefill, out)
+                prefill = None
         launched = None
         if sched.running:
             t0 = time.monotonic_ns()
@@ -280,4 +289,12 @@ class FastEngine(Engine):
             rows = self._inflight.rows
             steps.decode_tokens += sched.decoded(rows, steps.collect(self._inflight), out)
         self._inflight = launched
+        if prefill is not None:
+            self._first_tokens(batch, prefill, out)
+
+    def _first_tokens(self, batch, prefill, out: Out) -> None:
+        host, t_first = self.executor.prefill_collect(prefill)
+        self.sched.first_tokens(batch, host, t_first, out)
+        if self._warm is not None:
+            self._warm.release()          # first tokens out: the background compile may take the GIL
 

@@ -31,5 +31,9 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     # A/B switch for benchmarks: MODEL_SERVER_FAST_MERGE=0 keeps q/k/v and gate/up as separate GEMMs
     if os.environ.get("MODEL_SERVER_FAST_MERGE", "").strip() == "0":
         kwargs.setdefault("merge_projections", False)
+    # A/B switch for benchmarks: MODEL_SERVER_FAST_OVERLAP_PREFILL=0 reads a prefill's first tokens before
+    # the next decode step is launched (the device waits for the host around every prefill)
+    if os.environ.get("MODEL_SERVER_FAST_OVERLAP_PREFILL", "").strip() == "0":
+        kwargs.setdefault("overlap_prefill", False)
     return FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len,
                       **kwargs)

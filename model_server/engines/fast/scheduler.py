@@ -225,12 +225,19 @@ class Scheduler:
             seq.batch_at_admission = self.running
         return batch, t0
 
-    def prefilled(self, batch: list[Seq], host: list[list[float]], t_ns: int, out: Out) -> None:
-        """Record each admitted sequence's first token (``host``: [tokens, logprobs] by row)."""
-        for i, seq in enumerate(batch):
-            seq.t_first_ns = t_ns
+    def prefill_started(self, batch: list[Seq]) -> None:
+        """The admitted ``batch``'s prefill is launched: each sequence's first token is in flight, so the
+        next decode step already includes it (its K/V position is the prompt's length)."""
+        for seq in batch:
             seq.pos = seq.prompt_len
             seq.launched = 1
+
+    def first_tokens(self, batch: list[Seq], host: list[list[float]], t_ns: int, out: Out) -> None:
+        """Record each admitted sequence's first token (``host``: [tokens, logprobs] by row), read at ``t_ns``.
+        One that finishes here (EOS, one token asked for) was given the decode step launched meanwhile:
+        :meth:`decoded` drops that row."""
+        for i, seq in enumerate(batch):
+            seq.t_first_ns = t_ns
             self.emit(seq, int(host[0][i]), float(host[1][i]), out)
 
     def emit(self, seq: Seq, token: int, logprob: float, out: Out) -> None:

@@ -1,10 +1,12 @@
 """The fast engine's step execution: one prefill or one decode step of a batch on the model.
 
 Owns the device side of a step: the per-slot sampling parameters, the pinned staging buffers
-(positions up, (token, logprob) down; double-buffered, step k uses buffer k % 2), the launch of a
-decode step *before* the previous step's tokens are read (its inputs stay on the device, so host
-bookkeeping overlaps the device), the one device-to-host sync per step, and the step counters
-(steps, prefill/decode tokens and seconds).
+(positions up, (token, logprob) down; double-buffered, step k uses buffer k % 2; one more for a
+prefill's first tokens), the launch of a decode step *before* the previous step's tokens are read
+(its inputs stay on the device, so host bookkeeping overlaps the device), the same for a prefill
+(launched, then the next decode step launched behind it, then its first tokens read: the device
+never waits for the host around a prefill), the one device-to-host sync per step, and the step
+counters (steps, prefill passes, prefill/decode tokens and seconds).
 
 It must not decide which requests run or finish them (:mod:`.scheduler` does); it reads a
 sequence's prompt and sampling parameters and writes nothing back to it.
@@ -32,6 +34,15 @@ class InFlight:
     rows: list[Row]
 
 
+@dataclass
+class PrefillInFlight:
+    """A launched prefill whose first tokens have not been read yet."""
+
+    event: "torch.cuda.Event | None"   # recorded after the copy down (CUDA), None elsewhere
+    n: int                             # rows (admitted sequences)
+    t0_ns: int                         # admission time
+
+
 class StepExecutor:
     """Runs prefill and decode steps for one :class:`ModelRunner`."""
 
@@ -42,20 +53,21 @@ class StepExecutor:
         pin = self.device.type == "cuda"
         self._pos_stage = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._out_stage = [torch.zeros(max_batch, 2, dtype=torch.float64, pin_memory=pin) for _ in range(2)]
+        self._first_stage = torch.zeros(2, max_batch, dtype=torch.float64, pin_memory=pin)
         self._step_parity = 0
         self._plen_dev = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
         # counters (written by the loop thread only; reads are atomic)
         self.steps = 0
+        self.prefill_calls = 0
         self.prefill_tokens = 0
         self.decode_tokens = 0
         self.decode_seconds = 0.0
         self.prefill_seconds = 0.0
 
-    def prefill(self, batch: list[Seq], t0_ns: int) -> tuple[list[list[float]], int]:
-        """Prefill the admitted ``batch`` (slots assigned) and pick each first token.
-
-        Returns ``([tokens, logprobs], t_ns)``: one row each, in batch order, read to the host (this
-        waits for the device), and the time they were read; ``t0_ns`` is the admission time."""
+    def prefill_launch(self, batch: list[Seq], t0_ns: int) -> PrefillInFlight:
+        """Enqueue the prefill of the admitted ``batch`` (slots assigned) and the pick of each first token;
+        do not wait for it. The first tokens land in ``in_ids`` on the device (the next decode step reads
+        them there) and in a pinned buffer that :meth:`prefill_collect` reads; ``t0_ns``: admission time."""
         slots = [s.slot for s in batch]
         params = [s.req.params for s in batch]
         self.sampling.set_rows(
@@ -70,10 +82,24 @@ class StepExecutor:
         any_f = any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params)
         tok, lp = select_tokens(logits, slot_idx, self.sampling, torch.zeros_like(slot_idx), any_s, any_f)
         self.runner.in_ids[slot_idx] = tok
-        host = torch.stack([tok.to(torch.float64), lp.to(torch.float64)]).cpu().tolist()
-        t1 = time.monotonic_ns()
-        self.prefill_seconds += (t1 - t0_ns) / 1e9
+        n = len(batch)
+        self._first_stage[:, :n].copy_(torch.stack([tok.to(torch.float64), lp.to(torch.float64)]), non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
         self.prefill_tokens += sum(s.prompt_len for s in batch)
+        self.prefill_calls += 1
+        return PrefillInFlight(event, n, t0_ns)
+
+    def prefill_collect(self, pf: PrefillInFlight) -> tuple[list[list[float]], int]:
+        """Wait for a launched prefill: ``([tokens, logprobs], t_ns)``, one row each in batch order, and when
+        they were read (the prefill's seconds run from admission to then)."""
+        if pf.event is not None:
+            pf.event.synchronize()
+        host = self._first_stage[:, :pf.n].tolist()
+        t1 = time.monotonic_ns()
+        self.prefill_seconds += (t1 - pf.t0_ns) / 1e9
         return host, t1
 
     def launch(self, rows: list[Row], t0_ns: int, any_sampling: bool, any_filter: bool) -> InFlight | None:
