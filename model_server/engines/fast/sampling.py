@@ -49,15 +49,26 @@ class SlotSampling:
             seed=torch.zeros(slots, dtype=torch.int64, device=device),
         )
 
-    def set_rows(self, slots: list[int], do_sample: list[bool], temperature: list[float],
-                 top_k: list[int], top_p: list[float], seed: list[int]) -> None:
-        dev = self.seed.device
-        idx = torch.tensor(slots, dtype=torch.int64, device=dev)
-        self.do_sample[idx] = torch.tensor(do_sample, dtype=torch.bool, device=dev)
-        self.temperature[idx] = torch.tensor(temperature, dtype=torch.float32, device=dev)
-        self.top_k[idx] = torch.tensor(top_k, dtype=torch.int64, device=dev)
-        self.top_p[idx] = torch.tensor(top_p, dtype=torch.float32, device=dev)
-        self.seed[idx] = torch.tensor([s % (_P - 1) for s in seed], dtype=torch.int64, device=dev)
+    def set_rows(self, idx: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> None:
+        """Set the parameters of the slots ``idx`` (int64 ``[n]``) from device tensors already there (no host
+        round trip): ``ints`` int64 ``[3, n]`` = (do_sample 0/1, top_k, seed), ``floats`` float32 ``[2, n]`` =
+        (temperature, top_p). :func:`pack_rows` makes them on the host."""
+        self.do_sample[idx] = ints[0].bool()
+        self.top_k[idx] = ints[1]
+        self.seed[idx] = ints[2]
+        self.temperature[idx] = floats[0]
+        self.top_p[idx] = floats[1]
+
+
+def pack_rows(params: list, seeds: list[int], ints: torch.Tensor, floats: torch.Tensor) -> None:
+    """Write ``n = len(params)`` requests' sampling parameters into host buffers (``ints [3, >= n]`` int64,
+    ``floats [2, >= n]`` float32, as :meth:`SlotSampling.set_rows` reads them); seeds reduced below 2^31 - 1."""
+    n = len(params)
+    ints[0, :n] = torch.tensor([int(bool(p.do_sample)) for p in params], dtype=torch.int64)
+    ints[1, :n] = torch.tensor([int(p.top_k) for p in params], dtype=torch.int64)
+    ints[2, :n] = torch.tensor([s % (_P - 1) for s in seeds], dtype=torch.int64)
+    floats[0, :n] = torch.tensor([float(p.temperature) for p in params], dtype=torch.float32)
+    floats[1, :n] = torch.tensor([float(p.top_p) for p in params], dtype=torch.float32)
 
 
 def select_tokens(logits: torch.Tensor, rows: torch.Tensor | slice, params: SlotSampling,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .runner import ModelRunner
-from .sampling import SlotSampling, select_tokens
+from .sampling import SlotSampling, pack_rows, select_tokens
 from .scheduler import Row, Seq
 
 
@@ -53,7 +53,11 @@ class StepExecutor:
         pin = self.device.type == "cuda"
         self._pos_stage = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._out_stage = [torch.zeros(max_batch, 2, dtype=torch.float64, pin_memory=pin) for _ in range(2)]
-        self._first_stage = torch.zeros(2, max_batch, dtype=torch.float64, pin_memory=pin)
+        self._first_stage = torch.zeros(2 * max_batch, dtype=torch.float64, pin_memory=pin)
+        # a prefill's per-row inputs, up in one copy: int64 (slot, prompt length, do_sample, top_k, seed) and
+        # float32 (temperature, top_p); reused by the next prefill only after this one's event was waited on
+        self._rows_stage_i = torch.zeros(5 * max_batch, dtype=torch.int64, pin_memory=pin)
+        self._rows_stage_f = torch.zeros(2 * max_batch, dtype=torch.float32, pin_memory=pin)
         self._step_parity = 0
         self._plen_dev = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
         # counters (written by the loop thread only; reads are atomic)
@@ -68,22 +72,25 @@ class StepExecutor:
         """Enqueue the prefill of the admitted ``batch`` (slots assigned) and the pick of each first token;
         do not wait for it. The first tokens land in ``in_ids`` on the device (the next decode step reads
         them there) and in a pinned buffer that :meth:`prefill_collect` reads; ``t0_ns``: admission time."""
-        slots = [s.slot for s in batch]
+        n = len(batch)
         params = [s.req.params for s in batch]
-        self.sampling.set_rows(
-            slots, [p.do_sample for p in params], [float(p.temperature) for p in params],
-            [int(p.top_k) for p in params], [float(p.top_p) for p in params],
-            [p.seed if p.seed is not None else random.getrandbits(62) for p in params])
-        slot_idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        self._plen_dev[slot_idx] = torch.tensor([s.prompt_len for s in batch], dtype=torch.int64,
-                                                device=self.device)
-        logits = self.runner.prefill(slots, [list(s.req.prompt_ids) for s in batch])
+        si = self._rows_stage_i[:5 * n].view(5, n)              # contiguous: one plain copy each
+        sf = self._rows_stage_f[:2 * n].view(2, n)
+        si[0, :n] = torch.tensor([s.slot for s in batch], dtype=torch.int64)
+        si[1, :n] = torch.tensor([s.prompt_len for s in batch], dtype=torch.int64)
+        pack_rows(params, [p.seed if p.seed is not None else random.getrandbits(62) for p in params], si[2:], sf)
+        ints = si.to(self.device, non_blocking=True)            # pinned: no wait for the step in flight
+        floats = sf.to(self.device, non_blocking=True)
+        slot_idx = ints[0]
+        self.sampling.set_rows(slot_idx, ints[2:], floats)
+        self._plen_dev[slot_idx] = ints[1]
+        logits = self.runner.prefill([s.slot for s in batch], [list(s.req.prompt_ids) for s in batch])
         any_s = any(p.do_sample for p in params)
         any_f = any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params)
         tok, lp = select_tokens(logits, slot_idx, self.sampling, torch.zeros_like(slot_idx), any_s, any_f)
         self.runner.in_ids[slot_idx] = tok
-        n = len(batch)
-        self._first_stage[:, :n].copy_(torch.stack([tok.to(torch.float64), lp.to(torch.float64)]), non_blocking=True)
+        first = self._first_stage[:2 * n].view(2, n)        # contiguous: an asynchronous copy down
+        first.copy_(torch.stack([tok.to(torch.float64), lp.to(torch.float64)]), non_blocking=True)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
@@ -97,7 +104,7 @@ class StepExecutor:
         they were read (the prefill's seconds run from admission to then)."""
         if pf.event is not None:
             pf.event.synchronize()
-        host = self._first_stage[:, :pf.n].tolist()
+        host = self._first_stage[:2 * pf.n].view(2, pf.n).tolist()
         t1 = time.monotonic_ns()
         self.prefill_seconds += (t1 - pf.t0_ns) / 1e9
         return host, t1
@@ -117,9 +124,10 @@ class StepExecutor:
         k = self._step_parity
         self._step_parity ^= 1
         stage = self._pos_stage[k]
-        stage[:b_needed].zero_()
+        pos_host = [0] * b_needed
         for _, slot, pos in rows:
-            stage[slot] = pos
+            pos_host[slot] = pos
+        stage[:b_needed] = torch.tensor(pos_host, dtype=torch.int64)    # one host op, not one per row
         r = self.runner
         r.in_pos[:b_needed].copy_(stage[:b_needed], non_blocking=True)
         if b_needed < r.max_batch:
