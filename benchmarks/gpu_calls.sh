@@ -12,6 +12,10 @@
 #                                            one vs two proxy processes (--energy-shared), pinned (~4 min; no GPU use;
 #                                            LOAD_SOURCES=none,replay,replay-x3,replay-x4 for more processes)
 #   bash benchmarks/gpu_calls.sh kernels    # issue 17: INT4 kernels (tinygemm, Triton, bf16 cuBLAS) per shape (~2 min)
+#   bash benchmarks/gpu_calls.sh kernels2   # issue 17: INT4 kernels per merged shape at M=1,8,64,16 with the sweeps of the
+#                                            small-rows kernel's and the GEMM's configs, errors checked (~6 min; no wheels
+#                                            needed). K2_CONFIRM=1: no sweep, then the steady state in-process bf16 vs int4
+#                                            (MODEL_SERVER_INT4_KERNELS=auto) at 1/8/64, 6 s windows (~5 min)
 #   bash benchmarks/gpu_calls.sh http       # issue 17: bf16 at 64 in-process and over HTTP, the server's switch
 #                                            interval 5 ms (Python's default) vs 0.5 ms, in the order SWITCHES gives (~5 min)
 #   bash benchmarks/gpu_calls.sh httpw      # issue 17: bf16 at 64 and 256 in-process vs HTTP, serve --api-workers 0
@@ -35,8 +39,11 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|int4|decode|http|httpw|httpo|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|int4|decode|http|httpw|httpo|cold|ctax" >&2; exit 2 ;; esac
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|cold|ctax" >&2; exit 2 ;; esac
+# the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
+if [ "$1" != kernels ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
 export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
 out=${OUT:?set OUT}; mkdir -p out
@@ -66,6 +73,20 @@ case "${1:-}" in
   kernels)
     timeout 300 python3 benchmarks/int4_kernels.py --out "$out/kernels" > "$out/kernels.log" 2>&1; echo "kernels rc $?"
     cat "$out/kernels.log" | tail -80 ;;
+  kernels2)
+    if [ "${K2_CONFIRM:-0}" = 1 ]; then
+      timeout 120 python3 benchmarks/int4_kernels.py --no-sweep --ms 1,8,16,64 --methods tinygemm,triton,gemv --reps 30 \
+        --out "$out/kernels2" > "$out/kernels2.log" 2>&1; echo "kernels rc $?"; grep -A9 "Whole step" "$out/kernels2.log"
+      [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+      timeout "${K2_SS_SECONDS:-270}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/ss" --quants "${SS_QUANTS:-bf16,int4}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
+        --window-s 6 --agree-prompts 0 > "$out/steady_state.log" 2>&1
+      echo "steady_state rc $?"; tail -12 "$out/steady_state.log"
+    else
+      timeout "${K2_SECONDS:-370}" python3 benchmarks/int4_kernels.py --ms 1,8,64,16 --methods tinygemm,triton,gemv \
+        --reps 30 --sweep-reps 10 --sweep-budget-s "${K2_BUDGET:-300}" --out "$out/kernels2" > "$out/kernels2.log" 2>&1
+      echo "kernels2 rc $?"; grep -B2 -A9 "Whole step" "$out/kernels2.log"
+    fi ;;
   int4)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 150 python3 benchmarks/int4_kernels.py --no-sweep --ms 1,8,9,16,64,256 --reps 30 --out "$out/kernels" \

@@ -1,18 +1,20 @@
 """GPU micro-benchmark of the INT4 weight-only linear kernels against bf16 cuBLAS, on llama-3.2-1b's shapes.
 
-Methods (bf16 activations and outputs): bf16 ``x @ W.T`` (cuBLAS); tinygemm ``aten._weight_int4pack_mm`` (what
-``model_server/int4.py`` runs on CUDA up to 8 rows, packed the same way); triton ``model_server/int4_triton.int4_triton_mm``
-(fused dequantize + tensor-core GEMM, its default config; what int4.py runs above 8 rows); dequant (torch ops to bf16,
-then cuBLAS; reference). Shapes: the fast engine's, with q/k/v and gate/up merged (``--unmerged``: the seven separate
-projections).
+Methods (bf16 activations and outputs): bf16 ``x @ W.T`` (cuBLAS); tinygemm ``aten._weight_int4pack_mm`` (int4.py's
+``tinygemm``/``mixed`` modes, packed the same way); triton ``model_server/int4_triton.int4_triton_mm`` (fused
+dequantize + tensor-core GEMM, default config); gemv ``model_server/int4_gemv.int4_gemv_mm`` (the small-rows kernel,
+default config, same layout as triton; M <= 16 unless a config says more); dequant (torch ops to bf16, then cuBLAS;
+reference). Shapes: the fast engine's, with q/k/v and gate/up merged (``--unmerged``: the seven separate projections).
 
 Timing per (shape, M, method), CUDA events: ``eager`` = median over --reps of one call between two events (includes
 CPU launch overhead when the GPU waits for it); ``graph`` = the calls captured back to back in a CUDA graph, median
 replay time / calls per replay. Each method rotates over enough weight copies (>= --l2-multiple x L2, at most 256)
-that weights come from HBM, as in a decode step. Also: relative error of tinygemm / triton / dequant against a
-float32 ``x @ dequant(q).T`` per shape and M; a Triton config sweep (--no-sweep skips it); a whole-model estimate
-per M and method, 16 layers x (qkv, o, gate_up, down) + lm_head, and ``dispatch``: what Int4Linear runs (tinygemm up
-to 8 rows, Triton above). Writes int4_kernels.json / .md to --out.
+that weights come from HBM, as in a decode step. Also: relative error of every INT4 method against a float32
+``x @ dequant(q).T`` per shape and M; a sweep (--no-sweep skips it) of the GEMM's and the small-rows kernel's
+configs (benchmarks/int4_sweep.py), each config's error checked too, within --sweep-budget-s; a whole-step estimate
+per M and method, 16 layers x (qkv, o, gate_up, down) + lm_head, with ``dispatch`` (what Int4Linear runs by default)
+and ``best`` (per shape the fastest correct method or config). Writes int4_kernels.json / .md to --out
+(benchmarks/int4_report.py makes the table).
 
   python3 benchmarks/int4_kernels.py --out DIR         # exits 2 with one line when there is no CUDA device
 """
@@ -25,14 +27,18 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_server import int4_triton  # noqa: E402
-from model_server.int4 import INNER_K_TILES, TINYGEMM_MAX_ROWS, dequantize_groupwise, quantize_groupwise  # noqa: E402
+from int4_report import markdown, stack  # noqa: E402
+from int4_sweep import gemm_configs, gemv_configs, sweep  # noqa: E402
+from model_server import int4_gemv, int4_triton  # noqa: E402
+from model_server.int4 import (GEMV_MAX_ROWS, INNER_K_TILES, TINYGEMM_MAX_ROWS, choose_compute,  # noqa: E402
+                               dequantize_groupwise, quantize_groupwise)
 
 UNMERGED = {"q_proj": (2048, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 2048),
             "gate_proj": (8192, 2048), "up_proj": (8192, 2048), "down_proj": (2048, 8192)}      # (N out, K in)
@@ -40,7 +46,7 @@ MERGED = {"qkv_proj": (3072, 2048), "o_proj": (2048, 2048), "gate_up_proj": (163
 LAYER = MERGED
 LM_HEAD = (128256, 2048)
 N_LAYERS = 16
-METHODS = ("bf16", "tinygemm", "triton", "dequant")
+METHODS = ("bf16", "tinygemm", "triton", "gemv", "dequant")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=128, choices=(32, 64, 128, 256))
     p.add_argument("--reps", type=int, default=50, help="timed repeats per cell (>= 1)")
     p.add_argument("--l2-multiple", type=float, default=4.0, help="weight copies per method cover this x L2")
-    p.add_argument("--no-sweep", action="store_true", help="skip the Triton config sweep")
+    p.add_argument("--no-sweep", action="store_true", help="skip the config sweeps")
+    p.add_argument("--sweep-reps", type=int, default=10, help="timed graph replays per swept config")
+    p.add_argument("--sweep-budget-s", type=float, default=0.0,
+                   help="stop sweeping this many seconds after the start (0: no limit); M in --ms order")
+    p.add_argument("--sweep-kernels", default="triton,gemv", help="which kernels' configs to sweep")
     p.add_argument("--sweep-ms", default=None, help="sweep only at these rows M (comma-separated; default: all)")
     p.add_argument("--wide-sweep", action="store_true",
                    help="above 64 rows: BLOCK_M 64/128 x BLOCK_N 64/128 x split K 1/2/4/8 x both scale modes")
@@ -64,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ms = [int(v) for v in args.ms.split(",") if v.strip()]
     args.sweep_ms = set(args.ms if args.sweep_ms is None else [int(v) for v in args.sweep_ms.split(",") if v.strip()])
     args.methods = ["bf16"] + [m for m in args.methods.split(",") if m in METHODS and m != "bf16"]
+    args.sweep_kernels = [k for k in args.sweep_kernels.split(",") if k in ("triton", "gemv")]
     if not args.ms or min(args.ms) < 1 or args.reps < 1:
         p.error("--ms needs positive integers and --reps >= 1")
     return args
@@ -120,7 +131,7 @@ def dequant_mm(x: torch.Tensor, plain: torch.Tensor, sz: torch.Tensor, group: in
 class Shape:
     """One weight [N, K] in every method's format, with copies for rotation."""
 
-    def __init__(self, n: int, k: int, group: int, l2_bytes: int, l2_multiple: float) -> None:
+    def __init__(self, n: int, k: int, group: int, l2_bytes: int, l2_multiple: float, methods: list[str]) -> None:
         self.n, self.k, self.group = n, k, group
         w = torch.randn(n, k, device="cuda") * 0.02
         self.q, sz32 = quantize_groupwise(w, group)
@@ -133,9 +144,13 @@ class Shape:
         base = {"bf16": (wb,), "tinygemm": (tiny, self.sz), "triton": tri, "dequant": (plain, self.sz)}
         self.copies: dict[str, list[tuple[torch.Tensor, ...]]] = {}
         for m, ts in base.items():
+            if m not in methods and not (m == "triton" and "gemv" in methods) and m != "bf16":
+                self.copies[m] = [ts]                                       # error check only
+                continue
             nbytes = sum(t.numel() * t.element_size() for t in ts)
             c = min(256, max(1, math.ceil(l2_multiple * l2_bytes / nbytes)))
             self.copies[m] = [ts] + [tuple(t.clone() for t in ts) for _ in range(c - 1)]
+        self.copies["gemv"] = self.copies["triton"]
 
     def call(self, method: str, x: torch.Tensor, ts: tuple[torch.Tensor, ...], cfg=None):
         if method == "bf16":
@@ -144,151 +159,109 @@ class Shape:
             return lambda: torch.ops.aten._weight_int4pack_mm(x, ts[0], self.group, ts[1])
         if method == "triton":
             return lambda: int4_triton.int4_triton_mm(x, ts[0], ts[1], ts[2], self.group, cfg)
+        if method == "gemv":
+            return lambda: int4_gemv.int4_gemv_mm(x, ts[0], ts[1], ts[2], self.group, cfg)
         return lambda: dequant_mm(x, ts[0], ts[1], self.group)
 
     def calls(self, method: str, x: torch.Tensor, cfg=None) -> list:
         return [self.call(method, x, ts, cfg) for ts in self.copies[method]]
 
-    def errors(self, x: torch.Tensor) -> dict[str, float | str]:
-        ref = x.float() @ dequantize_groupwise(self.q, self.sz, self.group).t()
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ dequantize_groupwise(self.q, self.sz, self.group).t()
+
+    def errors(self, x: torch.Tensor, ref: torch.Tensor, methods: list[str]) -> dict[str, float | str]:
         out: dict[str, float | str] = {}
-        for m in METHODS[1:]:
+        for m in methods:
+            if m == "bf16" or (m == "gemv" and x.shape[0] > GEMV_MAX_ROWS):
+                continue
             try:
-                out[m] = float((self.call(m, x, self.copies[m][0])().float() - ref).norm() / ref.norm())
+                out[m] = rel_err(self.call(m, x, self.copies[m][0])(), ref)
             except Exception as e:                  # keep the other methods' numbers
                 out[m] = f"error: {e!r}"[:300]
         return out
 
 
-def sweep_configs(m: int, n: int, k: int, group: int, wide: bool = False) -> list[int4_triton.Config]:
-    """Both operand orders x both scale modes x BLOCK_N 64/128 x split K (heuristic's, 1); BLOCK_M 64/128 past 64.
-    ``wide`` past 64 rows: normal order, BLOCK_M 64/128 x BLOCK_N 64/128 x split K 1/2/4/8 x both scale modes."""
-    bk = int4_triton.block_k(group)
-    base = int4_triton.choose_config(m, n, k, bk, torch.cuda.get_device_properties(0).multi_processor_count)
-    if wide and m > 64:
-        iters = k // bk
-        return [int4_triton.Config(bm, bn, sp, 3, 8 if bm * bn >= 16384 else 4, False, fold)
-                for bm in (64, 128) for bn in (64, 128) for sp in (1, 2, 4, 8) if iters % sp == 0 and iters // sp >= 2
-                for fold in (True, False)]
-    out = []
-    for bm in ((64, 128) if m > 64 else (base.block_m,)):
-        for bn in (64, 128):
-            for split in sorted({1, base.split_k}):
-                for swap in (True, False):
-                    for fold in (True, False):
-                        out.append(int4_triton.Config(bm, bn, split, 4 if bm <= 32 else 3,
-                                                      8 if bm * bn >= 8192 else 4, swap, fold))
-    return out
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm())
 
 
-def cfg_str(c: dict) -> str:
-    return (f"{c['block_m']}/{c['block_n']}/s{c['split_k']}/st{c['num_stages']}/w{c['num_warps']}/"
-            f"{'T' if c['swap_ab'] else 'N'}{'F' if c['fold'] else 'D'}")
+def dispatch_method(capability: tuple[int, int]) -> Callable[[int], str]:
+    """m -> the fixed method Int4Linear runs at m rows with MODEL_SERVER_INT4_KERNELS=auto on this device."""
+    ch = choose_compute("cuda", capability, triton=True, mode="auto")
+
+    def pick(m: int) -> str:
+        if ch.int4_kernel == "triton":
+            return "gemv" if ch.rows_kernel == "gemv" and m <= GEMV_MAX_ROWS else "triton"
+        return "tinygemm" if ch.rows_kernel != "triton" or m <= TINYGEMM_MAX_ROWS else "triton"
+    return pick
 
 
 def run(args: argparse.Namespace) -> dict:
     props = torch.cuda.get_device_properties(0)
+    sms = props.multi_processor_count
     l2 = int(getattr(props, "L2_cache_size", 50 << 20))
+    bk = int4_triton.block_k(args.group)
     shapes = {name: nk for name, nk in LAYER.items()}
     if not args.no_lm_head:
         shapes["lm_head"] = LM_HEAD
-    cells, errors, best, seen = [], {}, {}, {}
+    cells: list[dict] = []
+    errors: dict = {}
+    sweeps: dict = {}
+    built: dict = {}
     t0 = time.time()
     for name, (n, k) in shapes.items():
-        if (n, k) in seen:                                   # k/v, gate/up, q/o share a shape: time once
+        if (n, k) in built:                                  # k/v, gate/up, q/o share a shape: time once
             continue
-        seen[(n, k)] = name
-        sh = Shape(n, k, args.group, l2, args.l2_multiple)
+        sh = Shape(n, k, args.group, l2, args.l2_multiple, args.methods)
+        xs = {}
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = sh.reference(x)
+            xs[m] = (x, ref)
             key = f"{n}x{k}/M{m}"
-            errors[key] = sh.errors(x)
+            errors[key] = sh.errors(x, ref, args.methods)
             for method in args.methods:
+                if method == "gemv" and m > GEMV_MAX_ROWS:
+                    continue
                 cell = {"n": n, "k": k, "m": m, "method": method, "eager_us": None, "graph_us": None,
                         "copies": len(sh.copies[method])}
                 if method == "triton":
-                    cell["config"] = vars(int4_triton.choose_config(m, n, k, int4_triton.block_k(args.group),
-                                                                    props.multi_processor_count))
+                    cell["config"] = vars(int4_triton.choose_config(m, n, k, bk, sms))
+                if method == "gemv":
+                    cell["config"] = vars(int4_gemv.choose_gemv_config(m, n, k, bk, sms))
                 try:
                     cell["eager_us"], cell["graph_us"] = time_calls(sh.calls(method, x), args.reps)
                 except Exception as e:              # e.g. a Triton version the kernel does not compile on
                     cell["error"] = f"{e!r}"[:300]
                     print(f"{name} M={m} {method}: {cell['error']}", flush=True)
                 cells.append(cell)
-            if not args.no_sweep and m in args.sweep_ms:
-                timed = []
-                for c in sweep_configs(m, n, k, args.group, args.wide_sweep):
-                    try:
-                        timed.append((time_calls(sh.calls("triton", x, c), max(10, args.reps // 5), False)[1], c))
-                    except Exception as e:
-                        print(f"{name} M={m} sweep {c}: {e!r}"[:300], flush=True)
-                if timed:
-                    us, c = min(timed, key=lambda t: t[0])
-                    best[key] = {"graph_us": us, "config": vars(c)}
             bad = [mm for mm, e in errors[key].items() if not (isinstance(e, float) and e < 1e-2)]
             print(f"[{time.time() - t0:6.1f}s] {name} {n}x{k} M={m} rel.err "
                   + " ".join(f"{mm}={e:.2e}" if isinstance(e, float) else f"{mm}={e}" for mm, e in errors[key].items())
                   + (f"  BAD: {bad}" if bad else ""), flush=True)
-        del sh
-        torch.cuda.empty_cache()
-    return {"device": props.name, "torch": torch.__version__, "triton": int4_triton.triton.__version__,
-            "group": args.group, "reps": args.reps, "shapes": {k: list(v) for k, v in shapes.items()}, "l2_bytes": l2, "cells": cells, "rel_errors": errors,
-            "triton_sweep_best": best, "stack": stack(cells, best, args.ms, shapes), "seconds": time.time() - t0}
-
-
-def stack(cells: list[dict], best: dict, ms: list[int], shapes: dict) -> dict:
-    """Per M and method: sum of 16 x one layer's 7 linears + lm_head (us), and bf16 / method."""
-    t = {(c["n"], c["k"], c["m"], c["method"]): c for c in cells}
-    for key, b in best.items():
-        nk, m = key.split("/M")
-        n, k = map(int, nk.split("x"))
-        t[(n, k, int(m), "triton-best")] = {"graph_us": b["graph_us"], "eager_us": None}
-    out = {}
-    for m in ms:
-        row = {}
-        for method in METHODS + ("dispatch",) + (("triton-best",) if best else ()):
-            src = method if method != "dispatch" else ("tinygemm" if m <= TINYGEMM_MAX_ROWS else "triton")
-            for mode in ("graph_us", "eager_us"):
-                vals = [t.get((n, k, m, src), {}).get(mode) for n, k in LAYER.values()]
-                head = [t.get((*shapes["lm_head"], m, src), {}).get(mode)] if "lm_head" in shapes else []
-                if all(v is not None for v in vals + head):
-                    row[f"{method}/{mode}"] = N_LAYERS * sum(vals) + sum(head)
-        for key in list(row):
-            base = row.get("bf16/" + key.split("/")[1])
-            row[key.replace("_us", "_speedup")] = base / row[key] if base else None
-        out[str(m)] = row
-    return out
-
-
-def markdown(res: dict) -> str:
-    lines = [f"# INT4 kernels, {res['device']} (torch {res['torch']}, triton {res['triton']}, group {res['group']})",
-             "", "Per linear, us per call: CUDA graph (eager). Triton configs: BLOCK_M/BLOCK_N/split-K/stages/warps/"
-             "order (T: swap-AB, N: normal) + scale mode (F: fold, D: dequant).", "",
-             "| shape N x K | M | bf16 | tinygemm | triton | dequant | triton best (sweep) | triton cfg |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
-    rows: dict = {}
-    for c in res["cells"]:
-        rows.setdefault((c["n"], c["k"], c["m"]), {})[c["method"]] = c
-    for (n, k, m), r in rows.items():
-        cfg = r.get("triton", {}).get("config", {})
-        b = res["triton_sweep_best"].get(f"{n}x{k}/M{m}")
-        best = f"{b['graph_us']:.1f} ({cfg_str(b['config'])})" if b else "-"
-        f = lambda v: "err" if v is None else f"{v:.1f}"                                   # noqa: E731
-        cols = [f"{f(r[mm]['graph_us'])} ({f(r[mm]['eager_us'])})" if mm in r else "-" for mm in METHODS]
-        lines.append(f"| {n} x {k} | {m} | " + " | ".join(cols) + f" | {best} | {cfg_str(cfg) if cfg else '-'} |")
-    methods = METHODS + ("dispatch",) + (("triton-best",) if res["triton_sweep_best"] else ())
-    lines += ["", f"Whole model estimate ({N_LAYERS} layers x {len(LAYER)} linears + lm_head), us per step (speedup vs "
-              "bf16); graph timings, eager in brackets. dispatch: Int4Linear's choice (tinygemm up to "
-              f"{TINYGEMM_MAX_ROWS} rows, Triton above).", "",
-              "| M | " + " | ".join(methods) + " |", "|---:|" + "---:|" * len(methods)]
-    for m, row in res["stack"].items():
-        cols = []
-        for method in methods:
-            g, e = row.get(f"{method}/graph_us"), row.get(f"{method}/eager_us")
-            cols.append(f"{g:.0f} ({row[f'{method}/graph_speedup']:.2f}x)" + (f" [{e:.0f}]" if e else "")
-                        if g else "-")
-        lines.append(f"| {m} | " + " | ".join(cols) + " |")
-    return "\n".join(lines) + "\n"
+        built[(n, k)] = (name, sh, xs)
+    deadline = t0 + args.sweep_budget_s if args.sweep_budget_s > 0 else float("inf")
+    for m in ([] if args.no_sweep else [m for m in args.ms if m in args.sweep_ms]):
+        for (n, k), (name, sh, xs) in built.items():
+            x, ref = xs[m]
+            configs = [("gemv", c) for c in gemv_configs(m, n, k, args.group, sms)
+                       if "gemv" in args.sweep_kernels and m <= 64]
+            configs += [("triton", c) for c in gemm_configs(m, n, k, args.group, sms, args.wide_sweep)
+                        if "triton" in args.sweep_kernels]
+            label = f"{name} {n}x{k} M={m}"
+            rows = sweep(lambda method, cfg: sh.calls(method, x, cfg), lambda call: rel_err(call(), ref), configs,
+                         args.sweep_reps, time_calls, deadline, label)
+            sweeps[f"{n}x{k}/M{m}"] = rows
+            timed = sorted((r for r in rows if r.get("graph_us") is not None), key=lambda r: r["graph_us"])
+            print(f"[{time.time() - t0:6.1f}s] {label} sweep: {len(timed)}/{len(configs)} timed; fastest "
+                  + ", ".join(f"{r['method']} {r['graph_us']:.1f}" for r in timed[:3]), flush=True)
+    res = {"device": props.name, "torch": torch.__version__, "triton": int4_triton.triton.__version__,
+           "group": args.group, "reps": args.reps, "sweep_reps": args.sweep_reps, "ms": args.ms,
+           "shapes": {k: list(v) for k, v in shapes.items()}, "l2_bytes": l2, "num_sms": sms, "cells": cells,
+           "rel_errors": errors, "sweeps": sweeps}
+    res["stack"] = stack(res, LAYER, N_LAYERS, dispatch_method(torch.cuda.get_device_capability(0)))
+    res["seconds"] = time.time() - t0
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print("int4_kernels: Triton is not importable", file=sys.stderr)
         return 2
     res = run(args)
-    md = markdown(res)
+    md = markdown(res, LAYER, N_LAYERS)
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,19 @@ compute capability, so it is testable without a GPU):
 * ``dequant``: CUDA below compute capability 8.0 (T4, V100), where the int4pack kernel and bf16 do not
   exist: fp16 compute; each forward dequantizes the weight then runs cuBLAS's fp16 GEMM. Correct, but
   it moves more bytes than fp16 weights would; on such cards NF4 (bitsandbytes) is the faster 4-bit path.
-* ``triton``: :mod:`model_server.int4_triton`'s fused W4A16 kernel for every row count (one layout).
+* ``triton``: Triton kernels for every row count, from one layout (:mod:`model_server.int4_triton`'s): steps of at
+  most ``GEMV_MAX_ROWS`` rows run the small-rows kernel :mod:`model_server.int4_gemv` (``ComputeChoice.rows_kernel``
+  ``"gemv"``), more rows the fused W4A16 GEMM :mod:`model_server.int4_triton`.
 
-The int4pack kernel is a few-rows kernel (fastest up to 8 rows on an H200, 5x slower than bf16 at 64), so on
-CUDA with Triton importable the default is both: int4pack for steps of at most ``TINYGEMM_MAX_ROWS`` rows,
-Triton above (``ComputeChoice.rows_kernel``). That keeps a second copy of the 4-bit weights in Triton's layout
-(the INT4 bytes double; /info's measured weight bytes count both). ``MODEL_SERVER_INT4_KERNELS`` picks:
-``auto`` (default), ``tinygemm`` (int4pack only), ``triton`` (Triton only: one layout, the fewest bytes).
+``MODEL_SERVER_INT4_KERNELS`` picks (CUDA, compute capability >= 8.0; below that and on CPU it is ignored):
+
+* ``auto`` (default): ``AUTO_MODE`` when Triton is importable (decided by the H200 sweep of
+  benchmarks/int4_kernels.py, docs/benchmarks.md), else ``tinygemm``;
+* ``tinygemm``: int4pack for every row count (fewest bytes, 5x slower than bf16 at 64 rows);
+* ``triton``: one layout, the small-rows kernel up to ``GEMV_MAX_ROWS`` rows, the Triton GEMM above;
+* ``mixed``: int4pack up to ``TINYGEMM_MAX_ROWS`` rows, the Triton GEMM above (``rows_kernel`` ``"triton"``); it keeps
+  a second copy of the 4-bit weights in Triton's layout (INT4's bytes double; /info's measured weight bytes count both);
+* ``triton-gemm``: the Triton GEMM for every row count (one layout; for comparisons).
 """
 from __future__ import annotations
 
@@ -37,7 +43,9 @@ from torch import nn
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 16 * INNER_K_TILES
 TINYGEMM_MAX_ROWS = 8        # with rows_kernel "triton": steps of more rows than this run Triton
-KERNEL_MODES = ("auto", "tinygemm", "triton")
+GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this many rows run int4_gemv
+KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm")
+AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton (from the H200 sweep)
 
 
 @dataclass(frozen=True)
@@ -47,13 +55,14 @@ class ComputeChoice:
     dtype: torch.dtype
     int4_kernel: str             # "cuda-int4pack" | "cpu-int4pack" | "dequant" | "triton"
     reason: str
-    rows_kernel: str | None = None   # "triton": steps of more than TINYGEMM_MAX_ROWS rows run Triton
+    rows_kernel: str | None = None   # "triton": steps of more than TINYGEMM_MAX_ROWS rows run the Triton GEMM;
+                                     # "gemv" (with int4_kernel "triton"): steps of <= GEMV_MAX_ROWS run int4_gemv
 
 
 def choose_compute(device_type: str, capability: tuple[int, int] | None, triton: bool = False,
                    mode: str = "auto") -> ComputeChoice:
-    """bf16 + int4pack on CUDA >= 8.0 (Ampere and later), plus Triton above 8 rows when ``triton`` (importable)
-    and ``mode`` allow; fp16 + dequantize below 8.0 (T4 is 7.5); CPU: bf16 + int4pack."""
+    """CUDA >= 8.0 (Ampere and later): bf16 with the kernels ``mode`` names (module docstring; Triton's need
+    ``triton``, importable); fp16 + dequantize below 8.0 (T4 is 7.5); CPU: bf16 + int4pack."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"MODEL_SERVER_INT4_KERNELS must be one of {', '.join(KERNEL_MODES)}, not {mode!r}")
     if device_type == "cpu":
@@ -62,18 +71,23 @@ def choose_compute(device_type: str, capability: tuple[int, int] | None, triton:
         return ComputeChoice(torch.float16, "dequant",
                              f"compute capability {capability} < 8.0: no bf16, no int4pack kernel")
     why = f"compute capability {capability} >= 8.0"
+    if mode == "auto":
+        mode = AUTO_MODE if triton else "tinygemm"
+    if mode != "tinygemm" and not triton:
+        raise ValueError(f"MODEL_SERVER_INT4_KERNELS={mode}, but Triton is not importable")
     if mode == "triton":
-        if not triton:
-            raise ValueError("MODEL_SERVER_INT4_KERNELS=triton, but Triton is not importable")
-        return ComputeChoice(torch.bfloat16, "triton", why + "; Triton for every row count")
-    if mode == "auto" and triton:
+        return ComputeChoice(torch.bfloat16, "triton", why + f"; Triton: small-rows kernel up to {GEMV_MAX_ROWS} "
+                             "rows, GEMM above", rows_kernel="gemv")
+    if mode == "triton-gemm":
+        return ComputeChoice(torch.bfloat16, "triton", why + "; Triton GEMM for every row count")
+    if mode == "mixed":
         return ComputeChoice(torch.bfloat16, "cuda-int4pack",
                              why + f"; Triton above {TINYGEMM_MAX_ROWS} rows", rows_kernel="triton")
     return ComputeChoice(torch.bfloat16, "cuda-int4pack", why + ("" if triton else "; Triton not importable"))
 
 
 def device_compute(device: torch.device | str) -> ComputeChoice:
-    """:func:`choose_compute` for a device, with ``MODEL_SERVER_INT4_KERNELS`` (auto | tinygemm | triton)."""
+    """:func:`choose_compute` for a device, with ``MODEL_SERVER_INT4_KERNELS`` (module docstring)."""
     device = torch.device(device)
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     mode = os.environ.get("MODEL_SERVER_INT4_KERNELS", "auto").strip() or "auto"
@@ -150,7 +164,7 @@ class Int4Linear(nn.Module):
 
     @property
     def uses_triton(self) -> bool:
-        return self.kernel == "triton" or self.rows_kernel == "triton"
+        return self.kernel == "triton" or self.rows_kernel == "triton"       # rows_kernel "gemv" implies "triton"
 
     def _unpacked(self) -> torch.Tensor:
         p = self.weight_packed
@@ -160,7 +174,11 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.kernel == "triton" or (self.rows_kernel == "triton" and x2.shape[0] > TINYGEMM_MAX_ROWS):
+        rows = x2.shape[0]
+        if self.kernel == "triton" and self.rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS:
+            from model_server.int4_gemv import int4_gemv_mm
+            y = int4_gemv_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
+        elif self.kernel == "triton" or (self.rows_kernel == "triton" and rows > TINYGEMM_MAX_ROWS):
             from model_server.int4_triton import int4_triton_mm
             y = int4_triton_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
         elif self.kernel == "cuda-int4pack":
@@ -175,7 +193,9 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        rows = f", above {TINYGEMM_MAX_ROWS} rows={self.rows_kernel}" if self.rows_kernel else ""
+        rows = "" if not self.rows_kernel else (f", up to {GEMV_MAX_ROWS} rows={self.rows_kernel}"
+                                                if self.rows_kernel == "gemv" else
+                                                f", above {TINYGEMM_MAX_ROWS} rows={self.rows_kernel}")
         return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}{rows}"
 
 

@@ -1,4 +1,5 @@
-"""The INT4 Triton kernel (model_server/int4_triton.py) and Int4Linear's dispatch by rows, in Triton's CPU interpreter.
+"""The INT4 Triton kernels (model_server/int4_triton.py, the small-rows int4_gemv.py) and Int4Linear's dispatch by rows,
+in Triton's CPU interpreter.
 
 The interpreter runs the same kernel source a GPU compiles (fp32 and fp16 activations; it cannot bit-cast to
 bf16, which the GPU benchmark checks against a float32 reference every run: benchmarks/int4_kernels.py).
@@ -9,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from model_server import int4_triton
+from model_server import int4_gemv, int4_triton
 from model_server.engines.fast.merged import merge
-from model_server.int4 import (TINYGEMM_MAX_ROWS, ComputeChoice, Int4Linear, choose_compute, dequantize_groupwise,
-                               device_compute, quantize_groupwise)
+from model_server.int4 import (AUTO_MODE, GEMV_MAX_ROWS, TINYGEMM_MAX_ROWS, ComputeChoice, Int4Linear, choose_compute,
+                               dequantize_groupwise, device_compute, quantize_groupwise)
 from model_server.weights import measure_weight_bytes
 
 
@@ -81,14 +82,66 @@ def test_bad_shapes_are_one_line_errors():
     assert int4_triton.int4_triton_mm(torch.randn(0, 256), packed, scales, zeros, 128).shape == (0, 32)
 
 
-def _calls(monkeypatch) -> list[int]:
+def _gemv(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int, cfg=None) -> torch.Tensor:
+    return int4_gemv.int4_gemv_mm(x, int4_triton.pack_int4(q, group), *int4_triton.split_scales_and_zeros(sz), group,
+                                  cfg)
+
+
+# (rows, N, K, group, config): N not a multiple of BLOCK_N (masked columns), K-blocks not a multiple of
+# NB x split (masked K-blocks), split K on and off, CUDA cores and tensor cores, group 32 (BLOCK_K 32) to 256
+# (two K-blocks per group).
+GEMV_CASES = [
+    (1, 96, 512, 128, int4_gemv.GemvConfig(16, 2, 1, 1, 2, 4, False)),
+    (1, 72, 640, 64, int4_gemv.GemvConfig(32, 4, 1, 2, 3, 4, False)),
+    (3, 80, 640, 64, int4_gemv.GemvConfig(32, 4, 4, 2, 3, 4, False)),
+    (3, 80, 640, 64, int4_gemv.GemvConfig(32, 2, 16, 2, 3, 4, True)),
+    (8, 48, 768, 256, int4_gemv.GemvConfig(16, 4, 8, 1, 3, 4, False)),
+    (8, 100, 512, 32, int4_gemv.GemvConfig(32, 2, 16, 4, 3, 4, True)),
+    (16, 100, 1024, 256, int4_gemv.GemvConfig(16, 1, 16, 4, 3, 4, True)),
+    (16, 64, 384, 128, int4_gemv.GemvConfig(64, 1, 16, 1, 2, 4, True)),
+]
+
+
+@pytest.mark.parametrize("m,n,k,group,cfg", GEMV_CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+def test_gemv_kernel_computes_x_times_the_dequantized_weight(m, n, k, group, cfg, dtype, tol):
+    torch.manual_seed(m * 7 + n + k)
+    q, sz = quantize_groupwise(torch.randn(n, k) * 0.05, group)
+    x = torch.randn(m, k)
+    y = _gemv(x.to(dtype), q, sz, group, cfg)
+    assert y.shape == (m, n) and y.dtype == dtype and torch.isfinite(y).all()
+    assert _rel(y, _reference(x, q, sz, group)) < tol
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_gemv_default_config_for_each_row_count(m):
+    torch.manual_seed(m)
+    q, sz = quantize_groupwise(torch.randn(40, 256) * 0.05, 64)
+    x = torch.randn(m, 256)
+    cfg = int4_gemv.choose_gemv_config(m, 40, 256, 64, 8)
+    assert cfg.block_m >= m and (not cfg.dot or cfg.block_m >= 16)
+    assert _rel(_gemv(x, q, sz, 64), _reference(x, q, sz, 64)) < 1e-5
+
+
+def test_gemv_rejects_rows_past_its_block_and_bad_shapes():
+    q, sz = quantize_groupwise(torch.randn(32, 256), 128)
+    with pytest.raises(ValueError, match="do not fit block_m"):
+        _gemv(torch.randn(5, 256), q, sz, 128, int4_gemv.GemvConfig(16, 2, 4, 1, 2, 4, False))
+    with pytest.raises(ValueError, match="do not fit block_m"):
+        _gemv(torch.randn(2, 256), q, sz, 128, int4_gemv.GemvConfig(16, 2, 8, 1, 2, 4, True))
+    with pytest.raises(ValueError, match="do not match group"):
+        _gemv(torch.randn(2, 128), q, sz, 128)
+    assert _gemv(torch.randn(0, 256), q, sz, 128).shape == (0, 32)
+
+
+def _calls(monkeypatch, module=int4_triton, name: str = "int4_triton_mm") -> list[int]:
     seen: list[int] = []
-    real = int4_triton.int4_triton_mm
+    real = getattr(module, name)
 
     def spy(x, *a, **kw):
         seen.append(x.shape[0])
         return real(x, *a, **kw)
-    monkeypatch.setattr(int4_triton, "int4_triton_mm", spy)
+    monkeypatch.setattr(module, name, spy)
     return seen
 
 
@@ -106,6 +159,21 @@ def test_int4_linear_runs_tinygemm_up_to_eight_rows_and_triton_above(monkeypatch
     assert seen == [TINYGEMM_MAX_ROWS + 1, 40]
 
 
+def test_int4_linear_triton_mode_runs_the_small_rows_kernel_up_to_its_rows_and_the_gemm_above(monkeypatch):
+    torch.manual_seed(4)
+    lin = nn.Linear(256, 48, bias=True)
+    q, sz = quantize_groupwise(lin.weight, 64)
+    mod = Int4Linear(lin, 64, ComputeChoice(torch.float32, "triton", "test", rows_kernel="gemv"))
+    assert not hasattr(mod, "weight_packed") and "gemv" in mod.extra_repr()
+    gemv, gemm = _calls(monkeypatch, int4_gemv, "int4_gemv_mm"), _calls(monkeypatch)
+    for rows in (1, 5, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
+        x = torch.randn(rows, 256)
+        want = _reference(x, q, sz.float(), 64) + lin.bias.detach().double()
+        with torch.inference_mode():
+            assert _rel(mod(x), want) < 1e-4
+    assert gemv == [1, 5, GEMV_MAX_ROWS] and gemm == [GEMV_MAX_ROWS + 1]
+
+
 def test_triton_only_keeps_one_layout_and_fewer_bytes():
     torch.manual_seed(2)
     lin = nn.Linear(256, 64, bias=False)
@@ -118,9 +186,10 @@ def test_triton_only_keeps_one_layout_and_fewer_bytes():
     assert _rel(only(x.half()), _reference(x, q, sz, 64)) < 3e-3
 
 
-def test_merged_projection_with_both_kernels_matches_its_parts(monkeypatch):
+@pytest.mark.parametrize("kernel,rows_kernel", [("cpu-int4pack", "triton"), ("triton", "gemv")])
+def test_merged_projection_with_both_kernels_matches_its_parts(kernel, rows_kernel):
     torch.manual_seed(3)
-    choice = ComputeChoice(torch.float32, "cpu-int4pack", "t", rows_kernel="triton")
+    choice = ComputeChoice(torch.float32, kernel, "t", rows_kernel=rows_kernel)
     parts = [Int4Linear(nn.Linear(256, n, bias=False), 64, choice) for n in (64, 32, 32)]
     with torch.inference_mode():
         merged = merge(parts)
@@ -136,17 +205,24 @@ def test_merged_projection_with_both_kernels_matches_its_parts(monkeypatch):
 
 
 def test_compute_choice_with_and_without_triton(monkeypatch):
-    assert choose_compute("cuda", (9, 0), triton=True).rows_kernel == "triton"
+    auto = choose_compute("cuda", (9, 0), triton=True)
+    assert auto == choose_compute("cuda", (9, 0), triton=True, mode=AUTO_MODE)
+    assert choose_compute("cuda", (9, 0), triton=False).int4_kernel == "cuda-int4pack"
     assert choose_compute("cuda", (9, 0), triton=False).rows_kernel is None
     assert choose_compute("cuda", (9, 0), triton=True, mode="tinygemm").rows_kernel is None
+    mixed = choose_compute("cuda", (9, 0), triton=True, mode="mixed")
+    assert (mixed.int4_kernel, mixed.rows_kernel) == ("cuda-int4pack", "triton")
+    gemm = choose_compute("cuda", (8, 0), triton=True, mode="triton-gemm")
+    assert (gemm.int4_kernel, gemm.rows_kernel) == ("triton", None)
     only = choose_compute("cuda", (8, 0), triton=True, mode="triton")
-    assert (only.int4_kernel, only.rows_kernel) == ("triton", None)
+    assert (only.int4_kernel, only.rows_kernel) == ("triton", "gemv")
     t4 = choose_compute("cuda", (7, 5), triton=True)             # T4: fp16 + dequantize, no Triton dispatch
     assert (t4.dtype, t4.int4_kernel, t4.rows_kernel) == (torch.float16, "dequant", None)
-    with pytest.raises(ValueError, match="not importable"):
-        choose_compute("cuda", (9, 0), triton=False, mode="triton")
+    for mode in ("triton", "mixed", "triton-gemm"):
+        with pytest.raises(ValueError, match="not importable"):
+            choose_compute("cuda", (9, 0), triton=False, mode=mode)
     monkeypatch.setenv("MODEL_SERVER_INT4_KERNELS", "fastest")
-    with pytest.raises(ValueError, match="must be one of auto, tinygemm, triton") as err:
+    with pytest.raises(ValueError, match="must be one of auto, tinygemm, triton, mixed, triton-gemm") as err:
         device_compute("cpu")
     assert "\n" not in str(err.value)
 

@@ -1,0 +1,117 @@
+"""Launch-configuration grids and the per-shape sweep of ``benchmarks/int4_kernels.py``.
+
+Owns: which configurations of the Triton GEMM (``model_server/int4_triton.py``) and of the small-rows kernel
+(``model_server/int4_gemv.py``) a sweep tries at a given M, and :func:`sweep`, which times each one (CUDA graph,
+weights from HBM) and checks its output against the float32 reference. Timing and shapes are int4_kernels.py's.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from model_server import int4_gemv, int4_triton
+
+
+def gemm_configs(m: int, n: int, k: int, group: int, num_sms: int, wide: bool = False) -> list[int4_triton.Config]:
+    """The GEMM's grid. Up to 16 rows: swap-AB, BLOCK_N 64/128, split K 1/heuristic's, both scale modes.
+    17..64 rows: BLOCK_M = M padded, BLOCK_N 64/128, split K 1/heuristic's/2x, stages 3/5, both scale modes (swap-AB).
+    Above 64: BLOCK_M 64/128 x BLOCK_N 64/128 x both orders and modes; ``wide``: split K 1/2/4/8 too."""
+    bk = int4_triton.block_k(group)
+    iters = k // bk
+    base = int4_triton.choose_config(m, n, k, bk, num_sms)
+
+    def splits(extra: bool) -> list[int]:
+        out = sorted({1, base.split_k} | ({base.split_k * 2} if extra else set()))
+        return [s for s in out if iters % s == 0 and iters // s >= 2]
+
+    if m > 64:
+        if wide:
+            return [int4_triton.Config(bm, bn, sp, 3, 8 if bm * bn >= 16384 else 4, False, fold)
+                    for bm in (64, 128) for bn in (64, 128) for sp in (1, 2, 4, 8)
+                    if iters % sp == 0 and iters // sp >= 2 for fold in (True, False)]
+        return [int4_triton.Config(bm, bn, sp, 3, 8 if bm * bn >= 8192 else 4, swap, fold)
+                for bm in (64, 128) for bn in (64, 128) for sp in splits(False)
+                for swap in (True, False) for fold in (True, False)]
+    if m <= 16:
+        return [int4_triton.Config(base.block_m, bn, sp, 4, 4, True, fold)
+                for bn in (64, 128) for sp in splits(False) for fold in (True, False)]
+    return [int4_triton.Config(base.block_m, bn, sp, st, 8 if base.block_m * bn >= 8192 else 4, True, fold)
+            for bn in (64, 128) for sp in splits(True) for st in (3, 5) for fold in (True, False)]
+
+
+def _auto_split(n: int, kblocks: int, bn: int, nb: int, num_sms: int) -> int:
+    split = 1
+    while -(-n // bn) * split < 2 * num_sms and kblocks >= 4 * split * nb:
+        split *= 2
+    return split
+
+
+def gemv_configs(m: int, n: int, k: int, group: int, num_sms: int) -> list[int4_gemv.GemvConfig]:
+    """The small-rows kernel's grid: (BLOCK_N, K-blocks per iteration, warps) tiles of 4-8 KB of packed bytes, 4
+    stages (2 and 6 for two tiles), split K 1 and the one that gives >= 2 programs per SM. One row: CUDA cores
+    (+2 tensor-core tiles); 2..16 rows: tensor cores (M padded to 16; + CUDA cores up to 8 rows); above 16: tensor
+    cores only. Tiles that spill registers when compiled for sm_90 (ptxas, Triton 3.6) are left out."""
+    kblocks = k // int4_triton.block_k(group)
+    out: list[int4_gemv.GemvConfig] = []
+
+    def add(tiles, bm: int, dot: bool, stages=(4,)) -> None:
+        for bn, nb, w in tiles:
+            for st in stages:
+                for sp in sorted({1, _auto_split(n, kblocks, bn, nb, num_sms)}):
+                    cfg = int4_gemv.GemvConfig(bn, nb, bm, sp, st, w, dot)
+                    if cfg not in out:
+                        out.append(cfg)
+
+    bm = 1 << max(0, (m - 1).bit_length())
+    if m == 1:
+        add([(16, 4, 4), (32, 2, 4), (8, 4, 2), (16, 8, 8), (64, 2, 8)], 1, False)
+        add([(16, 4, 4)], 1, False, (2, 6))
+        add([(32, 2, 4), (16, 4, 4)], 16, True)
+    elif m <= 16:
+        if m <= 8:
+            add([(16, 4, 4), (32, 2, 4)], bm, False)
+        add([(16, 4, 4), (32, 2, 4), (64, 1, 4), (32, 4, 8), (64, 2, 8)], 16, True)
+        add([(16, 4, 4), (32, 2, 4)], 16, True, (2, 6))
+    else:
+        add([(32, 1, 4), (32, 2, 4), (64, 1, 8)], bm, True, (3, 5))
+    return out
+
+
+def cfg_str(c: dict) -> str:
+    """GEMM: BLOCK_M/BLOCK_N/split/stages/warps/order+mode; small-rows kernel: gemv BLOCK_N/NB/BLOCK_M/split/..."""
+    if "nb" in c:
+        return (f"{'tc' if c['dot'] else 'cc'} {c['block_n']}/nb{c['nb']}/m{c['block_m']}/s{c['split']}/"
+                f"st{c['num_stages']}/w{c['num_warps']}")
+    return (f"{c['block_m']}/{c['block_n']}/s{c['split_k']}/st{c['num_stages']}/w{c['num_warps']}/"
+            f"{'T' if c['swap_ab'] else 'N'}{'F' if c['fold'] else 'D'}")
+
+
+def sweep(make_calls: Callable[[str, object], list], check: Callable[[Callable[[], torch.Tensor]], float],
+          configs: list[tuple[str, object]], reps: int, time_calls: Callable, deadline: float,
+          label: str) -> list[dict]:
+    """Time every ``(method, config)`` (graph us per call) and check its error; stops at ``deadline`` (time.time()).
+    A config that fails to compile or run is recorded with its error, not timed."""
+    out = []
+    for method, cfg in configs:
+        if time.time() > deadline:
+            print(f"{label}: sweep budget spent, {len(configs) - len(out)} configs not tried", flush=True)
+            break
+        row: dict = {"method": method, "config": vars(cfg)}
+        try:
+            calls = make_calls(method, cfg)
+            row["rel_err"] = check(calls[0])
+            row["graph_us"] = time_calls(calls, reps, False)[1]
+        except Exception as e:                      # noqa: BLE001 - keep the other configs' numbers
+            row["error"] = f"{e!r}"[:300]
+            print(f"{label} {method} {cfg_str(row['config'])}: {row['error']}", flush=True)
+        out.append(row)
+    return out
+
+
+def best_of(rows: list[dict], method: str, max_err: float = 1e-2) -> dict | None:
+    """The fastest timed row of ``method`` whose error is below ``max_err``."""
+    ok = [r for r in rows if r["method"] == method and r.get("graph_us") is not None
+          and isinstance(r.get("rel_err"), float) and r["rel_err"] < max_err]
+    return min(ok, key=lambda r: r["graph_us"]) if ok else None
