@@ -123,6 +123,8 @@ ROWS = [
     Row("energy per output token through the proxy (ledger)", EPT, values.ept, "11a6b7e", card="NVIDIA H200"),
     Row("model server over HTTP vs the engine in-process at 64, `serve --api-workers 2 / 4 / 8`, 10 s windows",
         ["2026-12-04-h200/httpw_10s/steady_state.json"], values.http_ratio, "429aa5e"),
+    Row("model server over HTTP vs the engine in-process, `serve --api-workers 4`, prefills without stream syncs",
+        ["2026-12-04-h200/prefill_nosync/overlap_1/steady_state.json"], values.http_ratio, "8a3d13e"),
     Row("energy per output token through the proxy (ledger), after warm-up, INT4 with the Triton dispatch",
         ["2026-12-04-h200/ept_bf16_warm/out/ept_bf16/energy_per_token.json",
          "2026-12-04-h200/ept_int4_warm/out/ept_int4/energy_per_token.json"], values.ept,
