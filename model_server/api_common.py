@@ -68,16 +68,20 @@ def prompt_byte_bound(tokenizer: Any, max_input_tokens: int) -> int:
     :data:`SHRINK_FACTOR` (4) otherwise. The bound never refuses a prompt that would fit; it caps
     the tokenizer's work per request at about ``max_input_bytes``.
     """
-    try:
-        max_token_bytes = max((len(str(t).encode()) for t in tokenizer.get_vocab()), default=1)
-    except Exception:
-        max_token_bytes = 256
+    facts = getattr(tokenizer, "byte_bound_facts", None)   # model_server.native's: worked out while loading
+    if callable(facts):
+        max_token_bytes, spec = facts()
+    else:
+        try:
+            max_token_bytes = max((len(str(t).encode()) for t in tokenizer.get_vocab()), default=1)
+        except Exception:
+            max_token_bytes = 256
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        try:
+            spec = json.loads(backend.to_str()).get("normalizer") if backend is not None else {"type": "?"}
+        except Exception:
+            spec = {"type": "?"}
     k = 1
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    try:
-        spec = json.loads(backend.to_str()).get("normalizer") if backend is not None else {"type": "?"}
-    except Exception:
-        spec = {"type": "?"}
     if _normalizer_may_shrink(spec):
         k = SHRINK_FACTOR
     return max(1, int(max_input_tokens)) * max(1, max_token_bytes) * k

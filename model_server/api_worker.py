@@ -139,12 +139,9 @@ class Worker:
 
     async def load_tokenizer(self) -> None:
         def load() -> Any:
-            from transformers import AutoTokenizer
+            from model_server.native.select import load_tokenizer   # native where it matches transformers'
 
-            from model_server.log_setup import adopt_transformers_logging
-
-            adopt_transformers_logging()
-            return AutoTokenizer.from_pretrained(self.cfg["model"])
+            return load_tokenizer(self.cfg["model"], native=True)
         try:
             self.tokenizer = await asyncio.to_thread(load)
         except Exception as exc:  # noqa: BLE001 - one line, then exit: the engine process sees us go

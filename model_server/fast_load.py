@@ -10,7 +10,8 @@ recompute the non-persistent buffers (rotary ``inv_freq``) with the model's own 
 ``from_pretrained`` does), tie the embeddings, read ``generation_config.json``.
 
 Owns deciding whether the direct path applies (:func:`unsupported_reason`) and doing it
-(:func:`read_weights`, then :func:`load_direct`). Anything it does not handle raises :class:`DirectLoadUnsupported` with the
+(:func:`read_weights`, then :func:`load_direct`, which builds transformers' model or, for the fast engine's
+common case, :mod:`model_server.native`'s). Anything it does not handle raises :class:`DirectLoadUnsupported` with the
 reason, and :mod:`model_server.loading` falls back to ``from_pretrained``. It must not quantize or
 pick dtypes (the caller gives the dtype; INT4 quantization is :mod:`model_server.int4`'s).
 ``MODEL_SERVER_DIRECT_LOAD=0`` turns it off.
@@ -70,33 +71,67 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def read_weights(model_id: str, device: str, marks: dict[str, float]) -> dict[str, Any]:
+def read_weights(model_id: str, device: str, marks: dict[str, float], view: Any = None) -> dict[str, Any]:
     """Create the CUDA context (CUDA) and read the checkpoint's tensors onto ``device``, as stored.
 
     Needs only torch and safetensors, so :mod:`model_server.loading` runs it on a worker thread while
     the main thread imports transformers (file reads and host-to-device copies release the GIL).
-    Marks ``cuda_init_end`` (CUDA only) and ``read_end``."""
+    Marks ``cuda_init_end`` (CUDA only) and ``read_end``. ``view`` (a ``concurrent.futures.Future``)
+    gets a dict of its own holding the same tensors before this returns, so a reader on another thread
+    (the kernel pre-warm) never sees :func:`load_direct` cast or clear the returned one."""
     import torch
     from safetensors.torch import load_file
 
-    if device == "cuda":
-        torch.cuda.init()
-        torch.empty(1, device="cuda")           # the CUDA context, timed on its own
+    try:
+        if device == "cuda":
+            torch.cuda.init()
+            torch.empty(1, device="cuda")           # the CUDA context, timed on its own
+            _sync(device)
+            marks["cuda_init_end"] = time.time()
+        state = load_file(str(Path(model_id) / WEIGHTS_NAME), device=device)
         _sync(device)
-        marks["cuda_init_end"] = time.time()
-    state = load_file(str(Path(model_id) / WEIGHTS_NAME), device=device)
-    _sync(device)
-    marks["read_end"] = time.time()
+        marks["read_end"] = time.time()
+    except BaseException as exc:
+        if view is not None:
+            view.set_exception(exc)
+        raise
+    if view is not None:
+        view.set_result(dict(state))
     return state
 
 
-def load_direct(model_id: str, device: str, dtype: Any, marks: dict[str, float], state: dict[str, Any]) -> Any:
+def load_direct(model_id: str, device: str, dtype: Any, marks: dict[str, float], state: dict[str, Any],
+                native: bool = False) -> Any:
     """The model of ``model_id`` on ``device`` in ``dtype`` (``"auto"``: the checkpoint's), eval mode,
-    from ``state`` (:func:`read_weights`'s result, consumed: cast in place, then assigned).
+    from ``state`` (:func:`read_weights`'s result, consumed: cast in place, then assigned). ``native``: our own
+    module tree (:mod:`model_server.native`, no transformers import) instead of transformers' model.
 
     Marks ``build_end`` (the model assembled). Raises :class:`DirectLoadUnsupported` (the tensors
     freed) where only loading shows it: missing or unexpected keys, meta tensors left, fp32 modules.
     """
+    import torch
+
+    try:
+        if native:
+            from model_server.native.build import build_native
+
+            model = build_native(model_id, device, dtype, state)
+        else:
+            model = _build_transformers(model_id, device, dtype, state)
+    except DirectLoadUnsupported:
+        state.clear()               # free the device memory before the fallback loads
+        model = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        raise
+    state.clear()
+    _sync(device)
+    marks["build_end"] = time.time()
+    return model
+
+
+def _build_transformers(model_id: str, device: str, dtype: Any, state: dict[str, Any]) -> Any:
+    """transformers' model class built on the meta device and filled from ``state``; eval mode."""
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -105,29 +140,19 @@ def load_direct(model_id: str, device: str, dtype: Any, marks: dict[str, float],
     cfg = AutoConfig.from_pretrained(model_id)
     if dtype == "auto":
         dtype = _checkpoint_dtype(cfg, Path(model_id) / WEIGHTS_NAME, safe_open)
-    try:
-        with torch.device("meta"), no_init_weights():
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        if getattr(model, "_keep_in_fp32_modules", None):
-            raise DirectLoadUnsupported("the model keeps some modules in fp32")
-        for k, t in state.items():
-            if t.is_floating_point() and t.dtype != dtype:
-                state[k] = t.to(dtype)
-        _assemble(model, state, device)
-    except DirectLoadUnsupported:
-        state.clear()               # free the device memory before the fallback loads
-        model = None
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        raise
-    state.clear()
+    with torch.device("meta"), no_init_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if getattr(model, "_keep_in_fp32_modules", None):
+        raise DirectLoadUnsupported("the model keeps some modules in fp32")
+    for k, t in state.items():
+        if t.is_floating_point() and t.dtype != dtype:
+            state[k] = t.to(dtype)
+    _assemble(model, state, device)
     model.config._name_or_path = str(model_id)
     model.name_or_path = str(model_id)
     if (Path(model_id) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_id)
     model.eval()
-    _sync(device)
-    marks["build_end"] = time.time()
     return model
 
 

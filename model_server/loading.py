@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,8 @@ class LoadError(Exception):
 class LoadedModel:
     """What an engine needs, plus what /info reports. Engines get this object."""
 
-    model: Any                       # a transformers PreTrainedModel (causal LM), eval mode
-    tokenizer: Any                   # a transformers tokenizer
+    model: Any                       # a transformers PreTrainedModel (causal LM) or model_server.native's, eval mode
+    tokenizer: Any                   # a transformers tokenizer or model_server.native's
     model_id: str                    # the MODEL argument
     device_type: str                 # "cpu" | "cuda"
     dtype: str                       # compute dtype name, e.g. "bfloat16"
@@ -49,7 +49,7 @@ class LoadedModel:
     eos_token_ids: list[int] = field(default_factory=list)
     synthetic: bool = False
     devices: list[dict[str, Any]] = field(default_factory=list)
-    load_path: str = "from_pretrained"   # "direct" (model_server.fast_load) | "from_pretrained"
+    load_path: str = "from_pretrained"   # "native" | "direct" (model_server.fast_load) | "from_pretrained"
     # wall-clock epochs of load sub-phase ends: cuda_init_end, read_end, build_end (direct path), quantize_end
     load_marks: dict[str, float] = field(default_factory=dict)
 
@@ -98,37 +98,6 @@ def _quant_method_name(value: Any) -> str:
     return str(getattr(value, "value", value) or "").lower()
 
 
-def _prepare_gptq() -> None:
-    """Make gptqmodel + optimum importable for a GPTQ checkpoint, or fail in one line.
-
-    gptqmodel sizes a CPU worker pool at import; on 2-core machines it needs GPTQMODEL_CPU_WORKERS.
-    """
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
-    missing = []
-    for mod in ("gptqmodel", "optimum"):
-        try:
-            __import__(mod)
-        except Exception:
-            missing.append(mod)
-    if missing:
-        raise LoadError(f"GPTQ checkpoints need {' and '.join(missing)} "
-                        "(pip install 'edge-eval[gptq]'; auto-gptq does not work with transformers 5)")
-
-
-def _settle_gptq_kernels(model, tokenizer) -> None:
-    """Run one token through the model so GPTQ kernels repack their weights now, not on the first request.
-
-    gptqmodel's CPU kernel (TorchAtenLinear) converts qweight to the int4pack layout and builds
-    ``scales_and_zeros`` on its first forward; doing it at load makes load time honest and lets
-    ``model_server.weights.measure_weight_bytes`` see the layout the server actually holds.
-    """
-    import torch
-
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"][:1] or [0]
-    with torch.no_grad():
-        model(input_ids=torch.tensor([ids], device=model.device))
-
-
 def default_compute_dtype(capability: tuple[int, int] | None) -> str:
     """Compute dtype for NF4 / LoRA compute: ``float16`` below compute capability 8.0 (T4, V100:
     bf16 is only emulated there, which made the paper's QLoRA 7x dearer than LoRA), ``bfloat16``
@@ -153,7 +122,9 @@ def _quantization_kwargs(quantization: str, device_type: str, config: dict[str, 
     existing = (config or {}).get("quantization_config") or {}
     method = _quant_method_name(existing.get("quant_method", ""))
     if method == "gptq" and quantization in ("none", "gptq"):
-        _prepare_gptq()
+        from model_server.gptq import prepare_gptq
+
+        prepare_gptq()
     if quantization == "none":
         return {"dtype": "auto"}
     if quantization == "fp16":
@@ -192,15 +163,19 @@ def _quantization_kwargs(quantization: str, device_type: str, config: dict[str, 
 
 
 def _load_weights(model_id: str, device: str, kwargs: dict[str, Any], marks: dict[str, float],
-                  reason: str | None, read: Any) -> tuple[Any, str]:
+                  reason: str | None, read: Any, native: bool = False) -> tuple[Any, str]:
     """The model, by the direct path (:mod:`model_server.fast_load`; ``read`` is the future of its
-    weights) unless ``reason`` says why not or it finds one, else by ``from_pretrained``; logs which
-    path was used and why. Returns ``(model, path name)``."""
+    weights; ``native``: built by :mod:`model_server.native`, no transformers) unless ``reason`` says why
+    not or it finds one, else by ``from_pretrained``; logs which path was used and why. Returns
+    ``(model, path name)``: ``native``, ``direct`` or ``from_pretrained``."""
     from model_server import fast_load
 
     if reason is None:
         try:
-            model = fast_load.load_direct(model_id, device, kwargs["dtype"], marks, read.result())
+            model = fast_load.load_direct(model_id, device, kwargs["dtype"], marks, read.result(), native=native)
+            if native:
+                log.info("load path: native (safetensors onto %s, model built without transformers)", device)
+                return model, "native"
             log.info("load path: direct (safetensors onto %s)", device)
             return model, "direct"
         except fast_load.DirectLoadUnsupported as exc:
@@ -221,12 +196,14 @@ def _load_weights(model_id: str, device: str, kwargs: dict[str, Any], marks: dic
     return model, "from_pretrained"
 
 
-def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
+def load_model(model_id: str, device: str, quantization: str, native: bool = False) -> LoadedModel:
     """Load ``model_id`` (local dir or hub id) on ``device`` ("cpu"/"cuda") with ``quantization``.
 
     On the direct path the CUDA context and the weights' read start on a worker thread before
     transformers is imported; the tokenizer loads on another while the model is built, and (CUDA) a
-    third pre-warms the fast engine's eager kernels on the read weights (``prewarm_end``)."""
+    third pre-warms the fast engine's eager kernels on the read weights (``prewarm_end``). ``native``
+    (``serve --engine fast``): model and tokenizer without transformers where :mod:`model_server.native`
+    reproduces them (``load_path`` ``native``), else as without it."""
     import torch
 
     from model_server import fast_load
@@ -235,22 +212,33 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
     t0 = time.monotonic()
     marks: dict[str, float] = {}
     reason = fast_load.unsupported_reason(model_id, quantization, config)
+    if native:
+        from model_server.native.config import unsupported_reason as native_reason
+
+        why = reason or native_reason(config)
+        if why is not None:
+            log.info("native model: no (%s)", why)
+        native = why is None
+    view: Future = Future()     # the pre-warm's own dict of the read tensors (the build casts and clears its own)
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="load") as pool:
-        read = pool.submit(fast_load.read_weights, model_id, device, marks) if reason is None else None
+        read = pool.submit(fast_load.read_weights, model_id, device, marks, view) if reason is None else None
         kwargs = _quantization_kwargs(quantization, device, config)
         from model_server.engines.fast import prewarm     # torch only
 
-        if read is not None and prewarm.enabled(device):   # one-off kernel costs, paid while transformers imports
-            pool.submit(prewarm.prewarm_quietly, config, read, kwargs["dtype"], quantization, marks)
-        from transformers import AutoTokenizer
-
-        from model_server.log_setup import adopt_transformers_logging
+        if read is not None and prewarm.enabled(device):   # one-off kernel costs, paid while the model is built
+            pool.submit(prewarm.prewarm_quietly, config, view, kwargs["dtype"], quantization, marks, True)
+        from model_server.native.select import load_tokenizer
         from model_server.weights import count_parameters, measure_weight_bytes
 
-        adopt_transformers_logging()
-        tok_future = pool.submit(AutoTokenizer.from_pretrained, model_id)
+        if not native:          # transformers is imported here, on this thread, as before the native path
+            from transformers import AutoTokenizer  # noqa: F401
+
+            from model_server.log_setup import adopt_transformers_logging
+
+            adopt_transformers_logging()
+        tok_future = pool.submit(load_tokenizer, model_id, native)
         try:
-            model, load_path = _load_weights(model_id, device, kwargs, marks, reason, read)
+            model, load_path = _load_weights(model_id, device, kwargs, marks, reason, read, native)
         finally:
             tok_error = tok_future.exception()
         if tok_error is not None:
@@ -262,10 +250,13 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
     qdict = (qcfg if isinstance(qcfg, dict) else qcfg.to_dict()) if qcfg is not None else {}
     if _quant_method_name(qdict.get("quant_method")) == "gptq":
         try:
-            _settle_gptq_kernels(model, tokenizer)
+            from model_server.gptq import settle_gptq_kernels
+
+            settle_gptq_kernels(model, tokenizer)
         except Exception as exc:
             raise LoadError(f"GPTQ kernels failed on a first forward: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+    n_params = count_parameters(model, config)      # before INT4 unties a tied lm_head (its copy is not a parameter)
     if quantization == "int4":
         from model_server.int4 import quantize_model
 
@@ -303,7 +294,7 @@ def load_model(model_id: str, device: str, quantization: str) -> LoadedModel:
     return LoadedModel(
         model=model, tokenizer=tokenizer, model_id=model_id, device_type=device, dtype=dtype,
         quantization=reported_q, architecture=(cfg.architectures or [type(model).__name__])[0],
-        parameters=count_parameters(model, config), weight_bytes=measure_weight_bytes(model),
+        parameters=n_params, weight_bytes=measure_weight_bytes(model),
         context_length=ctx, eos_token_ids=eos_ids,
         synthetic=bool((config or {}).get("edge_eval_synthetic", False)),
         devices=describe_devices(device, indices), load_path=load_path, load_marks=marks,

@@ -108,6 +108,10 @@ class Runtime:
             "synthetic": lm.synthetic if lm else None,
             "context_length": lm.context_length if lm else None,
             "startup": dict(self.startup),
+            # how the model and tokenizer were built: "native" (model_server.native) | "direct" | "from_pretrained"
+            "load_path": lm.load_path if lm else None,
+            "tokenizer": ("native" if getattr(lm.tokenizer, "native", False) else "transformers") if lm else None,
+            "transformers_imported": "transformers" in sys.modules,     # in this process, now
             # False while the fast engine's background warm-up runs (requests are served eagerly until then)
             "engine_warm": (bool(self.engine.stats().extra.get("warm", 1.0)) if self.engine is not None else None),
             "load_energy_joules": self.load_energy_joules,

@@ -104,10 +104,13 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
 
         uuids_before = await asyncio.to_thread(visible_gpu_uuids)
     e0 = await asyncio.to_thread(energy_millijoules, uuids_before)
+    # the fast engine takes model_server.native's model and tokenizer where they apply: no transformers import
+    engine_name = await asyncio.to_thread(resolve_engine_name, args.engine, device)
+    native = engine_name == "fast"
     runtime.startup["load_start"] = time.time()
     t0 = time.monotonic()
     try:
-        loaded = await asyncio.to_thread(load_model, args.model, device, args.quantization)
+        loaded = await asyncio.to_thread(load_model, args.model, device, args.quantization, native)
     except LoadError as exc:
         raise ServeError(str(exc)) from None
     runtime.startup["load_end"] = time.time()
@@ -132,11 +135,10 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
     lim.max_input_bytes = await asyncio.to_thread(prompt_byte_bound, loaded.tokenizer, lim.max_input_tokens)
     runtime.loaded = loaded
 
-    engine_name = resolve_engine_name(args.engine, device)
     try:
         engine = create_engine(engine_name, loaded, lim.max_batch, lim.max_total_tokens)
     except ServeError as exc:
-        if args.engine != "auto" or engine_name != "fast":
+        if args.engine != "auto" or engine_name != "fast" or loaded.load_path == "native":
             raise
         # auto: a model the fast engine cannot serve (another architecture) falls back to the baseline
         log.warning("%s; falling back to the transformers engine", exc)

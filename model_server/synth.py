@@ -61,6 +61,18 @@ PRESETS: dict[str, Preset] = {
         dtype="float32",
         match_vocab=True,
     ),
+    "tiny-qwen2": Preset(
+        name="tiny-qwen2",
+        architecture="qwen2",
+        config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+                    sliding_window=None, max_window_layers=2, initializer_range=0.1,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        tokenizer_vocab=1024,
+        dtype="float32",
+        match_vocab=True,
+    ),
     "llama-3.2-1b": Preset(
         name="llama-3.2-1b",
         architecture="llama",

@@ -59,8 +59,15 @@ def measure_weight_bytes(model) -> int:
 
 
 def count_parameters(model, config: dict[str, Any] | None) -> int:
-    """Logical parameter count (what the unquantized model would have), tied weights counted once."""
+    """Logical parameter count (what the unquantized model would have), tied weights counted once.
+
+    :mod:`model_server.native`'s model carries it (``logical_parameters``, counted before quantizing), so
+    this needs no transformers there."""
     import torch
+
+    counted = getattr(model, "logical_parameters", 0)
+    if isinstance(counted, int) and counted > 0:
+        return counted
 
     try:
         from transformers import AutoConfig, AutoModelForCausalLM

@@ -107,8 +107,8 @@ def stand_in(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torc
     layer.post_attention_layernorm = _Norm(w(p + "post_attention_layernorm.weight"), eps)
     base = nn.Module()
     embed = w("model.embed_tokens.weight")
-    base.embed_tokens = nn.Embedding(embed.shape[0], hidden, device="meta")
-    base.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)
+    # given its weight, nn.Embedding skips its init (normal_() on a meta tensor would import torch._dynamo)
+    base.embed_tokens = nn.Embedding(embed.shape[0], hidden, _weight=embed, _freeze=True)
     base.layers = nn.ModuleList([layer])
     base.norm = _Norm(w("model.norm.weight"), eps)
     base.rotary_emb = _Rotary(head_dim)
@@ -160,8 +160,11 @@ def prewarm(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch
 
 
 def prewarm_quietly(config: dict[str, Any], read: Any, dtype: Any, quantization: str,
-                    marks: dict[str, float]) -> None:
-    """:func:`prewarm` once ``read`` (the future of the loaded state) is done; never raises."""
+                    marks: dict[str, float], release: bool = False) -> None:
+    """:func:`prewarm` once ``read`` (the future of the loaded state: a dict nobody else changes meanwhile)
+    is done; never raises. ``release``: empty that dict afterwards (it was this pre-warm's own view, and its
+    tensors should not outlive the load through it)."""
+    state: dict[str, Any] = {}
     try:
         state = read.result()
         if dtype == "auto" or not isinstance(dtype, torch.dtype):
@@ -170,3 +173,6 @@ def prewarm_quietly(config: dict[str, Any], read: Any, dtype: Any, quantization:
         log.info("kernel pre-warm done in %.2f s", seconds)
     except Exception as exc:  # noqa: BLE001 - a missed pre-warm only costs time
         log.info("kernel pre-warm skipped: %s: %s", type(exc).__name__, str(exc)[:200])
+    finally:
+        if release:
+            state.clear()

@@ -1,0 +1,65 @@
+"""Assemble the native model from a checkpoint's tensors already on the device.
+
+What :mod:`model_server.fast_load` does with transformers' model, without transformers: build on the meta
+device (:func:`.modeling.build_on_meta`), cast the tensors to the target dtype where they are, assign them by
+name (``load_state_dict(assign=True)``: no copy), tie the embeddings, compute the rotary buffers on the CPU
+and place them (as transformers' ``_init_weights`` does), leave every parameter with ``requires_grad`` on and
+the model in eval mode (as ``from_pretrained`` does). A key mismatch raises
+:class:`model_server.fast_load.DirectLoadUnsupported`, and the caller falls back. Owns only that assembly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from model_server.fast_load import WEIGHTS_NAME, DirectLoadUnsupported, _checkpoint_dtype
+
+from .config import generation_defaults, parse, read_json
+from .modeling import NativeCausalLM, build_on_meta
+
+
+def build_native(model_id: str, device: str, dtype: Any, state: dict[str, torch.Tensor]) -> NativeCausalLM:
+    """The model of ``model_id`` in ``dtype`` (``"auto"``: config.json's, else the first floating weight's) from
+    ``state`` (:func:`model_server.fast_load.read_weights`'s result: tensors are cast in place, then assigned)."""
+    from safetensors import safe_open
+
+    path = Path(model_id)
+    config = parse(read_json(path / "config.json"))
+    if dtype == "auto":
+        dtype = _checkpoint_dtype(SimpleNamespace(dtype=config.dtype), path / WEIGHTS_NAME, safe_open)
+    model = build_on_meta(config)
+    for k, t in state.items():
+        if t.is_floating_point() and t.dtype != dtype:
+            state[k] = t.to(dtype)
+    assemble(model, state, device)
+    config.dtype = dtype
+    config._name_or_path = model.name_or_path = str(model_id)
+    model.generation_config = generation_defaults(path, config)
+    model.eval()
+    return model
+
+
+def assemble(model: NativeCausalLM, state: dict[str, torch.Tensor], device: str) -> None:
+    """Assign ``state`` into the meta-built ``model``, tie, place the rotary buffers; nothing may stay on meta."""
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    expected = set(model.state_dict().keys())
+    missing = expected - set(state) - tied
+    unexpected = set(state) - expected
+    if missing or unexpected:
+        raise DirectLoadUnsupported(f"keys differ from the model's: missing {sorted(missing)[:3]}, "
+                                    f"unexpected {sorted(unexpected)[:3]}")
+    if tied & set(state):
+        raise DirectLoadUnsupported(f"tied weights stored in the checkpoint: {sorted(tied & set(state))[:3]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.model.rotary_emb.reset_buffers(device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise DirectLoadUnsupported(f"tensors left on the meta device: {left[:3]}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    # the unquantized parameter count, tied weights once (what /info reports; INT4 later replaces linears)
+    model.logical_parameters = int(sum(p.numel() for p in model.parameters()))
