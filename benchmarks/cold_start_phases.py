@@ -17,12 +17,20 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
   (``MODEL_SERVER_PREWARM=0``) and with the background compile starting at ready
   (``MODEL_SERVER_FAST_WARMUP_HOLD_S=0``): the "after" of commit 447c2a7, for an A/B in one call;
 * ``after-empty-cache``: the defaults on an empty compile cache (first token does not wait for it);
-* ``legacy-eager-graphs``: the old path with every graph captured at start (the 2026-12-03 "before").
+* ``legacy-eager-graphs``: the old path with every graph captured at start (the 2026-12-03 "before");
+* ``after-tf`` / ``after-tf-int4``: the defaults with transformers' model and tokenizer
+  (``MODEL_SERVER_NO_TRANSFORMERS=0``: the "after" of b69463c), beside ``after`` / ``after-int4``, which now
+  build both without transformers where :mod:`model_server.native` applies (the llama-3.2-1b preset).
 
-The first request's greedy tokens are compared across bf16 variants and across int4 variants
-(serving eagerly first must not change them), and so are the steady requests'. Writes
-``cold_start_phases.json`` and ``cold_start_phases.md`` under ``--out``.
-GPU: ``python benchmarks/cold_start_phases.py --out OUT``; CPU smoke: ``--preset tiny --device cpu``.
+A variant may be named more than once (``after,after-tf,after,after-tf``: alternating repeats). Each run
+records from ``/info`` its load path, its tokenizer and whether ``transformers`` was imported in the server
+process after the first request and at the end. The first request's greedy tokens are compared across bf16
+variants and across int4 variants (serving eagerly first and the native build must not change them), and so
+are the steady requests'. Writes ``cold_start_phases.json``, ``cold_start_phases.md`` and the servers' logs
+in one ``cold_logs.tgz`` under ``--out`` (few files: the device tool brings back at most 8).
+GPU: ``python benchmarks/cold_start_phases.py --out OUT``; CPU: ``--model-dir /tmp/m1b --device cpu
+--variants after-tf,after --steady-tokens 0 --importtime`` (``-X importtime`` in the server: the top
+imports per run in the JSON).
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -75,60 +84,99 @@ PHASES = [("imports_s", "process_start", "load_start"), ("cuda_init_s", "load_st
           ("warmup_s", "load_end", "warmup_end")]
 
 
-def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, out: Path) -> dict:
+def _info(url: str) -> dict:
+    with urllib.request.urlopen(url + "/info", timeout=10) as r:
+        return json.load(r)
+
+
+def import_times(log: str, top: int = 12) -> list[tuple[str, float]]:
+    """``-X importtime`` lines of the server's log: the ``top`` top-level imports by cumulative seconds."""
+    rows = []
+    for ln in log.splitlines():
+        if ln.startswith("import time:") and ln.count("|") == 2:
+            _, cum, name = ln.split("|")
+            if not name.startswith("  ") and cum.strip().isdigit():
+                rows.append((name.strip(), int(cum) / 1e6))
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
+def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, logs: Path, steady_tokens: int = 64,
+              importtime: bool = False) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "model_server", "serve", str(model_dir), "--port", str(port), "--device", device,
-           "--engine", "fast", "--quantization", quant, "--max-batch", "64", "--max-total-tokens", "256"]
-    logf = open(out / f"cold_{name}.log", "w")
+    cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "model_server", "serve",
+           str(model_dir), "--port", str(port), "--device", device, "--engine", "fast", "--quantization", quant,
+           "--max-batch", "64", "--max-total-tokens", "256"]
+    log_path = logs / f"cold_{name}.log"
+    logf = open(log_path, "w")
     t_spawn = time.time()
     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
-    res: dict = {"variant": name, "quantization": quant, "env": env}
+    res: dict = {"variant": name.split("_", 1)[1], "quantization": quant, "env": env}
     try:
         wait_http_ok(url + "/health", 240, proc=proc, name="server", interval=0.02)
         t_health = time.time()
         t_first, t_done, texts = first_token(url, str(model_dir), list(range(300, 364)), 16)
-        # the old path has no background warm-up: it is fused from ready on, nothing to wait for
-        info = wait_fused(url, 240 if env.get("MODEL_SERVER_FAST_BACKGROUND_WARMUP") != "0" else 0)
-        t_fused = time.time()
-        first_token(url, str(model_dir), list(range(400, 464)), 64)        # later buckets; lazy captures
-        t2 = time.time()
-        _, _, steady = first_token(url, str(model_dir), list(range(400, 464)), 64)
+        first = _info(url)
+        res.update(load_path=first.get("load_path"), tokenizer=first.get("tokenizer"),
+                   transformers_after_first_request=first.get("transformers_imported"))
+        info, t_fused, steady, t2 = first, time.time(), None, None
+        if steady_tokens > 0:
+            # the old path has no background warm-up: it is fused from ready on, nothing to wait for
+            info = wait_fused(url, 240 if env.get("MODEL_SERVER_FAST_BACKGROUND_WARMUP") != "0" else 0)
+            t_fused = time.time()
+            first_token(url, str(model_dir), list(range(400, 400 + steady_tokens)), steady_tokens)   # lazy captures
+            t2 = time.time()
+            _, _, steady = first_token(url, str(model_dir), list(range(400, 400 + steady_tokens)), steady_tokens)
         st = info.get("startup") or {}
         fused = st.get("fused_ready") or st.get("warmup_end")
         res.update(spawn_to_first_token_s=round(t_first - t_spawn, 3), spawn_to_ready_s=round(t_health - t_spawn, 3),
-                   first_request_s=round(t_done - t_health, 3), second_request_s=round(time.time() - t2, 3),
-                   spawn_to_fused_s=round(fused - t_spawn, 3) if fused else None,
-                   waited_for_fused_s=round(t_fused - t_done, 3), tokens=texts, steady_tokens=steady)
+                   first_request_s=round(t_done - t_health, 3),
+                   second_request_s=round(time.time() - t2, 3) if t2 else None,
+                   spawn_to_fused_s=round(fused - t_spawn, 3) if fused and steady_tokens > 0 else None,
+                   waited_for_fused_s=round(t_fused - t_done, 3), tokens=texts, steady_tokens=steady,
+                   transformers_at_end=_info(url).get("transformers_imported"))
         ph = [("spawn_to_process_start_s", t_spawn, st.get("process_start"))]
         ph += [(k, st.get(a), st.get(b)) for k, a, b in PHASES]
         ph += [("ready_to_first_token_s", t_health, t_first)]
         res["phases"] = {k: round(b - a, 3) for k, a, b in ph if a is not None and b is not None}
         res["weight_bytes"] = info.get("weight_bytes")
-        res["load_path"] = next((ln.split("load path: ")[1].split(" (")[0] for ln in
-                                 (out / f"cold_{name}.log").read_text().splitlines() if "load path: " in ln), None)
+        if res.get("load_path") is None:        # servers older than /info's load_path: their log line
+            res["load_path"] = next((ln.split("load path: ")[1].split(" (")[0] for ln in
+                                     log_path.read_text().splitlines() if "load path: " in ln), None)
     except Exception as exc:  # noqa: BLE001 - recorded
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         stop_process(proc, timeout=30)
         logf.close()
-    print(json.dumps({k: v for k, v in res.items() if k not in ("tokens", "steady_tokens")}), flush=True)
+    if importtime:
+        res["imports_top_s"] = import_times(log_path.read_text(errors="replace"))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("tokens", "steady_tokens", "imports_top_s")}),
+          flush=True)
     return res
 
 
 def table(report: dict) -> str:
     cols = ["imports_s", "cuda_init_s", "read_s", "prewarm_s", "build_s", "load_s", "quantize_s", "warmup_s",
             "ready_to_first_token_s"]
-    lines = ["| variant | quant | load path | " + " | ".join(c[:-2] for c in cols)
-             + " | **spawn -> first token s** | spawn -> fused s | steady 64-token request s |",
-             "|---" * (len(cols) + 6) + "|"]
+    lines = ["| variant | quant | load path / tokenizer | transformers imported (first request / end) | "
+             + " | ".join(c[:-2] for c in cols)
+             + " | **spawn -> first token s** | spawn -> fused s | steady request s |",
+             "|---" * (len(cols) + 7) + "|"]
     for r in report["runs"]:
         ph = r.get("phases") or {}
-        lines.append(f"| {r['variant']} | {r['quantization']} | {r.get('load_path')} | "
+        lines.append(f"| {r['variant']} | {r['quantization']} | {r.get('load_path')} / {r.get('tokenizer')} | "
+                     f"{r.get('transformers_after_first_request')} / {r.get('transformers_at_end')} | "
                      + " | ".join(str(ph.get(c, "")) for c in cols)
                      + f" | **{r.get('spawn_to_first_token_s', r.get('error', ''))}** | {r.get('spawn_to_fused_s')} | "
                      f"{r.get('second_request_s')} |")
     return "\n".join(lines) + "\n"
+
+
+def pack_logs(logs: Path, out: Path) -> None:
+    """The servers' logs as one ``cold_logs.tgz`` in ``out`` (rewritten after each run: a cut-off call keeps them)."""
+    with tarfile.open(out / "cold_logs.tgz", "w:gz") as tar:
+        for f in sorted(logs.glob("*.log")):
+            tar.add(f, arcname=f.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                     "after,before-int4,after-int4,after-empty-cache", help="comma-separated (default: $COLD_VARIANTS, "
                     "else fill-cache,fill-cache-int4,before,after,before-int4,after-int4,after-empty-cache)")
     ap.add_argument("--commit", default=default_commit())
+    ap.add_argument("--steady-tokens", type=int, default=64,
+                    help="tokens of the two requests after the fused path (0: neither them nor the wait; CPU)")
+    ap.add_argument("--importtime", action="store_true", help="run the server with python -X importtime")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,25 +209,37 @@ def main(argv: list[str] | None = None) -> int:
     warm = {"TORCHINDUCTOR_CACHE_DIR": persistent, "TRITON_CACHE_DIR": persistent + "/triton"}
     old = {"MODEL_SERVER_DIRECT_LOAD": "0", "MODEL_SERVER_FAST_BACKGROUND_WARMUP": "0",
            "MODEL_SERVER_FAST_LAZY_GRAPHS": "1"}
-    new = {"MODEL_SERVER_DIRECT_LOAD": "1", "MODEL_SERVER_FAST_BACKGROUND_WARMUP": "1"}
+    new = {"MODEL_SERVER_DIRECT_LOAD": "1", "MODEL_SERVER_FAST_BACKGROUND_WARMUP": "1",
+           "MODEL_SERVER_NO_TRANSFORMERS": "1"}
+    tf = {**new, "MODEL_SERVER_NO_TRANSFORMERS": "0"}          # transformers' model and tokenizer (b69463c)
     r16 = {"MODEL_SERVER_PREWARM": "0", "MODEL_SERVER_FAST_WARMUP_HOLD_S": "0"}     # 447c2a7's "after"
     plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
             "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
             "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),
             "after-noprewarm": ("bf16", {**warm, **new, **r16}), "after-noprewarm-int4": ("int4", {**warm, **new, **r16}),
             "after-empty-cache": ("bf16", {**fresh(), **new}),
-            "legacy-eager-graphs": ("bf16", {**warm, **old, "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"})}
+            "legacy-eager-graphs": ("bf16", {**warm, **old, "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"}),
+            "after-tf": ("bf16", {**warm, **tf}), "after-tf-int4": ("int4", {**warm, **tf})}
     report = {"card": card, "date": utc_date("%Y-%m-%d"), "commit": args.commit,
               "command": "python benchmarks/cold_start_phases.py " + " ".join(sys.argv[1:]), "preset": args.preset,
               "runs": []}
-    for name in args.variants.split(","):
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in plan]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; known: {', '.join(plan)}")
+    logs = work / "logs"
+    logs.mkdir()
+    for i, name in enumerate(names):
         quant, env = plan[name]
-        report["runs"].append(one_start(name, model_dir, args.device, quant, env, out))
+        report["runs"].append(one_start(f"{i:02d}_{name}", model_dir, args.device, quant, env, logs,
+                                        args.steady_tokens, args.importtime))
         (out / "cold_start_phases.json").write_text(json.dumps(report, indent=1))
+        pack_logs(logs, out)
     for q in ("bf16", "int4"):
         ok = [r for r in report["runs"] if r["quantization"] == q and "tokens" in r]
         report[f"first_request_tokens_identical_{q}"] = len({json.dumps(r["tokens"]) for r in ok}) <= 1
-        report[f"steady_request_tokens_identical_{q}"] = len({json.dumps(r["steady_tokens"]) for r in ok}) <= 1
+        report[f"steady_request_tokens_identical_{q}"] = len({json.dumps(r["steady_tokens"]) for r in ok
+                                                              if r.get("steady_tokens") is not None}) <= 1
     (out / "cold_start_phases.json").write_text(json.dumps(report, indent=1))
     md = table(report) + "".join(f"\n{k}: {v}" for k, v in report.items() if k.endswith(("_bf16", "_int4"))) + "\n"
     (out / "cold_start_phases.md").write_text(f"{report['card']}, {report['date']}, commit {report['commit']}\n\n" + md)
