@@ -14,8 +14,8 @@
 #   bash benchmarks/gpu_calls.sh kernels    # issue 17: INT4 kernels (tinygemm, Triton, bf16 cuBLAS) per shape (~2 min)
 #   bash benchmarks/gpu_calls.sh kernels2   # issue 17: INT4 kernels per merged shape at M=1,8,64,16 with the sweeps of the
 #                                            small-rows kernel's and the GEMM's configs, errors checked (~6 min; no wheels
-#                                            needed). K2_CONFIRM=1: no sweep, then the steady state in-process bf16 vs int4
-#                                            (MODEL_SERVER_INT4_KERNELS=auto) at 1/8/64, 6 s windows (~5 min)
+#                                            needed). K2_CONFIRM=1: no sweep, then the steady state in-process bf16 vs int4 with
+#                                            MODEL_SERVER_INT4_KERNELS=triton at 1/8/64 (SS_QUANTS, SS_CONC), 6 s windows (~5 min)
 #   bash benchmarks/gpu_calls.sh http       # issue 17: bf16 at 64 in-process and over HTTP, the server's switch
 #                                            interval 5 ms (Python's default) vs 0.5 ms, in the order SWITCHES gives (~5 min)
 #   bash benchmarks/gpu_calls.sh httpw      # issue 17: bf16 at 64 and 256 in-process vs HTTP, serve --api-workers 0
@@ -79,7 +79,7 @@ case "${1:-}" in
         --out "$out/kernels2" > "$out/kernels2.log" 2>&1; echo "kernels rc $?"; grep -A9 "Whole step" "$out/kernels2.log"
       [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
       timeout "${K2_SS_SECONDS:-270}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
-        --out "$out/ss" --quants "${SS_QUANTS:-bf16,int4}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
+        --out "$out/ss" --quants "${SS_QUANTS:-bf16,int4:triton}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
         --window-s 6 --agree-prompts 0 > "$out/steady_state.log" 2>&1
       echo "steady_state rc $?"; tail -12 "$out/steady_state.log"
     else

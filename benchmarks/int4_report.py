@@ -60,6 +60,25 @@ def stack(res: dict, layer: dict, n_layers: int, dispatch: Callable[[int], str])
     return out
 
 
+def tuned_lines(res: dict) -> list[str]:
+    """The sweep's fastest correct small-rows config per (M, shape) as ``int4_gemv.TUNED`` entries, and the GEMM's."""
+    out = []
+    for key, rows in res.get("sweeps", {}).items():
+        nk, m = key.split("/M")
+        n, k = map(int, nk.split("x"))
+        for method, fmt in (("gemv", "    ({m}, {n}, {k}): GemvConfig({block_n}, {nb}, {block_m}, {split}, {num_stages}, "
+                                     "{num_warps}, {dot}),"),
+                            ("triton", "    # GEMM ({m}, {n}, {k}): Config({block_m}, {block_n}, {split_k}, {num_stages}, "
+                                       "{num_warps}, {swap_ab}, {fold})")):
+            b = best_of(rows, method)
+            if b:
+                out.append(fmt.format(m=m, n=n, k=k, **b["config"]) + f"  # {b['graph_us']:.1f} us")
+    if not out:
+        return []
+    return ["", "Configs to encode (int4_gemv.TUNED, keyed by rows bucket, N, K; the GEMM's best as comments):", "",
+            "```python", *out, "```"]
+
+
 def markdown(res: dict, layer: dict, n_layers: int) -> str:
     f = lambda v: "-" if v is None else f"{v:.1f}"                                      # noqa: E731
     lines = [f"# INT4 kernels, {res['device']} (torch {res['torch']}, triton {res['triton']}, group {res['group']})",
@@ -93,6 +112,7 @@ def markdown(res: dict, layer: dict, n_layers: int) -> str:
             cols.append(f"{g:.0f} ({row[f'{method}/graph_speedup']:.2f}x)" + (f" [{e:.0f}]" if e else "")
                         if g else "-")
         lines.append(f"| {m} | " + " | ".join(cols) + " |")
+    lines += tuned_lines(res)
     bad = [f"{key} {mm}={e}" for key, errs in res["rel_errors"].items() for mm, e in errs.items()
            if not (isinstance(e, float) and e < 1e-2)]
     bad += [f"{key} {r['method']} {cfg_str(r['config'])}: {r.get('rel_err', r.get('error'))}"

@@ -49,10 +49,12 @@ def _auto_split(n: int, kblocks: int, bn: int, nb: int, num_sms: int) -> int:
 
 
 def gemv_configs(m: int, n: int, k: int, group: int, num_sms: int) -> list[int4_gemv.GemvConfig]:
-    """The small-rows kernel's grid: (BLOCK_N, K-blocks per iteration, warps) tiles of 4-8 KB of packed bytes, 4
-    stages (2 and 6 for two tiles), split K 1 and the one that gives >= 2 programs per SM. One row: CUDA cores
-    (+2 tensor-core tiles); 2..16 rows: tensor cores (M padded to 16; + CUDA cores up to 8 rows); above 16: tensor
-    cores only. Tiles that spill registers when compiled for sm_90 (ptxas, Triton 3.6) are left out."""
+    """The small-rows kernel's grid: (BLOCK_N, K-blocks per iteration, warps) tiles, stages, split K 1 and the one that
+    gives >= 2 programs per SM. One row: CUDA cores (+2 tensor-core tiles); more rows: tensor cores with BLOCK_N 16
+    and one K-block per warp (M padded to 16, or to M's power of two above 16). Chosen with the kernel compiled for
+    sm_90 without a GPU (benchmarks/int4_compile_check.py, Triton 3.6): these tiles take ~9.5 SASS instructions per
+    weight in the main loop, tensor-core strips wider than 16 columns 17-42, CUDA cores at 2-8 rows 13-33; none
+    spills registers."""
     kblocks = k // int4_triton.block_k(group)
     out: list[int4_gemv.GemvConfig] = []
 
@@ -64,18 +66,16 @@ def gemv_configs(m: int, n: int, k: int, group: int, num_sms: int) -> list[int4_
                     if cfg not in out:
                         out.append(cfg)
 
-    bm = 1 << max(0, (m - 1).bit_length())
+    bm = max(16, 1 << max(0, (m - 1).bit_length()))
     if m == 1:
         add([(16, 4, 4), (32, 2, 4), (8, 4, 2), (16, 8, 8), (64, 2, 8)], 1, False)
         add([(16, 4, 4)], 1, False, (2, 6))
-        add([(32, 2, 4), (16, 4, 4)], 16, True)
+        add([(16, 4, 4), (16, 2, 2)], 16, True)
     elif m <= 16:
-        if m <= 8:
-            add([(16, 4, 4), (32, 2, 4)], bm, False)
-        add([(16, 4, 4), (32, 2, 4), (64, 1, 4), (32, 4, 8), (64, 2, 8)], 16, True)
-        add([(16, 4, 4), (32, 2, 4)], 16, True, (2, 6))
+        add([(16, 4, 4), (16, 2, 2), (16, 8, 8)], bm, True, (3, 5))
+        add([(16, 4, 4)], bm, True, (2, 7))
     else:
-        add([(32, 1, 4), (32, 2, 4), (64, 1, 8)], bm, True, (3, 5))
+        add([(16, 4, 4), (16, 2, 2)], bm, True, (2, 3))
     return out
 
 

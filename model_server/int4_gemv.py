@@ -48,16 +48,30 @@ class GemvConfig:
     dot: bool = False                # tensor cores (else CUDA cores)
 
 
+# Per (rows bucket, N, K) configs measured fastest on the device (benchmarks/int4_kernels.py prints this table from
+# its sweep: "Configs to encode"); shapes not listed use the rule in choose_gemv_config. Empty until a sweep has run.
+TUNED: dict[tuple[int, int, int], GemvConfig] = {}
+
+
+def rows_bucket(m: int) -> int:
+    """The row count a tuned config is measured at: 1, 8 (2..8 rows), 16, 64; a config for a bucket fits its rows."""
+    return 1 if m == 1 else 8 if m <= 8 else 16 if m <= 16 else 64
+
+
 def choose_gemv_config(m: int, n: int, k: int, bk: int, num_sms: int) -> GemvConfig:
-    """A first guess (CUDA cores up to 4 rows, tensor cores above; split K while the strips do not fill the SMs
-    twice), until a sweep on the device (benchmarks/int4_kernels.py) replaces it."""
-    dot = m > 4
-    bm = max(16, _pow2(m)) if dot else _pow2(m)
-    bn = 32 if dot else 16
-    nb = 2 if dot else 4
+    """:data:`TUNED` for this shape and rows bucket, else a rule: one row on CUDA cores, more on tensor cores with one
+    K-block of a 16-column strip per warp (the tiles with the fewest instructions per weight when compiled for sm_90:
+    ~9.5, against 13-33 for CUDA cores at 2-8 rows and 17-42 for wider tensor-core strips); split K while the strips do
+    not fill the SMs twice and each split keeps >= 2 iterations."""
+    tuned = TUNED.get((rows_bucket(m), n, k))
+    if tuned is not None and tuned.block_m >= m:
+        return tuned
+    dot = m > 1
+    bm = max(16, _pow2(m)) if dot else 1
+    bn, nb = 16, 4
     blocks = k // bk
     split = 1
-    while -(-n // bn) * split < 2 * num_sms and blocks // (2 * split * nb) >= 2:
+    while -(-n // bn) * split < 2 * num_sms and blocks >= 4 * split * nb:
         split *= 2
     return GemvConfig(bn, nb, bm, split, 4, 4, dot)
 

@@ -4,7 +4,8 @@ PyTorch's int4pack kernel (tinygemm) is a few-rows kernel: on an H200 it is the 
 and falls far behind bf16 above (at 64 rows a 8192 x 2048 projection takes 79 us against 12 us in bf16;
 docs/benchmarks.md, "INT4 kernels per layer"). This kernel dequantizes in registers and runs the product on
 tensor cores, so batched decode and prefill read 4-bit weights at GEMM speed. :class:`model_server.int4.Int4Linear`
-dispatches by rows (see ``int4.TINYGEMM_MAX_ROWS``).
+dispatches by rows (``int4.TINYGEMM_MAX_ROWS`` in the ``mixed`` mode; in the ``triton`` mode steps of at most
+``int4.GEMV_MAX_ROWS`` rows run the small-rows kernel of :mod:`model_server.int4_gemv`, which reads this layout).
 
 Owns: the kernel's weight layout (:func:`pack_int4`, :func:`split_scales_and_zeros`), the kernel, its launch
 configuration (:func:`choose_config`) and the wrapper :func:`int4_triton_mm`. Must NOT: quantize weights

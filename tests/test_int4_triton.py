@@ -123,6 +123,16 @@ def test_gemv_default_config_for_each_row_count(m):
     assert _rel(_gemv(x, q, sz, 64), _reference(x, q, sz, 64)) < 1e-5
 
 
+def test_gemv_config_uses_the_tuned_table_for_its_rows_bucket(monkeypatch):
+    tuned = int4_gemv.GemvConfig(64, 2, 8, 2, 3, 8, False)
+    monkeypatch.setitem(int4_gemv.TUNED, (8, 2048, 8192), tuned)
+    assert [int4_gemv.rows_bucket(m) for m in (1, 2, 8, 9, 16, 17, 64)] == [1, 8, 8, 16, 16, 64, 64]
+    assert int4_gemv.choose_gemv_config(5, 2048, 8192, 128, 132) == tuned
+    assert int4_gemv.choose_gemv_config(1, 2048, 8192, 128, 132) != tuned       # another bucket: the rule
+    rule = int4_gemv.choose_gemv_config(1, 2048, 8192, 128, 132)
+    assert rule.block_m == 1 and not rule.dot and rule.split > 1           # 128 strips: split K fills the SMs
+
+
 def test_gemv_rejects_rows_past_its_block_and_bad_shapes():
     q, sz = quantize_groupwise(torch.randn(32, 256), 128)
     with pytest.raises(ValueError, match="do not fit block_m"):
