@@ -48,7 +48,8 @@ def compile_sm90(cfg: int4_gemv.GemvConfig, k: int, group: int = 128):
     types = ["*bf16", "*u8", "*bf16", "*bf16", "*bf16" if cfg.split == 1 else "*fp32"] + ["i32"] * 7
     sig = dict(zip(ARGS, types))
     const = dict(ITERS=-(-(k // bk) // (cfg.split * cfg.nb)), GROUP=group, BK=bk, HALF=bk // 2, BLOCK_N=cfg.block_n,
-                 NB=cfg.nb, BLOCK_M=cfg.block_m, STAGES=cfg.num_stages, DOT=cfg.dot, IEEE=False)
+                 NB=cfg.nb, BLOCK_M=cfg.block_m, STAGES=cfg.num_stages, DOT=cfg.dot, PREFETCH=cfg.prefetch,
+                 IEEE=False)
     sig.update({name: "constexpr" for name in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(ARGS) if name != "M"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
@@ -91,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     head, rest = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=head, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
     p.add_argument("--ms", default="1,8,64", help="rows M of the sweep grid (comma-separated)")
-    p.add_argument("--config", default=None, help="one GemvConfig: block_n,nb,block_m,split,stages,warps,dot")
+    p.add_argument("--config", default=None,
+                   help="one GemvConfig: block_n,nb,block_m,split,stages,warps,dot[,prefetch] (dot, prefetch as 0/1)")
     p.add_argument("--k", type=int, default=2048, help="K for --config")
     args = p.parse_args(argv)
     if args.config:
         v = [int(t) for t in args.config.split(",")]
-        todo = [(int4_gemv.GemvConfig(*v[:6], bool(v[6])), args.k)]
+        todo = [(int4_gemv.GemvConfig(*v[:6], *map(bool, v[6:8])), args.k)]
     else:
         seen, todo = set(), []
         for m in (int(t) for t in args.ms.split(",")):

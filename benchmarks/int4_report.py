@@ -63,13 +63,14 @@ def stack(res: dict, layer: dict, n_layers: int, dispatch: Callable[[int], str])
 def tuned_lines(res: dict) -> list[str]:
     """The sweep's fastest correct small-rows config per (M, shape) as ``int4_gemv.TUNED`` entries, and the GEMM's."""
     out = []
+    gemv = ("    ({m}, {n}, {k}): GemvConfig({block_n}, {nb}, {block_m}, {split}, {num_stages}, {num_warps}, {dot}, "
+            "{prefetch}),")
+    gemm = ("    # GEMM ({m}, {n}, {k}): Config({block_m}, {block_n}, {split_k}, {num_stages}, {num_warps}, {swap_ab}, "
+            "{fold})")
     for key, rows in res.get("sweeps", {}).items():
         nk, m = key.split("/M")
         n, k = map(int, nk.split("x"))
-        for method, fmt in (("gemv", "    ({m}, {n}, {k}): GemvConfig({block_n}, {nb}, {block_m}, {split}, {num_stages}, "
-                                     "{num_warps}, {dot}),"),
-                            ("triton", "    # GEMM ({m}, {n}, {k}): Config({block_m}, {block_n}, {split_k}, {num_stages}, "
-                                       "{num_warps}, {swap_ab}, {fold})")):
+        for method, fmt in (("gemv", gemv), ("triton", gemm)):
             b = best_of(rows, method)
             if b:
                 out.append(fmt.format(m=m, n=n, k=k, **b["config"]) + f"  # {b['graph_us']:.1f} us")

@@ -66,14 +66,20 @@ def gemv_configs(m: int, n: int, k: int, group: int, num_sms: int) -> list[int4_
                     if cfg not in out:
                         out.append(cfg)
 
+    def no_prefetch(tile, bm: int, dot: bool) -> None:         # the scale prefetch on/off, at the default tile
+        for sp in sorted({1, _auto_split(n, kblocks, tile[0], tile[1], num_sms)}):
+            out.append(int4_gemv.GemvConfig(tile[0], tile[1], bm, sp, 4, tile[2], dot, False))
+
     bm = max(16, 1 << max(0, (m - 1).bit_length()))
     if m == 1:
+        no_prefetch((16, 4, 4), 1, False)
         add([(16, 4, 4), (32, 2, 4), (8, 4, 2), (16, 8, 8), (64, 2, 8)], 1, False)
         add([(16, 4, 4)], 1, False, (2, 6))
         add([(16, 4, 4), (16, 2, 2)], 16, True)
     elif m <= 16:
         add([(16, 4, 4), (16, 2, 2), (16, 8, 8)], bm, True, (3, 5))
         add([(16, 4, 4)], bm, True, (2, 7))
+        no_prefetch((16, 4, 4), bm, True)
     else:
         add([(16, 4, 4), (16, 2, 2)], bm, True, (2, 3))
     return out
@@ -83,7 +89,7 @@ def cfg_str(c: dict) -> str:
     """GEMM: BLOCK_M/BLOCK_N/split/stages/warps/order+mode; small-rows kernel: gemv BLOCK_N/NB/BLOCK_M/split/..."""
     if "nb" in c:
         return (f"{'tc' if c['dot'] else 'cc'} {c['block_n']}/nb{c['nb']}/m{c['block_m']}/s{c['split']}/"
-                f"st{c['num_stages']}/w{c['num_warps']}")
+                f"st{c['num_stages']}/w{c['num_warps']}" + ("" if c.get("prefetch", True) else "/nopf"))
     return (f"{c['block_m']}/{c['block_n']}/s{c['split_k']}/st{c['num_stages']}/w{c['num_warps']}/"
             f"{'T' if c['swap_ab'] else 'N'}{'F' if c['fold'] else 'D'}")
 

@@ -46,6 +46,7 @@ class GemvConfig:
     num_stages: int
     num_warps: int = 4
     dot: bool = False                # tensor cores (else CUDA cores)
+    prefetch: bool = True            # load the next iteration's scales/zeros one iteration ahead
 
 
 # Per (rows bucket, N, K) configs measured fastest on the device (benchmarks/int4_kernels.py prints this table from
@@ -83,7 +84,7 @@ def _pow2(v: int) -> int:
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, KBLOCKS, stride_xm, stride_wn, stride_ym, stride_ys,
                  ITERS: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr,
                  BLOCK_N: tl.constexpr, NB: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
-                 DOT: tl.constexpr, IEEE: tl.constexpr):
+                 DOT: tl.constexpr, PREFETCH: tl.constexpr, IEEE: tl.constexpr):
     """Program (pid_n, pid_k): columns [pid_n * BLOCK_N, +BLOCK_N), K-blocks [pid_k * ITERS * NB, +ITERS * NB)
     (masked past KBLOCKS). Writes y (or split pid_k's fp32 partial) transposed from its [BLOCK_N, BLOCK_M] tile."""
     pid_n = tl.program_id(0)
@@ -99,15 +100,31 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, KBLOCKS, stride_xm, st
         acc3 = tl.zeros((NB, BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # PREFETCH: the scales and zeros of the first iteration here; each iteration then loads the next one's before its
+    # own work, so their latency hides behind a whole iteration (Triton's pipeline leaves these loads synchronous)
+    if PREFETCH:
+        kb = kb0 + offs_b
+        sz_off = (kb * BK // GROUP)[:, None] * N + offs_n[None, :]            # [NB, BLOCK_N]
+        sz_mask = (kb < KBLOCKS)[:, None] & n_mask[None, :]
+        s_next = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0)
+        z_next = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0)
     for it in tl.range(0, ITERS, num_stages=STAGES):
         kb = kb0 + it * NB + offs_b                                          # [NB] K-block indices
         b_mask = kb < KBLOCKS
+        if PREFETCH:
+            s = s_next.to(tl.float32)
+            zz = z_next.to(tl.float32) - 8.0 * s
+            kb_next = kb + NB
+            sz_off = (kb_next * BK // GROUP)[:, None] * N + offs_n[None, :]
+            sz_mask = (kb_next < KBLOCKS)[:, None] & n_mask[None, :]
+            s_next = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0)
+            z_next = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0)
+        else:
+            sz_off = (kb * BK // GROUP)[:, None] * N + offs_n[None, :]
+            sz_mask = b_mask[:, None] & n_mask[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
+            zz = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32) - 8.0 * s
         byt = tl.load(w_base + (kb0 + it * NB) * HALF, mask=b_mask[:, None, None] & n_mask[None, :, None], other=0)
-        g = kb * BK // GROUP
-        sz_off = g[:, None] * N + offs_n[None, :]                            # [NB, BLOCK_N]
-        sz_mask = b_mask[:, None] & n_mask[None, :]
-        s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32)
-        zz = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0).to(tl.float32) - 8.0 * s
         q_lo = ((byt & 15).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         q_hi = ((byt >> 4).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         k_lo = kb[:, None] * BK + offs_h[None, :]                            # [NB, HALF]
@@ -179,7 +196,8 @@ def int4_gemv_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     grid = (-(-n // cfg.block_n), cfg.split)
     kernel[grid](x2d, packed, scales.contiguous(), zeros.contiguous(), part, m, n, kblocks, x2d.stride(0),
                  packed.stride(0), n, m * n, ITERS=iters, GROUP=group_size, BK=bk, HALF=bk // 2,
-                 BLOCK_N=cfg.block_n, NB=cfg.nb, BLOCK_M=cfg.block_m, STAGES=cfg.num_stages, DOT=cfg.dot, IEEE=x2d.dtype == torch.float32,
+                 BLOCK_N=cfg.block_n, NB=cfg.nb, BLOCK_M=cfg.block_m, STAGES=cfg.num_stages, DOT=cfg.dot,
+                 PREFETCH=cfg.prefetch, IEEE=x2d.dtype == torch.float32,
                  num_warps=cfg.num_warps)
     if cfg.split > 1:
         sum_kernel = int4_triton._jitted(interpret)[1]

@@ -99,6 +99,8 @@ GEMV_CASES = [
     (8, 100, 512, 32, int4_gemv.GemvConfig(32, 2, 16, 4, 3, 4, True)),
     (16, 100, 1024, 256, int4_gemv.GemvConfig(16, 1, 16, 4, 3, 4, True)),
     (16, 64, 384, 128, int4_gemv.GemvConfig(64, 1, 16, 1, 2, 4, True)),
+    (2, 40, 640, 64, int4_gemv.GemvConfig(16, 4, 16, 2, 3, 4, True, False)),          # scales loaded in the iteration
+    (1, 40, 640, 64, int4_gemv.GemvConfig(16, 4, 1, 2, 3, 4, False, False)),
 ]
 
 
