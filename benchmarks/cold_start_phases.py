@@ -229,12 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variant(s) {unknown}; known: {', '.join(plan)}")
     logs = work / "logs"
     logs.mkdir()
+    md = ""
     for i, name in enumerate(names):
         quant, env = plan[name]
         report["runs"].append(one_start(f"{i:02d}_{name}", model_dir, args.device, quant, env, logs,
                                         args.steady_tokens, args.importtime))
-        (out / "cold_start_phases.json").write_text(json.dumps(report, indent=1))
+        md = write_report(report, out)          # after every run: a call cut off by its time limit keeps them
         pack_logs(logs, out)
+    print(md)
+    return 0
+
+
+def write_report(report: dict, out: Path) -> str:
+    """Token agreement so far, then ``cold_start_phases.json`` and ``.md``; returns the markdown."""
     for q in ("bf16", "int4"):
         ok = [r for r in report["runs"] if r["quantization"] == q and "tokens" in r]
         report[f"first_request_tokens_identical_{q}"] = len({json.dumps(r["tokens"]) for r in ok}) <= 1
@@ -243,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "cold_start_phases.json").write_text(json.dumps(report, indent=1))
     md = table(report) + "".join(f"\n{k}: {v}" for k, v in report.items() if k.endswith(("_bf16", "_int4"))) + "\n"
     (out / "cold_start_phases.md").write_text(f"{report['card']}, {report['date']}, commit {report['commit']}\n\n" + md)
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":
