@@ -29,7 +29,9 @@
 #                                            in-process, bf16 vs int4 (tinygemm <= 8 rows, Triton above) at 1/8/64/256
 #                                            (SS_QUANTS, SS_CONC change the set) (~9 min)
 #   bash benchmarks/gpu_calls.sh cold       # issue 17: spawn to first token, before vs after (direct load, background
-#                                            warm-up), bf16 and int4, fills the compile cache first (~5 min)
+#                                            warm-up), bf16 and int4, fills the compile cache first (~5 min);
+#                                            COLD_VARIANTS picks them (after-tf*: transformers' build vs after*: native);
+#                                            $OUT gets card.txt, cold.log and cold/ (JSON, table, cold_logs.tgz)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
