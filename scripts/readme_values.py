@@ -181,3 +181,17 @@ def cold_log(docs: list[Any]) -> str:
     runs = [json.loads(line) for line in docs[0].splitlines() if line.startswith("{")]
     return ", ".join(f"{r['variant']} {r['spawn_to_first_token_s']:.1f} s" for r in runs
                      if not r["variant"].startswith("fill-cache"))
+
+
+def cold_paths(docs: list[Any]) -> str:
+    """Spawn to first token per variant and load path (cold_start_phases.py's JSON; fill-cache runs left out)."""
+    return ", ".join(f"{r['variant']} ({r['quantization']}, {r['load_path']}) {r['spawn_to_first_token_s']:.1f} s"
+                     for r in docs[0]["runs"] if not r["variant"].startswith("fill-cache"))
+
+
+def http_ratio_runs(docs: list[Any]) -> str:
+    """HTTP / in-process tokens/s at each run's first HTTP cell, one value per file (separate runs), and their median."""
+    vals = [d["quants"][0]["http"][0]["ratio_to_in_process"] * 100 for d in docs]
+    c = docs[0]["quants"][0]["http"][0]["concurrency"]
+    return (f"HTTP / in-process tokens/s at {c}, {len(vals)} runs: " + ", ".join(f"{v:.1f} %" for v in vals)
+            + f" (median {statistics.median(vals):.1f} %)")
