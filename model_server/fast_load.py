@@ -174,19 +174,24 @@ def _checkpoint_dtype(cfg: Any, path: Path, safe_open: Any) -> Any:
     raise DirectLoadUnsupported("cannot tell the checkpoint's dtype")
 
 
+def check_keys(expected: set[str], stored: set[str], tied: set[str]) -> None:
+    """The checkpoint's keys are the model's, less its tied ones (which must not be stored); else
+    :class:`DirectLoadUnsupported` naming a few of the differences."""
+    missing = expected - stored - tied
+    unexpected = stored - expected
+    if missing or unexpected:
+        raise DirectLoadUnsupported(f"keys differ from the model's: missing {sorted(missing)[:3]}, "
+                                    f"unexpected {sorted(unexpected)[:3]}")
+    if tied & stored:
+        raise DirectLoadUnsupported(f"tied weights stored in the checkpoint: {sorted(tied & stored)[:3]}")
+
+
 def _assemble(model: Any, state: dict[str, Any], device: str) -> None:
     """Assign the loaded tensors, tie, recompute non-persistent buffers; every tensor must end off meta."""
     import torch
 
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if model.config.tie_word_embeddings else set()
-    expected = set(model.state_dict().keys())
-    missing = expected - set(state) - tied
-    unexpected = set(state) - expected
-    if missing or unexpected:
-        raise DirectLoadUnsupported(f"keys differ from the model's: missing {sorted(missing)[:3]}, "
-                                    f"unexpected {sorted(unexpected)[:3]}")
-    if tied & set(state):
-        raise DirectLoadUnsupported(f"tied weights stored in the checkpoint: {sorted(tied & set(state))[:3]}")
+    check_keys(set(model.state_dict().keys()), set(state), tied)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     # non-persistent buffers (rotary inv_freq): a device placeholder, then the model's own init, which

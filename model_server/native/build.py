@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from model_server.fast_load import WEIGHTS_NAME, DirectLoadUnsupported, _checkpoint_dtype
+from model_server.fast_load import WEIGHTS_NAME, DirectLoadUnsupported, _checkpoint_dtype, check_keys
 
 from .config import generation_defaults, parse, read_json
 from .modeling import NativeCausalLM, build_on_meta
@@ -45,14 +45,7 @@ def build_native(model_id: str, device: str, dtype: Any, state: dict[str, torch.
 def assemble(model: NativeCausalLM, state: dict[str, torch.Tensor], device: str) -> None:
     """Assign ``state`` into the meta-built ``model``, tie, place the rotary buffers; nothing may stay on meta."""
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    expected = set(model.state_dict().keys())
-    missing = expected - set(state) - tied
-    unexpected = set(state) - expected
-    if missing or unexpected:
-        raise DirectLoadUnsupported(f"keys differ from the model's: missing {sorted(missing)[:3]}, "
-                                    f"unexpected {sorted(unexpected)[:3]}")
-    if tied & set(state):
-        raise DirectLoadUnsupported(f"tied weights stored in the checkpoint: {sorted(tied & set(state))[:3]}")
+    check_keys(set(model.state_dict().keys()), set(state), tied)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.model.rotary_emb.reset_buffers(device)
