@@ -14,6 +14,8 @@ from edge_proxy.coldstart.phases import ColdStartTimeline
 from edge_proxy.coldstart.record import ColdStart
 from edge_proxy.coldstart.recording import ColdStartRecorder
 from edge_proxy.proxy.hooks import EnergyAttribution, RequestRecord
+from edge_proxy.energy.replay_source import ReplayReader
+from edge_proxy.energy.sampler import Sampler
 from tests.test_energy_window import H200, counter_curve, interp, run_trace
 
 S = 1_000_000_000
@@ -71,3 +73,34 @@ def test_a_window_the_ticks_do_not_cover_falls_back_to_the_load_energy() -> None
     asyncio.run(rec.finalize(cs))
     assert cs.energy is None and cs.energy_source == "none"
     assert cs.tax_joules == (123.0, "model_server_load")
+
+
+def test_the_window_waits_for_ticks_that_close_late() -> None:
+    """On a loaded host the sampler closes the ticks of a cold start's last seconds late: the recorder waits
+    for a tick that reaches the window's end (within TICK_WAIT_S) instead of measuring a window it covers
+    only partly (before: under the coverage floor, no measured energy, a missing histogram sample)."""
+    reader = ReplayReader(H200, mode="driven", loop=False, origin_ns=0)
+    sampler = Sampler(reader, reader.period_seconds)
+    while not reader.exhausted and (not sampler.ticks or sampler.ticks[-1].t1_ns < 18 * S):
+        sampler.step()                                # the ticks up to ~18 s exist when the cold start ends
+    ts, js = counter_curve(H200, reader.gpu_uuids[0])
+    registry = CollectorRegistry()
+    rec = ColdStartRecorder(ColdStartMetrics(registry), energy=sampler)
+    tl = ColdStartTimeline(hold_start=10 * S)
+    tl.set("ready", 40 * S)
+    tl.set("first_token", 41 * S)
+    cs = ColdStart(id=3, reason="request", timeline=tl, outcome="ready")
+
+    async def late_ticks() -> None:
+        await asyncio.sleep(0.4)                      # longer than the two periods the recorder waited before
+        while not reader.exhausted:
+            sampler.step()
+
+    async def main() -> None:
+        await asyncio.gather(rec.finalize(cs), late_ticks())
+
+    asyncio.run(main())
+    want = interp(ts, js, 41 * S) - interp(ts, js, 10 * S)
+    assert cs.energy is not None and cs.energy.joules == pytest.approx(want, rel=1e-6)
+    assert registry.get_sample_value("edge_proxy_cold_start_energy_joules_count",
+                                     {"phase": "total", "source": "replay"}) == 1

@@ -3,9 +3,9 @@ backend's ``/info`` report, and finish it: phase durations, the energy window ov
 ``[hold_start, first_token)`` (``first_token`` or, without one, ``ready``), the tax, the span.
 
 Energy: the energy component's ticks through :class:`~edge_proxy.energy.window.EnergyWindows`,
-read two sampling periods after the window ends (the sampler closes a tick about one period after
-its end). A window whose ticks cover less than half of it has no measured energy (the tax then
-falls back to the model server's own load energy).
+read once a tick reaches the window's end (the sampler closes a tick about one period after its end,
+later on a loaded host; at most ``TICK_WAIT_S``). A window whose ticks cover less than half of it has
+no measured energy (the tax then falls back to the model server's own load energy).
 
 Owns: the current record, the history of finished ones, the recent warm requests (tax inputs),
 the duration/energy histograms, the keep-warm break-even gauge and the ``cold_starts`` counter
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
 from typing import Any
 
@@ -33,6 +34,7 @@ from edge_proxy.energy.window import EnergyWindows, Measurement
 log = logging.getLogger("edge_proxy.coldstart")
 
 MIN_ENERGY_COVERAGE = 0.5          # below this share of the window covered by ticks: no measured energy
+TICK_WAIT_S = 2.0                  # longest wait for the tick that closes a cold start's window
 
 
 class ColdStartRecorder:
@@ -127,8 +129,14 @@ class ColdStartRecorder:
         energy = self.energy
         if energy is None or not hasattr(energy, "ticks_between"):
             return None
-        # The energy component closes a tick ~one period after it ends: give it that time.
-        await asyncio.sleep(max(0.0, float(getattr(energy, "period_seconds", 0.1) or 0.1)) * 2)
+        # The energy component closes a tick ~one period after it ends; on a loaded host later. Wait for a
+        # tick that reaches the window's end, at most TICK_WAIT_S (a window the ticks never reach falls back).
+        period = max(0.001, float(getattr(energy, "period_seconds", 0.1) or 0.1))
+        deadline = time.monotonic() + max(2 * period, TICK_WAIT_S)
+        await asyncio.sleep(2 * period)
+        while time.monotonic() < deadline and not any(
+                t.t1_ns >= end_ns for t in energy.ticks_between(end_ns - 1, end_ns)):
+            await asyncio.sleep(period)
         try:
             m = EnergyWindows(energy).measure(cs.timeline.hold_start, end_ns, name=f"cold_start_{cs.id}")
         except Exception:
