@@ -50,6 +50,7 @@ class LoadedModel:
     synthetic: bool = False
     devices: list[dict[str, Any]] = field(default_factory=list)
     load_path: str = "from_pretrained"   # "native" | "direct" (model_server.fast_load) | "from_pretrained"
+    token_byte_facts: tuple[int, Any] | None = None   # api_common.token_byte_facts(tokenizer), worked out at load
     # wall-clock epochs of load sub-phase ends: cuda_init_end, read_end, build_end (direct path), quantize_end
     load_marks: dict[str, float] = field(default_factory=dict)
 
@@ -196,6 +197,15 @@ def _load_weights(model_id: str, device: str, kwargs: dict[str, Any], marks: dic
     return model, "from_pretrained"
 
 
+def _tokenizer_job(model_id: str, native: bool) -> tuple[Any, tuple[int, Any]]:
+    """The tokenizer and its :func:`~model_server.api_common.token_byte_facts` (the vocabulary scan, off the ready path)."""
+    from model_server.api_common import token_byte_facts
+    from model_server.native.select import load_tokenizer
+
+    tok = load_tokenizer(model_id, native)
+    return tok, token_byte_facts(tok)
+
+
 def load_model(model_id: str, device: str, quantization: str, native: bool = False) -> LoadedModel:
     """Load ``model_id`` (local dir or hub id) on ``device`` ("cpu"/"cuda") with ``quantization``.
 
@@ -227,7 +237,6 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
 
         if read is not None and prewarm.enabled(device):   # one-off kernel costs, paid while the model is built
             pool.submit(prewarm.prewarm_quietly, config, view, kwargs["dtype"], quantization, marks, True)
-        from model_server.native.select import load_tokenizer
         from model_server.weights import count_parameters, measure_weight_bytes
 
         if not native:          # transformers is imported here, on this thread, as before the native path
@@ -236,14 +245,14 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
             from model_server.log_setup import adopt_transformers_logging
 
             adopt_transformers_logging()
-        tok_future = pool.submit(load_tokenizer, model_id, native)
+        tok_future = pool.submit(_tokenizer_job, model_id, native)
         try:
             model, load_path = _load_weights(model_id, device, kwargs, marks, reason, read, native)
         finally:
             tok_error = tok_future.exception()
         if tok_error is not None:
             raise LoadError(f"cannot load tokenizer from {model_id}: {str(tok_error).splitlines()[0][:300]}")
-        tokenizer = tok_future.result()
+        tokenizer, byte_facts = tok_future.result()
     model.eval()
     cfg = model.config
     qcfg = getattr(cfg, "quantization_config", None)
@@ -297,5 +306,5 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
         parameters=n_params, weight_bytes=measure_weight_bytes(model),
         context_length=ctx, eos_token_ids=eos_ids,
         synthetic=bool((config or {}).get("edge_eval_synthetic", False)),
-        devices=describe_devices(device, indices), load_path=load_path, load_marks=marks,
+        devices=describe_devices(device, indices), load_path=load_path, load_marks=marks, token_byte_facts=byte_facts,
     )

@@ -132,7 +132,8 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
     lim.max_total_tokens = min(args.max_total_tokens or min(ctx, DEFAULT_MAX_TOTAL_TOKENS), ctx)
     lim.max_input_tokens = min(args.max_input_tokens or lim.max_total_tokens - 1, lim.max_total_tokens - 1)
     from model_server.api_common import prompt_byte_bound
-    lim.max_input_bytes = await asyncio.to_thread(prompt_byte_bound, loaded.tokenizer, lim.max_input_tokens)
+    lim.max_input_bytes = await asyncio.to_thread(prompt_byte_bound, loaded.tokenizer, lim.max_input_tokens,
+                                                  loaded.token_byte_facts)
     runtime.loaded = loaded
 
     try:

@@ -28,7 +28,6 @@ def load_tokenizer(model_id: str, native: bool = True) -> Any:
         else:
             try:
                 tok = from_dir(model_id)
-                tok.byte_bound_facts()          # here, on the loading thread, not between load and ready
                 log.info("tokenizer: native (tokenizer.json, no transformers)")
                 return tok
             except NativeTokenizerUnsupported as exc:

@@ -70,7 +70,6 @@ class NativeTokenizer:
                                             False))
         self.chat_template = template
         self.padding_side = config.get("padding_side", "right")
-        self._byte_bound: tuple[int, Any] | None = None
 
     # ------------------------------------------------------------------ special tokens
     def __getattr__(self, name: str) -> Any:
@@ -97,15 +96,6 @@ class NativeTokenizer:
     @property
     def all_special_ids(self) -> list[int]:
         return self.convert_tokens_to_ids(self.all_special_tokens)
-
-    def byte_bound_facts(self) -> tuple[int, Any]:
-        """``(longest vocabulary string in UTF-8 bytes, the normalizer's JSON spec)`` for
-        :func:`model_server.api_common.prompt_byte_bound`, worked out once (the loading thread asks first,
-        off the critical path: ~0.3 s for a 128k vocabulary on a small CPU)."""
-        if self._byte_bound is None:
-            longest = max((len(t.encode()) for t in self._tokenizer.get_vocab(with_added_tokens=True)), default=1)
-            self._byte_bound = (longest, json.loads(self._tokenizer.to_str()).get("normalizer"))
-        return self._byte_bound
 
     # ------------------------------------------------------------------ vocabulary
     @property

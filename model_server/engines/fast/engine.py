@@ -58,7 +58,7 @@ from ..base import Engine, EngineStats, GenerationRequest, RequestTiming, TokenE
 from . import delivery
 from .runner import ModelRunner
 from .scheduler import Out, Scheduler, Seq
-from .step import InFlight, StepExecutor
+from .step import InFlight, PrefillInFlight, StepExecutor
 from .support import default_dtype
 from .warmup import BackgroundWarmup
 
@@ -292,7 +292,7 @@ class FastEngine(Engine):
         if prefill is not None:
             self._first_tokens(batch, prefill, out)
 
-    def _first_tokens(self, batch, prefill, out: Out) -> None:
+    def _first_tokens(self, batch: list[Seq], prefill: PrefillInFlight, out: Out) -> None:
         host, t_first = self.executor.prefill_collect(prefill)
         self.sched.first_tokens(batch, host, t_first, out)
         if self._warm is not None:
