@@ -23,6 +23,9 @@
 #                                            SWITCHES="default 0.005": one run per server switch interval) (~6 min)
 #   bash benchmarks/gpu_calls.sh httpo      # issue 17: bf16 at 64 in-process vs HTTP (--api-workers 2), the fast engine's
 #                                            prefill overlap off then on (OVERLAPS="0 1"; WORKERS, HTTPW_CONC as httpw) (~6 min)
+#   bash benchmarks/gpu_calls.sh httpm      # issue 17: prompts prefilled inside decode steps: step costs and greedy
+#                                            agreement (mixed_step.py), then bf16 at 64 in-process vs HTTP (--api-workers 4)
+#                                            per MIXEDS="0 4" (MODEL_SERVER_FAST_MIXED_SEGMENTS; HTTPW_CONC, WORKERS) (~7 min)
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
@@ -41,7 +44,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|cold|ctax" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|cold|ctax" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -130,6 +133,22 @@ case "${1:-}" in
         --api-workers "${WORKERS:-2}" --agree-prompts 0 --window-s "${WINDOW_S:-10}" \
         > "$out/overlap_$ov.log" 2>&1; echo "steady_state (overlap $ov) rc $?"; stop_servers; tail -4 "$out/overlap_$ov.log"
     done; unset MODEL_SERVER_FAST_OVERLAP_PREFILL ;;
+  httpm)   # prompts prefilled inside decode steps (MODEL_SERVER_FAST_MIXED_SEGMENTS): step costs and agreement
+           # (benchmarks/mixed_step.py, MIXED_STEP=0 skips it), then in-process vs HTTP per setting (MIXEDS)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    mkdir -p out/httpm
+    if [ "${MIXED_STEP:-1}" = 1 ]; then
+      timeout 200 python3 benchmarks/mixed_step.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out out/httpm/mixed_step > out/httpm/mixed_step.log 2>&1; echo "mixed_step rc $?"; tail -6 out/httpm/mixed_step.log
+    fi
+    for m in ${MIXEDS:-0 4}; do
+      export MODEL_SERVER_FAST_MIXED_SEGMENTS=$m
+      timeout "${HTTPW_SECONDS:-280}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "out/httpm/mixed_$m" --quants bf16 --concurrency "${HTTPW_CONC:-64}" --http-concurrency "${HTTPW_CONC:-64}" \
+        --api-workers "${WORKERS:-4}" --agree-prompts 0 --window-s "${WINDOW_S:-10}" \
+        > "out/httpm/mixed_$m.log" 2>&1; echo "steady_state (mixed segments $m) rc $?"; stop_servers; tail -4 "out/httpm/mixed_$m.log"
+    done; unset MODEL_SERVER_FAST_MIXED_SEGMENTS
+    tar czf "$out/httpm.tgz" out/httpm ;;
   ctax)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout "${CTAX_SECONDS:-400}" python3 benchmarks/cold_start.py --preset llama-3.2-1b --model-dir /tmp/m1b \

@@ -83,11 +83,19 @@ def _engine(model, **kw):
     return FastEngine(model, [EOS], device="cpu", **kw)
 
 
-@pytest.mark.parametrize("arch,bucketed", [("llama", False), ("qwen2", False), ("llama", True),
-                                           ("qwen2", True)])
-def test_greedy_identical_to_generate(arch, bucketed, llama, qwen2):
+# (segments, tokens) of prompts prefilled inside decode steps (.mixed); 0 segments: a prefill pass each
+MIXED = {"pass": (0, 64), "mixed": (4, 64), "short-segments": (4, 8)}
+
+
+@pytest.mark.parametrize("arch,bucketed,mixed", [("llama", False, "pass"), ("qwen2", False, "mixed"),
+                                                 ("llama", True, "mixed"), ("qwen2", True, "pass"),
+                                                 ("llama", False, "short-segments"),
+                                                 ("qwen2", False, "short-segments")])
+def test_greedy_identical_to_generate(arch, bucketed, mixed, llama, qwen2):
     """``bucketed``: prompts padded to prefill buckets (what runs as CUDA graphs on a GPU), padding rows
-    writing into the scratch slot; run eagerly here, so the padding itself is what is tested."""
+    writing into the scratch slot; run eagerly here, so the padding itself is what is tested. ``mixed``:
+    requests arriving while others decode are prefilled inside the decode step, as prompt segments
+    (``short-segments``: 8 tokens each, so a prompt spans up to 4 segments of one step)."""
     model = llama if arch == "llama" else qwen2
     rng = random.Random(7)
     prompts = _prompts(rng, 9, 1, 30)
@@ -96,7 +104,9 @@ def test_greedy_identical_to_generate(arch, bucketed, llama, qwen2):
 
     async def main():
         kw = dict(bucketed_prefill=True, prefill_graph_tokens=64) if bucketed else {}
-        eng = _engine(model, max_prefill_tokens=64, **kw)   # 9 requests > 4 slots: queueing + split prefill
+        seg, tok = MIXED[mixed]
+        eng = _engine(model, max_prefill_tokens=64, mixed_segments=seg, mixed_tokens=tok,
+                      **kw)   # 9 requests > 4 slots: queueing + split prefill
         await eng.start()
         try:
             tasks = [_collect(eng, GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=n)),
@@ -116,7 +126,14 @@ def test_greedy_identical_to_generate(arch, bucketed, llama, qwen2):
         assert stats.extra["prefill_calls_bucketed"] > 0
     else:
         assert stats.extra["prefill_calls_bucketed"] == 0 and stats.extra["prefill_calls_eager"] > 0
-    assert 2 <= stats.prefill_calls_total <= 9          # 9 requests, 4 slots: at least two prefill passes
+    in_steps = stats.extra["prefills_in_decode_steps"]
+    if mixed == "pass":
+        assert in_steps == 0
+        assert 2 <= stats.prefill_calls_total <= 9      # 9 requests, 4 slots: at least two prefill passes
+    else:
+        assert in_steps >= 1 and stats.prefill_calls_total >= 1
+        assert stats.prefill_calls_total + in_steps <= 9
+    assert stats.prefill_tokens_total == sum(len(p) for p in prompts)
 
 
 def test_cancellations_keep_others_identical(llama):
@@ -219,11 +236,13 @@ def test_cancel_frees_the_slot(llama):
 
 
 def test_seeded_sampling_reproduces(llama):
+    """Seeded requests give the same tokens whatever their batch mates and slots, and whether their first
+    token came from a prefill pass or from a decode step that carried their prompt (``mixed``)."""
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
     variants = [dict(), dict(top_k=5), dict(top_p=0.8), dict(top_k=10, top_p=0.9, temperature=0.7)]
 
-    async def run_once(order):
-        eng = _engine(llama)
+    async def run_once(order, mixed_segments=4, stagger=0.0):
+        eng = _engine(llama, mixed_segments=mixed_segments)
         await eng.start()
         try:
             tasks = []
@@ -231,15 +250,18 @@ def test_seeded_sampling_reproduces(llama):
                 p = prompts[i % len(prompts)]
                 v = variants[i % len(variants)]
                 sp = SamplingParams(max_new_tokens=16, do_sample=True, seed=1000 + i, ignore_eos=True, **v)
-                tasks.append(_collect(eng, GenerationRequest(f"s{i}", p, sp)))
+                tasks.append(_collect(eng, GenerationRequest(f"s{i}", p, sp), delay=stagger * len(tasks)))
             res = await asyncio.gather(*tasks)
-            return {i: r[0] for i, r in zip(order, res)}
+            return {i: r[0] for i, r in zip(order, res)}, eng.stats().extra["prefills_in_decode_steps"]
         finally:
             await eng.stop()
 
-    a = asyncio.run(run_once(list(range(8))))
-    b = asyncio.run(run_once(list(reversed(range(8)))))   # other batch mates, other slots
-    assert a == b
+    a, _ = asyncio.run(run_once(list(range(8))))
+    b, _ = asyncio.run(run_once(list(reversed(range(8)))))   # other batch mates, other slots
+    c, in_steps = asyncio.run(run_once(list(range(8)), stagger=0.004))   # arrivals during decode: mixed
+    d, none = asyncio.run(run_once(list(range(8)), mixed_segments=0, stagger=0.004))
+    assert in_steps >= 1 and none == 0
+    assert a == b == c == d
     greedy = _reference(llama, prompts[0], 16, ignore_eos=True)
     assert a[0] != greedy                  # temperature 1 over a 96-token vocab: not the argmax path
     # top_k=1 sampling is greedy whatever the seed

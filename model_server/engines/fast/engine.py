@@ -33,6 +33,9 @@ Construction (``model-server serve --engine fast`` calls :mod:`.factory`'s
   default): ``start()`` compiles nothing; requests run eagerly while :mod:`.warmup` compiles the fused
   ops on a worker thread, then the engine switches to fused ops + lazy graphs between two steps
   (``wait_warm()``; ``on_warm`` is called on the engine thread at the switch). Implies lazy graphs.
+* ``mixed_segments`` / ``mixed_tokens``: a request arriving while others decode is prefilled inside the
+  next decode step, as up to ``mixed_segments`` prompt segments of ``mixed_tokens`` tokens (:mod:`.mixed`;
+  ``MODEL_SERVER_FAST_MIXED_SEGMENTS`` / ``_TOKENS`` through ``from_loaded``; 0 segments: a prefill pass).
 * ``overlap_prefill``: default on: a prefill's first tokens are read after decode step k+1 (which already
   holds the prefilled rows) is launched, so the device never idles while the host handles a prefill
   (``MODEL_SERVER_FAST_OVERLAP_PREFILL=0`` through ``from_loaded``: read them first, the old order).
@@ -77,7 +80,7 @@ class FastEngine(Engine):
                  step_prefill_tokens: int = 2048, prefill_graph_tokens: int | None = None,
                  bucketed_prefill: bool | None = None, lazy_graphs: bool = False,
                  merge_projections: bool = True, background_warmup: bool = False,
-                 overlap_prefill: bool = True) -> None:
+                 overlap_prefill: bool = True, mixed_segments: int = 4, mixed_tokens: int = 64) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
@@ -106,7 +109,8 @@ class FastEngine(Engine):
         self.step_prefill_tokens = max(1, int(step_prefill_tokens))
         self.runner = ModelRunner(model, self.max_batch, self.max_seq_len, use_cuda_graphs,
                                   batch_buckets, length_buckets, fuse, prefill_graph_tokens,
-                                  bucketed_prefill, lazy_graphs and not background_warmup, merge_projections)
+                                  bucketed_prefill, lazy_graphs and not background_warmup, merge_projections,
+                                  max(0, int(mixed_segments)), max(1, int(mixed_tokens)))
         # background: no compile and no capture before the worker is done (.warmup switches both on)
         self._warm = BackgroundWarmup(self.runner) if background_warmup else None
         self.on_warm: Callable[[], None] | None = None
@@ -192,6 +196,8 @@ class FastEngine(Engine):
                 "prefill_graphs_captured": float(len(r.prefill_graphs)),
                 "prefill_calls_bucketed": float(r.prefill_calls["bucketed"]),
                 "prefill_calls_eager": float(r.prefill_calls["eager"]),
+                "prefills_in_decode_steps": float(st.mixed_prefills),
+                "mixed_graphs_captured": float(len(r.mixed_graphs)),
                 "fused_ops": float(r.ops.fused),
                 "merged_projections": float(sum(m is not None for m in r.qkv + r.gate_up)),
                 "graph_capture_seconds": r.capture_seconds,
@@ -273,9 +279,10 @@ class FastEngine(Engine):
         turn waits for the device before step k+1 is queued, so a prefill leaves no gap on the device."""
         sched, steps = self.sched, self.executor
         sched.apply_cancels(cancels, out)
-        batch, t_admit = sched.admit()
+        mx = self.runner.mixed
+        batch, t_admit, mixed = sched.admit(mx.max_segments, mx.seg_tokens)
         prefill = None
-        if batch:
+        if batch and not mixed:
             prefill = steps.prefill_launch(batch, t_admit)
             sched.prefill_started(batch)
             if not self.overlap_prefill:
@@ -284,10 +291,20 @@ class FastEngine(Engine):
         launched = None
         if sched.running:
             t0 = time.monotonic_ns()
-            launched = steps.launch(sched.decode_rows(), t0, sched.n_sampling > 0, sched.n_filter > 0)
-        if self._inflight is not None:
-            rows = self._inflight.rows
-            steps.decode_tokens += sched.decoded(rows, steps.collect(self._inflight), out)
+            launched = steps.launch(sched.decode_rows(), t0, sched.n_sampling > 0, sched.n_filter > 0,
+                                    batch if mixed else None)
+            if mixed:
+                sched.prefill_started(batch)
+        done = self._inflight
+        if done is not None:
+            host = steps.collect(done)
+            steps.decode_tokens += sched.decoded(done.rows, host, out)
+            if done.chunk:
+                first = host[done.batch:]
+                sched.first_tokens(done.chunk, [[x[0] for x in first], [x[1] for x in first]],
+                                   time.monotonic_ns(), out)
+                if self._warm is not None:
+                    self._warm.release()
         self._inflight = launched
         if prefill is not None:
             self._first_tokens(batch, prefill, out)

@@ -35,5 +35,14 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     # the next decode step is launched (the device waits for the host around every prefill)
     if os.environ.get("MODEL_SERVER_FAST_OVERLAP_PREFILL", "").strip() == "0":
         kwargs.setdefault("overlap_prefill", False)
+    # prompts prefilled inside decode steps: segments per step (0 = a prefill pass for every arrival), tokens each
+    for name, key in (("MODEL_SERVER_FAST_MIXED_SEGMENTS", "mixed_segments"), ("MODEL_SERVER_FAST_MIXED_TOKENS",
+                                                                              "mixed_tokens")):
+        raw = os.environ.get(name, "").strip()
+        if raw:
+            try:
+                kwargs.setdefault(key, int(raw))
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {raw!r}") from None
     return FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len,
                       **kwargs)

@@ -2,7 +2,8 @@
 
 Owns graph capture: an eager warm-up of every shape on a side stream, then one graph per (batch
 bucket, length bucket) for decode and one per prefill bucket for prefill, each kind in its own
-memory pool; lazy capture records a bucket's graph after its first eager step. A failed capture
+memory pool; lazy capture records a bucket's graph after its first eager step (mixed steps, which
+prefill inside a decode step, are only ever captured lazily, in their own pool). A failed capture
 leaves that kind eager and keeps the reason on the runner (``graph_error``, ``prefill_graph_error``).
 It must not choose buckets or run the model except through the runner's forward functions.
 """
@@ -97,11 +98,12 @@ def capture_prefill(runner: "ModelRunner") -> None:
     runner.capture_seconds += time.monotonic() - t0
 
 
-def capture_lazily(runner: "ModelRunner", kind: str, key: tuple[int, int], fn) -> None:
+def capture_lazily(runner: "ModelRunner", kind: str, key: tuple[int, ...], fn) -> None:
     """Record ``fn`` as the graph for ``key`` (nothing runs: capture only records the kernels). On
-    failure lazy capture stops and that kind runs eagerly from then on."""
+    failure lazy capture stops (for ``mixed`` steps: their graphs stop) and that kind runs eagerly from
+    then on."""
     t0 = time.monotonic()
-    table = runner.graphs if kind == "decode" else runner.prefill_graphs
+    table = {"decode": runner.graphs, "prefill": runner.prefill_graphs, "mixed": runner.mixed_graphs}[kind]
     try:
         if kind not in runner.lazy_pools:
             runner.lazy_pools[kind] = torch.cuda.graph_pool_handle()
@@ -110,9 +112,12 @@ def capture_lazily(runner: "ModelRunner", kind: str, key: tuple[int, int], fn) -
             out = fn()
         table[key] = (g, out)
     except Exception as exc:  # noqa: BLE001 - keep serving eagerly
-        runner.lazy_graphs = False
         err = f"{type(exc).__name__}: {exc}"
-        if kind == "decode":
+        if kind == "mixed":
+            runner.mixed_graphs_on = False
+        else:
+            runner.lazy_graphs = False
+        if kind in ("decode", "mixed"):
             runner.graph_error = err
         else:
             runner.prefill_graph_error = err

@@ -20,8 +20,8 @@ request arrives. So prefill is also graphed: prompts are padded to a *prefill bu
 scratch slot, padding columns write past the prompt where decode overwrites before reading. Batches
 that fit no bucket run eagerly.
 
-Owns the forward passes (decode, prefill), the static graph inputs, the KV cache and the bucket
-choice. Capturing graphs is :mod:`.graphs`' and which models qualify :mod:`.support`'s. It must not
+Owns the forward passes (decode, prefill; decode with prompt segments is :mod:`.mixed`'s), the static
+graph inputs, the KV cache and the bucket choice. Capturing graphs is :mod:`.graphs`' and which models qualify :mod:`.support`'s. It must not
 schedule requests or sample tokens (:mod:`.scheduler`, :mod:`.step`).
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .fused import Ops
 from .graphs import capture_decode, capture_lazily, capture_prefill
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
 from .merged import merge
+from .mixed import MixedInputs
 from .support import check_supported
 
 
@@ -43,7 +44,8 @@ class ModelRunner:
                  use_cuda_graphs: bool | None = None, batch_buckets: list[int] | None = None,
                  length_buckets: list[int] | None = None, fuse: bool | None = None,
                  prefill_graph_tokens: int | None = None, bucketed_prefill: bool | None = None,
-                 lazy_graphs: bool = False, merge_projections: bool = True) -> None:
+                 lazy_graphs: bool = False, merge_projections: bool = True, mixed_segments: int = 0,
+                 mixed_tokens: int = 64) -> None:
         check_supported(model)
         # lazy: capture no graph at start; a bucket's first use runs eagerly (its real result is
         # served) and records its graph for the next use (cold start: the first token needs no capture)
@@ -120,6 +122,10 @@ class ModelRunner:
         self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graph_error: str | None = None
         self.prefill_calls = {"bucketed": 0, "eager": 0}
+        # prompts prefilled inside decode steps (.mixed): their static inputs and (lazily captured) graphs
+        self.mixed = MixedInputs(mixed_segments, mixed_tokens, self.scratch_slot, self.max_len, self.device)
+        self.mixed_graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mixed_graphs_on = True
 
     @staticmethod
     def _eps(norm: torch.nn.Module) -> float:

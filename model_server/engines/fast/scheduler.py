@@ -4,8 +4,9 @@ Owns every request's bookkeeping (:class:`Seq`): the checks at submission, the F
 requests, cancellation (immediate for a waiting request; a running one is freed at the next step
 boundary), the composition of a prefill batch (FIFO into the lowest free KV slots, within a budget
 of padded prompt tokens: ``max_prefill_tokens`` when nothing decodes, ``step_prefill_tokens`` while
-others do, so an arrival stalls them by a bounded amount; one request is always admitted), the rows
-of a decode step, a sequence's finish (EOS / length / cancel / error) and its timing.
+others do, so an arrival stalls them by a bounded amount; one request is always admitted) or of
+prompt segments riding in the next decode step (:mod:`.mixed`), the rows of a decode step, a
+sequence's finish (EOS / length / cancel / error) and its timing.
 
 Threading: methods documented "any thread" take :attr:`Scheduler.lock`; every other method runs on
 the engine's loop thread only. Events for consumers are appended to an ``out`` map (event loop ->
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 from ..base import FinishReason, GenerationRequest, RequestTiming, TokenEvent
 from .kv_cache import StaticKVCache
+from .mixed import segments_needed
 
 # events to deliver after a step: event loop -> [(consumer queue, events)]
 Out = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[TokenEvent]]]]
@@ -44,6 +46,7 @@ class Seq:
     generated: int = 0
     pos: int = 0                     # where the next input token's K/V is written
     launched: int = 0                # tokens produced or in flight (prefill's counts)
+    prefilling: bool = False         # admitted into the next step's prompt segments (.mixed), not decoding yet
     done: bool = False               # consumer side: final event sent / cancel requested
     t_admit_ns: int = 0
     t_first_ns: int = 0
@@ -190,30 +193,49 @@ class Scheduler:
             self.finish(seq, "error")
             out.setdefault(seq.loop, []).append((seq.queue, [TokenEvent(None, finish_reason="error", error=msg)]))
 
-    def admit(self) -> tuple[list[Seq], int]:
-        """Move waiting requests into free slots: the prefill batch and its admission time (ns).
+    def admit(self, mixed_segments: int = 0, seg_tokens: int = 0) -> tuple[list[Seq], int, bool]:
+        """Move waiting requests into free slots: ``(batch, admission time ns, mixed)``.
 
-        FIFO, while a slot is free and ``longest prompt x rows`` stays within the budget."""
+        ``mixed``: the batch rides in the next decode step as prompt segments (:mod:`.mixed`). That is
+        chosen while others decode, ``mixed_segments > 0``, and the waiting prompts that have a free slot
+        need at most ``2 x mixed_segments`` segments of ``seg_tokens`` (a larger backlog is cheaper as
+        one prefill pass); it takes FIFO up to ``mixed_segments`` segments. Otherwise the batch is a
+        prefill pass: FIFO, while a slot is free and ``longest prompt x rows`` stays within the budget."""
         cache = self.cache
         batch: list[Seq] = []
-        budget = self.step_prefill_tokens if self.running else self.max_prefill_tokens
         with self.lock:
-            longest = 0
-            while self.pending and cache.n_free > len(batch):
-                nxt = self.pending[0]
-                n = len(nxt.req.prompt_ids)
-                if batch and max(longest, n) * (len(batch) + 1) > budget:
-                    break
-                self.pending.popleft()
-                longest = max(longest, n)
-                batch.append(nxt)
+            mixed = bool(self.running and mixed_segments > 0 and seg_tokens > 0 and self.pending)
+            if mixed:
+                need = [segments_needed(len(q.req.prompt_ids), seg_tokens)
+                        for q, _ in zip(self.pending, range(min(cache.n_free, 2 * mixed_segments + 1)))]
+                mixed = bool(need) and need[0] <= mixed_segments and sum(need) <= 2 * mixed_segments
+            if mixed:
+                used = 0
+                while self.pending and cache.n_free > len(batch):
+                    n = segments_needed(len(self.pending[0].req.prompt_ids), seg_tokens)
+                    if used + n > mixed_segments:
+                        break
+                    used += n
+                    batch.append(self.pending.popleft())
+            else:
+                budget = self.step_prefill_tokens if self.running else self.max_prefill_tokens
+                longest = 0
+                while self.pending and cache.n_free > len(batch):
+                    nxt = self.pending[0]
+                    n = len(nxt.req.prompt_ids)
+                    if batch and max(longest, n) * (len(batch) + 1) > budget:
+                        break
+                    self.pending.popleft()
+                    longest = max(longest, n)
+                    batch.append(nxt)
         if not batch:
-            return batch, 0
+            return batch, 0, False
         t0 = time.monotonic_ns()
         for seq in batch:
             seq.slot = cache.take()
             seq.prompt_len = len(seq.req.prompt_ids)
             seq.t_admit_ns = t0
+            seq.prefilling = mixed
             self.slots[seq.slot] = seq
             p = seq.req.params
             if p.do_sample:
@@ -223,14 +245,15 @@ class Scheduler:
         self.running += len(batch)
         for seq in batch:
             seq.batch_at_admission = self.running
-        return batch, t0
+        return batch, t0, mixed
 
     def prefill_started(self, batch: list[Seq]) -> None:
-        """The admitted ``batch``'s prefill is launched: each sequence's first token is in flight, so the
+        """The admitted ``batch``'s prefill (a pass, or prompt segments of a decode step) is launched: each sequence's first token is in flight, so the
         next decode step already includes it (its K/V position is the prompt's length)."""
         for seq in batch:
             seq.pos = seq.prompt_len
             seq.launched = 1
+            seq.prefilling = False
 
     def first_tokens(self, batch: list[Seq], host: list[list[float]], t_ns: int, out: Out) -> None:
         """Record each admitted sequence's first token (``host``: [tokens, logprobs] by row), read at ``t_ns``.
@@ -260,7 +283,7 @@ class Scheduler:
         advanced by one position (a row finishing at step k has already been given step k+1)."""
         rows = []
         for seq in self.slots:
-            if seq is None or seq.done or seq.launched >= seq.max_new:
+            if seq is None or seq.done or seq.prefilling or seq.launched >= seq.max_new:
                 continue
             rows.append((seq, seq.slot, seq.pos))
             seq.pos += 1

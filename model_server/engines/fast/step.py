@@ -1,4 +1,5 @@
-"""The fast engine's step execution: one prefill or one decode step of a batch on the model.
+"""The fast engine's step execution: one prefill or one decode step of a batch on the model (a decode
+step may carry new prompts as segments, :mod:`.mixed`).
 
 Owns the device side of a step: the per-slot sampling parameters, the pinned staging buffers
 (positions up, (token, logprob) down; double-buffered, step k uses buffer k % 2; one more for a
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .mixed import run_mixed
 from .runner import ModelRunner
 from .sampling import SlotSampling, pack_rows, select_tokens
 from .scheduler import Row, Seq
@@ -32,6 +34,8 @@ class InFlight:
     event: "torch.cuda.Event | None"   # recorded after the copy down (CUDA), None elsewhere
     batch: int                         # rows computed (the batch bucket)
     rows: list[Row]
+    chunk: "list[Seq] | None" = None   # sequences prefilled in this step's prompt segments (.mixed)
+    t0_ns: int = 0                     # their admission time
 
 
 @dataclass
@@ -52,7 +56,15 @@ class StepExecutor:
         self.sampling = SlotSampling.allocate(max_batch, self.device)
         pin = self.device.type == "cuda"
         self._pos_stage = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self._out_stage = [torch.zeros(max_batch, 2, dtype=torch.float64, pin_memory=pin) for _ in range(2)]
+        mx = runner.mixed
+        self._out_stage = [torch.zeros(max_batch + mx.max_segments, 2, dtype=torch.float64, pin_memory=pin)
+                           for _ in range(2)]
+        # a mixed step's inputs (double-buffered like the positions): the chunk buffer, then per request
+        # (slot, prompt length, final segment, do_sample, top_k, seed); floats (temperature, top_p)
+        self._chunk_stage = [torch.zeros(mx.layout.size + 6 * mx.max_segments, dtype=torch.int64, pin_memory=pin)
+                             for _ in range(2)]
+        self._chunk_stage_f = [torch.zeros(2 * max(mx.max_segments, 1), dtype=torch.float32, pin_memory=pin)
+                               for _ in range(2)]
         self._first_stage = torch.zeros(2 * max_batch, dtype=torch.float64, pin_memory=pin)
         # a prefill's per-row inputs, up in one copy: int64 (slot, prompt length, do_sample, top_k, seed) and
         # float32 (temperature, top_p); reused by the next prefill only after this one's event was waited on
@@ -64,6 +76,7 @@ class StepExecutor:
         self.steps = 0
         self.prefill_calls = 0
         self.prefill_tokens = 0
+        self.mixed_prefills = 0        # requests prefilled inside decode steps
         self.decode_tokens = 0
         self.decode_seconds = 0.0
         self.prefill_seconds = 0.0
@@ -109,46 +122,106 @@ class StepExecutor:
         self.prefill_seconds += (t1 - pf.t0_ns) / 1e9
         return host, t1
 
-    def launch(self, rows: list[Row], t0_ns: int, any_sampling: bool, any_filter: bool) -> InFlight | None:
-        """Enqueue one decode step for ``rows`` (from the scheduler); do not wait for it.
+    def launch(self, rows: list[Row], t0_ns: int, any_sampling: bool, any_filter: bool,
+               chunk: list[Seq] | None = None) -> InFlight | None:
+        """Enqueue one decode step for ``rows`` (from the scheduler), with ``chunk``'s prompts as segments of
+        the same pass (:mod:`.mixed`) if given; do not wait for it.
 
         The step's inputs are already on the device (``in_ids`` holds each row's last token, written by
         the previous step's sampling or by prefill), so the next step is launched before this one's
         tokens reach the host: the host-side bookkeeping of step k overlaps the device's step k+1.
-        ``t0_ns``: when the step's host work began (counted in ``decode_seconds``).
+        Rows that are not live write their K/V at the last position of their (free) slot, which no
+        prompt reaches. ``t0_ns``: when the step's host work began (counted in ``decode_seconds``).
         """
-        if not rows:
+        if not rows and not chunk:
             return None
-        b_needed = max(slot for _, slot, _ in rows) + 1
-        len_needed = max(pos for _, _, pos in rows) + 1
+        b_needed = max((slot for _, slot, _ in rows), default=0) + 1
+        len_needed = max((pos for _, _, pos in rows), default=0) + 1
         k = self._step_parity
         self._step_parity ^= 1
+        r = self.runner
         stage = self._pos_stage[k]
-        pos_host = [0] * b_needed
+        pos_host = [r.max_len - 1] * b_needed
         for _, slot, pos in rows:
             pos_host[slot] = pos
         stage[:b_needed] = torch.tensor(pos_host, dtype=torch.int64)    # one host op, not one per row
-        r = self.runner
         r.in_pos[:b_needed].copy_(stage[:b_needed], non_blocking=True)
         if b_needed < r.max_batch:
-            r.in_pos[b_needed:].zero_()
-        logits = r.decode(b_needed, len_needed)
-        b = logits.shape[0]
+            r.in_pos[b_needed:].fill_(r.max_len - 1)
+        if chunk:
+            logits, first, n_seg = self._launch_mixed(k, chunk, b_needed, len_needed)
+            b = logits.shape[0] - n_seg
+        else:
+            logits, first = r.decode(b_needed, len_needed), None
+            b = logits.shape[0]
         counter = r.in_pos[:b] - self._plen_dev[:b] + 1
-        tok, lp = select_tokens(logits, slice(0, b), self.sampling, counter, any_sampling, any_filter)
+        tok, lp = select_tokens(logits[:b], slice(0, b), self.sampling, counter, any_sampling, any_filter)
         r.in_ids[:b].copy_(tok)
+        down = torch.stack([tok.to(torch.float64), lp.to(torch.float64)], dim=1)
+        if first is not None:
+            down = torch.cat([down, self._first_of_chunk(k, chunk, logits[b:], first)])
         out = self._out_stage[k]
-        out[:b].copy_(torch.stack([tok.to(torch.float64), lp.to(torch.float64)], dim=1), non_blocking=True)
+        out[:down.shape[0]].copy_(down, non_blocking=True)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
         self.steps += 1
         self.decode_seconds += (time.monotonic_ns() - t0_ns) / 1e9
-        return InFlight(k, event, b, rows)
+        return InFlight(k, event, b, rows, chunk, chunk[0].t_admit_ns if chunk else 0)
+
+    def _launch_mixed(self, k: int, chunk: list[Seq], b_needed: int, len_needed: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Upload ``chunk``'s segments and sampling parameters (pinned, asynchronous) and run the mixed step.
+        Returns its logits ``[b + s, V]``, the per-request device ints ``[6, n]`` and ``s``."""
+        r = self.runner
+        mx = r.mixed
+        t = mx.seg_tokens
+        parts: list[tuple[int, list[int], int]] = []
+        final: list[int] = []
+        for seq in chunk:
+            p = list(seq.req.prompt_ids)
+            parts += [(seq.slot, p[i:i + t], i) for i in range(0, len(p), t)]
+            final.append(len(parts) - 1)
+        n = len(chunk)
+        size = mx.layout.size
+        st = self._chunk_stage[k]
+        s, need = mx.pack(st[:size], parts)
+        per = st[size:size + 6 * n].view(6, n)
+        sf = self._chunk_stage_f[k][:2 * n].view(2, n)
+        per[0] = torch.tensor([q.slot for q in chunk], dtype=torch.int64)
+        per[1] = torch.tensor([q.prompt_len for q in chunk], dtype=torch.int64)
+        per[2] = torch.tensor(final, dtype=torch.int64)
+        params = [q.req.params for q in chunk]
+        pack_rows(params, [p.seed if p.seed is not None else random.getrandbits(62) for p in params], per[3:], sf)
+        mx.buf[:size].copy_(st[:size], non_blocking=True)
+        ints = per.to(self.device, non_blocking=True)
+        floats = sf.to(self.device, non_blocking=True)
+        self.sampling.set_rows(ints[0], ints[3:], floats)
+        self._plen_dev[ints[0]] = ints[1]
+        self.prefill_tokens += sum(q.prompt_len for q in chunk)
+        self.mixed_prefills += n
+        return run_mixed(r, b_needed, max(len_needed, need), s), ints, s
+
+    def _first_of_chunk(self, k: int, chunk: list[Seq], seg_logits: torch.Tensor, ints: torch.Tensor
+                        ) -> torch.Tensor:
+        """Pick each chunk request's first token from its final segment's logits; into ``in_ids``."""
+        params = [q.req.params for q in chunk]
+        any_s = any(p.do_sample for p in params)
+        any_f = any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params)
+        slot_idx = ints[0]
+        tok, lp = select_tokens(seg_logits[ints[2]], slot_idx, self.sampling, torch.zeros_like(slot_idx),
+                                any_s, any_f)
+        self.runner.in_ids[slot_idx] = tok
+        return torch.stack([tok.to(torch.float64), lp.to(torch.float64)], dim=1)
 
     def collect(self, step: InFlight) -> list[list[float]]:
-        """Wait for a launched step (the one device-to-host sync per step): ``[token, logprob]`` by slot."""
+        """Wait for a launched step (the one device-to-host sync per step): ``[token, logprob]`` by slot, then
+        one per ``step.chunk`` request (its first token) in chunk order."""
         if step.event is not None:
             step.event.synchronize()
-        return self._out_stage[step.buffer][:step.batch].tolist()
+        n = step.batch + (len(step.chunk) if step.chunk else 0)
+        host = self._out_stage[step.buffer][:n].tolist()
+        if step.chunk:
+            self.prefill_seconds += (time.monotonic_ns() - step.t0_ns) / 1e9
+        return host
