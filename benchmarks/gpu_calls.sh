@@ -25,7 +25,8 @@
 #                                            prefill overlap off then on (OVERLAPS="0 1"; WORKERS, HTTPW_CONC as httpw) (~6 min)
 #   bash benchmarks/gpu_calls.sh httpm      # issue 17: prompts prefilled inside decode steps: step costs and greedy
 #                                            agreement (mixed_step.py), then bf16 at 64 in-process vs HTTP (--api-workers 4)
-#                                            per MIXEDS="0 4" (MODEL_SERVER_FAST_MIXED_SEGMENTS; HTTPW_CONC, WORKERS) (~7 min)
+#                                            per MIXEDS="0 4" (segments[:min segments], MODEL_SERVER_FAST_MIXED_SEGMENTS
+#                                            and _MIN_SEGMENTS; HTTPW_CONC, WORKERS) (~2 min each, plus ~1.5 min)
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
@@ -141,13 +142,14 @@ case "${1:-}" in
       timeout 200 python3 benchmarks/mixed_step.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
         --out out/httpm/mixed_step > out/httpm/mixed_step.log 2>&1; echo "mixed_step rc $?"; tail -6 out/httpm/mixed_step.log
     fi
-    for m in ${MIXEDS:-0 4}; do
-      export MODEL_SERVER_FAST_MIXED_SEGMENTS=$m
+    for spec in ${MIXEDS:-0 4}; do     # segments[:min segments]
+      m=${spec%%:*}; case $spec in *:*) mn=${spec#*:} ;; *) mn=1 ;; esac; tag=${spec/:/_}
+      export MODEL_SERVER_FAST_MIXED_SEGMENTS=$m MODEL_SERVER_FAST_MIXED_MIN_SEGMENTS=$mn
       timeout "${HTTPW_SECONDS:-280}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
-        --out "out/httpm/mixed_$m" --quants bf16 --concurrency "${HTTPW_CONC:-64}" --http-concurrency "${HTTPW_CONC:-64}" \
+        --out "out/httpm/mixed_$tag" --quants bf16 --concurrency "${HTTPW_CONC:-64}" --http-concurrency "${HTTPW_CONC:-64}" \
         --api-workers "${WORKERS:-4}" --agree-prompts 0 --window-s "${WINDOW_S:-10}" \
-        > "out/httpm/mixed_$m.log" 2>&1; echo "steady_state (mixed segments $m) rc $?"; stop_servers; tail -4 "out/httpm/mixed_$m.log"
-    done; unset MODEL_SERVER_FAST_MIXED_SEGMENTS
+        > "out/httpm/mixed_$tag.log" 2>&1; echo "steady_state (mixed segments $spec) rc $?"; stop_servers; tail -4 "out/httpm/mixed_$tag.log"
+    done; unset MODEL_SERVER_FAST_MIXED_SEGMENTS MODEL_SERVER_FAST_MIXED_MIN_SEGMENTS
     tar czf "$out/httpm.tgz" out/httpm ;;
   ctax)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet

@@ -6,7 +6,7 @@
    batch: ``mixed(s) - decode`` with prompts in the step, ``prefill(n)`` as a pass of its own. Also the
    largest difference between a mixed step's first (eager) run and its graph's replay on the same inputs.
 2. Agreement, the same model: ``--long`` greedy requests decode while ``--short`` others arrive staggered
-   (one every ``--stagger-ms``), once with prompts prefilled in decode steps and once with a prefill pass
+   (one every ``--every`` tokens of the long ones; the second of two rounds counts), once with prompts prefilled in decode steps and once with a prefill pass
    per arrival; the share of requests whose tokens are identical, and of tokens before the first
    difference (bf16 rounding differs between the two paths, so near-ties can flip on random weights).
 
@@ -86,27 +86,45 @@ def step_costs(r, batch: int, prompt_len: int, reps: int, device: str, ids: tupl
 
 
 async def agreement(make_engine, prompts_long, prompts_short, long_new: int, short_new: int,
-                    stagger_s: float) -> tuple[list[list[int]], dict]:
+                    every: int) -> tuple[list[list[int]], dict]:
+    """Greedy tokens of ``prompts_long`` (decoding) and ``prompts_short`` (short ``i`` is submitted when the
+    first long request has produced ``every * (i + 1)`` tokens, so each arrives while the others decode).
+    The workload runs twice on one engine and the second round is returned (the first captures graphs)."""
     from model_server.engines.base import GenerationRequest, SamplingParams
 
     eng = make_engine()
     await eng.start()
     await eng.wait_warm()
 
-    async def one(rid, p, n, delay):
-        await asyncio.sleep(delay)
+    async def one(rid, p, n, on_token=None):
         toks = []
         async for ev in eng.submit(GenerationRequest(rid, p, SamplingParams(max_new_tokens=n, ignore_eos=True))):
             if ev.token_id is not None:
                 toks.append(ev.token_id)
+                if on_token is not None:
+                    on_token(len(toks))
         return toks
+
+    async def round_(tag: str) -> list[list[int]]:
+        shorts: list[asyncio.Task] = []
+
+        def trigger(n_tokens: int) -> None:
+            while len(shorts) < len(prompts_short) and n_tokens >= every * (len(shorts) + 1):
+                i = len(shorts)
+                shorts.append(asyncio.ensure_future(one(f"{tag}s{i}", prompts_short[i], short_new)))
+        longs = [one(f"{tag}l{i}", p, long_new, trigger if i == 0 else None) for i, p in enumerate(prompts_long)]
+        res = await asyncio.gather(*longs)
+        while len(shorts) < len(prompts_short):      # the long ones ended first: submit the rest now
+            trigger(10 ** 9)
+        return list(res) + list(await asyncio.gather(*shorts))
     try:
-        tasks = [one(f"l{i}", p, long_new, 0.0) for i, p in enumerate(prompts_long)]
-        tasks += [one(f"s{i}", p, short_new, 0.05 + stagger_s * i) for i, p in enumerate(prompts_short)]
-        res = await asyncio.gather(*tasks)
+        await round_("w")
+        before = eng.stats()
+        res = await round_("m")
         st = eng.stats()
-        return res, {"prefill_passes": st.prefill_calls_total,
-                     "prefills_in_decode_steps": st.extra["prefills_in_decode_steps"],
+        return res, {"prefill_passes": st.prefill_calls_total - before.prefill_calls_total,
+                     "prefills_in_decode_steps": st.extra["prefills_in_decode_steps"]
+                     - before.extra["prefills_in_decode_steps"],
                      "mixed_graphs_captured": st.extra["mixed_graphs_captured"]}
     finally:
         await eng.stop()
@@ -135,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--long", type=int, default=8, help="requests decoding while the short ones arrive")
     ap.add_argument("--short", type=int, default=24)
-    ap.add_argument("--stagger-ms", type=float, default=5.0)
+    ap.add_argument("--every", type=int, default=4, help="a short request arrives every N tokens of the long ones")
     ap.add_argument("--commit", default=default_commit())
     ap.add_argument("--out", default="out/mixed_step")
     args = ap.parse_args(argv)
@@ -158,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = asyncio.run(agreement(
             lambda seg=seg: from_loaded(loaded, max_batch=max(args.batch + 4, args.long + args.short),
                                         max_total_tokens=max_len, mixed_segments=seg),
-            longs, shorts, 128, 32, args.stagger_ms / 1000))
+            longs, shorts, 128, 32, args.every))
         report[f"engine_{name}"] = dict(runs[name][1], seconds=round(time.monotonic() - t0, 2))
     report["agreement_mixed_vs_pass"] = compare(runs["mixed"][0], runs["pass"][0])
     eng = from_loaded(loaded, max_batch=args.batch + 4, max_total_tokens=max_len, mixed_segments=4)

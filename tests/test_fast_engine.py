@@ -84,13 +84,14 @@ def _engine(model, **kw):
 
 
 # (segments, tokens) of prompts prefilled inside decode steps (.mixed); 0 segments: a prefill pass each
-MIXED = {"pass": (0, 64), "mixed": (4, 64), "short-segments": (4, 8)}
+# (segments, tokens, min segments): "fill" waits (at most 10 ms) until arrivals fill 3 segments
+MIXED = {"pass": (0, 64, 1), "mixed": (4, 64, 1), "short-segments": (4, 8, 1), "fill": (4, 64, 3)}
 
 
 @pytest.mark.parametrize("arch,bucketed,mixed", [("llama", False, "pass"), ("qwen2", False, "mixed"),
                                                  ("llama", True, "mixed"), ("qwen2", True, "pass"),
                                                  ("llama", False, "short-segments"),
-                                                 ("qwen2", False, "short-segments")])
+                                                 ("qwen2", False, "short-segments"), ("llama", False, "fill")])
 def test_greedy_identical_to_generate(arch, bucketed, mixed, llama, qwen2):
     """``bucketed``: prompts padded to prefill buckets (what runs as CUDA graphs on a GPU), padding rows
     writing into the scratch slot; run eagerly here, so the padding itself is what is tested. ``mixed``:
@@ -104,8 +105,8 @@ def test_greedy_identical_to_generate(arch, bucketed, mixed, llama, qwen2):
 
     async def main():
         kw = dict(bucketed_prefill=True, prefill_graph_tokens=64) if bucketed else {}
-        seg, tok = MIXED[mixed]
-        eng = _engine(model, max_prefill_tokens=64, mixed_segments=seg, mixed_tokens=tok,
+        seg, tok, fill = MIXED[mixed]
+        eng = _engine(model, max_prefill_tokens=64, mixed_segments=seg, mixed_tokens=tok, mixed_min_segments=fill,
                       **kw)   # 9 requests > 4 slots: queueing + split prefill
         await eng.start()
         try:

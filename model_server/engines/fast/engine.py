@@ -35,7 +35,8 @@ Construction (``model-server serve --engine fast`` calls :mod:`.factory`'s
   (``wait_warm()``; ``on_warm`` is called on the engine thread at the switch). Implies lazy graphs.
 * ``mixed_segments`` / ``mixed_tokens``: a request arriving while others decode is prefilled inside the
   next decode step, as up to ``mixed_segments`` prompt segments of ``mixed_tokens`` tokens (:mod:`.mixed`;
-  ``MODEL_SERVER_FAST_MIXED_SEGMENTS`` / ``_TOKENS`` through ``from_loaded``; 0 segments: a prefill pass).
+  ``MODEL_SERVER_FAST_MIXED_SEGMENTS`` / ``_TOKENS`` through ``from_loaded``; 0 segments: a prefill pass);
+  ``mixed_min_segments`` (``_MIN_SEGMENTS``): wait (at most 10 ms) until arrivals fill that many.
 * ``overlap_prefill``: default on: a prefill's first tokens are read after decode step k+1 (which already
   holds the prefilled rows) is launched, so the device never idles while the host handles a prefill
   (``MODEL_SERVER_FAST_OVERLAP_PREFILL=0`` through ``from_loaded``: read them first, the old order).
@@ -80,7 +81,8 @@ class FastEngine(Engine):
                  step_prefill_tokens: int = 2048, prefill_graph_tokens: int | None = None,
                  bucketed_prefill: bool | None = None, lazy_graphs: bool = False,
                  merge_projections: bool = True, background_warmup: bool = False,
-                 overlap_prefill: bool = True, mixed_segments: int = 4, mixed_tokens: int = 64) -> None:
+                 overlap_prefill: bool = True, mixed_segments: int = 4, mixed_tokens: int = 64,
+                 mixed_min_segments: int = 1) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
@@ -120,6 +122,7 @@ class FastEngine(Engine):
         self.executor = StepExecutor(self.runner, self.max_batch)
         self._inflight: InFlight | None = None     # the launched decode step not yet collected
         self.overlap_prefill = overlap_prefill     # launch decode k+1 before reading a prefill's first tokens
+        self.mixed_min_segments = max(1, int(mixed_min_segments))
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -280,7 +283,7 @@ class FastEngine(Engine):
         sched, steps = self.sched, self.executor
         sched.apply_cancels(cancels, out)
         mx = self.runner.mixed
-        batch, t_admit, mixed = sched.admit(mx.max_segments, mx.seg_tokens)
+        batch, t_admit, mixed = sched.admit(mx.max_segments, mx.seg_tokens, self.mixed_min_segments)
         prefill = None
         if batch and not mixed:
             prefill = steps.prefill_launch(batch, t_admit)

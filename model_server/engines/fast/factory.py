@@ -37,7 +37,7 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
         kwargs.setdefault("overlap_prefill", False)
     # prompts prefilled inside decode steps: segments per step (0 = a prefill pass for every arrival), tokens each
     for name, key in (("MODEL_SERVER_FAST_MIXED_SEGMENTS", "mixed_segments"), ("MODEL_SERVER_FAST_MIXED_TOKENS",
-                                                                              "mixed_tokens")):
+                      "mixed_tokens"), ("MODEL_SERVER_FAST_MIXED_MIN_SEGMENTS", "mixed_min_segments")):
         raw = os.environ.get(name, "").strip()
         if raw:
             try:

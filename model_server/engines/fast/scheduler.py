@@ -31,7 +31,8 @@ Out = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[TokenEvent]
 # a decode step's row: (sequence, its slot, the position its input token's K/V is written at)
 Row = tuple["Seq", int, int]
 
-MAX_UNREAD_TIMINGS = 10000      # timings nobody collects are dropped oldest first beyond this
+MAX_UNREAD_TIMINGS = 10000
+MIXED_MAX_WAIT_NS = 10_000_000  # longest an arrival waits for fuller prompt segments (10 ms)      # timings nobody collects are dropped oldest first beyond this
 
 
 @dataclass(eq=False)
@@ -193,13 +194,15 @@ class Scheduler:
             self.finish(seq, "error")
             out.setdefault(seq.loop, []).append((seq.queue, [TokenEvent(None, finish_reason="error", error=msg)]))
 
-    def admit(self, mixed_segments: int = 0, seg_tokens: int = 0) -> tuple[list[Seq], int, bool]:
+    def admit(self, mixed_segments: int = 0, seg_tokens: int = 0, min_segments: int = 1,
+              max_wait_ns: int = MIXED_MAX_WAIT_NS) -> tuple[list[Seq], int, bool]:
         """Move waiting requests into free slots: ``(batch, admission time ns, mixed)``.
 
         ``mixed``: the batch rides in the next decode step as prompt segments (:mod:`.mixed`). That is
         chosen while others decode, ``mixed_segments > 0``, and the waiting prompts that have a free slot
         need at most ``2 x mixed_segments`` segments of ``seg_tokens`` (a larger backlog is cheaper as
-        one prefill pass); it takes FIFO up to ``mixed_segments`` segments. Otherwise the batch is a
+        one prefill pass); it takes FIFO up to ``mixed_segments`` segments, once they need ``min_segments``
+        or the oldest has waited ``max_wait_ns`` (fuller segments cost less per prompt). Otherwise the batch is a
         prefill pass: FIFO, while a slot is free and ``longest prompt x rows`` stays within the budget."""
         cache = self.cache
         batch: list[Seq] = []
@@ -209,6 +212,9 @@ class Scheduler:
                 need = [segments_needed(len(q.req.prompt_ids), seg_tokens)
                         for q, _ in zip(self.pending, range(min(cache.n_free, 2 * mixed_segments + 1)))]
                 mixed = bool(need) and need[0] <= mixed_segments and sum(need) <= 2 * mixed_segments
+                if mixed and sum(need) < min(min_segments, mixed_segments) and \
+                        time.monotonic_ns() - self.pending[0].arrival_ns < max_wait_ns:
+                    return batch, 0, False          # wait for a fuller step (the decode goes on)
             if mixed:
                 used = 0
                 while self.pending and cache.n_free > len(batch):
