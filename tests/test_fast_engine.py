@@ -137,14 +137,15 @@ def test_greedy_identical_to_generate(arch, bucketed, mixed, llama, qwen2):
     assert stats.prefill_tokens_total == sum(len(p) for p in prompts)
 
 
-def test_cancellations_keep_others_identical(llama):
+@pytest.mark.parametrize("mixed", [0, 4])
+def test_cancellations_keep_others_identical(llama, mixed):
     rng = random.Random(3)
     prompts = _prompts(rng, 6, 2, 20)
     n = 20
     refs = [_reference(llama, p, n, ignore_eos=True) for p in prompts]
 
     async def main():
-        eng = _engine(llama)
+        eng = _engine(llama, mixed_segments=mixed)
         await eng.start()
         try:
             tasks = []
@@ -175,8 +176,8 @@ def test_cancellations_keep_others_identical(llama):
     assert stats.extra["free_slots"] == 4
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_requests_that_end_at_their_first_token(llama, overlap):
+@pytest.mark.parametrize("overlap,mixed", [(True, 0), (False, 0), (True, 4)])
+def test_requests_that_end_at_their_first_token(llama, overlap, mixed):
     """A prefill's first tokens are read after the next decode step is already launched with those rows:
     a request that ends at its first token (one token asked for, or EOS) gets exactly that token, the
     decode row launched for it is dropped, its slot is freed, and the requests decoding beside it are
@@ -188,7 +189,7 @@ def test_requests_that_end_at_their_first_token(llama, overlap):
     short_refs = [_reference(llama, p, 1) for p in shorts]
 
     async def main():
-        eng = _engine(llama, overlap_prefill=overlap)   # 4 slots: 3 long ones decode, short ones come and go
+        eng = _engine(llama, overlap_prefill=overlap, mixed_segments=mixed)   # 4 slots: 3 long ones decode, short ones come and go
         await eng.start()
         try:
             tasks = [_collect(eng, GenerationRequest(f"l{i}", p, SamplingParams(max_new_tokens=24)))
@@ -207,6 +208,8 @@ def test_requests_that_end_at_their_first_token(llama, overlap):
         assert reason == ("eos_token" if ref[0] == EOS else "length")
     assert stats.running_requests == 0 and stats.extra["free_slots"] == 4
     assert stats.decode_tokens_total == sum(len(r) - 1 for r in long_refs)   # dropped rows are not counted
+    if mixed:
+        assert stats.extra["prefills_in_decode_steps"] >= 1
 
 
 def test_cancel_frees_the_slot(llama):

@@ -33,9 +33,9 @@ Construction (``model-server serve --engine fast`` calls :mod:`.factory`'s
   default): ``start()`` compiles nothing; requests run eagerly while :mod:`.warmup` compiles the fused
   ops on a worker thread, then the engine switches to fused ops + lazy graphs between two steps
   (``wait_warm()``; ``on_warm`` is called on the engine thread at the switch). Implies lazy graphs.
-* ``mixed_segments`` / ``mixed_tokens``: a request arriving while others decode is prefilled inside the
-  next decode step, as up to ``mixed_segments`` prompt segments of ``mixed_tokens`` tokens (:mod:`.mixed`;
-  ``MODEL_SERVER_FAST_MIXED_SEGMENTS`` / ``_TOKENS`` through ``from_loaded``; 0 segments: a prefill pass);
+* ``mixed_segments`` / ``mixed_tokens`` (default 0: off, a prefill pass per admission): a request arriving
+  while others decode is prefilled inside the next decode step, as up to ``mixed_segments`` prompt
+  segments of ``mixed_tokens`` tokens (:mod:`.mixed`; ``MODEL_SERVER_FAST_MIXED_SEGMENTS`` / ``_TOKENS``);
   ``mixed_min_segments`` (``_MIN_SEGMENTS``): wait (at most 10 ms) until arrivals fill that many.
 * ``overlap_prefill``: default on: a prefill's first tokens are read after decode step k+1 (which already
   holds the prefilled rows) is launched, so the device never idles while the host handles a prefill
@@ -62,6 +62,7 @@ from ..base import Engine, EngineStats, GenerationRequest, RequestTiming, TokenE
 from . import delivery
 from .runner import ModelRunner
 from .scheduler import Out, Scheduler, Seq
+from .stats import snapshot
 from .step import InFlight, PrefillInFlight, StepExecutor
 from .support import default_dtype
 from .warmup import BackgroundWarmup
@@ -81,7 +82,7 @@ class FastEngine(Engine):
                  step_prefill_tokens: int = 2048, prefill_graph_tokens: int | None = None,
                  bucketed_prefill: bool | None = None, lazy_graphs: bool = False,
                  merge_projections: bool = True, background_warmup: bool = False,
-                 overlap_prefill: bool = True, mixed_segments: int = 4, mixed_tokens: int = 64,
+                 overlap_prefill: bool = True, mixed_segments: int = 0, mixed_tokens: int = 64,
                  mixed_min_segments: int = 1) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -183,35 +184,12 @@ class FastEngine(Engine):
             delivery.send(dropped, [TokenEvent(None, finish_reason="cancelled")])
 
     def stats(self) -> EngineStats:
-        r = self.runner
-        st = self.executor
-        return EngineStats(
-            waiting_requests=len(self.sched.pending),
-            running_requests=self.sched.running,
-            max_batch_size=self.max_batch,
-            steps_total=st.steps,
-            prefill_calls_total=st.prefill_calls,
-            prefill_tokens_total=st.prefill_tokens,
-            decode_tokens_total=st.decode_tokens,
-            extra={
-                "cuda_graphs": float(bool(r.graphs)),
-                "cuda_graphs_captured": float(len(r.graphs)),
-                "prefill_graphs_captured": float(len(r.prefill_graphs)),
-                "prefill_calls_bucketed": float(r.prefill_calls["bucketed"]),
-                "prefill_calls_eager": float(r.prefill_calls["eager"]),
-                "prefills_in_decode_steps": float(st.mixed_prefills),
-                "mixed_graphs_captured": float(len(r.mixed_graphs)),
-                "fused_ops": float(r.ops.fused),
-                "merged_projections": float(sum(m is not None for m in r.qkv + r.gate_up)),
-                "graph_capture_seconds": r.capture_seconds,
-                "warm": float(self._warm is None or self._warm.applied.is_set()),
-                "background_warmup_seconds": self._warm.seconds if self._warm is not None else 0.0,
-                "kv_cache_bytes": float(r.cache.nbytes),
-                "free_slots": float(r.cache.n_free),
-                "decode_seconds_total": st.decode_seconds,
-                "prefill_seconds_total": st.prefill_seconds,
-            },
-        )
+        return snapshot(self)
+
+    @property
+    def background(self) -> BackgroundWarmup | None:
+        """The background warm-up (None without one)."""
+        return self._warm
 
     def pending_events(self, request_id: str) -> int:
         """Events already delivered to ``request_id``'s stream and not yet read (a hint: 0 once it ended).

@@ -12,17 +12,13 @@ K/V, and masks keys past each row's position. The step attends over a *length bu
 bucket covering the longest live row) so KV bytes read scale with the live context.
 
 On CUDA, one graph is captured per (batch bucket, length bucket); a decode step is then a few
-host-to-device copies plus one graph replay. Prefill is batched (right-padded, causal). A short
-prefill run eagerly is bound by the host, not the GPU: ~300 kernel launches from Python for a 1B
-model (~7 ms bf16, ~13 ms NF4, whatever the prompt length), paid between two decode steps every time a
-request arrives. So prefill is also graphed: prompts are padded to a *prefill bucket* (rows x tokens,
-``n_b * t_b <= prefill_graph_tokens``), one graph per bucket; padding rows write their K/V into a
-scratch slot, padding columns write past the prompt where decode overwrites before reading. Batches
-that fit no bucket run eagerly.
+host-to-device copies plus one graph replay. Prefill (batched, right-padded, causal; graphed per prefill
+bucket) is :mod:`.prefill`'s.
 
-Owns the forward passes (decode, prefill; decode with prompt segments is :mod:`.mixed`'s), the static
-graph inputs, the KV cache and the bucket choice. Capturing graphs is :mod:`.graphs`' and which models qualify :mod:`.support`'s. It must not
-schedule requests or sample tokens (:mod:`.scheduler`, :mod:`.step`).
+Owns the decode forward pass, the static graph inputs (decode, prefill, :mod:`.mixed`'s), the KV cache
+and the bucket choice; the prefill pass is :mod:`.prefill`'s, a decode step with prompt segments
+:mod:`.mixed`'s. Capturing graphs is :mod:`.graphs`' and which models qualify :mod:`.support`'s. It must
+not schedule requests or sample tokens (:mod:`.scheduler`, :mod:`.step`).
 """
 from __future__ import annotations
 
@@ -34,6 +30,7 @@ from .graphs import capture_decode, capture_lazily, capture_prefill
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
 from .merged import merge
 from .mixed import MixedInputs
+from .prefill import prefill_forward, run_prefill
 from .support import check_supported
 
 
@@ -225,83 +222,12 @@ class ModelRunner:
             capture_lazily(self, "decode", (b, length), lambda: self.decode_forward(b, length))
         return out
 
-    # ------------------------------------------------------------------ prefill
-    def _prefill_forward(self, ids: torch.Tensor, slot_idx: torch.Tensor, last: torch.Tensor,
-                         rows: torch.Tensor) -> torch.Tensor:
-        """Prompts ``ids [n, t]`` (right-padded, causal), K/V written into ``slot_idx``; logits ``[n, V]``
-        at positions ``last``."""
-        n, t = ids.shape
-        h = self.embed(ids)                                               # [n, t, hidden]
-        cos = self.cos[:t][None, None]                                    # [1, 1, t, D]
-        sin = self.sin[:t][None, None]
-        kv, d = self.n_kv, self.head_dim
-
-        def attend(li: int, layer, x: torch.Tensor) -> torch.Tensor:
-            attn = layer.self_attn
-            q, k, v = self._qkv(li, attn, x)
-            q = q.view(n, t, self.n_heads, d).transpose(1, 2)
-            k = k.view(n, t, kv, d).transpose(1, 2)
-            v = v.view(n, t, kv, d).transpose(1, 2)
-            q, k = self.ops.rope(q, k, cos, sin)
-            self.cache.k[li][slot_idx, :, :t] = k
-            self.cache.v[li][slot_idx, :, :t] = v
-            if self.group > 1:
-                k = k[:, :, None].expand(n, kv, self.group, t, d).reshape(n, self.n_heads, t, d)
-                v = v[:, :, None].expand(n, kv, self.group, t, d).reshape(n, self.n_heads, t, d)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
-            return attn.o_proj(o.transpose(1, 2).reshape(n, t, self.n_heads * d))
-
-        x = self._layers(h, attend)                                       # final-normed
-        return self.lm_head(x[rows, last])
-
-    def prefill_bucket(self, n: int, t: int) -> tuple[int, int] | None:
-        """The smallest prefill bucket (fewest padded tokens) holding ``n`` prompts of up to ``t`` tokens."""
-        best = None
-        for nb, tb in self.prefill_buckets:
-            if nb >= n and tb >= t and (best is None or nb * tb < best[0] * best[1]):
-                best = (nb, tb)
-        return best
-
+    # ------------------------------------------------------------------ prefill (.prefill)
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run the prompts (right-padded, causal) writing K/V into their slots; logits ``[n, V]`` of each
-        prompt's last position."""
-        n = len(prompts)
-        lens = [len(p) for p in prompts]
-        t = max(lens)
-        bucket = self.prefill_bucket(n, t) if self.bucketed_prefill else None
-        if bucket is not None:
-            nb, tb = bucket
-            # one host buffer -> one copy: ids [nb, tb] | slots [nb] | last [nb]
-            stage = self._p_stage[: nb * tb + 2 * nb]
-            stage.zero_()
-            ids_h = stage[: nb * tb].view(nb, tb)
-            for i, p in enumerate(prompts):
-                ids_h[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
-            stage[nb * tb: nb * tb + nb] = self.scratch_slot
-            stage[nb * tb: nb * tb + n] = torch.tensor(slots, dtype=torch.int64)
-            stage[nb * tb + nb: nb * tb + nb + n] = torch.tensor([x - 1 for x in lens], dtype=torch.int64)
-            dev = stage.to(self.device, non_blocking=True)
-            self.p_ids[:nb, :tb].copy_(dev[: nb * tb].view(nb, tb))
-            self.p_slots[:nb].copy_(dev[nb * tb: nb * tb + nb])
-            self.p_last[:nb].copy_(dev[nb * tb + nb:])
-            self.prefill_calls["bucketed"] += 1
-            entry = self.prefill_graphs.get(bucket)
-            if entry is not None:
-                entry[0].replay()
-                return entry[1][:n]
-            out = self.prefill_static(nb, tb)[:n]
-            if self.lazy_graphs and self.use_graphs:
-                capture_lazily(self, "prefill", bucket, lambda: self.prefill_static(nb, tb))
-            return out
-        self.prefill_calls["eager"] += 1
-        ids_host = torch.zeros(n, t, dtype=torch.int64)
-        for i, p in enumerate(prompts):
-            ids_host[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
-        ids = ids_host.to(self.device, non_blocking=True)
-        slot_idx = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
-        last = torch.tensor([x - 1 for x in lens], dtype=torch.int64).to(self.device, non_blocking=True)
-        return self._prefill_forward(ids, slot_idx, last, torch.arange(n, device=self.device))
+        prompt's last position (:func:`.prefill.run_prefill`)."""
+        return run_prefill(self, slots, prompts)
 
     def prefill_static(self, nb: int, tb: int) -> torch.Tensor:
-        return self._prefill_forward(self.p_ids[:nb, :tb], self.p_slots[:nb], self.p_last[:nb],
-                                     self.p_rows[:nb])
+        """The prefill of bucket ``(nb, tb)`` over the static prefill inputs (what a prefill graph records)."""
+        return prefill_forward(self, self.p_ids[:nb, :tb], self.p_slots[:nb], self.p_last[:nb], self.p_rows[:nb])

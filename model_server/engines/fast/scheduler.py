@@ -16,42 +16,19 @@ It must not touch the model or the device (:mod:`.step` runs steps) nor deliver 
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
-from ..base import FinishReason, GenerationRequest, RequestTiming, TokenEvent
+from ..base import FinishReason, RequestTiming, TokenEvent
 from .kv_cache import StaticKVCache
 from .mixed import segments_needed
+from .seq import Out, Row, Seq
 
-# events to deliver after a step: event loop -> [(consumer queue, events)]
-Out = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[TokenEvent]]]]
-# a decode step's row: (sequence, its slot, the position its input token's K/V is written at)
-Row = tuple["Seq", int, int]
+__all__ = ["Out", "Row", "Scheduler", "Seq"]
 
-MAX_UNREAD_TIMINGS = 10000
-MIXED_MAX_WAIT_NS = 10_000_000  # longest an arrival waits for fuller prompt segments (10 ms)      # timings nobody collects are dropped oldest first beyond this
-
-
-@dataclass(eq=False)
-class Seq:
-    req: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    arrival_ns: int
-    max_new: int
-    slot: int = -1
-    prompt_len: int = 0
-    generated: int = 0
-    pos: int = 0                     # where the next input token's K/V is written
-    launched: int = 0                # tokens produced or in flight (prefill's counts)
-    prefilling: bool = False         # admitted into the next step's prompt segments (.mixed), not decoding yet
-    done: bool = False               # consumer side: final event sent / cancel requested
-    t_admit_ns: int = 0
-    t_first_ns: int = 0
-    batch_at_admission: int = 0
+MAX_UNREAD_TIMINGS = 10000      # timings nobody collects are dropped oldest first beyond this
+MIXED_MAX_WAIT_NS = 10_000_000  # longest an arrival waits for fuller prompt segments (10 ms)
 
 
 def _filters(p) -> bool:
