@@ -1,8 +1,9 @@
 """What bounds a decode step of the fast engine: kernel time vs launch gaps vs host, merged projections
 on and off, side by side in one run (issue 17).
 
-For each quantization and each ``merge_projections`` setting (off first: merging rewires the model's
-weights into views of the merged ones), on one loaded model:
+For each quantization and each ``--variants`` entry (``merge-off``/``merge-on``: merged projections off
+first, since merging rewires the model's weights into views of the merged ones; ``rope-kv-off``/``-on``:
+decode's rotary and K/V writes as separate ops or one kernel, merged on), on one loaded model:
 
 * the captured decode graph replayed alone at batch 1, 8 and 64 (CUDA events, median of 50): device
   time per step with no host work;
@@ -59,36 +60,47 @@ def kernel_profile(fn, steps: int = 5) -> dict:
                     for k in kernels[:12]]}
 
 
-async def itl_c1(eng, prompt: list[int], new_tokens: int) -> float:
+async def itl_c1(eng, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    """Median inter-token gap (ms) of the second of two greedy requests, and its tokens."""
     from model_server.engines.base import GenerationRequest, SamplingParams
 
-    gaps, last = [], None
+    gaps, last, toks = [], None, []
     for rep in range(2):
         async for ev in eng.submit(GenerationRequest(f"itl{rep}", prompt, SamplingParams(max_new_tokens=new_tokens,
                                                                                          ignore_eos=True))):
             now = time.monotonic()
             if ev.token_id is not None and last is not None and rep == 1:
                 gaps.append(now - last)
+            if ev.token_id is not None and rep == 1:
+                toks.append(ev.token_id)
             last = now
         last = None
-    return round(statistics.median(gaps) * 1e3, 4)
+    return round(statistics.median(gaps) * 1e3, 4), toks
 
 
-def measure(loaded, merge: bool, args) -> dict:
+# variant -> the fast engine's keyword arguments (merge-off first: merging rewires the model's weights)
+VARIANTS = {"merge-off": dict(merge_projections=False, rope_kv=False), "merge-on": dict(rope_kv=False),
+            "rope-kv-off": dict(rope_kv=False), "rope-kv-on": dict(rope_kv=None)}
+
+
+def measure(loaded, variant: str, args) -> dict:
     from model_server.engines.fast import from_loaded
 
+    kw = VARIANTS[variant]
     eng = from_loaded(loaded, max_batch=max(args.batches), max_total_tokens=args.prompt_len + args.new_tokens + 8,
-                      merge_projections=merge, lazy_graphs=True)
+                      lazy_graphs=True, **kw)
     r = eng.runner
     length = next(b for b in r.length_buckets if b >= args.prompt_len + args.new_tokens)
-    res: dict = {"merge_projections": merge, "length_bucket": length}
+    res: dict = {"variant": variant, "merge_projections": kw.get("merge_projections", True),
+                 "rope_kv": bool(r.rope_kv), "length_bucket": length}
 
     async def main():
         t = time.monotonic()
         await eng.start()
         res["start_seconds"] = round(time.monotonic() - t, 2)
         res["merged_projections"] = eng.stats().extra["merged_projections"]
-        res["itl_c1_ms"] = await itl_c1(eng, list(range(300, 300 + args.prompt_len)), args.new_tokens)
+        res["itl_c1_ms"], res["greedy_tokens"] = await itl_c1(eng, list(range(300, 300 + args.prompt_len)),
+                                                              args.new_tokens)
         with torch.inference_mode():
             for b in args.batches:
                 r.decode(b, length)         # lazy graphs: this bucket's first step captures its graph
@@ -114,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--variants", default="merge-off,merge-on", help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--commit", default=default_commit())
     args = ap.parse_args(argv)
+    bad = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     args.batches = [int(x) for x in args.batches.split(",") if x]
     from model_server.loading import load_model
 
@@ -128,25 +144,28 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "rows": []}
     for q in args.quants.split(","):
         loaded = load_model(str(model_dir), device, q)
-        for merge in (False, True):
+        for variant in args.variants.split(","):
             try:
-                row = {"quant": q, **measure(loaded, merge, args)}
+                row = {"quant": q, **measure(loaded, variant, args)}
             except Exception as exc:  # noqa: BLE001 - record and go on
-                row = {"quant": q, "merge_projections": merge, "error": f"{type(exc).__name__}: {exc}"[:400]}
+                row = {"quant": q, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:400]}
             report["rows"].append(row)
             (out / "decode_profile.json").write_text(json.dumps(report, indent=1))
-            log(f"{q} merge={merge}: " + ", ".join(f"{k} {v}" for k, v in row.items() if not isinstance(v, dict)))
+            first = next(r for r in report["rows"] if r["quant"] == q)
+            if "greedy_tokens" in row and "greedy_tokens" in first:
+                row["greedy_same_as_first_variant"] = row["greedy_tokens"] == first["greedy_tokens"]
+            log(f"{q} {variant}: " + ", ".join(f"{k} {v}" for k, v in row.items() if not isinstance(v, (dict, list))))
         del loaded
         if device == "cuda":
             torch.cuda.empty_cache()
-    print("| quant | merged | ITL c=1 ms | " + " | ".join(f"b={b}: graph ms / kernels / kernel ms / gap ms"
+    print("| quant | variant | ITL c=1 ms | " + " | ".join(f"b={b}: graph ms / kernels / kernel ms / gap ms"
                                                       for b in args.batches) + " |")
     print("|---|---|---|" + "---|" * len(args.batches))
     for r in report["rows"]:
         cells = [f"{r.get(f'graph_ms_b{b}')} / {r.get(f'graph_profile_b{b}', {}).get('kernels_per_step')} / "
                  f"{r.get(f'graph_profile_b{b}', {}).get('kernel_ms_per_step')} / {r.get(f'gap_ms_b{b}')}"
                  for b in args.batches]
-        print(f"| {r['quant']} | {r['merge_projections']} | {r.get('itl_c1_ms')} | " + " | ".join(cells) + " |")
+        print(f"| {r['quant']} | {r['variant']} | {r.get('itl_c1_ms')} | " + " | ".join(cells) + " |")
     return 0
 
 

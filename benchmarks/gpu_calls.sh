@@ -27,6 +27,8 @@
 #                                            agreement (mixed_step.py), then bf16 at 64 in-process vs HTTP (--api-workers 4)
 #                                            per MIXEDS="0 4" (segments[:min segments], MODEL_SERVER_FAST_MIXED_SEGMENTS
 #                                            and _MIN_SEGMENTS; HTTPW_CONC, WORKERS) (~2 min each, plus ~1.5 min)
+#   bash benchmarks/gpu_calls.sh ropekv     # issue 17: decode's rotary + K/V cache writes as one Triton kernel: decode
+#                                            profile off/on (DP_QUANTS bf16,int4), then bf16 steady state at SS_CONC 1,64 (~6 min)
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
@@ -45,7 +47,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|cold|ctax" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|cold|ctax" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -134,6 +136,14 @@ case "${1:-}" in
         --api-workers "${WORKERS:-2}" --agree-prompts 0 --window-s "${WINDOW_S:-10}" \
         > "$out/overlap_$ov.log" 2>&1; echo "steady_state (overlap $ov) rc $?"; stop_servers; tail -4 "$out/overlap_$ov.log"
     done; unset MODEL_SERVER_FAST_OVERLAP_PREFILL ;;
+  ropekv)  # decode's rotary + K/V writes as one kernel: profile off/on (bf16, int4), then the steady state with it on
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout 300 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \
+      --quants "${DP_QUANTS:-bf16,int4}" --variants rope-kv-off,rope-kv-on > "$out/decode_profile.log" 2>&1
+    echo "decode_profile rc $?"; tail -6 "$out/decode_profile.log"
+    timeout 200 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss" \
+      --quants bf16 --concurrency "${SS_CONC:-1,64}" --http-concurrency '' --agree-prompts 0 > "$out/steady_state.log" 2>&1
+    echo "steady_state rc $?"; tail -5 "$out/steady_state.log" ;;
   httpm)   # prompts prefilled inside decode steps (MODEL_SERVER_FAST_MIXED_SEGMENTS): step costs and agreement
            # (benchmarks/mixed_step.py, MIXED_STEP=0 skips it), then in-process vs HTTP per setting (MIXEDS)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet

@@ -37,6 +37,8 @@ Construction (``model-server serve --engine fast`` calls :mod:`.factory`'s
   while others decode is prefilled inside the next decode step, as up to ``mixed_segments`` prompt
   segments of ``mixed_tokens`` tokens (:mod:`.mixed`; ``MODEL_SERVER_FAST_MIXED_SEGMENTS`` / ``_TOKENS``);
   ``mixed_min_segments`` (``_MIN_SEGMENTS``): wait (at most 10 ms) until arrivals fill that many.
+* ``rope_kv``: decode's rotary and K/V cache write as one Triton kernel (:mod:`.rope_kv`; default: with the
+  fused ops on a CUDA bf16/fp16 model; ``MODEL_SERVER_FAST_ROPE_KV=0`` through ``from_loaded``: off).
 * ``overlap_prefill``: default on: a prefill's first tokens are read after decode step k+1 (which already
   holds the prefilled rows) is launched, so the device never idles while the host handles a prefill
   (``MODEL_SERVER_FAST_OVERLAP_PREFILL=0`` through ``from_loaded``: read them first, the old order).
@@ -83,7 +85,7 @@ class FastEngine(Engine):
                  bucketed_prefill: bool | None = None, lazy_graphs: bool = False,
                  merge_projections: bool = True, background_warmup: bool = False,
                  overlap_prefill: bool = True, mixed_segments: int = 0, mixed_tokens: int = 64,
-                 mixed_min_segments: int = 1) -> None:
+                 mixed_min_segments: int = 1, rope_kv: bool | None = None) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
@@ -113,7 +115,7 @@ class FastEngine(Engine):
         self.runner = ModelRunner(model, self.max_batch, self.max_seq_len, use_cuda_graphs,
                                   batch_buckets, length_buckets, fuse, prefill_graph_tokens,
                                   bucketed_prefill, lazy_graphs and not background_warmup, merge_projections,
-                                  max(0, int(mixed_segments)), max(1, int(mixed_tokens)))
+                                  max(0, int(mixed_segments)), max(1, int(mixed_tokens)), rope_kv)
         # background: no compile and no capture before the worker is done (.warmup switches both on)
         self._warm = BackgroundWarmup(self.runner) if background_warmup else None
         self.on_warm: Callable[[], None] | None = None

@@ -35,6 +35,9 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     # the next decode step is launched (the device waits for the host around every prefill)
     if os.environ.get("MODEL_SERVER_FAST_OVERLAP_PREFILL", "").strip() == "0":
         kwargs.setdefault("overlap_prefill", False)
+    # A/B switch for benchmarks: MODEL_SERVER_FAST_ROPE_KV=0 keeps decode's rotary and K/V writes as separate ops
+    if os.environ.get("MODEL_SERVER_FAST_ROPE_KV", "").strip() == "0":
+        kwargs.setdefault("rope_kv", False)
     # prompts prefilled inside decode steps: segments per step (0 = a prefill pass for every arrival), tokens each
     for name, key in (("MODEL_SERVER_FAST_MIXED_SEGMENTS", "mixed_segments"), ("MODEL_SERVER_FAST_MIXED_TOKENS",
                       "mixed_tokens"), ("MODEL_SERVER_FAST_MIXED_MIN_SEGMENTS", "mixed_min_segments")):

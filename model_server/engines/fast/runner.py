@@ -31,6 +31,8 @@ from .kv_cache import StaticKVCache, default_batch_buckets, default_length_bucke
 from .merged import merge
 from .mixed import MixedInputs
 from .prefill import prefill_forward, run_prefill
+from .rope_kv import available as rope_kv_available
+from .rope_kv import rope_kv_write
 from .support import check_supported
 
 
@@ -42,7 +44,7 @@ class ModelRunner:
                  length_buckets: list[int] | None = None, fuse: bool | None = None,
                  prefill_graph_tokens: int | None = None, bucketed_prefill: bool | None = None,
                  lazy_graphs: bool = False, merge_projections: bool = True, mixed_segments: int = 0,
-                 mixed_tokens: int = 64) -> None:
+                 mixed_tokens: int = 64, rope_kv: bool | None = None) -> None:
         check_supported(model)
         # lazy: capture no graph at start; a bucket's first use runs eagerly (its real result is
         # served) and records its graph for the next use (cold start: the first token needs no capture)
@@ -123,6 +125,13 @@ class ModelRunner:
         self.mixed = MixedInputs(mixed_segments, mixed_tokens, self.scratch_slot, self.max_len, self.device)
         self.mixed_graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mixed_graphs_on = True
+        # rotary + K/V cache write as one kernel in decode (.rope_kv): None = with the fused ops on a CUDA
+        # bf16/fp16 model, True = always (Triton, or its interpreter), False = never; Triton is imported
+        # at the first step that uses it, not here (cold start)
+        self.rope_kv = (rope_kv is not False and all(m is not None for m in self.qkv)
+                        and (rope_kv is True or (self.device.type == "cuda"
+                                                 and self.dtype in (torch.bfloat16, torch.float16))))
+        self._rope_kv_forced = rope_kv is True
 
     @staticmethod
     def _eps(norm: torch.nn.Module) -> float:
@@ -183,22 +192,30 @@ class ModelRunner:
         pos = self.in_pos[:b]
         rows = self.rows[:b]
         h = self.embed(ids)[:, None, :]                                   # [b, 1, hidden]
-        cos = self.cos[pos][:, None, None, :]                             # [b, 1, 1, D]
-        sin = self.sin[pos][:, None, None, :]
         mask = (self.key_idx[:length][None, :] <= pos[:, None])[:, None, None, :]  # [b,1,1,L]
         kv, g, d = self.n_kv, self.group, self.head_dim
+        one_kernel = (self.rope_kv and (self.ops.fused or self._rope_kv_forced)
+                      and rope_kv_available(self.head_dim))
+        if not one_kernel:
+            cos = self.cos[pos][:, None, None, :]                         # [b, 1, 1, D]
+            sin = self.sin[pos][:, None, None, :]
 
         def attend(li: int, layer, x: torch.Tensor) -> torch.Tensor:
             attn = layer.self_attn
-            q, k, v = self._qkv(li, attn, x)
-            q = q.view(b, kv, g, d)
-            k = k.view(b, kv, 1, d)
-            v = v.view(b, kv, 1, d)
-            q, k = self.ops.rope(q, k, cos, sin)
             kc = self.cache.k[li]
             vc = self.cache.v[li]
-            kc[rows, :, pos] = k[:, :, 0]
-            vc[rows, :, pos] = v[:, :, 0]
+            if one_kernel:
+                y = self.qkv[li].fn(x)                                    # [b, 1, (H + 2 KV) * D]
+                q = rope_kv_write(y.reshape(b, -1), self.cos, self.sin, pos, rows, kc, vc, self.n_heads, kv)
+                q = q.view(b, kv, g, d)
+            else:
+                q, k, v = self._qkv(li, attn, x)
+                q = q.view(b, kv, g, d)
+                k = k.view(b, kv, 1, d)
+                v = v.view(b, kv, 1, d)
+                q, k = self.ops.rope(q, k, cos, sin)
+                kc[rows, :, pos] = k[:, :, 0]
+                vc[rows, :, pos] = v[:, :, 0]
             o = F.scaled_dot_product_attention(q, kc[:b, :, :length], vc[:b, :, :length],
                                                attn_mask=mask, scale=self.scaling)   # [b, kv, g, d]
             return attn.o_proj(o.reshape(b, 1, self.n_heads * d))

@@ -1,0 +1,77 @@
+"""Decode's rotary + K/V cache write as one Triton kernel (``engines/fast/rope_kv.py``), run by Triton's
+interpreter on CPU: it must give bit for bit what the separate eager ops give (rotated q, and the K/V cache
+after the writes), in fp32 and in bf16 (where the eager ops round after each multiply and after the sum),
+and a fast engine using it must still produce ``model.generate``'s greedy tokens."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from model_server.engines.base import GenerationRequest, SamplingParams
+from model_server.engines.fast import FastEngine
+from model_server.engines.fast.fused import rope
+from model_server.engines.fast.rope_kv import available, rope_kv_write
+
+from tests.test_fast_engine import EOS, _collect, _prompts, _reference, _tiny
+
+pytestmark = pytest.mark.skipif(not available(16), reason="Triton is a declared dependency; CI installs it")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv,d", [(4, 2, 16), (8, 8, 32)])
+def test_matches_the_separate_ops(dtype, heads, kv, d):
+    g = torch.Generator().manual_seed(3)
+    b, slots, max_len = 5, 7, 24
+    qkv = torch.randn(b, (heads + 2 * kv) * d, generator=g).to(dtype)
+    cos = torch.randn(max_len, d, generator=g).to(dtype)
+    sin = torch.randn(max_len, d, generator=g).to(dtype)
+    pos = torch.tensor([0, 3, 23, 9, 9])
+    rows = torch.tensor([6, 0, 2, 4, 1])                   # slots, in any order
+    kc = torch.randn(slots, kv, max_len, d, generator=g).to(dtype)
+    vc = torch.randn(slots, kv, max_len, d, generator=g).to(dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+
+    q, k, v = qkv.split([heads * d, kv * d, kv * d], dim=-1)
+    group = heads // kv
+    q_ref, k_ref = rope(q.reshape(b, kv, group, d), k.reshape(b, kv, 1, d),
+                        cos[pos][:, None, None, :], sin[pos][:, None, None, :])
+    kc[rows, :, pos] = k_ref[:, :, 0]
+    vc[rows, :, pos] = v.reshape(b, kv, d)
+
+    q_one = rope_kv_write(qkv, cos, sin, pos, rows, kc2, vc2, heads, kv)
+    assert torch.equal(q_one.view(b, kv, group, d), q_ref)
+    assert torch.equal(kc2, kc) and torch.equal(vc2, vc)   # the written rows, and nothing else touched
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_engine_with_the_kernel_matches_generate(arch):
+    model = _tiny(arch, seed=0 if arch == "llama" else 1)
+    rng = random.Random(5)
+    prompts = _prompts(rng, 6, 1, 20)
+    refs = [_reference(model, p, 12) for p in prompts]
+
+    async def main(rope_kv: bool):
+        eng = FastEngine(model, [EOS], device="cpu", max_batch=4, max_seq_len=64, length_buckets=[32, 64],
+                         rope_kv=rope_kv)
+        await eng.start()
+        try:
+            res = await asyncio.gather(*(_collect(eng, GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=12)),
+                                                  delay=0.002 * i) for i, p in enumerate(prompts)))
+            return [t for t, _ in res], eng.runner
+        finally:
+            await eng.stop()
+
+    toks, runner = asyncio.run(main(True))
+    assert runner.rope_kv and toks == refs
+    # the decode step itself: logits bit for bit with the kernel and without it
+    with torch.inference_mode():
+        runner.in_ids[:3] = torch.tensor([5, 9, 11])
+        runner.in_pos[:3] = torch.tensor([4, 0, 17])
+        one = runner.decode_forward(3, 32).clone()
+        cache_one = runner.cache.k.clone()
+        runner.rope_kv = False
+        two = runner.decode_forward(3, 32)
+    assert torch.equal(one, two) and torch.equal(cache_one, runner.cache.k)
