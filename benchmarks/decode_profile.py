@@ -150,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - record and go on
                 row = {"quant": q, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:400]}
             report["rows"].append(row)
-            (out / "decode_profile.json").write_text(json.dumps(report, indent=1))
             first = next(r for r in report["rows"] if r["quant"] == q)
             if "greedy_tokens" in row and "greedy_tokens" in first:
                 row["greedy_same_as_first_variant"] = row["greedy_tokens"] == first["greedy_tokens"]
+            (out / "decode_profile.json").write_text(json.dumps(report, indent=1))
             log(f"{q} {variant}: " + ", ".join(f"{k} {v}" for k, v in row.items() if not isinstance(v, (dict, list))))
         del loaded
         if device == "cuda":

@@ -83,6 +83,8 @@ class ModelRunner:
         self.in_pos = torch.zeros(self.max_batch, dtype=torch.int64, device=self.device)
         self.rows = torch.arange(self.max_batch, dtype=torch.int64, device=self.device)
         self.key_idx = torch.arange(self.max_len, dtype=torch.int64, device=self.device)
+        self._mask_open = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._mask_shut = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
         self.batch_buckets = sorted(set(b for b in (batch_buckets or default_batch_buckets(self.max_batch))
                                         if 0 < b <= self.max_batch) | {self.max_batch})
         self.length_buckets = sorted(set(b for b in (length_buckets or default_length_buckets(self.max_len))
@@ -192,7 +194,10 @@ class ModelRunner:
         pos = self.in_pos[:b]
         rows = self.rows[:b]
         h = self.embed(ids)[:, None, :]                                   # [b, 1, hidden]
-        mask = (self.key_idx[:length][None, :] <= pos[:, None])[:, None, None, :]  # [b,1,1,L]
+        # additive mask (0 / -inf in the model's dtype), made once per step: given a bool mask, attention
+        # converts it to this in every layer (two more kernels per layer)
+        mask = torch.where(self.key_idx[:length][None, :] <= pos[:, None], self._mask_open,
+                           self._mask_shut)[:, None, None, :]                  # [b,1,1,L]
         kv, g, d = self.n_kv, self.group, self.head_dim
         one_kernel = (self.rope_kv and (self.ops.fused or self._rope_kv_forced)
                       and rope_kv_available(self.head_dim))
