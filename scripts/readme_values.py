@@ -129,6 +129,26 @@ def decode_itl(docs: list[Any]) -> str:
     return " / ".join(out) + " ms (merged q/k/v and gate/up off -> on)"
 
 
+def decode_itl_ab(docs: list[Any]) -> str:
+    """ITL at concurrency 1 and decode graph kernels per step, first variant -> second, per format (one run)."""
+    rows = docs[0]["rows"]
+    out = []
+    for q in dict.fromkeys(r["quant"] for r in rows):
+        a, b = [r for r in rows if r["quant"] == q][:2]
+        out.append(f"{q} {a['itl_c1_ms']:.3f} -> {b['itl_c1_ms']:.3f} ms "
+                   f"({a['graph_profile_b1']['kernels_per_step']:.0f} -> {b['graph_profile_b1']['kernels_per_step']:.0f} kernels)")
+    return " / ".join(out) + f" ({rows[0]['variant']} -> {rows[1]['variant']})"
+
+
+def steady_cells(docs: list[Any]) -> str:
+    """Every in-process cell of the first format: tokens/s, ITL p50 and the share of the bandwidth limit."""
+    q = docs[0]["quants"][0]
+    return q["quant"] + ": " + ", ".join(
+        f"c={c['concurrency']} {c['tokens_per_second_median']:,.0f} tokens/s (ITL p50 {c['itl_p50_ms']:.3f} ms, "
+        f"{c['tokens_per_second_median'] / c['bandwidth_limit_tokens_per_second'] * 100:.1f} % of the bandwidth limit)"
+        for c in q["cells"])
+
+
 def ept(docs: list[Any]) -> str:
     """The ledger's J per output token (median of the cells) at 1 and 64 streams, per format."""
     cells = [c for d in docs for c in d["cells"]]
