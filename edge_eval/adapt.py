@@ -8,7 +8,7 @@ Writes ``DIR/adapter`` (peft), ``DIR/merged`` with ``--merge`` (a servable model
 quantize, each also on its own), seconds, kWh, USD at ``--usd-per-kwh``, steps, tokens, device,
 dtype, energy source. The proxy reads it as C_train (``economics.adaptation_results_path``).
 On a GPU the compute dtype defaults to fp16 below compute capability 8.0 and bf16 from 8.0
-(:func:`model_server.loading.default_compute_dtype`); on CPU training runs in float32.
+(:func:`model_server.quantization.default_compute_dtype`); on CPU training runs in float32.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def resolve_compute_dtype(requested: str | None, device: str, capability: tuple[int, int] | None) -> str:
     """The torch dtype name training computes in: the request, else fp16 below compute capability
     8.0 / bf16 from 8.0 on a GPU, float32 on CPU."""
-    from model_server.loading import default_compute_dtype
+    from model_server.quantization import default_compute_dtype
 
     if requested:
         return DTYPES[requested]

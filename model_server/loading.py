@@ -1,6 +1,7 @@
 """Load a model + tokenizer through transformers 5 and describe it as loaded (weights, dtype, devices).
 
-Owns the ``--quantization`` choice (what ``from_pretrained`` is given) and :class:`LoadedModel`.
+Owns loading and :class:`LoadedModel`; what ``from_pretrained`` is given for each ``--quantization`` is
+:mod:`model_server.quantization`'s.
 Counting what the loaded tensors hold is :mod:`model_server.weights`'s; this module must not run
 generation (one settling forward for GPTQ kernels excepted) or pick an engine.
 
@@ -25,11 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model_server.quantization import (  # noqa: F401 - LoadError and default_compute_dtype re-exported
+    LoadError, default_compute_dtype, quant_method_name, quantization_kwargs)
+
 log = logging.getLogger("model_server.loading")
-
-
-class LoadError(Exception):
-    """A one-line, user-facing load failure."""
 
 
 @dataclass
@@ -88,79 +88,6 @@ def check_model_argument(model_id: str) -> None:
             raise LoadError(f"model directory not found: {model_id}")
         if not (path / "config.json").is_file():
             raise LoadError(f"{model_id} has no config.json (not a Hugging Face model directory)")
-
-
-def _quant_method_name(value: Any) -> str:
-    """``quant_method`` as a plain lower-case name.
-
-    config.json holds a string, but ``model.config.quantization_config.to_dict()`` holds transformers'
-    ``QuantizationMethod`` enum, whose ``str()`` is ``"QuantizationMethod.GPTQ"``.
-    """
-    return str(getattr(value, "value", value) or "").lower()
-
-
-def default_compute_dtype(capability: tuple[int, int] | None) -> str:
-    """Compute dtype for NF4 / LoRA compute: ``float16`` below compute capability 8.0 (T4, V100:
-    bf16 is only emulated there, which made the paper's QLoRA 7x dearer than LoRA), ``bfloat16``
-    from 8.0 (Ampere and newer) and on CPU (``capability`` None)."""
-    if capability is not None and tuple(capability) < (8, 0):
-        return "float16"
-    return "bfloat16"
-
-
-def _bnb_compute_dtype(device_type: str):
-    import torch
-
-    if device_type == "cuda":
-        # not torch.cuda.is_bf16_supported(): it says True on a T4, where bf16 is emulated
-        return getattr(torch, default_compute_dtype(torch.cuda.get_device_capability()))
-    return torch.bfloat16
-
-
-def _quantization_kwargs(quantization: str, device_type: str, config: dict[str, Any] | None) -> dict[str, Any]:
-    import torch
-
-    existing = (config or {}).get("quantization_config") or {}
-    method = _quant_method_name(existing.get("quant_method", ""))
-    if method == "gptq" and quantization in ("none", "gptq"):
-        from model_server.gptq import prepare_gptq
-
-        prepare_gptq()
-    if quantization == "none":
-        return {"dtype": "auto"}
-    if quantization == "fp16":
-        return {"dtype": torch.float16}
-    if quantization == "bf16":
-        return {"dtype": torch.bfloat16}
-    if quantization in ("nf4", "int8"):
-        if method:
-            raise LoadError(f"the checkpoint is already quantized ({method}); serve it with --quantization none")
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as exc:
-            raise LoadError(f"--quantization {quantization} needs bitsandbytes ({exc})") from None
-        from transformers import BitsAndBytesConfig
-
-        if quantization == "nf4":
-            compute = _bnb_compute_dtype(device_type)
-            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True)
-            return {"quantization_config": qc, "dtype": compute}
-        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True),
-                "dtype": torch.float16 if device_type == "cuda" else torch.bfloat16}
-    if quantization == "int4":
-        if method:
-            raise LoadError(f"the checkpoint is already quantized ({method}); serve it with --quantization none")
-        from model_server.int4 import choose_compute
-
-        cap = torch.cuda.get_device_capability() if device_type == "cuda" else None
-        return {"dtype": choose_compute(device_type, cap).dtype}
-    if quantization == "gptq":
-        if method != "gptq":
-            raise LoadError("--quantization gptq needs a pre-quantized GPTQ checkpoint "
-                            "(config.json quantization_config.quant_method == 'gptq')")
-        return {"dtype": torch.float16 if device_type == "cuda" else torch.float32}
-    raise LoadError(f"unknown quantization {quantization!r}")
 
 
 def _load_weights(model_id: str, device: str, kwargs: dict[str, Any], marks: dict[str, float],
@@ -232,7 +159,7 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
     view: Future = Future()     # the pre-warm's own dict of the read tensors (the build casts and clears its own)
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="load") as pool:
         read = pool.submit(fast_load.read_weights, model_id, device, marks, view) if reason is None else None
-        kwargs = _quantization_kwargs(quantization, device, config)
+        kwargs = quantization_kwargs(quantization, device, config)
         from model_server.engines.fast import prewarm     # torch only
 
         if read is not None and prewarm.enabled(device):   # one-off kernel costs, paid while the model is built
@@ -257,7 +184,7 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
     cfg = model.config
     qcfg = getattr(cfg, "quantization_config", None)
     qdict = (qcfg if isinstance(qcfg, dict) else qcfg.to_dict()) if qcfg is not None else {}
-    if _quant_method_name(qdict.get("quant_method")) == "gptq":
+    if quant_method_name(qdict.get("quant_method")) == "gptq":
         try:
             from model_server.gptq import settle_gptq_kernels
 
@@ -281,7 +208,7 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
     log.info("loaded %s in %.2f s (%s)", model_id, time.monotonic() - t0, load_path)
 
     if quantization == "none" and qcfg is not None:
-        reported_q = _quant_method_name(qdict.get("quant_method")) or "none"
+        reported_q = quant_method_name(qdict.get("quant_method")) or "none"
         if reported_q == "bitsandbytes":
             reported_q = "nf4" if qdict.get("load_in_4bit") else "int8"
     else:

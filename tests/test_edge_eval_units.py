@@ -116,7 +116,7 @@ def test_compute_dtype_defaults_with_faked_capability(monkeypatch: pytest.Monkey
     import torch
 
     from edge_eval.adapt import resolve_compute_dtype
-    from model_server import loading
+    from model_server import loading, quantization
 
     assert loading.default_compute_dtype((7, 5)) == "float16"      # T4: bf16 only emulated
     assert loading.default_compute_dtype((8, 0)) == "bfloat16"
@@ -128,7 +128,7 @@ def test_compute_dtype_defaults_with_faked_capability(monkeypatch: pytest.Monkey
     # the model server's NF4 compute dtype on a (faked) T4 whose torch claims bf16 support
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert loading._bnb_compute_dtype("cuda") is torch.float16
+    assert quantization._bnb_compute_dtype("cuda") is torch.float16
 
 
 def _run_doc(model: str, scores: list[float], ref: str | None = None) -> dict:

@@ -273,15 +273,12 @@ class EconomicsObserver(BaseObserver):
         self._tasks.clear()
 
     def _probe_target(self) -> str:
+        """The proxy's own URL (the running one's bound port when known); a wildcard host means loopback."""
         rt = self.runtime
-        if rt is not None and getattr(rt, "port", None):
-            host = rt.settings.proxy.host
-            host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-            return f"http://{host}:{rt.port}"
-        host = self.settings.proxy.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        return f"http://{host}:{self.settings.proxy.port}"
+        live = rt is not None and bool(getattr(rt, "port", None))
+        host = rt.settings.proxy.host if live else self.settings.proxy.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return f"http://{host}:{rt.port if live else self.settings.proxy.port}"
 
     def _probe_model(self) -> str:
         backend_model = getattr(getattr(self.runtime, "backend", None), "model", None)

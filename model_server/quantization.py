@@ -1,0 +1,87 @@
+"""What ``from_pretrained`` is given for each ``--quantization`` choice, and the compute dtypes behind them.
+
+Owns the mapping of ``none|fp16|bf16|nf4|int8|int4|gptq`` to transformers' keyword arguments (dtype,
+``BitsAndBytesConfig``), the refusals (an already quantized checkpoint, bitsandbytes missing, a GPTQ
+choice without a GPTQ checkpoint) as one-line :class:`LoadError`\ s, and the compute dtype below and
+above compute capability 8.0. It must not load anything (:mod:`model_server.loading` does).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class LoadError(Exception):
+    """A one-line, user-facing load failure."""
+
+
+def quant_method_name(value: Any) -> str:
+    """``quant_method`` as a plain lower-case name.
+
+    config.json holds a string, but ``model.config.quantization_config.to_dict()`` holds transformers'
+    ``QuantizationMethod`` enum, whose ``str()`` is ``"QuantizationMethod.GPTQ"``.
+    """
+    return str(getattr(value, "value", value) or "").lower()
+
+
+def default_compute_dtype(capability: tuple[int, int] | None) -> str:
+    """Compute dtype for NF4 / LoRA compute: ``float16`` below compute capability 8.0 (T4, V100:
+    bf16 is only emulated there, which made the paper's QLoRA 7x dearer than LoRA), ``bfloat16``
+    from 8.0 (Ampere and newer) and on CPU (``capability`` None)."""
+    if capability is not None and tuple(capability) < (8, 0):
+        return "float16"
+    return "bfloat16"
+
+
+def _bnb_compute_dtype(device_type: str):
+    import torch
+
+    if device_type == "cuda":
+        # not torch.cuda.is_bf16_supported(): it says True on a T4, where bf16 is emulated
+        return getattr(torch, default_compute_dtype(torch.cuda.get_device_capability()))
+    return torch.bfloat16
+
+
+def quantization_kwargs(quantization: str, device_type: str, config: dict[str, Any] | None) -> dict[str, Any]:
+    import torch
+
+    existing = (config or {}).get("quantization_config") or {}
+    method = quant_method_name(existing.get("quant_method", ""))
+    if method == "gptq" and quantization in ("none", "gptq"):
+        from model_server.gptq import prepare_gptq
+
+        prepare_gptq()
+    if quantization == "none":
+        return {"dtype": "auto"}
+    if quantization == "fp16":
+        return {"dtype": torch.float16}
+    if quantization == "bf16":
+        return {"dtype": torch.bfloat16}
+    if quantization in ("nf4", "int8"):
+        if method:
+            raise LoadError(f"the checkpoint is already quantized ({method}); serve it with --quantization none")
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as exc:
+            raise LoadError(f"--quantization {quantization} needs bitsandbytes ({exc})") from None
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "nf4":
+            compute = _bnb_compute_dtype(device_type)
+            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True)
+            return {"quantization_config": qc, "dtype": compute}
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True),
+                "dtype": torch.float16 if device_type == "cuda" else torch.bfloat16}
+    if quantization == "int4":
+        if method:
+            raise LoadError(f"the checkpoint is already quantized ({method}); serve it with --quantization none")
+        from model_server.int4 import choose_compute
+
+        cap = torch.cuda.get_device_capability() if device_type == "cuda" else None
+        return {"dtype": choose_compute(device_type, cap).dtype}
+    if quantization == "gptq":
+        if method != "gptq":
+            raise LoadError("--quantization gptq needs a pre-quantized GPTQ checkpoint "
+                            "(config.json quantization_config.quant_method == 'gptq')")
+        return {"dtype": torch.float16 if device_type == "cuda" else torch.float32}
+    raise LoadError(f"unknown quantization {quantization!r}")
