@@ -39,7 +39,7 @@ def capture_decode(runner: "ModelRunner") -> None:
         with torch.cuda.stream(stream):
             for b in runner.batch_buckets:          # eager warm-up of every shape (library handles,
                 for length in runner.length_buckets:  # algorithm choices) before any capture
-                    runner.decode_forward(b, length)
+                    runner.decode_and_pick(b, length)
         torch.cuda.current_stream(runner.device).wait_stream(stream)
         torch.cuda.synchronize(runner.device)
         pool = torch.cuda.graph_pool_handle()
@@ -47,7 +47,7 @@ def capture_decode(runner: "ModelRunner") -> None:
             for length in reversed(runner.length_buckets):
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
-                    out = runner.decode_forward(b, length)
+                    out = runner.decode_and_pick(b, length)
                 runner.graphs[(b, length)] = (g, out)
         torch.cuda.synchronize(runner.device)
     except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly

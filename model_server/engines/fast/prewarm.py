@@ -148,8 +148,8 @@ def prewarm(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch
             torch.stack([tok.to(torch.float64), lp.to(torch.float64)]).cpu().tolist()
         runner.in_ids[:1] = tok
         runner.in_pos[:1] = PROMPT_LENGTHS[0]
-        logits = runner.decode(1, PROMPT_LENGTHS[0] + 1)
-        select_tokens(logits, slice(0, 1), sampling, slot, False, False)[0].cpu()
+        logits, picks = runner.decode_picks(1, PROMPT_LENGTHS[0] + 1)
+        picks.cpu()
         del runner, model, logits
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -33,6 +33,7 @@ from .mixed import MixedInputs
 from .prefill import prefill_forward, run_prefill
 from .rope_kv import available as rope_kv_available
 from .rope_kv import rope_kv_write
+from .sampling import greedy_pick, pack_picks
 from .support import check_supported
 
 
@@ -92,7 +93,7 @@ class ModelRunner:
         if use_cuda_graphs is None:
             use_cuda_graphs = self.device.type == "cuda"
         self.use_graphs = bool(use_cuda_graphs) and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.graph_error: str | None = None
         self.capture_seconds = 0.0
         self.fuse_requested = (self.device.type == "cuda") if fuse is None else bool(fuse)
@@ -228,21 +229,34 @@ class ModelRunner:
         x = self._layers(h, attend)
         return self.lm_head(x[:, 0, :])
 
-    def decode(self, b_needed: int, len_needed: int) -> torch.Tensor:
+    def decode_and_pick(self, b: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode_forward` plus each row's greedy token and logprob, packed ``[b, 2]`` float64, with
+        the tokens written into ``in_ids`` (what a CUDA graph records: an all-greedy step then launches
+        nothing after the replay but the copy down; a sampling step overwrites ``in_ids`` afterwards)."""
+        logits = self.decode_forward(b, length)
+        tok, lp = greedy_pick(logits.float())
+        self.in_ids[:b].copy_(tok)
+        return logits, pack_picks(tok, lp)
+
+    def decode_picks(self, b_needed: int, len_needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one decode step over rows ``0..b_needed-1`` whose positions are all ``< len_needed``.
 
-        Returns logits ``[b, V]`` with ``b >= b_needed`` (the bucket); rows past ``b_needed`` are padding.
-        """
+        Returns logits ``[b, V]`` and the greedy picks ``[b, 2]`` (:meth:`decode_and_pick`) with ``b >=
+        b_needed`` (the bucket); rows past ``b_needed`` are padding."""
         b = pick_bucket(self.batch_buckets, b_needed)
         length = pick_bucket(self.length_buckets, len_needed)
         entry = self.graphs.get((b, length))
         if entry is not None:
             entry[0].replay()
             return entry[1]
-        out = self.decode_forward(b, length)
+        out = self.decode_and_pick(b, length)
         if self.lazy_graphs and self.use_graphs:
-            capture_lazily(self, "decode", (b, length), lambda: self.decode_forward(b, length))
+            capture_lazily(self, "decode", (b, length), lambda: self.decode_and_pick(b, length))
         return out
+
+    def decode(self, b_needed: int, len_needed: int) -> torch.Tensor:
+        """The logits ``[b, V]`` of :meth:`decode_picks` (``b`` the batch bucket)."""
+        return self.decode_picks(b_needed, len_needed)[0]
 
     # ------------------------------------------------------------------ prefill (.prefill)
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:

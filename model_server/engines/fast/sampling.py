@@ -71,6 +71,17 @@ def pack_rows(params: list, seeds: list[int], ints: torch.Tensor, floats: torch.
     floats[1, :n] = torch.tensor([float(p.top_p) for p in params], dtype=torch.float32)
 
 
+def greedy_pick(lf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The argmax token of each row of float32 logits ``lf [b, V]`` and its log-probability (log softmax)."""
+    tok = lf.argmax(dim=-1)
+    return tok, lf.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(lf, dim=-1)
+
+
+def pack_picks(tok: torch.Tensor, logprob: torch.Tensor) -> torch.Tensor:
+    """``[b, 2]`` float64 rows of (token, logprob): what a step copies to the host in one transfer."""
+    return torch.stack([tok.to(torch.float64), logprob.to(torch.float64)], dim=1)
+
+
 def select_tokens(logits: torch.Tensor, rows: torch.Tensor | slice, params: SlotSampling,
                   counter: torch.Tensor, any_sampling: bool, any_filter: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,31 +94,32 @@ def select_tokens(logits: torch.Tensor, rows: torch.Tensor | slice, params: Slot
     (log softmax of the raw logits), as TGI reports it.
     """
     lf = logits.float()
+    if not any_sampling:
+        return greedy_pick(lf)
     lse = torch.logsumexp(lf, dim=-1)
     tok = lf.argmax(dim=-1)
-    if any_sampling:
-        temp = params.temperature[rows].clamp_min(1e-5)
-        scaled = lf / temp[:, None]
-        u = seeded_uniform(params.seed[rows], counter).to(torch.float32)
-        vocab = lf.shape[-1]
-        if any_filter:
-            s_logits, s_idx = scaled.sort(dim=-1, descending=True)
-            k = params.top_k[rows]
-            k = torch.where(k > 0, k, torch.full_like(k, vocab))
-            ar = torch.arange(vocab, device=lf.device)
-            s_logits = s_logits.masked_fill(ar[None, :] >= k[:, None], float("-inf"))
-            probs = torch.softmax(s_logits, dim=-1)
-            before = probs.cumsum(dim=-1) - probs          # mass strictly before each token
-            keep = before < params.top_p[rows][:, None]
-            keep[:, 0] = True
-            probs = probs.masked_fill(~keep, 0.0)
-            cdf = probs.cumsum(dim=-1)
-            j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).clamp_(max=vocab - 1)
-            sampled = s_idx.gather(1, j).squeeze(1)
-        else:
-            cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
-            j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).clamp_(max=vocab - 1)
-            sampled = j.squeeze(1)
-        tok = torch.where(params.do_sample[rows], sampled, tok)
+    temp = params.temperature[rows].clamp_min(1e-5)
+    scaled = lf / temp[:, None]
+    u = seeded_uniform(params.seed[rows], counter).to(torch.float32)
+    vocab = lf.shape[-1]
+    if any_filter:
+        s_logits, s_idx = scaled.sort(dim=-1, descending=True)
+        k = params.top_k[rows]
+        k = torch.where(k > 0, k, torch.full_like(k, vocab))
+        ar = torch.arange(vocab, device=lf.device)
+        s_logits = s_logits.masked_fill(ar[None, :] >= k[:, None], float("-inf"))
+        probs = torch.softmax(s_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs          # mass strictly before each token
+        keep = before < params.top_p[rows][:, None]
+        keep[:, 0] = True
+        probs = probs.masked_fill(~keep, 0.0)
+        cdf = probs.cumsum(dim=-1)
+        j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).clamp_(max=vocab - 1)
+        sampled = s_idx.gather(1, j).squeeze(1)
+    else:
+        cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+        j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).clamp_(max=vocab - 1)
+        sampled = j.squeeze(1)
+    tok = torch.where(params.do_sample[rows], sampled, tok)
     logprob = lf.gather(1, tok[:, None]).squeeze(1) - lse
     return tok, logprob

@@ -22,7 +22,7 @@ import torch
 
 from .mixed import run_mixed
 from .runner import ModelRunner
-from .sampling import SlotSampling, pack_rows, select_tokens
+from .sampling import SlotSampling, pack_picks, pack_rows, select_tokens
 from .scheduler import Row, Seq
 
 
@@ -148,16 +148,20 @@ class StepExecutor:
         r.in_pos[:b_needed].copy_(stage[:b_needed], non_blocking=True)
         if b_needed < r.max_batch:
             r.in_pos[b_needed:].fill_(r.max_len - 1)
+        first = picks = None
         if chunk:
             logits, first, n_seg = self._launch_mixed(k, chunk, b_needed, len_needed)
             b = logits.shape[0] - n_seg
         else:
-            logits, first = r.decode(b_needed, len_needed), None
+            logits, picks = r.decode_picks(b_needed, len_needed)
             b = logits.shape[0]
-        counter = r.in_pos[:b] - self._plen_dev[:b] + 1
-        tok, lp = select_tokens(logits[:b], slice(0, b), self.sampling, counter, any_sampling, any_filter)
-        r.in_ids[:b].copy_(tok)
-        down = torch.stack([tok.to(torch.float64), lp.to(torch.float64)], dim=1)
+        if picks is not None and not any_sampling:
+            down = picks                       # greedy: picked (and written to in_ids) by the step itself
+        else:
+            counter = r.in_pos[:b] - self._plen_dev[:b] + 1
+            tok, lp = select_tokens(logits[:b], slice(0, b), self.sampling, counter, any_sampling, any_filter)
+            r.in_ids[:b].copy_(tok)
+            down = pack_picks(tok, lp)
         if first is not None:
             down = torch.cat([down, self._first_of_chunk(k, chunk, logits[b:], first)])
         out = self._out_stage[k]
@@ -213,7 +217,7 @@ class StepExecutor:
         tok, lp = select_tokens(seg_logits[ints[2]], slot_idx, self.sampling, torch.zeros_like(slot_idx),
                                 any_s, any_f)
         self.runner.in_ids[slot_idx] = tok
-        return torch.stack([tok.to(torch.float64), lp.to(torch.float64)], dim=1)
+        return pack_picks(tok, lp)
 
     def collect(self, step: InFlight) -> list[list[float]]:
         """Wait for a launched step (the one device-to-host sync per step): ``[token, logprob]`` by slot, then
