@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator, Literal, NamedTuple
 
 FinishReason = Literal["length", "eos_token", "stop_sequence", "cancelled", "error"]
 
@@ -46,8 +46,10 @@ class GenerationRequest:
     arrival_ns: int = 0              # time.monotonic_ns() when the HTTP layer received it
 
 
-@dataclass(frozen=True)
-class TokenEvent:
+class TokenEvent(NamedTuple):
+    """One event of a request's stream (immutable; a named tuple, as cheap to make as the engines make them:
+    one per generated token)."""
+
     token_id: int | None             # None only on a final event that carries no token
     logprob: float | None = None
     finish_reason: FinishReason | None = None   # set on the last event only

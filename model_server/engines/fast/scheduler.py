@@ -249,17 +249,19 @@ class Scheduler:
     def emit(self, seq: Seq, token: int, logprob: float, out: Out) -> None:
         """Record one generated token for ``seq``; finish it on EOS / length."""
         seq.generated += 1
-        reason: FinishReason | None = None
-        if token in self.eos_ids and not seq.req.params.ignore_eos:
-            reason = "eos_token"
-        elif seq.generated >= seq.max_new:
-            reason = "length"
+        reason = self._reason(seq, token)
         if seq.done:          # cancel requested meanwhile: drop the token, apply_cancels frees it
             return
-        out.setdefault(seq.loop, []).append((seq.queue, [TokenEvent(token, logprob, finish_reason=reason)]))
+        out.setdefault(seq.loop, []).append((seq.queue, [TokenEvent(token, logprob, reason)]))
         if reason is not None:
             seq.done = True
             self.finish(seq, reason)
+
+    def _reason(self, seq: Seq, token: int) -> FinishReason | None:
+        """Why ``seq`` ends with ``token`` (its ``generated`` already counts it), or None."""
+        if token in self.eos_ids and not seq.req.params.ignore_eos:
+            return "eos_token"
+        return "length" if seq.generated >= seq.max_new else None
 
     def decode_rows(self) -> list[Row]:
         """The rows of the next decode step: every live sequence that still needs a token, each
@@ -274,11 +276,25 @@ class Scheduler:
         return rows
 
     def decoded(self, rows: list[Row], host: list[list[float]], out: Out) -> int:
-        """Emit a collected step's tokens (``host[slot] = [token, logprob]``); returns how many."""
+        """Emit a collected step's tokens (``host[slot] = [token, logprob]``); returns how many.
+
+        :meth:`emit` for every live row, with the per-token work kept to the minimum (this runs for every
+        token the engine makes): consecutive rows of one event loop share its list."""
         n = 0
+        loop = items = None
         for seq, slot, _pos in rows:
             if seq.slot != slot or seq.done:    # finished, cancelled or slot reused meanwhile
                 continue
             n += 1
-            self.emit(seq, int(host[slot][0]), host[slot][1], out)
+            tok, lp = host[slot]
+            token = int(tok)
+            seq.generated += 1
+            reason = self._reason(seq, token)
+            if seq.loop is not loop:
+                loop = seq.loop
+                items = out.setdefault(loop, [])
+            items.append((seq.queue, [TokenEvent(token, lp, reason)]))
+            if reason is not None:
+                seq.done = True
+                self.finish(seq, reason)
         return n

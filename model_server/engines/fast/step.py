@@ -56,6 +56,7 @@ class StepExecutor:
         self.sampling = SlotSampling.allocate(max_batch, self.device)
         pin = self.device.type == "cuda"
         self._pos_stage = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._pos_np = [t.numpy() for t in self._pos_stage]
         mx = runner.mixed
         self._out_stage = [torch.zeros(max_batch + mx.max_segments, 2, dtype=torch.float64, pin_memory=pin)
                            for _ in range(2)]
@@ -135,16 +136,17 @@ class StepExecutor:
         """
         if not rows and not chunk:
             return None
-        b_needed = max((slot for _, slot, _ in rows), default=0) + 1
-        len_needed = max((pos for _, _, pos in rows), default=0) + 1
+        slots = [slot for _, slot, _ in rows]
+        poss = [pos for _, _, pos in rows]
+        b_needed = max(slots, default=0) + 1
+        len_needed = max(poss, default=0) + 1
         k = self._step_parity
         self._step_parity ^= 1
         r = self.runner
         stage = self._pos_stage[k]
-        pos_host = [r.max_len - 1] * b_needed
-        for _, slot, pos in rows:
-            pos_host[slot] = pos
-        stage[:b_needed] = torch.tensor(pos_host, dtype=torch.int64)    # one host op, not one per row
+        host = self._pos_np[k]                 # the pinned buffer's numpy view: two host ops, not one per row
+        host[:b_needed] = r.max_len - 1
+        host[slots] = poss
         r.in_pos[:b_needed].copy_(stage[:b_needed], non_blocking=True)
         if b_needed < r.max_batch:
             r.in_pos[b_needed:].fill_(r.max_len - 1)
