@@ -1,0 +1,46 @@
+"""``benchmarks/mixed_step.py`` and ``benchmarks/host_step.py`` on CPU (tiny model): each writes its report
+with the date and commit, and the numbers it exists for are there and consistent."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str]) -> str:
+    proc = subprocess.run([sys.executable, *args], check=True, timeout=600, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc.stdout
+
+
+def test_mixed_step_smoke(tmp_path, tiny_model_dir):
+    out = tmp_path / "ms"
+    _run([str(ROOT / "benchmarks" / "mixed_step.py"), "--device", "cpu", "--model-dir", tiny_model_dir,
+          "--batch", "4", "--reps", "2", "--long", "2", "--short", "4", "--every", "2", "--commit", "abc1234",
+          "--out", str(out)])
+    r = json.loads((out / "mixed_step.json").read_text())
+    assert r["commit"] == "abc1234" and r["card"] == "cpu" and r["date"]
+    # the agreement run really put prompts into decode steps, and the pass run never did
+    assert r["engine_mixed"]["prefills_in_decode_steps"] >= 1 and r["engine_pass"]["prefills_in_decode_steps"] == 0
+    assert r["engine_pass"]["prefill_passes"] > r["engine_mixed"]["prefill_passes"]
+    same, total = map(int, r["agreement_mixed_vs_pass"]["requests_identical"].split("/"))
+    assert total == 6 and 0 <= same <= total
+    assert set(r["steps"]["graph_vs_eager_max_abs"]) == {"1", "2", "4"}
+
+
+def test_host_step_smoke(tmp_path):
+    out = tmp_path / "hs.json"
+    text = _run([str(ROOT / "benchmarks" / "host_step.py"), "--streams", "8", "--new-tokens", "16", "--seconds", "0.5",
+                 "--reps", "2", "--commit", "abc1234", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["commit"] == "abc1234" and r["streams"] == 8 and len(r["reps"]) == 2
+    for rep in r["reps"]:
+        # a decode step makes at most one token per stream; each request's first token comes from its prefill
+        # (1 of every 16), so at most 8 x 16/15 tokens per step
+        assert rep["steps"] > 0 and rep["steps"] <= rep["tokens"] <= 8 * rep["steps"] * 16 / 15 + 64
+        assert abs(rep["us_per_step"] - rep["seconds"] / rep["steps"] * 1e6) <= 0.01 * rep["us_per_step"] + 1
+    assert text.count("steps/s") == 2
