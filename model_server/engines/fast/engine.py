@@ -160,7 +160,7 @@ class FastEngine(Engine):
             delivery.send(s, [TokenEvent(None, finish_reason="cancelled")])
 
     def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = delivery.EventQueue()
         seq, error = self._queue(request, asyncio.get_running_loop(), queue)
         if error is not None:
             queue.put_nowait(TokenEvent(None, finish_reason="error", error=error))

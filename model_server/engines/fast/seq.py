@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from ..base import GenerationRequest, TokenEvent
 
 # events to deliver after a step: event loop -> [(consumer queue, events)]
-Out = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, list[TokenEvent]]]]
+Out = dict[asyncio.AbstractEventLoop, list[tuple[Any, list[TokenEvent]]]]   # (queue or a sink's tag, events)
 # a decode step's row: (sequence, its slot, the position its input token's K/V is written at)
 Row = tuple["Seq", int, int]
 
@@ -23,7 +24,7 @@ class Seq:
 
     req: GenerationRequest
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    queue: Any                       # delivery.EventQueue, or the tag of engine_hub's sink
     arrival_ns: int
     max_new: int
     slot: int = -1
