@@ -29,6 +29,8 @@
 #                                            and _MIN_SEGMENTS; HTTPW_CONC, WORKERS) (~2 min each, plus ~1.5 min)
 #   bash benchmarks/gpu_calls.sh ropekv     # issue 17: decode's rotary + K/V cache writes as one Triton kernel: decode
 #                                            profile off/on (DP_QUANTS bf16,int4), then bf16 steady state at SS_CONC 1,64 (~6 min)
+#   bash benchmarks/gpu_calls.sh gemv       # issue 17: a Triton GEMV vs cuBLAS per decode projection at 1-8 rows
+#                                            (gemv_probe.py; GEMV_ROWS, GEMV_SHAPES; not yet run) (~5 min)
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
@@ -47,9 +49,9 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|cold|ctax" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|cold|ctax" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
-if [ "$1" != kernels ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
+if [ "$1" != kernels ] && [ "$1" != gemv ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
@@ -136,6 +138,10 @@ case "${1:-}" in
         --api-workers "${WORKERS:-2}" --agree-prompts 0 --window-s "${WINDOW_S:-10}" \
         > "$out/overlap_$ov.log" 2>&1; echo "steady_state (overlap $ov) rc $?"; stop_servers; tail -4 "$out/overlap_$ov.log"
     done; unset MODEL_SERVER_FAST_OVERLAP_PREFILL ;;
+  gemv)    # a Triton GEMV vs cuBLAS on the decode projections at 1-8 rows (torch and Triton only)
+    timeout "${GEMV_SECONDS:-420}" python3 benchmarks/gemv_probe.py --commit "$EDGE_EVAL_COMMIT" --rows "${GEMV_ROWS:-1,2,4,8}" \
+      --shapes "${GEMV_SHAPES:-qkv,o,gate_up,down,lm_head}" --out "$out/gemv" > "$out/gemv_probe.log" 2>&1
+    echo "gemv_probe rc $?"; tail -22 "$out/gemv_probe.log" ;;
   ropekv)  # decode's rotary + K/V writes as one kernel: profile off/on (bf16, int4), then the steady state with it on
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 300 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \

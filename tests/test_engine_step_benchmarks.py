@@ -44,3 +44,14 @@ def test_host_step_smoke(tmp_path):
         assert rep["steps"] > 0 and rep["steps"] <= rep["tokens"] <= 8 * rep["steps"] * 16 / 15 + 64
         assert abs(rep["us_per_step"] - rep["seconds"] / rep["steps"] * 1e6) <= 0.01 * rep["us_per_step"] + 1
     assert text.count("steps/s") == 2
+
+
+def test_gemv_probe_smoke(tmp_path):
+    """The probe's kernel (Triton's interpreter) agrees with ``F.linear`` on every row count and config."""
+    out = tmp_path / "gp"
+    _run([str(ROOT / "benchmarks" / "gemv_probe.py"), "--smoke", "--rows", "1,3,8", "--commit", "abc1234",
+          "--out", str(out)])
+    r = json.loads((out / "gemv_probe.json").read_text())
+    assert r["commit"] == "abc1234" and len(r["cells"]) == 6
+    for c in r["cells"]:
+        assert c["configs_checked"] == 2 and c["max_rel_err"] is not None and c["max_rel_err"] < 1e-5
