@@ -27,6 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .graphs import capture_lazily
+from .kv_cache import pick_bucket
+
 if TYPE_CHECKING:
     from .runner import ModelRunner
 
@@ -76,10 +79,6 @@ class MixedInputs:
         self.buf = torch.zeros(max(self.layout.size, 1), dtype=torch.int64, device=device)
         self.ids, self.pos, self.slot, self.seg_slot, self.seg_last = self.layout.views(self.buf)
 
-    @property
-    def enabled(self) -> bool:
-        return self.max_segments > 0 and self.seg_tokens > 0
-
     def pack(self, host: torch.Tensor, parts: list[tuple[int, list[int], int]]) -> tuple[int, int]:
         """Write segments into the pinned host buffer ``host`` (``layout.size`` int64): ``parts`` is one
         ``(slot, tokens, start position)`` per segment, at most ``seg_tokens`` tokens each. Returns
@@ -117,10 +116,9 @@ def mixed_forward(r: "ModelRunner", mx: MixedInputs, b: int, length: int, s: int
     h = r.embed(torch.cat([r.in_ids[:b], mx.ids[:n_c]]))[:, None, :]   # [b + n_c, 1, hidden]
     cos = r.cos[pos][:, None, None, :]
     sin = r.sin[pos][:, None, None, :]
-    keys = r.key_idx[:length]
-    mask_d = (keys[None, :] <= pos[:b, None])[:, None, None, :]                    # [b, 1, 1, L]
-    mask_c = (keys[None, None, :] <= mx.pos[:n_c].view(s, t)[:, :, None])          # [s, t, L]
-    mask_c = mask_c[:, :, None, :].expand(s, t, g, length).reshape(s, 1, t * g, length)
+    mask_d = r.visible_mask(pos[:b], length)[:, None, None, :]                      # [b, 1, 1, L]
+    mask_c = r.visible_mask(mx.pos[:n_c], length).view(s, t, 1, length)             # [s, t, 1, L]
+    mask_c = mask_c.expand(s, t, g, length).reshape(s, 1, t * g, length)
     seg_slot = mx.seg_slot[:s]
 
     def attend(li: int, layer, x: torch.Tensor) -> torch.Tensor:
@@ -154,9 +152,6 @@ def run_mixed(r: "ModelRunner", b_needed: int, len_needed: int, s: int) -> torch
     """One mixed step over decode rows ``0..b_needed-1`` and ``s`` segments (a segment bucket), positions all
     ``< len_needed``: the graph of (batch bucket, length bucket, s) if captured, else eagerly (recording
     that graph for next time where graphs are on). Returns logits ``[b + s, V]``, ``b`` the batch bucket."""
-    from .graphs import capture_lazily
-    from .kv_cache import pick_bucket
-
     b = pick_bucket(r.batch_buckets, b_needed)
     length = pick_bucket(r.length_buckets, len_needed)
     key = (b, length, s)

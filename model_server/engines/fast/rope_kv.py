@@ -16,6 +16,7 @@ falls back to the separate ops otherwise. ``TRITON_INTERPRET=1`` runs it on CPU 
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -27,8 +28,6 @@ _kernel: Any = None
 
 def available(head_dim: int) -> bool:
     """Triton importable, a CUDA device or ``TRITON_INTERPRET=1``, and a power-of-two head size."""
-    import os
-
     global triton, tl
     if head_dim < 2 or head_dim & (head_dim - 1):
         return False

@@ -189,16 +189,19 @@ class ModelRunner:
             self.bucketed_prefill = False       # no graphs: padding would only add work
 
     # ------------------------------------------------------------------ decode
+    def visible_mask(self, pos: torch.Tensor, length: int) -> torch.Tensor:
+        """``[n, length]`` additive attention mask (0 / -inf in the model's dtype) of keys at or before each
+        query's position ``pos [n]``: made once per step (given a bool mask, attention converts it in every
+        layer, two more kernels per layer)."""
+        return torch.where(self.key_idx[:length][None, :] <= pos[:, None], self._mask_open, self._mask_shut)
+
     def decode_forward(self, b: int, length: int) -> torch.Tensor:
         """Logits ``[b, V]`` for one new token per row ``0..b-1`` (ids ``in_ids``, positions ``in_pos``)."""
         ids = self.in_ids[:b]
         pos = self.in_pos[:b]
         rows = self.rows[:b]
         h = self.embed(ids)[:, None, :]                                   # [b, 1, hidden]
-        # additive mask (0 / -inf in the model's dtype), made once per step: given a bool mask, attention
-        # converts it to this in every layer (two more kernels per layer)
-        mask = torch.where(self.key_idx[:length][None, :] <= pos[:, None], self._mask_open,
-                           self._mask_shut)[:, None, None, :]                  # [b,1,1,L]
+        mask = self.visible_mask(pos, length)[:, None, None, :]             # [b,1,1,L]
         kv, g, d = self.n_kv, self.group, self.head_dim
         one_kernel = (self.rope_kv and (self.ops.fused or self._rope_kv_forced)
                       and rope_kv_available(self.head_dim))

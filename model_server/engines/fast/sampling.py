@@ -71,6 +71,16 @@ def pack_rows(params: list, seeds: list[int], ints: torch.Tensor, floats: torch.
     floats[1, :n] = torch.tensor([float(p.top_p) for p in params], dtype=torch.float32)
 
 
+def needs_filter(p) -> bool:
+    """Whether sampling parameters ``p`` (``SamplingParams``) ask for top-k or top-p."""
+    return p.top_k > 0 or p.top_p < 1.0
+
+
+def sampling_flags(params: list) -> tuple[bool, bool]:
+    """``(any_sampling, any_filter)`` of :func:`select_tokens` for the rows with these ``SamplingParams``."""
+    return any(p.do_sample for p in params), any(p.do_sample and needs_filter(p) for p in params)
+
+
 def greedy_pick(lf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The argmax token of each row of float32 logits ``lf [b, V]`` and its log-probability (log softmax)."""
     tok = lf.argmax(dim=-1)

@@ -23,16 +23,13 @@ from collections import deque
 from ..base import FinishReason, RequestTiming, TokenEvent
 from .kv_cache import StaticKVCache
 from .mixed import segments_needed
+from .sampling import needs_filter
 from .seq import Out, Row, Seq
 
 __all__ = ["Out", "Row", "Scheduler", "Seq"]
 
 MAX_UNREAD_TIMINGS = 10000      # timings nobody collects are dropped oldest first beyond this
 MIXED_MAX_WAIT_NS = 10_000_000  # longest an arrival waits for fuller prompt segments (10 ms)
-
-
-def _filters(p) -> bool:
-    return p.top_k > 0 or p.top_p < 1.0
 
 
 class Scheduler:
@@ -136,7 +133,7 @@ class Scheduler:
             self.cache.give_back(seq.slot)
             if seq.req.params.do_sample:
                 self.n_sampling -= 1
-                if _filters(seq.req.params):
+                if needs_filter(seq.req.params):
                     self.n_filter -= 1
             seq.slot = -1
             self.running -= 1
@@ -223,7 +220,7 @@ class Scheduler:
             p = seq.req.params
             if p.do_sample:
                 self.n_sampling += 1
-                if _filters(p):
+                if needs_filter(p):
                     self.n_filter += 1
         self.running += len(batch)
         for seq in batch:

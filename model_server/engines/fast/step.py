@@ -22,7 +22,7 @@ import torch
 
 from .mixed import run_mixed
 from .runner import ModelRunner
-from .sampling import SlotSampling, pack_picks, pack_rows, select_tokens
+from .sampling import SlotSampling, pack_picks, pack_rows, sampling_flags, select_tokens
 from .scheduler import Row, Seq
 
 
@@ -87,22 +87,9 @@ class StepExecutor:
         do not wait for it. The first tokens land in ``in_ids`` on the device (the next decode step reads
         them there) and in a pinned buffer that :meth:`prefill_collect` reads; ``t0_ns``: admission time."""
         n = len(batch)
-        params = [s.req.params for s in batch]
-        si = self._rows_stage_i[:5 * n].view(5, n)              # contiguous: one plain copy each
-        sf = self._rows_stage_f[:2 * n].view(2, n)
-        si[0, :n] = torch.tensor([s.slot for s in batch], dtype=torch.int64)
-        si[1, :n] = torch.tensor([s.prompt_len for s in batch], dtype=torch.int64)
-        pack_rows(params, [p.seed if p.seed is not None else random.getrandbits(62) for p in params], si[2:], sf)
-        ints = si.to(self.device, non_blocking=True)            # pinned: no wait for the step in flight
-        floats = sf.to(self.device, non_blocking=True)
-        slot_idx = ints[0]
-        self.sampling.set_rows(slot_idx, ints[2:], floats)
-        self._plen_dev[slot_idx] = ints[1]
+        ints = self._admit_rows(batch, self._rows_stage_i[:5 * n].view(5, n), self._rows_stage_f[:2 * n].view(2, n))
         logits = self.runner.prefill([s.slot for s in batch], [list(s.req.prompt_ids) for s in batch])
-        any_s = any(p.do_sample for p in params)
-        any_f = any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params)
-        tok, lp = select_tokens(logits, slot_idx, self.sampling, torch.zeros_like(slot_idx), any_s, any_f)
-        self.runner.in_ids[slot_idx] = tok
+        tok, lp = self._pick_first(batch, logits, ints[0])
         first = self._first_stage[:2 * n].view(2, n)        # contiguous: an asynchronous copy down
         first.copy_(torch.stack([tok.to(torch.float64), lp.to(torch.float64)]), non_blocking=True)
         event = None
@@ -165,7 +152,7 @@ class StepExecutor:
             r.in_ids[:b].copy_(tok)
             down = pack_picks(tok, lp)
         if first is not None:
-            down = torch.cat([down, self._first_of_chunk(k, chunk, logits[b:], first)])
+            down = torch.cat([down, pack_picks(*self._pick_first(chunk, logits[b:][first[2]], first[0]))])
         out = self._out_stage[k]
         out[:down.shape[0]].copy_(down, non_blocking=True)
         event = None
@@ -194,32 +181,37 @@ class StepExecutor:
         st = self._chunk_stage[k]
         s, need = mx.pack(st[:size], parts)
         per = st[size:size + 6 * n].view(6, n)
-        sf = self._chunk_stage_f[k][:2 * n].view(2, n)
-        per[0] = torch.tensor([q.slot for q in chunk], dtype=torch.int64)
-        per[1] = torch.tensor([q.prompt_len for q in chunk], dtype=torch.int64)
         per[2] = torch.tensor(final, dtype=torch.int64)
-        params = [q.req.params for q in chunk]
-        pack_rows(params, [p.seed if p.seed is not None else random.getrandbits(62) for p in params], per[3:], sf)
         mx.buf[:size].copy_(st[:size], non_blocking=True)
-        ints = per.to(self.device, non_blocking=True)
-        floats = sf.to(self.device, non_blocking=True)
-        self.sampling.set_rows(ints[0], ints[3:], floats)
-        self._plen_dev[ints[0]] = ints[1]
+        ints = self._admit_rows(chunk, per, self._chunk_stage_f[k][:2 * n].view(2, n))
         self.prefill_tokens += sum(q.prompt_len for q in chunk)
         self.mixed_prefills += n
         return run_mixed(r, b_needed, max(len_needed, need), s), ints, s
 
-    def _first_of_chunk(self, k: int, chunk: list[Seq], seg_logits: torch.Tensor, ints: torch.Tensor
-                        ) -> torch.Tensor:
-        """Pick each chunk request's first token from its final segment's logits; into ``in_ids``."""
-        params = [q.req.params for q in chunk]
-        any_s = any(p.do_sample for p in params)
-        any_f = any(p.do_sample and (p.top_k > 0 or p.top_p < 1.0) for p in params)
-        slot_idx = ints[0]
-        tok, lp = select_tokens(seg_logits[ints[2]], slot_idx, self.sampling, torch.zeros_like(slot_idx),
-                                any_s, any_f)
+    def _admit_rows(self, batch: list[Seq], si: torch.Tensor, sf: torch.Tensor) -> torch.Tensor:
+        """Write each admitted sequence's slot (row 0), prompt length (row 1) and sampling parameters (the
+        last three rows) into the pinned int64 ``si [>= 5, n]`` (rows between are the caller's) and float32
+        ``sf [2, n]``, send both up without waiting, and set those slots' sampling parameters and prompt
+        lengths on the device. Returns ``si`` on the device. A buffer is reused only after the step that
+        read it was waited on."""
+        params = [q.req.params for q in batch]
+        si[0] = torch.tensor([q.slot for q in batch], dtype=torch.int64)
+        si[1] = torch.tensor([q.prompt_len for q in batch], dtype=torch.int64)
+        pack_rows(params, [p.seed if p.seed is not None else random.getrandbits(62) for p in params], si[-3:], sf)
+        ints = si.to(self.device, non_blocking=True)
+        floats = sf.to(self.device, non_blocking=True)
+        self.sampling.set_rows(ints[0], ints[-3:], floats)
+        self._plen_dev[ints[0]] = ints[1]
+        return ints
+
+    def _pick_first(self, batch: list[Seq], logits: torch.Tensor, slot_idx: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each admitted sequence's first token and logprob from its prompt's last logits (row i: ``batch[i]``,
+        in slot ``slot_idx[i]``), written into ``in_ids`` for the next decode step."""
+        any_s, any_f = sampling_flags([q.req.params for q in batch])
+        tok, lp = select_tokens(logits, slot_idx, self.sampling, torch.zeros_like(slot_idx), any_s, any_f)
         self.runner.in_ids[slot_idx] = tok
-        return pack_picks(tok, lp)
+        return tok, lp
 
     def collect(self, step: InFlight) -> list[list[float]]:
         """Wait for a launched step (the one device-to-host sync per step): ``[token, logprob]`` by slot, then
