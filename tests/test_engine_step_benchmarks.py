@@ -55,3 +55,19 @@ def test_gemv_probe_smoke(tmp_path):
     assert r["commit"] == "abc1234" and len(r["cells"]) == 6
     for c in r["cells"]:
         assert c["configs_checked"] == 2 and c["max_rel_err"] is not None and c["max_rel_err"] < 1e-5
+
+
+def test_host_step_simulated_device(tmp_path):
+    """``--device-ms``: every step waits on a simulated in-order device, so it bounds the steps a second, and
+    the reported busy share is the device time queued over the wall time."""
+    out = tmp_path / "hs.json"
+    text = _run([str(ROOT / "benchmarks" / "host_step.py"), "--streams", "8", "--new-tokens", "16", "--seconds", "0.6",
+                 "--reps", "1", "--device-ms", "5", "--prefill-ms", "2", "--switch-interval-ms", "0.5",
+                 "--commit", "abc1234", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["device_ms"] == 5 and r["switch_interval_s"] == 0.0005
+    rep = r["reps"][0]
+    assert 0.3 < rep["device_busy"] <= 1.0
+    # the device's decode steps alone fill at most the wall time: 5 ms each
+    assert rep["steps"] * 0.005 <= rep["seconds"] * 1.0 + 0.01
+    assert "device busy" in text
