@@ -31,6 +31,11 @@
 #                                            profile off/on (DP_QUANTS bf16,int4), then bf16 steady state at SS_CONC 1,64 (~6 min)
 #   bash benchmarks/gpu_calls.sh gemv       # issue 17: a Triton GEMV vs cuBLAS per decode projection at 1-8 rows
 #                                            (gemv_probe.py; GEMV_ROWS, GEMV_SHAPES; not yet run) (~5 min)
+#   bash benchmarks/gpu_calls.sh trace      # issue 17: where a steady in-process run's device time goes (step_trace.py: device
+#                                            busy, idle gaps, kernels per step) for TRACE_QUANTS (bf16) at TRACE_STREAMS (64, 1) (~1.5 min each)
+#   bash benchmarks/gpu_calls.sh next       # issue 17, the first call of the next session (~8 min): decode profile (bf16, rope-kv
+#                                            on: ITL at 1 after the greedy pick in the graph and the host changes), trace at 64,
+#                                            then the bf16 steady state in-process at 1 and 64
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
@@ -49,7 +54,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|cold|ctax" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|cold|ctax" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -142,6 +147,22 @@ case "${1:-}" in
     timeout "${GEMV_SECONDS:-420}" python3 benchmarks/gemv_probe.py --commit "$EDGE_EVAL_COMMIT" --rows "${GEMV_ROWS:-1,2,4,8}" \
       --shapes "${GEMV_SHAPES:-qkv,o,gate_up,down,lm_head}" --out "$out/gemv" > "$out/gemv_probe.log" 2>&1
     echo "gemv_probe rc $?"; tail -22 "$out/gemv_probe.log" ;;
+  trace|next)   # step_trace.py: the device's busy time, gaps and kernels per step under steady in-process load
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    if [ "$1" = next ]; then
+      timeout 200 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \
+        --quants bf16 --variants rope-kv-on > "$out/decode_profile.log" 2>&1; echo "decode_profile rc $?"; tail -4 "$out/decode_profile.log"
+    fi
+    for q in ${TRACE_QUANTS:-bf16}; do for n in ${TRACE_STREAMS:-64 1}; do
+      [ "$1" = next ] && [ "$n" != 64 ] && continue
+      timeout 150 python3 benchmarks/step_trace.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --quant "$q" --streams "$n" \
+        --out "$out/trace_${q}_$n" > "$out/trace_${q}_$n.log" 2>&1; echo "step_trace $q x$n rc $?"; tail -2 "$out/trace_${q}_$n.log"
+    done; done
+    if [ "$1" = next ]; then
+      timeout 200 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss" \
+        --quants bf16 --concurrency 1,64 --http-concurrency '' --agree-prompts 0 > "$out/steady_state.log" 2>&1
+      echo "steady_state rc $?"; tail -5 "$out/steady_state.log"
+    fi ;;
   ropekv)  # decode's rotary + K/V writes as one kernel: profile off/on (bf16, int4), then the steady state with it on
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 300 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \

@@ -121,6 +121,7 @@ async def run(eng, streams: int, new_tokens: int, seconds: float, dev: SimDevice
             i += 1
 
     s0 = eng.stats().steps_total
+    p0 = eng.stats().prefill_calls_total
     busy0 = dev.busy_s if dev is not None else 0.0
     t0 = time.monotonic()
     cpu0 = time.process_time()
@@ -128,9 +129,10 @@ async def run(eng, streams: int, new_tokens: int, seconds: float, dev: SimDevice
     dt = time.monotonic() - t0
     cpu = time.process_time() - cpu0
     steps = eng.stats().steps_total - s0
+    passes = eng.stats().prefill_calls_total - p0
     extra = {"device_busy": round((dev.busy_s - busy0) / dt, 4)} if dev is not None else {}
     return {**extra, "seconds": round(dt, 2), "steps": steps, "tokens": tokens,
-            "steps_per_second": round(steps / dt, 1), "tokens_per_second": round(tokens / dt, 1),
+            "steps_per_second": round(steps / dt, 1), "prefill_passes_per_second": round(passes / dt, 1), "tokens_per_second": round(tokens / dt, 1),
             "us_per_step": round(dt / steps * 1e6, 1), "cpu_us_per_token": round(cpu / tokens * 1e6, 2)}
 
 

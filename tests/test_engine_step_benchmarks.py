@@ -71,3 +71,32 @@ def test_host_step_simulated_device(tmp_path):
     # the device's decode steps alone fill at most the wall time: 5 ms each
     assert rep["steps"] * 0.005 <= rep["seconds"] * 1.0 + 0.01
     assert "device busy" in text
+
+
+def test_step_trace_busy_and_gaps():
+    """The device's busy time is the union of its activities; gaps are bucketed and named by their neighbours."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_trace import busy_and_gaps
+
+    iv = [(0.0, 10.0, "a"), (2.0, 12.0, "b"), (15.0, 20.0, "c"), (18.0, 19.0, "d"), (150.0, 160.0, "e"),
+          (170.0, 171.0, "f")]
+    r = busy_and_gaps(iv, top=2)
+    assert r["span_ms"] == 0.171 and r["busy_ms"] == round((12 + 5 + 10 + 1) / 1e3, 3)
+    assert r["device_busy"] == round(28 / 171, 4)
+    counts = {g["from_us"]: (g["count"], g["total_ms"]) for g in r["gaps"]}
+    assert counts == {0: (1, 0.003), 5: (1, 0.01), 20: (0, 0.0), 100: (1, 0.13)}
+    assert r["top_gaps"][0] == {"us": 130.0, "after": "c", "before": "e"}
+    assert r["top_gaps"][1]["after"] == "e" and len(r["top_gaps"]) == 2
+    assert busy_and_gaps([], 3)["device_busy"] is None
+
+
+def test_step_trace_smoke(tmp_path):
+    """On CPU the trace reports the engine's steps over the traced window (no device activities)."""
+    out = tmp_path / "st"
+    text = _run([str(ROOT / "benchmarks" / "step_trace.py"), "--preset", "tiny", "--device", "cpu", "--streams", "4",
+                 "--new-tokens", "8", "--warm-s", "0.5", "--trace-s", "0.4", "--commit", "abc1234", "--out", str(out)])
+    r = json.loads((out / "step_trace.json").read_text())
+    assert r["commit"] == "abc1234" and r["card"] == "cpu" and r["errors"] == []
+    assert r["steps"] > 0 and 0 < r["decode_tokens_per_step"] <= 4
+    assert abs(r["wall_ms_per_step"] - r["wall_ms"] / r["steps"]) < 0.01
+    assert r["device"]["device_busy"] is None
