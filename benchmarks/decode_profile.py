@@ -80,7 +80,29 @@ async def itl_c1(eng, prompt: list[int], new_tokens: int) -> tuple[float, list[i
 
 # variant -> the fast engine's keyword arguments (merge-off first: merging rewires the model's weights)
 VARIANTS = {"merge-off": dict(merge_projections=False, rope_kv=False), "merge-on": dict(rope_kv=False),
-            "rope-kv-off": dict(rope_kv=False), "rope-kv-on": dict(rope_kv=None)}
+            "rope-kv-off": dict(rope_kv=False), "rope-kv-on": dict(rope_kv=None),
+            "attn-sdpa": dict(rope_kv=None, decode_attn=False), "attn-triton": dict(rope_kv=None, decode_attn=True)}
+
+
+def attn_check(r, b: int, length: int) -> dict:
+    """Max |error| against SDPA in fp32 on random q/K/V of the runner's shapes (``b`` rows), of the kernel and,
+    for scale, of SDPA itself in the model's dtype (what the engine ran before)."""
+    import torch.nn.functional as F
+
+    from model_server.engines.fast.decode_attn import decode_attention
+
+    g = torch.Generator(device=r.device).manual_seed(0)
+    shape = (b, r.n_kv, length, r.head_dim)
+    q = torch.randn(b, r.n_kv, r.group, r.head_dim, generator=g, device=r.device).to(r.dtype)
+    kc = torch.randn(shape, generator=g, device=r.device).to(r.dtype)
+    vc = torch.randn(shape, generator=g, device=r.device).to(r.dtype)
+    pos = torch.randint(0, length, (b,), generator=g, device=r.device)
+    mask = torch.where(torch.arange(length, device=r.device)[None, :] <= pos[:, None], 0.0, float("-inf"))
+    ref = F.scaled_dot_product_attention(q.float(), kc.float(), vc.float(), attn_mask=mask[:, None, None, :],
+                                         scale=r.scaling)
+    own = decode_attention(q, kc, vc, pos, length, r.scaling).float()
+    sdpa = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask.to(r.dtype)[:, None, None, :], scale=r.scaling)
+    return {"kernel": float((own - ref).abs().max()), "sdpa_in_model_dtype": float((sdpa.float() - ref).abs().max())}
 
 
 def measure(loaded, variant: str, args) -> dict:
@@ -92,7 +114,7 @@ def measure(loaded, variant: str, args) -> dict:
     r = eng.runner
     length = next(b for b in r.length_buckets if b >= args.prompt_len + args.new_tokens)
     res: dict = {"variant": variant, "merge_projections": kw.get("merge_projections", True),
-                 "rope_kv": bool(r.rope_kv), "length_bucket": length}
+                 "rope_kv": bool(r.rope_kv), "decode_attn": bool(r.decode_attn), "length_bucket": length}
 
     async def main():
         t = time.monotonic()
@@ -108,6 +130,8 @@ def measure(loaded, variant: str, args) -> dict:
                 res[f"graph_profile_b{b}"] = await asyncio.to_thread(kernel_profile, lambda b=b: r.decode(b, length))
                 res[f"eager_profile_b{b}"] = await asyncio.to_thread(
                     kernel_profile, lambda b=b: r.decode_forward(b, length))
+                if r.decode_attn:
+                    res[f"attn_max_abs_err_vs_fp32_b{b}"] = await asyncio.to_thread(attn_check, r, b, length)
                 g, k = res[f"graph_ms_b{b}"], res[f"graph_profile_b{b}"]["kernel_ms_per_step"]
                 if g is not None:
                     res[f"gap_ms_b{b}"] = round(g - k, 4)

@@ -33,9 +33,10 @@
 #                                            (gemv_probe.py; GEMV_ROWS, GEMV_SHAPES; not yet run) (~5 min)
 #   bash benchmarks/gpu_calls.sh trace      # issue 17: where a steady in-process run's device time goes (step_trace.py: device
 #                                            busy, idle gaps, kernels per step) for TRACE_QUANTS (bf16) at TRACE_STREAMS (64, 1) (~1.5 min each)
-#   bash benchmarks/gpu_calls.sh next       # issue 17, the first call of the next session (~8 min): decode profile (bf16, rope-kv
-#                                            on: ITL at 1 after the greedy pick in the graph and the host changes), trace at 64,
-#                                            then the bf16 steady state in-process at 1 and 64
+#   bash benchmarks/gpu_calls.sh next       # issue 17, the first call of the next session (~7 min): decode profile (bf16, SDPA vs
+#                                            the Triton decode attention: ITL at 1 with the greedy pick in the graph and the host
+#                                            changes, kernels, errors), trace at 64, then the bf16 steady state in-process at 1 and
+#                                            64 with MODEL_SERVER_FAST_DECODE_ATTN=0 and =1
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
@@ -151,7 +152,8 @@ case "${1:-}" in
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     if [ "$1" = next ]; then
       timeout 200 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \
-        --quants bf16 --variants rope-kv-on > "$out/decode_profile.log" 2>&1; echo "decode_profile rc $?"; tail -4 "$out/decode_profile.log"
+        --quants bf16 --variants attn-sdpa,attn-triton > "$out/decode_profile.log" 2>&1; echo "decode_profile rc $?"
+      tail -4 "$out/decode_profile.log"
     fi
     for q in ${TRACE_QUANTS:-bf16}; do for n in ${TRACE_STREAMS:-64 1}; do
       [ "$1" = next ] && [ "$n" != 64 ] && continue
@@ -159,9 +161,11 @@ case "${1:-}" in
         --out "$out/trace_${q}_$n" > "$out/trace_${q}_$n.log" 2>&1; echo "step_trace $q x$n rc $?"; tail -2 "$out/trace_${q}_$n.log"
     done; done
     if [ "$1" = next ]; then
-      timeout 200 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss" \
-        --quants bf16 --concurrency 1,64 --http-concurrency '' --agree-prompts 0 > "$out/steady_state.log" 2>&1
-      echo "steady_state rc $?"; tail -5 "$out/steady_state.log"
+      for a in 0 1; do
+        MODEL_SERVER_FAST_DECODE_ATTN=$a timeout 150 python3 benchmarks/steady_state.py --model-dir /tmp/m1b \
+          --commit "$EDGE_EVAL_COMMIT" --out "$out/ss_attn$a" --quants bf16 --concurrency 1,64 --http-concurrency '' \
+          --agree-prompts 0 > "$out/ss_attn$a.log" 2>&1; echo "steady_state (decode attn $a) rc $?"; tail -4 "$out/ss_attn$a.log"
+      done
     fi ;;
   ropekv)  # decode's rotary + K/V writes as one kernel: profile off/on (bf16, int4), then the steady state with it on
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet

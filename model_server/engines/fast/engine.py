@@ -1,10 +1,7 @@
 """``FastEngine``: continuous batching over a fixed-slot KV cache, decode via CUDA graphs.
 
-Construction (``model-server serve --engine fast`` calls :mod:`.factory`'s
-``from_loaded(loaded, max_batch, max_total_tokens)``, which wraps this)::
-
-    FastEngine(model, eos_token_ids, max_batch=64, max_seq_len=2048, device=None, dtype=None,
-               use_cuda_graphs=None, max_prefill_tokens=8192)
+Construction: ``FastEngine(model, eos_token_ids, max_batch=64, max_seq_len=2048, ...)``; ``model-server serve
+--engine fast`` calls :mod:`.factory`'s ``from_loaded(loaded, max_batch, max_total_tokens)``, which wraps it.
 
 * ``model``: a loaded ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` (any dtype; bitsandbytes 4-bit
   linears work), already on its device. Other architectures raise :class:`UnsupportedModel` from the
@@ -38,7 +35,8 @@ Construction (``model-server serve --engine fast`` calls :mod:`.factory`'s
   segments of ``mixed_tokens`` tokens (:mod:`.mixed`; ``MODEL_SERVER_FAST_MIXED_SEGMENTS`` / ``_TOKENS``);
   ``mixed_min_segments`` (``_MIN_SEGMENTS``): wait (at most 10 ms) until arrivals fill that many.
 * ``rope_kv``: decode's rotary and K/V cache write as one Triton kernel (:mod:`.rope_kv`; default: with the
-  fused ops on a CUDA bf16/fp16 model; ``MODEL_SERVER_FAST_ROPE_KV=0`` through ``from_loaded``: off).
+  fused ops on a CUDA bf16/fp16 model; ``MODEL_SERVER_FAST_ROPE_KV=0`` through ``from_loaded``: off);
+  ``decode_attn=True``: decode attention as one Triton kernel (:mod:`.decode_attn`; ``..._DECODE_ATTN=1``).
 * ``overlap_prefill``: default on: a prefill's first tokens are read after decode step k+1 (which already
   holds the prefilled rows) is launched, so the device never idles while the host handles a prefill
   (``MODEL_SERVER_FAST_OVERLAP_PREFILL=0`` through ``from_loaded``: read them first, the old order).
@@ -85,7 +83,8 @@ class FastEngine(Engine):
                  bucketed_prefill: bool | None = None, lazy_graphs: bool = False,
                  merge_projections: bool = True, background_warmup: bool = False,
                  overlap_prefill: bool = True, mixed_segments: int = 0, mixed_tokens: int = 64,
-                 mixed_min_segments: int = 1, rope_kv: bool | None = None) -> None:
+                 mixed_min_segments: int = 1, rope_kv: bool | None = None,
+                 decode_attn: bool | None = None) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
@@ -115,7 +114,8 @@ class FastEngine(Engine):
         self.runner = ModelRunner(model, self.max_batch, self.max_seq_len, use_cuda_graphs,
                                   batch_buckets, length_buckets, fuse, prefill_graph_tokens,
                                   bucketed_prefill, lazy_graphs and not background_warmup, merge_projections,
-                                  max(0, int(mixed_segments)), max(1, int(mixed_tokens)), rope_kv)
+                                  max(0, int(mixed_segments)), max(1, int(mixed_tokens)), rope_kv,
+                                  decode_attn)
         # background: no compile and no capture before the worker is done (.warmup switches both on)
         self._warm = BackgroundWarmup(self.runner) if background_warmup else None
         self.on_warm: Callable[[], None] | None = None

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .decode_attn import available as decode_attn_available
+from .decode_attn import decode_attention
 from .fused import Ops
 from .graphs import capture_decode, capture_lazily, capture_prefill
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
@@ -45,7 +47,7 @@ class ModelRunner:
                  length_buckets: list[int] | None = None, fuse: bool | None = None,
                  prefill_graph_tokens: int | None = None, bucketed_prefill: bool | None = None,
                  lazy_graphs: bool = False, merge_projections: bool = True, mixed_segments: int = 0,
-                 mixed_tokens: int = 64, rope_kv: bool | None = None) -> None:
+                 mixed_tokens: int = 64, rope_kv: bool | None = None, decode_attn: bool | None = None) -> None:
         check_supported(model)
         # lazy: capture no graph at start; a bucket's first use runs eagerly (its real result is
         # served) and records its graph for the next use (cold start: the first token needs no capture)
@@ -135,6 +137,9 @@ class ModelRunner:
                         and (rope_kv is True or (self.device.type == "cuda"
                                                  and self.dtype in (torch.bfloat16, torch.float16))))
         self._rope_kv_forced = rope_kv is True
+        # decode attention as one Triton kernel (.decode_attn) instead of SDPA with a mask: opt-in (True) until
+        # measured on a GPU; None and False = SDPA
+        self.decode_attn = decode_attn is True
 
     @staticmethod
     def _eps(norm: torch.nn.Module) -> float:
@@ -201,7 +206,8 @@ class ModelRunner:
         pos = self.in_pos[:b]
         rows = self.rows[:b]
         h = self.embed(ids)[:, None, :]                                   # [b, 1, hidden]
-        mask = self.visible_mask(pos, length)[:, None, None, :]             # [b,1,1,L]
+        own_attn = self.decode_attn and decode_attn_available(self.head_dim)
+        mask = None if own_attn else self.visible_mask(pos, length)[:, None, None, :]   # [b,1,1,L]
         kv, g, d = self.n_kv, self.group, self.head_dim
         one_kernel = (self.rope_kv and (self.ops.fused or self._rope_kv_forced)
                       and rope_kv_available(self.head_dim))
@@ -225,8 +231,11 @@ class ModelRunner:
                 q, k = self.ops.rope(q, k, cos, sin)
                 kc[rows, :, pos] = k[:, :, 0]
                 vc[rows, :, pos] = v[:, :, 0]
-            o = F.scaled_dot_product_attention(q, kc[:b, :, :length], vc[:b, :, :length],
-                                               attn_mask=mask, scale=self.scaling)   # [b, kv, g, d]
+            if own_attn:
+                o = decode_attention(q, kc, vc, pos, length, self.scaling)
+            else:
+                o = F.scaled_dot_product_attention(q, kc[:b, :, :length], vc[:b, :, :length],
+                                                   attn_mask=mask, scale=self.scaling)   # [b, kv, g, d]
             return attn.o_proj(o.reshape(b, 1, self.n_heads * d))
 
         x = self._layers(h, attend)

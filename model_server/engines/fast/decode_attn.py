@@ -1,0 +1,107 @@
+"""Decode attention as one Triton kernel: each row's query heads over its own slot's cached keys 0..pos.
+
+A decode step's attention went through ``F.scaled_dot_product_attention`` with an additive mask; on an H200
+that is cuDNN's flash forward kernel, built for long query blocks: with one query per row (four per kv
+head under GQA) it took 7.1 us per layer at batch 1 and 24 us at batch 64 (length 192), where the K/V
+it reads would take ~5 us at the card's bandwidth (docs/benchmarks.md, "Rotary and K/V writes as one
+kernel": 114 of a step's 1,057 kernel-us at batch 1, 388 of 1,469 at 64). Here one program per (row, kv
+head) loads that head's query group once, streams the row's keys and values up to its position in blocks
+(online softmax, fp32 accumulators, the scores' products on tensor cores), and writes the group's outputs;
+no mask tensor is made, and keys past a row's position are never read.
+
+It is not bit-identical to SDPA (both accumulate in fp32, in different orders); tests compare it with SDPA
+within tolerances and check that greedy output still equals ``model.generate``. Owns the kernel and its
+launch; the runner decides when to use it (``decode_attn``). ``TRITON_INTERPRET=1`` runs it on CPU (tests).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import rope_kv as _triton_gate
+
+triton: Any = None                   # set by available(): imported at first use (cold start, CPU installs)
+tl: Any = None
+_kernel: Any = None
+BLOCK_N = 64                         # keys per iteration
+
+
+def available(head_dim: int) -> bool:
+    """Triton importable, a CUDA device or ``TRITON_INTERPRET=1``, and a power-of-two head size >= 16."""
+    global triton, tl
+    ok = head_dim >= 16 and _triton_gate.available(head_dim)
+    triton, tl = _triton_gate.triton, _triton_gate.tl
+    return ok
+
+
+def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, scale, length,
+                        sq_b, sq_h, sq_g, sk_b, sk_h, sk_l, so_b, so_h, so_g,
+                        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                        IEEE: tl.constexpr, INTERP_LEN: tl.constexpr):
+    """Program (row, kv head): softmax(q k^T * scale) v over keys 0..min(pos[row], length - 1) of slot ``row``,
+    for the ``G`` query heads of the group (padded to ``G_PAD`` rows for the tensor-core products). ``IEEE``:
+    the products in fp32 (fp32 models, and the interpreter); else q k^T on the model's dtype and p rounded to it
+    for p v, as flash attention does; the softmax and the sums are fp32 either way."""
+    row = tl.program_id(0).to(tl.int64)          # int64 offsets: a long cache's slot stride x rows passes 2**31
+    h = tl.program_id(1).to(tl.int64)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D)
+    gmask = g < G
+    q = tl.load(q_ptr + row * sq_b + h * sq_h + g[:, None] * sq_g + d[None, :], mask=gmask[:, None], other=0.0)
+    n_keys = tl.minimum(tl.load(pos_ptr + row) + 1, length)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    kbase = k_ptr + row * sk_b + h * sk_h
+    vbase = v_ptr + row * sk_b + h * sk_h
+    # The loop stops at the row's own last key. Triton's CPU interpreter cannot take a loop bound that is a
+    # tensor, so there it runs to ``INTERP_LEN`` (= length); the blocks past ``n_keys`` are fully masked and
+    # change nothing (alpha = 1, p = 0): the same result.
+    for start in range(0, n_keys if INTERP_LEN == 0 else INTERP_LEN, BLOCK):
+        n = start + tl.arange(0, BLOCK)
+        nmask = n < n_keys
+        k = tl.load(kbase + n[:, None] * sk_l + d[None, :], mask=nmask[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(nmask[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vbase + n[:, None] * sk_l + d[None, :], mask=nmask[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + row * so_b + h * so_h + g[:, None] * so_g + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=gmask[:, None])
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     length: int, scale: float) -> torch.Tensor:
+    """``q [b, KV, G, D]`` (last dim contiguous), caches ``[slots, KV, max_len, D]`` (row i reads slot i),
+    ``pos [b]`` int64: row i attends keys ``0..pos[i]`` that are also ``< length``. Returns ``[b, KV, G, D]``
+    in q's dtype (what SDPA with the causal-by-position mask gives, up to rounding)."""
+    global _kernel
+    if _kernel is None:
+        _kernel = triton.jit(_decode_attn_kernel)
+    b, kv, g, d = q.shape
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("decode_attention needs contiguous heads and same-layout K/V caches")
+    out = torch.empty(b, kv, g, d, dtype=q.dtype, device=q.device)
+    g_pad = max(16, 1 << (g - 1).bit_length())
+    interp = os.environ.get("TRITON_INTERPRET") == "1"      # (its bf16 products are not reliable: fp32 there)
+    _kernel[(b, kv)](
+        q, k_cache, v_cache, pos, out, float(scale), int(length),
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        G=g, G_PAD=g_pad, D=d, BLOCK=BLOCK_N, IEEE=q.dtype == torch.float32 or interp,
+        INTERP_LEN=int(length) if interp else 0)
+    return out

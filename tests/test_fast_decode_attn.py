@@ -1,0 +1,107 @@
+"""Decode attention as one Triton kernel (``engines/fast/decode_attn.py``), run by Triton's interpreter on CPU:
+it must give what SDPA with the engine's position mask gives (fp32 to rounding, bf16 to bf16's precision),
+including rows whose position is past the length bucket (padding rows) and buckets that are not a multiple
+of the kernel's key block, and a fast engine using it must still produce ``model.generate``'s greedy tokens."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_server.engines.base import GenerationRequest, SamplingParams
+from model_server.engines.fast import FastEngine
+from model_server.engines.fast.decode_attn import available, decode_attention
+from model_server.engines.fast.factory import from_loaded
+
+from tests.test_fast_engine import EOS, _collect, _prompts, _reference, _tiny
+
+pytestmark = pytest.mark.skipif(not available(16), reason="Triton is a declared dependency; CI installs it")
+
+
+def _sdpa(q, kc, vc, pos, length, scale):
+    b = q.shape[0]
+    key = torch.arange(length)
+    mask = torch.where(key[None, :] <= pos[:, None], 0.0, float("-inf"))[:, None, None, :]
+    return F.scaled_dot_product_attention(q.float(), kc[:b, :, :length].float(), vc[:b, :, :length].float(),
+                                          attn_mask=mask, scale=scale)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("b,kv,g,d,length", [(5, 2, 2, 16, 80), (3, 4, 4, 32, 40), (2, 1, 8, 16, 150)])
+def test_matches_sdpa(dtype, tol, b, kv, g, d, length):
+    gen = torch.Generator().manual_seed(7)
+    slots, max_len = b + 2, 160
+    q = torch.randn(b, kv, g, d, generator=gen).to(dtype)
+    kc = torch.randn(slots, kv, max_len, d, generator=gen).to(dtype)
+    vc = torch.randn(slots, kv, max_len, d, generator=gen).to(dtype)
+    pos = torch.randint(0, length, (b,), generator=gen)
+    pos[0] = 0                                   # one key only
+    pos[-1] = max_len - 1                        # a padding row: past the bucket, sees all `length` keys
+    out = decode_attention(q, kc, vc, pos, length, 0.125)
+    ref = _sdpa(q, kc, vc, pos, length, 0.125)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+def test_keys_past_the_position_are_not_seen():
+    """Changing a cached key or value after a row's position (or in another slot) changes nothing for it."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, 2, 16, generator=gen)
+    kc = torch.randn(3, 2, 64, 16, generator=gen)
+    vc = torch.randn(3, 2, 64, 16, generator=gen)
+    pos = torch.tensor([10, 30])
+    before = decode_attention(q, kc, vc, pos, 64, 0.25)
+    kc[0, :, 11:] = 1e4
+    vc[0, :, 11:] = -1e4
+    kc[2] = 1e4                                  # the scratch slot
+    after = decode_attention(q, kc, vc, pos, 64, 0.25)
+    assert torch.equal(before, after)
+    kc[0, :, 10] += 1.0                          # the row's own last key does matter
+    assert not torch.equal(decode_attention(q, kc, vc, pos, 64, 0.25)[0], before[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_engine_with_the_kernel_matches_generate(arch):
+    model = _tiny(arch, seed=0 if arch == "llama" else 1)
+    rng = random.Random(9)
+    prompts = _prompts(rng, 6, 1, 20)
+    refs = [_reference(model, p, 12) for p in prompts]
+
+    async def main():
+        eng = FastEngine(model, [EOS], device="cpu", max_batch=4, max_seq_len=64, length_buckets=[32, 64],
+                         decode_attn=True)
+        await eng.start()
+        try:
+            res = await asyncio.gather(*(_collect(eng, GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=12)),
+                                                  delay=0.002 * i) for i, p in enumerate(prompts)))
+            return [t for t, _ in res], eng.runner
+        finally:
+            await eng.stop()
+
+    toks, runner = asyncio.run(main())
+    assert runner.decode_attn and toks == refs
+    # the decode step's logits with the kernel and with SDPA, on the same cache
+    with torch.inference_mode():
+        runner.in_ids[:3] = torch.tensor([5, 9, 11])
+        runner.in_pos[:3] = torch.tensor([4, 0, 17])
+        one = runner.decode_forward(3, 32).clone()
+        runner.decode_attn = False
+        two = runner.decode_forward(3, 32)
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5)
+
+
+def test_switch_from_the_environment(monkeypatch):
+    class Loaded:
+        model = _tiny("llama")
+        eos_token_ids = [EOS]
+        context_length = 128
+
+    assert not from_loaded(Loaded(), max_batch=2, max_total_tokens=32).runner.decode_attn     # off by default
+    monkeypatch.setenv("MODEL_SERVER_FAST_DECODE_ATTN", "1")
+    assert from_loaded(Loaded(), max_batch=2, max_total_tokens=32).runner.decode_attn
+    monkeypatch.setenv("MODEL_SERVER_FAST_DECODE_ATTN", "yes")
+    with pytest.raises(ValueError, match="MODEL_SERVER_FAST_DECODE_ATTN must be 0 or 1"):
+        from_loaded(Loaded(), max_batch=2, max_total_tokens=32)
