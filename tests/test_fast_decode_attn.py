@@ -105,3 +105,43 @@ def test_switch_from_the_environment(monkeypatch):
     monkeypatch.setenv("MODEL_SERVER_FAST_DECODE_ATTN", "yes")
     with pytest.raises(ValueError, match="MODEL_SERVER_FAST_DECODE_ATTN must be 0 or 1"):
         from_loaded(Loaded(), max_batch=2, max_total_tokens=32)
+
+
+_COMPILE = r'''
+import os, sys
+sys.path.insert(0, os.getcwd())
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from model_server.engines.fast import decode_attn as da
+da.available(64)
+fn = triton.jit(da._decode_attn_kernel)
+names = ["q_ptr", "k_ptr", "v_ptr", "pos_ptr", "o_ptr", "scale", "length", "sq_b", "sq_h", "sq_g", "sk_b", "sk_h",
+         "sk_l", "so_b", "so_h", "so_g"]
+for cc, ty, g, d in ((90, "*bf16", 4, 64), (90, "*bf16", 6, 128), (80, "*fp16", 4, 64), (75, "*fp16", 3, 128)):
+    types = [ty, ty, ty, "*i64", ty, "fp32", "i32"] + ["i32"] * 9
+    const = dict(G=g, G_PAD=16, D=d, BLOCK=da.BLOCK_N, IEEE=False, INTERP_LEN=0)
+    sig = {**dict(zip(names, types)), **{k: "constexpr" for k in const}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in ("scale", "length")}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
+    assert k.asm["cubin"] and ("mma" in k.asm["ptx"]) == (cc >= 80), (cc, ty)
+    print("ok", cc, ty, d)
+'''
+
+
+def test_compiles_for_the_gpus_it_targets(tmp_path):
+    """The kernel as a real launch compiles it (not the interpreter), for an H100/H200 (sm_90, bf16), an A100
+    (sm_80) and a T4 (sm_75, fp16, the paper's card): ptxas accepts it; the products run on tensor cores from
+    sm_80 on (Triton lowers them to FMAs on sm_75)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", _COMPILE], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("ok ") == 4
