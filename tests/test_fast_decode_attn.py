@@ -145,3 +145,29 @@ def test_compiles_for_the_gpus_it_targets(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("ok ") == 4
+
+
+def test_self_check_turns_a_wrong_kernel_off(monkeypatch, caplog):
+    """Before its first use the runner checks the kernel against SDPA; one that disagrees (or raises) is turned
+    off with one warning, the step runs on SDPA, and the engine's stats say which attention runs."""
+    from model_server.engines.fast import decode_attn
+
+    assert decode_attn.self_check(torch.device("cpu"), torch.float32, 2, 2, 16, 0.25) is None
+    real = decode_attn.decode_attention
+    monkeypatch.setattr(decode_attn, "decode_attention", lambda *a: real(*a) * 1.5)
+    assert "differs from SDPA" in decode_attn.self_check(torch.device("cpu"), torch.float32, 2, 2, 16, 0.25)
+    monkeypatch.setattr(decode_attn, "decode_attention", lambda *a: 1 / 0)
+    assert decode_attn.self_check(torch.device("cpu"), torch.float32, 2, 2, 16, 0.25).startswith("ZeroDivisionError")
+
+    eng = FastEngine(_tiny("llama"), [EOS], device="cpu", max_batch=2, max_seq_len=32, decode_attn=True)
+    r = eng.runner
+    assert eng.stats().extra["decode_attn_kernel"] == 1.0
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        r.in_ids[:2] = torch.tensor([5, 9])
+        r.in_pos[:2] = torch.tensor([3, 0])
+        one = r.decode_forward(2, 32).clone()
+        r.decode_attn = False
+        two = r.decode_forward(2, 32)
+    assert torch.equal(one, two) and r.decode_attn_error.startswith("ZeroDivisionError")
+    assert eng.stats().extra["decode_attn_kernel"] == 0.0
+    assert sum("decode attention kernel off" in m for m in caplog.messages) == 1

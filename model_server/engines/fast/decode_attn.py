@@ -105,3 +105,27 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         G=g, G_PAD=g_pad, D=d, BLOCK=BLOCK_N, IEEE=q.dtype == torch.float32 or interp,
         INTERP_LEN=int(length) if interp else 0)
     return out
+
+
+def self_check(device: torch.device, dtype: torch.dtype, n_kv: int, group: int, head_dim: int,
+               scale: float) -> str | None:
+    """Run the kernel once on random inputs of a model's shapes against SDPA in fp32: None if it agrees within
+    the dtype's rounding, else why not (one line). The runner calls it before the first step that would use it."""
+    if not available(head_dim):
+        return f"needs Triton, a CUDA device (or TRITON_INTERPRET=1) and a power-of-two head size >= 16 ({head_dim})"
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        b, length = 3, 80
+        q = torch.randn(b, n_kv, group, head_dim, generator=gen, device=device).to(dtype)
+        kc = torch.randn(b, n_kv, length, head_dim, generator=gen, device=device).to(dtype)
+        vc = torch.randn(b, n_kv, length, head_dim, generator=gen, device=device).to(dtype)
+        pos = torch.tensor([0, 37, length - 1], device=device)
+        mask = torch.where(torch.arange(length, device=device)[None, :] <= pos[:, None], 0.0, float("-inf"))
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), kc.float(), vc.float(), attn_mask=mask[:, None, None, :], scale=scale)
+        err = float((decode_attention(q, kc, vc, pos, length, scale).float() - ref).abs().max())
+    except Exception as exc:  # noqa: BLE001 - any failure: the caller keeps SDPA
+        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    return None if err <= tol else f"differs from SDPA by {err:.3g} (tolerance {tol:g})"
+

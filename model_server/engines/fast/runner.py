@@ -22,11 +22,13 @@ not schedule requests or sample tokens (:mod:`.scheduler`, :mod:`.step`).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
-from .decode_attn import available as decode_attn_available
 from .decode_attn import decode_attention
+from .decode_attn import self_check as decode_attn_check
 from .fused import Ops
 from .graphs import capture_decode, capture_lazily, capture_prefill
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
@@ -37,6 +39,8 @@ from .rope_kv import available as rope_kv_available
 from .rope_kv import rope_kv_write
 from .sampling import greedy_pick, pack_picks
 from .support import check_supported
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -137,9 +141,10 @@ class ModelRunner:
                         and (rope_kv is True or (self.device.type == "cuda"
                                                  and self.dtype in (torch.bfloat16, torch.float16))))
         self._rope_kv_forced = rope_kv is True
-        # decode attention as one Triton kernel (.decode_attn) instead of SDPA with a mask: opt-in (True) until
-        # measured on a GPU; None and False = SDPA
+        # decode attention as one Triton kernel (.decode_attn), opt-in (True) until measured on a GPU; else SDPA
         self.decode_attn = decode_attn is True
+        self.decode_attn_error: str | None = None        # why it was turned off at its first use (self_check)
+        self._decode_attn_checked = False
 
     @staticmethod
     def _eps(norm: torch.nn.Module) -> float:
@@ -206,7 +211,7 @@ class ModelRunner:
         pos = self.in_pos[:b]
         rows = self.rows[:b]
         h = self.embed(ids)[:, None, :]                                   # [b, 1, hidden]
-        own_attn = self.decode_attn and decode_attn_available(self.head_dim)
+        own_attn = self.decode_attn and self._decode_attn_ok()
         mask = None if own_attn else self.visible_mask(pos, length)[:, None, None, :]   # [b,1,1,L]
         kv, g, d = self.n_kv, self.group, self.head_dim
         one_kernel = (self.rope_kv and (self.ops.fused or self._rope_kv_forced)
@@ -240,6 +245,20 @@ class ModelRunner:
 
         x = self._layers(h, attend)
         return self.lm_head(x[:, 0, :])
+
+    def _decode_attn_ok(self) -> bool:
+        """The decode attention kernel agrees with SDPA here (checked once, never while a graph is captured);
+        if not, it is turned off with a warning and ``decode_attn_error`` says why."""
+        if not self._decode_attn_checked:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return False
+            self._decode_attn_checked = True
+            self.decode_attn_error = decode_attn_check(self.device, self.dtype, self.n_kv, self.group,
+                                                       self.head_dim, self.scaling)
+            if self.decode_attn_error is not None:
+                self.decode_attn = False
+                log.warning("decode attention kernel off, using SDPA: %s", self.decode_attn_error)
+        return self.decode_attn
 
     def decode_and_pick(self, b: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`decode_forward` plus each row's greedy token and logprob, packed ``[b, 2]`` float64, with

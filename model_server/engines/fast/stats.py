@@ -36,6 +36,7 @@ def snapshot(eng: "FastEngine") -> EngineStats:
             "mixed_graphs_captured": float(len(r.mixed_graphs)),
             "fused_ops": float(r.ops.fused),
             "merged_projections": float(sum(m is not None for m in r.qkv + r.gate_up)),
+            "decode_attn_kernel": float(r.decode_attn),
             "graph_capture_seconds": r.capture_seconds,
             "warm": float(warm is None or warm.applied.is_set()),
             "background_warmup_seconds": warm.seconds if warm is not None else 0.0,
