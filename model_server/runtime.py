@@ -114,6 +114,9 @@ class Runtime:
             "transformers_imported": "transformers" in sys.modules,     # in this process, now
             # False while the fast engine's background warm-up runs (requests are served eagerly until then)
             "engine_warm": (bool(self.engine.stats().extra.get("warm", 1.0)) if self.engine is not None else None),
+            # the fast engine's decode attention: its Triton kernel (MODEL_SERVER_FAST_DECODE_ATTN=1, passed its check)
+            "decode_attn_kernel": (bool(self.engine.stats().extra.get("decode_attn_kernel", 0.0))
+                                   if self.engine is not None else None),
             "load_energy_joules": self.load_energy_joules,
             "switch_interval_seconds": sys.getswitchinterval(),   # configured (MODEL_SERVER_SWITCH_INTERVAL_S)
         }

@@ -171,3 +171,29 @@ def test_self_check_turns_a_wrong_kernel_off(monkeypatch, caplog):
     assert torch.equal(one, two) and r.decode_attn_error.startswith("ZeroDivisionError")
     assert eng.stats().extra["decode_attn_kernel"] == 0.0
     assert sum("decode attention kernel off" in m for m in caplog.messages) == 1
+
+
+def test_serve_with_the_kernel(tiny_model_dir, monkeypatch):
+    """``MODEL_SERVER_FAST_DECODE_ATTN=1`` reaches ``serve --engine fast``: ``/info`` says the kernel runs, and
+    greedy completions are the same as a server's without it."""
+    import json
+    import urllib.request
+
+    from tests.conftest import start_model_server
+
+    def complete(url: str, prompt: str) -> str:
+        body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 16, "temperature": 0}).encode()
+        req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.load(r)["choices"][0]["text"]
+
+    prompts = ["def main(", "the quick brown fox", "1, 2, 3,"]
+    with start_model_server(tiny_model_dir, "--engine", "fast", "--max-batch", "4") as plain:
+        want = [complete(plain.url, p) for p in prompts]
+    monkeypatch.setenv("MODEL_SERVER_FAST_DECODE_ATTN", "1")
+    with start_model_server(tiny_model_dir, "--engine", "fast", "--max-batch", "4") as srv:
+        got = [complete(srv.url, p) for p in prompts]
+        with urllib.request.urlopen(srv.url + "/info", timeout=10) as r:
+            info = json.load(r)
+    assert info["decode_attn_kernel"] is True and info["engine"] == "fast"
+    assert got == want and all(want)
