@@ -37,6 +37,8 @@
 #                                            the Triton decode attention: ITL at 1 with the greedy pick in the graph and the host
 #                                            changes, kernels, errors), trace at 64, then the bf16 steady state in-process at 1 and
 #                                            64 with MODEL_SERVER_FAST_DECODE_ATTN=0 and =1
+#   bash benchmarks/gpu_calls.sh attnlong   # issue 17: SDPA vs the Triton decode attention at a long context (1,024-token prompts,
+#                                            ATTN_PROMPT), batches 1, 8, 64: kernels, graph time, ITL at 1, errors (~3 min)
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
@@ -55,7 +57,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|cold|ctax" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|cold|ctax" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -167,6 +169,11 @@ case "${1:-}" in
           --agree-prompts 0 > "$out/ss_attn$a.log" 2>&1; echo "steady_state (decode attn $a) rc $?"; tail -4 "$out/ss_attn$a.log"
       done
     fi ;;
+  attnlong)   # SDPA vs the Triton decode attention with long prompts (the keys each row reads grow with the context)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout 300 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp_long" \
+      --quants bf16 --variants attn-sdpa,attn-triton --prompt-len "${ATTN_PROMPT:-1024}" --new-tokens 128 \
+      > "$out/decode_profile_long.log" 2>&1; echo "decode_profile (long) rc $?"; tail -4 "$out/decode_profile_long.log" ;;
   ropekv)  # decode's rotary + K/V writes as one kernel: profile off/on (bf16, int4), then the steady state with it on
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 300 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \
