@@ -46,6 +46,32 @@ def test_matches_sdpa(dtype, tol, b, kv, g, d, length):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("b,kv,g,length,splits", [(3, 2, 2, 300, 3), (2, 1, 4, 390, 5), (4, 2, 2, 256, 16)])
+def test_split_keys_match_sdpa(dtype, tol, b, kv, g, length, splits):
+    """The key range split over programs and combined by log-sum-exp (flash-decoding) gives SDPA's result too,
+    with rows whose keys end before most splits (position 0) and padding rows past the bucket."""
+    gen = torch.Generator().manual_seed(11)
+    max_len = 400
+    q = torch.randn(b, kv, g, 16, generator=gen).to(dtype)
+    kc = torch.randn(b + 1, kv, max_len, 16, generator=gen).to(dtype)
+    vc = torch.randn(b + 1, kv, max_len, 16, generator=gen).to(dtype)
+    pos = torch.randint(0, length, (b,), generator=gen)
+    pos[0], pos[-1] = 0, max_len - 1
+    out = decode_attention(q, kc, vc, pos, length, 0.125, splits=splits)
+    torch.testing.assert_close(out.float(), _sdpa(q, kc, vc, pos, length, 0.125), atol=tol, rtol=tol)
+
+
+def test_choose_splits():
+    from model_server.engines.fast.decode_attn import choose_splits
+
+    assert choose_splits(1, 8, 192, 132) == 1          # 3 key blocks: one pass
+    assert choose_splits(64, 8, 2048, 132) == 1        # 512 programs already fill 132 multiprocessors
+    assert choose_splits(1, 8, 1152, 132) == 9         # 18 blocks: 9 splits of 2 blocks, 72 programs
+    assert choose_splits(8, 8, 2048, 132) == 3         # 192 programs
+    assert choose_splits(1, 1, 100_000, 132) == 16     # at most 16
+
+
 def test_keys_past_the_position_are_not_seen():
     """Changing a cached key or value after a row's position (or in another slot) changes nothing for it."""
     gen = torch.Generator().manual_seed(1)
@@ -116,22 +142,30 @@ from triton.compiler import ASTSource
 from model_server.engines.fast import decode_attn as da
 da.available(64)
 fn = triton.jit(da._decode_attn_kernel)
-names = ["q_ptr", "k_ptr", "v_ptr", "pos_ptr", "o_ptr", "scale", "length", "sq_b", "sq_h", "sq_g", "sk_b", "sk_h",
-         "sk_l", "so_b", "so_h", "so_g"]
+comb = triton.jit(da._combine_kernel)
+names = ["q_ptr", "k_ptr", "v_ptr", "pos_ptr", "o_ptr", "lse_ptr", "scale", "length", "chunk", "sq_b", "sq_h", "sq_g",
+         "sk_b", "sk_h", "sk_l", "so_b", "so_h", "so_s", "so_g"]
+cnames = ["part_ptr", "lse_ptr", "o_ptr", "sp_b", "sp_h", "sp_s", "sp_g", "so_b", "so_h", "so_g"]
 for cc, ty, g, d in ((90, "*bf16", 4, 64), (90, "*bf16", 6, 128), (80, "*fp16", 4, 64), (75, "*fp16", 3, 128)):
-    types = [ty, ty, ty, "*i64", ty, "fp32", "i32"] + ["i32"] * 9
-    const = dict(G=g, G_PAD=16, D=d, BLOCK=da.BLOCK_N, IEEE=False, INTERP_LEN=0)
-    sig = {**dict(zip(names, types)), **{k: "constexpr" for k in const}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in ("scale", "length")}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
-                       target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
-    assert k.asm["cubin"] and ("mma" in k.asm["ptx"]) == (cc >= 80), (cc, ty)
+    for split in (False, True):
+        types = [ty, ty, ty, "*i64", "*fp32" if split else ty, "*fp32", "fp32", "i32", "i32"] + ["i32"] * 10
+        const = dict(G=g, G_PAD=16, D=d, BLOCK=da.BLOCK_N, IEEE=False, INTERP_LEN=0, SPLIT=split)
+        sig = {**dict(zip(names, types)), **{k: "constexpr" for k in const}}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in ("scale", "length", "chunk")}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                           target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
+        assert k.asm["cubin"] and ("mma" in k.asm["ptx"]) == (cc >= 80), (cc, ty)
+    const = dict(S=5, G=g, G_PAD=16, D=d)
+    sig = {**dict(zip(cnames, ["*fp32", "*fp32", ty] + ["i32"] * 7)), **{k: "constexpr" for k in const}}
+    k = triton.compile(ASTSource(fn=comb, signature=sig, constexprs=const), target=GPUTarget("cuda", cc, 32),
+                       options={"num_warps": 4})
+    assert k.asm["cubin"], (cc, ty)
     print("ok", cc, ty, d)
 '''
 
 
 def test_compiles_for_the_gpus_it_targets(tmp_path):
-    """The kernel as a real launch compiles it (not the interpreter), for an H100/H200 (sm_90, bf16), an A100
+    """The kernels (one pass, split, combine) as a real launch compiles them (not the interpreter), for an H100/H200 (sm_90, bf16), an A100
     (sm_80) and a T4 (sm_75, fp16, the paper's card): ptxas accepts it; the products run on tensor cores from
     sm_80 on (Triton lowers them to FMAs on sm_75)."""
     import os
@@ -154,9 +188,9 @@ def test_self_check_turns_a_wrong_kernel_off(monkeypatch, caplog):
 
     assert decode_attn.self_check(torch.device("cpu"), torch.float32, 2, 2, 16, 0.25) is None
     real = decode_attn.decode_attention
-    monkeypatch.setattr(decode_attn, "decode_attention", lambda *a: real(*a) * 1.5)
+    monkeypatch.setattr(decode_attn, "decode_attention", lambda *a, **k: real(*a, **k) * 1.5)
     assert "differs from SDPA" in decode_attn.self_check(torch.device("cpu"), torch.float32, 2, 2, 16, 0.25)
-    monkeypatch.setattr(decode_attn, "decode_attention", lambda *a: 1 / 0)
+    monkeypatch.setattr(decode_attn, "decode_attention", lambda *a, **k: 1 / 0)
     assert decode_attn.self_check(torch.device("cpu"), torch.float32, 2, 2, 16, 0.25).startswith("ZeroDivisionError")
 
     eng = FastEngine(_tiny("llama"), [EOS], device="cpu", max_batch=2, max_seq_len=32, decode_attn=True)
