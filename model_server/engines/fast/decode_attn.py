@@ -17,6 +17,7 @@ launch; the runner decides when to use it (``decode_attn``). ``TRITON_INTERPRET=
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -135,7 +136,9 @@ def choose_splits(rows: int, n_kv: int, length: int, n_sm: int) -> int:
     return max(1, min(16, blocks // 2, -(-n_sm // (rows * n_kv))))
 
 
+@functools.lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (an H100/H200's 132 elsewhere, so CPU tests split as the card would)."""
     if device.type != "cuda":
         return 132
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
