@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             first = next(r for r in report["rows"] if r["quant"] == q)
             if "greedy_tokens" in row and "greedy_tokens" in first:
                 row["greedy_same_as_first_variant"] = row["greedy_tokens"] == first["greedy_tokens"]
+                # tokens before the first difference (random weights have near-ties: a rounding change flips one)
+                row["greedy_common_prefix"] = next((i for i, (a, b) in enumerate(zip(row["greedy_tokens"],
+                                                    first["greedy_tokens"])) if a != b), len(row["greedy_tokens"]))
             (out / "decode_profile.json").write_text(json.dumps(report, indent=1))
             log(f"{q} {variant}: " + ", ".join(f"{k} {v}" for k, v in row.items() if not isinstance(v, (dict, list))))
         del loaded
