@@ -4,19 +4,16 @@ including rows whose position is past the length bucket (padding rows) and bucke
 of the kernel's key block, and a fast engine using it must still produce ``model.generate``'s greedy tokens."""
 from __future__ import annotations
 
-import asyncio
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model_server.engines.base import GenerationRequest, SamplingParams
 from model_server.engines.fast import FastEngine
 from model_server.engines.fast.decode_attn import available, decode_attention
 from model_server.engines.fast.factory import from_loaded
 
-from tests.test_fast_engine import EOS, _collect, _prompts, _reference, _tiny
+from tests.test_fast_engine import EOS, _decode_both, _greedy_vs_generate, _tiny
 
 pytestmark = pytest.mark.skipif(not available(16), reason="Triton is a declared dependency; CI installs it")
 
@@ -91,31 +88,9 @@ def test_keys_past_the_position_are_not_seen():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_engine_with_the_kernel_matches_generate(arch):
-    model = _tiny(arch, seed=0 if arch == "llama" else 1)
-    rng = random.Random(9)
-    prompts = _prompts(rng, 6, 1, 20)
-    refs = [_reference(model, p, 12) for p in prompts]
-
-    async def main():
-        eng = FastEngine(model, [EOS], device="cpu", max_batch=4, max_seq_len=64, length_buckets=[32, 64],
-                         decode_attn=True)
-        await eng.start()
-        try:
-            res = await asyncio.gather(*(_collect(eng, GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=12)),
-                                                  delay=0.002 * i) for i, p in enumerate(prompts)))
-            return [t for t, _ in res], eng.runner
-        finally:
-            await eng.stop()
-
-    toks, runner = asyncio.run(main())
+    toks, refs, runner = _greedy_vs_generate(arch, 9, decode_attn=True)
     assert runner.decode_attn and toks == refs
-    # the decode step's logits with the kernel and with SDPA, on the same cache
-    with torch.inference_mode():
-        runner.in_ids[:3] = torch.tensor([5, 9, 11])
-        runner.in_pos[:3] = torch.tensor([4, 0, 17])
-        one = runner.decode_forward(3, 32).clone()
-        runner.decode_attn = False
-        two = runner.decode_forward(3, 32)
+    one, _, two = _decode_both(runner, "decode_attn")       # the kernel, then SDPA, on the same cache
     torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-5)
 
 

@@ -76,6 +76,42 @@ def _prompts(rng: random.Random, n: int, lo: int, hi: int) -> list[list[int]]:
     return [[rng.randrange(4, 96) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
+def _staggered_greedy(model, prompts: list[list[int]], n: int = 12, **engine_kw):
+    """Greedy tokens of ``prompts`` through a 4-slot CPU engine (``engine_kw`` added), arriving 2 ms apart;
+    returns them and the engine's runner (stopped engine, cache kept)."""
+    async def main():
+        eng = FastEngine(model, [EOS], device="cpu", max_batch=4, max_seq_len=64, length_buckets=[32, 64], **engine_kw)
+        await eng.start()
+        try:
+            res = await asyncio.gather(*(_collect(eng, GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=n)),
+                                                  delay=0.002 * i) for i, p in enumerate(prompts)))
+            return [t for t, _ in res], eng.runner
+        finally:
+            await eng.stop()
+    return asyncio.run(main())
+
+
+def _greedy_vs_generate(arch: str, prompt_seed: int, **engine_kw):
+    """(the engine's greedy tokens, ``model.generate``'s, the runner) for 6 prompts of 1-20 tokens (seeded) on the
+    tiny ``arch`` model, through :func:`_staggered_greedy` with ``engine_kw``."""
+    model = _tiny(arch, seed=0 if arch == "llama" else 1)
+    prompts = _prompts(random.Random(prompt_seed), 6, 1, 20)
+    toks, runner = _staggered_greedy(model, prompts, **engine_kw)
+    return toks, [_reference(model, p, 12) for p in prompts], runner
+
+
+def _decode_both(runner, flag: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step's logits on three rows with ``runner.<flag>`` as it is, the K cache after it, then the
+    same step's logits with the flag off (the K cache after that is ``runner.cache.k``)."""
+    with torch.inference_mode():
+        runner.in_ids[:3] = torch.tensor([5, 9, 11])
+        runner.in_pos[:3] = torch.tensor([4, 0, 17])
+        one = runner.decode_forward(3, 32).clone()
+        k_one = runner.cache.k.clone()
+        setattr(runner, flag, False)
+        return one, k_one, runner.decode_forward(3, 32)
+
+
 def _engine(model, **kw):
     kw.setdefault("max_batch", 4)
     kw.setdefault("max_seq_len", 64)

@@ -4,18 +4,14 @@ after the writes), in fp32 and in bf16 (where the eager ops round after each mul
 and a fast engine using it must still produce ``model.generate``'s greedy tokens."""
 from __future__ import annotations
 
-import asyncio
-import random
 
 import pytest
 import torch
 
-from model_server.engines.base import GenerationRequest, SamplingParams
-from model_server.engines.fast import FastEngine
 from model_server.engines.fast.fused import rope
 from model_server.engines.fast.rope_kv import available, rope_kv_write
 
-from tests.test_fast_engine import EOS, _collect, _prompts, _reference, _tiny
+from tests.test_fast_engine import _decode_both, _greedy_vs_generate
 
 pytestmark = pytest.mark.skipif(not available(16), reason="Triton is a declared dependency; CI installs it")
 
@@ -48,30 +44,7 @@ def test_matches_the_separate_ops(dtype, heads, kv, d):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_engine_with_the_kernel_matches_generate(arch):
-    model = _tiny(arch, seed=0 if arch == "llama" else 1)
-    rng = random.Random(5)
-    prompts = _prompts(rng, 6, 1, 20)
-    refs = [_reference(model, p, 12) for p in prompts]
-
-    async def main(rope_kv: bool):
-        eng = FastEngine(model, [EOS], device="cpu", max_batch=4, max_seq_len=64, length_buckets=[32, 64],
-                         rope_kv=rope_kv)
-        await eng.start()
-        try:
-            res = await asyncio.gather(*(_collect(eng, GenerationRequest(f"r{i}", p, SamplingParams(max_new_tokens=12)),
-                                                  delay=0.002 * i) for i, p in enumerate(prompts)))
-            return [t for t, _ in res], eng.runner
-        finally:
-            await eng.stop()
-
-    toks, runner = asyncio.run(main(True))
+    toks, refs, runner = _greedy_vs_generate(arch, 5, rope_kv=True)
     assert runner.rope_kv and toks == refs
-    # the decode step itself: logits bit for bit with the kernel and without it
-    with torch.inference_mode():
-        runner.in_ids[:3] = torch.tensor([5, 9, 11])
-        runner.in_pos[:3] = torch.tensor([4, 0, 17])
-        one = runner.decode_forward(3, 32).clone()
-        cache_one = runner.cache.k.clone()
-        runner.rope_kv = False
-        two = runner.decode_forward(3, 32)
+    one, cache_one, two = _decode_both(runner, "rope_kv")   # the decode step bit for bit with and without it
     assert torch.equal(one, two) and torch.equal(cache_one, runner.cache.k)
