@@ -1,4 +1,4 @@
-"""Greedy agreement of INT4 and NF4 with bf16 on a model that has learned something (issue 17), on CPU.
+"""Greedy agreement of INT4 and NF4 with bf16 on a model that has learned something (issue 17), CPU or GPU.
 
 The GPU runs compare the formats on random weights, whose logits are nearly flat, so any 4-bit noise flips the
 argmax and the token-match rate says nothing about the formats (docs/benchmarks.md). Here a small Llama (the
@@ -85,14 +85,14 @@ def eval_items(facts: dict[str, tuple[str, int]], n: int, seed: int) -> tuple[li
     return items, held
 
 
-def train(model_dir: Path, tok, steps: int, seed: int, facts, held) -> dict:
-    """Train the model in ``model_dir`` (fp32) from scratch on generated sentences; save it back."""
+def train(model_dir: Path, tok, steps: int, seed: int, facts, held, device: str) -> dict:
+    """Train the model in ``model_dir`` (fp32, on ``device``) from scratch on generated sentences; save it back."""
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.AutoConfig.from_pretrained(model_dir)
     cfg.num_hidden_layers, cfg.intermediate_size, cfg.initializer_range = 4, 384, 0.02
-    model = transformers.LlamaForCausalLM(cfg).float().train()
+    model = transformers.LlamaForCausalLM(cfg).float().to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     rng = random.Random(seed)
     seq, batch = 96, 32
@@ -106,7 +106,7 @@ def train(model_dir: Path, tok, steps: int, seed: int, facts, held) -> dict:
             while len(ids) < seq + 1:
                 ids += tok.encode(sentence(rng, facts, held)).ids + [eos]
             rows.append(ids[:seq + 1])
-        x = torch.tensor(rows)
+        x = torch.tensor(rows, device=device)
         for g in opt.param_groups:       # warm-up, then cosine to a tenth
             g["lr"] = 3e-3 * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
@@ -117,8 +117,7 @@ def train(model_dir: Path, tok, steps: int, seed: int, facts, held) -> dict:
         losses.append(float(loss))
         if step % 50 == 0 or step == steps - 1:
             log(f"step {step}: loss {losses[-1]:.3f}")
-    model.eval()
-    model.save_pretrained(model_dir, safe_serialization=True)
+    model.eval().cpu().save_pretrained(model_dir, safe_serialization=True)
     return {"steps": steps, "first_loss": round(losses[0], 3), "last_loss": round(sum(losses[-10:]) / len(losses[-10:]), 3),
             "train_seconds": round(time.monotonic() - t0, 1), "tokens": steps * batch * seq,
             "parameters": sum(p.numel() for p in model.parameters())}
@@ -140,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--quants", default="bf16,int4,nf4", help="formats to compare (bf16 first: the reference)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model is trained and each format runs")
     ap.add_argument("--commit", default=default_commit())
     args = ap.parse_args(argv)
     quants = args.quants.split(",")
@@ -161,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     facts = world(args.seed)
     items, held = eval_items(facts, args.eval, args.seed)
-    report: dict = {"date": utc_date(), "commit": args.commit, "machine": "cpu",
-                    "train": train(model_dir, tok, args.steps, args.seed, facts, held), "formats": {}}
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    report: dict = {"date": utc_date(), "commit": args.commit, "machine": card, "seed": args.seed,
+                    "train": train(model_dir, tok, args.steps, args.seed, facts, held, args.device), "formats": {}}
     prompts = [tok.encode(p).ids for _, p, _ in items]
     outs: dict[str, list[list[int]]] = {}
     int4_model = None
     for q in quants:
-        loaded = load_model(str(model_dir), "cpu", q)
+        loaded = load_model(str(model_dir), args.device, q)
         eng = from_loaded(loaded, max_batch=16, max_total_tokens=64)
 
         async def run() -> list[list[int]]:
