@@ -39,6 +39,8 @@
 #                                            64 with MODEL_SERVER_FAST_DECODE_ATTN=0 and =1
 #   bash benchmarks/gpu_calls.sh attnlong   # issue 17: SDPA vs the Triton decode attention at a long context (1,024-token prompts,
 #                                            ATTN_PROMPT), batches 1, 8, 64: kernels, graph time, ITL at 1, errors (~3 min)
+#   bash benchmarks/gpu_calls.sh agree      # issue 17: INT4 and NF4 greedy agreement with bf16 on a small trained model, with the
+#                                            GPU kernels (quant_agreement.py --device cuda; seeds AGREE_SEEDS, default 0 1 2) (~2 min)
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
@@ -57,7 +59,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|cold|ctax" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|cold|ctax" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -169,6 +171,12 @@ case "${1:-}" in
           --agree-prompts 0 > "$out/ss_attn$a.log" 2>&1; echo "steady_state (decode attn $a) rc $?"; tail -4 "$out/ss_attn$a.log"
       done
     fi ;;
+  agree)   # quant_agreement.py on the GPU: the same trained model and prompts, the formats' GPU kernels
+    for sd in ${AGREE_SEEDS:-0 1 2}; do
+      timeout 200 python3 benchmarks/quant_agreement.py --device cuda --seed "$sd" --commit "$EDGE_EVAL_COMMIT" \
+        --out "out/qa_s$sd" > "$out/qa_s$sd.log" 2>&1; echo "quant_agreement seed $sd rc $?"; tail -7 "$out/qa_s$sd.log"
+      cp "out/qa_s$sd/quant_agreement.json" "$out/qa_s$sd.json" 2>/dev/null
+    done ;;
   attnlong)   # SDPA vs the Triton decode attention with long prompts (the keys each row reads grow with the context)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 300 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp_long" \
