@@ -6,9 +6,11 @@ argmax and the token-match rate says nothing about the formats (docs/benchmarks.
 facts about made-up entities (recall), counting (a rule) and sums (a harder rule). Then, for each ``--quants``
 format, the model is loaded as ``model-server serve`` loads it (``model_server.loading.load_model``: ``int4`` is
 our group-wise INT4 with PyTorch's int4pack kernels, ``nf4`` bitsandbytes), every held-out prompt is decoded
-greedily by the fast engine, and the report gives, against bf16 (and INT4 against NF4): the free-running token
-match, the mean common prefix, the teacher-forced match (the format's argmax on bf16's tokens), and each task's
-accuracy per format, whose ratio to bf16's is the paper's quality retention (Q_ret) on this model.
+greedily by the fast engine, and the report gives, against bf16 (and INT4 against NF4): the share of answers
+(the tokens a task scores) identical to bf16's, the free-running token match over all ``--new-tokens`` (which runs
+into the next, unrelated sentence, where even bf16 is unsure), the mean common prefix, the teacher-forced match
+(the format's argmax on bf16's tokens), and each task's accuracy per format, whose ratio to bf16's is the paper's
+quality retention (Q_ret) on this model.
 
 ``python benchmarks/quant_agreement.py --out DIR`` (about 5 minutes on 2 cores); ``--steps 20 --eval 12`` is a
 smoke run. Writes ``DIR/quant_agreement.json`` and a markdown table on stdout; the trained model stays in
@@ -131,6 +133,13 @@ def score(items, tok, outs: list[list[int]]) -> dict[str, float]:
     return {t: round(sum(v) / len(v), 4) for t, v in acc.items()}
 
 
+def answers_agree(items, tok, mine: list[list[int]], ref: list[list[int]]) -> float:
+    """The share of items whose first ``len(answer)`` tokens are the same in both continuations (the part a task
+    scores; what follows an answer is the start of an unrelated sentence, where even bf16 is unsure)."""
+    same = [m[:len(tok.encode(a).ids)] == r[:len(tok.encode(a).ids)] for (_, _, a), m, r in zip(items, mine, ref)]
+    return round(sum(same) / len(same), 4)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -181,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         entry = {"weight_bytes": loaded.weight_bytes, "accuracy": score(items, tok, outs[q])}
         if q != "bf16":                  # (the teacher-forced match: this format's argmax on the other's tokens)
             entry["vs_bf16"] = agreement(loaded.model, prompts, outs[q], outs["bf16"])
+            entry["vs_bf16"]["answers_identical"] = answers_agree(items, tok, outs[q], outs["bf16"])
             ref = report["formats"]["bf16"]["accuracy"]
             entry["quality_retention_vs_bf16"] = {t: round(a / ref[t], 4) if ref.get(t) else None
                                                   for t, a in entry["accuracy"].items()}
         if q == "nf4" and "int4" in outs:
             report["formats"]["int4"]["vs_nf4"] = agreement(int4_model, prompts, outs["int4"], outs["nf4"])
+            report["formats"]["int4"]["vs_nf4"]["answers_identical"] = answers_agree(items, tok, outs["int4"], outs["nf4"])
         int4_model = loaded.model if q == "int4" else None if q != "nf4" else int4_model
         report["formats"][q] = entry
         log(f"{q}: {json.dumps(entry)}")
@@ -193,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     tr = report["train"]
     print(f"model: {tr['parameters']:,} parameters, {tr['steps']} steps, loss {tr['first_loss']} -> {tr['last_loss']}; "
           f"{len(items)} held-out prompts, {args.new_tokens} greedy tokens each\n")
-    print("| format | weight bytes | facts | counting | sums | free-running match vs bf16 | common prefix | "
-          "teacher-forced match |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| format | weight bytes | facts | counting | sums | answers identical to bf16's | free-running match vs "
+          "bf16 | common prefix | teacher-forced match |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for q, e in report["formats"].items():
         a, v = e["accuracy"], e.get("vs_bf16", {})
         print(f"| {q} | {e['weight_bytes']:,} | {a.get('facts')} | {a.get('counting')} | {a.get('sums')} | "
-              f"{v.get('free_running_match', '-')} | {v.get('mean_common_prefix', '-')} | {v.get('teacher_forced_match', '-')} |")
+              f"{v.get('answers_identical', '-')} | {v.get('free_running_match', '-')} | {v.get('mean_common_prefix', '-')} | "
+              f"{v.get('teacher_forced_match', '-')} |")
     if "vs_nf4" in report["formats"].get("int4", {}):
         print(f"\nint4 vs nf4: {report['formats']['int4']['vs_nf4']}")
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quant_agreement import eval_items, world  # noqa: E402
+from quant_agreement import answers_agree, eval_items, world  # noqa: E402
 
 
 def test_items_are_right_and_held_out():
@@ -41,6 +41,18 @@ def test_smoke(tmp_path):
     for q in ("int4", "nf4"):
         v = f[q]["vs_bf16"]
         assert v["tokens"] == 36 and 0 <= v["free_running_match"] <= 1 and 0 <= v["teacher_forced_match"] <= 1
+        assert 0 <= v["answers_identical"] <= 1
         assert set(f[q]["accuracy"]) == {"facts", "counting", "sums"}
-    assert f["int4"]["vs_nf4"]["tokens"] == 36
+    assert f["int4"]["vs_nf4"]["tokens"] == 36 and "answers_identical" in f["int4"]["vs_nf4"]
     assert "| int4 |" in proc.stdout and "int4 vs nf4" in proc.stdout
+
+
+def test_answers_agree_counts_only_the_answer_span():
+    class Tok:
+        def encode(self, text):
+            class E:
+                ids = list(range(len(text.split())))
+            return E()
+    items = [("facts", "p", " teal ."), ("sums", "p", " 7 .")]        # 2 answer tokens each
+    assert answers_agree(items, Tok(), [[1, 2, 9], [4, 5]], [[1, 2, 3], [4, 6]]) == 0.5
+
