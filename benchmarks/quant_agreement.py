@@ -133,11 +133,12 @@ def score(items, tok, outs: list[list[int]]) -> dict[str, float]:
     return {t: round(sum(v) / len(v), 4) for t, v in acc.items()}
 
 
-def answers_agree(items, tok, mine: list[list[int]], ref: list[list[int]]) -> float:
-    """The share of items whose first ``len(answer)`` tokens are the same in both continuations (the part a task
-    scores; what follows an answer is the start of an unrelated sentence, where even bf16 is unsure)."""
-    same = [m[:len(tok.encode(a).ids)] == r[:len(tok.encode(a).ids)] for (_, _, a), m, r in zip(items, mine, ref)]
-    return round(sum(same) / len(same), 4)
+def answers_agree(items, tok, mine: list[list[int]], ref: list[list[int]], task: str | None = None) -> float:
+    """The share of items (of ``task``, or all) whose first ``len(answer)`` tokens are the same in both continuations
+    (the part a task scores; what follows an answer starts an unrelated sentence, where even bf16 is unsure)."""
+    same = [m[:len(tok.encode(a).ids)] == r[:len(tok.encode(a).ids)]
+            for (t, _, a), m, r in zip(items, mine, ref) if task in (None, t)]
+    return round(sum(same) / len(same), 4) if same else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if q != "bf16":                  # (the teacher-forced match: this format's argmax on the other's tokens)
             entry["vs_bf16"] = agreement(loaded.model, prompts, outs[q], outs["bf16"])
             entry["vs_bf16"]["answers_identical"] = answers_agree(items, tok, outs[q], outs["bf16"])
+            entry["vs_bf16"]["answers_identical_by_task"] = {
+                t: answers_agree(items, tok, outs[q], outs["bf16"], t) for t in entry["accuracy"]}
             ref = report["formats"]["bf16"]["accuracy"]
             entry["quality_retention_vs_bf16"] = {t: round(a / ref[t], 4) if ref.get(t) else None
                                                   for t, a in entry["accuracy"].items()}

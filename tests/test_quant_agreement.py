@@ -41,7 +41,7 @@ def test_smoke(tmp_path):
     for q in ("int4", "nf4"):
         v = f[q]["vs_bf16"]
         assert v["tokens"] == 36 and 0 <= v["free_running_match"] <= 1 and 0 <= v["teacher_forced_match"] <= 1
-        assert 0 <= v["answers_identical"] <= 1
+        assert 0 <= v["answers_identical"] <= 1 and set(v["answers_identical_by_task"]) == {"facts", "counting", "sums"}
         assert set(f[q]["accuracy"]) == {"facts", "counting", "sums"}
     assert f["int4"]["vs_nf4"]["tokens"] == 36 and "answers_identical" in f["int4"]["vs_nf4"]
     assert "| int4 |" in proc.stdout and "int4 vs nf4" in proc.stdout
@@ -55,4 +55,6 @@ def test_answers_agree_counts_only_the_answer_span():
             return E()
     items = [("facts", "p", " teal ."), ("sums", "p", " 7 .")]        # 2 answer tokens each
     assert answers_agree(items, Tok(), [[1, 2, 9], [4, 5]], [[1, 2, 3], [4, 6]]) == 0.5
+    assert answers_agree(items, Tok(), [[1, 2, 9], [4, 5]], [[1, 2, 3], [4, 6]], "facts") == 1.0
+    assert answers_agree(items, Tok(), [[1, 2, 9], [4, 5]], [[1, 2, 3], [4, 6]], "sums") == 0.0
 
