@@ -11,9 +11,8 @@ resubmitted at once), ``--warm-s`` of ramp, then a trace of ``--trace-s`` second
 * ``device_busy``: the union of the device's kernel and copy intervals over the traced span (first start to last
   end); ``idle_ms`` the rest, split into gaps by length (under 5 us, 5-20, 20-100, over 100 us), and the
   ``--top-gaps`` longest with the activity before and after each;
-* per decode step (the engine's own counters over the same window): wall ms, busy ms, kernels; prefill passes
-  and their share of the busy time (kernels between a prefill's first and last activity are not told apart from
-  decode's: a prefill pass runs eagerly, so its kernels are the ones not launched from a graph replay);
+* per decode step (the engine's own counters over the same window): wall ms, busy ms, device activities; the
+  prefill passes in the window (their kernels are counted with the steps': the trace does not tell them apart);
 * the kernels with the most time per step.
 
 On a machine without CUDA only the engine's counters are reported (the smoke test). Example (GPU):
