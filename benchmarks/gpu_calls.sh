@@ -32,10 +32,11 @@
 #   bash benchmarks/gpu_calls.sh gemv       # issue 17: a Triton GEMV vs cuBLAS per decode projection at 1-8 rows
 #                                            (gemv_probe.py; GEMV_ROWS, GEMV_SHAPES; not yet run) (~5 min)
 #   bash benchmarks/gpu_calls.sh trace      # issue 17: where a steady in-process run's device time goes (step_trace.py: device
-#                                            busy, idle gaps, kernels per step) for TRACE_QUANTS (bf16) at TRACE_STREAMS (64, 1) (~1.5 min each)
+#                                            busy, idle gaps, kernels per step) for TRACE_QUANTS (bf16) at TRACE_STREAMS (64, 1),
+#                                            MODEL_SERVER_FAST_DECODE_ATTN per TRACE_ATTN (0) (~1 min each)
 #   bash benchmarks/gpu_calls.sh next       # issue 17, the first call of the next session (~7 min): decode profile (bf16, SDPA vs
 #                                            the Triton decode attention: ITL at 1 with the greedy pick in the graph and the host
-#                                            changes, kernels, errors), trace at 64, then the bf16 steady state in-process at 1 and
+#                                            changes, kernels, errors), traces at 64 (SDPA, Triton), then the bf16 steady state at 1 and
 #                                            64 with MODEL_SERVER_FAST_DECODE_ATTN=0 and =1
 #   bash benchmarks/gpu_calls.sh attnlong   # issue 17: SDPA vs the Triton decode attention at a long context (1,024-token prompts,
 #                                            ATTN_PROMPT), batches 1, 8, 64: kernels, graph time, ITL at 1, errors (~3 min)
@@ -154,16 +155,19 @@ case "${1:-}" in
     echo "gemv_probe rc $?"; tail -22 "$out/gemv_probe.log" ;;
   trace|next)   # step_trace.py: the device's busy time, gaps and kernels per step under steady in-process load
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    [ "$1" = next ] && TRACE_ATTN=${TRACE_ATTN:-0 1}       # next: the trace with SDPA, then with the Triton kernel
     if [ "$1" = next ]; then
       timeout 200 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \
         --quants bf16 --variants attn-sdpa,attn-triton > "$out/decode_profile.log" 2>&1; echo "decode_profile rc $?"
       tail -4 "$out/decode_profile.log"
     fi
-    for q in ${TRACE_QUANTS:-bf16}; do for n in ${TRACE_STREAMS:-64 1}; do
+    for q in ${TRACE_QUANTS:-bf16}; do for n in ${TRACE_STREAMS:-64 1}; do for a in ${TRACE_ATTN:-0}; do
       [ "$1" = next ] && [ "$n" != 64 ] && continue
-      timeout 150 python3 benchmarks/step_trace.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --quant "$q" --streams "$n" \
-        --out "$out/trace_${q}_$n" > "$out/trace_${q}_$n.log" 2>&1; echo "step_trace $q x$n rc $?"; tail -2 "$out/trace_${q}_$n.log"
-    done; done
+      t=trace_${q}_${n}_attn$a
+      MODEL_SERVER_FAST_DECODE_ATTN=$a timeout 150 python3 benchmarks/step_trace.py --model-dir /tmp/m1b \
+        --commit "$EDGE_EVAL_COMMIT" --quant "$q" --streams "$n" --out "$out/$t" > "$out/$t.log" 2>&1
+      echo "step_trace $q x$n decode attn $a rc $?"; tail -2 "$out/$t.log"
+    done; done; done
     if [ "$1" = next ]; then
       for a in 0 1; do
         MODEL_SERVER_FAST_DECODE_ATTN=$a timeout 150 python3 benchmarks/steady_state.py --model-dir /tmp/m1b \
