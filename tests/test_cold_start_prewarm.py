@@ -31,6 +31,25 @@ def test_prewarm_runs_the_eager_path_and_writes_nothing(tiny_model_dir, quant):
     assert all(torch.equal(state[k], before[k]) for k in state)
 
 
+def test_prewarm_checks_the_decode_attention_kernel_when_it_is_on(tiny_model_dir, monkeypatch):
+    """With MODEL_SERVER_FAST_DECODE_ATTN=1 the stand-in's decode step runs the kernel's check (and so its
+    compiles) during the load; without it, it does not."""
+    from model_server.engines.fast import decode_attn
+
+    calls = []
+    real = decode_attn.self_check
+    monkeypatch.setattr("model_server.engines.fast.runner.decode_attn_check",
+                        lambda *a: calls.append(a) or real(*a))
+    state = load_file(f"{tiny_model_dir}/model.safetensors")
+    config = _read_local_config(tiny_model_dir)
+    prewarm.prewarm(config, state, state["model.embed_tokens.weight"].dtype, "bf16")
+    assert calls == []
+    monkeypatch.setenv("MODEL_SERVER_FAST_DECODE_ATTN", "1")
+    prewarm.prewarm(config, state, state["model.embed_tokens.weight"].dtype, "bf16")
+    assert len(calls) == 1 and calls[0][3:5] == (config["num_attention_heads"] // config["num_key_value_heads"],
+                                                 config["head_dim"])
+
+
 def test_prewarm_failure_is_quiet(caplog):
     class Done:
         def result(self):

@@ -12,7 +12,8 @@ The stand-in is a one-layer model with the architecture's module names and real 
 whose weights are layer 0's and the embedding's tensors from the loaded state (read only, never
 written) or, for INT4, its own quantized copies; it runs through :class:`.runner.ModelRunner` itself
 (merged projections, bucketed eager prefill, eager decode, :func:`.sampling.select_tokens`), so the
-kernels it loads are the ones the first request uses. Nothing it creates is shared with the served
+kernels it loads are the ones the first request uses (with ``MODEL_SERVER_FAST_DECODE_ATTN=1``, the decode
+attention kernel's too). Nothing it creates is shared with the served
 model: it changes no output, only when the one-off costs are paid. Any failure is logged and ignored.
 
 Owns the stand-in and the pre-warm run; when to run it is :mod:`model_server.loading`'s
@@ -137,8 +138,11 @@ def prewarm(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch
     with torch.inference_mode():
         model = stand_in(config, state, dtype, choice, int(os.environ.get("MODEL_SERVER_INT4_GROUP_SIZE", "128")))
         # bucketed (padded) eager prefill as the engine runs it on CUDA before its graphs exist
+        # with MODEL_SERVER_FAST_DECODE_ATTN=1 the decode step also runs the attention kernel's check (its
+        # compiles land in Triton's cache here, not at the first token)
         runner = ModelRunner(model, 2, MAX_LEN, use_cuda_graphs=False, fuse=False,
-                             bucketed_prefill=device.type == "cuda")
+                             bucketed_prefill=device.type == "cuda",
+                             decode_attn=os.environ.get("MODEL_SERVER_FAST_DECODE_ATTN", "").strip() == "1")
         sampling = SlotSampling.allocate(2, runner.device)
         slot = torch.zeros(1, dtype=torch.int64, device=runner.device)
         for t in PROMPT_LENGTHS:
