@@ -87,9 +87,7 @@ VARIANTS = {"merge-off": dict(merge_projections=False, rope_kv=False), "merge-on
 def attn_check(r, b: int, length: int) -> dict:
     """Max |error| against SDPA in fp32 on random q/K/V of the runner's shapes (``b`` rows), of the kernel and,
     for scale, of SDPA itself in the model's dtype (what the engine ran before)."""
-    import torch.nn.functional as F
-
-    from model_server.engines.fast.decode_attn import decode_attention
+    from model_server.engines.fast.decode_attn import decode_attention, sdpa_reference
 
     g = torch.Generator(device=r.device).manual_seed(0)
     shape = (b, r.n_kv, length, r.head_dim)
@@ -97,11 +95,9 @@ def attn_check(r, b: int, length: int) -> dict:
     kc = torch.randn(shape, generator=g, device=r.device).to(r.dtype)
     vc = torch.randn(shape, generator=g, device=r.device).to(r.dtype)
     pos = torch.randint(0, length, (b,), generator=g, device=r.device)
-    mask = torch.where(torch.arange(length, device=r.device)[None, :] <= pos[:, None], 0.0, float("-inf"))
-    ref = F.scaled_dot_product_attention(q.float(), kc.float(), vc.float(), attn_mask=mask[:, None, None, :],
-                                         scale=r.scaling)
+    ref = sdpa_reference(q, kc, vc, pos, length, r.scaling)
     own = decode_attention(q, kc, vc, pos, length, r.scaling).float()
-    sdpa = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask.to(r.dtype)[:, None, None, :], scale=r.scaling)
+    sdpa = sdpa_reference(q, kc, vc, pos, length, r.scaling, r.dtype)
     return {"kernel": float((own - ref).abs().max()), "sdpa_in_model_dtype": float((sdpa.float() - ref).abs().max())}
 
 

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     "train": train(model_dir, tok, args.steps, args.seed, facts, held, args.device), "formats": {}}
     prompts = [tok.encode(p).ids for _, p, _ in items]
     outs: dict[str, list[list[int]]] = {}
-    int4_model = None
+    models: dict[str, torch.nn.Module] = {}
     for q in quants:
         loaded = load_model(str(model_dir), args.device, q)
         eng = from_loaded(loaded, max_batch=16, max_total_tokens=64)
@@ -197,12 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             ref = report["formats"]["bf16"]["accuracy"]
             entry["quality_retention_vs_bf16"] = {t: round(a / ref[t], 4) if ref.get(t) else None
                                                   for t, a in entry["accuracy"].items()}
-        if q == "nf4" and "int4" in outs:
-            report["formats"]["int4"]["vs_nf4"] = agreement(int4_model, prompts, outs["int4"], outs["nf4"])
-            report["formats"]["int4"]["vs_nf4"]["answers_identical"] = answers_agree(items, tok, outs["int4"], outs["nf4"])
-        int4_model = loaded.model if q == "int4" else None if q != "nf4" else int4_model
         report["formats"][q] = entry
+        models[q] = loaded.model
         log(f"{q}: {json.dumps(entry)}")
+    if "int4" in outs and "nf4" in outs:             # INT4's argmax on NF4's tokens
+        vs = report["formats"]["int4"]["vs_nf4"] = agreement(models["int4"], prompts, outs["int4"], outs["nf4"])
+        vs["answers_identical"] = answers_agree(items, tok, outs["int4"], outs["nf4"])
     (out / "quant_agreement.json").write_text(json.dumps(report, indent=2) + "\n")
     tr = report["train"]
     print(f"model: {tr['parameters']:,} parameters, {tr['steps']} steps, loss {tr['first_loss']} -> {tr['last_loss']}; "

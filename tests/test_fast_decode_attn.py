@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model_server.engines.fast import FastEngine
-from model_server.engines.fast.decode_attn import available, decode_attention
+from model_server.engines.fast.decode_attn import available, decode_attention, sdpa_reference
 from model_server.engines.fast.factory import from_loaded
 
 from tests.test_fast_engine import EOS, _decode_both, _greedy_vs_generate, _tiny
 
 pytestmark = pytest.mark.skipif(not available(16), reason="Triton is a declared dependency; CI installs it")
-
-
-def _sdpa(q, kc, vc, pos, length, scale):
-    b = q.shape[0]
-    key = torch.arange(length)
-    mask = torch.where(key[None, :] <= pos[:, None], 0.0, float("-inf"))[:, None, None, :]
-    return F.scaled_dot_product_attention(q.float(), kc[:b, :, :length].float(), vc[:b, :, :length].float(),
-                                          attn_mask=mask, scale=scale)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -38,7 +29,7 @@ def test_matches_sdpa(dtype, tol, b, kv, g, d, length):
     pos[0] = 0                                   # one key only
     pos[-1] = max_len - 1                        # a padding row: past the bucket, sees all `length` keys
     out = decode_attention(q, kc, vc, pos, length, 0.125)
-    ref = _sdpa(q, kc, vc, pos, length, 0.125)
+    ref = sdpa_reference(q, kc, vc, pos, length, 0.125)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
@@ -56,7 +47,7 @@ def test_split_keys_match_sdpa(dtype, tol, b, kv, g, length, splits):
     pos = torch.randint(0, length, (b,), generator=gen)
     pos[0], pos[-1] = 0, max_len - 1
     out = decode_attention(q, kc, vc, pos, length, 0.125, splits=splits)
-    torch.testing.assert_close(out.float(), _sdpa(q, kc, vc, pos, length, 0.125), atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), sdpa_reference(q, kc, vc, pos, length, 0.125), atol=tol, rtol=tol)
 
 
 def test_choose_splits():

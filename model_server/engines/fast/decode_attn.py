@@ -180,6 +180,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def sdpa_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, length: int,
+                   scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What :func:`decode_attention` computes, by SDPA with a position mask, in ``dtype`` (float32: the
+    reference the kernel is checked against; the model's dtype: what the engine runs without the kernel)."""
+    b = q.shape[0]
+    keys = torch.arange(length, device=q.device)
+    mask = torch.where(keys[None, :] <= pos[:, None], 0.0, float("-inf")).to(dtype)[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.to(dtype), k_cache[:b, :, :length].to(dtype), v_cache[:b, :, :length].to(dtype), attn_mask=mask, scale=scale)
+
+
 def self_check(device: torch.device, dtype: torch.dtype, n_kv: int, group: int, head_dim: int,
                scale: float) -> str | None:
     """Run the kernel once on random inputs of a model's shapes against SDPA in fp32: None if it agrees within
@@ -193,9 +204,7 @@ def self_check(device: torch.device, dtype: torch.dtype, n_kv: int, group: int, 
         kc = torch.randn(b, n_kv, length, head_dim, generator=gen, device=device).to(dtype)
         vc = torch.randn(b, n_kv, length, head_dim, generator=gen, device=device).to(dtype)
         pos = torch.tensor([0, 37, length - 1], device=device)
-        mask = torch.where(torch.arange(length, device=device)[None, :] <= pos[:, None], 0.0, float("-inf"))
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            q.float(), kc.float(), vc.float(), attn_mask=mask[:, None, None, :], scale=scale)
+        ref = sdpa_reference(q, kc, vc, pos, length, scale)
         err = max(float((decode_attention(q, kc, vc, pos, length, scale, splits=n).float() - ref).abs().max())
                   for n in (1, 2))                  # one pass, and the key range split in two and combined
     except Exception as exc:  # noqa: BLE001 - any failure: the caller keeps SDPA

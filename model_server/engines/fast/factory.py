@@ -11,6 +11,15 @@ import os
 from .engine import FastEngine
 
 
+def decode_attn_switch() -> bool | None:
+    """``MODEL_SERVER_FAST_DECODE_ATTN``: ``1`` decode attention as one Triton kernel instead of SDPA (opt-in: not
+    yet measured on a GPU), ``0`` SDPA, unset None; anything else raises ``ValueError`` (one line)."""
+    raw = os.environ.get("MODEL_SERVER_FAST_DECODE_ATTN", "").strip()
+    if raw and raw not in ("0", "1"):
+        raise ValueError(f"MODEL_SERVER_FAST_DECODE_ATTN must be 0 or 1, got {raw!r}")
+    return None if not raw else raw == "1"
+
+
 def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwargs) -> FastEngine:
     """Build a :class:`FastEngine` from ``model_server.loading.LoadedModel`` (what ``serve`` holds).
 
@@ -38,12 +47,9 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     # A/B switch for benchmarks: MODEL_SERVER_FAST_ROPE_KV=0 keeps decode's rotary and K/V writes as separate ops
     if os.environ.get("MODEL_SERVER_FAST_ROPE_KV", "").strip() == "0":
         kwargs.setdefault("rope_kv", False)
-    # MODEL_SERVER_FAST_DECODE_ATTN=1: decode attention as one Triton kernel instead of SDPA (opt-in: not yet measured)
-    raw = os.environ.get("MODEL_SERVER_FAST_DECODE_ATTN", "").strip()
-    if raw in ("0", "1"):
-        kwargs.setdefault("decode_attn", raw == "1")
-    elif raw:
-        raise ValueError(f"MODEL_SERVER_FAST_DECODE_ATTN must be 0 or 1, got {raw!r}")
+    attn = decode_attn_switch()
+    if attn is not None:
+        kwargs.setdefault("decode_attn", attn)
     # prompts prefilled inside decode steps: segments per step (0 = a prefill pass for every arrival), tokens each
     for name, key in (("MODEL_SERVER_FAST_MIXED_SEGMENTS", "mixed_segments"), ("MODEL_SERVER_FAST_MIXED_TOKENS",
                       "mixed_tokens"), ("MODEL_SERVER_FAST_MIXED_MIN_SEGMENTS", "mixed_min_segments")):

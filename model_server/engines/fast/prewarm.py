@@ -125,6 +125,7 @@ def prewarm(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch
             marks: dict[str, float] | None = None) -> float:
     """Run the stand-in's eager prefill (bucketed, then short), one eager decode step and token selection
     (greedy and sampled) on the state's device; returns the seconds taken and marks ``prewarm_end``."""
+    from .factory import decode_attn_switch
     from .runner import ModelRunner
     from .sampling import SlotSampling, select_tokens
 
@@ -142,7 +143,7 @@ def prewarm(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch
         # compiles land in Triton's cache here, not at the first token)
         runner = ModelRunner(model, 2, MAX_LEN, use_cuda_graphs=False, fuse=False,
                              bucketed_prefill=device.type == "cuda",
-                             decode_attn=os.environ.get("MODEL_SERVER_FAST_DECODE_ATTN", "").strip() == "1")
+                             decode_attn=decode_attn_switch() is True)
         sampling = SlotSampling.allocate(2, runner.device)
         slot = torch.zeros(1, dtype=torch.int64, device=runner.device)
         for t in PROMPT_LENGTHS:
