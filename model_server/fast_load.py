@@ -41,16 +41,26 @@ def enabled() -> bool:
     return os.environ.get("MODEL_SERVER_DIRECT_LOAD", "1").strip() != "0"
 
 
-def unsupported_reason(model_id: str, quantization: str, config: dict[str, Any] | None) -> str | None:
-    """Why the direct path cannot load this model (None: it can). Reads only config.json and file names."""
+def unsupported_reason(model_id: str, quantization: str, config: dict[str, Any] | None,
+                       gptq: bool = False) -> str | None:
+    """Why the direct path cannot load this model (None: it can). Reads only config.json and file names.
+    ``gptq``: the caller builds the native model, which takes a GPTQ checkpoint that
+    :mod:`model_server.gptq_repack` can repack (with ``--quantization none`` or ``gptq``)."""
     if not enabled():
         return "MODEL_SERVER_DIRECT_LOAD=0"
     path = Path(model_id)
     if config is None or not path.is_dir():
         return "not a local model directory"
-    if quantization not in DIRECT_QUANTIZATIONS:
+    repack = None
+    if gptq and config.get("quantization_config") and quantization in ("none", "gptq"):
+        from model_server.gptq_repack import unsupported_reason as gptq_reason
+
+        repack = gptq_reason(config)
+        if repack is not None:
+            return f"pre-quantized checkpoint ({repack})"
+    elif quantization not in DIRECT_QUANTIZATIONS:
         return f"--quantization {quantization}"
-    if config.get("quantization_config"):
+    elif config.get("quantization_config"):
         return "pre-quantized checkpoint"
     archs = config.get("architectures") or []
     if len(archs) != 1 or archs[0] not in DIRECT_ARCHITECTURES:

@@ -135,32 +135,56 @@ def fits(linear: nn.Linear, group_size: int) -> bool:
 
 
 class Int4Linear(nn.Module):
-    """``y = x @ W'^T + b`` with ``W'`` the group-wise INT4 weight (see the module docstring)."""
+    """``y = x @ W'^T + b`` with ``W'`` the group-wise INT4 weight (see the module docstring).
+
+    Built from a float ``nn.Linear`` (quantized here, :func:`quantize_groupwise`) or, with
+    :meth:`from_quantized`, from 4-bit values and scales that are already made (a GPTQ checkpoint,
+    :mod:`model_server.gptq_repack`). ``input_perm`` (a GPTQ act-order checkpoint): the layer's groups
+    are contiguous in a permuted order of the input columns, so ``x`` is gathered into that order first."""
 
     def __init__(self, linear: nn.Linear, group_size: int, choice: ComputeChoice) -> None:
         super().__init__()
-        n, k = linear.weight.shape
         if not fits(linear, group_size):
+            n, k = linear.weight.shape
             raise ValueError(f"cannot quantize a [{n}, {k}] linear with group size {group_size}")
+        q, sz = quantize_groupwise(linear.weight, group_size)
+        self._hold(q.to(linear.weight.device), sz, group_size, choice,
+                   None if linear.bias is None else linear.bias.detach(), None)
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, sz: torch.Tensor, group_size: int, choice: ComputeChoice,
+                       bias: torch.Tensor | None = None, input_perm: torch.Tensor | None = None) -> Int4Linear:
+        """``q`` uint8 ``[N, K]`` in 0..15 and ``sz`` ``[K/group_size, N, 2]`` (scale, zero) as
+        :func:`quantize_groupwise` returns them, on the device the module should live on."""
+        n, k = q.shape
+        if group_size not in GROUP_SIZES or k % group_size or k % (16 * INNER_K_TILES) or n % 8:
+            raise ValueError(f"the int4pack layout cannot hold a [{n}, {k}] weight with group size {group_size}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._hold(q, sz, group_size, choice, bias, input_perm)
+        return self
+
+    def _hold(self, q: torch.Tensor, sz: torch.Tensor, group_size: int, choice: ComputeChoice,
+              bias: torch.Tensor | None, input_perm: torch.Tensor | None) -> None:
+        n, k = q.shape
         self.in_features, self.out_features = k, n
         self.group_size = group_size
         self.kernel = choice.int4_kernel
         self.rows_kernel = choice.rows_kernel
         self.compute_dtype = choice.dtype
-        q, sz = quantize_groupwise(linear.weight, group_size)
-        dev = linear.weight.device
+        dev = q.device
         sz = sz.to(device=dev, dtype=choice.dtype)
         if self.kernel != "triton":
-            self.register_buffer("weight_packed", _pack(q.to(dev), self.kernel))
+            self.register_buffer("weight_packed", _pack(q, self.kernel))
             self.register_buffer("scales_and_zeros", sz)
         if self.uses_triton:
             from model_server import int4_triton
-            self.register_buffer("triton_packed", int4_triton.pack_int4(q.to(dev), group_size))
+            self.register_buffer("triton_packed", int4_triton.pack_int4(q, group_size))
             scales, zeros = int4_triton.split_scales_and_zeros(sz)
             self.register_buffer("triton_scales", scales)
             self.register_buffer("triton_zeros", zeros)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(choice.dtype),
-                                                                  requires_grad=False)
+        self.register_buffer("input_perm", None if input_perm is None else input_perm.to(dev, torch.int64))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dev, choice.dtype), requires_grad=False)
 
     @property
     def uses_triton(self) -> bool:
@@ -174,6 +198,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.input_perm is not None:
+            x2 = x2.index_select(1, self.input_perm)
         rows = x2.shape[0]
         if self.kernel == "triton" and self.rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS:
             from model_server.int4_gemv import int4_gemv_mm

@@ -12,8 +12,9 @@ Quantization choices:
 * ``int8``: bitsandbytes LLM.int8();
 * ``int4``: group-wise INT4 weight-only from a bf16/fp16 checkpoint at load, PyTorch's int4pack kernels
   (see :mod:`model_server.int4`; compute dtype bf16, fp16 below compute capability 8.0);
-* ``gptq``: a pre-quantized GPTQ checkpoint through gptqmodel + optimum (auto-gptq cannot import
-  with transformers 5; see docs/model_server.md).
+* ``gptq``: a pre-quantized GPTQ checkpoint. With the fast engine (the native build) its 4-bit linears are
+  repacked into the INT4 kernels' layout (:mod:`model_server.gptq_repack`, no gptqmodel); otherwise through
+  gptqmodel + optimum (auto-gptq cannot import with transformers 5; see docs/model_server.md).
 """
 from __future__ import annotations
 
@@ -91,11 +92,13 @@ def check_model_argument(model_id: str) -> None:
 
 
 def _load_weights(model_id: str, device: str, kwargs: dict[str, Any], marks: dict[str, float],
-                  reason: str | None, read: Any, native: bool = False) -> tuple[Any, str]:
+                  reason: str | None, read: Any, native: bool = False,
+                  fallback_kwargs: Any = None) -> tuple[Any, str]:
     """The model, by the direct path (:mod:`model_server.fast_load`; ``read`` is the future of its
     weights; ``native``: built by :mod:`model_server.native`, no transformers) unless ``reason`` says why
-    not or it finds one, else by ``from_pretrained``; logs which path was used and why. Returns
-    ``(model, path name)``: ``native``, ``direct`` or ``from_pretrained``."""
+    not or it finds one, else by ``from_pretrained`` (with ``fallback_kwargs()`` where given: a GPTQ
+    checkpoint the native build could not repack needs gptqmodel there); logs which path was used and why.
+    Returns ``(model, path name)``: ``native``, ``direct`` or ``from_pretrained``."""
     from model_server import fast_load
 
     if reason is None:
@@ -112,6 +115,8 @@ def _load_weights(model_id: str, device: str, kwargs: dict[str, Any], marks: dic
             raise LoadError(f"cannot load model from {model_id}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
     log.info("load path: from_pretrained (%s)", reason)
+    if fallback_kwargs is not None:
+        kwargs = fallback_kwargs()
     from transformers import AutoModelForCausalLM
 
     try:
@@ -152,14 +157,16 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
     if native:
         from model_server.native.config import unsupported_reason as native_reason
 
-        why = reason or native_reason(config)
+        why = fast_load.unsupported_reason(model_id, quantization, config, gptq=True) or native_reason(config)
         if why is not None:
             log.info("native model: no (%s)", why)
         native = why is None
+        reason = None if native else reason
+    repacked = native and bool((config or {}).get("quantization_config"))      # GPTQ into INT4 linears
     view: Future = Future()     # the pre-warm's own dict of the read tensors (the build casts and clears its own)
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="load") as pool:
         read = pool.submit(fast_load.read_weights, model_id, device, marks, view) if reason is None else None
-        kwargs = quantization_kwargs(quantization, device, config)
+        kwargs = quantization_kwargs(quantization, device, config, gptq_repacked=repacked)
         from model_server.engines.fast import prewarm     # torch only
 
         if read is not None and prewarm.enabled(device):   # one-off kernel costs, paid while the model is built
@@ -174,17 +181,19 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
             adopt_transformers_logging()
         tok_future = pool.submit(_tokenizer_job, model_id, native)
         try:
-            model, load_path = _load_weights(model_id, device, kwargs, marks, reason, read, native)
+            fallback = (lambda: quantization_kwargs(quantization, device, config)) if repacked else None
+            model, load_path = _load_weights(model_id, device, kwargs, marks, reason, read, native, fallback)
         finally:
             tok_error = tok_future.exception()
         if tok_error is not None:
             raise LoadError(f"cannot load tokenizer from {model_id}: {str(tok_error).splitlines()[0][:300]}")
         tokenizer, byte_facts = tok_future.result()
     model.eval()
+    repacked = repacked and load_path == "native"
     cfg = model.config
     qcfg = getattr(cfg, "quantization_config", None)
     qdict = (qcfg if isinstance(qcfg, dict) else qcfg.to_dict()) if qcfg is not None else {}
-    if quant_method_name(qdict.get("quant_method")) == "gptq":
+    if quant_method_name(qdict.get("quant_method")) == "gptq" and not repacked:
         try:
             from model_server.gptq import settle_gptq_kernels
 

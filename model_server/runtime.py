@@ -102,6 +102,8 @@ class Runtime:
             "parameters": lm.parameters if lm else None,
             "weight_bytes": lm.weight_bytes if lm else None,
             "quantization": lm.quantization if lm else None,
+            # INT4 linears (--quantization int4, or a GPTQ checkpoint repacked): model_server.int4's kernel choice
+            "int4_kernel": getattr(lm.model, "int4_kernel", None) if lm else None,
             "dtype": lm.dtype if lm else None,
             "engine": self.engine.name if self.engine is not None else None,
             "devices": lm.devices if lm else [],

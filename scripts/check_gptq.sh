@@ -5,7 +5,9 @@
 #   synthesizes the tiny model, quantizes it to GPTQ 4-bit (group 32) with gptqmodel, serves it with
 #   `model-server serve --quantization gptq` and with the default `--quantization none`, sends a streamed
 #   OpenAI completion and a TGI /generate to each, compares the greedy tokens with plain
-#   `AutoModelForCausalLM.from_pretrained(...).generate`, checks /info (quantization, weight_bytes).
+#   `AutoModelForCausalLM.from_pretrained(...).generate`, checks /info (quantization, weight_bytes); checks the
+#   fast engine's GPTQ repack (model_server/gptq_repack.py) bit for bit against gptqmodel's dequantized weights
+#   and serves the checkpoint with --engine fast.
 # Exit status: 0 when every check passed, 1 otherwise. Not part of the test suite (about 1-3 minutes).
 # Usage: bash scripts/check_gptq.sh [--keep-venv] [--work DIR]
 #   GPTQ_CHECK_VENV (default /tmp/edge-eval-gptq-venv): where the venv goes; reused when --keep-venv.
@@ -43,4 +45,6 @@ fi
 echo "venv ready in $(( $(date +%s) - t0 )) s"
 mkdir -p "$work"
 # the venv's bin first: `model-server` must be the venv's console script
-PATH="$venv/bin:$PATH" "$venv/bin/python" scripts/check_gptq.py --work "$work" 2>"$work/check-stderr.log"
+# run from the work directory: gptqmodel writes a logs/ folder into the current one
+(cd "$work" && PATH="$venv/bin:$PATH" "$venv/bin/python" "$repo/scripts/check_gptq.py" --work "$work" \
+  2>"$work/check-stderr.log")

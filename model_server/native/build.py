@@ -4,8 +4,9 @@ What :mod:`model_server.fast_load` does with transformers' model, without transf
 device (:func:`.modeling.build_on_meta`), cast the tensors to the target dtype where they are, assign them by
 name (``load_state_dict(assign=True)``: no copy), tie the embeddings, compute the rotary buffers on the CPU
 and place them (as transformers' ``_init_weights`` does), leave every parameter with ``requires_grad`` on and
-the model in eval mode (as ``from_pretrained`` does). A key mismatch raises
-:class:`model_server.fast_load.DirectLoadUnsupported`, and the caller falls back. Owns only that assembly.
+the model in eval mode (as ``from_pretrained`` does). A GPTQ checkpoint's linears go in as INT4 linears
+(:mod:`model_server.gptq_repack`). A key mismatch raises :class:`model_server.fast_load.DirectLoadUnsupported`,
+and the caller falls back. Owns only that assembly.
 """
 from __future__ import annotations
 
@@ -27,14 +28,29 @@ def build_native(model_id: str, device: str, dtype: Any, state: dict[str, torch.
     from safetensors import safe_open
 
     path = Path(model_id)
-    config = parse(read_json(path / "config.json"))
-    if dtype == "auto":
+    raw = read_json(path / "config.json")
+    config = parse(raw)
+    linears: dict[str, Any] = {}
+    if raw.get("quantization_config"):
+        linears, dtype = _gptq_linears(raw, device, state)
+        config.quantization_config = dict(raw["quantization_config"])
+        config.tie_word_embeddings = config.tie_word_embeddings and "lm_head" not in linears
+    elif dtype == "auto":
         dtype = _checkpoint_dtype(SimpleNamespace(dtype=config.dtype), path / WEIGHTS_NAME, safe_open)
     model = build_on_meta(config)
     for k, t in state.items():
         if t.is_floating_point() and t.dtype != dtype:
             state[k] = t.to(dtype)
-    assemble(model, state, device)
+    for name, linear in linears.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, linear)
+    assemble(model, state, device, set(linears))
+    if linears:
+        first = next(iter(linears.values()))
+        model.logical_parameters += sum(m.in_features * m.out_features for m in linears.values())
+        model.is_int4_weight_only = True
+        model.int4_group_size = first.group_size
+        model.int4_kernel = first.kernel + (f"+{first.rows_kernel}" if first.rows_kernel else "")
     config.dtype = dtype
     config._name_or_path = model.name_or_path = str(model_id)
     model.generation_config = generation_defaults(path, config)
@@ -42,10 +58,26 @@ def build_native(model_id: str, device: str, dtype: Any, state: dict[str, torch.
     return model
 
 
-def assemble(model: NativeCausalLM, state: dict[str, torch.Tensor], device: str) -> None:
-    """Assign ``state`` into the meta-built ``model``, tie, place the rotary buffers; nothing may stay on meta."""
+def _gptq_linears(raw: dict[str, Any], device: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], Any]:
+    """A GPTQ checkpoint's linears as INT4 linears (their tensors taken out of ``state``) and the compute dtype
+    of :func:`model_server.int4.device_compute`, which the rest of the model is cast to."""
+    from model_server import gptq_repack
+    from model_server.int4 import device_compute
+
+    choice = device_compute(device)
+    try:
+        return gptq_repack.take_linears(state, gptq_repack.spec(raw), choice), choice.dtype
+    except gptq_repack.GptqUnsupported as exc:
+        raise DirectLoadUnsupported(str(exc)) from None
+
+
+def assemble(model: NativeCausalLM, state: dict[str, torch.Tensor], device: str,
+             prebuilt: frozenset[str] | set[str] = frozenset()) -> None:
+    """Assign ``state`` into the meta-built ``model``, tie, place the rotary buffers; nothing may stay on meta.
+    ``prebuilt``: modules already in place with their own tensors (GPTQ's INT4 linears), not read from ``state``."""
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    check_keys(set(model.state_dict().keys()), set(state), tied)
+    expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in prebuilt)}
+    check_keys(expected, set(state), tied)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.model.rotary_emb.reset_buffers(device)

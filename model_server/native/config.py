@@ -120,7 +120,7 @@ def unsupported_reason(cfg: dict[str, Any] | None) -> str | None:
     if (cfg.get("hidden_act") or "silu") != "silu":
         return f"hidden_act {cfg.get('hidden_act')!r}"
     for key in ("per_layer_config", "quantization_config", "auto_map"):
-        if cfg.get(key):
+        if cfg.get(key) and not (key == "quantization_config" and _repackable(cfg)):
             return f"{key} in config.json"
     rp = rope_parameters(cfg)
     if not isinstance(rp, dict) or any(isinstance(v, dict) for v in rp.values()):
@@ -141,6 +141,13 @@ def unsupported_reason(cfg: dict[str, Any] | None) -> str | None:
     if c.num_attention_heads % c.num_key_value_heads or c.head_dim % 2:
         return "head layout"
     return None
+
+
+def _repackable(cfg: dict[str, Any]) -> bool:
+    """A GPTQ checkpoint the build repacks into INT4 linears (:mod:`model_server.gptq_repack`)."""
+    from model_server.gptq_repack import unsupported_reason as gptq_reason
+
+    return gptq_reason(cfg) is None
 
 
 def parse(cfg: dict[str, Any]) -> NativeConfig:

@@ -73,6 +73,10 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
         return None
     if len({p.bias is None for p in parts}) != 1:
         return None
+    perm = p0.input_perm          # GPTQ act order: parts that read one input share its order (same Hessian)
+    if any((p.input_perm is None) != (perm is None) or (perm is not None and not torch.equal(p.input_perm, perm))
+           for p in parts):
+        return None
     # int4pack layouts: dim 0 of the packed weight is whole blocks of output rows (N/8 on CUDA, every N
     # is a multiple of 8 (int4.fits); N on CPU and for plain nibbles); dim 1 of scales_and_zeros
     # [K/g, N, 2] is the output row. Triton's layout: packed [N, K/2] rows, scales/zeros [K/g, N] columns.
@@ -82,6 +86,7 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     merged.in_features, merged.out_features = p0.in_features, sum(p.out_features for p in parts)
     merged.group_size, merged.kernel, merged.compute_dtype = p0.group_size, p0.kernel, p0.compute_dtype
     merged.rows_kernel = p0.rows_kernel
+    merged.register_buffer("input_perm", perm)
     packed = {}
     for name, dim in (("weight_packed", 0), ("scales_and_zeros", 1), ("triton_packed", 0), ("triton_scales", 1),
                       ("triton_zeros", 1)):
