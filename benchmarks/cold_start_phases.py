@@ -80,7 +80,8 @@ def wait_fused(url: str, timeout_s: float) -> dict:
 
 PHASES = [("imports_s", "process_start", "load_start"), ("cuda_init_s", "load_start", "cuda_init_end"),
           ("read_s", "load_start", "read_end"), ("build_s", "load_start", "build_end"),
-          ("prewarm_s", "load_start", "prewarm_end"), ("quantize_s", "build_end", "quantize_end"), ("load_s", "load_start", "load_end"),
+          ("prewarm_s", "load_start", "prewarm_end"), ("quantize_s", "quantize_start", "quantize_end"),
+          ("load_s", "load_start", "load_end"),
           ("warmup_s", "load_end", "warmup_end")]
 
 

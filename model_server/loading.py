@@ -52,7 +52,8 @@ class LoadedModel:
     devices: list[dict[str, Any]] = field(default_factory=list)
     load_path: str = "from_pretrained"   # "native" | "direct" (model_server.fast_load) | "from_pretrained"
     token_byte_facts: tuple[int, Any] | None = None   # api_common.token_byte_facts(tokenizer), worked out at load
-    # wall-clock epochs of load sub-phase ends: cuda_init_end, read_end, build_end (direct path), quantize_end
+    # wall-clock epochs of load sub-phase ends: cuda_init_end, read_end, build_end (direct path), prewarm_end,
+    # quantize_start and quantize_end (int4: it starts once the load's threads are done, the pre-warm included)
     load_marks: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -205,6 +206,7 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
     if quantization == "int4":
         from model_server.int4 import quantize_model
 
+        marks["quantize_start"] = time.time()
         try:
             quantize_model(model, group_size=int(os.environ.get("MODEL_SERVER_INT4_GROUP_SIZE", "128")))
         except ValueError as exc:

@@ -230,9 +230,11 @@ def test_native_load_imports_no_transformers(tiny_model_dir):
     code = ("import sys; from model_server.loading import load_model; "
             f"m = load_model({tiny_model_dir!r}, 'cpu', 'int4', native=True); "
             "print(m.load_path, type(m.tokenizer).__name__, sorted(m.load_marks), "
-            "[k for k in ('transformers', 'torch._dynamo', 'sympy') if k in sys.modules])")
+            "[k for k in ('transformers', 'torch._dynamo', 'sympy') if k in sys.modules], "
+            "m.load_marks['prewarm_end'] <= m.load_marks['quantize_start'] <= m.load_marks['quantize_end'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "MODEL_SERVER_PREWARM": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
+    # the INT4 quantize starts once the load's threads are done, the pre-warm included (quantize_start)
     assert out.stdout.split("\n")[0] == ("native NativeTokenizer ['build_end', 'prewarm_end', 'quantize_end', "
-                                         "'read_end'] []"), out.stdout + out.stderr[-2000:]
+                                         "'quantize_start', 'read_end'] [] True"), out.stdout + out.stderr[-2000:]
