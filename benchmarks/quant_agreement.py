@@ -168,12 +168,12 @@ def load_format(q: str, model_dir: Path, out: Path, device: str, facts, held, se
     transformers model computing the same (the native build, which GPTQ's repack uses, has no ``forward``)."""
     from model_server.loading import load_model
 
-    if q == "int4-head16":
+    if q in ("int4-head16", "int4-minmax", "int4-search"):
         from model_server.int4 import quantize_model
         from model_server.weights import measure_weight_bytes
 
         loaded = load_model(str(model_dir), device, "bf16")
-        quantize_model(loaded.model, 128, lm_head=False)
+        quantize_model(loaded.model, 128, lm_head=q != "int4-head16", clip_search=q != "int4-minmax")
         loaded.weight_bytes = measure_weight_bytes(loaded.model)
         return loaded, loaded.model
     if q not in ("gptq", "gptq-act"):
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     quants = args.quants.split(",")
     if quants[0] != "bf16" or args.steps < 1 or args.eval < 3:
         ap.error("--quants must start with bf16; --steps >= 1; --eval >= 3")
-    unknown = set(quants) - {"bf16", "int4", "int4-head16", "nf4", "gptq", "gptq-act"}
+    unknown = set(quants) - {"bf16", "int4", "int4-head16", "int4-minmax", "int4-search", "nf4", "gptq", "gptq-act"}
     if unknown:
         ap.error(f"unknown format(s) in --quants: {', '.join(sorted(unknown))}")
     if {"gptq", "gptq-act"} & set(quants):

@@ -46,6 +46,8 @@ TINYGEMM_MAX_ROWS = 8        # with rows_kernel "triton": steps of more rows tha
 GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this many rows run int4_gemv
 KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm")
 AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton (from the H200 sweep)
+CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)   # group_ranges' candidates
+SEARCH_CHUNK = 1 << 24       # weights quantized at once (bounds the range search's temporaries)
 
 
 @dataclass(frozen=True)
@@ -98,17 +100,44 @@ def device_compute(device: torch.device | str) -> ComputeChoice:
     return choose_compute(device.type, cap, triton, mode)
 
 
-def quantize_groupwise(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [N, K]`` -> ``(q uint8 [N, K] in 0..15, scales_and_zeros float32 [K/group_size, N, 2])``."""
+def group_ranges(g: torch.Tensor, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range ``[lo, hi]`` each group of ``g`` (float32 ``[rows, groups, group_size]``) spreads its 16 levels over.
+
+    Min-max, or with ``search`` the min-max range times the ratio from ``CLIP_RATIOS`` whose rounding error (sum of
+    squares over the group, the clipped outliers' error included) is smallest: clipping a few outliers buys a finer
+    step for the rest (as llama.cpp's and AWQ's quantizers search). 1.0 is a candidate, so it is never worse."""
+    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+    if not search:
+        return lo, hi
+    best = best_lo = best_hi = None
+    for r in CLIP_RATIOS:
+        lo_r, hi_r = lo * r, hi * r
+        scale = ((hi_r - lo_r) / 15).clamp_min(1e-8)
+        err = ((((g - lo_r) / scale).round_().clamp_(0, 15) * scale + lo_r - g) ** 2).sum(dim=-1, keepdim=True)
+        if best is None:
+            best, best_lo, best_hi = err, lo_r, hi_r
+            continue
+        take = err < best
+        best = torch.where(take, err, best)
+        best_lo, best_hi = torch.where(take, lo_r, best_lo), torch.where(take, hi_r, best_hi)
+    return best_lo, best_hi
+
+
+def quantize_groupwise(w: torch.Tensor, group_size: int,
+                       clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> ``(q uint8 [N, K] in 0..15, scales_and_zeros float32 [K/group_size, N, 2])``, each group over
+    :func:`group_ranges` (``clip_search``: the searched range, else min-max); rows in chunks of at most
+    ``SEARCH_CHUNK`` weights, so the search's temporaries stay a few times that."""
     n, k = w.shape
-    g = w.detach().float().reshape(n, k // group_size, group_size)
-    lo = g.amin(dim=-1, keepdim=True)
-    hi = g.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp_min(1e-8)
-    q = ((g - lo) / scale).round_().clamp_(0, 15).to(torch.uint8).reshape(n, k)
-    zero = lo + 8 * scale
-    sz = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()       # [K/g, N, 2]
-    return q, sz
+    rows = max(1, SEARCH_CHUNK // k)
+    qs, szs = [], []
+    for i in range(0, n, rows):
+        g = w[i:i + rows].detach().float().reshape(-1, k // group_size, group_size)
+        lo, hi = group_ranges(g, clip_search)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        qs.append(((g - lo) / scale).round_().clamp_(0, 15).to(torch.uint8).reshape(-1, k))
+        szs.append(torch.cat([scale, lo + 8 * scale], dim=-1))               # [rows, K/g, 2]: scale, zero
+    return torch.cat(qs), torch.cat(szs).transpose(0, 1).contiguous()     # [K/g, N, 2]
 
 
 def dequantize_groupwise(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -142,12 +171,12 @@ class Int4Linear(nn.Module):
     :mod:`model_server.gptq_repack`). ``input_perm`` (a GPTQ act-order checkpoint): the layer's groups
     are contiguous in a permuted order of the input columns, so ``x`` is gathered into that order first."""
 
-    def __init__(self, linear: nn.Linear, group_size: int, choice: ComputeChoice) -> None:
+    def __init__(self, linear: nn.Linear, group_size: int, choice: ComputeChoice, clip_search: bool = False) -> None:
         super().__init__()
         if not fits(linear, group_size):
             n, k = linear.weight.shape
             raise ValueError(f"cannot quantize a [{n}, {k}] linear with group size {group_size}")
-        q, sz = quantize_groupwise(linear.weight, group_size)
+        q, sz = quantize_groupwise(linear.weight, group_size, clip_search)
         self._hold(q.to(linear.weight.device), sz, group_size, choice,
                    None if linear.bias is None else linear.bias.detach(), None)
 
@@ -226,7 +255,7 @@ class Int4Linear(nn.Module):
 
 
 def quantize_model(model: nn.Module, group_size: int = 128, choice: ComputeChoice | None = None,
-                   lm_head: bool = True) -> int:
+                   lm_head: bool = True, clip_search: bool = False) -> int:
     """Replace the decoder's ``nn.Linear`` layers (and ``lm_head`` unless ``lm_head=False``) in place.
 
     Layers whose shape the int4pack layout cannot hold (see :func:`fits`) stay as they are; ValueError
@@ -246,7 +275,7 @@ def quantize_model(model: nn.Module, group_size: int = 128, choice: ComputeChoic
     for name in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, Int4Linear(getattr(parent, attr), group_size, choice))
+        setattr(parent, attr, Int4Linear(getattr(parent, attr), group_size, choice, clip_search))
     if lm_head and "lm_head" in targets:
         model.config.tie_word_embeddings = False
         if hasattr(model, "_tied_weights_keys"):
