@@ -6,7 +6,8 @@ argmax and the token-match rate says nothing about the formats (docs/benchmarks.
 facts about made-up entities (recall), counting (a rule) and sums (a harder rule). Then, for each ``--quants``
 format, the model is loaded as ``model-server serve`` loads it (``model_server.loading.load_model``: ``int4`` is
 our group-wise INT4 with PyTorch's int4pack kernels, ``nf4`` bitsandbytes; ``int4-head16`` is ``int4`` with the LM
-head left in bf16; ``gptq`` and ``gptq-act`` are GPTQ checkpoints made by gptqmodel (group 128, calibrated on 256
+head left in bf16, ``int4-minmax`` and ``int4-search`` ``int4`` with each group's range from min-max or from
+``int4.group_ranges``' clip search; ``gptq`` and ``gptq-act`` are GPTQ checkpoints made by gptqmodel (group 128, calibrated on 256
 generated sentences; ``gptq-act`` with act order) and served as ``serve --engine fast`` serves them, repacked onto
 the ``int4`` kernels with the LM head in bf16: they need gptqmodel, e.g. ``scripts/check_gptq.sh``'s venv), every
 held-out prompt is decoded
@@ -173,7 +174,7 @@ def load_format(q: str, model_dir: Path, out: Path, device: str, facts, held, se
         from model_server.weights import measure_weight_bytes
 
         loaded = load_model(str(model_dir), device, "bf16")
-        quantize_model(loaded.model, 128, lm_head=q != "int4-head16", clip_search=q != "int4-minmax")
+        quantize_model(loaded.model, 128, lm_head=q != "int4-head16", clip_search=q == "int4-search")
         loaded.weight_bytes = measure_weight_bytes(loaded.model)
         return loaded, loaded.model
     if q not in ("gptq", "gptq-act"):
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", type=int, default=150, help="held-out prompts (a third per task)")
     ap.add_argument("--new-tokens", type=int, default=12)
     ap.add_argument("--quants", default="bf16,int4,nf4", help="formats to compare (bf16 first: the reference): bf16, "
-                    "int4, int4-head16, nf4, gptq, gptq-act (the last two need gptqmodel)")
+                    "int4, int4-head16, int4-minmax, int4-search, nf4, gptq, gptq-act (the last two need gptqmodel)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model is trained and each format runs")
     ap.add_argument("--commit", default=default_commit())
