@@ -51,6 +51,9 @@
 #                                            warm-up), bf16 and int4, fills the compile cache first (~5 min);
 #                                            COLD_VARIANTS picks them (after-tf*: transformers' build vs after*: native);
 #                                            $OUT gets card.txt, cold.log and cold/ (JSON, table, cold_logs.tgz)
+#   bash benchmarks/gpu_calls.sh gptq       # issue 17: GPTQ checkpoints on the int4 kernels (the fast engine's repack): steady
+#                                            state in-process, bf16 vs int4 vs a GPTQ-format copy with act order at 1/8/64
+#                                            (SS_QUANTS, SS_CONC change the set; 10 s windows) (~8 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
@@ -60,7 +63,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|cold|ctax" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -108,6 +111,12 @@ case "${1:-}" in
         --reps 30 --sweep-reps 10 --sweep-budget-s "${K2_BUDGET:-300}" --out "$out/kernels2" > "$out/kernels2.log" 2>&1
       echo "kernels2 rc $?"; grep -B2 -A9 "Whole step" "$out/kernels2.log"
     fi ;;
+  gptq)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout 560 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss_gptq" \
+      --quants "${SS_QUANTS:-bf16,int4,gptq-act}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
+      > "$out/steady_state.log" 2>&1
+    echo "steady_state rc $?"; tail -12 "$out/steady_state.log" ;;
   int4)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 150 python3 benchmarks/int4_kernels.py --no-sweep --ms 1,8,9,16,64,256 --reps 30 --out "$out/kernels" \

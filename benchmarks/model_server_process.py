@@ -1,6 +1,6 @@
 """A ``model-server serve`` subprocess for the benchmarks (model_server_throughput.py, steady_state.py,
-cold_start_phases.py), and the models it serves: synthesized (``model-server synth``) or quantized
-with gptqmodel; prompts of exact token counts cut from local text.
+cold_start_phases.py), and the models it serves: synthesized (``model-server synth``), quantized
+with gptqmodel, or written in GPTQ's format (:func:`gptq_checkpoint`); prompts of exact token counts cut from local text.
 
 Owns: starting, waiting for and stopping the server process; building its model directory.
 Must NOT: measure anything (the benchmarks do), or import the model server in this process.
@@ -52,6 +52,23 @@ def synth_model(preset: str, out: Path, seed: int) -> Path:
     subprocess.run([sys.executable, "-m", "model_server", "synth", str(target), "--preset", preset,
                     "--seed", str(seed), "--quiet"], check=True)
     return target
+
+
+def gptq_checkpoint(model_dir: Path, quant: str) -> Path:
+    """``model_dir`` written once as a 4-bit GPTQ-format checkpoint next to it (tests/gptq_support.py: group 128,
+    symmetric, format ``gptq``; round-to-nearest values, so its speed is GPTQ's and its accuracy is not; ``gptq-act``
+    with act order), which the fast engine repacks onto the ``int4`` kernels at load."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.gptq_support import write_gptq
+
+    dst = model_dir.parent / f"{model_dir.name}-{quant}"
+    if not (dst / "config.json").is_file():
+        if dst.exists():
+            import shutil
+            shutil.rmtree(dst)
+        write_gptq(model_dir, dst, group_size=128, fmt="gptq", sym=True, desc_act=quant == "gptq-act")
+        log(f"{quant}: wrote {dst}")
+    return dst
 
 
 def make_prompts(model_dir: Path, n: int, prompt_tokens: int) -> list[list[int]]:

@@ -12,6 +12,8 @@ Steps (results written to ``--out/steady_state.json`` as they exist):
    ``--concurrency`` (bf16 also at ``--http-concurrency``); decode-graph replay time alone at batch 1 and
    64 (device time per step without the host loop); greedy outputs on ``--agree-prompts`` prompts
    (free-running token match against bf16, and teacher-forced: this model's argmax on bf16's tokens);
+   (``gptq`` / ``gptq-act``: a GPTQ-format copy of the model, ``model_server_process.gptq_checkpoint``, loaded as ``serve --engine
+   fast`` loads it; its teacher-forced match is not computed: the native build has no ``forward``);
 4. HTTP: ``model-server serve --engine fast`` (bf16, started while step 3 loads bf16; one server per
    ``--api-workers`` value, e.g. ``0,4``: HTTP in the engine's process vs 4 API worker processes), cells at
    ``--http-concurrency`` with client processes (one per ``--client-streams`` streams, default 32)
@@ -45,11 +47,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from engine_measure import Energy, copy_bandwidth_bytes_per_s, kv_bytes_per_token  # noqa: E402
-from model_server_process import Server, synth_model  # noqa: E402
+from model_server_process import Server, gptq_checkpoint, synth_model  # noqa: E402
 from steady_load import Windows, cell_http, engine_rates, in_process, pct_ms, summarize  # noqa: E402
 from support import default_commit, log, percentile, utc_date  # noqa: E402
 
 PAPER_RHO_SYS = 6930.0
+GPTQ_FORMATS = ("gptq", "gptq-act")
 
 
 def int4_kernel_check(device: str) -> dict:
@@ -128,6 +131,9 @@ def agreement(model, prompts, mine, ref) -> dict:
     total = sum(len(y) for y in ref)
     prefix = [next((k for k, (a, b) in enumerate(zip(x, y)) if a != b), len(y)) for x, y in zip(mine, ref)]
     tf = 0
+    if getattr(model, "native", False):         # model_server.native's build runs only through the engine
+        return {"free_running_match": round(pos / total, 4), "mean_common_prefix": round(statistics.mean(prefix), 2),
+                "teacher_forced_match": None, "tokens": total}
     with torch.inference_mode():
         for p, y in zip(prompts, ref):
             ids = torch.tensor([p + y], device=model.device)
@@ -147,7 +153,10 @@ def run_quant(q, args, model_dir, device, bw, energy, report, save, start_server
     else:
         os.environ.pop("MODEL_SERVER_INT4_KERNELS", None)
     t = time.monotonic()
-    loaded = load_model(str(model_dir), device, quant)
+    if quant in GPTQ_FORMATS:       # a GPTQ-format checkpoint of the model, served as serve --engine fast serves it
+        loaded = load_model(str(gptq_checkpoint(model_dir, quant)), device, "none", native=True)
+    else:
+        loaded = load_model(str(model_dir), device, quant)
     entry = {"quant": q, "weight_bytes": loaded.weight_bytes, "dtype": loaded.dtype,
              "int4_kernel": getattr(loaded.model, "int4_kernel", None),
              "load_seconds": round(time.monotonic() - t, 2), "cells": [], "http": []}
@@ -222,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", default=None, help="use this model directory instead of synthesizing one")
     ap.add_argument("--out", required=True)
     ap.add_argument("--quants", default="bf16,int4,nf4",
-                    help="comma-separated; int4:auto|tinygemm|triton picks MODEL_SERVER_INT4_KERNELS for that load")
+                    help="comma-separated; int4:auto|tinygemm|triton picks MODEL_SERVER_INT4_KERNELS for that load; "
+                         "gptq, gptq-act: a GPTQ-format copy of the model (act order) on the fast engine's repack")
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--http-concurrency", default="64,256", help="bf16 only, in-process and HTTP ('' = none)")
     ap.add_argument("--api-workers", default="0", help="comma-separated: one HTTP server per value (serve --api-workers)")

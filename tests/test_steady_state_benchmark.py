@@ -18,14 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_steady_state_smoke(tmp_path, tiny_model_dir):
     out = tmp_path / "ss"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "steady_state.py"), "--preset", "tiny", "--model-dir", tiny_model_dir,
-           "--quants", "bf16,int4", "--concurrency", "2", "--http-concurrency", "2", "--window-s", "0.5", "--warm-s", "0.5",
+           "--quants", "bf16,int4,gptq-act", "--concurrency", "2", "--http-concurrency", "2", "--window-s", "0.5", "--warm-s", "0.5",
            "--new-tokens", "8", "--agree-prompts", "2", "--agree-tokens", "4", "--commit", "abc1234", "--out", str(out),
            "--api-workers", "0,1"]
     subprocess.run(cmd, check=True, timeout=600, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     r = json.loads((out / "steady_state.json").read_text())
     assert r["commit"] == "abc1234" and r["card"] == "cpu" and r["date"] and "steady_state.py" in r["command"]
     quants = {q["quant"]: q for q in r["quants"]}
-    assert set(quants) == {"bf16", "int4"} and quants["int4"]["weight_bytes"] < quants["bf16"]["weight_bytes"]
+    assert set(quants) == {"bf16", "int4", "gptq-act"}
+    assert quants["int4"]["weight_bytes"] < quants["bf16"]["weight_bytes"]
+    # a GPTQ-format copy (act order) served through the fast engine's repack: INT4 linears, bf16 LM head
+    assert quants["gptq-act"]["int4_kernel"] == "cpu-int4pack"
+    assert quants["gptq-act"]["weight_bytes"] < quants["bf16"]["weight_bytes"]
+    assert quants["gptq-act"]["agreement_vs_bf16"]["teacher_forced_match"] is None
     for q in quants.values():
         assert [c["concurrency"] for c in q["cells"]] == [2]
         for c in q["cells"]:
