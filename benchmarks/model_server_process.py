@@ -55,11 +55,11 @@ def synth_model(preset: str, out: Path, seed: int) -> Path:
 
 
 def gptq_checkpoint(model_dir: Path, quant: str) -> Path:
-    """``model_dir`` written once as a 4-bit GPTQ-format checkpoint next to it (tests/gptq_support.py: group 128,
+    """``model_dir`` written once as a 4-bit GPTQ-format checkpoint next to it (tests/int4_checkpoints.py: group 128,
     symmetric, format ``gptq``; round-to-nearest values, so its speed is GPTQ's and its accuracy is not; ``gptq-act``
     with act order), which the fast engine repacks onto the ``int4`` kernels at load."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.gptq_support import write_gptq
+    from tests.int4_checkpoints import write_gptq
 
     dst = model_dir.parent / f"{model_dir.name}-{quant}"
     if not (dst / "config.json").is_file():

@@ -182,7 +182,7 @@ def load_format(q: str, model_dir: Path, out: Path, device: str, facts, held, se
         return loaded, loaded.model
     from safetensors.torch import load_file
 
-    from model_server import gptq_repack
+    from model_server import int4_repack
     from model_server.int4 import device_compute
 
     ckpt = gptq_checkpoint(model_dir, out / q, q == "gptq-act", facts, held, seed, device)
@@ -190,8 +190,8 @@ def load_format(q: str, model_dir: Path, out: Path, device: str, facts, held, se
     assert loaded.load_path == "native" and loaded.quantization == "gptq", (loaded.load_path, loaded.quantization)
     hf = load_model(str(model_dir), device, "bf16").model
     state = load_file(str(ckpt / "model.safetensors"), device=device)
-    spec = gptq_repack.spec(json.loads((ckpt / "config.json").read_text()))
-    for name, lin in gptq_repack.take_linears(state, spec, device_compute(device)).items():
+    spec = int4_repack.spec(json.loads((ckpt / "config.json").read_text()))
+    for name, lin in int4_repack.take_linears(state, spec, device_compute(device)).items():
         parent, _, attr = name.rpartition(".")
         setattr(hf.get_submodule(parent), attr, lin)
     hf.load_state_dict(state, strict=False)

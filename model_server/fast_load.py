@@ -42,22 +42,21 @@ def enabled() -> bool:
 
 
 def unsupported_reason(model_id: str, quantization: str, config: dict[str, Any] | None,
-                       gptq: bool = False) -> str | None:
+                       repack: bool = False) -> str | None:
     """Why the direct path cannot load this model (None: it can). Reads only config.json and file names.
-    ``gptq``: the caller builds the native model, which takes a GPTQ checkpoint that
-    :mod:`model_server.gptq_repack` can repack (with ``--quantization none`` or ``gptq``)."""
+    ``repack``: the caller builds the native model, which takes a GPTQ or AWQ checkpoint that
+    :mod:`model_server.int4_repack` can repack (with ``--quantization none``, or ``gptq`` for GPTQ)."""
     if not enabled():
         return "MODEL_SERVER_DIRECT_LOAD=0"
     path = Path(model_id)
     if config is None or not path.is_dir():
         return "not a local model directory"
-    repack = None
-    if gptq and config.get("quantization_config") and quantization in ("none", "gptq"):
-        from model_server.gptq_repack import unsupported_reason as gptq_reason
+    if repack and config.get("quantization_config") and quantization in ("none", "gptq"):
+        from model_server.int4_repack import unsupported_reason as repack_reason
 
-        repack = gptq_reason(config)
-        if repack is not None:
-            return f"pre-quantized checkpoint ({repack})"
+        why = repack_reason(config)
+        if why is not None:
+            return f"pre-quantized checkpoint ({why})"
     elif quantization not in DIRECT_QUANTIZATIONS:
         return f"--quantization {quantization}"
     elif config.get("quantization_config"):

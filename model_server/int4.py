@@ -170,7 +170,7 @@ class Int4Linear(nn.Module):
 
     Built from a float ``nn.Linear`` (quantized here, :func:`quantize_groupwise`) or, with
     :meth:`from_quantized`, from 4-bit values and scales that are already made (a GPTQ checkpoint,
-    :mod:`model_server.gptq_repack`). ``input_perm`` (a GPTQ act-order checkpoint): the layer's groups
+    :mod:`model_server.int4_repack`). ``input_perm`` (a GPTQ act-order checkpoint): the layer's groups
     are contiguous in a permuted order of the input columns, so ``x`` is gathered into that order first."""
 
     def __init__(self, linear: nn.Linear, group_size: int, choice: ComputeChoice, clip_search: bool = False) -> None:

@@ -6,14 +6,15 @@ Counting what the loaded tensors hold is :mod:`model_server.weights`'s; this mod
 generation (one settling forward for GPTQ kernels excepted) or pick an engine.
 
 Quantization choices:
-* ``none``: the checkpoint's own dtype (or its own pre-quantized format, e.g. a GPTQ checkpoint);
+* ``none``: the checkpoint's own dtype (or its own pre-quantized format, e.g. a GPTQ checkpoint; with the fast
+  engine GPTQ and AWQ checkpoints are repacked onto the INT4 kernels, :mod:`model_server.int4_repack`);
 * ``fp16`` / ``bf16``: cast on load;
 * ``nf4``: bitsandbytes 4-bit NF4 with double quantization (the paper's INT4 path);
 * ``int8``: bitsandbytes LLM.int8();
 * ``int4``: group-wise INT4 weight-only from a bf16/fp16 checkpoint at load, PyTorch's int4pack kernels
   (see :mod:`model_server.int4`; compute dtype bf16, fp16 below compute capability 8.0);
 * ``gptq``: a pre-quantized GPTQ checkpoint. With the fast engine (the native build) its 4-bit linears are
-  repacked into the INT4 kernels' layout (:mod:`model_server.gptq_repack`, no gptqmodel); otherwise through
+  repacked into the INT4 kernels' layout (:mod:`model_server.int4_repack`, no gptqmodel); otherwise through
   gptqmodel + optimum (auto-gptq cannot import with transformers 5; see docs/model_server.md).
 """
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _load_weights(model_id: str, device: str, kwargs: dict[str, Any], marks: dic
                   fallback_kwargs: Any = None) -> tuple[Any, str]:
     """The model, by the direct path (:mod:`model_server.fast_load`; ``read`` is the future of its
     weights; ``native``: built by :mod:`model_server.native`, no transformers) unless ``reason`` says why
-    not or it finds one, else by ``from_pretrained`` (with ``fallback_kwargs()`` where given: a GPTQ
+    not or it finds one, else by ``from_pretrained`` (with ``fallback_kwargs()`` where given: a GPTQ or AWQ
     checkpoint the native build could not repack needs gptqmodel there); logs which path was used and why.
     Returns ``(model, path name)``: ``native``, ``direct`` or ``from_pretrained``."""
     from model_server import fast_load
@@ -158,16 +159,16 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
     if native:
         from model_server.native.config import unsupported_reason as native_reason
 
-        why = fast_load.unsupported_reason(model_id, quantization, config, gptq=True) or native_reason(config)
+        why = fast_load.unsupported_reason(model_id, quantization, config, repack=True) or native_reason(config)
         if why is not None:
             log.info("native model: no (%s)", why)
         native = why is None
         reason = None if native else reason
-    repacked = native and bool((config or {}).get("quantization_config"))      # GPTQ into INT4 linears
+    repacked = native and bool((config or {}).get("quantization_config"))      # GPTQ/AWQ into INT4 linears
     view: Future = Future()     # the pre-warm's own dict of the read tensors (the build casts and clears its own)
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="load") as pool:
         read = pool.submit(fast_load.read_weights, model_id, device, marks, view) if reason is None else None
-        kwargs = quantization_kwargs(quantization, device, config, gptq_repacked=repacked)
+        kwargs = quantization_kwargs(quantization, device, config, int4_repacked=repacked)
         from model_server.engines.fast import prewarm     # torch only
 
         if read is not None and prewarm.enabled(device):   # one-off kernel costs, paid while the model is built

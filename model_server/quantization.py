@@ -42,14 +42,14 @@ def _bnb_compute_dtype(device_type: str):
 
 
 def quantization_kwargs(quantization: str, device_type: str, config: dict[str, Any] | None,
-                        gptq_repacked: bool = False) -> dict[str, Any]:
-    """``gptq_repacked``: a GPTQ checkpoint that :mod:`model_server.gptq_repack` turns into INT4 linears (the
+                        int4_repacked: bool = False) -> dict[str, Any]:
+    """``int4_repacked``: a GPTQ or AWQ checkpoint that :mod:`model_server.int4_repack` turns into INT4 linears (the
     native build): no gptqmodel, and the rest of the model in the INT4 kernels' compute dtype."""
     import torch
 
     existing = (config or {}).get("quantization_config") or {}
     method = quant_method_name(existing.get("quant_method", ""))
-    if method == "gptq" and quantization in ("none", "gptq") and gptq_repacked:
+    if method in ("gptq", "awq") and quantization in ("none", "gptq") and int4_repacked:
         from model_server.int4 import choose_compute
 
         cap = torch.cuda.get_device_capability() if device_type == "cuda" else None

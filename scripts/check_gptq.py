@@ -8,8 +8,9 @@ the default ``--quantization none`` (the loader must detect GPTQ from config.jso
 server send a streamed OpenAI completion (openai client, usage chunk) and a TGI ``/generate`` and compare
 the greedy tokens with the reference; check ``/info`` (quantization gptq, weight_bytes < 1/2 of fp32);
 check that ``--quantization gptq`` on an unquantized checkpoint fails in one line; check that the fast engine's GPTQ
-repack (model_server.gptq_repack) holds the weights gptqmodel computes with, on gptqmodel's checkpoint and on
-tests/gptq_support.py's (act order, asymmetric, formats gptq and gptq_v2), and serve it with ``--engine fast``.
+repack (model_server.int4_repack) holds the weights gptqmodel computes with, on gptqmodel's checkpoint and on
+tests/int4_checkpoints.py's (act order, asymmetric, formats gptq and gptq_v2; and an AWQ one against gptqmodel's AWQ
+dequantization), and serve gptqmodel's checkpoint with ``--engine fast``.
 Exit status 1 on any
 failed check. Results: a table on stdout and ``summary.json`` under ``--work``.
 """
@@ -28,6 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from support import free_port, stop_process  # noqa: E402  (benchmarks/support.py)
+
+import check_repack  # noqa: E402  (scripts/check_repack.py, next to this file)
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # before gptqmodel is imported (2-core machines)
 
@@ -146,34 +149,6 @@ def reference(model_dir: Path, dtype: Any, new_tokens: int) -> dict[str, Any]:
     return out
 
 
-def repack_agreement(c: Checks, ckpt: Path, label: str) -> float | None:
-    """Each GPTQ linear's weight as gptqmodel dequantizes it (``dequantize_weight()``, fp16 [K, N]; transformers'
-    load) against model_server.gptq_repack's INT4 linear in fp32 (dequantize, then matmul) applied to the identity,
-    rounded to fp16: both are ``scales * (q - zero)`` rounded once, so they must be equal bit for bit."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from model_server import gptq_repack
-    from model_server.int4 import ComputeChoice
-
-    model = AutoModelForCausalLM.from_pretrained(ckpt, device_map="cpu", dtype=torch.float32).eval()
-    ours = gptq_repack.take_linears(load_file(str(ckpt / "model.safetensors")),
-                                    gptq_repack.spec(json.loads((ckpt / "config.json").read_text())),
-                                    ComputeChoice(torch.float32, "dequant", "check: fp32"))
-    worst, equal = 0.0, 0
-    with torch.no_grad():
-        for name, lin in ours.items():
-            theirs = model.get_submodule(name).dequantize_weight().float()
-            got = lin(torch.eye(lin.in_features)).half().float()
-            worst = max(worst, float((got - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12)))
-            equal += int(torch.equal(got, theirs))
-    ok = c.check(f"repack: {label}: weights equal gptqmodel's dequantize_weight() bit for bit",
-                 bool(ours) and equal == len(ours), f"{equal} of {len(ours)} linears; largest difference {worst:.2e} "
-                 "of the weight's largest magnitude")
-    return worst if ok else None
-
-
 def check_server(c: Checks, label: str, srv: Server, ref: dict[str, Any], fp32_bytes: int,
                  new_tokens: int) -> dict[str, Any]:
     from openai import OpenAI
@@ -277,17 +252,8 @@ def main() -> int:
     summary["serve_none"] = check_server(c, "--quantization none (detected)", Server(
         gptq_dir, work / "serve-none.log", []), ref_auto, fp32_bytes, args.new_tokens)
 
-    # the fast engine's own INT4 kernels on GPTQ checkpoints (model_server.gptq_repack): gptqmodel's checkpoint and
-    # tests/gptq_support.py's (act order, asymmetric, both formats), each read back by gptqmodel
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.gptq_support import write_gptq
-
-    summary["repack"] = {"gptqmodel": repack_agreement(c, gptq_dir, "gptqmodel's checkpoint")}
-    for fmt in ("gptq", "gptq_v2"):
-        written = work / f"tiny-written-{fmt}"
-        subprocess.run(["rm", "-rf", str(written)], check=True)
-        write_gptq(src, written, group_size=32, fmt=fmt, sym=False, desc_act=True)
-        summary["repack"][fmt] = repack_agreement(c, written, f"written {fmt}, act order, asymmetric")
+    # the fast engine's own INT4 kernels on GPTQ and AWQ checkpoints (model_server.int4_repack)
+    summary["repack"] = check_repack.run(c, src, gptq_dir, work)
     fast = Server(gptq_dir, work / "serve-fast.log", ["--engine", "fast"])
     info = fast.wait_ready(180)
     if c.check("--engine fast: server ready", info is not None, "" if info else fast.log_tail()):

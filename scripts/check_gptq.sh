@@ -6,7 +6,7 @@
 #   `model-server serve --quantization gptq` and with the default `--quantization none`, sends a streamed
 #   OpenAI completion and a TGI /generate to each, compares the greedy tokens with plain
 #   `AutoModelForCausalLM.from_pretrained(...).generate`, checks /info (quantization, weight_bytes); checks the
-#   fast engine's GPTQ repack (model_server/gptq_repack.py) bit for bit against gptqmodel's dequantized weights
+#   fast engine's GPTQ repack (model_server/int4_repack.py) bit for bit against gptqmodel's dequantized weights
 #   and serves the checkpoint with --engine fast.
 # Exit status: 0 when every check passed, 1 otherwise. Not part of the test suite (about 1-3 minutes).
 # Usage: bash scripts/check_gptq.sh [--keep-venv] [--work DIR]

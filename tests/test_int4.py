@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from model_server.engines.base import GenerationRequest, SamplingParams
+from model_server import int4
 from model_server.int4 import (ComputeChoice, Int4Linear, choose_compute, dequantize_groupwise,
                                quantize_groupwise, quantize_model)
 from tests.conftest import start_model_server
@@ -30,6 +31,33 @@ def test_quantization_error_is_within_half_a_step(group):
     step = sz[..., 0].transpose(0, 1).repeat_interleave(group, dim=1)      # [N, K] per-weight scale
     assert bool(((back - w).abs() <= step / 2 + 1e-6).all())
     assert _rel(back, w) < 0.1
+
+
+def _group_sq_err(w: torch.Tensor, group: int, search: bool) -> torch.Tensor:
+    q, sz = quantize_groupwise(w, group, clip_search=search)
+    return ((dequantize_groupwise(q, sz, group) - w) ** 2).reshape(w.shape[0], -1, group).sum(-1)
+
+
+def test_clip_search_is_never_worse_than_min_max_per_group():
+    """Heavy-tailed weights (Student t, 3 degrees of freedom, like trained layers' outliers): per group, the searched
+    range's squared error is at most min-max's, and over the layer clearly lower."""
+    torch.manual_seed(7)
+    w = torch.distributions.StudentT(3.0).sample((96, 512)) * 0.02
+    mm, se = _group_sq_err(w, 64, False), _group_sq_err(w, 64, True)
+    assert bool((se <= mm * (1 + 1e-6) + 1e-12).all())
+    assert float(se.sum() / mm.sum()) < 0.95
+
+
+def test_clip_search_clips_an_outlier_and_keeps_the_layout(monkeypatch):
+    w = torch.linspace(-1, 1, 128).repeat(8, 1)
+    w[:, 5] = 6.0                                        # one outlier per group of 128
+    q, sz = quantize_groupwise(w, 128, clip_search=True)
+    q0, sz0 = quantize_groupwise(w, 128)
+    assert bool((sz[..., 0] < sz0[..., 0]).all())        # a finer step: the range was clipped
+    assert float(_group_sq_err(w, 128, True).sum()) < float(_group_sq_err(w, 128, False).sum())
+    monkeypatch.setattr(int4, "SEARCH_CHUNK", 3 * 128)   # rows in chunks of 3: the same result
+    q2, sz2 = quantize_groupwise(w, 128, clip_search=True)
+    assert torch.equal(q, q2) and torch.equal(sz, sz2)
 
 
 @pytest.mark.parametrize("kernel,dtype", [("cpu-int4pack", torch.bfloat16), ("cpu-int4pack", torch.float32),

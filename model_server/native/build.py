@@ -4,8 +4,8 @@ What :mod:`model_server.fast_load` does with transformers' model, without transf
 device (:func:`.modeling.build_on_meta`), cast the tensors to the target dtype where they are, assign them by
 name (``load_state_dict(assign=True)``: no copy), tie the embeddings, compute the rotary buffers on the CPU
 and place them (as transformers' ``_init_weights`` does), leave every parameter with ``requires_grad`` on and
-the model in eval mode (as ``from_pretrained`` does). A GPTQ checkpoint's linears go in as INT4 linears
-(:mod:`model_server.gptq_repack`). A key mismatch raises :class:`model_server.fast_load.DirectLoadUnsupported`,
+the model in eval mode (as ``from_pretrained`` does). A GPTQ or AWQ checkpoint's linears go in as INT4 linears
+(:mod:`model_server.int4_repack`). A key mismatch raises :class:`model_server.fast_load.DirectLoadUnsupported`,
 and the caller falls back. Owns only that assembly.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def build_native(model_id: str, device: str, dtype: Any, state: dict[str, torch.
     config = parse(raw)
     linears: dict[str, Any] = {}
     if raw.get("quantization_config"):
-        linears, dtype = _gptq_linears(raw, device, state)
+        linears, dtype = _repacked_linears(raw, device, state)
         config.quantization_config = dict(raw["quantization_config"])
         config.tie_word_embeddings = config.tie_word_embeddings and "lm_head" not in linears
     elif dtype == "auto":
@@ -58,23 +58,23 @@ def build_native(model_id: str, device: str, dtype: Any, state: dict[str, torch.
     return model
 
 
-def _gptq_linears(raw: dict[str, Any], device: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], Any]:
-    """A GPTQ checkpoint's linears as INT4 linears (their tensors taken out of ``state``) and the compute dtype
+def _repacked_linears(raw: dict[str, Any], device: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], Any]:
+    """A GPTQ or AWQ checkpoint's linears as INT4 linears (their tensors taken out of ``state``) and the compute dtype
     of :func:`model_server.int4.device_compute`, which the rest of the model is cast to."""
-    from model_server import gptq_repack
+    from model_server import int4_repack
     from model_server.int4 import device_compute
 
     choice = device_compute(device)
     try:
-        return gptq_repack.take_linears(state, gptq_repack.spec(raw), choice), choice.dtype
-    except gptq_repack.GptqUnsupported as exc:
+        return int4_repack.take_linears(state, int4_repack.spec(raw), choice), choice.dtype
+    except int4_repack.RepackUnsupported as exc:
         raise DirectLoadUnsupported(str(exc)) from None
 
 
 def assemble(model: NativeCausalLM, state: dict[str, torch.Tensor], device: str,
              prebuilt: frozenset[str] | set[str] = frozenset()) -> None:
     """Assign ``state`` into the meta-built ``model``, tie, place the rotary buffers; nothing may stay on meta.
-    ``prebuilt``: modules already in place with their own tensors (GPTQ's INT4 linears), not read from ``state``."""
+    ``prebuilt``: modules already in place with their own tensors (repacked INT4 linears), not read from ``state``."""
     tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     expected = {k for k in model.state_dict() if not any(k.startswith(p + ".") for p in prebuilt)}
     check_keys(expected, set(state), tied)

@@ -144,10 +144,10 @@ def unsupported_reason(cfg: dict[str, Any] | None) -> str | None:
 
 
 def _repackable(cfg: dict[str, Any]) -> bool:
-    """A GPTQ checkpoint the build repacks into INT4 linears (:mod:`model_server.gptq_repack`)."""
-    from model_server.gptq_repack import unsupported_reason as gptq_reason
+    """A GPTQ or AWQ checkpoint the build repacks into INT4 linears (:mod:`model_server.int4_repack`)."""
+    from model_server.int4_repack import unsupported_reason as repack_reason
 
-    return gptq_reason(cfg) is None
+    return repack_reason(cfg) is None
 
 
 def parse(cfg: dict[str, Any]) -> NativeConfig:

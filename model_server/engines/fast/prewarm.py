@@ -74,10 +74,10 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def stand_in(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype,
-             int4_choice: Any = None, group_size: int = 128, gptq: Any = None) -> nn.Module:
+             int4_choice: Any = None, group_size: int = 128, repack: Any = None) -> nn.Module:
     """A one-layer model named like ``config``'s architecture, with layer 0's weights from ``state`` (cast
     to ``dtype`` where stored otherwise) and INT4 linears when ``int4_choice`` (``int4.ComputeChoice``): quantized
-    here, or repacked from a GPTQ checkpoint's tensors when ``gptq`` (``gptq_repack.GptqSpec``)."""
+    here, or repacked from a GPTQ/AWQ checkpoint's tensors when ``repack`` (``int4_repack.RepackSpec``)."""
     arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
     heads, kv = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
     hidden = int(config["hidden_size"])
@@ -89,9 +89,10 @@ def stand_in(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torc
         return None if t is None else t if t.dtype == dtype else t.to(dtype)
 
     def lin(key: str) -> nn.Module:
-        if gptq is not None and key + ".qweight" in state:
-            from model_server.gptq_repack import PARTS, repack
-            return repack({p: state[f"{key}.{p}"] for p in PARTS if f"{key}.{p}" in state}, gptq, int4_choice, key)
+        if repack is not None and key + ".qweight" in state:
+            from model_server import int4_repack
+            return int4_repack.repack({p: state[f"{key}.{p}"] for p in int4_repack.PARTS if f"{key}.{p}" in state},
+                                      repack, int4_choice, key)
         layer = _linear(w(key + ".weight"), w(key + ".bias"))
         if int4_choice is None:
             return layer
@@ -135,17 +136,17 @@ def prewarm(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch
 
     t0 = time.monotonic()
     device = next(iter(state.values())).device
-    choice = gptq = None
+    choice = repack = None
     if config.get("quantization_config"):
-        from model_server.gptq_repack import spec
-        gptq = spec(config)                 # the load repacks it (else it would not be on the direct path)
-    if quantization == "int4" or gptq is not None:
+        from model_server.int4_repack import spec
+        repack = spec(config)               # the load repacks it (else it would not be on the direct path)
+    if quantization == "int4" or repack is not None:
         from model_server.int4 import device_compute
         choice = device_compute(device)
         dtype = choice.dtype
     with torch.inference_mode():
         model = stand_in(config, state, dtype, choice, int(os.environ.get("MODEL_SERVER_INT4_GROUP_SIZE", "128")),
-                         gptq)
+                         repack)
         # bucketed (padded) eager prefill as the engine runs it on CUDA before its graphs exist
         # with MODEL_SERVER_FAST_DECODE_ATTN=1 the decode step also runs the attention kernel's check (its
         # compiles land in Triton's cache here, not at the first token)

@@ -1,8 +1,9 @@
-"""A GPTQ-format checkpoint written from a float one, for tests: the format as gptqmodel saves it, written
-independently of :mod:`model_server.gptq_repack` (numpy, one nibble at a time), and the weights it stands for.
+"""GPTQ- and AWQ-format checkpoints written from a float one, for tests: the formats as gptqmodel and AutoAWQ save
+them, written independently of :mod:`model_server.int4_repack` (numpy, one nibble at a time), and the weights they
+stand for.
 
-The values are round-to-nearest per group, not GPTQ's error-compensating solve: the repack reads the format,
-not how its numbers were chosen. ``scripts/check_gptq.py`` loads what this writes with gptqmodel itself.
+The values are round-to-nearest per group, not GPTQ's or AWQ's search: the repack reads the format, not how its
+numbers were chosen. ``scripts/check_gptq.py`` reads what this writes with gptqmodel itself.
 """
 from __future__ import annotations
 
@@ -64,24 +65,41 @@ def dequantize(q: np.ndarray, zeros: np.ndarray, scales: np.ndarray, g_idx: np.n
     return (scales.astype(np.float64)[g_idx] * (q - zeros[g_idx])).T
 
 
-def write_gptq(src: Path, dst: Path, group_size: int = 32, fmt: str = "gptq", sym: bool = True,
-               desc_act: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
-    """``dst``: ``src`` (a float ``model.safetensors`` directory) with every decoder linear in GPTQ format, the rest
-    fp16; returns each linear's dequantized weight (module name -> float64 [N, K]). ``desc_act``: a random column
-    order per input (shared by the linears that read one input, as GPTQ's act order is)."""
-    rng = np.random.default_rng(seed)
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)     # AWQ's packing: nibble p of an int32 holds output 8c + AWQ_ORDER[p]
+
+
+def _write(src: Path, dst: Path, qconfig: dict, one) -> dict[str, np.ndarray]:
+    """``dst``: ``src`` with every decoder linear replaced by ``one(name, w)``'s tensors (it returns them and the weight
+    they stand for), the rest fp16, ``qconfig`` as config.json's ``quantization_config``."""
     shutil.copytree(src, dst)
     state = load_file(str(src / "model.safetensors"))
     out: dict[str, torch.Tensor] = {}
     ref: dict[str, np.ndarray] = {}
-    orders: dict[str, np.ndarray] = {}
     for key, t in state.items():
         name = key[: -len(".weight")]
         suffix = name.split(".", 3)[-1] if name.startswith("model.layers.") else ""
         if suffix not in LINEARS or not key.endswith(".weight"):
             out[key] = t.to(torch.float16)
             continue
-        w = t.float().numpy()
+        tensors, ref[name] = one(name, suffix, t.float().numpy())
+        out.update({f"{name}.{part}": torch.from_numpy(v) for part, v in tensors.items()})
+    save_file(out, str(dst / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["dtype"] = "float16"
+    cfg["quantization_config"] = qconfig
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return ref
+
+
+def write_gptq(src: Path, dst: Path, group_size: int = 32, fmt: str = "gptq", sym: bool = True,
+               desc_act: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+    """``dst``: ``src`` (a float ``model.safetensors`` directory) with every decoder linear in GPTQ format, the rest
+    fp16; returns each linear's dequantized weight (module name -> float64 [N, K]). ``desc_act``: a random column
+    order per input (shared by the linears that read one input, as GPTQ's act order is)."""
+    rng = np.random.default_rng(seed)
+    orders: dict[str, np.ndarray] = {}
+
+    def one(name: str, suffix: str, w: np.ndarray):
         k = w.shape[1]
         g_idx = np.arange(k) // group_size
         if desc_act:
@@ -90,16 +108,24 @@ def write_gptq(src: Path, dst: Path, group_size: int = 32, fmt: str = "gptq", sy
             g_idx = np.empty(k, dtype=np.int64)
             g_idx[perm] = np.arange(k) // group_size
         q, zeros, scales = quantize(w, group_size, sym, g_idx, fmt == "gptq")
-        ref[name] = dequantize(q, zeros, scales, g_idx)
         stored = zeros - 1 if fmt == "gptq" else zeros
-        out[f"{name}.qweight"] = torch.from_numpy(_pack_rows(q))
-        out[f"{name}.qzeros"] = torch.from_numpy(_pack_cols(stored))
-        out[f"{name}.scales"] = torch.from_numpy(scales)
-        out[f"{name}.g_idx"] = torch.from_numpy(g_idx.astype(np.int32))
-    save_file(out, str(dst / "model.safetensors"))
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["dtype"] = "float16"
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act,
-                                  "sym": sym, "checkpoint_format": fmt, "true_sequential": True}
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
-    return ref
+        return ({"qweight": _pack_rows(q), "qzeros": _pack_cols(stored), "scales": scales,
+                 "g_idx": g_idx.astype(np.int32)}, dequantize(q, zeros, scales, g_idx))
+
+    return _write(src, dst, {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act,
+                             "sym": sym, "checkpoint_format": fmt, "true_sequential": True}, one)
+
+
+def write_awq(src: Path, dst: Path, group_size: int = 32) -> dict[str, np.ndarray]:
+    """``dst``: ``src`` with every decoder linear in AWQ's GEMM format (asymmetric, zero points; packed along the
+    outputs in AWQ's interleaved order), the rest fp16; returns each linear's dequantized weight."""
+    def one(name: str, suffix: str, w: np.ndarray):
+        k, n = w.shape[1], w.shape[0]
+        g_idx = np.arange(k) // group_size
+        q, zeros, scales = quantize(w, group_size, False, g_idx, False)
+        order = (np.arange(n).reshape(-1, 8)[:, list(AWQ_ORDER)]).reshape(-1)   # packed column p <- natural order[p]
+        return ({"qweight": _pack_cols(q[:, order]), "qzeros": _pack_cols(zeros[:, order]), "scales": scales},
+                dequantize(q, zeros, scales, g_idx))
+
+    return _write(src, dst, {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm",
+                             "zero_point": True}, one)

@@ -1,4 +1,4 @@
-"""GPTQ checkpoints on the fast engine's INT4 kernels (model_server.gptq_repack): no gptqmodel, same weights."""
+"""GPTQ checkpoints on the fast engine's INT4 kernels (model_server.int4_repack): no gptqmodel, same weights."""
 from __future__ import annotations
 
 import json
@@ -13,30 +13,36 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_server import fast_load, gptq_repack
+from model_server import fast_load, int4_repack
 from model_server.engines.fast.runner import ModelRunner
 from model_server.int4 import ComputeChoice, Int4Linear, device_compute
 from tests.conftest import start_model_server
-from tests.gptq_support import write_gptq
+from tests.int4_checkpoints import write_awq, write_gptq
 from tests.test_int4 import _greedy_fast, _greedy_hf
 
 FP32 = ComputeChoice(torch.float32, "dequant", "test: fp32, dequantize then matmul")
 CASES = [("gptq", True, False, 32), ("gptq", False, False, 64), ("gptq_v2", False, True, 32),
-         ("gptq", True, True, 128)]
+         ("gptq", True, True, 128), ("awq", False, False, 32), ("awq", False, False, 128)]
+
+
+def _write(src: Path, dst: Path, case: tuple, seed: int) -> dict:
+    fmt, sym, desc_act, group = case
+    if fmt == "awq":
+        return write_awq(src, dst, group)
+    return write_gptq(src, dst, group, fmt, sym, desc_act, seed=seed)
 
 
 @pytest.fixture(scope="module")
 def gptq_dirs(tiny_model_dir, tmp_path_factory):
-    """(format, sym, desc_act, group) -> (checkpoint dir, the weights it stands for)."""
-    base = tmp_path_factory.mktemp("gptq")
-    return {case: (d := base / "-".join(map(str, case)),
-                   write_gptq(Path(tiny_model_dir), d, case[3], case[0], case[1], case[2], seed=i))
+    """(format, sym, desc_act, group) -> (checkpoint dir, the weights it stands for); format gptq, gptq_v2 or awq."""
+    base = tmp_path_factory.mktemp("int4ckpt")
+    return {case: (d := base / "-".join(map(str, case)), _write(Path(tiny_model_dir), d, case, i))
             for i, case in enumerate(CASES)}
 
 
 def _linears(ckpt: Path, choice: ComputeChoice) -> dict[str, Int4Linear]:
-    sp = gptq_repack.spec(json.loads((ckpt / "config.json").read_text()))
-    return gptq_repack.take_linears(load_file(str(ckpt / "model.safetensors")), sp, choice)
+    sp = int4_repack.spec(json.loads((ckpt / "config.json").read_text()))
+    return int4_repack.take_linears(load_file(str(ckpt / "model.safetensors")), sp, choice)
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
@@ -104,39 +110,43 @@ def test_native_load_of_a_gptq_checkpoint(tiny_model_dir, gptq_dirs, tmp_path):
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.75
 
 
-def test_serve_a_gptq_checkpoint_on_the_fast_engine(gptq_dirs):
+@pytest.mark.parametrize("case", [("gptq", True, True, 128), ("awq", False, False, 32)], ids=["gptq", "awq"])
+def test_serve_a_prequantized_checkpoint_on_the_fast_engine(gptq_dirs, case):
     import openai
 
-    ckpt, _ = gptq_dirs[("gptq", True, True, 128)]
+    ckpt, _ = gptq_dirs[case]
     with start_model_server(str(ckpt), "--engine", "fast") as srv:
         with urllib.request.urlopen(srv.url + "/info", timeout=10) as r:
             info = json.loads(r.read())
-        assert (info["quantization"], info["load_path"], info["int4_kernel"]) == ("gptq", "native", "cpu-int4pack")
+        assert (info["quantization"], info["load_path"], info["int4_kernel"]) == (case[0], "native", "cpu-int4pack")
         assert info["transformers_imported"] is False
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         out = client.completions.create(model=info["model_id"], prompt="hello", max_tokens=6, temperature=0)
         assert out.usage.completion_tokens == 6
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"bits": 8}, "bits 8"), ({"group_size": -1}, "group_size -1"), ({"checkpoint_format": "marlin"}, "marlin"),
-    ({"dynamic": {"-:.*lm_head": {}}}, "dynamic"), ({"pack_dtype": "int16"}, "pack_dtype")])
-def test_what_cannot_be_repacked_says_why(gptq_dirs, change, words):
-    ckpt, _ = gptq_dirs[("gptq", True, False, 32)]
+@pytest.mark.parametrize("case, change, words", [
+    ("gptq", {"bits": 8}, "GPTQ bits 8"), ("gptq", {"group_size": -1}, "group_size -1"),
+    ("gptq", {"checkpoint_format": "marlin"}, "marlin"), ("gptq", {"dynamic": {"-:.*lm_head": {}}}, "dynamic"),
+    ("gptq", {"pack_dtype": "int16"}, "pack_dtype"), ("awq", {"version": "gemv"}, "AWQ version 'gemv'"),
+    ("awq", {"zero_point": False}, "zero points"), ("awq", {"bits": 3}, "AWQ bits 3"),
+    ("awq", {"quant_method": "hqq"}, "quant_method hqq")])
+def test_what_cannot_be_repacked_says_why(gptq_dirs, case, change, words):
+    ckpt, _ = gptq_dirs[("gptq", True, False, 32) if case == "gptq" else ("awq", False, False, 32)]
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["quantization_config"].update(change)
-    assert words in gptq_repack.unsupported_reason(cfg)
-    why = fast_load.unsupported_reason(str(ckpt), "none", cfg, gptq=True)
+    assert words in int4_repack.unsupported_reason(cfg)
+    why = fast_load.unsupported_reason(str(ckpt), "none", cfg, repack=True)
     assert why.startswith("pre-quantized checkpoint (") and words in why
     assert fast_load.unsupported_reason(str(ckpt), "none", json.loads((ckpt / "config.json").read_text()),
-                                        gptq=True) is None
+                                        repack=True) is None
 
 
 def test_uneven_act_order_groups_are_refused():
-    with pytest.raises(gptq_repack.GptqUnsupported, match="group_size"):     # group 1 holds 5 columns
-        gptq_repack.group_order(torch.tensor([0, 1, 1, 1, 0, 0, 1, 1]), 8, 4)
-    assert gptq_repack.group_order(torch.arange(8) // 4, 8, 4) is None
-    perm = gptq_repack.group_order(torch.tensor([1, 0, 1, 0, 0, 1, 1, 0]), 8, 4)
+    with pytest.raises(int4_repack.RepackUnsupported, match="group_size"):     # group 1 holds 5 columns
+        int4_repack.group_order(torch.tensor([0, 1, 1, 1, 0, 0, 1, 1]), 8, 4)
+    assert int4_repack.group_order(torch.arange(8) // 4, 8, 4) is None
+    perm = int4_repack.group_order(torch.tensor([1, 0, 1, 0, 0, 1, 1, 0]), 8, 4)
     assert perm.tolist() == [1, 3, 4, 7, 0, 2, 5, 6]
 
 
@@ -168,8 +178,8 @@ def test_prewarm_repacks_layer_zero_of_a_gptq_checkpoint(gptq_dirs, monkeypatch)
     state = load_file(str(ckpt / "model.safetensors"))
     before = {k: v.clone() for k, v in state.items()}
     built: list[Int4Linear] = []
-    real = gptq_repack.repack
-    monkeypatch.setattr(gptq_repack, "repack", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    real = int4_repack.repack
+    monkeypatch.setattr(int4_repack, "repack", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     marks: dict[str, float] = {}
     assert prewarm.prewarm(json.loads((ckpt / "config.json").read_text()), state, torch.float16, "none", marks) > 0
     assert len(built) == 7 and "prewarm_end" in marks
