@@ -51,7 +51,8 @@ def unsupported_reason(model_id: str, quantization: str, config: dict[str, Any] 
     path = Path(model_id)
     if config is None or not path.is_dir():
         return "not a local model directory"
-    if repack and config.get("quantization_config") and quantization in ("none", "gptq"):
+    method = str((config.get("quantization_config") or {}).get("quant_method", "")).lower()
+    if repack and method and (quantization == "none" or quantization == method == "gptq"):
         from model_server.int4_repack import unsupported_reason as repack_reason
 
         why = repack_reason(config)

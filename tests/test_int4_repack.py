@@ -142,6 +142,15 @@ def test_what_cannot_be_repacked_says_why(gptq_dirs, case, change, words):
                                         repack=True) is None
 
 
+def test_quantization_flag_must_match_the_checkpoint(gptq_dirs):
+    """--quantization gptq takes a GPTQ checkpoint natively, not an AWQ one (it would be reported as gptq)."""
+    for case, flag, native in [(("gptq", True, False, 32), "gptq", True), (("awq", False, False, 32), "gptq", False),
+                               (("awq", False, False, 32), "none", True), (("gptq", True, False, 32), "int4", False)]:
+        ckpt, _ = gptq_dirs[case]
+        cfg = json.loads((ckpt / "config.json").read_text())
+        assert (fast_load.unsupported_reason(str(ckpt), flag, cfg, repack=True) is None) == native, (case, flag)
+
+
 def test_uneven_act_order_groups_are_refused():
     with pytest.raises(int4_repack.RepackUnsupported, match="group_size"):     # group 1 holds 5 columns
         int4_repack.group_order(torch.tensor([0, 1, 1, 1, 0, 0, 1, 1]), 8, 4)
