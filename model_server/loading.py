@@ -131,6 +131,15 @@ def _load_weights(model_id: str, device: str, kwargs: dict[str, Any], marks: dic
     return model, "from_pretrained"
 
 
+def _repack_hint(config: dict[str, Any] | None, native: bool) -> str:
+    """For a load that failed outside the native build: a GPTQ/AWQ checkpoint it could have repacked says so."""
+    if native or not (config or {}).get("quantization_config"):
+        return ""
+    from model_server.int4_repack import unsupported_reason
+
+    return "" if unsupported_reason(config) else " (or serve it with --engine fast, which repacks it onto its INT4 kernels)"
+
+
 def _tokenizer_job(model_id: str, native: bool) -> tuple[Any, tuple[int, Any]]:
     """The tokenizer and its :func:`~model_server.api_common.token_byte_facts` (the vocabulary scan, off the ready path)."""
     from model_server.api_common import token_byte_facts
@@ -168,7 +177,10 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
     view: Future = Future()     # the pre-warm's own dict of the read tensors (the build casts and clears its own)
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="load") as pool:
         read = pool.submit(fast_load.read_weights, model_id, device, marks, view) if reason is None else None
-        kwargs = quantization_kwargs(quantization, device, config, int4_repacked=repacked)
+        try:
+            kwargs = quantization_kwargs(quantization, device, config, int4_repacked=repacked)
+        except LoadError as exc:
+            raise LoadError(f"{exc}{_repack_hint(config, native)}") from None
         from model_server.engines.fast import prewarm     # torch only
 
         if read is not None and prewarm.enabled(device):   # one-off kernel costs, paid while the model is built
@@ -185,6 +197,8 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
         try:
             fallback = (lambda: quantization_kwargs(quantization, device, config)) if repacked else None
             model, load_path = _load_weights(model_id, device, kwargs, marks, reason, read, native, fallback)
+        except LoadError as exc:
+            raise LoadError(f"{exc}{_repack_hint(config, native)}") from None
         finally:
             tok_error = tok_future.exception()
         if tok_error is not None:

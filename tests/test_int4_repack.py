@@ -151,6 +151,21 @@ def test_quantization_flag_must_match_the_checkpoint(gptq_dirs):
         assert (fast_load.unsupported_reason(str(ckpt), flag, cfg, repack=True) is None) == native, (case, flag)
 
 
+@pytest.mark.parametrize("case", [("gptq", True, False, 32), ("awq", False, False, 32)], ids=["gptq", "awq"])
+def test_the_transformers_engine_points_to_the_repack_in_one_line(gptq_dirs, case):
+    """Without gptqmodel, the transformers engine cannot load these; its one-line error names --engine fast."""
+    import importlib.util
+
+    if importlib.util.find_spec("gptqmodel") is not None:
+        pytest.skip("gptqmodel is installed here")
+    ckpt, _ = gptq_dirs[case]
+    r = subprocess.run([sys.executable, "-m", "model_server", "serve", str(ckpt), "--port", "0", "--device", "cpu",
+                        "--engine", "transformers"], capture_output=True, text=True, timeout=90)
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-2000:]
+    assert "gptqmodel" in errors[0] and "--engine fast" in errors[0]
+
+
 def test_uneven_act_order_groups_are_refused():
     with pytest.raises(int4_repack.RepackUnsupported, match="group_size"):     # group 1 holds 5 columns
         int4_repack.group_order(torch.tensor([0, 1, 1, 1, 0, 0, 1, 1]), 8, 4)
