@@ -222,8 +222,13 @@ def load_model(model_id: str, device: str, quantization: str, native: bool = Fal
         from model_server.int4 import quantize_model
 
         marks["quantize_start"] = time.time()
+        head = os.environ.get("MODEL_SERVER_INT4_LM_HEAD", "1").strip() or "1"
+        if head not in ("0", "1"):
+            raise LoadError(f"MODEL_SERVER_INT4_LM_HEAD must be 1 (INT4, the default) or 0 (the compute dtype), "
+                            f"not {head!r}")
         try:
-            quantize_model(model, group_size=int(os.environ.get("MODEL_SERVER_INT4_GROUP_SIZE", "128")))
+            quantize_model(model, group_size=int(os.environ.get("MODEL_SERVER_INT4_GROUP_SIZE", "128")),
+                           lm_head=head == "1")
         except ValueError as exc:
             raise LoadError(f"--quantization int4: {exc}") from None
         if device == "cuda":

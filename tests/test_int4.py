@@ -146,6 +146,20 @@ def test_int4_load_fast_engine_matches_generate(tiny_model_dir):
     assert fast == [_greedy_hf(m, p, 12) for p in prompts]
 
 
+def test_int4_lm_head_can_stay_in_the_compute_dtype(tiny_model_dir, monkeypatch):
+    """MODEL_SERVER_INT4_LM_HEAD=0: the decoder's linears in INT4, the (tied) LM head as loaded; a bad value is a
+    one-line load error."""
+    from model_server.loading import LoadError, load_model
+
+    monkeypatch.setenv("MODEL_SERVER_INT4_LM_HEAD", "0")
+    q4 = load_model(tiny_model_dir, "cpu", "int4")
+    assert sum(isinstance(m, Int4Linear) for m in q4.model.modules()) == 2 * 7
+    assert type(q4.model.lm_head) is nn.Linear and q4.model.lm_head.weight is q4.model.get_input_embeddings().weight
+    monkeypatch.setenv("MODEL_SERVER_INT4_LM_HEAD", "yes")
+    with pytest.raises(LoadError, match="MODEL_SERVER_INT4_LM_HEAD"):
+        load_model(tiny_model_dir, "cpu", "int4")
+
+
 def test_int4_server_reports_and_serves(tiny_model_dir):
     import openai
 
