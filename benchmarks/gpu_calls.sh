@@ -52,8 +52,8 @@
 #                                            COLD_VARIANTS picks them (after-tf*: transformers' build vs after*: native);
 #                                            $OUT gets card.txt, cold.log and cold/ (JSON, table, cold_logs.tgz)
 #   bash benchmarks/gpu_calls.sh gptq       # issue 17: GPTQ checkpoints on the int4 kernels (the fast engine's repack): steady
-#                                            state in-process, bf16 vs int4 vs a GPTQ-format copy with act order at 1/8/64
-#                                            (SS_QUANTS, SS_CONC change the set; 10 s windows) (~8 min)
+#                                            state in-process, bf16 vs int4 vs GPTQ-format copies (bf16 LM head; gptq-act with
+#                                            act order) at 1/8/64 (SS_QUANTS, SS_CONC change the set; 10 s windows) (~9 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
@@ -113,8 +113,8 @@ case "${1:-}" in
     fi ;;
   gptq)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    timeout 560 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss_gptq" \
-      --quants "${SS_QUANTS:-bf16,int4,gptq-act}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
+    timeout 580 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss_gptq" \
+      --quants "${SS_QUANTS:-bf16,int4,gptq,gptq-act}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
       > "$out/steady_state.log" 2>&1
     echo "steady_state rc $?"; tail -12 "$out/steady_state.log" ;;
   int4)
