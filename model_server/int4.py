@@ -169,7 +169,7 @@ class Int4Linear(nn.Module):
     """``y = x @ W'^T + b`` with ``W'`` the group-wise INT4 weight (see the module docstring).
 
     Built from a float ``nn.Linear`` (quantized here, :func:`quantize_groupwise`) or, with
-    :meth:`from_quantized`, from 4-bit values and scales that are already made (a GPTQ checkpoint,
+    :meth:`from_quantized`, from 4-bit values and scales that are already made (a GPTQ or AWQ checkpoint,
     :mod:`model_server.int4_repack`). ``input_perm`` (a GPTQ act-order checkpoint): the layer's groups
     are contiguous in a permuted order of the input columns, so ``x`` is gathered into that order first."""
 

@@ -66,9 +66,9 @@ def spec(config: dict[str, Any] | None) -> RepackSpec:
         raise RepackUnsupported(f"not a GPTQ or AWQ checkpoint (quant_method {method or None})")
     name = method.upper()
     bits = qc.get("bits", qc.get("w_bit"))
-    if bits is None or int(bits) != 4:
+    if bits != 4:
         raise RepackUnsupported(f"{name} bits {bits} (the INT4 kernels take 4)")
-    group = int(qc.get("group_size", qc.get("q_group_size", -1)))
+    group = qc.get("group_size", qc.get("q_group_size", -1))
     if group not in GROUP_SIZES:
         raise RepackUnsupported(f"{name} group_size {group} (the INT4 kernels take {', '.join(map(str, GROUP_SIZES))})")
     if str(qc.get("pack_dtype", "int32")).replace("torch.", "") != "int32":

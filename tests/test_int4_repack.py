@@ -208,3 +208,10 @@ def test_prewarm_repacks_layer_zero_of_a_gptq_checkpoint(gptq_dirs, monkeypatch)
     assert prewarm.prewarm(json.loads((ckpt / "config.json").read_text()), state, torch.float16, "none", marks) > 0
     assert len(built) == 7 and "prewarm_end" in marks
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+
+
+@pytest.mark.parametrize("qc", [{"quant_method": "gptq", "bits": "four", "group_size": 128},
+                                {"quant_method": "awq", "bits": 4, "group_size": "128x"},
+                                {"quant_method": "gptq", "bits": 4, "group_size": None}, {}])
+def test_odd_quantization_configs_are_reasons_not_crashes(qc):
+    assert isinstance(int4_repack.unsupported_reason({"quantization_config": qc}), str)
