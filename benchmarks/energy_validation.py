@@ -176,6 +176,15 @@ def main() -> int:
     if args.source == "replay" and not args.replay:
         print("energy_validation: error: --source replay needs --replay TRACE", file=sys.stderr)
         return 2
+    if args.source == "replay":
+        from edge_proxy.energy.readings import ReaderError
+        from edge_proxy.energy.replay_source import load_trace
+
+        try:
+            load_trace(args.replay)
+        except ReaderError as exc:
+            print(f"energy_validation: error: {exc}", file=sys.stderr)
+            return 2
     out_dir = Path(args.out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

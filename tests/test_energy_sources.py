@@ -142,6 +142,21 @@ def test_bad_traces_fail_with_one_line(tmp_path):
         load_trace(back)
 
 
+def test_gzipped_traces_replay_as_the_plain_file(tmp_path):
+    """The traces under benchmarks/results/ are committed compressed: a .gz path reads as its content."""
+    import gzip
+
+    text = '{"kind": "header", "source": "nvml"}\n{"t": 0, "energy_millijoules": {"g": 1}}\n' \
+           '{"t": 0.1, "energy_millijoules": {"g": 9}, "power_watts": {"g": 80.0}}\n'
+    plain, packed = tmp_path / "t.jsonl", tmp_path / "t.jsonl.gz"
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode()))
+    assert load_trace(packed) == load_trace(plain)
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(ReaderError, match="cannot read"):
+        load_trace(tmp_path / "bad.jsonl.gz")
+
+
 def test_realtime_replay_thread_produces_ticks():
     reader = ReplayReader(TRACE, mode="realtime", loop=True)
     sampler = Sampler(reader, 0.05)

@@ -13,7 +13,8 @@ Trace format (what ``edge-proxy record`` writes)::
 was at rest (utilization 0), false when one was busy. Traces without it replay as "cannot tell"
 (the ledger then learns idle power from ticks with nothing in flight, as before).
 
-``t`` is seconds on the recorder's monotonic clock (any origin). The header line is optional.
+``t`` is seconds on the recorder's monotonic clock (any origin). The header line is optional. A path ending in
+``.gz`` is read through gzip (the traces committed under ``benchmarks/results/`` are compressed).
 Counter resets (a value lower than the previous one) and gaps (missing time) are replayed as
 recorded: the sampler clamps and records them.
 
@@ -25,6 +26,7 @@ Two modes:
 """
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from dataclasses import dataclass
@@ -47,9 +49,9 @@ def load_trace(path: str | Path) -> tuple[dict[str, Any], list[TraceRecord]]:
     """Parse a trace file into (header, records); raise ReaderError with the line number on bad input."""
     p = Path(path)
     try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ReaderError(f"cannot read replay trace {p}: {exc.strerror or exc}") from None
+        text = gzip.decompress(p.read_bytes()).decode() if p.suffix == ".gz" else p.read_text()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise ReaderError(f"cannot read replay trace {p}: {getattr(exc, 'strerror', None) or exc}") from None
     header: dict[str, Any] = {}
     records: list[TraceRecord] = []
     for lineno, line in enumerate(text.splitlines(), 1):
