@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import aiohttp
-from energy_validation_clients import cumulative_series, interp, openai_once, openai_stream, tgi_stream
+from energy_validation_clients import cumulative_series, http_json, interp, openai_once, openai_stream, tgi_stream
 from energy_validation_run import Run, console
 
 
@@ -31,6 +31,9 @@ async def check1(run: Run) -> dict[str, Any]:
     await asyncio.sleep(1.0)
     a = edge()
     counts = {"stream_chat": 0, "completion": 0, "tgi_stream": 0, "errors": 0}
+    # prompt + output within the server's context (a small model's 512 tokens: the tiny preset on CPU); "word " is at
+    # most 2 tokens. The llama-3.2-1b preset's context is far above this load's longest request, which is unchanged.
+    total = int(http_json(ms_url + "/info").get("max_total_tokens") or 4096)
 
     async def worker(w: int, s: aiohttp.ClientSession) -> None:
         end = time.monotonic() + dur
@@ -38,7 +41,10 @@ async def check1(run: Run) -> dict[str, Any]:
         while time.monotonic() < end:
             await asyncio.sleep(rnd.uniform(0.0, 0.4))
             mt = rnd.choice([16, 32, 64, 128, 256]) if not args.quick else rnd.choice([8, 16, 32])
-            prompt = "word " * rnd.randint(4, 200 if not args.quick else 40)
+            words = rnd.randint(4, 200 if not args.quick else 40)
+            mt = min(mt, max(8, total - 16 - 2 * words))
+            words = min(words, max(4, (total - 16 - mt) // 2))
+            prompt = "word " * words
             kind = rnd.choice(["stream_chat", "completion", "tgi_stream"])
             rid = f"mix-{w}-{k}"
             k += 1
