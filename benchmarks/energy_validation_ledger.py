@@ -31,8 +31,9 @@ async def check1(run: Run) -> dict[str, Any]:
     await asyncio.sleep(1.0)
     a = edge()
     counts = {"stream_chat": 0, "completion": 0, "tgi_stream": 0, "errors": 0}
-    # prompt + output within the server's context (a small model's 512 tokens: the tiny preset on CPU); "word " is at
-    # most 2 tokens. The llama-3.2-1b preset's context is far above this load's longest request, which is unchanged.
+    # prompt + output within the server's context (a small model's 512 tokens: the tiny preset on CPU, whose tokenizer
+    # makes "word " 3 tokens; 4 assumed). The llama-3.2-1b preset's limit is far above this load's longest request,
+    # which is unchanged.
     total = int(http_json(ms_url + "/info").get("max_total_tokens") or 4096)
 
     async def worker(w: int, s: aiohttp.ClientSession) -> None:
@@ -42,8 +43,8 @@ async def check1(run: Run) -> dict[str, Any]:
             await asyncio.sleep(rnd.uniform(0.0, 0.4))
             mt = rnd.choice([16, 32, 64, 128, 256]) if not args.quick else rnd.choice([8, 16, 32])
             words = rnd.randint(4, 200 if not args.quick else 40)
-            mt = min(mt, max(8, total - 16 - 2 * words))
-            words = min(words, max(4, (total - 16 - mt) // 2))
+            mt = min(mt, max(8, total - 16 - 4 * words))
+            words = min(words, max(4, (total - 16 - mt) // 4))
             prompt = "word " * words
             kind = rnd.choice(["stream_chat", "completion", "tgi_stream"])
             rid = f"mix-{w}-{k}"
