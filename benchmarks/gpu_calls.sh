@@ -41,7 +41,8 @@
 #   bash benchmarks/gpu_calls.sh attnlong   # issue 17: SDPA vs the Triton decode attention at a long context (1,024-token prompts,
 #                                            ATTN_PROMPT), batches 1, 8, 64: kernels, graph time, ITL at 1, errors (~3 min)
 #   bash benchmarks/gpu_calls.sh agree      # issue 17: INT4 and NF4 greedy agreement with bf16 on a small trained model, with the
-#                                            GPU kernels (quant_agreement.py --device cuda; seeds AGREE_SEEDS, default 0 1 2) (~2 min)
+#                                            GPU kernels (quant_agreement.py --device cuda; seeds AGREE_SEEDS, default 0 1 2;
+#                                            AGREE_QUANTS, default bf16,int4,int4-head16,nf4: nf4 needs the bitsandbytes wheel) (~2 min)
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
@@ -187,7 +188,7 @@ case "${1:-}" in
   agree)   # quant_agreement.py on the GPU: the same trained model and prompts, the formats' GPU kernels
     for sd in ${AGREE_SEEDS:-0 1 2}; do
       timeout 200 python3 benchmarks/quant_agreement.py --device cuda --seed "$sd" --commit "$EDGE_EVAL_COMMIT" \
-        --out "out/qa_s$sd" > "$out/qa_s$sd.log" 2>&1; echo "quant_agreement seed $sd rc $?"; tail -7 "$out/qa_s$sd.log"
+        --quants "${AGREE_QUANTS:-bf16,int4,int4-head16,nf4}" --out "out/qa_s$sd" > "$out/qa_s$sd.log" 2>&1; echo "quant_agreement seed $sd rc $?"; tail -7 "$out/qa_s$sd.log"
       cp "out/qa_s$sd/quant_agreement.json" "$out/qa_s$sd.json" 2>/dev/null
     done ;;
   attnlong)   # SDPA vs the Triton decode attention with long prompts (the keys each row reads grow with the context)
