@@ -78,23 +78,21 @@ def test_greedy_on_repacked_gptq_equals_generate(tiny_model_dir, gptq_dirs):
     assert _greedy_fast(m, prompts, 10) == [_greedy_hf(m, p, 10) for p in prompts]
 
 
-def test_native_load_of_a_gptq_checkpoint(tiny_model_dir, gptq_dirs, tmp_path):
-    """load_model builds it natively (INT4 linears, bf16 elsewhere), and its logits are the ones of a float model
-    holding the weights the checkpoint stands for."""
+def _logits_match_the_dequantized_float_model(src: str, ckpt: Path, ref: dict, tmp_path: Path) -> None:
+    """The native load of ``ckpt``: INT4 linears, bf16 elsewhere, and last-position logits of a float model holding
+    the weights the checkpoint stands for (``src`` with each linear's dequantized weight; biases as stored)."""
     from transformers import AutoModelForCausalLM
 
     from model_server.loading import load_model
 
-    ckpt, ref = gptq_dirs[("gptq", False, False, 64)]
     lm = load_model(str(ckpt), "cpu", "none", native=True)
-    plain = load_model(tiny_model_dir, "cpu", "none", native=True)
-    assert (lm.load_path, lm.quantization, lm.dtype) == ("native", "gptq", "bfloat16")
+    plain = load_model(src, "cpu", "none", native=True)
+    assert (lm.load_path, lm.dtype) == ("native", "bfloat16") and lm.quantization in ("gptq", "awq")
     assert lm.model.is_int4_weight_only and lm.model.int4_kernel == "cpu-int4pack"
     assert sum(isinstance(m, Int4Linear) for m in lm.model.modules()) == 2 * 7
     assert lm.parameters == plain.parameters and lm.weight_bytes < 0.4 * plain.weight_bytes
-    # the float reference: the tiny model with each linear's dequantized weight
     ref_dir = tmp_path / "dequantized"
-    subprocess.run(["cp", "-r", tiny_model_dir, str(ref_dir)], check=True)
+    subprocess.run(["cp", "-r", src, str(ref_dir)], check=True)
     state = load_file(str(ref_dir / "model.safetensors"))
     state.update({f"{k}.weight": torch.from_numpy(v).float().contiguous() for k, v in ref.items()})
     save_file(state, str(ref_dir / "model.safetensors"))
@@ -108,6 +106,33 @@ def test_native_load_of_a_gptq_checkpoint(tiny_model_dir, gptq_dirs, tmp_path):
     rel = float((got - want).norm() / want.norm())
     assert rel < 0.03, rel
     assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 0.75
+
+
+@pytest.mark.parametrize("case", [("gptq", False, False, 64), ("awq", False, False, 32)], ids=["gptq", "awq"])
+def test_native_load_of_a_prequantized_checkpoint(tiny_model_dir, gptq_dirs, case, tmp_path):
+    ckpt, ref = gptq_dirs[case]
+    _logits_match_the_dequantized_float_model(tiny_model_dir, ckpt, ref, tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_qwen2_with_qkv_biases(tmp_path, fmt):
+    """Qwen2 keeps q/k/v biases next to the quantized weights: the repacked linears carry them."""
+    src = tmp_path / "tiny-qwen2"
+    subprocess.run([sys.executable, "-m", "model_server", "synth", str(src), "--preset", "tiny-qwen2", "--seed", "0",
+                    "--quiet"], check=True, capture_output=True, timeout=300)
+    state = load_file(str(src / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    for k in state:                 # the preset's biases are zero: make them matter
+        if k.endswith("_proj.bias"):
+            state[k] = torch.randn(state[k].shape, generator=g) * 0.5
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    ckpt = tmp_path / f"qwen2-{fmt}"
+    ref = write_awq(src, ckpt, 32) if fmt == "awq" else write_gptq(src, ckpt, 32, "gptq", True, True, seed=3)
+    state = load_file(str(ckpt / "model.safetensors"))
+    assert state["model.layers.0.self_attn.q_proj.bias"].abs().sum() > 0
+    lins = _linears(ckpt, FP32)
+    assert all((lins[n].bias is not None) == n.endswith(("q_proj", "k_proj", "v_proj")) for n in lins)
+    _logits_match_the_dequantized_float_model(str(src), ckpt, ref, tmp_path)
 
 
 @pytest.mark.parametrize("case", [("gptq", True, True, 128), ("awq", False, False, 32)], ids=["gptq", "awq"])
