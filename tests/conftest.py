@@ -75,6 +75,22 @@ def start_model_server(model_dir: str, *extra_args: str, ready_timeout: float = 
             os.unlink(log.name)
 
 
+def synth_qwen2_with_biases(dst) -> str:
+    """A ``tiny-qwen2`` directory at ``dst`` whose q/k/v biases are random (the preset's are zero), so they matter."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    subprocess.run([sys.executable, "-m", "model_server", "synth", str(dst), "--preset", "tiny-qwen2", "--seed", "0",
+                    "--quiet"], check=True, capture_output=True, timeout=300)
+    state = load_file(f"{dst}/model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    for k in state:
+        if k.endswith("_proj.bias"):
+            state[k] = torch.randn(state[k].shape, generator=g) * 0.5
+    save_file(state, f"{dst}/model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A ``model-server synth --preset tiny --seed 0`` directory, built once per session."""

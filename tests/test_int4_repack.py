@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from model_server import fast_load, int4_repack
 from model_server.engines.fast.runner import ModelRunner
 from model_server.int4 import ComputeChoice, Int4Linear, device_compute
-from tests.conftest import start_model_server
+from tests.conftest import start_model_server, synth_qwen2_with_biases
 from tests.int4_checkpoints import write_awq, write_gptq
 from tests.test_int4 import _greedy_fast, _greedy_hf
 
@@ -117,15 +117,7 @@ def test_native_load_of_a_prequantized_checkpoint(tiny_model_dir, gptq_dirs, cas
 @pytest.mark.parametrize("fmt", ["gptq", "awq"])
 def test_qwen2_with_qkv_biases(tmp_path, fmt):
     """Qwen2 keeps q/k/v biases next to the quantized weights: the repacked linears carry them."""
-    src = tmp_path / "tiny-qwen2"
-    subprocess.run([sys.executable, "-m", "model_server", "synth", str(src), "--preset", "tiny-qwen2", "--seed", "0",
-                    "--quiet"], check=True, capture_output=True, timeout=300)
-    state = load_file(str(src / "model.safetensors"))
-    g = torch.Generator().manual_seed(1)
-    for k in state:                 # the preset's biases are zero: make them matter
-        if k.endswith("_proj.bias"):
-            state[k] = torch.randn(state[k].shape, generator=g) * 0.5
-    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    src = Path(synth_qwen2_with_biases(tmp_path / "tiny-qwen2"))
     ckpt = tmp_path / f"qwen2-{fmt}"
     ref = write_awq(src, ckpt, 32) if fmt == "awq" else write_gptq(src, ckpt, 32, "gptq", True, True, seed=3)
     state = load_file(str(ckpt / "model.safetensors"))

@@ -28,6 +28,7 @@ from model_server.engines.fast.runner import ModelRunner  # noqa: E402
 from model_server.loading import load_model  # noqa: E402
 from model_server.native import config as ncfg  # noqa: E402
 from model_server.native import modeling, rope  # noqa: E402
+from tests.conftest import synth_qwen2_with_biases  # noqa: E402
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -44,15 +45,7 @@ def _variant(src: str, dst: Path, edit) -> str:
 @pytest.fixture(scope="module")
 def model_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("native_models")
-    q = root / "tiny-qwen2"
-    subprocess.run([sys.executable, "-m", "model_server", "synth", str(q), "--preset", "tiny-qwen2", "--seed", "0",
-                    "--quiet"], check=True, capture_output=True, timeout=300)
-    state = load_file(str(q / "model.safetensors"))
-    g = torch.Generator().manual_seed(1)
-    for k in state:                 # the preset's biases are zero: make them matter
-        if k.endswith("_proj.bias"):
-            state[k] = torch.randn(state[k].shape, generator=g) * 0.5
-    save_file(state, str(q / "model.safetensors"), metadata={"format": "pt"})
+    q = Path(synth_qwen2_with_biases(root / "tiny-qwen2"))
 
     def llama3(c):
         c["rope_parameters"] = dict(LLAMA3)
