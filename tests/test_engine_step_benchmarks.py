@@ -97,6 +97,8 @@ def test_step_trace_smoke(tmp_path):
                  "--new-tokens", "8", "--warm-s", "0.5", "--trace-s", "0.4", "--commit", "abc1234", "--out", str(out)])
     r = json.loads((out / "step_trace.json").read_text())
     assert r["commit"] == "abc1234" and r["card"] == "cpu" and r["errors"] == []
-    assert r["steps"] > 0 and 0 < r["decode_tokens_per_step"] <= 4
+    # at most one token per stream and step; the counters are read at the window's edges, where a step's tokens can be
+    # counted a step after the step itself (the engine reads step k's tokens once k+1 is queued): one step's worth more
+    assert r["steps"] > 0 and 0 < r["decode_tokens_per_step"] <= 4 * (r["steps"] + 1) / r["steps"] + 0.01
     assert abs(r["wall_ms_per_step"] - r["wall_ms"] / r["steps"]) < 0.01
     assert r["device"]["device_busy"] is None
