@@ -9,7 +9,8 @@ our group-wise INT4 with PyTorch's int4pack kernels, ``nf4`` bitsandbytes; ``int
 head left in bf16, ``int4-minmax`` and ``int4-search`` ``int4`` with each group's range from min-max or from
 ``int4.group_ranges``' clip search; ``gptq`` and ``gptq-act`` are GPTQ checkpoints made by gptqmodel (group 128, calibrated on 256
 generated sentences; ``gptq-act`` with act order) and served as ``serve --engine fast`` serves them, repacked onto
-the ``int4`` kernels with the LM head in bf16: they need gptqmodel, e.g. ``scripts/check_gptq.sh``'s venv), every
+the ``int4`` kernels with the LM head in bf16: they need gptqmodel, e.g. ``scripts/check_gptq.sh``'s venv;
+``bf16-attn`` is bf16 decoded with the fast engine's Triton decode attention, the reference ``bf16`` always with SDPA), every
 held-out prompt is decoded
 greedily by the fast engine, and the report gives, against bf16 (and INT4 against NF4): the share of answers
 (the tokens a task scores) identical to bf16's, the free-running token match over all ``--new-tokens`` (which runs
@@ -178,7 +179,7 @@ def load_format(q: str, model_dir: Path, out: Path, device: str, facts, held, se
         loaded.weight_bytes = measure_weight_bytes(loaded.model)
         return loaded, loaded.model
     if q not in ("gptq", "gptq-act"):
-        loaded = load_model(str(model_dir), device, q)
+        loaded = load_model(str(model_dir), device, "bf16" if q == "bf16-attn" else q)
         return loaded, loaded.model
     from safetensors.torch import load_file
 
@@ -204,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600, help="training steps of 32 x 96 tokens")
     ap.add_argument("--eval", type=int, default=150, help="held-out prompts (a third per task)")
     ap.add_argument("--new-tokens", type=int, default=12)
-    ap.add_argument("--quants", default="bf16,int4,nf4", help="formats to compare (bf16 first: the reference): bf16, "
-                    "int4, int4-head16, int4-minmax, int4-search, nf4, gptq, gptq-act (the last two need gptqmodel)")
+    ap.add_argument("--quants", default="bf16,int4,nf4", help="formats to compare (bf16 first: the reference, "
+                    "decoded with SDPA): bf16, bf16-attn (bf16 with the Triton decode attention), int4, int4-head16, "
+                    "int4-minmax, int4-search, nf4, gptq, gptq-act (the last two need gptqmodel)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model is trained and each format runs")
     ap.add_argument("--commit", default=default_commit())
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     quants = args.quants.split(",")
     if quants[0] != "bf16" or args.steps < 1 or args.eval < 3:
         ap.error("--quants must start with bf16; --steps >= 1; --eval >= 3")
-    unknown = set(quants) - {"bf16", "int4", "int4-head16", "int4-minmax", "int4-search", "nf4", "gptq", "gptq-act"}
+    unknown = set(quants) - {"bf16", "bf16-attn", "int4", "int4-head16", "int4-minmax", "int4-search", "nf4", "gptq",
+                             "gptq-act"}
     if unknown:
         ap.error(f"unknown format(s) in --quants: {', '.join(sorted(unknown))}")
     if {"gptq", "gptq-act"} & set(quants):
@@ -245,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, torch.nn.Module] = {}
     for q in quants:
         loaded, forced = load_format(q, model_dir, out, args.device, facts, held, args.seed)
-        eng = from_loaded(loaded, max_batch=16, max_total_tokens=64)
+        # the reference decodes with SDPA; bf16-attn is bf16 with the Triton decode attention; the rest as served
+        attn = {"bf16": {"decode_attn": False}, "bf16-attn": {"decode_attn": True}}.get(q, {})
+        eng = from_loaded(loaded, max_batch=16, max_total_tokens=64, **attn)
 
         async def run() -> list[list[int]]:
             await eng.start()

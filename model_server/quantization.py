@@ -2,7 +2,7 @@
 
 Owns the mapping of ``none|fp16|bf16|nf4|int8|int4|gptq`` to transformers' keyword arguments (dtype,
 ``BitsAndBytesConfig``), the refusals (an already quantized checkpoint, bitsandbytes missing, a GPTQ
-choice without a GPTQ checkpoint) as one-line :class:`LoadError`\ s, and the compute dtype below and
+choice without a GPTQ checkpoint) as one-line :class:`LoadError` errors, and the compute dtype below and
 above compute capability 8.0. It must not load anything (:mod:`model_server.loading` does).
 """
 from __future__ import annotations

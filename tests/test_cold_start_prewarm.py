@@ -33,7 +33,7 @@ def test_prewarm_runs_the_eager_path_and_writes_nothing(tiny_model_dir, quant):
 
 def test_prewarm_checks_the_decode_attention_kernel_when_it_is_on(tiny_model_dir, monkeypatch):
     """With MODEL_SERVER_FAST_DECODE_ATTN=1 the stand-in's decode step runs the kernel's check (and so its
-    compiles) during the load; without it, it does not."""
+    compiles) during the load; unset on CPU (where the engine keeps SDPA by default), or with =0, it does not."""
     from model_server.engines.fast import decode_attn
 
     calls = []
@@ -42,6 +42,9 @@ def test_prewarm_checks_the_decode_attention_kernel_when_it_is_on(tiny_model_dir
                         lambda *a: calls.append(a) or real(*a))
     state = load_file(f"{tiny_model_dir}/model.safetensors")
     config = _read_local_config(tiny_model_dir)
+    prewarm.prewarm(config, state, state["model.embed_tokens.weight"].dtype, "bf16")
+    assert calls == []
+    monkeypatch.setenv("MODEL_SERVER_FAST_DECODE_ATTN", "0")
     prewarm.prewarm(config, state, state["model.embed_tokens.weight"].dtype, "bf16")
     assert calls == []
     monkeypatch.setenv("MODEL_SERVER_FAST_DECODE_ATTN", "1")

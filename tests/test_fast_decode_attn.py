@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from model_server.engines.fast import FastEngine
+from model_server.engines.fast import decode_attn
 from model_server.engines.fast.decode_attn import available, decode_attention, sdpa_reference
 from model_server.engines.fast.factory import from_loaded
 
@@ -91,12 +92,21 @@ def test_switch_from_the_environment(monkeypatch):
         eos_token_ids = [EOS]
         context_length = 128
 
-    assert not from_loaded(Loaded(), max_batch=2, max_total_tokens=32).runner.decode_attn     # off by default
+    assert not from_loaded(Loaded(), max_batch=2, max_total_tokens=32).runner.decode_attn     # off on CPU
     monkeypatch.setenv("MODEL_SERVER_FAST_DECODE_ATTN", "1")
     assert from_loaded(Loaded(), max_batch=2, max_total_tokens=32).runner.decode_attn
     monkeypatch.setenv("MODEL_SERVER_FAST_DECODE_ATTN", "yes")
     with pytest.raises(ValueError, match="MODEL_SERVER_FAST_DECODE_ATTN must be 0 or 1"):
         from_loaded(Loaded(), max_batch=2, max_total_tokens=32)
+
+
+def test_on_by_default_on_cuda_bf16_and_fp16_only():
+    assert decode_attn.available(64)                        # Triton's interpreter here (TRITON_INTERPRET=1)
+    assert decode_attn.on_by_default("cuda", torch.bfloat16, 64)
+    assert decode_attn.on_by_default("cuda", torch.float16, 128)
+    assert not decode_attn.on_by_default("cuda", torch.float32, 64)     # fp32 models keep SDPA
+    assert not decode_attn.on_by_default("cpu", torch.bfloat16, 64)     # the interpreter is for tests, not serving
+    assert not decode_attn.on_by_default("cuda", torch.bfloat16, 48)    # head size not a power of two
 
 
 _COMPILE = r'''

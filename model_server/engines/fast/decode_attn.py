@@ -40,6 +40,12 @@ def available(head_dim: int) -> bool:
     return ok
 
 
+def on_by_default(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the runner uses the kernel when not told (``decode_attn=None``): a CUDA bf16/fp16 model whose head
+    size it takes, with Triton importable (on an H200 it beats SDPA at 1 and 64 rows, docs/benchmarks.md)."""
+    return device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and available(head_dim)
+
+
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, lse_ptr, scale, length, chunk,
                         sq_b, sq_h, sq_g, sk_b, sk_h, sk_l, so_b, so_h, so_s, so_g,
                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,

@@ -36,7 +36,8 @@ Construction: ``FastEngine(model, eos_token_ids, max_batch=64, max_seq_len=2048,
   ``mixed_min_segments`` (``_MIN_SEGMENTS``): wait (at most 10 ms) until arrivals fill that many.
 * ``rope_kv``: decode's rotary and K/V cache write as one Triton kernel (:mod:`.rope_kv`; default: with the
   fused ops on a CUDA bf16/fp16 model; ``MODEL_SERVER_FAST_ROPE_KV=0`` through ``from_loaded``: off);
-  ``decode_attn=True``: decode attention as one Triton kernel (:mod:`.decode_attn`; ``..._DECODE_ATTN=1``).
+  ``decode_attn``: decode attention as one Triton kernel (:mod:`.decode_attn`; default: on a CUDA bf16/fp16
+  model when Triton imports; checked against SDPA first; ``MODEL_SERVER_FAST_DECODE_ATTN=0``: SDPA).
 * ``overlap_prefill``: default on: a prefill's first tokens are read after decode step k+1 (which already
   holds the prefilled rows) is launched, so the device never idles while the host handles a prefill
   (``MODEL_SERVER_FAST_OVERLAP_PREFILL=0`` through ``from_loaded``: read them first, the old order).

@@ -12,8 +12,9 @@ from .engine import FastEngine
 
 
 def decode_attn_switch() -> bool | None:
-    """``MODEL_SERVER_FAST_DECODE_ATTN``: ``1`` decode attention as one Triton kernel instead of SDPA (opt-in: not
-    yet measured on a GPU), ``0`` SDPA, unset None; anything else raises ``ValueError`` (one line)."""
+    """``MODEL_SERVER_FAST_DECODE_ATTN``: ``1`` decode attention as one Triton kernel instead of SDPA everywhere (the
+    interpreter's on CPU), ``0`` SDPA, unset None (the kernel on CUDA, SDPA elsewhere); anything else raises
+    ``ValueError`` (one line)."""
     raw = os.environ.get("MODEL_SERVER_FAST_DECODE_ATTN", "").strip()
     if raw and raw not in ("0", "1"):
         raise ValueError(f"MODEL_SERVER_FAST_DECODE_ATTN must be 0 or 1, got {raw!r}")

@@ -148,11 +148,11 @@ def prewarm(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch
         model = stand_in(config, state, dtype, choice, int(os.environ.get("MODEL_SERVER_INT4_GROUP_SIZE", "128")),
                          repack)
         # bucketed (padded) eager prefill as the engine runs it on CUDA before its graphs exist
-        # with MODEL_SERVER_FAST_DECODE_ATTN=1 the decode step also runs the attention kernel's check (its
-        # compiles land in Triton's cache here, not at the first token)
+        # where the engine uses the decode attention kernel (CUDA by default; MODEL_SERVER_FAST_DECODE_ATTN), the
+        # decode step also runs its check (its compiles land in Triton's cache here, not at the first token)
         runner = ModelRunner(model, 2, MAX_LEN, use_cuda_graphs=False, fuse=False,
                              bucketed_prefill=device.type == "cuda",
-                             decode_attn=decode_attn_switch() is True)
+                             decode_attn=decode_attn_switch())
         sampling = SlotSampling.allocate(2, runner.device)
         slot = torch.zeros(1, dtype=torch.int64, device=runner.device)
         for t in PROMPT_LENGTHS:

@@ -27,6 +27,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .decode_attn import on_by_default as decode_attn_default
 from .decode_attn import decode_attention
 from .decode_attn import self_check as decode_attn_check
 from .fused import Ops
@@ -141,8 +142,11 @@ class ModelRunner:
                         and (rope_kv is True or (self.device.type == "cuda"
                                                  and self.dtype in (torch.bfloat16, torch.float16))))
         self._rope_kv_forced = rope_kv is True
-        # decode attention as one Triton kernel (.decode_attn), opt-in (True) until measured on a GPU; else SDPA
-        self.decode_attn = decode_attn is True
+        # decode attention as one Triton kernel (.decode_attn): None = on a CUDA bf16/fp16 model when Triton is
+        # there (faster than SDPA on an H200, docs/benchmarks.md), True = always (Triton, or its interpreter),
+        # False = SDPA; either way it is checked against SDPA before its first step (_decode_attn_ok)
+        self.decode_attn = decode_attn is True or (
+            decode_attn is None and decode_attn_default(self.device.type, self.dtype, self.head_dim))
         self.decode_attn_error: str | None = None        # why it was turned off at its first use (self_check)
         self._decode_attn_checked = False
 
