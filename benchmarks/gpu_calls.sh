@@ -2,7 +2,7 @@
 # The GPU measurements still open (issues 14 and 17), one device call each, in the order to run them.
 # Each call: carry .gpu/.whl (bitsandbytes 0.50.2, rouge-score, nltk, OpenTelemetry wheels: the GPU
 # image lacks them), write under $OUT. Usage on the device machine, from the repository root:
-#   bash benchmarks/gpu_calls.sh energy     # issue 17: energy validation checks 1 and 3, three runs (~6 min)
+#   bash benchmarks/gpu_calls.sh energy     # issue 17: energy validation checks 1 and 3, three runs (~6 min; EV_RUNS="1" for one)
 #   bash benchmarks/gpu_calls.sh grid       # issue 14: the GPU grid, resumable (repeat until 12/12; ~9 min a call)
 #   GRID=benchmarks/grids/gpu-qwen-rag.yaml GRID_DIR=out/qrag bash benchmarks/gpu_calls.sh grid   # another grid
 #   QUANTS=bf16,int4 bash benchmarks/gpu_calls.sh ept; QUANTS=nf4 bash ...  # issue 17: energy per token at
@@ -77,11 +77,11 @@ stop_servers() { sleep 3; pkill -f "[m]odel_server serve"; pkill -f "[e]dge_prox
 case "${1:-}" in
   energy)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    for i in 1 2 3; do
+    for i in ${EV_RUNS:-1 2 3}; do
       timeout 170 python3 benchmarks/energy_validation.py --model-dir /tmp/m1b --only 1,3 --out "out/ev$i" \
         > "out/ev$i.log" 2>&1; echo "run $i rc $?"; stop_servers
     done
-    tar czf "$out/energy_validation.tgz" out/ev1* out/ev2* out/ev3*   # $OUT brings back a few files only
+    tar czf "$out/energy_validation.tgz" out/ev[0-9]*   # $OUT brings back a few files only
     cat out/ev*/energy_validation.md ;;
   ept)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
