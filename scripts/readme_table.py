@@ -27,6 +27,7 @@ EV_H100_FINAL = [f"2026-11-26-h100/energy_validation_final_run{i}.json" for i in
 EV_H100_FINAL_COMMIT = "not recorded (evening final code; results committed in 5a7bb38)"
 EV_H200_COMMIT = "not recorded (results committed in 3e20dd2)"
 EV_H200_FINAL = [f"2026-12-03-h200/energy_validation_final/run{i}/energy_validation.json" for i in (1, 2, 3)]
+EV_H200_TODAY = "2026-12-05-h200/final_call/ev/ev1/energy_validation.json"
 EPT = ["2026-12-03-h200/energy_per_token/call1/out/ept_bf16_int4/energy_per_token.json",
        "2026-12-03-h200/energy_per_token/call2/out/ept_nf4/energy_per_token.json"]
 
@@ -126,6 +127,10 @@ ROWS = [
         values.check("1_mixed_load_conservation", "relative_error"), "fc81abc"),
     Row("16 identical concurrent requests: max deviation from their mean", EV_H200_FINAL,
         values.check("3_identical_concurrent", "max_relative_deviation", 1), "fc81abc"),
+    Row("energy conservation on today's code (ledger fast paths, decode attention kernel), one run",
+        [EV_H200_TODAY], values.check("1_mixed_load_conservation", "relative_error"), "07e161d"),
+    Row("16 identical concurrent requests on today's code, one run", [EV_H200_TODAY],
+        values.check("3_identical_concurrent", "max_relative_deviation", 1), "07e161d"),
     Row("energy per output token through the proxy (ledger)", EPT, values.ept, "11a6b7e", card="NVIDIA H200"),
     Row("model server over HTTP vs the engine in-process at 64, `serve --api-workers 2 / 4 / 8`, 10 s windows",
         ["2026-12-04-h200/httpw_10s/steady_state.json"], values.http_ratio, "429aa5e"),
