@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 await eng.stop()
         outs[q] = asyncio.run(run())
-        entry = {"weight_bytes": loaded.weight_bytes, "accuracy": score(items, tok, outs[q])}
+        entry = {"weight_bytes": loaded.weight_bytes, "accuracy": score(items, tok, outs[q]),
+                 "decode_attn_kernel": bool(eng.runner.decode_attn)}     # False: SDPA (or the kernel failed its check)
         if q != "bf16":                  # (the teacher-forced match: this format's argmax on the other's tokens)
             entry["vs_bf16"] = agreement(forced, prompts, outs[q], outs["bf16"])
             entry["vs_bf16"]["answers_identical"] = answers_agree(items, tok, outs[q], outs["bf16"])

@@ -31,14 +31,17 @@ def test_items_are_right_and_held_out():
 def test_smoke(tmp_path):
     out = tmp_path / "qa"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quant_agreement.py"), "--out", str(out),
-                           "--steps", "15", "--eval", "6", "--new-tokens", "6", "--commit", "abc1234"],
+                           "--steps", "15", "--eval", "6", "--new-tokens", "6", "--commit", "abc1234",
+                           "--quants", "bf16,bf16-attn,int4,nf4"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads((out / "quant_agreement.json").read_text())
     assert r["commit"] == "abc1234" and r["train"]["steps"] == 15 and r["train"]["last_loss"] < r["train"]["first_loss"]
     f = r["formats"]
-    assert set(f) == {"bf16", "int4", "nf4"} and f["int4"]["weight_bytes"] < f["bf16"]["weight_bytes"]
-    for q in ("int4", "nf4"):
+    assert set(f) == {"bf16", "bf16-attn", "int4", "nf4"} and f["int4"]["weight_bytes"] < f["bf16"]["weight_bytes"]
+    # the reference decodes with SDPA, bf16-attn with the Triton kernel (its interpreter here), the rest as served
+    assert [f[q]["decode_attn_kernel"] for q in ("bf16", "bf16-attn", "int4")] == [False, True, False]
+    for q in ("bf16-attn", "int4", "nf4"):
         v = f[q]["vs_bf16"]
         assert v["tokens"] == 36 and 0 <= v["free_running_match"] <= 1 and 0 <= v["teacher_forced_match"] <= 1
         assert 0 <= v["answers_identical"] <= 1 and set(v["answers_identical_by_task"]) == {"facts", "counting", "sums"}
