@@ -47,7 +47,7 @@
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
 #                                            in-process, bf16 vs int4 (tinygemm <= 8 rows, Triton above) at 1/8/64/256
-#                                            (SS_QUANTS, SS_CONC change the set) (~9 min)
+#                                            (SS_QUANTS, SS_CONC change the set; INT4_KERNELS=0 skips the per-shape part) (~9 min)
 #   bash benchmarks/gpu_calls.sh cold       # issue 17: spawn to first token, before vs after (direct load, background
 #                                            warm-up), bf16 and int4, fills the compile cache first (~5 min);
 #                                            COLD_VARIANTS picks them (after-tf*: transformers' build vs after*: native);
@@ -120,9 +120,11 @@ case "${1:-}" in
     echo "steady_state rc $?"; tail -12 "$out/steady_state.log" ;;
   int4)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    timeout 150 python3 benchmarks/int4_kernels.py --no-sweep --ms 1,8,9,16,64,256 --reps 30 --out "$out/kernels" \
-      > "$out/kernels.log" 2>&1; echo "kernels rc $?"; grep -A12 "Whole model" "$out/kernels.log"
-    timeout 400 python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss" \
+    if [ "${INT4_KERNELS:-1}" = 1 ]; then   # INT4_KERNELS=0: the steady state only
+      timeout 150 python3 benchmarks/int4_kernels.py --no-sweep --ms 1,8,9,16,64,256 --reps 30 --out "$out/kernels" \
+        > "$out/kernels.log" 2>&1; echo "kernels rc $?"; grep -A12 "Whole model" "$out/kernels.log"
+    fi
+    timeout "${SS_SECONDS:-400}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/ss" \
       --quants "${SS_QUANTS:-bf16,int4}" --concurrency "${SS_CONC:-1,8,64,256}" --http-concurrency '' \
       > "$out/steady_state.log" 2>&1
     echo "steady_state rc $?"; tail -16 "$out/steady_state.log" ;;
