@@ -28,6 +28,7 @@ EV_H100_FINAL_COMMIT = "not recorded (evening final code; results committed in 5
 EV_H200_COMMIT = "not recorded (results committed in 3e20dd2)"
 EV_H200_FINAL = [f"2026-12-03-h200/energy_validation_final/run{i}/energy_validation.json" for i in (1, 2, 3)]
 EV_H200_TODAY = "2026-12-05-h200/final_call/ev/ev1/energy_validation.json"
+EV_H100_TODAY = [f"2026-12-05-h100/energy/ev{i}/energy_validation.json" for i in (2, 3)]
 EPT = ["2026-12-03-h200/energy_per_token/call1/out/ept_bf16_int4/energy_per_token.json",
        "2026-12-03-h200/energy_per_token/call2/out/ept_nf4/energy_per_token.json"]
 
@@ -147,6 +148,16 @@ ROWS = [
         ["2026-12-05-h200/decode_attn/ss_attn0/steady_state.json"], values.steady_cells, "2a6fea4"),
     Row("fast engine in-process, steady state, decode attention as one Triton kernel (=1, same call)",
         ["2026-12-05-h200/decode_attn/ss_attn1/steady_state.json"], values.steady_cells, "2a6fea4"),
+    Row("energy conservation on today's code, runs 2 and 3 (run 1: the H200 row above)", EV_H100_TODAY,
+        values.check("1_mixed_load_conservation", "relative_error"), "b4088c1"),
+    Row("16 identical concurrent requests on today's code, runs 2 and 3", EV_H100_TODAY,
+        values.check("3_identical_concurrent", "max_relative_deviation", 1), "b4088c1"),
+    Row("fast engine in-process, steady state, decode attention kernel on by default (H100)",
+        ["2026-12-05-h100/int4_ss/ss/steady_state.json"], values.steady_cells, "b4088c1"),
+    Row("INT4 vs bf16 in-process, decode attention kernel on in both (H100)",
+        ["2026-12-05-h100/int4_ss/ss/steady_state.json"], values.int4_vs_bf16, "b4088c1"),
+    Row("model server over HTTP vs the engine in-process, `serve --api-workers 4`, decode attention kernel on (H100)",
+        ["2026-12-05-h100/httpw/httpw/steady_state.json"], values.http_ratio, "b4088c1"),
     Row("C_tax and keep-warm break-even idle time with the native build (fp16, int4)",
         ["2026-12-04-h200/ctax_native/ctax/cold_start.json"], values.ctax, "81401f8"),
     Row("energy per output token through the proxy (ledger), after warm-up, INT4 with the Triton dispatch",
