@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int4_report import markdown, stack  # noqa: E402
 from int4_sweep import gemm_configs, gemv_configs, sweep  # noqa: E402
 from model_server import int4_gemv, int4_triton  # noqa: E402
-from model_server.int4 import (GEMV_MAX_ROWS, INNER_K_TILES, TINYGEMM_MAX_ROWS, choose_compute,  # noqa: E402
+from model_server.int4 import (GEMV_MAX_ROWS, INNER_K_TILES, choose_compute, tinygemm_max_rows,  # noqa: E402
                                dequantize_groupwise, quantize_groupwise)
 
 UNMERGED = {"q_proj": (2048, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 2048),
@@ -185,14 +185,15 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
-def dispatch_method(capability: tuple[int, int]) -> Callable[[int], str]:
-    """m -> the fixed method Int4Linear runs at m rows with MODEL_SERVER_INT4_KERNELS=auto on this device."""
+def dispatch_method(capability: tuple[int, int]) -> Callable[[int, int], str]:
+    """(m, n) -> the fixed method Int4Linear runs at m rows on a layer of n outputs with MODEL_SERVER_INT4_KERNELS=auto
+    on this device."""
     ch = choose_compute("cuda", capability, triton=True, mode="auto")
 
-    def pick(m: int) -> str:
+    def pick(m: int, n: int) -> str:
         if ch.int4_kernel == "triton":
             return "gemv" if ch.rows_kernel == "gemv" and m <= GEMV_MAX_ROWS else "triton"
-        return "tinygemm" if ch.rows_kernel != "triton" or m <= TINYGEMM_MAX_ROWS else "triton"
+        return "tinygemm" if ch.rows_kernel != "triton" or m <= tinygemm_max_rows(n) else "triton"
     return pick
 
 

@@ -38,19 +38,20 @@ def per_shape(res: dict) -> dict[tuple[int, int, int], dict[str, dict]]:
     return t
 
 
-def stack(res: dict, layer: dict, n_layers: int, dispatch: Callable[[int], str]) -> dict:
-    """Per M and method: ``n_layers`` x sum(layer's linears) + lm_head (us), and bf16 / method. ``dispatch(m)``
-    names the fixed method Int4Linear runs at m rows (the "dispatch" column)."""
+def stack(res: dict, layer: dict, n_layers: int, dispatch: Callable[[int, int], str]) -> dict:
+    """Per M and method: ``n_layers`` x sum(layer's linears) + lm_head (us), and bf16 / method. ``dispatch(m, n)``
+    names the fixed method Int4Linear runs at m rows on a layer of n outputs (the "dispatch" column)."""
     t = per_shape(res)
     head = res["shapes"].get("lm_head")
     out = {}
     for m in res["ms"]:
         row: dict = {}
         for method in FIXED + ("dispatch",) + SWEPT:
-            src = dispatch(m) if method == "dispatch" else method
+            def src(n: int) -> str:
+                return dispatch(m, n) if method == "dispatch" else method
             for mode in ("graph_us", "eager_us"):
-                vals = [t.get((n, k, m), {}).get(src, {}).get(mode) for n, k in layer.values()]
-                tail = [t.get((head[0], head[1], m), {}).get(src, {}).get(mode)] if head else []
+                vals = [t.get((n, k, m), {}).get(src(n), {}).get(mode) for n, k in layer.values()]
+                tail = [t.get((head[0], head[1], m), {}).get(src(head[0]), {}).get(mode)] if head else []
                 if all(v is not None for v in vals + tail):
                     row[f"{method}/{mode}"] = n_layers * sum(vals) + sum(tail)
         for key in list(row):

@@ -30,7 +30,8 @@ compute capability, so it is testable without a GPU):
   benchmarks/int4_kernels.py, docs/benchmarks.md), else ``tinygemm``;
 * ``tinygemm``: int4pack for every row count (fewest bytes, 5x slower than bf16 at 64 rows);
 * ``triton``: one layout, the small-rows kernel up to ``GEMV_MAX_ROWS`` rows, the Triton GEMM above;
-* ``mixed``: int4pack up to ``TINYGEMM_MAX_ROWS`` rows, the Triton GEMM above (``rows_kernel`` ``"triton"``); it keeps
+* ``mixed``: int4pack up to :func:`tinygemm_max_rows` rows (8; 3 for a vocabulary-wide LM head), the Triton GEMM
+  above (``rows_kernel`` ``"triton"``); it keeps
   a second copy of the 4-bit weights in Triton's layout (INT4's bytes double; /info's measured weight bytes count both);
 * ``triton-gemm``: the Triton GEMM for every row count (one layout; for comparisons).
 """
@@ -45,6 +46,8 @@ from torch import nn
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 16 * INNER_K_TILES
 TINYGEMM_MAX_ROWS = 8        # with rows_kernel "triton": steps of more rows than this run Triton
+WIDE_OUT_FEATURES = 65536    # ... except layers at least this wide (an LM head), where the bound is:
+WIDE_TINYGEMM_MAX_ROWS = 3
 GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this many rows run int4_gemv
 KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm")
 AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton (from the H200 sweep)
@@ -59,7 +62,7 @@ class ComputeChoice:
     dtype: torch.dtype
     int4_kernel: str             # "cuda-int4pack" | "cpu-int4pack" | "dequant" | "triton"
     reason: str
-    rows_kernel: str | None = None   # "triton": steps of more than TINYGEMM_MAX_ROWS rows run the Triton GEMM;
+    rows_kernel: str | None = None   # "triton": steps of more than tinygemm_max_rows() rows run the Triton GEMM;
                                      # "gemv" (with int4_kernel "triton"): steps of <= GEMV_MAX_ROWS run int4_gemv
 
 
@@ -159,6 +162,15 @@ def _pack(q: torch.Tensor, kernel: str) -> torch.Tensor:
     return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()       # dequant: plain nibbles
 
 
+def tinygemm_max_rows(out_features: int) -> int:
+    """Rows up to which the ``mixed`` mode runs int4pack on a layer with ``out_features`` outputs. From the H200
+    sweep (2026-12-04, per linear in a CUDA graph, docs/benchmarks.md): int4pack's time grows with the rows, on the
+    128256 x 2048 LM head from 74.9 us at 1 row to 171.8 at 8, where the Triton GEMM takes 108.8 (110.1 at 16); a
+    straight line between 1 and 8 crosses it near 3.4 rows. On the narrower layers int4pack stays the faster one,
+    or within 2 us, up to 8 rows."""
+    return WIDE_TINYGEMM_MAX_ROWS if out_features >= WIDE_OUT_FEATURES else TINYGEMM_MAX_ROWS
+
+
 def fits(linear: nn.Linear, group_size: int) -> bool:
     """Whether the int4pack layout holds this linear: K a multiple of the group and of 16 * inner tiles."""
     n, k = linear.weight.shape
@@ -221,6 +233,12 @@ class Int4Linear(nn.Module):
     def uses_triton(self) -> bool:
         return self.kernel == "triton" or self.rows_kernel == "triton"       # rows_kernel "gemv" implies "triton"
 
+    def runs_triton(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows runs the Triton GEMM (the module docstring's modes)."""
+        if self.kernel == "triton":
+            return not (self.rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS)
+        return self.rows_kernel == "triton" and rows > tinygemm_max_rows(self.out_features)
+
     def _unpacked(self) -> torch.Tensor:
         p = self.weight_packed
         q = torch.stack([p >> 4, p & 15], dim=-1).reshape(self.out_features, self.in_features)
@@ -235,7 +253,7 @@ class Int4Linear(nn.Module):
         if self.kernel == "triton" and self.rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS:
             from model_server.int4_gemv import int4_gemv_mm
             y = int4_gemv_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
-        elif self.kernel == "triton" or (self.rows_kernel == "triton" and rows > TINYGEMM_MAX_ROWS):
+        elif self.runs_triton(rows):
             from model_server.int4_triton import int4_triton_mm
             y = int4_triton_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
         elif self.kernel == "cuda-int4pack":
@@ -252,7 +270,7 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         rows = "" if not self.rows_kernel else (f", up to {GEMV_MAX_ROWS} rows={self.rows_kernel}"
                                                 if self.rows_kernel == "gemv" else
-                                                f", above {TINYGEMM_MAX_ROWS} rows={self.rows_kernel}")
+                                                f", above {tinygemm_max_rows(self.out_features)} rows={self.rows_kernel}")
         return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}{rows}"
 
 

@@ -6,11 +6,13 @@ bf16, which the GPU benchmark checks against a float32 reference every run: benc
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from model_server import int4_gemv, int4_triton
+from model_server import int4, int4_gemv, int4_triton
 from model_server.engines.fast.merged import merge
 from model_server.int4 import (AUTO_MODE, GEMV_MAX_ROWS, TINYGEMM_MAX_ROWS, ComputeChoice, Int4Linear, choose_compute,
                                dequantize_groupwise, device_compute, quantize_groupwise)
@@ -169,6 +171,28 @@ def test_int4_linear_runs_tinygemm_up_to_eight_rows_and_triton_above(monkeypatch
         with torch.inference_mode():
             assert _rel(mod(x), want) < 1e-4
     assert seen == [TINYGEMM_MAX_ROWS + 1, 40]
+
+
+def test_a_vocabulary_wide_layer_leaves_tinygemm_after_three_rows(monkeypatch):
+    """The LM head's int4pack time grows with the rows past the Triton GEMM's near 3.4 rows (H200 sweep), so a layer
+    of at least ``WIDE_OUT_FEATURES`` outputs runs Triton from 4 rows; the report's "dispatch" column follows."""
+    assert int4.tinygemm_max_rows(128256) == 3 and int4.tinygemm_max_rows(16384) == TINYGEMM_MAX_ROWS
+    monkeypatch.setattr(int4, "WIDE_OUT_FEATURES", 64)          # make this small layer "wide"
+    torch.manual_seed(2)
+    lin = nn.Linear(256, 64, bias=False)
+    q, sz = quantize_groupwise(lin.weight, 64)
+    mod = Int4Linear(lin, 64, ComputeChoice(torch.float32, "cpu-int4pack", "test", rows_kernel="triton"))
+    assert "above 3 rows=triton" in mod.extra_repr()
+    seen = _calls(monkeypatch)
+    for rows in (1, 3, 4, 8, 9):
+        x = torch.randn(rows, 256)
+        with torch.inference_mode():
+            assert _rel(mod(x), _reference(x, q, sz.float(), 64)) < 1e-4
+    assert seen == [4, 8, 9]
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from int4_kernels import dispatch_method
+    pick = dispatch_method((9, 0))
+    assert [pick(m, 64) for m in (3, 4)] == ["tinygemm", "triton"] and pick(8, 63) == "tinygemm"
 
 
 def test_int4_linear_triton_mode_runs_the_small_rows_kernel_up_to_its_rows_and_the_gemm_above(monkeypatch):
