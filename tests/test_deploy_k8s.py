@@ -860,6 +860,24 @@ def test_hardening(rendered: dict[str, list[dict]]) -> None:
             assert js["tolerations"] == pod_spec(ms)["tolerations"]
 
 
+def test_compile_cache_outlives_the_pod(rendered: dict[str, list[dict]]) -> None:
+    """The model server's MODEL_SERVER_COMPILE_CACHE lies on a PersistentVolumeClaim, writable, not on an emptyDir:
+    a scale-up from zero must load the kernels an earlier pod compiled (issue 17's cold start)."""
+    for overlay, docs in rendered.items():
+        spec = pod_spec(one(docs, "Deployment", "edge-eval-model-server"))
+        (main,) = [c for c in spec["containers"] if c["command"][0] == "model-server"]
+        env = {e["name"]: e.get("value") for e in main.get("env", [])}
+        path = env.get("MODEL_SERVER_COMPILE_CACHE")
+        assert path, f"{overlay}: no MODEL_SERVER_COMPILE_CACHE"
+        mounts = [m for m in main["volumeMounts"] if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+        mount = max(mounts, key=lambda m: len(m["mountPath"]))      # the innermost mount holds the path
+        assert not mount.get("readOnly"), (overlay, mount)
+        vol = {v["name"]: v for v in spec["volumes"]}[mount["name"]]
+        assert "persistentVolumeClaim" in vol, f"{overlay}: the compile cache is on {vol}"
+        claim = one(docs, "PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"])
+        assert claim["spec"]["accessModes"] != ["ReadOnlyMany"], claim
+
+
 def test_services_expose_only_client_ports_and_policies_fence_the_model_server(rendered: dict[str, list[dict]]) -> None:
     for docs in rendered.values():
         svc = one(docs, "Service", "edge-eval-model-server")
