@@ -108,8 +108,11 @@ class Config:
 def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
     """From sweeps on an H200 (benchmarks/int4_kernels.py, 2026-12-03 and -04): BLOCK_N 64; split K (a power of
     two dividing the K-blocks, >= 2 K-blocks per split) while the tiles do not fill the SMs; M <= 64: swap-AB,
-    BLOCK_M 16/32/64, fold for M <= 16 else dequant; M > 64: normal order, dequant, BLOCK_M 128, 4 warps (at 256
-    rows split K took the 2048 x 8192 projection from 81 to 35 us and 2048 x 2048 from 22 to 14 us)."""
+    BLOCK_M 16/32/64; M > 64: normal order, BLOCK_M 128, 4 warps (at 256 rows split K took the 2048 x 8192
+    projection from 81 to 35 us and 2048 x 2048 from 22 to 14 us). Dequantize, never fold: in the 2026-12-04
+    sweep (int4_gemv_sweep) the same config dequantizing was 5-12 % faster than folding at 1, 8 and 16 rows on
+    four of the 1B model's five shapes (gate/up 23.1-23.2 -> 20.4-20.5 us, the LM head 108-111 -> 103-104 us)
+    and equal within 0.03 us on the fifth (2048 x 2048); folding stays a Config option for sweeps."""
     bn = 64
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     tiles = -(-m // bm) * -(-n // bn)
@@ -119,7 +122,7 @@ def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
         split *= 2
     if m > 64:
         return Config(bm, bn, split, 3, 4, False, False)
-    return Config(bm, bn, split, 4 if bm <= 32 else 3, 4, True, m <= 16)
+    return Config(bm, bn, split, 4 if bm <= 32 else 3, 4, True, False)
 
 
 @lru_cache(maxsize=None)
