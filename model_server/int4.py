@@ -30,7 +30,7 @@ compute capability, so it is testable without a GPU):
   benchmarks/int4_kernels.py, docs/benchmarks.md), else ``tinygemm``;
 * ``tinygemm``: int4pack for every row count (fewest bytes, 5x slower than bf16 at 64 rows);
 * ``triton``: one layout, the small-rows kernel up to ``GEMV_MAX_ROWS`` rows, the Triton GEMM above;
-* ``mixed``: int4pack up to :func:`tinygemm_max_rows` rows (8; 3 for a vocabulary-wide LM head), the Triton GEMM
+* ``mixed``: int4pack up to :func:`tinygemm_max_rows` rows (8; fewer on wide layers: 5, 3), the Triton GEMM
   above (``rows_kernel`` ``"triton"``); it keeps
   a second copy of the 4-bit weights in Triton's layout (INT4's bytes double; /info's measured weight bytes count both);
 * ``triton-gemm``: the Triton GEMM for every row count (one layout; for comparisons).
@@ -46,8 +46,7 @@ from torch import nn
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 16 * INNER_K_TILES
 TINYGEMM_MAX_ROWS = 8        # with rows_kernel "triton": steps of more rows than this run Triton
-WIDE_OUT_FEATURES = 65536    # ... except layers at least this wide (an LM head), where the bound is:
-WIDE_TINYGEMM_MAX_ROWS = 3
+WIDE_LAYERS = ((65536, 3), (16384, 5))   # ... except layers of at least this many outputs: (width, bound)
 GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this many rows run int4_gemv
 KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm")
 AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton (from the H200 sweep)
@@ -163,12 +162,16 @@ def _pack(q: torch.Tensor, kernel: str) -> torch.Tensor:
 
 
 def tinygemm_max_rows(out_features: int) -> int:
-    """Rows up to which the ``mixed`` mode runs int4pack on a layer with ``out_features`` outputs. From the H200
-    sweep (2026-12-04, per linear in a CUDA graph, docs/benchmarks.md): int4pack's time grows with the rows, on the
-    128256 x 2048 LM head from 74.9 us at 1 row to 171.8 at 8, where the Triton GEMM takes 108.8 (110.1 at 16); a
-    straight line between 1 and 8 crosses it near 3.4 rows. On the narrower layers int4pack stays the faster one,
-    or within 2 us, up to 8 rows."""
-    return WIDE_TINYGEMM_MAX_ROWS if out_features >= WIDE_OUT_FEATURES else TINYGEMM_MAX_ROWS
+    """Rows up to which the ``mixed`` mode runs int4pack on a layer with ``out_features`` outputs
+    (``WIDE_LAYERS``). From the H200 sweep (2026-12-04, per linear in a CUDA graph, docs/benchmarks.md): int4pack's
+    time grows with the rows, and the faster the wider the layer. The 128256 x 2048 LM head took 74.9 us at 1 row
+    and 171.8 at 8, the Triton GEMM (dequantizing) 103.8 at 8; the 16384 x 2048 gate/up projection 12.0 and 24.9,
+    the GEMM 20.5. Straight lines between 1 and 8 rows cross the GEMM near 3.4 and 5.6 rows. The narrower layers
+    (3072 and 2048 outputs) stay faster on int4pack up to 8 rows."""
+    for width, rows in WIDE_LAYERS:
+        if out_features >= width:
+            return rows
+    return TINYGEMM_MAX_ROWS
 
 
 def fits(linear: nn.Linear, group_size: int) -> bool:

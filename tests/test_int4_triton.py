@@ -176,11 +176,12 @@ def test_int4_linear_runs_tinygemm_up_to_eight_rows_and_triton_above(monkeypatch
     assert seen == [TINYGEMM_MAX_ROWS + 1, 40]
 
 
-def test_a_vocabulary_wide_layer_leaves_tinygemm_after_three_rows(monkeypatch):
-    """The LM head's int4pack time grows with the rows past the Triton GEMM's near 3.4 rows (H200 sweep), so a layer
-    of at least ``WIDE_OUT_FEATURES`` outputs runs Triton from 4 rows; the report's "dispatch" column follows."""
-    assert int4.tinygemm_max_rows(128256) == 3 and int4.tinygemm_max_rows(16384) == TINYGEMM_MAX_ROWS
-    monkeypatch.setattr(int4, "WIDE_OUT_FEATURES", 64)          # make this small layer "wide"
+def test_a_wide_layer_leaves_tinygemm_sooner(monkeypatch):
+    """int4pack's time grows with the rows the faster the wider the layer (H200 sweep: it crosses the Triton GEMM near
+    3.4 rows on the LM head, 5.6 on gate/up), so wide layers run Triton from fewer rows; the report's "dispatch"
+    column follows."""
+    assert [int4.tinygemm_max_rows(n) for n in (128256, 16384, 8192, 3072)] == [3, 5, TINYGEMM_MAX_ROWS, TINYGEMM_MAX_ROWS]
+    monkeypatch.setattr(int4, "WIDE_LAYERS", ((64, 3),))          # make this small layer "wide"
     torch.manual_seed(2)
     lin = nn.Linear(256, 64, bias=False)
     q, sz = quantize_groupwise(lin.weight, 64)
