@@ -46,7 +46,7 @@
 #   bash benchmarks/gpu_calls.sh ctax       # issue 17: C_tax and keep-warm break-even under the proxy's --spawn,
 #                                            fp16 and int4 (CTAX_VARIANTS), to first token and to engine warm (~5 min)
 #   bash benchmarks/gpu_calls.sh int4       # issue 17: INT4 kernels per merged shape (no sweep), then the steady state
-#                                            in-process, bf16 vs int4 (tinygemm <= 8 rows, Triton above) at 1/8/64/256
+#                                            in-process, bf16 vs int4 (the mixed dispatch: int4.tinygemm_max_rows) at 1/8/64/256
 #                                            (SS_QUANTS, SS_CONC change the set; INT4_KERNELS=0 skips the per-shape part) (~9 min)
 #   bash benchmarks/gpu_calls.sh cold       # issue 17: spawn to first token, before vs after (direct load, background
 #                                            warm-up), bf16 and int4, fills the compile cache first (~5 min);
