@@ -211,8 +211,11 @@ def _split_sum_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr
 
 @lru_cache(maxsize=None)
 def _jitted(interpret: bool) -> tuple[Any, Any]:
-    """``triton.jit`` at first use (TRITON_INTERPRET is read then), one pair per mode."""
-    return triton.jit(_w4a16_kernel), triton.jit(_split_sum_kernel)
+    """``triton.jit`` at first use (TRITON_INTERPRET is read then), one pair per mode. The GEMM is not specialized
+    on the row count ``M`` (Triton would otherwise compile M % 16 == 0 apart from the rest), so one compile per
+    config serves every row count: the kernel pre-warm's padded 16-row prefill also compiles what a 4- or 8-row
+    decode step runs, and a first batch of a new size does not stop for a compile."""
+    return triton.jit(_w4a16_kernel, do_not_specialize=["M"]), triton.jit(_split_sum_kernel)
 
 
 _MAGIC = {torch.bfloat16: (0x4300, 136.0), torch.float16: (0x6400, 1032.0), torch.float32: (0, 8.0)}

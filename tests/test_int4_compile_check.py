@@ -49,3 +49,14 @@ def test_bad_config_is_a_one_line_error(tmp_path):
         r = _run(tmp_path, *args)
         assert r.returncode == 2 and "Traceback" not in r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith("int4_compile_check.py: error:"), r.stderr
+
+
+def test_gemm_is_compiled_once_for_every_row_count(monkeypatch):
+    """The GEMM's launches do not specialize on the row count M, so the kernel pre-warm's padded 16-row prefill
+    compiles the same kernel a 4- or 8-row decode step runs (Triton would otherwise compile M % 16 == 0 apart)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from model_server import int4_triton
+
+    assert int4_triton._import_triton()
+    gemm = int4_triton._jitted(False)[0]
+    assert [p.name for p in gemm.params if p.do_not_specialize] == ["M"]
