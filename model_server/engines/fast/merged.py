@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from model_server.int4 import TINYGEMM_MAX_ROWS, Int4Linear  # noqa: F401 - the docstring names it
+from model_server.int4 import Int4Linear
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
 
 
 def _agrees(merged: Int4Linear, parts: list[Int4Linear]) -> bool:
-    """The merged module against its parts on random inputs: 3 rows and 16 rows (past TINYGEMM_MAX_ROWS, so
-    both kernels of a dispatching module run). int4pack must agree bit for bit; Triton's split-K choice
+    """The merged module against its parts on random inputs: 3 rows and 16 rows (past int4.tinygemm_max_rows,
+    so both kernels of a dispatching module run). int4pack must agree bit for bit; Triton's split-K choice
     depends on N, so its sums may round differently: within 2 % (a layout error is ~100 %)."""
     p0 = parts[0]
     for rows in (3, 16):
