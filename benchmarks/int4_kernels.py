@@ -17,6 +17,7 @@ and ``best`` (per shape the fastest correct method or config). Writes int4_kerne
 (benchmarks/int4_report.py makes the table).
 
   python3 benchmarks/int4_kernels.py --out DIR         # exits 2 with one line when there is no CUDA device
+  python3 benchmarks/int4_kernels.py --redispatch DIR/int4_kernels.json   # no GPU: re-sum as today's code dispatches
 """
 from __future__ import annotations
 
@@ -34,11 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from int4_report import markdown, stack  # noqa: E402
+from int4_report import markdown, redispatch, redispatch_markdown, stack  # noqa: E402
 from int4_sweep import gemm_configs, gemv_configs, sweep  # noqa: E402
 from model_server import int4_gemv, int4_triton  # noqa: E402
-from model_server.int4 import (GEMV_MAX_ROWS, INNER_K_TILES, choose_compute, tinygemm_max_rows,  # noqa: E402
-                               dequantize_groupwise, quantize_groupwise)
+from model_server.int4 import GEMV_MAX_ROWS, INNER_K_TILES, choose_compute, step_kernel  # noqa: E402
+from model_server.int4_quant import dequantize_groupwise, quantize_groupwise  # noqa: E402
 
 UNMERGED = {"q_proj": (2048, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 2048),
             "gate_proj": (8192, 2048), "up_proj": (8192, 2048), "down_proj": (2048, 8192)}      # (N out, K in)
@@ -68,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="methods to time (bf16 is always timed)")
     p.add_argument("--no-lm-head", action="store_true")
     p.add_argument("--unmerged", action="store_true", help="the seven separate projections (before merging)")
+    p.add_argument("--redispatch", type=Path, default=None, metavar="JSON",
+                   help="no GPU: re-sum a recorded int4_kernels.json's linears per step as today's dispatch and "
+                        "config choice would run them (int4_report.redispatch), print the table, exit")
     args = p.parse_args(argv)
     global LAYER
     LAYER = UNMERGED if args.unmerged else MERGED
@@ -191,9 +195,8 @@ def dispatch_method(capability: tuple[int, int]) -> Callable[[int, int], str]:
     ch = choose_compute("cuda", capability, triton=True, mode="auto")
 
     def pick(m: int, n: int) -> str:
-        if ch.int4_kernel == "triton":
-            return "gemv" if ch.rows_kernel == "gemv" and m <= GEMV_MAX_ROWS else "triton"
-        return "tinygemm" if ch.rows_kernel != "triton" or m <= tinygemm_max_rows(n) else "triton"
+        kernel = step_kernel(ch.int4_kernel, ch.rows_kernel, m, n)
+        return "tinygemm" if kernel == "cuda-int4pack" else kernel
     return pick
 
 
@@ -265,8 +268,23 @@ def run(args: argparse.Namespace) -> dict:
     return res
 
 
+def print_redispatch(path: Path) -> int:
+    """``--redispatch``: :func:`int4_report.redispatch_markdown` of a recorded result (one-line error on a bad file)."""
+    try:
+        res = json.loads(path.read_text())
+        print(redispatch_markdown(str(path), res, redispatch(
+            res, LAYER, N_LAYERS, dispatch_method((9, 0)), lambda m, n, k: vars(int4_triton.choose_config(
+                m, n, k, int4_triton.block_k(res["group"]), res["num_sms"])))))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"int4_kernels: cannot re-sum {path}: {e!r}"[:300], file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.redispatch:
+        return print_redispatch(args.redispatch)
     if not torch.cuda.is_available():
         print("int4_kernels: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
         return 2

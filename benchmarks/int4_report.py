@@ -1,7 +1,7 @@
 """The whole-step estimate and the markdown table of ``benchmarks/int4_kernels.py``'s results.
 
 Owns: :func:`stack` (per M and method: 16 layers x the layer's linears + the LM head, us per decode step, and the
-speed-up against bf16) and :func:`markdown`. Measuring is int4_kernels.py's; config grids are int4_sweep.py's.
+speed-up against bf16), :func:`redispatch` (the same sum as today's dispatch would run it) and the markdown. Measuring is int4_kernels.py's; config grids are int4_sweep.py's.
 """
 from __future__ import annotations
 
@@ -59,6 +59,42 @@ def stack(res: dict, layer: dict, n_layers: int, dispatch: Callable[[int, int], 
             row[key.replace("_us", "_speedup")] = base / row[key] if base else None
         out[str(m)] = row
     return out
+
+
+def redispatch(res: dict, layer: dict, n_layers: int, dispatch: Callable[[int, int], str],
+               config_for: Callable[[int, int, int], dict]) -> dict[str, dict[str, float | None]]:
+    """Per M: the step's linears (us, graph) as today's code would run them, from a recorded result's own timings:
+    ``dispatch(m, n)`` picks the method per layer and a ``"triton"`` layer takes the swept row whose config is
+    ``config_for(m, n, k)`` (the recorded default-config cell when the sweep has none); next to bf16 and the
+    recorded ``dispatch`` column. No GPU: arithmetic on measured kernel times, not a run of today's code."""
+    t = per_shape(res)
+    shapes = [(n, k, n_layers) for n, k in layer.values()]
+    if res["shapes"].get("lm_head"):
+        shapes.append((*res["shapes"]["lm_head"], 1))
+    out: dict[str, dict[str, float | None]] = {}
+    for m in res["ms"]:
+        total: float | None = 0.0
+        for n, k, times in shapes:
+            method = dispatch(m, n)
+            want = config_for(m, n, k) if method == "triton" else None
+            rows = [r for r in res.get("sweeps", {}).get(f"{n}x{k}/M{m}", [])
+                    if r["method"] == method and r["config"] == want]
+            us = rows[0]["graph_us"] if rows else t.get((n, k, m), {}).get(method, {}).get("graph_us")
+            total = None if total is None or us is None else total + times * us
+        rec = res["stack"].get(str(m), {})
+        out[str(m)] = {"bf16": rec.get("bf16/graph_us"), "recorded": rec.get("dispatch/graph_us"), "today": total}
+    return out
+
+
+def redispatch_markdown(name: str, res: dict, rows: dict[str, dict[str, float | None]]) -> str:
+    """:func:`redispatch`'s rows as a table."""
+    f = lambda v: "-" if v is None else f"{v:.1f}"                                      # noqa: E731
+    lines = [f"# {name} ({res.get('device')}): INT4 linears per step, us (graph), recorded vs today's dispatch", "",
+             "| M | bf16 | recorded dispatch | today's dispatch | bf16 / today |", "|---:|---:|---:|---:|---:|"]
+    for m, r in rows.items():
+        ratio = f"{r['bf16'] / r['today']:.3f}x" if r["bf16"] and r["today"] else "-"
+        lines.append(f"| {m} | {f(r['bf16'])} | {f(r['recorded'])} | {f(r['today'])} | {ratio} |")
+    return "\n".join(lines)
 
 
 def tuned_lines(res: dict) -> list[str]:

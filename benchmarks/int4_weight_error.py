@@ -1,7 +1,7 @@
-"""INT4 rounding error of a checkpoint's linears: min-max group ranges vs ``int4.group_ranges``' clip search (issue 17).
+"""INT4 rounding error of a checkpoint's linears: min-max group ranges vs ``int4_quant.group_ranges``' clip search (issue 17).
 
 For every 2-D weight of ``model.safetensors`` except the embedding: quantize it as ``--quantization int4`` does
-(``int4.quantize_groupwise``, group ``--group``), dequantize, and sum the squared error; report it relative to the
+(``int4_quant.quantize_groupwise``, group ``--group``), dequantize, and sum the squared error; report it relative to the
 weights' own sum of squares, per range choice, with the seconds each quantization took on this machine (side by
 side, one after the other per layer).
 
@@ -27,7 +27,7 @@ from support import default_commit, utc_date  # noqa: E402
 def weight_error(model_dir: Path, group: int) -> dict:
     from safetensors.torch import load_file
 
-    from model_server.int4 import dequantize_groupwise, quantize_groupwise
+    from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
 
     state = load_file(str(model_dir / "model.safetensors"))
     total = 0.0

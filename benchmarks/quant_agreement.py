@@ -7,7 +7,7 @@ facts about made-up entities (recall), counting (a rule) and sums (a harder rule
 format, the model is loaded as ``model-server serve`` loads it (``model_server.loading.load_model``: ``int4`` is
 our group-wise INT4 with PyTorch's int4pack kernels, ``nf4`` bitsandbytes; ``int4-head16`` is ``int4`` with the LM
 head left in bf16, ``int4-minmax`` and ``int4-search`` ``int4`` with each group's range from min-max or from
-``int4.group_ranges``' clip search; ``gptq`` and ``gptq-act`` are GPTQ checkpoints made by gptqmodel (group 128, calibrated on 256
+``int4_quant.group_ranges``' clip search; ``gptq`` and ``gptq-act`` are GPTQ checkpoints made by gptqmodel (group 128, calibrated on 256
 generated sentences; ``gptq-act`` with act order) and served as ``serve --engine fast`` serves them, repacked onto
 the ``int4`` kernels with the LM head in bf16: they need gptqmodel, e.g. ``scripts/check_gptq.sh``'s venv;
 ``bf16-attn`` is bf16 decoded with the fast engine's Triton decode attention, the reference ``bf16`` always with SDPA), every

@@ -58,7 +58,8 @@ GPTQ_FORMATS = ("gptq", "gptq-act")
 def int4_kernel_check(device: str) -> dict:
     from torch import nn
 
-    from model_server.int4 import Int4Linear, dequantize_groupwise, device_compute, quantize_groupwise
+    from model_server.int4 import Int4Linear, device_compute
+    from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
 
     ch = device_compute(device)
     out = {"kernel": ch.int4_kernel, "rows_kernel": ch.rows_kernel, "dtype": str(ch.dtype)}

@@ -1,15 +1,8 @@
 """INT4 weight-only linears for ``--quantization int4``: group-wise 4-bit weights, PyTorch's own kernels.
 
-Quantization (per output row, per group of ``group_size`` input columns; asymmetric, 16 levels)::
-
-    scale = (max(w_g) - min(w_g)) / 15          zero = min(w_g) + 8 * scale
-    q     = clamp(round((w - min(w_g)) / scale), 0, 15)            (integer, 4 bits)
-    w'    = (q - 8) * scale + zero   (= min + q * scale)           (what every kernel computes)
-
-so the largest error per weight is ``scale / 2``. (:func:`group_ranges` can instead search a clipped range per group
-that minimizes the group's squared error; off: on a trained model it lowered the weights' error and yet
-agreed with bf16 less often than min-max, docs/benchmarks.md.) Weights are stored in PyTorch's int4pack layout
-(the "tinygemm" layout) with ``scales_and_zeros [K / group_size, N, 2]`` in the compute dtype.
+The weights are quantized by :mod:`model_server.int4_quant` (the formula and the range search are there) and
+stored in PyTorch's int4pack layout (the "tinygemm" layout) with ``scales_and_zeros [K / group_size, N, 2]`` in
+the compute dtype.
 
 Kernels, chosen once per process by :func:`choose_compute` from the device (pure function of the
 compute capability, so it is testable without a GPU):
@@ -43,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
+
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 16 * INNER_K_TILES
 TINYGEMM_MAX_ROWS = 8        # with rows_kernel "triton": steps of more rows than this run Triton
@@ -50,8 +45,6 @@ WIDE_LAYERS = ((65536, 3), (16384, 5))   # ... except layers of at least this ma
 GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this many rows run int4_gemv
 KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm")
 AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton (from the H200 sweep)
-CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)   # group_ranges' candidates
-SEARCH_CHUNK = 1 << 24       # weights quantized at once (bounds the range search's temporaries)
 
 
 @dataclass(frozen=True)
@@ -104,54 +97,6 @@ def device_compute(device: torch.device | str) -> ComputeChoice:
     return choose_compute(device.type, cap, triton, mode)
 
 
-def group_ranges(g: torch.Tensor, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The range ``[lo, hi]`` each group of ``g`` (float32 ``[rows, groups, group_size]``) spreads its 16 levels over.
-
-    Min-max, or with ``search`` the min-max range times the ratio from ``CLIP_RATIOS`` whose rounding error (sum of
-    squares over the group, the clipped outliers' error included) is smallest: clipping a few outliers buys a finer
-    step for the rest (as llama.cpp's and AWQ's quantizers search). 1.0 is a candidate, so it is never worse."""
-    lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-    if not search:
-        return lo, hi
-    best = best_lo = best_hi = None
-    for r in CLIP_RATIOS:
-        lo_r, hi_r = lo * r, hi * r
-        scale = ((hi_r - lo_r) / 15).clamp_min(1e-8)
-        err = ((((g - lo_r) / scale).round_().clamp_(0, 15) * scale + lo_r - g) ** 2).sum(dim=-1, keepdim=True)
-        if best is None:
-            best, best_lo, best_hi = err, lo_r, hi_r
-            continue
-        take = err < best
-        best = torch.where(take, err, best)
-        best_lo, best_hi = torch.where(take, lo_r, best_lo), torch.where(take, hi_r, best_hi)
-    return best_lo, best_hi
-
-
-def quantize_groupwise(w: torch.Tensor, group_size: int,
-                       clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [N, K]`` -> ``(q uint8 [N, K] in 0..15, scales_and_zeros float32 [K/group_size, N, 2])``, each group over
-    :func:`group_ranges` (``clip_search``: the searched range, else min-max); rows in chunks of at most
-    ``SEARCH_CHUNK`` weights, so the search's temporaries stay a few times that."""
-    n, k = w.shape
-    rows = max(1, SEARCH_CHUNK // k)
-    qs, szs = [], []
-    for i in range(0, n, rows):
-        g = w[i:i + rows].detach().float().reshape(-1, k // group_size, group_size)
-        lo, hi = group_ranges(g, clip_search)
-        scale = ((hi - lo) / 15).clamp_min(1e-8)
-        qs.append(((g - lo) / scale).round_().clamp_(0, 15).to(torch.uint8).reshape(-1, k))
-        szs.append(torch.cat([scale, lo + 8 * scale], dim=-1))               # [rows, K/g, 2]: scale, zero
-    return torch.cat(qs), torch.cat(szs).transpose(0, 1).contiguous()     # [K/g, N, 2]
-
-
-def dequantize_groupwise(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Inverse of :func:`quantize_groupwise` (float32 ``[N, K]``): ``(q - 8) * scale + zero``."""
-    n, k = q.shape
-    s = sz[..., 0].transpose(0, 1).float()[:, :, None]                      # [N, K/g, 1]
-    z = sz[..., 1].transpose(0, 1).float()[:, :, None]
-    return ((q.reshape(n, k // group_size, group_size).float() - 8) * s + z).reshape(n, k)
-
-
 def _pack(q: torch.Tensor, kernel: str) -> torch.Tensor:
     if kernel == "cuda-int4pack":
         u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
@@ -172,6 +117,14 @@ def tinygemm_max_rows(out_features: int) -> int:
         if out_features >= width:
             return rows
     return TINYGEMM_MAX_ROWS
+
+
+def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_features: int) -> str:
+    """The kernel a step of ``rows`` rows runs on a layer of ``out_features`` outputs: ``"gemv"``, ``"triton"``
+    (the GEMM) or ``int4_kernel`` itself (the module docstring's modes; :class:`Int4Linear` and the benchmarks)."""
+    if int4_kernel == "triton":
+        return "gemv" if rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS else "triton"
+    return "triton" if rows_kernel == "triton" and rows > tinygemm_max_rows(out_features) else int4_kernel
 
 
 def fits(linear: nn.Linear, group_size: int) -> bool:
@@ -237,10 +190,8 @@ class Int4Linear(nn.Module):
         return self.kernel == "triton" or self.rows_kernel == "triton"       # rows_kernel "gemv" implies "triton"
 
     def runs_triton(self, rows: int) -> bool:
-        """Whether a step of ``rows`` rows runs the Triton GEMM (the module docstring's modes)."""
-        if self.kernel == "triton":
-            return not (self.rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS)
-        return self.rows_kernel == "triton" and rows > tinygemm_max_rows(self.out_features)
+        """Whether a step of ``rows`` rows runs the Triton GEMM (:func:`step_kernel`)."""
+        return step_kernel(self.kernel, self.rows_kernel, rows, self.out_features) == "triton"
 
     def _unpacked(self) -> torch.Tensor:
         p = self.weight_packed
@@ -252,16 +203,16 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if self.input_perm is not None:
             x2 = x2.index_select(1, self.input_perm)
-        rows = x2.shape[0]
-        if self.kernel == "triton" and self.rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS:
+        kernel = step_kernel(self.kernel, self.rows_kernel, x2.shape[0], self.out_features)
+        if kernel == "gemv":
             from model_server.int4_gemv import int4_gemv_mm
             y = int4_gemv_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
-        elif self.runs_triton(rows):
+        elif kernel == "triton":
             from model_server.int4_triton import int4_triton_mm
             y = int4_triton_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
-        elif self.kernel == "cuda-int4pack":
+        elif kernel == "cuda-int4pack":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros)
-        elif self.kernel == "cpu-int4pack":
+        elif kernel == "cpu-int4pack":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size,
                                                            self.scales_and_zeros)
         else:

@@ -9,7 +9,7 @@ dispatches by rows (``int4.TINYGEMM_MAX_ROWS`` in the ``mixed`` mode; in the ``t
 
 Owns: the kernel's weight layout (:func:`pack_int4`, :func:`split_scales_and_zeros`), the kernel, its launch
 configuration (:func:`choose_config`) and the wrapper :func:`int4_triton_mm`. Must NOT: quantize weights
-(``int4.quantize_groupwise`` does) or decide which kernel a layer uses (the caller does, with :func:`available`).
+(``int4_quant.quantize_groupwise`` does) or decide which kernel a layer uses (the caller does, with :func:`available`).
 
 Math (same quantization as ``int4.py``; ``q`` in 0..15, one (scale, zero) per output column ``n`` and group of
 ``G`` input columns; ``BLOCK_K`` divides ``G``, so scale and zero are constant over a K-block)::

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from model_server.engines.base import GenerationRequest, SamplingParams
-from model_server import int4
-from model_server.int4 import (ComputeChoice, Int4Linear, choose_compute, dequantize_groupwise,
-                               quantize_groupwise, quantize_model)
+from model_server import int4_quant
+from model_server.int4 import ComputeChoice, Int4Linear, choose_compute, quantize_model
+from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
 from tests.conftest import start_model_server
 
 
@@ -55,7 +55,7 @@ def test_clip_search_clips_an_outlier_and_keeps_the_layout(monkeypatch):
     q0, sz0 = quantize_groupwise(w, 128)
     assert bool((sz[..., 0] < sz0[..., 0]).all())        # a finer step: the range was clipped
     assert float(_group_sq_err(w, 128, True).sum()) < float(_group_sq_err(w, 128, False).sum())
-    monkeypatch.setattr(int4, "SEARCH_CHUNK", 3 * 128)   # rows in chunks of 3: the same result
+    monkeypatch.setattr(int4_quant, "SEARCH_CHUNK", 3 * 128)   # rows in chunks of 3: the same result
     q2, sz2 = quantize_groupwise(w, 128, clip_search=True)
     assert torch.equal(q, q2) and torch.equal(sz, sz2)
 

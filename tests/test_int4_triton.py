@@ -15,7 +15,8 @@ from torch import nn
 from model_server import int4, int4_gemv, int4_triton
 from model_server.engines.fast.merged import merge
 from model_server.int4 import (AUTO_MODE, GEMV_MAX_ROWS, TINYGEMM_MAX_ROWS, ComputeChoice, Int4Linear, choose_compute,
-                               dequantize_groupwise, device_compute, quantize_groupwise)
+                               device_compute)
+from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
 from model_server.weights import measure_weight_bytes
 
 
