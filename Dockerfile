@@ -86,9 +86,12 @@ RUN if [ "$WITH_GPTQ" = 1 ]; then \
  && mkdir -p /models \
  && chown edge:edge /models
 COPY --from=model-server-build /opt/venv /opt/venv
+# A compile cache filled on the target card type (model-server compile-cache fill; docker/compile-cache/README.md):
+# the first start copies it into its writable cache and skips those compiles. Unfilled, only a README ships.
+COPY docker/compile-cache/ /opt/edge-eval/compile-cache-seed/
 ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/home/edge/.cache/huggingface XDG_CACHE_HOME=/home/edge/.cache GPTQMODEL_CPU_WORKERS=2 \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility MODEL_SERVER_COMPILE_CACHE_SEED=/opt/edge-eval/compile-cache-seed
 USER 10001:10001
 WORKDIR /home/edge
 EXPOSE 8000

@@ -16,7 +16,10 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
 * ``after-noprewarm`` / ``after-noprewarm-int4``: the defaults without the kernel pre-warm during the load
   (``MODEL_SERVER_PREWARM=0``) and with the background compile starting at ready
   (``MODEL_SERVER_FAST_WARMUP_HOLD_S=0``): the "after" of commit 447c2a7, for an A/B in one call;
-* ``after-empty-cache``: the defaults on an empty compile cache (first token does not wait for it);
+* ``after-empty-cache``: the defaults on an empty compile cache (a new one per run);
+* ``seeded`` / ``seeded-int4``: the defaults on an empty compile cache (a new one per run) with
+  ``MODEL_SERVER_COMPILE_CACHE_SEED`` pointing at a cache ``model-server compile-cache fill`` filled (once per
+  quantization, first; its seconds are in the report's ``seed_fills``): a container image's first start;
 * ``legacy-eager-graphs``: the old path with every graph captured at start (the 2026-12-03 "before");
 * ``after-tf`` / ``after-tf-int4``: the defaults with transformers' model and tokenizer
   (``MODEL_SERVER_NO_TRANSFORMERS=0``: the "after" of b69463c), beside ``after`` / ``after-int4``, which now
@@ -119,7 +122,8 @@ def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, lo
         t_first, t_done, texts = first_token(url, str(model_dir), list(range(300, 364)), 16)
         first = _info(url)
         res.update(load_path=first.get("load_path"), tokenizer=first.get("tokenizer"),
-                   transformers_after_first_request=first.get("transformers_imported"))
+                   transformers_after_first_request=first.get("transformers_imported"),
+                   seed_copied_files=(first.get("compile_cache") or {}).get("copied_files"))
         info, t_fused, steady, t2 = first, time.time(), None, None
         if steady_tokens > 0:
             # the old path has no background warm-up: it is fused from ready on, nothing to wait for
@@ -170,6 +174,12 @@ def table(report: dict) -> str:
                      + " | ".join(str(ph.get(c, "")) for c in cols)
                      + f" | **{r.get('spawn_to_first_token_s', r.get('error', ''))}** | {r.get('spawn_to_fused_s')} | "
                      f"{r.get('second_request_s')} |")
+    for f in report.get("seed_fills", []):
+        lines.append(f"\nseed fill ({f['quantization']}): `model-server compile-cache fill` rc {f['rc']} in "
+                     f"{f['seconds']} s: {f['stdout'] or f['stderr']}")
+    copied = [f"{r['variant']} {r['seed_copied_files']}" for r in report["runs"] if r.get("seed_copied_files")]
+    if copied:
+        lines.append("\nfiles copied from the seed at start: " + ", ".join(copied))
     return "\n".join(lines) + "\n"
 
 
@@ -214,25 +224,43 @@ def main(argv: list[str] | None = None) -> int:
            "MODEL_SERVER_NO_TRANSFORMERS": "1"}
     tf = {**new, "MODEL_SERVER_NO_TRANSFORMERS": "0"}          # transformers' model and tokenizer (b69463c)
     r16 = {"MODEL_SERVER_PREWARM": "0", "MODEL_SERVER_FAST_WARMUP_HOLD_S": "0"}     # 447c2a7's "after"
+    seeds: dict[str, str] = {}
+
+    def seeded(quant: str) -> dict:
+        """An empty cache and ``MODEL_SERVER_COMPILE_CACHE_SEED``: a seed filled once per quantization by
+        ``model-server compile-cache fill`` (the defaults' switches; its seconds go in the report)."""
+        if quant not in seeds:
+            seeds[quant] = str(work / f"seed-{quant}")
+            t0 = time.monotonic()
+            fill = subprocess.run([sys.executable, "-m", "model_server", "compile-cache", "fill", str(model_dir),
+                                   "--out", seeds[quant], "--device", args.device, "--engine", "fast",
+                                   "--quantization", quant, "--max-batch", "64", "--max-total-tokens", "256",
+                                   "--quiet"], env={**os.environ, **new}, capture_output=True, text=True)
+            report.setdefault("seed_fills", []).append(
+                {"quantization": quant, "rc": fill.returncode, "seconds": round(time.monotonic() - t0, 1),
+                 "stdout": fill.stdout.strip()[-300:], "stderr": fill.stderr.strip()[-300:]})
+        return {**fresh(), **new, "MODEL_SERVER_COMPILE_CACHE_SEED": seeds[quant]}
+
+    lazy = {"after-empty-cache": lambda: ("bf16", {**fresh(), **new}),
+            "seeded": lambda: ("bf16", seeded("bf16")), "seeded-int4": lambda: ("int4", seeded("int4"))}
     plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
             "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
             "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),
             "after-noprewarm": ("bf16", {**warm, **new, **r16}), "after-noprewarm-int4": ("int4", {**warm, **new, **r16}),
-            "after-empty-cache": ("bf16", {**fresh(), **new}),
             "legacy-eager-graphs": ("bf16", {**warm, **old, "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"}),
             "after-tf": ("bf16", {**warm, **tf}), "after-tf-int4": ("int4", {**warm, **tf})}
     report = {"card": card, "date": utc_date("%Y-%m-%d"), "commit": args.commit,
               "command": "python benchmarks/cold_start_phases.py " + " ".join(sys.argv[1:]), "preset": args.preset,
               "runs": []}
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in plan]
+    unknown = [n for n in names if n not in plan and n not in lazy]
     if unknown:
-        ap.error(f"unknown variant(s) {unknown}; known: {', '.join(plan)}")
+        ap.error(f"unknown variant(s) {unknown}; known: {', '.join([*plan, *lazy])}")
     logs = work / "logs"
     logs.mkdir()
     md = ""
     for i, name in enumerate(names):
-        quant, env = plan[name]
+        quant, env = plan[name] if name in plan else lazy[name]()     # lazy: a fresh empty cache per run
         report["runs"].append(one_start(f"{i:02d}_{name}", model_dir, args.device, quant, env, logs,
                                         args.steady_tokens, args.importtime))
         md = write_report(report, out)          # after every run: a call cut off by its time limit keeps them

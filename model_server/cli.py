@@ -1,4 +1,5 @@
-"""``model-server`` command line: ``synth`` (offline model directories) and ``serve`` (HTTP server)."""
+"""``model-server`` command line: ``synth`` (offline model directories), ``serve`` (HTTP server) and
+``compile-cache`` (fill or show a compile cache to ship in the image)."""
 from __future__ import annotations
 
 import argparse
@@ -95,20 +96,88 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--check-config", action="store_true",
                        help="check the arguments and the model directory, print them as JSON, exit 0 "
                             "without loading anything (CI checks Kubernetes manifests with it)")
+    _add_compile_cache(sub)
     return parser
 
 
-def _persistent_compile_cache() -> None:
-    """Keep torch.compile's (inductor + Triton) caches in one persistent folder across starts, so a
-    restart skips code generation: ``MODEL_SERVER_COMPILE_CACHE`` or ``~/.cache/edge-eval/torchinductor``
-    (an explicit ``TORCHINDUCTOR_CACHE_DIR`` wins). A container image can ship it pre-filled."""
-    import os
+def _add_compile_cache(sub) -> None:
+    cc = sub.add_parser(
+        "compile-cache", help="fill a compile cache on the target card (to ship in the container image), or show one",
+        description="serve keeps torch.compile's and Triton's caches in MODEL_SERVER_COMPILE_CACHE (default "
+                    "~/.cache/edge-eval/torchinductor); a start that finds them filled skips compiling. 'fill' "
+                    "fills a folder by serving the model once with the server's own switches; copy it to "
+                    "docker/compile-cache/ before 'docker build' and the image's first start on that card type "
+                    "copies it into its cache (MODEL_SERVER_COMPILE_CACHE_SEED). See docs/model_server.md.")
+    ccsub = cc.add_subparsers(dest="cache_command", metavar="ACTION")
+    fill = ccsub.add_parser(
+        "fill", help="serve MODEL once, compile everything a server compiles, write the cache to --out",
+        description="Start 'model-server serve MODEL' with its compile cache in --out, wait for the warm-up, "
+                    "send requests at every batch size up to --max-batch and a few prompt lengths, stop it, and "
+                    "write the manifest (edge-eval-compile-cache.json: card, versions, files). Run it on the card "
+                    "type, with the quantization and switches (MODEL_SERVER_* variables) the image will serve.")
+    fill.add_argument("model", metavar="MODEL", help="local model directory (as for serve)")
+    fill.add_argument("--out", required=True, help="cache folder to fill (created if missing; files there are kept)")
+    fill.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help="as for serve (default: none)")
+    fill.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="as for serve (default: auto)")
+    fill.add_argument("--engine", default="auto", choices=("auto", "fast", "transformers"),
+                      help="as for serve (default: auto)")
+    fill.add_argument("--max-batch", type=_positive_int, default=32,
+                      help="as for serve; requests go at batch 1, 2, 4, ... up to it (default: 32)")
+    fill.add_argument("--max-total-tokens", type=_positive_int, default=None, help="as for serve")
+    fill.add_argument("--timeout", type=float, default=1800.0,
+                      help="seconds the whole fill may take before it stops with an error (default: 1800)")
+    fill.add_argument("--quiet", action="store_true", help="no progress lines")
+    show = ccsub.add_parser("show", help="print a filled cache's manifest and file count as JSON",
+                            description="Print DIR's manifest (edge-eval-compile-cache.json) with the files "
+                                        "and bytes found there now, as JSON; exit 2 when DIR holds no manifest.")
+    show.add_argument("dir", metavar="DIR", help="a cache folder filled by 'fill'")
+
+
+def _compile_cache_main(args, parser: argparse.ArgumentParser) -> int:
+    import json
+    import time
     from pathlib import Path
 
-    default = os.environ.get("MODEL_SERVER_COMPILE_CACHE") or str(Path.home() / ".cache" / "edge-eval" / "torchinductor")
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default)
-    # Triton's own cache (the INT4 kernel's compiles, model_server/int4_triton.py) in the same folder
-    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "triton"))
+    from model_server import compile_cache
+
+    if args.cache_command == "show":
+        try:
+            manifest = compile_cache.read_manifest(Path(args.dir))
+        except ValueError as exc:
+            print(f"model-server compile-cache: error: {exc}", file=sys.stderr)
+            return 2
+        if manifest is None:
+            print(f"model-server compile-cache: error: {args.dir} holds no {compile_cache.MANIFEST} "
+                  f"(not filled by 'model-server compile-cache fill')", file=sys.stderr)
+            return 2
+        files = compile_cache.cache_files(Path(args.dir))
+        print(json.dumps({**manifest, "files_now": len(files),
+                          "bytes_now": sum((Path(args.dir) / f).stat().st_size for f in files)}, indent=2))
+        return 0
+    if args.cache_command != "fill":
+        parser.parse_args(["compile-cache", "--help"])
+    from model_server.compile_cache_fill import FillError, fill
+
+    serve_args = ["--quantization", args.quantization, "--device", args.device, "--engine", args.engine,
+                  "--max-batch", str(args.max_batch)]
+    if args.max_total_tokens:
+        serve_args += ["--max-total-tokens", str(args.max_total_tokens)]
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(f"[{time.monotonic() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        manifest = fill(args.model, args.out, serve_args, timeout_s=args.timeout, say=say)
+    except FillError as exc:
+        print(f"model-server compile-cache fill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"{Path(args.out).resolve()}: {manifest['files']} files, {manifest['bytes'] / 1e6:.1f} MB, "
+          f"filled on {manifest.get('device')} in {manifest['fill_seconds']} s")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(out)
         return 0
+    if args.command == "compile-cache":
+        return _compile_cache_main(args, parser)
     if args.command == "serve" and args.api_workers and args.engine == "transformers":
         parser.error("--api-workers needs the fast engine (--engine fast or auto), not --engine transformers")
     if args.command == "serve" and args.check_config:
@@ -149,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from model_server.server import ServeError, run_server
 
-        _persistent_compile_cache()
+        from model_server import compile_cache
+
+        compile_cache.configure()
 
         try:
             return run_server(args)

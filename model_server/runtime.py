@@ -40,6 +40,7 @@ class Runtime:
     startup: dict[str, float | None] = field(default_factory=lambda: {
         "process_start": None, "load_start": None, "load_end": None, "warmup_end": None, "ready": None})
     load_energy_joules: float | None = None
+    compile_cache: dict[str, Any] | None = None  # compile_cache.SeedResult.as_dict(): the folder, what a seed copied
     error: str | None = None
     metrics: ServerMetrics = field(init=False)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -120,5 +121,6 @@ class Runtime:
             "decode_attn_kernel": (bool(self.engine.stats().extra.get("decode_attn_kernel", 0.0))
                                    if self.engine is not None else None),
             "load_energy_joules": self.load_energy_joules,
+            "compile_cache": self.compile_cache,
             "switch_interval_seconds": sys.getswitchinterval(),   # configured (MODEL_SERVER_SWITCH_INTERVAL_S)
         }

@@ -94,6 +94,10 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
 
     runtime.set_state("loading")
     os.environ.setdefault("MODEL_SERVER_FAST_BACKGROUND_WARMUP", "1")
+    from model_server import compile_cache
+
+    # a compile cache shipped in the image (MODEL_SERVER_COMPILE_CACHE_SEED) into the writable cache, before any compile
+    runtime.compile_cache = (await asyncio.to_thread(compile_cache.seed_from_environment)).as_dict()
     try:
         device = await asyncio.to_thread(resolve_device, args.device)   # imports torch
     except LoadError as exc:

@@ -185,6 +185,24 @@ def test_build_context_holds_every_copy_source(tmp_path: Path) -> None:
                 assert (tmp_path / src).exists(), f"COPY {src}: not in the build context (.dockerignore?)"
 
 
+def test_model_server_image_ships_the_compile_cache_seed(tmp_path: Path) -> None:
+    """docker/compile-cache/ (filled by `model-server compile-cache fill`) lands where the image's
+    MODEL_SERVER_COMPILE_CACHE_SEED points, and a filled file there is in the build context."""
+    final = stages(DOCKERFILE.read_text())["model-server"]
+    env = " ".join(instr(final, "ENV"))
+    seed = re.search(r"MODEL_SERVER_COMPILE_CACHE_SEED=(\S+)", env)
+    assert seed, "the model-server image sets no MODEL_SERVER_COMPILE_CACHE_SEED"
+    copies = [c.split() for c in instr(final, "COPY") if "--from=" not in c]
+    assert any(c[-2].rstrip("/") == "docker/compile-cache" and c[-1].rstrip("/") == seed.group(1) for c in copies), copies
+    filled = ROOT / "docker" / "compile-cache" / "zz-test-filled.bin"
+    filled.write_bytes(b"generated")
+    try:
+        files = build_context(tmp_path)
+    finally:
+        filled.unlink()
+    assert "docker/compile-cache/zz-test-filled.bin" in files and "docker/compile-cache/README.md" in files
+
+
 # ------------------------------------------------------------------------------------ install scripts
 def fresh_venv(path: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)

@@ -266,19 +266,3 @@ def test_compute_choice_with_and_without_triton(monkeypatch):
     with pytest.raises(ValueError, match="must be one of auto, tinygemm, triton, mixed, triton-gemm") as err:
         device_compute("cpu")
     assert "\n" not in str(err.value)
-
-
-def test_serve_keeps_tritons_cache_in_the_persistent_compile_cache(monkeypatch, tmp_path):
-    from model_server.cli import _persistent_compile_cache
-
-    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):     # set then deleted: undo restores either way
-        monkeypatch.setenv(var, "x")
-        monkeypatch.delenv(var)
-    monkeypatch.setenv("MODEL_SERVER_COMPILE_CACHE", str(tmp_path / "cc"))
-    _persistent_compile_cache()
-    import os
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc")
-    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cc" / "triton")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))          # an explicit one wins
-    _persistent_compile_cache()
-    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")

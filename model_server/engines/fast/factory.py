@@ -11,14 +11,19 @@ import os
 from .engine import FastEngine
 
 
+def switch(name: str) -> bool | None:
+    """A ``0``/``1`` environment switch: True, False, or None when unset; anything else raises ``ValueError``
+    (one line)."""
+    raw = os.environ.get(name, "").strip()
+    if raw and raw not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+    return None if not raw else raw == "1"
+
+
 def decode_attn_switch() -> bool | None:
     """``MODEL_SERVER_FAST_DECODE_ATTN``: ``1`` decode attention as one Triton kernel instead of SDPA everywhere (the
-    interpreter's on CPU), ``0`` SDPA, unset None (the kernel on CUDA, SDPA elsewhere); anything else raises
-    ``ValueError`` (one line)."""
-    raw = os.environ.get("MODEL_SERVER_FAST_DECODE_ATTN", "").strip()
-    if raw and raw not in ("0", "1"):
-        raise ValueError(f"MODEL_SERVER_FAST_DECODE_ATTN must be 0 or 1, got {raw!r}")
-    return None if not raw else raw == "1"
+    interpreter's on CPU), ``0`` SDPA, unset None (the kernel on CUDA, SDPA elsewhere)."""
+    return switch("MODEL_SERVER_FAST_DECODE_ATTN")
 
 
 def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwargs) -> FastEngine:
@@ -48,6 +53,10 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     # A/B switch for benchmarks: MODEL_SERVER_FAST_ROPE_KV=0 keeps decode's rotary and K/V writes as separate ops
     if os.environ.get("MODEL_SERVER_FAST_ROPE_KV", "").strip() == "0":
         kwargs.setdefault("rope_kv", False)
+    # MODEL_SERVER_FAST_FUSE=1 compiles the fused elementwise ops off CUDA too (CPU: CI's compile-cache tests)
+    fuse = switch("MODEL_SERVER_FAST_FUSE")
+    if fuse is not None:
+        kwargs.setdefault("fuse", fuse)
     attn = decode_attn_switch()
     if attn is not None:
         kwargs.setdefault("decode_attn", attn)
