@@ -50,7 +50,9 @@
 #                                            (SS_QUANTS, SS_CONC change the set; INT4_KERNELS=0 skips the per-shape part) (~9 min)
 #   bash benchmarks/gpu_calls.sh cold       # issue 17: spawn to first token, before vs after (direct load, background
 #                                            warm-up), bf16 and int4, fills the compile cache first (~5 min);
-#                                            COLD_VARIANTS picks them (after-tf*: transformers' build vs after*: native);
+#                                            COLD_VARIANTS picks them (after-tf*: transformers' build vs after*: native;
+#                                            seeded*: an empty cache + a seed from `model-server compile-cache fill`, the
+#                                            image's first start: COLD_VARIANTS=fill-cache,after,seeded,seeded-int4,after-empty-cache);
 #                                            $OUT gets card.txt, cold.log and cold/ (JSON, table, cold_logs.tgz)
 #   bash benchmarks/gpu_calls.sh gptq       # issue 17: GPTQ checkpoints on the int4 kernels (the fast engine's repack): steady
 #                                            state in-process, bf16 vs int4 vs GPTQ-format copies (bf16 LM head; gptq-act with
