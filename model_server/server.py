@@ -33,6 +33,10 @@ class ServeError(Exception):
     """A one-line, user-facing startup failure."""
 
 
+class SwitchError(ServeError):
+    """A bad ``MODEL_SERVER_*`` switch value: an error even where ``--engine auto`` would fall back."""
+
+
 def process_start_epoch() -> float:
     # /proc start ticks against CLOCK_BOOTTIME: ~10 ms precise. (psutil's create_time adds the
     # integer boot time from /proc/stat, so it can be up to 1 s early.)
@@ -75,6 +79,10 @@ def create_engine(name: str, loaded, max_batch: int, max_total_tokens: int) -> E
             raise ServeError("model_server.engines.fast has no from_loaded()")
         try:
             return factory(loaded, max_batch=max_batch, max_total_tokens=max_total_tokens)
+        except ValueError as exc:
+            if str(exc).startswith("MODEL_SERVER_"):
+                raise SwitchError(str(exc)) from None
+            raise ServeError(f"the fast engine cannot serve this model: {exc}") from None
         except Exception as exc:
             raise ServeError(f"the fast engine cannot serve this model: {exc}") from None
     from model_server.engines.transformers_engine import TransformersEngine
@@ -143,7 +151,8 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
     try:
         engine = create_engine(engine_name, loaded, lim.max_batch, lim.max_total_tokens)
     except ServeError as exc:
-        if args.engine != "auto" or engine_name != "fast" or loaded.load_path == "native":
+        if args.engine != "auto" or engine_name != "fast" or loaded.load_path == "native" \
+                or isinstance(exc, SwitchError):
             raise
         # auto: a model the fast engine cannot serve (another architecture) falls back to the baseline
         log.warning("%s; falling back to the transformers engine", exc)

@@ -114,6 +114,11 @@ def test_the_fuse_switch_is_checked(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("MODEL_SERVER_FAST_FUSE", "yes")
     with pytest.raises(ValueError, match="MODEL_SERVER_FAST_FUSE must be 0 or 1"):
         switch("MODEL_SERVER_FAST_FUSE")
+    from model_server.loading import load_model
+    from model_server.server import SwitchError, create_engine
+
+    with pytest.raises(SwitchError, match="MODEL_SERVER_FAST_FUSE"):    # never a reason for auto's fallback
+        create_engine("fast", load_model(tiny_model_dir, "cpu", "none", True), 2, 64)
     r = subprocess.run([sys.executable, "-m", "model_server", "serve", tiny_model_dir, "--device", "cpu",
                         "--engine", "fast", "--port", "0"], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "MODEL_SERVER_FAST_FUSE must be 0 or 1" in r.stderr.splitlines()[-1]
