@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from model_server import compile_cache
 
-PROMPT_WORDS = (4, 60, 250)          # prompt lengths (words of the filler): decode-sized, mid and long prefills
+PROMPT_WORDS = (4, 16, 60, 250, 1000)  # prompt lengths (words of the filler, capped by the server's limit)
 NEW_TOKENS = 8
 
 
@@ -125,10 +125,10 @@ async def _drive(child: _Child, timeout_s: float, say: Callable[[str], None]) ->
         for n in sizes:
             say(f"requests at batch {n} of {sizes[-1]}")
             await asyncio.gather(*(_generate(session, child.url, PROMPT_WORDS[0]) for _ in range(n)))
-        for words in PROMPT_WORDS[1:]:
-            words = max(1, min(words, max_input // 4))       # a word is at most a few tokens: under the limit
-            say(f"a prompt of {words} words")
+        for words in sorted({max(1, min(w, max_input // 4)) for w in PROMPT_WORDS[1:]}):  # a word: a few tokens
+            say(f"prompts of {words} words, alone and {sizes[-1]} at once")   # prefills of several row counts
             await _generate(session, child.url, words)
+            await asyncio.gather(*(_generate(session, child.url, words) for _ in range(sizes[-1])))
         return await _poll(session, f"{child.url}/info", child, lambda s, b: bool(b.get("engine_warm", True)),
                            deadline, "the warm-up")
 
