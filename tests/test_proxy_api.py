@@ -269,7 +269,8 @@ async def test_end_of_request_work_keeps_up_under_continuous_traffic():
         core = px.core
         t_end = time.monotonic() + 0.4
         n = 0
-        while time.monotonic() < t_end:
+        # at least 0.4 s and 60 ends (a loaded 2-core machine makes fewer than 60 1 ms sleeps in 0.4 s)
+        while time.monotonic() < t_end or n < 60:
             now = time.monotonic_ns()
             rec = RequestRecord(request_id=f"r{n}", route="/v1/completions", api="openai",
                                 t_received_ns=now, t_end_ns=now, outcome="ok", status=200)
@@ -279,7 +280,6 @@ async def test_end_of_request_work_keeps_up_under_continuous_traffic():
             await asyncio.sleep(0.001)
         during = len(recorder.final)
         await px.drain()
-        assert n > 50
         # all but the last bound's worth were done while requests kept ending
         assert during > 0, during
         assert len(recorder.final) == n
