@@ -64,6 +64,7 @@ class _Child:
         env = {k: v for k, v in os.environ.items()
                if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "MODEL_SERVER_COMPILE_CACHE_SEED")}
         env["MODEL_SERVER_COMPILE_CACHE"] = str(out)
+        env.setdefault("MODEL_SERVER_FAST_PRECOMPILE_INT4", "1")   # every INT4 GEMM variant, not only those met
         cmd = [sys.executable, "-m", "model_server", "serve", model, "--host", "127.0.0.1",
                "--port", str(self.port), *serve_args]
         self._log = open(self.log_path, "wb")

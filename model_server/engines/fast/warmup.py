@@ -90,6 +90,8 @@ class BackgroundWarmup:
         self.fuse = runner.fuse_requested
         self.lazy_graphs = bool(lazy_graphs)
         self.make_ops = make_ops
+        from model_server import int4_precompile
+        self.precompile_int4 = int4_precompile.enabled()     # compile-cache fill: every INT4 GEMM variant too
         self.ops: Ops | None = None
         self.error: str | None = None
         self.seconds = 0.0
@@ -99,7 +101,7 @@ class BackgroundWarmup:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if not self.fuse:                      # nothing to compile (CPU default): switch at once
+        if not self.fuse and not self.precompile_int4:    # nothing to compile (CPU default): switch at once
             self.done.set()
             return
         self._thread = threading.Thread(target=self._work, name="fast-engine-warmup", daemon=True)
@@ -135,6 +137,13 @@ class BackgroundWarmup:
 
     def _compile(self) -> None:
         r = self.runner
+        if self.precompile_int4:
+            from model_server import int4_precompile
+            merged = [m for m in (*r.qkv, *r.gate_up) if m is not None]
+            n = int4_precompile.precompile([r.model, *merged], r.max_batch * r.max_len)
+            log.info("INT4 GEMM variants precompiled: %d launches", n)
+        if not self.fuse:
+            return
         ops = self.make_ops(True, r.device, r.dtype)
         if ops.fused:
             shadow = shadow_runner(r, ops)

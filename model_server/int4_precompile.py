@@ -1,0 +1,78 @@
+"""Compile every launch variant of the INT4 Triton GEMM that a model's INT4 linears can run, once each.
+
+The GEMM (:mod:`model_server.int4_triton`) is compiled per launch configuration, and
+:func:`~model_server.int4_triton.choose_config` picks the configuration from a step's rows (tile height, split K),
+so a server compiles a new variant the first time a step of a new size class reaches a layer: a stall of every
+stream in that step, once per variant and start, unless the compile cache already holds it. ``model-server
+compile-cache fill`` sets ``MODEL_SERVER_FAST_PRECOMPILE_INT4=1`` for the server it drives, whose background
+warm-up then calls :func:`precompile`, so the cache it ships holds every variant, not only those its requests met.
+
+Owns enumerating the variants (:func:`variants`) and running each once per layer shape on zeros. Must NOT choose
+configurations (``int4_triton.choose_config`` does) or decide when this runs (the warm-up does).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from model_server import int4_triton
+from model_server.int4 import Int4Linear
+
+
+def enabled() -> bool:
+    """``MODEL_SERVER_FAST_PRECOMPILE_INT4``: ``1`` on, unset or ``0`` off; anything else raises ValueError."""
+    raw = os.environ.get("MODEL_SERVER_FAST_PRECOMPILE_INT4", "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"MODEL_SERVER_FAST_PRECOMPILE_INT4 must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+def variants(n: int, k: int, bk: int, num_sms: int, max_rows: int, min_rows: int = 1) -> dict[int4_triton.Config, int]:
+    """Every configuration ``choose_config`` picks for ``min_rows``..``max_rows`` rows of an ``n x k`` layer, each
+    with the fewest rows that pick it. Above 128 rows only the count of 128-row tiles changes the choice, so one row
+    count per tile count is tried, and the walk stops once the split is 1 (more rows pick the same)."""
+    out: dict[int4_triton.Config, int] = {}
+    m = max(1, min_rows)
+    while m <= max_rows:
+        cfg = int4_triton.choose_config(m, n, k, bk, num_sms)
+        out.setdefault(cfg, m)
+        if m > 64 and cfg.split_k == 1:
+            break
+        m = m + 1 if m < 128 else m + 128
+    return out
+
+
+def _first_rows(layer: Int4Linear) -> int:
+    """The fewest rows with which ``layer`` runs the Triton GEMM (0: never)."""
+    return next((r for r in range(1, 65) if layer.runs_triton(r)), 0)
+
+
+def precompile(modules: Iterable[nn.Module], max_rows: int) -> int:
+    """Run every GEMM variant (:func:`variants`) that steps of up to ``max_rows`` rows can launch on each distinct
+    INT4 layer shape among ``modules`` (and their children), on zeros; returns the launches made. Layers that
+    never run the Triton GEMM are skipped. Compiles land in Triton's cache (``TRITON_CACHE_DIR``)."""
+    seen: set[tuple] = set()
+    launches = 0
+    with torch.inference_mode():
+        for module in modules:
+            for layer in module.modules():
+                if not isinstance(layer, Int4Linear) or not layer.uses_triton:
+                    continue
+                first = _first_rows(layer)
+                dev = layer.triton_packed.device
+                key = (layer.out_features, layer.in_features, layer.group_size, layer.compute_dtype, str(dev), first)
+                if not first or key in seen:
+                    continue
+                seen.add(key)
+                sms = int4_triton._num_sms(dev)
+                found = variants(layer.out_features, layer.in_features, int4_triton.block_k(layer.group_size), sms,
+                                 max_rows, first)
+                for cfg, rows in found.items():
+                    x = torch.zeros(rows, layer.in_features, device=dev, dtype=layer.compute_dtype)
+                    int4_triton.int4_triton_mm(x, layer.triton_packed, layer.triton_scales, layer.triton_zeros,
+                                               layer.group_size, config=cfg)
+                    launches += 1
+    return launches
