@@ -29,6 +29,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -124,7 +134,7 @@ def _add_compile_cache(sub) -> None:
     fill.add_argument("--max-batch", type=_positive_int, default=32,
                       help="as for serve; requests go at batch 1, 2, 4, ... up to it (default: 32)")
     fill.add_argument("--max-total-tokens", type=_positive_int, default=None, help="as for serve")
-    fill.add_argument("--timeout", type=float, default=1800.0,
+    fill.add_argument("--timeout", type=_positive_float, default=1800.0,
                       help="seconds the whole fill may take before it stops with an error (default: 1800)")
     fill.add_argument("--quiet", action="store_true", help="no progress lines")
     show = ccsub.add_parser("show", help="print a filled cache's manifest and file count as JSON",
@@ -155,7 +165,9 @@ def _compile_cache_main(args, parser: argparse.ArgumentParser) -> int:
                           "bytes_now": sum((Path(args.dir) / f).stat().st_size for f in files)}, indent=2))
         return 0
     if args.cache_command != "fill":
-        parser.parse_args(["compile-cache", "--help"])
+        print("model-server compile-cache: error: choose an action: fill or show (model-server compile-cache --help)",
+              file=sys.stderr)
+        return 2
     from model_server.compile_cache_fill import FillError, fill
 
     serve_args = ["--quantization", args.quantization, "--device", args.device, "--engine", args.engine,

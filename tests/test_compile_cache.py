@@ -104,6 +104,10 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot write" in r.stderr
     r = _run_cli("compile-cache", "fill", "--help")
     assert r.returncode == 0 and "--out" in r.stdout
+    r = _run_cli("compile-cache")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "fill or show" in r.stderr
+    r = _run_cli("compile-cache", "fill", str(tmp_path), "--out", str(tmp_path / "o"), "--timeout", "-1")
+    assert r.returncode == 2 and "expected a positive number" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_the_fuse_switch_is_checked(tiny_model_dir, monkeypatch):
