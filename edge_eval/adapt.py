@@ -74,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
         import transformers  # noqa: F401
     except ImportError:
         raise missing_package("torch and transformers", "server") from None
+    from model_server.quantization import import_bitsandbytes
+
+    try:
+        import_bitsandbytes()       # before peft, which imports it when it is installed (no hub kernel download)
+        bnb_error = None
+    except Exception as exc:
+        bnb_error = exc
     try:
         import peft  # noqa: F401
     except ImportError:
@@ -90,11 +97,8 @@ def run(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: torch sees no CUDA device")
-    if args.method == "qlora" or args.quantize:
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception:
-            raise missing_package("bitsandbytes", "server") from None
+    if (args.method == "qlora" or args.quantize) and bnb_error is not None:
+        raise missing_package("bitsandbytes", "server") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     cap = torch.cuda.get_device_capability() if device == "cuda" else None

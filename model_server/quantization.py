@@ -7,11 +7,50 @@ above compute capability 8.0. It must not load anything (:mod:`model_server.load
 """
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Any
+
+_BNB_HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
+_BNB_HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
 class LoadError(Exception):
     """A one-line, user-facing load failure."""
+
+
+class _DropHubKernelWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_BNB_HUB_KERNEL_WARNING)
+
+
+def import_bitsandbytes() -> Any:
+    """``import bitsandbytes`` (its ImportError and other failures propagate), without the kernel download that
+    its import tries on a CPU with AVX512-BF16.
+
+    There, bitsandbytes (0.50.2 does) asks the ``kernels`` package for a CPU GEMM from the Hugging Face Hub
+    (kernels-community/quantization-bitsandbytes) and, when that fails (offline; a publisher it cannot verify,
+    kernels 0.19; ``kernels`` not installed; it is a dependency of transformers from 5.25), logs a warning line to
+    stderr and uses its own CPU kernel. Nothing here loads code from a hub at run time, and a CLI's error is one
+    line: ``kernels`` is hidden from that import and that one warning dropped. peft imports bitsandbytes when it
+    is installed, so call this before importing peft."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    log = logging.getLogger(_BNB_HUB_KERNEL_LOGGER)
+    drop = _DropHubKernelWarning()
+    log.addFilter(drop)
+    missing = object()
+    kernels = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None          # type: ignore[assignment]  # "from kernels import ..." raises ImportError
+    try:
+        import bitsandbytes
+    finally:
+        if kernels is missing:
+            sys.modules.pop("kernels", None)
+        else:
+            sys.modules["kernels"] = kernels
+        log.removeFilter(drop)
+    return bitsandbytes
 
 
 def quant_method_name(value: Any) -> str:
@@ -68,7 +107,7 @@ def quantization_kwargs(quantization: str, device_type: str, config: dict[str, A
         if method:
             raise LoadError(f"the checkpoint is already quantized ({method}); serve it with --quantization none")
         try:
-            import bitsandbytes  # noqa: F401
+            import_bitsandbytes()
         except Exception as exc:
             raise LoadError(f"--quantization {quantization} needs bitsandbytes ({exc})") from None
         from transformers import BitsAndBytesConfig

@@ -85,9 +85,6 @@ def stack(tiny_model_dir: str, tmp_path: Path) -> Iterator[dict[str, str]]:
                                "--host 127.0.0.1 --port {port} --device cpu --max-batch 8"},
     }))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = open(tmp_path / "proxy.log", "w")
-    proxy = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--config", str(cfg)],
-                             stdout=log, stderr=subprocess.STDOUT, env=env)
     prom_dir = tmp_path / "prom"
     prom_dir.mkdir()
     (prom_dir / "prometheus.yml").write_text(yaml.safe_dump({
@@ -103,20 +100,43 @@ def stack(tiny_model_dir: str, tmp_path: Path) -> Iterator[dict[str, str]]:
                              f"--storage.tsdb.path={prom_dir / 'data'}",
                              f"--web.listen-address=127.0.0.1:{prom_port}"],
                             stdout=prom_log, stderr=subprocess.STDOUT)
+    log = open(tmp_path / "proxy.log", "w")
+    proxy = None
     try:
-        wait_http_ok(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30, proc=proxy)
+        # The proxy's probes wake the model server a second after it starts, and a tiny model's cold start
+        # is over in a few seconds; Prometheus takes up new scrape targets only some seconds after it
+        # starts (every 5 s). The counters' first sample must come before the cold start (increase()
+        # does not count a series that appears at 1), so the proxy starts once Prometheus scrapes.
         wait_http_ok(f"http://127.0.0.1:{prom_port}/-/ready", timeout=30, proc=prom)
+        _wait_scraping(f"http://127.0.0.1:{prom_port}", "edge-proxy", timeout=30)
+        proxy = subprocess.Popen([sys.executable, "-m", "edge_proxy", "serve", "--config", str(cfg)],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_http_ok(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30, proc=proxy)
         yield {"proxy": f"http://127.0.0.1:{proxy_port}", "prom": f"http://127.0.0.1:{prom_port}",
                "backend": f"http://127.0.0.1:{backend_port}", "log": str(tmp_path / "proxy.log")}
     finally:
-        _stop(proxy)                # also stops the model server it spawned
+        if proxy is not None:
+            _stop(proxy)            # also stops the model server it spawned
         _stop(prom)
         log.close()
         prom_log.close()
 
 
+def _wait_scraping(prom: str, job: str, timeout: float) -> None:
+    """Until Prometheus has tried to scrape ``job``'s target at least once (its scrape loop runs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{prom}/api/v1/targets?state=active", timeout=10) as resp:
+            targets = json.loads(resp.read())["data"]["activeTargets"]
+        if any(t["labels"].get("job") == job and t.get("health") != "unknown" for t in targets):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"Prometheus never scraped the {job} target")
+
+
 def _traffic(proxy: str) -> None:
-    # The first request finds no backend: the proxy spawns the model server (a real cold start).
+    # The first request (or the proxy's first probe, a second after it started) finds no backend: the proxy
+    # spawns the model server (a real cold start).
     status, body = _post(proxy + "/v1/completions", {"model": MODEL, "prompt": "Hello there",
                                                      "max_tokens": 4}, timeout=180)
     assert status == 200, body

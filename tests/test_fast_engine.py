@@ -316,6 +316,29 @@ def test_seeded_sampling_reproduces(llama):
     assert asyncio.run(topk1()) == greedy
 
 
+def test_sampled_token_does_not_depend_on_batch_mates_filters():
+    """A row without top-k/top-p draws the same token alone and next to a row with a filter (whose sort must not
+    reorder the other rows' draws); the filtered rows draw only tokens their filters keep."""
+    from model_server.engines.fast.sampling import SlotSampling, select_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 96) * 2
+    params = SlotSampling.allocate(3, torch.device("cpu"))
+    params.do_sample[:] = True
+    params.top_k[1] = 5
+    params.top_p[2] = 0.5
+    top5 = set(logits[1].topk(5).indices.tolist())
+    probs = torch.softmax(logits[2], dim=-1).sort(descending=True)
+    nucleus = set(probs.indices[:int((probs.values.cumsum(0) < 0.5).sum()) + 1].tolist())
+    for seed in range(200):
+        params.seed[:] = seed
+        counter = torch.full((3,), seed % 7, dtype=torch.int64)
+        alone, _ = select_tokens(logits[:1], slice(0, 1), params, counter[:1], True, False)
+        batch, _ = select_tokens(logits, slice(0, 3), params, counter, True, True)
+        assert batch[0] == alone[0], seed
+        assert int(batch[1]) in top5 and int(batch[2]) in nucleus, seed
+
+
 def test_rejects_bad_input_and_models(llama):
     async def main():
         eng = _engine(llama, max_seq_len=32, length_buckets=[32])

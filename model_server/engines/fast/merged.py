@@ -11,8 +11,9 @@ weight (or, for INT4, its packed weight) becomes a view of its rows, so the mode
 compute what they computed (``model(ids)`` is unchanged) and nothing is held twice.
 
 Kinds merged: ``nn.Linear`` (any float dtype) and :class:`model_server.int4.Int4Linear` (int4pack
-layouts are blocks of output rows, so row blocks concatenate, and so do Triton's; checked once on random
-inputs, and left separate if the merged kernels disagree). Anything else (bitsandbytes NF4 ``Linear4bit``,
+layouts are blocks of output rows, so row blocks concatenate, and so do Triton's; on CPU, parts that are not
+whole blocks of the kernel's rows are packed again; checked once on random inputs, and left separate if the
+merged kernels disagree). Anything else (bitsandbytes NF4 ``Linear4bit``,
 mixed kinds) stays separate: :func:`merge` returns None and the runner calls the parts.
 
 Owns building the merged modules and splitting their output; the runner decides where to call them.
@@ -24,7 +25,7 @@ import logging
 import torch
 from torch import nn
 
-from model_server.int4 import Int4Linear
+from model_server.int4 import Int4Linear, cat_cpu_int4pack
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,11 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
            for p in parts):
         return None
     # int4pack layouts: dim 0 of the packed weight is whole blocks of output rows (N/8 on CUDA, every N
-    # is a multiple of 8 (int4.fits); N on CPU and for plain nibbles); dim 1 of scales_and_zeros
-    # [K/g, N, 2] is the output row. Triton's layout: packed [N, K/2] rows, scales/zeros [K/g, N] columns.
-    # The check below is the proof on this device.
+    # is a multiple of 8 (int4.fits); N for plain nibbles); dim 1 of scales_and_zeros [K/g, N, 2] is the
+    # output row. On CPU the kernel packs blocks of 64 rows (AVX512; 32 with AVX2) and a partial last block
+    # in another format, so parts that are not whole blocks are packed again (int4.cat_cpu_int4pack).
+    # Triton's layout: packed [N, K/2] rows, scales/zeros [K/g, N] columns. The check below is the proof on
+    # this device.
     merged = Int4Linear.__new__(Int4Linear)
     nn.Module.__init__(merged)
     merged.in_features, merged.out_features = p0.in_features, sum(p.out_features for p in parts)
@@ -90,18 +93,24 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     packed = {}
     for name, dim in (("weight_packed", 0), ("scales_and_zeros", 1), ("triton_packed", 0), ("triton_scales", 1),
                       ("triton_zeros", 1)):
-        if hasattr(p0, name):
+        if not hasattr(p0, name):
+            continue
+        if name == "weight_packed" and p0.kernel == "cpu-int4pack":
+            packed[name] = cat_cpu_int4pack([(p.weight_packed, p.out_features) for p in parts], p0.in_features)
+        else:
             packed[name] = torch.cat([getattr(p, name) for p in parts], dim=dim).contiguous()
-            merged.register_buffer(name, packed[name])
+        merged.register_buffer(name, packed[name])
     merged.bias = None if p0.bias is None else nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
     if not _agrees(merged, parts):
         return None
     for name in ("weight_packed", "triton_packed"):    # packed weights become views of the merged rows
-        if name in packed:                             # (scales are small: kept)
-            row = 0
+        if name in packed:                             # (scales are small: kept), where those rows are the
+            row = 0                                    # part's own (a CPU part of a partial block keeps its own)
             for p in parts:
                 n = getattr(p, name).shape[0]
-                setattr(p, name, packed[name][row:row + n])
+                rows = packed[name][row:row + n]
+                if torch.equal(rows, getattr(p, name)):
+                    setattr(p, name, rows)
                 row += n
     return merged
 

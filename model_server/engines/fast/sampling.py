@@ -2,8 +2,9 @@
 
 Greedy is ``argmax`` (the first maximal index, as ``model.generate`` does). Sampling is inverse-CDF
 sampling with ONE uniform number per row, computed on the device as a pure function of the request's
-seed and its token index (:func:`seeded_uniform`), so a seeded request reproduces its output whatever
-other requests share the batch, and no host round trip or per-row generator launch is needed.
+seed and its token index (:func:`seeded_uniform`), over the tokens in vocabulary order (top-k and top-p
+only zero the tokens they drop), so a seeded request reproduces its output whatever other requests
+share the batch, and no host round trip or per-row generator launch is needed.
 Temperature, then top-k, then top-p (nucleus) are applied in that order, as transformers' warpers do.
 """
 from __future__ import annotations
@@ -112,24 +113,25 @@ def select_tokens(logits: torch.Tensor, rows: torch.Tensor | slice, params: Slot
     scaled = lf / temp[:, None]
     u = seeded_uniform(params.seed[rows], counter).to(torch.float32)
     vocab = lf.shape[-1]
+    probs = torch.softmax(scaled, dim=-1)
     if any_filter:
+        # which tokens top-k and top-p keep, found in descending order; the draw below stays in vocabulary
+        # order for every row, so a row without a filter draws the same token whether or not a batch mate
+        # has one (its probabilities are not touched: all kept)
         s_logits, s_idx = scaled.sort(dim=-1, descending=True)
         k = params.top_k[rows]
         k = torch.where(k > 0, k, torch.full_like(k, vocab))
         ar = torch.arange(vocab, device=lf.device)
         s_logits = s_logits.masked_fill(ar[None, :] >= k[:, None], float("-inf"))
-        probs = torch.softmax(s_logits, dim=-1)
-        before = probs.cumsum(dim=-1) - probs          # mass strictly before each token
+        s_probs = torch.softmax(s_logits, dim=-1)
+        before = s_probs.cumsum(dim=-1) - s_probs      # mass strictly before each token
         keep = before < params.top_p[rows][:, None]
         keep[:, 0] = True
-        probs = probs.masked_fill(~keep, 0.0)
-        cdf = probs.cumsum(dim=-1)
-        j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).clamp_(max=vocab - 1)
-        sampled = s_idx.gather(1, j).squeeze(1)
-    else:
-        cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
-        j = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).clamp_(max=vocab - 1)
-        sampled = j.squeeze(1)
+        keep &= s_logits > float("-inf")
+        keep |= ((params.top_k[rows] <= 0) & (params.top_p[rows] >= 1.0))[:, None]   # rows without a filter
+        probs = probs.masked_fill(~torch.zeros_like(keep).scatter_(1, s_idx, keep), 0.0)
+    cdf = probs.cumsum(dim=-1)
+    sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous()).clamp_(max=vocab - 1).squeeze(1)
     tok = torch.where(params.do_sample[rows], sampled, tok)
     logprob = lf.gather(1, tok[:, None]).squeeze(1) - lse
     return tok, logprob
