@@ -166,10 +166,12 @@ def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_featur
     return "triton" if rows_kernel == "triton" and rows > tinygemm_max_rows(out_features) else int4_kernel
 
 
-def fits(linear: nn.Linear, group_size: int) -> bool:
-    """Whether the int4pack layout holds this linear: K a multiple of the group and of 16 * inner tiles."""
+def fits(linear: nn.Linear, group_size: int, kernel: str | None = None) -> bool:
+    """Whether the int4pack layout holds this linear: K a multiple of the group and of 16 * inner tiles, N of 8
+    (of 16 for ``kernel`` ``cpu-int4pack``: the CPU packing's own rule)."""
     n, k = linear.weight.shape
-    return group_size in GROUP_SIZES and k % group_size == 0 and k % (16 * INNER_K_TILES) == 0 and n % 8 == 0
+    return group_size in GROUP_SIZES and k % group_size == 0 and k % (16 * INNER_K_TILES) == 0 and n % (
+        16 if kernel == "cpu-int4pack" else 8) == 0
 
 
 class Int4Linear(nn.Module):
@@ -182,7 +184,7 @@ class Int4Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, group_size: int, choice: ComputeChoice, clip_search: bool = False) -> None:
         super().__init__()
-        if not fits(linear, group_size):
+        if not fits(linear, group_size, choice.int4_kernel):
             n, k = linear.weight.shape
             raise ValueError(f"cannot quantize a [{n}, {k}] linear with group size {group_size}")
         q, sz = quantize_groupwise(linear.weight, group_size, clip_search)
@@ -195,7 +197,8 @@ class Int4Linear(nn.Module):
         """``q`` uint8 ``[N, K]`` in 0..15 and ``sz`` ``[K/group_size, N, 2]`` (scale, zero) as
         :func:`quantize_groupwise` returns them, on the device the module should live on."""
         n, k = q.shape
-        if group_size not in GROUP_SIZES or k % group_size or k % (16 * INNER_K_TILES) or n % 8:
+        if group_size not in GROUP_SIZES or k % group_size or k % (16 * INNER_K_TILES) or n % (
+                16 if choice.int4_kernel == "cpu-int4pack" else 8):
             raise ValueError(f"the int4pack layout cannot hold a [{n}, {k}] weight with group size {group_size}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -280,11 +283,12 @@ def quantize_model(model: nn.Module, group_size: int = 128, choice: ComputeChoic
         choice = device_compute(next(model.parameters()).device)
     targets = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and (lm_head or not name.endswith("lm_head")) and fits(mod, group_size):
+        if isinstance(mod, nn.Linear) and (lm_head or not name.endswith("lm_head")) and fits(mod, group_size,
+                                                                                               choice.int4_kernel):
             targets.append(name)
     if not targets:
         raise ValueError(f"no linear layer fits group size {group_size} (K a multiple of "
-                         f"{max(group_size, 16 * INNER_K_TILES)}, N of 8)")
+                         f"{max(group_size, 16 * INNER_K_TILES)}, N of 8, of 16 on CPU)")
     for name in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -77,6 +77,17 @@ def test_int4_linear_computes_x_times_its_dequantized_weight(kernel, dtype):
     assert _rel(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+def test_a_layer_cpu_int4pack_cannot_pack_stays_in_float():
+    # the CPU packing needs N a multiple of 16 (CUDA's of 8): a 24-output layer is left as it is, not a load crash
+    choice = ComputeChoice(torch.float32, "cpu-int4pack", "test")
+    model = nn.Sequential(nn.Linear(128, 24), nn.Linear(128, 32))
+    assert quantize_model(model, 64, choice, lm_head=False) == 1
+    assert isinstance(model[0], nn.Linear) and isinstance(model[1], Int4Linear)
+    with pytest.raises(ValueError, match=r"\[24, 128\]"):
+        Int4Linear(nn.Linear(128, 24), 64, choice)
+    assert isinstance(Int4Linear(nn.Linear(128, 24), 64, ComputeChoice(torch.float32, "dequant", "test")), Int4Linear)
+
+
 @pytest.mark.parametrize("cap,dtype,kernel", [((7, 5), torch.float16, "dequant"),
                                               ((7, 0), torch.float16, "dequant"),
                                               ((8, 0), torch.bfloat16, "cuda-int4pack"),

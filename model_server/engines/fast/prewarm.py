@@ -97,7 +97,7 @@ def stand_in(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torc
         if int4_choice is None:
             return layer
         from model_server.int4 import Int4Linear, fits
-        return Int4Linear(layer, group_size, int4_choice) if fits(layer, group_size) else layer
+        return Int4Linear(layer, group_size, int4_choice) if fits(layer, group_size, int4_choice.int4_kernel) else layer
 
     p = "model.layers.0."
     attn = nn.Module()
