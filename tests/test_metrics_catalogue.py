@@ -17,6 +17,7 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
 from prometheus_client.parser import text_string_to_metric_families
 from text_generation import Client
 
@@ -26,6 +27,8 @@ from tests.proxy_support import MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "tests" / "data" / "energy_h200_recorded.jsonl"
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")      # Prometheus 2.x's scrape request
 NAME = re.compile(r"\b((?:edge_proxy|model_server)_[a-z0-9_]+)")
 
 
@@ -133,11 +136,22 @@ def test_proxy_scrape_matches_catalogue(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "requests, probe or reload not counted"
             time.sleep(0.2)
         got = scrape(metrics + "/metrics")
+        om = urllib.request.urlopen(urllib.request.Request(metrics + "/metrics", headers={"Accept": PROMETHEUS_ACCEPT}),
+                                    timeout=10)
+        om_type, om_text = om.headers["Content-Type"], om.read().decode()
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
     check_against_catalogue(got, "edge-proxy", {"energy", "coldstart", "config_file"})
+    # what Prometheus asks for: OpenMetrics, the same families (counters without _total), with each counter's
+    # created timestamp (what created-timestamp zero ingestion needs to see a first cold start rise from 0)
+    assert om_type.startswith("application/openmetrics-text"), om_type
+    fams = {f.name: f for f in om_families(om_text)}
+    assert set(fams) == {n.removesuffix("_total") if t == "counter" else n for n, (t, _, _) in got.items()}
+    cold = fams["edge_proxy_economics_cold_starts"]
+    assert {s.name for s in cold.samples} == {"edge_proxy_economics_cold_starts_total",
+                                              "edge_proxy_economics_cold_starts_created"}
 
 
 def test_model_server_scrape_matches_catalogue(model_server) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from edge_proxy.telemetry.access_log import create_access_log
 from edge_proxy.telemetry.gc_pause import attach_gc_pause
@@ -39,8 +40,10 @@ __all__ = ["ProxyRuntime", "build_proxy"]
 
 def _metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # the format the scraper asks for: OpenMetrics for Prometheus (counters' _created as created timestamps),
+        # else the classic text format
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
     return handler
 
 
