@@ -106,45 +106,6 @@ def _pack(q: torch.Tensor, kernel: str) -> torch.Tensor:
     return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()       # dequant: plain nibbles
 
 
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Every 4-bit slot of a packed weight, low then high nibble of each byte, in memory order (int64)."""
-    b = packed.contiguous().view(torch.uint8).reshape(-1).to(torch.int64)
-    return torch.stack([b & 15, b >> 4], dim=-1).reshape(-1)
-
-
-def _cpu_int4pack_slots(n: int, k: int) -> torch.Tensor:
-    """For the CPU int4pack weight of an ``[n, k]`` 4-bit matrix: the flat index (``row * k + col``) of the value in
-    each of its nibble slots (:func:`_nibbles` order).
-
-    That layout is the kernel's own and not one concatenation of rows: blocks of 64 output rows with AVX512, 32
-    with AVX2, and a partial last block in another format, so it is measured here, never assumed. Packing places
-    each value by its position alone, so packing the base-16 digits of every position's index, one digit at a
-    time, spells out where each value goes."""
-    index = torch.arange(n * k, dtype=torch.int64)
-    slots = torch.zeros(n * k, dtype=torch.int64)
-    for shift in range(0, max(n * k - 1, 1).bit_length(), 4):
-        digit = ((index >> shift) & 15).to(torch.int32).view(n, k)
-        slots |= _nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, INNER_K_TILES)) << shift
-    return slots
-
-
-def cat_cpu_int4pack(parts: list[tuple[torch.Tensor, int]], k: int) -> torch.Tensor:
-    """The CPU int4pack weight of the row concatenation ``[sum n, k]`` of the ``(packed, n)`` CPU int4pack weights
-    (``[n, k]`` each; merged projections). The packed rows concatenate as they are when every part is whole blocks
-    of the kernel's rows (checked: random values packed both ways); otherwise the parts are unpacked
-    (:func:`_cpu_int4pack_slots`), concatenated and packed again."""
-    gen = torch.Generator().manual_seed(0)
-    probe = [torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32) for _, n in parts]
-    if torch.equal(_pack(torch.cat(probe), "cpu-int4pack"), torch.cat([_pack(q, "cpu-int4pack") for q in probe])):
-        return torch.cat([packed for packed, _ in parts])
-    qs = []
-    for packed, n in parts:
-        q = torch.empty(n * k, dtype=torch.int64)
-        q[_cpu_int4pack_slots(n, k)] = _nibbles(packed.cpu())
-        qs.append(q.view(n, k))
-    return _pack(torch.cat(qs), "cpu-int4pack").to(parts[0][0].device)
-
-
 def tinygemm_max_rows(out_features: int) -> int:
     """Rows up to which the ``mixed`` mode runs int4pack on a layer with ``out_features`` outputs
     (``WIDE_LAYERS``). From the H200 sweep (2026-12-04, per linear in a CUDA graph, docs/benchmarks.md): int4pack's

@@ -25,7 +25,8 @@ import logging
 import torch
 from torch import nn
 
-from model_server.int4 import Int4Linear, cat_cpu_int4pack
+from model_server.int4 import Int4Linear
+from model_server.int4_cpu_pack import cat_cpu_int4pack
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     # int4pack layouts: dim 0 of the packed weight is whole blocks of output rows (N/8 on CUDA, every N
     # is a multiple of 8 (int4.fits); N for plain nibbles); dim 1 of scales_and_zeros [K/g, N, 2] is the
     # output row. On CPU the kernel packs blocks of 64 rows (AVX512; 32 with AVX2) and a partial last block
-    # in another format, so parts that are not whole blocks are packed again (int4.cat_cpu_int4pack).
+    # in another format, so parts that are not whole blocks are packed again (int4_cpu_pack.cat_cpu_int4pack).
     # Triton's layout: packed [N, K/2] rows, scales/zeros [K/g, N] columns. The check below is the proof on
     # this device.
     merged = Int4Linear.__new__(Int4Linear)
