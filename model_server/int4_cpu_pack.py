@@ -6,6 +6,8 @@ are unpacked and packed again. Used by :mod:`model_server.engines.fast.merged`.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from model_server.int4 import INNER_K_TILES, _pack
@@ -33,14 +35,21 @@ def _cpu_int4pack_slots(n: int, k: int) -> torch.Tensor:
     return slots
 
 
+@functools.lru_cache(maxsize=64)
+def _rows_concatenate(ns: tuple[int, ...], k: int) -> bool:
+    """Whether CPU int4pack weights of ``[n, k]`` parts concatenate row-wise as they are: random values packed whole
+    and in parts (once per shape in a process; every layer of a model shares a few)."""
+    gen = torch.Generator().manual_seed(0)
+    probe = [torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32) for n in ns]
+    return torch.equal(_pack(torch.cat(probe), "cpu-int4pack"), torch.cat([_pack(q, "cpu-int4pack") for q in probe]))
+
+
 def cat_cpu_int4pack(parts: list[tuple[torch.Tensor, int]], k: int) -> torch.Tensor:
     """The CPU int4pack weight of the row concatenation ``[sum n, k]`` of the ``(packed, n)`` CPU int4pack weights
     (``[n, k]`` each; merged projections). The packed rows concatenate as they are when every part is whole blocks
     of the kernel's rows (checked: random values packed both ways); otherwise the parts are unpacked
     (:func:`_cpu_int4pack_slots`), concatenated and packed again."""
-    gen = torch.Generator().manual_seed(0)
-    probe = [torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32) for _, n in parts]
-    if torch.equal(_pack(torch.cat(probe), "cpu-int4pack"), torch.cat([_pack(q, "cpu-int4pack") for q in probe])):
+    if _rows_concatenate(tuple(n for _, n in parts), k):
         return torch.cat([packed for packed, _ in parts])
     qs = []
     for packed, n in parts:
