@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
+from model_server.switches import SwitchValueError
 
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 16 * INNER_K_TILES
@@ -63,7 +64,7 @@ def choose_compute(device_type: str, capability: tuple[int, int] | None, triton:
     """CUDA >= 8.0 (Ampere and later): bf16 with the kernels ``mode`` names (module docstring; Triton's need
     ``triton``, importable); fp16 + dequantize below 8.0 (T4 is 7.5); CPU: bf16 + int4pack."""
     if mode not in KERNEL_MODES:
-        raise ValueError(f"MODEL_SERVER_INT4_KERNELS must be one of {', '.join(KERNEL_MODES)}, not {mode!r}")
+        raise SwitchValueError(f"MODEL_SERVER_INT4_KERNELS must be one of {', '.join(KERNEL_MODES)}, not {mode!r}")
     if device_type == "cpu":
         return ComputeChoice(torch.bfloat16, "cpu-int4pack", "cpu")
     if capability is None or tuple(capability) < (8, 0):
@@ -73,7 +74,7 @@ def choose_compute(device_type: str, capability: tuple[int, int] | None, triton:
     if mode == "auto":
         mode = AUTO_MODE if triton else "tinygemm"
     if mode != "tinygemm" and not triton:
-        raise ValueError(f"MODEL_SERVER_INT4_KERNELS={mode}, but Triton is not importable")
+        raise SwitchValueError(f"MODEL_SERVER_INT4_KERNELS={mode}, but Triton is not importable")
     if mode == "triton":
         return ComputeChoice(torch.bfloat16, "triton", why + f"; Triton: small-rows kernel up to {GEMV_MAX_ROWS} "
                              "rows, GEMM above", rows_kernel="gemv")

@@ -12,22 +12,18 @@ configurations (``int4_triton.choose_config`` does) or decide when this runs (th
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from model_server import int4_triton
+from model_server import int4_triton, switches
 from model_server.int4 import Int4Linear
 
 
 def enabled() -> bool:
     """``MODEL_SERVER_FAST_PRECOMPILE_INT4``: ``1`` on, unset or ``0`` off; anything else raises ValueError."""
-    raw = os.environ.get("MODEL_SERVER_FAST_PRECOMPILE_INT4", "").strip()
-    if raw not in ("", "0", "1"):
-        raise ValueError(f"MODEL_SERVER_FAST_PRECOMPILE_INT4 must be 0 or 1, got {raw!r}")
-    return raw == "1"
+    return switches.flag("MODEL_SERVER_FAST_PRECOMPILE_INT4") is True
 
 
 def variants(n: int, k: int, bk: int, num_sms: int, max_rows: int, min_rows: int = 1) -> dict[int4_triton.Config, int]:

@@ -23,6 +23,7 @@ from aiohttp import web
 from model_server.app import build_app
 from model_server.engines.base import Engine
 from model_server.runtime import Limits, Runtime
+from model_server.switches import SwitchValueError
 
 log = logging.getLogger("model_server")
 
@@ -79,10 +80,8 @@ def create_engine(name: str, loaded, max_batch: int, max_total_tokens: int) -> E
             raise ServeError("model_server.engines.fast has no from_loaded()")
         try:
             return factory(loaded, max_batch=max_batch, max_total_tokens=max_total_tokens)
-        except ValueError as exc:
-            if str(exc).startswith("MODEL_SERVER_"):
-                raise SwitchError(str(exc)) from None
-            raise ServeError(f"the fast engine cannot serve this model: {exc}") from None
+        except SwitchValueError as exc:      # a misconfiguration: never a reason for auto's fallback
+            raise SwitchError(str(exc)) from None
         except Exception as exc:
             raise ServeError(f"the fast engine cannot serve this model: {exc}") from None
     from model_server.engines.transformers_engine import TransformersEngine

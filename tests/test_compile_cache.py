@@ -113,7 +113,7 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_the_fuse_switch_is_checked(tiny_model_dir, monkeypatch):
     """MODEL_SERVER_FAST_FUSE=1 compiles the fused ops on CPU (what the end-to-end test below relies on); a bad
     value is a one-line error from serve."""
-    from model_server.engines.fast.factory import switch
+    from model_server.switches import flag as switch
 
     monkeypatch.setenv("MODEL_SERVER_FAST_FUSE", "yes")
     with pytest.raises(ValueError, match="MODEL_SERVER_FAST_FUSE must be 0 or 1"):

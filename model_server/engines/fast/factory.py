@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import os
 
+from model_server import switches
+
 from .engine import FastEngine
-
-
-def switch(name: str) -> bool | None:
-    """A ``0``/``1`` environment switch: True, False, or None when unset; anything else raises ``ValueError``
-    (one line)."""
-    raw = os.environ.get(name, "").strip()
-    if raw and raw not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
-    return None if not raw else raw == "1"
 
 
 def decode_attn_switch() -> bool | None:
     """``MODEL_SERVER_FAST_DECODE_ATTN``: ``1`` decode attention as one Triton kernel instead of SDPA everywhere (the
     interpreter's on CPU), ``0`` SDPA, unset None (the kernel on CUDA, SDPA elsewhere)."""
-    return switch("MODEL_SERVER_FAST_DECODE_ATTN")
+    return switches.flag("MODEL_SERVER_FAST_DECODE_ATTN")
 
 
 def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwargs) -> FastEngine:
@@ -54,7 +47,7 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     if os.environ.get("MODEL_SERVER_FAST_ROPE_KV", "").strip() == "0":
         kwargs.setdefault("rope_kv", False)
     # MODEL_SERVER_FAST_FUSE=1 compiles the fused elementwise ops off CUDA too (CPU: CI's compile-cache tests)
-    fuse = switch("MODEL_SERVER_FAST_FUSE")
+    fuse = switches.flag("MODEL_SERVER_FAST_FUSE")
     if fuse is not None:
         kwargs.setdefault("fuse", fuse)
     attn = decode_attn_switch()
@@ -63,11 +56,8 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     # prompts prefilled inside decode steps: segments per step (0 = a prefill pass for every arrival), tokens each
     for name, key in (("MODEL_SERVER_FAST_MIXED_SEGMENTS", "mixed_segments"), ("MODEL_SERVER_FAST_MIXED_TOKENS",
                       "mixed_tokens"), ("MODEL_SERVER_FAST_MIXED_MIN_SEGMENTS", "mixed_min_segments")):
-        raw = os.environ.get(name, "").strip()
-        if raw:
-            try:
-                kwargs.setdefault(key, int(raw))
-            except ValueError:
-                raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+        value = switches.integer(name)
+        if value is not None:
+            kwargs.setdefault(key, value)
     return FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len,
                       **kwargs)

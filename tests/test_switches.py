@@ -1,0 +1,37 @@
+"""model_server.switches: MODEL_SERVER_* switches parse strictly, and a bad one is a serve error that --engine auto
+never takes for "this engine cannot serve the model" (no fallback)."""
+from __future__ import annotations
+
+import pytest
+
+from model_server import switches
+
+
+@pytest.mark.parametrize("raw,want", [("", None), (" ", None), ("0", False), ("1", True), (" 1 ", True)])
+def test_flag(monkeypatch, raw, want):
+    monkeypatch.setenv("MODEL_SERVER_TEST_FLAG", raw)
+    assert switches.flag("MODEL_SERVER_TEST_FLAG") is want
+
+
+@pytest.mark.parametrize("raw,want", [("", None), ("0", 0), ("12", 12), ("-3", -3)])
+def test_integer(monkeypatch, raw, want):
+    monkeypatch.setenv("MODEL_SERVER_TEST_INT", raw)
+    assert switches.integer("MODEL_SERVER_TEST_INT") == want
+
+
+@pytest.mark.parametrize("reader,raw", [(switches.flag, "yes"), (switches.flag, "2"), (switches.integer, "1.5"),
+                                        (switches.integer, "four")])
+def test_bad_values_name_the_switch_in_one_line(monkeypatch, reader, raw):
+    monkeypatch.setenv("MODEL_SERVER_TEST_X", raw)
+    with pytest.raises(switches.SwitchValueError, match=r"^MODEL_SERVER_TEST_X must be .*, got") as err:
+        reader("MODEL_SERVER_TEST_X")
+    assert "\n" not in str(err.value)
+
+
+def test_a_bad_integer_switch_is_not_a_fallback(tiny_model_dir, monkeypatch):
+    from model_server.loading import load_model
+    from model_server.server import SwitchError, create_engine
+
+    monkeypatch.setenv("MODEL_SERVER_FAST_MIXED_SEGMENTS", "many")
+    with pytest.raises(SwitchError, match="MODEL_SERVER_FAST_MIXED_SEGMENTS must be an integer"):
+        create_engine("fast", load_model(tiny_model_dir, "cpu", "none", True), 2, 64)
