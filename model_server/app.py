@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 from model_server import api_openai, api_tgi
 from model_server.runtime import Runtime
@@ -33,12 +33,13 @@ def build_app(runtime: Runtime) -> web.Application:
     async def info(_r: web.Request) -> web.Response:
         return web.json_response(runtime.info())
 
-    async def metrics(_r: web.Request) -> web.Response:
+    async def metrics(r: web.Request) -> web.Response:
         refresh = getattr(runtime.engine, "refresh_stats", None)    # an API worker's engine is remote
         if refresh is not None:
             await refresh()
-        body = generate_latest(runtime.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # the format the scraper asks for (OpenMetrics for Prometheus), else the classic text format
+        encoder, content_type = choose_encoder(r.headers.get("Accept", ""))
+        return web.Response(body=encoder(runtime.metrics.registry), headers={"Content-Type": content_type})
 
     async def tgi_generate(r: web.Request) -> web.StreamResponse:
         return await api_tgi.handle(r, runtime, "generate")

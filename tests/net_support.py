@@ -15,6 +15,10 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable
 
+# the Accept header of Prometheus 2.x's scrape request (OpenMetrics first, the classic text format as fallback)
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""

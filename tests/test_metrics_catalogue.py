@@ -22,13 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from text_generation import Client
 
 from edge_proxy.telemetry.catalogue import CATALOGUE, CONDITIONS, TYPES, by_family, by_name, owner_of_sample
-from tests.net_support import free_port
+from tests.net_support import PROMETHEUS_ACCEPT, free_port
 from tests.proxy_support import MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE = ROOT / "tests" / "data" / "energy_h200_recorded.jsonl"
-PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
-                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")      # Prometheus 2.x's scrape request
 NAME = re.compile(r"\b((?:edge_proxy|model_server)_[a-z0-9_]+)")
 
 
@@ -162,6 +160,14 @@ def test_model_server_scrape_matches_catalogue(model_server) -> None:
     assert client.completions.create(model=model, prompt="hello", max_tokens=2).usage.completion_tokens >= 1
     got = scrape(model_server.url + "/metrics")
     check_against_catalogue(got, "model-server", set())
+    # what Prometheus asks for: OpenMetrics, the same families (counters without _total), counters with _created
+    om = urllib.request.urlopen(urllib.request.Request(model_server.url + "/metrics",
+                                                       headers={"Accept": PROMETHEUS_ACCEPT}), timeout=10)
+    assert om.headers["Content-Type"].startswith("application/openmetrics-text"), om.headers["Content-Type"]
+    fams = {f.name: f for f in om_families(om.read().decode())}
+    assert set(fams) == {n.removesuffix("_total") if t == "counter" else n for n, (t, _, _) in got.items()}
+    assert {s.name for s in fams["model_server_requests"].samples} == {"model_server_requests_total",
+                                                                      "model_server_requests_created"}
 
 
 def _table_rows(md: str) -> list[dict[str, str]]:

@@ -21,9 +21,10 @@ import aiohttp
 import psutil
 import pytest
 import requests
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_families
 
 from tests.conftest import ModelServerProcess, start_model_server
-from tests.net_support import wait_until
+from tests.net_support import PROMETHEUS_ACCEPT, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 MAX_NEW = 480          # long enough that only a cancel ends it early (the tiny model's context is 512)
@@ -158,6 +159,14 @@ def test_two_workers_share_the_port_and_metrics_add_up(workers_server):
     for _ in range(4):                                  # whichever worker answers the scrape
         assert _metric(_metrics(url), "model_server_requests_total", '{api="tgi",status="success"}') == before + 8
     assert _metric(_metrics(url), "model_server_engine_max_batch_size") == 8
+    # Prometheus' own scrape gets OpenMetrics, summed over the workers as well
+    om = requests.get(url + "/metrics", headers={"Accept": PROMETHEUS_ACCEPT}, timeout=10)
+    assert om.headers["Content-Type"].startswith("application/openmetrics-text")
+    fams = {f.name: f for f in om_families(om.text)}
+    ok = [s.value for s in fams["model_server_requests"].samples
+          if s.name == "model_server_requests_total" and s.labels == {"api": "tgi", "status": "success"}]
+    assert ok == [before + 8]
+    assert [s.value for s in fams["model_server_engine_max_batch_size"].samples] == [8]
 
 
 async def _read_then_drop(url: str, path: str, body: dict, n: int) -> int:
