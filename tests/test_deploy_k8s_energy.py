@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_deploy_k8s import (K8S, KUBECTL, OVERLAYS, arg_value, by_kind, container_env, containers,
-                                   kustomize, localize, materialize, pod_spec, proxy_check_config)
+from tests.k8s_support import (K8S, NEEDS_KUBECTL, OVERLAYS, arg_value, by_kind, container_env, containers, kustomize,
+                               localize, materialize, pod_spec, proxy_check_config)
 
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not found: `pip install -e .[test]` installs it")
+pytestmark = NEEDS_KUBECTL
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
