@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "edge-eval-compile-cache.json"
 SKIP_DIRS = {"locks"}                    # inductor's lock files: per host, never copied
 MARKER_PREFIX = ".seeded-"
+TRITON_SUBDIR = "triton"                 # Triton's cache inside the inductor folder (configure's default)
 
 
 def default_dir() -> str:
@@ -42,7 +43,7 @@ def configure() -> Path:
     INT4 and decode attention kernels) into one persistent folder, :func:`default_dir` (an explicit
     ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` wins). Returns the inductor folder. Call before torch compiles."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_dir())
-    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "triton"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / TRITON_SUBDIR))
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
@@ -111,8 +112,12 @@ class SeedResult:
         return asdict(self)
 
 
-def seed(cache_dir: Path, seed_dir: Path | None) -> SeedResult:
+def seed(cache_dir: Path, seed_dir: Path | None, triton_dir: Path | None = None) -> SeedResult:
     """Copy a filled cache's files (``model-server compile-cache fill``) into ``cache_dir`` where absent.
+
+    A filled cache keeps Triton's files in its ``triton/`` folder (:func:`configure`'s default); they go to
+    ``triton_dir`` (the ``TRITON_CACHE_DIR`` this start uses; default ``cache_dir / "triton"``), where Triton
+    looks for them.
 
     Never overwrites a file, never raises: an unusable seed is skipped with the reason in the result (and one
     log line). Skipped when the seed has no manifest, or was made with another torch or Triton version. Each
@@ -140,7 +145,8 @@ def seed(cache_dir: Path, seed_dir: Path | None) -> SeedResult:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         for rel in cache_files(seed_dir):
-            dst = cache_dir / rel
+            dst = (triton_dir.joinpath(*rel.parts[1:]) if triton_dir is not None and rel.parts[0] == TRITON_SUBDIR
+                   else cache_dir / rel)
             if dst.exists():
                 result.present_files += 1
                 continue
@@ -166,7 +172,8 @@ def _skip(result: SeedResult, why: str, quiet: bool = False) -> SeedResult:
 
 def seed_from_environment() -> SeedResult:
     """:func:`seed` with ``MODEL_SERVER_COMPILE_CACHE_SEED`` (unset or empty: nothing to do) into the configured
-    cache (:func:`configure` first)."""
+    caches (:func:`configure` first): inductor's and Triton's (``TRITON_CACHE_DIR``, wherever it points)."""
     raw = os.environ.get("MODEL_SERVER_COMPILE_CACHE_SEED", "").strip()
     cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_dir())
-    return seed(cache, Path(raw) if raw else None)
+    triton = os.environ.get("TRITON_CACHE_DIR")
+    return seed(cache, Path(raw) if raw else None, Path(triton) if triton else None)

@@ -61,6 +61,22 @@ def test_seed_copies_what_is_missing_and_never_overwrites(tmp_path, monkeypatch)
     assert again.copied_files == 0 and again.skipped is None
 
 
+def test_seed_puts_tritons_files_where_triton_looks(tmp_path, monkeypatch):
+    """An explicit TRITON_CACHE_DIR outside the inductor folder gets the seed's Triton files; the inductor
+    folder gets the rest and no triton/ copy."""
+    src, cache, triton = tmp_path / "seed", tmp_path / "cache", tmp_path / "elsewhere" / "triton-cache"
+    files = _fake_cache(src)
+    write_manifest(src, {"device": "card X"})
+    monkeypatch.setenv("MODEL_SERVER_COMPILE_CACHE_SEED", str(src))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(triton))
+    res = compile_cache.seed_from_environment()
+    assert res.skipped is None and res.copied_files == len(files)
+    assert (triton / "XYZ" / "k.cubin").read_bytes() == (src / "triton" / "XYZ" / "k.cubin").read_bytes()
+    assert not (cache / "triton").exists()
+    assert all((cache / f).is_file() for f in files if f.parts[0] != "triton")
+
+
 @pytest.mark.parametrize("change", ["torch", "triton"])
 def test_a_seed_from_other_versions_is_not_copied(tmp_path, change):
     src, dst = tmp_path / "seed", tmp_path / "cache"
