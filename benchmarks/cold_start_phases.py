@@ -20,6 +20,10 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
 * ``seeded`` / ``seeded-int4``: the defaults on an empty compile cache (a new one per run) with
   ``MODEL_SERVER_COMPILE_CACHE_SEED`` pointing at a cache ``model-server compile-cache fill`` filled (once per
   quantization, first; its seconds are in the report's ``seed_fills``): a container image's first start;
+* ``seeded-nodefer`` / ``after-nodefer``: ``seeded`` / ``after`` with the background compile starting right after
+  the first prefill and the thread switch interval left alone (``MODEL_SERVER_FAST_WARMUP_MAX_DEFER_S=0``,
+  ``MODEL_SERVER_FAST_WARMUP_SWITCH_INTERVAL_S=0``): the behaviour before the compile waited for served
+  requests, for an A/B of the first request's length (``first_request_s``) in one call;
 * ``legacy-eager-graphs``: the old path with every graph captured at start (the 2026-12-03 "before");
 * ``after-tf`` / ``after-tf-int4``: the defaults with transformers' model and tokenizer
   (``MODEL_SERVER_NO_TRANSFORMERS=0``: the "after" of b69463c), beside ``after`` / ``after-int4``, which now
@@ -224,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
            "MODEL_SERVER_NO_TRANSFORMERS": "1"}
     tf = {**new, "MODEL_SERVER_NO_TRANSFORMERS": "0"}          # transformers' model and tokenizer (b69463c)
     r16 = {"MODEL_SERVER_PREWARM": "0", "MODEL_SERVER_FAST_WARMUP_HOLD_S": "0"}     # 447c2a7's "after"
+    nodefer = {"MODEL_SERVER_FAST_WARMUP_MAX_DEFER_S": "0", "MODEL_SERVER_FAST_WARMUP_SWITCH_INTERVAL_S": "0"}
     seeds: dict[str, str] = {}
 
     def seeded(quant: str) -> dict:
@@ -242,13 +247,16 @@ def main(argv: list[str] | None = None) -> int:
         return {**fresh(), **new, "MODEL_SERVER_COMPILE_CACHE_SEED": seeds[quant]}
 
     lazy = {"after-empty-cache": lambda: ("bf16", {**fresh(), **new}),
-            "seeded": lambda: ("bf16", seeded("bf16")), "seeded-int4": lambda: ("int4", seeded("int4"))}
+            "seeded": lambda: ("bf16", seeded("bf16")), "seeded-int4": lambda: ("int4", seeded("int4")),
+            "seeded-nodefer": lambda: ("bf16", {**seeded("bf16"), **nodefer}),
+            "seeded-nodefer-int4": lambda: ("int4", {**seeded("int4"), **nodefer})}
     plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
             "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
             "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),
             "after-noprewarm": ("bf16", {**warm, **new, **r16}), "after-noprewarm-int4": ("int4", {**warm, **new, **r16}),
             "legacy-eager-graphs": ("bf16", {**warm, **old, "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"}),
-            "after-tf": ("bf16", {**warm, **tf}), "after-tf-int4": ("int4", {**warm, **tf})}
+            "after-tf": ("bf16", {**warm, **tf}), "after-tf-int4": ("int4", {**warm, **tf}),
+            "after-nodefer": ("bf16", {**warm, **new, **nodefer}), "after-nodefer-int4": ("int4", {**warm, **new, **nodefer})}
     report = {"card": card, "date": utc_date("%Y-%m-%d"), "commit": args.commit,
               "command": "python benchmarks/cold_start_phases.py " + " ".join(sys.argv[1:]), "preset": args.preset,
               "runs": []}

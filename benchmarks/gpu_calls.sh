@@ -52,7 +52,9 @@
 #                                            warm-up), bf16 and int4, fills the compile cache first (~5 min);
 #                                            COLD_VARIANTS picks them (after-tf*: transformers' build vs after*: native;
 #                                            seeded*: an empty cache + a seed from `model-server compile-cache fill`, the
-#                                            image's first start: COLD_VARIANTS=fill-cache,after,seeded,seeded-int4,after-empty-cache);
+#                                            image's first start: COLD_VARIANTS=fill-cache,after,seeded,seeded-int4,after-empty-cache;
+#                                            *-nodefer*: the background compile from the first prefill, as before 2026-12-05 14:00:
+#                                            COLD_VARIANTS=seeded-nodefer,seeded,seeded-nodefer-int4,seeded-int4 for the first request's A/B);
 #                                            $OUT gets card.txt, cold.log and cold/ (JSON, table, cold_logs.tgz)
 #   bash benchmarks/gpu_calls.sh gptq       # issue 17: GPTQ checkpoints on the int4 kernels (the fast engine's repack): steady
 #                                            state in-process, bf16 vs int4 vs GPTQ-format copies (bf16 LM head; gptq-act with

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "weights from the seed, a byte-level BPE tokenizer trained on local text, a chat "
                     "template, generation_config.json, and \"edge_eval_synthetic\": true in config.json.")
     synth.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
-    synth.add_argument("--preset", default="tiny", choices=("tiny", "tiny-qwen2", "llama-3.2-1b", "qwen2.5-0.5b"),
+    synth.add_argument("--preset", default="tiny", choices=("tiny", "tiny-16l", "tiny-qwen2", "llama-3.2-1b", "qwen2.5-0.5b"),
                        help="model shape (default: tiny)")
     synth.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,6 +1,6 @@
 """The model server's ``MODEL_SERVER_*`` environment switches: reading one, and the error a bad value raises.
 
-Owns parsing a switch's text (:func:`flag`, :func:`integer`) and :class:`SwitchValueError`, the one type every
+Owns parsing a switch's text (:func:`flag`, :func:`integer`, :func:`seconds`) and :class:`SwitchValueError`, the one type every
 bad switch value raises, so ``serve`` can tell a misconfiguration (always an error) from a model an engine
 cannot serve (``--engine auto`` falls back). Must NOT decide what a switch does: its reader does.
 """
@@ -30,3 +30,18 @@ def integer(name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise SwitchValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def seconds(name: str) -> float | None:
+    """A duration in seconds (a number >= 0), None when unset or empty; anything else raises
+    :class:`SwitchValueError`."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0 or value == float("inf"):
+        raise SwitchValueError(f"{name} must be a number of seconds >= 0, got {raw!r}")
+    return value

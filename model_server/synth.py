@@ -61,6 +61,20 @@ PRESETS: dict[str, Preset] = {
         dtype="float32",
         match_vocab=True,
     ),
+    # the tiny shape with the llama-3.2-1b preset's 16 layers: a decode step with the 1B model's number of ops
+    # at a CPU-friendly size (per-op host costs: the background compile's GIL share, launch overheads)
+    "tiny-16l": Preset(
+        name="tiny-16l",
+        architecture="llama",
+        config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=16,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                    initializer_range=0.1,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        tokenizer_vocab=1024,
+        dtype="float32",
+        match_vocab=True,
+    ),
     "tiny-qwen2": Preset(
         name="tiny-qwen2",
         architecture="qwen2",

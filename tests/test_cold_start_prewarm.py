@@ -4,7 +4,7 @@ CPU, the tiny preset (the pre-warm is forced on with MODEL_SERVER_PREWARM=1; its
 from __future__ import annotations
 
 import asyncio
-import threading
+import sys
 import time
 
 import pytest
@@ -81,34 +81,58 @@ class _Runner:
     use_graphs = False
 
 
-def _warmup(hold_s: float) -> tuple[BackgroundWarmup, list[float]]:
-    called: list[float] = []
+def _warmup(hold_s: float, **kw: float) -> tuple[BackgroundWarmup, list[tuple[float, float]]]:
+    called: list[tuple[float, float]] = []           # (when, the thread switch interval) per compile
 
     def make_ops(*_a):
-        called.append(time.monotonic())
+        called.append((time.monotonic(), sys.getswitchinterval()))
         return fused.Ops(False)
-    return BackgroundWarmup(_Runner(), make_ops=make_ops, hold_s=hold_s), called
+    return BackgroundWarmup(_Runner(), make_ops=make_ops, hold_s=hold_s, **kw), called
 
 
-def test_compile_waits_for_release_or_hold():
+def test_compile_waits_for_the_served_requests_to_finish():
     w, called = _warmup(hold_s=30)
     w.start()
+    w.idle()                                             # idle before any request: not a reason to start
     time.sleep(0.2)
     assert called == [] and not w.done.is_set()          # held: no request yet
-    w.release()
+    w.served()
+    time.sleep(0.2)
+    assert called == [] and not w.done.is_set()          # requests in flight: still held
+    w.idle()
     assert w.done.wait(5) and len(called) == 1
+
+
+def test_compile_starts_after_the_hold_or_the_longest_deferral():
     w, called = _warmup(hold_s=0.1)
     t0 = time.monotonic()
     w.start()
-    assert w.done.wait(5) and called and called[0] - t0 >= 0.1   # no request: starts after the hold
+    assert w.done.wait(5) and called and called[0][0] - t0 >= 0.1   # no request: starts after the hold
+    w, called = _warmup(hold_s=30, max_defer_s=0.2)
+    w.start()
+    t0 = time.monotonic()
+    w.served()                                           # load that never pauses: starts after max_defer_s
+    assert w.done.wait(5) and called[0][0] - t0 >= 0.2 and w.deferred_s >= 0.2
 
 
-def test_engine_releases_the_compile_after_its_first_prefill(monkeypatch):
+def test_compile_runs_with_a_short_switch_interval_then_restores_it():
+    before = sys.getswitchinterval()
+    w, called = _warmup(hold_s=0.0, switch_interval_s=2e-5)
+    w.start()
+    assert w.done.wait(5)
+    assert called[0][1] == pytest.approx(2e-5) and sys.getswitchinterval() == before
+    w, called = _warmup(hold_s=0.0, switch_interval_s=0.0)  # 0: left alone
+    w.start()
+    assert w.done.wait(5) and called[0][1] == before
+
+
+def test_engine_starts_the_compile_once_its_first_requests_are_done(monkeypatch):
     monkeypatch.setenv("MODEL_SERVER_FAST_WARMUP_HOLD_S", "60")
-    started = threading.Event()
+    in_flight_at_start: list[int] = []             # requests the engine was serving when the compile began
+    engine: list[FastEngine] = []
 
     def fail(cls):
-        started.set()
+        in_flight_at_start.append(engine[0].sched.running)
         raise RuntimeError("no compiler here")       # the worker gives up at once: eager ops, then the switch
     monkeypatch.setattr(fused.Ops, "_compiled", None)
     monkeypatch.setattr(fused.Ops, "_get_compiled", classmethod(fail))
@@ -120,15 +144,17 @@ def test_engine_releases_the_compile_after_its_first_prefill(monkeypatch):
     async def main() -> list[int]:
         eng = FastEngine(model, [], max_batch=2, max_seq_len=64, length_buckets=[64], device="cpu", fuse=True,
                          background_warmup=True)
+        engine.append(eng)
         await eng.start()
         try:
             await asyncio.sleep(0.3)
-            assert not started.is_set()                  # held for the first request
+            assert not in_flight_at_start                # held for the first request
             toks = [ev.token_id async for ev in eng.submit(GenerationRequest(
-                "a", [5, 6, 7], SamplingParams(max_new_tokens=3, ignore_eos=True))) if ev.token_id is not None]
-            assert await eng.wait_warm(10) and started.is_set()
+                "a", [5, 6, 7], SamplingParams(max_new_tokens=40, ignore_eos=True))) if ev.token_id is not None]
+            assert await eng.wait_warm(10)
             return toks
         finally:
             await eng.stop()
 
-    assert len(asyncio.run(main())) == 3
+    assert len(asyncio.run(main())) == 40
+    assert in_flight_at_start == [0]                     # not while the request's 40 tokens were being served

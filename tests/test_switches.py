@@ -19,8 +19,15 @@ def test_integer(monkeypatch, raw, want):
     assert switches.integer("MODEL_SERVER_TEST_INT") == want
 
 
+@pytest.mark.parametrize("raw,want", [("", None), ("0", 0.0), ("0.5", 0.5), ("1e-5", 1e-5), (" 10 ", 10.0)])
+def test_seconds(monkeypatch, raw, want):
+    monkeypatch.setenv("MODEL_SERVER_TEST_S", raw)
+    assert switches.seconds("MODEL_SERVER_TEST_S") == want
+
+
 @pytest.mark.parametrize("reader,raw", [(switches.flag, "yes"), (switches.flag, "2"), (switches.integer, "1.5"),
-                                        (switches.integer, "four")])
+                                        (switches.integer, "four"), (switches.seconds, "-1"), (switches.seconds, "nan"),
+                                        (switches.seconds, "inf"), (switches.seconds, "soon")])
 def test_bad_values_name_the_switch_in_one_line(monkeypatch, reader, raw):
     monkeypatch.setenv("MODEL_SERVER_TEST_X", raw)
     with pytest.raises(switches.SwitchValueError, match=r"^MODEL_SERVER_TEST_X must be .*, got") as err:

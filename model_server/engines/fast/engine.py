@@ -233,6 +233,8 @@ class FastEngine(Engine):
             while True:
                 with sched.cv:
                     while not (sched.has_work() or self._inflight or self._stopping or self._switch_due()):
+                        if self._warm is not None:
+                            self._warm.idle()     # nothing to serve: a deferred compile may start
                         sched.cv.wait(0.5)
                     if self._stopping:
                         break
@@ -288,7 +290,7 @@ class FastEngine(Engine):
                 sched.first_tokens(done.chunk, [[x[0] for x in first], [x[1] for x in first]],
                                    time.monotonic_ns(), out)
                 if self._warm is not None:
-                    self._warm.release()
+                    self._warm.served()
         self._inflight = launched
         if prefill is not None:
             self._first_tokens(batch, prefill, out)
@@ -297,5 +299,5 @@ class FastEngine(Engine):
         host, t_first = self.executor.prefill_collect(prefill)
         self.sched.first_tokens(batch, host, t_first, out)
         if self._warm is not None:
-            self._warm.release()          # first tokens out: the background compile may take the GIL
+            self._warm.served()           # the background compile waits until these requests are done
 

@@ -9,10 +9,16 @@ every shape family the engine meets (batch 1 and more, prompts of 1 and more tok
 is done the engine thread switches between two steps: fused ops on, lazy CUDA graphs on. From then on
 the engine runs exactly the fused, graphed path it runs without background warm-up.
 
-The worker starts compiling once the engine has served its first prefill (:meth:`BackgroundWarmup.release`),
-or ``hold_s`` after start when no request comes (``MODEL_SERVER_FAST_WARMUP_HOLD_S``, default 0.5 s): compiling
-is seconds of Python holding the GIL, and the eager first request (hundreds of op launches, each
-taking the GIL back) would otherwise share it with the compile and reach its first token later.
+When the compile starts: compiling is seconds of Python holding the GIL, and an eager step (hundreds of op
+launches, each taking the GIL back) that shares it with the compile runs many times slower (on an H100 the first
+request's tokens after the first came ~0.5 s apart while the compile ran; docs/benchmarks.md). So the worker waits
+``hold_s`` for a first request (``MODEL_SERVER_FAST_WARMUP_HOLD_S``, default 0.5 s) and starts when none comes;
+once requests are served (:meth:`BackgroundWarmup.served`) it waits until the engine has nothing to do
+(:meth:`BackgroundWarmup.idle`: a scale-from-zero burst is served whole at the eager path's speed), or at most
+``max_defer_s`` (``MODEL_SERVER_FAST_WARMUP_MAX_DEFER_S``, default 10 s) under load that never pauses. While it
+compiles, the thread switch interval is ``switch_interval_s`` (``MODEL_SERVER_FAST_WARMUP_SWITCH_INTERVAL_S``,
+default 10 us; 0 leaves it alone), so the engine thread gets the GIL back sooner after each op; the previous
+interval is restored when the compile ends.
 
 No graph is captured while this thread runs (capture must not overlap other threads' CUDA work):
 the runner's lazy capture is switched on only at the switch. A compile failure leaves the ops eager
@@ -24,12 +30,14 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from model_server import switches
 
 from .fused import Ops
 from .kv_cache import StaticKVCache
@@ -39,7 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HOLD_S = 0.5              # longest the compile waits for the first prefill
+HOLD_S = 0.5              # longest the compile waits for a first request
+MAX_DEFER_S = 10.0        # longest the compile waits, once requests are served, for the engine to be idle
+SWITCH_INTERVAL_S = 1e-5  # sys.setswitchinterval while compiling (CPU, 16 layers: the first request 2.0 -> 0.8 s)
 SHADOW_SLOTS = 2          # batch 1 and batch > 1: the two decode / prefill shape families
 SHADOW_LEN = 32
 PROMPT_LENGTHS = (1, 3, 16)
@@ -81,12 +91,16 @@ class BackgroundWarmup:
     """Compile on a worker thread; :meth:`apply` (engine thread, between steps) switches the runner."""
 
     def __init__(self, runner: "ModelRunner", lazy_graphs: bool = True,
-                 make_ops: Callable[..., Ops] = Ops, hold_s: float | None = None) -> None:
+                 make_ops: Callable[..., Ops] = Ops, hold_s: float | None = None,
+                 max_defer_s: float | None = None, switch_interval_s: float | None = None) -> None:
         self.runner = runner
-        if hold_s is None:
-            hold_s = float(os.environ.get("MODEL_SERVER_FAST_WARMUP_HOLD_S", "").strip() or HOLD_S)
-        self.hold_s = max(0.0, hold_s)
-        self._go = threading.Event()          # the first prefill is done: compile now
+        self.hold_s = max(0.0, _setting(hold_s, "MODEL_SERVER_FAST_WARMUP_HOLD_S", HOLD_S))
+        self.max_defer_s = max(0.0, _setting(max_defer_s, "MODEL_SERVER_FAST_WARMUP_MAX_DEFER_S", MAX_DEFER_S))
+        self.switch_interval_s = max(0.0, _setting(switch_interval_s, "MODEL_SERVER_FAST_WARMUP_SWITCH_INTERVAL_S",
+                                                   SWITCH_INTERVAL_S))
+        self._serving = threading.Event()     # the engine has served a prefill
+        self._go = threading.Event()          # ... and has since had nothing to do: compile now
+        self.deferred_s = 0.0                 # how long the compile waited for the engine (after hold_s)
         self.fuse = runner.fuse_requested
         self.lazy_graphs = bool(lazy_graphs)
         self.make_ops = make_ops
@@ -107,15 +121,31 @@ class BackgroundWarmup:
         self._thread = threading.Thread(target=self._work, name="fast-engine-warmup", daemon=True)
         self._thread.start()
 
-    def release(self) -> None:
-        """Engine thread, after a prefill: the compile may start (before ``hold_s`` has passed)."""
-        self._go.set()
+    def served(self) -> None:
+        """Engine thread, after a prefill: requests are being served; the compile waits until they are done."""
+        self._serving.set()
+
+    def idle(self) -> None:
+        """Engine thread, with nothing to do: a compile waiting for served requests to finish may start."""
+        if self._serving.is_set():
+            self._go.set()
+
+    def _wait_for_turn(self) -> None:
+        """``hold_s`` with no request, else until the engine is idle, at most ``max_defer_s`` after serving began."""
+        if not self._serving.wait(self.hold_s):
+            return
+        t0 = time.monotonic()
+        self._go.wait(self.max_defer_s)
+        self.deferred_s = time.monotonic() - t0
 
     def _work(self) -> None:
-        self._go.wait(self.hold_s)
+        self._wait_for_turn()
         t0 = time.monotonic()
         r = self.runner
+        interval = sys.getswitchinterval()
         try:
+            if self.switch_interval_s > 0:
+                sys.setswitchinterval(self.switch_interval_s)
             with torch.inference_mode():
                 if r.device.type == "cuda":
                     stream = torch.cuda.Stream(device=r.device)
@@ -128,9 +158,11 @@ class BackgroundWarmup:
             self.error = f"{type(exc).__name__}: {exc}"
             log.warning("background warm-up failed, elementwise ops stay eager: %s", self.error)
             self.ops = None
+        finally:
+            sys.setswitchinterval(interval)
         self.seconds = time.monotonic() - t0
-        log.info("background warm-up done in %.2f s (fused ops %s)", self.seconds,
-                 "on" if self.ops is not None and self.ops.fused else "off")
+        log.info("background warm-up done in %.2f s after waiting %.2f s for served requests (fused ops %s)",
+                 self.seconds, self.deferred_s, "on" if self.ops is not None and self.ops.fused else "off")
         self.done.set()
         if self.on_done is not None:
             self.on_done()
@@ -167,3 +199,11 @@ class BackgroundWarmup:
             r.lazy_graphs = True
         self.applied.set()
         return True
+
+
+def _setting(given: float | None, switch: str, default: float) -> float:
+    """``given``, else the switch's value (:func:`model_server.switches.seconds`), else ``default``."""
+    if given is not None:
+        return given
+    value = switches.seconds(switch)
+    return default if value is None else value
