@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,20 +55,6 @@ PRESETS: dict[str, Preset] = {
                     max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
                     # std 0.1 (not 0.02): greedy text varies instead of repeating one token, so
                     # batching-equality tests can fail
-                    initializer_range=0.1,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-        tokenizer_vocab=1024,
-        dtype="float32",
-        match_vocab=True,
-    ),
-    # the tiny shape with the llama-3.2-1b preset's 16 layers: a decode step with the 1B model's number of ops
-    # at a CPU-friendly size (per-op host costs: the background compile's GIL share, launch overheads)
-    "tiny-16l": Preset(
-        name="tiny-16l",
-        architecture="llama",
-        config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=16,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True,
                     initializer_range=0.1,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
         tokenizer_vocab=1024,
@@ -116,6 +102,10 @@ PRESETS: dict[str, Preset] = {
         dtype="bfloat16",
     ),
 }
+
+# the tiny shape with the llama-3.2-1b preset's 16 layers: a decode step with the 1B model's number of ops at a
+# CPU-friendly size (per-op host costs: the background compile's GIL share, launch overheads)
+PRESETS["tiny-16l"] = replace(PRESETS["tiny"], name="tiny-16l", config={**PRESETS["tiny"].config, "num_hidden_layers": 16})
 
 
 def _config_for(preset: Preset, vocab_size: int):

@@ -150,3 +150,18 @@ def container_env(c: dict) -> dict[str, str]:
 def model_server_check_config(argv: list[str]) -> tuple[int, str, str]:
     proc = subprocess.run([MODEL_SERVER, *argv, "--check-config"], capture_output=True, text=True, timeout=60)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def start_container_proxy(args: list[str], c: dict, replace: dict[str, str], stderr: Any = subprocess.DEVNULL,
+                          **env: str) -> subprocess.Popen:
+    """``edge-proxy`` started on 127.0.0.1 as container ``c`` runs it: its (localized) ``args`` with each flag in
+    ``replace`` given the new value (the flag must be there), its env (no ``EDGE_PROXY_*`` of ours), plus ``env``."""
+    args = list(args)
+    for flag, value in replace.items():
+        assert flag in args, flag
+        args[args.index(flag) + 1] = value
+    full = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY_")}
+    full.update(container_env(c))
+    full.update(env)
+    return subprocess.Popen([EDGE_PROXY, *args, "--host", "127.0.0.1"], env=full, stdout=subprocess.DEVNULL,
+                            stderr=stderr, text=True)

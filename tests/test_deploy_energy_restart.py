@@ -20,7 +20,7 @@ import pytest
 
 from edge_proxy.energy.remote_source import RemoteReader
 from edge_proxy.energy.sampler import Sampler
-from tests.net_support import free_port, wait_http_ok
+from tests.net_support import free_port, stop_process, wait_http_ok
 
 TRACE = Path(__file__).parent / "data" / "energy_h100_synthetic.jsonl"
 
@@ -61,15 +61,6 @@ def start(trace: Path, port: int, shift_s: float) -> subprocess.Popen:
     return proc
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def poll(reader: RemoteReader, sampler: Sampler, seconds: float, until=lambda: False) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not until():
@@ -89,7 +80,7 @@ def test_remote_energy_survives_the_server_moving_to_a_fresh_node(tmp_path: Path
     try:
         poll(reader, sampler, 30, until=lambda: len(sampler.ticks) >= 5)
     finally:
-        stop(first)
+        stop_process(first, 15)
     assert sorted(reader.gpu_uuids) == sorted(old_uuids)
     assert len(sampler.ticks) >= 5 and reader.restarts_total == 0
     old_last = reader._last_server_t                                      # noqa: SLF001
@@ -101,7 +92,7 @@ def test_remote_energy_survives_the_server_moving_to_a_fresh_node(tmp_path: Path
             return sum(sampler.energy_joules_by_gpu.get(u, 0.0) for u in new_uuids)
         poll(reader, sampler, 30, until=lambda: new_energy() > 0)
     finally:
-        stop(second)
+        stop_process(second, 15)
     assert new_energy() > 0, "the new server's samples were all discarded: energy unmetered"
     assert sorted(reader.gpu_uuids) == sorted(new_uuids), "the old pod's GPUs are still listed"
     assert reader.restarts_total == 1

@@ -6,7 +6,6 @@ while the backend is down; a sidecar pod serves a request end to end.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -19,9 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.k8s_support import (ALTERNATIVE_SCALED_OBJECT, EDGE_PROXY, NEEDS_KUBECTL, ROOT, arg_value, by_kind,
-                               container_env, container_port, localize, materialize, one, pod_spec, render_overlays)
-from tests.net_support import free_port
+from tests.k8s_support import (ALTERNATIVE_SCALED_OBJECT, NEEDS_KUBECTL, ROOT, arg_value, by_kind, container_port,
+                               localize, materialize, one, pod_spec, render_overlays, start_container_proxy)
+from tests.net_support import free_port, stop_process
 
 pytestmark = NEEDS_KUBECTL
 
@@ -65,15 +64,9 @@ def gateway_metrics(rendered: dict[str, list[dict]], tmp_path_factory: pytest.Te
     (c,) = spec["containers"]
     args = localize(c["args"], materialize(gw, spec, c, docs, tmp_path_factory.mktemp("gateway")))
     port, mport, dead = free_port(), free_port(), free_port()
-    replace = {"--port": str(port), "--metrics-port": str(mport), "--backend": f"http://127.0.0.1:{dead}"}
-    for flag, value in replace.items():
-        assert flag in args, flag
-        args[args.index(flag) + 1] = value
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY_")}
-    env.update(container_env(c))
-    env["EDGE_PROXY_PROXY_HOST"] = "127.0.0.1"
-    args += ["--host", "127.0.0.1"]
-    proc = subprocess.Popen([EDGE_PROXY, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_container_proxy(args, c, {"--port": str(port), "--metrics-port": str(mport),
+                                           "--backend": f"http://127.0.0.1:{dead}"},
+                                 stderr=subprocess.PIPE, EDGE_PROXY_PROXY_HOST="127.0.0.1")
     try:
         deadline = time.monotonic() + 30
         text = None
@@ -111,12 +104,7 @@ def gateway_metrics(rendered: dict[str, list[dict]], tmp_path_factory: pytest.Te
         # sidecar in the model-server pod: its /metrics too, started as the overlay runs it.
         return text + sidecar_metrics(docs, tmp_path_factory.mktemp("sidecar"), dead)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
 
 
 def sidecar_metrics(docs: list[dict], tmp: Path, dead: int) -> str:
@@ -127,13 +115,9 @@ def sidecar_metrics(docs: list[dict], tmp: Path, dead: int) -> str:
     (c,) = [x for x in spec.get("initContainers", []) if x["command"][0] == "edge-proxy"]
     args = localize(c["args"], materialize(dep, spec, c, docs, tmp))
     mport = free_port()
-    for flag, value in {"--port": str(free_port()), "--metrics-port": str(mport),
-                        "--backend": f"http://127.0.0.1:{dead}", "--energy-remote": f"http://127.0.0.1:{dead}"}.items():
-        args[args.index(flag) + 1] = value
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY_")}
-    env.update(container_env(c))
-    proc = subprocess.Popen([EDGE_PROXY, *args, "--host", "127.0.0.1"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_container_proxy(args, c, {"--port": str(free_port()), "--metrics-port": str(mport),
+                                           "--backend": f"http://127.0.0.1:{dead}",
+                                           "--energy-remote": f"http://127.0.0.1:{dead}"})
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:
@@ -144,12 +128,7 @@ def sidecar_metrics(docs: list[dict], tmp: Path, dead: int) -> str:
                 time.sleep(0.1)
         raise AssertionError(f"sidecar did not serve /metrics (exit {proc.poll()})")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
 
 
 def test_keda_reads_what_the_gateway_serves(rendered: dict[str, list[dict]], gateway_metrics: str) -> None:
@@ -241,13 +220,9 @@ def test_sidecar_pod_serves_a_request_end_to_end(rendered: dict[str, list[dict]]
                 assert r.status == 200, probe
         pargs = localize(px["args"], materialize(dep, spec, px, docs, tmp_path / "proxy"))
         port, mport = free_port(), free_port()
-        for flag, value in {"--backend": server.url, "--port": str(port), "--metrics-port": str(mport),
-                            "--energy-source": "estimated"}.items():   # no GPU here: estimated for nvml
-            pargs[pargs.index(flag) + 1] = value
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_PROXY_")}
-        env.update(container_env(px))
-        proc = subprocess.Popen([EDGE_PROXY, *pargs, "--host", "127.0.0.1"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = start_container_proxy(pargs, px, {"--backend": server.url, "--port": str(port),
+                                                 "--metrics-port": str(mport),
+                                                 "--energy-source": "estimated"})   # no GPU here: estimated for nvml
         try:
             from tests.net_support import wait_http_ok
             wait_http_ok(f"http://127.0.0.1:{mport}/healthz", timeout=30, proc=proc)
@@ -272,9 +247,4 @@ def test_sidecar_pod_serves_a_request_end_to_end(rendered: dict[str, list[dict]]
                 time.sleep(0.2)
             assert all(v > 0 for v in values.values()), values
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 15)
