@@ -159,7 +159,8 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
         engine = create_engine(engine_name, loaded, lim.max_batch, lim.max_total_tokens)
     runtime.set_state("warming")
     if hasattr(engine, "on_warm"):      # called on the engine's thread when it switches to its fused path
-        engine.on_warm = lambda: runtime.startup.__setitem__("fused_ready", time.time())
+        from model_server.engines.fast.warmup import startup_marks
+        engine.on_warm = lambda: runtime.startup.update(startup_marks(engine), fused_ready=time.time())
     try:
         await engine.start()
         warm = getattr(engine, "warmup", None)

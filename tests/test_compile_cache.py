@@ -181,4 +181,6 @@ def test_a_filled_seed_makes_a_fresh_start_compile_nothing(tiny_model_dir, tmp_p
             assert time.monotonic() < deadline, srv.log()[-2000:]
             time.sleep(0.5)
         assert "fused ops on" in srv.log()
+        st = _info(srv.url)["startup"]             # no request came: the compile began hold_s after ready
+        assert st["ready"] < st["fused_compile_start"] < st["fused_ready"]
     assert set(cache_files(cache)) == seeded, sorted(map(str, set(cache_files(cache)) - seeded))[:5]

@@ -101,6 +101,7 @@ class BackgroundWarmup:
         self._serving = threading.Event()     # the engine has served a prefill
         self._go = threading.Event()          # ... and has since had nothing to do: compile now
         self.deferred_s = 0.0                 # how long the compile waited for the engine (after hold_s)
+        self.compile_started: float | None = None     # wall-clock epoch seconds (/info startup.fused_compile_start)
         self.fuse = runner.fuse_requested
         self.lazy_graphs = bool(lazy_graphs)
         self.make_ops = make_ops
@@ -140,6 +141,7 @@ class BackgroundWarmup:
 
     def _work(self) -> None:
         self._wait_for_turn()
+        self.compile_started = time.time()
         t0 = time.monotonic()
         r = self.runner
         interval = sys.getswitchinterval()
@@ -207,3 +209,11 @@ def _setting(given: float | None, switch: str, default: float) -> float:
         return given
     value = switches.seconds(switch)
     return default if value is None else value
+
+
+def startup_marks(engine: object) -> dict[str, float]:
+    """``/info`` ``startup`` marks of an engine's background warm-up: ``fused_compile_start`` (epoch seconds),
+    when its compile began; none for an engine without one."""
+    warm = getattr(engine, "background", None)
+    started = getattr(warm, "compile_started", None)
+    return {} if started is None else {"fused_compile_start": started}
