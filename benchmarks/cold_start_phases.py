@@ -89,7 +89,8 @@ PHASES = [("imports_s", "process_start", "load_start"), ("cuda_init_s", "load_st
           ("read_s", "load_start", "read_end"), ("build_s", "load_start", "build_end"),
           ("prewarm_s", "load_start", "prewarm_end"), ("quantize_s", "quantize_start", "quantize_end"),
           ("load_s", "load_start", "load_end"),
-          ("warmup_s", "load_end", "warmup_end")]
+          ("warmup_s", "load_end", "warmup_end"),
+          ("ready_to_compile_s", "ready", "fused_compile_start"), ("compile_s", "fused_compile_start", "fused_ready")]
 
 
 def _info(url: str) -> dict:
@@ -169,14 +170,16 @@ def table(report: dict) -> str:
             "ready_to_first_token_s"]
     lines = ["| variant | quant | load path / tokenizer | transformers imported (first request / end) | "
              + " | ".join(c[:-2] for c in cols)
-             + " | **spawn -> first token s** | spawn -> fused s | steady request s |",
-             "|---" * (len(cols) + 7) + "|"]
+             + " | **spawn -> first token s** | first request s | ready -> compile s | compile s | spawn -> fused s"
+             " | steady request s |",
+             "|---" * (len(cols) + 10) + "|"]
     for r in report["runs"]:
         ph = r.get("phases") or {}
         lines.append(f"| {r['variant']} | {r['quantization']} | {r.get('load_path')} / {r.get('tokenizer')} | "
                      f"{r.get('transformers_after_first_request')} / {r.get('transformers_at_end')} | "
                      + " | ".join(str(ph.get(c, "")) for c in cols)
-                     + f" | **{r.get('spawn_to_first_token_s', r.get('error', ''))}** | {r.get('spawn_to_fused_s')} | "
+                     + f" | **{r.get('spawn_to_first_token_s', r.get('error', ''))}** | {r.get('first_request_s')} | "
+                     f"{ph.get('ready_to_compile_s', '')} | {ph.get('compile_s', '')} | {r.get('spawn_to_fused_s')} | "
                      f"{r.get('second_request_s')} |")
     for f in report.get("seed_fills", []):
         lines.append(f"\nseed fill ({f['quantization']}): `model-server compile-cache fill` rc {f['rc']} in "

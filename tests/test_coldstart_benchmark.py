@@ -57,3 +57,24 @@ def test_cold_start_benchmark_bad_args(tmp_path: Path, capsys: pytest.CaptureFix
 
     assert cold_start.main(["--variants", "int3", "--out", str(tmp_path)]) == 2
     assert "unknown int3" in capsys.readouterr().err
+
+
+def test_cold_start_phases_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> None:
+    """benchmarks/cold_start_phases.py: two variants spawned on CPU, phases read from /info, the report's table."""
+    import cold_start_phases  # benchmarks/cold_start_phases.py
+
+    rc = cold_start_phases.main(["--model-dir", str(tiny_model_dir), "--device", "cpu", "--variants",
+                                 "after,after-nodefer", "--steady-tokens", "0", "--commit", "test", "--out",
+                                 str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "cold_start_phases.json").read_text())
+    runs = {r["variant"]: r for r in report["runs"]}
+    assert set(runs) == {"after", "after-nodefer"}
+    assert runs["after-nodefer"]["env"]["MODEL_SERVER_FAST_WARMUP_MAX_DEFER_S"] == "0"
+    for r in runs.values():
+        assert 0 < r["spawn_to_ready_s"] <= r["spawn_to_first_token_s"] and r["first_request_s"] > 0
+        assert r["load_path"] == "native" and r["phases"]["imports_s"] > 0 and len(r["tokens"]) == 16
+    assert report["first_request_tokens_identical_bf16"] is True
+    table = (tmp_path / "cold_start_phases.md").read_text()
+    assert "| first request s |" in table and table.count("| after") == 2
+    assert (tmp_path / "cold_logs.tgz").stat().st_size > 0
