@@ -128,12 +128,17 @@ def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_featur
     return "triton" if rows_kernel == "triton" and rows > tinygemm_max_rows(out_features) else int4_kernel
 
 
+def holds(n: int, k: int, group_size: int, kernel: str | None = None) -> bool:
+    """Whether the int4pack layout holds an ``[n, k]`` weight: K a multiple of the group and of 16 * inner tiles,
+    N of 8 (of 16 for ``kernel`` ``cpu-int4pack``: the CPU packing's own rule)."""
+    return (group_size in GROUP_SIZES and k % group_size == 0 and k % (16 * INNER_K_TILES) == 0
+            and n % (16 if kernel == "cpu-int4pack" else 8) == 0)
+
+
 def fits(linear: nn.Linear, group_size: int, kernel: str | None = None) -> bool:
-    """Whether the int4pack layout holds this linear: K a multiple of the group and of 16 * inner tiles, N of 8
-    (of 16 for ``kernel`` ``cpu-int4pack``: the CPU packing's own rule)."""
+    """Whether the int4pack layout (:func:`holds`) holds this linear's weight."""
     n, k = linear.weight.shape
-    return group_size in GROUP_SIZES and k % group_size == 0 and k % (16 * INNER_K_TILES) == 0 and n % (
-        16 if kernel == "cpu-int4pack" else 8) == 0
+    return holds(n, k, group_size, kernel)
 
 
 class Int4Linear(nn.Module):
@@ -159,8 +164,7 @@ class Int4Linear(nn.Module):
         """``q`` uint8 ``[N, K]`` in 0..15 and ``sz`` ``[K/group_size, N, 2]`` (scale, zero) as
         :func:`quantize_groupwise` returns them, on the device the module should live on."""
         n, k = q.shape
-        if group_size not in GROUP_SIZES or k % group_size or k % (16 * INNER_K_TILES) or n % (
-                16 if choice.int4_kernel == "cpu-int4pack" else 8):
+        if not holds(n, k, group_size, choice.int4_kernel):
             raise ValueError(f"the int4pack layout cannot hold a [{n}, {k}] weight with group size {group_size}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)

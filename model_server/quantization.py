@@ -19,11 +19,6 @@ class LoadError(Exception):
     """A one-line, user-facing load failure."""
 
 
-class _DropHubKernelWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_BNB_HUB_KERNEL_WARNING)
-
-
 def import_bitsandbytes() -> Any:
     """``import bitsandbytes`` (its ImportError and other failures propagate), without the kernel download that
     its import tries on a CPU with AVX512-BF16.
@@ -37,7 +32,9 @@ def import_bitsandbytes() -> Any:
     if "bitsandbytes" in sys.modules:
         return sys.modules["bitsandbytes"]
     log = logging.getLogger(_BNB_HUB_KERNEL_LOGGER)
-    drop = _DropHubKernelWarning()
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_BNB_HUB_KERNEL_WARNING)
     log.addFilter(drop)
     missing = object()
     kernels = sys.modules.get("kernels", missing)
