@@ -27,6 +27,7 @@ from torch import nn
 
 from model_server.int4 import Int4Linear
 from model_server.int4_cpu_pack import cat_cpu_int4pack
+from .direct import run
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Merged(nn.Module):
         self.sizes = list(sizes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.fn(x).split(self.sizes, dim=-1)
+        return run(self.fn, x).split(self.sizes, dim=-1)
 
 
 def _merge_linear(parts: list[nn.Linear]) -> nn.Module | None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .direct import run
 from .graphs import capture_lazily
 from .kv_cache import pick_bucket
 
@@ -113,7 +114,7 @@ def mixed_forward(r: "ModelRunner", mx: MixedInputs, b: int, length: int, s: int
     kv, g, d = r.n_kv, r.group, r.head_dim
     pos = torch.cat([r.in_pos[:b], mx.pos[:n_c]])
     slots = torch.cat([r.rows[:b], mx.slot[:n_c]])
-    h = r.embed(torch.cat([r.in_ids[:b], mx.ids[:n_c]]))[:, None, :]   # [b + n_c, 1, hidden]
+    h = run(r.embed, torch.cat([r.in_ids[:b], mx.ids[:n_c]]))[:, None, :]   # [b + n_c, 1, hidden]
     cos = r.cos[pos][:, None, None, :]
     sin = r.sin[pos][:, None, None, :]
     mask_d = r.visible_mask(pos[:b], length)[:, None, None, :]                      # [b, 1, 1, L]
@@ -141,11 +142,11 @@ def mixed_forward(r: "ModelRunner", mx: MixedInputs, b: int, length: int, s: int
         o_c = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask_c, scale=r.scaling)
         o_c = o_c.view(s, kv, t, g, d).permute(0, 2, 1, 3, 4).reshape(n_c, 1, kv * g * d)
         o = torch.cat([o_d.reshape(b, 1, kv * g * d), o_c])
-        return attn.o_proj(o)
+        return run(attn.o_proj, o)
 
     x = r._layers(h, attend)
     last = torch.cat([r.rows[:b], b + mx.seg_last[:s]])
-    return r.lm_head(x[last, 0, :])
+    return run(r.lm_head, x[last, 0, :])
 
 
 def run_mixed(r: "ModelRunner", b_needed: int, len_needed: int, s: int) -> torch.Tensor:

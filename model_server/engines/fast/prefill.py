@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .direct import run
 from .graphs import capture_lazily
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ def prefill_forward(r: "ModelRunner", ids: torch.Tensor, slot_idx: torch.Tensor,
     """Prompts ``ids [n, t]`` (right-padded, causal), K/V written into ``slot_idx``; logits ``[n, V]``
     at positions ``last``."""
     n, t = ids.shape
-    h = r.embed(ids)                                               # [n, t, hidden]
+    h = run(r.embed, ids)                                              # [n, t, hidden]
     cos = r.cos[:t][None, None]                                    # [1, 1, t, D]
     sin = r.sin[:t][None, None]
     kv, d = r.n_kv, r.head_dim
@@ -46,10 +47,10 @@ def prefill_forward(r: "ModelRunner", ids: torch.Tensor, slot_idx: torch.Tensor,
             k = k[:, :, None].expand(n, kv, r.group, t, d).reshape(n, r.n_heads, t, d)
             v = v[:, :, None].expand(n, kv, r.group, t, d).reshape(n, r.n_heads, t, d)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=r.scaling)
-        return attn.o_proj(o.transpose(1, 2).reshape(n, t, r.n_heads * d))
+        return run(attn.o_proj, o.transpose(1, 2).reshape(n, t, r.n_heads * d))
 
     x = r._layers(h, attend)                                       # final-normed
-    return r.lm_head(x[rows, last])
+    return run(r.lm_head, x[rows, last])
 
 
 def prefill_bucket(r: "ModelRunner", n: int, t: int) -> tuple[int, int] | None:

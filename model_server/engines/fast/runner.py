@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .decode_attn import on_by_default as decode_attn_default
 from .decode_attn import decode_attention
 from .decode_attn import self_check as decode_attn_check
+from .direct import run
 from .fused import Ops
 from .graphs import capture_decode, capture_lazily, capture_prefill
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
@@ -158,15 +159,15 @@ class ModelRunner:
         if self.silu_mlp:
             m = layer.mlp
             gu = self.gate_up[li]
-            gate, up = gu(x) if gu is not None else (m.gate_proj(x), m.up_proj(x))
-            return m.down_proj(self.ops.silu_mul(gate, up))
-        return layer.mlp(x)
+            gate, up = run(gu, x) if gu is not None else (run(m.gate_proj, x), run(m.up_proj, x))
+            return run(m.down_proj, self.ops.silu_mul(gate, up))
+        return run(layer.mlp, x)
 
     def _qkv(self, li: int, attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fused = self.qkv[li]
         if fused is not None:
-            return fused(x)
-        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            return run(fused, x)
+        return run(attn.q_proj, x), run(attn.k_proj, x), run(attn.v_proj, x)
 
     def _layers(self, h: torch.Tensor, attend) -> torch.Tensor:
         """Run every decoder layer; ``attend(li, layer, x) -> o_proj output``. Returns the final-norm output.
@@ -214,7 +215,7 @@ class ModelRunner:
         ids = self.in_ids[:b]
         pos = self.in_pos[:b]
         rows = self.rows[:b]
-        h = self.embed(ids)[:, None, :]                                   # [b, 1, hidden]
+        h = run(self.embed, ids)[:, None, :]                                   # [b, 1, hidden]
         own_attn = self.decode_attn and self._decode_attn_ok()
         mask = None if own_attn else self.visible_mask(pos, length)[:, None, None, :]   # [b,1,1,L]
         kv, g, d = self.n_kv, self.group, self.head_dim
@@ -229,7 +230,7 @@ class ModelRunner:
             kc = self.cache.k[li]
             vc = self.cache.v[li]
             if one_kernel:
-                y = self.qkv[li].fn(x)                                    # [b, 1, (H + 2 KV) * D]
+                y = run(self.qkv[li].fn, x)                                   # [b, 1, (H + 2 KV) * D]
                 q = rope_kv_write(y.reshape(b, -1), self.cos, self.sin, pos, rows, kc, vc, self.n_heads, kv)
                 q = q.view(b, kv, g, d)
             else:
@@ -245,10 +246,10 @@ class ModelRunner:
             else:
                 o = F.scaled_dot_product_attention(q, kc[:b, :, :length], vc[:b, :, :length],
                                                    attn_mask=mask, scale=self.scaling)   # [b, kv, g, d]
-            return attn.o_proj(o.reshape(b, 1, self.n_heads * d))
+            return run(attn.o_proj, o.reshape(b, 1, self.n_heads * d))
 
         x = self._layers(h, attend)
-        return self.lm_head(x[:, 0, :])
+        return run(self.lm_head, x[:, 0, :])
 
     def _decode_attn_ok(self) -> bool:
         """The decode attention kernel agrees with SDPA here (checked once, never while a graph is captured);
