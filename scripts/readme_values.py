@@ -215,3 +215,26 @@ def http_ratio_runs(docs: list[Any]) -> str:
     c = docs[0]["quants"][0]["http"][0]["concurrency"]
     return (f"HTTP / in-process tokens/s at {c}, {len(vals)} runs: " + ", ".join(f"{v:.1f} %" for v in vals)
             + f" (median {statistics.median(vals):.1f} %)")
+
+
+def formats_vs_bf16(docs: list[Any]) -> str:
+    """Each format's tokens/s over bf16's at each concurrency of one steady-state run."""
+    by = {q["quant"]: {c["concurrency"]: c["tokens_per_second_median"] for c in q["cells"]} for q in docs[0]["quants"]}
+    out = [f"{q} " + ", ".join(f"{cells[c] / by['bf16'][c]:.2f}x at {c}" for c in sorted(cells) if c in by["bf16"])
+           for q, cells in by.items() if q != "bf16"]
+    return "tokens/s over bf16's: " + "; ".join(out) + " (median of 3 x 10 s windows each)"
+
+
+def first_request(docs: list[Any]) -> str:
+    """The first request's seconds per start (cold_start_phases.py's JSON, one start per variant)."""
+    return "first request: " + ", ".join(f"{r['variant']} {r['first_request_s']:.2f} s" for r in docs[0]["runs"])
+
+
+def spawn_by_quant(docs: list[Any]) -> str:
+    """Spawn -> first token of every start in the files, per quantization (cold_start_phases.py's JSONs)."""
+    by: dict[str, list[float]] = {}
+    for d in docs:
+        for r in d["runs"]:
+            by.setdefault(r["quantization"], []).append(r["spawn_to_first_token_s"])
+    return "; ".join(f"{q} " + ", ".join(f"{v:.2f}" for v in vals) + " s" for q, vals in by.items()) + \
+        " (one start each)"
