@@ -85,7 +85,11 @@ def wait_fused(url: str, timeout_s: float) -> dict:
         time.sleep(0.1)
 
 
-PHASES = [("imports_s", "process_start", "load_start"), ("cuda_init_s", "load_start", "cuda_init_end"),
+PHASES = [("imports_s", "process_start", "load_start"),
+          # imports_s in three: to listening (Python, the server's modules, NVML's GPU list), then the compile cache
+          # seed + import torch + the device check, then NVML's energy read + importing the engine
+          ("to_listening_s", "process_start", "listening"), ("listening_to_device_s", "listening", "device_ready"),
+          ("device_to_load_s", "device_ready", "load_start"), ("cuda_init_s", "load_start", "cuda_init_end"),
           ("read_s", "load_start", "read_end"), ("build_s", "load_start", "build_end"),
           ("prewarm_s", "load_start", "prewarm_end"), ("quantize_s", "quantize_start", "quantize_end"),
           ("load_s", "load_start", "load_end"),
@@ -166,7 +170,7 @@ def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, lo
 
 
 def table(report: dict) -> str:
-    cols = ["imports_s", "cuda_init_s", "read_s", "prewarm_s", "build_s", "load_s", "quantize_s", "warmup_s",
+    cols = ["imports_s", "to_listening_s", "listening_to_device_s", "device_to_load_s", "cuda_init_s", "read_s", "prewarm_s", "build_s", "load_s", "quantize_s", "warmup_s",
             "ready_to_first_token_s"]
     lines = ["| variant | quant | load path / tokenizer | transformers imported (first request / end) | "
              + " | ".join(c[:-2] for c in cols)
@@ -184,6 +188,10 @@ def table(report: dict) -> str:
     for f in report.get("seed_fills", []):
         lines.append(f"\nseed fill ({f['quantization']}): `model-server compile-cache fill` rc {f['rc']} in "
                      f"{f['seconds']} s: {f['stdout'] or f['stderr']}")
+    for r in report["runs"]:
+        if r.get("imports_top_s"):
+            lines.append(f"\ntop imports of {r['variant']} (-X importtime, cumulative s): "
+                         + ", ".join(f"{m} {t:.2f}" for m, t in r["imports_top_s"][:8]))
     copied = [f"{r['variant']} {r['seed_copied_files']}" for r in report["runs"] if r.get("seed_copied_files")]
     if copied:
         lines.append("\nfiles copied from the seed at start: " + ", ".join(copied))

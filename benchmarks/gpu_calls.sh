@@ -55,6 +55,7 @@
 #                                            image's first start: COLD_VARIANTS=fill-cache,after,seeded,seeded-int4,after-empty-cache;
 #                                            *-nodefer*: the background compile from the first prefill, as before 2026-12-05 14:00:
 #                                            COLD_VARIANTS=seeded-nodefer,seeded,seeded-nodefer-int4,seeded-int4 for the first request's A/B);
+#                                            COLD_ARGS adds options (--importtime: the top imports per start in the table);
 #                                            $OUT gets card.txt, cold.log and cold/ (JSON, table, cold_logs.tgz)
 #   bash benchmarks/gpu_calls.sh gptq       # issue 17: GPTQ checkpoints on the int4 kernels (the fast engine's repack): steady
 #                                            state in-process, bf16 vs int4 vs GPTQ-format copies (bf16 LM head; gptq-act with
@@ -234,8 +235,9 @@ case "${1:-}" in
       > "$out/ctax.log" 2>&1; echo "cold_start rc $?"; stop_servers; cat "$out/ctax/cold_start.md" ;;
   cold)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    # shellcheck disable=SC2086  # COLD_ARGS: extra options, e.g. --importtime (the server under -X importtime)
     timeout 560 python3 benchmarks/cold_start_phases.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/cold" \
-      > "$out/cold.log" 2>&1; echo "cold rc $?"; stop_servers; cat "$out/cold/cold_start_phases.md" ;;
+      ${COLD_ARGS:-} > "$out/cold.log" 2>&1; echo "cold rc $?"; stop_servers; cat "$out/cold/cold_start_phases.md" ;;
   grid)
     g=${GRID_DIR:-out/grid}
     timeout -s INT "${GRID_SECONDS:-540}" python3 -m edge_eval bench "${GRID:-benchmarks/grids/gpu.yaml}" \

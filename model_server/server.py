@@ -109,6 +109,7 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
         device = await asyncio.to_thread(resolve_device, args.device)   # imports torch
     except LoadError as exc:
         raise ServeError(str(exc)) from None
+    runtime.startup["device_ready"] = time.time()
     uuids_before: list[str] = []
     if device == "cuda":
         from model_server.gpu import visible_gpu_uuids
@@ -229,6 +230,7 @@ async def serve_async(args: argparse.Namespace) -> int:
         await runner.cleanup()
         raise ServeError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else args.port
+    runtime.startup["listening"] = time.time()
     log.info("listening on http://%s:%s (loading %s)", args.host, port, args.model)
 
     loop = asyncio.get_running_loop()

@@ -64,8 +64,8 @@ def test_cold_start_phases_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> None
     import cold_start_phases  # benchmarks/cold_start_phases.py
 
     rc = cold_start_phases.main(["--model-dir", str(tiny_model_dir), "--device", "cpu", "--variants",
-                                 "after,after-nodefer", "--steady-tokens", "0", "--commit", "test", "--out",
-                                 str(tmp_path)])
+                                 "after,after-nodefer", "--steady-tokens", "0", "--commit", "test", "--importtime",
+                                 "--out", str(tmp_path)])
     assert rc == 0
     report = json.loads((tmp_path / "cold_start_phases.json").read_text())
     runs = {r["variant"]: r for r in report["runs"]}
@@ -74,7 +74,12 @@ def test_cold_start_phases_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> None
     for r in runs.values():
         assert 0 < r["spawn_to_ready_s"] <= r["spawn_to_first_token_s"] and r["first_request_s"] > 0
         assert r["load_path"] == "native" and r["phases"]["imports_s"] > 0 and len(r["tokens"]) == 16
+        parts = [r["phases"][k] for k in ("to_listening_s", "listening_to_device_s", "device_to_load_s")]
+        assert min(parts) >= 0 and abs(sum(parts) - r["phases"]["imports_s"]) < 0.005     # imports_s in three
+        assert "torch" in dict(r["imports_top_s"])
     assert report["first_request_tokens_identical_bf16"] is True
     table = (tmp_path / "cold_start_phases.md").read_text()
     assert "| first request s |" in table and table.count("| after") == 2
+    assert "| to_listening | listening_to_device | device_to_load |" in table
+    assert "top imports of after (-X importtime" in table
     assert (tmp_path / "cold_logs.tgz").stat().st_size > 0
