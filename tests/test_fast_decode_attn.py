@@ -13,7 +13,7 @@ from model_server.engines.fast import decode_attn
 from model_server.engines.fast.decode_attn import available, decode_attention, sdpa_reference
 from model_server.engines.fast.factory import from_loaded
 
-from tests.test_fast_engine import EOS, _decode_both, _greedy_vs_generate, _tiny
+from tests.fast_engine_support import EOS, _decode_both, _greedy_vs_generate, _tiny
 
 pytestmark = pytest.mark.skipif(not available(16), reason="Triton is a declared dependency; CI installs it")
 

@@ -11,7 +11,7 @@ import torch
 from model_server.engines.fast.fused import rope
 from model_server.engines.fast.rope_kv import available, rope_kv_write
 
-from tests.test_fast_engine import _decode_both, _greedy_vs_generate
+from tests.fast_engine_support import _decode_both, _greedy_vs_generate
 
 pytestmark = pytest.mark.skipif(not available(16), reason="Triton is a declared dependency; CI installs it")
 
