@@ -3,7 +3,8 @@ condition, stopping a subprocess server. One definition of each, imported by the
 (tests/conftest.py re-exports ``free_port`` and ``wait_http_ok`` for the fixtures).
 
 Must NOT: hold fixtures (conftest.py does), know about the proxy or the model server (proxy_support.py,
-coldstart_proxy.py, edge_eval_support.py do), or listen anywhere but 127.0.0.1.
+running_proxy_support.py, coldstart_proxy.py, edge_eval_support.py, api_workers_support.py do), or listen
+anywhere but 127.0.0.1.
 """
 from __future__ import annotations
 

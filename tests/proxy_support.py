@@ -7,6 +7,9 @@ Fault knobs (request header ``x-fake-fault``, forwarded by the proxy like any en
 stream_options.include_usage), ``slow-tokens`` (50 ms between tokens, 200 tokens), ``hold-first`` (headers, then nothing until
 ``state.release`` is set), ``slow-eof`` (20 ms between the last event and the end of the body, as a
 backend finishing its bookkeeping: a client that closes after the terminator closes in between).
+
+Also ``wait_until`` (an async poll) and ``metric_value`` (a sample sum from Prometheus text). The proxy under
+test, in-process (``running_proxy``, ``RecordingObserver``), is in tests/running_proxy_support.py.
 """
 from __future__ import annotations
 
@@ -267,79 +270,6 @@ async def wait_until(pred: Any, timeout: float = 5.0) -> bool:
     return bool(pred())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="fake OpenAI/TGI upstream for proxy tests")
-    ap.add_argument("--port", type=int, required=True)
-    args = ap.parse_args()
-    web.run_app(make_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
-
-
-if __name__ == "__main__":
-    main()
-
-
-# ---- proxy under test ------------------------------------------------------------------------------
-from contextlib import asynccontextmanager  # noqa: E402
-from typing import AsyncIterator  # noqa: E402
-
-from edge_proxy.config import load_settings  # noqa: E402
-from edge_proxy.proxy.hooks import BaseObserver, RequestRecord  # noqa: E402
-
-
-class RecordingObserver(BaseObserver):
-    """Records the observer calls (a stand-in for a component plugged in through build_proxy)."""
-
-    def __init__(self) -> None:
-        self.calls: dict[str, list[str]] = {}
-        self.tokens: dict[str, list[tuple[int, int]]] = {}
-        self.final: list[RequestRecord] = []
-
-    def _log(self, rec: RequestRecord, what: str) -> None:
-        self.calls.setdefault(rec.request_id, []).append(what)
-
-    def on_request_start(self, rec: RequestRecord) -> None:
-        self._log(rec, "start")
-
-    def on_tokens(self, rec: RequestRecord, n: int, t_ns: int) -> None:
-        self._log(rec, "tokens")
-        self.tokens.setdefault(rec.request_id, []).append((n, t_ns))
-
-    def on_request_end(self, rec: RequestRecord) -> None:
-        self._log(rec, "end")
-
-    async def finalize(self, rec: RequestRecord) -> None:
-        await asyncio.sleep(0.001)
-        self._log(rec, "finalize")
-
-    def on_request_final(self, rec: RequestRecord) -> None:
-        self._log(rec, "final")
-        self.final.append(rec)
-
-
-@asynccontextmanager
-async def running_proxy(backend_url: str, span_exporter: Any = None, gate: Any = None,
-                        **proxy: Any) -> AsyncIterator[Any]:
-    """A started proxy (free ports, no access log unless given) with a RecordingObserver."""
-    from edge_proxy.proxy.server import build_proxy
-
-    overrides = {("proxy", "backend_url"): backend_url, ("proxy", "port"): 0,
-                 ("proxy", "metrics_port"): 0, ("proxy", "access_log"): "none"}
-    for k, v in proxy.items():
-        overrides[("proxy", k)] = v
-    settings = load_settings(None, overrides, environ={})
-    runtime = build_proxy(settings, span_exporter=span_exporter)
-    rec_obs = RecordingObserver()
-    runtime.observers.append(rec_obs)
-    if gate is not None:
-        runtime.gate = gate
-    runtime.components["recorder"] = rec_obs
-    await runtime.start()
-    try:
-        yield runtime
-    finally:
-        await runtime.stop()
-
-
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels`` (0.0 if none)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -350,3 +280,14 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="fake OpenAI/TGI upstream for proxy tests")
+    ap.add_argument("--port", type=int, required=True)
+    args = ap.parse_args()
+    web.run_app(make_app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

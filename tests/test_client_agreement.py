@@ -12,7 +12,8 @@ import time
 import openai
 import pytest
 
-from tests.proxy_support import metric_value, running_proxy, wait_until
+from tests.proxy_support import metric_value, wait_until
+from tests.running_proxy_support import running_proxy
 
 pytestmark = pytest.mark.asyncio
 BOUND_S = 0.25       # generous: the proxy -> client hop on 127.0.0.1 plus a busy 2-core machine

@@ -18,7 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from text_generation import Client as TGIClient
 
-from tests.proxy_support import InProcessUpstream, metric_value, running_proxy, wait_until
+from tests.proxy_support import InProcessUpstream, metric_value, wait_until
+from tests.running_proxy_support import running_proxy
 
 pytestmark = pytest.mark.asyncio
 N_STREAMS = 30

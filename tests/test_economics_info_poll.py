@@ -8,7 +8,8 @@ import asyncio
 import aiohttp
 import pytest
 
-from tests.proxy_support import InProcessUpstream, running_proxy, wait_until
+from tests.proxy_support import InProcessUpstream, wait_until
+from tests.running_proxy_support import running_proxy
 
 
 @pytest.mark.parametrize("info_status", [200, 404])

@@ -14,7 +14,8 @@ import pytest
 from edge_proxy.energy.estimated_source import SCOPE_MACHINE, SCOPE_TREE, EstimatedReader
 from edge_proxy.energy.readings import counter_delta_joules
 from tests.net_support import free_port as _free_port
-from tests.proxy_support import InProcessUpstream, metric_value, running_proxy
+from tests.proxy_support import InProcessUpstream, metric_value
+from tests.running_proxy_support import running_proxy
 
 WATTS = 10.0
 # burns CPU until the stop file exists (no wall-clock budget: this machine may be slow and shared)

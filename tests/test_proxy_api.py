@@ -11,7 +11,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from text_generation import AsyncClient
 
 from edge_proxy.proxy.request_body import with_include_usage
-from tests.proxy_support import InProcessUpstream, metric_value, running_proxy
+from tests.proxy_support import InProcessUpstream, metric_value
+from tests.running_proxy_support import running_proxy
 
 pytestmark = pytest.mark.asyncio
 

@@ -7,12 +7,11 @@ import asyncio
 import json
 import socket
 import time
-from typing import AsyncIterator
 
 import aiohttp
 import pytest
 
-from tests.proxy_support import running_proxy
+from tests.running_proxy_support import running_proxy
 
 pytestmark = pytest.mark.asyncio
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -10,7 +10,8 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from edge_proxy.config import ConfigError, load_settings
-from tests.proxy_support import InProcessUpstream, running_proxy
+from tests.proxy_support import InProcessUpstream
+from tests.running_proxy_support import running_proxy
 
 
 

@@ -18,7 +18,8 @@ from text_generation.errors import UnknownError
 
 from edge_proxy.proxy.hooks import GateRejected
 from tests.net_support import free_port
-from tests.proxy_support import InProcessUpstream, metric_value, running_proxy, wait_until
+from tests.proxy_support import InProcessUpstream, metric_value, wait_until
+from tests.running_proxy_support import running_proxy
 
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.proxy_support import InProcessUpstream, running_proxy
+from tests.proxy_support import InProcessUpstream
+from tests.running_proxy_support import running_proxy
 
 pytestmark = pytest.mark.asyncio
 TOKEN = "fb-secret"
@@ -109,7 +110,7 @@ async def test_one_client_id_on_many_requests_shares_nothing() -> None:
 
     from edge_proxy.config import load_settings
     from edge_proxy.proxy.server import build_proxy
-    from tests.proxy_support import RecordingObserver
+    from tests.running_proxy_support import RecordingObserver
 
     trace = Path(__file__).parent / "data" / "energy_h100_synthetic.jsonl"
     async with InProcessUpstream() as up:

@@ -6,7 +6,8 @@ import openai
 import pytest
 from text_generation import AsyncClient
 
-from tests.proxy_support import metric_value, running_proxy
+from tests.proxy_support import metric_value
+from tests.running_proxy_support import running_proxy
 
 pytestmark = pytest.mark.asyncio
 MSGS = [{"role": "user", "content": "hello there"}]

@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 import pytest
 
-from tests.proxy_support import running_proxy
+from tests.running_proxy_support import running_proxy
 
 pytestmark = pytest.mark.asyncio
 

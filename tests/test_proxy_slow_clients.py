@@ -11,7 +11,8 @@ import time
 import aiohttp
 import pytest
 
-from tests.proxy_support import InProcessUpstream, metric_value, running_proxy
+from tests.proxy_support import InProcessUpstream, metric_value
+from tests.running_proxy_support import running_proxy
 
 pytestmark = pytest.mark.asyncio
 HEAD_T = 0.5
