@@ -21,11 +21,13 @@ from model_server.engines.fast import FastEngine  # noqa: E402
 EOS = 3
 
 
-def _tiny(arch: str, seed: int = 0):
+def _tiny(arch: str, seed: int = 0, **config):
+    """A random 2-layer ``arch`` ("llama" or "qwen2") model in fp32; ``config`` overrides the config's sizes."""
     torch.manual_seed(seed)
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                   eos_token_id=EOS, pad_token_id=0, bos_token_id=1)
+    common.update(config)
     if arch == "llama":
         cfg = transformers.LlamaConfig(**common)
         model = transformers.LlamaForCausalLM(cfg)

@@ -8,26 +8,13 @@ import asyncio
 import threading
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
 from model_server.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from model_server.engines.fast import FastEngine  # noqa: E402
 from model_server.engines.fast import fused  # noqa: E402
-
-EOS = 3
-
-
-def _tiny():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   eos_token_id=EOS, pad_token_id=0, bos_token_id=1)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)
-    return model.float().eval()
+from tests.fast_engine_support import EOS, _reference, _tiny  # noqa: E402
 
 
 class FakeCompiler:
@@ -59,20 +46,13 @@ async def _greedy(eng, rid: str, prompt: list[int], n: int) -> list[int]:
     return toks
 
 
-def _reference(model, prompt, n):
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             eos_token_id=EOS, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def test_serves_eagerly_then_switches_to_fused(monkeypatch):
     fake = FakeCompiler()
     monkeypatch.setattr(fused.Ops, "_compiled", None)
     monkeypatch.setattr(fused.Ops, "_get_compiled", classmethod(lambda cls: fake.compiled()))
-    model = _tiny()
+    model = _tiny("llama")
     prompt = [5, 17, 33, 9, 60, 11]
-    want = _reference(model, prompt, 10)
+    want = _reference(model, prompt, 10, ignore_eos=True)
     switched: list[str] = []
 
     async def main():
@@ -108,7 +88,7 @@ def test_compile_failure_keeps_serving_eagerly(monkeypatch):
         raise RuntimeError("no compiler here")
     monkeypatch.setattr(fused.Ops, "_compiled", None)
     monkeypatch.setattr(fused.Ops, "_get_compiled", classmethod(broken))
-    model = _tiny()
+    model = _tiny("llama")
     prompt = [5, 17, 33]
 
     async def main():
@@ -122,4 +102,4 @@ def test_compile_failure_keeps_serving_eagerly(monkeypatch):
         finally:
             await eng.stop()
 
-    assert asyncio.run(main()) == _reference(model, prompt, 5)
+    assert asyncio.run(main()) == _reference(model, prompt, 5, ignore_eos=True)

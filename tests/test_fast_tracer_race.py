@@ -19,26 +19,7 @@ transformers = pytest.importorskip("transformers")
 from model_server.engines.base import GenerationRequest, SamplingParams  # noqa: E402
 from model_server.engines.fast import FastEngine  # noqa: E402
 from model_server.int4 import ComputeChoice, quantize_model  # noqa: E402
-
-EOS = 3
-
-
-def _tiny(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   eos_token_id=EOS, pad_token_id=0, bos_token_id=1)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)
-    return model.float().eval()
-
-
-def _reference(model, prompt: list[int], n: int) -> list[int]:
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             eos_token_id=EOS, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+from tests.fast_engine_support import EOS, _reference, _tiny  # noqa: E402
 
 
 class HeldTrace:
@@ -98,10 +79,10 @@ PROMPTS = [[5, 17, 33, 9, 60, 11], [7, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
 
 @pytest.mark.parametrize("quant", ["fp32", "int4"])
 def test_serves_while_fx_traces_in_another_thread(quant):
-    model = _tiny()
+    model = _tiny("llama", hidden_size=128, intermediate_size=256)   # wide enough for int4pack on every linear
     if quant == "int4":
         assert quantize_model(model, 32, ComputeChoice(torch.float32, "cpu-int4pack", "test")) == 2 * 7 + 1
-    want = [_reference(model, p, 8) for p in PROMPTS]
+    want = [_reference(model, p, 8, ignore_eos=True) for p in PROMPTS]
     assert _serve_during_trace(model, PROMPTS, 8) == want
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import threading
 import time
@@ -12,14 +11,10 @@ import aiohttp
 import pytest
 import requests
 
+from tests.api_workers_support import _metric
 from tests.conftest import start_model_server
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _metric(text: str, name: str, labels: str = "") -> float:
-    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def _cancelled(url: str) -> float:
