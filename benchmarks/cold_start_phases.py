@@ -86,10 +86,10 @@ def wait_fused(url: str, timeout_s: float) -> dict:
 
 
 PHASES = [("imports_s", "process_start", "load_start"),
-          # imports_s in three: to listening (Python, the server's modules, NVML's GPU list), then the compile cache
-          # seed + import torch + the device check, then NVML's energy read + importing the engine
-          ("to_listening_s", "process_start", "listening"), ("listening_to_device_s", "listening", "device_ready"),
-          ("device_to_load_s", "device_ready", "load_start"), ("cuda_init_s", "load_start", "cuda_init_end"),
+          # imports_s in four: to listening (Python, the server's modules, NVML's GPU list), the compile cache seed +
+          # import torch, the device check (cuInit on a GPU), NVML's energy read + importing the engine
+          ("to_listening_s", "process_start", "listening"), ("to_torch_s", "listening", "torch_imported"),
+          ("torch_to_device_s", "torch_imported", "device_ready"), ("device_to_load_s", "device_ready", "load_start"), ("cuda_init_s", "load_start", "cuda_init_end"),
           ("read_s", "load_start", "read_end"), ("build_s", "load_start", "build_end"),
           ("prewarm_s", "load_start", "prewarm_end"), ("quantize_s", "quantize_start", "quantize_end"),
           ("load_s", "load_start", "load_end"),
@@ -170,7 +170,7 @@ def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, lo
 
 
 def table(report: dict) -> str:
-    cols = ["imports_s", "to_listening_s", "listening_to_device_s", "device_to_load_s", "cuda_init_s", "read_s", "prewarm_s", "build_s", "load_s", "quantize_s", "warmup_s",
+    cols = ["imports_s", "to_listening_s", "to_torch_s", "torch_to_device_s", "device_to_load_s", "cuda_init_s", "read_s", "prewarm_s", "build_s", "load_s", "quantize_s", "warmup_s",
             "ready_to_first_token_s"]
     lines = ["| variant | quant | load path / tokenizer | transformers imported (first request / end) | "
              + " | ".join(c[:-2] for c in cols)

@@ -144,7 +144,8 @@ async def _wait_exit(proc: subprocess.Popen, timeout: float) -> None:
 
 
 async def serve_with_workers(args: argparse.Namespace) -> int:
-    from model_server.server import ServeError, load_and_start, runtime_from_args
+    from model_server.runtime import runtime_from_args
+    from model_server.server import ServeError, load_and_start
 
     runtime = runtime_from_args(_EngineRuntime, args)
     restarts = restart_limit()

@@ -1,7 +1,10 @@
-"""Server state shared by the routes: lifecycle state, the loaded model, the engine, limits, metrics."""
+"""Server state shared by the routes: lifecycle state, the loaded model, the engine, limits, metrics; and the serve
+command's runtime built from its arguments, with the process's start stamped."""
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -124,3 +127,33 @@ class Runtime:
             "compile_cache": self.compile_cache,
             "switch_interval_seconds": sys.getswitchinterval(),   # configured (MODEL_SERVER_SWITCH_INTERVAL_S)
         }
+
+
+def process_start_epoch() -> float:
+    # /proc start ticks against CLOCK_BOOTTIME: ~10 ms precise. (psutil's create_time adds the
+    # integer boot time from /proc/stat, so it can be up to 1 s early.)
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        since_start = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.time() - since_start
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        return float(psutil.Process(os.getpid()).create_time())
+    except Exception:
+        return time.time()
+
+
+def runtime_from_args(cls: type[Runtime], args: argparse.Namespace) -> Runtime:
+    """The serve command's runtime (name, engine, limits from the arguments; process start stamped)."""
+    from model_server.compat import default_served_name
+
+    runtime = cls(model_id=args.model, served_name=args.model_name or default_served_name(args.model),
+                  engine_name=args.engine,
+                  limits=Limits(max_batch=args.max_batch, max_concurrent_requests=args.max_concurrent_requests,
+                                max_new_tokens_default=args.max_new_tokens_default))
+    runtime.startup["process_start"] = process_start_epoch()
+    return runtime

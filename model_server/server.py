@@ -22,7 +22,7 @@ from aiohttp import web
 
 from model_server.app import build_app
 from model_server.engines.base import Engine
-from model_server.runtime import Limits, Runtime
+from model_server.runtime import Runtime, runtime_from_args
 from model_server.switches import SwitchValueError
 
 log = logging.getLogger("model_server")
@@ -38,22 +38,8 @@ class SwitchError(ServeError):
     """A bad ``MODEL_SERVER_*`` switch value: an error even where ``--engine auto`` would fall back."""
 
 
-def process_start_epoch() -> float:
-    # /proc start ticks against CLOCK_BOOTTIME: ~10 ms precise. (psutil's create_time adds the
-    # integer boot time from /proc/stat, so it can be up to 1 s early.)
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        since_start = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        return time.time() - since_start
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
-    try:
-        import psutil
-
-        return float(psutil.Process(os.getpid()).create_time())
-    except Exception:
-        return time.time()
+def _import_torch() -> None:
+    import torch  # noqa: F401  (an import statement: -X importtime reports it, importlib.import_module's would not)
 
 
 def resolve_engine_name(requested: str, device_type: str) -> str:
@@ -105,8 +91,10 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
 
     # a compile cache shipped in the image (MODEL_SERVER_COMPILE_CACHE_SEED) into the writable cache, before any compile
     runtime.compile_cache = (await asyncio.to_thread(compile_cache.seed_from_environment)).as_dict()
+    await asyncio.to_thread(_import_torch)
+    runtime.startup["torch_imported"] = time.time()
     try:
-        device = await asyncio.to_thread(resolve_device, args.device)   # imports torch
+        device = await asyncio.to_thread(resolve_device, args.device)   # CUDA's driver init (cuInit) on a GPU host
     except LoadError as exc:
         raise ServeError(str(exc)) from None
     runtime.startup["device_ready"] = time.time()
@@ -188,18 +176,6 @@ async def drain(runtime: Runtime, timeout_s: float) -> None:
             await runtime.engine.stop(drain=True, timeout_s=max(0.1, deadline - time.monotonic()))
         except Exception as exc:
             log.warning("engine stop failed: %s", exc)
-
-
-def runtime_from_args(cls: type[Runtime], args: argparse.Namespace) -> Runtime:
-    """The serve command's runtime (name, engine, limits from the arguments; process start stamped)."""
-    from model_server.compat import default_served_name
-
-    runtime = cls(model_id=args.model, served_name=args.model_name or default_served_name(args.model),
-                  engine_name=args.engine,
-                  limits=Limits(max_batch=args.max_batch, max_concurrent_requests=args.max_concurrent_requests,
-                                max_new_tokens_default=args.max_new_tokens_default))
-    runtime.startup["process_start"] = process_start_epoch()
-    return runtime
 
 
 async def serve_async(args: argparse.Namespace) -> int:
