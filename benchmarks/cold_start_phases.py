@@ -24,6 +24,8 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
   the first prefill and the thread switch interval left alone (``MODEL_SERVER_FAST_WARMUP_MAX_DEFER_S=0``,
   ``MODEL_SERVER_FAST_WARMUP_SWITCH_INTERVAL_S=0``): the behaviour before the compile waited for served
   requests, for an A/B of the first request's length (``first_request_s``) in one call;
+* ``seeded-earlycuda`` / ``seeded-earlycuda-int4``: ``seeded`` with ``MODEL_SERVER_EARLY_CUDA_INIT=1`` (CUDA's
+  driver initialised on a thread while torch imports; compare the phases ``torch_to_device_s`` and ``imports_s``);
 * ``legacy-eager-graphs``: the old path with every graph captured at start (the 2026-12-03 "before");
 * ``after-tf`` / ``after-tf-int4``: the defaults with transformers' model and tokenizer
   (``MODEL_SERVER_NO_TRANSFORMERS=0``: the "after" of b69463c), beside ``after`` / ``after-int4``, which now
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     tf = {**new, "MODEL_SERVER_NO_TRANSFORMERS": "0"}          # transformers' model and tokenizer (b69463c)
     r16 = {"MODEL_SERVER_PREWARM": "0", "MODEL_SERVER_FAST_WARMUP_HOLD_S": "0"}     # 447c2a7's "after"
     nodefer = {"MODEL_SERVER_FAST_WARMUP_MAX_DEFER_S": "0", "MODEL_SERVER_FAST_WARMUP_SWITCH_INTERVAL_S": "0"}
+    early = {"MODEL_SERVER_EARLY_CUDA_INIT": "1"}
     seeds: dict[str, str] = {}
 
     def seeded(quant: str) -> dict:
@@ -260,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     lazy = {"after-empty-cache": lambda: ("bf16", {**fresh(), **new}),
             "seeded": lambda: ("bf16", seeded("bf16")), "seeded-int4": lambda: ("int4", seeded("int4")),
             "seeded-nodefer": lambda: ("bf16", {**seeded("bf16"), **nodefer}),
-            "seeded-nodefer-int4": lambda: ("int4", {**seeded("int4"), **nodefer})}
+            "seeded-nodefer-int4": lambda: ("int4", {**seeded("int4"), **nodefer}),
+            "seeded-earlycuda": lambda: ("bf16", {**seeded("bf16"), **early}),
+            "seeded-earlycuda-int4": lambda: ("int4", {**seeded("int4"), **early})}
     plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
             "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
             "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),

@@ -5,9 +5,11 @@ UUID. Every function degrades to ``None``/empty when NVML or a GPU is missing.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import platform
+import threading
 from typing import Any
 
 log = logging.getLogger("model_server.gpu")
@@ -141,3 +143,20 @@ def visible_gpu_uuids() -> list[str]:
         if len(match) == 1:
             out.append(match[0])
     return out
+
+
+def start_driver_init() -> threading.Thread:
+    """``cuInit(0)`` on a daemon thread through ctypes, which releases the GIL for the call: CUDA's driver
+    initialises while the main thread imports torch, and torch's device check then finds it done (cuInit is
+    thread-safe and idempotent). ``serve`` starts it with ``MODEL_SERVER_EARLY_CUDA_INIT=1`` (an experiment:
+    ``cold_start_phases.py``'s ``seeded-earlycuda``). A host without libcuda: the thread does nothing."""
+    def run() -> None:
+        try:
+            rc = ctypes.CDLL("libcuda.so.1").cuInit(0)
+            log.debug("early cuInit returned %s", rc)
+        except (OSError, AttributeError) as exc:
+            log.debug("early cuInit not run: %s", exc)
+
+    thread = threading.Thread(target=run, name="cuda-driver-init", daemon=True)
+    thread.start()
+    return thread

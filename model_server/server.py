@@ -23,7 +23,7 @@ from aiohttp import web
 from model_server.app import build_app
 from model_server.engines.base import Engine
 from model_server.runtime import Runtime, runtime_from_args
-from model_server.switches import SwitchValueError
+from model_server.switches import SwitchValueError, flag
 
 log = logging.getLogger("model_server")
 
@@ -274,6 +274,13 @@ def run_server(args: argparse.Namespace) -> int:
     except ValueError:
         raise ServeError(f"MODEL_SERVER_SWITCH_INTERVAL_S must be a positive number of seconds, "
                          f"not {interval!r}") from None
+    try:
+        early_cuda = flag("MODEL_SERVER_EARLY_CUDA_INIT")
+    except SwitchValueError as exc:
+        raise ServeError(str(exc)) from None
+    if early_cuda and args.device != "cpu":
+        from model_server.gpu import start_driver_init
+        start_driver_init()
     try:
         return asyncio.run(serve_async(args))
     except KeyboardInterrupt:
