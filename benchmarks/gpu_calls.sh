@@ -56,6 +56,9 @@
 #                                            *-nodefer*: the background compile from the first prefill, as before 2026-12-05 14:00:
 #                                            COLD_VARIANTS=seeded-nodefer,seeded,seeded-nodefer-int4,seeded-int4 for the first request's A/B);
 #                                            COLD_ARGS adds options (--importtime: the top imports per start in the table);
+#                                            the early driver init's A/B: COLD_ARGS=--importtime COLD_VARIANTS=seeded,
+#                                            seeded-earlycuda,seeded-int4,seeded-earlycuda-int4 (imports split in to_listening,
+#                                            to_torch, torch_to_device (cuInit), device_to_load);
 #                                            $OUT gets card.txt, cold.log and cold/ (JSON, table, cold_logs.tgz)
 #   bash benchmarks/gpu_calls.sh gptq       # issue 17: GPTQ checkpoints on the int4 kernels (the fast engine's repack): steady
 #                                            state in-process, bf16 vs int4 vs GPTQ-format copies (bf16 LM head; gptq-act with
