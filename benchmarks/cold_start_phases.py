@@ -26,6 +26,8 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
   requests, for an A/B of the first request's length (``first_request_s``) in one call;
 * ``seeded-earlycuda`` / ``seeded-earlycuda-int4``: ``seeded`` with ``MODEL_SERVER_EARLY_CUDA_INIT=1`` (CUDA's
   driver initialised on a thread while torch imports; compare the phases ``torch_to_device_s`` and ``imports_s``);
+* ``seeded-staged`` / ``seeded-staged-int4``: ``seeded`` with ``MODEL_SERVER_STAGED_READ=1`` (the weights read through
+  pinned staging buffers, :mod:`model_server.staged_read`; compare ``read_s`` and ``load_s``);
 * ``legacy-eager-graphs``: the old path with every graph captured at start (the 2026-12-03 "before");
 * ``after-tf`` / ``after-tf-int4``: the defaults with transformers' model and tokenizer
   (``MODEL_SERVER_NO_TRANSFORMERS=0``: the "after" of b69463c), beside ``after`` / ``after-int4``, which now
@@ -265,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             "seeded-nodefer": lambda: ("bf16", {**seeded("bf16"), **nodefer}),
             "seeded-nodefer-int4": lambda: ("int4", {**seeded("int4"), **nodefer}),
             "seeded-earlycuda": lambda: ("bf16", {**seeded("bf16"), **early}),
-            "seeded-earlycuda-int4": lambda: ("int4", {**seeded("int4"), **early})}
+            "seeded-earlycuda-int4": lambda: ("int4", {**seeded("int4"), **early}),
+            "seeded-staged": lambda: ("bf16", {**seeded("bf16"), "MODEL_SERVER_STAGED_READ": "1"}),
+            "seeded-staged-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_STAGED_READ": "1"})}
     plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
             "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
             "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),

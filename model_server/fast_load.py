@@ -81,6 +81,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _read(path: str, device: str, load_file: Any) -> dict[str, Any]:
+    """``load_file(path, device=device)``, or with ``MODEL_SERVER_STAGED_READ=1`` :mod:`model_server.staged_read`'s
+    reader (a file it does not take: ``load_file``, with a log line saying why)."""
+    from model_server.switches import flag
+
+    if flag("MODEL_SERVER_STAGED_READ"):
+        from model_server import staged_read
+
+        try:
+            return staged_read.read_file(path, device)
+        except staged_read.StagedReadError as exc:
+            log.warning("staged read of %s not used (%s); reading it with safetensors' load_file", path, exc)
+    return load_file(path, device=device)
+
+
 def read_weights(model_id: str, device: str, marks: dict[str, float], view: Any = None) -> dict[str, Any]:
     """Create the CUDA context (CUDA) and read the checkpoint's tensors onto ``device``, as stored.
 
@@ -98,7 +113,7 @@ def read_weights(model_id: str, device: str, marks: dict[str, float], view: Any 
             torch.empty(1, device="cuda")           # the CUDA context, timed on its own
             _sync(device)
             marks["cuda_init_end"] = time.time()
-        state = load_file(str(Path(model_id) / WEIGHTS_NAME), device=device)
+        state = _read(str(Path(model_id) / WEIGHTS_NAME), device, load_file)
         _sync(device)
         marks["read_end"] = time.time()
     except BaseException as exc:

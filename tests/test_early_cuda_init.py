@@ -52,7 +52,10 @@ def _serve(tiny_model_dir: str, value: str, port: int, stderr=subprocess.PIPE) -
 
 def test_a_bad_value_is_a_one_line_error(tiny_model_dir):
     proc = _serve(tiny_model_dir, "yes", free_port())
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        stop_process(proc)                  # a server that took the value would still be running
     assert proc.returncode != 0 and "MODEL_SERVER_EARLY_CUDA_INIT must be 0 or 1" in err.splitlines()[-1]
     assert "Traceback" not in err
 
