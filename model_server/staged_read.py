@@ -81,6 +81,16 @@ def _targets(header: dict[str, dict[str, Any]],
     return sorted(out, key=lambda x: x[0]), tensors
 
 
+def _fill(f: Any, buf: memoryview) -> None:
+    """Read exactly ``len(buf)`` bytes into ``buf`` (a read may return fewer); a short file raises."""
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:])
+        if not n:
+            raise StagedReadError(f"file ended {len(buf) - got} bytes early")
+        got += n
+
+
 def read_file(path: str | Path, device: str | torch.device, chunk_bytes: int = CHUNK_BYTES) -> dict[str, torch.Tensor]:
     """Every tensor of ``path`` on ``device``, as ``safetensors.torch.load_file`` returns them (module docstring)."""
     device = torch.device(device)
@@ -102,9 +112,7 @@ def read_file(path: str | Path, device: str | torch.device, chunk_bytes: int = C
                 done[k % len(stages)].synchronize()        # its previous chunk has left for the device
             n = min(stage.numel(), end_of_data - pos)
             f.seek(start + pos)
-            got = f.readinto(memoryview(stage.numpy())[:n])
-            if got != n:
-                raise StagedReadError(f"file ended {n - (got or 0)} bytes early")
+            _fill(f, memoryview(stage.numpy())[:n])
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                 while ti < len(targets) and targets[ti][0] < pos + n:
                     begin, end, flat, _ = targets[ti]

@@ -113,3 +113,25 @@ def test_the_read_benchmark_runs_on_cpu(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_info:           # no model.safetensors there: a usage error
         read_weights.main(["--model-dir", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_short_reads_are_completed_and_a_short_file_is_an_error():
+    import io
+
+    from model_server.staged_read import _fill
+
+    class Trickle(io.RawIOBase):          # a reader that returns at most 3 bytes per call
+        def __init__(self, data: bytes) -> None:
+            self.data, self.pos = data, 0
+
+        def readinto(self, b) -> int:
+            n = min(3, len(b), len(self.data) - self.pos)
+            b[:n] = self.data[self.pos:self.pos + n]
+            self.pos += n
+            return n
+
+    buf = bytearray(10)
+    _fill(Trickle(bytes(range(10))), memoryview(buf))
+    assert bytes(buf) == bytes(range(10))
+    with pytest.raises(StagedReadError, match="2 bytes early"):
+        _fill(Trickle(bytes(8)), memoryview(bytearray(10)))
