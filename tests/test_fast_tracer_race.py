@@ -99,3 +99,11 @@ def test_a_module_with_hooks_still_runs_them():
     assert hooked(lin)
     torch.testing.assert_close(run(lin, x), 2 * torch.nn.functional.linear(x, lin.weight, lin.bias))
     assert seen == [torch.Size([2, 3])]
+    plain = torch.nn.Linear(4, 3)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: out + 1)
+    try:                                    # a global hook counts too
+        assert hooked(plain)
+        torch.testing.assert_close(run(plain, x), torch.nn.functional.linear(x, plain.weight, plain.bias) + 1)
+    finally:
+        handle.remove()
+    assert not hooked(plain)
