@@ -39,8 +39,9 @@ class StagedReadError(ValueError):
     """The file is not one this reader takes (the message says why, in one line)."""
 
 
-def read_header(f: Any, size: int) -> tuple[int, dict[str, dict[str, Any]]]:
-    """(where the data section starts, name -> entry) from an open file of ``size`` bytes."""
+def read_header(f: Any, size: int) -> tuple[int, dict[str, tuple[int, int, list[int], torch.dtype]]]:
+    """(where the data section starts, name -> (begin, end, shape, dtype)) from an open file of ``size`` bytes,
+    every entry checked against the data section's size."""
     head = f.read(8)
     if len(head) < 8:
         raise StagedReadError("shorter than a safetensors header")
@@ -55,6 +56,7 @@ def read_header(f: Any, size: int) -> tuple[int, dict[str, dict[str, Any]]]:
         raise StagedReadError("header is not a JSON object")
     header.pop("__metadata__", None)
     data_size = size - 8 - n
+    entries = {}
     for name, e in header.items():
         try:
             begin, end = (int(x) for x in e["data_offsets"])
@@ -62,22 +64,21 @@ def read_header(f: Any, size: int) -> tuple[int, dict[str, dict[str, Any]]]:
             dtype = DTYPES[e["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise StagedReadError(f"tensor {name!r}: unknown dtype or malformed entry") from None
-        want = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        if not 0 <= begin <= end <= data_size or end - begin != want:
+        if not 0 <= begin <= end <= data_size or end - begin != torch.Size(shape).numel() * dtype.itemsize:
             raise StagedReadError(f"tensor {name!r}: data_offsets {begin}..{end} do not hold {shape} {e['dtype']}")
-    return 8 + n, header
+        entries[name] = (begin, end, shape, dtype)
+    return 8 + n, entries
 
 
-def _targets(header: dict[str, dict[str, Any]],
-             device: torch.device) -> tuple[list[tuple[int, int, torch.Tensor, str]], dict[str, torch.Tensor]]:
-    """(begin, end, the tensor's bytes as a flat uint8 view, name) by offset, each tensor allocated on ``device``;
+def _targets(entries: dict[str, tuple[int, int, list[int], torch.dtype]],
+             device: torch.device) -> tuple[list[tuple[int, int, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(begin, end, the tensor's bytes as a flat uint8 view) by offset, each tensor allocated on ``device``;
     and name -> tensor."""
     out, tensors = [], {}
-    for name, e in header.items():
-        t = tensors[name] = torch.empty([int(d) for d in e["shape"]], dtype=DTYPES[e["dtype"]], device=device)
-        begin, end = (int(x) for x in e["data_offsets"])
+    for name, (begin, end, shape, dtype) in entries.items():
+        t = tensors[name] = torch.empty(shape, dtype=dtype, device=device)
         if end > begin:
-            out.append((begin, end, t.view(-1).view(torch.uint8), name))
+            out.append((begin, end, t.view(-1).view(torch.uint8)))
     return sorted(out, key=lambda x: x[0]), tensors
 
 
@@ -100,7 +101,7 @@ def read_file(path: str | Path, device: str | torch.device, chunk_bytes: int = C
         f.seek(0)
         start, header = read_header(f, size)
         targets, tensors = _targets(header, device)
-        end_of_data = max((e for _, e, _, _ in targets), default=0)
+        end_of_data = max((e for _, e, _ in targets), default=0)
         stages = [torch.empty(min(chunk_bytes, max(end_of_data, 1)), dtype=torch.uint8, pin_memory=cuda)
                   for _ in range(2 if cuda else 1)]
         done: list[Any] = [None] * len(stages)             # CUDA: the event after each stage's last copy
@@ -115,7 +116,7 @@ def read_file(path: str | Path, device: str | torch.device, chunk_bytes: int = C
             _fill(f, memoryview(stage.numpy())[:n])
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                 while ti < len(targets) and targets[ti][0] < pos + n:
-                    begin, end, flat, _ = targets[ti]
+                    begin, end, flat = targets[ti]
                     lo, hi = max(begin, pos), min(end, pos + n)
                     flat[lo - begin:hi - begin].copy_(stage[lo - pos:hi - pos], non_blocking=cuda)
                     if end > pos + n:
