@@ -63,6 +63,9 @@
 #   bash benchmarks/gpu_calls.sh readw      # issue 17: safetensors load_file vs the staged reader onto the GPU, 1B preset,
 #                                            5 reps each, tensors compared (read_weights.py; ~1 min). Then the cold start
 #                                            with it: COLD_VARIANTS=seeded,seeded-staged,seeded-int4,seeded-staged-int4
+#   bash benchmarks/gpu_calls.sh imports    # issue 17: `import torch` in fresh interpreters (the cold start's largest phase):
+#                                            as installed, plus the driver's init, with a PYTHONPYCACHEPREFIX cache; the
+#                                            torch tree's .pyc facts, -X importtime's top self times (import_torch.py; ~1 min)
 #   bash benchmarks/gpu_calls.sh gptq       # issue 17: GPTQ checkpoints on the int4 kernels (the fast engine's repack): steady
 #                                            state in-process, bf16 vs int4 vs GPTQ-format copies (bf16 LM head; gptq-act with
 #                                            act order) at 1/8/64 (SS_QUANTS, SS_CONC change the set; 10 s windows) (~9 min)
@@ -75,7 +78,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -238,6 +241,9 @@ case "${1:-}" in
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 200 python3 benchmarks/read_weights.py --model-dir /tmp/m1b --device cuda --reps 5 --commit "$EDGE_EVAL_COMMIT" \
       --out "$out/readw" > "$out/readw.log" 2>&1; echo "read_weights rc $?"; tail -8 "$out/readw.log" ;;
+  imports)
+    timeout 300 python3 benchmarks/import_torch.py --reps 5 --commit "$EDGE_EVAL_COMMIT" --out "$out/imports" \
+      > "$out/imports.log" 2>&1; echo "import_torch rc $?"; tail -14 "$out/imports.log" ;;
   ctax)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout "${CTAX_SECONDS:-400}" python3 benchmarks/cold_start.py --preset llama-3.2-1b --model-dir /tmp/m1b \
