@@ -33,6 +33,9 @@ def table(report: dict) -> str:
         if r.get("imports_top_s"):
             lines.append(f"\ntop imports of {r['variant']} (-X importtime, cumulative s): "
                          + ", ".join(f"{m} {t:.2f}" for m, t in r["imports_top_s"][:8]))
+    modes = [f"{r['variant']} {r['bytecode']}" for r in report["runs"] if r.get("bytecode")]
+    if modes:
+        lines.append("\nbytecode of torch (/info bytecode_cache.mode): " + ", ".join(modes))
     copied = [f"{r['variant']} {r['seed_copied_files']}" for r in report["runs"] if r.get("seed_copied_files")]
     if copied:
         lines.append("\nfiles copied from the seed at start: " + ", ".join(copied))

@@ -28,6 +28,9 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
   driver initialised on a thread while torch imports; compare the phases ``torch_to_device_s`` and ``imports_s``);
 * ``seeded-staged`` / ``seeded-staged-int4``: ``seeded`` with ``MODEL_SERVER_STAGED_READ=1`` (the weights read through
   pinned staging buffers, :mod:`model_server.staged_read`; compare ``read_s`` and ``load_s``);
+* ``seeded-nobytecode`` / ``seeded-nobytecode-int4``: ``seeded`` with ``MODEL_SERVER_BYTECODE_CACHE=0`` (torch's
+  Python compiled on every start where the install shipped no bytecode, :mod:`model_server.bytecode_cache`;
+  compare ``to_torch_s``);
 * ``legacy-eager-graphs``: the old path with every graph captured at start (the 2026-12-03 "before");
 * ``after-tf`` / ``after-tf-int4``: the defaults with transformers' model and tokenizer
   (``MODEL_SERVER_NO_TRANSFORMERS=0``: the "after" of b69463c), beside ``after`` / ``after-int4``, which now
@@ -136,7 +139,8 @@ def one_start(name: str, model_dir: Path, device: str, quant: str, env: dict, lo
         first = _info(url)
         res.update(load_path=first.get("load_path"), tokenizer=first.get("tokenizer"),
                    transformers_after_first_request=first.get("transformers_imported"),
-                   seed_copied_files=(first.get("compile_cache") or {}).get("copied_files"))
+                   seed_copied_files=(first.get("compile_cache") or {}).get("copied_files"),
+                   bytecode=(first.get("bytecode_cache") or {}).get("mode"))
         info, t_fused, steady, t2 = first, time.time(), None, None
         if steady_tokens > 0:
             # the old path has no background warm-up: it is fused from ready on, nothing to wait for
@@ -233,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             "seeded-earlycuda": lambda: ("bf16", {**seeded("bf16"), **early}),
             "seeded-earlycuda-int4": lambda: ("int4", {**seeded("int4"), **early}),
             "seeded-staged": lambda: ("bf16", {**seeded("bf16"), "MODEL_SERVER_STAGED_READ": "1"}),
-            "seeded-staged-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_STAGED_READ": "1"})}
+            "seeded-staged-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_STAGED_READ": "1"}),
+            "seeded-nobytecode": lambda: ("bf16", {**seeded("bf16"), "MODEL_SERVER_BYTECODE_CACHE": "0"}),
+            "seeded-nobytecode-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_BYTECODE_CACHE": "0"})}
     plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
             "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
             "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),

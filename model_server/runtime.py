@@ -44,6 +44,7 @@ class Runtime:
         "process_start": None, "load_start": None, "load_end": None, "warmup_end": None, "ready": None})
     load_energy_joules: float | None = None
     compile_cache: dict[str, Any] | None = None  # compile_cache.SeedResult.as_dict(): the folder, what a seed copied
+    bytecode_cache: dict[str, Any] | None = None  # bytecode_cache.BytecodeCache.as_dict(): where torch's .pyc come from
     error: str | None = None
     metrics: ServerMetrics = field(init=False)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -125,6 +126,7 @@ class Runtime:
                                    if self.engine is not None else None),
             "load_energy_joules": self.load_energy_joules,
             "compile_cache": self.compile_cache,
+            "bytecode_cache": self.bytecode_cache,
             "switch_interval_seconds": sys.getswitchinterval(),   # configured (MODEL_SERVER_SWITCH_INTERVAL_S)
         }
 

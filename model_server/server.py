@@ -91,6 +91,9 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
 
     # a compile cache shipped in the image (MODEL_SERVER_COMPILE_CACHE_SEED) into the writable cache, before any compile
     runtime.compile_cache = (await asyncio.to_thread(compile_cache.seed_from_environment)).as_dict()
+    from model_server import bytecode_cache     # torch's bytecode kept where the install shipped none
+
+    runtime.bytecode_cache = bytecode_cache.configure(compile_cache.configure()).as_dict()
     await asyncio.to_thread(_import_torch)
     runtime.startup["torch_imported"] = time.time()
     try:
