@@ -58,7 +58,8 @@
 #                                            COLD_ARGS adds options (--importtime: the top imports per start in the table);
 #                                            the early driver init's A/B: COLD_ARGS=--importtime COLD_VARIANTS=seeded,
 #                                            seeded-earlycuda,seeded-int4,seeded-earlycuda-int4 (imports split in to_listening,
-#                                            to_torch, torch_to_device (cuInit), device_to_load);
+#                                            to_torch, torch_to_device (cuInit), device_to_load); torch's bytecode cache
+#                                            A/B: COLD_VARIANTS=seeded-nobytecode,seeded,seeded-nobytecode-int4,seeded-int4;
 #                                            $OUT gets card.txt, cold.log and cold/ (JSON, table, cold_logs.tgz)
 #   bash benchmarks/gpu_calls.sh readw      # issue 17: safetensors load_file vs the staged reader onto the GPU, 1B preset,
 #                                            5 reps each, tensors compared (read_weights.py; ~1 min). Then the cold start

@@ -230,6 +230,25 @@ def first_request(docs: list[Any]) -> str:
     return "first request: " + ", ".join(f"{r['variant']} {r['first_request_s']:.2f} s" for r in docs[0]["runs"])
 
 
+def spawn_by_variant(docs: list[Any]) -> str:
+    """Spawn -> first token per variant, in run order (cold_start_phases.py's JSON)."""
+    by: dict[str, list[float]] = {}
+    for r in docs[0]["runs"]:
+        by.setdefault(r["variant"], []).append(r["spawn_to_first_token_s"])
+    return "; ".join(f"{v} " + ", ".join(f"{x:.2f}" for x in xs) + " s" for v, xs in by.items())
+
+
+def import_torch(docs: list[Any]) -> str:
+    """``import torch`` in fresh interpreters, as installed vs from a bytecode cache (import_torch.py's JSON)."""
+    import statistics
+
+    d = docs[0]
+    bare = statistics.median(d["bare"])
+    return (f"import torch: as installed {statistics.median(d['default']) - bare:.2f} s, from a bytecode cache "
+            f"{statistics.median(d['prefix']) - bare:.2f} s (medians of {len(d['default'])}; the install ships "
+            f"{d['facts']['pyc_cached']:,} of {d['facts']['py_files']:,} .pyc)")
+
+
 def spawn_by_quant(docs: list[Any]) -> str:
     """Spawn -> first token of every start in the files, per quantization (cold_start_phases.py's JSONs)."""
     by: dict[str, list[float]] = {}

@@ -278,7 +278,8 @@ def test_model_server_install_script_in_a_fresh_venv_cpu(context_dir: Path, tmp_
     version = torch.__version__
     assert "+cpu" in version or not torch.cuda.is_available(), f"not a CPU torch build: {version}"
     bindir = fresh_venv(tmp_path / "venv")
-    env = {**venv_env(bindir), "TORCH_VERSION": version}
+    # as the image runs: no import may write bytecode, so what is cached below came from the install itself
+    env = {**venv_env(bindir), "TORCH_VERSION": version, "PYTHONDONTWRITEBYTECODE": "1"}
     for step in (["deps"], ["app", str(context_dir)]):
         proc = subprocess.run(["bash", str(context_dir / "docker" / "install-model-server.sh"), *step],
                               capture_output=True, text=True, timeout=400, env=env)
@@ -288,6 +289,10 @@ def test_model_server_install_script_in_a_fresh_venv_cpu(context_dir: Path, tmp_
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [version, "5.24.0"]
+    own = subprocess.run([str(bindir / "python"), "-c", "from model_server.bytecode_cache import configure, has_own_bytecode;"
+                          "from pathlib import Path; print(has_own_bytecode(), configure(Path('unused')).mode)"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert own.stdout.split() == ["True", "installed"], own.stderr    # the image's serve keeps no cache of its own
     serve_help = subprocess.run([str(bindir / "model-server"), "serve", "--help"], capture_output=True,
                                 text=True, env=env, timeout=120)
     assert serve_help.returncode == 0 and "--quantization" in serve_help.stdout
