@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def table(report: dict) -> str:
-    cols = ["imports_s", "to_listening_s", "to_torch_s", "torch_to_device_s", "device_to_load_s", "cuda_init_s",
+    cols = ["imports_s", "to_listening_s", "to_torch_s", "torch_to_device_s", "device_to_load_s", "prefetch_s", "cuda_init_s",
             "read_s", "prewarm_s", "build_s", "load_s", "quantize_s", "warmup_s", "ready_to_first_token_s"]
     lines = ["| variant | quant | load path / tokenizer | transformers imported (first request / end) | "
              + " | ".join(c[:-2] for c in cols)

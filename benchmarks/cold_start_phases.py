@@ -31,6 +31,9 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
 * ``seeded-nobytecode`` / ``seeded-nobytecode-int4``: ``seeded`` with ``MODEL_SERVER_BYTECODE_CACHE=0`` (torch's
   Python compiled on every start where the install shipped no bytecode, :mod:`model_server.bytecode_cache`;
   compare ``to_torch_s``);
+* ``seeded-noprefetch`` / ``seeded-noprefetch-int4`` / ``after-noprefetch``: ``seeded`` / ``after`` with ``MODEL_SERVER_PREFETCH_WEIGHTS=0`` (the
+  checkpoint read only by the load, :mod:`model_server.weights_prefetch`); with ``--evict-weights`` every start
+  first drops the weights from the page cache, as on a node whose disk has not served the model;
 * ``legacy-eager-graphs``: the old path with every graph captured at start (the 2026-12-03 "before");
 * ``after-tf`` / ``after-tf-int4``: the defaults with transformers' model and tokenizer
   (``MODEL_SERVER_NO_TRANSFORMERS=0``: the "after" of b69463c), beside ``after`` / ``after-int4``, which now
@@ -95,13 +98,27 @@ def wait_fused(url: str, timeout_s: float) -> dict:
 PHASES = [("imports_s", "process_start", "load_start"),
           # imports_s in four: to listening (Python, the server's modules, NVML's GPU list), the compile cache seed +
           # import torch, the device check (cuInit on a GPU), NVML's energy read + importing the engine
-          ("to_listening_s", "process_start", "listening"), ("to_torch_s", "listening", "torch_imported"),
+          ("to_listening_s", "process_start", "listening"), ("prefetch_s", "listening", "weights_prefetched"), ("to_torch_s", "listening", "torch_imported"),
           ("torch_to_device_s", "torch_imported", "device_ready"), ("device_to_load_s", "device_ready", "load_start"), ("cuda_init_s", "load_start", "cuda_init_end"),
           ("read_s", "load_start", "read_end"), ("build_s", "load_start", "build_end"),
           ("prewarm_s", "load_start", "prewarm_end"), ("quantize_s", "quantize_start", "quantize_end"),
           ("load_s", "load_start", "load_end"),
           ("warmup_s", "load_end", "warmup_end"),
           ("ready_to_compile_s", "ready", "fused_compile_start"), ("compile_s", "fused_compile_start", "fused_ready")]
+
+
+def evict_weights(model_dir: Path) -> int:
+    """Ask the kernel to drop ``model_dir``'s safetensors files from the page cache (clean pages go; a file
+    another process maps stays); returns the bytes advised."""
+    total = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
 
 
 def _info(url: str) -> dict:
@@ -190,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steady-tokens", type=int, default=64,
                     help="tokens of the two requests after the fused path (0: neither them nor the wait; CPU)")
     ap.add_argument("--importtime", action="store_true", help="run the server with python -X importtime")
+    ap.add_argument("--evict-weights", action="store_true",
+                    help="drop the model's safetensors files from the page cache before each start (a node whose "
+                         "disk has not served the model: posix_fadvise DONTNEED)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,13 +259,16 @@ def main(argv: list[str] | None = None) -> int:
             "seeded-staged": lambda: ("bf16", {**seeded("bf16"), "MODEL_SERVER_STAGED_READ": "1"}),
             "seeded-staged-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_STAGED_READ": "1"}),
             "seeded-nobytecode": lambda: ("bf16", {**seeded("bf16"), "MODEL_SERVER_BYTECODE_CACHE": "0"}),
-            "seeded-nobytecode-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_BYTECODE_CACHE": "0"})}
+            "seeded-nobytecode-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_BYTECODE_CACHE": "0"}),
+            "seeded-noprefetch": lambda: ("bf16", {**seeded("bf16"), "MODEL_SERVER_PREFETCH_WEIGHTS": "0"}),
+            "seeded-noprefetch-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_PREFETCH_WEIGHTS": "0"})}
     plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
             "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
             "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),
             "after-noprewarm": ("bf16", {**warm, **new, **r16}), "after-noprewarm-int4": ("int4", {**warm, **new, **r16}),
             "legacy-eager-graphs": ("bf16", {**warm, **old, "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"}),
             "after-tf": ("bf16", {**warm, **tf}), "after-tf-int4": ("int4", {**warm, **tf}),
+            "after-noprefetch": ("bf16", {**warm, **new, "MODEL_SERVER_PREFETCH_WEIGHTS": "0"}),
             "after-nodefer": ("bf16", {**warm, **new, **nodefer}), "after-nodefer-int4": ("int4", {**warm, **new, **nodefer})}
     report = {"card": card, "date": utc_date("%Y-%m-%d"), "commit": args.commit,
               "command": "python benchmarks/cold_start_phases.py " + " ".join(sys.argv[1:]), "preset": args.preset,
@@ -259,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     md = ""
     for i, name in enumerate(names):
         quant, env = plan[name] if name in plan else lazy[name]()     # lazy: a fresh empty cache per run
+        if args.evict_weights:
+            evict_weights(model_dir)
         report["runs"].append(one_start(f"{i:02d}_{name}", model_dir, args.device, quant, env, logs,
                                         args.steady_tokens, args.importtime))
         md = write_report(report, out)          # after every run: a call cut off by its time limit keeps them

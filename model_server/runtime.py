@@ -45,6 +45,7 @@ class Runtime:
     load_energy_joules: float | None = None
     compile_cache: dict[str, Any] | None = None  # compile_cache.SeedResult.as_dict(): the folder, what a seed copied
     bytecode_cache: dict[str, Any] | None = None  # bytecode_cache.BytecodeCache.as_dict(): where torch's .pyc come from
+    weights_prefetch: Any = None         # weights_prefetch.Prefetch: the checkpoint read into the page cache at start
     error: str | None = None
     metrics: ServerMetrics = field(init=False)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -127,6 +128,7 @@ class Runtime:
             "load_energy_joules": self.load_energy_joules,
             "compile_cache": self.compile_cache,
             "bytecode_cache": self.bytecode_cache,
+            "weights_prefetch": self.weights_prefetch.as_dict() if self.weights_prefetch is not None else None,
             "switch_interval_seconds": sys.getswitchinterval(),   # configured (MODEL_SERVER_SWITCH_INTERVAL_S)
         }
 

@@ -86,6 +86,10 @@ async def load_and_start(runtime: Runtime, args: argparse.Namespace) -> None:
     from model_server.loading import LoadError, load_model, resolve_device
 
     runtime.set_state("loading")
+    from model_server import weights_prefetch   # the disk reads the checkpoint while torch imports
+
+    runtime.weights_prefetch = weights_prefetch.start(
+        args.model, on_done=lambda _: runtime.startup.__setitem__("weights_prefetched", time.time()))
     os.environ.setdefault("MODEL_SERVER_FAST_BACKGROUND_WARMUP", "1")
     from model_server import compile_cache
 
@@ -278,6 +282,7 @@ def run_server(args: argparse.Namespace) -> int:
         raise ServeError(f"MODEL_SERVER_SWITCH_INTERVAL_S must be a positive number of seconds, "
                          f"not {interval!r}") from None
     try:
+        flag("MODEL_SERVER_PREFETCH_WEIGHTS")       # read by weights_prefetch at load: a bad value fails here
         early_cuda = flag("MODEL_SERVER_EARLY_CUDA_INIT")
     except SwitchValueError as exc:
         raise ServeError(str(exc)) from None

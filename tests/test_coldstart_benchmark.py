@@ -65,7 +65,7 @@ def test_cold_start_phases_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> None
 
     rc = cold_start_phases.main(["--model-dir", str(tiny_model_dir), "--device", "cpu", "--variants",
                                  "after,after-nodefer", "--steady-tokens", "0", "--commit", "test", "--importtime",
-                                 "--out", str(tmp_path)])
+                                 "--evict-weights", "--out", str(tmp_path)])
     assert rc == 0
     report = json.loads((tmp_path / "cold_start_phases.json").read_text())
     runs = {r["variant"]: r for r in report["runs"]}
@@ -77,9 +77,10 @@ def test_cold_start_phases_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> None
         parts = [r["phases"][k] for k in ("to_listening_s", "to_torch_s", "torch_to_device_s", "device_to_load_s")]
         assert min(parts) >= 0 and abs(sum(parts) - r["phases"]["imports_s"]) < 0.006     # imports_s in four
         assert "torch" in dict(r["imports_top_s"])
+        assert r["phases"]["prefetch_s"] >= 0          # listening -> the weights prefetch's end (/info startup)
     assert report["first_request_tokens_identical_bf16"] is True
     table = (tmp_path / "cold_start_phases.md").read_text()
     assert "| first request s |" in table and table.count("| after") == 2
-    assert "| to_listening | to_torch | torch_to_device | device_to_load |" in table
+    assert "| to_listening | to_torch | torch_to_device | device_to_load | prefetch |" in table
     assert "top imports of after (-X importtime" in table
     assert (tmp_path / "cold_logs.tgz").stat().st_size > 0
