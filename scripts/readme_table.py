@@ -189,6 +189,8 @@ ROWS = [
         ["2026-12-05-h100/cold_1702/cold/cold_start_phases.json"], values.spawn_by_variant, "22e4f57"),
     Row("cold start, spawn to first token, seeded starts with the bytecode cache, a second call",
         ["2026-12-05-h100/cold_1710/cold/cold_start_phases.json"], values.spawn_by_quant, "22e4f57"),
+    Row("cold start, spawn to first token with the weights evicted from the page cache, weights prefetch off vs on",
+        ["2026-12-05-h100/cold_evict_1729/cold/cold_start_phases.json"], values.spawn_by_variant, "b82832f"),
     Row("C_tax and keep-warm break-even idle time with the bytecode cache (fp16, int4; medians of an empty- and a kept-cache start)",
         ["2026-12-05-h100/ctax_1708/ctax/cold_start.json"], values.ctax, "22e4f57"),
     Row("INT4 and GPTQ checkpoints (repacked at load) vs bf16 in-process",
