@@ -75,6 +75,8 @@ def configure(cache_dir: Path, package: str = "torch", env: dict[str, str] | Non
         return _use(cache_dir / SUBDIR, f"{ENV}=1")
     if raw not in ("", "auto"):
         return _use(Path(raw), f"{ENV}={raw}")
+    if sys.pycache_prefix is not None:          # PYTHONPYCACHEPREFIX / -X pycache_prefix: the operator's choice stands
+        return BytecodeCache("off", sys.pycache_prefix, "a pycache prefix is already set for this interpreter")
     own = has_own_bytecode(package)
     if own is None:
         return BytecodeCache("off", None, f"{package} is not installed")

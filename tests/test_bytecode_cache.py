@@ -81,6 +81,20 @@ def test_a_package_with_its_own_bytecode_is_left_alone_unless_asked(tmp_path):
     assert off["prefix"] is None and not (tmp_path / "unused").exists()
 
 
+def test_auto_leaves_an_operators_own_pycache_prefix_alone(tmp_path):
+    site, cache, theirs = tmp_path / "site", tmp_path / "cache", tmp_path / "theirs"
+    _package(site)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(theirs),
+           "PYTHONPATH": os.pathsep.join([str(site), os.getcwd()])}
+    env.pop("MODEL_SERVER_BYTECODE_CACHE", None)
+    r = subprocess.run([sys.executable, "-c", PROBE, str(cache)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["choice"] == {"mode": "off", "dir": str(theirs),
+                             "reason": "a pycache prefix is already set for this interpreter"}
+    assert res["prefix"] == str(theirs) and not cache.exists()
+
+
 def test_an_unusable_folder_or_a_missing_package_is_one_reason_never_an_error(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
