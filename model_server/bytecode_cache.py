@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from model_server.compile_cache import BYTECODE_SUBDIR as SUBDIR   # inside the compile cache: persists, seeds with it
+
 log = logging.getLogger(__name__)
 
 ENV = "MODEL_SERVER_BYTECODE_CACHE"
-SUBDIR = "bytecode"                 # inside the compile cache, so it persists and seeds with it
 
 
 @dataclass

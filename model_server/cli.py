@@ -187,7 +187,8 @@ def _compile_cache_main(args, parser: argparse.ArgumentParser) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    print(f"{Path(args.out).resolve()}: {manifest['files']} files, {manifest['bytes'] / 1e6:.1f} MB, "
+    code = f" ({manifest['bytecode_files']} of them torch's bytecode)" if manifest.get("bytecode_files") else ""
+    print(f"{Path(args.out).resolve()}: {manifest['files']} files{code}, {manifest['bytes'] / 1e6:.1f} MB, "
           f"filled on {manifest.get('device')} in {manifest['fill_seconds']} s")
     return 0
 

@@ -1,6 +1,7 @@
 """The model server's compile cache: where it lives, and seeding it from a cache shipped in the container image.
 
-Owns the folder ``serve`` keeps torch.compile's (inductor) and Triton's caches in (:func:`configure`), the
+Owns the folder ``serve`` keeps torch.compile's (inductor) and Triton's caches in (:func:`configure`; torch's bytecode
+goes in its ``bytecode/`` where the install shipped none, :mod:`model_server.bytecode_cache`), the
 manifest a filled cache carries (:func:`write_manifest`, :func:`read_manifest`) and copying a shipped seed
 into the cache at start (:func:`seed`). Must NOT compile anything or start a server: filling a cache is
 :mod:`model_server.compile_cache_fill`'s.
@@ -31,6 +32,7 @@ MANIFEST = "edge-eval-compile-cache.json"
 SKIP_DIRS = {"locks"}                    # inductor's lock files: per host, never copied
 MARKER_PREFIX = ".seeded-"
 TRITON_SUBDIR = "triton"                 # Triton's cache inside the inductor folder (configure's default)
+BYTECODE_SUBDIR = "bytecode"             # model_server.bytecode_cache's folder inside it (its SUBDIR)
 
 
 def default_dir() -> str:
@@ -74,10 +76,12 @@ def cache_files(root: Path) -> list[Path]:
 
 def write_manifest(root: Path, facts: dict[str, Any]) -> dict[str, Any]:
     """Write ``root/edge-eval-compile-cache.json``: ``facts`` (device, model, ...), the versions, file count and
-    bytes. Returns what was written."""
+    bytes (and how many of the files are torch's bytecode). Returns what was written."""
     files = cache_files(root)
     manifest = {"format": 1, **versions(), **facts, "files": len(files),
-                "bytes": sum((root / f).stat().st_size for f in files)}
+                "bytes": sum((root / f).stat().st_size for f in files),
+                # torch's compiled Python (model_server.bytecode_cache), where the filling install shipped none
+                "bytecode_files": sum(1 for f in files if f.parts[0] == BYTECODE_SUBDIR)}
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, root / MANIFEST)

@@ -19,7 +19,8 @@ from model_server.compile_cache import MANIFEST, cache_files, seed, write_manife
 
 def _fake_cache(root: Path, n: int = 3) -> list[Path]:
     """Files shaped like a cache (hash folders, a Triton folder, a lock folder), generated."""
-    files = [Path(f"a{i}") / f"c{i}.py" for i in range(n)] + [Path("triton") / "XYZ" / "k.cubin"]
+    files = [Path(f"a{i}") / f"c{i}.py" for i in range(n)] + [Path("triton") / "XYZ" / "k.cubin",
+                                                              Path("bytecode") / "opt" / "m.cpython-311.pyc"]
     for rel in files:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(f"content of {rel}".encode())
@@ -48,6 +49,7 @@ def test_seed_copies_what_is_missing_and_never_overwrites(tmp_path, monkeypatch)
     files = _fake_cache(src)
     manifest = write_manifest(src, {"device": "card X"})
     assert manifest["files"] == len(files) and manifest["torch"] == compile_cache.versions()["torch"]
+    assert manifest["bytecode_files"] == 1                                  # torch's bytecode counted apart
     (dst / files[0]).parent.mkdir(parents=True)
     (dst / files[0]).write_text("the cache's own")
     res = seed(dst, src)
