@@ -85,28 +85,33 @@ def _read_all(job: Prefetch, paths: list[Path], on_done: Callable[[Prefetch], No
         on_done(job)
 
 
+def _why_not(job: Prefetch, model_id: str, available: int | None) -> str | None:
+    """Fill ``job.files`` and ``job.total_bytes``; the reason not to read them, or None."""
+    try:
+        paths = checkpoint_files(model_id)
+        job.total_bytes = sum(p.stat().st_size for p in paths)
+    except OSError as exc:               # a folder that changes under us: the load will say what is wrong
+        return f"cannot list the weights: {exc.strerror or exc}"
+    job.files = [str(p) for p in paths]
+    limit = available_memory_bytes() if available is None else available
+    if not paths:
+        return "no local safetensors files"
+    if limit is not None and job.total_bytes > MEMORY_SHARE * limit:
+        return f"{job.total_bytes / 1e9:.1f} GB of weights > {MEMORY_SHARE:.0%} of the {limit / 1e9:.1f} GB available"
+    return None
+
+
 def start(model_id: str, on_done: Callable[[Prefetch], None] | None = None,
           available: int | None = None) -> Prefetch:
     """Start reading ``model_id``'s safetensors files on a daemon thread (module docstring); returns its record at
     once. ``available``: the memory to size against (default: :func:`available_memory_bytes`). Raises
     :class:`model_server.switches.SwitchValueError` for a bad ``MODEL_SERVER_PREFETCH_WEIGHTS``."""
     job = Prefetch()
-    if flag(SWITCH) is False:
-        job.skipped = f"{SWITCH}=0"
-    else:
-        paths = checkpoint_files(model_id)
-        job.files = [str(p) for p in paths]
-        job.total_bytes = sum(p.stat().st_size for p in paths)
-        limit = available_memory_bytes() if available is None else available
-        if not paths:
-            job.skipped = "no local safetensors files"
-        elif limit is not None and job.total_bytes > MEMORY_SHARE * limit:
-            job.skipped = (f"{job.total_bytes / 1e9:.1f} GB of weights > {MEMORY_SHARE:.0%} of the "
-                           f"{limit / 1e9:.1f} GB available")
-        else:
-            threading.Thread(target=_read_all, args=(job, paths, on_done), name="weights-prefetch",
-                             daemon=True).start()
-            return job
+    job.skipped = _why_not(job, model_id, available) if flag(SWITCH) is not False else f"{SWITCH}=0"
+    if job.skipped is None:
+        threading.Thread(target=_read_all, args=(job, [Path(f) for f in job.files], on_done), name="weights-prefetch",
+                         daemon=True).start()
+        return job
     log.info("weights prefetch skipped: %s", job.skipped)
     job._done.set()
     return job

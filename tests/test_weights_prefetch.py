@@ -57,6 +57,14 @@ def test_what_it_skips_and_why(tmp_path, monkeypatch):
     assert fits.wait(30) and fits.read_bytes == 10_000
 
 
+def test_a_file_gone_between_listing_and_sizing_is_a_reason(tmp_path, monkeypatch):
+    monkeypatch.delenv(wp.SWITCH, raising=False)
+    monkeypatch.setattr(wp, "checkpoint_files", lambda model_id: [tmp_path / "gone.safetensors"])
+    job = wp.start(str(tmp_path))
+    assert job.wait(0) and job.files == [] and job.read_bytes == 0
+    assert job.skipped is not None and job.skipped.startswith("cannot list the weights: ")
+
+
 def test_a_failed_read_is_recorded_never_raised(tmp_path):
     job = wp.Prefetch(files=[str(tmp_path / "gone.safetensors")], total_bytes=10)
     done = threading.Event()
