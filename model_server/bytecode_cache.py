@@ -43,7 +43,10 @@ class BytecodeCache:
 def has_own_bytecode(package: str = "torch") -> bool | None:
     """Whether ``package``'s ``__init__`` has a cached ``.pyc`` for this interpreter beside it (``__pycache__``);
     ``None`` when the package is not installed. Finds the package without importing it."""
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):     # a broken install, or a module imported without a spec
+        return None
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
     origin = Path(spec.origin)
