@@ -232,7 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     tf = {**new, "MODEL_SERVER_NO_TRANSFORMERS": "0"}          # transformers' model and tokenizer (b69463c)
     r16 = {"MODEL_SERVER_PREWARM": "0", "MODEL_SERVER_FAST_WARMUP_HOLD_S": "0"}     # 447c2a7's "after"
     nodefer = {"MODEL_SERVER_FAST_WARMUP_MAX_DEFER_S": "0", "MODEL_SERVER_FAST_WARMUP_SWITCH_INTERVAL_S": "0"}
-    early = {"MODEL_SERVER_EARLY_CUDA_INIT": "1"}
     seeds: dict[str, str] = {}
 
     def seeded(quant: str) -> dict:
@@ -250,25 +249,22 @@ def main(argv: list[str] | None = None) -> int:
                  "stdout": fill.stdout.strip()[-300:], "stderr": fill.stderr.strip()[-300:]})
         return {**fresh(), **new, "MODEL_SERVER_COMPILE_CACHE_SEED": seeds[quant]}
 
+    # seeded-<mod> / seeded-<mod>-int4: a seeded start with one switch changed
+    mods = {"nodefer": nodefer, "earlycuda": {"MODEL_SERVER_EARLY_CUDA_INIT": "1"},
+            "staged": {"MODEL_SERVER_STAGED_READ": "1"}, "nobytecode": {"MODEL_SERVER_BYTECODE_CACHE": "0"},
+            "noprefetch": {"MODEL_SERVER_PREFETCH_WEIGHTS": "0"}}
     lazy = {"after-empty-cache": lambda: ("bf16", {**fresh(), **new}),
-            "seeded": lambda: ("bf16", seeded("bf16")), "seeded-int4": lambda: ("int4", seeded("int4")),
-            "seeded-nodefer": lambda: ("bf16", {**seeded("bf16"), **nodefer}),
-            "seeded-nodefer-int4": lambda: ("int4", {**seeded("int4"), **nodefer}),
-            "seeded-earlycuda": lambda: ("bf16", {**seeded("bf16"), **early}),
-            "seeded-earlycuda-int4": lambda: ("int4", {**seeded("int4"), **early}),
-            "seeded-staged": lambda: ("bf16", {**seeded("bf16"), "MODEL_SERVER_STAGED_READ": "1"}),
-            "seeded-staged-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_STAGED_READ": "1"}),
-            "seeded-nobytecode": lambda: ("bf16", {**seeded("bf16"), "MODEL_SERVER_BYTECODE_CACHE": "0"}),
-            "seeded-nobytecode-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_BYTECODE_CACHE": "0"}),
-            "seeded-noprefetch": lambda: ("bf16", {**seeded("bf16"), "MODEL_SERVER_PREFETCH_WEIGHTS": "0"}),
-            "seeded-noprefetch-int4": lambda: ("int4", {**seeded("int4"), "MODEL_SERVER_PREFETCH_WEIGHTS": "0"})}
+            "seeded": lambda: ("bf16", seeded("bf16")), "seeded-int4": lambda: ("int4", seeded("int4"))}
+    for mod, extra in mods.items():
+        for quant, suffix in (("bf16", ""), ("int4", "-int4")):
+            lazy[f"seeded-{mod}{suffix}"] = lambda q=quant, e=extra: (q, {**seeded(q), **e})
     plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
             "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
             "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),
             "after-noprewarm": ("bf16", {**warm, **new, **r16}), "after-noprewarm-int4": ("int4", {**warm, **new, **r16}),
             "legacy-eager-graphs": ("bf16", {**warm, **old, "MODEL_SERVER_FAST_LAZY_GRAPHS": "0"}),
             "after-tf": ("bf16", {**warm, **tf}), "after-tf-int4": ("int4", {**warm, **tf}),
-            "after-noprefetch": ("bf16", {**warm, **new, "MODEL_SERVER_PREFETCH_WEIGHTS": "0"}),
+            "after-noprefetch": ("bf16", {**warm, **new, **mods["noprefetch"]}),
             "after-nodefer": ("bf16", {**warm, **new, **nodefer}), "after-nodefer-int4": ("int4", {**warm, **new, **nodefer})}
     report = {"card": card, "date": utc_date("%Y-%m-%d"), "commit": args.commit,
               "command": "python benchmarks/cold_start_phases.py " + " ".join(sys.argv[1:]), "preset": args.preset,

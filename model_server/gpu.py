@@ -149,7 +149,8 @@ def start_driver_init() -> threading.Thread:
     """``cuInit(0)`` on a daemon thread through ctypes, which releases the GIL for the call: CUDA's driver
     initialises while the main thread imports torch, and torch's device check then finds it done (cuInit is
     thread-safe and idempotent). ``serve`` starts it with ``MODEL_SERVER_EARLY_CUDA_INIT=1`` (an experiment:
-    ``cold_start_phases.py``'s ``seeded-earlycuda``). A host without libcuda: the thread does nothing."""
+    ``cold_start_phases.py``'s ``seeded-earlycuda``; on an H100 it moved the 0.19 s init into the imports and no
+    start was shorter, docs/benchmarks.md). A host without libcuda: the thread does nothing."""
     def run() -> None:
         try:
             rc = ctypes.CDLL("libcuda.so.1").cuInit(0)

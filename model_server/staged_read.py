@@ -1,8 +1,9 @@
 """Reading a ``.safetensors`` file onto a device through staging buffers (``MODEL_SERVER_STAGED_READ=1``).
 
 ``safetensors.torch.load_file(path, device="cuda")`` copies each tensor from the memory-mapped file to the
-GPU from pageable memory: about 2 GB/s on an H100 host (docs/benchmarks.md, the cold-start phases' ``read``),
-and the kernel pre-warm of a cold start waits for it. This reader allocates every tensor on the device
+GPU from pageable memory; the idea was that pinned, double-buffered copies would be faster. Measured on an H100
+with the file in the page cache (benchmarks/read_weights.py, docs/benchmarks.md): 0.442 s against ``load_file``'s
+0.380 s for 2.47 GB, so it stays an experiment, off by default. This reader allocates every tensor on the device
 first, then streams the file's data section through two pinned host buffers: while one buffer's chunk is
 copied to the device asynchronously, the next chunk is read into the other. Each tensor keeps its own
 device storage (no shared slab that would outlive tensors the load later replaces, such as INT4's).

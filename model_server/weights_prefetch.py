@@ -33,7 +33,7 @@ MEMORY_SHARE = 0.5          # at most this share of MemAvailable
 @dataclass
 class Prefetch:
     """One prefetch: the files, how far it got, and how it ended (``seconds`` is set when the thread is done)."""
-    files: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
     total_bytes: int = 0
     read_bytes: int = 0
     seconds: float | None = None
@@ -92,7 +92,7 @@ def _why_not(job: Prefetch, model_id: str, available: int | None) -> str | None:
         job.total_bytes = sum(p.stat().st_size for p in paths)
     except OSError as exc:               # a folder that changes under us: the load will say what is wrong
         return f"cannot list the weights: {exc.strerror or exc}"
-    job.files = [str(p) for p in paths]
+    job.files = paths
     limit = available_memory_bytes() if available is None else available
     if not paths:
         return "no local safetensors files"
@@ -109,7 +109,7 @@ def start(model_id: str, on_done: Callable[[Prefetch], None] | None = None,
     job = Prefetch()
     job.skipped = _why_not(job, model_id, available) if flag(SWITCH) is not False else f"{SWITCH}=0"
     if job.skipped is None:
-        threading.Thread(target=_read_all, args=(job, [Path(f) for f in job.files], on_done), name="weights-prefetch",
+        threading.Thread(target=_read_all, args=(job, job.files, on_done), name="weights-prefetch",
                          daemon=True).start()
         return job
     log.info("weights prefetch skipped: %s", job.skipped)

@@ -230,18 +230,22 @@ def first_request(docs: list[Any]) -> str:
     return "first request: " + ", ".join(f"{r['variant']} {r['first_request_s']:.2f} s" for r in docs[0]["runs"])
 
 
-def spawn_by_variant(docs: list[Any]) -> str:
-    """Spawn -> first token per variant, in run order (cold_start_phases.py's JSON)."""
+def _spawn_by(docs: list[Any], key: str) -> str:
+    """Spawn -> first token of every start in cold_start_phases.py's JSONs, grouped by a run's ``key``, in run order."""
     by: dict[str, list[float]] = {}
-    for r in docs[0]["runs"]:
-        by.setdefault(r["variant"], []).append(r["spawn_to_first_token_s"])
-    return "; ".join(f"{v} " + ", ".join(f"{x:.2f}" for x in xs) + " s" for v, xs in by.items())
+    for d in docs:
+        for r in d["runs"]:
+            by.setdefault(r[key], []).append(r["spawn_to_first_token_s"])
+    return "; ".join(f"{k} " + ", ".join(f"{v:.2f}" for v in vals) + " s" for k, vals in by.items())
+
+
+def spawn_by_variant(docs: list[Any]) -> str:
+    """Spawn -> first token per variant."""
+    return _spawn_by(docs, "variant")
 
 
 def import_torch(docs: list[Any]) -> str:
     """``import torch`` in fresh interpreters, as installed vs from a bytecode cache (import_torch.py's JSON)."""
-    import statistics
-
     d = docs[0]
     bare = statistics.median(d["bare"])
     return (f"import torch: as installed {statistics.median(d['default']) - bare:.2f} s, from a bytecode cache "
@@ -250,10 +254,5 @@ def import_torch(docs: list[Any]) -> str:
 
 
 def spawn_by_quant(docs: list[Any]) -> str:
-    """Spawn -> first token of every start in the files, per quantization (cold_start_phases.py's JSONs)."""
-    by: dict[str, list[float]] = {}
-    for d in docs:
-        for r in d["runs"]:
-            by.setdefault(r["quantization"], []).append(r["spawn_to_first_token_s"])
-    return "; ".join(f"{q} " + ", ".join(f"{v:.2f}" for v in vals) + " s" for q, vals in by.items()) + \
-        " (one start each)"
+    """Spawn -> first token of every start in the files, per quantization."""
+    return _spawn_by(docs, "quantization") + " (one start each)"

@@ -33,7 +33,7 @@ def test_every_byte_of_every_shard_is_read_once_then_on_done(tmp_path, monkeypat
     seen: list[wp.Prefetch] = []
     job = wp.start(str(tmp_path / "m"), on_done=seen.append, available=1 << 40)
     assert job.wait(30)
-    assert job.files == [str(p) for p in paths] and job.skipped is None and job.error is None
+    assert job.files == paths and job.skipped is None and job.error is None
     assert job.read_bytes == job.total_bytes == sum(p.stat().st_size for p in paths)
     assert job.seconds is not None and seen == [job]
     assert job.as_dict() == {"files": 3, "total_bytes": job.total_bytes, "read_bytes": job.total_bytes,
@@ -66,7 +66,7 @@ def test_a_file_gone_between_listing_and_sizing_is_a_reason(tmp_path, monkeypatc
 
 
 def test_a_failed_read_is_recorded_never_raised(tmp_path):
-    job = wp.Prefetch(files=[str(tmp_path / "gone.safetensors")], total_bytes=10)
+    job = wp.Prefetch(files=[tmp_path / "gone.safetensors"], total_bytes=10)
     done = threading.Event()
     wp._read_all(job, [tmp_path / "gone.safetensors"], lambda _: done.set())
     assert done.is_set() and job.wait(0) and job.read_bytes == 0
