@@ -1,0 +1,268 @@
+"""GPU micro-benchmark of the CUDA W4A16 kernel (model_server/int4_mma.py) against bf16 cuBLAS and today's INT4 kernels.
+
+Per linear of the llama-3.2-1b preset (merged q/k/v and gate/up, and the LM head) and per row count M: bf16 ``x @ W.T``
+(cuBLAS), tinygemm (``aten._weight_int4pack_mm``), the Triton GEMM (``int4_triton``, default config), and the mma
+kernel at its default config plus a sweep of its configs (tiles per warp, warps, stages, split K), each checked
+against a float32 reference first. Timing as in benchmarks/int4_kernels.py: calls captured back to back in a CUDA
+graph, rotating over weight copies that cover --l2-multiple x L2 (weights come from HBM), median of --reps replays.
+Per step (16 layers x 4 linears + the LM head): bf16, ``dispatch`` (what ``MODEL_SERVER_INT4_KERNELS=auto`` runs
+today: tinygemm up to int4.tinygemm_max_rows, the Triton GEMM above), mma at its default config, mma with the best
+config per shape, and the best INT4 method per shape. Writes int4_mma.json / .md to --out.
+
+  python3 benchmarks/int4_mma_bench.py --out DIR      # exits 2 with one line when there is no CUDA device
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from int4_kernels import LM_HEAD, MERGED, N_LAYERS, rel_err, time_calls  # noqa: E402
+from model_server import int4_mma, int4_triton  # noqa: E402
+from model_server.int4 import INNER_K_TILES, tinygemm_max_rows  # noqa: E402
+from model_server.int4_quant import dequantize_groupwise, quantize_groupwise  # noqa: E402
+
+MAX_ERR = 1e-2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    head, rest = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=head, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
+    p.add_argument("--out", type=Path, default=None, help="directory for int4_mma.json / .md")
+    p.add_argument("--ms", default="1,8,16,32,64", help="rows M, 1..64 (comma-separated)")
+    p.add_argument("--group", type=int, default=128, choices=(64, 128, 256))
+    p.add_argument("--reps", type=int, default=30, help="timed graph replays per cell (>= 1)")
+    p.add_argument("--l2-multiple", type=float, default=4.0, help="weight copies per method cover this x L2")
+    p.add_argument("--sweep-budget-s", type=float, default=240.0, help="stop sweeping this long after the start")
+    p.add_argument("--no-sweep", action="store_true", help="time the default config only")
+    p.add_argument("--smoke", action="store_true",
+                   help="only check the kernel against the reference on small shapes at many row counts and configs "
+                        "(split K, tiles per warp, warps, stages), print one line per case, exit 1 on any failure")
+    args = p.parse_args(argv)
+    args.ms = [int(v) for v in args.ms.split(",") if v.strip()]
+    if not args.ms or min(args.ms) < 1 or max(args.ms) > int4_mma.MAX_ROWS or args.reps < 1:
+        p.error(f"--ms needs integers in 1..{int4_mma.MAX_ROWS} and --reps >= 1")
+    return args
+
+
+def sweep_configs(m: int, n: int, k: int, sms: int) -> list[int4_mma.Config]:
+    """Tiles per warp 1/2/4 x warps 4/8 at 4 stages, and stages 3/6 at the default tiles, each at split K 1..16
+    (>= 2 blocks per split; shared memory under 48 KB); the default config first."""
+    nt = int4_mma.token_tiles(m)
+    blocks = k // int4_mma.BLOCK_K
+    base = int4_mma.choose_config(m, n, k, sms)
+    out = [base]
+    shapes = [(r, w, 4) for r in (1, 2, 4) for w in (4, 8)] + [(base.r, base.warps, st) for st in (3, 6)]
+    for r, warps, stages in shapes:
+        for split in (1, 2, 4, 8, 16):
+            cfg = int4_mma.Config(nt, r, warps, stages, split)
+            if blocks % split or blocks // split < 2 or cfg.smem_bytes() >= 48 * 1024 or cfg in out:
+                continue
+            if nt * r > 16 or cfg.grid_x(n) * split > 16 * sms:
+                continue
+            out.append(cfg)
+    return out
+
+
+class Layer:
+    """One weight [N, K] in every method's format, with copies for rotation."""
+
+    def __init__(self, n: int, k: int, group: int, l2_bytes: int, l2_multiple: float) -> None:
+        self.n, self.k, self.group = n, k, group
+        w = torch.randn(n, k, device="cuda") * 0.02
+        self.q, sz32 = quantize_groupwise(w, group)
+        self.sz = sz32.to(torch.bfloat16)
+        wb = w.to(torch.bfloat16)
+        del w, sz32
+        plain = (self.q[:, ::2] << 4 | self.q[:, 1::2]).to(torch.uint8).contiguous()
+        base = {"bf16": (wb,),
+                "tinygemm": (torch.ops.aten._convert_weight_to_int4pack(plain, INNER_K_TILES), self.sz),
+                "triton": (int4_triton.pack_int4(self.q, group), *int4_triton.split_scales_and_zeros(self.sz)),
+                "mma": int4_mma.pack(self.q, self.sz, group)}
+        self.copies: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+        for meth, ts in base.items():
+            nbytes = sum(t.numel() * t.element_size() for t in ts)
+            c = min(256, max(1, math.ceil(l2_multiple * l2_bytes / nbytes)))
+            self.copies[meth] = [ts] + [tuple(t.clone() for t in ts) for _ in range(c - 1)]
+
+    def call(self, meth: str, x: torch.Tensor, ts: tuple[torch.Tensor, ...], cfg=None):
+        if meth == "bf16":
+            return lambda: x @ ts[0].t()
+        if meth == "tinygemm":
+            return lambda: torch.ops.aten._weight_int4pack_mm(x, ts[0], self.group, ts[1])
+        if meth == "triton":
+            return lambda: int4_triton.int4_triton_mm(x, ts[0], ts[1], ts[2], self.group)
+        return lambda: int4_mma.int4_mma_mm(x, ts[0], ts[1], self.group, cfg)
+
+    def calls(self, meth: str, x: torch.Tensor, cfg=None) -> list:
+        return [self.call(meth, x, ts, cfg) for ts in self.copies[meth]]
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ dequantize_groupwise(self.q, self.sz, self.group).t()
+
+
+def run(args: argparse.Namespace) -> dict:
+    props = torch.cuda.get_device_properties(0)
+    sms, l2 = props.multi_processor_count, int(getattr(props, "L2_cache_size", 50 << 20))
+    shapes = dict(MERGED, lm_head=LM_HEAD)
+    cells: list[dict] = []
+    t0 = time.time()
+    deadline = t0 + args.sweep_budget_s
+    for name, (n, k) in shapes.items():
+        lay = Layer(n, k, args.group, l2, args.l2_multiple)
+        int4_mma.reserve(torch.device("cuda"), n, k)
+        for m in args.ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = lay.reference(x)
+            cell: dict = {"name": name, "n": n, "k": k, "m": m, "us": {}, "err": {}, "sweep": []}
+            for meth in ("bf16", "tinygemm", "triton", "mma"):
+                try:
+                    if meth != "bf16":
+                        cell["err"][meth] = rel_err(lay.call(meth, x, lay.copies[meth][0])(), ref)
+                    cell["us"][meth] = time_calls(lay.calls(meth, x), args.reps, False)[1]
+                except Exception as e:                      # noqa: BLE001 - keep the other methods' numbers
+                    cell["err"][meth] = f"error: {e!r}"[:300]
+            cell["mma_config"] = vars(int4_mma.choose_config(m, n, k, sms))
+            for cfg in ([] if args.no_sweep else sweep_configs(m, n, k, sms)[1:]):
+                if time.time() > deadline:
+                    cell["sweep_cut"] = True
+                    break
+                row: dict = {"config": vars(cfg)}
+                try:
+                    int4_mma.reserve_config(torch.device("cuda"), cfg, m, n)
+                    row["err"] = rel_err(lay.call("mma", x, lay.copies["mma"][0], cfg)(), ref)
+                    if row["err"] < MAX_ERR:
+                        row["us"] = time_calls(lay.calls("mma", x, cfg), max(5, args.reps // 3), False)[1]
+                except Exception as e:                      # noqa: BLE001
+                    row["error"] = f"{e!r}"[:300]
+                cell["sweep"].append(row)
+            timed = [r for r in cell["sweep"] if "us" in r]
+            if timed:
+                cell["mma_best"] = min(timed, key=lambda r: r["us"])
+            cells.append(cell)
+            us = cell["us"]
+            print(f"[{time.time() - t0:6.1f}s] {name} {n}x{k} M={m}: "
+                  + " ".join(f"{k2}={v:.1f}us" for k2, v in us.items())
+                  + (f" mma_best={cell['mma_best']['us']:.1f}us {cell['mma_best']['config']}" if timed else "")
+                  + " err " + " ".join(f"{k2}={v:.1e}" if isinstance(v, float) else f"{k2}={v}"
+                                       for k2, v in cell["err"].items()), flush=True)
+        del lay
+        torch.cuda.empty_cache()
+    return {"device": props.name, "torch": torch.__version__, "group": args.group, "reps": args.reps,
+            "num_sms": sms, "l2_bytes": l2, "ms": args.ms, "cells": cells, "steps": steps(cells, args.ms),
+            "seconds": time.time() - t0}
+
+
+def _good(cell: dict, meth: str) -> float | None:
+    err = cell["err"].get(meth, 0.0)
+    us = cell["us"].get(meth)
+    return us if us is not None and isinstance(err, float) and err < MAX_ERR else None
+
+
+def steps(cells: list[dict], ms: list[int]) -> dict:
+    """Per M: microseconds of one decode step's linears for each way of running them."""
+    out: dict = {}
+    for m in ms:
+        row: dict = {}
+        for cell in (c for c in cells if c["m"] == m):
+            times = {"bf16": _good(cell, "bf16"), "mma": _good(cell, "mma"),
+                     "dispatch": _good(cell, "tinygemm" if m <= tinygemm_max_rows(cell["n"]) else "triton")}
+            best_mma = cell.get("mma_best", {}).get("us")
+            times["mma_best"] = min(v for v in (times["mma"], best_mma) if v is not None) \
+                if (times["mma"] is not None or best_mma is not None) else None
+            int4 = [v for v in (_good(cell, "tinygemm"), _good(cell, "triton"), times["mma_best"]) if v is not None]
+            times["best_int4"] = min(int4) if int4 else None
+            times["tinygemm+mma"] = _good(cell, "tinygemm") if m == 1 else times["mma_best"]
+            mult = 1 if cell["name"] == "lm_head" else N_LAYERS
+            for key, v in times.items():
+                row[key] = None if v is None or row.get(key, 0.0) is None else row.get(key, 0.0) + mult * v
+        out[str(m)] = row
+    return out
+
+
+def markdown(res: dict) -> str:
+    keys = ("bf16", "dispatch", "mma", "mma_best", "best_int4")
+    lines = [f"# int4 mma kernel, {res['device']}, torch {res['torch']}, group {res['group']}", "",
+             "Linears per decode step (16 layers x 4 + LM head), us (speed-up vs bf16):", "",
+             "| M | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
+    for m, row in res["steps"].items():
+        b = row.get("bf16")
+        lines.append(f"| {m} | " + " | ".join(
+            "-" if row.get(k) is None else f"{row[k]:,.0f}" + ("" if not b or k == "bf16" else f" ({b / row[k]:.2f}x)")
+            for k in keys) + " |")
+    lines += ["", "Per shape, us (mma: default config; best: the sweep's fastest correct config):", "",
+              "| shape | M | bf16 | tinygemm | triton | mma | mma best | best config | mma rel err |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for c in res["cells"]:
+        us, best = c["us"], c.get("mma_best", {})
+        f = lambda v: "-" if v is None else f"{v:.1f}"          # noqa: E731
+        err = c["err"].get("mma")
+        lines.append(f"| {c['name']} {c['n']}x{c['k']} | {c['m']} | {f(us.get('bf16'))} | {f(us.get('tinygemm'))} | "
+                     f"{f(us.get('triton'))} | {f(us.get('mma'))} | {f(best.get('us'))} | "
+                     f"{best.get('config', '')} | {err if isinstance(err, str) else f'{err:.1e}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def smoke(group: int) -> int:
+    """``--smoke``: every row count 1..64 in steps, several configs, two small shapes; one line each."""
+    bad = 0
+    for n, k in ((256, 1024), (3072, 2048)):
+        w = torch.randn(n, k, device="cuda") * 0.02
+        q, sz32 = quantize_groupwise(w, group)
+        sz = sz32.to(torch.bfloat16)
+        words, scales = int4_mma.pack(q, sz, group)
+        wd = dequantize_groupwise(q, sz, group)
+        for m in (1, 2, 5, 8, 9, 16, 17, 31, 33, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ wd.t()
+            nt = int4_mma.token_tiles(m)
+            cfgs = [None] + [int4_mma.Config(nt, r, wp, st, sp) for r, wp, st, sp in
+                             ((1, 4, 4, 1), (2, 4, 3, 2), (1, 8, 6, 4), (4, 4, 4, 8), (2, 8, 4, 16))
+                             if (k // 64) % sp == 0 and int4_mma.Config(nt, r, wp, st, sp).smem_bytes() < 48 * 1024]
+            for cfg in cfgs:
+                try:
+                    y = int4_mma.int4_mma_mm(x, words, scales, group, cfg)
+                    y2 = int4_mma.int4_mma_mm(x, words, scales, group, cfg)     # tickets reset for the next launch
+                    torch.cuda.synchronize()
+                    err, same = rel_err(y, ref), bool(torch.equal(y, y2))
+                    ok = err < MAX_ERR and same
+                except Exception as e:                      # noqa: BLE001
+                    err, same, ok = f"{e!r}"[:200], False, False
+                bad += not ok
+                print(f"smoke {n}x{k} M={m} {cfg or 'default'}: rel.err {err} repeat-identical {same} "
+                      f"{'ok' if ok else 'FAIL'}", flush=True)
+    print(f"smoke: {'all ok' if not bad else f'{bad} failed'}")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("int4_mma_bench: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
+        return 2
+    if not int4_mma.available():
+        print("int4_mma_bench: the int4 mma kernel needs compute capability >= 8.0 and torch's NVRTC helpers",
+              file=sys.stderr)
+        return 2
+    if args.smoke:
+        return smoke(args.group)
+    res = run(args)
+    md = markdown(res)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "int4_mma.json").write_text(json.dumps(res, indent=1))
+        (args.out / "int4_mma.md").write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+// W4A16 for decode-sized steps (1-64 rows): 4-bit weights dequantized in registers, bf16 tensor-core MMAs.
+// Compiled at run time with NVRTC (model_server/int4_mma.py owns the layout, the launch and the cache); no headers.
+//
+// y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * scale[k / G, n] + zero[k / G, n])
+//
+// The product runs "swapped": the weight is the MMA's A operand (16 output rows), the activations the B operand
+// (8 tokens), so a step of 1-64 tokens fills the 16-row side with weight rows, not with padding.
+// mma.m16n8k16 bf16: lane = 4 * g + c. A regs: {a0,a1} row g, {a2,a3} row g+8 (logical cols 2c, 2c+1),
+// {a4,a5} row g, {a6,a7} row g+8 (cols 2c+8, 2c+9); B regs: {b0,b1} k 2c, 2c+1, {b2,b3} k 2c+8, 2c+9, token g;
+// C: {c0,c1} row g, tokens 2c, 2c+1; {c2,c3} row g+8.
+// K order: the logical columns of k16 step j (0..3) of a 64-wide block, for lane c, are the physical columns
+// 16c + 4j + {0,1} (first pair) and 16c + 4j + {2,3} (second pair). Any permutation of k applied to both operands
+// leaves the sum unchanged; this one makes each lane's activations 16 contiguous bf16 per block and token (two
+// 16-byte shared loads), and its weights one 16-byte global load per block and 16-row tile.
+//
+// Weight layout (int4_mma.pack): u32 [N/16, K/64, 32 lanes, 4 steps j]; nibble i of the word holds:
+//   0: q[g][p0]  4: q[g][p0+1]  1: q[g+8][p0]  5: q[g+8][p0+1]  2: q[g][p0+2]  6: q[g][p0+3]  3: q[g+8][p0+2]
+//   7: q[g+8][p0+3]   with p0 = 64 * block + 16c + 4j, rows relative to the tile's first row.
+// So (word >> 4i) & 0x000F000F, or'ed with bf16 128.0 (0x4300) in both halves, is the bf16 pair (128 + q, 128 + q')
+// of A register i: exact, no int -> float conversion.
+// Scales: u32 pairs [N/16, K/G, 8 (g)]: x = scale[row g] | scale[row g+8] << 16, y = the same for zero (bf16 bits).
+// Dequantized: w = (v - 136) * scale + zero in bf16x2 FMAs: v - 136 = q - 8 is exact, the second FMA rounds once.
+//
+// Split K (gridDim.y = S > 1): every CTA writes fp32 partial sums to part[S, M, N]; the last CTA of a column
+// (a ticket counted in tickets[blockIdx.x], reset by that CTA) adds the S partials in split order (deterministic)
+// and writes y. The tickets must be zero before the first launch; the buffers belong to one stream at a time.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#define BF2_ONE 0x3F803F80u
+#define BF2_M136 0xC308C308u
+#define BF2_MAGIC 0x43004300u
+
+__device__ __forceinline__ u32 bf2_fma(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ u32 dq(u32 q, int shift, u32 s2, u32 z2) {
+    u32 v = ((q >> shift) & 0x000F000Fu) | BF2_MAGIC;
+    return bf2_fma(bf2_fma(v, BF2_ONE, BF2_M136), s2, z2);
+}
+
+__device__ __forceinline__ void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint2 ldg_u2(const uint2* p) {
+    uint2 v;
+    asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(d) : "r"(a), "r"(sel));
+    return d;
+}
+
+__device__ __forceinline__ void st_cg(float* p, float v) { asm volatile("st.global.cg.f32 [%0], %1;" ::"l"(p), "f"(v)); }
+
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u16 to_bf16(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ u32 word(const uint4& w, int j) { return j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w; }
+
+// NT: 8-token tiles (M <= 8 * NT); R: 16-row tiles per warp; WARPS per CTA (same K range, different rows);
+// STAGES: blocks of 64 k in flight (activations through cp.async into shared memory, weights in registers).
+template <int NT, int R, int WARPS, int STAGES>
+__global__ void __launch_bounds__(WARPS * 32)
+w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* __restrict__ SZ, u16* __restrict__ Y,
+          float* __restrict__ part, int* __restrict__ tickets, int M, int N, int K, int gshift, int kb_per_split) {
+    constexpr int MP = NT * 8;
+    constexpr int XROW = 72;                       // 64 bf16 + 8 of padding: conflict-free 16-byte shared loads
+    constexpr int THREADS = WARPS * 32;
+    extern __shared__ uint4 smem_raw[];
+    u16* xs = reinterpret_cast<u16*>(smem_raw);    // [STAGES][MP][XROW]
+    __shared__ int is_last;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int KB = K >> 6, KG = KB >> gshift, ntiles = N >> 4;
+    const int tile0 = (blockIdx.x * WARPS + warp) * R;
+    const int S = gridDim.y, split = blockIdx.y;
+    const int kb0 = split * kb_per_split, nkb = kb_per_split;
+
+    float acc[R][NT][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int t = 0; t < NT; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[r][t][e] = 0.f;
+
+    uint4 wr[STAGES][R];
+    uint2 sr[STAGES][R];
+
+#define W4_ISSUE(I, ST)                                                                                      \
+    {                                                                                                        \
+        const int i_ = (I);                                                                                  \
+        if (i_ < nkb) {                                                                                      \
+            const int kb = kb0 + i_;                                                                         \
+            for (int idx = threadIdx.x; idx < MP * 8; idx += THREADS) {                                      \
+                const int row = idx >> 3, ch = idx & 7;                                                      \
+                const bool ok = row < M;                                                                     \
+                cp_async16(xs + ((ST) * MP + row) * XROW + ch * 8, X + (size_t)(ok ? row : 0) * K + kb * 64 + ch * 8, \
+                           ok ? 16 : 0);                                                                     \
+            }                                                                                                \
+            _Pragma("unroll") for (int r = 0; r < R; ++r) {                                                  \
+                const int t = tile0 + r;                                                                     \
+                if (t < ntiles) {                                                                            \
+                    wr[ST][r] = ldg_stream(Wp + ((size_t)t * KB + kb) * 32 + lane);                          \
+                    sr[ST][r] = ldg_u2(SZ + ((size_t)t * KG + (kb >> gshift)) * 8 + g);                      \
+                }                                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+        cp_async_commit();                                                                                   \
+    }
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) W4_ISSUE(s, s)
+
+    for (int i0 = 0; i0 < nkb; i0 += STAGES) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            const int i = i0 + s;
+            cp_async_wait<STAGES - 2>();
+            __syncthreads();
+            W4_ISSUE(i + STAGES - 1, (s + STAGES - 1) % STAGES)
+            if (i < nkb) {
+                const u16* xb = xs + s * MP * XROW;
+#pragma unroll
+                for (int jp = 0; jp < 2; ++jp) {
+                    uint4 b[NT];
+#pragma unroll
+                    for (int t = 0; t < NT; ++t)
+                        b[t] = *reinterpret_cast<const uint4*>(xb + (t * 8 + g) * XROW + c * 16 + jp * 8);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) {
+                        const u32 sx = sr[s][r].x, zx = sr[s][r].y;
+                        const u32 s_lo = prmt(sx, 0x1010), s_hi = prmt(sx, 0x3232);
+                        const u32 z_lo = prmt(zx, 0x1010), z_hi = prmt(zx, 0x3232);
+#pragma unroll
+                        for (int jj = 0; jj < 2; ++jj) {
+                            const u32 q = word(wr[s][r], jp * 2 + jj);
+                            const u32 a0 = dq(q, 0, s_lo, z_lo), a1 = dq(q, 4, s_hi, z_hi);
+                            const u32 a2 = dq(q, 8, s_lo, z_lo), a3 = dq(q, 12, s_hi, z_hi);
+#pragma unroll
+                            for (int t = 0; t < NT; ++t)
+                                mma16816(acc[r][t], a0, a1, a2, a3, jj ? b[t].z : b[t].x, jj ? b[t].w : b[t].y);
+                        }
+                    }
+                }
+            }
+        }
+    }
+#undef W4_ISSUE
+    cp_async_wait<0>();
+
+    if (S == 1) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int t16 = tile0 + r;
+            if (t16 >= ntiles) continue;
+            const int n = t16 * 16 + g;
+#pragma unroll
+            for (int t = 0; t < NT; ++t) {
+                const int m = t * 8 + 2 * c;
+                if (m < M) {
+                    Y[(size_t)m * N + n] = to_bf16(acc[r][t][0]);
+                    Y[(size_t)m * N + n + 8] = to_bf16(acc[r][t][2]);
+                }
+                if (m + 1 < M) {
+                    Y[(size_t)(m + 1) * N + n] = to_bf16(acc[r][t][1]);
+                    Y[(size_t)(m + 1) * N + n + 8] = to_bf16(acc[r][t][3]);
+                }
+            }
+        }
+        return;
+    }
+    float* mine = part + (size_t)split * M * N;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int t16 = tile0 + r;
+        if (t16 >= ntiles) continue;
+        const int n = t16 * 16 + g;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            const int m = t * 8 + 2 * c;
+            if (m < M) {
+                st_cg(mine + (size_t)m * N + n, acc[r][t][0]);
+                st_cg(mine + (size_t)m * N + n + 8, acc[r][t][2]);
+            }
+            if (m + 1 < M) {
+                st_cg(mine + (size_t)(m + 1) * N + n, acc[r][t][1]);
+                st_cg(mine + (size_t)(m + 1) * N + n + 8, acc[r][t][3]);
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(tickets + blockIdx.x, 1) == S - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int t16 = tile0 + r;
+        if (t16 >= ntiles) continue;
+        const int n = t16 * 16 + g;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int m = t * 8 + 2 * c + (e & 1), nn = n + (e >> 1) * 8;
+                if (m >= M) continue;
+                float v = 0.f;
+                for (int sp = 0; sp < S; ++sp) v += ld_cg(part + ((size_t)sp * M + m) * N + nn);
+                Y[(size_t)m * N + nn] = to_bf16(v);
+            }
+        }
+    }
+    if (threadIdx.x == 0) tickets[blockIdx.x] = 0;
+}

@@ -1,0 +1,252 @@
+"""A CUDA W4A16 kernel for decode-sized INT4 steps (1-64 rows), compiled at run time with NVRTC.
+
+The Triton kernels (:mod:`model_server.int4_triton`, :mod:`model_server.int4_gemv`) lose to bf16 cuBLAS from 8 rows
+up on the 1B preset's small matrices (docs/benchmarks.md, "INT4 above 8 rows": 0.84-1.02x per step's linears at 8
+and 64 rows on an H200), bound by each program's chain of dependent K-blocks. This kernel
+(``model_server/data/int4_mma.cu``; its header comment is the reference for the math and the layout) takes the
+other road: every warp streams its own 16-row weight tiles with one 16-byte load per 64 columns, dequantizes in
+registers (two bf16x2 FMAs per pair of weights), multiplies on tensor cores with ``mma.sync`` (weights as the
+16-row operand, tokens as the 8-column one), keeps several blocks of weights in flight in registers and the
+activations in a shared-memory ring, and splits K across CTAs where a layer's rows do not fill the card (the last
+CTA of a column adds the partial sums: no second kernel).
+
+Owns: the layout (:func:`pack`), launch configurations (:class:`Config`, :func:`choose_config`), compiling and
+caching the kernel per configuration (:func:`kernel`), the split-K scratch buffers (:func:`reserve`) and the wrapper
+:func:`int4_mma_mm`. Must NOT quantize (``int4_quant``) or pick which kernel a layer runs (``int4``).
+
+Split-K scratch: one pair (fp32 partial sums, zeroed tickets) per device and stream, so work on two streams
+(the engine's and the background warm-up's) never shares one; kernels captured into a CUDA graph use the
+device's graph pair, which must be big enough before capture (:func:`reserve`, called when a layer is built),
+since nothing can be allocated or zeroed while capturing. Like cuBLAS's workspace, these buffers are a cache of
+scratch memory, not state a result depends on.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE_PATH = Path(__file__).with_name("data") / "int4_mma.cu"
+MAX_ROWS = 64                    # steps of more rows run another kernel (int4.py decides)
+BLOCK_K = 64                     # columns per weight load; the group must be a multiple
+XROW = 72                        # bf16 per activation row in shared memory (the .cu's XROW)
+_NIBBLE = ((0, 4, 2, 6), (1, 5, 3, 7))   # [row half h][column p within 4] -> nibble of the 32-bit word
+
+
+def holds(n: int, k: int, group_size: int) -> bool:
+    """Whether the layout holds an ``[n, k]`` weight: N a multiple of 16, K of 64 and of the group, group >= 64."""
+    return n % 16 == 0 and k % BLOCK_K == 0 and group_size % BLOCK_K == 0 and k % group_size == 0 \
+        and group_size & (group_size - 1) == 0
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """CUDA with compute capability >= 8.0 (bf16 ``mma.sync``) and torch's NVRTC helpers present."""
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device(device if device is not None else "cuda")
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 0):
+        return False
+    from torch.cuda import _utils
+    return hasattr(_utils, "_nvrtc_compile") and hasattr(_utils, "_cuda_load_module")
+
+
+def pack(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` uint8 ``[N, K]`` in 0..15 and ``sz`` ``[K/G, N, 2]`` (scale, zero; bf16) -> ``(words int32 [N/16, K/64,
+    32, 4], scales int32 [N/16, K/G, 8, 2])`` in the kernel's layout (the .cu's header)."""
+    n, k = q.shape
+    if not holds(n, k, group_size):
+        raise ValueError(f"the int4 mma layout cannot hold a [{n}, {k}] weight with group size {group_size}")
+    if sz.shape != (k // group_size, n, 2):
+        raise ValueError(f"scales_and_zeros {tuple(sz.shape)} do not match [{k // group_size}, {n}, 2]")
+    t, kb = n // 16, k // BLOCK_K
+    qq = q.to(torch.int64).reshape(t, 2, 8, kb, 4, 4, 4)            # [tile, h, g, block, c, j, p]
+    shifts = torch.tensor(_NIBBLE, dtype=torch.int64, device=q.device).mul_(4).view(1, 2, 1, 1, 1, 1, 4)
+    words = (qq << shifts).sum(dim=(1, 6))                            # [tile, g, block, c, j]
+    words = words.permute(0, 2, 1, 3, 4).reshape(t, kb, 32, 4)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
+    bits = sz.to(torch.bfloat16).contiguous().view(torch.int16).to(torch.int32) & 0xFFFF   # [KG, N, 2]
+    bits = bits.reshape(k // group_size, t, 2, 8, 2)                  # [group, tile, h, g, scale/zero]
+    pairs = bits[:, :, 0].to(torch.int64) | (bits[:, :, 1].to(torch.int64) << 16)     # [group, tile, g, 2]
+    pairs = torch.where(pairs >= 1 << 31, pairs - (1 << 32), pairs).to(torch.int32)
+    return words, pairs.permute(1, 0, 2, 3).contiguous()
+
+
+def unpack(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack`'s weight half: int32 ``[N/16, K/64, 32, 4]`` -> uint8 ``[N, K]`` (tests)."""
+    t, kb = words.shape[:2]
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = w.reshape(t, kb, 8, 4, 4).permute(0, 2, 1, 3, 4)             # [tile, g, block, c, j]
+    shifts = torch.tensor(_NIBBLE, dtype=torch.int64, device=words.device).mul_(4)   # [h, p]
+    q = (w[:, None, :, :, :, :, None] >> shifts.view(1, 2, 1, 1, 1, 1, 4)) & 15   # [tile, h, g, block, c, j, p]
+    return q.reshape(t * 16, kb * BLOCK_K).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Config:
+    nt: int                      # 8-token tiles: rows <= 8 * nt
+    r: int                       # 16-row weight tiles per warp
+    warps: int
+    stages: int
+    split: int                   # CTAs along K (gridDim.y)
+
+    def name(self) -> str:
+        return f"w4a16_mma<{self.nt},{self.r},{self.warps},{self.stages}>"
+
+    def smem_bytes(self) -> int:
+        return self.stages * self.nt * 8 * XROW * 2
+
+    def grid_x(self, n: int) -> int:
+        return -(-(n // 16) // (self.r * self.warps))
+
+
+def token_tiles(m: int) -> int:
+    """8-token tiles for ``m`` rows (1, 2, 4 or 8)."""
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"the int4 mma kernel takes 1..{MAX_ROWS} rows, not {m}")
+    return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+
+
+def choose_config(m: int, n: int, k: int, num_sms: int) -> Config:
+    """A first rule, to be replaced by the GPU sweep (benchmarks/int4_mma_bench.py): 4 warps, 4 stages, one tile
+    per warp up to 16 rows and two above; split K (a power of two dividing the 64-column blocks, >= 4 blocks per
+    split) until the CTAs cover two per SM."""
+    nt = token_tiles(m)
+    cfg = Config(nt, 1 if nt <= 2 else 2, 4, 4, 1)
+    blocks = k // BLOCK_K
+    gx = cfg.grid_x(n)
+    split = 1
+    while gx * split < 2 * num_sms and blocks % (2 * split) == 0 and blocks // (2 * split) >= 4:
+        split *= 2
+    return Config(cfg.nt, cfg.r, cfg.warps, cfg.stages, split)
+
+
+def _cache_dir() -> Path | None:
+    root = os.environ.get("MODEL_SERVER_COMPILE_CACHE", "").strip()
+    return Path(root) / "int4_mma" if root and root != "0" else None
+
+
+@lru_cache(maxsize=None)
+def kernel(name: str, capability: tuple[int, int]) -> Any:
+    """The compiled kernel ``name`` (a :meth:`Config.name`) for a compute capability: NVRTC once per process, the
+    cubin kept under the compile cache (``MODEL_SERVER_COMPILE_CACHE``/int4_mma) when one is set."""
+    from torch.cuda import _utils
+    src = SOURCE_PATH.read_text()
+    arch = f"{capability[0]}{capability[1]}"
+    key = hashlib.sha256(f"{src}\0{name}\0{arch}\0{torch.version.cuda}".encode()).hexdigest()[:24]
+    cache = _cache_dir()
+    path = None if cache is None else cache / f"{key}.cubin"
+    mangled_path = None if path is None else path.with_suffix(".name")
+    if path is not None and path.is_file() and mangled_path is not None and mangled_path.is_file():
+        cubin, mangled = path.read_bytes(), mangled_path.read_text()
+    else:
+        cubin, mangled = _utils._nvrtc_compile(src, name, compute_capability=arch, nvcc_options=["-std=c++17"])
+        if path is not None and mangled_path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_bytes(cubin)
+                tmp.replace(path)
+                mangled_path.write_text(mangled)
+            except OSError:
+                pass                                   # a read-only cache: compile again next start
+    return _utils._cuda_load_module(cubin, [mangled])[mangled]
+
+
+class _Scratch:
+    """Split-K partial sums (fp32) and zeroed tickets for one device and stream (or the device's graphs)."""
+
+    def __init__(self, device: torch.device, part: int, tickets: int) -> None:
+        self.part = torch.empty(max(part, 1), device=device, dtype=torch.float32)
+        self.tickets = torch.zeros(max(tickets, 1), device=device, dtype=torch.int32)
+        self.retired: list[_Scratch] = []           # graphs captured earlier may still point at older buffers
+
+    def fits(self, part: int, tickets: int) -> bool:
+        return self.part.numel() >= part and self.tickets.numel() >= tickets
+
+
+_SCRATCH: dict[tuple[int, Any], _Scratch] = {}
+
+
+def _needs(cfg: Config, m: int, n: int) -> tuple[int, int]:
+    return (cfg.split * m * n if cfg.split > 1 else 0), (cfg.grid_x(n) if cfg.split > 1 else 0)
+
+
+def _scratch(device: torch.device, key: Any, part: int, tickets: int, grow: bool) -> _Scratch:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cur = _SCRATCH.get((idx, key))
+    if cur is not None and cur.fits(part, tickets):
+        return cur
+    if not grow:
+        raise RuntimeError(f"int4 mma: the graph scratch holds less than this step needs ({part} partial sums, "
+                           f"{tickets} tickets); int4_mma.reserve() the layer before capturing")
+    new = _Scratch(device, max(part, 0 if cur is None else cur.part.numel()),
+                   max(tickets, 0 if cur is None else cur.tickets.numel()))
+    if cur is not None:
+        new.retired = cur.retired + [cur]
+    _SCRATCH[(idx, key)] = new
+    return new
+
+
+def reserve(device: torch.device | str, n: int, k: int, max_rows: int = MAX_ROWS) -> None:
+    """Size the device's graph scratch for an ``[n, k]`` layer at every row count up to ``max_rows`` (call outside
+    capture, e.g. when the layer is built)."""
+    device = torch.device(device)
+    sms = _num_sms(device)
+    part = tickets = 0
+    for m in sorted({1, 8, 9, 16, 17, 32, 33, max_rows}):
+        if m <= max_rows:
+            p, t = _needs(choose_config(m, n, k, sms), m, n)
+            part, tickets = max(part, p), max(tickets, t)
+    _scratch(device, "graph", part, tickets, grow=True)
+
+
+def reserve_config(device: torch.device | str, cfg: Config, m: int, n: int) -> None:
+    """Size the device's graph scratch for one configuration (benchmark sweeps capture configs of their own)."""
+    part, tickets = _needs(cfg, m, n)
+    _scratch(torch.device(device), "graph", part, tickets, grow=True)
+
+
+@lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def int4_mma_mm(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, group_size: int,
+                config: Config | None = None) -> torch.Tensor:
+    """``y [M, N] = x2d [M, K] @ dequant(W)[N, K]^T`` in bf16 (fp32 accumulation), ``1 <= M <= MAX_ROWS``;
+    ``words``/``scales`` as :func:`pack` makes them; ``config`` overrides :func:`choose_config` (sweeps)."""
+    m, k = x2d.shape
+    t, kb = words.shape[:2]
+    n = t * 16
+    if x2d.dtype != torch.bfloat16 or kb * BLOCK_K != k or scales.shape[:2] != (t, k // group_size) \
+            or not holds(n, k, group_size):
+        raise ValueError(f"x {tuple(x2d.shape)} {x2d.dtype}, words {tuple(words.shape)}, scales "
+                         f"{tuple(scales.shape)} do not match group {group_size} (bf16 activations)")
+    if m == 0:
+        return x2d.new_empty((0, n))
+    x2d = x2d.contiguous()
+    if x2d.data_ptr() % 16:                            # the kernel's 16-byte activation loads
+        x2d = x2d.clone()
+    dev = x2d.device
+    cfg = config or choose_config(m, n, k, _num_sms(dev))
+    if cfg.nt * 8 < m or kb % cfg.split:
+        raise ValueError(f"config {cfg} does not fit {m} rows and {kb} blocks")
+    fn = kernel(cfg.name(), torch.cuda.get_device_capability(dev))
+    y = torch.empty((m, n), device=dev, dtype=torch.bfloat16)
+    part, tickets = _needs(cfg, m, n)
+    if torch.cuda.is_current_stream_capturing():
+        sc = _scratch(dev, "graph", part, tickets, grow=False)
+    else:
+        sc = _scratch(dev, torch.cuda.current_stream(dev).cuda_stream, part, tickets, grow=True)
+    smem = cfg.smem_bytes()
+    if smem >= 48 * 1024 and fn._max_shared_mem_bytes < smem:
+        fn.set_shared_memory_config(smem)
+    gshift = (group_size // BLOCK_K).bit_length() - 1
+    fn(grid=(cfg.grid_x(n), cfg.split, 1), block=(cfg.warps * 32, 1, 1),
+       args=[x2d, words, scales, y, sc.part, sc.tickets, m, n, k, gshift, kb // cfg.split], shared_mem=smem)
+    return y

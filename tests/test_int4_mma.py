@@ -1,0 +1,130 @@
+"""The CUDA W4A16 kernel's layout and launch rules (model_server/int4_mma.py), on CPU.
+
+The kernel itself needs a GPU; here its arithmetic is replayed fragment by fragment, as the PTX ISA defines the
+operands of ``mma.m16n8k16`` and as ``int4_mma.cu`` fills them (the 16-byte activation loads, the word's nibbles,
+the bf16x2 dequantization), and the result is compared with ``x @ dequant(q).T``. A wrong nibble order, K order
+or scale pairing in :func:`int4_mma.pack` fails it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_server import int4_mma
+from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
+
+
+def _bf16_bits_to_float(bits: torch.Tensor) -> torch.Tensor:
+    return (bits.to(torch.int32) << 16).view(torch.float32)
+
+
+def _dq(word: torch.Tensor, shift: int, s_bits: torch.Tensor, z_bits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernel's ``dq``: the two bf16 halves of ((word >> shift) & 0x000F000F | 0x43004300), minus 136, times
+    the scale plus the zero, rounded once to bf16."""
+    v = ((word >> shift) & 0x000F000F) | 0x43004300
+    out = []
+    for half in (v & 0xFFFF, (v >> 16) & 0xFFFF):
+        q8 = _bf16_bits_to_float(half) - 136.0                         # exact: q - 8
+        s, z = _bf16_bits_to_float(s_bits), _bf16_bits_to_float(z_bits)
+        out.append((q8.double() * s.double() + z.double()).float().to(torch.bfloat16).float())
+    return tuple(out)
+
+
+def emulate(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """y [M, N] as the kernel computes it, one 16x16 A fragment and 16x8 B fragment per lane at a time."""
+    m, k = x.shape
+    t, kb = words.shape[:2]
+    n = t * 16
+    w64 = words.to(torch.int64) & 0xFFFFFFFF
+    sc = scales.to(torch.int64) & 0xFFFFFFFF                            # [tile, group, g, 2]
+    xp = torch.zeros(8 * ((m + 7) // 8), k)
+    xp[:m] = x.float()
+    y = torch.zeros(n, xp.shape[0])
+    for blk in range(kb):
+        grp = blk * 64 // group
+        for j in range(4):
+            a = torch.zeros(t, 16, 16)                                  # logical A per tile: [row, col]
+            b = torch.zeros(16, xp.shape[0])                            # logical B: [k, token]
+            for lane in range(32):
+                g, c = lane >> 2, lane & 3
+                word = w64[:, blk, lane, j]                             # [tile]
+                sx, zx = sc[:, grp, g, 0], sc[:, grp, g, 1]
+                s_lo, s_hi, z_lo, z_hi = sx & 0xFFFF, (sx >> 16) & 0xFFFF, zx & 0xFFFF, (zx >> 16) & 0xFFFF
+                a0, a1 = _dq(word, 0, s_lo, z_lo)
+                a2, a3 = _dq(word, 4, s_hi, z_hi)
+                a4, a5 = _dq(word, 8, s_lo, z_lo)
+                a6, a7 = _dq(word, 12, s_hi, z_hi)
+                a[:, g, 2 * c], a[:, g, 2 * c + 1] = a0, a1             # PTX ISA, m16n8k16 A fragment
+                a[:, g + 8, 2 * c], a[:, g + 8, 2 * c + 1] = a2, a3
+                a[:, g, 2 * c + 8], a[:, g, 2 * c + 9] = a4, a5
+                a[:, g + 8, 2 * c + 8], a[:, g + 8, 2 * c + 9] = a6, a7
+                # the 16-byte shared load at 16c + 8 * (j // 2); step j uses its (x, y) or (z, w) pair
+                base = blk * 64 + 16 * c + 8 * (j // 2) + 4 * (j % 2)
+                for tok0 in range(0, xp.shape[0], 8):
+                    tok = tok0 + g
+                    b[2 * c, tok], b[2 * c + 1, tok] = xp[tok, base], xp[tok, base + 1]
+                    b[2 * c + 8, tok], b[2 * c + 9, tok] = xp[tok, base + 2], xp[tok, base + 3]
+            y += (a @ b).reshape(n, -1)
+    return y[:, :m].t()
+
+
+@pytest.mark.parametrize("m,n,k,group", [(1, 32, 128, 128), (5, 16, 256, 64), (9, 48, 256, 128)])
+def test_fragment_replay_matches_the_dequantized_product(m: int, n: int, k: int, group: int) -> None:
+    torch.manual_seed(m * 7 + n)
+    w = torch.randn(n, k) * 0.05
+    q, sz32 = quantize_groupwise(w, group)
+    sz = sz32.to(torch.bfloat16)
+    words, scales = int4_mma.pack(q, sz, group)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    ref = x.float() @ dequantize_groupwise(q, sz, group).to(torch.bfloat16).float().t()
+    got = emulate(x, words, scales, group)
+    assert got.shape == (m, n)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), (got - ref).abs().max()
+
+
+def test_pack_unpack_round_trip_and_shapes() -> None:
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (64, 256), dtype=torch.uint8)
+    sz = torch.randn(2, 64, 2).to(torch.bfloat16)
+    words, scales = int4_mma.pack(q, sz, 128)
+    assert words.dtype == torch.int32 and words.shape == (4, 4, 32, 4)
+    assert scales.dtype == torch.int32 and scales.shape == (4, 2, 8, 2)
+    assert torch.equal(int4_mma.unpack(words), q)
+    # scale pair of lane group g in tile t: rows t*16+g (low half) and t*16+g+8 (high half)
+    bits = sz.view(torch.int16).to(torch.int32) & 0xFFFF
+    assert int(scales[1, 0, 3, 0]) & 0xFFFF == int(bits[0, 16 + 3, 0])
+    assert (int(scales[1, 0, 3, 1]) >> 16) & 0xFFFF == int(bits[0, 16 + 3 + 8, 1])
+
+
+@pytest.mark.parametrize("n,k,group,ok", [(3072, 2048, 128, True), (2048, 8192, 64, True), (24, 2048, 128, False),
+                                          (2048, 2048, 32, False), (2048, 96, 64, False), (2048, 2048, 96, False)])
+def test_holds(n: int, k: int, group: int, ok: bool) -> None:
+    assert int4_mma.holds(n, k, group) is ok
+    if not ok:
+        with pytest.raises(ValueError, match="cannot hold"):
+            int4_mma.pack(torch.zeros(n, k, dtype=torch.uint8), torch.zeros(max(k // group, 1), n, 2), group)
+
+
+@pytest.mark.parametrize("m", [1, 8, 9, 16, 17, 33, 64])
+@pytest.mark.parametrize("n,k", [(3072, 2048), (2048, 8192), (16384, 2048), (128256, 2048)])
+def test_choose_config_fits_the_step(m: int, n: int, k: int) -> None:
+    cfg = int4_mma.choose_config(m, n, k, 132)
+    blocks = k // int4_mma.BLOCK_K
+    assert cfg.nt * 8 >= m and (cfg.nt == 1 or (cfg.nt // 2) * 8 < m)
+    assert blocks % cfg.split == 0 and blocks // cfg.split >= 4
+    assert cfg.smem_bytes() < 48 * 1024
+    assert cfg.grid_x(n) * cfg.r * cfg.warps * 16 >= n
+    if n >= 65536:
+        assert cfg.split == 1                        # the LM head fills the card without splitting K
+
+
+def test_token_tiles_rejects_rows_out_of_range() -> None:
+    with pytest.raises(ValueError, match="1..64 rows"):
+        int4_mma.token_tiles(65)
+    with pytest.raises(ValueError, match="1..64 rows"):
+        int4_mma.token_tiles(0)
+
+
+def test_source_is_shipped_with_the_package() -> None:
+    src = int4_mma.SOURCE_PATH.read_text()
+    assert "w4a16_mma" in src and "mma.sync.aligned.m16n8k16" in src
+    assert f"XROW = {int4_mma.XROW}" in src
