@@ -54,17 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sweep_configs(m: int, n: int, k: int, sms: int) -> list[int4_mma.Config]:
-    """Tiles per warp 1/2/4 x warps 4/8 at 4 stages, and stages 3/6 at the default tiles, each at split K 1..16
-    (>= 2 blocks per split; shared memory under 48 KB); the default config first."""
+    """Tiles per warp 1/2/4 x warps 4/8 at 4 stages, and stages 2/3/6/8 at the default tiles, each at split K 1..16
+    (>= 2 blocks per split; shared memory up to int4_mma.MAX_SMEM); the default config first."""
     nt = int4_mma.token_tiles(m)
     blocks = k // int4_mma.BLOCK_K
     base = int4_mma.choose_config(m, n, k, sms)
     out = [base]
-    shapes = [(r, w, 4) for r in (1, 2, 4) for w in (4, 8)] + [(base.r, base.warps, st) for st in (3, 6)]
+    shapes = [(r, w, 4) for r in (1, 2, 4) for w in (4, 8)] + [(base.r, base.warps, st) for st in (2, 3, 6, 8)]
     for r, warps, stages in shapes:
         for split in (1, 2, 4, 8, 16):
             cfg = int4_mma.Config(nt, r, warps, stages, split)
-            if blocks % split or blocks // split < 2 or cfg.smem_bytes() >= 48 * 1024 or cfg in out:
+            if blocks % split or blocks // split < 2 or cfg.smem_bytes() > int4_mma.MAX_SMEM or cfg in out:
                 continue
             if nt * r > 16 or cfg.grid_x(n) * split > 16 * sms:
                 continue
@@ -226,7 +226,7 @@ def smoke(group: int) -> int:
             nt = int4_mma.token_tiles(m)
             cfgs = [None] + [int4_mma.Config(nt, r, wp, st, sp) for r, wp, st, sp in
                              ((1, 4, 4, 1), (2, 4, 3, 2), (1, 8, 6, 4), (4, 4, 4, 8), (2, 8, 4, 16))
-                             if (k // 64) % sp == 0 and int4_mma.Config(nt, r, wp, st, sp).smem_bytes() < 48 * 1024]
+                             if (k // 64) % sp == 0 and int4_mma.Config(nt, r, wp, st, sp).smem_bytes() <= int4_mma.MAX_SMEM]
             for cfg in cfgs:
                 try:
                     y = int4_mma.int4_mma_mm(x, words, scales, group, cfg)

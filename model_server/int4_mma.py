@@ -6,9 +6,9 @@ and 64 rows on an H200), bound by each program's chain of dependent K-blocks. Th
 (``model_server/data/int4_mma.cu``; its header comment is the reference for the math and the layout) takes the
 other road: every warp streams its own 16-row weight tiles with one 16-byte load per 64 columns, dequantizes in
 registers (two bf16x2 FMAs per pair of weights), multiplies on tensor cores with ``mma.sync`` (weights as the
-16-row operand, tokens as the 8-column one), keeps several blocks of weights in flight in registers and the
-activations in a shared-memory ring, and splits K across CTAs where a layer's rows do not fill the card (the last
-CTA of a column adds the partial sums: no second kernel).
+16-row operand, tokens as the 8-column one), keeps several 64-column blocks in flight (activations, weights and
+scales in one shared-memory ring fed by ``cp.async``), and splits K across CTAs where a layer's rows do not fill the
+card (the last CTA of a column adds the partial sums: no second kernel).
 
 Owns: the layout (:func:`pack`), launch configurations (:class:`Config`, :func:`choose_config`), compiling and
 caching the kernel per configuration (:func:`kernel`), the split-K scratch buffers (:func:`reserve`) and the wrapper
@@ -35,6 +35,7 @@ SOURCE_PATH = Path(__file__).with_name("data") / "int4_mma.cu"
 MAX_ROWS = 64                    # steps of more rows run another kernel (int4.py decides)
 BLOCK_K = 64                     # columns per weight load; the group must be a multiple
 XROW = 72                        # bf16 per activation row in shared memory (the .cu's XROW)
+MAX_SMEM = 99 * 1024             # dynamic shared memory a config may ask for (sm_86's opt-in limit; H100: 227 KB)
 _NIBBLE = ((0, 4, 2, 6), (1, 5, 3, 7))   # [row half h][column p within 4] -> nibble of the 32-bit word
 
 
@@ -98,7 +99,8 @@ class Config:
         return f"w4a16_mma<{self.nt},{self.r},{self.warps},{self.stages}>"
 
     def smem_bytes(self) -> int:
-        return self.stages * self.nt * 8 * XROW * 2
+        """Dynamic shared memory: per stage the activations, the warps' weight tiles and their scales (the .cu)."""
+        return self.stages * (self.nt * 8 * XROW * 2 + self.warps * self.r * (512 + 64))
 
     def grid_x(self, n: int) -> int:
         return -(-(n // 16) // (self.r * self.warps))
@@ -117,6 +119,8 @@ def choose_config(m: int, n: int, k: int, num_sms: int) -> Config:
     split) until the CTAs cover two per SM."""
     nt = token_tiles(m)
     cfg = Config(nt, 1 if nt <= 2 else 2, 4, 4, 1)
+    while cfg.smem_bytes() > MAX_SMEM and cfg.stages > 2:
+        cfg = Config(cfg.nt, cfg.r, cfg.warps, cfg.stages - 1, 1)
     blocks = k // BLOCK_K
     gx = cfg.grid_x(n)
     split = 1
@@ -216,6 +220,21 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _allow_smem(fn: Any, smem: int) -> None:
+    """Opt the kernel in to ``smem`` bytes of dynamic shared memory (above the default 48 KB) once."""
+    if getattr(fn, "_max_shared_mem_bytes", 0) >= smem or getattr(fn, "_int4_mma_smem", 0) >= smem:
+        return
+    if hasattr(fn, "set_shared_memory_config"):
+        fn.set_shared_memory_config(smem)
+    else:                                              # older torch: the driver call itself
+        import ctypes
+
+        from torch.cuda import _utils
+        _utils._check_cuda(_utils._get_gpu_runtime_library().cuFuncSetAttribute(
+            fn.func, 8, ctypes.c_int(smem)))           # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    fn._int4_mma_smem = smem
+
+
 def int4_mma_mm(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, group_size: int,
                 config: Config | None = None) -> torch.Tensor:
     """``y [M, N] = x2d [M, K] @ dequant(W)[N, K]^T`` in bf16 (fp32 accumulation), ``1 <= M <= MAX_ROWS``;
@@ -244,8 +263,8 @@ def int4_mma_mm(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, gr
     else:
         sc = _scratch(dev, torch.cuda.current_stream(dev).cuda_stream, part, tickets, grow=True)
     smem = cfg.smem_bytes()
-    if smem >= 48 * 1024 and fn._max_shared_mem_bytes < smem:
-        fn.set_shared_memory_config(smem)
+    if smem >= 48 * 1024:
+        _allow_smem(fn, smem)
     gshift = (group_size // BLOCK_K).bit_length() - 1
     fn(grid=(cfg.grid_x(n), cfg.split, 1), block=(cfg.warps * 32, 1, 1),
        args=[x2d, words, scales, y, sc.part, sc.tickets, m, n, k, gshift, kb // cfg.split], shared_mem=smem)

@@ -65,19 +65,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-__device__ __forceinline__ uint4 ldg_stream(const uint4* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-
-__device__ __forceinline__ uint2 ldg_u2(const uint2* p) {
-    uint2 v;
-    asm volatile("ld.global.nc.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
-    return v;
-}
-
 __device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
     u32 d;
     asm("prmt.b32 %0, %1, 0, %2;" : "=r"(d) : "r"(a), "r"(sel));
@@ -101,7 +88,7 @@ __device__ __forceinline__ u16 to_bf16(float f) {
 __device__ __forceinline__ u32 word(const uint4& w, int j) { return j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w; }
 
 // NT: 8-token tiles (M <= 8 * NT); R: 16-row tiles per warp; WARPS per CTA (same K range, different rows);
-// STAGES: blocks of 64 k in flight (activations through cp.async into shared memory, weights in registers).
+// STAGES: blocks of 64 k in flight (activations, weights and scales through cp.async into shared memory).
 template <int NT, int R, int WARPS, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32)
 w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* __restrict__ SZ, u16* __restrict__ Y,
@@ -109,8 +96,11 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
     constexpr int MP = NT * 8;
     constexpr int XROW = 72;                       // 64 bf16 + 8 of padding: conflict-free 16-byte shared loads
     constexpr int THREADS = WARPS * 32;
+    constexpr int XB = MP * XROW * 2, WB = WARPS * R * 512, STAGE = XB + WB + WARPS * R * 64;
+    // one stage: activations [MP][XROW] bf16, weights [WARPS * R][32 lanes] uint4, scales [WARPS * R][8] uint2;
+    // everything arrives through cp.async, so one wait per block covers all three
     extern __shared__ uint4 smem_raw[];
-    u16* xs = reinterpret_cast<u16*>(smem_raw);    // [STAGES][MP][XROW]
+    char* smem = reinterpret_cast<char*>(smem_raw);
     __shared__ int is_last;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -128,25 +118,28 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[r][t][e] = 0.f;
 
-    uint4 wr[STAGES][R];
-    uint2 sr[STAGES][R];
-
+#define W4_X(ST) reinterpret_cast<u16*>(smem + (ST) * STAGE)
+#define W4_W(ST) reinterpret_cast<uint4*>(smem + (ST) * STAGE + XB)
+#define W4_S(ST) reinterpret_cast<uint2*>(smem + (ST) * STAGE + XB + WB)
 #define W4_ISSUE(I, ST)                                                                                      \
     {                                                                                                        \
         const int i_ = (I);                                                                                  \
         if (i_ < nkb) {                                                                                      \
             const int kb = kb0 + i_;                                                                         \
+            u16* xs_ = W4_X(ST);                                                                             \
             for (int idx = threadIdx.x; idx < MP * 8; idx += THREADS) {                                      \
                 const int row = idx >> 3, ch = idx & 7;                                                      \
                 const bool ok = row < M;                                                                     \
-                cp_async16(xs + ((ST) * MP + row) * XROW + ch * 8, X + (size_t)(ok ? row : 0) * K + kb * 64 + ch * 8, \
+                cp_async16(xs_ + row * XROW + ch * 8, X + (size_t)(ok ? row : 0) * K + kb * 64 + ch * 8,     \
                            ok ? 16 : 0);                                                                     \
             }                                                                                                \
             _Pragma("unroll") for (int r = 0; r < R; ++r) {                                                  \
-                const int t = tile0 + r;                                                                     \
+                const int t = tile0 + r, slot = warp * R + r;                                                \
                 if (t < ntiles) {                                                                            \
-                    wr[ST][r] = ldg_stream(Wp + ((size_t)t * KB + kb) * 32 + lane);                          \
-                    sr[ST][r] = ldg_u2(SZ + ((size_t)t * KG + (kb >> gshift)) * 8 + g);                      \
+                    cp_async16(W4_W(ST) + slot * 32 + lane, Wp + ((size_t)t * KB + kb) * 32 + lane, 16);     \
+                    if (lane < 4)                                                                            \
+                        cp_async16(W4_S(ST) + slot * 8 + lane * 2,                                           \
+                                   SZ + ((size_t)t * KG + (kb >> gshift)) * 8 + lane * 2, 16);               \
                 }                                                                                            \
             }                                                                                                \
         }                                                                                                    \
@@ -164,7 +157,7 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
             __syncthreads();
             W4_ISSUE(i + STAGES - 1, (s + STAGES - 1) % STAGES)
             if (i < nkb) {
-                const u16* xb = xs + s * MP * XROW;
+                const u16* xb = W4_X(s);
 #pragma unroll
                 for (int jp = 0; jp < 2; ++jp) {
                     uint4 b[NT];
@@ -173,12 +166,14 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
                         b[t] = *reinterpret_cast<const uint4*>(xb + (t * 8 + g) * XROW + c * 16 + jp * 8);
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
-                        const u32 sx = sr[s][r].x, zx = sr[s][r].y;
+                        const uint4 wv = W4_W(s)[(warp * R + r) * 32 + lane];
+                        const uint2 szv = W4_S(s)[(warp * R + r) * 8 + g];
+                        const u32 sx = szv.x, zx = szv.y;
                         const u32 s_lo = prmt(sx, 0x1010), s_hi = prmt(sx, 0x3232);
                         const u32 z_lo = prmt(zx, 0x1010), z_hi = prmt(zx, 0x3232);
 #pragma unroll
                         for (int jj = 0; jj < 2; ++jj) {
-                            const u32 q = word(wr[s][r], jp * 2 + jj);
+                            const u32 q = word(wv, jp * 2 + jj);
                             const u32 a0 = dq(q, 0, s_lo, z_lo), a1 = dq(q, 4, s_hi, z_hi);
                             const u32 a2 = dq(q, 8, s_lo, z_lo), a3 = dq(q, 12, s_hi, z_hi);
 #pragma unroll
@@ -191,6 +186,9 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
         }
     }
 #undef W4_ISSUE
+#undef W4_X
+#undef W4_W
+#undef W4_S
     cp_async_wait<0>();
 
     if (S == 1) {
