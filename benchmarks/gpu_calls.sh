@@ -72,7 +72,9 @@
 #                                            act order) at 1/8/64 (SS_QUANTS, SS_CONC change the set; 10 s windows) (~9 min)
 #   bash benchmarks/gpu_calls.sh mma        # issue 17: the CUDA W4A16 kernel (int4_mma.py, NVRTC) per merged shape and the LM
 #                                            head at MMA_MS (1,8,16,32,64) against bf16, tinygemm and the Triton GEMM, with a
-#                                            sweep of its configs (MMA_BUDGET s, default 300); torch only (~6 min)
+#                                            sweep of its configs (MMA_BUDGET s, default 300; --no-sweep: MMA_SWEEP=0); torch
+#                                            only (~6 min). MMA_SS=1: then steady_state.py in-process, SS_QUANTS (bf16,int4:mma)
+#                                            at SS_CONC (1,8,64), needs the wheels (~6 min more)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
@@ -84,7 +86,7 @@
 set -u
 case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
-if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mma ] && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
+if [ "$1" != kernels ] && [ "$1" != gemv ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
@@ -245,8 +247,16 @@ case "${1:-}" in
     timeout 150 python3 benchmarks/int4_mma_bench.py --smoke > "$out/mma_smoke.log" 2>&1; echo "smoke rc $?"
     grep -c " ok$" "$out/mma_smoke.log"; grep -E "FAIL|smoke:" "$out/mma_smoke.log" | head -20
     timeout "$(( ${MMA_BUDGET:-300} + 240 ))" python3 benchmarks/int4_mma_bench.py --ms "${MMA_MS:-1,8,16,32,64}" \
-      --sweep-budget-s "${MMA_BUDGET:-300}" --out "$out/mma" > "$out/mma.log" 2>&1; echo "int4_mma_bench rc $?"
-    grep -B2 -A12 "Linears per decode step" "$out/mma.log"; grep -E "M=(1|8|64):" "$out/mma.log" | cut -c1-260 ;;
+      --sweep-budget-s "${MMA_BUDGET:-300}" $([ "${MMA_SWEEP:-1}" = 0 ] && echo --no-sweep) --out "$out/mma" \
+      > "$out/mma.log" 2>&1; echo "int4_mma_bench rc $?"
+    grep -B2 -A12 "Linears per decode step" "$out/mma.log"; grep -E "M=(1|8|64):" "$out/mma.log" | cut -c1-260
+    if [ "${MMA_SS:-0}" = 1 ]; then    # then the steady state in-process: bf16 vs INT4 with the mma kernel (SS_QUANTS, SS_CONC)
+      [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+      timeout "${SS_SECONDS:-400}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/ss" --quants "${SS_QUANTS:-bf16,int4:mma}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
+        > "$out/steady_state.log" 2>&1; echo "steady_state rc $?"; tail -12 "$out/steady_state.log"; grep -i -E "warn|error" \
+        "$out/steady_state.log" | head -5
+    fi ;;
   readw)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 200 python3 benchmarks/read_weights.py --model-dir /tmp/m1b --device cuda --reps 5 --commit "$EDGE_EVAL_COMMIT" \

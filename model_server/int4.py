@@ -26,7 +26,9 @@ compute capability, so it is testable without a GPU):
 * ``mixed``: int4pack up to :func:`tinygemm_max_rows` rows (8; fewer on wide layers: 5, 3), the Triton GEMM
   above (``rows_kernel`` ``"triton"``); it keeps
   a second copy of the 4-bit weights in Triton's layout (INT4's bytes double; /info's measured weight bytes count both);
-* ``triton-gemm``: the Triton GEMM for every row count (one layout; for comparisons).
+* ``triton-gemm``: the Triton GEMM for every row count (one layout; for comparisons);
+* ``mma``: the CUDA kernel of :mod:`model_server.int4_mma` (NVRTC; ``int4_kernel`` ``"mma"``) up to ``MMA_MAX_ROWS``
+  rows, the Triton GEMM above (two layouts, as ``mixed``).
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 
 TINYGEMM_MAX_ROWS = 8        # with rows_kernel "triton": steps of more rows than this run Triton
 WIDE_LAYERS = ((65536, 3), (16384, 5))   # ... except layers of at least this many outputs: (width, bound)
 GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this many rows run int4_gemv
-KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm")
+MMA_MAX_ROWS = 16            # with int4_kernel "mma": steps of at most this many rows run int4_mma, more the Triton GEMM
+KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm", "mma")
 AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton (from the H200 sweep)
 
 
@@ -53,14 +56,14 @@ class ComputeChoice:
     """What the engine computes in on a device: activation dtype and the INT4 kernel it can use."""
 
     dtype: torch.dtype
-    int4_kernel: str             # "cuda-int4pack" | "cpu-int4pack" | "dequant" | "triton"
+    int4_kernel: str             # "cuda-int4pack" | "cpu-int4pack" | "dequant" | "triton" | "mma"
     reason: str
     rows_kernel: str | None = None   # "triton": steps of more than tinygemm_max_rows() rows run the Triton GEMM;
                                      # "gemv" (with int4_kernel "triton"): steps of <= GEMV_MAX_ROWS run int4_gemv
 
 
 def choose_compute(device_type: str, capability: tuple[int, int] | None, triton: bool = False,
-                   mode: str = "auto") -> ComputeChoice:
+                   mode: str = "auto", mma: bool = False) -> ComputeChoice:
     """CUDA >= 8.0 (Ampere and later): bf16 with the kernels ``mode`` names (module docstring; Triton's need
     ``triton``, importable); fp16 + dequantize below 8.0 (T4 is 7.5); CPU: bf16 + int4pack."""
     if mode not in KERNEL_MODES:
@@ -75,6 +78,11 @@ def choose_compute(device_type: str, capability: tuple[int, int] | None, triton:
         mode = AUTO_MODE if triton else "tinygemm"
     if mode != "tinygemm" and not triton:
         raise SwitchValueError(f"MODEL_SERVER_INT4_KERNELS={mode}, but Triton is not importable")
+    if mode == "mma":
+        if not mma:
+            raise SwitchValueError("MODEL_SERVER_INT4_KERNELS=mma, but torch's NVRTC helpers are missing")
+        return ComputeChoice(torch.bfloat16, "mma", why + f"; CUDA mma kernel up to {MMA_MAX_ROWS} rows, Triton "
+                             "GEMM above", rows_kernel="triton")
     if mode == "triton":
         return ComputeChoice(torch.bfloat16, "triton", why + f"; Triton: small-rows kernel up to {GEMV_MAX_ROWS} "
                              "rows, GEMM above", rows_kernel="gemv")
@@ -91,11 +99,12 @@ def device_compute(device: torch.device | str) -> ComputeChoice:
     device = torch.device(device)
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     mode = os.environ.get("MODEL_SERVER_INT4_KERNELS", "auto").strip() or "auto"
-    triton = False
+    triton = mma = False
     if device.type == "cuda" and mode != "tinygemm" and cap is not None and tuple(cap) >= (8, 0):
-        from model_server import int4_triton
+        from model_server import int4_mma, int4_triton
         triton = int4_triton.available()
-    return choose_compute(device.type, cap, triton, mode)
+        mma = mode == "mma" and int4_mma.available(device)
+    return choose_compute(device.type, cap, triton, mode, mma)
 
 
 def _pack(q: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -125,12 +134,18 @@ def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_featur
     (the GEMM) or ``int4_kernel`` itself (the module docstring's modes; :class:`Int4Linear` and the benchmarks)."""
     if int4_kernel == "triton":
         return "gemv" if rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS else "triton"
+    if int4_kernel == "mma":
+        return "mma" if rows <= MMA_MAX_ROWS else "triton"
     return "triton" if rows_kernel == "triton" and rows > tinygemm_max_rows(out_features) else int4_kernel
 
 
 def holds(n: int, k: int, group_size: int, kernel: str | None = None) -> bool:
     """Whether the int4pack layout holds an ``[n, k]`` weight: K a multiple of the group and of 16 * inner tiles,
     N of 8 (of 16 for ``kernel`` ``cpu-int4pack``: the CPU packing's own rule)."""
+    if kernel == "mma":
+        from model_server.int4_mma import holds as mma_holds
+        if not mma_holds(n, k, group_size):
+            return False
     return (group_size in GROUP_SIZES and k % group_size == 0 and k % (16 * INNER_K_TILES) == 0
             and n % (16 if kernel == "cpu-int4pack" else 8) == 0)
 
@@ -181,7 +196,13 @@ class Int4Linear(nn.Module):
         self.compute_dtype = choice.dtype
         dev = q.device
         sz = sz.to(device=dev, dtype=choice.dtype)
-        if self.kernel != "triton":
+        if self.kernel == "mma":
+            from model_server import int4_mma
+            words, scales = int4_mma.pack(q, sz, group_size)
+            self.register_buffer("mma_words", words)
+            self.register_buffer("mma_scales", scales)
+            int4_mma.reserve(dev, n, k, MMA_MAX_ROWS)
+        elif self.kernel != "triton":
             self.register_buffer("weight_packed", _pack(q, self.kernel))
             self.register_buffer("scales_and_zeros", sz)
         if self.uses_triton:
@@ -212,7 +233,10 @@ class Int4Linear(nn.Module):
         if self.input_perm is not None:
             x2 = x2.index_select(1, self.input_perm)
         kernel = step_kernel(self.kernel, self.rows_kernel, x2.shape[0], self.out_features)
-        if kernel == "gemv":
+        if kernel == "mma":
+            from model_server.int4_mma import int4_mma_mm
+            y = int4_mma_mm(x2, self.mma_words, self.mma_scales, self.group_size)
+        elif kernel == "gemv":
             from model_server.int4_gemv import int4_gemv_mm
             y = int4_gemv_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
         elif kernel == "triton":
@@ -230,9 +254,10 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
+        above = MMA_MAX_ROWS if self.kernel == "mma" else tinygemm_max_rows(self.out_features)
         rows = "" if not self.rows_kernel else (f", up to {GEMV_MAX_ROWS} rows={self.rows_kernel}"
                                                 if self.rows_kernel == "gemv" else
-                                                f", above {tinygemm_max_rows(self.out_features)} rows={self.rows_kernel}")
+                                                f", above {above} rows={self.rows_kernel}")
         return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}{rows}"
 
 

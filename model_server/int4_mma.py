@@ -113,31 +113,37 @@ def token_tiles(m: int) -> int:
     return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
 
 
+WIDE = 16384                     # layers with at least this many outputs fill the card without splitting K
+
+
 def choose_config(m: int, n: int, k: int, num_sms: int) -> Config:
-    """A first rule, to be replaced by the GPU sweep (benchmarks/int4_mma_bench.py): 4 warps, 4 stages, one tile
-    per warp up to 16 rows and two above; split K (a power of two dividing the 64-column blocks, >= 4 blocks per
-    split) until the CTAs cover two per SM."""
+    """From the H100 sweep (benchmarks/int4_mma_bench.py, 2026-12-05 18:58 UTC, docs/benchmarks.md): one 16-row tile
+    per warp, 4 stages; layers of at least ``WIDE`` outputs 8 warps and no split (gate/up at 8 rows 13.6 us, the
+    LM head 61.9-64.9 us); narrower ones 4 warps and K split in a power of two (>= 4 blocks per split) until the
+    CTAs cover two per SM (q/k/v, o: 8 splits; down: 16)."""
     nt = token_tiles(m)
-    cfg = Config(nt, 1 if nt <= 2 else 2, 4, 4, 1)
-    while cfg.smem_bytes() > MAX_SMEM and cfg.stages > 2:
-        cfg = Config(cfg.nt, cfg.r, cfg.warps, cfg.stages - 1, 1)
+    if n >= WIDE:
+        return Config(nt, 1, 8, 4, 1)
+    cfg = Config(nt, 1, 4, 4, 1)
     blocks = k // BLOCK_K
     gx = cfg.grid_x(n)
     split = 1
     while gx * split < 2 * num_sms and blocks % (2 * split) == 0 and blocks // (2 * split) >= 4:
         split *= 2
-    return Config(cfg.nt, cfg.r, cfg.warps, cfg.stages, split)
+    return Config(nt, 1, 4, 4, split)
 
 
 def _cache_dir() -> Path | None:
-    root = os.environ.get("MODEL_SERVER_COMPILE_CACHE", "").strip()
-    return Path(root) / "int4_mma" if root and root != "0" else None
+    """``int4_mma/`` in the compile cache ``serve`` configures (``TORCHINDUCTOR_CACHE_DIR``, model_server.compile_cache;
+    so an image's seeded cache carries the cubins too); None outside it (benchmarks compile each run)."""
+    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "").strip()
+    return Path(root) / "int4_mma" if root else None
 
 
 @lru_cache(maxsize=None)
 def kernel(name: str, capability: tuple[int, int]) -> Any:
-    """The compiled kernel ``name`` (a :meth:`Config.name`) for a compute capability: NVRTC once per process, the
-    cubin kept under the compile cache (``MODEL_SERVER_COMPILE_CACHE``/int4_mma) when one is set."""
+    """The compiled kernel ``name`` (a :meth:`Config.name`) for a compute capability: NVRTC (0.3-1.8 s a config)
+    once per process, the cubin kept under the compile cache (:func:`_cache_dir`) for the next start."""
     from torch.cuda import _utils
     src = SOURCE_PATH.read_text()
     arch = f"{capability[0]}{capability[1]}"

@@ -73,10 +73,18 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
 
 __device__ __forceinline__ void st_cg(float* p, float v) { asm volatile("st.global.cg.f32 [%0], %1;" ::"l"(p), "f"(v)); }
 
-__device__ __forceinline__ float ld_cg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+
+__device__ __forceinline__ float4 ld_cg4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
     return v;
+}
+
+__device__ __forceinline__ void st_bf16x4(u16* p, float4 v) {
+    u32 lo, hi;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(v.y), "f"(v.x));    // first operand -> upper half
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(v.w), "f"(v.z));
+    asm volatile("st.global.v2.u32 [%0], {%1,%2};" ::"l"(p), "r"(lo), "r"(hi));
 }
 
 __device__ __forceinline__ u16 to_bf16(float f) {
@@ -237,22 +245,21 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int t16 = tile0 + r;
-        if (t16 >= ntiles) continue;
-        const int n = t16 * 16 + g;
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int m = t * 8 + 2 * c + (e & 1), nn = n + (e >> 1) * 8;
-                if (m >= M) continue;
-                float v = 0.f;
-                for (int sp = 0; sp < S; ++sp) v += ld_cg(part + ((size_t)sp * M + m) * N + nn);
-                Y[(size_t)m * N + nn] = to_bf16(v);
-            }
+    // the column's rows [n0, n0 + nrows) x tokens [0, M), four columns per thread at a time (coalesced 16-byte
+    // loads of every split's partial sums, one 8-byte store of four bf16)
+    const int n0 = blockIdx.x * WARPS * R * 16, nrows = min(WARPS * R * 16, N - n0), quads = nrows >> 2;
+    for (int e = threadIdx.x; e < M * quads; e += THREADS) {
+        const int m = e / quads, n = n0 + (e - m * quads) * 4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+        for (int sp = 0; sp < S; ++sp) {
+            const float4 p = ld_cg4(part + ((size_t)sp * M + m) * N + n);
+            v.x += p.x;
+            v.y += p.y;
+            v.z += p.z;
+            v.w += p.w;
         }
+        st_bf16x4(Y + (size_t)m * N + n, v);
     }
     if (threadIdx.x == 0) tickets[blockIdx.x] = 0;
 }

@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import nn
 
-from model_server.int4 import Int4Linear
+from model_server.int4 import Int4Linear, step_kernel
 from model_server.int4_cpu_pack import cat_cpu_int4pack
 from .direct import run
 
@@ -84,7 +84,8 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     # is a multiple of 8 (int4.fits); N for plain nibbles); dim 1 of scales_and_zeros [K/g, N, 2] is the
     # output row. On CPU the kernel packs blocks of 64 rows (AVX512; 32 with AVX2) and a partial last block
     # in another format, so parts that are not whole blocks are packed again (int4_cpu_pack.cat_cpu_int4pack).
-    # Triton's layout: packed [N, K/2] rows, scales/zeros [K/g, N] columns. The check below is the proof on
+    # Triton's layout: packed [N, K/2] rows, scales/zeros [K/g, N] columns; the mma kernel's: whole 16-row tiles on
+    # dim 0 of both (int4_mma.pack). The check below is the proof on
     # this device.
     merged = Int4Linear.__new__(Int4Linear)
     nn.Module.__init__(merged)
@@ -94,7 +95,7 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     merged.register_buffer("input_perm", perm)
     packed = {}
     for name, dim in (("weight_packed", 0), ("scales_and_zeros", 1), ("triton_packed", 0), ("triton_scales", 1),
-                      ("triton_zeros", 1)):
+                      ("triton_zeros", 1), ("mma_words", 0), ("mma_scales", 0)):
         if not hasattr(p0, name):
             continue
         if name == "weight_packed" and p0.kernel == "cpu-int4pack":
@@ -105,7 +106,7 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     merged.bias = None if p0.bias is None else nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
     if not _agrees(merged, parts):
         return None
-    for name in ("weight_packed", "triton_packed"):    # packed weights become views of the merged rows
+    for name in ("weight_packed", "triton_packed", "mma_words"):   # packed weights become views of the merged rows
         if name in packed:                             # (scales are small: kept), where those rows are the
             row = 0                                    # part's own (a CPU part of a partial block keeps its own)
             for p in parts:
@@ -119,15 +120,15 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
 
 def _agrees(merged: Int4Linear, parts: list[Int4Linear]) -> bool:
     """The merged module against its parts on random inputs: 3 rows and 16 rows (past int4.tinygemm_max_rows,
-    so both kernels of a dispatching module run). int4pack must agree bit for bit; Triton's split-K choice
-    depends on N, so its sums may round differently: within 2 % (a layout error is ~100 %)."""
+    so both kernels of a dispatching module run). int4pack must agree bit for bit; Triton's and the mma kernel's
+    split-K choices depend on N, so their sums may round differently: within 2 % (a layout error is ~100 %)."""
     p0 = parts[0]
     for rows in (3, 16):
         x = torch.randn(rows, p0.in_features, device=next(merged.buffers()).device, dtype=p0.compute_dtype)
         with torch.inference_mode():
             want = torch.cat([p(x) for p in parts], dim=-1)
             got = merged(x)
-        exact = not merged.runs_triton(rows)
+        exact = step_kernel(merged.kernel, merged.rows_kernel, rows, merged.out_features) not in ("triton", "mma")
         err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
         if (exact and not torch.equal(got, want)) or err > 0.02:
             log.warning("merged INT4 projection disagrees with its parts at %d rows (rel. error %.3g); "
