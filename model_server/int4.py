@@ -19,8 +19,10 @@ compute capability, so it is testable without a GPU):
 
 ``MODEL_SERVER_INT4_KERNELS`` picks (CUDA, compute capability >= 8.0; below that and on CPU it is ignored):
 
-* ``auto`` (default): ``AUTO_MODE`` when Triton is importable (decided by the H200 sweep of
-  benchmarks/int4_kernels.py, docs/benchmarks.md), else ``tinygemm``;
+* ``auto`` (default): ``AUTO_MODE_MMA`` where Triton is importable and the mma kernel builds here (NVRTC;
+  :func:`model_server.int4_mma.usable`), ``AUTO_MODE`` where only Triton is, else ``tinygemm`` (the H100 steady state
+  of 2026-12-05, docs/benchmarks.md: ``mma`` 1.48x / 1.42x / 0.98x bf16 at 1 / 8 / 64 streams, ``mixed`` 1.67x / 1.21x /
+  0.98x);
 * ``tinygemm``: int4pack for every row count (fewest bytes, 5x slower than bf16 at 64 rows);
 * ``triton``: one layout, the small-rows kernel up to ``GEMV_MAX_ROWS`` rows, the Triton GEMM above;
 * ``mixed``: int4pack up to :func:`tinygemm_max_rows` rows (8; fewer on wide layers: 5, 3), the Triton GEMM
@@ -28,7 +30,8 @@ compute capability, so it is testable without a GPU):
   a second copy of the 4-bit weights in Triton's layout (INT4's bytes double; /info's measured weight bytes count both);
 * ``triton-gemm``: the Triton GEMM for every row count (one layout; for comparisons);
 * ``mma``: the CUDA kernel of :mod:`model_server.int4_mma` (NVRTC; ``int4_kernel`` ``"mma"``) up to ``MMA_MAX_ROWS``
-  rows, the Triton GEMM above (two layouts, as ``mixed``).
+  rows, the Triton GEMM above (two layouts, as ``mixed``); a layer its layout cannot hold (group below 64, outputs not
+  a multiple of 16) takes ``mixed``'s kernels instead.
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ WIDE_LAYERS = ((65536, 3), (16384, 5))   # ... except layers of at least this ma
 GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this many rows run int4_gemv
 MMA_MAX_ROWS = 16            # with int4_kernel "mma": steps of at most this many rows run int4_mma, more the Triton GEMM
 KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm", "mma")
-AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton (from the H200 sweep)
+AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton, where the mma kernel does not build
+AUTO_MODE_MMA = "mma"        # ... and where it does (module docstring)
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ def choose_compute(device_type: str, capability: tuple[int, int] | None, triton:
                              f"compute capability {capability} < 8.0: no bf16, no int4pack kernel")
     why = f"compute capability {capability} >= 8.0"
     if mode == "auto":
-        mode = AUTO_MODE if triton else "tinygemm"
+        mode = (AUTO_MODE_MMA if mma else AUTO_MODE) if triton else "tinygemm"
     if mode != "tinygemm" and not triton:
         raise SwitchValueError(f"MODEL_SERVER_INT4_KERNELS={mode}, but Triton is not importable")
     if mode == "mma":
@@ -103,7 +107,7 @@ def device_compute(device: torch.device | str) -> ComputeChoice:
     if device.type == "cuda" and mode != "tinygemm" and cap is not None and tuple(cap) >= (8, 0):
         from model_server import int4_mma, int4_triton
         triton = int4_triton.available()
-        mma = mode == "mma" and int4_mma.available(device)
+        mma = mode in ("mma", "auto") and int4_mma.usable(device)
     return choose_compute(device.type, cap, triton, mode, mma)
 
 
@@ -139,13 +143,19 @@ def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_featur
     return "triton" if rows_kernel == "triton" and rows > tinygemm_max_rows(out_features) else int4_kernel
 
 
+def layer_kernel(int4_kernel: str, n: int, k: int, group_size: int) -> str:
+    """The kernel an ``[n, k]`` layer takes under ``int4_kernel``: itself, except ``"mma"`` where the mma layout cannot
+    hold the layer (:func:`model_server.int4_mma.holds`): then int4pack, with the Triton GEMM above as in ``mixed``."""
+    if int4_kernel == "mma":
+        from model_server.int4_mma import holds as mma_holds
+        if not mma_holds(n, k, group_size):
+            return "cuda-int4pack"
+    return int4_kernel
+
+
 def holds(n: int, k: int, group_size: int, kernel: str | None = None) -> bool:
     """Whether the int4pack layout holds an ``[n, k]`` weight: K a multiple of the group and of 16 * inner tiles,
     N of 8 (of 16 for ``kernel`` ``cpu-int4pack``: the CPU packing's own rule)."""
-    if kernel == "mma":
-        from model_server.int4_mma import holds as mma_holds
-        if not mma_holds(n, k, group_size):
-            return False
     return (group_size in GROUP_SIZES and k % group_size == 0 and k % (16 * INNER_K_TILES) == 0
             and n % (16 if kernel == "cpu-int4pack" else 8) == 0)
 
@@ -193,6 +203,7 @@ class Int4Linear(nn.Module):
         self.group_size = group_size
         self.kernel = choice.int4_kernel
         self.rows_kernel = choice.rows_kernel
+        self.kernel = layer_kernel(self.kernel, n, k, group_size)
         self.compute_dtype = choice.dtype
         dev = q.device
         sz = sz.to(device=dev, dtype=choice.dtype)

@@ -23,6 +23,7 @@ scratch memory, not state a result depends on.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 SOURCE_PATH = Path(__file__).with_name("data") / "int4_mma.cu"
 MAX_ROWS = 64                    # steps of more rows run another kernel (int4.py decides)
@@ -54,6 +57,22 @@ def available(device: torch.device | str | None = None) -> bool:
         return False
     from torch.cuda import _utils
     return hasattr(_utils, "_nvrtc_compile") and hasattr(_utils, "_cuda_load_module")
+
+
+@lru_cache(maxsize=None)
+def usable(device: torch.device | str | None = None) -> bool:
+    """:func:`available` and the smallest configuration compiles and loads here (once per device; the reason is
+    logged when it does not, and ``int4.py`` then keeps the Triton-only ``mixed`` kernels)."""
+    if not available(device):
+        return False
+    dev = torch.device(device if device is not None else "cuda")
+    try:
+        kernel(Config(1, 1, 4, 4, 1).name(), torch.cuda.get_device_capability(dev))
+    except Exception as exc:  # noqa: BLE001 - NVRTC missing or failing: another kernel serves
+        log.warning("int4 mma kernel unavailable (%s: %s); INT4 runs the mixed kernels", type(exc).__name__,
+                    str(exc)[:200])
+        return False
+    return True
 
 
 def pack(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +177,7 @@ def kernel(name: str, capability: tuple[int, int]) -> Any:
         if path is not None and mangled_path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_bytes(cubin)
                 tmp.replace(path)
                 mangled_path.write_text(mangled)

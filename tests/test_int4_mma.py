@@ -128,3 +128,71 @@ def test_source_is_shipped_with_the_package() -> None:
     src = int4_mma.SOURCE_PATH.read_text()
     assert "w4a16_mma" in src and "mma.sync.aligned.m16n8k16" in src
     assert f"XROW = {int4_mma.XROW}" in src
+
+
+# ---- the "mma" mode of model_server/int4.py (the choice, the dispatch, the layers' buffers, merging) ----
+
+def test_auto_takes_the_mma_kernel_where_it_builds_and_mixed_where_it_does_not() -> None:
+    from model_server.int4 import AUTO_MODE, MMA_MAX_ROWS, choose_compute, step_kernel
+    from model_server.switches import SwitchValueError
+    auto = choose_compute("cuda", (9, 0), triton=True, mma=True)
+    assert (auto.int4_kernel, auto.rows_kernel) == ("mma", "triton")
+    assert choose_compute("cuda", (9, 0), triton=True, mma=False) == choose_compute("cuda", (9, 0), True, AUTO_MODE)
+    assert choose_compute("cuda", (9, 0), triton=False, mma=True).int4_kernel == "cuda-int4pack"
+    assert choose_compute("cuda", (7, 5), triton=True, mma=True).int4_kernel == "dequant"       # T4: fp16
+    with pytest.raises(SwitchValueError, match="NVRTC"):
+        choose_compute("cuda", (9, 0), triton=True, mode="mma", mma=False)
+    with pytest.raises(SwitchValueError, match="Triton"):
+        choose_compute("cuda", (9, 0), triton=False, mode="mma", mma=True)
+    assert [step_kernel("mma", "triton", r, 3072) for r in (1, MMA_MAX_ROWS, MMA_MAX_ROWS + 1, 64)] == \
+        ["mma", "mma", "triton", "triton"]
+
+
+def test_a_layer_the_mma_layout_cannot_hold_takes_the_mixed_kernels() -> None:
+    from model_server.int4 import layer_kernel
+    assert layer_kernel("mma", 3072, 2048, 128) == "mma"
+    assert layer_kernel("mma", 3072, 2048, 32) == "cuda-int4pack"       # group below 64
+    assert layer_kernel("mma", 3080, 2048, 128) == "cuda-int4pack"      # outputs not whole 16-row tiles
+    assert layer_kernel("cuda-int4pack", 3080, 2048, 32) == "cuda-int4pack"
+
+
+def _mma_reference(x, words, scales, group):
+    """x @ dequant(W).T from the mma layout alone (unpack the nibbles, read the scale/zero bit pairs back)."""
+    q = int4_mma.unpack(words)
+    sc = scales.to(torch.int64) & 0xFFFFFFFF                            # [tile, group, g, 2]
+    def half(v, hi):
+        return ((v >> 16) if hi else v) & 0xFFFF
+    t, kg = sc.shape[:2]
+    out = torch.empty(kg, t * 16, 2)
+    for h in (0, 1):
+        for which in (0, 1):
+            bits = half(sc[..., which], h).to(torch.int32) << 16
+            out.view(kg, t, 2, 8, 2)[:, :, h, :, which] = bits.view(torch.float32).permute(1, 0, 2)
+    return x.float() @ dequantize_groupwise(q, out, group).t()
+
+
+def test_mma_layers_hold_the_layout_and_merge_by_tiles(monkeypatch) -> None:
+    """Int4Linear with the mma choice (the kernel swapped for a CPU reference that reads only the mma buffers):
+    its buffers unpack to the quantized values, and merged q/k/v-like parts concatenate them by whole tiles, so the
+    merged module computes every part's output (a wrong dimension or order fails)."""
+    from torch import nn
+
+    from model_server.engines.fast import merged
+    from model_server.int4 import ComputeChoice, Int4Linear
+    monkeypatch.setattr(int4_mma, "reserve", lambda *a, **k: None)
+    monkeypatch.setattr(int4_mma, "int4_mma_mm", lambda x, w, s, g, config=None: _mma_reference(x, w, s, g))
+    choice = ComputeChoice(torch.float32, "mma", "test", rows_kernel="triton")
+    torch.manual_seed(3)
+    parts = []
+    for n in (64, 32, 32):
+        lin = nn.Linear(256, n, bias=False)
+        mod = Int4Linear(lin, 64, choice)
+        q, _ = quantize_groupwise(lin.weight, 64)
+        assert mod.kernel == "mma" and torch.equal(int4_mma.unpack(mod.mma_words), q)
+        parts.append(mod)
+    x = torch.randn(3, 256)
+    want = torch.cat([p(x) for p in parts], dim=-1)
+    m = merged._merge_int4(parts)
+    assert m is not None and m.mma_words.shape[0] == (64 + 32 + 32) // 16
+    assert torch.allclose(m(x), want, rtol=1e-5, atol=1e-5)
+    assert parts[1].mma_words.data_ptr() == m.mma_words[4:6].data_ptr()    # parts became views of the merged rows
