@@ -67,7 +67,7 @@ def usable(device: torch.device | str | None = None) -> bool:
         return False
     dev = torch.device(device if device is not None else "cuda")
     try:
-        kernel(Config(1, 1, 4, 4, 1).name(), torch.cuda.get_device_capability(dev))
+        kernel(Config(1, 1, 4, 4, 1).name(), _index(dev))
     except Exception as exc:  # noqa: BLE001 - NVRTC missing or failing: another kernel serves
         log.warning("int4 mma kernel unavailable (%s: %s); INT4 runs the mixed kernels", type(exc).__name__,
                     str(exc)[:200])
@@ -159,12 +159,17 @@ def _cache_dir() -> Path | None:
     return Path(root) / "int4_mma" if root else None
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @lru_cache(maxsize=None)
-def kernel(name: str, capability: tuple[int, int]) -> Any:
+def kernel(name: str, device_index: int) -> Any:
     """The compiled kernel ``name`` (a :meth:`Config.name`) for a compute capability: NVRTC (0.3-1.8 s a config)
     once per process, the cubin kept under the compile cache (:func:`_cache_dir`) for the next start."""
     from torch.cuda import _utils
     src = SOURCE_PATH.read_text()
+    capability = torch.cuda.get_device_capability(device_index)
     arch = f"{capability[0]}{capability[1]}"
     key = hashlib.sha256(f"{src}\0{name}\0{arch}\0{torch.version.cuda}".encode()).hexdigest()[:24]
     cache = _cache_dir()
@@ -183,7 +188,10 @@ def kernel(name: str, capability: tuple[int, int]) -> Any:
                 mangled_path.write_text(mangled)
             except OSError:
                 pass                                   # a read-only cache: compile again next start
-    return _utils._cuda_load_module(cubin, [mangled])[mangled]
+    with torch.cuda.device(device_index):
+        torch.cuda.synchronize(device_index)       # makes the device's primary context current on this thread: the
+        return _utils._cuda_load_module(cubin, [mangled])[mangled]   # driver's module load needs one (a fresh
+                                                                     # process at load time has none yet)
 
 
 class _Scratch:
@@ -280,7 +288,8 @@ def int4_mma_mm(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, gr
     cfg = config or choose_config(m, n, k, _num_sms(dev))
     if cfg.nt * 8 < m or kb % cfg.split:
         raise ValueError(f"config {cfg} does not fit {m} rows and {kb} blocks")
-    fn = kernel(cfg.name(), torch.cuda.get_device_capability(dev))
+    idx = _index(dev)
+    fn = kernel(cfg.name(), idx)
     y = torch.empty((m, n), device=dev, dtype=torch.bfloat16)
     part, tickets = _needs(cfg, m, n)
     if torch.cuda.is_current_stream_capturing():
@@ -291,6 +300,11 @@ def int4_mma_mm(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, gr
     if smem >= 48 * 1024:
         _allow_smem(fn, smem)
     gshift = (group_size // BLOCK_K).bit_length() - 1
-    fn(grid=(cfg.grid_x(n), cfg.split, 1), block=(cfg.warps * 32, 1, 1),
-       args=[x2d, words, scales, y, sc.part, sc.tickets, m, n, k, gshift, kb // cfg.split], shared_mem=smem)
+    args = [x2d, words, scales, y, sc.part, sc.tickets, m, n, k, gshift, kb // cfg.split]
+    grid, block = (cfg.grid_x(n), cfg.split, 1), (cfg.warps * 32, 1, 1)
+    if idx == torch.cuda.current_device():
+        fn(grid=grid, block=block, args=args, shared_mem=smem)
+    else:                                              # the launch goes to the current context: make it the tensors'
+        with torch.cuda.device(idx):
+            fn(grid=grid, block=block, args=args, shared_mem=smem)
     return y
