@@ -49,14 +49,14 @@ def holds(n: int, k: int, group_size: int) -> bool:
 
 
 def available(device: torch.device | str | None = None) -> bool:
-    """CUDA with compute capability >= 8.0 (bf16 ``mma.sync``) and torch's NVRTC helpers present."""
+    """CUDA with compute capability >= 8.0 (bf16 ``mma.sync``) and torch's NVRTC loader and module loader present."""
     if not torch.cuda.is_available():
         return False
     dev = torch.device(device if device is not None else "cuda")
     if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 0):
         return False
     from torch.cuda import _utils
-    return hasattr(_utils, "_nvrtc_compile") and hasattr(_utils, "_cuda_load_module")
+    return hasattr(_utils, "_get_nvrtc_library") and hasattr(_utils, "_cuda_load_module")
 
 
 @lru_cache(maxsize=None)
@@ -163,10 +163,44 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def compile_cubin(lib: Any, src: str, name: str, arch: str) -> tuple[bytes, str]:
+    """NVRTC (``lib``, a loaded libnvrtc) compiles ``src`` for ``sm_<arch>``: ``(cubin, lowered name of name)``. The
+    source includes no headers, so no CUDA toolkit is needed (torch's own NVRTC helper adds CUDA_HOME's include
+    directory and fails without one, as in a container with the pip CUDA libraries only). RuntimeError with NVRTC's
+    log when it does not compile."""
+    import ctypes
+    prog = ctypes.c_void_p()
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            raise RuntimeError(f"NVRTC {what} failed ({rc})")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"int4_mma.cu", 0, None, None), "create")
+    try:
+        check(lib.nvrtcAddNameExpression(prog, name.encode()), "name")
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17"]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        if rc != 0:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log_buf = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log_buf)
+            raise RuntimeError(f"NVRTC could not compile {name}: {log_buf.value.decode(errors='replace')[-2000:]}")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
+        lowered = ctypes.c_char_p()
+        check(lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)), "lowered name")
+        return cubin.raw, (lowered.value or b"").decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
 @lru_cache(maxsize=None)
 def kernel(name: str, device_index: int) -> Any:
-    """The compiled kernel ``name`` (a :meth:`Config.name`) for a compute capability: NVRTC (0.3-1.8 s a config)
-    once per process, the cubin kept under the compile cache (:func:`_cache_dir`) for the next start."""
+    """The compiled kernel ``name`` (a :meth:`Config.name`) on a device: NVRTC (:func:`compile_cubin`, 0.3-1.8 s a
+    config) once per process, the cubin kept under the compile cache (:func:`_cache_dir`) for the next start."""
     from torch.cuda import _utils
     src = SOURCE_PATH.read_text()
     capability = torch.cuda.get_device_capability(device_index)
@@ -178,7 +212,7 @@ def kernel(name: str, device_index: int) -> Any:
     if path is not None and path.is_file() and mangled_path is not None and mangled_path.is_file():
         cubin, mangled = path.read_bytes(), mangled_path.read_text()
     else:
-        cubin, mangled = _utils._nvrtc_compile(src, name, compute_capability=arch, nvcc_options=["-std=c++17"])
+        cubin, mangled = compile_cubin(_utils._get_nvrtc_library(), src, name, arch)
         if path is not None and mangled_path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """model_server/data/int4_mma.cu compiled by NVRTC (the compiler the server uses at run time) without a GPU.
 
 Every configuration :func:`int4_mma.choose_config` returns for the decode row counts the server routes to the kernel
-is compiled for sm_80 (A100, the kernel's floor) and sm_90 (H100/H200), with the same options as
-:func:`int4_mma.kernel`; the cubin's resource usage (Triton's bundled cuobjdump) must show no spills, and
-its SASS the bf16 tensor-core MMA. A source that only nvcc accepts (a header NVRTC lacks, a host-only construct)
+is compiled for sm_80 (A100, the kernel's floor) and sm_90 (H100/H200) by :func:`int4_mma.compile_cubin`, the
+function the server compiles it with (here with the test extra's libnvrtc); the cubin's resource usage (Triton's
+bundled cuobjdump) must show no spills, and its SASS the bf16 tensor-core MMA. A source that only nvcc accepts (a header NVRTC lacks, a host-only construct)
 fails here."""
 from __future__ import annotations
 
@@ -28,28 +28,6 @@ def _libnvrtc() -> ctypes.CDLL:
     pytest.fail("nvidia-cuda-nvrtc is a test dependency (pyproject's test extra); libnvrtc not found")
 
 
-def _compile(lib: ctypes.CDLL, name: str, arch: str) -> tuple[bytes, str]:
-    src = int4_mma.SOURCE_PATH.read_text().encode()
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"int4_mma.cu", 0, None, None) == 0
-    assert lib.nvrtcAddNameExpression(prog, name.encode()) == 0
-    opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17"]
-    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    assert rc == 0, log.value.decode()[-3000:]
-    assert lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)) == 0
-    cubin = ctypes.create_string_buffer(size.value)
-    assert lib.nvrtcGetCUBIN(prog, cubin) == 0
-    lowered = ctypes.c_char_p()
-    assert lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)) == 0
-    mangled = lowered.value.decode()
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return cubin.raw, mangled
-
-
 def _cuobjdump() -> Path:
     found = sorted(Path(triton.__file__).parent.glob("backends/nvidia/bin/cuobjdump"))
     if not found:
@@ -69,13 +47,19 @@ def _served_configs() -> list[int4_mma.Config]:
     return out
 
 
+def test_a_source_nvrtc_rejects_is_one_runtime_error_with_its_log() -> None:
+    with pytest.raises(RuntimeError, match="(?s)could not compile.*undefined_thing"):
+        int4_mma.compile_cubin(_libnvrtc(), int4_mma.SOURCE_PATH.read_text() + "\nint broken = undefined_thing;\n",
+                               "w4a16_mma<1,1,4,4>", "90")
+
+
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_every_served_config_compiles_without_spills(tmp_path: Path, arch: str) -> None:
     lib = _libnvrtc()
     names = sorted({cfg.name() for cfg in _served_configs()})
     assert len(names) >= 2
     for name in names:
-        cubin, mangled = _compile(lib, name, arch)
+        cubin, mangled = int4_mma.compile_cubin(lib, int4_mma.SOURCE_PATH.read_text(), name, arch)
         path = tmp_path / f"{arch}_{mangled}.cubin"
         path.write_bytes(cubin)
         res = subprocess.run([str(_cuobjdump()), "-res-usage", str(path)], capture_output=True, text=True, timeout=60)
