@@ -10,9 +10,10 @@ registers (two bf16x2 FMAs per pair of weights), multiplies on tensor cores with
 scales in one shared-memory ring fed by ``cp.async``), and splits K across CTAs where a layer's rows do not fill the
 card (the last CTA of a column adds the partial sums: no second kernel).
 
-Owns: the layout (:func:`pack`), launch configurations (:class:`Config`, :func:`choose_config`), compiling and
-caching the kernel per configuration (:func:`kernel`), the split-K scratch buffers (:func:`reserve`) and the wrapper
-:func:`int4_mma_mm`. Must NOT quantize (``int4_quant``) or pick which kernel a layer runs (``int4``).
+Owns: the layout (:func:`pack`), launch configurations (:class:`Config`, :func:`choose_config`), whether the kernel
+builds here (:func:`usable`), the split-K scratch buffers (:func:`reserve`) and the wrapper :func:`int4_mma_mm`.
+Compiling and caching it is :mod:`model_server.int4_mma_build`'s. Must NOT quantize (``int4_quant``) or pick which
+kernel a layer runs (``int4``).
 
 Split-K scratch: one pair (fp32 partial sums, zeroed tickets) per device and stream, so work on two streams
 (the engine's and the background warm-up's) never shares one; kernels captured into a CUDA graph use the
@@ -22,19 +23,17 @@ scratch memory, not state a result depends on.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from model_server.int4_mma_build import allow_smem, available, device_index, kernel
+
 log = logging.getLogger(__name__)
 
-SOURCE_PATH = Path(__file__).with_name("data") / "int4_mma.cu"
 MAX_ROWS = 64                    # steps of more rows run another kernel (int4.py decides)
 BLOCK_K = 64                     # columns per weight load; the group must be a multiple
 XROW = 72                        # bf16 per activation row in shared memory (the .cu's XROW)
@@ -48,17 +47,6 @@ def holds(n: int, k: int, group_size: int) -> bool:
         and group_size & (group_size - 1) == 0
 
 
-def available(device: torch.device | str | None = None) -> bool:
-    """CUDA with compute capability >= 8.0 (bf16 ``mma.sync``) and torch's NVRTC loader and module loader present."""
-    if not torch.cuda.is_available():
-        return False
-    dev = torch.device(device if device is not None else "cuda")
-    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 0):
-        return False
-    from torch.cuda import _utils
-    return hasattr(_utils, "_get_nvrtc_library") and hasattr(_utils, "_cuda_load_module")
-
-
 @lru_cache(maxsize=None)
 def usable(device: torch.device | str | None = None) -> bool:
     """:func:`available` and the smallest configuration compiles and loads here (once per device; the reason is
@@ -67,7 +55,7 @@ def usable(device: torch.device | str | None = None) -> bool:
         return False
     dev = torch.device(device if device is not None else "cuda")
     try:
-        kernel(Config(1, 1, 4, 4, 1).name(), _index(dev))
+        kernel(Config(1, 1, 4, 4, 1).name(), device_index(dev))
     except Exception as exc:  # noqa: BLE001 - NVRTC missing or failing: another kernel serves
         log.warning("int4 mma kernel unavailable (%s: %s); INT4 runs the mixed kernels", type(exc).__name__,
                     str(exc)[:200])
@@ -152,82 +140,6 @@ def choose_config(m: int, n: int, k: int, num_sms: int) -> Config:
     return Config(nt, 1, 4, 4, split)
 
 
-def _cache_dir() -> Path | None:
-    """``int4_mma/`` in the compile cache ``serve`` configures (``TORCHINDUCTOR_CACHE_DIR``, model_server.compile_cache;
-    so an image's seeded cache carries the cubins too); None outside it (benchmarks compile each run)."""
-    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "").strip()
-    return Path(root) / "int4_mma" if root else None
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def compile_cubin(lib: Any, src: str, name: str, arch: str) -> tuple[bytes, str]:
-    """NVRTC (``lib``, a loaded libnvrtc) compiles ``src`` for ``sm_<arch>``: ``(cubin, lowered name of name)``. The
-    source includes no headers, so no CUDA toolkit is needed (torch's own NVRTC helper adds CUDA_HOME's include
-    directory and fails without one, as in a container with the pip CUDA libraries only). RuntimeError with NVRTC's
-    log when it does not compile."""
-    import ctypes
-    prog = ctypes.c_void_p()
-
-    def check(rc: int, what: str) -> None:
-        if rc != 0:
-            raise RuntimeError(f"NVRTC {what} failed ({rc})")
-
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"int4_mma.cu", 0, None, None), "create")
-    try:
-        check(lib.nvrtcAddNameExpression(prog, name.encode()), "name")
-        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17"]
-        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        if rc != 0:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log_buf = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, log_buf)
-            raise RuntimeError(f"NVRTC could not compile {name}: {log_buf.value.decode(errors='replace')[-2000:]}")
-        size = ctypes.c_size_t()
-        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
-        cubin = ctypes.create_string_buffer(size.value)
-        check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
-        lowered = ctypes.c_char_p()
-        check(lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)), "lowered name")
-        return cubin.raw, (lowered.value or b"").decode()
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-
-
-@lru_cache(maxsize=None)
-def kernel(name: str, device_index: int) -> Any:
-    """The compiled kernel ``name`` (a :meth:`Config.name`) on a device: NVRTC (:func:`compile_cubin`, 0.3-1.8 s a
-    config) once per process, the cubin kept under the compile cache (:func:`_cache_dir`) for the next start."""
-    from torch.cuda import _utils
-    src = SOURCE_PATH.read_text()
-    capability = torch.cuda.get_device_capability(device_index)
-    arch = f"{capability[0]}{capability[1]}"
-    key = hashlib.sha256(f"{src}\0{name}\0{arch}\0{torch.version.cuda}".encode()).hexdigest()[:24]
-    cache = _cache_dir()
-    path = None if cache is None else cache / f"{key}.cubin"
-    mangled_path = None if path is None else path.with_suffix(".name")
-    if path is not None and path.is_file() and mangled_path is not None and mangled_path.is_file():
-        cubin, mangled = path.read_bytes(), mangled_path.read_text()
-    else:
-        cubin, mangled = compile_cubin(_utils._get_nvrtc_library(), src, name, arch)
-        if path is not None and mangled_path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(cubin)
-                tmp.replace(path)
-                mangled_path.write_text(mangled)
-            except OSError:
-                pass                                   # a read-only cache: compile again next start
-    with torch.cuda.device(device_index):
-        torch.cuda.synchronize(device_index)       # makes the device's primary context current on this thread: the
-        return _utils._cuda_load_module(cubin, [mangled])[mangled]   # driver's module load needs one (a fresh
-                                                                     # process at load time has none yet)
-
-
 class _Scratch:
     """Split-K partial sums (fp32) and zeroed tickets for one device and stream (or the device's graphs)."""
 
@@ -287,21 +199,6 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _allow_smem(fn: Any, smem: int) -> None:
-    """Opt the kernel in to ``smem`` bytes of dynamic shared memory (above the default 48 KB) once."""
-    if getattr(fn, "_max_shared_mem_bytes", 0) >= smem or getattr(fn, "_int4_mma_smem", 0) >= smem:
-        return
-    if hasattr(fn, "set_shared_memory_config"):
-        fn.set_shared_memory_config(smem)
-    else:                                              # older torch: the driver call itself
-        import ctypes
-
-        from torch.cuda import _utils
-        _utils._check_cuda(_utils._get_gpu_runtime_library().cuFuncSetAttribute(
-            fn.func, 8, ctypes.c_int(smem)))           # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    fn._int4_mma_smem = smem
-
-
 def int4_mma_mm(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, group_size: int,
                 config: Config | None = None) -> torch.Tensor:
     """``y [M, N] = x2d [M, K] @ dequant(W)[N, K]^T`` in bf16 (fp32 accumulation), ``1 <= M <= MAX_ROWS``;
@@ -322,7 +219,7 @@ def int4_mma_mm(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, gr
     cfg = config or choose_config(m, n, k, _num_sms(dev))
     if cfg.nt * 8 < m or kb % cfg.split:
         raise ValueError(f"config {cfg} does not fit {m} rows and {kb} blocks")
-    idx = _index(dev)
+    idx = device_index(dev)
     fn = kernel(cfg.name(), idx)
     y = torch.empty((m, n), device=dev, dtype=torch.bfloat16)
     part, tickets = _needs(cfg, m, n)
@@ -332,7 +229,7 @@ def int4_mma_mm(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, gr
         sc = _scratch(dev, torch.cuda.current_stream(dev).cuda_stream, part, tickets, grow=True)
     smem = cfg.smem_bytes()
     if smem >= 48 * 1024:
-        _allow_smem(fn, smem)
+        allow_smem(fn, smem)
     gshift = (group_size // BLOCK_K).bit_length() - 1
     args = [x2d, words, scales, y, sc.part, sc.tickets, m, n, k, gshift, kb // cfg.split]
     grid, block = (cfg.grid_x(n), cfg.split, 1), (cfg.warps * 32, 1, 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_server import int4_mma
+from model_server import int4_mma, int4_mma_build
 from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
 
 
@@ -125,7 +125,7 @@ def test_token_tiles_rejects_rows_out_of_range() -> None:
 
 
 def test_source_is_shipped_with_the_package() -> None:
-    src = int4_mma.SOURCE_PATH.read_text()
+    src = int4_mma_build.SOURCE_PATH.read_text()
     assert "w4a16_mma" in src and "mma.sync.aligned.m16n8k16" in src
     assert f"XROW = {int4_mma.XROW}" in src
 

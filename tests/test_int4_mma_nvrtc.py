@@ -1,7 +1,7 @@
 """model_server/data/int4_mma.cu compiled by NVRTC (the compiler the server uses at run time) without a GPU.
 
 Every configuration :func:`int4_mma.choose_config` returns for the decode row counts the server routes to the kernel
-is compiled for sm_80 (A100, the kernel's floor) and sm_90 (H100/H200) by :func:`int4_mma.compile_cubin`, the
+is compiled for sm_80 (A100, the kernel's floor) and sm_90 (H100/H200) by :func:`int4_mma_build.compile_cubin`, the
 function the server compiles it with (here with the test extra's libnvrtc); the cubin's resource usage (Triton's
 bundled cuobjdump) must show no spills, and its SASS the bf16 tensor-core MMA. A source that only nvcc accepts (a header NVRTC lacks, a host-only construct)
 fails here."""
@@ -16,7 +16,7 @@ import nvidia                     # the test extra's nvidia-cuda-nvrtc (a namesp
 import pytest
 import triton                     # its bundled cuobjdump reads the cubins
 
-from model_server import int4_mma
+from model_server import int4_mma, int4_mma_build
 from model_server.int4 import MMA_MAX_ROWS
 
 
@@ -49,7 +49,7 @@ def _served_configs() -> list[int4_mma.Config]:
 
 def test_a_source_nvrtc_rejects_is_one_runtime_error_with_its_log() -> None:
     with pytest.raises(RuntimeError, match="(?s)could not compile.*undefined_thing"):
-        int4_mma.compile_cubin(_libnvrtc(), int4_mma.SOURCE_PATH.read_text() + "\nint broken = undefined_thing;\n",
+        int4_mma_build.compile_cubin(_libnvrtc(), int4_mma_build.SOURCE_PATH.read_text() + "\nint broken = undefined_thing;\n",
                                "w4a16_mma<1,1,4,4>", "90")
 
 
@@ -59,7 +59,7 @@ def test_every_served_config_compiles_without_spills(tmp_path: Path, arch: str) 
     names = sorted({cfg.name() for cfg in _served_configs()})
     assert len(names) >= 2
     for name in names:
-        cubin, mangled = int4_mma.compile_cubin(lib, int4_mma.SOURCE_PATH.read_text(), name, arch)
+        cubin, mangled = int4_mma_build.compile_cubin(lib, int4_mma_build.SOURCE_PATH.read_text(), name, arch)
         path = tmp_path / f"{arch}_{mangled}.cubin"
         path.write_bytes(cubin)
         res = subprocess.run([str(_cuobjdump()), "-res-usage", str(path)], capture_output=True, text=True, timeout=60)

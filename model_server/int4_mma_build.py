@@ -1,0 +1,120 @@
+"""Compiling the CUDA INT4 kernel (``model_server/data/int4_mma.cu``) at run time and loading it on a device.
+
+Owns: NVRTC (:func:`compile_cubin`, through ctypes: the source includes no headers, so no CUDA toolkit is needed),
+the cubin cache in the compile cache (``int4_mma/`` under ``TORCHINDUCTOR_CACHE_DIR``, so an image's seed carries
+it), loading a module with the device's context current (:func:`kernel`) and the shared-memory opt-in
+(:func:`allow_smem`). What to launch and how is :mod:`model_server.int4_mma`'s.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE_PATH = Path(__file__).with_name("data") / "int4_mma.cu"
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """CUDA with compute capability >= 8.0 (bf16 ``mma.sync``) and torch's NVRTC loader and module loader present."""
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device(device if device is not None else "cuda")
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 0):
+        return False
+    from torch.cuda import _utils
+    return hasattr(_utils, "_get_nvrtc_library") and hasattr(_utils, "_cuda_load_module")
+
+
+def _cache_dir() -> Path | None:
+    """``int4_mma/`` in the compile cache ``serve`` configures (``TORCHINDUCTOR_CACHE_DIR``, model_server.compile_cache;
+    so an image's seeded cache carries the cubins too); None outside it (benchmarks compile each run)."""
+    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "").strip()
+    return Path(root) / "int4_mma" if root else None
+
+
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def compile_cubin(lib: Any, src: str, name: str, arch: str) -> tuple[bytes, str]:
+    """NVRTC (``lib``, a loaded libnvrtc) compiles ``src`` for ``sm_<arch>``: ``(cubin, lowered name of name)``. The
+    source includes no headers, so no CUDA toolkit is needed (torch's own NVRTC helper adds CUDA_HOME's include
+    directory and fails without one, as in a container with the pip CUDA libraries only). RuntimeError with NVRTC's
+    log when it does not compile."""
+    import ctypes
+    prog = ctypes.c_void_p()
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            raise RuntimeError(f"NVRTC {what} failed ({rc})")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"int4_mma.cu", 0, None, None), "create")
+    try:
+        check(lib.nvrtcAddNameExpression(prog, name.encode()), "name")
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17"]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        if rc != 0:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log_buf = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log_buf)
+            raise RuntimeError(f"NVRTC could not compile {name}: {log_buf.value.decode(errors='replace')[-2000:]}")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, cubin), "cubin")
+        lowered = ctypes.c_char_p()
+        check(lib.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)), "lowered name")
+        return cubin.raw, (lowered.value or b"").decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@lru_cache(maxsize=None)
+def kernel(name: str, index: int) -> Any:
+    """The compiled kernel ``name`` (a :meth:`Config.name`) on a device: NVRTC (:func:`compile_cubin`, 0.3-1.8 s a
+    config) once per process, the cubin kept under the compile cache (:func:`_cache_dir`) for the next start."""
+    from torch.cuda import _utils
+    src = SOURCE_PATH.read_text()
+    capability = torch.cuda.get_device_capability(index)
+    arch = f"{capability[0]}{capability[1]}"
+    key = hashlib.sha256(f"{src}\0{name}\0{arch}\0{torch.version.cuda}".encode()).hexdigest()[:24]
+    cache = _cache_dir()
+    path = None if cache is None else cache / f"{key}.cubin"
+    mangled_path = None if path is None else path.with_suffix(".name")
+    if path is not None and path.is_file() and mangled_path is not None and mangled_path.is_file():
+        cubin, mangled = path.read_bytes(), mangled_path.read_text()
+    else:
+        cubin, mangled = compile_cubin(_utils._get_nvrtc_library(), src, name, arch)
+        if path is not None and mangled_path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_bytes(cubin)
+                tmp.replace(path)
+                mangled_path.write_text(mangled)
+            except OSError:
+                pass                                   # a read-only cache: compile again next start
+    with torch.cuda.device(index):
+        torch.cuda.synchronize(index)       # makes the device's primary context current on this thread: the
+        return _utils._cuda_load_module(cubin, [mangled])[mangled]   # driver's module load needs one (a fresh
+                                                                     # process at load time has none yet)
+
+
+def allow_smem(fn: Any, smem: int) -> None:
+    """Opt the kernel in to ``smem`` bytes of dynamic shared memory (above the default 48 KB) once."""
+    if getattr(fn, "_max_shared_mem_bytes", 0) >= smem or getattr(fn, "_int4_mma_smem", 0) >= smem:
+        return
+    if hasattr(fn, "set_shared_memory_config"):
+        fn.set_shared_memory_config(smem)
+    else:                                              # older torch: the driver call itself
+        import ctypes
+
+        from torch.cuda import _utils
+        _utils._check_cuda(_utils._get_gpu_runtime_library().cuFuncSetAttribute(
+            fn.func, 8, ctypes.c_int(smem)))           # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    fn._int4_mma_smem = smem
