@@ -1,6 +1,7 @@
 """Compiling the CUDA INT4 kernel (``model_server/data/int4_mma.cu``) at run time and loading it on a device.
 
-Owns: NVRTC (:func:`compile_cubin`, through ctypes: the source includes no headers, so no CUDA toolkit is needed),
+Owns: NVRTC (torch's helper, or :func:`compile_cubin` through ctypes where that needs a CUDA toolkit: the source
+includes no headers),
 the cubin cache in the compile cache (``int4_mma/`` under ``TORCHINDUCTOR_CACHE_DIR``, so an image's seed carries
 it), loading a module with the device's context current (:func:`kernel`) and the shared-memory opt-in
 (:func:`allow_smem`). What to launch and how is :mod:`model_server.int4_mma`'s.
@@ -76,8 +77,10 @@ def compile_cubin(lib: Any, src: str, name: str, arch: str) -> tuple[bytes, str]
 
 @lru_cache(maxsize=None)
 def kernel(name: str, index: int) -> Any:
-    """The compiled kernel ``name`` (a :meth:`Config.name`) on a device: NVRTC (:func:`compile_cubin`, 0.3-1.8 s a
-    config) once per process, the cubin kept under the compile cache (:func:`_cache_dir`) for the next start."""
+    """The compiled kernel ``name`` (a :meth:`Config.name`) on a device: NVRTC (0.3-1.8 s a config) once per process,
+    the cubin kept under the compile cache (:func:`_cache_dir`) for the next start. NVRTC through torch's helper, or,
+    where that fails (it needs CUDA_HOME for an include path this source does not use), through :func:`compile_cubin`
+    (not yet run on a GPU; CI compiles every served config through it)."""
     from torch.cuda import _utils
     src = SOURCE_PATH.read_text()
     capability = torch.cuda.get_device_capability(index)
@@ -89,7 +92,10 @@ def kernel(name: str, index: int) -> Any:
     if path is not None and path.is_file() and mangled_path is not None and mangled_path.is_file():
         cubin, mangled = path.read_bytes(), mangled_path.read_text()
     else:
-        cubin, mangled = compile_cubin(_utils._get_nvrtc_library(), src, name, arch)
+        try:                                           # torch's helper: what the H100 runs of 2026-12-05 used
+            cubin, mangled = _utils._nvrtc_compile(src, name, compute_capability=arch, nvcc_options=["-std=c++17"])
+        except (OSError, RuntimeError, TypeError, AttributeError):   # e.g. no CUDA_HOME for its include path
+            cubin, mangled = compile_cubin(_utils._get_nvrtc_library(), src, name, arch)
         if path is not None and mangled_path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
