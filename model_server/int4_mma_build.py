@@ -1,10 +1,9 @@
 """Compiling the CUDA INT4 kernel (``model_server/data/int4_mma.cu``) at run time and loading it on a device.
 
-Owns: NVRTC (torch's helper, or :func:`compile_cubin` through ctypes where that needs a CUDA toolkit: the source
-includes no headers),
-the cubin cache in the compile cache (``int4_mma/`` under ``TORCHINDUCTOR_CACHE_DIR``, so an image's seed carries
-it), loading a module with the device's context current (:func:`kernel`) and the shared-memory opt-in
-(:func:`allow_smem`). What to launch and how is :mod:`model_server.int4_mma`'s.
+Owns: NVRTC (torch's helper, or :func:`compile_cubin` through ctypes where that one needs a CUDA toolkit: the
+source includes no headers), the cubin cache in the compile cache (``int4_mma/`` under ``TORCHINDUCTOR_CACHE_DIR``, so
+an image's seed carries it), loading a module with the device's context current (:func:`kernel`) and the
+shared-memory opt-in (:func:`allow_smem`). What to launch and how is :mod:`model_server.int4_mma`'s.
 """
 from __future__ import annotations
 
