@@ -54,13 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sweep_configs(m: int, n: int, k: int, sms: int) -> list[int4_mma.Config]:
-    """Tiles per warp 1/2/4 x warps 4/8 at 4 stages, and stages 2/3/6/8 at the default tiles, each at split K 1..16
-    (>= 2 blocks per split; shared memory up to int4_mma.MAX_SMEM); the default config first."""
+    """Tiles per warp 1/2/4 x warps 2/4/8 at 4 stages, and stages 2/3/6/8 at the default tiles, each at split K 1..16
+    (>= 2 blocks per split; shared memory up to int4_mma.MAX_SMEM); the default config first. Two warps per CTA:
+    more CTAs without splitting K (the split's tail is what one row pays on the small layers)."""
     nt = int4_mma.token_tiles(m)
     blocks = k // int4_mma.BLOCK_K
     base = int4_mma.choose_config(m, n, k, sms)
     out = [base]
-    shapes = [(r, w, 4) for r in (1, 2, 4) for w in (4, 8)] + [(base.r, base.warps, st) for st in (2, 3, 6, 8)]
+    shapes = [(r, w, 4) for r in (1, 2, 4) for w in (2, 4, 8)] + [(base.r, base.warps, st) for st in (2, 3, 6, 8)]
     for r, warps, stages in shapes:
         for split in (1, 2, 4, 8, 16):
             cfg = int4_mma.Config(nt, r, warps, stages, split)

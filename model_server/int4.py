@@ -1,11 +1,8 @@
-"""INT4 weight-only linears for ``--quantization int4``: group-wise 4-bit weights, PyTorch's own kernels.
+"""INT4 weight-only linears for ``--quantization int4``: group-wise 4-bit weights (quantized by
+:mod:`model_server.int4_quant`), the kernels that multiply them, and which kernel a step runs.
 
-The weights are quantized by :mod:`model_server.int4_quant` (the formula and the range search are there) and
-stored in PyTorch's int4pack layout (the "tinygemm" layout) with ``scales_and_zeros [K / group_size, N, 2]`` in
-the compute dtype.
-
-Kernels, chosen once per process by :func:`choose_compute` from the device (pure function of the
-compute capability, so it is testable without a GPU):
+Kernels, chosen once per process by :func:`choose_compute` (a pure function of the compute capability, testable
+without a GPU), each reading its own layout of the same 4-bit values:
 
 * ``cuda-int4pack``: ``aten._weight_int4pack_mm`` (needs compute capability >= 8.0 and bf16
   activations): reads 4-bit weights, no separate dequantization pass.
@@ -25,9 +22,8 @@ compute capability, so it is testable without a GPU):
   0.98x);
 * ``tinygemm``: int4pack for every row count (fewest bytes, 5x slower than bf16 at 64 rows);
 * ``triton``: one layout, the small-rows kernel up to ``GEMV_MAX_ROWS`` rows, the Triton GEMM above;
-* ``mixed``: int4pack up to :func:`tinygemm_max_rows` rows (8; fewer on wide layers: 5, 3), the Triton GEMM
-  above (``rows_kernel`` ``"triton"``); it keeps
-  a second copy of the 4-bit weights in Triton's layout (INT4's bytes double; /info's measured weight bytes count both);
+* ``mixed``: int4pack up to :func:`tinygemm_max_rows` rows (8; fewer on wide layers: 5, 3), the Triton GEMM above
+  (``rows_kernel`` ``"triton"``), from a second copy of the weights (/info's measured weight bytes count both);
 * ``triton-gemm``: the Triton GEMM for every row count (one layout; for comparisons);
 * ``mma``: the CUDA kernel of :mod:`model_server.int4_mma` (NVRTC; ``int4_kernel`` ``"mma"``) up to ``MMA_MAX_ROWS``
   rows, the Triton GEMM above (two layouts, as ``mixed``); a layer its layout cannot hold (group below 64, outputs not
@@ -84,7 +80,8 @@ def choose_compute(device_type: str, capability: tuple[int, int] | None, triton:
         raise SwitchValueError(f"MODEL_SERVER_INT4_KERNELS={mode}, but Triton is not importable")
     if mode == "mma":
         if not mma:
-            raise SwitchValueError("MODEL_SERVER_INT4_KERNELS=mma, but torch's NVRTC helpers are missing")
+            raise SwitchValueError("MODEL_SERVER_INT4_KERNELS=mma, but the mma kernel does not build here "
+                                   "(NVRTC; the log says why)")
         return ComputeChoice(torch.bfloat16, "mma", why + f"; CUDA mma kernel up to {MMA_MAX_ROWS} rows, Triton "
                              "GEMM above", rows_kernel="triton")
     if mode == "triton":
