@@ -227,7 +227,8 @@ def smoke(group: int) -> int:
             nt = int4_mma.token_tiles(m)
             cfgs = [None] + [int4_mma.Config(nt, r, wp, st, sp) for r, wp, st, sp in
                              ((1, 4, 4, 1), (2, 4, 3, 2), (1, 8, 6, 4), (4, 4, 4, 8), (2, 8, 4, 16))
-                             if (k // 64) % sp == 0 and int4_mma.Config(nt, r, wp, st, sp).smem_bytes() <= int4_mma.MAX_SMEM]
+                             if (k // 64) % sp == 0
+                             and int4_mma.Config(nt, r, wp, st, sp).smem_bytes() <= int4_mma.MAX_SMEM]
             for cfg in cfgs:
                 try:
                     y = int4_mma.int4_mma_mm(x, words, scales, group, cfg)

@@ -45,7 +45,7 @@ INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 
 TINYGEMM_MAX_ROWS = 8        # with rows_kernel "triton": steps of more rows than this run Triton
 WIDE_LAYERS = ((65536, 3), (16384, 5))   # ... except layers of at least this many outputs: (width, bound)
 GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this many rows run int4_gemv
-MMA_MAX_ROWS = 16            # with int4_kernel "mma": steps of at most this many rows run int4_mma, more the Triton GEMM
+MMA_MAX_ROWS = 16            # with int4_kernel "mma": steps of up to this many rows run int4_mma, more the Triton GEMM
 KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm", "mma")
 AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton, where the mma kernel does not build
 AUTO_MODE_MMA = "mma"        # ... and where it does (module docstring)

@@ -3,8 +3,8 @@
 Every configuration :func:`int4_mma.choose_config` returns for the decode row counts the server routes to the kernel
 is compiled for sm_80 (A100, the kernel's floor) and sm_90 (H100/H200) by :func:`int4_mma_build.compile_cubin`, the
 function the server compiles it with (here with the test extra's libnvrtc); the cubin's resource usage (Triton's
-bundled cuobjdump) must show no spills, and its SASS the bf16 tensor-core MMA. A source that only nvcc accepts (a header NVRTC lacks, a host-only construct)
-fails here."""
+bundled cuobjdump) must show no spills, and its SASS the bf16 tensor-core MMA. A source that only nvcc accepts (a
+header NVRTC lacks, a host-only construct) fails here."""
 from __future__ import annotations
 
 import ctypes
@@ -49,8 +49,8 @@ def _served_configs() -> list[int4_mma.Config]:
 
 def test_a_source_nvrtc_rejects_is_one_runtime_error_with_its_log() -> None:
     with pytest.raises(RuntimeError, match="(?s)could not compile.*undefined_thing"):
-        int4_mma_build.compile_cubin(_libnvrtc(), int4_mma_build.SOURCE_PATH.read_text() + "\nint broken = undefined_thing;\n",
-                               "w4a16_mma<1,1,4,4>", "90")
+        src = int4_mma_build.SOURCE_PATH.read_text() + "\nint broken = undefined_thing;\n"
+        int4_mma_build.compile_cubin(_libnvrtc(), src, "w4a16_mma<1,1,4,4>", "90")
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])
