@@ -75,6 +75,8 @@
 #                                            sweep of its configs (MMA_BUDGET s, default 300; --no-sweep: MMA_SWEEP=0); torch
 #                                            only (~6 min). MMA_SS=1: then steady_state.py in-process, SS_QUANTS (bf16,int4:mma)
 #                                            at SS_CONC (1,8,64), needs the wheels (~6 min more)
+#   bash benchmarks/gpu_calls.sh mmaprof    # issue 17: Nsight Compute on the mma kernel per shape at MMA_MS rows (64): where its
+#                                            cycles go (stall reasons, issue, memory, occupancy); not yet run (~5 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
@@ -84,9 +86,9 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
-if [ "$1" != kernels ] && [ "$1" != gemv ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
+if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
@@ -257,6 +259,15 @@ case "${1:-}" in
         > "$out/steady_state.log" 2>&1; echo "steady_state rc $?"; tail -12 "$out/steady_state.log"; grep -i -E "warn|error" \
         "$out/steady_state.log" | head -5
     fi ;;
+  mmaprof)  # Nsight Compute on the mma kernel: each merged shape and the LM head at MMA_MS rows (default 64), two launches each
+    ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null); echo "ncu: ${ncu_bin:-none}"
+    timeout 480 "$ncu_bin" --clock-control none --target-processes all -k regex:w4a16_mma -f -o "$out/mma_prof" \
+      --section SpeedOfLight --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --section LaunchStats --section Occupancy \
+      python3 benchmarks/int4_mma_bench.py --once --ms "${MMA_MS:-64}" > "$out/mmaprof.log" 2>&1; echo "ncu rc $?"
+    "$ncu_bin" --import "$out/mma_prof.ncu-rep" --page details > "$out/mma_prof.txt" 2>&1
+    grep -E "once:|w4a16_mma|Duration|Memory Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Stall|Warp Cycles Per Issued" \
+      "$out/mma_prof.txt" | head -120 ;;
   readw)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 200 python3 benchmarks/read_weights.py --model-dir /tmp/m1b --device cuda --reps 5 --commit "$EDGE_EVAL_COMMIT" \

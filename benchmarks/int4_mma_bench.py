@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--l2-multiple", type=float, default=4.0, help="weight copies per method cover this x L2")
     p.add_argument("--sweep-budget-s", type=float, default=240.0, help="stop sweeping this long after the start")
     p.add_argument("--no-sweep", action="store_true", help="time the default config only")
+    p.add_argument("--once", action="store_true",
+                   help="run the kernel twice per shape and M at its default config, nothing else (for a profiler: "
+                        "ncu -k regex:w4a16_mma; gpu_calls.sh mmaprof)")
     p.add_argument("--smoke", action="store_true",
                    help="only check the kernel against the reference on small shapes at many row counts and configs "
                         "(split K, tiles per warp, warps, stages), print one line per case, exit 1 on any failure")
@@ -256,6 +259,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.smoke:
         return smoke(args.group)
+    if args.once:
+        for name, (n, k) in dict(MERGED, lm_head=LM_HEAD).items():
+            q, sz32 = quantize_groupwise(torch.randn(n, k, device="cuda") * 0.02, args.group)
+            words, scales = int4_mma.pack(q, sz32.to(torch.bfloat16), args.group)
+            for m in args.ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                for _ in range(2):
+                    int4_mma.int4_mma_mm(x, words, scales, args.group)
+                torch.cuda.synchronize()
+                cfg = int4_mma.choose_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+                print(f"once: {name} {n}x{k} M={m} {cfg}", flush=True)
+        return 0
     res = run(args)
     md = markdown(res)
     print(md)
