@@ -24,6 +24,7 @@ scratch memory, not state a result depends on.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -153,6 +154,7 @@ class _Scratch:
 
 
 _SCRATCH: dict[tuple[int, Any], _Scratch] = {}
+_SCRATCH_LOCK = threading.Lock()
 
 
 def _needs(cfg: Config, m: int, n: int) -> tuple[int, int]:
@@ -167,12 +169,16 @@ def _scratch(device: torch.device, key: Any, part: int, tickets: int, grow: bool
     if not grow:
         raise RuntimeError(f"int4 mma: the graph scratch holds less than this step needs ({part} partial sums, "
                            f"{tickets} tickets); int4_mma.reserve() the layer before capturing")
-    new = _Scratch(device, max(part, 0 if cur is None else cur.part.numel()),
-                   max(tickets, 0 if cur is None else cur.tickets.numel()))
-    if cur is not None:
-        new.retired = cur.retired + [cur]
-    _SCRATCH[(idx, key)] = new
-    return new
+    with _SCRATCH_LOCK:                                # the pre-warm thread builds layers while the main thread does
+        cur = _SCRATCH.get((idx, key))
+        if cur is not None and cur.fits(part, tickets):
+            return cur
+        new = _Scratch(device, max(part, 0 if cur is None else cur.part.numel()),
+                       max(tickets, 0 if cur is None else cur.tickets.numel()))
+        if cur is not None:
+            new.retired = cur.retired + [cur]
+        _SCRATCH[(idx, key)] = new
+        return new
 
 
 def reserve(device: torch.device | str, n: int, k: int, max_rows: int = MAX_ROWS) -> None:

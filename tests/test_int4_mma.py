@@ -196,3 +196,29 @@ def test_mma_layers_hold_the_layout_and_merge_by_tiles(monkeypatch) -> None:
     assert m is not None and m.mma_words.shape[0] == (64 + 32 + 32) // 16
     assert torch.allclose(m(x), want, rtol=1e-5, atol=1e-5)
     assert parts[1].mma_words.data_ptr() == m.mma_words[4:6].data_ptr()    # parts became views of the merged rows
+
+
+def test_scratch_grows_never_shrinks_and_graph_capture_cannot_grow_it() -> None:
+    """The split-K scratch of one key only grows (a later, smaller reservation keeps the larger buffers; the old ones
+    stay referenced for graphs captured with them), from any number of threads at once; without ``grow`` (what a
+    capture asks) a scratch too small is an error that names the fix."""
+    import threading
+    dev, key = torch.device("cpu", 0), "test-scratch"
+    try:
+        big = int4_mma._scratch(dev, key, 5000, 40, grow=True)
+        assert int4_mma._scratch(dev, key, 100, 1, grow=True) is big          # fits: the same buffers
+        bigger = int4_mma._scratch(dev, key, 100, 80, grow=True)             # more tickets, not fewer partials
+        assert bigger.part.numel() >= 5000 and bigger.tickets.numel() >= 80 and big in bigger.retired
+        assert int(bigger.tickets.abs().sum()) == 0                           # tickets start at zero
+        sizes = [(p, t) for p in range(1000, 20001, 1000) for t in (8, 96)]
+        threads = [threading.Thread(target=int4_mma._scratch, args=(dev, key, p, t, True)) for p, t in sizes]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        final = int4_mma._scratch(dev, key, 20000, 96, grow=False)
+        assert final.part.numel() >= 20000 and final.tickets.numel() >= 96
+        with pytest.raises(RuntimeError, match="reserve"):
+            int4_mma._scratch(dev, key, 10 ** 7, 1, grow=False)
+    finally:
+        int4_mma._SCRATCH.pop((0, key), None)
