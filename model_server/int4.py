@@ -1,111 +1,24 @@
 """INT4 weight-only linears for ``--quantization int4``: group-wise 4-bit weights (quantized by
-:mod:`model_server.int4_quant`), the kernels that multiply them, and which kernel a step runs.
-
-Kernels, chosen once per process by :func:`choose_compute` (a pure function of the compute capability, testable
-without a GPU), each reading its own layout of the same 4-bit values:
-
-* ``cuda-int4pack``: ``aten._weight_int4pack_mm`` (needs compute capability >= 8.0 and bf16
-  activations): reads 4-bit weights, no separate dequantization pass.
-* ``cpu-int4pack``: ``aten._weight_int4pack_mm_for_cpu`` (CPU).
-* ``dequant``: CUDA below compute capability 8.0 (T4, V100), where the int4pack kernel and bf16 do not
-  exist: fp16 compute; each forward dequantizes the weight then runs cuBLAS's fp16 GEMM. Correct, but
-  it moves more bytes than fp16 weights would; on such cards NF4 (bitsandbytes) is the faster 4-bit path.
-* ``triton``: Triton kernels for every row count, from one layout (:mod:`model_server.int4_triton`'s): steps of at
-  most ``GEMV_MAX_ROWS`` rows run the small-rows kernel :mod:`model_server.int4_gemv` (``ComputeChoice.rows_kernel``
-  ``"gemv"``), more rows the fused W4A16 GEMM :mod:`model_server.int4_triton`.
-
-``MODEL_SERVER_INT4_KERNELS`` picks (CUDA, compute capability >= 8.0; below that and on CPU it is ignored):
-
-* ``auto`` (default): ``AUTO_MODE_MMA`` where Triton is importable and the mma kernel builds here (NVRTC;
-  :func:`model_server.int4_mma.usable`), ``AUTO_MODE`` where only Triton is, else ``tinygemm`` (the H100 steady state
-  of 2026-12-05, docs/benchmarks.md: ``mma`` 1.48x / 1.42x / 0.98x bf16 at 1 / 8 / 64 streams, ``mixed`` 1.67x / 1.21x /
-  0.98x);
-* ``tinygemm``: int4pack for every row count (fewest bytes, 5x slower than bf16 at 64 rows);
-* ``triton``: one layout, the small-rows kernel up to ``GEMV_MAX_ROWS`` rows, the Triton GEMM above;
-* ``mixed``: int4pack up to :func:`tinygemm_max_rows` rows (8; fewer on wide layers: 5, 3), the Triton GEMM above
-  (``rows_kernel`` ``"triton"``), from a second copy of the weights (/info's measured weight bytes count both);
-* ``triton-gemm``: the Triton GEMM for every row count (one layout; for comparisons);
-* ``mma``: the CUDA kernel of :mod:`model_server.int4_mma` (NVRTC; ``int4_kernel`` ``"mma"``) up to ``MMA_MAX_ROWS``
-  rows, the Triton GEMM above (two layouts, as ``mixed``); a layer its layout cannot hold (group below 64, outputs not
-  a multiple of 16) takes ``mixed``'s kernels instead.
+:mod:`model_server.int4_quant`) held in the layout of the kernel :mod:`model_server.int4_choice` picks, the module that
+multiplies them (:class:`Int4Linear`, which dispatches each step by rows) and :func:`quantize_model`.
 """
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from model_server.int4_choice import (AUTO_MODE, AUTO_MODE_MMA, GEMV_MAX_ROWS, KERNEL_MODES, MMA_MAX_ROWS,
+                                      TINYGEMM_MAX_ROWS, WIDE_LAYERS, ComputeChoice, choose_compute, device_compute,
+                                      layer_kernel, step_kernel, tinygemm_max_rows)
 from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
-from model_server.switches import SwitchValueError
+
+__all__ = ["AUTO_MODE", "AUTO_MODE_MMA", "GEMV_MAX_ROWS", "GROUP_SIZES", "INNER_K_TILES", "KERNEL_MODES",
+           "MMA_MAX_ROWS", "TINYGEMM_MAX_ROWS", "WIDE_LAYERS", "ComputeChoice", "Int4Linear", "choose_compute",
+           "device_compute", "fits", "holds", "layer_kernel", "quantize_model", "step_kernel",
+           "tinygemm_max_rows"]                       # int4_choice's names stay importable from here
 
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 16 * INNER_K_TILES
-TINYGEMM_MAX_ROWS = 8        # with rows_kernel "triton": steps of more rows than this run Triton
-WIDE_LAYERS = ((65536, 3), (16384, 5))   # ... except layers of at least this many outputs: (width, bound)
-GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this many rows run int4_gemv
-MMA_MAX_ROWS = 16            # with int4_kernel "mma": steps of up to this many rows run int4_mma, more the Triton GEMM
-KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm", "mma")
-AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton, where the mma kernel does not build
-AUTO_MODE_MMA = "mma"        # ... and where it does (module docstring)
-
-
-@dataclass(frozen=True)
-class ComputeChoice:
-    """What the engine computes in on a device: activation dtype and the INT4 kernel it can use."""
-
-    dtype: torch.dtype
-    int4_kernel: str             # "cuda-int4pack" | "cpu-int4pack" | "dequant" | "triton" | "mma"
-    reason: str
-    rows_kernel: str | None = None   # "triton": steps of more than tinygemm_max_rows() rows run the Triton GEMM;
-                                     # "gemv" (with int4_kernel "triton"): steps of <= GEMV_MAX_ROWS run int4_gemv
-
-
-def choose_compute(device_type: str, capability: tuple[int, int] | None, triton: bool = False,
-                   mode: str = "auto", mma: bool = False) -> ComputeChoice:
-    """CUDA >= 8.0 (Ampere and later): bf16 with the kernels ``mode`` names (module docstring; Triton's need
-    ``triton``, importable); fp16 + dequantize below 8.0 (T4 is 7.5); CPU: bf16 + int4pack."""
-    if mode not in KERNEL_MODES:
-        raise SwitchValueError(f"MODEL_SERVER_INT4_KERNELS must be one of {', '.join(KERNEL_MODES)}, not {mode!r}")
-    if device_type == "cpu":
-        return ComputeChoice(torch.bfloat16, "cpu-int4pack", "cpu")
-    if capability is None or tuple(capability) < (8, 0):
-        return ComputeChoice(torch.float16, "dequant",
-                             f"compute capability {capability} < 8.0: no bf16, no int4pack kernel")
-    why = f"compute capability {capability} >= 8.0"
-    if mode == "auto":
-        mode = (AUTO_MODE_MMA if mma else AUTO_MODE) if triton else "tinygemm"
-    if mode != "tinygemm" and not triton:
-        raise SwitchValueError(f"MODEL_SERVER_INT4_KERNELS={mode}, but Triton is not importable")
-    if mode == "mma":
-        if not mma:
-            raise SwitchValueError("MODEL_SERVER_INT4_KERNELS=mma, but the mma kernel does not build here "
-                                   "(NVRTC; the log says why)")
-        return ComputeChoice(torch.bfloat16, "mma", why + f"; CUDA mma kernel up to {MMA_MAX_ROWS} rows, Triton "
-                             "GEMM above", rows_kernel="triton")
-    if mode == "triton":
-        return ComputeChoice(torch.bfloat16, "triton", why + f"; Triton: small-rows kernel up to {GEMV_MAX_ROWS} "
-                             "rows, GEMM above", rows_kernel="gemv")
-    if mode == "triton-gemm":
-        return ComputeChoice(torch.bfloat16, "triton", why + "; Triton GEMM for every row count")
-    if mode == "mixed":
-        return ComputeChoice(torch.bfloat16, "cuda-int4pack",
-                             why + f"; Triton above {TINYGEMM_MAX_ROWS} rows", rows_kernel="triton")
-    return ComputeChoice(torch.bfloat16, "cuda-int4pack", why + ("" if triton else "; Triton not importable"))
-
-
-def device_compute(device: torch.device | str) -> ComputeChoice:
-    """:func:`choose_compute` for a device, with ``MODEL_SERVER_INT4_KERNELS`` (module docstring)."""
-    device = torch.device(device)
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    mode = os.environ.get("MODEL_SERVER_INT4_KERNELS", "auto").strip() or "auto"
-    triton = mma = False
-    if device.type == "cuda" and mode != "tinygemm" and cap is not None and tuple(cap) >= (8, 0):
-        from model_server import int4_mma, int4_triton
-        triton = int4_triton.available()
-        mma = mode in ("mma", "auto") and int4_mma.usable(device)
-    return choose_compute(device.type, cap, triton, mode, mma)
 
 
 def _pack(q: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -115,39 +28,6 @@ def _pack(q: torch.Tensor, kernel: str) -> torch.Tensor:
     if kernel == "cpu-int4pack":
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), INNER_K_TILES)
     return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous()       # dequant: plain nibbles
-
-
-def tinygemm_max_rows(out_features: int) -> int:
-    """Rows up to which the ``mixed`` mode runs int4pack on a layer with ``out_features`` outputs
-    (``WIDE_LAYERS``). From the H200 sweep (2026-12-04, per linear in a CUDA graph, docs/benchmarks.md): int4pack's
-    time grows with the rows, and the faster the wider the layer. The 128256 x 2048 LM head took 74.9 us at 1 row
-    and 171.8 at 8, the Triton GEMM (dequantizing) 103.8 at 8; the 16384 x 2048 gate/up projection 12.0 and 24.9,
-    the GEMM 20.5. Straight lines between 1 and 8 rows cross the GEMM near 3.4 and 5.6 rows. The narrower layers
-    (3072 and 2048 outputs) stay faster on int4pack up to 8 rows."""
-    for width, rows in WIDE_LAYERS:
-        if out_features >= width:
-            return rows
-    return TINYGEMM_MAX_ROWS
-
-
-def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_features: int) -> str:
-    """The kernel a step of ``rows`` rows runs on a layer of ``out_features`` outputs: ``"gemv"``, ``"triton"``
-    (the GEMM) or ``int4_kernel`` itself (the module docstring's modes; :class:`Int4Linear` and the benchmarks)."""
-    if int4_kernel == "triton":
-        return "gemv" if rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS else "triton"
-    if int4_kernel == "mma":
-        return "mma" if rows <= MMA_MAX_ROWS else "triton"
-    return "triton" if rows_kernel == "triton" and rows > tinygemm_max_rows(out_features) else int4_kernel
-
-
-def layer_kernel(int4_kernel: str, n: int, k: int, group_size: int) -> str:
-    """The kernel an ``[n, k]`` layer takes under ``int4_kernel``: itself, except ``"mma"`` where the mma layout cannot
-    hold the layer (:func:`model_server.int4_mma.holds`): then int4pack, with the Triton GEMM above as in ``mixed``."""
-    if int4_kernel == "mma":
-        from model_server.int4_mma import holds as mma_holds
-        if not mma_holds(n, k, group_size):
-            return "cuda-int4pack"
-    return int4_kernel
 
 
 def holds(n: int, k: int, group_size: int, kernel: str | None = None) -> bool:
@@ -201,6 +81,8 @@ class Int4Linear(nn.Module):
         self.kernel = choice.int4_kernel
         self.rows_kernel = choice.rows_kernel
         self.kernel = layer_kernel(self.kernel, n, k, group_size)
+        self.kernel_reason = choice.reason + ("" if self.kernel == choice.int4_kernel else
+                                              f"; this layer: {self.kernel} (the mma layout cannot hold it)")
         self.compute_dtype = choice.dtype
         dev = q.device
         sz = sz.to(device=dev, dtype=choice.dtype)
@@ -299,4 +181,5 @@ def quantize_model(model: nn.Module, group_size: int = 128, choice: ComputeChoic
     model.is_int4_weight_only = True
     model.int4_group_size = group_size
     model.int4_kernel = choice.int4_kernel + (f"+{choice.rows_kernel}" if choice.rows_kernel else "")
+    model.int4_kernel_reason = choice.reason
     return len(targets)

@@ -49,19 +49,25 @@ def holds(n: int, k: int, group_size: int) -> bool:
 
 
 @lru_cache(maxsize=None)
-def usable(device: torch.device | str | None = None) -> bool:
-    """:func:`available` and the smallest configuration compiles and loads here (once per device; the reason is
-    logged when it does not, and ``int4.py`` then keeps the Triton-only ``mixed`` kernels)."""
+def why_not(device: torch.device | str | None = None) -> str | None:
+    """None where the kernel can serve on ``device`` (:func:`available`, and its smallest configuration compiles and
+    loads, once per device), else why not, in one line (also logged when the build fails; ``int4.py`` then keeps the
+    ``mixed`` kernels and says why in ``/info`` ``int4_kernel_reason``)."""
     if not available(device):
-        return False
+        return "needs CUDA with compute capability >= 8.0 and torch's NVRTC and module loaders"
     dev = torch.device(device if device is not None else "cuda")
     try:
         kernel(Config(1, 1, 4, 4, 1).name(), device_index(dev))
     except Exception as exc:  # noqa: BLE001 - NVRTC missing or failing: another kernel serves
-        log.warning("int4 mma kernel unavailable (%s: %s); INT4 runs the mixed kernels", type(exc).__name__,
-                    str(exc)[:200])
-        return False
-    return True
+        why = f"does not build ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        log.warning("int4 mma kernel %s; INT4 runs the mixed kernels", why)
+        return why
+    return None
+
+
+def usable(device: torch.device | str | None = None) -> bool:
+    """Whether the kernel can serve on ``device`` (:func:`why_not` is None)."""
+    return why_not(device) is None
 
 
 def pack(q: torch.Tensor, sz: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

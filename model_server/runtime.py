@@ -110,6 +110,7 @@ class Runtime:
             "quantization": lm.quantization if lm else None,
             # INT4 linears (--quantization int4, or a GPTQ checkpoint repacked): model_server.int4's kernel choice
             "int4_kernel": getattr(lm.model, "int4_kernel", None) if lm else None,
+            "int4_kernel_reason": getattr(lm.model, "int4_kernel_reason", None) if lm else None,
             "dtype": lm.dtype if lm else None,
             "engine": self.engine.name if self.engine is not None else None,
             "devices": lm.devices if lm else [],

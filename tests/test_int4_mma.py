@@ -222,3 +222,20 @@ def test_scratch_grows_never_shrinks_and_graph_capture_cannot_grow_it() -> None:
             int4_mma._scratch(dev, key, 10 ** 7, 1, grow=False)
     finally:
         int4_mma._SCRATCH.pop((0, key), None)
+
+
+def test_auto_says_why_it_did_not_take_the_mma_kernel(monkeypatch) -> None:
+    """On a CUDA device (faked here: CI has none) where the kernel does not build, ``auto`` takes ``mixed`` and the
+    choice's reason, which /info reports as ``int4_kernel_reason``, carries the build's one-line failure."""
+    from model_server import int4_choice, int4_triton
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(int4_triton, "available", lambda: True)
+    monkeypatch.setattr(int4_mma, "why_not", lambda device=None: "does not build (RuntimeError: no NVRTC)")
+    monkeypatch.delenv("MODEL_SERVER_INT4_KERNELS", raising=False)
+    choice = int4_choice.device_compute("cuda")
+    assert (choice.int4_kernel, choice.rows_kernel) == ("cuda-int4pack", "triton")
+    assert choice.reason.endswith("; mma kernel does not build (RuntimeError: no NVRTC)")
+    monkeypatch.setattr(int4_mma, "why_not", lambda device=None: None)
+    assert int4_choice.device_compute("cuda").int4_kernel == "mma"
+    monkeypatch.setenv("MODEL_SERVER_INT4_KERNELS", "tinygemm")
+    assert int4_choice.device_compute("cuda").rows_kernel is None          # tinygemm never asks for the kernel

@@ -136,6 +136,7 @@ def test_serve_a_prequantized_checkpoint_on_the_fast_engine(gptq_dirs, case):
         with urllib.request.urlopen(srv.url + "/info", timeout=10) as r:
             info = json.loads(r.read())
         assert (info["quantization"], info["load_path"], info["int4_kernel"]) == (case[0], "native", "cpu-int4pack")
+        assert info["int4_kernel_reason"] == "cpu"
         assert info["transformers_imported"] is False
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         out = client.completions.create(model=info["model_id"], prompt="hello", max_tokens=6, temperature=0)

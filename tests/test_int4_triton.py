@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_server import int4, int4_gemv, int4_triton
+from model_server import int4, int4_choice, int4_gemv, int4_triton
 from model_server.engines.fast.merged import merge
 from model_server.int4 import (AUTO_MODE, GEMV_MAX_ROWS, TINYGEMM_MAX_ROWS, ComputeChoice, Int4Linear, choose_compute,
                                device_compute)
@@ -182,7 +182,7 @@ def test_a_wide_layer_leaves_tinygemm_sooner(monkeypatch):
     3.4 rows on the LM head, 5.6 on gate/up), so wide layers run Triton from fewer rows; the report's "dispatch"
     column follows."""
     assert [int4.tinygemm_max_rows(n) for n in (128256, 16384, 8192, 3072)] == [3, 5, TINYGEMM_MAX_ROWS, TINYGEMM_MAX_ROWS]
-    monkeypatch.setattr(int4, "WIDE_LAYERS", ((64, 3),))          # make this small layer "wide"
+    monkeypatch.setattr(int4_choice, "WIDE_LAYERS", ((64, 3),))   # make this small layer "wide"
     torch.manual_seed(2)
     lin = nn.Linear(256, 64, bias=False)
     q, sz = quantize_groupwise(lin.weight, 64)

@@ -51,6 +51,7 @@ def build_native(model_id: str, device: str, dtype: Any, state: dict[str, torch.
         model.is_int4_weight_only = True
         model.int4_group_size = first.group_size
         model.int4_kernel = first.kernel + (f"+{first.rows_kernel}" if first.rows_kernel else "")
+        model.int4_kernel_reason = getattr(first, "kernel_reason", None)
     config.dtype = dtype
     config._name_or_path = model.name_or_path = str(model_id)
     model.generation_config = generation_defaults(path, config)
@@ -60,7 +61,7 @@ def build_native(model_id: str, device: str, dtype: Any, state: dict[str, torch.
 
 def _repacked_linears(raw: dict[str, Any], device: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], Any]:
     """A GPTQ or AWQ checkpoint's linears as INT4 linears (their tensors taken out of ``state``) and the compute dtype
-    of :func:`model_server.int4.device_compute`, which the rest of the model is cast to."""
+    of :func:`model_server.int4_choice.device_compute`, which the rest of the model is cast to."""
     from model_server import int4_repack
     from model_server.int4 import device_compute
 

@@ -92,6 +92,7 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     merged.in_features, merged.out_features = p0.in_features, sum(p.out_features for p in parts)
     merged.group_size, merged.kernel, merged.compute_dtype = p0.group_size, p0.kernel, p0.compute_dtype
     merged.rows_kernel = p0.rows_kernel
+    merged.kernel_reason = getattr(p0, "kernel_reason", None)
     merged.register_buffer("input_perm", perm)
     packed = {}
     for name, dim in (("weight_packed", 0), ("scales_and_zeros", 1), ("triton_packed", 0), ("triton_scales", 1),
