@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", default=None, help="use this model directory instead of synthesizing one")
     ap.add_argument("--out", required=True)
     ap.add_argument("--quants", default="bf16,int4,nf4",
-                    help="comma-separated; int4:auto|tinygemm|triton picks MODEL_SERVER_INT4_KERNELS for that load; "
+                    help="comma-separated; int4:<mode> (auto, mma, mixed, tinygemm, triton, triton-gemm) sets "
+                         "MODEL_SERVER_INT4_KERNELS for that load; "
                          "gptq, gptq-act: a GPTQ-format copy of the model (act order) on the fast engine's repack")
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--http-concurrency", default="64,256", help="bf16 only, in-process and HTTP ('' = none)")

@@ -239,3 +239,24 @@ def test_auto_says_why_it_did_not_take_the_mma_kernel(monkeypatch) -> None:
     assert int4_choice.device_compute("cuda").int4_kernel == "mma"
     monkeypatch.setenv("MODEL_SERVER_INT4_KERNELS", "tinygemm")
     assert int4_choice.device_compute("cuda").rows_kernel is None          # tinygemm never asks for the kernel
+
+
+def test_the_wrapper_rejects_what_the_kernel_cannot_take_before_any_launch() -> None:
+    """Wrong dtype, a layout of another K or group, a config too small for the rows: one ValueError each, raised
+    before anything reaches the device (so these run on CPU); no rows is an empty result."""
+    torch.manual_seed(5)
+    q = torch.randint(0, 16, (32, 256), dtype=torch.uint8)
+    words, scales = int4_mma.pack(q, torch.randn(2, 32, 2).to(torch.bfloat16), 128)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16 activations"):
+        int4_mma.int4_mma_mm(x.float(), words, scales, 128)
+    with pytest.raises(ValueError, match="do not match"):
+        int4_mma.int4_mma_mm(torch.randn(3, 192).to(torch.bfloat16), words, scales, 128)
+    with pytest.raises(ValueError, match="do not match"):
+        int4_mma.int4_mma_mm(x, words, scales, 64)                       # scales made for groups of 128
+    with pytest.raises(ValueError, match="does not fit 9 rows"):
+        int4_mma.int4_mma_mm(torch.randn(9, 256).to(torch.bfloat16), words, scales, 128,
+                             int4_mma.Config(1, 1, 4, 4, 1))
+    with pytest.raises(ValueError, match="does not fit"):
+        int4_mma.int4_mma_mm(x, words, scales, 128, int4_mma.Config(1, 1, 4, 4, 3))   # 3 splits of 4 blocks
+    assert int4_mma.int4_mma_mm(x[:0], words, scales, 128).shape == (0, 32)
