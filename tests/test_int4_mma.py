@@ -179,7 +179,8 @@ def test_mma_layers_hold_the_layout_and_merge_by_tiles(monkeypatch) -> None:
 
     from model_server.engines.fast import merged
     from model_server.int4 import ComputeChoice, Int4Linear
-    monkeypatch.setattr(int4_mma, "reserve", lambda *a, **k: None)
+    reserved: list[tuple[int, int]] = []
+    monkeypatch.setattr(int4_mma, "reserve", lambda dev, n, k, rows=64: reserved.append((n, k)))
     monkeypatch.setattr(int4_mma, "int4_mma_mm", lambda x, w, s, g, config=None: _mma_reference(x, w, s, g))
     choice = ComputeChoice(torch.float32, "mma", "test", rows_kernel="triton")
     torch.manual_seed(3)
@@ -194,6 +195,7 @@ def test_mma_layers_hold_the_layout_and_merge_by_tiles(monkeypatch) -> None:
     want = torch.cat([p(x) for p in parts], dim=-1)
     m = merged._merge_int4(parts)
     assert m is not None and m.mma_words.shape[0] == (64 + 32 + 32) // 16
+    assert reserved == [(64, 256), (32, 256), (32, 256), (128, 256)]   # the merged layer reserves its own scratch
     assert torch.allclose(m(x), want, rtol=1e-5, atol=1e-5)
     assert parts[1].mma_words.data_ptr() == m.mma_words[4:6].data_ptr()    # parts became views of the merged rows
 
