@@ -7,8 +7,12 @@ stream in that step, once per variant and start, unless the compile cache alread
 compile-cache fill`` sets ``MODEL_SERVER_FAST_PRECOMPILE_INT4=1`` for the server it drives, whose background
 warm-up then calls :func:`precompile`, so the cache it ships holds every variant, not only those its requests met.
 
+The CUDA mma kernel (:mod:`model_server.int4_mma`, ``MODEL_SERVER_INT4_KERNELS=mma``) is compiled per configuration
+too: :func:`precompile_mma` compiles each one its layers can pick, so the seed carries their cubins.
+
 Owns enumerating the variants (:func:`variants`) and running each once per layer shape on zeros. Must NOT choose
-configurations (``int4_triton.choose_config`` does) or decide when this runs (the warm-up does).
+configurations (``int4_triton.choose_config`` / ``int4_mma.choose_config`` do) or decide when this runs (the warm-up
+does).
 """
 from __future__ import annotations
 
@@ -44,6 +48,26 @@ def variants(n: int, k: int, bk: int, num_sms: int, max_rows: int, min_rows: int
 def _first_rows(layer: Int4Linear) -> int:
     """The fewest rows with which ``layer`` runs the Triton GEMM (0: never)."""
     return next((r for r in range(1, 65) if layer.runs_triton(r)), 0)
+
+
+def precompile_mma(modules: Iterable[nn.Module]) -> int:
+    """Compile (NVRTC, into the compile cache's ``int4_mma/``) every configuration of the CUDA mma kernel that steps
+    of up to ``int4.MMA_MAX_ROWS`` rows pick on each distinct INT4 layer shape among ``modules`` running it; no
+    launch. Returns the configurations compiled or loaded."""
+    from model_server import int4_mma
+    from model_server.int4 import MMA_MAX_ROWS
+    names: set[tuple[str, int]] = set()
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, Int4Linear) and layer.kernel == "mma":
+                dev = layer.mma_words.device
+                sms = int4_mma._num_sms(dev)
+                for rows in range(1, MMA_MAX_ROWS + 1):
+                    cfg = int4_mma.choose_config(rows, layer.out_features, layer.in_features, sms)
+                    names.add((cfg.name(), int4_mma.device_index(dev)))
+    for name, index in sorted(names):
+        int4_mma.kernel(name, index)
+    return len(names)
 
 
 def precompile(modules: Iterable[nn.Module], max_rows: int) -> int:

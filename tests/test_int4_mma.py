@@ -262,3 +262,29 @@ def test_the_wrapper_rejects_what_the_kernel_cannot_take_before_any_launch() -> 
     with pytest.raises(ValueError, match="does not fit"):
         int4_mma.int4_mma_mm(x, words, scales, 128, int4_mma.Config(1, 1, 4, 4, 3))   # 3 splits of 4 blocks
     assert int4_mma.int4_mma_mm(x[:0], words, scales, 128).shape == (0, 32)
+
+
+def test_precompile_mma_compiles_every_config_the_layers_can_pick(monkeypatch) -> None:
+    """``compile-cache fill``'s warm-up (int4_precompile.precompile_mma) asks for each configuration that steps of 1..16
+    rows pick on each mma layer shape, once; layers on other kernels are skipped. (The compile itself is NVRTC's, on a
+    GPU; here the request is recorded.)"""
+    from torch import nn
+
+    from model_server import int4_precompile
+    from model_server.int4 import MMA_MAX_ROWS, ComputeChoice, Int4Linear
+    monkeypatch.setattr(int4_mma, "reserve", lambda *a, **k: None)
+    monkeypatch.setattr(int4_mma, "_num_sms", lambda dev: 132)
+    monkeypatch.setattr(int4_mma, "device_index", lambda dev: 0)
+    asked: list[tuple[str, int]] = []
+    monkeypatch.setattr(int4_mma, "kernel", lambda name, index: asked.append((name, index)))
+    mma = ComputeChoice(torch.float32, "mma", "test", rows_kernel="triton")
+    layers = nn.ModuleList([Int4Linear(nn.Linear(256, 2048, bias=False), 64, mma),
+                            Int4Linear(nn.Linear(256, 2048, bias=False), 64, mma),     # same shape: nothing new
+                            Int4Linear(nn.Linear(256, 16384, bias=False), 64, mma),
+                            Int4Linear(nn.Linear(256, 64, bias=False), 64, ComputeChoice(torch.float32,
+                                                                                      "cpu-int4pack", "test"))])
+    n = int4_precompile.precompile_mma([layers])
+    want = {(int4_mma.choose_config(r, nn_, 256, 132).name(), 0) for r in range(1, MMA_MAX_ROWS + 1)
+            for nn_ in (2048, 16384)}
+    assert n == len(want) == len(asked) and set(asked) == want
+    assert {"w4a16_mma<1,1,4,4>", "w4a16_mma<2,1,8,4>"} <= {name for name, _ in asked}

@@ -176,6 +176,9 @@ class BackgroundWarmup:
             merged = [m for m in (*r.qkv, *r.gate_up) if m is not None]
             n = int4_precompile.precompile([r.model, *merged], r.max_batch * r.max_len)
             log.info("INT4 GEMM variants precompiled: %d launches", n)
+            n = int4_precompile.precompile_mma([r.model, *merged])
+            if n:
+                log.info("INT4 mma kernel configurations compiled: %d", n)
         if not self.fuse:
             return
         ops = self.make_ops(True, r.device, r.dtype)
