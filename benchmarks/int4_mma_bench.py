@@ -184,7 +184,6 @@ def steps(cells: list[dict], ms: list[int]) -> dict:
                 if (times["mma"] is not None or best_mma is not None) else None
             int4 = [v for v in (_good(cell, "tinygemm"), _good(cell, "triton"), times["mma_best"]) if v is not None]
             times["best_int4"] = min(int4) if int4 else None
-            times["tinygemm+mma"] = _good(cell, "tinygemm") if m == 1 else times["mma_best"]
             mult = 1 if cell["name"] == "lm_head" else N_LAYERS
             for key, v in times.items():
                 row[key] = None if v is None or row.get(key, 0.0) is None else row.get(key, 0.0) + mult * v

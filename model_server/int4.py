@@ -78,9 +78,8 @@ class Int4Linear(nn.Module):
         n, k = q.shape
         self.in_features, self.out_features = k, n
         self.group_size = group_size
-        self.kernel = choice.int4_kernel
+        self.kernel = layer_kernel(choice.int4_kernel, n, k, group_size)
         self.rows_kernel = choice.rows_kernel
-        self.kernel = layer_kernel(self.kernel, n, k, group_size)
         self.kernel_reason = choice.reason + ("" if self.kernel == choice.int4_kernel else
                                               f"; this layer: {self.kernel} (the mma layout cannot hold it)")
         self.compute_dtype = choice.dtype

@@ -193,10 +193,9 @@ def reserve(device: torch.device | str, n: int, k: int, max_rows: int = MAX_ROWS
     device = torch.device(device)
     sms = _num_sms(device)
     part = tickets = 0
-    for m in sorted({1, 8, 9, 16, 17, 32, 33, max_rows}):
-        if m <= max_rows:
-            p, t = _needs(choose_config(m, n, k, sms), m, n)
-            part, tickets = max(part, p), max(tickets, t)
+    for m in range(1, max_rows + 1):
+        p, t = _needs(choose_config(m, n, k, sms), m, n)
+        part, tickets = max(part, p), max(tickets, t)
     _scratch(device, "graph", part, tickets, grow=True)
 
 

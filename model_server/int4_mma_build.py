@@ -76,7 +76,7 @@ def compile_cubin(lib: Any, src: str, name: str, arch: str) -> tuple[bytes, str]
 
 @lru_cache(maxsize=None)
 def kernel(name: str, index: int) -> Any:
-    """The compiled kernel ``name`` (a :meth:`Config.name`) on a device: NVRTC (0.3-1.8 s a config) once per process,
+    """The compiled kernel ``name`` (a :meth:`Config.name`) on a device: NVRTC once per configuration and process,
     the cubin kept under the compile cache (:func:`_cache_dir`) for the next start. NVRTC through torch's helper, or,
     where that fails (it needs CUDA_HOME for an include path this source does not use), through :func:`compile_cubin`
     (not yet run on a GPU; CI compiles every served config through it)."""
@@ -87,21 +87,20 @@ def kernel(name: str, index: int) -> Any:
     key = hashlib.sha256(f"{src}\0{name}\0{arch}\0{torch.version.cuda}".encode()).hexdigest()[:24]
     cache = _cache_dir()
     path = None if cache is None else cache / f"{key}.cubin"
-    mangled_path = None if path is None else path.with_suffix(".name")
-    if path is not None and path.is_file() and mangled_path is not None and mangled_path.is_file():
-        cubin, mangled = path.read_bytes(), mangled_path.read_text()
+    if path is not None and path.is_file() and path.with_suffix(".name").is_file():
+        cubin, mangled = path.read_bytes(), path.with_suffix(".name").read_text()
     else:
         try:                                           # torch's helper: what the H100 runs of 2026-12-05 used
             cubin, mangled = _utils._nvrtc_compile(src, name, compute_capability=arch, nvcc_options=["-std=c++17"])
         except (OSError, RuntimeError, TypeError, AttributeError):   # e.g. no CUDA_HOME for its include path
             cubin, mangled = compile_cubin(_utils._get_nvrtc_library(), src, name, arch)
-        if path is not None and mangled_path is not None:
+        if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_bytes(cubin)
                 tmp.replace(path)
-                mangled_path.write_text(mangled)
+                path.with_suffix(".name").write_text(mangled)
             except OSError:
                 pass                                   # a read-only cache: compile again next start
     with torch.cuda.device(index):
