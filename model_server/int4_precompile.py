@@ -7,8 +7,10 @@ stream in that step, once per variant and start, unless the compile cache alread
 compile-cache fill`` sets ``MODEL_SERVER_FAST_PRECOMPILE_INT4=1`` for the server it drives, whose background
 warm-up then calls :func:`precompile`, so the cache it ships holds every variant, not only those its requests met.
 
-The CUDA mma kernel (:mod:`model_server.int4_mma`, ``MODEL_SERVER_INT4_KERNELS=mma``) is compiled per configuration
-too: :func:`precompile_mma` compiles each one its layers can pick, so the seed carries their cubins.
+The CUDA mma kernel (:mod:`model_server.int4_mma`, ``MODEL_SERVER_INT4_KERNELS=mma``/``auto``) is compiled per
+configuration too: :func:`precompile_mma` compiles each one its layers can pick. The background warm-up calls it on
+every start, first thing (NVRTC, off the engine thread), so a step of a new row class does not wait for a compile on the
+engine thread; under ``compile-cache fill`` that also puts every cubin in the seed.
 
 Owns enumerating the variants (:func:`variants`) and running each once per layer shape on zeros. Must NOT choose
 configurations (``int4_triton.choose_config`` / ``int4_mma.choose_config`` do) or decide when this runs (the warm-up
@@ -50,21 +52,25 @@ def _first_rows(layer: Int4Linear) -> int:
     return next((r for r in range(1, 65) if layer.runs_triton(r)), 0)
 
 
+def mma_layers(modules: Iterable[nn.Module]) -> list[Int4Linear]:
+    """The INT4 linears among ``modules`` (and their children) that run the CUDA mma kernel."""
+    return [layer for module in modules for layer in module.modules()
+            if isinstance(layer, Int4Linear) and layer.kernel == "mma"]
+
+
 def precompile_mma(modules: Iterable[nn.Module]) -> int:
     """Compile (NVRTC, into the compile cache's ``int4_mma/``) every configuration of the CUDA mma kernel that steps
     of up to ``int4.MMA_MAX_ROWS`` rows pick on each distinct INT4 layer shape among ``modules`` running it; no
-    launch. Returns the configurations compiled or loaded."""
+    launch. Returns the configurations compiled or loaded (each once per process: ``int4_mma_build.kernel``)."""
     from model_server import int4_mma
     from model_server.int4 import MMA_MAX_ROWS
     names: set[tuple[str, int]] = set()
-    for module in modules:
-        for layer in module.modules():
-            if isinstance(layer, Int4Linear) and layer.kernel == "mma":
-                dev = layer.mma_words.device
-                sms = int4_mma._num_sms(dev)
-                for rows in range(1, MMA_MAX_ROWS + 1):
-                    cfg = int4_mma.choose_config(rows, layer.out_features, layer.in_features, sms)
-                    names.add((cfg.name(), int4_mma.device_index(dev)))
+    for layer in mma_layers(modules):
+        dev = layer.mma_words.device
+        sms = int4_mma._num_sms(dev)
+        for rows in range(1, MMA_MAX_ROWS + 1):
+            cfg = int4_mma.choose_config(rows, layer.out_features, layer.in_features, sms)
+            names.add((cfg.name(), int4_mma.device_index(dev)))
     for name, index in sorted(names):
         int4_mma.kernel(name, index)
     return len(names)

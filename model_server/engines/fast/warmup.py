@@ -107,6 +107,11 @@ class BackgroundWarmup:
         self.make_ops = make_ops
         from model_server import int4_precompile
         self.precompile_int4 = int4_precompile.enabled()     # compile-cache fill: every INT4 GEMM variant too
+        # the CUDA mma kernel's configurations, compiled first on every start (not only by compile-cache fill)
+        self.mma_modules = [m for m in (getattr(runner, "model", None), *getattr(runner, "qkv", ()),
+                                        *getattr(runner, "gate_up", ())) if m is not None]
+        self.mma_modules = self.mma_modules if int4_precompile.mma_layers(self.mma_modules) else []
+        self.mma_compiled = 0                 # configurations compiled or loaded from the cache
         self.ops: Ops | None = None
         self.error: str | None = None
         self.seconds = 0.0
@@ -116,7 +121,7 @@ class BackgroundWarmup:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if not self.fuse and not self.precompile_int4:    # nothing to compile (CPU default): switch at once
+        if not self.fuse and not self.precompile_int4 and not self.mma_modules:   # nothing to compile: switch at once
             self.done.set()
             return
         self._thread = threading.Thread(target=self._work, name="fast-engine-warmup", daemon=True)
@@ -139,8 +144,31 @@ class BackgroundWarmup:
         self._go.wait(self.max_defer_s)
         self.deferred_s = time.monotonic() - t0
 
+    def _compile_mma(self) -> None:
+        """Every mma kernel configuration the model's layers can pick (NVRTC or the compile cache; ctypes calls that
+        release the GIL, no GPU work): before the hold, since the engine thread would otherwise compile a row class's
+        configuration at its first such step, with every stream of that step waiting."""
+        from model_server import int4_precompile
+        t0 = time.monotonic()
+        try:
+            self.mma_compiled = int4_precompile.precompile_mma(self.mma_modules)
+        except Exception as exc:  # noqa: BLE001 - a configuration not compiled here compiles at its first use
+            log.warning("int4 mma kernel configurations not compiled ahead: %s: %s", type(exc).__name__, exc)
+            return
+        log.info("INT4 mma kernel configurations compiled or loaded: %d in %.2f s", self.mma_compiled,
+                 time.monotonic() - t0)
+
     def _work(self) -> None:
-        self._wait_for_turn()
+        if self.mma_modules:
+            self._compile_mma()
+        if self.fuse or self.precompile_int4:
+            self._wait_for_turn()
+            self._compile_on_stream()
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
+
+    def _compile_on_stream(self) -> None:
         self.compile_started = time.time()
         t0 = time.monotonic()
         r = self.runner
@@ -165,9 +193,6 @@ class BackgroundWarmup:
         self.seconds = time.monotonic() - t0
         log.info("background warm-up done in %.2f s after waiting %.2f s for served requests (fused ops %s)",
                  self.seconds, self.deferred_s, "on" if self.ops is not None and self.ops.fused else "off")
-        self.done.set()
-        if self.on_done is not None:
-            self.on_done()
 
     def _compile(self) -> None:
         r = self.runner
@@ -176,9 +201,6 @@ class BackgroundWarmup:
             merged = [m for m in (*r.qkv, *r.gate_up) if m is not None]
             n = int4_precompile.precompile([r.model, *merged], r.max_batch * r.max_len)
             log.info("INT4 GEMM variants precompiled: %d launches", n)
-            n = int4_precompile.precompile_mma([r.model, *merged])
-            if n:
-                log.info("INT4 mma kernel configurations compiled: %d", n)
         if not self.fuse:
             return
         ops = self.make_ops(True, r.device, r.dtype)
