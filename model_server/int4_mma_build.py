@@ -74,12 +74,38 @@ def compile_cubin(lib: Any, src: str, name: str, arch: str) -> tuple[bytes, str]
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
+def read_cached(path: Path) -> tuple[bytes, str] | None:
+    """A cached ``(cubin, lowered name)`` at ``path`` (``.cubin``, its name in ``.name``), or None when either is
+    missing, unreadable or not whole (an empty name, a cubin that is not an ELF file): compile it again then."""
+    try:
+        mangled = path.with_suffix(".name").read_text().strip()
+        cubin = path.read_bytes()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return (cubin, mangled) if mangled and cubin.startswith(b"\x7fELF") else None
+
+
+def store_cached(path: Path, cubin: bytes, mangled: str) -> None:
+    """Write a compiled kernel to the cache; never raises (a read-only cache: compile again next start). Each file is
+    written whole under a temporary name and renamed, the name before the cubin, so processes sharing the cache (pods
+    on one volume) never read half an entry: :func:`read_cached` looks for the cubin, which comes last."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for target, data in ((path.with_suffix(".name"), mangled.encode()), (path, cubin)):
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+    except OSError:
+        pass
+
+
 @lru_cache(maxsize=None)
 def kernel(name: str, index: int) -> Any:
     """The compiled kernel ``name`` (a :meth:`Config.name`) on a device: NVRTC once per configuration and process,
     the cubin kept under the compile cache (:func:`_cache_dir`) for the next start. NVRTC through torch's helper, or,
     where that fails (it needs CUDA_HOME for an include path this source does not use), through :func:`compile_cubin`
-    (not yet run on a GPU; CI compiles every served config through it)."""
+    (not yet run on a GPU; CI compiles every served config through it). A cached cubin the driver refuses is
+    compiled again."""
     from torch.cuda import _utils
     src = SOURCE_PATH.read_text()
     capability = torch.cuda.get_device_capability(index)
@@ -87,22 +113,24 @@ def kernel(name: str, index: int) -> Any:
     key = hashlib.sha256(f"{src}\0{name}\0{arch}\0{torch.version.cuda}".encode()).hexdigest()[:24]
     cache = _cache_dir()
     path = None if cache is None else cache / f"{key}.cubin"
-    if path is not None and path.is_file() and path.with_suffix(".name").is_file():
-        cubin, mangled = path.read_bytes(), path.with_suffix(".name").read_text()
-    else:
-        try:                                           # torch's helper: what the H100 runs of 2026-12-05 used
-            cubin, mangled = _utils._nvrtc_compile(src, name, compute_capability=arch, nvcc_options=["-std=c++17"])
-        except (OSError, RuntimeError, TypeError, AttributeError):   # e.g. no CUDA_HOME for its include path
-            cubin, mangled = compile_cubin(_utils._get_nvrtc_library(), src, name, arch)
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_bytes(cubin)
-                tmp.replace(path)
-                path.with_suffix(".name").write_text(mangled)
-            except OSError:
-                pass                                   # a read-only cache: compile again next start
+    cached = None if path is None else read_cached(path)
+    if cached is not None:
+        try:
+            return _load(index, *cached)
+        except RuntimeError:                           # e.g. a cubin damaged on disk: compile it again
+            pass
+    try:                                               # torch's helper: what the H100 runs of 2026-12-05 used
+        cubin, mangled = _utils._nvrtc_compile(src, name, compute_capability=arch, nvcc_options=["-std=c++17"])
+    except (OSError, RuntimeError, TypeError, AttributeError):   # e.g. no CUDA_HOME for its include path
+        cubin, mangled = compile_cubin(_utils._get_nvrtc_library(), src, name, arch)
+    fn = _load(index, cubin, mangled)
+    if path is not None:
+        store_cached(path, cubin, mangled)
+    return fn
+
+
+def _load(index: int, cubin: bytes, mangled: str) -> Any:
+    from torch.cuda import _utils
     with torch.cuda.device(index):
         torch.cuda.synchronize(index)       # makes the device's primary context current on this thread: the
         return _utils._cuda_load_module(cubin, [mangled])[mangled]   # driver's module load needs one (a fresh

@@ -4,7 +4,9 @@ Every configuration :func:`int4_mma.choose_config` returns for the decode row co
 is compiled for sm_80 (A100, the kernel's floor) and sm_90 (H100/H200) by :func:`int4_mma_build.compile_cubin`, the
 function the server compiles it with (here with the test extra's libnvrtc); the cubin's resource usage (Triton's
 bundled cuobjdump) must show no spills, and its SASS the bf16 tensor-core MMA. A source that only nvcc accepts (a
-header NVRTC lacks, a host-only construct) fails here."""
+header NVRTC lacks, a host-only construct) fails here. The cubin cache (``int4_mma_build.kernel`` with torch's
+helper failing, as without CUDA_HOME, so the ctypes path runs; only the driver's module load is faked): entries
+round-trip, are written name first, and a torn, foreign or refused entry is compiled again, never served."""
 from __future__ import annotations
 
 import ctypes
@@ -71,3 +73,64 @@ def test_every_served_config_compiles_without_spills(tmp_path: Path, arch: str) 
         assert 0 < regs <= 255 and stack <= 16 and local == 0, (name, arch, usage.group(0))
         sass = subprocess.run([str(_cuobjdump()), "-sass", str(path)], capture_output=True, text=True, timeout=60)
         assert "HMMA.16816.F32.BF16" in sass.stdout, (name, arch)
+
+
+def _fake_cuda(monkeypatch, cache: Path) -> list[tuple[bytes, str]]:
+    """The GPU parts of ``int4_mma_build.kernel`` replaced (capability 9.0; the module load recorded, a cubin whose
+    bytes end in ``b"BAD"`` refused as the driver refuses one); NVRTC is the real one (torch's helper made to fail,
+    as without CUDA_HOME)."""
+    from torch.cuda import _utils
+    int4_mma_build.kernel.cache_clear()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    monkeypatch.setattr("torch.cuda.get_device_capability", lambda index=None: (9, 0))
+
+    def helper_fails(*_a, **_k):
+        raise RuntimeError("CUDA_HOME not set")
+    monkeypatch.setattr(_utils, "_nvrtc_compile", helper_fails, raising=False)
+    monkeypatch.setattr(_utils, "_get_nvrtc_library", _libnvrtc, raising=False)
+    loads: list[tuple[bytes, str]] = []
+
+    def load(index: int, cubin: bytes, mangled: str) -> str:
+        loads.append((cubin, mangled))
+        if cubin.endswith(b"BAD"):
+            raise RuntimeError("CUDA error: device kernel image is invalid")
+        return mangled
+    monkeypatch.setattr(int4_mma_build, "_load", load)
+    return loads
+
+
+def test_the_cubin_cache_round_trips_and_a_torn_or_refused_entry_is_compiled_again(monkeypatch, tmp_path) -> None:
+    loads = _fake_cuda(monkeypatch, tmp_path)
+    name = "w4a16_mma<1,1,4,4>"
+    mangled = int4_mma_build.kernel(name, 0)                 # compiled (NVRTC) and stored
+    (entry,) = (tmp_path / "int4_mma").glob("*.cubin")
+    assert mangled.startswith("_Z") and int4_mma_build.read_cached(entry) == (entry.read_bytes(), mangled)
+    assert sorted(p.suffix for p in entry.parent.iterdir()) == [".cubin", ".name"]     # no temporary left
+    good = entry.read_bytes()
+    for torn in ("", "  \n"):                                # a name half written by another process
+        entry.with_suffix(".name").write_text(torn)
+        assert int4_mma_build.read_cached(entry) is None
+    entry.with_suffix(".name").write_text(mangled)
+    entry.write_bytes(b"\0" * 64)                          # not an ELF file
+    assert int4_mma_build.read_cached(entry) is None
+    entry.unlink()
+    assert int4_mma_build.read_cached(entry) is None
+    entry.write_bytes(good + b"BAD")                         # whole on disk, but the driver refuses it
+    int4_mma_build.kernel.cache_clear()
+    assert int4_mma_build.kernel(name, 0) == mangled
+    assert [c.endswith(b"BAD") for c, _ in loads] == [False, True, False]    # first compile, refused, compiled again
+    assert entry.read_bytes() == good                        # the entry was replaced by the fresh compile
+    int4_mma_build.kernel.cache_clear()
+    assert int4_mma_build.kernel(name, 0) == mangled and loads[-1] == (good, mangled)   # now from the cache
+
+
+def test_an_entry_is_stored_name_first_and_a_read_only_cache_is_not_an_error(monkeypatch, tmp_path) -> None:
+    order: list[str] = []
+    real = Path.replace
+    monkeypatch.setattr(Path, "replace", lambda self, target: (order.append(Path(target).suffix), real(self, target))[1])
+    int4_mma_build.store_cached(tmp_path / "k.cubin", b"\x7fELF...", "_Zname")
+    assert order == [".name", ".cubin"] and int4_mma_build.read_cached(tmp_path / "k.cubin") == (b"\x7fELF...", "_Zname")
+    blocked = tmp_path / "a-file"                            # the cache's folder cannot be made (as root too)
+    blocked.write_text("")
+    int4_mma_build.store_cached(blocked / "int4_mma" / "k.cubin", b"\x7fELF", "_Zname")     # no exception
+    assert blocked.is_file()
