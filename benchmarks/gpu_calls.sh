@@ -75,8 +75,9 @@
 #                                            sweep of its configs (MMA_BUDGET s, default 300; --no-sweep: MMA_SWEEP=0); torch
 #                                            only (~6 min). MMA_SS=1: then steady_state.py in-process, SS_QUANTS (bf16,int4:mma)
 #                                            at SS_CONC (1,8,64), needs the wheels (~6 min more)
-#   bash benchmarks/gpu_calls.sh mmaprof    # issue 17: Nsight Compute on the mma kernel per shape at MMA_MS rows (64): where its
-#                                            cycles go (stall reasons, issue, memory, occupancy); not yet run (~5 min)
+#   bash benchmarks/gpu_calls.sh mmaprof    # issue 17: Nsight Compute on the mma kernel per shape at MMA_MS rows (64), at its
+#                                            default config, its FLAT twin and twice the split: where its cycles go (stall
+#                                            reasons, issue, executed instructions, memory, occupancy); not yet run (~5 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
@@ -263,10 +264,10 @@ case "${1:-}" in
     ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null); echo "ncu: ${ncu_bin:-none}"
     timeout 480 "$ncu_bin" --clock-control none --target-processes all -k regex:w4a16_mma -f -o "$out/mma_prof" \
       --section SpeedOfLight --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-      --section LaunchStats --section Occupancy \
+      --section LaunchStats --section Occupancy --section InstructionStats \
       python3 benchmarks/int4_mma_bench.py --once --ms "${MMA_MS:-64}" > "$out/mmaprof.log" 2>&1; echo "ncu rc $?"
     "$ncu_bin" --import "$out/mma_prof.ncu-rep" --page details > "$out/mma_prof.txt" 2>&1
-    grep -E "once:|w4a16_mma|Duration|Memory Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Stall|Warp Cycles Per Issued" \
+    grep -E "once:|w4a16_mma|Duration|Memory Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Stall|Warp Cycles Per Issued|Executed Instructions" \
       "$out/mma_prof.txt" | head -120 ;;
   readw)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet

@@ -108,9 +108,11 @@ class Config:
     warps: int
     stages: int
     split: int                   # CTAs along K (gridDim.y)
+    flat: int = 0                # 1: the .cu's FLAT variant (activation copies unrolled; sweeps only until measured)
 
     def name(self) -> str:
-        return f"w4a16_mma<{self.nt},{self.r},{self.warps},{self.stages}>"
+        flat = ",1" if self.flat else ""
+        return f"w4a16_mma<{self.nt},{self.r},{self.warps},{self.stages}{flat}>"
 
     def smem_bytes(self) -> int:
         """Dynamic shared memory: per stage the activations, the warps' weight tiles and their scales (the .cu)."""

@@ -115,6 +115,14 @@ def test_choose_config_fits_the_step(m: int, n: int, k: int) -> None:
     assert cfg.grid_x(n) * cfg.r * cfg.warps * 16 >= n
     if n >= 65536:
         assert cfg.split == 1                        # the LM head fills the card without splitting K
+    assert cfg.flat == 0                             # the FLAT variant is not served until measured
+
+
+def test_config_names_are_the_sources_template_instances() -> None:
+    assert int4_mma.Config(8, 1, 4, 4, 2).name() == "w4a16_mma<8,1,4,4>"      # FLAT's default: the served kernel
+    assert int4_mma.Config(8, 1, 4, 4, 2, flat=1).name() == "w4a16_mma<8,1,4,4,1>"
+    src = int4_mma_build.SOURCE_PATH.read_text()
+    assert "template <int NT, int R, int WARPS, int STAGES, int FLAT = 0>" in src
 
 
 def test_token_tiles_rejects_rows_out_of_range() -> None:

@@ -10,31 +10,33 @@ round-trip, are written name first, and a torn, foreign or refused entry is comp
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import re
 import subprocess
+import sys
 from pathlib import Path
 
-import nvidia                     # the test extra's nvidia-cuda-nvrtc (a namespace package)
 import pytest
-import triton                     # its bundled cuobjdump reads the cubins
 
 from model_server import int4_mma, int4_mma_build
 from model_server.int4 import MMA_MAX_ROWS
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import int4_mma_sass  # noqa: E402  (libnvrtc from the test extra's nvidia-cuda-nvrtc, Triton's bundled cuobjdump)
+
 
 def _libnvrtc() -> ctypes.CDLL:
-    for root in nvidia.__path__:
-        found = sorted(Path(root).glob("cu*/lib/libnvrtc.so*"))
-        if found:
-            return ctypes.CDLL(str(found[0]))
-    pytest.fail("nvidia-cuda-nvrtc is a test dependency (pyproject's test extra); libnvrtc not found")
+    try:
+        return int4_mma_sass.libnvrtc()
+    except int4_mma_sass.ToolMissing as exc:
+        pytest.fail(f"{exc}: a test dependency")
 
 
 def _cuobjdump() -> Path:
-    found = sorted(Path(triton.__file__).parent.glob("backends/nvidia/bin/cuobjdump"))
-    if not found:
-        pytest.fail("Triton's bundled cuobjdump not found")
-    return found[0]
+    try:
+        return int4_mma_sass.cuobjdump()
+    except int4_mma_sass.ToolMissing as exc:
+        pytest.fail(f"{exc}: a test dependency")
 
 
 def _served_configs() -> list[int4_mma.Config]:
@@ -58,8 +60,10 @@ def test_a_source_nvrtc_rejects_is_one_runtime_error_with_its_log() -> None:
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_every_served_config_compiles_without_spills(tmp_path: Path, arch: str) -> None:
     lib = _libnvrtc()
-    names = sorted({cfg.name() for cfg in _served_configs()})
-    assert len(names) >= 2
+    served = _served_configs()
+    flat = [dataclasses.replace(c, flat=1) for c in served + [int4_mma.Config(8, 1, 4, 4, 1)]]   # sweeps' variant
+    names = sorted({cfg.name() for cfg in served + flat})
+    assert len(names) >= 4
     for name in names:
         cubin, mangled = int4_mma_build.compile_cubin(lib, int4_mma_build.SOURCE_PATH.read_text(), name, arch)
         path = tmp_path / f"{arch}_{mangled}.cubin"
@@ -134,3 +138,17 @@ def test_an_entry_is_stored_name_first_and_a_read_only_cache_is_not_an_error(mon
     blocked.write_text("")
     int4_mma_build.store_cached(blocked / "int4_mma" / "k.cubin", b"\x7fELF", "_Zname")     # no exception
     assert blocked.is_file()
+
+
+def test_the_sass_count_reads_one_block_of_the_main_loop() -> None:
+    """benchmarks/int4_mma_sass.py: one block of the 64-row configuration holds its 32 MMAs (4 k16 steps x 8 token
+    tiles), the FLAT variant's span has no loop and fewer instructions than the served one's, which has its copy loop."""
+    lib = _libnvrtc()
+    served = int4_mma_sass.per_block(int4_mma_sass.disassemble(lib, "w4a16_mma<8,1,4,4>", "90")[0])
+    flat = int4_mma_sass.per_block(int4_mma_sass.disassemble(lib, "w4a16_mma<8,1,4,4,1>", "90")[0])
+    assert served["HMMA"] == flat["HMMA"] == 32 and served["loop"] and not flat["loop"]
+    assert flat["instructions"] < served["instructions"] and flat["LDGSTS"] < served["LDGSTS"]
+    one = int4_mma_sass.per_block(int4_mma_sass.disassemble(lib, "w4a16_mma<1,1,4,4,1>", "80")[0])
+    assert one["HMMA"] == 4
+    with pytest.raises(ValueError, match="main loop"):
+        int4_mma_sass.per_block([(0, "NOP"), (16, "BAR.SYNC.DEFER_BLOCKING 0x0"), (32, "EXIT")])

@@ -97,7 +97,10 @@ __device__ __forceinline__ u32 word(const uint4& w, int j) { return j == 0 ? w.x
 
 // NT: 8-token tiles (M <= 8 * NT); R: 16-row tiles per warp; WARPS per CTA (same K range, different rows);
 // STAGES: blocks of 64 k in flight (activations, weights and scales through cp.async into shared memory).
-template <int NT, int R, int WARPS, int STAGES>
+// FLAT (a variant for sweeps, not served until measured): each thread's activation copies are one unrolled run
+// with their addresses and predicates computed once per kernel (FLAT = 0: a loop over threadIdx.x, which the
+// compiler cannot unroll, re-derives them every block: ~170 of the ~320 SASS instructions per block at NT = 8).
+template <int NT, int R, int WARPS, int STAGES, int FLAT = 0>
 __global__ void __launch_bounds__(WARPS * 32)
 w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* __restrict__ SZ, u16* __restrict__ Y,
           float* __restrict__ part, int* __restrict__ tickets, int M, int N, int K, int gshift, int kb_per_split) {
@@ -118,6 +121,20 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
     const int S = gridDim.y, split = blockIdx.y;
     const int kb0 = split * kb_per_split, nkb = kb_per_split;
 
+    constexpr int XCH = MP * 8, XPER = (XCH + THREADS - 1) / THREADS;   // 16-byte activation copies per block
+    const u16* xsrc[FLAT ? XPER : 1];              // FLAT: this thread's copies, set once (block 0's columns)
+    int xdst[FLAT ? XPER : 1], xbytes[FLAT ? XPER : 1];
+    if constexpr (FLAT != 0) {
+#pragma unroll
+        for (int it = 0; it < XPER; ++it) {
+            const int idx = threadIdx.x + it * THREADS, row = idx >> 3, ch = idx & 7;
+            const bool ok = row < M && idx < XCH;
+            xsrc[it] = X + (size_t)(ok ? row : 0) * K + ch * 8;
+            xdst[it] = row * XROW + ch * 8;
+            xbytes[it] = ok ? 16 : 0;
+        }
+    }
+
     float acc[R][NT][4];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -135,11 +152,18 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
         if (i_ < nkb) {                                                                                      \
             const int kb = kb0 + i_;                                                                         \
             u16* xs_ = W4_X(ST);                                                                             \
-            for (int idx = threadIdx.x; idx < MP * 8; idx += THREADS) {                                      \
-                const int row = idx >> 3, ch = idx & 7;                                                      \
-                const bool ok = row < M;                                                                     \
-                cp_async16(xs_ + row * XROW + ch * 8, X + (size_t)(ok ? row : 0) * K + kb * 64 + ch * 8,     \
-                           ok ? 16 : 0);                                                                     \
+            if constexpr (FLAT != 0) {                                                                       \
+                _Pragma("unroll") for (int it = 0; it < XPER; ++it) {                                        \
+                    if (XCH % THREADS == 0 || threadIdx.x + it * THREADS < XCH)                              \
+                        cp_async16(xs_ + xdst[it], xsrc[it] + kb * 64, xbytes[it]);                          \
+                }                                                                                            \
+            } else {                                                                                         \
+                for (int idx = threadIdx.x; idx < MP * 8; idx += THREADS) {                                  \
+                    const int row = idx >> 3, ch = idx & 7;                                                  \
+                    const bool ok = row < M;                                                                 \
+                    cp_async16(xs_ + row * XROW + ch * 8, X + (size_t)(ok ? row : 0) * K + kb * 64 + ch * 8, \
+                               ok ? 16 : 0);                                                                 \
+                }                                                                                            \
             }                                                                                                \
             _Pragma("unroll") for (int r = 0; r < R; ++r) {                                                  \
                 const int t = tile0 + r, slot = warp * R + r;                                                \
