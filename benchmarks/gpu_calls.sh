@@ -76,7 +76,7 @@
 #                                            only (~6 min). MMA_SS=1: then steady_state.py in-process, SS_QUANTS (bf16,int4:mma)
 #                                            at SS_CONC (1,8,64), needs the wheels (~6 min more)
 #   bash benchmarks/gpu_calls.sh mmaprof    # issue 17: Nsight Compute on the mma kernel per shape at MMA_MS rows (64), at its
-#                                            default config, its FLAT twin and twice the split: where its cycles go (stall
+#                                            default config, its FLAT and KW twins and twice the split: where its cycles go (stall
 #                                            reasons, issue, executed instructions, memory, occupancy); not yet run (~5 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)

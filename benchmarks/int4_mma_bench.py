@@ -2,9 +2,10 @@
 
 Per linear of the llama-3.2-1b preset (merged q/k/v and gate/up, and the LM head) and per row count M: bf16 ``x @ W.T``
 (cuBLAS), tinygemm (``aten._weight_int4pack_mm``), the Triton GEMM (``int4_triton``, default config), and the mma
-kernel at its default config, its FLAT variant at the same config (``mma_flat``: activation copies unrolled, the .cu's
-header; not served until measured), plus a sweep of its configs (tiles per warp, warps, stages, split K; each also
-FLAT), each checked against a float32 reference first. Timing as in benchmarks/int4_kernels.py: calls captured back to back in a CUDA
+kernel at its default config, its FLAT variant at the same config (``mma_flat``: activation copies unrolled) and its
+KW variant (``mma_kw``: the same rows per CTA with 2 or 4 warps along K sharing each tile; both in the .cu's header,
+not served until measured), plus a sweep of its configs (tiles per warp, warps, stages, split K; each also FLAT;
+warps along K), each checked against a float32 reference first. Timing as in benchmarks/int4_kernels.py: calls captured back to back in a CUDA
 graph, rotating over weight copies that cover --l2-multiple x L2 (weights come from HBM), median of --reps replays.
 Per step (16 layers x 4 linears + the LM head): bf16, ``dispatch`` (what ``MODEL_SERVER_INT4_KERNELS=auto`` runs
 today: tinygemm up to int4.tinygemm_max_rows, the Triton GEMM above), mma at its default config, mma with the best
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from int4_kernels import LM_HEAD, MERGED, N_LAYERS, rel_err, time_calls  # noqa: E402
+from int4_mma_configs import kw_twin, sweep_configs  # noqa: E402
 from model_server import int4_mma, int4_triton  # noqa: E402
 from model_server.int4 import INNER_K_TILES, tinygemm_max_rows  # noqa: E402
 from model_server.int4_quant import dequantize_groupwise, quantize_groupwise  # noqa: E402
@@ -46,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-budget-s", type=float, default=240.0, help="stop sweeping this long after the start")
     p.add_argument("--no-sweep", action="store_true", help="time the default config only")
     p.add_argument("--once", action="store_true",
-                   help="run the kernel twice per shape and M at its default config, its FLAT twin and twice its split "
-                        "K, nothing else (for a profiler: ncu -k regex:w4a16_mma; gpu_calls.sh mmaprof)")
+                   help="run the kernel twice per shape and M at its default config, its FLAT and KW twins and twice "
+                        "its split K, nothing else (for a profiler: ncu -k regex:w4a16_mma; gpu_calls.sh mmaprof)")
     p.add_argument("--smoke", action="store_true",
                    help="only check the kernel against the reference on small shapes at many row counts and configs "
                         "(split K, tiles per warp, warps, stages), print one line per case, exit 1 on any failure")
@@ -56,27 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.ms or min(args.ms) < 1 or max(args.ms) > int4_mma.MAX_ROWS or args.reps < 1:
         p.error(f"--ms needs integers in 1..{int4_mma.MAX_ROWS} and --reps >= 1")
     return args
-
-
-def sweep_configs(m: int, n: int, k: int, sms: int) -> list[int4_mma.Config]:
-    """Tiles per warp 1/2/4 x warps 2/4/8 at 4 stages, and stages 2/3/6/8 at the default tiles, each at split K 1..16
-    (>= 2 blocks per split; shared memory up to int4_mma.MAX_SMEM); the default config first. Two warps per CTA:
-    more CTAs without splitting K (the split's tail is what one row pays on the small layers). Each config is followed
-    by its FLAT twin."""
-    nt = int4_mma.token_tiles(m)
-    blocks = k // int4_mma.BLOCK_K
-    base = int4_mma.choose_config(m, n, k, sms)
-    out = [base]
-    shapes = [(r, w, 4) for r in (1, 2, 4) for w in (2, 4, 8)] + [(base.r, base.warps, st) for st in (2, 3, 6, 8)]
-    for r, warps, stages in shapes:
-        for split in (1, 2, 4, 8, 16):
-            cfg = int4_mma.Config(nt, r, warps, stages, split)
-            if blocks % split or blocks // split < 2 or cfg.smem_bytes() > int4_mma.MAX_SMEM or cfg in out:
-                continue
-            if nt * r > 16 or cfg.grid_x(n) * split > 16 * sms:
-                continue
-            out.append(cfg)
-    return [c for cfg in out for c in (cfg, dataclasses.replace(cfg, flat=1))]
 
 
 class Layer:
@@ -130,11 +111,12 @@ def run(args: argparse.Namespace) -> dict:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = lay.reference(x)
             cell: dict = {"name": name, "n": n, "k": k, "m": m, "us": {}, "err": {}, "sweep": []}
-            flat = dataclasses.replace(int4_mma.choose_config(m, n, k, sms), flat=1)
-            for meth in ("bf16", "tinygemm", "triton", "mma", "mma_flat"):
-                kind, cfg = ("mma", flat) if meth == "mma_flat" else (meth, None)
+            base = int4_mma.choose_config(m, n, k, sms)
+            twins = {"mma_flat": dataclasses.replace(base, flat=1), "mma_kw": kw_twin(base)}
+            for meth in ("bf16", "tinygemm", "triton", "mma", "mma_flat", "mma_kw"):
+                kind, cfg = ("mma", twins[meth]) if meth in twins else (meth, None)
                 try:
-                    if meth == "mma_flat":
+                    if meth in twins:
                         int4_mma.reserve_config(torch.device("cuda"), cfg, m, n)
                     if meth != "bf16":
                         cell["err"][meth] = rel_err(lay.call(kind, x, lay.copies[kind][0], cfg)(), ref)
@@ -142,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
                 except Exception as e:                      # noqa: BLE001 - keep the other methods' numbers
                     cell["err"][meth] = f"error: {e!r}"[:300]
             cell["mma_config"] = vars(int4_mma.choose_config(m, n, k, sms))
-            for cfg in ([] if args.no_sweep else sweep_configs(m, n, k, sms)[2:]):     # default and its twin: above
+            for cfg in ([] if args.no_sweep else sweep_configs(m, n, k, sms)[3:]):     # default and twins: above
                 if time.time() > deadline:
                     cell["sweep_cut"] = True
                     break
@@ -185,9 +167,10 @@ def steps(cells: list[dict], ms: list[int]) -> dict:
         row: dict = {}
         for cell in (c for c in cells if c["m"] == m):
             times = {"bf16": _good(cell, "bf16"), "mma": _good(cell, "mma"), "mma_flat": _good(cell, "mma_flat"),
+                     "mma_kw": _good(cell, "mma_kw"),
                      "dispatch": _good(cell, "tinygemm" if m <= tinygemm_max_rows(cell["n"]) else "triton")}
             best_mma = cell.get("mma_best", {}).get("us")
-            known = [v for v in (times["mma"], times["mma_flat"], best_mma) if v is not None]
+            known = [v for v in (times["mma"], times["mma_flat"], times["mma_kw"], best_mma) if v is not None]
             times["mma_best"] = min(known) if known else None
             int4 = [v for v in (_good(cell, "tinygemm"), _good(cell, "triton"), times["mma_best"]) if v is not None]
             times["best_int4"] = min(int4) if int4 else None
@@ -199,7 +182,7 @@ def steps(cells: list[dict], ms: list[int]) -> dict:
 
 
 def markdown(res: dict) -> str:
-    keys = ("bf16", "dispatch", "mma", "mma_flat", "mma_best", "best_int4")
+    keys = ("bf16", "dispatch", "mma", "mma_flat", "mma_kw", "mma_best", "best_int4")
     lines = [f"# int4 mma kernel, {res['device']}, torch {res['torch']}, group {res['group']}", "",
              "Linears per decode step (16 layers x 4 + LM head), us (speed-up vs bf16):", "",
              "| M | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
@@ -208,15 +191,17 @@ def markdown(res: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(
             "-" if row.get(k) is None else f"{row[k]:,.0f}" + ("" if not b or k == "bf16" else f" ({b / row[k]:.2f}x)")
             for k in keys) + " |")
-    lines += ["", "Per shape, us (mma: default config; flat: its FLAT twin; best: the sweep's fastest correct config):",
-              "", "| shape | M | bf16 | tinygemm | triton | mma | mma flat | mma best | best config | mma rel err |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines += ["", "Per shape, us (mma: default config; flat, kw: its FLAT and KW twins; best: the sweep's fastest "
+              "correct config):", "",
+              "| shape | M | bf16 | tinygemm | triton | mma | mma flat | mma kw | mma best | best config | mma rel err |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for c in res["cells"]:
         us, best = c["us"], c.get("mma_best", {})
         f = lambda v: "-" if v is None else f"{v:.1f}"          # noqa: E731
         err = c["err"].get("mma")
         lines.append(f"| {c['name']} {c['n']}x{c['k']} | {c['m']} | {f(us.get('bf16'))} | {f(us.get('tinygemm'))} | "
-                     f"{f(us.get('triton'))} | {f(us.get('mma'))} | {f(us.get('mma_flat'))} | {f(best.get('us'))} | "
+                     f"{f(us.get('triton'))} | {f(us.get('mma'))} | {f(us.get('mma_flat'))} | {f(us.get('mma_kw'))} | "
+                     f"{f(best.get('us'))} | "
                      f"{best.get('config', '')} | {err if isinstance(err, str) else f'{err:.1e}'} |")
     return "\n".join(lines) + "\n"
 
@@ -235,8 +220,11 @@ def smoke(group: int) -> int:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ wd.t()
             nt = int4_mma.token_tiles(m)
-            flat = dataclasses.replace(int4_mma.choose_config(m, n, k, sms), flat=1)
-            cfgs = [None, flat] + [int4_mma.Config(nt, r, wp, st, sp, fl) for r, wp, st, sp in
+            base = int4_mma.choose_config(m, n, k, sms)
+            kws = [int4_mma.Config(nt, r, wp, st, sp, 1, kw) for r, wp, st, sp, kw in
+                   ((1, 16, 4, 1, 4), (2, 8, 3, 2, 2), (1, 4, 4, 4, 4), (1, 8, 4, 8, 4), (2, 16, 2, 1, 4))
+                   if (k // 64) % sp == 0 and int4_mma.Config(nt, r, wp, st, sp, 1, kw).smem_bytes() <= int4_mma.MAX_SMEM]
+            cfgs = [None, dataclasses.replace(base, flat=1), kw_twin(base), *kws] + [int4_mma.Config(nt, r, wp, st, sp, fl) for r, wp, st, sp in
                              ((1, 4, 4, 1), (2, 4, 3, 2), (1, 8, 6, 4), (4, 4, 4, 8), (2, 8, 4, 16), (1, 2, 4, 1))
                              for fl in (0, 1)
                              if (k // 64) % sp == 0
@@ -277,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = int4_mma.choose_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
                 twice = dataclasses.replace(cfg, split=cfg.split * 2)     # why more CTAs ran slower at 64 rows
                 more = [twice] if (k // int4_mma.BLOCK_K) % twice.split == 0 else []
-                for c in [cfg, dataclasses.replace(cfg, flat=1), *more]:     # the default, its FLAT twin, split x2
+                for c in [cfg, dataclasses.replace(cfg, flat=1), kw_twin(cfg), *more]:   # default, FLAT, KW, split x2
                     for _ in range(2):
                         int4_mma.int4_mma_mm(x, words, scales, args.group, c)
                     torch.cuda.synchronize()

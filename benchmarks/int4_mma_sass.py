@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_server import int4_mma_build  # noqa: E402
 
-DEFAULT = ("w4a16_mma<1,1,4,4>", "w4a16_mma<1,1,4,4,1>", "w4a16_mma<2,1,4,4>", "w4a16_mma<2,1,4,4,1>",
-           "w4a16_mma<8,1,4,4>", "w4a16_mma<8,1,4,4,1>", "w4a16_mma<8,1,8,4>", "w4a16_mma<8,1,8,4,1>")
+DEFAULT = ("w4a16_mma<1,1,4,4>", "w4a16_mma<1,1,4,4,1>", "w4a16_mma<1,1,16,4,1,4>", "w4a16_mma<2,1,4,4>",
+           "w4a16_mma<2,1,4,4,1>", "w4a16_mma<2,1,16,4,1,4>", "w4a16_mma<8,1,4,4>", "w4a16_mma<8,1,4,4,1>",
+           "w4a16_mma<8,1,8,4,1,2>", "w4a16_mma<8,1,16,4,1,4>", "w4a16_mma<8,1,8,4>", "w4a16_mma<8,1,8,4,1>",
+           "w4a16_mma<8,1,16,4,1,2>")
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 

@@ -104,22 +104,28 @@ def unpack(words: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Config:
     nt: int                      # 8-token tiles: rows <= 8 * nt
-    r: int                       # 16-row weight tiles per warp
-    warps: int
+    r: int                       # 16-row weight tiles per warp (per row group when kw > 1)
+    warps: int                   # per CTA, all of them: (warps / kw) row groups x kw along K
     stages: int
     split: int                   # CTAs along K (gridDim.y)
     flat: int = 0                # 1: the .cu's FLAT variant (activation copies unrolled; sweeps only until measured)
+    kw: int = 1                  # warps along K inside a CTA (the .cu's KW: 1, 2 or 4; sweeps only until measured)
 
     def name(self) -> str:
-        flat = ",1" if self.flat else ""
-        return f"w4a16_mma<{self.nt},{self.r},{self.warps},{self.stages}{flat}>"
+        extra = "" if not self.flat and self.kw == 1 else f",{self.flat}" + ("" if self.kw == 1 else f",{self.kw}")
+        return f"w4a16_mma<{self.nt},{self.r},{self.warps},{self.stages}{extra}>"
+
+    def row_groups(self) -> int:
+        return self.warps // self.kw
 
     def smem_bytes(self) -> int:
-        """Dynamic shared memory: per stage the activations, the warps' weight tiles and their scales (the .cu)."""
-        return self.stages * (self.nt * 8 * XROW * 2 + self.warps * self.r * (512 + 64))
+        """Dynamic shared memory (the .cu): per stage the activations, the row groups' weight tiles and their scales;
+        with kw > 1 at least the hand-over of the sums at the end ([kw - 1][groups][r][nt][32] float4)."""
+        ring = self.stages * (self.nt * 8 * XROW * 2 + self.row_groups() * self.r * (512 + 64))
+        return max(ring, (self.kw - 1) * self.row_groups() * self.r * self.nt * 32 * 16)
 
     def grid_x(self, n: int) -> int:
-        return -(-(n // 16) // (self.r * self.warps))
+        return -(-(n // 16) // (self.r * self.row_groups()))
 
 
 def token_tiles(m: int) -> int:

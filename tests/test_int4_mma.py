@@ -6,6 +6,9 @@ the bf16x2 dequantization), and the result is compared with ``x @ dequant(q).T``
 or scale pairing in :func:`int4_mma.pack` fails it."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -118,11 +121,31 @@ def test_choose_config_fits_the_step(m: int, n: int, k: int) -> None:
     assert cfg.flat == 0                             # the FLAT variant is not served until measured
 
 
-def test_config_names_are_the_sources_template_instances() -> None:
-    assert int4_mma.Config(8, 1, 4, 4, 2).name() == "w4a16_mma<8,1,4,4>"      # FLAT's default: the served kernel
+def test_config_names_sizes_and_grids_follow_the_source() -> None:
+    assert int4_mma.Config(8, 1, 4, 4, 2).name() == "w4a16_mma<8,1,4,4>"      # the defaults: the served kernel
     assert int4_mma.Config(8, 1, 4, 4, 2, flat=1).name() == "w4a16_mma<8,1,4,4,1>"
+    assert int4_mma.Config(8, 1, 16, 4, 2, flat=1, kw=4).name() == "w4a16_mma<8,1,16,4,1,4>"
     src = int4_mma_build.SOURCE_PATH.read_text()
-    assert "template <int NT, int R, int WARPS, int STAGES, int FLAT = 0>" in src
+    assert "template <int NT, int R, int WARPS, int STAGES, int FLAT = 0, int KW = 1>" in src
+    plain, kw = int4_mma.Config(8, 1, 4, 4, 1), int4_mma.Config(8, 1, 16, 4, 1, 1, 4)
+    assert kw.row_groups() == plain.warps and kw.grid_x(3072) == plain.grid_x(3072) == 48   # same rows per CTA
+    ring = 4 * (64 * 72 * 2 + 4 * 576)                          # 4 stages: activations, 4 tiles' weights + scales
+    assert plain.smem_bytes() == ring == int4_mma.Config(8, 1, 8, 4, 1, 1, 2).smem_bytes()   # hand-over fits
+    assert kw.smem_bytes() == 3 * 4 * 1 * 8 * 32 * 16 > ring     # 3 warps x 4 groups x 8 token tiles x 32 float4
+
+
+def test_the_benchmarks_sweep_holds_only_configs_that_fit() -> None:
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from int4_mma_configs import kw_twin, sweep_configs
+    for m, n, k in ((1, 3072, 2048), (8, 16384, 2048), (16, 2048, 8192), (64, 128256, 2048), (64, 2048, 2048)):
+        cfgs = sweep_configs(m, n, k, 132)
+        base = int4_mma.choose_config(m, n, k, 132)
+        assert cfgs[:3] == [base, dataclasses.replace(base, flat=1), kw_twin(base)] and len(set(cfgs)) == len(cfgs)
+        for c in cfgs:
+            assert c.nt * 8 >= m and (k // 64) % c.split == 0 and c.smem_bytes() <= int4_mma.MAX_SMEM
+            assert c.warps % c.kw == 0 and c.warps <= 16 and c.kw in (1, 2, 4) and (c.kw == 1 or c.flat == 1)
+        assert any(c.kw == 4 for c in cfgs) and any(c.kw == 2 for c in cfgs)
 
 
 def test_token_tiles_rejects_rows_out_of_range() -> None:

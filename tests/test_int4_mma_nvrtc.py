@@ -61,8 +61,10 @@ def test_a_source_nvrtc_rejects_is_one_runtime_error_with_its_log() -> None:
 def test_every_served_config_compiles_without_spills(tmp_path: Path, arch: str) -> None:
     lib = _libnvrtc()
     served = _served_configs()
-    flat = [dataclasses.replace(c, flat=1) for c in served + [int4_mma.Config(8, 1, 4, 4, 1)]]   # sweeps' variant
-    names = sorted({cfg.name() for cfg in served + flat})
+    flat = [dataclasses.replace(c, flat=1) for c in served + [int4_mma.Config(8, 1, 4, 4, 1)]]   # sweeps' variants
+    kw = [int4_mma.Config(nt, r, w, 4, 1, 1, k) for nt, r, w, k in ((1, 1, 16, 4), (2, 1, 8, 2), (8, 1, 16, 4),
+                                                                    (8, 2, 8, 2), (8, 2, 16, 4))]
+    names = sorted({cfg.name() for cfg in served + flat + kw})
     assert len(names) >= 4
     for name in names:
         cubin, mangled = int4_mma_build.compile_cubin(lib, int4_mma_build.SOURCE_PATH.read_text(), name, arch)

@@ -97,34 +97,42 @@ __device__ __forceinline__ u32 word(const uint4& w, int j) { return j == 0 ? w.x
 
 // NT: 8-token tiles (M <= 8 * NT); R: 16-row tiles per warp; WARPS per CTA (same K range, different rows);
 // STAGES: blocks of 64 k in flight (activations, weights and scales through cp.async into shared memory).
-// FLAT (a variant for sweeps, not served until measured): each thread's activation copies are one unrolled run
-// with their addresses and predicates computed once per kernel (FLAT = 0: a loop over threadIdx.x, which the
-// compiler cannot unroll, re-derives them every block: ~170 of the ~320 SASS instructions per block at NT = 8).
-template <int NT, int R, int WARPS, int STAGES, int FLAT = 0>
+// FLAT and KW: variants for sweeps, not served until measured (FLAT = 0, KW = 1 compile to the measured kernel).
+// FLAT: each thread's activation copies are one unrolled run with their addresses and predicates computed once per
+// kernel (FLAT = 0: a loop over threadIdx.x, which the compiler cannot unroll, re-derives them every block).
+// KW: warps along K inside the CTA: WARPS = RW * KW; the KW warps of a row group share its 16-row tiles and take
+// the block's four k16 steps between them (KW = 2: a 32-column half each, KW = 4: one step each); at the end
+// warps 1..KW-1 of a group hand their sums to warp 0 through shared memory (in order: deterministic). More warps
+// per tile without split K's global partial sums. KW > 1 copies activations as FLAT does.
+template <int NT, int R, int WARPS, int STAGES, int FLAT = 0, int KW = 1>
 __global__ void __launch_bounds__(WARPS * 32)
 w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* __restrict__ SZ, u16* __restrict__ Y,
           float* __restrict__ part, int* __restrict__ tickets, int M, int N, int K, int gshift, int kb_per_split) {
+    static_assert((KW == 1 || KW == 2 || KW == 4) && WARPS % KW == 0, "KW: 1, 2 or 4 warps along K");
+    constexpr int RW = WARPS / KW;                 // row groups (warps with their own tiles)
+    constexpr bool FLATX = FLAT != 0 || KW > 1;
     constexpr int MP = NT * 8;
     constexpr int XROW = 72;                       // 64 bf16 + 8 of padding: conflict-free 16-byte shared loads
     constexpr int THREADS = WARPS * 32;
-    constexpr int XB = MP * XROW * 2, WB = WARPS * R * 512, STAGE = XB + WB + WARPS * R * 64;
-    // one stage: activations [MP][XROW] bf16, weights [WARPS * R][32 lanes] uint4, scales [WARPS * R][8] uint2;
+    constexpr int XB = MP * XROW * 2, WB = RW * R * 512, STAGE = XB + WB + RW * R * 64;
+    // one stage: activations [MP][XROW] bf16, weights [RW * R][32 lanes] uint4, scales [RW * R][8] uint2;
     // everything arrives through cp.async, so one wait per block covers all three
     extern __shared__ uint4 smem_raw[];
     char* smem = reinterpret_cast<char*>(smem_raw);
     __shared__ int is_last;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int rw = KW == 1 ? warp : warp % RW, kw = KW == 1 ? 0 : warp / RW;
     const int g = lane >> 2, c = lane & 3;
     const int KB = K >> 6, KG = KB >> gshift, ntiles = N >> 4;
-    const int tile0 = (blockIdx.x * WARPS + warp) * R;
+    const int tile0 = (blockIdx.x * RW + rw) * R;
     const int S = gridDim.y, split = blockIdx.y;
     const int kb0 = split * kb_per_split, nkb = kb_per_split;
 
     constexpr int XCH = MP * 8, XPER = (XCH + THREADS - 1) / THREADS;   // 16-byte activation copies per block
-    const u16* xsrc[FLAT ? XPER : 1];              // FLAT: this thread's copies, set once (block 0's columns)
-    int xdst[FLAT ? XPER : 1], xbytes[FLAT ? XPER : 1];
-    if constexpr (FLAT != 0) {
+    const u16* xsrc[FLATX ? XPER : 1];             // FLAT: this thread's copies, set once (block 0's columns)
+    int xdst[FLATX ? XPER : 1], xbytes[FLATX ? XPER : 1];
+    if constexpr (FLATX) {
 #pragma unroll
         for (int it = 0; it < XPER; ++it) {
             const int idx = threadIdx.x + it * THREADS, row = idx >> 3, ch = idx & 7;
@@ -152,7 +160,7 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
         if (i_ < nkb) {                                                                                      \
             const int kb = kb0 + i_;                                                                         \
             u16* xs_ = W4_X(ST);                                                                             \
-            if constexpr (FLAT != 0) {                                                                       \
+            if constexpr (FLATX) {                                                                           \
                 _Pragma("unroll") for (int it = 0; it < XPER; ++it) {                                        \
                     if (XCH % THREADS == 0 || threadIdx.x + it * THREADS < XCH)                              \
                         cp_async16(xs_ + xdst[it], xsrc[it] + kb * 64, xbytes[it]);                          \
@@ -166,8 +174,8 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
                 }                                                                                            \
             }                                                                                                \
             _Pragma("unroll") for (int r = 0; r < R; ++r) {                                                  \
-                const int t = tile0 + r, slot = warp * R + r;                                                \
-                if (t < ntiles) {                                                                            \
+                const int t = tile0 + r, slot = rw * R + r;                                                  \
+                if (t < ntiles && (KW == 1 || kw == 0)) {                                                    \
                     cp_async16(W4_W(ST) + slot * 32 + lane, Wp + ((size_t)t * KB + kb) * 32 + lane, 16);     \
                     if (lane < 4)                                                                            \
                         cp_async16(W4_S(ST) + slot * 8 + lane * 2,                                           \
@@ -188,18 +196,38 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
             cp_async_wait<STAGES - 2>();
             __syncthreads();
             W4_ISSUE(i + STAGES - 1, (s + STAGES - 1) % STAGES)
-            if (i < nkb) {
+            if (i < nkb && KW == 4) {
+                // this warp's k16 step j = kw: each lane's activation columns c * 16 + 4 * kw .. + 3 per token row,
+                // its weights word kw of the lane's 16 bytes
+                const u16* xb = W4_X(s);
+                uint2 b[NT];
+#pragma unroll
+                for (int t = 0; t < NT; ++t)
+                    b[t] = *reinterpret_cast<const uint2*>(xb + (t * 8 + g) * XROW + c * 16 + kw * 4);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const u32 q = reinterpret_cast<const u32*>(W4_W(s))[((rw * R + r) * 32 + lane) * 4 + kw];
+                    const uint2 szv = W4_S(s)[(rw * R + r) * 8 + g];
+                    const u32 s_lo = prmt(szv.x, 0x1010), s_hi = prmt(szv.x, 0x3232);
+                    const u32 z_lo = prmt(szv.y, 0x1010), z_hi = prmt(szv.y, 0x3232);
+                    const u32 a0 = dq(q, 0, s_lo, z_lo), a1 = dq(q, 4, s_hi, z_hi);
+                    const u32 a2 = dq(q, 8, s_lo, z_lo), a3 = dq(q, 12, s_hi, z_hi);
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) mma16816(acc[r][t], a0, a1, a2, a3, b[t].x, b[t].y);
+                }
+            } else if (i < nkb) {
                 const u16* xb = W4_X(s);
 #pragma unroll
-                for (int jp = 0; jp < 2; ++jp) {
+                for (int jq = 0; jq < 2 / KW; ++jq) {      // KW = 1: both 32-column halves; KW = 2: half kw
+                    const int jp = KW == 1 ? jq : kw;
                     uint4 b[NT];
 #pragma unroll
                     for (int t = 0; t < NT; ++t)
                         b[t] = *reinterpret_cast<const uint4*>(xb + (t * 8 + g) * XROW + c * 16 + jp * 8);
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
-                        const uint4 wv = W4_W(s)[(warp * R + r) * 32 + lane];
-                        const uint2 szv = W4_S(s)[(warp * R + r) * 8 + g];
+                        const uint4 wv = W4_W(s)[(rw * R + r) * 32 + lane];
+                        const uint2 szv = W4_S(s)[(rw * R + r) * 8 + g];
                         const u32 sx = szv.x, zx = szv.y;
                         const u32 s_lo = prmt(sx, 0x1010), s_hi = prmt(sx, 0x3232);
                         const u32 z_lo = prmt(zx, 0x1010), z_hi = prmt(zx, 0x3232);
@@ -222,8 +250,38 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
 #undef W4_W
 #undef W4_S
     cp_async_wait<0>();
+    if constexpr (KW > 1) {
+        // warps 1..KW-1 of each row group hand their sums to its warp 0 through the (now idle) ring: [KW - 1][RW][R]
+        // [NT][32 lanes] float4, added in warp order
+        __syncthreads();
+        float4* red = reinterpret_cast<float4*>(smem);
+        if (kw > 0) {
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+                for (int t = 0; t < NT; ++t)
+                    red[((((kw - 1) * RW + rw) * R + r) * NT + t) * 32 + lane] =
+                        make_float4(acc[r][t][0], acc[r][t][1], acc[r][t][2], acc[r][t][3]);
+        }
+        __syncthreads();
+        if (kw == 0) {
+#pragma unroll
+            for (int k2 = 0; k2 < KW - 1; ++k2)
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+                        const float4 v = red[(((k2 * RW + rw) * R + r) * NT + t) * 32 + lane];
+                        acc[r][t][0] += v.x;
+                        acc[r][t][1] += v.y;
+                        acc[r][t][2] += v.z;
+                        acc[r][t][3] += v.w;
+                    }
+        }
+    }
 
     if (S == 1) {
+        if (KW > 1 && kw != 0) return;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const int t16 = tile0 + r;
@@ -248,7 +306,7 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int t16 = tile0 + r;
-        if (t16 >= ntiles) continue;
+        if (t16 >= ntiles || (KW > 1 && kw != 0)) continue;
         const int n = t16 * 16 + g;
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
@@ -271,7 +329,7 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
     __threadfence();
     // the column's rows [n0, n0 + nrows) x tokens [0, M), four columns per thread at a time (coalesced 16-byte
     // loads of every split's partial sums, one 8-byte store of four bf16)
-    const int n0 = blockIdx.x * WARPS * R * 16, nrows = min(WARPS * R * 16, N - n0), quads = nrows >> 2;
+    const int n0 = blockIdx.x * RW * R * 16, nrows = min(RW * R * 16, N - n0), quads = nrows >> 2;
     for (int e = threadIdx.x; e < M * quads; e += THREADS) {
         const int m = e / quads, n = n0 + (e - m * quads) * 4;
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
