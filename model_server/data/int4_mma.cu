@@ -93,6 +93,20 @@ __device__ __forceinline__ u16 to_bf16(float f) {
     return h;
 }
 
+// One k16 step of one 16-row tile: the lane's weight word q (rows g and g + 8) dequantized with its row pair's scale and
+// zero (``sz``: scales x, zeros y; bf16 of row g low, row g + 8 high) and multiplied into every token tile's sums;
+// b0/b1: the token tiles' B registers of that step.
+template <int NT>
+__device__ __forceinline__ void tile_step(float (&acc)[NT][4], u32 q, uint2 sz, const u32 (&b0)[NT],
+                                          const u32 (&b1)[NT]) {
+    const u32 s_lo = prmt(sz.x, 0x1010), s_hi = prmt(sz.x, 0x3232);
+    const u32 z_lo = prmt(sz.y, 0x1010), z_hi = prmt(sz.y, 0x3232);
+    const u32 a0 = dq(q, 0, s_lo, z_lo), a1 = dq(q, 4, s_hi, z_hi);
+    const u32 a2 = dq(q, 8, s_lo, z_lo), a3 = dq(q, 12, s_hi, z_hi);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) mma16816(acc[t], a0, a1, a2, a3, b0[t], b1[t]);
+}
+
 __device__ __forceinline__ u32 word(const uint4& w, int j) { return j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w; }
 
 // NT: 8-token tiles (M <= 8 * NT); R: 16-row tiles per warp; WARPS per CTA (same K range, different rows);
@@ -200,21 +214,17 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
                 // this warp's k16 step j = kw: each lane's activation columns c * 16 + 4 * kw .. + 3 per token row,
                 // its weights word kw of the lane's 16 bytes
                 const u16* xb = W4_X(s);
-                uint2 b[NT];
+                u32 b0[NT], b1[NT];
 #pragma unroll
-                for (int t = 0; t < NT; ++t)
-                    b[t] = *reinterpret_cast<const uint2*>(xb + (t * 8 + g) * XROW + c * 16 + kw * 4);
-#pragma unroll
-                for (int r = 0; r < R; ++r) {
-                    const u32 q = reinterpret_cast<const u32*>(W4_W(s))[((rw * R + r) * 32 + lane) * 4 + kw];
-                    const uint2 szv = W4_S(s)[(rw * R + r) * 8 + g];
-                    const u32 s_lo = prmt(szv.x, 0x1010), s_hi = prmt(szv.x, 0x3232);
-                    const u32 z_lo = prmt(szv.y, 0x1010), z_hi = prmt(szv.y, 0x3232);
-                    const u32 a0 = dq(q, 0, s_lo, z_lo), a1 = dq(q, 4, s_hi, z_hi);
-                    const u32 a2 = dq(q, 8, s_lo, z_lo), a3 = dq(q, 12, s_hi, z_hi);
-#pragma unroll
-                    for (int t = 0; t < NT; ++t) mma16816(acc[r][t], a0, a1, a2, a3, b[t].x, b[t].y);
+                for (int t = 0; t < NT; ++t) {
+                    const uint2 b = *reinterpret_cast<const uint2*>(xb + (t * 8 + g) * XROW + c * 16 + kw * 4);
+                    b0[t] = b.x;
+                    b1[t] = b.y;
                 }
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+                    tile_step<NT>(acc[r], reinterpret_cast<const u32*>(W4_W(s))[((rw * R + r) * 32 + lane) * 4 + kw],
+                                  W4_S(s)[(rw * R + r) * 8 + g], b0, b1);
             } else if (i < nkb) {
                 const u16* xb = W4_X(s);
 #pragma unroll
@@ -224,22 +234,20 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
 #pragma unroll
                     for (int t = 0; t < NT; ++t)
                         b[t] = *reinterpret_cast<const uint4*>(xb + (t * 8 + g) * XROW + c * 16 + jp * 8);
+                    u32 b0[2][NT], b1[2][NT];                     // [jj][t]: the B registers of steps 2 jp + jj
+#pragma unroll
+                    for (int t = 0; t < NT; ++t) {
+                        b0[0][t] = b[t].x;
+                        b1[0][t] = b[t].y;
+                        b0[1][t] = b[t].z;
+                        b1[1][t] = b[t].w;
+                    }
 #pragma unroll
                     for (int r = 0; r < R; ++r) {
                         const uint4 wv = W4_W(s)[(rw * R + r) * 32 + lane];
                         const uint2 szv = W4_S(s)[(rw * R + r) * 8 + g];
-                        const u32 sx = szv.x, zx = szv.y;
-                        const u32 s_lo = prmt(sx, 0x1010), s_hi = prmt(sx, 0x3232);
-                        const u32 z_lo = prmt(zx, 0x1010), z_hi = prmt(zx, 0x3232);
 #pragma unroll
-                        for (int jj = 0; jj < 2; ++jj) {
-                            const u32 q = word(wv, jp * 2 + jj);
-                            const u32 a0 = dq(q, 0, s_lo, z_lo), a1 = dq(q, 4, s_hi, z_hi);
-                            const u32 a2 = dq(q, 8, s_lo, z_lo), a3 = dq(q, 12, s_hi, z_hi);
-#pragma unroll
-                            for (int t = 0; t < NT; ++t)
-                                mma16816(acc[r][t], a0, a1, a2, a3, jj ? b[t].z : b[t].x, jj ? b[t].w : b[t].y);
-                        }
+                        for (int jj = 0; jj < 2; ++jj) tile_step<NT>(acc[r], word(wv, jp * 2 + jj), szv, b0[jj], b1[jj]);
                     }
                 }
             }
