@@ -71,8 +71,9 @@
 #                                            state in-process, bf16 vs int4 vs GPTQ-format copies (bf16 LM head; gptq-act with
 #                                            act order) at 1/8/64 (SS_QUANTS, SS_CONC change the set; 10 s windows) (~9 min)
 #   bash benchmarks/gpu_calls.sh mma        # issue 17: the CUDA W4A16 kernel (int4_mma.py, NVRTC) per merged shape and the LM
-#                                            head at MMA_MS (1,8,16,32,64) against bf16, tinygemm and the Triton GEMM, with a
-#                                            sweep of its configs (MMA_BUDGET s, default 300; --no-sweep: MMA_SWEEP=0); torch
+#                                            head at MMA_MS (1,8,16,32,64) against bf16, tinygemm and the Triton GEMM, and its
+#                                            FLAT and KW variants (smoke-checked first), with a sweep of its configs
+#                                            (MMA_BUDGET s, default 300; keep it <= 200 in a 580 s call; --no-sweep: MMA_SWEEP=0); torch
 #                                            only (~6 min). MMA_SS=1: then steady_state.py in-process, SS_QUANTS (bf16,int4:mma)
 #                                            at SS_CONC (1,8,64), needs the wheels (~6 min more)
 #   bash benchmarks/gpu_calls.sh mmaprof    # issue 17: Nsight Compute on the mma kernel per shape at MMA_MS rows (64), at its
@@ -247,7 +248,7 @@ case "${1:-}" in
     done; unset MODEL_SERVER_FAST_MIXED_SEGMENTS MODEL_SERVER_FAST_MIXED_MIN_SEGMENTS
     tar czf "$out/httpm.tgz" out/httpm ;;
   mma)
-    timeout 150 python3 benchmarks/int4_mma_bench.py --smoke > "$out/mma_smoke.log" 2>&1; echo "smoke rc $?"
+    timeout 200 python3 benchmarks/int4_mma_bench.py --smoke > "$out/mma_smoke.log" 2>&1; echo "smoke rc $?"
     grep -c " ok$" "$out/mma_smoke.log"; grep -E "FAIL|smoke:" "$out/mma_smoke.log" | head -20
     timeout "$(( ${MMA_BUDGET:-300} + 240 ))" python3 benchmarks/int4_mma_bench.py --ms "${MMA_MS:-1,8,16,32,64}" \
       --sweep-budget-s "${MMA_BUDGET:-300}" $([ "${MMA_SWEEP:-1}" = 0 ] && echo --no-sweep) --out "$out/mma" \
