@@ -24,7 +24,9 @@ median transit(direct), pooled and per interleaved round (each round's own direc
 order rotates by one each round), with a 95% bootstrap interval, and the verdict "edge-proxy's added
 p50 <= 2x nginx's": met, not met, or unresolved when the ranges overlap.
 
-Usage: ``python benchmarks/proxy_overhead.py [--seconds 8] [--quick] [--json OUT.json]``
+``--pin``: the targets on one CPU, the upstream and the load generator on the others (a proxy with a core of its own).
+
+Usage: ``python benchmarks/proxy_overhead.py [--seconds 8] [--quick] [--pin] [--json OUT.json]``
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from pathlib import Path
 import transit
 from fake_backend import run_upstream, start_edge_proxy, start_upstream
 from nginx_target import NGINX, start_nginx
-from support import child_pids, cpu_seconds, pct, stop_all, use_uvloop
+from support import child_pids, cpu_seconds, pct, pin_targets_apart, stop_all, use_uvloop
 
 
 @dataclass
@@ -152,6 +154,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: defaults 1 s per cell, 0.3 s warm-up, concurrency 1,4, 1 round (flags given win)")
     ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--pin", action="store_true",
+                    help="the targets (proxies, nginx) on the first CPU, the upstream and this load generator on the "
+                         "others: each proxy has a core of its own while it is measured")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.upstream:
@@ -186,6 +191,11 @@ def main() -> int:
                 ng, nport = start_nginx(args.nginx, tmp, up_port, procs)
                 targets.append(Target("nginx", f"http://127.0.0.1:{nport}", ng))
 
+        if args.pin:
+            err = pin_targets_apart([t.proc.pid for t in targets[1:] if t.proc is not None], [up.pid])
+            if err:
+                print(f"proxy_overhead: {err}", file=sys.stderr)
+                return 2
         cells: list[Cell] = []
         try:
             from rich.progress import Progress

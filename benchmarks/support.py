@@ -197,6 +197,26 @@ def machine() -> str:
     return f"{platform.node()} ({os.cpu_count()} CPUs)"
 
 
+def pin_targets_apart(target_pids: Iterable[int], other_pids: Iterable[int]) -> str | None:
+    """Every thread of the targets' processes and of their direct children (nginx's workers) on the first CPU this
+    process may use, the other processes' (and this process's) on the rest. Returns an error line, or None."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return "--pin needs at least 2 CPUs"
+
+    def pin(pid: int, mask: set[int]) -> None:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), mask)
+
+    for pid in target_pids:
+        for p in child_pids(pid):
+            pin(p, {cpus[0]})
+    for pid in [*other_pids, os.getpid()]:
+        for p in child_pids(pid):
+            pin(p, set(cpus[1:]))
+    return None
+
+
 def pin_proxies(procs: Iterable[subprocess.Popen], targets: list[list[int]]) -> str | None:
     """Pin every thread of each target's proxies (pids) to their own CPUs, everything else (``procs``
     not in a target, and this process) to the rest: the k-th proxy of a target gets CPU k when there
