@@ -208,12 +208,13 @@ def pin_targets_apart(target_pids: Iterable[int], other_pids: Iterable[int]) -> 
         for tid in os.listdir(f"/proc/{pid}/task"):
             os.sched_setaffinity(int(tid), mask)
 
+    pin(os.getpid(), set(cpus[1:]))                     # this process only: its children are the targets
+    for pid in other_pids:
+        for p in child_pids(pid):
+            pin(p, set(cpus[1:]))
     for pid in target_pids:
         for p in child_pids(pid):
             pin(p, {cpus[0]})
-    for pid in [*other_pids, os.getpid()]:
-        for p in child_pids(pid):
-            pin(p, set(cpus[1:]))
     return None
 
 

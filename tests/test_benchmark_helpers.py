@@ -92,3 +92,38 @@ def test_grid_eval_table_reads_each_variants_results(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "grid_eval_table.py"),
                           str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_pinning_puts_the_targets_and_their_children_on_one_cpu_and_the_rest_elsewhere() -> None:
+    """proxy_overhead.py --pin (support.pin_targets_apart): a target's process and its child (nginx's worker) on the
+    first CPU, another process and this one on the others."""
+    import os
+
+    import support
+    cpus = sorted(os.sched_getaffinity(0))
+    assert len(cpus) >= 2, "CI's machine has 2 cores; the benchmark's --pin needs them"
+    target = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); time.sleep(30)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for _ in range(100):                             # the target's child has started
+            if len(support.child_pids(target.pid)) > 1:
+                break
+            import time
+            time.sleep(0.05)
+        kids = support.child_pids(target.pid)
+        assert len(kids) == 2
+        assert support.pin_targets_apart([target.pid], [other.pid]) is None
+        assert all(os.sched_getaffinity(p) == {cpus[0]} for p in kids)
+        assert os.sched_getaffinity(other.pid) == set(cpus[1:]) == os.sched_getaffinity(0)
+    finally:
+        os.sched_setaffinity(0, set(cpus))
+        for p in (*support.child_pids(target.pid)[1:],):
+            try:
+                os.kill(p, 9)
+            except OSError:
+                pass
+        target.kill()
+        other.kill()
+        target.wait()
+        other.wait()
