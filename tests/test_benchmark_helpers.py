@@ -98,6 +98,7 @@ def test_pinning_puts_the_targets_and_their_children_on_one_cpu_and_the_rest_els
     """proxy_overhead.py --pin (support.pin_targets_apart): a target's process and its child (nginx's worker) on the
     first CPU, another process and this one on the others."""
     import os
+    import time
 
     import support
     cpus = sorted(os.sched_getaffinity(0))
@@ -109,7 +110,6 @@ def test_pinning_puts_the_targets_and_their_children_on_one_cpu_and_the_rest_els
         for _ in range(100):                             # the target's child has started
             if len(support.child_pids(target.pid)) > 1:
                 break
-            import time
             time.sleep(0.05)
         kids = support.child_pids(target.pid)
         assert len(kids) == 2
@@ -117,8 +117,9 @@ def test_pinning_puts_the_targets_and_their_children_on_one_cpu_and_the_rest_els
         assert all(os.sched_getaffinity(p) == {cpus[0]} for p in kids)
         assert os.sched_getaffinity(other.pid) == set(cpus[1:]) == os.sched_getaffinity(0)
     finally:
-        os.sched_setaffinity(0, set(cpus))
-        for p in (*support.child_pids(target.pid)[1:],):
+        for tid in os.listdir("/proc/self/task"):           # every thread of this process, as before
+            os.sched_setaffinity(int(tid), set(cpus))
+        for p in support.child_pids(target.pid)[1:]:
             try:
                 os.kill(p, 9)
             except OSError:
