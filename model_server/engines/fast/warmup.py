@@ -20,6 +20,10 @@ compiles, the thread switch interval is ``switch_interval_s`` (``MODEL_SERVER_FA
 default 10 us; 0 leaves it alone), so the engine thread gets the GIL back sooner after each op; the previous
 interval is restored when the compile ends.
 
+First of all, where INT4 layers run the CUDA mma kernel, the thread compiles (NVRTC, or loads from the compile cache)
+every configuration steps of 1-16 rows can pick, without waiting for its turn: that is host work with the GIL
+released, and a configuration not compiled ahead would be compiled on the engine thread at its first such step.
+
 No graph is captured while this thread runs (capture must not overlap other threads' CUDA work):
 the runner's lazy capture is switched on only at the switch. A compile failure leaves the ops eager
 (as :class:`.fused.Ops` does in the foreground) and still switches graphs on.
