@@ -45,7 +45,7 @@ from pathlib import Path
 import transit
 from fake_backend import run_upstream, start_edge_proxy, start_upstream
 from nginx_target import NGINX, start_nginx
-from support import child_pids, cpu_seconds, pct, pin_targets_apart, stop_all, use_uvloop
+from support import child_pids, cpu_seconds, machine, pct, pin_targets_apart, stop_all, use_uvloop
 
 
 @dataclass
@@ -257,7 +257,8 @@ def measure(t: Target, stream: bool, c: int, args: argparse.Namespace) -> Cell:
 def report(cells: list[Cell], targets: list[Target], args: argparse.Namespace) -> None:
     by = {(c.target, c.stream, c.concurrency): c for c in cells}
     ms = lambda x: f"{x * 1000:.2f}"  # noqa: E731
-    print(f"\nload generator event loop: {use_uvloop()}")
+    print(f"\nmachine: {machine()}{'; --pin: targets on the first CPU' if args.pin else ''}")
+    print(f"load generator event loop: {use_uvloop()}")
     print(f"upstream: {args.tokens} tokens, first token {args.first_token_ms:g} ms, then every "
           f"{args.token_interval_ms:g} ms; {args.seconds:g} s per target and cell in {args.rounds} interleaved "
           f"rounds, each after {args.warmup:g} s warm-up\n")

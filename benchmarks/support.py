@@ -191,10 +191,19 @@ def command_line(script: str, argv: Sequence[str] | None = None, quote: bool = F
 
 
 def machine() -> str:
-    """Host name and CPU count, e.g. ``edge-vm (2 CPUs)``."""
+    """Host name, CPU count and model, e.g. ``edge-vm (2 CPUs, Intel(R) Xeon(R) Processor)``: CPU figures depend on the
+    machine, so reports say which one ran them."""
     import platform
 
-    return f"{platform.node()} ({os.cpu_count()} CPUs)"
+    model = "CPU model unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.node()} ({os.cpu_count()} CPUs, {model})"
 
 
 def pin_targets_apart(target_pids: Iterable[int], other_pids: Iterable[int]) -> str | None:
