@@ -292,13 +292,17 @@ def main(argv: list[str] | None = None) -> int:
         print("int4_kernels: Triton is not importable", file=sys.stderr)
         return 2
     res = run(args)
-    md = markdown(res, LAYER, N_LAYERS)
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "int4_kernels.json").write_text(json.dumps(res, indent=1))
-        (args.out / "int4_kernels.md").write_text(md)
+    report(args.out, "int4_kernels", res, markdown(res, LAYER, N_LAYERS))
     return 0
+
+
+def report(out: Path | None, stem: str, res: dict, md: str) -> None:
+    """Print ``md``; with ``out``, also write ``out/stem.json`` (``res``) and ``out/stem.md``."""
+    print(md)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+        (out / f"{stem}.md").write_text(md)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from int4_kernels import LM_HEAD, MERGED, N_LAYERS, rel_err, time_calls  # noqa: E402
+from int4_kernels import LM_HEAD, MERGED, N_LAYERS, rel_err, report, time_calls  # noqa: E402
 from int4_mma_configs import kw_twin, sweep_configs  # noqa: E402
 from model_server import int4_mma, int4_triton  # noqa: E402
 from model_server.int4 import INNER_K_TILES, tinygemm_max_rows  # noqa: E402
@@ -272,12 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"once: {name} {n}x{k} M={m} {c}", flush=True)
         return 0
     res = run(args)
-    md = markdown(res)
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "int4_mma.json").write_text(json.dumps(res, indent=1))
-        (args.out / "int4_mma.md").write_text(md)
+    report(args.out, "int4_mma", res, markdown(res))
     return 0
 
 

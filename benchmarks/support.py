@@ -206,24 +206,25 @@ def machine() -> str:
     return f"{platform.node()} ({os.cpu_count()} CPUs, {model})"
 
 
+def _pin_threads(pid: int, mask: set[int]) -> None:
+    """Every thread of ``pid`` onto the CPUs in ``mask``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), mask)
+
+
 def pin_targets_apart(target_pids: Iterable[int], other_pids: Iterable[int]) -> str | None:
     """Every thread of the targets' processes and of their direct children (nginx's workers) on the first CPU this
     process may use, the other processes' (and this process's) on the rest. Returns an error line, or None."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         return "--pin needs at least 2 CPUs"
-
-    def pin(pid: int, mask: set[int]) -> None:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            os.sched_setaffinity(int(tid), mask)
-
-    pin(os.getpid(), set(cpus[1:]))                     # this process only: its children are the targets
+    _pin_threads(os.getpid(), set(cpus[1:]))            # this process only: its children are the targets
     for pid in other_pids:
         for p in child_pids(pid):
-            pin(p, set(cpus[1:]))
+            _pin_threads(p, set(cpus[1:]))
     for pid in target_pids:
         for p in child_pids(pid):
-            pin(p, {cpus[0]})
+            _pin_threads(p, {cpus[0]})
     return None
 
 
@@ -239,12 +240,7 @@ def pin_proxies(procs: Iterable[subprocess.Popen], targets: list[list[int]]) -> 
     own = width if len(cpus) >= width + 2 else 1
     where = {pid: {cpus[k % own]} for t in targets for k, pid in enumerate(t)}
     rest = set(cpus[own:])
-
-    def pin(pid: int, mask: set[int]) -> None:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            os.sched_setaffinity(int(tid), mask)
-
     for p in procs:
-        pin(p.pid, where.get(p.pid, rest))
-    pin(os.getpid(), rest)
+        _pin_threads(p.pid, where.get(p.pid, rest))
+    _pin_threads(os.getpid(), rest)
     return None

@@ -112,9 +112,9 @@ class BackgroundWarmup:
         from model_server import int4_precompile
         self.precompile_int4 = int4_precompile.enabled()     # compile-cache fill: every INT4 GEMM variant too
         # the CUDA mma kernel's configurations, compiled first on every start (not only by compile-cache fill)
-        self.mma_modules = [m for m in (getattr(runner, "model", None), *getattr(runner, "qkv", ()),
-                                        *getattr(runner, "gate_up", ())) if m is not None]
-        self.mma_modules = self.mma_modules if int4_precompile.mma_layers(self.mma_modules) else []
+        mods = [m for m in (getattr(runner, "model", None), *getattr(runner, "qkv", ()), *getattr(runner, "gate_up", ()))
+                if m is not None]
+        self.mma_modules = mods if int4_precompile.mma_layers(mods) else []
         self.mma_compiled = 0                 # configurations compiled or loaded from the cache
         self.ops: Ops | None = None
         self.error: str | None = None
