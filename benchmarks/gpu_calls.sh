@@ -75,7 +75,8 @@
 #                                            FLAT and KW variants (smoke-checked first), with a sweep of its configs
 #                                            (MMA_BUDGET s, default 300; keep it <= 200 in a 580 s call; --no-sweep: MMA_SWEEP=0); torch
 #                                            only (~6 min). MMA_SS=1: then steady_state.py in-process, SS_QUANTS (bf16,int4:mma)
-#                                            at SS_CONC (1,8,64), needs the wheels (~6 min more)
+#                                            at SS_CONC (1,8,64), needs the wheels (~6 min more); MMA_SS_RULE=1: then int4:mma
+#                                            again with MODEL_SERVER_INT4_MMA_CONFIGS=rule (the configs before the measured table)
 #   bash benchmarks/gpu_calls.sh mmaprof    # issue 17: Nsight Compute on the mma kernel per shape at MMA_MS rows (64), at its
 #                                            default config, its FLAT and KW twins and twice the split: where its cycles go (stall
 #                                            reasons, issue, executed instructions, memory, occupancy); not yet run (~5 min)
@@ -260,6 +261,12 @@ case "${1:-}" in
         --out "$out/ss" --quants "${SS_QUANTS:-bf16,int4:mma}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
         > "$out/steady_state.log" 2>&1; echo "steady_state rc $?"; tail -12 "$out/steady_state.log"; grep -i -E "warn|error" \
         "$out/steady_state.log" | head -5
+      if [ "${MMA_SS_RULE:-0}" = 1 ]; then   # then int4:mma with the rule's configs (before the measured table): the A/B
+        MODEL_SERVER_INT4_MMA_CONFIGS=rule timeout "${SS_SECONDS:-400}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b \
+          --commit "$EDGE_EVAL_COMMIT" --out "$out/ss_rule" --quants int4:mma --concurrency "${SS_CONC:-1,8,64}" \
+          --http-concurrency '' >> "$out/steady_state.log" 2>&1; echo "steady_state (rule configs) rc $?"
+        tail -4 "$out/steady_state.log"
+      fi
     fi ;;
   mmaprof)  # Nsight Compute on the mma kernel: each merged shape and the LM head at MMA_MS rows (default 64), two launches each
     ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null); echo "ncu: ${ncu_bin:-none}"

@@ -2,13 +2,14 @@
 
 Per linear of the llama-3.2-1b preset (merged q/k/v and gate/up, and the LM head) and per row count M: bf16 ``x @ W.T``
 (cuBLAS), tinygemm (``aten._weight_int4pack_mm``), the Triton GEMM (``int4_triton``, default config), and the mma
-kernel at its default config, its FLAT variant at the same config (``mma_flat``: activation copies unrolled) and its
-KW variant (``mma_kw``: the same rows per CTA with 2 or 4 warps along K sharing each tile; both in the .cu's header,
-not served until measured), plus a sweep of its configs (tiles per warp, warps, stages, split K; each also FLAT;
+kernel at the config it serves (``mma``: ``int4_mma.choose_config``, the measured table's where it has the shape), at
+the rule's config as served before that table (``mma_rule``), its FLAT variant (``mma_flat``: activation copies
+unrolled; the rule's config for shapes the table lacks) and its KW variant (``mma_kw``: the same rows per CTA with 2
+or 4 warps along K sharing each tile; both in the .cu's header), plus a sweep of its configs (tiles per warp, warps, stages, split K; each also FLAT;
 warps along K), each checked against a float32 reference first. Timing as in benchmarks/int4_kernels.py: calls captured back to back in a CUDA
 graph, rotating over weight copies that cover --l2-multiple x L2 (weights come from HBM), median of --reps replays.
 Per step (16 layers x 4 linears + the LM head): bf16, ``dispatch`` (what ``MODEL_SERVER_INT4_KERNELS=auto`` runs
-today: tinygemm up to int4.tinygemm_max_rows, the Triton GEMM above), mma at its default config, mma with the best
+today: tinygemm up to int4.tinygemm_max_rows, the Triton GEMM above), mma at its served and rule configs, mma with the best
 config per shape, and the best INT4 method per shape. Writes int4_mma.json / .md to --out.
 
   python3 benchmarks/int4_mma_bench.py --out DIR      # exits 2 with one line when there is no CUDA device
@@ -47,8 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-budget-s", type=float, default=240.0, help="stop sweeping this long after the start")
     p.add_argument("--no-sweep", action="store_true", help="time the default config only")
     p.add_argument("--once", action="store_true",
-                   help="run the kernel twice per shape and M at its default config, its FLAT and KW twins and twice "
-                        "its split K, nothing else (for a profiler: ncu -k regex:w4a16_mma; gpu_calls.sh mmaprof)")
+                   help="run the kernel twice per shape and M at the rule's config, the served (measured table's) config, "
+                        "the rule's KW twin and twice the rule's split K, nothing else (for a profiler: ncu -k regex:w4a16_mma; gpu_calls.sh mmaprof)")
     p.add_argument("--smoke", action="store_true",
                    help="only check the kernel against the reference on small shapes at many row counts and configs "
                         "(split K, tiles per warp, warps, stages), print one line per case, exit 1 on any failure")
@@ -110,9 +111,9 @@ def run(args: argparse.Namespace) -> dict:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = lay.reference(x)
             cell: dict = {"name": name, "n": n, "k": k, "m": m, "us": {}, "err": {}, "sweep": []}
-            base = int4_mma.choose_config(m, n, k, sms)
-            twins = {"mma_flat": dataclasses.replace(base, flat=1), "mma_kw": kw_twin(base)}
-            for meth in ("bf16", "tinygemm", "triton", "mma", "mma_flat", "mma_kw"):
+            base = int4_mma.rule_config(m, n, k, sms)
+            twins = {"mma_rule": base, "mma_flat": dataclasses.replace(base, flat=1), "mma_kw": kw_twin(base)}
+            for meth in ("bf16", "tinygemm", "triton", "mma", "mma_rule", "mma_flat", "mma_kw"):
                 kind, cfg = ("mma", twins[meth]) if meth in twins else (meth, None)
                 try:
                     if meth in twins:
@@ -165,11 +166,12 @@ def steps(cells: list[dict], ms: list[int]) -> dict:
     for m in ms:
         row: dict = {}
         for cell in (c for c in cells if c["m"] == m):
-            times = {"bf16": _good(cell, "bf16"), "mma": _good(cell, "mma"), "mma_flat": _good(cell, "mma_flat"),
-                     "mma_kw": _good(cell, "mma_kw"),
+            times = {"bf16": _good(cell, "bf16"), "mma": _good(cell, "mma"), "mma_rule": _good(cell, "mma_rule"),
+                     "mma_flat": _good(cell, "mma_flat"), "mma_kw": _good(cell, "mma_kw"),
                      "dispatch": _good(cell, "tinygemm" if m <= tinygemm_max_rows(cell["n"]) else "triton")}
             best_mma = cell.get("mma_best", {}).get("us")
-            known = [v for v in (times["mma"], times["mma_flat"], times["mma_kw"], best_mma) if v is not None]
+            known = [v for v in (times["mma"], times["mma_rule"], times["mma_flat"], times["mma_kw"], best_mma)
+                     if v is not None]
             times["mma_best"] = min(known) if known else None
             int4 = [v for v in (_good(cell, "tinygemm"), _good(cell, "triton"), times["mma_best"]) if v is not None]
             times["best_int4"] = min(int4) if int4 else None
@@ -181,7 +183,7 @@ def steps(cells: list[dict], ms: list[int]) -> dict:
 
 
 def markdown(res: dict) -> str:
-    keys = ("bf16", "dispatch", "mma", "mma_flat", "mma_kw", "mma_best", "best_int4")
+    keys = ("bf16", "dispatch", "mma", "mma_rule", "mma_flat", "mma_kw", "mma_best", "best_int4")
     lines = [f"# int4 mma kernel, {res['device']}, torch {res['torch']}, group {res['group']}", "",
              "Linears per decode step (16 layers x 4 + LM head), us (speed-up vs bf16):", "",
              "| M | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
@@ -190,16 +192,17 @@ def markdown(res: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(
             "-" if row.get(k) is None else f"{row[k]:,.0f}" + ("" if not b or k == "bf16" else f" ({b / row[k]:.2f}x)")
             for k in keys) + " |")
-    lines += ["", "Per shape, us (mma: default config; flat, kw: its FLAT and KW twins; best: the sweep's fastest "
-              "correct config):", "",
-              "| shape | M | bf16 | tinygemm | triton | mma | mma flat | mma kw | mma best | best config | mma rel err |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines += ["", "Per shape, us (mma: the served config; rule: the rule's, as served before the measured table; "
+              "flat, kw: the rule's FLAT and KW twins; best: the sweep's fastest correct config):", "",
+              "| shape | M | bf16 | tinygemm | triton | mma | mma rule | mma flat | mma kw | mma best | best config | "
+              "mma rel err |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for c in res["cells"]:
         us, best = c["us"], c.get("mma_best", {})
         f = lambda v: "-" if v is None else f"{v:.1f}"          # noqa: E731
         err = c["err"].get("mma")
         lines.append(f"| {c['name']} {c['n']}x{c['k']} | {c['m']} | {f(us.get('bf16'))} | {f(us.get('tinygemm'))} | "
-                     f"{f(us.get('triton'))} | {f(us.get('mma'))} | {f(us.get('mma_flat'))} | {f(us.get('mma_kw'))} | "
+                     f"{f(us.get('triton'))} | {f(us.get('mma'))} | {f(us.get('mma_rule'))} | {f(us.get('mma_flat'))} | "
+                     f"{f(us.get('mma_kw'))} | "
                      f"{f(best.get('us'))} | "
                      f"{best.get('config', '')} | {err if isinstance(err, str) else f'{err:.1e}'} |")
     return "\n".join(lines) + "\n"
@@ -223,7 +226,8 @@ def smoke(group: int) -> int:
             kws = [int4_mma.Config(nt, r, wp, st, sp, 1, kw) for r, wp, st, sp, kw in
                    ((1, 16, 4, 1, 4), (2, 8, 3, 2, 2), (1, 4, 4, 4, 4), (1, 8, 4, 8, 4), (2, 16, 2, 1, 4))
                    if (k // 64) % sp == 0 and int4_mma.Config(nt, r, wp, st, sp, 1, kw).smem_bytes() <= int4_mma.MAX_SMEM]
-            cfgs = [None, dataclasses.replace(base, flat=1), kw_twin(base), *kws] + [int4_mma.Config(nt, r, wp, st, sp, fl) for r, wp, st, sp in
+            rule = int4_mma.rule_config(m, n, k, sms)
+            cfgs = [None, rule, dataclasses.replace(rule, flat=1), kw_twin(rule), *kws] + [int4_mma.Config(nt, r, wp, st, sp, fl) for r, wp, st, sp in
                              ((1, 4, 4, 1), (2, 4, 3, 2), (1, 8, 6, 4), (4, 4, 4, 8), (2, 8, 4, 16), (1, 2, 4, 1))
                              for fl in (0, 1)
                              if (k // 64) % sp == 0
@@ -261,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             words, scales = int4_mma.pack(q, sz32.to(torch.bfloat16), args.group)
             for m in args.ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                cfg = int4_mma.choose_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+                sms = torch.cuda.get_device_properties(0).multi_processor_count
+                cfg, served = int4_mma.rule_config(m, n, k, sms), int4_mma.choose_config(m, n, k, sms)
                 twice = dataclasses.replace(cfg, split=cfg.split * 2)     # why more CTAs ran slower at 64 rows
                 more = [twice] if (k // int4_mma.BLOCK_K) % twice.split == 0 else []
-                for c in [cfg, dataclasses.replace(cfg, flat=1), kw_twin(cfg), *more]:   # default, FLAT, KW, split x2
+                for c in [cfg, served, kw_twin(cfg), *more]:     # the rule, the served (tuned), KW, split x2
                     for _ in range(2):
                         int4_mma.int4_mma_mm(x, words, scales, args.group, c)
                     torch.cuda.synchronize()

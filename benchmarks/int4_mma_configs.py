@@ -20,11 +20,11 @@ def sweep_configs(m: int, n: int, k: int, sms: int) -> list[int4_mma.Config]:
     """Tiles per warp 1/2/4 x warps 2/4/8 at 4 stages, and stages 2/3/6/8 at the default tiles, each at split K 1..16
     (>= 2 blocks per split; shared memory up to int4_mma.MAX_SMEM), each also FLAT, and warps along K (KW 2 and 4, 1/2/4
     row groups of 1 or 2 tiles, split 1..8). Two warps per CTA: more CTAs without splitting K (the split's tail is what
-    one row pays on the small layers). Order (a sweep's time budget may cut it): the default config, its FLAT and KW
+    one row pays on the small layers). Order (a sweep's time budget may cut it): the rule's config (int4_mma.rule_config), its FLAT and KW
     twins, the KW configs, the FLAT ones, the rest."""
     nt = int4_mma.token_tiles(m)
     blocks = k // int4_mma.BLOCK_K
-    base = int4_mma.choose_config(m, n, k, sms)
+    base = int4_mma.rule_config(m, n, k, sms)        # the rule as served before the measured table: fixed sets
     out = [base]
     shapes = [(r, w, 4) for r in (1, 2, 4) for w in (2, 4, 8)] + [(base.r, base.warps, st) for st in (2, 3, 6, 8)]
     for r, warps, stages in shapes:

@@ -10,7 +10,8 @@ registers (two bf16x2 FMAs per pair of weights), multiplies on tensor cores with
 scales in one shared-memory ring fed by ``cp.async``), and splits K across CTAs where a layer's rows do not fill the
 card (the last CTA of a column adds the partial sums: no second kernel).
 
-Owns: the layout (:func:`pack`), launch configurations (:class:`Config`, :func:`choose_config`), whether the kernel
+Owns: the layout (:func:`pack`), launch configurations (:class:`Config`, :func:`choose_config` over the
+measured table of :mod:`model_server.int4_mma_tuned` and :func:`rule_config`), whether the kernel
 builds here (:func:`usable`), the split-K scratch buffers (:func:`reserve`) and the wrapper :func:`int4_mma_mm`.
 Compiling and caching it is :mod:`model_server.int4_mma_build`'s. Must NOT quantize (``int4_quant``) or pick which
 kernel a layer runs (``int4``).
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from model_server import int4_mma_tuned
 from model_server.int4_mma_build import allow_smem, available, device_index, kernel
 
 log = logging.getLogger(__name__)
@@ -108,8 +110,8 @@ class Config:
     warps: int                   # per CTA, all of them: (warps / kw) row groups x kw along K
     stages: int
     split: int                   # CTAs along K (gridDim.y)
-    flat: int = 0                # 1: the .cu's FLAT variant (activation copies unrolled; sweeps only until measured)
-    kw: int = 1                  # warps along K inside a CTA (the .cu's KW: 1, 2 or 4; sweeps only until measured)
+    flat: int = 0                # 1: the .cu's FLAT variant (activation copies unrolled)
+    kw: int = 1                  # warps along K inside a CTA (the .cu's KW: 1, 2 or 4)
 
     def name(self) -> str:
         extra = "" if not self.flat and self.kw == 1 else f",{self.flat}" + ("" if self.kw == 1 else f",{self.kw}")
@@ -138,21 +140,46 @@ def token_tiles(m: int) -> int:
 WIDE = 16384                     # layers with at least this many outputs fill the card without splitting K
 
 
-def choose_config(m: int, n: int, k: int, num_sms: int) -> Config:
-    """From the H100 sweep (benchmarks/int4_mma_bench.py, 2026-12-05 18:58 UTC, docs/benchmarks.md): one 16-row tile
-    per warp, 4 stages; layers of at least ``WIDE`` outputs 8 warps and no split (gate/up at 8 rows 13.6 us, the
-    LM head 61.9-64.9 us); narrower ones 4 warps and K split in a power of two (>= 4 blocks per split) until the
-    CTAs cover two per SM (q/k/v, o: 8 splits; down: 16)."""
+def rule_config(m: int, n: int, k: int, num_sms: int, flat: int = 0) -> Config:
+    """The configuration from a rule, for shapes :mod:`model_server.int4_mma_tuned`'s table lacks. From the H100 sweep
+    (benchmarks/int4_mma_bench.py, 2026-12-05 18:58 UTC, docs/benchmarks.md): one 16-row tile per warp, 4 stages;
+    layers of at least ``WIDE`` outputs 8 warps and no split (gate/up at 8 rows 13.6 us, the LM head 61.9-64.9 us);
+    narrower ones 4 warps and K split in a power of two (>= 4 blocks per split) until the CTAs cover two per SM (q/k/v,
+    o: 8 splits; down: 16). ``flat=0`` is the kernel as served until 2026-12-05 22:30 UTC; ``choose_config`` takes
+    ``flat=1``, never slower in that sweep's 20 cells by more than its noise (0.1 us) and up to 13 % faster."""
     nt = token_tiles(m)
     if n >= WIDE:
-        return Config(nt, 1, 8, 4, 1)
+        return Config(nt, 1, 8, 4, 1, flat)
     cfg = Config(nt, 1, 4, 4, 1)
     blocks = k // BLOCK_K
     gx = cfg.grid_x(n)
     split = 1
     while gx * split < 2 * num_sms and blocks % (2 * split) == 0 and blocks // (2 * split) >= 4:
         split *= 2
-    return Config(nt, 1, 4, 4, split)
+    return Config(nt, 1, 4, 4, split, flat)
+
+
+def fits(cfg: Config, m: int, k: int) -> bool:
+    """Whether ``cfg`` can run ``m`` rows of a layer with ``k`` inputs (tiles, split, warps, shared memory)."""
+    blocks = k // BLOCK_K
+    return (cfg.nt * 8 >= m and cfg.split >= 1 and blocks % cfg.split == 0 and blocks // cfg.split >= 2
+            and cfg.kw in (1, 2, 4) and cfg.warps % cfg.kw == 0 and 1 <= cfg.warps <= 16 and cfg.flat in (0, 1)
+            and (cfg.kw == 1 or cfg.flat == 1) and cfg.r >= 1 and cfg.stages >= 2 and cfg.smem_bytes() <= MAX_SMEM)
+
+
+def choose_config(m: int, n: int, k: int, num_sms: int) -> Config:
+    """The launch configuration for ``m`` rows of an ``[n, k]`` layer on a card of ``num_sms`` SMs: the measured one
+    (:func:`model_server.int4_mma_tuned.lookup`, a sweep's fastest) where the table has the shape, else
+    :func:`rule_config` with FLAT. ``MODEL_SERVER_INT4_MMA_CONFIGS=rule``: the rule as served before the table."""
+    nt = token_tiles(m)
+    if int4_mma_tuned.mode() == "rule":
+        return rule_config(m, n, k, num_sms)
+    fields = int4_mma_tuned.lookup(m, n, k, nt, num_sms)
+    if fields is not None:
+        cfg = Config(*fields)
+        if cfg.nt == nt and fits(cfg, m, k):
+            return cfg
+    return rule_config(m, n, k, num_sms, flat=1)
 
 
 class _Scratch:

@@ -118,7 +118,8 @@ def test_choose_config_fits_the_step(m: int, n: int, k: int) -> None:
     assert cfg.grid_x(n) * cfg.r * cfg.warps * 16 >= n
     if n >= 65536:
         assert cfg.split == 1                        # the LM head fills the card without splitting K
-    assert cfg.flat == 0                             # the FLAT variant is not served until measured
+    assert cfg.flat == 1 and int4_mma.fits(cfg, m, k)   # FLAT measured never slower (2026-12-05 22:30 H100 sweep)
+    assert int4_mma.rule_config(m, n, k, 132).flat == 0  # the rule as served before: the A/B baseline
 
 
 def test_config_names_sizes_and_grids_follow_the_source() -> None:
@@ -140,7 +141,7 @@ def test_the_benchmarks_sweep_holds_only_configs_that_fit() -> None:
     from int4_mma_configs import kw_twin, sweep_configs
     for m, n, k in ((1, 3072, 2048), (8, 16384, 2048), (16, 2048, 8192), (64, 128256, 2048), (64, 2048, 2048)):
         cfgs = sweep_configs(m, n, k, 132)
-        base = int4_mma.choose_config(m, n, k, 132)
+        base = int4_mma.rule_config(m, n, k, 132)
         assert cfgs[:3] == [base, dataclasses.replace(base, flat=1), kw_twin(base)] and len(set(cfgs)) == len(cfgs)
         for c in cfgs:
             assert c.nt * 8 >= m and (k // 64) % c.split == 0 and c.smem_bytes() <= int4_mma.MAX_SMEM
@@ -318,4 +319,4 @@ def test_precompile_mma_compiles_every_config_the_layers_can_pick(monkeypatch) -
     want = {(int4_mma.choose_config(r, nn_, 256, 132).name(), 0) for r in range(1, MMA_MAX_ROWS + 1)
             for nn_ in (2048, 16384)}
     assert n == len(want) == len(asked) and set(asked) == want
-    assert {"w4a16_mma<1,1,4,4>", "w4a16_mma<2,1,8,4>"} <= {name for name, _ in asked}
+    assert {"w4a16_mma<1,1,4,4,1>", "w4a16_mma<2,1,8,4,1>"} <= {name for name, _ in asked}
