@@ -111,7 +111,8 @@ __device__ __forceinline__ u32 word(const uint4& w, int j) { return j == 0 ? w.x
 
 // NT: 8-token tiles (M <= 8 * NT); R: 16-row tiles per warp; WARPS per CTA (same K range, different rows);
 // STAGES: blocks of 64 k in flight (activations, weights and scales through cp.async into shared memory).
-// FLAT and KW: variants for sweeps, not served until measured (FLAT = 0, KW = 1 compile to the measured kernel).
+// FLAT and KW: FLAT = 1 is served for every shape, KW where the measured table (int4_mma_tuned.json) picks it;
+// FLAT = 0, KW = 1 compile to the kernel measured before them (int4_mma.rule_config, the A/B baseline).
 // FLAT: each thread's activation copies are one unrolled run with their addresses and predicates computed once per
 // kernel (FLAT = 0: a loop over threadIdx.x, which the compiler cannot unroll, re-derives them every block).
 // KW: warps along K inside the CTA: WARPS = RW * KW; the KW warps of a row group share its 16-row tiles and take
