@@ -270,7 +270,7 @@ case "${1:-}" in
     fi ;;
   mmaprof)  # Nsight Compute on the mma kernel: each merged shape and the LM head at MMA_MS rows (default 64), two launches each
     ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null); echo "ncu: ${ncu_bin:-none}"
-    timeout 480 "$ncu_bin" --clock-control none --target-processes all -k regex:w4a16_mma -f -o "$out/mma_prof" \
+    timeout "${MMAPROF_SECONDS:-480}" "$ncu_bin" --clock-control none --target-processes all -k regex:w4a16_mma -f -o "$out/mma_prof" \
       --section SpeedOfLight --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis \
       --section LaunchStats --section Occupancy --section InstructionStats \
       python3 benchmarks/int4_mma_bench.py --once --ms "${MMA_MS:-64}" > "$out/mmaprof.log" 2>&1; echo "ncu rc $?"
