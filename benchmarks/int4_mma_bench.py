@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=128, choices=(64, 128, 256))
     p.add_argument("--reps", type=int, default=30, help="timed graph replays per cell (>= 1)")
     p.add_argument("--l2-multiple", type=float, default=4.0, help="weight copies per method cover this x L2")
-    p.add_argument("--sweep-budget-s", type=float, default=240.0, help="stop sweeping this long after the start")
+    p.add_argument("--sweep-budget-s", type=float, default=240.0,
+                   help="sweep for about this long in all, each cell an even share of what is left (the LM head too)")
     p.add_argument("--no-sweep", action="store_true", help="time the default config only")
     p.add_argument("--once", action="store_true",
                    help="run the kernel twice per shape and M at the rule's config, the served (measured table's) config, "
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     cells: list[dict] = []
     t0 = time.time()
     deadline = t0 + args.sweep_budget_s
+    cells_left = len(shapes) * len(args.ms)
     for name, (n, k) in shapes.items():
         lay = Layer(n, k, args.group, l2, args.l2_multiple)
         int4_mma.reserve(torch.device("cuda"), n, k)
@@ -124,8 +126,11 @@ def run(args: argparse.Namespace) -> dict:
                 except Exception as e:                      # noqa: BLE001 - keep the other methods' numbers
                     cell["err"][meth] = f"error: {e!r}"[:300]
             cell["mma_config"] = vars(int4_mma.choose_config(m, n, k, sms))
+            now = time.time()                               # an even share of what is left: the last cells get theirs
+            cell_deadline = now + max(0.0, deadline - now) / cells_left
+            cells_left -= 1
             for cfg in ([] if args.no_sweep else sweep_configs(m, n, k, sms)[3:]):     # default and twins: above
-                if time.time() > deadline:
+                if time.time() > cell_deadline:
                     cell["sweep_cut"] = True
                     break
                 row: dict = {"config": vars(cfg)}
@@ -222,7 +227,6 @@ def smoke(group: int) -> int:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.float() @ wd.t()
             nt = int4_mma.token_tiles(m)
-            base = int4_mma.choose_config(m, n, k, sms)
             kws = [int4_mma.Config(nt, r, wp, st, sp, 1, kw) for r, wp, st, sp, kw in
                    ((1, 16, 4, 1, 4), (2, 8, 3, 2, 2), (1, 4, 4, 4, 4), (1, 8, 4, 8, 4), (2, 16, 2, 1, 4))
                    if (k // 64) % sp == 0 and int4_mma.Config(nt, r, wp, st, sp, 1, kw).smem_bytes() <= int4_mma.MAX_SMEM]
