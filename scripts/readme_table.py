@@ -197,6 +197,9 @@ ROWS = [
         ["2026-12-05-h100/gptq_1450/ss_gptq/steady_state.json"], values.formats_vs_bf16, "52c9718"),
     Row("INT4 with the CUDA mma kernel (int4:mma, now auto's choice) and with the mixed kernels vs bf16 in-process",
         ["2026-12-05-h100/mma_ss_1903/ss/steady_state.json"], values.formats_vs_bf16, "bf19abd"),
+    Row("INT4 on the CUDA mma kernel with its measured configurations (data/int4_mma_tuned.json) vs the rule's, over bf16 in-process",
+        ["2026-12-05-h200/mma_ss_2243/ss/steady_state.json", "2026-12-05-h200/mma_ss_2243/ss_rule/steady_state.json"],
+        values.configs_vs_rule, "38926a5"),
     Row("cold start, spawn to first token, seeded int4 starts on the mma kernel",
         ["2026-12-05-h100/cold_mma_1916/cold/cold_start_phases.json"], values.spawn_by_quant, "e2d1fc2"),
     Row("proxy at 1,000 streams, energy source on: one process vs two sharing the counter (--energy-shared)",
@@ -214,7 +217,7 @@ def _files_cell(files: list[str]) -> str:
         toks = [re.split(r"(\d+)", f) for f in files]
         if all(len(t) == len(toks[0]) for t in toks):
             diff = [i for i in range(len(toks[0])) if any(t[i] != toks[0][i] for t in toks)]
-            if len(diff) == 1:
+            if len(diff) == 1 and all(t[diff[0]].isdigit() for t in toks):
                 i = diff[0]
                 stem = "".join(toks[0][:i] + ["{N}"] + toks[0][i + 1:])
                 return f"`{stem}` (N = {', '.join(t[i] for t in toks)})"

@@ -225,6 +225,20 @@ def formats_vs_bf16(docs: list[Any]) -> str:
     return "tokens/s over bf16's: " + "; ".join(out) + " (median of 3 x 10 s windows each)"
 
 
+def configs_vs_rule(docs: list[Any]) -> str:
+    """int4:mma with the measured configurations (first file, with bf16) and with the rule's (second file, the next
+    process on the same machine): each over bf16's tokens/s, and measured over rule, per concurrency."""
+    def cells(doc: dict, quant: str) -> dict[int, float]:
+        q = next(x for x in doc["quants"] if x["quant"] == quant)
+        return {c["concurrency"]: c["tokens_per_second_median"] for c in q["cells"]}
+    bf16, tuned, rule = cells(docs[0], "bf16"), cells(docs[0], "int4:mma"), cells(docs[1], "int4:mma")
+    conc = sorted(c for c in tuned if c in bf16 and c in rule)
+    return ("tokens/s over bf16's: measured configurations " + ", ".join(f"{tuned[c] / bf16[c]:.2f}x at {c}" for c in conc)
+            + "; the rule's (next process) " + ", ".join(f"{rule[c] / bf16[c]:.2f}x at {c}" for c in conc)
+            + "; measured over rule " + ", ".join(f"{100 * (tuned[c] / rule[c] - 1):+.1f} % at {c}" for c in conc)
+            + " (median of 3 x 10 s windows each)")
+
+
 def first_request(docs: list[Any]) -> str:
     """The first request's seconds per start (cold_start_phases.py's JSON, one start per variant)."""
     return "first request: " + ", ".join(f"{r['variant']} {r['first_request_s']:.2f} s" for r in docs[0]["runs"])
