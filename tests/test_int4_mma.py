@@ -147,6 +147,7 @@ def test_the_benchmarks_sweep_holds_only_configs_that_fit() -> None:
             assert c.nt * 8 >= m and (k // 64) % c.split == 0 and c.smem_bytes() <= int4_mma.MAX_SMEM
             assert c.warps % c.kw == 0 and c.warps <= 16 and c.kw in (1, 2, 4) and (c.kw == 1 or c.flat == 1)
         assert any(c.kw == 4 for c in cfgs) and any(c.kw == 2 for c in cfgs)
+        assert all(c.flat == 1 for c in cfgs[1:])        # only the rule's own config without FLAT (the A/B)
 
 
 def test_token_tiles_rejects_rows_out_of_range() -> None:
