@@ -293,6 +293,11 @@ def test_model_server_install_script_in_a_fresh_venv_cpu(context_dir: Path, tmp_
                           "from pathlib import Path; print(has_own_bytecode(), configure(Path('unused')).mode)"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert own.stdout.split() == ["True", "installed"], own.stderr    # the image's serve keeps no cache of its own
+    data = subprocess.run([str(bindir / "python"), "-c", "from model_server import int4_mma_build, int4_mma_tuned as t;"
+                           "print(t.TABLE.is_file(), int4_mma_build.SOURCE_PATH.is_file(), len(t.read(t.TABLE)) > 0,"
+                           "t.__file__.startswith(__import__('sys').prefix))"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert data.stdout.split() == ["True"] * 4, data.stderr     # the kernel's source and measured table ship
     serve_help = subprocess.run([str(bindir / "model-server"), "serve", "--help"], capture_output=True,
                                 text=True, env=env, timeout=120)
     assert serve_help.returncode == 0 and "--quantization" in serve_help.stdout
