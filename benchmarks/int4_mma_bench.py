@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> dict:
             "seconds": time.time() - t0}
 
 
-def _good(cell: dict, meth: str) -> float | None:
+def good_time(cell: dict, meth: str) -> float | None:
+    """The cell's microseconds for ``meth`` where it ran and its error is under MAX_ERR, else None."""
     err = cell["err"].get(meth, 0.0)
     us = cell["us"].get(meth)
     return us if us is not None and isinstance(err, float) and err < MAX_ERR else None
@@ -171,14 +172,14 @@ def steps(cells: list[dict], ms: list[int]) -> dict:
     for m in ms:
         row: dict = {}
         for cell in (c for c in cells if c["m"] == m):
-            times = {"bf16": _good(cell, "bf16"), "mma": _good(cell, "mma"), "mma_rule": _good(cell, "mma_rule"),
-                     "mma_flat": _good(cell, "mma_flat"), "mma_kw": _good(cell, "mma_kw"),
-                     "dispatch": _good(cell, "tinygemm" if m <= tinygemm_max_rows(cell["n"]) else "triton")}
+            times = {k: good_time(cell, k) for k in ("bf16", "mma", "mma_rule", "mma_flat", "mma_kw")}
+            times["dispatch"] = good_time(cell, "tinygemm" if m <= tinygemm_max_rows(cell["n"]) else "triton")
             best_mma = cell.get("mma_best", {}).get("us")
             known = [v for v in (times["mma"], times["mma_rule"], times["mma_flat"], times["mma_kw"], best_mma)
                      if v is not None]
             times["mma_best"] = min(known) if known else None
-            int4 = [v for v in (_good(cell, "tinygemm"), _good(cell, "triton"), times["mma_best"]) if v is not None]
+            int4 = [v for v in (good_time(cell, "tinygemm"), good_time(cell, "triton"), times["mma_best"])
+                    if v is not None]
             times["best_int4"] = min(int4) if int4 else None
             mult = 1 if cell["name"] == "lm_head" else N_LAYERS
             for key, v in times.items():

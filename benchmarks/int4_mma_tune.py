@@ -12,6 +12,7 @@ same SM count, shape and rows are replaced, the rest kept. The LM head has no sw
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,11 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from int4_mma_bench import MAX_ERR, good_time  # noqa: E402
 from int4_mma_configs import kw_twin  # noqa: E402
 from model_server import int4_mma, int4_mma_tuned  # noqa: E402
-
-MAX_ERR = 1e-2                                  # as int4_mma_bench's check
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     head, rest = __doc__.split("\n\n", 1)
@@ -36,11 +35,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _timed(cell: dict, column: str) -> float | None:
-    us, err = cell.get("us", {}).get(column), cell.get("err", {}).get(column, 0.0)
-    return us if isinstance(us, (int, float)) and isinstance(err, float) and err < MAX_ERR else None
-
-
 def candidates(cell: dict, num_sms: int) -> list[tuple[float, int4_mma.Config]]:
     """(microseconds, config) for every correct configuration the cell timed."""
     m, n, k = cell["m"], cell["n"], cell["k"]
@@ -48,8 +42,8 @@ def candidates(cell: dict, num_sms: int) -> list[tuple[float, int4_mma.Config]]:
     out: list[tuple[float, int4_mma.Config]] = []
     served = cell.get("mma_config")
     for column, cfg in (("mma", int4_mma.Config(**served) if served else None), ("mma_rule", rule),
-                        ("mma_flat", int4_mma.Config(**{**vars(rule), "flat": 1})), ("mma_kw", kw_twin(rule))):
-        us = _timed(cell, column)
+                        ("mma_flat", dataclasses.replace(rule, flat=1)), ("mma_kw", kw_twin(rule))):
+        us = good_time(cell, column)
         if us is not None and cfg is not None:
             out.append((us, cfg))
     for row in cell.get("sweep", []):
@@ -65,7 +59,7 @@ def entries(res: dict, source: str, min_gain: float) -> list[dict]:
     for cell in res["cells"]:
         if cell["name"] == "lm_head" or not cell.get("sweep"):
             continue
-        flat_us = _timed(cell, "mma_flat")
+        flat_us = good_time(cell, "mma_flat")
         timed = candidates(cell, num_sms)
         if flat_us is None or not timed:
             continue

@@ -86,9 +86,7 @@ def match(rows: list[tuple[int, Fields]], m: int) -> Fields | None:
 
 def lookup(m: int, n: int, k: int, nt: int, num_sms: int) -> Fields | None:
     """The measured configuration's fields (``FIELDS``' order) for ``m`` rows (``nt`` 8-token tiles) of an ``[n, k]``
-    layer on a card of ``num_sms`` SMs, or None (the table lacks it, or ``mode()`` is ``rule``)."""
-    if mode() == "rule":
-        return None
+    layer on a card of ``num_sms`` SMs, or None where the table lacks it (the caller checks :func:`mode` first)."""
     return match(_table().get((num_sms, n, k, nt), []), m)
 
 

@@ -217,9 +217,14 @@ def http_ratio_runs(docs: list[Any]) -> str:
             + f" (median {statistics.median(vals):.1f} %)")
 
 
+def tokens_by_concurrency(doc: dict) -> dict[str, dict[int, float]]:
+    """A steady-state run's median tokens/s per quantization and concurrency."""
+    return {q["quant"]: {c["concurrency"]: c["tokens_per_second_median"] for c in q["cells"]} for q in doc["quants"]}
+
+
 def formats_vs_bf16(docs: list[Any]) -> str:
     """Each format's tokens/s over bf16's at each concurrency of one steady-state run."""
-    by = {q["quant"]: {c["concurrency"]: c["tokens_per_second_median"] for c in q["cells"]} for q in docs[0]["quants"]}
+    by = tokens_by_concurrency(docs[0])
     out = [f"{q} " + ", ".join(f"{cells[c] / by['bf16'][c]:.2f}x at {c}" for c in sorted(cells) if c in by["bf16"])
            for q, cells in by.items() if q != "bf16"]
     return "tokens/s over bf16's: " + "; ".join(out) + " (median of 3 x 10 s windows each)"
@@ -228,10 +233,8 @@ def formats_vs_bf16(docs: list[Any]) -> str:
 def configs_vs_rule(docs: list[Any]) -> str:
     """int4:mma with the measured configurations (first file, with bf16) and with the rule's (second file, the next
     process on the same machine): each over bf16's tokens/s, and measured over rule, per concurrency."""
-    def cells(doc: dict, quant: str) -> dict[int, float]:
-        q = next(x for x in doc["quants"] if x["quant"] == quant)
-        return {c["concurrency"]: c["tokens_per_second_median"] for c in q["cells"]}
-    bf16, tuned, rule = cells(docs[0], "bf16"), cells(docs[0], "int4:mma"), cells(docs[1], "int4:mma")
+    first = tokens_by_concurrency(docs[0])
+    bf16, tuned, rule = first["bf16"], first["int4:mma"], tokens_by_concurrency(docs[1])["int4:mma"]
     conc = sorted(c for c in tuned if c in bf16 and c in rule)
     return ("tokens/s over bf16's: measured configurations " + ", ".join(f"{tuned[c] / bf16[c]:.2f}x at {c}" for c in conc)
             + "; the rule's (next process) " + ", ".join(f"{rule[c] / bf16[c]:.2f}x at {c}" for c in conc)
