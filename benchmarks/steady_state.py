@@ -197,6 +197,9 @@ def run_quant(q, args, model_dir, device, bw, energy, report, save, start_server
             log(f"{q} c={c}: {cell['tokens_per_second_median']} tok/s ({cell['tokens_per_second_min']}.."
                 f"{cell['tokens_per_second_max']}) ITL p50 {cell['itl_p50_ms']} ms")
         length = eng.runner.length_buckets[0] if eng.runner.length_buckets else None
+        # the background warm-up may still be compiling on its own thread (it waits for the engine to go idle, i.e.
+        # for the cells to end): a graph captured here meanwhile fails both (H100 2026-12-06 00:40, rule run)
+        await eng.wait_warm(600)
         for b in (1, 64):
             if length is not None and b <= max_batch:
                 entry[f"graph_step_ms_b{b}"] = await asyncio.to_thread(graph_step_ms, eng, b,
