@@ -76,7 +76,8 @@
 #                                            (MMA_BUDGET s, default 300; keep it <= 200 in a 580 s call; --no-sweep: MMA_SWEEP=0); torch
 #                                            only (~6 min). MMA_SS=1: then steady_state.py in-process, SS_QUANTS (bf16,int4:mma)
 #                                            at SS_CONC (1,8,64), needs the wheels (~6 min more); MMA_SS_RULE=1: then int4:mma
-#                                            again with MODEL_SERVER_INT4_MMA_CONFIGS=rule (the configs before the measured table)
+#                                            again with MODEL_SERVER_INT4_MMA_CONFIGS=rule (the configs before the measured table);
+#                                            MMA_SS_B='VAR=value ...': then int4:mma again with those settings (into ss_b/)
 #   bash benchmarks/gpu_calls.sh mmaprof    # issue 17: Nsight Compute on the mma kernel per shape at MMA_MS rows (64), at its
 #                                            default config, its FLAT and KW twins and twice the split: where its cycles go (stall
 #                                            reasons, issue, executed instructions, memory, occupancy); not yet run (~5 min)
@@ -265,6 +266,13 @@ case "${1:-}" in
         MODEL_SERVER_INT4_MMA_CONFIGS=rule timeout "${SS_SECONDS:-400}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b \
           --commit "$EDGE_EVAL_COMMIT" --out "$out/ss_rule" --quants int4:mma --concurrency "${SS_CONC:-1,8,64}" \
           --http-concurrency '' >> "$out/steady_state.log" 2>&1; echo "steady_state (rule configs) rc $?"
+        tail -4 "$out/steady_state.log"
+      fi
+      if [ -n "${MMA_SS_B:-}" ]; then   # then int4:mma with these environment settings in the next process (e.g.
+        # MMA_SS_B=MODEL_SERVER_INT4_MMA_MAX_ROWS=32): an A/B against the first process's int4:mma, same machine
+        env $MMA_SS_B timeout "${SS_SECONDS:-400}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b \
+          --commit "$EDGE_EVAL_COMMIT" --out "$out/ss_b" --quants int4:mma --concurrency "${SS_CONC:-1,8,64}" \
+          --http-concurrency '' >> "$out/steady_state.log" 2>&1; echo "steady_state ($MMA_SS_B) rc $?"
         tail -4 "$out/steady_state.log"
       fi
     fi ;;

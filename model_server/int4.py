@@ -9,12 +9,12 @@ from torch import nn
 
 from model_server.int4_choice import (AUTO_MODE, AUTO_MODE_MMA, GEMV_MAX_ROWS, KERNEL_MODES, MMA_MAX_ROWS,
                                       TINYGEMM_MAX_ROWS, WIDE_LAYERS, ComputeChoice, choose_compute, device_compute,
-                                      layer_kernel, step_kernel, tinygemm_max_rows)
+                                      layer_kernel, mma_max_rows, step_kernel, tinygemm_max_rows)
 from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
 
 __all__ = ["AUTO_MODE", "AUTO_MODE_MMA", "GEMV_MAX_ROWS", "GROUP_SIZES", "INNER_K_TILES", "KERNEL_MODES",
            "MMA_MAX_ROWS", "TINYGEMM_MAX_ROWS", "WIDE_LAYERS", "ComputeChoice", "Int4Linear", "choose_compute",
-           "device_compute", "fits", "holds", "layer_kernel", "quantize_model", "step_kernel",
+           "device_compute", "fits", "holds", "layer_kernel", "mma_max_rows", "quantize_model", "step_kernel",
            "tinygemm_max_rows"]                       # int4_choice's names stay importable from here
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -90,7 +90,7 @@ class Int4Linear(nn.Module):
             words, scales = int4_mma.pack(q, sz, group_size)
             self.register_buffer("mma_words", words)
             self.register_buffer("mma_scales", scales)
-            int4_mma.reserve(dev, n, k, MMA_MAX_ROWS)
+            int4_mma.reserve(dev, n, k, mma_max_rows())
         elif self.kernel != "triton":
             self.register_buffer("weight_packed", _pack(q, self.kernel))
             self.register_buffer("scales_and_zeros", sz)
@@ -143,7 +143,7 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        above = MMA_MAX_ROWS if self.kernel == "mma" else tinygemm_max_rows(self.out_features)
+        above = mma_max_rows() if self.kernel == "mma" else tinygemm_max_rows(self.out_features)
         rows = "" if not self.rows_kernel else (f", up to {GEMV_MAX_ROWS} rows={self.rows_kernel}"
                                                 if self.rows_kernel == "gemv" else
                                                 f", above {above} rows={self.rows_kernel}")

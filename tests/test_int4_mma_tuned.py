@@ -156,3 +156,23 @@ def test_the_tune_script_says_in_one_line_what_it_cannot_use(tmp_path: Path) -> 
         assert "Traceback" not in done.stderr and not (tmp_path / "t.json").exists()
     dry = _tune(str(_result(tmp_path)), "--table", str(tmp_path / "t.json"), "--dry-run")
     assert dry.returncode == 0 and "16384x2048 M=8" in dry.stdout and not (tmp_path / "t.json").exists()
+
+
+def test_mma_max_rows_switch_moves_the_bound_and_rejects_bad_values(monkeypatch):
+    from model_server.int4 import MMA_MAX_ROWS, mma_max_rows, step_kernel
+    from model_server.switches import SwitchValueError
+    mma_max_rows.cache_clear()
+    try:
+        monkeypatch.delenv("MODEL_SERVER_INT4_MMA_MAX_ROWS", raising=False)
+        assert mma_max_rows() == MMA_MAX_ROWS == 16
+        assert [step_kernel("mma", "triton", r, 2048) for r in (16, 17, 32)] == ["mma", "triton", "triton"]
+        mma_max_rows.cache_clear()
+        monkeypatch.setenv("MODEL_SERVER_INT4_MMA_MAX_ROWS", "32")
+        assert [step_kernel("mma", "triton", r, 2048) for r in (16, 32, 33, 64)] == ["mma", "mma", "triton", "triton"]
+        for bad in ("0", "65", "x"):
+            mma_max_rows.cache_clear()
+            monkeypatch.setenv("MODEL_SERVER_INT4_MMA_MAX_ROWS", bad)
+            with pytest.raises(SwitchValueError, match="MODEL_SERVER_INT4_MMA_MAX_ROWS"):
+                mma_max_rows()
+    finally:
+        mma_max_rows.cache_clear()

@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import nn
 
-from model_server.int4 import MMA_MAX_ROWS, Int4Linear, step_kernel
+from model_server.int4 import Int4Linear, mma_max_rows, step_kernel
 from model_server.int4_cpu_pack import cat_cpu_int4pack
 from .direct import run
 
@@ -107,7 +107,7 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     merged.bias = None if p0.bias is None else nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
     if merged.kernel == "mma":                         # its split-K needs differ from the parts' (graphs capture them)
         from model_server import int4_mma
-        int4_mma.reserve(packed["mma_words"].device, merged.out_features, merged.in_features, MMA_MAX_ROWS)
+        int4_mma.reserve(packed["mma_words"].device, merged.out_features, merged.in_features, mma_max_rows())
     if not _agrees(merged, parts):
         return None
     for name in ("weight_packed", "triton_packed", "mma_words"):   # packed weights become views of the merged rows
