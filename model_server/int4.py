@@ -90,7 +90,7 @@ class Int4Linear(nn.Module):
             words, scales = int4_mma.pack(q, sz, group_size)
             self.register_buffer("mma_words", words)
             self.register_buffer("mma_scales", scales)
-            int4_mma.reserve(dev, n, k, mma_max_rows())
+            int4_mma.reserve(dev, n, k, mma_max_rows(n))
         elif self.kernel != "triton":
             self.register_buffer("weight_packed", _pack(q, self.kernel))
             self.register_buffer("scales_and_zeros", sz)
@@ -143,7 +143,7 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        above = mma_max_rows() if self.kernel == "mma" else tinygemm_max_rows(self.out_features)
+        above = mma_max_rows(self.out_features) if self.kernel == "mma" else tinygemm_max_rows(self.out_features)
         rows = "" if not self.rows_kernel else (f", up to {GEMV_MAX_ROWS} rows={self.rows_kernel}"
                                                 if self.rows_kernel == "gemv" else
                                                 f", above {above} rows={self.rows_kernel}")

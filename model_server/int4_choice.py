@@ -28,8 +28,9 @@ without a GPU), each reading its own layout of the same 4-bit values:
   (``rows_kernel`` ``"triton"``), from a second copy of the weights (/info's measured weight bytes count both);
 * ``triton-gemm``: the Triton GEMM for every row count (one layout; for comparisons);
 * ``mma``: the CUDA kernel of :mod:`model_server.int4_mma` (NVRTC; ``int4_kernel`` ``"mma"``) up to ``MMA_MAX_ROWS``
-  rows (16; ``MODEL_SERVER_INT4_MMA_MAX_ROWS`` sets another bound, :func:`mma_max_rows`), the Triton GEMM above (two layouts, as ``mixed``); a layer its layout cannot hold (group below 64, outputs not
-  a multiple of 16) takes ``mixed``'s kernels instead.
+  rows (16; 32 on layers of >= 16,384 outputs; ``MODEL_SERVER_INT4_MMA_MAX_ROWS`` sets one bound for all:
+  :func:`mma_max_rows`), the Triton GEMM above (two layouts, as ``mixed``); a layer its layout cannot hold (group
+  below 64, outputs not a multiple of 16) takes ``mixed``'s kernels instead.
 """
 from __future__ import annotations
 
@@ -45,23 +46,45 @@ TINYGEMM_MAX_ROWS = 8        # with rows_kernel "triton": steps of more rows tha
 WIDE_LAYERS = ((65536, 3), (16384, 5))   # ... except layers of at least this many outputs: (width, bound)
 GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this many rows run int4_gemv
 MMA_MAX_ROWS = 16            # with int4_kernel "mma": steps of up to this many rows run int4_mma, more the Triton GEMM
-MMA_MAX_ROWS_SWITCH = "MODEL_SERVER_INT4_MMA_MAX_ROWS"   # another bound, 1..64 (mma_max_rows)
+MMA_WIDE_LAYERS = ((16384, 32),)   # ... except layers of at least this many outputs: (width, bound) (mma_max_rows)
+MMA_MAX_ROWS_SWITCH = "MODEL_SERVER_INT4_MMA_MAX_ROWS"   # one bound for every layer, 1..64 (mma_rows_switch)
 KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm", "mma")
 AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton, where the mma kernel does not build
 AUTO_MODE_MMA = "mma"        # ... and where it does (module docstring)
 
 
 @lru_cache(maxsize=1)
-def mma_max_rows() -> int:
-    """Steps of up to this many rows run the mma kernel, more the Triton GEMM: ``MMA_MAX_ROWS``, or
-    ``MODEL_SERVER_INT4_MMA_MAX_ROWS`` (1..64, the kernel's own bound; read once per process, as layers reserve
-    their split-K scratch for it); anything else raises :class:`SwitchValueError`."""
+def mma_rows_switch() -> int | None:
+    """``MODEL_SERVER_INT4_MMA_MAX_ROWS`` (1..64, the kernel's own bound), None when unset; read once per process, as
+    layers reserve their split-K scratch for it; anything else raises :class:`SwitchValueError`."""
     value = integer(MMA_MAX_ROWS_SWITCH)
-    if value is None:
-        return MMA_MAX_ROWS
-    if not 1 <= value <= 64:
+    if value is not None and not 1 <= value <= 64:
         raise SwitchValueError(f"{MMA_MAX_ROWS_SWITCH} must be 1..64 (the mma kernel's rows), got {value}")
     return value
+
+
+def mma_max_rows(out_features: int | None = None) -> int:
+    """Steps of up to this many rows run the mma kernel on a layer of ``out_features`` outputs, more the Triton GEMM:
+    the switch where set (:func:`mma_rows_switch`, every layer), else ``MMA_WIDE_LAYERS``' bound for wide layers, else
+    ``MMA_MAX_ROWS``. From the H100 benchmark of 2026-12-06 01:31 UTC (per linear in a CUDA graph, docs/benchmarks.md
+    "The mma kernel at 32 rows"): at 32 rows the mma kernel beats the Triton GEMM on the 16,384-output gate/up (17.4
+    against 21.4 us) and the LM head (88.9 against 114.4) and loses on the 2,048-3,072-output layers (q/k/v 9.8
+    against 9.3, o 8.6 against 7.4, down 16.2 against 15.1); at 64 rows it loses on all of them."""
+    switch = mma_rows_switch()
+    if switch is not None:
+        return switch
+    if out_features is not None:
+        for width, rows in MMA_WIDE_LAYERS:
+            if out_features >= width:
+                return rows
+    return MMA_MAX_ROWS
+
+
+def mma_bounds() -> str:
+    """:func:`mma_max_rows` in words (``/info``'s ``int4_kernel_reason``)."""
+    if mma_rows_switch() is not None:
+        return f"{mma_rows_switch()} rows"
+    return f"{MMA_MAX_ROWS} rows ({', '.join(f'{r} on layers of >= {w} outputs' for w, r in MMA_WIDE_LAYERS)})"
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,7 @@ def choose_compute(device_type: str, capability: tuple[int, int] | None, triton:
         if not mma:
             raise SwitchValueError("MODEL_SERVER_INT4_KERNELS=mma, but the mma kernel does not build here "
                                    "(NVRTC; the log says why)")
-        return ComputeChoice(torch.bfloat16, "mma", why + f"; CUDA mma kernel up to {mma_max_rows()} rows, Triton "
+        return ComputeChoice(torch.bfloat16, "mma", why + f"; CUDA mma kernel up to {mma_bounds()}, Triton "
                              "GEMM above", rows_kernel="triton")
     if mode == "triton":
         return ComputeChoice(torch.bfloat16, "triton", why + f"; Triton: small-rows kernel up to {GEMV_MAX_ROWS} "
@@ -145,7 +168,7 @@ def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_featur
     if int4_kernel == "triton":
         return "gemv" if rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS else "triton"
     if int4_kernel == "mma":
-        return "mma" if rows <= mma_max_rows() else "triton"
+        return "mma" if rows <= mma_max_rows(out_features) else "triton"
     return "triton" if rows_kernel == "triton" and rows > tinygemm_max_rows(out_features) else int4_kernel
 
 

@@ -60,7 +60,7 @@ def mma_layers(modules: Iterable[nn.Module]) -> list[Int4Linear]:
 
 def precompile_mma(modules: Iterable[nn.Module]) -> int:
     """Compile (NVRTC, into the compile cache's ``int4_mma/``) every configuration of the CUDA mma kernel that steps
-    of up to ``int4.mma_max_rows()`` rows pick on each distinct INT4 layer shape among ``modules`` running it; no
+    of up to ``int4.mma_max_rows(n)`` rows pick on each distinct INT4 layer shape among ``modules`` running it; no
     launch. Returns the configurations compiled or loaded (each once per process: ``int4_mma_build.kernel``)."""
     from model_server import int4_mma
     from model_server.int4 import mma_max_rows
@@ -68,7 +68,7 @@ def precompile_mma(modules: Iterable[nn.Module]) -> int:
     for layer in mma_layers(modules):
         dev = layer.mma_words.device
         sms = int4_mma._num_sms(dev)
-        for rows in range(1, mma_max_rows() + 1):
+        for rows in range(1, mma_max_rows(layer.out_features) + 1):
             cfg = int4_mma.choose_config(rows, layer.out_features, layer.in_features, sms)
             names.add((cfg.name(), int4_mma.device_index(dev)))
     for name, index in sorted(names):

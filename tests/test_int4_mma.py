@@ -299,12 +299,12 @@ def test_the_wrapper_rejects_what_the_kernel_cannot_take_before_any_launch() -> 
 
 def test_precompile_mma_compiles_every_config_the_layers_can_pick(monkeypatch) -> None:
     """``compile-cache fill``'s warm-up (int4_precompile.precompile_mma) asks for each configuration that steps of 1..16
-    rows pick on each mma layer shape, once; layers on other kernels are skipped. (The compile itself is NVRTC's, on a
+    rows (1..32 on layers of >= 16,384 outputs) pick on each mma layer shape, once; layers on other kernels are skipped. (The compile itself is NVRTC's, on a
     GPU; here the request is recorded.)"""
     from torch import nn
 
     from model_server import int4_precompile
-    from model_server.int4 import MMA_MAX_ROWS, ComputeChoice, Int4Linear
+    from model_server.int4 import ComputeChoice, Int4Linear, mma_max_rows
     monkeypatch.setattr(int4_mma, "reserve", lambda *a, **k: None)
     monkeypatch.setattr(int4_mma, "_num_sms", lambda dev: 132)
     monkeypatch.setattr(int4_mma, "device_index", lambda dev: 0)
@@ -317,7 +317,9 @@ def test_precompile_mma_compiles_every_config_the_layers_can_pick(monkeypatch) -
                             Int4Linear(nn.Linear(256, 64, bias=False), 64, ComputeChoice(torch.float32,
                                                                                       "cpu-int4pack", "test"))])
     n = int4_precompile.precompile_mma([layers])
-    want = {(int4_mma.choose_config(r, nn_, 256, 132).name(), 0) for r in range(1, MMA_MAX_ROWS + 1)
-            for nn_ in (2048, 16384)}
+    assert (mma_max_rows(2048), mma_max_rows(16384)) == (16, 32)
+    want = {(int4_mma.choose_config(r, nn_, 256, 132).name(), 0) for nn_ in (2048, 16384)
+            for r in range(1, mma_max_rows(nn_) + 1)}
     assert n == len(want) == len(asked) and set(asked) == want
+    assert "w4a16_mma<4,1,8,4,1>" in {name for name, _ in asked}       # 32 rows on the wide layer
     assert {"w4a16_mma<1,1,4,4,1>", "w4a16_mma<2,1,8,4,1>"} <= {name for name, _ in asked}

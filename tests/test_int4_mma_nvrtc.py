@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from model_server import int4_mma, int4_mma_build
-from model_server.int4 import MMA_MAX_ROWS
+from model_server.int4 import mma_max_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import int4_mma_sass  # noqa: E402  (libnvrtc from the test extra's nvidia-cuda-nvrtc, Triton's bundled cuobjdump)
@@ -42,8 +42,8 @@ def _cuobjdump() -> Path:
 def _served_configs() -> list[int4_mma.Config]:
     shapes = [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)]
     out: list[int4_mma.Config] = []
-    for m in range(1, MMA_MAX_ROWS + 1):
-        for n, k in shapes:
+    for n, k in shapes:
+        for m in range(1, mma_max_rows(n) + 1):          # 32 rows on the wide layers
             for sms in (108, 132):
                 cfg = int4_mma.choose_config(m, n, k, sms)
                 if cfg not in out:

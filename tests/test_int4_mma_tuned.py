@@ -158,21 +158,28 @@ def test_the_tune_script_says_in_one_line_what_it_cannot_use(tmp_path: Path) -> 
     assert dry.returncode == 0 and "16384x2048 M=8" in dry.stdout and not (tmp_path / "t.json").exists()
 
 
-def test_mma_max_rows_switch_moves_the_bound_and_rejects_bad_values(monkeypatch):
+def test_mma_max_rows_wide_layers_and_the_switch(monkeypatch):
     from model_server.int4 import MMA_MAX_ROWS, mma_max_rows, step_kernel
+    from model_server.int4_choice import mma_bounds, mma_rows_switch
     from model_server.switches import SwitchValueError
-    mma_max_rows.cache_clear()
+    mma_rows_switch.cache_clear()
     try:
         monkeypatch.delenv("MODEL_SERVER_INT4_MMA_MAX_ROWS", raising=False)
         assert mma_max_rows() == MMA_MAX_ROWS == 16
-        assert [step_kernel("mma", "triton", r, 2048) for r in (16, 17, 32)] == ["mma", "triton", "triton"]
-        mma_max_rows.cache_clear()
-        monkeypatch.setenv("MODEL_SERVER_INT4_MMA_MAX_ROWS", "32")
-        assert [step_kernel("mma", "triton", r, 2048) for r in (16, 32, 33, 64)] == ["mma", "mma", "triton", "triton"]
+        # narrow layers (q/k/v, o, down) leave the mma kernel after 16 rows, wide ones (gate/up, LM head) after 32
+        assert [step_kernel("mma", "triton", r, 3072) for r in (16, 17, 32)] == ["mma", "triton", "triton"]
+        assert [step_kernel("mma", "triton", r, 16384) for r in (16, 32, 33, 64)] == ["mma", "mma", "triton", "triton"]
+        assert mma_max_rows(128256) == 32 and mma_max_rows(16383) == 16
+        assert mma_bounds() == "16 rows (32 on layers of >= 16384 outputs)"
+        mma_rows_switch.cache_clear()
+        monkeypatch.setenv("MODEL_SERVER_INT4_MMA_MAX_ROWS", "8")       # one bound for every layer
+        assert [step_kernel("mma", "triton", r, w) for r in (8, 9) for w in (2048, 16384)] == \
+            ["mma", "mma", "triton", "triton"]
+        assert mma_bounds() == "8 rows"
         for bad in ("0", "65", "x"):
-            mma_max_rows.cache_clear()
+            mma_rows_switch.cache_clear()
             monkeypatch.setenv("MODEL_SERVER_INT4_MMA_MAX_ROWS", bad)
             with pytest.raises(SwitchValueError, match="MODEL_SERVER_INT4_MMA_MAX_ROWS"):
                 mma_max_rows()
     finally:
-        mma_max_rows.cache_clear()
+        mma_rows_switch.cache_clear()

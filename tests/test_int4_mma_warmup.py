@@ -15,7 +15,7 @@ from torch import nn
 from model_server import int4_mma
 from model_server.engines.fast import fused
 from model_server.engines.fast.warmup import BackgroundWarmup
-from model_server.int4 import MMA_MAX_ROWS, ComputeChoice, Int4Linear
+from model_server.int4 import ComputeChoice, Int4Linear, mma_max_rows
 
 
 class _Runner:
@@ -44,7 +44,7 @@ def _mma(n: int) -> Int4Linear:
 
 
 def _want(*ns: int) -> set[tuple[str, int]]:
-    return {(int4_mma.choose_config(r, n, 256, 132).name(), 0) for r in range(1, MMA_MAX_ROWS + 1) for n in ns}
+    return {(int4_mma.choose_config(r, n, 256, 132).name(), 0) for n in ns for r in range(1, mma_max_rows(n) + 1)}
 
 
 def _wait_for(cond, seconds: float = 5.0) -> bool:

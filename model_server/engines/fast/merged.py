@@ -107,7 +107,8 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     merged.bias = None if p0.bias is None else nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
     if merged.kernel == "mma":                         # its split-K needs differ from the parts' (graphs capture them)
         from model_server import int4_mma
-        int4_mma.reserve(packed["mma_words"].device, merged.out_features, merged.in_features, mma_max_rows())
+        int4_mma.reserve(packed["mma_words"].device, merged.out_features, merged.in_features,
+                          mma_max_rows(merged.out_features))
     if not _agrees(merged, parts):
         return None
     for name in ("weight_packed", "triton_packed", "mma_words"):   # packed weights become views of the merged rows
