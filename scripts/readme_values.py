@@ -218,8 +218,10 @@ def http_ratio_runs(docs: list[Any]) -> str:
 
 
 def tokens_by_concurrency(doc: dict) -> dict[str, dict[int, float]]:
-    """A steady-state run's median tokens/s per quantization and concurrency."""
-    return {q["quant"]: {c["concurrency"]: c["tokens_per_second_median"] for c in q["cells"]} for q in doc["quants"]}
+    """A steady-state run's median tokens/s per quantization and concurrency (an entry that only records a later error
+    of the same quantization, e.g. its graph-step timing failing after the cells, adds no cells)."""
+    return {q["quant"]: {c["concurrency"]: c["tokens_per_second_median"] for c in q["cells"]}
+            for q in doc["quants"] if "cells" in q}
 
 
 def formats_vs_bf16(docs: list[Any]) -> str:
