@@ -80,7 +80,7 @@
 #                                            MMA_SS_B='VAR=value ...': then int4:mma again with those settings (into ss_b/)
 #   bash benchmarks/gpu_calls.sh mmaprof    # issue 17: Nsight Compute on the mma kernel per shape at MMA_MS rows (64), at its
 #                                            default config, its FLAT and KW twins and twice the split: where its cycles go (stall
-#                                            reasons, issue, executed instructions, memory, occupancy); not yet run (~5 min)
+#                                            reasons, issue, executed instructions, memory, occupancy); about 30 s (H100, 2026-12-06)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
