@@ -262,19 +262,15 @@ case "${1:-}" in
         --out "$out/ss" --quants "${SS_QUANTS:-bf16,int4:mma}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
         > "$out/steady_state.log" 2>&1; echo "steady_state rc $?"; tail -12 "$out/steady_state.log"; grep -i -E "warn|error" \
         "$out/steady_state.log" | head -5
-      if [ "${MMA_SS_RULE:-0}" = 1 ]; then   # then int4:mma with the rule's configs (before the measured table): the A/B
-        MODEL_SERVER_INT4_MMA_CONFIGS=rule timeout "${SS_SECONDS:-400}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b \
-          --commit "$EDGE_EVAL_COMMIT" --out "$out/ss_rule" --quants int4:mma --concurrency "${SS_CONC:-1,8,64}" \
-          --http-concurrency '' >> "$out/steady_state.log" 2>&1; echo "steady_state (rule configs) rc $?"
+      ss_again() {   # int4:mma again in the next process with the environment settings $1, into $out/$2: an A/B
+        env $1 timeout "${SS_SECONDS:-400}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b \
+          --commit "$EDGE_EVAL_COMMIT" --out "$out/$2" --quants int4:mma --concurrency "${SS_CONC:-1,8,64}" \
+          --http-concurrency '' >> "$out/steady_state.log" 2>&1; echo "steady_state ($1) rc $?"
         tail -4 "$out/steady_state.log"
-      fi
-      if [ -n "${MMA_SS_B:-}" ]; then   # then int4:mma with these environment settings in the next process (e.g.
-        # MMA_SS_B=MODEL_SERVER_INT4_MMA_MAX_ROWS=32): an A/B against the first process's int4:mma, same machine
-        env $MMA_SS_B timeout "${SS_SECONDS:-400}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b \
-          --commit "$EDGE_EVAL_COMMIT" --out "$out/ss_b" --quants int4:mma --concurrency "${SS_CONC:-1,8,64}" \
-          --http-concurrency '' >> "$out/steady_state.log" 2>&1; echo "steady_state ($MMA_SS_B) rc $?"
-        tail -4 "$out/steady_state.log"
-      fi
+      }
+      # the rule's configs (before the measured table); any settings, e.g. MMA_SS_B=MODEL_SERVER_INT4_MMA_MAX_ROWS=32
+      [ "${MMA_SS_RULE:-0}" = 1 ] && ss_again MODEL_SERVER_INT4_MMA_CONFIGS=rule ss_rule
+      [ -n "${MMA_SS_B:-}" ] && ss_again "$MMA_SS_B" ss_b
     fi ;;
   mmaprof)  # Nsight Compute on the mma kernel: each merged shape and the LM head at MMA_MS rows (default 64), two launches each
     ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null); echo "ncu: ${ncu_bin:-none}"
@@ -284,7 +280,8 @@ case "${1:-}" in
       python3 benchmarks/int4_mma_bench.py --once --ms "${MMA_MS:-64}" > "$out/mmaprof.log" 2>&1; echo "ncu rc $?"
     "$ncu_bin" --import "$out/mma_prof.ncu-rep" --page details > "$out/mma_prof.txt" 2>&1
     grep -E "once:|w4a16_mma|Duration|Memory Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|Stall|Warp Cycles Per Issued|Executed Instructions" \
-      "$out/mma_prof.txt" | head -120 ;;
+      "$out/mma_prof.txt" | head -120
+    python3 benchmarks/int4_mma_ncu_table.py "$out" ;;
   readw)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 200 python3 benchmarks/read_weights.py --model-dir /tmp/m1b --device cuda --reps 5 --commit "$EDGE_EVAL_COMMIT" \

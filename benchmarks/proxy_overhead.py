@@ -263,7 +263,7 @@ def report(cells: list[Cell], targets: list[Target], args: argparse.Namespace) -
           f"{args.token_interval_ms:g} ms; {args.seconds:g} s per target and cell in {args.rounds} interleaved "
           f"rounds, each after {args.warmup:g} s warm-up\n")
     print("| mode | conc | target | TTFT p50 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms | added TTFT p50/p99 ms "
-          "| added e2e p50/p99 ms | req/s | throughput vs direct | errors | CPU s/1k req (target process) |")
+          "| added e2e p50/p99 ms | req/s | throughput vs direct | errors | CPU ms/req (target process) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in cells:
         d = by[("direct", c.stream, c.concurrency)]
@@ -277,8 +277,7 @@ def report(cells: list[Cell], targets: list[Target], args: argparse.Namespace) -
         add_e2e = ("-" if c.target == "direct" else
                    f"{ms(pct(c.e2e, .5) - pct(d.e2e, .5))} / {ms(pct(c.e2e, .99) - pct(d.e2e, .99))}")
         ratio = f"{100 * c.closed_loop_rps / d.closed_loop_rps:.1f}%" if d.closed_loop_rps else "-"
-        cpu = f"{1000 * c.cpu_seconds / max(1, c.completed):.1f}" if c.target != "direct" else \
-            f"{1000 * c.cpu_seconds / max(1, c.completed):.1f} (upstream)"
+        cpu = f"{1000 * c.cpu_seconds / max(1, c.completed):.3f}" + (" (upstream)" if c.target == "direct" else "")
         print(f"| {mode} | {c.concurrency} | {c.target} | {tt} | {ms(pct(c.e2e, .5))} | {ms(pct(c.e2e, .99))} | "
               f"{add_tt} | {add_e2e} | {c.rps:.1f} | {ratio} | {c.errors} | {cpu} |")
 

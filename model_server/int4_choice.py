@@ -73,11 +73,12 @@ def mma_max_rows(out_features: int | None = None) -> int:
     switch = mma_rows_switch()
     if switch is not None:
         return switch
-    if out_features is not None:
-        for width, rows in MMA_WIDE_LAYERS:
-            if out_features >= width:
-                return rows
-    return MMA_MAX_ROWS
+    return MMA_MAX_ROWS if out_features is None else _width_bound(out_features, MMA_WIDE_LAYERS, MMA_MAX_ROWS)
+
+
+def _width_bound(out_features: int, wide: tuple[tuple[int, int], ...], default: int) -> int:
+    """The bound of the first ``(width, bound)`` in ``wide`` the layer is at least as wide as, else ``default``."""
+    return next((rows for width, rows in wide if out_features >= width), default)
 
 
 def mma_bounds() -> str:
@@ -156,10 +157,7 @@ def tinygemm_max_rows(out_features: int) -> int:
     and 171.8 at 8, the Triton GEMM (dequantizing) 103.8 at 8; the 16384 x 2048 gate/up projection 12.0 and 24.9,
     the GEMM 20.5. Straight lines between 1 and 8 rows cross the GEMM near 3.4 and 5.6 rows. The narrower layers
     (3072 and 2048 outputs) stay faster on int4pack up to 8 rows."""
-    for width, rows in WIDE_LAYERS:
-        if out_features >= width:
-            return rows
-    return TINYGEMM_MAX_ROWS
+    return _width_bound(out_features, WIDE_LAYERS, TINYGEMM_MAX_ROWS)
 
 
 def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_features: int) -> str:
