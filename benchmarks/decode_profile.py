@@ -8,7 +8,7 @@ decode's rotary and K/V writes as separate ops or one kernel, merged on), on one
 * the captured decode graph replayed alone at batch 1, 8 and 64 (CUDA events, median of 50): device
   time per step with no host work;
 * ``torch.profiler`` over 5 replays of that graph and 5 eager steps: kernels per step, summed kernel
-  time per step, the top kernels; ``graph ms - kernel ms`` is the time the device spends between
+  time per step, the top 40 kernels; ``graph ms - kernel ms`` is the time the device spends between
   kernels inside the graph (launch gaps);
 * ITL at concurrency 1 in-process (one request of ``--new-tokens``): graph time + host loop.
 
@@ -57,7 +57,7 @@ def kernel_profile(fn, steps: int = 5) -> dict:
     return {"kernels_per_step": round(sum(k[1] for k in kernels) / steps, 1),
             "kernel_ms_per_step": round(sum(k[2] for k in kernels) / steps / 1e3, 4),
             "top": [{"kernel": k[0][:90], "per_step": round(k[1] / steps, 1), "us_per_step": round(k[2] / steps, 1)}
-                    for k in kernels[:12]]}
+                    for k in kernels[:40]]}
 
 
 async def itl_c1(eng, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
