@@ -2,7 +2,8 @@
 on and off, side by side in one run (issue 17).
 
 For each quantization and each ``--variants`` entry (``merge-off``/``merge-on``: merged projections off
-first, since merging rewires the model's weights into views of the merged ones; ``rope-kv-off``/``-on``:
+first, since merging rewires the model's weights into views of the merged ones; ``served``: the engine's
+defaults; ``pick-eager``: those with the greedy pick as eager ops, not the two kernels; ``rope-kv-off``/``-on``:
 decode's rotary and K/V writes as separate ops or one kernel, merged on), on one loaded model:
 
 * the captured decode graph replayed alone at batch 1, 8 and 64 (CUDA events, median of 50): device
@@ -81,7 +82,8 @@ async def itl_c1(eng, prompt: list[int], new_tokens: int) -> tuple[float, list[i
 # variant -> the fast engine's keyword arguments (merge-off first: merging rewires the model's weights)
 VARIANTS = {"merge-off": dict(merge_projections=False, rope_kv=False), "merge-on": dict(rope_kv=False),
             "rope-kv-off": dict(rope_kv=False), "rope-kv-on": dict(rope_kv=None),
-            "attn-sdpa": dict(rope_kv=None, decode_attn=False), "attn-triton": dict(rope_kv=None, decode_attn=True)}
+            "attn-sdpa": dict(rope_kv=None, decode_attn=False), "attn-triton": dict(rope_kv=None, decode_attn=True),
+            "pick-eager": dict(pick_kernel=False), "served": dict()}
 
 
 def attn_check(r, b: int, length: int) -> dict:
@@ -110,7 +112,8 @@ def measure(loaded, variant: str, args) -> dict:
     r = eng.runner
     length = next(b for b in r.length_buckets if b >= args.prompt_len + args.new_tokens)
     res: dict = {"variant": variant, "merge_projections": kw.get("merge_projections", True),
-                 "rope_kv": bool(r.rope_kv), "decode_attn": bool(r.decode_attn), "length_bucket": length}
+                 "rope_kv": bool(r.rope_kv), "decode_attn": bool(r.decode_attn),
+                 "pick_kernel": bool(r.picker.on), "length_bucket": length}
 
     async def main():
         t = time.monotonic()

@@ -83,6 +83,10 @@
 #                                            reasons, issue, executed instructions, memory, occupancy); about 30 s (H100, 2026-12-06)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
+#   bash benchmarks/gpu_calls.sh pick       # issue 17: the greedy pick as two Triton kernels vs the eager ops: decode-step
+#                                            profile (served defaults vs pick-eager, bf16 and int4 at 1 and 64 rows), then the
+#                                            steady state in-process with the kernels (ss/) and without (ss_eager/),
+#                                            SS_QUANTS (bf16,int4:mma) at SS_CONC (1,64); everything also in $OUT/pick.tgz (~7 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
 # nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
@@ -90,7 +94,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -154,6 +158,19 @@ case "${1:-}" in
       --quants "${SS_QUANTS:-bf16,int4}" --concurrency "${SS_CONC:-1,8,64,256}" --http-concurrency '' \
       > "$out/steady_state.log" 2>&1
     echo "steady_state rc $?"; tail -16 "$out/steady_state.log" ;;
+  pick)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout 150 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \
+      --quants bf16,int4 --batches 1,64 --variants pick-eager,served > "$out/decode_profile.log" 2>&1
+    echo "decode_profile rc $?"; tail -6 "$out/decode_profile.log"
+    for arm in ss:1 ss_eager:0; do     # the engine's default (kernels), then MODEL_SERVER_FAST_PICK_KERNEL=0
+      d=${arm%%:*}
+      if [ "${arm#*:}" = 0 ]; then export MODEL_SERVER_FAST_PICK_KERNEL=0; else unset MODEL_SERVER_FAST_PICK_KERNEL; fi
+      timeout "${SS_SECONDS:-200}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/$d" --quants "${SS_QUANTS:-bf16,int4:mma}" --concurrency "${SS_CONC:-1,64}" --http-concurrency '' \
+        > "$out/$d.log" 2>&1; echo "steady_state ($d) rc $?"; grep -E "tok/s \[" "$out/$d.log"
+    done; unset MODEL_SERVER_FAST_PICK_KERNEL
+    tar czf "$out/pick.tgz" -C "$out" dp ss ss_eager 2>/dev/null ;;
   decode)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 280 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \

@@ -37,7 +37,9 @@ Construction: ``FastEngine(model, eos_token_ids, max_batch=64, max_seq_len=2048,
 * ``rope_kv``: decode's rotary and K/V cache write as one Triton kernel (:mod:`.rope_kv`; default: with the
   fused ops on a CUDA bf16/fp16 model; ``MODEL_SERVER_FAST_ROPE_KV=0`` through ``from_loaded``: off);
   ``decode_attn``: decode attention as one Triton kernel (:mod:`.decode_attn`; default: on a CUDA bf16/fp16
-  model when Triton imports; checked against SDPA first; ``MODEL_SERVER_FAST_DECODE_ATTN=0``: SDPA).
+  model when Triton imports; checked against SDPA first; ``MODEL_SERVER_FAST_DECODE_ATTN=0``: SDPA);
+  ``pick_kernel``: a decode step's greedy pick as two Triton kernels (:mod:`.greedy_kernel`; default on CUDA
+  with Triton, checked against the eager ops first; ``MODEL_SERVER_FAST_PICK_KERNEL=0``: the eager ops).
 * ``overlap_prefill``: default on: a prefill's first tokens are read after decode step k+1 (which already
   holds the prefilled rows) is launched, so the device never idles while the host handles a prefill
   (``MODEL_SERVER_FAST_OVERLAP_PREFILL=0`` through ``from_loaded``: read them first, the old order).
@@ -85,7 +87,7 @@ class FastEngine(Engine):
                  merge_projections: bool = True, background_warmup: bool = False,
                  overlap_prefill: bool = True, mixed_segments: int = 0, mixed_tokens: int = 64,
                  mixed_min_segments: int = 1, rope_kv: bool | None = None,
-                 decode_attn: bool | None = None) -> None:
+                 decode_attn: bool | None = None, pick_kernel: bool | None = None) -> None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
@@ -116,7 +118,7 @@ class FastEngine(Engine):
                                   batch_buckets, length_buckets, fuse, prefill_graph_tokens,
                                   bucketed_prefill, lazy_graphs and not background_warmup, merge_projections,
                                   max(0, int(mixed_segments)), max(1, int(mixed_tokens)), rope_kv,
-                                  decode_attn)
+                                  decode_attn, pick_kernel)
         # background: no compile and no capture before the worker is done (.warmup switches both on)
         self._warm = BackgroundWarmup(self.runner) if background_warmup else None
         self.on_warm: Callable[[], None] | None = None

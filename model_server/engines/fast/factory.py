@@ -19,6 +19,12 @@ def decode_attn_switch() -> bool | None:
     return switches.flag("MODEL_SERVER_FAST_DECODE_ATTN")
 
 
+def pick_kernel_switch() -> bool | None:
+    """``MODEL_SERVER_FAST_PICK_KERNEL``: ``1`` a decode step's greedy pick as two Triton kernels everywhere (the
+    interpreter's on CPU), ``0`` the eager ops, unset None (the kernels on CUDA)."""
+    return switches.flag("MODEL_SERVER_FAST_PICK_KERNEL")
+
+
 def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwargs) -> FastEngine:
     """Build a :class:`FastEngine` from ``model_server.loading.LoadedModel`` (what ``serve`` holds).
 
@@ -53,6 +59,9 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     attn = decode_attn_switch()
     if attn is not None:
         kwargs.setdefault("decode_attn", attn)
+    pick = pick_kernel_switch()
+    if pick is not None:
+        kwargs.setdefault("pick_kernel", pick)
     # prompts prefilled inside decode steps: segments per step (0 = a prefill pass for every arrival), tokens each
     for name, key in (("MODEL_SERVER_FAST_MIXED_SEGMENTS", "mixed_segments"), ("MODEL_SERVER_FAST_MIXED_TOKENS",
                       "mixed_tokens"), ("MODEL_SERVER_FAST_MIXED_MIN_SEGMENTS", "mixed_min_segments")):

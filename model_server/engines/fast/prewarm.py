@@ -130,7 +130,7 @@ def prewarm(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch
             marks: dict[str, float] | None = None) -> float:
     """Run the stand-in's eager prefill (bucketed, then short), one eager decode step and token selection
     (greedy and sampled) on the state's device; returns the seconds taken and marks ``prewarm_end``."""
-    from .factory import decode_attn_switch
+    from .factory import decode_attn_switch, pick_kernel_switch
     from .runner import ModelRunner
     from .sampling import SlotSampling, select_tokens
 
@@ -152,7 +152,7 @@ def prewarm(config: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch
         # decode step also runs its check (its compiles land in Triton's cache here, not at the first token)
         runner = ModelRunner(model, 2, MAX_LEN, use_cuda_graphs=False, fuse=False,
                              bucketed_prefill=device.type == "cuda",
-                             decode_attn=decode_attn_switch())
+                             decode_attn=decode_attn_switch(), pick_kernel=pick_kernel_switch())
         sampling = SlotSampling.allocate(2, runner.device)
         slot = torch.zeros(1, dtype=torch.int64, device=runner.device)
         for t in PROMPT_LENGTHS:

@@ -39,7 +39,7 @@ from .mixed import MixedInputs
 from .prefill import prefill_forward, run_prefill
 from .rope_kv import available as rope_kv_available
 from .rope_kv import rope_kv_write
-from .sampling import greedy_pick, pack_picks
+from .greedy_kernel import GreedyPicker
 from .support import check_supported
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class ModelRunner:
                  length_buckets: list[int] | None = None, fuse: bool | None = None,
                  prefill_graph_tokens: int | None = None, bucketed_prefill: bool | None = None,
                  lazy_graphs: bool = False, merge_projections: bool = True, mixed_segments: int = 0,
-                 mixed_tokens: int = 64, rope_kv: bool | None = None, decode_attn: bool | None = None) -> None:
+                 mixed_tokens: int = 64, rope_kv: bool | None = None, decode_attn: bool | None = None,
+                 pick_kernel: bool | None = None) -> None:
         check_supported(model)
         # lazy: capture no graph at start; a bucket's first use runs eagerly (its real result is
         # served) and records its graph for the next use (cold start: the first token needs no capture)
@@ -149,6 +150,8 @@ class ModelRunner:
         self.decode_attn = decode_attn is True or (
             decode_attn is None and decode_attn_default(self.device.type, self.dtype, self.head_dim))
         self.decode_attn_error: str | None = None        # why it was turned off at its first use (self_check)
+        # the greedy pick after the LM head as two Triton kernels (.greedy_kernel; None = on CUDA with Triton)
+        self.picker = GreedyPicker(self.device, pick_kernel)
         self._decode_attn_checked = False
 
     @staticmethod
@@ -270,9 +273,7 @@ class ModelRunner:
         the tokens written into ``in_ids`` (what a CUDA graph records: an all-greedy step then launches
         nothing after the replay but the copy down; a sampling step overwrites ``in_ids`` afterwards)."""
         logits = self.decode_forward(b, length)
-        tok, lp = greedy_pick(logits.float())
-        self.in_ids[:b].copy_(tok)
-        return logits, pack_picks(tok, lp)
+        return logits, self.picker.pick(logits, self.in_ids[:b])
 
     def decode_picks(self, b_needed: int, len_needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one decode step over rows ``0..b_needed-1`` whose positions are all ``< len_needed``.
