@@ -136,6 +136,7 @@ def measure(loaded, variant: str, args) -> dict:
                     res[f"gap_ms_b{b}"] = round(g - k, 4)
         await eng.stop(drain=False, timeout_s=5)
     asyncio.run(main())
+    res["pick_kernel"], res["pick_kernel_error"] = bool(r.picker.on), r.picker.error   # after its first-use check
     del eng
     return res
 
