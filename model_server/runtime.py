@@ -126,6 +126,8 @@ class Runtime:
             # the fast engine's decode attention: its Triton kernel (MODEL_SERVER_FAST_DECODE_ATTN=1, passed its check)
             "decode_attn_kernel": (bool(self.engine.stats().extra.get("decode_attn_kernel", 0.0))
                                    if self.engine is not None else None),
+            # its greedy pick as two Triton kernels (engines/fast/greedy_kernel.py; CUDA, passed its check)
+            "pick_kernel": (bool(self.engine.stats().extra.get("pick_kernel", 0.0)) if self.engine is not None else None),
             "load_energy_joules": self.load_energy_joules,
             "compile_cache": self.compile_cache,
             "bytecode_cache": self.bytecode_cache,

@@ -37,6 +37,7 @@ def snapshot(eng: "FastEngine") -> EngineStats:
             "fused_ops": float(r.ops.fused),
             "merged_projections": float(sum(m is not None for m in r.qkv + r.gate_up)),
             "decode_attn_kernel": float(r.decode_attn),
+            "pick_kernel": float(r.picker.on),
             "graph_capture_seconds": r.capture_seconds,
             "warm": float(warm is None or warm.applied.is_set()),
             "background_warmup_seconds": warm.seconds if warm is not None else 0.0,
