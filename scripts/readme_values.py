@@ -244,6 +244,15 @@ def configs_vs_rule(docs: list[Any]) -> str:
             + " (median of 3 x 10 s windows each)")
 
 
+def gain_over_second(docs: list[Any]) -> str:
+    """Each format's tokens/s in the first file over the same format's in the second (the next process on the same
+    machine, one setting changed), per concurrency."""
+    a, b = tokens_by_concurrency(docs[0]), tokens_by_concurrency(docs[1])
+    out = [f"{q} " + ", ".join(f"{100 * (cells[c] / b[q][c] - 1):+.1f} % at {c}" for c in sorted(cells) if c in b[q])
+           for q, cells in a.items() if q in b]
+    return "tokens/s, first over second: " + "; ".join(out) + " (median of 3 x 10 s windows each)"
+
+
 def first_request(docs: list[Any]) -> str:
     """The first request's seconds per start (cold_start_phases.py's JSON, one start per variant)."""
     return "first request: " + ", ".join(f"{r['variant']} {r['first_request_s']:.2f} s" for r in docs[0]["runs"])
