@@ -81,6 +81,9 @@
 #   bash benchmarks/gpu_calls.sh mmaprof    # issue 17: Nsight Compute on the mma kernel per shape at MMA_MS rows (64), at its
 #                                            default config, its FLAT and KW twins and twice the split: where its cycles go (stall
 #                                            reasons, issue, executed instructions, memory, occupancy); about 30 s (H100, 2026-12-06)
+#   bash benchmarks/gpu_calls.sh gemvcu     # issue 17: the CUDA one-row bf16 GEMV (gemv_bf16.py) against cuBLAS per decode shape
+#                                            (gemv_bf16_bench.py), then the steady state in-process, bf16 at SS_CONC (1) with
+#                                            MODEL_SERVER_FAST_GEMV=1 (ss_gemv/) and without (ss/) (~4 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 #   bash benchmarks/gpu_calls.sh pick       # issue 17: the greedy pick as two Triton kernels vs the eager ops: decode-step
@@ -94,7 +97,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -158,6 +161,17 @@ case "${1:-}" in
       --quants "${SS_QUANTS:-bf16,int4}" --concurrency "${SS_CONC:-1,8,64,256}" --http-concurrency '' \
       > "$out/steady_state.log" 2>&1
     echo "steady_state rc $?"; tail -16 "$out/steady_state.log" ;;
+  gemvcu)
+    timeout 100 python3 benchmarks/gemv_bf16_bench.py --out "$out/gemv" --commit "$EDGE_EVAL_COMMIT" > "$out/gemv.log" 2>&1
+    echo "gemv_bf16_bench rc $?"; cat "$out/gemv.log"
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    for arm in ss_gemv:1 ss:0; do
+      d=${arm%%:*}
+      if [ "${arm#*:}" = 1 ]; then export MODEL_SERVER_FAST_GEMV=1; else unset MODEL_SERVER_FAST_GEMV; fi
+      timeout "${SS_SECONDS:-110}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/$d" --quants bf16 --concurrency "${SS_CONC:-1}" --http-concurrency '' > "$out/$d.log" 2>&1
+      echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|WARN|GEMV" "$out/$d.log"
+    done; unset MODEL_SERVER_FAST_GEMV ;;
   pick)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 150 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \

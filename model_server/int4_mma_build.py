@@ -1,4 +1,5 @@
-"""Compiling the CUDA INT4 kernel (``model_server/data/int4_mma.cu``) at run time and loading it on a device.
+"""Compiling the CUDA kernels (``model_server/data/int4_mma.cu``, and ``gemv_bf16.cu`` for :mod:`model_server.gemv_bf16`)
+at run time and loading them on a device.
 
 Owns: NVRTC (torch's helper, or :func:`compile_cubin` through ctypes where that one needs a CUDA toolkit: the
 source includes no headers), the cubin cache in the compile cache (``int4_mma/`` under ``TORCHINDUCTOR_CACHE_DIR``, so
@@ -100,14 +101,14 @@ def store_cached(path: Path, cubin: bytes, mangled: str) -> None:
 
 
 @lru_cache(maxsize=None)
-def kernel(name: str, index: int) -> Any:
-    """The compiled kernel ``name`` (a :meth:`Config.name`) on a device: NVRTC once per configuration and process,
-    the cubin kept under the compile cache (:func:`_cache_dir`) for the next start. NVRTC through torch's helper, or,
+def kernel(name: str, index: int, source: Path = SOURCE_PATH) -> Any:
+    """The compiled kernel ``name`` (a template instance in ``source``, e.g. a :meth:`Config.name`) on a device: NVRTC
+    once per configuration and process, the cubin kept under the compile cache (:func:`_cache_dir`) for the next start. NVRTC through torch's helper, or,
     where that fails (it needs CUDA_HOME for an include path this source does not use), through :func:`compile_cubin`
     (not yet run on a GPU; CI compiles every served config through it). A cached cubin the driver refuses is
     compiled again."""
     from torch.cuda import _utils
-    src = SOURCE_PATH.read_text()
+    src = source.read_text()
     capability = torch.cuda.get_device_capability(index)
     arch = f"{capability[0]}{capability[1]}"
     key = hashlib.sha256(f"{src}\0{name}\0{arch}\0{torch.version.cuda}".encode()).hexdigest()[:24]

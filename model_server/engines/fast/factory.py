@@ -6,11 +6,14 @@ engine.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from model_server import switches
 
 from .engine import FastEngine
+
+log = logging.getLogger(__name__)
 
 
 def decode_attn_switch() -> bool | None:
@@ -68,5 +71,21 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
         value = switches.integer(name)
         if value is not None:
             kwargs.setdefault(key, value)
-    return FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len,
-                      **kwargs)
+    eng = FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len, **kwargs)
+    if switches.flag("MODEL_SERVER_FAST_GEMV"):   # opt-in: one-row bf16 linears on model_server.gemv_bf16
+        install_gemv(eng)
+    return eng
+
+
+def install_gemv(eng: FastEngine) -> int:
+    """Route the engine's bf16 linears (the model's and the merged projections) through the one-row GEMV kernel where
+    it passes its check on the engine's device; returns how many (0 with one warning when it does not pass)."""
+    from model_server import gemv_bf16
+    r = eng.runner
+    if r.device.type != "cuda":
+        return 0
+    err = gemv_bf16.check(r.device)
+    if err is not None:
+        log.warning("MODEL_SERVER_FAST_GEMV=1: the GEMV kernel is not used: %s", err)
+        return 0
+    return sum(gemv_bf16.install(m) for m in [r.model, *(m for m in r.qkv + r.gate_up if m is not None)])
