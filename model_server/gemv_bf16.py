@@ -55,8 +55,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig | None = None) -> tor
     from model_server.int4_mma_build import device_index, kernel
     n, k = w.shape
     x1 = x.reshape(k)
-    if not x1.is_contiguous() or x1.data_ptr() % 16:
-        x1 = x1.contiguous()
+    if not x1.is_contiguous() or x1.data_ptr() % 16:   # the kernel's 16-byte loads: a fresh, aligned copy
+        x1 = x1.clone(memory_format=torch.contiguous_format)
     cfg = cfg or choose(n, k)
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16, device=w.device)
     fn = kernel(cfg.name(), device_index(w.device), SOURCE_PATH)

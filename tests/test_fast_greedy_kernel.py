@@ -98,3 +98,14 @@ def test_engine_with_the_kernels_matches_generate(arch):
     toks, refs, runner = _greedy_vs_generate(arch, 7, pick_kernel=True)
     assert runner.picker.on and runner.picker.checked and runner.picker.error is None
     assert toks == refs
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")       # the interpreter's numpy on NaN
+def test_a_nan_row_stays_in_bounds():
+    """A row of NaN logits has no chunk equal to its max: the combine must still read a chunk that exists (the token
+    is undefined, as documented, but in range)."""
+    x = _logits(2, 3 * BLOCK + 5, torch.float32, seed=9)
+    x[1] = float("nan")
+    ids = torch.empty(2, dtype=torch.int64)
+    greedy_pick_packed(x, ids)
+    assert ids[0] == greedy_pick(x[:1])[0][0] and 0 <= int(ids[1]) < x.shape[1]

@@ -57,6 +57,7 @@ def _chunk_kernel(x_ptr, m_ptr, i_ptr, s_ptr, V, stride_row, NCH, BLOCK: tl.cons
     x = tl.load(x_ptr + row * stride_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
     m = tl.max(x, axis=0)
     idx = tl.min(tl.where(x == m, offs, 2147483647), axis=0)
+    idx = tl.minimum(idx, tl.minimum(V, (ch + 1) * BLOCK) - 1)        # NaN: nothing equals the max; stay in range
     s = tl.sum(tl.exp(x - tl.where(m == float("-inf"), 0.0, m)), axis=0)     # an all -inf chunk: 0, not NaN
     tl.store(m_ptr + row * NCH + ch, m)
     tl.store(i_ptr + row * NCH + ch, idx)
@@ -70,7 +71,7 @@ def _combine_kernel(m_ptr, i_ptr, s_ptr, ids_ptr, out_ptr, NCH, NB: tl.constexpr
     c = tl.arange(0, NB)
     m = tl.load(m_ptr + row * NCH + c, mask=c < NCH, other=float("-inf"))
     big = tl.max(m, axis=0)
-    first = tl.min(tl.where(m == big, c, NB), axis=0)
+    first = tl.minimum(tl.min(tl.where(m == big, c, NB), axis=0), NCH - 1)   # NaN logits: no chunk equals the max
     tok = tl.load(i_ptr + row * NCH + first).to(tl.int64)
     s = tl.load(s_ptr + row * NCH + c, mask=c < NCH, other=0.0)
     total = tl.sum(tl.where(c < NCH, s * tl.exp(m - big), 0.0), axis=0)
