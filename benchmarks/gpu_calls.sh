@@ -105,6 +105,19 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
 export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
 out=${OUT:?set OUT}; mkdir -p out
+# The device tool brings back at most 8 files from $OUT (2 folders down): past that, everything goes into one
+# $OUT/all.tgz (its logs stay beside it while they fit), so no result is lost to the count (issue 17: two calls lost
+# their steady-state JSONs that way)
+bundle_out() {
+  local n; n=$(find "$out" -type f | wc -l)
+  [ "$n" -le 8 ] && return 0
+  tar czf /tmp/gpu_calls_all.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/gpu_calls_all.tgz "$out/all.tgz"
+  tar xzf "$out/all.tgz" -C "$out" --wildcards --no-anchored '*.log' 2>/dev/null
+  while [ "$(find "$out" -type f | wc -l)" -gt 8 ]; do find "$out" -type f -name '*.log' | sort | tail -1 | xargs rm -f; done
+  echo "gpu_calls: $n files in \$OUT, bundled into all.tgz"
+}
+trap bundle_out EXIT
+trap 'exit 143' TERM INT
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$out/card.txt"; date -u >> "$out/card.txt"
 stop_servers() { sleep 3; pkill -f "[m]odel_server serve"; pkill -f "[e]dge_proxy serve"; true; }
 case "${1:-}" in
