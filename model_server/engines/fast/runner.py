@@ -33,13 +33,13 @@ from .decode_attn import self_check as decode_attn_check
 from .direct import run
 from .fused import Ops
 from .graphs import capture_decode, capture_lazily, capture_prefill
+from .greedy_kernel import GreedyPicker
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
 from .merged import merge
 from .mixed import MixedInputs
 from .prefill import prefill_forward, run_prefill
 from .rope_kv import available as rope_kv_available
 from .rope_kv import rope_kv_write
-from .greedy_kernel import GreedyPicker
 from .support import check_supported
 
 log = logging.getLogger(__name__)
