@@ -112,8 +112,7 @@ def measure(loaded, variant: str, args) -> dict:
     r = eng.runner
     length = next(b for b in r.length_buckets if b >= args.prompt_len + args.new_tokens)
     res: dict = {"variant": variant, "merge_projections": kw.get("merge_projections", True),
-                 "rope_kv": bool(r.rope_kv), "decode_attn": bool(r.decode_attn),
-                 "pick_kernel": bool(r.picker.on), "length_bucket": length}
+                 "rope_kv": bool(r.rope_kv), "decode_attn": bool(r.decode_attn), "length_bucket": length}
 
     async def main():
         t = time.monotonic()

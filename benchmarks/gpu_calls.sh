@@ -89,7 +89,7 @@
 #   bash benchmarks/gpu_calls.sh pick       # issue 17: the greedy pick as two Triton kernels vs the eager ops: decode-step
 #                                            profile (served defaults vs pick-eager, bf16 and int4 at 1 and 64 rows), then the
 #                                            steady state in-process with the kernels (ss/) and without (ss_eager/),
-#                                            SS_QUANTS (bf16,int4:mma) at SS_CONC (1,64); everything also in $OUT/pick.tgz (~7 min)
+#                                            SS_QUANTS (bf16,int4:mma) at SS_CONC (1,64) (~7 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
 # nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
@@ -196,8 +196,7 @@ case "${1:-}" in
       timeout "${SS_SECONDS:-200}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
         --out "$out/$d" --quants "${SS_QUANTS:-bf16,int4:mma}" --concurrency "${SS_CONC:-1,64}" --http-concurrency '' \
         > "$out/$d.log" 2>&1; echo "steady_state ($d) rc $?"; grep -E "tok/s \[" "$out/$d.log"
-    done; unset MODEL_SERVER_FAST_PICK_KERNEL
-    tar czf "$out/pick.tgz" -C "$out" dp ss ss_eager 2>/dev/null ;;
+    done; unset MODEL_SERVER_FAST_PICK_KERNEL ;;
   decode)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 280 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \

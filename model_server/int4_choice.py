@@ -83,8 +83,9 @@ def _width_bound(out_features: int, wide: tuple[tuple[int, int], ...], default: 
 
 def mma_bounds() -> str:
     """:func:`mma_max_rows` in words (``/info``'s ``int4_kernel_reason``)."""
-    if mma_rows_switch() is not None:
-        return f"{mma_rows_switch()} rows"
+    switch = mma_rows_switch()
+    if switch is not None:
+        return f"{switch} rows"
     return f"{MMA_MAX_ROWS} rows ({', '.join(f'{r} on layers of >= {w} outputs' for w, r in MMA_WIDE_LAYERS)})"
 
 

@@ -2,7 +2,7 @@
 
 The eager pick (:func:`.sampling.greedy_pick` then :func:`.sampling.pack_picks`) is ~17 kernels after the LM
 head: a float copy of the logits, ``argmax``, the two reductions and the elementwise ops of ``logsumexp``, a
-gather and the packing. At one row of a 128k vocabulary that was ~70 us of a 1.36 ms bf16 step on an H100
+gather and the packing. At one row of a 128k vocabulary that was ~75 us of a 1.36 ms bf16 step on an H100
 (docs/benchmarks.md, "The greedy pick as two kernels"): ``argmax`` alone ran 26 us as one program per row.
 
 Here the vocabulary is cut into ``BLOCK``-wide chunks; kernel 1, one program per (row, chunk), reads the logits
