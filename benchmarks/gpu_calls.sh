@@ -83,7 +83,7 @@
 #                                            reasons, issue, executed instructions, memory, occupancy); about 30 s (H100, 2026-12-06)
 #   bash benchmarks/gpu_calls.sh gemvcu     # issue 17: the CUDA one-row bf16 GEMV (gemv_bf16.py) against cuBLAS per decode shape
 #                                            (gemv_bf16_bench.py), then the steady state in-process, bf16 at SS_CONC (1) with
-#                                            MODEL_SERVER_FAST_GEMV=1 (ss_gemv/) and without (ss/) (~4 min)
+#                                            the GEMV (the default since 2026-12-06; ss_gemv/) and MODEL_SERVER_FAST_GEMV=0 (ss/) (~4 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 #   bash benchmarks/gpu_calls.sh pick       # issue 17: the greedy pick as two Triton kernels vs the eager ops: decode-step
@@ -180,7 +180,7 @@ case "${1:-}" in
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     for arm in ss_gemv:1 ss:0; do
       d=${arm%%:*}
-      if [ "${arm#*:}" = 1 ]; then export MODEL_SERVER_FAST_GEMV=1; else unset MODEL_SERVER_FAST_GEMV; fi
+      if [ "${arm#*:}" = 1 ]; then unset MODEL_SERVER_FAST_GEMV; else export MODEL_SERVER_FAST_GEMV=0; fi
       timeout "${SS_SECONDS:-110}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
         --out "$out/$d" --quants bf16 --concurrency "${SS_CONC:-1}" --http-concurrency '' > "$out/$d.log" 2>&1
       echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|WARN|GEMV" "$out/$d.log"

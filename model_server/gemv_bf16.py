@@ -7,7 +7,7 @@ loads, one warp per ``rpw`` rows, fp32 sums (what cuBLAS accumulates in too), y 
 
 Owns the configurations, the choice per shape and the launch; the compile and the cubin cache are
 :mod:`model_server.int4_mma_build`'s; :func:`install` routes a model's bf16 ``nn.Linear`` modules through it for
-one-row inputs (``MODEL_SERVER_FAST_GEMV=1``; off by default until measured end to end).
+one-row inputs (the fast engine's default on CUDA; ``MODEL_SERVER_FAST_GEMV=0`` keeps cuBLAS).
 """
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ CONFIGS = tuple(GemvConfig(r, w, u) for r in (1, 2) for w in (4, 8) for u in (2,
 
 
 def choose(n: int, k: int) -> GemvConfig:
-    """The configuration for an ``[n, k]`` weight (the default until a measured table exists)."""
-    return GemvConfig(1, 8, 8 if k <= 2048 else 4)
+    """The configuration for an ``[n, k]`` weight: one row per warp, 8 warps, 4 chunks in flight, the fastest or within
+    0.03 us of it on each of the 1B preset's five shapes on an H100 (``gemv_bf16_bench.py``, 2026-12-06, raw
+    ``benchmarks/results/2026-12-06-h100/gemvcu_0446/``)."""
+    return GemvConfig(1, 8, 4)
 
 
 def usable(w: torch.Tensor) -> bool:

@@ -61,3 +61,32 @@ def test_the_engine_switch_is_a_no_op_off_cuda() -> None:
     eng = _engine(_tiny("llama"))
     assert install_gemv(eng) == 0
     assert all("forward" not in vars(m) for m in eng.runner.model.modules())   # nothing rerouted
+
+
+def test_the_switch_reads_on_off_and_rejects_other_values(monkeypatch) -> None:
+    from model_server.engines.fast import factory
+    from model_server.switches import SwitchValueError
+    monkeypatch.delenv("MODEL_SERVER_FAST_GEMV", raising=False)
+    assert factory.gemv_switch() is None                 # unset: the default (the GEMV on CUDA)
+    monkeypatch.setenv("MODEL_SERVER_FAST_GEMV", "0")
+    assert factory.gemv_switch() is False
+    monkeypatch.setenv("MODEL_SERVER_FAST_GEMV", "yes")
+    with pytest.raises(SwitchValueError):
+        factory.gemv_switch()
+
+
+def test_from_loaded_asks_for_the_gemv_unless_switched_off(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from model_server.engines.fast import factory
+    from tests.fast_engine_support import _tiny
+    calls: list[object] = []
+    monkeypatch.setattr(factory, "install_gemv", calls.append)
+    loaded = SimpleNamespace(model=_tiny("llama"), eos_token_ids=[0], context_length=64)
+    monkeypatch.delenv("MODEL_SERVER_FAST_GEMV", raising=False)
+    eng = factory.from_loaded(loaded, max_batch=2, max_total_tokens=32)
+    assert calls == [eng]
+    assert eng.stats().extra["gemv_linears"] == 0.0      # off CUDA nothing is routed; the stat says so
+    monkeypatch.setenv("MODEL_SERVER_FAST_GEMV", "0")
+    factory.from_loaded(loaded, max_batch=2, max_total_tokens=32)
+    assert len(calls) == 1

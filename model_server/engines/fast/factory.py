@@ -72,9 +72,15 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
         if value is not None:
             kwargs.setdefault(key, value)
     eng = FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len, **kwargs)
-    if switches.flag("MODEL_SERVER_FAST_GEMV"):   # opt-in: one-row bf16 linears on model_server.gemv_bf16
+    if gemv_switch() is not False:     # one-row bf16 linears on model_server.gemv_bf16 (CUDA only)
         install_gemv(eng)
     return eng
+
+
+def gemv_switch() -> bool | None:
+    """``MODEL_SERVER_FAST_GEMV``: ``0`` one-row bf16 linears stay on cuBLAS, ``1`` or unset: the CUDA GEMV
+    (:mod:`model_server.gemv_bf16`) where the engine runs on CUDA and the kernel passes its check."""
+    return switches.flag("MODEL_SERVER_FAST_GEMV")
 
 
 def install_gemv(eng: FastEngine) -> int:
@@ -86,6 +92,7 @@ def install_gemv(eng: FastEngine) -> int:
         return 0
     err = gemv_bf16.check(r.device)
     if err is not None:
-        log.warning("MODEL_SERVER_FAST_GEMV=1: the GEMV kernel is not used: %s", err)
+        log.warning("the one-row bf16 GEMV is not used (cuBLAS stays): %s", err)
         return 0
-    return sum(gemv_bf16.install(m) for m in [r.model, *(m for m in r.qkv + r.gate_up if m is not None)])
+    r.gemv_linears = sum(gemv_bf16.install(m) for m in [r.model, *(m for m in r.qkv + r.gate_up if m is not None)])
+    return r.gemv_linears

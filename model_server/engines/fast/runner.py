@@ -152,6 +152,7 @@ class ModelRunner:
         self.decode_attn_error: str | None = None        # why it was turned off at its first use (self_check)
         # the greedy pick after the LM head as two Triton kernels (.greedy_kernel; None = on CUDA with Triton)
         self.picker = GreedyPicker(self.device, pick_kernel)
+        self.gemv_linears = 0      # linears on the one-row bf16 GEMV (factory.install_gemv sets it)
         self._decode_attn_checked = False
 
     @staticmethod

@@ -38,6 +38,7 @@ def snapshot(eng: "FastEngine") -> EngineStats:
             "merged_projections": float(sum(m is not None for m in r.qkv + r.gate_up)),
             "decode_attn_kernel": float(r.decode_attn),
             "pick_kernel": float(r.picker.on),
+            "gemv_linears": float(r.gemv_linears),
             "graph_capture_seconds": r.capture_seconds,
             "warm": float(warm is None or warm.applied.is_set()),
             "background_warmup_seconds": warm.seconds if warm is not None else 0.0,
