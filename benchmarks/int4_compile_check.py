@@ -38,7 +38,8 @@ SHAPES = {"qkv_proj": (3072, 2048), "o_proj": (2048, 2048), "gate_up_proj": (163
           "lm_head": (128256, 2048)}
 ARGS = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "M", "N", "KBLOCKS", "stride_xm", "stride_wn", "stride_ym",
         "stride_ys")
-GEMM_ARGS = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "M", "N", "stride_xm", "stride_wn", "stride_ym", "stride_ys")
+GEMM_ARGS = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "y_ptr", "M", "N", "stride_xm", "stride_wn", "stride_ym", "stride_ys",
+             "out_ptr", "cnt_ptr")
 
 
 def compile_sm90(cfg: int4_gemv.GemvConfig, k: int, group: int = 128):
@@ -62,8 +63,9 @@ def compile_sm90(cfg: int4_gemv.GemvConfig, k: int, group: int = 128):
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
 
 
-def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128):
-    """The W4A16 GEMM compiled for bf16 activations, as a launch with K = ``k`` and ``cfg`` would compile it."""
+def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128, ticket: bool = True):
+    """The W4A16 GEMM compiled for bf16 activations, as a launch with K = ``k`` and ``cfg`` would compile it (split K:
+    with the ticket reduction, the default, unless ``ticket`` is False)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -72,10 +74,13 @@ def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128):
         raise SystemExit("int4_compile_check: Triton is not installed")
     fn = int4_triton._jitted(False)[0]
     bk = int4_triton.block_k(group)
-    types = ["*bf16", "*u8", "*bf16", "*bf16", "*bf16" if cfg.split_k == 1 else "*fp32"] + ["i32"] * 6
+    ticket = ticket and cfg.split_k > 1
+    types = ["*bf16", "*u8", "*bf16", "*bf16", "*bf16" if cfg.split_k == 1 else "*fp32"] + ["i32"] * 6 \
+        + ["*bf16", "*i32" if ticket else "*bf16"]
     sig = dict(zip(GEMM_ARGS, types))
     const = dict(ITERS_PER_SPLIT=k // bk // cfg.split_k, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                 BLOCK_K=bk, HALF=bk // 2, MAGIC=0x4300, C8=136.0, SWAP_AB=cfg.swap_ab, FOLD=cfg.fold)
+                 BLOCK_K=bk, HALF=bk // 2, MAGIC=0x4300, C8=136.0, SWAP_AB=cfg.swap_ab, FOLD=cfg.fold,
+                 SPLIT=cfg.split_k, TICKET=ticket)
     sig.update({name: "constexpr" for name in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(GEMM_ARGS) if name != "M"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),

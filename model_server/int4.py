@@ -95,11 +95,14 @@ class Int4Linear(nn.Module):
             self.register_buffer("weight_packed", _pack(q, self.kernel))
             self.register_buffer("scales_and_zeros", sz)
         if self.uses_triton:
-            from model_server import int4_triton
+            from model_server import int4_triton, int4_triton_split
+            int4_triton_split.mode()                 # a bad MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE fails the load
             self.register_buffer("triton_packed", int4_triton.pack_int4(q, group_size))
             scales, zeros = int4_triton.split_scales_and_zeros(sz)
             self.register_buffer("triton_scales", scales)
             self.register_buffer("triton_zeros", zeros)
+            if dev.type == "cuda":                   # the split-K ticket counters a graph capture uses, sized now
+                int4_triton_split.reserve(dev, int4_triton._num_sms(dev))
         self.register_buffer("input_perm", None if input_perm is None else input_perm.to(dev, torch.int64))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dev, choice.dtype), requires_grad=False)
 

@@ -33,7 +33,10 @@ interleaving in registers: one ``tl.dot`` per half):
   ``q[n, k0 + j]`` in its low nibble and ``q[n, k0 + BK / 2 + j]`` in its high nibble.
 * ``scales``, ``zeros``: ``[K // G, N]`` row-major (N contiguous), any float dtype (read as fp32).
 
-Split K (``Config.split_k`` > 1) writes fp32 partial sums to ``[split, M, N]``; a second small kernel sums them.
+Split K (``Config.split_k`` > 1) writes fp32 partial sums to ``[split, M, N]``; by default the program that finishes
+last for an output tile sums them (a ticket per tile, :mod:`model_server.int4_triton_split`), else a second small
+kernel does (``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE=kernel``). Both add the partials in split order from zero, so
+they give the same bits.
 Runs on CUDA (bf16 / fp16 activations) and, for tests, on CPU in Triton's interpreter (``TRITON_INTERPRET=1``,
 fp32 / fp16 only: the interpreter cannot bit-cast to bf16; read when the kernel is first used).
 """
@@ -45,6 +48,8 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+
+from model_server import int4_triton_split
 
 triton: Any = None                   # imported at first use (:func:`_import_triton`): CPU-only installs have none,
 tl: Any = None                       # and the interpreter must be chosen before Triton's own import
@@ -132,12 +137,18 @@ def _num_sms(device: torch.device) -> int:
     return 8                         # interpreter on CPU: small grids
 
 
-def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym, stride_ys,
-                  ITERS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, HALF: tl.constexpr, MAGIC: tl.constexpr, C8: tl.constexpr,
-                  SWAP_AB: tl.constexpr, FOLD: tl.constexpr):
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym, stride_ys, out_ptr,
+                  cnt_ptr, ITERS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr, MAGIC: tl.constexpr,
+                  C8: tl.constexpr, SWAP_AB: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr,
+                  TICKET: tl.constexpr):
     """One program: a [BLOCK_N, BLOCK_M] tile of y^T (SWAP_AB) or [BLOCK_M, BLOCK_N] of y, over ITERS_PER_SPLIT
-    K-blocks of split ``program_id(2)``. HALF = BLOCK_K // 2; MAGIC, C8 = c + 8: module docstring."""
+    K-blocks of split ``program_id(2)``, stored to ``y_ptr`` (split ``pid_k``'s slice). HALF = BLOCK_K // 2; MAGIC,
+    C8 = c + 8: module docstring. TICKET (SPLIT > 1): then the tile's last program (ticket SPLIT - 1 from the tile's
+    counter in ``cnt_ptr``) sums the SPLIT partials of ``y_ptr`` into ``out_ptr`` and resets the counter to 0.
+    Ordering on a GPU: each thread's partial stores, a CTA barrier, then one thread's acq_rel atomic at GPU scope
+    (release: cumulative over the barrier); the last program's acquire, the barrier Triton puts after a scalar
+    atomic (and ours), then loads that bypass L1 (.cg): the pattern of CUTLASS's GenericBarrier."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -190,13 +201,23 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
             else:
                 acc = tl.dot(x_lo, (w_lo.to(tl.float32) * s[None, :] + zz[None, :]).to(x_lo.dtype), acc=acc)
                 acc = tl.dot(x_hi, (w_hi.to(tl.float32) * s[None, :] + zz[None, :]).to(x_lo.dtype), acc=acc)
-    y_ptr += pid_k * stride_ys
     if SWAP_AB:
-        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[None, :] & n_mask[:, None])
+        offs = offs_m[None, :] * stride_ym + offs_n[:, None]
+        mask = m_mask[None, :] & n_mask[:, None]
     else:
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        offs = offs_m[:, None] * stride_ym + offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(y_ptr + pid_k * stride_ys + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if TICKET:
+        tl.debug_barrier()                                                 # every thread's partial stored
+        cnt_ptr += pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            tl.debug_barrier()                                             # after the acquire, for every thread
+            total = tl.zeros_like(acc)
+            for i in tl.static_range(SPLIT):                               # split order: the sum kernel's bits
+                total += tl.load(y_ptr + i * stride_ys + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(cnt_ptr, 0)                                           # zero again for the next launch
 
 
 def _split_sum_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
@@ -222,11 +243,12 @@ _MAGIC = {torch.bfloat16: (0x4300, 136.0), torch.float16: (0x6400, 1032.0), torc
 
 
 def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   group_size: int, config: Config | None = None) -> torch.Tensor:
+                   group_size: int, config: Config | None = None, split_reduce: str | None = None) -> torch.Tensor:
     """``y [M, N] = x2d [M, K] @ dequant(W)[N, K]^T`` in ``x2d``'s dtype (bf16, fp16 or fp32; fp32 accumulation).
 
     ``packed``/``scales``/``zeros`` as made by :func:`pack_int4` / :func:`split_scales_and_zeros`; ``config``
-    overrides :func:`choose_config` (benchmark sweeps).
+    overrides :func:`choose_config` (benchmark sweeps), ``split_reduce`` (``ticket`` | ``kernel``) the switch
+    :func:`model_server.int4_triton_split.mode` (A/B benchmarks).
     """
     if not _import_triton():
         raise RuntimeError("Triton is not installed")
@@ -244,15 +266,21 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     iters = k // bk
     if iters % cfg.split_k:
         raise ValueError(f"split_k {cfg.split_k} does not divide the {iters} K-blocks")
+    reduce = split_reduce or int4_triton_split.mode()
+    if reduce not in int4_triton_split.MODES:
+        raise ValueError(f"split_reduce {reduce!r} is not one of {int4_triton_split.MODES}")
+    ticket = cfg.split_k > 1 and reduce == "ticket"
     y = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
     part = y if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), device=x2d.device, dtype=torch.float32)
     mm_kernel, sum_kernel = _jitted(os.environ.get("TRITON_INTERPRET") == "1")
     magic, c8 = _MAGIC[x2d.dtype]
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
+    cnt = int4_triton_split.counters(x2d.device, grid[0] * grid[1]) if ticket else y
     mm_kernel[grid](x2d, packed, scales.contiguous(), zeros.contiguous(), part, m, n, x2d.stride(0),
-                    packed.stride(0), n, m * n, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
+                    packed.stride(0), n, m * n, y, cnt, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
                     BLOCK_N=cfg.block_n, BLOCK_K=bk, HALF=bk // 2, MAGIC=magic, C8=c8, SWAP_AB=cfg.swap_ab,
-                    FOLD=cfg.fold, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.split_k > 1:
+                    FOLD=cfg.fold, SPLIT=cfg.split_k, TICKET=ticket, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages)
+    if cfg.split_k > 1 and not ticket:
         sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, SPLIT=cfg.split_k, BLOCK=1024, num_warps=4)
     return y

@@ -1,8 +1,9 @@
 """The model server's ``MODEL_SERVER_*`` environment switches: reading one, and the error a bad value raises.
 
-Owns parsing a switch's text (:func:`flag`, :func:`integer`, :func:`seconds`) and :class:`SwitchValueError`, the one type every
-bad switch value raises, so ``serve`` can tell a misconfiguration (always an error) from a model an engine
-cannot serve (``--engine auto`` falls back). Must NOT decide what a switch does: its reader does.
+Owns parsing a switch's text (:func:`flag`, :func:`integer`, :func:`seconds`, :func:`choice`) and
+:class:`SwitchValueError`, the one type every bad switch value raises, so ``serve`` can tell a misconfiguration (always
+an error) from a model an engine cannot serve (``--engine auto`` falls back). Must NOT decide what a switch does: its
+reader does.
 """
 from __future__ import annotations
 
@@ -45,3 +46,11 @@ def seconds(name: str) -> float | None:
     if not value >= 0.0 or value == float("inf"):
         raise SwitchValueError(f"{name} must be a number of seconds >= 0, got {raw!r}")
     return value
+
+
+def choice(name: str, options: tuple[str, ...]) -> str:
+    """One of ``options``, the first when unset or empty; anything else raises :class:`SwitchValueError`."""
+    raw = os.environ.get(name, "").strip() or options[0]
+    if raw not in options:
+        raise SwitchValueError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+    return raw

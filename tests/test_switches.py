@@ -25,7 +25,17 @@ def test_seconds(monkeypatch, raw, want):
     assert switches.seconds("MODEL_SERVER_TEST_S") == want
 
 
-@pytest.mark.parametrize("reader,raw", [(switches.flag, "yes"), (switches.flag, "2"), (switches.integer, "1.5"),
+@pytest.mark.parametrize("raw,want", [("", "a"), (" ", "a"), ("a", "a"), (" b ", "b")])
+def test_choice(monkeypatch, raw, want):
+    monkeypatch.setenv("MODEL_SERVER_TEST_CHOICE", raw)
+    assert switches.choice("MODEL_SERVER_TEST_CHOICE", ("a", "b")) == want
+
+
+def _choice_ab(name: str) -> str:
+    return switches.choice(name, ("a", "b"))
+
+
+@pytest.mark.parametrize("reader,raw", [(_choice_ab, "c"), (_choice_ab, "A"), (switches.flag, "yes"), (switches.flag, "2"), (switches.integer, "1.5"),
                                         (switches.integer, "four"), (switches.seconds, "-1"), (switches.seconds, "nan"),
                                         (switches.seconds, "inf"), (switches.seconds, "soon")])
 def test_bad_values_name_the_switch_in_one_line(monkeypatch, reader, raw):
