@@ -90,6 +90,12 @@
 #                                            profile (served defaults vs pick-eager, bf16 and int4 at 1 and 64 rows), then the
 #                                            steady state in-process with the kernels (ss/) and without (ss_eager/),
 #                                            SS_QUANTS (bf16,int4:mma) at SS_CONC (1,64) (~7 min)
+#   bash benchmarks/gpu_calls.sh splitk     # issue 17: the Triton GEMM's split K summed by each tile's last program (ticket)
+#                                            vs a second kernel: per linear at 16/32/64 rows in CUDA graphs and a check at
+#                                            1-64 rows (int4_splitk_bench.py, ~2 min), then the steady state in-process,
+#                                            SS_QUANTS (int4:mma: the Triton GEMM above 16/32 rows) at SS_CONC (64,32) with
+#                                            MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE=ticket (ss_ticket/) then =kernel
+#                                            (ss_kernel/); SS_SECONDS (170) per arm (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
 # nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
@@ -97,7 +103,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|splitk) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|splitk" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -197,6 +203,18 @@ case "${1:-}" in
         --out "$out/$d" --quants "${SS_QUANTS:-bf16,int4:mma}" --concurrency "${SS_CONC:-1,64}" --http-concurrency '' \
         > "$out/$d.log" 2>&1; echo "steady_state ($d) rc $?"; grep -E "tok/s \[" "$out/$d.log"
     done; unset MODEL_SERVER_FAST_PICK_KERNEL ;;
+  splitk)  # the split-K reduction A/B: kernels per linear (ticket vs kernel, and the check), then the steady state per arm
+    timeout 150 python3 benchmarks/int4_splitk_bench.py --commit "$EDGE_EVAL_COMMIT" --out "$out/splitk" \
+      > "$out/splitk.log" 2>&1; echo "int4_splitk_bench rc $?"; sed -n '/^# INT4 Triton GEMM/,$p' "$out/splitk.log"
+    grep -E "FAILED|Error" "$out/splitk.log" | head -5
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    for arm in ss_ticket:ticket ss_kernel:kernel; do     # consecutive processes, the default (ticket) first
+      d=${arm%%:*}
+      export MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE=${arm#*:}
+      timeout "${SS_SECONDS:-170}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/$d" --quants "${SS_QUANTS:-int4:mma}" --concurrency "${SS_CONC:-64,32}" --http-concurrency '' \
+        --agree-prompts 0 > "$out/$d.log" 2>&1; echo "steady_state ($d) rc $?"; grep -E "tok/s \[" "$out/$d.log"
+    done; unset MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE ;;
   decode)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 280 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \

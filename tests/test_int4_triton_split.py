@@ -115,7 +115,8 @@ def test_counters_grow_keep_the_old_buffer_and_guard_graph_capture(monkeypatch):
     assert small.dtype == torch.int32 and small.numel() >= int4_triton_split.MIN_TILES and not small.any()
     assert int4_triton_split.counters(CPU, 10) is small
     big = int4_triton_split.counters(CPU, int4_triton_split.MIN_TILES + 1)
-    assert big.numel() > int4_triton_split.MIN_TILES and not big.any() and any(t is small for t in int4_triton_split._RETIRED)
+    assert big.numel() > int4_triton_split.MIN_TILES and not big.any()
+    assert any(t is small for t in int4_triton_split._RETIRED)             # a graph may still point at it
     monkeypatch.setattr(int4_triton_split, "_capturing", lambda device: True)
     graph = int4_triton_split.counters(CPU, int4_triton_split.MIN_TILES + 1)    # grown by the eager launch above
     assert graph is not big and graph.numel() >= int4_triton_split.MIN_TILES + 1
