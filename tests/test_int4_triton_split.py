@@ -133,3 +133,39 @@ def test_reserve_covers_every_default_split_config():
                 cfg = int4_triton.choose_config(m, n, k, 128, sms)
                 tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
                 assert cfg.split_k == 1 or tiles < sms, (sms, n, k, m, cfg)
+
+
+def test_sm90_code_orders_the_ticket(tmp_path):
+    """Compiled for an H100 (sm_90; Triton compiles without a GPU, benchmarks/int4_compile_check.py): each thread's
+    global stores of its partial, a CTA barrier, then one predicated (one thread's) GPU-scope acq_rel atomic on the
+    counter; then, in the last program, a barrier and the partials' loads through L2 (.cg), the output's stores and the
+    counter's reset. The two-kernel path has neither the atomic nor the .cg loads. This is the code the ordering
+    argument (int4_triton._w4a16_kernel's docstring) rests on; it is not a test of a GPU's behaviour."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import int4_compile_check as c; "
+            "from model_server import int4_triton as t; cfg = t.Config(64, 64, 4, 3, 4, True, False); "
+            "open(sys.argv[1], 'w').write(c.compile_gemm_sm90(cfg, 2048).asm['ptx']); "
+            "open(sys.argv[2], 'w').write(c.compile_gemm_sm90(cfg, 2048, ticket=False).asm['ptx'])")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    ticket, kernel = tmp_path / "ticket.ptx", tmp_path / "kernel.ptx"
+    r = subprocess.run([sys.executable, "-c", code, str(ticket), str(kernel)], cwd=Path(__file__).resolve().parents[1],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ops = [line.strip() for line in ticket.read_text().splitlines()]
+    atoms = [i for i, op in enumerate(ops) if "atom." in op]
+    assert len(atoms) == 1 and ops[atoms[0]].startswith("@%p") and "atom.global.gpu.acq_rel.add" in ops[atoms[0]]
+    atom = atoms[0]
+    stored = max(i for i in range(atom) if "st.global" in ops[i])
+    assert any(op.startswith("bar.sync") for op in ops[stored:atom])
+    loads = [i for i, op in enumerate(ops) if "ld.global.cg" in op]
+    assert loads and min(loads) > atom and len(loads) % 4 == 0
+    assert any(op.startswith("bar.sync") for op in ops[atom:min(loads)])
+    after = [op for op in ops[max(loads):] if "st.global" in op]
+    assert len(after) >= 2 and after[-1].startswith("@%p") and "st.global.b32" in after[-1]   # y, then the reset
+    old = kernel.read_text()
+    assert "atom." not in old and "ld.global.cg" not in old
