@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from edge_proxy.energy.readings import Reading
 
@@ -70,15 +70,17 @@ class EstimatedReader:
         self.requested_scope = scope
         self.spawned_pid: Callable[[], int | None] | None = None
         self._tree = None
+        self._pc: Any = None                    # edge_proxy.energy.process_cpu (not for scope machine)
         self._port: int | None = None
         self._port_pid: int | None = None
         self._port_fd: int | None = None        # a pidfd of _port_pid: its liveness without /proc reads
         self._port_checked = -1e9
         if scope != "machine":
-            from edge_proxy.energy.process_cpu import ProcessTreeCpu, local_port
+            from edge_proxy.energy import process_cpu
 
-            self._port = local_port(backend_url)
-            self._tree = ProcessTreeCpu(self._root_pid)
+            self._pc = process_cpu                  # (imported once: _root_pid runs on every read)
+            self._port = process_cpu.local_port(backend_url)
+            self._tree = process_cpu.ProcessTreeCpu(self._root_pid)
         self.scope = SCOPE_MACHINE
         self._total_busy = 0.0
         self._last_busy = self._busy_now()
@@ -87,18 +89,17 @@ class EstimatedReader:
     def _root_pid(self) -> int | None:
         """The spawned backend's pid, else the pid listening on the backend's local port (looked
         up again at most once a second while none is known or it has exited)."""
-        from edge_proxy.energy.process_cpu import close_pidfd, listening_pid, open_pidfd, pid_alive
-
+        pc = self._pc
         pid = self.spawned_pid() if self.spawned_pid is not None else None
         if pid or self._port is None:
             return pid
-        if self._port_pid is not None and pid_alive(self._port_pid, self._port_fd):
+        if self._port_pid is not None and pc.pid_alive(self._port_pid, self._port_fd):
             return self._port_pid
         if time.monotonic() - self._port_checked >= 1.0:
             self._port_checked = time.monotonic()
-            self._port_pid = listening_pid(self._port)
-            close_pidfd(self._port_fd)
-            self._port_fd = None if self._port_pid is None else open_pidfd(self._port_pid)
+            self._port_pid = pc.listening_pid(self._port)
+            pc.close_pidfd(self._port_fd)
+            self._port_fd = None if self._port_pid is None else pc.open_pidfd(self._port_pid)
         return self._port_pid
 
     def _busy_now(self) -> float:

@@ -199,16 +199,23 @@ class Core(CoreEvents):
         newest = self.newest_t1
         if newest is None or not self.check:
             return
-        open_ticks = [p.tick for p in self.pending if p.members is None]
-        for rid, r in list(self.check.items()):
+        # the ticks not listed yet, as (t0, t1): an ended request overlaps one when start < t1 and end >= t0
+        open_spans = [(p.tick.t0_ns, p.tick.t1_ns) for p in self.pending if p.members is None]
+        check, active = self.check, self.active
+        for rid, r in list(check.items()):
+            if r.refs > 0 or rid not in active:
+                del check[rid]                 # listed by a pending tick: back here when it is split
+                continue
             v = r.view
-            if r.refs > 0 or rid not in self.active:
-                del self.check[rid]            # listed by a pending tick: back here when it is split
+            end = v.end_ns
+            assert end is not None
+            if newest <= end:
                 continue
-            assert v.end_ns is not None
-            if newest <= v.end_ns or any(v.overlaps(tk.t0_ns, tk.t1_ns) for tk in open_ticks):
-                continue
-            del self.check[rid]
+            if open_spans:
+                start = v.start_ns
+                if any(start < t1 and end >= t0 for t0, t1 in open_spans):
+                    continue
+            del check[rid]
             r.final = True
             del self.active[rid]
             self.turned_final.append(rid)

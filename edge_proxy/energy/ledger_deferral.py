@@ -33,12 +33,17 @@ def blocks(r: Req, p: PendingTick, method: str, prefill_weight: float, window_ns
 
 
 def register(p: PendingTick, blockers: list[Req], window_ns: int) -> None:
+    """p waits for ``blockers``. ``wake_at`` only when one of them can stop blocking with time alone
+    (a stream before its first token: its prefill window moves out of the tick's reach); the others
+    (a response whose token times are unknown, waiting for its end; a prompt count) stop blocking
+    only through an event of their own, which marks them dirty."""
     unblock(p)
     p.blockers = set(blockers)
     p.wake_at = None
     for r in blockers:
         r.blocking.append(p)
-        if r.view.first_token_ns is None:
+        v = r.view
+        if v.first_token_ns is None and v.token_times_known:
             p.wake_at = p.tick.t1_ns + window_ns
 
 

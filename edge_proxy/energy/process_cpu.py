@@ -16,7 +16,9 @@ Cost per read (issue 17): whether the tree's processes still run is asked of a p
 system call on a descriptor pinned to the very process) rather than by re-reading ``/proc/PID/stat``
 (psutil's ``is_running``: ~0.3 ms each here, cold); only when the pidfd says the process is gone
 does psutil answer, so the answers are psutil's. The tree is listed from the kernel's per-thread
-``children`` files, not by reading every process's ``stat`` on the machine.
+``children`` files, not by reading every process's ``stat`` on the machine; listed again (once a
+second), a process whose pidfd is still live is kept as it was (its ``Process`` and pidfd): only a
+new child costs a pidfd and a read of its ``stat``.
 """
 from __future__ import annotations
 
@@ -143,12 +145,17 @@ def pidfd_exists(fd: int | None) -> bool:
         return False
 
 
-def descendants(root: psutil.Process) -> list[tuple[psutil.Process, int | None]]:
+Known = dict[int, tuple[psutil.Process, int | None]]
+
+
+def descendants(root: psutil.Process, known: Known | None = None) -> list[tuple[psutil.Process, int | None]]:
     """``root.children(recursive=True)``: the same processes in the same order (depth first, a pid
     older than ``root`` left out as reused), each with a pidfd opened before its ``Process`` (so a
     live pidfd means that very process runs), read from the tree's own ``children`` files (a few
     reads) instead of psutil's scan of every process on the machine; psutil's where /proc has no
-    such files (no pidfds then)."""
+    such files (no pidfds then). ``known`` (optional): pid -> (``Process``, pidfd) of an earlier
+    listing of the same root; a child whose pidfd there is still live is that very process, and is
+    returned as it was (the same objects: no new pidfd, no read of its ``stat``)."""
     if not _HAS_CHILDREN_FILES:
         return [(p, None) for p in root.children(recursive=True)]
     ctime = root.create_time()
@@ -161,6 +168,11 @@ def descendants(root: psutil.Process) -> list[tuple[psutil.Process, int | None]]
             continue
         seen.add(pid)
         for kid in _child_pids(pid):
+            had = known.get(kid) if known else None
+            if had is not None and pidfd_exists(had[1]):
+                out.append(had)            # (it passed the age check against this root already)
+                stack.append(kid)
+                continue
             fd = open_pidfd(kid)
             try:
                 child = psutil.Process(kid)
@@ -200,6 +212,14 @@ class ProcessTreeCpu:
         """The root pid of the last refresh (None: no backend process found)."""
         return self._root
 
+    def _known(self, pid: int) -> Known:
+        """The last listing by pid (with pidfds), when its root is ``pid`` and still that very
+        process (its pidfd is live); else empty. Only with pidfds: without them a pid's identity
+        cannot be told without reading its ``stat`` again."""
+        if pid != self._root or not self._procs or not pidfd_exists(self._fds[0]):
+            return {}
+        return {p.pid: (p, fd) for p, fd in zip(self._procs, self._fds) if fd is not None}
+
     def _refresh(self) -> None:
         now = time.monotonic()
         pid = self.root_pid()          # cheap: a spawned pid, or a port lookup throttled by the caller
@@ -208,20 +228,23 @@ class ProcessTreeCpu:
             return
         self._refreshed = now
         found: list[tuple[psutil.Process, int | None]] = []
+        known = self._known(pid) if pid else {}
         if pid:
-            fd = open_pidfd(pid)           # before the Process: see descendants
+            had = known.get(pid)
+            fd = had[1] if had is not None else open_pidfd(pid)    # before the Process: see descendants
             try:
-                root = psutil.Process(pid)
-                found = [(root, fd), *descendants(root)]
+                root = had[0] if had is not None else psutil.Process(pid)
+                found = [(root, fd), *descendants(root, known)]
             except psutil.Error:
-                close_pidfd(fd)
-                for _, f in found:
-                    close_pidfd(f)
+                if had is None:
+                    close_pidfd(fd)            # (a reused one is closed with the old listing below)
                 found, pid = [], None
         if pid != self._root:
             log.info("estimated energy: backend process tree root %s", pid if pid else "not found")
+        reused = {f for _, f in found}
         for f in self._fds:
-            close_pidfd(f)
+            if f not in reused:
+                close_pidfd(f)
         procs = [p for p, _ in found]
         self._root, self._procs, self._fds = pid, procs, [f for _, f in found]
         live = set()

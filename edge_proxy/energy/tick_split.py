@@ -40,13 +40,13 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
     weight (``apportion.request_weight``, inlined for a response whose token times are unknown:
     the common non-streaming case, without raising :class:`Deferred` per request) and, when they
     are not in flight over the whole tick, their span for the idle sweep; once one blocks, the rest
-    are only checked for blocking."""
+    are only checked for blocking. The steady ones' token counts are taken once the tick is known
+    not to wait (a tick that waits costs no binary search)."""
     tk = p.tick
     t0, t1 = tk.t0_ns, tk.t1_ns
     token_w = method == TOKEN_WEIGHTED
     fdt = float(t1 - t0)
     steady: list[Req] = []
-    steady_w: list[float | None] = []
     other: list[Req] = []
     ows: list[float | None] = []          # other's weights, in order
     spans: list[tuple[int, int]] = []     # idle spans of the others not in flight over the whole tick
@@ -62,9 +62,7 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
         known = v.token_times_known
         if s <= t0 and (e is None or e >= t1) and (not token_w or (
                 known and v.first_token_ns is not None and v.first_token_ns < t0)):
-            steady.append(r)
-            if not blockers:
-                steady_w.append(float(tokens_between(v.ev_t, v.ev_n, t0, t1)) if token_w else fdt)
+            steady.append(r)              # (its weight once the tick is known not to wait)
             continue
         w: float | None
         b = t1 if e is None or e > t1 else e          # its part of the tick: [a, b)
@@ -109,7 +107,11 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
         return Shares(dE, dE, [], [], [])
     idle = idle_share_joules(dE, idle_watts, tk.idle_seconds)
     active = dE - idle
-    ws = steady_w + ows
+    if token_w:
+        ws: list[float | None] = [float(tokens_between(r.view.ev_t, r.view.ev_n, t0, t1)) for r in steady]
+    else:
+        ws = [fdt] * len(steady)
+    ws += ows
     reqs = steady + other
     total = sum(ws) if None not in ws else -1.0       # type: ignore[arg-type]
     if total == total and total > 0 and min(ws) > 0.0:   # type: ignore[type-var]
@@ -131,7 +133,7 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
     # idle: every request in flight over the whole tick (steady or not) owns the same share
     # (apportion.idle_time_shares_base; all bounds lie in [t0, t1] here)
     idle_whole = 0.0
-    if t1 > t0:
+    if t1 > t0 and idle != 0.0:           # (idle 0 J: every share is 0.0 J, no sweep needed)
         shares, whole_share, _ = idle_sweep(spans, t0, t1, len(steady) + len(other) - len(spans))
         idle_whole = idle * whole_share
         idle_by = [idle_whole] * len(steady)
