@@ -8,8 +8,9 @@ that cover --l2-multiple x L2 (weights from HBM), median replay time per call ov
 call between two events, median). --rounds rounds in the order kernel, ticket, ticket, kernel, ... (drift cancels);
 every round is kept, the table shows the fastest. Per decode step: 16 layers x (q/k/v, o, gate/up, down) + the LM head.
 Check: at every M in 1..--check-rows on every linear, both reductions against a float32 ``x @ dequant(W)^T``
-(relative error ||y - ref|| / ||ref||, the largest per reduction) and ticket == kernel bit for bit; exit 1 when
-either fails. Writes int4_splitk.json / .md to --out (card, commit, command).
+(relative error ||y - ref|| / ||ref||, the largest per reduction) and ticket == kernel bit for bit, and after each
+timed cell every ticket counter back at zero; exit 1 when any fails. Writes int4_splitk.json / .md to --out (card,
+commit, command).
 
   python3 benchmarks/int4_splitk_bench.py --out DIR --commit SHA  # exits 2 (one line) without a CUDA device
 """
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from int4_kernels import LM_HEAD, MERGED, N_LAYERS, Shape, rel_err, report, time_calls  # noqa: E402
-from model_server import int4_triton  # noqa: E402
+from model_server import int4_triton, int4_triton_split  # noqa: E402
 from model_server.int4_quant import dequantize_groupwise  # noqa: E402
 from support import command_line, default_commit  # noqa: E402
 
@@ -118,13 +119,16 @@ def run(args: argparse.Namespace) -> dict:
                 eager, graph = time_calls(calls, args.reps)
                 cell["eager_us"][mode].append(eager)
                 cell["graph_us"][mode].append(graph)
+            torch.cuda.synchronize()            # every launch, eager and replayed, must leave its counters at zero
+            cell["counters_zero"] = all(not t.any() for t in int4_triton_split._COUNTERS.values())
             cells.append(cell)
             g = {mode: min(cell["graph_us"][mode]) for mode in MODES}
             print(f"[{time.time() - t0:6.1f}s] {name} {n}x{k} M={m} split {cfg.split_k}: graph kernel "
-                  f"{g['kernel']:.2f} us, ticket {g['ticket']:.2f} us", flush=True)
+                  f"{g['kernel']:.2f} us, ticket {g['ticket']:.2f} us"
+                  + ("" if cell["counters_zero"] else "  FAILED: ticket counters not zero"), flush=True)
         del sh
         torch.cuda.empty_cache()
-    failed = [c for c in checked.values() if not c["ok"]]
+    failed = [c for c in checked.values() if not c["ok"]] + [c for c in cells if not c["counters_zero"]]
     return {"card": props.name, "commit": args.commit, "command": command_line("benchmarks/int4_splitk_bench.py"),
             "torch": torch.__version__, "triton": int4_triton.triton.__version__, "num_sms": sms, "l2_bytes": l2,
             "group": args.group, "reps": args.reps, "rounds": args.rounds, "ms": args.ms,
@@ -166,6 +170,9 @@ def markdown(res: dict) -> str:
         for m, s in res["steps"].items():
             lines.append(f"| {m} | {s['kernel']:.1f} | {s['ticket']:.1f} | {s['ticket'] - s['kernel']:+.1f} |")
     chk = res["check"]
+    dirty = [f"{c['name']} M={c['m']}" for c in res["cells"] if not c.get("counters_zero", True)]
+    if dirty:
+        lines += ["", f"FAILED: ticket counters not back at zero after {', '.join(dirty)}"]
     if chk["rows"]:
         lines += ["", f"Check, M = 1..{chk['rows']} on every linear, against float32: "
                   + ("ok" if chk["ok"] else "FAILED"), ""]

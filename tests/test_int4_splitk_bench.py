@@ -59,7 +59,7 @@ def _fake_result() -> dict:
         cells.append({"name": name, "n": n, "k": k, "m": 64, "config": {"split_k": 2 if n < 4096 else 1},
                       "graph_us": {"kernel": [10.0 + i, 9.0 + i], "ticket": [8.0 + i, 8.5 + i]},
                       "eager_us": {"kernel": [30.0, 31.0], "ticket": [20.0, 21.0]}})
-    cells.append(dict(cells[0], m=32))                             # a row count not every linear has: no step sum
+    cells.append(dict(cells[0], m=32, counters_zero=False))        # a row count not every linear has: no step sum
     check = {"ok": False, "rows": 64, "per_shape": {"o_proj": {
         "max_rel_err": {"ticket": 2e-3, "kernel": 2e-3}, "identical": False, "ok": False,
         "failures": [{"m": 7}]}}}
@@ -76,7 +76,7 @@ def test_steps_sum_a_decode_step_and_the_table_shows_the_fastest_round():
     md = bench.markdown(res)
     assert "| qkv_proj | 3072 x 2048 | 64 | 2 | 9.00 (30.0) | 8.00 (20.0) | -1.00 |" in md
     assert f"| 64 | {want['kernel']:.1f} | {want['ticket']:.1f} |" in md
-    assert "FAILED" in md and "failing M: 7" in md
+    assert "failing M: 7" in md and "counters not back at zero after qkv_proj M=32" in md
 
 
 def test_main_without_a_gpu_is_one_line_and_exit_2():
