@@ -33,6 +33,7 @@ from model_server.int4_quant import dequantize_groupwise  # noqa: E402
 from support import command_line, default_commit  # noqa: E402
 
 MODES = ("kernel", "ticket")
+DEVICE, DTYPE = "cuda", torch.bfloat16     # of the activations (the CPU test runs the interpreter in float32)
 MAX_ERR = 1e-2
 SHAPES = dict(MERGED, lm_head=LM_HEAD)
 
@@ -103,14 +104,14 @@ def run(args: argparse.Namespace) -> dict:
         if args.check_rows:
             w = dequantize_groupwise(sh.q, sh.sz, args.group).float()
             checked[name] = check({name: (sh.copies["triton"][0], w)}, list(range(1, args.check_rows + 1)),
-                                  args.group, torch.bfloat16)
+                                  args.group, DTYPE)
             del w
             c = checked[name]
             print(f"[{time.time() - t0:6.1f}s] {name} {n}x{k} check M=1..{args.check_rows}: max rel.err ticket "
                   f"{c['max_rel_err']['ticket']:.2e} kernel {c['max_rel_err']['kernel']:.2e}, bit-identical "
                   f"{c['identical']}" + ("" if c["ok"] else f"  FAILED {len(c['failures'])} cells"), flush=True)
         for m in args.ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
             cfg = int4_triton.choose_config(m, n, k, bk, sms)
             cell: dict = {"name": name, "n": n, "k": k, "m": m, "config": vars(cfg), "copies": len(sh.copies["triton"]),
                           "graph_us": {mode: [] for mode in MODES}, "eager_us": {mode: [] for mode in MODES}}

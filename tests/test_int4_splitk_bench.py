@@ -142,3 +142,48 @@ def test_gpu_calls_lists_splitk_and_parses():
     assert "|splitk)" in head[1].split("\n")[0] and "|splitk\"" in head[1].split("\n")[0]
     assert "\n  splitk)" in head[2]
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_calls.sh")]).returncode == 0
+
+
+def test_run_end_to_end_with_cpu_stand_ins(monkeypatch, tmp_path):
+    """run() and main() with the GPU parts replaced: small linears built on the CPU, the interpreter's kernels, a
+    timer that calls each launch once; the JSON holds every cell, the step sums, the check, card and command."""
+    import json
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert int4_triton.available()
+    small = {"qkv_proj": (96, 512), "o_proj": (64, 512), "gate_up_proj": (128, 512), "down_proj": (64, 1024),
+             "lm_head": (256, 512)}
+    monkeypatch.setattr(bench, "SHAPES", small)
+    monkeypatch.setattr(bench, "MERGED", {s: small[s] for s in small if s != "lm_head"})
+
+    class CpuShape:
+        def __init__(self, n, k, group, l2, l2_multiple, methods):
+            self.q, self.sz = quantize_groupwise(torch.randn(n, k) * 0.05, group)
+            self.copies = {"triton": [(int4_triton.pack_int4(self.q, group),
+                                       *int4_triton.split_scales_and_zeros(self.sz))]}
+
+    timed: list[str] = []
+
+    def fake_time(calls, reps):
+        for c in calls:
+            c()
+        timed.append("x")
+        return 2.0, 1.0
+
+    monkeypatch.setattr(bench, "Shape", CpuShape)
+    monkeypatch.setattr(bench, "time_calls", fake_time)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(
+        name="stand-in", multi_processor_count=8, L2_cache_size=1 << 20))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "DTYPE", torch.float32)                # the interpreter cannot run bf16
+    rc = bench.main(["--ms", "1,3", "--check-rows", "2", "--rounds", "1", "--out", str(tmp_path), "--commit", "c1"])
+    res = json.loads((tmp_path / "int4_splitk.json").read_text())
+    assert rc == 0 and res["check"]["ok"] and res["card"] == "stand-in" and res["commit"] == "c1"
+    assert res["command"].startswith("benchmarks/int4_splitk_bench.py")
+    assert len(res["cells"]) == 10 and len(timed) == 20 and all(c["counters_zero"] for c in res["cells"])
+    assert set(res["steps"]) == {"1", "3"} and set(res["check"]["per_shape"]) == set(small)
+    assert (tmp_path / "int4_splitk.md").read_text().startswith("# INT4 Triton GEMM, split-K reduction")
