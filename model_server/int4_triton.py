@@ -144,8 +144,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
                   TICKET: tl.constexpr):
     """One program: a [BLOCK_N, BLOCK_M] tile of y^T (SWAP_AB) or [BLOCK_M, BLOCK_N] of y, over ITERS_PER_SPLIT
     K-blocks of split ``program_id(2)``, stored to ``y_ptr`` (split ``pid_k``'s slice). HALF = BLOCK_K // 2; MAGIC,
-    C8 = c + 8: module docstring. TICKET (SPLIT > 1): then the tile's last program (ticket SPLIT - 1 from the tile's
-    counter in ``cnt_ptr``) sums the SPLIT partials of ``y_ptr`` into ``out_ptr`` and resets the counter to 0.
+    C8 = c + 8: module docstring. TICKET (SPLIT > 1; SPLIT is 1 without it): the tile's last program (ticket
+    SPLIT - 1 from the tile's counter in ``cnt_ptr``) sums the SPLIT partials of ``y_ptr`` into ``out_ptr`` and
+    resets the counter to 0.
     Ordering on a GPU: each thread's partial stores, a CTA barrier, then one thread's acq_rel atomic at GPU scope
     (release: cumulative over the barrier); the last program's acquire, the barrier Triton puts after a scalar
     atomic (and ours), then loads that bypass L1 (.cg): the pattern of CUTLASS's GenericBarrier."""
@@ -279,7 +280,7 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     mm_kernel[grid](x2d, packed, scales.contiguous(), zeros.contiguous(), part, m, n, x2d.stride(0),
                     packed.stride(0), n, m * n, y, cnt, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
                     BLOCK_N=cfg.block_n, BLOCK_K=bk, HALF=bk // 2, MAGIC=magic, C8=c8, SWAP_AB=cfg.swap_ab,
-                    FOLD=cfg.fold, SPLIT=cfg.split_k, TICKET=ticket, num_warps=cfg.num_warps,
+                    FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages)
     if cfg.split_k > 1 and not ticket:
         sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, SPLIT=cfg.split_k, BLOCK=1024, num_warps=4)
