@@ -1,5 +1,6 @@
-"""The energy sampler's per-tick savings (issue 17) change no result: the process tree listed again
-reuses what it knew, and lists what psutil lists."""
+"""The energy sampler's per-tick and per-token savings (issue 17) change no result: the process tree
+listed again reuses what it knew and lists what psutil lists; the energy observer, called for a
+stream's first token event only, gives the ledger the same joules."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,17 @@ import sys
 
 import psutil
 import pytest
+from prometheus_client import CollectorRegistry
 
+from edge_proxy.energy.ledger import Ledger
+from edge_proxy.energy.observer import EnergyObserver
 from edge_proxy.energy.process_cpu import ProcessTreeCpu
+from edge_proxy.energy.readings import Tick
+from edge_proxy.proxy.bookkeeping import Bookkeeping
+from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
+from edge_proxy.telemetry.metrics import ProxyMetrics
+
+MS = 1_000_000
 
 ROOT_SCRIPT = r"""
 import subprocess, sys
@@ -77,3 +87,54 @@ def test_tree_listed_again_reuses_live_processes_and_matches_psutil() -> None:
         top.stdin.close()
         top.wait(10)
     assert _pidfds() == base
+
+
+# ---- a stream's token events: the energy observer hears of the first one only -------------------------
+class _Count(BaseObserver):
+    def __init__(self, first_only: bool) -> None:
+        self.first_token_only = first_only
+        self.calls: list[tuple[int, int]] = []
+
+    def on_tokens(self, rec: RequestRecord, n: int, t_ns: int) -> None:
+        self.calls.append((n, t_ns))
+
+
+def test_first_token_only_observers_hear_of_the_first_event_only() -> None:
+    first, every = _Count(True), _Count(False)
+    book = Bookkeeping(ProxyMetrics(CollectorRegistry()), [first, every], [])
+    rec = RequestRecord(request_id="a", route="/v1/chat/completions", api="openai", stream=True)
+    for i, n in enumerate([2, 1, 1, 3]):
+        book.tokens(rec, n, 100 + i)
+    assert first.calls == [(2, 100)]
+    assert every.calls == [(2, 100), (1, 101), (1, 102), (3, 103)]
+    assert rec.token_times_ns == [100, 100, 101, 102, 103, 103, 103] and rec.t_first_token_ns == 100
+    assert EnergyObserver.first_token_only
+
+
+def test_energy_through_the_bookkeeping_equals_every_event_to_the_observer() -> None:
+    """The energy observer ignored every call but a stream's first: the ledger's joules are the
+    same whether the bookkeeping calls it for every token event or for the first only."""
+    out = []
+    for first_only in (True, False):
+        ledger = Ledger(idle_watts=1.0)
+        obs = EnergyObserver(ledger, "estimated", period_seconds=0.1)
+        obs.first_token_only = first_only
+        book = Bookkeeping(ProxyMetrics(CollectorRegistry()), [obs], [])
+        recs = [RequestRecord(request_id=f"r{i}", route="/v1/chat/completions", api="openai", stream=True,
+                              t_received_ns=(i * 7 + 1) * MS, t_forwarded_ns=(i * 7 + 2) * MS) for i in range(6)]
+        for rec in recs:
+            obs.on_request_start(rec)
+        t = 0
+        for k in range(40):                  # token events over 4 ticks of 100 ms
+            t = 20 * MS + k * 9 * MS
+            for j, rec in enumerate(recs):
+                if (k + j) % 3:
+                    book.tokens(rec, 1 + (k % 2), t + j)
+        for rec in recs:
+            rec.t_end_ns, rec.input_tokens, rec.output_tokens = t + MS, 10, len(rec.token_times_ns)
+            obs.on_request_end(rec)
+        for i in range(6):
+            ledger.add_tick(Tick(i * 100 * MS, (i + 1) * 100 * MS, 5.0 + i, {"g": 5.0 + i}))
+        ledger.flush()
+        out.append([ledger.release(rec.request_id) for rec in recs])
+    assert out[0] == out[1] and all(r is not None and r.full_joules > 0 for r in out[0])

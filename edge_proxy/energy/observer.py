@@ -73,6 +73,8 @@ class EnergyObserver(BaseObserver):
                           forwarded=lambda: rec.t_forwarded_ns, prompt_tokens=rec.input_tokens,
                           token_times=rec.token_times_ns)
 
+    first_token_only = True       # the proxy's bookkeeping calls on_tokens for a stream's first event only
+
     def on_tokens(self, rec: RequestRecord, n: int, t_ns: int) -> None:
         # the ledger reads rec.token_times_ns itself: it needs to hear only of the first token
         # (with the prompt count when the backend sent it in a header); the rest costs nothing here

@@ -10,6 +10,7 @@ requests of the tick.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from edge_proxy.energy.apportion import (
@@ -60,8 +61,9 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
         if s >= t1 or (e is not None and e < t0):
             continue
         known = v.token_times_known
-        if s <= t0 and (e is None or e >= t1) and (not token_w or (
-                known and v.first_token_ns is not None and v.first_token_ns < t0)):
+        ft = v.first_token_ns
+        past_first = known and ft is not None and ft < t0     # a stream past its first token
+        if s <= t0 and (e is None or e >= t1) and (not token_w or past_first):
             steady.append(r)              # (its weight once the tick is known not to wait)
             continue
         w: float | None
@@ -83,6 +85,10 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
                     w = float(total) if t0 <= s < t1 or (s == t1 == e) else 0.0
                 else:             # (request_weight: total x overlap / lifetime)
                     w = float(total) * (b - a if b > a else 0) / life
+        elif token_w and past_first:      # (request_weight: its tokens; no prefill after the first token)
+            if blockers:
+                continue                  # it never waits: only blockers matter now
+            w = float(tokens_between(v.ev_t, v.ev_n, t0, t1))
         else:
             try:
                 w = request_weight(v, t0, t1, method, prefill_weight, forced, window_ns, horizon_ns)
@@ -107,8 +113,16 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
         return Shares(dE, dE, [], [], [])
     idle = idle_share_joules(dE, idle_watts, tk.idle_seconds)
     active = dE - idle
-    if token_w:
-        ws: list[float | None] = [float(tokens_between(r.view.ev_t, r.view.ev_n, t0, t1)) for r in steady]
+    if token_w:                           # (tokens_between, inlined for the proxy's one-per-token lists)
+        ws: list[float | None] = []
+        for r in steady:
+            v = r.view
+            et = v.ev_t
+            if v.ev_n is None:
+                i = bisect_left(et, t0)
+                ws.append(float(bisect_left(et, t1, i) - i))
+            else:
+                ws.append(float(tokens_between(et, v.ev_n, t0, t1)))
     else:
         ws = [fdt] * len(steady)
     ws += ows

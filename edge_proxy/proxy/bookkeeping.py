@@ -66,7 +66,10 @@ class Bookkeeping:
         obs = list(self.observers)
         self.start_obs = [o for o in obs if _overrides(o, "on_request_start")]
         self._token_obs = [o for o in obs if _overrides(o, "on_tokens")]
-        self._token_calls = [o.on_tokens for o in self._token_obs]   # bound once (hot path)
+        # bound once (hot path): a stream's first token event calls every token observer, the
+        # later ones only those that want every event (not ``first_token_only``, e.g. energy)
+        self._first_token_calls = [o.on_tokens for o in self._token_obs]
+        self._token_calls = [o.on_tokens for o in self._token_obs if not getattr(o, "first_token_only", False)]
         self._end_obs = [o for o in obs if _overrides(o, "on_request_end")]
         self._finalize_obs = [o for o in obs if _overrides(o, "finalize")]
         # the callback form of finalize (``finalize_soon(rec, done)``, the energy observer's), when
@@ -99,14 +102,16 @@ class Bookkeeping:
 
     def tokens(self, rec: RequestRecord, n: int, t_ns: int) -> None:
         """``n`` output tokens reached the client at ``t_ns`` (a stream's events)."""
+        calls = self._token_calls
         if rec.t_first_token_ns is None:
             rec.t_first_token_ns = t_ns
+            calls = self._first_token_calls
         rec.t_last_token_ns = t_ns
         if n == 1:
             rec.token_times_ns.append(t_ns)
         else:
             rec.token_times_ns.extend([t_ns] * n)
-        for f in self._token_calls:
+        for f in calls:
             try:
                 f(rec, n, t_ns)
             except Exception:  # noqa: BLE001 - an observer must never break a request

@@ -101,7 +101,11 @@ class RequestObserver(Protocol):
 
 
 class BaseObserver:
-    """No-op defaults so an observer implements only what it needs."""
+    """No-op defaults so an observer implements only what it needs. ``first_token_only``: the
+    observer needs only a stream's first ``on_tokens`` call (it reads the later token times from
+    ``rec.token_times_ns`` itself), so the proxy calls it for the first token event only."""
+
+    first_token_only = False
 
     def on_request_start(self, rec: RequestRecord) -> None:
         return None
