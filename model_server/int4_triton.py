@@ -33,9 +33,9 @@ interleaving in registers: one ``tl.dot`` per half):
   ``q[n, k0 + j]`` in its low nibble and ``q[n, k0 + BK / 2 + j]`` in its high nibble.
 * ``scales``, ``zeros``: ``[K // G, N]`` row-major (N contiguous), any float dtype (read as fp32).
 
-Split K (``Config.split_k`` > 1) writes fp32 partial sums to ``[split, M, N]``; by default the program that finishes
-last for an output tile sums them (a ticket per tile, :mod:`model_server.int4_triton_split`), else a second small
-kernel does (``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE=kernel``). Both add the partials in split order from zero, so
+Split K (``Config.split_k`` > 1) writes fp32 partial sums to ``[split, M, N]``; up to 32 rows by default the program
+that finishes last for an output tile sums them (a ticket per tile, :mod:`model_server.int4_triton_split`), above
+that a second small kernel does (``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE`` = ``ticket`` / ``kernel`` for every M). Both add the partials in split order from zero, so
 they give the same bits.
 Runs on CUDA (bf16 / fp16 activations) and, for tests, on CPU in Triton's interpreter (``TRITON_INTERPRET=1``,
 fp32 / fp16 only: the interpreter cannot bit-cast to bf16; read when the kernel is first used).
@@ -248,7 +248,7 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     """``y [M, N] = x2d [M, K] @ dequant(W)[N, K]^T`` in ``x2d``'s dtype (bf16, fp16 or fp32; fp32 accumulation).
 
     ``packed``/``scales``/``zeros`` as made by :func:`pack_int4` / :func:`split_scales_and_zeros`; ``config``
-    overrides :func:`choose_config` (benchmark sweeps), ``split_reduce`` (``ticket`` | ``kernel``) the switch
+    overrides :func:`choose_config` (benchmark sweeps), ``split_reduce`` (``auto`` | ``ticket`` | ``kernel``) the switch
     :func:`model_server.int4_triton_split.mode` (A/B benchmarks).
     """
     if not _import_triton():
@@ -267,10 +267,7 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     iters = k // bk
     if iters % cfg.split_k:
         raise ValueError(f"split_k {cfg.split_k} does not divide the {iters} K-blocks")
-    reduce = split_reduce or int4_triton_split.mode()
-    if reduce not in int4_triton_split.MODES:
-        raise ValueError(f"split_reduce {reduce!r} is not one of {int4_triton_split.MODES}")
-    ticket = cfg.split_k > 1 and reduce == "ticket"
+    ticket = cfg.split_k > 1 and int4_triton_split.reduction(m, split_reduce) == "ticket"
     y = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
     part = y if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), device=x2d.device, dtype=torch.float32)
     mm_kernel, sum_kernel = _jitted(os.environ.get("TRITON_INTERPRET") == "1")

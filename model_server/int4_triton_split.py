@@ -2,8 +2,11 @@
 
 :func:`model_server.int4_triton.int4_triton_mm` with ``Config.split_k`` > 1 has every program store its fp32 partial
 tile to ``[split, M, N]``; then either (``ticket``, the default) the program that finishes last for an output tile
-sums the partials itself, or (``kernel``, the old path, kept for an A/B) a second kernel sums them.
-``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE`` picks (:func:`mode`; read once per process).
+sums the partials itself, or (``kernel``, the old path) a second kernel sums them; ``auto`` (the default) takes the
+ticket up to :data:`TICKET_MAX_ROWS` rows and the kernel above: on an H100 (2026-12-06, ``int4_splitk_bench.py``, raw
+``benchmarks/results/2026-12-06-h100/splitk_0513/``) the ticket saved 0.1-0.8 us per split linear at 16 and 32 rows
+and cost 0.8-1.1 us at 64, where the last program's read of 4-8 partial 64 x 64 tiles outlasts the launch it saves.
+``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE`` picks (:func:`mode`, read once per process; :func:`reduction` per launch).
 
 Counters: one int32 per output tile, zeroed once when allocated; each launch leaves them at zero (the last program
 of a tile resets its counter), so later launches and CUDA-graph replays reuse them without a memset. A buffer is
@@ -28,7 +31,8 @@ import torch
 from model_server.switches import choice
 
 SWITCH = "MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE"
-MODES = ("ticket", "kernel")             # the first is the default
+MODES = ("auto", "ticket", "kernel")     # the first is the default
+TICKET_MAX_ROWS = 32                     # auto: the ticket for steps of up to this many rows, the sum kernel above
 MIN_TILES = 1024                         # counters per buffer at least (4 KB); default configs need < num_sms
 
 _COUNTERS: dict[tuple[str, object], torch.Tensor] = {}
@@ -38,9 +42,20 @@ _LOCK = threading.Lock()                 # the engine thread and the background 
 
 @lru_cache(maxsize=1)
 def mode() -> str:
-    """``ticket`` or ``kernel`` from ``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE`` (unset: ``ticket``), read once per
-    process (tests clear the cache); another value raises :class:`model_server.switches.SwitchValueError`."""
+    """``auto``, ``ticket`` or ``kernel`` from ``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE`` (unset: ``auto``), read once
+    per process (tests clear the cache); another value raises :class:`model_server.switches.SwitchValueError`."""
     return choice(SWITCH, MODES)
+
+
+def reduction(rows: int, requested: str | None = None) -> str:
+    """``ticket`` or ``kernel`` for a launch of ``rows`` rows: ``requested`` (a benchmark's A/B) or the switch's
+    mode, ``auto`` resolved by :data:`TICKET_MAX_ROWS`; ValueError for another value."""
+    req = requested or mode()
+    if req not in MODES:
+        raise ValueError(f"split_reduce {req!r} is not one of {MODES}")
+    if req == "auto":
+        return "ticket" if rows <= TICKET_MAX_ROWS else "kernel"
+    return req
 
 
 def _capturing(device: torch.device) -> bool:

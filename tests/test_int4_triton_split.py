@@ -83,15 +83,17 @@ class _SpySum:
         return self.real[grid]
 
 
-@pytest.mark.parametrize("value,second_kernel", [(None, False), ("ticket", False), ("kernel", True)])
-def test_the_switch_picks_the_reduction(monkeypatch, value, second_kernel):
+@pytest.mark.parametrize("value,rows,second_kernel", [(None, 5, False), (None, 33, True), ("auto", 32, False),
+                                                     ("ticket", 33, False), ("kernel", 5, True)])
+def test_the_switch_picks_the_reduction(monkeypatch, value, rows, second_kernel):
+    """auto (the default): the ticket up to TICKET_MAX_ROWS (32) rows, the sum kernel above (H100, 2026-12-06)."""
     if value is not None:
         monkeypatch.setenv(int4_triton_split.SWITCH, value)
     mm, real_sum = int4_triton._jitted(True)
     spy = _SpySum(real_sum)
     monkeypatch.setattr(int4_triton, "_jitted", lambda interpret: (mm, spy))
     packed, w = _weights(80, 512, 64, 5)
-    x = torch.randn(5, 512)
+    x = torch.randn(rows, 512)
     y = int4_triton.int4_triton_mm(x, *packed, 64, int4_triton.Config(16, 64, 4, 2, 4, True, False))
     assert spy.launches == int(second_kernel)
     assert float((y.double() - x.double() @ w.t()).norm() / (x.double() @ w.t()).norm()) < 1e-5
@@ -99,7 +101,7 @@ def test_the_switch_picks_the_reduction(monkeypatch, value, second_kernel):
 
 def test_a_bad_switch_value_is_a_one_line_switch_error(monkeypatch):
     monkeypatch.setenv(int4_triton_split.SWITCH, "atomic")
-    with pytest.raises(SwitchValueError, match=f"^{int4_triton_split.SWITCH} must be one of ticket, kernel"):
+    with pytest.raises(SwitchValueError, match=f"^{int4_triton_split.SWITCH} must be one of auto, ticket, kernel"):
         int4_triton_split.mode()
     packed, _ = _weights(80, 512, 64, 1)
     with pytest.raises(ValueError, match="split_reduce 'both'"):
