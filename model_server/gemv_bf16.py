@@ -72,15 +72,18 @@ def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, self.weight, self.bias)
 
 
+def eligible(model: nn.Module) -> list[nn.Linear]:
+    """``model``'s bf16 ``nn.Linear`` modules without bias whose weight is :func:`usable`."""
+    return [m for m in model.modules() if type(m) is nn.Linear and m.bias is None and usable(m.weight)]
+
+
 def install(model: nn.Module) -> int:
-    """Route every bf16 ``nn.Linear`` of ``model`` without bias whose weight is :func:`usable` through :func:`gemv`
-    for one-row inputs (other inputs: ``F.linear`` as before); returns how many. The weights are not touched."""
-    count = 0
-    for mod in model.modules():
-        if type(mod) is nn.Linear and mod.bias is None and usable(mod.weight):
-            mod.forward = _forward.__get__(mod)       # type: ignore[method-assign]
-            count += 1
-    return count
+    """Route every :func:`eligible` linear of ``model`` through :func:`gemv` for one-row inputs (other inputs:
+    ``F.linear`` as before); returns how many. The weights are not touched."""
+    mods = eligible(model)
+    for mod in mods:
+        mod.forward = _forward.__get__(mod)       # type: ignore[method-assign]
+    return len(mods)
 
 
 def check(device: torch.device) -> str | None:

@@ -88,11 +88,12 @@ def install_gemv(eng: FastEngine) -> int:
     it passes its check on the engine's device; returns how many (0 with one warning when it does not pass)."""
     from model_server import gemv_bf16
     r = eng.runner
-    if r.device.type != "cuda":
-        return 0
+    models = [r.model, *(m for m in r.qkv + r.gate_up if m is not None)]
+    if r.device.type != "cuda" or not any(gemv_bf16.eligible(m) for m in models):
+        return 0                                      # e.g. INT4 or fp16 linears only: no compile, no check
     err = gemv_bf16.check(r.device)
     if err is not None:
         log.warning("the one-row bf16 GEMV is not used (cuBLAS stays): %s", err)
         return 0
-    r.gemv_linears = sum(gemv_bf16.install(m) for m in [r.model, *(m for m in r.qkv + r.gate_up if m is not None)])
+    r.gemv_linears = sum(gemv_bf16.install(m) for m in models)
     return r.gemv_linears
