@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from model_server import int4_triton, switches
+from model_server import int4_triton, int4_triton_split, switches
 from model_server.int4 import Int4Linear
 
 
@@ -32,15 +32,24 @@ def enabled() -> bool:
     return switches.flag("MODEL_SERVER_FAST_PRECOMPILE_INT4") is True
 
 
-def variants(n: int, k: int, bk: int, num_sms: int, max_rows: int, min_rows: int = 1) -> dict[int4_triton.Config, int]:
-    """Every configuration ``choose_config`` picks for ``min_rows``..``max_rows`` rows of an ``n x k`` layer, each
-    with the fewest rows that pick it. Above 128 rows only the count of 128-row tiles changes the choice, so one row
-    count per tile count is tried, and the walk stops once the split is 1 (more rows pick the same)."""
-    out: dict[int4_triton.Config, int] = {}
+def variant(m: int, n: int, k: int, bk: int, num_sms: int) -> tuple[int4_triton.Config, str]:
+    """What a launch of ``m`` rows compiles: ``choose_config``'s configuration and its split-K reduction (``ticket`` or
+    ``kernel`` from :func:`model_server.int4_triton_split.reduction`; ``none`` without a split): the ticket is a
+    kernel variant of its own."""
+    cfg = int4_triton.choose_config(m, n, k, bk, num_sms)
+    return cfg, int4_triton_split.reduction(m) if cfg.split_k > 1 else "none"
+
+
+def variants(n: int, k: int, bk: int, num_sms: int, max_rows: int,
+             min_rows: int = 1) -> dict[tuple[int4_triton.Config, str], int]:
+    """Every :func:`variant` that ``min_rows``..``max_rows`` rows of an ``n x k`` layer launch, each with the fewest
+    rows that launch it. Above 128 rows only the count of 128-row tiles changes the choice, so one row count per tile
+    count is tried, and the walk stops once the split is 1 (more rows pick the same)."""
+    out: dict[tuple[int4_triton.Config, str], int] = {}
     m = max(1, min_rows)
     while m <= max_rows:
-        cfg = int4_triton.choose_config(m, n, k, bk, num_sms)
-        out.setdefault(cfg, m)
+        cfg, reduce = variant(m, n, k, bk, num_sms)
+        out.setdefault((cfg, reduce), m)
         if m > 64 and cfg.split_k == 1:
             break
         m = m + 1 if m < 128 else m + 128
@@ -96,7 +105,7 @@ def precompile(modules: Iterable[nn.Module], max_rows: int) -> int:
                 sms = int4_triton._num_sms(dev)
                 found = variants(layer.out_features, layer.in_features, int4_triton.block_k(layer.group_size), sms,
                                  max_rows, first)
-                for cfg, rows in found.items():
+                for (cfg, _), rows in found.items():
                     x = torch.zeros(rows, layer.in_features, device=dev, dtype=layer.compute_dtype)
                     int4_triton.int4_triton_mm(x, layer.triton_packed, layer.triton_scales, layer.triton_zeros,
                                                layer.group_size, config=cfg)

@@ -22,11 +22,21 @@ def test_the_variants_cover_every_row_count(n, k, sms):
     bk = int4_triton.block_k(128)
     found = int4_precompile.variants(n, k, bk, sms, 8192)
     for m in range(1, 8193):
-        assert int4_triton.choose_config(m, n, k, bk, sms) in found, m
-    assert all(int4_triton.choose_config(m, n, k, bk, sms) == cfg for cfg, m in found.items())
+        assert int4_precompile.variant(m, n, k, bk, sms) in found, m
+    assert all(int4_precompile.variant(m, n, k, bk, sms) == v for v, m in found.items())
     later = int4_precompile.variants(n, k, bk, sms, 8192, min_rows=9)
-    assert min(later.values()) == 9 and all(int4_triton.choose_config(m, n, k, bk, sms) in later
+    assert min(later.values()) == 9 and all(int4_precompile.variant(m, n, k, bk, sms) in later
                                             for m in range(9, 600))
+
+
+def test_a_split_config_is_compiled_with_each_reduction_its_rows_take():
+    """q/k/v at 1-64 rows on 132 SMs splits K; up to 32 rows the ticket variant, above the sum kernel's: both land in
+    the walk, each at its fewest rows."""
+    bk = int4_triton.block_k(128)
+    found = int4_precompile.variants(3072, 2048, bk, 132, 64)
+    reductions = {reduce for (cfg, reduce) in found if cfg.split_k > 1}
+    assert reductions == {"ticket", "kernel"}
+    assert min(m for (_, reduce), m in found.items() if reduce == "kernel") == 33
 
 
 def test_each_shape_launches_each_variant_once(monkeypatch):
@@ -52,7 +62,7 @@ def test_each_shape_launches_each_variant_once(monkeypatch):
         want = int4_precompile.variants(layer.out_features, layer.in_features, int4_triton.block_k(64),
                                         int4_triton._num_sms(torch.device("cpu")), 300, first)
         got = [(m, cfg) for shape, m, cfg in calls if shape == tuple(layer.triton_packed.shape)]
-        assert sorted(got, key=lambda t: t[0]) == sorted(((m, cfg) for cfg, m in want.items()), key=lambda t: t[0])
+        assert sorted(got, key=lambda t: t[0]) == sorted(((m, cfg) for (cfg, _), m in want.items()), key=lambda t: t[0])
         assert all(m >= first for m, _ in got)
 
 
