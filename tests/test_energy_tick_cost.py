@@ -1,9 +1,11 @@
 """The energy sampler's per-tick and per-token savings (issue 17) change no result: the process tree
 listed again reuses what it knew and lists what psutil lists; the energy observer, called for a
-stream's first token event only, gives the ledger the same joules."""
+stream's first token event only, gives the ledger the same joules; the split's inlined weight of a
+stream is apportion's."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 
@@ -11,10 +13,12 @@ import psutil
 import pytest
 from prometheus_client import CollectorRegistry
 
+from edge_proxy.energy.apportion import TOKEN_WEIGHTED, Deferred, ReqView, request_weight
 from edge_proxy.energy.ledger import Ledger
 from edge_proxy.energy.observer import EnergyObserver
 from edge_proxy.energy.process_cpu import ProcessTreeCpu
 from edge_proxy.energy.readings import Tick
+from edge_proxy.energy.tick_split import stream_weight
 from edge_proxy.proxy.bookkeeping import Bookkeeping
 from edge_proxy.proxy.hooks import BaseObserver, RequestRecord
 from edge_proxy.telemetry.metrics import ProxyMetrics
@@ -138,3 +142,30 @@ def test_energy_through_the_bookkeeping_equals_every_event_to_the_observer() -> 
         ledger.flush()
         out.append([ledger.release(rec.request_id) for rec in recs])
     assert out[0] == out[1] and all(r is not None and r.full_joules > 0 for r in out[0])
+
+
+# ---- the split's inlined weight of a stream equals apportion's ---------------------------------------
+def test_stream_weight_equals_request_weight_exactly() -> None:
+    rng = random.Random(5)
+    for _ in range(20000):
+        t0 = rng.randrange(-100, 200) * MS
+        t1 = t0 + rng.choice([1, 50, 100, 107]) * MS
+        pw, window = rng.choice([0.0, 1.0, 2.5]), rng.choice([0, 80]) * MS
+
+        def at(lo: int, hi: int) -> int:      # a time in ms, or one on the tick's or the window's edges
+            return rng.choice([rng.randrange(lo, hi) * MS + rng.randrange(0, 999), t0, t1, t1 - 1, t0 - window,
+                               t1 + window, t1 - window])
+        start = at(-300, 200)
+        end = rng.choice([None, max(start, at(-300, 600))])
+        first = rng.choice([None, max(start, at(-300, 500))])
+        times = sorted(at(-300, 400) for _ in range(rng.randrange(0, 12)))
+        counts = rng.choice([None, [rng.randrange(1, 4) for _ in times]])
+        v = ReqView("r", start, end, True, first, times, counts, sum(counts or []) or len(times),
+                    rng.choice([None, 0, 7, 100]))
+        horizon = rng.choice([None, t1 + rng.randrange(-50, 200) * MS, t1 + window, t1 + window - 1])
+        forced = rng.random() < 0.3
+        try:
+            want: float | None = request_weight(v, t0, t1, TOKEN_WEIGHTED, pw, forced, window, horizon)
+        except Deferred:
+            want = None
+        assert stream_weight(v, t0, t1, pw, window, horizon, forced) == want

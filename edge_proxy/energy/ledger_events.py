@@ -35,10 +35,11 @@ class CoreEvents:
         old = self.active.get(rid)
         if old is not None and old.view.end_ns is None:
             self.n_unended -= 1
+        # (positional: rid, start, end, token times known, first token, ev_t, ev_n, tokens seen, prompt)
         if token_times is not None:       # the proxy's own list of token times (one per token): read, not copied
-            view = ReqView(rid, t_ns, None, stream, ev_t=token_times, ev_n=None, prompt_tokens=prompt_tokens)
+            view = ReqView(rid, t_ns, None, stream, None, token_times, None, 0, prompt_tokens)
         else:
-            view = ReqView(rid, t_ns, None, stream, prompt_tokens=prompt_tokens)
+            view = ReqView(rid, t_ns, None, stream, None, [], [], 0, prompt_tokens)
         self.active[rid] = Req(view, model, attribution, forwarded, prefill_weight=self.prefill_weight)
         self.n_unended += 1
 

@@ -5,8 +5,9 @@ reference, and a test checks this module gives the same joules). Most requests o
 *steady*: in flight over the whole tick and past their first token, so their weight is just their
 tokens in the tick (time-weighted: the tick's length), they can never defer the tick, and they all
 own the same share of idle power. Those take a fast path (a binary search each); the others (starting,
-ending, in prefill, non-streaming) go through ``apportion`` in full. Cost: O(n log n) for the n
-requests of the tick.
+ending, in prefill, non-streaming) take ``apportion``'s weights, inlined for the token-weighted cases
+(:func:`stream_weight`; a test checks it against ``request_weight``), with the idle sweep over the
+ones not in flight over the whole tick. Cost: O(n log n) for the n requests of the tick.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 
 from edge_proxy.energy.apportion import (
-    TOKEN_WEIGHTED, Deferred, idle_share_joules, idle_sweep, request_weight, tokens_between)
+    TOKEN_WEIGHTED, Deferred, ReqView, idle_share_joules, idle_sweep, request_weight, tokens_between)
 from edge_proxy.energy.ledger_types import PendingTick, Req
 
 
@@ -33,6 +34,70 @@ class Shares:
         return self.idle - sum(self.idle_by)
 
 
+def _tokens(v: ReqView, t0: int, t1: int) -> float:
+    """float(tokens_between(...)) of a request in [t0, t1); the proxy's one-per-token list inline."""
+    et = v.ev_t
+    if v.ev_n is None:
+        i = bisect_left(et, t0)
+        return float(bisect_left(et, t1, i) - i)
+    return float(tokens_between(et, v.ev_n, t0, t1))
+
+
+def stream_weight(v: ReqView, t0: int, t1: int, prefill_weight: float, window_ns: int, horizon_ns: int | None,
+                  forced: bool) -> float | None:
+    """``apportion.request_weight`` of a stream (token times known, token-weighted) overlapping
+    [t0, t1) that is not past its first token: its tokens in the tick plus ``prefill_weight x
+    prompt x`` the share of its prefill window in the tick (``apportion.prefill_fraction``), in one
+    call; None where those raise :class:`Deferred` (the tick must wait for it)."""
+    w = _tokens(v, t0, t1)
+    if prefill_weight <= 0:
+        return w
+    ft, e = v.first_token_ns, v.end_ns
+    if ft is None:                        # (the window may still reach back into this tick)
+        if e is not None or forced or (horizon_ns is not None and horizon_ns - t1 >= window_ns) or v.start_ns >= t1:
+            return w
+        return None
+    if ft < t0:
+        return w
+    a = max(v.start_ns, ft - window_ns)
+    if ft <= a:
+        frac = 1.0 if t0 <= ft < t1 else 0.0
+    else:
+        frac = max(0, min(ft, t1) - max(a, t0)) / (ft - a)
+    if frac > 0:
+        if v.prompt_tokens is None:
+            if e is None and not forced:
+                return None
+        else:
+            w += prefill_weight * v.prompt_tokens * frac
+    return w
+
+
+def blockers_of(members: "list[Req] | tuple[()]", t0: int, t1: int, method: str, prefill_weight: float,
+                window_ns: int, horizon_ns: int | None) -> list[Req]:
+    """The requests (in order) whose weight in tick [t0, t1) is not known yet, i.e. the list
+    :func:`compute_split` returns when the tick waits (token-weighted, not forced), without the
+    weights of the others: a request that ended, or a stream past its first token, never waits
+    (``request_weight`` defers only while the end is unknown, and there is no prefill after the
+    first token); a response whose token times are unknown waits for its end."""
+    out: list[Req] = []
+    for r in members:
+        if r.forwarded is not None and not r.in_flight():
+            continue                      # held by the cold-start gate: not in flight
+        v = r.view
+        if v.end_ns is not None or v.start_ns >= t1:
+            continue
+        if not v.token_times_known:
+            out.append(r)
+            continue
+        ft = v.first_token_ns
+        if ft is not None and ft < t0:
+            continue
+        if stream_weight(v, t0, t1, prefill_weight, window_ns, horizon_ns, False) is None:
+            out.append(r)
+    return out
+
+
 def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns: int, horizon_ns: int | None,
                   idle_watts: float, forced: bool) -> Shares | list[Req]:
     """The tick's split, or (not forced) the requests whose weight it still waits for.
@@ -42,10 +107,18 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
     the common non-streaming case, without raising :class:`Deferred` per request) and, when they
     are not in flight over the whole tick, their span for the idle sweep; once one blocks, the rest
     are only checked for blocking. The steady ones' token counts are taken once the tick is known
-    not to wait (a tick that waits costs no binary search)."""
+    not to wait (a tick that waits costs no binary search). When the newest member may wait, the
+    waiters are looked for first (:func:`blockers_of`): a tick that waits then costs no weight."""
     tk = p.tick
     t0, t1 = tk.t0_ns, tk.t1_ns
     token_w = method == TOKEN_WEIGHTED
+    members = p.members or ()
+    if token_w and not forced and members:
+        v = members[-1].view              # the newest request: when it may wait, look for waiters first
+        if v.end_ns is None and not (v.token_times_known and v.first_token_ns is not None and v.first_token_ns < t0):
+            waiting = blockers_of(members, t0, t1, method, prefill_weight, window_ns, horizon_ns)
+            if waiting:
+                return waiting
     fdt = float(t1 - t0)
     steady: list[Req] = []
     other: list[Req] = []
@@ -53,7 +126,7 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
     spans: list[tuple[int, int]] = []     # idle spans of the others not in flight over the whole tick
     where: list[int] = []                 # per other: its index in spans, -1 if in flight throughout
     blockers: list[Req] = []
-    for r in p.members or ():
+    for r in members:
         if r.forwarded is not None and not r.in_flight():
             continue                      # held by the cold-start gate: not in flight
         v = r.view
@@ -88,7 +161,12 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
         elif token_w and past_first:      # (request_weight: its tokens; no prefill after the first token)
             if blockers:
                 continue                  # it never waits: only blockers matter now
-            w = float(tokens_between(v.ev_t, v.ev_n, t0, t1))
+            w = _tokens(v, t0, t1)
+        elif token_w:                     # a stream at or before its first token: tokens + prefill share
+            w = stream_weight(v, t0, t1, prefill_weight, window_ns, horizon_ns, forced)
+            if w is None:
+                blockers.append(r)
+                continue
         else:
             try:
                 w = request_weight(v, t0, t1, method, prefill_weight, forced, window_ns, horizon_ns)
@@ -113,16 +191,8 @@ def compute_split(p: PendingTick, method: str, prefill_weight: float, window_ns:
         return Shares(dE, dE, [], [], [])
     idle = idle_share_joules(dE, idle_watts, tk.idle_seconds)
     active = dE - idle
-    if token_w:                           # (tokens_between, inlined for the proxy's one-per-token lists)
-        ws: list[float | None] = []
-        for r in steady:
-            v = r.view
-            et = v.ev_t
-            if v.ev_n is None:
-                i = bisect_left(et, t0)
-                ws.append(float(bisect_left(et, t1, i) - i))
-            else:
-                ws.append(float(tokens_between(et, v.ev_n, t0, t1)))
+    if token_w:
+        ws: list[float | None] = [_tokens(r.view, t0, t1) for r in steady]
     else:
         ws = [fdt] * len(steady)
     ws += ows
