@@ -12,7 +12,8 @@ first token, the prompt count with the end, as OpenAI usage comes last; non-stre
 at the end), each request finalized through ``finalize_soon``. The sampler runs on its own thread
 at the configured period.
 
-Reported per tick (CPU time of the sampler thread, ``time.thread_time_ns``): the whole step, the
+Reported per tick: all the CPU time of the sampler thread (the scheduler's count: wake-ups and
+waits for the GIL included), then by phase (``time.thread_time_ns`` around each): the whole step, the
 source read, the sampler's own ingest, and inside the ledger's tick: draining the queued request
 events, splitting and finality (``core.process``), the publish of the totals and the rest (the
 final-notice to the observer, the foreign check). Per request on the event loop: the observer's
@@ -118,6 +119,15 @@ class Result:
     loop_us_per_request: dict[str, float] = field(default_factory=dict)
 
 
+def thread_cpu_ns(sampler: Any) -> int:
+    """CPU time of the sampler's thread so far (ns): the scheduler's own count
+    (``/proc/self/task/TID/schedstat``), so the thread's wake-ups and GIL waits outside ``step``
+    are in it too."""
+    tid = sampler._thread.native_id
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
 def build(port: int) -> Any:
     s = Settings()
     s.proxy.backend_url = f"http://127.0.0.1:{port}"
@@ -177,6 +187,7 @@ async def drive(comp: Any, n_open: int, stream: bool, seconds: float, warmup: fl
             tick.reset()
             loop_ph.reset()
             t_meas_ns = time.monotonic_ns()
+            thread0 = thread_cpu_ns(comp.sampler)
         if now_s >= t_end:
             break
         now = time.monotonic_ns()
@@ -201,11 +212,13 @@ async def drive(comp: Any, n_open: int, stream: bool, seconds: float, warmup: fl
                 start(c, now)
         await asyncio.sleep(0.002)
     elapsed = (time.monotonic_ns() - t_meas_ns) / 1e9
+    thread_ns = thread_cpu_ns(comp.sampler) - thread0
     ticks = max(1, tick.calls.get("step", 0))
     ns = dict(tick.ns)
     out = {k: v / ticks / 1000 for k, v in ns.items()}
     # exclusive parts: step = read + ingest (incl. the ledger); ledger = drain + split + publish + rest
     out["ingest (sampler own)"] = (ns["step"] - ns["read"] - ns["ledger"]) / ticks / 1000
+    out["thread"] = thread_ns / ticks / 1000       # everything the thread ran, waits and wake-ups included
     out["ledger rest"] = (ns["ledger"] - ns["drain"] - ns["split+finality"] - ns.get("publish", 0)
                           - ns.get("notify", 0)) / ticks / 1000
     per_req = {k: v / max(1, done) / 1000 for k, v in loop_ph.ns.items()}
@@ -248,7 +261,7 @@ def main() -> int:
         time.sleep(0.3)
         print(f"backend tree: pid {backend.pid} on port {port}; python {sys.version.split()[0]}; "
               f"commit {git_commit()}; edge_proxy from {Path(__import__('edge_proxy').__file__).parent}")
-        cols = ["step", "read", "ingest (sampler own)", "drain", "split+finality", "publish", "notify", "ledger rest"]
+        cols = ["thread", "step", "read", "ingest (sampler own)", "drain", "split+finality", "publish", "notify", "ledger rest"]
         print("\nCPU us per tick (sampler thread) | event loop CPU us per request (observer calls)\n")
         print("| mode | open | ticks | req | " + " | ".join(cols) + " | loop us/req | scrape us |")
         print("|---|---:|---:|---:|" + "---:|" * len(cols) + "---:|---:|")

@@ -211,18 +211,23 @@ class Core(CoreEvents):
             assert end is not None
             if newest <= end:
                 continue
-            if open_spans:
-                start = v.start_ns
-                if any(start < t1 and end >= t0 for t0, t1 in open_spans):
-                    continue
-            del check[rid]
-            r.final = True
-            del self.active[rid]
-            self.turned_final.append(rid)
-            if not r.released:
-                self.done[rid] = r
-                while len(self.done) > self.max_done:
-                    self.done.popitem(last=False)
+            start = v.start_ns
+            for t0, t1 in open_spans:
+                if start < t1 and end >= t0:
+                    break                      # an unlisted tick overlaps it: not yet
+            else:
+                self._turn_final(rid, r)
+
+    def _turn_final(self, rid: str, r: Req) -> None:
+        """r's energy is final: out of ``active`` and ``check``, into ``done`` (bounded) unless released."""
+        del self.check[rid]
+        r.final = True
+        del self.active[rid]
+        self.turned_final.append(rid)
+        if not r.released:
+            self.done[rid] = r
+            while len(self.done) > self.max_done:
+                self.done.popitem(last=False)
 
     # -- estimates -----------------------------------------------------------------------------
     def estimate(self, r: Req, now_ns: int, pending: list[PendingTick] | None = None) -> RequestEnergy:
