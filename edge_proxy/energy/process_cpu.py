@@ -78,12 +78,13 @@ def process_cpu_clock_id(pid: int) -> int:
     return ((~pid) << 3) | 2
 
 
-def process_cpu_seconds(proc: psutil.Process) -> float:
-    """CPU seconds (all threads, user + system) used so far by ``proc``: the kernel's
-    nanosecond process clock where it can be read, else psutil's clock-tick times."""
+def process_cpu_seconds(proc: psutil.Process, pid: int | None = None) -> float:
+    """CPU seconds (all threads, user + system) used so far by ``proc`` (``pid``: its pid, when
+    the caller has it): the kernel's nanosecond process clock where it can be read, else psutil's
+    clock-tick times."""
     if _HAS_CPU_CLOCK:
         try:
-            return time.clock_gettime(process_cpu_clock_id(proc.pid))
+            return time.clock_gettime(process_cpu_clock_id(proc.pid if pid is None else pid))
         except OSError:
             pass                    # exited, or a kernel without process clocks: fall back
     t = proc.cpu_times()
@@ -204,6 +205,7 @@ class ProcessTreeCpu:
         self._fds: list[int | None] = []                     # a pidfd per process of _procs (or None)
         self._root: int | None = None
         self._refreshed = -1e9
+        self._keys: list[tuple[int, float] | None] = []      # (pid, create_time) per process of _procs
         self._last: dict[tuple[int, float], float] = {}     # (pid, create_time) -> busy seconds
         self._gone = 0.0                                     # busy seconds of processes that left the tree
 
@@ -223,9 +225,12 @@ class ProcessTreeCpu:
     def _refresh(self) -> None:
         now = time.monotonic()
         pid = self.root_pid()          # cheap: a spawned pid, or a port lookup throttled by the caller
-        if (pid == self._root and now - self._refreshed < self.refresh_seconds
-                and all(pidfd_exists(fd) or p.is_running() for p, fd in zip(self._procs, self._fds))):
-            return
+        if pid == self._root and now - self._refreshed < self.refresh_seconds:
+            for p, fd in zip(self._procs, self._fds):
+                if not (pidfd_exists(fd) or p.is_running()):
+                    break                      # one exited: list the tree again
+            else:
+                return
         self._refreshed = now
         found: list[tuple[psutil.Process, int | None]] = []
         known = self._known(pid) if pid else {}
@@ -247,25 +252,29 @@ class ProcessTreeCpu:
                 close_pidfd(f)
         procs = [p for p, _ in found]
         self._root, self._procs, self._fds = pid, procs, [f for _, f in found]
-        live = set()
+        keys: list[tuple[int, float] | None] = []
         for p in procs:
             try:
-                live.add((p.pid, p.create_time()))
+                keys.append((p.pid, p.create_time()))
             except psutil.Error:
-                continue
+                keys.append(None)              # asked again on each read
+        self._keys = keys
+        live = set(keys)
         for key in [k for k in self._last if k not in live]:
             self._gone += self._last.pop(key)
 
     def busy_seconds(self) -> float:
         self._refresh()
-        for p in self._procs:
+        last = self._last
+        for p, key in zip(self._procs, self._keys):
             try:
-                key = (p.pid, p.create_time())
-                busy = process_cpu_seconds(p)
-                self._last[key] = max(self._last.get(key, 0.0), busy)
+                if key is None:
+                    key = (p.pid, p.create_time())
+                busy = process_cpu_seconds(p, key[0])
             except psutil.Error:
                 continue
-        return self._gone + sum(self._last.values())
+            last[key] = max(last.get(key, 0.0), busy)
+        return self._gone + sum(last.values())
 
     def close(self) -> None:
         for f in self._fds:

@@ -50,6 +50,7 @@ class Sampler:
         self._failed_listeners: set[int] = set()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wake: threading.Lock | None = None        # held while the thread runs; stop() releases it
         # totals and state for exporters (read under the lock)
         self.energy_joules_by_gpu: dict[str, float] = {u: 0.0 for u in reader.gpu_uuids}
         self.power_watts: dict[str, float] = {}
@@ -163,13 +164,15 @@ class Sampler:
             if tick is not None:
                 out.append(tick)
         if readings:
-            newest = max(r.t_ns for r in readings)
+            newest = readings[0].t_ns if len(readings) == 1 else max(r.t_ns for r in readings)
             with self._lock:
                 self.lag_seconds = max(0.0, (time.monotonic_ns() - newest) / 1e9)
         return out
 
     # -- thread ----------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, wake: threading.Lock) -> None:
+        # waits on ``wake`` (held until stop() releases it): one C call per period, where
+        # ``Event.wait`` runs threading.Condition's Python code and allocates a lock each time
         period_ns = int(self.period_seconds * 1e9)
         next_t = time.monotonic_ns()
         while not self._stop.is_set():
@@ -178,17 +181,24 @@ class Sampler:
             now = time.monotonic_ns()
             if next_t < now:                      # fell behind: skip missed slots, keep the grid
                 next_t += ((now - next_t) // period_ns + 1) * period_ns
-            self._stop.wait((next_t - now) / 1e9)
+            if wake.acquire(timeout=(next_t - now) / 1e9):
+                break                             # released by stop()
 
     def start(self) -> None:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"energy-sampler-{self.source}", daemon=True)
+        self._wake = threading.Lock()
+        self._wake.acquire()
+        self._thread = threading.Thread(target=self._run, args=(self._wake,), name=f"energy-sampler-{self.source}",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.release()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
