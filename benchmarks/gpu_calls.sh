@@ -84,6 +84,10 @@
 #   bash benchmarks/gpu_calls.sh gemvcu     # issue 17: the CUDA one-row bf16 GEMV (gemv_bf16.py) against cuBLAS per decode shape
 #                                            (gemv_bf16_bench.py), then the steady state in-process, bf16 at SS_CONC (1) with
 #                                            the GEMV (the default since 2026-12-06; ss_gemv/) and MODEL_SERVER_FAST_GEMV=0 (ss/) (~4 min)
+#   bash benchmarks/gpu_calls.sh gemvrows   # issue 17: the bf16 GEMV at 1/2/4/8 rows of x (one weight read for all rows) against
+#                                            cuBLAS per decode shape, every configuration per row count (gemv_bf16_bench.py
+#                                            --rows), then the steady state in-process, bf16 at SS_CONC (2,4,8) with
+#                                            MODEL_SERVER_FAST_GEMV_ROWS=8 (ss_rows8/) and then without (one row, ss/) (~8 min)
 #   bash benchmarks/gpu_calls.sh decode     # issue 17: decode-step profile, merged projections off/on, then the
 #                                            steady state in-process (bf16, int4 at 1/8/64; SS_ARGS adds options) (~8 min)
 #   bash benchmarks/gpu_calls.sh pick       # issue 17: the greedy pick as two Triton kernels vs the eager ops: decode-step
@@ -103,7 +107,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|splitk) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|splitk" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -191,6 +195,18 @@ case "${1:-}" in
         --out "$out/$d" --quants bf16 --concurrency "${SS_CONC:-1}" --http-concurrency '' > "$out/$d.log" 2>&1
       echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|WARN|GEMV" "$out/$d.log"
     done; unset MODEL_SERVER_FAST_GEMV ;;
+  gemvrows)
+    timeout 200 python3 benchmarks/gemv_bf16_bench.py --rows 1,2,4,8 --out "$out/gemv" --commit "$EDGE_EVAL_COMMIT" \
+      > "$out/gemv.log" 2>&1
+    echo "gemv_bf16_bench rc $?"; grep -v "^[0-9] x " "$out/gemv.log"; grep -E "^[0-9] x " "$out/gemv.log" | cut -c1-230
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    for arm in ss_rows8:8 ss:1; do     # consecutive processes: the multi-row GEMV first, then the default (one row)
+      d=${arm%%:*}
+      if [ "${arm#*:}" = 1 ]; then unset MODEL_SERVER_FAST_GEMV_ROWS; else export MODEL_SERVER_FAST_GEMV_ROWS=${arm#*:}; fi
+      timeout "${SS_SECONDS:-150}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/$d" --quants bf16 --concurrency "${SS_CONC:-2,4,8}" --http-concurrency '' > "$out/$d.log" 2>&1
+      echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|WARN|GEMV" "$out/$d.log"
+    done; unset MODEL_SERVER_FAST_GEMV_ROWS ;;
   pick)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 150 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \

@@ -1,9 +1,11 @@
 """model_server/data/gemv_bf16.cu compiled by NVRTC without a GPU (as the server compiles it at run time), and the
 install switch's routing on CPU.
 
-Every configuration of :data:`gemv_bf16.CONFIGS` compiles for sm_80 and sm_90 through
-:func:`int4_mma_build.compile_cubin` with no spills and with the streaming 16-byte loads and FMA it is built from in
-its SASS. Its numbers on a GPU are ``benchmarks/gemv_bf16_bench.py``'s (checked there against fp32)."""
+Every configuration of :data:`gemv_bf16.CONFIGS` (1..8 rows of x) compiles for sm_80 and sm_90 through
+:func:`int4_mma_build.compile_cubin` with no spills (no local memory, no stack) and with the streaming 16-byte loads and
+FMA it is built from in its SASS. The multi-row logic on CPU (choice, switch, routing, :func:`gemv_bf16.emulate`) is
+tests/test_gemv_bf16_rows.py's. Its numbers on a GPU are ``benchmarks/gemv_bf16_bench.py``'s (checked there against
+fp32)."""
 from __future__ import annotations
 
 import re
@@ -30,13 +32,13 @@ def test_every_config_compiles_without_spills(tmp_path: Path, arch: str) -> None
     src = gemv_bf16.SOURCE_PATH.read_text()
     for cfg in gemv_bf16.CONFIGS:
         cubin, mangled = int4_mma_build.compile_cubin(lib, src, cfg.name(), arch)
-        path = tmp_path / f"{arch}_{cfg.rpw}_{cfg.warps}_{cfg.unroll}.cubin"
+        path = tmp_path / f"{arch}_{cfg.rpw}_{cfg.warps}_{cfg.unroll}_{cfg.rows}.cubin"
         path.write_bytes(cubin)
         res = subprocess.run([str(objdump), "-res-usage", str(path)], capture_output=True, text=True, timeout=60)
         usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res.stdout)
         assert usage, res.stdout + res.stderr
-        regs, _, shared, local = (int(v) for v in usage.groups())
-        assert 0 < regs <= 255 and local == 0 and shared == 0, (cfg, arch, usage.group(0))
+        regs, stack, shared, local = (int(v) for v in usage.groups())
+        assert 0 < regs <= 255 and local == 0 and stack == 0 and shared == 0, (cfg, arch, usage.group(0))
         sass = subprocess.run([str(objdump), "-sass", str(path)], capture_output=True, text=True, timeout=60).stdout
         assert "LDG.E.128" in sass and "FFMA" in sass and "SHFL.BFLY" in sass, (cfg, arch)
 
@@ -80,13 +82,17 @@ def test_from_loaded_asks_for_the_gemv_unless_switched_off(monkeypatch) -> None:
 
     from model_server.engines.fast import factory
     from tests.fast_engine_support import _tiny
-    calls: list[object] = []
-    monkeypatch.setattr(factory, "install_gemv", calls.append)
+    calls: list[tuple[object, int]] = []
+    monkeypatch.setattr(factory, "install_gemv", lambda eng, max_rows: calls.append((eng, max_rows)))
     loaded = SimpleNamespace(model=_tiny("llama"), eos_token_ids=[0], context_length=64)
     monkeypatch.delenv("MODEL_SERVER_FAST_GEMV", raising=False)
+    monkeypatch.delenv("MODEL_SERVER_FAST_GEMV_ROWS", raising=False)
     eng = factory.from_loaded(loaded, max_batch=2, max_total_tokens=32)
-    assert calls == [eng]
+    assert calls == [(eng, 1)]                           # one row unless MODEL_SERVER_FAST_GEMV_ROWS says more
     assert eng.stats().extra["gemv_linears"] == 0.0      # off CUDA nothing is routed; the stat says so
+    monkeypatch.setenv("MODEL_SERVER_FAST_GEMV_ROWS", "8")
+    eng = factory.from_loaded(loaded, max_batch=2, max_total_tokens=32)
+    assert calls[-1] == (eng, 8)
     monkeypatch.setenv("MODEL_SERVER_FAST_GEMV", "0")
     factory.from_loaded(loaded, max_batch=2, max_total_tokens=32)
-    assert len(calls) == 1
+    assert len(calls) == 2

@@ -14,6 +14,7 @@ from model_server import switches
 from .engine import FastEngine
 
 log = logging.getLogger(__name__)
+GEMV_ROWS_SWITCH = "MODEL_SERVER_FAST_GEMV_ROWS"
 
 
 def decode_attn_switch() -> bool | None:
@@ -71,9 +72,10 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
         value = switches.integer(name)
         if value is not None:
             kwargs.setdefault(key, value)
+    gemv_on, gemv_rows = gemv_switch() is not False, gemv_rows_switch()    # read first: a bad value fails early
     eng = FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len, **kwargs)
-    if gemv_switch() is not False:     # one-row bf16 linears on model_server.gemv_bf16 (CUDA only)
-        install_gemv(eng)
+    if gemv_on:     # bf16 linears of 1..gemv_rows rows on model_server.gemv_bf16 (CUDA only)
+        install_gemv(eng, gemv_rows)
     return eng
 
 
@@ -83,17 +85,32 @@ def gemv_switch() -> bool | None:
     return switches.flag("MODEL_SERVER_FAST_GEMV")
 
 
-def install_gemv(eng: FastEngine) -> int:
-    """Route the engine's bf16 linears (the model's and the merged projections) through the one-row GEMV kernel where
-    it passes its check on the engine's device; returns how many (0 with one warning when it does not pass)."""
+def gemv_rows_switch() -> int:
+    """``MODEL_SERVER_FAST_GEMV_ROWS``: the most rows a step's bf16 linear runs the GEMV at, 1..8; unset: 1 (one-row
+    steps only, as measured). More is experimental: the multi-row kernel is not yet measured on a GPU. Anything else
+    raises :class:`SwitchValueError`."""
+    from model_server.gemv_bf16 import MAX_ROWS
+    value = switches.integer(GEMV_ROWS_SWITCH)
+    if value is not None and not 1 <= value <= MAX_ROWS:
+        raise switches.SwitchValueError(f"{GEMV_ROWS_SWITCH} must be 1..{MAX_ROWS} (the GEMV's rows), got {value}")
+    return 1 if value is None else value
+
+
+def install_gemv(eng: FastEngine, max_rows: int = 1) -> int:
+    """Route the engine's bf16 linears (the model's and the merged projections) through the GEMV kernel for inputs of
+    1..``max_rows`` rows where it passes its check on the engine's device; returns how many (0 with one warning when
+    it does not pass at one row; one row only, with a warning, when it passes there but not at more)."""
     from model_server import gemv_bf16
     r = eng.runner
     models = [r.model, *(m for m in r.qkv + r.gate_up if m is not None)]
     if r.device.type != "cuda" or not any(gemv_bf16.eligible(m) for m in models):
         return 0                                      # e.g. INT4 or fp16 linears only: no compile, no check
-    err = gemv_bf16.check(r.device)
+    err = gemv_bf16.check(r.device, max_rows)
+    if err is not None and max_rows > 1 and gemv_bf16.check(r.device) is None:
+        log.warning("the bf16 GEMV runs one-row steps only (%s=%d not used): %s", GEMV_ROWS_SWITCH, max_rows, err)
+        err, max_rows = None, 1
     if err is not None:
         log.warning("the one-row bf16 GEMV is not used (cuBLAS stays): %s", err)
         return 0
-    r.gemv_linears = sum(gemv_bf16.install(m) for m in models)
+    r.gemv_linears = sum(gemv_bf16.install(m, max_rows) for m in models)
     return r.gemv_linears
