@@ -100,6 +100,11 @@
 #                                            SS_QUANTS (int4:mma: the Triton GEMM above 16/32 rows) at SS_CONC (64,32) with
 #                                            MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE=ticket (ss_ticket/) then =kernel
 #                                            (ss_kernel/); SS_SECONDS (170) per arm (~8 min)
+#   bash benchmarks/gpu_calls.sh l2pf       # issue 17: the next INT4 linear's weights prefetched into L2: 16 layers' linears
+#                                            per step in a CUDA graph, off / inline / side / hot / bf16 at 1-64 rows
+#                                            (int4_l2_prefetch.py, ~1 min), then the steady state in-process, int4:mma at
+#                                            SS_CONC (1,8,64) with MODEL_SERVER_INT4_L2_PREFETCH=L2PF_ARM (side) (ss_pf/) and
+#                                            off (ss/), then bf16 (ss_bf16/) (~8 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
 # nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
@@ -107,7 +112,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -207,6 +212,16 @@ case "${1:-}" in
         --out "$out/$d" --quants bf16 --concurrency "${SS_CONC:-2,4,8}" --http-concurrency '' > "$out/$d.log" 2>&1
       echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|WARN|GEMV" "$out/$d.log"
     done; unset MODEL_SERVER_FAST_GEMV_ROWS ;;
+  l2pf)
+    timeout 120 python3 benchmarks/int4_l2_prefetch.py --commit "$EDGE_EVAL_COMMIT" --out "$out/l2pf" \
+      > "$out/l2pf.log" 2>&1; echo "int4_l2_prefetch rc $?"; cat "$out/l2pf.log" | cut -c1-300
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    for arm in ss_pf:${L2PF_ARM:-side}:int4:mma ss:off:int4:mma ss_bf16:off:bf16; do   # consecutive processes
+      d=${arm%%:*}; rest=${arm#*:}; export MODEL_SERVER_INT4_L2_PREFETCH=${rest%%:*}
+      timeout "${SS_SECONDS:-135}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/$d" --quants "${rest#*:}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
+        > "$out/$d.log" 2>&1; echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|Error" "$out/$d.log"
+    done; unset MODEL_SERVER_INT4_L2_PREFETCH ;;
   pick)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 150 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \

@@ -125,6 +125,11 @@ class Int4Linear(nn.Module):
         if self.input_perm is not None:
             x2 = x2.index_select(1, self.input_perm)
         kernel = step_kernel(self.kernel, self.rows_kernel, x2.shape[0], self.out_features)
+        nxt = self.__dict__.get("l2_next")           # (module, mode) set by the engine: model_server.l2_prefetch
+        side = None
+        if nxt is not None:
+            from model_server import l2_prefetch
+            side = l2_prefetch.ahead(nxt[0], x2.shape[0], nxt[1])
         if kernel == "mma":
             from model_server.int4_mma import int4_mma_mm
             y = int4_mma_mm(x2, self.mma_words, self.mma_scales, self.group_size)
@@ -141,6 +146,8 @@ class Int4Linear(nn.Module):
                                                            self.scales_and_zeros)
         else:
             y = x2 @ self._unpacked().t()
+        if side is not None:
+            l2_prefetch.join(side)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

@@ -73,10 +73,39 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
         if value is not None:
             kwargs.setdefault(key, value)
     gemv_on, gemv_rows = gemv_switch() is not False, gemv_rows_switch()    # read first: a bad value fails early
+    from model_server.l2_prefetch import mode as l2_mode
+    l2_how = l2_mode()
     eng = FastEngine(loaded.model, list(loaded.eos_token_ids), max_batch=max_batch, max_seq_len=max_len, **kwargs)
     if gemv_on:     # bf16 linears of 1..gemv_rows rows on model_server.gemv_bf16 (CUDA only)
         install_gemv(eng, gemv_rows)
+    if l2_how != "off":
+        install_l2_prefetch(eng, l2_how)
     return eng
+
+
+def install_l2_prefetch(eng: FastEngine, how: str) -> int:
+    """Chain the engine's INT4 linears in the order a step runs them (per layer q/k/v, o, gate/up, down; merged
+    projections where merged): each prefetches the next one's weights into L2 (:mod:`model_server.l2_prefetch`, ``how``
+    ``inline`` or ``side``). The last layer's down projection prefetches nothing (the LM head does not fit in L2).
+    Returns how many linears prefetch (0 off CUDA, below compute capability 9.0 or without INT4 linears)."""
+    from model_server import l2_prefetch
+    from model_server.int4 import Int4Linear
+    r = eng.runner
+    if r.device.type != "cuda" or not l2_prefetch.usable(r.device.index or 0):
+        return 0
+    order: list[object] = []
+    for li, layer in enumerate(r.layers):
+        att, mlp = layer.self_attn, layer.mlp
+        order += [r.qkv[li].fn] if r.qkv[li] is not None else [att.q_proj, att.k_proj, att.v_proj]
+        order.append(att.o_proj)
+        if r.silu_mlp:
+            order += [r.gate_up[li].fn] if r.gate_up[li] is not None else [mlp.gate_proj, mlp.up_proj]
+            order.append(mlp.down_proj)
+    chain = [m for m in order if isinstance(m, Int4Linear)]
+    for a, b in zip(chain, chain[1:]):
+        a.l2_next = (b, how)
+    r.l2_prefetch_linears = max(len(chain) - 1, 0)
+    return r.l2_prefetch_linears
 
 
 def gemv_switch() -> bool | None:
