@@ -16,7 +16,8 @@ from model_server import int4_gemv, int4_triton
 
 def gemm_configs(m: int, n: int, k: int, group: int, num_sms: int, wide: bool = False) -> list[int4_triton.Config]:
     """The GEMM's grid. Up to 16 rows: swap-AB, BLOCK_N 64/128, split K 1/heuristic's, both scale modes.
-    17..64 rows: BLOCK_M = M padded, BLOCK_N 64/128, split K 1/heuristic's/2x, stages 3/5, both scale modes (swap-AB).
+    17..64 rows: BLOCK_M = M padded, BLOCK_N 64/128, split K 1/heuristic's/2x, stages 3/5, both scale modes (swap-AB);
+    ``wide``: dequantizing only, BLOCK_N 64/128/256 x 4/8 warps x stages 3/4 x split K heuristic's / half / 2x.
     Above 64: BLOCK_M 64/128 x BLOCK_N 64/128 x both orders and modes; ``wide``: split K 1/2/4/8 too."""
     bk = int4_triton.block_k(group)
     iters = k // bk
@@ -37,6 +38,11 @@ def gemm_configs(m: int, n: int, k: int, group: int, num_sms: int, wide: bool = 
     if m <= 16:
         return [int4_triton.Config(base.block_m, bn, sp, 4, 4, True, fold)
                 for bn in (64, 128) for sp in splits(False) for fold in (True, False)]
+    if wide:
+        half = {max(base.split_k // 2, 1), base.split_k, base.split_k * 2}
+        return [int4_triton.Config(base.block_m, bn, sp, st, w, True, False)
+                for bn in (64, 128, 256) for w in (4, 8) for st in (3, 4) for sp in sorted(half)
+                if iters % sp == 0 and iters // sp >= 2 and not (bn == 256 and w == 4)]
     return [int4_triton.Config(base.block_m, bn, sp, st, 8 if base.block_m * bn >= 8192 else 4, True, fold)
             for bn in (64, 128) for sp in splits(True) for st in (3, 5) for fold in (True, False)]
 
