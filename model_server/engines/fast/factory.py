@@ -83,29 +83,33 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
     return eng
 
 
-def install_l2_prefetch(eng: FastEngine, how: str) -> int:
-    """Chain the engine's INT4 linears in the order a step runs them (per layer q/k/v, o, gate/up, down; merged
-    projections where merged): each prefetches the next one's weights into L2 (:mod:`model_server.l2_prefetch`, ``how``
-    ``inline`` or ``side``). The last layer's down projection prefetches nothing (the LM head does not fit in L2).
-    Returns how many linears prefetch (0 off CUDA, below compute capability 9.0 or without INT4 linears)."""
-    from model_server import l2_prefetch
+def l2_chain(runner) -> list:
+    """The runner's INT4 linears in the order a decode step runs them: per layer q/k/v (merged where merged), o,
+    gate/up (merged where merged), down. The LM head is left out (it does not fit in L2)."""
     from model_server.int4 import Int4Linear
+    order: list[object] = []
+    for li, layer in enumerate(runner.layers):
+        att, mlp = layer.self_attn, layer.mlp
+        order += [runner.qkv[li].fn] if runner.qkv[li] is not None else [att.q_proj, att.k_proj, att.v_proj]
+        order.append(att.o_proj)
+        if runner.silu_mlp:
+            order += [runner.gate_up[li].fn] if runner.gate_up[li] is not None else [mlp.gate_proj, mlp.up_proj]
+            order.append(mlp.down_proj)
+    return [m for m in order if isinstance(m, Int4Linear)]
+
+
+def install_l2_prefetch(eng: FastEngine, how: str) -> int:
+    """Each INT4 linear of :func:`l2_chain` prefetches the next one's weights into L2 (:mod:`model_server.l2_prefetch`,
+    ``how`` ``inline`` or ``side``; measured slower on an H100, so off by default). Returns how many linears prefetch
+    (0 off CUDA, below compute capability 9.0 or without INT4 linears)."""
+    from model_server import l2_prefetch
     r = eng.runner
     if r.device.type != "cuda" or not l2_prefetch.usable(r.device.index or 0):
         return 0
-    order: list[object] = []
-    for li, layer in enumerate(r.layers):
-        att, mlp = layer.self_attn, layer.mlp
-        order += [r.qkv[li].fn] if r.qkv[li] is not None else [att.q_proj, att.k_proj, att.v_proj]
-        order.append(att.o_proj)
-        if r.silu_mlp:
-            order += [r.gate_up[li].fn] if r.gate_up[li] is not None else [mlp.gate_proj, mlp.up_proj]
-            order.append(mlp.down_proj)
-    chain = [m for m in order if isinstance(m, Int4Linear)]
+    chain = l2_chain(r)
     for a, b in zip(chain, chain[1:]):
         a.l2_next = (b, how)
-    r.l2_prefetch_linears = max(len(chain) - 1, 0)
-    return r.l2_prefetch_linears
+    return max(len(chain) - 1, 0)
 
 
 def gemv_switch() -> bool | None:
