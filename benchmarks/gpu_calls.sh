@@ -105,6 +105,10 @@
 #                                            (int4_l2_prefetch.py, ~1 min), then the steady state in-process, int4:mma at
 #                                            SS_CONC (1,8,64) with MODEL_SERVER_INT4_L2_PREFETCH=L2PF_ARM (side) (ss_pf/) and
 #                                            off (ss/), then bf16 (ss_bf16/) (~8 min)
+#   bash benchmarks/gpu_calls.sh deq        # issue 17: the Triton GEMM dequantizing with one bf16 FMA per weight against fp32:
+#                                            int4_kernels.py --no-sweep at 16/32/64 rows with MODEL_SERVER_INT4_TRITON_DEQ=
+#                                            fp32 (k_fp32/) and fma (k_fma/), then the steady state in-process, int4:mma
+#                                            at SS_CONC (32,64) with fma (ss_fma/), fp32 (ss/), then bf16 (ss_bf16/) (~7 min)
 # Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
 # nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
@@ -112,7 +116,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -212,6 +216,19 @@ case "${1:-}" in
         --out "$out/$d" --quants bf16 --concurrency "${SS_CONC:-2,4,8}" --http-concurrency '' > "$out/$d.log" 2>&1
       echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|WARN|GEMV" "$out/$d.log"
     done; unset MODEL_SERVER_FAST_GEMV_ROWS ;;
+  deq)
+    for d in fp32 fma; do
+      MODEL_SERVER_INT4_TRITON_DEQ=$d timeout 100 python3 benchmarks/int4_kernels.py --ms 16,32,64 --no-sweep \
+        --methods bf16,triton --out "$out/k_$d" > "$out/k_$d.log" 2>&1; echo "int4_kernels ($d) rc $?"
+      sed -n '/^Whole step/,$p' "$out/k_$d.log" | head -9; grep -E "^\| [0-9]+ x [0-9]+ \| (32|64) " "$out/k_$d.log"
+    done
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    for arm in ss_fma:fma:int4:mma ss:fp32:int4:mma ss_bf16:fp32:bf16; do   # consecutive processes
+      d=${arm%%:*}; rest=${arm#*:}; export MODEL_SERVER_INT4_TRITON_DEQ=${rest%%:*}
+      timeout "${SS_SECONDS:-110}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/$d" --quants "${rest#*:}" --concurrency "${SS_CONC:-32,64}" --http-concurrency '' \
+        > "$out/$d.log" 2>&1; echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|Error" "$out/$d.log"
+    done; unset MODEL_SERVER_INT4_TRITON_DEQ ;;
   l2pf)
     timeout 120 python3 benchmarks/int4_l2_prefetch.py --commit "$EDGE_EVAL_COMMIT" --out "$out/l2pf" \
       > "$out/l2pf.log" 2>&1; echo "int4_l2_prefetch rc $?"; cat "$out/l2pf.log" | cut -c1-300

@@ -61,6 +61,42 @@ def test_every_launch_configuration_computes_the_same_product(swap_ab, fold, spl
     assert _rel(y, _reference(x, q, sz, group)) < 3e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("swap_ab,split", [(True, 1), (True, 4), (False, 2)])
+def test_dequantizing_with_one_fma_in_the_activation_dtype_rounds_each_weight_once(dtype, swap_ab, split):
+    torch.manual_seed(11)
+    n, k, group, m = 80, 512, 64, 20
+    q, sz = quantize_groupwise(torch.randn(n, k) * 0.05, group)
+    sz = sz.to(dtype).float()                        # the scales and zeros as the layer holds them (activation dtype)
+    x = torch.randn(m, k).to(dtype)
+    packed, (scales, zeros) = int4_triton.pack_int4(q, group), int4_triton.split_scales_and_zeros(sz.to(dtype))
+    cfg = int4_triton.Config(16, 64, split, 2, 4, swap_ab, False, True)
+    y = int4_triton.int4_triton_mm(x, packed, scales, zeros, group, cfg)
+    w = dequantize_groupwise(q, sz, group).to(dtype)                # each weight rounded once to the dtype
+    want = x.double() @ w.double().t()
+    assert _rel(y, want) < (1e-6 if dtype == torch.float32 else 1e-3)
+    y32 = int4_triton.int4_triton_mm(x, packed, scales, zeros, group, int4_triton.Config(16, 64, split, 2, 4, swap_ab,
+                                                                                        False, False))
+    assert _rel(y, y32.double()) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+def test_the_dequantization_switch(monkeypatch):
+    from model_server.switches import SwitchValueError
+    try:
+        for value, want in (("", "fp32"), ("fp32", "fp32"), ("fma", "fma")):
+            monkeypatch.setenv(int4_triton.DEQ_SWITCH, value)
+            int4_triton.deq_mode.cache_clear()
+            assert int4_triton.deq_mode() == want
+            assert int4_triton.choose_config(64, 2048, 2048, 128, 132).fma == (want == "fma")
+        monkeypatch.setenv(int4_triton.DEQ_SWITCH, "bf16")
+        int4_triton.deq_mode.cache_clear()
+        with pytest.raises(SwitchValueError):
+            int4_triton.deq_mode()
+    finally:
+        monkeypatch.delenv(int4_triton.DEQ_SWITCH)
+        int4_triton.deq_mode.cache_clear()
+
+
 def test_config_choice_splits_k_only_while_tiles_do_not_fill_the_device():
     small = int4_triton.choose_config(1, 2048, 2048, 128, 132)
     wide = int4_triton.choose_config(1, 128256, 2048, 128, 132)
