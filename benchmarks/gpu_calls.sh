@@ -100,6 +100,10 @@
 #                                            SS_QUANTS (int4:mma: the Triton GEMM above 16/32 rows) at SS_CONC (64,32) with
 #                                            MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE=ticket (ss_ticket/) then =kernel
 #                                            (ss_kernel/); SS_SECONDS (170) per arm (~8 min)
+#   bash benchmarks/gpu_calls.sh deqptx     # issue 17: MODEL_SERVER_INT4_TRITON_DEQ=fma-ptx (the nibbles unpacked by inline
+#                                            PTX): int4_kernels.py --no-sweep at 32/64 rows (k_ptx/), then the steady
+#                                            state in-process at SS_CONC (32,64): int4:mma with fma-ptx (ss_ptx/), bf16
+#                                            (ss_bf16/), then int4:mma with fma at 64 (ss_fma/) (~6 min)
 #   bash benchmarks/gpu_calls.sh l2pf       # issue 17: the next INT4 linear's weights prefetched into L2: 16 layers' linears
 #                                            per step in a CUDA graph, off / inline / side / hot / bf16 at 1-64 rows
 #                                            (int4_l2_prefetch.py, ~1 min), then the steady state in-process, int4:mma at
@@ -116,7 +120,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -216,6 +220,17 @@ case "${1:-}" in
         --out "$out/$d" --quants bf16 --concurrency "${SS_CONC:-2,4,8}" --http-concurrency '' > "$out/$d.log" 2>&1
       echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|WARN|GEMV" "$out/$d.log"
     done; unset MODEL_SERVER_FAST_GEMV_ROWS ;;
+  deqptx)
+    MODEL_SERVER_INT4_TRITON_DEQ=fma-ptx timeout 90 python3 benchmarks/int4_kernels.py --ms 32,64 --no-sweep \
+      --methods bf16,triton --out "$out/k_ptx" > "$out/k_ptx.log" 2>&1; echo "int4_kernels (fma-ptx) rc $?"
+    sed -n '/^Whole step/,$p' "$out/k_ptx.log" | head -9; grep -E "^\| [0-9]+ x [0-9]+ \| (32|64) " "$out/k_ptx.log"
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    for arm in ss_ptx:fma-ptx:int4:mma:32,64 ss_bf16:fp32:bf16:32,64 ss_fma:fma:int4:mma:64; do   # consecutive processes
+      d=${arm%%:*}; rest=${arm#*:}; export MODEL_SERVER_INT4_TRITON_DEQ=${rest%%:*}; rest=${rest#*:}
+      timeout "${SS_SECONDS:-100}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/$d" --quants "${rest%:*}" --concurrency "${rest##*:}" --http-concurrency '' \
+        > "$out/$d.log" 2>&1; echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|Error" "$out/$d.log"
+    done; unset MODEL_SERVER_INT4_TRITON_DEQ ;;
   deq)
     for d in fp32 fma; do
       MODEL_SERVER_INT4_TRITON_DEQ=$d timeout 100 python3 benchmarks/int4_kernels.py --ms 16,32,64 --no-sweep \

@@ -80,7 +80,7 @@ def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128, ticket:
     sig = dict(zip(GEMM_ARGS, types))
     const = dict(ITERS_PER_SPLIT=k // bk // cfg.split_k, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                  BLOCK_K=bk, HALF=bk // 2, MAGIC=0x4300, C8=136.0, SWAP_AB=cfg.swap_ab, FOLD=cfg.fold,
-                 SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=int(cfg.fma and not cfg.fold))
+                 SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=int4_triton._deq(cfg, 0x4300))
     sig.update({name: "constexpr" for name in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(GEMM_ARGS) if name != "M"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),

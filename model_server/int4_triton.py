@@ -110,18 +110,21 @@ class Config:
     swap_ab: bool = True             # tile of y^T: the weight is the dot's left operand (small M on the N side)
     fold: bool = True                # scale/zero after each K-block's dot (else dequantize, then dot)
     fma: bool = False                # dequantize in the activation dtype, one fused multiply-add (else in fp32)
+    ptx: bool = False                # with fma: unpack the nibbles with 4 PTX instructions per 2 bytes (GPU only)
 
 
 DEQ_SWITCH = "MODEL_SERVER_INT4_TRITON_DEQ"
-DEQ_MODES = ("fp32", "fma")          # the first is the default
+DEQ_MODES = ("fp32", "fma", "fma-ptx")   # the first is the default
 
 
 @lru_cache(maxsize=1)
 def deq_mode() -> str:
-    """``fp32`` or ``fma`` from ``MODEL_SERVER_INT4_TRITON_DEQ`` (unset: ``fp32``), read once per process (tests clear
-    the cache); another value raises :class:`model_server.switches.SwitchValueError`. ``fma`` dequantizes each weight
-    as ``fma(q - 8, scale, zero)`` in the activation dtype (``(c + q) - (c + 8)`` is exact, so one rounding): 5.6
-    instead of 7.7 SASS instructions per weight at 64 rows (bf16x2 HADD2 + HFMA2 instead of FFMA + F2FP)."""
+    """``fp32``, ``fma`` or ``fma-ptx`` from ``MODEL_SERVER_INT4_TRITON_DEQ`` (unset: ``fp32``), read once per process
+    (tests clear the cache); another value raises :class:`model_server.switches.SwitchValueError`. ``fma`` dequantizes
+    each weight as ``fma(q - 8, scale, zero)`` in the activation dtype (``(c + q) - (c + 8)`` is exact, so one
+    rounding): 5.6 instead of 7.7 SASS instructions per weight at 64 rows (bf16x2 HADD2 + HFMA2 instead of FFMA +
+    F2FP); ``fma-ptx`` also makes ``c + q`` of two bytes with one PRMT, two LOP3 and a shift (inline PTX; the
+    interpreter and fp32 use the plain unpack): 4.4, and 128 instead of 160 registers."""
     from model_server.switches import choice
     return choice(DEQ_SWITCH, DEQ_MODES)
 
@@ -141,10 +144,11 @@ def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
     split = 1
     while tiles * split < num_sms and iters % (2 * split) == 0 and iters // (2 * split) >= 2:
         split *= 2
-    fma = deq_mode() == "fma"
+    deq = deq_mode()
+    fma, ptx = deq != "fp32", deq == "fma-ptx"
     if m > 64:
-        return Config(bm, bn, split, 3, 4, False, False, fma)
-    return Config(bm, bn, split, 4 if bm <= 32 else 3, 4, True, False, fma)
+        return Config(bm, bn, split, 3, 4, False, False, fma, ptx)
+    return Config(bm, bn, split, 4 if bm <= 32 else 3, 4, True, False, fma, ptx)
 
 
 @lru_cache(maxsize=None)
@@ -195,11 +199,21 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
         if MAGIC == 0:                                                     # fp32: c = 0
             w_lo = (b & 15).to(tl.float32)
             w_hi = (b >> 4).to(tl.float32)
+        elif DEQ == 2 and MAGIC == 0x4300:                                 # c + q by PTX: 4 instructions per 2 bytes
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; prmt.b32 t, $2, 0, 0x4140; lop3.b32 $0, t, 0x000f000f, 0x43004300, 0xea; "
+                "shr.u32 t, t, 4; lop3.b32 $1, t, 0x000f000f, 0x43004300, 0xea; }",
+                "=r,=r,r", [b], dtype=(x_lo.dtype, x_lo.dtype), is_pure=True, pack=2)
+        elif DEQ == 2:                                                     # fp16: magic 1024
+            w_lo, w_hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; prmt.b32 t, $2, 0, 0x4140; lop3.b32 $0, t, 0x000f000f, 0x64006400, 0xea; "
+                "shr.u32 t, t, 4; lop3.b32 $1, t, 0x000f000f, 0x64006400, 0xea; }",
+                "=r,=r,r", [b], dtype=(x_lo.dtype, x_lo.dtype), is_pure=True, pack=2)
         else:                                                              # c + q, exact, no conversion
             w_lo = ((b & 15).to(tl.int16) | MAGIC).to(tl.int16).to(x_lo.dtype, bitcast=True)
             w_hi = ((b >> 4).to(tl.int16) | MAGIC).to(tl.int16).to(x_lo.dtype, bitcast=True)
         g = k0 // GROUP
-        if DEQ == 1:                                                       # (c + q) - (c + 8), exact; one rounding
+        if DEQ >= 1:                                                       # (c + q) - (c + 8), exact; one rounding
             s16 = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(x_lo.dtype)
             z16 = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(x_lo.dtype)
             if SWAP_AB:
@@ -258,6 +272,14 @@ def _split_sum_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _deq(cfg: Config, magic: int) -> int:
+    """The kernel's DEQ: 0 fp32 (or folding), 1 one FMA in the activation dtype, 2 the same with the PTX unpack
+    (bf16 / fp16 on a GPU; Triton's interpreter runs no inline PTX)."""
+    if cfg.fold or not cfg.fma:
+        return 0
+    return 2 if cfg.ptx and magic and os.environ.get("TRITON_INTERPRET") != "1" else 1
+
+
 @lru_cache(maxsize=None)
 def _jitted(interpret: bool) -> tuple[Any, Any]:
     """``triton.jit`` at first use (TRITON_INTERPRET is read then), one pair per mode. The GEMM is not specialized
@@ -305,7 +327,7 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
                     packed.stride(0), n, m * n, y, cnt, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
                     BLOCK_N=cfg.block_n, BLOCK_K=bk, HALF=bk // 2, MAGIC=magic, C8=c8, SWAP_AB=cfg.swap_ab,
                     FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket,
-                    DEQ=int(cfg.fma and not cfg.fold), num_warps=cfg.num_warps,
+                    DEQ=_deq(cfg, magic), num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages)
     if cfg.split_k > 1 and not ticket:
         sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, SPLIT=cfg.split_k, BLOCK=1024, num_warps=4)

@@ -83,11 +83,17 @@ def test_dequantizing_with_one_fma_in_the_activation_dtype_rounds_each_weight_on
 def test_the_dequantization_switch(monkeypatch):
     from model_server.switches import SwitchValueError
     try:
-        for value, want in (("", "fp32"), ("fp32", "fp32"), ("fma", "fma")):
+        for value, want in (("", "fp32"), ("fp32", "fp32"), ("fma", "fma"), ("fma-ptx", "fma-ptx")):
             monkeypatch.setenv(int4_triton.DEQ_SWITCH, value)
             int4_triton.deq_mode.cache_clear()
             assert int4_triton.deq_mode() == want
-            assert int4_triton.choose_config(64, 2048, 2048, 128, 132).fma == (want == "fma")
+            cfg = int4_triton.choose_config(64, 2048, 2048, 128, 132)
+            assert (cfg.fma, cfg.ptx) == (want != "fp32", want == "fma-ptx")
+            assert int4_triton._deq(cfg, 0x4300) == {"fp32": 0, "fma": 1, "fma-ptx": 1}[want]   # interpreter: no PTX
+            monkeypatch.delenv("TRITON_INTERPRET")
+            assert int4_triton._deq(cfg, 0x4300) == {"fp32": 0, "fma": 1, "fma-ptx": 2}[want]
+            assert int4_triton._deq(cfg, 0) == {"fp32": 0, "fma": 1, "fma-ptx": 1}[want]          # fp32: no magic
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.setenv(int4_triton.DEQ_SWITCH, "bf16")
         int4_triton.deq_mode.cache_clear()
         with pytest.raises(SwitchValueError):
