@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from int4_sweep import cfg_str, gemv_configs  # noqa: E402
-from model_server import int4_gemv, int4_triton  # noqa: E402
+from model_server import int4_gemv, int4_triton, int4_triton_config  # noqa: E402
 
 SHAPES = {"qkv_proj": (3072, 2048), "o_proj": (2048, 2048), "gate_up_proj": (16384, 2048), "down_proj": (2048, 8192),
           "lm_head": (128256, 2048)}
@@ -80,7 +80,7 @@ def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128, ticket:
     sig = dict(zip(GEMM_ARGS, types))
     const = dict(ITERS_PER_SPLIT=k // bk // cfg.split_k, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                  BLOCK_K=bk, HALF=bk // 2, MAGIC=0x4300, C8=136.0, SWAP_AB=cfg.swap_ab, FOLD=cfg.fold,
-                 SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=int4_triton._deq(cfg, 0x4300))
+                 SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=int4_triton_config.deq(cfg, 0x4300, False))
     sig.update({name: "constexpr" for name in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(GEMM_ARGS) if name != "M"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),

@@ -95,8 +95,9 @@ class Int4Linear(nn.Module):
             self.register_buffer("weight_packed", _pack(q, self.kernel))
             self.register_buffer("scales_and_zeros", sz)
         if self.uses_triton:
-            from model_server import int4_triton, int4_triton_split
+            from model_server import int4_triton, int4_triton_config, int4_triton_split
             int4_triton_split.mode()                 # a bad MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE fails the load
+            int4_triton_config.deq_mode()            # ... and so does a bad MODEL_SERVER_INT4_TRITON_DEQ
             self.register_buffer("triton_packed", int4_triton.pack_int4(q, group_size))
             scales, zeros = int4_triton.split_scales_and_zeros(sz)
             self.register_buffer("triton_scales", scales)

@@ -7,8 +7,8 @@ tensor cores, so batched decode and prefill read 4-bit weights at GEMM speed. :c
 dispatches by rows (``int4.TINYGEMM_MAX_ROWS`` in the ``mixed`` mode; in the ``triton`` mode steps of at most
 ``int4.GEMV_MAX_ROWS`` rows run the small-rows kernel of :mod:`model_server.int4_gemv`, which reads this layout).
 
-Owns: the kernel's weight layout (:func:`pack_int4`, :func:`split_scales_and_zeros`), the kernel, its launch
-configuration (:func:`choose_config`) and the wrapper :func:`int4_triton_mm`. Must NOT: quantize weights
+Owns: the kernel's weight layout (:func:`pack_int4`, :func:`split_scales_and_zeros`), the kernel and the wrapper
+:func:`int4_triton_mm`; its launch configuration is :mod:`model_server.int4_triton_config`'s. Must NOT: quantize weights
 (``int4_quant.quantize_groupwise`` does) or decide which kernel a layer uses (the caller does, with :func:`available`).
 
 Math (same quantization as ``int4.py``; ``q`` in 0..15, one (scale, zero) per output column ``n`` and group of
@@ -44,13 +44,13 @@ fp32 / fp16 only: the interpreter cannot bit-cast to bf16; read when the kernel 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
 
 from model_server import int4_triton_split
+from model_server.int4_triton_config import Config, choose_config, deq
 
 triton: Any = None                   # imported at first use (:func:`_import_triton`): CPU-only installs have none,
 tl: Any = None                       # and the interpreter must be chosen before Triton's own import
@@ -98,57 +98,6 @@ def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
 def split_scales_and_zeros(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``scales_and_zeros [K/G, N, 2]`` (``int4.py``'s layout) -> ``(scales [K/G, N], zeros [K/G, N])``."""
     return sz[..., 0].contiguous(), sz[..., 1].contiguous()
-
-
-@dataclass(frozen=True)
-class Config:
-    block_m: int
-    block_n: int
-    split_k: int
-    num_stages: int
-    num_warps: int = 4
-    swap_ab: bool = True             # tile of y^T: the weight is the dot's left operand (small M on the N side)
-    fold: bool = True                # scale/zero after each K-block's dot (else dequantize, then dot)
-    fma: bool = False                # dequantize in the activation dtype, one fused multiply-add (else in fp32)
-    ptx: bool = False                # with fma: unpack the nibbles with 4 PTX instructions per 2 bytes (GPU only)
-
-
-DEQ_SWITCH = "MODEL_SERVER_INT4_TRITON_DEQ"
-DEQ_MODES = ("fp32", "fma", "fma-ptx")   # the first is the default
-
-
-@lru_cache(maxsize=1)
-def deq_mode() -> str:
-    """``fp32``, ``fma`` or ``fma-ptx`` from ``MODEL_SERVER_INT4_TRITON_DEQ`` (unset: ``fp32``), read once per process
-    (tests clear the cache); another value raises :class:`model_server.switches.SwitchValueError`. ``fma`` dequantizes
-    each weight as ``fma(q - 8, scale, zero)`` in the activation dtype (``(c + q) - (c + 8)`` is exact, so one
-    rounding): 5.6 instead of 7.7 SASS instructions per weight at 64 rows (bf16x2 HADD2 + HFMA2 instead of FFMA +
-    F2FP); ``fma-ptx`` also makes ``c + q`` of two bytes with one PRMT, two LOP3 and a shift (inline PTX; the
-    interpreter and fp32 use the plain unpack): 4.4, and 128 instead of 160 registers."""
-    from model_server.switches import choice
-    return choice(DEQ_SWITCH, DEQ_MODES)
-
-
-def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
-    """From sweeps on an H200 (benchmarks/int4_kernels.py, 2026-12-03 and -04): BLOCK_N 64; split K (a power of
-    two dividing the K-blocks, >= 2 K-blocks per split) while the tiles do not fill the SMs; M <= 64: swap-AB,
-    BLOCK_M 16/32/64; M > 64: normal order, BLOCK_M 128, 4 warps (at 256 rows split K took the 2048 x 8192
-    projection from 81 to 35 us and 2048 x 2048 from 22 to 14 us). Dequantize, never fold: in the 2026-12-04
-    sweep (int4_gemv_sweep) the same config dequantizing was 5-12 % faster than folding at 1, 8 and 16 rows on
-    four of the 1B model's five shapes (gate/up 23.1-23.2 -> 20.4-20.5 us, the LM head 108-111 -> 103-104 us)
-    and equal within 0.03 us on the fifth (2048 x 2048); folding stays a Config option for sweeps."""
-    bn = 64
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    tiles = -(-m // bm) * -(-n // bn)
-    iters = k // bk
-    split = 1
-    while tiles * split < num_sms and iters % (2 * split) == 0 and iters // (2 * split) >= 2:
-        split *= 2
-    deq = deq_mode()
-    fma, ptx = deq != "fp32", deq == "fma-ptx"
-    if m > 64:
-        return Config(bm, bn, split, 3, 4, False, False, fma, ptx)
-    return Config(bm, bn, split, 4 if bm <= 32 else 3, 4, True, False, fma, ptx)
 
 
 @lru_cache(maxsize=None)
@@ -272,14 +221,6 @@ def _split_sum_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _deq(cfg: Config, magic: int) -> int:
-    """The kernel's DEQ: 0 fp32 (or folding), 1 one FMA in the activation dtype, 2 the same with the PTX unpack
-    (bf16 / fp16 on a GPU; Triton's interpreter runs no inline PTX)."""
-    if cfg.fold or not cfg.fma:
-        return 0
-    return 2 if cfg.ptx and magic and os.environ.get("TRITON_INTERPRET") != "1" else 1
-
-
 @lru_cache(maxsize=None)
 def _jitted(interpret: bool) -> tuple[Any, Any]:
     """``triton.jit`` at first use (TRITON_INTERPRET is read then), one pair per mode. The GEMM is not specialized
@@ -327,7 +268,7 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
                     packed.stride(0), n, m * n, y, cnt, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
                     BLOCK_N=cfg.block_n, BLOCK_K=bk, HALF=bk // 2, MAGIC=magic, C8=c8, SWAP_AB=cfg.swap_ab,
                     FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket,
-                    DEQ=_deq(cfg, magic), num_warps=cfg.num_warps,
+                    DEQ=deq(cfg, magic, os.environ.get("TRITON_INTERPRET") == "1"), num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages)
     if cfg.split_k > 1 and not ticket:
         sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, SPLIT=cfg.split_k, BLOCK=1024, num_warps=4)

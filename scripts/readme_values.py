@@ -232,6 +232,15 @@ def formats_vs_bf16(docs: list[Any]) -> str:
     return "tokens/s over bf16's: " + "; ".join(out) + " (median of 3 x 10 s windows each)"
 
 
+def formats_vs_next_bf16(docs: list[Any]) -> str:
+    """Each format's tokens/s in the first file over bf16's in the second (the next process on the same machine), per
+    concurrency."""
+    by, bf16 = tokens_by_concurrency(docs[0]), tokens_by_concurrency(docs[1])["bf16"]
+    out = [f"{q} " + ", ".join(f"{cells[c] / bf16[c]:.2f}x at {c}" for c in sorted(cells) if c in bf16)
+           for q, cells in by.items() if q != "bf16"]
+    return "tokens/s over bf16's (next process): " + "; ".join(out) + " (median of 3 x 10 s windows each)"
+
+
 def configs_vs_rule(docs: list[Any]) -> str:
     """int4:mma with the measured configurations (first file, with bf16) and with the rule's (second file, the next
     process on the same machine): each over bf16's tokens/s, and measured over rule, per concurrency."""

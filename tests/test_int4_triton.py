@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_server import int4, int4_choice, int4_gemv, int4_triton
+from model_server import int4, int4_choice, int4_gemv, int4_triton, int4_triton_config
 from model_server.engines.fast.merged import merge
 from model_server.int4 import (AUTO_MODE, GEMV_MAX_ROWS, TINYGEMM_MAX_ROWS, ComputeChoice, Int4Linear, choose_compute,
                                device_compute)
@@ -82,25 +82,32 @@ def test_dequantizing_with_one_fma_in_the_activation_dtype_rounds_each_weight_on
 
 def test_the_dequantization_switch(monkeypatch):
     from model_server.switches import SwitchValueError
+    cfgmod = int4_triton_config
     try:
-        for value, want in (("", "fp32"), ("fp32", "fp32"), ("fma", "fma"), ("fma-ptx", "fma-ptx")):
-            monkeypatch.setenv(int4_triton.DEQ_SWITCH, value)
-            int4_triton.deq_mode.cache_clear()
-            assert int4_triton.deq_mode() == want
+        monkeypatch.setenv(cfgmod.DEQ_SWITCH, "")
+        cfgmod.deq_mode.cache_clear()
+        assert cfgmod.deq_mode() == "auto"                            # fma-ptx up to 64 rows, fp32 above (prefill)
+        assert [(c.fma, c.ptx) for c in (int4_triton.choose_config(m, 2048, 2048, 128, 132) for m in (1, 64, 65))] \
+            == [(True, True), (True, True), (False, False)]
+        for value in ("fp32", "fma", "fma-ptx"):
+            monkeypatch.setenv(cfgmod.DEQ_SWITCH, value)
+            cfgmod.deq_mode.cache_clear()
+            assert cfgmod.deq_mode() == value
             cfg = int4_triton.choose_config(64, 2048, 2048, 128, 132)
-            assert (cfg.fma, cfg.ptx) == (want != "fp32", want == "fma-ptx")
-            assert int4_triton._deq(cfg, 0x4300) == {"fp32": 0, "fma": 1, "fma-ptx": 1}[want]   # interpreter: no PTX
-            monkeypatch.delenv("TRITON_INTERPRET")
-            assert int4_triton._deq(cfg, 0x4300) == {"fp32": 0, "fma": 1, "fma-ptx": 2}[want]
-            assert int4_triton._deq(cfg, 0) == {"fp32": 0, "fma": 1, "fma-ptx": 1}[want]          # fp32: no magic
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
-        monkeypatch.setenv(int4_triton.DEQ_SWITCH, "bf16")
-        int4_triton.deq_mode.cache_clear()
-        with pytest.raises(SwitchValueError):
-            int4_triton.deq_mode()
+            assert (cfg.fma, cfg.ptx) == (value != "fp32", value == "fma-ptx")
+            want = {"fp32": 0, "fma": 1, "fma-ptx": 2}[value]
+            assert cfgmod.deq(cfg, 0x4300, False) == want
+            assert cfgmod.deq(cfg, 0x4300, True) == min(want, 1)           # the interpreter runs no PTX
+            assert cfgmod.deq(cfg, 0, False) == min(want, 1)               # fp32 (no magic): the plain unpack
+        monkeypatch.setenv(cfgmod.DEQ_SWITCH, "bf16")
+        cfgmod.deq_mode.cache_clear()
+        with pytest.raises(SwitchValueError, match=f"^{cfgmod.DEQ_SWITCH} must be one of auto, fp32, fma, fma-ptx"):
+            cfgmod.deq_mode()
+        with pytest.raises(SwitchValueError):                          # at load, not at the first step
+            Int4Linear(nn.Linear(256, 48), 64, ComputeChoice(torch.float32, "triton", "test"))
     finally:
-        monkeypatch.delenv(int4_triton.DEQ_SWITCH)
-        int4_triton.deq_mode.cache_clear()
+        monkeypatch.delenv(cfgmod.DEQ_SWITCH)
+        cfgmod.deq_mode.cache_clear()
 
 
 def test_config_choice_splits_k_only_while_tiles_do_not_fill_the_device():

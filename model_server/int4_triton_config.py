@@ -1,0 +1,72 @@
+"""Launch configurations of the INT4 Triton GEMM (:mod:`model_server.int4_triton`): :class:`Config`, the choice per
+step and layer (:func:`choose_config`), how the kernel dequantizes (:func:`deq_mode`, ``MODEL_SERVER_INT4_TRITON_DEQ``,
+and the kernel's ``DEQ`` constant, :func:`deq`). Owns no kernel and no layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    split_k: int
+    num_stages: int
+    num_warps: int = 4
+    swap_ab: bool = True             # tile of y^T: the weight is the dot's left operand (small M on the N side)
+    fold: bool = True                # scale/zero after each K-block's dot (else dequantize, then dot)
+    fma: bool = False                # dequantize in the activation dtype, one fused multiply-add (else in fp32)
+    ptx: bool = False                # with fma: unpack the nibbles with 4 PTX instructions per 2 bytes (GPU only)
+
+
+DEQ_SWITCH = "MODEL_SERVER_INT4_TRITON_DEQ"
+DEQ_MODES = ("auto", "fp32", "fma", "fma-ptx")   # the first is the default
+DEQ_AUTO_MAX_ROWS = 64               # auto: fma-ptx for steps of up to this many rows (measured), fp32 above (prefill)
+
+
+@lru_cache(maxsize=1)
+def deq_mode() -> str:
+    """``auto``, ``fp32``, ``fma`` or ``fma-ptx`` from ``MODEL_SERVER_INT4_TRITON_DEQ`` (unset: ``auto``), read once per
+    process (tests clear the cache); another value raises :class:`model_server.switches.SwitchValueError`. ``fma``
+    dequantizes each weight as ``fma(q - 8, scale, zero)`` in the activation dtype (``(c + q) - (c + 8)`` is exact, so
+    one rounding): 5.6 instead of 7.7 SASS instructions per weight at 64 rows (bf16x2 HADD2 + HFMA2 instead of FFMA +
+    F2FP); ``fma-ptx`` also makes ``c + q`` of two bytes with one PRMT, two LOP3 and a shift (inline PTX; the
+    interpreter and fp32 use the plain unpack): 4.4, and 128 instead of 160 registers. ``auto``: ``fma-ptx`` up to
+    ``DEQ_AUTO_MAX_ROWS`` rows (an H100, docs/benchmarks.md "Dequantizing with one FMA": linears of a 64-row step
+    1,084 -> 880 us), ``fp32`` above (prefill, not measured with the others)."""
+    from model_server.switches import choice
+    return choice(DEQ_SWITCH, DEQ_MODES)
+
+
+def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
+    """From sweeps on an H200 (benchmarks/int4_kernels.py, 2026-12-03 and -04): BLOCK_N 64; split K (a power of
+    two dividing the K-blocks, >= 2 K-blocks per split) while the tiles do not fill the SMs; M <= 64: swap-AB,
+    BLOCK_M 16/32/64; M > 64: normal order, BLOCK_M 128, 4 warps (at 256 rows split K took the 2048 x 8192
+    projection from 81 to 35 us and 2048 x 2048 from 22 to 14 us). Dequantize, never fold: in the 2026-12-04
+    sweep (int4_gemv_sweep) the same config dequantizing was 5-12 % faster than folding at 1, 8 and 16 rows on
+    four of the 1B model's five shapes (gate/up 23.1-23.2 -> 20.4-20.5 us, the LM head 108-111 -> 103-104 us)
+    and equal within 0.03 us on the fifth (2048 x 2048); folding stays a Config option for sweeps."""
+    bn = 64
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    tiles = -(-m // bm) * -(-n // bn)
+    iters = k // bk
+    split = 1
+    while tiles * split < num_sms and iters % (2 * split) == 0 and iters // (2 * split) >= 2:
+        split *= 2
+    deq = deq_mode()
+    if deq == "auto":
+        deq = "fma-ptx" if m <= DEQ_AUTO_MAX_ROWS else "fp32"
+    fma, ptx = deq != "fp32", deq == "fma-ptx"
+    if m > 64:
+        return Config(bm, bn, split, 3, 4, False, False, fma, ptx)
+    return Config(bm, bn, split, 4 if bm <= 32 else 3, 4, True, False, fma, ptx)
+
+
+def deq(cfg: Config, magic: int, interpret: bool) -> int:
+    """The kernel's DEQ: 0 fp32 (or folding), 1 one FMA in the activation dtype, 2 the same with the PTX unpack
+    (bf16 / fp16 on a GPU; Triton's interpreter runs no inline PTX)."""
+    if cfg.fold or not cfg.fma:
+        return 0
+    return 2 if cfg.ptx and magic and not interpret else 1
