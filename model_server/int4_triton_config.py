@@ -7,9 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from model_server.switches import choice
+
 
 @dataclass(frozen=True)
 class Config:
+    """One launch of the GEMM: its tile (rows x columns), split K, pipeline stages, warps and how it dequantizes."""
     block_m: int
     block_n: int
     split_k: int
@@ -36,7 +39,6 @@ def deq_mode() -> str:
     interpreter and fp32 use the plain unpack): 4.4, and 128 instead of 160 registers. ``auto``: ``fma-ptx`` up to
     ``DEQ_AUTO_MAX_ROWS`` rows (an H100, docs/benchmarks.md "Dequantizing with one FMA": linears of a 64-row step
     1,084 -> 880 us), ``fp32`` above (prefill, not measured with the others)."""
-    from model_server.switches import choice
     return choice(DEQ_SWITCH, DEQ_MODES)
 
 
@@ -55,10 +57,10 @@ def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
     split = 1
     while tiles * split < num_sms and iters % (2 * split) == 0 and iters // (2 * split) >= 2:
         split *= 2
-    deq = deq_mode()
-    if deq == "auto":
-        deq = "fma-ptx" if m <= DEQ_AUTO_MAX_ROWS else "fp32"
-    fma, ptx = deq != "fp32", deq == "fma-ptx"
+    how = deq_mode()
+    if how == "auto":
+        how = "fma-ptx" if m <= DEQ_AUTO_MAX_ROWS else "fp32"
+    fma, ptx = how != "fp32", how == "fma-ptx"
     if m > 64:
         return Config(bm, bn, split, 3, 4, False, False, fma, ptx)
     return Config(bm, bn, split, 4 if bm <= 32 else 3, 4, True, False, fma, ptx)

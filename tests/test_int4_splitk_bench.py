@@ -4,6 +4,7 @@ benchmarks/gpu_calls.sh's ``splitk`` mode, run with stand-ins for python3 and nv
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,8 +140,12 @@ def test_gpu_calls_lists_splitk_and_parses():
     body = (ROOT / "benchmarks" / "gpu_calls.sh").read_text()
     assert "bash benchmarks/gpu_calls.sh splitk" in body            # the usage comment
     head = body.split('case "${1:-}" in', 2)
-    assert "|splitk)" in head[1].split("\n")[0] and "|splitk\"" in head[1].split("\n")[0]
-    assert "\n  splitk)" in head[2]
+    line = head[1].split("\n")[0]
+    accepted = line.split(")")[0].strip().split("|")
+    usage = line.split("usage: bash benchmarks/gpu_calls.sh ")[1].split('"')[0].split("|")
+    assert "splitk" in accepted and accepted == usage                # every mode it takes, its usage line names
+    branches = {m for label in re.findall(r"\n  ([a-z0-9|]+)\)", head[2]) for m in label.split("|")}
+    assert set(accepted) == branches                                 # ... and each has a branch
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_calls.sh")]).returncode == 0
 
 
