@@ -100,6 +100,9 @@
 #                                            SS_QUANTS (int4:mma: the Triton GEMM above 16/32 rows) at SS_CONC (64,32) with
 #                                            MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE=ticket (ss_ticket/) then =kernel
 #                                            (ss_kernel/); SS_SECONDS (170) per arm (~8 min)
+#   bash benchmarks/gpu_calls.sh sweep64    # issue 17: the Triton GEMM's wide grid at 32/64 rows with the served dequantization
+#                                            (one FMA, PTX unpack): int4_kernels.py --wide-sweep (sweep64/; ~6 min): does
+#                                            another split K or tile serve q/k/v, o and down better now?
 #   bash benchmarks/gpu_calls.sh deqptx     # issue 17: MODEL_SERVER_INT4_TRITON_DEQ=fma-ptx (the nibbles unpacked by inline
 #                                            PTX): int4_kernels.py --no-sweep at 32/64 rows (k_ptx/), then the steady
 #                                            state in-process at SS_CONC (32,64): int4:mma with fma-ptx (ss_ptx/), bf16
@@ -120,7 +123,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -220,6 +223,10 @@ case "${1:-}" in
         --out "$out/$d" --quants bf16 --concurrency "${SS_CONC:-2,4,8}" --http-concurrency '' > "$out/$d.log" 2>&1
       echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|WARN|GEMV" "$out/$d.log"
     done; unset MODEL_SERVER_FAST_GEMV_ROWS ;;
+  sweep64)
+    timeout 420 python3 benchmarks/int4_kernels.py --ms 32,64 --sweep-ms 32,64 --sweep-kernels triton --wide-sweep \
+      --methods bf16,triton --sweep-budget-s 330 --reps 30 --out "$out/sweep64" > "$out/sweep64.log" 2>&1
+    echo "int4_kernels rc $?"; grep -E "sweep:|rel.err" "$out/sweep64.log" | cut -c1-250 ;;
   deqptx)
     MODEL_SERVER_INT4_TRITON_DEQ=fma-ptx timeout 90 python3 benchmarks/int4_kernels.py --ms 32,64 --no-sweep \
       --methods bf16,triton --out "$out/k_ptx" > "$out/k_ptx.log" 2>&1; echo "int4_kernels (fma-ptx) rc $?"

@@ -6,6 +6,7 @@ weights from HBM) and checks its output against the float32 reference. Timing an
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -15,6 +16,13 @@ from model_server import int4_gemv, int4_triton
 
 
 def gemm_configs(m: int, n: int, k: int, group: int, num_sms: int, wide: bool = False) -> list[int4_triton.Config]:
+    """The GEMM's grid, each dequantizing as the served configuration at ``m`` does (``choose_config``'s ``fma`` /
+    ``ptx``: ``MODEL_SERVER_INT4_TRITON_DEQ``)."""
+    base = int4_triton.choose_config(m, n, k, int4_triton.block_k(group), num_sms)
+    return [dataclasses.replace(c, fma=base.fma, ptx=base.ptx) for c in _grid(m, n, k, group, num_sms, wide)]
+
+
+def _grid(m: int, n: int, k: int, group: int, num_sms: int, wide: bool) -> list[int4_triton.Config]:
     """The GEMM's grid. Up to 16 rows: swap-AB, BLOCK_N 64/128, split K 1/heuristic's, both scale modes.
     17..64 rows: BLOCK_M = M padded, BLOCK_N 64/128, split K 1/heuristic's/2x, stages 3/5, both scale modes (swap-AB);
     ``wide``: dequantizing only, BLOCK_N 64/128/256 x 4/8 warps x stages 3/4 x split K heuristic's / half / 2x.
