@@ -146,6 +146,12 @@ trap bundle_out EXIT
 trap 'exit 143' TERM INT
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$out/card.txt"; date -u >> "$out/card.txt"
 stop_servers() { sleep 3; pkill -f "[m]odel_server serve"; pkill -f "[e]dge_proxy serve"; true; }
+# ss_arm DIR SECONDS QUANTS CONC: one steady-state process in-process (steady_state.py) into $out/DIR, its cells shown
+ss_arm() {
+  timeout "$2" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/$1" \
+    --quants "$3" --concurrency "$4" --http-concurrency '' > "$out/$1.log" 2>&1
+  echo "steady_state ($1) rc $?"; grep -E "tok/s \[|graph b1|Error" "$out/$1.log"
+}
 case "${1:-}" in
   energy)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
@@ -233,10 +239,8 @@ case "${1:-}" in
     sed -n '/^Whole step/,$p' "$out/k_ptx.log" | head -9; grep -E "^\| [0-9]+ x [0-9]+ \| (32|64) " "$out/k_ptx.log"
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     for arm in ss_ptx:fma-ptx:int4:mma:32,64 ss_bf16:fp32:bf16:32,64 ss_fma:fma:int4:mma:64; do   # consecutive processes
-      d=${arm%%:*}; rest=${arm#*:}; export MODEL_SERVER_INT4_TRITON_DEQ=${rest%%:*}; rest=${rest#*:}
-      timeout "${SS_SECONDS:-100}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
-        --out "$out/$d" --quants "${rest%:*}" --concurrency "${rest##*:}" --http-concurrency '' \
-        > "$out/$d.log" 2>&1; echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|Error" "$out/$d.log"
+      rest=${arm#*:}; export MODEL_SERVER_INT4_TRITON_DEQ=${rest%%:*}; rest=${rest#*:}
+      ss_arm "${arm%%:*}" "${SS_SECONDS:-100}" "${rest%:*}" "${rest##*:}"
     done; unset MODEL_SERVER_INT4_TRITON_DEQ ;;
   deq)
     for d in fp32 fma; do
@@ -246,20 +250,16 @@ case "${1:-}" in
     done
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     for arm in ss_fma:fma:int4:mma ss:fp32:int4:mma ss_bf16:fp32:bf16; do   # consecutive processes
-      d=${arm%%:*}; rest=${arm#*:}; export MODEL_SERVER_INT4_TRITON_DEQ=${rest%%:*}
-      timeout "${SS_SECONDS:-110}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
-        --out "$out/$d" --quants "${rest#*:}" --concurrency "${SS_CONC:-32,64}" --http-concurrency '' \
-        > "$out/$d.log" 2>&1; echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|Error" "$out/$d.log"
+      rest=${arm#*:}; export MODEL_SERVER_INT4_TRITON_DEQ=${rest%%:*}
+      ss_arm "${arm%%:*}" "${SS_SECONDS:-110}" "${rest#*:}" "${SS_CONC:-32,64}"
     done; unset MODEL_SERVER_INT4_TRITON_DEQ ;;
   l2pf)
     timeout 120 python3 benchmarks/int4_l2_prefetch.py --commit "$EDGE_EVAL_COMMIT" --out "$out/l2pf" \
       > "$out/l2pf.log" 2>&1; echo "int4_l2_prefetch rc $?"; cat "$out/l2pf.log" | cut -c1-300
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     for arm in ss_pf:${L2PF_ARM:-side}:int4:mma ss:off:int4:mma ss_bf16:off:bf16; do   # consecutive processes
-      d=${arm%%:*}; rest=${arm#*:}; export MODEL_SERVER_INT4_L2_PREFETCH=${rest%%:*}
-      timeout "${SS_SECONDS:-135}" python3 benchmarks/steady_state.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
-        --out "$out/$d" --quants "${rest#*:}" --concurrency "${SS_CONC:-1,8,64}" --http-concurrency '' \
-        > "$out/$d.log" 2>&1; echo "steady_state ($d) rc $?"; grep -E "tok/s \[|graph b1|Error" "$out/$d.log"
+      rest=${arm#*:}; export MODEL_SERVER_INT4_L2_PREFETCH=${rest%%:*}
+      ss_arm "${arm%%:*}" "${SS_SECONDS:-135}" "${rest#*:}" "${SS_CONC:-1,8,64}"
     done; unset MODEL_SERVER_INT4_L2_PREFETCH ;;
   pick)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet

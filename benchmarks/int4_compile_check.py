@@ -15,6 +15,7 @@ per rows M and shape, or one Config; weights per iteration are BLOCK_N x BLOCK_K
   python3 benchmarks/int4_compile_check.py --config 16,4,16,1,4,4,1 --k 2048   # one GemvConfig (dot as 0/1)
   python3 benchmarks/int4_compile_check.py --gemm --ms 8,64      # the GEMM's chosen config per M and shape
   python3 benchmarks/int4_compile_check.py --gemm --config 64,64,1,3,4,1,1 --k 2048  # one Config (swap_ab, fold 0/1)
+  python3 benchmarks/int4_compile_check.py --gemm --config 64,64,1,3,4,1,0,1,1        # ... dequantizing by fma, PTX unpack
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def report(cfg: int4_gemv.GemvConfig, k: int) -> dict:
 def gemm_report(cfg: int4_triton.Config, k: int) -> dict:
     """The GEMM's report: one K-block of ``block_n`` columns per iteration."""
     name = (f"gemm {cfg.block_m}/{cfg.block_n}/s{cfg.split_k}/st{cfg.num_stages}/w{cfg.num_warps}/"
-            f"{'T' if cfg.swap_ab else 'N'}{'F' if cfg.fold else 'D'}")
+            f"{'T' if cfg.swap_ab else 'N'}{'F' if cfg.fold else 'D'}"
+            f"{'/fma' if cfg.fma else ''}{'-ptx' if cfg.ptx else ''}")
     return sass_report(compile_gemm_sm90(cfg, k), cfg.block_n * int4_triton.block_k(128), cfg.num_warps, name)
 
 
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ms", default="1,8,64", help="rows M of the sweep grid (comma-separated)")
     p.add_argument("--config", default=None,
                    help="one GemvConfig: block_n,nb,block_m,split,stages,warps,dot[,prefetch] (dot, prefetch as 0/1); "
-                        "with --gemm one Config: block_m,block_n,split_k,stages,warps,swap_ab,fold (0/1)")
+                        "with --gemm one Config: block_m,block_n,split_k,stages,warps,swap_ab,fold[,fma[,ptx]] (0/1)")
     p.add_argument("--k", type=int, default=2048, help="K for --config")
     p.add_argument("--gemm", action="store_true", help="the W4A16 GEMM (int4_triton.py) instead of the small-rows kernel")
     args = p.parse_args(argv)
@@ -148,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error("--ms and --config take comma-separated integers")
     if args.gemm:
-        if args.config and len(vals) != 7:
-            p.error("--gemm --config takes 7 integers: block_m,block_n,split_k,stages,warps,swap_ab,fold")
+        if args.config and not 7 <= len(vals) <= 9:
+            p.error("--gemm --config takes 7 to 9 integers: block_m,block_n,split_k,stages,warps,swap_ab,fold[,fma[,ptx]]")
         gemm = ([(int4_triton.Config(*vals[:5], *map(bool, vals[5:])), args.k)] if args.config else
                 sorted({(int4_triton.choose_config(m, n, k, 128, 132), k) for m in ms for n, k in SHAPES.values()},
                        key=str))

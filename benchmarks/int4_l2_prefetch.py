@@ -58,14 +58,8 @@ def int4_layers(n_layers: int, device: str) -> list[list[Int4Linear]]:
 
 
 def chain(layers: list[list[Int4Linear]], how: str | None) -> None:
-    """Set (or clear, ``how`` None) each linear's ``l2_next`` in step order, as ``factory.install_l2_prefetch``."""
-    flat = [m for mods in layers for m in mods]
-    for a, b in zip(flat, flat[1:]):
-        if how is None:
-            a.__dict__.pop("l2_next", None)
-        else:
-            a.l2_next = (b, how)
-    flat[-1].__dict__.pop("l2_next", None)
+    """Link (or unlink, ``how`` None) the linears in step order, as ``factory.install_l2_prefetch`` does."""
+    l2_prefetch.link([m for mods in layers for m in mods], how)
 
 
 def step_fn(layers: list[list[Callable]], xs: tuple[torch.Tensor, torch.Tensor]) -> Callable[[], list[torch.Tensor]]:

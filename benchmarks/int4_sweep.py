@@ -19,17 +19,15 @@ def gemm_configs(m: int, n: int, k: int, group: int, num_sms: int, wide: bool = 
     """The GEMM's grid, each dequantizing as the served configuration at ``m`` does (``choose_config``'s ``fma`` /
     ``ptx``: ``MODEL_SERVER_INT4_TRITON_DEQ``)."""
     base = int4_triton.choose_config(m, n, k, int4_triton.block_k(group), num_sms)
-    return [dataclasses.replace(c, fma=base.fma, ptx=base.ptx) for c in _grid(m, n, k, group, num_sms, wide)]
+    return [dataclasses.replace(c, fma=base.fma, ptx=base.ptx) for c in _grid(m, k, group, wide, base)]
 
 
-def _grid(m: int, n: int, k: int, group: int, num_sms: int, wide: bool) -> list[int4_triton.Config]:
+def _grid(m: int, k: int, group: int, wide: bool, base: int4_triton.Config) -> list[int4_triton.Config]:
     """The GEMM's grid. Up to 16 rows: swap-AB, BLOCK_N 64/128, split K 1/heuristic's, both scale modes.
     17..64 rows: BLOCK_M = M padded, BLOCK_N 64/128, split K 1/heuristic's/2x, stages 3/5, both scale modes (swap-AB);
     ``wide``: dequantizing only, BLOCK_N 64/128/256 x 4/8 warps x stages 3/4 x split K heuristic's / half / 2x.
     Above 64: BLOCK_M 64/128 x BLOCK_N 64/128 x both orders and modes; ``wide``: split K 1/2/4/8 too."""
-    bk = int4_triton.block_k(group)
-    iters = k // bk
-    base = int4_triton.choose_config(m, n, k, bk, num_sms)
+    iters = k // int4_triton.block_k(group)
 
     def splits(extra: bool) -> list[int]:
         out = sorted({1, base.split_k} | ({base.split_k * 2} if extra else set()))

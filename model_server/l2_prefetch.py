@@ -13,7 +13,7 @@ before the linear and joined after it: the prefetch is off the step's critical p
 
 Owns: the prefetch kernel (:func:`prefetch`, Triton with one inline PTX instruction per 64 KB chunk), whether it can
 run here (:func:`usable`), which buffers an INT4 linear reads at a given row count (:func:`weight_buffers`) and the
-fork / join around a linear (:func:`ahead`, :func:`join`). Must NOT decide the order of the linears (the engine's
+fork / join around a linear (:func:`ahead`, :func:`join`) and the links between linears (:func:`link`). Must NOT decide the order of the linears (the engine's
 factory chains them, ``Int4Linear.l2_next``) or change any result: a prefetch moves no data the kernels see.
 """
 from __future__ import annotations
@@ -104,6 +104,19 @@ def weight_buffers(linear: torch.nn.Module, rows: int) -> list[torch.Tensor]:
     if kernel in ("triton", "gemv"):
         return [linear.triton_packed, linear.triton_scales, linear.triton_zeros]
     return [linear.weight_packed, linear.scales_and_zeros]
+
+
+def link(chain: list[torch.nn.Module], how: str | None) -> int:
+    """Each linear of ``chain`` (a step's order) prefetches the next one's weights (``Int4Linear.l2_next``, ``how``
+    ``inline`` or ``side``); ``how`` None unlinks them all. Returns how many linears prefetch."""
+    for a, b in zip(chain, chain[1:]):
+        if how is None:
+            a.__dict__.pop("l2_next", None)
+        else:
+            a.l2_next = (b, how)
+    if chain:
+        chain[-1].__dict__.pop("l2_next", None)
+    return 0 if how is None else max(len(chain) - 1, 0)
 
 
 @lru_cache(maxsize=None)

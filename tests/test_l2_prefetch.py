@@ -77,9 +77,9 @@ def test_a_linear_with_a_successor_computes_the_same() -> None:
     b = Int4Linear(torch.nn.Linear(128, 64, bias=False), 32, choice)
     x = torch.randn(3, 128)
     want = a(x)
-    a.l2_next = (b, "side")
+    assert l2_prefetch.link([a, b], "side") == 1 and a.l2_next == (b, "side") and "l2_next" not in vars(b)
     assert torch.equal(a(x), want)
-    assert "l2_next" not in dict(a.named_modules())                    # the successor is not a submodule
+    assert l2_prefetch.link([a, b], None) == 0 and "l2_next" not in vars(a)
 
 
 @pytest.mark.parametrize("merge", [True, False])

@@ -106,10 +106,7 @@ def install_l2_prefetch(eng: FastEngine, how: str) -> int:
     r = eng.runner
     if r.device.type != "cuda" or not l2_prefetch.usable(r.device.index or 0):
         return 0
-    chain = l2_chain(r)
-    for a, b in zip(chain, chain[1:]):
-        a.l2_next = (b, how)
-    return max(len(chain) - 1, 0)
+    return l2_prefetch.link(l2_chain(r), how)
 
 
 def gemv_switch() -> bool | None:
