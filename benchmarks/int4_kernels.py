@@ -4,7 +4,8 @@ Methods (bf16 activations and outputs): bf16 ``x @ W.T`` (cuBLAS); tinygemm ``at
 ``tinygemm``/``mixed`` modes, packed the same way); triton ``model_server/int4_triton.int4_triton_mm`` (fused
 dequantize + tensor-core GEMM, default config); gemv ``model_server/int4_gemv.int4_gemv_mm`` (the small-rows kernel,
 default config, same layout as triton; M <= 16 unless a config says more); dequant (torch ops to bf16, then cuBLAS;
-reference). Shapes: the fast engine's, with q/k/v and gate/up merged (``--unmerged``: the seven separate projections).
+reference); triton-dequant ``model_server/int4_dequant.int4_dequant_mm`` (the served prefill path: one Triton pass to
+bf16 from the triton layout, then cuBLAS). Shapes: the fast engine's, with q/k/v and gate/up merged (``--unmerged``: the seven separate projections).
 
 Timing per (shape, M, method), CUDA events: ``eager`` = median over --reps of one call between two events (includes
 CPU launch overhead when the GPU waits for it); ``graph`` = the calls captured back to back in a CUDA graph, median
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from int4_report import markdown, redispatch, redispatch_markdown, stack  # noqa: E402
 from int4_sweep import gemm_configs, gemv_configs, sweep  # noqa: E402
-from model_server import int4_gemv, int4_triton  # noqa: E402
+from model_server import int4_dequant, int4_gemv, int4_triton  # noqa: E402
 from model_server.int4 import GEMV_MAX_ROWS, INNER_K_TILES, choose_compute, step_kernel  # noqa: E402
 from model_server.int4_quant import dequantize_groupwise, quantize_groupwise  # noqa: E402
 
@@ -47,7 +48,7 @@ MERGED = {"qkv_proj": (3072, 2048), "o_proj": (2048, 2048), "gate_up_proj": (163
 LAYER = MERGED
 LM_HEAD = (128256, 2048)
 N_LAYERS = 16
-METHODS = ("bf16", "tinygemm", "triton", "gemv", "dequant")
+METHODS = ("bf16", "tinygemm", "triton", "gemv", "dequant", "triton-dequant")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,13 +149,13 @@ class Shape:
         base = {"bf16": (wb,), "tinygemm": (tiny, self.sz), "triton": tri, "dequant": (plain, self.sz)}
         self.copies: dict[str, list[tuple[torch.Tensor, ...]]] = {}
         for m, ts in base.items():
-            if m not in methods and not (m == "triton" and "gemv" in methods) and m != "bf16":
+            if m not in methods and not (m == "triton" and {"gemv", "triton-dequant"} & set(methods)) and m != "bf16":
                 self.copies[m] = [ts]                                       # error check only
                 continue
             nbytes = sum(t.numel() * t.element_size() for t in ts)
             c = min(256, max(1, math.ceil(l2_multiple * l2_bytes / nbytes)))
             self.copies[m] = [ts] + [tuple(t.clone() for t in ts) for _ in range(c - 1)]
-        self.copies["gemv"] = self.copies["triton"]
+        self.copies["gemv"] = self.copies["triton-dequant"] = self.copies["triton"]
 
     def call(self, method: str, x: torch.Tensor, ts: tuple[torch.Tensor, ...], cfg=None):
         if method == "bf16":
@@ -165,6 +166,8 @@ class Shape:
             return lambda: int4_triton.int4_triton_mm(x, ts[0], ts[1], ts[2], self.group, cfg)
         if method == "gemv":
             return lambda: int4_gemv.int4_gemv_mm(x, ts[0], ts[1], ts[2], self.group, cfg)
+        if method == "triton-dequant":
+            return lambda: int4_dequant.int4_dequant_mm(x, ts[0], ts[1], ts[2], self.group)
         return lambda: dequant_mm(x, ts[0], ts[1], self.group)
 
     def calls(self, method: str, x: torch.Tensor, cfg=None) -> list:

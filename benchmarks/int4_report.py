@@ -9,7 +9,7 @@ from typing import Callable
 
 from int4_sweep import best_of, cfg_str
 
-FIXED = ("bf16", "tinygemm", "triton", "gemv", "dequant")
+FIXED = ("bf16", "tinygemm", "triton", "gemv", "dequant", "triton-dequant")
 SWEPT = ("triton-best", "gemv-best", "best")
 
 

@@ -95,9 +95,10 @@ class Int4Linear(nn.Module):
             self.register_buffer("weight_packed", _pack(q, self.kernel))
             self.register_buffer("scales_and_zeros", sz)
         if self.uses_triton:
-            from model_server import int4_triton, int4_triton_config, int4_triton_split
+            from model_server import int4_dequant, int4_triton, int4_triton_config, int4_triton_split
             int4_triton_split.mode()                 # a bad MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE fails the load
             int4_triton_config.deq_mode()            # ... and so does a bad MODEL_SERVER_INT4_TRITON_DEQ
+            int4_dequant.min_rows()                  # ... and a bad MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS
             self.register_buffer("triton_packed", int4_triton.pack_int4(q, group_size))
             scales, zeros = int4_triton.split_scales_and_zeros(sz)
             self.register_buffer("triton_scales", scales)
@@ -137,6 +138,9 @@ class Int4Linear(nn.Module):
         elif kernel == "gemv":
             from model_server.int4_gemv import int4_gemv_mm
             y = int4_gemv_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
+        elif kernel == "triton-dequant":
+            from model_server.int4_dequant import int4_dequant_mm
+            y = int4_dequant_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
         elif kernel == "triton":
             from model_server.int4_triton import int4_triton_mm
             y = int4_triton_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)

@@ -15,6 +15,9 @@ without a GPU), each reading its own layout of the same 4-bit values:
 * ``triton``: Triton kernels for every row count, from one layout (:mod:`model_server.int4_triton`'s): steps of at
   most ``GEMV_MAX_ROWS`` rows run the small-rows kernel :mod:`model_server.int4_gemv` (``ComputeChoice.rows_kernel``
   ``"gemv"``), more rows the fused W4A16 GEMM :mod:`model_server.int4_triton`.
+* ``triton-dequant``: wherever a step would run the Triton GEMM but has at least
+  :func:`model_server.int4_dequant.min_rows` rows (256; a prefill pass): a Triton pass writes the layer's weight in
+  the activation dtype, then cuBLAS multiplies (:mod:`model_server.int4_dequant`).
 
 ``MODEL_SERVER_INT4_KERNELS`` picks (CUDA, compute capability >= 8.0; below that and on CPU it is ignored):
 
@@ -163,12 +166,20 @@ def tinygemm_max_rows(out_features: int) -> int:
 
 def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_features: int) -> str:
     """The kernel a step of ``rows`` rows runs on a layer of ``out_features`` outputs: ``"gemv"``, ``"triton"``
-    (the GEMM) or ``int4_kernel`` itself (the module docstring's modes; :class:`Int4Linear` and the benchmarks)."""
+    (the GEMM), ``"triton-dequant"`` (a step of prefill size where the Triton layout is held: dequantize, then cuBLAS;
+    :func:`model_server.int4_dequant.takes`) or ``int4_kernel`` itself (the module docstring's modes;
+    :class:`Int4Linear` and the benchmarks)."""
     if int4_kernel == "triton":
-        return "gemv" if rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS else "triton"
-    if int4_kernel == "mma":
-        return "mma" if rows <= mma_max_rows(out_features) else "triton"
-    return "triton" if rows_kernel == "triton" and rows > tinygemm_max_rows(out_features) else int4_kernel
+        kernel = "gemv" if rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS else "triton"
+    elif int4_kernel == "mma":
+        kernel = "mma" if rows <= mma_max_rows(out_features) else "triton"
+    else:
+        kernel = "triton" if rows_kernel == "triton" and rows > tinygemm_max_rows(out_features) else int4_kernel
+    if kernel == "triton":
+        from model_server.int4_dequant import takes
+        if takes(rows):
+            return "triton-dequant"
+    return kernel
 
 
 def layer_kernel(int4_kernel: str, n: int, k: int, group_size: int) -> str:

@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from model_server import int4_triton, int4_triton_split, switches
+from model_server import int4_dequant, int4_triton, int4_triton_split, switches
 from model_server.int4 import Int4Linear
 
 
@@ -87,8 +87,9 @@ def precompile_mma(modules: Iterable[nn.Module]) -> int:
 
 def precompile(modules: Iterable[nn.Module], max_rows: int) -> int:
     """Run every GEMM variant (:func:`variants`) that steps of up to ``max_rows`` rows can launch on each distinct
-    INT4 layer shape among ``modules`` (and their children), on zeros; returns the launches made. Layers that
-    never run the Triton GEMM are skipped. Compiles land in Triton's cache (``TRITON_CACHE_DIR``)."""
+    INT4 layer shape among ``modules`` (and their children), on zeros, and the dequantization kernel of
+    :mod:`model_server.int4_dequant` where steps of ``max_rows`` take it (rows from its bound on run no GEMM variant);
+    returns the launches made. Layers that never run the Triton GEMM are skipped. Compiles land in Triton's cache (``TRITON_CACHE_DIR``)."""
     seen: set[tuple] = set()
     launches = 0
     with torch.inference_mode():
@@ -103,8 +104,14 @@ def precompile(modules: Iterable[nn.Module], max_rows: int) -> int:
                     continue
                 seen.add(key)
                 sms = int4_triton._num_sms(dev)
+                top = max_rows
+                if int4_dequant.takes(max_rows):     # prefill-sized steps dequantize, then cuBLAS: one kernel
+                    top = int4_dequant.min_rows() - 1
+                    int4_dequant.dequantize(layer.triton_packed, layer.triton_scales, layer.triton_zeros,
+                                            layer.group_size, layer.compute_dtype)
+                    launches += 1
                 found = variants(layer.out_features, layer.in_features, int4_triton.block_k(layer.group_size), sms,
-                                 max_rows, first)
+                                 top, first) if top >= first else {}
                 for (cfg, _), rows in found.items():
                     x = torch.zeros(rows, layer.in_features, device=dev, dtype=layer.compute_dtype)
                     int4_triton.int4_triton_mm(x, layer.triton_packed, layer.triton_scales, layer.triton_zeros,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_server import int4_precompile, int4_triton
+from model_server import int4_dequant, int4_precompile, int4_triton
 from model_server.int4 import ComputeChoice, Int4Linear
 
 SHAPES_1B = ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048))   # merged qkv, o, gate/up, down, head
@@ -40,6 +40,8 @@ def test_a_split_config_is_compiled_with_each_reduction_its_rows_take():
 
 
 def test_each_shape_launches_each_variant_once(monkeypatch):
+    monkeypatch.setenv("MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS", "0")   # every row count on the GEMM (the bound's own
+    int4_dequant.min_rows.cache_clear()                                # walk: tests/test_int4_dequant.py)
     if not int4_triton.available():
         pytest.fail("Triton is needed (tests/conftest.py chooses its interpreter where no GPU is present)")
     calls = []
@@ -56,6 +58,7 @@ def test_each_shape_launches_each_variant_once(monkeypatch):
     c = Int4Linear(nn.Linear(256, 32, bias=False), 64, choice)
     plain = nn.Linear(16, 16)
     n = int4_precompile.precompile([nn.Sequential(a, plain, b), c], max_rows=300)
+    int4_dequant.min_rows.cache_clear()
     assert n == len(calls) > 0
     for layer in (a, c):
         first = next(r for r in range(1, 65) if layer.runs_triton(r))
