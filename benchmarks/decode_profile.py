@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from model_server_process import synth_model  # noqa: E402
-from steady_state import graph_step_ms  # noqa: E402
+from graph_step import graph_step_ms  # noqa: E402
 from support import default_commit, log, utc_date  # noqa: E402
 
 

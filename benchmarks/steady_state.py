@@ -48,8 +48,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from engine_measure import Energy, copy_bandwidth_bytes_per_s, kv_bytes_per_token  # noqa: E402
 from model_server_process import Server, gptq_checkpoint, synth_model  # noqa: E402
+from graph_step import drained, graph_step_ms  # noqa: E402
 from steady_load import Windows, cell_http, engine_rates, in_process, pct_ms, summarize  # noqa: E402
-from support import default_commit, log, percentile, utc_date  # noqa: E402
+from support import default_commit, log, utc_date  # noqa: E402
 
 PAPER_RHO_SYS = 6930.0
 GPTQ_FORMATS = ("gptq", "gptq-act")
@@ -95,24 +96,6 @@ async def cell_in_process(eng, prompts, c, args, energy) -> dict:
     if e.get("a") is not None and e.get("b") is not None and sum(w.tokens):
         res["joules_per_token"] = round((e["b"] - e["a"]) / 1e3 / sum(w.tokens), 6)
     return res
-
-
-def graph_step_ms(eng, b: int, length: int, device: str) -> float | None:
-    """Median device time of one decode step replayed alone (the captured graph, no host loop)."""
-    r = eng.runner
-    if device != "cuda" or not r.graphs:
-        return None
-    times = []
-    with torch.inference_mode():
-        for i in range(60):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            r.decode(b, length)
-            e.record()
-            e.synchronize()
-            if i >= 10:
-                times.append(s.elapsed_time(e))
-    return round(statistics.median(times), 4)
 
 
 async def greedy(eng, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -200,6 +183,9 @@ def run_quant(q, args, model_dir, device, bw, energy, report, save, start_server
         # the background warm-up may still be compiling on its own thread (it waits for the engine to go idle, i.e.
         # for the cells to end): a graph captured here meanwhile fails both (H100 2026-12-06 00:40, rule run)
         await eng.wait_warm(600)
+        # ... and the engine thread may still be finishing the last cell's streams, capturing a graph for each smaller
+        # batch as they drain: an eager step here meanwhile breaks the capture (H100 2026-12-06 11:00, ss_fused)
+        await drained(eng, 120)
         for b in (1, 64):
             if length is not None and b <= max_batch:
                 entry[f"graph_step_ms_b{b}"] = await asyncio.to_thread(graph_step_ms, eng, b,

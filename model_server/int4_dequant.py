@@ -29,7 +29,7 @@ from model_server import int4_triton
 from model_server.switches import SwitchValueError, integer
 
 ROWS_SWITCH = "MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS"
-DEFAULT_MIN_ROWS = 256               # steps of at least this many rows dequantize then run cuBLAS; 0 turns it off
+DEFAULT_MIN_ROWS = 320               # steps of at least this many rows dequantize then run cuBLAS; 0 turns it off
 BLOCK_N = 64
 
 tl: Any = None                       # triton.language, set at first use (:func:`_jitted`): CPU-only installs have none
@@ -39,7 +39,10 @@ tl: Any = None                       # triton.language, set at first use (:func:
 def min_rows() -> int:
     """Rows from which an INT4 step dequantizes then multiplies (``MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS``; unset:
     ``DEFAULT_MIN_ROWS``; ``0``: never). Read once per process (tests clear the cache); a negative value or one that is
-    not an integer raises :class:`model_server.switches.SwitchValueError`."""
+    not an integer raises :class:`model_server.switches.SwitchValueError`. The default, from the H100 run of
+    2026-12-06 (docs/benchmarks.md, "Prefill-sized steps"): per layer of the 1B preset the fused GEMM (one-FMA
+    dequantization) took 112.8 us at 256 rows and 204.0 at 512, this path 125.4 and 159.4; the lines cross near 300
+    rows (q/k/v and o cross below 256, gate/up and down near 290-330)."""
     value = integer(ROWS_SWITCH)
     if value is None:
         return DEFAULT_MIN_ROWS

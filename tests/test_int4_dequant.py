@@ -69,8 +69,8 @@ def test_mismatched_shapes_are_one_line_errors():
 
 def test_the_row_bound_switch(monkeypatch):
     with _bound(monkeypatch, None):
-        assert int4_dequant.min_rows() == int4_dequant.DEFAULT_MIN_ROWS == 256
-        assert int4_dequant.takes(256) and not int4_dequant.takes(255)
+        assert int4_dequant.min_rows() == int4_dequant.DEFAULT_MIN_ROWS == 320
+        assert int4_dequant.takes(320) and not int4_dequant.takes(319)
     with _bound(monkeypatch, "0"):
         assert not int4_dequant.takes(100_000)
     with _bound(monkeypatch, "65"):
@@ -84,8 +84,8 @@ def test_the_row_bound_switch(monkeypatch):
                                                 ("triton", None)])
 def test_steps_that_would_run_the_gemm_take_the_path_from_the_bound(monkeypatch, kernel, rows_kernel):
     with _bound(monkeypatch, None):
-        assert step_kernel(kernel, rows_kernel, 255, 2048) == "triton"
-        assert step_kernel(kernel, rows_kernel, 256, 2048) == "triton-dequant"
+        assert step_kernel(kernel, rows_kernel, 319, 2048) == "triton"
+        assert step_kernel(kernel, rows_kernel, 320, 2048) == "triton-dequant"
         assert step_kernel(kernel, rows_kernel, 4096, 128256) == "triton-dequant"
     with _bound(monkeypatch, "0"):
         assert step_kernel(kernel, rows_kernel, 4096, 2048) == "triton"

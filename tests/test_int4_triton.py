@@ -86,9 +86,9 @@ def test_the_dequantization_switch(monkeypatch):
     try:
         monkeypatch.setenv(cfgmod.DEQ_SWITCH, "")
         cfgmod.deq_mode.cache_clear()
-        assert cfgmod.deq_mode() == "auto"                            # fma-ptx up to 64 rows, fp32 above (prefill)
-        assert [(c.fma, c.ptx) for c in (int4_triton.choose_config(m, 2048, 2048, 128, 132) for m in (1, 64, 65))] \
-            == [(True, True), (True, True), (False, False)]
+        assert cfgmod.deq_mode() == "auto"                            # fma-ptx at every row count
+        assert [(c.fma, c.ptx) for c in (int4_triton.choose_config(m, 2048, 2048, 128, 132) for m in (1, 64, 65, 2048))] \
+            == [(True, True)] * 4
         for value in ("fp32", "fma", "fma-ptx"):
             monkeypatch.setenv(cfgmod.DEQ_SWITCH, value)
             cfgmod.deq_mode.cache_clear()
