@@ -103,6 +103,10 @@
 #   bash benchmarks/gpu_calls.sh sweep64    # issue 17: the Triton GEMM's wide grid at 32/64 rows with the served dequantization
 #                                            (one FMA, PTX unpack): int4_kernels.py --wide-sweep (sweep64/; ~6 min): does
 #                                            another split K or tile serve q/k/v, o and down better now?
+#   bash benchmarks/gpu_calls.sh pdl        # issue 17: the Triton GEMM and its split-K sum as programmatic dependent launches
+#                                            (MODEL_SERVER_INT4_TRITON_PDL): int4_kernels.py --no-sweep at 16/32/64 rows off
+#                                            (k_off/) and on (k_pdl/), then the steady state in-process at SS_CONC (64):
+#                                            int4:mma on (ss_pdl/), off (ss/), bf16 (ss_bf16/); SS_SECONDS (90) per arm (~6 min)
 #   bash benchmarks/gpu_calls.sh prefill    # issue 17: prefill-sized INT4 steps: int4_kernels.py --no-sweep --no-lm-head at
 #                                            PF_MS (64,256,512,1024,2048) rows, bf16 / the fused GEMM / dequantize then
 #                                            cuBLAS (int4_dequant) (k_pf/), the fused GEMM with fma-ptx (k_pfptx/), then the
@@ -129,7 +133,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -239,6 +243,16 @@ case "${1:-}" in
     timeout 420 python3 benchmarks/int4_kernels.py --ms 32,64 --sweep-ms 32,64 --sweep-kernels triton --wide-sweep \
       --methods bf16,triton --sweep-budget-s 330 --reps 30 --out "$out/sweep64" > "$out/sweep64.log" 2>&1
     echo "int4_kernels rc $?"; grep -E "sweep:|rel.err" "$out/sweep64.log" | cut -c1-250 ;;
+  pdl)
+    for arm in k_off:0 k_pdl:1; do
+      MODEL_SERVER_INT4_TRITON_PDL=${arm#*:} timeout 100 python3 benchmarks/int4_kernels.py --ms 16,32,64 --no-sweep \
+        --methods bf16,triton --out "$out/${arm%:*}" > "$out/${arm%:*}.log" 2>&1; echo "int4_kernels (${arm%:*}) rc $?"
+      sed -n '/^Whole step/,$p' "$out/${arm%:*}.log" | sed -n 3,7p
+    done
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    MODEL_SERVER_INT4_TRITON_PDL=1 ss_arm ss_pdl "${SS_SECONDS:-90}" int4:mma "${SS_CONC:-64}"
+    ss_arm ss "${SS_SECONDS:-90}" int4:mma "${SS_CONC:-64}"
+    ss_arm ss_bf16 "${SS_SECONDS:-90}" bf16 "${SS_CONC:-64}" ;;
   prefill)
     timeout 150 python3 benchmarks/int4_kernels.py --ms "${PF_MS:-64,256,512,1024,2048}" --no-sweep --no-lm-head \
       --methods bf16,triton,triton-dequant --out "$out/k_pf" > "$out/k_pf.log" 2>&1; echo "int4_kernels rc $?"

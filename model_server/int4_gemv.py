@@ -201,5 +201,5 @@ def int4_gemv_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
                  num_warps=cfg.num_warps)
     if cfg.split > 1:
         sum_kernel = int4_triton._jitted(interpret)[1]
-        sum_kernel[(-(-(m * n) // 1024),)](part, y, m * n, SPLIT=cfg.split, BLOCK=1024, num_warps=4)
+        sum_kernel[(-(-(m * n) // 1024),)](part, y, m * n, SPLIT=cfg.split, BLOCK=1024, PDL=False, num_warps=4)
     return y

@@ -50,23 +50,26 @@ from typing import Any
 import torch
 
 from model_server import int4_triton_split
-from model_server.int4_triton_config import Config, choose_config, deq
+from model_server.int4_triton_config import Config, choose_config, deq, pdl_on
 
 triton: Any = None                   # imported at first use (:func:`_import_triton`): CPU-only installs have none,
 tl: Any = None                       # and the interpreter must be chosen before Triton's own import
+gdc_wait: Any = None                 # programmatic dependent launch (sm_90+): wait for the previous kernel's writes,
+gdc_launch_dependents: Any = None    # and let the next kernel launch (:func:`model_server.int4_triton_config.pdl`)
 
 MAX_BLOCK_K = 128
 
 
 def _import_triton() -> bool:
-    global triton, tl
+    global triton, tl, gdc_wait, gdc_launch_dependents
     if triton is None:
         try:
             import triton as triton_mod
             import triton.language as tl_mod
+            from triton.language.extra.cuda import gdc_launch_dependents as launch_fn, gdc_wait as wait_fn
         except ImportError:
             return False
-        triton, tl = triton_mod, tl_mod
+        triton, tl, gdc_wait, gdc_launch_dependents = triton_mod, tl_mod, wait_fn, launch_fn
     return True
 
 
@@ -101,6 +104,11 @@ def split_scales_and_zeros(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+@lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -111,7 +119,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
                   cnt_ptr, ITERS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr, MAGIC: tl.constexpr,
                   C8: tl.constexpr, SWAP_AB: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr,
-                  TICKET: tl.constexpr, DEQ: tl.constexpr):
+                  TICKET: tl.constexpr, DEQ: tl.constexpr, PDL: tl.constexpr):
     """One program: a [BLOCK_N, BLOCK_M] tile of y^T (SWAP_AB) or [BLOCK_M, BLOCK_N] of y, over ITERS_PER_SPLIT
     K-blocks of split ``program_id(2)``, stored to ``y_ptr`` (split ``pid_k``'s slice). HALF = BLOCK_K // 2; MAGIC,
     C8 = c + 8: module docstring. DEQ (:func:`model_server.int4_triton_config.deq`): 0 dequantize in fp32 (or fold),
@@ -121,6 +129,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
     Ordering on a GPU: each thread's partial stores, a CTA barrier, then one thread's acq_rel atomic at GPU scope
     (release: cumulative over the barrier); the last program's acquire, the barrier Triton puts after a scalar
     atomic (and ours), then loads that bypass L1 (.cg): the pattern of CUTLASS's GenericBarrier."""
+    if PDL:                                                                # launched early: wait for the producer
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -193,6 +203,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
                 else:
                     acc = tl.dot(x_lo, (w_lo.to(tl.float32) * s[None, :] + zz[None, :]).to(x_lo.dtype), acc=acc)
                     acc = tl.dot(x_hi, (w_hi.to(tl.float32) * s[None, :] + zz[None, :]).to(x_lo.dtype), acc=acc)
+    if PDL:
+        gdc_launch_dependents()                                            # the next kernel may start its launch
     if SWAP_AB:
         offs = offs_m[None, :] * stride_ym + offs_n[:, None]
         mask = m_mask[None, :] & n_mask[:, None]
@@ -212,8 +224,10 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
             tl.store(cnt_ptr, 0)                                           # zero again for the next launch
 
 
-def _split_sum_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def _split_sum_kernel(p_ptr, y_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """``y = sum_s p[s]`` over the split-K partials (fp32), cast to y's dtype."""
+    if PDL:
+        gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -265,12 +279,15 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     magic, c8 = _MAGIC[x2d.dtype]
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
     cnt = int4_triton_split.counters(x2d.device, grid[0] * grid[1]) if ticket else y
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    pdl = not interpret and pdl_on() and _capability(x2d.device) >= (9, 0)
+    launch = {"launch_pdl": True} if pdl else {}
     mm_kernel[grid](x2d, packed, scales.contiguous(), zeros.contiguous(), part, m, n, x2d.stride(0),
                     packed.stride(0), n, m * n, y, cnt, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
                     BLOCK_N=cfg.block_n, BLOCK_K=bk, HALF=bk // 2, MAGIC=magic, C8=c8, SWAP_AB=cfg.swap_ab,
-                    FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket,
-                    DEQ=deq(cfg, magic, os.environ.get("TRITON_INTERPRET") == "1"), num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages)
+                    FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=deq(cfg, magic, interpret),
+                    PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     if cfg.split_k > 1 and not ticket:
-        sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, SPLIT=cfg.split_k, BLOCK=1024, num_warps=4)
+        sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, SPLIT=cfg.split_k, BLOCK=1024, PDL=pdl, num_warps=4,
+                                                **launch)
     return y

@@ -1,13 +1,13 @@
 """Launch configurations of the INT4 Triton GEMM (:mod:`model_server.int4_triton`): :class:`Config`, the choice per
 step and layer (:func:`choose_config`), how the kernel dequantizes (:func:`deq_mode`, ``MODEL_SERVER_INT4_TRITON_DEQ``,
-and the kernel's ``DEQ`` constant, :func:`deq`). Owns no kernel and no layout.
+and the kernel's ``DEQ`` constant, :func:`deq`) and whether it launches as a programmatic dependent (:func:`pdl_on`). Owns no kernel and no layout.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
 
-from model_server.switches import choice
+from model_server.switches import choice, flag
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,19 @@ def deq_mode() -> str:
     row count (an H100, docs/benchmarks.md "Dequantizing with one FMA": linears of a 64-row step 1,084 -> 880 us;
     "Prefill-sized steps": 8-18 % faster than ``fp32`` at 256-2,048 rows, e.g. 12,977 -> 11,196 us at 2,048)."""
     return choice(DEQ_SWITCH, DEQ_MODES)
+
+
+PDL_SWITCH = "MODEL_SERVER_INT4_TRITON_PDL"
+
+
+@lru_cache(maxsize=1)
+def pdl_on() -> bool:
+    """``MODEL_SERVER_INT4_TRITON_PDL=1``: launch the GEMM and its split-K sum with programmatic dependent launch
+    (compute capability >= 9.0; the caller checks): each waits for the previous kernel's writes at its start
+    (``griddepcontrol.wait``) instead of being launched after it ends, and the GEMM lets the next kernel launch once
+    its main loop is done. Unset or ``0``: off (the default until an A/B on a GPU says otherwise). Read once per
+    process; another value raises :class:`model_server.switches.SwitchValueError`."""
+    return flag(PDL_SWITCH) is True
 
 
 def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:

@@ -60,3 +60,30 @@ def test_gemm_is_compiled_once_for_every_row_count(monkeypatch):
     assert int4_triton._import_triton()
     gemm = int4_triton._jitted(False)[0]
     assert [p.name for p in gemm.params if p.do_not_specialize] == ["M"]
+
+
+def test_the_gemm_as_a_programmatic_dependent_launch_waits_then_lets_the_next_kernel_launch(tmp_path):
+    """MODEL_SERVER_INT4_TRITON_PDL: compiled for sm_90 with PDL the GEMM's PTX waits for the previous grid first
+    (griddepcontrol.wait before any global load) and triggers the next one once (after the main loop); without,
+    neither. With and without the ticket reduction. (A subprocess: this one may run Triton's interpreter.)"""
+    code = """
+import sys
+sys.path.insert(0, "benchmarks")
+import int4_compile_check
+from model_server import int4_triton
+cfg = int4_triton.choose_config(64, 3072, 2048, 128, 132)
+assert cfg.split_k > 1
+for ticket in (True, False):
+    for pdl in (False, True):
+        ptx = int4_compile_check.compile_gemm_sm90(cfg, 2048, ticket=ticket, pdl=pdl).asm["ptx"]
+        body = ptx[ptx.index(".entry"):]
+        wait = body.find("griddepcontrol.wait")
+        print(ticket, pdl, body.count("griddepcontrol.wait"), body.count("griddepcontrol.launch_dependents"),
+              wait >= 0 and wait < body.index("ld.global"))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:4] == ["True False 0 0 False", "True True 1 1 True", "False False 0 0 False",
+                                        "False True 1 1 True"], r.stdout

@@ -110,6 +110,29 @@ def test_the_dequantization_switch(monkeypatch):
         cfgmod.deq_mode.cache_clear()
 
 
+def test_the_programmatic_dependent_launch_switch(monkeypatch):
+    """Off unless ``1``; a bad value fails the load; on, the interpreter (no GPU) still computes the product (the
+    kernel takes PDL only on a GPU of compute capability >= 9.0: tests/test_int4_compile_check.py compiles it)."""
+    from model_server.switches import SwitchValueError
+    cfgmod = int4_triton_config
+    try:
+        for value, want in (("", False), ("0", False), ("1", True)):
+            monkeypatch.setenv(cfgmod.PDL_SWITCH, value)
+            cfgmod.pdl_on.cache_clear()
+            assert cfgmod.pdl_on() is want
+        q, sz = quantize_groupwise(torch.randn(64, 256) * 0.05, 64)
+        x = torch.randn(40, 256)
+        y = int4_triton.int4_triton_mm(x, int4_triton.pack_int4(q, 64), *int4_triton.split_scales_and_zeros(sz), 64)
+        assert _rel(y, _reference(x, q, sz, 64)) < 1e-5
+        monkeypatch.setenv(cfgmod.PDL_SWITCH, "yes")
+        cfgmod.pdl_on.cache_clear()
+        with pytest.raises(SwitchValueError, match=cfgmod.PDL_SWITCH):
+            Int4Linear(nn.Linear(256, 48), 64, ComputeChoice(torch.float32, "triton", "test"))
+    finally:
+        monkeypatch.delenv(cfgmod.PDL_SWITCH)
+        cfgmod.pdl_on.cache_clear()
+
+
 def test_config_choice_splits_k_only_while_tiles_do_not_fill_the_device():
     small = int4_triton.choose_config(1, 2048, 2048, 128, 132)
     wide = int4_triton.choose_config(1, 128256, 2048, 128, 132)
