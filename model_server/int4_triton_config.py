@@ -46,13 +46,15 @@ PDL_SWITCH = "MODEL_SERVER_INT4_TRITON_PDL"
 
 @lru_cache(maxsize=1)
 def pdl_on() -> bool:
-    """``MODEL_SERVER_INT4_TRITON_PDL``: launch the GEMM and its split-K sum with programmatic dependent launch
+    """``MODEL_SERVER_INT4_TRITON_PDL=1``: launch the GEMM and its split-K sum with programmatic dependent launch
     (compute capability >= 9.0; the caller checks): each waits for the previous kernel's writes at its start
     (``griddepcontrol.wait``) instead of being launched after it ends, and the GEMM lets the next kernel launch once
-    its main loop is done. Unset or ``1``: on; ``0``: off. On an H100 (docs/benchmarks.md, "Programmatic dependent
-    launch") the linears of a 64-row decode step took 828 instead of 881 us and the step's graph 1.232 instead of
-    1.256 ms. Read once per process; another value raises :class:`model_server.switches.SwitchValueError`."""
-    return flag(PDL_SWITCH) is not False
+    its main loop is done. On an H100 (docs/benchmarks.md, "Programmatic dependent launch") the linears of a 64-row
+    decode step took 828 instead of 881 us and the step's graph 1.232 instead of 1.256 ms, but split-K
+    configurations of more than one wave of programs showed a larger error in the same run (3.3e-3 against 2.4e-3):
+    off (unset or ``0``) until that is explained. Read once per process; another value raises
+    :class:`model_server.switches.SwitchValueError`."""
+    return flag(PDL_SWITCH) is True
 
 
 def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:

@@ -111,12 +111,12 @@ def test_the_dequantization_switch(monkeypatch):
 
 
 def test_the_programmatic_dependent_launch_switch(monkeypatch):
-    """On unless ``0``; a bad value fails the load; on, the interpreter (no GPU) still computes the product (the
+    """Off unless ``1``; a bad value fails the load; on, the interpreter (no GPU) still computes the product (the
     kernel takes PDL only on a GPU of compute capability >= 9.0: tests/test_int4_compile_check.py compiles it)."""
     from model_server.switches import SwitchValueError
     cfgmod = int4_triton_config
     try:
-        for value, want in (("", True), ("0", False), ("1", True)):
+        for value, want in (("", False), ("0", False), ("1", True)):
             monkeypatch.setenv(cfgmod.PDL_SWITCH, value)
             cfgmod.pdl_on.cache_clear()
             assert cfgmod.pdl_on() is want
