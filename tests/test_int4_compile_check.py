@@ -87,3 +87,12 @@ for ticket in (True, False):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[:4] == ["True False 0 0 False", "True True 1 1 True", "False False 0 0 False",
                                         "False True 1 1 True"], r.stdout
+
+
+def test_the_pdl_check_needs_a_gpu_and_says_so_in_one_line(tmp_path):
+    """benchmarks/int4_pdl_check.py (the GPU check that PDL on and off give the same bits) on a machine without one."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "benchmarks/int4_pdl_check.py", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "int4_pdl_check: no CUDA device"
