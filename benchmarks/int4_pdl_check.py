@@ -92,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 cfg = dataclasses.replace(base, split_k=split)
                 got = {}
-                for on in (False, True):
-                    set_pdl(on)
-                    got[on] = run_case(x, ts, args.group, cfg, args.reps)
+                try:
+                    for on in (False, True):
+                        set_pdl(on)
+                        got[on] = run_case(x, ts, args.group, cfg, args.reps)
+                except Exception as e:                # noqa: BLE001 - record it, go on with the other cases
+                    rows.append({"shape": name, "m": m, "split_k": split, "same_bits": False, "error": f"{e!r}"[:300]})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m) * split
                 row = {"shape": name, "n": n, "k": k, "m": m, "split_k": split, "served": split == base.split_k,
                        "programs": tiles, "same_bits": all(torch.equal(a, b) for a, b in zip(got[False], got[True])),
