@@ -103,6 +103,10 @@
 #   bash benchmarks/gpu_calls.sh sweep64    # issue 17: the Triton GEMM's wide grid at 32/64 rows with the served dequantization
 #                                            (one FMA, PTX unpack): int4_kernels.py --wide-sweep (sweep64/; ~6 min): does
 #                                            another split K or tile serve q/k/v, o and down better now?
+#   bash benchmarks/gpu_calls.sh splitdiag  # issue 17: split-K configurations of more programs than the SMs hold at once gave
+#                                            unstable results at 64 rows (final's pdl/): int4_pdl_check.py with PDL off on
+#                                            gate/up and the LM head at 48/64 rows, split 2/8, the sum kernel vs the ticket
+#                                            and 2/3/4 pipeline stages, eager and graph errors apart (diag/) (~3 min)
 #   bash benchmarks/gpu_calls.sh final      # issue 17: int4_pdl_check.py (PDL on vs off: the same bits? pdl/), then the
 #                                            steady state in-process with the served defaults, bf16 and int4:mma at
 #                                            SS_CONC (1,8,64) in one process (ss/) (~7 min)
@@ -140,7 +144,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -250,6 +254,13 @@ case "${1:-}" in
     timeout 420 python3 benchmarks/int4_kernels.py --ms 32,64 --sweep-ms 32,64 --sweep-kernels triton --wide-sweep \
       --methods bf16,triton --sweep-budget-s 330 --reps 30 --out "$out/sweep64" > "$out/sweep64.log" 2>&1
     echo "int4_kernels rc $?"; grep -E "sweep:|rel.err" "$out/sweep64.log" | cut -c1-250 ;;
+  splitdiag)
+    for arm in kernel:0 ticket:0 kernel:2 kernel:4; do
+      timeout 100 python3 benchmarks/int4_pdl_check.py --pdl 0 --shapes gate_up_proj,lm_head --ms 48,64 --splits 2,8 \
+        --reduce "${arm%:*}" --stages "${arm#*:}" --out "$out/diag_${arm%:*}${arm#*:}" > "$out/diag_${arm%:*}${arm#*:}.log" 2>&1
+      echo "int4_pdl_check ($arm) rc $?"
+      python3 -c "import json,sys; [print(r['shape'], r['m'], 'split', r['split_k'], 'st', r.get('stages'), r.get('reduce'), 'progs', r.get('programs'), 'eager_same', r.get('eager_same'), 'err eager', {k: round(v, 5) for k, v in r.get('max_rel_err_eager', {}).items()}, 'graph', {k: round(v, 5) for k, v in r.get('max_rel_err_graph', {}).items()}, r.get('error', '')) for r in json.load(open(sys.argv[1]))['rows']]" "$out/diag_${arm%:*}${arm#*:}/int4_pdl_check.json"
+    done ;;
   final)
     timeout 150 python3 benchmarks/int4_pdl_check.py --out "$out/pdl" > "$out/pdl.log" 2>&1; echo "int4_pdl_check rc $?"
     grep -v '"same_bits": true' "$out/pdl.log" | cut -c1-300 | tail -12

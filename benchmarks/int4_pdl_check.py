@@ -44,16 +44,17 @@ def poison() -> None:
     del junk
 
 
-def run_case(x: torch.Tensor, ts: tuple, group: int, cfg, reps: int) -> list[torch.Tensor]:
+def run_case(x: torch.Tensor, ts: tuple, group: int, cfg, reps: int, reduce: str | None) -> list[torch.Tensor]:
+    """``reps`` eager products (freed memory poisoned before each), then 4 from one CUDA graph's replay."""
     outs = []
     for _ in range(reps):
         poison()
-        outs.append(int4_triton.int4_triton_mm(x, *ts, group, cfg).clone())
+        outs.append(int4_triton.int4_triton_mm(x, *ts, group, cfg, reduce).clone())
     xs = [x * (1 + i / 8) for i in range(4)]
     graph = torch.cuda.CUDAGraph()
-    int4_triton.int4_triton_mm(xs[0], *ts, group, cfg)                 # compiled before the capture
+    int4_triton.int4_triton_mm(xs[0], *ts, group, cfg, reduce)         # compiled before the capture
     with torch.cuda.graph(graph):
-        ys = [int4_triton.int4_triton_mm(xi, *ts, group, cfg) for xi in xs]
+        ys = [int4_triton.int4_triton_mm(xi, *ts, group, cfg, reduce) for xi in xs]
     poison()
     graph.replay()
     torch.cuda.synchronize()
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", default="32,64", help="rows (comma-separated)")
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
+    ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split K values besides the served one")
+    ap.add_argument("--reduce", choices=("auto", "ticket", "kernel"), default="auto", help="split-K reduction")
+    ap.add_argument("--stages", type=int, default=0, help="pipeline stages (0: the served configuration's)")
+    ap.add_argument("--pdl", default="0,1", help="PDL settings to run (the first is the baseline of same_bits)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("int4_pdl_check: no CUDA device", file=sys.stderr)
@@ -76,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ms = [int(m) for m in args.ms.split(",") if m]
     sms = int4_triton._num_sms(torch.device("cuda"))
     rows = []
-    for name, (n, k) in SHAPES.items():
+    arms = [a == "1" for a in args.pdl.split(",")]
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
         torch.manual_seed(n)
         q, sz = quantize_groupwise(torch.randn(n, k, device="cuda") * 0.02, args.group)
         ts = (int4_triton.pack_int4(q, args.group), *int4_triton.split_scales_and_zeros(sz.to(torch.bfloat16)))
@@ -87,25 +95,31 @@ def main(argv: list[str] | None = None) -> int:
             xs = [x * (1 + i / 8) for i in range(4)]
             refs = [xi.float() @ w.t() for xi in [x] * args.reps + xs]
             base = int4_triton.choose_config(m, n, k, int4_triton.block_k(args.group), sms)
-            for split in sorted({base.split_k, *SPLITS}):
+            for split in sorted({base.split_k, *(int(v) for v in args.splits.split(","))}):
                 if iters % split or iters // split < 2:
                     continue
-                cfg = dataclasses.replace(base, split_k=split)
+                cfg = dataclasses.replace(base, split_k=split, num_stages=args.stages or base.num_stages)
                 got = {}
                 try:
-                    for on in (False, True):
+                    for on in arms:
                         set_pdl(on)
-                        got[on] = run_case(x, ts, args.group, cfg, args.reps)
+                        got[on] = run_case(x, ts, args.group, cfg, args.reps, args.reduce)
                 except Exception as e:                # noqa: BLE001 - record it, go on with the other cases
                     rows.append({"shape": name, "m": m, "split_k": split, "same_bits": False, "error": f"{e!r}"[:300]})
                     print(json.dumps(rows[-1]), flush=True)
                     continue
                 tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m) * split
+                first = got[arms[0]]
+                errs = {str(on): [float((y.float() - r).norm() / r.norm()) for y, r in zip(got[on], refs)]
+                        for on in got}
                 row = {"shape": name, "n": n, "k": k, "m": m, "split_k": split, "served": split == base.split_k,
-                       "programs": tiles, "same_bits": all(torch.equal(a, b) for a, b in zip(got[False], got[True])),
+                       "stages": cfg.num_stages, "reduce": args.reduce, "programs": tiles,
+                       "same_bits": all(torch.equal(a, b) for on in got for a, b in zip(first, got[on])),
+                       "eager_same": all(torch.equal(first[0], y) for y in first[:args.reps]),
                        "nans": {str(on): int(sum(int(torch.isnan(y).sum()) for y in got[on])) for on in got},
-                       "max_rel_err": {str(on): max(float((y.float() - r).norm() / r.norm())
-                                                    for y, r in zip(got[on], refs)) for on in got}}
+                       "max_rel_err": {on: max(e) for on, e in errs.items()},
+                       "max_rel_err_eager": {on: max(e[:args.reps]) for on, e in errs.items()},
+                       "max_rel_err_graph": {on: max(e[args.reps:]) for on, e in errs.items()}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     set_pdl(False)
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": int4_triton.triton.__version__,
            "rows": rows, "all_same_bits": all(r["same_bits"] for r in rows)}
     (out / "int4_pdl_check.json").write_text(json.dumps(res, indent=1))
-    print(f"PDL on vs off: {sum(r['same_bits'] for r in rows)}/{len(rows)} cases bit-identical")
+    print(f"PDL arms {args.pdl}: {sum(r['same_bits'] for r in rows)}/{len(rows)} cases bit-identical across arms and reps")
     return 0
 
 
