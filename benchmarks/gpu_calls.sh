@@ -103,6 +103,11 @@
 #   bash benchmarks/gpu_calls.sh sweep64    # issue 17: the Triton GEMM's wide grid at 32/64 rows with the served dequantization
 #                                            (one FMA, PTX unpack): int4_kernels.py --wide-sweep (sweep64/; ~6 min): does
 #                                            another split K or tile serve q/k/v, o and down better now?
+#   bash benchmarks/gpu_calls.sh stages     # issue 17: the GEMM's pipeline stages above 32 rows (MODEL_SERVER_INT4_TRITON_STAGES):
+#                                            served configurations at 48/64/128/256 rows, per stage count 3/2/4 the
+#                                            determinism check (int4_pdl_check.py --splits 1, PDL off; chk_N/) and the
+#                                            kernel times (int4_kernels.py --no-sweep; k_N/), then the steady state at 64
+#                                            streams, int4:mma with STAGES_SS (2) (ss/) (~6 min)
 #   bash benchmarks/gpu_calls.sh splitdiag  # issue 17: split-K configurations of more programs than the SMs hold at once gave
 #                                            unstable results at 64 rows (final's pdl/): int4_pdl_check.py with PDL off on
 #                                            gate/up and the LM head at 48/64 rows, split 2/8, the sum kernel vs the ticket
@@ -144,7 +149,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -254,6 +259,17 @@ case "${1:-}" in
     timeout 420 python3 benchmarks/int4_kernels.py --ms 32,64 --sweep-ms 32,64 --sweep-kernels triton --wide-sweep \
       --methods bf16,triton --sweep-budget-s 330 --reps 30 --out "$out/sweep64" > "$out/sweep64.log" 2>&1
     echo "int4_kernels rc $?"; grep -E "sweep:|rel.err" "$out/sweep64.log" | cut -c1-250 ;;
+  stages)
+    for st in 3 2 4; do
+      MODEL_SERVER_INT4_TRITON_STAGES=$st timeout 80 python3 benchmarks/int4_pdl_check.py --pdl 0 --splits 1 \
+        --ms 48,64,128,256 --reps 6 --out "$out/chk_$st" > "$out/chk_$st.log" 2>&1; echo "int4_pdl_check (stages $st) rc $?"
+      tail -1 "$out/chk_$st.log"; grep '"eager_same": false' "$out/chk_$st.log" | cut -c1-200
+      MODEL_SERVER_INT4_TRITON_STAGES=$st timeout 80 python3 benchmarks/int4_kernels.py --ms 48,64,128,256 --no-sweep \
+        --methods bf16,triton --out "$out/k_$st" > "$out/k_$st.log" 2>&1; echo "int4_kernels (stages $st) rc $?"
+      sed -n '/^Whole step/,$p' "$out/k_$st.log" | sed -n 5,8p
+    done
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    MODEL_SERVER_INT4_TRITON_STAGES=${STAGES_SS:-2} ss_arm ss "${SS_SECONDS:-90}" int4:mma 64 ;;
   splitdiag)
     for arm in kernel:0 ticket:0 kernel:2 kernel:4; do
       timeout 100 python3 benchmarks/int4_pdl_check.py --pdl 0 --shapes gate_up_proj,lm_head --ms 48,64 --splits 2,8 \

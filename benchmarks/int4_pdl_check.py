@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": int4_triton.triton.__version__,
            "rows": rows, "all_same_bits": all(r["same_bits"] for r in rows)}
     (out / "int4_pdl_check.json").write_text(json.dumps(res, indent=1))
-    print(f"PDL arms {args.pdl}: {sum(r['same_bits'] for r in rows)}/{len(rows)} cases bit-identical across arms and reps")
+    print(f"PDL arms {args.pdl}: {sum(r['same_bits'] for r in rows)}/{len(rows)} cases bit-identical across arms, "
+          f"{sum(bool(r.get('eager_same')) for r in rows)}/{len(rows)} across eager repetitions")
     return 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from model_server.switches import choice, flag
+from model_server.switches import SwitchValueError, choice, flag, integer
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,17 @@ def deq_mode() -> str:
 
 
 PDL_SWITCH = "MODEL_SERVER_INT4_TRITON_PDL"
+STAGES_SWITCH = "MODEL_SERVER_INT4_TRITON_STAGES"
+
+
+@lru_cache(maxsize=1)
+def stages_override() -> int | None:
+    """``MODEL_SERVER_INT4_TRITON_STAGES``: pipeline stages for every launch of steps of more than 32 rows (an A/B
+    switch; unset: :func:`choose_config`'s). 2-6; another value raises :class:`model_server.switches.SwitchValueError`."""
+    value = integer(STAGES_SWITCH)
+    if value is not None and not 2 <= value <= 6:
+        raise SwitchValueError(f"{STAGES_SWITCH} must be 2-6, got {value}")
+    return value
 
 
 @lru_cache(maxsize=1)
@@ -76,9 +87,10 @@ def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
     if how == "auto":
         how = "fma-ptx"
     fma, ptx = how != "fp32", how == "fma-ptx"
+    stages = 4 if bm <= 32 else stages_override() or 3
     if m > 64:
-        return Config(bm, bn, split, 3, 4, False, False, fma, ptx)
-    return Config(bm, bn, split, 4 if bm <= 32 else 3, 4, True, False, fma, ptx)
+        return Config(bm, bn, split, stages, 4, False, False, fma, ptx)
+    return Config(bm, bn, split, stages, 4, True, False, fma, ptx)
 
 
 def deq(cfg: Config, magic: int, interpret: bool) -> int:

@@ -133,6 +133,25 @@ def test_the_programmatic_dependent_launch_switch(monkeypatch):
         cfgmod.pdl_on.cache_clear()
 
 
+def test_the_pipeline_stages_switch(monkeypatch):
+    """MODEL_SERVER_INT4_TRITON_STAGES sets the stages of steps of more than 32 rows (A/B); 32 rows and fewer keep 4."""
+    from model_server.switches import SwitchValueError
+    cfgmod = int4_triton_config
+    try:
+        for value, want64 in (("", 3), ("2", 2), ("5", 5)):
+            monkeypatch.setenv(cfgmod.STAGES_SWITCH, value)
+            cfgmod.stages_override.cache_clear()
+            assert [int4_triton.choose_config(m, 2048, 2048, 128, 132).num_stages for m in (8, 32, 64, 256)] \
+                == [4, 4, want64, want64]
+        monkeypatch.setenv(cfgmod.STAGES_SWITCH, "9")
+        cfgmod.stages_override.cache_clear()
+        with pytest.raises(SwitchValueError, match=cfgmod.STAGES_SWITCH):
+            int4_triton.choose_config(64, 2048, 2048, 128, 132)
+    finally:
+        monkeypatch.delenv(cfgmod.STAGES_SWITCH)
+        cfgmod.stages_override.cache_clear()
+
+
 def test_config_choice_splits_k_only_while_tiles_do_not_fill_the_device():
     small = int4_triton.choose_config(1, 2048, 2048, 128, 132)
     wide = int4_triton.choose_config(1, 128256, 2048, 128, 132)
