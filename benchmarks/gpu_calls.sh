@@ -103,6 +103,8 @@
 #   bash benchmarks/gpu_calls.sh sweep64    # issue 17: the Triton GEMM's wide grid at 32/64 rows with the served dequantization
 #                                            (one FMA, PTX unpack): int4_kernels.py --wide-sweep (sweep64/; ~6 min): does
 #                                            another split K or tile serve q/k/v, o and down better now?
+#   bash benchmarks/gpu_calls.sh served     # issue 17: the served stages rule (never 3 at 33-64 rows): determinism check at
+#                                            33/48/64 rows (chk/), kernel times at 64 (k/), steady state int4:mma at 64 (ss/)
 #   bash benchmarks/gpu_calls.sh stages     # issue 17: the GEMM's pipeline stages above 32 rows (MODEL_SERVER_INT4_TRITON_STAGES):
 #                                            served configurations at 48/64/128/256 rows, per stage count 3/2/4 the
 #                                            determinism check (int4_pdl_check.py --splits 1, PDL off; chk_N/) and the
@@ -149,7 +151,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -259,6 +261,13 @@ case "${1:-}" in
     timeout 420 python3 benchmarks/int4_kernels.py --ms 32,64 --sweep-ms 32,64 --sweep-kernels triton --wide-sweep \
       --methods bf16,triton --sweep-budget-s 330 --reps 30 --out "$out/sweep64" > "$out/sweep64.log" 2>&1
     echo "int4_kernels rc $?"; grep -E "sweep:|rel.err" "$out/sweep64.log" | cut -c1-250 ;;
+  served)
+    timeout 50 python3 benchmarks/int4_pdl_check.py --pdl 0 --splits 1 --ms 33,48,64 --reps 6 --out "$out/chk" \
+      > "$out/chk.log" 2>&1; echo "int4_pdl_check rc $?"; tail -1 "$out/chk.log"
+    timeout 50 python3 benchmarks/int4_kernels.py --ms 64 --no-sweep --methods bf16,triton --out "$out/k" \
+      > "$out/k.log" 2>&1; echo "int4_kernels rc $?"; sed -n '/^Whole step/,$p' "$out/k.log" | sed -n 5p
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    ss_arm ss "${SS_SECONDS:-90}" int4:mma 64 ;;
   stages)
     for st in 3 2 4; do
       MODEL_SERVER_INT4_TRITON_STAGES=$st timeout 80 python3 benchmarks/int4_pdl_check.py --pdl 0 --splits 1 \

@@ -43,6 +43,7 @@ def deq_mode() -> str:
 
 PDL_SWITCH = "MODEL_SERVER_INT4_TRITON_PDL"
 STAGES_SWITCH = "MODEL_SERVER_INT4_TRITON_STAGES"
+WIDE_N = 65536                       # 33-64 rows: layers at least this wide (the LM head) pipeline 2 stages, others 4
 
 
 @lru_cache(maxsize=1)
@@ -75,7 +76,12 @@ def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
     projection from 81 to 35 us and 2048 x 2048 from 22 to 14 us). Dequantize, never fold: in the 2026-12-04
     sweep (int4_gemv_sweep) the same config dequantizing was 5-12 % faster than folding at 1, 8 and 16 rows on
     four of the 1B model's five shapes (gate/up 23.1-23.2 -> 20.4-20.5 us, the LM head 108-111 -> 103-104 us)
-    and equal within 0.03 us on the fifth (2048 x 2048); folding stays a Config option for sweeps."""
+    and equal within 0.03 us on the fifth (2048 x 2048); folding stays a Config option for sweeps.
+    Pipeline stages: 4 up to 32 rows; 33-64 rows 4 (2 on layers of at least ``WIDE_N`` outputs), never 3: on an H100
+    (2026-12-06, docs/benchmarks.md "Three pipeline stages are not deterministic") 3 stages gave different bits from
+    run to run on grids of more programs than the SMs hold (the 64-row LM head; split-K variants), 2 and 4 did not,
+    and 4 cost 0.1-0.3 us per layer, 2 on the LM head 20.7 us (4: 36.7); above 64 rows 3 (deterministic there in the
+    same check, and 4 was 1.5x slower)."""
     bn = 64
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     tiles = -(-m // bm) * -(-n // bn)
@@ -87,7 +93,7 @@ def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
     if how == "auto":
         how = "fma-ptx"
     fma, ptx = how != "fp32", how == "fma-ptx"
-    stages = 4 if bm <= 32 else stages_override() or 3
+    stages = 4 if bm <= 32 else stages_override() or (3 if m > 64 else 2 if n >= WIDE_N else 4)
     if m > 64:
         return Config(bm, bn, split, stages, 4, False, False, fma, ptx)
     return Config(bm, bn, split, stages, 4, True, False, fma, ptx)

@@ -138,11 +138,17 @@ def test_the_pipeline_stages_switch(monkeypatch):
     from model_server.switches import SwitchValueError
     cfgmod = int4_triton_config
     try:
-        for value, want64 in (("", 3), ("2", 2), ("5", 5)):
+        monkeypatch.setenv(cfgmod.STAGES_SWITCH, "")
+        cfgmod.stages_override.cache_clear()
+        assert [int4_triton.choose_config(m, 2048, 2048, 128, 132).num_stages for m in (8, 32, 33, 64, 65, 256)] \
+            == [4, 4, 4, 4, 3, 3]                                     # never 3 stages at 33-64 rows
+        assert [int4_triton.choose_config(m, 128256, 2048, 128, 132).num_stages for m in (32, 48, 64, 65)] \
+            == [4, 2, 2, 3]                                           # the LM head: 2 there
+        for value, want in (("2", 2), ("5", 5)):
             monkeypatch.setenv(cfgmod.STAGES_SWITCH, value)
             cfgmod.stages_override.cache_clear()
             assert [int4_triton.choose_config(m, 2048, 2048, 128, 132).num_stages for m in (8, 32, 64, 256)] \
-                == [4, 4, want64, want64]
+                == [4, 4, want, want]
         monkeypatch.setenv(cfgmod.STAGES_SWITCH, "9")
         cfgmod.stages_override.cache_clear()
         with pytest.raises(SwitchValueError, match=cfgmod.STAGES_SWITCH):
