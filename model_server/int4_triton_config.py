@@ -62,10 +62,10 @@ def pdl_on() -> bool:
     (compute capability >= 9.0; the caller checks): each waits for the previous kernel's writes at its start
     (``griddepcontrol.wait``) instead of being launched after it ends, and the GEMM lets the next kernel launch once
     its main loop is done. On an H100 (docs/benchmarks.md, "Programmatic dependent launch") the linears of a 64-row
-    decode step took 828 instead of 881 us and the step's graph 1.232 instead of 1.256 ms, but split-K
-    configurations of more than one wave of programs showed a larger error in the same run (3.3e-3 against 2.4e-3):
-    off (unset or ``0``) until that is explained. Read once per process; another value raises
-    :class:`model_server.switches.SwitchValueError`."""
+    decode step took 828 instead of 881 us and the step's graph 1.232 instead of 1.256 ms; off (unset or ``0``) by
+    default all the same: with 3 pipeline stages the 64-row LM head's bits changed with it (the 3-stage race, since
+    avoided by :func:`choose_config`), and PDL has not been checked on the stages served now. Read once per process;
+    another value raises :class:`model_server.switches.SwitchValueError`."""
     return flag(PDL_SWITCH) is True
 
 
