@@ -222,6 +222,15 @@ ROWS = [
     Row("INT4 at 64 streams: split-K sums by each tile's last program (ticket) over the sum kernel (next process)",
         ["2026-12-06-h100/splitk_0513/ss/steady_state.json", "2026-12-06-h100/splitk_0513/ss_kernel/steady_state.json"],
         values.gain_over_second, "44c3113"),
+    Row("INT4 (mma kernel; prefill of >= 320 rows dequantized then cuBLAS; one-FMA dequantization at every row count; "
+        "3 pipeline stages at 33-64 rows, since replaced) vs bf16 in-process, same process (H100)",
+        ["2026-12-06-h100/final_1115/ss/steady_state.json"], values.formats_vs_bf16, "53a9550"),
+    Row("INT4 at 64 streams: prefill passes of >= 256 rows dequantized then cuBLAS over the fused GEMM (next process)",
+        ["2026-12-06-h100/prefill_1050/ss_deq/steady_state.json",
+         "2026-12-06-h100/prefill_1050/ss_fused/steady_state.json"], values.gain_over_second, "a577593"),
+    Row("INT4 at 64 streams: the Triton GEMM as a programmatic dependent launch over without (next process)",
+        ["2026-12-06-h100/pdl_1102/ss_pdl/steady_state.json", "2026-12-06-h100/pdl_1102/ss/steady_state.json"],
+        values.gain_over_second, "41429ee"),
     Row("INT4 (mma kernel; the Triton GEMM above 16-32 rows dequantizing with one bf16 FMA, nibbles unpacked by PTX) "
         "vs bf16 in-process (H100)",
         ["2026-12-06-h100/deqptx_0912/ss_ptx/steady_state.json", "2026-12-06-h100/deqptx_0912/ss_bf16/steady_state.json"],
