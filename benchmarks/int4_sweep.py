@@ -106,11 +106,16 @@ def cfg_str(c: dict) -> str:
             f"{'T' if c['swap_ab'] else 'N'}{'F' if c['fold'] else 'D'}")
 
 
+REPEATS = 4                          # calls per config compared bit for bit
+
+
 def sweep(make_calls: Callable[[str, object], list], check: Callable[[Callable[[], torch.Tensor]], float],
           configs: list[tuple[str, object]], reps: int, time_calls: Callable, deadline: float,
           label: str) -> list[dict]:
-    """Time every ``(method, config)`` (graph us per call) and check its error; stops at ``deadline`` (time.time()).
-    A config that fails to compile or run is recorded with its error, not timed."""
+    """Time every ``(method, config)`` (graph us per call) and check its error and that ``REPEATS`` calls give the
+    same bits (``deterministic``: 3-stage pipelines raced on an H100, docs/benchmarks.md "INT4 at 64 streams, second
+    pass"); stops at ``deadline`` (time.time()). A config that fails to compile or run is recorded with its error, not
+    timed."""
     out = []
     for method, cfg in configs:
         if time.time() > deadline:
@@ -120,6 +125,8 @@ def sweep(make_calls: Callable[[str, object], list], check: Callable[[Callable[[
         try:
             calls = make_calls(method, cfg)
             row["rel_err"] = check(calls[0])
+            first = calls[0]().clone()
+            row["deterministic"] = all(torch.equal(first, calls[0]()) for _ in range(REPEATS - 1))
             row["graph_us"] = time_calls(calls, reps, False)[1]
         except Exception as e:                      # noqa: BLE001 - keep the other configs' numbers
             row["error"] = f"{e!r}"[:300]
@@ -129,7 +136,8 @@ def sweep(make_calls: Callable[[str, object], list], check: Callable[[Callable[[
 
 
 def best_of(rows: list[dict], method: str, max_err: float = 1e-2) -> dict | None:
-    """The fastest timed row of ``method`` whose error is below ``max_err``."""
+    """The fastest timed row of ``method`` whose error is below ``max_err`` and whose repeated calls agreed (rows of
+    sweeps from before that check count as agreeing)."""
     ok = [r for r in rows if r["method"] == method and r.get("graph_us") is not None
-          and isinstance(r.get("rel_err"), float) and r["rel_err"] < max_err]
+          and isinstance(r.get("rel_err"), float) and r["rel_err"] < max_err and r.get("deterministic", True)]
     return min(ok, key=lambda r: r["graph_us"]) if ok else None
