@@ -103,6 +103,10 @@
 #   bash benchmarks/gpu_calls.sh sweep64    # issue 17: the Triton GEMM's wide grid at 32/64 rows with the served dequantization
 #                                            (one FMA, PTX unpack): int4_kernels.py --wide-sweep (sweep64/; ~6 min): does
 #                                            another split K or tile serve q/k/v, o and down better now?
+#   bash benchmarks/gpu_calls.sh fence      # issue 17: does the async-proxy fence (MODEL_SERVER_INT4_TRITON_FENCE=1) make 3
+#                                            pipeline stages deterministic? int4_pdl_check.py at 48/64 rows, 3 stages,
+#                                            splits 1/2/8, without (chk_nofence/) and with it (chk_fence/), then the kernel
+#                                            times at 64 rows with 3 stages and the fence (k_fence/) (~3 min)
 #   bash benchmarks/gpu_calls.sh served     # issue 17: the served stages rule (never 3 at 33-64 rows): determinism check at
 #                                            33/48/64 rows (chk/), kernel times at 64 (k/), steady state int4:mma at 64 (ss/)
 #   bash benchmarks/gpu_calls.sh stages     # issue 17: the GEMM's pipeline stages above 32 rows (MODEL_SERVER_INT4_TRITON_STAGES):
@@ -151,7 +155,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -261,6 +265,16 @@ case "${1:-}" in
     timeout 420 python3 benchmarks/int4_kernels.py --ms 32,64 --sweep-ms 32,64 --sweep-kernels triton --wide-sweep \
       --methods bf16,triton --sweep-budget-s 330 --reps 30 --out "$out/sweep64" > "$out/sweep64.log" 2>&1
     echo "int4_kernels rc $?"; grep -E "sweep:|rel.err" "$out/sweep64.log" | cut -c1-250 ;;
+  fence)
+    for arm in nofence:0 fence:1; do
+      MODEL_SERVER_INT4_TRITON_FENCE=${arm#*:} MODEL_SERVER_INT4_TRITON_STAGES=3 timeout 100 python3 \
+        benchmarks/int4_pdl_check.py --pdl 0 --ms 48,64 --splits 1,2,8 --reps 8 --out "$out/chk_${arm%:*}" \
+        > "$out/chk_${arm%:*}.log" 2>&1; echo "int4_pdl_check (${arm%:*}) rc $?"; tail -1 "$out/chk_${arm%:*}.log"
+      grep '"eager_same": false' "$out/chk_${arm%:*}.log" | cut -c1-160
+    done
+    MODEL_SERVER_INT4_TRITON_FENCE=1 MODEL_SERVER_INT4_TRITON_STAGES=3 timeout 60 python3 benchmarks/int4_kernels.py \
+      --ms 64 --no-sweep --methods bf16,triton --out "$out/k_fence" > "$out/k_fence.log" 2>&1
+    echo "int4_kernels rc $?"; sed -n '/^Whole step/,$p' "$out/k_fence.log" | sed -n 5p ;;
   served)
     timeout 50 python3 benchmarks/int4_pdl_check.py --pdl 0 --splits 1 --ms 33,48,64 --reps 6 --out "$out/chk" \
       > "$out/chk.log" 2>&1; echo "int4_pdl_check rc $?"; tail -1 "$out/chk.log"

@@ -64,7 +64,8 @@ def compile_sm90(cfg: int4_gemv.GemvConfig, k: int, group: int = 128):
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
 
 
-def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128, ticket: bool = True, pdl: bool = False):
+def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128, ticket: bool = True, pdl: bool = False,
+                      fence: bool = False):
     """The W4A16 GEMM compiled for bf16 activations, as a launch with K = ``k`` and ``cfg`` would compile it (split K:
     with the ticket reduction, the default, unless ``ticket`` is False; ``pdl``: as a programmatic dependent launch)."""
     import triton
@@ -81,7 +82,7 @@ def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128, ticket:
     sig = dict(zip(GEMM_ARGS, types))
     const = dict(ITERS_PER_SPLIT=k // bk // cfg.split_k, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                  BLOCK_K=bk, HALF=bk // 2, MAGIC=0x4300, C8=136.0, SWAP_AB=cfg.swap_ab, FOLD=cfg.fold,
-                 SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=int4_triton_config.deq(cfg, 0x4300, False), PDL=pdl)
+                 SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=int4_triton_config.deq(cfg, 0x4300, False), PDL=pdl, FENCE=fence)
     sig.update({name: "constexpr" for name in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(GEMM_ARGS) if name != "M"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from model_server import int4_triton_split
-from model_server.int4_triton_config import Config, choose_config, deq, pdl_on
+from model_server.int4_triton_config import Config, choose_config, deq, fence_on, pdl_on
 
 triton: Any = None                   # imported at first use (:func:`_import_triton`): CPU-only installs have none,
 tl: Any = None                       # and the interpreter must be chosen before Triton's own import
@@ -119,11 +119,12 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
                   cnt_ptr, ITERS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr, MAGIC: tl.constexpr,
                   C8: tl.constexpr, SWAP_AB: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr,
-                  TICKET: tl.constexpr, DEQ: tl.constexpr, PDL: tl.constexpr):
+                  TICKET: tl.constexpr, DEQ: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr):
     """One program: a [BLOCK_N, BLOCK_M] tile of y^T (SWAP_AB) or [BLOCK_M, BLOCK_N] of y, over ITERS_PER_SPLIT
     K-blocks of split ``program_id(2)``, stored to ``y_ptr`` (split ``pid_k``'s slice). HALF = BLOCK_K // 2; MAGIC,
     C8 = c + 8: module docstring. DEQ (:func:`model_server.int4_triton_config.deq`): 0 dequantize in fp32 (or fold),
-    1 one FMA per weight in the activation dtype, 2 the same with ``c + q`` made by inline PTX. TICKET (SPLIT > 1; SPLIT is 1 without it): the tile's last program (ticket
+    1 one FMA per weight in the activation dtype, 2 the same with ``c + q`` made by inline PTX. PDL / FENCE:
+    :func:`~model_server.int4_triton_config.pdl_on` / :func:`~model_server.int4_triton_config.fence_on`. TICKET (SPLIT > 1; SPLIT is 1 without it): the tile's last program (ticket
     SPLIT - 1 from the tile's counter in ``cnt_ptr``) sums the SPLIT partials of ``y_ptr`` into ``out_ptr`` and
     resets the counter to 0.
     Ordering on a GPU: each thread's partial stores, a CTA barrier, then one thread's acq_rel atomic at GPU scope
@@ -173,6 +174,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
             w_lo = ((b & 15).to(tl.int16) | MAGIC).to(tl.int16).to(x_lo.dtype, bitcast=True)
             w_hi = ((b >> 4).to(tl.int16) | MAGIC).to(tl.int16).to(x_lo.dtype, bitcast=True)
         g = k0 // GROUP
+        if FENCE:                                                          # copies -> wgmma's async proxy (sm_90)
+            tl.inline_asm_elementwise("fence.proxy.async.shared::cta; // $0", "=r", [], dtype=tl.int32,
+                                      is_pure=False, pack=1)
         if DEQ >= 1:                                                       # (c + q) - (c + 8), exact; one rounding
             s16 = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(x_lo.dtype)
             z16 = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(x_lo.dtype)
@@ -286,7 +290,8 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
                     packed.stride(0), n, m * n, y, cnt, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
                     BLOCK_N=cfg.block_n, BLOCK_K=bk, HALF=bk // 2, MAGIC=magic, C8=c8, SWAP_AB=cfg.swap_ab,
                     FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=deq(cfg, magic, interpret),
-                    PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
+                    PDL=pdl, FENCE=not interpret and fence_on() and _capability(x2d.device) >= (9, 0),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     if cfg.split_k > 1 and not ticket:
         sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, SPLIT=cfg.split_k, BLOCK=1024, PDL=pdl, num_warps=4,
                                                 **launch)

@@ -69,6 +69,19 @@ def pdl_on() -> bool:
     return flag(PDL_SWITCH) is True
 
 
+FENCE_SWITCH = "MODEL_SERVER_INT4_TRITON_FENCE"
+
+
+@lru_cache(maxsize=1)
+def fence_on() -> bool:
+    """``MODEL_SERVER_INT4_TRITON_FENCE=1`` (compute capability >= 9.0; the caller checks): a
+    ``fence.proxy.async.shared::cta`` in each K-block after the copies into shared memory are waited for and before
+    the wgmma that reads them (the compiled PTX puts it there; tests/test_int4_compile_check.py). Triton emits none
+    there; CUTLASS's cp.async mainloops for sm_90 do. An experiment for the 3-stage race (docs/benchmarks.md, "INT4
+    at 64 streams, second pass"): off (unset or ``0``) until a GPU shows what it changes. Read once per process."""
+    return flag(FENCE_SWITCH) is True
+
+
 def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
     """From sweeps on an H200 (benchmarks/int4_kernels.py, 2026-12-03 and -04): BLOCK_N 64; split K (a power of
     two dividing the K-blocks, >= 2 K-blocks per split) while the tiles do not fill the SMs; M <= 64: swap-AB,

@@ -96,3 +96,27 @@ def test_the_pdl_check_needs_a_gpu_and_says_so_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/int4_pdl_check.py", "--out", str(tmp_path)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "int4_pdl_check: no CUDA device"
+
+
+def test_the_async_proxy_fence_lands_between_the_copies_wait_and_the_wgmma(tmp_path):
+    """MODEL_SERVER_INT4_TRITON_FENCE: in the 64-row GEMM's main loop compiled for sm_90 the fence comes after the
+    shared-memory copies are waited for (and the barrier) and before the first wgmma; without the switch, no fence."""
+    code = """
+import sys
+sys.path.insert(0, "benchmarks")
+import int4_compile_check
+from model_server import int4_triton
+cfg = int4_triton.choose_config(64, 2048, 2048, 128, 132)
+for fence in (False, True):
+    body = int4_compile_check.compile_gemm_sm90(cfg, 2048, ticket=False, fence=fence).asm["ptx"]
+    body = body[body.index(".entry"):]
+    loop = body[body.index("cp.async.wait_group"):]
+    f = loop.find("fence.proxy.async.shared::cta")
+    print(fence, body.count("fence.proxy.async"), 0 <= f < loop.index("wgmma.mma_async"),
+          f > loop.index("bar.sync") if f >= 0 else None)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["False 0 False None", "True 1 True True"], r.stdout
