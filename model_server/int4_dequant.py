@@ -40,9 +40,9 @@ def min_rows() -> int:
     """Rows from which an INT4 step dequantizes then multiplies (``MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS``; unset:
     ``DEFAULT_MIN_ROWS``; ``0``: never). Read once per process (tests clear the cache); a negative value or one that is
     not an integer raises :class:`model_server.switches.SwitchValueError`. The default, from the H100 run of
-    2026-12-06 (docs/benchmarks.md, "Prefill-sized steps"): per layer of the 1B preset the fused GEMM (one-FMA
-    dequantization) took 112.8 us at 256 rows and 204.0 at 512, this path 125.4 and 159.4; the lines cross near 300
-    rows (q/k/v and o cross below 256, gate/up and down near 290-330)."""
+    2026-12-06 (docs/benchmarks.md, "INT4 at 64 streams, second pass"): per layer of the 1B preset the fused GEMM
+    (one-FMA dequantization) took 112.8 us at 256 rows and 204.0 at 512, this path 125.4 and 159.4; the lines cross
+    near 300 rows (q/k/v and o cross below 256, gate/up and down near 290-330)."""
     value = integer(ROWS_SWITCH)
     if value is None:
         return DEFAULT_MIN_ROWS

@@ -124,9 +124,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
     K-blocks of split ``program_id(2)``, stored to ``y_ptr`` (split ``pid_k``'s slice). HALF = BLOCK_K // 2; MAGIC,
     C8 = c + 8: module docstring. DEQ (:func:`model_server.int4_triton_config.deq`): 0 dequantize in fp32 (or fold),
     1 one FMA per weight in the activation dtype, 2 the same with ``c + q`` made by inline PTX. PDL / FENCE:
-    :func:`~model_server.int4_triton_config.pdl_on` / :func:`~model_server.int4_triton_config.fence_on`. TICKET (SPLIT > 1; SPLIT is 1 without it): the tile's last program (ticket
-    SPLIT - 1 from the tile's counter in ``cnt_ptr``) sums the SPLIT partials of ``y_ptr`` into ``out_ptr`` and
-    resets the counter to 0.
+    :func:`~model_server.int4_triton_config.pdl_on` / :func:`~model_server.int4_triton_config.fence_on`. TICKET
+    (SPLIT > 1; SPLIT is 1 without it): the tile's last program (ticket SPLIT - 1 from the tile's counter in
+    ``cnt_ptr``) sums the SPLIT partials of ``y_ptr`` into ``out_ptr`` and resets the counter to 0.
     Ordering on a GPU: each thread's partial stores, a CTA barrier, then one thread's acq_rel atomic at GPU scope
     (release: cumulative over the barrier); the last program's acquire, the barrier Triton puts after a scalar
     atomic (and ours), then loads that bypass L1 (.cg): the pattern of CUTLASS's GenericBarrier."""

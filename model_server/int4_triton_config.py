@@ -1,6 +1,7 @@
 """Launch configurations of the INT4 Triton GEMM (:mod:`model_server.int4_triton`): :class:`Config`, the choice per
 step and layer (:func:`choose_config`), how the kernel dequantizes (:func:`deq_mode`, ``MODEL_SERVER_INT4_TRITON_DEQ``,
-and the kernel's ``DEQ`` constant, :func:`deq`) and whether it launches as a programmatic dependent (:func:`pdl_on`). Owns no kernel and no layout.
+and the kernel's ``DEQ`` constant, :func:`deq`), its pipeline stages above 32 rows (:func:`stages_override`) and two
+experiments (:func:`pdl_on`, :func:`fence_on`). Owns no kernel and no layout.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def deq_mode() -> str:
     F2FP); ``fma-ptx`` also makes ``c + q`` of two bytes with one PRMT, two LOP3 and a shift (inline PTX; the
     interpreter and fp32 use the plain unpack): 4.4, and 128 instead of 160 registers. ``auto``: ``fma-ptx`` at every
     row count (an H100, docs/benchmarks.md "Dequantizing with one FMA": linears of a 64-row step 1,084 -> 880 us;
-    "Prefill-sized steps": 8-18 % faster than ``fp32`` at 256-2,048 rows, e.g. 12,977 -> 11,196 us at 2,048)."""
+    "INT4 at 64 streams, second pass": 8-18 % faster than ``fp32`` at 256-2,048 rows, 12,977 -> 11,196 us at
+    2,048)."""
     return choice(DEQ_SWITCH, DEQ_MODES)
 
 
@@ -49,7 +51,8 @@ WIDE_N = 65536                       # 33-64 rows: layers at least this wide (th
 @lru_cache(maxsize=1)
 def stages_override() -> int | None:
     """``MODEL_SERVER_INT4_TRITON_STAGES``: pipeline stages for every launch of steps of more than 32 rows (an A/B
-    switch; unset: :func:`choose_config`'s). 2-6; another value raises :class:`model_server.switches.SwitchValueError`."""
+    switch; unset: :func:`choose_config`'s). 2-6; another value raises
+    :class:`model_server.switches.SwitchValueError`."""
     value = integer(STAGES_SWITCH)
     if value is not None and not 2 <= value <= 6:
         raise SwitchValueError(f"{STAGES_SWITCH} must be 2-6, got {value}")
@@ -61,7 +64,7 @@ def pdl_on() -> bool:
     """``MODEL_SERVER_INT4_TRITON_PDL=1``: launch the GEMM and its split-K sum with programmatic dependent launch
     (compute capability >= 9.0; the caller checks): each waits for the previous kernel's writes at its start
     (``griddepcontrol.wait``) instead of being launched after it ends, and the GEMM lets the next kernel launch once
-    its main loop is done. On an H100 (docs/benchmarks.md, "Programmatic dependent launch") the linears of a 64-row
+    its main loop is done. On an H100 (docs/benchmarks.md, "INT4 at 64 streams, second pass") the linears of a 64-row
     decode step took 828 instead of 881 us and the step's graph 1.232 instead of 1.256 ms; off (unset or ``0``) by
     default all the same: with 3 pipeline stages the 64-row LM head's bits changed with it (the 3-stage race, since
     avoided by :func:`choose_config`), and PDL has not been checked on the stages served now. Read once per process;
@@ -91,7 +94,7 @@ def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:
     four of the 1B model's five shapes (gate/up 23.1-23.2 -> 20.4-20.5 us, the LM head 108-111 -> 103-104 us)
     and equal within 0.03 us on the fifth (2048 x 2048); folding stays a Config option for sweeps.
     Pipeline stages: 4 up to 32 rows; 33-64 rows 4 (2 on layers of at least ``WIDE_N`` outputs), never 3: on an H100
-    (2026-12-06, docs/benchmarks.md "Three pipeline stages are not deterministic") 3 stages gave different bits from
+    (2026-12-06, docs/benchmarks.md "INT4 at 64 streams, second pass") 3 stages gave different bits from
     run to run on grids of more programs than the SMs hold (the 64-row LM head; split-K variants), 2 and 4 did not,
     and 4 cost 0.1-0.3 us per layer, 2 on the LM head 20.7 us (4: 36.7); above 64 rows 3 (deterministic there in the
     same check, and 4 was 1.5x slower)."""
