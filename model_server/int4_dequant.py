@@ -6,7 +6,10 @@ times at 2,048 rows) and runs ``tl.dot`` with a register operand, while bf16's c
 module writes the layer's bf16 (or fp16) weight once into a temporary ``[N, K]`` buffer with a small Triton kernel
 (reading :mod:`model_server.int4_triton`'s layout, so no second copy of the weights is kept) and hands the product to
 ``torch.matmul``. The buffer is a per-call allocation: the CUDA caching allocator (and a CUDA graph's memory pool)
-reuses it for the next layer; the largest is the widest layer's (a merged gate/up of the 1B preset: 64 MiB in bf16).
+reuses it for the next layer. Its size is the layer's bf16 weight: 64 MiB for the 1B preset's merged gate/up, and
+501 MiB for its LM head where a step computes logits for 320 or more rows (the fast engine's prefill computes them
+for each prompt's last token only; a full-sequence forward, e.g. transformers' ``generate`` prefill, for every
+token, next to logits of the same size).
 
 Owns: the dequantization kernel (:func:`dequantize`), the product (:func:`int4_dequant_mm`) and the row bound from
 which a step takes it (:func:`min_rows`, ``MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS``). Must NOT: choose a layer's kernel
