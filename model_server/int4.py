@@ -99,7 +99,9 @@ class Int4Linear(nn.Module):
             int4_triton_split.mode()                 # a bad MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE fails the load
             int4_triton_config.deq_mode()            # ... and so does a bad MODEL_SERVER_INT4_TRITON_DEQ
             int4_dequant.min_rows()                  # ... and a bad MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS
-            int4_triton_config.pdl_on()              # ... and MODEL_SERVER_INT4_TRITON_PDL
+            int4_triton_config.pdl_on()              # ... and MODEL_SERVER_INT4_TRITON_PDL, _FENCE, _STAGES
+            int4_triton_config.fence_on()
+            int4_triton_config.stages_override()
             self.register_buffer("triton_packed", int4_triton.pack_int4(q, group_size))
             scales, zeros = int4_triton.split_scales_and_zeros(sz)
             self.register_buffer("triton_scales", scales)

@@ -16,7 +16,7 @@ without a GPU), each reading its own layout of the same 4-bit values:
   most ``GEMV_MAX_ROWS`` rows run the small-rows kernel :mod:`model_server.int4_gemv` (``ComputeChoice.rows_kernel``
   ``"gemv"``), more rows the fused W4A16 GEMM :mod:`model_server.int4_triton`.
 * ``triton-dequant``: wherever a step would run the Triton GEMM but has at least
-  :func:`model_server.int4_dequant.min_rows` rows (256; a prefill pass): a Triton pass writes the layer's weight in
+  :func:`model_server.int4_dequant.min_rows` rows (320; a prefill pass): a Triton pass writes the layer's weight in
   the activation dtype, then cuBLAS multiplies (:mod:`model_server.int4_dequant`).
 
 ``MODEL_SERVER_INT4_KERNELS`` picks (CUDA, compute capability >= 8.0; below that and on CPU it is ignored):

@@ -89,7 +89,8 @@ def precompile(modules: Iterable[nn.Module], max_rows: int) -> int:
     """Run every GEMM variant (:func:`variants`) that steps of up to ``max_rows`` rows can launch on each distinct
     INT4 layer shape among ``modules`` (and their children), on zeros, and the dequantization kernel of
     :mod:`model_server.int4_dequant` where steps of ``max_rows`` take it (rows from its bound on run no GEMM variant);
-    returns the launches made. Layers that never run the Triton GEMM are skipped. Compiles land in Triton's cache (``TRITON_CACHE_DIR``)."""
+    returns the launches made. Layers that never run the Triton GEMM are skipped. Compiles land in Triton's cache
+    (``TRITON_CACHE_DIR``)."""
     seen: set[tuple] = set()
     launches = 0
     with torch.inference_mode():

@@ -133,6 +133,25 @@ def test_the_programmatic_dependent_launch_switch(monkeypatch):
         cfgmod.pdl_on.cache_clear()
 
 
+def test_the_fence_switch(monkeypatch):
+    """MODEL_SERVER_INT4_TRITON_FENCE: off unless ``1``; a bad value fails the load (its place in the compiled loop:
+    tests/test_int4_compile_check.py)."""
+    from model_server.switches import SwitchValueError
+    cfgmod = int4_triton_config
+    try:
+        for value, want in (("", False), ("0", False), ("1", True)):
+            monkeypatch.setenv(cfgmod.FENCE_SWITCH, value)
+            cfgmod.fence_on.cache_clear()
+            assert cfgmod.fence_on() is want
+        monkeypatch.setenv(cfgmod.FENCE_SWITCH, "on")
+        cfgmod.fence_on.cache_clear()
+        with pytest.raises(SwitchValueError, match=cfgmod.FENCE_SWITCH):
+            Int4Linear(nn.Linear(256, 48), 64, ComputeChoice(torch.float32, "triton", "test"))
+    finally:
+        monkeypatch.delenv(cfgmod.FENCE_SWITCH)
+        cfgmod.fence_on.cache_clear()
+
+
 def test_the_pipeline_stages_switch(monkeypatch):
     """MODEL_SERVER_INT4_TRITON_STAGES sets the stages of steps of more than 32 rows (A/B); 32 rows and fewer keep 4."""
     from model_server.switches import SwitchValueError
@@ -153,6 +172,8 @@ def test_the_pipeline_stages_switch(monkeypatch):
         cfgmod.stages_override.cache_clear()
         with pytest.raises(SwitchValueError, match=cfgmod.STAGES_SWITCH):
             int4_triton.choose_config(64, 2048, 2048, 128, 132)
+        with pytest.raises(SwitchValueError, match=cfgmod.STAGES_SWITCH):   # at load, not at the first step
+            Int4Linear(nn.Linear(256, 48), 64, ComputeChoice(torch.float32, "triton", "test"))
     finally:
         monkeypatch.delenv(cfgmod.STAGES_SWITCH)
         cfgmod.stages_override.cache_clear()
