@@ -15,10 +15,9 @@ async def drained(eng, timeout_s: float) -> bool:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         st = eng.stats()
+        await asyncio.sleep(0.05)                            # when idle: the loop's last step returns meanwhile
         if not st.waiting_requests and not st.running_requests:
-            await asyncio.sleep(0.05)                        # the loop's last step returns
             return True
-        await asyncio.sleep(0.05)
     return False
 
 

@@ -20,10 +20,12 @@ LINE = re.compile(r"K=(\d+) (.+?): ([\d.]+) instr/weight, (\d+) tensor-core inst
 
 
 def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python *args`` from the repo root, compiling for real (no interpreter) into a cache under ``tmp_path``;
+    ``args`` starting with ``-c`` run code, else benchmarks/int4_compile_check.py with them."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    return subprocess.run([sys.executable, "benchmarks/int4_compile_check.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    cmd = list(args) if args[:1] == ("-c",) else ["benchmarks/int4_compile_check.py", *args]
+    return subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_gemm_and_small_rows_kernel_compile_for_sm90(tmp_path):
@@ -81,9 +83,7 @@ for ticket in (True, False):
         print(ticket, pdl, body.count("griddepcontrol.wait"), body.count("griddepcontrol.launch_dependents"),
               wait >= 0 and wait < body.index("ld.global"))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = _run(tmp_path, "-c", code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[:4] == ["True False 0 0 False", "True True 1 1 True", "False False 0 0 False",
                                         "False True 1 1 True"], r.stdout
@@ -115,8 +115,6 @@ for fence in (False, True):
     print(fence, body.count("fence.proxy.async"), 0 <= f < loop.index("wgmma.mma_async"),
           f > loop.index("bar.sync") if f >= 0 else None)
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = _run(tmp_path, "-c", code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[:2] == ["False 0 False None", "True 1 True True"], r.stdout

@@ -18,20 +18,9 @@ from model_server.int4 import (AUTO_MODE, GEMV_MAX_ROWS, TINYGEMM_MAX_ROWS, Comp
                                device_compute)
 from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
 from model_server.weights import measure_weight_bytes
+from tests.int4_triton_support import interpreter, reference, rel  # noqa: F401 (interpreter: an autouse fixture)
 
 
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert int4_triton.available()
-
-
-def _reference(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    return x.double() @ dequantize_groupwise(q, sz, group).double().t()
-
-
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got.double() - want).norm() / want.norm())
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
@@ -46,7 +35,7 @@ def test_kernel_computes_x_times_the_dequantized_weight(dtype, tol, m, group):
     scales, zeros = int4_triton.split_scales_and_zeros(sz)
     y = int4_triton.int4_triton_mm(x.to(dtype), packed, scales, zeros, group)
     assert y.shape == (m, n) and y.dtype == dtype and torch.isfinite(y).all()
-    assert _rel(y, _reference(x, q, sz, group)) < tol
+    assert rel(y, reference(x, q, sz, group)) < tol
 
 
 @pytest.mark.parametrize("swap_ab,fold,split", [(True, True, 2), (True, False, 4), (False, True, 1), (False, False, 2)])
@@ -58,7 +47,7 @@ def test_every_launch_configuration_computes_the_same_product(swap_ab, fold, spl
     cfg = int4_triton.Config(16, 64, split, 2, 4, swap_ab, fold)
     y = int4_triton.int4_triton_mm(x.half(), int4_triton.pack_int4(q, group), *int4_triton.split_scales_and_zeros(sz),
                                    group, cfg)
-    assert _rel(y, _reference(x, q, sz, group)) < 3e-3
+    assert rel(y, reference(x, q, sz, group)) < 3e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -74,10 +63,10 @@ def test_dequantizing_with_one_fma_in_the_activation_dtype_rounds_each_weight_on
     y = int4_triton.int4_triton_mm(x, packed, scales, zeros, group, cfg)
     w = dequantize_groupwise(q, sz, group).to(dtype)                # each weight rounded once to the dtype
     want = x.double() @ w.double().t()
-    assert _rel(y, want) < (1e-6 if dtype == torch.float32 else 1e-3)
+    assert rel(y, want) < (1e-6 if dtype == torch.float32 else 1e-3)
     y32 = int4_triton.int4_triton_mm(x, packed, scales, zeros, group, int4_triton.Config(16, 64, split, 2, 4, swap_ab,
                                                                                         False, False))
-    assert _rel(y, y32.double()) < (1e-6 if dtype == torch.float32 else 2e-3)
+    assert rel(y, y32.double()) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
 def test_config_choice_splits_k_only_while_tiles_do_not_fill_the_device():
@@ -137,7 +126,7 @@ def test_gemv_kernel_computes_x_times_the_dequantized_weight(m, n, k, group, cfg
     x = torch.randn(m, k)
     y = _gemv(x.to(dtype), q, sz, group, cfg)
     assert y.shape == (m, n) and y.dtype == dtype and torch.isfinite(y).all()
-    assert _rel(y, _reference(x, q, sz, group)) < tol
+    assert rel(y, reference(x, q, sz, group)) < tol
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
@@ -147,7 +136,7 @@ def test_gemv_default_config_for_each_row_count(m):
     x = torch.randn(m, 256)
     cfg = int4_gemv.choose_gemv_config(m, 40, 256, 64, 8)
     assert cfg.block_m >= m and (not cfg.dot or cfg.block_m >= 16)
-    assert _rel(_gemv(x, q, sz, 64), _reference(x, q, sz, 64)) < 1e-5
+    assert rel(_gemv(x, q, sz, 64), reference(x, q, sz, 64)) < 1e-5
 
 
 def test_gemv_config_uses_the_tuned_table_for_its_rows_bucket(monkeypatch):
@@ -190,9 +179,9 @@ def test_int4_linear_runs_tinygemm_up_to_eight_rows_and_triton_above(monkeypatch
     seen = _calls(monkeypatch)
     for rows in (1, TINYGEMM_MAX_ROWS, TINYGEMM_MAX_ROWS + 1, 40):
         x = torch.randn(rows, 256)
-        want = _reference(x, q, sz.float(), 64) + lin.bias.detach().double()
+        want = reference(x, q, sz.float(), 64) + lin.bias.detach().double()
         with torch.inference_mode():
-            assert _rel(mod(x), want) < 1e-4
+            assert rel(mod(x), want) < 1e-4
     assert seen == [TINYGEMM_MAX_ROWS + 1, 40]
 
 
@@ -211,7 +200,7 @@ def test_a_wide_layer_leaves_tinygemm_sooner(monkeypatch):
     for rows in (1, 3, 4, 8, 9):
         x = torch.randn(rows, 256)
         with torch.inference_mode():
-            assert _rel(mod(x), _reference(x, q, sz.float(), 64)) < 1e-4
+            assert rel(mod(x), reference(x, q, sz.float(), 64)) < 1e-4
     assert seen == [4, 8, 9]
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from int4_kernels import dispatch_method
@@ -228,9 +217,9 @@ def test_int4_linear_triton_mode_runs_the_small_rows_kernel_up_to_its_rows_and_t
     gemv, gemm = _calls(monkeypatch, int4_gemv, "int4_gemv_mm"), _calls(monkeypatch)
     for rows in (1, 5, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1):
         x = torch.randn(rows, 256)
-        want = _reference(x, q, sz.float(), 64) + lin.bias.detach().double()
+        want = reference(x, q, sz.float(), 64) + lin.bias.detach().double()
         with torch.inference_mode():
-            assert _rel(mod(x), want) < 1e-4
+            assert rel(mod(x), want) < 1e-4
     assert gemv == [1, 5, GEMV_MAX_ROWS] and gemm == [GEMV_MAX_ROWS + 1]
 
 
@@ -243,7 +232,7 @@ def test_triton_only_keeps_one_layout_and_fewer_bytes():
     assert measure_weight_bytes(only) < measure_weight_bytes(both)
     x = torch.randn(3, 256)
     q, sz = quantize_groupwise(lin.weight, 64)
-    assert _rel(only(x.half()), _reference(x, q, sz, 64)) < 3e-3
+    assert rel(only(x.half()), reference(x, q, sz, 64)) < 3e-3
 
 
 @pytest.mark.parametrize("kernel,rows_kernel", [("cpu-int4pack", "triton"), ("triton", "gemv")])
@@ -259,7 +248,7 @@ def test_merged_projection_with_both_kernels_matches_its_parts(kernel, rows_kern
             want = [p(x) for p in parts]
             got = merged(x)
             for g, w in zip(got, want):
-                assert _rel(g, w.double()) < 1e-5
+                assert rel(g, w.double()) < 1e-5
     ptr = merged.fn.triton_packed.untyped_storage().data_ptr()
     assert all(p.triton_packed.untyped_storage().data_ptr() == ptr for p in parts)   # views, not copies
 
