@@ -2,6 +2,8 @@
 # The GPU measurements still open (issues 14 and 17), one device call each, in the order to run them.
 # Each call: carry .gpu/.whl (bitsandbytes 0.50.2, rouge-score, nltk, OpenTelemetry wheels: the GPU
 # image lacks them), write under $OUT. Usage on the device machine, from the repository root:
+#   bash benchmarks/gpu_calls.sh s46        # issue 17: the served stages rule (determinism 33/48/64, kernels at 64), the fence
+#                                            A/B with 3 stages at 64 rows, then bf16 vs int4:mma at 64 in one process (~9 min)
 #   bash benchmarks/gpu_calls.sh energy     # issue 17: energy validation checks 1 and 3, three runs (~6 min; EV_RUNS="1" for one)
 #   bash benchmarks/gpu_calls.sh grid       # issue 14: the GPU grid, resumable (repeat until 12/12; ~9 min a call)
 #   GRID=benchmarks/grids/gpu-qwen-rag.yaml GRID_DIR=out/qrag bash benchmarks/gpu_calls.sh grid   # another grid
@@ -275,6 +277,20 @@ case "${1:-}" in
     MODEL_SERVER_INT4_TRITON_FENCE=1 MODEL_SERVER_INT4_TRITON_STAGES=3 timeout 60 python3 benchmarks/int4_kernels.py \
       --ms 64 --no-sweep --methods bf16,triton --out "$out/k_fence" > "$out/k_fence.log" 2>&1
     echo "int4_kernels rc $?"; sed -n '/^Whole step/,$p' "$out/k_fence.log" | sed -n 5p ;;
+  s46)   # the served stages rule end to end + the fence A/B at 64 rows + bf16 vs int4:mma at 64 in one process (~9 min)
+    timeout 50 python3 benchmarks/int4_pdl_check.py --pdl 0 --splits 1 --ms 33,48,64 --reps 6 --out "$out/chk" \
+      > "$out/chk.log" 2>&1; echo "int4_pdl_check (served) rc $?"; tail -1 "$out/chk.log"
+    grep '"eager_same": false' "$out/chk.log" | cut -c1-160
+    for arm in nofence:0 fence:1; do
+      MODEL_SERVER_INT4_TRITON_FENCE=${arm#*:} MODEL_SERVER_INT4_TRITON_STAGES=3 timeout 70 python3 \
+        benchmarks/int4_pdl_check.py --pdl 0 --ms 64 --splits 1,8 --reps 6 --out "$out/chk_${arm%:*}" \
+        > "$out/chk_${arm%:*}.log" 2>&1; echo "int4_pdl_check (${arm%:*}, 3 stages) rc $?"; tail -1 "$out/chk_${arm%:*}.log"
+      grep '"eager_same": false' "$out/chk_${arm%:*}.log" | cut -c1-160
+    done
+    timeout 50 python3 benchmarks/int4_kernels.py --ms 64 --no-sweep --methods bf16,triton --out "$out/k" \
+      > "$out/k.log" 2>&1; echo "int4_kernels rc $?"; sed -n '/^Whole step/,$p' "$out/k.log" | sed -n 5p
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    ss_arm ss "${SS_SECONDS:-230}" bf16,int4:mma 64 ;;
   served)
     timeout 50 python3 benchmarks/int4_pdl_check.py --pdl 0 --splits 1 --ms 33,48,64 --reps 6 --out "$out/chk" \
       > "$out/chk.log" 2>&1; echo "int4_pdl_check rc $?"; tail -1 "$out/chk.log"
