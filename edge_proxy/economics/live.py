@@ -39,7 +39,7 @@ from edge_proxy.economics.components import ColdStartHistory, EnergyComponent
 from edge_proxy.economics.counters import EconomicsCounters
 from edge_proxy.economics.feedback import FeedbackEndpoint
 from edge_proxy.economics.info_poller import InfoPoller
-from edge_proxy.economics.probes import ProbeRunner
+from edge_proxy.economics.probes import ProbeRunner, probe_model, proxy_url
 from edge_proxy.economics.quality import GoldenPrompt, RecentRequests, load_golden_prompts
 from edge_proxy.economics.quality_results import ResultsFiles
 from edge_proxy.economics.window import (
@@ -112,7 +112,8 @@ class EconomicsObserver(BaseObserver):
         self.m = EconomicsCounters(registry)
         self.feedback = FeedbackEndpoint(lambda: self.cfg.feedback_token, self.recent,
                                          self.m.feedback, self.record_score)
-        self.probes = ProbeRunner(self.golden, self._probe_target, self._probe_model,
+        self.probes = ProbeRunner(self.golden, lambda: proxy_url(self.runtime, self.settings),
+                                  lambda: probe_model(self.runtime, self.backend_info),
                                   settings.proxy.model_name, self.m.probes, self.record_score)
         for model in sorted(set(self.cfg.scores) | set(self.cfg.reference_scores)):
             self._touch(model)          # configured models: their series exist from the start
@@ -271,18 +272,6 @@ class EconomicsObserver(BaseObserver):
             except (asyncio.CancelledError, Exception):
                 pass
         self._tasks.clear()
-
-    def _probe_target(self) -> str:
-        """The proxy's own URL (the running one's bound port when known); a wildcard host means loopback."""
-        rt = self.runtime
-        live = rt is not None and bool(getattr(rt, "port", None))
-        host = rt.settings.proxy.host if live else self.settings.proxy.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        return f"http://{host}:{rt.port if live else self.settings.proxy.port}"
-
-    def _probe_model(self) -> str:
-        backend_model = getattr(getattr(self.runtime, "backend", None), "model", None)
-        return backend_model or str(self.backend_info.get("model_id") or "default")
 
 
 def create_economics(runtime: Any, *, coldstart: ColdStartHistory | None = None,

@@ -1,22 +1,41 @@
 """Quality probes: golden prompts sent through the proxy itself, checked, scored 1 or 0.
 
 Owns the probe schedule, the probe requests (marked ``x-edge-traffic: probe`` and a random
-``x-request-id`` so the proxy keeps them out of user statistics) and their outcome counts. Must not
-keep scores itself (``record_score`` does) nor decide how a completion is checked
-(:class:`~.quality.GoldenPrompt` does).
+``x-request-id`` so the proxy keeps them out of user statistics), where they are sent (the proxy's
+own URL, :func:`proxy_url`) and the model they ask for when a golden prompt names none
+(:func:`probe_model`), and their outcome counts. Must not keep scores itself (``record_score`` does)
+nor decide how a completion is checked (:class:`~.quality.GoldenPrompt` does).
 """
 from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Callable
+from typing import Any, Callable
 
 from aiohttp import ClientSession, ClientTimeout
 from prometheus_client import Counter
 
+from edge_proxy.config import Settings
 from edge_proxy.economics.quality import GoldenPrompt
 
 PROBE_HEADER = "x-edge-traffic"          # value "probe": the proxy labels the request traffic=probe
+
+
+def proxy_url(runtime: Any, settings: Settings) -> str:
+    """The proxy's own URL (the running one's bound port when known); a wildcard host means loopback.
+
+    ``runtime``: the running ``edge_proxy.proxy.server.ProxyRuntime`` (None before one is set)."""
+    live = runtime is not None and bool(getattr(runtime, "port", None))
+    host = runtime.settings.proxy.host if live else settings.proxy.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{host}:{runtime.port if live else settings.proxy.port}"
+
+
+def probe_model(runtime: Any, backend_info: dict[str, Any]) -> str:
+    """The model a probe asks for when its golden prompt names none: the backend's, else the ``model_id``
+    of its last ``/info`` answer, else ``default``."""
+    backend_model = getattr(getattr(runtime, "backend", None), "model", None)
+    return backend_model or str(backend_info.get("model_id") or "default")
 
 
 class ProbeRunner:

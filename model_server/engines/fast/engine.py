@@ -47,7 +47,8 @@ Construction: ``FastEngine(model, eos_token_ids, max_batch=64, max_seq_len=2048,
 Loop: one background thread owns every device operation. Each turn it applies cancellations,
 admits waiting requests (launches their prefill), launches decode step k+1 and then reads step k's
 tokens and the prefill's first tokens, and hands tokens to the consumers with one ``loop.call_soon_threadsafe`` per asyncio loop per step.
-This module owns that loop and the engine's lifecycle; :mod:`.delivery` hands the events to the consumers.
+This module owns that loop and the engine's lifecycle; :mod:`.delivery` hands the events to the consumers,
+and :mod:`.model_prep` readies the model (device, dtype, eval mode) and the EOS ids the constructor is given.
 Who runs and finishes is :mod:`.scheduler`'s; how a step runs on the device is :mod:`.step`'s and
 the model's forward pass :mod:`.runner`'s. It must not make scheduling decisions nor touch tensors.
 """
@@ -63,11 +64,11 @@ import torch
 
 from ..base import Engine, EngineStats, GenerationRequest, RequestTiming, TokenEvent
 from . import delivery
+from .model_prep import eos_id_set, prepare_model
 from .runner import ModelRunner
 from .scheduler import Out, Scheduler, Seq
 from .stats import snapshot
 from .step import InFlight, PrefillInFlight, StepExecutor
-from .support import default_dtype
 from .warmup import BackgroundWarmup
 
 log = logging.getLogger(__name__)
@@ -88,25 +89,8 @@ class FastEngine(Engine):
                  overlap_prefill: bool = True, mixed_segments: int = 0, mixed_tokens: int = 64,
                  mixed_min_segments: int = 1, rope_kv: bool | None = None,
                  decode_attn: bool | None = None, pick_kernel: bool | None = None) -> None:
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False)
-                         or getattr(model, "is_int4_weight_only", False))
-        if dtype is None and not quantized:
-            dtype = default_dtype(next(model.parameters()), device)
-        if device is not None:
-            device = torch.device(device)
-            if not quantized and next(model.parameters()).device != device:
-                model = model.to(device)
-        if dtype is not None and not quantized and next(model.parameters()).dtype != dtype:
-            model = model.to(dtype)
-        model.eval()
-        if eos_token_ids is None:
-            eos: set[int] = set()
-        elif isinstance(eos_token_ids, int):
-            eos = {eos_token_ids}
-        else:
-            eos = {int(x) for x in eos_token_ids}
+        model = prepare_model(model, device, dtype)        # device, dtype, eval mode (.model_prep)
+        eos = eos_id_set(eos_token_ids)
         self.eos_ids = eos
         self.max_batch = int(max_batch)
         self.max_seq_len = int(max_seq_len)

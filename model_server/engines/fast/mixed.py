@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .direct import run
 from .graphs import capture_lazily
 from .kv_cache import pick_bucket
+from .layers import project_qkv, run_layers
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -124,7 +125,7 @@ def mixed_forward(r: "ModelRunner", mx: MixedInputs, b: int, length: int, s: int
 
     def attend(li: int, layer, x: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
-        q, k, v = r._qkv(li, attn, x)
+        q, k, v = project_qkv(r, li, attn, x)
         n = q.shape[0]
         q = q.view(n, kv, g, d)
         k = k.view(n, kv, 1, d)
@@ -144,7 +145,7 @@ def mixed_forward(r: "ModelRunner", mx: MixedInputs, b: int, length: int, s: int
         o = torch.cat([o_d.reshape(b, 1, kv * g * d), o_c])
         return run(attn.o_proj, o)
 
-    x = r._layers(h, attend)
+    x = run_layers(r, h, attend)
     last = torch.cat([r.rows[:b], b + mx.seg_last[:s]])
     return run(r.lm_head, x[last, 0, :])
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .direct import run
 from .graphs import capture_lazily
+from .layers import project_qkv, run_layers
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -36,7 +37,7 @@ def prefill_forward(r: "ModelRunner", ids: torch.Tensor, slot_idx: torch.Tensor,
 
     def attend(li: int, layer, x: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
-        q, k, v = r._qkv(li, attn, x)
+        q, k, v = project_qkv(r, li, attn, x)
         q = q.view(n, t, r.n_heads, d).transpose(1, 2)
         k = k.view(n, t, kv, d).transpose(1, 2)
         v = v.view(n, t, kv, d).transpose(1, 2)
@@ -49,7 +50,7 @@ def prefill_forward(r: "ModelRunner", ids: torch.Tensor, slot_idx: torch.Tensor,
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=r.scaling)
         return run(attn.o_proj, o.transpose(1, 2).reshape(n, t, r.n_heads * d))
 
-    x = r._layers(h, attend)                                       # final-normed
+    x = run_layers(r, h, attend)                                   # final-normed
     return run(r.lm_head, x[rows, last])
 
 

@@ -17,8 +17,9 @@ bucket) is :mod:`.prefill`'s.
 
 Owns the decode forward pass, the static graph inputs (decode, prefill, :mod:`.mixed`'s), the KV cache
 and the bucket choice; the prefill pass is :mod:`.prefill`'s, a decode step with prompt segments
-:mod:`.mixed`'s. Capturing graphs is :mod:`.graphs`' and which models qualify :mod:`.support`'s. It must
-not schedule requests or sample tokens (:mod:`.scheduler`, :mod:`.step`).
+:mod:`.mixed`'s, and the layer stack around attention that all three run :mod:`.layers`'. Capturing
+graphs is :mod:`.graphs`' and which models qualify :mod:`.support`'s. It must not schedule requests or
+sample tokens (:mod:`.scheduler`, :mod:`.step`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from .fused import Ops
 from .graphs import capture_decode, capture_lazily, capture_prefill
 from .greedy_kernel import GreedyPicker
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
+from .layers import project_qkv, run_layers
 from .merged import merge
 from .mixed import MixedInputs
 from .prefill import prefill_forward, run_prefill
@@ -155,42 +157,6 @@ class ModelRunner:
         self.gemv_linears = 0      # linears on the one-row bf16 GEMV (factory.install_gemv sets it)
         self._decode_attn_checked = False
 
-    @staticmethod
-    def _eps(norm: torch.nn.Module) -> float:
-        return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-
-    def _mlp(self, li: int, layer, x: torch.Tensor) -> torch.Tensor:
-        if self.silu_mlp:
-            m = layer.mlp
-            gu = self.gate_up[li]
-            gate, up = run(gu, x) if gu is not None else (run(m.gate_proj, x), run(m.up_proj, x))
-            return run(m.down_proj, self.ops.silu_mul(gate, up))
-        return run(layer.mlp, x)
-
-    def _qkv(self, li: int, attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        fused = self.qkv[li]
-        if fused is not None:
-            return run(fused, x)
-        return run(attn.q_proj, x), run(attn.k_proj, x), run(attn.v_proj, x)
-
-    def _layers(self, h: torch.Tensor, attend) -> torch.Tensor:
-        """Run every decoder layer; ``attend(li, layer, x) -> o_proj output``. Returns the final-norm output.
-
-        Residual adds are fused with the following norm: ``h = h + o; x = norm(h)``, exactly HF's order.
-        """
-        ops = self.ops
-        ln0 = self.layers[0].input_layernorm
-        x = ops.rms_norm(h, ln0.weight, self._eps(ln0))
-        n = len(self.layers)
-        for li, layer in enumerate(self.layers):
-            o = attend(li, layer, x)
-            post = layer.post_attention_layernorm
-            h, x = ops.add_rms_norm(h, o, post.weight, self._eps(post))
-            m = self._mlp(li, layer, x)
-            nxt = self.layers[li + 1].input_layernorm if li + 1 < n else self.norm
-            h, x = ops.add_rms_norm(h, m, nxt.weight, self._eps(nxt))
-        return x
-
     def prepare(self) -> None:
         """Compile the fused elementwise ops (CUDA) and capture the decode graphs."""
         if self.fuse_requested:
@@ -238,7 +204,7 @@ class ModelRunner:
                 q = rope_kv_write(y.reshape(b, -1), self.cos, self.sin, pos, rows, kc, vc, self.n_heads, kv)
                 q = q.view(b, kv, g, d)
             else:
-                q, k, v = self._qkv(li, attn, x)
+                q, k, v = project_qkv(self, li, attn, x)
                 q = q.view(b, kv, g, d)
                 k = k.view(b, kv, 1, d)
                 v = v.view(b, kv, 1, d)
@@ -252,7 +218,7 @@ class ModelRunner:
                                                    attn_mask=mask, scale=self.scaling)   # [b, kv, g, d]
             return run(attn.o_proj, o.reshape(b, 1, self.n_heads * d))
 
-        x = self._layers(h, attend)
+        x = run_layers(self, h, attend)
         return run(self.lm_head, x[:, 0, :])
 
     def _decode_attn_ok(self) -> bool:

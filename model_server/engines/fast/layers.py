@@ -1,0 +1,66 @@
+"""The decoder-layer stack every forward pass of the fast engine shares, around its attention.
+
+Decode (:mod:`.runner`), prefill (:mod:`.prefill`) and mixed steps (:mod:`.mixed`) differ only in how a
+layer attends; each passes an ``attend(li, layer, x) -> o_proj output`` to :func:`run_layers`, which runs
+the rest of every layer in transformers' order: input_layernorm, attention, residual,
+post_attention_layernorm, mlp (down(SiLU(gate) * up) through the runner's ops, or the model's own mlp),
+residual; then the final norm. :func:`project_qkv` gives an ``attend`` the layer's q/k/v (one merged
+GEMM where :mod:`.merged` built one).
+
+Owns the layer order, the norms and residual adds (through the runner's ``ops``), the q/k/v projections
+and the MLP. It must not attend, write the KV cache, choose buckets or hold state of its own: what it
+reads (layers, ``ops``, merged projections) lives on the :class:`~.runner.ModelRunner`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .direct import run
+
+if TYPE_CHECKING:
+    from .runner import ModelRunner
+
+
+def norm_eps(norm: torch.nn.Module) -> float:
+    """An RMSNorm module's epsilon (``variance_epsilon`` in transformers, ``eps`` elsewhere)."""
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def mlp(r: "ModelRunner", li: int, layer, x: torch.Tensor) -> torch.Tensor:
+    """Layer ``li``'s MLP on ``x``: down(SiLU(gate) * up) through the runner's ops, or the model's own mlp."""
+    if r.silu_mlp:
+        m = layer.mlp
+        gu = r.gate_up[li]
+        gate, up = run(gu, x) if gu is not None else (run(m.gate_proj, x), run(m.up_proj, x))
+        return run(m.down_proj, r.ops.silu_mul(gate, up))
+    return run(layer.mlp, x)
+
+
+def project_qkv(r: "ModelRunner", li: int, attn,
+                x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer ``li``'s q, k and v projections of ``x`` (one GEMM where they were merged)."""
+    fused = r.qkv[li]
+    if fused is not None:
+        return run(fused, x)
+    return run(attn.q_proj, x), run(attn.k_proj, x), run(attn.v_proj, x)
+
+
+def run_layers(r: "ModelRunner", h: torch.Tensor, attend) -> torch.Tensor:
+    """Run every decoder layer; ``attend(li, layer, x) -> o_proj output``. Returns the final-norm output.
+
+    Residual adds are fused with the following norm: ``h = h + o; x = norm(h)``, exactly HF's order.
+    """
+    ops = r.ops
+    ln0 = r.layers[0].input_layernorm
+    x = ops.rms_norm(h, ln0.weight, norm_eps(ln0))
+    n = len(r.layers)
+    for li, layer in enumerate(r.layers):
+        o = attend(li, layer, x)
+        post = layer.post_attention_layernorm
+        h, x = ops.add_rms_norm(h, o, post.weight, norm_eps(post))
+        m = mlp(r, li, layer, x)
+        nxt = r.layers[li + 1].input_layernorm if li + 1 < n else r.norm
+        h, x = ops.add_rms_norm(h, m, nxt.weight, norm_eps(nxt))
+    return x
