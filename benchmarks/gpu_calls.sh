@@ -4,6 +4,9 @@
 # image lacks them), write under $OUT. Usage on the device machine, from the repository root:
 #   bash benchmarks/gpu_calls.sh s46        # issue 17: the served stages rule (determinism 33/48/64, kernels at 64), the fence
 #                                            A/B with 3 stages at 64 rows, then bf16 vs int4:mma at 64 in one process (~9 min)
+#   bash benchmarks/gpu_calls.sh s46b       # issue 17: the mma and small-rows Triton kernels' repeatability, PDL on the served
+#                                            stages (bits, kernels at 64), steady state at 64 with PDL (bf16, int4:mma,
+#                                            int4:triton) and without (int4:mma), the decode profile at 64 (~9 min)
 #   bash benchmarks/gpu_calls.sh energy     # issue 17: energy validation checks 1 and 3, three runs (~6 min; EV_RUNS="1" for one)
 #   bash benchmarks/gpu_calls.sh grid       # issue 14: the GPU grid, resumable (repeat until 12/12; ~9 min a call)
 #   GRID=benchmarks/grids/gpu-qwen-rag.yaml GRID_DIR=out/qrag bash benchmarks/gpu_calls.sh grid   # another grid
@@ -157,7 +160,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -277,6 +280,19 @@ case "${1:-}" in
     MODEL_SERVER_INT4_TRITON_FENCE=1 MODEL_SERVER_INT4_TRITON_STAGES=3 timeout 60 python3 benchmarks/int4_kernels.py \
       --ms 64 --no-sweep --methods bf16,triton --out "$out/k_fence" > "$out/k_fence.log" 2>&1
     echo "int4_kernels rc $?"; sed -n '/^Whole step/,$p' "$out/k_fence.log" | sed -n 5p ;;
+  s46b)  # small-rows kernels' repeatability, PDL on the served stages, then steady state at 64 PDL on/off (~9 min)
+    timeout 80 python3 benchmarks/int4_repeat_check.py --reps 6 --out "$out/rep" > "$out/rep.log" 2>&1
+    echo "int4_repeat_check rc $?"; tail -1 "$out/rep.log"; grep '"eager_same": false' "$out/rep.log" | cut -c1-200
+    timeout 60 python3 benchmarks/int4_pdl_check.py --pdl 0,1 --splits 1 --ms 33,48,64 --reps 6 --out "$out/chk" \
+      > "$out/chk.log" 2>&1; echo "int4_pdl_check (served, PDL 0,1) rc $?"; tail -1 "$out/chk.log"
+    grep -E '"(same_bits|eager_same)": false' "$out/chk.log" | cut -c1-160
+    MODEL_SERVER_INT4_TRITON_PDL=1 timeout 50 python3 benchmarks/int4_kernels.py --ms 64 --no-sweep --methods bf16,triton \
+      --out "$out/k_pdl" > "$out/k_pdl.log" 2>&1; echo "int4_kernels (PDL) rc $?"; sed -n '/^Whole step/,$p' "$out/k_pdl.log" | sed -n 5p
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    MODEL_SERVER_INT4_TRITON_PDL=1 ss_arm ss_pdl 150 bf16,int4:mma,int4:triton 64
+    ss_arm ss 60 int4:mma 64
+    timeout 100 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/dp" \
+      --quants bf16,int4 --batches 64 --variants served > "$out/dp.log" 2>&1; echo "decode_profile rc $?"; tail -4 "$out/dp.log" ;;
   s46)   # the served stages rule end to end + the fence A/B at 64 rows + bf16 vs int4:mma at 64 in one process (~9 min)
     timeout 50 python3 benchmarks/int4_pdl_check.py --pdl 0 --splits 1 --ms 33,48,64 --reps 6 --out "$out/chk" \
       > "$out/chk.log" 2>&1; echo "int4_pdl_check (served) rc $?"; tail -1 "$out/chk.log"
