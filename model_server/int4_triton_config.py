@@ -1,7 +1,7 @@
 """Launch configurations of the INT4 Triton GEMM (:mod:`model_server.int4_triton`): :class:`Config`, the choice per
 step and layer (:func:`choose_config`), how the kernel dequantizes (:func:`deq_mode`, ``MODEL_SERVER_INT4_TRITON_DEQ``,
-and the kernel's ``DEQ`` constant, :func:`deq`), its pipeline stages above 32 rows (:func:`stages_override`) and two
-experiments (:func:`pdl_on`, :func:`fence_on`). Owns no kernel and no layout.
+and the kernel's ``DEQ`` constant, :func:`deq`), its pipeline stages above 32 rows (:func:`stages_override`),
+programmatic dependent launch (:func:`pdl_on`) and an experiment (:func:`fence_on`). Owns no kernel and no layout.
 """
 from __future__ import annotations
 
@@ -61,15 +61,17 @@ def stages_override() -> int | None:
 
 @lru_cache(maxsize=1)
 def pdl_on() -> bool:
-    """``MODEL_SERVER_INT4_TRITON_PDL=1``: launch the GEMM and its split-K sum with programmatic dependent launch
-    (compute capability >= 9.0; the caller checks): each waits for the previous kernel's writes at its start
-    (``griddepcontrol.wait``) instead of being launched after it ends, and the GEMM lets the next kernel launch once
-    its main loop is done. On an H100 (docs/benchmarks.md, "INT4 at 64 streams, second pass") the linears of a 64-row
-    decode step took 828 instead of 881 us and the step's graph 1.232 instead of 1.256 ms; off (unset or ``0``) by
-    default all the same: with 3 pipeline stages the 64-row LM head's bits changed with it (the 3-stage race, since
-    avoided by :func:`choose_config`), and PDL has not been checked on the stages served now. Read once per process;
-    another value raises :class:`model_server.switches.SwitchValueError`."""
-    return flag(PDL_SWITCH) is True
+    """Launch the GEMM and its split-K sum with programmatic dependent launch (compute capability >= 9.0; the caller
+    checks): each waits for the previous kernel's writes at its start (``griddepcontrol.wait``) instead of being
+    launched after it ends, and the GEMM lets the next kernel launch once its main loop is done. On by default
+    (unset or ``1``); ``MODEL_SERVER_INT4_TRITON_PDL=0`` turns it off. On an H100 (docs/benchmarks.md, "INT4 at 64
+    streams, third pass"), with the pipeline stages :func:`choose_config` serves, every served configuration at 33, 48
+    and 64 rows gave the same bits with and without it (18/18) and from run to run, the linears of a 64-row step took
+    855 instead of 915 us, and INT4's tokens/s at 64 streams rose 1.9 % (43,341 vs 42,522, consecutive processes). It
+    was off before because with 3 stages the 64-row LM head's bits changed with it (the 3-stage race, which changes
+    bits with PDL off too and is avoided by :func:`choose_config`). Read once per process; another value raises
+    :class:`model_server.switches.SwitchValueError`."""
+    return flag(PDL_SWITCH) is not False
 
 
 FENCE_SWITCH = "MODEL_SERVER_INT4_TRITON_FENCE"
@@ -81,7 +83,9 @@ def fence_on() -> bool:
     ``fence.proxy.async.shared::cta`` in each K-block after the copies into shared memory are waited for and before
     the wgmma that reads them (the compiled PTX puts it there; tests/test_int4_compile_check.py). Triton emits none
     there; CUTLASS's cp.async mainloops for sm_90 do. An experiment for the 3-stage race (docs/benchmarks.md, "INT4
-    at 64 streams, second pass"): off (unset or ``0``) until a GPU shows what it changes. Read once per process."""
+    at 64 streams, second pass"); it does not remove it (an H100, "INT4 at 64 streams, third pass": with 3 stages at
+    64 rows 7 of 9 cases repeated their bits with it, 8 of 9 without), so it stays off (unset or ``0``) and kept for
+    A/B runs only. Read once per process."""
     return flag(FENCE_SWITCH) is True
 
 

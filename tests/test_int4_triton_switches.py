@@ -57,18 +57,19 @@ def test_the_dequantization_switch(monkeypatch):
         _load()
 
 
-@pytest.mark.parametrize("name,read", [(cfgmod.PDL_SWITCH, cfgmod.pdl_on), (cfgmod.FENCE_SWITCH, cfgmod.fence_on)])
-def test_the_experiments_are_off_unless_asked(monkeypatch, name, read):
-    """PDL and the async-proxy fence: off unless ``1``; on, the interpreter (no GPU) still computes the product (both
-    take effect only on a GPU of compute capability >= 9.0: tests/test_int4_compile_check.py compiles them); a bad
-    value fails the load."""
-    for value, want in (("", False), ("0", False), ("1", True)):
+@pytest.mark.parametrize("name,read,default", [(cfgmod.PDL_SWITCH, cfgmod.pdl_on, True),
+                                               (cfgmod.FENCE_SWITCH, cfgmod.fence_on, False)])
+def test_pdl_is_on_and_the_fence_off_unless_asked(monkeypatch, name, read, default):
+    """PDL is on unless ``0``; the async-proxy fence off unless ``1``; either way the interpreter (no GPU) still
+    computes the product (both take effect only on a GPU of compute capability >= 9.0:
+    tests/test_int4_compile_check.py compiles them); a bad value fails the load."""
+    for value, want in (("", default), ("0", False), ("1", True)):
         _set(monkeypatch, name, value, read)
         assert read() is want
-    q, sz = quantize_groupwise(torch.randn(64, 256) * 0.05, 64)
-    x = torch.randn(40, 256)
-    y = int4_triton.int4_triton_mm(x, int4_triton.pack_int4(q, 64), *int4_triton.split_scales_and_zeros(sz), 64)
-    assert rel(y, reference(x, q, sz, 64)) < 1e-5
+        q, sz = quantize_groupwise(torch.randn(64, 256) * 0.05, 64)
+        x = torch.randn(40, 256)
+        y = int4_triton.int4_triton_mm(x, int4_triton.pack_int4(q, 64), *int4_triton.split_scales_and_zeros(sz), 64)
+        assert rel(y, reference(x, q, sz, 64)) < 1e-5
     _set(monkeypatch, name, "yes", read)
     with pytest.raises(SwitchValueError, match=name):
         _load()
