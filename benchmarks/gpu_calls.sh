@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_calls.sh s46b       # issue 17: the mma and small-rows Triton kernels' repeatability, PDL on the served
 #                                            stages (bits, kernels at 64), steady state at 64 with PDL (bf16, int4:mma,
 #                                            int4:triton) and without (int4:mma), the decode profile at 64 (~9 min)
+#   bash benchmarks/gpu_calls.sh s46c       # issue 17: today's defaults: bf16 vs int4:mma at 1/8/64 in one process, then
+#                                            seeded cold starts (COLD_VARIANTS, default seeded,seeded-int4 twice) (~8 min)
 #   bash benchmarks/gpu_calls.sh energy     # issue 17: energy validation checks 1 and 3, three runs (~6 min; EV_RUNS="1" for one)
 #   bash benchmarks/gpu_calls.sh grid       # issue 14: the GPU grid, resumable (repeat until 12/12; ~9 min a call)
 #   GRID=benchmarks/grids/gpu-qwen-rag.yaml GRID_DIR=out/qrag bash benchmarks/gpu_calls.sh grid   # another grid
@@ -160,7 +162,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -280,6 +282,12 @@ case "${1:-}" in
     MODEL_SERVER_INT4_TRITON_FENCE=1 MODEL_SERVER_INT4_TRITON_STAGES=3 timeout 60 python3 benchmarks/int4_kernels.py \
       --ms 64 --no-sweep --methods bf16,triton --out "$out/k_fence" > "$out/k_fence.log" 2>&1
     echo "int4_kernels rc $?"; sed -n '/^Whole step/,$p' "$out/k_fence.log" | sed -n 5p ;;
+  s46c)  # today's defaults: steady state bf16 vs int4:mma at 1/8/64 in one process, then seeded cold starts (~8 min)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    ss_arm ss "${SS_SECONDS:-280}" bf16,int4:mma "${SS_CONC:-1,8,64}"
+    COLD_VARIANTS=${COLD_VARIANTS:-seeded,seeded-int4,seeded,seeded-int4} timeout 250 python3 benchmarks/cold_start_phases.py \
+      --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/cold" > "$out/cold.log" 2>&1; echo "cold rc $?"
+    stop_servers; cut -d'|' -f2,3,20,21 "$out/cold/cold_start_phases.md" ;;
   s46b)  # small-rows kernels' repeatability, PDL on the served stages, then steady state at 64 PDL on/off (~9 min)
     timeout 80 python3 benchmarks/int4_repeat_check.py --reps 6 --out "$out/rep" > "$out/rep.log" 2>&1
     echo "int4_repeat_check rc $?"; tail -1 "$out/rep.log"; grep '"eager_same": false' "$out/rep.log" | cut -c1-200
