@@ -9,6 +9,8 @@
 #                                            int4:triton) and without (int4:mma), the decode profile at 64 (~9 min)
 #   bash benchmarks/gpu_calls.sh s46c       # issue 17: today's defaults: bf16 vs int4:mma at 1/8/64 in one process, then
 #                                            seeded cold starts (COLD_VARIANTS, default seeded,seeded-int4 twice) (~8 min)
+#   bash benchmarks/gpu_calls.sh s46d       # issue 17: bf16 vs int4:mma at 64 in two more processes (each order), then energy per
+#                                            token at 64 (EPT_CONC), bf16 and int4 (~8 min)
 #   bash benchmarks/gpu_calls.sh energy     # issue 17: energy validation checks 1 and 3, three runs (~6 min; EV_RUNS="1" for one)
 #   bash benchmarks/gpu_calls.sh grid       # issue 14: the GPU grid, resumable (repeat until 12/12; ~9 min a call)
 #   GRID=benchmarks/grids/gpu-qwen-rag.yaml GRID_DIR=out/qrag bash benchmarks/gpu_calls.sh grid   # another grid
@@ -162,7 +164,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -282,6 +284,15 @@ case "${1:-}" in
     MODEL_SERVER_INT4_TRITON_FENCE=1 MODEL_SERVER_INT4_TRITON_STAGES=3 timeout 60 python3 benchmarks/int4_kernels.py \
       --ms 64 --no-sweep --methods bf16,triton --out "$out/k_fence" > "$out/k_fence.log" 2>&1
     echo "int4_kernels rc $?"; sed -n '/^Whole step/,$p' "$out/k_fence.log" | sed -n 5p ;;
+  s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    ss_arm ss_a 115 int4:mma,bf16 64
+    ss_arm ss_b 115 bf16,int4:mma 64
+    d=out/ept_bf16_int4
+    timeout -s INT "${EPT_SECONDS:-200}" python3 benchmarks/energy_per_token.py --model-dir /tmp/m1b --device cuda \
+      --energy-source nvml --quantizations bf16,int4 --concurrency "${EPT_CONC:-64}" --seconds 10 --reps 3 --out "$d" \
+      > "$d.log" 2>&1; echo "ept rc $?"; stop_servers
+    tar czf "$out/ept.tgz" "$d" "$d.log"; cat "$d/energy_per_token.md" ;;
   s46c)  # today's defaults: steady state bf16 vs int4:mma at 1/8/64 in one process, then seeded cold starts (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     ss_arm ss "${SS_SECONDS:-280}" bf16,int4:mma "${SS_CONC:-1,8,64}"
