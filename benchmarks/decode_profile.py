@@ -103,6 +103,21 @@ def attn_check(r, b: int, length: int) -> dict:
     return {"kernel": float((own - ref).abs().max()), "sdpa_in_model_dtype": float((sdpa.float() - ref).abs().max())}
 
 
+async def batch_greedy(eng, n: int, prompt_len: int, new_tokens: int) -> list[list[int]]:
+    """Tokens of ``n`` concurrent greedy requests (distinct prompts, same lengths: decode steps of ``n`` rows)."""
+    from model_server.engines.base import GenerationRequest, SamplingParams
+
+    async def one(i: int) -> list[int]:
+        prompt = [300 + (i * 7 + j) % 5000 for j in range(prompt_len)]
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        toks = []
+        async for ev in eng.submit(GenerationRequest(f"batch{i}", prompt, params)):
+            if ev.token_id is not None:
+                toks.append(ev.token_id)
+        return toks
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
 def measure(loaded, variant: str, args) -> dict:
     from model_server.engines.fast import from_loaded
 
@@ -121,6 +136,8 @@ def measure(loaded, variant: str, args) -> dict:
         res["merged_projections"] = eng.stats().extra["merged_projections"]
         res["itl_c1_ms"], res["greedy_tokens"] = await itl_c1(eng, list(range(300, 300 + args.prompt_len)),
                                                               args.new_tokens)
+        if args.batch_greedy:
+            res["greedy_batch_tokens"] = await batch_greedy(eng, args.batch_greedy, args.prompt_len, args.new_tokens)
         with torch.inference_mode():
             for b in args.batches:
                 r.decode(b, length)         # lazy graphs: this bucket's first step captures its graph
@@ -150,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--variants", default="merge-off,merge-on", help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--batch-greedy", type=int, default=0,
+                    help="also record the tokens of this many concurrent greedy requests (0: none)")
     ap.add_argument("--commit", default=default_commit())
     args = ap.parse_args(argv)
     bad = [v for v in args.variants.split(",") if v not in VARIANTS]

@@ -102,6 +102,7 @@ class Int4Linear(nn.Module):
             int4_triton_config.pdl_on()              # ... and MODEL_SERVER_INT4_TRITON_PDL, _FENCE, _STAGES
             int4_triton_config.fence_on()
             int4_triton_config.stages_override()
+            int4_triton_split.sum_in_norm()
             self.register_buffer("triton_packed", int4_triton.pack_int4(q, group_size))
             scales, zeros = int4_triton.split_scales_and_zeros(sz)
             self.register_buffer("triton_scales", scales)
@@ -125,6 +126,18 @@ class Int4Linear(nn.Module):
         return dequantize_groupwise(q, self.scales_and_zeros, self.group_size).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, False)
+
+    def forward_partials(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)``; with ``MODEL_SERVER_INT4_SPLIT_SUM_IN_NORM=1``, where this step runs the Triton GEMM with
+        split K and its sum kernel, the fp32 partial sums ``[split, *x.shape[:-1], out_features]`` instead, for the
+        caller to add in split order (:func:`model_server.int4_triton_split.sum_in_norm`; layers without bias)."""
+        if self.bias is not None or not self.uses_triton:
+            return self._forward(x, False)
+        from model_server.int4_triton_split import sum_in_norm
+        return self._forward(x, sum_in_norm())
+
+    def _forward(self, x: torch.Tensor, partials: bool) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if self.input_perm is not None:
@@ -146,7 +159,8 @@ class Int4Linear(nn.Module):
             y = int4_dequant_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
         elif kernel == "triton":
             from model_server.int4_triton import int4_triton_mm
-            y = int4_triton_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
+            y = int4_triton_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size,
+                               partials=partials)
         elif kernel == "cuda-int4pack":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros)
         elif kernel == "cpu-int4pack":
@@ -156,6 +170,8 @@ class Int4Linear(nn.Module):
             y = x2 @ self._unpacked().t()
         if side is not None:
             l2_prefetch.join(side)
+        if y.dim() == 3:                             # split-K partial sums (forward_partials)
+            return y.reshape(y.shape[0], *shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

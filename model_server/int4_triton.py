@@ -253,13 +253,14 @@ _MAGIC = {torch.bfloat16: (0x4300, 136.0), torch.float16: (0x6400, 1032.0), torc
 
 
 def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   group_size: int, config: Config | None = None, split_reduce: str | None = None) -> torch.Tensor:
+                   group_size: int, config: Config | None = None, split_reduce: str | None = None,
+                   partials: bool = False) -> torch.Tensor:
     """``y [M, N] = x2d [M, K] @ dequant(W)[N, K]^T`` in ``x2d``'s dtype (bf16, fp16 or fp32; fp32 accumulation).
 
     ``packed``/``scales``/``zeros`` as made by :func:`pack_int4` / :func:`split_scales_and_zeros`; ``config``
     overrides :func:`choose_config` (benchmark sweeps), ``split_reduce`` (``auto`` | ``ticket`` | ``kernel``) the switch
-    :func:`model_server.int4_triton_split.mode` (A/B benchmarks).
-    """
+    :func:`model_server.int4_triton_split.mode` (A/B benchmarks). ``partials``: where the sum kernel would run, return
+    the fp32 partial sums ``[split, M, N]`` instead (their sum in split order, cast, is ``y``'s bits)."""
     if not _import_triton():
         raise RuntimeError("Triton is not installed")
     m, k = x2d.shape
@@ -293,6 +294,8 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
                     PDL=pdl, FENCE=not interpret and fence_on() and _capability(x2d.device) >= (9, 0),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     if cfg.split_k > 1 and not ticket:
+        if partials:
+            return part
         sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, SPLIT=cfg.split_k, BLOCK=1024, PDL=pdl, num_warps=4,
                                                 **launch)
     return y

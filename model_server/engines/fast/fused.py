@@ -31,6 +31,16 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     return h, rms_norm(h, weight, eps)
 
 
+def add_parts_rms_norm(residual: torch.Tensor, parts: torch.Tensor, weight: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_rms_norm` of ``x = sum_s parts[s]``: split-K partial sums (fp32, ``[S, *residual.shape]``) added
+    in split order and cast to the residual's dtype, as the INT4 GEMM's sum kernel does (the same bits)."""
+    y = parts[0]
+    for s in range(1, parts.shape[0]):
+        y = y + parts[s]
+    return add_rms_norm(residual, y.to(residual.dtype), weight, eps)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -56,6 +66,7 @@ class Ops:
         self.fused = False
         self.error: str | None = None
         self.rms_norm, self.add_rms_norm, self.rope, self.silu_mul = rms_norm, add_rms_norm, rope, silu_mul
+        self.add_parts_rms_norm = add_parts_rms_norm
         if fuse:
             try:
                 fns = Ops._get_compiled()
@@ -68,6 +79,7 @@ class Ops:
                 fns["silu_mul"](x, x)
                 self.rms_norm, self.add_rms_norm = fns["rms_norm"], fns["add_rms_norm"]
                 self.rope, self.silu_mul = fns["rope"], fns["silu_mul"]
+                self.add_parts_rms_norm = fns["add_parts_rms_norm"]    # compiled at first use (INT4 split K only)
                 self.fused = True
             except Exception as exc:  # noqa: BLE001 - no compiler: stay eager
                 self.error = f"{type(exc).__name__}: {exc}"
@@ -88,7 +100,8 @@ class Ops:
             opts = dict(dynamic=True, fullgraph=True)
             cls._compiled = {name: _Fallback(torch.compile(fn, **opts), fn, name)
                              for name, fn in (("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm),
-                                              ("rope", rope), ("silu_mul", silu_mul))}
+                                              ("rope", rope), ("silu_mul", silu_mul),
+                                              ("add_parts_rms_norm", add_parts_rms_norm))}
         return cls._compiled
 
 

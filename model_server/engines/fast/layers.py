@@ -7,8 +7,8 @@ post_attention_layernorm, mlp (down(SiLU(gate) * up) through the runner's ops, o
 residual; then the final norm. :func:`project_qkv` gives an ``attend`` the layer's q/k/v (one merged
 GEMM where :mod:`.merged` built one).
 
-Owns the layer order, the norms and residual adds (through the runner's ``ops``), the q/k/v projections
-and the MLP. It must not attend, write the KV cache, choose buckets or hold state of its own: what it
+Owns the layer order, the norms and residual adds (through the runner's ``ops``), the q/k/v projections,
+the MLP, and which projections may hand their split-K partial sums to the next norm (:func:`project_out`). It must not attend, write the KV cache, choose buckets or hold state of its own: what it
 reads (layers, ``ops``, merged projections) lives on the :class:`~.runner.ModelRunner`.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .direct import run
+from .direct import hooked, run
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -34,8 +34,24 @@ def mlp(r: "ModelRunner", li: int, layer, x: torch.Tensor) -> torch.Tensor:
         m = layer.mlp
         gu = r.gate_up[li]
         gate, up = run(gu, x) if gu is not None else (run(m.gate_proj, x), run(m.up_proj, x))
-        return run(m.down_proj, r.ops.silu_mul(gate, up))
+        return project_out(m.down_proj, r.ops.silu_mul(gate, up))
     return run(layer.mlp, x)
+
+
+def project_out(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)`` for a projection whose output goes into a residual add + norm (o, down): an INT4 linear may give
+    its split-K partial sums instead (one more leading dimension; ``Int4Linear.forward_partials``), which
+    :func:`run_layers` adds inside that norm."""
+    fn = getattr(mod, "forward_partials", None)
+    return run(mod, x) if fn is None or hooked(mod) else fn(x)
+
+
+def _add_norm(ops, h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.add_rms_norm(h, o)``, or where ``o`` is split-K partial sums, the same with their sum."""
+    if o.dim() > h.dim():
+        return ops.add_parts_rms_norm(h, o, weight, eps)
+    return ops.add_rms_norm(h, o, weight, eps)
 
 
 def project_qkv(r: "ModelRunner", li: int, attn,
@@ -50,7 +66,8 @@ def project_qkv(r: "ModelRunner", li: int, attn,
 def run_layers(r: "ModelRunner", h: torch.Tensor, attend) -> torch.Tensor:
     """Run every decoder layer; ``attend(li, layer, x) -> o_proj output``. Returns the final-norm output.
 
-    Residual adds are fused with the following norm: ``h = h + o; x = norm(h)``, exactly HF's order.
+    Residual adds are fused with the following norm: ``h = h + o; x = norm(h)``, exactly HF's order; an ``o`` (or
+    MLP output) of split-K partial sums (:func:`project_out`) is summed first, inside the same fused op.
     """
     ops = r.ops
     ln0 = r.layers[0].input_layernorm
@@ -59,8 +76,8 @@ def run_layers(r: "ModelRunner", h: torch.Tensor, attend) -> torch.Tensor:
     for li, layer in enumerate(r.layers):
         o = attend(li, layer, x)
         post = layer.post_attention_layernorm
-        h, x = ops.add_rms_norm(h, o, post.weight, norm_eps(post))
+        h, x = _add_norm(ops, h, o, post.weight, norm_eps(post))
         m = mlp(r, li, layer, x)
         nxt = r.layers[li + 1].input_layernorm if li + 1 < n else r.norm
-        h, x = ops.add_rms_norm(h, m, nxt.weight, norm_eps(nxt))
+        h, x = _add_norm(ops, h, m, nxt.weight, norm_eps(nxt))
     return x

@@ -36,7 +36,7 @@ from .fused import Ops
 from .graphs import capture_decode, capture_lazily, capture_prefill
 from .greedy_kernel import GreedyPicker
 from .kv_cache import StaticKVCache, default_batch_buckets, default_length_buckets, pick_bucket
-from .layers import project_qkv, run_layers
+from .layers import project_out, project_qkv, run_layers
 from .merged import merge
 from .mixed import MixedInputs
 from .prefill import prefill_forward, run_prefill
@@ -216,7 +216,7 @@ class ModelRunner:
             else:
                 o = F.scaled_dot_product_attention(q, kc[:b, :, :length], vc[:b, :, :length],
                                                    attn_mask=mask, scale=self.scaling)   # [b, kv, g, d]
-            return run(attn.o_proj, o.reshape(b, 1, self.n_heads * d))
+            return project_out(attn.o_proj, o.reshape(b, 1, self.n_heads * d))
 
         x = run_layers(self, h, attend)
         return run(self.lm_head, x[:, 0, :])
