@@ -35,7 +35,8 @@ class FakeCompiler:
                 return fn(*args)
             return call
         return {n: wrap(n, f) for n, f in (("rms_norm", fused.rms_norm), ("add_rms_norm", fused.add_rms_norm),
-                                           ("rope", fused.rope), ("silu_mul", fused.silu_mul))}
+                                           ("rope", fused.rope), ("silu_mul", fused.silu_mul),
+                                           ("add_parts_rms_norm", fused.add_parts_rms_norm))}
 
 
 async def _greedy(eng, rid: str, prompt: list[int], n: int) -> list[int]:
