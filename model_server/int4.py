@@ -102,7 +102,7 @@ class Int4Linear(nn.Module):
             int4_triton_config.pdl_on()              # ... and MODEL_SERVER_INT4_TRITON_PDL, _FENCE, _STAGES
             int4_triton_config.fence_on()
             int4_triton_config.stages_override()
-            int4_triton_split.sum_in_norm()
+            int4_triton_split.sum_in_consumer()
             self.register_buffer("triton_packed", int4_triton.pack_int4(q, group_size))
             scales, zeros = int4_triton.split_scales_and_zeros(sz)
             self.register_buffer("triton_scales", scales)
@@ -129,13 +129,13 @@ class Int4Linear(nn.Module):
         return self._forward(x, False)
 
     def forward_partials(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward(x)``; with ``MODEL_SERVER_INT4_SPLIT_SUM_IN_NORM=1``, where this step runs the Triton GEMM with
+        """``forward(x)``; with ``MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1``, where this step runs the Triton GEMM with
         split K and its sum kernel, the fp32 partial sums ``[split, *x.shape[:-1], out_features]`` instead, for the
-        caller to add in split order (:func:`model_server.int4_triton_split.sum_in_norm`; layers without bias)."""
+        caller to add in split order (:func:`model_server.int4_triton_split.sum_in_consumer`; layers without bias)."""
         if self.bias is not None or not self.uses_triton:
             return self._forward(x, False)
-        from model_server.int4_triton_split import sum_in_norm
-        return self._forward(x, sum_in_norm())
+        from model_server.int4_triton_split import sum_in_consumer
+        return self._forward(x, sum_in_consumer())
 
     def _forward(self, x: torch.Tensor, partials: bool) -> torch.Tensor:
         shape = x.shape

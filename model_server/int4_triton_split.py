@@ -7,8 +7,8 @@ ticket up to :data:`TICKET_MAX_ROWS` rows and the kernel above: on an H100 (2026
 ``benchmarks/results/2026-12-06-h100/splitk_0513/``) the ticket saved 0.1-0.8 us per split linear at 16 and 32 rows
 and cost 0.8-1.1 us at 64, where the last program's read of 4-8 partial 64 x 64 tiles outlasts the launch it saves.
 ``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE`` picks (:func:`mode`, read once per process; :func:`reduction` per launch).
-Where the sum kernel would run, ``MODEL_SERVER_INT4_SPLIT_SUM_IN_NORM=1`` (:func:`sum_in_norm`) lets the fast engine take
-the partials of its o and down projections instead and add them inside the residual add + RMSNorm that reads them.
+Where the sum kernel would run, ``MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1`` (:func:`sum_in_consumer`) lets the fast
+engine take the partials instead and add them in the kernel that reads the product next.
 
 Counters: one int32 per output tile, zeroed once when allocated; each launch leaves them at zero (the last program
 of a tile resets its counter), so later launches and CUDA-graph replays reuse them without a memset. A buffer is
@@ -37,7 +37,7 @@ MODES = ("auto", "ticket", "kernel")     # the first is the default
 TICKET_MAX_ROWS = 32                     # auto: the ticket for steps of up to this many rows, the sum kernel above
 MIN_TILES = 1024                         # counters per buffer at least (4 KB); default configs need < num_sms
 
-SUM_IN_NORM_SWITCH = "MODEL_SERVER_INT4_SPLIT_SUM_IN_NORM"
+SUM_IN_CONSUMER_SWITCH = "MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER"
 
 _COUNTERS: dict[tuple[str, object], torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []        # grown-out buffers: graphs captured earlier may still point at them
@@ -63,14 +63,16 @@ def reduction(rows: int, requested: str | None = None) -> str:
 
 
 @lru_cache(maxsize=1)
-def sum_in_norm() -> bool:
-    """``MODEL_SERVER_INT4_SPLIT_SUM_IN_NORM=1``: :meth:`model_server.int4.Int4Linear.forward_partials` returns a
-    step's fp32 partial sums ``[split, ..., N]`` where the sum kernel would run, and the fast engine adds them, in split
-    order as the sum kernel does, inside the fused residual add + RMSNorm after the o and down projections
-    (:func:`model_server.engines.fast.layers.run_layers`): 32 of a 64-row decode step's 48 sum-kernel launches (2.2 us
-    each on an H100, docs/benchmarks.md "INT4 at 64 streams, third pass"). Off (unset or ``0``) until a GPU measures
-    it. Read once per process; another value raises :class:`model_server.switches.SwitchValueError`."""
-    return flag(SUM_IN_NORM_SWITCH) is True
+def sum_in_consumer() -> bool:
+    """``MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1``: :meth:`model_server.int4.Int4Linear.forward_partials` returns a
+    step's fp32 partial sums ``[split, ..., N]`` where the sum kernel would run, and the fast engine adds them, in
+    split order as the sum kernel does (the same bits), in what reads the product next: the residual add + RMSNorm
+    after the o and down projections (:func:`model_server.engines.fast.layers.run_layers`) and the decode step's
+    rotary + K/V write after the merged q/k/v (:func:`model_server.engines.fast.rope_kv.rope_kv_write`). That is
+    every one of a 64-row decode step's 48 sum-kernel launches (2.2 us each on an H100, docs/benchmarks.md "INT4 at
+    64 streams, third pass"). Off (unset or ``0``) until a GPU measures it. Read once per process; another value
+    raises :class:`model_server.switches.SwitchValueError`."""
+    return flag(SUM_IN_CONSUMER_SWITCH) is True
 
 
 def _capturing(device: torch.device) -> bool:

@@ -42,6 +42,27 @@ def test_matches_the_separate_ops(dtype, heads, kv, d):
     assert torch.equal(kc2, kc) and torch.equal(vc2, vc)   # the written rows, and nothing else touched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_partials_give_the_bits_of_their_rounded_sum(dtype):
+    """An INT4 GEMM's fp32 partials (MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER): summed in split order and rounded to
+    the model's dtype in the kernel, as the GEMM's sum kernel would have written them."""
+    g = torch.Generator().manual_seed(4)
+    b, heads, kv, d, slots, max_len = 3, 4, 2, 16, 4, 16
+    parts = torch.randn(4, b, (heads + 2 * kv) * d, generator=g) * 3
+    cos = torch.randn(max_len, d, generator=g).to(dtype)
+    sin = torch.randn(max_len, d, generator=g).to(dtype)
+    pos, rows = torch.tensor([1, 15, 4]), torch.tensor([3, 0, 2])
+    caches = [torch.randn(slots, kv, max_len, d, generator=g).to(dtype) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    summed = parts[0]
+    for s in range(1, parts.shape[0]):
+        summed = summed + parts[s]
+    want = rope_kv_write(summed.to(dtype), cos, sin, pos, rows, caches[0], caches[1], heads, kv)
+    got = rope_kv_write(parts, cos, sin, pos, rows, caches[2], caches[3], heads, kv)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_engine_with_the_kernel_matches_generate(arch):
     toks, refs, runner = _greedy_vs_generate(arch, 5, rope_kv=True)

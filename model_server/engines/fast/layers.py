@@ -39,9 +39,10 @@ def mlp(r: "ModelRunner", li: int, layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def project_out(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)`` for a projection whose output goes into a residual add + norm (o, down): an INT4 linear may give
-    its split-K partial sums instead (one more leading dimension; ``Int4Linear.forward_partials``), which
-    :func:`run_layers` adds inside that norm."""
+    """``mod(x)`` for a projection whose consumer can add split-K partial sums itself: an INT4 linear may give them
+    instead (one more leading dimension; ``Int4Linear.forward_partials``). Consumers: the residual add + norm after
+    the o and down projections (:func:`run_layers`), the decode step's rotary + K/V write after the merged q/k/v
+    (:func:`.rope_kv.rope_kv_write`)."""
     fn = getattr(mod, "forward_partials", None)
     return run(mod, x) if fn is None or hooked(mod) else fn(x)
 

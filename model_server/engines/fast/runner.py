@@ -200,8 +200,9 @@ class ModelRunner:
             kc = self.cache.k[li]
             vc = self.cache.v[li]
             if one_kernel:
-                y = run(self.qkv[li].fn, x)                                   # [b, 1, (H + 2 KV) * D]
-                q = rope_kv_write(y.reshape(b, -1), self.cos, self.sin, pos, rows, kc, vc, self.n_heads, kv)
+                y = project_out(self.qkv[li].fn, x)     # [b, 1, (H + 2 KV) * D], or [S, b, 1, ...] partials
+                y = y.reshape(b, -1) if y.dim() == 3 else y.reshape(y.shape[0], b, -1)
+                q = rope_kv_write(y, self.cos, self.sin, pos, rows, kc, vc, self.n_heads, kv)
                 q = q.view(b, kv, g, d)
             else:
                 q, k, v = project_qkv(self, li, attn, x)

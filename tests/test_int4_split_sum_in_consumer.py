@@ -1,5 +1,6 @@
-"""MODEL_SERVER_INT4_SPLIT_SUM_IN_NORM: the INT4 Triton GEMM's split-K partial sums handed to the fast engine's
-residual add + RMSNorm instead of a sum kernel. The same bits as the sum kernel's path, in Triton's interpreter."""
+"""MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER: the INT4 Triton GEMM's split-K partial sums handed to the fast engine's
+residual add + RMSNorm instead of a sum kernel (the rotary + K/V write's side: tests/test_fast_rope_kv.py). The same
+bits as the sum kernel's path, in Triton's interpreter."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -19,15 +20,15 @@ from tests.int4_triton_support import interpreter  # noqa: F401 - autouse: Trito
 
 
 def _switch(monkeypatch, value: str) -> None:
-    monkeypatch.setenv(int4_triton_split.SUM_IN_NORM_SWITCH, value)
-    int4_triton_split.sum_in_norm.cache_clear()
+    monkeypatch.setenv(int4_triton_split.SUM_IN_CONSUMER_SWITCH, value)
+    int4_triton_split.sum_in_consumer.cache_clear()
 
 
 @pytest.fixture(autouse=True)
 def _fresh_switch():
-    int4_triton_split.sum_in_norm.cache_clear()
+    int4_triton_split.sum_in_consumer.cache_clear()
     yield
-    int4_triton_split.sum_in_norm.cache_clear()
+    int4_triton_split.sum_in_consumer.cache_clear()
 
 
 def ordered_sum(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -75,7 +76,7 @@ def test_forward_partials_only_with_the_switch_and_only_where_the_sum_kernel_wou
         biased = _layer(256, 256, bias=True)
         assert torch.equal(biased.forward_partials(x), biased(x))
     _switch(monkeypatch, "yes")
-    with pytest.raises(Exception, match=int4_triton_split.SUM_IN_NORM_SWITCH):
+    with pytest.raises(Exception, match=int4_triton_split.SUM_IN_CONSUMER_SWITCH):
         _layer(64, 256)
 
 
@@ -131,3 +132,31 @@ def test_run_layers_with_partials_gives_the_same_bits(monkeypatch):
         got = run_layers(r, h, attend)
     assert calls == [(2, 40, 1, 256)] * 4        # o and down of both layers, split K 2
     assert torch.equal(got, want)
+
+
+def test_a_decode_step_of_an_int4_model_gives_the_same_logits_with_partials(monkeypatch):
+    """The fast engine's decode step at 40 rows (the sum kernel's range) on a tiny INT4 Llama whose q/k/v, o and
+    down projections split K in the interpreter: the same logits and K cache with the partials summed by the
+    rotary + K/V write and the add + norm as with the sum kernel."""
+    from model_server.engines.fast import FastEngine, rope_kv
+    from model_server.int4 import quantize_model
+    from tests.fast_engine_support import EOS, _tiny
+
+    model = _tiny("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1)
+    quantize_model(model, 64, ComputeChoice(torch.float32, "triton", "test"))
+    runner = FastEngine(model, [EOS], device="cpu", max_batch=48, max_seq_len=64, length_buckets=[64],
+                        rope_kv=True).runner
+    seen = []
+    real = rope_kv.rope_kv_write
+    monkeypatch.setattr("model_server.engines.fast.runner.rope_kv_write",
+                        lambda qkv, *a: seen.append(qkv.dim()) or real(qkv, *a))
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    for value in ("0", "1"):
+        _switch(monkeypatch, value)
+        with torch.inference_mode():
+            runner.in_ids[:40] = torch.randint(5, 96, (40,), generator=g.manual_seed(5))
+            runner.in_pos[:40] = torch.randint(0, 60, (40,), generator=g.manual_seed(6))
+            out[value] = (runner.decode_forward(40, 64).clone(), runner.cache.k.clone(), runner.cache.v.clone())
+    assert seen == [2, 2, 3, 3]                  # the partials reached the rotary + K/V write with the switch on
+    assert all(torch.equal(a, b) for a, b in zip(out["0"], out["1"]))
