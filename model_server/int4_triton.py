@@ -263,8 +263,7 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     the fp32 partial sums ``[split, M, N]`` instead (their sum in split order, cast, is ``y``'s bits)."""
     if not _import_triton():
         raise RuntimeError("Triton is not installed")
-    m, k = x2d.shape
-    n = packed.shape[0]
+    (m, k), n = x2d.shape, packed.shape[0]
     bk = block_k(group_size)
     if packed.shape[1] * 2 != k or k % group_size or scales.shape != (k // group_size, n) \
             or zeros.shape != scales.shape or x2d.dtype not in _MAGIC:
