@@ -294,7 +294,7 @@ case "${1:-}" in
       MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=$a timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b \
         --commit "$EDGE_EVAL_COMMIT" --out "$out/dp$a" --quants int4 --batches 64 --variants served --batch-greedy 64 \
         > "$out/dp$a.log" 2>&1
-      echo "decode_profile (sum in norm $a) rc $?"; tail -1 "$out/dp$a.log"
+      echo "decode_profile (sum in consumer $a) rc $?"; tail -1 "$out/dp$a.log"
     done
     python3 -c "import json,sys; a,b=(json.load(open(f))['rows'][0] for f in sys.argv[1:]); print('64 concurrent greedy requests, tokens identical:', a.get('greedy_batch_tokens') == b.get('greedy_batch_tokens'), sum(map(len, a.get('greedy_batch_tokens') or [])))" "$out/dp0/decode_profile.json" "$out/dp1/decode_profile.json"
     for arm in off1:0 on1:1 off2:0 on2:1; do
