@@ -4,6 +4,10 @@ after the writes), in fp32 and in bf16 (where the eager ops round after each mul
 and a fast engine using it must still produce ``model.generate``'s greedy tokens."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +73,35 @@ def test_engine_with_the_kernel_matches_generate(arch):
     assert runner.rope_kv and toks == refs
     one, cache_one, two = _decode_both(runner, "rope_kv")   # the decode step bit for bit with and without it
     assert torch.equal(one, two) and torch.equal(cache_one, runner.cache.k)
+
+
+COMPILE_SM90 = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from model_server.engines.fast import rope_kv as rk
+rk.available(64)                      # imports Triton into the module (no GPU here: it answers False)
+rk._round, rk._load_sum = triton.jit(rk._round), triton.jit(rk._load_sum)
+fn = triton.jit(rk._rope_kv_kernel)
+names = ["qkv_ptr", "cos_ptr", "sin_ptr", "pos_ptr", "slot_ptr", "q_ptr", "k_ptr", "v_ptr", "stride_row",
+         "stride_split", "stride_cs", "stride_ks", "stride_kh", "stride_kp"]
+for dt in ("bf16", "fp16"):
+    for split in (1, 4):
+        types = ["*fp32" if split > 1 else "*" + dt] + ["*" + dt] * 2 + ["*i64"] * 2 + ["*" + dt] * 3 + ["i32"] * 6
+        const = dict(H=32, KV=8, D=64, BF16=dt == "bf16", SPLIT=split)
+        sig = dict(zip(names, types), **{k: "constexpr" for k in const})
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": 4})
+        print(dt, split, "st.global" in k.asm["ptx"])
+"""
+
+
+def test_the_kernel_compiles_for_sm90_with_and_without_partials(tmp_path):
+    """The interpreter runs the kernel's Python, not Triton's compiler: compile it for an H100/H200 (sm_90, no GPU
+    needed) in bf16 and fp16, from one product and from 4 partials, as a launch on the GPU would."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", COMPILE_SM90], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:4] == ["bf16 1 True", "bf16 4 True", "fp16 1 True", "fp16 4 True"], r.stdout
