@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("int4_repeat_check: no CUDA device", file=sys.stderr)
-        return 2
     kernels = [kn for kn in args.kernels.split(",") if kn]
     if bad := [kn for kn in kernels if kn not in KERNELS]:
         print(f"int4_repeat_check: unknown kernel {bad[0]!r} (of {', '.join(KERNELS)})", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("int4_repeat_check: no CUDA device", file=sys.stderr)
         return 2
     if "mma" in kernels and not int4_mma.usable("cuda"):
         print(f"int4_repeat_check: the mma kernel cannot run here: {int4_mma.why_not('cuda')}", file=sys.stderr)

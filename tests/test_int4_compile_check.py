@@ -89,13 +89,18 @@ for ticket in (True, False):
                                         "False True 1 1 True"], r.stdout
 
 
-def test_the_pdl_check_needs_a_gpu_and_says_so_in_one_line(tmp_path):
-    """benchmarks/int4_pdl_check.py (the GPU check that PDL on and off give the same bits) on a machine without one."""
+@pytest.mark.parametrize("script,args,line", [
+    ("int4_pdl_check", (), "int4_pdl_check: no CUDA device"),
+    ("int4_repeat_check", (), "int4_repeat_check: no CUDA device"),
+    ("int4_repeat_check", ("--kernels", "mma,gemm"), "int4_repeat_check: unknown kernel 'gemm' (of mma, gemv)")])
+def test_the_bit_checks_say_what_is_wrong_in_one_line(tmp_path, script, args, line):
+    """benchmarks/int4_pdl_check.py (PDL on and off give the same bits) and int4_repeat_check.py (the small-rows
+    kernels repeat their bits) on a machine without a GPU, and a kernel name the repeat check does not know."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    r = subprocess.run([sys.executable, "benchmarks/int4_pdl_check.py", "--out", str(tmp_path)], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--out", str(tmp_path), *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip() == "int4_pdl_check: no CUDA device"
+    assert r.returncode == 2 and r.stderr.strip() == line
 
 
 def test_the_async_proxy_fence_lands_between_the_copies_wait_and_the_wgmma(tmp_path):
