@@ -93,7 +93,10 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_ptr, 
         slot = tl.load(slot_ptr + row)
         dst = slot * stride_ks + kh * stride_kh + pos * stride_kp + d
         tl.store(k_ptr + dst, y.to(out_ty))
-        tl.store(v_ptr + dst, _load_sum(base + (H + KV + kh) * D + d, stride_split, SPLIT, BF16, out_ty).to(out_ty))
+        if SPLIT > 1:
+            tl.store(v_ptr + dst, _load_sum(base + (H + KV + kh) * D + d, stride_split, SPLIT, BF16, out_ty).to(out_ty))
+        else:                                                   # a copy, as before partials
+            tl.store(v_ptr + dst, tl.load(base + (H + KV + kh) * D + d))
 
 
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
