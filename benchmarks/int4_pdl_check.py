@@ -44,21 +44,28 @@ def poison() -> None:
     del junk
 
 
-def run_case(x: torch.Tensor, ts: tuple, group: int, cfg, reps: int, reduce: str | None) -> list[torch.Tensor]:
-    """``reps`` eager products (freed memory poisoned before each), then 4 from one CUDA graph's replay."""
+def repeat(product, x: torch.Tensor, reps: int) -> list[torch.Tensor]:
+    """``product(x)`` ``reps`` times eagerly (freed memory poisoned before each), then ``product`` of ``x * (1 + i /
+    8)``, i < 4, as four launches captured in one CUDA graph and replayed after poisoning (also used by
+    int4_repeat_check.py)."""
     outs = []
     for _ in range(reps):
         poison()
-        outs.append(int4_triton.int4_triton_mm(x, *ts, group, cfg, reduce).clone())
+        outs.append(product(x).clone())
     xs = [x * (1 + i / 8) for i in range(4)]
     graph = torch.cuda.CUDAGraph()
-    int4_triton.int4_triton_mm(xs[0], *ts, group, cfg, reduce)         # compiled before the capture
+    product(xs[0])                                                     # compiled before the capture
     with torch.cuda.graph(graph):
-        ys = [int4_triton.int4_triton_mm(xi, *ts, group, cfg, reduce) for xi in xs]
+        ys = [product(xi) for xi in xs]
     poison()
     graph.replay()
     torch.cuda.synchronize()
     return outs + [y.clone() for y in ys]
+
+
+def run_case(x: torch.Tensor, ts: tuple, group: int, cfg, reps: int, reduce: str | None) -> list[torch.Tensor]:
+    """:func:`repeat` of the Triton GEMM with ``cfg`` and ``reduce``."""
+    return repeat(lambda xi: int4_triton.int4_triton_mm(xi, *ts, group, cfg, reduce), x, reps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.int4_pdl_check import SHAPES, poison  # noqa: E402
+from benchmarks.int4_pdl_check import SHAPES, repeat  # noqa: E402
 from model_server import int4_gemv, int4_mma, int4_triton  # noqa: E402
 from model_server.int4_quant import dequantize_groupwise, quantize_groupwise  # noqa: E402
 
@@ -41,23 +41,6 @@ def product(kernel: str, x: torch.Tensor, ts: tuple, group: int) -> torch.Tensor
     return int4_gemv.int4_gemv_mm(x, *ts, group)
 
 
-def run_case(kernel: str, x: torch.Tensor, ts: tuple, group: int, reps: int) -> list[torch.Tensor]:
-    """``reps`` eager products (freed memory poisoned before each), then 4 from one CUDA graph's replay."""
-    outs = []
-    for _ in range(reps):
-        poison()
-        outs.append(product(kernel, x, ts, group).clone())
-    xs = [x * (1 + i / 8) for i in range(4)]
-    product(kernel, xs[0], ts, group)                                  # compiled before the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ys = [product(kernel, xi, ts, group) for xi in xs]
-    poison()
-    graph.replay()
-    torch.cuda.synchronize()
-    return outs + [y.clone() for y in ys]
-
-
 def check(kernel: str, name: str, m: int, ts: tuple, w: torch.Tensor, group: int, reps: int) -> dict:
     n, k = w.shape
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -66,7 +49,7 @@ def check(kernel: str, name: str, m: int, ts: tuple, w: torch.Tensor, group: int
     if kernel == "mma":
         row["config"] = int4_mma.choose_config(m, n, k, int4_mma._num_sms(x.device)).name()
     try:
-        got = run_case(kernel, x, ts, group, reps)
+        got = repeat(lambda xi: product(kernel, xi, ts, group), x, reps)
     except Exception as e:                                             # noqa: BLE001 - record it, go on
         row.update(eager_same=False, error=f"{e!r}"[:300])
         return row

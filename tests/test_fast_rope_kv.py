@@ -76,13 +76,12 @@ def test_engine_with_the_kernel_matches_generate(arch):
 
 
 COMPILE_SM90 = """
-import triton, triton.language as tl
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from model_server.engines.fast import rope_kv as rk
 rk.available(64)                      # imports Triton into the module (no GPU here: it answers False)
-rk._round, rk._load_sum = triton.jit(rk._round), triton.jit(rk._load_sum)
-fn = triton.jit(rk._rope_kv_kernel)
+fn = rk._jitted()
 names = ["qkv_ptr", "cos_ptr", "sin_ptr", "pos_ptr", "slot_ptr", "q_ptr", "k_ptr", "v_ptr", "stride_row",
          "stride_split", "stride_cs", "stride_ks", "stride_kh", "stride_kp"]
 for dt in ("bf16", "fp16"):

@@ -107,8 +107,8 @@ def _runner(layers: int, hidden: int = 256, inter: int = 512):
     """What run_layers reads of a ModelRunner: INT4 o and down projections (Triton), eager ops."""
     ls = []
     for i in range(layers):
-        mlp = SimpleNamespace(gate_proj=_layer(inter, hidden, seed=10 * i + 1), up_proj=_layer(inter, hidden, seed=10 * i + 2),
-                              down_proj=_layer(hidden, inter, seed=10 * i + 3))
+        mlp = SimpleNamespace(gate_proj=_layer(inter, hidden, seed=10 * i + 1),
+                              up_proj=_layer(inter, hidden, seed=10 * i + 2), down_proj=_layer(hidden, inter, seed=10 * i + 3))
         ls.append(SimpleNamespace(input_layernorm=_Norm(hidden), post_attention_layernorm=_Norm(hidden), mlp=mlp,
                                   self_attn=SimpleNamespace(o_proj=_layer(hidden, hidden, seed=10 * i + 4))))
     return SimpleNamespace(ops=fused.Ops(False), layers=ls, norm=_Norm(hidden), silu_mlp=True, gate_up=[None] * layers)

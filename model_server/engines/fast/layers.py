@@ -8,8 +8,9 @@ residual; then the final norm. :func:`project_qkv` gives an ``attend`` the layer
 GEMM where :mod:`.merged` built one).
 
 Owns the layer order, the norms and residual adds (through the runner's ``ops``), the q/k/v projections,
-the MLP, and which projections may hand their split-K partial sums to the next norm (:func:`project_out`). It must not attend, write the KV cache, choose buckets or hold state of its own: what it
-reads (layers, ``ops``, merged projections) lives on the :class:`~.runner.ModelRunner`.
+the MLP, and which projections may hand their split-K partial sums to their consumer (:func:`project_out`).
+It must not attend, write the KV cache, choose buckets or hold state of its own: what it reads (layers,
+``ops``, merged projections) lives on the :class:`~.runner.ModelRunner`.
 """
 from __future__ import annotations
 

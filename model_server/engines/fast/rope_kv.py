@@ -99,21 +99,26 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_ptr, k_ptr, 
             tl.store(v_ptr + dst, tl.load(base + (H + KV + kh) * D + d))
 
 
+def _jitted() -> Any:
+    """The kernel, ``triton.jit`` once at first use (its helpers first: the kernel's calls find them jitted)."""
+    global _kernel, _round, _load_sum
+    if _kernel is None:
+        _round, _load_sum = triton.jit(_round), triton.jit(_load_sum)
+        _kernel = triton.jit(_rope_kv_kernel)
+    return _kernel
+
+
 def rope_kv_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                   slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int,
                   n_kv: int) -> torch.Tensor:
     """``qkv [b, (H + 2 KV) * D]`` (rows contiguous; or fp32 split-K partials ``[S, b, (H + 2 KV) * D]``),
     ``cos``/``sin [max_len, D]``, ``pos``/``slots [b]`` int64, caches ``[slots, KV, max_len, D]`` (last dim
     contiguous): writes rotated k and v into the caches and returns rotated q ``[b, H, D]`` in the caches' dtype."""
-    global _kernel, _round, _load_sum
-    if _kernel is None:
-        _round, _load_sum = triton.jit(_round), triton.jit(_load_sum)
-        _kernel = triton.jit(_rope_kv_kernel)
     parts = qkv if qkv.dim() == 3 else qkv[None]
     b = parts.shape[1]
     d = k_cache.shape[-1]
     q_out = torch.empty(b, n_heads, d, dtype=k_cache.dtype, device=qkv.device)
-    _kernel[(b, n_heads + n_kv)](
+    _jitted()[(b, n_heads + n_kv)](
         parts, cos, sin, pos, slots, q_out, k_cache, v_cache,
         parts.stride(1), parts.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         H=n_heads, KV=n_kv, D=d, BF16=k_cache.dtype == torch.bfloat16, SPLIT=parts.shape[0])

@@ -201,8 +201,7 @@ class ModelRunner:
             vc = self.cache.v[li]
             if one_kernel:
                 y = project_out(self.qkv[li].fn, x)     # [b, 1, (H + 2 KV) * D], or [S, b, 1, ...] partials
-                y = y.reshape(b, -1) if y.dim() == 3 else y.reshape(y.shape[0], b, -1)
-                q = rope_kv_write(y, self.cos, self.sin, pos, rows, kc, vc, self.n_heads, kv)
+                q = rope_kv_write(y.squeeze(-2), self.cos, self.sin, pos, rows, kc, vc, self.n_heads, kv)
                 q = q.view(b, kv, g, d)
             else:
                 q, k, v = project_qkv(self, li, attn, x)
