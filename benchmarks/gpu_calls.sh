@@ -14,6 +14,10 @@
 #   bash benchmarks/gpu_calls.sh splitsum   # issue 17, first call of the next session: split-K partials summed by their consumers
 #                                            (MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER) off/on: decode profile at 64 with greedy
 #                                            tokens compared, steady state at 64 int4:mma off/on/off/on, bf16 (~8 min)
+#   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
+#                                            row count (int4_glu_check.py), decode profile at 64 off/on with greedy tokens
+#                                            compared, steady state at 64 int4:mma off/on/off/on (GLU_SS=1: with the split
+#                                            sums in their consumers in every arm) (~8 min)
 #   bash benchmarks/gpu_calls.sh pdlab      # issue 17: PDL's A/B at 64 streams on one machine, alternated off/on/off/on, then bf16
 #                                            (the control machine C of 2026-12-06 lacked) (~6 min)
 #   bash benchmarks/gpu_calls.sh energy     # issue 17: energy validation checks 1 and 3, three runs (~6 min; EV_RUNS="1" for one)
@@ -169,7 +173,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -309,6 +313,22 @@ case "${1:-}" in
       MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=${arm#*:} ss_arm "ss_${arm%:*}" 75 int4:mma 64
     done
     ss_arm ss_bf16 75 bf16 64 ;;
+  glu)  # the GLU epilogue off/on: kernel check, decode profile at 64 with greedy tokens compared, steady state at 64
+    #     int4:mma off, on, off, on (GLU_SS=1: MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1 in every arm) (~8 min)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    export MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=${GLU_SS:-0}
+    timeout 90 python3 benchmarks/int4_glu_check.py --out "$out/check" > "$out/check.log" 2>&1
+    echo "int4_glu_check rc $?"; tail -1 "$out/check.log"
+    for a in 0 1; do
+      MODEL_SERVER_INT4_GLU_EPILOGUE=$a timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b \
+        --commit "$EDGE_EVAL_COMMIT" --out "$out/dp$a" --quants int4 --batches 64 --variants served --batch-greedy 64 \
+        > "$out/dp$a.log" 2>&1
+      echo "decode_profile (GLU epilogue $a) rc $?"; tail -1 "$out/dp$a.log"
+    done
+    python3 -c "import json,sys; a,b=(json.load(open(f))['rows'][0] for f in sys.argv[1:]); print('64 concurrent greedy requests, tokens identical:', a.get('greedy_batch_tokens') == b.get('greedy_batch_tokens'), sum(map(len, a.get('greedy_batch_tokens') or [])))" "$out/dp0/decode_profile.json" "$out/dp1/decode_profile.json"
+    for arm in off1:0 on1:1 off2:0 on2:1; do
+      MODEL_SERVER_INT4_GLU_EPILOGUE=${arm#*:} ss_arm "ss_${arm%:*}" 75 int4:mma 64
+    done ;;
   s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     ss_arm ss_a 115 int4:mma,bf16 64

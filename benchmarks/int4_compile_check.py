@@ -65,9 +65,10 @@ def compile_sm90(cfg: int4_gemv.GemvConfig, k: int, group: int = 128):
 
 
 def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128, ticket: bool = True, pdl: bool = False,
-                      fence: bool = False):
+                      fence: bool = False, glu: bool = False):
     """The W4A16 GEMM compiled for bf16 activations, as a launch with K = ``k`` and ``cfg`` would compile it (split K:
-    with the ticket reduction, the default, unless ``ticket`` is False; ``pdl``: as a programmatic dependent launch)."""
+    with the ticket reduction, the default, unless ``ticket`` is False; ``pdl``: as a programmatic dependent launch;
+    ``glu``: with the GLU epilogue, :mod:`model_server.int4_triton_glu`, which needs ``cfg.split_k`` 1)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -82,7 +83,8 @@ def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128, ticket:
     sig = dict(zip(GEMM_ARGS, types))
     const = dict(ITERS_PER_SPLIT=k // bk // cfg.split_k, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                  BLOCK_K=bk, HALF=bk // 2, MAGIC=0x4300, C8=136.0, SWAP_AB=cfg.swap_ab, FOLD=cfg.fold,
-                 SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=int4_triton_config.deq(cfg, 0x4300, False), PDL=pdl, FENCE=fence)
+                 SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=int4_triton_config.deq(cfg, 0x4300, False),
+                 PDL=pdl, FENCE=fence, GLU=glu)
     sig.update({name: "constexpr" for name in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(GEMM_ARGS) if name != "M"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),

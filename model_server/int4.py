@@ -103,6 +103,7 @@ class Int4Linear(nn.Module):
             int4_triton_config.fence_on()
             int4_triton_config.stages_override()
             int4_triton_split.sum_in_consumer()
+            int4_triton_config.glu_on()              # ... and MODEL_SERVER_INT4_GLU_EPILOGUE
             self.register_buffer("triton_packed", int4_triton.pack_int4(q, group_size))
             scales, zeros = int4_triton.split_scales_and_zeros(sz)
             self.register_buffer("triton_scales", scales)
@@ -137,17 +138,44 @@ class Int4Linear(nn.Module):
         from model_server.int4_triton_split import sum_in_consumer
         return self._forward(x, sum_in_consumer())
 
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For a merged ``[gate; up]`` projection (``2 I`` outputs): ``silu(gate) * up`` ``[..., I]`` from the
+        Triton GEMM's epilogue (:mod:`model_server.int4_triton_glu`) where ``MODEL_SERVER_INT4_GLU_EPILOGUE=1`` and
+        this step runs that GEMM without split K; else None (the caller runs :meth:`forward` and the activation)."""
+        from model_server.int4_triton_config import glu_on
+        rows = x.numel() // self.in_features
+        if self.bias is not None or not self.uses_triton or not glu_on() or not self.runs_triton(rows):
+            return None
+        from model_server.int4_triton_glu import int4_triton_glu
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.input_perm is not None:
+            x2 = x2.index_select(1, self.input_perm)
+        side = self._prefetch(rows)
+        y = int4_triton_glu(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
+        self._joined(side)
+        return None if y is None else y.reshape(*x.shape[:-1], self.out_features // 2)
+
+    def _prefetch(self, rows: int):
+        """Start the next module's L2 prefetch if the engine asked (``l2_next``, model_server.l2_prefetch)."""
+        nxt = self.__dict__.get("l2_next")
+        if nxt is None:
+            return None
+        from model_server import l2_prefetch
+        return l2_prefetch.ahead(nxt[0], rows, nxt[1])
+
+    @staticmethod
+    def _joined(side) -> None:
+        if side is not None:
+            from model_server import l2_prefetch
+            l2_prefetch.join(side)
+
     def _forward(self, x: torch.Tensor, partials: bool) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if self.input_perm is not None:
             x2 = x2.index_select(1, self.input_perm)
         kernel = step_kernel(self.kernel, self.rows_kernel, x2.shape[0], self.out_features)
-        nxt = self.__dict__.get("l2_next")           # (module, mode) set by the engine: model_server.l2_prefetch
-        side = None
-        if nxt is not None:
-            from model_server import l2_prefetch
-            side = l2_prefetch.ahead(nxt[0], x2.shape[0], nxt[1])
+        side = self._prefetch(x2.shape[0])
         if kernel == "mma":
             from model_server.int4_mma import int4_mma_mm
             y = int4_mma_mm(x2, self.mma_words, self.mma_scales, self.group_size)
@@ -168,8 +196,7 @@ class Int4Linear(nn.Module):
                                                            self.scales_and_zeros)
         else:
             y = x2 @ self._unpacked().t()
-        if side is not None:
-            l2_prefetch.join(side)
+        self._joined(side)
         if y.dim() == 3:                             # split-K partial sums (forward_partials)
             return y.reshape(y.shape[0], *shape[:-1], self.out_features)
         if self.bias is not None:

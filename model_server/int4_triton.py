@@ -7,9 +7,10 @@ tensor cores, so batched decode and prefill read 4-bit weights at GEMM speed. :c
 dispatches by rows (``int4.TINYGEMM_MAX_ROWS`` in the ``mixed`` mode; in the ``triton`` mode steps of at most
 ``int4.GEMV_MAX_ROWS`` rows run the small-rows kernel of :mod:`model_server.int4_gemv`, which reads this layout).
 
-Owns: the kernel's weight layout (:func:`pack_int4`, :func:`split_scales_and_zeros`), the kernel and the wrapper
-:func:`int4_triton_mm`; its launch configuration is :mod:`model_server.int4_triton_config`'s. Must NOT: quantize weights
-(``int4_quant.quantize_groupwise`` does) or decide which kernel a layer uses (the caller does, with :func:`available`).
+Owns: the kernel and its wrapper :func:`int4_triton_mm` (re-exporting the layout's
+:func:`pack_int4`, :func:`split_scales_and_zeros`, :func:`block_k`); the launch configuration is
+:mod:`model_server.int4_triton_config`'s. Must NOT: quantize weights (``int4_quant.quantize_groupwise`` does) or decide
+which kernel a layer uses (the caller does, with :func:`available`).
 
 Math (same quantization as ``int4.py``; ``q`` in 0..15, one (scale, zero) per output column ``n`` and group of
 ``G`` input columns; ``BLOCK_K`` divides ``G``, so scale and zero are constant over a K-block)::
@@ -26,18 +27,17 @@ float ``c + q`` (bf16 ``0x4300 | q`` = 128 + q, fp16 ``0x6400 | q`` = 1024 + q).
 
 fp32 activations (tests, interpreter) convert ``q`` to float instead (``c = 0``).
 
-Layout (chosen so that a K-block's low nibbles and high nibbles are two contiguous halves of K, which needs no
-interleaving in registers: one ``tl.dot`` per half):
-
-* ``packed`` uint8 ``[N, K // 2]``, row-major (K contiguous: coalesced 16-byte loads per row). With
-  ``BK = block_k(G)``, byte ``k0 // 2 + j`` (``k0`` a multiple of BK, ``0 <= j < BK / 2``) of row ``n`` holds
-  ``q[n, k0 + j]`` in its low nibble and ``q[n, k0 + BK / 2 + j]`` in its high nibble.
-* ``scales``, ``zeros``: ``[K // G, N]`` row-major (N contiguous), any float dtype (read as fp32).
+The weight layout is :mod:`model_server.int4_triton_layout`'s (a K-block's low and high nibbles are two contiguous
+halves of K: one ``tl.dot`` per half).
 
 Split K (``Config.split_k`` > 1) writes fp32 partial sums to ``[split, M, N]``; up to 32 rows by default the program
 that finishes last for an output tile sums them (a ticket per tile, :mod:`model_server.int4_triton_split`), above
-that a second small kernel does (``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE`` = ``ticket`` / ``kernel`` for every M). Both add the partials in split order from zero, so
-they give the same bits.
+that a second small kernel does (``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE`` = ``ticket`` / ``kernel`` for every M).
+Both add the partials in split order from zero, so they give the same bits.
+
+The GLU epilogue (``GLU``, a merged gate/up projection storing ``silu(gate) * up``) is
+:mod:`model_server.int4_triton_glu`'s.
+
 Runs on CUDA (bf16 / fp16 activations) and, for tests, on CPU in Triton's interpreter (``TRITON_INTERPRET=1``,
 fp32 / fp16 only: the interpreter cannot bit-cast to bf16; read when the kernel is first used).
 """
@@ -50,15 +50,16 @@ from typing import Any
 import torch
 
 from model_server import int4_triton_split
+from model_server.int4_triton_layout import MAX_BLOCK_K, block_k, pack_int4, split_scales_and_zeros
 from model_server.int4_triton_config import Config, choose_config, deq, fence_on, pdl_on
+
+__all__ = ["MAX_BLOCK_K", "available", "block_k", "int4_triton_mm", "pack_int4", "split_scales_and_zeros"]
 
 triton: Any = None                   # imported at first use (:func:`_import_triton`): CPU-only installs have none,
 tl: Any = None                       # and the interpreter must be chosen before Triton's own import
 gdc_wait: Any = None                 # programmatic dependent launch (sm_90+): wait for the previous kernel's writes,
 gdc_launch_dependents: Any = None    # and let the next kernel launch (:func:`model_server.int4_triton_config.pdl`)
-
-MAX_BLOCK_K = 128
-
+_glu_store: Any = None               # the GLU epilogue's store, jitted by :func:`_jitted`
 
 def _import_triton() -> bool:
     global triton, tl, gdc_wait, gdc_launch_dependents
@@ -81,28 +82,6 @@ def available() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 
-def block_k(group_size: int) -> int:
-    """The K-block of the layout and kernel: ``min(group_size, 128)`` (divides the group; >= 32 for tl.dot)."""
-    if group_size < 32 or group_size & (group_size - 1):
-        raise ValueError(f"group size {group_size} must be a power of two >= 32")
-    return min(group_size, MAX_BLOCK_K)
-
-
-def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``q`` uint8 ``[N, K]`` in 0..15 -> uint8 ``[N, K // 2]`` in the kernel's layout (module docstring)."""
-    n, k = q.shape
-    bk = block_k(group_size)
-    if k % group_size:
-        raise ValueError(f"K={k} is not a multiple of the group size {group_size}")
-    halves = q.to(torch.uint8).reshape(n, k // bk, 2, bk // 2)
-    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-
-
-def split_scales_and_zeros(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``scales_and_zeros [K/G, N, 2]`` (``int4.py``'s layout) -> ``(scales [K/G, N], zeros [K/G, N])``."""
-    return sz[..., 0].contiguous(), sz[..., 1].contiguous()
-
-
 @lru_cache(maxsize=None)
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
@@ -119,14 +98,17 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
                   cnt_ptr, ITERS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr, MAGIC: tl.constexpr,
                   C8: tl.constexpr, SWAP_AB: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr,
-                  TICKET: tl.constexpr, DEQ: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr):
+                  TICKET: tl.constexpr, DEQ: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr,
+                  GLU: tl.constexpr):
     """One program: a [BLOCK_N, BLOCK_M] tile of y^T (SWAP_AB) or [BLOCK_M, BLOCK_N] of y, over ITERS_PER_SPLIT
     K-blocks of split ``program_id(2)``, stored to ``y_ptr`` (split ``pid_k``'s slice). HALF = BLOCK_K // 2; MAGIC,
     C8 = c + 8: module docstring. DEQ (:func:`model_server.int4_triton_config.deq`): 0 dequantize in fp32 (or fold),
     1 one FMA per weight in the activation dtype, 2 the same with ``c + q`` made by inline PTX. PDL / FENCE:
     :func:`~model_server.int4_triton_config.pdl_on` / :func:`~model_server.int4_triton_config.fence_on`. TICKET
     (SPLIT > 1; SPLIT is 1 without it): the tile's last program (ticket SPLIT - 1 from the tile's counter in
-    ``cnt_ptr``) sums the SPLIT partials of ``y_ptr`` into ``out_ptr`` and resets the counter to 0.
+    ``cnt_ptr``) sums the SPLIT partials of ``y_ptr`` into ``out_ptr`` and resets the counter to 0. GLU (no split):
+    ``N`` is the output's width ``I``, the weight has ``2 I`` rows, and the tile's rows are ``BLOCK_N / 2`` gate rows
+    then the up rows ``I`` below them; ``silu(gate) * up`` is stored (module docstring).
     Ordering on a GPU: each thread's partial stores, a CTA barrier, then one thread's acq_rel atomic at GPU scope
     (release: cumulative over the barrier); the last program's acquire, the barrier Triton puts after a scalar
     atomic (and ours), then loads that bypass L1 (.cg): the pattern of CUTLASS's GenericBarrier."""
@@ -135,10 +117,16 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GLU:                                                                # gate rows, then the up rows I below
+        offs_o = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) % (BLOCK_N // 2)
+        offs_n = offs_o + (tl.arange(0, BLOCK_N) // (BLOCK_N // 2)) * N
+        n_mask = offs_o < N
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+    NS = N * (1 + GLU)                                                     # the scales' and zeros' row length
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_h = tl.arange(0, HALF)
-    n_mask = offs_n < N
     m_mask = offs_m < M
     if SWAP_AB:
         w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_h[None, :]     # [BLOCK_N, HALF] packed bytes
@@ -178,8 +166,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
             tl.inline_asm_elementwise("fence.proxy.async.shared::cta; // $0", "=r", [], dtype=tl.int32,
                                       is_pure=False, pack=1)
         if DEQ >= 1:                                                       # (c + q) - (c + 8), exact; one rounding
-            s16 = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(x_lo.dtype)
-            z16 = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(x_lo.dtype)
+            s16 = tl.load(s_ptr + g * NS + offs_n, mask=n_mask, other=0.0).to(x_lo.dtype)
+            z16 = tl.load(z_ptr + g * NS + offs_n, mask=n_mask, other=0.0).to(x_lo.dtype)
             if SWAP_AB:
                 acc = tl.dot(tl.fma(w_lo - C8, s16[:, None], z16[:, None]), x_lo, acc=acc)
                 acc = tl.dot(tl.fma(w_hi - C8, s16[:, None], z16[:, None]), x_hi, acc=acc)
@@ -187,8 +175,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
                 acc = tl.dot(x_lo, tl.fma(w_lo - C8, s16[None, :], z16[None, :]), acc=acc)
                 acc = tl.dot(x_hi, tl.fma(w_hi - C8, s16[None, :], z16[None, :]), acc=acc)
         else:
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            zz = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) - C8 * s
+            s = tl.load(s_ptr + g * NS + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            zz = tl.load(z_ptr + g * NS + offs_n, mask=n_mask, other=0.0).to(tl.float32) - C8 * s
             if SWAP_AB:
                 if FOLD:
                     part = tl.dot(w_lo, x_lo)
@@ -209,6 +197,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
                     acc = tl.dot(x_hi, (w_hi.to(tl.float32) * s[None, :] + zz[None, :]).to(x_lo.dtype), acc=acc)
     if PDL:
         gdc_launch_dependents()                                            # the next kernel may start its launch
+    if GLU:
+        _glu_store(acc, y_ptr, offs_m, m_mask, pid_n, N, stride_ym, BLOCK_M, BLOCK_N, SWAP_AB)
+        return
     if SWAP_AB:
         offs = offs_m[None, :] * stride_ym + offs_n[:, None]
         mask = m_mask[None, :] & n_mask[:, None]
@@ -245,11 +236,50 @@ def _jitted(interpret: bool) -> tuple[Any, Any]:
     """``triton.jit`` at first use (TRITON_INTERPRET is read then), one pair per mode. The GEMM is not specialized
     on the row count ``M`` (Triton would otherwise compile M % 16 == 0 apart from the rest), so one compile per
     config serves every row count: the kernel pre-warm's padded 16-row prefill also compiles what a 4- or 8-row
-    decode step runs, and a first batch of a new size does not stop for a compile."""
+    decode step runs, and a first batch of a new size does not stop for a compile. The GLU epilogue's store
+    (:func:`model_server.int4_triton_glu.glu_store`) is jitted with it: the kernel finds it among these globals."""
+    global _glu_store
+    from model_server import int4_triton_glu
+    _glu_store = int4_triton_glu.jitted_store(interpret)
     return triton.jit(_w4a16_kernel, do_not_specialize=["M"]), triton.jit(_split_sum_kernel)
 
 
 _MAGIC = {torch.bfloat16: (0x4300, 136.0), torch.float16: (0x6400, 1032.0), torch.float32: (0, 8.0)}
+
+
+def _checked(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+             group_size: int) -> tuple[int, int, int]:
+    """``(M, N, K-blocks)`` of a launch; ValueError where the operands do not match (RuntimeError without Triton)."""
+    if not _import_triton():
+        raise RuntimeError("Triton is not installed")
+    (m, k), n = x2d.shape, packed.shape[0]
+    bk = block_k(group_size)
+    if packed.shape[1] * 2 != k or k % group_size or scales.shape != (k // group_size, n) \
+            or zeros.shape != scales.shape or x2d.dtype not in _MAGIC:
+        raise ValueError(f"x {tuple(x2d.shape)} {x2d.dtype}, packed {tuple(packed.shape)}, scales "
+                         f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)} do not match group {group_size}")
+    return m, n, k // bk
+
+
+def _launch(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+            cfg: Config, part: torch.Tensor, y: torch.Tensor, ticket: bool, glu: bool) -> bool:
+    """Launch the GEMM with ``cfg`` into ``part`` (``y``, or the split-K partials); returns whether PDL was used."""
+    m, iters = x2d.shape[0], x2d.shape[1] // block_k(group_size)
+    n = y.shape[1]                                          # with ``glu``, the output's width: half the weight rows
+    mm_kernel = _jitted(os.environ.get("TRITON_INTERPRET") == "1")[0]
+    magic, c8 = _MAGIC[x2d.dtype]
+    grid = (triton.cdiv(packed.shape[0], cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
+    cnt = int4_triton_split.counters(x2d.device, grid[0] * grid[1]) if ticket else y
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    pdl = not interpret and pdl_on() and _capability(x2d.device) >= (9, 0)
+    mm_kernel[grid](x2d, packed, scales.contiguous(), zeros.contiguous(), part, m, n, x2d.stride(0),
+                    packed.stride(0), n, m * n, y, cnt, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n, BLOCK_K=block_k(group_size), HALF=block_k(group_size) // 2, MAGIC=magic,
+                    C8=c8, SWAP_AB=cfg.swap_ab, FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket,
+                    DEQ=deq(cfg, magic, interpret), PDL=pdl,
+                    FENCE=not interpret and fence_on() and _capability(x2d.device) >= (9, 0), GLU=glu,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
+    return pdl
 
 
 def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -261,40 +291,21 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     overrides :func:`choose_config` (benchmark sweeps), ``split_reduce`` (``auto`` | ``ticket`` | ``kernel``) the switch
     :func:`model_server.int4_triton_split.mode` (A/B benchmarks). ``partials``: where the sum kernel would run, return
     the fp32 partial sums ``[split, M, N]`` instead (their sum in split order, cast, is ``y``'s bits)."""
-    if not _import_triton():
-        raise RuntimeError("Triton is not installed")
-    (m, k), n = x2d.shape, packed.shape[0]
-    bk = block_k(group_size)
-    if packed.shape[1] * 2 != k or k % group_size or scales.shape != (k // group_size, n) \
-            or zeros.shape != scales.shape or x2d.dtype not in _MAGIC:
-        raise ValueError(f"x {tuple(x2d.shape)} {x2d.dtype}, packed {tuple(packed.shape)}, scales "
-                         f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)} do not match group {group_size}")
+    m, n, iters = _checked(x2d, packed, scales, zeros, group_size)
     if m == 0:
         return x2d.new_empty((0, n))
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
-    cfg = config or choose_config(m, n, k, bk, _num_sms(x2d.device))
-    iters = k // bk
+    cfg = config or choose_config(m, n, x2d.shape[1], block_k(group_size), _num_sms(x2d.device))
     if iters % cfg.split_k:
         raise ValueError(f"split_k {cfg.split_k} does not divide the {iters} K-blocks")
     ticket = cfg.split_k > 1 and int4_triton_split.reduction(m, split_reduce) == "ticket"
     y = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
     part = y if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), device=x2d.device, dtype=torch.float32)
-    mm_kernel, sum_kernel = _jitted(os.environ.get("TRITON_INTERPRET") == "1")
-    magic, c8 = _MAGIC[x2d.dtype]
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-    cnt = int4_triton_split.counters(x2d.device, grid[0] * grid[1]) if ticket else y
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    pdl = not interpret and pdl_on() and _capability(x2d.device) >= (9, 0)
-    launch = {"launch_pdl": True} if pdl else {}
-    mm_kernel[grid](x2d, packed, scales.contiguous(), zeros.contiguous(), part, m, n, x2d.stride(0),
-                    packed.stride(0), n, m * n, y, cnt, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
-                    BLOCK_N=cfg.block_n, BLOCK_K=bk, HALF=bk // 2, MAGIC=magic, C8=c8, SWAP_AB=cfg.swap_ab,
-                    FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=deq(cfg, magic, interpret),
-                    PDL=pdl, FENCE=not interpret and fence_on() and _capability(x2d.device) >= (9, 0),
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
+    pdl = _launch(x2d, packed, scales, zeros, group_size, cfg, part, y, ticket, False)
     if cfg.split_k > 1 and not ticket:
         if partials:
             return part
+        sum_kernel = _jitted(os.environ.get("TRITON_INTERPRET") == "1")[1]
         sum_kernel[(triton.cdiv(m * n, 1024),)](part, y, m * n, SPLIT=cfg.split_k, BLOCK=1024, PDL=pdl, num_warps=4,
-                                                **launch)
+                                                **({"launch_pdl": True} if pdl else {}))
     return y

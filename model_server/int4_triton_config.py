@@ -1,7 +1,8 @@
 """Launch configurations of the INT4 Triton GEMM (:mod:`model_server.int4_triton`): :class:`Config`, the choice per
 step and layer (:func:`choose_config`), how the kernel dequantizes (:func:`deq_mode`, ``MODEL_SERVER_INT4_TRITON_DEQ``,
 and the kernel's ``DEQ`` constant, :func:`deq`), its pipeline stages above 32 rows (:func:`stages_override`),
-programmatic dependent launch (:func:`pdl_on`) and an experiment (:func:`fence_on`). Owns no kernel and no layout.
+programmatic dependent launch (:func:`pdl_on`), the GLU epilogue's switch (:func:`glu_on`) and an experiment
+(:func:`fence_on`). Owns no kernel and no layout.
 """
 from __future__ import annotations
 
@@ -87,6 +88,18 @@ def fence_on() -> bool:
     64 rows 7 of 9 cases repeated their bits with it, 8 of 9 without), so it stays off (unset or ``0``) and kept for
     A/B runs only. Read once per process."""
     return flag(FENCE_SWITCH) is True
+
+
+GLU_SWITCH = "MODEL_SERVER_INT4_GLU_EPILOGUE"
+
+
+@lru_cache(maxsize=1)
+def glu_on() -> bool:
+    """``MODEL_SERVER_INT4_GLU_EPILOGUE=1``: a merged INT4 gate/up projection that runs the Triton GEMM without split K
+    stores ``silu(gate) * up`` from the GEMM's epilogue (:mod:`model_server.int4_triton_glu`) instead of both products
+    for a separate SiLU-mul kernel. Off (unset or ``0``) until a GPU measures it. Read once per process; another value
+    raises :class:`model_server.switches.SwitchValueError`."""
+    return flag(GLU_SWITCH) is True
 
 
 def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:

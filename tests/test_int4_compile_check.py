@@ -92,10 +92,13 @@ for ticket in (True, False):
 @pytest.mark.parametrize("script,args,line", [
     ("int4_pdl_check", (), "int4_pdl_check: no CUDA device"),
     ("int4_repeat_check", (), "int4_repeat_check: no CUDA device"),
-    ("int4_repeat_check", ("--kernels", "mma,gemm"), "int4_repeat_check: unknown kernel 'gemm' (of mma, gemv)")])
+    ("int4_repeat_check", ("--kernels", "mma,gemm"), "int4_repeat_check: unknown kernel 'gemm' (of mma, gemv)"),
+    ("int4_glu_check", (), "int4_glu_check: no CUDA device"),
+    ("int4_glu_check", ("--ms", "64,x"), "int4_glu_check: --ms must be comma-separated integers, got '64,x'")])
 def test_the_bit_checks_say_what_is_wrong_in_one_line(tmp_path, script, args, line):
-    """benchmarks/int4_pdl_check.py (PDL on and off give the same bits) and int4_repeat_check.py (the small-rows
-    kernels repeat their bits) on a machine without a GPU, and a kernel name the repeat check does not know."""
+    """benchmarks/int4_pdl_check.py (PDL on and off give the same bits), int4_repeat_check.py (the small-rows
+    kernels repeat their bits) and int4_glu_check.py (the GLU epilogue's bits and time) on a machine without a GPU,
+    a kernel name the repeat check does not know, and rows that are not numbers."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     r = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--out", str(tmp_path), *args], cwd=ROOT, env=env,
@@ -123,3 +126,30 @@ for fence in (False, True):
     r = _run(tmp_path, "-c", code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[:2] == ["False 0 False None", "True 1 True True"], r.stdout
+
+
+def test_the_glu_epilogue_compiles_for_sm90_as_a_merged_gate_up_is_served(tmp_path):
+    """MODEL_SERVER_INT4_GLU_EPILOGUE: the GEMM with its GLU epilogue compiled for sm_90 in the configurations a merged
+    gate/up of the 1B preset (16,384 x 2,048) gets at 64 rows (swap-AB) and 256 rows (normal order): no spills, the
+    main loop's tensor-core instructions as without it, half the global stores (one output instead of gate and up)
+    and silu's exponential in the epilogue; without the switch's constant, no exponential."""
+    code = """
+import sys
+sys.path.insert(0, "benchmarks")
+import int4_compile_check as icc
+from model_server import int4_triton
+for m in (64, 256):
+    cfg = int4_triton.choose_config(m, 16384, 2048, 128, 132)
+    assert cfg.split_k == 1
+    got = []
+    for glu in (False, True):
+        kern = icc.compile_gemm_sm90(cfg, 2048, pdl=True, glu=glu)
+        rep = icc.sass_report(kern, cfg.block_n * 128, cfg.num_warps, str(glu))
+        ptx = kern.asm["ptx"]
+        got.append((rep["spill_bytes"], rep["mma"], ptx.count("st.global"), ptx.count("ex2.approx") > 0))
+    (s0, mma0, st0, ex0), (s1, mma1, st1, ex1) = got
+    print(m, s0 == s1 == 0, mma0 == mma1 > 0, st1 * 2 == st0, ex0, ex1)
+"""
+    r = _run(tmp_path, "-c", code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["64 True True True False True", "256 True True True False True"], r.stdout

@@ -34,8 +34,11 @@ def mlp(r: "ModelRunner", li: int, layer, x: torch.Tensor) -> torch.Tensor:
     if r.silu_mlp:
         m = layer.mlp
         gu = r.gate_up[li]
-        gate, up = run(gu, x) if gu is not None else (run(m.gate_proj, x), run(m.up_proj, x))
-        return project_out(m.down_proj, r.ops.silu_mul(gate, up))
+        act = gu.silu_mul(x) if gu is not None else None      # from the GEMM's epilogue where it can (INT4 GLU)
+        if act is None:
+            gate, up = run(gu, x) if gu is not None else (run(m.gate_proj, x), run(m.up_proj, x))
+            act = r.ops.silu_mul(gate, up)
+        return project_out(m.down_proj, act)
     return run(layer.mlp, x)
 
 

@@ -16,7 +16,8 @@ whole blocks of the kernel's rows are packed again; checked once on random input
 merged kernels disagree). Anything else (bitsandbytes NF4 ``Linear4bit``,
 mixed kinds) stays separate: :func:`merge` returns None and the runner calls the parts.
 
-Owns building the merged modules and splitting their output; the runner decides where to call them.
+Owns building the merged modules and splitting their output (or asking a merged gate/up's kernel for the
+activation itself); the runner decides where to call them.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from model_server.int4 import Int4Linear, mma_max_rows, step_kernel
 from model_server.int4_cpu_pack import cat_cpu_int4pack
-from .direct import run
+from .direct import hooked, run
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,14 @@ class Merged(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return run(self.fn, x).split(self.sizes, dim=-1)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For a merged gate/up: ``silu(gate) * up`` from the GEMM itself where its kernel can
+        (``Int4Linear.forward_silu_mul``), else None (the caller splits :meth:`forward`'s output)."""
+        fn = getattr(self.fn, "forward_silu_mul", None)
+        if fn is None or len(self.sizes) != 2 or self.sizes[0] != self.sizes[1] or hooked(self.fn):
+            return None
+        return fn(x)
 
 
 def _merge_linear(parts: list[nn.Linear]) -> nn.Module | None:

@@ -1,0 +1,120 @@
+"""The INT4 GEMM's GLU epilogue on a GPU (issue 17): its bits against the GEMM followed by the SiLU-mul, and its time.
+
+``MODEL_SERVER_INT4_GLU_EPILOGUE=1`` (:mod:`model_server.int4_triton_glu`) has a merged gate/up projection store
+``silu(gate) * up`` from the Triton GEMM instead of both products for a separate SiLU-mul kernel. For llama-3.2-1b's
+merged gate/up (16,384 x 2,048, group 128) at each row count where the served configuration splits no K: the epilogue
+against the GEMM followed by the fast engine's compiled ``silu_mul`` (what the engine runs without the switch) and
+the eager one (elements that differ, the largest difference in units of the last place), whether it repeats its
+bits (:func:`benchmarks.int4_pdl_check.repeat`: eager repetitions on poisoned memory and a CUDA-graph replay), and
+the time of each path as a CUDA graph of 20 launches replayed (median of ``--reps`` replays, microseconds per launch).
+
+  python3 benchmarks/int4_glu_check.py --out DIR      # exits 2 with one line when there is no CUDA device
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.int4_pdl_check import SHAPES, repeat  # noqa: E402
+from model_server import int4_triton, int4_triton_glu  # noqa: E402
+from model_server.engines.fast import fused  # noqa: E402
+from model_server.int4_quant import quantize_groupwise  # noqa: E402
+
+
+def graph_us(fn, reps: int, launches: int = 20) -> float:
+    """Median microseconds per ``fn()`` over ``reps`` replays of a CUDA graph of ``launches`` calls."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / launches)
+    return statistics.median(times)
+
+
+def ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference in units of bf16's last place at the reference's magnitude."""
+    unit = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(2.0 ** -126)
+    return float(((got.float() - want.float()).abs() / unit).max())
+
+
+def check(m: int, ts: tuple, inter: int, group: int, ops: fused.Ops, reps: int) -> dict:
+    x = torch.randn(m, ts[0].shape[1] * 2, device="cuda", dtype=torch.bfloat16)
+
+    def separate(xi: torch.Tensor, silu_mul) -> torch.Tensor:
+        y = int4_triton.int4_triton_mm(xi, *ts, group)
+        return silu_mul(y[:, :inter], y[:, inter:])
+
+    got = int4_triton_glu.int4_triton_glu(x, *ts, group)
+    row: dict = {"m": m, "config": str(int4_triton.choose_config(m, 2 * inter, x.shape[1], int4_triton.block_k(group),
+                                                               int4_triton._num_sms(x.device)))}
+    if got is None:
+        row["epilogue"] = "none (split K)"
+        return row
+    for name, fn in (("compiled", ops.silu_mul), ("eager", fused.silu_mul)):
+        want = separate(x, fn)
+        row[f"differ_vs_{name}"] = int((got != want).sum())
+        row[f"max_ulps_vs_{name}"] = ulps(got, want)
+    outs = repeat(lambda xi: int4_triton_glu.int4_triton_glu(xi, *ts, group), x, 4)
+    row["repeats_bits"] = all(torch.equal(outs[0], y) for y in outs[:4])
+    row["nans"] = int(sum(int(torch.isnan(y).sum()) for y in outs))
+    row["us_separate"] = graph_us(lambda: separate(x, ops.silu_mul), reps)
+    row["us_epilogue"] = graph_us(lambda: int4_triton_glu.int4_triton_glu(x, *ts, group), reps)
+    row["us_gemm_only"] = graph_us(lambda: int4_triton.int4_triton_mm(x, *ts, group), reps)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ms", default="33,48,64,128,256", help="rows (comma-separated)")
+    ap.add_argument("--reps", type=int, default=50, help="graph replays per timing")
+    ap.add_argument("--group", type=int, default=128)
+    args = ap.parse_args(argv)
+    try:
+        ms = [int(m) for m in args.ms.split(",") if m]
+    except ValueError:
+        print(f"int4_glu_check: --ms must be comma-separated integers, got {args.ms!r}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("int4_glu_check: no CUDA device", file=sys.stderr)
+        return 2
+    n, k = SHAPES["gate_up_proj"]
+    torch.manual_seed(n)
+    q, sz = quantize_groupwise(torch.randn(n, k, device="cuda") * 0.02, args.group)
+    ts = (int4_triton.pack_int4(q, args.group), *int4_triton.split_scales_and_zeros(sz.to(torch.bfloat16)))
+    ops = fused.Ops(True, torch.device("cuda"), torch.bfloat16)
+    rows = []
+    for m in ms:
+        rows.append(check(m, ts, n // 2, args.group, ops, args.reps))
+        print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "triton": int4_triton.triton.__version__, "ops_fused": ops.fused, "shape": [n, k], "group": args.group,
+           "commit": os.environ.get("EDGE_EVAL_COMMIT", "unknown"), "rows": rows}
+    (out / "int4_glu_check.json").write_text(json.dumps(res, indent=1))
+    timed = [r for r in rows if "us_epilogue" in r]
+    print("; ".join(f"{r['m']} rows: {r['us_separate']:.1f} -> {r['us_epilogue']:.1f} us, "
+                    f"{r['differ_vs_compiled']} differ" for r in timed) or "no row ran the epilogue")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

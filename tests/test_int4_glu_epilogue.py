@@ -1,0 +1,165 @@
+"""MODEL_SERVER_INT4_GLU_EPILOGUE: a merged INT4 gate/up projection whose Triton GEMM stores ``silu(gate) * up``
+itself (model_server/int4_triton_glu.py), against the GEMM followed by the separate SiLU-mul, in Triton's
+interpreter; the module, the MLP of the fast engine's layers and a decode step of a tiny INT4 Llama take it only
+with the switch. (Its sm_90 compile: tests/test_int4_compile_check.py.)"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from model_server import int4_triton, int4_triton_config, int4_triton_glu
+from model_server.engines.fast import fused
+from model_server.engines.fast.layers import run_layers
+from model_server.engines.fast.merged import merge
+from model_server.int4 import Int4Linear
+from model_server.int4_choice import ComputeChoice
+from model_server.int4_quant import quantize_groupwise
+from model_server.int4_triton_config import Config
+from tests.int4_triton_support import interpreter  # noqa: F401 - autouse: Triton's CPU interpreter
+
+
+def _switch(monkeypatch, value: str) -> None:
+    monkeypatch.setenv(int4_triton_config.GLU_SWITCH, value)
+    int4_triton_config.glu_on.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_switch():
+    int4_triton_config.glu_on.cache_clear()
+    yield
+    int4_triton_config.glu_on.cache_clear()
+
+
+def _weights(inter: int, k: int, dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    q, sz = quantize_groupwise(torch.randn(2 * inter, k) * 0.05, 64)
+    return (int4_triton.pack_int4(q, 64), *int4_triton.split_scales_and_zeros(sz.to(dtype)))
+
+
+def _agree(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The epilogue rounds where the separate ops round; only silu's exponential (Triton's vs torch's) may differ in
+    the last fp32 bit, which a rounding to fp16 shows in a few elements at most, by one unit in the last place."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if want.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        return
+    differ = got != want
+    assert int(differ.sum()) <= max(1, want.numel() // 200), int(differ.sum())
+    ulp = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(2.0 ** -14)
+    assert bool(((got.float() - want.float()).abs() <= ulp).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("swap_ab", [True, False])
+def test_the_epilogue_stores_what_the_gemm_then_silu_mul_give(dtype, swap_ab):
+    inter, k = 80, 256                       # 80 outputs: the last tile of 32 gate + 32 up rows is partly masked
+    ts = _weights(inter, k, dtype)
+    x = (torch.randn(24, k) * 0.5).to(dtype)
+    cfg = Config(16, 64, 1, 2, 4, swap_ab, False, True, False)
+    y = int4_triton.int4_triton_mm(x, *ts, 64, cfg)
+    want = fused.silu_mul(y[:, :inter], y[:, inter:])
+    got = int4_triton_glu.int4_triton_glu(x, *ts, 64, cfg)
+    _agree(got, want)
+    assert float(want.float().abs().max()) > 0.01                   # (a product that is not all zeros)
+    # the gate and up halves are not interchangeable: the check above sees a swapped or shifted tile
+    assert not torch.allclose(fused.silu_mul(y[:, inter:], y[:, :inter]), want, rtol=1e-2, atol=1e-3)
+
+
+def test_no_epilogue_where_the_gemm_splits_k_and_empty_rows_are_empty():
+    ts = _weights(64, 512, torch.float32)
+    x = torch.randn(5, 512)
+    assert int4_triton.choose_config(5, 128, 512, 64, 8).split_k > 1      # 2 tiles on the interpreter's 8 "SMs"
+    assert int4_triton_glu.int4_triton_glu(x, *ts, 64) is None
+    assert int4_triton_glu.int4_triton_glu(x, *ts, 64, Config(16, 64, 2, 2, 4, True, False, True)) is None
+    assert int4_triton_glu.int4_triton_glu(x[:0], *ts, 64, Config(16, 64, 1, 2, 4, True, False, True)).shape == (0, 64)
+    with pytest.raises(ValueError, match="do not match"):
+        int4_triton_glu.int4_triton_glu(x[:, :256], *ts, 64)
+
+
+def _gate_up(inter: int, hidden: int, seed: int):
+    torch.manual_seed(seed)
+    choice = ComputeChoice(torch.float32, "triton", "test")
+    parts = [Int4Linear(nn.Linear(hidden, inter, bias=False), 64, choice) for _ in range(2)]
+    return parts, merge(parts)
+
+
+def test_a_merged_gate_up_gives_the_activation_only_with_the_switch(monkeypatch):
+    (gate, up), gu = _gate_up(512, 256, 1)
+    assert gu is not None and gu.sizes == [512, 512]
+    x = torch.randn(3, 8, 256)                   # 24 rows, 16 column tiles of the merged 1,024: no split K
+    with torch.inference_mode():
+        want = fused.silu_mul(gate(x), up(x))
+        _switch(monkeypatch, "0")
+        assert gu.silu_mul(x) is None
+        _switch(monkeypatch, "1")
+        got = gu.silu_mul(x)
+        assert got is not None and got.shape == (3, 8, 512)
+        _agree(got, want)
+        assert gate.forward_silu_mul(x) is not None  # (any Int4Linear would; the merged module checks the halves)
+        gu.sizes = [256, 768]
+        assert gu.silu_mul(x) is None            # not two equal halves: not a gate/up
+    _switch(monkeypatch, "on")
+    with pytest.raises(Exception, match=int4_triton_config.GLU_SWITCH):
+        _gate_up(64, 256, 2)
+
+
+class _Norm(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(n) + 0.5, requires_grad=False)
+        self.variance_epsilon = 1e-5
+
+
+def test_run_layers_takes_the_activation_from_the_gemm_with_the_switch(monkeypatch):
+    hidden, inter = 256, 512
+    ls, merged = [], []
+    for i in range(2):
+        (gate, up), gu = _gate_up(inter, hidden, 10 * i)
+        down = Int4Linear(nn.Linear(inter, hidden, bias=False), 64, ComputeChoice(torch.float32, "triton", "test"))
+        mlp = SimpleNamespace(gate_proj=gate, up_proj=up, down_proj=down)
+        ls.append(SimpleNamespace(input_layernorm=_Norm(hidden), post_attention_layernorm=_Norm(hidden), mlp=mlp))
+        merged.append(gu)
+    ops = fused.Ops(False)
+    calls = []
+    real = ops.silu_mul
+    ops.silu_mul = lambda g, u: calls.append(g.shape) or real(g, u)
+    r = SimpleNamespace(ops=ops, layers=ls, norm=_Norm(hidden), silu_mlp=True, gate_up=merged)
+    h = torch.randn(24, 1, hidden)
+    out = {}
+    with torch.inference_mode():
+        for value in ("0", "1"):
+            _switch(monkeypatch, value)
+            out[value] = run_layers(r, h, lambda li, layer, x: x)
+    assert calls == [(24, 1, inter)] * 2         # the separate op ran only with the switch off
+    torch.testing.assert_close(out["1"], out["0"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_step_of_an_int4_model_with_the_epilogue(monkeypatch):
+    """The fast engine's decode step at 40 rows on a tiny INT4 Llama (merged gate/up of 1,024 rows: no split K):
+    the epilogue runs in every layer with the switch, and the logits and greedy tokens are those without it."""
+    from model_server.engines.fast import FastEngine
+    from model_server.int4 import quantize_model
+    from tests.fast_engine_support import EOS, _tiny
+
+    model = _tiny("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1)
+    quantize_model(model, 64, ComputeChoice(torch.float32, "triton", "test"))
+    runner = FastEngine(model, [EOS], device="cpu", max_batch=48, max_seq_len=64, length_buckets=[64]).runner
+    assert all(gu is not None for gu in runner.gate_up)
+    launches = []
+    real = int4_triton_glu.int4_triton_glu
+    monkeypatch.setattr(int4_triton_glu, "int4_triton_glu",
+                        lambda *a, **kw: launches.append(a[0].shape) or real(*a, **kw))
+    g = torch.Generator()
+    out = {}
+    for value in ("0", "1"):
+        _switch(monkeypatch, value)
+        with torch.inference_mode():
+            runner.in_ids[:40] = torch.randint(5, 96, (40,), generator=g.manual_seed(5))
+            runner.in_pos[:40] = torch.randint(0, 60, (40,), generator=g.manual_seed(6))
+            out[value] = runner.decode_forward(40, 64).clone()
+    assert launches == [(40, 256)] * len(runner.layers)
+    torch.testing.assert_close(out["1"], out["0"], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out["1"].argmax(-1), out["0"].argmax(-1))
