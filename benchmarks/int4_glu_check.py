@@ -6,7 +6,8 @@ merged gate/up (16,384 x 2,048, group 128) at each row count where the served co
 against the GEMM followed by the fast engine's compiled ``silu_mul`` (what the engine runs without the switch) and
 the eager one (elements that differ, the largest difference in units of the last place), whether it repeats its
 bits (:func:`benchmarks.int4_pdl_check.repeat`: eager repetitions on poisoned memory and a CUDA-graph replay), and
-the time of each path as a CUDA graph of 20 launches replayed (median of ``--reps`` replays, microseconds per launch).
+the time of each path (:func:`benchmarks.gemv_probe.graph_us`: a CUDA graph of 50 launches, median of ``--reps``
+replays, microseconds per launch).
 
   python3 benchmarks/int4_glu_check.py --out DIR      # exits 2 with one line when there is no CUDA device
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,29 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gemv_probe import graph_us  # noqa: E402
 from benchmarks.int4_pdl_check import SHAPES, repeat  # noqa: E402
 from model_server import int4_triton, int4_triton_glu  # noqa: E402
 from model_server.engines.fast import fused  # noqa: E402
 from model_server.int4_quant import quantize_groupwise  # noqa: E402
-
-
-def graph_us(fn, reps: int, launches: int = 20) -> float:
-    """Median microseconds per ``fn()`` over ``reps`` replays of a CUDA graph of ``launches`` calls."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / launches)
-    return statistics.median(times)
 
 
 def ulps(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -74,9 +56,9 @@ def check(m: int, ts: tuple, inter: int, group: int, ops: fused.Ops, reps: int) 
     outs = repeat(lambda xi: int4_triton_glu.int4_triton_glu(xi, *ts, group), x, 4)
     row["repeats_bits"] = all(torch.equal(outs[0], y) for y in outs[:4])
     row["nans"] = int(sum(int(torch.isnan(y).sum()) for y in outs))
-    row["us_separate"] = graph_us(lambda: separate(x, ops.silu_mul), reps)
-    row["us_epilogue"] = graph_us(lambda: int4_triton_glu.int4_triton_glu(x, *ts, group), reps)
-    row["us_gemm_only"] = graph_us(lambda: int4_triton.int4_triton_mm(x, *ts, group), reps)
+    row["us_separate"] = graph_us(lambda: separate(x, ops.silu_mul), reps=reps)
+    row["us_epilogue"] = graph_us(lambda: int4_triton_glu.int4_triton_glu(x, *ts, group), reps=reps)
+    row["us_gemm_only"] = graph_us(lambda: int4_triton.int4_triton_mm(x, *ts, group), reps=reps)
     return row
 
 
