@@ -202,6 +202,17 @@ ss_arm() {
     --quants "$3" --concurrency "$4" --http-concurrency '' > "$out/$1.log" 2>&1
   echo "steady_state ($1) rc $?"; grep -E "tok/s \[|graph b1|Error" "$out/$1.log"
 }
+# dp_greedy_ab SWITCH: the INT4 decode profile at 64 rows (served variant) with SWITCH=0 into $out/dp0, then =1 into
+# $out/dp1, and whether the greedy tokens of 64 concurrent requests are the same both ways
+dp_greedy_ab() {
+  local a
+  for a in 0 1; do
+    env "$1=$a" timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+      --out "$out/dp$a" --quants int4 --batches 64 --variants served --batch-greedy 64 > "$out/dp$a.log" 2>&1
+    echo "decode_profile ($1=$a) rc $?"; tail -1 "$out/dp$a.log"
+  done
+  python3 -c "import json,sys; a,b=(json.load(open(f))['rows'][0] for f in sys.argv[1:]); print('64 concurrent greedy requests, tokens identical:', a.get('greedy_batch_tokens') == b.get('greedy_batch_tokens'), sum(map(len, a.get('greedy_batch_tokens') or [])))" "$out/dp0/decode_profile.json" "$out/dp1/decode_profile.json"
+}
 case "${1:-}" in
   energy)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
@@ -302,13 +313,7 @@ case "${1:-}" in
   splitsum)  # split-K partials summed by their consumers (MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER) off/on: decode profile
     #          at 64 rows with greedy tokens compared, then steady state at 64: int4:mma off, on, off, on, bf16 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    for a in 0 1; do
-      MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=$a timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b \
-        --commit "$EDGE_EVAL_COMMIT" --out "$out/dp$a" --quants int4 --batches 64 --variants served --batch-greedy 64 \
-        > "$out/dp$a.log" 2>&1
-      echo "decode_profile (sum in consumer $a) rc $?"; tail -1 "$out/dp$a.log"
-    done
-    python3 -c "import json,sys; a,b=(json.load(open(f))['rows'][0] for f in sys.argv[1:]); print('64 concurrent greedy requests, tokens identical:', a.get('greedy_batch_tokens') == b.get('greedy_batch_tokens'), sum(map(len, a.get('greedy_batch_tokens') or [])))" "$out/dp0/decode_profile.json" "$out/dp1/decode_profile.json"
+    dp_greedy_ab MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER
     for arm in off1:0 on1:1 off2:0 on2:1; do
       MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=${arm#*:} ss_arm "ss_${arm%:*}" 75 int4:mma 64
     done
@@ -319,13 +324,7 @@ case "${1:-}" in
     export MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=${GLU_SS:-0}
     timeout 90 python3 benchmarks/int4_glu_check.py --out "$out/check" > "$out/check.log" 2>&1
     echo "int4_glu_check rc $?"; tail -1 "$out/check.log"
-    for a in 0 1; do
-      MODEL_SERVER_INT4_GLU_EPILOGUE=$a timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b \
-        --commit "$EDGE_EVAL_COMMIT" --out "$out/dp$a" --quants int4 --batches 64 --variants served --batch-greedy 64 \
-        > "$out/dp$a.log" 2>&1
-      echo "decode_profile (GLU epilogue $a) rc $?"; tail -1 "$out/dp$a.log"
-    done
-    python3 -c "import json,sys; a,b=(json.load(open(f))['rows'][0] for f in sys.argv[1:]); print('64 concurrent greedy requests, tokens identical:', a.get('greedy_batch_tokens') == b.get('greedy_batch_tokens'), sum(map(len, a.get('greedy_batch_tokens') or [])))" "$out/dp0/decode_profile.json" "$out/dp1/decode_profile.json"
+    dp_greedy_ab MODEL_SERVER_INT4_GLU_EPILOGUE
     for arm in off1:0 on1:1 off2:0 on2:1; do
       MODEL_SERVER_INT4_GLU_EPILOGUE=${arm#*:} ss_arm "ss_${arm%:*}" 75 int4:mma 64
     done ;;
