@@ -6,7 +6,7 @@ With it (:func:`int4_triton_glu`, a merged gate/up projection ``[gate; up]`` of 
 tile holds ``BLOCK_N / 2`` gate rows and the up rows ``I`` below them, and stores ``silu(gate) * up`` (``I`` columns)
 instead of both products, rounding where the separate ops round (each product, then ``silu``, then the product), so
 the MLP's SiLU-mul kernel and the write and read of the ``[M, 2 I]`` product go away. Without split K only (a merged
-gate/up of a 1B model at 64 rows has 256 tiles of 64 rows: no split on a card of fewer SMs). At 64 rows on an H100
+gate/up of a 1B model at 64 rows has 256 output tiles: no split on a card of at most 256 SMs). At 64 rows on an H100
 the separate SiLU-mul took 47.0 us of a 1.32 ms INT4 decode step (docs/benchmarks.md, "INT4 at 64 streams, third
 pass"); the epilogue is unmeasured on a GPU, so it is off by default.
 
