@@ -1,16 +1,14 @@
 """A Triton fused W4A16 kernel for ``model_server/int4.py``'s INT4 linears when a step has more than a few rows.
 
-PyTorch's int4pack kernel (tinygemm) is a few-rows kernel: on an H200 it is the fastest INT4 kernel up to 8 rows
-and falls far behind bf16 above (at 64 rows a 8192 x 2048 projection takes 79 us against 12 us in bf16;
-docs/benchmarks.md, "INT4 kernels per layer"). This kernel dequantizes in registers and runs the product on
-tensor cores, so batched decode and prefill read 4-bit weights at GEMM speed. :class:`model_server.int4.Int4Linear`
-dispatches by rows (``int4.TINYGEMM_MAX_ROWS`` in the ``mixed`` mode; in the ``triton`` mode steps of at most
-``int4.GEMV_MAX_ROWS`` rows run the small-rows kernel of :mod:`model_server.int4_gemv`, which reads this layout).
+PyTorch's int4pack kernel (tinygemm) falls far behind bf16 above 8 rows (docs/benchmarks.md, "INT4 kernels per
+layer"); this kernel dequantizes in registers and runs the product on tensor cores, so batched decode and prefill
+read 4-bit weights at GEMM speed. :class:`model_server.int4.Int4Linear` dispatches by rows
+(:mod:`model_server.int4_choice`).
 
-Owns: the kernel and its wrapper :func:`int4_triton_mm` (re-exporting the layout's
-:func:`pack_int4`, :func:`split_scales_and_zeros`, :func:`block_k`); the launch configuration is
-:mod:`model_server.int4_triton_config`'s. Must NOT: quantize weights (``int4_quant.quantize_groupwise`` does) or decide
-which kernel a layer uses (the caller does, with :func:`available`).
+Owns: the kernel and its wrapper :func:`int4_triton_mm` (re-exporting the layout's :func:`pack_int4`,
+:func:`split_scales_and_zeros`, :func:`block_k`); the launch configuration is :mod:`model_server.int4_triton_config`'s.
+Must NOT: quantize weights (``int4_quant.quantize_groupwise`` does) or decide which kernel a layer uses (the caller
+does, with :func:`available`).
 
 Math (same quantization as ``int4.py``; ``q`` in 0..15, one (scale, zero) per output column ``n`` and group of
 ``G`` input columns; ``BLOCK_K`` divides ``G``, so scale and zero are constant over a K-block)::
@@ -25,18 +23,15 @@ float ``c + q`` (bf16 ``0x4300 | q`` = 128 + q, fp16 ``0x6400 | q`` = 1024 + q).
 * fold: ``acc += scale * (x @ (c + q)^T) + zz * rowsum(x)`` per K-block (``(c + q)`` is exact, so only fp32 rounding);
 * dequant in the activation dtype (``Config.fma``, :func:`deq_mode`): ``w = fma((c + q) - (c + 8), scale, zero)``.
 
-fp32 activations (tests, interpreter) convert ``q`` to float instead (``c = 0``).
-
-The weight layout is :mod:`model_server.int4_triton_layout`'s (a K-block's low and high nibbles are two contiguous
-halves of K: one ``tl.dot`` per half).
+fp32 activations (tests, interpreter) convert ``q`` to float instead (``c = 0``). The weight layout is
+:mod:`model_server.int4_triton_layout`'s (a K-block's low and high nibbles: two halves of K, one ``tl.dot`` each).
 
 Split K (``Config.split_k`` > 1) writes fp32 partial sums to ``[split, M, N]``; up to 32 rows by default the program
 that finishes last for an output tile sums them (a ticket per tile, :mod:`model_server.int4_triton_split`), above
 that a second small kernel does (``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE`` = ``ticket`` / ``kernel`` for every M).
 Both add the partials in split order from zero, so they give the same bits.
 
-The GLU epilogue (``GLU``, a merged gate/up projection storing ``silu(gate) * up``) is
-:mod:`model_server.int4_triton_glu`'s.
+The GLU epilogue (``GLU``: a merged gate/up storing ``silu(gate) * up``) is :mod:`model_server.int4_triton_glu`'s.
 
 Runs on CUDA (bf16 / fp16 activations) and, for tests, on CPU in Triton's interpreter (``TRITON_INTERPRET=1``,
 fp32 / fp16 only: the interpreter cannot bit-cast to bf16; read when the kernel is first used).
