@@ -146,7 +146,9 @@ class Int4Linear(nn.Module):
         rows = x.numel() // self.in_features
         if self.bias is not None or not self.uses_triton or not glu_on() or not self.runs_triton(rows):
             return None
-        from model_server.int4_triton_glu import int4_triton_glu
+        from model_server.int4_triton_glu import int4_triton_glu, served_config
+        if served_config(rows, self.out_features, self.in_features, self.group_size, x.device) is None:
+            return None
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if self.input_perm is not None:
             x2 = x2.index_select(1, self.input_perm)

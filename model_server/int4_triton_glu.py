@@ -10,9 +10,9 @@ gate/up of a 1B model at 64 rows has 256 output tiles: no split on a card of at 
 the separate SiLU-mul took 47.0 us of a 1.32 ms INT4 decode step (docs/benchmarks.md, "INT4 at 64 streams, third
 pass"); the epilogue is unmeasured on a GPU, so it is off by default.
 
-Owns the epilogue's store (:func:`glu_store`, jitted with the GEMM: :func:`jitted_store`) and the wrapper
-:func:`int4_triton_glu`. Must NOT: decide where the epilogue runs (``Int4Linear.forward_silu_mul`` and the fast engine's
-MLP do) or launch anything but the GEMM.
+Owns the epilogue's store (:func:`glu_store`, jitted with the GEMM: :func:`jitted_store`), the wrapper
+:func:`int4_triton_glu` and where it can run (:func:`served_config`). Must NOT: decide where the epilogue runs
+(``Int4Linear.forward_silu_mul`` and the fast engine's MLP do) or launch anything but the GEMM.
 """
 from __future__ import annotations
 
@@ -57,6 +57,13 @@ def jitted_store(interpret: bool) -> Any:
     return int4_triton.triton.jit(glu_store)
 
 
+def served_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> Config | None:
+    """The GEMM's configuration for an ``[M, K] x [N, K]`` launch where it can store the GLU (no split K, ``N`` even),
+    else None."""
+    cfg = choose_config(max(m, 1), n, k, int4_triton.block_k(group_size), int4_triton._num_sms(device))
+    return None if cfg.split_k > 1 or n % 2 else cfg
+
+
 def int4_triton_glu(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int, config: Config | None = None) -> torch.Tensor | None:
     """``silu(y[:, :I]) * y[:, I:]`` (``[M, I]``) for ``y = int4_triton_mm(...)`` of a merged ``[gate; up]`` weight of
@@ -65,9 +72,8 @@ def int4_triton_glu(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     None where :func:`choose_config` (or ``config``) splits K
     for this launch, or the rows are odd: the caller runs the GEMM and the activation apart."""
     m, n, _ = int4_triton._checked(x2d, packed, scales, zeros, group_size)
-    cfg = config or choose_config(max(m, 1), n, x2d.shape[1], int4_triton.block_k(group_size),
-                                  int4_triton._num_sms(x2d.device))
-    if cfg.split_k > 1 or n % 2 or cfg.block_n % 2:
+    cfg = config or served_config(m, n, x2d.shape[1], group_size, x2d.device)
+    if cfg is None or cfg.split_k > 1 or cfg.block_n % 2 or n % 2:
         return None
     y = torch.empty((m, n // 2), device=x2d.device, dtype=x2d.dtype)
     if m:
