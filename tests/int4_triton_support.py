@@ -23,3 +23,19 @@ def reference(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int) ->
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
     """Relative Frobenius error of ``got`` against ``want``."""
     return float((got.double() - want).norm() / want.norm())
+
+
+def set_switch(monkeypatch, name: str, value: str, cached) -> None:
+    """Set the switch ``name`` to ``value`` for this test and clear ``cached``, the function that reads it once."""
+    monkeypatch.setenv(name, value)
+    cached.cache_clear()
+
+
+def fresh_switch(cached):
+    """An autouse fixture (assign it to a name in the test module) that clears ``cached`` around each test."""
+    @pytest.fixture(autouse=True)
+    def _fresh():
+        cached.cache_clear()
+        yield
+        cached.cache_clear()
+    return _fresh

@@ -18,19 +18,14 @@ from model_server.int4 import Int4Linear
 from model_server.int4_choice import ComputeChoice
 from model_server.int4_quant import quantize_groupwise
 from model_server.int4_triton_config import Config
-from tests.int4_triton_support import interpreter  # noqa: F401 - autouse: Triton's CPU interpreter
+from tests.int4_triton_support import fresh_switch, interpreter, set_switch  # noqa: F401 - autouse: the interpreter
 
 
 def _switch(monkeypatch, value: str) -> None:
-    monkeypatch.setenv(int4_triton_config.GLU_SWITCH, value)
-    int4_triton_config.glu_on.cache_clear()
+    set_switch(monkeypatch, int4_triton_config.GLU_SWITCH, value, int4_triton_config.glu_on)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_switch():
-    int4_triton_config.glu_on.cache_clear()
-    yield
-    int4_triton_config.glu_on.cache_clear()
+_fresh_switch = fresh_switch(int4_triton_config.glu_on)
 
 
 def _weights(inter: int, k: int, dtype: torch.dtype, seed: int = 0):
