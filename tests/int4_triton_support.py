@@ -39,3 +39,30 @@ def fresh_switch(cached):
         yield
         cached.cache_clear()
     return _fresh
+
+
+def tiny_int4_runner(**engine_kw):
+    """The fast engine's runner (CPU) over a tiny INT4 Llama (hidden 256, MLP 512, 4 heads, 1 K/V head) whose
+    linears all run the Triton kernels; ``engine_kw`` go to ``FastEngine``."""
+    from model_server.engines.fast import FastEngine
+    from model_server.int4 import quantize_model
+    from model_server.int4_choice import ComputeChoice
+    from tests.fast_engine_support import EOS, _tiny
+
+    model = _tiny("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1)
+    quantize_model(model, 64, ComputeChoice(torch.float32, "triton", "test"))
+    return FastEngine(model, [EOS], device="cpu", max_batch=48, max_seq_len=64, length_buckets=[64], **engine_kw).runner
+
+
+def decode_off_on(runner, switch) -> dict[str, tuple]:
+    """One 40-row decode step (the same random tokens and positions) after ``switch("0")`` and after ``switch("1")``:
+    ``{value: (logits, K cache, V cache)}``."""
+    g = torch.Generator()
+    out = {}
+    for value in ("0", "1"):
+        switch(value)
+        with torch.inference_mode():
+            runner.in_ids[:40] = torch.randint(5, 96, (40,), generator=g.manual_seed(5))
+            runner.in_pos[:40] = torch.randint(0, 60, (40,), generator=g.manual_seed(6))
+            out[value] = (runner.decode_forward(40, 64).clone(), runner.cache.k.clone(), runner.cache.v.clone())
+    return out

@@ -18,7 +18,8 @@ from model_server.int4 import Int4Linear
 from model_server.int4_choice import ComputeChoice
 from model_server.int4_quant import quantize_groupwise
 from model_server.int4_triton_config import Config
-from tests.int4_triton_support import fresh_switch, interpreter, set_switch  # noqa: F401 - autouse: the interpreter
+from tests.int4_triton_support import (decode_off_on, fresh_switch, interpreter,  # noqa: F401 - autouse
+                                      set_switch, tiny_int4_runner)
 
 
 def _switch(monkeypatch, value: str) -> None:
@@ -135,26 +136,13 @@ def test_run_layers_takes_the_activation_from_the_gemm_with_the_switch(monkeypat
 def test_a_decode_step_of_an_int4_model_with_the_epilogue(monkeypatch):
     """The fast engine's decode step at 40 rows on a tiny INT4 Llama (merged gate/up of 1,024 rows: no split K):
     the epilogue runs in every layer with the switch, and the logits and greedy tokens are those without it."""
-    from model_server.engines.fast import FastEngine
-    from model_server.int4 import quantize_model
-    from tests.fast_engine_support import EOS, _tiny
-
-    model = _tiny("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1)
-    quantize_model(model, 64, ComputeChoice(torch.float32, "triton", "test"))
-    runner = FastEngine(model, [EOS], device="cpu", max_batch=48, max_seq_len=64, length_buckets=[64]).runner
+    runner = tiny_int4_runner()
     assert all(gu is not None for gu in runner.gate_up)
     launches = []
     real = int4_triton_glu.int4_triton_glu
     monkeypatch.setattr(int4_triton_glu, "int4_triton_glu",
                         lambda *a, **kw: launches.append(a[0].shape) or real(*a, **kw))
-    g = torch.Generator()
-    out = {}
-    for value in ("0", "1"):
-        _switch(monkeypatch, value)
-        with torch.inference_mode():
-            runner.in_ids[:40] = torch.randint(5, 96, (40,), generator=g.manual_seed(5))
-            runner.in_pos[:40] = torch.randint(0, 60, (40,), generator=g.manual_seed(6))
-            out[value] = runner.decode_forward(40, 64).clone()
+    out = {v: logits for v, (logits, _, _) in decode_off_on(runner, lambda v: _switch(monkeypatch, v)).items()}
     assert launches == [(40, 256)] * len(runner.layers)
     torch.testing.assert_close(out["1"], out["0"], rtol=1e-4, atol=1e-4)
     assert torch.equal(out["1"].argmax(-1), out["0"].argmax(-1))

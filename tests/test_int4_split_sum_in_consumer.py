@@ -16,7 +16,8 @@ from model_server.int4 import Int4Linear
 from model_server.int4_choice import ComputeChoice
 from model_server.int4_quant import quantize_groupwise
 from model_server.int4_triton_config import Config
-from tests.int4_triton_support import fresh_switch, interpreter, set_switch  # noqa: F401 - autouse: the interpreter
+from tests.int4_triton_support import (decode_off_on, fresh_switch, interpreter,  # noqa: F401 - autouse
+                                      set_switch, tiny_int4_runner)
 
 
 def _switch(monkeypatch, value: str) -> None:
@@ -133,25 +134,13 @@ def test_a_decode_step_of_an_int4_model_gives_the_same_logits_with_partials(monk
     """The fast engine's decode step at 40 rows (the sum kernel's range) on a tiny INT4 Llama whose q/k/v, o and
     down projections split K in the interpreter: the same logits and K cache with the partials summed by the
     rotary + K/V write and the add + norm as with the sum kernel."""
-    from model_server.engines.fast import FastEngine, rope_kv
-    from model_server.int4 import quantize_model
-    from tests.fast_engine_support import EOS, _tiny
+    from model_server.engines.fast import rope_kv
 
-    model = _tiny("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1)
-    quantize_model(model, 64, ComputeChoice(torch.float32, "triton", "test"))
-    runner = FastEngine(model, [EOS], device="cpu", max_batch=48, max_seq_len=64, length_buckets=[64],
-                        rope_kv=True).runner
+    runner = tiny_int4_runner(rope_kv=True)
     seen = []
     real = rope_kv.rope_kv_write
     monkeypatch.setattr("model_server.engines.fast.runner.rope_kv_write",
                         lambda qkv, *a: seen.append(qkv.dim()) or real(qkv, *a))
-    g = torch.Generator().manual_seed(5)
-    out = {}
-    for value in ("0", "1"):
-        _switch(monkeypatch, value)
-        with torch.inference_mode():
-            runner.in_ids[:40] = torch.randint(5, 96, (40,), generator=g.manual_seed(5))
-            runner.in_pos[:40] = torch.randint(0, 60, (40,), generator=g.manual_seed(6))
-            out[value] = (runner.decode_forward(40, 64).clone(), runner.cache.k.clone(), runner.cache.v.clone())
+    out = decode_off_on(runner, lambda v: _switch(monkeypatch, v))
     assert seen == [2, 2, 3, 3]                  # the partials reached the rotary + K/V write with the switch on
     assert all(torch.equal(a, b) for a, b in zip(out["0"], out["1"]))
