@@ -39,6 +39,7 @@ fp32 / fp16 only: the interpreter cannot bit-cast to bf16; read when the kernel 
 from __future__ import annotations
 
 import os
+import types
 from functools import lru_cache
 from typing import Any
 
@@ -54,7 +55,7 @@ triton: Any = None                   # imported at first use (:func:`_import_tri
 tl: Any = None                       # and the interpreter must be chosen before Triton's own import
 gdc_wait: Any = None                 # programmatic dependent launch (sm_90+): wait for the previous kernel's writes,
 gdc_launch_dependents: Any = None    # and let the next kernel launch (:func:`model_server.int4_triton_config.pdl`)
-_glu_store: Any = None               # the GLU epilogue's store, jitted by :func:`_jitted`
+_glu_store: Any = None               # the GLU epilogue's store: set in each mode's copy of the GEMM (:func:`_jitted`)
 
 def _import_triton() -> bool:
     global triton, tl, gdc_wait, gdc_launch_dependents
@@ -232,11 +233,15 @@ def _jitted(interpret: bool) -> tuple[Any, Any]:
     on the row count ``M`` (Triton would otherwise compile M % 16 == 0 apart from the rest), so one compile per
     config serves every row count: the kernel pre-warm's padded 16-row prefill also compiles what a 4- or 8-row
     decode step runs, and a first batch of a new size does not stop for a compile. The GLU epilogue's store
-    (:func:`model_server.int4_triton_glu.glu_store`) is jitted with it: the kernel finds it among these globals."""
-    global _glu_store
+    (:func:`model_server.int4_triton_glu.glu_store`), jitted for the same mode, is the one the GEMM of that mode
+    calls: each mode's GEMM is a copy of :func:`_w4a16_kernel` with globals of its own (tests run both modes in one
+    process; a module global rebound per mode handed the interpreter's GEMM a compiled store)."""
     from model_server import int4_triton_glu
-    _glu_store = int4_triton_glu.jitted_store(interpret)
-    return triton.jit(_w4a16_kernel, do_not_specialize=["M"]), triton.jit(_split_sum_kernel)
+    scope = dict(globals(), _glu_store=int4_triton_glu.jitted_store(interpret))
+    kernel = types.FunctionType(_w4a16_kernel.__code__, scope, _w4a16_kernel.__name__)
+    kernel.__qualname__, kernel.__doc__ = _w4a16_kernel.__qualname__, _w4a16_kernel.__doc__
+    kernel.__annotations__ = _w4a16_kernel.__annotations__
+    return triton.jit(kernel, do_not_specialize=["M"]), triton.jit(_split_sum_kernel)
 
 
 _MAGIC = {torch.bfloat16: (0x4300, 136.0), torch.float16: (0x6400, 1032.0), torch.float32: (0, 8.0)}

@@ -64,6 +64,20 @@ def test_the_epilogue_stores_what_the_gemm_then_silu_mul_give(dtype, swap_ab):
     assert not torch.allclose(fused.silu_mul(y[:, inter:], y[:, :inter]), want, rtol=1e-2, atol=1e-3)
 
 
+def test_the_interpreters_gemm_keeps_its_store_after_a_compiled_gemm_is_made(monkeypatch):
+    """Each mode's GEMM calls the GLU store jitted for its own mode: one process makes the compiled GEMM (the sm_90
+    compile tests) and runs the interpreter's (CI failed once when a module global held the compiled store)."""
+    ts = _weights(80, 256, torch.float32)
+    x = torch.randn(24, 256)
+    cfg = Config(16, 64, 1, 2, 4, True, False, True, False)
+    before = int4_triton_glu.int4_triton_glu(x, *ts, 64, cfg)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    compiled = int4_triton._jitted.__wrapped__(False)[0]   # (made afresh, whatever this process made before)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert type(compiled).__name__ == "JITFunction"
+    assert torch.equal(int4_triton_glu.int4_triton_glu(x, *ts, 64, cfg), before)
+
+
 def test_no_epilogue_where_the_gemm_splits_k_and_empty_rows_are_empty():
     ts = _weights(64, 512, torch.float32)
     x = torch.randn(5, 512)
