@@ -85,12 +85,15 @@ def precompile_mma(modules: Iterable[nn.Module]) -> int:
     return len(names)
 
 
-def precompile(modules: Iterable[nn.Module], max_rows: int) -> int:
+def precompile(modules: Iterable[nn.Module], max_rows: int, glu: Iterable[Int4Linear] = ()) -> int:
     """Run every GEMM variant (:func:`variants`) that steps of up to ``max_rows`` rows can launch on each distinct
     INT4 layer shape among ``modules`` (and their children), on zeros, and the dequantization kernel of
     :mod:`model_server.int4_dequant` where steps of ``max_rows`` take it (rows from its bound on run no GEMM variant);
-    returns the launches made. Layers that never run the Triton GEMM are skipped. Compiles land in Triton's cache
-    (``TRITON_CACHE_DIR``)."""
+    returns the launches made. Layers that never run the Triton GEMM are skipped. Layers in ``glu`` (merged gate/up
+    projections whose GLU epilogue is on: :mod:`model_server.int4_triton_glu`) also run each variant without split K
+    with the epilogue. Compiles land in Triton's cache (``TRITON_CACHE_DIR``)."""
+    from model_server.int4_triton_glu import int4_triton_glu
+    glu_ids = {id(layer) for layer in glu}
     seen: set[tuple] = set()
     launches = 0
     with torch.inference_mode():
@@ -100,7 +103,8 @@ def precompile(modules: Iterable[nn.Module], max_rows: int) -> int:
                     continue
                 first = _first_rows(layer)
                 dev = layer.triton_packed.device
-                key = (layer.out_features, layer.in_features, layer.group_size, layer.compute_dtype, str(dev), first)
+                key = (layer.out_features, layer.in_features, layer.group_size, layer.compute_dtype, str(dev), first,
+                       id(layer) in glu_ids)
                 if not first or key in seen:
                     continue
                 seen.add(key)
@@ -115,7 +119,9 @@ def precompile(modules: Iterable[nn.Module], max_rows: int) -> int:
                                  top, first) if top >= first else {}
                 for (cfg, _), rows in found.items():
                     x = torch.zeros(rows, layer.in_features, device=dev, dtype=layer.compute_dtype)
-                    int4_triton.int4_triton_mm(x, layer.triton_packed, layer.triton_scales, layer.triton_zeros,
-                                               layer.group_size, config=cfg)
+                    weights = (layer.triton_packed, layer.triton_scales, layer.triton_zeros, layer.group_size)
+                    int4_triton.int4_triton_mm(x, *weights, config=cfg)
                     launches += 1
+                    if id(layer) in glu_ids and cfg.split_k == 1:
+                        launches += int4_triton_glu(x, *weights, config=cfg) is not None
     return launches

@@ -69,6 +69,33 @@ def test_each_shape_launches_each_variant_once(monkeypatch):
         assert all(m >= first for m, _ in got)
 
 
+def test_a_merged_gate_up_with_the_glu_epilogue_also_compiles_its_glu_variants(monkeypatch):
+    """MODEL_SERVER_INT4_GLU_EPILOGUE: the layers passed as ``glu`` run each variant without split K once more, with
+    the epilogue (a first step of that size would otherwise stop for its compile); other layers do not."""
+    from model_server import int4_triton_glu
+    monkeypatch.setenv("MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS", "0")
+    int4_dequant.min_rows.cache_clear()
+    calls = []
+    real = int4_triton_glu.int4_triton_glu
+    monkeypatch.setattr(int4_triton_glu, "int4_triton_glu",
+                        lambda x, *a, config=None: calls.append((a[0].shape[0], x.shape[0], config)) or real(x, *a,
+                                                                                                    config=config))
+    torch.manual_seed(0)
+    choice = ComputeChoice(torch.float32, "triton", "test")
+    gate_up = Int4Linear(nn.Linear(128, 1024, bias=False), 64, choice)
+    other = Int4Linear(nn.Linear(128, 512, bias=False), 64, choice)
+    n = int4_precompile.precompile([gate_up, other], max_rows=200, glu=[gate_up])
+    plain = int4_precompile.precompile([gate_up, other], max_rows=200)
+    int4_dequant.min_rows.cache_clear()
+    first = next(r for r in range(1, 65) if gate_up.runs_triton(r))
+    want = [(m, cfg) for (cfg, _), m in int4_precompile.variants(1024, 128, int4_triton.block_k(64),
+                                                                 int4_triton._num_sms(torch.device("cpu")), 200,
+                                                                 first).items() if cfg.split_k == 1]
+    assert want and sorted((m, cfg) for rows, m, cfg in calls) == sorted(want)
+    assert all(rows == 1024 for rows, _, _ in calls)           # the gate/up only
+    assert n == plain + len(want)
+
+
 def test_a_bad_switch_value_is_one_line(monkeypatch):
     monkeypatch.setenv("MODEL_SERVER_FAST_PRECOMPILE_INT4", "on")
     with pytest.raises(ValueError, match="MODEL_SERVER_FAST_PRECOMPILE_INT4 must be 0 or 1"):
@@ -81,8 +108,8 @@ def test_the_background_warmup_precompiles_when_asked(tiny_model_dir, monkeypatc
     from model_server.loading import load_model
 
     seen = []
-    monkeypatch.setattr(int4_precompile, "precompile", lambda modules, max_rows: seen.append((list(modules),
-                                                                                              max_rows)) or 0)
+    monkeypatch.setattr(int4_precompile, "precompile",
+                        lambda modules, max_rows, glu=(): seen.append((list(modules), max_rows, list(glu))) or 0)
     loaded = load_model(tiny_model_dir, "cpu", "int4", True)
 
     async def run(switch: str) -> None:
@@ -100,7 +127,17 @@ def test_the_background_warmup_precompiles_when_asked(tiny_model_dir, monkeypatc
     assert seen == []
     eng = asyncio.run(run("1"))
     assert len(seen) == 1
-    modules, max_rows = seen[0]
+    modules, max_rows, glu = seen[0]
     r = eng.runner
     assert modules[0] is r.model and max_rows == r.max_batch * r.max_len
     assert [m for m in modules[1:]] == [m for m in (*r.qkv, *r.gate_up) if m is not None]
+    assert glu == []                                          # the GLU epilogue off: no GLU variants
+    from model_server import int4_triton_config
+    monkeypatch.setenv(int4_triton_config.GLU_SWITCH, "1")
+    int4_triton_config.glu_on.cache_clear()
+    try:
+        eng = asyncio.run(run("1"))
+    finally:
+        int4_triton_config.glu_on.cache_clear()
+    gate_up = [m.fn for m in eng.runner.gate_up if m is not None]
+    assert gate_up and seen[1][2] == gate_up

@@ -202,8 +202,10 @@ class BackgroundWarmup:
         r = self.runner
         if self.precompile_int4:
             from model_server import int4_precompile
+            from model_server.int4_triton_config import glu_on
             merged = [m for m in (*r.qkv, *r.gate_up) if m is not None]
-            n = int4_precompile.precompile([r.model, *merged], r.max_batch * r.max_len)
+            glu = [m.fn for m in r.gate_up if m is not None] if glu_on() else []
+            n = int4_precompile.precompile([r.model, *merged], r.max_batch * r.max_len, glu)
             log.info("INT4 GEMM variants precompiled: %d launches", n)
         if not self.fuse:
             return
