@@ -10,6 +10,8 @@ the time of each path (:func:`benchmarks.gemv_probe.graph_us`: a CUDA graph of 5
 replays, microseconds per launch).
 
   python3 benchmarks/int4_glu_check.py --out DIR      # exits 2 with one line when there is no CUDA device
+  TRITON_INTERPRET=1 python3 benchmarks/int4_glu_check.py --out DIR --device cpu --shape 2048,256 --ms 24,40
+                                                       # a dry run of the bit checks on CPU (fp16, no timing)
 """
 from __future__ import annotations
 
@@ -31,13 +33,16 @@ from model_server.int4_quant import quantize_groupwise  # noqa: E402
 
 
 def ulps(got: torch.Tensor, want: torch.Tensor) -> float:
-    """The largest difference in units of bf16's last place at the reference's magnitude."""
+    """The largest difference in units of ``eps * |reference|`` (the reference's dtype: one to two units in its last
+    place)."""
     unit = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(2.0 ** -126)
     return float(((got.float() - want.float()).abs() / unit).max())
 
 
 def check(m: int, ts: tuple, inter: int, group: int, ops: fused.Ops, reps: int) -> dict:
-    x = torch.randn(m, ts[0].shape[1] * 2, device="cuda", dtype=torch.bfloat16)
+    """One row count: bits against the separate ops; on a GPU also repeatability and times (not in the interpreter)."""
+    dev = ts[0].device
+    x = torch.randn(m, ts[0].shape[1] * 2, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float16)
 
     def separate(xi: torch.Tensor, silu_mul) -> torch.Tensor:
         y = int4_triton.int4_triton_mm(xi, *ts, group)
@@ -53,6 +58,8 @@ def check(m: int, ts: tuple, inter: int, group: int, ops: fused.Ops, reps: int) 
         want = separate(x, fn)
         row[f"differ_vs_{name}"] = int((got != want).sum())
         row[f"max_ulps_vs_{name}"] = ulps(got, want)
+    if dev.type != "cuda":
+        return row
     outs = repeat(lambda xi: int4_triton_glu.int4_triton_glu(xi, *ts, group), x, 4)
     row["repeats_bits"] = all(torch.equal(outs[0], y) for y in outs[:4])
     row["nans"] = int(sum(int(torch.isnan(y).sum()) for y in outs))
@@ -68,33 +75,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ms", default="33,48,64,128,256", help="rows (comma-separated)")
     ap.add_argument("--reps", type=int, default=50, help="graph replays per timing")
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--shape", default="%d,%d" % SHAPES["gate_up_proj"], help="N,K of the merged gate/up weight")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: a dry run of the bit checks in Triton's interpreter (TRITON_INTERPRET=1, fp16, "
+                         "no timing)")
     args = ap.parse_args(argv)
     try:
         ms = [int(m) for m in args.ms.split(",") if m]
+        n, k = (int(v) for v in args.shape.split(","))
     except ValueError:
-        print(f"int4_glu_check: --ms must be comma-separated integers, got {args.ms!r}", file=sys.stderr)
+        print(f"int4_glu_check: --ms and --shape must be comma-separated integers, got {args.ms!r} and "
+              f"{args.shape!r}", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("int4_glu_check: no CUDA device", file=sys.stderr)
         return 2
-    n, k = SHAPES["gate_up_proj"]
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("int4_glu_check: --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter)", file=sys.stderr)
+        return 2
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
     torch.manual_seed(n)
-    q, sz = quantize_groupwise(torch.randn(n, k, device="cuda") * 0.02, args.group)
-    ts = (int4_triton.pack_int4(q, args.group), *int4_triton.split_scales_and_zeros(sz.to(torch.bfloat16)))
-    ops = fused.Ops(True, torch.device("cuda"), torch.bfloat16)
+    q, sz = quantize_groupwise(torch.randn(n, k, device=dev) * 0.02, args.group)
+    ts = (int4_triton.pack_int4(q, args.group), *int4_triton.split_scales_and_zeros(sz.to(dtype)))
+    ops = fused.Ops(dev.type == "cuda", dev, dtype)
     rows = []
     for m in ms:
         rows.append(check(m, ts, n // 2, args.group, ops, args.reps))
         print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu (interpreter)",
+           "torch": torch.__version__,
            "triton": int4_triton.triton.__version__, "ops_fused": ops.fused, "shape": [n, k], "group": args.group,
            "commit": os.environ.get("EDGE_EVAL_COMMIT", "unknown"), "rows": rows}
     (out / "int4_glu_check.json").write_text(json.dumps(res, indent=1))
-    timed = [r for r in rows if "us_epilogue" in r]
-    print("; ".join(f"{r['m']} rows: {r['us_separate']:.1f} -> {r['us_epilogue']:.1f} us, "
-                    f"{r['differ_vs_compiled']} differ" for r in timed) or "no row ran the epilogue")
+    ran = [r for r in rows if "differ_vs_compiled" in r]
+    print("; ".join(f"{r['m']} rows: " + (f"{r['us_separate']:.1f} -> {r['us_epilogue']:.1f} us, " if "us_epilogue" in r
+                                          else "") + f"{r['differ_vs_compiled']} differ" for r in ran)
+          or "no row ran the epilogue")
     return 0
 
 

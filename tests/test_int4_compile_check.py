@@ -94,7 +94,10 @@ for ticket in (True, False):
     ("int4_repeat_check", (), "int4_repeat_check: no CUDA device"),
     ("int4_repeat_check", ("--kernels", "mma,gemm"), "int4_repeat_check: unknown kernel 'gemm' (of mma, gemv)"),
     ("int4_glu_check", (), "int4_glu_check: no CUDA device"),
-    ("int4_glu_check", ("--ms", "64,x"), "int4_glu_check: --ms must be comma-separated integers, got '64,x'")])
+    ("int4_glu_check", ("--ms", "64,x"),
+     "int4_glu_check: --ms and --shape must be comma-separated integers, got '64,x' and '16384,2048'"),
+    ("int4_glu_check", ("--device", "cpu"),
+     "int4_glu_check: --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter)")])
 def test_the_bit_checks_say_what_is_wrong_in_one_line(tmp_path, script, args, line):
     """benchmarks/int4_pdl_check.py (PDL on and off give the same bits), int4_repeat_check.py (the small-rows
     kernels repeat their bits) and int4_glu_check.py (the GLU epilogue's bits and time) on a machine without a GPU,

@@ -160,3 +160,23 @@ def test_a_decode_step_of_an_int4_model_with_the_epilogue(monkeypatch):
     assert launches == [(40, 256)] * len(runner.layers)
     torch.testing.assert_close(out["1"], out["0"], rtol=1e-4, atol=1e-4)
     assert torch.equal(out["1"].argmax(-1), out["0"].argmax(-1))
+
+
+def test_the_gpu_check_runs_its_bit_checks_on_cpu(tmp_path):
+    """benchmarks/int4_glu_check.py (the GPU call's bit and time check) as a dry run in the interpreter: every row
+    count it is given runs the epilogue and stays within a few units of the separate ops in a few elements."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "benchmarks/int4_glu_check.py", "--out", str(tmp_path), "--device", "cpu",
+                        "--shape", "1024,256", "--ms", "24,40"], cwd=Path(__file__).resolve().parents[1], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "int4_glu_check.json").read_text())["rows"]
+    assert [row["m"] for row in rows] == [24, 40]
+    for row in rows:
+        assert row["differ_vs_eager"] <= row["m"] * 512 // 200 and row["max_ulps_vs_eager"] <= 4, row
