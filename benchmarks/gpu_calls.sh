@@ -14,6 +14,9 @@
 #   bash benchmarks/gpu_calls.sh splitsum   # issue 17, first call of the next session: split-K partials summed by their consumers
 #                                            (MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER) off/on: decode profile at 64 with greedy
 #                                            tokens compared, steady state at 64 int4:mma off/on/off/on, bf16 (~8 min)
+#   bash benchmarks/gpu_calls.sh fuse64     # issue 17, the deciding call: split-K sums in their consumers and the GLU epilogue
+#                                            together, off/on: decode profile at 64 with greedy tokens compared, then the
+#                                            64-stream ratio with both on (int4 first, bf16 first) and INT4 with both off (~8 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
 #                                            row count (int4_glu_check.py), decode profile at 64 off/on with greedy tokens
 #                                            compared, steady state at 64 int4:mma off/on/off/on (GLU_SS=1: with the split
@@ -173,7 +176,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -202,14 +205,15 @@ ss_arm() {
     --quants "$3" --concurrency "$4" --http-concurrency '' > "$out/$1.log" 2>&1
   echo "steady_state ($1) rc $?"; grep -E "tok/s \[|graph b1|Error" "$out/$1.log"
 }
-# dp_greedy_ab SWITCH: the INT4 decode profile at 64 rows (served variant) with SWITCH=0 into $out/dp0, then =1 into
-# $out/dp1, and whether the greedy tokens of 64 concurrent requests are the same both ways
+# dp_greedy_ab SWITCH...: the INT4 decode profile at 64 rows (served variant) with every SWITCH=0 into $out/dp0, then
+# every SWITCH=1 into $out/dp1, and whether the greedy tokens of 64 concurrent requests are the same both ways
 dp_greedy_ab() {
-  local a
+  local a s sw
   for a in 0 1; do
-    env "$1=$a" timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+    sw=(); for s in "$@"; do sw+=("$s=$a"); done
+    env "${sw[@]}" timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
       --out "$out/dp$a" --quants int4 --batches 64 --variants served --batch-greedy 64 > "$out/dp$a.log" 2>&1
-    echo "decode_profile ($1=$a) rc $?"; tail -1 "$out/dp$a.log"
+    echo "decode_profile (${sw[*]}) rc $?"; tail -1 "$out/dp$a.log"
   done
   python3 -c "import json,sys; a,b=(json.load(open(f))['rows'][0] for f in sys.argv[1:]); print('64 concurrent greedy requests, tokens identical:', a.get('greedy_batch_tokens') == b.get('greedy_batch_tokens'), sum(map(len, a.get('greedy_batch_tokens') or [])))" "$out/dp0/decode_profile.json" "$out/dp1/decode_profile.json"
 }
@@ -328,6 +332,14 @@ case "${1:-}" in
     for arm in off1:0 on1:1 off2:0 on2:1; do
       MODEL_SERVER_INT4_GLU_EPILOGUE=${arm#*:} ss_arm "ss_${arm%:*}" 75 int4:mma 64
     done ;;
+  fuse64)  # both INT4 launch cuts together (split-K sums in their consumers + the GLU epilogue) off/on: decode profile at
+    #        64 with greedy tokens compared, then steady state at 64: on (int4:mma, bf16), off (int4:mma), on (bf16,
+    #        int4:mma): the ratio with both on, twice, and the INT4 A/B (~8 min)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    dp_greedy_ab MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER MODEL_SERVER_INT4_GLU_EPILOGUE
+    MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1 MODEL_SERVER_INT4_GLU_EPILOGUE=1 ss_arm ss_on1 115 int4:mma,bf16 64
+    ss_arm ss_off 75 int4:mma 64
+    MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1 MODEL_SERVER_INT4_GLU_EPILOGUE=1 ss_arm ss_on2 115 bf16,int4:mma 64 ;;
   s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     ss_arm ss_a 115 int4:mma,bf16 64
