@@ -1,7 +1,7 @@
 """MODEL_SERVER_INT4_GLU_EPILOGUE: a merged INT4 gate/up projection whose Triton GEMM stores ``silu(gate) * up``
 itself (model_server/int4_triton_glu.py), against the GEMM followed by the separate SiLU-mul, in Triton's
-interpreter; the module, the MLP of the fast engine's layers and a decode step of a tiny INT4 Llama take it only
-with the switch. (Its sm_90 compile: tests/test_int4_compile_check.py.)"""
+interpreter; the module and the MLP of the fast engine's layers take it only with the switch, and a decode step of a
+tiny INT4 Llama with it and the split-K sums in their consumers gives the tokens of neither. (Its sm_90 compile: tests/test_int4_compile_check.py.)"""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -147,21 +147,6 @@ def test_run_layers_takes_the_activation_from_the_gemm_with_the_switch(monkeypat
     torch.testing.assert_close(out["1"], out["0"], rtol=1e-5, atol=1e-5)
 
 
-def test_a_decode_step_of_an_int4_model_with_the_epilogue(monkeypatch):
-    """The fast engine's decode step at 40 rows on a tiny INT4 Llama (merged gate/up of 1,024 rows: no split K):
-    the epilogue runs in every layer with the switch, and the logits and greedy tokens are those without it."""
-    runner = tiny_int4_runner()
-    assert all(gu is not None for gu in runner.gate_up)
-    launches = []
-    real = int4_triton_glu.int4_triton_glu
-    monkeypatch.setattr(int4_triton_glu, "int4_triton_glu",
-                        lambda *a, **kw: launches.append(a[0].shape) or real(*a, **kw))
-    out = {v: logits for v, (logits, _, _) in decode_off_on(runner, lambda v: _switch(monkeypatch, v)).items()}
-    assert launches == [(40, 256)] * len(runner.layers)
-    torch.testing.assert_close(out["1"], out["0"], rtol=1e-4, atol=1e-4)
-    assert torch.equal(out["1"].argmax(-1), out["0"].argmax(-1))
-
-
 def test_the_gpu_check_runs_its_bit_checks_on_cpu(tmp_path):
     """benchmarks/int4_glu_check.py (the GPU call's bit and time check) as a dry run in the interpreter: every row
     count it is given runs the epilogue and stays within a few units of the separate ops in a few elements."""
@@ -180,3 +165,31 @@ def test_the_gpu_check_runs_its_bit_checks_on_cpu(tmp_path):
     assert [row["m"] for row in rows] == [24, 40]
     for row in rows:
         assert row["differ_vs_eager"] <= row["m"] * 512 // 200 and row["max_ulps_vs_eager"] <= 4, row
+
+
+def test_both_launch_cuts_together_in_a_decode_step(monkeypatch):
+    """MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER and MODEL_SERVER_INT4_GLU_EPILOGUE at once (the GPU call ``fuse64``):
+    the epilogue in every layer, the q/k/v partials in the rotary + K/V write, and the logits and greedy tokens of
+    neither switch."""
+    from model_server import int4_triton_split
+    from model_server.engines.fast import rope_kv
+
+    runner = tiny_int4_runner(rope_kv=True)
+    launches, qkv_dims = [], []
+    real_glu, real_rope = int4_triton_glu.int4_triton_glu, rope_kv.rope_kv_write
+    monkeypatch.setattr(int4_triton_glu, "int4_triton_glu",
+                        lambda *a, **kw: launches.append(a[0].shape[0]) or real_glu(*a, **kw))
+    monkeypatch.setattr("model_server.engines.fast.runner.rope_kv_write",
+                        lambda qkv, *a: qkv_dims.append(qkv.dim()) or real_rope(qkv, *a))
+
+    def both(value: str) -> None:
+        _switch(monkeypatch, value)
+        set_switch(monkeypatch, int4_triton_split.SUM_IN_CONSUMER_SWITCH, value, int4_triton_split.sum_in_consumer)
+    try:
+        out = decode_off_on(runner, both)
+    finally:
+        int4_triton_split.sum_in_consumer.cache_clear()
+    assert launches == [40] * len(runner.layers) and qkv_dims == [2, 2, 3, 3]
+    torch.testing.assert_close(out["1"][0], out["0"][0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(out["1"][0].argmax(-1), out["0"][0].argmax(-1))
+    assert torch.equal(out["1"][1][:1], out["0"][1][:1])            # layer 0's K: before any MLP, the same bits
