@@ -57,6 +57,7 @@ gdc_wait: Any = None                 # programmatic dependent launch (sm_90+): w
 gdc_launch_dependents: Any = None    # and let the next kernel launch (:func:`model_server.int4_triton_config.pdl`)
 _glu_store: Any = None               # the GLU epilogue's store: set in each mode's copy of the GEMM (:func:`_jitted`)
 
+
 def _import_triton() -> bool:
     global triton, tl, gdc_wait, gdc_launch_dependents
     if triton is None:
