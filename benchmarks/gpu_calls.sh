@@ -206,16 +206,19 @@ ss_arm() {
   echo "steady_state ($1) rc $?"; grep -E "tok/s \[|graph b1|Error" "$out/$1.log"
 }
 # dp_greedy_ab SWITCH...: the INT4 decode profile at 64 rows (served variant) with every SWITCH=0 into $out/dp0, then
-# every SWITCH=1 into $out/dp1, and whether the greedy tokens of 64 concurrent requests are the same both ways
+# every SWITCH=1 into $out/dp1, and whether the greedy tokens of 64 concurrent requests are the same both ways.
+# DP0_VARIANTS=rope-kv-off,served (DP0_TIMEOUT=120): the first process also runs decode's rotary + K/V writes as
+# separate ops, and says whether the served rotary + K/V kernel gives their tokens
 dp_greedy_ab() {
-  local a s sw
+  local a s sw v t
   for a in 0 1; do
     sw=(); for s in "$@"; do sw+=("$s=$a"); done
-    env "${sw[@]}" timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
-      --out "$out/dp$a" --quants int4 --batches 64 --variants served --batch-greedy 64 > "$out/dp$a.log" 2>&1
-    echo "decode_profile (${sw[*]}) rc $?"; tail -1 "$out/dp$a.log"
+    v=served; t=90; [ "$a" = 0 ] && v=${DP0_VARIANTS:-served} && t=${DP0_TIMEOUT:-90}
+    env "${sw[@]}" timeout "$t" python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+      --out "$out/dp$a" --quants int4 --batches 64 --variants "$v" --batch-greedy 64 > "$out/dp$a.log" 2>&1
+    echo "decode_profile (${sw[*]}, $v) rc $?"; tail -1 "$out/dp$a.log"
   done
-  python3 -c "import json,sys; a,b=(json.load(open(f))['rows'][0] for f in sys.argv[1:]); print('64 concurrent greedy requests, tokens identical:', a.get('greedy_batch_tokens') == b.get('greedy_batch_tokens'), sum(map(len, a.get('greedy_batch_tokens') or [])))" "$out/dp0/decode_profile.json" "$out/dp1/decode_profile.json"
+  python3 benchmarks/dp_greedy_compare.py "$out/dp0/decode_profile.json" "$out/dp1/decode_profile.json"
 }
 case "${1:-}" in
   energy)
@@ -336,9 +339,10 @@ case "${1:-}" in
     #        64 with greedy tokens compared, then steady state at 64: on (int4:mma, bf16), off (int4:mma), on (bf16,
     #        int4:mma): the ratio with both on, twice, and the INT4 A/B (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    dp_greedy_ab MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER MODEL_SERVER_INT4_GLU_EPILOGUE
+    DP0_VARIANTS=rope-kv-off,served DP0_TIMEOUT=120 dp_greedy_ab MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER \
+      MODEL_SERVER_INT4_GLU_EPILOGUE
     MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1 MODEL_SERVER_INT4_GLU_EPILOGUE=1 ss_arm ss_on1 115 int4:mma,bf16 64
-    ss_arm ss_off 75 int4:mma 64
+    ss_arm ss_off 70 int4:mma 64
     MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1 MODEL_SERVER_INT4_GLU_EPILOGUE=1 ss_arm ss_on2 115 bf16,int4:mma 64 ;;
   s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
