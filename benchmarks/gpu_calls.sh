@@ -15,8 +15,9 @@
 #                                            (MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER) off/on: decode profile at 64 with greedy
 #                                            tokens compared, steady state at 64 int4:mma off/on/off/on, bf16 (~8 min)
 #   bash benchmarks/gpu_calls.sh fuse64     # issue 17, the deciding call: split-K sums in their consumers and the GLU epilogue
-#                                            together, off/on: decode profile at 64 with greedy tokens compared, then the
-#                                            64-stream ratio with both on (int4 first, bf16 first) and INT4 with both off (~8 min)
+#                                            together, off/on: decode profile at 64 with greedy tokens compared (and the served
+#                                            rotary + K/V kernel against separate ops), then the 64-stream ratio with both on
+#                                            (int4 first, bf16 first) and INT4 with both off (~8.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
 #                                            row count (int4_glu_check.py), decode profile at 64 off/on with greedy tokens
 #                                            compared, steady state at 64 int4:mma off/on/off/on (GLU_SS=1: with the split
