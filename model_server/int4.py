@@ -147,15 +147,16 @@ class Int4Linear(nn.Module):
         if self.bias is not None or not self.uses_triton or not glu_on() or not self.runs_triton(rows):
             return None
         from model_server.int4_triton_glu import int4_triton_glu, served_config
-        if served_config(rows, self.out_features, self.in_features, self.group_size, x.device) is None:
+        cfg = served_config(rows, self.out_features, self.in_features, self.group_size, x.device)
+        if cfg is None:
             return None
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if self.input_perm is not None:
             x2 = x2.index_select(1, self.input_perm)
         side = self._prefetch(rows)
-        y = int4_triton_glu(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
+        y = int4_triton_glu(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size, cfg)
         self._joined(side)
-        return None if y is None else y.reshape(*x.shape[:-1], self.out_features // 2)
+        return y.reshape(*x.shape[:-1], self.out_features // 2)
 
     def _prefetch(self, rows: int):
         """Start the next module's L2 prefetch if the engine asked (``l2_next``, model_server.l2_prefetch)."""

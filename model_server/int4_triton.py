@@ -265,20 +265,20 @@ def _checked(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero
 def _launch(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
             cfg: Config, part: torch.Tensor, y: torch.Tensor, ticket: bool, glu: bool) -> bool:
     """Launch the GEMM with ``cfg`` into ``part`` (``y``, or the split-K partials); returns whether PDL was used."""
-    m, iters = x2d.shape[0], x2d.shape[1] // block_k(group_size)
+    (m, k), bk = x2d.shape, block_k(group_size)
     n = y.shape[1]                                          # with ``glu``, the output's width: half the weight rows
-    mm_kernel = _jitted(os.environ.get("TRITON_INTERPRET") == "1")[0]
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    sm90 = not interpret and _capability(x2d.device) >= (9, 0)
     magic, c8 = _MAGIC[x2d.dtype]
     grid = (triton.cdiv(packed.shape[0], cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
     cnt = int4_triton_split.counters(x2d.device, grid[0] * grid[1]) if ticket else y
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    pdl = not interpret and pdl_on() and _capability(x2d.device) >= (9, 0)
+    pdl = sm90 and pdl_on()
+    mm_kernel = _jitted(interpret)[0]
     mm_kernel[grid](x2d, packed, scales.contiguous(), zeros.contiguous(), part, m, n, x2d.stride(0),
-                    packed.stride(0), n, m * n, y, cnt, iters // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
-                    BLOCK_N=cfg.block_n, BLOCK_K=block_k(group_size), HALF=block_k(group_size) // 2, MAGIC=magic,
-                    C8=c8, SWAP_AB=cfg.swap_ab, FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket,
-                    DEQ=deq(cfg, magic, interpret), PDL=pdl,
-                    FENCE=not interpret and fence_on() and _capability(x2d.device) >= (9, 0), GLU=glu,
+                    packed.stride(0), n, m * n, y, cnt, k // bk // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n, BLOCK_K=bk, HALF=bk // 2, MAGIC=magic, C8=c8, SWAP_AB=cfg.swap_ab,
+                    FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=deq(cfg, magic, interpret),
+                    PDL=pdl, FENCE=sm90 and fence_on(), GLU=glu,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     return pdl
 
