@@ -18,6 +18,9 @@
 #                                            together, off/on: decode profile at 64 with greedy tokens compared (and the served
 #                                            rotary + K/V kernel against separate ops), then the 64-stream ratio with both on
 #                                            (int4 first, bf16 first) and INT4 with both off (~8.5 min)
+#   bash benchmarks/gpu_calls.sh wave       # issue 17: where the 64-stream wave's stall goes with both INT4 cuts on: step traces
+#                                            of int4 and bf16 at 64 streams (step_trace.py, TRACE_S 1.0), then prefill bursts
+#                                            of 1-64 prompts, bf16 and int4:mma, with a profile of the 64 (~5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
 #                                            row count (int4_glu_check.py), decode profile at 64 off/on with greedy tokens
 #                                            compared, steady state at 64 int4:mma off/on/off/on (GLU_SS=1: with the split
@@ -177,7 +180,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -345,6 +348,18 @@ case "${1:-}" in
     MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1 MODEL_SERVER_INT4_GLU_EPILOGUE=1 ss_arm ss_on1 115 int4:mma,bf16 64
     ss_arm ss_off 70 int4:mma 64
     MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1 MODEL_SERVER_INT4_GLU_EPILOGUE=1 ss_arm ss_on2 115 bf16,int4:mma 64 ;;
+  wave)  # where the 64-stream wave's stall goes, both INT4 cuts on: step traces (device busy, gaps, kernels) of int4
+    #      and bf16 at 64 streams over 1 s, then bursts of 1-64 prompts with a profile of the 64 (~5 min)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    export MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1 MODEL_SERVER_INT4_GLU_EPILOGUE=1
+    for q in int4 bf16; do
+      timeout 120 python3 benchmarks/step_trace.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --quant "$q" \
+        --streams 64 --trace-s "${TRACE_S:-1.0}" --top-gaps 30 --out "$out/tr_$q" > "$out/tr_$q.log" 2>&1
+      echo "step_trace $q rc $?"; tail -2 "$out/tr_$q.log"
+    done
+    timeout 200 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b --quants bf16,int4:mma --profile \
+      --commit "$EDGE_EVAL_COMMIT" --out "$out/b" > "$out/b.log" 2>&1; echo "prefill_burst rc $?"
+    grep -E "^\||profile:" "$out/b.log" ;;
   s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     ss_arm ss_a 115 int4:mma,bf16 64
