@@ -95,11 +95,12 @@ GLU_SWITCH = "MODEL_SERVER_INT4_GLU_EPILOGUE"
 
 @lru_cache(maxsize=1)
 def glu_on() -> bool:
-    """``MODEL_SERVER_INT4_GLU_EPILOGUE=1``: a merged INT4 gate/up projection that runs the Triton GEMM without split K
-    stores ``silu(gate) * up`` from the GEMM's epilogue (:mod:`model_server.int4_triton_glu`) instead of both products
-    for a separate SiLU-mul kernel. Off (unset or ``0``) until a GPU measures it. Read once per process; another value
+    """A merged INT4 gate/up projection that runs the Triton GEMM without split K stores ``silu(gate) * up`` from the
+    GEMM's epilogue (:mod:`model_server.int4_triton_glu`) instead of both products for a separate SiLU-mul kernel. On
+    by default (unset or ``1``); ``MODEL_SERVER_INT4_GLU_EPILOGUE=0`` turns it off (measured with the split sums in
+    their consumers: docs/benchmarks.md, "INT4 at 64 streams, fourth pass"). Read once per process; another value
     raises :class:`model_server.switches.SwitchValueError`."""
-    return flag(GLU_SWITCH) is True
+    return flag(GLU_SWITCH) is not False
 
 
 def choose_config(m: int, n: int, k: int, bk: int, num_sms: int) -> Config:

@@ -7,8 +7,8 @@ ticket up to :data:`TICKET_MAX_ROWS` rows and the kernel above: on an H100 (2026
 ``benchmarks/results/2026-12-06-h100/splitk_0513/``) the ticket saved 0.1-0.8 us per split linear at 16 and 32 rows
 and cost 0.8-1.1 us at 64, where the last program's read of 4-8 partial 64 x 64 tiles outlasts the launch it saves.
 ``MODEL_SERVER_INT4_TRITON_SPLIT_REDUCE`` picks (:func:`mode`, read once per process; :func:`reduction` per launch).
-Where the sum kernel would run, ``MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1`` (:func:`sum_in_consumer`) lets the fast
-engine take the partials instead and add them in the kernel that reads the product next.
+Where the sum kernel would run, the fast engine takes the partials instead and adds them in the kernel that reads
+the product next (:func:`sum_in_consumer`, on unless ``MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=0``).
 
 Counters: one int32 per output tile, zeroed once when allocated; each launch leaves them at zero (the last program
 of a tile resets its counter), so later launches and CUDA-graph replays reuse them without a memset. A buffer is
@@ -64,15 +64,16 @@ def reduction(rows: int, requested: str | None = None) -> str:
 
 @lru_cache(maxsize=1)
 def sum_in_consumer() -> bool:
-    """``MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1``: :meth:`model_server.int4.Int4Linear.forward_partials` returns a
-    step's fp32 partial sums ``[split, ..., N]`` where the sum kernel would run, and the fast engine adds them, in
-    split order as the sum kernel does (the same bits), in what reads the product next: the residual add + RMSNorm
-    after the o and down projections (:func:`model_server.engines.fast.layers.run_layers`) and the decode step's
-    rotary + K/V write after the merged q/k/v (:func:`model_server.engines.fast.rope_kv.rope_kv_write`). That is
-    every one of a 64-row decode step's 48 sum-kernel launches (2.2 us each on an H100, docs/benchmarks.md "INT4 at
-    64 streams, third pass"). Off (unset or ``0``) until a GPU measures it. Read once per process; another value
-    raises :class:`model_server.switches.SwitchValueError`."""
-    return flag(SUM_IN_CONSUMER_SWITCH) is True
+    """:meth:`model_server.int4.Int4Linear.forward_partials` returns a step's fp32 partial sums ``[split, ..., N]``
+    where the sum kernel would run, and the fast engine adds them, in split order as the sum kernel does (the same
+    bits), in what reads the product next: the residual add + RMSNorm after the o and down projections
+    (:func:`model_server.engines.fast.layers.run_layers`) and the decode step's rotary + K/V write after the merged
+    q/k/v (:func:`model_server.engines.fast.rope_kv.rope_kv_write`): every one of a 64-row decode step's 48
+    sum-kernel launches. On by default (unset or ``1``); ``MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=0`` keeps the sum
+    kernel. On an H100 (docs/benchmarks.md, "INT4 at 64 streams, fourth pass"), with the GLU epilogue, the 64-row
+    graph step took 1.384 -> 1.210 ms and 64 concurrent requests' greedy tokens were identical off and on. Read once
+    per process; another value raises :class:`model_server.switches.SwitchValueError`."""
+    return flag(SUM_IN_CONSUMER_SWITCH) is not False
 
 
 def _capturing(device: torch.device) -> bool:

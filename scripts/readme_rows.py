@@ -197,6 +197,14 @@ ROWS = [
         ["2026-12-06-h100/s46c_1346/ss/steady_state.json"], values.formats_vs_bf16, "18dda90"),
     Row("INT4 at 64 streams, same machine as the row above: INT4 first, then bf16, in one process",
         ["2026-12-06-h100/s46d_1355/ss_a/steady_state.json"], values.formats_vs_bf16, "72c178b"),
+    Row("INT4 with both launch cuts (split-K sums in their consumers, GLU epilogue; the defaults since) vs bf16 "
+        "in-process at 64, INT4 first, one process (H100)",
+        ["2026-12-06-h100/fuse64_1855/ss_on1/steady_state.json"], values.formats_vs_bf16, "ec56b00"),
+    Row("INT4 with both launch cuts vs bf16 in-process at 64, bf16 first, one process (same machine, two processes on)",
+        ["2026-12-06-h100/fuse64_1855/ss_on2/steady_state.json"], values.formats_vs_bf16, "ec56b00"),
+    Row("INT4 at 64 streams: both launch cuts over neither (the next process, same machine)",
+        ["2026-12-06-h100/fuse64_1855/ss_on1/steady_state.json", "2026-12-06-h100/fuse64_1855/ss_off/steady_state.json"],
+        values.gain_over_second, "ec56b00"),
     Row("ρ_sys at 64 streams with measured weight bytes (machine B, one process, PDL on): bf16, the default INT4 mode "
         "(mma + Triton, two weight layouts), the one-layout INT4 mode (triton; as fast as mma at 64)",
         ["2026-12-06-h100/s46b_1337/ss_pdl/steady_state.json"], values.steady_rho, "15043a0"),

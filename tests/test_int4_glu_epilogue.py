@@ -193,3 +193,24 @@ def test_both_launch_cuts_together_in_a_decode_step(monkeypatch):
     torch.testing.assert_close(out["1"][0], out["0"][0], rtol=1e-4, atol=1e-4)
     assert torch.equal(out["1"][0].argmax(-1), out["0"][0].argmax(-1))
     assert torch.equal(out["1"][1][:1], out["0"][1][:1])            # layer 0's K: before any MLP, the same bits
+
+
+@pytest.mark.parametrize("module,switch,read", [
+    ("int4_triton_config", "GLU_SWITCH", "glu_on"),
+    ("int4_triton_split", "SUM_IN_CONSUMER_SWITCH", "sum_in_consumer")])
+def test_both_launch_cuts_are_on_unless_switched_off(monkeypatch, module, switch, read):
+    """Both cuts are the default since the H100 run of 2026-12-06 (docs/benchmarks.md, "fourth pass"): unset or
+    ``1`` is on, ``0`` off, anything else a one-line error naming the switch."""
+    import importlib
+
+    mod = importlib.import_module(f"model_server.{module}")
+    name, cached = getattr(mod, switch), getattr(mod, read)
+    try:
+        for value, on in (("", True), ("1", True), ("0", False)):
+            set_switch(monkeypatch, name, value, cached)
+            assert cached() is on, value
+        set_switch(monkeypatch, name, "on", cached)
+        with pytest.raises(Exception, match=name):
+            cached()
+    finally:
+        cached.cache_clear()

@@ -123,17 +123,22 @@ def test_the_background_warmup_precompiles_when_asked(tiny_model_dir, monkeypatc
             await eng.stop()
         return eng
 
+    from model_server import int4_triton_config
     asyncio.run(run("0"))
     assert seen == []
-    eng = asyncio.run(run("1"))
+    monkeypatch.setenv(int4_triton_config.GLU_SWITCH, "0")
+    int4_triton_config.glu_on.cache_clear()
+    try:
+        eng = asyncio.run(run("1"))
+    finally:
+        int4_triton_config.glu_on.cache_clear()
     assert len(seen) == 1
     modules, max_rows, glu = seen[0]
     r = eng.runner
     assert modules[0] is r.model and max_rows == r.max_batch * r.max_len
     assert [m for m in modules[1:]] == [m for m in (*r.qkv, *r.gate_up) if m is not None]
     assert glu == []                                          # the GLU epilogue off: no GLU variants
-    from model_server import int4_triton_config
-    monkeypatch.setenv(int4_triton_config.GLU_SWITCH, "1")
+    monkeypatch.delenv(int4_triton_config.GLU_SWITCH)         # on by default
     int4_triton_config.glu_on.cache_clear()
     try:
         eng = asyncio.run(run("1"))

@@ -56,13 +56,17 @@ def _layer(n: int, k: int, bias: bool = False, seed: int = 0) -> Int4Linear:
     return Int4Linear(nn.Linear(k, n, bias=bias), 64, ComputeChoice(torch.float32, "triton", "test"))
 
 
-def test_forward_partials_only_with_the_switch_and_only_where_the_sum_kernel_would_run(monkeypatch):
+def test_forward_partials_unless_switched_off_and_only_where_the_sum_kernel_would_run(monkeypatch):
     lin = _layer(256, 256)                       # 4 column tiles on the interpreter's 8 "SMs": split K 2
     x = torch.randn(5, 8, 256)                   # 40 rows: above the ticket's 32, the sum kernel's range
     with torch.inference_mode():
         want = lin(x)
-        _switch(monkeypatch, "")
+        _switch(monkeypatch, "0")
         assert torch.equal(lin.forward_partials(x), want)
+        for value in ("", "1"):                  # on by default
+            _switch(monkeypatch, value)
+            parts = lin.forward_partials(x)
+            assert parts.shape == (2, 5, 8, 256)
         _switch(monkeypatch, "1")
         parts = lin.forward_partials(x)
         assert parts.shape == (2, 5, 8, 256)
