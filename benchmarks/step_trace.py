@@ -13,7 +13,9 @@ resubmitted at once), ``--warm-s`` of ramp, then a trace of ``--trace-s`` second
   ``--top-gaps`` longest with the activity before and after each;
 * per decode step (the engine's own counters over the same window): wall ms, busy ms, device activities; the
   prefill passes in the window (their kernels are counted with the steps': the trace does not tell them apart);
-* the kernels with the most time per step.
+* the kernels with the most time per step;
+* a timeline (``device.segments``): the busy stretches between idle gaps longer than ``--split-us``, so decode
+  steps, prefill passes and what lies between them can be told apart.
 
 On a machine without CUDA only the engine's counters are reported (the smoke test). Example (GPU):
 ``python benchmarks/step_trace.py --model-dir /tmp/m1b --streams 64 --out /tmp/st``.
@@ -82,6 +84,26 @@ def busy_and_gaps(iv: list[tuple[float, float, str]], top: int) -> dict:
             "top_gaps": [{"us": round(g, 1), "after": a[:80], "before": b[:80]} for g, a, b in gaps[:top]]}
 
 
+def segments(iv: list[tuple[float, float, str]], split_us: float, limit: int = 4000) -> list[list[float]]:
+    """The device's busy stretches, split where it idles longer than ``split_us``: ``[start ms (from the first
+    activity), busy-stretch ms, activities]`` each, the first ``limit`` (a timeline of steps, prefill passes and the
+    gaps between them)."""
+    out: list[list[float]] = []
+    if not iv:
+        return out
+    t0, cur_s, cur_e, n = iv[0][0], iv[0][0], iv[0][1], 1
+    for s, e, _ in iv[1:]:
+        if s - cur_e > split_us:
+            out.append([round((cur_s - t0) / 1e3, 4), round((cur_e - cur_s) / 1e3, 4), n])
+            if len(out) >= limit:
+                return out
+            cur_s, cur_e, n = s, e, 0
+        cur_e = max(cur_e, e)
+        n += 1
+    out.append([round((cur_s - t0) / 1e3, 4), round((cur_e - cur_s) / 1e3, 4), n])
+    return out[:limit]
+
+
 def top_kernels(iv: list[tuple[float, float, str]], per: float, n: int = 15) -> list[dict]:
     """The ``n`` activities with the most device time, per ``per`` (e.g. per step)."""
     acc: dict[str, list[float]] = {}
@@ -124,6 +146,8 @@ async def trace(eng, prompts: list[list[int]], args) -> dict:
         out["device"]["busy_ms_per_step"] = round(out["device"]["busy_ms"] / steps, 4)
         out["device"]["activities_per_step"] = round(len(iv) / steps, 1)
         out["top_kernels_per_step"] = top_kernels(iv, steps)
+        out["device"]["segments_split_us"] = args.split_us
+        out["device"]["segments"] = segments(iv, args.split_us)
     return out
 
 
@@ -139,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-s", type=float, default=4.0, help="load before the trace starts (graphs captured)")
     ap.add_argument("--trace-s", type=float, default=0.5, help="seconds traced")
     ap.add_argument("--top-gaps", type=int, default=12)
+    ap.add_argument("--split-us", type=float, default=30.0,
+                    help="the JSON's timeline splits the device's busy time at idle gaps longer than this (us)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--commit", default=default_commit())
     args = ap.parse_args(argv)

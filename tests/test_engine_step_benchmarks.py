@@ -90,6 +90,18 @@ def test_step_trace_busy_and_gaps():
     assert busy_and_gaps([], 3)["device_busy"] is None
 
 
+def test_step_trace_segments_split_the_timeline_at_long_gaps():
+    """The timeline: busy stretches (overlaps merged) split where the device idles longer than the bound."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_trace import segments
+
+    iv = [(100.0, 110.0, "a"), (105.0, 130.0, "b"), (140.0, 150.0, "c"), (300.0, 1300.0, "p"), (1301.0, 1302.0, "q")]
+    assert segments(iv, 20.0) == [[0.0, 0.05, 3], [0.2, 1.002, 2]]
+    assert segments(iv, 5.0) == [[0.0, 0.03, 2], [0.04, 0.01, 1], [0.2, 1.002, 2]]
+    assert segments(iv, 5.0, limit=2) == [[0.0, 0.03, 2], [0.04, 0.01, 1]]
+    assert segments([], 5.0) == []
+
+
 def test_step_trace_smoke(tmp_path):
     """On CPU the trace reports the engine's steps over the traced window (no device activities)."""
     out = tmp_path / "st"
