@@ -39,7 +39,8 @@ from support import default_commit, log, utc_date  # noqa: E402
 
 
 def kernel_profile(fn, steps: int = 5) -> dict:
-    """Kernels per step and summed kernel time per step (ms) while ``fn`` runs ``steps`` times."""
+    """Kernels per step and summed kernel time per step (ms) while ``fn`` runs ``steps`` times, and the host ops with
+    the most self time per step."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -49,16 +50,22 @@ def kernel_profile(fn, steps: int = 5) -> dict:
             fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    kernels = []
+    kernels, host = [], []
     for e in prof.key_averages():
         if str(getattr(e, "device_type", "")).endswith("CUDA"):
             us = float(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0) or 0.0)
             kernels.append((e.key, e.count, us))
+        else:
+            host.append((e.key, e.count, float(getattr(e, "self_cpu_time_total", 0.0) or 0.0)))
     kernels.sort(key=lambda k: -k[2])
+    host.sort(key=lambda k: -k[2])
     return {"kernels_per_step": round(sum(k[1] for k in kernels) / steps, 1),
             "kernel_ms_per_step": round(sum(k[2] for k in kernels) / steps / 1e3, 4),
             "top": [{"kernel": k[0][:90], "per_step": round(k[1] / steps, 1), "us_per_step": round(k[2] / steps, 1)}
-                    for k in kernels[:40]]}
+                    for k in kernels[:40]],
+            # host side: the ops and CUDA runtime calls (cudaMalloc, cudaFree, synchronizes) with the most self time
+            "host_top": [{"op": k[0][:90], "per_step": round(k[1] / steps, 1), "self_us_per_step": round(k[2] / steps, 1)}
+                         for k in host[:25]]}
 
 
 async def itl_c1(eng, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:

@@ -21,6 +21,8 @@
 #   bash benchmarks/gpu_calls.sh wave       # issue 17: where the 64-stream wave's stall goes with both INT4 cuts on: step traces
 #                                            of int4 and bf16 at 64 streams (step_trace.py, TRACE_S 1.0), then prefill bursts
 #                                            of 1-64 prompts, bf16 and int4:mma, with a profile of the 64 (~5 min)
+#   bash benchmarks/gpu_calls.sh burst2     # issue 17: the 64-prompt prefill burst's host time: bursts of 32/64 with kernel and
+#                                            host profiles, int4:mma and bf16 (b/), int4:mma with both launch cuts off (b_off/)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
 #                                            row count (int4_glu_check.py), decode profile at 64 off/on with greedy tokens
 #                                            compared, steady state at 64 int4:mma off/on/off/on (GLU_SS=1: with the split
@@ -180,7 +182,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -360,6 +362,16 @@ case "${1:-}" in
     timeout 200 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b --quants bf16,int4:mma --profile \
       --commit "$EDGE_EVAL_COMMIT" --out "$out/b" > "$out/b.log" 2>&1; echo "prefill_burst rc $?"
     grep -E "^\||profile:" "$out/b.log" ;;
+  burst2)  # the 64-prompt prefill burst's host time: bursts of 32 and 64 with kernel and host profiles of the 64,
+    #        int4:mma and bf16 with today's defaults (b/), then int4:mma with both INT4 launch cuts off (b_off/) (~3 min)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout 150 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b --quants int4:mma,bf16 --bursts 32,64 --reps 5 \
+      --profile --commit "$EDGE_EVAL_COMMIT" --out "$out/b" > "$out/b.log" 2>&1; echo "prefill_burst rc $?"
+    grep -E "^\||profile:" "$out/b.log"
+    MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=0 MODEL_SERVER_INT4_GLU_EPILOGUE=0 timeout 100 python3 \
+      benchmarks/prefill_burst.py --model-dir /tmp/m1b --quants int4:mma --bursts 32,64 --reps 5 --profile \
+      --commit "$EDGE_EVAL_COMMIT" --out "$out/b_off" > "$out/b_off.log" 2>&1; echo "prefill_burst (cuts off) rc $?"
+    grep -E "^\||profile:" "$out/b_off.log" ;;
   s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     ss_arm ss_a 115 int4:mma,bf16 64

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['prefill_passes_median']} |")
         if "profile" in e:
             p = e["profile"]
-            print(f"{e['quant']} profile: {p['kernels_per_step']} kernels, {p['kernel_ms_per_step']} ms of kernels")
+            print(f"{e['quant']} profile: {p['kernels_per_step']} kernels, {p['kernel_ms_per_step']} ms of kernels; host: "
+                  + ", ".join(f"{h['op']} {h['per_step']:g} x {h['self_us_per_step']:g} us" for h in p.get("host_top", [])[:8]))
             for k in p["top"][:25]:
                 print(f"  {k['us_per_step']:9.1f} us {k['per_step']:6.1f} x {k['kernel']}")
     return 0
