@@ -21,8 +21,9 @@
 #   bash benchmarks/gpu_calls.sh wave       # issue 17: where the 64-stream wave's stall goes with both INT4 cuts on: step traces
 #                                            of int4 and bf16 at 64 streams (step_trace.py, TRACE_S 1.0), then prefill bursts
 #                                            of 1-64 prompts, bf16 and int4:mma, with a profile of the 64 (~5 min)
-#   bash benchmarks/gpu_calls.sh burst2     # issue 17: the 64-prompt prefill burst's host time: bursts of 32/64 with kernel and
-#                                            host profiles, int4:mma and bf16 (b/), int4:mma with both launch cuts off (b_off/)
+#   bash benchmarks/gpu_calls.sh burst2     # issue 17: the 64-prompt prefill burst: bursts of 32/64 with kernel and host profiles,
+#                                            int4:mma and bf16 (b/), the same graphed to 4,096 tokens (b_g4096/), steady state
+#                                            at 64 graphed to 4,096 (ss_g4096/) (~5.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
 #                                            row count (int4_glu_check.py), decode profile at 64 off/on with greedy tokens
 #                                            compared, steady state at 64 int4:mma off/on/off/on (GLU_SS=1: with the split
@@ -362,16 +363,18 @@ case "${1:-}" in
     timeout 200 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b --quants bf16,int4:mma --profile \
       --commit "$EDGE_EVAL_COMMIT" --out "$out/b" > "$out/b.log" 2>&1; echo "prefill_burst rc $?"
     grep -E "^\||profile:" "$out/b.log" ;;
-  burst2)  # the 64-prompt prefill burst's host time: bursts of 32 and 64 with kernel and host profiles of the 64,
-    #        int4:mma and bf16 with today's defaults (b/), then int4:mma with both INT4 launch cuts off (b_off/) (~3 min)
+  burst2)  # the 64-prompt prefill burst (one eager pass of 4,096 tokens by default): bursts of 32 and 64 with kernel and
+    #        host profiles of the 64, int4:mma and bf16 (b/); the same with MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096
+    #        (b_g4096/: the 64 prompts in one graphed pass); then the steady state at 64 with it, int4:mma and bf16
+    #        (ss_g4096/) (~5.5 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 150 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b --quants int4:mma,bf16 --bursts 32,64 --reps 5 \
       --profile --commit "$EDGE_EVAL_COMMIT" --out "$out/b" > "$out/b.log" 2>&1; echo "prefill_burst rc $?"
     grep -E "^\||profile:" "$out/b.log"
-    MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=0 MODEL_SERVER_INT4_GLU_EPILOGUE=0 timeout 100 python3 \
-      benchmarks/prefill_burst.py --model-dir /tmp/m1b --quants int4:mma --bursts 32,64 --reps 5 --profile \
-      --commit "$EDGE_EVAL_COMMIT" --out "$out/b_off" > "$out/b_off.log" 2>&1; echo "prefill_burst (cuts off) rc $?"
-    grep -E "^\||profile:" "$out/b_off.log" ;;
+    MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 timeout 120 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b \
+      --quants int4:mma,bf16 --bursts 32,64 --reps 5 --commit "$EDGE_EVAL_COMMIT" --out "$out/b_g4096" \
+      > "$out/b_g4096.log" 2>&1; echo "prefill_burst (graphs to 4096 tokens) rc $?"; grep -E "^\|" "$out/b_g4096.log"
+    MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_g4096 115 int4:mma,bf16 64 ;;
   s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     ss_arm ss_a 115 int4:mma,bf16 64

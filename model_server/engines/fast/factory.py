@@ -23,6 +23,9 @@ def decode_attn_switch() -> bool | None:
     return switches.flag("MODEL_SERVER_FAST_DECODE_ATTN")
 
 
+PREFILL_GRAPH_TOKENS_SWITCH = "MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS"
+
+
 def pick_kernel_switch() -> bool | None:
     """``MODEL_SERVER_FAST_PICK_KERNEL``: ``1`` a decode step's greedy pick as two Triton kernels everywhere (the
     interpreter's on CPU), ``0`` the eager ops, unset None (the kernels on CUDA)."""
@@ -72,6 +75,13 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
         value = switches.integer(name)
         if value is not None:
             kwargs.setdefault(key, value)
+    # prompt tokens (rows x padded length) up to which a prefill pass is graphed: MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS
+    graph_tokens = switches.integer(PREFILL_GRAPH_TOKENS_SWITCH)
+    if graph_tokens is not None:
+        if graph_tokens < 16:
+            raise switches.SwitchValueError(f"{PREFILL_GRAPH_TOKENS_SWITCH} must be a token count >= 16, "
+                                            f"got {graph_tokens}")
+        kwargs.setdefault("prefill_graph_tokens", graph_tokens)
     gemv_on, gemv_rows = gemv_switch() is not False, gemv_rows_switch()    # read first: a bad value fails early
     from model_server.l2_prefetch import mode as l2_mode
     l2_how = l2_mode()
