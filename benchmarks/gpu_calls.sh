@@ -366,15 +366,15 @@ case "${1:-}" in
   burst2)  # the 64-prompt prefill burst (one eager pass of 4,096 tokens by default): bursts of 32 and 64 with kernel and
     #        host profiles of the 64, int4:mma and bf16 (b/); the same with MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096
     #        (b_g4096/: the 64 prompts in one graphed pass); then the steady state at 64 with it, int4:mma and bf16
-    #        (ss_g4096/) (~5.5 min)
+    #        (ss_g4096/) (~5.5 min; B2_BURSTS=64 B2_SS=0: the bursts of 64 only, ~2 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    timeout 150 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b --quants int4:mma,bf16 --bursts 32,64 --reps 5 \
-      --profile --commit "$EDGE_EVAL_COMMIT" --out "$out/b" > "$out/b.log" 2>&1; echo "prefill_burst rc $?"
+    timeout 150 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b --quants int4:mma,bf16 --bursts "${B2_BURSTS:-32,64}" \
+      --reps 5 --profile --commit "$EDGE_EVAL_COMMIT" --out "$out/b" > "$out/b.log" 2>&1; echo "prefill_burst rc $?"
     grep -E "^\||profile:" "$out/b.log"
     MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 timeout 120 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b \
-      --quants int4:mma,bf16 --bursts 32,64 --reps 5 --commit "$EDGE_EVAL_COMMIT" --out "$out/b_g4096" \
+      --quants int4:mma,bf16 --bursts "${B2_BURSTS:-32,64}" --reps 5 --commit "$EDGE_EVAL_COMMIT" --out "$out/b_g4096" \
       > "$out/b_g4096.log" 2>&1; echo "prefill_burst (graphs to 4096 tokens) rc $?"; grep -E "^\|" "$out/b_g4096.log"
-    MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_g4096 115 int4:mma,bf16 64 ;;
+    [ "${B2_SS:-1}" = 1 ] && MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_g4096 115 int4:mma,bf16 64 ;;
   s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     ss_arm ss_a 115 int4:mma,bf16 64
