@@ -114,3 +114,20 @@ def test_step_trace_smoke(tmp_path):
     assert r["steps"] > 0 and 0 < r["decode_tokens_per_step"] <= 4 * (r["steps"] + 1) / r["steps"] + 0.01
     assert abs(r["wall_ms_per_step"] - r["wall_ms"] / r["steps"]) < 0.01
     assert r["device"]["device_busy"] is None
+
+
+def test_kernel_profile_lists_the_host_ops_with_the_most_self_time():
+    """decode_profile.kernel_profile (also prefill_burst's): besides the device's kernels, the host ops with the most
+    self time per step, so a host-bound pass says what holds it (on CPU: the ops themselves)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from decode_profile import kernel_profile
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    p = kernel_profile(lambda: [torch.mm(a, b) for _ in range(3)] and torch.relu(a), steps=4)
+    ops = {h["op"]: h for h in p["host_top"]}
+    assert ops["aten::mm"]["per_step"] == 3.0 and ops["aten::relu"]["per_step"] == 1.0, ops
+    assert all(h["self_us_per_step"] >= 0 for h in p["host_top"])
+    assert [h["self_us_per_step"] for h in p["host_top"]] == sorted((h["self_us_per_step"] for h in p["host_top"]),
+                                                                    reverse=True)
