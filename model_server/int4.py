@@ -130,8 +130,8 @@ class Int4Linear(nn.Module):
         return self._forward(x, False)
 
     def forward_partials(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward(x)``; with ``MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=1``, where this step runs the Triton GEMM with
-        split K and its sum kernel, the fp32 partial sums ``[split, *x.shape[:-1], out_features]`` instead, for the
+        """``forward(x)``; unless ``MODEL_SERVER_INT4_SPLIT_SUM_IN_CONSUMER=0``, where this step runs the Triton GEMM
+        with split K and its sum kernel, the fp32 partial sums ``[split, *x.shape[:-1], out_features]`` instead, for the
         caller to add in split order (:func:`model_server.int4_triton_split.sum_in_consumer`; layers without bias)."""
         if self.bias is not None or not self.uses_triton:
             return self._forward(x, False)
@@ -140,7 +140,7 @@ class Int4Linear(nn.Module):
 
     def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """For a merged ``[gate; up]`` projection (``2 I`` outputs): ``silu(gate) * up`` ``[..., I]`` from the
-        Triton GEMM's epilogue (:mod:`model_server.int4_triton_glu`) where ``MODEL_SERVER_INT4_GLU_EPILOGUE=1`` and
+        Triton GEMM's epilogue (:mod:`model_server.int4_triton_glu`) unless ``MODEL_SERVER_INT4_GLU_EPILOGUE=0``, where
         this step runs that GEMM without split K; else None (the caller runs :meth:`forward` and the activation)."""
         from model_server.int4_triton_config import glu_on
         rows = x.numel() // self.in_features
