@@ -23,7 +23,7 @@
 #                                            of 1-64 prompts, bf16 and int4:mma, with a profile of the 64 (~5 min)
 #   bash benchmarks/gpu_calls.sh burst2     # issue 17: the 64-prompt prefill burst: bursts of 32/64 with kernel and host profiles,
 #                                            int4:mma and bf16 (b/), the same graphed to 4,096 tokens (b_g4096/), steady state
-#                                            at 64 graphed to 4,096 (ss_g4096/) (~5.5 min)
+#                                            at 64 graphed to 4,096 (ss_g4096/), the 64 in passes of <= 2,048 (b_p2048/) (~6.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
 #                                            row count (int4_glu_check.py), decode profile at 64 off/on with greedy tokens
 #                                            compared, steady state at 64 int4:mma off/on/off/on (GLU_SS=1: with the split
@@ -366,7 +366,8 @@ case "${1:-}" in
   burst2)  # the 64-prompt prefill burst (one eager pass of 4,096 tokens by default): bursts of 32 and 64 with kernel and
     #        host profiles of the 64, int4:mma and bf16 (b/); the same with MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096
     #        (b_g4096/: the 64 prompts in one graphed pass); then the steady state at 64 with it, int4:mma and bf16
-    #        (ss_g4096/) (~5.5 min; B2_BURSTS=64 B2_SS=0: the bursts of 64 only, ~2 min)
+    #        (ss_g4096/); the burst of 64 with MODEL_SERVER_FAST_MAX_PREFILL_TOKENS=2048 (b_p2048/: two graphed
+    #        passes of 2,048) (~6.5 min; B2_BURSTS=64 B2_SS=0: the bursts of 64 only, ~3 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 150 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b --quants int4:mma,bf16 --bursts "${B2_BURSTS:-32,64}" \
       --reps 5 --profile --commit "$EDGE_EVAL_COMMIT" --out "$out/b" > "$out/b.log" 2>&1; echo "prefill_burst rc $?"
@@ -374,6 +375,9 @@ case "${1:-}" in
     MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 timeout 120 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b \
       --quants int4:mma,bf16 --bursts "${B2_BURSTS:-32,64}" --reps 5 --commit "$EDGE_EVAL_COMMIT" --out "$out/b_g4096" \
       > "$out/b_g4096.log" 2>&1; echo "prefill_burst (graphs to 4096 tokens) rc $?"; grep -E "^\|" "$out/b_g4096.log"
+    MODEL_SERVER_FAST_MAX_PREFILL_TOKENS=2048 timeout 120 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b \
+      --quants int4:mma,bf16 --bursts 64 --reps 5 --commit "$EDGE_EVAL_COMMIT" --out "$out/b_p2048" \
+      > "$out/b_p2048.log" 2>&1; echo "prefill_burst (passes of at most 2048 tokens) rc $?"; grep -E "^\|" "$out/b_p2048.log"
     [ "${B2_SS:-1}" = 1 ] && MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_g4096 115 int4:mma,bf16 64 ;;
   s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet

@@ -73,3 +73,41 @@ def test_prefill_graph_tokens_switch_sets_the_prefill_buckets(tiny_model_dir, mo
         monkeypatch.setenv("MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS", bad)
         with pytest.raises(SwitchError, match=f"MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS must be {says}"):
             create_engine("fast", loaded, 2, 64)
+
+
+def test_max_prefill_tokens_switch_splits_a_lone_burst(tiny_model_dir, monkeypatch):
+    """MODEL_SERVER_FAST_MAX_PREFILL_TOKENS: a burst that arrives while nothing decodes is prefilled in passes of at
+    most that many padded tokens (8 prompts of 16 tokens: one pass by default, more under a 64-token budget); below
+    16 or not an integer, a one-line serve error."""
+    import asyncio
+
+    from model_server.engines.base import GenerationRequest, SamplingParams
+    from model_server.engines.fast.factory import from_loaded
+    from model_server.loading import load_model
+    from model_server.server import SwitchError, create_engine
+
+    loaded = load_model(tiny_model_dir, "cpu", "none", True)
+
+    async def burst(eng) -> int:
+        await eng.start()
+        try:
+            async def one(i: int) -> None:
+                req = GenerationRequest(f"b{i}", [5 + i] * 16, SamplingParams(max_new_tokens=1, ignore_eos=True))
+                async for _ in eng.submit(req):
+                    pass
+            await asyncio.gather(*(one(i) for i in range(8)))
+            return eng.stats().prefill_calls_total
+        finally:
+            await eng.stop()
+
+    passes = {}
+    for raw in ("", "64"):
+        monkeypatch.setenv("MODEL_SERVER_FAST_MAX_PREFILL_TOKENS", raw)
+        eng = from_loaded(loaded, max_batch=8, max_total_tokens=32)
+        assert eng.max_prefill_tokens == (64 if raw else 8192)
+        passes[raw] = asyncio.run(burst(eng))
+    assert passes[""] == 1 and passes["64"] >= 2, passes
+    for bad, says in (("8", "a token count >= 16"), ("lots", "an integer")):
+        monkeypatch.setenv("MODEL_SERVER_FAST_MAX_PREFILL_TOKENS", bad)
+        with pytest.raises(SwitchError, match=f"MODEL_SERVER_FAST_MAX_PREFILL_TOKENS must be {says}"):
+            create_engine("fast", loaded, 2, 64)

@@ -24,6 +24,7 @@ def decode_attn_switch() -> bool | None:
 
 
 PREFILL_GRAPH_TOKENS_SWITCH = "MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS"
+MAX_PREFILL_TOKENS_SWITCH = "MODEL_SERVER_FAST_MAX_PREFILL_TOKENS"
 
 
 def pick_kernel_switch() -> bool | None:
@@ -75,13 +76,15 @@ def from_loaded(loaded, max_batch: int = 64, max_total_tokens: int = 2048, **kwa
         value = switches.integer(name)
         if value is not None:
             kwargs.setdefault(key, value)
-    # prompt tokens (rows x padded length) up to which a prefill pass is graphed: MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS
-    graph_tokens = switches.integer(PREFILL_GRAPH_TOKENS_SWITCH)
-    if graph_tokens is not None:
-        if graph_tokens < 16:
-            raise switches.SwitchValueError(f"{PREFILL_GRAPH_TOKENS_SWITCH} must be a token count >= 16, "
-                                            f"got {graph_tokens}")
-        kwargs.setdefault("prefill_graph_tokens", graph_tokens)
+    # prompt tokens (rows x padded length) up to which a prefill pass is graphed: MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS;
+    # a pass's budget when nothing decodes (at least the longest sequence): MODEL_SERVER_FAST_MAX_PREFILL_TOKENS
+    for name, key in ((PREFILL_GRAPH_TOKENS_SWITCH, "prefill_graph_tokens"),
+                      (MAX_PREFILL_TOKENS_SWITCH, "max_prefill_tokens")):
+        tokens = switches.integer(name)
+        if tokens is not None:
+            if tokens < 16:
+                raise switches.SwitchValueError(f"{name} must be a token count >= 16, got {tokens}")
+            kwargs.setdefault(key, tokens)
     gemv_on, gemv_rows = gemv_switch() is not False, gemv_rows_switch()    # read first: a bad value fails early
     from model_server.l2_prefetch import mode as l2_mode
     l2_how = l2_mode()
