@@ -205,6 +205,11 @@ ROWS = [
     Row("INT4 at 64 streams: both launch cuts over neither (the next process, same machine)",
         ["2026-12-06-h100/fuse64_1855/ss_on1/steady_state.json", "2026-12-06-h100/fuse64_1855/ss_off/steady_state.json"],
         values.gain_over_second, "ec56b00"),
+    Row("INT4 vs bf16 in-process, bf16 first, one process, the 64-prompt prefill graphed (prefill graphs to 4,096 "
+        "tokens, the default since) (H200)",
+        ["2026-12-06-h200/ss18_2143/ss18/steady_state.json"], values.formats_vs_bf16, "e12f46b"),
+    Row("fast engine in-process, steady state, prefill graphs to 4,096 tokens (H200)",
+        ["2026-12-06-h200/ss18_2143/ss18/steady_state.json"], values.steady_cells, "e12f46b"),
     Row("ρ_sys at 64 streams with measured weight bytes (machine B, one process, PDL on): bf16, the default INT4 mode "
         "(mma + Triton, two weight layouts), the one-layout INT4 mode (triton; as fast as mma at 64)",
         ["2026-12-06-h100/s46b_1337/ss_pdl/steady_state.json"], values.steady_rho, "15043a0"),

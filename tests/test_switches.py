@@ -56,19 +56,20 @@ def test_a_bad_integer_switch_is_not_a_fallback(tiny_model_dir, monkeypatch):
 
 def test_prefill_graph_tokens_switch_sets_the_prefill_buckets(tiny_model_dir, monkeypatch):
     """MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS: prefill passes of up to that many padded tokens are graphed (a burst
-    of 64 prompts of 64 tokens fits one bucket at 4096); below 16 or not an integer, a one-line serve error."""
+    of 64 prompts of 64 tokens fits one bucket at the default 4096, not at 2048); below 16 or not an integer, a
+    one-line serve error."""
     from model_server.engines.fast.factory import from_loaded
     from model_server.loading import load_model
     from model_server.server import SwitchError, create_engine
 
     loaded = load_model(tiny_model_dir, "cpu", "none", True)
     buckets = {}
-    for raw in ("", "4096"):
+    for raw in ("", "2048"):
         monkeypatch.setenv("MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS", raw)
         eng = from_loaded(loaded, max_batch=64, max_total_tokens=256, bucketed_prefill=True)
         buckets[raw] = eng.runner.prefill_buckets
-    assert max(n * t for n, t in buckets[""]) == 2048 and (64, 64) not in buckets[""]
-    assert max(n * t for n, t in buckets["4096"]) == 4096 and (64, 64) in buckets["4096"]
+    assert max(n * t for n, t in buckets[""]) == 4096 and (64, 64) in buckets[""]           # the default
+    assert max(n * t for n, t in buckets["2048"]) == 2048 and (64, 64) not in buckets["2048"]
     for bad, says in (("8", "a token count >= 16"), ("lots", "an integer")):
         monkeypatch.setenv("MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS", bad)
         with pytest.raises(SwitchError, match=f"MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS must be {says}"):

@@ -46,6 +46,11 @@ from .support import check_supported
 
 log = logging.getLogger(__name__)
 
+# prefill passes of up to this many padded tokens run as graph replays (MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS): 4,096
+# holds a burst of 64 prompts of 64 tokens, the 64-stream wave's prefill, which eagerly took INT4 38.5 ms and bf16 22.5
+# on an H200 and graphed 22.6 / 22.1 (docs/benchmarks.md, "The wave's prefill as one graph")
+DEFAULT_PREFILL_GRAPH_TOKENS = 4096
+
 
 class ModelRunner:
     """Owns the KV cache, the static decode inputs and the captured graphs for one model."""
@@ -120,7 +125,7 @@ class ModelRunner:
         # bucketed (padded, graphed on CUDA) prefill; on CPU it can be forced on to test the padding
         self.bucketed_prefill = self.use_graphs if bucketed_prefill is None else bool(bucketed_prefill)
         self._bucketed_forced = bucketed_prefill is not None
-        cap = 2048 if prefill_graph_tokens is None else int(prefill_graph_tokens)
+        cap = DEFAULT_PREFILL_GRAPH_TOKENS if prefill_graph_tokens is None else int(prefill_graph_tokens)
         t_buckets = [t for t in (16, 32, 64, 128, 256, 512) if t <= min(cap, self.max_len)]
         self.prefill_buckets: list[tuple[int, int]] = sorted(
             (n, t) for t in t_buckets for n in self.batch_buckets if n * t <= cap)
