@@ -25,7 +25,7 @@
 #                                            int4:mma and bf16 (b/), the same graphed to 4,096 tokens (b_g4096/), steady state
 #                                            at 64 graphed to 4,096 (ss_g4096/), the 64 in passes of <= 2,048 (b_p2048/) (~6.5 min)
 #   bash benchmarks/gpu_calls.sh graph4096  # issue 17: greedy tokens with the 64-prompt prefill graphed vs eager, then the
-#                                            64-stream steady state with prefill graphs to 2,048 and to 4,096 (~5 min)
+#                                            64-stream steady state with prefill graphs to 4,096 and to 2,048 (~5.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
 #                                            row count (int4_glu_check.py), decode profile at 64 off/on with greedy tokens
 #                                            compared, steady state at 64 int4:mma off/on/off/on (GLU_SS=1: with the split
@@ -381,15 +381,15 @@ case "${1:-}" in
       --quants int4:mma,bf16 --bursts 64 --reps 5 --commit "$EDGE_EVAL_COMMIT" --out "$out/b_p2048" \
       > "$out/b_p2048.log" 2>&1; echo "prefill_burst (passes of at most 2048 tokens) rc $?"; grep -E "^\|" "$out/b_p2048.log"
     [ "${B2_SS:-1}" = 1 ] && MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_g4096 115 int4:mma,bf16 64 ;;
-  graph4096)  # prefill graphs to 4,096 tokens: greedy tokens of 64 concurrent requests graphed vs eager (agree/), then
-    #        the steady state at 64 with the 2,048 default (ss_2048/: int4:mma, bf16) and with 4,096 (ss_4096/: bf16
-    #        first) (~5 min)
+  graph4096)  # prefill graphs to 4,096 tokens (the default since 7e1476d): greedy tokens of 64 concurrent requests
+    #        graphed vs eager (agree/), the steady state at 64 with 4,096 (ss_4096/: bf16 first), then with 2,048
+    #        (ss_2048/: int4:mma first; G4_SS2048=0 skips it) (~3.5 min; ~5.5 with ss_2048)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 150 python3 benchmarks/prefill_graph_agree.py --model-dir /tmp/m1b --quants int4:mma,bf16 --caps 2048,4096 \
       --commit "$EDGE_EVAL_COMMIT" --out "$out/agree" > "$out/agree.log" 2>&1; echo "prefill_graph_agree rc $?"
     tail -4 "$out/agree.log"
-    ss_arm ss_2048 115 int4:mma,bf16 64
-    MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_4096 115 bf16,int4:mma 64 ;;
+    MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_4096 115 bf16,int4:mma 64
+    [ "${G4_SS2048:-1}" = 1 ] && MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=2048 ss_arm ss_2048 115 int4:mma,bf16 64 ;;
   s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     ss_arm ss_a 115 int4:mma,bf16 64
