@@ -6,8 +6,8 @@ the median inter-token latency is the wave's stall (its prefill and whatever els
 
     stall_ms = c * new_tokens / tokens_per_s * 1000 - new_tokens * itl_p50_ms
 
-For ``prefill_burst.py`` results with ``--profile``: the largest burst's median wall time less its profiled kernel
-time, i.e. the time the device did not spend in kernels (host-bound when large)::
+For ``prefill_burst.py`` results: the largest burst's median wall time; with ``--profile`` also that less its profiled
+kernel time, i.e. the time the device did not spend in kernels (host-bound when large)::
 
     host_ms = ms_median(largest burst) - kernel_ms_per_step(profile)
 
@@ -36,11 +36,13 @@ def lines(doc: dict) -> list[str]:
                 s = stall_ms(c["concurrency"], doc["new_tokens"], c["tokens_per_second_median"], c["itl_p50_ms"])
                 out.append(f"{q['quant']} c={c['concurrency']}: wave {c['concurrency'] * doc['new_tokens']} tokens, "
                            f"stall {s:.1f} ms")
-        elif q.get("profile") and q.get("cells"):                        # prefill_burst.py --profile
+        elif q.get("cells"):                                             # prefill_burst.py
             top = max(q["cells"], key=lambda c: c["prompts"])
-            kern = q["profile"]["kernel_ms_per_step"]
-            out.append(f"{q['quant']} burst of {top['prompts']}: {top['ms_median']:.1f} ms, kernels {kern:.1f} ms, "
-                       f"host {top['ms_median'] - kern:.1f} ms")
+            line = f"{q['quant']} burst of {top['prompts']}: {top['ms_median']:.1f} ms"
+            if q.get("profile"):                                         # --profile: kernel time of that burst
+                kern = q["profile"]["kernel_ms_per_step"]
+                line += f", kernels {kern:.1f} ms, host {top['ms_median'] - kern:.1f} ms"
+            out.append(line)
     return out
 
 
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wave_stall: {f}: cannot read it ({type(e).__name__}: {e})", file=sys.stderr)
             return 2
         if not found:
-            print(f"wave_stall: {f}: no steady-state cells or profiled bursts in it", file=sys.stderr)
+            print(f"wave_stall: {f}: no steady-state cells or bursts in it", file=sys.stderr)
             return 2
         print(f"{f}:")
         for line in found:

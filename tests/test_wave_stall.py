@@ -20,13 +20,16 @@ def test_stall_and_host_time(tmp_path):
         {"concurrency": 10, "tokens_per_second_median": 5000.0, "itl_p50_ms": 1.5}]}]}
     burst = {"quants": [{"quant": "bf16", "profile": {"kernel_ms_per_step": 12.5}, "cells": [
         {"prompts": 8, "ms_median": 9.0}, {"prompts": 64, "ms_median": 30.0}]}]}
+    plain = {"quants": [{"quant": "int4", "cells": [{"prompts": 64, "ms_median": 22.6}]}]}     # no --profile
     (tmp_path / "ss.json").write_text(json.dumps(ss))
     (tmp_path / "b.json").write_text(json.dumps(burst))
-    r = _run(tmp_path / "ss.json", tmp_path / "b.json")
+    (tmp_path / "p.json").write_text(json.dumps(plain))
+    r = _run(tmp_path / "ss.json", tmp_path / "b.json", tmp_path / "p.json")
     assert r.returncode == 0, r.stderr
     # 10 x 100 tokens at 5,000 tokens/s = 200 ms, less 100 steps x 1.5 ms
     assert "int4 c=10: wave 1000 tokens, stall 50.0 ms" in r.stdout
     assert "bf16 burst of 64: 30.0 ms, kernels 12.5 ms, host 17.5 ms" in r.stdout
+    assert "int4 burst of 64: 22.6 ms\n" in r.stdout                      # the time alone without a profile
 
 
 def test_files_it_cannot_use_are_one_line_errors(tmp_path):
