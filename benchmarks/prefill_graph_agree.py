@@ -46,15 +46,15 @@ def tokens_for(quant: str, cap: int, args: argparse.Namespace, model_dir: Path, 
     loaded = load_model(str(model_dir), device, q)
     eng = from_loaded(loaded, max_batch=args.streams, max_total_tokens=args.prompt_len + args.new_tokens + 8)
 
-    async def main() -> list[list[list[int]]]:
+    async def main(eng) -> list[list[list[int]]]:
         await eng.start()
         try:
             await eng.wait_warm(600)
             return [await batch_greedy(eng, args.streams, args.prompt_len, args.new_tokens) for _ in range(2)]
         finally:
             await eng.stop()
-    rounds = asyncio.run(main())
-    del eng, loaded
+    rounds = asyncio.run(main(eng))
+    del eng, loaded              # the weights go before the next engine loads
     if device == "cuda":
         torch.cuda.empty_cache()
     return rounds
