@@ -31,13 +31,14 @@ def lines(doc: dict) -> list[str]:
     """One line per format (and concurrency) of a steady_state.json or prefill_burst.json document."""
     out = []
     for q in doc.get("quants", []):
-        if "itl_p50_ms" in str(q.get("cells", [])):                      # steady_state.py
-            for c in q["cells"]:
+        cells = q.get("cells") or []
+        if cells and "itl_p50_ms" in cells[0]:                           # steady_state.py
+            for c in cells:
                 s = stall_ms(c["concurrency"], doc["new_tokens"], c["tokens_per_second_median"], c["itl_p50_ms"])
                 out.append(f"{q['quant']} c={c['concurrency']}: wave {c['concurrency'] * doc['new_tokens']} tokens, "
                            f"stall {s:.1f} ms")
-        elif q.get("cells"):                                             # prefill_burst.py
-            top = max(q["cells"], key=lambda c: c["prompts"])
+        elif cells:                                                      # prefill_burst.py
+            top = max(cells, key=lambda c: c["prompts"])
             line = f"{q['quant']} burst of {top['prompts']}: {top['ms_median']:.1f} ms"
             if q.get("profile"):                                         # --profile: kernel time of that burst
                 kern = q["profile"]["kernel_ms_per_step"]

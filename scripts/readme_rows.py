@@ -210,6 +210,12 @@ ROWS = [
         ["2026-12-06-h200/ss18_2143/ss18/steady_state.json"], values.formats_vs_bf16, "e12f46b"),
     Row("fast engine in-process, steady state, prefill graphs to 4,096 tokens (H200)",
         ["2026-12-06-h200/ss18_2143/ss18/steady_state.json"], values.steady_cells, "e12f46b"),
+    Row("INT4 vs bf16 in-process at 64, INT4 first, one process, prefill graphs to 4,096 tokens (H200, same machine, "
+        "4 minutes before ss18_2143)",
+        ["2026-12-06-h200/burst2_2139/ss_g4096/steady_state.json"], values.formats_vs_bf16, "e12f46b"),
+    Row("H200, today's defaults over 2026-12-05's (each format against itself, two machines a day apart)",
+        ["2026-12-06-h200/ss18_2143/ss18/steady_state.json", "2026-12-05-h200/mma_ss_2243/ss/steady_state.json"],
+        values.gain_over_second, "e12f46b"),
     Row("ρ_sys at 64 streams with measured weight bytes (machine B, one process, PDL on): bf16, the default INT4 mode "
         "(mma + Triton, two weight layouts), the one-layout INT4 mode (triton; as fast as mma at 64)",
         ["2026-12-06-h100/s46b_1337/ss_pdl/steady_state.json"], values.steady_rho, "15043a0"),
