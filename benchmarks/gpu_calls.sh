@@ -182,6 +182,9 @@
 # --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
 # nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
 # and pip wheel --no-deps rouge-score==0.1.2 (an sdist only).
+# The device tool copies the working tree plus what is carried, 64 MiB in all: with benchmarks/results at ~53 MB
+# the bitsandbytes wheel (43 MB) no longer fits beside the tree, so the modes that load bitsandbytes (ept with nf4, grid,
+# agree) need results moved out of the tree for that call; every other mode runs without it.
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
