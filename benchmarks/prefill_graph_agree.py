@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ def tokens_for(quant: str, cap: int, args: argparse.Namespace, model_dir: Path, 
     loaded = load_model(str(model_dir), device, q)
     eng = from_loaded(loaded, max_batch=args.streams, max_total_tokens=args.prompt_len + args.new_tokens + 8)
 
-    async def main(eng) -> list[list[list[int]]]:
+    async def main(eng: Any) -> list[list[list[int]]]:
         await eng.start()
         try:
             await eng.wait_warm(600)
