@@ -386,12 +386,13 @@ case "${1:-}" in
     [ "${B2_SS:-1}" = 1 ] && MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_g4096 115 int4:mma,bf16 64 ;;
   graph4096)  # prefill graphs to 4,096 tokens (the default since 7e1476d): greedy tokens of 64 concurrent requests
     #        graphed vs eager (agree/), the steady state at 64 with 4,096 (ss_4096/: bf16 first), then with 2,048
-    #        (ss_2048/: int4:mma first; G4_SS2048=0 skips it) (~3.5 min; ~5.5 with ss_2048)
+    #        (ss_2048/: int4:mma first; G4_SS2048=0 skips it) (~3.5 min; ~5.5 with ss_2048). G4_CONC=1,8,64
+    #        G4_SS_TIMEOUT=300: ss_4096 at every concurrency of the target (~7 min without ss_2048)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 150 python3 benchmarks/prefill_graph_agree.py --model-dir /tmp/m1b --quants int4:mma,bf16 --caps 2048,4096 \
       --commit "$EDGE_EVAL_COMMIT" --out "$out/agree" > "$out/agree.log" 2>&1; echo "prefill_graph_agree rc $?"
     tail -4 "$out/agree.log"
-    MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_4096 115 bf16,int4:mma 64
+    MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_4096 "${G4_SS_TIMEOUT:-115}" bf16,int4:mma "${G4_CONC:-64}"
     [ "${G4_SS2048:-1}" = 1 ] && MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=2048 ss_arm ss_2048 115 int4:mma,bf16 64 ;;
   s46d)  # the 64-stream ratio twice more (int4 first, then bf16 first), then energy per token at 64 (~8 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
