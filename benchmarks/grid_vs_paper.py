@@ -46,8 +46,8 @@ def table(summary: Path, family: str, size: str, model: str) -> str:
     with open(summary, newline="") as f:
         ours = [r for r in csv.DictReader(f) if r["model"] == model]
     paper = paper_rows(family, size)
-    lines = [f"| task | precision | score ours / paper | E_req J ours / paper | N_break ours / paper | "
-             f"IPW 1/J ours / paper | ρ_sys ours / paper | C_tax ours / paper | Q_ret % ours / paper |",
+    lines = ["| task | precision | score ours / paper | E_req J ours / paper | N_break ours / paper | "
+             "IPW 1/J ours / paper | ρ_sys ours / paper | C_tax ours / paper | Q_ret % ours / paper |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in ours:
         p = paper.get((TASKS.get(r["task"], r["task"]), PRECISION.get(r["precision"], r["precision"])), {})

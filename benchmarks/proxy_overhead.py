@@ -139,7 +139,7 @@ async def run_cell(url: str, stream: bool, conc: int, seconds: float, warmup: fl
 
 
 def main() -> int:
-    loop_name = use_uvloop()
+    use_uvloop()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, help="measured seconds per target and cell, all rounds (12)")
     ap.add_argument("--warmup", type=float, help="unmeasured seconds before each measurement (0.5)")
