@@ -213,6 +213,11 @@ ROWS = [
     Row("INT4 vs bf16 in-process at 64, INT4 first, one process, prefill graphs to 4,096 tokens (H200, same machine, "
         "4 minutes before ss18_2143)",
         ["2026-12-06-h200/burst2_2139/ss_g4096/steady_state.json"], values.formats_vs_bf16, "e12f46b"),
+    Row("greedy tokens, 64 concurrent requests: the 64-prompt prefill eager (graph cap 2,048) vs one graph replay "
+        "(cap 4,096, the default) (H100)",
+        ["2026-12-07-h100/graph4096_0437/agree/prefill_graph_agree.json"], values.graph_agreement, "7ae6fec"),
+    Row("INT4 vs bf16 in-process at 64, bf16 first, one process, prefill graphs to 4,096 tokens (H100)",
+        ["2026-12-07-h100/graph4096_0437/ss_4096/steady_state.json"], values.formats_vs_bf16, "7ae6fec"),
     Row("H200, today's defaults over 2026-12-05's (each format against itself, two machines a day apart)",
         ["2026-12-06-h200/ss18_2143/ss18/steady_state.json", "2026-12-05-h200/mma_ss_2243/ss/steady_state.json"],
         values.gain_over_second, "e12f46b"),

@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 # prefill passes of up to this many padded tokens run as graph replays (MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS): 4,096
 # holds a burst of 64 prompts of 64 tokens, the 64-stream wave's prefill, which eagerly took INT4 38.5 ms and bf16 22.5
-# on an H200 and graphed 22.6 / 22.1 (docs/benchmarks.md, "The wave's prefill as one graph")
+# on an H200 and graphed 22.6 / 22.1, with the same greedy tokens graphed and eager (H100, 2026-12-07; docs/benchmarks.md,
+# "The wave's prefill as one graph" and "The 4,096-token prefill graphs checked")
 DEFAULT_PREFILL_GRAPH_TOKENS = 4096
 
 
