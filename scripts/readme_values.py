@@ -236,10 +236,10 @@ def graph_agreement(docs: list[Any]) -> str:
     """prefill_graph_agree.py's JSON: per format and later prefill-graph cap, requests whose greedy tokens differ from
     the first cap's, and from the same engine's second round."""
     d = docs[0]
-    first = str(d["caps"][0])
-    return f"requests (of {d['streams']}) differing from cap {int(first):,}: " + "; ".join(
+    first = d["caps"][0]
+    return f"requests (of {d['streams']}) differing from cap {first:,}: " + "; ".join(
         f"{q} " + ", ".join(f"cap {int(c):,}: {v['vs_first_cap_differ']} (rounds: {v['rounds_differ']})"
-                            for c, v in r["compare"].items() if c != first) for q, r in d["quants"].items())
+                            for c, v in r["compare"].items() if int(c) != first) for q, r in d["quants"].items())
 
 
 def formats_vs_next_bf16(docs: list[Any]) -> str:

@@ -106,7 +106,7 @@ def test_step_trace_smoke(tmp_path):
     """On CPU the trace reports the engine's steps over the traced window (no device activities)."""
     out = tmp_path / "st"
     _run([str(ROOT / "benchmarks" / "step_trace.py"), "--preset", "tiny", "--device", "cpu", "--streams", "4",
-                 "--new-tokens", "8", "--warm-s", "0.5", "--trace-s", "0.4", "--commit", "abc1234", "--out", str(out)])
+          "--new-tokens", "8", "--warm-s", "0.5", "--trace-s", "0.4", "--commit", "abc1234", "--out", str(out)])
     r = json.loads((out / "step_trace.json").read_text())
     assert r["commit"] == "abc1234" and r["card"] == "cpu" and r["errors"] == []
     # at most one token per stream and step; the counters are read at the window's edges, where a step's tokens can be
