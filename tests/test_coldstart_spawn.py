@@ -115,6 +115,8 @@ def test_spawn_hold_idle_stop_and_restart(tiny_model_dir: Path) -> None:
         # 4. Idle stop, then the next request cold-starts a new process.
         assert wait_until(lambda: not p.snapshot()["process"]["running"], IDLE_SECONDS * 6)
         assert wait_until(lambda: not pid_alive(pid1), 10)
+        # counted once the supervisor's stop returns, a moment after the process is reaped (running false)
+        assert wait_until(lambda: p.metric("edge_proxy_backend_process_exits_total", outcome="idle_stop") >= 1, 10)
         assert p.metric("edge_proxy_backend_process_exits_total", outcome="idle_stop") == 1
         text, headers = _stream(client, 100)
         assert headers.get("x-edge-cold-start") == "true"
