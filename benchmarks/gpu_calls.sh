@@ -24,6 +24,10 @@
 #   bash benchmarks/gpu_calls.sh burst2     # issue 17: the 64-prompt prefill burst: bursts of 32/64 with kernel and host profiles,
 #                                            int4:mma and bf16 (b/), the same graphed to 4,096 tokens (b_g4096/), steady state
 #                                            at 64 graphed to 4,096 (ss_g4096/), the 64 in passes of <= 2,048 (b_p2048/) (~6.5 min)
+#   bash benchmarks/gpu_calls.sh int4pack   # issue 17: the mma mode's int4pack copy for steps of <= 4 rows on narrow layers:
+#                                            per-linear times at 1/2/4/8 rows (tinygemm vs mma), then bf16 vs int4:mma at
+#                                            1/8/64 in one process (copy on, the default), then int4:mma at 1/8 with
+#                                            MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 (IP_AB=0 skips it) (~9 min)
 #   bash benchmarks/gpu_calls.sh graph4096  # issue 17: greedy tokens with the 64-prompt prefill graphed vs eager, then the
 #                                            64-stream steady state with prefill graphs to 4,096 and to 2,048 (~5.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
@@ -188,7 +192,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -384,6 +388,17 @@ case "${1:-}" in
       --quants int4:mma,bf16 --bursts 64 --reps 5 --commit "$EDGE_EVAL_COMMIT" --out "$out/b_p2048" \
       > "$out/b_p2048.log" 2>&1; echo "prefill_burst (passes of at most 2048 tokens) rc $?"; grep -E "^\|" "$out/b_p2048.log"
     [ "${B2_SS:-1}" = 1 ] && MODEL_SERVER_FAST_PREFILL_GRAPH_TOKENS=4096 ss_arm ss_g4096 115 int4:mma,bf16 64 ;;
+  int4pack)  # the mma mode's int4pack copy (int4_choice.mma_int4pack_rows): per-linear kernel times at IP_MS rows
+    #       (mma_rows/), the steady state bf16 vs int4:mma with the copy at IP_CONC (ss_on/), then int4:mma without it
+    #       (ss_off/, MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0; IP_AB=0 skips it)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    if [ "${IP_KERNELS:-1}" = 1 ]; then
+      timeout 150 python3 benchmarks/int4_mma_bench.py --ms "${IP_MS:-1,2,4,8}" --no-sweep --out "$out/mma_rows" \
+        > "$out/mma_rows.log" 2>&1; echo "int4_mma_bench rc $?"; grep -E "^\| (qkv|o_proj|down|gate|lm)" "$out/mma_rows.log" | cut -c1-150
+    fi
+    ss_arm ss_on "${IP_SS_TIMEOUT:-300}" bf16,int4:mma "${IP_CONC:-1,8,64}"
+    [ "${IP_AB:-1}" = 1 ] && MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 ss_arm ss_off "${IP_OFF_TIMEOUT:-150}" int4:mma "${IP_OFF_CONC:-1,8}"
+    ;;
   graph4096)  # prefill graphs to 4,096 tokens (the default since 7e1476d): greedy tokens of 64 concurrent requests
     #        graphed vs eager (agree/), the steady state at 64 with 4,096 (ss_4096/: bf16 first), then with 2,048
     #        (ss_2048/: int4:mma first; G4_SS2048=0 skips it) (~3.5 min; ~5.5 with ss_2048). G4_CONC=1,8,64

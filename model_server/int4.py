@@ -9,13 +9,13 @@ from torch import nn
 
 from model_server.int4_choice import (AUTO_MODE, AUTO_MODE_MMA, GEMV_MAX_ROWS, KERNEL_MODES, MMA_MAX_ROWS,
                                       TINYGEMM_MAX_ROWS, WIDE_LAYERS, ComputeChoice, choose_compute, device_compute,
-                                      layer_kernel, mma_max_rows, step_kernel, tinygemm_max_rows)
+                                      layer_kernel, mma_int4pack_rows, mma_max_rows, step_kernel, tinygemm_max_rows)
 from model_server.int4_quant import dequantize_groupwise, quantize_groupwise
 
 __all__ = ["AUTO_MODE", "AUTO_MODE_MMA", "GEMV_MAX_ROWS", "GROUP_SIZES", "INNER_K_TILES", "KERNEL_MODES",
            "MMA_MAX_ROWS", "TINYGEMM_MAX_ROWS", "WIDE_LAYERS", "ComputeChoice", "Int4Linear", "choose_compute",
-           "device_compute", "fits", "holds", "layer_kernel", "mma_max_rows", "quantize_model", "step_kernel",
-           "tinygemm_max_rows"]                       # int4_choice's names stay importable from here
+           "device_compute", "fits", "holds", "layer_kernel", "mma_int4pack_rows", "mma_max_rows", "quantize_model",
+           "step_kernel", "tinygemm_max_rows"]                       # int4_choice's names stay importable from here
 
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8            # int4pack tiling along K: K must be a multiple of 16 * INNER_K_TILES
@@ -85,12 +85,22 @@ class Int4Linear(nn.Module):
         self.compute_dtype = choice.dtype
         dev = q.device
         sz = sz.to(device=dev, dtype=choice.dtype)
+        self.int4pack_rows = 0           # an mma layer's steps of up to this many rows run int4pack (step_kernel)
+        self.int4pack_kernel = self.kernel   # the layout of weight_packed, where held
         if self.kernel == "mma":
             from model_server import int4_mma
             words, scales = int4_mma.pack(q, sz, group_size)
             self.register_buffer("mma_words", words)
             self.register_buffer("mma_scales", scales)
             int4_mma.reserve(dev, n, k, mma_max_rows(n))
+            # a third copy, int4pack, for steps of few rows on narrow layers (int4_choice.mma_int4pack_rows); on CPU
+            # (tests only: the mma kernel is CUDA's) in the CPU kernel's layout
+            self.int4pack_kernel = "cuda-int4pack" if dev.type == "cuda" else "cpu-int4pack"
+            if holds(n, k, group_size, self.int4pack_kernel):
+                self.int4pack_rows = mma_int4pack_rows(n, k)
+            if self.int4pack_rows:
+                self.register_buffer("weight_packed", _pack(q, self.int4pack_kernel))
+                self.register_buffer("scales_and_zeros", sz)
         elif self.kernel != "triton":
             self.register_buffer("weight_packed", _pack(q, self.kernel))
             self.register_buffer("scales_and_zeros", sz)
@@ -119,7 +129,11 @@ class Int4Linear(nn.Module):
 
     def runs_triton(self, rows: int) -> bool:
         """Whether a step of ``rows`` rows runs the Triton GEMM (:func:`step_kernel`)."""
-        return step_kernel(self.kernel, self.rows_kernel, rows, self.out_features) == "triton"
+        return self.step_kernel(rows) == "triton"
+
+    def step_kernel(self, rows: int) -> str:
+        """The kernel a step of ``rows`` rows runs on this layer (:func:`model_server.int4_choice.step_kernel`)."""
+        return step_kernel(self.kernel, self.rows_kernel, rows, self.out_features, self.int4pack_rows)
 
     def _unpacked(self) -> torch.Tensor:
         p = self.weight_packed
@@ -177,7 +191,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if self.input_perm is not None:
             x2 = x2.index_select(1, self.input_perm)
-        kernel = step_kernel(self.kernel, self.rows_kernel, x2.shape[0], self.out_features)
+        kernel = self.step_kernel(x2.shape[0])
         side = self._prefetch(x2.shape[0])
         if kernel == "mma":
             from model_server.int4_mma import int4_mma_mm
@@ -192,9 +206,9 @@ class Int4Linear(nn.Module):
             from model_server.int4_triton import int4_triton_mm
             y = int4_triton_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size,
                                partials=partials)
-        elif kernel == "cuda-int4pack":
+        elif kernel == "cuda-int4pack" and self.int4pack_kernel == "cuda-int4pack":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros)
-        elif kernel == "cpu-int4pack":
+        elif kernel in ("cpu-int4pack", "cuda-int4pack"):        # an mma layer's int4pack copy on CPU (tests)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size,
                                                            self.scales_and_zeros)
         else:
@@ -211,7 +225,9 @@ class Int4Linear(nn.Module):
         rows = "" if not self.rows_kernel else (f", up to {GEMV_MAX_ROWS} rows={self.rows_kernel}"
                                                 if self.rows_kernel == "gemv" else
                                                 f", above {above} rows={self.rows_kernel}")
-        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, kernel={self.kernel}{rows}"
+        small = f", up to {self.int4pack_rows} rows=cuda-int4pack" if self.int4pack_rows else ""
+        return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
+                f"kernel={self.kernel}{small}{rows}")
 
 
 def quantize_model(model: nn.Module, group_size: int = 128, choice: ComputeChoice | None = None,

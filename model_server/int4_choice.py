@@ -33,7 +33,10 @@ without a GPU), each reading its own layout of the same 4-bit values:
 * ``mma``: the CUDA kernel of :mod:`model_server.int4_mma` (NVRTC; ``int4_kernel`` ``"mma"``) up to ``MMA_MAX_ROWS``
   rows (16; 32 on layers of >= 16,384 outputs; ``MODEL_SERVER_INT4_MMA_MAX_ROWS`` sets one bound for all:
   :func:`mma_max_rows`), the Triton GEMM above (two layouts, as ``mixed``); a layer its layout cannot hold (group
-  below 64, outputs not a multiple of 16) takes ``mixed``'s kernels instead.
+  below 64, outputs not a multiple of 16) takes ``mixed``'s kernels instead. Narrow layers (at most
+  ``MMA_INT4PACK_MAX_SIDE`` outputs and inputs: the 1B preset's q/k/v and o) also hold int4pack and run it for steps of
+  up to :func:`mma_int4pack_rows` rows (4; ``MODEL_SERVER_INT4_MMA_INT4PACK_ROWS``, 0 holds no such copy), where it
+  is faster than the mma kernel.
 """
 from __future__ import annotations
 
@@ -51,6 +54,9 @@ GEMV_MAX_ROWS = 16           # with rows_kernel "gemv": steps of at most this ma
 MMA_MAX_ROWS = 16            # with int4_kernel "mma": steps of up to this many rows run int4_mma, more the Triton GEMM
 MMA_WIDE_LAYERS = ((16384, 32),)   # ... except layers of at least this many outputs: (width, bound) (mma_max_rows)
 MMA_MAX_ROWS_SWITCH = "MODEL_SERVER_INT4_MMA_MAX_ROWS"   # one bound for every layer, 1..64 (mma_rows_switch)
+MMA_INT4PACK_ROWS = 4        # with int4_kernel "mma": steps of up to this many rows on a narrow layer run int4pack
+MMA_INT4PACK_MAX_SIDE = 4096 # ... a layer of at most this many outputs and inputs (mma_int4pack_rows)
+MMA_INT4PACK_SWITCH = "MODEL_SERVER_INT4_MMA_INT4PACK_ROWS"   # 0..8; 0: no int4pack copy
 KERNEL_MODES = ("auto", "tinygemm", "triton", "mixed", "triton-gemm", "mma")
 AUTO_MODE = "mixed"          # what "auto" means on CUDA >= 8.0 with Triton, where the mma kernel does not build
 AUTO_MODE_MMA = "mma"        # ... and where it does (module docstring)
@@ -64,6 +70,33 @@ def mma_rows_switch() -> int | None:
     if value is not None and not 1 <= value <= 64:
         raise SwitchValueError(f"{MMA_MAX_ROWS_SWITCH} must be 1..64 (the mma kernel's rows), got {value}")
     return value
+
+
+@lru_cache(maxsize=1)
+def mma_int4pack_switch() -> int:
+    """``MODEL_SERVER_INT4_MMA_INT4PACK_ROWS`` (0..8), ``MMA_INT4PACK_ROWS`` when unset; read once per process, as
+    layers decide at load whether to hold the int4pack copy; anything else raises :class:`SwitchValueError`."""
+    value = integer(MMA_INT4PACK_SWITCH)
+    if value is None:
+        return MMA_INT4PACK_ROWS
+    if not 0 <= value <= 8:
+        raise SwitchValueError(f"{MMA_INT4PACK_SWITCH} must be 0..8 (int4pack's rows), got {value}")
+    return value
+
+
+def mma_int4pack_rows(out_features: int, in_features: int) -> int:
+    """Steps of up to this many rows on an ``[out_features, in_features]`` layer under the mma kernel run int4pack
+    (``aten._weight_int4pack_mm``) from a third copy of its 4-bit weights: :func:`mma_int4pack_switch` on layers of at
+    most ``MMA_INT4PACK_MAX_SIDE`` outputs and inputs, else 0 (no copy). From the per-linear timings in a CUDA graph
+    of 2026-12-05/06 (``int4_mma_bench.py``, docs/benchmarks.md "int4pack for one-row steps"): at 1 row int4pack took
+    3.9-4.0 us on the 3,072 x 2,048 q/k/v and 3.6-3.8 on the 2,048 x 2,048 o against the mma kernel's 5.6-6.1 and
+    5.1-5.6 (H200, H100); at 8 rows 5.5-6.2 against 5.4-5.9 on the H200 (H100: o 4.8 against 5.7, q/k/v 6.3 both);
+    at 16 rows it loses (7.4-10.0 against 5.8-6.9). The 2,048 x 8,192 down projection gains less at 1 row (7.8-8.4
+    against 8.3-8.8 with FLAT) and loses at 8 (13.1 against 9.0-9.4), the 16,384-output gate/up ties at 1 row (11.8-11.9
+    against 11.5-11.9), the LM head loses (73-74 against 60-65): they hold no copy."""
+    if out_features > MMA_INT4PACK_MAX_SIDE or in_features > MMA_INT4PACK_MAX_SIDE:
+        return 0
+    return mma_int4pack_switch()
 
 
 def mma_max_rows(out_features: int | None = None) -> int:
@@ -123,7 +156,10 @@ def choose_compute(device_type: str, capability: tuple[int, int] | None, triton:
         if not mma:
             raise SwitchValueError("MODEL_SERVER_INT4_KERNELS=mma, but the mma kernel does not build here "
                                    "(NVRTC; the log says why)")
-        return ComputeChoice(torch.bfloat16, "mma", why + f"; CUDA mma kernel up to {mma_bounds()}, Triton "
+        small = mma_int4pack_switch()
+        small = (f"; int4pack up to {small} rows on layers of <= {MMA_INT4PACK_MAX_SIDE} outputs and inputs"
+                 if small else "")
+        return ComputeChoice(torch.bfloat16, "mma", why + f"; CUDA mma kernel up to {mma_bounds()}{small}, Triton "
                              "GEMM above", rows_kernel="triton")
     if mode == "triton":
         return ComputeChoice(torch.bfloat16, "triton", why + f"; Triton: small-rows kernel up to {GEMV_MAX_ROWS} "
@@ -164,15 +200,17 @@ def tinygemm_max_rows(out_features: int) -> int:
     return _width_bound(out_features, WIDE_LAYERS, TINYGEMM_MAX_ROWS)
 
 
-def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_features: int) -> str:
+def step_kernel(int4_kernel: str, rows_kernel: str | None, rows: int, out_features: int, int4pack_rows: int = 0) -> str:
     """The kernel a step of ``rows`` rows runs on a layer of ``out_features`` outputs: ``"gemv"``, ``"triton"``
     (the GEMM), ``"triton-dequant"`` (a step of prefill size where the Triton layout is held: dequantize, then cuBLAS;
-    :func:`model_server.int4_dequant.takes`) or ``int4_kernel`` itself (the module docstring's modes;
+    :func:`model_server.int4_dequant.takes`), ``"cuda-int4pack"`` (an mma layer that holds int4pack for steps of up
+    to ``int4pack_rows`` rows, :func:`mma_int4pack_rows`) or ``int4_kernel`` itself (the module docstring's modes;
     :class:`Int4Linear` and the benchmarks)."""
     if int4_kernel == "triton":
         kernel = "gemv" if rows_kernel == "gemv" and rows <= GEMV_MAX_ROWS else "triton"
     elif int4_kernel == "mma":
-        kernel = "mma" if rows <= mma_max_rows(out_features) else "triton"
+        kernel = ("cuda-int4pack" if rows <= int4pack_rows else
+                  "mma" if rows <= mma_max_rows(out_features) else "triton")
     else:
         kernel = "triton" if rows_kernel == "triton" and rows > tinygemm_max_rows(out_features) else int4_kernel
     if kernel == "triton":

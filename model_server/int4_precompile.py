@@ -77,7 +77,7 @@ def precompile_mma(modules: Iterable[nn.Module]) -> int:
     for layer in mma_layers(modules):
         dev = layer.mma_words.device
         sms = int4_mma._num_sms(dev)
-        for rows in range(1, mma_max_rows(layer.out_features) + 1):
+        for rows in range(layer.int4pack_rows + 1, mma_max_rows(layer.out_features) + 1):   # fewer rows: int4pack
             cfg = int4_mma.choose_config(rows, layer.out_features, layer.in_features, sms)
             names.add((cfg.name(), int4_mma.device_index(dev)))
     for name, index in sorted(names):

@@ -98,7 +98,8 @@ def weight_buffers(linear: torch.nn.Module, rows: int) -> list[torch.Tensor]:
     """The buffers an :class:`model_server.int4.Int4Linear` reads in a step of ``rows`` rows (its kernel's layout)."""
     from model_server.int4_choice import step_kernel
 
-    kernel = step_kernel(linear.kernel, linear.rows_kernel, rows, linear.out_features)
+    kernel = step_kernel(linear.kernel, linear.rows_kernel, rows, linear.out_features,
+                         getattr(linear, "int4pack_rows", 0))
     if kernel == "mma":
         return [linear.mma_words, linear.mma_scales]
     if kernel in ("triton", "gemv"):

@@ -44,6 +44,10 @@ def test_weight_buffers_follow_the_kernel_a_step_of_that_many_rows_runs() -> Non
     assert l2_prefetch.weight_buffers(mma, 64) == [mma.triton_packed, mma.triton_scales, mma.triton_zeros]
     wide = _fake_linear("mma", "triton", n=16384)                      # wide layers keep mma up to 32 rows
     assert l2_prefetch.weight_buffers(wide, 32)[0] is wide.mma_words
+    copy = _fake_linear("mma", "triton")                               # a narrow layer's int4pack copy: 1-4 rows
+    copy.int4pack_rows = 4
+    assert l2_prefetch.weight_buffers(copy, 4) == [copy.weight_packed, copy.scales_and_zeros]
+    assert l2_prefetch.weight_buffers(copy, 5) == [copy.mma_words, copy.mma_scales]
     mixed = _fake_linear("cuda-int4pack", "triton")
     assert l2_prefetch.weight_buffers(mixed, 4) == [mixed.weight_packed, mixed.scales_and_zeros]
     assert l2_prefetch.weight_buffers(mixed, 64)[0] is mixed.triton_packed

@@ -26,7 +26,7 @@ import logging
 import torch
 from torch import nn
 
-from model_server.int4 import Int4Linear, mma_max_rows, step_kernel
+from model_server.int4 import Int4Linear, mma_int4pack_rows, mma_max_rows
 from model_server.int4_cpu_pack import cat_cpu_int4pack
 from .direct import hooked, run
 
@@ -100,15 +100,19 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     nn.Module.__init__(merged)
     merged.in_features, merged.out_features = p0.in_features, sum(p.out_features for p in parts)
     merged.group_size, merged.kernel, merged.compute_dtype = p0.group_size, p0.kernel, p0.compute_dtype
-    merged.rows_kernel = p0.rows_kernel
+    merged.rows_kernel, merged.int4pack_kernel = p0.rows_kernel, p0.int4pack_kernel
+    merged.int4pack_rows = min(p.int4pack_rows for p in parts) if p0.kernel == "mma" else 0
+    if merged.int4pack_rows:                           # as Int4Linear._hold would decide for the merged shape
+        merged.int4pack_rows = min(merged.int4pack_rows, mma_int4pack_rows(merged.out_features, merged.in_features))
     merged.kernel_reason = getattr(p0, "kernel_reason", None)
     merged.register_buffer("input_perm", perm)
     packed = {}
     for name, dim in (("weight_packed", 0), ("scales_and_zeros", 1), ("triton_packed", 0), ("triton_scales", 1),
                       ("triton_zeros", 1), ("mma_words", 0), ("mma_scales", 0)):
-        if not hasattr(p0, name):
+        if not hasattr(p0, name) or (p0.kernel == "mma" and name in ("weight_packed", "scales_and_zeros")
+                                      and not merged.int4pack_rows):
             continue
-        if name == "weight_packed" and p0.kernel == "cpu-int4pack":
+        if name == "weight_packed" and p0.int4pack_kernel == "cpu-int4pack":
             packed[name] = cat_cpu_int4pack([(p.weight_packed, p.out_features) for p in parts], p0.in_features)
         else:
             packed[name] = torch.cat([getattr(p, name) for p in parts], dim=dim).contiguous()
@@ -142,7 +146,7 @@ def _agrees(merged: Int4Linear, parts: list[Int4Linear]) -> bool:
         with torch.inference_mode():
             want = torch.cat([p(x) for p in parts], dim=-1)
             got = merged(x)
-        exact = step_kernel(merged.kernel, merged.rows_kernel, rows, merged.out_features) not in ("triton", "mma")
+        exact = merged.step_kernel(rows) not in ("triton", "mma")
         err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
         if (exact and not torch.equal(got, want)) or err > 0.02:
             log.warning("merged INT4 projection disagrees with its parts at %d rows (rel. error %.3g); "
