@@ -2,9 +2,12 @@
 
 Reads int4_mma.json from ``benchmarks/int4_mma_bench.py`` (run with its sweep, on the card the table is for) and, per
 cell (layer shape, rows), takes the fastest correct configuration among the sweep's rows and the cell's own columns
-(the served config, the rule's FLAT and KW twins). A cell goes into the table only where that beats the rule with FLAT
-(``int4_mma.rule_config(..., flat=1)``, what serves shapes the table lacks) by at least --min-gain; entries of the
-same SM count, shape and rows are replaced, the rest kept. The LM head has no sweep and never enters.
+(the served config, the rule's FLAT and KW twins). A cell's fastest goes into the table where it beats the rule with
+FLAT (``int4_mma.rule_config(..., flat=1)``, what serves shapes the table lacks) by at least --min-gain; elsewhere the
+cell enters with the rule's FLAT configuration (``"rule_flat": true``), so that its steps keep it rather than take the
+entry of another row count of the same 8-token tiles (a 1-row step took the 8-row winner of the down projection, 0.4
+us slower than FLAT on an H100 and an H200). Entries of the same SM count, shape and rows are replaced, the rest kept.
+The LM head has no sweep and never enters.
 
   python3 benchmarks/int4_mma_tune.py benchmarks/results/DATE/mma_HHMM/mma/int4_mma.json
   python3 benchmarks/int4_mma_tune.py RESULT.json --table OUT.json --min-gain 0.05 --dry-run
@@ -64,11 +67,13 @@ def entries(res: dict, source: str, min_gain: float) -> list[dict]:
         if flat_us is None or not timed:
             continue
         us, cfg = min(timed, key=lambda t: t[0])
-        if us > flat_us * (1.0 - min_gain) or not int4_mma.fits(cfg, cell["m"], cell["k"]):
-            continue
+        rule_flat = us > flat_us * (1.0 - min_gain) or not int4_mma.fits(cfg, cell["m"], cell["k"])
+        if rule_flat:
+            us, cfg = flat_us, int4_mma.rule_config(cell["m"], cell["n"], cell["k"], num_sms, flat=1)
         out.append({"num_sms": num_sms, "n": cell["n"], "k": cell["k"], "m": cell["m"], "config": vars(cfg),
                     "us": round(us, 3), "rule_flat_us": round(flat_us, 3), "device": res.get("device"),
-                    "group": res.get("group"), "source": source, **({"sweep_cut": True} if cell.get("sweep_cut") else {})})
+                    "group": res.get("group"), "source": source, **({"rule_flat": True} if rule_flat else {}),
+                    **({"sweep_cut": True} if cell.get("sweep_cut") else {})})
     return out
 
 
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     for e in new:
         c = e["config"]
         print(f"{e['n']}x{e['k']} M={e['m']}: {e['us']:.2f} us (rule with FLAT {e['rule_flat_us']:.2f}) "
-              f"{int4_mma.Config(**c).name()} split {c['split']}")
+              f"{int4_mma.Config(**c).name()} split {c['split']}" + (" (the rule with FLAT kept)" if e.get("rule_flat")
+                                                                   else ""))
     if args.dry_run:
         return 0
     table = json.loads(args.table.read_text()) if args.table.exists() else {}
