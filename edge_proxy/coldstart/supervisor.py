@@ -83,7 +83,7 @@ class BackendSupervisor:
         self._lock = asyncio.Lock()
         self.failures = 0                           # consecutive failed starts / crashes
         self._last_failure_mono = 0.0
-        self.last_returncode: int | None = None
+        self._last_rc: int | None = None           # the exit code _watch_exit saw last
         self.starts = 0
         self._atexit_registered = False
         self._prctl = None
@@ -97,6 +97,14 @@ class BackendSupervisor:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def last_returncode(self) -> int | None:
+        """The exit code of the last process that exited (None before any did): the current process's own once it
+        has exited, which ``running`` turns False on before the exit watcher has run (the driver reads it then)."""
+        if self._proc is not None and self._proc.returncode is not None:
+            return self._proc.returncode
+        return self._last_rc
 
     @property
     def stopping(self) -> bool:
@@ -213,7 +221,7 @@ class BackendSupervisor:
     async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
         rc = await proc.wait()
         expected = self._stopping
-        self.last_returncode = rc
+        self._last_rc = rc
         self._signal_group(proc.pid, signal.SIGKILL)   # stragglers left in the group
         if self._relay_task is not None:                # its last lines (the pipe closes now)
             await asyncio.wait({self._relay_task}, timeout=2.0)
@@ -261,6 +269,7 @@ class BackendSupervisor:
             self._signal_group(proc.pid, signal.SIGKILL)
             if self._watch is not None:
                 await asyncio.gather(self._watch, return_exceptions=True)
+            self._last_rc = proc.returncode             # (the watcher's too, unless it was cancelled)
             self._proc = None
             self._watch = None
             return proc.returncode
