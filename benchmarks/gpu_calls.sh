@@ -393,7 +393,7 @@ case "${1:-}" in
     #       (ss_off/, MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0; IP_AB=0 skips it)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     if [ "${IP_KERNELS:-1}" = 1 ]; then
-      timeout 150 python3 benchmarks/int4_mma_bench.py --ms "${IP_MS:-1,2,4,8}" --no-sweep --out "$out/mma_rows" \
+      timeout "${IP_K_TIMEOUT:-150}" python3 benchmarks/int4_mma_bench.py --ms "${IP_MS:-1,2,4,8}" --no-sweep --out "$out/mma_rows" \
         > "$out/mma_rows.log" 2>&1; echo "int4_mma_bench rc $?"; grep -E "^\| (qkv|o_proj|down|gate|lm)" "$out/mma_rows.log" | cut -c1-150
     fi
     ss_arm ss_on "${IP_SS_TIMEOUT:-300}" bf16,int4:mma "${IP_CONC:-1,8,64}"
