@@ -397,8 +397,9 @@ case "${1:-}" in
         > "$out/mma_rows.log" 2>&1; echo "int4_mma_bench rc $?"; grep -E "^\| (qkv|o_proj|down|gate|lm)" "$out/mma_rows.log" | cut -c1-150
     fi
     ss_arm ss_on "${IP_SS_TIMEOUT:-300}" bf16,int4:mma "${IP_CONC:-1,8,64}"
-    [ "${IP_AB:-1}" = 1 ] && MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 ss_arm ss_off "${IP_OFF_TIMEOUT:-150}" int4:mma "${IP_OFF_CONC:-1,8}"
-    ;;
+    if [ "${IP_AB:-1}" = 1 ]; then
+      MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 ss_arm ss_off "${IP_OFF_TIMEOUT:-150}" int4:mma "${IP_OFF_CONC:-1,8}"
+    fi ;;
   graph4096)  # prefill graphs to 4,096 tokens (the default since 7e1476d): greedy tokens of 64 concurrent requests
     #        graphed vs eager (agree/), the steady state at 64 with 4,096 (ss_4096/: bf16 first), then with 2,048
     #        (ss_2048/: int4:mma first; G4_SS2048=0 skips it) (~3.5 min; ~5.5 with ss_2048). G4_CONC=1,8,64

@@ -218,6 +218,15 @@ ROWS = [
         ["2026-12-07-h100/graph4096_0437/agree/prefill_graph_agree.json"], values.graph_agreement, "7ae6fec"),
     Row("INT4 vs bf16 in-process at 64, bf16 first, one process, prefill graphs to 4,096 tokens (H100)",
         ["2026-12-07-h100/graph4096_0437/ss_4096/steady_state.json"], values.formats_vs_bf16, "7ae6fec"),
+    Row("INT4 vs bf16 in-process at 1 and 8 streams, bf16 first, one process, with the int4pack copy for steps of <= 4 "
+        "rows on the narrow layers (the default since) (H100)",
+        ["2026-12-07-h100/int4pack_0735/call1/ss_on/steady_state.json"], values.formats_vs_bf16, "cb2c09b"),
+    Row("INT4 vs bf16 in-process at 64 streams, the next call on the same machine, int4pack copy on (H100)",
+        ["2026-12-07-h100/int4pack_0735/call2/ss_on/steady_state.json"], values.formats_vs_bf16, "cb2c09b"),
+    Row("INT4 at 1 stream: the int4pack copy for steps of <= 4 rows on the narrow layers over none (next process, "
+        "same machine)",
+        ["2026-12-07-h100/int4pack_0735/call1/ss_on/steady_state.json",
+         "2026-12-07-h100/int4pack_0735/call1/ss_off/steady_state.json"], values.gain_over_second, "cb2c09b"),
     Row("H200, today's defaults over 2026-12-05's (each format against itself, two machines a day apart)",
         ["2026-12-06-h200/ss18_2143/ss18/steady_state.json", "2026-12-05-h200/mma_ss_2243/ss/steady_state.json"],
         values.gain_over_second, "e12f46b"),
