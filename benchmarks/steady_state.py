@@ -67,12 +67,13 @@ def int4_kernel_check(device: str) -> dict:
     # both sides of Int4Linear's dispatch by rows; a narrow layer (2,048 outputs) also holds the mma mode's int4pack
     # copy for its steps of few rows (int4_choice.mma_int4pack_rows)
     for tag, n, rows in (("", 8192, (1, 8, 9, 64, 256)), ("narrow_", 2048, (1, 4, 5, 64))):
+        lin = nn.Linear(2048, n, bias=False).to(device=device, dtype=ch.dtype)
+        q, sz = quantize_groupwise(lin.weight, 128)
+        w = dequantize_groupwise(q, sz, 128).double()
+        layer = Int4Linear(lin, 128, ch)
         for m in rows:
-            lin = nn.Linear(2048, n, bias=False).to(device=device, dtype=ch.dtype)
             x = torch.randn(m, 2048, device=device, dtype=ch.dtype)
-            q, sz = quantize_groupwise(lin.weight, 128)
-            ref = x.double() @ dequantize_groupwise(q, sz, 128).double().t()
-            layer = Int4Linear(lin, 128, ch)
+            ref = x.double() @ w.t()
             y = layer(x)
             out[f"rel_err_{tag}m{m}"] = float((y.double() - ref).norm() / ref.norm())
             if tag:

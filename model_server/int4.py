@@ -206,11 +206,10 @@ class Int4Linear(nn.Module):
             from model_server.int4_triton import int4_triton_mm
             y = int4_triton_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size,
                                partials=partials)
-        elif kernel == "cuda-int4pack" and self.int4pack_kernel == "cuda-int4pack":
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight_packed, self.group_size, self.scales_and_zeros)
-        elif kernel in ("cpu-int4pack", "cuda-int4pack"):        # an mma layer's int4pack copy on CPU (tests)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size,
-                                                           self.scales_and_zeros)
+        elif kernel in ("cuda-int4pack", "cpu-int4pack"):  # the held layout's op (an mma layer's copy: CPU in tests)
+            op = (torch.ops.aten._weight_int4pack_mm if self.int4pack_kernel == "cuda-int4pack" else
+                  torch.ops.aten._weight_int4pack_mm_for_cpu)
+            y = op(x2, self.weight_packed, self.group_size, self.scales_and_zeros)
         else:
             y = x2 @ self._unpacked().t()
         self._joined(side)
