@@ -28,6 +28,9 @@
 #                                            per-linear times at 1/2/4/8 rows (tinygemm vs mma), then bf16 vs int4:mma at
 #                                            1/8/64 in one process (copy on, the default), then int4:mma at 1/8 with
 #                                            MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 (IP_AB=0 skips it) (~9 min)
+#   bash benchmarks/gpu_calls.sh lmhead     # issue 17: the LM head's mma configuration at few rows (never swept before):
+#                                            bf16 vs int4:mma at 1/8 with the shipped table, the LM head's sweep at 1/8
+#                                            rows written into this checkout's table, int4:mma at 1/8 with it (~8 min)
 #   bash benchmarks/gpu_calls.sh graph4096  # issue 17: greedy tokens with the 64-prompt prefill graphed vs eager, then the
 #                                            64-stream steady state with prefill graphs to 4,096 and to 2,048 (~5.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
@@ -192,7 +195,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -400,6 +403,18 @@ case "${1:-}" in
     if [ "${IP_AB:-1}" = 1 ]; then
       MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 ss_arm ss_off "${IP_OFF_TIMEOUT:-150}" int4:mma "${IP_OFF_CONC:-1,8}"
     fi ;;
+  lmhead)  # the mma kernel's LM head configuration at few rows: the steady state bf16 vs int4:mma at LM_CONC (1,8)
+    #     with the shipped table (ss_cur/), the LM head's sweep at LM_MS rows (1,8; LM_BUDGET s; lm/), its winners
+    #     written into this checkout's table by int4_mma_tune.py (lm/tune.log, the table as lm/int4_mma_tuned.json),
+    #     then int4:mma at LM_CONC in the next process with them (ss_new/)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    ss_arm ss_cur "${LM_SS_TIMEOUT:-260}" bf16,int4:mma "${LM_CONC:-1,8}"
+    timeout "$(( ${LM_BUDGET:-120} + 90 ))" python3 benchmarks/int4_mma_bench.py --shapes lm_head --ms "${LM_MS:-1,8}" \
+      --sweep-budget-s "${LM_BUDGET:-120}" --out "$out/lm" > "$out/lm.log" 2>&1; echo "int4_mma_bench rc $?"
+    grep -E " M=[0-9]+:" "$out/lm.log" | cut -c1-300
+    python3 benchmarks/int4_mma_tune.py "$out/lm/int4_mma.json" > "$out/lm/tune.log" 2>&1; echo "int4_mma_tune rc $?"
+    cat "$out/lm/tune.log"; cp model_server/data/int4_mma_tuned.json "$out/lm/"
+    ss_arm ss_new "${LM_NEW_TIMEOUT:-130}" int4:mma "${LM_CONC:-1,8}" ;;
   graph4096)  # prefill graphs to 4,096 tokens (the default since 7e1476d): greedy tokens of 64 concurrent requests
     #        graphed vs eager (agree/), the steady state at 64 with 4,096 (ss_4096/: bf16 first), then with 2,048
     #        (ss_2048/: int4:mma first; G4_SS2048=0 skips it) (~3.5 min; ~5.5 with ss_2048). G4_CONC=1,8,64

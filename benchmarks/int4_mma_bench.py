@@ -13,6 +13,7 @@ today: tinygemm up to int4.tinygemm_max_rows, the Triton GEMM above), mma at its
 config per shape, and the best INT4 method per shape. Writes int4_mma.json / .md to --out.
 
   python3 benchmarks/int4_mma_bench.py --out DIR      # exits 2 with one line when there is no CUDA device
+  python3 benchmarks/int4_mma_bench.py --shapes lm_head --ms 1,8 --out DIR   # one layer's sweep (for int4_mma_tune.py)
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from model_server.int4 import INNER_K_TILES, tinygemm_max_rows  # noqa: E402
 from model_server.int4_quant import dequantize_groupwise, quantize_groupwise  # noqa: E402
 
 MAX_ERR = 1e-2
+SHAPES = dict(MERGED, lm_head=LM_HEAD)       # name -> (N out, K in)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-budget-s", type=float, default=240.0,
                    help="sweep for about this long in all, each cell an even share of what is left (the LM head too)")
     p.add_argument("--no-sweep", action="store_true", help="time the default config only")
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"layers to run, comma-separated, of {', '.join(SHAPES)} (default: all five; with fewer, the "
+                        "per-step totals add up only those)")
     p.add_argument("--once", action="store_true",
                    help="run the kernel twice per shape and M at the rule's config, the served (measured table's) config, "
                         "the rule's KW twin and twice the rule's split K, nothing else (for a profiler: ncu -k regex:w4a16_mma; gpu_calls.sh mmaprof)")
@@ -56,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(split K, tiles per warp, warps, stages), print one line per case, exit 1 on any failure")
     args = p.parse_args(argv)
     args.ms = [int(v) for v in args.ms.split(",") if v.strip()]
+    args.shapes = [v.strip() for v in args.shapes.split(",") if v.strip()]
+    if not args.shapes or any(v not in SHAPES for v in args.shapes):
+        p.error(f"--shapes takes names of {', '.join(SHAPES)}")
     if not args.ms or min(args.ms) < 1 or max(args.ms) > int4_mma.MAX_ROWS or args.reps < 1:
         p.error(f"--ms needs integers in 1..{int4_mma.MAX_ROWS} and --reps >= 1")
     return args
@@ -101,7 +109,7 @@ class Layer:
 def run(args: argparse.Namespace) -> dict:
     props = torch.cuda.get_device_properties(0)
     sms, l2 = props.multi_processor_count, int(getattr(props, "L2_cache_size", 50 << 20))
-    shapes = dict(MERGED, lm_head=LM_HEAD)
+    shapes = {name: SHAPES[name] for name in args.shapes}
     cells: list[dict] = []
     t0 = time.time()
     deadline = t0 + args.sweep_budget_s
@@ -155,8 +163,8 @@ def run(args: argparse.Namespace) -> dict:
         del lay
         torch.cuda.empty_cache()
     return {"device": props.name, "torch": torch.__version__, "group": args.group, "reps": args.reps,
-            "num_sms": sms, "l2_bytes": l2, "ms": args.ms, "cells": cells, "steps": steps(cells, args.ms),
-            "seconds": time.time() - t0}
+            "num_sms": sms, "l2_bytes": l2, "ms": args.ms, "shapes": list(shapes), "cells": cells,
+            "steps": steps(cells, args.ms), "seconds": time.time() - t0}
 
 
 def good_time(cell: dict, meth: str) -> float | None:
@@ -191,7 +199,9 @@ def steps(cells: list[dict], ms: list[int]) -> dict:
 def markdown(res: dict) -> str:
     keys = ("bf16", "dispatch", "mma", "mma_rule", "mma_flat", "mma_kw", "mma_best", "best_int4")
     lines = [f"# int4 mma kernel, {res['device']}, torch {res['torch']}, group {res['group']}", "",
-             "Linears per decode step (16 layers x 4 + LM head), us (speed-up vs bf16):", "",
+             "Linears per decode step (16 layers x 4 + LM head), us (speed-up vs bf16):" if len(res.get("shapes", SHAPES))
+             == len(SHAPES) else f"Linears per decode step, only {', '.join(res['shapes'])} (x16 per layer), us "
+             "(speed-up vs bf16):", "",
              "| M | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
     for m, row in res["steps"].items():
         b = row.get("bf16")
@@ -265,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         return smoke(args.group)
     if args.once:
-        for name, (n, k) in dict(MERGED, lm_head=LM_HEAD).items():
+        for name in args.shapes:
+            n, k = SHAPES[name]
             q, sz32 = quantize_groupwise(torch.randn(n, k, device="cuda") * 0.02, args.group)
             words, scales = int4_mma.pack(q, sz32.to(torch.bfloat16), args.group)
             for m in args.ms:

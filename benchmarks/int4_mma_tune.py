@@ -7,7 +7,8 @@ FLAT (``int4_mma.rule_config(..., flat=1)``, what serves shapes the table lacks)
 cell enters with the rule's FLAT configuration (``"rule_flat": true``), so that its steps keep it rather than take the
 entry of another row count of the same 8-token tiles (a 1-row step took the 8-row winner of the down projection, 0.4
 us slower than FLAT on an H100 and an H200). Entries of the same SM count, shape and rows are replaced, the rest kept.
-The LM head has no sweep and never enters.
+A cell without a sweep (``--no-sweep``, or a budget that never reached it) never enters; the LM head enters like the
+others when it was swept (``int4_mma_bench.py --shapes lm_head``).
 
   python3 benchmarks/int4_mma_tune.py benchmarks/results/DATE/mma_HHMM/mma/int4_mma.json
   python3 benchmarks/int4_mma_tune.py RESULT.json --table OUT.json --min-gain 0.05 --dry-run
@@ -60,7 +61,7 @@ def entries(res: dict, source: str, min_gain: float) -> list[dict]:
     num_sms = int(res["num_sms"])
     out = []
     for cell in res["cells"]:
-        if cell["name"] == "lm_head" or not cell.get("sweep"):
+        if not cell.get("sweep"):
             continue
         flat_us = good_time(cell, "mma_flat")
         timed = candidates(cell, num_sms)

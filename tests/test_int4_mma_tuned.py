@@ -152,6 +152,29 @@ def test_the_tune_script_enters_clear_wins_only_and_replaces_same_cells(tmp_path
     assert "M=8: 10.40 us (rule with FLAT 13.00)" in done.stdout and "(the rule with FLAT kept)" in done.stdout
 
 
+def test_the_tune_script_enters_a_swept_lm_head_and_the_engine_then_picks_it(tmp_path: Path, monkeypatch) -> None:
+    rule = int4_mma.rule_config(1, 128256, 2048, 132)
+    win = int4_mma.Config(1, 4, 4, 6, 1, 1)
+    cell = {"name": "lm_head", "n": 128256, "k": 2048, "m": 1, "mma_config": vars(rule),
+            "us": {"mma": 60.0, "mma_flat": 59.0}, "err": {"mma": 2e-3, "mma_flat": 2e-3},
+            "sweep": [{"config": vars(win), "err": 2e-3, "us": 44.0}]}
+    res = tmp_path / "lm.json"
+    res.write_text(json.dumps({"device": "card", "group": 128, "num_sms": 132, "shapes": ["lm_head"], "cells": [cell]}))
+    out = tmp_path / "table.json"
+    done = _tune(str(res), "--table", str(out))
+    assert done.returncode == 0, done.stderr
+    [entry] = json.loads(out.read_text())["configs"]
+    assert entry["n"] == 128256 and entry["config"] == vars(win) and entry["us"] == 44.0 and not entry.get("rule_flat")
+    monkeypatch.setattr(int4_mma_tuned, "TABLE", out)
+    int4_mma_tuned.reload()
+    try:
+        assert int4_mma.choose_config(1, 128256, 2048, 132) == win
+        assert int4_mma.choose_config(9, 128256, 2048, 132) == int4_mma.rule_config(9, 128256, 2048, 132, flat=1)
+    finally:
+        monkeypatch.undo()
+        int4_mma_tuned.reload()
+
+
 def test_the_tune_script_says_in_one_line_what_it_cannot_use(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
