@@ -200,8 +200,8 @@ def markdown(res: dict) -> str:
     keys = ("bf16", "dispatch", "mma", "mma_rule", "mma_flat", "mma_kw", "mma_best", "best_int4")
     lines = [f"# int4 mma kernel, {res['device']}, torch {res['torch']}, group {res['group']}", "",
              "Linears per decode step (16 layers x 4 + LM head), us (speed-up vs bf16):" if len(res.get("shapes", SHAPES))
-             == len(SHAPES) else f"Linears per decode step, only {', '.join(res['shapes'])} (x16 per layer), us "
-             "(speed-up vs bf16):", "",
+             == len(SHAPES) else f"Linears per decode step, only {', '.join(res['shapes'])} (a layer's x16, the LM head "
+             "once), us (speed-up vs bf16):", "",
              "| M | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
     for m, row in res["steps"].items():
         b = row.get("bf16")
