@@ -186,6 +186,15 @@ def run_quant(quant: str, model_dir: str, args: argparse.Namespace, tmp: Path) -
         stop_all(procs)
 
 
+def last_line(path: Path) -> str:
+    """The last non-empty line of the text file at ``path`` ("" when there is none or it cannot be read)."""
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     lines = [header, "", "| quantization | concurrency | reps | tokens/s | ledger J/token (full) | ledger J/token "
              "(active) | counter J/token | direct J/token | conservation error |",
@@ -245,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows += run_quant(q, model_dir, args, tmp)
         except Exception as exc:   # noqa: BLE001 - one quantization failing must not lose the others
-            errors[q] = f"{type(exc).__name__}: {exc}"[:300]
+            why = last_line(tmp / f"model_server_{q}.log")       # the server's own last word, where it said one
+            errors[q] = f"{type(exc).__name__}: {exc}"[:300] + (f" (model server: {why[:200]})" if why else "")
             print(f"energy_per_token: {q} failed: {errors[q]}", file=sys.stderr)
         text = write(args, rows, errors)          # after each quantization: a cut-off run keeps the rest
     if args.direct is not None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements still open (issues 14 and 17), one device call each, in the order to run them.
-# Each call: carry .gpu/.whl (bitsandbytes 0.50.2, rouge-score, nltk, OpenTelemetry wheels: the GPU
-# image lacks them), write under $OUT. Usage on the device machine, from the repository root:
+# Each call: carry .gpu/.whl (rouge-score, nltk, OpenTelemetry wheels: the GPU image lacks them; NF4 also needs
+# bitsandbytes 0.50.2, 43 MB, which since 2026-12-07 no longer fits the device tool's 64 MiB beside the tracked tree of
+# ~56 MB), write under $OUT. Usage on the device machine, from the repository root:
 #   bash benchmarks/gpu_calls.sh s46        # issue 17: the served stages rule (determinism 33/48/64, kernels at 64), the fence
 #                                            A/B with 3 stages at 64 rows, then bf16 vs int4:mma at 64 in one process (~9 min)
 #   bash benchmarks/gpu_calls.sh s46b       # issue 17: the mma and small-rows Triton kernels' repeatability, PDL on the served

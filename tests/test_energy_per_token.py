@@ -61,3 +61,15 @@ def test_bad_concurrency_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith(
         "--concurrency takes positive integers, --reps >= 1, --seconds > 0, --proxies 1..16")
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_own_reason(tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model-dir", str(empty), "--device", "cpu",
+                           "--energy-source", "estimated", "--quantizations", "none", "--concurrency", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    why = json.loads((tmp_path / "energy_per_token.json").read_text())["errors"]["none"]
+    assert "before it was ready" in why and "(model server: model-server serve: error:" in why
+    assert "has no config.json" in why and why in (tmp_path / "energy_per_token.md").read_text()
