@@ -223,6 +223,8 @@ ROWS = [
         ["2026-12-07-h100/int4pack_0735/call1/ss_on/steady_state.json"], values.formats_vs_bf16, "cb2c09b"),
     Row("INT4 vs bf16 in-process at 64 streams, the next call on the same machine, int4pack copy on (H100)",
         ["2026-12-07-h100/int4pack_0735/call2/ss_on/steady_state.json"], values.formats_vs_bf16, "cb2c09b"),
+    Row("INT4 vs bf16 in-process at 1 and 8 streams, the same defaults on a machine started afresh (H100)",
+        ["2026-12-07-h100/lmhead_0857/ss_cur/steady_state.json"], values.formats_vs_bf16, "8418e88"),
     Row("INT4 at 1 stream: the int4pack copy for steps of <= 4 rows on the narrow layers over none (next process, "
         "same machine)",
         ["2026-12-07-h100/int4pack_0735/call1/ss_on/steady_state.json",
@@ -256,6 +258,9 @@ ROWS = [
         ["2026-12-06-h100/cold_0528/cold/cold_start_phases.json"], values.spawn_by_quant, "88b094d"),
     Row("energy per output token through the proxy (ledger), INT4 on the mma kernel, bf16 with the one-row GEMV",
         ["2026-12-06-h100/ept_0536/out/ept_bf16_int4/energy_per_token.json"], values.ept, "88b094d",
+        card="NVIDIA H100 80GB HBM3 (card.txt beside it)"),
+    Row("energy per output token through the proxy (ledger), 1/8/64/256 streams, with the defaults of 2026-12-07",
+        ["2026-12-07-h100/ept_0904/ept_bf16_int4/energy_per_token.json"], values.ept, "35991df",
         card="NVIDIA H100 80GB HBM3 (card.txt beside it)"),
     Row("cold start, spawn to first token, seeded int4 starts on the mma kernel",
         ["2026-12-05-h100/cold_mma_1916/cold/cold_start_phases.json"], values.spawn_by_quant, "e2d1fc2"),
