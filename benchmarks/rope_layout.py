@@ -7,7 +7,8 @@ writing q once takes at that card's bandwidth. The prefill applies rotary to ``q
 (head-major views into the merged projection's output); this script times the same compiled op
 (``engines/fast/fused.Ops``) on those views (``head_major``), on the token-major views before the transpose
 (``token_major``: ``cos``/``sin`` broadcast as ``[1, t, 1, D]``, the result transposed after), both again compiled
-for static shapes (``*_static``: the engine compiles with ``dynamic=True``), and eagerly, and checks that every
+for static shapes (``*_static``: the engine compiles with ``dynamic=True``), dynamic with the head and head-dim
+axes (``marked_hd``) and also the token axis (``marked_hdt``) marked static, and eagerly, and checks that every
 variant gives the same bits. Prints one JSON object (and writes it to --out).
 
   python3 benchmarks/rope_layout.py --n 64 --t 64 --out DIR      # exits 2 with one line without a CUDA device
@@ -85,15 +86,29 @@ def main(argv: list[str] | None = None) -> int:
                      cos[None, None], sin[None, None])
     tm = lambda f: f(q.view(n, t, h, d), k.view(n, t, kv, d), cos[None, :, None], sin[None, :, None])  # noqa: E731
     static = torch.compile(rope, dynamic=False, fullgraph=True)
+    marked_hd = torch.compile(rope, dynamic=True, fullgraph=True)      # dynamic, but heads and head dim marked static
+    marked_hdt = torch.compile(rope, dynamic=True, fullgraph=True)     # ... and the tokens too (n alone dynamic)
+
+    def mark(f, dims):
+        def call(qq, kk, cc, ss):
+            for x in (qq, kk, cc, ss):
+                for dim in dims:
+                    if x.shape[dim] > 1:
+                        torch._dynamo.mark_static(x, dim)
+            return f(qq, kk, cc, ss)
+        return call
     a, b, c = hm(ops.rope), tm(ops.rope), tm(static)
     same = all(torch.equal(a[i], x[i].transpose(1, 2)) for x in (b, c) for i in (0, 1))
-    eager_same = bool(torch.equal(a[0], hm(rope)[0]) and torch.equal(a[0], hm(static)[0]))
+    eager_same = all(torch.equal(a[0], hm(f)[0]) for f in (rope, static, mark(marked_hd, (1, 3)),
+                                                          mark(marked_hdt, (1, 2, 3))))
     moved = 2 * (n * t * (h + kv) * d) * 2                 # q and k read once and written once, bf16
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "n": n, "t": t, "heads": h,
            "kv_heads": kv, "head_dim": d, "reps": args.reps, "same_bits_token_vs_head_major": same,
            "compiled_same_as_eager_and_static": eager_same, "bytes_moved": moved, "us": {}}
     for name, fn in (("head_major", lambda: hm(ops.rope)), ("token_major", lambda: tm(ops.rope)),
                      ("head_major_static", lambda: hm(static)), ("token_major_static", lambda: tm(static)),
+                     ("head_major_marked_hd", lambda: hm(mark(marked_hd, (1, 3)))),
+                     ("head_major_marked_hdt", lambda: hm(mark(marked_hdt, (1, 2, 3)))),
                      ("eager_head_major", lambda: hm(rope)), ("copy_q_k", lambda: (q.clone(), k.clone()))):
         res["us"][name] = round(time_us(fn, args.reps), 2)
     res["gb_per_s"] = {k2: round(moved / v / 1e3, 1) for k2, v in res["us"].items()}
