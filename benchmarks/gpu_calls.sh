@@ -32,6 +32,9 @@
 #   bash benchmarks/gpu_calls.sh lmhead     # issue 17: the LM head's mma configuration at few rows (never swept before):
 #                                            bf16 vs int4:mma at 1/8 with the shipped table, the LM head's sweep at 1/8
 #                                            rows written into this checkout's table, int4:mma at 1/8 with it (~8 min)
+#   bash benchmarks/gpu_calls.sh compiledops # issue 17: the engine's dynamic-shape compiled elementwise ops against static
+#                                            compiles: the prefill rotary (rope_layout.py, 64 x 64 and 16 x 256) and
+#                                            add + RMSNorm, RMSNorm, SiLU-mul at 64 / 4,096 rows (compiled_ops_static.py) (~2 min)
 #   bash benchmarks/gpu_calls.sh graph4096  # issue 17: greedy tokens with the 64-prompt prefill graphed vs eager, then the
 #                                            64-stream steady state with prefill graphs to 4,096 and to 2,048 (~5.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
@@ -196,7 +199,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -404,6 +407,13 @@ case "${1:-}" in
     if [ "${IP_AB:-1}" = 1 ]; then
       MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 ss_arm ss_off "${IP_OFF_TIMEOUT:-150}" int4:mma "${IP_OFF_CONC:-1,8}"
     fi ;;
+  compiledops)  # dynamic vs static torch.compile of the fused elementwise ops, device time (rope/, ops/)
+    for nt in "64 64" "16 256"; do set -- $nt
+      timeout 100 python3 benchmarks/rope_layout.py --n "$1" --t "$2" --out "$out/rope_n$1_t$2" > "$out/rope_n$1_t$2.log" 2>&1
+      echo "rope_layout $1 x $2 rc $?"; grep -A8 '"us"' "$out/rope_n$1_t$2.log" | tr -d '\n '; echo
+    done
+    timeout 150 python3 benchmarks/compiled_ops_static.py --out "$out/ops" > "$out/ops.log" 2>&1; echo "compiled_ops_static rc $?"
+    grep -E '"(op|rows|same_bits_as_eager|dynamic_us|static_us)"' "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo ;;
   lmhead)  # the mma kernel's LM head configuration at few rows: the steady state bf16 vs int4:mma at LM_CONC (1,8)
     #     with the shipped table (ss_cur/), the LM head's sweep at LM_MS rows (1,8; LM_BUDGET s; lm/), its winners
     #     written into this checkout's table by int4_mma_tune.py (lm/tune.log, the table as lm/int4_mma_tuned.json),

@@ -225,6 +225,8 @@ ROWS = [
         ["2026-12-07-h100/int4pack_0735/call2/ss_on/steady_state.json"], values.formats_vs_bf16, "cb2c09b"),
     Row("INT4 vs bf16 in-process at 1 and 8 streams, the same defaults on a machine started afresh (H100)",
         ["2026-12-07-h100/lmhead_0857/ss_cur/steady_state.json"], values.formats_vs_bf16, "8418e88"),
+    Row("INT4 vs bf16 in-process at 64 streams on a third H100, one process, bf16 first",
+        ["2026-12-07-h100/ss64_0918/ss_on/steady_state.json"], values.formats_vs_bf16, "6dd6065"),
     Row("INT4 at 1 stream: the int4pack copy for steps of <= 4 rows on the narrow layers over none (next process, "
         "same machine)",
         ["2026-12-07-h100/int4pack_0735/call1/ss_on/steady_state.json",
