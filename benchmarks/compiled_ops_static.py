@@ -4,8 +4,8 @@
 benchmarks/rope_layout.py found the dynamic rotary of a 4,096-token prefill 5-9x slower than a static compile on an
 H100 (89-156 against 16.5 us). This asks the same of the other fused ops the engine's graphs hold: the residual add +
 RMSNorm (32 per step), RMSNorm, and SiLU-mul, each at 64 rows (a 64-stream decode step) and 4,096 rows (the
-64-prompt prefill). Device time only (calls captured in a CUDA graph, :func:`rope_layout.time_us`); both compiles are
-checked for the same bits as the eager function. Prints one JSON object (and writes it to --out).
+64-prompt prefill). Device time only (calls captured in a CUDA graph, :func:`gemv_probe.graph_us`); both compiles
+are checked for the same bits as the eager function. Prints one JSON object (and writes it to --out).
 
   python3 benchmarks/compiled_ops_static.py --out DIR      # exits 2 with one line without a CUDA device
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_server.engines.fast import fused  # noqa: E402
-from rope_layout import time_us  # noqa: E402
+from gemv_probe import graph_us  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             flat = lambda r: r if isinstance(r, tuple) else (r,)      # noqa: E731
             same = all(torch.equal(p, q) for e, o in ((eager, dyn), (eager, sta)) for p, q in zip(flat(e), flat(o)))
             cell = {"op": name, "rows": m, "same_bits_as_eager": same,
-                    "dynamic_us": round(time_us(lambda: getattr(ops, name)(*a), args.reps), 2),
-                    "static_us": round(time_us(lambda: static[name](*a), args.reps), 2)}
+                    "dynamic_us": graph_us(lambda: getattr(ops, name)(*a), calls=args.reps),
+                    "static_us": graph_us(lambda: static[name](*a), calls=args.reps)}
             res["cells"].append(cell)
     text = json.dumps(res, indent=1)
     print(text)

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gemv_probe import graph_us  # noqa: E402
 from model_server.engines.fast.fused import Ops, rope  # noqa: E402
 
 
@@ -41,31 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.n, args.t, args.heads, args.kv_heads, args.head_dim, args.reps) < 1 or args.head_dim % 2:
         p.error("sizes and --reps must be positive, --head-dim even")
     return args
-
-
-def time_us(fn, reps: int) -> float:
-    """Device microseconds per call: ``reps`` calls captured in one CUDA graph (after three warm-up calls, on a side
-    stream as capture needs), the graph replayed 5 times, the median replay over ``reps``. A graph leaves out the
-    host's launch and guard overhead (100+ us per compiled call here), which the engine's prefill graphs do not pay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / reps)
-    return sorted(times)[2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                      ("head_major_marked_hd", lambda: hm(mark(marked_hd, (1, 3)))),
                      ("head_major_marked_hdt", lambda: hm(mark(marked_hdt, (1, 2, 3)))),
                      ("eager_head_major", lambda: hm(rope)), ("copy_q_k", lambda: (q.clone(), k.clone()))):
-        res["us"][name] = round(time_us(fn, args.reps), 2)
+        res["us"][name] = graph_us(fn, calls=args.reps)   # device time: the calls in one CUDA graph
     res["gb_per_s"] = {k2: round(moved / v / 1e3, 1) for k2, v in res["us"].items()}
     text = json.dumps(res, indent=1)
     print(text)
