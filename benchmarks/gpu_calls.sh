@@ -35,6 +35,9 @@
 #   bash benchmarks/gpu_calls.sh compiledops # issue 17: the engine's dynamic-shape compiled elementwise ops against static
 #                                            compiles: the prefill rotary (rope_layout.py, 64 x 64 and 16 x 256) and
 #                                            add + RMSNorm, RMSNorm, SiLU-mul at 64 / 4,096 rows (compiled_ops_static.py) (~2 min)
+#   bash benchmarks/gpu_calls.sh prope      # issue 17: a prefill's rotary as one Triton kernel (MODEL_SERVER_FAST_PREFILL_ROPE
+#                                            =triton) against the compiled op: bits and time alone (rope_layout.py), bursts
+#                                            of 64 prompts each way (bf16, int4:mma), the steady state at 64 each way (~8 min)
 #   bash benchmarks/gpu_calls.sh graph4096  # issue 17: greedy tokens with the 64-prompt prefill graphed vs eager, then the
 #                                            64-stream steady state with prefill graphs to 4,096 and to 2,048 (~5.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
@@ -199,7 +202,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -407,6 +410,21 @@ case "${1:-}" in
     if [ "${IP_AB:-1}" = 1 ]; then
       MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 ss_arm ss_off "${IP_OFF_TIMEOUT:-150}" int4:mma "${IP_OFF_CONC:-1,8}"
     fi ;;
+  prope)  # the prefill rotary kernel (engines/fast/rope_prefill.py) vs the compiled op: rope_layout.py at 64 x 64 and
+    #    16 x 256 (rope_*/: bits and device time), 64-prompt bursts with the switch compiled (b_c/) and triton (b_t/),
+    #    then the steady state at 64 streams int4:mma,bf16 with triton (ss_t/) and compiled (ss_c/, next process)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    for nt in "64 64" "16 256"; do set -- $nt
+      timeout 100 python3 benchmarks/rope_layout.py --n "$1" --t "$2" --out "$out/rope_n$1_t$2" > "$out/rope_n$1_t$2.log" 2>&1
+      echo "rope_layout $1 x $2 rc $?"; grep -E '"same_bits|"(head_major|head_major_static|triton_kernel)"' "$out/rope_n$1_t$2.log" | tr -d '\n '; echo
+    done
+    for m in compiled triton; do
+      MODEL_SERVER_FAST_PREFILL_ROPE=$m timeout 120 python3 benchmarks/prefill_burst.py --model-dir /tmp/m1b \
+        --quants int4:mma,bf16 --bursts 64 --reps 5 --commit "$EDGE_EVAL_COMMIT" --out "$out/b_${m:0:1}" \
+        > "$out/b_${m:0:1}.log" 2>&1; echo "prefill_burst ($m) rc $?"; grep -E "^\|" "$out/b_${m:0:1}.log"
+    done
+    MODEL_SERVER_FAST_PREFILL_ROPE=triton ss_arm ss_t "${PR_SS_TIMEOUT:-130}" int4:mma,bf16 64
+    MODEL_SERVER_FAST_PREFILL_ROPE=compiled ss_arm ss_c "${PR_SS_TIMEOUT:-130}" int4:mma,bf16 64 ;;
   compiledops)  # dynamic vs static torch.compile of the fused elementwise ops, device time (rope/, ops/)
     for nt in "64 64" "16 256"; do set -- $nt
       timeout 100 python3 benchmarks/rope_layout.py --n "$1" --t "$2" --out "$out/rope_n$1_t$2" > "$out/rope_n$1_t$2.log" 2>&1

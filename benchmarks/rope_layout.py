@@ -8,7 +8,8 @@ writing q once takes at that card's bandwidth. The prefill applies rotary to ``q
 (``engines/fast/fused.Ops``) on those views (``head_major``), on the token-major views before the transpose
 (``token_major``: ``cos``/``sin`` broadcast as ``[1, t, 1, D]``, the result transposed after), both again compiled
 for static shapes (``*_static``: the engine compiles with ``dynamic=True``), dynamic with the head and head-dim
-axes (``marked_hd``) and also the token axis (``marked_hdt``) marked static, and eagerly, and checks that every
+axes (``marked_hd``) and also the token axis (``marked_hdt``) marked static, the engine's Triton kernel for it
+(``triton_kernel``: :mod:`model_server.engines.fast.rope_prefill`, token-major), and eagerly, and checks that every
 variant gives the same bits. Prints one JSON object (and writes it to --out).
 
   python3 benchmarks/rope_layout.py --n 64 --t 64 --out DIR      # exits 2 with one line without a CUDA device
@@ -26,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv_probe import graph_us  # noqa: E402
+from model_server.engines.fast import rope_kv  # noqa: E402
 from model_server.engines.fast.fused import Ops, rope  # noqa: E402
+from model_server.engines.fast.rope_prefill import rope_prefill  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             return f(qq, kk, cc, ss)
         return call
     a, b, c = hm(ops.rope), tm(ops.rope), tm(static)
-    same = all(torch.equal(a[i], x[i].transpose(1, 2)) for x in (b, c) for i in (0, 1))
+    kern = lambda: rope_prefill(q.view(n, t, h, d), k.view(n, t, kv, d), cos, sin)      # noqa: E731
+    rope_kv.available(d)                                     # imports Triton for the kernel
+    same = all(torch.equal(a[i], x[i].transpose(1, 2)) for x in (b, c, kern()) for i in (0, 1))
     eager_same = all(torch.equal(a[0], hm(f)[0]) for f in (rope, static, mark(marked_hd, (1, 3)),
                                                           mark(marked_hdt, (1, 2, 3))))
     moved = 2 * (n * t * (h + kv) * d) * 2                 # q and k read once and written once, bf16
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                      ("head_major_static", lambda: hm(static)), ("token_major_static", lambda: tm(static)),
                      ("head_major_marked_hd", lambda: hm(mark(marked_hd, (1, 3)))),
                      ("head_major_marked_hdt", lambda: hm(mark(marked_hdt, (1, 2, 3)))),
+                     ("triton_kernel", kern),
                      ("eager_head_major", lambda: hm(rope)), ("copy_q_k", lambda: (q.clone(), k.clone()))):
         res["us"][name] = graph_us(fn, calls=args.reps)   # device time: the calls in one CUDA graph
     res["gb_per_s"] = {k2: round(moved / v / 1e3, 1) for k2, v in res["us"].items()}

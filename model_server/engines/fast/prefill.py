@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .direct import run
 from .graphs import capture_lazily
 from .layers import project_qkv, run_layers
+from .rope_prefill import rope_prefill
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -38,10 +39,13 @@ def prefill_forward(r: "ModelRunner", ids: torch.Tensor, slot_idx: torch.Tensor,
     def attend(li: int, layer, x: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
         q, k, v = project_qkv(r, li, attn, x)
-        q = q.view(n, t, r.n_heads, d).transpose(1, 2)
-        k = k.view(n, t, kv, d).transpose(1, 2)
         v = v.view(n, t, kv, d).transpose(1, 2)
-        q, k = r.ops.rope(q, k, cos, sin)
+        if r.prefill_rope:                                         # one kernel, token-major in and out (.rope_prefill)
+            q, k = rope_prefill(q.view(n, t, r.n_heads, d), k.view(n, t, kv, d), r.cos, r.sin)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        else:
+            q, k = r.ops.rope(q.view(n, t, r.n_heads, d).transpose(1, 2), k.view(n, t, kv, d).transpose(1, 2),
+                              cos, sin)
         r.cache.k[li][slot_idx, :, :t] = k
         r.cache.v[li][slot_idx, :, :t] = v
         if r.group > 1:

@@ -42,6 +42,7 @@ from .mixed import MixedInputs
 from .prefill import prefill_forward, run_prefill
 from .rope_kv import available as rope_kv_available
 from .rope_kv import rope_kv_write
+from .rope_prefill import usable as rope_prefill_usable
 from .support import check_supported
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class ModelRunner:
         self.decode_attn = decode_attn is True or (
             decode_attn is None and decode_attn_default(self.device.type, self.dtype, self.head_dim))
         self.decode_attn_error: str | None = None        # why it was turned off at its first use (self_check)
+        # a prefill's rotary as one Triton kernel (.rope_prefill) where MODEL_SERVER_FAST_PREFILL_ROPE=triton asks for it
+        self.prefill_rope = rope_prefill_usable(self.head_dim)
         # the greedy pick after the LM head as two Triton kernels (.greedy_kernel; None = on CUDA with Triton)
         self.picker = GreedyPicker(self.device, pick_kernel)
         self.gemv_linears = 0      # linears on the one-row bf16 GEMV (factory.install_gemv sets it)
