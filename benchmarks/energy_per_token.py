@@ -19,6 +19,10 @@ stopped and the ledger had split its last tick, so nothing is in flight at eithe
     python benchmarks/energy_per_token.py --model-dir /tmp/m1b --device cuda --energy-source nvml \\
         --quantizations bf16,nf4,int4 --concurrency 1,8,64,256 --seconds 10 --reps 3 --out OUT_DIR
 
+``--api-workers N`` (N > 0): the model server serves HTTP from N worker processes in front of its one engine
+process (``model-server serve --api-workers N``; with the default 0, HTTP and engine share one process, which limits
+tokens/s at 64 and more streams: docs/benchmarks.md, "API worker processes").
+
 ``--proxies N`` (N > 1): N proxy processes on one port (``--reuse-port``) sharing the counter
 (``--energy-shared``); every counter above is then the sum over the N, so the window checks that
 their shares add up to the counter (with NVML: to the card's counter read directly).
@@ -154,11 +158,12 @@ def run_quant(quant: str, model_dir: str, args: argparse.Namespace, tmp: Path) -
         with open(tmp / f"model_server_{quant}.log", "wb") as log:
             ms = subprocess.Popen([sys.executable, "-m", "model_server", "serve", model_dir, "--port", str(ms_port),
                                    "--device", args.device, "--quantization", quant, "--engine", args.engine,
-                                   "--max-batch", str(args.max_batch), "--log-level", "warning"],
+                                   "--max-batch", str(args.max_batch), "--log-level", "warning",
+                                   *(["--api-workers", str(args.api_workers)] if args.api_workers else [])],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(ms)
         wait_http_ok(f"http://127.0.0.1:{ms_port}/health", timeout=args.start_timeout, proc=ms)
-        wait_engine_warm(f"http://127.0.0.1:{ms_port}", args.start_timeout)   # fused path, not the eager first requests
+        info = wait_engine_warm(f"http://127.0.0.1:{ms_port}", args.start_timeout)   # fused path, not eager
         if args.energy_source == "estimated":    # the same estimate as the proxies', read here directly
             from edge_proxy.energy.estimated_source import EstimatedReader
             args.direct = EstimatedReader(65.0, scope="backend", backend_url=f"http://127.0.0.1:{ms_port}")
@@ -181,6 +186,8 @@ def run_quant(quant: str, model_dir: str, args: argparse.Namespace, tmp: Path) -
             # unmeasured: the engine captures its CUDA graphs lazily, at the first step of each batch size
             asyncio.run(load(urls["proxy"], model, c, args.warm_seconds, args.max_tokens))
             rows += [cell(urls, model, quant, c, rep, args) for rep in range(args.reps)]
+        for row in rows:                        # how the server says it ran (its /info), not what was asked
+            row["server_api_workers"] = int(info.get("api_workers", 0) or 0)
         return rows
     finally:
         stop_all(procs)
@@ -232,14 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=1.0, help="idle seconds before and after each cell")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="model-server start-up limit, s")
     ap.add_argument("--proxies", type=int, default=1, help="proxy processes on one port sharing the counter (default 1)")
+    ap.add_argument("--api-workers", type=int, default=0,
+                    help="model-server --api-workers: HTTP worker processes in front of the engine "
+                         "(default 0: one process)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     try:
         args.concurrency = [int(x) for x in args.concurrency.split(",")]
-        if min(args.concurrency) < 1 or args.reps < 1 or args.seconds <= 0 or not 1 <= args.proxies <= 16:
+        if min(args.concurrency) < 1 or args.reps < 1 or args.seconds <= 0 or not 1 <= args.proxies <= 16 \
+                or not 0 <= args.api_workers <= 16:
             raise ValueError
     except ValueError:
-        ap.error("--concurrency takes positive integers, --reps >= 1, --seconds > 0, --proxies 1..16")
+        ap.error("--concurrency takes positive integers, --reps >= 1, --seconds > 0, --proxies 1..16, "
+                 "--api-workers 0..16")
     args.out.mkdir(parents=True, exist_ok=True)
     args.direct = direct_reader(args.energy_source)
     tmp = Path(tempfile.mkdtemp(prefix="edge-ept-"))
@@ -266,12 +278,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]], errors: dict[str, str]) -> str:
     header = (f"# Energy per output token ({args.energy_source}, {args.device}"
-              f"{f', {args.proxies} proxies sharing the counter' if args.proxies > 1 else ''})\n\n- date: {utc_date()}\n"
+              f"{f', {args.proxies} proxies sharing the counter' if args.proxies > 1 else ''}"
+              f"{f', {args.api_workers} API worker processes' if args.api_workers else ''})\n\n- date: {utc_date()}\n"
               f"- machine: {machine()}\n- commit: {default_commit()}\n- command: `{command_line(SCRIPT)}`"
               + "".join(f"\n- {q} failed: {e}" for q, e in errors.items()))
     (args.out / "energy_per_token.json").write_text(json.dumps(
         {"command": command_line(SCRIPT), "date": utc_date(), "machine": machine(), "commit": default_commit(),
-         "proxies": args.proxies, "errors": errors, "cells": rows}, indent=1))
+         "proxies": args.proxies, "api_workers": args.api_workers, "errors": errors, "cells": rows}, indent=1))
     text = markdown(rows, header)
     (args.out / "energy_per_token.md").write_text(text)
     return text

@@ -52,6 +52,7 @@
 #   QUANTS=bf16,int4 bash benchmarks/gpu_calls.sh ept; QUANTS=nf4 bash ...  # issue 17: energy per token at
 #                                            1/8/64/256, ledger vs counter (~3.5 min per quantization);
 #                                            PROXIES=2 EPT_CONC=8,64 QUANTS=bf16: two proxies sharing NVML, summed
+#                                            EPT_API_WORKERS=4: the model server's HTTP in 4 worker processes
 #   bash benchmarks/gpu_calls.sh load       # issues 17/19: the proxy at 1,000 streams on the GPU machine's CPUs,
 #                                            one vs two proxy processes (--energy-shared), pinned (~4 min; no GPU use;
 #                                            LOAD_SOURCES=none,replay,replay-x3,replay-x4 for more processes)
@@ -260,7 +261,7 @@ case "${1:-}" in
     q=${QUANTS:-bf16,int4}; d=out/ept_${q//,/_}
     timeout -s INT "${EPT_SECONDS:-560}" python3 benchmarks/energy_per_token.py --model-dir /tmp/m1b --device cuda \
       --energy-source nvml --quantizations "$q" --concurrency "${EPT_CONC:-1,8,64,256}" --seconds 10 --reps 3 \
-      --proxies "${PROXIES:-1}" --out "$d" \
+      --proxies "${PROXIES:-1}" --api-workers "${EPT_API_WORKERS:-0}" --out "$d" \
       > "$d.log" 2>&1; echo "ept rc $?"; stop_servers
     tar czf "$out/ept.tgz" "$d" "$d.log"; cat "$d/energy_per_token.md" ;;
   load)

@@ -55,12 +55,30 @@ def test_two_proxies_sharing_the_counter_conserve_it_together(tiny_model_dir: Pa
     assert "2 proxies sharing the counter" in (tmp_path / "energy_per_token.md").read_text()
 
 
+@pytest.mark.slow
+def test_the_model_server_with_api_workers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--api-workers 2: the model server serves HTTP from two worker processes in front of its engine (the fast
+    engine); the cells still count tokens and conserve the counter, and the report says how the server ran."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model-dir", str(tiny_model_dir), "--device", "cpu",
+                           "--engine", "fast", "--energy-source", "estimated", "--quantizations", "none",
+                           "--concurrency", "2", "--seconds", "1", "--reps", "1", "--max-tokens", "8",
+                           "--settle", "0.3", "--warm-seconds", "0.3", "--api-workers", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "energy_per_token.json").read_text())
+    assert doc["api_workers"] == 2 and doc["errors"] == {} and "--api-workers 2" in doc["command"]
+    (c,) = doc["cells"]
+    assert c["errors"] == 0 and c["streams"] >= 2 and c["output_tokens"] >= 8 * c["streams"]
+    assert c["server_api_workers"] == 2 and abs(c["conservation_error"]) < 1e-6
+    assert "2 API worker processes" in (tmp_path / "energy_per_token.md").read_text()
+
+
 def test_bad_concurrency_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny", "--concurrency", "1,x",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith(
-        "--concurrency takes positive integers, --reps >= 1, --seconds > 0, --proxies 1..16")
+        "--concurrency takes positive integers, --reps >= 1, --seconds > 0, --proxies 1..16, --api-workers 0..16")
 
 
 def test_a_server_that_cannot_start_is_reported_with_its_own_reason(tmp_path: Path) -> None:
