@@ -77,12 +77,14 @@ def _rope_rows_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, t_block
 
 
 def _jitted() -> Any:
-    """The kernel, ``triton.jit`` once at first use, with rope_kv's jitted rounding helper as its ``_round``."""
+    """The kernel, ``triton.jit`` once at first use, with rope_kv's jitted rounding helper as its ``_round``; one
+    compile serves every token count (strides still specialize, as Triton does, on multiples of 16)."""
     global _kernel, _round, tl
     if _kernel is None:
         rope_kv._jitted()
         _round, tl = rope_kv._round, rope_kv.tl
-        _kernel = rope_kv.triton.jit(_rope_rows_kernel)
+        # not specialized on the token count (Triton would compile T % 16 == 0 and T == 1 apart from the rest)
+        _kernel = rope_kv.triton.jit(_rope_rows_kernel, do_not_specialize=["T", "t_blocks"])
     return _kernel
 
 
