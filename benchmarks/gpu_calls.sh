@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements still open (issues 14 and 17), one device call each, in the order to run them.
 # Each call: carry .gpu/.whl (rouge-score, nltk, OpenTelemetry wheels: the GPU image lacks them; NF4 also needs
-# bitsandbytes 0.50.2, 43 MB, which since 2026-12-07 no longer fits the device tool's 64 MiB beside the tracked tree of
-# ~56 MB), write under $OUT. Usage on the device machine, from the repository root:
+# bitsandbytes 0.50.2, carried slimmed to its CUDA 13 libraries, 7 MB, since the whole wheel's 43 MB does not fit the
+# device tool's 64 MiB beside the tracked tree of ~34 MB: see "Preparing .gpu/.whl" below), write under $OUT. Usage on the device machine, from the repository root:
 #   bash benchmarks/gpu_calls.sh s46        # issue 17: the served stages rule (determinism 33/48/64, kernels at 64), the fence
 #                                            A/B with 3 stages at 64 rows, then bf16 vs int4:mma at 64 in one process (~9 min)
 #   bash benchmarks/gpu_calls.sh s46b       # issue 17: the mma and small-rows Triton kernels' repeatability, PDL on the served
@@ -193,13 +193,8 @@
 #                                            int4_kernels.py --no-sweep at 16/32/64 rows with MODEL_SERVER_INT4_TRITON_DEQ=
 #                                            fp32 (k_fp32/) and fma (k_fma/), then the steady state in-process, int4:mma
 #                                            at SS_CONC (32,64) with fma (ss_fma/), fp32 (ss/), then bf16 (ss_bf16/) (~7 min)
-# Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): pip download --no-deps
-# --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 bitsandbytes==0.50.2
-# nltk==3.10.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2,
-# and pip wheel --no-deps rouge-score==0.1.2 (an sdist only).
-# The device tool copies the working tree plus what is carried, 64 MiB in all: with benchmarks/results at ~53 MB
-# the bitsandbytes wheel (43 MB) no longer fits beside the tree, so the modes that load bitsandbytes (ept with nf4, grid,
-# agree) need results moved out of the tree for that call; every other mode runs without it.
+# Preparing .gpu/.whl (here, with a network; .gpu/ is in .git/info/exclude): bash scripts/gpu_wheels.sh. It slims the
+# bitsandbytes wheel to the libraries a CUDA 13 torch loads (7 MB of 43), so that NF4 travels beside the tree.
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
