@@ -38,6 +38,10 @@
 #   bash benchmarks/gpu_calls.sh prope      # issue 17: a prefill's rotary as one Triton kernel (MODEL_SERVER_FAST_PREFILL_ROPE
 #                                            =triton) against the compiled op: bits and time alone (rope_layout.py), bursts
 #                                            of 64 prompts each way (bf16, int4:mma), the steady state at 64 each way (~8 min)
+#   bash benchmarks/gpu_calls.sh norms      # issue 17: the residual add + RMSNorm as one Triton kernel (MODEL_SERVER_FAST_NORM=
+#                                            triton) against the compiled ops: time and bits alone at 1 / 64 / 4,096 rows and
+#                                            4 / 8 partials (compiled_ops_static.py), the INT4 decode profile at 64 each way
+#                                            (greedy tokens compared), the steady state at NM_CONC (64) each way (~9.5 min)
 #   bash benchmarks/gpu_calls.sh graph4096  # issue 17: greedy tokens with the 64-prompt prefill graphed vs eager, then the
 #                                            64-stream steady state with prefill graphs to 4,096 and to 2,048 (~5.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
@@ -198,7 +202,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -421,6 +425,21 @@ case "${1:-}" in
     done
     MODEL_SERVER_FAST_PREFILL_ROPE=triton ss_arm ss_t "${PR_SS_TIMEOUT:-130}" int4:mma,bf16 64
     MODEL_SERVER_FAST_PREFILL_ROPE=compiled ss_arm ss_c "${PR_SS_TIMEOUT:-130}" int4:mma,bf16 64 ;;
+  norms)  # the add + RMSNorm kernel (engines/fast/norm_kernel.py) vs the compiled ops: compiled_ops_static.py (ops/:
+    #    device time, bits), the INT4 decode profile at 64 rows with the switch compiled (dp_c/) and triton (dp_t/) and
+    #    their greedy tokens compared, then the steady state at NM_CONC int4:mma,bf16 with triton (ss_t/), compiled (ss_c/)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout 150 python3 benchmarks/compiled_ops_static.py --out "$out/ops" > "$out/ops.log" 2>&1; echo "compiled_ops_static rc $?"
+    grep -E '"(op|rows|splits|same_bits_as_eager|dynamic_us|static_us|triton_us|triton_h_same_bits|triton_y_max_ulps)"' \
+      "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo
+    for m in compiled triton; do
+      MODEL_SERVER_FAST_NORM=$m timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+        --out "$out/dp_${m:0:1}" --quants int4 --batches 64 --variants served --batch-greedy 64 > "$out/dp_${m:0:1}.log" 2>&1
+      echo "decode_profile ($m) rc $?"; tail -1 "$out/dp_${m:0:1}.log"
+    done
+    python3 benchmarks/dp_greedy_compare.py "$out/dp_c/decode_profile.json" "$out/dp_t/decode_profile.json"
+    MODEL_SERVER_FAST_NORM=triton ss_arm ss_t "${NM_SS_TIMEOUT:-130}" int4:mma,bf16 "${NM_CONC:-64}"
+    MODEL_SERVER_FAST_NORM=compiled ss_arm ss_c "${NM_SS_TIMEOUT:-130}" int4:mma,bf16 "${NM_CONC:-64}" ;;
   compiledops)  # dynamic vs static torch.compile of the fused elementwise ops, device time (rope/, ops/)
     for nt in "64 64" "16 256"; do set -- $nt
       timeout 100 python3 benchmarks/rope_layout.py --n "$1" --t "$2" --out "$out/rope_n$1_t$2" > "$out/rope_n$1_t$2.log" 2>&1
