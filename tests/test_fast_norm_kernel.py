@@ -2,7 +2,7 @@
 by Triton's interpreter on CPU: ``h`` bit for bit the fused op's, the normed row within one unit in the last place
 in bf16 and fp16, a few in fp32 (its sum of squares adds in another order), split-K partials summed as the sum kernel sums them, a fast engine with it
 still gives ``model.generate``'s greedy tokens, an INT4 decode step with partials the logits of the eager ops, the
-switch, and the kernel compiles for sm_90 (the interpreter runs its Python, not Triton's compiler)."""
+switch, and the kernel compiles for sm_90 with 16-byte loads (the interpreter runs its Python, not Triton's compiler)."""
 from __future__ import annotations
 
 import os
@@ -126,6 +126,7 @@ def test_an_int4_decode_step_with_partials_gives_the_eager_logits(monkeypatch):
 
 
 COMPILE_SM90 = """
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -139,9 +140,12 @@ for dt, split in (("bf16", 0), ("bf16", 8), ("fp16", 4)):
     types = ["*" + dt, xt, "*" + dt, "*" + dt, "*" + dt] + ["i32"] * 6 + ["fp32"]
     const = dict(SPLIT=split, BLOCK=2048, BF16=dt == "bf16")
     sig = dict(zip(names, types), **{k: "constexpr" for k in const})
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": nk._warps(2048)})
-    print(dt, split, "st.global" in k.asm["ptx"])
+    # as a launch specializes them: pointers 16-byte aligned, the hidden size and strides multiples of 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(11)}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": nk._warps(2048)})
+    loads = re.findall(r"ld\.global[.a-z0-9]*", k.asm["ptx"])
+    print(dt, split, "st.global" in k.asm["ptx"], len(loads), all(".v4." in ld for ld in loads))
 """
 
 
@@ -151,4 +155,5 @@ def test_the_kernel_compiles_for_sm90(tmp_path):
     r = subprocess.run([sys.executable, "-c", COMPILE_SM90], cwd=Path(__file__).resolve().parents[1], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split("\n")[:3] == ["bf16 0 True", "bf16 8 True", "fp16 4 True"], r.stdout
+    # one 16-byte load per 8 columns of each input (x or each partial, the residual, the weight) and no narrower one
+    assert r.stdout.split("\n")[:3] == ["bf16 0 True 3 True", "bf16 8 True 18 True", "fp16 4 True 10 True"], r.stdout
