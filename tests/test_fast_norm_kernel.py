@@ -5,10 +5,6 @@ still gives ``model.generate``'s greedy tokens, an INT4 decode step with partial
 switch, and the kernel compiles for sm_90 with 16-byte loads (the interpreter runs its Python, not Triton's compiler)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +17,7 @@ from model_server.switches import SwitchValueError
 from model_server import int4_triton_split
 from tests.fast_engine_support import _greedy_vs_generate
 from tests.int4_triton_support import fresh_switch, set_switch, tiny_int4_runner
+from tests.triton_compile_support import compile_lines
 
 pytestmark = pytest.mark.skipif(not available(16), reason="Triton is a declared dependency; CI installs it")
 
@@ -150,10 +147,6 @@ for dt, split in (("bf16", 0), ("bf16", 8), ("fp16", 4)):
 
 
 def test_the_kernel_compiles_for_sm90(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-c", COMPILE_SM90], cwd=Path(__file__).resolve().parents[1], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    lines = compile_lines(COMPILE_SM90, tmp_path)
     # one 16-byte load per 8 columns of each input (x or each partial, the residual, the weight) and no narrower one
-    assert r.stdout.split("\n")[:3] == ["bf16 0 True 3 True", "bf16 8 True 18 True", "fp16 4 True 10 True"], r.stdout
+    assert lines[:3] == ["bf16 0 True 3 True", "bf16 8 True 18 True", "fp16 4 True 10 True"], lines

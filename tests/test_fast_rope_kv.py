@@ -4,10 +4,6 @@ after the writes), in fp32 and in bf16 (where the eager ops round after each mul
 and a fast engine using it must still produce ``model.generate``'s greedy tokens."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ from model_server.engines.fast.fused import rope
 from model_server.engines.fast.rope_kv import available, rope_kv_write
 
 from tests.fast_engine_support import _decode_both, _greedy_vs_generate
+from tests.triton_compile_support import compile_lines
 
 pytestmark = pytest.mark.skipif(not available(16), reason="Triton is a declared dependency; CI installs it")
 
@@ -98,9 +95,5 @@ for dt in ("bf16", "fp16"):
 def test_the_kernel_compiles_for_sm90_with_and_without_partials(tmp_path):
     """The interpreter runs the kernel's Python, not Triton's compiler: compile it for an H100/H200 (sm_90, no GPU
     needed) in bf16 and fp16, from one product and from 4 partials, as a launch on the GPU would."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-c", COMPILE_SM90], cwd=Path(__file__).resolve().parents[1], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split("\n")[:4] == ["bf16 1 True", "bf16 4 True", "fp16 1 True", "fp16 4 True"], r.stdout
+    lines = compile_lines(COMPILE_SM90, tmp_path)
+    assert lines[:4] == ["bf16 1 True", "bf16 4 True", "fp16 1 True", "fp16 4 True"], lines

@@ -4,10 +4,6 @@ and token counts, a fast engine prefilling with it still gives ``model.generate`
 the kernel compiles for sm_90 (the interpreter runs its Python, not Triton's compiler)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +14,7 @@ from model_server.engines.fast.rope_kv import available
 from model_server.switches import SwitchValueError
 
 from tests.fast_engine_support import _greedy_vs_generate
+from tests.triton_compile_support import compile_lines
 
 pytestmark = pytest.mark.skipif(not available(16), reason="Triton is a declared dependency; CI installs it")
 
@@ -86,9 +83,5 @@ for dt in ("bf16", "fp16"):
 
 
 def test_the_kernel_compiles_for_sm90(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    r = subprocess.run([sys.executable, "-c", COMPILE_SM90], cwd=Path(__file__).resolve().parents[1], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split("\n")[:2] == ["bf16 True", "fp16 True"], r.stdout
+    lines = compile_lines(COMPILE_SM90, tmp_path)
+    assert lines[:2] == ["bf16 True", "fp16 True"], lines
