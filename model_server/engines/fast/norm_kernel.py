@@ -9,7 +9,9 @@ engine's fused ops are ``torch.compile``'d with dynamic shapes, where the hidden
 one ("The prefill's compiled rotary"). Here one program per row holds the whole row in registers (the hidden size
 rounded up to a power of two is the kernel's constant): the partials, the residual and the weight are read once, the
 sum of squares is one in-register reduction, and ``h`` and the normed row are written once. One compile per model
-(dtype, hidden size, number of partials) serves every row count.
+(dtype, hidden size, number of partials) serves every row count; each is compiled at its first (eager) use, never
+inside a graph capture (lazy graphs capture a shape after its eager run, eager ones after a warm-up of every shape),
+and Triton's cache keeps it across starts.
 
 Bits: ``h`` is exactly the eager op's (partials added in split order in fp32 and rounded to the model's dtype, as the
 INT4 GEMM's sum kernel does; then the residual add, rounded); the normed row rounds where the eager op rounds (``h *
