@@ -34,7 +34,9 @@
 #                                            rows written into this checkout's table, int4:mma at 1/8 with it (~8 min)
 #   bash benchmarks/gpu_calls.sh compiledops # issue 17: the engine's dynamic-shape compiled elementwise ops against static
 #                                            compiles: the prefill rotary (rope_layout.py, 64 x 64 and 16 x 256) and
-#                                            add + RMSNorm, RMSNorm, SiLU-mul at 64 / 4,096 rows (compiled_ops_static.py) (~2 min)
+#                                            add + RMSNorm (also of 4 / 8 split-K partials), RMSNorm, SiLU-mul at 1 / 64 /
+#                                            4,096 rows, compiled dynamic, static and rows-only dynamic (compiled_ops_static.py)
+#                                            (~2 min)
 #   bash benchmarks/gpu_calls.sh prope      # issue 17: a prefill's rotary as one Triton kernel (MODEL_SERVER_FAST_PREFILL_ROPE
 #                                            =triton) against the compiled op: bits and time alone (rope_layout.py), bursts
 #                                            of 64 prompts each way (bf16, int4:mma), the steady state at 64 each way (~8 min)
@@ -430,7 +432,7 @@ case "${1:-}" in
     #    their greedy tokens compared, then the steady state at NM_CONC int4:mma,bf16 with triton (ss_t/), compiled (ss_c/)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 150 python3 benchmarks/compiled_ops_static.py --out "$out/ops" > "$out/ops.log" 2>&1; echo "compiled_ops_static rc $?"
-    grep -E '"(op|rows|splits|same_bits_as_eager|dynamic_us|static_us|triton_us|triton_h_same_bits|triton_y_max_ulps)"' \
+    grep -E '"(op|rows|splits|same_bits_as_eager|dynamic_us|static_us|rows_dynamic_us|triton_us|triton_h_same_bits|triton_y_max_ulps)"' \
       "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo
     for m in compiled triton; do
       MODEL_SERVER_FAST_NORM=$m timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
@@ -446,7 +448,7 @@ case "${1:-}" in
       echo "rope_layout $1 x $2 rc $?"; grep -A8 '"us"' "$out/rope_n$1_t$2.log" | tr -d '\n '; echo
     done
     timeout 150 python3 benchmarks/compiled_ops_static.py --out "$out/ops" > "$out/ops.log" 2>&1; echo "compiled_ops_static rc $?"
-    grep -E '"(op|rows|same_bits_as_eager|dynamic_us|static_us)"' "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo ;;
+    grep -E '"(op|rows|splits|same_bits_as_eager|dynamic_us|static_us|rows_dynamic_same_bits|rows_dynamic_us|triton_us)"' "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo ;;
   lmhead)  # the mma kernel's LM head configuration at few rows: the steady state bf16 vs int4:mma at LM_CONC (1,8)
     #     with the shipped table (ss_cur/), the LM head's sweep at LM_MS rows (1,8; LM_BUDGET s; lm/), its winners
     #     written into this checkout's table by int4_mma_tune.py (lm/tune.log, the table as lm/int4_mma_tuned.json),

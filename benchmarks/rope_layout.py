@@ -8,7 +8,9 @@ writing q once takes at that card's bandwidth. The prefill applies rotary to ``q
 (``engines/fast/fused.Ops``) on those views (``head_major``), on the token-major views before the transpose
 (``token_major``: ``cos``/``sin`` broadcast as ``[1, t, 1, D]``, the result transposed after), both again compiled
 for static shapes (``*_static``: the engine compiles with ``dynamic=True``), dynamic with the head and head-dim
-axes (``marked_hd``) and also the token axis (``marked_hdt``) marked static, the engine's Triton kernel for it
+axes (``marked_hd``) and also the token axis (``marked_hdt``) marked static, compiled static but for the prompt
+and token axes marked dynamic (``rows_dynamic``: one compile for every prefill size, head axes constant, as
+automatic dynamic shapes would leave them), the engine's Triton kernel for it
 (``triton_kernel``: :mod:`model_server.engines.fast.rope_prefill`, token-major), and eagerly, and checks that every
 variant gives the same bits. Prints one JSON object (and writes it to --out).
 
@@ -68,21 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     static = torch.compile(rope, dynamic=False, fullgraph=True)
     marked_hd = torch.compile(rope, dynamic=True, fullgraph=True)      # dynamic, but heads and head dim marked static
     marked_hdt = torch.compile(rope, dynamic=True, fullgraph=True)     # ... and the tokens too (n alone dynamic)
+    rows_dyn = torch.compile(rope, dynamic=None, fullgraph=True)        # static, but prompts and tokens marked dynamic
 
-    def mark(f, dims):
+    def mark(f, dims, how=torch._dynamo.mark_static):
         def call(qq, kk, cc, ss):
             for x in (qq, kk, cc, ss):
                 for dim in dims:
                     if x.shape[dim] > 1:
-                        torch._dynamo.mark_static(x, dim)
+                        how(x, dim)
             return f(qq, kk, cc, ss)
         return call
+    rows_dynamic = mark(rows_dyn, (0, 2), torch._dynamo.mark_dynamic)   # head-major [n, heads, t, d]
     a, b, c = hm(ops.rope), tm(ops.rope), tm(static)
     kern = lambda: rope_prefill(q.view(n, t, h, d), k.view(n, t, kv, d), cos, sin)      # noqa: E731
     rope_kv.available(d)                                     # imports Triton for the kernel
     same = all(torch.equal(a[i], x[i].transpose(1, 2)) for x in (b, c, kern()) for i in (0, 1))
     eager_same = all(torch.equal(a[0], hm(f)[0]) for f in (rope, static, mark(marked_hd, (1, 3)),
-                                                          mark(marked_hdt, (1, 2, 3))))
+                                                          mark(marked_hdt, (1, 2, 3)), rows_dynamic))
     moved = 2 * (n * t * (h + kv) * d) * 2                 # q and k read once and written once, bf16
     res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "n": n, "t": t, "heads": h,
            "kv_heads": kv, "head_dim": d, "reps": args.reps, "same_bits_token_vs_head_major": same,
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                      ("head_major_static", lambda: hm(static)), ("token_major_static", lambda: tm(static)),
                      ("head_major_marked_hd", lambda: hm(mark(marked_hd, (1, 3)))),
                      ("head_major_marked_hdt", lambda: hm(mark(marked_hdt, (1, 2, 3)))),
+                     ("head_major_rows_dynamic", lambda: hm(rows_dynamic)),
                      ("triton_kernel", kern),
                      ("eager_head_major", lambda: hm(rope)), ("copy_q_k", lambda: (q.clone(), k.clone()))):
         res["us"][name] = graph_us(fn, calls=args.reps)   # device time: the calls in one CUDA graph
