@@ -150,3 +150,47 @@ def test_the_kernel_compiles_for_sm90(tmp_path):
     lines = compile_lines(COMPILE_SM90, tmp_path)
     # one 16-byte load per 8 columns of each input (x or each partial, the residual, the weight) and no narrower one
     assert lines[:3] == ["bf16 0 True 3 True", "bf16 8 True 18 True", "fp16 4 True 10 True"], lines
+
+
+def test_the_background_warm_up_installs_it_and_warms_it(monkeypatch):
+    """With the switch on, the ops the background warm-up compiles (here with the fake compiler of the warm-up's
+    tests) carry the kernel: it runs on the warm-up's thread through the shadow runner, and on the engine's after
+    the switch, with ``model.generate``'s tokens before and after."""
+    import asyncio
+    import threading
+
+    from tests.fast_engine_support import EOS, _reference, _tiny
+    from tests.test_fast_background_warmup import FakeCompiler, _greedy
+    from model_server.engines.fast import FastEngine
+
+    fake = FakeCompiler()
+    fake.gate.set()
+    monkeypatch.setattr(fused.Ops, "_compiled", None)
+    monkeypatch.setattr(fused.Ops, "_get_compiled", classmethod(lambda cls: fake.compiled()))
+    monkeypatch.setenv(nk.SWITCH, "triton")
+    threads: list[str] = []
+    real = nk.add_rms_norm
+    monkeypatch.setattr(nk, "add_rms_norm", lambda *a: threads.append(threading.current_thread().name) or real(*a))
+    model = _tiny("llama")
+    prompt = [5, 17, 33, 9, 60, 11]
+
+    async def main():
+        eng = FastEngine(model, [EOS], max_batch=4, max_seq_len=64, length_buckets=[32, 64], device="cpu",
+                         fuse=True, background_warmup=True)
+        await eng.start()
+        try:
+            before = await _greedy(eng, "a", prompt, 8)
+            assert await eng.wait_warm(30)
+            assert eng.runner.ops.fused and eng.runner.ops.add_rms_norm is nk.add_rms_norm
+            n = len(threads)
+            after = await _greedy(eng, "b", prompt, 8)
+            return before, after, threads[:n], threads[n:]
+        finally:
+            await eng.stop()
+
+    before, after, warm, served = asyncio.run(main())
+    want = _reference(model, prompt, 8, ignore_eos=True)
+    assert before == want and after == want
+    assert "fast-engine-warmup" in warm and set(served) == {"fast-engine"}
+    # the compiled add + norm runs once, in the Ops' trial on the warm-up thread, and never serves
+    assert [t for n, t in fake.calls if n == "add_rms_norm"] == ["fast-engine-warmup"]
