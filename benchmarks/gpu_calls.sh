@@ -41,9 +41,9 @@
 #                                            =triton) against the compiled op: bits and time alone (rope_layout.py), bursts
 #                                            of 64 prompts each way (bf16, int4:mma), the steady state at 64 each way (~8 min)
 #   bash benchmarks/gpu_calls.sh norms      # issue 17: the residual add + RMSNorm as one Triton kernel (MODEL_SERVER_FAST_NORM=
-#                                            triton) against the compiled ops: time and bits alone at 1 / 64 / 4,096 rows and
+#                                            triton) against the compiled ops: time and bits alone at 64 / 4,096 rows and
 #                                            4 / 8 partials (compiled_ops_static.py), the INT4 decode profile at 64 each way
-#                                            (greedy tokens compared), the steady state at NM_CONC (64) each way (~9.5 min)
+#                                            (greedy tokens compared), the steady state at NM_CONC (64) each way (~8-10 min)
 #   bash benchmarks/gpu_calls.sh graph4096  # issue 17: greedy tokens with the 64-prompt prefill graphed vs eager, then the
 #                                            64-stream steady state with prefill graphs to 4,096 and to 2,048 (~5.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
@@ -431,7 +431,8 @@ case "${1:-}" in
     #    device time, bits), the INT4 decode profile at 64 rows with the switch compiled (dp_c/) and triton (dp_t/) and
     #    their greedy tokens compared, then the steady state at NM_CONC int4:mma,bf16 with triton (ss_t/), compiled (ss_c/)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    timeout 150 python3 benchmarks/compiled_ops_static.py --out "$out/ops" > "$out/ops.log" 2>&1; echo "compiled_ops_static rc $?"
+    timeout 180 python3 benchmarks/compiled_ops_static.py --rows 64,4096 --out "$out/ops" > "$out/ops.log" 2>&1
+    echo "compiled_ops_static rc $?"
     grep -E '"(op|rows|splits|same_bits_as_eager|dynamic_us|static_us|rows_dynamic_us|triton_us|triton_h_same_bits|triton_y_max_ulps)"' \
       "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo
     for m in compiled triton; do
@@ -447,7 +448,7 @@ case "${1:-}" in
       timeout 100 python3 benchmarks/rope_layout.py --n "$1" --t "$2" --out "$out/rope_n$1_t$2" > "$out/rope_n$1_t$2.log" 2>&1
       echo "rope_layout $1 x $2 rc $?"; grep -A8 '"us"' "$out/rope_n$1_t$2.log" | tr -d '\n '; echo
     done
-    timeout 150 python3 benchmarks/compiled_ops_static.py --out "$out/ops" > "$out/ops.log" 2>&1; echo "compiled_ops_static rc $?"
+    timeout 300 python3 benchmarks/compiled_ops_static.py --out "$out/ops" > "$out/ops.log" 2>&1; echo "compiled_ops_static rc $?"
     grep -E '"(op|rows|splits|same_bits_as_eager|dynamic_us|static_us|rows_dynamic_same_bits|rows_dynamic_us|triton_us)"' "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo ;;
   lmhead)  # the mma kernel's LM head configuration at few rows: the steady state bf16 vs int4:mma at LM_CONC (1,8)
     #     with the shipped table (ss_cur/), the LM head's sweep at LM_MS rows (1,8; LM_BUDGET s; lm/), its winners
