@@ -8,10 +8,10 @@ RMSNorm (32 per step), RMSNorm, and SiLU-mul, each at 64 rows (a 64-stream decod
 64 rows). Device time only (calls captured in a CUDA graph, :func:`gemv_probe.graph_us`); both compiles are checked
 for the same bits as the eager function. The two norms also run as the Triton kernel of ``engines/fast/norm_kernel.py``
 (``MODEL_SERVER_FAST_NORM=triton``): its time, whether its ``h`` has the eager bits, and its normed row's largest
-distance from the eager one in units in the last place. A third compile, ``rows_dynamic``, is the middle way: only
-the token-row dimension marked dynamic (``torch._dynamo.mark_dynamic``; the hidden and intermediate sizes stay
-constants, as automatic dynamic shapes would leave them), which one compile could serve for every row count if it
-is as fast as the static one. Prints one JSON object (and writes it to --out).
+distance from the eager one in units in the last place. A third compile, ``rows_dynamic``, is the middle way the
+engine serves with ``MODEL_SERVER_FAST_COMPILE_SHAPES=rows``: static, but the token-row dimensions marked dynamic
+(``fused.mark_rows``; the hidden and intermediate sizes stay constants), one compile for every row count. Prints one
+JSON object (and writes it to --out).
 
   python3 benchmarks/compiled_ops_static.py --out DIR      # exits 2 with one line without a CUDA device
 """
@@ -62,24 +62,19 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.view(torch.int16).to(torch.int32) - b.view(torch.int16).to(torch.int32)).abs().max())
 
 
-def rows_marked(a: tuple, m: int) -> tuple:
-    """Copies of ``a``'s tensors with their token-row dimension (the second from last) marked dynamic (not at one
-    row: dynamo specializes sizes 0 and 1)."""
-    out = []
-    for t in a:
-        if isinstance(t, torch.Tensor):
-            t = t.clone()
-            if t.dim() >= 2 and m > 1:
-                torch._dynamo.mark_dynamic(t, t.dim() - 2)
-        out.append(t)
-    return tuple(out)
+def rows_marked(name: str, a: tuple) -> tuple:
+    """Copies of ``a``'s tensors with the dimensions that vary with a step marked dynamic, as the engine marks them
+    with ``MODEL_SERVER_FAST_COMPILE_SHAPES=rows`` (:func:`model_server.engines.fast.fused.mark_rows`)."""
+    out = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in a)
+    fused.mark_rows(name, out)
+    return out
 
 
 def _cell(name: str, a: tuple, splits: int, m: int, dyn, sta, rowdyn, kernel, reps: int) -> dict:
     """One op at one size: the dynamic, static and rows-dynamic compiles (and the Triton norm kernel where given)
     against eager."""
     eager = _flat(getattr(fused, name)(*a))
-    ar = rows_marked(a, m)
+    ar = rows_marked(name, a)
     same = all(torch.equal(p, q) for got in (dyn(*a), sta(*a)) for p, q in zip(eager, _flat(got)))
     cell = {"op": name, "rows": m, "splits": splits, "same_bits_as_eager": same,
             "dynamic_us": graph_us(lambda: dyn(*a), calls=reps), "static_us": graph_us(lambda: sta(*a), calls=reps),
@@ -104,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = ("add_rms_norm", "rms_norm", "silu_mul", "add_parts_rms_norm")
     static = {name: torch.compile(getattr(fused, name), dynamic=False, fullgraph=True) for name in names}
-    rowdyn = {name: torch.compile(getattr(fused, name), dynamic=None, fullgraph=True) for name in names}
+    rowdyn = {name: torch.compile(getattr(fused, name), dynamic=False, fullgraph=True) for name in names}
     kernels = {"add_rms_norm": norm_kernel.add_rms_norm, "add_parts_rms_norm": norm_kernel.add_parts_rms_norm} \
         if rope_kv.available(2) else {}
     w = torch.randn(args.hidden, device=dev, dtype=dt)

@@ -9,8 +9,8 @@ writing q once takes at that card's bandwidth. The prefill applies rotary to ``q
 (``token_major``: ``cos``/``sin`` broadcast as ``[1, t, 1, D]``, the result transposed after), both again compiled
 for static shapes (``*_static``: the engine compiles with ``dynamic=True``), dynamic with the head and head-dim
 axes (``marked_hd``) and also the token axis (``marked_hdt``) marked static, compiled static but for the prompt
-and token axes marked dynamic (``rows_dynamic``: one compile for every prefill size, head axes constant, as
-automatic dynamic shapes would leave them), the engine's Triton kernel for it
+and token axes marked dynamic (``rows_dynamic``: one compile for every prefill size, head axes constant; what the
+engine serves with ``MODEL_SERVER_FAST_COMPILE_SHAPES=rows``), the engine's Triton kernel for it
 (``triton_kernel``: :mod:`model_server.engines.fast.rope_prefill`, token-major), and eagerly, and checks that every
 variant gives the same bits. Prints one JSON object (and writes it to --out).
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv_probe import graph_us  # noqa: E402
 from model_server.engines.fast import rope_kv  # noqa: E402
-from model_server.engines.fast.fused import Ops, rope  # noqa: E402
+from model_server.engines.fast.fused import Ops, mark_rows, rope  # noqa: E402
 from model_server.engines.fast.rope_prefill import rope_prefill  # noqa: E402
 
 
@@ -70,17 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     static = torch.compile(rope, dynamic=False, fullgraph=True)
     marked_hd = torch.compile(rope, dynamic=True, fullgraph=True)      # dynamic, but heads and head dim marked static
     marked_hdt = torch.compile(rope, dynamic=True, fullgraph=True)     # ... and the tokens too (n alone dynamic)
-    rows_dyn = torch.compile(rope, dynamic=None, fullgraph=True)        # static, but prompts and tokens marked dynamic
+    rows_dyn = torch.compile(rope, dynamic=False, fullgraph=True)       # static, but prompts and tokens marked dynamic
 
-    def mark(f, dims, how=torch._dynamo.mark_static):
+    def mark(f, dims):
         def call(qq, kk, cc, ss):
             for x in (qq, kk, cc, ss):
                 for dim in dims:
                     if x.shape[dim] > 1:
-                        how(x, dim)
+                        torch._dynamo.mark_static(x, dim)
             return f(qq, kk, cc, ss)
         return call
-    rows_dynamic = mark(rows_dyn, (0, 2), torch._dynamo.mark_dynamic)   # head-major [n, heads, t, d]
+
+    def rows_dynamic(*a):                 # as the engine marks them (MODEL_SERVER_FAST_COMPILE_SHAPES=rows)
+        mark_rows("rope", a)
+        return rows_dyn(*a)
     a, b, c = hm(ops.rope), tm(ops.rope), tm(static)
     kern = lambda: rope_prefill(q.view(n, t, h, d), k.view(n, t, kv, d), cos, sin)      # noqa: E731
     rope_kv.available(d)                                     # imports Triton for the kernel

@@ -1,8 +1,9 @@
 """The residual add + RMSNorm as one Triton kernel (``engines/fast/norm_kernel.py``, ``MODEL_SERVER_FAST_NORM``), run
-by Triton's interpreter on CPU: ``h`` bit for bit the fused op's, the normed row within one unit in the last place
-in bf16 and fp16, a few in fp32 (its sum of squares adds in another order), split-K partials summed as the sum kernel sums them, a fast engine with it
-still gives ``model.generate``'s greedy tokens, an INT4 decode step with partials the logits of the eager ops, the
-switch, and the kernel compiles for sm_90 with 16-byte loads (the interpreter runs its Python, not Triton's compiler)."""
+by Triton's interpreter on CPU: ``h`` bit for bit the fused op's, the normed row within one unit in the last place in
+bf16 and fp16, a few in fp32 (its sum of squares adds in another order), split-K partials summed as the sum kernel
+sums them, a fast engine with it still gives ``model.generate``'s greedy tokens, an INT4 decode step with partials the
+logits of the eager ops, the background warm-up installs it, the switch, and the kernel compiles for sm_90 with
+16-byte loads (the interpreter runs its Python, not Triton's compiler)."""
 from __future__ import annotations
 
 

@@ -5,6 +5,14 @@ op; inside a CUDA graph each still costs a few microseconds, which at batch 1 is
 weights. Fusing each piece into one kernel removes most of them. The functions compute exactly what
 transformers' modules compute, in the same order and dtypes; with
 ``torch._inductor.config.emulate_precision_casts`` the fused kernels also round where eager rounds.
+
+How they are compiled, ``MODEL_SERVER_FAST_COMPILE_SHAPES`` (:func:`shapes_mode`): ``dynamic`` (the default) compiles
+each function once for symbolic shapes, the hidden, intermediate and head sizes symbols too; ``rows`` compiles for
+static shapes but marks, at every call, the dimensions that vary with a step (rows, prompts, tokens: :func:`row_dims`)
+dynamic (``torch._dynamo.maybe_mark_dynamic``), so one compile still serves every row count while the model's sizes
+are constants in the kernels. The prefill's rotary took 88.8-156 us per layer compiled dynamically and 16.4-16.7 us
+compiled static on an H100 (docs/benchmarks.md, "The prefill's compiled rotary"); ``rows`` stays opt-in until it
+is measured on a GPU (``benchmarks/compiled_ops_static.py``'s ``rows_dynamic`` column, ``gpu_calls.sh compiledops``).
 """
 from __future__ import annotations
 
@@ -13,7 +21,40 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from model_server.switches import choice
+
 log = logging.getLogger(__name__)
+
+SHAPES_SWITCH = "MODEL_SERVER_FAST_COMPILE_SHAPES"
+SHAPES_MODES = ("dynamic", "rows")          # the first is the default
+BACKEND: object = "inductor"                # torch.compile's backend (tests count graphs with their own)
+
+
+def shapes_mode() -> str:
+    """``dynamic`` or ``rows`` from ``MODEL_SERVER_FAST_COMPILE_SHAPES`` (unset: ``dynamic``); another value raises
+    :class:`model_server.switches.SwitchValueError`. Read when the ops are first compiled in a process."""
+    return choice(SHAPES_SWITCH, SHAPES_MODES)
+
+
+def row_dims(name: str, arg: int, t: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of fused function ``name``'s tensor argument number ``arg`` that vary with a step: every one
+    but the last (the model's size), except rope's head-major ``[n, heads, t, head_dim]`` (prompts and tokens only)
+    and the split-K partials' count (``add_parts_rms_norm``'s first dimension: a loop bound, compiled per count)."""
+    if t.dim() < 2:
+        return ()
+    if name == "rope" and t.dim() == 4:
+        return (0, 2)
+    first = 1 if name == "add_parts_rms_norm" and arg == 1 else 0
+    return tuple(range(first, t.dim() - 1))
+
+
+def mark_rows(name: str, args: tuple) -> None:
+    """Mark the step-dependent dimensions of ``args`` dynamic (sizes 0 and 1 stay specialized, as dynamo does)."""
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            for d in row_dims(name, i, a):
+                if a.shape[d] > 1:
+                    torch._dynamo.maybe_mark_dynamic(a, d)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,6 +102,7 @@ class Ops:
     """The set of elementwise functions a runner uses: eager, or compiled once per process."""
 
     _compiled: dict[str, object] | None = None
+    _compiled_mode: str | None = None
 
     def __init__(self, fuse: bool, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> None:
         self.fused = False
@@ -87,7 +129,11 @@ class Ops:
 
     @classmethod
     def _get_compiled(cls) -> dict[str, object]:
+        mode = shapes_mode()
+        if cls._compiled is not None and cls._compiled_mode != mode:
+            cls._compiled = None
         if cls._compiled is None:
+            cls._compiled_mode = mode
             import torch._dynamo.config as dc
             import torch._inductor.config as ic
 
@@ -97,8 +143,8 @@ class Ops:
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(dc, name):
                     setattr(dc, name, max(int(getattr(dc, name)), 64))
-            opts = dict(dynamic=True, fullgraph=True)
-            cls._compiled = {name: _Fallback(torch.compile(fn, **opts), fn, name)
+            opts = dict(dynamic=mode == "dynamic", fullgraph=True, backend=BACKEND)
+            cls._compiled = {name: _Fallback(torch.compile(fn, **opts), fn, name, mark=mode == "rows")
                              for name, fn in (("rms_norm", rms_norm), ("add_rms_norm", add_rms_norm),
                                               ("rope", rope), ("silu_mul", silu_mul),
                                               ("add_parts_rms_norm", add_parts_rms_norm))}
@@ -108,13 +154,15 @@ class Ops:
 class _Fallback:
     """Call the compiled function; if compiling a new shape ever fails, use the eager one from then on."""
 
-    def __init__(self, compiled, eager, name: str) -> None:
-        self.compiled, self.eager, self.name = compiled, eager, name
+    def __init__(self, compiled, eager, name: str, mark: bool = False) -> None:
+        self.compiled, self.eager, self.name, self.mark = compiled, eager, name, mark
         self.failed = False
 
     def __call__(self, *args):
         if not self.failed:
             try:
+                if self.mark:
+                    mark_rows(self.name, args)
                 return self.compiled(*args)
             except Exception as exc:  # noqa: BLE001
                 self.failed = True
