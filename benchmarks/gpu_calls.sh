@@ -437,7 +437,7 @@ case "${1:-}" in
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout 180 python3 benchmarks/compiled_ops_static.py --rows 64,4096 --out "$out/ops" > "$out/ops.log" 2>&1
     echo "compiled_ops_static rc $?"
-    grep -E '"(op|rows|splits|same_bits_as_eager|dynamic_us|static_us|rows_dynamic_us|triton_us|triton_h_same_bits|triton_y_max_ulps)"' \
+    grep -E '"(op|rows|splits|same_bits_as_eager|dynamic_us|static_us|rows_dynamic_us|triton_us|triton_h_same_bits|triton_y_max_ulps|[a-z_]*_error)"' \
       "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo
     for m in compiled triton; do
       MODEL_SERVER_FAST_NORM=$m timeout 90 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
@@ -464,7 +464,7 @@ case "${1:-}" in
       echo "rope_layout $1 x $2 rc $?"; grep -A8 '"us"' "$out/rope_n$1_t$2.log" | tr -d '\n '; echo
     done
     timeout 300 python3 benchmarks/compiled_ops_static.py --out "$out/ops" > "$out/ops.log" 2>&1; echo "compiled_ops_static rc $?"
-    grep -E '"(op|rows|splits|same_bits_as_eager|dynamic_us|static_us|rows_dynamic_same_bits|rows_dynamic_us|triton_us)"' "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo ;;
+    grep -E '"(op|rows|splits|same_bits_as_eager|static_same_bits|dynamic_us|static_us|rows_dynamic_same_bits|rows_dynamic_us|triton_us|[a-z_]*_error)"' "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo ;;
   lmhead)  # the mma kernel's LM head configuration at few rows: the steady state bf16 vs int4:mma at LM_CONC (1,8)
     #     with the shipped table (ss_cur/), the LM head's sweep at LM_MS rows (1,8; LM_BUDGET s; lm/), its winners
     #     written into this checkout's table by int4_mma_tune.py (lm/tune.log, the table as lm/int4_mma_tuned.json),
