@@ -461,7 +461,7 @@ case "${1:-}" in
   compiledops)  # dynamic vs static torch.compile of the fused elementwise ops, device time (rope/, ops/)
     for nt in "64 64" "16 256"; do set -- $nt
       timeout 100 python3 benchmarks/rope_layout.py --n "$1" --t "$2" --out "$out/rope_n$1_t$2" > "$out/rope_n$1_t$2.log" 2>&1
-      echo "rope_layout $1 x $2 rc $?"; grep -A8 '"us"' "$out/rope_n$1_t$2.log" | tr -d '\n '; echo
+      echo "rope_layout $1 x $2 rc $?"; grep -E -A11 '"(us|errors)"' "$out/rope_n$1_t$2.log" | tr -d '\n '; echo
     done
     timeout 300 python3 benchmarks/compiled_ops_static.py --out "$out/ops" > "$out/ops.log" 2>&1; echo "compiled_ops_static rc $?"
     grep -E '"(op|rows|splits|same_bits_as_eager|static_same_bits|dynamic_us|static_us|rows_dynamic_same_bits|rows_dynamic_us|triton_us|[a-z_]*_error)"' "$out/ops.log" | tr -d '\n ' | sed 's/"op"/\n"op"/g'; echo ;;
