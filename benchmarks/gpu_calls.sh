@@ -48,6 +48,9 @@
 #                                            (MODEL_SERVER_FAST_COMPILE_SHAPES=rows) against all-dynamic: the INT4 decode
 #                                            profile at 64 each way (greedy tokens compared), the steady state at SH_CONC (64)
 #                                            each way (~7-8 min; run compiledops first for the ops alone)
+#   bash benchmarks/gpu_calls.sh gemlite    # issue 17: GemLite's A16W4 Triton kernels (a maintained library, carried as a wheel)
+#                                            against our INT4 Triton GEMM and bf16 on the 1B shapes at 1-64 rows, same
+#                                            weights: time per call and per step's linears, errors (gemlite_probe.py) (~3-7 min)
 #   bash benchmarks/gpu_calls.sh graph4096  # issue 17: greedy tokens with the 64-prompt prefill graphed vs eager, then the
 #                                            64-stream steady state with prefill graphs to 4,096 and to 2,048 (~5.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
@@ -208,7 +211,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -458,6 +461,9 @@ case "${1:-}" in
     python3 benchmarks/dp_greedy_compare.py "$out/dp_d/decode_profile.json" "$out/dp_r/decode_profile.json"
     MODEL_SERVER_FAST_COMPILE_SHAPES=rows ss_arm ss_r "${SH_SS_TIMEOUT:-130}" int4:mma,bf16 "${SH_CONC:-64}"
     MODEL_SERVER_FAST_COMPILE_SHAPES=dynamic ss_arm ss_d "${SH_SS_TIMEOUT:-130}" int4:mma,bf16 "${SH_CONC:-64}" ;;
+  gemlite)  # GemLite vs our INT4 Triton GEMM vs bf16 per shape and rows (gl/: gemlite_probe.json / .md)
+    timeout "${GL_TIMEOUT:-480}" python3 benchmarks/gemlite_probe.py --ms "${GL_MS:-1,8,16,32,64}" --out "$out/gl" \
+      > "$out/gl.log" 2>&1; echo "gemlite_probe rc $?"; tail -45 "$out/gl.log" ;;
   compiledops)  # dynamic vs static torch.compile of the fused elementwise ops, device time (rope/, ops/)
     for nt in "64 64" "16 256"; do set -- $nt
       timeout 100 python3 benchmarks/rope_layout.py --n "$1" --t "$2" --out "$out/rope_n$1_t$2" > "$out/rope_n$1_t$2.log" 2>&1
