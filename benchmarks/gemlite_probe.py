@@ -79,12 +79,8 @@ def measure(args: argparse.Namespace) -> dict:
             for method in METHODS:
                 cell: dict = {"shape": name, "n": n, "k": k, "m": m, "method": method}
                 try:
-                    if method == "gemlite":
-                        calls = [lambda lin=c[0]: lin(x) for c in gl]
-                        cell["rel_err"] = rel_err(calls[0](), ref)          # also GemLite's autotune, before timing
-                    else:
-                        calls = sh.calls(method, x)
-                        cell["rel_err"] = rel_err(calls[0](), ref)
+                    calls = [lambda lin=c[0]: lin(x) for c in gl] if method == "gemlite" else sh.calls(method, x)
+                    cell["rel_err"] = rel_err(calls[0](), ref)              # (GemLite autotunes here, not timed)
                     cell["copies"] = len(calls)
                     cell.update(_cell(calls, args.reps))
                 except Exception as exc:  # noqa: BLE001
@@ -120,13 +116,13 @@ def markdown(res: dict) -> str:
              "call (relative error)", "", "| shape | M | bf16 | ours (triton) | gemlite | gemlite / ours |",
              "|---|---:|---:|---:|---:|---:|"]
     by = {(c["shape"], c["m"], c["method"]): c for c in res["cells"]}
+
+    def fmt(d: dict) -> str:
+        return f"{d['graph_us']:.1f} ({d.get('rel_err', float('nan')):.0e})" if d.get("graph_us") else "error"
     for (shape, m, method), c in by.items():
         if method != "bf16":
             continue
         o, g = by.get((shape, m, "triton"), {}), by.get((shape, m, "gemlite"), {})
-
-        def fmt(d: dict) -> str:
-            return f"{d['graph_us']:.1f} ({d.get('rel_err', float('nan')):.0e})" if d.get("graph_us") else "error"
         ratio = f"{g['graph_us'] / o['graph_us']:.2f}" if g.get("graph_us") and o.get("graph_us") else "-"
         lines.append(f"| {shape} | {m} | {fmt(c)} | {fmt(o)} | {fmt(g)} | {ratio} |")
     lines += ["", "| M | step linears: bf16 | ours | gemlite |", "|---:|---:|---:|---:|"]

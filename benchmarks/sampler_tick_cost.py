@@ -21,7 +21,7 @@ start, end and finalize calls (including settling the request when its tick is s
 per-token calls are left out: timing each would cost more than the call).
 Also once: one Prometheus scrape of the energy collector (per scrape, not per tick).
 
-Usage: ``python benchmarks/sampler_tick_cost.py [--seconds 8] [--open 0,16,64,256] [--json OUT]``
+Usage: ``python benchmarks/sampler_tick_cost.py [--seconds 8] [--open 0,16,64,256] [--back-to-back N] [--json OUT]``
 """
 from __future__ import annotations
 
@@ -244,6 +244,20 @@ def run_one(port: int, n_open: int, stream: bool, args: argparse.Namespace) -> t
     return res, scrape_us
 
 
+def back_to_back_us(port: int, calls: int) -> float:
+    """CPU us per ``Sampler.step()`` called ``calls`` times in a row on this thread, no request open (the source
+    read, the ingest, the ledger's tick): the same work as a tick, on a warm CPU instead of once per period."""
+    comp = build(port)
+    comp.sampler.add_listener(comp.ledger.add_tick)        # as the energy component's start() does, no thread
+    for _ in range(20):
+        comp.sampler.step()
+        time.sleep(0.01)
+    t = time.thread_time_ns()
+    for _ in range(calls):
+        comp.sampler.step()
+    return (time.thread_time_ns() - t) / calls / 1000
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell (8)")
@@ -253,6 +267,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--first-token-ms", type=float, default=20.0)
     ap.add_argument("--token-interval-ms", type=float, default=10.0)
+    ap.add_argument("--back-to-back", type=int, default=0, metavar="N",
+                    help="also time N sampler steps called in a row with nothing open (0: no)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     backend, port = spawn_backend()
@@ -272,13 +288,16 @@ def main() -> int:
                 print(f"| {mode} | {n} | {res.ticks} | {res.requests} | {vals} | "
                       f"{res.loop_us_per_request['total']:.1f} | {scrape:.0f} |", flush=True)
                 results.append({**res.__dict__, "scrape_us": scrape})
+        b2b = back_to_back_us(port, args.back_to_back) if args.back_to_back > 0 else None
+        if b2b is not None:
+            print(f"\nback to back, nothing open: {b2b:.1f} us per step ({args.back_to_back} steps)")
     finally:
         if backend.stdin:
             backend.stdin.close()
         backend.wait(5)
     if args.json:
-        Path(args.json).write_text(json.dumps({"commit": git_commit(), "args": vars(args), "results": results},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"commit": git_commit(), "args": vars(args), "results": results,
+                                               "back_to_back_step_us": b2b}, indent=1))
     return 0
 
 

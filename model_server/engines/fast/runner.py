@@ -39,10 +39,10 @@ from .kv_cache import StaticKVCache, default_batch_buckets, default_length_bucke
 from .layers import project_out, project_qkv, run_layers
 from .merged import merge
 from .mixed import MixedInputs
+from .norm_kernel import install as install_norm_kernel
 from .prefill import prefill_forward, run_prefill
 from .rope_kv import available as rope_kv_available
 from .rope_kv import rope_kv_write
-from .norm_kernel import install as install_norm_kernel
 from .rope_prefill import usable as rope_prefill_usable
 from .support import check_supported
 
