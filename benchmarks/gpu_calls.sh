@@ -51,6 +51,9 @@
 #   bash benchmarks/gpu_calls.sh gemlite    # issue 17: GemLite's A16W4 Triton kernels (a maintained library, carried as a wheel)
 #                                            against our INT4 Triton GEMM and bf16 on the 1B shapes at 1-64 rows, same
 #                                            weights: time per call and per step's linears, errors (gemlite_probe.py) (~3-7 min)
+#   bash benchmarks/gpu_calls.sh normshapes # issue 17: MODEL_SERVER_FAST_COMPILE_SHAPES=rows and MODEL_SERVER_FAST_NORM=triton
+#                                            together against the defaults: steady state at 64 each way (NS_ORDER on,off),
+#                                            the INT4 decode profile at 64 each way with greedy tokens compared (~7 min)
 #   bash benchmarks/gpu_calls.sh graph4096  # issue 17: greedy tokens with the 64-prompt prefill graphed vs eager, then the
 #                                            64-stream steady state with prefill graphs to 4,096 and to 2,048 (~5.5 min)
 #   bash benchmarks/gpu_calls.sh glu        # issue 17: the GLU epilogue (MODEL_SERVER_INT4_GLU_EPILOGUE): its bits and time per
@@ -211,14 +214,14 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite|normshapes) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite|normshapes" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MODEL_SERVER_FAST_LAZY_GRAPHS=1
 export EDGE_EVAL_COMMIT=${EDGE_EVAL_COMMIT:-unknown}
-out=${OUT:?set OUT}; mkdir -p out
+out=${OUT:?set OUT}; mkdir -p "$out" out
 # The device tool brings back at most 8 files from $OUT (2 folders down): past that, everything goes into one
 # $OUT/all.tgz (its logs stay beside it while they fit), so no result is lost to the count (issue 17: two calls lost
 # their steady-state JSONs that way)
@@ -464,6 +467,26 @@ case "${1:-}" in
   gemlite)  # GemLite vs our INT4 Triton GEMM vs bf16 per shape and rows (gl/: gemlite_probe.json / .md)
     timeout "${GL_TIMEOUT:-480}" python3 benchmarks/gemlite_probe.py --ms "${GL_MS:-1,8,16,32,64}" --out "$out/gl" \
       > "$out/gl.log" 2>&1; echo "gemlite_probe rc $?"; tail -45 "$out/gl.log" ;;
+  normshapes)  # both opt-in switches together (MODEL_SERVER_FAST_COMPILE_SHAPES=rows, MODEL_SERVER_FAST_NORM=triton)
+    #    against the defaults: the steady state at NS_CONC (64) int4:mma,bf16 each way in NS_ORDER (on,off: ss_on/,
+    #    ss_off/; off,on for the other order), then with NS_DP=1 the INT4 decode profile at 64 each way (dp_off/, dp_on/)
+    #    and their greedy tokens compared (2026-12-07 12:42 and 12:46 ran this by a local edit, one order each)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    ns_switches() {  # on: both switches set; off: both unset (the defaults)
+      if [ "$1" = on ]; then export MODEL_SERVER_FAST_COMPILE_SHAPES=rows MODEL_SERVER_FAST_NORM=triton
+      else unset MODEL_SERVER_FAST_COMPILE_SHAPES MODEL_SERVER_FAST_NORM; fi
+    }
+    NS_ORDER=${NS_ORDER:-on,off}; for a in ${NS_ORDER//,/ }; do ns_switches "$a"; ss_arm "ss_$a" "${NS_SS_TIMEOUT:-135}" int4:mma,bf16 "${NS_CONC:-64}"; done
+    if [ "${NS_DP:-1}" = 1 ]; then
+      for a in off on; do
+        ns_switches "$a"
+        timeout 85 python3 benchmarks/decode_profile.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" \
+          --out "$out/dp_$a" --quants int4 --batches 64 --variants served --batch-greedy 64 > "$out/dp_$a.log" 2>&1
+        echo "decode_profile ($a) rc $?"; tail -1 "$out/dp_$a.log"
+      done
+      ns_switches off
+      python3 benchmarks/dp_greedy_compare.py "$out/dp_off/decode_profile.json" "$out/dp_on/decode_profile.json"
+    fi ;;
   compiledops)  # dynamic vs static torch.compile of the fused elementwise ops, device time (rope/, ops/)
     for nt in "64 64" "16 256"; do set -- $nt
       timeout 100 python3 benchmarks/rope_layout.py --n "$1" --t "$2" --out "$out/rope_n$1_t$2" > "$out/rope_n$1_t$2.log" 2>&1
