@@ -111,3 +111,21 @@ def test_engine_in_rows_mode_matches_generate(arch, recorder, monkeypatch):
     toks, refs, runner = _greedy_vs_generate(arch, 7, fuse=True)
     assert runner.ops.fused and toks == refs
     assert recorder.graphs and not any(any(d[-1] for d in g if len(d) in (2, 3)) for g in recorder.graphs)
+
+
+def test_rows_mode_compiles_no_more_graphs_than_dynamic(monkeypatch):
+    """The cold start's compile work: a fast engine serving the same requests compiles no more graphs in ``rows`` mode
+    than in ``dynamic`` mode (each graph is a compile at warm-up or on a new shape while serving)."""
+    counts = {}
+    for mode in ("dynamic", "rows"):
+        torch._dynamo.reset()
+        rec = Recorder()
+        monkeypatch.setattr(fused, "BACKEND", rec)
+        monkeypatch.setattr(fused.Ops, "_compiled", None)
+        monkeypatch.setattr(fused.Ops, "_compiled_mode", None)
+        monkeypatch.setenv(fused.SHAPES_SWITCH, mode)
+        toks, refs, runner = _greedy_vs_generate("llama", 7, fuse=True)
+        assert runner.ops.fused and toks == refs
+        counts[mode] = len(rec.graphs)
+    torch._dynamo.reset()
+    assert 0 < counts["rows"] <= counts["dynamic"], counts
