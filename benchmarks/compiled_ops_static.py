@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print("compiled_ops_static: no CUDA device; this benchmark needs a GPU", file=sys.stderr)
         return 2
     dev, dt = torch.device("cuda"), torch.bfloat16
+    for switch in (fused.SHAPES_SWITCH, norm_kernel.SWITCH):   # dynamic_us: the served default; the others have columns
+        os.environ.pop(switch, None)
     ops = fused.Ops(True, dev, dt)
     if not ops.fused:
         print(f"compiled_ops_static: torch.compile unavailable ({ops.error})", file=sys.stderr)

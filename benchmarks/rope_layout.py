@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv_probe import graph_us  # noqa: E402
 from model_server.engines.fast import rope_kv  # noqa: E402
-from model_server.engines.fast.fused import Ops, mark_rows, rope  # noqa: E402
+from model_server.engines.fast.fused import SHAPES_SWITCH, Ops, mark_rows, rope  # noqa: E402
 from model_server.engines.fast.rope_prefill import rope_prefill  # noqa: E402
 
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     qkv = torch.randn(n, t, (h + 2 * kv) * d, device=dev, dtype=dt)
     q, k, _ = qkv.split([h * d, kv * d, kv * d], dim=-1)
     cos, sin = torch.randn(t, d, device=dev, dtype=dt), torch.randn(t, d, device=dev, dtype=dt)
+    os.environ.pop(SHAPES_SWITCH, None)     # head_major / token_major: the served default compile (rows has its column)
     ops = Ops(True, dev, dt)
     if not ops.fused:
         print(f"rope_layout: torch.compile unavailable ({ops.error})", file=sys.stderr)

@@ -86,6 +86,8 @@ def test_the_switch(monkeypatch):
     monkeypatch.setenv(nk.SWITCH, "triton")
     assert nk.usable() and nk.install(ops)
     assert ops.add_rms_norm is nk.add_rms_norm and ops.add_parts_rms_norm is nk.add_parts_rms_norm
+    built = fused.Ops(False)                            # every Ops built with the switch on carries it
+    assert built.norm_kernel and built.add_rms_norm is nk.add_rms_norm
     monkeypatch.setenv(nk.SWITCH, "fast")
     with pytest.raises(SwitchValueError, match="MODEL_SERVER_FAST_NORM must be one of compiled, triton"):
         nk.mode()
@@ -98,7 +100,7 @@ def test_engine_with_the_kernel_matches_generate(arch, monkeypatch):
     monkeypatch.setattr(nk, "add_rms_norm", lambda *a: calls.append(a[0].shape) or real(*a))
     monkeypatch.setenv(nk.SWITCH, "triton")
     toks, refs, runner = _greedy_vs_generate(arch, 7)
-    assert runner.norm_kernel and calls and toks == refs
+    assert runner.ops.norm_kernel and calls and toks == refs
 
 
 def test_an_int4_decode_step_with_partials_gives_the_eager_logits(monkeypatch):

@@ -10,9 +10,10 @@ How they are compiled, ``MODEL_SERVER_FAST_COMPILE_SHAPES`` (:func:`shapes_mode`
 each function once for symbolic shapes, the hidden, intermediate and head sizes symbols too; ``rows`` compiles for
 static shapes but marks, at every call, the dimensions that vary with a step (rows, prompts, tokens: :func:`row_dims`)
 dynamic (``torch._dynamo.maybe_mark_dynamic``), so one compile still serves every row count while the model's sizes
-are constants in the kernels. The prefill's rotary took 88.8-156 us per layer compiled dynamically and 16.4-16.7 us
-compiled static on an H100 (docs/benchmarks.md, "The prefill's compiled rotary"); ``rows`` stays opt-in until it
-is measured on a GPU (``benchmarks/compiled_ops_static.py``'s ``rows_dynamic`` column, ``gpu_calls.sh compiledops``).
+are constants in the kernels. On an H100 the rows compile was as fast as a static one (the prefill's rotary 16.4 against
+88-155 us per layer dynamic; ``benchmarks/compiled_ops_static.py``, ``rope_layout.py``) and, with the Triton add +
+RMSNorm, gave both formats 1-2 % more tokens/s at 64 streams (docs/benchmarks.md, "GemLite loses at 64 rows, ...");
+``rows`` stays opt-in until the cold start with it is measured.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from model_server.switches import choice
+
+from . import norm_kernel
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,8 @@ class Ops:
             except Exception as exc:  # noqa: BLE001 - no compiler: stay eager
                 self.error = f"{type(exc).__name__}: {exc}"
                 log.warning("torch.compile unavailable, elementwise ops stay eager: %s", self.error)
+        # the residual add + RMSNorm as one Triton kernel where MODEL_SERVER_FAST_NORM=triton asks for it (.norm_kernel)
+        self.norm_kernel = norm_kernel.install(self)
 
     @classmethod
     def _get_compiled(cls) -> dict[str, object]:

@@ -18,9 +18,11 @@ INT4 GEMM's sum kernel does; then the residual add, rounded); the normed row rou
 rsqrt(mean(h^2) + eps)`` to the model's dtype, then times the weight), but its sum of squares adds in Triton's order,
 so a value can differ from the compiled or eager op's by one unit in the last place (tests/test_fast_norm_kernel.py).
 
-``MODEL_SERVER_FAST_NORM`` (:func:`mode`): ``compiled`` (the default: the fused op, as served until this kernel is
-measured end to end on a GPU) or ``triton`` (this kernel where Triton runs: CUDA, or ``TRITON_INTERPRET=1`` for
-tests). Owns the kernel, its launch and the switch; :func:`install` puts it into a runner's :class:`.fused.Ops`.
+``MODEL_SERVER_FAST_NORM`` (:func:`mode`): ``compiled`` (the default: the fused op; on an H100 this kernel took 104.5
+against 121.7 us of the 64-row INT4 step's 32 norms, the step itself barely moved, and the cold start with it is not
+measured: docs/benchmarks.md, "GemLite loses at 64 rows, ...") or ``triton`` (this kernel where Triton runs: CUDA, or
+``TRITON_INTERPRET=1`` for tests). Owns the kernel, its launch and the switch; :func:`install` puts it into a
+:class:`.fused.Ops` (which calls it whenever one is built).
 """
 from __future__ import annotations
 

@@ -39,7 +39,6 @@ from .kv_cache import StaticKVCache, default_batch_buckets, default_length_bucke
 from .layers import project_out, project_qkv, run_layers
 from .merged import merge
 from .mixed import MixedInputs
-from .norm_kernel import install as install_norm_kernel
 from .prefill import prefill_forward, run_prefill
 from .rope_kv import available as rope_kv_available
 from .rope_kv import rope_kv_write
@@ -117,8 +116,6 @@ class ModelRunner:
         self.capture_seconds = 0.0
         self.fuse_requested = (self.device.type == "cuda") if fuse is None else bool(fuse)
         self.ops = Ops(False)
-        # the residual add + RMSNorm as one Triton kernel (.norm_kernel) where MODEL_SERVER_FAST_NORM=triton asks for it
-        self.norm_kernel = install_norm_kernel(self.ops)
         self.silu_mlp = getattr(cfg, "hidden_act", "silu") == "silu" and all(
             hasattr(layer.mlp, n) for layer in self.layers for n in ("gate_proj", "up_proj", "down_proj"))
         self.norms = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in self.layers]
@@ -173,7 +170,6 @@ class ModelRunner:
         """Compile the fused elementwise ops (CUDA) and capture the decode graphs."""
         if self.fuse_requested:
             self.ops = Ops(True, self.device, self.dtype)
-            install_norm_kernel(self.ops)
             # compile every prefill shape family now (batch 1 / >1, one token / more), not on a request
             for n, t in ((1, 1), (1, 3), (2, 1), (2, 3)):
                 if n <= self.max_batch and t < self.max_len:

@@ -45,7 +45,6 @@ from model_server import switches
 
 from .fused import Ops
 from .kv_cache import StaticKVCache
-from .norm_kernel import install as install_norm_kernel
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -211,7 +210,6 @@ class BackgroundWarmup:
         if not self.fuse:
             return
         ops = self.make_ops(True, r.device, r.dtype)
-        install_norm_kernel(ops)              # as the foreground's prepare does (.norm_kernel's switch)
         if ops.fused:
             shadow = shadow_runner(r, ops)
             compile_families(shadow)
