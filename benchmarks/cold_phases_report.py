@@ -27,7 +27,7 @@ def table(report: dict) -> str:
                      f"{ph.get('ready_to_compile_s', '')} | {ph.get('compile_s', '')} | {r.get('spawn_to_fused_s')} | "
                      f"{r.get('second_request_s')} |")
     for f in report.get("seed_fills", []):
-        lines.append(f"\nseed fill ({f['quantization']}): `model-server compile-cache fill` rc {f['rc']} in "
+        lines.append(f"\nseed fill ({f.get('seed', f['quantization'])}): `model-server compile-cache fill` rc {f['rc']} in "
                      f"{f['seconds']} s: {f['stdout'] or f['stderr']}")
     for r in report["runs"]:
         if r.get("imports_top_s"):

@@ -31,6 +31,9 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
 * ``seeded-nobytecode`` / ``seeded-nobytecode-int4``: ``seeded`` with ``MODEL_SERVER_BYTECODE_CACHE=0`` (torch's
   Python compiled on every start where the install shipped no bytecode, :mod:`model_server.bytecode_cache`;
   compare ``to_torch_s``);
+* ``seeded-fastops`` / ``seeded-fastops-int4``: ``seeded`` with the fused ops compiled for fixed row counts and the
+  Triton residual add + RMSNorm (``MODEL_SERVER_FAST_COMPILE_SHAPES=rows``, ``MODEL_SERVER_FAST_NORM=triton``), from
+  a seed filled with them (a seed of its own per quantization: they change what is compiled);
 * ``seeded-noprefetch`` / ``seeded-noprefetch-int4`` / ``after-noprefetch``: ``seeded`` / ``after`` with ``MODEL_SERVER_PREFETCH_WEIGHTS=0`` (the
   checkpoint read only by the load, :mod:`model_server.weights_prefetch`); with ``--evict-weights`` every start
   first drops the weights from the page cache, as on a node whose disk has not served the model;
@@ -234,30 +237,38 @@ def main(argv: list[str] | None = None) -> int:
     nodefer = {"MODEL_SERVER_FAST_WARMUP_MAX_DEFER_S": "0", "MODEL_SERVER_FAST_WARMUP_SWITCH_INTERVAL_S": "0"}
     seeds: dict[str, str] = {}
 
-    def seeded(quant: str) -> dict:
+    def seeded(quant: str, compiled: str = "", extra: dict | None = None) -> dict:
         """An empty cache and ``MODEL_SERVER_COMPILE_CACHE_SEED``: a seed filled once per quantization by
-        ``model-server compile-cache fill`` (the defaults' switches; its seconds go in the report)."""
-        if quant not in seeds:
-            seeds[quant] = str(work / f"seed-{quant}")
+        ``model-server compile-cache fill`` (its seconds go in the report) with the defaults' switches, or, for a
+        mod named in ``compiled`` (one that changes what is compiled), with ``extra`` too, in a seed of its own."""
+        extra = extra or {}
+        key = f"{quant}-{compiled}" if compiled else quant
+        if key not in seeds:
+            seeds[key] = str(work / f"seed-{key}")
             t0 = time.monotonic()
             fill = subprocess.run([sys.executable, "-m", "model_server", "compile-cache", "fill", str(model_dir),
-                                   "--out", seeds[quant], "--device", args.device, "--engine", "fast",
+                                   "--out", seeds[key], "--device", args.device, "--engine", "fast",
                                    "--quantization", quant, "--max-batch", "64", "--max-total-tokens", "256",
-                                   "--quiet"], env={**os.environ, **new}, capture_output=True, text=True)
+                                   "--quiet"], env={**os.environ, **new, **(extra if compiled else {})},
+                                  capture_output=True, text=True)
             report.setdefault("seed_fills", []).append(
-                {"quantization": quant, "rc": fill.returncode, "seconds": round(time.monotonic() - t0, 1),
+                {"quantization": quant, "seed": key, "rc": fill.returncode,
+                 "seconds": round(time.monotonic() - t0, 1),
                  "stdout": fill.stdout.strip()[-300:], "stderr": fill.stderr.strip()[-300:]})
-        return {**fresh(), **new, "MODEL_SERVER_COMPILE_CACHE_SEED": seeds[quant]}
+        return {**fresh(), **new, "MODEL_SERVER_COMPILE_CACHE_SEED": seeds[key], **extra}
 
     # seeded-<mod> / seeded-<mod>-int4: a seeded start with one switch changed
     mods = {"nodefer": nodefer, "earlycuda": {"MODEL_SERVER_EARLY_CUDA_INIT": "1"},
             "staged": {"MODEL_SERVER_STAGED_READ": "1"}, "nobytecode": {"MODEL_SERVER_BYTECODE_CACHE": "0"},
-            "noprefetch": {"MODEL_SERVER_PREFETCH_WEIGHTS": "0"}}
+            "noprefetch": {"MODEL_SERVER_PREFETCH_WEIGHTS": "0"},
+            "fastops": {"MODEL_SERVER_FAST_COMPILE_SHAPES": "rows", "MODEL_SERVER_FAST_NORM": "triton"}}
+    compiled_mods = {"fastops"}          # these change what is compiled: their seed is filled with them
     lazy = {"after-empty-cache": lambda: ("bf16", {**fresh(), **new}),
             "seeded": lambda: ("bf16", seeded("bf16")), "seeded-int4": lambda: ("int4", seeded("int4"))}
     for mod, extra in mods.items():
         for quant, suffix in (("bf16", ""), ("int4", "-int4")):
-            lazy[f"seeded-{mod}{suffix}"] = lambda q=quant, e=extra: (q, {**seeded(q), **e})
+            lazy[f"seeded-{mod}{suffix}"] = lambda q=quant, m=mod, e=extra: (
+                q, seeded(q, m if m in compiled_mods else "", e))
     plan = {"fill-cache": ("bf16", {**warm, **old}), "fill-cache-int4": ("int4", {**warm, **old}),
             "before": ("bf16", {**warm, **old}), "after": ("bf16", {**warm, **new}),
             "before-int4": ("int4", {**warm, **old}), "after-int4": ("int4", {**warm, **new}),

@@ -84,3 +84,45 @@ def test_cold_start_phases_tiny_cpu(tiny_model_dir: str, tmp_path: Path) -> None
     assert "| to_listening | to_torch | torch_to_device | device_to_load | prefetch |" in table
     assert "top imports of after (-X importtime" in table
     assert (tmp_path / "cold_logs.tgz").stat().st_size > 0
+
+
+def test_cold_start_phases_fastops_has_a_seed_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``seeded-fastops``: the two opt-in compile switches in the start's environment and in a seed filled with them,
+    apart from the defaults' seed (which is filled without them); each seed is filled once per quantization."""
+    import subprocess
+
+    import cold_start_phases
+
+    fills: list[dict] = []
+    starts: list[tuple[str, str, dict]] = []
+
+    def fill(cmd: list[str], env: dict, **_: object) -> subprocess.CompletedProcess:
+        out = cmd[cmd.index("--out") + 1]
+        fills.append({"out": out, "quant": cmd[cmd.index("--quantization") + 1],
+                      "shapes": env.get("MODEL_SERVER_FAST_COMPILE_SHAPES"), "norm": env.get("MODEL_SERVER_FAST_NORM")})
+        return subprocess.CompletedProcess(cmd, 0, "filled", "")
+
+    def start(name: str, model_dir: Path, device: str, quant: str, env: dict, logs: Path, *_: object) -> dict:
+        starts.append((name, quant, env))
+        return {"variant": name.split("_", 1)[1], "quantization": quant, "env": env}
+
+    monkeypatch.delenv("MODEL_SERVER_FAST_COMPILE_SHAPES", raising=False)
+    monkeypatch.delenv("MODEL_SERVER_FAST_NORM", raising=False)
+    monkeypatch.setattr(cold_start_phases.subprocess, "run", fill)
+    monkeypatch.setattr(cold_start_phases, "one_start", start)
+    rc = cold_start_phases.main(["--model-dir", str(tmp_path), "--device", "cpu", "--commit", "test", "--out",
+                                 str(tmp_path / "out"), "--variants",
+                                 "seeded,seeded-fastops,seeded-fastops-int4,seeded-fastops,seeded"])
+    assert rc == 0
+    by_out = {f["out"]: f for f in fills}
+    assert len(fills) == len(by_out) == 3                              # bf16, bf16 with the switches, int4 with them
+    seeds = [env["MODEL_SERVER_COMPILE_CACHE_SEED"] for _, _, env in starts]
+    assert seeds[0] == seeds[4] != seeds[1] == seeds[3] != seeds[2]
+    assert by_out[seeds[0]]["shapes"] is None and by_out[seeds[0]]["norm"] is None
+    for i in (1, 2, 3):
+        assert by_out[seeds[i]] == {"out": seeds[i], "quant": starts[i][1], "shapes": "rows", "norm": "triton"}
+        assert starts[i][2]["MODEL_SERVER_FAST_COMPILE_SHAPES"] == "rows"
+        assert starts[i][2]["MODEL_SERVER_FAST_NORM"] == "triton"
+    assert "MODEL_SERVER_FAST_NORM" not in starts[0][2] and starts[2][1] == "int4"
+    table = (tmp_path / "out" / "cold_start_phases.md").read_text()
+    assert "seed fill (bf16-fastops)" in table and "seed fill (int4-fastops)" in table
