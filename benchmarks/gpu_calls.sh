@@ -122,6 +122,8 @@
 #                                            to_torch, torch_to_device (cuInit), device_to_load); torch's bytecode cache
 #                                            A/B: COLD_VARIANTS=seeded-nobytecode,seeded,seeded-nobytecode-int4,seeded-int4;
 #                                            $OUT gets card.txt, cold.log and cold/ (JSON, table, cold_logs.tgz)
+#                                            the two opt-in compile switches' A/B: COLD_VARIANTS=seeded,seeded-fastops,
+#                                            seeded-int4,seeded-fastops-int4 (a seed of its own with them); COLD_TIMEOUT (560)
 #   bash benchmarks/gpu_calls.sh readw      # issue 17: safetensors load_file vs the staged reader onto the GPU, 1B preset,
 #                                            5 reps each, tensors compared (read_weights.py; ~1 min). Then the cold start
 #                                            with it: COLD_VARIANTS=seeded,seeded-staged,seeded-int4,seeded-staged-int4
@@ -815,7 +817,7 @@ case "${1:-}" in
   cold)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     # shellcheck disable=SC2086  # COLD_ARGS: extra options, e.g. --importtime (the server under -X importtime)
-    timeout 560 python3 benchmarks/cold_start_phases.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/cold" \
+    timeout "${COLD_TIMEOUT:-560}" python3 benchmarks/cold_start_phases.py --model-dir /tmp/m1b --commit "$EDGE_EVAL_COMMIT" --out "$out/cold" \
       ${COLD_ARGS:-} > "$out/cold.log" 2>&1; echo "cold rc $?"; stop_servers; cat "$out/cold/cold_start_phases.md" ;;
   grid)
     g=${GRID_DIR:-out/grid}
