@@ -32,8 +32,10 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
   Python compiled on every start where the install shipped no bytecode, :mod:`model_server.bytecode_cache`;
   compare ``to_torch_s``);
 * ``seeded-fastops`` / ``seeded-fastops-int4``: ``seeded`` with the fused ops compiled for fixed row counts and the
-  Triton residual add + RMSNorm (``MODEL_SERVER_FAST_COMPILE_SHAPES=rows``, ``MODEL_SERVER_FAST_NORM=triton``), from
-  a seed filled with them (a seed of its own per quantization: they change what is compiled);
+  Triton residual add + RMSNorm set explicitly (``MODEL_SERVER_FAST_COMPILE_SHAPES=rows``, ``MODEL_SERVER_FAST_NORM=
+  triton``: the defaults since 2026-12-07), from a seed filled with them (a seed of its own per quantization: they
+  change what is compiled); ``seeded-dynops`` / ``seeded-dynops-int4``: the same with the defaults before
+  (``dynamic``, ``compiled``);
 * ``seeded-noprefetch`` / ``seeded-noprefetch-int4`` / ``after-noprefetch``: ``seeded`` / ``after`` with ``MODEL_SERVER_PREFETCH_WEIGHTS=0`` (the
   checkpoint read only by the load, :mod:`model_server.weights_prefetch`); with ``--evict-weights`` every start
   first drops the weights from the page cache, as on a node whose disk has not served the model;
@@ -261,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     mods = {"nodefer": nodefer, "earlycuda": {"MODEL_SERVER_EARLY_CUDA_INIT": "1"},
             "staged": {"MODEL_SERVER_STAGED_READ": "1"}, "nobytecode": {"MODEL_SERVER_BYTECODE_CACHE": "0"},
             "noprefetch": {"MODEL_SERVER_PREFETCH_WEIGHTS": "0"},
-            "fastops": {"MODEL_SERVER_FAST_COMPILE_SHAPES": "rows", "MODEL_SERVER_FAST_NORM": "triton"}}
-    compiled_mods = {"fastops"}          # these change what is compiled: their seed is filled with them
+            "fastops": {"MODEL_SERVER_FAST_COMPILE_SHAPES": "rows", "MODEL_SERVER_FAST_NORM": "triton"},
+            "dynops": {"MODEL_SERVER_FAST_COMPILE_SHAPES": "dynamic", "MODEL_SERVER_FAST_NORM": "compiled"}}
+    compiled_mods = {"fastops", "dynops"}          # these change what is compiled: their seed is filled with them
     lazy = {"after-empty-cache": lambda: ("bf16", {**fresh(), **new}),
             "seeded": lambda: ("bf16", seeded("bf16")), "seeded-int4": lambda: ("int4", seeded("int4"))}
     for mod, extra in mods.items():

@@ -122,8 +122,9 @@
 #                                            to_torch, torch_to_device (cuInit), device_to_load); torch's bytecode cache
 #                                            A/B: COLD_VARIANTS=seeded-nobytecode,seeded,seeded-nobytecode-int4,seeded-int4;
 #                                            $OUT gets card.txt, cold.log and cold/ (JSON, table, cold_logs.tgz)
-#                                            the two opt-in compile switches' A/B: COLD_VARIANTS=seeded,seeded-fastops,
-#                                            seeded-int4,seeded-fastops-int4 (a seed of its own with them); COLD_TIMEOUT (560)
+#                                            the two compile switches' A/B: COLD_VARIANTS=seeded,seeded-dynops,
+#                                            seeded-int4,seeded-dynops-int4 (the defaults before 2026-12-07, a seed of
+#                                            their own); COLD_TIMEOUT (560)
 #   bash benchmarks/gpu_calls.sh readw      # issue 17: safetensors load_file vs the staged reader onto the GPU, 1B preset,
 #                                            5 reps each, tensors compared (read_weights.py; ~1 min). Then the cold start
 #                                            with it: COLD_VARIANTS=seeded,seeded-staged,seeded-int4,seeded-staged-int4
@@ -469,14 +470,15 @@ case "${1:-}" in
   gemlite)  # GemLite vs our INT4 Triton GEMM vs bf16 per shape and rows (gl/: gemlite_probe.json / .md)
     timeout "${GL_TIMEOUT:-480}" python3 benchmarks/gemlite_probe.py --ms "${GL_MS:-1,8,16,32,64}" --out "$out/gl" \
       > "$out/gl.log" 2>&1; echo "gemlite_probe rc $?"; tail -45 "$out/gl.log" ;;
-  normshapes)  # both opt-in switches together (MODEL_SERVER_FAST_COMPILE_SHAPES=rows, MODEL_SERVER_FAST_NORM=triton)
-    #    against the defaults: the steady state at NS_CONC (64) int4:mma,bf16 each way in NS_ORDER (on,off: ss_on/,
+  normshapes)  # both switches together (MODEL_SERVER_FAST_COMPILE_SHAPES=rows, MODEL_SERVER_FAST_NORM=triton; the
+    #    defaults since 2026-12-07) against the earlier defaults (dynamic, compiled): the steady state at NS_CONC (64)
+    #    int4:mma,bf16 each way in NS_ORDER (on,off: ss_on/,
     #    ss_off/; off,on for the other order), then with NS_DP=1 the INT4 decode profile at 64 each way (dp_off/, dp_on/)
     #    and their greedy tokens compared (2026-12-07 12:42 and 12:46 ran this by a local edit, one order each)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
-    ns_switches() {  # on: both switches set; off: both unset (the defaults)
+    ns_switches() {  # on: rows + triton; off: dynamic + compiled (the defaults before 2026-12-07)
       if [ "$1" = on ]; then export MODEL_SERVER_FAST_COMPILE_SHAPES=rows MODEL_SERVER_FAST_NORM=triton
-      else unset MODEL_SERVER_FAST_COMPILE_SHAPES MODEL_SERVER_FAST_NORM; fi
+      else export MODEL_SERVER_FAST_COMPILE_SHAPES=dynamic MODEL_SERVER_FAST_NORM=compiled; fi
     }
     NS_ORDER=${NS_ORDER:-on,off}; for a in ${NS_ORDER//,/ }; do ns_switches "$a"; ss_arm "ss_$a" "${NS_SS_TIMEOUT:-135}" int4:mma,bf16 "${NS_CONC:-64}"; done
     if [ "${NS_DP:-1}" = 1 ]; then

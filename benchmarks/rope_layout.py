@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     qkv = torch.randn(n, t, (h + 2 * kv) * d, device=dev, dtype=dt)
     q, k, _ = qkv.split([h * d, kv * d, kv * d], dim=-1)
     cos, sin = torch.randn(t, d, device=dev, dtype=dt), torch.randn(t, d, device=dev, dtype=dt)
-    os.environ.pop(SHAPES_SWITCH, None)     # head_major / token_major: the served default compile (rows has its column)
+    os.environ[SHAPES_SWITCH] = "dynamic"   # head_major / token_major: the dynamic compile (rows has its column)
     ops = Ops(True, dev, dt)
     if not ops.fused:
         print(f"rope_layout: torch.compile unavailable ({ops.error})", file=sys.stderr)

@@ -54,9 +54,11 @@ def test_row_dims():
 
 def test_the_switch(monkeypatch):
     monkeypatch.delenv(fused.SHAPES_SWITCH, raising=False)
+    assert fused.shapes_mode() == "rows"                # the default since 2026-12-07
+    monkeypatch.setenv(fused.SHAPES_SWITCH, "dynamic")
     assert fused.shapes_mode() == "dynamic"
     monkeypatch.setenv(fused.SHAPES_SWITCH, "static")
-    with pytest.raises(SwitchValueError, match="MODEL_SERVER_FAST_COMPILE_SHAPES must be one of dynamic, rows"):
+    with pytest.raises(SwitchValueError, match="MODEL_SERVER_FAST_COMPILE_SHAPES must be one of rows, dynamic"):
         fused.shapes_mode()
 
 

@@ -81,15 +81,22 @@ def test_refuses_operands_that_do_not_fit():
 def test_the_switch(monkeypatch):
     monkeypatch.delenv(nk.SWITCH, raising=False)
     ops = fused.Ops(False)
-    assert nk.mode() == "compiled" and not nk.usable() and not nk.install(ops)   # the fused op serves until measured
-    assert ops.add_rms_norm is fused.add_rms_norm
+    # unset = auto: the kernel for ops built for a CUDA device (Triton's interpreter stands in for one here), not for
+    # the CPU's or a device-less Ops
+    assert nk.mode() == "auto" and not nk.usable() and not nk.usable("cpu") and not nk.install(ops)
+    assert nk.usable("cuda") and nk.usable(torch.device("cuda", 0))
+    assert ops.add_rms_norm is fused.add_rms_norm and not fused.Ops(False, torch.device("cpu")).norm_kernel
+    on_cuda = fused.Ops(False, torch.device("cuda"))    # an Ops built for CUDA carries it by default
+    assert on_cuda.norm_kernel and on_cuda.add_rms_norm is nk.add_rms_norm
+    monkeypatch.setenv(nk.SWITCH, "compiled")
+    assert not nk.usable("cuda") and not fused.Ops(False, torch.device("cuda")).norm_kernel
     monkeypatch.setenv(nk.SWITCH, "triton")
     assert nk.usable() and nk.install(ops)
     assert ops.add_rms_norm is nk.add_rms_norm and ops.add_parts_rms_norm is nk.add_parts_rms_norm
     built = fused.Ops(False)                            # every Ops built with the switch on carries it
     assert built.norm_kernel and built.add_rms_norm is nk.add_rms_norm
     monkeypatch.setenv(nk.SWITCH, "fast")
-    with pytest.raises(SwitchValueError, match="MODEL_SERVER_FAST_NORM must be one of compiled, triton"):
+    with pytest.raises(SwitchValueError, match="MODEL_SERVER_FAST_NORM must be one of auto, compiled, triton"):
         nk.mode()
 
 

@@ -44,7 +44,7 @@ def test_steady_state_each_way_in_order_then_profiles_compared(tmp_path: Path) -
     scripts = [a.split()[0] for _, a in calls]
     assert scripts == ["benchmarks/steady_state.py"] * 2 + ["benchmarks/decode_profile.py"] * 2 + \
         ["benchmarks/dp_greedy_compare.py"]
-    on, off = "rows,triton", "unset,unset"
+    on, off = "rows,triton", "dynamic,compiled"
     assert [e for e, _ in calls] == [on, off, off, on, off]
     assert f"--out {out}/ss_on " in calls[0][1] and f"--out {out}/ss_off " in calls[1][1]
     for _, a in calls[:2]:
@@ -59,5 +59,5 @@ def test_the_other_order_and_no_profiles(tmp_path: Path) -> None:
     r, calls = _run(tmp_path, tmp_path / "OUT", NS_ORDER="off,on", NS_DP="0", NS_CONC="8,64")
     assert r.returncode == 0, r.stderr
     assert [(e, a.split("--out ")[1].split()[0].rsplit("/", 1)[1]) for e, a in calls] == [
-        ("unset,unset", "ss_off"), ("rows,triton", "ss_on")]
+        ("dynamic,compiled", "ss_off"), ("rows,triton", "ss_on")]
     assert all("--concurrency 8,64 " in a for _, a in calls)

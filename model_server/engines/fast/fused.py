@@ -6,14 +6,15 @@ weights. Fusing each piece into one kernel removes most of them. The functions c
 transformers' modules compute, in the same order and dtypes; with
 ``torch._inductor.config.emulate_precision_casts`` the fused kernels also round where eager rounds.
 
-How they are compiled, ``MODEL_SERVER_FAST_COMPILE_SHAPES`` (:func:`shapes_mode`): ``dynamic`` (the default) compiles
-each function once for symbolic shapes, the hidden, intermediate and head sizes symbols too; ``rows`` compiles for
-static shapes but marks, at every call, the dimensions that vary with a step (rows, prompts, tokens: :func:`row_dims`)
-dynamic (``torch._dynamo.maybe_mark_dynamic``), so one compile still serves every row count while the model's sizes
-are constants in the kernels. On an H100 the rows compile was as fast as a static one (the prefill's rotary 16.4 against
-88-155 us per layer dynamic; ``benchmarks/compiled_ops_static.py``, ``rope_layout.py``) and, with the Triton add +
-RMSNorm, gave both formats 1-2 % more tokens/s at 64 streams (docs/benchmarks.md, "GemLite loses at 64 rows, ...");
-``rows`` stays opt-in until the cold start with it is measured.
+How they are compiled, ``MODEL_SERVER_FAST_COMPILE_SHAPES`` (:func:`shapes_mode`): ``rows`` (the default since
+2026-12-07) compiles for static shapes but marks, at every call, the dimensions that vary with a step (rows, prompts,
+tokens: :func:`row_dims`) dynamic (``torch._dynamo.maybe_mark_dynamic``), so one compile still serves every row count
+while the model's sizes are constants in the kernels; ``dynamic`` (the default before) compiles each function once for
+symbolic shapes, the hidden, intermediate and head sizes symbols too. On an H100 the rows compile was as fast as a
+static one (the prefill's rotary 16.4 against 88-155 us per layer dynamic; ``benchmarks/compiled_ops_static.py``,
+``rope_layout.py``); with the Triton add + RMSNorm it gave both formats 1-2 % more tokens/s at 64 streams, the same
+spawn -> first token and a background compile 32-46 % shorter (docs/benchmarks.md, "GemLite loses at 64 rows, ..." and
+"The rows compile and the Triton add + RMSNorm at a cold start").
 """
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ from . import norm_kernel
 log = logging.getLogger(__name__)
 
 SHAPES_SWITCH = "MODEL_SERVER_FAST_COMPILE_SHAPES"
-SHAPES_MODES = ("dynamic", "rows")          # the first is the default
+SHAPES_MODES = ("rows", "dynamic")          # the first is the default
 BACKEND: object = "inductor"                # torch.compile's backend (tests count graphs with their own)
 
 
 def shapes_mode() -> str:
-    """``dynamic`` or ``rows`` from ``MODEL_SERVER_FAST_COMPILE_SHAPES`` (unset: ``dynamic``); another value raises
+    """``rows`` or ``dynamic`` from ``MODEL_SERVER_FAST_COMPILE_SHAPES`` (unset: ``rows``); another value raises
     :class:`model_server.switches.SwitchValueError`. Read when the ops are first compiled in a process."""
     return choice(SHAPES_SWITCH, SHAPES_MODES)
 
@@ -129,8 +130,8 @@ class Ops:
             except Exception as exc:  # noqa: BLE001 - no compiler: stay eager
                 self.error = f"{type(exc).__name__}: {exc}"
                 log.warning("torch.compile unavailable, elementwise ops stay eager: %s", self.error)
-        # the residual add + RMSNorm as one Triton kernel where MODEL_SERVER_FAST_NORM=triton asks for it (.norm_kernel)
-        self.norm_kernel = norm_kernel.install(self)
+        # the residual add + RMSNorm as one Triton kernel on CUDA (.norm_kernel; MODEL_SERVER_FAST_NORM)
+        self.norm_kernel = norm_kernel.install(self, device)
 
     @classmethod
     def _get_compiled(cls) -> dict[str, object]:

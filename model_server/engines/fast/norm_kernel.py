@@ -18,11 +18,13 @@ INT4 GEMM's sum kernel does; then the residual add, rounded); the normed row rou
 rsqrt(mean(h^2) + eps)`` to the model's dtype, then times the weight), but its sum of squares adds in Triton's order,
 so a value can differ from the compiled or eager op's by one unit in the last place (tests/test_fast_norm_kernel.py).
 
-``MODEL_SERVER_FAST_NORM`` (:func:`mode`): ``compiled`` (the default: the fused op; on an H100 this kernel took 104.5
-against 121.7 us of the 64-row INT4 step's 32 norms, the step itself barely moved, and the cold start with it is not
-measured: docs/benchmarks.md, "GemLite loses at 64 rows, ...") or ``triton`` (this kernel where Triton runs: CUDA, or
-``TRITON_INTERPRET=1`` for tests). Owns the kernel, its launch and the switch; :func:`install` puts it into a
-:class:`.fused.Ops` (which calls it whenever one is built).
+``MODEL_SERVER_FAST_NORM`` (:func:`mode`): ``auto`` (the default since 2026-12-07: this kernel for ops built for a CUDA
+device, where Triton imports; the fused op elsewhere), ``compiled`` (the fused op: the default before) or ``triton``
+(this kernel where Triton runs: CUDA, or ``TRITON_INTERPRET=1`` for tests, whatever the ops' device). On an H100 it
+took 104.5 against 121.7 us of the 64-row INT4 step's 32 norms; with the rows compile both formats gained 1-2 % tokens/s
+at 64 streams and the background compile was 32-46 % shorter at the same spawn -> first token (docs/benchmarks.md,
+"GemLite loses at 64 rows, ..." and "The rows compile and the Triton add + RMSNorm at a cold start"). Owns the kernel,
+its launch and the switch; :func:`install` puts it into a :class:`.fused.Ops` (which calls it whenever one is built).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from model_server.switches import choice
 from . import rope_kv
 
 SWITCH = "MODEL_SERVER_FAST_NORM"
-MODES = ("compiled", "triton")          # the first is the default
+MODES = ("auto", "compiled", "triton")  # the first is the default
 
 tl: Any = None                          # triton.language, bound at first use (CPU-only installs have no Triton)
 _kernel: Any = None
@@ -43,15 +45,19 @@ _round: Any = None                      # rope_kv's jitted rounding helper, the 
 
 
 def mode() -> str:
-    """``compiled`` or ``triton`` from ``MODEL_SERVER_FAST_NORM`` (unset: ``compiled``); another value raises
+    """``auto``, ``compiled`` or ``triton`` from ``MODEL_SERVER_FAST_NORM`` (unset: ``auto``); another value raises
     :class:`model_server.switches.SwitchValueError`. Read when a runner builds its ops."""
     return choice(SWITCH, MODES)
 
 
-def usable() -> bool:
-    """The switch says ``triton`` and Triton runs here (a CUDA device or the interpreter). Imports Triton only when
-    the switch asks for the kernel."""
-    return mode() == "triton" and rope_kv.available(2)
+def usable(device: torch.device | str | None = None) -> bool:
+    """Whether ops built for ``device`` take this kernel: the switch says ``triton``, or ``auto`` and ``device`` is a
+    CUDA device; and Triton runs here (a CUDA device or the interpreter). Imports Triton only when the switch and the
+    device ask for the kernel."""
+    m = mode()
+    if m == "compiled" or (m == "auto" and (device is None or torch.device(device).type != "cuda")):
+        return False
+    return rope_kv.available(2)
 
 
 def _add_norm_kernel(res_ptr, x_ptr, w_ptr, h_ptr, y_ptr, N, stride_r, stride_x, stride_split, stride_h, stride_y,
@@ -131,10 +137,10 @@ def add_parts_rms_norm(residual: torch.Tensor, parts: torch.Tensor, weight: torc
     return _launch(residual, parts.reshape(parts.shape[0], -1, parts.shape[-1]), parts.shape[0], weight, eps)
 
 
-def install(ops: Any) -> bool:
-    """Where :func:`usable`, point ``ops.add_rms_norm`` and ``ops.add_parts_rms_norm`` (a :class:`.fused.Ops`) at
-    this kernel; True if it did."""
-    if not usable():
+def install(ops: Any, device: torch.device | str | None = None) -> bool:
+    """Where :func:`usable` for ``device`` (the ops' device), point ``ops.add_rms_norm`` and ``ops.add_parts_rms_norm``
+    (a :class:`.fused.Ops`) at this kernel; True if it did."""
+    if not usable(device):
         return False
     ops.add_rms_norm, ops.add_parts_rms_norm = add_rms_norm, add_parts_rms_norm
     return True
