@@ -276,6 +276,9 @@ ROWS = [
     Row("the same, the other order (the defaults first, then both switches on; same machine)",
         ["2026-12-07-h100/shapes_norms_1247/ss_rt2/steady_state.json",
          "2026-12-07-h100/shapes_norms_1247/ss_d2/steady_state.json"], values.gain_over_second, "e63169e"),
+    Row("cold start, spawn to first token, seeded: both switches above (seeded-fastops, the defaults since "
+        "2026-12-07 15:30) against the defaults before (seeded), one call, alternating",
+        ["2026-12-07-h100/cold_fastops_1513/cold/cold_start_phases.json"], values.spawn_by_variant, "6c74dd5"),
     Row("cold start, spawn to first token, seeded int4 starts on the mma kernel",
         ["2026-12-05-h100/cold_mma_1916/cold/cold_start_phases.json"], values.spawn_by_quant, "e2d1fc2"),
     Row("proxy at 1,000 streams, energy source on: one process vs two sharing the counter (--energy-shared)",
