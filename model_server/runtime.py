@@ -128,6 +128,8 @@ class Runtime:
                                    if self.engine is not None else None),
             # its greedy pick as two Triton kernels (engines/fast/greedy_kernel.py; CUDA, passed its check)
             "pick_kernel": (bool(self.engine.stats().extra.get("pick_kernel", 0.0)) if self.engine is not None else None),
+            # its residual add + RMSNorm as one Triton kernel (engines/fast/norm_kernel.py; CUDA by default)
+            "norm_kernel": (bool(self.engine.stats().extra.get("norm_kernel", 0.0)) if self.engine is not None else None),
             # linears whose one-row steps run the bf16 GEMV (model_server/gemv_bf16.py; CUDA, passed its check)
             "gemv_linears": (int(self.engine.stats().extra.get("gemv_linears", 0.0)) if self.engine is not None else None),
             "load_energy_joules": self.load_energy_joules,

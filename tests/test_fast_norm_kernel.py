@@ -204,3 +204,16 @@ def test_the_background_warm_up_installs_it_and_warms_it(monkeypatch):
     assert "fast-engine-warmup" in warm and set(served) == {"fast-engine"}
     # the compiled add + norm runs once, in the Ops' trial on the warm-up thread, and never serves
     assert [t for n, t in fake.calls if n == "add_rms_norm"] == ["fast-engine-warmup"]
+
+
+def test_the_engine_stats_say_which_norm_runs(monkeypatch):
+    """``norm_kernel`` in the fast engine's stats (``/info``, ``/metrics``): 1 where the runner's ops carry the kernel."""
+    from model_server.engines.fast import FastEngine
+    from tests.fast_engine_support import EOS, _tiny
+
+    monkeypatch.setenv(nk.SWITCH, "auto")
+    eng = FastEngine(_tiny("llama"), [EOS], device="cpu", max_batch=2, max_seq_len=32)
+    assert eng.stats().extra["norm_kernel"] == 0.0               # auto on a CPU engine: the fused op
+    monkeypatch.setenv(nk.SWITCH, "triton")
+    eng.runner.ops = fused.Ops(False, torch.device("cpu"))       # the switch forces it (Triton's interpreter here)
+    assert eng.stats().extra["norm_kernel"] == 1.0

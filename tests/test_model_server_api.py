@@ -172,6 +172,7 @@ def test_info_health_metrics(model_server, tiny_model_dir):
     assert info["engine_warm"] is True                  # nothing warms up in the background here
     assert info["decode_attn_kernel"] is False          # SDPA on CPU unless MODEL_SERVER_FAST_DECODE_ATTN=1
     assert info["pick_kernel"] is False                 # the eager pick on CPU unless MODEL_SERVER_FAST_PICK_KERNEL=1
+    assert info["norm_kernel"] is False                 # the fused op on CPU unless MODEL_SERVER_FAST_NORM=triton
     assert info["gemv_linears"] == 0                    # one-row bf16 linears on cuBLAS/CPU: the GEMV is CUDA-only
     assert info["switch_interval_seconds"] == pytest.approx(0.0005)     # serve's default, not Python's 0.005
     from safetensors import safe_open

@@ -35,6 +35,7 @@ def snapshot(eng: "FastEngine") -> EngineStats:
             "prefills_in_decode_steps": float(st.mixed_prefills),
             "mixed_graphs_captured": float(len(r.mixed_graphs)),
             "fused_ops": float(r.ops.fused),
+            "norm_kernel": float(getattr(r.ops, "norm_kernel", False)),
             "merged_projections": float(sum(m is not None for m in r.qkv + r.gate_up)),
             "decode_attn_kernel": float(r.decode_attn),
             "pick_kernel": float(r.picker.on),
