@@ -276,6 +276,8 @@ ROWS = [
     Row("the same, the other order (the defaults first, then both switches on; same machine)",
         ["2026-12-07-h100/shapes_norms_1247/ss_rt2/steady_state.json",
          "2026-12-07-h100/shapes_norms_1247/ss_d2/steady_state.json"], values.gain_over_second, "e63169e"),
+    Row("INT4 vs bf16 in-process at 64 streams with the defaults of 2026-12-07 15:30 (both switches on), one process",
+        ["2026-12-07-h100/defaults_ss64_1526/ss_on/steady_state.json"], values.formats_vs_bf16, "2cbf84c"),
     Row("cold start, spawn to first token, seeded: both switches above (seeded-fastops, the defaults since "
         "2026-12-07 15:30) against the defaults before (seeded), one call, alternating",
         ["2026-12-07-h100/cold_fastops_1513/cold/cold_start_phases.json"], values.spawn_by_variant, "6c74dd5"),
