@@ -86,6 +86,7 @@ def test_the_switch(monkeypatch):
     assert nk.mode() == "auto" and not nk.usable() and not nk.usable("cpu") and not nk.install(ops)
     assert nk.usable("cuda") and nk.usable(torch.device("cuda", 0))
     assert ops.add_rms_norm is fused.add_rms_norm and not fused.Ops(False, torch.device("cpu")).norm_kernel
+    monkeypatch.setattr(nk, "self_check", lambda device, dtype: None)     # no CUDA here to run it on (tested below)
     on_cuda = fused.Ops(False, torch.device("cuda"))    # an Ops built for CUDA carries it by default
     assert on_cuda.norm_kernel and on_cuda.add_rms_norm is nk.add_rms_norm
     monkeypatch.setenv(nk.SWITCH, "compiled")
@@ -217,3 +218,27 @@ def test_the_engine_stats_say_which_norm_runs(monkeypatch):
     monkeypatch.setenv(nk.SWITCH, "triton")
     eng.runner.ops = fused.Ops(False, torch.device("cpu"))       # the switch forces it (Triton's interpreter here)
     assert eng.stats().extra["norm_kernel"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_self_check_passes_the_kernel(dtype):
+    assert nk.self_check("cpu", dtype) is None                   # Triton's interpreter on the CPU
+
+
+def test_a_failing_kernel_is_left_out_with_one_warning(monkeypatch, caplog):
+    """An Ops built for a device runs the self check first: a kernel that raises or gives another normed row is not
+    installed, the fused op serves, and the Ops says why."""
+    monkeypatch.setenv(nk.SWITCH, "triton")
+    real = nk._launch
+    monkeypatch.setattr(nk, "_launch", lambda *a: tuple(t * 1.5 for t in real(*a)))
+    with caplog.at_level("WARNING"):
+        ops = fused.Ops(False, torch.device("cpu"))
+    assert not ops.norm_kernel and ops.add_rms_norm is fused.add_rms_norm
+    assert ops.norm_kernel_error.startswith("differs from the fused op")
+    monkeypatch.setattr(nk, "_launch", lambda *a: 1 / 0)
+    ops = fused.Ops(False, torch.device("cpu"))
+    assert not ops.norm_kernel and ops.norm_kernel_error.startswith("ZeroDivisionError")
+    assert sum("kernel off, the fused op serves" in m for m in caplog.messages) == 2     # one per Ops built
+    monkeypatch.setattr(nk, "_launch", real)
+    ops = fused.Ops(False, torch.device("cpu"))
+    assert ops.norm_kernel and ops.norm_kernel_error is None and ops.add_rms_norm is nk.add_rms_norm

@@ -131,7 +131,8 @@ class Ops:
                 self.error = f"{type(exc).__name__}: {exc}"
                 log.warning("torch.compile unavailable, elementwise ops stay eager: %s", self.error)
         # the residual add + RMSNorm as one Triton kernel on CUDA (.norm_kernel; MODEL_SERVER_FAST_NORM)
-        self.norm_kernel = norm_kernel.install(self, device)
+        self.norm_kernel_error: str | None = None
+        self.norm_kernel = norm_kernel.install(self, device, dtype)
 
     @classmethod
     def _get_compiled(cls) -> dict[str, object]:

@@ -24,10 +24,13 @@ device, where Triton imports; the fused op elsewhere), ``compiled`` (the fused o
 took 104.5 against 121.7 us of the 64-row INT4 step's 32 norms; with the rows compile both formats gained 1-2 % tokens/s
 at 64 streams and the background compile was 32-46 % shorter at the same spawn -> first token (docs/benchmarks.md,
 "GemLite loses at 64 rows, ..." and "The rows compile and the Triton add + RMSNorm at a cold start"). Owns the kernel,
-its launch and the switch; :func:`install` puts it into a :class:`.fused.Ops` (which calls it whenever one is built).
+its launch, its first-use check (:func:`self_check`: on the ops' device, against the fused op; a kernel that fails it
+is left out with one warning) and the switch; :func:`install` puts it into a :class:`.fused.Ops` (which calls it
+whenever one is built).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -35,6 +38,8 @@ import torch
 from model_server.switches import choice
 
 from . import rope_kv
+
+log = logging.getLogger(__name__)
 
 SWITCH = "MODEL_SERVER_FAST_NORM"
 MODES = ("auto", "compiled", "triton")  # the first is the default
@@ -137,10 +142,38 @@ def add_parts_rms_norm(residual: torch.Tensor, parts: torch.Tensor, weight: torc
     return _launch(residual, parts.reshape(parts.shape[0], -1, parts.shape[-1]), parts.shape[0], weight, eps)
 
 
-def install(ops: Any, device: torch.device | str | None = None) -> bool:
-    """Where :func:`usable` for ``device`` (the ops' device), point ``ops.add_rms_norm`` and ``ops.add_parts_rms_norm``
-    (a :class:`.fused.Ops`) at this kernel; True if it did."""
+def self_check(device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """None where the kernel runs on ``device`` and gives the eager op's ``h`` and, within two units in the last
+    place (eight in fp32), its normed row on a small trial (2 x 3 rows of 64, ``dtype``); else why not, in one line."""
+    from .fused import add_rms_norm as eager
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        r, x = (torch.randn(2, 3, 64, generator=gen).to(device, dtype) for _ in range(2))
+        w = torch.randn(64, generator=gen).to(device, dtype)
+        (h, y), (h0, y0) = add_rms_norm(r, x, w, 1e-5), eager(r, x, w, 1e-5)
+        ulps = 8 if dtype == torch.float32 else 2          # fp32: the device's rsqrt may differ by a few ulps
+        tol = ulps * torch.finfo(dtype).eps * max(1.0, float(y0.abs().max()))
+        if not torch.equal(h, h0) or float((y.float() - y0.float()).abs().max()) > tol:
+            return f"differs from the fused op on a {dtype} trial (normed row off by up to " \
+                   f"{float((y.float() - y0.float()).abs().max()):.3g})"
+    except Exception as exc:  # noqa: BLE001 - reported, the fused op serves
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    return None
+
+
+def install(ops: Any, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> bool:
+    """Where :func:`usable` for ``device`` (the ops' device, of ``dtype``), point ``ops.add_rms_norm`` and
+    ``ops.add_parts_rms_norm`` (a :class:`.fused.Ops`) at this kernel; True if it did. With a device, the kernel first
+    passes :func:`self_check` there; one that fails is left out with one warning (``ops.norm_kernel_error`` says
+    why) and the fused op serves."""
     if not usable(device):
         return False
+    if device is not None:
+        why = self_check(device, dtype)
+        if why is not None:
+            ops.norm_kernel_error = why
+            log.warning("residual add + RMSNorm kernel off, the fused op serves: %s", why)
+            return False
     ops.add_rms_norm, ops.add_parts_rms_norm = add_rms_norm, add_parts_rms_norm
     return True
