@@ -154,9 +154,9 @@ def self_check(device: torch.device | str, dtype: torch.dtype) -> str | None:
         (h, y), (h0, y0) = add_rms_norm(r, x, w, 1e-5), eager(r, x, w, 1e-5)
         ulps = 8 if dtype == torch.float32 else 2          # fp32: the device's rsqrt may differ by a few ulps
         tol = ulps * torch.finfo(dtype).eps * max(1.0, float(y0.abs().max()))
-        if not torch.equal(h, h0) or float((y.float() - y0.float()).abs().max()) > tol:
-            return f"differs from the fused op on a {dtype} trial (normed row off by up to " \
-                   f"{float((y.float() - y0.float()).abs().max()):.3g})"
+        off = float((y.float() - y0.float()).abs().max())
+        if not torch.equal(h, h0) or off > tol:
+            return f"differs from the fused op on a {dtype} trial (normed row off by up to {off:.3g})"
     except Exception as exc:  # noqa: BLE001 - reported, the fused op serves
         return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     return None
