@@ -35,7 +35,8 @@ from ``/info``'s ``startup`` (process start, load start / sub-phases / end, warm
   Triton residual add + RMSNorm set explicitly (``MODEL_SERVER_FAST_COMPILE_SHAPES=rows``, ``MODEL_SERVER_FAST_NORM=
   triton``: the defaults since 2026-12-07), from a seed filled with them (a seed of its own per quantization: they
   change what is compiled); ``seeded-dynops`` / ``seeded-dynops-int4``: the same with the defaults before
-  (``dynamic``, ``compiled``);
+  (``dynamic``, ``compiled``); ``seeded-rowsonly`` / ``seeded-normonly`` (and ``-int4``): one of the two switches
+  alone (``rows`` + ``compiled``; ``dynamic`` + ``triton``), each from a seed of its own;
 * ``seeded-noprefetch`` / ``seeded-noprefetch-int4`` / ``after-noprefetch``: ``seeded`` / ``after`` with ``MODEL_SERVER_PREFETCH_WEIGHTS=0`` (the
   checkpoint read only by the load, :mod:`model_server.weights_prefetch`); with ``--evict-weights`` every start
   first drops the weights from the page cache, as on a node whose disk has not served the model;
@@ -264,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             "staged": {"MODEL_SERVER_STAGED_READ": "1"}, "nobytecode": {"MODEL_SERVER_BYTECODE_CACHE": "0"},
             "noprefetch": {"MODEL_SERVER_PREFETCH_WEIGHTS": "0"},
             "fastops": {"MODEL_SERVER_FAST_COMPILE_SHAPES": "rows", "MODEL_SERVER_FAST_NORM": "triton"},
-            "dynops": {"MODEL_SERVER_FAST_COMPILE_SHAPES": "dynamic", "MODEL_SERVER_FAST_NORM": "compiled"}}
-    compiled_mods = {"fastops", "dynops"}          # these change what is compiled: their seed is filled with them
+            "dynops": {"MODEL_SERVER_FAST_COMPILE_SHAPES": "dynamic", "MODEL_SERVER_FAST_NORM": "compiled"},
+            "rowsonly": {"MODEL_SERVER_FAST_COMPILE_SHAPES": "rows", "MODEL_SERVER_FAST_NORM": "compiled"},
+            "normonly": {"MODEL_SERVER_FAST_COMPILE_SHAPES": "dynamic", "MODEL_SERVER_FAST_NORM": "triton"}}
+    compiled_mods = {"fastops", "dynops", "rowsonly", "normonly"}   # change what is compiled: a seed of their own
     lazy = {"after-empty-cache": lambda: ("bf16", {**fresh(), **new}),
             "seeded": lambda: ("bf16", seeded("bf16")), "seeded-int4": lambda: ("int4", seeded("int4"))}
     for mod, extra in mods.items():

@@ -125,6 +125,7 @@
 #                                            the two compile switches' A/B: COLD_VARIANTS=seeded,seeded-dynops,
 #                                            seeded-int4,seeded-dynops-int4 (the defaults before 2026-12-07, a seed of
 #                                            their own); COLD_TIMEOUT (560)
+#                                            one switch alone: seeded-rowsonly, seeded-normonly (-int4)
 #   bash benchmarks/gpu_calls.sh readw      # issue 17: safetensors load_file vs the staged reader onto the GPU, 1B preset,
 #                                            5 reps each, tensors compared (read_weights.py; ~1 min). Then the cold start
 #                                            with it: COLD_VARIANTS=seeded,seeded-staged,seeded-int4,seeded-staged-int4
