@@ -278,9 +278,20 @@ ROWS = [
          "2026-12-07-h100/shapes_norms_1247/ss_d2/steady_state.json"], values.gain_over_second, "e63169e"),
     Row("INT4 vs bf16 in-process at 64 streams with the defaults of 2026-12-07 15:30 (both switches on), one process",
         ["2026-12-07-h100/defaults_ss64_1526/ss_on/steady_state.json"], values.formats_vs_bf16, "2cbf84c"),
+    Row("INT4 vs bf16 in-process at 1 and 8 streams on an H200 with the int4pack copy and the defaults of "
+        "2026-12-07 15:30, one process, bf16 first",
+        ["2026-12-07-h200/int4pack_1702/call1/ss_on/steady_state.json"], values.formats_vs_bf16, "f80da95"),
+    Row("the same at 1 stream in a second process on the same H200",
+        ["2026-12-07-h200/int4pack_1702/call2/ss_on/steady_state.json"], values.formats_vs_bf16, "f80da95"),
+    Row("INT4 on the H200: the int4pack copy for steps of <= 4 rows on the narrow layers over none (next process)",
+        ["2026-12-07-h200/int4pack_1702/call2/ss_on/steady_state.json",
+         "2026-12-07-h200/int4pack_1702/call2/ss_off/steady_state.json"], values.gain_over_second, "f80da95"),
     Row("cold start, spawn to first token, seeded: both switches above (seeded-fastops, the defaults since "
         "2026-12-07 15:30) against the defaults before (seeded), one call, alternating",
         ["2026-12-07-h100/cold_fastops_1513/cold/cold_start_phases.json"], values.spawn_by_variant, "6c74dd5"),
+    Row("cold start, spawn to first token, seeded, one switch at a time: neither (seeded-dynops), the rows compile "
+        "alone, the Triton norm alone, both (seeded, the default); another H100",
+        ["2026-12-07-h100/cold_oneswitch_1648/cold/cold_start_phases.json"], values.spawn_by_variant, "af8247f"),
     Row("cold start, spawn to first token, seeded int4 starts on the mma kernel",
         ["2026-12-05-h100/cold_mma_1916/cold/cold_start_phases.json"], values.spawn_by_quant, "e2d1fc2"),
     Row("proxy at 1,000 streams, energy source on: one process vs two sharing the counter (--energy-shared)",
