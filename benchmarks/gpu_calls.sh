@@ -29,6 +29,9 @@
 #                                            per-linear times at 1/2/4/8 rows (tinygemm vs mma), then bf16 vs int4:mma at
 #                                            1/8/64 in one process (copy on, the default), then int4:mma at 1/8 with
 #                                            MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 (IP_AB=0 skips it) (~9 min)
+#   bash benchmarks/gpu_calls.sh mmaglu     # issue 17: the mma kernel's GLU epilogue (MODEL_SERVER_INT4_MMA_GLU): first-use
+#                                            check, bits and device time per row count on the merged gate/up, then bf16 vs
+#                                            int4:mma at GL_CONC (1) with it, int4:mma without it (next process) (~4 min)
 #   bash benchmarks/gpu_calls.sh lmhead     # issue 17: the LM head's mma configuration at few rows (never swept before):
 #                                            bf16 vs int4:mma at 1/8 with the shipped table, the LM head's sweep at 1/8
 #                                            rows written into this checkout's table, int4:mma at 1/8 with it (~8 min)
@@ -425,6 +428,16 @@ case "${1:-}" in
     ss_arm ss_on "${IP_SS_TIMEOUT:-300}" bf16,int4:mma "${IP_CONC:-1,8,64}"
     if [ "${IP_AB:-1}" = 1 ]; then
       MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 ss_arm ss_off "${IP_OFF_TIMEOUT:-150}" int4:mma "${IP_OFF_CONC:-1,8}"
+    fi ;;
+  mmaglu)  # the mma kernel's GLU epilogue (int4_mma_glu.py): its first-use check and per row count bits and device time
+    #     against the plain kernel + SiLU-mul (glu/), then the steady state bf16 vs int4:mma at GL_CONC (1) with it (ss_on/)
+    #     and int4:mma without it (ss_off/, MODEL_SERVER_INT4_MMA_GLU=0; GL_AB=0 skips it)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout "${GL_K_TIMEOUT:-90}" python3 benchmarks/int4_mma_glu_check.py --out "$out/glu" --commit "$EDGE_EVAL_COMMIT" \
+      > "$out/glu.log" 2>&1; echo "int4_mma_glu_check rc $?"; grep -E "^(\||NVIDIA|.*check)" "$out/glu.log" | head -12
+    ss_arm ss_on "${GL_SS_TIMEOUT:-150}" bf16,int4:mma "${GL_CONC:-1}"
+    if [ "${GL_AB:-1}" = 1 ]; then
+      MODEL_SERVER_INT4_MMA_GLU=0 ss_arm ss_off "${GL_OFF_TIMEOUT:-90}" int4:mma "${GL_CONC:-1}"
     fi ;;
   prope)  # the prefill rotary kernel (engines/fast/rope_prefill.py) vs the compiled op: rope_layout.py at 64 x 64 and
     #    16 x 256 (rope_*/: bits and device time), 64-prompt bursts with the switch compiled (b_c/) and triton (b_t/),

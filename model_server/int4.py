@@ -158,6 +158,8 @@ class Int4Linear(nn.Module):
         this step runs that GEMM without split K; else None (the caller runs :meth:`forward` and the activation)."""
         from model_server.int4_triton_config import glu_on
         rows = x.numel() // self.in_features
+        if self.bias is None and self.kernel == "mma" and self.step_kernel(rows) == "mma":
+            return self._mma_silu_mul(x, rows)
         if self.bias is not None or not self.uses_triton or not glu_on() or not self.runs_triton(rows):
             return None
         from model_server.int4_triton_glu import int4_triton_glu, served_config
@@ -171,6 +173,20 @@ class Int4Linear(nn.Module):
         y = int4_triton_glu(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size, cfg)
         self._joined(side)
         return y.reshape(*x.shape[:-1], self.out_features // 2)
+
+    def _mma_silu_mul(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """``forward_silu_mul`` on the mma kernel's GLU epilogue (:mod:`model_server.int4_mma_glu`) once its check
+        passed on this device and unless ``MODEL_SERVER_INT4_MMA_GLU=0``; else None."""
+        from model_server import int4_mma_glu
+        if not int4_mma_glu.on() or not int4_mma_glu.ready(self.mma_words.device):
+            return None
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.input_perm is not None:
+            x2 = x2.index_select(1, self.input_perm)
+        side = self._prefetch(rows)
+        y = int4_mma_glu.int4_mma_glu(x2, self.mma_words, self.mma_scales, self.group_size)
+        self._joined(side)
+        return None if y is None else y.reshape(*x.shape[:-1], self.out_features // 2)
 
     def _prefetch(self, rows: int):
         """Start the next module's L2 prefetch if the engine asked (``l2_next``, model_server.l2_prefetch)."""

@@ -112,8 +112,11 @@ class Config:
     split: int                   # CTAs along K (gridDim.y)
     flat: int = 0                # 1: the .cu's FLAT variant (activation copies unrolled)
     kw: int = 1                  # warps along K inside a CTA (the .cu's KW: 1, 2 or 4)
+    glu: int = 0                 # 1: the GLU epilogue (:mod:`model_server.int4_mma_glu`; r gate and up tiles)
 
     def name(self) -> str:
+        if self.glu:
+            return f"w4a16_mma<{self.nt},{self.r},{self.warps},{self.stages},{self.flat},{self.kw},{self.glu}>"
         extra = "" if not self.flat and self.kw == 1 else f",{self.flat}" + ("" if self.kw == 1 else f",{self.kw}")
         return f"w4a16_mma<{self.nt},{self.r},{self.warps},{self.stages}{extra}>"
 
@@ -127,7 +130,9 @@ class Config:
         return max(ring, (self.kw - 1) * self.row_groups() * self.r * self.nt * 32 * 16)
 
     def grid_x(self, n: int) -> int:
-        return -(-(n // 16) // (self.r * self.row_groups()))
+        """CTAs along the outputs (GLU: ``n`` is the merged ``2 I``; each CTA covers gate tiles and their up tiles)."""
+        half = 2 if self.glu else 1
+        return -(-(n // 16 // half) // (self.r // half * self.row_groups()))
 
 
 def token_tiles(m: int) -> int:
@@ -164,7 +169,8 @@ def fits(cfg: Config, m: int, k: int) -> bool:
     blocks = k // BLOCK_K
     return (cfg.nt * 8 >= m and cfg.split >= 1 and blocks % cfg.split == 0 and blocks // cfg.split >= 2
             and cfg.kw in (1, 2, 4) and cfg.warps % cfg.kw == 0 and 1 <= cfg.warps <= 16 and cfg.flat in (0, 1)
-            and (cfg.kw == 1 or cfg.flat == 1) and cfg.r >= 1 and cfg.stages >= 2 and cfg.smem_bytes() <= MAX_SMEM)
+            and (cfg.kw == 1 or cfg.flat == 1) and cfg.r >= 1 and cfg.stages >= 2 and cfg.smem_bytes() <= MAX_SMEM
+            and cfg.glu in (0, 1) and (cfg.glu == 0 or cfg.r % 2 == 0))
 
 
 def choose_config(m: int, n: int, k: int, num_sms: int) -> Config:
@@ -250,24 +256,41 @@ def int4_mma_mm(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, gr
     """``y [M, N] = x2d [M, K] @ dequant(W)[N, K]^T`` in bf16 (fp32 accumulation), ``1 <= M <= MAX_ROWS``;
     ``words``/``scales`` as :func:`pack` makes them; ``config`` overrides :func:`choose_config` (sweeps)."""
     m, k = x2d.shape
+    n = checked(x2d, words, scales, group_size)
+    if m == 0:
+        return x2d.new_empty((0, n))
+    cfg = config or choose_config(m, n, k, _num_sms(x2d.device))
+    y = torch.empty((m, n), device=x2d.device, dtype=torch.bfloat16)
+    launch(x2d, words, scales, group_size, cfg, y)
+    return y
+
+
+def checked(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, group_size: int) -> int:
+    """The layer's outputs ``N``, or ValueError where ``x2d``, ``words`` and ``scales`` do not fit together."""
+    k = x2d.shape[1]
     t, kb = words.shape[:2]
     n = t * 16
     if x2d.dtype != torch.bfloat16 or kb * BLOCK_K != k or scales.shape[:2] != (t, k // group_size) \
             or not holds(n, k, group_size):
         raise ValueError(f"x {tuple(x2d.shape)} {x2d.dtype}, words {tuple(words.shape)}, scales "
                          f"{tuple(scales.shape)} do not match group {group_size} (bf16 activations)")
-    if m == 0:
-        return x2d.new_empty((0, n))
+    return n
+
+
+def launch(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, group_size: int, cfg: Config,
+           y: torch.Tensor) -> None:
+    """Run ``cfg`` on ``x2d`` (at least one row) into ``y`` (``[M, N]``, or ``[M, N / 2]`` with the GLU epilogue)."""
+    m, k = x2d.shape
+    t, kb = words.shape[:2]
+    n = t * 16
     x2d = x2d.contiguous()
     if x2d.data_ptr() % 16:                            # the kernel's 16-byte activation loads
         x2d = x2d.clone()
     dev = x2d.device
-    cfg = config or choose_config(m, n, k, _num_sms(dev))
     if cfg.nt * 8 < m or kb % cfg.split:
         raise ValueError(f"config {cfg} does not fit {m} rows and {kb} blocks")
     idx = device_index(dev)
     fn = kernel(cfg.name(), idx)
-    y = torch.empty((m, n), device=dev, dtype=torch.bfloat16)
     part, tickets = _needs(cfg, m, n)
     if torch.cuda.is_current_stream_capturing():
         sc = _scratch(dev, "graph", part, tickets, grow=False)
@@ -284,4 +307,3 @@ def int4_mma_mm(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, gr
     else:                                              # the launch goes to the current context: make it the tensors'
         with torch.cuda.device(idx):
             fn(grid=grid, block=block, args=args, shared_mem=smem)
-    return y

@@ -67,19 +67,25 @@ def mma_layers(modules: Iterable[nn.Module]) -> list[Int4Linear]:
             if isinstance(layer, Int4Linear) and layer.kernel == "mma"]
 
 
-def precompile_mma(modules: Iterable[nn.Module]) -> int:
+def precompile_mma(modules: Iterable[nn.Module], glu: Iterable[nn.Module] = ()) -> int:
     """Compile (NVRTC, into the compile cache's ``int4_mma/``) every configuration of the CUDA mma kernel that steps
-    of up to ``int4.mma_max_rows(n)`` rows pick on each distinct INT4 layer shape among ``modules`` running it; no
+    of up to ``int4.mma_max_rows(n)`` rows pick on each distinct INT4 layer shape among ``modules`` running it, and
+    for the merged gate/up projections in ``glu`` their GLU epilogue's (:mod:`model_server.int4_mma_glu`); no
     launch. Returns the configurations compiled or loaded (each once per process: ``int4_mma_build.kernel``)."""
-    from model_server import int4_mma
+    from model_server import int4_mma, int4_mma_glu
     from model_server.int4 import mma_max_rows
+    glu_ids = {id(layer) for layer in mma_layers(glu)} if int4_mma_glu.on() else set()
     names: set[tuple[str, int]] = set()
-    for layer in mma_layers(modules):
+    for layer in mma_layers([*modules, *glu]):
         dev = layer.mma_words.device
         sms = int4_mma._num_sms(dev)
         for rows in range(layer.int4pack_rows + 1, mma_max_rows(layer.out_features) + 1):   # fewer rows: int4pack
             cfg = int4_mma.choose_config(rows, layer.out_features, layer.in_features, sms)
             names.add((cfg.name(), int4_mma.device_index(dev)))
+            gcfg = int4_mma_glu.glu_config(rows, layer.out_features, layer.in_features, sms) \
+                if id(layer) in glu_ids else None
+            if gcfg is not None:
+                names.add((gcfg.name(), int4_mma.device_index(dev)))
     for name, index in sorted(names):
         int4_mma.kernel(name, index)
     return len(names)

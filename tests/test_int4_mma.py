@@ -127,7 +127,10 @@ def test_config_names_sizes_and_grids_follow_the_source() -> None:
     assert int4_mma.Config(8, 1, 4, 4, 2, flat=1).name() == "w4a16_mma<8,1,4,4,1>"
     assert int4_mma.Config(8, 1, 16, 4, 2, flat=1, kw=4).name() == "w4a16_mma<8,1,16,4,1,4>"
     src = int4_mma_build.SOURCE_PATH.read_text()
-    assert "template <int NT, int R, int WARPS, int STAGES, int FLAT = 0, int KW = 1>" in src
+    assert "template <int NT, int R, int WARPS, int STAGES, int FLAT = 0, int KW = 1, int GLU = 0>" in src
+    glu = int4_mma.Config(1, 4, 4, 4, 4, 1, 1, 1)              # the GLU epilogue: r gate tiles then their up tiles
+    assert glu.name() == "w4a16_mma<1,4,4,4,1,1,1>"
+    assert glu.grid_x(16384) == int4_mma.Config(1, 4, 4, 4, 4, 1).grid_x(16384) == 64   # as many tiles per CTA
     plain, kw = int4_mma.Config(8, 1, 4, 4, 1), int4_mma.Config(8, 1, 16, 4, 1, 1, 4)
     assert kw.row_groups() == plain.warps and kw.grid_x(3072) == plain.grid_x(3072) == 48   # same rows per CTA
     ring = 4 * (64 * 72 * 2 + 4 * 576)                          # 4 stages: activations, 4 tiles' weights + scales

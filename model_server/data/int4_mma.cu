@@ -24,6 +24,12 @@
 // Split K (gridDim.y = S > 1): every CTA writes fp32 partial sums to part[S, M, N]; the last CTA of a column
 // (a ticket counted in tickets[blockIdx.x], reset by that CTA) adds the S partials in split order (deterministic)
 // and writes y. The tickets must be zero before the first launch; the buffers belong to one stream at a time.
+//
+// GLU (a merged [gate; up] projection of N = 2 I rows, I a multiple of 16): each warp's R tiles are R / 2 gate tiles
+// and the up tiles I rows below them, so every lane holds gate and up of the same outputs and tokens, and y [M, I]
+// = silu(gate) * up is stored instead of both products, rounded where the separate ops round (each product to bf16,
+// silu in fp32 to bf16, the product to bf16); with split K the column's last CTA does the same on the summed
+// partials (model_server/int4_mma_glu.py).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -93,6 +99,15 @@ __device__ __forceinline__ u16 to_bf16(float f) {
     return h;
 }
 
+__device__ __forceinline__ float bf16_round(float f) { return __uint_as_float(((u32)to_bf16(f)) << 16); }
+
+// silu(gate) * up as the separate ops compute it from bf16 products: silu(g) = g * sigmoid(g) in fp32, rounded to
+// bf16, times up, rounded to bf16 (returned as the float of that bf16)
+__device__ __forceinline__ float glu(float gate, float up) {
+    const float g = bf16_round(gate);
+    return bf16_round(bf16_round(g * (1.f / (1.f + expf(-g)))) * bf16_round(up));
+}
+
 // One k16 step of one 16-row tile: the lane's weight word q (rows g and g + 8) dequantized with its row pair's scale and
 // zero (``sz``: scales x, zeros y; bf16 of row g low, row g + 8 high) and multiplied into every token tile's sums;
 // b0/b1: the token tiles' B registers of that step.
@@ -119,11 +134,14 @@ __device__ __forceinline__ u32 word(const uint4& w, int j) { return j == 0 ? w.x
 // the block's four k16 steps between them (KW = 2: a 32-column half each, KW = 4: one step each); at the end
 // warps 1..KW-1 of a group hand their sums to warp 0 through shared memory (in order: deterministic). More warps
 // per tile without split K's global partial sums. KW > 1 copies activations as FLAT does.
-template <int NT, int R, int WARPS, int STAGES, int FLAT = 0, int KW = 1>
+// GLU: the epilogue above (R even: R / 2 gate tiles, then their up tiles).
+template <int NT, int R, int WARPS, int STAGES, int FLAT = 0, int KW = 1, int GLU = 0>
 __global__ void __launch_bounds__(WARPS * 32)
 w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* __restrict__ SZ, u16* __restrict__ Y,
           float* __restrict__ part, int* __restrict__ tickets, int M, int N, int K, int gshift, int kb_per_split) {
     static_assert((KW == 1 || KW == 2 || KW == 4) && WARPS % KW == 0, "KW: 1, 2 or 4 warps along K");
+    static_assert(GLU == 0 || R % 2 == 0, "GLU: each gate tile pairs with its up tile");
+    constexpr int RT = GLU ? R / 2 : R;            // output tiles per warp (GLU: gate tiles; their up tiles follow)
     constexpr int RW = WARPS / KW;                 // row groups (warps with their own tiles)
     constexpr bool FLATX = FLAT != 0 || KW > 1;
     constexpr int MP = NT * 8;
@@ -140,7 +158,8 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
     const int rw = KW == 1 ? warp : warp % RW, kw = KW == 1 ? 0 : warp / RW;
     const int g = lane >> 2, c = lane & 3;
     const int KB = K >> 6, KG = KB >> gshift, ntiles = N >> 4;
-    const int tile0 = (blockIdx.x * RW + rw) * R;
+    const int tile0 = (blockIdx.x * RW + rw) * RT;
+    const int otiles = GLU ? ntiles >> 1 : ntiles;     // output tiles (GLU: gate tiles)
     const int S = gridDim.y, split = blockIdx.y;
     const int kb0 = split * kb_per_split, nkb = kb_per_split;
 
@@ -189,8 +208,9 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
                 }                                                                                            \
             }                                                                                                \
             _Pragma("unroll") for (int r = 0; r < R; ++r) {                                                  \
-                const int t = tile0 + r, slot = rw * R + r;                                                  \
-                if (t < ntiles && (KW == 1 || kw == 0)) {                                                    \
+                const int t = GLU && r >= RT ? tile0 + r - RT + (ntiles >> 1) : tile0 + r;                  \
+                const int slot = rw * R + r;                                                                 \
+                if (tile0 + r % RT < otiles && (KW == 1 || kw == 0)) {                                       \
                     cp_async16(W4_W(ST) + slot * 32 + lane, Wp + ((size_t)t * KB + kb) * 32 + lane, 16);     \
                     if (lane < 4)                                                                            \
                         cp_async16(W4_S(ST) + slot * 8 + lane * 2,                                           \
@@ -291,6 +311,28 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
 
     if (S == 1) {
         if (KW > 1 && kw != 0) return;
+        if constexpr (GLU != 0) {
+            const int NO = N >> 1;
+#pragma unroll
+            for (int r = 0; r < RT; ++r) {
+                const int t16 = tile0 + r;
+                if (t16 >= otiles) continue;
+                const int n = t16 * 16 + g;
+#pragma unroll
+                for (int t = 0; t < NT; ++t) {
+                    const int m = t * 8 + 2 * c;
+                    if (m < M) {
+                        Y[(size_t)m * NO + n] = to_bf16(glu(acc[r][t][0], acc[r + RT][t][0]));
+                        Y[(size_t)m * NO + n + 8] = to_bf16(glu(acc[r][t][2], acc[r + RT][t][2]));
+                    }
+                    if (m + 1 < M) {
+                        Y[(size_t)(m + 1) * NO + n] = to_bf16(glu(acc[r][t][1], acc[r + RT][t][1]));
+                        Y[(size_t)(m + 1) * NO + n + 8] = to_bf16(glu(acc[r][t][3], acc[r + RT][t][3]));
+                    }
+                }
+            }
+            return;
+        }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const int t16 = tile0 + r;
@@ -314,8 +356,8 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
     float* mine = part + (size_t)split * M * N;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        const int t16 = tile0 + r;
-        if (t16 >= ntiles || (KW > 1 && kw != 0)) continue;
+        const int t16 = GLU && r >= RT ? tile0 + r - RT + (ntiles >> 1) : tile0 + r;
+        if (tile0 + r % RT >= otiles || (KW > 1 && kw != 0)) continue;
         const int n = t16 * 16 + g;
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
@@ -337,7 +379,31 @@ w4a16_mma(const u16* __restrict__ X, const uint4* __restrict__ Wp, const uint2* 
     if (!is_last) return;
     __threadfence();
     // the column's rows [n0, n0 + nrows) x tokens [0, M), four columns per thread at a time (coalesced 16-byte
-    // loads of every split's partial sums, one 8-byte store of four bf16)
+    // loads of every split's partial sums, one 8-byte store of four bf16); GLU: its outputs, from the gate rows
+    // n and the up rows n + N / 2
+    if constexpr (GLU != 0) {
+        const int NO = N >> 1, n0 = blockIdx.x * RW * RT * 16, quads = min(RW * RT * 16, NO - n0) >> 2;
+        for (int e = threadIdx.x; e < M * quads; e += THREADS) {
+            const int m = e / quads, n = n0 + (e - m * quads) * 4;
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f), b = a;
+#pragma unroll 4
+            for (int sp = 0; sp < S; ++sp) {
+                const float4 p = ld_cg4(part + ((size_t)sp * M + m) * N + n);
+                const float4 q = ld_cg4(part + ((size_t)sp * M + m) * N + n + NO);
+                a.x += p.x;
+                a.y += p.y;
+                a.z += p.z;
+                a.w += p.w;
+                b.x += q.x;
+                b.y += q.y;
+                b.z += q.z;
+                b.w += q.w;
+            }
+            st_bf16x4(Y + (size_t)m * NO + n, make_float4(glu(a.x, b.x), glu(a.y, b.y), glu(a.z, b.z), glu(a.w, b.w)));
+        }
+        if (threadIdx.x == 0) tickets[blockIdx.x] = 0;
+        return;
+    }
     const int n0 = blockIdx.x * RW * R * 16, nrows = min(RW * R * 16, N - n0), quads = nrows >> 2;
     for (int e = threadIdx.x; e < M * quads; e += THREADS) {
         const int m = e / quads, n = n0 + (e - m * quads) * 4;

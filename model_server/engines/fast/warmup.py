@@ -115,6 +115,7 @@ class BackgroundWarmup:
         mods = [m for m in (getattr(runner, "model", None), *getattr(runner, "qkv", ()), *getattr(runner, "gate_up", ()))
                 if m is not None]
         self.mma_modules = mods if int4_precompile.mma_layers(mods) else []
+        self.glu_layers = [getattr(m, "fn", m) for m in getattr(runner, "gate_up", ()) if m is not None]  # mma GLU
         self.mma_compiled = 0                 # configurations compiled or loaded from the cache
         self.ops: Ops | None = None
         self.error: str | None = None
@@ -155,10 +156,14 @@ class BackgroundWarmup:
         from model_server import int4_precompile
         t0 = time.monotonic()
         try:
-            self.mma_compiled = int4_precompile.precompile_mma(self.mma_modules)
+            self.mma_compiled = int4_precompile.precompile_mma(self.mma_modules, self.glu_layers)
         except Exception as exc:  # noqa: BLE001 - a configuration not compiled here compiles at its first use
             log.warning("int4 mma kernel configurations not compiled ahead: %s: %s", type(exc).__name__, exc)
             return
+        from model_server import int4_mma_glu
+        if int4_mma_glu.on():                 # its first-use check (a warning if it fails); until then the MLP unfused
+            for dev in {layer.mma_words.device for layer in int4_precompile.mma_layers(self.glu_layers)}:
+                int4_mma_glu.check(dev)
         log.info("INT4 mma kernel configurations compiled or loaded: %d in %.2f s", self.mma_compiled,
                  time.monotonic() - t0)
 
