@@ -74,7 +74,7 @@ def int4_mma_glu(x2d: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, g
 
 def ready(device: torch.device) -> bool:
     """Whether the epilogue has passed :func:`check` on ``device`` (False before the check ran; never blocks)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
+    idx = int4_mma.device_index(device)
     return idx in _CHECKED and _CHECKED[idx] is None
 
 
