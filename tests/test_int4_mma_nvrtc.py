@@ -64,7 +64,11 @@ def test_every_served_config_compiles_without_spills(tmp_path: Path, arch: str) 
     flat = [dataclasses.replace(c, flat=1) for c in served + [int4_mma.Config(8, 1, 4, 4, 1)]]   # sweeps' variants
     kw = [int4_mma.Config(nt, r, w, 4, 1, 1, k) for nt, r, w, k in ((1, 1, 16, 4), (2, 1, 8, 2), (8, 1, 16, 4),
                                                                     (8, 2, 8, 2), (8, 2, 16, 4))]
-    names = sorted({cfg.name() for cfg in served + flat + kw})
+    from model_server import int4_mma_glu       # the merged gate/up's GLU epilogue, with and without split K
+    glu = [c for m in range(1, mma_max_rows(16384) + 1) for sms in (108, 132)
+           if (c := int4_mma_glu.glu_config(m, 16384, 2048, sms)) is not None]
+    assert {c.split for c in glu} >= {1, 4}
+    names = sorted({cfg.name() for cfg in served + flat + kw + glu})
     assert len(names) >= 4
     for name in names:
         cubin, mangled = int4_mma_build.compile_cubin(lib, int4_mma_build.SOURCE_PATH.read_text(), name, arch)
