@@ -221,7 +221,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite|normshapes) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite|normshapes" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite|normshapes|mmaglu) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite|normshapes|mmaglu" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -430,12 +430,13 @@ case "${1:-}" in
       MODEL_SERVER_INT4_MMA_INT4PACK_ROWS=0 ss_arm ss_off "${IP_OFF_TIMEOUT:-150}" int4:mma "${IP_OFF_CONC:-1,8}"
     fi ;;
   mmaglu)  # the mma kernel's GLU epilogue (int4_mma_glu.py): its first-use check and per row count bits and device time
-    #     against the plain kernel + SiLU-mul (glu/), then the steady state bf16 vs int4:mma at GL_CONC (1) with it (ss_on/)
+    #     against the plain kernel + SiLU-mul (glu/), then the steady state bf16 vs int4:mma at GL_CONC (1) with it (ss_on/,
+    #     MODEL_SERVER_INT4_MMA_GLU=1: opt-in until measured)
     #     and int4:mma without it (ss_off/, MODEL_SERVER_INT4_MMA_GLU=0; GL_AB=0 skips it)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout "${GL_K_TIMEOUT:-90}" python3 benchmarks/int4_mma_glu_check.py --out "$out/glu" --commit "$EDGE_EVAL_COMMIT" \
       > "$out/glu.log" 2>&1; echo "int4_mma_glu_check rc $?"; grep -E "^(\||NVIDIA|.*check)" "$out/glu.log" | head -12
-    ss_arm ss_on "${GL_SS_TIMEOUT:-150}" bf16,int4:mma "${GL_CONC:-1}"
+    MODEL_SERVER_INT4_MMA_GLU=1 ss_arm ss_on "${GL_SS_TIMEOUT:-150}" bf16,int4:mma "${GL_CONC:-1}"
     if [ "${GL_AB:-1}" = 1 ]; then
       MODEL_SERVER_INT4_MMA_GLU=0 ss_arm ss_off "${GL_OFF_TIMEOUT:-90}" int4:mma "${GL_CONC:-1}"
     fi ;;

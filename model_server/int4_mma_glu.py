@@ -10,7 +10,11 @@ gate tiles and the up tiles ``I`` rows below them, so a lane's accumulators hold
 tokens; the same weight layout as the plain kernel (no copy). Rounding as the separate ops round: each product to
 bf16, ``silu`` in fp32 to bf16, then the product. With split K the column's last CTA applies it to the summed partials.
 
-Owns: the switch (``MODEL_SERVER_INT4_MMA_GLU``, on unless ``0``), the configuration derived from the plain kernel's
+Opt-in (``MODEL_SERVER_INT4_MMA_GLU=1``) until it has run on a GPU: built and compiled (NVRTC, sm_80 / sm_90) on
+2026-12-07 after that session's device time was spent; ``benchmarks/gpu_calls.sh mmaglu`` is its first GPU call
+(the check, bits and time per row count, the steady state at 1 stream with and without it).
+
+Owns: the switch (``MODEL_SERVER_INT4_MMA_GLU``, off unless ``1``), the configuration derived from the plain kernel's
 measured one (:func:`glu_config`: the same tiles per CTA and grid, the same split), the first-use check on a device
 (:func:`check`, run by the background warm-up; until it passes, :func:`ready` is False and the MLP runs the GEMM and
 the activation apart), and the wrapper :func:`int4_mma_glu`. Must NOT pick which kernel a layer runs (``int4``).
@@ -34,9 +38,9 @@ _LOCK = threading.Lock()
 
 
 def on() -> bool:
-    """The epilogue is on unless ``MODEL_SERVER_INT4_MMA_GLU=0``; another value raises
-    :class:`model_server.switches.SwitchValueError`."""
-    return flag(SWITCH) is not False
+    """The epilogue is on with ``MODEL_SERVER_INT4_MMA_GLU=1`` (off when unset or ``0``: not yet run on a GPU);
+    another value raises :class:`model_server.switches.SwitchValueError`."""
+    return flag(SWITCH) is True
 
 
 def glu_config(m: int, n: int, k: int, num_sms: int) -> int4_mma.Config | None:

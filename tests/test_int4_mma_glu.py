@@ -21,7 +21,7 @@ from tests.test_int4_mma import _mma_reference
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
-    monkeypatch.delenv(int4_mma_glu.SWITCH, raising=False)
+    monkeypatch.setenv(int4_mma_glu.SWITCH, "1")                # opt-in until measured on a GPU
     monkeypatch.setattr(int4_mma_glu, "_CHECKED", {})
     monkeypatch.setattr(int4_mma, "reserve", lambda *a, **k: None)
     monkeypatch.setattr(int4_mma, "_num_sms", lambda dev: 132)
@@ -105,8 +105,9 @@ def test_the_mlp_takes_the_epilogue_once_checked_and_not_with_the_switch_off(mon
     assert torch.equal(got, F.silu(gate) * up)                               # the separate ops' bits
     assert [c.glu for c in launched] == [1, 0]                                # the epilogue, then forward()'s GEMM
     assert launched[0] == int4_mma_glu.glu_config(8, 64, 256, 132)
-    monkeypatch.setenv(int4_mma_glu.SWITCH, "0")
-    assert layer.forward_silu_mul(x) is None
+    for off in ("0", ""):                                                     # unset: off by default
+        monkeypatch.setenv(int4_mma_glu.SWITCH, off)
+        assert layer.forward_silu_mul(x) is None
     monkeypatch.setenv(int4_mma_glu.SWITCH, "yes")
     with pytest.raises(ValueError, match=int4_mma_glu.SWITCH):
         layer.forward_silu_mul(x)
