@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from functools import lru_cache
 
 import torch
 
@@ -37,9 +38,10 @@ _CHECKED: dict[int, str | None] = {}         # device index -> None (passed) or 
 _LOCK = threading.Lock()
 
 
+@lru_cache(maxsize=1)
 def on() -> bool:
-    """The epilogue is on with ``MODEL_SERVER_INT4_MMA_GLU=1`` (off when unset or ``0``: not yet run on a GPU);
-    another value raises :class:`model_server.switches.SwitchValueError`."""
+    """The epilogue is on with ``MODEL_SERVER_INT4_MMA_GLU=1`` (off when unset or ``0``: not yet run on a GPU); read
+    once per process; another value raises :class:`model_server.switches.SwitchValueError`."""
     return flag(SWITCH) is True
 
 

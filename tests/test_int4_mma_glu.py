@@ -26,6 +26,9 @@ def _fresh(monkeypatch):
     monkeypatch.setattr(int4_mma, "reserve", lambda *a, **k: None)
     monkeypatch.setattr(int4_mma, "_num_sms", lambda dev: 132)
     monkeypatch.setattr(int4_mma, "device_index", lambda dev: 0)
+    int4_mma_glu.on.cache_clear()
+    yield
+    int4_mma_glu.on.cache_clear()
 
 
 def _fake_launch(monkeypatch, swap: bool = False) -> list[int4_mma.Config]:
@@ -107,8 +110,10 @@ def test_the_mlp_takes_the_epilogue_once_checked_and_not_with_the_switch_off(mon
     assert launched[0] == int4_mma_glu.glu_config(8, 64, 256, 132)
     for off in ("0", ""):                                                     # unset: off by default
         monkeypatch.setenv(int4_mma_glu.SWITCH, off)
+        int4_mma_glu.on.cache_clear()
         assert layer.forward_silu_mul(x) is None
     monkeypatch.setenv(int4_mma_glu.SWITCH, "yes")
+    int4_mma_glu.on.cache_clear()
     with pytest.raises(ValueError, match=int4_mma_glu.SWITCH):
         layer.forward_silu_mul(x)
 
@@ -127,5 +132,6 @@ def test_precompile_asks_for_the_gate_ups_glu_configs_only(monkeypatch) -> None:
     assert not glu & set(asked) and asked
     asked.clear()
     monkeypatch.setenv(int4_mma_glu.SWITCH, "0")
+    int4_mma_glu.on.cache_clear()
     int4_precompile.precompile_mma([down], glu=[gate_up])
     assert not glu & set(asked) and asked
