@@ -88,7 +88,8 @@ class Int4Linear(nn.Module):
         self.int4pack_rows = 0           # an mma layer's steps of up to this many rows run int4pack (step_kernel)
         self.int4pack_kernel = self.kernel   # the layout of weight_packed, where held
         if self.kernel == "mma":
-            from model_server import int4_mma
+            from model_server import int4_mma, int4_mma_glu
+            int4_mma_glu.on()                        # a bad MODEL_SERVER_INT4_MMA_GLU fails the load
             words, scales = int4_mma.pack(q, sz, group_size)
             self.register_buffer("mma_words", words)
             self.register_buffer("mma_scales", scales)

@@ -114,8 +114,8 @@ def test_the_mlp_takes_the_epilogue_once_checked_and_not_with_the_switch_off(mon
         assert layer.forward_silu_mul(x) is None
     monkeypatch.setenv(int4_mma_glu.SWITCH, "yes")
     int4_mma_glu.on.cache_clear()
-    with pytest.raises(ValueError, match=int4_mma_glu.SWITCH):
-        layer.forward_silu_mul(x)
+    with pytest.raises(ValueError, match=int4_mma_glu.SWITCH):           # a bad value fails the load, in one line
+        _gate_up()
 
 
 def test_precompile_asks_for_the_gate_ups_glu_configs_only(monkeypatch) -> None:
