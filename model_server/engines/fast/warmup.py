@@ -151,8 +151,8 @@ class BackgroundWarmup:
 
     def _compile_mma(self) -> None:
         """Every mma kernel configuration the model's layers can pick (NVRTC or the compile cache; ctypes calls that
-        release the GIL, no GPU work there): before the hold, since the engine thread would otherwise compile a row class's
-        configuration at its first such step, with every stream of that step waiting. With the mma GLU epilogue on
+        release the GIL, no GPU work there): before the hold, since the engine thread would otherwise compile a row
+        class's configuration at its first such step, with every stream of that step waiting. With the mma GLU epilogue on
         (``MODEL_SERVER_INT4_MMA_GLU=1``), its first-use check too: a small trial on the GPU, before any graph."""
         from model_server import int4_precompile
         t0 = time.monotonic()
