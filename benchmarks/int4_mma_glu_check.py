@@ -45,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     why = int4_mma_glu.check(dev)
     gen = torch.Generator().manual_seed(0)
     n, k, group = args.n, args.k, 128
-    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    sz = torch.stack([torch.rand(k // group, n, generator=gen) * 0.02 + 0.005,
-                      (torch.rand(k // group, n, generator=gen) - 0.5) * 0.02], dim=-1).to(torch.bfloat16)
-    words, scales = (t.to(dev) for t in int4_mma.pack(q, sz, group))
+    words, scales = int4_mma_glu.random_layer(n, k, group, gen, dev)
     int4_mma.reserve(dev, n, k)
     sms = int4_mma._num_sms(dev)
     out: list[dict] = []

@@ -167,9 +167,7 @@ class Int4Linear(nn.Module):
         cfg = served_config(rows, self.out_features, self.in_features, self.group_size, x.device)
         if cfg is None:
             return None
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.input_perm is not None:
-            x2 = x2.index_select(1, self.input_perm)
+        x2 = self._rows(x)
         side = self._prefetch(rows)
         y = int4_triton_glu(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size, cfg)
         self._joined(side)
@@ -181,13 +179,17 @@ class Int4Linear(nn.Module):
         from model_server import int4_mma_glu
         if not int4_mma_glu.on() or not int4_mma_glu.ready(self.mma_words.device):
             return None
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.input_perm is not None:
-            x2 = x2.index_select(1, self.input_perm)
+        x2 = self._rows(x)
         side = self._prefetch(rows)
         y = int4_mma_glu.int4_mma_glu(x2, self.mma_words, self.mma_scales, self.group_size)
         self._joined(side)
         return None if y is None else y.reshape(*x.shape[:-1], self.out_features // 2)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the kernels take it: ``[rows, in_features]`` in the compute dtype, its inputs permuted where a
+        GPTQ act-order checkpoint asks (``input_perm``)."""
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        return x2 if self.input_perm is None else x2.index_select(1, self.input_perm)
 
     def _prefetch(self, rows: int):
         """Start the next module's L2 prefetch if the engine asked (``l2_next``, model_server.l2_prefetch)."""
@@ -205,9 +207,7 @@ class Int4Linear(nn.Module):
 
     def _forward(self, x: torch.Tensor, partials: bool) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.input_perm is not None:
-            x2 = x2.index_select(1, self.input_perm)
+        x2 = self._rows(x)
         kernel = self.step_kernel(x2.shape[0])
         side = self._prefetch(x2.shape[0])
         if kernel == "mma":

@@ -100,14 +100,22 @@ def check(device: torch.device | str) -> str | None:
         return _CHECKED[idx]
 
 
+def random_layer(n: int, k: int, group: int, gen: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``[n, k]`` 4-bit layer in the mma layout on ``device`` (``(words, scales)``: uniform nibbles, scales
+    0.005-0.025, zeros within +-0.01): the check's trial and the GPU benchmark's weights."""
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    sz = torch.stack([torch.rand(k // group, n, generator=gen) * 0.02 + 0.005,
+                      (torch.rand(k // group, n, generator=gen) - 0.5) * 0.02], dim=-1).to(torch.bfloat16)
+    words, scales = int4_mma.pack(q, sz, group)
+    return words.to(device), scales.to(device)
+
+
 def _trial(dev: torch.device) -> str | None:
     try:
         gen = torch.Generator().manual_seed(0)
         n, k, group = 128, 256, 128
-        q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-        sz = torch.stack([torch.rand(k // group, n, generator=gen) * 0.02 + 0.005,
-                          (torch.rand(k // group, n, generator=gen) - 0.5) * 0.02], dim=-1).to(torch.bfloat16)
-        words, scales = (t.to(dev) for t in int4_mma.pack(q, sz, group))
+        words, scales = random_layer(n, k, group, gen, dev)
         for m in (1, 5, 16):
             x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
             y = int4_mma.int4_mma_mm(x, words, scales, group)
