@@ -10,9 +10,9 @@ gate tiles and the up tiles ``I`` rows below them, so a lane's accumulators hold
 tokens; the same weight layout as the plain kernel (no copy). Rounding as the separate ops round: each product to
 bf16, ``silu`` in fp32 to bf16, then the product. With split K the column's last CTA applies it to the summed partials.
 
-Opt-in (``MODEL_SERVER_INT4_MMA_GLU=1``) until it has run on a GPU: built and compiled (NVRTC, sm_80 / sm_90) on
-2026-12-07 after that session's device time was spent; ``benchmarks/gpu_calls.sh mmaglu`` is its first GPU call
-(the check, bits and time per row count, the steady state at 1 stream with and without it).
+Opt-in (``MODEL_SERVER_INT4_MMA_GLU=1``): on an H100 (2026-12-07, ``benchmarks/gpu_calls.sh mmaglu``) it gave the
+same bits as the kernel plus the separate ops and 2.5-5.4 us less per call alone, but no measured gain in the served
+step (+0.6 % / -0.04 % tokens/s at 1 stream in two pairs of processes, 0.0 % at 8; docs/benchmarks.md).
 
 Owns: the switch (``MODEL_SERVER_INT4_MMA_GLU``, off unless ``1``), the configuration derived from the plain kernel's
 measured one (:func:`glu_config`: the same tiles per CTA and grid, the same split), the first-use check on a device
@@ -40,7 +40,7 @@ _LOCK = threading.Lock()
 
 @lru_cache(maxsize=1)
 def on() -> bool:
-    """The epilogue is on with ``MODEL_SERVER_INT4_MMA_GLU=1`` (off when unset or ``0``: not yet run on a GPU); read
+    """The epilogue is on with ``MODEL_SERVER_INT4_MMA_GLU=1`` (off when unset or ``0``: no measured gain); read
     once per process; another value raises :class:`model_server.switches.SwitchValueError`."""
     return flag(SWITCH) is True
 

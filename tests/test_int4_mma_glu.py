@@ -21,7 +21,7 @@ from tests.test_int4_mma import _mma_reference
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
-    monkeypatch.setenv(int4_mma_glu.SWITCH, "1")                # opt-in until measured on a GPU
+    monkeypatch.setenv(int4_mma_glu.SWITCH, "1")                # opt-in
     monkeypatch.setattr(int4_mma_glu, "_CHECKED", {})
     monkeypatch.setattr(int4_mma, "reserve", lambda *a, **k: None)
     monkeypatch.setattr(int4_mma, "_num_sms", lambda dev: 132)
