@@ -100,6 +100,18 @@ def check(device: torch.device | str) -> str | None:
         return _CHECKED[idx]
 
 
+def check_where_served(modules) -> None:
+    """With the switch on, :func:`check` on each device that holds one of ``modules``' mma-kernel INT4 linears (the
+    merged gate/up projections): what an engine runs before it serves or captures a graph, whichever way it starts
+    (the background warm-up, or ``ModelRunner.prepare``). Without it :func:`ready` stays False and the epilogue never
+    serves: the in-process benchmarks of 2026-12-07 19:18 start without the background warm-up and never ran it."""
+    if not on():
+        return
+    from model_server.int4_precompile import mma_layers
+    for dev in {layer.mma_words.device for layer in mma_layers(modules)}:
+        check(dev)
+
+
 def random_layer(n: int, k: int, group: int, gen: torch.Generator,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A random ``[n, k]`` 4-bit layer in the mma layout on ``device`` (``(words, scales)``: uniform nibbles, scales

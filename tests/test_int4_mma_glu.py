@@ -7,6 +7,7 @@ tested is what surrounds the kernel: the configurations it gets, the first-use c
 (a reference that swaps gate and up fails it), and the MLP's path through ``Int4Linear.forward_silu_mul``."""
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -135,3 +136,50 @@ def test_precompile_asks_for_the_gate_ups_glu_configs_only(monkeypatch) -> None:
     int4_mma_glu.on.cache_clear()
     int4_precompile.precompile_mma([down], glu=[gate_up])
     assert not glu & set(asked) and asked
+
+
+def _serve(model, background: bool) -> list[int]:
+    from model_server.engines.base import GenerationRequest, SamplingParams
+    from model_server.engines.fast import FastEngine
+    from tests.fast_engine_support import EOS
+
+    async def main() -> list[int]:
+        eng = FastEngine(model, [EOS], max_batch=2, max_seq_len=64, length_buckets=[32, 64], device="cpu",
+                         dtype=torch.bfloat16, background_warmup=background)
+        await eng.start()
+        try:
+            assert await eng.wait_warm(10)
+            toks = []
+            params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+            async for ev in eng.submit(GenerationRequest("r", [5, 17, 33, 9, 60], params)):
+                toks += [ev.token_id] if ev.token_id is not None else []
+            return toks
+        finally:
+            await eng.stop()
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_the_engine_serves_the_epilogue_however_it_starts(monkeypatch, background) -> None:
+    """The check runs before the engine serves, with or without the background warm-up (ModelRunner.prepare; the
+    in-process benchmarks start without it), so a served step's gate/up takes the epilogue, with the same tokens."""
+    from model_server import int4_choice
+    from model_server.int4 import quantize_model
+    from tests.fast_engine_support import _tiny
+    launched = _fake_launch(monkeypatch)
+    monkeypatch.setattr(int4_mma, "kernel", lambda name, index: None)         # the warm-up's precompile (NVRTC's)
+    monkeypatch.setenv(int4_choice.MMA_INT4PACK_SWITCH, "0")                  # one-row steps on the mma kernel too
+    int4_choice.mma_int4pack_switch.cache_clear()
+    tokens = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv(int4_mma_glu.SWITCH, switch)
+        int4_mma_glu.on.cache_clear()
+        monkeypatch.setattr(int4_mma_glu, "_CHECKED", {})
+        model = _tiny("llama", hidden_size=128, intermediate_size=256, vocab_size=128).to(torch.bfloat16)
+        quantize_model(model, 64, ComputeChoice(torch.bfloat16, "mma", "test", rows_kernel="triton"))
+        launched.clear()
+        tokens[switch] = _serve(model, background)
+        glu = [c for c in launched if c.glu]
+        assert (len(glu) >= 2 * 6) == (switch == "1"), (switch, len(glu))    # 2 layers x (prefill + 5 decode steps)
+    int4_choice.mma_int4pack_switch.cache_clear()
+    assert len(tokens["1"]) == 6 and tokens["1"] == tokens["0"]

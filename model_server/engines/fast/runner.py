@@ -167,7 +167,10 @@ class ModelRunner:
         self._decode_attn_checked = False
 
     def prepare(self) -> None:
-        """Compile the fused elementwise ops (CUDA) and capture the decode graphs."""
+        """Compile the fused elementwise ops (CUDA) and capture the decode graphs; first the opt-in mma GLU
+        epilogue's check (``MODEL_SERVER_INT4_MMA_GLU=1``), as the background warm-up does, so any graph holds it."""
+        from model_server import int4_mma_glu
+        int4_mma_glu.check_where_served([m for m in self.gate_up if m is not None])
         if self.fuse_requested:
             self.ops = Ops(True, self.device, self.dtype)
             # compile every prefill shape family now (batch 1 / >1, one token / more), not on a request

@@ -162,9 +162,7 @@ class BackgroundWarmup:
             log.warning("int4 mma kernel configurations not compiled ahead: %s: %s", type(exc).__name__, exc)
             return
         from model_server import int4_mma_glu
-        if int4_mma_glu.on():                 # its first-use check (a warning if it fails); until it passes, unfused
-            for dev in {layer.mma_words.device for layer in int4_precompile.mma_layers(self.glu_layers)}:
-                int4_mma_glu.check(dev)
+        int4_mma_glu.check_where_served(self.glu_layers)    # a warning if it fails; until it passes, unfused
         log.info("INT4 mma kernel configurations compiled or loaded: %d in %.2f s", self.mma_compiled,
                  time.monotonic() - t0)
 
