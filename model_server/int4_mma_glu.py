@@ -11,8 +11,9 @@ tokens; the same weight layout as the plain kernel (no copy). Rounding as the se
 bf16, ``silu`` in fp32 to bf16, then the product. With split K the column's last CTA applies it to the summed partials.
 
 Opt-in (``MODEL_SERVER_INT4_MMA_GLU=1``): on an H100 (2026-12-07, ``benchmarks/gpu_calls.sh mmaglu``) it gave the
-same bits as the kernel plus the separate ops and 2.5-5.4 us less per call alone, but no measured gain in the served
-step (+0.6 % / -0.04 % tokens/s at 1 stream in two pairs of processes, 0.0 % at 8; docs/benchmarks.md).
+same bits as the kernel plus the separate ops and 2.5-5.4 us less per call alone; its served A/B there ran the
+unfused path both ways (the check ran only in the background warm-up: :func:`check_where_served` since), so its
+gain in the served step is not measured yet (docs/benchmarks.md).
 
 Owns: the switch (``MODEL_SERVER_INT4_MMA_GLU``, off unless ``1``), the configuration derived from the plain kernel's
 measured one (:func:`glu_config`: the same tiles per CTA and grid, the same split), the first-use check on a device
@@ -40,7 +41,7 @@ _LOCK = threading.Lock()
 
 @lru_cache(maxsize=1)
 def on() -> bool:
-    """The epilogue is on with ``MODEL_SERVER_INT4_MMA_GLU=1`` (off when unset or ``0``: no measured gain); read
+    """The epilogue is on with ``MODEL_SERVER_INT4_MMA_GLU=1`` (off when unset or ``0``: gain not yet measured); read
     once per process; another value raises :class:`model_server.switches.SwitchValueError`."""
     return flag(SWITCH) is True
 
