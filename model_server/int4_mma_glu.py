@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Iterable
 from functools import lru_cache
 
 import torch
@@ -101,7 +102,7 @@ def check(device: torch.device | str) -> str | None:
         return _CHECKED[idx]
 
 
-def check_where_served(modules) -> None:
+def check_where_served(modules: Iterable[torch.nn.Module]) -> None:
     """With the switch on, :func:`check` on each device that holds one of ``modules``' mma-kernel INT4 linears (the
     merged gate/up projections): what an engine runs before it serves or captures a graph, whichever way it starts
     (the background warm-up, or ``ModelRunner.prepare``). Without it :func:`ready` stays False and the epilogue never
