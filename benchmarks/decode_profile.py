@@ -125,13 +125,8 @@ async def batch_greedy(eng, n: int, prompt_len: int, new_tokens: int) -> list[li
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
-def _mma_glu_ready(device: torch.device) -> bool:
-    """Whether the mma kernel's GLU epilogue serves the merged gate/up on ``device`` (switch on, check passed)."""
-    from model_server import int4_mma_glu
-    return device.type == "cuda" and int4_mma_glu.on() and int4_mma_glu.ready(device)
-
-
 def measure(loaded, variant: str, args) -> dict:
+    from model_server import int4_mma_glu
     from model_server.engines.fast import from_loaded
 
     kw = VARIANTS[variant]
@@ -154,7 +149,7 @@ def measure(loaded, variant: str, args) -> dict:
         # graphs as served: captured once the background warm-up has switched the engine to its fused path (its
         # compiled ops, and the first-use checks of the INT4 kernels that are opt-in, e.g. the mma GLU epilogue)
         res["warm_applied"] = await eng.wait_warm(600)
-        res["mma_glu_ready"] = _mma_glu_ready(r.device)
+        res["mma_glu_ready"] = int4_mma_glu.serves(r.device)
         with torch.inference_mode():
             for b in args.batches:
                 r.decode(b, length)         # lazy graphs: this bucket's first step captures its graph

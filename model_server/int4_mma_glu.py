@@ -86,6 +86,13 @@ def ready(device: torch.device) -> bool:
     return idx in _CHECKED and _CHECKED[idx] is None
 
 
+def serves(device: torch.device | str) -> bool:
+    """Whether a CUDA ``device``'s merged gate/up runs the epilogue now: the switch on and :func:`check` passed there
+    (what the benchmarks record beside their numbers)."""
+    dev = torch.device(device)
+    return dev.type == "cuda" and on() and ready(dev)
+
+
 def check(device: torch.device | str) -> str | None:
     """Once per device: the epilogue on a small merged gate/up (``I`` = 64, K = 256, group 128) at 1, 5 and 16 rows,
     without and with split K, against the plain kernel's product followed by the separate ops; None if every result
