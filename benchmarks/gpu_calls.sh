@@ -437,8 +437,10 @@ case "${1:-}" in
     timeout "${GL_K_TIMEOUT:-90}" python3 benchmarks/int4_mma_glu_check.py --out "$out/glu" --commit "$EDGE_EVAL_COMMIT" \
       > "$out/glu.log" 2>&1; echo "int4_mma_glu_check rc $?"; grep -E "^(\||NVIDIA|.*check)" "$out/glu.log" | head -12
     MODEL_SERVER_INT4_MMA_GLU=1 ss_arm ss_on "${GL_SS_TIMEOUT:-150}" bf16,int4:mma "${GL_CONC:-1}"
+    echo "ss_on (bf16, int4:mma) $(grep -ho '"mma_glu_ready": [a-z]*' "$out/ss_on/steady_state.json" | tr '\n' ' ')"
     if [ "${GL_AB:-1}" = 1 ]; then
       MODEL_SERVER_INT4_MMA_GLU=0 ss_arm ss_off "${GL_OFF_TIMEOUT:-90}" int4:mma "${GL_CONC:-1}"
+      echo "ss_off (int4:mma) $(grep -ho '"mma_glu_ready": [a-z]*' "$out/ss_off/steady_state.json" | tr '\n' ' ')"
     fi ;;
   prope)  # the prefill rotary kernel (engines/fast/rope_prefill.py) vs the compiled op: rope_layout.py at 64 x 64 and
     #    16 x 256 (rope_*/: bits and device time), 64-prompt bursts with the switch compiled (b_c/) and triton (b_t/),
