@@ -76,7 +76,7 @@ def precompile_mma(modules: Iterable[nn.Module], glu: Iterable[nn.Module] = ()) 
     from model_server.int4 import mma_max_rows
     glu_ids = {id(layer) for layer in mma_layers(glu)} if int4_mma_glu.on() else set()
     names: set[tuple[str, int]] = set()
-    for layer in mma_layers([*modules, *glu]):
+    for layer in {id(layer): layer for layer in mma_layers([*modules, *glu])}.values():   # each layer once
         dev = layer.mma_words.device
         sms = int4_mma._num_sms(dev)
         for rows in range(layer.int4pack_rows + 1, mma_max_rows(layer.out_features) + 1):   # fewer rows: int4pack

@@ -115,7 +115,7 @@ class BackgroundWarmup:
         mods = [m for m in (getattr(runner, "model", None), *getattr(runner, "qkv", ()), *getattr(runner, "gate_up", ()))
                 if m is not None]
         self.mma_modules = mods if int4_precompile.mma_layers(mods) else []
-        self.glu_layers = [getattr(m, "fn", m) for m in getattr(runner, "gate_up", ()) if m is not None]  # mma GLU
+        self.glu_layers = [m for m in getattr(runner, "gate_up", ()) if m is not None]   # merged gate/up: mma GLU
         self.mma_compiled = 0                 # configurations compiled or loaded from the cache
         self.ops: Ops | None = None
         self.error: str | None = None
