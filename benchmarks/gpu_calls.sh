@@ -431,7 +431,7 @@ case "${1:-}" in
     fi ;;
   mmaglu)  # the mma kernel's GLU epilogue (int4_mma_glu.py): its first-use check and per row count bits and device time
     #     against the plain kernel + SiLU-mul (glu/), then the steady state bf16 vs int4:mma at GL_CONC (1) with it (ss_on/,
-    #     MODEL_SERVER_INT4_MMA_GLU=1: opt-in until measured)
+    #     MODEL_SERVER_INT4_MMA_GLU=1: the default since 2026-12-07 22:10)
     #     and int4:mma without it (ss_off/, MODEL_SERVER_INT4_MMA_GLU=0; GL_AB=0 skips it)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout "${GL_K_TIMEOUT:-90}" python3 benchmarks/int4_mma_glu_check.py --out "$out/glu" --commit "$EDGE_EVAL_COMMIT" \

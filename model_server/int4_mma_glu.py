@@ -10,15 +10,15 @@ gate tiles and the up tiles ``I`` rows below them, so a lane's accumulators hold
 tokens; the same weight layout as the plain kernel (no copy). Rounding as the separate ops round: each product to
 bf16, ``silu`` in fp32 to bf16, then the product. With split K the column's last CTA applies it to the summed partials.
 
-Opt-in (``MODEL_SERVER_INT4_MMA_GLU=1``): on an H100 (2026-12-07, ``benchmarks/gpu_calls.sh mmaglu``) it gave the
-same bits as the kernel plus the separate ops and 2.5-5.4 us less per call alone; its served A/B there ran the
-unfused path both ways (the check ran only in the background warm-up: :func:`check_where_served` since), so its
-gain in the served step is not measured yet (docs/benchmarks.md).
+On by default since 2026-12-07 22:10 (``MODEL_SERVER_INT4_MMA_GLU=0`` turns it off): on an H100 (2026-12-07,
+``benchmarks/gpu_calls.sh mmaglu``) it gave the same bits as the kernel plus the separate ops at 1-32 rows, and served
+it gave INT4 +2.2 % tokens/s at 1 stream and +2.6 / +2.8 % at 8 against the switch off, in two A/Bs in either order
+(docs/benchmarks.md, "The mma kernel's GLU epilogue served").
 
-Owns: the switch (``MODEL_SERVER_INT4_MMA_GLU``, off unless ``1``), the configuration derived from the plain kernel's
+Owns: the switch (``MODEL_SERVER_INT4_MMA_GLU``, on unless ``0``), the configuration derived from the plain kernel's
 measured one (:func:`glu_config`: the same tiles per CTA and grid, the same split), the first-use check on a device
-(:func:`check`, run by the background warm-up; until it passes, :func:`ready` is False and the MLP runs the GEMM and
-the activation apart), and the wrapper :func:`int4_mma_glu`. Must NOT pick which kernel a layer runs (``int4``).
+(:func:`check`, run where the engine starts: the background warm-up or ``ModelRunner.prepare``; until it passes,
+:func:`ready` is False and the MLP runs the GEMM and the activation apart), and the wrapper :func:`int4_mma_glu`. Must NOT pick which kernel a layer runs (``int4``).
 """
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ _LOCK = threading.Lock()
 
 @lru_cache(maxsize=1)
 def on() -> bool:
-    """The epilogue is on with ``MODEL_SERVER_INT4_MMA_GLU=1`` (off when unset or ``0``: gain not yet measured); read
-    once per process; another value raises :class:`model_server.switches.SwitchValueError`."""
-    return flag(SWITCH) is True
+    """The epilogue is on unless ``MODEL_SERVER_INT4_MMA_GLU=0`` (unset, empty or ``1``: on); read once per process;
+    another value raises :class:`model_server.switches.SwitchValueError`."""
+    return flag(SWITCH) is not False
 
 
 def glu_config(m: int, n: int, k: int, num_sms: int) -> int4_mma.Config | None:

@@ -286,6 +286,15 @@ ROWS = [
     Row("INT4 on the H200: the int4pack copy for steps of <= 4 rows on the narrow layers over none (next process)",
         ["2026-12-07-h200/int4pack_1702/call2/ss_on/steady_state.json",
          "2026-12-07-h200/int4pack_1702/call2/ss_off/steady_state.json"], values.gain_over_second, "f80da95"),
+    Row("INT4 vs bf16 in-process at 1 and 8 streams with the mma kernel's GLU epilogue (on by default since "
+        "2026-12-07 22:10), one process, bf16 first (H100; asked for an H200)",
+        ["2026-12-07-h100/mmaglu_2154/ss_on/steady_state.json"], values.formats_vs_bf16, "ff01bc4"),
+    Row("INT4: the mma kernel's GLU epilogue on over off (next process)",
+        ["2026-12-07-h100/mmaglu_2154/ss_on/steady_state.json",
+         "2026-12-07-h100/mmaglu_2154/ss_off/steady_state.json"], values.gain_over_second, "ff01bc4"),
+    Row("the same in the other order (off first, then on; same machine)",
+        ["2026-12-07-h100/mmaglu_2200/ss_on2/steady_state.json",
+         "2026-12-07-h100/mmaglu_2200/ss_off2/steady_state.json"], values.gain_over_second, "ff01bc4"),
     Row("cold start, spawn to first token, seeded: both switches above (seeded-fastops, the defaults since "
         "2026-12-07 15:30) against the defaults before (seeded), one call, alternating",
         ["2026-12-07-h100/cold_fastops_1513/cold/cold_start_phases.json"], values.spawn_by_variant, "6c74dd5"),

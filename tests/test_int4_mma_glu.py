@@ -22,7 +22,7 @@ from tests.test_int4_mma import _mma_reference
 
 @pytest.fixture(autouse=True)
 def _fresh(monkeypatch):
-    monkeypatch.setenv(int4_mma_glu.SWITCH, "1")                # opt-in
+    monkeypatch.delenv(int4_mma_glu.SWITCH, raising=False)     # on by default
     monkeypatch.setattr(int4_mma_glu, "_CHECKED", {})
     monkeypatch.setattr(int4_mma, "reserve", lambda *a, **k: None)
     monkeypatch.setattr(int4_mma, "_num_sms", lambda dev: 132)
@@ -109,10 +109,10 @@ def test_the_mlp_takes_the_epilogue_once_checked_and_not_with_the_switch_off(mon
     assert torch.equal(got, F.silu(gate) * up)                               # the separate ops' bits
     assert [c.glu for c in launched] == [1, 0]                                # the epilogue, then forward()'s GEMM
     assert launched[0] == int4_mma_glu.glu_config(8, 64, 256, 132)
-    for off in ("0", ""):                                                     # unset: off by default
-        monkeypatch.setenv(int4_mma_glu.SWITCH, off)
+    for value, served in (("1", True), ("", True), ("0", False)):             # empty or unset: on by default
+        monkeypatch.setenv(int4_mma_glu.SWITCH, value)
         int4_mma_glu.on.cache_clear()
-        assert layer.forward_silu_mul(x) is None
+        assert (layer.forward_silu_mul(x) is not None) is served
     monkeypatch.setenv(int4_mma_glu.SWITCH, "yes")
     int4_mma_glu.on.cache_clear()
     with pytest.raises(ValueError, match=int4_mma_glu.SWITCH):           # a bad value fails the load, in one line
