@@ -175,7 +175,8 @@ class Int4Linear(nn.Module):
 
     def _mma_silu_mul(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         """``forward_silu_mul`` on the mma kernel's GLU epilogue (:mod:`model_server.int4_mma_glu`) where
-        ``MODEL_SERVER_INT4_MMA_GLU=1`` and its check passed on this device; else None."""
+        the switch is on (the default; ``MODEL_SERVER_INT4_MMA_GLU=0`` off) and its check passed on this device; else
+        None."""
         from model_server import int4_mma_glu
         if not int4_mma_glu.on() or not int4_mma_glu.ready(self.mma_words.device):
             return None

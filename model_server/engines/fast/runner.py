@@ -167,8 +167,8 @@ class ModelRunner:
         self._decode_attn_checked = False
 
     def prepare(self) -> None:
-        """Compile the fused elementwise ops (CUDA) and capture the decode graphs; first the opt-in mma GLU
-        epilogue's check (``MODEL_SERVER_INT4_MMA_GLU=1``), as the background warm-up does, so any graph holds it."""
+        """Compile the fused elementwise ops (CUDA) and capture the decode graphs; first the mma GLU epilogue's check
+        (on unless ``MODEL_SERVER_INT4_MMA_GLU=0``), as the background warm-up does, so any graph holds it."""
         from model_server import int4_mma_glu
         int4_mma_glu.check_where_served([m for m in self.gate_up if m is not None])
         if self.fuse_requested:

@@ -153,7 +153,8 @@ class BackgroundWarmup:
         """Every mma kernel configuration the model's layers can pick (NVRTC or the compile cache; ctypes calls that
         release the GIL, no GPU work there): before the hold, since the engine thread would otherwise compile a row
         class's configuration at its first such step, with every stream of that step waiting. With the mma GLU epilogue on
-        (``MODEL_SERVER_INT4_MMA_GLU=1``), its first-use check too: a small trial on the GPU, before any graph."""
+        (the default; ``MODEL_SERVER_INT4_MMA_GLU=0`` off), its first-use check too: a small trial on the GPU, before
+        any graph."""
         from model_server import int4_precompile
         t0 = time.monotonic()
         try:
