@@ -147,9 +147,9 @@ def measure(loaded, variant: str, args) -> dict:
         if args.batch_greedy:
             res["greedy_batch_tokens"] = await batch_greedy(eng, args.batch_greedy, args.prompt_len, args.new_tokens)
         # graphs as served: captured once the background warm-up has switched the engine to its fused path (its
-        # compiled ops, and the first-use checks of the INT4 kernels that are opt-in, e.g. the mma GLU epilogue)
+        # compiled ops, and the first-use checks of INT4 kernels, e.g. the mma GLU epilogue's)
         res["warm_applied"] = await eng.wait_warm(600)
-        res["mma_glu_ready"] = int4_mma_glu.serves(r.device)
+        res["mma_glu_ready"] = int4_mma_glu.serves(r.device) if getattr(loaded.model, "int4_kernel", None) else None
         with torch.inference_mode():
             for b in args.batches:
                 r.decode(b, length)         # lazy graphs: this bucket's first step captures its graph

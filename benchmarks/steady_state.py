@@ -168,7 +168,8 @@ def run_quant(q, args, model_dir, device, bw, energy, report, save, start_server
         await eng.start()
         entry["engine_start_seconds"] = round(time.monotonic() - t1, 2)
         entry["engine_extra"] = {k: v for k, v in eng.stats().extra.items() if "seconds" in k or "graphs" in k}
-        entry["mma_glu_ready"] = int4_mma_glu.serves(device)     # the mma GLU epilogue (opt-in) serves the gate/up
+        # the mma GLU epilogue serves the gate/up (the process's state: None for a format without INT4 kernels)
+        entry["mma_glu_ready"] = int4_mma_glu.serves(device) if entry["int4_kernel"] else None
         log(f"{q}: weights {loaded.weight_bytes / 1e9:.3f} GB, engine up in {entry['engine_start_seconds']} s")
         toks = await greedy(eng, agree_prompts, args.agree_tokens)
         report["greedy"][q] = toks

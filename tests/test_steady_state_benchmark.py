@@ -47,3 +47,5 @@ def test_steady_state_smoke(tmp_path, tiny_model_dir):
     for c in [*quants["bf16"]["cells"], *http]:
         assert c["engine_steps_per_second"] > 0 and 0 < c["engine_tokens_per_step"] <= 2 * c["concurrency"]
     assert 0 <= quants["int4"]["agreement_vs_bf16"]["teacher_forced_match"] <= 1
+    assert quants["bf16"]["mma_glu_ready"] is None                   # no INT4 layer: not a reading of the epilogue
+    assert quants["int4"]["mma_glu_ready"] is False                  # on CPU the mma kernel never serves
