@@ -23,6 +23,10 @@ SUBCOMMAND_MODULES: list[str] = [
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:    # long options spelled out: no prefix matching
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:          # one line, exit 2 (argparse's own convention)
         self.exit(2, f"{self.prog}: error: {message}\n")
 

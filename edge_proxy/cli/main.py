@@ -27,7 +27,12 @@ class CliError(Exception):
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """Usage errors as one line (``PROG: error: MSG (see --help)``), exit status 2."""
+    """Usage errors as one line (``PROG: error: MSG (see --help)``), exit status 2. Long options must be spelled out
+    (no prefix matching: ``--upstream URL`` is an unknown option, not ``--upstream-timeout URL``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> "NoReturn":  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
