@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from edge_eval.errors import UsageError
+from edge_proxy.config import yaml_error_line
 
 QUANTIZATIONS = ("none", "fp16", "bf16", "int8", "nf4", "int4", "gptq")
 ADAPTATIONS = ("none", "lora", "qlora")
@@ -129,7 +130,7 @@ def parse(text: str, src: str) -> Grid:
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
-        raise UsageError(f"{src}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"{src}: not valid YAML: {yaml_error_line(exc)}") from None
     if root is None:
         raise UsageError(f"{src}: empty grid file")
     top = _mapping(src, root, TOP_KEYS, "the grid")

@@ -157,7 +157,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, item, where) for v in value]
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value) or {}
+            try:
+                value = yaml.safe_load(value) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{where}: expected a mapping, not valid YAML: {yaml_error_line(exc)}") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, vt = typing.get_args(tp)
@@ -185,6 +188,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: what went wrong and where (line and column, 1-based), without the quoted
+    source that PyYAML's own message spreads over several lines."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{context}: {problem}{where}" if context else f"{problem}{where}"
 
 
 def _section_types(section_cls: type) -> dict[str, Any]:
@@ -221,7 +234,7 @@ def load_settings(
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {yaml_error_line(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping of sections")
         for section, values in data.items():

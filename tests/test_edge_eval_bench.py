@@ -123,3 +123,13 @@ def test_presets_expand_to_the_papers_grid() -> None:
                            "--out", "unused", "--print-grid"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "Qwen/Qwen2.5-7B-Instruct" in proc.stdout
+
+
+def test_a_grid_that_is_not_yaml_is_one_line_with_its_position(tmp_path) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("models:\n  - id: [unclosed\n")
+    proc = subprocess.run([sys.executable, "-m", "edge_eval", "bench", str(grid), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=60)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "not valid YAML" in err and "line 3, column 1" in err, err

@@ -48,6 +48,22 @@ def test_check_config_valid_and_invalid(tmp_path):
     assert r.returncode == 2 and "bogus_key" in r.stderr
 
 
+def test_broken_yaml_is_one_line_wherever_it_comes_from(tmp_path):
+    """A config file that is not YAML, and a mapping setting given as broken YAML on the command line or in the
+    environment (which raised a traceback before): one line, exit 2, with the position."""
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("proxy: [unclosed\n")
+    env = {"PATH": "/usr/bin:/bin", "EDGE_PROXY_ECONOMICS_SCORES": "{a: [1"}
+    for args, env_, where in ((["--config", str(cfg)], None, "line 2, column 1"),
+                              (["--set", "economics.scores={a: [1"], None, "line 1, column 7"),
+                              ([], env, "line 1, column 7")):
+        r = run_cli("serve", *args, "--check-config", env=env_)
+        err = r.stderr.strip()
+        assert r.returncode == 2, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert "not valid YAML" in err and where in err, err
+
+
 def test_serve_subprocess_access_log_and_metrics(tmp_path):
     up = UpstreamProcess()
     port, mport = free_port(), free_port()
