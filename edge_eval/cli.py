@@ -53,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"edge-eval: run failed: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:                          # e.g. --out names a file: one line, not a traceback
+        from edge_proxy.cli.main import os_error_line
+        print(f"edge-eval {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edge-eval: interrupted (results so far are saved; --resume continues)",
               file=sys.stderr)

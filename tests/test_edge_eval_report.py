@@ -84,3 +84,7 @@ def test_empty_and_missing_dirs(tmp_path: Path) -> None:
     proc = _report(tmp_path / "nope", tmp_path / "out2")
     assert proc.returncode == 2 and "not a directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+    (tmp_path / "a-file").write_text("x")                  # --out names a file: one line, not a traceback
+    proc = _report(empty, tmp_path / "a-file")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("edge-eval report: error: cannot use "), proc.stderr

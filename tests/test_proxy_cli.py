@@ -105,3 +105,22 @@ def test_serve_subprocess_access_log_and_metrics(tmp_path):
             proc.kill()
             proc.wait()
         up.kill()
+
+
+def test_unusable_paths_and_ports_are_one_line(tmp_path):
+    """An access log in a directory that does not exist (a traceback before), and a metrics port already taken (the
+    message named the client port): one line, exit 2, naming what cannot be used."""
+    r = run_cli("serve", "--access-log", str(tmp_path / "no" / "such" / "dir" / "log.jsonl"), "--port", "0",
+                "--metrics-port", "none", "--energy-source", "none", "--backend", "http://127.0.0.1:9")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert err[-1].startswith("edge-proxy serve: error: cannot use ") and "log.jsonl" in err[-1], r.stderr
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("serve", "--port", "0", "--metrics-port", str(port), "--energy-source", "none",
+                    "--backend", "http://127.0.0.1:9")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"metrics port {port}" in r.stderr.strip().splitlines()[-1], r.stderr

@@ -182,7 +182,9 @@ async def _serve(settings: Settings, reload_from: tuple[str, dict] | None = None
         await runtime.start()
     except OSError as exc:
         await runtime.stop()
-        raise ConfigError(f"cannot listen on {settings.proxy.host}:{settings.proxy.port}: {exc.strerror or exc}") from None
+        p = settings.proxy
+        ports = f"port {p.port}" + (f" or metrics port {p.metrics_port}" if p.metrics_port is not None else "")
+        raise ConfigError(f"cannot listen on {p.host} ({ports}): {exc.strerror or exc}") from None
     tune_process_for_serving()    # gc.freeze of the start-up heap, 0.5 ms GIL switch interval
     print(f"edge-proxy: listening on {runtime.url} -> {settings.proxy.backend_url} "
           f"(metrics: {runtime.metrics_url})", file=sys.stderr, flush=True)
