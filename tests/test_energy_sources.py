@@ -15,6 +15,7 @@ from aiohttp import web
 
 from edge_proxy.config import ConfigError, load_settings
 from edge_proxy.energy.factory import create_energy
+from edge_proxy.energy.readings import ReaderError
 from edge_proxy.energy.remote_source import RemoteReader
 from edge_proxy.energy.replay_source import ReplayReader, load_trace
 from edge_proxy.energy.sampler import Sampler
@@ -166,3 +167,20 @@ def test_record_writes_a_replayable_trace(tmp_path):
         assert nheader["source"] == "nvml" and len(nrecords) >= 2
 
 
+
+
+def test_record_from_a_source_that_never_answers_says_so(tmp_path):
+    """``--source remote`` at a port where nothing listens: every read fails; the trace (gaps only) is kept, and the
+    command says so and exits 1 instead of reporting success with 0 J."""
+    from tests.net_support import free_port
+    out = tmp_path / "gaps.jsonl"
+    res = subprocess.run([sys.executable, "-m", "edge_proxy", "record", str(out), "--source", "remote", "--url",
+                          f"http://127.0.0.1:{free_port()}", "--duration", "0.5", "--period", "0.1", "--quiet"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("edge-proxy record: error: every read failed")
+    import json
+    header, *records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert header["source"] == "remote" and records and all("error" in r for r in records)
+    with pytest.raises(ReaderError, match="at least two counter readings"):     # what replay would say later
+        load_trace(out)

@@ -128,4 +128,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"edge-proxy record: {written} readings, {total:.1f} J over {time.monotonic() - t_start:.1f} s "
           f"({sampler.errors_total} failed reads, {sampler.resets_total} counter resets) -> {args.out}",
           file=sys.stderr)
+    if written and sampler.errors_total >= written:       # a trace of gaps only replays nothing: say so, exit 1
+        print(f"edge-proxy record: error: every read failed ({written} of {written}); the trace holds no reading",
+              file=sys.stderr)
+        return 1
     return 0
