@@ -35,6 +35,8 @@ def _load(model_id: str, device: str, dtype_name: str, nf4: bool) -> tuple[Any, 
         kwargs["dtype"] = getattr(torch, dtype_name)
     else:
         kwargs["dtype"] = "auto"
+    if model_id.startswith(("/", "./", "../", "~")) and not Path(model_id).expanduser().exists():
+        raise UsageError(f"model directory not found: {model_id}")      # not a hub id: say so, not "Repo id must ..."
     try:
         tok = AutoTokenizer.from_pretrained(model_id)
         model = AutoModelForCausalLM.from_pretrained(model_id, device_map=device, **kwargs)

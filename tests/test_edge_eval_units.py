@@ -109,6 +109,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
         r = _cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"model directory not found: {tmp_path / 'no-model'}" in r.stderr    # not the hub's "Repo id must ..."
     assert "eval" in _cli("--help").stdout
 
 
