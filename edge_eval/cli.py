@@ -12,6 +12,7 @@ import sys
 from typing import Sequence
 
 from edge_eval.errors import RunFailed, UsageError
+from edge_proxy.cli_errors import OneLineErrorParser, os_error_line
 
 SUBCOMMAND_MODULES: list[str] = [
     "edge_eval.eval_cmd",       # edge-eval eval
@@ -22,20 +23,11 @@ SUBCOMMAND_MODULES: list[str] = [
 ]
 
 
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs) -> None:    # long options spelled out: no prefix matching
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> None:          # one line, exit 2 (argparse's own convention)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="edge-eval", description=(
+    parser = OneLineErrorParser(prog="edge-eval", description=(
         "The offline side of EDGE-EVAL: evaluate a model through edge-proxy (scores and joules per "
         "item, IPW with 95% CIs) and adapt one with LoRA/QLoRA (measured energy for N_break)."))
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     sub.required = True
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -54,7 +46,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edge-eval: run failed: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:                          # e.g. --out names a file: one line, not a traceback
-        from edge_proxy.cli.main import os_error_line
         print(f"edge-eval {args.command}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn, Sequence
+from typing import Sequence
+
+from edge_proxy.cli_errors import OneLineErrorParser
 
 QUANTIZATIONS = ("none", "fp16", "bf16", "nf4", "int8", "int4", "gptq")
 
@@ -49,20 +51,8 @@ def _port(text: str) -> int:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line (``PROG: error: MSG (see --help)``), exit status 2; long options spelled out (no
-    prefix matching). Subcommands' parsers are of this class too (argparse makes them of the parent's)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineErrorParser(
         prog="model-server",
         description="A small transformers model server (TGI + OpenAI APIs) and an offline model builder.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

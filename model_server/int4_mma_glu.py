@@ -18,7 +18,8 @@ it gave INT4 +2.2 % tokens/s at 1 stream and +2.6 / +2.8 % at 8 against the swit
 Owns: the switch (``MODEL_SERVER_INT4_MMA_GLU``, on unless ``0``), the configuration derived from the plain kernel's
 measured one (:func:`glu_config`: the same tiles per CTA and grid, the same split), the first-use check on a device
 (:func:`check`, run where the engine starts: the background warm-up or ``ModelRunner.prepare``; until it passes,
-:func:`ready` is False and the MLP runs the GEMM and the activation apart), and the wrapper :func:`int4_mma_glu`. Must NOT pick which kernel a layer runs (``int4``).
+:func:`ready` is False and the MLP runs the GEMM and the activation apart), and the wrapper :func:`int4_mma_glu`.
+Must NOT pick which kernel a layer runs (``int4``).
 """
 from __future__ import annotations
 
@@ -110,10 +111,11 @@ def check(device: torch.device | str) -> str | None:
 
 
 def check_where_served(modules: Iterable[torch.nn.Module]) -> None:
-    """With the switch on, :func:`check` on each device that holds one of ``modules``' mma-kernel INT4 linears (the
-    merged gate/up projections): what an engine runs before it serves or captures a graph, whichever way it starts
-    (the background warm-up, or ``ModelRunner.prepare``). Without it :func:`ready` stays False and the epilogue never
-    serves: the in-process benchmarks of 2026-12-07 19:18 start without the background warm-up and never ran it."""
+    """With the switch on (the default), :func:`check` on each device that holds one of ``modules``' mma-kernel INT4
+    linears (the merged gate/up projections): what an engine runs before it serves or captures a graph, whichever way
+    it starts (the background warm-up, or ``ModelRunner.prepare``). Without it :func:`ready` stays False and the
+    epilogue never serves: the in-process benchmarks of 2026-12-07 19:18 start without the background warm-up and
+    never ran it."""
     if not on():
         return
     from model_server.int4_precompile import mma_layers

@@ -1,5 +1,6 @@
 """``edge-proxy`` command line: one subcommand per module. Owns the parser, one-line errors and exit
-codes; must not import a subcommand's heavy dependencies at import time.
+codes (the parser class and error wording: :mod:`edge_proxy.cli_errors`); must not import a subcommand's heavy
+dependencies at import time.
 
 To add a subcommand, append its module to :data:`SUBCOMMAND_MODULES`. The module defines
 ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets ``func=<callable(args) -> int>`` on
@@ -11,8 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import NoReturn, Sequence
+from typing import Sequence
 
+from edge_proxy.cli_errors import OneLineErrorParser, os_error_line
 from edge_proxy.config import ConfigError
 
 SUBCOMMAND_MODULES: list[str] = [
@@ -26,18 +28,6 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Usage errors as one line (``PROG: error: MSG (see --help)``), exit status 2. Long options must be spelled out
-    (no prefix matching: ``--upstream URL`` is an unknown option, not ``--upstream-timeout URL``)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="edge-proxy",
@@ -48,13 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
     return parser
-
-
-def os_error_line(exc: OSError) -> str:
-    """A file-system error as users read it: ``cannot use PATH: REASON`` (no traceback), e.g. an access log in a
-    directory that does not exist, or an output directory that is a file."""
-    reason = exc.strerror or str(exc)
-    return f"cannot use {exc.filename}: {reason}" if exc.filename else reason
 
 
 def main(argv: Sequence[str] | None = None) -> int:
