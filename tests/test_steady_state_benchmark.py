@@ -21,7 +21,8 @@ def test_steady_state_smoke(tmp_path, tiny_model_dir):
            "--quants", "bf16,int4,gptq-act", "--concurrency", "2", "--http-concurrency", "2", "--window-s", "0.5", "--warm-s", "0.5",
            "--new-tokens", "8", "--agree-prompts", "2", "--agree-tokens", "4", "--commit", "abc1234", "--out", str(out),
            "--api-workers", "0,1"]
-    subprocess.run(cmd, check=True, timeout=600, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    r_out = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"}).stdout
     r = json.loads((out / "steady_state.json").read_text())
     assert r["commit"] == "abc1234" and r["card"] == "cpu" and r["date"] and "steady_state.py" in r["command"]
     quants = {q["quant"]: q for q in r["quants"]}
@@ -47,5 +48,8 @@ def test_steady_state_smoke(tmp_path, tiny_model_dir):
     for c in [*quants["bf16"]["cells"], *http]:
         assert c["engine_steps_per_second"] > 0 and 0 < c["engine_tokens_per_step"] <= 2 * c["concurrency"]
     assert 0 <= quants["int4"]["agreement_vs_bf16"]["teacher_forced_match"] <= 1
+    synthetic = json.loads((Path(tiny_model_dir) / "config.json").read_text()).get("edge_eval_synthetic", False)
+    assert quants["int4"]["agreement_vs_bf16"]["synthetic_weights"] is synthetic
+    assert ("agree (synthetic weights" in r_out) is synthetic           # the printed line says so too
     assert quants["bf16"]["mma_glu_ready"] is None                   # no INT4 layer: not a reading of the epilogue
     assert quants["int4"]["mma_glu_ready"] is False                  # on CPU the mma kernel never serves
