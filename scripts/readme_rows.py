@@ -292,6 +292,8 @@ ROWS = [
     Row("INT4 vs bf16 in-process at 1, 8 and 64 streams with the final defaults (GLU epilogue on by default), one "
         "process, bf16 first (H100; asked for an H200)",
         ["2026-12-07-h100/mmaglu_2340/ss_on/steady_state.json"], values.formats_vs_bf16, "9ea6192"),
+    Row("the same at 1 and 8 streams on another H100 machine (2026-12-08 00:38)",
+        ["2026-12-08-h100/mmaglu_0038/ss_on/steady_state.json"], values.formats_vs_bf16, "c9d5fe2"),
     Row("INT4: the mma kernel's GLU epilogue on over off (next process)",
         ["2026-12-07-h100/mmaglu_2154/ss_on/steady_state.json",
          "2026-12-07-h100/mmaglu_2154/ss_off/steady_state.json"], values.gain_over_second, "ff01bc4"),
