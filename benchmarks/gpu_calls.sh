@@ -32,6 +32,9 @@
 #   bash benchmarks/gpu_calls.sh mmaglu     # issue 17: the mma kernel's GLU epilogue (MODEL_SERVER_INT4_MMA_GLU): first-use
 #                                            check, bits and device time per row count on the merged gate/up, then bf16 vs
 #                                            int4:mma at GL_CONC (1) with it, int4:mma without it (next process) (~4 min)
+#   bash benchmarks/gpu_calls.sh paired     # issue 17: the Triton GEMM reading (scale, zero) as one 32-bit word per group and
+#                                            column: bits and hot / cold time per linear at 16-256 rows, then the steady
+#                                            state at 64 with it (int4:mma, bf16) and without it (int4:mma) (~6 min)
 #   bash benchmarks/gpu_calls.sh lmhead     # issue 17: the LM head's mma configuration at few rows (never swept before):
 #                                            bf16 vs int4:mma at 1/8 with the shipped table, the LM head's sweep at 1/8
 #                                            rows written into this checkout's table, int4:mma at 1/8 with it (~8 min)
@@ -221,7 +224,7 @@
 # The grid keeps its state in out/grid (ignored): a later call on the same warm machine resumes it;
 # on a fresh machine it restarts the missing variants (finished ones come back with $OUT/grid.tgz).
 set -u
-case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite|normshapes|mmaglu) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite|normshapes|mmaglu" >&2; exit 2 ;; esac
+case "${1:-}" in energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite|normshapes|mmaglu|paired) ;; *) echo "usage: bash benchmarks/gpu_calls.sh energy|grid|ept|load|kernels|kernels2|int4|decode|http|httpw|httpo|httpm|ropekv|gemv|trace|next|attnlong|agree|gptq|cold|ctax|readw|imports|mma|mmaprof|pick|gemvcu|gemvrows|splitk|l2pf|deq|deqptx|sweep64|prefill|pdl|burst|final|splitdiag|stages|served|fence|s46|s46b|s46c|s46d|splitsum|pdlab|glu|fuse64|wave|burst2|graph4096|int4pack|lmhead|compiledops|prope|norms|shapes|gemlite|normshapes|mmaglu|paired" >&2; exit 2 ;; esac
 # the kernel benchmarks need torch and Triton only (kernels2 from a bare `git archive` checkout without .gpu/)
 if [ "$1" != kernels ] && [ "$1" != gemv ] && [ "$1" != mmaprof ] && { [ "$1" != mma ] || [ "${MMA_SS:-0}" = 1 ]; } && { [ "$1" != kernels2 ] || [ "${K2_CONFIRM:-0}" = 1 ]; }; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/.whl/*.whl || exit 2
@@ -441,6 +444,16 @@ case "${1:-}" in
     if [ "${GL_AB:-1}" = 1 ]; then
       MODEL_SERVER_INT4_MMA_GLU=0 ss_arm ss_off "${GL_OFF_TIMEOUT:-90}" int4:mma "${GL_CONC:-1}"
       echo "ss_off (int4:mma) $(grep -ho '"mma_glu_ready": [a-z]*' "$out/ss_off/steady_state.json" | tr '\n' ' ')"
+    fi ;;
+  paired)  # the Triton GEMM reading each group's (scale, zero) as one 32-bit word (MODEL_SERVER_INT4_TRITON_PAIRED_SCALES):
+    #     bits and hot / cold time per linear at PS_MS rows (k/), then the steady state at PS_CONC (64) with it on,
+    #     int4:mma then bf16 (ss_on/), and int4:mma with it off in the next process (ss_off/; PS_AB=0 skips it) (~6 min)
+    [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
+    timeout "${PS_K_TIMEOUT:-200}" python3 benchmarks/int4_paired_check.py --out "$out/k" --ms "${PS_MS:-16,32,64,256}" \
+      > "$out/k.log" 2>&1; echo "int4_paired_check rc $?"; tail -6 "$out/k.log"
+    MODEL_SERVER_INT4_TRITON_PAIRED_SCALES=1 ss_arm ss_on "${PS_SS_TIMEOUT:-130}" int4:mma,bf16 "${PS_CONC:-64}"
+    if [ "${PS_AB:-1}" = 1 ]; then
+      MODEL_SERVER_INT4_TRITON_PAIRED_SCALES=0 ss_arm ss_off "${PS_OFF_TIMEOUT:-80}" int4:mma "${PS_CONC:-64}"
     fi ;;
   prope)  # the prefill rotary kernel (engines/fast/rope_prefill.py) vs the compiled op: rope_layout.py at 64 x 64 and
     #    16 x 256 (rope_*/: bits and device time), 64-prompt bursts with the switch compiled (b_c/) and triton (b_t/),

@@ -65,10 +65,11 @@ def compile_sm90(cfg: int4_gemv.GemvConfig, k: int, group: int = 128):
 
 
 def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128, ticket: bool = True, pdl: bool = False,
-                      fence: bool = False, glu: bool = False):
+                      fence: bool = False, glu: bool = False, paired: bool = False):
     """The W4A16 GEMM compiled for bf16 activations, as a launch with K = ``k`` and ``cfg`` would compile it (split K:
     with the ticket reduction, the default, unless ``ticket`` is False; ``pdl``: as a programmatic dependent launch;
-    ``glu``: with the GLU epilogue, :mod:`model_server.int4_triton_glu`, which needs ``cfg.split_k`` 1)."""
+    ``glu``: with the GLU epilogue, :mod:`model_server.int4_triton_glu`, which needs ``cfg.split_k`` 1; ``paired``:
+    each group's scale and zero read as one int32 word, :func:`model_server.int4_triton_config.paired_scales_on`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -78,13 +79,14 @@ def compile_gemm_sm90(cfg: int4_triton.Config, k: int, group: int = 128, ticket:
     fn = int4_triton._jitted(False)[0]
     bk = int4_triton.block_k(group)
     ticket = ticket and cfg.split_k > 1
-    types = ["*bf16", "*u8", "*bf16", "*bf16", "*bf16" if cfg.split_k == 1 else "*fp32"] + ["i32"] * 6 \
+    types = ["*bf16", "*u8", "*i32" if paired else "*bf16", "*bf16", "*bf16" if cfg.split_k == 1 else "*fp32"] \
+        + ["i32"] * 6 \
         + ["*bf16", "*i32" if ticket else "*bf16"]
     sig = dict(zip(GEMM_ARGS, types))
     const = dict(ITERS_PER_SPLIT=k // bk // cfg.split_k, GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                  BLOCK_K=bk, HALF=bk // 2, MAGIC=0x4300, C8=136.0, SWAP_AB=cfg.swap_ab, FOLD=cfg.fold,
                  SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=int4_triton_config.deq(cfg, 0x4300, False),
-                 PDL=pdl, FENCE=fence, GLU=glu)
+                 PDL=pdl, FENCE=fence, GLU=glu, PAIRED=paired)
     sig.update({name: "constexpr" for name in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(GEMM_ARGS) if name != "M"}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
@@ -112,7 +114,8 @@ def gemm_report(cfg: int4_triton.Config, k: int) -> dict:
 
 def sass_report(kern, weights: int, num_warps: int, name: str) -> dict:
     """Registers, spills, shared memory, async copies, tensor-core instructions and SASS instructions per 4-bit
-    weight in the main loop (the longest backward branch) of a compiled kernel reading ``weights`` per iteration."""
+    weight in the main loop (the longest backward branch) of a compiled kernel reading ``weights`` per iteration, and
+    the count of each instruction there (``loop_ops``)."""
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = Path(d, "k.ptx"), Path(d, "k.cubin")
         ptx.write_text(kern.asm["ptx"])
@@ -134,7 +137,8 @@ def sass_report(kern, weights: int, num_warps: int, name: str) -> dict:
     return {"config": name, "registers": int(regs.group(1)) if regs else None,
             "spill_bytes": int(spill.group(1)) if spill else None, "shared_bytes": kern.metadata.shared,
             "async_copies": body.count("LDGSTS"), "mma": sum(op in ("HMMA", "HGMMA") for op in body),
-            "instr_per_weight": len(body) * 32 * num_warps / weights, "top": collections.Counter(body).most_common(6)}
+            "instr_per_weight": len(body) * 32 * num_warps / weights, "top": collections.Counter(body).most_common(6),
+            "loop_ops": dict(collections.Counter(body))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,11 +114,13 @@ class Int4Linear(nn.Module):
             int4_triton_config.fence_on()
             int4_triton_config.stages_override()
             int4_triton_split.sum_in_consumer()
-            int4_triton_config.glu_on()              # ... and MODEL_SERVER_INT4_GLU_EPILOGUE
+            int4_triton_config.glu_on()              # ... and MODEL_SERVER_INT4_GLU_EPILOGUE, _PAIRED_SCALES
             self.register_buffer("triton_packed", int4_triton.pack_int4(q, group_size))
             scales, zeros = int4_triton.split_scales_and_zeros(sz)
             self.register_buffer("triton_scales", scales)
             self.register_buffer("triton_zeros", zeros)
+            if int4_triton_config.paired_scales_on() and sz.element_size() == 2:   # the GEMM's copy: one word each
+                self.register_buffer("triton_paired", int4_triton.pair_scales_and_zeros(sz))
             if dev.type == "cuda":                   # the split-K ticket counters a graph capture uses, sized now
                 int4_triton_split.reserve(dev, int4_triton._num_sms(dev))
         self.register_buffer("input_perm", None if input_perm is None else input_perm.to(dev, torch.int64))
@@ -169,7 +171,7 @@ class Int4Linear(nn.Module):
             return None
         x2 = self._rows(x)
         side = self._prefetch(rows)
-        y = int4_triton_glu(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size, cfg)
+        y = int4_triton_glu(x2, self.triton_packed, self._gemm_scales(), self.triton_zeros, self.group_size, cfg)
         self._joined(side)
         return y.reshape(*x.shape[:-1], self.out_features // 2)
 
@@ -185,6 +187,12 @@ class Int4Linear(nn.Module):
         y = int4_mma_glu.int4_mma_glu(x2, self.mma_words, self.mma_scales, self.group_size)
         self._joined(side)
         return None if y is None else y.reshape(*x.shape[:-1], self.out_features // 2)
+
+    def _gemm_scales(self) -> torch.Tensor:
+        """What the Triton GEMM reads as its scales: the paired words where held (``triton_paired``), else the
+        scales (``triton_zeros`` beside them)."""
+        paired = self._buffers.get("triton_paired")
+        return self.triton_scales if paired is None else paired
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the kernels take it: ``[rows, in_features]`` in the compute dtype, its inputs permuted where a
@@ -222,7 +230,7 @@ class Int4Linear(nn.Module):
             y = int4_dequant_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
         elif kernel == "triton":
             from model_server.int4_triton import int4_triton_mm
-            y = int4_triton_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size,
+            y = int4_triton_mm(x2, self.triton_packed, self._gemm_scales(), self.triton_zeros, self.group_size,
                                partials=partials)
         elif kernel in ("cuda-int4pack", "cpu-int4pack"):  # the held layout's op (an mma layer's copy: CPU in tests)
             op = (torch.ops.aten._weight_int4pack_mm if self.int4pack_kernel == "cuda-int4pack" else

@@ -46,10 +46,11 @@ from typing import Any
 import torch
 
 from model_server import int4_triton_split
-from model_server.int4_triton_layout import MAX_BLOCK_K, block_k, pack_int4, split_scales_and_zeros
+from model_server.int4_triton_layout import MAX_BLOCK_K, block_k, pack_int4, pair_scales_and_zeros, split_scales_and_zeros
 from model_server.int4_triton_config import Config, choose_config, deq, fence_on, pdl_on
 
-__all__ = ["MAX_BLOCK_K", "available", "block_k", "int4_triton_mm", "pack_int4", "split_scales_and_zeros"]
+__all__ = ["MAX_BLOCK_K", "available", "block_k", "int4_triton_mm", "pack_int4", "pair_scales_and_zeros",
+           "split_scales_and_zeros"]
 
 triton: Any = None                   # imported at first use (:func:`_import_triton`): CPU-only installs have none,
 tl: Any = None                       # and the interpreter must be chosen before Triton's own import
@@ -96,7 +97,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr, MAGIC: tl.constexpr,
                   C8: tl.constexpr, SWAP_AB: tl.constexpr, FOLD: tl.constexpr, SPLIT: tl.constexpr,
                   TICKET: tl.constexpr, DEQ: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr,
-                  GLU: tl.constexpr):
+                  GLU: tl.constexpr, PAIRED: tl.constexpr):
     """One program: a [BLOCK_N, BLOCK_M] tile of y^T (SWAP_AB) or [BLOCK_M, BLOCK_N] of y, over ITERS_PER_SPLIT
     K-blocks of split ``program_id(2)``, stored to ``y_ptr`` (split ``pid_k``'s slice). HALF = BLOCK_K // 2; MAGIC,
     C8 = c + 8: module docstring. DEQ (:func:`model_server.int4_triton_config.deq`): 0 dequantize in fp32 (or fold),
@@ -105,7 +106,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
     (SPLIT > 1; SPLIT is 1 without it): the tile's last program (ticket SPLIT - 1 from the tile's counter in
     ``cnt_ptr``) sums the SPLIT partials of ``y_ptr`` into ``out_ptr`` and resets the counter to 0. GLU (no split):
     ``N`` is the output's width ``I``, the weight has ``2 I`` rows, and the tile's rows are ``BLOCK_N / 2`` gate rows
-    then the up rows ``I`` below them; ``silu(gate) * up`` is stored (module docstring).
+    then the up rows ``I`` below them; ``silu(gate) * up`` is stored (module docstring). PAIRED
+    (16-bit activations): ``s_ptr`` holds each (scale, zero) as one 32-bit word, scale in the low half
+    (:func:`~model_server.int4_triton_config.paired_scales_on`); ``z_ptr`` is not read.
     Ordering on a GPU: each thread's partial stores, a CTA barrier, then one thread's acq_rel atomic at GPU scope
     (release: cumulative over the barrier); the last program's acquire, the barrier Triton puts after a scalar
     atomic (and ours), then loads that bypass L1 (.cg): the pattern of CUTLASS's GenericBarrier."""
@@ -139,6 +142,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, ITERS_PER_SPLIT):
         k0 = (pid_k * ITERS_PER_SPLIT + it) * BLOCK_K
+        g = k0 // GROUP
         b = tl.load(w_ptrs + k0 // 2, mask=w_mask, other=0)
         x_lo = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
         x_hi = tl.load(x_ptrs + (k0 + HALF), mask=x_mask, other=0.0)
@@ -158,13 +162,19 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
         else:                                                              # c + q, exact, no conversion
             w_lo = ((b & 15).to(tl.int16) | MAGIC).to(tl.int16).to(x_lo.dtype, bitcast=True)
             w_hi = ((b >> 4).to(tl.int16) | MAGIC).to(tl.int16).to(x_lo.dtype, bitcast=True)
-        g = k0 // GROUP
+        if PAIRED:                                                         # (scale, zero) as one 32-bit word
+            sz = tl.load(s_ptr + g * NS + offs_n, mask=n_mask, other=0)
+            s_raw = (sz & 0xFFFF).to(tl.int16).to(x_lo.dtype, bitcast=True)
+            z_raw = (sz >> 16).to(tl.int16).to(x_lo.dtype, bitcast=True)
+        else:
+            s_raw = tl.load(s_ptr + g * NS + offs_n, mask=n_mask, other=0.0)
+            z_raw = tl.load(z_ptr + g * NS + offs_n, mask=n_mask, other=0.0)
         if FENCE:                                                          # copies -> wgmma's async proxy (sm_90)
             tl.inline_asm_elementwise("fence.proxy.async.shared::cta; // $0", "=r", [], dtype=tl.int32,
                                       is_pure=False, pack=1)
         if DEQ >= 1:                                                       # (c + q) - (c + 8), exact; one rounding
-            s16 = tl.load(s_ptr + g * NS + offs_n, mask=n_mask, other=0.0).to(x_lo.dtype)
-            z16 = tl.load(z_ptr + g * NS + offs_n, mask=n_mask, other=0.0).to(x_lo.dtype)
+            s16 = s_raw.to(x_lo.dtype)
+            z16 = z_raw.to(x_lo.dtype)
             if SWAP_AB:
                 acc = tl.dot(tl.fma(w_lo - C8, s16[:, None], z16[:, None]), x_lo, acc=acc)
                 acc = tl.dot(tl.fma(w_hi - C8, s16[:, None], z16[:, None]), x_hi, acc=acc)
@@ -172,8 +182,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
                 acc = tl.dot(x_lo, tl.fma(w_lo - C8, s16[None, :], z16[None, :]), acc=acc)
                 acc = tl.dot(x_hi, tl.fma(w_hi - C8, s16[None, :], z16[None, :]), acc=acc)
         else:
-            s = tl.load(s_ptr + g * NS + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            zz = tl.load(z_ptr + g * NS + offs_n, mask=n_mask, other=0.0).to(tl.float32) - C8 * s
+            s = s_raw.to(tl.float32)
+            zz = z_raw.to(tl.float32) - C8 * s
             if SWAP_AB:
                 if FOLD:
                     part = tl.dot(w_lo, x_lo)
@@ -259,6 +269,8 @@ def _checked(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero
             or zeros.shape != scales.shape or x2d.dtype not in _MAGIC:
         raise ValueError(f"x {tuple(x2d.shape)} {x2d.dtype}, packed {tuple(packed.shape)}, scales "
                          f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)} do not match group {group_size}")
+    if scales.dtype == torch.int32 and x2d.element_size() != 2:
+        raise ValueError(f"paired scales and zeros (int32 words) need 16-bit activations, got {x2d.dtype}")
     return m, n, k // bk
 
 
@@ -278,7 +290,7 @@ def _launch(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
                     packed.stride(0), n, m * n, y, cnt, k // bk // cfg.split_k, GROUP=group_size, BLOCK_M=cfg.block_m,
                     BLOCK_N=cfg.block_n, BLOCK_K=bk, HALF=bk // 2, MAGIC=magic, C8=c8, SWAP_AB=cfg.swap_ab,
                     FOLD=cfg.fold, SPLIT=cfg.split_k if ticket else 1, TICKET=ticket, DEQ=deq(cfg, magic, interpret),
-                    PDL=pdl, FENCE=sm90 and fence_on(), GLU=glu,
+                    PDL=pdl, FENCE=sm90 and fence_on(), GLU=glu, PAIRED=scales.dtype == torch.int32,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}))
     return pdl
 
@@ -288,7 +300,8 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
                    partials: bool = False) -> torch.Tensor:
     """``y [M, N] = x2d [M, K] @ dequant(W)[N, K]^T`` in ``x2d``'s dtype (bf16, fp16 or fp32; fp32 accumulation).
 
-    ``packed``/``scales``/``zeros`` as made by :func:`pack_int4` / :func:`split_scales_and_zeros`; ``config``
+    ``packed``/``scales``/``zeros`` as made by :func:`pack_int4` / :func:`split_scales_and_zeros` (or ``scales`` as
+    :func:`~model_server.int4_triton_layout.pair_scales_and_zeros`'s int32 words, 16-bit ``x2d`` only); ``config``
     overrides :func:`choose_config` (benchmark sweeps), ``split_reduce`` (``auto`` | ``ticket`` | ``kernel``) the switch
     :func:`model_server.int4_triton_split.mode` (A/B benchmarks). ``partials``: where the sum kernel would run, return
     the fp32 partial sums ``[split, M, N]`` instead (their sum in split order, cast, is ``y``'s bits)."""

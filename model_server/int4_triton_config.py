@@ -1,8 +1,8 @@
 """Launch configurations of the INT4 Triton GEMM (:mod:`model_server.int4_triton`): :class:`Config`, the choice per
 step and layer (:func:`choose_config`), how the kernel dequantizes (:func:`deq_mode`, ``MODEL_SERVER_INT4_TRITON_DEQ``,
 and the kernel's ``DEQ`` constant, :func:`deq`), its pipeline stages above 32 rows (:func:`stages_override`),
-programmatic dependent launch (:func:`pdl_on`), the GLU epilogue's switch (:func:`glu_on`) and an experiment
-(:func:`fence_on`). Owns no kernel and no layout.
+programmatic dependent launch (:func:`pdl_on`), the GLU epilogue's switch (:func:`glu_on`), scales and zeros as one
+word (:func:`paired_scales_on`) and an experiment (:func:`fence_on`). Owns no kernel and no layout.
 """
 from __future__ import annotations
 
@@ -88,6 +88,22 @@ def fence_on() -> bool:
     64 rows 7 of 9 cases repeated their bits with it, 8 of 9 without), so it stays off (unset or ``0``) and kept for
     A/B runs only. Read once per process."""
     return flag(FENCE_SWITCH) is True
+
+
+PAIRED_SWITCH = "MODEL_SERVER_INT4_TRITON_PAIRED_SCALES"
+
+
+@lru_cache(maxsize=1)
+def paired_scales_on() -> bool:
+    """``MODEL_SERVER_INT4_TRITON_PAIRED_SCALES=1``: an INT4 layer that runs the Triton GEMM also holds its scales and
+    zeros as one 32-bit word per group and column (:func:`model_server.int4_triton_layout.pair_scales_and_zeros`,
+    16-bit compute dtypes; +2 bytes per group and column while the split copies stay for the other kernels), and the
+    GEMM reads those. Compiled for sm_90 with separate 16-bit scales and zeros, each K-block of the main loop waits
+    for four plain global loads (Triton's software pipeline moves only loads of at least 32 bits per thread through
+    shared memory); a 32-bit word per column is carried by the pipeline's asynchronous copies like the weights
+    (tests/test_int4_compile_check.py checks both). Off (unset or ``0``) until measured on a GPU; the bits are the same
+    either way. Read once per process; another value raises :class:`model_server.switches.SwitchValueError`."""
+    return flag(PAIRED_SWITCH) is True
 
 
 GLU_SWITCH = "MODEL_SERVER_INT4_GLU_EPILOGUE"

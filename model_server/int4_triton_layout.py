@@ -8,13 +8,15 @@ interleaving in registers: one ``tl.dot`` per half):
 * ``packed`` uint8 ``[N, K // 2]``, row-major (K contiguous: coalesced 16-byte loads per row). With
   ``BK = block_k(G)``, byte ``k0 // 2 + j`` (``k0`` a multiple of BK, ``0 <= j < BK / 2``) of row ``n`` holds
   ``q[n, k0 + j]`` in its low nibble and ``q[n, k0 + BK / 2 + j]`` in its high nibble.
-* ``scales``, ``zeros``: ``[K // G, N]`` row-major (N contiguous), any float dtype (read as fp32).
+* ``scales``, ``zeros``: ``[K // G, N]`` row-major (N contiguous), any float dtype (read as fp32); or, for the GEMM with
+  16-bit activations, both in one int32 ``[K // G, N]`` (:func:`pair_scales_and_zeros`: the scale's bits in the low
+  half, the zero's in the high half).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["MAX_BLOCK_K", "block_k", "pack_int4", "split_scales_and_zeros"]
+__all__ = ["MAX_BLOCK_K", "block_k", "pack_int4", "pair_scales_and_zeros", "split_scales_and_zeros"]
 
 MAX_BLOCK_K = 128
 
@@ -39,3 +41,13 @@ def pack_int4(q: torch.Tensor, group_size: int) -> torch.Tensor:
 def split_scales_and_zeros(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``scales_and_zeros [K/G, N, 2]`` (``int4.py``'s layout) -> ``(scales [K/G, N], zeros [K/G, N])``."""
     return sz[..., 0].contiguous(), sz[..., 1].contiguous()
+
+
+def pair_scales_and_zeros(sz: torch.Tensor) -> torch.Tensor:
+    """``scales_and_zeros [K/G, N, 2]`` in a 16-bit float dtype -> int32 ``[K/G, N]``, each word the column's (scale,
+    zero) bits, scale in the low half (the kernel reads one 32-bit word per column and group)."""
+    if sz.dim() != 3 or sz.shape[-1] != 2 or sz.element_size() != 2 or not sz.is_floating_point():
+        raise ValueError(f"pairing needs [K/G, N, 2] 16-bit scales and zeros, got {tuple(sz.shape)} {sz.dtype}")
+    lo = sz[..., 0].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = sz[..., 1].contiguous().view(torch.int16).to(torch.int32)
+    return (lo | (hi << 16)).contiguous()

@@ -102,6 +102,8 @@ def weight_buffers(linear: torch.nn.Module, rows: int) -> list[torch.Tensor]:
                          getattr(linear, "int4pack_rows", 0))
     if kernel == "mma":
         return [linear.mma_words, linear.mma_scales]
+    if kernel == "triton" and getattr(linear, "triton_paired", None) is not None:   # the GEMM reads these there
+        return [linear.triton_packed, linear.triton_paired]
     if kernel in ("triton", "gemv"):
         return [linear.triton_packed, linear.triton_scales, linear.triton_zeros]
     return [linear.weight_packed, linear.scales_and_zeros]

@@ -97,7 +97,12 @@ for ticket in (True, False):
     ("int4_glu_check", ("--ms", "64,x"),
      "int4_glu_check: --ms and --shape must be comma-separated integers, got '64,x' and '16384,2048'"),
     ("int4_glu_check", ("--device", "cpu"),
-     "int4_glu_check: --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter)")])
+     "int4_glu_check: --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter)"),
+    ("int4_paired_check", (), "int4_paired_check: no CUDA device"),
+    ("int4_paired_check", ("--shapes", "lm"), "int4_paired_check: --ms must be integers and --shapes names of "
+     "qkv_proj, o_proj, gate_up_proj, down_proj, lm_head or one N,K; got '16,32,64,256' and 'lm'"),
+    ("int4_paired_check", ("--device", "cpu"),
+     "int4_paired_check: --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter)")])
 def test_the_bit_checks_say_what_is_wrong_in_one_line(tmp_path, script, args, line):
     """benchmarks/int4_pdl_check.py (PDL on and off give the same bits), int4_repeat_check.py (the small-rows
     kernels repeat their bits) and int4_glu_check.py (the GLU epilogue's bits and time) on a machine without a GPU,
@@ -129,6 +134,33 @@ for fence in (False, True):
     r = _run(tmp_path, "-c", code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[:2] == ["False 0 False None", "True 1 True True"], r.stdout
+
+
+def test_paired_scales_ride_the_pipelines_copies_where_split_ones_are_plain_loads(tmp_path):
+    """MODEL_SERVER_INT4_TRITON_PAIRED_SCALES: compiled for sm_90 at 16, 64 and 256 rows (the served configurations
+    for q/k/v, of which 64 rows split K), the main loop with separate 16-bit scales and zeros holds four plain global
+    loads (LDG) per K-block; with one int32 word per group and column none, and two more asynchronous copies (LDGSTS)
+    instead, with no spills and the tensor-core instructions unchanged."""
+    code = """
+import sys
+sys.path.insert(0, "benchmarks")
+import int4_compile_check as cc
+from model_server import int4_triton
+for m in (16, 64, 256):
+    cfg = int4_triton.choose_config(m, 3072, 2048, 128, 132)
+    for paired in (False, True):
+        r = cc.sass_report(cc.compile_gemm_sm90(cfg, 2048, paired=paired), 64 * 128, cfg.num_warps, "x")
+        top = dict(r["loop_ops"])
+        print(m, paired, top.get("LDG", 0), top.get("LDGSTS", 0), top.get("HGMMA", 0) + top.get("HMMA", 0),
+              r["spill_bytes"])
+"""
+    r = _run(tmp_path, "-c", code)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = [line.split() for line in r.stdout.strip().split("\n")]
+    assert len(got) == 6, r.stdout
+    for split, paired in zip(got[::2], got[1::2]):
+        assert split[1:3] == ["False", "4"] and paired[1:3] == ["True", "0"], r.stdout
+        assert int(paired[3]) == int(split[3]) + 2 and paired[4] == split[4] and paired[5] == split[5] == "0", r.stdout
 
 
 def test_the_glu_epilogue_compiles_for_sm90_as_a_merged_gate_up_is_served(tmp_path):

@@ -108,7 +108,7 @@ def _merge_int4(parts: list[Int4Linear]) -> nn.Module | None:
     merged.register_buffer("input_perm", perm)
     packed = {}
     for name, dim in (("weight_packed", 0), ("scales_and_zeros", 1), ("triton_packed", 0), ("triton_scales", 1),
-                      ("triton_zeros", 1), ("mma_words", 0), ("mma_scales", 0)):
+                      ("triton_zeros", 1), ("triton_paired", 1), ("mma_words", 0), ("mma_scales", 0)):
         if not hasattr(p0, name) or (p0.kernel == "mma" and name in ("weight_packed", "scales_and_zeros")
                                       and not merged.int4pack_rows):
             continue
