@@ -125,7 +125,7 @@ def precompile(modules: Iterable[nn.Module], max_rows: int, glu: Iterable[Int4Li
                                  top, first) if top >= first else {}
                 for (cfg, _), rows in found.items():
                     x = torch.zeros(rows, layer.in_features, device=dev, dtype=layer.compute_dtype)
-                    weights = (layer.triton_packed, layer.triton_scales, layer.triton_zeros, layer.group_size)
+                    weights = (layer.triton_packed, layer._gemm_scales(), layer.triton_zeros, layer.group_size)
                     int4_triton.int4_triton_mm(x, *weights, config=cfg)
                     launches += 1
                     if id(layer) in glu_ids and cfg.split_k == 1:

@@ -122,3 +122,26 @@ def test_the_gpu_check_runs_its_bit_checks_on_cpu(tmp_path):
     assert [(row["shape"], row["m"], row["differ"]) for row in res["rows"]] == [
         ("256x128", 24, 0), ("256x128+glu", 24, 0), ("256x128", 70, 0), ("256x128+glu", 70, 0)]
     assert res["step_us"] == {}
+
+
+def test_the_precompile_launches_the_gemm_on_what_serving_reads(monkeypatch):
+    """model_server/int4_precompile.py compiles the variant serving launches: with the words held, every precompile
+    launch of the GEMM passes the paired int32 words (a separate Triton compile, PAIRED), never the split scales."""
+    from model_server import int4_dequant, int4_precompile
+    monkeypatch.setenv("MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS", "0")
+    int4_dequant.min_rows.cache_clear()
+    seen = []
+    real = int4_triton.int4_triton_mm
+
+    def spy(x, packed, scales, zeros, group, config=None):
+        seen.append(scales.dtype)
+        return real(x, packed, scales, zeros, group, config=config)
+
+    monkeypatch.setattr(int4_triton, "int4_triton_mm", spy)
+    for value, want in (("1", torch.int32), ("0", torch.float16)):
+        set_switch(monkeypatch, cfgmod.PAIRED_SWITCH, value, cfgmod.paired_scales_on)
+        seen.clear()
+        layer = Int4Linear(nn.Linear(128, 64, bias=False), 64, ComputeChoice(torch.float16, "triton", "test"))
+        assert int4_precompile.precompile([layer], max_rows=40) > 0
+        assert seen and set(seen) == {want}
+    int4_dequant.min_rows.cache_clear()
