@@ -16,6 +16,7 @@ per rows M and shape, or one Config; weights per iteration are BLOCK_N x BLOCK_K
   python3 benchmarks/int4_compile_check.py --gemm --ms 8,64      # the GEMM's chosen config per M and shape
   python3 benchmarks/int4_compile_check.py --gemm --config 64,64,1,3,4,1,1 --k 2048  # one Config (swap_ab, fold 0/1)
   python3 benchmarks/int4_compile_check.py --gemm --config 64,64,1,3,4,1,0,1,1        # ... dequantizing by fma, PTX unpack
+  python3 benchmarks/int4_compile_check.py --gemm --ms 64 --paired   # each config with split and paired scales
 """
 from __future__ import annotations
 
@@ -104,12 +105,14 @@ def report(cfg: int4_gemv.GemvConfig, k: int) -> dict:
                        cfg_str(vars(cfg)))
 
 
-def gemm_report(cfg: int4_triton.Config, k: int) -> dict:
-    """The GEMM's report: one K-block of ``block_n`` columns per iteration."""
+def gemm_report(cfg: int4_triton.Config, k: int, paired: bool = False) -> dict:
+    """The GEMM's report: one K-block of ``block_n`` columns per iteration (``paired``: reading each group's scale and
+    zero as one int32 word)."""
     name = (f"gemm {cfg.block_m}/{cfg.block_n}/s{cfg.split_k}/st{cfg.num_stages}/w{cfg.num_warps}/"
             f"{'T' if cfg.swap_ab else 'N'}{'F' if cfg.fold else 'D'}"
             f"{'/fma' if cfg.fma else ''}{'-ptx' if cfg.ptx else ''}")
-    return sass_report(compile_gemm_sm90(cfg, k), cfg.block_n * int4_triton.block_k(128), cfg.num_warps, name)
+    return sass_report(compile_gemm_sm90(cfg, k, paired=paired), cfg.block_n * int4_triton.block_k(128),
+                       cfg.num_warps, name + ("/paired" if paired else ""))
 
 
 def sass_report(kern, weights: int, num_warps: int, name: str) -> dict:
@@ -150,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                         "with --gemm one Config: block_m,block_n,split_k,stages,warps,swap_ab,fold[,fma[,ptx]] (0/1)")
     p.add_argument("--k", type=int, default=2048, help="K for --config")
     p.add_argument("--gemm", action="store_true", help="the W4A16 GEMM (int4_triton.py) instead of the small-rows kernel")
+    p.add_argument("--paired", action="store_true",
+                   help="with --gemm: each config also reading (scale, zero) as one int32 word "
+                        "(MODEL_SERVER_INT4_TRITON_PAIRED_SCALES), on the line after the split scales' one")
     args = p.parse_args(argv)
     try:
         ms = [int(t) for t in args.ms.split(",")]
@@ -163,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 sorted({(int4_triton.choose_config(m, n, k, 128, 132), k) for m in ms for n, k in SHAPES.values()},
                        key=str))
         for cfg, k in gemm:
-            _print(lambda: gemm_report(cfg, k), k, str(cfg))
+            for paired in (False, True) if args.paired else (False,):
+                _print(lambda: gemm_report(cfg, k, paired), k, str(cfg))
         return 0
     if args.config:
         todo = [(int4_gemv.GemvConfig(*vals[:6], *map(bool, vals[6:8])), args.k)]
@@ -186,7 +193,8 @@ def _print(make, k: int, name: str) -> None:
         r = make()
         print(f"K={k} {r['config']}: {r['instr_per_weight']:.1f} instr/weight, {r['mma']} tensor-core instr, "
               f"{r['registers']} regs, {r['spill_bytes']} B spilled, {r['shared_bytes']} B shared, "
-              f"{r['async_copies']} async copies {r['top']}", flush=True)
+              f"{r['async_copies']} async copies, {r['loop_ops'].get('LDG', 0)} plain global loads {r['top']}",
+              flush=True)
     except Exception as e:                  # noqa: BLE001 - one line per config that does not compile
         print(f"K={k} {name}: FAILED {e!r}"[:400], flush=True)
 

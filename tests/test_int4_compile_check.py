@@ -188,3 +188,13 @@ for m in (64, 256):
     r = _run(tmp_path, "-c", code)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[:2] == ["64 True True True False True", "256 True True True False True"], r.stdout
+
+
+def test_the_command_line_reports_both_ways_with_paired(tmp_path):
+    """``int4_compile_check.py --gemm --config ... --paired``: one line per way, the split scales' first, each with
+    the main loop's plain global loads (what docs/benchmarks.md quotes from the command)."""
+    r = _run(tmp_path, "--gemm", "--config", "64,64,1,4,4,1,0,1,1", "--paired")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().split("\n")
+    assert len(lines) == 2 and "/paired:" not in lines[0] and "/paired:" in lines[1], r.stdout
+    assert ", 4 plain global loads" in lines[0] and ", 0 plain global loads" in lines[1], r.stdout
