@@ -5,7 +5,8 @@ Every throughput figure comes from a steady-state cell (``benchmarks/steady_load
 kept busy, ``--reps`` consecutive windows of ``--window-s`` seconds after a ``--warm-s`` ramp; each
 window is one repetition; the median and the spread (min..max) are reported.
 
-Steps (results written to ``--out/steady_state.json`` as they exist):
+Steps (results written to ``--out/steady_state.json`` as they exist, with the ``MODEL_SERVER_*`` switches set in the
+environment under ``switches``: an A/B arm's file says which arm it is):
 1. the model (``model-server synth --preset``), copy bandwidth (1 GiB device copy, read + write);
 2. INT4 kernel check on random weights (``Int4Linear`` vs ``x @ dequant(W)^T`` in float64);
 3. for each quantization: ``load_model`` (weight bytes as loaded), fast engine, cells at each
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
               "commit": args.commit, "command": "python benchmarks/steady_state.py " + " ".join(sys.argv[1:]),
               "torch": torch.__version__, "preset": args.preset, "window_s": args.window_s, "reps": args.reps,
               "warm_s": args.warm_s, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MODEL_SERVER_")},
               "quants": [], "greedy": {}}
 
     def save():

@@ -1,5 +1,6 @@
-"""``benchmarks/steady_state.py`` on CPU (tiny model): the report carries card, date, command and commit,
-every cell has one tokens/s per window and the median of them, and HTTP cells count tokens."""
+"""``benchmarks/steady_state.py`` on CPU (tiny model): the report carries card, date, command, commit and the
+``MODEL_SERVER_*`` switches set, every cell has one tokens/s per window and the median of them, and HTTP cells count
+tokens."""
 from __future__ import annotations
 
 import json
@@ -22,9 +23,12 @@ def test_steady_state_smoke(tmp_path, tiny_model_dir):
            "--new-tokens", "8", "--agree-prompts", "2", "--agree-tokens", "4", "--commit", "abc1234", "--out", str(out),
            "--api-workers", "0,1"]
     r_out = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"}).stdout
+                           env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                "MODEL_SERVER_INT4_TRITON_PAIRED_SCALES": "0"}).stdout
     r = json.loads((out / "steady_state.json").read_text())
     assert r["commit"] == "abc1234" and r["card"] == "cpu" and r["date"] and "steady_state.py" in r["command"]
+    assert r["switches"]["MODEL_SERVER_INT4_TRITON_PAIRED_SCALES"] == "0"   # an A/B arm's switches are in its file
+    assert all(k.startswith("MODEL_SERVER_") for k in r["switches"])
     quants = {q["quant"]: q for q in r["quants"]}
     assert set(quants) == {"bf16", "int4", "gptq-act"}
     assert quants["int4"]["weight_bytes"] < quants["bf16"]["weight_bytes"]
