@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--cold-mb", type=float, default=160.0, help="weights the cold timing cycles through (MB, > L2)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu: a dry run of the bit checks in Triton's interpreter (TRITON_INTERPRET=1, fp16, no timing)")
+                    help="cpu: a dry run of the bit checks in Triton's interpreter (TRITON_INTERPRET=1, fp16, "
+                         "no timing)")
     args = ap.parse_args(argv)
     try:
         ms = [int(m) for m in args.ms.split(",") if m]

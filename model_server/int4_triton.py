@@ -46,7 +46,8 @@ from typing import Any
 import torch
 
 from model_server import int4_triton_split
-from model_server.int4_triton_layout import MAX_BLOCK_K, block_k, pack_int4, pair_scales_and_zeros, split_scales_and_zeros
+from model_server.int4_triton_layout import (MAX_BLOCK_K, block_k, pack_int4, pair_scales_and_zeros,
+                                            split_scales_and_zeros)
 from model_server.int4_triton_config import Config, choose_config, deq, fence_on, pdl_on
 
 __all__ = ["MAX_BLOCK_K", "available", "block_k", "int4_triton_mm", "pack_int4", "pair_scales_and_zeros",
@@ -301,7 +302,7 @@ def int4_triton_mm(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     """``y [M, N] = x2d [M, K] @ dequant(W)[N, K]^T`` in ``x2d``'s dtype (bf16, fp16 or fp32; fp32 accumulation).
 
     ``packed``/``scales``/``zeros`` as made by :func:`pack_int4` / :func:`split_scales_and_zeros` (or ``scales`` as
-    :func:`~model_server.int4_triton_layout.pair_scales_and_zeros`'s int32 words, 16-bit ``x2d`` only); ``config``
+    :func:`~model_server.int4_triton_layout.pair_scales_and_zeros`'s int32 words: ``x2d`` in their dtype); ``config``
     overrides :func:`choose_config` (benchmark sweeps), ``split_reduce`` (``auto`` | ``ticket`` | ``kernel``) the switch
     :func:`model_server.int4_triton_split.mode` (A/B benchmarks). ``partials``: where the sum kernel would run, return
     the fp32 partial sums ``[split, M, N]`` instead (their sum in split order, cast, is ``y``'s bits)."""

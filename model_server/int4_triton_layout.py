@@ -45,7 +45,8 @@ def split_scales_and_zeros(sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def pair_scales_and_zeros(sz: torch.Tensor) -> torch.Tensor:
     """``scales_and_zeros [K/G, N, 2]`` in a 16-bit float dtype -> int32 ``[K/G, N]``, each word the column's (scale,
-    zero) bits, scale in the low half (the kernel reads one 32-bit word per column and group)."""
+    zero) bits, scale in the low half (the kernel reads one 32-bit word per column and group and takes the halves as
+    its activations' dtype: pair them in that dtype)."""
     if sz.dim() != 3 or sz.shape[-1] != 2 or sz.element_size() != 2 or not sz.is_floating_point():
         raise ValueError(f"pairing needs [K/G, N, 2] 16-bit scales and zeros, got {tuple(sz.shape)} {sz.dtype}")
     lo = sz[..., 0].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
