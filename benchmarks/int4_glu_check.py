@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemv_probe import graph_us  # noqa: E402
-from benchmarks.int4_pdl_check import SHAPES, repeat  # noqa: E402
+from benchmarks.int4_pdl_check import SHAPES, bit_check_device, repeat, result_stamp  # noqa: E402
 from model_server import int4_triton, int4_triton_glu  # noqa: E402
 from model_server.engines.fast import fused  # noqa: E402
 from model_server.int4_quant import quantize_groupwise  # noqa: E402
@@ -87,14 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"int4_glu_check: --ms and --shape must be comma-separated integers, got {args.ms!r} and "
               f"{args.shape!r}", file=sys.stderr)
         return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("int4_glu_check: no CUDA device", file=sys.stderr)
+    if (got := bit_check_device("int4_glu_check", args.device)) is None:
         return 2
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("int4_glu_check: --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter)", file=sys.stderr)
-        return 2
-    dev = torch.device(args.device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    dev, dtype = got
     torch.manual_seed(n)
     q, sz = quantize_groupwise(torch.randn(n, k, device=dev) * 0.02, args.group)
     ts = (int4_triton.pack_int4(q, args.group), *int4_triton.split_scales_and_zeros(sz.to(dtype)))
@@ -105,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu (interpreter)",
-           "torch": torch.__version__,
-           "triton": int4_triton.triton.__version__, "ops_fused": ops.fused, "shape": [n, k], "group": args.group,
-           "commit": os.environ.get("EDGE_EVAL_COMMIT", "unknown"), "rows": rows}
+    res = {**result_stamp(dev, args.group), "ops_fused": ops.fused, "shape": [n, k], "rows": rows}
     (out / "int4_glu_check.json").write_text(json.dumps(res, indent=1))
     ran = [r for r in rows if "differ_vs_compiled" in r]
     print("; ".join(f"{r['m']} rows: " + (f"{r['us_separate']:.1f} -> {r['us_epilogue']:.1f} us, " if "us_epilogue" in r

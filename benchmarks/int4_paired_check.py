@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gemv_probe import graph_us  # noqa: E402
+from benchmarks.int4_pdl_check import bit_check_device, result_stamp  # noqa: E402
 from model_server import int4_triton, int4_triton_glu  # noqa: E402
 from model_server.int4_quant import quantize_groupwise  # noqa: E402
 
@@ -116,14 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"int4_paired_check: --ms must be integers and --shapes names of {', '.join(SHAPES)} or one N,K; got "
               f"{args.ms!r} and {args.shapes!r}", file=sys.stderr)
         return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("int4_paired_check: no CUDA device", file=sys.stderr)
+    if (got := bit_check_device("int4_paired_check", args.device)) is None:
         return 2
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("int4_paired_check: --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter)", file=sys.stderr)
-        return 2
-    dev = torch.device(args.device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    dev, dtype = got
     rows = []
     for name, (n, k) in shapes.items():
         mb = n * k / 2 / 1e6 * (1 + 8 / args.group)
@@ -139,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         del ws
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu (interpreter)",
-           "torch": torch.__version__, "triton": int4_triton.triton.__version__, "group": args.group,
-           "commit": os.environ.get("EDGE_EVAL_COMMIT", "unknown"), "rows": rows, "step_us": step_sums(rows)}
+    res = {**result_stamp(dev, args.group), "rows": rows, "step_us": step_sums(rows)}
     (out / "int4_paired_check.json").write_text(json.dumps(res, indent=1))
     for m, s in res["step_us"].items():
         print(f"{m} rows, linears per step (us): cold split {s['cold_split']} -> paired {s['cold_paired']}; "

@@ -32,6 +32,28 @@ SHAPES = {"qkv_proj": (3072, 2048), "gate_up_proj": (16384, 2048), "down_proj": 
 SPLITS = (1, 2, 8, 16)
 
 
+def bit_check_device(script: str, device: str) -> tuple[torch.device, torch.dtype] | None:
+    """The device and activation dtype a bit check (this one, int4_glu_check.py, int4_paired_check.py) runs on: bf16
+    on ``cuda``, fp16 on ``cpu`` (Triton's interpreter cannot bit-cast to bf16). None, after printing the one line
+    the script exits 2 with, for ``cuda`` without a CUDA device or ``cpu`` without ``TRITON_INTERPRET=1``."""
+    err = None
+    if device == "cuda" and not torch.cuda.is_available():
+        err = f"{script}: no CUDA device"
+    elif device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        err = f"{script}: --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter)"
+    if err:
+        print(err, file=sys.stderr)
+        return None
+    return torch.device(device), torch.bfloat16 if device == "cuda" else torch.float16
+
+
+def result_stamp(dev: torch.device, group: int) -> dict:
+    """What a bit check's JSON starts with: the device, torch, Triton, the group size and the commit under test."""
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)",
+            "torch": torch.__version__, "triton": int4_triton.triton.__version__, "group": group,
+            "commit": os.environ.get("EDGE_EVAL_COMMIT", "unknown")}
+
+
 def set_pdl(on: bool) -> None:
     os.environ[int4_triton_config.PDL_SWITCH] = "1" if on else "0"
     int4_triton_config.pdl_on.cache_clear()
@@ -80,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", type=int, default=0, help="pipeline stages (0: the served configuration's)")
     ap.add_argument("--pdl", default="0,1", help="PDL settings to run (the first is the baseline of same_bits)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("int4_pdl_check: no CUDA device", file=sys.stderr)
+    if bit_check_device("int4_pdl_check", "cuda") is None:
         return 2
     if not int4_triton.available():
         print("int4_pdl_check: Triton is not installed", file=sys.stderr)
