@@ -116,11 +116,13 @@ class Int4Linear(nn.Module):
             int4_triton_split.sum_in_consumer()
             int4_triton_config.glu_on()              # ... and MODEL_SERVER_INT4_GLU_EPILOGUE, _PAIRED_SCALES
             self.register_buffer("triton_packed", int4_triton.pack_int4(q, group_size))
-            scales, zeros = int4_triton.split_scales_and_zeros(sz)
-            self.register_buffer("triton_scales", scales)
-            self.register_buffer("triton_zeros", zeros)
-            if int4_triton_config.paired_scales_on() and sz.element_size() == 2:   # the GEMM's copy: one word each
+            paired = int4_triton_config.paired_scales_on() and sz.element_size() == 2
+            if paired:                               # (scale, zero) as one word: the GEMM and the prefill pass
                 self.register_buffer("triton_paired", int4_triton.pair_scales_and_zeros(sz))
+            if not paired or self.rows_kernel == "gemv":     # the small-rows GEMV reads them split
+                scales, zeros = int4_triton.split_scales_and_zeros(sz)
+                self.register_buffer("triton_scales", scales)
+                self.register_buffer("triton_zeros", zeros)
             if dev.type == "cuda":                   # the split-K ticket counters a graph capture uses, sized now
                 int4_triton_split.reserve(dev, int4_triton._num_sms(dev))
         self.register_buffer("input_perm", None if input_perm is None else input_perm.to(dev, torch.int64))
@@ -171,7 +173,7 @@ class Int4Linear(nn.Module):
             return None
         x2 = self._rows(x)
         side = self._prefetch(rows)
-        y = int4_triton_glu(x2, self.triton_packed, self._gemm_scales(), self.triton_zeros, self.group_size, cfg)
+        y = int4_triton_glu(x2, self.triton_packed, *self._gemm_scales(), self.group_size, cfg)
         self._joined(side)
         return y.reshape(*x.shape[:-1], self.out_features // 2)
 
@@ -188,11 +190,11 @@ class Int4Linear(nn.Module):
         self._joined(side)
         return None if y is None else y.reshape(*x.shape[:-1], self.out_features // 2)
 
-    def _gemm_scales(self) -> torch.Tensor:
-        """What the Triton GEMM reads as its scales: the paired words where held (``triton_paired``), else the
-        scales (``triton_zeros`` beside them)."""
+    def _gemm_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(scales, zeros)`` the Triton GEMM and the prefill pass read: the paired words where held
+        (``triton_paired``, passed as both), else the split scales and zeros."""
         paired = self._buffers.get("triton_paired")
-        return self.triton_scales if paired is None else paired
+        return (self.triton_scales, self.triton_zeros) if paired is None else (paired, paired)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the kernels take it: ``[rows, in_features]`` in the compute dtype, its inputs permuted where a
@@ -227,11 +229,10 @@ class Int4Linear(nn.Module):
             y = int4_gemv_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
         elif kernel == "triton-dequant":
             from model_server.int4_dequant import int4_dequant_mm
-            y = int4_dequant_mm(x2, self.triton_packed, self.triton_scales, self.triton_zeros, self.group_size)
+            y = int4_dequant_mm(x2, self.triton_packed, *self._gemm_scales(), self.group_size)
         elif kernel == "triton":
             from model_server.int4_triton import int4_triton_mm
-            y = int4_triton_mm(x2, self.triton_packed, self._gemm_scales(), self.triton_zeros, self.group_size,
-                               partials=partials)
+            y = int4_triton_mm(x2, self.triton_packed, *self._gemm_scales(), self.group_size, partials=partials)
         elif kernel in ("cuda-int4pack", "cpu-int4pack"):  # the held layout's op (an mma layer's copy: CPU in tests)
             op = (torch.ops.aten._weight_int4pack_mm if self.int4pack_kernel == "cuda-int4pack" else
                   torch.ops.aten._weight_int4pack_mm_for_cpu)

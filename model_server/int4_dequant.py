@@ -61,9 +61,10 @@ def takes(rows: int) -> bool:
 
 
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, HALF: tl.constexpr):
+                    BLOCK_K: tl.constexpr, HALF: tl.constexpr, PAIRED: tl.constexpr):
     """One program: rows ``[pid_n * BLOCK_N, +BLOCK_N)`` of the output, K-block ``program_id(1)`` (``BLOCK_K`` columns,
-    whose low nibbles are the first ``HALF`` and high nibbles the second: :mod:`model_server.int4_triton`'s layout)."""
+    whose low nibbles are the first ``HALF`` and high nibbles the second: :mod:`model_server.int4_triton`'s layout).
+    PAIRED: ``s_ptr`` holds (scale, zero) as one int32 word in the output's dtype (``z_ptr`` is not read)."""
     pid_n = tl.program_id(0)
     k0 = tl.program_id(1) * BLOCK_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -71,12 +72,17 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, GROUP: tl.con
     n_mask = offs_n < N
     b = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + offs_h)[None, :], mask=n_mask[:, None], other=0)
     g = k0 // GROUP
-    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    ty = out_ptr.dtype.element_ty
+    if PAIRED:
+        sz = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0)
+        s = (sz & 0xFFFF).to(tl.int16).to(ty, bitcast=True).to(tl.float32)[:, None]
+        z = (sz >> 16).to(tl.int16).to(ty, bitcast=True).to(tl.float32)[:, None]
+    else:
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     lo = ((b & 15).to(tl.float32) - 8.0) * s + z
     hi = ((b >> 4).to(tl.float32) - 8.0) * s + z
     dst = out_ptr + offs_n[:, None] * K + (k0 + offs_h)[None, :]
-    ty = out_ptr.dtype.element_ty
     tl.store(dst, lo.to(ty), mask=n_mask[:, None])
     tl.store(dst + HALF, hi.to(ty), mask=n_mask[:, None])
 
@@ -92,7 +98,8 @@ def _jitted(interpret: bool) -> Any:
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                dtype: torch.dtype) -> torch.Tensor:
     """The weight ``[N, K]`` in ``dtype`` from :func:`model_server.int4_triton.pack_int4`'s layout and
-    :func:`~model_server.int4_triton.split_scales_and_zeros`'s ``[K // G, N]`` scales and zeros (module docstring)."""
+    :func:`~model_server.int4_triton.split_scales_and_zeros`'s ``[K // G, N]`` scales and zeros (module docstring), or
+    ``scales`` as :func:`~model_server.int4_triton.pair_scales_and_zeros`'s int32 words in ``dtype`` (``zeros`` unread)."""
     if not int4_triton._import_triton():
         raise RuntimeError("Triton is not installed")
     n, half_k = packed.shape
@@ -101,11 +108,14 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     if k % group_size or scales.shape != (k // group_size, n) or zeros.shape != scales.shape:
         raise ValueError(f"packed {tuple(packed.shape)}, scales {tuple(scales.shape)}, zeros {tuple(zeros.shape)} "
                          f"do not match group {group_size}")
+    paired = scales.dtype == torch.int32
+    if paired and torch.finfo(dtype).bits != 16:
+        raise ValueError(f"paired scales and zeros (int32 words) dequantize to a 16-bit dtype, not {dtype}")
     out = torch.empty((n, k), device=packed.device, dtype=dtype)
     grid = (int4_triton.triton.cdiv(n, BLOCK_N), k // bk)
     _jitted(os.environ.get("TRITON_INTERPRET") == "1")[grid](
         packed, scales.contiguous(), zeros.contiguous(), out, n, k, packed.stride(0), GROUP=group_size,
-        BLOCK_N=BLOCK_N, BLOCK_K=bk, HALF=bk // 2, num_warps=4)
+        BLOCK_N=BLOCK_N, BLOCK_K=bk, HALF=bk // 2, PAIRED=paired, num_warps=4)
     return out
 
 

@@ -118,14 +118,14 @@ def precompile(modules: Iterable[nn.Module], max_rows: int, glu: Iterable[Int4Li
                 top = max_rows
                 if int4_dequant.takes(max_rows):     # prefill-sized steps dequantize, then cuBLAS: one kernel
                     top = int4_dequant.min_rows() - 1
-                    int4_dequant.dequantize(layer.triton_packed, layer.triton_scales, layer.triton_zeros,
-                                            layer.group_size, layer.compute_dtype)
+                    int4_dequant.dequantize(layer.triton_packed, *layer._gemm_scales(), layer.group_size,
+                                            layer.compute_dtype)
                     launches += 1
                 found = variants(layer.out_features, layer.in_features, int4_triton.block_k(layer.group_size), sms,
                                  top, first) if top >= first else {}
                 for (cfg, _), rows in found.items():
                     x = torch.zeros(rows, layer.in_features, device=dev, dtype=layer.compute_dtype)
-                    weights = (layer.triton_packed, layer._gemm_scales(), layer.triton_zeros, layer.group_size)
+                    weights = (layer.triton_packed, *layer._gemm_scales(), layer.group_size)
                     int4_triton.int4_triton_mm(x, *weights, config=cfg)
                     launches += 1
                     if id(layer) in glu_ids and cfg.split_k == 1:

@@ -97,8 +97,8 @@ PAIRED_SWITCH = "MODEL_SERVER_INT4_TRITON_PAIRED_SCALES"
 def paired_scales_on() -> bool:
     """``MODEL_SERVER_INT4_TRITON_PAIRED_SCALES=1``: an INT4 layer that runs the Triton GEMM also holds its scales and
     zeros as one 32-bit word per group and column (:func:`model_server.int4_triton_layout.pair_scales_and_zeros`,
-    16-bit compute dtypes; +4 bytes per group and column while the split copies stay for the other kernels), and the
-    GEMM reads those. Compiled for sm_90 with separate 16-bit scales and zeros, each K-block of the main loop waits
+    16-bit compute dtypes) instead of split scales and zeros (kept too only where the small-rows GEMV runs, which reads
+    them split), and the GEMM, its GLU epilogue and the prefill pass (:mod:`model_server.int4_dequant`) read those. Compiled for sm_90 with separate 16-bit scales and zeros, each K-block of the main loop waits
     for four plain global loads (Triton's software pipeline moves only loads of at least 32 bits per thread through
     shared memory); a 32-bit word per column is carried by the pipeline's asynchronous copies like the weights
     (tests/test_int4_compile_check.py checks both). Off (unset or ``0``) until measured on a GPU; the bits are the same

@@ -64,6 +64,16 @@ def test_the_glu_epilogue_reads_the_words_too():
     assert torch.equal(paired, split) and float(split.abs().max()) > 0.01
 
 
+def test_the_prefill_pass_dequantizes_the_words_to_the_same_weight():
+    from model_server import int4_dequant
+    _, sz, packed, scales, zeros = _weights(96, 256, torch.float16, seed=5)
+    words = int4_triton.pair_scales_and_zeros(sz)
+    split = int4_dequant.dequantize(packed, scales, zeros, 64, torch.float16)
+    assert torch.equal(int4_dequant.dequantize(packed, words, words, 64, torch.float16), split)
+    with pytest.raises(ValueError, match="^paired scales and zeros .* dequantize to a 16-bit dtype"):
+        int4_dequant.dequantize(packed, words, words, 64, torch.float32)
+
+
 def test_words_with_fp32_activations_are_refused_in_one_line():
     _, sz, packed, _, zeros = _weights(64, 256, torch.float16)
     with pytest.raises(ValueError, match="^paired scales and zeros .* need 16-bit activations"):
@@ -76,16 +86,26 @@ def _layer(dtype: torch.dtype, seed: int = 0) -> Int4Linear:
 
 
 def test_a_layer_holds_and_serves_the_words_only_with_the_switch(monkeypatch):
-    x = (torch.randn(2, 20, 256) * 0.5).half()
+    """With the switch a 16-bit layer holds the words instead of the split scales and zeros (both where the small-rows
+    GEMV runs, which reads them split); a decode-sized step (the GEMM) and a prefill-sized one (dequantize, then
+    cuBLAS: model_server/int4_dequant.py) give the same bits either way."""
+    xs = [(torch.randn(2, 20, 256) * 0.5).half(), (torch.randn(330, 256) * 0.5).half()]
+    assert _layer(torch.float16).step_kernel(330) == "triton-dequant"
     outs = {}
     for value in ("", "0", "1"):
         set_switch(monkeypatch, cfgmod.PAIRED_SWITCH, value, cfgmod.paired_scales_on)
         layer = _layer(torch.float16)
-        assert ("triton_paired" in dict(layer.named_buffers())) is (value == "1")
+        held = dict(layer.named_buffers())
+        assert ("triton_paired" in held) is (value == "1") and ("triton_scales" in held) is (value != "1")
         assert "triton_paired" not in dict(_layer(torch.float32).named_buffers())   # 32-bit: no words
         with torch.inference_mode():
-            outs[value] = layer(x)
-    assert torch.equal(outs["1"], outs["0"]) and torch.equal(outs[""], outs["0"])
+            outs[value] = [layer(x) for x in xs]
+    for got, want in zip(outs["1"] + outs[""], outs["0"] * 2):
+        assert torch.equal(got, want)
+    set_switch(monkeypatch, cfgmod.PAIRED_SWITCH, "1", cfgmod.paired_scales_on)
+    torch.manual_seed(0)
+    gemv = Int4Linear(nn.Linear(256, 128, bias=False), 64, ComputeChoice(torch.float16, "triton", "t", rows_kernel="gemv"))
+    assert {"triton_paired", "triton_scales", "triton_zeros"} <= set(dict(gemv.named_buffers()))
     set_switch(monkeypatch, cfgmod.PAIRED_SWITCH, "yes", cfgmod.paired_scales_on)
     with pytest.raises(SwitchValueError, match=cfgmod.PAIRED_SWITCH):           # at load, not at the first step
         _layer(torch.float16)
@@ -125,8 +145,9 @@ def test_the_gpu_check_runs_its_bit_checks_on_cpu(tmp_path):
 
 
 def test_the_precompile_launches_the_gemm_on_what_serving_reads(monkeypatch):
-    """model_server/int4_precompile.py compiles the variant serving launches: with the words held, every precompile
-    launch of the GEMM passes the paired int32 words (a separate Triton compile, PAIRED), never the split scales."""
+    """model_server/int4_precompile.py compiles the variants serving launches: with the words held, every precompile
+    launch of the GEMM and of the prefill pass gets the paired int32 words (separate Triton compiles, PAIRED), never
+    split scales; without them, the split scales."""
     from model_server import int4_dequant, int4_precompile
     monkeypatch.setenv("MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS", "0")
     int4_dequant.min_rows.cache_clear()
@@ -137,11 +158,25 @@ def test_the_precompile_launches_the_gemm_on_what_serving_reads(monkeypatch):
         seen.append(scales.dtype)
         return real(x, packed, scales, zeros, group, config=config)
 
+    real_dequant = int4_dequant.dequantize
+
+    def spy_dequant(packed, scales, zeros, group, dtype):
+        seen.append(("dequant", scales.dtype))
+        return real_dequant(packed, scales, zeros, group, dtype)
+
     monkeypatch.setattr(int4_triton, "int4_triton_mm", spy)
+    monkeypatch.setattr(int4_dequant, "dequantize", spy_dequant)
     for value, want in (("1", torch.int32), ("0", torch.float16)):
         set_switch(monkeypatch, cfgmod.PAIRED_SWITCH, value, cfgmod.paired_scales_on)
         seen.clear()
         layer = Int4Linear(nn.Linear(128, 64, bias=False), 64, ComputeChoice(torch.float16, "triton", "test"))
         assert int4_precompile.precompile([layer], max_rows=40) > 0
-        assert seen and set(seen) == {want}
+        assert seen and set(seen) == {want}                        # the GEMM's variants, every row count on it
+        monkeypatch.setenv("MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS", "32")
+        int4_dequant.min_rows.cache_clear()
+        seen.clear()
+        assert int4_precompile.precompile([layer], max_rows=40) > 0
+        assert ("dequant", want) in seen and set(seen) == {want, ("dequant", want)}   # and the prefill pass
+        monkeypatch.setenv("MODEL_SERVER_INT4_PREFILL_DEQUANT_ROWS", "0")
+        int4_dequant.min_rows.cache_clear()
     int4_dequant.min_rows.cache_clear()
