@@ -446,11 +446,16 @@ case "${1:-}" in
       echo "ss_off (int4:mma) $(grep -ho '"mma_glu_ready": [a-z]*' "$out/ss_off/steady_state.json" | tr '\n' ' ')"
     fi ;;
   paired)  # the Triton GEMM reading each group's (scale, zero) as one 32-bit word (MODEL_SERVER_INT4_TRITON_PAIRED_SCALES):
-    #     bits and hot / cold time per linear at PS_MS rows (k/), then the steady state at PS_CONC (64) with it on,
+    #     bits and hot / cold time per linear at PS_MS rows (k/), the same at 64 rows with 2 pipeline stages (k_st2/,
+    #     MODEL_SERVER_INT4_TRITON_STAGES=2; PS_ST2=0 skips it), then the steady state at PS_CONC (64) with it on,
     #     int4:mma then bf16 (ss_on/), and int4:mma with it off in the next process (ss_off/; PS_AB=0 skips it) (~6 min)
     [ -f /tmp/m1b/config.json ] || python3 -m model_server synth /tmp/m1b --preset llama-3.2-1b --seed 0 --quiet
     timeout "${PS_K_TIMEOUT:-200}" python3 benchmarks/int4_paired_check.py --out "$out/k" --ms "${PS_MS:-16,32,64,256}" \
       > "$out/k.log" 2>&1; echo "int4_paired_check rc $?"; tail -6 "$out/k.log"
+    if [ "${PS_ST2:-1}" = 1 ]; then    # with the scales' loads gone, do 2 stages (more programs per SM) now pay at 64?
+      MODEL_SERVER_INT4_TRITON_STAGES=2 timeout "${PS_ST2_TIMEOUT:-90}" python3 benchmarks/int4_paired_check.py \
+        --out "$out/k_st2" --ms 64 > "$out/k_st2.log" 2>&1; echo "int4_paired_check (2 stages) rc $?"; tail -3 "$out/k_st2.log"
+    fi
     MODEL_SERVER_INT4_TRITON_PAIRED_SCALES=1 ss_arm ss_on "${PS_SS_TIMEOUT:-130}" int4:mma,bf16 "${PS_CONC:-64}"
     if [ "${PS_AB:-1}" = 1 ]; then
       MODEL_SERVER_INT4_TRITON_PAIRED_SCALES=0 ss_arm ss_off "${PS_OFF_TIMEOUT:-80}" int4:mma "${PS_CONC:-64}"
