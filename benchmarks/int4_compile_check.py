@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import os
 import re
 import subprocess
@@ -118,7 +119,8 @@ def gemm_report(cfg: int4_triton.Config, k: int, paired: bool = False) -> dict:
 def sass_report(kern, weights: int, num_warps: int, name: str) -> dict:
     """Registers, spills, shared memory, async copies, tensor-core instructions and SASS instructions per 4-bit
     weight in the main loop (the longest backward branch) of a compiled kernel reading ``weights`` per iteration, and
-    the count of each instruction there (``loop_ops``)."""
+    the count of each instruction there (``loop_ops``), and a digest of the whole kernel's SASS without addresses
+    (``sass``: two checkouts that compile to the same code print the same)."""
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = Path(d, "k.ptx"), Path(d, "k.cubin")
         ptx.write_text(kern.asm["ptx"])
@@ -141,7 +143,8 @@ def sass_report(kern, weights: int, num_warps: int, name: str) -> dict:
             "spill_bytes": int(spill.group(1)) if spill else None, "shared_bytes": kern.metadata.shared,
             "async_copies": body.count("LDGSTS"), "mma": sum(op in ("HMMA", "HGMMA") for op in body),
             "instr_per_weight": len(body) * 32 * num_warps / weights, "top": collections.Counter(body).most_common(6),
-            "loop_ops": dict(collections.Counter(body))}
+            "loop_ops": dict(collections.Counter(body)),
+            "sass": hashlib.md5("\n".join(f"{op}{rest}" for _, op, rest in ops).encode()).hexdigest()[:12]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +196,8 @@ def _print(make, k: int, name: str) -> None:
         r = make()
         print(f"K={k} {r['config']}: {r['instr_per_weight']:.1f} instr/weight, {r['mma']} tensor-core instr, "
               f"{r['registers']} regs, {r['spill_bytes']} B spilled, {r['shared_bytes']} B shared, "
-              f"{r['async_copies']} async copies, {r['loop_ops'].get('LDG', 0)} plain global loads {r['top']}",
-              flush=True)
+              f"{r['async_copies']} async copies, {r['loop_ops'].get('LDG', 0)} plain global loads, sass {r['sass']} "
+              f"{r['top']}", flush=True)
     except Exception as e:                  # noqa: BLE001 - one line per config that does not compile
         print(f"K={k} {name}: FAILED {e!r}"[:400], flush=True)
 

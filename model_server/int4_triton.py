@@ -143,7 +143,6 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, ITERS_PER_SPLIT):
         k0 = (pid_k * ITERS_PER_SPLIT + it) * BLOCK_K
-        g = k0 // GROUP
         b = tl.load(w_ptrs + k0 // 2, mask=w_mask, other=0)
         x_lo = tl.load(x_ptrs + k0, mask=x_mask, other=0.0)
         x_hi = tl.load(x_ptrs + (k0 + HALF), mask=x_mask, other=0.0)
@@ -163,6 +162,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, stride_xm, stride_wn,
         else:                                                              # c + q, exact, no conversion
             w_lo = ((b & 15).to(tl.int16) | MAGIC).to(tl.int16).to(x_lo.dtype, bitcast=True)
             w_hi = ((b >> 4).to(tl.int16) | MAGIC).to(tl.int16).to(x_lo.dtype, bitcast=True)
+        g = k0 // GROUP
         if PAIRED:                                                         # (scale, zero) as one 32-bit word
             sz = tl.load(s_ptr + g * NS + offs_n, mask=n_mask, other=0)
             s_raw = (sz & 0xFFFF).to(tl.int16).to(x_lo.dtype, bitcast=True)

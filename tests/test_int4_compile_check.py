@@ -198,3 +198,5 @@ def test_the_command_line_reports_both_ways_with_paired(tmp_path):
     lines = r.stdout.strip().split("\n")
     assert len(lines) == 2 and "/paired:" not in lines[0] and "/paired:" in lines[1], r.stdout
     assert ", 4 plain global loads" in lines[0] and ", 0 plain global loads" in lines[1], r.stdout
+    digests = [re.search(r", sass ([0-9a-f]{12}) ", line) for line in lines]
+    assert all(digests) and digests[0].group(1) != digests[1].group(1), r.stdout   # different code, different digest
